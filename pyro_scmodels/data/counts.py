@@ -1,0 +1,171 @@
+"""Access to a count matrix by rows, whatever holds it.
+
+Models never touch ``adata.X`` directly: they ask a :class:`CountMatrix` for the rows of a
+minibatch. The matrix stays in its host format (scipy sparse, dense numpy, or an h5py-backed
+sparse dataset of a backed AnnData) and only the requested rows are densified.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+# rows are validated in chunks so a backed (on-disk) matrix never has to fit in memory
+_VALIDATION_CHUNK = 10_000
+
+
+def _is_backed(matrix) -> bool:
+    return not isinstance(matrix, np.ndarray) and not sp.issparse(matrix)
+
+
+class CountMatrix:
+    """Row access to a cells x features matrix of raw counts.
+
+    Parameters
+    ----------
+    matrix
+        ``scipy.sparse`` matrix, dense ``numpy.ndarray`` or a backed AnnData sparse dataset.
+    name
+        What to call the matrix in error messages (e.g. ``"adata.layers['counts']"``).
+    validate
+        Check that the values are finite, non-negative integers and that every cell has a
+        nonzero total.
+    """
+
+    def __init__(self, matrix, name: str = "adata.X", validate: bool = True):
+        if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix) and not isinstance(matrix, sp.csr_array):
+            matrix = sp.csr_matrix(matrix)
+        if isinstance(matrix, np.matrix):
+            matrix = np.asarray(matrix)
+        self.matrix = matrix
+        self.name = name
+        self.shape = tuple(int(s) for s in matrix.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"{name} must be a 2-d cells x features matrix, got shape {self.shape}.")
+        if self.shape[0] == 0:
+            raise ValueError(f"{name} has zero cells; nothing to fit.")
+        if self.shape[1] == 0:
+            raise ValueError(f"{name} has zero features (genes); nothing to fit.")
+        self._totals = None
+        if validate:
+            self.validate()
+
+    @property
+    def n_cells(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.shape[1]
+
+    def _chunks(self):
+        for start in range(0, self.n_cells, _VALIDATION_CHUNK):
+            stop = min(start + _VALIDATION_CHUNK, self.n_cells)
+            block = self.matrix[start:stop]
+            yield start, stop, block
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on NaN/Inf, negative or non-integer counts, or empty cells."""
+        totals = np.empty(self.n_cells, dtype=np.float64)
+        for start, stop, block in self._chunks():
+            values = block.data if sp.issparse(block) else np.asarray(block)
+            if not np.all(np.isfinite(values)):
+                raise ValueError(
+                    f"{self.name} contains NaN or Inf values (rows {start}..{stop - 1}). "
+                    "The models need raw counts; pass the raw count layer with `layer=`."
+                )
+            if values.size and values.min() < 0:
+                raise ValueError(
+                    f"{self.name} contains negative values (min {values.min():g}). The models need "
+                    "raw counts, not scaled or centred data; pass the raw count layer with `layer=`."
+                )
+            if values.size and not np.all(values == np.round(values)):
+                bad = values[values != np.round(values)][:3]
+                raise ValueError(
+                    f"{self.name} contains non-integer values (e.g. {bad.tolist()}). The models need raw "
+                    "counts, not normalised or log-transformed data; pass the raw count layer with `layer=`."
+                )
+            totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        empty = np.flatnonzero(totals <= 0)
+        if empty.size:
+            raise ValueError(
+                f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
+                "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+            )
+        self._totals = totals
+
+    def totals(self) -> np.ndarray:
+        """Total counts per cell (float64, length ``n_cells``)."""
+        if self._totals is None:
+            totals = np.empty(self.n_cells, dtype=np.float64)
+            for start, stop, block in self._chunks():
+                totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+            self._totals = totals
+        return self._totals
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Dense float32 rows ``indices`` (in the given order)."""
+        indices = np.asarray(indices)
+        if _is_backed(self.matrix):
+            # h5py-backed datasets need increasing indices: read sorted, then restore the order
+            order = np.argsort(indices, kind="stable")
+            block = self.matrix[indices[order]]
+            block = block.toarray() if sp.issparse(block) else np.asarray(block)
+            out = np.empty_like(block, dtype=np.float32)
+            out[order] = block
+            return out
+        block = self.matrix[indices]
+        if sp.issparse(block):
+            return block.toarray().astype(np.float32, copy=False)
+        return np.asarray(block, dtype=np.float32)
+
+    def column_means(self, weights: np.ndarray | None = None, groups: np.ndarray | None = None, n_groups: int = 1):
+        """Per-group weighted column means: ``sum_n w_n x_n / count`` for each group.
+
+        Returns an array of shape ``(n_groups, n_features)``.
+        """
+        weights = np.ones(self.n_cells) if weights is None else np.asarray(weights, dtype=np.float64)
+        groups = np.zeros(self.n_cells, dtype=np.int64) if groups is None else np.asarray(groups)
+        sums = np.zeros((n_groups, self.n_features))
+        counts = np.bincount(groups, minlength=n_groups).astype(np.float64)
+        for start, stop, block in self._chunks():
+            g = groups[start:stop]
+            # a sparse one-hot of group membership turns the grouped sum into one product
+            member = sp.csr_matrix(
+                (weights[start:stop], (g, np.arange(stop - start))), shape=(n_groups, stop - start)
+            )
+            product = member @ block
+            sums += product.toarray() if sp.issparse(product) else np.asarray(product)
+        return sums / np.maximum(counts, 1.0)[:, None]
+
+    def to_torch_csr(self, device: torch.device) -> "DeviceCSR":
+        """The whole matrix as a CSR held on ``device`` (device-backed mode)."""
+        matrix = self.matrix
+        if _is_backed(matrix):
+            matrix = matrix[:]
+        matrix = sp.csr_matrix(matrix)
+        return DeviceCSR(matrix, device)
+
+
+class DeviceCSR:
+    """A CSR matrix held on a torch device, densified a minibatch at a time on that device."""
+
+    def __init__(self, matrix: sp.csr_matrix, device: torch.device):
+        self.n_features = matrix.shape[1]
+        self.indptr = torch.as_tensor(matrix.indptr.astype(np.int64), device=device)
+        self.indices = torch.as_tensor(matrix.indices.astype(np.int64), device=device)
+        self.data = torch.as_tensor(matrix.data.astype(np.float32), device=device)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dense rows ``index`` (a long tensor on the same device)."""
+        starts = self.indptr[index]
+        lengths = self.indptr[index + 1] - starts
+        row_of_entry = torch.repeat_interleave(torch.arange(index.numel(), device=index.device), lengths)
+        # position of each stored entry: its row's start plus its rank within the row
+        offsets = torch.cumsum(lengths, 0) - lengths
+        rank = torch.arange(row_of_entry.numel(), device=index.device) - offsets[row_of_entry]
+        entry = starts[row_of_entry] + rank
+        dense = torch.zeros(index.numel(), self.n_features, device=index.device)
+        dense[row_of_entry, self.indices[entry]] = self.data[entry]
+        return dense

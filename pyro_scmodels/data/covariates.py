@@ -1,0 +1,202 @@
+"""Covariates: which ``.obs`` column drives which technical effect, and their encoding.
+
+The user names columns by purpose (SPEC 1.1). :func:`resolve_covariate_keys` turns the
+arguments of ``setup_anndata`` into a :class:`CovariateKeys`, and :class:`CovariateEncoding`
+turns an ``.obs`` table into integer codes with the category order frozen, so that a new
+AnnData is encoded exactly as the training data was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+# the purpose-specific arguments that `batch_key` would otherwise fill in
+_BATCH_FANOUT = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
+_PURPOSE_SPECIFIC = (
+    "ambient_covariate_keys",
+    "nn_conditioning_covariate_keys",
+    "feature_scaling_covariate_keys",
+    "dispersion_key",
+    "library_size_key",
+)
+
+
+@dataclass
+class CovariateKeys:
+    """The ``.obs`` columns assigned to each role. Lists may be empty; single keys may be None."""
+
+    ambient: list[str] = field(default_factory=list)
+    nn_conditioning: list[str] = field(default_factory=list)
+    feature_scaling: list[str] = field(default_factory=list)
+    dispersion: str | None = None
+    library_size: str | None = None
+    encoder: list[str] = field(default_factory=list)
+    continuous: list[str] = field(default_factory=list)
+
+    def categorical_keys(self) -> list[str]:
+        """Every categorical column used, each once, in a stable order."""
+        keys = [*self.ambient, *self.nn_conditioning, *self.feature_scaling, *self.encoder]
+        keys += [k for k in (self.dispersion, self.library_size) if k is not None]
+        return list(dict.fromkeys(keys))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_list(value, argument: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    value = list(value)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"`{argument}` must be a list of .obs column names, got {value!r}.")
+    return value
+
+
+def resolve_covariate_keys(
+    batch_key=None,
+    ambient_covariate_keys=None,
+    nn_conditioning_covariate_keys=None,
+    feature_scaling_covariate_keys=None,
+    dispersion_key=None,
+    library_size_key=None,
+    encoder_covariate_keys=None,
+    continuous_covariate_keys=None,
+) -> CovariateKeys:
+    """Apply the ``batch_key`` fan-out and reject ambiguous combinations.
+
+    ``batch_key`` alone means ``ambient_covariate_keys=[batch_key]``,
+    ``dispersion_key=batch_key`` and ``library_size_key=batch_key``. Together with any
+    purpose-specific key it is ambiguous and raises ``ValueError``.
+    """
+    given = {
+        "ambient_covariate_keys": ambient_covariate_keys,
+        "nn_conditioning_covariate_keys": nn_conditioning_covariate_keys,
+        "feature_scaling_covariate_keys": feature_scaling_covariate_keys,
+        "dispersion_key": dispersion_key,
+        "library_size_key": library_size_key,
+    }
+    if batch_key is not None:
+        clashes = [name for name in _PURPOSE_SPECIFIC if given[name]]
+        if clashes:
+            raise ValueError(
+                f"`batch_key={batch_key!r}` cannot be combined with {', '.join(f'`{c}`' for c in clashes)}: "
+                f"`batch_key` is a shortcut for {', '.join(_BATCH_FANOUT)}. Either pass `batch_key` alone, "
+                "or drop it and name every technical effect with its own key."
+            )
+        if not isinstance(batch_key, str):
+            raise TypeError(f"`batch_key` must be one .obs column name, got {batch_key!r}.")
+        ambient_covariate_keys, dispersion_key, library_size_key = [batch_key], batch_key, batch_key
+    for name, value in (("dispersion_key", dispersion_key), ("library_size_key", library_size_key)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"`{name}` must be one .obs column name, got {value!r}.")
+    return CovariateKeys(
+        ambient=_as_list(ambient_covariate_keys, "ambient_covariate_keys"),
+        nn_conditioning=_as_list(nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys"),
+        feature_scaling=_as_list(feature_scaling_covariate_keys, "feature_scaling_covariate_keys"),
+        dispersion=dispersion_key,
+        library_size=library_size_key,
+        encoder=_as_list(encoder_covariate_keys, "encoder_covariate_keys"),
+        continuous=_as_list(continuous_covariate_keys, "continuous_covariate_keys"),
+    )
+
+
+def _check_present(obs: pd.DataFrame, key: str, table: str) -> None:
+    if key not in obs.columns:
+        available = ", ".join(map(str, obs.columns[:20])) or "(none)"
+        raise KeyError(f"Column {key!r} not found in {table}. Available columns: {available}.")
+
+
+class CovariateEncoding:
+    """Integer codes of categorical covariates and values of continuous ones.
+
+    Parameters
+    ----------
+    keys
+        The roles of the columns.
+    categories
+        Category order per categorical key. When None, it is learned from ``obs`` (observed
+        categories only, in the column's categorical order); when given (a trained model), a
+        category absent from it raises ``ValueError``.
+    """
+
+    def __init__(self, keys: CovariateKeys, categories: dict[str, list[str]] | None = None):
+        self.keys = keys
+        self.categories = None if categories is None else {k: list(v) for k, v in categories.items()}
+
+    def fit(self, obs: pd.DataFrame, table: str = "adata.obs") -> "CovariateEncoding":
+        """Learn the category order of every categorical key from ``obs``."""
+        categories = {}
+        for key in self.keys.categorical_keys():
+            _check_present(obs, key, table)
+            column = obs[key]
+            if column.isna().any():
+                raise ValueError(
+                    f"{table}[{key!r}] has {int(column.isna().sum())} missing (NaN) value(s); "
+                    "fill or drop those cells before setup."
+                )
+            cat = pd.Categorical(column).remove_unused_categories()
+            categories[key] = [str(c) for c in cat.categories]
+        for key in self.keys.continuous:
+            _check_present(obs, key, table)
+        self.categories = categories
+        return self
+
+    def codes(self, obs: pd.DataFrame, key: str, table: str = "adata.obs") -> np.ndarray:
+        """Codes of ``obs[key]`` under the frozen category order; unseen categories raise."""
+        _check_present(obs, key, table)
+        column = obs[key]
+        if column.isna().any():
+            raise ValueError(f"{table}[{key!r}] has {int(column.isna().sum())} missing (NaN) value(s).")
+        known = self.categories[key]
+        values = column.astype(str).to_numpy()
+        codes = pd.Categorical(values, categories=known).codes.astype(np.int64)
+        if (codes < 0).any():
+            unseen = sorted(set(values[codes < 0]))[:5]
+            raise ValueError(
+                f"{table}[{key!r}] has categories {unseen} that the model was not trained on "
+                f"(known: {known[:10]}). A model cannot predict for an unseen {key!r}."
+            )
+        return codes
+
+    def n_categories(self, keys: list[str]) -> int:
+        return int(sum(len(self.categories[k]) for k in keys))
+
+    def stacked_codes(self, obs: pd.DataFrame, keys: list[str], table: str = "adata.obs") -> np.ndarray:
+        """Codes of several keys as columns, each offset so they index one stacked table.
+
+        With no keys, one column of zeros (every cell in one shared category).
+        """
+        if not keys:
+            return np.zeros((len(obs), 1), dtype=np.int64)
+        columns, offset = [], 0
+        for key in keys:
+            columns.append(self.codes(obs, key, table) + offset)
+            offset += len(self.categories[key])
+        return np.stack(columns, axis=1)
+
+    def continuous(self, obs: pd.DataFrame, table: str = "adata.obs") -> np.ndarray:
+        """Continuous covariates as a float32 matrix (cells x keys)."""
+        if not self.keys.continuous:
+            return np.zeros((len(obs), 0), dtype=np.float32)
+        values = []
+        for key in self.keys.continuous:
+            _check_present(obs, key, table)
+            try:
+                column = pd.to_numeric(obs[key]).to_numpy(dtype=np.float64)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{table}[{key!r}] is a continuous covariate but is not numeric.") from err
+            if not np.all(np.isfinite(column)):
+                raise ValueError(f"{table}[{key!r}] has NaN or Inf values; continuous covariates must be finite.")
+            values.append(column)
+        return np.stack(values, axis=1).astype(np.float32)
+
+    def level_names(self, keys: list[str]) -> list[str]:
+        """Names of the stacked categories of ``keys`` (``"key=category"``); ``["all"]`` with no keys."""
+        if not keys:
+            return ["all"]
+        return [f"{k}={c}" if len(keys) > 1 else c for k in keys for c in self.categories[k]]

@@ -1,0 +1,68 @@
+"""Building blocks shared by the Pyro model/guide modules of every model.
+
+- :class:`LocalPyroModule`: a ``PyroModule`` whose parameters live in the module (its
+  ``state_dict``), never in Pyro's global parameter store, so two models in one session never
+  share parameters by name and ``torch.save`` of a module saves everything.
+- :class:`PositiveSiteGuide`: the guide of one positive global site, either a point estimate
+  (``Delta``, MAP) or a ``LogNormal`` mean-field factor.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch.distributions import constraints
+
+GUIDE_FAMILIES = ("map", "lognormal")
+
+
+class LocalPyroModule(PyroModule):
+    """A ``PyroModule`` that is built and always runs with module-local parameters."""
+
+    def __init__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            super().__init__(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)
+
+
+class PositiveSiteGuide(LocalPyroModule):
+    """Guide of a positive global site: ``Delta`` (``"map"``) or ``LogNormal`` (``"lognormal"``).
+
+    Parameters
+    ----------
+    init
+        Initial value (the point estimate, or the LogNormal median).
+    family
+        ``"map"`` or ``"lognormal"``.
+    init_scale
+        Initial LogNormal scale (``"lognormal"`` only).
+    """
+
+    def __init__(self, init: torch.Tensor, family: str = "map", init_scale: float = 0.1):
+        super().__init__()
+        if family not in GUIDE_FAMILIES:
+            raise ValueError(f"Guide family must be one of {GUIDE_FAMILIES}, got {family!r}.")
+        self.family = family
+        init = torch.as_tensor(init, dtype=torch.get_default_dtype())
+        if family == "map":
+            self.value = PyroParam(init.clone(), constraint=constraints.positive)
+        else:
+            self.loc = PyroParam(init.log().clone())
+            self.scale = PyroParam(torch.full_like(init, init_scale), constraint=constraints.positive)
+
+    def distribution(self) -> dist.Distribution:
+        if self.family == "map":
+            return dist.Delta(self.value)
+        return dist.LogNormal(self.loc, self.scale)
+
+    def forward(self, name: str) -> torch.Tensor:
+        return pyro.sample(name, self.distribution())
+
+    def median(self) -> torch.Tensor:
+        """The point estimate, or the LogNormal median (detached)."""
+        return (self.value if self.family == "map" else self.loc.exp()).detach()

@@ -1,0 +1,242 @@
+"""What every model class shares: training, devices, minibatch inference, save and load.
+
+A model class subclasses :class:`PyroModelBase` and provides ``_build_module`` (its model and
+guide) and ``_cell_data`` (its data access). Everything here works for any such pair.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+
+from .. import _constants as C
+from ..data import CellData, iterate_minibatches
+from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
+
+MODEL_FILE = "model.pt"
+
+
+class ModelAndGuide(torch.nn.Module):
+    """The Pyro model and guide of one fitted model, kept together (one ``state_dict``)."""
+
+    def __init__(self, model, guide):
+        super().__init__()
+        self.model = model
+        self.guide = guide
+
+
+class PyroModelBase:
+    """Shared behaviour of the user-facing model classes."""
+
+    def __init__(self):
+        self.trainer: SVITrainer | None = None
+        self.device = torch.device("cpu")
+        self.is_trained = False
+
+    # --- to be provided by the model class -------------------------------------------------
+    def _cell_data(self, adata=None) -> CellData:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- training ---------------------------------------------------------------------------
+    @property
+    def history(self) -> pd.DataFrame:
+        """Training history: one row per epoch (``train_loss``, ``validation_loss``, ``kl_weight``)."""
+        if self.trainer is None:
+            return pd.DataFrame(columns=["train_loss", "validation_loss", "kl_weight"])
+        return self.trainer.history.astype(float)
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = C.BATCH_SIZE,
+        lr: float = C.LEARNING_RATE,
+        train_size: float = C.TRAIN_SIZE,
+        early_stopping: bool = True,
+        device: str = "auto",
+        seed: int = 0,
+        kl_warmup_epochs: int | None = C.KL_WARMUP_EPOCHS,
+        kl_warmup_steps: int | None = None,
+        early_stopping_patience: int = C.EARLY_STOPPING_PATIENCE,
+        early_stopping_min_delta: float | None = None,
+        gradient_clip: float | None = C.GRADIENT_CLIP_NORM,
+        weight_decay: float = C.WEIGHT_DECAY,
+        eps: float = C.ADAM_EPS,
+        counts_on_device: bool = False,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 10,
+        progress_bar: bool = True,
+    ) -> pd.DataFrame:
+        """Fit the model with stochastic variational inference.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default ``min(400, round(20000 / n_cells * 400))``
+            as in scvi-tools. A second call continues training up to ``max_epochs`` in total.
+        batch_size
+            Cells per minibatch.
+        lr, weight_decay, eps
+            Adam settings.
+        train_size
+            Fraction of cells used for training; the rest give the validation loss.
+        early_stopping
+            Stop when the validation loss has not improved by ``early_stopping_min_delta``
+            (default ``n_genes * 2e-4``) for ``early_stopping_patience`` epochs.
+        device
+            ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed
+            Seeds the split, minibatch order and every sample: the same seed gives identical
+            results on the CPU.
+        kl_warmup_epochs, kl_warmup_steps
+            Linear warm-up of the weight of the KL term of z, in epochs or (if given) steps.
+        gradient_clip
+            Maximum global gradient norm (None turns clipping off).
+        counts_on_device
+            Keep the whole sparse count matrix on the device (fast on a GPU with enough memory).
+        checkpoint_dir
+            Write the full training state there every ``checkpoint_every`` epochs and at the end;
+            if a checkpoint is already there, training resumes from it.
+        progress_bar
+            Show a tqdm progress bar with the running loss.
+
+        Returns
+        -------
+        pandas.DataFrame
+            The training history (also in :attr:`history`).
+        """
+        data = self._cell_data()
+        max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
+        for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        data.to_device(self.device, counts_on_device=counts_on_device)
+        if self.trainer is None:
+            train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
+            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay)
+        if early_stopping_min_delta is None:
+            early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
+        plan = TrainingPlan(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            kl_warmup_epochs=kl_warmup_epochs,
+            kl_warmup_steps=kl_warmup_steps,
+            early_stopping=early_stopping,
+            patience=early_stopping_patience,
+            min_delta=early_stopping_min_delta,
+            gradient_clip=gradient_clip,
+            checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, "checkpoint.pt"),
+            checkpoint_every=checkpoint_every,
+            progress_bar=progress_bar,
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            pyro.set_rng_seed(seed)
+            history = self.trainer.fit(plan, seed=seed)
+        self.is_trained = True
+        return history.astype(float)
+
+    # --- inference in minibatches --------------------------------------------------------------
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=3)
+
+    def _batches(self, adata=None, indices=None, batch_size=None):
+        """Minibatches (on the model's device) of the chosen cells, in order."""
+        data = self._cell_data(adata)
+        data.to_device(self.device)
+        if indices is None:
+            indices = np.arange(data.n_cells)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= data.n_cells):
+            raise IndexError(f"indices must lie in [0, {data.n_cells}); got range [{indices.min()}, {indices.max()}].")
+        for chunk in iterate_minibatches(indices, batch_size or C.BATCH_SIZE, shuffle=False):
+            yield data.minibatch(chunk), data.n_cells
+
+    def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
+        """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""
+        guide = self.module.guide
+        with torch.no_grad():
+            return [poutine.trace(guide).get_trace(batch, n_obs) for _ in range(num_samples)]
+
+    # --- persistence ---------------------------------------------------------------------------
+    def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
+        raise NotImplementedError
+
+    def save(self, dir_path: str, overwrite: bool = False) -> None:
+        """Save the model (parameters, settings, gene names, categories, history) to ``dir_path``.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to create; ``model.pt`` is written inside.
+        overwrite
+            Replace an existing saved model in ``dir_path``.
+        """
+        path = os.path.join(dir_path, MODEL_FILE)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        os.makedirs(dir_path, exist_ok=True)
+        payload = self._save_payload()
+        payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
+        payload["trainer"] = None if self.trainer is None else {
+            "history": self.trainer.history,
+            "epoch": self.trainer.epoch,
+            "train_indices": self.trainer.train_indices,
+            "validation_indices": self.trainer.validation_indices,
+        }
+        payload["is_trained"] = self.is_trained
+        tmp = path + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _read_payload(dir_path: str) -> dict:
+        path = os.path.join(dir_path, MODEL_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No saved model at {path}.")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def _restore(self, payload: dict) -> None:
+        self.module.load_state_dict(payload["state_dict"])
+        self.is_trained = payload["is_trained"]
+        saved = payload.get("trainer")
+        if saved is not None:
+            self.trainer = SVITrainer(
+                self.module.model, self.module.guide, self._cell_data(), saved["train_indices"], saved["validation_indices"]
+            )
+            self.trainer.history = saved["history"]
+            self.trainer.epoch = saved["epoch"]
+        self.module.eval()
+
+
+def check_var_names(expected, adata, what: str = "adata") -> None:
+    """Raise ``ValueError`` when ``adata`` does not have exactly the genes ``expected``, in order."""
+    actual = pd.Index(adata.var_names)
+    expected = pd.Index(expected)
+    if actual.equals(expected):
+        return
+    missing = expected.difference(actual)
+    extra = actual.difference(expected)
+    detail = []
+    if len(missing):
+        detail.append(f"{len(missing)} gene(s) of the model missing (e.g. {list(missing[:3])})")
+    if len(extra):
+        detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
+    if not detail:
+        detail.append("same genes in a different order")
+    raise ValueError(
+        f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
+        f"Subset and order them with `{what}[:, model_genes]`."
+    )

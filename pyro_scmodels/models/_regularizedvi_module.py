@@ -1,0 +1,193 @@
+"""RegularizedVI as a Pyro model/guide pair (SPEC 1.2 and 1.3).
+
+Read :meth:`RegularizedVIModel.forward` next to the equations::
+
+    lambda_d        ~ Gamma(9, 3)                              dispersion_rate
+    u_{d,g}         ~ Exponential(lambda_d),  theta = u^-2     inverse_sqrt_theta
+    s_{e,g}         ~ Gamma(1, 100)                            ambient (prior masked by default)
+    y_{t,g}         ~ Gamma(200, 200)                          feature_scaling
+    w               ~ Exponential(1)                           library_residual_weight
+    for each cell n (plate of size N, subsampled):
+      z_n           ~ Normal(0, I)                             z (KL scaled by kl_weight)
+      l_n           ~ LogNormal(m_p, sqrt(0.5 v_p))            library
+      rho_n         = softplus(decoder([z_n, continuous_n], onehot(nn covariates)_n))
+      mu_{n,g}      = l_n (rho_{n,g} + sum_e s_{e(n),g}) prod_t y_{t(n),g}
+      x_{n,g}       ~ GammaPoisson(theta_{d(n),g}, theta_{d(n),g} / mu_{n,g})   obs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from .. import _constants as C
+from ..guides import LocalPyroModule, PositiveSiteGuide
+from ..nn import GaussianEncoder, SoftplusDecoder
+from ..priors import PriorSet, RegularizedPriors
+
+GLOBAL_SITES = ("dispersion_rate", "ambient", "feature_scaling", "library_residual_weight")
+
+
+@dataclass
+class RegularizedVIDims:
+    """Sizes of a RegularizedVI module."""
+
+    n_genes: int
+    n_latent: int = 10
+    n_hidden: int = 128
+    n_layers: int = 1
+    n_ambient: int = 1  # stacked ambient categories (sum over ambient keys)
+    n_scaling: int = 1  # stacked feature-scaling categories
+    n_dispersion: int = 1  # dispersion groups
+    n_library: int = 1  # library-prior groups
+    n_nn_covariates: int = 0  # one-hot width injected into the decoder
+    n_encoder_covariates: int = 0  # one-hot width given to the encoders
+    n_continuous: int = 0
+
+
+def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index):
+    """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene."""
+    background = ambient[ambient_index].sum(-2)  # (cells, keys, genes) -> (cells, genes)
+    factor = scaling[scaling_index].prod(-2)
+    return library.unsqueeze(-1) * (rho + background) * factor
+
+
+class RegularizedVIModel(LocalPyroModule):
+    """The generative model p(x, z, l, globals).
+
+    Parameters
+    ----------
+    dims
+        Sizes.
+    priors
+        The priors (see :class:`~pyro_scmodels.RegularizedPriors`).
+    library_prior_loc, library_prior_variance
+        m_p (centred) and v_p per library group.
+    """
+
+    def __init__(self, dims: RegularizedVIDims, priors: RegularizedPriors, library_prior_loc, library_prior_variance):
+        super().__init__()
+        self.dims = dims
+        self.regularize_ambient = bool(priors.regularize_ambient)
+        self.priors = PriorSet(priors.distributions())
+        self.register_buffer("library_prior_loc", torch.as_tensor(library_prior_loc, dtype=torch.float32))
+        self.register_buffer(
+            "library_prior_scale",
+            torch.as_tensor(C.LIBRARY_PRIOR_VARIANCE_FACTOR * library_prior_variance, dtype=torch.float32).sqrt(),
+        )
+        self.decoder = SoftplusDecoder(
+            dims.n_latent + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers, dims.n_nn_covariates
+        )
+
+    def global_sites(self) -> dict[str, torch.Tensor]:
+        """Sample every global site (outside the cell plate): counted once per dataset."""
+        d = self.dims
+        genes = pyro.plate("genes", d.n_genes, dim=-1)
+        with pyro.plate("dispersion_groups", d.n_dispersion, dim=-2):
+            dispersion_rate = pyro.sample("dispersion_rate", self.priors["dispersion_rate"])
+            with genes:
+                # containment prior: 1/sqrt(theta) ~ Exponential(lambda) pulls theta towards Poisson
+                u = pyro.sample("inverse_sqrt_theta", dist.Exponential(dispersion_rate))
+        with pyro.plate("ambient_categories", d.n_ambient, dim=-2), genes:
+            with poutine.mask(mask=self.regularize_ambient):
+                ambient = pyro.sample("ambient", self.priors["ambient"])
+        with pyro.plate("scaling_categories", d.n_scaling, dim=-2), genes:
+            scaling = pyro.sample("feature_scaling", self.priors["feature_scaling"])
+        pyro.sample("library_residual_weight", self.priors["library_residual_weight"])
+        if "decoder_weight" in self.priors:
+            # MAP weights: the prior enters as a penalty relative to its density at 0, so the
+            # per-cell loss is not swamped by a normalising constant of ~1.7 nats per weight
+            prior = self.priors["decoder_weight"]
+            penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in self.decoder.weights())
+            pyro.factor("decoder_weight_prior", penalty)
+        return {"theta": u.pow(-2), "ambient": ambient, "feature_scaling": scaling}
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        g = self.global_sites()
+        x = batch["x"]
+        with pyro.plate("cells", n_obs, subsample=batch["index"]):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
+            p = batch["library_index"]
+            library = pyro.sample("library", dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
+            rho = self.decoder(torch.cat([z, batch["continuous"]], -1), batch.get("nn_onehot"))
+            mu = expected_counts(
+                library, rho, g["ambient"], g["feature_scaling"], batch["ambient_index"], batch["scaling_index"]
+            )
+            theta = g["theta"][batch["dispersion_index"]]
+            pyro.sample("obs", dist.GammaPoisson(theta, theta / (mu + C.MEAN_EPS)).to_event(1), obs=x)
+        return mu
+
+
+class RegularizedVIGuide(LocalPyroModule):
+    """The variational distribution: amortised for z and l, mean-field for the globals.
+
+    Parameters
+    ----------
+    dims
+        Sizes.
+    init
+        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float).
+    global_guides
+        Guide family per global site: ``"map"`` (default) or ``"lognormal"``.
+    dropout_rate, input_dropout_rate
+        Encoder dropout after hidden layers and on the input features.
+    """
+
+    def __init__(self, dims: RegularizedVIDims, init: dict, global_guides: dict | None = None,
+                 dropout_rate: float = 0.1, input_dropout_rate: float = 0.0):
+        super().__init__()
+        families = {site: "map" for site in GLOBAL_SITES}
+        families.update(global_guides or {})
+        unknown = set(families) - set(GLOBAL_SITES)
+        if unknown:
+            raise ValueError(f"Unknown global site(s) {sorted(unknown)} in global_guides; known: {GLOBAL_SITES}.")
+        self.dims = dims
+        n_input = dims.n_genes + dims.n_continuous + dims.n_encoder_covariates
+        self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate, input_dropout_rate)
+        self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
+        self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
+        full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731
+        self.dispersion_rate = PositiveSiteGuide(full((dims.n_dispersion, 1), C.INIT_DISPERSION_RATE), families["dispersion_rate"])
+        self.inverse_sqrt_theta = PositiveSiteGuide(
+            full((dims.n_dispersion, dims.n_genes), C.INIT_THETA**-0.5), "lognormal", C.INIT_DISPERSION_GUIDE_SCALE
+        )
+        self.ambient = PositiveSiteGuide(torch.as_tensor(init["ambient"], dtype=torch.float32), families["ambient"])
+        self.feature_scaling = PositiveSiteGuide(full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"])
+        self.library_residual_weight = PositiveSiteGuide(
+            torch.tensor(C.INIT_LIBRARY_RESIDUAL_WEIGHT), families["library_residual_weight"]
+        )
+
+    def encoder_input(self, batch: dict) -> torch.Tensor:
+        """log1p(x), with continuous and encoder covariates appended."""
+        parts = [torch.log1p(batch["x"]), batch["continuous"]]
+        if batch.get("encoder_onehot") is not None:
+            parts.append(batch["encoder_onehot"])
+        return torch.cat(parts, -1)
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        d = self.dims
+        genes = pyro.plate("genes", d.n_genes, dim=-1)
+        with pyro.plate("dispersion_groups", d.n_dispersion, dim=-2):
+            self.dispersion_rate("dispersion_rate")
+            with genes:
+                self.inverse_sqrt_theta("inverse_sqrt_theta")
+        with pyro.plate("ambient_categories", d.n_ambient, dim=-2), genes:
+            self.ambient("ambient")
+        with pyro.plate("scaling_categories", d.n_scaling, dim=-2), genes:
+            self.feature_scaling("feature_scaling")
+        w = self.library_residual_weight("library_residual_weight")
+        h = self.encoder_input(batch)
+        with pyro.plate("cells", n_obs, subsample=batch["index"]):
+            z_loc, z_scale = self.encoder(h)
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+            # residual library: the observed log total, weighted by w, plus a learned correction
+            log_total = batch["x"].sum(-1).log() - self.log_total_centre
+            offset, scale = self.library_encoder(h)
+            pyro.sample("library", dist.LogNormal(w * log_total + offset[..., 0], scale[..., 0]))
+        return z_loc

@@ -1,0 +1,314 @@
+"""RegularizedVI: the user-facing class (AnnData in, results out).
+
+The maths lives in :mod:`._regularizedvi_module`; this class sets up the data, builds the
+model/guide pair with data-driven initial values, and returns results as arrays and
+DataFrames aligned with the AnnData.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _constants as C
+from ..data import CellData, CovariateEncoding, counts_matrix, read_setup, setup_anndata
+from ..priors import RegularizedPriors
+from ._base import ModelAndGuide, PyroModelBase, check_var_names
+from ._regularizedvi_module import RegularizedVIDims, RegularizedVIGuide, RegularizedVIModel
+
+LOCAL_SITES = ("z", "library")
+
+
+class RegularizedVI(PyroModelBase):
+    """scVI with an ambient background, feature scaling and a containment prior on dispersion.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`.
+    n_hidden, n_latent, n_layers
+        Width of hidden layers, latent dimensions, hidden layers (encoder and decoder).
+    dropout_rate
+        Encoder dropout after each hidden layer.
+    input_dropout_rate
+        Probability of masking each gene of the encoder input (0: off).
+    priors
+        A :class:`~pyro_scmodels.RegularizedPriors`; default the SPEC priors.
+    global_guides
+        Guide family per global site, e.g. ``{"ambient": "lognormal"}``; default point
+        estimates (``"map"``) for ``dispersion_rate``, ``ambient``, ``feature_scaling`` and
+        ``library_residual_weight``.
+    init
+        ``"data"``: ambient starts at 0.2 x the per-category mean normalised expression;
+        ``"prior"``: at the prior mean.
+    seed
+        Seeds the initial network weights.
+
+    Examples
+    --------
+    >>> RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    >>> model = RegularizedVI(adata)
+    >>> model.train()
+    >>> adata.obsm["X_regularizedvi"] = model.get_latent_representation()
+    """
+
+    model_class = RegularizedVIModel
+    guide_class = RegularizedVIGuide
+
+    def __init__(
+        self,
+        adata,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        input_dropout_rate: float = 0.0,
+        priors: RegularizedPriors | None = None,
+        global_guides: dict | None = None,
+        init: str = "data",
+        seed: int = 0,
+        _categories: dict | None = None,
+    ):
+        super().__init__()
+        if init not in ("data", "prior"):
+            raise ValueError(f"init must be 'data' or 'prior', got {init!r}.")
+        for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent), ("n_layers", n_layers)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        self.adata = adata
+        self.layer, self.keys = read_setup(adata)
+        self.encoding = CovariateEncoding(self.keys, _categories)
+        if _categories is None:
+            self.encoding.fit(adata.obs)
+        self.var_names = pd.Index(adata.var_names).copy()
+        self.priors = priors or RegularizedPriors()
+        self.init_params = dict(
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+            input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
+        )
+        self._data = None
+        data = self._cell_data()
+        self.dims = RegularizedVIDims(
+            n_genes=data.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+            n_ambient=data.n_ambient, n_scaling=data.n_scaling, n_dispersion=data.n_dispersion,
+            n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
+            n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
+        )
+        library_loc, library_variance, centre = data.library_prior()
+        if init == "data":
+            n_keys = max(1, len(self.keys.ambient))
+            ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient) / n_keys
+            ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
+        else:
+            ambient = np.full((data.n_ambient, data.n_features), float(self.priors.ambient.mean))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = self.model_class(self.dims, self.priors, library_loc, library_variance)
+            guide = self.guide_class(
+                self.dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate, input_dropout_rate
+            )
+        model.decoder.init_output_bias(torch.as_tensor(data.normalised_means()[0], dtype=torch.float32))
+        self.module = ModelAndGuide(model, guide)
+
+    # --- setup --------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        ambient_covariate_keys: list[str] | None = None,
+        nn_conditioning_covariate_keys: list[str] | None = None,
+        feature_scaling_covariate_keys: list[str] | None = None,
+        dispersion_key: str | None = None,
+        library_size_key: str | None = None,
+        encoder_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Validate ``adata`` and record which layer and ``.obs`` columns the model reads.
+
+        Parameters
+        ----------
+        adata
+            AnnData of raw counts (cells x genes).
+        layer
+            Layer holding the raw counts; None for ``adata.X``.
+        batch_key
+            Shortcut: ``ambient_covariate_keys=[batch_key]``, ``dispersion_key=batch_key``,
+            ``library_size_key=batch_key``. Cannot be combined with those keys.
+        ambient_covariate_keys
+            Columns whose categories each get an additive ambient profile.
+        nn_conditioning_covariate_keys
+            Columns injected (one-hot) into every decoder hidden layer.
+        feature_scaling_covariate_keys
+            Columns whose categories each get a multiplicative per-gene factor (multiplied
+            across keys); with none, a single factor for all cells.
+        dispersion_key
+            Column whose categories each get their own dispersion theta and rate lambda.
+        library_size_key
+            Column whose categories each get their own library-size prior.
+        encoder_covariate_keys
+            Columns given (one-hot) to the encoders. Beware: this lets batch leak into z.
+        continuous_covariate_keys
+            Numeric columns appended to the encoder input and to z for the decoder.
+        """
+        setup_anndata(
+            adata, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
+            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
+            feature_scaling_covariate_keys=feature_scaling_covariate_keys, dispersion_key=dispersion_key,
+            library_size_key=library_size_key, encoder_covariate_keys=encoder_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+
+    def _cell_data(self, adata=None) -> CellData:
+        if adata is None or adata is self.adata:
+            if self._data is None:
+                self._data = CellData(counts_matrix(self.adata, self.layer), self.adata.obs, self.encoding)
+            return self._data
+        check_var_names(self.var_names, adata)
+        return CellData(counts_matrix(adata, self.layer), adata.obs, self.encoding)
+
+    # --- outputs ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def get_latent_representation(self, adata=None, indices=None, batch_size: int | None = None, give_mean: bool = True) -> np.ndarray:
+        """Posterior mean (or one sample) of z per cell.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and known categories; default the training data.
+        indices
+            Cells to use (integer positions or a boolean mask); default all.
+        batch_size
+            Cells per minibatch.
+        give_mean
+            Return the posterior mean; else one posterior sample.
+
+        Returns
+        -------
+        numpy.ndarray
+            Cells x ``n_latent``.
+        """
+        self._check_trained()
+        guide = self.module.guide.eval()
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            loc, scale = guide.encoder(guide.encoder_input(batch))
+            out.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
+        return torch.cat(out).cpu().numpy()
+
+    @torch.no_grad()
+    def get_library_size(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Posterior median of the library size factor l per cell (relative: ~1 at a typical cell)."""
+        self._check_trained()
+        guide = self.module.guide.eval()
+        w = guide.library_residual_weight.median()
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            offset, _ = guide.library_encoder(guide.encoder_input(batch))
+            log_total = batch["x"].sum(-1).log() - guide.log_total_centre
+            out.append((w * log_total + offset[:, 0]).exp())
+        return torch.cat(out).cpu().numpy()
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self, adata=None, indices=None, batch_size: int | None = None, library_size: str | float | None = None,
+        n_samples: int = 1, return_numpy: bool = False,
+    ):
+        """Background-free, scaling-free expression rho = softplus(decoder(z)) per cell and gene.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+        library_size
+            None: rho itself (counts at a typical library size); ``"latent"``: rho times the
+            cell's inferred library size; a number: rho rescaled to sum to it per cell.
+        n_samples
+            Average rho over this many posterior samples of z (1: decode the posterior mean).
+        return_numpy
+            Return an array instead of a DataFrame.
+        """
+        self._check_trained()
+        module = self.module.eval()
+        libraries = self.get_library_size(adata, indices, batch_size) if library_size == "latent" else None
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            loc, scale = module.guide.encoder(module.guide.encoder_input(batch))
+            draws = [loc] if n_samples == 1 else [torch.distributions.Normal(loc, scale).sample() for _ in range(n_samples)]
+            rho = torch.stack([module.model.decoder(torch.cat([z, batch["continuous"]], -1), batch.get("nn_onehot")) for z in draws]).mean(0)
+            if isinstance(library_size, (int, float)):
+                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
+            out.append(rho)
+        rho = torch.cat(out).cpu().numpy()
+        if libraries is not None:
+            rho = rho * libraries[:, None]
+        elif library_size is not None and not isinstance(library_size, (int, float)):
+            raise ValueError(f"library_size must be None, 'latent' or a number, got {library_size!r}.")
+        if return_numpy:
+            return rho
+        obs_names = (self.adata if adata is None else adata).obs_names
+        if indices is not None:
+            obs_names = obs_names[np.asarray(indices)]
+        return pd.DataFrame(rho, index=obs_names, columns=self.var_names)
+
+    def _global_frame(self, values: torch.Tensor, levels: list[str]) -> pd.DataFrame:
+        return pd.DataFrame(values.detach().cpu().numpy().T, index=self.var_names, columns=levels)
+
+    def get_ambient_profile(self) -> pd.DataFrame:
+        """Ambient background s (posterior median): genes x ambient categories, in counts at a typical library."""
+        return self._global_frame(self.module.guide.ambient.median(), self.encoding.level_names(self.keys.ambient))
+
+    def get_dispersion(self) -> pd.DataFrame:
+        """Dispersion theta (posterior median): genes x dispersion groups."""
+        u = self.module.guide.inverse_sqrt_theta.median()
+        levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
+        return self._global_frame(u.pow(-2), levels)
+
+    def get_feature_scaling(self) -> pd.DataFrame:
+        """Feature scaling y (posterior median): genes x scaling categories."""
+        return self._global_frame(self.module.guide.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling))
+
+    # --- persistence ----------------------------------------------------------------------------
+    def _save_payload(self) -> dict:
+        return {
+            "class": type(self).__name__,
+            "init_params": self.init_params,
+            "layer": self.layer,
+            "keys": self.keys.to_dict(),
+            "categories": self.encoding.categories,
+            "var_names": list(self.var_names),
+        }
+
+    @classmethod
+    def load(cls, dir_path: str, adata, device: str = "cpu") -> "RegularizedVI":
+        """Load a model saved with :meth:`save`, bound to ``adata``.
+
+        ``adata`` must have the model's genes in the same order and only categories seen in
+        training; if it was not set up, the saved setup is applied.
+        """
+        payload = cls._read_payload(dir_path)
+        check_var_names(payload["var_names"], adata)
+        from ..data.registry import SETUP_UNS_KEY
+
+        if SETUP_UNS_KEY not in adata.uns:
+            cls.setup_anndata(adata, layer=payload["layer"], **_setup_arguments(payload["keys"]))
+        model = cls(adata, **payload["init_params"], _categories=payload["categories"])
+        model._restore(payload)
+        model.device = torch.device("cpu")
+        if device != "cpu":
+            from ..infer import resolve_device
+
+            model.device = resolve_device(device)
+            model.module.to(model.device)
+        return model
+
+
+def _setup_arguments(keys: dict) -> dict:
+    return {
+        "ambient_covariate_keys": keys["ambient"], "nn_conditioning_covariate_keys": keys["nn_conditioning"],
+        "feature_scaling_covariate_keys": keys["feature_scaling"], "dispersion_key": keys["dispersion"],
+        "library_size_key": keys["library_size"], "encoder_covariate_keys": keys["encoder"],
+        "continuous_covariate_keys": keys["continuous"],
+    }

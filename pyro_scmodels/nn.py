@@ -1,0 +1,121 @@
+"""Neural blocks shared by every model: the fully connected stack, encoders and decoders.
+
+Every hidden layer is ``Linear -> LayerNorm (no affine) -> ReLU -> Dropout`` (no BatchNorm, so
+a cell's output never depends on the other cells of its minibatch). Covariates given as a
+one-hot matrix are concatenated to the input of every hidden layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._constants import SCALE_EPS
+
+
+class FullyConnected(nn.Module):
+    """``n_layers`` hidden layers of width ``n_hidden``, with covariates injected into each.
+
+    Parameters
+    ----------
+    n_input
+        Width of the input (without covariates).
+    n_hidden
+        Width of each hidden layer.
+    n_layers
+        Number of hidden layers (at least 1).
+    n_covariates
+        Width of the one-hot covariates concatenated to every layer's input (0 for none).
+    dropout_rate
+        Dropout after each hidden layer.
+    """
+
+    def __init__(self, n_input: int, n_hidden: int, n_layers: int = 1, n_covariates: int = 0, dropout_rate: float = 0.0):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, got {n_layers}.")
+        self.n_covariates = n_covariates
+        widths = [n_input] + [n_hidden] * n_layers
+        self.linears = nn.ModuleList(
+            nn.Linear(widths[i] + n_covariates, widths[i + 1]) for i in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False)
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+
+    def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        for linear in self.linears:
+            if self.n_covariates:
+                h = torch.cat([h, covariates], dim=-1)
+            h = self.dropout(F.relu(self.norm(linear(h))))
+        return h
+
+
+class GaussianEncoder(nn.Module):
+    """Amortised Normal guide: input -> hidden -> (loc, scale).
+
+    Parameters
+    ----------
+    n_input, n_output
+        Input and output widths.
+    n_hidden, n_layers, dropout_rate
+        Hidden stack (see :class:`FullyConnected`).
+    input_dropout_rate
+        Probability of masking each input feature before the first layer (0 turns it off).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_output: int,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        input_dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout_rate) if input_dropout_rate > 0 else nn.Identity()
+        self.hidden = FullyConnected(n_input, n_hidden, n_layers, dropout_rate=dropout_rate)
+        self.loc = nn.Linear(n_hidden, n_output)
+        self.raw_scale = nn.Linear(n_hidden, n_output)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(self.input_dropout(h))
+        return self.loc(h), F.softplus(self.raw_scale(h)) + SCALE_EPS
+
+
+class SoftplusDecoder(nn.Module):
+    """Non-negative expression decoder: ``softplus(W h + b)`` (not a softmax over features).
+
+    Parameters
+    ----------
+    n_input
+        Width of the latent input (z plus continuous covariates).
+    n_output
+        Number of features.
+    n_hidden, n_layers
+        Hidden stack.
+    n_covariates
+        Width of the one-hot covariates injected into every hidden layer.
+    dropout_rate
+        Dropout in the hidden stack (0 by default, as for scVI's decoder).
+    """
+
+    def __init__(self, n_input: int, n_output: int, n_hidden: int = 128, n_layers: int = 1, n_covariates: int = 0, dropout_rate: float = 0.0):
+        super().__init__()
+        self.hidden = FullyConnected(n_input, n_hidden, n_layers, n_covariates, dropout_rate)
+        self.output = nn.Linear(n_hidden, n_output)
+
+    def forward(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return F.softplus(self.output(self.hidden(z, covariates)))
+
+    def init_output_bias(self, mean_expression: torch.Tensor) -> None:
+        """Start the output at ``mean_expression`` per feature (inverse softplus of it)."""
+        mean = mean_expression.clamp_min(1e-6)
+        with torch.no_grad():
+            # softplus^-1(m) = log(expm1(m)), written stably for large m
+            self.output.bias.copy_(mean + torch.log(-torch.expm1(-mean)))
+
+    def weights(self) -> list[torch.Tensor]:
+        """The weight matrices (not biases): what a weight prior applies to."""
+        return [linear.weight for linear in self.hidden.linears] + [self.output.weight]

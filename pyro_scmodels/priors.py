@@ -1,0 +1,109 @@
+"""Priors are data: what a modeller edits.
+
+A prior is a Pyro distribution. :class:`RegularizedPriors` collects the priors of the
+regularised models; the model registers each prior's parameters as buffers (they move with the
+device and are saved in the ``state_dict``) and rebuilds the distribution at every call::
+
+    priors = RegularizedPriors(ambient=dist.Gamma(2.0, 50.0), regularize_ambient=True)
+    model = RegularizedVI(adata, priors=priors)
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from . import _constants as C
+
+
+def _gamma(pair):
+    return dist.Gamma(torch.tensor(pair[0]), torch.tensor(pair[1]))
+
+
+@dataclass
+class RegularizedPriors:
+    """The priors of :class:`~pyro_scmodels.RegularizedVI` (and the multimodal model).
+
+    Parameters
+    ----------
+    dispersion_rate
+        Prior of the containment rate lambda_d (one per dispersion group), the rate of the
+        Exponential prior on ``1/sqrt(theta)``. Default ``Gamma(9, 3)`` (mean 3).
+    ambient
+        Prior of the ambient background s (per ambient category and gene). Default
+        ``Gamma(1, 100)`` (mean 0.01). Only counted in the ELBO when ``regularize_ambient``.
+    feature_scaling
+        Prior of the per-gene feature scaling y. Default ``Gamma(200, 200)`` (mean 1, sd 0.07).
+    library_residual_weight
+        Prior of the global weight w of the observed log library size in the library guide.
+        Default ``Exponential(1)``.
+    decoder_weight
+        Prior on every decoder weight (not biases), or None for none. Default
+        ``Normal(0, sqrt(5))``, the same as an L2 penalty of 0.1.
+    regularize_ambient
+        Count the ambient prior in the ELBO. Off by default, as in regularizedvi
+        (``regularise_background=False``): the site is kept but its prior term is masked.
+    """
+
+    dispersion_rate: dist.Distribution = field(default_factory=lambda: _gamma(C.DISPERSION_RATE_PRIOR))
+    ambient: dist.Distribution = field(default_factory=lambda: _gamma(C.AMBIENT_PRIOR))
+    feature_scaling: dist.Distribution = field(default_factory=lambda: _gamma(C.FEATURE_SCALING_PRIOR))
+    library_residual_weight: dist.Distribution = field(
+        default_factory=lambda: dist.Exponential(torch.tensor(C.LIBRARY_RESIDUAL_WEIGHT_PRIOR))
+    )
+    decoder_weight: dist.Distribution | None = field(
+        default_factory=lambda: dist.Normal(torch.tensor(0.0), torch.tensor(C.DECODER_WEIGHT_PRIOR_SCALE))
+    )
+    regularize_ambient: bool = False
+
+    def distributions(self) -> dict[str, dist.Distribution]:
+        """The priors that are distributions, by site name (None entries left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.distributions.Distribution)
+        }
+
+
+def distribution_parameters(prior: torch.distributions.Distribution, name: str) -> dict[str, torch.Tensor]:
+    """The tensor parameters from which ``type(prior)(**params)`` rebuilds ``prior``."""
+    signature = inspect.signature(type(prior).__init__).parameters
+    params = {
+        key: torch.as_tensor(prior.__dict__[key], dtype=torch.get_default_dtype())
+        for key in prior.arg_constraints
+        if key in signature and key in prior.__dict__
+    }
+    if not params:
+        raise TypeError(
+            f"Prior {name!r} must be a distribution with tensor parameters, e.g. dist.Gamma(2., 50.); "
+            f"got {prior!r}."
+        )
+    return params
+
+
+class PriorSet(nn.Module):
+    """Holds prior hyperparameters as buffers and rebuilds the distributions on demand.
+
+    ``prior_set["ambient"]`` returns ``dist.Gamma(concentration, rate)`` built from the buffers
+    ``ambient__concentration`` and ``ambient__rate`` (on the module's device).
+    """
+
+    def __init__(self, priors: dict[str, torch.distributions.Distribution]):
+        super().__init__()
+        self._families: dict[str, tuple[type, list[str]]] = {}
+        for name, prior in priors.items():
+            params = distribution_parameters(prior, name)
+            for key, value in params.items():
+                self.register_buffer(f"{name}__{key}", value.clone())
+            self._families[name] = (type(prior), list(params))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._families
+
+    def __getitem__(self, name: str) -> torch.distributions.Distribution:
+        family, keys = self._families[name]
+        return family(**{key: getattr(self, f"{name}__{key}") for key in keys})
