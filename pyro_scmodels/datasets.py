@@ -112,11 +112,12 @@ def simulate(
     n_batches: int = 3,
     n_markers_per_type: int = 20,
     within_type_rank: int = 2,
+    type_sd: float = 0.5,
     stimulated_fraction: float = 0.5,
     n_responding_genes: int = 40,
     responding_cell_types: Sequence[int | str] | None = None,
-    ambient_fraction: float = 0.05,
-    batch_scaling_sd: float = 0.3,
+    ambient_fraction: float = 0.1,
+    batch_scaling_sd: float = 0.2,
     mean_library: float = 2000.0,
     library_sd: float = 0.3,
     theta_range: tuple[float, float] = (0.5, 50.0),
@@ -143,6 +144,10 @@ def simulate(
         of ``exp(U(1.5, 3))`` in their type.
     within_type_rank : int
         Rank of the continuous within-type variation of log expression.
+    type_sd : float
+        Standard deviation of every gene's per-type log-expression deviation (on top of the
+        markers): cell types differ in many genes, not only in their markers, which is also
+        what lets a model tell ambient RNA from expression.
     stimulated_fraction : float
         Fraction of stimulated cells in [0, 1], balanced over type and batch.
     n_responding_genes : int
@@ -188,6 +193,7 @@ def simulate(
     n_batches = _check_int("n_batches", n_batches, 1)
     n_markers = _check_int("n_markers_per_type", n_markers_per_type, 0)
     rank = _check_int("within_type_rank", within_type_rank, 0)
+    type_sd = _check_float("type_sd", type_sd, 0.0)
     n_responding = _check_int("n_responding_genes", n_responding_genes, 0)
     if n_types * n_markers > n_genes:
         raise ValueError(
@@ -227,7 +233,7 @@ def simulate(
 
     # spread of gene means on the log scale: a few abundant genes, many rare ones
     baseline = rng.normal(0.0, 1.3, size=n_genes)
-    type_log = baseline + rng.normal(0.0, 0.2, size=(n_types, n_genes))
+    type_log = baseline + rng.normal(0.0, type_sd, size=(n_types, n_genes))
     for k in range(n_types):
         type_log[k, markers[k]] += rng.uniform(1.5, 3.0, size=n_markers)
     loadings = rng.normal(0.0, 0.25, size=(n_genes, rank))
@@ -306,7 +312,7 @@ def simulate(
     settings = {
         "n_cells": n_cells, "n_genes": n_genes, "n_cell_types": n_types,
         "n_batches": n_batches, "n_markers_per_type": n_markers,
-        "within_type_rank": rank, "stimulated_fraction": stimulated_fraction,
+        "within_type_rank": rank, "type_sd": type_sd, "stimulated_fraction": stimulated_fraction,
         "n_responding_genes": n_responding, "ambient_fraction": ambient_fraction,
         "batch_scaling_sd": batch_scaling_sd, "mean_library": mean_library,
         "library_sd": library_sd, "theta_range": [theta_low, theta_high],

@@ -129,7 +129,9 @@ class SVITrainer:
 
     def loss(self, batch: dict, n_obs: int, kl_weight: float) -> torch.Tensor:
         """Negative ELBO of a minibatch, per cell of the ``n_obs``-cell dataset."""
-        return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+        # the data were validated once at setup; per-step support checks only cost time
+        with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
+            return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
 
     # --- diagnostics -----------------------------------------------------------------------
     def _diagnose(self, batch: dict, n_obs: int, kl_weight: float, where: str) -> str:
