@@ -31,6 +31,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> the first CUDA device when there is one, else CPU; otherwise checked as given."""
     if isinstance(device, torch.device):
         device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -122,6 +124,13 @@ class SVITrainer:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters()) + list(self.guide.parameters())
+
+    def set_optimizer_settings(self, lr: float, eps: float, weight_decay: float) -> None:
+        """Use new Adam settings from the next step on (the moment estimates are kept)."""
+        self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group.update(lr=lr, eps=eps, weight_decay=weight_decay)
 
     def _make_optimizer(self) -> None:
         if self.optimizer is None:

@@ -46,7 +46,8 @@ class FullyConnected(nn.Module):
     def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         for linear in self.linears:
             if self.n_covariates:
-                h = torch.cat([h, covariates], dim=-1)
+                # covariates are per cell; h may carry extra leading sample dimensions
+                h = torch.cat([h, covariates.expand(*h.shape[:-1], -1)], dim=-1)
             h = self.dropout(F.relu(self.norm(linear(h))))
         return h
 

@@ -29,10 +29,12 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
 
 def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> CovariateKeys:
     """Validate the inputs and record the setup in ``adata.uns``. See ``RegularizedVI.setup_anndata``."""
+    if getattr(adata, "is_view", False):
+        raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
     keys = resolve_covariate_keys(**covariate_arguments)
-    counts = counts_matrix(adata, layer)  # validates counts before anything is stored
-    CovariateEncoding(keys).fit(adata.obs)  # validates the columns
-    del counts
+    counts_matrix(adata, layer)  # validates counts before anything is stored
+    encoding = CovariateEncoding(keys).fit(adata.obs)  # validates the categorical columns
+    encoding.continuous(adata.obs)  # and the continuous ones
     adata.uns[SETUP_UNS_KEY] = json.dumps({"layer": layer, "keys": keys.to_dict()})
     return keys
 

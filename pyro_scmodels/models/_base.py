@@ -14,8 +14,10 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
 
 from .. import _constants as C
+from .. import _validation as V
 from ..data import CellData, iterate_minibatches
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 
@@ -111,18 +113,33 @@ class PyroModelBase:
             The training history (also in :attr:`history`).
         """
         data = self._cell_data()
-        max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
-        for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}.")
+        # every setting is checked before anything is trained
+        max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else V.positive_int("max_epochs", max_epochs)
+        batch_size = V.positive_int("batch_size", batch_size)
+        checkpoint_every = V.positive_int("checkpoint_every", checkpoint_every)
+        early_stopping_patience = V.positive_int("early_stopping_patience", early_stopping_patience)
+        lr, eps = V.positive_float("lr", lr), V.positive_float("eps", eps)
+        if kl_warmup_epochs is not None:
+            kl_warmup_epochs = V.non_negative_int("kl_warmup_epochs", kl_warmup_epochs)
+        if kl_warmup_steps is not None:
+            kl_warmup_steps = V.non_negative_int("kl_warmup_steps", kl_warmup_steps)
+        if gradient_clip is not None:
+            gradient_clip = V.positive_float("gradient_clip", gradient_clip)
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}.")
+        if not (isinstance(train_size, (int, float)) and 0.0 < train_size <= 1.0):
+            raise ValueError(f"train_size must be in (0, 1], got {train_size!r}.")
         self.device = resolve_device(device)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
         if self.trainer is None:
             train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay)
+        else:
+            # a further call continues training: the split stays, the optimiser takes the new settings
+            if abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
+                warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=2)
+            self.trainer.set_optimizer_settings(lr=lr, eps=eps, weight_decay=weight_decay)
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
         plan = TrainingPlan(
@@ -169,6 +186,77 @@ class PyroModelBase:
         guide = self.module.guide
         with torch.no_grad():
             return [poutine.trace(guide).get_trace(batch, n_obs) for _ in range(num_samples)]
+
+    # --- posterior summaries -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int = 100, adata=None, indices=None, batch_size: int | None = None,
+                         quantiles: tuple[float, float] = (0.05, 0.95)) -> dict:
+        """Summaries of the posterior of every latent site, from samples of the guide.
+
+        Parameters
+        ----------
+        num_samples
+            Guide samples per minibatch.
+        adata, indices, batch_size
+            Cells for the local (per-cell) sites; globals are summarised once.
+        quantiles
+            The lower and upper quantiles reported.
+
+        Returns
+        -------
+        dict
+            ``{"means": {site: array}, "stds": ..., "q05": ..., "q95": ...}`` (the quantile keys
+            follow ``quantiles``). Per-cell sites have the cells along the first axis; global
+            sites keep their shape (categories x genes).
+        """
+        self._check_trained()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        self.module.eval()
+        labels = [f"q{round(q * 100):02d}" for q in quantiles]
+        level = torch.tensor(quantiles)
+        summaries = {key: {} for key in ("means", "stds", *labels)}
+        local_parts: dict[str, list] = {}
+        for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
+            traces = self._guide_traces(batch, n_obs, num_samples)
+            for name, site in prune_subsample_sites(traces[0]).nodes.items():
+                if site["type"] != "sample" or site["is_observed"]:
+                    continue
+                is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
+                if not is_local and i > 0:
+                    continue  # globals are the same sites in every minibatch: summarise once
+                draws = torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu()
+                stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
+                stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
+                if is_local:
+                    local_parts.setdefault(name, []).append(stats)
+                else:
+                    for key, value in zip(summaries, stats):
+                        summaries[key][name] = value.numpy()
+        for name, parts in local_parts.items():
+            for j, key in enumerate(summaries):
+                summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
+        return summaries
+
+    @torch.no_grad()
+    def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Counts drawn from the posterior predictive distribution (``pyro.infer.Predictive``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``num_samples`` x cells x genes (dense: pick ``indices`` for large data).
+        """
+        self._check_trained()
+        self.module.eval()
+        predictive = pyro.infer.Predictive(
+            poutine.uncondition(self.module.model), guide=self.module.guide, num_samples=num_samples, return_sites=["obs"]
+        )
+        parts = []
+        for batch, n_obs in self._batches(adata, indices, batch_size):
+            draws = predictive(batch, n_obs)["obs"]
+            parts.append(draws.reshape(num_samples, *batch["x"].shape).cpu())
+        return torch.cat(parts, dim=1).numpy()
 
     # --- persistence ---------------------------------------------------------------------------
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class

@@ -27,7 +27,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..distributions import GammaPoissonMean
-from ..guides import LocalPyroModule, PositiveSiteGuide
+from ..guides import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide
 from ..nn import GaussianEncoder, SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
 
@@ -121,6 +121,11 @@ class RegularizedVIModel(LocalPyroModule):
             pyro.factor("decoder_weight_prior", penalty)
         return {"theta": u.pow(-2), "ambient": ambient, "feature_scaling": scaling}
 
+    def decode(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """rho = softplus(decoder([z, continuous], nn covariates)); z may have leading sample dims."""
+        continuous = batch["continuous"].expand(*z.shape[:-1], -1)
+        return self.decoder(torch.cat([z, continuous], -1), batch.get("nn_onehot"))
+
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         g = self.global_sites()
         x = batch["x"]
@@ -129,7 +134,7 @@ class RegularizedVIModel(LocalPyroModule):
                 z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
             p = batch["library_index"]
             library = pyro.sample("library", dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
-            rho = self.decoder(torch.cat([z, batch["continuous"]], -1), batch.get("nn_onehot"))
+            rho = self.decode(z, batch)
             mu = expected_counts(
                 library, rho, g["ambient"], g["feature_scaling"], batch["ambient_index"], batch["scaling_index"]
             )
@@ -162,6 +167,9 @@ class RegularizedVIGuide(LocalPyroModule):
         unknown = set(families) - set(GLOBAL_SITES)
         if unknown:
             raise ValueError(f"Unknown global site(s) {sorted(unknown)} in global_guides; known: {GLOBAL_SITES}.")
+        for site, family in families.items():
+            if family not in GUIDE_FAMILIES:
+                raise ValueError(f"global_guides[{site!r}] must be one of {GUIDE_FAMILIES}, got {family!r}.")
         self.dims = dims
         n_input = dims.n_genes + dims.n_continuous + dims.n_encoder_covariates
         self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate, input_dropout_rate)

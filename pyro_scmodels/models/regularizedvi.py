@@ -7,12 +7,16 @@ DataFrames aligned with the AnnData.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import _constants as C
+from .. import _validation as V
 from ..data import CellData, CovariateEncoding, counts_matrix, read_setup, setup_anndata
+from ..data.registry import SETUP_UNS_KEY
 from ..priors import RegularizedPriors
 from ._base import ModelAndGuide, PyroModelBase, check_var_names
 from ._regularizedvi_module import RegularizedVIDims, RegularizedVIGuide, RegularizedVIModel
@@ -73,9 +77,13 @@ class RegularizedVI(PyroModelBase):
         super().__init__()
         if init not in ("data", "prior"):
             raise ValueError(f"init must be 'data' or 'prior', got {init!r}.")
-        for name, value in (("n_hidden", n_hidden), ("n_latent", n_latent), ("n_layers", n_layers)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
+        n_layers = V.positive_int("n_layers", n_layers)
+        dropout_rate, input_dropout_rate = V.rate("dropout_rate", dropout_rate), V.rate("input_dropout_rate", input_dropout_rate)
+        if global_guides is not None and not isinstance(global_guides, dict):
+            raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
+        if priors is not None and not isinstance(priors, RegularizedPriors):
+            raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
         self.adata = adata
         self.layer, self.keys = read_setup(adata)
         self.encoding = CovariateEncoding(self.keys, _categories)
@@ -237,7 +245,7 @@ class RegularizedVI(PyroModelBase):
         for batch, _ in self._batches(adata, indices, batch_size):
             loc, scale = module.guide.encoder(module.guide.encoder_input(batch))
             draws = [loc] if n_samples == 1 else [torch.distributions.Normal(loc, scale).sample() for _ in range(n_samples)]
-            rho = torch.stack([module.model.decoder(torch.cat([z, batch["continuous"]], -1), batch.get("nn_onehot")) for z in draws]).mean(0)
+            rho = torch.stack([module.model.decode(z, batch) for z in draws]).mean(0)
             if isinstance(library_size, (int, float)):
                 rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
             out.append(rho)
@@ -290,10 +298,15 @@ class RegularizedVI(PyroModelBase):
         """
         payload = cls._read_payload(dir_path)
         check_var_names(payload["var_names"], adata)
-        from ..data.registry import SETUP_UNS_KEY
-
-        if SETUP_UNS_KEY not in adata.uns:
-            cls.setup_anndata(adata, layer=payload["layer"], **_setup_arguments(payload["keys"]))
+        saved_setup = (payload["layer"], payload["keys"])
+        if SETUP_UNS_KEY in adata.uns:
+            layer, keys = read_setup(adata)
+            if (layer, keys.to_dict()) != saved_setup:
+                warnings.warn(
+                    "adata was set up differently from the saved model; the model's setup "
+                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=2
+                )
+        cls.setup_anndata(adata, layer=payload["layer"], **_setup_arguments(payload["keys"]))
         model = cls(adata, **payload["init_params"], _categories=payload["categories"])
         model._restore(payload)
         model.device = torch.device("cpu")

@@ -1,0 +1,512 @@
+"""Training throughput of ``pyro_scmodels.RegularizedVI`` on the CPU, next to scvi-tools' SCVI.
+
+Usage::
+
+    python benchmarks/bench_train.py [--quick] [--epochs N] [--threads N] [--output PATH]
+
+Both tools train the same architecture (``n_hidden=128``, ``n_latent=10``, ``n_layers=1``,
+``batch_size=1024``, ``train_size=0.9``, validation loss every epoch, no early stopping) on
+
+1. the PBMC 3-chemistries data (``../shared/data/pbmc_10x_3chemistries_scWGParis.h5ad``
+   from the repository root; skipped with a note when absent), and
+2. a simulated 20,000 cells x 2,000 genes set (``pyro_scmodels.datasets.simulate``).
+
+scvi-tools is not a dependency of the package: SCVI is measured only when ``import scvi``
+works (e.g. run the script with a Python that has scvi-tools installed).
+
+Every (dataset, tool) measurement runs in a fresh Python process (this script re-invoked
+with hidden arguments), so that its peak resident memory (``ru_maxrss``) is its own. In that
+process the model is built, trained once for 1 epoch (warm-up, not timed), then trained for
+``E`` more epochs under the clock. Throughput is ``n_train_cells * E / seconds``.
+
+Results are printed and written to the ``## Training throughput (bench_train.py)`` section of
+``benchmarks/RESULTS.md`` (other sections are kept). ``--quick`` runs tiny subsets and writes
+nothing unless ``--output`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+PBMC_PATH = REPO_ROOT.parent / "shared" / "data" / "pbmc_10x_3chemistries_scWGParis.h5ad"
+DEFAULT_OUTPUT = HERE / "RESULTS.md"
+SECTION_TITLE = "## Training throughput (bench_train.py)"
+
+# architecture and training settings shared by both tools
+N_HIDDEN, N_LATENT, N_LAYERS = 128, 10, 1
+BATCH_SIZE, TRAIN_SIZE, SEED = 1024, 0.9, 0
+WARMUP_EPOCHS = 1
+
+# default timed epochs, and the quick-mode sizes
+DEFAULT_EPOCHS = {"pbmc": 10, "simulated": 5}
+QUICK_EPOCHS = 1
+QUICK_CELLS = 500
+SIMULATED_SHAPE = (20000, 2000)
+TOOLS = ("pyro_scmodels", "scvi-tools")
+
+
+# ------------------------------------------------------------------------------------------
+# machine facts
+# ------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """CPU model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`).
+
+    Returns
+    -------
+    str
+        The first ``model name`` entry, or a best-effort description.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def total_memory_gib() -> float | None:
+    """Total physical memory in GiB from ``/proc/meminfo``, or None where unavailable."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024**2
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def package_version(distribution: str) -> str | None:
+    """Installed version of ``distribution``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts(threads: int) -> dict:
+    """Facts about this machine and the software measured.
+
+    Parameters
+    ----------
+    threads
+        The number of torch intra-op threads the measurements use.
+
+    Returns
+    -------
+    dict
+        Human-readable values keyed by label.
+    """
+    import pyro
+    import torch
+
+    import pyro_scmodels
+
+    memory = total_memory_gib()
+    scvi_version = package_version("scvi-tools") if scvi_available() else None
+    return {
+        "CPU": cpu_model(),
+        "logical CPUs": str(os.cpu_count()),
+        "memory": f"{memory:.1f} GiB" if memory else "unknown",
+        "torch threads": str(threads),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro-ppl": pyro.__version__,
+        "pyro_scmodels": pyro_scmodels.__version__,
+        "scvi-tools": scvi_version or "not installed",
+    }
+
+
+def scvi_available() -> bool:
+    """Whether ``import scvi`` can find a module (scvi-tools is optional)."""
+    return importlib.util.find_spec("scvi") is not None
+
+
+# ------------------------------------------------------------------------------------------
+# the measured process
+# ------------------------------------------------------------------------------------------
+def _maxrss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+def _train_ours(adata, epochs: int) -> dict:
+    """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks."""
+    import pyro_scmodels
+
+    pyro_scmodels.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    model = pyro_scmodels.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS)
+    settings = dict(batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu", progress_bar=False)
+    model.train(max_epochs=WARMUP_EPOCHS, **settings)
+    rss_before = _maxrss_mib()
+    start = time.perf_counter()
+    # a second call continues up to max_epochs in total: E more epochs
+    model.train(max_epochs=WARMUP_EPOCHS + epochs, **settings)
+    seconds = time.perf_counter() - start
+    timed = model.history.iloc[WARMUP_EPOCHS:]
+    return {
+        "n_train": len(model.trainer.train_indices),
+        "seconds": seconds,
+        "epochs_run": len(timed),
+        "validation_epochs": int(timed["validation_loss"].notna().sum()),
+        "rss_warm_mib": rss_before,
+    }
+
+
+def _train_scvi(adata, epochs: int) -> dict:
+    """Warm up and time ``scvi.model.SCVI`` training; returns training cells, seconds, checks."""
+    import logging
+    import warnings
+
+    import scvi
+
+    # Lightning and scvi-tools log and warn a lot on the CPU; that is noise here
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    scvi.settings.seed = SEED
+
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood="nb")
+    settings = dict(
+        batch_size=BATCH_SIZE, accelerator="cpu", early_stopping=False, train_size=TRAIN_SIZE,
+        enable_progress_bar=False, check_val_every_n_epoch=1,
+    )
+    model.train(max_epochs=WARMUP_EPOCHS, **settings)
+    rss_before = _maxrss_mib()
+    start = time.perf_counter()
+    # each scvi train call runs max_epochs more epochs from the current weights
+    model.train(max_epochs=epochs, **settings)
+    seconds = time.perf_counter() - start
+    # history holds one DataFrame per metric, concatenated over the train calls
+    train_rows = model.history.get("elbo_train")
+    validation_rows = model.history.get("elbo_validation")
+    return {
+        "n_train": len(model.train_indices),
+        "seconds": seconds,
+        "epochs_run": None if train_rows is None else len(train_rows) - WARMUP_EPOCHS,
+        "validation_epochs": None if validation_rows is None else int(validation_rows.iloc[WARMUP_EPOCHS:].notna().sum().iloc[0]),
+        "rss_warm_mib": rss_before,
+        "scvi_version": scvi.__version__,
+    }
+
+
+def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, result_path: str) -> None:
+    """Entry point of a measured process: load data, train, write a JSON result.
+
+    Parameters
+    ----------
+    tool
+        ``"pyro_scmodels"`` or ``"scvi-tools"``.
+    data_path
+        An ``.h5ad`` file with raw counts in ``.X`` and ``obs["batch"]``.
+    epochs
+        Timed epochs (after one warm-up epoch).
+    threads
+        torch intra-op threads to set, or None for torch's default.
+    result_path
+        Where the JSON result goes.
+    """
+    import anndata
+    import torch
+
+    if tool == "scvi-tools":
+        import scvi  # noqa: F401  (imported first so that "RSS loaded" counts it, as torch for ours)
+    if threads:
+        torch.set_num_threads(threads)
+    # read afresh: this process owns its AnnData
+    adata = anndata.read_h5ad(data_path)
+    rss_loaded = _maxrss_mib()
+    train = _train_ours if tool == "pyro_scmodels" else _train_scvi
+    result = train(adata, epochs)
+    result.update(
+        tool=tool, epochs=epochs, threads=torch.get_num_threads(),
+        rss_loaded_mib=rss_loaded, rss_peak_mib=_maxrss_mib(),
+    )
+    with open(result_path, "w") as handle:
+        json.dump(result, handle)
+
+
+def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdir: Path) -> dict:
+    """Run one measurement in a fresh Python process (same interpreter).
+
+    Parameters
+    ----------
+    tool
+        Which tool to train.
+    data_path
+        The dataset as ``.h5ad``.
+    epochs
+        Timed epochs.
+    threads
+        torch threads for the child, or None for torch's default.
+    workdir
+        Scratch folder: the child's working directory (scvi/Lightning may write logs there).
+
+    Returns
+    -------
+    dict
+        The child's result, or ``{"error": ...}`` when it failed.
+    """
+    result_path = workdir / f"result_{tool}_{data_path.stem}.json"
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--_worker", tool, "--_data", str(data_path),
+        "--_epochs", str(epochs), "--_result", str(result_path),
+    ]
+    if threads:
+        command += ["--threads", str(threads)]
+    completed = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if completed.returncode != 0 or not result_path.exists():
+        tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
+        return {"tool": tool, "epochs": epochs, "error": f"exit code {completed.returncode}\n{tail}"}
+    with open(result_path) as handle:
+        return json.load(handle)
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+def prepare_datasets(names: list[str], quick: bool, pbmc_path: Path, workdir: Path) -> list[dict]:
+    """Write the datasets to ``workdir`` as ``.h5ad`` so every child reads the same cells.
+
+    Parameters
+    ----------
+    names
+        Datasets to prepare, among ``"pbmc"`` and ``"simulated"``.
+    quick
+        Use ``QUICK_CELLS`` cells only (a random PBMC subset; a smaller simulation).
+    pbmc_path
+        The PBMC file; the dataset is skipped with a note when it is missing.
+    workdir
+        Where the files go.
+
+    Returns
+    -------
+    list of dict
+        ``name``, ``label``, ``path``, ``n_cells``, ``n_genes`` per dataset.
+    """
+    import anndata
+    import numpy as np
+
+    from pyro_scmodels.datasets import simulate
+
+    datasets = []
+    for name in names:
+        if name == "pbmc":
+            if not pbmc_path.exists():
+                print(f"PBMC data not found at {pbmc_path}: skipped.")
+                continue
+            adata = anndata.read_h5ad(pbmc_path)
+            if quick and adata.n_obs > QUICK_CELLS:
+                keep = np.sort(np.random.default_rng(SEED).choice(adata.n_obs, QUICK_CELLS, replace=False))
+                adata = adata[keep].copy()
+            label = "PBMC 3 chemistries"
+        else:
+            n_cells, n_genes = SIMULATED_SHAPE
+            adata = simulate(n_cells=QUICK_CELLS if quick else n_cells, n_genes=n_genes, seed=SEED)
+            label = "simulated"
+        path = workdir / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        datasets.append({"name": name, "label": label, "path": path, "n_cells": adata.n_obs, "n_genes": adata.n_vars})
+    return datasets
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+def results_table(rows: list[dict]) -> str:
+    """Markdown table of the measurements (one row per dataset and tool).
+
+    Parameters
+    ----------
+    rows
+        Measurement results with ``dataset``, ``shape`` and the child's fields added.
+
+    Returns
+    -------
+    str
+        The table; ``ratio`` is ours / scvi-tools in cells per second, on our row.
+    """
+    header = (
+        "| dataset | cells x genes | tool | epochs | seconds | cells/s | RSS loaded / peak (MiB) | ratio ours/scvi |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['dataset']} | {row['shape']} | {row['tool']} | {row['epochs']} | failed | failed | - | - |")
+            continue
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
+        lines.append(
+            f"| {row['dataset']} | {row['shape']} | {row['tool']} | {row['epochs']} | {row['seconds']:.2f} "
+            f"| {row['cells_per_s']:,.0f} | {row['rss_loaded_mib']:,.0f} / {row['rss_peak_mib']:,.0f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def section_text(facts: dict, table: str, command: str, when: str, notes: list[str]) -> str:
+    """The full ``RESULTS.md`` section: date, machine facts, settings, table, command."""
+    fact_lines = "\n".join(f"- {key}: {value}" for key, value in facts.items())
+    note_lines = ("\n\n" + "\n".join(f"- {note}" for note in notes)) if notes else ""
+    return (
+        f"{SECTION_TITLE}\n\n"
+        f"Measured {when}.\n\n"
+        f"{fact_lines}\n\n"
+        f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch_size={BATCH_SIZE}, "
+        f"train_size={TRAIN_SIZE}, CPU, no early stopping, validation loss every epoch (both tools). "
+        f"Each (dataset, tool) runs in a fresh process: the model is built, trained {WARMUP_EPOCHS} warm-up "
+        f"epoch (not timed), then trained for the listed epochs under the clock. "
+        f"cells/s = training cells x epochs / seconds. RSS: `ru_maxrss` of that process after loading the "
+        f"data (including imports) and at the end (peak).{note_lines}\n\n"
+        f"{table}\n\n"
+        f"Command:\n\n```\n{command}\n```\n"
+    )
+
+
+def update_results(path: Path, section: str) -> None:
+    """Replace (or append) the ``SECTION_TITLE`` section of ``path``, keeping the others.
+
+    Parameters
+    ----------
+    path
+        The markdown file; created (with a title) when missing.
+    section
+        The new section, starting with ``SECTION_TITLE``.
+    """
+    if path.exists():
+        lines = path.read_text().splitlines()
+    else:
+        lines = ["# Benchmark results", ""]
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
+    if start is None:
+        before, after = lines, []
+    else:
+        # the section ends at the next level-2 (or level-1) heading
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))), len(lines))
+        before, after = lines[:start], lines[end:]
+    while before and not before[-1].strip():
+        before.pop()
+    text = "\n".join(before) + ("\n\n" if before else "") + section.rstrip("\n") + "\n"
+    if after:
+        text += "\n" + "\n".join(after).rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (the ``--_*`` ones are for the measured child processes)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"tiny run: {QUICK_CELLS} cells per dataset, {QUICK_EPOCHS} timed epoch; writes nothing unless --output is given")
+    parser.add_argument("--epochs", type=int, default=None, help="timed epochs for every dataset (default: PBMC 10, simulated 5; quick 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both tools (default: torch's default)")
+    parser.add_argument("--datasets", nargs="+", choices=["pbmc", "simulated"], default=["pbmc", "simulated"], help="datasets to run")
+    parser.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS), help="tools to run (scvi-tools only when importable)")
+    parser.add_argument("--pbmc", type=Path, default=PBMC_PATH, help="path of the PBMC .h5ad file")
+    parser.add_argument("--output", type=Path, default=None, help=f"markdown file to update (default: {DEFAULT_OUTPUT.relative_to(REPO_ROOT)}; none with --quick)")
+    # hidden: one measurement in a child process
+    for name, kind in (("--_worker", str), ("--_data", str), ("--_epochs", int), ("--_result", str)):
+        parser.add_argument(name, type=kind, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be a positive integer")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be a positive integer")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    args = parse_args(argv)
+    if args._worker:
+        run_worker(args._worker, args._data, args._epochs, args.threads, args._result)
+        return 0
+
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    facts = machine_facts(threads)
+    print("Training throughput benchmark")
+    for key, value in facts.items():
+        print(f"  {key}: {value}")
+
+    tools = [tool for tool in TOOLS if tool in args.tools]
+    notes = []
+    if "scvi-tools" in tools and not scvi_available():
+        print("scvi-tools not installed: skipped")
+        notes.append("scvi-tools not installed: skipped.")
+        tools.remove("scvi-tools")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+        workdir = Path(scratch)
+        datasets = prepare_datasets(args.datasets, args.quick, args.pbmc, workdir)
+        if len(datasets) < len(args.datasets):
+            notes.append("Datasets whose file was missing were skipped.")
+        for dataset in datasets:
+            epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS[dataset["name"]])
+            shape = f"{dataset['n_cells']:,} x {dataset['n_genes']:,}"
+            speed = {}
+            for tool in tools:
+                print(f"\n{dataset['label']} ({shape}), {tool}: {WARMUP_EPOCHS} warm-up + {epochs} timed epoch(s) ...", flush=True)
+                result = measure(tool, dataset["path"], epochs, args.threads, workdir)
+                result.update(dataset=dataset["label"], shape=shape)
+                if "error" in result:
+                    print(f"  failed: {result['error']}")
+                else:
+                    result["cells_per_s"] = result["n_train"] * epochs / result["seconds"]
+                    speed[tool] = result["cells_per_s"]
+                    print(
+                        f"  {result['n_train']} training cells, {result['seconds']:.2f} s, "
+                        f"{result['cells_per_s']:,.0f} cells/s, torch threads {result['threads']}, "
+                        f"RSS loaded {result['rss_loaded_mib']:,.0f} MiB, peak {result['rss_peak_mib']:,.0f} MiB"
+                    )
+                    # fairness checks: every timed epoch ran and computed a validation loss
+                    for key in ("epochs_run", "validation_epochs"):
+                        if result.get(key) is not None and result[key] != epochs:
+                            print(f"  warning: {key} = {result[key]}, expected {epochs}")
+                    if result["threads"] != threads:
+                        print(f"  warning: the child used {result['threads']} torch threads, expected {threads}")
+                rows.append(result)
+            if len(speed) == 2:
+                ratio = speed["pyro_scmodels"] / speed["scvi-tools"]
+                for row in rows:
+                    if row["dataset"] == dataset["label"] and row["tool"] == "pyro_scmodels":
+                        row["ratio"] = ratio
+                print(f"  ratio ours / scvi-tools (cells/s): {ratio:.2f}")
+
+    table = results_table(rows)
+    print("\n" + table)
+
+    output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
+    if output is not None:
+        when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        command = shlex.join([sys.executable, *sys.argv])
+        update_results(output, section_text(facts, table, command, when, notes))
+        print(f"\nWrote the '{SECTION_TITLE[3:]}' section of {output}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
