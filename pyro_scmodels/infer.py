@@ -173,6 +173,17 @@ class SVITrainer:
         yield from (("guide." + n, p) for n, p in self.guide.named_parameters())
 
     # --- one pass --------------------------------------------------------------------------
+    @staticmethod
+    def seed_epoch(seed: int, epoch: int) -> np.random.Generator:
+        """Seed torch (Pyro samples with torch's generator) for one epoch; return its minibatch-order generator.
+
+        Seeding per epoch makes a run resumed from a checkpoint identical to an uninterrupted one.
+        Python's and numpy's global generators are left alone.
+        """
+        state = np.random.SeedSequence([seed, epoch]).generate_state(2)
+        torch.manual_seed(int(state[0]))
+        return np.random.default_rng(int(state[1]))
+
     def _train_epoch(self, plan: TrainingPlan, rng: np.random.Generator) -> tuple[float, float]:
         self.model.train()
         self.guide.train()
@@ -211,10 +222,8 @@ class SVITrainer:
     # --- the loop --------------------------------------------------------------------------
     def fit(self, plan: TrainingPlan, seed: int = 0) -> pd.DataFrame:
         """Train until ``plan.max_epochs`` (counted over all calls) or early stopping."""
-        rng = np.random.default_rng([seed, self.epoch])
         if plan.checkpoint_path and os.path.exists(plan.checkpoint_path) and self.epoch == 0:
             self.load_checkpoint(plan.checkpoint_path)
-            rng = np.random.default_rng([seed, self.epoch])
             logger.info("Resumed from %s at epoch %d.", plan.checkpoint_path, self.epoch)
         # a first pass creates lazily-initialised parameters before the optimiser sees them
         if self.optimizer is None:
@@ -224,7 +233,7 @@ class SVITrainer:
         bar = tqdm(total=plan.max_epochs, initial=self.epoch, desc="Training", disable=not plan.progress_bar, unit="epoch")
         try:
             while self.epoch < plan.max_epochs:
-                train_loss, kl_weight = self._train_epoch(plan, rng)
+                train_loss, kl_weight = self._train_epoch(plan, self.seed_epoch(seed, self.epoch))
                 validation_loss = self.evaluate(self.validation_indices, plan.batch_size)
                 self.history.loc[self.epoch] = [train_loss, validation_loss, kl_weight]
                 self.epoch += 1

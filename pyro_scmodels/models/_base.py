@@ -157,7 +157,6 @@ class PyroModelBase:
         )
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            pyro.set_rng_seed(seed)
             history = self.trainer.fit(plan, seed=seed)
         self.is_trained = True
         return history.astype(float)

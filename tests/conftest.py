@@ -1,0 +1,43 @@
+"""Shared fixtures: one simulated dataset and one model fitted on it, reused by many tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import pyro_scmodels as ps
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def shared_file(name: str) -> str:
+    """Path of a file in ../shared/data; skips the test when the folder is absent."""
+    path = os.path.abspath(os.path.join(SHARED_DATA, name))
+    if not os.path.exists(path):
+        pytest.skip(f"{name} not found in ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def simulated():
+    """3000 cells x 500 genes, 5 cell types, 3 batches with ambient RNA and feature scaling."""
+    return ps.datasets.simulate(n_cells=3000, n_genes=500, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted(simulated):
+    """RegularizedVI with each technical effect on its own key, trained to convergence.
+
+    Small data gives few optimiser steps per epoch, so the learning rate is 1e-2 (the default
+    1e-3 is tuned for tens of thousands of cells) and the KL warm-up is short.
+    """
+    adata = simulated.copy()
+    ps.RegularizedVI.setup_anndata(
+        adata, layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
+        library_size_key="batch",
+    )
+    model = ps.RegularizedVI(adata, seed=0)
+    model.train(max_epochs=300, batch_size=512, lr=1e-2, kl_warmup_epochs=30, early_stopping=False,
+                device="cpu", seed=0, progress_bar=False)
+    return model

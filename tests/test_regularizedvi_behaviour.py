@@ -1,0 +1,212 @@
+"""RegularizedVI mechanics: plate scaling, seeds, save/load, checkpoints, NaN detection, data access."""
+
+import anndata
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import scipy.sparse as sp
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+import pyro_scmodels as ps
+from pyro_scmodels import metrics as M
+from pyro_scmodels.data import CountMatrix
+from pyro_scmodels.infer import NonFiniteError
+
+SMALL = dict(n_hidden=32, n_latent=4)
+QUICK = dict(batch_size=64, device="cpu", progress_bar=False, kl_warmup_epochs=2)
+
+
+@pytest.fixture
+def small():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    return adata
+
+
+def _elbo(model, batch, n_obs):
+    with pyro.settings.context(validate_distributions_pyro=False):
+        return Trace_ELBO().differentiable_loss(model.module.model, model.module.guide, batch, n_obs).item()
+
+
+def test_global_sites_count_once_and_cells_scale_with_minibatch(small):
+    """Inside the cell plate a site's log-probability is scaled by N/B; outside it, by 1 (model and guide)."""
+    model = ps.RegularizedVI(small, **SMALL)
+    data = model._cell_data()
+    batch = data.minibatch(np.arange(20))
+    guide_trace = poutine.trace(model.module.guide).get_trace(batch, data.n_cells)
+    model_trace = poutine.trace(poutine.replay(model.module.model, trace=guide_trace)).get_trace(batch, data.n_cells)
+    for trace, local_sites in ((model_trace, ("z", "library", "obs")), (guide_trace, ("z", "library"))):
+        scales = {name: float(site["scale"]) for name, site in trace.nodes.items() if site["type"] == "sample"}
+        for site in ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling", "library_residual_weight"):
+            assert scales[site] == 1.0, site
+        for site in local_sites:
+            assert scales[site] == pytest.approx(200 / 20), site
+
+
+def test_expected_log_joint_does_not_depend_on_minibatch_size(small):
+    """With every latent fixed, averaging the minibatch log-joint over a partition of the cells
+    gives exactly the full-data log-joint: globals count once, cells N/B times."""
+    model = ps.RegularizedVI(small, **SMALL)
+    model.module.eval()
+    data = model._cell_data()
+    n = data.n_cells
+    everything = data.minibatch(np.arange(n))
+    with torch.no_grad():
+        sample = poutine.trace(model.module.guide).get_trace(everything, n)
+    latent = {name: site["value"] for name, site in sample.nodes.items() if site["type"] == "sample" and name not in ("cells", "genes")}
+
+    def log_joint(cells):
+        values = {k: (v[torch.as_tensor(cells)] if k in ("z", "library") else v) for k, v in latent.items()}
+        conditioned = poutine.condition(model.module.model, data=values)
+        with torch.no_grad():
+            return poutine.trace(conditioned).get_trace(data.minibatch(cells), n).log_prob_sum().item()
+
+    full = log_joint(np.arange(n))
+    partition = np.array_split(np.random.default_rng(0).permutation(n), 10)
+    averaged = np.mean([log_joint(np.sort(cells)) for cells in partition])
+    assert averaged == pytest.approx(full, rel=1e-5)
+    # the check has the power to see global terms counted once per minibatch
+    model_trace = poutine.trace(poutine.condition(model.module.model, data=latent)).get_trace(everything, n)
+    model_trace.compute_log_prob()
+    global_log_prob = sum(
+        site["log_prob_sum"].item() for name, site in model_trace.nodes.items()
+        if name in ("dispersion_rate", "inverse_sqrt_theta", "feature_scaling", "library_residual_weight")
+    )
+    assert abs(global_log_prob) * (n / 20 - 1) > 100 * 1e-5 * abs(full)  # 100x the tolerance
+
+
+def test_same_seed_same_result_and_different_seed_differs(small):
+    results = []
+    for seed in (0, 0, 1):
+        model = ps.RegularizedVI(small, seed=seed, **SMALL)
+        model.train(max_epochs=3, seed=seed, **QUICK)
+        results.append((model.get_latent_representation(), model.history["train_loss"].to_numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert not np.allclose(results[0][0], results[2][0])
+
+
+def test_save_load_round_trip_gives_identical_outputs(fitted, tmp_path):
+    fitted.save(str(tmp_path / "model"))
+    adata = fitted.adata.copy()
+    loaded = ps.RegularizedVI.load(str(tmp_path / "model"), adata)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), fitted.get_latent_representation())
+    np.testing.assert_array_equal(loaded.get_ambient_profile().to_numpy(), fitted.get_ambient_profile().to_numpy())
+    np.testing.assert_array_equal(loaded.get_dispersion().to_numpy(), fitted.get_dispersion().to_numpy())
+    assert loaded.history.equals(fitted.history)
+    # a fresh AnnData without setup is set up from what was saved
+    bare = anndata.AnnData(X=fitted.adata.layers["counts"].copy(), obs=fitted.adata.obs[["batch"]].copy(), var=fitted.adata.var[[]].copy())
+    bare.layers["counts"] = bare.X.copy()
+    again = ps.RegularizedVI.load(str(tmp_path / "model"), bare)
+    np.testing.assert_allclose(again.get_latent_representation(), fitted.get_latent_representation(), rtol=1e-5, atol=1e-6)
+
+
+def test_new_anndata_gives_same_latent_for_same_cells(fitted):
+    subset = fitted.adata[100:300].copy()
+    np.testing.assert_allclose(
+        fitted.get_latent_representation(adata=subset), fitted.get_latent_representation(indices=np.arange(100, 300)),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
+    straight = ps.RegularizedVI(small, **SMALL)
+    straight.train(max_epochs=4, **QUICK)
+    interrupted = ps.RegularizedVI(small, **SMALL)
+    interrupted.train(max_epochs=2, checkpoint_dir=str(tmp_path), checkpoint_every=1, **QUICK)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = ps.RegularizedVI(small, **SMALL)  # a new session: picks the checkpoint up
+    resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(resumed.history) == 4
+    np.testing.assert_allclose(resumed.history.to_numpy(), straight.history.to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(resumed.get_latent_representation(), straight.get_latent_representation(), rtol=1e-4, atol=1e-5)
+
+
+def test_second_train_call_continues(small):
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, **QUICK)
+    model.train(max_epochs=5, lr=5e-3, **QUICK)
+    assert len(model.history) == 5
+    assert model.trainer.optimizer.param_groups[0]["lr"] == 5e-3
+
+
+def test_nan_is_detected_and_named(small):
+    model = ps.RegularizedVI(small, **SMALL)
+    with torch.no_grad():
+        model.module.model.decoder.output.bias[3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.decoder\.output\.bias \(value\)"):
+        model.train(max_epochs=2, **QUICK)
+
+
+def test_counts_stay_sparse_and_only_minibatch_rows_are_densified(small):
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    assert sp.issparse(small.layers["counts"])
+    data = model._cell_data()
+    assert sp.issparse(data.counts.matrix)
+    rows = np.array([5, 1, 150, 7])
+    batch = data.minibatch(rows)
+    assert batch["x"].shape == (4, 40)
+    np.testing.assert_array_equal(batch["x"].numpy(), small.layers["counts"][rows].toarray())
+
+
+def test_device_held_counts_match_host_rows(small):
+    counts = CountMatrix(small.layers["counts"])
+    on_device = counts.to_torch_csr(torch.device("cpu"))
+    rows = np.array([3, 199, 0, 3, 42])
+    np.testing.assert_array_equal(on_device.rows(torch.as_tensor(rows)).numpy(), counts.rows(rows))
+    host = ps.RegularizedVI(small, **SMALL)
+    host.train(max_epochs=2, **QUICK)
+    device = ps.RegularizedVI(small, **SMALL)
+    device.train(max_epochs=2, counts_on_device=True, **QUICK)
+    np.testing.assert_allclose(host.get_latent_representation(), device.get_latent_representation(), rtol=1e-5, atol=1e-6)
+
+
+def test_backed_anndata_reads_rows_from_disk(small, tmp_path):
+    path = tmp_path / "small.h5ad"
+    small.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    counts = CountMatrix(backed.layers["counts"] if "counts" in backed.layers else backed.X)
+    rows = np.array([10, 2, 150])
+    np.testing.assert_array_equal(counts.rows(rows), small.layers["counts"][rows].toarray())
+    np.testing.assert_allclose(counts.totals(), np.asarray(small.layers["counts"].sum(1)).ravel())
+
+
+def test_priors_are_buffers_and_reach_the_model(small):
+    priors = ps.RegularizedPriors(ambient=dist.Gamma(2.0, 50.0), regularize_ambient=True)
+    model = ps.RegularizedVI(small, priors=priors, **SMALL)
+    state = model.module.state_dict()
+    assert state["model.priors.ambient__concentration"].item() == 2.0
+    assert state["model.priors.ambient__rate"].item() == 50.0
+    assert state["model.priors.dispersion_rate__concentration"].item() == 9.0
+    assert state["model.priors.feature_scaling__rate"].item() == 200.0
+    prior = model.module.model.priors["ambient"]
+    assert isinstance(prior, dist.Gamma) and float(prior.mean) == pytest.approx(0.04)
+
+
+def test_sample_posterior_summaries(fitted):
+    summary = fitted.sample_posterior(num_samples=20, indices=np.arange(200))
+    assert set(summary) == {"means", "stds", "q05", "q95"}
+    means = summary["means"]
+    assert means["z"].shape == (200, 10) and means["library"].shape == (200,)
+    assert means["ambient"].shape == (3, 500) and means["inverse_sqrt_theta"].shape == (1, 500)
+    assert "cells" not in means and "genes" not in means  # plates are not sites
+    assert (summary["q05"]["z"] <= summary["q95"]["z"]).all()
+    np.testing.assert_array_equal(summary["stds"]["ambient"], 0.0)  # point estimate
+    assert (summary["stds"]["inverse_sqrt_theta"] > 0).all()  # LogNormal guide
+    z_mean = fitted.get_latent_representation(indices=np.arange(200))
+    # sample means sit within Monte Carlo error of the guide's mean
+    within = np.abs(means["z"] - z_mean) < 4.5 * summary["stds"]["z"] / np.sqrt(20)
+    assert within.mean() > 0.99
+
+
+def test_posterior_predictive_reproduces_gene_means(fitted):
+    cells = np.arange(0, 3000, 5)
+    draws = fitted.posterior_predictive(num_samples=5, indices=cells)
+    assert draws.shape == (5, 600, 500)
+    assert (draws >= 0).all() and np.all(draws == np.round(draws))
+    observed = fitted.adata.layers["counts"][cells].toarray()
+    assert M.pearson(np.log1p(draws.mean((0, 1))), np.log1p(observed.mean(0))) > 0.98
