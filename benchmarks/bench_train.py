@@ -15,7 +15,7 @@ scvi-tools is not a dependency of the package: SCVI is measured only when ``impo
 works (e.g. run the script with a Python that has scvi-tools installed).
 
 Every (dataset, tool) measurement runs in a fresh Python process (this script re-invoked
-with hidden arguments), so that its peak resident memory (``ru_maxrss``) is its own. In that
+with hidden arguments), so that its peak resident memory (``VmHWM``) is its own. In that
 process the model is built, trained once for 1 epoch (warm-up, not timed), then trained for
 ``E`` more epochs under the clock. Throughput is ``n_train_cells * E / seconds``.
 
@@ -143,7 +143,18 @@ def scvi_available() -> bool:
 # the measured process
 # ------------------------------------------------------------------------------------------
 def _maxrss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux ``ru_maxrss`` survives ``exec`` (a child started by a large parent reports the
+    parent's peak), so the per-address-space high-water mark ``VmHWM`` is read instead.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
@@ -375,7 +386,7 @@ def section_text(facts: dict, table: str, command: str, when: str, notes: list[s
         f"train_size={TRAIN_SIZE}, CPU, no early stopping, validation loss every epoch (both tools). "
         f"Each (dataset, tool) runs in a fresh process: the model is built, trained {WARMUP_EPOCHS} warm-up "
         f"epoch (not timed), then trained for the listed epochs under the clock. "
-        f"cells/s = training cells x epochs / seconds. RSS: `ru_maxrss` of that process after loading the "
+        f"cells/s = training cells x epochs / seconds. RSS: peak resident memory (`VmHWM`) of that process after loading the "
         f"data (including imports) and at the end (peak).{note_lines}\n\n"
         f"{table}\n\n"
         f"Command:\n\n```\n{command}\n```\n"

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
+
+
+def select_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``weights[:, None] * table[index]`` for a small table, as a one-hot matrix product.
+
+    Same values as indexing, but the gradient is a matrix product instead of a scatter-add
+    (several times faster on the CPU for a cells x genes result), and a per-cell weight comes
+    for free inside the product. ``weights`` may carry leading sample dimensions.
+    """
+    if table.shape[-2] == 1:
+        rows = table.expand(index.shape[0], table.shape[-1])
+        return rows if weights is None else weights.unsqueeze(-1) * table
+    onehot = F.one_hot(index, table.shape[-2]).to(table.dtype)
+    if weights is not None:
+        onehot = onehot * weights.unsqueeze(-1)
+    return onehot @ table
 
 
 class GammaPoissonMean(dist.GammaPoisson):
@@ -16,31 +33,40 @@ class GammaPoissonMean(dist.GammaPoisson):
         log p(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
                    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))
 
-    Parameters are kept unbroadcast, so terms that depend on ``theta`` alone are computed
-    once per gene rather than once per cell and gene, and the gradient needs one ``digamma``
-    over the minibatch instead of three.
+    Terms that depend on ``theta`` alone are computed once per gene (or per gene and group)
+    rather than once per cell and gene, so the gradient needs one ``digamma`` over the
+    minibatch instead of three.
 
     Parameters
     ----------
     mean
-        Mean mu (positive).
+        Mean mu (positive), cells x genes.
     concentration
-        Inverse overdispersion theta (positive); any shape that broadcasts with ``mean``.
+        Inverse overdispersion theta (positive): a shape that broadcasts with ``mean``, or, with
+        ``group``, a groups x genes table.
+    group
+        Optional group of each cell (long tensor): cell n uses row ``group[n]`` of
+        ``concentration``.
     """
 
-    def __init__(self, mean: torch.Tensor, concentration: torch.Tensor, validate_args=None):
+    def __init__(self, mean: torch.Tensor, concentration: torch.Tensor, group: torch.Tensor | None = None, validate_args=None):
         self._mu = mean
         self._theta = concentration
-        batch_shape = torch.broadcast_shapes(mean.shape, concentration.shape)
+        self._group = group
+        theta_shape = concentration.shape if group is None else (group.shape[0], concentration.shape[-1])
+        batch_shape = torch.broadcast_shapes(mean.shape, theta_shape)
         TorchDistribution.__init__(self, batch_shape, validate_args=validate_args)
+
+    def _per_cell(self, per_gene: torch.Tensor) -> torch.Tensor:
+        return per_gene if self._group is None else select_rows(per_gene, self._group)
 
     @property
     def concentration(self) -> torch.Tensor:
-        return self._theta.expand(self.batch_shape)
+        return self._per_cell(self._theta).expand(self.batch_shape)
 
     @property
     def rate(self) -> torch.Tensor:
-        return (self._theta / self._mu).expand(self.batch_shape)
+        return (self._per_cell(self._theta) / self._mu).expand(self.batch_shape)
 
     @property
     def _gamma(self) -> dist.Gamma:  # used by GammaPoisson.sample
@@ -52,13 +78,14 @@ class GammaPoissonMean(dist.GammaPoisson):
 
     @property
     def variance(self) -> torch.Tensor:
-        return (self._mu + self._mu.pow(2) / self._theta).expand(self.batch_shape)
+        return (self._mu + self._mu.pow(2) / self._per_cell(self._theta)).expand(self.batch_shape)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(GammaPoissonMean, _instance)
         batch_shape = torch.Size(batch_shape)
         new._mu = self._mu.expand(batch_shape)
         new._theta = self._theta
+        new._group = self._group
         TorchDistribution.__init__(new, batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -66,14 +93,16 @@ class GammaPoissonMean(dist.GammaPoisson):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        theta, mu = self._theta, self._mu
-        log_theta_plus_mu = torch.log(theta + mu)
+        mu = self._mu
+        per_gene = torch.lgamma(self._theta) - self._theta * self._theta.log()  # before broadcasting
+        theta, per_gene = self._per_cell(self._theta), self._per_cell(per_gene)
+        value_plus_theta = value + theta
         with torch.no_grad():
             log_factorial = torch.lgamma(value + 1)  # a constant of the data
         return (
-            torch.lgamma(value + theta)
-            - (torch.lgamma(theta) - theta * theta.log())  # per-gene terms, before broadcasting
-            - (value + theta) * log_theta_plus_mu
+            torch.lgamma(value_plus_theta)
+            - per_gene
+            - value_plus_theta * torch.log(theta + mu)
             + value * mu.log()
             - log_factorial
         )
