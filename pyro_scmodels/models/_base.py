@@ -14,11 +14,11 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
 
 from .. import _constants as C
 from .. import _validation as V
 from ..data import CellData, iterate_minibatches
+from ._posterior import PosteriorMixin
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 
 MODEL_FILE = "model.pt"
@@ -33,7 +33,7 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase:
+class PyroModelBase(PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     def __init__(self):
@@ -168,6 +168,11 @@ class PyroModelBase:
 
     def _batches(self, adata=None, indices=None, batch_size=None):
         """Minibatches (on the model's device) of the chosen cells, in order."""
+        for _, item in self._indexed_batches(adata, indices, batch_size):
+            yield item
+
+    def _indexed_batches(self, adata=None, indices=None, batch_size=None):
+        """Like :meth:`_batches`, with each minibatch's cell positions."""
         data = self._cell_data(adata)
         data.to_device(self.device)
         if indices is None:
@@ -178,84 +183,13 @@ class PyroModelBase:
         if indices.size and (indices.min() < 0 or indices.max() >= data.n_cells):
             raise IndexError(f"indices must lie in [0, {data.n_cells}); got range [{indices.min()}, {indices.max()}].")
         for chunk in iterate_minibatches(indices, batch_size or C.BATCH_SIZE, shuffle=False):
-            yield data.minibatch(chunk), data.n_cells
+            yield chunk, (data.minibatch(chunk), data.n_cells)
 
     def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
         """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""
         guide = self.module.guide
         with torch.no_grad():
             return [poutine.trace(guide).get_trace(batch, n_obs) for _ in range(num_samples)]
-
-    # --- posterior summaries -----------------------------------------------------------------
-    @torch.no_grad()
-    def sample_posterior(self, num_samples: int = 100, adata=None, indices=None, batch_size: int | None = None,
-                         quantiles: tuple[float, float] = (0.05, 0.95)) -> dict:
-        """Summaries of the posterior of every latent site, from samples of the guide.
-
-        Parameters
-        ----------
-        num_samples
-            Guide samples per minibatch.
-        adata, indices, batch_size
-            Cells for the local (per-cell) sites; globals are summarised once.
-        quantiles
-            The lower and upper quantiles reported.
-
-        Returns
-        -------
-        dict
-            ``{"means": {site: array}, "stds": ..., "q05": ..., "q95": ...}`` (the quantile keys
-            follow ``quantiles``). Per-cell sites have the cells along the first axis; global
-            sites keep their shape (categories x genes).
-        """
-        self._check_trained()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        self.module.eval()
-        labels = [f"q{round(q * 100):02d}" for q in quantiles]
-        level = torch.tensor(quantiles)
-        summaries = {key: {} for key in ("means", "stds", *labels)}
-        local_parts: dict[str, list] = {}
-        for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
-            traces = self._guide_traces(batch, n_obs, num_samples)
-            for name, site in prune_subsample_sites(traces[0]).nodes.items():
-                if site["type"] != "sample" or site["is_observed"]:
-                    continue
-                is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
-                if not is_local and i > 0:
-                    continue  # globals are the same sites in every minibatch: summarise once
-                draws = torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu()
-                stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
-                stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
-                if is_local:
-                    local_parts.setdefault(name, []).append(stats)
-                else:
-                    for key, value in zip(summaries, stats):
-                        summaries[key][name] = value.numpy()
-        for name, parts in local_parts.items():
-            for j, key in enumerate(summaries):
-                summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
-        return summaries
-
-    @torch.no_grad()
-    def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """Counts drawn from the posterior predictive distribution (``pyro.infer.Predictive``).
-
-        Returns
-        -------
-        numpy.ndarray
-            ``num_samples`` x cells x genes (dense: pick ``indices`` for large data).
-        """
-        self._check_trained()
-        self.module.eval()
-        predictive = pyro.infer.Predictive(
-            poutine.uncondition(self.module.model), guide=self.module.guide, num_samples=num_samples, return_sites=["obs"]
-        )
-        parts = []
-        for batch, n_obs in self._batches(adata, indices, batch_size):
-            draws = predictive(batch, n_obs)["obs"]
-            parts.append(draws.reshape(num_samples, *batch["x"].shape).cpu())
-        return torch.cat(parts, dim=1).numpy()
 
     # --- persistence ---------------------------------------------------------------------------
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class

@@ -88,28 +88,50 @@ class RegularizedVIModel(LocalPyroModule):
             dims.n_latent + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers, dims.n_nn_covariates
         )
 
-    def global_sites(self) -> dict[str, torch.Tensor]:
-        """Sample every global site (outside the cell plate): counted once per dataset."""
-        d = self.dims
-        genes = pyro.plate("genes", d.n_genes, dim=-1)
-        with pyro.plate("dispersion_groups", d.n_dispersion, dim=-2):
+    # --- global sites: one method per site, so a subclass can override one of them -----------
+    def sample_dispersion(self, genes: pyro.plate) -> torch.Tensor:
+        """lambda_d ~ prior; 1/sqrt(theta_{d,g}) ~ Exponential(lambda_d). Returns theta (groups x genes)."""
+        with pyro.plate("dispersion_groups", self.dims.n_dispersion, dim=-2):
             dispersion_rate = pyro.sample("dispersion_rate", self.priors["dispersion_rate"])
             with genes:
-                # containment prior: 1/sqrt(theta) ~ Exponential(lambda) pulls theta towards Poisson
+                # containment prior: small 1/sqrt(theta) is likely, which pulls theta towards Poisson
                 u = pyro.sample("inverse_sqrt_theta", dist.Exponential(dispersion_rate))
-        with pyro.plate("ambient_categories", d.n_ambient, dim=-2), genes:
+        return u.pow(-2)
+
+    def sample_ambient(self, genes: pyro.plate) -> torch.Tensor:
+        """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient``)."""
+        with pyro.plate("ambient_categories", self.dims.n_ambient, dim=-2), genes:
             with poutine.mask(mask=self.regularize_ambient):
-                ambient = pyro.sample("ambient", self.priors["ambient"])
-        with pyro.plate("scaling_categories", d.n_scaling, dim=-2), genes:
-            scaling = pyro.sample("feature_scaling", self.priors["feature_scaling"])
-        pyro.sample("library_residual_weight", self.priors["library_residual_weight"])
-        if "decoder_weight" in self.priors:
-            # MAP weights: the prior enters as a penalty relative to its density at 0, so the
-            # per-cell loss is not swamped by a normalising constant of ~1.7 nats per weight
-            prior = self.priors["decoder_weight"]
-            penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in self.decoder.weights())
-            pyro.factor("decoder_weight_prior", penalty)
-        return {"theta": u.pow(-2), "ambient": ambient, "feature_scaling": scaling}
+                return pyro.sample("ambient", self.priors["ambient"])
+
+    def sample_feature_scaling(self, genes: pyro.plate) -> torch.Tensor:
+        """y_{t,g} ~ prior."""
+        with pyro.plate("scaling_categories", self.dims.n_scaling, dim=-2), genes:
+            return pyro.sample("feature_scaling", self.priors["feature_scaling"])
+
+    def sample_library_residual_weight(self) -> torch.Tensor:
+        """w ~ prior: the weight of the observed library size in the library guide."""
+        return pyro.sample("library_residual_weight", self.priors["library_residual_weight"])
+
+    def decoder_weight_prior(self) -> None:
+        """Normal prior on the decoder weights, as a MAP penalty."""
+        if "decoder_weight" not in self.priors:
+            return
+        # the prior enters relative to its density at 0, so the per-cell loss is not swamped
+        # by a normalising constant of ~1.7 nats per weight
+        prior = self.priors["decoder_weight"]
+        penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in self.decoder.weights())
+        pyro.factor("decoder_weight_prior", penalty)
+
+    def global_sites(self) -> dict[str, torch.Tensor]:
+        """Sample every global site (outside the cell plate): counted once per dataset."""
+        genes = pyro.plate("genes", self.dims.n_genes, dim=-1)  # one plate, entered by each site
+        theta = self.sample_dispersion(genes)
+        ambient = self.sample_ambient(genes)
+        scaling = self.sample_feature_scaling(genes)
+        self.sample_library_residual_weight()
+        self.decoder_weight_prior()
+        return {"theta": theta, "ambient": ambient, "feature_scaling": scaling}
 
     def decode(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
         """rho = softplus(decoder([z, continuous], nn covariates)); z may have leading sample dims."""

@@ -59,6 +59,7 @@ class RegularizedVI(PyroModelBase):
 
     model_class = RegularizedVIModel
     guide_class = RegularizedVIGuide
+    derived_sites = {"dispersion": ("inverse_sqrt_theta", lambda u: u.pow(-2))}
 
     def __init__(
         self,
@@ -260,6 +261,25 @@ class RegularizedVI(PyroModelBase):
         if indices is not None:
             obs_names = obs_names[np.asarray(indices)]
         return pd.DataFrame(rho, index=obs_names, columns=self.var_names)
+
+    def site_levels(self, site: str, n_levels: int) -> list[str]:
+        """Category names of a per-gene global site (ambient, feature scaling, dispersion)."""
+        keys = {"ambient": self.keys.ambient, "feature_scaling": self.keys.feature_scaling}.get(site)
+        if keys is None and site in ("inverse_sqrt_theta", "dispersion"):
+            keys = [self.keys.dispersion] if self.keys.dispersion else []
+        return super().site_levels(site, n_levels) if keys is None else self.encoding.level_names(keys)
+
+    @torch.no_grad()
+    def _normalized_expression_samples(self, adata, indices, num_samples: int, batch_size=None, seed: int = 0) -> np.ndarray:
+        """Posterior samples of rho: num_samples x cells x genes (z drawn from the guide)."""
+        module = self.module.eval()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            loc, scale = module.guide.encoder(module.guide.encoder_input(batch))
+            z = loc + scale * torch.randn((num_samples, *loc.shape), generator=generator, device=loc.device)
+            out.append(module.model.decode(z, batch).cpu())
+        return torch.cat(out, dim=1).numpy()
 
     def _global_frame(self, values: torch.Tensor, levels: list[str]) -> pd.DataFrame:
         return pd.DataFrame(values.detach().cpu().numpy().T, index=self.var_names, columns=levels)

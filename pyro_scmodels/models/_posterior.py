@@ -1,0 +1,270 @@
+"""What every model class offers once trained: posterior summaries and export, predictive draws,
+the model graph and Bayesian differential expression.
+
+Everything here works for any model/guide pair of the package through a few hooks of the model
+class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and
+``_normalized_expression_samples``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+from ..differential import PSEUDOCOUNT as PSEUDOCOUNT_DEFAULT
+from ..differential import change_test
+
+
+class PosteriorMixin:
+    """Posterior summaries, export, predictive draws, model graph and differential expression."""
+
+    #: observation sites of the model and the minibatch key of the counts each one observes
+    observation_sites: dict[str, str] = {"obs": "x"}
+    #: functions of sampled sites summarised as sites of their own: name -> (site, function)
+    derived_sites: dict = {}
+
+    # --- posterior summaries -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int = 100, adata=None, indices=None, batch_size: int | None = None,
+                         quantiles: tuple[float, float] = (0.05, 0.95)) -> dict:
+        """Summaries of the posterior of every latent site, from samples of the guide.
+
+        Parameters
+        ----------
+        num_samples
+            Guide samples per minibatch.
+        adata, indices, batch_size
+            Cells for the local (per-cell) sites; globals are summarised once.
+        quantiles
+            The lower and upper quantiles reported.
+
+        Returns
+        -------
+        dict
+            ``{"means": {site: array}, "stds": ..., "q05": ..., "q95": ...}`` (the quantile keys
+            follow ``quantiles``). Per-cell sites have the cells along the first axis; global
+            sites keep their shape (categories x genes).
+        """
+        self._check_trained()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        self.module.eval()
+        labels = [f"q{round(q * 100):02d}" for q in quantiles]
+        level = torch.tensor(quantiles)
+        summaries = {key: {} for key in ("means", "stds", *labels)}
+        local_parts: dict[str, list] = {}
+        self._local_sites = set()
+        for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
+            traces = self._guide_traces(batch, n_obs, num_samples)
+            site_draws = {}
+            for name, site in prune_subsample_sites(traces[0]).nodes.items():
+                if site["type"] != "sample" or site["is_observed"]:
+                    continue
+                is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
+                if is_local or i == 0:  # globals are the same in every minibatch: summarise once
+                    site_draws[name] = (torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu(), is_local)
+            for name, (source, function) in self.derived_sites.items():
+                if source in site_draws:
+                    site_draws[name] = (function(site_draws[source][0]), site_draws[source][1])
+            for name, (draws, is_local) in site_draws.items():
+                stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
+                stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
+                if is_local:
+                    self._local_sites.add(name)
+                    local_parts.setdefault(name, []).append(stats)
+                else:
+                    for key, value in zip(summaries, stats):
+                        summaries[key][name] = value.numpy()
+        for name, parts in local_parts.items():
+            for j, key in enumerate(summaries):
+                summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
+        return summaries
+
+    def export_posterior(self, adata=None, num_samples: int = 100, batch_size: int | None = None,
+                         quantiles: tuple[float, float] = (0.05, 0.95)):
+        """Write posterior means, sd and quantiles of every site into an AnnData.
+
+        The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
+        to ``.obs``), per-gene sites to ``.varm["<stat>_<site>"]`` as genes x categories
+        DataFrames, the remaining globals and the model's settings to
+        ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the model's cells and genes; default the training data.
+        num_samples, batch_size, quantiles
+            As in :meth:`sample_posterior`.
+
+        Returns
+        -------
+        anndata.AnnData
+            ``adata``, with the results added.
+        """
+        adata = self.adata if adata is None else adata
+        summaries = self.sample_posterior(num_samples, adata=adata, batch_size=batch_size, quantiles=quantiles)
+        n_genes = len(self.var_names)
+        globals_out = {}
+        for stat, sites in summaries.items():
+            for name, value in sites.items():
+                key = f"{stat}_{name}"
+                if name in self._local_sites:
+                    if value.ndim == 1:
+                        adata.obs[key] = value
+                    else:
+                        adata.obsm[key] = pd.DataFrame(value, index=adata.obs_names,
+                                                       columns=[f"{name}_{j}" for j in range(value.shape[1])])
+                elif value.ndim == 2 and value.shape[-1] == n_genes:
+                    adata.varm[key] = pd.DataFrame(value.T, index=adata.var_names, columns=self.site_levels(name, value.shape[0]))
+                else:
+                    globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
+        adata.uns[type(self).__name__] = {
+            "settings": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in self.init_params.items() if v is not None},
+            "num_samples": int(num_samples),
+            "quantiles": list(quantiles),
+            "globals": globals_out,
+        }
+        return adata
+
+    def differential_expression(self, groupby: str, group1: str, group2: str | None = None, delta: float = 0.25,
+                                fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500,
+                                n_pairs: int = 5000, pseudocount: float = PSEUDOCOUNT_DEFAULT, adata=None, batch_size: int | None = None,
+                                seed: int = 0) -> pd.DataFrame:
+        """Bayesian differential expression of group1 vs group2 (scvi-tools' "change" mode).
+
+        Uses posterior samples of the background- and scaling-free expression rho.
+
+        Parameters
+        ----------
+        groupby
+            Column of ``adata.obs`` with the groups.
+        group1, group2
+            The groups compared; ``group2=None`` compares ``group1`` with all other cells.
+        delta
+            Smallest log2 fold change that counts as a change.
+        fdr_target
+            Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``).
+        num_samples
+            Posterior samples per cell.
+        n_cells
+            At most this many cells per group (a random subset).
+        n_pairs
+            Random (cell, sample) pairs behind each gene's LFC posterior.
+        pseudocount
+            Added to rho (counts at a typical library size) before taking log2.
+        adata, batch_size, seed
+            Cells (default the training data), minibatch size, seed of subsets and samples.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per gene, sorted by ``proba_de`` (see :func:`pyro_scmodels.differential.change_test`).
+        """
+        adata = self.adata if adata is None else adata
+        if groupby not in adata.obs:
+            raise KeyError(f"Column {groupby!r} not found in adata.obs.")
+        labels = adata.obs[groupby].astype(str).to_numpy()
+        known = sorted(set(labels))
+        for group in (group1, group2):
+            if group is not None and group not in known:
+                raise ValueError(f"Group {group!r} not found in adata.obs[{groupby!r}] (groups: {known[:20]}).")
+        rng = np.random.default_rng(seed)
+        members = [np.flatnonzero(labels == group1), np.flatnonzero(labels != group1 if group2 is None else labels == group2)]
+        if min(len(m) for m in members) == 0:
+            raise ValueError(f"One of the groups compared in adata.obs[{groupby!r}] has no cells.")
+        samples = []
+        for cells in members:
+            cells = np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False))
+            rho = self._normalized_expression_samples(adata, cells, num_samples, batch_size, seed)
+            samples.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
+        return change_test(samples[0], samples[1], self.var_names, delta, fdr_target, n_pairs, rng)
+
+    def site_levels(self, site: str, n_levels: int) -> list[str]:
+        """Names of the categories along the first axis of a per-gene global site."""
+        return [f"{site}_{j}" for j in range(n_levels)]
+
+    def render_model(self, filename: str | None = None, render_distributions: bool = True):
+        """Draw the model with its plates (``pyro.render_model``).
+
+        Parameters
+        ----------
+        filename
+            Also write the drawing there (needs the Graphviz binaries, e.g. ``apt-get install graphviz``).
+        render_distributions
+            Label each site with its distribution.
+
+        Returns
+        -------
+        graphviz.Digraph
+        """
+        try:
+            import graphviz  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "render_model needs the `graphviz` Python package: `pip install graphviz` "
+                "(and the Graphviz binaries, e.g. `apt-get install graphviz`, to write a file)."
+            ) from err
+        batch, n_obs = next(self._batches(indices=np.arange(min(2, self.adata.n_obs))))
+        (guide_trace,) = self._guide_traces(batch, n_obs, 1)
+        # latent values replayed from the guide: pyro's provenance tracking cannot draw from
+        # some torch distributions (Exponential.rsample calls Tensor.new(shape))
+        model = poutine.replay(self.module.model, trace=guide_trace)
+        return pyro.render_model(model, model_args=(batch, n_obs), filename=filename,
+                                 render_distributions=render_distributions)
+
+    @torch.no_grad()
+    def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
+                           prior: bool = False):
+        """Predictive draws of the counts, one minibatch at a time (``pyro.infer.Predictive``).
+
+        Parameters
+        ----------
+        num_samples
+            Draws per cell.
+        adata, indices, batch_size
+            Which cells, in minibatches of ``batch_size``.
+        prior
+            Draw from the prior predictive (every latent site from its prior, the networks as
+            they are) instead of the posterior predictive.
+
+        Yields
+        ------
+        tuple
+            ``(cell_indices, {site: (observed, draws)})``: for each observation site, the
+            observed counts (cells x features) and the draws (``num_samples`` x cells x
+            features), as numpy arrays. Only one minibatch of draws is in memory at a time.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        if not prior:
+            self._check_trained()
+        self.module.eval()
+        sites = self.observation_sites
+        predictive = pyro.infer.Predictive(
+            poutine.uncondition(self.module.model), guide=None if prior else self.module.guide,
+            num_samples=num_samples, return_sites=list(sites),
+        )
+        for cells, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
+            draws = predictive(batch, n_obs)
+            yield cells, {
+                site: (batch[key].cpu().numpy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy())
+                for site, key in sites.items()
+            }
+
+    def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Counts drawn from the posterior predictive distribution (``pyro.infer.Predictive``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``num_samples`` x cells x genes (dense: pick ``indices`` for large data, or stream
+            with :meth:`predictive_batches`).
+        """
+        (site,) = self.observation_sites
+        parts = [draws[site][1] for _, draws in self.predictive_batches(num_samples, adata, indices, batch_size)]
+        return np.concatenate(parts, axis=1)
+

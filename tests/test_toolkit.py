@@ -1,0 +1,172 @@
+"""The modeller's toolkit on RegularizedVI: editing priors, guide families, subclassing one site,
+posterior export, the model graph and Bayesian differential expression."""
+
+import sys
+
+import anndata
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import scanpy as sc
+import torch
+from pyro import poutine
+
+import pyro_scmodels as ps
+from pyro_scmodels.differential import expected_fdr_selection
+from pyro_scmodels.models._regularizedvi_module import RegularizedVIModel
+
+from .conftest import shared_file
+
+FIT = dict(max_epochs=60, batch_size=128, lr=1e-2, kl_warmup_epochs=5, early_stopping=False, device="cpu", progress_bar=False)
+SMALL = dict(n_hidden=32, n_latent=5)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    adata = ps.datasets.simulate(n_cells=600, n_genes=100, n_markers_per_type=8, n_responding_genes=10, seed=5)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"], library_size_key="batch")
+    return adata
+
+
+def _trace(model):
+    batch, n_obs = next(model._batches(indices=np.arange(8)))
+    guide_trace = poutine.trace(model.module.guide).get_trace(batch, n_obs)
+    return guide_trace, poutine.trace(poutine.replay(model.module.model, trace=guide_trace)).get_trace(batch, n_obs)
+
+
+def test_ambient_prior_term_is_masked_by_default_and_counts_when_switched_on(sim):
+    for regularize, expected in ((False, 0.0), (True, None)):
+        model = ps.RegularizedVI(sim, priors=ps.RegularizedPriors(regularize_ambient=regularize), **SMALL)
+        _, trace = _trace(model)
+        trace.compute_log_prob()
+        site = trace.nodes["ambient"]
+        prior_term = site["fn"].log_prob(site["value"]).sum().item()
+        if expected is not None:
+            assert site["log_prob_sum"].item() == expected
+        else:
+            assert site["log_prob_sum"].item() == pytest.approx(prior_term)
+
+
+def test_a_much_stronger_ambient_prior_shrinks_the_background(sim):
+    inferred = {}
+    for name, priors in (
+        ("masked", ps.RegularizedPriors()),
+        ("strong", ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4), regularize_ambient=True)),
+    ):
+        model = ps.RegularizedVI(sim, priors=priors, **SMALL)
+        model.train(**FIT)
+        inferred[name] = model.get_ambient_profile().to_numpy()
+    assert np.median(inferred["strong"]) < 0.2 * np.median(inferred["masked"])
+
+
+def test_prior_hyperparameters_reach_the_elbo(sim):
+    """Changing a prior's numbers changes the model's log-density at the same values."""
+    default = ps.RegularizedVI(sim, **SMALL)
+    edited = ps.RegularizedVI(sim, priors=ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0)), **SMALL)
+    edited.module.load_state_dict({k: v for k, v in default.module.state_dict().items() if "priors." not in k}, strict=False)
+    torch.manual_seed(0)
+    _, t1 = _trace(default)
+    torch.manual_seed(0)  # same guide parameters and seed: same samples
+    _, t2 = _trace(edited)
+    t1.compute_log_prob()
+    t2.compute_log_prob()
+    assert t1.nodes["feature_scaling"]["log_prob_sum"].item() != pytest.approx(t2.nodes["feature_scaling"]["log_prob_sum"].item())
+    assert t1.nodes["obs"]["log_prob_sum"].item() == pytest.approx(t2.nodes["obs"]["log_prob_sum"].item(), rel=1e-4)
+
+
+def test_global_guide_family_switches_to_lognormal(sim):
+    model = ps.RegularizedVI(sim, global_guides={"ambient": "lognormal", "feature_scaling": "lognormal"}, **SMALL)
+    guide_trace, _ = _trace(model)
+    assert isinstance(guide_trace.nodes["ambient"]["fn"], dist.LogNormal)
+    assert isinstance(guide_trace.nodes["dispersion_rate"]["fn"], dist.Delta)
+    model.train(max_epochs=3, **{k: v for k, v in FIT.items() if k != "max_epochs"})
+    summary = model.sample_posterior(num_samples=10, indices=np.arange(50))
+    assert (summary["stds"]["ambient"] > 0).all()
+    assert (summary["stds"]["dispersion_rate"] == 0).all()
+
+
+def test_subclass_overrides_one_site(sim):
+    class HalfNormalAmbient(RegularizedVIModel):
+        def sample_ambient(self, genes):
+            with pyro.plate("ambient_categories", self.dims.n_ambient, dim=-2), genes:
+                return pyro.sample("ambient", dist.HalfNormal(0.01))
+
+    class MyModel(ps.RegularizedVI):
+        model_class = HalfNormalAmbient
+
+    model = MyModel(sim, **SMALL)
+    _, trace = _trace(model)
+    assert isinstance(trace.nodes["ambient"]["fn"], dist.HalfNormal)
+    assert isinstance(trace.nodes["feature_scaling"]["fn"], dist.Gamma)  # the rest is untouched
+    model.train(**FIT)
+    baseline = ps.RegularizedVI(sim, **SMALL)
+    baseline.train(**FIT)
+    assert np.median(model.get_ambient_profile().to_numpy()) < 0.5 * np.median(baseline.get_ambient_profile().to_numpy())
+
+
+def test_export_posterior_follows_cell2location_layout(fitted, tmp_path):
+    adata = fitted.adata.copy()
+    fitted.export_posterior(adata, num_samples=10)
+    assert adata.obsm["means_z"].shape == (3000, 10)
+    assert adata.obs["q05_library"].le(adata.obs["q95_library"]).all()
+    ambient = adata.varm["means_ambient"]
+    assert list(ambient.columns) == list(adata.obs["batch"].cat.categories)
+    np.testing.assert_allclose(ambient.to_numpy(), fitted.get_ambient_profile().to_numpy(), rtol=1e-5)
+    theta = adata.varm["q95_dispersion"].to_numpy()
+    assert (adata.varm["q05_dispersion"].to_numpy() <= theta).all()
+    assert adata.uns["RegularizedVI"]["settings"]["n_latent"] == 10
+    adata.write_h5ad(tmp_path / "exported.h5ad")  # everything written is h5ad-compatible
+    assert "means_ambient" in anndata.read_h5ad(tmp_path / "exported.h5ad").varm
+
+
+def test_render_model_draws_plates_and_sites(sim, monkeypatch):
+    model = ps.RegularizedVI(sim, **SMALL)
+    pytest.importorskip("graphviz")
+    source = model.render_model().source
+    for name in ("ambient", "feature_scaling", "inverse_sqrt_theta", "cluster_cells", "obs"):
+        assert name in source
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # as if graphviz were not installed
+    with pytest.raises(ImportError, match="pip install graphviz"):
+        model.render_model()
+
+
+def test_expected_fdr_selection():
+    proba = np.array([0.99, 0.98, 0.9, 0.5, 0.1])
+    np.testing.assert_array_equal(expected_fdr_selection(proba, 0.05), [True, True, True, False, False])
+    np.testing.assert_array_equal(expected_fdr_selection(proba, 0.001), [False] * 5)
+
+
+def test_differential_expression_finds_the_simulated_response(fitted):
+    adata = fitted.adata
+    adata.obs["type_condition"] = adata.obs["cell_type"].astype(str) + "_" + adata.obs["condition"].astype(str)
+    table = fitted.differential_expression("type_condition", "type_0_stimulated", "type_0_control", num_samples=10, n_cells=300)
+    truth = adata.var["true_lfc"].reindex(table.index)
+    up = truth > 0
+    assert table.loc[up, "lfc_mean"].gt(0.5).mean() > 0.9
+    assert table.loc[truth < 0, "lfc_mean"].lt(-0.5).mean() > 0.8
+    assert np.corrcoef(table["lfc_mean"], truth)[0, 1] > 0.8
+    with pytest.raises(ValueError, match="not found"):
+        fitted.differential_expression("type_condition", "no_such_group")
+
+
+def test_interferon_genes_up_in_stimulated_cd14_monocytes():
+    """Kang et al. 2018: IFN-beta stimulation raises interferon-stimulated genes in monocytes."""
+    adata = anndata.read_h5ad(shared_file("kang2018_ifnb_scgen_valid_counts.h5ad"))
+    interferon = [g for g in ("ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20", "LY6E") if g in adata.var_names]
+    adata.layers["counts"] = adata.X.copy()
+    log = adata.copy()
+    sc.pp.normalize_total(log, target_sum=1e4)
+    sc.pp.log1p(log)
+    sc.pp.highly_variable_genes(log, n_top_genes=1500, flavor="seurat")
+    adata = adata[:, log.var["highly_variable"].to_numpy() | adata.var_names.isin(interferon)].copy()
+    adata.obs["type_condition"] = adata.obs["cell_type"].astype(str) + "_" + adata.obs["condition"].astype(str)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    model = ps.RegularizedVI(adata)
+    model.train(max_epochs=80, batch_size=256, lr=5e-3, kl_warmup_epochs=10, early_stopping=False, device="cpu", progress_bar=False)
+    table = model.differential_expression("type_condition", "CD14+Mono_stimulated", "CD14+Mono_control", num_samples=10)
+    hits = table.loc[interferon]
+    assert (hits["lfc_mean"] > 1.0).all(), hits
+    assert (hits["proba_de"] > 0.9).all(), hits
+    assert hits[f"is_de_fdr_0.05"].all()
+    assert table[f"is_de_fdr_0.05"].mean() < 0.5  # not everything is called
