@@ -31,9 +31,12 @@ class CountMatrix:
     validate
         Check that the values are finite, non-negative integers and that every cell has a
         nonzero total.
+    allow_empty_cells
+        Accept cells with no counts (one modality of a multimodal measurement may be empty).
     """
 
-    def __init__(self, matrix, name: str = "adata.X", validate: bool = True):
+    def __init__(self, matrix, name: str = "adata.X", validate: bool = True, allow_empty_cells: bool = False):
+        self.allow_empty_cells = allow_empty_cells
         if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix) and not isinstance(matrix, sp.csr_array):
             matrix = sp.csr_matrix(matrix)
         if isinstance(matrix, np.matrix):
@@ -88,7 +91,9 @@ class CountMatrix:
                 )
             totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         empty = np.flatnonzero(totals <= 0)
-        if empty.size:
+        if empty.size == self.n_cells:
+            raise ValueError(f"{self.name} has no counts at all.")
+        if empty.size and not self.allow_empty_cells:
             raise ValueError(
                 f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
                 "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."

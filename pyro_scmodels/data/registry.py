@@ -62,21 +62,24 @@ class CellData:
     Parameters
     ----------
     counts
-        The raw counts.
+        The raw counts, or for several modalities a dict from minibatch key (e.g. ``"x_rna"``)
+        to counts; a single matrix is served as ``"x"``.
     obs
         The cell table holding the covariate columns.
     encoding
         A fitted :class:`CovariateEncoding` (category order fixed).
     """
 
-    def __init__(self, counts: CountMatrix, obs, encoding: CovariateEncoding, table: str = "adata.obs"):
-        if len(obs) != counts.n_cells:
-            raise ValueError(f"{table} has {len(obs)} rows but the counts have {counts.n_cells} cells.")
+    def __init__(self, counts, obs, encoding: CovariateEncoding, table: str = "adata.obs"):
+        self.modalities: dict[str, CountMatrix] = dict(counts) if isinstance(counts, dict) else {"x": counts}
+        for key, matrix in self.modalities.items():
+            if len(obs) != matrix.n_cells:
+                raise ValueError(f"{table} has {len(obs)} rows but {matrix.name} has {matrix.n_cells} cells.")
         keys = encoding.keys
-        self.counts = counts
+        self.counts = next(iter(self.modalities.values()))
         self.encoding = encoding
-        self.n_cells = counts.n_cells
-        self.n_features = counts.n_features
+        self.n_cells = self.counts.n_cells
+        self.n_features = self.counts.n_features
         as_long = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
         single = lambda key: encoding.stacked_codes(obs, [key] if key else [], table)[:, 0]  # noqa: E731
         self.covariates = {
@@ -90,7 +93,7 @@ class CellData:
         }
         self.n_nn_covariates = encoding.n_categories(keys.nn_conditioning)
         self.n_encoder_covariates = encoding.n_categories(keys.encoder)
-        self._device_counts: DeviceCSR | None = None
+        self._device_counts: dict[str, DeviceCSR] | None = None
         self._device_covariates: dict[str, torch.Tensor] | None = None
         self._device = torch.device("cpu")
 
@@ -118,35 +121,42 @@ class CellData:
         return int(self.covariates["continuous"].shape[1])
 
     # --- summaries used for priors and initial values --------------------------------------
-    def library_prior(self, variance_floor: float = 1e-2) -> tuple[np.ndarray, np.ndarray, float]:
+    def library_prior(self, variance_floor: float = 1e-2, key: str = "x") -> tuple[np.ndarray, np.ndarray, float]:
         """Mean and variance of log total counts per library group, means centred across groups.
 
+        Cells with no counts in this modality (allowed with several modalities) are left out.
         Returns ``(centred_means, variances, centre)``; ``centre`` is what was subtracted.
         """
-        log_total = np.log(self.counts.totals())
-        group = self.covariates["library_index"].numpy()
+        totals = self.modalities[key].totals()
+        counted = totals > 0
+        log_total = np.log(totals[counted])
+        group = self.covariates["library_index"].numpy()[counted]
         n = self.n_library
         means = np.array([log_total[group == p].mean() for p in range(n)])
         variances = np.array([log_total[group == p].var() if (group == p).sum() > 1 else 0.0 for p in range(n)])
         centre = float(means.mean())
         return means - centre, np.maximum(variances, variance_floor), centre
 
-    def _size_factors(self) -> np.ndarray:
-        # a cell's library factor: its total over the geometric-mean total (~1 at a typical cell)
-        totals = self.counts.totals()
-        return totals / np.exp(np.log(totals).mean())
+    def _inverse_size_factors(self, key: str) -> np.ndarray:
+        # a cell's library factor: its total over the geometric-mean total (~1 at a typical cell);
+        # cells with no counts in this modality get weight 0
+        totals = self.modalities[key].totals()
+        counted = totals > 0
+        typical = np.exp(np.log(totals[counted]).mean())
+        return np.where(counted, typical / np.maximum(totals, 1e-12), 0.0)
 
-    def normalised_means(self) -> np.ndarray:
+    def normalised_means(self, key: str = "x") -> np.ndarray:
         """Mean library-normalised expression over all cells (1 x features), in counts at a typical library."""
-        return self.counts.column_means(weights=1.0 / self._size_factors())
+        return self.modalities[key].column_means(weights=self._inverse_size_factors(key))
 
-    def stacked_normalised_means(self, index_key: str, n_levels: int) -> np.ndarray:
+    def stacked_normalised_means(self, index_key: str, n_levels: int, key: str = "x") -> np.ndarray:
         """Mean library-normalised expression per level of a stacked covariate (levels x features)."""
         codes = self.covariates[index_key]
-        weights = 1.0 / self._size_factors()
-        out = np.zeros((n_levels, self.n_features))
+        matrix = self.modalities[key]
+        weights = self._inverse_size_factors(key)
+        out = np.zeros((n_levels, matrix.n_features))
         for column in range(codes.shape[1]):
-            out += self.counts.column_means(weights=weights, groups=codes[:, column].numpy(), n_groups=n_levels)
+            out += matrix.column_means(weights=weights, groups=codes[:, column].numpy(), n_groups=n_levels)
         return out
 
     # --- minibatches ---------------------------------------------------------------------
@@ -154,7 +164,9 @@ class CellData:
         """Move the (small) covariate tensors, and optionally the whole sparse count matrix, to ``device``."""
         self._device = torch.device(device)
         self._device_covariates = {k: v.to(self._device) for k, v in self.covariates.items()}
-        self._device_counts = self.counts.to_torch_csr(self._device) if counts_on_device else None
+        self._device_counts = (
+            {key: matrix.to_torch_csr(self._device) for key, matrix in self.modalities.items()} if counts_on_device else None
+        )
 
     def minibatch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors of cells ``indices`` on the current device: counts, covariates and the indices."""
@@ -162,11 +174,13 @@ class CellData:
         covariates = self._device_covariates or self.covariates
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         device_index = index.to(device)
-        if self._device_counts is not None:
-            x = self._device_counts.rows(device_index)
-        else:
-            # densify only this minibatch, on the host, then send it
-            x = torch.from_numpy(self.counts.rows(indices)).to(device, non_blocking=True)
+        counts = {}
+        for key, matrix in self.modalities.items():
+            if self._device_counts is not None:
+                counts[key] = self._device_counts[key].rows(device_index)
+            else:
+                # densify only this minibatch, on the host, then send it
+                counts[key] = torch.from_numpy(matrix.rows(indices)).to(device, non_blocking=True)
         host_index = device_index if covariates is self._device_covariates else index
         batch = {name: value[host_index].to(device) for name, value in covariates.items()}
         batch["nn_onehot"] = _onehot(batch.pop("nn_codes"), self.n_nn_covariates) if self.n_nn_covariates else None
@@ -175,7 +189,7 @@ class CellData:
         )
         batch.pop("nn_codes", None)
         batch.pop("encoder_codes", None)
-        batch["x"] = x
+        batch.update(counts)
         batch["index"] = device_index
         return batch
 

@@ -48,17 +48,34 @@ class RegularizedVIDims:
     n_nn_covariates: int = 0  # one-hot width injected into the decoder
     n_encoder_covariates: int = 0  # one-hot width given to the encoders
     n_continuous: int = 0
+    use_ambient: bool = True  # additive ambient background (s)
+    use_feature_scaling: bool = True  # multiplicative feature scaling (y)
+    n_decoder_latent: int | None = None  # width of the z the decoder reads (default n_latent)
+    site_suffix: str = ""  # appended to every site and plate name of this modality ("_rna")
+    counts_key: str = "x"  # the minibatch entry holding this modality's counts
+
+    def site(self, name: str) -> str:
+        """Name of a site of this modality."""
+        return name + self.site_suffix
 
 
 def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index):
-    """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene."""
-    # the floor on the mean is added to the (small) ambient table, not to every cell and gene
-    background = sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
+    """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene.
+
+    ``ambient`` or ``scaling`` may be None when the modality has no such term.
+    """
+    if ambient is not None:
+        # the floor on the mean is added to the (small) ambient table, not to every cell and gene
+        rho = rho + sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
+    else:
+        rho = rho + C.MEAN_EPS
+    if scaling is None:
+        return library.unsqueeze(-1) * rho
     # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
     factor = select_rows(scaling, scaling_index[:, 0], weights=library)
     for k in range(1, scaling_index.shape[1]):
         factor = factor * select_rows(scaling, scaling_index[:, k])
-    return (rho + background) * factor
+    return rho * factor
 
 
 class RegularizedVIModel(LocalPyroModule):
@@ -85,33 +102,35 @@ class RegularizedVIModel(LocalPyroModule):
             torch.as_tensor(C.LIBRARY_PRIOR_VARIANCE_FACTOR * library_prior_variance, dtype=torch.float32).sqrt(),
         )
         self.decoder = SoftplusDecoder(
-            dims.n_latent + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers, dims.n_nn_covariates
+            (dims.n_decoder_latent or dims.n_latent) + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers,
+            dims.n_nn_covariates,
         )
 
     # --- global sites: one method per site, so a subclass can override one of them -----------
     def sample_dispersion(self, genes: pyro.plate) -> torch.Tensor:
         """lambda_d ~ prior; 1/sqrt(theta_{d,g}) ~ Exponential(lambda_d). Returns theta (groups x genes)."""
-        with pyro.plate("dispersion_groups", self.dims.n_dispersion, dim=-2):
-            dispersion_rate = pyro.sample("dispersion_rate", self.priors["dispersion_rate"])
+        site = self.dims.site
+        with pyro.plate(site("dispersion_groups"), self.dims.n_dispersion, dim=-2):
+            dispersion_rate = pyro.sample(site("dispersion_rate"), self.priors["dispersion_rate"])
             with genes:
                 # containment prior: small 1/sqrt(theta) is likely, which pulls theta towards Poisson
-                u = pyro.sample("inverse_sqrt_theta", dist.Exponential(dispersion_rate))
+                u = pyro.sample(site("inverse_sqrt_theta"), dist.Exponential(dispersion_rate))
         return u.pow(-2)
 
     def sample_ambient(self, genes: pyro.plate) -> torch.Tensor:
         """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient``)."""
-        with pyro.plate("ambient_categories", self.dims.n_ambient, dim=-2), genes:
+        with pyro.plate(self.dims.site("ambient_categories"), self.dims.n_ambient, dim=-2), genes:
             with poutine.mask(mask=self.regularize_ambient):
-                return pyro.sample("ambient", self.priors["ambient"])
+                return pyro.sample(self.dims.site("ambient"), self.priors["ambient"])
 
     def sample_feature_scaling(self, genes: pyro.plate) -> torch.Tensor:
         """y_{t,g} ~ prior."""
-        with pyro.plate("scaling_categories", self.dims.n_scaling, dim=-2), genes:
-            return pyro.sample("feature_scaling", self.priors["feature_scaling"])
+        with pyro.plate(self.dims.site("scaling_categories"), self.dims.n_scaling, dim=-2), genes:
+            return pyro.sample(self.dims.site("feature_scaling"), self.priors["feature_scaling"])
 
     def sample_library_residual_weight(self) -> torch.Tensor:
         """w ~ prior: the weight of the observed library size in the library guide."""
-        return pyro.sample("library_residual_weight", self.priors["library_residual_weight"])
+        return pyro.sample(self.dims.site("library_residual_weight"), self.priors["library_residual_weight"])
 
     def decoder_weight_prior(self) -> None:
         """Normal prior on the decoder weights, as a MAP penalty."""
@@ -121,14 +140,14 @@ class RegularizedVIModel(LocalPyroModule):
         # by a normalising constant of ~1.7 nats per weight
         prior = self.priors["decoder_weight"]
         penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in self.decoder.weights())
-        pyro.factor("decoder_weight_prior", penalty)
+        pyro.factor(self.dims.site("decoder_weight_prior"), penalty)
 
     def global_sites(self) -> dict[str, torch.Tensor]:
         """Sample every global site (outside the cell plate): counted once per dataset."""
-        genes = pyro.plate("genes", self.dims.n_genes, dim=-1)  # one plate, entered by each site
+        genes = pyro.plate(self.dims.site("genes"), self.dims.n_genes, dim=-1)  # one plate, entered by each site
         theta = self.sample_dispersion(genes)
-        ambient = self.sample_ambient(genes)
-        scaling = self.sample_feature_scaling(genes)
+        ambient = self.sample_ambient(genes) if self.dims.use_ambient else None
+        scaling = self.sample_feature_scaling(genes) if self.dims.use_feature_scaling else None
         self.sample_library_residual_weight()
         self.decoder_weight_prior()
         return {"theta": theta, "ambient": ambient, "feature_scaling": scaling}
@@ -138,22 +157,31 @@ class RegularizedVIModel(LocalPyroModule):
         continuous = batch["continuous"].expand(*z.shape[:-1], -1)
         return self.decoder(torch.cat([z, continuous], -1), batch.get("nn_onehot"))
 
-    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
-        g = self.global_sites()
-        x = batch["x"]
-        with pyro.plate("cells", n_obs, subsample=batch["index"]):
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
+    def local_sites(self, z: torch.Tensor, batch: dict, g: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Library size and counts of each cell, given z (call inside the cell plate).
+
+        ``mask`` (per cell) drops the terms of cells without counts in this modality.
+        """
+        site = self.dims.site
+        with poutine.mask(mask=True if mask is None else mask):
             p = batch["library_index"]
-            library = pyro.sample("library", dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
+            library = pyro.sample(site("library"), dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
             rho = self.decode(z, batch)
             mu = expected_counts(
                 library, rho, g["ambient"], g["feature_scaling"], batch["ambient_index"], batch["scaling_index"]
             )
             # GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu), written with its mean (see GammaPoissonMean)
             group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-            pyro.sample("obs", GammaPoissonMean(mu, g["theta"], group).to_event(1), obs=x)
+            pyro.sample(site("obs"), GammaPoissonMean(mu, g["theta"], group).to_event(1), obs=batch[self.dims.counts_key])
         return mu
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        g = self.global_sites()
+        x = batch[self.dims.counts_key]
+        with pyro.plate("cells", n_obs, subsample=batch["index"]):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
+            return self.local_sites(z, batch, g)
 
 
 class RegularizedVIGuide(LocalPyroModule):
@@ -172,7 +200,7 @@ class RegularizedVIGuide(LocalPyroModule):
     """
 
     def __init__(self, dims: RegularizedVIDims, init: dict, global_guides: dict | None = None,
-                 dropout_rate: float = 0.1, input_dropout_rate: float = 0.0):
+                 dropout_rate: float = 0.1, input_dropout_rate: float = 0.0, with_z_encoder: bool = True):
         super().__init__()
         families = {site: "map" for site in GLOBAL_SITES}
         families.update(global_guides or {})
@@ -184,7 +212,9 @@ class RegularizedVIGuide(LocalPyroModule):
                 raise ValueError(f"global_guides[{site!r}] must be one of {GUIDE_FAMILIES}, got {family!r}.")
         self.dims = dims
         n_input = dims.n_genes + dims.n_continuous + dims.n_encoder_covariates
-        self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate, input_dropout_rate)
+        self.n_input = n_input
+        if with_z_encoder:
+            self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate, input_dropout_rate)
         self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
         self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
         full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731
@@ -192,38 +222,58 @@ class RegularizedVIGuide(LocalPyroModule):
         self.inverse_sqrt_theta = PositiveSiteGuide(
             full((dims.n_dispersion, dims.n_genes), C.INIT_THETA**-0.5), "lognormal", C.INIT_DISPERSION_GUIDE_SCALE
         )
-        self.ambient = PositiveSiteGuide(torch.as_tensor(init["ambient"], dtype=torch.float32), families["ambient"])
-        self.feature_scaling = PositiveSiteGuide(full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"])
+        if dims.use_ambient:
+            self.ambient = PositiveSiteGuide(torch.as_tensor(init["ambient"], dtype=torch.float32), families["ambient"])
+        if dims.use_feature_scaling:
+            self.feature_scaling = PositiveSiteGuide(
+                full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"]
+            )
         self.library_residual_weight = PositiveSiteGuide(
             torch.tensor(C.INIT_LIBRARY_RESIDUAL_WEIGHT), families["library_residual_weight"]
         )
 
     def encoder_input(self, batch: dict) -> torch.Tensor:
         """log1p(x), with continuous and encoder covariates appended."""
-        parts = [torch.log1p(batch["x"]), batch["continuous"]]
+        parts = [torch.log1p(batch[self.dims.counts_key]), batch["continuous"]]
         if batch.get("encoder_onehot") is not None:
             parts.append(batch["encoder_onehot"])
         return torch.cat(parts, -1)
 
-    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
-        d = self.dims
-        genes = pyro.plate("genes", d.n_genes, dim=-1)
-        with pyro.plate("dispersion_groups", d.n_dispersion, dim=-2):
-            self.dispersion_rate("dispersion_rate")
+    def global_sites(self) -> torch.Tensor:
+        """Guides of the global sites; returns the library residual weight w."""
+        d, site = self.dims, self.dims.site
+        genes = pyro.plate(site("genes"), d.n_genes, dim=-1)
+        with pyro.plate(site("dispersion_groups"), d.n_dispersion, dim=-2):
+            self.dispersion_rate(site("dispersion_rate"))
             with genes:
-                self.inverse_sqrt_theta("inverse_sqrt_theta")
-        with pyro.plate("ambient_categories", d.n_ambient, dim=-2), genes:
-            self.ambient("ambient")
-        with pyro.plate("scaling_categories", d.n_scaling, dim=-2), genes:
-            self.feature_scaling("feature_scaling")
-        w = self.library_residual_weight("library_residual_weight")
+                self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
+        if d.use_ambient:
+            with pyro.plate(site("ambient_categories"), d.n_ambient, dim=-2), genes:
+                self.ambient(site("ambient"))
+        if d.use_feature_scaling:
+            with pyro.plate(site("scaling_categories"), d.n_scaling, dim=-2), genes:
+                self.feature_scaling(site("feature_scaling"))
+        return self.library_residual_weight(site("library_residual_weight"))
+
+    def log_library_loc(self, h: torch.Tensor, batch: dict, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual library guide: w x centred log observed total + a learned correction (loc, scale)."""
+        # cells without counts in this modality (masked) get a finite placeholder total of 1
+        total = batch[self.dims.counts_key].sum(-1).clamp_min(1.0)
+        offset, scale = self.library_encoder(h)
+        return w * (total.log() - self.log_total_centre) + offset[..., 0], scale[..., 0]
+
+    def library_site(self, h: torch.Tensor, batch: dict, w: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Sample the library size of each cell (call inside the cell plate)."""
+        loc, scale = self.log_library_loc(h, batch, w)
+        with poutine.mask(mask=True if mask is None else mask):
+            pyro.sample(self.dims.site("library"), dist.LogNormal(loc, scale))
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        w = self.global_sites()
         h = self.encoder_input(batch)
         with pyro.plate("cells", n_obs, subsample=batch["index"]):
             z_loc, z_scale = self.encoder(h)
             with poutine.scale(scale=kl_weight):
                 pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
-            # residual library: the observed log total, weighted by w, plus a learned correction
-            log_total = batch["x"].sum(-1).log() - self.log_total_centre
-            offset, scale = self.library_encoder(h)
-            pyro.sample("library", dist.LogNormal(w * log_total + offset[..., 0], scale[..., 0]))
+            self.library_site(h, batch, w)
         return z_loc

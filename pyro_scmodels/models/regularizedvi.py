@@ -215,9 +215,7 @@ class RegularizedVI(PyroModelBase):
         w = guide.library_residual_weight.median()
         out = []
         for batch, _ in self._batches(adata, indices, batch_size):
-            offset, _ = guide.library_encoder(guide.encoder_input(batch))
-            log_total = batch["x"].sum(-1).log() - guide.log_total_centre
-            out.append((w * log_total + offset[:, 0]).exp())
+            out.append(guide.log_library_loc(guide.encoder_input(batch), batch, w)[0].exp())
         return torch.cat(out).cpu().numpy()
 
     @torch.no_grad()
