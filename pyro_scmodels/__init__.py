@@ -1,8 +1,8 @@
 """pyro_scmodels: Pyro models of single-cell count data."""
 
-from . import criticism, datasets
+from . import criticism, datasets, matching
 from .models import RegularizedVI
 from .priors import RegularizedPriors
 
 __version__ = "0.1.0"
-__all__ = ["RegularizedPriors", "RegularizedVI", "criticism", "datasets"]
+__all__ = ["RegularizedPriors", "RegularizedVI", "criticism", "datasets", "matching"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -20,9 +21,12 @@ NORMALIZED_LAYER = "regularizedvi_normalized"
 
 def _output_dir(path: str, overwrite: bool) -> str:
     """Create the output folder, refusing to overwrite earlier results unless asked."""
-    results = os.path.join(path, "results.h5ad")
-    if os.path.exists(results) and not overwrite:
-        raise SystemExit(f"error: {results} exists; choose another --output folder or pass --overwrite.")
+    earlier = [os.path.join(path, name) for name in ("results.h5ad", "model", "checkpoint") if os.path.exists(os.path.join(path, name))]
+    if earlier and not overwrite:
+        raise SystemExit(f"error: {path} holds earlier results ({', '.join(earlier)}); choose another --output folder "
+                         "or pass --overwrite (or --resume for `fit`, to continue an interrupted run).")
+    if overwrite:
+        shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -31,9 +35,10 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
     adata.obsm[LATENT_KEY] = model.get_latent_representation()
     if write_normalized:
         adata.layers[NORMALIZED_LAYER] = model.get_normalized_expression(return_numpy=True).astype(np.float32)
-    adata.varm["regularizedvi_ambient"] = model.get_ambient_profile().to_numpy()
-    adata.varm["regularizedvi_dispersion"] = model.get_dispersion().to_numpy()
-    adata.varm["regularizedvi_feature_scaling"] = model.get_feature_scaling().to_numpy()
+    # DataFrames keep the category names as columns
+    adata.varm["regularizedvi_ambient"] = model.get_ambient_profile()
+    adata.varm["regularizedvi_dispersion"] = model.get_dispersion()
+    adata.varm["regularizedvi_feature_scaling"] = model.get_feature_scaling()
     adata.obs["regularizedvi_library_size"] = model.get_library_size()
 
 
@@ -56,7 +61,7 @@ def run_demo(args) -> dict:
     seconds = time.time() - start
     _store_results(model, adata)
     true_ambient = adata.varm["true_ambient"]
-    fitted = adata.varm["regularizedvi_ambient"]
+    fitted = adata.varm["regularizedvi_ambient"].to_numpy()
     ambient_r = [M.pearson(np.log(fitted[:, b]), np.log(true_ambient[:, b])) for b in range(true_ambient.shape[1])]
     pca = M.log_normalised_pca(adata.layers["counts"])
     z = adata.obsm[LATENT_KEY]
@@ -64,7 +69,7 @@ def run_demo(args) -> dict:
         "training seconds": seconds,
         "final train loss": float(model.history["train_loss"].iloc[-1]),
         "ambient profile vs truth, Pearson of logs (per batch)": ambient_r,
-        "dispersion vs truth, Spearman": M.spearman(adata.varm["regularizedvi_dispersion"][:, 0], adata.var["true_theta"]),
+        "dispersion vs truth, Spearman": M.spearman(adata.varm["regularizedvi_dispersion"].iloc[:, 0], adata.var["true_theta"]),
         "cell-type ARI of k-means on the latent": M.cluster_ari(z, adata.obs["cell_type"]),
         "cell-type ARI of k-means on PCA (baseline)": M.cluster_ari(pca, adata.obs["cell_type"]),
         "batch mixing (kNN batch entropy, 1 = mixed), latent": M.knn_entropy(z, adata.obs["batch"]),
@@ -88,7 +93,7 @@ def run_fit(args) -> None:
 
     if not os.path.exists(args.data):
         raise SystemExit(f"error: input file {args.data} not found.")
-    out = _output_dir(args.output, args.overwrite)
+    out = args.output if args.resume else _output_dir(args.output, args.overwrite)
     adata = anndata.read_h5ad(args.data)
     # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
@@ -144,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--skip-normalized", action="store_true", help="do not write the dense normalised-expression layer")
-    fit.add_argument("--overwrite", action="store_true")
+    fit.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
+    fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     fit.add_argument("--quiet", action="store_true")
     return parser
 
@@ -152,17 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("pyro_scmodels")
-    package_logger.addHandler(handler)
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     try:
         if args.command == "demo":
             run_demo(args)
         elif args.command == "fit":
             run_fit(args)
-    except (ValueError, KeyError, TypeError, FileExistsError) as err:
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

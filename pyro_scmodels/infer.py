@@ -108,8 +108,11 @@ class SVITrainer:
     """
 
     def __init__(self, model, guide, data: CellData, train_indices, validation_indices,
-                 lr: float = C.LEARNING_RATE, eps: float = C.ADAM_EPS, weight_decay: float = C.WEIGHT_DECAY):
+                 lr: float = C.LEARNING_RATE, eps: float = C.ADAM_EPS, weight_decay: float = C.WEIGHT_DECAY,
+                 fingerprint: dict | None = None):
         self.model, self.guide, self.data = model, guide, data
+        # what a checkpoint must match to be resumed: cells, genes, sizes and settings
+        self.fingerprint = fingerprint or {}
         self.train_indices = np.asarray(train_indices)
         self.validation_indices = np.asarray(validation_indices)
         self.elbo = Trace_ELBO()
@@ -262,10 +265,12 @@ class SVITrainer:
         return self._epochs_without_improvement >= plan.patience
 
     # --- checkpoints -----------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, include_modules: bool = True) -> dict:
+        """Everything needed to continue training (the modules' parameters optionally left out)."""
+        modules = {"model": self.model.state_dict(), "guide": self.guide.state_dict()} if include_modules else {}
         return {
-            "model": self.model.state_dict(),
-            "guide": self.guide.state_dict(),
+            **modules,
+            "fingerprint": self.fingerprint,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -276,9 +281,18 @@ class SVITrainer:
             "validation_indices": self.validation_indices,
         }
 
-    def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.guide.load_state_dict(state["guide"])
+    def load_state(self, state: dict, source: str = "the saved state") -> None:
+        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
+        saved = state.get("fingerprint", {})
+        differing = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        if differing:
+            raise ValueError(
+                f"{source} was written for different data or settings ({', '.join(differing)} differ); "
+                "remove it or choose another checkpoint_dir."
+            )
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.guide.load_state_dict(state["guide"])
         if state.get("optimizer") is not None:
             self._make_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
@@ -295,4 +309,10 @@ class SVITrainer:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str) -> None:
-        self.load_state(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state(torch.load(path, map_location="cpu", weights_only=False), source=f"Checkpoint {path}")
+
+    def move_optimizer_state(self) -> None:
+        """After the modules moved device, move Adam's moment estimates with them."""
+        if self.optimizer is not None:
+            # load_state_dict casts each state tensor to its parameter's device
+            self.optimizer.load_state_dict(self.optimizer.state_dict())

@@ -85,7 +85,7 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, gpu: bool) -> tuple[np.
     """Exact search on validated float32 arrays with k <= len(base); Euclidean distances, ascending."""
     global _gpu_resources
     faiss = _faiss()
-    # faiss ranks by |x|^2 + |y|^2 - 2 x.y (BLAS); centring keeps the norms, so the cancellation error, small
+    # faiss ranks by |x|^2 + |y|^2 - 2 x.y (BLAS): centring keeps the norms, and the cancellation error, small
     centre = base.mean(axis=0, dtype=np.float64).astype(np.float32)
     xq, xb = query - centre, base - centre
     if gpu:
@@ -111,7 +111,7 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
     query, base
         (n_query, d) and (n_base >= 1, d) arrays, converted to C-contiguous float32.
     k
-        Neighbours per query; clamped to ``n_base`` (a base of one cell gives one neighbour).
+        Neighbours per query, clamped to ``n_base`` (a base of one cell gives one); at most 2048 on a GPU.
     device
         ``"auto"``: the GPU when :func:`faiss_gpu_available`, else the CPU (logged once, INFO, logger
         ``pyro_scmodels.matching``); ``"cpu"``; ``"cuda"``: the GPU, or ValueError saying what is missing.

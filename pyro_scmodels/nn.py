@@ -63,6 +63,9 @@ class GaussianEncoder(nn.Module):
         Hidden stack (see :class:`FullyConnected`).
     input_dropout_rate
         Probability of masking each input feature before the first layer (0 turns it off).
+    n_dropout_features
+        Only the first this many input columns (the features, not appended covariates) are
+        masked; None masks every column.
     """
 
     def __init__(
@@ -73,15 +76,19 @@ class GaussianEncoder(nn.Module):
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         input_dropout_rate: float = 0.0,
+        n_dropout_features: int | None = None,
     ):
         super().__init__()
+        self.n_dropout_features = n_dropout_features
         self.input_dropout = nn.Dropout(input_dropout_rate) if input_dropout_rate > 0 else nn.Identity()
         self.hidden = FullyConnected(n_input, n_hidden, n_layers, dropout_rate=dropout_rate)
         self.loc = nn.Linear(n_hidden, n_output)
         self.raw_scale = nn.Linear(n_hidden, n_output)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(self.input_dropout(h))
+        n = self.n_dropout_features
+        h = self.input_dropout(h) if n is None else torch.cat([self.input_dropout(h[..., :n]), h[..., n:]], -1)
+        h = self.hidden(h)
         return self.loc(h), F.softplus(self.raw_scale(h)) + SCALE_EPS
 
 

@@ -72,11 +72,14 @@ class RegularizedPriors:
 def distribution_parameters(prior: torch.distributions.Distribution, name: str) -> dict[str, torch.Tensor]:
     """The tensor parameters from which ``type(prior)(**params)`` rebuilds ``prior``."""
     signature = inspect.signature(type(prior).__init__).parameters
-    params = {
-        key: torch.as_tensor(prior.__dict__[key], dtype=torch.get_default_dtype())
-        for key in prior.arg_constraints
-        if key in signature and key in prior.__dict__
-    }
+    params = {}
+    for key in prior.arg_constraints:
+        if key not in signature:
+            continue
+        # plain distributions keep parameters in __dict__; transformed ones (HalfNormal, LogNormal) as properties
+        value = prior.__dict__[key] if key in prior.__dict__ else getattr(prior, key, None)
+        if value is not None:
+            params[key] = torch.as_tensor(value, dtype=torch.get_default_dtype())
     if not params:
         raise TypeError(
             f"Prior {name!r} must be a distribution with tensor parameters, e.g. dist.Gamma(2., 50.); "

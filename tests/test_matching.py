@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import types
 
 import numpy as np
@@ -22,6 +23,7 @@ def brute_force(query, base, k):
 
 @pytest.fixture
 def random_points():
+    """60 query and 300 base points in 8 dimensions, standard normal."""
     rng = np.random.default_rng(0)
     query = rng.normal(size=(60, 8)).astype(np.float32)
     base = rng.normal(size=(300, 8)).astype(np.float32)
@@ -123,6 +125,13 @@ def test_faiss_gpu_available_is_false_here():
 
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         pytest.skip("a GPU faiss is usable here")
+    assert matching.faiss_gpu_available() is False
+
+
+def test_missing_faiss_gives_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        matching.knn(np.zeros((1, 2)), np.zeros((1, 2)), device="cpu")
     assert matching.faiss_gpu_available() is False
 
 

@@ -149,7 +149,8 @@ class CountMatrix:
         matrix = self.matrix
         if _is_backed(matrix):
             matrix = matrix[:]
-        matrix = sp.csr_matrix(matrix)
+        matrix = sp.csr_matrix(matrix, copy=True)
+        matrix.sum_duplicates()  # the device gather writes each (row, column) once; the host path sums duplicates
         return DeviceCSR(matrix, device)
 
 

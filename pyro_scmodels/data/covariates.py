@@ -8,6 +8,7 @@ AnnData is encoded exactly as the training data was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -54,6 +55,9 @@ def _as_list(value, argument: str) -> list[str]:
     value = list(value)
     if not all(isinstance(v, str) for v in value):
         raise TypeError(f"`{argument}` must be a list of .obs column names, got {value!r}.")
+    duplicated = sorted({v for v in value if value.count(v) > 1})
+    if duplicated:
+        raise ValueError(f"`{argument}` names {duplicated} more than once.")
     return value
 
 
@@ -94,7 +98,7 @@ def resolve_covariate_keys(
     for name, value in (("dispersion_key", dispersion_key), ("library_size_key", library_size_key)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"`{name}` must be one .obs column name, got {value!r}.")
-    return CovariateKeys(
+    keys = CovariateKeys(
         ambient=_as_list(ambient_covariate_keys, "ambient_covariate_keys"),
         nn_conditioning=_as_list(nn_conditioning_covariate_keys, "nn_conditioning_covariate_keys"),
         feature_scaling=_as_list(feature_scaling_covariate_keys, "feature_scaling_covariate_keys"),
@@ -103,6 +107,12 @@ def resolve_covariate_keys(
         encoder=_as_list(encoder_covariate_keys, "encoder_covariate_keys"),
         continuous=_as_list(continuous_covariate_keys, "continuous_covariate_keys"),
     )
+    if keys.encoder:
+        warnings.warn(
+            f"encoder_covariate_keys={keys.encoder}: the encoder sees these covariates, so their effects can leak into "
+            "the latent space z.", stacklevel=3
+        )
+    return keys
 
 
 def _check_present(obs: pd.DataFrame, key: str, table: str) -> None:

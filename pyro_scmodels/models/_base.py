@@ -50,7 +50,8 @@ class PyroModelBase(PosteriorMixin):
     def history(self) -> pd.DataFrame:
         """Training history: one row per epoch (``train_loss``, ``validation_loss``, ``kl_weight``)."""
         if self.trainer is None:
-            return pd.DataFrame(columns=["train_loss", "validation_loss", "kl_weight"])
+            loaded = getattr(self, "_loaded_history", None)
+            return pd.DataFrame(columns=["train_loss", "validation_loss", "kl_weight"]) if loaded is None else loaded.astype(float)
         return self.trainer.history.astype(float)
 
     def train(
@@ -134,8 +135,15 @@ class PyroModelBase(PosteriorMixin):
         data.to_device(self.device, counts_on_device=counts_on_device)
         if self.trainer is None:
             train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
-            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay)
+            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay,
+                                      fingerprint=self._fingerprint())
         else:
+            self.trainer.move_optimizer_state()
+            if max_epochs <= self.trainer.epoch:
+                warnings.warn(
+                    f"The model has already been trained for {self.trainer.epoch} epochs; max_epochs={max_epochs} counts "
+                    "all epochs, so nothing more is trained. Pass a larger max_epochs to continue.", stacklevel=2
+                )
             # a further call continues training: the split stays, the optimiser takes the new settings
             if abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
                 warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=2)
@@ -164,7 +172,7 @@ class PyroModelBase(PosteriorMixin):
     # --- inference in minibatches --------------------------------------------------------------
     def _check_trained(self) -> None:
         if not self.is_trained:
-            warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=3)
+            warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=4)
 
     def _batches(self, adata=None, indices=None, batch_size=None):
         """Minibatches (on the model's device) of the chosen cells, in order."""
@@ -182,7 +190,8 @@ class PyroModelBase(PosteriorMixin):
             indices = np.flatnonzero(indices)
         if indices.size and (indices.min() < 0 or indices.max() >= data.n_cells):
             raise IndexError(f"indices must lie in [0, {data.n_cells}); got range [{indices.min()}, {indices.max()}].")
-        for chunk in iterate_minibatches(indices, batch_size or C.BATCH_SIZE, shuffle=False):
+        batch_size = C.BATCH_SIZE if batch_size is None else V.positive_int("batch_size", batch_size)
+        for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
             yield chunk, (data.minibatch(chunk), data.n_cells)
 
     def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
@@ -211,12 +220,7 @@ class PyroModelBase(PosteriorMixin):
         os.makedirs(dir_path, exist_ok=True)
         payload = self._save_payload()
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
-        payload["trainer"] = None if self.trainer is None else {
-            "history": self.trainer.history,
-            "epoch": self.trainer.epoch,
-            "train_indices": self.trainer.train_indices,
-            "validation_indices": self.trainer.validation_indices,
-        }
+        payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
         tmp = path + ".tmp"
         torch.save(payload, tmp)
@@ -234,12 +238,25 @@ class PyroModelBase(PosteriorMixin):
         self.is_trained = payload["is_trained"]
         saved = payload.get("trainer")
         if saved is not None:
-            self.trainer = SVITrainer(
-                self.module.model, self.module.guide, self._cell_data(), saved["train_indices"], saved["validation_indices"]
-            )
-            self.trainer.history = saved["history"]
-            self.trainer.epoch = saved["epoch"]
+            if saved["fingerprint"].get("cells") == self._fingerprint()["cells"]:
+                self.trainer = SVITrainer(self.module.model, self.module.guide, self._cell_data(), saved["train_indices"],
+                                          saved["validation_indices"], fingerprint=self._fingerprint())
+                self.trainer.load_state(saved)
+            else:
+                # other cells than in training: the history is kept, the split and optimiser are not
+                self.trainer = None
+                self._loaded_history = saved["history"]
         self.module.eval()
+
+    def _fingerprint(self) -> dict:
+        """What identifies this model's training data and settings (checked before resuming)."""
+        data = self._cell_data()
+        names = pd.util.hash_pandas_object(pd.Index(self.adata.obs_names), index=False).to_numpy()
+        return {
+            "cells": (data.n_cells, int(names.sum() % (2**61))),
+            "features": tuple(m.n_features for m in data.modalities.values()),
+            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+        }
 
 
 def check_var_names(expected, adata, what: str = "adata") -> None:

@@ -15,8 +15,16 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from .. import _validation as V
+
 from ..differential import PSEUDOCOUNT as PSEUDOCOUNT_DEFAULT
 from ..differential import change_test
+
+
+def quantile_label(q: float) -> str:
+    """``q05`` for 0.05, ``q97.5`` for 0.975."""
+    percent = 100.0 * q
+    return f"q{round(percent):02d}" if abs(percent - round(percent)) < 1e-9 else f"q{percent:g}"
 
 
 class PosteriorMixin:
@@ -53,7 +61,9 @@ class PosteriorMixin:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         self.module.eval()
-        labels = [f"q{round(q * 100):02d}" for q in quantiles]
+        labels = [quantile_label(q) for q in quantiles]
+        if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):
+            raise ValueError(f"quantiles must be distinct numbers in (0, 1), got {quantiles}.")
         level = torch.tensor(quantiles)
         summaries = {key: {} for key in ("means", "stds", *labels)}
         local_parts: dict[str, list] = {}
@@ -165,8 +175,16 @@ class PosteriorMixin:
             One row per gene, sorted by ``proba_de`` (see :func:`pyro_scmodels.differential.change_test`).
         """
         adata = self.adata if adata is None else adata
+        for name, value in (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)):
+            V.positive_int(name, value)
+        if not delta >= 0 or not 0 < fdr_target < 1 or not pseudocount > 0:
+            raise ValueError(f"Need delta >= 0, 0 < fdr_target < 1 and pseudocount > 0; got {delta}, {fdr_target}, {pseudocount}.")
+        if group1 == group2:
+            raise ValueError(f"group1 and group2 are the same group ({group1!r}).")
         if groupby not in adata.obs:
             raise KeyError(f"Column {groupby!r} not found in adata.obs.")
+        if adata.obs[groupby].isna().any():
+            raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
         labels = adata.obs[groupby].astype(str).to_numpy()
         known = sorted(set(labels))
         for group in (group1, group2):
@@ -177,9 +195,9 @@ class PosteriorMixin:
         if min(len(m) for m in members) == 0:
             raise ValueError(f"One of the groups compared in adata.obs[{groupby!r}] has no cells.")
         samples = []
-        for cells in members:
+        for offset, cells in enumerate(members):
             cells = np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False))
-            rho = self._normalized_expression_samples(adata, cells, num_samples, batch_size, seed)
+            rho = self._normalized_expression_samples(adata, cells, num_samples, batch_size, seed + offset)
             samples.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
         return change_test(samples[0], samples[1], self.var_names, delta, fdr_target, n_pairs, rng)
 
@@ -250,8 +268,9 @@ class PosteriorMixin:
         )
         for cells, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
             draws = predictive(batch, n_obs)
+            # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
             yield cells, {
-                site: (batch[key].cpu().numpy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy())
+                site: (batch[key].cpu().numpy().copy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy().copy())
                 for site, key in sites.items()
             }
 

@@ -214,7 +214,8 @@ class RegularizedVIGuide(LocalPyroModule):
         n_input = dims.n_genes + dims.n_continuous + dims.n_encoder_covariates
         self.n_input = n_input
         if with_z_encoder:
-            self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate, input_dropout_rate)
+            self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate,
+                                           input_dropout_rate, n_dropout_features=dims.n_genes)
         self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
         self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
         full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731

@@ -98,26 +98,14 @@ class RegularizedVI(PyroModelBase):
         )
         self._data = None
         data = self._cell_data()
-        self.dims = RegularizedVIDims(
-            n_genes=data.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
-            n_ambient=data.n_ambient, n_scaling=data.n_scaling, n_dispersion=data.n_dispersion,
-            n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
-            n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
-        )
-        library_loc, library_variance, centre = data.library_prior()
-        if init == "data":
-            n_keys = max(1, len(self.keys.ambient))
-            ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient) / n_keys
-            ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
-        else:
-            ambient = np.full((data.n_ambient, data.n_features), float(self.priors.ambient.mean))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = self.model_class(self.dims, self.priors, library_loc, library_variance)
-            guide = self.guide_class(
-                self.dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate, input_dropout_rate
+            model, guide = build_blocks(
+                data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
+                global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
+                model_class=self.model_class, guide_class=self.guide_class,
             )
-        model.decoder.init_output_bias(torch.as_tensor(data.normalised_means()[0], dtype=torch.float32))
+        self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
 
     # --- setup --------------------------------------------------------------------------------
@@ -238,6 +226,10 @@ class RegularizedVI(PyroModelBase):
             Return an array instead of a DataFrame.
         """
         self._check_trained()
+        if not (library_size is None or library_size == "latent" or (isinstance(library_size, (int, float))
+                                                                   and not isinstance(library_size, bool) and library_size > 0)):
+            raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
+        n_samples = V.positive_int("n_samples", n_samples)
         module = self.module.eval()
         libraries = self.get_library_size(adata, indices, batch_size) if library_size == "latent" else None
         out = []
@@ -251,8 +243,6 @@ class RegularizedVI(PyroModelBase):
         rho = torch.cat(out).cpu().numpy()
         if libraries is not None:
             rho = rho * libraries[:, None]
-        elif library_size is not None and not isinstance(library_size, (int, float)):
-            raise ValueError(f"library_size must be None, 'latent' or a number, got {library_size!r}.")
         if return_numpy:
             return rho
         obs_names = (self.adata if adata is None else adata).obs_names
@@ -334,6 +324,38 @@ class RegularizedVI(PyroModelBase):
             model.device = resolve_device(device)
             model.module.to(model.device)
         return model
+
+
+def build_blocks(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
+                 global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
+                 site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
+                 n_decoder_latent: int | None = None, with_z_encoder: bool = True,
+                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide):
+    """The model and guide blocks of one modality, with data-driven initial values (SPEC 1.3).
+
+    Used by RegularizedVI (one block) and RegularizedMultimodalVI (one per modality).
+    """
+    matrix = data.modalities[key]
+    dims = RegularizedVIDims(
+        n_genes=matrix.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+        n_ambient=data.n_ambient, n_scaling=data.n_scaling, n_dispersion=data.n_dispersion,
+        n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
+        n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
+        use_ambient=use_ambient, use_feature_scaling=use_feature_scaling, n_decoder_latent=n_decoder_latent,
+        site_suffix=site_suffix, counts_key=key,
+    )
+    library_loc, library_variance, centre = data.library_prior(key=key)
+    if init == "data":
+        n_keys = max(1, len(data.encoding.keys.ambient))
+        ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient, key) / n_keys
+        ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
+    else:
+        ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
+    model = model_class(dims, priors, library_loc, library_variance)
+    guide = guide_class(dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate,
+                        input_dropout_rate, with_z_encoder)
+    model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
+    return model, guide
 
 
 def _setup_arguments(keys: dict) -> dict:

@@ -1,0 +1,161 @@
+"""RegularizedMultimodalVI as a Pyro model/guide pair (SPEC 2).
+
+Each modality m is a RegularizedVI block (its own dispersion, rate, ambient and/or feature
+scaling, library prior and decoder; sites suffixed ``_m``); every decoder reads the joint z::
+
+    concatenation:   z_m ~ Normal(0, I) per modality (site z_m), z = [z_1; ...; z_M]
+    weighted_mean:   z ~ Normal(0, I); guide Normal(sum_m w_m loc_m, sqrt(sum_m w_m^2 scale_m^2))
+    single_encoder:  z ~ Normal(0, I); guide from one encoder of all modalities
+    for each modality m and cell n (masked where cell n has no counts in m):
+      l_{n,m} ~ LogNormal(...);  x_{n,m} ~ GammaPoisson(theta_m, theta_m / mu_{n,m})
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import nn
+
+from ..guides import LocalPyroModule
+from ..nn import GaussianEncoder
+from ._regularizedvi_module import RegularizedVIGuide, RegularizedVIModel
+
+LATENT_MODES = ("concatenation", "weighted_mean", "single_encoder")
+WEIGHT_MODES = ("equal", "universal", "cell")
+
+
+def has_counts(batch: dict, key: str) -> torch.Tensor:
+    """Boolean per cell: does the cell have any counts in this modality?"""
+    return batch[key].sum(-1) > 0
+
+
+class RegularizedMultimodalVIModel(LocalPyroModule):
+    """p(x_1..x_M, z, l, globals): one RegularizedVI block per modality sharing z.
+
+    Parameters
+    ----------
+    blocks
+        Modality name -> :class:`RegularizedVIModel` (with its site suffix and counts key).
+    latent_sizes
+        Modality name -> latent dimensions (concatenation), or one shared size otherwise.
+    latent_mode
+        One of ``LATENT_MODES``.
+    """
+
+    def __init__(self, blocks: dict[str, RegularizedVIModel], latent_sizes: dict[str, int], latent_mode: str):
+        super().__init__()
+        self.modalities = list(blocks)
+        self.latent_sizes = dict(latent_sizes)
+        self.latent_mode = latent_mode
+        for name, block in blocks.items():
+            setattr(self, f"block_{name}", block)
+
+    def block(self, name: str) -> RegularizedVIModel:
+        return getattr(self, f"block_{name}")
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        globals_ = {m: self.block(m).global_sites() for m in self.modalities}
+        present = {m: has_counts(batch, self.block(m).dims.counts_key) for m in self.modalities}
+        n = batch["index"].shape[0]
+        with pyro.plate("cells", n_obs, subsample=batch["index"]):
+            with poutine.scale(scale=kl_weight):
+                if self.latent_mode == "concatenation":
+                    parts = []
+                    for m in self.modalities:
+                        with poutine.mask(mask=present[m]):  # no counts in m: no KL for z_m
+                            prior = dist.Normal(torch.zeros(n, self.latent_sizes[m], device=batch["index"].device), 1.0)
+                            parts.append(pyro.sample(f"z_{m}", prior.to_event(1)))
+                    z = torch.cat(parts, -1)
+                else:
+                    size = next(iter(self.latent_sizes.values()))
+                    z = pyro.sample("z", dist.Normal(torch.zeros(n, size, device=batch["index"].device), 1.0).to_event(1))
+            for m in self.modalities:
+                self.block(m).local_sites(z, batch, globals_[m], mask=present[m])
+        return z
+
+
+class RegularizedMultimodalVIGuide(LocalPyroModule):
+    """q(z, l, globals): per-modality encoders combined by ``latent_mode``.
+
+    Parameters
+    ----------
+    blocks
+        Modality name -> :class:`RegularizedVIGuide` (z encoders unused in ``single_encoder`` mode).
+    latent_sizes, latent_mode
+        As for the model.
+    weights
+        ``weighted_mean`` only: ``"equal"``, ``"universal"`` (one learned softmax) or ``"cell"``
+        (a per-cell softmax from a linear layer of the modalities' encoder inputs).
+    n_hidden, n_layers, dropout_rate
+        The joint encoder (``single_encoder`` mode).
+    """
+
+    def __init__(self, blocks: dict[str, RegularizedVIGuide], latent_sizes: dict[str, int], latent_mode: str,
+                 weights: str = "equal", n_hidden: int = 128, n_layers: int = 1, dropout_rate: float = 0.1):
+        super().__init__()
+        self.modalities = list(blocks)
+        self.latent_sizes = dict(latent_sizes)
+        self.latent_mode = latent_mode
+        self.weights = weights
+        for name, block in blocks.items():
+            setattr(self, f"block_{name}", block)
+        n_inputs = sum(block.n_input for block in blocks.values())
+        size = next(iter(latent_sizes.values()))
+        if latent_mode == "single_encoder":
+            self.joint_encoder = GaussianEncoder(n_inputs, size, n_hidden, n_layers, dropout_rate)
+        if latent_mode == "weighted_mean" and weights == "universal":
+            self.weight_logits = nn.Parameter(torch.zeros(len(blocks)))
+        if latent_mode == "weighted_mean" and weights == "cell":
+            self.weight_layer = nn.Linear(n_inputs, len(blocks))
+
+    def block(self, name: str) -> RegularizedVIGuide:
+        return getattr(self, f"block_{name}")
+
+    def modality_weights(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weights of the modalities per cell (cells x M), zero for a modality without counts."""
+        n = next(iter(inputs.values())).shape[0]
+        if self.weights == "equal":
+            logits = torch.zeros(n, len(self.modalities), device=next(iter(inputs.values())).device)
+        elif self.weights == "universal":
+            logits = self.weight_logits.expand(n, -1)
+        else:
+            logits = self.weight_layer(torch.cat([inputs[m] for m in self.modalities], -1))
+        available = torch.stack([present[m] for m in self.modalities], -1)
+        # a cell with no counts anywhere keeps equal weights rather than dividing by zero
+        available = available | ~available.any(-1, keepdim=True)
+        return F.softmax(logits.masked_fill(~available, float("-inf")), dim=-1)
+
+    def latent(self, batch: dict) -> tuple[dict, dict, torch.Tensor, torch.Tensor | dict]:
+        """Encoder inputs, presence masks, and the guide's z location and scale (per modality in concatenation)."""
+        inputs = {m: self.block(m).encoder_input(batch) for m in self.modalities}
+        present = {m: has_counts(batch, self.block(m).dims.counts_key) for m in self.modalities}
+        if self.latent_mode == "single_encoder":
+            loc, scale = self.joint_encoder(torch.cat([inputs[m] for m in self.modalities], -1))
+            return inputs, present, loc, scale
+        encoded = {m: self.block(m).encoder(inputs[m]) for m in self.modalities}
+        if self.latent_mode == "concatenation":
+            return inputs, present, {m: e[0] for m, e in encoded.items()}, {m: e[1] for m, e in encoded.items()}
+        w = self.modality_weights(inputs, present)
+        locs = torch.stack([encoded[m][0] for m in self.modalities], -1)
+        scales = torch.stack([encoded[m][1] for m in self.modalities], -1)
+        loc = (locs * w.unsqueeze(-2)).sum(-1)
+        scale = (scales.pow(2) * w.unsqueeze(-2).pow(2)).sum(-1).sqrt()
+        return inputs, present, loc, scale
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        library_weights = {m: self.block(m).global_sites() for m in self.modalities}
+        inputs, present, loc, scale = self.latent(batch)
+        with pyro.plate("cells", n_obs, subsample=batch["index"]):
+            with poutine.scale(scale=kl_weight):
+                if self.latent_mode == "concatenation":
+                    for m in self.modalities:
+                        with poutine.mask(mask=present[m]):
+                            pyro.sample(f"z_{m}", dist.Normal(loc[m], scale[m]).to_event(1))
+                else:
+                    pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            for m in self.modalities:
+                self.block(m).library_site(inputs[m], batch, library_weights[m], mask=present[m])
+        return loc
