@@ -248,6 +248,12 @@ class PyroModelBase(PosteriorMixin):
                 self._loaded_history = saved["history"]
         self.module.eval()
 
+    def _move_to(self, device: str) -> None:
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        if self.trainer is not None:
+            self.trainer.move_optimizer_state()
+
     def _fingerprint(self) -> dict:
         """What identifies this model's training data and settings (checked before resuming)."""
         data = self._cell_data()

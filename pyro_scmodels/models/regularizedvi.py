@@ -269,22 +269,20 @@ class RegularizedVI(PyroModelBase):
             out.append(module.model.decode(z, batch).cpu())
         return torch.cat(out, dim=1).numpy()
 
-    def _global_frame(self, values: torch.Tensor, levels: list[str]) -> pd.DataFrame:
-        return pd.DataFrame(values.detach().cpu().numpy().T, index=self.var_names, columns=levels)
-
     def get_ambient_profile(self) -> pd.DataFrame:
         """Ambient background s (posterior median): genes x ambient categories, in counts at a typical library."""
-        return self._global_frame(self.module.guide.ambient.median(), self.encoding.level_names(self.keys.ambient))
+        return global_frame(self.module.guide.ambient.median(), self.encoding.level_names(self.keys.ambient), self.var_names)
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta (posterior median): genes x dispersion groups."""
         u = self.module.guide.inverse_sqrt_theta.median()
         levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
-        return self._global_frame(u.pow(-2), levels)
+        return global_frame(u.pow(-2), levels, self.var_names)
 
     def get_feature_scaling(self) -> pd.DataFrame:
         """Feature scaling y (posterior median): genes x scaling categories."""
-        return self._global_frame(self.module.guide.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling))
+        return global_frame(self.module.guide.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling),
+                            self.var_names)
 
     # --- persistence ----------------------------------------------------------------------------
     def _save_payload(self) -> dict:
@@ -314,15 +312,10 @@ class RegularizedVI(PyroModelBase):
                     "adata was set up differently from the saved model; the model's setup "
                     f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=2
                 )
-        cls.setup_anndata(adata, layer=payload["layer"], **_setup_arguments(payload["keys"]))
+        cls.setup_anndata(adata, layer=payload["layer"], **setup_arguments(payload["keys"]))
         model = cls(adata, **payload["init_params"], _categories=payload["categories"])
         model._restore(payload)
-        model.device = torch.device("cpu")
-        if device != "cpu":
-            from ..infer import resolve_device
-
-            model.device = resolve_device(device)
-            model.module.to(model.device)
+        model._move_to(device)
         return model
 
 
@@ -358,7 +351,13 @@ def build_blocks(data: CellData, priors: RegularizedPriors, n_latent: int, n_hid
     return model, guide
 
 
-def _setup_arguments(keys: dict) -> dict:
+def global_frame(values: torch.Tensor, levels: list[str], features) -> pd.DataFrame:
+    """A global site (categories x features) as a features x categories DataFrame."""
+    return pd.DataFrame(values.detach().cpu().numpy().T, index=features, columns=levels)
+
+
+def setup_arguments(keys: dict) -> dict:
+    """The ``setup_*`` keyword arguments that reproduce recorded covariate keys."""
     return {
         "ambient_covariate_keys": keys["ambient"], "nn_conditioning_covariate_keys": keys["nn_conditioning"],
         "feature_scaling_covariate_keys": keys["feature_scaling"], "dispersion_key": keys["dispersion"],

@@ -1,0 +1,341 @@
+"""RegularizedMultimodalVI: paired modalities (e.g. RNA + ATAC) with a joint latent space.
+
+The maths lives in :mod:`._multimodal_module`; each modality is a RegularizedVI block built by
+:func:`~pyro_scmodels.models.regularizedvi.build_blocks`, so priors, guides, covariates and the
+training loop are the single-modality ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _validation as V
+from ..data import CellData, CountMatrix, CovariateEncoding, resolve_covariate_keys
+from ..data.covariates import CovariateKeys
+from ..data.registry import SETUP_UNS_KEY
+from ..priors import RegularizedPriors
+from ._base import ModelAndGuide, PyroModelBase, check_var_names
+from ._multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
+from .regularizedvi import build_blocks, global_frame, setup_arguments
+
+
+def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
+    """An int for every modality, or a dict with one entry per modality."""
+    if isinstance(value, dict):
+        missing = [m for m in modalities if m not in value]
+        if missing:
+            raise ValueError(f"{name} has no entry for modality {missing}; give one per modality {modalities}.")
+        return {m: V.positive_int(f"{name}[{m!r}]", value[m]) for m in modalities}
+    return {m: V.positive_int(name, value) for m in modalities}
+
+
+def _modality_counts(mdata, modality: str, layer: str | None, validate: bool = True) -> CountMatrix:
+    adata = mdata.mod[modality]
+    if list(adata.obs_names) != list(mdata.obs_names):
+        raise ValueError(
+            f"Modality {modality!r} does not hold the cells of mdata.obs in the same order; RegularizedMultimodalVI "
+            "needs paired modalities (e.g. `mu.pp.intersect_obs(mdata)`)."
+        )
+    if layer is None:
+        return CountMatrix(adata.X, name=f"mdata.mod[{modality!r}].X", validate=validate, allow_empty_cells=True)
+    if layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found in mdata.mod[{modality!r}].layers (available: {list(adata.layers)}).")
+    return CountMatrix(adata.layers[layer], name=f"mdata.mod[{modality!r}].layers[{layer!r}]", validate=validate,
+                       allow_empty_cells=True)
+
+
+class RegularizedMultimodalVI(PyroModelBase):
+    """RegularizedVI for paired count modalities with a joint latent space.
+
+    Parameters
+    ----------
+    mdata
+        MuData set up with :meth:`setup_mudata`.
+    n_hidden, n_latent
+        An int, or a dict with one value per modality. In ``"concatenation"`` mode the joint z
+        has the modalities' latent blocks in the setup's modality order; the other modes need
+        equal sizes.
+    n_layers, dropout_rate
+        Hidden layers and encoder dropout.
+    latent_mode
+        ``"concatenation"``, ``"weighted_mean"`` or ``"single_encoder"``.
+    modality_weights
+        ``weighted_mean`` only: ``"equal"``, ``"universal"`` or ``"cell"``.
+    ambient_modalities, feature_scaling_modalities
+        Modalities with an ambient background / feature scaling; default ``["rna"]`` and
+        ``["atac"]`` (those present).
+    priors
+        One :class:`~pyro_scmodels.RegularizedPriors` for all modalities, or a dict per modality.
+    global_guides, init, seed
+        As for :class:`~pyro_scmodels.RegularizedVI`.
+    """
+
+    def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
+                 modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
+                 dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
+                 seed: int = 0, _categories: dict | None = None):
+        super().__init__()
+        if latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}.")
+        if modality_weights not in WEIGHT_MODES:
+            raise ValueError(f"modality_weights must be one of {WEIGHT_MODES}, got {modality_weights!r}.")
+        self.adata = mdata
+        setup = read_mudata_setup(mdata)
+        self.modalities, self.layers = setup["modalities"], setup["layers"]
+        self.keys = CovariateKeys(**setup["keys"])
+        self.encoding = CovariateEncoding(self.keys, _categories)
+        if _categories is None:
+            self.encoding.fit(mdata.obs, "mdata.obs")
+        hidden = _per_modality(n_hidden, self.modalities, "n_hidden")
+        latent = _per_modality(n_latent, self.modalities, "n_latent")
+        if latent_mode != "concatenation" and len(set(latent.values())) > 1:
+            raise ValueError(f"latent_mode={latent_mode!r} needs the same n_latent for every modality, got {latent}.")
+        ambient_modalities = [m for m in ("rna",) if m in self.modalities] if ambient_modalities is None else list(ambient_modalities)
+        scaling_modalities = (
+            [m for m in ("atac",) if m in self.modalities] if feature_scaling_modalities is None else list(feature_scaling_modalities)
+        )
+        for name, chosen in (("ambient_modalities", ambient_modalities), ("feature_scaling_modalities", scaling_modalities)):
+            unknown = sorted(set(chosen) - set(self.modalities))
+            if unknown:
+                raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
+        priors = priors or RegularizedPriors()
+        priors = priors if isinstance(priors, dict) else {m: priors for m in self.modalities}
+        self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
+        self.init_params = dict(
+            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
+            modality_weights=modality_weights, ambient_modalities=ambient_modalities,
+            feature_scaling_modalities=scaling_modalities, dropout_rate=dropout_rate, priors=priors,
+            global_guides=global_guides, init=init, seed=seed,
+        )
+        self.observation_sites = {f"obs_{m}": f"x_{m}" for m in self.modalities}
+        self.latent_mode = latent_mode
+        self._data = None
+        data = self._cell_data()
+        joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
+        models, guides = {}, {}
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for m in self.modalities:
+                models[m], guides[m] = build_blocks(
+                    data, priors[m], n_latent=latent[m], n_hidden=hidden[m], n_layers=n_layers, init=init,
+                    global_guides=global_guides, dropout_rate=V.rate("dropout_rate", dropout_rate), input_dropout_rate=0.0,
+                    key=f"x_{m}", site_suffix=f"_{m}", use_ambient=m in ambient_modalities,
+                    use_feature_scaling=m in scaling_modalities, n_decoder_latent=joint,
+                    with_z_encoder=latent_mode != "single_encoder",
+                )
+            model = RegularizedMultimodalVIModel(models, latent, latent_mode)
+            guide = RegularizedMultimodalVIGuide(guides, latent, latent_mode, modality_weights,
+                                                 hidden[self.modalities[0]], n_layers, dropout_rate)
+        self.latent_sizes = latent
+        self.module = ModelAndGuide(model, guide)
+
+    # --- setup --------------------------------------------------------------------------------
+    @classmethod
+    def setup_mudata(cls, mdata, modalities=None, layer=None, batch_key=None, ambient_covariate_keys=None,
+                     nn_conditioning_covariate_keys=None, feature_scaling_covariate_keys=None, dispersion_key=None,
+                     library_size_key=None, encoder_covariate_keys=None, continuous_covariate_keys=None) -> None:
+        """Validate ``mdata`` and record the modalities, layers and covariate keys.
+
+        Parameters
+        ----------
+        mdata
+            MuData of raw counts with paired cells; covariates are read from ``mdata.obs``.
+        modalities
+            Modalities to model, in the order of the latent blocks; default all of ``mdata.mod``.
+        layer
+            Layer of raw counts: one name for every modality, or a dict per modality; None for ``.X``.
+        batch_key, ambient_covariate_keys, ...
+            As in :meth:`RegularizedVI.setup_anndata`, shared by all modalities.
+        """
+        modalities = list(mdata.mod) if modalities is None else list(modalities)
+        unknown = [m for m in modalities if m not in mdata.mod]
+        if unknown or not modalities:
+            raise ValueError(f"Unknown modalities {unknown} (mdata has {list(mdata.mod)}).")
+        layers = layer if isinstance(layer, dict) else {m: layer for m in modalities}
+        keys = resolve_covariate_keys(
+            batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
+            nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
+            feature_scaling_covariate_keys=feature_scaling_covariate_keys, dispersion_key=dispersion_key,
+            library_size_key=library_size_key, encoder_covariate_keys=encoder_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+        totals = np.zeros(mdata.n_obs)
+        for m in modalities:
+            totals += _modality_counts(mdata, m, layers.get(m)).totals()
+        if (totals <= 0).any():
+            raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in any modality; remove them first.")
+        encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
+        encoding.continuous(mdata.obs, "mdata.obs")
+        mdata.uns[SETUP_UNS_KEY] = json.dumps({"modalities": modalities, "layers": layers, "keys": keys.to_dict()})
+
+    def _cell_data(self, adata=None) -> CellData:
+        mdata = self.adata if adata is None else adata
+        if mdata is self.adata and self._data is not None:
+            return self._data
+        if mdata is not self.adata:
+            for m in self.modalities:
+                check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
+        counts = {f"x_{m}": _modality_counts(mdata, m, self.layers.get(m)) for m in self.modalities}
+        data = CellData(counts, mdata.obs, self.encoding, "mdata.obs")
+        if mdata is self.adata:
+            self._data = data
+        return data
+
+    # --- outputs ------------------------------------------------------------------------------
+    def _check_modality(self, modality: str) -> str:
+        if modality not in self.modalities:
+            raise ValueError(f"Unknown modality {modality!r}; the model has {self.modalities}.")
+        return modality
+
+    @torch.no_grad()
+    def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
+                                  batch_size: int | None = None, store: bool = False) -> np.ndarray:
+        """Posterior mean of the joint z, or of one modality's block / encoder.
+
+        Parameters
+        ----------
+        modality
+            None: the joint z. A modality: its latent block (concatenation) or its own
+            encoder's mean (weighted_mean); not available with a single encoder.
+        adata, indices, batch_size
+            Cells (default the training MuData), minibatch size.
+        store
+            Also write the result to ``mdata.obsm["X_regularizedmultimodalvi"]`` (or ``..._<modality>``).
+        """
+        self._check_trained()
+        if modality is not None:
+            self._check_modality(modality)
+            if self.latent_mode == "single_encoder":
+                raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality latent.")
+        guide = self.module.guide.eval()
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            _, _, loc, _ = guide.latent(batch)
+            if self.latent_mode == "concatenation":
+                loc = loc[modality] if modality else torch.cat([loc[m] for m in self.modalities], -1)
+            elif modality is not None:
+                loc = guide.block(modality).encoder(guide.block(modality).encoder_input(batch))[0]
+            out.append(loc)
+        z = torch.cat(out).cpu().numpy()
+        if store:
+            (self.adata if adata is None else adata).obsm["X_regularizedmultimodalvi" + (f"_{modality}" if modality else "")] = z
+        return z
+
+    @torch.no_grad()
+    def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
+                                  return_numpy: bool = False):
+        """Background- and scaling-free expression rho of one modality, decoded from the joint z."""
+        self._check_trained()
+        self._check_modality(modality)
+        module = self.module.eval()
+        out = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            out.append(module.model.block(modality).decode(self._joint_loc(batch), batch))
+        rho = torch.cat(out).cpu().numpy()
+        if return_numpy:
+            return rho
+        obs_names = (self.adata if adata is None else adata).obs_names
+        obs_names = obs_names if indices is None else obs_names[np.asarray(indices)]
+        return pd.DataFrame(rho, index=obs_names, columns=self.var_names[modality])
+
+    def _joint_loc(self, batch: dict) -> torch.Tensor:
+        _, _, loc, _ = self.module.guide.latent(batch)
+        return torch.cat([loc[m] for m in self.modalities], -1) if self.latent_mode == "concatenation" else loc
+
+    def get_ambient_profile(self, modality: str = "rna") -> pd.DataFrame:
+        """Ambient background s of a modality: features x ambient categories."""
+        block = self.module.guide.block(self._check_modality(modality))
+        if not block.dims.use_ambient:
+            raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
+        return global_frame(block.ambient.median(), self.encoding.level_names(self.keys.ambient), self.var_names[modality])
+
+    def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
+        """Dispersion theta of a modality: features x dispersion groups."""
+        block = self.module.guide.block(self._check_modality(modality))
+        levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
+        return global_frame(block.inverse_sqrt_theta.median().pow(-2), levels, self.var_names[modality])
+
+    def get_feature_scaling(self, modality: str = "atac") -> pd.DataFrame:
+        """Feature scaling y of a modality: features x scaling categories."""
+        block = self.module.guide.block(self._check_modality(modality))
+        if not block.dims.use_feature_scaling:
+            raise ValueError(f"Modality {modality!r} has no feature scaling (see feature_scaling_modalities).")
+        return global_frame(block.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling),
+                            self.var_names[modality])
+
+    def get_modality_attribution(self, adata=None, indices=None, batch_size: int | None = None, store: bool = True) -> dict:
+        """How much each latent dimension drives each modality's decoder, per cell (SPEC 2).
+
+        For modality m and latent column j: the mean over features of |d rho^(m) / d z_j| at the
+        cell's posterior mean z, from exact forward-mode derivatives (``torch.func.jvp``), one
+        latent column at a time so memory does not grow with the latent size.
+
+        Returns
+        -------
+        dict
+            ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; with
+            ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``.
+        """
+        self._check_trained()
+        module = self.module.eval()
+        parts = {m: [] for m in self.modalities}
+        latents = []
+        for batch, _ in self._batches(adata, indices, batch_size):
+            with torch.no_grad():
+                z = self._joint_loc(batch)
+            latents.append(z)
+            for m in self.modalities:
+                decode = lambda latent, m=m: module.model.block(m).decode(latent, batch)  # noqa: E731
+                columns = []
+                for j in range(z.shape[-1]):
+                    tangent = torch.zeros_like(z)
+                    tangent[:, j] = 1.0
+                    _, derivative = torch.func.jvp(decode, (z,), (tangent,))
+                    columns.append(derivative.abs().mean(-1).detach())
+                parts[m].append(torch.stack(columns, -1))
+        z = torch.cat(latents).cpu().numpy()
+        result = {}
+        target = self.adata if adata is None else adata
+        for m in self.modalities:
+            attribution = torch.cat(parts[m]).cpu().numpy()
+            result[m] = {"attribution": attribution, "weighted_z": z * attribution}
+            if store and indices is None:
+                target.obsm[f"X_attribution_{m}"] = attribution
+                target.obsm[f"X_weighted_z_{m}"] = z * attribution
+        return result
+
+    # --- persistence ----------------------------------------------------------------------------
+    def _save_payload(self) -> dict:
+        return {
+            "class": type(self).__name__, "init_params": self.init_params, "modalities": self.modalities,
+            "layers": self.layers, "keys": self.keys.to_dict(), "categories": self.encoding.categories,
+            "var_names": {m: list(v) for m, v in self.var_names.items()},
+        }
+
+    @classmethod
+    def load(cls, dir_path: str, mdata, device: str = "cpu") -> "RegularizedMultimodalVI":
+        """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality)."""
+        payload = cls._read_payload(dir_path)
+        for m, names in payload["var_names"].items():
+            if m not in mdata.mod:
+                raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")
+            check_var_names(names, mdata.mod[m], f"mdata.mod[{m!r}]")
+        cls.setup_mudata(mdata, modalities=payload["modalities"], layer=payload["layers"], **setup_arguments(payload["keys"]))
+        model = cls(mdata, **payload["init_params"], _categories=payload["categories"])
+        model._restore(payload)
+        model._move_to(device)
+        return model
+
+
+def read_mudata_setup(mdata) -> dict:
+    """The modalities, layers and keys recorded by :meth:`RegularizedMultimodalVI.setup_mudata`."""
+    if SETUP_UNS_KEY not in mdata.uns:
+        raise ValueError("This MuData has not been set up. Call `RegularizedMultimodalVI.setup_mudata(mdata, ...)` first.")
+    setup = json.loads(mdata.uns[SETUP_UNS_KEY])
+    if "modalities" not in setup:
+        raise ValueError("This object was set up for RegularizedVI (setup_anndata), not with setup_mudata.")
+    return setup
