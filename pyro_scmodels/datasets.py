@@ -337,3 +337,94 @@ def simulate(
     adata.varm["true_feature_scaling"] = feature_scaling.T.copy()
     adata.uns["simulation"] = settings
     return adata
+
+
+def simulate_multiome(n_cells: int = 1200, n_genes: int = 200, n_peaks: int = 400, n_batches: int = 2,
+                      atac_missing_fraction: float = 0.0, seed: int = 0):
+    """Simulate paired RNA + ATAC counts where each modality sees only part of the cell state.
+
+    Cells have two hidden factors: ``rna_state`` (3 levels) drives RNA only and ``atac_state``
+    (2 levels) drives ATAC only; the 6 combinations are the cell types. RNA alone separates 3
+    groups, ATAC alone 2, and only both together resolve all 6. Both modalities follow the
+    RegularizedVI likelihood: RNA with a per-batch ambient profile, ATAC with a per-batch
+    feature scaling, each with its own dispersions and library sizes.
+
+    Parameters
+    ----------
+    n_cells, n_genes, n_peaks
+        Sizes (genes need at least 75 and peaks 120 for the marker features).
+    n_batches
+        Batches (``obs["batch"]``).
+    atac_missing_fraction
+        Fraction of cells whose ATAC counts are all zero (a failed library), in ``obs["has_atac"]``.
+    seed
+        Seed of the numpy generator.
+
+    Returns
+    -------
+    mudata.MuData
+        Modalities ``"rna"`` and ``"atac"`` (raw counts, CSR float32, also in ``layers["counts"]``);
+        ``obs``: ``cell_type``, ``rna_state``, ``atac_state``, ``batch``, ``has_atac``; truth in
+        each modality's ``var["true_theta"]`` and ``varm`` (``true_ambient`` for RNA,
+        ``true_feature_scaling`` for ATAC).
+    """
+    import mudata
+
+    n_cells = _check_int("n_cells", n_cells, 12)
+    n_genes = _check_int("n_genes", n_genes, 75)
+    n_peaks = _check_int("n_peaks", n_peaks, 120)
+    n_batches = _check_int("n_batches", n_batches, 1)
+    atac_missing_fraction = _check_float("atac_missing_fraction", atac_missing_fraction, 0.0, maximum=0.5)
+    rng = np.random.default_rng(seed)
+    rna_state = rng.permutation(np.arange(n_cells) % 3)
+    atac_state = rng.permutation(np.arange(n_cells) % 2)
+    batch = rng.integers(n_batches, size=n_cells)
+
+    def profiles(n_features, n_levels, n_markers, level):
+        # per level: a shared baseline, mild noise on every feature, and its own marker features
+        log = rng.normal(0.0, 1.0, n_features) + rng.normal(0.0, 0.3, (n_levels, n_features))
+        for k in range(n_levels):
+            log[k, k * n_markers:(k + 1) * n_markers] += rng.uniform(1.5, 2.5, n_markers)
+        return _softmax(log)[level]
+
+    def counts(fraction, library_mean, theta, scale=1.0, background=0.0):
+        library = library_mean * np.exp(rng.normal(0.0, 0.3, n_cells))
+        mu = library[:, None] * (fraction + background) * scale
+        return _gamma_poisson(rng, mu, theta[None, :]).astype(np.float32)
+
+    theta_rna = np.exp(rng.uniform(math.log(1.0), math.log(50.0), n_genes))
+    theta_atac = np.exp(rng.uniform(math.log(0.5), math.log(10.0), n_peaks))
+    soup = _softmax(rng.normal(0.0, 1.0, (n_batches, n_genes)))
+    ambient = 0.05 * soup  # fractions of a cell's RNA library
+    scaling = np.exp(rng.normal(0.0, 0.1, (n_batches, n_peaks)))
+    rna = counts(profiles(n_genes, 3, 25, rna_state), 1500.0, theta_rna, background=ambient[batch])
+    atac = counts(profiles(n_peaks, 2, 60, atac_state), 800.0, theta_atac, scale=scaling[batch])
+    rna[rna.sum(1) == 0, 0] = 1.0  # every cell keeps some RNA
+    has_atac = rng.random(n_cells) >= atac_missing_fraction
+    atac[~has_atac] = 0.0
+
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical([f"type_{3 * b + a}" for a, b in zip(rna_state, atac_state)]),
+            "rna_state": pd.Categorical([f"rna_{a}" for a in rna_state]),
+            "atac_state": pd.Categorical([f"atac_{b}" for b in atac_state]),
+            "batch": pd.Categorical([f"batch_{b}" for b in batch]),
+            "has_atac": has_atac,
+        },
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
+    modalities = {}
+    for name, x, theta, prefix in (("rna", rna, theta_rna, "gene"), ("atac", atac, theta_atac, "peak")):
+        matrix = sparse.csr_matrix(x)
+        adata = anndata.AnnData(X=matrix, obs=pd.DataFrame(index=obs.index),
+                                var=pd.DataFrame({"true_theta": theta}, index=[f"{prefix}_{i}" for i in range(x.shape[1])]))
+        adata.layers["counts"] = matrix.copy()
+        modalities[name] = adata
+    modalities["rna"].varm["true_ambient"] = (1500.0 * ambient).T.copy()
+    modalities["atac"].varm["true_feature_scaling"] = scaling.T.copy()
+    mdata = mudata.MuData(modalities)
+    for column in obs.columns:
+        mdata.obs[column] = obs[column].to_numpy()
+    mdata.uns["simulation"] = {"n_cells": n_cells, "n_genes": n_genes, "n_peaks": n_peaks, "n_batches": n_batches,
+                               "atac_missing_fraction": atac_missing_fraction, "seed": seed}
+    return mdata

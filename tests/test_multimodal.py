@@ -1,0 +1,162 @@
+"""RegularizedMultimodalVI (SPEC 2): real paired RNA + ATAC, simulated data with known structure,
+masking of empty modalities, and agreement with RegularizedVI on one modality."""
+
+import mudata
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+
+import pyro_scmodels as ps
+from pyro_scmodels import criticism
+from pyro_scmodels import metrics as M
+
+from .conftest import shared_file
+
+SMALL = dict(n_latent=5, n_hidden=32)
+FIT = dict(batch_size=128, lr=1e-2, kl_warmup_epochs=3, early_stopping=False, device="cpu", progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def multiome():
+    mudata.set_options(pull_on_update=False)
+    with pytest.warns(UserWarning):  # the file was written by anndata tools, not mudata
+        return mudata.read_h5mu(shared_file("pbmc_multiome_muon_test_rna_atac.h5mu"))
+
+
+@pytest.mark.parametrize("latent_mode, weights", [("concatenation", "equal"), ("weighted_mean", "universal"),
+                                                  ("weighted_mean", "cell"), ("single_encoder", "equal")])
+def test_trains_on_real_multiome_in_every_latent_mode(multiome, latent_mode, weights):
+    mdata = multiome.copy()
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["rna", "atac"])
+    model = ps.RegularizedMultimodalVI(mdata, latent_mode=latent_mode, modality_weights=weights, **SMALL)
+    history = model.train(max_epochs=25, **FIT)
+    assert np.isfinite(history.to_numpy()).all()
+    assert history["train_loss"].iloc[-3:].mean() < 0.85 * history["train_loss"].iloc[0]
+    z = model.get_latent_representation()
+    assert z.shape == (1000, 10 if latent_mode == "concatenation" else 5) and np.isfinite(z).all()
+    assert model.get_normalized_expression("atac").shape == (1000, mdata.mod["atac"].n_vars)
+    assert model.get_ambient_profile("rna").shape == (mdata.mod["rna"].n_vars, 1)
+    assert model.get_feature_scaling("atac").shape == (mdata.mod["atac"].n_vars, 1)
+
+
+def test_latent_blocks_follow_the_users_modality_order(multiome):
+    mdata = multiome.copy()
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["atac", "rna"])
+    model = ps.RegularizedMultimodalVI(mdata, n_latent={"atac": 3, "rna": 4}, n_hidden={"atac": 16, "rna": 32})
+    model.train(max_epochs=2, **FIT)
+    z = model.get_latent_representation()
+    np.testing.assert_allclose(z[:, :3], model.get_latent_representation("atac"), rtol=1e-6)
+    np.testing.assert_allclose(z[:, 3:], model.get_latent_representation("rna"), rtol=1e-6)
+    with pytest.raises(ValueError, match="same n_latent"):
+        ps.RegularizedMultimodalVI(mdata, n_latent={"atac": 3, "rna": 4}, latent_mode="weighted_mean")
+
+
+@pytest.fixture(scope="module")
+def simulated_pair():
+    mdata = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"],
+                                            feature_scaling_covariate_keys=["batch"])
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=5, n_hidden=64)
+    model.train(max_epochs=100, **{**FIT, "batch_size": 256, "kl_warmup_epochs": 10})
+    return model
+
+
+def test_joint_latent_resolves_types_neither_modality_can(simulated_pair):
+    """RNA sees a 3-level factor, ATAC a 2-level one; the 6 types need both."""
+    cell_type = simulated_pair.adata.obs["cell_type"]
+    joint = M.cluster_ari(simulated_pair.get_latent_representation(), cell_type)
+    rna = M.cluster_ari(simulated_pair.get_latent_representation("rna"), cell_type)
+    atac = M.cluster_ari(simulated_pair.get_latent_representation("atac"), cell_type)
+    assert joint > 0.7
+    assert joint > rna + 0.2 and joint > atac + 0.2
+
+
+def _eta_squared(z, labels):
+    """Share of each latent column's variance explained by ``labels``."""
+    labels = np.asarray(labels)
+    total = ((z - z.mean(0)) ** 2).sum(0)
+    within = sum(((z[labels == g] - z[labels == g].mean(0)) ** 2).sum(0) for g in np.unique(labels))
+    return 1.0 - within / total
+
+
+def test_each_decoder_leans_on_the_dimensions_carrying_its_modalitys_factor(simulated_pair):
+    model = simulated_pair
+    obs = model.adata.obs
+    result = model.get_modality_attribution()
+    assert "X_attribution_atac" in model.adata.obsm and "X_weighted_z_rna" in model.adata.obsm
+    z = model.get_latent_representation()
+    share = {m: result[m]["attribution"].mean(0) / result[m]["attribution"].mean(0).sum() for m in ("rna", "atac")}
+    atac_dims = _eta_squared(z, obs["atac_state"]) > 0.3
+    rna_dims = _eta_squared(z, obs["rna_state"]) > 0.3
+    assert atac_dims.any() and rna_dims.any()
+    # each decoder puts a larger share of its sensitivity on its own factor's dimensions than the other decoder
+    assert share["atac"][atac_dims].sum() > 1.2 * share["rna"][atac_dims].sum()
+    assert share["rna"][rna_dims].sum() > 1.1 * share["atac"][rna_dims].sum()
+    np.testing.assert_allclose(result["rna"]["weighted_z"], z * result["rna"]["attribution"], rtol=1e-5)
+
+
+def test_cells_without_atac_counts_contribute_nothing_to_atac_terms(simulated_pair):
+    model = simulated_pair
+    missing = np.flatnonzero(~model.adata.obs["has_atac"].to_numpy())[:5]
+    present = np.flatnonzero(model.adata.obs["has_atac"].to_numpy())[:5]
+    batch, n_obs = next(model._batches(indices=np.concatenate([missing, present])))
+    guide_trace = poutine.trace(model.module.guide).get_trace(batch, n_obs)
+    trace = poutine.trace(poutine.replay(model.module.model, trace=guide_trace)).get_trace(batch, n_obs)
+    trace.compute_log_prob()
+    for site in ("obs_atac", "library_atac", "z_atac"):
+        terms = trace.nodes[site]["log_prob"]
+        assert torch.all(terms[:5] == 0), site
+        assert torch.all(terms[5:] != 0), site
+    assert torch.all(trace.nodes["obs_rna"]["log_prob"] != 0)
+    guide_trace.compute_log_prob()
+    assert torch.all(guide_trace.nodes["z_atac"]["log_prob"][:5] == 0)
+
+
+def test_posterior_predictive_check_per_modality(simulated_pair):
+    check = criticism.posterior_predictive_check(simulated_pair, num_samples=5, indices=np.arange(300))
+    assert set(check.sites) == {"obs_rna", "obs_atac"}
+    for site in check.sites:
+        assert 0.75 < check[site].pit_coverage[0.9] < 0.97
+
+
+def test_save_load_round_trip(simulated_pair, tmp_path):
+    simulated_pair.save(str(tmp_path / "model"))
+    fresh = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)
+    loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "model"), fresh)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), simulated_pair.get_latent_representation())
+
+
+def test_single_modality_mudata_agrees_with_regularizedvi():
+    mdata = ps.datasets.simulate_multiome(n_cells=900, seed=1)
+    rna_only = mudata.MuData({"rna": mdata.mod["rna"].copy()})
+    rna_only.obs["cell_type"] = mdata.obs["cell_type"].to_numpy()
+    rna_only.obs["rna_state"] = mdata.obs["rna_state"].to_numpy()
+    ps.RegularizedMultimodalVI.setup_mudata(rna_only, layer="counts")
+    multimodal = ps.RegularizedMultimodalVI(rna_only, **SMALL)
+    multimodal.train(max_epochs=40, **FIT)
+    adata = mdata.mod["rna"].copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    single = ps.RegularizedVI(adata, **SMALL)
+    single.train(max_epochs=40, **FIT)
+    state = rna_only.obs["rna_state"]
+    ari_multi = M.cluster_ari(multimodal.get_latent_representation(), state)
+    ari_single = M.cluster_ari(single.get_latent_representation(), state)
+    assert ari_multi > 0.9 and ari_single > 0.9
+    theta_multi = multimodal.get_dispersion("rna").iloc[:, 0]
+    theta_single = single.get_dispersion().iloc[:, 0]
+    assert M.spearman(theta_multi, theta_single) > 0.8
+    assert multimodal.history["train_loss"].iloc[-1] == pytest.approx(single.history["train_loss"].iloc[-1], rel=0.05)
+
+
+def test_setup_errors(multiome):
+    mdata = multiome.copy()
+    with pytest.raises(ValueError, match="Unknown modalities"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["rna", "protein"])
+    with pytest.raises(ValueError, match="not been set up"):
+        ps.RegularizedMultimodalVI(multiome.copy())
+    ps.RegularizedMultimodalVI.setup_mudata(mdata)
+    with pytest.raises(ValueError, match="latent_mode"):
+        ps.RegularizedMultimodalVI(mdata, latent_mode="product")
+    with pytest.raises(ValueError, match="unknown modalities"):
+        ps.RegularizedMultimodalVI(mdata, ambient_modalities=["protein"])
