@@ -120,6 +120,17 @@ def test_posterior_predictive_check_per_modality(simulated_pair):
         assert 0.75 < check[site].pit_coverage[0.9] < 0.97
 
 
+def test_export_posterior_per_modality(simulated_pair, tmp_path):
+    mdata = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)
+    simulated_pair.export_posterior(mdata, num_samples=5)
+    assert mdata.obsm["means_z_rna"].shape == (1200, 5) and mdata.obsm["q95_z_atac"].shape == (1200, 5)
+    assert list(mdata.mod["rna"].varm["means_ambient_rna"].columns) == ["batch_0", "batch_1"]
+    assert mdata.mod["atac"].varm["means_feature_scaling_atac"].shape == (400, 2)
+    assert (mdata.mod["atac"].varm["q05_dispersion_atac"].to_numpy() <= mdata.mod["atac"].varm["q95_dispersion_atac"].to_numpy()).all()
+    assert "ambient_atac" not in str(list(mdata.mod["atac"].varm))  # ATAC has no ambient term by default
+    mdata.write_h5mu(tmp_path / "exported.h5mu")
+
+
 def test_save_load_round_trip(simulated_pair, tmp_path):
     simulated_pair.save(str(tmp_path / "model"))
     fresh = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)

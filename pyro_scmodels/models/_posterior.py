@@ -117,7 +117,6 @@ class PosteriorMixin:
         """
         adata = self.adata if adata is None else adata
         summaries = self.sample_posterior(num_samples, adata=adata, batch_size=batch_size, quantiles=quantiles)
-        n_genes = len(self.var_names)
         globals_out = {}
         for stat, sites in summaries.items():
             for name, value in sites.items():
@@ -128,8 +127,9 @@ class PosteriorMixin:
                     else:
                         adata.obsm[key] = pd.DataFrame(value, index=adata.obs_names,
                                                        columns=[f"{name}_{j}" for j in range(value.shape[1])])
-                elif value.ndim == 2 and value.shape[-1] == n_genes:
-                    adata.varm[key] = pd.DataFrame(value.T, index=adata.var_names, columns=self.site_levels(name, value.shape[0]))
+                elif value.ndim == 2 and value.shape[-1] == len(self._feature_table(name, adata).var_names):
+                    table = self._feature_table(name, adata)
+                    table.varm[key] = pd.DataFrame(value.T, index=table.var_names, columns=self.site_levels(name, value.shape[0]))
                 else:
                     globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
         adata.uns[type(self).__name__] = {
@@ -201,9 +201,23 @@ class PosteriorMixin:
             samples.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
         return change_test(samples[0], samples[1], self.var_names, delta, fdr_target, n_pairs, rng)
 
+    def _feature_table(self, site: str, adata):
+        """The AnnData whose features a per-feature site runs over (a modality's, for several)."""
+        return adata
+
+    def _site_base_name(self, site: str) -> str:
+        """The site's name without a modality suffix."""
+        return site
+
     def site_levels(self, site: str, n_levels: int) -> list[str]:
-        """Names of the categories along the first axis of a per-gene global site."""
-        return [f"{site}_{j}" for j in range(n_levels)]
+        """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
+        base = self._site_base_name(site)
+        keys = {"ambient": self.keys.ambient, "feature_scaling": self.keys.feature_scaling}.get(base)
+        if keys is None and base in ("inverse_sqrt_theta", "dispersion"):
+            keys = [self.keys.dispersion] if self.keys.dispersion else []
+        if keys is None:
+            return [f"{site}_{j}" for j in range(n_levels)]
+        return self.encoding.level_names(keys)
 
     def render_model(self, filename: str | None = None, render_distributions: bool = True):
         """Draw the model with its plates (``pyro.render_model``).

@@ -112,6 +112,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             global_guides=global_guides, init=init, seed=seed,
         )
         self.observation_sites = {f"obs_{m}": f"x_{m}" for m in self.modalities}
+        self.derived_sites = {f"dispersion_{m}": (f"inverse_sqrt_theta_{m}", lambda u: u.pow(-2)) for m in self.modalities}
         self.latent_mode = latent_mode
         self._data = None
         data = self._cell_data()
@@ -307,6 +308,17 @@ class RegularizedMultimodalVI(PyroModelBase):
                 target.obsm[f"X_attribution_{m}"] = attribution
                 target.obsm[f"X_weighted_z_{m}"] = z * attribution
         return result
+
+    def _site_modality(self, site: str) -> str | None:
+        return next((m for m in self.modalities if site.endswith(f"_{m}")), None)
+
+    def _feature_table(self, site: str, mdata):
+        modality = self._site_modality(site)
+        return mdata if modality is None else mdata.mod[modality]
+
+    def _site_base_name(self, site: str) -> str:
+        modality = self._site_modality(site)
+        return site if modality is None else site[: -len(modality) - 1]
 
     # --- persistence ----------------------------------------------------------------------------
     def _save_payload(self) -> dict:

@@ -250,13 +250,6 @@ class RegularizedVI(PyroModelBase):
             obs_names = obs_names[np.asarray(indices)]
         return pd.DataFrame(rho, index=obs_names, columns=self.var_names)
 
-    def site_levels(self, site: str, n_levels: int) -> list[str]:
-        """Category names of a per-gene global site (ambient, feature scaling, dispersion)."""
-        keys = {"ambient": self.keys.ambient, "feature_scaling": self.keys.feature_scaling}.get(site)
-        if keys is None and site in ("inverse_sqrt_theta", "dispersion"):
-            keys = [self.keys.dispersion] if self.keys.dispersion else []
-        return super().site_levels(site, n_levels) if keys is None else self.encoding.level_names(keys)
-
     @torch.no_grad()
     def _normalized_expression_samples(self, adata, indices, num_samples: int, batch_size=None, seed: int = 0) -> np.ndarray:
         """Posterior samples of rho: num_samples x cells x genes (z drawn from the guide)."""
