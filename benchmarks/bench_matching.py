@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 from scipy.spatial import cKDTree
 
-from bench_train import cpu_model, package_version, total_memory_gib
+from bench_train import cpu_model, package_version, total_memory_gib, update_results
 from pyro_scmodels import matching
 
 HERE = Path(__file__).resolve().parent
@@ -198,31 +198,6 @@ def section_text(facts: dict, table: str, command: str, when: str, repeats: int)
     )
 
 
-def update_results(path: Path, section: str) -> None:
-    """Replace (or append) the ``SECTION_TITLE`` section of ``path``, keeping the other sections.
-
-    Parameters
-    ----------
-    path
-        The markdown file; created (with a title) when missing.
-    section
-        The new section, starting with ``SECTION_TITLE``.
-    """
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
-    if start is None:
-        before, after = lines, []
-    else:  # the section runs to the next level-1 or level-2 heading
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))), len(lines))
-        before, after = lines[:start], lines[end:]
-    while before and not before[-1].strip():
-        before.pop()
-    text = "\n".join(before) + "\n\n" + section.rstrip("\n") + "\n"
-    if after:
-        text += "\n" + "\n".join(after).rstrip("\n") + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (1 when the indices really differ)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -257,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if output is not None:
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])])
-        update_results(output, section_text(facts, table, command, when, args.repeats))
+        update_results(output, section_text(facts, table, command, when, args.repeats), SECTION_TITLE)
         print(f"\nWrote the '{SECTION_TITLE[3:]}' section of {output}")
     if any(row["different"] for row in rows):
         print("ERROR: some matched indices differ from the reference beyond ties", file=sys.stderr)

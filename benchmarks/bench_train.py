@@ -393,21 +393,23 @@ def section_text(facts: dict, table: str, command: str, when: str, notes: list[s
     )
 
 
-def update_results(path: Path, section: str) -> None:
-    """Replace (or append) the ``SECTION_TITLE`` section of ``path``, keeping the others.
+def update_results(path: Path, section: str, title: str = SECTION_TITLE) -> None:
+    """Replace (or append) the ``title`` section of ``path``, keeping the others.
 
     Parameters
     ----------
     path
         The markdown file; created (with a title) when missing.
     section
-        The new section, starting with ``SECTION_TITLE``.
+        The new section, starting with ``title``.
+    title
+        The section's heading line (every benchmark script has its own).
     """
     if path.exists():
         lines = path.read_text().splitlines()
     else:
         lines = ["# Benchmark results", ""]
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
         before, after = lines, []
     else:
