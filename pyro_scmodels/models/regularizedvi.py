@@ -197,7 +197,18 @@ class RegularizedVI(PyroModelBase):
 
     @torch.no_grad()
     def get_library_size(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """Posterior median of the library size factor l per cell (relative: ~1 at a typical cell)."""
+        """Posterior median of the library size factor l per cell.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        numpy.ndarray
+            One value per cell, relative to a typical cell (~1).
+        """
         self._check_trained()
         guide = self.module.guide.eval()
         w = guide.library_residual_weight.median()
@@ -263,17 +274,35 @@ class RegularizedVI(PyroModelBase):
         return torch.cat(out, dim=1).numpy()
 
     def get_ambient_profile(self) -> pd.DataFrame:
-        """Ambient background s (posterior median): genes x ambient categories, in counts at a typical library."""
+        """Ambient background s (posterior median), in counts at a typical library size.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Genes x ambient categories (``"all"`` without ambient keys).
+        """
         return global_frame(self.module.guide.ambient.median(), self.encoding.level_names(self.keys.ambient), self.var_names)
 
     def get_dispersion(self) -> pd.DataFrame:
-        """Dispersion theta (posterior median): genes x dispersion groups."""
+        """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Genes x dispersion groups.
+        """
         u = self.module.guide.inverse_sqrt_theta.median()
         levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
         return global_frame(u.pow(-2), levels, self.var_names)
 
     def get_feature_scaling(self) -> pd.DataFrame:
-        """Feature scaling y (posterior median): genes x scaling categories."""
+        """Feature scaling y (posterior median), a multiplicative per-gene factor.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Genes x scaling categories (``"all"`` without scaling keys).
+        """
         return global_frame(self.module.guide.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling),
                             self.var_names)
 
