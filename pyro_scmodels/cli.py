@@ -19,12 +19,33 @@ LATENT_KEY = "X_regularizedvi"
 NORMALIZED_LAYER = "regularizedvi_normalized"
 
 
-def _output_dir(path: str, overwrite: bool) -> str:
-    """Create the output folder, refusing to overwrite earlier results unless asked."""
+class CommandError(Exception):
+    """A problem with the command line's inputs or outputs, reported as ``error: ...`` with exit code 2."""
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is at the time of each message (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse to overwrite earlier results unless asked (checked before any work starts)."""
     earlier = [os.path.join(path, name) for name in ("results.h5ad", "model", "checkpoint") if os.path.exists(os.path.join(path, name))]
     if earlier and not overwrite:
-        raise SystemExit(f"error: {path} holds earlier results ({', '.join(earlier)}); choose another --output folder "
-                         "or pass --overwrite (or --resume for `fit`, to continue an interrupted run).")
+        raise CommandError(f"{path} holds earlier results ({', '.join(earlier)}); choose another --output folder "
+                           "or pass --overwrite (or --resume for `fit`, to continue an interrupted run).")
+
+
+def _output_dir(path: str, overwrite: bool) -> str:
+    """Create the output folder (after :func:`_check_output_dir`), clearing an old checkpoint on overwrite."""
+    _check_output_dir(path, overwrite)
     if overwrite:
         shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)
     os.makedirs(path, exist_ok=True)
@@ -47,9 +68,13 @@ def run_demo(args) -> dict:
     from . import RegularizedVI, datasets
     from . import metrics as M
 
-    out = _output_dir(args.output, args.overwrite)
+    _check_output_dir(args.output, args.overwrite)
     print(f"Simulating {args.n_cells} cells x {args.n_genes} genes (5 cell types, 3 batches, seed {args.seed}) ...")
-    adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, seed=args.seed)
+    # markers and responding genes scale down with small gene numbers (5 types need 5 marker sets)
+    n_markers = min(20, max(1, args.n_genes // 10))
+    adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_markers_per_type=n_markers,
+                              n_responding_genes=min(40, max(1, args.n_genes // 10)), seed=args.seed)
+    out = _output_dir(args.output, args.overwrite)
     RegularizedVI.setup_anndata(
         adata, layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
         library_size_key="batch",
@@ -92,8 +117,9 @@ def run_fit(args) -> None:
     from . import RegularizedVI
 
     if not os.path.exists(args.data):
-        raise SystemExit(f"error: input file {args.data} not found.")
-    out = args.output if args.resume else _output_dir(args.output, args.overwrite)
+        raise CommandError(f"input file {args.data} not found.")
+    if not args.resume:
+        _check_output_dir(args.output, args.overwrite)
     adata = anndata.read_h5ad(args.data)
     # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
@@ -103,6 +129,7 @@ def run_fit(args) -> None:
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed)
+    out = args.output if args.resume else _output_dir(args.output, args.overwrite)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 checkpoint_dir=os.path.join(out, "checkpoint"), progress_bar=not args.quiet)
     _store_results(model, adata, write_normalized=not args.skip_normalized)
@@ -159,8 +186,8 @@ def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
     args = build_parser().parse_args(argv)
     package_logger = logging.getLogger("pyro_scmodels")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _CurrentStderrHandler) for h in package_logger.handlers):
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
@@ -169,8 +196,9 @@ def main(argv=None) -> int:
             run_demo(args)
         elif args.command == "fit":
             run_fit(args)
-    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CommandError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        # KeyError's str() adds quotes around the message: print the message itself
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,272 @@
+"""The command line: ``pyro-scmodels demo`` and ``pyro-scmodels fit``.
+
+Every run is tiny (300 cells x 60 genes, a few epochs) so the whole file takes seconds; the
+tests check the exit codes, what is printed, and what is written (read back from disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+import pyro_scmodels as ps
+from pyro_scmodels.cli import LATENT_KEY, NORMALIZED_LAYER, main
+
+N_CELLS, N_GENES, N_LATENT = 300, 60, 10
+BATCHES = ["batch_0", "batch_1", "batch_2"]
+DEMO_ARGS = ["--n-cells", str(N_CELLS), "--n-genes", str(N_GENES), "--epochs", "3", "--batch-size", "128", "--quiet"]
+FIT_ARGS = ["--batch-key", "batch", "--layer", "counts", "--batch-size", "128", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """``main`` adds a stream handler bound to the sys.stderr of the moment; drop it after each test
+    so that a later test does not log into an earlier test's (closed) capture stream."""
+    logger = logging.getLogger("pyro_scmodels")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def _run(argv) -> tuple[int, str, str]:
+    """Run ``main`` capturing stdout and stderr (for module-scoped fixtures, where capsys is unavailable)."""
+    logger = logging.getLogger("pyro_scmodels")
+    handlers = list(logger.handlers)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv)
+    finally:
+        logger.handlers[:] = handlers
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _succeeded(run) -> str:
+    """The output folder of a module-scoped run, after checking it exited 0."""
+    out, code, stdout, stderr = run
+    assert code == 0, f"exit code {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    return out
+
+
+def _dense(x) -> np.ndarray:
+    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+
+
+def _history(out) -> pd.DataFrame:
+    return pd.read_csv(os.path.join(out, "history.csv"), index_col=0)
+
+
+# --- demo ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo"))
+    return (out, *_run(["demo", "-o", out, *DEMO_ARGS]))
+
+
+def test_demo_exits_zero_and_prints_recovery_report(demo_run):
+    out = _succeeded(demo_run)
+    stdout = demo_run[2]
+    assert f"Simulating {N_CELLS} cells x {N_GENES} genes" in stdout
+    assert "Recovered vs ground truth" in stdout
+    lines = [line.strip() for line in stdout.splitlines()]
+    ambient = next(line for line in stdout.splitlines() if "ambient profile vs truth" in line)
+    # one Pearson correlation per batch, each a number in [-1, 1]
+    values = [float(v) for v in ambient.split(")")[-1].split(",")]
+    assert len(values) == len(BATCHES)
+    assert all(-1.0 <= v <= 1.0 for v in values)
+    for name in ("dispersion vs truth, Spearman", "cell-type ARI of k-means on the latent",
+                 "batch mixing (kNN batch entropy, 1 = mixed), latent",
+                 "batch mixing, PCA of log-normalised counts (baseline)", "final train loss", "training seconds"):
+        assert any(line.startswith(name) for line in lines), f"{name!r} missing from the report:\n{stdout}"
+    assert os.path.join(out, "results.h5ad") in stdout
+
+
+def test_demo_writes_results_h5ad(demo_run):
+    out = _succeeded(demo_run)
+    adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    assert adata.shape == (N_CELLS, N_GENES)
+    z = adata.obsm[LATENT_KEY]
+    assert z.shape == (N_CELLS, N_LATENT)
+    assert np.isfinite(z).all()
+    normalized = np.asarray(adata.layers[NORMALIZED_LAYER])
+    assert normalized.shape == (N_CELLS, N_GENES)
+    assert np.isfinite(normalized).all() and (normalized >= 0).all()
+    ambient = adata.varm["regularizedvi_ambient"]
+    assert isinstance(ambient, pd.DataFrame)
+    assert list(ambient.columns) == BATCHES
+    assert (ambient.to_numpy() > 0).all()
+    for key in ("regularizedvi_dispersion", "regularizedvi_feature_scaling"):
+        assert adata.varm[key].shape[0] == N_GENES
+    assert "regularizedvi_library_size" in adata.obs
+
+
+def test_demo_model_loads_and_reproduces_latent(demo_run):
+    out = _succeeded(demo_run)
+    model_dir = os.path.join(out, "model")
+    assert os.path.isfile(os.path.join(model_dir, "model.pt"))
+    adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    model = ps.RegularizedVI.load(model_dir, adata)
+    np.testing.assert_allclose(model.get_latent_representation(), adata.obsm[LATENT_KEY], rtol=1e-4, atol=1e-5)
+
+
+def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
+    out = _succeeded(demo_run)
+    before = os.path.getmtime(os.path.join(out, "results.h5ad"))
+    capsys.readouterr()
+    assert main(["demo", "-o", out, *DEMO_ARGS]) == 2
+    message = capsys.readouterr().err
+    assert "--overwrite" in message
+    assert out in message and "results.h5ad" in message
+    assert os.path.getmtime(os.path.join(out, "results.h5ad")) == before  # nothing was touched
+
+    code, stdout, stderr = _run(["demo", "-o", out, "--overwrite", *DEMO_ARGS])
+    assert code == 0, stderr
+    assert "Recovered vs ground truth" in stdout
+    assert anndata.read_h5ad(os.path.join(out, "results.h5ad")).obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
+
+
+# --- fit ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def input_h5ad(tmp_path_factory):
+    adata = ps.datasets.simulate(n_cells=N_CELLS, n_genes=N_GENES, n_markers_per_type=4, n_responding_genes=4)
+    path = str(tmp_path_factory.mktemp("input") / "data.h5ad")
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fit_run(input_h5ad, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fit") / "out")
+    return (out, *_run(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]))
+
+
+def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
+    out = _succeeded(fit_run)
+    stdout = fit_run[2]
+    assert os.path.join(out, "results.h5ad") in stdout
+    adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
+    assert np.isfinite(adata.obsm[LATENT_KEY]).all()
+    assert np.asarray(adata.layers[NORMALIZED_LAYER]).shape == (N_CELLS, N_GENES)
+    # --batch-key is the shortcut for ambient, dispersion and library-size keys
+    assert list(adata.varm["regularizedvi_ambient"].columns) == BATCHES
+    # the input layer and obs survive
+    original = anndata.read_h5ad(input_h5ad)
+    assert np.array_equal(_dense(adata.layers["counts"]), _dense(original.layers["counts"]))
+    assert list(adata.obs_names) == list(original.obs_names)
+    history = _history(out)
+    assert len(history) == 3
+    assert list(history.index) == [0, 1, 2]
+    assert "train_loss" in history and np.isfinite(history["train_loss"]).all()
+    assert os.path.isfile(os.path.join(out, "model", "model.pt"))
+    assert os.path.isdir(os.path.join(out, "checkpoint"))
+    assert os.listdir(os.path.join(out, "checkpoint"))
+    model = ps.RegularizedVI.load(os.path.join(out, "model"), adata)
+    assert len(model.history) == 3
+
+
+def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_h5ad, capsys):
+    out = _succeeded(fit_run)
+    capsys.readouterr()
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]) == 2
+    message = capsys.readouterr().err
+    assert "--overwrite" in message and "--resume" in message
+    assert len(_history(out)) == 3
+
+
+def test_fit_skip_normalized_leaves_layer_out(input_h5ad, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--skip-normalized", *FIT_ARGS]) == 0
+    adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    assert NORMALIZED_LAYER not in adata.layers
+    assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
+    assert len(_history(out)) == 1
+
+
+def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="pyro_scmodels")
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "2", *FIT_ARGS]) == 0
+    first = _history(out)
+    assert len(first) == 2
+    # an interrupted run leaves only its checkpoint behind
+    os.remove(os.path.join(out, "results.h5ad"))
+    os.remove(os.path.join(out, "history.csv"))
+    shutil.rmtree(os.path.join(out, "model"))
+    assert os.listdir(os.path.join(out, "checkpoint"))
+    # the checkpoint alone counts as earlier results
+    capsys.readouterr()
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "4", *FIT_ARGS]) == 2
+    assert "--resume" in capsys.readouterr().err
+    caplog.clear()
+
+    assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "4", *FIT_ARGS]) == 0
+    assert "Resumed from" in caplog.text and "at epoch 2" in caplog.text
+    resumed = _history(out)
+    assert len(resumed) == 4
+    assert list(resumed.index) == [0, 1, 2, 3]
+    # the first two epochs are those of the interrupted run, not retrained
+    np.testing.assert_allclose(resumed["train_loss"].iloc[:2].to_numpy(), first["train_loss"].to_numpy())
+    assert os.path.isfile(os.path.join(out, "results.h5ad"))
+
+    # --overwrite discards the checkpoint: 2 epochs give 2 rows (a resume would keep all 4)
+    caplog.clear()
+    assert main(["fit", input_h5ad, "-o", out, "--overwrite", "--max-epochs", "2", *FIT_ARGS]) == 0
+    assert "Resumed from" not in caplog.text
+    fresh = _history(out)
+    assert len(fresh) == 2
+    # same seed, fresh start: the same losses as the first run
+    np.testing.assert_allclose(fresh["train_loss"].to_numpy(), first["train_loss"].to_numpy(), rtol=1e-5)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, expected", [
+    (["--batch-key", "nope", "--layer", "counts"], ["nope", "adata.obs"]),
+    (["--batch-key", "batch", "--layer", "no_such_layer"], ["no_such_layer", "adata.layers"]),
+    (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
+], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key"])
+def test_fit_bad_input_returns_2_with_message(input_h5ad, tmp_path, capsys, extra, expected):
+    out = str(tmp_path / "out")
+    code = main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--quiet", *extra])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error:")
+    for word in expected:
+        assert word in captured.err, captured.err
+    # validation happens before training: nothing was written
+    for name in ("results.h5ad", "model", "checkpoint", "history.csv"):
+        assert not os.path.exists(os.path.join(out, name))
+
+
+def test_fit_missing_input_file_exits_with_message(tmp_path, capsys):
+    missing = str(tmp_path / "does_not_exist.h5ad")
+    assert main(["fit", missing, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and missing in err
+    assert not (tmp_path / "out").exists()  # nothing is created for a failed run
+
+
+def test_fit_requires_output_argument(input_h5ad, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", input_h5ad])
+    assert info.value.code == 2
+    assert "--output" in capsys.readouterr().err
+
+
+# --- python -m ----------------------------------------------------------------------------------
+def test_python_m_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "pyro_scmodels", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "demo" in result.stdout and "fit" in result.stdout
+    assert "pyro-scmodels" in result.stdout
