@@ -14,9 +14,11 @@ from .losses import (
     triplet_loss,
 )
 from .network import NDreamerNetwork, ResidualBlock, codebook_logits
+from .pipeline import NDreamer
 
 __all__ = [
     "LossWeights",
+    "NDreamer",
     "NDreamerNetwork",
     "ResidualBlock",
     "codebook_logits",
