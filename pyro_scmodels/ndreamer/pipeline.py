@@ -63,6 +63,9 @@ class NDreamer:
         A :class:`~pyro_scmodels.ndreamer.LossWeights`.
     batch_size, lr, device, seed
         Training settings (AdamW).
+    keep_genes
+        Genes always kept next to the variable genes (e.g. the genes whose effects you want:
+        genes variable in one condition only can rank low when variability is judged per group).
     contorl_name
         Deprecated spelling of ``control_name`` accepted from the reference implementation.
     """
@@ -71,7 +74,7 @@ class NDreamer:
                  layer: str | None = None, n_codebooks: int = 32, codebook_size: int = 1024, codebook_dim: int = 8,
                  embedding_dim: int = 512, z_dim: int = 256, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
                  loss_weights: LossWeights | None = None, batch_size: int = 1024, lr: float = 1e-3, device: str = "auto",
-                 seed: int = 0, contorl_name: str | None = None):
+                 seed: int = 0, keep_genes=None, contorl_name: str | None = None):
         if contorl_name is not None:
             warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning, stacklevel=2)
             control_name = control_name if control_name is not None else contorl_name
@@ -93,6 +96,11 @@ class NDreamer:
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
         expression = log_normalise(adata, layer)
         hvg = variable_genes(expression, adata.var_names, design.groups, self.settings["num_hvg"])
+        if keep_genes is not None:
+            missing = sorted(set(keep_genes) - set(adata.var_names))
+            if missing:
+                raise KeyError(f"keep_genes {missing[:5]} not found in adata.var_names.")
+            hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
         expression = expression[:, hvg].tocsr()
         labels = pseudo_labels(expression, design.groups, seed)
         self._build(adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), labels)

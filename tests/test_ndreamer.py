@@ -1,0 +1,148 @@
+"""The NDreamer pipeline (SPEC 3) on simulated truth and on the Kang IFN-beta data."""
+
+import warnings
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import pyro_scmodels as ps
+from pyro_scmodels import metrics as M
+from pyro_scmodels.ndreamer import NDreamer
+
+from .conftest import shared_file
+
+# a smaller network than the SPEC defaults keeps the tests fast on two CPU cores
+SMALL = dict(n_codebooks=8, codebook_size=64, embedding_dim=128, z_dim=32, encoder_hidden=(256, 128),
+             decoder_hidden=(128, 256), batch_size=256, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    adata = ps.datasets.simulate(n_cells=2000, n_genes=300, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **SMALL)
+        nd.train(progress_bar=False)
+    return adata, nd
+
+
+def test_ite_matches_the_simulated_effect(simulated):
+    adata, nd = simulated
+    nd.estimate_ite(nearest_neighbor=10)
+    ite = nd.results.layers["ite_stimulated"]
+    truth = adata[:, nd.genes].layers["true_ite"]
+    responding_genes = adata[:, nd.genes].var["responding"].to_numpy()
+    assert ite.shape == (adata.n_obs, len(nd.genes)) and np.isfinite(ite).all()
+    assert M.pearson(ite[:, responding_genes], truth[:, responding_genes]) >= 0.7
+    quiet = ~adata.obs["cell_type"].isin(adata.uns["simulation"]["responding_cell_types"]).to_numpy()
+    assert np.abs(ite[quiet][:, responding_genes].mean(0)).mean() < 0.15
+    assert np.abs(ite[~quiet][:, responding_genes].mean(0)).mean() > 0.5
+
+
+def test_modifier_space_is_deterministic_and_keeps_cell_types(simulated):
+    adata, nd = simulated
+    first = nd.get_modifier_space()
+    np.testing.assert_array_equal(first, nd.get_modifier_space())
+    assert nd.results.obsm["X_effect_modifier_space"].shape == (adata.n_obs, 32)
+    space = nd.results.obsm["X_effect_modifier_space_PCA"]
+    assert M.knn_entropy(space, adata.obs["condition"]) > 0.9  # conditions mixed
+    assert M.cluster_ari(space, adata.obs["cell_type"]) > 0.8  # cell states kept
+
+
+def test_results_align_with_input_cells_and_every_cell_has_an_effect(simulated):
+    adata, nd = simulated
+    nd.decompose_batch_effect()
+    nd.estimate_ite()
+    results = nd.results
+    assert list(results.obs_names) == list(adata.obs_names)
+    for layer in ("denoised", "batch_effect", "ite_stimulated"):
+        assert results.layers[layer].shape == (adata.n_obs, len(nd.genes))
+        assert np.isfinite(results.layers[layer]).all()
+    np.testing.assert_allclose(results.layers["denoised"] + results.layers["batch_effect"], results.X.toarray(), atol=1e-4)
+
+
+def test_cate_table(simulated):
+    adata, nd = simulated
+    table = nd.estimate_cate("cell_type")
+    assert set(table["group"]) == set(adata.obs["cell_type"].astype(str))
+    assert {"mean_ite", "sign_test_p_adj", "z_p_adj"} <= set(table.columns)
+
+
+def test_save_and_load_round_trip(simulated, tmp_path):
+    _, nd = simulated
+    nd.estimate_cate("cell_type")
+    nd.save(str(tmp_path / "nd"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nd"]  # nothing written elsewhere
+    loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    np.testing.assert_allclose(loaded.get_modifier_space(), nd.get_modifier_space(), rtol=1e-5, atol=1e-6)
+    loaded.estimate_ite()
+    nd.estimate_ite()
+    np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], nd.results.layers["ite_stimulated"], atol=1e-5)
+    with pytest.raises(FileExistsError):
+        nd.save(str(tmp_path / "nd"))
+
+
+def test_log_normalised_input_and_fewer_genes_than_num_hvg():
+    adata = ps.datasets.simulate(n_cells=400, n_genes=80, n_markers_per_type=6, n_responding_genes=8, seed=2)
+    counts = adata.X.toarray()
+    adata.X = sp.csr_matrix(np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32))
+    nd = NDreamer(adata, "condition", "control", num_hvg=2000, **SMALL)
+    assert len(nd.genes) == 80
+    np.testing.assert_allclose(nd.expression.toarray(), adata.X.toarray(), rtol=1e-6)
+    nd.train(n_epochs=1, progress_bar=False)
+    assert "ite_stimulated" in nd.estimate_ite().layers
+
+
+def test_errors_and_deprecated_alias():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    with pytest.raises(ValueError, match="control_name 'ctrl' is not a condition"):
+        NDreamer(adata, "condition", "ctrl", **SMALL)
+    with pytest.raises(KeyError, match="condition_key 'treatment'"):
+        NDreamer(adata, "treatment", "control", **SMALL)
+    with pytest.raises(KeyError, match="batch_key 'donor'"):
+        NDreamer(adata, "condition", "control", batch_key="donor", **SMALL)
+    with pytest.warns(DeprecationWarning, match="contorl_name"):
+        nd = NDreamer(adata, "condition", contorl_name="control", **SMALL)
+    assert nd.design.control_name == "control"
+    only_control = adata[adata.obs["condition"] == "control"].copy()
+    with pytest.raises(ValueError, match="nothing to compare"):
+        NDreamer(only_control, "condition", "control", **SMALL)
+
+
+def test_kang_interferon_response():
+    """Kang et al. 2018: conditions mix in the modifier space, cell types stay apart, and the
+    interferon-stimulated genes have positive ITE in most stimulated cells."""
+    adata = anndata.read_h5ad(shared_file("kang2018_ifnb_scgen_valid_counts.h5ad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interferon = [g for g in ("ISG15", "IFI6", "IFIT1", "IFIT3", "MX1") if g in adata.var_names]
+        nd = NDreamer(adata, "condition", "control", keep_genes=interferon, **SMALL)
+        nd.train(progress_bar=False)
+    space = nd.get_modifier_space()
+    space = nd.results.obsm["X_effect_modifier_space_PCA"]
+    assert M.knn_entropy(space, adata.obs["condition"]) > 0.85
+    random = np.random.default_rng(0).normal(size=space.shape)
+    assert M.cluster_ari(space, adata.obs["cell_type"]) > M.cluster_ari(random, adata.obs["cell_type"]) + 0.3
+    nd.estimate_ite(nearest_neighbor=5)
+    stimulated = (adata.obs["condition"] == "stimulated").to_numpy()
+    assert set(interferon) <= set(nd.genes) and len(interferon) >= 4
+    for gene in interferon:
+        ite = nd.results[:, gene].layers["ite_stimulated"].ravel()
+        assert (ite[stimulated] > 0).mean() > 0.6, gene
+
+
+def test_muscat_denoising_mixes_donors():
+    adata = anndata.read_h5ad(shared_file("kang2018_ifnb_muscat_example.h5ad"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer(adata, "condition", "ctrl", batch_key="donor", **SMALL)
+        nd.train(progress_bar=False)
+    results = nd.decompose_batch_effect(nearest_neighbor=5)
+    for condition in ("ctrl", "stim"):
+        cells = (adata.obs["condition"] == condition).to_numpy()
+        donors = adata.obs["donor"].astype(str).to_numpy()[cells]
+        observed = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.X[cells].toarray()))), donors)
+        denoised = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.layers["denoised"][cells]))), donors)
+        assert denoised > observed
