@@ -1,7 +1,8 @@
-"""Command line: ``pyro-scmodels demo`` and ``pyro-scmodels fit``.
+"""Command line: ``pyro-scmodels demo``, ``pyro-scmodels fit`` and ``pyro-scmodels ndreamer``.
 
-``demo`` simulates data with known truth (no download needed), fits RegularizedVI and prints
-what it recovered; ``fit`` fits RegularizedVI on a user's h5ad file.
+``demo`` simulates data with known truth (no download needed), fits RegularizedVI and NDreamer
+and prints what they recovered; ``fit`` fits RegularizedVI and ``ndreamer`` runs NDreamer on a
+user's h5ad file.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 def _check_output_dir(path: str, overwrite: bool) -> None:
     """Refuse to overwrite earlier results unless asked (checked before any work starts)."""
-    earlier = [os.path.join(path, name) for name in ("results.h5ad", "model", "checkpoint") if os.path.exists(os.path.join(path, name))]
+    names = ("results.h5ad", "model", "checkpoint", "network.pt")
+    earlier = [os.path.join(path, name) for name in names if os.path.exists(os.path.join(path, name))]
     if earlier and not overwrite:
         raise CommandError(f"{path} holds earlier results ({', '.join(earlier)}); choose another --output folder "
                            "or pass --overwrite (or --resume for `fit`, to continue an interrupted run).")
@@ -107,7 +109,65 @@ def run_demo(args) -> dict:
     adata.write_h5ad(os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
     print(f"\nWrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}'], layers['{NORMALIZED_LAYER}']) and {os.path.join(out, 'model')}/")
+    if not args.skip_ndreamer:
+        report.update(_demo_ndreamer(adata, out, args))
     return report
+
+
+def _demo_ndreamer(adata, out: str, args) -> dict:
+    """NDreamer on the simulated stimulation: per-cell effects against the known truth."""
+    from . import metrics as M
+    from .ndreamer import NDreamer
+
+    print("\nNDreamer: effect-modifier space and per-cell effects of 'stimulated' vs 'control' ...")
+    # a compact network (the SPEC defaults are sized for tens of thousands of cells)
+    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", n_codebooks=8, codebook_size=64,
+                  embedding_dim=128, z_dim=32, encoder_hidden=(256, 128), decoder_hidden=(128, 256),
+                  batch_size=256, device=args.device, seed=args.seed)
+    nd.train(progress_bar=not args.quiet)
+    nd.get_modifier_space()
+    nd.decompose_batch_effect(nearest_neighbor=10)
+    results = nd.estimate_ite(nearest_neighbor=10)
+    truth = adata[:, nd.genes]
+    genes = truth.var["responding"].to_numpy()
+    ite = results.layers["ite_stimulated"]
+    quiet = ~adata.obs["cell_type"].isin(adata.uns["simulation"]["responding_cell_types"]).to_numpy()
+    report = {
+        "NDreamer ITE vs truth, Pearson over responding genes": M.pearson(ite[:, genes], truth.layers["true_ite"][:, genes]),
+        "NDreamer mean |ITE| of responding genes, responding types": float(np.abs(ite[~quiet][:, genes].mean(0)).mean()),
+        "NDreamer mean |ITE| of responding genes, other types (truth 0)": float(np.abs(ite[quiet][:, genes].mean(0)).mean()),
+        "NDreamer condition mixing in the modifier space (1 = mixed)": M.knn_entropy(
+            results.obsm["X_effect_modifier_space_PCA"], adata.obs["condition"]),
+    }
+    for name, value in report.items():
+        print(f"  {name:<68} {value:.3f}")
+    nd.save(os.path.join(out, "ndreamer"), overwrite=True)
+    print(f"Wrote {os.path.join(out, 'ndreamer')}/ (results.h5ad with layers denoised, batch_effect, ite_stimulated)")
+    return report
+
+
+def run_ndreamer(args) -> None:
+    """NDreamer on a user's h5ad: modifier space, denoised expression, per-cell effects, CATE."""
+    import anndata
+
+    from .ndreamer import NDreamer
+
+    if not os.path.exists(args.data):
+        raise CommandError(f"input file {args.data} not found.")
+    _check_output_dir(args.output, args.overwrite)
+    adata = anndata.read_h5ad(args.data)
+    nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
+                  layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed)
+    nd.train(n_epochs=args.epochs, progress_bar=not args.quiet)
+    nd.get_modifier_space()
+    nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
+    nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
+    tables = {c: nd.estimate_cate(args.cate_groupby, c) for c in nd.design.treatments} if args.cate_groupby else {}
+    nd.save(_output_dir(args.output, args.overwrite), overwrite=True)
+    for condition, table in tables.items():
+        table.to_csv(os.path.join(args.output, f"cate_{condition}.csv"), index=False)
+    print(f"Wrote {os.path.join(args.output, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers denoised, "
+          f"batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}) and the network.")
 
 
 def run_fit(args) -> None:
@@ -154,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--skip-ndreamer", action="store_true", help="only RegularizedVI")
 
     fit = sub.add_parser("fit", help="fit RegularizedVI on an h5ad file of raw counts")
     fit.add_argument("data", help="input .h5ad (raw counts in .X or --layer)")
@@ -179,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     fit.add_argument("--quiet", action="store_true")
+    nd = sub.add_parser("ndreamer", help="NDreamer: batch-denoised expression and per-cell treatment effects")
+    nd.add_argument("data", help="input .h5ad (raw counts or log-normalised)")
+    nd.add_argument("-o", "--output", required=True, help="output folder")
+    nd.add_argument("--condition-key", required=True)
+    nd.add_argument("--control", required=True, help="name of the control condition")
+    nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns")
+    nd.add_argument("--layer", default=None)
+    nd.add_argument("--num-hvg", type=int, default=2000)
+    nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
+    nd.add_argument("--batch-size", type=int, default=1024)
+    nd.add_argument("--nearest-neighbor", type=int, default=1)
+    nd.add_argument("--bandwidth", type=float, default=1.0)
+    nd.add_argument("--cate-groupby", default=None, help="obs column: write cate_<condition>.csv per group")
+    nd.add_argument("--device", default="auto")
+    nd.add_argument("--seed", type=int, default=0)
+    nd.add_argument("--overwrite", action="store_true")
+    nd.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -196,6 +274,8 @@ def main(argv=None) -> int:
             run_demo(args)
         elif args.command == "fit":
             run_fit(args)
+        elif args.command == "ndreamer":
+            run_ndreamer(args)
     except (CommandError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)

@@ -270,3 +270,22 @@ def test_python_m_help_lists_commands():
     assert result.returncode == 0, result.stderr
     assert "demo" in result.stdout and "fit" in result.stdout
     assert "pyro-scmodels" in result.stdout
+
+
+# --- ndreamer ---------------------------------------------------------------------------------------
+def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path, capsys):
+    out = str(tmp_path / "nd")
+    code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
+                 "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type",
+                 "--device", "cpu", "-o", out, "--quiet"])
+    assert code == 0
+    results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    source = anndata.read_h5ad(input_h5ad)
+    assert list(results.obs_names) == list(source.obs_names)
+    for layer in ("denoised", "batch_effect", "ite_stimulated"):
+        assert layer in results.layers
+    assert "X_effect_modifier_space" in results.obsm
+    assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
+    assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "ctrl", "-o",
+                 str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "control_name 'ctrl' is not a condition" in capsys.readouterr().err
