@@ -180,6 +180,8 @@ class NDreamer:
         pandas.DataFrame
             Loss parts per step (also in ``.history``).
         """
+        if self.network is None:
+            raise ValueError("This NDreamer uses a trained model's latent space (from_model): there is no network to train.")
         n_epochs = PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
         n_cells, batch_size = len(self.design.condition), self.settings["batch_size"]
         steps = max(1, int(np.ceil(n_epochs * n_cells / batch_size)))
@@ -212,6 +214,8 @@ class NDreamer:
     @torch.no_grad()
     def get_modifier_space(self) -> np.ndarray:
         """The effect-modifier embedding (deterministic), stored with its PCA in ``results.obsm``."""
+        if self.network is None:  # from_model: the model's latent space is the representation
+            return self.results.obsm[EMBEDDING_KEY]
         x = torch.as_tensor(self.expression.toarray(), device=self.device)
         embedding = self.network.embed(x, batch_size=self.settings["batch_size"]).cpu().numpy()
         self.results.obsm[EMBEDDING_KEY] = embedding
@@ -256,6 +260,64 @@ class NDreamer:
         table = estimate_cate(self.results.layers[layer], groups, self.genes)
         self.results.uns[f"cate_{condition}_{groupby}"] = table
         return table
+
+    # --- a Pyro model as the representation (SPEC 3.6) ---------------------------------------------
+    @classmethod
+    def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
+                   device: str = "auto") -> "NDreamer":
+        """Match cells in a trained Pyro model's latent space instead of a learned code space.
+
+        Parameters
+        ----------
+        model
+            A trained :class:`~pyro_scmodels.RegularizedVI`. For :meth:`estimate_model_ite` its
+            decoder must be conditioned on ``condition_key`` (``nn_conditioning_covariate_keys``).
+        condition_key, control_name, batch_key
+            As for the constructor (read from ``model.adata.obs``).
+
+        Returns
+        -------
+        NDreamer
+            With the model's latent as ``obsm["X_effect_modifier_space"]``; the matching-based
+            methods work as usual, :meth:`train` is not needed.
+        """
+        from .preprocess import log_normalise
+
+        self = cls.__new__(cls)
+        self.settings = dict(condition_key=condition_key, control_name=str(control_name),
+                             batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+                             batch_size=1024, seed=seed, layer=model.layer)
+        self.device = resolve_device(device)
+        self._design(model.adata.obs)
+        self.model, self.network, self.history = model, None, []
+        self.genes = pd.Index(model.var_names).astype(str)
+        self.expression = log_normalise(model.adata, model.layer)
+        self.results = anndata.AnnData(X=self.expression.copy(), obs=model.adata.obs.copy(), var=pd.DataFrame(index=self.genes))
+        latent = model.get_latent_representation()
+        self.results.obsm[EMBEDDING_KEY] = latent
+        self.results.obsm[EMBEDDING_KEY + "_PCA"] = matching_space(latent, 50, seed)
+        self.results.uns["ndreamer"] = {"condition_key": condition_key, "control_name": str(control_name),
+                                        "conditions": self.design.conditions, "representation": type(model).__name__}
+        return self
+
+    def estimate_model_ite(self, num_samples: int = 20, quantiles: tuple[float, float] = (0.05, 0.95)) -> anndata.AnnData:
+        """Model-based counterfactual ITE with credible intervals (``from_model`` only).
+
+        Each cell's z (posterior samples) is decoded with the condition switched to each treatment
+        and to the control; layers ``ite_model_<c>`` (posterior mean) and ``ite_model_<c>_q05`` /
+        ``_q95`` hold the effect on log-normalised expression.
+        """
+        if getattr(self, "model", None) is None:
+            raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
+        from .model_effects import model_counterfactual_ite
+
+        for treatment in self.design.treatments:
+            effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
+                                              treatment, V.positive_int("num_samples", num_samples), quantiles,
+                                              seed=self.settings["seed"])
+            for name, values in effect.items():
+                self.results.layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
+        return self.results
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, dir_path: str, overwrite: bool = False) -> None:
