@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 from scipy.spatial import cKDTree
 
-from bench_train import cpu_model, package_version, total_memory_gib, update_results
+from _common import cpu_model, package_version, total_memory_gib, update_results
 from pyro_scmodels import matching
 
 HERE = Path(__file__).resolve().parent

@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import cpu_model, package_version, total_memory_gib, update_results
+from _common import cpu_model, package_version, total_memory_gib, update_results
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "RESULTS.md"

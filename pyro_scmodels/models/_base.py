@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from pyro import poutine
 
