@@ -7,6 +7,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # for _jupytext_reader
 
 # the tutorials live in ../tutorials (jupytext percent scripts); Sphinx only reads its own tree,
 # so they are copied here at build time (the copy is git-ignored)
@@ -35,10 +36,10 @@ napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 myst_enable_extensions = ["dollarmath", "amsmath"]
 # tutorials are jupytext percent scripts; they are executed by the test suite, not by the docs build
-nb_custom_formats = {".py": ["jupytext.reads", {"fmt": "py:percent"}]}
+nb_custom_formats = {".py": ["_jupytext_reader.read_percent", {}]}
 nb_execution_mode = "off"
 source_suffix = {".md": "myst-nb", ".py": "myst-nb"}
-exclude_patterns = ["_build", "conf.py"]
+exclude_patterns = ["_build", "conf.py", "_jupytext_reader.py", "generated/*.py"]
 html_theme = "furo"
 html_title = "pyro_scmodels"
 suppress_warnings = ["mystnb.unknown_mime_type"]

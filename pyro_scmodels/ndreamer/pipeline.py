@@ -306,6 +306,10 @@ class NDreamer:
         Each cell's z (posterior samples) is decoded with the condition switched to each treatment
         and to the control; layers ``ite_model_<c>`` (posterior mean) and ``ite_model_<c>_q05`` /
         ``_q95`` hold the effect on log-normalised expression.
+
+        The bounds carry only the posterior uncertainty of each cell's z (the decoder and global
+        sites are point estimates), so they are narrower than calibrated intervals: on the
+        package simulator they hold the true effect about 35-40 % of the time at 90 % nominal.
         """
         if getattr(self, "model", None) is None:
             raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
