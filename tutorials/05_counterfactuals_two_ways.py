@@ -15,9 +15,7 @@
 
 
 # %%
-import os
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -26,32 +24,13 @@ if "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import scanpy as sc
 
 import pyro_scmodels as ps
 
 pd.set_option("display.width", 160)
 pd.set_option("display.max_columns", 12)
-QUICK = os.environ.get("PYRO_SCMODELS_QUICK", "0") == "1"
+from _setup import DATA, FIGURES, QUICK  # tutorials/_setup.py: quick mode, data and figure folders
 
-
-def repo_root() -> Path:
-    """The repository root: from this file's location, or (in a notebook) walking up from the cwd."""
-    try:
-        return Path(__file__).resolve().parents[1]
-    except NameError:
-        here = Path.cwd().resolve()
-        for folder in (here, *here.parents):
-            if (folder / "pyro_scmodels").is_dir() and (folder / "tutorials").is_dir():
-                return folder
-        return here
-
-
-ROOT = repo_root()
-# PYRO_SCMODELS_DATA overrides the folder (point it at a missing one to try the simulator fallback)
-DATA = Path(os.environ.get("PYRO_SCMODELS_DATA", ROOT.parent / "shared" / "data"))
-FIGURES = ROOT / "tutorials" / "figures"
-FIGURES.mkdir(parents=True, exist_ok=True)
 print("quick mode:", QUICK, "| data folder:", DATA, "(present)" if DATA.is_dir() else "(absent: simulating)")
 
 # %%
