@@ -1,6 +1,8 @@
 """Exact nearest-neighbour matching of cells into groups with FAISS (SPEC 3.5); the only module importing faiss.
 
-:func:`match_groups` matches every cell into each target group, :func:`weighted_average` averages over matches."""
+:func:`match_groups` matches every cell into each target group, :func:`weighted_average` averages over matches.
+:func:`resolve_faiss_device` decides, for every search, whether faiss runs on the CPU or a GPU: a decision of its
+own, since torch on CUDA does not make faiss able to use it (faiss-cpu, the default install, has no GPU support)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,19 @@ import scipy.sparse as sp
 from ._validation import positive_float, positive_int
 
 logger = logging.getLogger("pyro_scmodels.matching")
+
+DEVICES = ("auto", "cpu", "cuda")
+#: Largest k that faiss' GPU k-selection supports (``GPU_MAX_SELECTION_K`` in faiss/gpu/utils/DeviceDefs.cuh,
+#: CUDA > 9.0): ``faiss.knn_gpu`` and GPU indexes reject larger k.
+GPU_MAX_K = 2048
+#: The pip package of Meta's faiss GPU build (CUDA 12; PyPI ``faiss-gpu`` >= 1.14.3, same versions as faiss-cpu).
+FAISS_GPU_PACKAGE = "faiss-gpu"
+GPU_INSTALL_HINT = (f"install the faiss GPU build instead of faiss-cpu (both provide the faiss module): "
+                    f"pip uninstall faiss-cpu && pip install {FAISS_GPU_PACKAGE}")
+
 _gpu_resources = None
-_cpu_fallback_logged = False
+_cpu_fallback_logged = False  # the "runs on the CPU" message is logged once per process
+_large_k_logged = False  # so is the one for k > GPU_MAX_K
 
 
 def _faiss():
@@ -23,22 +36,32 @@ def _faiss():
     try:
         import faiss
     except ImportError as error:
-        raise ImportError("pyro_scmodels.matching needs faiss: pip install faiss-cpu (or faiss-gpu for CUDA, "
-                          "instead: only one can be installed).") from error
+        raise ImportError(f"pyro_scmodels.matching needs faiss: pip install faiss-cpu (or {FAISS_GPU_PACKAGE} for "
+                          "CUDA GPUs, instead: only one can be installed).") from error
     return faiss
 
 
-def _gpu_problem() -> str | None:
-    """Why faiss cannot search on a GPU here, or None when it can."""
+def _torch_sees_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (False without torch): what makes a CPU-only faiss worth a warning."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _gpu_problem() -> tuple[str, str] | None:
+    """Why faiss cannot search on a GPU here and what to do about it, or None when it can."""
     try:
         faiss = _faiss()
     except ImportError:
-        return "faiss is not installed"
+        return "faiss is not installed", f"pip install {FAISS_GPU_PACKAGE}"
     # faiss-cpu defines knn_gpu too (a Python wrapper), but not the GPU classes
     if not hasattr(faiss, "StandardGpuResources"):
-        return "the installed faiss has no GPU support (faiss-cpu; install faiss-gpu instead)"
+        return "the installed faiss has no GPU support (faiss-cpu)", GPU_INSTALL_HINT
     if getattr(faiss, "get_num_gpus", lambda: 0)() < 1:
-        return "faiss has GPU support but sees no CUDA device (faiss.get_num_gpus() == 0)"
+        return ("faiss has GPU support but sees no CUDA device (faiss.get_num_gpus() == 0)",
+                "check that a CUDA GPU is visible (CUDA_VISIBLE_DEVICES) and that the driver supports faiss' CUDA")
     return None
 
 
@@ -54,20 +77,69 @@ def faiss_gpu_available() -> bool:
     return _gpu_problem() is None
 
 
-def _use_gpu(device: str) -> bool:
-    """Resolve ``device`` (see :func:`knn`) to True for the GPU, False for the CPU."""
+def _log_cpu_fallback(problem: str, fix: str) -> None:
+    """Say once per process why ``device="auto"`` searches on the CPU: WARNING if torch sees a GPU, else INFO."""
     global _cpu_fallback_logged
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', got {device!r}.")
+    if _cpu_fallback_logged:
+        return
+    _cpu_fallback_logged = True
+    if _torch_sees_cuda():  # a GPU machine whose faiss cannot use it: worth fixing, so say how
+        logger.warning("Nearest-neighbour search (matching) runs on the CPU although torch sees a CUDA GPU: %s. "
+                       "To match on the GPU, %s.", problem, fix)
+    else:
+        logger.info("Nearest-neighbour search (matching) runs on the CPU: %s.", problem)
+
+
+def resolve_faiss_device(device: str = "auto", k: int = 1) -> str:
+    """The device of faiss' exact search: decided here, independently of the device torch runs on.
+
+    Parameters
+    ----------
+    device
+        ``"auto"``: ``"cuda"`` when :func:`faiss_gpu_available` (faiss built with GPU support and
+        ``faiss.get_num_gpus() > 0``) and ``k <= GPU_MAX_K``, else ``"cpu"``; why it is the CPU is
+        logged once per process (logger ``pyro_scmodels.matching``; WARNING with the fix when torch sees a
+        CUDA GPU that faiss cannot use, else INFO). ``"cpu"``: always the CPU. ``"cuda"``: the GPU, or an error.
+    k
+        Neighbours per query that will be searched (after clamping to the base size): faiss' GPU
+        k-selection supports at most :data:`GPU_MAX_K`.
+
+    Returns
+    -------
+    str
+        ``"cpu"`` or ``"cuda"``.
+
+    Raises
+    ------
+    ValueError
+        ``device`` not in :data:`DEVICES`; ``device="cuda"`` without a usable GPU faiss (the message says
+        what is missing and how to install the GPU build) or with ``k > GPU_MAX_K``.
+    ImportError
+        faiss is not installed.
+    """
+    global _large_k_logged
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}.")
+    k = positive_int("k", k)
+    _faiss()  # no faiss at all: the ImportError saying what to install, whatever the device
     if device == "cpu":
-        return False
+        return "cpu"
     problem = _gpu_problem()
     if device == "cuda" and problem is not None:
-        raise ValueError(f"device='cuda' cannot be used: {problem}.")
-    if problem is not None and not _cpu_fallback_logged:
-        logger.info("Nearest-neighbour search runs on the CPU: %s.", problem)
-        _cpu_fallback_logged = True
-    return problem is None
+        raise ValueError(f"device='cuda' cannot be used: {problem[0]}. To match on the GPU, {problem[1]}; "
+                         "or pass device='auto' (the GPU when usable, else the CPU) or device='cpu'.")
+    if problem is not None:
+        _log_cpu_fallback(*problem)
+        return "cpu"
+    if k > GPU_MAX_K:
+        if device == "cuda":
+            raise ValueError(f"device='cuda' cannot search k={k} neighbours: faiss' GPU search supports at most "
+                             f"k={GPU_MAX_K}. Pass a smaller k, or device='auto' or 'cpu' (exact on the CPU).")
+        if not _large_k_logged:
+            logger.info("Nearest-neighbour search runs on the CPU: k=%d exceeds faiss' GPU limit k=%d.", k, GPU_MAX_K)
+            _large_k_logged = True
+        return "cpu"
+    return "cuda"
 
 
 def _as_points(name: str, x) -> np.ndarray:
@@ -81,14 +153,17 @@ def _as_points(name: str, x) -> np.ndarray:
     return array
 
 
-def _search(query: np.ndarray, base: np.ndarray, k: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search on validated float32 arrays with k <= len(base); Euclidean distances, ascending."""
+def _search(query: np.ndarray, base: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search on validated float32 arrays with k <= len(base) on a device from
+    :func:`resolve_faiss_device` (``"cuda"`` needs k <= GPU_MAX_K); Euclidean distances, ascending."""
     global _gpu_resources
     faiss = _faiss()
     # faiss ranks by |x|^2 + |y|^2 - 2 x.y (BLAS): centring keeps the norms, and the cancellation error, small
     centre = base.mean(axis=0, dtype=np.float64).astype(np.float32)
     xq, xb = query - centre, base - centre
-    if gpu:
+    if device == "cuda":
+        if k > GPU_MAX_K:  # resolve_faiss_device keeps this from happening; faiss' own error is less clear
+            raise ValueError(f"k={k} exceeds faiss' GPU limit k={GPU_MAX_K}.")
         if _gpu_resources is None:  # GPU scratch memory: allocated once, reused by every search
             _gpu_resources = faiss.StandardGpuResources()
         _, indices = faiss.knn_gpu(_gpu_resources, xq, xb, k)  # no index: one brute-force pass
@@ -111,10 +186,13 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
     query, base
         (n_query, d) and (n_base >= 1, d) arrays, converted to C-contiguous float32.
     k
-        Neighbours per query, clamped to ``n_base`` (a base of one cell gives one); at most 2048 on a GPU.
+        Neighbours per query, clamped to ``n_base`` (a base of one cell gives one). faiss' GPU search
+        supports at most :data:`GPU_MAX_K` (2048): beyond, ``device="auto"`` searches on the CPU (same
+        exact result) and ``device="cuda"`` raises.
     device
-        ``"auto"``: the GPU when :func:`faiss_gpu_available`, else the CPU (logged once, INFO, logger
-        ``pyro_scmodels.matching``); ``"cpu"``; ``"cuda"``: the GPU, or ValueError saying what is missing.
+        ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved by :func:`resolve_faiss_device` (independently of
+        torch's device): ``"auto"`` is the GPU when :func:`faiss_gpu_available`, else the CPU, said once
+        per process; ``"cuda"`` without a GPU faiss raises a ValueError naming what is missing and the fix.
 
     Returns
     -------
@@ -127,6 +205,8 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
     ------
     ValueError
         Arrays not 2-d, of different widths or with non-finite values; empty base; unusable device.
+    ImportError
+        faiss is not installed.
     """
     k = positive_int("k", k)
     query, base = _as_points("query", query), _as_points("base", base)
@@ -134,7 +214,8 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
         raise ValueError(f"query and base must have as many columns, got query {query.shape} and base {base.shape}.")
     if base.shape[0] == 0:
         raise ValueError("base is empty: there is no cell to match to.")
-    return _search(query, base, min(k, len(base)), _use_gpu(device))
+    k = min(k, len(base))
+    return _search(query, base, k, resolve_faiss_device(device, k))
 
 
 def kernel_weights(distances, bandwidth: float = 1.0) -> np.ndarray:
@@ -181,7 +262,8 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
     target_groups
         Labels to match into; default every label, in order of first appearance.
     k, device
-        As in :func:`knn`; k is clamped to each group's size (k = 1: causal matching).
+        As in :func:`knn`; k is clamped to each group's size (k = 1: causal matching). The device is
+        resolved once, by :func:`resolve_faiss_device`, for the largest clamped k.
     bandwidth
         Passed to :func:`kernel_weights`.
 
@@ -202,10 +284,12 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
     missing = [label for label in targets if label not in code_of]
     if missing:
         raise ValueError(f"target_groups {missing} do not occur in groups.")
-    gpu, matches = _use_gpu(device), {}
+    sizes = np.bincount(codes[codes >= 0], minlength=len(uniques))
+    faiss_device = resolve_faiss_device(device, min(k, max((sizes[code_of[label]] for label in targets), default=1)))
+    matches = {}
     for label in targets:
         members = np.flatnonzero(codes == code_of[label])
-        distances, local = _search(points, points[members], min(k, members.size), gpu)
+        distances, local = _search(points, points[members], min(k, members.size), faiss_device)
         matches[label] = GroupMatches(members[local], distances, kernel_weights(distances, bandwidth))
     return matches
 
