@@ -14,7 +14,7 @@ from pyro import poutine
 
 import pyro_scmodels as ps
 from pyro_scmodels.differential import expected_fdr_selection
-from pyro_scmodels.models._regularizedvi_module import RegularizedVIModel
+from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
 
 from .conftest import shared_file
 

@@ -1,6 +1,21 @@
-"""The models: one file per model (Pyro module and user class)."""
+"""The models: for each, its Pyro model/guide pair (``*_module.py``) and its user class.
+
+The Pyro modules are public so that a modeller can subclass them (override one site, add a
+term) and hand the subclass to the user class through ``model_class`` / ``guide_class``.
+"""
 
 from .multimodal import RegularizedMultimodalVI
+from .multimodal_module import RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import RegularizedVI
+from .regularizedvi_module import RegularizedVIDims, RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
-__all__ = ["RegularizedMultimodalVI", "RegularizedVI"]
+__all__ = [
+    "RegularizedMultimodalVI",
+    "RegularizedMultimodalVIGuide",
+    "RegularizedMultimodalVIModel",
+    "RegularizedVI",
+    "RegularizedVIDims",
+    "RegularizedVIGuide",
+    "RegularizedVIModel",
+    "build_model_and_guide",
+]

@@ -18,6 +18,7 @@ from .. import _constants as C
 from .. import _validation as V
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
+from .posterior_queries import PosteriorQueries
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 
 MODEL_FILE = "model.pt"
@@ -32,7 +33,7 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase(PosteriorMixin):
+class PyroModelBase(PosteriorQueries, PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     def __init__(self):
@@ -173,6 +174,24 @@ class PyroModelBase(PosteriorMixin):
         if not self.is_trained:
             warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=4)
 
+    @property
+    def train_indices(self) -> np.ndarray:
+        """Positions of the cells used for training (the split of the first :meth:`train` call)."""
+        return self._split()[0]
+
+    @property
+    def validation_indices(self) -> np.ndarray:
+        """Positions of the cells held out for the validation loss."""
+        return self._split()[1]
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.trainer is None:
+            raise ValueError(
+                "The model has no train/validation split: it has not been trained in this session (a model loaded "
+                "for other cells keeps only its history)."
+            )
+        return np.asarray(self.trainer.train_indices), np.asarray(self.trainer.validation_indices)
+
     def _batches(self, adata=None, indices=None, batch_size=None):
         """Minibatches (on the model's device) of the chosen cells, in order."""
         for _, item in self._indexed_batches(adata, indices, batch_size):
@@ -182,16 +201,24 @@ class PyroModelBase(PosteriorMixin):
         """Like :meth:`_batches`, with each minibatch's cell positions."""
         data = self._cell_data(adata)
         data.to_device(self.device)
-        if indices is None:
-            indices = np.arange(data.n_cells)
-        indices = np.asarray(indices)
-        if indices.dtype == bool:
-            indices = np.flatnonzero(indices)
-        if indices.size and (indices.min() < 0 or indices.max() >= data.n_cells):
-            raise IndexError(f"indices must lie in [0, {data.n_cells}); got range [{indices.min()}, {indices.max()}].")
+        indices = self._cell_positions(data.n_cells, indices)
         batch_size = C.BATCH_SIZE if batch_size is None else V.positive_int("batch_size", batch_size)
         for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
             yield chunk, (data.minibatch(chunk), data.n_cells)
+
+    @staticmethod
+    def _cell_positions(n_cells: int, indices) -> np.ndarray:
+        """``indices`` (None, integer positions or a boolean mask) as integer positions, checked."""
+        if indices is None:
+            return np.arange(n_cells)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            if indices.shape != (n_cells,):
+                raise ValueError(f"A boolean indices mask needs one entry per cell ({n_cells}), got shape {indices.shape}.")
+            return np.flatnonzero(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= n_cells):
+            raise IndexError(f"indices must lie in [0, {n_cells}); got range [{indices.min()}, {indices.max()}].")
+        return indices
 
     def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
         """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""

@@ -1,9 +1,7 @@
-"""What every model class offers once trained: posterior summaries and export, predictive draws,
-the model graph and Bayesian differential expression.
+"""Posterior summaries of every site, their export into AnnData, and the model graph.
 
 Everything here works for any model/guide pair of the package through a few hooks of the model
-class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and
-``_normalized_expression_samples``.
+class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and ``site_levels``.
 """
 
 from __future__ import annotations
@@ -15,10 +13,6 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from .. import _validation as V
-
-from ..differential import PSEUDOCOUNT as PSEUDOCOUNT_DEFAULT
-from ..differential import change_test
 
 
 def quantile_label(q: float) -> str:
@@ -28,7 +22,7 @@ def quantile_label(q: float) -> str:
 
 
 class PosteriorMixin:
-    """Posterior summaries, export, predictive draws, model graph and differential expression."""
+    """Posterior summaries of every site, their export, and the model graph."""
 
     #: observation sites of the model and the minibatch key of the counts each one observes
     observation_sites: dict[str, str] = {"obs": "x"}
@@ -140,84 +134,9 @@ class PosteriorMixin:
         }
         return adata
 
-    def differential_expression(self, groupby: str, group1: str, group2: str | None = None, delta: float = 0.25,
-                                fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500,
-                                n_pairs: int = 5000, pseudocount: float = PSEUDOCOUNT_DEFAULT, adata=None, batch_size: int | None = None,
-                                seed: int = 0) -> pd.DataFrame:
-        """Bayesian differential expression of group1 vs group2 (scvi-tools' "change" mode).
-
-        Uses posterior samples of the background- and scaling-free expression rho.
-
-        Parameters
-        ----------
-        groupby
-            Column of ``adata.obs`` with the groups.
-        group1, group2
-            The groups compared; ``group2=None`` compares ``group1`` with all other cells.
-        delta
-            Smallest log2 fold change that counts as a change.
-        fdr_target
-            Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``).
-        num_samples
-            Posterior samples per cell.
-        n_cells
-            At most this many cells per group (a random subset).
-        n_pairs
-            Random (cell, sample) pairs behind each gene's LFC posterior.
-        pseudocount
-            Added to rho (counts at a typical library size) before taking log2.
-        adata, batch_size, seed
-            Cells (default the training data), minibatch size, seed of subsets and samples.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per gene, sorted by ``proba_de`` (see :func:`pyro_scmodels.differential.change_test`).
-        """
-        adata = self.adata if adata is None else adata
-        for name, value in (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)):
-            V.positive_int(name, value)
-        if not delta >= 0 or not 0 < fdr_target < 1 or not pseudocount > 0:
-            raise ValueError(f"Need delta >= 0, 0 < fdr_target < 1 and pseudocount > 0; got {delta}, {fdr_target}, {pseudocount}.")
-        if group1 == group2:
-            raise ValueError(f"group1 and group2 are the same group ({group1!r}).")
-        if groupby not in adata.obs:
-            raise KeyError(f"Column {groupby!r} not found in adata.obs.")
-        if adata.obs[groupby].isna().any():
-            raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
-        labels = adata.obs[groupby].astype(str).to_numpy()
-        known = sorted(set(labels))
-        for group in (group1, group2):
-            if group is not None and group not in known:
-                raise ValueError(f"Group {group!r} not found in adata.obs[{groupby!r}] (groups: {known[:20]}).")
-        rng = np.random.default_rng(seed)
-        members = [np.flatnonzero(labels == group1), np.flatnonzero(labels != group1 if group2 is None else labels == group2)]
-        if min(len(m) for m in members) == 0:
-            raise ValueError(f"One of the groups compared in adata.obs[{groupby!r}] has no cells.")
-        samples = []
-        for offset, cells in enumerate(members):
-            cells = np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False))
-            rho = self._normalized_expression_samples(adata, cells, num_samples, batch_size, seed + offset)
-            samples.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
-        return change_test(samples[0], samples[1], self.var_names, delta, fdr_target, n_pairs, rng)
-
     def _feature_table(self, site: str, adata):
         """The AnnData whose features a per-feature site runs over (a modality's, for several)."""
         return adata
-
-    def _site_base_name(self, site: str) -> str:
-        """The site's name without a modality suffix."""
-        return site
-
-    def site_levels(self, site: str, n_levels: int) -> list[str]:
-        """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
-        base = self._site_base_name(site)
-        keys = {"ambient": self.keys.ambient, "feature_scaling": self.keys.feature_scaling}.get(base)
-        if keys is None and base in ("inverse_sqrt_theta", "dispersion"):
-            keys = [self.keys.dispersion] if self.keys.dispersion else []
-        if keys is None:
-            return [f"{site}_{j}" for j in range(n_levels)]
-        return self.encoding.level_names(keys)
 
     def render_model(self, filename: str | None = None, render_distributions: bool = True):
         """Draw the model with its plates (``pyro.render_model``).
@@ -247,57 +166,3 @@ class PosteriorMixin:
         model = poutine.replay(self.module.model, trace=guide_trace)
         return pyro.render_model(model, model_args=(batch, n_obs), filename=filename,
                                  render_distributions=render_distributions)
-
-    @torch.no_grad()
-    def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
-                           prior: bool = False):
-        """Predictive draws of the counts, one minibatch at a time (``pyro.infer.Predictive``).
-
-        Parameters
-        ----------
-        num_samples
-            Draws per cell.
-        adata, indices, batch_size
-            Which cells, in minibatches of ``batch_size``.
-        prior
-            Draw from the prior predictive (every latent site from its prior, the networks as
-            they are) instead of the posterior predictive.
-
-        Yields
-        ------
-        tuple
-            ``(cell_indices, {site: (observed, draws)})``: for each observation site, the
-            observed counts (cells x features) and the draws (``num_samples`` x cells x
-            features), as numpy arrays. Only one minibatch of draws is in memory at a time.
-        """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        if not prior:
-            self._check_trained()
-        self.module.eval()
-        sites = self.observation_sites
-        predictive = pyro.infer.Predictive(
-            poutine.uncondition(self.module.model), guide=None if prior else self.module.guide,
-            num_samples=num_samples, return_sites=list(sites),
-        )
-        for cells, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
-            draws = predictive(batch, n_obs)
-            # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
-            yield cells, {
-                site: (batch[key].cpu().numpy().copy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy().copy())
-                for site, key in sites.items()
-            }
-
-    def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """Counts drawn from the posterior predictive distribution (``pyro.infer.Predictive``).
-
-        Returns
-        -------
-        numpy.ndarray
-            ``num_samples`` x cells x genes (dense: pick ``indices`` for large data, or stream
-            with :meth:`predictive_batches`).
-        """
-        (site,) = self.observation_sites
-        parts = [draws[site][1] for _, draws in self.predictive_batches(num_samples, adata, indices, batch_size)]
-        return np.concatenate(parts, axis=1)
-

@@ -1,7 +1,7 @@
 """RegularizedMultimodalVI: paired modalities (e.g. RNA + ATAC) with a joint latent space.
 
-The maths lives in :mod:`._multimodal_module`; each modality is a RegularizedVI block built by
-:func:`~pyro_scmodels.models.regularizedvi.build_blocks`, so priors, guides, covariates and the
+The maths lives in :mod:`.multimodal_module`; each modality is a RegularizedVI block built by
+:func:`~pyro_scmodels.models.regularizedvi_module.build_model_and_guide`, so priors, guides, covariates and the
 training loop are the single-modality ones.
 """
 
@@ -19,8 +19,9 @@ from ..data.covariates import CovariateKeys
 from ..data.registry import SETUP_UNS_KEY
 from ..priors import RegularizedPriors
 from ._base import ModelAndGuide, PyroModelBase, check_var_names
-from ._multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
-from .regularizedvi import build_blocks, global_frame, setup_arguments
+from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
+from .regularizedvi import setup_arguments
+from .regularizedvi_module import build_model_and_guide
 
 
 def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
@@ -121,7 +122,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for m in self.modalities:
-                models[m], guides[m] = build_blocks(
+                models[m], guides[m] = build_model_and_guide(
                     data, priors[m], n_latent=latent[m], n_hidden=hidden[m], n_layers=n_layers, init=init,
                     global_guides=global_guides, dropout_rate=V.rate("dropout_rate", dropout_rate), input_dropout_rate=0.0,
                     key=f"x_{m}", site_suffix=f"_{m}", use_ambient=m in ambient_modalities,
@@ -192,7 +193,14 @@ class RegularizedMultimodalVI(PyroModelBase):
             raise ValueError(f"Unknown modality {modality!r}; the model has {self.modalities}.")
         return modality
 
-    @torch.no_grad()
+    def default_modality(self, modality: str | None = None) -> str:
+        """The modality a query runs on: ``modality`` (checked), or the first modelled one."""
+        return self.modalities[0] if modality is None else self._check_modality(modality)
+
+    def feature_names(self, modality: str | None = None) -> pd.Index:
+        """Names of the features of ``modality`` (default the first modelled one)."""
+        return self.var_names[self.default_modality(modality)]
+
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False) -> np.ndarray:
         """Posterior mean of the joint z, or of one modality's block / encoder.
@@ -206,67 +214,64 @@ class RegularizedMultimodalVI(PyroModelBase):
             Cells (default the training MuData), minibatch size.
         store
             Also write the result to ``mdata.obsm["X_regularizedmultimodalvi"]`` (or ``..._<modality>``).
+
+        Returns
+        -------
+        numpy.ndarray
+            Cells x latent.
         """
-        self._check_trained()
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
                 raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality latent.")
-        guide = self.module.guide.eval()
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            _, _, loc, _ = guide.latent(batch)
-            if self.latent_mode == "concatenation":
-                loc = loc[modality] if modality else torch.cat([loc[m] for m in self.modalities], -1)
-            elif modality is not None:
-                loc = guide.block(modality).encoder(guide.block(modality).encoder_input(batch))[0]
-            out.append(loc)
-        z = torch.cat(out).cpu().numpy()
+        z = self.posterior_z(adata, indices, batch_size, modality=modality)
         if store:
             (self.adata if adata is None else adata).obsm["X_regularizedmultimodalvi" + (f"_{modality}" if modality else "")] = z
         return z
 
-    @torch.no_grad()
     def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
-                                  return_numpy: bool = False):
-        """Background- and scaling-free expression rho of one modality, decoded from the joint z."""
-        self._check_trained()
-        self._check_modality(modality)
-        module = self.module.eval()
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            out.append(module.model.block(modality).decode(self._joint_loc(batch), batch))
-        rho = torch.cat(out).cpu().numpy()
-        if return_numpy:
-            return rho
-        obs_names = (self.adata if adata is None else adata).obs_names
-        obs_names = obs_names if indices is None else obs_names[np.asarray(indices)]
-        return pd.DataFrame(rho, index=obs_names, columns=self.var_names[modality])
+                                  library_size: str | float | None = None, n_samples: int = 1,
+                                  return_numpy: bool = False, seed: int = 0):
+        """Background- and scaling-free expression rho of one modality, decoded from the joint z.
 
-    def _joint_loc(self, batch: dict) -> torch.Tensor:
-        _, _, loc, _ = self.module.guide.latent(batch)
-        return torch.cat([loc[m] for m in self.modalities], -1) if self.latent_mode == "concatenation" else loc
+        Parameters
+        ----------
+        modality
+            The modality decoded.
+        adata, indices, batch_size
+            Cells (default the training MuData), minibatch size.
+        library_size, n_samples, return_numpy, seed
+            As in :meth:`RegularizedVI.get_normalized_expression` (``"latent"`` uses the
+            modality's own library size).
+
+        Returns
+        -------
+        pandas.DataFrame or numpy.ndarray
+            Cells x features of ``modality``.
+        """
+        self._check_modality(modality)
+        return self.normalized_expression(adata, indices, batch_size, library_size, n_samples, return_numpy,
+                                          modality=modality, seed=seed)
+
+    def get_library_size(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell)."""
+        return self.library_sizes(adata, indices, batch_size, modality=self._check_modality(modality))
 
     def get_ambient_profile(self, modality: str = "rna") -> pd.DataFrame:
         """Ambient background s of a modality: features x ambient categories."""
-        block = self.module.guide.block(self._check_modality(modality))
-        if not block.dims.use_ambient:
+        if not self.module.guide.block(self._check_modality(modality)).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
-        return global_frame(block.ambient.median(), self.encoding.level_names(self.keys.ambient), self.var_names[modality])
+        return self.global_site_table("ambient", modality)
 
     def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
         """Dispersion theta of a modality: features x dispersion groups."""
-        block = self.module.guide.block(self._check_modality(modality))
-        levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
-        return global_frame(block.inverse_sqrt_theta.median().pow(-2), levels, self.var_names[modality])
+        return self.global_site_table("dispersion", self._check_modality(modality))
 
     def get_feature_scaling(self, modality: str = "atac") -> pd.DataFrame:
         """Feature scaling y of a modality: features x scaling categories."""
-        block = self.module.guide.block(self._check_modality(modality))
-        if not block.dims.use_feature_scaling:
+        if not self.module.guide.block(self._check_modality(modality)).dims.use_feature_scaling:
             raise ValueError(f"Modality {modality!r} has no feature scaling (see feature_scaling_modalities).")
-        return global_frame(block.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling),
-                            self.var_names[modality])
+        return self.global_site_table("feature_scaling", modality)
 
     def get_modality_attribution(self, adata=None, indices=None, batch_size: int | None = None, store: bool = True) -> dict:
         """How much each latent dimension drives each modality's decoder, per cell (SPEC 2).
@@ -281,16 +286,13 @@ class RegularizedMultimodalVI(PyroModelBase):
             ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; with
             ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``.
         """
-        self._check_trained()
-        module = self.module.eval()
+        model = self.module.model.eval()
         parts = {m: [] for m in self.modalities}
         latents = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            with torch.no_grad():
-                z = self._joint_loc(batch)
+        for _, batch, z in self.posterior_z_batches(adata, indices, batch_size):
             latents.append(z)
             for m in self.modalities:
-                decode = lambda latent, m=m: module.model.block(m).decode(latent, batch)  # noqa: E731
+                decode = lambda latent, m=m: model.decode(latent, batch, modality=m)  # noqa: E731
                 columns = []
                 for j in range(z.shape[-1]):
                     tangent = torch.zeros_like(z)

@@ -1,6 +1,6 @@
 """RegularizedVI: the user-facing class (AnnData in, results out).
 
-The maths lives in :mod:`._regularizedvi_module`; this class sets up the data, builds the
+The maths lives in :mod:`.regularizedvi_module`; this class sets up the data, builds the
 model/guide pair with data-driven initial values, and returns results as arrays and
 DataFrames aligned with the AnnData.
 """
@@ -13,16 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import _constants as C
 from .. import _validation as V
 from ..data import CellData, CovariateEncoding, counts_matrix, read_setup, setup_anndata
 from ..data.registry import SETUP_UNS_KEY
 from ..priors import RegularizedPriors
 from ._base import ModelAndGuide, PyroModelBase, check_var_names
-from ._regularizedvi_module import RegularizedVIDims, RegularizedVIGuide, RegularizedVIModel
-
-LOCAL_SITES = ("z", "library")
-
+from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
 class RegularizedVI(PyroModelBase):
     """scVI with an ambient background, feature scaling and a containment prior on dispersion.
@@ -100,7 +96,7 @@ class RegularizedVI(PyroModelBase):
         data = self._cell_data()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model, guide = build_blocks(
+            model, guide = build_model_and_guide(
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
                 model_class=self.model_class, guide_class=self.guide_class,
@@ -167,9 +163,9 @@ class RegularizedVI(PyroModelBase):
         return CellData(counts_matrix(adata, self.layer), adata.obs, self.encoding)
 
     # --- outputs ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def get_latent_representation(self, adata=None, indices=None, batch_size: int | None = None, give_mean: bool = True) -> np.ndarray:
-        """Posterior mean (or one sample) of z per cell.
+    def get_latent_representation(self, adata=None, indices=None, batch_size: int | None = None, give_mean: bool = True,
+                                  seed: int = 0) -> np.ndarray:
+        """Posterior mean (or one seeded sample) of z per cell.
 
         Parameters
         ----------
@@ -181,21 +177,18 @@ class RegularizedVI(PyroModelBase):
             Cells per minibatch.
         give_mean
             Return the posterior mean; else one posterior sample.
+        seed
+            Seeds the sample when ``give_mean=False``.
 
         Returns
         -------
         numpy.ndarray
             Cells x ``n_latent``.
         """
-        self._check_trained()
-        guide = self.module.guide.eval()
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            loc, scale = guide.encoder(guide.encoder_input(batch))
-            out.append(loc if give_mean else torch.distributions.Normal(loc, scale).sample())
-        return torch.cat(out).cpu().numpy()
+        if give_mean:
+            return self.posterior_z(adata, indices, batch_size)
+        return self.posterior_z(adata, indices, batch_size, n_samples=1, seed=seed)[0]
 
-    @torch.no_grad()
     def get_library_size(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
         """Posterior median of the library size factor l per cell.
 
@@ -209,18 +202,11 @@ class RegularizedVI(PyroModelBase):
         numpy.ndarray
             One value per cell, relative to a typical cell (~1).
         """
-        self._check_trained()
-        guide = self.module.guide.eval()
-        w = guide.library_residual_weight.median()
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            out.append(guide.log_library_loc(guide.encoder_input(batch), batch, w)[0].exp())
-        return torch.cat(out).cpu().numpy()
+        return self.library_sizes(adata, indices, batch_size)
 
-    @torch.no_grad()
     def get_normalized_expression(
         self, adata=None, indices=None, batch_size: int | None = None, library_size: str | float | None = None,
-        n_samples: int = 1, return_numpy: bool = False,
+        n_samples: int = 1, return_numpy: bool = False, seed: int = 0,
     ):
         """Background-free, scaling-free expression rho = softplus(decoder(z)) per cell and gene.
 
@@ -235,43 +221,15 @@ class RegularizedVI(PyroModelBase):
             Average rho over this many posterior samples of z (1: decode the posterior mean).
         return_numpy
             Return an array instead of a DataFrame.
-        """
-        self._check_trained()
-        if not (library_size is None or library_size == "latent" or (isinstance(library_size, (int, float))
-                                                                   and not isinstance(library_size, bool) and library_size > 0)):
-            raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
-        n_samples = V.positive_int("n_samples", n_samples)
-        module = self.module.eval()
-        libraries = self.get_library_size(adata, indices, batch_size) if library_size == "latent" else None
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            loc, scale = module.guide.encoder(module.guide.encoder_input(batch))
-            draws = [loc] if n_samples == 1 else [torch.distributions.Normal(loc, scale).sample() for _ in range(n_samples)]
-            rho = torch.stack([module.model.decode(z, batch) for z in draws]).mean(0)
-            if isinstance(library_size, (int, float)):
-                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
-            out.append(rho)
-        rho = torch.cat(out).cpu().numpy()
-        if libraries is not None:
-            rho = rho * libraries[:, None]
-        if return_numpy:
-            return rho
-        obs_names = (self.adata if adata is None else adata).obs_names
-        if indices is not None:
-            obs_names = obs_names[np.asarray(indices)]
-        return pd.DataFrame(rho, index=obs_names, columns=self.var_names)
+        seed
+            Seeds the samples of z when ``n_samples > 1``.
 
-    @torch.no_grad()
-    def _normalized_expression_samples(self, adata, indices, num_samples: int, batch_size=None, seed: int = 0) -> np.ndarray:
-        """Posterior samples of rho: num_samples x cells x genes (z drawn from the guide)."""
-        module = self.module.eval()
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        out = []
-        for batch, _ in self._batches(adata, indices, batch_size):
-            loc, scale = module.guide.encoder(module.guide.encoder_input(batch))
-            z = loc + scale * torch.randn((num_samples, *loc.shape), generator=generator, device=loc.device)
-            out.append(module.model.decode(z, batch).cpu())
-        return torch.cat(out, dim=1).numpy()
+        Returns
+        -------
+        pandas.DataFrame or numpy.ndarray
+            Cells x genes.
+        """
+        return self.normalized_expression(adata, indices, batch_size, library_size, n_samples, return_numpy, seed=seed)
 
     def get_ambient_profile(self) -> pd.DataFrame:
         """Ambient background s (posterior median), in counts at a typical library size.
@@ -281,7 +239,7 @@ class RegularizedVI(PyroModelBase):
         pandas.DataFrame
             Genes x ambient categories (``"all"`` without ambient keys).
         """
-        return global_frame(self.module.guide.ambient.median(), self.encoding.level_names(self.keys.ambient), self.var_names)
+        return self.global_site_table("ambient")
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).
@@ -291,9 +249,7 @@ class RegularizedVI(PyroModelBase):
         pandas.DataFrame
             Genes x dispersion groups.
         """
-        u = self.module.guide.inverse_sqrt_theta.median()
-        levels = self.encoding.level_names([self.keys.dispersion] if self.keys.dispersion else [])
-        return global_frame(u.pow(-2), levels, self.var_names)
+        return self.global_site_table("dispersion")
 
     def get_feature_scaling(self) -> pd.DataFrame:
         """Feature scaling y (posterior median), a multiplicative per-gene factor.
@@ -303,8 +259,7 @@ class RegularizedVI(PyroModelBase):
         pandas.DataFrame
             Genes x scaling categories (``"all"`` without scaling keys).
         """
-        return global_frame(self.module.guide.feature_scaling.median(), self.encoding.level_names(self.keys.feature_scaling),
-                            self.var_names)
+        return self.global_site_table("feature_scaling")
 
     # --- persistence ----------------------------------------------------------------------------
     def _save_payload(self) -> dict:
@@ -339,43 +294,6 @@ class RegularizedVI(PyroModelBase):
         model._restore(payload)
         model._move_to(device)
         return model
-
-
-def build_blocks(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
-                 global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
-                 site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
-                 n_decoder_latent: int | None = None, with_z_encoder: bool = True,
-                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide):
-    """The model and guide blocks of one modality, with data-driven initial values (SPEC 1.3).
-
-    Used by RegularizedVI (one block) and RegularizedMultimodalVI (one per modality).
-    """
-    matrix = data.modalities[key]
-    dims = RegularizedVIDims(
-        n_genes=matrix.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
-        n_ambient=data.n_ambient, n_scaling=data.n_scaling, n_dispersion=data.n_dispersion,
-        n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
-        n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
-        use_ambient=use_ambient, use_feature_scaling=use_feature_scaling, n_decoder_latent=n_decoder_latent,
-        site_suffix=site_suffix, counts_key=key,
-    )
-    library_loc, library_variance, centre = data.library_prior(key=key)
-    if init == "data":
-        n_keys = max(1, len(data.encoding.keys.ambient))
-        ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient, key) / n_keys
-        ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
-    else:
-        ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
-    model = model_class(dims, priors, library_loc, library_variance)
-    guide = guide_class(dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate,
-                        input_dropout_rate, with_z_encoder)
-    model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
-    return model, guide
-
-
-def global_frame(values: torch.Tensor, levels: list[str], features) -> pd.DataFrame:
-    """A global site (categories x features) as a features x categories DataFrame."""
-    return pd.DataFrame(values.detach().cpu().numpy().T, index=features, columns=levels)
 
 
 def setup_arguments(keys: dict) -> dict:

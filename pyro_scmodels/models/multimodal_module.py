@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 
-from ..guides import LocalPyroModule
+from ..pyro_modules import LocalPyroModule
 from ..nn import GaussianEncoder
-from ._regularizedvi_module import RegularizedVIGuide, RegularizedVIModel
+from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel
 
 LATENT_MODES = ("concatenation", "weighted_mean", "single_encoder")
 WEIGHT_MODES = ("equal", "universal", "cell")
@@ -54,7 +54,22 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
             setattr(self, f"block_{name}", block)
 
     def block(self, name: str) -> RegularizedVIModel:
+        """The RegularizedVI model block of modality ``name``."""
         return getattr(self, f"block_{name}")
+
+    def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None, modality: str | None = None):
+        """Expression rho of one modality (or of each, as a dict) decoded from the joint z.
+
+        Parameters
+        ----------
+        z, batch, nn_onehot
+            As in :meth:`RegularizedVIModel.decode`; z is the joint latent state.
+        modality
+            The modality decoded; None decodes every modality.
+        """
+        if modality is not None:
+            return self.block(modality).decode(z, batch, nn_onehot)
+        return {m: self.block(m).decode(z, batch, nn_onehot) for m in self.modalities}
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         globals_ = {m: self.block(m).global_sites() for m in self.modalities}
@@ -112,7 +127,39 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
             self.weight_layer = nn.Linear(n_inputs, len(blocks))
 
     def block(self, name: str) -> RegularizedVIGuide:
+        """The RegularizedVI guide block of modality ``name``."""
         return getattr(self, f"block_{name}")
+
+    # --- posterior queries ------------------------------------------------------------------
+    def z_posterior(self, batch: dict, modality: str | None = None) -> dist.Normal:
+        """q(z_n | x_n) of each cell (cells x latent).
+
+        Parameters
+        ----------
+        batch
+            The cells' minibatch.
+        modality
+            None: the joint z that the decoders read (the modalities' blocks side by side in
+            concatenation mode). A modality: its own encoder's posterior (its block of z in
+            concatenation mode); not available with a single encoder.
+        """
+        if modality is not None:
+            if self.latent_mode == "single_encoder":
+                raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality posterior.")
+            return self.block(modality).z_posterior(batch)
+        _, _, loc, scale = self.latent(batch)
+        if self.latent_mode == "concatenation":
+            loc = torch.cat([loc[m] for m in self.modalities], -1)
+            scale = torch.cat([scale[m] for m in self.modalities], -1)
+        return dist.Normal(loc, scale)
+
+    def library_loc(self, batch: dict, modality: str) -> torch.Tensor:
+        """Posterior median of log l_{n,m} per cell for ``modality``."""
+        return self.block(modality).library_loc(batch)
+
+    def global_medians(self) -> dict[str, torch.Tensor]:
+        """Posterior medians of every modality's global sites, by suffixed site name (``ambient_rna``)."""
+        return {f"{name}_{m}": value for m in self.modalities for name, value in self.block(m).global_medians().items()}
 
     def modality_weights(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weights of the modalities per cell (cells x M), zero for a modality without counts."""

@@ -18,6 +18,9 @@ Read :meth:`RegularizedVIModel.forward` next to the equations::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 import pyro
 import pyro.distributions as dist
@@ -26,11 +29,20 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..distributions import GammaPoissonMean, select_rows
-from ..guides import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide
+from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide
 from ..nn import GaussianEncoder, SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
 
+if TYPE_CHECKING:  # only for the annotation of build_model_and_guide
+    from ..data import CellData
+
 GLOBAL_SITES = ("dispersion_rate", "ambient", "feature_scaling", "library_residual_weight")
+#: the covariate role (a field of ``CovariateKeys``) whose categories index the first axis of
+#: each per-gene global site; used to name the categories in tables and exports
+SITE_COVARIATE_ROLES = {
+    "ambient": "ambient", "feature_scaling": "feature_scaling", "inverse_sqrt_theta": "dispersion",
+    "dispersion": "dispersion", "dispersion_rate": "dispersion",
+}
 
 
 @dataclass
@@ -152,12 +164,29 @@ class RegularizedVIModel(LocalPyroModule):
         self.decoder_weight_prior()
         return {"theta": theta, "ambient": ambient, "feature_scaling": scaling}
 
-    def decode(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
-        """rho = softplus(decoder([z, continuous], nn covariates)); z may have leading sample dims."""
-        continuous = batch["continuous"].expand(*z.shape[:-1], -1)
-        return self.decoder(torch.cat([z, continuous], -1), batch.get("nn_onehot"))
+    def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """Expression rho = softplus(decoder([z, continuous], nn covariates)) of each cell.
 
-    def local_sites(self, z: torch.Tensor, batch: dict, g: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        Parameters
+        ----------
+        z
+            Latent states, cells x latent, or samples x cells x latent.
+        batch
+            The cells' minibatch (continuous covariates and the decoder's one-hot covariates).
+        nn_onehot
+            Decoder covariates (cells x one-hot width) used instead of the cells' own, e.g. to
+            decode every cell as if it came from one batch or condition.
+
+        Returns
+        -------
+        torch.Tensor
+            rho with z's leading shape and genes last.
+        """
+        continuous = batch["continuous"].expand(*z.shape[:-1], -1)
+        covariates = batch.get("nn_onehot") if nn_onehot is None else nn_onehot
+        return self.decoder(torch.cat([z, continuous], -1), covariates)
+
+    def local_sites(self, z: torch.Tensor, batch: dict, global_values: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Library size and counts of each cell, given z (call inside the cell plate).
 
         ``mask`` (per cell) drops the terms of cells without counts in this modality.
@@ -168,20 +197,21 @@ class RegularizedVIModel(LocalPyroModule):
             library = pyro.sample(site("library"), dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
             rho = self.decode(z, batch)
             mu = expected_counts(
-                library, rho, g["ambient"], g["feature_scaling"], batch["ambient_index"], batch["scaling_index"]
+                library, rho, global_values["ambient"], global_values["feature_scaling"], batch["ambient_index"],
+                batch["scaling_index"],
             )
             # GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu), written with its mean (see GammaPoissonMean)
             group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-            pyro.sample(site("obs"), GammaPoissonMean(mu, g["theta"], group).to_event(1), obs=batch[self.dims.counts_key])
+            pyro.sample(site("obs"), GammaPoissonMean(mu, global_values["theta"], group).to_event(1), obs=batch[self.dims.counts_key])
         return mu
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
-        g = self.global_sites()
+        global_values = self.global_sites()
         x = batch[self.dims.counts_key]
         with pyro.plate("cells", n_obs, subsample=batch["index"]):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
-            return self.local_sites(z, batch, g)
+            return self.local_sites(z, batch, global_values)
 
 
 class RegularizedVIGuide(LocalPyroModule):
@@ -240,6 +270,25 @@ class RegularizedVIGuide(LocalPyroModule):
             parts.append(batch["encoder_onehot"])
         return torch.cat(parts, -1)
 
+    # --- posterior queries (no sampling statements: usable outside inference) -----------------
+    def z_posterior(self, batch: dict, encoder_input: torch.Tensor | None = None) -> dist.Normal:
+        """q(z_n | x_n): the amortised Normal of each cell's latent state (cells x n_latent).
+
+        ``encoder_input`` may be passed when already computed (see :meth:`encoder_input`).
+        """
+        loc, scale = self.encoder(self.encoder_input(batch) if encoder_input is None else encoder_input)
+        return dist.Normal(loc, scale)
+
+    def library_loc(self, batch: dict) -> torch.Tensor:
+        """Posterior median of log l_n per cell, at the point estimate (median) of w."""
+        return self.log_library_loc(self.encoder_input(batch), batch, self.library_residual_weight.median())[0]
+
+    def global_medians(self) -> dict[str, torch.Tensor]:
+        """Posterior median (or point estimate) of every global site, by site name (no modality suffix)."""
+        names = ["dispersion_rate", "inverse_sqrt_theta", "library_residual_weight"]
+        names += ["ambient"] * self.dims.use_ambient + ["feature_scaling"] * self.dims.use_feature_scaling
+        return {name: getattr(self, name).median() for name in names}
+
     def global_sites(self) -> torch.Tensor:
         """Guides of the global sites; returns the library residual weight w."""
         d, site = self.dims, self.dims.site
@@ -271,10 +320,66 @@ class RegularizedVIGuide(LocalPyroModule):
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         w = self.global_sites()
-        h = self.encoder_input(batch)
+        h = self.encoder_input(batch)  # shared by the z and library encoders
         with pyro.plate("cells", n_obs, subsample=batch["index"]):
-            z_loc, z_scale = self.encoder(h)
+            q_z = self.z_posterior(batch, h)
             with poutine.scale(scale=kl_weight):
-                pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+                pyro.sample("z", q_z.to_event(1))
             self.library_site(h, batch, w)
-        return z_loc
+        return q_z.loc
+
+
+def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
+                 global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
+                 site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
+                 n_decoder_latent: int | None = None, with_z_encoder: bool = True,
+                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide):
+    """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
+
+    Used by RegularizedVI (one pair) and RegularizedMultimodalVI (one pair per modality, with
+    ``key``, ``site_suffix`` and the joint latent width ``n_decoder_latent``).
+
+    Parameters
+    ----------
+    data
+        The cells (:class:`~pyro_scmodels.data.CellData`); ``key`` names the counts used.
+    priors
+        The priors of this modality.
+    n_latent, n_hidden, n_layers, dropout_rate, input_dropout_rate, global_guides
+        Sizes and guide settings, as in :class:`~pyro_scmodels.RegularizedVI`.
+    init
+        ``"data"``: ambient at 0.2 x the per-category mean normalised expression; ``"prior"``:
+        at the prior mean.
+    use_ambient, use_feature_scaling
+        Whether this modality has the ambient and feature-scaling terms.
+    with_z_encoder
+        Whether the guide has its own z encoder (not with a joint encoder).
+    model_class, guide_class
+        Subclasses to build instead (a modeller's edited model or guide).
+
+    Returns
+    -------
+    tuple
+        ``(model, guide)``.
+    """
+    matrix = data.modalities[key]
+    dims = RegularizedVIDims(
+        n_genes=matrix.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+        n_ambient=data.n_ambient, n_scaling=data.n_scaling, n_dispersion=data.n_dispersion,
+        n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
+        n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
+        use_ambient=use_ambient, use_feature_scaling=use_feature_scaling, n_decoder_latent=n_decoder_latent,
+        site_suffix=site_suffix, counts_key=key,
+    )
+    library_loc, library_variance, centre = data.library_prior(key=key)
+    if init == "data":
+        n_keys = max(1, len(data.encoding.keys.ambient))
+        ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient, key) / n_keys
+        ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
+    else:
+        ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
+    model = model_class(dims, priors, library_loc, library_variance)
+    guide = guide_class(dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate,
+                        input_dropout_rate, with_z_encoder)
+    model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
+    return model, guide

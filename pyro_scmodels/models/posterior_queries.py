@@ -1,0 +1,273 @@
+"""The posterior queries shared by every model class.
+
+Every getter, differential expression, the predictive checks and the model-based
+counterfactual are built on two queries of the model's Pyro modules: the guide's
+``z_posterior(batch)`` and the model's ``decode(z, batch, nn_onehot)``. This mixin runs them over
+minibatches: :meth:`PosteriorQueries.posterior_z` (the mean of z or seeded samples) and
+:meth:`PosteriorQueries.decode_samples` (rho decoded from those z).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _validation as V
+from .. import differential, predictive
+from ..differential import PSEUDOCOUNT
+from .regularizedvi_module import SITE_COVARIATE_ROLES
+
+
+class PosteriorQueries:
+    """Posterior of z, decoded expression, global-site tables, DE and predictive draws.
+
+    Needs of the model class: ``module`` (model and guide), ``device``, ``adata``, ``keys``,
+    ``encoding``, ``_indexed_batches`` and ``_check_trained`` (see ``PyroModelBase``) and
+    ``feature_names(modality)``.
+    """
+
+    # --- features and modalities (a multimodal model overrides these) ---------------------------
+    def default_modality(self, modality: str | None = None) -> str | None:
+        """The modality a query runs on: None for a single-modality model (which takes no modality)."""
+        if modality is not None:
+            raise ValueError(f"{type(self).__name__} models one count matrix; modality must be None, got {modality!r}.")
+        return None
+
+    def feature_names(self, modality: str | None = None) -> pd.Index:
+        """Names of the modelled features (genes), in the model's order."""
+        self.default_modality(modality)
+        return self.var_names
+
+    # --- the posterior queries every getter, DE, check and counterfactual is built on ----------
+    def posterior_z_batches(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
+                            seed: int = 0, modality: str | None = None):
+        """The posterior of z, one minibatch at a time: its mean, or seeded samples.
+
+        Parameters
+        ----------
+        adata
+            Data with the model's features and known categories; default the training data.
+        indices
+            Cells (integer positions or a boolean mask); default all.
+        batch_size
+            Cells per minibatch.
+        n_samples
+            None: the posterior mean of z. An integer: that many draws from q(z | x) per cell.
+        seed
+            Seeds the draws: the same seed gives the same z in every call.
+        modality
+            Multimodal models: a modality's own encoder posterior instead of the joint z.
+
+        Yields
+        ------
+        tuple
+            ``(cell_positions, minibatch, z)``; z is cells x latent (mean) or
+            ``n_samples`` x cells x latent, a tensor on the model's device.
+        """
+        self._check_trained()
+        if n_samples is not None:
+            n_samples = V.positive_int("n_samples", n_samples)
+        guide = self.module.guide.eval()
+        # one generator for the whole call, so results do not depend on torch's global state
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        for cells, (batch, _) in self._indexed_batches(adata, indices, batch_size):
+            # no_grad only around the computation: a `with` spanning the yield would leak into the caller
+            with torch.no_grad():
+                q_z = guide.z_posterior(batch) if modality is None else guide.z_posterior(batch, modality=modality)
+                if n_samples is None:
+                    z = q_z.loc
+                else:
+                    noise = torch.randn((n_samples, *q_z.loc.shape), generator=generator, device=q_z.loc.device)
+                    z = q_z.loc + q_z.scale * noise
+            yield cells, batch, z
+
+    def posterior_z(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
+                    seed: int = 0, modality: str | None = None) -> np.ndarray:
+        """The posterior mean of z per cell, or seeded samples (see :meth:`posterior_z_batches`).
+
+        Returns
+        -------
+        numpy.ndarray
+            Cells x latent, or ``n_samples`` x cells x latent.
+        """
+        batches = self.posterior_z_batches(adata, indices, batch_size, n_samples, seed, modality)
+        parts = [z.cpu() for _, _, z in batches]
+        return torch.cat(parts, dim=-2).numpy()
+
+    def decode_samples(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
+                       seed: int = 0, nn_covariates: dict | None = None, modality: str | None = None):
+        """Expression rho decoded from the posterior of z, one minibatch at a time.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, n_samples, seed
+            As in :meth:`posterior_z_batches`; the same seed decodes the same z.
+        nn_covariates
+            ``{key: category}`` for decoder-conditioning keys (``nn_conditioning_covariate_keys``):
+            decode every cell as if it had that category (e.g. a counterfactual condition).
+        modality
+            The modality decoded (multimodal models only).
+
+        Yields
+        ------
+        tuple
+            ``(cell_positions, minibatch, rho)``; rho has z's leading shape and features last.
+        """
+        switch = self._nn_switch(nn_covariates)
+        decode_options = {} if modality is None else {"modality": modality}
+        model = self.module.model.eval()
+        for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
+            with torch.no_grad():
+                nn_onehot = None if switch is None else switch(batch["nn_onehot"])
+                rho = model.decode(z, batch, nn_onehot, **decode_options)
+            yield cells, batch, rho
+
+    def _nn_switch(self, nn_covariates: dict | None):
+        """A function setting the decoder one-hot of the given keys to the given categories (checked now)."""
+        if not nn_covariates:
+            return None
+        keys = list(self.keys.nn_conditioning)
+        columns = []
+        for key, category in nn_covariates.items():
+            if key not in keys:
+                raise ValueError(
+                    f"{key!r} is not a decoder-conditioning key of this model (nn_conditioning_covariate_keys={keys}); "
+                    "only those can be switched when decoding."
+                )
+            known = self.encoding.categories[key]
+            if str(category) not in known:
+                raise ValueError(f"{category!r} is not a category of {key!r} known to the model ({known}).")
+            offset = sum(len(self.encoding.categories[k]) for k in keys[: keys.index(key)])
+            columns.append((offset, offset + len(known), offset + known.index(str(category))))
+
+        def switch(onehot: torch.Tensor) -> torch.Tensor:
+            onehot = onehot.clone()
+            for start, stop, column in columns:
+                onehot[:, start:stop] = 0.0
+                onehot[:, column] = 1.0
+            return onehot
+
+        return switch
+
+    # --- results built on the two queries ------------------------------------------------------
+    def library_sizes(self, adata=None, indices=None, batch_size: int | None = None, modality: str | None = None) -> np.ndarray:
+        """Posterior median of each cell's library size factor l (relative to a typical cell, ~1).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`posterior_z_batches`.
+        modality
+            Multimodal models: the modality whose library size is returned.
+        """
+        self._check_trained()
+        guide = self.module.guide.eval()
+        options = {} if modality is None else {"modality": modality}
+        with torch.no_grad():
+            parts = [guide.library_loc(batch, **options).exp().cpu() for _, (batch, _) in
+                     self._indexed_batches(adata, indices, batch_size)]
+        return torch.cat(parts).numpy()
+
+    def normalized_expression(self, adata=None, indices=None, batch_size: int | None = None,
+                              library_size: str | float | None = None, n_samples: int = 1, return_numpy: bool = False,
+                              modality: str | None = None, seed: int = 0, nn_covariates: dict | None = None):
+        """Background- and scaling-free expression rho per cell, as the getters return it.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells, as in :meth:`posterior_z_batches`.
+        library_size
+            None: rho (counts at a typical library size); ``"latent"``: times each cell's
+            inferred library size; a positive number: rescaled to sum to it per cell.
+        n_samples
+            Average rho over this many seeded posterior samples of z (1: decode the mean of z).
+        return_numpy
+            Return an array instead of a DataFrame (cells x features).
+        modality, seed, nn_covariates
+            As in :meth:`decode_samples`.
+        """
+        if not (library_size is None or library_size == "latent" or (
+                isinstance(library_size, (int, float)) and not isinstance(library_size, bool) and library_size > 0)):
+            raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
+        n_samples = V.positive_int("n_samples", n_samples)
+        options = {} if modality is None else {"modality": modality}
+        guide = self.module.guide.eval()
+        parts = []
+        for _, batch, rho in self.decode_samples(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed,
+                                                 nn_covariates, modality):
+            rho = rho if n_samples == 1 else rho.mean(0)
+            if library_size == "latent":
+                with torch.no_grad():
+                    rho = rho * guide.library_loc(batch, **options).exp().unsqueeze(-1)
+            elif library_size is not None:
+                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
+            parts.append(rho.cpu())
+        rho = torch.cat(parts).numpy()
+        if return_numpy:
+            return rho
+        obs_names = (self.adata if adata is None else adata).obs_names
+        if indices is not None:
+            obs_names = obs_names[np.asarray(indices)]
+        return pd.DataFrame(rho, index=obs_names, columns=self.feature_names(modality))
+
+    def global_site_table(self, site: str, modality: str | None = None) -> pd.DataFrame:
+        """A per-feature global site's posterior median as a features x categories table.
+
+        Parameters
+        ----------
+        site
+            ``"ambient"``, ``"feature_scaling"``, ``"inverse_sqrt_theta"`` or ``"dispersion"``
+            (theta = u^-2, derived from ``inverse_sqrt_theta``).
+        modality
+            Multimodal models: the modality.
+        """
+        suffix = "" if modality is None else f"_{modality}"
+        medians = self.module.guide.global_medians()
+        source = "inverse_sqrt_theta" if site == "dispersion" else site
+        if source + suffix not in medians:
+            where = "" if modality is None else f" of modality {modality!r}"
+            raise ValueError(f"The model has no {site!r} site{where}; sites: {sorted(medians)}.")
+        values = medians[source + suffix]
+        values = values.pow(-2) if site == "dispersion" else values
+        return pd.DataFrame(values.detach().cpu().numpy().T, index=self.feature_names(modality),
+                            columns=self.site_levels(site, values.shape[0]))
+
+    def site_levels(self, site: str, n_levels: int) -> list[str]:
+        """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
+        base = self._site_base_name(site)
+        role = SITE_COVARIATE_ROLES.get(base)
+        if role is None:
+            return [f"{site}_{j}" for j in range(n_levels)]
+        keys = getattr(self.keys, role)
+        keys = [keys] if isinstance(keys, str) else list(keys or [])
+        return self.encoding.level_names(keys)
+
+    def _site_base_name(self, site: str) -> str:
+        """The site's name without a modality suffix."""
+        return site
+
+    def differential_expression(self, groupby: str, group1: str, group2: str | None = None, delta: float = 0.25,
+                                fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
+                                pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
+                                modality: str | None = None) -> pd.DataFrame:
+        """Bayesian differential expression of group1 vs group2 (scvi-tools' "change" mode).
+
+        See :func:`pyro_scmodels.differential.differential_expression` for the parameters;
+        ``modality`` picks the modality of a multimodal model.
+        """
+        return differential.differential_expression(
+            self, groupby, group1, group2, delta=delta, fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells,
+            n_pairs=n_pairs, pseudocount=pseudocount, adata=adata, batch_size=batch_size, seed=seed, modality=modality,
+        )
+
+    def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
+                           prior: bool = False):
+        """Predictive draws of the counts, one minibatch at a time; see :func:`pyro_scmodels.predictive.predictive_batches`."""
+        return predictive.predictive_batches(self, num_samples, adata, indices, batch_size, prior)
+
+    def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
+                             modality: str | None = None):
+        """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
+        return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality)

@@ -1,0 +1,93 @@
+"""Predictive draws of the counts from a fitted model, streamed over minibatches.
+
+The draws behind the posterior and prior predictive checks (:mod:`pyro_scmodels.criticism`):
+``pyro.infer.Predictive`` on the model with its observations removed, the latent sites drawn
+from the guide (posterior) or from their priors (prior), one minibatch in memory at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+
+from . import _validation as V
+
+
+@torch.no_grad()
+def predictive_batches(model, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
+                       prior: bool = False):
+    """Predictive draws of the counts, one minibatch at a time (``pyro.infer.Predictive``).
+
+    Parameters
+    ----------
+    model
+        A fitted model of this package (``RegularizedVI`` or ``RegularizedMultimodalVI``).
+    num_samples
+        Draws per cell.
+    adata, indices, batch_size
+        Which cells, in minibatches of ``batch_size``.
+    prior
+        Draw from the prior predictive (every latent site from its prior, the networks as
+        they are) instead of the posterior predictive.
+
+    Yields
+    ------
+    tuple
+        ``(cell_indices, {site: (observed, draws)})``: for each observation site, the observed
+        counts (cells x features) and the draws (``num_samples`` x cells x features), as numpy
+        arrays. Only one minibatch of draws is in memory at a time.
+    """
+    num_samples = V.positive_int("num_samples", num_samples)
+    if not prior:
+        model._check_trained()
+    model.module.eval()
+    sites = model.observation_sites
+    draw = pyro.infer.Predictive(
+        poutine.uncondition(model.module.model), guide=None if prior else model.module.guide,
+        num_samples=num_samples, return_sites=list(sites),
+    )
+    for cells, (batch, n_obs) in model._indexed_batches(adata, indices, batch_size):
+        draws = draw(batch, n_obs)
+        # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
+        yield cells, {
+            site: (batch[key].cpu().numpy().copy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy().copy())
+            for site, key in sites.items()
+        }
+
+
+def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
+                         modality: str | None = None):
+    """Counts drawn from the posterior predictive distribution.
+
+    Parameters
+    ----------
+    model, num_samples, adata, indices, batch_size
+        As in :func:`predictive_batches`.
+    modality
+        Multimodal models: the modality whose counts are returned; None returns a dict with
+        every modality.
+
+    Returns
+    -------
+    numpy.ndarray or dict
+        ``num_samples`` x cells x features (dense: pick ``indices`` for large data, or stream
+        with :func:`predictive_batches`); a dict of those per modality for a multimodal model
+        without ``modality``.
+    """
+    sites = dict(model.observation_sites)
+    if modality is not None:
+        site = f"obs_{modality}"
+        if site not in sites:
+            known = [s[len("obs_"):] for s in sites if s.startswith("obs_")]
+            raise ValueError(f"Unknown modality {modality!r}; the model observes {known or list(sites)}.")
+        sites = {site: sites[site]}
+    parts = {site: [] for site in sites}
+    for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
+        for site in sites:
+            parts[site].append(draws[site][1])
+    arrays = {site: np.concatenate(values, axis=1) for site, values in parts.items()}
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    return {site[len("obs_"):]: values for site, values in arrays.items()}
