@@ -1,9 +1,17 @@
-"""Helpers shared by the benchmark scripts: machine facts and the RESULTS.md section writer."""
+"""Helpers shared by the benchmark scripts.
+
+Machine facts, the per-process memory marks read from ``/proc/self/status``, running one
+measurement in a fresh Python process, and the RESULTS.md section writer.
+"""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
+import json
+import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -35,6 +43,16 @@ def total_memory_gib() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def hardware_facts() -> dict:
+    """CPU model, logical CPU count and total memory, as human-readable strings."""
+    memory = total_memory_gib()
+    return {
+        "CPU": cpu_model(),
+        "logical CPUs": str(os.cpu_count()),
+        "memory": f"{memory:.1f} GiB" if memory else "unknown",
+    }
 
 
 def package_version(distribution: str) -> str | None:
@@ -75,3 +93,65 @@ def update_results(path: Path, section: str, title: str) -> None:
         text += "\n" + "\n".join(after).rstrip("\n") + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` field (``VmHWM``, ``VmRSS``) in MiB, or None where unavailable."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_in_child(command: list[str], result_path: Path, workdir: Path, failure: dict) -> dict:
+    """Run ``command`` (a measured child process) in ``workdir`` and read its JSON result.
+
+    Parameters
+    ----------
+    command
+        The child's command line; it writes its result as JSON to ``result_path``.
+    result_path
+        Where the child writes its result.
+    workdir
+        The child's working directory.
+    failure
+        Fields of the returned dict when the child fails; ``"error"`` (exit code and the last
+        15 lines of its output) is added to them.
+
+    Returns
+    -------
+    dict
+        The child's result, or ``failure`` with ``"error"``.
+    """
+    completed = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if completed.returncode != 0 or not result_path.exists():
+        tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
+        return {**failure, "error": f"exit code {completed.returncode}\n{tail}"}
+    with open(result_path) as handle:
+        return json.load(handle)
+
+
+def section_header(title: str, when: str, facts: dict) -> str:
+    """Start of a RESULTS.md section: its title, the date and the machine facts as a list."""
+    fact_lines = "\n".join(f"- {key}: {value}" for key, value in facts.items())
+    return f"{title}\n\nMeasured {when}.\n\n{fact_lines}\n\n"
+
+
+def note_lines(notes: list[str]) -> str:
+    """Notes as a markdown list preceded by a blank line, or ``""`` when there are none."""
+    return ("\n\n" + "\n".join(f"- {note}" for note in notes)) if notes else ""
+
+
+def write_section(output: Path, title: str, section: str) -> None:
+    """Update the ``title`` section of ``output`` and say so."""
+    update_results(output, section, title)
+    print(f"\nWrote the '{title[3:]}' section of {output}")
+
+
+def now() -> str:
+    """The local date and time with its zone, as RESULTS.md sections give it."""
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

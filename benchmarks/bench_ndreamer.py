@@ -42,219 +42,31 @@ Results are printed; without ``--quick`` they are also written to the
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import cpu_model, package_version, total_memory_gib, update_results
+from _common import hardware_facts, note_lines, now, package_version, run_in_child, section_header, write_section
+from _ndreamer_worker import C, D, IMPLEMENTATIONS, K, TRAIN_GENES, run_worker
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 SECTION_TITLE = "## NDreamer codebook layer (bench_ndreamer.py)"
 
-K, C, D = 32, 1024, 8  # SPEC defaults: codebooks, codes per codebook, code dimension
-TRAIN_GENES = 2000
-N_CONDITIONS, N_BATCHES, N_LOW, N_HIGH = 2, 2, 5, 12
-SEED = 0
 # one thread: on a shared machine, torch's OpenMP threads wait on each other at every parallel op
 # whenever another process holds a core, which made 2-thread timings 3-10x slower and erratic
 DEFAULT_THREADS = 1
 # cells of the layer rows and of the training rows, untimed warm-up steps, least timed steps and seconds
 FULL = {"layer_cells": (256, 1024), "train_cells": 256, "warmup": 1, "min_steps": 3, "seconds": 6.0}
 QUICK = {"layer_cells": (128,), "train_cells": 64, "warmup": 1, "min_steps": 1, "seconds": 0.2}
-IMPLEMENTATIONS = ("ours", "naive")
 
 
 # ------------------------------------------------------------------------------------------
-# the two codebook layers
+# the measurements (each in a fresh process running _ndreamer_worker.run_worker)
 # ------------------------------------------------------------------------------------------
-def naive_codebook_logits(projections, codebooks):
-    """Reference: per codebook the ``N x C x d`` difference tensor, squared and summed.
-
-    Parameters
-    ----------
-    projections
-        ``(K, N, d)``.
-    codebooks
-        ``(K, C, d)``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(K, N, C)`` negative squared distances.
-    """
-    import torch
-
-    return torch.stack(
-        [-((p[:, None, :] - e[None, :, :]) ** 2).sum(-1) for p, e in zip(projections, codebooks)]
-    )
-
-
-def layer_function(impl: str):
-    """The logits function called ``impl`` (``"ours"`` or ``"naive"``)."""
-    from pyro_scmodels.ndreamer.network import codebook_logits
-
-    return codebook_logits if impl == "ours" else naive_codebook_logits
-
-
-def layer_inputs(n_cells: int, seed: int = SEED):
-    """Projections ``(K, N, d)``, codebooks ``(K, C, d)`` (both requiring grad) and head weights ``(C,)``."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    projections = torch.randn(K, n_cells, D, generator=generator).requires_grad_()
-    # codebooks as the network initialises them (standard normal)
-    codebooks = torch.randn(K, C, D, generator=generator).requires_grad_()
-    head = torch.randn(C, generator=generator)
-    return projections, codebooks, head
-
-
-def layer_step(logits_fn, projections, codebooks, head) -> None:
-    """One forward + backward: logits, softmax over codes, a fixed weighted sum, backward."""
-    projections.grad = None
-    codebooks.grad = None
-    # a plain sum of a softmax is constant (zero gradient); fixed weights per code make it not
-    loss = (logits_fn(projections, codebooks).softmax(-1) * head).sum()
-    loss.backward()
-
-
-# ------------------------------------------------------------------------------------------
-# the full training step
-# ------------------------------------------------------------------------------------------
-def training_setup(impl: str, n_cells: int, n_genes: int = TRAIN_GENES, seed: int = SEED):
-    """Network (SPEC defaults), optimiser and one minibatch; patches the naive layer in for ``"naive"``.
-
-    Returns
-    -------
-    tuple
-        ``(step, network)`` where ``step()`` runs one training step as ``NDreamer.train`` does.
-    """
-    import torch
-
-    from pyro_scmodels.ndreamer import network as network_module
-    from pyro_scmodels.ndreamer.losses import total_loss
-    from pyro_scmodels.ndreamer.network import NDreamerNetwork
-
-    if impl == "naive":
-        # NDreamerNetwork.quantise looks the function up in its module at call time
-        network_module.codebook_logits = naive_codebook_logits
-    torch.manual_seed(seed)
-    network = NDreamerNetwork(n_genes, N_CONDITIONS, batch_sizes=(N_BATCHES,))
-    network.train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-
-    generator = torch.Generator().manual_seed(seed)
-    rate = torch.distributions.Gamma(0.5, 0.5).sample((1, n_genes)).expand(n_cells, n_genes)
-    counts = torch.poisson(rate, generator=generator)
-    # balanced groups (condition x batch), as the pipeline draws them
-    condition = torch.arange(n_cells) % N_CONDITIONS
-    batches = ((torch.arange(n_cells) // N_CONDITIONS) % N_BATCHES).unsqueeze(1)
-    batch = {
-        "x": torch.log1p(counts),
-        "condition": condition,
-        "batches": batches,
-        "label_low": torch.randint(N_LOW, (n_cells,), generator=generator),
-        "label_high": torch.randint(N_HIGH, (n_cells,), generator=generator),
-        "n_conditions": N_CONDITIONS,
-    }
-
-    def step() -> None:
-        outputs = network(batch["x"], batch["condition"], batch["batches"])
-        loss, _ = total_loss(outputs, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
-        optimizer.step()
-        network.step_end(outputs["projections"].detach())
-        loss.item()
-
-    return step, network
-
-
-# ------------------------------------------------------------------------------------------
-# the measured process
-# ------------------------------------------------------------------------------------------
-def _status_mib(field: str) -> float | None:
-    """A ``/proc/self/status`` field (``VmHWM``, ``VmRSS``) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def run_worker(
-    part: str, impl: str, n_cells: int, timing: dict, threads: int | None, result_path: str
-) -> None:
-    """One measurement (``part`` = ``"layer"``, ``"train"`` or ``"check"``); writes a JSON result."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
-    result = {"part": part, "impl": impl, "cells": n_cells, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-    if part == "check":
-        projections, codebooks, head = layer_inputs(n_cells)
-        values = {}
-        for name in IMPLEMENTATIONS:
-            layer_step(layer_function(name), projections, codebooks, head)
-            with torch.no_grad():
-                logits = layer_function(name)(projections, codebooks)
-            values[name] = (logits, projections.grad.clone(), codebooks.grad.clone())
-        diffs = [(a - b).abs().max().item() for a, b in zip(values["ours"], values["naive"])]
-        scales = [b.abs().max().item() for b in values["naive"]]
-        result.update(
-            logits_max_abs_diff=diffs[0], logits_max_abs=scales[0],
-            grad_projections_max_abs_diff=diffs[1], grad_projections_max_abs=scales[1],
-            grad_codebooks_max_abs_diff=diffs[2], grad_codebooks_max_abs=scales[2],
-        )
-    else:
-        if part == "layer":
-            projections, codebooks, head = layer_inputs(n_cells)
-            logits_fn = layer_function(impl)
-            step = lambda: layer_step(logits_fn, projections, codebooks, head)  # noqa: E731
-        else:
-            step, _ = training_setup(impl, n_cells)
-        result["peak_reset"] = _reset_peak()
-        rss_before = _status_mib("VmRSS") if result["peak_reset"] else _status_mib("VmHWM")
-        for _ in range(timing["warmup"]):
-            step()
-        steps, start = 0, time.perf_counter()
-        while steps < timing["min_steps"] or time.perf_counter() - start < timing["seconds"]:
-            step()
-            steps += 1
-        elapsed = time.perf_counter() - start
-        peak = _status_mib("VmHWM")
-        result.update(
-            steps=steps, seconds=elapsed, steps_per_s=steps / elapsed,
-            rss_before_mib=rss_before, rss_peak_mib=peak,
-            peak_extra_mib=None if peak is None or rss_before is None else peak - rss_before,
-        )
-    with open(result_path, "w") as handle:
-        json.dump(result, handle)
-
-
 def measure(part: str, impl: str, n_cells: int, timing: dict, threads: int | None, workdir: Path) -> dict:
     """Run one measurement in a fresh Python process (same interpreter); ``{"error": ...}`` on failure."""
     result_path = workdir / f"result_{part}_{impl}_{n_cells}.json"
@@ -265,12 +77,36 @@ def measure(part: str, impl: str, n_cells: int, timing: dict, threads: int | Non
     ]
     if threads:
         command += ["--threads", str(threads)]
-    completed = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    if completed.returncode != 0 or not result_path.exists():
-        tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
-        return {"part": part, "impl": impl, "cells": n_cells, "error": f"exit code {completed.returncode}\n{tail}"}
-    with open(result_path) as handle:
-        return json.load(handle)
+    return run_in_child(command, result_path, workdir, {"part": part, "impl": impl, "cells": n_cells})
+
+
+def measure_pair(part: str, n_cells: int, timing: dict, threads: int | None, workdir: Path,
+                 notes: list[str]) -> list[dict]:
+    """Measure both implementations on one row; the naive result gets the ratios."""
+    rows, pair = [], {}
+    for impl in IMPLEMENTATIONS:
+        label = "codebook layer" if part == "layer" else "training step"
+        print(f"\n{label}, N={n_cells}, {impl} ...", flush=True)
+        result = measure(part, impl, n_cells, timing, threads, workdir)
+        if "error" in result:
+            print(f"  failed: {result['error']}")
+        else:
+            pair[impl] = result
+            extra = result.get("peak_extra_mib")
+            print(
+                f"  {result['steps']} steps in {result['seconds']:.2f} s: {result['steps_per_s']:,.2f} steps/s, "
+                f"peak extra RSS {'-' if extra is None else f'{extra:,.0f}'} MiB, torch threads {result['threads']}"
+            )
+            if not result.get("peak_reset", True):
+                notes.append("VmHWM could not be reset: peak extra RSS counts from the process's earlier peak.")
+        rows.append(result)
+    if len(pair) == 2:
+        ours, naive = pair["ours"], pair["naive"]
+        naive["speedup"] = ours["steps_per_s"] / naive["steps_per_s"]
+        if ours.get("peak_extra_mib") and naive.get("peak_extra_mib") is not None:
+            naive["memory_ratio"] = naive["peak_extra_mib"] / ours["peak_extra_mib"]
+        print(f"  ours / naive steps/s: {naive['speedup']:.1f}x")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,11 +122,8 @@ def load_average() -> str:
 
 def machine_facts(threads: str, torch_version: str, load: str) -> dict:
     """Facts about this machine and the software measured."""
-    memory = total_memory_gib()
     return {
-        "CPU": cpu_model(),
-        "logical CPUs": str(os.cpu_count()),
-        "memory": f"{memory:.1f} GiB" if memory else "unknown",
+        **hardware_facts(),
         "1-minute load average before / after the run": load,
         "torch threads": threads,
         "python": platform.python_version(),
@@ -342,14 +175,10 @@ def check_lines(check: dict) -> list[str]:
 
 def section_text(facts: dict, table: str, command: str, when: str, timing: dict, notes: list[str]) -> str:
     """The full ``RESULTS.md`` section: date, machine facts, settings, table, command."""
-    fact_lines = "\n".join(f"- {key}: {value}" for key, value in facts.items())
-    note_lines = ("\n\n" + "\n".join(f"- {note}" for note in notes)) if notes else ""
     sizes = ", ".join(f"{diff_tensor_mib(n):,.0f} MiB at N = {n:,} ({K * diff_tensor_mib(n):,.0f} MiB for all {K})" for n in timing["layer_cells"])
     return (
-        f"{SECTION_TITLE}\n\n"
-        f"Measured {when}.\n\n"
-        f"{fact_lines}\n\n"
-        f"Settings: K={K} codebooks, C={C} codes, d={D} (SPEC defaults), float32, CPU. "
+        section_header(SECTION_TITLE, when, facts)
+        + f"Settings: K={K} codebooks, C={C} codes, d={D} (SPEC defaults), float32, CPU. "
         f"Codebook layer: ours = `codebook_logits` (`-(|p|^2 - 2 p.e + |e|^2)`, one `baddbmm`); naive = per codebook "
         f"`-((p[:, None, :] - e[None, :, :]) ** 2).sum(-1)`, stacked (one N x C x d float32 tensor per codebook: {sizes}); "
         f"both followed by softmax over codes and a fixed weighted sum, then backward to projections and codebooks. "
@@ -360,7 +189,7 @@ def section_text(facts: dict, table: str, command: str, when: str, timing: dict,
         f"process holds a core of this shared machine). Each row runs in a fresh process: inputs built, peak-RSS mark (`VmHWM`) reset, {timing['warmup']} warm-up step(s), then "
         f"steps for at least {timing['seconds']:g} s (and {timing['min_steps']} steps) under the clock. "
         f"Peak extra RSS = `VmHWM` at the end minus the RSS before the first step: the most memory the steps held at once. "
-        f"speed-up = ours steps/s / naive steps/s.{note_lines}\n\n"
+        f"speed-up = ours steps/s / naive steps/s.{note_lines(notes)}\n\n"
         f"{table}\n\n"
         f"Command:\n\n```\n{command}\n```\n"
     )
@@ -420,29 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         notes += check_lines(check)
         cases = [("layer", n) for n in timing["layer_cells"]] + [("train", timing["train_cells"])]
         for part, n_cells in cases:
-            pair = {}
-            for impl in IMPLEMENTATIONS:
-                label = "codebook layer" if part == "layer" else "training step"
-                print(f"\n{label}, N={n_cells}, {impl} ...", flush=True)
-                result = measure(part, impl, n_cells, timing, args.threads, workdir)
-                if "error" in result:
-                    print(f"  failed: {result['error']}")
-                else:
-                    pair[impl] = result
-                    extra = result.get("peak_extra_mib")
-                    print(
-                        f"  {result['steps']} steps in {result['seconds']:.2f} s: {result['steps_per_s']:,.2f} steps/s, "
-                        f"peak extra RSS {'-' if extra is None else f'{extra:,.0f}'} MiB, torch threads {result['threads']}"
-                    )
-                    if not result.get("peak_reset", True):
-                        notes.append("VmHWM could not be reset: peak extra RSS counts from the process's earlier peak.")
-                rows.append(result)
-            if len(pair) == 2:
-                ours, naive = pair["ours"], pair["naive"]
-                naive["speedup"] = ours["steps_per_s"] / naive["steps_per_s"]
-                if ours.get("peak_extra_mib") and naive.get("peak_extra_mib") is not None:
-                    naive["memory_ratio"] = naive["peak_extra_mib"] / ours["peak_extra_mib"]
-                print(f"  ours / naive steps/s: {naive['speedup']:.1f}x")
+            rows += measure_pair(part, n_cells, timing, args.threads, workdir, notes)
 
     measured = [row for row in rows if "error" not in row] + ([check] if "error" not in check else [])
     threads = ", ".join(sorted({str(row["threads"]) for row in measured})) or "unknown"
@@ -456,10 +263,9 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
     if output is not None:
-        when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         command = shlex.join(["python", *sys.argv])
-        update_results(output, section_text(facts, table, command, when, timing, list(dict.fromkeys(notes))), SECTION_TITLE)
-        print(f"\nWrote the '{SECTION_TITLE[3:]}' section of {output}")
+        section = section_text(facts, table, command, now(), timing, list(dict.fromkeys(notes)))
+        write_section(output, SECTION_TITLE, section)
     return 1 if any("error" in row for row in rows) or "error" in check else 0
 
 

@@ -27,21 +27,16 @@ nothing unless ``--output`` is given.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import importlib.util
-import json
-import os
 import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import cpu_model, package_version, total_memory_gib, update_results
+from _common import hardware_facts, note_lines, now, package_version, run_in_child, section_header, write_section
+from _train_worker import (
+    BATCH_SIZE, N_HIDDEN, N_LATENT, N_LAYERS, SEED, TRAIN_SIZE, WARMUP_EPOCHS, run_worker, scvi_available,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -49,12 +44,7 @@ PBMC_PATH = REPO_ROOT.parent / "shared" / "data" / "pbmc_10x_3chemistries_scWGPa
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
 SECTION_TITLE = "## Training throughput (bench_train.py)"
 
-# architecture and training settings shared by both tools
-N_HIDDEN, N_LATENT, N_LAYERS = 128, 10, 1
-BATCH_SIZE, TRAIN_SIZE, SEED = 1024, 0.9, 0
-WARMUP_EPOCHS = 1
-
-# default timed epochs, and the quick-mode sizes
+# default timed epochs, and the quick-mode sizes (the training settings are in _train_worker.py)
 DEFAULT_EPOCHS = {"pbmc": 10, "simulated": 5}
 QUICK_EPOCHS = 1
 QUICK_CELLS = 500
@@ -83,12 +73,9 @@ def machine_facts(threads: int) -> dict:
 
     import pyro_scmodels
 
-    memory = total_memory_gib()
     scvi_version = package_version("scvi-tools") if scvi_available() else None
     return {
-        "CPU": cpu_model(),
-        "logical CPUs": str(os.cpu_count()),
-        "memory": f"{memory:.1f} GiB" if memory else "unknown",
+        **hardware_facts(),
         "torch threads": str(threads),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -98,129 +85,9 @@ def machine_facts(threads: int) -> dict:
     }
 
 
-def scvi_available() -> bool:
-    """Whether ``import scvi`` can find a module (scvi-tools is optional)."""
-    return importlib.util.find_spec("scvi") is not None
-
-
 # ------------------------------------------------------------------------------------------
-# the measured process
+# the measurements (each in a fresh process running _train_worker.run_worker)
 # ------------------------------------------------------------------------------------------
-def _maxrss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    On Linux ``ru_maxrss`` survives ``exec`` (a child started by a large parent reports the
-    parent's peak), so the per-address-space high-water mark ``VmHWM`` is read instead.
-    """
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
-
-
-def _train_ours(adata, epochs: int) -> dict:
-    """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks."""
-    import pyro_scmodels
-
-    pyro_scmodels.RegularizedVI.setup_anndata(adata, batch_key="batch")
-    model = pyro_scmodels.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS)
-    settings = dict(batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu", progress_bar=False)
-    model.train(max_epochs=WARMUP_EPOCHS, **settings)
-    rss_before = _maxrss_mib()
-    start = time.perf_counter()
-    # a second call continues up to max_epochs in total: E more epochs
-    model.train(max_epochs=WARMUP_EPOCHS + epochs, **settings)
-    seconds = time.perf_counter() - start
-    timed = model.history.iloc[WARMUP_EPOCHS:]
-    return {
-        "n_train": len(model.trainer.train_indices),
-        "seconds": seconds,
-        "epochs_run": len(timed),
-        "validation_epochs": int(timed["validation_loss"].notna().sum()),
-        "rss_warm_mib": rss_before,
-    }
-
-
-def _train_scvi(adata, epochs: int) -> dict:
-    """Warm up and time ``scvi.model.SCVI`` training; returns training cells, seconds, checks."""
-    import logging
-    import warnings
-
-    import scvi
-
-    # Lightning and scvi-tools log and warn a lot on the CPU; that is noise here
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    scvi.settings.seed = SEED
-
-    adata = adata.copy()
-    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood="nb")
-    settings = dict(
-        batch_size=BATCH_SIZE, accelerator="cpu", early_stopping=False, train_size=TRAIN_SIZE,
-        enable_progress_bar=False, check_val_every_n_epoch=1,
-    )
-    model.train(max_epochs=WARMUP_EPOCHS, **settings)
-    rss_before = _maxrss_mib()
-    start = time.perf_counter()
-    # each scvi train call runs max_epochs more epochs from the current weights
-    model.train(max_epochs=epochs, **settings)
-    seconds = time.perf_counter() - start
-    # history holds one DataFrame per metric, concatenated over the train calls
-    train_rows = model.history.get("elbo_train")
-    validation_rows = model.history.get("elbo_validation")
-    return {
-        "n_train": len(model.train_indices),
-        "seconds": seconds,
-        "epochs_run": None if train_rows is None else len(train_rows) - WARMUP_EPOCHS,
-        "validation_epochs": None if validation_rows is None else int(validation_rows.iloc[WARMUP_EPOCHS:].notna().sum().iloc[0]),
-        "rss_warm_mib": rss_before,
-        "scvi_version": scvi.__version__,
-    }
-
-
-def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, result_path: str) -> None:
-    """Entry point of a measured process: load data, train, write a JSON result.
-
-    Parameters
-    ----------
-    tool
-        ``"pyro_scmodels"`` or ``"scvi-tools"``.
-    data_path
-        An ``.h5ad`` file with raw counts in ``.X`` and ``obs["batch"]``.
-    epochs
-        Timed epochs (after one warm-up epoch).
-    threads
-        torch intra-op threads to set, or None for torch's default.
-    result_path
-        Where the JSON result goes.
-    """
-    import anndata
-    import torch
-
-    if tool == "scvi-tools":
-        import scvi  # noqa: F401  (imported first so that "RSS loaded" counts it, as torch for ours)
-    if threads:
-        torch.set_num_threads(threads)
-    # read afresh: this process owns its AnnData
-    adata = anndata.read_h5ad(data_path)
-    rss_loaded = _maxrss_mib()
-    train = _train_ours if tool == "pyro_scmodels" else _train_scvi
-    result = train(adata, epochs)
-    result.update(
-        tool=tool, epochs=epochs, threads=torch.get_num_threads(),
-        rss_loaded_mib=rss_loaded, rss_peak_mib=_maxrss_mib(),
-    )
-    with open(result_path, "w") as handle:
-        json.dump(result, handle)
-
-
 def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdir: Path) -> dict:
     """Run one measurement in a fresh Python process (same interpreter).
 
@@ -249,12 +116,47 @@ def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdi
     ]
     if threads:
         command += ["--threads", str(threads)]
-    completed = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    if completed.returncode != 0 or not result_path.exists():
-        tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
-        return {"tool": tool, "epochs": epochs, "error": f"exit code {completed.returncode}\n{tail}"}
-    with open(result_path) as handle:
-        return json.load(handle)
+    return run_in_child(command, result_path, workdir, {"tool": tool, "epochs": epochs})
+
+
+def print_result(result: dict, epochs: int, threads: int) -> None:
+    """Print one successful measurement and warn when it was not the run asked for."""
+    print(
+        f"  {result['n_train']} training cells, {result['seconds']:.2f} s, "
+        f"{result['cells_per_s']:,.0f} cells/s, torch threads {result['threads']}, "
+        f"RSS loaded {result['rss_loaded_mib']:,.0f} MiB, peak {result['rss_peak_mib']:,.0f} MiB"
+    )
+    # fairness checks: every timed epoch ran and computed a validation loss
+    for key in ("epochs_run", "validation_epochs"):
+        if result.get(key) is not None and result[key] != epochs:
+            print(f"  warning: {key} = {result[key]}, expected {epochs}")
+    if result["threads"] != threads:
+        print(f"  warning: the child used {result['threads']} torch threads, expected {threads}")
+
+
+def measure_dataset(dataset: dict, tools: list[str], epochs: int, child_threads: int | None,
+                    threads: int, workdir: Path) -> list[dict]:
+    """Measure every tool on one dataset; our row gets ``ratio`` when both tools ran."""
+    shape = f"{dataset['n_cells']:,} x {dataset['n_genes']:,}"
+    rows, speed = [], {}
+    for tool in tools:
+        print(f"\n{dataset['label']} ({shape}), {tool}: {WARMUP_EPOCHS} warm-up + {epochs} timed epoch(s) ...", flush=True)
+        result = measure(tool, dataset["path"], epochs, child_threads, workdir)
+        result.update(dataset=dataset["label"], shape=shape)
+        if "error" in result:
+            print(f"  failed: {result['error']}")
+        else:
+            result["cells_per_s"] = result["n_train"] * epochs / result["seconds"]
+            speed[tool] = result["cells_per_s"]
+            print_result(result, epochs, threads)
+        rows.append(result)
+    if len(speed) == 2:
+        ratio = speed["pyro_scmodels"] / speed["scvi-tools"]
+        for row in rows:
+            if row["tool"] == "pyro_scmodels":
+                row["ratio"] = ratio
+        print(f"  ratio ours / scvi-tools (cells/s): {ratio:.2f}")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,18 +242,14 @@ def results_table(rows: list[dict]) -> str:
 
 def section_text(facts: dict, table: str, command: str, when: str, notes: list[str]) -> str:
     """The full ``RESULTS.md`` section: date, machine facts, settings, table, command."""
-    fact_lines = "\n".join(f"- {key}: {value}" for key, value in facts.items())
-    note_lines = ("\n\n" + "\n".join(f"- {note}" for note in notes)) if notes else ""
     return (
-        f"{SECTION_TITLE}\n\n"
-        f"Measured {when}.\n\n"
-        f"{fact_lines}\n\n"
-        f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch_size={BATCH_SIZE}, "
+        section_header(SECTION_TITLE, when, facts)
+        + f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch_size={BATCH_SIZE}, "
         f"train_size={TRAIN_SIZE}, CPU, no early stopping, validation loss every epoch (both tools). "
         f"Each (dataset, tool) runs in a fresh process: the model is built, trained {WARMUP_EPOCHS} warm-up "
         f"epoch (not timed), then trained for the listed epochs under the clock. "
         f"cells/s = training cells x epochs / seconds. RSS: peak resident memory (`VmHWM`) of that process after loading the "
-        f"data (including imports) and at the end (peak).{note_lines}\n\n"
+        f"data (including imports) and at the end (peak).{note_lines(notes)}\n\n"
         f"{table}\n\n"
         f"Command:\n\n```\n{command}\n```\n"
     )
@@ -411,45 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("Datasets whose file was missing were skipped.")
         for dataset in datasets:
             epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS[dataset["name"]])
-            shape = f"{dataset['n_cells']:,} x {dataset['n_genes']:,}"
-            speed = {}
-            for tool in tools:
-                print(f"\n{dataset['label']} ({shape}), {tool}: {WARMUP_EPOCHS} warm-up + {epochs} timed epoch(s) ...", flush=True)
-                result = measure(tool, dataset["path"], epochs, args.threads, workdir)
-                result.update(dataset=dataset["label"], shape=shape)
-                if "error" in result:
-                    print(f"  failed: {result['error']}")
-                else:
-                    result["cells_per_s"] = result["n_train"] * epochs / result["seconds"]
-                    speed[tool] = result["cells_per_s"]
-                    print(
-                        f"  {result['n_train']} training cells, {result['seconds']:.2f} s, "
-                        f"{result['cells_per_s']:,.0f} cells/s, torch threads {result['threads']}, "
-                        f"RSS loaded {result['rss_loaded_mib']:,.0f} MiB, peak {result['rss_peak_mib']:,.0f} MiB"
-                    )
-                    # fairness checks: every timed epoch ran and computed a validation loss
-                    for key in ("epochs_run", "validation_epochs"):
-                        if result.get(key) is not None and result[key] != epochs:
-                            print(f"  warning: {key} = {result[key]}, expected {epochs}")
-                    if result["threads"] != threads:
-                        print(f"  warning: the child used {result['threads']} torch threads, expected {threads}")
-                rows.append(result)
-            if len(speed) == 2:
-                ratio = speed["pyro_scmodels"] / speed["scvi-tools"]
-                for row in rows:
-                    if row["dataset"] == dataset["label"] and row["tool"] == "pyro_scmodels":
-                        row["ratio"] = ratio
-                print(f"  ratio ours / scvi-tools (cells/s): {ratio:.2f}")
+            rows += measure_dataset(dataset, tools, epochs, args.threads, threads, workdir)
 
     table = results_table(rows)
     print("\n" + table)
 
     output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
     if output is not None:
-        when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         command = shlex.join([sys.executable, *sys.argv])
-        update_results(output, section_text(facts, table, command, when, notes), SECTION_TITLE)
-        print(f"\nWrote the '{SECTION_TITLE[3:]}' section of {output}")
+        write_section(output, SECTION_TITLE, section_text(facts, table, command, now(), notes))
     return 1 if any("error" in row for row in rows) else 0
 
 

@@ -42,6 +42,35 @@ def test_same_seed_identical_different_seed_differs():
     assert not np.array_equal(a.var["true_theta"], c.var["true_theta"])
 
 
+def _assert_same_anndata(a, b):
+    """Every array, table and setting of two AnnData objects is identical."""
+    assert (a.X != b.X).nnz == 0 and a.X.dtype == b.X.dtype
+    assert set(a.layers) == set(b.layers)
+    for key in a.layers:
+        layer_a, layer_b = a.layers[key], b.layers[key]
+        if sparse.issparse(layer_a):
+            assert (layer_a != layer_b).nnz == 0
+        else:
+            np.testing.assert_array_equal(layer_a, layer_b)
+    for mapping_a, mapping_b in ((a.obsm, b.obsm), (a.varm, b.varm)):
+        assert set(mapping_a) == set(mapping_b)
+        for key in mapping_a:
+            np.testing.assert_array_equal(mapping_a[key], mapping_b[key])
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    assert a.uns["simulation"] == b.uns["simulation"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n_cells=120, n_genes=60, n_markers_per_type=4, n_responding_genes=8, seed=11),
+    dict(n_cells=90, n_genes=40, n_cell_types=3, n_batches=4, n_markers_per_type=3,
+         n_responding_genes=5, stimulated_fraction=0.3, responding_cell_types=["type_2"],
+         within_type_rank=0, seed=0),
+])
+def test_fixed_seed_gives_identical_anndata(kwargs):
+    _assert_same_anndata(simulate(**kwargs), simulate(**kwargs))
+
+
 def test_structure_and_keys(adata):
     assert adata.shape == (N_CELLS, N_GENES)
     assert list(adata.obs_names[:2]) == ["cell_0", "cell_1"]

@@ -1,0 +1,137 @@
+"""The measured process of ``bench_train.py``: one tool trained on one dataset under the clock.
+
+``bench_train.py`` re-invokes itself with hidden ``--_worker`` arguments for every
+(dataset, tool) pair; that process calls :func:`run_worker`, so its peak resident memory is
+its own. Both tools train the same architecture with the settings below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+import sys
+import time
+
+from _common import status_mib
+
+# architecture and training settings shared by both tools
+N_HIDDEN, N_LATENT, N_LAYERS = 128, 10, 1
+BATCH_SIZE, TRAIN_SIZE, SEED = 1024, 0.9, 0
+WARMUP_EPOCHS = 1
+
+
+def scvi_available() -> bool:
+    """Whether ``import scvi`` can find a module (scvi-tools is optional)."""
+    return importlib.util.find_spec("scvi") is not None
+
+
+def _maxrss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux ``ru_maxrss`` survives ``exec`` (a child started by a large parent reports the
+    parent's peak), so the per-address-space high-water mark ``VmHWM`` is read instead.
+    """
+    peak = status_mib("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+def _train_ours(adata, epochs: int) -> dict:
+    """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks."""
+    import pyro_scmodels
+
+    pyro_scmodels.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    model = pyro_scmodels.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS)
+    settings = dict(batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu", progress_bar=False)
+    model.train(max_epochs=WARMUP_EPOCHS, **settings)
+    rss_before = _maxrss_mib()
+    start = time.perf_counter()
+    # a second call continues up to max_epochs in total: E more epochs
+    model.train(max_epochs=WARMUP_EPOCHS + epochs, **settings)
+    seconds = time.perf_counter() - start
+    timed = model.history.iloc[WARMUP_EPOCHS:]
+    return {
+        "n_train": len(model.trainer.train_indices),
+        "seconds": seconds,
+        "epochs_run": len(timed),
+        "validation_epochs": int(timed["validation_loss"].notna().sum()),
+        "rss_warm_mib": rss_before,
+    }
+
+
+def _train_scvi(adata, epochs: int) -> dict:
+    """Warm up and time ``scvi.model.SCVI`` training; returns training cells, seconds, checks."""
+    import logging
+    import warnings
+
+    import scvi
+
+    # Lightning and scvi-tools log and warn a lot on the CPU; that is noise here
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    scvi.settings.seed = SEED
+
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood="nb")
+    settings = dict(
+        batch_size=BATCH_SIZE, accelerator="cpu", early_stopping=False, train_size=TRAIN_SIZE,
+        enable_progress_bar=False, check_val_every_n_epoch=1,
+    )
+    model.train(max_epochs=WARMUP_EPOCHS, **settings)
+    rss_before = _maxrss_mib()
+    start = time.perf_counter()
+    # each scvi train call runs max_epochs more epochs from the current weights
+    model.train(max_epochs=epochs, **settings)
+    seconds = time.perf_counter() - start
+    # history holds one DataFrame per metric, concatenated over the train calls
+    train_rows = model.history.get("elbo_train")
+    validation_rows = model.history.get("elbo_validation")
+    return {
+        "n_train": len(model.train_indices),
+        "seconds": seconds,
+        "epochs_run": None if train_rows is None else len(train_rows) - WARMUP_EPOCHS,
+        "validation_epochs": None if validation_rows is None else int(validation_rows.iloc[WARMUP_EPOCHS:].notna().sum().iloc[0]),
+        "rss_warm_mib": rss_before,
+        "scvi_version": scvi.__version__,
+    }
+
+
+def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, result_path: str) -> None:
+    """Entry point of a measured process: load data, train, write a JSON result.
+
+    Parameters
+    ----------
+    tool
+        ``"pyro_scmodels"`` or ``"scvi-tools"``.
+    data_path
+        An ``.h5ad`` file with raw counts in ``.X`` and ``obs["batch"]``.
+    epochs
+        Timed epochs (after one warm-up epoch).
+    threads
+        torch intra-op threads to set, or None for torch's default.
+    result_path
+        Where the JSON result goes.
+    """
+    import anndata
+    import torch
+
+    if tool == "scvi-tools":
+        import scvi  # noqa: F401  (imported first so that "RSS loaded" counts it, as torch for ours)
+    if threads:
+        torch.set_num_threads(threads)
+    # read afresh: this process owns its AnnData
+    adata = anndata.read_h5ad(data_path)
+    rss_loaded = _maxrss_mib()
+    train = _train_ours if tool == "pyro_scmodels" else _train_scvi
+    result = train(adata, epochs)
+    result.update(
+        tool=tool, epochs=epochs, threads=torch.get_num_threads(),
+        rss_loaded_mib=rss_loaded, rss_peak_mib=_maxrss_mib(),
+    )
+    with open(result_path, "w") as handle:
+        json.dump(result, handle)

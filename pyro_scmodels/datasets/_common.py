@@ -1,0 +1,134 @@
+"""Helpers shared by the simulators: argument checks and sampling primitives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import numpy as np
+
+
+# --- argument checks: every error is a ValueError that names the argument -------------------
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value, minimum: float, *, strict: bool = False,
+                 maximum: float = math.inf) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum) and value <= maximum
+    if not ok:
+        bounds = f"{'>' if strict else '>='} {minimum}"
+        if math.isfinite(maximum):
+            bounds += f" and <= {maximum}"
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+    return float(value)
+
+
+def _check_theta_range(theta_range) -> tuple[float, float]:
+    try:
+        low, high = (float(t) for t in theta_range)
+        valid = 0.0 < low <= high < math.inf
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"theta_range must be (low, high) with 0 < low <= high, got {theta_range!r}")
+    return low, high
+
+
+def _resolve_responding_types(responding_cell_types, n_cell_types: int) -> list[int]:
+    """Turn ``responding_cell_types`` (None, indices or names) into sorted type indices."""
+    if responding_cell_types is None:
+        return list(range(math.ceil(n_cell_types / 2)))
+    if isinstance(responding_cell_types, (str, Integral)):
+        responding_cell_types = [responding_cell_types]
+    indices = set()
+    for item in responding_cell_types:
+        if isinstance(item, str) and item.startswith("type_") and item[5:].isdigit():
+            index = int(item[5:])
+        elif isinstance(item, Integral) and not isinstance(item, bool):
+            index = int(item)
+        else:
+            index = -1
+        if not 0 <= index < n_cell_types:
+            raise ValueError(
+                "responding_cell_types must contain type indices in "
+                f"[0, {n_cell_types}) or names 'type_<i>', got {item!r}"
+            )
+        indices.add(index)
+    return sorted(indices)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of ``simulate`` (``responders``: sorted responding type indices)."""
+
+    n_cells: int
+    n_genes: int
+    n_cell_types: int
+    n_batches: int
+    n_markers_per_type: int
+    within_type_rank: int
+    type_sd: float
+    stimulated_fraction: float
+    n_responding_genes: int
+    responders: list[int]
+    ambient_fraction: float
+    batch_scaling_sd: float
+    mean_library: float
+    library_sd: float
+    theta_range: tuple[float, float]
+    seed: int | None
+
+
+def _check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_markers_per_type,
+                              within_type_rank, type_sd, stimulated_fraction, n_responding_genes,
+                              responding_cell_types, ambient_fraction, batch_scaling_sd,
+                              mean_library, library_sd, theta_range, seed) -> _Settings:
+    """Check every argument of ``simulate`` and return them converted, as ``_Settings``."""
+    n_cells = _check_int("n_cells", n_cells, 1)
+    n_genes = _check_int("n_genes", n_genes, 1)
+    n_types = _check_int("n_cell_types", n_cell_types, 1)
+    n_batches = _check_int("n_batches", n_batches, 1)
+    n_markers = _check_int("n_markers_per_type", n_markers_per_type, 0)
+    rank = _check_int("within_type_rank", within_type_rank, 0)
+    type_sd = _check_float("type_sd", type_sd, 0.0)
+    n_responding = _check_int("n_responding_genes", n_responding_genes, 0)
+    if n_types * n_markers > n_genes:
+        raise ValueError(f"n_cell_types * n_markers_per_type = {n_types * n_markers} exceeds "
+                         f"n_genes = {n_genes}")
+    if n_responding > n_genes:
+        raise ValueError(f"n_responding_genes = {n_responding} exceeds n_genes = {n_genes}")
+    return _Settings(
+        n_cells=n_cells, n_genes=n_genes, n_cell_types=n_types, n_batches=n_batches,
+        n_markers_per_type=n_markers, within_type_rank=rank, type_sd=type_sd,
+        # the remaining checks run in this (signature) order: keyword arguments are
+        # evaluated left to right
+        stimulated_fraction=_check_float("stimulated_fraction", stimulated_fraction, 0.0,
+                                         maximum=1.0),
+        n_responding_genes=n_responding,
+        ambient_fraction=_check_float("ambient_fraction", ambient_fraction, 0.0),
+        batch_scaling_sd=_check_float("batch_scaling_sd", batch_scaling_sd, 0.0),
+        mean_library=_check_float("mean_library", mean_library, 0.0, strict=True),
+        library_sd=_check_float("library_sd", library_sd, 0.0),
+        theta_range=_check_theta_range(theta_range),
+        seed=None if seed is None else _check_int("seed", seed, 0),
+        responders=_resolve_responding_types(responding_cell_types, n_types),
+    )
+
+
+# --- sampling primitives ---------------------------------------------------------------------
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _gamma_poisson(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Sample negative binomial counts with mean ``mu`` and inverse dispersion ``theta``."""
+    shape = np.broadcast_to(theta, mu.shape)
+    return rng.poisson(rng.gamma(shape, mu / shape))
