@@ -54,7 +54,7 @@ def _train_ours(adata, epochs: int) -> dict:
     seconds = time.perf_counter() - start
     timed = model.history.iloc[WARMUP_EPOCHS:]
     return {
-        "n_train": len(model.trainer.train_indices),
+        "n_train": len(model.train_indices),
         "seconds": seconds,
         "epochs_run": len(timed),
         "validation_epochs": int(timed["validation_loss"].notna().sum()),
