@@ -16,7 +16,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
-from ..data import CellData, iterate_minibatches
+from ..data import CellData, check_var_names, iterate_minibatches  # noqa: F401 (check_var_names: old import path)
 from ._posterior import PosteriorMixin
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 
@@ -263,23 +263,3 @@ class PyroModelBase(PosteriorMixin):
             "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
         }
 
-
-def check_var_names(expected, adata, what: str = "adata") -> None:
-    """Raise ``ValueError`` when ``adata`` does not have exactly the genes ``expected``, in order."""
-    actual = pd.Index(adata.var_names)
-    expected = pd.Index(expected)
-    if actual.equals(expected):
-        return
-    missing = expected.difference(actual)
-    extra = actual.difference(expected)
-    detail = []
-    if len(missing):
-        detail.append(f"{len(missing)} gene(s) of the model missing (e.g. {list(missing[:3])})")
-    if len(extra):
-        detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
-    if not detail:
-        detail.append("same genes in a different order")
-    raise ValueError(
-        f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
-        f"Subset and order them with `{what}[:, model_genes]`."
-    )
