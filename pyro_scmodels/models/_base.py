@@ -119,16 +119,13 @@ class PyroModelBase(PosteriorMixin):
         checkpoint_every = V.positive_int("checkpoint_every", checkpoint_every)
         early_stopping_patience = V.positive_int("early_stopping_patience", early_stopping_patience)
         lr, eps = V.positive_float("lr", lr), V.positive_float("eps", eps)
-        if kl_warmup_epochs is not None:
-            kl_warmup_epochs = V.non_negative_int("kl_warmup_epochs", kl_warmup_epochs)
-        if kl_warmup_steps is not None:
-            kl_warmup_steps = V.non_negative_int("kl_warmup_steps", kl_warmup_steps)
-        if gradient_clip is not None:
-            gradient_clip = V.positive_float("gradient_clip", gradient_clip)
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}.")
-        if not (isinstance(train_size, (int, float)) and 0.0 < train_size <= 1.0):
-            raise ValueError(f"train_size must be in (0, 1], got {train_size!r}.")
+        kl_warmup_epochs = V.optional(V.non_negative_int, "kl_warmup_epochs", kl_warmup_epochs)
+        kl_warmup_steps = V.optional(V.non_negative_int, "kl_warmup_steps", kl_warmup_steps)
+        gradient_clip = V.optional(V.positive_float, "gradient_clip", gradient_clip)
+        early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
+        weight_decay = V.non_negative_float("weight_decay", weight_decay)
+        train_size = V.fraction("train_size", train_size)
+        seed = V.non_negative_int("seed", seed)
         self.device = resolve_device(device)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
