@@ -1,36 +1,373 @@
-"""Argument checks shared by every public entry point: each error names the argument."""
+"""Argument checks shared by every public entry point.
+
+Every check names the argument, and raises one exception type per kind of error:
+
+* ``TypeError``: the value has the wrong type (a string where a number is needed, 2.5 where an
+  integer is needed). The message names the argument, what it must be, and the value.
+* ``ValueError``: the type is right but the value is not allowed (out of range, not one of the
+  choices, two arguments that exclude each other). The message names the argument and the value.
+* ``KeyError``: a named key, column, layer or modality is missing from a container. The
+  message names the key, where it was looked for and what is available.
+* ``FileNotFoundError``: a file, or the folder to write a file into, does not exist.
+
+Each check returns the value in a canonical type (``int``, ``float``, ``str``), so callers write
+``batch_size = positive_int("batch_size", batch_size)``.
+"""
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
+from collections.abc import Callable, Iterable
+
+__all__ = [
+    "boolean",
+    "choice",
+    "existing_file",
+    "exclusive",
+    "fraction",
+    "integer",
+    "non_negative_float",
+    "non_negative_int",
+    "number",
+    "optional",
+    "output_path",
+    "positive_float",
+    "positive_int",
+    "present",
+    "probability",
+    "rate",
+]
+
+
+def _is_real(value) -> bool:
+    # bool is an Integral in Python, but True as a batch size is a mistake, not a 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# --- integers ----------------------------------------------------------------------------------
+def integer(name: str, value, minimum: int | None = None, maximum: int | None = None, description: str | None = None) -> int:
+    """``value`` as an ``int`` within ``[minimum, maximum]`` (either bound may be None).
+
+    An integer-valued float such as ``2.0`` is accepted and converted.
+
+    Parameters
+    ----------
+    name
+        The argument's name, used in the message.
+    value
+        The value to check.
+    minimum, maximum
+        Inclusive bounds; None for no bound.
+    description
+        What the value must be, for the message; default ``"an integer >= minimum"`` etc.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not an integer (nor an integer-valued float).
+    ValueError
+        ``value`` is out of bounds.
+    """
+    if description is None:
+        bounds = [f">= {minimum}"] if minimum is not None else []
+        bounds += [f"<= {maximum}"] if maximum is not None else []
+        description = "an integer" + (" " + " and ".join(bounds) if bounds else "")
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        if _is_real(value) and math.isfinite(value) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be {description}, got {value!r}.")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {description}, got {value!r}.")
+    return int(value)
 
 
 def positive_int(name: str, value) -> int:
-    """``value`` as an int, or ``ValueError``/``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"{name} must be a positive integer, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
-    return int(value)
+    """``value`` as an ``int`` >= 1.
+
+    Raises
+    ------
+    TypeError
+        Not an integer.
+    ValueError
+        Smaller than 1.
+    """
+    return integer(name, value, minimum=1, description="a positive integer")
 
 
 def non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-    return int(value)
+    """``value`` as an ``int`` >= 0 (e.g. a seed or a number of warm-up epochs).
+
+    Raises
+    ------
+    TypeError
+        Not an integer.
+    ValueError
+        Negative.
+    """
+    return integer(name, value, minimum=0, description="a non-negative integer")
+
+
+# --- real numbers ------------------------------------------------------------------------------
+def number(name: str, value, minimum: float | None = None, maximum: float | None = None, *,
+           strict_minimum: bool = False, strict_maximum: bool = False, finite: bool = True,
+           description: str | None = None) -> float:
+    """``value`` as a ``float`` within the given bounds.
+
+    Parameters
+    ----------
+    name
+        The argument's name, used in the message.
+    value
+        The value to check.
+    minimum, maximum
+        Bounds; None for no bound.
+    strict_minimum, strict_maximum
+        Exclude the bound itself (``> minimum`` rather than ``>= minimum``).
+    finite
+        Reject NaN and infinities (NaN is always rejected when there is a bound).
+    description
+        What the value must be, for the message; default built from the bounds.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not a real number (e.g. a string, None or a bool).
+    ValueError
+        ``value`` is NaN, infinite (with ``finite``) or out of bounds.
+    """
+    if description is None:
+        bounds = [f"{'>' if strict_minimum else '>='} {minimum}"] if minimum is not None else []
+        bounds += [f"{'<' if strict_maximum else '<='} {maximum}"] if maximum is not None else []
+        description = ("a finite number" if finite else "a number") + (" " + " and ".join(bounds) if bounds else "")
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {description}, got {value!r}.")
+    value = float(value)
+    ok = not math.isnan(value) and (math.isfinite(value) or not finite)
+    if minimum is not None:
+        ok = ok and (value > minimum if strict_minimum else value >= minimum)
+    if maximum is not None:
+        ok = ok and (value < maximum if strict_maximum else value <= maximum)
+    if not ok:
+        raise ValueError(f"{name} must be {description}, got {value!r}.")
+    return value
 
 
 def positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
-    return float(value)
+    """``value`` as a finite ``float`` > 0 (a learning rate, a bandwidth).
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Zero, negative, NaN or infinite.
+    """
+    return number(name, value, minimum=0.0, strict_minimum=True, description="a positive number")
+
+
+def non_negative_float(name: str, value) -> float:
+    """``value`` as a finite ``float`` >= 0 (e.g. ``weight_decay``).
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Negative, NaN or infinite.
+    """
+    return number(name, value, minimum=0.0, description="a non-negative number")
 
 
 def rate(name: str, value) -> float:
-    """A probability in [0, 1) such as a dropout rate."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
-    return float(value)
+    """A probability in [0, 1) such as a dropout rate (1 would drop everything).
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Outside [0, 1).
+    """
+    return number(name, value, 0.0, 1.0, strict_maximum=True, description="a number in [0, 1)")
+
+
+def probability(name: str, value) -> float:
+    """A probability in [0, 1].
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Outside [0, 1].
+    """
+    return number(name, value, 0.0, 1.0, description="a probability in [0, 1]")
+
+
+def fraction(name: str, value) -> float:
+    """A non-empty fraction in (0, 1], such as ``train_size``.
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Outside (0, 1].
+    """
+    return number(name, value, 0.0, 1.0, strict_minimum=True, description="in (0, 1]")
+
+
+# --- other kinds ---------------------------------------------------------------------------------
+def boolean(name: str, value) -> bool:
+    """``value`` as a ``bool`` (``numpy.bool_`` accepted; 0 and 1 are not).
+
+    Raises
+    ------
+    TypeError
+        Not a bool.
+    """
+    # numpy's bool is not a subclass of bool; recognised by name so numpy need not be imported
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _listed(options: Iterable) -> str:
+    shown = [repr(o) for o in options]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def choice(name: str, value, choices: Iterable, allow_none: bool = False):
+    """``value``, which must be one of ``choices`` (or None with ``allow_none``).
+
+    Parameters
+    ----------
+    name
+        The argument's name, used in the message.
+    value
+        The value to check.
+    choices
+        The allowed values, e.g. ``("data", "prior")``.
+    allow_none
+        Also accept None.
+
+    Raises
+    ------
+    TypeError
+        Every choice is a string and ``value`` is not (e.g. ``init=3``).
+    ValueError
+        ``value`` is not one of ``choices``.
+    """
+    choices = tuple(choices)
+    if value is None and allow_none:
+        return None
+    allowed = _listed([*choices, None] if allow_none else choices)
+    if all(isinstance(c, str) for c in choices) and not isinstance(value, str):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}.")
+    if value not in choices:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return value
+
+
+def optional(check: Callable, name: str, value, *args, **kwargs):
+    """None when ``value`` is None, else ``check(name, value, *args, **kwargs)``.
+
+    Examples
+    --------
+    >>> optional(positive_int, "batch_size", None) is None
+    True
+    """
+    return None if value is None else check(name, value, *args, **kwargs)
+
+
+def exclusive(first_name: str, first, second_name: str, second) -> None:
+    """Raise ``ValueError`` when both arguments are given (not None): they exclude each other."""
+    if first is not None and second is not None:
+        raise ValueError(f"Pass either {first_name} or {second_name}, not both (got {first_name}={first!r}).")
+
+
+def present(key, container, where: str, what: str = "key", limit: int = 20) -> None:
+    """Raise ``KeyError`` unless ``key`` is in ``container``, listing what is available.
+
+    Parameters
+    ----------
+    key
+        The key, column, layer or modality looked for.
+    container
+        Anything supporting ``in`` and iteration (a mapping, a ``pandas.Index``, a list).
+    where
+        Where it was looked for, e.g. ``"adata.obs"`` or ``"adata.layers"``.
+    what
+        What the key is, e.g. ``"column"``, ``"layer"``, ``"modality"``.
+    limit
+        At most this many available keys are listed.
+
+    Raises
+    ------
+    KeyError
+        E.g. ``"Layer 'raw' not found in adata.layers. Available layers: counts."``.
+    """
+    if key in container:
+        return
+    available = ", ".join(map(str, list(container)[:limit])) or "(none)"
+    raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {what}s: {available}.")
+
+
+def _path(name: str, value) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
+    path = os.fspath(value)
+    if not path:
+        raise ValueError(f"{name} must be a file path, got {value!r}.")
+    return path
+
+
+def existing_file(name: str, value) -> str:
+    """``value``, the path of a file that must exist, as a ``str``.
+
+    The message reads ``"<name> <path> not found."``, so ``name`` may be a phrase such as
+    ``"input file"``.
+
+    Raises
+    ------
+    TypeError
+        Not a str or path-like.
+    ValueError
+        An empty path.
+    FileNotFoundError
+        No such file.
+    """
+    path = _path(name, value)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} {path} not found.")
+    return path
+
+
+def output_path(name: str, value) -> str:
+    """``value``, a file to be written, as a ``str``; its folder must exist.
+
+    Raises
+    ------
+    TypeError
+        Not a str or path-like.
+    ValueError
+        An empty path.
+    FileNotFoundError
+        The folder to write into does not exist.
+    """
+    path = _path(name, value)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")
+    return path

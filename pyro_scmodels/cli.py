@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from . import _validation as V
+
 LATENT_KEY = "X_regularizedvi"
 NORMALIZED_LAYER = "regularizedvi_normalized"
 
@@ -34,6 +36,35 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
         pass
+
+
+# the numeric options of each command, checked before any file is read or written
+_ARGUMENT_CHECKS = {
+    "demo": {"n_cells": V.positive_int, "n_genes": V.positive_int, "epochs": V.positive_int,
+             "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
+    "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
+            "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
+            "seed": V.non_negative_int},
+    "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
+                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
+}
+
+
+def check_arguments(args) -> None:
+    """Check the numeric options of ``args.command`` (None: the option's default applies).
+
+    Parameters
+    ----------
+    args
+        Parsed command line (:func:`build_parser`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        From :mod:`pyro_scmodels._validation`, naming the option (e.g. ``--batch-size``).
+    """
+    for name, check in _ARGUMENT_CHECKS.get(args.command, {}).items():
+        V.optional(check, "--" + name.replace("_", "-"), getattr(args, name))
 
 
 def _check_output_dir(path: str, overwrite: bool) -> None:
@@ -152,8 +183,7 @@ def run_ndreamer(args) -> None:
 
     from .ndreamer import NDreamer
 
-    if not os.path.exists(args.data):
-        raise CommandError(f"input file {args.data} not found.")
+    V.existing_file("input file", args.data)
     _check_output_dir(args.output, args.overwrite)
     adata = anndata.read_h5ad(args.data)
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
@@ -176,8 +206,7 @@ def run_fit(args) -> None:
 
     from . import RegularizedVI
 
-    if not os.path.exists(args.data):
-        raise CommandError(f"input file {args.data} not found.")
+    V.existing_file("input file", args.data)
     if not args.resume:
         _check_output_dir(args.output, args.overwrite)
     adata = anndata.read_h5ad(args.data)
@@ -270,6 +299,7 @@ def main(argv=None) -> int:
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     try:
+        check_arguments(args)
         if args.command == "demo":
             run_demo(args)
         elif args.command == "fit":

@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 
 from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, STATISTICS, SiteAccumulator  # noqa: F401
 
+from . import _validation as V
+
 __all__ = ["PredictiveCheck", "SiteCheck", "posterior_predictive_check", "prior_predictive_check"]
 
 
@@ -195,12 +197,9 @@ def _draw(check: PredictiveCheck) -> Figure:
 
 # --- entry points ----------------------------------------------------------------------------
 def _split_indices(model, adata, indices, split):
-    if split is None:
+    if V.choice("split", split, ("train", "validation"), allow_none=True) is None:
         return indices
-    if indices is not None:
-        raise ValueError("Pass either split or indices, not both.")
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train', 'validation' or None, got {split!r}.")
+    V.exclusive("split", split, "indices", indices)
     if adata is not None and adata is not getattr(model, "adata", None):
         raise ValueError("split refers to the cells the model was trained on; do not pass another adata with it.")
     try:
@@ -223,8 +222,10 @@ def _feature_names(model, site: str, n: int) -> pd.Index:
 
 
 def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prior) -> PredictiveCheck:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    num_samples = V.positive_int("num_samples", num_samples)
+    batch_size = V.optional(V.positive_int, "batch_size", batch_size)
+    seed = V.non_negative_int("seed", seed)
+    figure_path = V.optional(V.output_path, "figure_path", figure_path)
     rng = np.random.default_rng(seed)
     accumulators: dict[str, SiteAccumulator] = {}
     positions = []

@@ -19,6 +19,33 @@ def _is_backed(matrix) -> bool:
     return not isinstance(matrix, np.ndarray) and not sp.issparse(matrix)
 
 
+def fingerprint(matrix) -> dict:
+    """A cheap summary of a count matrix: shape, dtype and number of nonzero entries.
+
+    Setup records it after validating the counts; later reads of the same object validate
+    again only if it changed (any in-place change that keeps all three is not detected).
+
+    Parameters
+    ----------
+    matrix
+        ``scipy.sparse`` matrix, dense array or a backed AnnData sparse dataset.
+
+    Returns
+    -------
+    dict
+        ``{"shape": [cells, features], "dtype": str, "nnz": int or None}`` (JSON-ready;
+        ``nnz`` is None for a backed matrix, whose entries are not read).
+    """
+    if sp.issparse(matrix):
+        nnz = int(matrix.nnz)
+    elif isinstance(matrix, np.ndarray):
+        nnz = int(np.count_nonzero(matrix))
+    else:
+        nnz = None
+    dtype = getattr(matrix, "dtype", None)
+    return {"shape": [int(s) for s in matrix.shape], "dtype": None if dtype is None else str(np.dtype(dtype)), "nnz": nnz}
+
+
 class CountMatrix:
     """Row access to a cells x features matrix of raw counts.
 
@@ -37,6 +64,9 @@ class CountMatrix:
 
     def __init__(self, matrix, name: str = "adata.X", validate: bool = True, allow_empty_cells: bool = False):
         self.allow_empty_cells = allow_empty_cells
+        # of the matrix as given, before any format conversion below
+        self.fingerprint = fingerprint(matrix)
+        self.validated = False
         if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix) and not isinstance(matrix, sp.csr_array):
             matrix = sp.csr_matrix(matrix)
         if isinstance(matrix, np.matrix):
@@ -99,6 +129,7 @@ class CountMatrix:
                 "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
             )
         self._totals = totals
+        self.validated = True
 
     def totals(self) -> np.ndarray:
         """Total counts per cell (float64, length ``n_cells``)."""

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from .. import _validation as V
+
 # the purpose-specific arguments that `batch_key` would otherwise fill in
 _BATCH_FANOUT = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
 _PURPOSE_SPECIFIC = (
@@ -116,9 +118,7 @@ def resolve_covariate_keys(
 
 
 def _check_present(obs: pd.DataFrame, key: str, table: str) -> None:
-    if key not in obs.columns:
-        available = ", ".join(map(str, obs.columns[:20])) or "(none)"
-        raise KeyError(f"Column {key!r} not found in {table}. Available columns: {available}.")
+    V.present(key, obs.columns, table, "column")
 
 
 class CovariateEncoding:

@@ -1,203 +1,218 @@
-"""From an AnnData to tensors by cell index.
+"""AnnData setup: which layer and ``.obs`` columns a model reads, validated once.
 
-``setup_anndata`` records which layer and columns a model reads (in ``adata.uns``, as JSON so
-the AnnData stays writable); :class:`CellData` validates them and serves minibatches.
+``setup_anndata`` validates the counts and the covariate columns, fits the covariate encoding
+and records all of it in ``adata.uns`` (as JSON, so the AnnData stays writable): the layer, the
+covariate keys, the category order of every categorical key, and a fingerprint of the counts.
+A model reads this record with :func:`read_setup` instead of validating and fitting again, and
+gets its cells from :meth:`~pyro_scmodels.data.CellData.from_setup`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
-import numpy as np
-import torch
+import pandas as pd
 
-from .counts import CountMatrix, DeviceCSR
+from .. import _validation as V
+from .counts import CountMatrix
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 
 SETUP_UNS_KEY = "_pyro_scmodels_setup"
 
 
 def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatrix:
-    """The raw-count matrix of ``adata`` (``.X`` or ``.layers[layer]``), validated."""
-    if layer is None:
-        return CountMatrix(adata.X, name="adata.X", validate=validate)
-    if layer not in adata.layers:
-        available = ", ".join(adata.layers.keys()) or "(none)"
-        raise KeyError(f"Layer {layer!r} not found in adata.layers. Available layers: {available}.")
-    return CountMatrix(adata.layers[layer], name=f"adata.layers[{layer!r}]", validate=validate)
-
-
-def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> CovariateKeys:
-    """Validate the inputs and record the setup in ``adata.uns``. See ``RegularizedVI.setup_anndata``."""
-    if getattr(adata, "is_view", False):
-        raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
-    keys = resolve_covariate_keys(**covariate_arguments)
-    counts_matrix(adata, layer)  # validates counts before anything is stored
-    encoding = CovariateEncoding(keys).fit(adata.obs)  # validates the categorical columns
-    encoding.continuous(adata.obs)  # and the continuous ones
-    adata.uns[SETUP_UNS_KEY] = json.dumps({"layer": layer, "keys": keys.to_dict()})
-    return keys
-
-
-def read_setup(adata) -> tuple[str | None, CovariateKeys]:
-    """The layer and covariate keys recorded by ``setup_anndata``."""
-    if SETUP_UNS_KEY not in adata.uns:
-        raise ValueError(
-            "This AnnData has not been set up. Call `RegularizedVI.setup_anndata(adata, ...)` first."
-        )
-    setup = json.loads(adata.uns[SETUP_UNS_KEY])
-    return setup["layer"], CovariateKeys(**setup["keys"])
-
-
-def _onehot(codes: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(codes.shape[0], n, device=codes.device)
-    if n:
-        out.scatter_(1, codes, 1.0)
-    return out
-
-
-class CellData:
-    """Counts and encoded covariates of a set of cells, served by index.
+    """The raw-count matrix of an AnnData.
 
     Parameters
     ----------
+    adata
+        The AnnData.
+    layer
+        Layer holding the counts; None for ``adata.X``.
+    validate
+        Check every value (see :meth:`CountMatrix.validate`).
+
+    Returns
+    -------
+    CountMatrix
+
+    Raises
+    ------
+    KeyError
+        ``layer`` is not in ``adata.layers``.
+    """
+    if layer is None:
+        return CountMatrix(adata.X, name="adata.X", validate=validate)
+    V.present(layer, adata.layers, "adata.layers", "layer")
+    return CountMatrix(adata.layers[layer], name=f"adata.layers[{layer!r}]", validate=validate)
+
+
+def validated(matrix: CountMatrix, recorded: dict | None, validate: bool | None = None) -> CountMatrix:
+    """``matrix``, validated when asked to or when it changed since setup.
+
+    Parameters
+    ----------
+    matrix
+        A count matrix built with ``validate=False``.
+    recorded
+        The fingerprint recorded at setup (see :func:`~pyro_scmodels.data.counts.fingerprint`).
+    validate
+        True: always validate; False: never; None: only when ``matrix.fingerprint`` differs
+        from ``recorded`` (counts replaced or edited since setup).
+
+    Returns
+    -------
+    CountMatrix
+        The same object.
+    """
+    if validate or (validate is None and matrix.fingerprint != recorded):
+        matrix.validate()
+    return matrix
+
+
+class _RecordedEncoding:
+    """The covariate encoding of a setup record (shared by the AnnData and MuData records)."""
+
+    table: ClassVar[str] = "adata.obs"
+    keys: CovariateKeys
+    categories: dict[str, list[str]] | None
+
+    def encoding(self, obs: pd.DataFrame | None = None) -> CovariateEncoding:
+        """The covariate encoding fitted at setup.
+
+        Parameters
+        ----------
+        obs
+            The cell table; used only for a record written before setup recorded the
+            categories (older versions), whose encoding is then fitted on it.
+
+        Returns
+        -------
+        CovariateEncoding
+        """
+        encoding = CovariateEncoding(self.keys, self.categories)
+        if self.categories is None:
+            if obs is None:
+                raise ValueError("This setup records no categories; run the setup again.")
+            encoding.fit(obs, self.table)
+        return encoding
+
+
+@dataclass
+class AnnDataSetup(_RecordedEncoding):
+    """What :func:`setup_anndata` recorded in ``adata.uns``.
+
+    Attributes
+    ----------
+    layer
+        Layer of raw counts; None for ``.X``.
+    keys
+        The ``.obs`` columns of each covariate role.
+    categories
+        Category order of every categorical key, fitted at setup.
     counts
-        The raw counts, or for several modalities a dict from minibatch key (e.g. ``"x_rna"``)
-        to counts; a single matrix is served as ``"x"``.
-    obs
-        The cell table holding the covariate columns.
-    encoding
-        A fitted :class:`CovariateEncoding` (category order fixed).
+        Fingerprint of the count matrix validated at setup.
     """
 
-    def __init__(self, counts, obs, encoding: CovariateEncoding, table: str = "adata.obs"):
-        self.modalities: dict[str, CountMatrix] = dict(counts) if isinstance(counts, dict) else {"x": counts}
-        for key, matrix in self.modalities.items():
-            if len(obs) != matrix.n_cells:
-                raise ValueError(f"{table} has {len(obs)} rows but {matrix.name} has {matrix.n_cells} cells.")
-        keys = encoding.keys
-        self.counts = next(iter(self.modalities.values()))
-        self.encoding = encoding
-        self.n_cells = self.counts.n_cells
-        self.n_features = self.counts.n_features
-        as_long = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
-        single = lambda key: encoding.stacked_codes(obs, [key] if key else [], table)[:, 0]  # noqa: E731
-        self.covariates = {
-            "ambient_index": as_long(encoding.stacked_codes(obs, keys.ambient, table)),
-            "scaling_index": as_long(encoding.stacked_codes(obs, keys.feature_scaling, table)),
-            "dispersion_index": as_long(single(keys.dispersion)),
-            "library_index": as_long(single(keys.library_size)),
-            "nn_codes": as_long(encoding.stacked_codes(obs, keys.nn_conditioning, table)),
-            "encoder_codes": as_long(encoding.stacked_codes(obs, keys.encoder, table)),
-            "continuous": torch.as_tensor(encoding.continuous(obs, table)),
-        }
-        self.n_nn_covariates = encoding.n_categories(keys.nn_conditioning)
-        self.n_encoder_covariates = encoding.n_categories(keys.encoder)
-        self._device_counts: dict[str, DeviceCSR] | None = None
-        self._device_covariates: dict[str, torch.Tensor] | None = None
-        self._device = torch.device("cpu")
+    layer: str | None
+    keys: CovariateKeys
+    categories: dict[str, list[str]] | None = None
+    counts: dict | None = None
 
-    # --- sizes of the stacked category tables -------------------------------------------
-    @property
-    def n_ambient(self) -> int:
-        return max(1, self.encoding.n_categories(self.encoding.keys.ambient))
+    def count_matrices(self, adata, validate: bool | None = None) -> dict[str, CountMatrix]:
+        """The counts of ``adata`` under this setup, as ``{"x": CountMatrix}``.
 
-    @property
-    def n_scaling(self) -> int:
-        return max(1, self.encoding.n_categories(self.encoding.keys.feature_scaling))
-
-    @property
-    def n_dispersion(self) -> int:
-        key = self.encoding.keys.dispersion
-        return len(self.encoding.categories[key]) if key else 1
-
-    @property
-    def n_library(self) -> int:
-        key = self.encoding.keys.library_size
-        return len(self.encoding.categories[key]) if key else 1
-
-    @property
-    def n_continuous(self) -> int:
-        return int(self.covariates["continuous"].shape[1])
-
-    # --- summaries used for priors and initial values --------------------------------------
-    def library_prior(self, variance_floor: float = 1e-2, key: str = "x") -> tuple[np.ndarray, np.ndarray, float]:
-        """Mean and variance of log total counts per library group, means centred across groups.
-
-        Cells with no counts in this modality (allowed with several modalities) are left out.
-        Returns ``(centred_means, variances, centre)``; ``centre`` is what was subtracted.
+        ``validate`` as in :func:`validated`: by default only counts changed since setup are
+        validated again.
         """
-        totals = self.modalities[key].totals()
-        counted = totals > 0
-        log_total = np.log(totals[counted])
-        group = self.covariates["library_index"].numpy()[counted]
-        n = self.n_library
-        means = np.array([log_total[group == p].mean() for p in range(n)])
-        variances = np.array([log_total[group == p].var() if (group == p).sum() > 1 else 0.0 for p in range(n)])
-        centre = float(means.mean())
-        return means - centre, np.maximum(variances, variance_floor), centre
+        return {"x": validated(counts_matrix(adata, self.layer, validate=False), self.counts, validate)}
 
-    def _inverse_size_factors(self, key: str) -> np.ndarray:
-        # a cell's library factor: its total over the geometric-mean total (~1 at a typical cell);
-        # cells with no counts in this modality get weight 0
-        totals = self.modalities[key].totals()
-        counted = totals > 0
-        typical = np.exp(np.log(totals[counted]).mean())
-        return np.where(counted, typical / np.maximum(totals, 1e-12), 0.0)
-
-    def normalised_means(self, key: str = "x") -> np.ndarray:
-        """Mean library-normalised expression over all cells (1 x features), in counts at a typical library."""
-        return self.modalities[key].column_means(weights=self._inverse_size_factors(key))
-
-    def stacked_normalised_means(self, index_key: str, n_levels: int, key: str = "x") -> np.ndarray:
-        """Mean library-normalised expression per level of a stacked covariate (levels x features)."""
-        codes = self.covariates[index_key]
-        matrix = self.modalities[key]
-        weights = self._inverse_size_factors(key)
-        out = np.zeros((n_levels, matrix.n_features))
-        for column in range(codes.shape[1]):
-            out += matrix.column_means(weights=weights, groups=codes[:, column].numpy(), n_groups=n_levels)
-        return out
-
-    # --- minibatches ---------------------------------------------------------------------
-    def to_device(self, device: torch.device, counts_on_device: bool = False) -> None:
-        """Move the (small) covariate tensors, and optionally the whole sparse count matrix, to ``device``."""
-        self._device = torch.device(device)
-        self._device_covariates = {k: v.to(self._device) for k, v in self.covariates.items()}
-        self._device_counts = (
-            {key: matrix.to_torch_csr(self._device) for key, matrix in self.modalities.items()} if counts_on_device else None
-        )
-
-    def minibatch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Tensors of cells ``indices`` on the current device: counts, covariates and the indices."""
-        device = self._device
-        covariates = self._device_covariates or self.covariates
-        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        device_index = index.to(device)
-        counts = {}
-        for key, matrix in self.modalities.items():
-            if self._device_counts is not None:
-                counts[key] = self._device_counts[key].rows(device_index)
-            else:
-                # densify only this minibatch, on the host, then send it
-                counts[key] = torch.from_numpy(matrix.rows(indices)).to(device, non_blocking=True)
-        host_index = device_index if covariates is self._device_covariates else index
-        batch = {name: value[host_index].to(device) for name, value in covariates.items()}
-        batch["nn_onehot"] = _onehot(batch.pop("nn_codes"), self.n_nn_covariates) if self.n_nn_covariates else None
-        batch["encoder_onehot"] = (
-            _onehot(batch.pop("encoder_codes"), self.n_encoder_covariates) if self.n_encoder_covariates else None
-        )
-        batch.pop("nn_codes", None)
-        batch.pop("encoder_codes", None)
-        batch.update(counts)
-        batch["index"] = device_index
-        return batch
+    def to_json(self) -> str:
+        """The record as stored in ``.uns``."""
+        return json.dumps({"layer": self.layer, "keys": self.keys.to_dict(), "categories": self.categories,
+                           "counts": self.counts})
 
 
-def iterate_minibatches(indices: np.ndarray, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None):
-    """Split ``indices`` into minibatches, shuffled by ``rng`` when ``shuffle``."""
-    indices = np.asarray(indices)
-    if shuffle:
-        indices = indices[rng.permutation(len(indices))]
-    for start in range(0, len(indices), batch_size):
-        yield indices[start : start + batch_size]
+def load_record(data, what: str, call: str) -> dict:
+    """The setup record of ``data`` as a dict; ``ValueError`` telling how to set up if there is none."""
+    if SETUP_UNS_KEY not in data.uns:
+        raise ValueError(f"This {what} has not been set up. Call `{call}` first.")
+    return json.loads(data.uns[SETUP_UNS_KEY])
+
+
+def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> AnnDataSetup:
+    """Validate ``adata`` once, fit the covariate encoding once, and record both in ``adata.uns``.
+
+    See :meth:`pyro_scmodels.RegularizedVI.setup_anndata` for the arguments.
+
+    Parameters
+    ----------
+    adata
+        AnnData of raw counts (not a view).
+    layer
+        Layer of raw counts; None for ``.X``.
+    **covariate_arguments
+        Passed to :func:`~pyro_scmodels.data.resolve_covariate_keys`.
+
+    Returns
+    -------
+    AnnDataSetup
+        The record, as also stored in ``adata.uns``.
+    """
+    if getattr(adata, "is_view", False):
+        raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
+    keys = resolve_covariate_keys(**covariate_arguments)
+    counts = counts_matrix(adata, layer)  # validates counts before anything is stored
+    encoding = CovariateEncoding(keys).fit(adata.obs)  # validates the categorical columns
+    encoding.continuous(adata.obs)  # and the continuous ones
+    setup = AnnDataSetup(layer, keys, encoding.categories, counts.fingerprint)
+    adata.uns[SETUP_UNS_KEY] = setup.to_json()
+    return setup
+
+
+def read_setup(adata) -> AnnDataSetup:
+    """The setup recorded by :func:`setup_anndata`.
+
+    Raises
+    ------
+    ValueError
+        ``adata`` was not set up, or was set up with ``setup_mudata``.
+    """
+    record = load_record(adata, "AnnData", "RegularizedVI.setup_anndata(adata, ...)")
+    if "modalities" in record:
+        raise ValueError("This object was set up with setup_mudata (for RegularizedMultimodalVI), not setup_anndata.")
+    return AnnDataSetup(layer=record["layer"], keys=CovariateKeys(**record["keys"]),
+                        categories=record.get("categories"), counts=record.get("counts"))
+
+
+def check_var_names(expected, adata, what: str = "adata") -> None:
+    """Raise ``ValueError`` when ``adata`` does not have exactly the genes ``expected``, in order.
+
+    Parameters
+    ----------
+    expected
+        The model's feature names.
+    adata
+        The AnnData (or one modality of a MuData) to check.
+    what
+        What to call ``adata`` in the message, e.g. ``"mdata.mod['rna']"``.
+    """
+    actual = pd.Index(adata.var_names)
+    expected = pd.Index(expected)
+    if actual.equals(expected):
+        return
+    missing = expected.difference(actual)
+    extra = actual.difference(expected)
+    detail = []
+    if len(missing):
+        detail.append(f"{len(missing)} gene(s) of the model missing (e.g. {list(missing[:3])})")
+    if len(extra):
+        detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
+    if not detail:
+        detail.append("same genes in a different order")
+    raise ValueError(
+        f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
+        f"Subset and order them with `{what}[:, model_genes]`."
+    )

@@ -120,16 +120,13 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         checkpoint_every = V.positive_int("checkpoint_every", checkpoint_every)
         early_stopping_patience = V.positive_int("early_stopping_patience", early_stopping_patience)
         lr, eps = V.positive_float("lr", lr), V.positive_float("eps", eps)
-        if kl_warmup_epochs is not None:
-            kl_warmup_epochs = V.non_negative_int("kl_warmup_epochs", kl_warmup_epochs)
-        if kl_warmup_steps is not None:
-            kl_warmup_steps = V.non_negative_int("kl_warmup_steps", kl_warmup_steps)
-        if gradient_clip is not None:
-            gradient_clip = V.positive_float("gradient_clip", gradient_clip)
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}.")
-        if not (isinstance(train_size, (int, float)) and 0.0 < train_size <= 1.0):
-            raise ValueError(f"train_size must be in (0, 1], got {train_size!r}.")
+        kl_warmup_epochs = V.optional(V.non_negative_int, "kl_warmup_epochs", kl_warmup_epochs)
+        kl_warmup_steps = V.optional(V.non_negative_int, "kl_warmup_steps", kl_warmup_steps)
+        gradient_clip = V.optional(V.positive_float, "gradient_clip", gradient_clip)
+        early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
+        weight_decay = V.non_negative_float("weight_decay", weight_decay)
+        train_size = V.fraction("train_size", train_size)
+        seed = V.non_negative_int("seed", seed)
         self.device = resolve_device(device)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
@@ -290,23 +287,3 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
         }
 
-
-def check_var_names(expected, adata, what: str = "adata") -> None:
-    """Raise ``ValueError`` when ``adata`` does not have exactly the genes ``expected``, in order."""
-    actual = pd.Index(adata.var_names)
-    expected = pd.Index(expected)
-    if actual.equals(expected):
-        return
-    missing = expected.difference(actual)
-    extra = actual.difference(expected)
-    detail = []
-    if len(missing):
-        detail.append(f"{len(missing)} gene(s) of the model missing (e.g. {list(missing[:3])})")
-    if len(extra):
-        detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
-    if not detail:
-        detail.append("same genes in a different order")
-    raise ValueError(
-        f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
-        f"Subset and order them with `{what}[:, model_genes]`."
-    )

@@ -7,18 +7,14 @@ training loop are the single-modality ones.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import CellData, CountMatrix, CovariateEncoding, resolve_covariate_keys
-from ..data.covariates import CovariateKeys
-from ..data.registry import SETUP_UNS_KEY
+from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
 from ..priors import RegularizedPriors
-from ._base import ModelAndGuide, PyroModelBase, check_var_names
+from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import setup_arguments
 from .regularizedvi_module import build_model_and_guide
@@ -32,21 +28,6 @@ def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
             raise ValueError(f"{name} has no entry for modality {missing}; give one per modality {modalities}.")
         return {m: V.positive_int(f"{name}[{m!r}]", value[m]) for m in modalities}
     return {m: V.positive_int(name, value) for m in modalities}
-
-
-def _modality_counts(mdata, modality: str, layer: str | None, validate: bool = True) -> CountMatrix:
-    adata = mdata.mod[modality]
-    if list(adata.obs_names) != list(mdata.obs_names):
-        raise ValueError(
-            f"Modality {modality!r} does not hold the cells of mdata.obs in the same order; RegularizedMultimodalVI "
-            "needs paired modalities (e.g. `mu.pp.intersect_obs(mdata)`)."
-        )
-    if layer is None:
-        return CountMatrix(adata.X, name=f"mdata.mod[{modality!r}].X", validate=validate, allow_empty_cells=True)
-    if layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found in mdata.mod[{modality!r}].layers (available: {list(adata.layers)}).")
-    return CountMatrix(adata.layers[layer], name=f"mdata.mod[{modality!r}].layers[{layer!r}]", validate=validate,
-                       allow_empty_cells=True)
 
 
 class RegularizedMultimodalVI(PyroModelBase):
@@ -85,12 +66,11 @@ class RegularizedMultimodalVI(PyroModelBase):
         if modality_weights not in WEIGHT_MODES:
             raise ValueError(f"modality_weights must be one of {WEIGHT_MODES}, got {modality_weights!r}.")
         self.adata = mdata
-        setup = read_mudata_setup(mdata)
-        self.modalities, self.layers = setup["modalities"], setup["layers"]
-        self.keys = CovariateKeys(**setup["keys"])
-        self.encoding = CovariateEncoding(self.keys, _categories)
-        if _categories is None:
-            self.encoding.fit(mdata.obs, "mdata.obs")
+        self._setup = setup = read_mudata_setup(mdata)
+        self.modalities, self.layers = setup.modalities, setup.layers
+        self.keys = setup.keys
+        # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
+        self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         hidden = _per_modality(n_hidden, self.modalities, "n_hidden")
         latent = _per_modality(n_latent, self.modalities, "n_latent")
         if latent_mode != "concatenation" and len(set(latent.values())) > 1:
@@ -153,39 +133,25 @@ class RegularizedMultimodalVI(PyroModelBase):
         batch_key, ambient_covariate_keys, ...
             As in :meth:`RegularizedVI.setup_anndata`, shared by all modalities.
         """
-        modalities = list(mdata.mod) if modalities is None else list(modalities)
-        unknown = [m for m in modalities if m not in mdata.mod]
-        if unknown or not modalities:
-            raise ValueError(f"Unknown modalities {unknown} (mdata has {list(mdata.mod)}).")
-        layers = layer if isinstance(layer, dict) else {m: layer for m in modalities}
-        keys = resolve_covariate_keys(
-            batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
+        setup_mudata(
+            mdata, modalities, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
             feature_scaling_covariate_keys=feature_scaling_covariate_keys, dispersion_key=dispersion_key,
             library_size_key=library_size_key, encoder_covariate_keys=encoder_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
         )
-        totals = np.zeros(mdata.n_obs)
-        for m in modalities:
-            totals += _modality_counts(mdata, m, layers.get(m)).totals()
-        if (totals <= 0).any():
-            raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in any modality; remove them first.")
-        encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
-        encoding.continuous(mdata.obs, "mdata.obs")
-        mdata.uns[SETUP_UNS_KEY] = json.dumps({"modalities": modalities, "layers": layers, "keys": keys.to_dict()})
 
     def _cell_data(self, adata=None) -> CellData:
         mdata = self.adata if adata is None else adata
-        if mdata is self.adata and self._data is not None:
-            return self._data
-        if mdata is not self.adata:
-            for m in self.modalities:
-                check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
-        counts = {f"x_{m}": _modality_counts(mdata, m, self.layers.get(m)) for m in self.modalities}
-        data = CellData(counts, mdata.obs, self.encoding, "mdata.obs")
         if mdata is self.adata:
-            self._data = data
-        return data
+            if self._data is None:
+                # counts validated at setup are not validated again unless they changed since
+                self._data = CellData.from_setup(mdata, encoding=self.encoding, setup=self._setup)
+            return self._data
+        for m in self.modalities:
+            check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
+        # new cells: read with the training setup, always validated
+        return CellData.from_setup(mdata, encoding=self.encoding, setup=self._setup, validate=True)
 
     # --- outputs ------------------------------------------------------------------------------
     def _check_modality(self, modality: str) -> str:
@@ -344,12 +310,3 @@ class RegularizedMultimodalVI(PyroModelBase):
         model._move_to(device)
         return model
 
-
-def read_mudata_setup(mdata) -> dict:
-    """The modalities, layers and keys recorded by :meth:`RegularizedMultimodalVI.setup_mudata`."""
-    if SETUP_UNS_KEY not in mdata.uns:
-        raise ValueError("This MuData has not been set up. Call `RegularizedMultimodalVI.setup_mudata(mdata, ...)` first.")
-    setup = json.loads(mdata.uns[SETUP_UNS_KEY])
-    if "modalities" not in setup:
-        raise ValueError("This object was set up for RegularizedVI (setup_anndata), not with setup_mudata.")
-    return setup

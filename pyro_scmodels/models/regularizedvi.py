@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import CellData, CovariateEncoding, counts_matrix, read_setup, setup_anndata
-from ..data.registry import SETUP_UNS_KEY
+from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
 from ..priors import RegularizedPriors
-from ._base import ModelAndGuide, PyroModelBase, check_var_names
+from ._base import ModelAndGuide, PyroModelBase
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
+
 
 class RegularizedVI(PyroModelBase):
     """scVI with an ambient background, feature scaling and a containment prior on dispersion.
@@ -72,8 +72,7 @@ class RegularizedVI(PyroModelBase):
         _categories: dict | None = None,
     ):
         super().__init__()
-        if init not in ("data", "prior"):
-            raise ValueError(f"init must be 'data' or 'prior', got {init!r}.")
+        V.choice("init", init, ("data", "prior"))
         n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
         n_layers = V.positive_int("n_layers", n_layers)
         dropout_rate, input_dropout_rate = V.rate("dropout_rate", dropout_rate), V.rate("input_dropout_rate", input_dropout_rate)
@@ -82,10 +81,10 @@ class RegularizedVI(PyroModelBase):
         if priors is not None and not isinstance(priors, RegularizedPriors):
             raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
         self.adata = adata
-        self.layer, self.keys = read_setup(adata)
-        self.encoding = CovariateEncoding(self.keys, _categories)
-        if _categories is None:
-            self.encoding.fit(adata.obs)
+        self._setup = read_setup(adata)
+        self.layer, self.keys = self._setup.layer, self._setup.keys
+        # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
+        self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         self.var_names = pd.Index(adata.var_names).copy()
         self.priors = priors or RegularizedPriors()
         self.init_params = dict(
@@ -157,10 +156,12 @@ class RegularizedVI(PyroModelBase):
     def _cell_data(self, adata=None) -> CellData:
         if adata is None or adata is self.adata:
             if self._data is None:
-                self._data = CellData(counts_matrix(self.adata, self.layer), self.adata.obs, self.encoding)
+                # counts validated at setup are not validated again unless they changed since
+                self._data = CellData.from_setup(self.adata, encoding=self.encoding, setup=self._setup)
             return self._data
         check_var_names(self.var_names, adata)
-        return CellData(counts_matrix(adata, self.layer), adata.obs, self.encoding)
+        # new cells: read with the training setup, always validated
+        return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
 
     # --- outputs ------------------------------------------------------------------------------
     def get_latent_representation(self, adata=None, indices=None, batch_size: int | None = None, give_mean: bool = True,
@@ -283,8 +284,8 @@ class RegularizedVI(PyroModelBase):
         check_var_names(payload["var_names"], adata)
         saved_setup = (payload["layer"], payload["keys"])
         if SETUP_UNS_KEY in adata.uns:
-            layer, keys = read_setup(adata)
-            if (layer, keys.to_dict()) != saved_setup:
+            current = read_setup(adata)
+            if (current.layer, current.keys.to_dict()) != saved_setup:
                 warnings.warn(
                     "adata was set up differently from the saved model; the model's setup "
                     f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=2

@@ -1,0 +1,158 @@
+"""MuData setup: the modalities, layers and ``.obs`` columns a multimodal model reads, validated once.
+
+The MuData counterpart of :mod:`.registry`: ``setup_mudata`` validates the counts of every
+modality, fits the covariate encoding on ``mdata.obs`` and records the modalities, layers,
+covariate keys, categories and count fingerprints in ``mdata.uns`` (as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .. import _validation as V
+from .counts import CountMatrix
+from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
+from .registry import SETUP_UNS_KEY, _RecordedEncoding, load_record, validated
+
+
+def modality_counts(mdata, modality: str, layer: str | None, validate: bool = True) -> CountMatrix:
+    """The raw-count matrix of one modality of a MuData (cells without counts are allowed).
+
+    Parameters
+    ----------
+    mdata
+        MuData whose modalities hold the cells of ``mdata.obs`` in the same order.
+    modality
+        Name of the modality in ``mdata.mod``.
+    layer
+        Layer of raw counts in that modality; None for ``.X``.
+    validate
+        Check every value (see :meth:`CountMatrix.validate`).
+
+    Returns
+    -------
+    CountMatrix
+
+    Raises
+    ------
+    ValueError
+        The modality's cells are not those of ``mdata.obs`` in the same order.
+    KeyError
+        ``layer`` is not a layer of the modality.
+    """
+    adata = mdata.mod[modality]
+    if list(adata.obs_names) != list(mdata.obs_names):
+        raise ValueError(
+            f"Modality {modality!r} does not hold the cells of mdata.obs in the same order; RegularizedMultimodalVI "
+            "needs paired modalities (e.g. `mu.pp.intersect_obs(mdata)`)."
+        )
+    if layer is None:
+        return CountMatrix(adata.X, name=f"mdata.mod[{modality!r}].X", validate=validate, allow_empty_cells=True)
+    V.present(layer, adata.layers, f"mdata.mod[{modality!r}].layers", "layer")
+    return CountMatrix(adata.layers[layer], name=f"mdata.mod[{modality!r}].layers[{layer!r}]", validate=validate,
+                       allow_empty_cells=True)
+
+
+@dataclass
+class MuDataSetup(_RecordedEncoding):
+    """What :func:`setup_mudata` recorded in ``mdata.uns``.
+
+    Attributes
+    ----------
+    modalities
+        Modalities to model, in the order of the latent blocks.
+    layers
+        Layer of raw counts per modality (None: ``.X``).
+    keys
+        The ``mdata.obs`` columns of each covariate role, shared by all modalities.
+    categories
+        Category order of every categorical key, fitted at setup.
+    counts
+        Fingerprint per modality of the count matrix validated at setup.
+    """
+
+    table: ClassVar[str] = "mdata.obs"
+
+    modalities: list[str]
+    layers: dict[str, str | None]
+    keys: CovariateKeys
+    categories: dict[str, list[str]] | None = None
+    counts: dict[str, dict] | None = None
+
+    def count_matrices(self, mdata, validate: bool | None = None) -> dict[str, CountMatrix]:
+        """The counts of every modality of ``mdata``, as ``{"x_<modality>": CountMatrix}``.
+
+        ``validate`` as in :func:`~pyro_scmodels.data.registry.validated`: by default only the
+        counts changed since setup are validated again.
+        """
+        recorded = self.counts or {}
+        return {
+            f"x_{m}": validated(modality_counts(mdata, m, self.layers.get(m), validate=False), recorded.get(m), validate)
+            for m in self.modalities
+        }
+
+    def to_json(self) -> str:
+        """The record as stored in ``.uns``."""
+        return json.dumps({"modalities": self.modalities, "layers": self.layers, "keys": self.keys.to_dict(),
+                           "categories": self.categories, "counts": self.counts})
+
+
+def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> MuDataSetup:
+    """Validate ``mdata`` once, fit the covariate encoding once, and record both in ``mdata.uns``.
+
+    See :meth:`pyro_scmodels.RegularizedMultimodalVI.setup_mudata` for the arguments.
+
+    Parameters
+    ----------
+    mdata
+        MuData of raw counts with paired cells; covariates are read from ``mdata.obs``.
+    modalities
+        Modalities to model, in the order of the latent blocks; default all of ``mdata.mod``.
+    layer
+        Layer of raw counts: one name for every modality, or a dict per modality; None for ``.X``.
+    **covariate_arguments
+        Passed to :func:`~pyro_scmodels.data.resolve_covariate_keys`.
+
+    Returns
+    -------
+    MuDataSetup
+        The record, as also stored in ``mdata.uns``.
+    """
+    modalities = list(mdata.mod) if modalities is None else list(modalities)
+    unknown = [m for m in modalities if m not in mdata.mod]
+    if unknown or not modalities:
+        raise ValueError(f"Unknown modalities {unknown} (mdata has {list(mdata.mod)}).")
+    layers = layer if isinstance(layer, dict) else {m: layer for m in modalities}
+    keys = resolve_covariate_keys(**covariate_arguments)
+    fingerprints = {}
+    totals = np.zeros(mdata.n_obs)
+    for m in modalities:
+        counts = modality_counts(mdata, m, layers.get(m))  # validated here, once
+        totals += counts.totals()
+        fingerprints[m] = counts.fingerprint
+    if (totals <= 0).any():
+        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in any modality; remove them first.")
+    encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
+    encoding.continuous(mdata.obs, "mdata.obs")
+    setup = MuDataSetup(modalities, layers, keys, encoding.categories, fingerprints)
+    mdata.uns[SETUP_UNS_KEY] = setup.to_json()
+    return setup
+
+
+def read_mudata_setup(mdata) -> MuDataSetup:
+    """The setup recorded by :func:`setup_mudata`.
+
+    Raises
+    ------
+    ValueError
+        ``mdata`` was not set up, or was set up with ``setup_anndata``.
+    """
+    record = load_record(mdata, "MuData", "RegularizedMultimodalVI.setup_mudata(mdata, ...)")
+    if "modalities" not in record:
+        raise ValueError("This object was set up for RegularizedVI (setup_anndata), not with setup_mudata.")
+    return MuDataSetup(modalities=record["modalities"], layers=record["layers"], keys=CovariateKeys(**record["keys"]),
+                       categories=record.get("categories"), counts=record.get("counts"))

@@ -1,0 +1,275 @@
+"""``pyro_scmodels.data`` owns setup: the encoding is fitted and the counts validated once, at
+setup; models get their cells from ``CellData.from_setup``; and ``pyro_scmodels._validation``
+raises one exception type per kind of error. Tiny data: the file runs in seconds."""
+
+import json
+import os
+
+import anndata
+import numpy as np
+import pytest
+
+import pyro_scmodels as ps
+from pyro_scmodels import _validation as V
+from pyro_scmodels import criticism
+from pyro_scmodels.cli import main
+from pyro_scmodels.data import (
+    SETUP_UNS_KEY,
+    AnnDataSetup,
+    CellData,
+    CountMatrix,
+    CovariateEncoding,
+    MuDataSetup,
+    check_var_names,
+    read_mudata_setup,
+    read_setup,
+    setup_anndata,
+    setup_mudata,
+)
+from pyro_scmodels.datasets import simulate, simulate_multiome
+
+SMALL = dict(n_hidden=8, n_latent=2)
+FIT = dict(max_epochs=1, batch_size=32, device="cpu", progress_bar=False)
+
+
+@pytest.fixture
+def adata():
+    return simulate(n_cells=60, n_genes=30, n_cell_types=2, n_batches=2, n_markers_per_type=3,
+                    n_responding_genes=5, seed=0)
+
+
+@pytest.fixture
+def mdata():
+    return simulate_multiome(n_cells=40, n_genes=75, n_peaks=120, n_batches=2, seed=0)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of CovariateEncoding.fit and CountMatrix.validate."""
+    counted = {"fit": 0, "validate": 0}
+    fit, validate = CovariateEncoding.fit, CountMatrix.validate
+
+    def counting_fit(self, *args, **kwargs):
+        counted["fit"] += 1
+        return fit(self, *args, **kwargs)
+
+    def counting_validate(self, *args, **kwargs):
+        counted["validate"] += 1
+        return validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(CovariateEncoding, "fit", counting_fit)
+    monkeypatch.setattr(CountMatrix, "validate", counting_validate)
+    return counted
+
+
+# --- the encoding is fitted once ------------------------------------------------------------------
+def test_setup_fits_the_encoding_once(adata, calls):
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.train(**FIT)
+    model.get_latent_representation()
+    assert calls["fit"] == 1
+    assert model.encoding.categories == read_setup(adata).categories == {"batch": ["batch_0", "batch_1"]}
+
+
+def test_multimodal_setup_fits_the_encoding_once(mdata, calls):
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
+    assert calls["fit"] == 1
+    assert model.encoding.categories == read_mudata_setup(mdata).categories
+
+
+def test_saved_categories_win_over_the_setup(adata, tmp_path):
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.save(str(tmp_path))
+    only_first = adata[adata.obs["batch"] == "batch_0"].copy()
+    loaded = ps.RegularizedVI.load(str(tmp_path), only_first)
+    # the setup of the new data saw one batch; the model keeps both, in the saved order
+    assert read_setup(only_first).categories == {"batch": ["batch_0"]}
+    assert loaded.encoding.categories == {"batch": ["batch_0", "batch_1"]}
+    assert loaded.get_ambient_profile().shape == (30, 2)
+
+
+# --- counts are validated once per object ---------------------------------------------------------
+def test_counts_validated_once_per_object(adata, calls):
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    assert calls["validate"] == 1
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.train(**FIT)
+    model.get_latent_representation()
+    model.get_latent_representation(adata)
+    assert calls["validate"] == 1
+    other = adata.copy()  # a new object passed to a getter is validated
+    model.get_latent_representation(other)
+    assert calls["validate"] == 2
+
+
+def test_counts_changed_after_setup_are_validated_again(adata):
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    adata.X = adata.X.toarray() + 0.5  # not counts any more: the fingerprint changed
+    with pytest.raises(ValueError, match="non-integer"):
+        ps.RegularizedVI(adata, **SMALL)
+
+
+def test_multimodal_counts_validated_once_per_modality(mdata, calls):
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    assert calls["validate"] == 2
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
+    model.train(**FIT)
+    assert calls["validate"] == 2
+    model.get_latent_representation(adata=mdata.copy())
+    assert calls["validate"] == 4
+
+
+# --- the data/ API ---------------------------------------------------------------------------------
+def test_check_var_names_lives_in_data(adata):
+    from pyro_scmodels.models import _base
+
+    assert _base.check_var_names is check_var_names
+    check_var_names(adata.var_names, adata)
+    with pytest.raises(ValueError, match=r"The genes of adata do not match the model's \(31 genes\)"):
+        check_var_names([*adata.var_names, "extra"], adata)
+
+
+def test_setup_record_is_json_with_categories_and_fingerprint(adata, tmp_path):
+    setup = setup_anndata(adata, layer="counts", batch_key="batch")
+    assert isinstance(setup, AnnDataSetup)
+    record = json.loads(adata.uns[SETUP_UNS_KEY])
+    assert record["categories"] == {"batch": ["batch_0", "batch_1"]}
+    assert record["counts"] == {"shape": [60, 30], "dtype": str(adata.layers["counts"].dtype),
+                                "nnz": int(adata.layers["counts"].nnz)}
+    adata.write_h5ad(tmp_path / "a.h5ad")  # the record keeps the AnnData writable
+    assert read_setup(anndata.read_h5ad(tmp_path / "a.h5ad")) == setup
+
+
+def test_cell_data_from_anndata_setup(adata):
+    setup_anndata(adata, layer="counts", batch_key="batch")
+    data = CellData.from_setup(adata)
+    assert list(data.modalities) == ["x"] and data.n_cells == 60 and data.n_features == 30
+    assert data.encoding.categories == {"batch": ["batch_0", "batch_1"]}
+    batch = data.minibatch(np.arange(4))
+    np.testing.assert_array_equal(batch["x"].numpy(), adata.layers["counts"][:4].toarray())
+    np.testing.assert_array_equal(batch["ambient_index"][:, 0].numpy(), adata.obs["batch"].cat.codes[:4])
+
+
+def test_cell_data_from_mudata_setup(mdata):
+    setup = setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    assert isinstance(setup, MuDataSetup) and read_mudata_setup(mdata) == setup
+    data = CellData.from_setup(mdata)
+    assert list(data.modalities) == ["x_rna", "x_atac"]
+    assert data.modalities["x_atac"].n_features == mdata.mod["atac"].n_vars
+    batch = data.minibatch(np.arange(3))
+    np.testing.assert_array_equal(batch["x_rna"].numpy(), mdata.mod["rna"].layers["counts"][:3].toarray())
+
+
+def test_setup_mudata_is_the_models_setup(mdata):
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    record = json.loads(mdata.uns[SETUP_UNS_KEY])
+    assert record["modalities"] == ["rna", "atac"] and set(record["counts"]) == {"rna", "atac"}
+    with pytest.raises(ValueError, match="set up with setup_mudata"):
+        read_setup(mdata)
+
+
+def test_missing_modality_layer_is_key_error(mdata):
+    with pytest.raises(KeyError, match=r"Layer 'raw' not found in mdata\.mod\['rna'\]\.layers\. Available layers: counts"):
+        setup_mudata(mdata, layer="raw")
+
+
+# --- one exception type per kind of error ------------------------------------------------------------
+CHECKS = [
+    # check, a value of the wrong type, a value of the right type but out of range
+    (V.positive_int, "3", 0),
+    (V.non_negative_int, 2.5, -1),
+    (lambda n, v: V.integer(n, v, minimum=2, maximum=5), [3], 7),
+    (V.positive_float, "1e-3", -0.5),
+    (V.non_negative_float, None, -1.0),
+    (V.rate, "0.1", 1.0),
+    (V.probability, True, 1.5),
+    (V.fraction, "half", 0.0),
+    (lambda n, v: V.number(n, v, minimum=0.0, strict_minimum=True), object(), float("nan")),
+    (lambda n, v: V.choice(n, v, ("data", "prior")), 3, "bogus"),
+]
+IDS = ["positive_int", "non_negative_int", "integer", "positive_float", "non_negative_float", "rate", "probability",
+       "fraction", "number", "choice"]
+
+
+@pytest.mark.parametrize("check, wrong_type, wrong_value", CHECKS, ids=IDS)
+def test_wrong_type_is_type_error_naming_the_argument(check, wrong_type, wrong_value):
+    with pytest.raises(TypeError, match=r"^my_argument must be .*got " + _escaped(wrong_type)):
+        check("my_argument", wrong_type)
+
+
+@pytest.mark.parametrize("check, wrong_type, wrong_value", CHECKS, ids=IDS)
+def test_wrong_value_is_value_error_naming_argument_and_value(check, wrong_type, wrong_value):
+    with pytest.raises(ValueError, match=r"^my_argument must be .*got " + _escaped(wrong_value)):
+        check("my_argument", wrong_value)
+
+
+def _escaped(value):
+    import re
+
+    return re.escape(repr(float(value) if isinstance(value, float) else value))
+
+
+def test_checks_return_canonical_values(tmp_path):
+    assert V.positive_int("n", 3.0) == 3 and isinstance(V.positive_int("n", np.int64(3)), int)
+    assert V.fraction("train_size", 1) == 1.0 and V.rate("p", 0) == 0.0
+    assert V.choice("split", None, ("train", "validation"), allow_none=True) is None
+    assert V.optional(V.positive_int, "batch_size", None) is None
+    assert V.boolean("flag", np.bool_(True)) is True
+    with pytest.raises(TypeError, match="flag must be True or False, got 1"):
+        V.boolean("flag", 1)
+    with pytest.raises(ValueError, match=r"Pass either split or indices, not both"):
+        V.exclusive("split", "train", "indices", [0])
+    with pytest.raises(KeyError, match=r"Column 'x' not found in adata\.obs\. Available columns: a, b"):
+        V.present("x", ["a", "b"], "adata.obs", "column")
+    with pytest.raises(FileNotFoundError, match="input file .*nothing.h5ad not found"):
+        V.existing_file("input file", tmp_path / "nothing.h5ad")
+    with pytest.raises(FileNotFoundError, match="figure_path: the folder .*missing"):
+        V.output_path("figure_path", tmp_path / "missing" / "f.png")
+    with pytest.raises(TypeError, match="figure_path must be a file path"):
+        V.output_path("figure_path", 3)
+
+
+# --- the checks are used by train, the predictive checks and the command line ---------------------
+@pytest.fixture
+def untrained(adata):
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    return ps.RegularizedVI(adata, **SMALL)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(train_size="half"), TypeError, r"train_size must be in \(0, 1\], got 'half'"),
+    (dict(weight_decay=-1.0), ValueError, r"weight_decay must be a non-negative number, got -1\.0"),
+    (dict(weight_decay="0"), TypeError, r"weight_decay must be a non-negative number, got '0'"),
+    (dict(batch_size=2.5), TypeError, r"batch_size must be a positive integer, got 2\.5"),
+    (dict(kl_warmup_epochs=-1), ValueError, r"kl_warmup_epochs must be a non-negative integer, got -1"),
+    (dict(kl_warmup_epochs=1.5), TypeError, r"kl_warmup_epochs must be a non-negative integer, got 1\.5"),
+    (dict(seed=-1), ValueError, r"seed must be a non-negative integer, got -1"),
+], ids=["train_size_type", "weight_decay_value", "weight_decay_type", "batch_size_type", "warmup_value",
+        "warmup_type", "seed"])
+def test_train_argument_errors(untrained, arguments, error, message):
+    with pytest.raises(error, match=message):
+        untrained.train(**{**FIT, **arguments})
+    assert not untrained.is_trained
+
+
+def test_predictive_check_arguments_checked_first(untrained, tmp_path):
+    with pytest.raises(TypeError, match=r"num_samples must be a positive integer, got 2\.5"):
+        criticism.prior_predictive_check(untrained, num_samples=2.5)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        criticism.prior_predictive_check(untrained, num_samples=2, batch_size=0)
+    with pytest.raises(FileNotFoundError, match="figure_path"):
+        criticism.prior_predictive_check(untrained, num_samples=2, figure_path=tmp_path / "no" / "f.png")
+    with pytest.raises(TypeError, match="split must be 'train', 'validation' or None, got 1"):
+        criticism.posterior_predictive_check(untrained, split=1)
+
+
+def test_cli_checks_numeric_options_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--batch-size", "0", "--quiet"]) == 2
+    assert "error: --batch-size must be a positive integer, got 0." in capsys.readouterr().err
+    assert main(["demo", "-o", str(out), "--lr", "-1", "--quiet"]) == 2
+    assert "--lr must be a positive number" in capsys.readouterr().err
+    assert not os.path.exists(out)
