@@ -16,7 +16,6 @@ the data.
 Argument checks and the sampling primitives both share are in ``_common.py``.
 """
 
-from ._common import _check_float, _check_int  # noqa: F401  (kept as datasets._check_*)
 from ._multiome import simulate_multiome
 from ._simulate import CONTROL, STIMULATED, simulate  # noqa: F401  (condition names)
 

@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 
+from .. import _validation as V
 
-# --- argument checks: every error is a ValueError that names the argument -------------------
+
+# --- argument checks: through the package's one validation module; each error names the argument
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return V.integer(name, value, minimum=minimum)
 
 
 def _check_float(name: str, value, minimum: float, *, strict: bool = False,
                  maximum: float = math.inf) -> float:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum) and value <= maximum
-    if not ok:
-        bounds = f"{'>' if strict else '>='} {minimum}"
-        if math.isfinite(maximum):
-            bounds += f" and <= {maximum}"
-        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
-    return float(value)
+    return V.number(name, value, minimum, None if math.isinf(maximum) else maximum, strict_minimum=strict)
 
 
 def _check_theta_range(theta_range) -> tuple[float, float]:
