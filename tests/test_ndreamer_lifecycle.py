@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyro_scmodels as ps
-from pyro_scmodels.ndreamer import NDreamer
+from pyro_scmodels.ndreamer import NDreamer, NDreamerTrainer
 from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
 from pyro_scmodels.training import NonFiniteError
 
@@ -60,6 +60,19 @@ def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
     with pytest.raises(NonFiniteError, match=r"loss part 'kl'.*network\.mean_head\.bias \(value\)"):
         nd.train(n_epochs=1, progress_bar=False)
     assert not nd.network.training  # put back in eval mode
+
+
+def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypatch):
+    nd = _nd(tiny_adata)
+
+    def interrupt(self, cells):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(NDreamerTrainer, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    assert (tmp_path / "checkpoint.pt").exists() and not nd.network.training
+    assert nd.trainer.step == 1
 
 
 def test_second_training_recomputes_embedding_and_effects(tiny_adata):
