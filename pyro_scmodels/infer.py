@@ -1,28 +1,25 @@
-"""The one SVI training loop every model uses.
+"""SVI on the package's one training loop (:class:`~pyro_scmodels.training.TrainingLoop`).
 
-``SVITrainer`` fits a Pyro model/guide pair with ``Trace_ELBO`` and a torch optimiser:
-minibatches from :class:`~pyro_scmodels.data.CellData`, KL warm-up, gradient clipping,
-NaN/Inf detection that names the culprit, early stopping on the validation loss,
+``SVITrainer`` fits a Pyro model/guide pair with ``Trace_ELBO`` and Adam: minibatches from
+:class:`~pyro_scmodels.data.CellData`, KL warm-up and a validation loss; the loop it inherits
+adds gradient clipping, NaN/Inf detection that names the culprit, early stopping,
 checkpoints with resume, a tqdm progress bar and a per-epoch history.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from tqdm.auto import tqdm
 
 from . import _constants as C
 from .data import CellData, iterate_minibatches
+from .training import NonFiniteError, TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +58,6 @@ def default_max_epochs(n_cells: int) -> int:
     return int(min(C.MAX_EPOCHS_CAP, max(1, round(C.MAX_EPOCHS_CELL_BUDGET / n_cells * C.MAX_EPOCHS_CAP))))
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or Inf; the message names the site or parameter."""
-
-
 @dataclass
 class TrainingPlan:
     """Settings of one call to :meth:`SVITrainer.fit`."""
@@ -82,6 +75,7 @@ class TrainingPlan:
     progress_bar: bool = True
 
     def kl_weight(self, epoch: int, step: int) -> float:
+        """Weight of the KL terms at this epoch and step (linear warm-up, then 1)."""
         if self.kl_warmup_steps:
             weight = step / self.kl_warmup_steps
         elif self.kl_warmup_epochs:
@@ -92,8 +86,12 @@ class TrainingPlan:
         return min(1.0, max(weight, C.MIN_KL_WEIGHT))
 
 
-class SVITrainer:
+class SVITrainer(TrainingLoop):
     """Stochastic variational inference for a model/guide pair of ``LocalPyroModule``s.
+
+    The Pyro ELBO specialisation of :class:`~pyro_scmodels.training.TrainingLoop`: an epoch is
+    one shuffled pass over the training cells, the loss is the negative ELBO per cell, and
+    each epoch also records the validation loss (monitored for early stopping) and KL weight.
 
     Parameters
     ----------
@@ -105,28 +103,23 @@ class SVITrainer:
         Which cells train and which validate (the latter may be empty).
     lr, eps, weight_decay
         Adam settings.
+    fingerprint
+        What a checkpoint must match to be resumed: cells, genes, sizes and settings.
     """
 
     def __init__(self, model, guide, data: CellData, train_indices, validation_indices,
                  lr: float = C.LEARNING_RATE, eps: float = C.ADAM_EPS, weight_decay: float = C.WEIGHT_DECAY,
                  fingerprint: dict | None = None):
+        super().__init__({"model": model, "guide": guide}, fingerprint,
+                         history_columns=("train_loss", "validation_loss", "kl_weight"))
         self.model, self.guide, self.data = model, guide, data
-        # what a checkpoint must match to be resumed: cells, genes, sizes and settings
-        self.fingerprint = fingerprint or {}
         self.train_indices = np.asarray(train_indices)
         self.validation_indices = np.asarray(validation_indices)
         self.elbo = Trace_ELBO()
         self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.history = pd.DataFrame(columns=["train_loss", "validation_loss", "kl_weight"])
-        self.history.index.name = "epoch"
-        self.epoch = 0
-        self.step = 0
-        self._best = math.inf
-        self._epochs_without_improvement = 0
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.model.parameters()) + list(self.guide.parameters())
+        self._plan: TrainingPlan | None = None
+        self._kl_weight = 1.0
+        self._current: tuple | None = None  # (batch, n_obs, kl_weight) of the step in progress
 
     def set_optimizer_settings(self, lr: float, eps: float, weight_decay: float) -> None:
         """Use new Adam settings from the next step on (the moment estimates are kept)."""
@@ -135,9 +128,9 @@ class SVITrainer:
             for group in self.optimizer.param_groups:
                 group.update(lr=lr, eps=eps, weight_decay=weight_decay)
 
-    def _make_optimizer(self) -> None:
-        if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the model's and the guide's parameters."""
+        return torch.optim.Adam(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
 
     def loss(self, batch: dict, n_obs: int, kl_weight: float) -> torch.Tensor:
         """Negative ELBO of a minibatch, per cell of the ``n_obs``-cell dataset."""
@@ -145,12 +138,46 @@ class SVITrainer:
         with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
             return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
 
+    # --- loop hooks ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """A first pass creates lazily-initialised parameters before the optimiser sees them."""
+        with torch.no_grad():
+            self.loss(self.data.minibatch(self.train_indices[: min(2, len(self.train_indices))]), len(self.train_indices), 1.0)
+
+    def minibatches(self, plan: TrainingPlan, rng: np.random.Generator):
+        """Shuffled minibatches of the training cells (their indices)."""
+        self._plan, self._kl_weight = plan, 1.0
+        yield from iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng)
+
+    def minibatch_loss(self, indices: np.ndarray) -> tuple[torch.Tensor, dict]:
+        """Negative ELBO per cell of one minibatch at the current KL weight (no named parts)."""
+        n_obs = len(self.train_indices)
+        self._kl_weight = self._plan.kl_weight(self.epoch, self.step)
+        self._current = (self.data.minibatch(indices), n_obs, self._kl_weight)
+        return self.loss(*self._current), {}
+
+    def minibatch_weight(self, indices: np.ndarray) -> float:
+        """Minibatches count by their number of cells."""
+        return len(indices)
+
+    def end_epoch(self, plan: TrainingPlan, train_loss: float, parts: dict) -> dict:
+        """Training and validation loss and the epoch's last KL weight."""
+        validation_loss = self.evaluate(self.validation_indices, plan.batch_size)
+        return {"train_loss": train_loss, "validation_loss": validation_loss, "kl_weight": self._kl_weight}
+
+    def extra_state(self) -> dict:
+        """The train / validation split."""
+        return {"train_indices": self.train_indices, "validation_indices": self.validation_indices}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore the train / validation split."""
+        self.train_indices, self.validation_indices = state["train_indices"], state["validation_indices"]
+
     # --- diagnostics -----------------------------------------------------------------------
-    def _diagnose(self, batch: dict, n_obs: int, kl_weight: float, where: str) -> str:
-        problems = [f"{name} (value)" for name, p in self._named_parameters() if not torch.isfinite(p).all()]
-        problems += [
-            f"{name} (gradient)" for name, p in self._named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
-        ]
+    def diagnose(self, where: str, parts: dict) -> str:
+        """Name the non-finite parameters, gradients and model/guide sites of the step in progress."""
+        batch, n_obs, kl_weight = self._current
+        problems = self._parameter_problems()
         try:
             with torch.no_grad():
                 guide_trace = poutine.trace(self.guide).get_trace(batch, n_obs, kl_weight)
@@ -165,49 +192,7 @@ class SVITrainer:
                         problems.append(f"{label} site {name!r} (log-probability)")
         except Exception as err:  # the diagnosis itself may fail on NaN inputs; say so
             problems.append(f"(tracing for diagnosis failed: {err})")
-        found = "; ".join(problems) or "no single site or parameter identified"
-        return (
-            f"Training stopped at epoch {self.epoch}, step {self.step}: {where} is NaN or Inf. Non-finite: {found}. "
-            "Try a lower learning rate (lr), a smaller gradient_clip, or check the input for extreme values."
-        )
-
-    def _named_parameters(self):
-        yield from (("model." + n, p) for n, p in self.model.named_parameters())
-        yield from (("guide." + n, p) for n, p in self.guide.named_parameters())
-
-    # --- one pass --------------------------------------------------------------------------
-    @staticmethod
-    def seed_epoch(seed: int, epoch: int) -> np.random.Generator:
-        """Seed torch (Pyro samples with torch's generator) for one epoch; return its minibatch-order generator.
-
-        Seeding per epoch makes a run resumed from a checkpoint identical to an uninterrupted one.
-        Python's and numpy's global generators are left alone.
-        """
-        state = np.random.SeedSequence([seed, epoch]).generate_state(2)
-        torch.manual_seed(int(state[0]))
-        return np.random.default_rng(int(state[1]))
-
-    def _train_epoch(self, plan: TrainingPlan, rng: np.random.Generator) -> tuple[float, float]:
-        self.model.train()
-        self.guide.train()
-        n_obs = len(self.train_indices)
-        total, kl_weight = 0.0, 1.0
-        for indices in iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng):
-            batch = self.data.minibatch(indices)
-            kl_weight = plan.kl_weight(self.epoch, self.step)
-            loss = self.loss(batch, n_obs, kl_weight)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(self._diagnose(batch, n_obs, kl_weight, "the loss"))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if plan.gradient_clip:
-                norm = torch.nn.utils.clip_grad_norm_(self.parameters(), plan.gradient_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteError(self._diagnose(batch, n_obs, kl_weight, "the gradient"))
-            self.optimizer.step()
-            self.step += 1
-            total += loss.item() * len(indices)
-        return total / n_obs, kl_weight
+        return self._message(where, problems)
 
     @torch.no_grad()
     def evaluate(self, indices: np.ndarray, batch_size: int, kl_weight: float = 1.0) -> float:
@@ -222,97 +207,6 @@ class SVITrainer:
             total += self.loss(self.data.minibatch(chunk), n_obs, kl_weight).item() * len(chunk)
         return total / n_obs
 
-    # --- the loop --------------------------------------------------------------------------
-    def fit(self, plan: TrainingPlan, seed: int = 0) -> pd.DataFrame:
-        """Train until ``plan.max_epochs`` (counted over all calls) or early stopping."""
-        if plan.checkpoint_path and os.path.exists(plan.checkpoint_path) and self.epoch == 0:
-            self.load_checkpoint(plan.checkpoint_path)
-            logger.info("Resumed from %s at epoch %d.", plan.checkpoint_path, self.epoch)
-        # a first pass creates lazily-initialised parameters before the optimiser sees them
-        if self.optimizer is None:
-            with torch.no_grad():
-                self.loss(self.data.minibatch(self.train_indices[: min(2, len(self.train_indices))]), len(self.train_indices), 1.0)
-            self._make_optimizer()
-        bar = tqdm(total=plan.max_epochs, initial=self.epoch, desc="Training", disable=not plan.progress_bar, unit="epoch")
-        try:
-            while self.epoch < plan.max_epochs:
-                train_loss, kl_weight = self._train_epoch(plan, self.seed_epoch(seed, self.epoch))
-                validation_loss = self.evaluate(self.validation_indices, plan.batch_size)
-                self.history.loc[self.epoch] = [train_loss, validation_loss, kl_weight]
-                self.epoch += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{validation_loss:.4g}")
-                if plan.checkpoint_path and self.epoch % plan.checkpoint_every == 0:
-                    self.save_checkpoint(plan.checkpoint_path)
-                if plan.early_stopping and self._should_stop(validation_loss, train_loss, plan):
-                    logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
-                    break
-        finally:
-            bar.close()
-            self.model.eval()
-            self.guide.eval()
-        if plan.checkpoint_path:
-            self.save_checkpoint(plan.checkpoint_path)
-        return self.history
-
-    def _should_stop(self, validation_loss: float, train_loss: float, plan: TrainingPlan) -> bool:
-        monitored = train_loss if math.isnan(validation_loss) else validation_loss
-        if monitored < self._best - plan.min_delta:
-            self._best = monitored
-            self._epochs_without_improvement = 0
-        else:
-            self._epochs_without_improvement += 1
-        return self._epochs_without_improvement >= plan.patience
-
-    # --- checkpoints -----------------------------------------------------------------------
-    def state(self, include_modules: bool = True) -> dict:
-        """Everything needed to continue training (the modules' parameters optionally left out)."""
-        modules = {"model": self.model.state_dict(), "guide": self.guide.state_dict()} if include_modules else {}
-        return {
-            **modules,
-            "fingerprint": self.fingerprint,
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "history": self.history,
-            "best": self._best,
-            "epochs_without_improvement": self._epochs_without_improvement,
-            "train_indices": self.train_indices,
-            "validation_indices": self.validation_indices,
-        }
-
-    def load_state(self, state: dict, source: str = "the saved state") -> None:
-        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
-        saved = state.get("fingerprint", {})
-        differing = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
-        if differing:
-            raise ValueError(
-                f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                "remove it or choose another checkpoint_dir."
-            )
-        if "model" in state:
-            self.model.load_state_dict(state["model"])
-            self.guide.load_state_dict(state["guide"])
-        if state.get("optimizer") is not None:
-            self._make_optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history = state["history"]
-        self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]
-        self.train_indices, self.validation_indices = state["train_indices"], state["validation_indices"]
-
-    def save_checkpoint(self, path: str) -> None:
-        """Write the full training state (atomically: a crash never leaves half a file)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-
-    def load_checkpoint(self, path: str) -> None:
-        self.load_state(torch.load(path, map_location="cpu", weights_only=False), source=f"Checkpoint {path}")
-
-    def move_optimizer_state(self) -> None:
-        """After the modules moved device, move Adam's moment estimates with them."""
-        if self.optimizer is not None:
-            # load_state_dict casts each state tensor to its parameter's device
-            self.optimizer.load_state_dict(self.optimizer.state_dict())
+    def fit(self, plan: TrainingPlan, seed: int = 0):
+        """Train until ``plan.max_epochs`` (counted over all calls) or early stopping; returns :attr:`history`."""
+        return super().fit(plan, seed)

@@ -6,10 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_scmodels.ndreamer import (
-    LossWeights,
-    NDreamerNetwork,
-    codebook_logits,
+from pyro_scmodels.ndreamer import LossWeights, NDreamerNetwork
+from pyro_scmodels.ndreamer.losses import (
     codebook_loss,
     dependence_nmi,
     group_index,
@@ -20,6 +18,7 @@ from pyro_scmodels.ndreamer import (
     total_loss,
     triplet_loss,
 )
+from pyro_scmodels.ndreamer.network import codebook_logits
 
 G, K, C, D, Z, N = 50, 4, 16, 8, 16, 48
 

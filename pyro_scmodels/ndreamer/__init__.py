@@ -1,35 +1,22 @@
-"""NDreamer: discrete-code representation of cell state for condition effects and batch denoising."""
+"""NDreamer: discrete-code representation of cell state for condition effects and batch denoising.
 
-from .losses import (
-    LossWeights,
-    codebook_loss,
-    dependence_nmi,
-    group_index,
-    independence_nmi,
-    kl_loss,
-    neighbourhood_loss,
-    reconstruction_loss,
-    segmented_soft_nmi,
-    total_loss,
-    triplet_loss,
-)
-from .network import NDreamerNetwork, ResidualBlock, codebook_logits
+The public API is the effects pipeline; the loss functions live in
+:mod:`pyro_scmodels.ndreamer.losses` and the network's building blocks in
+:mod:`pyro_scmodels.ndreamer.network`.
+"""
+
+from .effects import CounterfactualDesign, MatchedEffects, estimate_cate
+from .losses import LossWeights
+from .network import NDreamerNetwork
 from .pipeline import NDreamer
+from .trainer import NDreamerTrainer
 
 __all__ = [
+    "CounterfactualDesign",
     "LossWeights",
+    "MatchedEffects",
     "NDreamer",
     "NDreamerNetwork",
-    "ResidualBlock",
-    "codebook_logits",
-    "codebook_loss",
-    "dependence_nmi",
-    "group_index",
-    "independence_nmi",
-    "kl_loss",
-    "neighbourhood_loss",
-    "reconstruction_loss",
-    "segmented_soft_nmi",
-    "total_loss",
-    "triplet_loss",
+    "NDreamerTrainer",
+    "estimate_cate",
 ]

@@ -13,13 +13,28 @@ import pandas as pd
 from scipy import stats
 from sklearn.decomposition import PCA
 
+from .. import _validation as V
 from ..matching import match_groups, weighted_average
+from . import _constants as K
 
 GROUP_SEPARATOR = "|"  # joins batch and condition into one matching-group label
 
 
-def matching_space(embedding: np.ndarray, n_components: int = 50, seed: int = 0) -> np.ndarray:
-    """PCA (seeded) of an embedding, the space in which cells are matched; small embeddings pass through."""
+def matching_space(embedding: np.ndarray, n_components: int = K.MATCHING_PCA_COMPONENTS, seed: int = 0) -> np.ndarray:
+    """PCA (seeded) of an embedding, the space in which cells are matched; small embeddings pass through.
+
+    Parameters
+    ----------
+    embedding
+        Cells x dimensions.
+    n_components, seed
+        PCA components (capped by the data's size) and its random state.
+
+    Returns
+    -------
+    numpy.ndarray
+        Cells x components, float32.
+    """
     embedding = np.asarray(embedding, dtype=np.float32)
     n_components = min(n_components, embedding.shape[1], embedding.shape[0] - 1)
     if n_components >= embedding.shape[1]:
@@ -63,6 +78,7 @@ class CounterfactualDesign:
                              for c in self.conditions}
 
     def group(self, batch: str, condition: str) -> str:
+        """The matching-group label of ``batch`` x ``condition``."""
         return f"{batch}{GROUP_SEPARATOR}{condition}"
 
 
@@ -86,8 +102,8 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     return total / len(batches)
 
 
-def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDesign, nearest_neighbor: int = 1,
-                     bandwidth: float = 1.0, device: str = "auto") -> dict[str, np.ndarray]:
+def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDesign,
+                     nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, device: str = "auto") -> dict[str, np.ndarray]:
     """Denoised expression, batch effect and per-cell treatment effects, by matching in ``embedding``.
 
     Parameters
@@ -162,3 +178,89 @@ def estimate_cate(ite: np.ndarray, groups, genes) -> pd.DataFrame:
         table["z_p_adj"] = stats.false_discovery_control(table["z_p"].to_numpy())
         rows.append(table)
     return pd.concat(rows, ignore_index=True)
+
+
+class MatchedEffects:
+    """One representation's matching space and the effects estimated in it, cached.
+
+    Owns the embedding, its PCA (the matching space, :func:`matching_space`) and the results
+    of :func:`estimate_effects` keyed by ``(nearest_neighbor, bandwidth)``. A new embedding
+    (:meth:`set_embedding`) or :meth:`invalidate` drops every cached result, so effects never
+    outlive the representation they were matched in.
+
+    Parameters
+    ----------
+    expression
+        Log-normalised expression (cells x genes) whose matched values make the effects.
+    design
+        Conditions, control and batches of the same cells.
+    n_components, seed
+        PCA of the matching space.
+    max_cached
+        How many ``(nearest_neighbor, bandwidth)`` results are kept (each holds several
+        cells x genes arrays); the oldest is dropped first.
+    """
+
+    def __init__(self, expression, design: CounterfactualDesign, n_components: int = K.MATCHING_PCA_COMPONENTS,
+                 seed: int = 0, max_cached: int = 1):
+        self.expression, self.design = expression, design
+        self.n_components, self.seed, self.max_cached = n_components, seed, max_cached
+        self.embedding: np.ndarray | None = None
+        self.space: np.ndarray | None = None
+        self._cache: dict[tuple[int, float], dict[str, np.ndarray]] = {}
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether a representation has been set."""
+        return self.embedding is not None
+
+    def set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
+        """Match in ``embedding`` from now on (its PCA unless ``space`` is given).
+
+        Cached effects are dropped unless the embedding is exactly the one already set.
+        """
+        embedding = np.asarray(embedding, dtype=np.float32)
+        if embedding.ndim != 2 or embedding.shape[0] != len(self.design.condition):
+            raise ValueError(f"embedding has shape {embedding.shape}; expected ({len(self.design.condition)}, dims).")
+        if self.embedding is not None and np.array_equal(embedding, self.embedding):
+            return
+        self.invalidate()
+        self.embedding = embedding
+        self.space = (matching_space(embedding, self.n_components, self.seed) if space is None
+                      else np.asarray(space, dtype=np.float32))
+
+    def invalidate(self) -> None:
+        """Forget the embedding, the matching space and every cached result."""
+        self.embedding = self.space = None
+        self._cache.clear()
+
+    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict[str, np.ndarray]:
+        """:func:`estimate_effects` in the matching space, computed once per ``(nearest_neighbor, bandwidth)``."""
+        if self.space is None:
+            raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
+        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
+        if key not in self._cache:
+            # device="auto": the matching module decides whether FAISS can use a GPU
+            self._cache[key] = estimate_effects(self.space, self.expression, self.design, *key, device="auto")
+            while len(self._cache) > self.max_cached:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def save(self, path: str) -> None:
+        """Write the embedding, the matching space and the cached results to one ``.npz`` file."""
+        arrays = {} if self.embedding is None else {"embedding": self.embedding, "space": self.space}
+        for (k, bandwidth), effects in self._cache.items():
+            arrays.update({f"effects|{k}|{bandwidth!r}|{name}": values for name, values in effects.items()})
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    def load(self, path: str) -> None:
+        """Restore what :meth:`save` wrote (for the same cells)."""
+        self.invalidate()
+        with np.load(path, allow_pickle=False) as stored:
+            if "embedding" in stored:
+                self.set_embedding(stored["embedding"], stored["space"])
+            for name in stored.files:
+                if name.startswith("effects|"):
+                    _, k, bandwidth, layer = name.split("|", 3)
+                    self._cache.setdefault((int(k), float(bandwidth)), {})[layer] = stored[name]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _constants as K
+
 
 def codebook_logits(projections: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Negative squared Euclidean distance between every projection and every code.
@@ -51,7 +53,7 @@ class ResidualBlock(nn.Module):
         Inner width is ``expansion * width``.
     """
 
-    def __init__(self, width: int, expansion: int = 2):
+    def __init__(self, width: int, expansion: int = K.RESIDUAL_EXPANSION):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.inner = nn.Linear(width, expansion * width)
@@ -117,17 +119,17 @@ class NDreamerNetwork(nn.Module):
         n_genes: int,
         n_conditions: int,
         batch_sizes: Sequence[int] = (),
-        encoder_hidden: Sequence[int] = (1024, 512),
-        n_codebooks: int = 32,
-        codebook_size: int = 1024,
-        codebook_dim: int = 8,
-        embedding_dim: int = 512,
-        z_dim: int = 256,
-        decoder_hidden: Sequence[int] = (512, 1024),
-        tau: float = 0.01,
+        encoder_hidden: Sequence[int] = K.ENCODER_HIDDEN,
+        n_codebooks: int = K.N_CODEBOOKS,
+        codebook_size: int = K.CODEBOOK_SIZE,
+        codebook_dim: int = K.CODEBOOK_DIM,
+        embedding_dim: int = K.EMBEDDING_DIM,
+        z_dim: int = K.Z_DIM,
+        decoder_hidden: Sequence[int] = K.DECODER_HIDDEN,
+        tau: float = K.GUMBEL_TAU,
         nonnegative_output: bool = True,
         reset_threshold: float | None = None,
-        reset_interval: int = 30,
+        reset_interval: int = K.DEAD_CODE_RESET_INTERVAL,
     ):
         super().__init__()
         if len(encoder_hidden) < 1 or len(decoder_hidden) < 1:
@@ -239,7 +241,7 @@ class NDreamerNetwork(nn.Module):
         h = self.post_codes(concatenated)
         mean = self.mean_head(h)
         # bounded so exp(logvar) can neither overflow nor vanish early in training
-        logvar = self.logvar_head(h).clamp(-12.0, 8.0)
+        logvar = self.logvar_head(h).clamp(*K.LOGVAR_BOUNDS)
         if self.training:
             z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         else:

@@ -1,13 +1,19 @@
 """NDreamer: effect-modifier space, counterfactual matching, batch denoising and treatment effects.
 
 ``NDreamer(adata, condition_key, control_name, batch_key)`` preprocesses (SPEC 3.1), trains the
-discrete-code network (3.2-3.4) on balanced draws from every batch x condition group, and
-matches cells across groups with FAISS (3.5). Results live in one AnnData aligned with the input.
+discrete-code network (3.2-3.4) on the package's training loop with balanced draws from every
+batch x condition group, and matches cells across groups with FAISS (3.5). Results live in one
+AnnData aligned with the input.
+
+Every instance is built by one private method, :meth:`NDreamer._setup`, whichever the entry
+point: the constructor (from an AnnData), :meth:`NDreamer.load` (from a folder) or
+:meth:`NDreamer.from_model` (from a trained Pyro model's latent space). The representation is
+either ``"network"`` (trainable) or ``"latent"`` (a fixed embedding, e.g. a model's z).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import warnings
@@ -17,20 +23,21 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from .. import _validation as V
 from ..infer import resolve_device
-from .effects import CounterfactualDesign, estimate_cate, estimate_effects, matching_space
-from .losses import LossWeights, total_loss
+from ..training import LoopPlan
+from . import _constants as K
+from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
+from .effects import CounterfactualDesign, MatchedEffects, estimate_cate
+from .losses import LossWeights
 from .network import NDreamerNetwork
 from .preprocess import log_normalise, pseudo_labels, variable_genes
+from .representation import ModelRepresentation
+from .trainer import NDreamerTrainer
 
 logger = logging.getLogger(__name__)
 
-PASSES = 15  # default training: about 15 passes over the data
-EMBEDDING_KEY = "X_effect_modifier_space"
-NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE = "network.pt", "settings.json", "results.h5ad"
 
 
 def _labels(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
@@ -42,7 +49,12 @@ def _labels(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
-class NDreamer:
+def _rng_devices(device: torch.device) -> list:
+    # fork only this device's generator: never touch every visible GPU
+    return [device] if device.type == "cuda" else []
+
+
+class NDreamer(ModelRepresentation):
     """Learn an effect-modifier space and estimate batch effects and per-cell treatment effects.
 
     Parameters
@@ -70,11 +82,13 @@ class NDreamer:
         Deprecated spelling of ``control_name`` accepted from the reference implementation.
     """
 
-    def __init__(self, adata, condition_key: str, control_name: str | None = None, batch_key=None, num_hvg: int = 2000,
-                 layer: str | None = None, n_codebooks: int = 32, codebook_size: int = 1024, codebook_dim: int = 8,
-                 embedding_dim: int = 512, z_dim: int = 256, encoder_hidden=(1024, 512), decoder_hidden=(512, 1024),
-                 loss_weights: LossWeights | None = None, batch_size: int = 1024, lr: float = 1e-3, device: str = "auto",
-                 seed: int = 0, keep_genes=None, contorl_name: str | None = None):
+    def __init__(self, adata, condition_key: str, control_name: str | None = None, batch_key=None,
+                 num_hvg: int = K.NUM_HVG, layer: str | None = None, n_codebooks: int = K.N_CODEBOOKS,
+                 codebook_size: int = K.CODEBOOK_SIZE, codebook_dim: int = K.CODEBOOK_DIM,
+                 embedding_dim: int = K.EMBEDDING_DIM, z_dim: int = K.Z_DIM, encoder_hidden=K.ENCODER_HIDDEN,
+                 decoder_hidden=K.DECODER_HIDDEN, loss_weights: LossWeights | None = None,
+                 batch_size: int = K.BATCH_SIZE, lr: float = K.LEARNING_RATE, device: str = "auto", seed: int = 0,
+                 keep_genes=None, contorl_name: str | None = None):
         if contorl_name is not None:
             warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning, stacklevel=2)
             control_name = control_name if control_name is not None else contorl_name
@@ -82,20 +96,19 @@ class NDreamer:
             raise ValueError("control_name is required: the name of the control condition.")
         if adata.n_obs == 0:
             raise ValueError("adata has zero cells.")
-        self.settings = dict(condition_key=condition_key, control_name=str(control_name),
-                             batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                             num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, n_codebooks=n_codebooks,
-                             codebook_size=codebook_size, codebook_dim=codebook_dim, embedding_dim=embedding_dim,
-                             z_dim=z_dim, encoder_hidden=list(encoder_hidden), decoder_hidden=list(decoder_hidden),
-                             batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr), seed=seed)
+        settings = dict(condition_key=condition_key, control_name=str(control_name),
+                        batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+                        num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, n_codebooks=n_codebooks,
+                        codebook_size=codebook_size, codebook_dim=codebook_dim, embedding_dim=embedding_dim,
+                        z_dim=z_dim, encoder_hidden=list(encoder_hidden), decoder_hidden=list(decoder_hidden),
+                        batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr), seed=seed,
+                        representation=NETWORK)
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
-        self.device = resolve_device(device)
-        self.loss_weights = loss_weights or LossWeights()
-        design = self._design(adata.obs)
+        design = self._make_design(adata.obs, settings)
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
         expression = log_normalise(adata, layer)
-        hvg = variable_genes(expression, adata.var_names, design.groups, self.settings["num_hvg"])
+        hvg = variable_genes(expression, adata.var_names, design.groups, settings["num_hvg"])
         if keep_genes is not None:
             missing = sorted(set(keep_genes) - set(adata.var_names))
             if missing:
@@ -103,56 +116,56 @@ class NDreamer:
             hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
         expression = expression[:, hvg].tocsr()
         labels = pseudo_labels(expression, design.groups, seed)
-        self._build(adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), labels)
+        self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
+                    labels=labels, loss_weights=loss_weights)
 
-    def _design(self, obs: pd.DataFrame) -> CounterfactualDesign:
+    @staticmethod
+    def _make_design(obs: pd.DataFrame, settings: dict) -> CounterfactualDesign:
         """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control)."""
-        condition = _labels(obs, [self.settings["condition_key"]], "condition_key")[:, 0]
-        self._batch_labels = _labels(obs, self.settings["batch_key"], "batch_key")
-        batch = np.array(["|".join(row) for row in self._batch_labels]) if self._batch_labels.shape[1] else None
-        self.design = CounterfactualDesign(condition, self.settings["control_name"], batch)
-        return self.design
+        condition = _labels(obs, [settings["condition_key"]], "condition_key")[:, 0]
+        batches = _labels(obs, settings["batch_key"], "batch_key")
+        batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
+        return CounterfactualDesign(condition, settings["control_name"], batch)
 
-    def _build(self, obs: pd.DataFrame, expression, genes: pd.Index, labels: tuple[np.ndarray, np.ndarray]) -> None:
-        """Codes, network and results table from prepared inputs (shared by the constructor and :meth:`load`)."""
-        s, batches = self.settings, self._batch_labels
-        self.genes, self.expression = genes, expression
-        self.label_low, self.label_high = labels
+    def _setup(self, settings: dict, obs: pd.DataFrame, expression: sp.csr_matrix, genes: pd.Index, device,
+               labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
+               latent: np.ndarray | None = None, model=None) -> None:
+        """The one constructor path: every attribute of every entry point is set here.
+
+        A ``"network"`` representation gets a freshly initialised (seeded) network; a ``"latent"``
+        one gets ``latent`` as its fixed embedding and, optionally, the ``model`` it came from.
+        """
+        self.settings, self.device = settings, resolve_device(device)
+        self.loss_weights = loss_weights or LossWeights()
+        self.design = self._make_design(obs, settings)
+        self.genes, self.expression, self.model = genes, expression, model
+        self.label_low, self.label_high = labels if labels is not None else (None, None)
         self.condition_codes = pd.Categorical(self.design.condition, categories=self.design.conditions).codes.astype(np.int64)
-        self.batch_codes = np.zeros((len(obs), batches.shape[1]), dtype=np.int64)
-        for j in range(batches.shape[1]):
-            self.batch_codes[:, j] = pd.Categorical(batches[:, j]).codes
-        batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
-        with torch.random.fork_rng():
-            torch.manual_seed(s["seed"])
-            self.network = NDreamerNetwork(
-                len(genes), len(self.design.conditions), batch_sizes, tuple(s["encoder_hidden"]), s["n_codebooks"],
-                s["codebook_size"], s["codebook_dim"], s["embedding_dim"], s["z_dim"], tuple(s["decoder_hidden"]),
-            ).to(self.device)
+        batches = _labels(obs, settings["batch_key"], "batch_key")
+        self.batch_codes = np.stack([pd.Categorical(batches[:, j]).codes for j in range(batches.shape[1])], 1).astype(
+            np.int64) if batches.shape[1] else np.zeros((len(obs), 0), dtype=np.int64)
+        self.network, self.trainer = None, None
+        if settings["representation"] == NETWORK:
+            batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
+            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+                torch.manual_seed(settings["seed"])
+                self.network = NDreamerNetwork(
+                    len(genes), len(self.design.conditions), batch_sizes, tuple(settings["encoder_hidden"]),
+                    settings["n_codebooks"], settings["codebook_size"], settings["codebook_dim"],
+                    settings["embedding_dim"], settings["z_dim"], tuple(settings["decoder_hidden"]),
+                ).to(self.device)
         self.results = anndata.AnnData(X=expression.copy(), obs=obs, var=pd.DataFrame(index=genes))
-        self.results.uns["ndreamer"] = {"condition_key": s["condition_key"], "control_name": s["control_name"],
-                                        "conditions": self.design.conditions, "batch_key": s["batch_key"]}
-        self.history: list[dict] = []
+        self.results.uns["ndreamer"] = {"condition_key": settings["condition_key"], "control_name": settings["control_name"],
+                                        "conditions": self.design.conditions, "batch_key": settings["batch_key"],
+                                        "representation": settings.get("model", settings["representation"])}
+        self.effects = MatchedEffects(expression, self.design, seed=settings["seed"])
+        if latent is not None:
+            self._set_embedding(latent)
 
-    @classmethod
-    def load(cls, dir_path: str, device: str = "auto") -> "NDreamer":
-        """Load an NDreamer written by :meth:`save` (network, settings, results)."""
-        for name in (NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE):
-            if not os.path.exists(os.path.join(dir_path, name)):
-                raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing).")
-        self = cls.__new__(cls)
-        with open(os.path.join(dir_path, SETTINGS_FILE)) as handle:
-            self.settings = json.load(handle)
-        results = anndata.read_h5ad(os.path.join(dir_path, RESULTS_FILE))
-        labels = (results.obs.pop("_label_low").to_numpy(), results.obs.pop("_label_high").to_numpy())
-        self.device = resolve_device(device)
-        self.loss_weights = LossWeights()
-        self._design(results.obs)
-        self._build(results.obs.copy(), sp.csr_matrix(results.X), pd.Index(results.var_names), labels)
-        self.network.load_state_dict(torch.load(os.path.join(dir_path, NETWORK_FILE), map_location=self.device))
-        self.network.eval()
-        self.results = results
-        return self
+    @property
+    def history(self) -> pd.DataFrame:
+        """Per pass: mean training loss and mean of every loss part (empty before training)."""
+        return pd.DataFrame() if self.trainer is None else self.trainer.history.astype(float)
 
     # --- training -----------------------------------------------------------------------------
     def _minibatch(self, cells: np.ndarray) -> dict:
@@ -166,90 +179,143 @@ class NDreamer:
             "n_conditions": len(self.design.conditions),
         }
 
-    def train(self, n_epochs: float | None = None, progress_bar: bool = True) -> pd.DataFrame:
+    def _fingerprint(self) -> dict:
+        """What identifies this NDreamer's training data and settings (checked before resuming)."""
+        hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
+        settings = {**self.settings, "loss_weights": dataclasses.asdict(self.loss_weights)}
+        return {"cells": (self.results.n_obs, hashed(self.results.obs_names)), "genes": (len(self.genes), hashed(self.genes)),
+                "settings": repr(sorted(settings.items()))}
+
+    def train(self, n_epochs: float | None = None, progress_bar: bool = True, checkpoint_dir: str | None = None,
+              checkpoint_every: int = K.CHECKPOINT_EVERY, gradient_clip: float | None = K.GRADIENT_CLIP_NORM) -> pd.DataFrame:
         """Train the network on balanced draws from every batch x condition group.
 
         Parameters
         ----------
         n_epochs
-            Passes over the data (default 15); each step draws ``batch_size / n_groups`` cells
-            from every group (with replacement for small groups).
+            Passes over the data in this call (default 15); each step draws
+            ``batch_size / n_groups`` cells from every group (with replacement for small groups).
+            A further call continues training (optimiser state kept) for ``n_epochs`` more passes.
+        progress_bar
+            Show a tqdm bar.
+        checkpoint_dir
+            Write the training state there every ``checkpoint_every`` passes and at the end. If a
+            checkpoint is there when a new NDreamer first trains, training resumes from it and its
+            passes count towards ``n_epochs``; it must come from the same cells, genes and settings.
+            The resumed run equals an uninterrupted one when the earlier run ended on a whole pass.
+        checkpoint_every, gradient_clip
+            Passes between checkpoints; maximum gradient norm (``None``: no clipping).
 
         Returns
         -------
         pandas.DataFrame
-            Loss parts per step (also in ``.history``).
+            :attr:`history`. The embedding and every effect computed before are dropped.
         """
         if self.network is None:
-            raise ValueError("This NDreamer uses a trained model's latent space (from_model): there is no network to train.")
-        n_epochs = PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
-        n_cells, batch_size = len(self.design.condition), self.settings["batch_size"]
-        steps = max(1, int(np.ceil(n_epochs * n_cells / batch_size)))
-        members = [np.flatnonzero(self.design.groups == g) for g in dict.fromkeys(self.design.groups)]
-        per_group = max(2, batch_size // len(members))
-        rng = np.random.default_rng(self.settings["seed"])
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.settings["lr"])
-        self.network.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.settings["seed"] + len(self.history))
-            for _ in tqdm(range(steps), desc="NDreamer", disable=not progress_bar):
-                cells = np.concatenate([rng.choice(m, per_group, replace=len(m) < per_group) for m in members])
-                batch = self._minibatch(cells)
-                outputs = self.network(batch["x"], batch["condition"], batch["batches"])
-                loss, parts = total_loss(outputs, batch, self.loss_weights)
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-                    raise FloatingPointError(f"NDreamer loss is NaN/Inf at step {len(self.history)} (parts: {bad}).")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 10.0)
-                optimizer.step()
-                self.network.step_end(outputs["projections"].detach())
-                self.history.append({"loss": loss.item(), **{k: float(v) for k, v in parts.items()}})
-        self.network.eval()
-        self._embedding = None
-        return pd.DataFrame(self.history)
+            raise ValueError("This NDreamer uses a fixed latent representation (from_model): there is no network to train.")
+        passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
+        if self.trainer is None:
+            self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],
+                                           self.settings["lr"], self.loss_weights, self._fingerprint())
+        t = self.trainer
+        plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
+                        gradient_clip=gradient_clip, progress_bar=progress_bar,
+                        checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, K.CHECKPOINT_FILE),
+                        checkpoint_every=V.positive_int("checkpoint_every", checkpoint_every))
+        try:
+            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+                t.fit(plan, seed=self.settings["seed"])
+        finally:
+            self._invalidate()  # the representation changed (even if only partly): nothing computed before holds
+        return self.history
+
+    def _invalidate(self) -> None:
+        self.effects.invalidate()
+        for key in (EMBEDDING_KEY, EMBEDDING_KEY + "_PCA"):
+            self.results.obsm.pop(key, None)
+        for layer in ["denoised", "batch_effect", *(f"ite_{c}" for c in self.design.treatments)]:
+            self.results.layers.pop(layer, None)
+        for key in [k for k in self.results.uns if k.startswith("cate_")]:
+            del self.results.uns[key]
 
     # --- embedding and effects ------------------------------------------------------------------
+    def _set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
+        self.effects.set_embedding(embedding, space)
+        self.results.obsm[EMBEDDING_KEY] = self.effects.embedding
+        self.results.obsm[EMBEDDING_KEY + "_PCA"] = self.effects.space
+
     @torch.no_grad()
     def get_modifier_space(self) -> np.ndarray:
-        """The effect-modifier embedding (deterministic), stored with its PCA in ``results.obsm``."""
-        if self.network is None:  # from_model: the model's latent space is the representation
-            return self.results.obsm[EMBEDDING_KEY]
+        """The effect-modifier embedding (deterministic), stored with its PCA in ``results.obsm``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Cells x ``z_dim`` (network), or the fixed latent (``from_model``).
+        """
+        if self.network is None:
+            return self.effects.embedding
         x = torch.as_tensor(self.expression.toarray(), device=self.device)
         embedding = self.network.embed(x, batch_size=self.settings["batch_size"]).cpu().numpy()
-        self.results.obsm[EMBEDDING_KEY] = embedding
-        self.results.obsm[EMBEDDING_KEY + "_PCA"] = matching_space(embedding, 50, self.settings["seed"])
+        self._set_embedding(embedding)
         return embedding
 
-    def _space(self) -> np.ndarray:
-        if EMBEDDING_KEY + "_PCA" not in self.results.obsm:
-            self.get_modifier_space()
-        return self.results.obsm[EMBEDDING_KEY + "_PCA"]
-
     def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
-        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
-        if getattr(self, "_effects_key", None) != key:
-            self._effects_cache = estimate_effects(self._space(), self.expression, self.design, *key, device=str(self.device.type))
-            self._effects_key = key
-        return self._effects_cache
+        if not self.effects.has_embedding:
+            self.get_modifier_space()
+        return self.effects.effects(nearest_neighbor, bandwidth)
 
-    def decompose_batch_effect(self, nearest_neighbor: int = 1, bandwidth: float = 1.0) -> anndata.AnnData:
-        """Layers ``denoised`` and ``batch_effect`` (observed - denoised) of ``results``."""
+    def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> anndata.AnnData:
+        """Layers ``denoised`` and ``batch_effect`` (observed - denoised) of ``results``.
+
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth
+            k of the matching (1: causal matching) and the kernel bandwidth for k > 1.
+
+        Returns
+        -------
+        anndata.AnnData
+            :attr:`results`.
+        """
         effects = self._effects(nearest_neighbor, bandwidth)
         self.results.layers["denoised"] = effects["denoised"]
         self.results.layers["batch_effect"] = effects["batch_effect"]
         return self.results
 
-    def estimate_ite(self, nearest_neighbor: int = 1, bandwidth: float = 1.0) -> anndata.AnnData:
-        """Layers ``ite_<condition>`` of ``results`` for every non-control condition, for every cell."""
+    def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> anndata.AnnData:
+        """Layers ``ite_<condition>`` of ``results`` for every non-control condition, for every cell.
+
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth
+            As for :meth:`decompose_batch_effect`.
+
+        Returns
+        -------
+        anndata.AnnData
+            :attr:`results`.
+        """
         effects = self._effects(nearest_neighbor, bandwidth)
         for condition in self.design.treatments:
             self.results.layers[f"ite_{condition}"] = effects[f"ite_{condition}"]
         return self.results
 
     def estimate_cate(self, groupby: str, condition: str | None = None) -> pd.DataFrame:
-        """Per group of ``results.obs[groupby]`` and gene: mean ITE, sign test, z test, BH-adjusted p-values."""
+        """Per group of ``results.obs[groupby]`` and gene: mean ITE, sign test, z test, BH-adjusted p-values.
+
+        Parameters
+        ----------
+        groupby
+            Column of ``results.obs`` holding the cell groups.
+        condition
+            Treatment condition (default the first); its ITE layer is estimated when missing.
+
+        Returns
+        -------
+        pandas.DataFrame
+            See :func:`~pyro_scmodels.ndreamer.estimate_cate`; also stored in ``results.uns``.
+        """
         condition = condition or self.design.treatments[0]
         layer = f"ite_{condition}"
         if layer not in self.results.layers:
@@ -261,79 +327,34 @@ class NDreamer:
         self.results.uns[f"cate_{condition}_{groupby}"] = table
         return table
 
-    # --- a Pyro model as the representation (SPEC 3.6) ---------------------------------------------
-    @classmethod
-    def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
-                   device: str = "auto") -> "NDreamer":
-        """Match cells in a trained Pyro model's latent space instead of a learned code space.
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, dir_path: str, overwrite: bool = False) -> None:
+        """Write settings, results, matching state and the network (if any) into ``dir_path`` only.
+
+        A ``from_model`` NDreamer stores its latent (in the results) but not the model itself.
 
         Parameters
         ----------
+        dir_path, overwrite
+            Target folder; replace an NDreamer saved there.
+        """
+        write_ndreamer(self, dir_path, overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str, device: str = "auto", model=None) -> "NDreamer":
+        """Load an NDreamer written by :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path, device
+            The folder; torch device.
         model
-            A trained :class:`~pyro_scmodels.RegularizedVI`. For :meth:`estimate_model_ite` its
-            decoder must be conditioned on ``condition_key`` (``nn_conditioning_covariate_keys``).
-        condition_key, control_name, batch_key
-            As for the constructor (read from ``model.adata.obs``).
+            For a ``from_model`` NDreamer: the same trained model, re-attached so that
+            :meth:`estimate_model_ite` works (without it that method raises). Its cells must be
+            the saved ones. Matching-based methods work without it (the latent is stored).
 
         Returns
         -------
         NDreamer
-            With the model's latent as ``obsm["X_effect_modifier_space"]``; the matching-based
-            methods work as usual, :meth:`train` is not needed.
         """
-        from .preprocess import log_normalise
-
-        self = cls.__new__(cls)
-        self.settings = dict(condition_key=condition_key, control_name=str(control_name),
-                             batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                             batch_size=1024, seed=seed, layer=model.layer)
-        self.device = resolve_device(device)
-        self._design(model.adata.obs)
-        self.model, self.network, self.history = model, None, []
-        self.genes = pd.Index(model.var_names).astype(str)
-        self.expression = log_normalise(model.adata, model.layer)
-        self.results = anndata.AnnData(X=self.expression.copy(), obs=model.adata.obs.copy(), var=pd.DataFrame(index=self.genes))
-        latent = model.get_latent_representation()
-        self.results.obsm[EMBEDDING_KEY] = latent
-        self.results.obsm[EMBEDDING_KEY + "_PCA"] = matching_space(latent, 50, seed)
-        self.results.uns["ndreamer"] = {"condition_key": condition_key, "control_name": str(control_name),
-                                        "conditions": self.design.conditions, "representation": type(model).__name__}
-        return self
-
-    def estimate_model_ite(self, num_samples: int = 20, quantiles: tuple[float, float] = (0.05, 0.95)) -> anndata.AnnData:
-        """Model-based counterfactual ITE with credible intervals (``from_model`` only).
-
-        Each cell's z (posterior samples) is decoded with the condition switched to each treatment
-        and to the control; layers ``ite_model_<c>`` (posterior mean) and ``ite_model_<c>_q05`` /
-        ``_q95`` hold the effect on log-normalised expression.
-
-        The bounds carry only the posterior uncertainty of each cell's z (the decoder and global
-        sites are point estimates), so they are narrower than calibrated intervals: on the
-        package simulator they hold the true effect about 35-40 % of the time at 90 % nominal.
-        """
-        if getattr(self, "model", None) is None:
-            raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
-        from .model_effects import model_counterfactual_ite
-
-        for treatment in self.design.treatments:
-            effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
-                                              treatment, V.positive_int("num_samples", num_samples), quantiles,
-                                              seed=self.settings["seed"])
-            for name, values in effect.items():
-                self.results.layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
-        return self.results
-
-    # --- persistence ----------------------------------------------------------------------------
-    def save(self, dir_path: str, overwrite: bool = False) -> None:
-        """Write the network, settings and the results AnnData into ``dir_path`` (nothing elsewhere)."""
-        if os.path.exists(os.path.join(dir_path, NETWORK_FILE)) and not overwrite:
-            raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
-        os.makedirs(dir_path, exist_ok=True)
-        torch.save(self.network.state_dict(), os.path.join(dir_path, NETWORK_FILE))
-        with open(os.path.join(dir_path, SETTINGS_FILE), "w") as handle:
-            json.dump(self.settings, handle)
-        results = self.results.copy()
-        for key in [k for k in results.uns if k.startswith("cate_")]:
-            results.uns[key] = results.uns[key].astype({"group": str, "gene": str})
-        results.obs["_label_low"], results.obs["_label_high"] = self.label_low, self.label_high
-        results.write_h5ad(os.path.join(dir_path, RESULTS_FILE))
+        return read_ndreamer(cls, dir_path, device, model)

@@ -11,11 +11,18 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-logger = logging.getLogger(__name__)
+from ._constants import (
+    LEIDEN_ITERATIONS,
+    LEIDEN_NEIGHBOURS,
+    LEIDEN_PCA_COMPONENTS,
+    LEIDEN_RESOLUTIONS,
+    LOG_CHECK_SAMPLE,
+    LOG_DATA_MAX,
+    MIN_CELLS_FOR_LEIDEN,
+    TARGET_SUM,
+)
 
-TARGET_SUM = 1e4
-LEIDEN_RESOLUTIONS = (0.5, 7.0)  # low and high resolution pseudo cell states
-MIN_CELLS_FOR_LEIDEN = 30  # smaller batch x condition groups get a single label
+logger = logging.getLogger(__name__)
 
 
 def is_log_normalised(matrix) -> bool:
@@ -23,18 +30,18 @@ def is_log_normalised(matrix) -> bool:
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
     if values.size == 0:
         return False
-    sample = values[: min(values.size, 1_000_000)]
+    sample = values[: min(values.size, LOG_CHECK_SAMPLE)]
     if (sample < 0).any() or not np.isfinite(sample).all():
         raise ValueError("Expression must be finite and non-negative (raw counts or log-normalised values).")
-    return bool(not np.all(sample == np.round(sample)) and sample.max() < 30)
+    return bool(not np.all(sample == np.round(sample)) and sample.max() < LOG_DATA_MAX)
 
 
 def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_matrix:
-    """log1p of counts per 1e4 (raw counts), or the matrix as it is when it already is log-normalised."""
+    """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised."""
     matrix = adata.X if layer is None else adata.layers[layer]
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
     if is_log_normalised(matrix):
-        logger.info("NDreamer: the input looks log-normalised (non-integer values below 30); used as it is.")
+        logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
         return matrix
     logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
     totals = np.asarray(matrix.sum(1)).ravel()
@@ -73,13 +80,13 @@ def pseudo_labels(log_expression: sp.csr_matrix, groups: np.ndarray, seed: int =
                 offset[resolution] += 1
             continue
         frame = anndata.AnnData(X=log_expression[cells])
-        n_components = min(50, len(cells) - 1, frame.n_vars - 1)
+        n_components = min(LEIDEN_PCA_COMPONENTS, len(cells) - 1, frame.n_vars - 1)
         sc.pp.pca(frame, n_comps=n_components, random_state=seed)
         # the gaussian kernel avoids compiling umap's numba code (seconds) for a connectivity graph
-        sc.pp.neighbors(frame, n_neighbors=min(15, len(cells) - 1), random_state=seed, method="gauss", transformer="sklearn")
+        sc.pp.neighbors(frame, n_neighbors=min(LEIDEN_NEIGHBOURS, len(cells) - 1), random_state=seed, method="gauss", transformer="sklearn")
         for resolution in LEIDEN_RESOLUTIONS:
             sc.tl.leiden(frame, resolution=resolution, key_added="leiden", random_state=seed, flavor="igraph",
-                         n_iterations=2, directed=False)
+                         n_iterations=LEIDEN_ITERATIONS, directed=False)
             codes = frame.obs["leiden"].astype(int).to_numpy()
             labels[resolution][cells] = codes + offset[resolution]
             offset[resolution] += codes.max() + 1

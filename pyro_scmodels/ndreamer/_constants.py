@@ -1,0 +1,42 @@
+"""NDreamer's numbers, named once (SPEC 3). Loss weights and loss hyperparameters live in
+:class:`~pyro_scmodels.ndreamer.LossWeights`; everything else is here."""
+
+# --- preprocessing (SPEC 3.1) --------------------------------------------------------
+NUM_HVG = 2000
+TARGET_SUM = 1e4  # counts per cell before log1p
+LOG_DATA_MAX = 30.0  # non-integer values all below this are taken as already log-normalised
+LOG_CHECK_SAMPLE = 1_000_000  # values inspected to decide counts vs log data
+LEIDEN_RESOLUTIONS = (0.5, 7.0)  # low and high resolution pseudo cell states
+LEIDEN_PCA_COMPONENTS = 50
+LEIDEN_NEIGHBOURS = 15
+LEIDEN_ITERATIONS = 2
+MIN_CELLS_FOR_LEIDEN = 30  # smaller batch x condition groups get a single label
+
+# --- network (SPEC 3.2) --------------------------------------------------------------
+ENCODER_HIDDEN = (1024, 512)
+N_CODEBOOKS = 32
+CODEBOOK_SIZE = 1024
+CODEBOOK_DIM = 8
+EMBEDDING_DIM = 512
+Z_DIM = 256
+DECODER_HIDDEN = (512, 1024)
+GUMBEL_TAU = 0.01
+DEAD_CODE_RESET_INTERVAL = 30  # steps between re-initialisations of rarely used codes
+RESIDUAL_EXPANSION = 2  # inner width of the residual block, in multiples of its width
+LOGVAR_BOUNDS = (-12.0, 8.0)  # exp(logvar) can neither overflow nor vanish early in training
+
+# --- training (SPEC 3.4) -------------------------------------------------------------
+PASSES = 15  # default training: about 15 passes over the data
+BATCH_SIZE = 1024
+LEARNING_RATE = 1e-3  # AdamW
+GRADIENT_CLIP_NORM = 10.0
+MIN_CELLS_PER_GROUP_DRAW = 2  # each group gives at least this many cells to every minibatch
+CHECKPOINT_EVERY = 1  # passes between checkpoints
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# --- matching (SPEC 3.5) -------------------------------------------------------------
+MATCHING_PCA_COMPONENTS = 50
+NEAREST_NEIGHBOR = 1  # causal matching
+BANDWIDTH = 1.0
+MODEL_ITE_SAMPLES = 20
+MODEL_ITE_QUANTILES = (0.05, 0.95)

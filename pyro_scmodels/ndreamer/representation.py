@@ -1,0 +1,100 @@
+"""A trained Pyro model as NDreamer's representation (SPEC 3.6).
+
+:class:`ModelRepresentation` gives :class:`~pyro_scmodels.ndreamer.NDreamer` its
+:meth:`~ModelRepresentation.from_model` entry point (match in the model's latent space) and
+the model-based counterfactual (:meth:`~ModelRepresentation.estimate_model_ite`).
+"""
+
+from __future__ import annotations
+
+import anndata
+import pandas as pd
+
+from .. import _validation as V
+from . import _constants as K
+from ._persistence import LATENT
+from .preprocess import log_normalise
+
+
+def _model_layer(model) -> str | None:
+    """The model's counts layer (``None`` is ``.X``).
+
+    The models expose no public accessor of their setup yet, so this reads the ``layer``
+    attribute single-modality models set at construction; multi-modality models have none.
+    """
+    if not hasattr(model, "layer"):
+        raise ValueError(f"NDreamer.from_model needs a model with a single counts layer (a `layer` attribute); "
+                         f"{type(model).__name__} has none.")
+    return model.layer
+
+
+class ModelRepresentation:
+    """Mixin of :class:`~pyro_scmodels.ndreamer.NDreamer`: a trained model's latent as the representation."""
+
+    @classmethod
+    def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
+                   device: str = "auto") -> "NDreamer":
+        """Match cells in a trained Pyro model's latent space instead of a learned code space.
+
+        Parameters
+        ----------
+        model
+            A trained single-modality model (e.g. :class:`~pyro_scmodels.RegularizedVI`); read through
+            ``get_latent_representation()``, ``adata`` and its counts ``layer``. For
+            :meth:`estimate_model_ite` its decoder must be conditioned on ``condition_key``.
+        condition_key, control_name, batch_key
+            As for the constructor (read from ``model.adata.obs``).
+        seed, device
+            Seed of the matching-space PCA and the posterior samples; torch device.
+
+        Returns
+        -------
+        NDreamer
+            With the model's latent as ``obsm["X_effect_modifier_space"]``; the matching-based
+            methods work as usual, :meth:`train` raises (there is no network).
+        """
+        layer = _model_layer(model)
+        settings = dict(condition_key=condition_key, control_name=str(control_name),
+                        batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+                        batch_size=K.BATCH_SIZE, seed=seed, layer=layer, representation=LATENT, model=type(model).__name__)
+        self = cls.__new__(cls)
+        self._setup(settings, model.adata.obs.copy(), log_normalise(model.adata, layer),
+                    pd.Index(model.adata.var_names).astype(str), device, latent=model.get_latent_representation(), model=model)
+        return self
+
+    def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
+                           quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES) -> anndata.AnnData:
+        """Model-based counterfactual ITE with credible intervals (``from_model`` only).
+
+        Each cell's z (posterior samples) is decoded with the condition switched to each treatment
+        and to the control; layers ``ite_model_<c>`` (posterior mean) and ``ite_model_<c>_q05`` /
+        ``_q95`` hold the effect on log-normalised expression.
+
+        The bounds carry only the posterior uncertainty of each cell's z (the decoder and global
+        sites are point estimates), so they are narrower than calibrated intervals: on the
+        package simulator they hold the true effect about 35-40 % of the time at 90 % nominal.
+
+        Parameters
+        ----------
+        num_samples, quantiles
+            Posterior samples of z per cell; the interval's quantiles.
+
+        Returns
+        -------
+        anndata.AnnData
+            :attr:`results`.
+        """
+        if self.model is None:
+            if self.settings["representation"] == LATENT:
+                raise ValueError("This NDreamer was loaded without its model (models are not saved inside it); "
+                                 "re-attach it with NDreamer.load(dir_path, model=model).")
+            raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
+        from .model_effects import model_counterfactual_ite
+
+        for treatment in self.design.treatments:
+            effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
+                                              treatment, V.positive_int("num_samples", num_samples), quantiles,
+                                              seed=self.settings["seed"])
+            for name, values in effect.items():
+                self.results.layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
+        return self.results

@@ -1,0 +1,312 @@
+"""The package's one training loop, independent of what is trained.
+
+:class:`TrainingLoop` owns everything a minibatch optimisation needs besides the loss itself:
+the optimiser, gradient clipping, NaN/Inf detection that names the loss part or parameter,
+checkpoints (atomic writes, fingerprint-checked resume), per-epoch seeding (so a resumed run
+equals an uninterrupted one), Ctrl-C safety, early stopping, a tqdm bar and a per-epoch
+``history``. Subclasses fill in the hooks: which minibatches an epoch draws
+(:meth:`~TrainingLoop.minibatches`), the loss of one (:meth:`~TrainingLoop.minibatch_loss`),
+what happens after each step (:meth:`~TrainingLoop.after_step`) and what an epoch records
+(:meth:`~TrainingLoop.end_epoch`). :class:`~pyro_scmodels.infer.SVITrainer` (Pyro ELBO) and
+the NDreamer trainer are the two specialisations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import _constants as C
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN or Inf; the message names the loss part, site or parameter."""
+
+
+@dataclass
+class LoopPlan:
+    """Settings of one call to :meth:`TrainingLoop.fit` (any object with these attributes works).
+
+    Attributes
+    ----------
+    max_epochs
+        Epochs counted over all calls (a resumed run counts the checkpoint's epochs).
+    max_steps
+        Optional cap on optimiser steps counted over all calls; the epoch it falls in is cut short.
+    early_stopping, patience, min_delta
+        Stop when the monitored loss (validation, else training) has not improved by more than
+        ``min_delta`` for ``patience`` epochs.
+    gradient_clip
+        Maximum gradient norm; ``None`` for no clipping (and no gradient check).
+    checkpoint_path, checkpoint_every
+        Where to write the training state, and every how many epochs (also at the end).
+    progress_bar
+        Show a tqdm bar.
+    """
+
+    max_epochs: int
+    max_steps: int | None = None
+    early_stopping: bool = False
+    patience: int = C.EARLY_STOPPING_PATIENCE
+    min_delta: float = 0.0
+    gradient_clip: float | None = C.GRADIENT_CLIP_NORM
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 10
+    progress_bar: bool = True
+
+
+class TrainingLoop:
+    """Minibatch gradient descent on named torch modules, with the hooks a subclass fills in.
+
+    Parameters
+    ----------
+    modules
+        Name -> module; their parameters are optimised, their state is checkpointed under these
+        names, and NaN messages name parameters as ``"<name>.<parameter>"``.
+    fingerprint
+        What a checkpoint must match to be resumed (cells, genes, sizes, settings).
+    history_columns
+        Columns of :attr:`history` (one row per epoch), filled from :meth:`end_epoch`.
+    """
+
+    description = "Training"
+
+    def __init__(self, modules: dict[str, torch.nn.Module], fingerprint: dict | None = None,
+                 history_columns: Iterable[str] = ("train_loss",)):
+        self.modules = dict(modules)
+        self.fingerprint = fingerprint or {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history = pd.DataFrame(columns=list(history_columns))
+        self.history.index.name = "epoch"
+        self.epoch = 0
+        self.step = 0
+        self._best = math.inf
+        self._epochs_without_improvement = 0
+
+    # --- hooks -----------------------------------------------------------------------------
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser over :meth:`parameters` (called once, lazily)."""
+        raise NotImplementedError
+
+    def minibatches(self, plan, rng: np.random.Generator) -> Iterator:
+        """The minibatches of one epoch, drawn with ``rng`` (the epoch's seeded generator)."""
+        raise NotImplementedError
+
+    def minibatch_loss(self, item) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of one minibatch and its named parts (used for NaN messages and history)."""
+        raise NotImplementedError
+
+    def minibatch_weight(self, item) -> float:
+        """Weight of a minibatch in the epoch's mean training loss (default: 1)."""
+        return 1.0
+
+    def after_step(self, item) -> None:
+        """Called after every optimiser step (default: nothing)."""
+
+    def end_epoch(self, plan, train_loss: float, parts: dict[str, float]) -> dict:
+        """The epoch's history row (keys: :attr:`history` columns); ``validation_loss`` is monitored if present."""
+        return {"train_loss": train_loss, **parts}
+
+    def prepare(self) -> None:
+        """Called before the optimiser is built (e.g. to create lazily initialised parameters)."""
+
+    def extra_state(self) -> dict:
+        """Subclass state that a checkpoint must also hold."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`."""
+
+    # --- parameters and modes --------------------------------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every optimised parameter, module by module."""
+        return [p for module in self.modules.values() for p in module.parameters()]
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """``("<module>.<parameter>", parameter)`` pairs."""
+        for prefix, module in self.modules.items():
+            yield from ((f"{prefix}.{name}", p) for name, p in module.named_parameters())
+
+    def _set_training(self, mode: bool) -> None:
+        for module in self.modules.values():
+            module.train(mode)
+
+    def _make_optimizer(self) -> None:
+        if self.optimizer is None:
+            self.optimizer = self.build_optimizer()
+
+    def diagnose(self, where: str, parts: dict[str, torch.Tensor]) -> str:
+        """The error message when ``where`` (the loss or the gradient) is NaN or Inf."""
+        problems = [f"loss part {name!r}" for name, value in parts.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+        problems += self._parameter_problems()
+        return self._message(where, problems)
+
+    def _parameter_problems(self) -> list[str]:
+        named = list(self.named_parameters())
+        problems = [f"{name} (value)" for name, p in named if not torch.isfinite(p).all()]
+        return problems + [f"{name} (gradient)" for name, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+    def _message(self, where: str, problems: list[str]) -> str:
+        found = "; ".join(problems) or "no single part or parameter identified"
+        return (
+            f"Training stopped at epoch {self.epoch}, step {self.step}: {where} is NaN or Inf. Non-finite: {found}. "
+            "Try a lower learning rate (lr), a smaller gradient_clip, or check the input for extreme values."
+        )
+
+    # --- one pass --------------------------------------------------------------------------
+    @staticmethod
+    def seed_epoch(seed: int, epoch: int) -> np.random.Generator:
+        """Seed torch for one epoch; return its minibatch-order generator.
+
+        Seeding per epoch makes a run resumed from a checkpoint identical to an uninterrupted one.
+        Python's and numpy's global generators are left alone.
+        """
+        state = np.random.SeedSequence([seed, epoch]).generate_state(2)
+        torch.manual_seed(int(state[0]))
+        return np.random.default_rng(int(state[1]))
+
+    def _train_epoch(self, plan, rng: np.random.Generator) -> tuple[float, dict[str, float]]:
+        self._set_training(True)
+        total, weights, sums = 0.0, 0.0, {}
+        max_steps = getattr(plan, "max_steps", None)
+        for item in self.minibatches(plan, rng):
+            if max_steps is not None and self.step >= max_steps:
+                break
+            loss, parts = self.minibatch_loss(item)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(self.diagnose("the loss", parts))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if plan.gradient_clip:
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters(), plan.gradient_clip)
+                if not torch.isfinite(norm):
+                    raise NonFiniteError(self.diagnose("the gradient", parts))
+            self.optimizer.step()
+            self.step += 1
+            self.after_step(item)
+            weight = self.minibatch_weight(item)
+            total += loss.item() * weight
+            weights += weight
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * weight
+        scale = 1.0 / weights if weights else math.nan
+        return total * scale, {name: value * scale for name, value in sums.items()}
+
+    def _done(self, plan) -> bool:
+        max_steps = getattr(plan, "max_steps", None)
+        return self.epoch >= plan.max_epochs or (max_steps is not None and self.step >= max_steps)
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self, plan, seed: int = 0) -> pd.DataFrame:
+        """Train until ``plan.max_epochs`` / ``plan.max_steps`` (counted over all calls) or early stopping.
+
+        A checkpoint at ``plan.checkpoint_path`` is resumed when this loop has not trained yet.
+        On Ctrl-C the state is checkpointed (when checkpointing is on), the modules are put back
+        in eval mode, and ``KeyboardInterrupt`` is raised again.
+        """
+        if plan.checkpoint_path and os.path.exists(plan.checkpoint_path) and self.epoch == 0:
+            self.load_checkpoint(plan.checkpoint_path)
+            logger.info("Resumed from %s at epoch %d.", plan.checkpoint_path, self.epoch)
+        if self.optimizer is None:
+            self.prepare()
+            self._make_optimizer()
+        bar = tqdm(total=plan.max_epochs, initial=min(self.epoch, plan.max_epochs), desc=self.description,
+                   disable=not plan.progress_bar, unit="epoch")
+        try:
+            while not self._done(plan):
+                train_loss, parts = self._train_epoch(plan, self.seed_epoch(seed, self.epoch))
+                record = self.end_epoch(plan, train_loss, parts)
+                self.history.loc[self.epoch] = [record.get(c, math.nan) for c in self.history.columns]
+                self.epoch += 1
+                bar.update(1)
+                validation_loss = record.get("validation_loss", math.nan)
+                bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{validation_loss:.4g}")
+                if plan.checkpoint_path and self.epoch % plan.checkpoint_every == 0:
+                    self.save_checkpoint(plan.checkpoint_path)
+                if plan.early_stopping and self._should_stop(validation_loss, train_loss, plan):
+                    logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
+                    break
+        except KeyboardInterrupt:
+            if plan.checkpoint_path:
+                # mid-epoch state: a resumed run repeats the interrupted epoch, so it is not bit-identical
+                self.save_checkpoint(plan.checkpoint_path)
+                logger.warning("Interrupted at epoch %d, step %d; state written to %s.", self.epoch, self.step, plan.checkpoint_path)
+            raise
+        finally:
+            bar.close()
+            self._set_training(False)
+        if plan.checkpoint_path:
+            self.save_checkpoint(plan.checkpoint_path)
+        return self.history
+
+    def _should_stop(self, validation_loss: float, train_loss: float, plan) -> bool:
+        monitored = train_loss if math.isnan(validation_loss) else validation_loss
+        if monitored < self._best - plan.min_delta:
+            self._best = monitored
+            self._epochs_without_improvement = 0
+        else:
+            self._epochs_without_improvement += 1
+        return self._epochs_without_improvement >= plan.patience
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def state(self, include_modules: bool = True) -> dict:
+        """Everything needed to continue training (the modules' parameters optionally left out)."""
+        modules = {name: module.state_dict() for name, module in self.modules.items()} if include_modules else {}
+        return {
+            **modules,
+            "fingerprint": self.fingerprint,
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best": self._best,
+            "epochs_without_improvement": self._epochs_without_improvement,
+            **self.extra_state(),
+        }
+
+    def load_state(self, state: dict, source: str = "the saved state") -> None:
+        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
+        saved = state.get("fingerprint", {})
+        differing = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        if differing:
+            raise ValueError(
+                f"{source} was written for different data or settings ({', '.join(differing)} differ); "
+                "remove it or choose another checkpoint_dir."
+            )
+        if all(name in state for name in self.modules):
+            for name, module in self.modules.items():
+                module.load_state_dict(state[name])
+        if state.get("optimizer") is not None:
+            self._make_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = state["history"]
+        self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]
+        self.load_extra_state(state)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write the full training state (atomically: a crash never leaves half a file)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""
+        self.load_state(torch.load(path, map_location="cpu", weights_only=False), source=f"Checkpoint {path}")
+
+    def move_optimizer_state(self) -> None:
+        """After the modules moved device, move the optimiser's state with them."""
+        if self.optimizer is not None:
+            # load_state_dict casts each state tensor to its parameter's device
+            self.optimizer.load_state_dict(self.optimizer.state_dict())

@@ -1,0 +1,133 @@
+"""NDreamer's life cycle on tiny data: training on the shared loop (checkpoint resume, NaN naming),
+effects recomputed after retraining, and save/load from every construction path."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_scmodels as ps
+from pyro_scmodels.ndreamer import NDreamer, NDreamerTrainer
+from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
+from pyro_scmodels.training import NonFiniteError
+
+TINY = dict(n_codebooks=4, codebook_size=16, codebook_dim=4, embedding_dim=32, z_dim=8, encoder_hidden=(32, 16),
+            decoder_hidden=(16, 32), batch_size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_adata():
+    return ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+
+
+def _nd(adata, **kwargs) -> NDreamer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **{**TINY, **kwargs})
+
+
+def _state(nd: NDreamer) -> dict:
+    return {k: v.clone() for k, v in nd.network.state_dict().items()}
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tiny_adata, tmp_path):
+    straight = _nd(tiny_adata)
+    straight.train(n_epochs=3, progress_bar=False, checkpoint_dir=str(tmp_path / "straight"))
+    interrupted = _nd(tiny_adata)
+    interrupted.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and len(interrupted.history) == 1
+    resumed = _nd(tiny_adata)  # a new session picks the checkpoint up and continues to 3 passes
+    history = resumed.train(n_epochs=3, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    assert len(history) == 3 and resumed.trainer.step == straight.trainer.step
+    np.testing.assert_allclose(history.to_numpy(), straight.history.to_numpy(), rtol=1e-5)
+    expected = _state(straight)
+    for name, value in _state(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.network.steps_since_reset == straight.network.steps_since_reset
+
+
+def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
+    _nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="different data or settings"):
+        _nd(tiny_adata, lr=5e-3).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+
+
+def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
+    nd = _nd(tiny_adata)
+    with torch.no_grad():
+        nd.network.mean_head.bias[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"loss part 'kl'.*network\.mean_head\.bias \(value\)"):
+        nd.train(n_epochs=1, progress_bar=False)
+    assert not nd.network.training  # put back in eval mode
+
+
+def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypatch):
+    nd = _nd(tiny_adata)
+
+    def interrupt(self, cells):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(NDreamerTrainer, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    assert (tmp_path / "checkpoint.pt").exists() and not nd.network.training
+    assert nd.trainer.step == 1
+
+
+def test_second_training_recomputes_embedding_and_effects(tiny_adata):
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    first = nd.estimate_ite(nearest_neighbor=3).layers["ite_stimulated"].copy()
+    nd.estimate_cate("cell_type")
+    nd.train(n_epochs=1, progress_bar=False)
+    assert len(nd.history) == 2
+    # nothing computed in the old representation survives retraining
+    assert "X_effect_modifier_space" not in nd.results.obsm and "ite_stimulated" not in nd.results.layers
+    assert not any(k.startswith("cate_") for k in nd.results.uns)
+    second = nd.estimate_ite(nearest_neighbor=3).layers["ite_stimulated"]
+    assert not np.allclose(first, second)
+    space = matching_space(nd.get_modifier_space(), seed=nd.settings["seed"])
+    fresh = estimate_effects(space, nd.expression, nd.design, nearest_neighbor=3)
+    np.testing.assert_allclose(second, fresh["ite_stimulated"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_adata):
+    adata = tiny_adata.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
+    model.train(max_epochs=3, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
+    return model
+
+
+def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    with pytest.raises(ValueError, match="no network to train"):
+        nd.train()
+    nd.estimate_ite(nearest_neighbor=3)
+    nd.estimate_model_ite(num_samples=3)
+    nd.save(str(tmp_path / "nd"))
+    loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    assert list(loaded.results.obs_names) == list(nd.results.obs_names)
+    np.testing.assert_array_equal(loaded.get_modifier_space(), nd.get_modifier_space())
+    for layer in nd.results.layers:
+        np.testing.assert_allclose(loaded.results.layers[layer], nd.results.layers[layer])
+    np.testing.assert_allclose(loaded.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"],
+                               nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], atol=1e-6)
+    with pytest.raises(ValueError, match="loaded without its model"):
+        loaded.estimate_model_ite(num_samples=3)
+    with pytest.raises(ValueError, match="no network to train"):
+        loaded.train()
+    attached = NDreamer.load(str(tmp_path / "nd"), device="cpu", model=tiny_model)
+    np.testing.assert_allclose(attached.estimate_model_ite(num_samples=3).layers["ite_model_stimulated"],
+                               nd.results.layers["ite_model_stimulated"], atol=1e-6)
+    attached.save(str(tmp_path / "nd"), overwrite=True)
+
+
+def test_from_model_needs_a_single_counts_layer(tiny_model):
+    class NoLayer:
+        adata = tiny_model.adata
+
+    with pytest.raises(ValueError, match="single counts layer"):
+        NDreamer.from_model(NoLayer(), "condition", "control")
