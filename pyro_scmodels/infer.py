@@ -19,7 +19,7 @@ from pyro.infer import Trace_ELBO
 
 from . import _constants as C
 from .data import CellData, iterate_minibatches
-from .training import NonFiniteError, TrainingLoop
+from .training import NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
 logger = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ def test_any_model_with_several_sites(tmp_path):
 
 
 def test_validation_split_and_bad_arguments(validation_check, fitted, untrained):
-    expected = fitted.adata.obs_names[fitted.trainer.validation_indices]
+    expected = fitted.adata.obs_names[fitted.validation_indices]
     assert validation_check.cells.index.equals(expected)
     assert len(validation_check.pit_sample) == 100_000
     with pytest.raises(ValueError, match="split must be"):
@@ -179,7 +179,8 @@ def test_validation_split_and_bad_arguments(validation_check, fitted, untrained)
         posterior_predictive_check(fitted, split="train", indices=[0, 1])
     with pytest.raises(ValueError, match="no train/validation split"):
         posterior_predictive_check(untrained, split="validation")
-    empty = SimpleNamespace(trainer=SimpleNamespace(train_indices=np.arange(5), validation_indices=np.array([], int)))
+    # the split is read through the model's public train_indices / validation_indices
+    empty = SimpleNamespace(train_indices=np.arange(5), validation_indices=np.array([], int))
     with pytest.raises(ValueError, match="holds no cells"):
         posterior_predictive_check(empty, split="validation")
     with pytest.raises(ValueError, match="No cells"):

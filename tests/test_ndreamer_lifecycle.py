@@ -125,9 +125,11 @@ def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     attached.save(str(tmp_path / "nd"), overwrite=True)
 
 
-def test_from_model_needs_a_single_counts_layer(tiny_model):
-    class NoLayer:
+def test_from_model_needs_a_model_of_the_package(tiny_model):
+    class NotAModel:
         adata = tiny_model.adata
 
-    with pytest.raises(ValueError, match="single counts layer"):
-        NDreamer.from_model(NoLayer(), "condition", "control")
+    with pytest.raises(ValueError, match="needs a model of this package"):
+        NDreamer.from_model(NotAModel(), "condition", "control")
+    source, layer = tiny_model.counts_source()
+    assert source is tiny_model.adata and layer == "counts"

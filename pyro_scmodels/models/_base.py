@@ -130,21 +130,7 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         self.device = resolve_device(device)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
-        if self.trainer is None:
-            train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
-            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay,
-                                      fingerprint=self._fingerprint())
-        else:
-            self.trainer.move_optimizer_state()
-            if max_epochs <= self.trainer.epoch:
-                warnings.warn(
-                    f"The model has already been trained for {self.trainer.epoch} epochs; max_epochs={max_epochs} counts "
-                    "all epochs, so nothing more is trained. Pass a larger max_epochs to continue.", stacklevel=2
-                )
-            # a further call continues training: the split stays, the optimiser takes the new settings
-            if abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
-                warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=2)
-            self.trainer.set_optimizer_settings(lr=lr, eps=eps, weight_decay=weight_decay)
+        self._prepare_trainer(data, max_epochs, train_size, seed, lr, eps, weight_decay)
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
         plan = TrainingPlan(
@@ -160,11 +146,33 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             checkpoint_every=checkpoint_every,
             progress_bar=progress_bar,
         )
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            history = self.trainer.fit(plan, seed=seed)
-        self.is_trained = True
-        return history.astype(float)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                self.trainer.fit(plan, seed=seed)
+        finally:
+            # also after an interruption (Ctrl-C): the epochs that ran are kept and count as training
+            self.is_trained = self.is_trained or self.trainer.epoch > 0
+        return self.trainer.history.astype(float)
+
+    def _prepare_trainer(self, data: CellData, max_epochs: int, train_size: float, seed: int, lr: float, eps: float,
+                         weight_decay: float) -> None:
+        """Create the trainer (split and optimiser settings) on the first call; update it on later ones."""
+        if self.trainer is None:
+            train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
+            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay,
+                                      fingerprint=self._fingerprint())
+            return
+        self.trainer.move_optimizer_state()
+        if max_epochs <= self.trainer.epoch:
+            warnings.warn(
+                f"The model has already been trained for {self.trainer.epoch} epochs; max_epochs={max_epochs} counts "
+                "all epochs, so nothing more is trained. Pass a larger max_epochs to continue.", stacklevel=3
+            )
+        # a further call continues training: the split stays, the optimiser takes the new settings
+        if abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
+            warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=3)
+        self.trainer.set_optimizer_settings(lr=lr, eps=eps, weight_decay=weight_decay)
 
     # --- inference in minibatches --------------------------------------------------------------
     def _check_trained(self) -> None:

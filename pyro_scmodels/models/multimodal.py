@@ -167,6 +167,11 @@ class RegularizedMultimodalVI(PyroModelBase):
         """Names of the features of ``modality`` (default the first modelled one)."""
         return self.var_names[self.default_modality(modality)]
 
+    def counts_source(self, modality: str | None = None) -> tuple:
+        """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``."""
+        modality = self.default_modality(modality)
+        return self.adata.mod[modality], self.layers.get(modality)
+
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False) -> np.ndarray:
         """Posterior mean of the joint z, or of one modality's block / encoder.

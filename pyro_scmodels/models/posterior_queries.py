@@ -39,6 +39,11 @@ class PosteriorQueries:
         self.default_modality(modality)
         return self.var_names
 
+    def counts_source(self, modality: str | None = None) -> tuple:
+        """Where the model reads the counts of ``modality``: ``(AnnData, layer)``; layer None is ``.X``."""
+        self.default_modality(modality)
+        return self.adata, self.layer
+
     # --- the posterior queries every getter, DE, check and counterfactual is built on ----------
     def posterior_z_batches(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
                             seed: int = 0, modality: str | None = None):

@@ -16,16 +16,12 @@ from ._persistence import LATENT
 from .preprocess import log_normalise
 
 
-def _model_layer(model) -> str | None:
-    """The model's counts layer (``None`` is ``.X``).
-
-    The models expose no public accessor of their setup yet, so this reads the ``layer``
-    attribute single-modality models set at construction; multi-modality models have none.
-    """
-    if not hasattr(model, "layer"):
-        raise ValueError(f"NDreamer.from_model needs a model with a single counts layer (a `layer` attribute); "
-                         f"{type(model).__name__} has none.")
-    return model.layer
+def _model_counts(model):
+    """The AnnData and layer holding the counts the model was trained on (its first modality)."""
+    if not callable(getattr(model, "counts_source", None)):
+        raise ValueError(f"NDreamer.from_model needs a model of this package (with counts_source()); "
+                         f"{type(model).__name__} is not one.")
+    return model.counts_source()
 
 
 class ModelRepresentation:
@@ -33,14 +29,16 @@ class ModelRepresentation:
 
     @classmethod
     def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
-                   device: str = "auto") -> "NDreamer":
+                   device: str = "auto"):
         """Match cells in a trained Pyro model's latent space instead of a learned code space.
 
         Parameters
         ----------
         model
-            A trained single-modality model (e.g. :class:`~pyro_scmodels.RegularizedVI`); read through
-            ``get_latent_representation()``, ``adata`` and its counts ``layer``. For
+            A trained model of this package (:class:`~pyro_scmodels.RegularizedVI`, or a
+            :class:`~pyro_scmodels.RegularizedMultimodalVI`, whose first modality gives the
+            expression); read through ``get_latent_representation()``, ``adata`` and
+            ``counts_source()``. For
             :meth:`estimate_model_ite` its decoder must be conditioned on ``condition_key``.
         condition_key, control_name, batch_key
             As for the constructor (read from ``model.adata.obs``).
@@ -53,13 +51,13 @@ class ModelRepresentation:
             With the model's latent as ``obsm["X_effect_modifier_space"]``; the matching-based
             methods work as usual, :meth:`train` raises (there is no network).
         """
-        layer = _model_layer(model)
+        source, layer = _model_counts(model)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
                         batch_size=K.BATCH_SIZE, seed=seed, layer=layer, representation=LATENT, model=type(model).__name__)
         self = cls.__new__(cls)
-        self._setup(settings, model.adata.obs.copy(), log_normalise(model.adata, layer),
-                    pd.Index(model.adata.var_names).astype(str), device, latent=model.get_latent_representation(), model=model)
+        self._setup(settings, model.adata.obs.copy(), log_normalise(source, layer),
+                    pd.Index(source.var_names).astype(str), device, latent=model.get_latent_representation(), model=model)
         return self
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
