@@ -2,8 +2,10 @@
 
 Every check names the argument, and raises one exception type per kind of error:
 
-* ``TypeError``: the value has the wrong type (a string where a number is needed, 2.5 where an
-  integer is needed). The message names the argument, what it must be, and the value.
+* :class:`ArgumentTypeError` (a ``TypeError``): the value has the wrong type (a string where a
+  number is needed, 2.5 where an integer is needed). The message names the argument, what it must
+  be, and the value. It is also a ``ValueError``, so code written for the earlier checks, which
+  raised ``ValueError`` for every bad argument, still catches it.
 * ``ValueError``: the type is right but the value is not allowed (out of range, not one of the
   choices, two arguments that exclude each other). The message names the argument and the value.
 * ``KeyError``: a named key, column, layer or modality is missing from a container. The
@@ -22,6 +24,7 @@ import os
 from collections.abc import Callable, Iterable
 
 __all__ = [
+    "ArgumentTypeError",
     "boolean",
     "choice",
     "existing_file",
@@ -39,6 +42,10 @@ __all__ = [
     "probability",
     "rate",
 ]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a ``TypeError``; also a ``ValueError`` for older callers)."""
 
 
 def _is_real(value) -> bool:
@@ -82,7 +89,7 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
         if _is_real(value) and math.isfinite(value) and float(value).is_integer():
             value = int(value)
         else:
-            raise TypeError(f"{name} must be {description}, got {value!r}.")
+            raise ArgumentTypeError(f"{name} must be {description}, got {value!r}.")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {description}, got {value!r}.")
     return int(value)
@@ -151,7 +158,7 @@ def number(name: str, value, minimum: float | None = None, maximum: float | None
         bounds += [f"{'<' if strict_maximum else '<='} {maximum}"] if maximum is not None else []
         description = ("a finite number" if finite else "a number") + (" " + " and ".join(bounds) if bounds else "")
     if not _is_real(value):
-        raise TypeError(f"{name} must be {description}, got {value!r}.")
+        raise ArgumentTypeError(f"{name} must be {description}, got {value!r}.")
     value = float(value)
     ok = not math.isnan(value) and (math.isfinite(value) or not finite)
     if minimum is not None:
@@ -240,7 +247,7 @@ def boolean(name: str, value) -> bool:
     # numpy's bool is not a subclass of bool; recognised by name so numpy need not be imported
     if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
         return bool(value)
-    raise TypeError(f"{name} must be True or False, got {value!r}.")
+    raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _listed(options: Iterable) -> str:
@@ -274,7 +281,7 @@ def choice(name: str, value, choices: Iterable, allow_none: bool = False):
         return None
     allowed = _listed([*choices, None] if allow_none else choices)
     if all(isinstance(c, str) for c in choices) and not isinstance(value, str):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}.")
+        raise ArgumentTypeError(f"{name} must be {allowed}, got {value!r}.")
     if value not in choices:
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
     return value
@@ -326,7 +333,7 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
 
 def _path(name: str, value) -> str:
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
+        raise ArgumentTypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
     path = os.fspath(value)
     if not path:
         raise ValueError(f"{name} must be a file path, got {value!r}.")

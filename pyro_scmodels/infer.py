@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from . import _constants as C
+from . import _validation as V
 from .data import CellData, iterate_minibatches
 from .training import NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
@@ -29,7 +30,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+        raise V.ArgumentTypeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":

@@ -41,14 +41,14 @@ def predictive_batches(model, num_samples: int = 1, adata=None, indices=None, ba
     """
     num_samples = V.positive_int("num_samples", num_samples)
     if not prior:
-        model._check_trained()
+        model.check_trained()
     model.module.eval()
     sites = model.observation_sites
     draw = pyro.infer.Predictive(
         poutine.uncondition(model.module.model), guide=None if prior else model.module.guide,
         num_samples=num_samples, return_sites=list(sites),
     )
-    for cells, (batch, n_obs) in model._indexed_batches(adata, indices, batch_size):
+    for cells, (batch, n_obs) in model.minibatches(adata, indices, batch_size):
         draws = draw(batch, n_obs)
         # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
         yield cells, {

@@ -173,6 +173,18 @@ def _mean_variance(mean: np.ndarray, variance: np.ndarray) -> tuple[float, float
 
 
 def summary_table(genes: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Observed against predicted statistics, one row per statistic (see ``SiteCheck.summary``).
+
+    Parameters
+    ----------
+    genes, cells
+        Per-gene and per-cell tables with ``observed_<stat>`` and ``predicted_<stat>`` columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Rows ``gene_<stat>``, ``cell_<stat>``, ``mean_variance_slope`` and ``overdispersion``.
+    """
     rows = {}
     for level, frame in (("gene", genes), ("cell", cells)):
         for k in STATISTICS:

@@ -152,3 +152,25 @@ def mdata_counts(model, modality):
 def test_split_indices_are_public(conditioned):
     train, validation = conditioned.train_indices, conditioned.validation_indices
     assert len(train) + len(validation) == 400 and not set(train) & set(validation)
+
+
+def test_multimodal_queries_default_to_the_first_modality(multimodal):
+    np.testing.assert_allclose(multimodal.library_sizes(), multimodal.get_library_size("rna"))
+    assert multimodal.normalized_expression(return_numpy=True).shape == (300, 80)
+    (_, _, rho), = list(multimodal.decode_samples(indices=np.arange(10)))
+    assert rho.shape == (10, 80)
+    one = multimodal.get_latent_representation(give_mean=False, seed=3)
+    np.testing.assert_array_equal(one, multimodal.get_latent_representation(give_mean=False, seed=3))
+    assert one.shape == (300, 6) and not np.allclose(one, multimodal.get_latent_representation())
+
+
+def test_a_subclass_names_the_pyro_modules_it_builds(multimodal):
+    class EditedBlock(ps.RegularizedVIModel):
+        """A modeller's block model (here unchanged) plugged in through the class attribute."""
+
+    class EditedMultimodal(ps.RegularizedMultimodalVI):
+        block_model_class = EditedBlock
+
+    model = EditedMultimodal(multimodal.adata, n_latent=3, n_hidden=16)
+    assert all(isinstance(model.module.model.block(m), EditedBlock) for m in model.modalities)
+    assert isinstance(model.module.model, ps.RegularizedMultimodalVIModel)

@@ -20,10 +20,11 @@ def _is_backed(matrix) -> bool:
 
 
 def fingerprint(matrix) -> dict:
-    """A cheap summary of a count matrix: shape, dtype and number of nonzero entries.
+    """A cheap summary of a count matrix: shape, dtype, number of nonzero entries and their sum.
 
     Setup records it after validating the counts; later reads of the same object validate
-    again only if it changed (any in-place change that keeps all three is not detected).
+    again only if it changed. The sum catches the common in-place mistakes after setup
+    (``sc.pp.normalize_total``, ``sc.pp.log1p``), which keep shape, dtype and nonzeros.
 
     Parameters
     ----------
@@ -33,17 +34,18 @@ def fingerprint(matrix) -> dict:
     Returns
     -------
     dict
-        ``{"shape": [cells, features], "dtype": str, "nnz": int or None}`` (JSON-ready;
-        ``nnz`` is None for a backed matrix, whose entries are not read).
+        ``{"shape": [cells, features], "dtype": str, "nnz": int or None, "sum": float or None}``
+        (JSON-ready; ``nnz`` and ``sum`` are None for a backed matrix, whose entries are not read).
     """
     if sp.issparse(matrix):
-        nnz = int(matrix.nnz)
+        nnz, total = int(matrix.nnz), float(np.sum(matrix.data, dtype=np.float64))
     elif isinstance(matrix, np.ndarray):
-        nnz = int(np.count_nonzero(matrix))
+        nnz, total = int(np.count_nonzero(matrix)), float(np.sum(matrix, dtype=np.float64))
     else:
-        nnz = None
+        nnz = total = None
     dtype = getattr(matrix, "dtype", None)
-    return {"shape": [int(s) for s in matrix.shape], "dtype": None if dtype is None else str(np.dtype(dtype)), "nnz": nnz}
+    return {"shape": [int(s) for s in matrix.shape], "dtype": None if dtype is None else str(np.dtype(dtype)), "nnz": nnz,
+            "sum": total}
 
 
 class CountMatrix:

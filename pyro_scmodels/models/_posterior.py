@@ -13,6 +13,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from .. import _validation as V
+
 
 
 def quantile_label(q: float) -> str:
@@ -52,8 +54,7 @@ class PosteriorMixin:
             sites keep their shape (categories x genes).
         """
         self._check_trained()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        num_samples = V.positive_int("num_samples", num_samples)
         self.module.eval()
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):

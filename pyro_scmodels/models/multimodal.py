@@ -17,7 +17,7 @@ from ..priors import RegularizedPriors
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import setup_arguments
-from .regularizedvi_module import build_model_and_guide
+from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
 
 def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
@@ -56,15 +56,19 @@ class RegularizedMultimodalVI(PyroModelBase):
         As for :class:`~pyro_scmodels.RegularizedVI`.
     """
 
+    #: the Pyro modules built; a subclass sets its own (e.g. a block model with an edited site)
+    model_class = RegularizedMultimodalVIModel
+    guide_class = RegularizedMultimodalVIGuide
+    block_model_class = RegularizedVIModel
+    block_guide_class = RegularizedVIGuide
+
     def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
                  dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
                  seed: int = 0, _categories: dict | None = None):
         super().__init__()
-        if latent_mode not in LATENT_MODES:
-            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}.")
-        if modality_weights not in WEIGHT_MODES:
-            raise ValueError(f"modality_weights must be one of {WEIGHT_MODES}, got {modality_weights!r}.")
+        latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
+        modality_weights = V.choice("modality_weights", modality_weights, WEIGHT_MODES)
         self.adata = mdata
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
@@ -108,10 +112,11 @@ class RegularizedMultimodalVI(PyroModelBase):
                     key=f"x_{m}", site_suffix=f"_{m}", use_ambient=m in ambient_modalities,
                     use_feature_scaling=m in scaling_modalities, n_decoder_latent=joint,
                     with_z_encoder=latent_mode != "single_encoder",
+                    model_class=self.block_model_class, guide_class=self.block_guide_class,
                 )
-            model = RegularizedMultimodalVIModel(models, latent, latent_mode)
-            guide = RegularizedMultimodalVIGuide(guides, latent, latent_mode, modality_weights,
-                                                 hidden[self.modalities[0]], n_layers, dropout_rate)
+            model = self.model_class(models, latent, latent_mode)
+            guide = self.guide_class(guides, latent, latent_mode, modality_weights, hidden[self.modalities[0]], n_layers,
+                                     dropout_rate)
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
 
@@ -173,8 +178,9 @@ class RegularizedMultimodalVI(PyroModelBase):
         return self.adata.mod[modality], self.layers.get(modality)
 
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
-                                  batch_size: int | None = None, store: bool = False) -> np.ndarray:
-        """Posterior mean of the joint z, or of one modality's block / encoder.
+                                  batch_size: int | None = None, store: bool = False, give_mean: bool = True,
+                                  seed: int = 0) -> np.ndarray:
+        """Posterior mean (or one seeded sample) of the joint z, or of one modality's block / encoder.
 
         Parameters
         ----------
@@ -185,6 +191,8 @@ class RegularizedMultimodalVI(PyroModelBase):
             Cells (default the training MuData), minibatch size.
         store
             Also write the result to ``mdata.obsm["X_regularizedmultimodalvi"]`` (or ``..._<modality>``).
+        give_mean, seed
+            Return the posterior mean; else one posterior sample, seeded by ``seed``.
 
         Returns
         -------
@@ -195,14 +203,17 @@ class RegularizedMultimodalVI(PyroModelBase):
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
                 raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality latent.")
-        z = self.posterior_z(adata, indices, batch_size, modality=modality)
+        if give_mean:
+            z = self.posterior_z(adata, indices, batch_size, modality=modality)
+        else:
+            z = self.posterior_z(adata, indices, batch_size, n_samples=1, seed=seed, modality=modality)[0]
         if store:
             (self.adata if adata is None else adata).obsm["X_regularizedmultimodalvi" + (f"_{modality}" if modality else "")] = z
         return z
 
     def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
-                                  library_size: str | float | None = None, n_samples: int = 1,
-                                  return_numpy: bool = False, seed: int = 0):
+                                  return_numpy: bool = False, *, library_size: str | float | None = None,
+                                  n_samples: int = 1, seed: int = 0):
         """Background- and scaling-free expression rho of one modality, decoded from the joint z.
 
         Parameters

@@ -39,6 +39,21 @@ class PosteriorQueries:
         self.default_modality(modality)
         return self.var_names
 
+    def minibatches(self, adata=None, indices=None, batch_size: int | None = None):
+        """The chosen cells in order, one minibatch at a time, on the model's device.
+
+        Yields
+        ------
+        tuple
+            ``(cell_positions, (minibatch, n_cells))``: the minibatch dict that the model and guide
+            take, and the number of cells of the data set it comes from.
+        """
+        return self._indexed_batches(adata, indices, batch_size)
+
+    def check_trained(self) -> None:
+        """Warn when the model has not been trained (results then reflect the initial parameters)."""
+        self._check_trained()
+
     def counts_source(self, modality: str | None = None) -> tuple:
         """Where the model reads the counts of ``modality``: ``(AnnData, layer)``; layer None is ``.X``."""
         self.default_modality(modality)
@@ -120,6 +135,7 @@ class PosteriorQueries:
             ``(cell_positions, minibatch, rho)``; rho has z's leading shape and features last.
         """
         switch = self._nn_switch(nn_covariates)
+        modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
         decode_options = {} if modality is None else {"modality": modality}
         model = self.module.model.eval()
         for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
@@ -168,6 +184,7 @@ class PosteriorQueries:
         """
         self._check_trained()
         guide = self.module.guide.eval()
+        modality = self.default_modality(modality)
         options = {} if modality is None else {"modality": modality}
         with torch.no_grad():
             parts = [guide.library_loc(batch, **options).exp().cpu() for _, (batch, _) in
@@ -197,6 +214,7 @@ class PosteriorQueries:
                 isinstance(library_size, (int, float)) and not isinstance(library_size, bool) and library_size > 0)):
             raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
         n_samples = V.positive_int("n_samples", n_samples)
+        modality = self.default_modality(modality)
         options = {} if modality is None else {"modality": modality}
         guide = self.module.guide.eval()
         parts = []

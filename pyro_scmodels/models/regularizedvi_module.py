@@ -285,9 +285,8 @@ class RegularizedVIGuide(LocalPyroModule):
 
     def global_medians(self) -> dict[str, torch.Tensor]:
         """Posterior median (or point estimate) of every global site, by site name (no modality suffix)."""
-        names = ["dispersion_rate", "inverse_sqrt_theta", "library_residual_weight"]
-        names += ["ambient"] * self.dims.use_ambient + ["feature_scaling"] * self.dims.use_feature_scaling
-        return {name: getattr(self, name).median() for name in names}
+        # every positive-site guide child, so a subclass's added global site is included too
+        return {name: child.median() for name, child in self.named_children() if isinstance(child, PositiveSiteGuide)}
 
     def global_sites(self) -> torch.Tensor:
         """Guides of the global sites; returns the library residual weight w."""

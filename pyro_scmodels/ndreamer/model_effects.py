@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from . import _constants as K
 
 
 def check_condition_decodable(model, condition_key: str) -> list[str]:
@@ -24,9 +25,10 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     return list(model.encoding.categories[condition_key])
 
 
-def model_counterfactual_ite(model, condition_key: str, control_name: str, treatment: str, num_samples: int = 20,
-                             quantiles: tuple[float, float] = (0.05, 0.95), batch_size: int | None = None,
-                             seed: int = 0, target_sum: float = 1e4) -> dict[str, np.ndarray]:
+def model_counterfactual_ite(model, condition_key: str, control_name: str, treatment: str,
+                             num_samples: int = K.MODEL_ITE_SAMPLES,
+                             quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, batch_size: int | None = None,
+                             seed: int = 0, target_sum: float = K.TARGET_SUM) -> dict[str, np.ndarray]:
     """Per-cell treatment effect by decoding each cell's z under treatment and under control.
 
     For every posterior sample z_s of a cell: effect_s = log1p(target_sum * rho_t / sum rho_t)
@@ -36,7 +38,8 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     Parameters
     ----------
     model
-        A trained model whose decoder is conditioned on ``condition_key``.
+        A trained model whose decoder is conditioned on ``condition_key`` (a multimodal model's
+        first modality is decoded).
     condition_key, control_name, treatment
         The condition column and the two categories compared.
     num_samples
