@@ -212,10 +212,9 @@ def _split_indices(model, adata, indices, split):
 
 
 def _feature_names(model, site: str, n: int) -> pd.Index:
-    # observation site "obs" holds the model's features; "obs_<modality>" those of a modality
-    modality = site[len("obs_"):] if site.startswith("obs_") else None
+    # the model says which modality (None: its only one) an observation site belongs to
     try:
-        names = pd.Index(model.feature_names(modality))
+        names = pd.Index(model.feature_names(model.site_modality(site)))
     except (AttributeError, ValueError, KeyError):
         names = None
     return names if names is not None and len(names) == n else pd.Index([f"{site}_{i}" for i in range(n)])

@@ -76,13 +76,14 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
         with :func:`predictive_batches`); a dict of those per modality for a multimodal model
         without ``modality``.
     """
-    sites = dict(model.observation_sites)
+    # each observation site belongs to one modality (None for a single-modality model)
+    sites = {site: model.site_modality(site) for site in model.observation_sites}
     if modality is not None:
-        site = f"obs_{modality}"
-        if site not in sites:
-            known = [s[len("obs_"):] for s in sites if s.startswith("obs_")]
+        chosen = [site for site, owner in sites.items() if owner == modality]
+        if not chosen:
+            known = [owner for owner in sites.values() if owner is not None]
             raise ValueError(f"Unknown modality {modality!r}; the model observes {known or list(sites)}.")
-        sites = {site: sites[site]}
+        sites = {site: sites[site] for site in chosen}
     parts = {site: [] for site in sites}
     for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
         for site in sites:
@@ -90,4 +91,4 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
     arrays = {site: np.concatenate(values, axis=1) for site, values in parts.items()}
     if len(arrays) == 1:
         return next(iter(arrays.values()))
-    return {site[len("obs_"):]: values for site, values in arrays.items()}
+    return {sites[site]: values for site, values in arrays.items()}

@@ -293,15 +293,16 @@ class RegularizedMultimodalVI(PyroModelBase):
                 target.obsm[f"X_weighted_z_{m}"] = z * attribution
         return result
 
-    def _site_modality(self, site: str) -> str | None:
+    def site_modality(self, site: str) -> str | None:
+        """The modality a site belongs to (its suffix, e.g. ``obs_atac`` -> ``"atac"``); None for a shared site."""
         return next((m for m in self.modalities if site.endswith(f"_{m}")), None)
 
     def _feature_table(self, site: str, mdata):
-        modality = self._site_modality(site)
+        modality = self.site_modality(site)
         return mdata if modality is None else mdata.mod[modality]
 
     def _site_base_name(self, site: str) -> str:
-        modality = self._site_modality(site)
+        modality = self.site_modality(site)
         return site if modality is None else site[: -len(modality) - 1]
 
     # --- persistence ----------------------------------------------------------------------------

@@ -267,6 +267,10 @@ class PosteriorQueries:
         keys = [keys] if isinstance(keys, str) else list(keys or [])
         return self.encoding.level_names(keys)
 
+    def site_modality(self, site: str) -> str | None:
+        """The modality a site belongs to: None for a single-modality model."""
+        return None
+
     def _site_base_name(self, site: str) -> str:
         """The site's name without a modality suffix."""
         return site
