@@ -230,7 +230,11 @@ class TrainingLoop:
                 self.epoch += 1
                 bar.update(1)
                 validation_loss = record.get("validation_loss", math.nan)
-                bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{validation_loss:.4g}")
+                # a loop without validation cells (NDreamer) shows no validation loss rather than nan
+                shown = {"loss": f"{train_loss:.4g}"}
+                if not math.isnan(validation_loss):
+                    shown["val"] = f"{validation_loss:.4g}"
+                bar.set_postfix(**shown)
                 if plan.checkpoint_path and self.epoch % plan.checkpoint_every == 0:
                     self.save_checkpoint(plan.checkpoint_path)
                 if plan.early_stopping and self._should_stop(validation_loss, train_loss, plan):
