@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from . import _validation as V
+from ._atomic import write_h5ad
 
 LATENT_KEY = "X_regularizedvi"
 NORMALIZED_LAYER = "regularizedvi_normalized"
@@ -137,7 +138,7 @@ def run_demo(args) -> dict:
     for name, value in report.items():
         shown = ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
         print(f"  {name:<58} {shown}")
-    adata.write_h5ad(os.path.join(out, "results.h5ad"))
+    write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
     print(f"\nWrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}'], layers['{NORMALIZED_LAYER}']) and {os.path.join(out, 'model')}/")
     if not args.skip_ndreamer:
@@ -222,7 +223,7 @@ def run_fit(args) -> None:
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 checkpoint_dir=os.path.join(out, "checkpoint"), progress_bar=not args.quiet)
     _store_results(model, adata, write_normalized=not args.skip_normalized)
-    adata.write_h5ad(os.path.join(out, "results.h5ad"))
+    write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
     model.history.to_csv(os.path.join(out, "history.csv"))
     print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']) and {os.path.join(out, 'model')}/")
@@ -306,6 +307,11 @@ def main(argv=None) -> int:
             run_fit(args)
         elif args.command == "ndreamer":
             run_ndreamer(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: the training loop has written a checkpoint (fit) before this point is reached
+        hint = " Rerun the same command with --resume to continue from the last checkpoint." if args.command == "fit" else ""
+        print(f"interrupted.{hint}", file=sys.stderr)
+        return 130
     except (CommandError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)

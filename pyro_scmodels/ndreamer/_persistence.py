@@ -16,6 +16,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .._atomic import atomic_path, write_h5ad
+
 from .losses import LossWeights
 
 EMBEDDING_KEY = "X_effect_modifier_space"
@@ -29,17 +31,20 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
     os.makedirs(dir_path, exist_ok=True)
+    # every file atomically; the settings file, which marks a saved NDreamer, is written last
     if nd.network is not None:
-        torch.save(nd.network.state_dict(), os.path.join(dir_path, NETWORK_FILE))
-    with open(os.path.join(dir_path, SETTINGS_FILE), "w") as handle:
-        json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
+        with atomic_path(os.path.join(dir_path, NETWORK_FILE)) as temporary:
+            torch.save(nd.network.state_dict(), temporary)
     results = nd.results.copy()
     for key in [k for k in results.uns if k.startswith("cate_")]:
         results.uns[key] = results.uns[key].astype({"group": str, "gene": str})
     if nd.label_low is not None:
         results.obs[LABEL_COLUMNS[0]], results.obs[LABEL_COLUMNS[1]] = nd.label_low, nd.label_high
-    results.write_h5ad(os.path.join(dir_path, RESULTS_FILE))
-    nd.effects.save(os.path.join(dir_path, EFFECTS_FILE))
+    write_h5ad(results, os.path.join(dir_path, RESULTS_FILE))
+    with atomic_path(os.path.join(dir_path, EFFECTS_FILE)) as temporary:
+        nd.effects.save(temporary)
+    with atomic_path(os.path.join(dir_path, SETTINGS_FILE)) as temporary, open(temporary, "w") as handle:
+        json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
 
 
 def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):

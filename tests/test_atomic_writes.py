@@ -1,0 +1,55 @@
+"""Files appear complete under their final name or not at all; Ctrl-C in the CLI exits 130."""
+
+import os
+
+import anndata
+import numpy as np
+import pytest
+
+from pyro_scmodels import _atomic, cli
+
+
+def test_atomic_path_renames_only_a_finished_write(tmp_path):
+    target = tmp_path / "results.h5ad"
+    with _atomic.atomic_path(str(target)) as temporary:
+        assert temporary.endswith(".h5ad") and os.path.dirname(temporary) == str(tmp_path)
+        with open(temporary, "w") as handle:
+            handle.write("complete")
+    assert target.read_text() == "complete"
+    assert os.listdir(tmp_path) == ["results.h5ad"]
+
+
+def test_a_failed_write_leaves_neither_a_final_nor_a_partial_file(tmp_path, monkeypatch):
+    def half_then_crash(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"\x89HDF half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        _atomic.write_h5ad(anndata.AnnData(np.ones((2, 2), dtype=np.float32)), str(tmp_path / "results.h5ad"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_earlier_file_survives_a_failed_rewrite(tmp_path):
+    target = tmp_path / "settings.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with _atomic.atomic_path(str(target)) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("new but unfinished")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["settings.json"]
+
+
+def test_ctrl_c_in_the_cli_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.h5ad"
+    anndata.AnnData(np.ones((4, 3), dtype=np.float32)).write_h5ad(source)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_fit", interrupted)
+    monkeypatch.setattr(cli, "check_arguments", lambda args: None)
+    assert cli.main(["fit", str(source), "-o", str(tmp_path / "out")]) == 130
+    assert "--resume" in capsys.readouterr().err
