@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _constants as C
+from ._atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -301,9 +302,8 @@ class TrainingLoop:
     def save_checkpoint(self, path: str) -> None:
         """Write the full training state (atomically: a crash never leaves half a file)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as temporary:
+            torch.save(self.state(), temporary)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""

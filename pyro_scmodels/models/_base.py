@@ -16,6 +16,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
+from .._atomic import atomic_path
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
@@ -253,9 +254,8 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
-        tmp = path + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as temporary:
+            torch.save(payload, temporary)
 
     @staticmethod
     def _read_payload(dir_path: str) -> dict:
