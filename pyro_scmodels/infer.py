@@ -20,7 +20,7 @@ from pyro.infer import Trace_ELBO
 from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
-from .training import NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
+from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def split_cells(n_cells: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random train / validation split of ``range(n_cells)`` (both sorted)."""
-    if not 0.0 < train_size <= 1.0:
-        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    train_size = V.fraction("train_size", train_size)
     permutation = rng.permutation(n_cells)
     n_train = n_cells if train_size == 1.0 else min(n_cells - 1, max(1, int(round(train_size * n_cells))))
     return np.sort(permutation[:n_train]), np.sort(permutation[n_train:])
@@ -60,20 +59,16 @@ def default_max_epochs(n_cells: int) -> int:
 
 
 @dataclass
-class TrainingPlan:
-    """Settings of one call to :meth:`SVITrainer.fit`."""
+class TrainingPlan(LoopPlan):
+    """Settings of one call to :meth:`SVITrainer.fit`: the loop's settings plus minibatch size and KL warm-up.
 
-    max_epochs: int
+    Early stopping is on by default (the validation loss is monitored).
+    """
+
+    early_stopping: bool = True
     batch_size: int = C.BATCH_SIZE
     kl_warmup_epochs: int | None = C.KL_WARMUP_EPOCHS
     kl_warmup_steps: int | None = None
-    early_stopping: bool = True
-    patience: int = C.EARLY_STOPPING_PATIENCE
-    min_delta: float = 0.0
-    gradient_clip: float | None = C.GRADIENT_CLIP_NORM
-    checkpoint_path: str | None = None
-    checkpoint_every: int = 10
-    progress_bar: bool = True
 
     def kl_weight(self, epoch: int, step: int) -> float:
         """Weight of the KL terms at this epoch and step (linear warm-up, then 1)."""

@@ -179,7 +179,7 @@ class TrainingLoop:
     def _train_epoch(self, plan, rng: np.random.Generator) -> tuple[float, dict[str, float]]:
         self._set_training(True)
         total, weights, sums = 0.0, 0.0, {}
-        max_steps = getattr(plan, "max_steps", None)
+        max_steps = plan.max_steps
         for item in self.minibatches(plan, rng):
             if max_steps is not None and self.step >= max_steps:
                 break
@@ -204,7 +204,7 @@ class TrainingLoop:
         return total * scale, {name: value * scale for name, value in sums.items()}
 
     def _done(self, plan) -> bool:
-        max_steps = getattr(plan, "max_steps", None)
+        max_steps = plan.max_steps
         return self.epoch >= plan.max_epochs or (max_steps is not None and self.step >= max_steps)
 
     # --- the loop --------------------------------------------------------------------------

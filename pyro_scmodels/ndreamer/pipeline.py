@@ -117,7 +117,7 @@ class NDreamer(ModelRepresentation):
         expression = expression[:, hvg].tocsr()
         labels = pseudo_labels(expression, design.groups, seed)
         self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
-                    labels=labels, loss_weights=loss_weights)
+                    labels=labels, loss_weights=loss_weights, design=design)
 
     @staticmethod
     def _make_design(obs: pd.DataFrame, settings: dict) -> CounterfactualDesign:
@@ -129,7 +129,7 @@ class NDreamer(ModelRepresentation):
 
     def _setup(self, settings: dict, obs: pd.DataFrame, expression: sp.csr_matrix, genes: pd.Index, device,
                labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
-               latent: np.ndarray | None = None, model=None) -> None:
+               latent: np.ndarray | None = None, model=None, design: CounterfactualDesign | None = None) -> None:
         """The one constructor path: every attribute of every entry point is set here.
 
         A ``"network"`` representation gets a freshly initialised (seeded) network; a ``"latent"``
@@ -137,7 +137,8 @@ class NDreamer(ModelRepresentation):
         """
         self.settings, self.device = settings, resolve_device(device)
         self.loss_weights = loss_weights or LossWeights()
-        self.design = self._make_design(obs, settings)
+        # the constructor has already checked the design from the same obs; the other paths build it here
+        self.design = self._make_design(obs, settings) if design is None else design
         self.genes, self.expression, self.model = genes, expression, model
         self.label_low, self.label_high = labels if labels is not None else (None, None)
         self.condition_codes = pd.Categorical(self.design.condition, categories=self.design.conditions).codes.astype(np.int64)
