@@ -331,7 +331,8 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {what}s: {available}.")
 
 
-def _path(name: str, value) -> str:
+def file_path(name: str, value) -> str:
+    """``value`` as a non-empty path ``str`` (``TypeError`` for other types, ``ValueError`` if empty)."""
     if not isinstance(value, (str, os.PathLike)):
         raise ArgumentTypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
     path = os.fspath(value)
@@ -355,7 +356,7 @@ def existing_file(name: str, value) -> str:
     FileNotFoundError
         No such file.
     """
-    path = _path(name, value)
+    path = file_path(name, value)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} {path} not found.")
     return path
@@ -373,7 +374,7 @@ def output_path(name: str, value) -> str:
     FileNotFoundError
         The folder to write into does not exist.
     """
-    path = _path(name, value)
+    path = file_path(name, value)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")

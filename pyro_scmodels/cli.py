@@ -17,14 +17,12 @@ import time
 import numpy as np
 
 from . import _validation as V
-from ._atomic import write_h5ad
+from ._atomic import atomic_path, write_h5ad
+from ._io import OutputFolder, read_h5ad
+from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
 NORMALIZED_LAYER = "regularizedvi_normalized"
-
-
-class CommandError(Exception):
-    """A problem with the command line's inputs or outputs, reported as ``error: ...`` with exit code 2."""
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -68,22 +66,27 @@ def check_arguments(args) -> None:
         V.optional(check, "--" + name.replace("_", "-"), getattr(args, name))
 
 
-def _check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse to overwrite earlier results unless asked (checked before any work starts)."""
-    names = ("results.h5ad", "model", "checkpoint", "network.pt")
-    earlier = [os.path.join(path, name) for name in names if os.path.exists(os.path.join(path, name))]
-    if earlier and not overwrite:
-        raise CommandError(f"{path} holds earlier results ({', '.join(earlier)}); choose another --output folder "
-                           "or pass --overwrite (or --resume for `fit`, to continue an interrupted run).")
+# names inside an output folder that mark results of an earlier run
+RESULT_NAMES = ("results.h5ad", "model", "checkpoint", "network.pt", "ndreamer")
 
 
-def _output_dir(path: str, overwrite: bool) -> str:
-    """Create the output folder (after :func:`_check_output_dir`), clearing an old checkpoint on overwrite."""
-    _check_output_dir(path, overwrite)
-    if overwrite:
+def _prepare_output(folder: OutputFolder, args) -> str:
+    """Check the output folder before any work (writable, not a file, no earlier results unless allowed).
+
+    On ``--overwrite`` an old checkpoint is removed, so that a new run does not resume from it.
+    """
+    resume = getattr(args, "resume", False)
+    path = folder.check(overwrite=args.overwrite, resume=resume)
+    if args.overwrite and not resume:
         shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
     return path
+
+
+def _check_device(device: str) -> None:
+    """The torch device is checked before any folder is made or file read (``--device cuda`` without a GPU)."""
+    from .infer import resolve_device
+
+    resolve_device(device)
 
 
 def _store_results(model, adata, write_normalized: bool = True) -> None:
@@ -97,18 +100,18 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
     adata.obs["regularizedvi_library_size"] = model.get_library_size()
 
 
-def run_demo(args) -> dict:
+def run_demo(args, folder: OutputFolder) -> dict:
     """Simulate, fit, compare with the truth, write ``results.h5ad`` and the model."""
     from . import RegularizedVI, datasets
     from . import metrics as M
 
-    _check_output_dir(args.output, args.overwrite)
+    _check_device(args.device)
+    out = _prepare_output(folder, args)
     print(f"Simulating {args.n_cells} cells x {args.n_genes} genes (5 cell types, 3 batches, seed {args.seed}) ...")
     # markers and responding genes scale down with small gene numbers (5 types need 5 marker sets)
     n_markers = min(20, max(1, args.n_genes // 10))
     adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_markers_per_type=n_markers,
                               n_responding_genes=min(40, max(1, args.n_genes // 10)), seed=args.seed)
-    out = _output_dir(args.output, args.overwrite)
     RegularizedVI.setup_anndata(
         adata, layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
         library_size_key="batch",
@@ -150,11 +153,11 @@ def _demo_ndreamer(adata, out: str, args) -> dict:
     """NDreamer on the simulated stimulation: per-cell effects against the known truth."""
     from . import metrics as M
     from .ndreamer import NDreamer
+    from .ndreamer._constants import NETWORK_PRESETS
 
     print("\nNDreamer: effect-modifier space and per-cell effects of 'stimulated' vs 'control' ...")
     # a compact network (the SPEC defaults are sized for tens of thousands of cells)
-    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", n_codebooks=8, codebook_size=64,
-                  embedding_dim=128, z_dim=32, encoder_hidden=(256, 128), decoder_hidden=(128, 256),
+    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **NETWORK_PRESETS["small"],
                   batch_size=256, device=args.device, seed=args.seed)
     nd.train(progress_bar=not args.quiet)
     nd.get_modifier_space()
@@ -178,39 +181,41 @@ def _demo_ndreamer(adata, out: str, args) -> dict:
     return report
 
 
-def run_ndreamer(args) -> None:
+def run_ndreamer(args, folder: OutputFolder) -> None:
     """NDreamer on a user's h5ad: modifier space, denoised expression, per-cell effects, CATE."""
-    import anndata
-
     from .ndreamer import NDreamer
+    from .ndreamer._constants import NETWORK_PRESETS
 
-    V.existing_file("input file", args.data)
-    _check_output_dir(args.output, args.overwrite)
-    adata = anndata.read_h5ad(args.data)
+    _check_device(args.device)
+    out = _prepare_output(folder, args)
+    adata = read_h5ad(args.data)
+    if args.cate_groupby is not None:
+        V.present(args.cate_groupby, adata.obs.columns, f"{args.data} obs (--cate-groupby)", "column")
+    # the constructor checks keys, the control, and the batch x condition group sizes before training
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
-                  layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed)
-    nd.train(n_epochs=args.epochs, progress_bar=not args.quiet)
+                  layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                  **NETWORK_PRESETS[args.network])
+    nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
     nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
-    tables = {c: nd.estimate_cate(args.cate_groupby, c) for c in nd.design.treatments} if args.cate_groupby else {}
-    nd.save(_output_dir(args.output, args.overwrite), overwrite=True)
-    for condition, table in tables.items():
-        table.to_csv(os.path.join(args.output, f"cate_{condition}.csv"), index=False)
-    print(f"Wrote {os.path.join(args.output, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers denoised, "
+    # the results are saved before CATE, so that a CATE problem loses nothing
+    nd.save(out, overwrite=True)
+    for condition in (nd.design.treatments if args.cate_groupby else []):
+        table = nd.estimate_cate(args.cate_groupby, condition)
+        with atomic_path(os.path.join(out, f"cate_{condition}.csv")) as temporary:
+            table.to_csv(temporary, index=False)
+    print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers denoised, "
           f"batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}) and the network.")
 
 
-def run_fit(args) -> None:
+def run_fit(args, folder: OutputFolder) -> None:
     """Fit RegularizedVI on a user's h5ad and write results and the model."""
-    import anndata
-
     from . import RegularizedVI
 
-    V.existing_file("input file", args.data)
-    if not args.resume:
-        _check_output_dir(args.output, args.overwrite)
-    adata = anndata.read_h5ad(args.data)
+    _check_device(args.device)
+    out = _prepare_output(folder, args)
+    adata = read_h5ad(args.data)
     # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
         adata, layer=args.layer, batch_key=args.batch_key, ambient_covariate_keys=args.ambient_keys,
@@ -219,13 +224,13 @@ def run_fit(args) -> None:
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed)
-    out = args.output if args.resume else _output_dir(args.output, args.overwrite)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 checkpoint_dir=os.path.join(out, "checkpoint"), progress_bar=not args.quiet)
     _store_results(model, adata, write_normalized=not args.skip_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
-    model.history.to_csv(os.path.join(out, "history.csv"))
+    with atomic_path(os.path.join(out, "history.csv")) as temporary:
+        model.history.to_csv(temporary)
     print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']) and {os.path.join(out, 'model')}/")
 
 
@@ -278,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns")
     nd.add_argument("--layer", default=None)
     nd.add_argument("--num-hvg", type=int, default=2000)
+    nd.add_argument("--network", choices=["small", "default"], default="default",
+                    help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
+                         "much faster and suits a few thousand cells")
     nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
     nd.add_argument("--batch-size", type=int, default=1024)
     nd.add_argument("--nearest-neighbor", type=int, default=1)
@@ -286,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--device", default="auto")
     nd.add_argument("--seed", type=int, default=0)
     nd.add_argument("--overwrite", action="store_true")
+    nd.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     nd.add_argument("--quiet", action="store_true")
     return parser
 
@@ -299,20 +308,26 @@ def main(argv=None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
+    commands = {"demo": run_demo, "fit": run_fit, "ndreamer": run_ndreamer}
+    folder = None
     try:
-        check_arguments(args)
-        if args.command == "demo":
-            run_demo(args)
-        elif args.command == "fit":
-            run_fit(args)
-        elif args.command == "ndreamer":
-            run_ndreamer(args)
+        try:
+            check_arguments(args)
+            folder = OutputFolder(args.output, RESULT_NAMES)
+            commands[args.command](args, folder)
+        finally:
+            # a run that failed before writing anything leaves no empty folder behind
+            if folder is not None:
+                folder.discard_if_empty()
     except KeyboardInterrupt:
         # Ctrl-C: the training loop has written a checkpoint (fit) before this point is reached
-        hint = " Rerun the same command with --resume to continue from the last checkpoint." if args.command == "fit" else ""
+        hint = " Rerun the same command with --resume to continue from the last checkpoint." if args.command in ("fit", "ndreamer") else ""
         print(f"interrupted.{hint}", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, STATISTICS, SiteAccumulator  # noqa: F401
 
 from . import _validation as V
+from ._atomic import atomic_path
 
 __all__ = ["PredictiveCheck", "SiteCheck", "posterior_predictive_check", "prior_predictive_check"]
 
@@ -87,11 +88,14 @@ class SiteCheck:
 
     def __repr__(self) -> str:
         s = self.summary
+        # the headline is the randomised-PIT calibration (nominal for a correct model, whatever the
+        # ties of discrete counts); the raw interval coverage is shown after it, labelled as such
         return (
-            f"{self.site}: {len(self.genes)} features, KS {self.ks_statistic:.3f}, coverage 50% "
-            f"{self.coverage[0.5]:.3f} / 90% {self.coverage[0.9]:.3f} (PIT {self.pit_coverage[0.5]:.3f} / "
-            f"{self.pit_coverage[0.9]:.3f}), calibration error {self.calibration_error:.4f}, zero fraction "
-            f"{s.loc['gene_zero_fraction', 'observed']:.3f} observed vs {s.loc['gene_zero_fraction', 'predicted']:.3f}"
+            f"{self.site}: {len(self.genes)} features, calibration (randomised PIT): coverage 50% "
+            f"{self.pit_coverage[0.5]:.3f} / 90% {self.pit_coverage[0.9]:.3f}, calibration error "
+            f"{self.pit_calibration_error:.4f}, KS {self.ks_statistic:.3f}; raw interval coverage (ties count as inside) "
+            f"50% {self.coverage[0.5]:.3f} / 90% {self.coverage[0.9]:.3f}, error {self.calibration_error:.4f}; zero "
+            f"fraction {s.loc['gene_zero_fraction', 'observed']:.3f} observed vs {s.loc['gene_zero_fraction', 'predicted']:.3f}"
         )
 
 
@@ -151,7 +155,10 @@ class PredictiveCheck:
             Passed to ``Figure.savefig`` (e.g. ``dpi``).
         """
         kwargs.setdefault("dpi", 120)
-        self.figure.savefig(path, **kwargs)
+        path = V.output_path("path", path)
+        # savefig picks the format from the extension, which the temporary name keeps
+        with atomic_path(path) as temporary:
+            self.figure.savefig(temporary, **kwargs)
 
     def __repr__(self) -> str:
         kind = "prior" if self.prior else "posterior"

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import _constants as C
 from ._atomic import atomic_path
+from ._io import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class TrainingLoop:
         self.history.index.name = "epoch"
         self.epoch = 0
         self.step = 0
+        self.interruption: str | None = None  # set by Ctrl-C during fit: how far training got
         self._best = math.inf
         self._epochs_without_improvement = 0
 
@@ -215,6 +217,7 @@ class TrainingLoop:
         On Ctrl-C the state is checkpointed (when checkpointing is on), the modules are put back
         in eval mode, and ``KeyboardInterrupt`` is raised again.
         """
+        self.interruption = None
         if plan.checkpoint_path and os.path.exists(plan.checkpoint_path) and self.epoch == 0:
             self.load_checkpoint(plan.checkpoint_path)
             logger.info("Resumed from %s at epoch %d.", plan.checkpoint_path, self.epoch)
@@ -242,10 +245,13 @@ class TrainingLoop:
                     logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
                     break
         except KeyboardInterrupt:
+            self.interruption = f"trained for {self.epoch} of {plan.max_epochs} epochs (interrupted at step {self.step})"
             if plan.checkpoint_path:
                 # mid-epoch state: a resumed run repeats the interrupted epoch, so it is not bit-identical
                 self.save_checkpoint(plan.checkpoint_path)
-                logger.warning("Interrupted at epoch %d, step %d; state written to %s.", self.epoch, self.step, plan.checkpoint_path)
+                logger.warning("Interrupted: %s; state written to %s.", self.interruption, plan.checkpoint_path)
+            else:
+                logger.warning("Interrupted: %s; the parameters of the last step are kept.", self.interruption)
             raise
         finally:
             bar.close()
@@ -307,7 +313,7 @@ class TrainingLoop:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""
-        self.load_state(torch.load(path, map_location="cpu", weights_only=False), source=f"Checkpoint {path}")
+        self.load_state(load_torch_file(path, "training checkpoint"), source=f"Checkpoint {path}")
 
     def move_optimizer_state(self) -> None:
         """After the modules moved device, move the optimiser's state with them."""

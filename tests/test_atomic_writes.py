@@ -46,7 +46,7 @@ def test_ctrl_c_in_the_cli_exits_130_and_says_how_to_resume(tmp_path, monkeypatc
     source = tmp_path / "in.h5ad"
     anndata.AnnData(np.ones((4, 3), dtype=np.float32)).write_h5ad(source)
 
-    def interrupted(args):
+    def interrupted(args, folder):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_fit", interrupted)

@@ -121,6 +121,24 @@ def _check_present(obs: pd.DataFrame, key: str, table: str) -> None:
     V.present(key, obs.columns, table, "column")
 
 
+def _refuse_numeric_as_category(column: pd.Series, key: str, table: str) -> None:
+    """A numeric column is not taken as categories unless the user made it categorical (or text).
+
+    A float or integer column (a QC metric, a continuous score) passed as a categorical key would
+    silently become one category per distinct value: hundreds of ambient profiles, for example.
+    """
+    if isinstance(column.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(column):
+        return
+    if pd.api.types.is_numeric_dtype(column):
+        n_values = int(column.nunique())
+        raise ValueError(
+            f"{table}[{key!r}] is numeric ({column.dtype}, {n_values} distinct values) but is used as a categorical "
+            f"covariate: each value would become its own category. If the values are labels, make the column "
+            f"categorical first: {table}[{key!r}] = {table}[{key!r}].astype(str).astype('category'); if it is a "
+            "continuous quantity, pass it in continuous_covariate_keys instead."
+        )
+
+
 class CovariateEncoding:
     """Integer codes of categorical covariates and values of continuous ones.
 
@@ -149,6 +167,7 @@ class CovariateEncoding:
                     f"{table}[{key!r}] has {int(column.isna().sum())} missing (NaN) value(s); "
                     "fill or drop those cells before setup."
                 )
+            _refuse_numeric_as_category(column, key, table)
             cat = pd.Categorical(column).remove_unused_categories()
             categories[key] = [str(c) for c in cat.categories]
         for key in self.keys.continuous:

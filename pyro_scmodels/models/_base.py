@@ -17,6 +17,7 @@ from pyro import poutine
 from .. import _constants as C
 from .. import _validation as V
 from .._atomic import atomic_path
+from .._io import load_torch_file
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
@@ -152,8 +153,8 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
                 torch.manual_seed(seed)
                 self.trainer.fit(plan, seed=seed)
         finally:
-            # also after an interruption (Ctrl-C): the epochs that ran are kept and count as training
-            self.is_trained = self.is_trained or self.trainer.epoch > 0
+            # also after an interruption (Ctrl-C): the steps that ran are kept and count as training
+            self.is_trained = self.is_trained or self.trainer.step > 0
         return self.trainer.history.astype(float)
 
     def _prepare_trainer(self, data: CellData, max_epochs: int, train_size: float, seed: int, lr: float, eps: float,
@@ -179,6 +180,9 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
     def _check_trained(self) -> None:
         if not self.is_trained:
             warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=4)
+        elif self.trainer is not None and self.trainer.interruption:
+            warnings.warn(f"Training was interrupted: the model was {self.trainer.interruption}. Call train() again "
+                          "to continue.", stacklevel=4)
 
     @property
     def train_indices(self) -> np.ndarray:
@@ -259,10 +263,7 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
 
     @staticmethod
     def _read_payload(dir_path: str) -> dict:
-        path = os.path.join(dir_path, MODEL_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No saved model at {path}.")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch_file(os.path.join(dir_path, MODEL_FILE), "saved model")
 
     def _restore(self, payload: dict) -> None:
         self.module.load_state_dict(payload["state_dict"])

@@ -10,6 +10,8 @@ LEIDEN_RESOLUTIONS = (0.5, 7.0)  # low and high resolution pseudo cell states
 LEIDEN_PCA_COMPONENTS = 50
 LEIDEN_NEIGHBOURS = 15
 LEIDEN_ITERATIONS = 2
+MIN_CELLS_PER_GROUP = 10  # fewest cells in a batch x condition group (smaller groups are refused)
+MIN_CELLS_FOR_CATE = 10  # fewest treated and control cells in a CATE group (smaller groups are skipped)
 MIN_CELLS_FOR_LEIDEN = 30  # smaller batch x condition groups get a single label
 
 # --- network (SPEC 3.2) --------------------------------------------------------------
@@ -24,6 +26,14 @@ GUMBEL_TAU = 0.01
 DEAD_CODE_RESET_INTERVAL = 30  # steps between re-initialisations of rarely used codes
 RESIDUAL_EXPANSION = 2  # inner width of the residual block, in multiples of its width
 LOGVAR_BOUNDS = (-12.0, 8.0)  # exp(logvar) can neither overflow nor vanish early in training
+
+# named network sizes (the CLI's --network): the SPEC's, and a compact one for a few thousand cells
+NETWORK_PRESETS = {
+    "default": dict(n_codebooks=N_CODEBOOKS, codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM,
+                    embedding_dim=EMBEDDING_DIM, z_dim=Z_DIM, encoder_hidden=ENCODER_HIDDEN, decoder_hidden=DECODER_HIDDEN),
+    "small": dict(n_codebooks=8, codebook_size=64, codebook_dim=CODEBOOK_DIM, embedding_dim=128, z_dim=32,
+                  encoder_hidden=(256, 128), decoder_hidden=(128, 256)),
+}
 
 # --- training (SPEC 3.4) -------------------------------------------------------------
 PASSES = 15  # default training: about 15 passes over the data

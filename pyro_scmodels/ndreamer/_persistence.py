@@ -11,12 +11,12 @@ import dataclasses
 import json
 import os
 
-import anndata
 import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from .._atomic import atomic_path, write_h5ad
+from .._io import load_torch_file, read_h5ad
 
 from .losses import LossWeights
 
@@ -56,7 +56,7 @@ def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):
         settings = json.load(handle)
     settings.setdefault("representation", NETWORK)
     loss_weights = LossWeights(**settings.pop("loss_weights", {}))
-    results = anndata.read_h5ad(os.path.join(dir_path, RESULTS_FILE))
+    results = read_h5ad(os.path.join(dir_path, RESULTS_FILE))
     labels = None
     if LABEL_COLUMNS[0] in results.obs:
         labels = tuple(results.obs.pop(c).to_numpy() for c in LABEL_COLUMNS)
@@ -70,7 +70,7 @@ def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):
         network_file = os.path.join(dir_path, NETWORK_FILE)
         if not os.path.exists(network_file):
             raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({NETWORK_FILE} missing).")
-        nd.network.load_state_dict(torch.load(network_file, map_location=nd.device))
+        nd.network.load_state_dict(load_torch_file(network_file, "saved NDreamer network"))
         nd.network.eval()
     nd.results = results
     if os.path.exists(os.path.join(dir_path, EFFECTS_FILE)):

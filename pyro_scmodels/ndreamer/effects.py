@@ -54,11 +54,15 @@ class CounterfactualDesign:
         The control condition.
     batch
         Batch label per cell (a combined label when several batch keys); None for one batch.
+    min_cells_per_group
+        Fewest cells a batch x condition group may hold. Matching into a smaller group gives every
+        cell the same few partners, and effects that look certain but rest on a handful of cells.
     """
 
     condition: np.ndarray
     control_name: str
     batch: np.ndarray | None = None
+    min_cells_per_group: int = 1
 
     def __post_init__(self):
         self.condition = np.asarray(self.condition).astype(str)
@@ -73,9 +77,22 @@ class CounterfactualDesign:
         if not self.treatments:
             raise ValueError(f"Only the control condition {self.control_name!r} is present: nothing to compare with.")
         self.groups = np.char.add(np.char.add(self.batch, GROUP_SEPARATOR), self.condition)
+        self._check_group_sizes(V.positive_int("min_cells_per_group", self.min_cells_per_group))
         present = set(self.groups)
         self.batches_with = {c: [b for b in dict.fromkeys(self.batch) if f"{b}{GROUP_SEPARATOR}{c}" in present]
                              for c in self.conditions}
+
+    def _check_group_sizes(self, minimum: int) -> None:
+        names, sizes = np.unique(self.groups, return_counts=True)
+        small = [(name, int(size)) for name, size in zip(names, sizes) if size < minimum]
+        if small:
+            listed = ", ".join(f"batch {n.split(GROUP_SEPARATOR, 1)[0]!r} x condition {n.split(GROUP_SEPARATOR, 1)[1]!r}: "
+                               f"{s} cell{'s' if s != 1 else ''}" for n, s in small[:10])
+            raise ValueError(
+                f"{len(small)} batch x condition group(s) hold fewer than min_cells_per_group={minimum} cells ({listed}). "
+                "Every cell is matched into each group, so effects from so few cells are not trustworthy: remove "
+                "those cells, merge their batches, or lower min_cells_per_group if you accept that."
+            )
 
     def group(self, batch: str, condition: str) -> str:
         """The matching-group label of ``batch`` x ``condition``."""

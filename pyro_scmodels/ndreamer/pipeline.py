@@ -75,6 +75,9 @@ class NDreamer(ModelRepresentation):
         A :class:`~pyro_scmodels.ndreamer.LossWeights`.
     batch_size, lr, device, seed
         Training settings (AdamW).
+    min_cells_per_group
+        Fewest cells a batch x condition group may hold; smaller groups are refused with an error
+        that names them (every cell is matched into every group).
     keep_genes
         Genes always kept next to the variable genes (e.g. the genes whose effects you want:
         genes variable in one condition only can rank low when variability is judged per group).
@@ -88,7 +91,7 @@ class NDreamer(ModelRepresentation):
                  embedding_dim: int = K.EMBEDDING_DIM, z_dim: int = K.Z_DIM, encoder_hidden=K.ENCODER_HIDDEN,
                  decoder_hidden=K.DECODER_HIDDEN, loss_weights: LossWeights | None = None,
                  batch_size: int = K.BATCH_SIZE, lr: float = K.LEARNING_RATE, device: str = "auto", seed: int = 0,
-                 keep_genes=None, contorl_name: str | None = None):
+                 keep_genes=None, min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, contorl_name: str | None = None):
         if contorl_name is not None:
             warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning, stacklevel=2)
             control_name = control_name if control_name is not None else contorl_name
@@ -102,7 +105,8 @@ class NDreamer(ModelRepresentation):
                         codebook_size=codebook_size, codebook_dim=codebook_dim, embedding_dim=embedding_dim,
                         z_dim=z_dim, encoder_hidden=list(encoder_hidden), decoder_hidden=list(decoder_hidden),
                         batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr), seed=seed,
-                        representation=NETWORK)
+                        representation=NETWORK,
+                        min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group))
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
         design = self._make_design(adata.obs, settings)
@@ -125,7 +129,8 @@ class NDreamer(ModelRepresentation):
         condition = _labels(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = _labels(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
-        return CounterfactualDesign(condition, settings["control_name"], batch)
+        # saved before the setting existed: no minimum
+        return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1))
 
     def _setup(self, settings: dict, obs: pd.DataFrame, expression: sp.csr_matrix, genes: pd.Index, device,
                labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
@@ -302,7 +307,8 @@ class NDreamer(ModelRepresentation):
             self.results.layers[f"ite_{condition}"] = effects[f"ite_{condition}"]
         return self.results
 
-    def estimate_cate(self, groupby: str, condition: str | None = None) -> pd.DataFrame:
+    def estimate_cate(self, groupby: str, condition: str | None = None,
+                      min_cells: int = K.MIN_CELLS_FOR_CATE) -> pd.DataFrame:
         """Per group of ``results.obs[groupby]`` and gene: mean ITE, sign test, z test, BH-adjusted p-values.
 
         Parameters
@@ -311,6 +317,9 @@ class NDreamer(ModelRepresentation):
             Column of ``results.obs`` holding the cell groups.
         condition
             Treatment condition (default the first); its ITE layer is estimated when missing.
+        min_cells
+            Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
+            left out of the table, with a warning that names them and their sizes.
 
         Returns
         -------
@@ -318,15 +327,33 @@ class NDreamer(ModelRepresentation):
             See :func:`~pyro_scmodels.ndreamer.estimate_cate`; also stored in ``results.uns``.
         """
         condition = condition or self.design.treatments[0]
+        if condition not in self.design.treatments:
+            raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
+        min_cells = V.positive_int("min_cells", min_cells)
+        groups = _labels(self.results.obs, [groupby], "groupby")[:, 0]
         layer = f"ite_{condition}"
         if layer not in self.results.layers:
             self.estimate_ite()
-        if layer not in self.results.layers:
-            raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
-        groups = _labels(self.results.obs, [groupby], "groupby")[:, 0]
-        table = estimate_cate(self.results.layers[layer], groups, self.genes)
+        kept = self._groups_with_both_conditions(groups, condition, min_cells)
+        cells = np.isin(groups, kept)
+        table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
         self.results.uns[f"cate_{condition}_{groupby}"] = table
         return table
+
+    def _groups_with_both_conditions(self, groups: np.ndarray, condition: str, min_cells: int) -> list:
+        """The groups holding at least ``min_cells`` cells of ``condition`` and of the control (warns about the rest)."""
+        counts = pd.crosstab(groups, self.design.condition)
+        treated = counts.get(condition, pd.Series(0, index=counts.index))
+        control = counts.get(self.design.control_name, pd.Series(0, index=counts.index))
+        enough = (treated >= min_cells) & (control >= min_cells)
+        skipped = [f"{g!r} ({treated[g]} {condition}, {control[g]} {self.design.control_name})" for g in counts.index[~enough]]
+        if not enough.any():
+            raise ValueError(f"No group has at least min_cells={min_cells} cells of both {condition!r} and the control "
+                             f"{self.design.control_name!r}: {', '.join(skipped[:10])}.")
+        if skipped:
+            warnings.warn(f"CATE skipped {len(skipped)} group(s) with fewer than min_cells={min_cells} cells of either "
+                          f"condition: {', '.join(skipped[:10])}.", stacklevel=2)
+        return list(counts.index[enough])
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, dir_path: str, overwrite: bool = False) -> None:

@@ -29,7 +29,7 @@ class ModelRepresentation:
 
     @classmethod
     def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
-                   device: str = "auto"):
+                   device: str = "auto", min_cells_per_group: int = K.MIN_CELLS_PER_GROUP):
         """Match cells in a trained Pyro model's latent space instead of a learned code space.
 
         Parameters
@@ -44,6 +44,8 @@ class ModelRepresentation:
             As for the constructor (read from ``model.adata.obs``).
         seed, device
             Seed of the matching-space PCA and the posterior samples; torch device.
+        min_cells_per_group
+            As for the constructor.
 
         Returns
         -------
@@ -54,7 +56,8 @@ class ModelRepresentation:
         source, layer = _model_counts(model)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                        batch_size=K.BATCH_SIZE, seed=seed, layer=layer, representation=LATENT, model=type(model).__name__)
+                        batch_size=K.BATCH_SIZE, seed=seed, layer=layer, representation=LATENT, model=type(model).__name__,
+                        min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group))
         self = cls.__new__(cls)
         self._setup(settings, model.adata.obs.copy(), log_normalise(source, layer),
                     pd.Index(source.var_names).astype(str), device, latent=model.get_latent_representation(), model=model)
