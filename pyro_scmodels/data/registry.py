@@ -164,12 +164,23 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     if getattr(adata, "is_view", False):
         raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
     keys = resolve_covariate_keys(**covariate_arguments)
+    _check_unique_names(adata)
     counts = counts_matrix(adata, layer)  # validates counts before anything is stored
     encoding = CovariateEncoding(keys).fit(adata.obs)  # validates the categorical columns
     encoding.continuous(adata.obs)  # and the continuous ones
     setup = AnnDataSetup(layer, keys, encoding.categories, counts.fingerprint)
     adata.uns[SETUP_UNS_KEY] = setup.to_json()
     return setup
+
+
+def _check_unique_names(adata) -> None:
+    """Outputs are indexed by cell and gene names: repeated names would make them ambiguous."""
+    for axis, names, fix in (("obs_names", adata.obs_names, "obs_names_make_unique"),
+                             ("var_names", adata.var_names, "var_names_make_unique")):
+        if not names.is_unique:
+            repeated = names[names.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"adata.{axis} are not unique (e.g. {repeated} repeat); outputs indexed by these names "
+                             f"would be ambiguous. Call `adata.{fix}()` before setup.")
 
 
 def read_setup(adata) -> AnnDataSetup:

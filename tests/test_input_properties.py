@@ -1,0 +1,115 @@
+"""Property-based tests (hypothesis) of the input checks of ``setup_anndata``.
+
+Random shapes, dtypes, dense or sparse storage, NaN / Inf / negative / fractional values at random
+places, empty cells, unused and missing categories, repeated names. The property: setup either
+raises a clear error (ValueError, TypeError or KeyError with a message) exactly when the input is
+invalid, or succeeds with the right categories and leaves the data untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pyro_scmodels as ps
+
+DTYPES = [np.int32, np.int64, np.uint8, np.float32, np.float64]
+CORRUPTIONS = ["nan", "inf", "-inf", "negative", "fraction"]
+
+
+@st.composite
+def count_inputs(draw):
+    n_cells = draw(st.integers(0, 12))
+    n_genes = draw(st.integers(0, 6))
+    dtype = draw(st.sampled_from(DTYPES))
+    counts = np.array(draw(st.lists(st.integers(0, 20), min_size=n_cells * n_genes, max_size=n_cells * n_genes)),
+                      dtype=np.float64).reshape(n_cells, n_genes)
+    corruptions = []
+    if n_cells and n_genes:
+        allowed = CORRUPTIONS if np.issubdtype(dtype, np.floating) else ([] if dtype == np.uint8 else ["negative"])
+        for _ in range(draw(st.integers(0, 2)) if allowed else 0):
+            kind = draw(st.sampled_from(allowed))
+            row, column = draw(st.integers(0, n_cells - 1)), draw(st.integers(0, n_genes - 1))
+            counts[row, column] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "negative": -3, "fraction": 2.5}[kind]
+            corruptions.append(kind)
+    labels = draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=n_cells, max_size=n_cells))
+    batch_style = draw(st.sampled_from(["text", "category_with_unused", "with_missing"]))
+    return dict(counts=counts.astype(dtype), sparse=draw(st.booleans()), corruptions=corruptions, labels=labels,
+                batch_style=batch_style, repeat_gene=draw(st.booleans()) and n_genes > 1,
+                repeat_cell=draw(st.booleans()) and n_cells > 1)
+
+
+def _adata(case) -> anndata.AnnData:
+    counts = case["counts"]
+    n_cells, n_genes = counts.shape
+    genes = [f"g{j}" for j in range(n_genes)]
+    cells = [f"c{i}" for i in range(n_cells)]
+    if case["repeat_gene"]:
+        genes[1] = genes[0]
+    if case["repeat_cell"]:
+        cells[1] = cells[0]
+    batch = pd.Series(case["labels"], dtype=object)
+    if case["batch_style"] == "category_with_unused":
+        batch = pd.Categorical(case["labels"], categories=["a", "b", "c", "never_seen"])
+    elif case["batch_style"] == "with_missing" and n_cells:
+        batch.iloc[0] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about repeated names itself
+        adata = anndata.AnnData(X=sp.csr_matrix(counts) if case["sparse"] else counts,
+                                obs=pd.DataFrame({"batch": np.asarray(batch, dtype=object)}, index=cells),
+                                var=pd.DataFrame(index=genes))
+    if case["batch_style"] == "category_with_unused":
+        adata.obs["batch"] = batch
+    return adata
+
+
+def _valid(case) -> bool:
+    counts = case["counts"].astype(np.float64)
+    if counts.size == 0 or case["corruptions"]:
+        return False
+    if (counts.sum(axis=1) <= 0).any():
+        return False  # an empty cell (or no counts at all)
+    missing_label = case["batch_style"] == "with_missing"
+    return not (missing_label or case["repeat_gene"] or case["repeat_cell"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=count_inputs())
+def test_setup_errors_exactly_on_invalid_input_and_keeps_valid_input_intact(case):
+    adata = _adata(case)
+    before = adata.X.copy()
+    try:
+        ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    except (ValueError, TypeError, KeyError) as err:
+        message = str(err)
+        assert not _valid(case), f"valid input refused: {message}"
+        assert len(message) > 30, f"an error must say what is wrong and how to fix it: {message!r}"
+        return
+    assert _valid(case), f"invalid input accepted: {case['corruptions']}, style {case['batch_style']}"
+    model = ps.RegularizedVI(adata, n_latent=2, n_hidden=4)
+    observed = sorted(set(case["labels"]))
+    # unused categories are dropped, observed ones kept in order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained: only the category names are read
+        assert list(model.get_ambient_profile().columns) == observed
+    dense = lambda x: x.toarray() if sp.issparse(x) else np.asarray(x)  # noqa: E731
+    np.testing.assert_array_equal(dense(adata.X), dense(before))
+
+
+@pytest.mark.parametrize("axis", ["obs", "var"])
+def test_repeated_names_are_refused_with_the_fix(axis):
+    adata = ps.datasets.simulate(n_cells=40, n_genes=12, n_markers_per_type=1, n_responding_genes=1, seed=0)
+    names = list(getattr(adata, f"{axis}_names"))
+    names[2] = names[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setattr(adata, f"{axis}_names", names)
+    with pytest.raises(ValueError, match=rf"adata\.{axis}_names are not unique.*{axis}_names_make_unique"):
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
