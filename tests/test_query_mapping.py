@@ -23,6 +23,15 @@ FAST = dict(batch_size=256, lr=1e-2, train_size=1.0, early_stopping=False, devic
 PER_LEVEL = ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Networks this small run as fast on one thread, and a busy shared machine does not slow them tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
     """450 cells x 100 genes, 5 cell types, 3 batches with strong ambient RNA and gene scaling differences."""
