@@ -133,9 +133,11 @@ class CellData:
         log_total = np.log(totals[counted])
         group = self.covariates["library_index"].numpy()[counted]
         n = self.n_library
-        means = np.array([log_total[group == p].mean() for p in range(n)])
+        means = np.array([log_total[group == p].mean() if (group == p).any() else np.nan for p in range(n)])
         variances = np.array([log_total[group == p].var() if (group == p).sum() > 1 else 0.0 for p in range(n)])
-        centre = float(means.mean())
+        centre = float(np.nanmean(means))
+        # a group without cells here (a category of the model absent from these cells) gets the average mean
+        means = np.where(np.isnan(means), centre, means)
         return means - centre, np.maximum(variances, variance_floor), centre
 
     def _inverse_size_factors(self, key: str) -> np.ndarray:

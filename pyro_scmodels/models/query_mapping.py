@@ -1,0 +1,394 @@
+"""Mapping a query onto a trained reference, scArches-style (``prepare_query_anndata``, ``load_query_data``).
+
+A reference :class:`~pyro_scmodels.RegularizedVI` was trained on some batches; new cells (the
+query) come from batches it has not seen. The query model reuses the reference's setup and
+everything it learned. Categories of the technical covariates (ambient, feature-scaling,
+dispersion and library-size keys) that the reference has not seen become new levels, learned from
+the query; every other parameter is the reference's and stays fixed: the decoder, the encoders
+(unless asked otherwise) and every global site tied to a reference level.
+
+How the reference is frozen, and why this way. The package's one training loop builds Adam over
+every parameter of the model and guide. A parameter with ``requires_grad=False`` never gets a
+gradient, and torch's Adam skips a parameter without one: no step, no weight decay, no moment
+update, so a frozen value stays bit-identical and the loop needs no change. (Hooks that zero part
+of a gradient would not do: Adam's weight decay would still move that part.) ``requires_grad`` is
+per tensor, but a per-level table (ambient: levels x genes) mixes reference and new levels, so its
+guide is replaced by :class:`NewLevelsSiteGuide`, whose reference rows are a buffer and whose new
+rows are its only parameter.
+
+Parameters live in the modules (module-local, not in Pyro's global parameter store), so the
+reference and the query never share a parameter through its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyro.distributions as dist
+import torch
+
+from .. import _validation as V
+from ..data import CovariateKeys, check_var_names, read_setup
+from ..data.query_genes import align_genes
+from ..nn import GaussianEncoder
+from ..pyro_modules import PositiveSiteGuide
+from ._base import MODEL_FILE
+from .regularizedvi import setup_arguments
+from .regularizedvi_module import SITE_COVARIATE_ROLES
+
+logger = logging.getLogger(__name__)
+
+#: buffers of the model indexed by library-size group
+LIBRARY_PRIOR_BUFFERS = ("model.library_prior_loc", "model.library_prior_scale")
+
+
+# --- the reference ----------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """What a query model takes from its reference: settings, setup, genes and parameters."""
+
+    class_name: str
+    init_params: dict
+    layer: str | None
+    keys: CovariateKeys
+    categories: dict[str, list[str]]
+    var_names: pd.Index
+    state_dict: dict[str, torch.Tensor]
+    is_trained: bool
+
+    @classmethod
+    def resolve(cls, reference, model_class) -> "Reference":
+        """``reference`` (a model of ``model_class`` or the folder it was saved to) as a :class:`Reference`.
+
+        Parameters
+        ----------
+        reference
+            A model of ``model_class`` (its parameters are copied, it is not changed) or the
+            folder passed to its ``save``.
+        model_class
+            The class the reference must be.
+
+        Returns
+        -------
+        Reference
+
+        Raises
+        ------
+        ArgumentTypeError
+            ``reference`` is neither.
+        FileNotFoundError
+            The folder holds no saved model.
+        ValueError
+            The saved model is of another class.
+        """
+        if isinstance(reference, (str, os.PathLike)):
+            return cls._from_folder(os.fspath(reference), model_class)
+        if isinstance(reference, model_class):
+            return cls(
+                type(reference).__name__, dict(reference.init_params), reference.layer, reference.keys,
+                {k: list(v) for k, v in reference.encoding.categories.items()}, pd.Index(reference.var_names),
+                {k: v.detach().cpu().clone() for k, v in reference.module.state_dict().items()}, bool(reference.is_trained),
+            )
+        raise V.ArgumentTypeError(
+            f"reference must be a trained {model_class.__name__} or the folder it was saved to, got {type(reference).__name__}."
+        )
+
+    @classmethod
+    def _from_folder(cls, folder: str, model_class) -> "Reference":
+        path = os.path.join(folder, MODEL_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No saved model at {path}: reference must be a trained model or the folder passed to its save().")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload["class"] != model_class.__name__:
+            raise ValueError(f"The model saved in {folder} is a {payload['class']}, not a {model_class.__name__}.")
+        return cls(payload["class"], dict(payload["init_params"]), payload["layer"], CovariateKeys(**payload["keys"]),
+                   payload["categories"], pd.Index(payload["var_names"]), payload["state_dict"], bool(payload["is_trained"]))
+
+    def role_keys(self) -> dict[str, list[str]]:
+        """The ``.obs`` keys whose categories index each per-level table, by covariate role.
+
+        Returns
+        -------
+        dict
+            ``{"ambient": [...], "feature_scaling": [...], "dispersion": [...], "library_size": [...]}``;
+            an empty list where one level is shared by every cell.
+        """
+        keys = self.keys
+        single = lambda key: [] if key is None else [key]  # noqa: E731
+        return {"ambient": keys.ambient, "feature_scaling": keys.feature_scaling, "dispersion": single(keys.dispersion),
+                "library_size": single(keys.library_size)}
+
+
+def prepare_query_anndata(adata, reference, model_class, return_reference_var_names: bool = False, inplace: bool = True):
+    """Reorder the query's genes to the reference's, filling the reference's missing genes with zeros.
+
+    Parameters
+    ----------
+    adata
+        The query AnnData (raw counts, in memory).
+    reference
+        A trained model of ``model_class``, or the folder it was saved to.
+    model_class
+        The model class (e.g. :class:`~pyro_scmodels.RegularizedVI`).
+    return_reference_var_names
+        Only return the reference's gene names; ``adata`` is not touched.
+    inplace
+        Change ``adata`` itself and return None (as scvi-tools); False returns a new AnnData and
+        leaves ``adata`` as it was.
+
+    Returns
+    -------
+    None, anndata.AnnData or pandas.Index
+        None when ``inplace``; else the aligned AnnData; the gene names with
+        ``return_reference_var_names``.
+
+    Notes
+    -----
+    See :func:`pyro_scmodels.data.query_genes.align_genes` for what happens to ``.var``,
+    ``.varm``, ``.varp`` and ``.uns``.
+    """
+    return_reference_var_names = V.boolean("return_reference_var_names", return_reference_var_names)
+    inplace = V.boolean("inplace", inplace)
+    genes = Reference.resolve(reference, model_class).var_names
+    if return_reference_var_names:
+        return genes.copy()
+    return align_genes(adata, genes, inplace)
+
+
+# --- categories and per-level rows ------------------------------------------------------------------
+def _query_categories(reference: Reference, observed: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Category order of the query model and the categories new to the reference, per key.
+
+    Known categories keep the reference's positions; new ones follow, in the query's order.
+    A new category of a decoder-conditioning or encoder key raises ``ValueError``: the frozen
+    networks have no input column for it.
+    """
+    keys = reference.keys
+    networks = {**{k: "nn_conditioning_covariate_keys" for k in keys.nn_conditioning},
+                **{k: "encoder_covariate_keys" for k in keys.encoder}}
+    categories, new = {}, {}
+    for key in keys.categorical_keys():
+        known = list(reference.categories[key])
+        unseen = [c for c in observed[key] if c not in known]
+        if unseen and key in networks:
+            raise ValueError(
+                f"The query has categories {unseen[:5]} of {key!r} that the reference was not trained on. {key!r} is one "
+                f"of the reference's {networks[key]}: a network reads it as a one-hot input and has no column for a new "
+                f"category. Assign those cells a known category (known: {known[:10]}), or train a reference that includes them."
+            )
+        categories[key], new[key] = known + unseen, unseen
+    return categories, {k: v for k, v in new.items() if v}
+
+
+def _reference_rows(reference: Reference, categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Per covariate role, the reference row of each row of the query's per-level table (-1: a new level)."""
+    rows = {}
+    for role, keys in reference.role_keys().items():
+        if not keys:
+            rows[role] = np.zeros(1, dtype=np.int64)  # one shared level, the reference's
+            continue
+        parts, offset = [], 0
+        for key in keys:
+            known = reference.categories[key]
+            parts += [offset + known.index(c) if c in known else -1 for c in categories[key]]
+            offset += len(known)
+        rows[role] = np.asarray(parts, dtype=np.int64)
+    return rows
+
+
+def _level_role(key: str, guide) -> str | None:
+    """The covariate role indexing the first axis of state-dict entry ``key``; None if not per level."""
+    if key in LIBRARY_PRIOR_BUFFERS:
+        return "library_size"
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "guide" and isinstance(getattr(guide, parts[1], None), PositiveSiteGuide):
+        return SITE_COVARIATE_ROLES.get(parts[1])
+    return None
+
+
+def _transfer_reference_state(module: torch.nn.Module, reference: Reference, rows: dict[str, np.ndarray]) -> None:
+    """Load the reference's parameters into a freshly built query module.
+
+    Per-level tables take the reference's rows for known levels and keep their data-driven
+    initial values for new ones; everything else is the reference's.
+    """
+    fresh = module.state_dict()
+    state = {}
+    for key, value in fresh.items():
+        if key not in reference.state_dict:
+            raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
+        saved = reference.state_dict[key].to(value.device)
+        role = _level_role(key, module.guide)
+        if role is None:
+            if saved.shape != value.shape:
+                raise ValueError(f"{key!r} has shape {tuple(saved.shape)} in the reference but {tuple(value.shape)} in the query model.")
+            state[key] = saved.clone()
+            continue
+        source = torch.as_tensor(rows[role], device=value.device)
+        known = source >= 0
+        spliced = value.clone()
+        spliced[known] = saved[source[known]]
+        if key == "model.library_prior_loc":
+            # the query's new groups were centred on the query's mean log total; the library guide
+            # keeps the reference's centre, so their prior means are re-expressed relative to it
+            spliced[~known] += fresh["guide.log_total_centre"] - reference.state_dict["guide.log_total_centre"].to(value.device)
+        state[key] = spliced
+    module.load_state_dict(state)
+
+
+# --- freezing ---------------------------------------------------------------------------------------
+def _full_tables(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of :class:`NewLevelsSiteGuide`: store whole tables, as a plain site guide does."""
+    for name in module.table_names:
+        key = f"{prefix}{name}_unconstrained"
+        state_dict[key] = getattr(module, f"fixed_{name}_unconstrained").index_copy(0, module.new_rows, state_dict[key].detach())
+
+
+def _new_rows_only(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of :class:`NewLevelsSiteGuide`: keep only the new rows of a whole table."""
+    for name in module.table_names:
+        key = f"{prefix}{name}_unconstrained"
+        if key in state_dict and state_dict[key].shape == getattr(module, f"fixed_{name}_unconstrained").shape:
+            state_dict[key] = state_dict[key][module.new_rows.to(state_dict[key].device)]
+
+
+class NewLevelsSiteGuide(PositiveSiteGuide):
+    """Guide of a per-level global site whose reference levels are fixed: only the new levels learn.
+
+    The table (levels x features) is the fixed table, a buffer, with the rows of the new levels
+    replaced by this guide's parameter. Its ``state_dict`` holds the whole table under the names of
+    a plain :class:`~pyro_scmodels.pyro_modules.PositiveSiteGuide`, so a saved query model loads
+    as an ordinary model and a training checkpoint resumes.
+
+    Parameters
+    ----------
+    site
+        The site's guide, holding the reference's values in the rows of known levels.
+    new_rows
+        Rows of the levels new in the query.
+    """
+
+    def __init__(self, site: PositiveSiteGuide, new_rows):
+        new_rows = torch.as_tensor(np.asarray(new_rows), dtype=torch.long)
+        super().__init__(site.median()[new_rows], site.family)
+        self.table_names = ("value",) if site.family == "map" else ("loc", "scale")
+        self.register_buffer("new_rows", new_rows, persistent=False)
+        for name in self.table_names:
+            unconstrained = getattr(site, f"{name}_unconstrained").detach()
+            with torch.no_grad():
+                getattr(self, f"{name}_unconstrained").copy_(unconstrained[new_rows])
+            # unconstrained: what the state_dict holds; constrained: what the guide samples with
+            self.register_buffer(f"fixed_{name}_unconstrained", unconstrained.clone(), persistent=False)
+            self.register_buffer(f"fixed_{name}", getattr(site, name).detach().clone(), persistent=False)
+        self.register_state_dict_post_hook(_full_tables)
+        self.register_load_state_dict_pre_hook(_new_rows_only)
+
+    def table(self, name: str) -> torch.Tensor:
+        """The whole table ``name`` (``"value"``, ``"loc"`` or ``"scale"``), new rows learned, the rest fixed."""
+        return getattr(self, f"fixed_{name}").index_copy(0, self.new_rows, getattr(self, name))
+
+    def distribution(self) -> dist.Distribution:
+        """``Delta`` or ``LogNormal`` over the whole table."""
+        if self.family == "map":
+            return dist.Delta(self.table("value"))
+        return dist.LogNormal(self.table("loc"), self.table("scale"))
+
+    def median(self) -> torch.Tensor:
+        """The point estimate, or the LogNormal median (detached), of every level."""
+        return (self.table("value") if self.family == "map" else self.table("loc").exp()).detach()
+
+
+def _freeze_reference(module: torch.nn.Module, rows: dict[str, np.ndarray], freeze_encoder: bool, freeze_decoder: bool) -> None:
+    """Fix every reference parameter of a query module; new levels (and optionally the networks) learn."""
+    module.requires_grad_(False)
+    guide = module.guide
+    for name, child in list(guide.named_children()):
+        role = SITE_COVARIATE_ROLES.get(name)
+        if role is None or not isinstance(child, PositiveSiteGuide):
+            continue
+        new_rows = np.flatnonzero(rows[role] < 0)
+        if new_rows.size:
+            setattr(guide, name, NewLevelsSiteGuide(child, new_rows))
+    if not freeze_encoder:
+        for child in guide.children():
+            if isinstance(child, GaussianEncoder):  # the z and the library encoders
+                child.requires_grad_(True)
+    if not freeze_decoder:
+        module.model.decoder.requires_grad_(True)
+
+
+# --- the query model --------------------------------------------------------------------------------
+def _check_query(adata, reference: Reference) -> None:
+    """The query has the reference's genes, count layer and covariate columns (checked before any work)."""
+    try:
+        check_var_names(reference.var_names, adata)
+    except ValueError as err:
+        raise ValueError(f"{err} Or call prepare_query_anndata(adata, reference) first, or pass "
+                         "inplace_subset_query_vars=True, to reorder and zero-pad them.") from None
+    if reference.layer is not None:
+        V.present(reference.layer, adata.layers, "the query's adata.layers (the reference reads its counts there)", "layer")
+    for key in [*reference.keys.categorical_keys(), *reference.keys.continuous]:
+        V.present(key, adata.obs.columns, "the query's adata.obs (the reference was set up with it)", "column")
+
+
+def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
+                    freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False):
+    """A model of the query cells built on a trained reference (see :meth:`RegularizedVI.load_query_data`).
+
+    Parameters
+    ----------
+    model_class
+        The model class (e.g. :class:`~pyro_scmodels.RegularizedVI`).
+    adata
+        The query AnnData (raw counts); it is set up here with the reference's layer and keys.
+    reference
+        A trained model of ``model_class``, or the folder it was saved to. It is not changed.
+    inplace_subset_query_vars
+        First reorder and zero-pad the query's genes in place (:func:`prepare_query_anndata`).
+    freeze_encoder
+        Keep the reference's z and library encoders fixed (False: fine-tune them on the query).
+    freeze_decoder
+        Keep the reference's decoder fixed.
+    freeze_dropout
+        Turn dropout off in the query model's encoders.
+    unfrozen
+        Train every parameter, reference levels included (the other ``freeze_*`` are ignored).
+
+    Returns
+    -------
+    RegularizedVI
+        The query model, not yet trained on the query: call ``train()``.
+    """
+    reference = Reference.resolve(reference, model_class)
+    flags = {name: V.boolean(name, value) for name, value in (
+        ("inplace_subset_query_vars", inplace_subset_query_vars), ("freeze_encoder", freeze_encoder),
+        ("freeze_decoder", freeze_decoder), ("freeze_dropout", freeze_dropout), ("unfrozen", unfrozen))}
+    if not reference.is_trained:
+        raise ValueError("The reference model has not been trained; train it (reference.train()) before mapping a query onto it.")
+    if flags["inplace_subset_query_vars"]:
+        align_genes(adata, reference.var_names, inplace=True)
+    _check_query(adata, reference)
+    model_class.setup_anndata(adata, layer=reference.layer, **setup_arguments(reference.keys.to_dict()))  # validates the counts
+    categories, new = _query_categories(reference, read_setup(adata).categories)
+    init_params = dict(reference.init_params)
+    if flags["freeze_dropout"]:
+        init_params.update(dropout_rate=0.0, input_dropout_rate=0.0)
+    # the reference's categories first, then the new ones: the constructor's hook for saved categories
+    model = model_class(adata, **init_params, _categories=categories)
+    rows = _reference_rows(reference, categories)
+    _transfer_reference_state(model.module, reference, rows)
+    if not flags["unfrozen"]:
+        _freeze_reference(model.module, rows, flags["freeze_encoder"], flags["freeze_decoder"])
+    logger.info("Query mapped onto the reference; new levels learned from the query: %s.", new or "none")
+    if not any(p.requires_grad for p in model.module.parameters()):
+        warnings.warn(
+            "The query has no category new to the reference and the encoders and decoder are frozen: nothing is left to "
+            "train. The query model is ready to use as is (pass freeze_encoder=False to fine-tune the encoders).", stacklevel=3,
+        )
+        model.is_trained = True
+    return model

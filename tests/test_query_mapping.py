@@ -1,0 +1,204 @@
+"""Reference mapping (scArches-style): a reference trained on two batches, a third batch mapped onto it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from pyro.infer import Trace_ELBO
+
+import pyro_scmodels as ps
+from pyro_scmodels._validation import ArgumentTypeError
+from pyro_scmodels.matching import knn
+from pyro_scmodels.models.query_mapping import NewLevelsSiteGuide
+
+KEYS = dict(layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
+            dispersion_key="batch", library_size_key="batch")
+# few optimiser steps on few cells: a large learning rate, one minibatch per epoch, no validation pass
+FAST = dict(batch_size=256, lr=1e-2, train_size=1.0, early_stopping=False, device="cpu", progress_bar=False, seed=0)
+PER_LEVEL = ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Networks this small run as fast on one thread, and a busy shared machine does not slow them tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """450 cells x 100 genes, 5 cell types, 3 batches with strong ambient RNA and gene scaling differences."""
+    return ps.datasets.simulate(n_cells=450, n_genes=100, n_cell_types=5, n_batches=3, batch_scaling_sd=0.4,
+                                ambient_fraction=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, **KEYS)
+    model = ps.RegularizedVI(adata, n_hidden=64, n_latent=8, seed=0)
+    # trained for 3 epochs instead, the query's label transfer accuracy is 0.85
+    model.train(max_epochs=40, kl_warmup_epochs=20, **FAST)
+    return model
+
+
+def query_cells(data):
+    return data[data.obs["batch"] == "batch_2"].copy()
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def label_transfer_accuracy(reference, query, k: int = 15) -> float:
+    """Majority vote of the k nearest reference cells (in z) against each query cell's true type."""
+    _, neighbours = knn(query.get_latent_representation(), reference.get_latent_representation(), k=k, device="cpu")
+    labels = reference.adata.obs["cell_type"].to_numpy()[neighbours]
+    voted = [pd.Series(row).mode().iloc[0] for row in labels]
+    return float(np.mean(np.asarray(voted) == query.adata.obs["cell_type"].to_numpy()))
+
+
+def test_query_lands_next_to_its_reference_type_and_the_reference_is_untouched(data, reference):
+    before, setup_before, epochs_before = state(reference), reference.adata.uns.copy(), reference.trainer.epoch
+    query = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    initial = state(query)
+    trainable = {n for n, p in query.module.named_parameters() if p.requires_grad}
+    assert trainable == {f"guide.{site}.{p}_unconstrained" for site, p in
+                         [("dispersion_rate", "value"), ("inverse_sqrt_theta", "loc"), ("inverse_sqrt_theta", "scale"),
+                          ("ambient", "value"), ("feature_scaling", "value")]}
+    history = query.train(max_epochs=40, kl_warmup_epochs=None, **FAST)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] - 10.0  # the new levels were learned
+
+    accuracy = label_transfer_accuracy(reference, query)
+    assert accuracy >= 0.9, accuracy
+
+    after = state(query)
+    for key, value in before.items():
+        if key.split(".")[1] in PER_LEVEL:  # levels x genes: the reference's rows come first, then batch_2
+            assert torch.equal(after[key][: value.shape[0]], value), key
+            assert not torch.equal(after[key][value.shape[0]:], initial[key][value.shape[0]:]), key
+        elif key.startswith("model.library_prior"):
+            assert torch.equal(after[key][:2], value), key
+        else:  # decoder, encoders, priors, library weight: bit-identical to the reference
+            assert torch.equal(after[key], value), key
+    # the reference model object is unchanged
+    assert all(torch.equal(v, reference.module.state_dict()[k]) for k, v in before.items())
+    assert reference.adata.uns.keys() == setup_before.keys() and reference.trainer.epoch == epochs_before
+    assert reference.encoding.categories["batch"] == ["batch_0", "batch_1"]
+    assert list(query.get_ambient_profile().columns) == ["batch_0", "batch_1", "batch_2"]
+
+
+def test_gradient_reaches_only_the_new_levels(data, reference):
+    query = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    assert isinstance(query.module.guide.ambient, NewLevelsSiteGuide)
+    _, (batch, n_obs) = next(query.minibatches(indices=np.arange(64)))
+    Trace_ELBO().differentiable_loss(query.module.model, query.module.guide, batch, n_obs).backward()
+    for name, parameter in query.module.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+    # the table the guide samples: reference rows exactly the reference's, the new row learnable
+    table = query.module.guide.ambient.table("value")
+    assert torch.equal(table[:2].detach(), reference.module.guide.ambient.value.detach()) and table.requires_grad
+    # the new library group's prior mean: the query's mean log total, centred as the reference's groups are
+    log_total = np.log(np.asarray(query.adata.layers["counts"].sum(1)).ravel()).mean()
+    expected = log_total - reference.module.guide.log_total_centre.item()
+    assert query.module.model.library_prior_loc[2].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_fine_tuned_encoder_keeps_the_decoder(data, reference):
+    query = ps.RegularizedVI.load_query_data(query_cells(data), reference, freeze_encoder=False, freeze_dropout=True)
+    assert query.init_params["dropout_rate"] == 0.0
+    query.train(max_epochs=10, kl_warmup_epochs=None, **FAST)
+    ref, after = reference.module.state_dict(), query.module.state_dict()
+    assert not torch.equal(after["guide.encoder.loc.weight"], ref["guide.encoder.loc.weight"])
+    assert all(torch.equal(after[k], ref[k]) for k in ref if k.startswith("model.decoder"))
+    assert label_transfer_accuracy(reference, query) >= 0.9
+
+
+def test_reference_from_a_folder_and_a_saved_query_model(data, reference, tmp_path):
+    reference.save(str(tmp_path / "reference"))
+    from_model = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    from_folder = ps.RegularizedVI.load_query_data(query_cells(data), str(tmp_path / "reference"))
+    assert all(torch.equal(v, from_folder.module.state_dict()[k]) for k, v in from_model.module.state_dict().items())
+
+    from_model.train(max_epochs=5, kl_warmup_epochs=None, **FAST)
+    from_model.save(str(tmp_path / "query"))
+    cells = query_cells(data)
+    loaded = ps.RegularizedVI.load(str(tmp_path / "query"), cells)  # an ordinary model over the extended categories
+    assert loaded.encoding.categories["batch"] == ["batch_0", "batch_1", "batch_2"]
+    pd.testing.assert_frame_equal(loaded.get_ambient_profile(), from_model.get_ambient_profile())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), from_model.get_latent_representation())
+    # a whole-table state dict loads back into the frozen layout (checkpoint resume)
+    from_folder.module.load_state_dict(from_model.module.state_dict())
+    assert torch.equal(from_folder.module.guide.ambient.median(), from_model.module.guide.ambient.median())
+
+
+def test_prepare_query_anndata_reorders_and_pads(data, reference):
+    cells = query_cells(data)
+    genes = list(reference.var_names)
+    rng = np.random.default_rng(0)
+    kept = [genes[i] for i in rng.permutation(len(genes))[5:]]  # 5 reference genes missing, the rest shuffled
+    query = cells[:, kept].copy()
+    original = query.copy()
+    with pytest.warns(UserWarning, match="5 of the reference's 100 genes are missing"):
+        aligned = ps.RegularizedVI.prepare_query_anndata(query, reference, inplace=False)
+    assert list(query.var_names) == kept  # inplace=False leaves the input alone
+    assert list(aligned.var_names) == genes and sp.issparse(aligned.layers["counts"])
+    missing = [g for g in genes if g not in kept]
+    assert aligned[:, missing].layers["counts"].sum() == 0
+    np.testing.assert_array_equal(aligned[:, kept].layers["counts"].toarray(), original.layers["counts"].toarray())
+
+    with pytest.warns(UserWarning, match="filled with zeros"):
+        assert ps.RegularizedVI.prepare_query_anndata(query, reference) is None  # scvi-tools' default: in place
+    assert list(query.var_names) == genes
+    assert list(ps.RegularizedVI.prepare_query_anndata(query, reference, return_reference_var_names=True)) == genes
+    with pytest.warns(UserWarning, match="filled with zeros"):
+        mapped = ps.RegularizedVI.load_query_data(original, reference, inplace_subset_query_vars=True)
+    assert list(mapped.var_names) == genes
+
+
+def test_clear_errors_before_any_work(data, reference):
+    cells = query_cells(data)
+    with pytest.raises(ArgumentTypeError, match="reference must be a trained RegularizedVI"):
+        ps.RegularizedVI.load_query_data(cells, object())
+    untrained = ps.RegularizedVI(reference.adata, n_hidden=8, n_latent=2)
+    with pytest.raises(ValueError, match="has not been trained"):
+        ps.RegularizedVI.load_query_data(cells, untrained)
+    with pytest.raises(ValueError, match="prepare_query_anndata"):
+        ps.RegularizedVI.load_query_data(cells[:, ::-1].copy(), reference)
+    no_batch = cells.copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(KeyError, match="'batch' not found in the query's adata.obs"):
+        ps.RegularizedVI.load_query_data(no_batch, reference)
+    scaled = cells.copy()
+    scaled.layers["counts"] = scaled.layers["counts"] * 0.5
+    with pytest.raises(ValueError, match="non-integer"):
+        ps.RegularizedVI.load_query_data(scaled, reference)
+    with pytest.raises(FileNotFoundError, match="No saved model"):
+        ps.RegularizedVI.load_query_data(cells, "/nonexistent/folder")
+
+
+def test_unseen_decoder_covariate_is_refused_and_known_batches_need_no_training(data):
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
+                                   nn_conditioning_covariate_keys=["batch"])
+    model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2)
+    model.train(max_epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"\['batch_2'\] of 'batch'.*nn_conditioning_covariate_keys"):
+        ps.RegularizedVI.load_query_data(query_cells(data), model)
+    known = data[data.obs["batch"] == "batch_1"].copy()
+    with pytest.warns(UserWarning, match="nothing is left to train"):
+        query = ps.RegularizedVI.load_query_data(known, model)
+    assert query.is_trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a trained model: no "not trained" warning
+        np.testing.assert_allclose(query.get_latent_representation(), model.get_latent_representation(known), rtol=1e-5, atol=1e-6)
