@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 
@@ -100,89 +99,29 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
     adata.obs["regularizedvi_library_size"] = model.get_library_size()
 
 
+def write_figures(model, adata, out: str, colour_by: list[str], umap: bool = False) -> list[str]:
+    """The latent space coloured by ``colour_by`` and the training curve, as PNGs in ``out``."""
+    from .figures import plot_latent, plot_training_curve
+
+    latent = plot_latent(adata.obsm[LATENT_KEY], adata.obs, colour_by, os.path.join(out, "latent.png"),
+                         title="RegularizedVI latent", method="umap" if umap else "pca")
+    curve = plot_training_curve(model.history, os.path.join(out, "training_curve.png"))
+    return [latent, curve]
+
+
 def run_demo(args, folder: OutputFolder) -> dict:
-    """Simulate, fit, compare with the truth, write ``results.h5ad`` and the model."""
-    from . import RegularizedVI, datasets
-    from . import metrics as M
+    """Simulate, fit, compare with the truth (with verdicts), write results, model and figures."""
+    from . import demo
 
     _check_device(args.device)
     out = _prepare_output(folder, args)
-    print(f"Simulating {args.n_cells} cells x {args.n_genes} genes (5 cell types, 3 batches, seed {args.seed}) ...")
-    # markers and responding genes scale down with small gene numbers (5 types need 5 marker sets)
-    n_markers = min(20, max(1, args.n_genes // 10))
-    adata = datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_markers_per_type=n_markers,
-                              n_responding_genes=min(40, max(1, args.n_genes // 10)), seed=args.seed)
-    RegularizedVI.setup_anndata(
-        adata, layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
-        library_size_key="batch",
-    )
-    model = RegularizedVI(adata, seed=args.seed)
-    start = time.time()
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, kl_warmup_epochs=args.epochs // 10,
-                early_stopping=False, device=args.device, seed=args.seed, progress_bar=not args.quiet)
-    seconds = time.time() - start
-    _store_results(model, adata)
-    true_ambient = adata.varm["true_ambient"]
-    fitted = adata.varm["regularizedvi_ambient"].to_numpy()
-    ambient_r = [M.pearson(np.log(fitted[:, b]), np.log(true_ambient[:, b])) for b in range(true_ambient.shape[1])]
-    pca = M.log_normalised_pca(adata.layers["counts"])
-    z = adata.obsm[LATENT_KEY]
-    report = {
-        "training seconds": seconds,
-        "final train loss": float(model.history["train_loss"].iloc[-1]),
-        "ambient profile vs truth, Pearson of logs (per batch)": ambient_r,
-        "dispersion vs truth, Spearman": M.spearman(adata.varm["regularizedvi_dispersion"].iloc[:, 0], adata.var["true_theta"]),
-        "cell-type ARI of k-means on the latent": M.cluster_ari(z, adata.obs["cell_type"]),
-        "cell-type ARI of k-means on PCA (baseline)": M.cluster_ari(pca, adata.obs["cell_type"]),
-        "batch mixing (kNN batch entropy, 1 = mixed), latent": M.knn_entropy(z, adata.obs["batch"]),
-        "batch mixing, PCA of log-normalised counts (baseline)": M.knn_entropy(pca, adata.obs["batch"]),
-    }
-    print("\nRecovered vs ground truth")
-    for name, value in report.items():
-        shown = ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
-        print(f"  {name:<58} {shown}")
-    write_h5ad(adata, os.path.join(out, "results.h5ad"))
-    model.save(os.path.join(out, "model"), overwrite=True)
-    print(f"\nWrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}'], layers['{NORMALIZED_LAYER}']) and {os.path.join(out, 'model')}/")
-    if not args.skip_ndreamer:
-        report.update(_demo_ndreamer(adata, out, args))
-    return report
-
-
-def _demo_ndreamer(adata, out: str, args) -> dict:
-    """NDreamer on the simulated stimulation: per-cell effects against the known truth."""
-    from . import metrics as M
-    from .ndreamer import NDreamer
-    from .ndreamer._constants import NETWORK_PRESETS
-
-    print("\nNDreamer: effect-modifier space and per-cell effects of 'stimulated' vs 'control' ...")
-    # a compact network (the SPEC defaults are sized for tens of thousands of cells)
-    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **NETWORK_PRESETS["small"],
-                  batch_size=256, device=args.device, seed=args.seed)
-    nd.train(progress_bar=not args.quiet)
-    nd.get_modifier_space()
-    nd.decompose_batch_effect(nearest_neighbor=10)
-    results = nd.estimate_ite(nearest_neighbor=10)
-    truth = adata[:, nd.genes]
-    genes = truth.var["responding"].to_numpy()
-    ite = results.layers["ite_stimulated"]
-    quiet = ~adata.obs["cell_type"].isin(adata.uns["simulation"]["responding_cell_types"]).to_numpy()
-    report = {
-        "NDreamer ITE vs truth, Pearson over responding genes": M.pearson(ite[:, genes], truth.layers["true_ite"][:, genes]),
-        "NDreamer mean |ITE| of responding genes, responding types": float(np.abs(ite[~quiet][:, genes].mean(0)).mean()),
-        "NDreamer mean |ITE| of responding genes, other types (truth 0)": float(np.abs(ite[quiet][:, genes].mean(0)).mean()),
-        "NDreamer condition mixing in the modifier space (1 = mixed)": M.knn_entropy(
-            results.obsm["X_effect_modifier_space_PCA"], adata.obs["condition"]),
-    }
-    for name, value in report.items():
-        print(f"  {name:<68} {value:.3f}")
-    nd.save(os.path.join(out, "ndreamer"), overwrite=True)
-    print(f"Wrote {os.path.join(out, 'ndreamer')}/ (results.h5ad with layers denoised, batch_effect, ite_stimulated)")
-    return report
+    return demo.run(args, out, LATENT_KEY, lambda model, adata: _store_results(model, adata, args.write_normalized),
+                    lambda model, adata, folder, colour_by: write_figures(model, adata, folder, colour_by, args.umap))
 
 
 def run_ndreamer(args, folder: OutputFolder) -> None:
     """NDreamer on a user's h5ad: modifier space, denoised expression, per-cell effects, CATE."""
+    from .figures import plot_ite_heatmap
     from .ndreamer import NDreamer
     from .ndreamer._constants import NETWORK_PRESETS
 
@@ -201,12 +140,17 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
     # the results are saved before CATE, so that a CATE problem loses nothing
     nd.save(out, overwrite=True)
+    written = []
     for condition in (nd.design.treatments if args.cate_groupby else []):
         table = nd.estimate_cate(args.cate_groupby, condition)
         with atomic_path(os.path.join(out, f"cate_{condition}.csv")) as temporary:
             table.to_csv(temporary, index=False)
+        written.append(os.path.join(out, f"cate_{condition}.csv"))
+        written.append(plot_ite_heatmap(nd.results.layers[f"ite_{condition}"], nd.genes, nd.results.obs[args.cate_groupby],
+                                        os.path.join(out, f"ite_heatmap_{condition}.png"), condition=condition))
     print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers denoised, "
-          f"batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}) and the network.")
+          f"batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}), the network"
+          + (f", {', '.join(written)}." if written else "."))
 
 
 def run_fit(args, folder: OutputFolder) -> None:
@@ -226,76 +170,137 @@ def run_fit(args, folder: OutputFolder) -> None:
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 checkpoint_dir=os.path.join(out, "checkpoint"), progress_bar=not args.quiet)
-    _store_results(model, adata, write_normalized=not args.skip_normalized)
+    _store_results(model, adata, write_normalized=args.write_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
     with atomic_path(os.path.join(out, "history.csv")) as temporary:
         model.history.to_csv(temporary)
-    print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']) and {os.path.join(out, 'model')}/")
+    colour_by = [k for k in (args.batch_key, *(args.ambient_keys or []), args.label_key) if k]
+    figures = write_figures(model, adata, out, list(dict.fromkeys(colour_by)), args.umap)
+    layers = f", layers['{NORMALIZED_LAYER}']" if args.write_normalized else ""
+    print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']{layers}), {os.path.join(out, 'model')}/, "
+          f"history.csv and the figures {', '.join(figures)}.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-scmodels", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """Pyro models of single-cell counts from the command line.
 
-    demo = sub.add_parser("demo", help="simulate data with known truth, fit RegularizedVI, report recovery")
-    demo.add_argument("-o", "--output", default="pyro_scmodels_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--n-cells", type=int, default=3000)
-    demo.add_argument("--n-genes", type=int, default=500)
-    demo.add_argument("--epochs", type=int, default=300)
-    demo.add_argument("--batch-size", type=int, default=512)
-    demo.add_argument("--lr", type=float, default=1e-2, help="higher than the 1e-3 default: small data, few steps")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--overwrite", action="store_true")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.add_argument("--skip-ndreamer", action="store_true", help="only RegularizedVI")
+  demo      simulate data with known truth, fit RegularizedVI and NDreamer, report what was recovered
+  fit       fit RegularizedVI on your .h5ad of raw counts
+  ndreamer  batch-denoised expression and per-cell treatment effects with NDreamer
 
-    fit = sub.add_parser("fit", help="fit RegularizedVI on an h5ad file of raw counts")
-    fit.add_argument("data", help="input .h5ad (raw counts in .X or --layer)")
-    fit.add_argument("-o", "--output", required=True, help="output folder")
-    fit.add_argument("--layer", default=None)
-    fit.add_argument("--batch-key", default=None, help="shortcut for ambient, dispersion and library keys")
-    fit.add_argument("--ambient-keys", nargs="+", default=None)
-    fit.add_argument("--nn-conditioning-keys", nargs="+", default=None)
-    fit.add_argument("--feature-scaling-keys", nargs="+", default=None)
-    fit.add_argument("--dispersion-key", default=None)
-    fit.add_argument("--library-size-key", default=None)
-    fit.add_argument("--encoder-keys", nargs="+", default=None)
-    fit.add_argument("--continuous-keys", nargs="+", default=None)
-    fit.add_argument("--n-latent", type=int, default=10)
-    fit.add_argument("--n-hidden", type=int, default=128)
-    fit.add_argument("--n-layers", type=int, default=1)
-    fit.add_argument("--max-epochs", type=int, default=None)
-    fit.add_argument("--batch-size", type=int, default=1024)
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--device", default="auto")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--skip-normalized", action="store_true", help="do not write the dense normalised-expression layer")
-    fit.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
+Run `pyro-scmodels COMMAND --help` for a command's options."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, and keeps the description's line breaks.
+
+    Flags (default False), and options whose help already says what their absence means, show no
+    "(default: None)".
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; checked before any work")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
+
+
+def _add_demo(sub) -> None:
+    demo = sub.add_parser("demo", formatter_class=_HelpFormatter,
+                          help="simulate data with known truth, fit RegularizedVI and NDreamer, report recovery",
+                          description="Simulate cells with known truth (no download), fit RegularizedVI and NDreamer, "
+                                      "and print each recovered figure beside its truth or baseline with a verdict.")
+    demo.add_argument("-o", "--output", default="pyro_scmodels_demo", help="output folder")
+    demo.add_argument("--n-cells", type=int, default=3000, help="simulated cells")
+    demo.add_argument("--n-genes", type=int, default=500, help="simulated genes")
+    demo.add_argument("--epochs", type=int, default=300, help="RegularizedVI training epochs")
+    demo.add_argument("--batch-size", type=int, default=512, help="cells per training step")
+    demo.add_argument("--lr", type=float, default=1e-2, help="learning rate; higher than fit's: small data, few steps")
+    demo.add_argument("--skip-ndreamer", action="store_true", help="run only RegularizedVI")
+    demo.add_argument("--write-normalized", action="store_true",
+                      help="also write the dense normalised-expression layer (float32, cells x genes x 4 bytes)")
+    demo.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
+    _common(demo, "replace earlier results in the output folder")
+
+
+def _add_fit(sub) -> None:
+    fit = sub.add_parser("fit", formatter_class=_HelpFormatter, help="fit RegularizedVI on an .h5ad file of raw counts",
+                         description="Fit RegularizedVI on raw counts and write the latent space, per-batch ambient "
+                                     "profiles, dispersion, scaling, library sizes, the model and figures.")
+    fit.add_argument("data", help="input .h5ad with raw counts in .X or --layer")
+    fit.add_argument("-o", "--output", required=True, help="output folder (created; checked before training)")
+    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default: .X)")
+    keys = fit.add_argument_group("covariates (obs columns); each technical effect can have its own key")
+    keys.add_argument("--batch-key", default=None,
+                      help="shortcut: ambient, dispersion and library-size keys all set to this column")
+    keys.add_argument("--ambient-keys", nargs="+", default=None, help="one ambient RNA profile per category")
+    keys.add_argument("--nn-conditioning-keys", nargs="+", default=None, help="columns the decoder is conditioned on")
+    keys.add_argument("--feature-scaling-keys", nargs="+", default=None, help="per-gene multiplicative factor per category")
+    keys.add_argument("--dispersion-key", default=None, help="gene dispersion per category")
+    keys.add_argument("--library-size-key", default=None, help="library-size prior per category")
+    keys.add_argument("--encoder-keys", nargs="+", default=None,
+                      help="columns the encoder sees (their effects can leak into the latent space)")
+    keys.add_argument("--continuous-keys", nargs="+", default=None, help="numeric columns used as continuous covariates")
+    keys.add_argument("--label-key", default=None, help="a column (e.g. cell type) to colour the latent figure by")
+    net = fit.add_argument_group("model and training")
+    net.add_argument("--n-latent", type=int, default=10, help="dimensions of the latent space z")
+    net.add_argument("--n-hidden", type=int, default=128, help="width of the encoder and decoder layers")
+    net.add_argument("--n-layers", type=int, default=1, help="hidden layers of the encoder and decoder")
+    net.add_argument("--max-epochs", type=int, default=None,
+                     help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
+    net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")
+    net.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam); raise to 1e-2 for small data")
+    fit.add_argument("--write-normalized", action="store_true",
+                     help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
+    fit.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
-    fit.add_argument("--quiet", action="store_true")
-    nd = sub.add_parser("ndreamer", help="NDreamer: batch-denoised expression and per-cell treatment effects")
-    nd.add_argument("data", help="input .h5ad (raw counts or log-normalised)")
-    nd.add_argument("-o", "--output", required=True, help="output folder")
-    nd.add_argument("--condition-key", required=True)
+    _common(fit, "replace earlier results in the output folder (and discard its checkpoint)")
+
+
+def _add_ndreamer(sub) -> None:
+    nd = sub.add_parser("ndreamer", formatter_class=_HelpFormatter,
+                        help="NDreamer: batch-denoised expression and per-cell treatment effects",
+                        description="Learn an effect-modifier space, match cells across conditions and batches, and "
+                                    "write denoised expression, batch effects and per-cell treatment effects (ITE).")
+    nd.add_argument("data", help="input .h5ad (raw counts or log-normalised values)")
+    nd.add_argument("-o", "--output", required=True, help="output folder (created; checked before training)")
+    nd.add_argument("--condition-key", required=True, help="obs column holding the condition")
     nd.add_argument("--control", required=True, help="name of the control condition")
-    nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns")
-    nd.add_argument("--layer", default=None)
-    nd.add_argument("--num-hvg", type=int, default=2000)
+    nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns (each its own effect)")
+    nd.add_argument("--layer", default=None, help="layer to read instead of .X")
+    nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
     nd.add_argument("--network", choices=["small", "default"], default="default",
                     help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
                          "much faster and suits a few thousand cells")
     nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
-    nd.add_argument("--batch-size", type=int, default=1024)
-    nd.add_argument("--nearest-neighbor", type=int, default=1)
-    nd.add_argument("--bandwidth", type=float, default=1.0)
-    nd.add_argument("--cate-groupby", default=None, help="obs column: write cate_<condition>.csv per group")
-    nd.add_argument("--device", default="auto")
-    nd.add_argument("--seed", type=int, default=0)
-    nd.add_argument("--overwrite", action="store_true")
+    nd.add_argument("--batch-size", type=int, default=1024, help="cells per training step")
+    nd.add_argument("--nearest-neighbor", type=int, default=1, help="matched cells per group: 1 is causal matching")
+    nd.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth for --nearest-neighbor > 1")
+    nd.add_argument("--cate-groupby", default=None,
+                    help="obs column (e.g. cell type): write cate_<condition>.csv and an ITE heatmap per group")
     nd.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
-    nd.add_argument("--quiet", action="store_true")
+    _common(nd, "replace earlier results in the output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-scmodels`` argument parser (commands ``demo``, ``fit`` and ``ndreamer``)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="pyro-scmodels", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_fit(sub)
+    _add_ndreamer(sub)
     return parser
 
 
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
         handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    package_logger.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     commands = {"demo": run_demo, "fit": run_fit, "ndreamer": run_ndreamer}
     folder = None
     try:

@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from pyro_scmodels.cli import LATENT_KEY, NORMALIZED_LAYER, main
 
 N_CELLS, N_GENES, N_LATENT = 300, 60, 10
 BATCHES = ["batch_0", "batch_1", "batch_2"]
-DEMO_ARGS = ["--n-cells", str(N_CELLS), "--n-genes", str(N_GENES), "--epochs", "3", "--batch-size", "128", "--quiet"]
+DEMO_ARGS = ["--n-cells", str(N_CELLS), "--n-genes", str(N_GENES), "--epochs", "3", "--batch-size", "128", "--quiet",
+             "--write-normalized"]
 FIT_ARGS = ["--batch-key", "batch", "--layer", "counts", "--batch-size", "128", "--quiet"]
 
 
@@ -78,18 +80,22 @@ def test_demo_exits_zero_and_prints_recovery_report(demo_run):
     out = _succeeded(demo_run)
     stdout = demo_run[2]
     assert f"Simulating {N_CELLS} cells x {N_GENES} genes" in stdout
-    assert "Recovered vs ground truth" in stdout
-    lines = [line.strip() for line in stdout.splitlines()]
-    ambient = next(line for line in stdout.splitlines() if "ambient profile vs truth" in line)
-    # one Pearson correlation per batch, each a number in [-1, 1]
-    values = [float(v) for v in ambient.split(")")[-1].split(",")]
-    assert len(values) == len(BATCHES)
-    assert all(-1.0 <= v <= 1.0 for v in values)
-    for name in ("dispersion vs truth, Spearman", "cell-type ARI of k-means on the latent",
-                 "batch mixing (kNN batch entropy, 1 = mixed), latent",
-                 "batch mixing, PCA of log-normalised counts (baseline)", "final train loss", "training seconds"):
-        assert any(line.startswith(name) for line in lines), f"{name!r} missing from the report:\n{stdout}"
-    assert os.path.join(out, "results.h5ad") in stdout
+    assert "RegularizedVI: recovered vs ground truth" in stdout
+    lines = stdout.splitlines()
+    # every figure stands beside its truth or baseline, with a verdict and a sentence of meaning
+    for name, reference in (("ambient profile vs truth", "1 = exact"), ("dispersion vs truth", "1 = same gene order"),
+                            ("cell-type ARI, latent", "PCA baseline"), ("batch mixing, latent", "PCA baseline"),
+                            ("ITE vs truth", "1 = exact"), ("mean |ITE|, responding types", "truth"),
+                            ("mean |ITE|, other types", "truth 0")):
+        at = next((i for i, line in enumerate(lines) if name in line), None)
+        assert at is not None, f"{name!r} missing from the report:\n{stdout}"
+        assert reference in lines[at] and any(f"[{v:>6}]" in lines[at] for v in ("good", "weak", "failed"))
+        assert len(lines[at + 1].strip()) > 20, "a sentence of meaning follows each figure"
+    value = float(re.search(r"\)\s+(-?\d+\.\d+)\s+\(", next(line for line in lines if "ambient profile vs" in line)).group(1))
+    assert -1.0 <= value <= 1.0
+    # the demo ends with the paths written and the next command to try
+    assert os.path.join(out, "results.h5ad") in stdout and os.path.join(out, "latent.png") in stdout
+    assert "pyro-scmodels fit" in stdout.split("Wrote:")[-1]
 
 
 def test_demo_writes_results_h5ad(demo_run):
@@ -132,7 +138,7 @@ def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
 
     code, stdout, stderr = _run(["demo", "-o", out, "--overwrite", *DEMO_ARGS])
     assert code == 0, stderr
-    assert "Recovered vs ground truth" in stdout
+    assert "recovered vs ground truth" in stdout
     assert anndata.read_h5ad(os.path.join(out, "results.h5ad")).obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
 
 
@@ -158,7 +164,7 @@ def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
     adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
     assert np.isfinite(adata.obsm[LATENT_KEY]).all()
-    assert np.asarray(adata.layers[NORMALIZED_LAYER]).shape == (N_CELLS, N_GENES)
+    assert NORMALIZED_LAYER not in adata.layers  # dense: written only with --write-normalized
     # --batch-key is the shortcut for ambient, dispersion and library-size keys
     assert list(adata.varm["regularizedvi_ambient"].columns) == BATCHES
     # the input layer and obs survive
@@ -174,6 +180,21 @@ def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
     assert os.listdir(os.path.join(out, "checkpoint"))
     model = ps.RegularizedVI.load(os.path.join(out, "model"), adata)
     assert len(model.history) == 3
+    for figure in ("latent.png", "training_curve.png"):
+        with open(os.path.join(out, figure), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", f"{figure} is not a PNG"
+        assert figure in stdout
+
+
+def test_help_shows_defaults_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1024)" in text and "--write-normalized" in text and "``" not in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"pyro-scmodels {ps.__version__}"
 
 
 def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_h5ad, capsys):
@@ -185,11 +206,11 @@ def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_
     assert len(_history(out)) == 3
 
 
-def test_fit_skip_normalized_leaves_layer_out(input_h5ad, tmp_path):
+def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
     out = str(tmp_path / "out")
-    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--skip-normalized", *FIT_ARGS]) == 0
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--write-normalized", *FIT_ARGS]) == 0
     adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
-    assert NORMALIZED_LAYER not in adata.layers
+    assert adata.layers[NORMALIZED_LAYER].dtype == np.float32
     assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
     assert len(_history(out)) == 1
 
@@ -211,7 +232,9 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     assert "--resume" in capsys.readouterr().err
     caplog.clear()
 
-    assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "4", *FIT_ARGS]) == 0
+    # without --quiet: the resume is reported at INFO level
+    loud = [a for a in FIT_ARGS if a != "--quiet"]
+    assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "4", *loud]) == 0
     assert "Resumed from" in caplog.text and "at epoch 2" in caplog.text
     resumed = _history(out)
     assert len(resumed) == 4
@@ -222,7 +245,7 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
 
     # --overwrite discards the checkpoint: 2 epochs give 2 rows (a resume would keep all 4)
     caplog.clear()
-    assert main(["fit", input_h5ad, "-o", out, "--overwrite", "--max-epochs", "2", *FIT_ARGS]) == 0
+    assert main(["fit", input_h5ad, "-o", out, "--overwrite", "--max-epochs", "2", *loud]) == 0
     assert "Resumed from" not in caplog.text
     fresh = _history(out)
     assert len(fresh) == 2
@@ -276,7 +299,7 @@ def test_python_m_help_lists_commands():
 def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path, capsys):
     out = str(tmp_path / "nd")
     code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
-                 "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type",
+                 "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
                  "--device", "cpu", "-o", out, "--quiet"])
     assert code == 0
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
@@ -286,6 +309,8 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
         assert layer in results.layers
     assert "X_effect_modifier_space" in results.obsm
     assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
+    with open(os.path.join(out, "ite_heatmap_stimulated.png"), "rb") as handle:
+        assert handle.read(4) == b"\x89PNG"
     assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "ctrl", "-o",
                  str(tmp_path / "bad"), "--quiet"]) == 2
     assert "control_name 'ctrl' is not a condition" in capsys.readouterr().err
