@@ -295,3 +295,28 @@ def test_load_device_auto_chooses_cuda_when_available(model, tmp_path, monkeypat
     monkeypatch.setattr(PyroModelBase, "_move_to", move)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ps.RegularizedVI.load(folder, adata=model.adata.copy()).device == torch.device("cpu")
+
+
+# --- the multimodal model ----------------------------------------------------------------------
+def test_multimodal_model_answers_the_same_calls(tmp_path):
+    mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=80, n_peaks=120, seed=2)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="batch")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, **FIT)
+    assert list(model.history["elbo_train"].index) == [0, 1] and "RegularizedMultimodalVI(" in repr(model)
+    errors = model.get_reconstruction_error(return_mean=False)
+    assert set(errors) == {"reconstruction_loss", "reconstruction_loss_rna", "reconstruction_loss_atac"}
+    np.testing.assert_allclose(errors["reconstruction_loss"], errors["reconstruction_loss_rna"] + errors["reconstruction_loss_atac"],
+                               rtol=1e-5)
+    assert np.isfinite(model.get_elbo(return_mean=False)).all()
+    np.testing.assert_allclose(model.get_marginal_ll(n_mc_samples=1, seed=1), model.get_elbo(seed=1), rtol=1e-6)
+    mean, variance = model.get_latent_representation(return_dist=True)
+    assert mean.shape == variance.shape == (150, 6)
+    peaks = list(mdata.mod["atac"].var_names[:4])
+    draws = model.get_normalized_expression("atac", gene_list=peaks, n_samples=2, return_mean=False, library_size=1)
+    assert draws.shape == (2, 150, 4)
+    folder = str(tmp_path / "multimodal")
+    model.save(folder, save_anndata=True)
+    assert os.path.isfile(os.path.join(folder, "mdata.h5mu"))
+    loaded = ps.RegularizedMultimodalVI.load(folder)
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
