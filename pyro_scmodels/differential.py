@@ -3,29 +3,35 @@
 The "change" test of scvi-tools, on a model's background-free expression rho: draw pairs of
 (cell, posterior sample) from the two groups, form log2 fold changes, and per gene report the
 posterior probability that |LFC| exceeds ``delta``; genes are selected by posterior expected
-false discovery rate.
+false discovery rate. Comparisons, column names and the one-vs-rest default follow scvi-tools'
+``differential_expression``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import _validation as V
+from .data import counts_matrix
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
+NORMALISED_TOTAL = 1e4  # raw_normalized_mean*: counts per 10,000, as scvi-tools reports them
 
 
-def change_test(log2_expression_1: np.ndarray, log2_expression_2: np.ndarray, genes, delta: float = 0.25,
-                fdr_target: float = 0.05, n_pairs: int = 5000, rng: np.random.Generator | None = None) -> pd.DataFrame:
+def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25, fdr_target: float = 0.05,
+                n_pairs: int = 5000, rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
     """Per-gene posterior of the log2 fold change between two groups.
 
     Parameters
     ----------
     log2_expression_1, log2_expression_2
         Posterior samples of log2 expression (draws x genes) for cells of each group; a row is
-        one posterior sample of one cell.
+        one posterior sample of one cell. Lists of such arrays (one per stratum, e.g. per batch
+        the cells were decoded as) pair rows within the same stratum only.
     genes
         Gene names (columns).
     delta
@@ -33,36 +39,46 @@ def change_test(log2_expression_1: np.ndarray, log2_expression_2: np.ndarray, ge
     fdr_target
         Target of the posterior expected false discovery rate.
     n_pairs
-        Random pairs of rows (one from each group) whose differences form the LFC posterior.
+        Random pairs of rows (one from each group) whose differences form the LFC posterior,
+        shared evenly among strata.
     rng
         Random generator for the pairs.
+    pseudocount
+        The pseudocount added before the log, removed again from ``scale1``/``scale2``.
 
     Returns
     -------
     pandas.DataFrame
-        Indexed by gene, sorted by ``proba_de``: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
-        ``lfc_q05``, ``lfc_q95``, ``proba_de`` (P(|LFC| > delta)), ``proba_not_de``,
-        ``bayes_factor`` (log odds of ``proba_de``), ``scale1``, ``scale2`` (mean expression),
-        ``is_de_fdr_<target>``.
+        Indexed by gene, sorted by ``proba_de``: ``proba_de`` (P(|LFC| > delta)),
+        ``proba_not_de``, ``bayes_factor`` (log odds of ``proba_de``), ``scale1``, ``scale2``
+        (mean expression), ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
+        ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
     """
     rng = rng or np.random.default_rng(0)
-    first = rng.integers(len(log2_expression_1), size=n_pairs)
-    second = rng.integers(len(log2_expression_2), size=n_pairs)
-    lfc = log2_expression_1[first] - log2_expression_2[second]
+    first_strata = log2_expression_1 if isinstance(log2_expression_1, list) else [log2_expression_1]
+    second_strata = log2_expression_2 if isinstance(log2_expression_2, list) else [log2_expression_2]
+    per_stratum = max(1, n_pairs // len(first_strata))
+    lfc = np.concatenate([
+        a[rng.integers(len(a), size=per_stratum)] - b[rng.integers(len(b), size=per_stratum)]
+        for a, b in zip(first_strata, second_strata)
+    ])
     proba = (np.abs(lfc) > delta).mean(0)
     clipped = np.clip(proba, 1e-6, 1 - 1e-6)
+    scale = [np.concatenate([np.exp2(a) for a in strata]).mean(0) - pseudocount for strata in (first_strata, second_strata)]
     table = pd.DataFrame(
         {
-            "lfc_mean": lfc.mean(0),
-            "lfc_median": np.median(lfc, 0),
-            "lfc_std": lfc.std(0),
-            "lfc_q05": np.quantile(lfc, 0.05, axis=0),
-            "lfc_q95": np.quantile(lfc, 0.95, axis=0),
             "proba_de": proba,
             "proba_not_de": 1.0 - proba,
             "bayes_factor": np.log(clipped) - np.log1p(-clipped),
-            "scale1": np.exp2(log2_expression_1).mean(0),
-            "scale2": np.exp2(log2_expression_2).mean(0),
+            "scale1": scale[0],
+            "scale2": scale[1],
+            "lfc_mean": lfc.mean(0),
+            "lfc_median": np.median(lfc, 0),
+            "lfc_std": lfc.std(0),
+            "lfc_min": lfc.min(0),
+            "lfc_max": lfc.max(0),
+            "lfc_q05": np.quantile(lfc, 0.05, axis=0),
+            "lfc_q95": np.quantile(lfc, 0.95, axis=0),
         },
         index=pd.Index(genes, name="gene"),
     ).sort_values("proba_de", ascending=False)
@@ -83,31 +99,168 @@ def expected_fdr_selection(proba_de_sorted: np.ndarray, fdr_target: float) -> np
     return selected
 
 
-def differential_expression(model, groupby: str, group1: str, group2: str | None = None, delta: float = 0.25,
+# --- which cells are compared ----------------------------------------------------------------
+def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
+    """Positions of the cells chosen by a boolean mask, integer positions or an ``obs.query`` string."""
+    if isinstance(selection, str):
+        return np.flatnonzero(obs.index.isin(obs.query(selection).index))
+    selection = np.asarray(selection).ravel()
+    if selection.dtype == bool:
+        if selection.shape != (len(obs),):
+            raise ValueError(f"{name} is a boolean mask of {selection.size} entries; it needs one per cell ({len(obs)}).")
+        return np.flatnonzero(selection)
+    if selection.size and not np.issubdtype(selection.dtype, np.integer):
+        raise V.ArgumentTypeError(f"{name} must be a boolean mask, integer cell positions or a query string, got {selection.dtype}.")
+    if selection.size and (selection.min() < 0 or selection.max() >= len(obs)):
+        raise IndexError(f"{name} must lie in [0, {len(obs)}); got range [{selection.min()}, {selection.max()}].")
+    return np.unique(selection)
+
+
+def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=None, idx2=None):
+    """The comparisons asked for, scvi-tools style, as ``(group1, group2, cells1, cells2)`` tuples.
+
+    ``idx1`` (with optional ``idx2``) compares two cell sets, named ``"idx1"`` and ``"idx2"``
+    (``"Rest"`` without ``idx2``). Otherwise ``groupby`` is required: ``group1`` None means
+    every group in turn, a list means those groups; each against ``group2`` or, when None,
+    against all other cells (``"Rest"``).
+    """
+    if idx1 is not None:
+        if groupby is not None or group1 is not None:
+            raise ValueError("Pass either groupby/group1/group2 or idx1/idx2, not both.")
+        cells1 = _cells("idx1", idx1, obs)
+        cells2 = np.setdiff1d(np.arange(len(obs)), cells1) if idx2 is None else _cells("idx2", idx2, obs)
+        if len(cells1) == 0 or len(cells2) == 0:
+            raise ValueError(f"{'idx1' if len(cells1) == 0 else 'idx2 (or the rest)'} selects no cells.")
+        return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
+    if idx2 is not None:
+        raise ValueError("idx2 needs idx1.")
+    if groupby is None:
+        raise ValueError("Pass groupby (an .obs column, for one-vs-rest over its groups) or idx1 (cells to compare).")
+    V.present(groupby, obs.columns, "adata.obs", "column")
+    if obs[groupby].isna().any():
+        raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
+    labels = obs[groupby].astype(str).to_numpy()
+    known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
+    chosen = known if group1 is None else ([group1] if isinstance(group1, str) else list(group1))
+    for group in [*chosen, *([] if group2 is None else [group2])]:
+        if str(group) not in known:
+            raise ValueError(f"Group {group!r} not found in adata.obs[{groupby!r}] (groups: {known[:20]}).")
+    if group2 is not None and [str(g) for g in chosen] == [str(group2)]:
+        raise ValueError(f"group1 and group2 are the same group ({group2!r}).")
+    if len(known) < 2:
+        raise ValueError(f"adata.obs[{groupby!r}] has a single group ({known}); there is nothing to compare it with.")
+    result = []
+    for group in (str(g) for g in chosen):
+        if group2 is not None and group == str(group2):
+            continue  # a group is not compared with itself when every group is taken in turn
+        cells2 = np.flatnonzero(labels != group if group2 is None else labels == str(group2))
+        result.append((group, "Rest" if group2 is None else str(group2), np.flatnonzero(labels == group), cells2))
+    return result
+
+
+# --- observed-count summaries ----------------------------------------------------------------
+def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray) -> dict[str, np.ndarray]:
+    """scvi-tools' observed-count columns for two sets of cells.
+
+    Parameters
+    ----------
+    matrix
+        A :class:`~pyro_scmodels.data.CountMatrix` of raw counts.
+    cells1, cells2
+        Positions of the cells of each group (disjoint).
+
+    Returns
+    -------
+    dict
+        ``raw_mean1/2`` (mean count), ``non_zeros_proportion1/2`` (fraction of cells with a
+        count) and ``raw_normalized_mean1/2`` (mean of counts per 10,000 per cell), per feature.
+    """
+    groups = np.full(matrix.n_cells, 2, dtype=np.int64)  # 2: neither group
+    groups[cells1], groups[cells2] = 0, 1
+    totals = matrix.totals()
+    per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
+    stats = {
+        "raw_mean": matrix.column_means(groups=groups, n_groups=3),
+        "non_zeros_proportion": matrix.column_means(groups=groups, n_groups=3, nonzero=True),
+        "raw_normalized_mean": matrix.column_means(weights=per_10k, groups=groups, n_groups=3),
+    }
+    return {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
+
+
+# --- the user-facing test ----------------------------------------------------------------------
+def _correction_strata(model, batch_correction) -> list[dict | None]:
+    """Decoder covariates to decode every cell with (one stratum each), or ``[None]`` without correction."""
+    if batch_correction is False or batch_correction is None:
+        return [None]
+    keys = list(model.keys.nn_conditioning)
+    if isinstance(batch_correction, str):
+        if batch_correction not in keys:
+            raise ValueError(f"batch_correction={batch_correction!r} is not a decoder-conditioning key of the model "
+                             f"(nn_conditioning_covariate_keys={keys}).")
+        key = batch_correction
+    elif V.boolean("batch_correction", batch_correction) and len(keys) == 1:
+        key = keys[0]
+    elif not keys:
+        warnings.warn("batch_correction=True changes nothing here: the decoder is not conditioned on covariates, and rho "
+                      "already leaves out the ambient, scaling, dispersion and library terms.", stacklevel=3)
+        return [None]
+    else:
+        raise ValueError(f"The decoder is conditioned on several keys {keys}; name the one to correct for, "
+                         "e.g. batch_correction='batch'.")
+    return [{key: category} for category in model.encoding.categories[key]]
+
+
+def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount) -> list[np.ndarray]:
+    """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum."""
+    draws = []
+    for stratum in strata:
+        # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
+        batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
+        rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
+        draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
+    return draws
+
+
+def differential_expression(model, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
+                            idx2=None, mode: str = "change", delta: float = 0.25, batch_correction: bool | str = False,
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
-                            modality: str | None = None) -> pd.DataFrame:
-    """Bayesian differential expression of group1 vs group2 (scvi-tools' "change" mode).
+                            modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
+    """Bayesian differential expression (scvi-tools' ``mode="change"``) between groups of cells.
 
     Uses seeded posterior samples of the background- and scaling-free expression rho
-    (``model.decode_samples``).
+    (``model.decode_samples``). ``scale1``/``scale2`` are mean rho (counts at a typical library
+    size), where scvi-tools reports proportions.
 
     Parameters
     ----------
     model
         A fitted ``RegularizedVI`` or ``RegularizedMultimodalVI``.
     groupby
-        Column of ``adata.obs`` with the groups.
-    group1, group2
-        The groups compared; ``group2=None`` compares ``group1`` with all other cells.
+        Column of ``adata.obs`` with the groups. Alone: every group against the rest.
+    group1
+        A group or a list of groups, each compared in turn; None: every group of ``groupby``.
+    group2
+        The group compared with; None: all other cells (``"Rest"``).
+    idx1, idx2
+        Instead of ``groupby``: cells as a boolean mask, integer positions or an ``adata.obs``
+        query string; without ``idx2``, ``idx1`` is compared with all other cells.
+    mode
+        ``"change"`` only (scvi-tools' default is ``"vanilla"``, which is not offered here).
     delta
         Smallest log2 fold change that counts as a change.
+    batch_correction
+        True: decode every cell as each category of the decoder-conditioning key in turn and pair
+        cells only within a category (scvi-tools' batch correction; the ambient, scaling,
+        dispersion and library terms never enter rho). A key name picks the key when the decoder
+        is conditioned on several.
     fdr_target
         Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``).
     num_samples
         Posterior samples per cell.
     n_cells
-        At most this many cells per group (a random subset).
+        At most this many cells per group (a random subset) for the posterior samples; the
+        ``raw_*`` columns use every cell.
     n_pairs
         Random (cell, sample) pairs behind each gene's LFC posterior.
     pseudocount
@@ -116,37 +269,44 @@ def differential_expression(model, groupby: str, group1: str, group2: str | None
         Cells (default the training data), minibatch size, seed of subsets and samples.
     modality
         Multimodal models: the modality tested (default the first).
+    all_stats
+        Add the observed-count columns (``raw_mean1``, ``non_zeros_proportion1``, ...).
 
     Returns
     -------
     pandas.DataFrame
-        One row per feature, sorted by ``proba_de`` (see :func:`change_test`).
+        One row per feature and comparison, indexed by feature, each comparison sorted by
+        ``proba_de``: the columns of :func:`change_test`, ``delta``, ``pseudocounts``, those of
+        :func:`raw_count_properties` (with ``all_stats``), ``comparison`` (e.g. ``"B vs Rest"``),
+        ``group1`` and ``group2``.
     """
-    adata = model.adata if adata is None else adata
+    V.choice("mode", mode, ("change",))
     for name, value in (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)):
         V.positive_int(name, value)
     if not delta >= 0 or not 0 < fdr_target < 1 or not pseudocount > 0:
         raise ValueError(f"Need delta >= 0, 0 < fdr_target < 1 and pseudocount > 0; got {delta}, {fdr_target}, {pseudocount}.")
-    if group1 == group2:
-        raise ValueError(f"group1 and group2 are the same group ({group1!r}).")
-    if groupby not in adata.obs:
-        raise KeyError(f"Column {groupby!r} not found in adata.obs.")
-    if adata.obs[groupby].isna().any():
-        raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
+    adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
-    labels = adata.obs[groupby].astype(str).to_numpy()
-    known = sorted(set(labels))
-    for group in (group1, group2):
-        if group is not None and group not in known:
-            raise ValueError(f"Group {group!r} not found in adata.obs[{groupby!r}] (groups: {known[:20]}).")
+    strata = _correction_strata(model, batch_correction)
+    tests = comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
+    matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats else None
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(labels == group1), np.flatnonzero(labels != group1 if group2 is None else labels == group2)]
-    if min(len(m) for m in members) == 0:
-        raise ValueError(f"One of the groups compared in adata.obs[{groupby!r}] has no cells.")
-    samples = []
-    for offset, cells in enumerate(members):
-        cells = np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False))
-        draws = model.decode_samples(adata, cells, batch_size, num_samples, seed + offset, modality=modality)
-        rho = torch.cat([rho.cpu() for _, _, rho in draws], dim=1).numpy()  # samples x cells x features
-        samples.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
-    return change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng)
+    tables = []
+    for i, (name1, name2, cells1, cells2) in enumerate(tests):
+        samples = [
+            _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
+                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount)
+            for offset, cells in enumerate((cells1, cells2))
+        ]
+        table = change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng,
+                            pseudocount)
+        table.insert(5, "pseudocounts", pseudocount)
+        table.insert(6, "delta", delta)
+        if matrix is not None:
+            for column, values in raw_count_properties(matrix, cells1, cells2).items():
+                table[column] = pd.Series(values, index=model.feature_names(modality))
+        fdr_column = table.pop(f"is_de_fdr_{fdr_target}")
+        table[f"is_de_fdr_{fdr_target}"] = fdr_column
+        table["comparison"], table["group1"], table["group2"] = f"{name1} vs {name2}", name1, name2
+        tables.append(table)
+    return pd.concat(tables)

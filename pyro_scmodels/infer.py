@@ -62,13 +62,15 @@ def default_max_epochs(n_cells: int) -> int:
 class TrainingPlan(LoopPlan):
     """Settings of one call to :meth:`SVITrainer.fit`: the loop's settings plus minibatch size and KL warm-up.
 
-    Early stopping is on by default (the validation loss is monitored).
+    Early stopping is on by default (the validation loss is monitored). The validation loss is
+    computed every ``validate_every`` epochs (scvi-tools' ``check_val_every_n_epoch``).
     """
 
     early_stopping: bool = True
     batch_size: int = C.BATCH_SIZE
     kl_warmup_epochs: int | None = C.KL_WARMUP_EPOCHS
     kl_warmup_steps: int | None = None
+    validate_every: int = 1
 
     def kl_weight(self, epoch: int, step: int) -> float:
         """Weight of the KL terms at this epoch and step (linear warm-up, then 1)."""
@@ -157,9 +159,12 @@ class SVITrainer(TrainingLoop):
         return len(indices)
 
     def end_epoch(self, plan: TrainingPlan, train_loss: float, parts: dict) -> dict:
-        """Training and validation loss and the epoch's last KL weight."""
-        validation_loss = self.evaluate(self.validation_indices, plan.batch_size)
-        return {"train_loss": train_loss, "validation_loss": validation_loss, "kl_weight": self._kl_weight}
+        """Training and validation loss and the epoch's last KL weight (validation every ``plan.validate_every`` epochs)."""
+        # without validation cells the training loss is monitored, every epoch
+        validated = len(self.validation_indices) == 0 or (self.epoch + 1) % plan.validate_every == 0
+        validation_loss = self.evaluate(self.validation_indices, plan.batch_size) if validated else float("nan")
+        return {"train_loss": train_loss, "validation_loss": validation_loss, "kl_weight": self._kl_weight,
+                "validated": validated}
 
     def extra_state(self) -> dict:
         """The train / validation split."""
@@ -204,5 +209,5 @@ class SVITrainer(TrainingLoop):
         return total / n_obs
 
     def fit(self, plan: TrainingPlan, seed: int = 0):
-        """Train until ``plan.max_epochs`` (counted over all calls) or early stopping; returns :attr:`history`."""
+        """Train until epoch ``plan.max_epochs`` (the loop's epoch count) or early stopping; returns :attr:`history`."""
         return super().fit(plan, seed)

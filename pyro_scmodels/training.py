@@ -117,7 +117,11 @@ class TrainingLoop:
         """Called after every optimiser step (default: nothing)."""
 
     def end_epoch(self, plan, train_loss: float, parts: dict[str, float]) -> dict:
-        """The epoch's history row (keys: :attr:`history` columns); ``validation_loss`` is monitored if present."""
+        """The epoch's history row (keys: :attr:`history` columns).
+
+        ``validation_loss`` is monitored for early stopping if present; a row with
+        ``"validated": False`` (validation skipped this epoch) is not monitored.
+        """
         return {"train_loss": train_loss, **parts}
 
     def prepare(self) -> None:
@@ -241,7 +245,9 @@ class TrainingLoop:
                 bar.set_postfix(**shown)
                 if plan.checkpoint_path and self.epoch % plan.checkpoint_every == 0:
                     self.save_checkpoint(plan.checkpoint_path)
-                if plan.early_stopping and self._should_stop(validation_loss, train_loss, plan):
+                # an epoch whose validation was skipped (check_val_every_n_epoch) neither improves nor counts
+                monitored = record.get("validated", True)
+                if plan.early_stopping and monitored and self._should_stop(validation_loss, train_loss, plan):
                     logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
                     break
         except KeyboardInterrupt:
@@ -259,6 +265,11 @@ class TrainingLoop:
         if plan.checkpoint_path:
             self.save_checkpoint(plan.checkpoint_path)
         return self.history
+
+    def reset_early_stopping(self) -> None:
+        """Forget the best loss so far: a new call to ``fit`` watches its own epochs (a checkpoint restores it)."""
+        self._best = math.inf
+        self._epochs_without_improvement = 0
 
     def _should_stop(self, validation_loss: float, train_loss: float, plan) -> bool:
         monitored = train_loss if math.isnan(validation_loss) else validation_loss

@@ -169,13 +169,11 @@ def test_bad_continuous_covariate_rejected_before_training(adata, values, messag
     "argument, value",
     [
         ("ambient_covariate_keys", ["batch"]),
-        ("nn_conditioning_covariate_keys", ["cell_type"]),
-        ("feature_scaling_covariate_keys", ["batch"]),
         ("dispersion_key", "batch"),
         ("library_size_key", "batch"),
     ],
 )
-def test_batch_key_with_purpose_specific_key_is_ambiguous(adata, argument, value):
+def test_batch_key_clashes_with_the_keys_it_fills(adata, argument, value):
     with pytest.raises(ValueError, match=rf"`batch_key='batch'` cannot be combined with `{argument}`"):
         RegularizedVI.setup_anndata(adata, batch_key="batch", **{argument: value})
 

@@ -128,8 +128,9 @@ def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
 def test_second_train_call_continues(small):
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=2, **QUICK)
-    model.train(max_epochs=5, lr=5e-3, **QUICK)
-    assert len(model.history) == 5
+    # scvi-tools semantics: max_epochs counts the epochs of this call
+    model.train(max_epochs=3, lr=5e-3, **QUICK)
+    assert len(model.history) == 5 and list(model.history.index) == [0, 1, 2, 3, 4]
     assert model.trainer.optimizer.param_groups[0]["lr"] == 5e-3
 
 

@@ -158,10 +158,12 @@ class CountMatrix:
             return block.toarray().astype(np.float32, copy=False)
         return np.asarray(block, dtype=np.float32)
 
-    def column_means(self, weights: np.ndarray | None = None, groups: np.ndarray | None = None, n_groups: int = 1):
+    def column_means(self, weights: np.ndarray | None = None, groups: np.ndarray | None = None, n_groups: int = 1,
+                     nonzero: bool = False):
         """Per-group weighted column means: ``sum_n w_n x_n / count`` for each group.
 
-        Returns an array of shape ``(n_groups, n_features)``.
+        With ``nonzero``, ``x_n`` is replaced by the indicator ``x_n > 0`` (the fraction of cells
+        expressing each feature). Returns an array of shape ``(n_groups, n_features)``.
         """
         weights = np.ones(self.n_cells) if weights is None else np.asarray(weights, dtype=np.float64)
         groups = np.zeros(self.n_cells, dtype=np.int64) if groups is None else np.asarray(groups)
@@ -173,6 +175,12 @@ class CountMatrix:
             member = sp.csr_matrix(
                 (weights[start:stop], (g, np.arange(stop - start))), shape=(n_groups, stop - start)
             )
+            if nonzero:
+                block = block.copy() if sp.issparse(block) else np.asarray(block)
+                if sp.issparse(block):
+                    block.data = (block.data > 0).astype(np.float64)
+                else:
+                    block = (block > 0).astype(np.float64)
             product = member @ block
             sums += product.toarray() if sp.issparse(product) else np.asarray(product)
         return sums / np.maximum(counts, 1.0)[:, None]

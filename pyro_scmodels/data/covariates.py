@@ -16,15 +16,8 @@ import pandas as pd
 
 from .. import _validation as V
 
-# the purpose-specific arguments that `batch_key` would otherwise fill in
+# the purpose-specific arguments that `batch_key` fills in (and so clashes with)
 _BATCH_FANOUT = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
-_PURPOSE_SPECIFIC = (
-    "ambient_covariate_keys",
-    "nn_conditioning_covariate_keys",
-    "feature_scaling_covariate_keys",
-    "dispersion_key",
-    "library_size_key",
-)
 
 
 @dataclass
@@ -73,30 +66,32 @@ def resolve_covariate_keys(
     encoder_covariate_keys=None,
     continuous_covariate_keys=None,
 ) -> CovariateKeys:
-    """Apply the ``batch_key`` fan-out and reject ambiguous combinations.
+    """Apply the ``batch_key`` fan-out and the feature-scaling default; reject ambiguous combinations.
 
-    ``batch_key`` alone means ``ambient_covariate_keys=[batch_key]``,
-    ``dispersion_key=batch_key`` and ``library_size_key=batch_key``. Together with any
-    purpose-specific key it is ambiguous and raises ``ValueError``.
+    ``batch_key`` means ``ambient_covariate_keys=[batch_key]``, ``dispersion_key=batch_key`` and
+    ``library_size_key=batch_key``. It clashes only with those three (``ValueError`` naming the
+    clash) and combines with every other key. When ``nn_conditioning_covariate_keys`` are given
+    and ``feature_scaling_covariate_keys`` is None, the feature-scaling keys default to the
+    conditioning keys (as in the public regularizedvi); pass ``feature_scaling_covariate_keys=[]``
+    for a single shared scaling factor instead.
     """
-    given = {
-        "ambient_covariate_keys": ambient_covariate_keys,
-        "nn_conditioning_covariate_keys": nn_conditioning_covariate_keys,
-        "feature_scaling_covariate_keys": feature_scaling_covariate_keys,
-        "dispersion_key": dispersion_key,
-        "library_size_key": library_size_key,
-    }
     if batch_key is not None:
-        clashes = [name for name in _PURPOSE_SPECIFIC if given[name]]
+        given = {"ambient_covariate_keys": ambient_covariate_keys, "dispersion_key": dispersion_key,
+                 "library_size_key": library_size_key}
+        clashes = [name for name in _BATCH_FANOUT if given[name]]
         if clashes:
             raise ValueError(
                 f"`batch_key={batch_key!r}` cannot be combined with {', '.join(f'`{c}`' for c in clashes)}: "
-                f"`batch_key` is a shortcut for {', '.join(_BATCH_FANOUT)}. Either pass `batch_key` alone, "
-                "or drop it and name every technical effect with its own key."
+                f"`batch_key` is a shortcut that fills {', '.join(_BATCH_FANOUT)}. Either drop `batch_key` and name "
+                "each of those effects with its own key, or drop the clashing key(s). (Unlike scvi-tools' single "
+                "batch_key, each technical effect has its own purpose-specific key here.)"
             )
         if not isinstance(batch_key, str):
             raise TypeError(f"`batch_key` must be one .obs column name, got {batch_key!r}.")
         ambient_covariate_keys, dispersion_key, library_size_key = [batch_key], batch_key, batch_key
+    if nn_conditioning_covariate_keys is not None and feature_scaling_covariate_keys is None:
+        # the public regularizedvi's default: each decoder-conditioning category gets its own scaling
+        feature_scaling_covariate_keys = nn_conditioning_covariate_keys
     for name, value in (("dispersion_key", dispersion_key), ("library_size_key", library_size_key)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"`{name}` must be one .obs column name, got {value!r}.")

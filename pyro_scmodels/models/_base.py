@@ -17,13 +17,18 @@ from pyro import poutine
 from .. import _constants as C
 from .. import _validation as V
 from .._atomic import atomic_path
-from .._io import load_torch_file
+from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
+from .describe import ModelDescription
+from .evidence import EvidenceQueries
+from .history import TrainingHistory, as_history
+from .train_options import checked_settings, external_split, merge_plan_kwargs, training_device
 
 MODEL_FILE = "model.pt"
+DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by save(..., save_anndata=True)
 
 
 class ModelAndGuide(torch.nn.Module):
@@ -35,7 +40,7 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase(PosteriorQueries, PosteriorMixin):
+class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     def __init__(self):
@@ -49,12 +54,15 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
 
     # --- training ---------------------------------------------------------------------------
     @property
-    def history(self) -> pd.DataFrame:
-        """Training history: one row per epoch (``train_loss``, ``validation_loss``, ``kl_weight``)."""
+    def history(self) -> TrainingHistory:
+        """Training history: one row per epoch (``train_loss``, ``validation_loss``, ``kl_weight``).
+
+        A DataFrame that also answers scvi-tools' keys (``history["elbo_train"]``,
+        ``history["elbo_validation"]``); see :class:`~pyro_scmodels.models.history.TrainingHistory`.
+        """
         if self.trainer is None:
-            loaded = getattr(self, "_loaded_history", None)
-            return pd.DataFrame(columns=["train_loss", "validation_loss", "kl_weight"]) if loaded is None else loaded.astype(float)
-        return self.trainer.history.astype(float)
+            return as_history(getattr(self, "_loaded_history", None))
+        return as_history(self.trainer.history)
 
     def train(
         self,
@@ -76,14 +84,22 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 10,
         progress_bar: bool = True,
-    ) -> pd.DataFrame:
+        *,
+        accelerator: str | None = None,
+        devices: int | str | list | None = None,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        check_val_every_n_epoch: int = 1,
+    ) -> TrainingHistory:
         """Fit the model with stochastic variational inference.
 
         Parameters
         ----------
         max_epochs
-            Passes over the training cells; default ``min(400, round(20000 / n_cells * 400))``
-            as in scvi-tools. A second call continues training up to ``max_epochs`` in total.
+            Passes over the training cells in this call (as in scvi-tools: a second call trains
+            ``max_epochs`` more); default ``min(400, round(20000 / n_cells * 400))``. A call that
+            resumes an interrupted run from ``checkpoint_dir`` completes that run: it trains until
+            the run has ``max_epochs`` epochs in all.
         batch_size
             Cells per minibatch.
         lr, weight_decay, eps
@@ -92,7 +108,7 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             Fraction of cells used for training; the rest give the validation loss.
         early_stopping
             Stop when the validation loss has not improved by ``early_stopping_min_delta``
-            (default ``n_genes * 2e-4``) for ``early_stopping_patience`` epochs.
+            (default ``n_genes * 2e-4``) for ``early_stopping_patience`` validated epochs of this call.
         device
             ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed
@@ -109,44 +125,55 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             if a checkpoint is already there, training resumes from it.
         progress_bar
             Show a tqdm progress bar with the running loss.
+        accelerator, devices
+            scvi-tools' names for the device, instead of ``device``: ``accelerator`` is ``"auto"``,
+            ``"cpu"``, ``"gpu"`` or ``"cuda"``; ``devices`` is ``"auto"``, ``1`` or ``[gpu_index]``.
+            More than one device raises ``ValueError``: distributed training is tracked separately.
+        plan_kwargs
+            scvi-tools' training-plan settings, e.g. ``{"lr": 1e-3, "weight_decay": 1e-6,
+            "n_epochs_kl_warmup": 400}`` (also ``eps``, ``n_steps_kl_warmup``, ``gradient_clip``,
+            ``optimizer="Adam"``); an unknown key raises ``ValueError`` listing the known ones.
+        datasplitter_kwargs
+            ``{"external_indexing": [train, validation(, test)]}`` fixes the split by cell
+            positions (instead of ``train_size``); DataLoader options are refused (none is used).
+        check_val_every_n_epoch
+            Compute the validation loss every this many epochs (others record NaN).
 
         Returns
         -------
-        pandas.DataFrame
+        TrainingHistory
             The training history (also in :attr:`history`).
         """
         data = self._cell_data()
         # every setting is checked before anything is trained
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else V.positive_int("max_epochs", max_epochs)
+        settings = checked_settings(merge_plan_kwargs(plan_kwargs, dict(
+            lr=lr, weight_decay=weight_decay, eps=eps, kl_warmup_epochs=kl_warmup_epochs,
+            kl_warmup_steps=kl_warmup_steps, gradient_clip=gradient_clip)))
         batch_size = V.positive_int("batch_size", batch_size)
         checkpoint_every = V.positive_int("checkpoint_every", checkpoint_every)
+        validate_every = V.positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
         early_stopping_patience = V.positive_int("early_stopping_patience", early_stopping_patience)
-        lr, eps = V.positive_float("lr", lr), V.positive_float("eps", eps)
-        kl_warmup_epochs = V.optional(V.non_negative_int, "kl_warmup_epochs", kl_warmup_epochs)
-        kl_warmup_steps = V.optional(V.non_negative_int, "kl_warmup_steps", kl_warmup_steps)
-        gradient_clip = V.optional(V.positive_float, "gradient_clip", gradient_clip)
         early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
-        weight_decay = V.non_negative_float("weight_decay", weight_decay)
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
-        self.device = resolve_device(device)
+        split = external_split(datasplitter_kwargs, data.n_cells)
+        self.device = training_device(device, accelerator, devices)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
-        self._prepare_trainer(data, max_epochs, train_size, seed, lr, eps, weight_decay)
+        self._prepare_trainer(data, train_size, seed, settings, split)
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
+        # max_epochs counts this call's epochs; a run resumed from a checkpoint starts at 0 here and
+        # continues from the checkpoint's epoch inside fit, so it completes to max_epochs in all
+        self.trainer.reset_early_stopping()
         plan = TrainingPlan(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            kl_warmup_epochs=kl_warmup_epochs,
-            kl_warmup_steps=kl_warmup_steps,
-            early_stopping=early_stopping,
-            patience=early_stopping_patience,
-            min_delta=early_stopping_min_delta,
-            gradient_clip=gradient_clip,
+            max_epochs=self.trainer.epoch + max_epochs, batch_size=batch_size,
+            kl_warmup_epochs=settings["kl_warmup_epochs"], kl_warmup_steps=settings["kl_warmup_steps"],
+            early_stopping=early_stopping, patience=early_stopping_patience, min_delta=early_stopping_min_delta,
+            gradient_clip=settings["gradient_clip"], validate_every=validate_every,
             checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, "checkpoint.pt"),
-            checkpoint_every=checkpoint_every,
-            progress_bar=progress_bar,
+            checkpoint_every=checkpoint_every, progress_bar=progress_bar,
         )
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -155,26 +182,26 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         finally:
             # also after an interruption (Ctrl-C): the steps that ran are kept and count as training
             self.is_trained = self.is_trained or self.trainer.step > 0
-        return self.trainer.history.astype(float)
+        return self.history
 
-    def _prepare_trainer(self, data: CellData, max_epochs: int, train_size: float, seed: int, lr: float, eps: float,
-                         weight_decay: float) -> None:
+    def _prepare_trainer(self, data: CellData, train_size: float, seed: int, settings: dict,
+                         split: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Create the trainer (split and optimiser settings) on the first call; update it on later ones."""
+        adam = {key: settings[key] for key in ("lr", "eps", "weight_decay")}
         if self.trainer is None:
-            train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed))
-            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, lr, eps, weight_decay,
+            train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed)) if split is None else split
+            self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,
                                       fingerprint=self._fingerprint())
             return
         self.trainer.move_optimizer_state()
-        if max_epochs <= self.trainer.epoch:
-            warnings.warn(
-                f"The model has already been trained for {self.trainer.epoch} epochs; max_epochs={max_epochs} counts "
-                "all epochs, so nothing more is trained. Pass a larger max_epochs to continue.", stacklevel=3
-            )
         # a further call continues training: the split stays, the optimiser takes the new settings
-        if abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
+        if split is not None:
+            if not np.array_equal(split[0], np.sort(self.trainer.train_indices)):
+                warnings.warn("external_indexing differs from the first call's split; the original split is kept.",
+                              stacklevel=3)
+        elif abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
             warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=3)
-        self.trainer.set_optimizer_settings(lr=lr, eps=eps, weight_decay=weight_decay)
+        self.trainer.set_optimizer_settings(**adam)
 
     # --- inference in minibatches --------------------------------------------------------------
     def _check_trained(self) -> None:
@@ -240,7 +267,7 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
         raise NotImplementedError
 
-    def save(self, dir_path: str, overwrite: bool = False) -> None:
+    def save(self, dir_path: str, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save the model (parameters, settings, gene names, categories, history) to ``dir_path``.
 
         Parameters
@@ -249,8 +276,12 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             Folder to create; ``model.pt`` is written inside.
         overwrite
             Replace an existing saved model in ``dir_path``.
+        save_anndata
+            Also write the training data (``adata.h5ad``, or ``mdata.h5mu`` for a MuData), so that
+            :meth:`load` needs no data argument.
         """
         path = os.path.join(dir_path, MODEL_FILE)
+        save_anndata = V.boolean("save_anndata", save_anndata)
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         os.makedirs(dir_path, exist_ok=True)
@@ -258,8 +289,29 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
+        data_path = os.path.join(dir_path, self._data_file())
+        if save_anndata:
+            with atomic_path(data_path) as temporary:
+                self.adata.write(temporary)  # AnnData.write is write_h5ad; MuData.write is write_h5mu
+        elif os.path.exists(data_path):
+            os.remove(data_path)  # data saved with an earlier model must not be loaded with this one
         with atomic_path(path) as temporary:
             torch.save(payload, temporary)
+
+    def _data_file(self) -> str:
+        return DATA_FILES["mudata" if hasattr(self.adata, "mod") else "anndata"]
+
+    @staticmethod
+    def _saved_data(dir_path: str, kind: str):
+        """The data saved next to a model with ``save_anndata=True``; ``ValueError`` saying what to do if absent."""
+        path = os.path.join(dir_path, DATA_FILES[kind])
+        if not os.path.exists(path):
+            what = "mdata" if kind == "mudata" else "adata"
+            raise ValueError(
+                f"No {what} was passed and none was saved in {dir_path} ({DATA_FILES[kind]} is absent). Pass the data "
+                f"the model should work on ({what}=...), or save the model with save(..., save_anndata=True)."
+            )
+        return read_h5mu(path) if kind == "mudata" else read_h5ad(path)
 
     @staticmethod
     def _read_payload(dir_path: str) -> dict:

@@ -172,14 +172,17 @@ class RegularizedMultimodalVI(PyroModelBase):
         """Names of the features of ``modality`` (default the first modelled one)."""
         return self.var_names[self.default_modality(modality)]
 
-    def counts_source(self, modality: str | None = None) -> tuple:
-        """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``."""
+    def counts_source(self, modality: str | None = None, adata=None) -> tuple:
+        """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``.
+
+        ``adata``: another MuData with the model's layout (default the training data).
+        """
         modality = self.default_modality(modality)
-        return self.adata.mod[modality], self.layers.get(modality)
+        return (self.adata if adata is None else adata).mod[modality], self.layers.get(modality)
 
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
-                                  seed: int = 0) -> np.ndarray:
+                                  seed: int = 0, return_dist: bool = False):
         """Posterior mean (or one seeded sample) of the joint z, or of one modality's block / encoder.
 
         Parameters
@@ -193,16 +196,20 @@ class RegularizedMultimodalVI(PyroModelBase):
             Also write the result to ``mdata.obsm["X_regularizedmultimodalvi"]`` (or ``..._<modality>``).
         give_mean, seed
             Return the posterior mean; else one posterior sample, seeded by ``seed``.
+        return_dist
+            Return ``(mean, variance)`` of q(z | x) instead, as scvi-tools does (``store`` is ignored).
 
         Returns
         -------
-        numpy.ndarray
-            Cells x latent.
+        numpy.ndarray or tuple
+            Cells x latent; with ``return_dist``, a tuple of two such arrays.
         """
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
                 raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality latent.")
+        if return_dist:
+            return self.posterior_z_moments(adata, indices, batch_size, modality=modality)
         if give_mean:
             z = self.posterior_z(adata, indices, batch_size, modality=modality)
         else:
@@ -212,8 +219,9 @@ class RegularizedMultimodalVI(PyroModelBase):
         return z
 
     def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
-                                  return_numpy: bool = False, *, library_size: str | float | None = None,
-                                  n_samples: int = 1, seed: int = 0):
+                                  return_numpy: bool | None = None, *, transform_batch=None, gene_list=None,
+                                  library_size: str | float | None = None, n_samples: int = 1, return_mean: bool = True,
+                                  seed: int = 0):
         """Background- and scaling-free expression rho of one modality, decoded from the joint z.
 
         Parameters
@@ -222,18 +230,19 @@ class RegularizedMultimodalVI(PyroModelBase):
             The modality decoded.
         adata, indices, batch_size
             Cells (default the training MuData), minibatch size.
-        library_size, n_samples, return_numpy, seed
+        transform_batch, gene_list, library_size, n_samples, return_mean, return_numpy, seed
             As in :meth:`RegularizedVI.get_normalized_expression` (``"latent"`` uses the
-            modality's own library size).
+            modality's own library size; ``gene_list`` names features of ``modality``).
 
         Returns
         -------
         pandas.DataFrame or numpy.ndarray
-            Cells x features of ``modality``.
+            Cells x features of ``modality``; samples x cells x features when
+            ``return_mean=False`` and ``n_samples > 1``.
         """
         self._check_modality(modality)
-        return self.normalized_expression(adata, indices, batch_size, library_size, n_samples, return_numpy,
-                                          modality=modality, seed=seed)
+        return self.normalized_expression(adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size,
+                                          return_mean, return_numpy, modality=modality, seed=seed)
 
     def get_library_size(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
         """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell)."""
@@ -314,9 +323,15 @@ class RegularizedMultimodalVI(PyroModelBase):
         }
 
     @classmethod
-    def load(cls, dir_path: str, mdata, device: str = "cpu") -> "RegularizedMultimodalVI":
-        """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality)."""
+    def load(cls, dir_path: str, mdata=None, device: str = "auto") -> "RegularizedMultimodalVI":
+        """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality).
+
+        ``mdata`` None: the MuData saved with ``save(..., save_anndata=True)``. ``device``:
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        """
         payload = cls._read_payload(dir_path)
+        if mdata is None:
+            mdata = cls._saved_data(dir_path, "mudata")
         for m, names in payload["var_names"].items():
             if m not in mdata.mod:
                 raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")

@@ -15,6 +15,7 @@ import torch
 
 from .. import _validation as V
 from .. import differential, predictive
+from . import expression
 from ..differential import PSEUDOCOUNT
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
@@ -54,10 +55,13 @@ class PosteriorQueries:
         """Warn when the model has not been trained (results then reflect the initial parameters)."""
         self._check_trained()
 
-    def counts_source(self, modality: str | None = None) -> tuple:
-        """Where the model reads the counts of ``modality``: ``(AnnData, layer)``; layer None is ``.X``."""
+    def counts_source(self, modality: str | None = None, adata=None) -> tuple:
+        """Where the model reads the counts of ``modality``: ``(AnnData, layer)``; layer None is ``.X``.
+
+        ``adata``: other data with the model's layout (default the training data).
+        """
         self.default_modality(modality)
-        return self.adata, self.layer
+        return (self.adata if adata is None else adata), self.layer
 
     # --- the posterior queries every getter, DE, check and counterfactual is built on ----------
     def posterior_z_batches(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
@@ -115,6 +119,30 @@ class PosteriorQueries:
         parts = [z.cpu() for _, _, z in batches]
         return torch.cat(parts, dim=-2).numpy()
 
+    def posterior_z_moments(self, adata=None, indices=None, batch_size: int | None = None,
+                            modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of q(z | x) per cell (scvi-tools' ``return_dist=True``).
+
+        Parameters
+        ----------
+        adata, indices, batch_size, modality
+            As in :meth:`posterior_z_batches`.
+
+        Returns
+        -------
+        tuple
+            ``(mean, variance)``, each cells x latent.
+        """
+        self._check_trained()
+        guide = self.module.guide.eval()
+        means, variances = [], []
+        for _, (batch, _) in self._indexed_batches(adata, indices, batch_size):
+            with torch.no_grad():
+                q_z = guide.z_posterior(batch) if modality is None else guide.z_posterior(batch, modality=modality)
+            means.append(q_z.loc.cpu())
+            variances.append(q_z.scale.pow(2).cpu())
+        return torch.cat(means).numpy(), torch.cat(variances).numpy()
+
     def decode_samples(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
                        seed: int = 0, nn_covariates: dict | None = None, modality: str | None = None):
         """Expression rho decoded from the posterior of z, one minibatch at a time.
@@ -134,7 +162,7 @@ class PosteriorQueries:
         tuple
             ``(cell_positions, minibatch, rho)``; rho has z's leading shape and features last.
         """
-        switch = self._nn_switch(nn_covariates)
+        switch = self.nn_switch(nn_covariates)
         modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
         decode_options = {} if modality is None else {"modality": modality}
         model = self.module.model.eval()
@@ -144,8 +172,14 @@ class PosteriorQueries:
                 rho = model.decode(z, batch, nn_onehot, **decode_options)
             yield cells, batch, rho
 
-    def _nn_switch(self, nn_covariates: dict | None):
-        """A function setting the decoder one-hot of the given keys to the given categories (checked now)."""
+    def nn_switch(self, nn_covariates: dict | None):
+        """A function setting the decoder one-hot of the given keys to the given categories (checked now).
+
+        Parameters
+        ----------
+        nn_covariates
+            ``{key: category}`` for decoder-conditioning keys; None or empty: no switch (returns None).
+        """
         if not nn_covariates:
             return None
         keys = list(self.keys.nn_conditioning)
@@ -191,49 +225,19 @@ class PosteriorQueries:
                      self._indexed_batches(adata, indices, batch_size)]
         return torch.cat(parts).numpy()
 
-    def normalized_expression(self, adata=None, indices=None, batch_size: int | None = None,
-                              library_size: str | float | None = None, n_samples: int = 1, return_numpy: bool = False,
-                              modality: str | None = None, seed: int = 0, nn_covariates: dict | None = None):
+    def normalized_expression(self, adata=None, indices=None, transform_batch=None, gene_list=None,
+                              library_size: str | float | None = None, n_samples: int = 1, batch_size: int | None = None,
+                              return_mean: bool = True, return_numpy: bool | None = None, modality: str | None = None,
+                              seed: int = 0):
         """Background- and scaling-free expression rho per cell, as the getters return it.
 
-        Parameters
-        ----------
-        adata, indices, batch_size
-            Cells, as in :meth:`posterior_z_batches`.
-        library_size
-            None: rho (counts at a typical library size); ``"latent"``: times each cell's
-            inferred library size; a positive number: rescaled to sum to it per cell.
-        n_samples
-            Average rho over this many seeded posterior samples of z (1: decode the mean of z).
-        return_numpy
-            Return an array instead of a DataFrame (cells x features).
-        modality, seed, nn_covariates
-            As in :meth:`decode_samples`.
+        See :func:`pyro_scmodels.models.expression.normalized_expression`; the arguments are
+        those of :meth:`RegularizedVI.get_normalized_expression` plus ``modality``.
         """
-        if not (library_size is None or library_size == "latent" or (
-                isinstance(library_size, (int, float)) and not isinstance(library_size, bool) and library_size > 0)):
-            raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
-        n_samples = V.positive_int("n_samples", n_samples)
-        modality = self.default_modality(modality)
-        options = {} if modality is None else {"modality": modality}
-        guide = self.module.guide.eval()
-        parts = []
-        for _, batch, rho in self.decode_samples(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed,
-                                                 nn_covariates, modality):
-            rho = rho if n_samples == 1 else rho.mean(0)
-            if library_size == "latent":
-                with torch.no_grad():
-                    rho = rho * guide.library_loc(batch, **options).exp().unsqueeze(-1)
-            elif library_size is not None:
-                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
-            parts.append(rho.cpu())
-        rho = torch.cat(parts).numpy()
-        if return_numpy:
-            return rho
-        obs_names = (self.adata if adata is None else adata).obs_names
-        if indices is not None:
-            obs_names = obs_names[np.asarray(indices)]
-        return pd.DataFrame(rho, index=obs_names, columns=self.feature_names(modality))
+        return expression.normalized_expression(
+            self, adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size, return_mean,
+            return_numpy, modality, seed,
+        )
 
     def global_site_table(self, site: str, modality: str | None = None) -> pd.DataFrame:
         """A per-feature global site's posterior median as a features x categories table.
@@ -275,18 +279,22 @@ class PosteriorQueries:
         """The site's name without a modality suffix."""
         return site
 
-    def differential_expression(self, groupby: str, group1: str, group2: str | None = None, delta: float = 0.25,
+    def differential_expression(self, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
+                                idx2=None, mode: str = "change", delta: float = 0.25, batch_correction: bool | str = False,
                                 fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                                 pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
-                                modality: str | None = None) -> pd.DataFrame:
-        """Bayesian differential expression of group1 vs group2 (scvi-tools' "change" mode).
+                                modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
+        """Bayesian differential expression (scvi-tools' "change" mode), one-vs-rest by default.
 
-        See :func:`pyro_scmodels.differential.differential_expression` for the parameters;
+        ``model.differential_expression(groupby="cell_type")`` compares every group with the
+        rest; ``group1``/``group2`` or ``idx1``/``idx2`` narrow it. See
+        :func:`pyro_scmodels.differential.differential_expression` for every parameter;
         ``modality`` picks the modality of a multimodal model.
         """
         return differential.differential_expression(
-            self, groupby, group1, group2, delta=delta, fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells,
-            n_pairs=n_pairs, pseudocount=pseudocount, adata=adata, batch_size=batch_size, seed=seed, modality=modality,
+            self, groupby, group1, group2, idx1, idx2, mode=mode, delta=delta, batch_correction=batch_correction,
+            fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells, n_pairs=n_pairs, pseudocount=pseudocount,
+            adata=adata, batch_size=batch_size, seed=seed, modality=modality, all_stats=all_stats,
         )
 
     def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,

@@ -128,14 +128,19 @@ class RegularizedVI(PyroModelBase):
             Layer holding the raw counts; None for ``adata.X``.
         batch_key
             Shortcut: ``ambient_covariate_keys=[batch_key]``, ``dispersion_key=batch_key``,
-            ``library_size_key=batch_key``. Cannot be combined with those keys.
+            ``library_size_key=batch_key``. It clashes only with those three keys (``ValueError``
+            naming the clash) and combines with every other key, e.g. with
+            ``nn_conditioning_covariate_keys=["donor"]``. Unlike scvi-tools' one ``batch_key``,
+            each technical effect has its own purpose-specific key here.
         ambient_covariate_keys
             Columns whose categories each get an additive ambient profile.
         nn_conditioning_covariate_keys
             Columns injected (one-hot) into every decoder hidden layer.
         feature_scaling_covariate_keys
             Columns whose categories each get a multiplicative per-gene factor (multiplied
-            across keys); with none, a single factor for all cells.
+            across keys). Default (None): the ``nn_conditioning_covariate_keys`` when those are
+            given, as in the public regularizedvi; otherwise, and with ``[]``, a single factor
+            for all cells.
         dispersion_key
             Column whose categories each get their own dispersion theta and rate lambda.
         library_size_key
@@ -164,9 +169,9 @@ class RegularizedVI(PyroModelBase):
         return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
 
     # --- outputs ------------------------------------------------------------------------------
-    def get_latent_representation(self, adata=None, indices=None, batch_size: int | None = None, give_mean: bool = True,
-                                  seed: int = 0) -> np.ndarray:
-        """Posterior mean (or one seeded sample) of z per cell.
+    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None,
+                                  return_dist: bool = False, seed: int = 0):
+        """Posterior mean (or one seeded sample) of z per cell, or the mean and variance of q(z | x).
 
         Parameters
         ----------
@@ -174,18 +179,22 @@ class RegularizedVI(PyroModelBase):
             AnnData with the model's genes and known categories; default the training data.
         indices
             Cells to use (integer positions or a boolean mask); default all.
-        batch_size
-            Cells per minibatch.
         give_mean
             Return the posterior mean; else one posterior sample.
+        batch_size
+            Cells per minibatch.
+        return_dist
+            Return ``(mean, variance)`` of q(z | x), as scvi-tools does.
         seed
             Seeds the sample when ``give_mean=False``.
 
         Returns
         -------
-        numpy.ndarray
-            Cells x ``n_latent``.
+        numpy.ndarray or tuple
+            Cells x ``n_latent``; with ``return_dist``, a tuple of two such arrays.
         """
+        if return_dist:
+            return self.posterior_z_moments(adata, indices, batch_size)
         if give_mean:
             return self.posterior_z(adata, indices, batch_size)
         return self.posterior_z(adata, indices, batch_size, n_samples=1, seed=seed)[0]
@@ -206,8 +215,9 @@ class RegularizedVI(PyroModelBase):
         return self.library_sizes(adata, indices, batch_size)
 
     def get_normalized_expression(
-        self, adata=None, indices=None, batch_size: int | None = None, library_size: str | float | None = None,
-        n_samples: int = 1, return_numpy: bool = False, seed: int = 0,
+        self, adata=None, indices=None, transform_batch=None, gene_list=None, library_size: str | float | None = None,
+        n_samples: int = 1, batch_size: int | None = None, return_mean: bool = True, return_numpy: bool | None = None,
+        seed: int = 0,
     ):
         """Background-free, scaling-free expression rho = softplus(decoder(z)) per cell and gene.
 
@@ -215,11 +225,23 @@ class RegularizedVI(PyroModelBase):
         ----------
         adata, indices, batch_size
             As in :meth:`get_latent_representation`.
+        transform_batch
+            Decode every cell as if it had this category of the decoder-conditioning key
+            (``nn_conditioning_covariate_keys``); a list of categories averages over them; a dict
+            ``{key: category}`` when several keys condition the decoder. Only those keys enter
+            rho: the ambient, scaling, dispersion and library-size groups are left out of rho
+            anyway, so with an unconditioned decoder this changes nothing (and warns).
+        gene_list
+            Return only these genes (rescaling by ``library_size`` still uses every gene).
         library_size
-            None: rho itself (counts at a typical library size); ``"latent"``: rho times the
-            cell's inferred library size; a number: rho rescaled to sum to it per cell.
+            None (default): rho itself, counts at a typical library size. ``"latent"``: rho times
+            the cell's inferred library size. A number: rho rescaled to sum to it per cell.
+            scvi-tools' default is ``library_size=1`` (proportions summing to 1); pass it for that.
         n_samples
-            Average rho over this many posterior samples of z (1: decode the posterior mean).
+            Posterior samples of z to decode (1: decode the posterior mean, where scvi-tools
+            decodes one sample).
+        return_mean
+            Average over the samples; ``False`` with ``n_samples > 1`` returns every sample.
         return_numpy
             Return an array instead of a DataFrame.
         seed
@@ -228,9 +250,11 @@ class RegularizedVI(PyroModelBase):
         Returns
         -------
         pandas.DataFrame or numpy.ndarray
-            Cells x genes.
+            Cells x genes; ``n_samples`` x cells x genes (an array) when ``return_mean=False``
+            and ``n_samples > 1``, as in scvi-tools.
         """
-        return self.normalized_expression(adata, indices, batch_size, library_size, n_samples, return_numpy, seed=seed)
+        return self.normalized_expression(adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size,
+                                          return_mean, return_numpy, seed=seed)
 
     def get_ambient_profile(self) -> pd.DataFrame:
         """Ambient background s (posterior median), in counts at a typical library size.
@@ -274,13 +298,27 @@ class RegularizedVI(PyroModelBase):
         }
 
     @classmethod
-    def load(cls, dir_path: str, adata, device: str = "cpu") -> "RegularizedVI":
+    def load(cls, dir_path: str, adata=None, device: str = "auto") -> "RegularizedVI":
         """Load a model saved with :meth:`save`, bound to ``adata``.
 
-        ``adata`` must have the model's genes in the same order and only categories seen in
-        training; if it was not set up, the saved setup is applied.
+        Parameters
+        ----------
+        dir_path
+            The folder written by :meth:`save`.
+        adata
+            AnnData with the model's genes in the same order and only categories seen in
+            training; if it was not set up, the saved setup is applied. None: the AnnData saved
+            with ``save(..., save_anndata=True)``.
+        device
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+        Returns
+        -------
+        RegularizedVI
         """
         payload = cls._read_payload(dir_path)
+        if adata is None:
+            adata = cls._saved_data(dir_path, "anndata")
         check_var_names(payload["var_names"], adata)
         saved_setup = (payload["layer"], payload["keys"])
         if SETUP_UNS_KEY in adata.uns:

@@ -1,0 +1,63 @@
+"""What a model says about itself: ``view_anndata_setup()`` and its printed summary."""
+
+from __future__ import annotations
+
+import math
+
+from ..data.summary import describe_setup
+
+# settings shown in the summary, in this order, when the model has them
+_SHOWN_SETTINGS = ("n_latent", "n_hidden", "n_layers", "latent_mode", "dropout_rate", "init")
+_ROLE_NAMES = (("ambient", "ambient"), ("nn_conditioning", "decoder-conditioning"), ("feature_scaling", "feature scaling"),
+               ("dispersion", "dispersion"), ("library_size", "library size"), ("encoder", "encoder"),
+               ("continuous", "continuous"))
+
+
+class ModelDescription:
+    """``view_anndata_setup`` and ``__repr__`` for the user classes.
+
+    Needs of the model class: ``adata``, ``keys``, ``init_params``, ``is_trained``, ``device`` and
+    ``history``.
+    """
+
+    def view_anndata_setup(self, adata=None) -> None:
+        """Print the setup the model reads: cells, features, counts layer and every covariate's categories.
+
+        Parameters
+        ----------
+        adata
+            An AnnData/MuData set up for this model class; default the model's own data.
+        """
+        print(describe_setup(self.adata if adata is None else adata))
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        settings = ", ".join(f"{k}={self.init_params[k]!r}" for k in _SHOWN_SETTINGS if k in self.init_params)
+        data = self.adata
+        size = f"{data.n_obs} cells x " + (
+            " + ".join(f"{data.mod[m].n_vars} {m}" for m in self.modalities) if hasattr(data, "mod") else f"{data.n_vars} genes")
+        roles = []
+        for field, label in _ROLE_NAMES:
+            keys = getattr(self.keys, field)
+            keys = [keys] if isinstance(keys, str) else list(keys or [])
+            if keys:
+                roles.append(f"{label}: {', '.join(keys)}")
+        lines = [f"{name}({settings})", f"  data: {size}",
+                 f"  covariates: {'; '.join(roles) if roles else 'none'}", f"  {self._training_status()}"]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+    def _training_status(self) -> str:
+        history = self.history
+        if not self.is_trained:
+            return "training: not trained"
+        status = f"training: trained for {len(history)} epochs (device {self.device})"
+        if len(history):
+            last = history.iloc[-1]
+            validation = history["validation_loss"].dropna()
+            status += f"; last train loss {last['train_loss']:.4g}"
+            if len(validation) and not math.isnan(validation.iloc[-1]):
+                status += f", last validation loss {validation.iloc[-1]:.4g}"
+        return status

@@ -1,0 +1,150 @@
+"""How well a fitted model explains cells: ELBO, reconstruction error and marginal likelihood.
+
+scvi-tools' ``get_elbo``, ``get_reconstruction_error`` and ``get_marginal_ll``, computed from Pyro
+traces of the model and guide that training uses (no second likelihood is written): the guide
+is traced on a minibatch, the model is replayed on the guide's draws, and the per-cell terms are
+read off the sites inside the cell plate. Global sites are held at their posterior medians (the
+point estimates scvi-tools' parameters correspond to), so every number is per cell and the
+global prior terms are left out, as in scvi-tools.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pyro import poutine
+
+from .. import _validation as V
+
+
+def _in_cell_plate(site: dict) -> bool:
+    return site["type"] == "sample" and any(frame.name == "cells" for frame in site["cond_indep_stack"])
+
+
+def _per_cell(site: dict) -> torch.Tensor:
+    """The site's log-density per cell: unscaled (no N/B or KL weight), with its mask applied."""
+    log_p = site["unscaled_log_prob"]
+    mask = site["mask"]
+    return log_p if mask is None else torch.where(torch.as_tensor(mask, device=log_p.device), log_p, 0.0)
+
+
+class EvidenceQueries:
+    """``get_elbo``, ``get_reconstruction_error`` and ``get_marginal_ll`` on any model/guide pair.
+
+    Needs of the model class: ``module`` (model and guide; the guide answers ``global_medians()``),
+    ``device``, ``observation_sites``, ``_indexed_batches`` and ``_check_trained``.
+    """
+
+    def _local_terms(self, batch: dict, n_obs: int) -> dict[str, torch.Tensor]:
+        """One draw from the guide for a minibatch: per-cell log p (model), log q (guide) and log p(x | z, l)."""
+        medians = self.module.guide.global_medians()
+        guide = poutine.condition(self.module.guide, data=medians)
+        model = poutine.condition(self.module.model, data=medians)
+        guide_trace = poutine.trace(guide).get_trace(batch, n_obs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, n_obs)
+        guide_trace.compute_log_prob(lambda name, site: _in_cell_plate(site))
+        model_trace.compute_log_prob(lambda name, site: _in_cell_plate(site))
+        terms = {"model": 0.0, "guide": 0.0}
+        for label, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in trace.nodes.items():
+                if not _in_cell_plate(site):
+                    continue
+                value = _per_cell(site)
+                terms[label] = terms[label] + value
+                if label == "model" and site["is_observed"]:
+                    terms[f"obs:{name}"] = value
+        return terms
+
+    def _evidence_batches(self, adata, indices, batch_size, n_samples: int, seed: int):
+        """Per minibatch, a list of ``n_samples`` term dicts (see :meth:`_local_terms`), seeded."""
+        self._check_trained()
+        self.module.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(int(seed))
+            for _, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
+                yield [self._local_terms(batch, n_obs) for _ in range(n_samples)]
+
+    @staticmethod
+    def _reduce(parts: list[torch.Tensor], return_mean: bool):
+        values = torch.cat(parts).cpu().numpy().astype(np.float64)
+        return float(values.mean()) if return_mean else values
+
+    def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True,
+                 seed: int = 0):
+        """Evidence lower bound per cell: E_q[log p(x, z, l | globals) - log q(z, l | x)], one draw.
+
+        As in scvi-tools this is the ELBO itself (higher is better), not the loss; the global
+        sites are held at their posterior medians and their prior terms are left out.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells: data with the model's features (default the training data), positions or a
+            boolean mask, minibatch size.
+        return_mean
+            Return the mean over cells; else one value per cell.
+        seed
+            Seeds the guide's draw.
+
+        Returns
+        -------
+        float or numpy.ndarray
+        """
+        parts = [draws[0]["model"] - draws[0]["guide"] for draws in self._evidence_batches(adata, indices, batch_size, 1, seed)]
+        return self._reduce(parts, return_mean)
+
+    def get_reconstruction_error(self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True,
+                                 seed: int = 0) -> dict:
+        """Negative log-likelihood of the counts given one posterior draw of z and l, per cell.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, return_mean, seed
+            As in :meth:`get_elbo`.
+
+        Returns
+        -------
+        dict
+            ``{"reconstruction_loss": value}`` (lower is better, scvi-tools' key); a multimodal
+            model adds ``"reconstruction_loss_<modality>"`` per modality.
+        """
+        per_site: dict[str, list] = {}
+        for draws in self._evidence_batches(adata, indices, batch_size, 1, seed):
+            for key, value in draws[0].items():
+                if key.startswith("obs:"):
+                    per_site.setdefault(key[len("obs:"):], []).append(-value)
+        result = {"reconstruction_loss": self._reduce([sum(parts) for parts in zip(*per_site.values())], return_mean)}
+        if len(per_site) > 1:
+            for site, parts in per_site.items():
+                modality = self.site_modality(site)
+                result[f"reconstruction_loss_{modality or site}"] = self._reduce(parts, return_mean)
+        return result
+
+    def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size: int | None = None,
+                        return_mean: bool = True, seed: int = 0):
+        """Importance-sampled log p(x_n) per cell, with the guide as proposal.
+
+        ``log p(x) ~ logsumexp_k [log p(x, z_k, l_k) - log q(z_k, l_k | x)] - log K`` over
+        ``K = n_mc_samples`` draws: a lower bound that tightens towards log p(x) as K grows and is
+        never below the ELBO in expectation (higher is better, as in scvi-tools).
+
+        Parameters
+        ----------
+        adata, indices, batch_size, return_mean, seed
+            As in :meth:`get_elbo`.
+        n_mc_samples
+            Importance samples per cell (each is one pass of the model and guide).
+
+        Returns
+        -------
+        float or numpy.ndarray
+        """
+        n_mc_samples = V.positive_int("n_mc_samples", n_mc_samples)
+        parts = []
+        for draws in self._evidence_batches(adata, indices, batch_size, n_mc_samples, seed):
+            log_weights = torch.stack([d["model"] - d["guide"] for d in draws])
+            parts.append(torch.logsumexp(log_weights.double(), 0) - math.log(n_mc_samples))
+        return self._reduce(parts, return_mean)

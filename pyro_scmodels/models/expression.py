@@ -1,0 +1,141 @@
+"""Normalised expression as scvi-tools' ``get_normalized_expression`` returns it, built on the posterior queries.
+
+Expression here is rho = softplus(decoder(z, covariates)): free of the ambient background and
+of feature scaling, in counts at a typical library size. Only the decoder-conditioning
+covariates (``nn_conditioning_covariate_keys``) enter rho, so ``transform_batch`` switches those:
+the ambient, feature-scaling, dispersion and library-size groups never enter rho, and there
+is nothing of theirs to transform.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _validation as V
+
+
+def transform_covariates(model, transform_batch) -> list[dict | None]:
+    """The decoder covariates to decode with, one dict ``{key: category}`` per decoding (averaged).
+
+    Parameters
+    ----------
+    model
+        A model of this package.
+    transform_batch
+        None (each cell's own covariates); a category of the decoder-conditioning key; a list
+        of categories (expression averaged over decoding as each, as scvi-tools does); or a dict
+        ``{key: category}`` (needed when several keys condition the decoder).
+
+    Returns
+    -------
+    list
+        ``[None]`` or a list of dicts, each checked later by ``model.nn_switch``.
+    """
+    if transform_batch is None:
+        return [None]
+    items = list(transform_batch) if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+    if not items:
+        raise ValueError("transform_batch is an empty list; pass None or at least one category.")
+    keys = list(model.keys.nn_conditioning)
+    if not keys:
+        return _no_conditioning(model, items)
+    return [item if isinstance(item, dict) else {_key_of(model, keys, item): str(item)} for item in items]
+
+
+def _key_of(model, keys: list[str], category) -> str:
+    """The decoder-conditioning key that has ``category`` (it must be exactly one)."""
+    if len(keys) == 1:
+        return keys[0]
+    holders = [k for k in keys if str(category) in model.encoding.categories[k]]
+    if len(holders) != 1:
+        where = "several keys" if holders else "no key"
+        raise ValueError(
+            f"transform_batch={category!r} is a category of {where} among the decoder-conditioning keys {keys}; "
+            "pass a dict such as {key: category} instead."
+        )
+    return holders[0]
+
+
+def _no_conditioning(model, items: list) -> list[None]:
+    """A model whose decoder is conditioned on nothing: rho is the same for every batch."""
+    known = {c for k in model.keys.categorical_keys() for c in model.encoding.categories[k]}
+    unknown = [i for i in items if isinstance(i, dict) or str(i) not in known]
+    if unknown:
+        raise ValueError(
+            f"transform_batch={unknown[0]!r}: the model's decoder is not conditioned on any covariate "
+            "(nn_conditioning_covariate_keys is empty), and it is not a category of the model's covariates."
+        )
+    warnings.warn(
+        "transform_batch changes nothing here: the decoder is not conditioned on covariates "
+        "(nn_conditioning_covariate_keys), and the batch enters only through the ambient, scaling, dispersion and "
+        "library terms, which normalised expression already leaves out.", stacklevel=4
+    )
+    return [None]
+
+
+def _gene_positions(names: pd.Index, gene_list) -> np.ndarray | slice:
+    if gene_list is None:
+        return slice(None)
+    gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
+    missing = [g for g in gene_list if g not in names]
+    if missing:
+        raise KeyError(f"gene_list names {len(missing)} feature(s) the model does not have, e.g. {missing[:3]}.")
+    return names.get_indexer(gene_list)
+
+
+def _check_library_size(library_size) -> None:
+    if not (library_size is None or library_size == "latent" or (
+            isinstance(library_size, (int, float)) and not isinstance(library_size, bool) and library_size > 0)):
+        raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
+
+
+def normalized_expression(model, adata=None, indices=None, transform_batch=None, gene_list=None,
+                          library_size: str | float | None = None, n_samples: int = 1, batch_size: int | None = None,
+                          return_mean: bool = True, return_numpy: bool | None = None, modality: str | None = None,
+                          seed: int = 0):
+    """rho per cell and feature; see ``RegularizedVI.get_normalized_expression`` for the arguments.
+
+    Returns
+    -------
+    pandas.DataFrame or numpy.ndarray
+        Cells x features; ``n_samples`` x cells x features (an array) when ``return_mean=False``
+        and ``n_samples > 1``.
+    """
+    _check_library_size(library_size)
+    n_samples = V.positive_int("n_samples", n_samples)
+    return_mean = V.boolean("return_mean", return_mean)
+    modality = model.default_modality(modality)
+    options = {} if modality is None else {"modality": modality}
+    switches = [model.nn_switch(c) for c in transform_covariates(model, transform_batch)]
+    names = model.feature_names(modality)
+    columns = _gene_positions(names, gene_list)
+    decoder, guide = model.module.model.eval(), model.module.guide.eval()
+    parts = []
+    for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
+        with torch.no_grad():
+            # a list of categories: the expression averaged over decoding as each (scvi-tools' transform_batch)
+            rho = sum(decoder.decode(z, batch, None if s is None else s(batch["nn_onehot"]), **options)
+                      for s in switches) / len(switches)
+            if library_size == "latent":
+                rho = rho * guide.library_loc(batch, **options).exp().unsqueeze(-1)
+            elif library_size is not None:
+                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
+            if n_samples > 1 and return_mean:
+                rho = rho.mean(0)
+        parts.append(rho[..., columns].cpu())
+    rho = torch.cat(parts, dim=-2).numpy()
+    if rho.ndim == 3:
+        if return_numpy is False:
+            warnings.warn("return_mean=False with n_samples > 1 returns an array (samples x cells x features), "
+                          "as in scvi-tools.", stacklevel=3)
+        return rho
+    if return_numpy:
+        return rho
+    obs_names = (model.adata if adata is None else adata).obs_names
+    if indices is not None:
+        obs_names = obs_names[np.asarray(indices)]
+    return pd.DataFrame(rho, index=obs_names, columns=names[columns])

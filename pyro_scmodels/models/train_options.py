@@ -1,0 +1,189 @@
+"""scvi-tools' ``train`` arguments, checked and turned into this package's settings.
+
+``accelerator``/``devices`` become one torch device, ``plan_kwargs`` become the optimiser and
+KL warm-up settings, and ``datasplitter_kwargs`` may fix the train / validation split. Every
+check runs before anything is trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _constants as C
+from .. import _validation as V
+from ..infer import resolve_device
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+# plan_kwargs key (scvi-tools' name or ours) -> the train() setting it fills
+PLAN_KWARGS = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "eps": "eps",
+    "n_epochs_kl_warmup": "kl_warmup_epochs",
+    "kl_warmup_epochs": "kl_warmup_epochs",
+    "n_steps_kl_warmup": "kl_warmup_steps",
+    "kl_warmup_steps": "kl_warmup_steps",
+    "gradient_clip": "gradient_clip",
+    "optimizer": "optimizer",
+}
+# the defaults of train(): an explicit argument that differs from its default must not be contradicted
+TRAIN_DEFAULTS = {
+    "lr": C.LEARNING_RATE, "weight_decay": C.WEIGHT_DECAY, "eps": C.ADAM_EPS,
+    "kl_warmup_epochs": C.KL_WARMUP_EPOCHS, "kl_warmup_steps": None, "gradient_clip": C.GRADIENT_CLIP_NORM,
+}
+# DataLoader options of scvi-tools' splitter that have no counterpart here (no DataLoader is used)
+_LOADER_OPTIONS = ("num_workers", "pin_memory", "persistent_workers", "drop_last", "shuffle", "load_sparse_tensor")
+DISTRIBUTED_NOTE = ("Multi-device (distributed data-parallel) training is not available in this version; it is "
+                    "tracked separately (SPEC section 4, torch.distributed). Use devices=1 (or 'auto').")
+
+
+def training_device(device: str, accelerator: str | None, devices) -> torch.device:
+    """The torch device from ``device`` or from scvi-tools' ``accelerator`` and ``devices``.
+
+    Parameters
+    ----------
+    device
+        This package's device argument (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+    accelerator
+        scvi-tools' ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"``; None when not given.
+    devices
+        ``"auto"``, ``1``, or a one-element list of a GPU index (``[1]`` -> ``cuda:1``); None when
+        not given. More than one device raises ``ValueError`` (distributed training is separate).
+
+    Returns
+    -------
+    torch.device
+    """
+    if accelerator is None and devices is None:
+        return resolve_device(device)
+    if device != "auto":
+        raise ValueError(f"Pass either device (got {device!r}) or accelerator/devices (scvi-tools' names), not both.")
+    accelerator = V.choice("accelerator", "auto" if accelerator is None else accelerator, ACCELERATORS)
+    index = _device_index(devices)
+    if accelerator == "cpu":
+        if index is not None:
+            raise ValueError(f"devices={devices!r} names a GPU index, but accelerator='cpu'.")
+        return torch.device("cpu")
+    if accelerator == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return resolve_device("cuda" if index is None else f"cuda:{index}")
+
+
+def _device_index(devices) -> int | None:
+    """The GPU index named by ``devices`` (None for ``"auto"``, ``1`` or not given)."""
+    if devices is None or devices == "auto":
+        return None
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 1:
+            raise ValueError(f"devices={devices!r}: {DISTRIBUTED_NOTE}")
+        return V.non_negative_int("devices[0]", devices[0])
+    count = V.integer("devices", devices, minimum=1, description="'auto', 1 or a one-element list of a GPU index")
+    if count != 1:
+        raise ValueError(f"devices={devices!r}: {DISTRIBUTED_NOTE}")
+    return None
+
+
+def merge_plan_kwargs(plan_kwargs: dict | None, explicit: dict) -> dict:
+    """``explicit`` train() settings updated from scvi-tools' ``plan_kwargs``.
+
+    Parameters
+    ----------
+    plan_kwargs
+        E.g. ``{"lr": 1e-3, "weight_decay": 1e-6, "n_epochs_kl_warmup": 400}``; see
+        :data:`PLAN_KWARGS` for every key understood.
+    explicit
+        The settings passed to train() (keys of :data:`TRAIN_DEFAULTS`).
+
+    Returns
+    -------
+    dict
+        ``explicit`` with the plan's values filled in.
+    """
+    if plan_kwargs is None:
+        return dict(explicit)
+    if not isinstance(plan_kwargs, dict):
+        raise V.ArgumentTypeError(f"plan_kwargs must be a dict such as {{'lr': 1e-3}}, got {plan_kwargs!r}.")
+    merged = dict(explicit)
+    for key, value in plan_kwargs.items():
+        if key not in PLAN_KWARGS:
+            raise ValueError(
+                f"plan_kwargs key {key!r} is not supported by pyro_scmodels' training plan. Supported keys: "
+                f"{', '.join(sorted(PLAN_KWARGS))}."
+            )
+        setting = PLAN_KWARGS[key]
+        if setting == "optimizer":
+            if value != "Adam":
+                raise ValueError(f"plan_kwargs['optimizer'] must be 'Adam' (the only optimiser here), got {value!r}.")
+            continue
+        given = explicit[setting]
+        if given != TRAIN_DEFAULTS[setting] and given != value:
+            raise ValueError(f"{setting}={given!r} and plan_kwargs[{key!r}]={value!r} contradict each other; pass one.")
+        merged[setting] = value
+    return merged
+
+
+def checked_settings(settings: dict) -> dict:
+    """The optimiser and warm-up settings of :func:`merge_plan_kwargs`, each checked and made canonical."""
+    return {
+        "lr": V.positive_float("lr", settings["lr"]),
+        "eps": V.positive_float("eps", settings["eps"]),
+        "weight_decay": V.non_negative_float("weight_decay", settings["weight_decay"]),
+        "kl_warmup_epochs": V.optional(V.non_negative_int, "kl_warmup_epochs", settings["kl_warmup_epochs"]),
+        "kl_warmup_steps": V.optional(V.non_negative_int, "kl_warmup_steps", settings["kl_warmup_steps"]),
+        "gradient_clip": V.optional(V.positive_float, "gradient_clip", settings["gradient_clip"]),
+    }
+
+
+def external_split(datasplitter_kwargs: dict | None, n_cells: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The train / validation cells fixed by ``datasplitter_kwargs["external_indexing"]``, if given.
+
+    Parameters
+    ----------
+    datasplitter_kwargs
+        scvi-tools' splitter options. Only ``external_indexing`` (a list of train, validation
+        and optionally test cell positions) applies here; DataLoader options are refused with
+        the reason.
+    n_cells
+        Number of cells of the training data.
+
+    Returns
+    -------
+    tuple or None
+        ``(train, validation)`` sorted integer positions, or None (use ``train_size``).
+    """
+    if datasplitter_kwargs is None:
+        return None
+    if not isinstance(datasplitter_kwargs, dict):
+        raise V.ArgumentTypeError(f"datasplitter_kwargs must be a dict, got {datasplitter_kwargs!r}.")
+    for key in datasplitter_kwargs:
+        if key in _LOADER_OPTIONS:
+            raise ValueError(
+                f"datasplitter_kwargs[{key!r}] has no meaning here: pyro_scmodels reads minibatches straight from the "
+                "count matrix, without a torch DataLoader. Supported key: 'external_indexing'."
+            )
+        if key != "external_indexing":
+            raise ValueError(f"datasplitter_kwargs key {key!r} is not supported; supported key: 'external_indexing'.")
+    parts = datasplitter_kwargs.get("external_indexing")
+    if parts is None:
+        return None
+    if not isinstance(parts, (list, tuple)) or len(parts) not in (2, 3):
+        raise ValueError("datasplitter_kwargs['external_indexing'] must be [train, validation] or [train, validation, "
+                         f"test] arrays of cell positions, got {type(parts).__name__} of length {len(parts)}.")
+    named = [_positions(f"external_indexing[{i}]", p, n_cells) for i, p in enumerate(parts)]
+    every = np.concatenate(named)
+    if len(np.unique(every)) != len(every):
+        raise ValueError("datasplitter_kwargs['external_indexing']: the train, validation and test cells overlap.")
+    if len(named[0]) == 0:
+        raise ValueError("datasplitter_kwargs['external_indexing']: the train cells are empty.")
+    return np.sort(named[0]), np.sort(named[1])
+
+
+def _positions(name: str, values, n_cells: int) -> np.ndarray:
+    values = np.asarray(values).ravel()
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise V.ArgumentTypeError(f"datasplitter_kwargs[{name!r}] must hold integer cell positions, got {values.dtype}.")
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= n_cells):
+        raise ValueError(f"datasplitter_kwargs[{name!r}] must lie in [0, {n_cells}), got [{values.min()}, {values.max()}].")
+    return values

@@ -1,0 +1,324 @@
+"""The scvi-tools API on RegularizedVI: history keys, train arguments, setup summary, normalised
+expression, one-vs-rest DE, ELBO / marginal likelihood, and save/load with the data."""
+
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro_scmodels as ps
+from pyro_scmodels.infer import resolve_device
+from pyro_scmodels.models._base import PyroModelBase
+from pyro_scmodels.models.history import TrainingHistory
+
+FIT = dict(batch_size=64, lr=1e-2, kl_warmup_epochs=2, early_stopping=False, device="cpu", progress_bar=False)
+SMALL = dict(n_latent=4, n_hidden=32)
+SCVI_DE_COLUMNS = {
+    "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "lfc_mean", "lfc_median", "lfc_std", "lfc_min",
+    "lfc_max", "raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+    "raw_normalized_mean2", "is_de_fdr_0.05", "comparison", "group1", "group2",
+}
+
+
+def _simulate(seed=0):
+    return ps.datasets.simulate(n_cells=300, n_genes=50, n_markers_per_type=5, n_responding_genes=5, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """batch_key with a decoder conditioned on the condition: the combination scvi-tools users ask for."""
+    adata = _simulate()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["condition"])
+    fitted = ps.RegularizedVI(adata, **SMALL)
+    fitted.train(max_epochs=6, check_val_every_n_epoch=2, **FIT)
+    return fitted
+
+
+@pytest.fixture
+def untrained():
+    adata = _simulate()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    return ps.RegularizedVI(adata, **SMALL)
+
+
+# --- setup ----------------------------------------------------------------------------------
+def test_batch_key_combines_with_conditioning_and_scaling_defaults_to_it(model):
+    keys = model.keys
+    assert keys.ambient == ["batch"] and keys.dispersion == "batch" and keys.library_size == "batch"
+    assert keys.nn_conditioning == ["condition"] and keys.feature_scaling == ["condition"]
+    assert model.get_feature_scaling().columns.tolist() == ["control", "stimulated"]
+    adata = _simulate()
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch", nn_conditioning_covariate_keys=["condition"],
+                                   feature_scaling_covariate_keys=[])
+    assert ps.RegularizedVI(adata, **SMALL).keys.feature_scaling == []
+
+
+def test_view_anndata_setup_and_printed_summary(model, untrained, capsys):
+    model.view_anndata_setup()
+    shown = capsys.readouterr().out
+    assert "300 cells" in shown and "50 genes" in shown and "adata.layers['counts']" in shown
+    assert "nn_conditioning_covariate_keys: 'condition' -> 2 categories (control, stimulated)" in shown
+    assert "library_size_key: 'batch' -> 3 categories (batch_0, batch_1, batch_2)" in shown
+    assert "encoder_covariate_keys: none" in shown
+    summary = repr(model)
+    assert summary.startswith("RegularizedVI(n_latent=4, n_hidden=32") and str(model) == summary
+    assert "decoder-conditioning: condition" in summary and "trained for 6 epochs" in summary
+    assert "not trained" in repr(untrained)
+
+
+# --- history and train ------------------------------------------------------------------------
+def test_history_answers_scvi_keys_and_stays_a_dataframe(model):
+    history = model.history
+    assert isinstance(history, TrainingHistory) and isinstance(history, pd.DataFrame) and len(history) == 6
+    elbo = history["elbo_train"]
+    assert list(elbo.columns) == ["elbo_train"] and elbo.index.name == "epoch" and list(elbo.index) == list(range(6))
+    np.testing.assert_array_equal(elbo["elbo_train"].to_numpy(), history["train_loss"].to_numpy())
+    # validated every second epoch: scvi-tools lists only those
+    assert list(history["elbo_validation"].index) == [1, 3, 5]
+    assert np.isfinite(history["elbo_validation"].to_numpy()).all()
+    assert history["validation_loss"].isna().sum() == 3  # a column: NaN where not validated
+    assert isinstance(history["train_loss"], pd.Series) and "elbo_validation" in history
+    assert history.get("kl_local_train") is None
+    with pytest.raises(KeyError, match="reconstruction/KL terms"):
+        history["reconstruction_loss_train"]
+
+
+def test_max_epochs_counts_this_call(untrained):
+    untrained.train(max_epochs=2, **FIT)
+    history = untrained.train(max_epochs=1, **FIT)
+    assert list(history.index) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(devices=2), "distributed"),
+    (dict(devices=[0, 1]), "distributed"),
+    (dict(accelerator="tpu"), "accelerator must be 'auto', 'cpu', 'gpu' or 'cuda'"),
+    (dict(accelerator="cpu", device="cuda"), "Pass either device"),
+    (dict(plan_kwargs={"reduce_lr_on_plateau": True}), "plan_kwargs key 'reduce_lr_on_plateau' is not supported"),
+    (dict(plan_kwargs={"lr": 1e-2}, lr=5e-3), "contradict"),
+    (dict(plan_kwargs={"optimizer": "AdamW"}), "must be 'Adam'"),
+    (dict(datasplitter_kwargs={"num_workers": 4}), "without a torch DataLoader"),
+    (dict(datasplitter_kwargs={"external_indexing": [np.arange(10), np.arange(5, 20)]}), "overlap"),
+    (dict(check_val_every_n_epoch=0), "check_val_every_n_epoch must be a positive integer"),
+])
+def test_bad_scvi_train_arguments_fail_before_training(untrained, arguments, message):
+    settings = {**dict(max_epochs=1, progress_bar=False), **arguments}
+    with pytest.raises(ValueError, match=message):
+        untrained.train(**settings)
+    assert not untrained.is_trained and untrained.trainer is None
+
+
+def test_scvi_train_arguments_take_effect(untrained):
+    train, validation = np.arange(0, 200), np.arange(200, 260)
+    untrained.train(max_epochs=1, accelerator="cpu", devices=1, plan_kwargs={"lr": 3e-3, "weight_decay": 0.0,
+                    "n_epochs_kl_warmup": 5}, datasplitter_kwargs={"external_indexing": [train, validation]},
+                    batch_size=64, progress_bar=False)
+    assert untrained.device == torch.device("cpu")
+    group = untrained.trainer.optimizer.param_groups[0]
+    assert group["lr"] == 3e-3 and group["weight_decay"] == 0.0
+    assert untrained.history["kl_weight"].iloc[0] == pytest.approx(1e-6, abs=1e-5)  # epoch 0 of a 5-epoch warm-up
+    np.testing.assert_array_equal(untrained.train_indices, train)
+    np.testing.assert_array_equal(untrained.validation_indices, validation)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_accelerator_without_cuda_says_so(untrained):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        untrained.train(max_epochs=1, accelerator="gpu", progress_bar=False)
+
+
+# --- normalised expression --------------------------------------------------------------------
+def test_transform_batch_decodes_as_the_given_condition(model):
+    adata = model.adata
+    own = model.get_normalized_expression(return_numpy=True)
+    as_control = model.get_normalized_expression(transform_batch="control", return_numpy=True)
+    as_stimulated = model.get_normalized_expression(transform_batch="stimulated", return_numpy=True)
+    control = (adata.obs["condition"] == "control").to_numpy()
+    np.testing.assert_allclose(as_control[control], own[control], rtol=1e-5)
+    np.testing.assert_allclose(as_stimulated[~control], own[~control], rtol=1e-5)
+    assert not np.allclose(as_control[~control], own[~control])
+    both = model.get_normalized_expression(transform_batch=["control", "stimulated"], return_numpy=True)
+    np.testing.assert_allclose(both, (as_control + as_stimulated) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a category of 'condition'"):
+        model.get_normalized_expression(transform_batch="no_such_condition")
+
+
+@pytest.mark.filterwarnings("ignore:The model has not been trained")
+def test_transform_batch_without_a_conditioned_decoder_warns_and_changes_nothing(untrained):
+    with pytest.warns(UserWarning, match="changes nothing"):
+        shifted = untrained.get_normalized_expression(transform_batch="batch_1", return_numpy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained
+        np.testing.assert_array_equal(shifted, untrained.get_normalized_expression(return_numpy=True))
+    with pytest.raises(ValueError, match="not conditioned on any covariate"):
+        untrained.get_normalized_expression(transform_batch="batch_9")
+
+
+def test_gene_list_library_size_and_samples(model):
+    genes = list(model.adata.var_names[[3, 0, 7]])
+    full = model.get_normalized_expression(library_size=1)
+    subset = model.get_normalized_expression(library_size=1, gene_list=genes)
+    assert list(subset.columns) == genes
+    pd.testing.assert_frame_equal(subset, full[genes])
+    np.testing.assert_allclose(full.sum(1), 1.0, rtol=1e-5)  # scvi-tools' proportions
+    draws = model.get_normalized_expression(n_samples=3, return_mean=False, seed=2)
+    assert draws.shape == (3, 300, 50)
+    mean = model.get_normalized_expression(n_samples=3, seed=2, return_numpy=True)
+    np.testing.assert_allclose(draws.mean(0), mean, rtol=1e-5)
+    with pytest.raises(KeyError, match="gene_list names 1 feature"):
+        model.get_normalized_expression(gene_list=["gene_0", "no_such_gene"])
+
+
+# --- differential expression ----------------------------------------------------------------
+def test_one_vs_rest_over_all_groups_finds_each_types_markers(fitted):
+    """The session's converged model (conftest): every type against the rest, scvi-tools' columns."""
+    adata = fitted.adata
+    table = fitted.differential_expression(groupby="cell_type", num_samples=5, n_cells=100)
+    assert SCVI_DE_COLUMNS <= set(table.columns)
+    types = sorted(adata.obs["cell_type"].astype(str).unique())
+    assert sorted(table["comparison"].unique()) == [f"{t} vs Rest" for t in types]
+    assert (table["group2"] == "Rest").all() and len(table) == adata.n_vars * len(types)
+    for cell_type in types:
+        rows = table[table["group1"] == cell_type]
+        markers = adata.var_names[adata.var["marker_of"] == cell_type]
+        # a type's own markers are up against the rest, far more than the other genes
+        assert rows.loc[markers, "lfc_mean"].gt(0.5).mean() >= 0.8, cell_type
+        assert rows.loc[markers, "lfc_mean"].mean() > rows.drop(markers)["lfc_mean"].mean() + 1.0, cell_type
+        assert rows.loc[markers, "is_de_fdr_0.05"].mean() >= 0.8, cell_type
+
+
+def test_observed_count_columns_are_the_group_means(model):
+    adata = model.adata
+    table = model.differential_expression(groupby="cell_type", group1="type_0", num_samples=2, n_cells=20)
+    counts = adata.layers["counts"]
+    members = (adata.obs["cell_type"] == "type_0").to_numpy()
+    rows = table.loc[adata.var_names]
+    np.testing.assert_allclose(rows["raw_mean1"], np.asarray(counts[members].mean(0)).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(rows["non_zeros_proportion2"], np.asarray((counts[~members] > 0).mean(0)).ravel(), rtol=1e-6)
+    per_10k = counts[~members].multiply(1e4 / counts[~members].sum(1)).tocsr()
+    np.testing.assert_allclose(rows["raw_normalized_mean2"], np.asarray(per_10k.mean(0)).ravel(), rtol=1e-5)
+
+
+def test_idx1_idx2_masks_and_positions_agree(model):
+    cell_type = model.adata.obs["cell_type"].astype(str).to_numpy()
+    first, second = cell_type == "type_0", cell_type == "type_1"
+    by_mask = model.differential_expression(idx1=first, idx2=second, num_samples=5, n_cells=50)
+    by_position = model.differential_expression(idx1=np.flatnonzero(first), idx2=np.flatnonzero(second), num_samples=5,
+                                                n_cells=50)
+    pd.testing.assert_frame_equal(by_mask, by_position)
+    assert set(by_mask["comparison"]) == {"idx1 vs idx2"}
+    by_group = model.differential_expression(groupby="cell_type", group1="type_0", group2="type_1", num_samples=5, n_cells=50)
+    np.testing.assert_allclose(by_group.loc[by_mask.index, "raw_mean2"], by_mask["raw_mean2"])
+
+
+def test_batch_correction_pairs_within_each_condition(model):
+    table = model.differential_expression(groupby="cell_type", group1="type_0", batch_correction=True, num_samples=5,
+                                          n_cells=50)
+    assert np.isfinite(table["lfc_mean"]).all() and set(table["comparison"]) == {"type_0 vs Rest"}
+    with pytest.raises(ValueError, match="not a decoder-conditioning key"):
+        model.differential_expression(groupby="cell_type", group1="type_0", batch_correction="batch")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(), "Pass groupby"),
+    (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
+    (dict(groupby="cell_type", mode="vanilla"), "mode must be 'change'"),
+    (dict(idx1=np.zeros(300, dtype=bool)), "idx1 selects no cells"),
+    (dict(idx1=np.ones(10, dtype=bool)), "one per cell"),
+])
+def test_differential_expression_bad_requests(model, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        model.differential_expression(num_samples=2, n_cells=10, **arguments)
+
+
+# --- ELBO, reconstruction, marginal likelihood, latent distribution ---------------------------
+def test_elbo_marginal_ll_and_reconstruction_error(model):
+    cells = np.arange(150)
+    elbo = model.get_elbo(indices=cells, return_mean=False, seed=3)
+    assert elbo.shape == (150,) and np.isfinite(elbo).all()
+    assert model.get_elbo(indices=cells, seed=3) == pytest.approx(elbo.mean())
+    # one importance sample is the ELBO itself; many tighten the bound
+    np.testing.assert_allclose(model.get_marginal_ll(indices=cells, n_mc_samples=1, return_mean=False, seed=3), elbo,
+                               rtol=1e-6)
+    marginal = model.get_marginal_ll(indices=cells, n_mc_samples=40, return_mean=False, seed=3)
+    assert marginal.shape == (150,) and np.isfinite(marginal).all()
+    assert marginal.mean() > model.get_elbo(indices=cells, seed=4) and (marginal > elbo).mean() > 0.7
+    reconstruction = model.get_reconstruction_error(indices=cells, seed=3)
+    assert set(reconstruction) == {"reconstruction_loss"}
+    assert 0 < reconstruction["reconstruction_loss"] < -elbo.mean()
+    # the same quantity training reports on the validation cells, up to the global prior terms
+    validation = model.validation_indices
+    assert -model.get_elbo(indices=validation) == pytest.approx(model.history["validation_loss"].dropna().iloc[-1], rel=0.05)
+
+
+def test_latent_distribution(model):
+    mean, variance = model.get_latent_representation(return_dist=True)
+    np.testing.assert_array_equal(mean, model.get_latent_representation())
+    assert variance.shape == (300, 4) and (variance > 0).all()
+    draws = model.posterior_z(n_samples=400, seed=0)
+    np.testing.assert_allclose(draws.var(0).mean(), variance.mean(), rtol=0.15)
+
+
+# --- save and load -----------------------------------------------------------------------------
+def test_save_with_anndata_and_load_without(model, tmp_path):
+    folder = str(tmp_path / "model")
+    model.save(folder, save_anndata=True)
+    assert os.path.isfile(os.path.join(folder, "adata.h5ad"))
+    loaded = ps.RegularizedVI.load(folder)
+    assert loaded.device == torch.device("cpu")
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    assert list(loaded.history["elbo_validation"].index) == [1, 3, 5]
+    # saved again without the data: the old copy must not be loaded with the new model
+    model.save(folder, overwrite=True)
+    assert not os.path.exists(os.path.join(folder, "adata.h5ad"))
+    with pytest.raises(ValueError, match=r"save\(\.\.\., save_anndata=True\)"):
+        ps.RegularizedVI.load(folder)
+
+
+def test_load_device_auto_chooses_cuda_when_available(model, tmp_path, monkeypatch):
+    folder = str(tmp_path / "model")
+    model.save(folder)
+    chosen = []
+    move = PyroModelBase._move_to
+
+    def record(self, device):
+        # the decision load makes for its default device, on a machine that has CUDA
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.cuda, "is_available", lambda: True)
+            chosen.append(resolve_device(device))
+        move(self, "cpu")  # no GPU here: the modules stay on the CPU
+
+    monkeypatch.setattr(PyroModelBase, "_move_to", record)
+    ps.RegularizedVI.load(folder, adata=model.adata.copy())
+    assert chosen == [torch.device("cuda")]
+    monkeypatch.setattr(PyroModelBase, "_move_to", move)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ps.RegularizedVI.load(folder, adata=model.adata.copy()).device == torch.device("cpu")
+
+
+# --- the multimodal model ----------------------------------------------------------------------
+def test_multimodal_model_answers_the_same_calls(tmp_path):
+    mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=80, n_peaks=120, seed=2)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="batch")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, **FIT)
+    assert list(model.history["elbo_train"].index) == [0, 1] and "RegularizedMultimodalVI(" in repr(model)
+    errors = model.get_reconstruction_error(return_mean=False)
+    assert set(errors) == {"reconstruction_loss", "reconstruction_loss_rna", "reconstruction_loss_atac"}
+    np.testing.assert_allclose(errors["reconstruction_loss"], errors["reconstruction_loss_rna"] + errors["reconstruction_loss_atac"],
+                               rtol=1e-5)
+    assert np.isfinite(model.get_elbo(return_mean=False)).all()
+    np.testing.assert_allclose(model.get_marginal_ll(n_mc_samples=1, seed=1), model.get_elbo(seed=1), rtol=1e-6)
+    mean, variance = model.get_latent_representation(return_dist=True)
+    assert mean.shape == variance.shape == (150, 6)
+    peaks = list(mdata.mod["atac"].var_names[:4])
+    draws = model.get_normalized_expression("atac", gene_list=peaks, n_samples=2, return_mean=False, library_size=1)
+    assert draws.shape == (2, 150, 4)
+    folder = str(tmp_path / "multimodal")
+    model.save(folder, save_anndata=True)
+    assert os.path.isfile(os.path.join(folder, "mdata.h5mu"))
+    loaded = ps.RegularizedMultimodalVI.load(folder)
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
