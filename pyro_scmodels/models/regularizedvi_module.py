@@ -71,23 +71,30 @@ class RegularizedVIDims:
         return name + self.site_suffix
 
 
+def background(ambient, ambient_index) -> torch.Tensor:
+    """sum over ambient keys of s_{e(n),g}: each cell's background before library and scaling (cells x genes)."""
+    # the floor on the mean is added to the (small) ambient table, not to every cell and gene
+    return sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
+
+
+def scaling_factor(library, scaling, scaling_index) -> torch.Tensor:
+    """l_n * prod_t y_{t(n),g} per cell and gene (``library`` alone, cells x 1, without scaling)."""
+    if scaling is None:
+        return library.unsqueeze(-1)
+    # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
+    factor = select_rows(scaling, scaling_index[:, 0], weights=library)
+    for k in range(1, scaling_index.shape[1]):
+        factor = factor * select_rows(scaling, scaling_index[:, k])
+    return factor
+
+
 def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index):
     """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene.
 
     ``ambient`` or ``scaling`` may be None when the modality has no such term.
     """
-    if ambient is not None:
-        # the floor on the mean is added to the (small) ambient table, not to every cell and gene
-        rho = rho + sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
-    else:
-        rho = rho + C.MEAN_EPS
-    if scaling is None:
-        return library.unsqueeze(-1) * rho
-    # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
-    factor = select_rows(scaling, scaling_index[:, 0], weights=library)
-    for k in range(1, scaling_index.shape[1]):
-        factor = factor * select_rows(scaling, scaling_index[:, k])
-    return rho * factor
+    rho = rho + (background(ambient, ambient_index) if ambient is not None else C.MEAN_EPS)
+    return rho * scaling_factor(library, scaling, scaling_index)
 
 
 class RegularizedVIModel(LocalPyroModule):
@@ -185,6 +192,38 @@ class RegularizedVIModel(LocalPyroModule):
         continuous = batch["continuous"].expand(*z.shape[:-1], -1)
         covariates = batch.get("nn_onehot") if nn_onehot is None else nn_onehot
         return self.decoder(torch.cat([z, continuous], -1), covariates)
+
+    def decompose_mean(self, z: torch.Tensor, batch: dict, global_values: dict, library: torch.Tensor | None = None,
+                       nn_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts of the mean mu: the cell's own counts and the ambient background.
+
+        ``mu = l rho y + l s y``: the cell part ``l_n rho_{n,g} prod_t y_{t(n),g}`` and the
+        background part ``l_n sum_e s_{e(n),g} prod_t y_{t(n),g}``. Their sum is the mean of
+        the likelihood in :meth:`local_sites` (up to the floor on the mean).
+
+        Parameters
+        ----------
+        z, batch, nn_onehot
+            As in :meth:`decode`.
+        global_values
+            ``{"ambient": s, "feature_scaling": y}`` (categories x genes, or None for a term the
+            modality lacks), e.g. the guide's :meth:`~RegularizedVIGuide.global_medians`.
+        library
+            l per cell; default 1 (the shares do not depend on it).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(cell_part, background_part)``, each with z's leading shape and genes last; the
+            background part is zero when the modality has no ambient term.
+        """
+        rho = self.decode(z, batch, nn_onehot)
+        if library is None:
+            library = rho.new_ones(rho.shape[-2])
+        factor = scaling_factor(library, global_values.get("feature_scaling"), batch["scaling_index"])
+        ambient = global_values.get("ambient")
+        soup = background(ambient, batch["ambient_index"]) if ambient is not None else torch.zeros_like(rho)
+        return rho * factor, soup * factor
 
     def local_sites(self, z: torch.Tensor, batch: dict, global_values: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Library size and counts of each cell, given z (call inside the cell plate).
