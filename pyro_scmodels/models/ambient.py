@@ -88,3 +88,72 @@ def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame
         table = table.reindex([c for c in categories if c in table.index])
     table.index.name = by
     return table
+
+
+def profile_from_droplets(adata, groupby: str | None = None, layer: str | None = None,
+                          pseudocount: float = 0.5) -> pd.DataFrame:
+    """The ambient profile of each category, from the counts of empty droplets.
+
+    Parameters
+    ----------
+    adata
+        Counts of droplets without a cell (e.g. barcodes of a raw 10x matrix with few UMIs),
+        with the model's genes.
+    groupby
+        ``.obs`` column naming each droplet's ambient category (e.g. the batch); None: one
+        profile (column ``"all"``).
+    layer
+        Layer with the counts; None for ``.X``.
+    pseudocount
+        Added to every gene's summed count, so that no gene has a background of exactly 0.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Genes x categories, each column summing to 1; pass it as ``ambient_profile``.
+    """
+    if layer is not None:
+        V.present(layer, adata.layers, "adata.layers", "layer")
+    counts = adata.X if layer is None else adata.layers[layer]
+    pseudocount = V.non_negative_float("pseudocount", pseudocount)
+    if groupby is None:
+        labels, categories = np.zeros(adata.n_obs, dtype=int), ["all"]
+    else:
+        V.present(groupby, adata.obs.columns, "adata.obs", "column")
+        column = adata.obs[groupby].astype("category")
+        labels, categories = column.cat.codes.to_numpy(), [str(c) for c in column.cat.categories]
+    sums = np.zeros((adata.n_vars, len(categories)))
+    for k in range(len(categories)):
+        rows = counts[labels == k]
+        sums[:, k] = np.asarray(rows.sum(axis=0)).ravel()
+    sums = sums + pseudocount
+    return pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=categories)
+
+
+def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarray:
+    """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
+
+    ``profile`` is a genes x categories DataFrame (columns named like the columns of
+    ``get_ambient_profile()``; one column is used for every category), or a Series of one
+    profile for every category.
+    """
+    if isinstance(profile, pd.Series):
+        profile = profile.to_frame("all")
+    if not isinstance(profile, pd.DataFrame):
+        raise V.ArgumentTypeError(
+            f"ambient_profile must be a genes x categories pandas DataFrame (see profile_from_droplets), got {type(profile).__name__}.")
+    missing = pd.Index(var_names).difference(profile.index)
+    if len(missing):
+        raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
+                       "give one row per gene of adata.var_names.")
+    profile = profile.loc[var_names]
+    if profile.shape[1] == 1:
+        profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
+    unknown = [c for c in levels if c not in profile.columns]
+    if unknown:
+        raise KeyError(f"ambient_profile has no column for the ambient categories {unknown}; its columns are "
+                       f"{list(map(str, profile.columns))}.")
+    values = profile[levels].to_numpy(dtype=np.float64).T
+    if not np.isfinite(values).all() or (values < 0).any() or (values.sum(1) <= 0).any():
+        raise ValueError("ambient_profile must be finite and non-negative, with a positive sum per category.")
+    return values / values.sum(1, keepdims=True)

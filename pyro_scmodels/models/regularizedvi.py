@@ -43,6 +43,11 @@ class RegularizedVI(PyroModelBase):
     init
         ``"data"``: ambient starts at 0.2 x the per-category mean normalised expression;
         ``"prior"``: at the prior mean.
+    ambient_profile
+        A known ambient profile (genes x ambient categories DataFrame, e.g. from empty droplets
+        with :func:`pyro_scmodels.models.ambient.profile_from_droplets`): the background keeps
+        that shape and only its amount per category is learned. Default None: s is learned
+        gene by gene.
     seed
         Seeds the initial network weights.
 
@@ -70,6 +75,7 @@ class RegularizedVI(PyroModelBase):
         global_guides: dict | None = None,
         init: str = "data",
         seed: int = 0,
+        ambient_profile: pd.DataFrame | None = None,
         _categories: dict | None = None,
     ):
         super().__init__()
@@ -92,6 +98,11 @@ class RegularizedVI(PyroModelBase):
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
         )
+        profile = None
+        if ambient_profile is not None:
+            self.init_params["ambient_profile"] = ambient_profile
+            profile = _ambient.profile_matrix(ambient_profile, self.var_names,
+                                              self.encoding.level_names(list(self.keys.ambient or [])))
         self._data = None
         data = self._cell_data()
         with torch.random.fork_rng():
@@ -99,7 +110,7 @@ class RegularizedVI(PyroModelBase):
             model, guide = build_model_and_guide(
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
-                model_class=self.model_class, guide_class=self.guide_class,
+                model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
             )
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)

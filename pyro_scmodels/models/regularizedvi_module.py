@@ -29,7 +29,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..distributions import GammaPoissonMean, select_rows
-from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide
+from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
 from ..nn import GaussianEncoder, SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
 
@@ -261,7 +261,9 @@ class RegularizedVIGuide(LocalPyroModule):
     dims
         Sizes.
     init
-        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float).
+        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float);
+        optionally ``ambient_profile`` (categories x genes): then s = amount x that profile and
+        only the amount per category is learned (starting at the total of ``ambient``).
     global_guides
         Guide family per global site: ``"map"`` (default) or ``"lognormal"``.
     dropout_rate, input_dropout_rate
@@ -293,7 +295,14 @@ class RegularizedVIGuide(LocalPyroModule):
             full((dims.n_dispersion, dims.n_genes), C.INIT_THETA**-0.5), "lognormal", C.INIT_DISPERSION_GUIDE_SCALE
         )
         if dims.use_ambient:
-            self.ambient = PositiveSiteGuide(torch.as_tensor(init["ambient"], dtype=torch.float32), families["ambient"])
+            ambient = torch.as_tensor(init["ambient"], dtype=torch.float32)
+            if init.get("ambient_profile") is not None:
+                if families["ambient"] != "map":
+                    raise ValueError("A given ambient profile needs the 'map' guide for 'ambient' (only its amount is learned).")
+                # the profile is given (e.g. from empty droplets): only the amount per category is learned
+                self.ambient = ProfileAmountGuide(init["ambient_profile"], ambient.sum(-1))
+            else:
+                self.ambient = PositiveSiteGuide(ambient, families["ambient"])
         if dims.use_feature_scaling:
             self.feature_scaling = PositiveSiteGuide(
                 full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"]
@@ -371,7 +380,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
                  global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
                  site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
                  n_decoder_latent: int | None = None, with_z_encoder: bool = True,
-                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide):
+                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None):
     """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
 
     Used by RegularizedVI (one pair) and RegularizedMultimodalVI (one pair per modality, with
@@ -394,6 +403,9 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         Whether the guide has its own z encoder (not with a joint encoder).
     model_class, guide_class
         Subclasses to build instead (a modeller's edited model or guide).
+    ambient_profile
+        None, or a known ambient profile per category (categories x genes, e.g. from empty
+        droplets): the background keeps that shape and only its amount is learned.
 
     Returns
     -------
@@ -417,7 +429,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     else:
         ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
     model = model_class(dims, priors, library_loc, library_variance)
-    guide = guide_class(dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate,
-                        input_dropout_rate, with_z_encoder)
+    init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
+    guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
     model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
     return model, guide
