@@ -168,3 +168,19 @@ def _recover_known_shares():
     log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(adata.uns["true_ambient_profile"][:, b]))
                                for b in range(len(FRACTIONS))])  # noqa: E731
     assert log_r(model.get_ambient_profile().to_numpy()) > log_r(seed_profile) + 0.05
+
+
+def test_multimodal_fraction_per_ambient_modality():
+    from pyro_scmodels import RegularizedMultimodalVI
+
+    mdata = datasets.simulate_multiome(n_cells=120, n_genes=80, n_peaks=120, seed=0)
+    RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    model = RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=2)
+    model.train(max_epochs=1, progress_bar=False)
+    fraction = model.get_ambient_fraction("rna")
+    assert fraction.shape == (120,) and ((fraction > 0) & (fraction < 1)).all()
+    table = model.get_ambient_fraction("rna", summarize_by="batch")
+    assert table["n_cells"].to_dict() == mdata.obs["batch"].value_counts().to_dict()
+    with pytest.raises(ValueError, match="no ambient background"):
+        model.get_ambient_fraction("atac")
+    assert set(model.exported_cell_quantities()) == {"ambient_fraction_rna"}
