@@ -97,6 +97,7 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
     adata.varm["regularizedvi_dispersion"] = model.get_dispersion()
     adata.varm["regularizedvi_feature_scaling"] = model.get_feature_scaling()
     adata.obs["regularizedvi_library_size"] = model.get_library_size()
+    adata.obs["regularizedvi_ambient_fraction"] = model.get_ambient_fraction()
 
 
 def write_figures(model, adata, out: str, colour_by: list[str], umap: bool = False) -> list[str]:

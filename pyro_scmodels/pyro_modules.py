@@ -66,3 +66,32 @@ class PositiveSiteGuide(LocalPyroModule):
     def median(self) -> torch.Tensor:
         """The point estimate, or the LogNormal median (detached)."""
         return (self.value if self.family == "map" else self.loc.exp()).detach()
+
+
+class ProfileAmountGuide(PositiveSiteGuide):
+    """Point estimate of a (categories x features) site written as amount x a fixed profile.
+
+    ``value[e, g] = amount_e * profile[e, g]``: the shape of each row is given (e.g. the ambient
+    profile measured in empty droplets, each row summing to 1) and only the amount per row is
+    learned, which identifies the amount where the likelihood alone does not.
+
+    Parameters
+    ----------
+    profile
+        Rows x features, non-negative; each row is rescaled to sum to 1.
+    init_amount
+        Initial amount per row (rows,).
+    """
+
+    def __init__(self, profile: torch.Tensor, init_amount: torch.Tensor):
+        LocalPyroModule.__init__(self)
+        self.family = "map"
+        profile = torch.as_tensor(profile, dtype=torch.get_default_dtype())
+        self.register_buffer("profile", profile / profile.sum(-1, keepdim=True))
+        init_amount = torch.as_tensor(init_amount, dtype=torch.get_default_dtype()).reshape(-1, 1)
+        self.amount = PyroParam(init_amount.clone(), constraint=constraints.positive)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The site's value, amount x profile."""
+        return self.amount * self.profile

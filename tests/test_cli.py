@@ -167,6 +167,8 @@ def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
     assert NORMALIZED_LAYER not in adata.layers  # dense: written only with --write-normalized
     # --batch-key is the shortcut for ambient, dispersion and library-size keys
     assert list(adata.varm["regularizedvi_ambient"].columns) == BATCHES
+    fraction = adata.obs["regularizedvi_ambient_fraction"].to_numpy()
+    assert fraction.shape == (N_CELLS,) and ((fraction > 0) & (fraction < 1)).all()
     # the input layer and obs survive
     original = anndata.read_h5ad(input_h5ad)
     assert np.array_equal(_dense(adata.layers["counts"]), _dense(original.layers["counts"]))

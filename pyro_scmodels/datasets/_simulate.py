@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .. import _validation as V
 from ._common import _Settings, _check_simulate_arguments, _gamma_poisson, _softmax
 
 CONTROL = "control"
@@ -120,6 +121,29 @@ def _simulate_batch_effects(rng, type_log, n_batches, batch_scaling_sd, ambient_
     soup = (mixture @ _softmax(type_log)) * rng.lognormal(0.0, 1.0, size=(n_batches, n_genes))
     ambient = ambient_fraction * mean_library * soup / soup.sum(axis=1, keepdims=True)
     return feature_scaling, ambient
+
+
+def _set_ambient_fractions(ambient, fractions, mean_library):
+    """Rescale each batch's ambient profile so that it makes ``fractions[b]`` of a typical cell's counts.
+
+    A cell whose ``rho`` sums to ``mean_library`` then has a background share of
+    ``s_b.sum() / (mean_library + s_b.sum()) = fractions[b]`` (before feature scaling). No draws.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    totals = fractions / (1.0 - fractions) * mean_library
+    return ambient / ambient.sum(axis=1, keepdims=True) * totals[:, None]
+
+
+def _simulate_rna_content(rng, n_cells, sd):
+    """Per-cell RNA content ``c`` (log-normal, median 1): the cell's own counts scale with it, the
+    background does not, so cells with less RNA carry a larger ambient share."""
+    return np.exp(rng.normal(0.0, sd, size=n_cells))
+
+
+def _true_ambient_fraction(rho, ambient, feature_scaling, batch):
+    """Share of each cell's expected counts from the background: sum s y / sum (rho + s) y."""
+    soup = (ambient[batch] * feature_scaling[batch]).sum(axis=1)
+    return soup / ((rho * feature_scaling[batch]).sum(axis=1) + soup)
 
 
 def _simulate_library_sizes(rng, batch, n_batches, library_sd):
@@ -232,6 +256,8 @@ def simulate(
     library_sd: float = 0.3,
     theta_range: tuple[float, float] = (0.5, 50.0),
     seed: int = 0,
+    ambient_fractions: Sequence[float] | None = None,
+    ambient_fraction_sd: float = 0.3,
 ) -> anndata.AnnData:
     """Simulate single-cell UMI counts with cell types, batches, ambient RNA and a stimulus.
 
@@ -279,6 +305,17 @@ def simulate(
         ``(low, high)`` with ``0 < low <= high``; ``theta`` is log-uniform on it.
     seed : int
         Seed of the ``numpy`` random generator; the same seed gives the same data.
+    ambient_fractions : sequence of float, optional
+        One share of background counts per batch, each in [0, 1), e.g.
+        ``(0.03, 0.08, 0.15, 0.25)``: batch b's ambient profile is scaled so that a cell of
+        typical RNA content has ``ambient_fractions[b]`` of its expected counts from the
+        background (this replaces ``ambient_fraction``). Each cell's RNA content (its ``rho``)
+        is multiplied by a log-normal factor with log-sd ``ambient_fraction_sd``, so the share
+        varies from cell to cell. The true share per cell is in
+        ``obs["true_ambient_fraction"]``, each batch's profile (summing to 1) in
+        ``uns["true_ambient_profile"]`` (genes x batches). Without it, nothing changes.
+    ambient_fraction_sd : float
+        Log-sd of the per-cell RNA content (only with ``ambient_fractions``).
 
     Returns
     -------
@@ -305,6 +342,8 @@ def simulate(
         ambient_fraction=ambient_fraction, batch_scaling_sd=batch_scaling_sd,
         mean_library=mean_library, library_sd=library_sd, theta_range=theta_range, seed=seed,
     )
+    fractions = _check_ambient_fractions(ambient_fractions, s.n_batches)
+    content_sd = V.number("ambient_fraction_sd", ambient_fraction_sd, 0.0)
     rng = np.random.default_rng(s.seed)
     # every step draws from ``rng``: their order (and the order inside each) fixes the data
     cell_type, batch, stimulated = _assign_cells(rng, s.n_cells, s.n_cell_types, s.n_batches,
@@ -321,6 +360,9 @@ def simulate(
         rng, type_log, s.n_batches, s.batch_scaling_sd, s.ambient_fraction, s.mean_library)
     depth_offset, library = _simulate_library_sizes(rng, batch, s.n_batches, s.library_sd)
     theta = _simulate_dispersions(rng, s.n_genes, s.theta_range)
+    if fractions is not None:  # drawn last, so the draws above match a run without the option
+        ambient = _set_ambient_fractions(ambient, fractions, s.mean_library)
+        rho = rho * _simulate_rna_content(rng, s.n_cells, content_sd)[:, None]
     expression = (rho + ambient[batch]) * feature_scaling[batch]  # mu / l
     counts, library = _draw_counts(rng, library, expression, theta)
 
@@ -335,4 +377,20 @@ def simulate(
     adata.varm["true_ambient"] = ambient.T.copy()
     adata.varm["true_feature_scaling"] = feature_scaling.T.copy()
     adata.uns["simulation"] = _simulation_record(s, strength, depth_offset)
+    if fractions is not None:
+        adata.obs["true_ambient_fraction"] = _true_ambient_fraction(rho, ambient, feature_scaling, batch)
+        adata.uns["true_ambient_profile"] = (ambient / ambient.sum(axis=1, keepdims=True)).T.copy()
+        adata.uns["simulation"].update(ambient_fractions=[float(f) for f in fractions],
+                                       ambient_fraction_sd=content_sd)
     return adata
+
+
+def _check_ambient_fractions(fractions, n_batches: int) -> list[float] | None:
+    """None, or one share in [0, 1) per batch (the message names the argument)."""
+    if fractions is None:
+        return None
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__len__"):
+        raise V.ArgumentTypeError(f"ambient_fractions must be a sequence of one number per batch, got {fractions!r}.")
+    if len(fractions) != n_batches:
+        raise ValueError(f"ambient_fractions needs one value per batch (n_batches={n_batches}), got {len(fractions)}.")
+    return [V.number(f"ambient_fractions[{b}]", f, 0.0, 1.0, strict_maximum=True) for b, f in enumerate(fractions)]

@@ -96,7 +96,9 @@ class PosteriorMixin:
         The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
         to ``.obs``), per-gene sites to ``.varm["<stat>_<site>"]`` as genes x categories
         DataFrames, the remaining globals and the model's settings to
-        ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``.
+        ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
+        results of the model class (:meth:`exported_cell_quantities`, e.g. ``ambient_fraction``)
+        go to ``.obs`` too.
 
         Parameters
         ----------
@@ -127,6 +129,8 @@ class PosteriorMixin:
                     table.varm[key] = pd.DataFrame(value.T, index=table.var_names, columns=self.site_levels(name, value.shape[0]))
                 else:
                     globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
+        for name, values in self.exported_cell_quantities(adata, batch_size).items():
+            adata.obs[name] = values
         adata.uns[type(self).__name__] = {
             "settings": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in self.init_params.items() if v is not None},
             "num_samples": int(num_samples),
@@ -134,6 +138,10 @@ class PosteriorMixin:
             "globals": globals_out,
         }
         return adata
+
+    def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
+        """Per-cell results besides the sites that :meth:`export_posterior` writes to ``.obs`` (name -> values)."""
+        return {}
 
     def _feature_table(self, site: str, adata):
         """The AnnData whose features a per-feature site runs over (a modality's, for several)."""

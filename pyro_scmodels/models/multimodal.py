@@ -14,6 +14,7 @@ import torch
 from .. import _validation as V
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
 from ..priors import RegularizedPriors
+from . import ambient as _ambient
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import setup_arguments
@@ -253,6 +254,30 @@ class RegularizedMultimodalVI(PyroModelBase):
         if not self.module.guide.block(self._check_modality(modality)).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
         return self.global_site_table("ambient", modality)
+
+    def get_ambient_fraction(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
+                             summarize_by: str | None = None):
+        """Share of each cell's expected counts of a modality that comes from its ambient background.
+
+        As :meth:`RegularizedVI.get_ambient_fraction`, with the joint z decoded by the modality's
+        block; ``summarize_by`` names a column of ``mdata.obs``.
+        """
+        block = self._check_modality(modality)
+        if not self.module.guide.block(block).dims.use_ambient:
+            raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
+        obs = (self.adata if adata is None else adata).obs
+        if summarize_by is not None:
+            _ambient.check_summary_column(obs, summarize_by)
+        fractions = _ambient.ambient_fraction(self, self.module.model.block(block),
+                                              self.module.guide.block(block).global_medians(), adata, indices, batch_size)
+        if summarize_by is None:
+            return fractions
+        return _ambient.summarize(fractions, obs.iloc[self._cell_positions(len(obs), indices)], summarize_by)
+
+    def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
+        """Per-cell results that :meth:`export_posterior` writes to ``.obs``: ``ambient_fraction_<m>`` per ambient modality."""
+        return {f"ambient_fraction_{m}": self.get_ambient_fraction(m, adata, batch_size=batch_size)
+                for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
 
     def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
         """Dispersion theta of a modality: features x dispersion groups."""

@@ -16,6 +16,7 @@ import torch
 from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
 from ..priors import RegularizedPriors
+from . import ambient as _ambient
 from ._base import ModelAndGuide, PyroModelBase
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
@@ -42,6 +43,11 @@ class RegularizedVI(PyroModelBase):
     init
         ``"data"``: ambient starts at 0.2 x the per-category mean normalised expression;
         ``"prior"``: at the prior mean.
+    ambient_profile
+        A known ambient profile (genes x ambient categories DataFrame, e.g. from empty droplets
+        with :func:`pyro_scmodels.models.ambient.profile_from_droplets`): the background keeps
+        that shape and only its amount per category is learned. Default None: s is learned
+        gene by gene.
     seed
         Seeds the initial network weights.
 
@@ -69,6 +75,7 @@ class RegularizedVI(PyroModelBase):
         global_guides: dict | None = None,
         init: str = "data",
         seed: int = 0,
+        ambient_profile: pd.DataFrame | None = None,
         _categories: dict | None = None,
     ):
         super().__init__()
@@ -91,6 +98,11 @@ class RegularizedVI(PyroModelBase):
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
         )
+        profile = None
+        if ambient_profile is not None:
+            self.init_params["ambient_profile"] = ambient_profile
+            profile = _ambient.profile_matrix(ambient_profile, self.var_names,
+                                              self.encoding.level_names(list(self.keys.ambient or [])))
         self._data = None
         data = self._cell_data()
         with torch.random.fork_rng():
@@ -98,7 +110,7 @@ class RegularizedVI(PyroModelBase):
             model, guide = build_model_and_guide(
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
-                model_class=self.model_class, guide_class=self.guide_class,
+                model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
             )
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
@@ -265,6 +277,39 @@ class RegularizedVI(PyroModelBase):
             Genes x ambient categories (``"all"`` without ambient keys).
         """
         return self.global_site_table("ambient")
+
+    def get_ambient_fraction(self, adata=None, indices=None, batch_size: int | None = None, summarize_by: str | None = None):
+        """Share of each cell's expected counts that comes from the ambient background.
+
+        ``f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}``, from the
+        model's decomposition of the mean (:meth:`RegularizedVIModel.decompose_mean`) at the
+        posterior mean of z and the point estimates of s and y.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+        summarize_by
+            None: one value per cell. An ``.obs`` column (e.g. the ambient covariate key):
+            a summary per category of that column.
+
+        Returns
+        -------
+        numpy.ndarray or pandas.DataFrame
+            Per cell, or per category with columns ``mean``, ``median``, ``q05``, ``q95``, ``n_cells``.
+        """
+        obs = (self.adata if adata is None else adata).obs
+        if summarize_by is not None:
+            _ambient.check_summary_column(obs, summarize_by)
+        fractions = _ambient.ambient_fraction(self, self.module.model, self.module.guide.global_medians(), adata,
+                                              indices, batch_size)
+        if summarize_by is None:
+            return fractions
+        return _ambient.summarize(fractions, obs.iloc[self._cell_positions(len(obs), indices)], summarize_by)
+
+    def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
+        """Per-cell results that :meth:`export_posterior` writes to ``.obs``: the ambient fraction."""
+        return {"ambient_fraction": self.get_ambient_fraction(adata, batch_size=batch_size)}
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).

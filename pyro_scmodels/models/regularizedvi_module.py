@@ -29,7 +29,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..distributions import GammaPoissonMean, select_rows
-from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide
+from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
 from ..nn import GaussianEncoder, SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
 
@@ -71,23 +71,30 @@ class RegularizedVIDims:
         return name + self.site_suffix
 
 
+def background(ambient, ambient_index) -> torch.Tensor:
+    """sum over ambient keys of s_{e(n),g}: each cell's background before library and scaling (cells x genes)."""
+    # the floor on the mean is added to the (small) ambient table, not to every cell and gene
+    return sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
+
+
+def scaling_factor(library, scaling, scaling_index) -> torch.Tensor:
+    """l_n * prod_t y_{t(n),g} per cell and gene (``library`` alone, cells x 1, without scaling)."""
+    if scaling is None:
+        return library.unsqueeze(-1)
+    # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
+    factor = select_rows(scaling, scaling_index[:, 0], weights=library)
+    for k in range(1, scaling_index.shape[1]):
+        factor = factor * select_rows(scaling, scaling_index[:, k])
+    return factor
+
+
 def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index):
     """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene.
 
     ``ambient`` or ``scaling`` may be None when the modality has no such term.
     """
-    if ambient is not None:
-        # the floor on the mean is added to the (small) ambient table, not to every cell and gene
-        rho = rho + sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
-    else:
-        rho = rho + C.MEAN_EPS
-    if scaling is None:
-        return library.unsqueeze(-1) * rho
-    # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
-    factor = select_rows(scaling, scaling_index[:, 0], weights=library)
-    for k in range(1, scaling_index.shape[1]):
-        factor = factor * select_rows(scaling, scaling_index[:, k])
-    return rho * factor
+    rho = rho + (background(ambient, ambient_index) if ambient is not None else C.MEAN_EPS)
+    return rho * scaling_factor(library, scaling, scaling_index)
 
 
 class RegularizedVIModel(LocalPyroModule):
@@ -186,6 +193,38 @@ class RegularizedVIModel(LocalPyroModule):
         covariates = batch.get("nn_onehot") if nn_onehot is None else nn_onehot
         return self.decoder(torch.cat([z, continuous], -1), covariates)
 
+    def decompose_mean(self, z: torch.Tensor, batch: dict, global_values: dict, library: torch.Tensor | None = None,
+                       nn_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts of the mean mu: the cell's own counts and the ambient background.
+
+        ``mu = l rho y + l s y``: the cell part ``l_n rho_{n,g} prod_t y_{t(n),g}`` and the
+        background part ``l_n sum_e s_{e(n),g} prod_t y_{t(n),g}``. Their sum is the mean of
+        the likelihood in :meth:`local_sites` (up to the floor on the mean).
+
+        Parameters
+        ----------
+        z, batch, nn_onehot
+            As in :meth:`decode`.
+        global_values
+            ``{"ambient": s, "feature_scaling": y}`` (categories x genes, or None for a term the
+            modality lacks), e.g. the guide's :meth:`~RegularizedVIGuide.global_medians`.
+        library
+            l per cell; default 1 (the shares do not depend on it).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(cell_part, background_part)``, each with z's leading shape and genes last; the
+            background part is zero when the modality has no ambient term.
+        """
+        rho = self.decode(z, batch, nn_onehot)
+        if library is None:
+            library = rho.new_ones(rho.shape[-2])
+        factor = scaling_factor(library, global_values.get("feature_scaling"), batch["scaling_index"])
+        ambient = global_values.get("ambient")
+        soup = background(ambient, batch["ambient_index"]) if ambient is not None else torch.zeros_like(rho)
+        return rho * factor, soup * factor
+
     def local_sites(self, z: torch.Tensor, batch: dict, global_values: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Library size and counts of each cell, given z (call inside the cell plate).
 
@@ -222,7 +261,9 @@ class RegularizedVIGuide(LocalPyroModule):
     dims
         Sizes.
     init
-        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float).
+        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float);
+        optionally ``ambient_profile`` (categories x genes): then s = amount x that profile and
+        only the amount per category is learned (starting at the total of ``ambient``).
     global_guides
         Guide family per global site: ``"map"`` (default) or ``"lognormal"``.
     dropout_rate, input_dropout_rate
@@ -254,7 +295,14 @@ class RegularizedVIGuide(LocalPyroModule):
             full((dims.n_dispersion, dims.n_genes), C.INIT_THETA**-0.5), "lognormal", C.INIT_DISPERSION_GUIDE_SCALE
         )
         if dims.use_ambient:
-            self.ambient = PositiveSiteGuide(torch.as_tensor(init["ambient"], dtype=torch.float32), families["ambient"])
+            ambient = torch.as_tensor(init["ambient"], dtype=torch.float32)
+            if init.get("ambient_profile") is not None:
+                if families["ambient"] != "map":
+                    raise ValueError("A given ambient profile needs the 'map' guide for 'ambient' (only its amount is learned).")
+                # the profile is given (e.g. from empty droplets): only the amount per category is learned
+                self.ambient = ProfileAmountGuide(init["ambient_profile"], ambient.sum(-1))
+            else:
+                self.ambient = PositiveSiteGuide(ambient, families["ambient"])
         if dims.use_feature_scaling:
             self.feature_scaling = PositiveSiteGuide(
                 full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"]
@@ -332,7 +380,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
                  global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
                  site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
                  n_decoder_latent: int | None = None, with_z_encoder: bool = True,
-                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide):
+                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None):
     """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
 
     Used by RegularizedVI (one pair) and RegularizedMultimodalVI (one pair per modality, with
@@ -355,6 +403,9 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         Whether the guide has its own z encoder (not with a joint encoder).
     model_class, guide_class
         Subclasses to build instead (a modeller's edited model or guide).
+    ambient_profile
+        None, or a known ambient profile per category (categories x genes, e.g. from empty
+        droplets): the background keeps that shape and only its amount is learned.
 
     Returns
     -------
@@ -378,7 +429,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     else:
         ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
     model = model_class(dims, priors, library_loc, library_variance)
-    guide = guide_class(dims, {"ambient": ambient, "library_log_total_centre": centre}, global_guides, dropout_rate,
-                        input_dropout_rate, with_z_encoder)
+    init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
+    guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
     model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
     return model, guide

@@ -1,0 +1,299 @@
+"""Is the ambient background learned? Fractions and profiles against a known truth.
+
+Two designs, each printed as a markdown table (``--write`` also puts them in RESULTS.md):
+
+- ``simulator``: ``datasets.simulate(ambient_fractions=(0.03, 0.08, 0.15, 0.25))``, four batches
+  at known background shares with per-cell variation. Per variant of the model: each batch's
+  mean inferred share against the truth, Spearman of the per-cell share with the truth (all
+  cells, and within batches), log-profile correlation with the truth (fitted and initial), and
+  integration (kNN batch entropy and cell-type ARI of k-means on the latent).
+- ``spikein``: PBMC 3 chemistries (``../shared/data``), 1,000 most-counted genes; the cells are
+  split at random into four groups and soup counts (the pooled profile of all cells) are
+  added to make 0 %, 2 %, 8 % and 20 % of each cell's counts. The model gets the group as an
+  ambient key; reported: the slope of the inferred share on the added share (per-group means),
+  Spearman per cell, and the group means.
+
+Variants: ``seed`` (the SPEC defaults: init 0.2 x mean, prior masked), ``init_prior``,
+``prior_on`` (Gamma(1, 100) counted), ``learned_scale`` (Gamma(1, 1/m_e) with m_e learned per
+category), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
+``global_lr`` (global sites at 5 x the learning rate), ``profile_empties`` (``ambient_profile=``
+from simulated empty droplets; only the amount per category is learned), ``profile_pooled``
+(``ambient_profile=`` the pooled profile of all cells, the same for every category) and
+combinations joined by ``+``.
+
+Run from the repository root::
+
+    python benchmarks/bench_ambient.py simulator --variants seed,profile_empties
+    python benchmarks/bench_ambient.py spikein --variants seed,global_lr
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import hardware_facts, update_results  # noqa: E402
+
+from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets, infer  # noqa: E402
+from pyro_scmodels import metrics as M  # noqa: E402
+from pyro_scmodels.models.ambient import profile_from_droplets  # noqa: E402
+from pyro_scmodels.models.regularizedvi_module import RegularizedVIGuide, RegularizedVIModel  # noqa: E402
+from pyro_scmodels.pyro_modules import PositiveSiteGuide  # noqa: E402
+
+FRACTIONS = (0.03, 0.08, 0.15, 0.25)
+SPIKES = (0.0, 0.02, 0.08, 0.20)
+PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_10x_3chemistries_scWGParis.h5ad"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+GLOBAL_LR_FACTOR = 5.0
+
+
+# --- the learned-scale prior (an experiment, not a package option) -------------------------
+class LearnedScaleModel(RegularizedVIModel):
+    """s_{e,g} ~ Gamma(1, 1 / m_e), the mean m_e ~ LogNormal(log 0.01, 2) learned per category."""
+
+    def sample_ambient(self, genes):
+        prior = dist.LogNormal(torch.tensor(np.log(0.01)), torch.tensor(2.0)).expand([self.dims.n_ambient, 1])
+        mean = pyro.sample("ambient_mean", prior.to_event(2))
+        with pyro.plate("ambient_categories", self.dims.n_ambient, dim=-2), genes:
+            return pyro.sample("ambient", dist.Gamma(torch.ones(()), 1.0 / mean))
+
+
+class LearnedScaleGuide(RegularizedVIGuide):
+    """The seed guide plus a point estimate of m_e, starting at the mean of the initial s."""
+
+    def __init__(self, dims, init, *args, **kwargs):
+        super().__init__(dims, init, *args, **kwargs)
+        start = torch.as_tensor(init["ambient"], dtype=torch.float32).mean(-1, keepdim=True)
+        self.ambient_mean = PositiveSiteGuide(start, "map")
+
+    def global_sites(self):
+        # outside the plate (the model's plate of that name is entered once per trace), as one (E, 1) value
+        pyro.sample("ambient_mean", dist.Delta(self.ambient_mean.value, event_dim=2))
+        return super().global_sites()
+
+
+class LearnedScaleVI(RegularizedVI):
+    model_class = LearnedScaleModel
+    guide_class = LearnedScaleGuide
+
+
+# --- data ---------------------------------------------------------------------------------
+def simulated(n_cells: int, n_genes: int, seed: int = 0):
+    return datasets.simulate(n_cells=n_cells, n_genes=n_genes, n_batches=len(FRACTIONS), n_markers_per_type=10,
+                             n_responding_genes=20, ambient_fractions=FRACTIONS, seed=seed)
+
+
+def empty_droplets(adata, n_droplets: int = 100, seed: int = 1):
+    """Droplets without a cell: counts of each batch's true background at a random droplet size."""
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    soup = adata.varm["true_ambient"].T
+    counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
+                             for b in range(soup.shape[0])])
+    obs = pd.DataFrame({"batch": np.repeat(adata.obs["batch"].cat.categories, n_droplets)},
+                       index=[f"empty_{i}" for i in range(counts.shape[0])])
+    return anndata.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=adata.var_names))
+
+
+def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
+    """PBMC counts with soup added to random quarters of the cells at the shares in SPIKES."""
+    import anndata
+    from scipy import sparse
+
+    adata = anndata.read_h5ad(PBMC)
+    totals = np.asarray(adata.X.sum(0)).ravel()
+    adata = adata[:, np.sort(np.argsort(-totals)[:n_genes])].copy()
+    counts = adata.X.toarray().astype(np.int64)
+    rng = np.random.default_rng(seed)
+    soup = counts.sum(0) / counts.sum()
+    group = rng.permutation(np.arange(adata.n_obs) % len(SPIKES))
+    share = np.asarray(SPIKES)[group]
+    added = np.round(share / (1.0 - share) * counts.sum(1)).astype(np.int64)
+    for n in np.flatnonzero(added):
+        counts[n] += rng.multinomial(added[n], soup)
+    adata.X = sparse.csr_matrix(counts.astype(np.float32))
+    adata.obs["spike"] = pd.Categorical([f"spike_{int(100 * s)}" for s in share],
+                                        categories=[f"spike_{int(100 * s)}" for s in SPIKES])
+    adata.obs["added_fraction"] = added / counts.sum(1)
+    return adata
+
+
+# --- fitting --------------------------------------------------------------------------------
+def variant_options(name: str, adata) -> dict:
+    """Constructor and training options of a variant (names joined by '+' combine)."""
+    options = {"model": {}, "train": {}, "cls": RegularizedVI, "global_lr": False, "low_count_init": False}
+    for part in name.split("+"):
+        if part == "seed":
+            continue
+        elif part == "init_prior":
+            options["model"]["init"] = "prior"
+        elif part == "prior_on":
+            options["model"]["priors"] = RegularizedPriors(regularize_ambient=True)
+        elif part == "learned_scale":
+            options["cls"] = LearnedScaleVI
+        elif part == "low_count_init":
+            options["low_count_init"] = True
+        elif part == "global_lr":
+            options["global_lr"] = True
+        elif part == "profile_pooled":  # no empty droplets: the pooled profile of all cells, for every category
+            options["model"]["ambient_profile"] = profile_from_droplets(adata, layer="counts" if "counts" in adata.layers else None)
+        elif part == "profile_empties":
+            options["model"]["ambient_profile"] = profile_from_droplets(empty_droplets(adata), groupby="batch")
+        else:
+            raise ValueError(f"unknown variant {part!r}")
+    return options
+
+
+def init_from_low_count_cells(model, adata) -> None:
+    """Each batch's initial s: same total, the profile of its 10 % lowest-count cells."""
+    counts = adata.layers["counts"]
+    totals = np.asarray(counts.sum(1)).ravel()
+    codes = adata.obs["batch"].cat.codes.to_numpy()
+    value = model.module.guide.ambient.value.detach().clone()
+    for k in range(value.shape[0]):
+        cells = np.flatnonzero(codes == k)
+        low = cells[totals[cells] <= np.quantile(totals[cells], 0.1)]
+        profile = np.asarray(counts[low].sum(0)).ravel() + 0.5
+        value[k] = torch.as_tensor(profile / profile.sum() * value[k].sum().item(), dtype=value.dtype)
+    model.module.guide.ambient.value = value  # a PyroParam: assigning sets its unconstrained value
+
+
+def global_parameters(trainer) -> list:
+    """The parameters of the guide's global point estimates (PositiveSiteGuide children)."""
+    return [p for child in trainer.guide.children() if isinstance(child, PositiveSiteGuide) for p in child.parameters()]
+
+
+def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, seed: int = 0):
+    """Set up, build and train one variant; returns the model, its initial profile and seconds."""
+    options = variant_options(name, adata)
+    RegularizedVI.setup_anndata(adata, layer="counts" if "counts" in adata.layers else None, **setup)
+    model = options["cls"](adata, n_hidden=64, n_latent=8, seed=seed, **options["model"])
+    if options["low_count_init"]:
+        init_from_low_count_cells(model, adata)
+    initial_profile = model.get_ambient_profile().to_numpy().copy()
+    original = infer.SVITrainer.build_optimizer
+    if options["global_lr"]:
+        def build(trainer):  # Adam with its own learning rate for the global sites
+            chosen = {id(p) for p in global_parameters(trainer)}
+            rest = [p for p in trainer.parameters() if id(p) not in chosen]
+            groups = [{"params": rest}, {"params": global_parameters(trainer), "lr": trainer.lr * GLOBAL_LR_FACTOR}]
+            return torch.optim.Adam(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay)
+        infer.SVITrainer.build_optimizer = build
+    start = time.time()
+    try:
+        model.train(max_epochs=epochs, lr=lr, batch_size=batch_size, early_stopping=False,
+                    kl_warmup_epochs=epochs // 4, progress_bar=False, seed=seed)
+    finally:
+        infer.SVITrainer.build_optimizer = original
+    return model, initial_profile, time.time() - start
+
+
+def log_profile_r(fitted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over categories of the Pearson correlation of log normalised profiles (genes x categories)."""
+    fitted, truth = fitted / fitted.sum(0), truth / truth.sum(0)
+    return float(np.mean([M.pearson(np.log(fitted[:, k]), np.log(truth[:, k])) for k in range(truth.shape[1])]))
+
+
+def measure_simulator(name: str, n_cells: int, n_genes: int, epochs: int, lr: float, seed: int = 0) -> dict:
+    adata = simulated(n_cells, n_genes, seed)
+    model, initial, seconds = fit(adata, name, {"batch_key": "batch"}, epochs, lr, batch_size=128, seed=seed)
+    inferred = model.get_ambient_fraction()
+    truth = adata.obs["true_ambient_fraction"].to_numpy()
+    batch = adata.obs["batch"].to_numpy()
+    levels = list(adata.obs["batch"].cat.categories)
+    by_batch = np.array([inferred[batch == b].mean() for b in levels])
+    true_by_batch = np.array([truth[batch == b].mean() for b in levels])
+    z = model.get_latent_representation()
+    return {
+        "variant": name, "inferred": by_batch, "truth": true_by_batch,
+        "max_rel_error": float(np.max(np.abs(by_batch / true_by_batch - 1.0))),
+        "spearman": M.spearman(inferred, truth),
+        "spearman_within": float(np.mean([M.spearman(inferred[batch == b], truth[batch == b]) for b in levels])),
+        "profile_r": log_profile_r(model.get_ambient_profile().to_numpy(), adata.varm["true_ambient"]),
+        "profile_r_initial": log_profile_r(initial, adata.varm["true_ambient"]),
+        "batch_entropy": M.knn_entropy(z, adata.obs["batch"]), "type_ari": M.cluster_ari(z, adata.obs["cell_type"]),
+        "seconds": seconds,
+    }
+
+
+def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0) -> dict:
+    adata = spiked_pbmc(seed=seed)
+    setup = {"ambient_covariate_keys": ["batch", "spike"], "dispersion_key": "batch", "library_size_key": "batch"}
+    model, _, seconds = fit(adata, name, setup, epochs, lr, batch_size=512, seed=seed)
+    inferred = model.get_ambient_fraction()
+    added = adata.obs["added_fraction"].to_numpy()
+    group = adata.obs["spike"].to_numpy()
+    levels = list(adata.obs["spike"].cat.categories)
+    means = np.array([inferred[group == g].mean() for g in levels])
+    added_means = np.array([added[group == g].mean() for g in levels])
+    return {"variant": name, "inferred": means, "added": added_means, "slope": float(np.polyfit(added_means, means, 1)[0]),
+            "spearman": M.spearman(inferred, added), "seconds": seconds}
+
+
+# --- tables -----------------------------------------------------------------------------------
+def percent(values) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def simulator_table(rows: list[dict]) -> str:
+    lines = ["| variant | inferred % per batch | true % | max rel. error | Spearman (all / within batch) | "
+             "log-profile r (fitted / initial) | batch entropy | type ARI | s |", "|---|---|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {percent(r['inferred'])} | {percent(r['truth'])} | {r['max_rel_error']:.2f} | "
+                     f"{r['spearman']:.2f} / {r['spearman_within']:.2f} | {r['profile_r']:.3f} / {r['profile_r_initial']:.3f} | "
+                     f"{r['batch_entropy']:.3f} | {r['type_ari']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def spikein_table(rows: list[dict]) -> str:
+    lines = ["| variant | inferred % per group | added % | slope | Spearman per cell | s |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {percent(r['inferred'])} | {percent(r['added'])} | {r['slope']:.2f} | "
+                     f"{r['spearman']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("design", choices=("simulator", "spikein"))
+    parser.add_argument("--variants", default="seed,init_prior,prior_on,learned_scale,low_count_init,global_lr,"
+                                               "profile_empties,profile_empties+global_lr")
+    parser.add_argument("--n-cells", type=int, default=600)
+    parser.add_argument("--n-genes", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="replace this design's section of RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.variants.split(","):
+        if args.design == "simulator":
+            rows.append(measure_simulator(name, args.n_cells, args.n_genes, args.epochs, args.lr))
+            table = simulator_table(rows)
+        else:
+            rows.append(measure_spikein(name, args.epochs, args.lr))
+            table = spikein_table(rows)
+        print(table.splitlines()[-1], flush=True)
+    print(table)
+    if args.write:
+        title = f"## Ambient: {args.design}"
+        settings = (f"{args.n_cells} cells x {args.n_genes} genes, " if args.design == "simulator" else "") + \
+            f"{args.epochs} epochs, lr {args.lr:g}, no early stopping; " + ", ".join(f"{k}: {v}" for k, v in hardware_facts().items())
+        update_results(RESULTS, f"{title}\n\n{settings}.\n\n{table}\n", title)
+
+
+if __name__ == "__main__":
+    main()

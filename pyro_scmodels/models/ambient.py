@@ -1,0 +1,159 @@
+"""The ambient fraction: the share of each cell's expected counts that comes from the background.
+
+With ``mu_{n,g} = l_n (rho_{n,g} + s_{e(n),g}) y_{t(n),g}`` the background part of cell n is
+``l_n s_{e(n),g} y_{t(n),g}``, so its share of the cell's expected counts is::
+
+    f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}
+
+(the library size l_n cancels). It is computed from the model's own decomposition of the mean
+(:meth:`~pyro_scmodels.RegularizedVIModel.decompose_mean`) at the posterior mean of z and the
+point estimates (medians) of the global sites.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _validation as V
+
+#: columns of the per-category summary
+SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
+
+
+def ambient_fraction(queries, generative, global_values: dict, adata=None, indices=None,
+                     batch_size: int | None = None) -> np.ndarray:
+    """Per cell, the share of the expected counts that comes from the ambient background.
+
+    Parameters
+    ----------
+    queries
+        The user-facing model (a :class:`~pyro_scmodels.models.posterior_queries.PosteriorQueries`):
+        it runs the posterior of z over minibatches.
+    generative
+        The Pyro model (one modality's block) whose ``decompose_mean`` splits the mean.
+    global_values
+        Point estimates of that block's global sites (``ambient``, ``feature_scaling``).
+    adata, indices, batch_size
+        Cells, as in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
+
+    Returns
+    -------
+    numpy.ndarray
+        One fraction in [0, 1) per chosen cell.
+    """
+    generative = generative.eval()
+    parts = []
+    for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):
+        with torch.no_grad():
+            cell, soup = generative.decompose_mean(z, batch, global_values)
+            soup = soup.sum(-1)
+            parts.append((soup / (cell.sum(-1) + soup)).cpu())
+    return torch.cat(parts).numpy().astype(np.float64)
+
+
+def check_summary_column(obs: pd.DataFrame, by) -> None:
+    """Raise unless ``by`` names a column of ``obs`` (checked before anything is computed)."""
+    if not isinstance(by, str):
+        raise V.ArgumentTypeError(f"summarize_by must be the name of an .obs column (a str), got {by!r}.")
+    V.present(by, obs.columns, "adata.obs", "column")
+
+
+def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Mean, median, 5 % and 95 % quantiles and number of cells of ``fractions`` per category of ``obs[by]``.
+
+    Parameters
+    ----------
+    fractions
+        One value per row of ``obs``.
+    obs
+        The cells' ``.obs`` table.
+    by
+        The column to group by (an ambient covariate key gives the per-category summary).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per category present (in category order), columns :data:`SUMMARY_COLUMNS`.
+    """
+    check_summary_column(obs, by)
+    groups = pd.Series(fractions, index=obs.index).groupby(obs[by].to_numpy(), observed=True, sort=True)
+    table = pd.DataFrame({
+        "mean": groups.mean(), "median": groups.median(), "q05": groups.quantile(0.05),
+        "q95": groups.quantile(0.95), "n_cells": groups.size(),
+    })
+    categories = obs[by].cat.categories if isinstance(obs[by].dtype, pd.CategoricalDtype) else None
+    if categories is not None:
+        table = table.reindex([c for c in categories if c in table.index])
+    table.index.name = by
+    return table
+
+
+def profile_from_droplets(adata, groupby: str | None = None, layer: str | None = None,
+                          pseudocount: float = 0.5) -> pd.DataFrame:
+    """The ambient profile of each category, from the counts of empty droplets.
+
+    Parameters
+    ----------
+    adata
+        Counts of droplets without a cell (e.g. barcodes of a raw 10x matrix with few UMIs),
+        with the model's genes.
+    groupby
+        ``.obs`` column naming each droplet's ambient category (e.g. the batch); None: one
+        profile (column ``"all"``).
+    layer
+        Layer with the counts; None for ``.X``.
+    pseudocount
+        Added to every gene's summed count, so that no gene has a background of exactly 0.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Genes x categories, each column summing to 1; pass it as ``ambient_profile``.
+    """
+    if layer is not None:
+        V.present(layer, adata.layers, "adata.layers", "layer")
+    counts = adata.X if layer is None else adata.layers[layer]
+    pseudocount = V.non_negative_float("pseudocount", pseudocount)
+    if groupby is None:
+        labels, categories = np.zeros(adata.n_obs, dtype=int), ["all"]
+    else:
+        V.present(groupby, adata.obs.columns, "adata.obs", "column")
+        column = adata.obs[groupby].astype("category")
+        labels, categories = column.cat.codes.to_numpy(), [str(c) for c in column.cat.categories]
+    sums = np.zeros((adata.n_vars, len(categories)))
+    for k in range(len(categories)):
+        rows = counts[labels == k]
+        sums[:, k] = np.asarray(rows.sum(axis=0)).ravel()
+    sums = sums + pseudocount
+    return pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=categories)
+
+
+def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarray:
+    """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
+
+    ``profile`` is a genes x categories DataFrame (columns named like the columns of
+    ``get_ambient_profile()``; one column is used for every category), or a Series of one
+    profile for every category.
+    """
+    if isinstance(profile, pd.Series):
+        profile = profile.to_frame("all")
+    if not isinstance(profile, pd.DataFrame):
+        raise V.ArgumentTypeError(
+            f"ambient_profile must be a genes x categories pandas DataFrame (see profile_from_droplets), got {type(profile).__name__}.")
+    missing = pd.Index(var_names).difference(profile.index)
+    if len(missing):
+        raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
+                       "give one row per gene of adata.var_names.")
+    profile = profile.loc[var_names]
+    if profile.shape[1] == 1:
+        profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
+    unknown = [c for c in levels if c not in profile.columns]
+    if unknown:
+        raise KeyError(f"ambient_profile has no column for the ambient categories {unknown}; its columns are "
+                       f"{list(map(str, profile.columns))}.")
+    values = profile[levels].to_numpy(dtype=np.float64).T
+    if not np.isfinite(values).all() or (values < 0).any() or (values.sum(1) <= 0).any():
+        raise ValueError("ambient_profile must be finite and non-negative, with a positive sum per category.")
+    return values / values.sum(1, keepdims=True)

@@ -1,0 +1,186 @@
+"""The ambient fraction: its definition, its summaries, the simulator's known shares, and recovery."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyro_scmodels import RegularizedVI, datasets
+from pyro_scmodels import metrics as M
+from pyro_scmodels._validation import ArgumentTypeError
+from pyro_scmodels.models.ambient import profile_from_droplets
+from pyro_scmodels.models.regularizedvi_module import expected_counts
+
+FRACTIONS = (0.03, 0.08, 0.15, 0.25)
+
+
+def _simulated(n_cells=600, n_genes=100, seed=0, **kwargs):
+    return datasets.simulate(n_cells=n_cells, n_genes=n_genes, n_batches=len(FRACTIONS), n_markers_per_type=10,
+                             n_responding_genes=20, ambient_fractions=FRACTIONS, seed=seed, **kwargs)
+
+
+def _empty_droplets(adata, n_droplets=100, seed=1):
+    """Droplets holding only each batch's true background (Poisson counts, random droplet size)."""
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    soup = adata.varm["true_ambient"].T
+    counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
+                             for b in range(soup.shape[0])])
+    obs = pd.DataFrame({"batch": np.repeat(adata.obs["batch"].cat.categories, n_droplets)},
+                       index=[f"empty_{i}" for i in range(counts.shape[0])])
+    return anndata.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=adata.var_names))
+
+
+# --- the simulator's option ----------------------------------------------------------------------
+def test_simulator_batches_at_known_shares():
+    adata = _simulated(n_cells=800, n_genes=80, seed=3)
+    truth = adata.obs["true_ambient_fraction"]
+    means = truth.groupby(adata.obs["batch"], observed=True).mean().to_numpy()
+    # near the batch's share (feature scaling and the spread of RNA content move it a little)
+    np.testing.assert_allclose(means, FRACTIONS, rtol=0.2)
+    assert truth.groupby(adata.obs["batch"], observed=True).std().min() > 0.005  # varies from cell to cell
+    profile = adata.uns["true_ambient_profile"]
+    assert profile.shape == (80, len(FRACTIONS))
+    np.testing.assert_allclose(profile.sum(0), 1.0)
+    np.testing.assert_allclose(adata.varm["true_ambient"] / adata.varm["true_ambient"].sum(0), profile)
+    # the stored truth is the share of the stored expected counts
+    batch = adata.obs["batch"].cat.codes.to_numpy()
+    y, s, rho = adata.varm["true_feature_scaling"].T[batch], adata.varm["true_ambient"].T[batch], adata.layers["true_rho"]
+    np.testing.assert_allclose(truth, (s * y).sum(1) / ((rho + s) * y).sum(1), rtol=1e-5)
+    assert adata.uns["simulation"]["ambient_fractions"] == list(FRACTIONS)
+
+
+def test_simulator_option_leaves_the_other_draws_alone():
+    kwargs = dict(n_cells=200, n_genes=60, n_batches=4, n_markers_per_type=4, n_responding_genes=6, seed=2)
+    plain, with_option = datasets.simulate(**kwargs), datasets.simulate(ambient_fractions=FRACTIONS, **kwargs)
+    pd.testing.assert_frame_equal(plain.obs[["cell_type", "batch", "condition"]], with_option.obs[["cell_type", "batch", "condition"]])
+    pd.testing.assert_frame_equal(plain.var, with_option.var)
+    np.testing.assert_array_equal(plain.layers["true_ite"], with_option.layers["true_ite"])
+    assert "true_ambient_fraction" not in plain.obs and "true_ambient_profile" not in plain.uns
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ((0.1, 0.2), ValueError, "one value per batch"),
+    ((0.1, 0.2, 0.3, 1.0), ValueError, r"ambient_fractions\[3\]"),
+    ((0.1, -0.2, 0.3, 0.4), ValueError, r"ambient_fractions\[1\]"),
+    (0.1, ArgumentTypeError, "sequence"),
+])
+def test_simulator_rejects_bad_fractions(value, error, match):
+    with pytest.raises(error, match=match):
+        datasets.simulate(n_cells=50, n_genes=40, n_batches=4, n_markers_per_type=2, n_responding_genes=4,
+                          ambient_fractions=value)
+
+
+# --- the query -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_fit():
+    adata = _simulated(n_cells=200, n_genes=60, seed=1)
+    RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = RegularizedVI(adata, n_hidden=32, n_latent=4)
+    model.train(max_epochs=3, progress_bar=False)
+    return model, adata
+
+
+def test_fraction_is_the_background_share_of_the_likelihood_mean(short_fit):
+    model, adata = short_fit
+    fraction = model.get_ambient_fraction()
+    assert fraction.shape == (adata.n_obs,) and ((fraction > 0) & (fraction < 1)).all()
+    cells = np.arange(7)
+    _, (batch, _) = next(model.minibatches(indices=cells))
+    medians = model.module.guide.global_medians()
+    with torch.no_grad():
+        z = model.module.guide.z_posterior(batch).loc
+        rho = model.module.model.decode(z, batch)
+        mu = expected_counts(torch.ones(len(cells)), rho, medians["ambient"], medians["feature_scaling"],
+                             batch["ambient_index"], batch["scaling_index"])
+        own = expected_counts(torch.ones(len(cells)), rho, None, medians["feature_scaling"], batch["ambient_index"],
+                              batch["scaling_index"])
+    expected = 1.0 - own.sum(-1) / mu.sum(-1)
+    np.testing.assert_allclose(fraction[cells], expected.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(model.get_ambient_fraction(indices=cells), fraction[cells], rtol=1e-6)
+
+
+def test_summary_per_category_and_export(short_fit):
+    model, adata = short_fit
+    fraction = model.get_ambient_fraction()
+    table = model.get_ambient_fraction(summarize_by="batch")
+    assert list(table.index) == list(adata.obs["batch"].cat.categories)
+    assert list(table.columns) == ["mean", "median", "q05", "q95", "n_cells"]
+    assert table["n_cells"].sum() == adata.n_obs
+    first = (adata.obs["batch"] == table.index[0]).to_numpy()
+    assert table["mean"].iloc[0] == pytest.approx(fraction[first].mean())
+    exported = model.export_posterior(adata.copy(), num_samples=2)
+    np.testing.assert_allclose(exported.obs["ambient_fraction"], fraction, rtol=1e-6)
+
+
+def test_summary_argument_checked_before_work(short_fit):
+    model, _ = short_fit
+    with pytest.raises(KeyError, match="'donor' not found in adata.obs"):
+        model.get_ambient_fraction(summarize_by="donor")
+    with pytest.raises(ArgumentTypeError, match="summarize_by"):
+        model.get_ambient_fraction(summarize_by=["batch"])
+
+
+def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
+    model, adata = short_fit
+    profile = profile_from_droplets(_empty_droplets(adata, n_droplets=5), groupby="batch")
+    assert list(profile.columns) == list(adata.obs["batch"].cat.categories)
+    np.testing.assert_allclose(profile.sum(0), 1.0)
+    with pytest.raises(KeyError, match="no column for the ambient categories"):
+        RegularizedVI(adata, ambient_profile=profile.iloc[:, :2])
+    with pytest.raises(KeyError, match="no row for 3 of the model's genes"):
+        RegularizedVI(adata, ambient_profile=profile.iloc[3:])
+    with pytest.raises(ArgumentTypeError, match="DataFrame"):
+        RegularizedVI(adata, ambient_profile=profile.to_numpy())
+    fixed = RegularizedVI(adata, n_hidden=16, n_latent=2, ambient_profile=profile)
+    fixed.train(max_epochs=2, progress_bar=False)
+    learned = fixed.get_ambient_profile()
+    # only the amount moved: the shape is the given profile
+    np.testing.assert_allclose(learned / learned.sum(0), profile.to_numpy(), rtol=1e-5)
+    fixed.save(str(tmp_path / "model"))
+    loaded = RegularizedVI.load(str(tmp_path / "model"), adata)
+    pd.testing.assert_frame_equal(loaded.get_ambient_profile(), learned)
+
+
+# --- recovery of known shares ---------------------------------------------------------------------
+def test_known_profile_recovers_the_share_of_every_batch():
+    """With each batch's profile from empty droplets, the amounts are identified (SPEC-seed s is not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small steps: one thread is faster than two competing ones
+    try:
+        _recover_known_shares()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _recover_known_shares():
+    adata = _simulated()
+    RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    seed_profile = RegularizedVI(adata, n_hidden=64, n_latent=8).get_ambient_profile().to_numpy()
+    profile = profile_from_droplets(_empty_droplets(adata), groupby="batch")
+    model = RegularizedVI(adata, n_hidden=64, n_latent=8, ambient_profile=profile)
+    model.train(max_epochs=150, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=37, progress_bar=False)
+    inferred = model.get_ambient_fraction(summarize_by="batch")["mean"].to_numpy()
+    truth = adata.obs["true_ambient_fraction"].groupby(adata.obs["batch"], observed=True).mean().to_numpy()
+    assert np.all(np.abs(inferred / truth - 1.0) < 0.3), (inferred, truth)
+    assert M.spearman(model.get_ambient_fraction(), adata.obs["true_ambient_fraction"]) >= 0.8
+    log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(adata.uns["true_ambient_profile"][:, b]))
+                               for b in range(len(FRACTIONS))])  # noqa: E731
+    assert log_r(model.get_ambient_profile().to_numpy()) > log_r(seed_profile) + 0.05
+
+
+def test_multimodal_fraction_per_ambient_modality():
+    from pyro_scmodels import RegularizedMultimodalVI
+
+    mdata = datasets.simulate_multiome(n_cells=120, n_genes=80, n_peaks=120, seed=0)
+    RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    model = RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=2)
+    model.train(max_epochs=1, progress_bar=False)
+    fraction = model.get_ambient_fraction("rna")
+    assert fraction.shape == (120,) and ((fraction > 0) & (fraction < 1)).all()
+    table = model.get_ambient_fraction("rna", summarize_by="batch")
+    assert table["n_cells"].to_dict() == mdata.obs["batch"].value_counts().to_dict()
+    with pytest.raises(ValueError, match="no ambient background"):
+        model.get_ambient_fraction("atac")
+    assert set(model.exported_cell_quantities()) == {"ambient_fraction_rna"}
