@@ -1,4 +1,7 @@
-"""Exact nearest-neighbour matching of cells into groups with FAISS (SPEC 3.5); the only module importing faiss.
+"""Nearest-neighbour matching of cells into groups with FAISS (SPEC 3.5); the only module importing faiss.
+
+Searches are exact (a flat index, or brute force on a GPU) unless a group is large enough on the CPU
+for an approximate inverted-file (IVF) index to pay (:func:`choose_method`), whose recall is logged.
 
 :func:`match_groups` matches every cell into each target group, :func:`weighted_average` averages over matches.
 :func:`resolve_faiss_device` decides, for every search, whether faiss runs on the CPU or a GPU: a decision of its
@@ -25,6 +28,12 @@ GPU_MAX_K = 2048
 FAISS_GPU_PACKAGE = "faiss-gpu"
 GPU_INSTALL_HINT = (f"install the faiss GPU build instead of faiss-cpu (both provide the faiss module): "
                     f"pip uninstall faiss-cpu && pip install {FAISS_GPU_PACKAGE}")
+
+METHODS = ("auto", "exact", "ivf")
+#: ``method="auto"`` switches from an exact to an approximate (IVF) CPU search above this many query x base
+#: distance evaluations per group: 1.5e10 is about 150k x 100k cells, a few seconds of exact search on 2 cores.
+EXACT_MAX_PAIRS = 1.5e10
+RECALL_SAMPLE = 1000  # queries checked against an exact search after an approximate one (logged)
 
 _gpu_resources = None
 _cpu_fallback_logged = False  # the "runs on the CPU" message is logged once per process
@@ -153,15 +162,66 @@ def _as_points(name: str, x) -> np.ndarray:
     return array
 
 
-def _search(query: np.ndarray, base: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search on validated float32 arrays with k <= len(base) on a device from
-    :func:`resolve_faiss_device` (``"cuda"`` needs k <= GPU_MAX_K); Euclidean distances, ascending."""
+def ivf_parameters(n_base: int) -> tuple[int, int]:
+    """Inverted lists and lists probed per query of the approximate index, from the base size.
+
+    About 4 sqrt(n) lists (faiss' guideline; at most n / 39, so that k-means has 39 cells per list)
+    and 1/32 of them probed (at least 16): recall@1 of 0.95 or more on cell embeddings
+    (``benchmarks/bench_matching.py`` measures it).
+    """
+    n_lists = int(np.clip(min(4 * np.sqrt(n_base), n_base // 39), 1, 65536))
+    return n_lists, min(n_lists, max(16, int(np.ceil(n_lists / 32))))
+
+
+def choose_method(method: str, n_query: int, n_base: int, device: str) -> str:
+    """``"exact"`` or ``"ivf"``: ``"auto"`` is exact on a GPU and for up to :data:`EXACT_MAX_PAIRS` pairs."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+    if method != "auto":
+        return method
+    return "ivf" if device == "cpu" and float(n_query) * n_base > EXACT_MAX_PAIRS else "exact"
+
+
+def _ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Approximate search with an inverted-file index (k-means cells, exact distances inside them)."""
+    n_lists, n_probe = ivf_parameters(len(xb))
+    quantizer = faiss.IndexFlatL2(xb.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, xb.shape[1], n_lists)
+    index.cp.seed, index.cp.niter = seed, 10  # seeded k-means; 10 iterations suffice for coarse cells
+    rng = np.random.default_rng(seed)
+    sample = xb if len(xb) <= 40 * n_lists else xb[np.sort(rng.choice(len(xb), 40 * n_lists, replace=False))]
+    index.train(sample)
+    index.add(xb)
+    index.nprobe = n_probe
+    _, indices = index.search(xq, k)
+    # a query whose probed lists hold fewer than k cells gets -1: those few are searched exactly
+    short = np.flatnonzero((indices < 0).any(axis=1))
+    if short.size:
+        exact = faiss.IndexFlatL2(xb.shape[1])
+        exact.add(xb)
+        indices[short] = exact.search(xq[short], k)[1]
+    recall_sample = rng.choice(len(xq), min(RECALL_SAMPLE, len(xq)), replace=False)
+    exact = faiss.IndexFlatL2(xb.shape[1])
+    exact.add(xb)
+    truth = exact.search(xq[recall_sample], 1)[1][:, 0]
+    recall = float(np.mean(indices[recall_sample, 0] == truth))
+    logger.info("Approximate matching (IVF, %d lists, %d probed) of %d cells into %d: recall@1 %.3f on %d sampled "
+                "cells (method='exact' for an exact search).", n_lists, n_probe, len(xq), len(xb), recall, len(recall_sample))
+    return indices
+
+
+def _search(query: np.ndarray, base: np.ndarray, k: int, device: str,
+            method: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """Search on validated float32 arrays with k <= len(base) on a device from :func:`resolve_faiss_device`
+    (``"cuda"`` needs k <= GPU_MAX_K), exact or approximate (``"ivf"``); Euclidean distances, ascending."""
     global _gpu_resources
     faiss = _faiss()
     # faiss ranks by |x|^2 + |y|^2 - 2 x.y (BLAS): centring keeps the norms, and the cancellation error, small
     centre = base.mean(axis=0, dtype=np.float64).astype(np.float32)
     xq, xb = query - centre, base - centre
-    if device == "cuda":
+    if method == "ivf":
+        indices = _ivf_search(faiss, xq, xb, k)
+    elif device == "cuda":
         if k > GPU_MAX_K:  # resolve_faiss_device keeps this from happening; faiss' own error is less clear
             raise ValueError(f"k={k} exceeds faiss' GPU limit k={GPU_MAX_K}.")
         if _gpu_resources is None:  # GPU scratch memory: allocated once, reused by every search
@@ -178,8 +238,8 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, device: str) -> tuple[n
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
-def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Exact L2 nearest neighbours of each query row among the base rows, in one batched search.
+def knn(query, base, k: int = 1, device: str = "auto", method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """L2 nearest neighbours of each query row among the base rows, in one batched search.
 
     Parameters
     ----------
@@ -193,6 +253,10 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
         ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved by :func:`resolve_faiss_device` (independently of
         torch's device): ``"auto"`` is the GPU when :func:`faiss_gpu_available`, else the CPU, said once
         per process; ``"cuda"`` without a GPU faiss raises a ValueError naming what is missing and the fix.
+    method
+        ``"exact"``, ``"ivf"`` (approximate: an inverted-file index, :func:`ivf_parameters`; its recall@1
+        against an exact search of a sample is logged) or ``"auto"``: exact on a GPU, and on the CPU up
+        to :data:`EXACT_MAX_PAIRS` query x base pairs, IVF beyond.
 
     Returns
     -------
@@ -215,7 +279,8 @@ def knn(query, base, k: int = 1, device: str = "auto") -> tuple[np.ndarray, np.n
     if base.shape[0] == 0:
         raise ValueError("base is empty: there is no cell to match to.")
     k = min(k, len(base))
-    return _search(query, base, k, resolve_faiss_device(device, k))
+    faiss_device = resolve_faiss_device(device, k)
+    return _search(query, base, k, faiss_device, choose_method(method, len(query), len(base), faiss_device))
 
 
 def kernel_weights(distances, bandwidth: float = 1.0) -> np.ndarray:
@@ -248,10 +313,11 @@ class GroupMatches(NamedTuple):
     weights: np.ndarray  # kernel_weights(distances): rows sum to 1
 
 
-def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, device="auto") -> dict:
+def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, device="auto", method="auto") -> dict:
     """Match every cell to its nearest cells within each target group.
 
-    For each target group T: one exact index over the cells of T, one batched search of all cells.
+    For each target group T: one index over the cells of T (exact, or IVF for large groups on the CPU),
+    one batched search of all cells.
 
     Parameters
     ----------
@@ -261,9 +327,9 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
         1-d label per cell (e.g. batch x condition); cells labelled NaN/None are queried only.
     target_groups
         Labels to match into; default every label, in order of first appearance.
-    k, device
+    k, device, method
         As in :func:`knn`; k is clamped to each group's size (k = 1: causal matching). The device is
-        resolved once, by :func:`resolve_faiss_device`, for the largest clamped k.
+        resolved once, by :func:`resolve_faiss_device`, for the largest clamped k; the method per group.
     bandwidth
         Passed to :func:`kernel_weights`.
 
@@ -289,7 +355,8 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
     matches = {}
     for label in targets:
         members = np.flatnonzero(codes == code_of[label])
-        distances, local = _search(points, points[members], min(k, members.size), faiss_device)
+        group_method = choose_method(method, len(points), members.size, faiss_device)
+        distances, local = _search(points, points[members], min(k, members.size), faiss_device, group_method)
         matches[label] = GroupMatches(members[local], distances, kernel_weights(distances, bandwidth))
     return matches
 

@@ -443,3 +443,34 @@ def test_weighted_average_defaults_and_errors():
         matching.weighted_average(values, indices, np.ones((2, 3)))
     with pytest.raises(ValueError, match="non-negative"):
         matching.weighted_average(values, indices, [[1.0, -1.0], [1.0, 1.0]])
+
+
+# --- approximate matching at scale ------------------------------------------------------------------
+def test_method_auto_is_exact_for_small_groups_and_on_a_gpu_and_ivf_for_large_ones_on_the_cpu():
+    assert matching.choose_method("auto", 10_000, 10_000, "cpu") == "exact"
+    assert matching.choose_method("auto", 1_000_000, 250_000, "cpu") == "ivf"
+    assert matching.choose_method("auto", 1_000_000, 250_000, "cuda") == "exact"
+    assert matching.choose_method("exact", 1_000_000, 250_000, "cpu") == "exact"
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'exact', 'ivf'"):
+        matching.choose_method("hnsw", 10, 10, "cpu")
+    n_lists, n_probe = matching.ivf_parameters(250_000)
+    assert n_lists == 2000 and n_probe == 63
+    assert matching.ivf_parameters(100) == (2, 2)  # tiny bases: at least 39 cells per list
+
+
+def test_ivf_matching_recalls_the_exact_neighbours_and_logs_its_recall(caplog):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 10)) * 3
+    points = (centres[rng.integers(0, 20, 8000)] + rng.normal(size=(8000, 10)) * 0.5).astype(np.float32)
+    groups = np.repeat(["a", "b"], 4000)
+    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
+    exact = matching.match_groups(points, groups, method="exact")
+    approximate = matching.match_groups(points, groups, method="ivf")
+    for group in ("a", "b"):
+        recall = np.mean(exact[group].indices[:, 0] == approximate[group].indices[:, 0])
+        assert recall >= 0.95, f"recall@1 {recall:.3f} in group {group}"
+        # every match is a cell of the group, and a cell of the group finds itself
+        members = np.flatnonzero(groups == group)
+        assert np.isin(approximate[group].indices, members).all()
+        assert (approximate[group].indices[members, 0] == members).mean() > 0.99
+    assert "Approximate matching (IVF" in caplog.text and "recall@1" in caplog.text
