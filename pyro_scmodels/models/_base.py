@@ -21,6 +21,7 @@ from .._io import load_torch_file
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
+from ..distributed import training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 
 MODEL_FILE = "model.pt"
@@ -76,6 +77,10 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 10,
         progress_bar: bool = True,
+        *,
+        accelerator: str | None = None,
+        devices: int | str | list | None = None,
+        strategy: str | None = None,
     ) -> pd.DataFrame:
         """Fit the model with stochastic variational inference.
 
@@ -109,6 +114,13 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
             if a checkpoint is already there, training resumes from it.
         progress_bar
             Show a tqdm progress bar with the running loss.
+        accelerator, devices, strategy
+            scvi-tools' names. ``accelerator``: ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"``;
+            ``devices``: devices (processes) on this node; ``strategy="ddp"``: data-parallel
+            training on ``torch.distributed``, which needs one process per device started by
+            ``torchrun`` (a script run under ``torchrun`` trains data-parallel by itself). Each
+            rank takes its share of every minibatch of ``batch_size`` cells; only rank 0 writes
+            checkpoints. See the distributed-training page of the documentation.
 
         Returns
         -------
@@ -129,10 +141,11 @@ class PyroModelBase(PosteriorQueries, PosteriorMixin):
         weight_decay = V.non_negative_float("weight_decay", weight_decay)
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
-        self.device = resolve_device(device)
+        self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
         self._prepare_trainer(data, max_epochs, train_size, seed, lr, eps, weight_decay)
+        self.trainer.use_parallel(parallel)
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
         plan = TrainingPlan(
