@@ -192,6 +192,9 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .ndreamer._constants import NETWORK_PRESETS
 
     _check_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("ndreamer trains in one process (its losses compare cells across the whole minibatch); "
+                         "run it without torchrun.")
     out = _prepare_output(folder, args)
     adata = read_h5ad(args.data)
     if args.cate_groupby is not None:

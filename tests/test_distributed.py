@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 
+import mudata
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,9 +56,20 @@ def _cells(n_cells: int, seed: int = 3):
     return adata
 
 
-def _one_epoch_of_two_steps(**parallel) -> dict:
+def _model(kind: str, n_cells: int):
+    if kind == "multimodal":
+        mudata.set_options(pull_on_update=False)
+        # some cells without ATAC counts: their ATAC terms are masked, on whichever rank they land
+        mdata = ps.datasets.simulate_multiome(n_cells=n_cells, n_genes=75, n_peaks=120, atac_missing_fraction=0.1, seed=0)
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["rna", "atac"])
+        return ps.RegularizedMultimodalVI(mdata, latent_mode="weighted_mean", modality_weights="cell", dropout_rate=0.0,
+                                          seed=0, **TINY)
+    return ps.RegularizedVI(_cells(n_cells), dropout_rate=0.0, seed=0, **TINY)
+
+
+def _one_epoch_of_two_steps(kind: str = "rna", **parallel) -> dict:
     """47 cells, minibatches of 32 and 15 (shards 16/16 and 8/7): parameters and last gradients."""
-    model = ps.RegularizedVI(_cells(47), dropout_rate=0.0, seed=0, **TINY)
+    model = _model(kind, 47)
     with _AtMean():
         model.train(max_epochs=1, batch_size=32, train_size=1.0, lr=1e-2, kl_warmup_epochs=None, gradient_clip=None,
                     early_stopping=False, device="cpu", progress_bar=False, **parallel)
@@ -95,7 +107,9 @@ def _rank_main(rank: int, port: int, results) -> None:
     torch.set_num_threads(1)  # two ranks share two cores; no OpenMP pool inherited across fork is touched
     try:
         parallel = dict(devices=WORLD, strategy="ddp")
-        results.put((rank, {"step": _one_epoch_of_two_steps(**parallel), "short": _short_run(**parallel).to_dict(),
+        results.put((rank, {"step": _one_epoch_of_two_steps(**parallel),
+                            "multimodal": _one_epoch_of_two_steps("multimodal", **parallel),
+                            "short": _short_run(**parallel).to_dict(),
                             "nan": _nan_on_rank_one(rank)}))
     except BaseException:
         results.put((rank, {"error": traceback.format_exc()}))
@@ -128,11 +142,13 @@ def two_ranks():
     return collected
 
 
-def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks):
-    """Gradients averaged by DDP, locals scaled by N / global minibatch: the same step as one process."""
-    single = _one_epoch_of_two_steps()
+@pytest.mark.parametrize("kind", ["step", "multimodal"])
+def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks, kind):
+    """Gradients averaged by DDP, locals scaled by N / global minibatch: the same step as one process
+    (RegularizedVI, and RegularizedMultimodalVI with per-cell modality weights and masked cells)."""
+    single = _one_epoch_of_two_steps("rna" if kind == "step" else kind)
     for rank, result in two_ranks.items():
-        step = result["step"]
+        step = result[kind]
         assert step["parameters"].keys() == single["parameters"].keys()
         for name, value in single["parameters"].items():
             np.testing.assert_allclose(step["parameters"][name], value, atol=1e-5, rtol=0, err_msg=f"rank {rank} {name}")
