@@ -83,7 +83,7 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     plans = [("CPU (gloo)", "cpu", [1, 2] * args.rounds)]
     if args.gpus:
-        plans.append((f"GPU (NCCL)", "gpu", list(range(1, args.gpus + 1)) * args.rounds))
+        plans.append(("GPU (NCCL)", "gpu", list(range(1, args.gpus + 1)) * args.rounds))
     rows, summary, all_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for label, accelerator, order in plans:
