@@ -3,6 +3,10 @@
 ``demo`` simulates data with known truth (no download needed), fits RegularizedVI and NDreamer
 and prints what they recovered; ``fit`` fits RegularizedVI and ``ndreamer`` runs NDreamer on a
 user's h5ad file.
+
+``fit`` trains data-parallel when started by ``torchrun`` (``torchrun --nproc_per_node=N -m
+pyro_scmodels fit ...``) or with ``--devices N``, which starts ``torchrun`` itself on this machine.
+Only rank 0 writes the output folder.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -42,7 +47,7 @@ _ARGUMENT_CHECKS = {
              "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
     "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
             "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
-            "seed": V.non_negative_int},
+            "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int},
     "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
                  "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
 }
@@ -127,6 +132,9 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .ndreamer._constants import NETWORK_PRESETS
 
     _check_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("ndreamer trains in one process (its losses compare cells across the whole minibatch); "
+                         "run it without torchrun.")
     out = _prepare_output(folder, args)
     adata = read_h5ad(args.data)
     if args.cate_groupby is not None:
@@ -155,11 +163,14 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
 
 
 def run_fit(args, folder: OutputFolder) -> None:
-    """Fit RegularizedVI on a user's h5ad and write results and the model."""
+    """Fit RegularizedVI on a user's h5ad and write results and the model (rank 0 only, when data-parallel)."""
     from . import RegularizedVI
+    from .distributed import is_writer
 
     _check_device(args.device)
-    out = _prepare_output(folder, args)
+    writer = is_writer()
+    # the other ranks of a torchrun launch read the same input, train, and leave the folder to rank 0
+    out = _prepare_output(folder, args) if writer else folder.path
     adata = read_h5ad(args.data)
     # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
@@ -170,7 +181,10 @@ def run_fit(args, folder: OutputFolder) -> None:
     )
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                checkpoint_dir=os.path.join(out, "checkpoint"), progress_bar=not args.quiet)
+                checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
+                progress_bar=not args.quiet, devices=args.devices)
+    if not writer:
+        return
     _store_results(model, adata, write_normalized=args.write_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
@@ -265,6 +279,10 @@ def _add_fit(sub) -> None:
                      help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
     fit.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
+    fit.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
+    fit.add_argument("--devices", type=int, default=None,
+                     help="data-parallel training on N processes of this machine (starts torchrun; under torchrun: "
+                          "its --nproc_per_node). Multi-node: see docs/distributed.md")
     _common(fit, "replace earlier results in the output folder (and discard its checkpoint)")
 
 
@@ -306,9 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_torchrun(argv: list[str], devices: int) -> int:
+    """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "pyro_scmodels", *argv]
+    print(f"Starting {devices} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command)
+
+
+def _rank_prefix() -> str:
+    """``" (rank r)"`` in a distributed run, so that each process's error is told apart."""
+    return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _leave_process_group() -> None:
+    """Close the torch.distributed process group that training started (a torchrun launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "devices", None) and args.devices > 1 and "WORLD_SIZE" not in os.environ:
+        check_arguments(args)
+        return _launch_torchrun(argv, args.devices)
     package_logger = logging.getLogger("pyro_scmodels")
     if not any(isinstance(h, _CurrentStderrHandler) for h in package_logger.handlers):
         handler = _CurrentStderrHandler()
@@ -326,17 +369,18 @@ def main(argv=None) -> int:
             # a run that failed before writing anything leaves no empty folder behind
             if folder is not None:
                 folder.discard_if_empty()
+            _leave_process_group()
     except KeyboardInterrupt:
         # Ctrl-C: the training loop has written a checkpoint (fit) before this point is reached
         hint = " Rerun the same command with --resume to continue from the last checkpoint." if args.command in ("fit", "ndreamer") else ""
         print(f"interrupted.{hint}", file=sys.stderr)
         return 130
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{_rank_prefix()}: {err}", file=sys.stderr)
         return 1
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        print(f"error{_rank_prefix()}: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,6 +20,7 @@ from pyro.infer import Trace_ELBO
 from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
+from .distributed import LocalScale
 from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,44 @@ class TrainingPlan(LoopPlan):
         return min(1.0, max(weight, C.MIN_KL_WEIGHT))
 
 
+class ELBOLoss(torch.nn.Module):
+    """The negative ELBO of a model/guide pair as a module's forward (what DDP wraps).
+
+    ``DistributedDataParallel`` averages gradients over ranks when the loss comes out of a
+    module's ``forward``; holding the model and guide as submodules gives it every parameter.
+
+    Parameters
+    ----------
+    model, guide
+        Callables ``model(batch, n_obs, kl_weight)`` and ``guide(batch, n_obs, kl_weight)``.
+    """
+
+    def __init__(self, model, guide):
+        super().__init__()
+        self.model, self.guide = model, guide
+        self.elbo = Trace_ELBO()
+
+    def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
+        """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``."""
+        # the data were validated once at setup; per-step support checks only cost time
+        with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
+            if local_factor == 1.0:
+                return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+            with LocalScale(local_factor):
+                return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+
+
 class SVITrainer(TrainingLoop):
     """Stochastic variational inference for a model/guide pair of ``LocalPyroModule``s.
 
     The Pyro ELBO specialisation of :class:`~pyro_scmodels.training.TrainingLoop`: an epoch is
     one shuffled pass over the training cells, the loss is the negative ELBO per cell, and
     each epoch also records the validation loss (monitored for early stopping) and KL weight.
+
+    In a data-parallel run (:meth:`~pyro_scmodels.training.TrainingLoop.use_parallel`) every rank
+    draws the same minibatches and takes its shard of each; the loss module is wrapped in
+    ``DistributedDataParallel`` and the cell plate is rescaled so that the ranks' mean loss is
+    the loss of the whole minibatch (see :mod:`~pyro_scmodels.distributed`).
 
     Parameters
     ----------
@@ -105,6 +138,8 @@ class SVITrainer(TrainingLoop):
         What a checkpoint must match to be resumed: cells, genes, sizes and settings.
     """
 
+    data_parallel = True
+
     def __init__(self, model, guide, data: CellData, train_indices, validation_indices,
                  lr: float = C.LEARNING_RATE, eps: float = C.ADAM_EPS, weight_decay: float = C.WEIGHT_DECAY,
                  fingerprint: dict | None = None):
@@ -113,7 +148,8 @@ class SVITrainer(TrainingLoop):
         self.model, self.guide, self.data = model, guide, data
         self.train_indices = np.asarray(train_indices)
         self.validation_indices = np.asarray(validation_indices)
-        self.elbo = Trace_ELBO()
+        self.elbo_loss = ELBOLoss(model, guide)
+        self._step_loss, self._wrapped_for = self.elbo_loss, self.parallel  # the loss a step calls (DDP-wrapped)
         self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
         self._plan: TrainingPlan | None = None
         self._kl_weight = 1.0
@@ -132,9 +168,7 @@ class SVITrainer(TrainingLoop):
 
     def loss(self, batch: dict, n_obs: int, kl_weight: float) -> torch.Tensor:
         """Negative ELBO of a minibatch, per cell of the ``n_obs``-cell dataset."""
-        # the data were validated once at setup; per-step support checks only cost time
-        with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
-            return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+        return self.elbo_loss(batch, n_obs, kl_weight)
 
     # --- loop hooks ------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -148,11 +182,15 @@ class SVITrainer(TrainingLoop):
         yield from iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng)
 
     def minibatch_loss(self, indices: np.ndarray) -> tuple[torch.Tensor, dict]:
-        """Negative ELBO per cell of one minibatch at the current KL weight (no named parts)."""
+        """Negative ELBO per cell of one minibatch (this rank's shard of it) at the current KL weight."""
         n_obs = len(self.train_indices)
         self._kl_weight = self._plan.kl_weight(self.epoch, self.step)
-        self._current = (self.data.minibatch(indices), n_obs, self._kl_weight)
-        return self.loss(*self._current), {}
+        cells, local_factor = self.parallel.shard(indices)
+        self._current = (self.data.minibatch(cells), n_obs, self._kl_weight)
+        if self._wrapped_for is not self.parallel:
+            # wrapped once the parameters exist; DDP hands rank 0's parameters to every rank
+            self._step_loss, self._wrapped_for = self.parallel.wrap(self.elbo_loss), self.parallel
+        return self._step_loss(*self._current, local_factor), {}
 
     def minibatch_weight(self, indices: np.ndarray) -> float:
         """Minibatches count by their number of cells."""
@@ -162,7 +200,8 @@ class SVITrainer(TrainingLoop):
         """Training and validation loss and the epoch's last KL weight (validation every ``plan.validate_every`` epochs)."""
         # without validation cells the training loss is monitored, every epoch
         validated = len(self.validation_indices) == 0 or (self.epoch + 1) % plan.validate_every == 0
-        validation_loss = self.evaluate(self.validation_indices, plan.batch_size) if validated else float("nan")
+        # every rank takes the same decision, so the collective inside _validation_loss is reached by all
+        validation_loss = self._validation_loss(plan.batch_size) if validated else float("nan")
         return {"train_loss": train_loss, "validation_loss": validation_loss, "kl_weight": self._kl_weight,
                 "validated": validated}
 
@@ -200,13 +239,26 @@ class SVITrainer(TrainingLoop):
         """Negative ELBO per cell of ``indices`` (eval mode, no gradient)."""
         if len(indices) == 0:
             return float("nan")
+        return self._summed_loss(indices, len(indices), batch_size, kl_weight) / len(indices)
+
+    def _validation_loss(self, batch_size: int) -> float:
+        """:meth:`evaluate` on the validation cells; in a data-parallel run each rank takes a part and the sums are added."""
+        n_obs = len(self.validation_indices)
+        if n_obs == 0:
+            return float("nan")
+        part = self.parallel.split(self.validation_indices)
+        return self.parallel.sum([self._summed_loss(part, n_obs, batch_size, 1.0)])[0] / n_obs
+
+    @torch.no_grad()
+    def _summed_loss(self, indices: np.ndarray, n_obs: int, batch_size: int, kl_weight: float) -> float:
+        """Sum over minibatches of ``indices`` of the per-cell loss of an ``n_obs``-cell set times the minibatch size."""
         self.model.eval()
         self.guide.eval()
-        n_obs, total = len(indices), 0.0
+        total = 0.0
         for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
             # each minibatch estimates the whole set's ELBO; weight them by their share of cells
             total += self.loss(self.data.minibatch(chunk), n_obs, kl_weight).item() * len(chunk)
-        return total / n_obs
+        return total
 
     def fit(self, plan: TrainingPlan, seed: int = 0):
         """Train until epoch ``plan.max_epochs`` (the loop's epoch count) or early stopping; returns :attr:`history`."""

@@ -9,6 +9,10 @@ equals an uninterrupted one), Ctrl-C safety, early stopping, a tqdm bar and a pe
 what happens after each step (:meth:`~TrainingLoop.after_step`) and what an epoch records
 (:meth:`~TrainingLoop.end_epoch`). :class:`~pyro_scmodels.infer.SVITrainer` (Pyro ELBO) and
 the NDreamer trainer are the two specialisations.
+
+Data-parallel training (:mod:`~pyro_scmodels.distributed`) plugs in through :attr:`TrainingLoop.parallel`:
+the loop asks it whether any rank saw a NaN, for the epoch's loss over all ranks, whether this
+process writes checkpoints, and for the checkpoint that the writing rank read.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from . import _constants as C
 from ._atomic import atomic_path
 from ._io import load_torch_file
+from .distributed import SingleProcess
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class TrainingLoop:
     """
 
     description = "Training"
+    # whether the loss of a minibatch can be split across ranks (set by subclasses that support it)
+    data_parallel = False
 
     def __init__(self, modules: dict[str, torch.nn.Module], fingerprint: dict | None = None,
                  history_columns: Iterable[str] = ("train_loss",)):
@@ -95,6 +102,21 @@ class TrainingLoop:
         self.interruption: str | None = None  # set by Ctrl-C during fit: how far training got
         self._best = math.inf
         self._epochs_without_improvement = 0
+        self.parallel = SingleProcess()
+
+    def use_parallel(self, parallel) -> None:
+        """Train in one process (:class:`~pyro_scmodels.distributed.SingleProcess`) or as one rank of several.
+
+        Parameters
+        ----------
+        parallel
+            A :class:`~pyro_scmodels.distributed.SingleProcess` or
+            :class:`~pyro_scmodels.distributed.DataParallel`.
+        """
+        if parallel.world_size > 1 and not self.data_parallel:
+            raise ValueError(f"{type(self).__name__} trains in one process only; drop devices/strategy or start one "
+                             "process (not torchrun with several).")
+        self.parallel = parallel
 
     # --- hooks -----------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -190,8 +212,10 @@ class TrainingLoop:
             if max_steps is not None and self.step >= max_steps:
                 break
             loss, parts = self.minibatch_loss(item)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(self.diagnose("the loss", parts))
+            finite = bool(torch.isfinite(loss))
+            # every rank asks, so that one rank's NaN stops all of them (with that rank's message)
+            if self.parallel.any(not finite):
+                raise NonFiniteError(self.parallel.first_message(None if finite else self.diagnose("the loss", parts)))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if plan.gradient_clip:
@@ -206,8 +230,10 @@ class TrainingLoop:
             weights += weight
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * weight
+        # each rank's loss is its share of the global minibatch's: the epoch's loss is their mean
+        total, *means = self.parallel.mean([total, *sums.values()])
         scale = 1.0 / weights if weights else math.nan
-        return total * scale, {name: value * scale for name, value in sums.items()}
+        return total * scale, {name: value * scale for name, value in zip(sums, means)}
 
     def _done(self, plan) -> bool:
         max_steps = plan.max_steps
@@ -222,17 +248,19 @@ class TrainingLoop:
         in eval mode, and ``KeyboardInterrupt`` is raised again.
         """
         self.interruption = None
-        if plan.checkpoint_path and os.path.exists(plan.checkpoint_path) and self.epoch == 0:
-            self.load_checkpoint(plan.checkpoint_path)
-            logger.info("Resumed from %s at epoch %d.", plan.checkpoint_path, self.epoch)
+        if plan.checkpoint_path and self.epoch == 0:
+            self._resume(plan.checkpoint_path)
         if self.optimizer is None:
             self.prepare()
             self._make_optimizer()
+        writer = self.parallel.is_writer
         bar = tqdm(total=plan.max_epochs, initial=min(self.epoch, plan.max_epochs), desc=self.description,
-                   disable=not plan.progress_bar, unit="epoch")
+                   disable=not (plan.progress_bar and writer), unit="epoch")
         try:
             while not self._done(plan):
-                train_loss, parts = self._train_epoch(plan, self.seed_epoch(seed, self.epoch))
+                rng = self.seed_epoch(seed, self.epoch)
+                self.parallel.seed(seed, self.epoch)
+                train_loss, parts = self._train_epoch(plan, rng)
                 record = self.end_epoch(plan, train_loss, parts)
                 self.history.loc[self.epoch] = [record.get(c, math.nan) for c in self.history.columns]
                 self.epoch += 1
@@ -243,7 +271,7 @@ class TrainingLoop:
                 if not math.isnan(validation_loss):
                     shown["val"] = f"{validation_loss:.4g}"
                 bar.set_postfix(**shown)
-                if plan.checkpoint_path and self.epoch % plan.checkpoint_every == 0:
+                if plan.checkpoint_path and writer and self.epoch % plan.checkpoint_every == 0:
                     self.save_checkpoint(plan.checkpoint_path)
                 # an epoch whose validation was skipped (check_val_every_n_epoch) neither improves nor counts
                 monitored = record.get("validated", True)
@@ -252,7 +280,7 @@ class TrainingLoop:
                     break
         except KeyboardInterrupt:
             self.interruption = f"trained for {self.epoch} of {plan.max_epochs} epochs (interrupted at step {self.step})"
-            if plan.checkpoint_path:
+            if plan.checkpoint_path and writer:
                 # mid-epoch state: a resumed run repeats the interrupted epoch, so it is not bit-identical
                 self.save_checkpoint(plan.checkpoint_path)
                 logger.warning("Interrupted: %s; state written to %s.", self.interruption, plan.checkpoint_path)
@@ -262,7 +290,7 @@ class TrainingLoop:
         finally:
             bar.close()
             self._set_training(False)
-        if plan.checkpoint_path:
+        if plan.checkpoint_path and writer:
             self.save_checkpoint(plan.checkpoint_path)
         return self.history
 
@@ -270,6 +298,14 @@ class TrainingLoop:
         """Forget the best loss so far: a new call to ``fit`` watches its own epochs (a checkpoint restores it)."""
         self._best = math.inf
         self._epochs_without_improvement = 0
+
+    def _resume(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` if there is one (read by the writing rank, handed to all)."""
+        state = self.parallel.from_writer(lambda: load_torch_file(path, "training checkpoint") if os.path.exists(path) else None)
+        if state is not None:
+            self.load_state(state, source=f"Checkpoint {path}")
+            if self.parallel.is_writer:
+                logger.info("Resumed from %s at epoch %d.", path, self.epoch)
 
     def _should_stop(self, validation_loss: float, train_loss: float, plan) -> bool:
         monitored = train_loss if math.isnan(validation_loss) else validation_loss

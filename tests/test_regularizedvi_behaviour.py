@@ -46,6 +46,42 @@ def test_global_sites_count_once_and_cells_scale_with_minibatch(small):
             assert scales[site] == pytest.approx(200 / 20), site
 
 
+@pytest.mark.parametrize("n_global", [21, 1])
+def test_data_parallel_shards_scale_cells_by_n_over_the_global_minibatch(small, n_global):
+    """On W ranks, rank r's shard B_r of a global minibatch B: globals count once, cells W N / |B|
+    (N / |B_r| from the plate times the LocalScale factor), so the mean of the ranks' log-joints,
+    which DDP's gradient averaging differentiates, is the one-process log-joint of B. A rank left
+    without cells (|B| = 1 < W) adds nothing local."""
+    from pyro_scmodels.distributed import LocalScale, shard
+
+    model = ps.RegularizedVI(small, **SMALL)
+    model.module.eval()
+    data = model._cell_data()
+    n, world, everything = data.n_cells, 2, data.minibatch(np.arange(data.n_cells))
+    with torch.no_grad():
+        sample = poutine.trace(model.module.guide).get_trace(everything, n)
+    latent = {name: site["value"] for name, site in sample.nodes.items() if site["type"] == "sample" and name not in ("cells", "genes")}
+
+    def trace_of(cells, factor):
+        values = {k: (v[torch.as_tensor(cells)] if k in ("z", "library") else v) for k, v in latent.items()}
+        with torch.no_grad(), LocalScale(factor):
+            return poutine.trace(poutine.condition(model.module.model, data=values)).get_trace(data.minibatch(cells), n)
+
+    global_batch = np.random.default_rng(1).choice(n, n_global, replace=False)
+    per_rank = []
+    for rank in range(world):
+        cells, factor = shard(global_batch, rank, world)
+        trace = trace_of(cells, factor)
+        scales = {name: float(site["scale"]) for name, site in trace.nodes.items() if site["type"] == "sample"}
+        for site in ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling"):
+            assert scales[site] == 1.0, site
+        expected = world * n / n_global if factor else 0.0
+        for site in ("z", "library", "obs"):
+            assert scales[site] == pytest.approx(expected), (rank, site)
+        per_rank.append(trace.log_prob_sum().item())
+    assert np.mean(per_rank) == pytest.approx(trace_of(global_batch, 1.0).log_prob_sum().item(), rel=1e-6)
+
+
 def test_expected_log_joint_does_not_depend_on_minibatch_size(small):
     """With every latent fixed, averaging the minibatch log-joint over a partition of the cells
     gives exactly the full-data log-joint: globals count once, cells N/B times."""

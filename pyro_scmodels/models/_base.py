@@ -21,11 +21,12 @@ from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
+from ..distributed import training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
 from .history import TrainingHistory, as_history
-from .train_options import checked_settings, external_split, merge_plan_kwargs, training_device
+from .train_options import checked_settings, external_split, merge_plan_kwargs
 
 MODEL_FILE = "model.pt"
 DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by save(..., save_anndata=True)
@@ -90,6 +91,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         check_val_every_n_epoch: int = 1,
+        strategy: str | None = None,
     ) -> TrainingHistory:
         """Fit the model with stochastic variational inference.
 
@@ -125,10 +127,13 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
             if a checkpoint is already there, training resumes from it.
         progress_bar
             Show a tqdm progress bar with the running loss.
-        accelerator, devices
-            scvi-tools' names for the device, instead of ``device``: ``accelerator`` is ``"auto"``,
-            ``"cpu"``, ``"gpu"`` or ``"cuda"``; ``devices`` is ``"auto"``, ``1`` or ``[gpu_index]``.
-            More than one device raises ``ValueError``: distributed training is tracked separately.
+        accelerator, devices, strategy
+            scvi-tools' names. ``accelerator``: ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"``;
+            ``devices``: devices (processes) on this node; ``strategy="ddp"``: data-parallel
+            training on ``torch.distributed``, which needs one process per device started by
+            ``torchrun`` (a script run under ``torchrun`` trains data-parallel by itself). Each
+            rank takes its share of every minibatch of ``batch_size`` cells; only rank 0 writes
+            checkpoints. See the distributed-training page of the documentation.
         plan_kwargs
             scvi-tools' training-plan settings, e.g. ``{"lr": 1e-3, "weight_decay": 1e-6,
             "n_epochs_kl_warmup": 400}`` (also ``eps``, ``n_steps_kl_warmup``, ``gradient_clip``,
@@ -158,10 +163,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
         split = external_split(datasplitter_kwargs, data.n_cells)
-        self.device = training_device(device, accelerator, devices)
+        self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
         self._prepare_trainer(data, train_size, seed, settings, split)
+        self.trainer.use_parallel(parallel)
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
         # max_epochs counts this call's epochs; a run resumed from a checkpoint starts at 0 here and

@@ -1,0 +1,250 @@
+"""Data-parallel training on torch.distributed: 2 CPU processes with the gloo backend.
+
+The in-process checks run two ranks forked from the test process (no second import of the
+package; each rank sets the environment torchrun would set and calls ``train(devices=2,
+strategy="ddp")``). The resume check runs the command line under ``torchrun``, as users do.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import mudata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pyro.poutine.messenger import Messenger
+
+import pyro_scmodels as ps
+from pyro_scmodels.infer import SVITrainer, NonFiniteError
+
+WORLD = 2
+TINY = dict(n_hidden=16, n_latent=4)
+SHORT_RUN = dict(max_epochs=15, batch_size=50, lr=1e-2, kl_warmup_epochs=3, early_stopping=False, device="cpu",
+                 progress_bar=False, seed=0)
+# the validation loss (per cell, ~166 here) of the 2-process run lies within this fraction of the
+# single-process one. Measured: single-process seeds 0 and 1 differ by 0.05 %, the 2-process run
+# differs from the single-process one by 0.3 % (its ranks draw their own noise)
+VALIDATION_TOLERANCE = 0.01
+
+
+class _AtMean(Messenger):
+    """Every latent site takes its distribution's mean instead of a random draw (a deterministic ELBO).
+
+    Single-process and 2-rank runs then compute the same function of the parameters, so their
+    steps can be compared to 1e-5 although each rank would draw its own noise.
+    """
+
+    def _process_message(self, msg):
+        # reparameterised latent sites only (a plate's subsampling is a "sample" message too)
+        if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None and msg["fn"].has_rsample:
+            msg["value"] = msg["fn"].mean
+
+
+def _cells(n_cells: int, seed: int = 3):
+    adata = ps.datasets.simulate(n_cells=n_cells, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=seed)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    return adata
+
+
+def _model(kind: str, n_cells: int):
+    if kind == "multimodal":
+        mudata.set_options(pull_on_update=False)
+        # some cells without ATAC counts: their ATAC terms are masked, on whichever rank they land
+        mdata = ps.datasets.simulate_multiome(n_cells=n_cells, n_genes=75, n_peaks=120, atac_missing_fraction=0.1, seed=0)
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["rna", "atac"])
+        return ps.RegularizedMultimodalVI(mdata, latent_mode="weighted_mean", modality_weights="cell", dropout_rate=0.0,
+                                          seed=0, **TINY)
+    return ps.RegularizedVI(_cells(n_cells), dropout_rate=0.0, seed=0, **TINY)
+
+
+def _one_epoch_of_two_steps(kind: str = "rna", **parallel) -> dict:
+    """47 cells, minibatches of 32 and 15 (shards 16/16 and 8/7): parameters and last gradients."""
+    model = _model(kind, 47)
+    with _AtMean():
+        model.train(max_epochs=1, batch_size=32, train_size=1.0, lr=1e-2, kl_warmup_epochs=None, gradient_clip=None,
+                    early_stopping=False, device="cpu", progress_bar=False, **parallel)
+    named = list(model.trainer.named_parameters())
+    return {"parameters": {n: p.detach().numpy().copy() for n, p in named},
+            "gradients": {n: p.grad.numpy().copy() for n, p in named if p.grad is not None}}
+
+
+def _short_run(**parallel) -> pd.DataFrame:
+    model = ps.RegularizedVI(_cells(200), seed=0, **TINY)
+    return model.train(**SHORT_RUN, **parallel)
+
+
+def _nan_on_rank_one(rank: int) -> str:
+    """Rank 1's loss turns NaN at its second step; every rank must stop with rank 1's message."""
+    if rank == 1:
+        original = SVITrainer.minibatch_loss
+
+        def poisoned(self, indices):
+            loss, parts = original(self, indices)
+            return (loss * float("nan") if self.step >= 1 else loss), parts
+
+        SVITrainer.minibatch_loss = poisoned  # this forked process only
+    model = ps.RegularizedVI(_cells(60), seed=0, **TINY)
+    try:
+        model.train(max_epochs=3, batch_size=20, device="cpu", progress_bar=False, devices=WORLD, strategy="ddp")
+    except NonFiniteError as err:
+        return str(err)
+    return "no error"
+
+
+def _rank_main(rank: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks share two cores; no OpenMP pool inherited across fork is touched
+    try:
+        parallel = dict(devices=WORLD, strategy="ddp")
+        results.put((rank, {"step": _one_epoch_of_two_steps(**parallel),
+                            "multimodal": _one_epoch_of_two_steps("multimodal", **parallel),
+                            "short": _short_run(**parallel).to_dict(),
+                            "nan": _nan_on_rank_one(rank)}))
+    except BaseException:
+        results.put((rank, {"error": traceback.format_exc()}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Rank -> results of the in-process checks, run once on two forked ranks."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_rank_main, args=(rank, port, results)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    try:
+        collected = dict(results.get(timeout=300) for _ in range(WORLD))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    for rank, result in collected.items():
+        assert "error" not in result, f"rank {rank} failed:\n{result['error']}"
+    return collected
+
+
+@pytest.mark.parametrize("kind", ["step", "multimodal"])
+def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks, kind):
+    """Gradients averaged by DDP, locals scaled by N / global minibatch: the same step as one process
+    (RegularizedVI, and RegularizedMultimodalVI with per-cell modality weights and masked cells)."""
+    single = _one_epoch_of_two_steps("rna" if kind == "step" else kind)
+    for rank, result in two_ranks.items():
+        step = result[kind]
+        assert step["parameters"].keys() == single["parameters"].keys()
+        for name, value in single["parameters"].items():
+            np.testing.assert_allclose(step["parameters"][name], value, atol=1e-5, rtol=0, err_msg=f"rank {rank} {name}")
+        assert step["gradients"].keys() == single["gradients"].keys() and single["gradients"]
+        for name, value in single["gradients"].items():
+            # the gradients themselves: Adam's first steps barely see a wrong gradient scale
+            np.testing.assert_allclose(step["gradients"][name], value, rtol=1e-4, atol=1e-5, err_msg=f"rank {rank} {name}")
+
+
+def test_two_process_run_reaches_the_single_process_validation_loss(two_ranks):
+    single = _short_run()
+    histories = [pd.DataFrame(two_ranks[rank]["short"]) for rank in range(WORLD)]
+    # the loss of every epoch is reduced over ranks: both ranks record (and early-stop on) the same numbers
+    pd.testing.assert_frame_equal(histories[0], histories[1])
+    assert len(histories[0]) == len(single) == SHORT_RUN["max_epochs"]
+    final_single = single["validation_loss"].iloc[-3:].mean()
+    final_parallel = histories[0]["validation_loss"].iloc[-3:].mean()
+    assert abs(final_parallel - final_single) <= VALIDATION_TOLERANCE * final_single, (final_parallel, final_single)
+    assert final_parallel < 0.8 * histories[0]["validation_loss"].iloc[0]  # it trained
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_its_message(two_ranks):
+    for rank in range(WORLD):
+        message = two_ranks[rank]["nan"]
+        assert "rank 1 of 2" in message and "NaN or Inf" in message and "step 1" in message, (rank, message)
+
+
+def test_devices_without_torchrun_says_how_to_launch(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    model = ps.RegularizedVI(_cells(40), **TINY)
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
+        model.train(max_epochs=1, devices=2, device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match="strategy"):
+        model.train(max_epochs=1, strategy="dp", device="cpu", progress_bar=False)
+    assert not model.is_trained
+
+
+# --- the command line under torchrun: killed after its first checkpoint, then resumed ----------
+FIT = ["--batch-key", "batch", "--layer", "counts", "--max-epochs", "8", "--checkpoint-every", "2", "--batch-size", "40",
+       "--n-hidden", "16", "--n-latent", "4", "--quiet"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line holds ``text`` (a unique temporary path)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if text.encode() in handle.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_killed_two_process_fit_resumes_from_its_checkpoint(tmp_path):
+    data = str(tmp_path / "cells.h5ad")
+    _cells(160, seed=5).write_h5ad(data)
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(ps.__file__)), env.get("PYTHONPATH", "")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_scmodels",
+                "fit", data, "-o", out, *FIT]
+    first = subprocess.Popen(torchrun, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    checkpoint = os.path.join(out, "checkpoint", "checkpoint.pt")
+    deadline = time.time() + 240
+    while not os.path.exists(checkpoint) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(checkpoint), first.communicate()[1][-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    for pid in _processes_mentioning(out):  # workers that left the process group
+        os.kill(pid, signal.SIGKILL)
+    assert not os.path.exists(os.path.join(out, "results.h5ad"))
+
+    resumed = subprocess.run([*torchrun, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [int(e) for e in re.findall(r"Resumed from .*checkpoint\.pt at epoch (\d+)", resumed.stderr)]
+    assert len(epochs) == 1 and epochs[0] >= 2, resumed.stderr[-3000:]  # rank 0 read it, for both ranks
+    assert resumed.stdout.count("Wrote ") == 1  # only rank 0 writes
+    history = pd.read_csv(os.path.join(out, "history.csv"), index_col=0)
+    assert list(history.index) == list(range(8)) and history["validation_loss"].notna().all()
+    assert os.path.exists(os.path.join(out, "results.h5ad")) and os.path.exists(os.path.join(out, "model", "model.pt"))
+
+
+def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path):
+    """``pyro-scmodels fit --devices 2`` outside torchrun runs the same command under ``torchrun --standalone``."""
+    from pyro_scmodels import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: started.append(command) or 0)
+    argv = ["fit", "cells.h5ad", "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "3"]
+    assert cli.main(argv) == 0
+    assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "pyro_scmodels", *argv]]
+    assert not (tmp_path / "out").exists()  # the launched ranks prepare the folder, not the launcher
+    assert cli.main(["fit", "cells.h5ad", "-o", str(tmp_path / "out"), "--devices", "0"]) == 2  # checked first
