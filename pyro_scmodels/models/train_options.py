@@ -34,8 +34,8 @@ TRAIN_DEFAULTS = {
 }
 # DataLoader options of scvi-tools' splitter that have no counterpart here (no DataLoader is used)
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "persistent_workers", "drop_last", "shuffle", "load_sparse_tensor")
-DISTRIBUTED_NOTE = ("Multi-device (distributed data-parallel) training is not available in this version; it is "
-                    "tracked separately (SPEC section 4, torch.distributed). Use devices=1 (or 'auto').")
+DISTRIBUTED_NOTE = ("one process trains on one device; several devices train data-parallel with one process each, "
+                    "started by torchrun (docs/distributed.md): torchrun --nproc_per_node=N script.py, with devices=N.")
 
 
 def training_device(device: str, accelerator: str | None, devices) -> torch.device:
@@ -49,7 +49,8 @@ def training_device(device: str, accelerator: str | None, devices) -> torch.devi
         scvi-tools' ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"``; None when not given.
     devices
         ``"auto"``, ``1``, or a one-element list of a GPU index (``[1]`` -> ``cuda:1``); None when
-        not given. More than one device raises ``ValueError`` (distributed training is separate).
+        not given. Several devices are data-parallel training, decided before this function by
+        :func:`pyro_scmodels.distributed.training_parallelism`.
 
     Returns
     -------
