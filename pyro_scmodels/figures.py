@@ -125,7 +125,7 @@ def plot_training_curve(history: pd.DataFrame, path: str) -> str:
 
 
 def plot_ite_heatmap(ite: np.ndarray, genes, groups, path: str, n_top: int = 5, condition: str = "") -> str:
-    """Heatmap of the mean ITE per group for each group's ``n_top`` genes of largest mean |ITE|.
+    """Heatmap of the mean ITE per group for each group's ``n_top`` genes of largest absolute mean ITE.
 
     Parameters
     ----------

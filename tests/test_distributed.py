@@ -225,7 +225,9 @@ def test_killed_two_process_fit_resumes_from_its_checkpoint(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not os.path.exists(os.path.join(out, "results.h5ad"))
 
-    resumed = subprocess.run([*torchrun, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    # without --quiet: the resume is reported at INFO level
+    resumed = subprocess.run([*(a for a in torchrun if a != "--quiet"), "--resume"], env=env, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [int(e) for e in re.findall(r"Resumed from .*checkpoint\.pt at epoch (\d+)", resumed.stderr)]
     assert len(epochs) == 1 and epochs[0] >= 2, resumed.stderr[-3000:]  # rank 0 read it, for both ranks
