@@ -124,7 +124,8 @@ class CountMatrix:
             totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         empty = np.flatnonzero(totals <= 0)
         if empty.size == self.n_cells:
-            raise ValueError(f"{self.name} has no counts at all.")
+            raise ValueError(f"{self.name} has no counts at all ({self.n_cells} cells x {self.shape[1]} genes, every total 0); "
+                             "pass the layer that holds the raw counts with `layer=`, or check how the data were loaded.")
         if empty.size and not self.allow_empty_cells:
             raise ValueError(
                 f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
