@@ -94,18 +94,6 @@ def simulated(n_cells: int, n_genes: int, seed: int = 0):
                              n_responding_genes=20, ambient_fractions=FRACTIONS, seed=seed)
 
 
-def empty_droplets(adata, n_droplets: int = 100, seed: int = 1):
-    """Droplets without a cell: counts of each batch's true background at a random droplet size."""
-    import anndata
-
-    rng = np.random.default_rng(seed)
-    soup = adata.varm["true_ambient"].T
-    counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
-                             for b in range(soup.shape[0])])
-    obs = pd.DataFrame({"batch": np.repeat(adata.obs["batch"].cat.categories, n_droplets)},
-                       index=[f"empty_{i}" for i in range(counts.shape[0])])
-    return anndata.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=adata.var_names))
-
 
 def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
     """PBMC counts with soup added to random quarters of the cells at the shares in SPIKES."""
@@ -150,7 +138,7 @@ def variant_options(name: str, adata) -> dict:
         elif part == "profile_pooled":  # no empty droplets: the pooled profile of all cells, for every category
             options["model"]["ambient_profile"] = profile_from_droplets(adata, layer="counts" if "counts" in adata.layers else None)
         elif part == "profile_empties":
-            options["model"]["ambient_profile"] = profile_from_droplets(empty_droplets(adata), groupby="batch")
+            options["model"]["ambient_profile"] = profile_from_droplets(datasets.simulate_empty_droplets(adata), groupby="batch")
         else:
             raise ValueError(f"unknown variant {part!r}")
     return options

@@ -19,18 +19,6 @@ def _simulated(n_cells=600, n_genes=100, seed=0, **kwargs):
                              n_responding_genes=20, ambient_fractions=FRACTIONS, seed=seed, **kwargs)
 
 
-def _empty_droplets(adata, n_droplets=100, seed=1):
-    """Droplets holding only each batch's true background (Poisson counts, random droplet size)."""
-    import anndata
-
-    rng = np.random.default_rng(seed)
-    soup = adata.varm["true_ambient"].T
-    counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
-                             for b in range(soup.shape[0])])
-    obs = pd.DataFrame({"batch": np.repeat(adata.obs["batch"].cat.categories, n_droplets)},
-                       index=[f"empty_{i}" for i in range(counts.shape[0])])
-    return anndata.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=adata.var_names))
-
 
 # --- the simulator's option ----------------------------------------------------------------------
 def test_simulator_batches_at_known_shares():
@@ -124,7 +112,7 @@ def test_summary_argument_checked_before_work(short_fit):
 
 def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
     model, adata = short_fit
-    profile = profile_from_droplets(_empty_droplets(adata, n_droplets=5), groupby="batch")
+    profile = profile_from_droplets(datasets.simulate_empty_droplets(adata, n_droplets=5), groupby="batch")
     assert list(profile.columns) == list(adata.obs["batch"].cat.categories)
     np.testing.assert_allclose(profile.sum(0), 1.0)
     with pytest.raises(KeyError, match="no column for the ambient categories"):
@@ -158,7 +146,7 @@ def _recover_known_shares():
     adata = _simulated()
     RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
     seed_profile = RegularizedVI(adata, n_hidden=64, n_latent=8).get_ambient_profile().to_numpy()
-    profile = profile_from_droplets(_empty_droplets(adata), groupby="batch")
+    profile = profile_from_droplets(datasets.simulate_empty_droplets(adata), groupby="batch")
     model = RegularizedVI(adata, n_hidden=64, n_latent=8, ambient_profile=profile)
     model.train(max_epochs=150, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=37, progress_bar=False)
     inferred = model.get_ambient_fraction(summarize_by="batch")["mean"].to_numpy()

@@ -11,12 +11,14 @@ the data.
 
 - :func:`simulate`: RNA counts with cell types, batches, ambient RNA and a stimulus
   (``_simulate.py``);
-- :func:`simulate_multiome`: paired RNA + ATAC counts (``_multiome.py``).
+- :func:`simulate_multiome`: paired RNA + ATAC counts (``_multiome.py``);
+- :func:`simulate_empty_droplets`: droplets holding only a simulated dataset's background (``_droplets.py``).
 
 Argument checks and the sampling primitives both share are in ``_common.py``.
 """
 
+from ._droplets import simulate_empty_droplets
 from ._multiome import simulate_multiome
 from ._simulate import CONTROL, STIMULATED, simulate  # noqa: F401  (condition names)
 
-__all__ = ["simulate", "simulate_multiome"]
+__all__ = ["simulate", "simulate_multiome", "simulate_empty_droplets"]
