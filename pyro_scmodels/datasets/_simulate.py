@@ -86,25 +86,38 @@ def _simulate_stimulation_effects(rng, responding, n_genes, n_cell_types, respon
     return lfc, strength
 
 
-def _apply_stimulation(log_control, cell_type, stimulated, lfc, strength, mean_library):
-    """Background-free expression ``rho`` of every cell, and the true effect ``ite``.
+def _response_scale(factors, cell_type, strength, effect_modifier):
+    """Each cell's response strength: its type's ``strength`` times ``1 + m * tanh(f[:, 0])``.
 
-    Stimulated cells of a responding type get ``log_control + strength * lfc``; ``ite`` is the
-    stimulated minus control ``log1p(1e4 * rho / rho.sum())`` for every cell, stimulated or not.
+    ``f[:, 0]`` is the cell's first within-type factor, a state that also shapes its control
+    expression, so the modifier can be read off the cell; ``m = effect_modifier`` in [0, 1]
+    sets how much the response varies inside a type (0: not at all). No random draws.
+    """
+    scale = strength[cell_type].astype(np.float64)
+    if effect_modifier > 0.0:
+        scale = scale * (1.0 + effect_modifier * np.tanh(factors[:, 0]))
+    return scale
+
+
+def _log_normalised(rho: np.ndarray) -> np.ndarray:
+    """``log1p(1e4 * rho / rho.sum())`` per cell: the scale every effect is measured on."""
+    return np.log1p(1e4 * rho / rho.sum(axis=1, keepdims=True))
+
+
+def _apply_stimulation(log_control, cell_type, stimulated, lfc, scale, mean_library):
+    """Background-free expression ``rho`` of every cell, and its noise-free log expression.
+
+    Stimulated cells of a responding type get ``log_control + scale * lfc`` (``scale`` per
+    cell, 0 in non-responding types). Returns ``rho`` and the log-normalised expression of
+    every cell under control and under stimulation; the true effect is their difference.
     No random draws.
     """
     rho_control = mean_library * _softmax(log_control)
     rho_stim = rho_control.copy()
-    reacts = strength[cell_type] > 0
-    rho_stim[reacts] = mean_library * _softmax(
-        log_control[reacts] + strength[cell_type[reacts], None] * lfc
-    )
+    reacts = scale > 0
+    rho_stim[reacts] = mean_library * _softmax(log_control[reacts] + scale[reacts, None] * lfc)
     rho = np.where(stimulated[:, None], rho_stim, rho_control)
-    # rows of rho already sum to mean_library, so rho / mean_library is the composition
-    ite = np.zeros(rho.shape)
-    ite[reacts] = (np.log1p(1e4 * rho_stim[reacts] / mean_library)
-                   - np.log1p(1e4 * rho_control[reacts] / mean_library))
-    return rho, ite
+    return rho, _log_normalised(rho_control), _log_normalised(rho_stim)
 
 
 def _simulate_batch_effects(rng, type_log, n_batches, batch_scaling_sd, ambient_fraction,
@@ -258,6 +271,7 @@ def simulate(
     seed: int = 0,
     ambient_fractions: Sequence[float] | None = None,
     ambient_fraction_sd: float = 0.3,
+    effect_modifier: float = 0.0,
 ) -> anndata.AnnData:
     """Simulate single-cell UMI counts with cell types, batches, ambient RNA and a stimulus.
 
@@ -316,6 +330,15 @@ def simulate(
         ``uns["true_ambient_profile"]`` (genes x batches). Without it, nothing changes.
     ambient_fraction_sd : float
         Log-sd of the per-cell RNA content (only with ``ambient_fractions``).
+    effect_modifier : float
+        In [0, 1]: how much a continuous state inside each cell type scales the response.
+        A responding cell's fold changes are multiplied by ``1 + effect_modifier *
+        tanh(f1)``, where ``f1`` is its first within-type factor (``obsm["true_latent"]``
+        column ``n_cell_types``), a state that also shapes its control expression. 0 (the
+        default) gives every cell of a type the same response strength; 1 spreads it over
+        (0, 2) times the type's strength. The per-cell strength is in
+        ``obs["true_response_scale"]``. No extra random draws: the counts of a seed change
+        only through the response.
 
     Returns
     -------
@@ -326,7 +349,10 @@ def simulate(
         ``varm["true_ambient"]``, ``varm["true_feature_scaling"]`` (genes x
         batches), ``obsm["true_latent"]`` (type one-hot then within-type
         factors), ``layers["true_rho"]`` and ``layers["true_ite"]`` (stimulated
-        minus control ``log1p(1e4 * rho / rho.sum())`` for every cell). Settings
+        minus control ``log1p(1e4 * rho / rho.sum())`` for every cell, stimulated or not),
+        with its two terms, the noise-free log expression of every cell under control and
+        under stimulation, in ``layers["true_log_control"]`` and
+        ``layers["true_log_stimulated"]``, and ``obs["true_response_scale"]``. Settings
         and key names are in ``uns["simulation"]``.
 
     Raises
@@ -344,6 +370,7 @@ def simulate(
     )
     fractions = _check_ambient_fractions(ambient_fractions, s.n_batches)
     content_sd = V.number("ambient_fraction_sd", ambient_fraction_sd, 0.0)
+    modifier = V.number("effect_modifier", effect_modifier, 0.0, 1.0)
     rng = np.random.default_rng(s.seed)
     # every step draws from ``rng``: their order (and the order inside each) fixes the data
     cell_type, batch, stimulated = _assign_cells(rng, s.n_cells, s.n_cell_types, s.n_batches,
@@ -354,8 +381,9 @@ def simulate(
         rng, cell_type, markers, s.n_genes, s.type_sd, s.within_type_rank)
     lfc, strength = _simulate_stimulation_effects(rng, responding, s.n_genes, s.n_cell_types,
                                                   s.responders)
-    rho, ite = _apply_stimulation(log_control, cell_type, stimulated, lfc, strength,
-                                  s.mean_library)
+    scale = _response_scale(factors, cell_type, strength, modifier)
+    rho, log_control_true, log_stimulated_true = _apply_stimulation(
+        log_control, cell_type, stimulated, lfc, scale, s.mean_library)
     feature_scaling, ambient = _simulate_batch_effects(
         rng, type_log, s.n_batches, s.batch_scaling_sd, s.ambient_fraction, s.mean_library)
     depth_offset, library = _simulate_library_sizes(rng, batch, s.n_batches, s.library_sd)
@@ -371,12 +399,16 @@ def simulate(
                             var=_var_table(s, markers, responding, theta, lfc))
     adata.layers["counts"] = x.copy()
     adata.layers["true_rho"] = rho.astype(np.float32)
-    adata.layers["true_ite"] = ite.astype(np.float32)
+    adata.layers["true_ite"] = (log_stimulated_true - log_control_true).astype(np.float32)
+    adata.layers["true_log_control"] = log_control_true.astype(np.float32)
+    adata.layers["true_log_stimulated"] = log_stimulated_true.astype(np.float32)
+    adata.obs["true_response_scale"] = scale
     adata.obsm["true_latent"] = np.hstack(
         [np.eye(s.n_cell_types)[cell_type], factors]).astype(np.float32)
     adata.varm["true_ambient"] = ambient.T.copy()
     adata.varm["true_feature_scaling"] = feature_scaling.T.copy()
     adata.uns["simulation"] = _simulation_record(s, strength, depth_offset)
+    adata.uns["simulation"]["effect_modifier"] = modifier
     if fractions is not None:
         adata.obs["true_ambient_fraction"] = _true_ambient_fraction(rho, ambient, feature_scaling, batch)
         adata.uns["true_ambient_profile"] = (ambient / ambient.sum(axis=1, keepdims=True)).T.copy()
