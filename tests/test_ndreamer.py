@@ -152,11 +152,17 @@ def test_muscat_denoising_mixes_donors():
 
 def test_from_model_matching_and_model_based_counterfactuals():
     """SPEC 3.6: a RegularizedVI conditioned on the condition gives a latent for matching and a
-    model-based counterfactual with credible intervals; both recover the simulated effect."""
-    adata = ps.datasets.simulate(n_cells=1500, n_genes=200, seed=4)
+    model-based counterfactual with credible intervals; both recover the simulated effect.
+
+    With the basal-state setup (condition given to the encoder and the decoder) the model ITE is
+    unbiased in scale and follows the within-type effect modifier. Its 90 % interval holds only
+    the spread of z under point-estimate parameters: coverage is far below nominal (about 0.35
+    here); the floor guards against narrower intervals, it does not claim calibration.
+    """
+    adata = ps.datasets.simulate(n_cells=2000, n_genes=200, seed=0, effect_modifier=1.0)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
                                    feature_scaling_covariate_keys=["batch"], library_size_key="batch",
-                                   nn_conditioning_covariate_keys=["condition"])
+                                   nn_conditioning_covariate_keys=["condition"], encoder_covariate_keys=["condition"])
     model = ps.RegularizedVI(adata, n_hidden=64)
     model.train(max_epochs=120, batch_size=256, lr=5e-3, kl_warmup_epochs=12, early_stopping=False, device="cpu",
                 progress_bar=False)
@@ -164,14 +170,32 @@ def test_from_model_matching_and_model_based_counterfactuals():
     with pytest.raises(ValueError, match="no network to train"):
         nd.train()
     results = nd.estimate_ite(nearest_neighbor=10)
-    results = nd.estimate_model_ite(num_samples=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the basal-state setup draws no shrinkage warning
+        results = nd.estimate_model_ite(num_samples=20)
     truth = adata.layers["true_ite"]
     genes = adata.var["responding"].to_numpy()
     assert M.pearson(results.layers["ite_stimulated"][:, genes], truth[:, genes]) > 0.7
     assert M.pearson(results.layers["ite_model_stimulated"][:, genes], truth[:, genes]) > 0.7
     low, mean, high = (results.layers[f"ite_model_stimulated{s}"] for s in ("_q05", "", "_q95"))
     assert (low <= high).all() and ((low <= mean + 1e-5) & (mean <= high + 1e-5)).mean() > 0.99
-    assert (high - low)[:, genes].mean() > 0
+    recovery = M.effect_recovery(adata, mean, low=low, high=high)
+    # measured 0.91 / 0.71 / 0.37 (seed 0); the decoder-only setup gives slope 0.38 and per-cell r 0.14
+    assert 0.8 <= recovery["slope"] <= 1.25
+    assert recovery["per_cell_r"] >= 0.6
+    assert recovery["false_effect_ratio"] <= 0.09
+    assert recovery["coverage"] >= 0.25
+
+
+def test_model_counterfactual_warns_when_z_carries_the_condition():
+    """A decoder-only condition lets z carry it, which shrinks the decoded effect: the user is told."""
+    adata = ps.datasets.simulate(n_cells=300, n_genes=120, seed=1)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
+    model.train(max_epochs=1, batch_size=300, early_stopping=False, device="cpu", progress_bar=False)
+    nd = NDreamer.from_model(model, "condition", "control", device="cpu")
+    with pytest.warns(UserWarning, match="encoder_covariate_keys"):
+        nd.estimate_model_ite(num_samples=2)
 
 
 def test_model_counterfactual_needs_a_condition_conditioned_decoder(fitted):

@@ -104,10 +104,14 @@ def resolve_covariate_keys(
         encoder=_as_list(encoder_covariate_keys, "encoder_covariate_keys"),
         continuous=_as_list(continuous_covariate_keys, "continuous_covariate_keys"),
     )
-    if keys.encoder:
+    # a key the decoder is also given is the basal-state design (the encoder can remove the key's
+    # effect from z because the decoder adds it back); only encoder-only keys can leak into z
+    leaking = [key for key in keys.encoder if key not in keys.nn_conditioning]
+    if leaking:
         warnings.warn(
-            f"encoder_covariate_keys={keys.encoder}: the encoder sees these covariates, so their effects can leak into "
-            "the latent space z.", stacklevel=3
+            f"encoder_covariate_keys={leaking}: the encoder sees these covariates and the decoder does not, so their "
+            "effects can leak into the latent space z (give them to nn_conditioning_covariate_keys as well to keep "
+            "them out of z).", stacklevel=3
         )
     return keys
 

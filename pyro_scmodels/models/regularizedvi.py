@@ -158,7 +158,11 @@ class RegularizedVI(PyroModelBase):
         library_size_key
             Column whose categories each get their own library-size prior.
         encoder_covariate_keys
-            Columns given (one-hot) to the encoders. Beware: this lets batch leak into z.
+            Columns given (one-hot) to the encoders. A key the decoder does not see can leak
+            into z (a warning says so). A key also in ``nn_conditioning_covariate_keys`` is the
+            basal-state design: told the key, the encoder can leave its effect out of z and the
+            decoder adds it back; the model-based counterfactual
+            (:meth:`~pyro_scmodels.NDreamer.estimate_model_ite`) needs the condition there.
         continuous_covariate_keys
             Numeric columns appended to the encoder input and to z for the decoder.
         """
