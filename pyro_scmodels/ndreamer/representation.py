@@ -71,9 +71,21 @@ class ModelRepresentation:
         and to the control; layers ``ite_model_<c>`` (posterior mean) and ``ite_model_<c>_q05`` /
         ``_q95`` hold the effect on log-normalised expression.
 
-        The bounds carry only the posterior uncertainty of each cell's z (the decoder and global
-        sites are point estimates), so they are narrower than calibrated intervals: on the
-        package simulator they hold the true effect about 35-40 % of the time at 90 % nominal.
+        Set the model up with the condition in both ``nn_conditioning_covariate_keys`` and
+        ``encoder_covariate_keys`` (the basal-state design): told the condition, the encoder can
+        leave it out of z and the decoder adds it back. With the condition in the decoder only,
+        z carries it, switching the decoder's condition moves the output only partly and the
+        effect is shrunk (a warning says so). On ``datasets.simulate(n_cells=2000, n_genes=200,
+        effect_modifier=1.0)`` the slope of estimate on truth is 0.91 with the basal state and
+        0.38 without; the per-cell correlation inside responding types 0.71 and 0.14.
+
+        Which uncertainty the interval includes: only the posterior spread of each cell's z,
+        q(z | x, condition), decoded with every other quantity held fixed (decoder weights and
+        global sites at their point estimates, the library at a typical size). It leaves out
+        parameter uncertainty and every systematic error of the fitted model, which dominates the error on the simulator:
+        the 90 % bounds hold the true effect only about 35-45 % of the time (an ensemble of 4
+        models: 45 %). Read them as the effect's sensitivity to the cell's state, not as
+        calibrated credible intervals.
 
         Parameters
         ----------
