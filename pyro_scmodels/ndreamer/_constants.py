@@ -3,6 +3,7 @@
 
 # --- preprocessing (SPEC 3.1) --------------------------------------------------------
 NUM_HVG = 2000
+RESPONSE_GENE_SHARE = 0.1  # share of num_hvg given to the genes that differ most between conditions
 TARGET_SUM = 1e4  # counts per cell before log1p
 LOG_DATA_MAX = 30.0  # non-integer values all below this are taken as already log-normalised
 LOG_CHECK_SAMPLE = 1_000_000  # values inspected to decide counts vs log data
