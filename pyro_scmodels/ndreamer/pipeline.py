@@ -66,10 +66,10 @@ class NDreamer(ModelRepresentation):
     batch_key
         A column, a list of columns (each its own batch effect), or None.
     num_hvg
-        Genes used (all genes when there are fewer): a tenth
-        (:data:`~pyro_scmodels.ndreamer._constants.RESPONSE_GENE_SHARE`) are the genes that differ
-        most between conditions within batches, the rest the most variable genes with the
-        conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`).
+        Genes used (all genes when there are fewer): a tenth are the genes that differ most
+        between conditions within batches, the rest the most variable genes per batch with the
+        conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
+        batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
     layer
         Layer to read instead of ``.X``.
     n_codebooks, codebook_size, codebook_dim, embedding_dim, z_dim, encoder_hidden, decoder_hidden
