@@ -111,6 +111,8 @@ def training_setup(impl: str, n_cells: int, n_genes: int = TRAIN_GENES, seed: in
         "n_conditions": N_CONDITIONS,
     }
 
+    steps = [0]
+
     def step() -> None:
         outputs = network(batch["x"], batch["condition"], batch["batches"])
         loss, _ = total_loss(outputs, batch)
@@ -118,7 +120,9 @@ def training_setup(impl: str, n_cells: int, n_genes: int = TRAIN_GENES, seed: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
         optimizer.step()
-        network.step_end(outputs["projections"].detach())
+        steps[0] += 1
+        if steps[0] % 30 == 0:  # NDreamer.train's dead-code schedule at batch size 1024 on large data
+            network.reinitialise_dead_codes(outputs["projections"].detach())
         loss.item()
 
     return step, network

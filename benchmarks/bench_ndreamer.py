@@ -184,7 +184,7 @@ def section_text(facts: dict, table: str, command: str, when: str, timing: dict,
         f"both followed by softmax over codes and a fixed weighted sum, then backward to projections and codebooks. "
         f"Training step: `NDreamerNetwork` at its defaults (encoder 1024-512, embedding 512, z 256, decoder 512-1024), "
         f"{TRAIN_GENES:,} genes, {timing['train_cells']} cells (2 conditions x 2 batches), `total_loss` with default weights, "
-        f"AdamW + gradient clipping + `step_end` as `NDreamer.train`; naive = the reference distance patched into the network. "
+        f"AdamW + gradient clipping + dead-code resets as `NDreamer.train`; naive = the reference distance patched into the network. "
         f"Torch threads: as listed (one by default: with two, torch's threads stall on each other whenever another "
         f"process holds a core of this shared machine). Each row runs in a fresh process: inputs built, peak-RSS mark (`VmHWM`) reset, {timing['warmup']} warm-up step(s), then "
         f"steps for at least {timing['seconds']:g} s (and {timing['min_steps']} steps) under the clock. "

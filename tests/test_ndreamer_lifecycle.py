@@ -44,7 +44,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_adata, tmp_path):
     expected = _state(straight)
     for name, value in _state(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert resumed.network.steps_since_reset == straight.network.steps_since_reset
+    assert resumed.trainer.extra_state() == straight.trainer.extra_state()
 
 
 def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
@@ -133,3 +133,24 @@ def test_from_model_needs_a_model_of_the_package(tiny_model):
         NDreamer.from_model(NotAModel(), "condition", "control")
     source, layer = tiny_model.counts_source()
     assert source is tiny_model.adata and layer == "counts"
+
+
+def _codes_in_use(nd: NDreamer) -> int:
+    """Distinct codes chosen (argmax, evaluation mode) by the cells, summed over codebooks."""
+    nd.network.eval()
+    with torch.no_grad():
+        codes = nd.network.encode(torch.as_tensor(nd.expression.toarray()))["codes"].numpy()
+    return sum(len(np.unique(codes[:, k])) for k in range(codes.shape[1]))
+
+
+def test_dead_codes_are_revived_on_small_data(tiny_adata):
+    """300 cells at the default batch size: 5 steps in the default 15 passes, so a schedule of one
+    reset per 30 steps never ran. Resets by data seen run once per pass here (every step), and the
+    cells end up using more codes than in the same training without resets."""
+    with_resets, without = _nd(tiny_adata, batch_size=1024), _nd(tiny_adata, batch_size=1024)
+    without.network.reinitialise_dead_codes = lambda projections: None  # same training, resets switched off
+    with_resets.train(progress_bar=False)
+    without.train(progress_bar=False)
+    assert with_resets.trainer.step == 5 and with_resets.trainer.resets == 5
+    used, unused = _codes_in_use(with_resets), _codes_in_use(without)
+    assert used > unused + 2, f"codes in use: {used} with resets, {unused} without"

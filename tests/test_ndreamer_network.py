@@ -127,12 +127,13 @@ def test_dead_code_reinitialisation_changes_only_unused_codes():
     assert net.code_usage.sum() == 0
 
 
-def test_step_end_runs_every_interval_and_usage_is_counted():
-    net, b = make_net(reset_interval=3), make_batch()
+def test_code_usage_is_counted_in_training_mode_only():
+    net, b = make_net(), make_batch()
     out = net(b["x"], b["condition"], b["batches"])
     assert torch.equal(net.code_usage.sum(-1), torch.full((K,), float(N)))
-    results = [net.step_end(out["projections"]) for _ in range(6)]
-    assert [r is not None for r in results] == [False, False, True, False, False, True]
+    net.eval()
+    net(b["x"], b["condition"], b["batches"])
+    assert torch.equal(net.code_usage.sum(-1), torch.full((K,), float(N)))
 
 
 def test_loss_parts_finite_and_differentiable():
@@ -228,7 +229,6 @@ def test_total_loss_decreases():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        net.step_end(out["projections"].detach())
         history.append(loss.item())
     assert all(torch.isfinite(torch.tensor(history)))
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5

@@ -3,6 +3,7 @@
 
 # --- preprocessing (SPEC 3.1) --------------------------------------------------------
 NUM_HVG = 2000
+RESPONSE_GENE_SHARE = 0.1  # share of num_hvg given to the genes that differ most between conditions
 TARGET_SUM = 1e4  # counts per cell before log1p
 LOG_DATA_MAX = 30.0  # non-integer values all below this are taken as already log-normalised
 LOG_CHECK_SAMPLE = 1_000_000  # values inspected to decide counts vs log data
@@ -23,7 +24,9 @@ EMBEDDING_DIM = 512
 Z_DIM = 256
 DECODER_HIDDEN = (512, 1024)
 GUMBEL_TAU = 0.01
-DEAD_CODE_RESET_INTERVAL = 30  # steps between re-initialisations of rarely used codes
+# cells drawn between re-initialisations of rarely used codes (30 default minibatches); smaller data
+# sets reset at least once per pass, so that resets run at every data size
+DEAD_CODE_RESET_CELLS = 30 * 1024
 RESIDUAL_EXPANSION = 2  # inner width of the residual block, in multiples of its width
 LOGVAR_BOUNDS = (-12.0, 8.0)  # exp(logvar) can neither overflow nor vanish early in training
 

@@ -109,9 +109,8 @@ class NDreamerNetwork(nn.Module):
         Final ReLU on the reconstruction (data that cannot be negative, e.g. log1p counts).
     reset_threshold
         Codes whose share of assignments since the last check is below this are re-initialised;
-        ``None`` means ``1 / C``.
-    reset_interval
-        :meth:`step_end` re-initialises dead codes once every ``reset_interval`` calls.
+        ``None`` means ``1 / C``. When the check runs is the trainer's schedule
+        (:class:`~pyro_scmodels.ndreamer.NDreamerTrainer`).
     """
 
     def __init__(
@@ -129,7 +128,6 @@ class NDreamerNetwork(nn.Module):
         tau: float = K.GUMBEL_TAU,
         nonnegative_output: bool = True,
         reset_threshold: float | None = None,
-        reset_interval: int = K.DEAD_CODE_RESET_INTERVAL,
     ):
         super().__init__()
         if len(encoder_hidden) < 1 or len(decoder_hidden) < 1:
@@ -144,8 +142,6 @@ class NDreamerNetwork(nn.Module):
         self.tau = tau
         self.nonnegative_output = nonnegative_output
         self.reset_threshold = 1.0 / codebook_size if reset_threshold is None else reset_threshold
-        self.reset_interval = reset_interval
-        self.steps_since_reset = 0
 
         layers: list[nn.Module] = []
         widths = [n_genes, *encoder_hidden]
@@ -357,22 +353,3 @@ class NDreamerNetwork(nn.Module):
             self.codebooks.copy_(torch.where(dead.unsqueeze(-1), candidates, self.codebooks))
         self.code_usage.zero_()
         return dead
-
-    def step_end(self, projections: torch.Tensor) -> torch.Tensor | None:
-        """Count an optimiser step; every ``reset_interval`` calls re-initialise dead codes.
-
-        Parameters
-        ----------
-        projections
-            ``(K, N, d)`` projections of the step's minibatch.
-
-        Returns
-        -------
-        torch.Tensor or None
-            The mask from :meth:`reinitialise_dead_codes` when it ran, else ``None``.
-        """
-        self.steps_since_reset += 1
-        if self.steps_since_reset < self.reset_interval:
-            return None
-        self.steps_since_reset = 0
-        return self.reinitialise_dead_codes(projections)

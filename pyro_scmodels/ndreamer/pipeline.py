@@ -66,7 +66,10 @@ class NDreamer(ModelRepresentation):
     batch_key
         A column, a list of columns (each its own batch effect), or None.
     num_hvg
-        Variable genes used (all genes when there are fewer).
+        Genes used (all genes when there are fewer): a tenth are the genes that differ most
+        between conditions within batches, the rest the most variable genes per batch with the
+        conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
+        batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
     layer
         Layer to read instead of ``.X``.
     n_codebooks, codebook_size, codebook_dim, embedding_dim, z_dim, encoder_hidden, decoder_hidden
@@ -79,8 +82,8 @@ class NDreamer(ModelRepresentation):
         Fewest cells a batch x condition group may hold; smaller groups are refused with an error
         that names them (every cell is matched into every group).
     keep_genes
-        Genes always kept next to the variable genes (e.g. the genes whose effects you want:
-        genes variable in one condition only can rank low when variability is judged per group).
+        Genes always kept in addition to the ``num_hvg`` chosen ones (e.g. genes whose effects you
+        want even when they respond weakly).
     contorl_name
         Deprecated spelling of ``control_name`` accepted from the reference implementation.
     """
@@ -112,7 +115,8 @@ class NDreamer(ModelRepresentation):
         design = self._make_design(adata.obs, settings)
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
         expression = log_normalise(adata, layer)
-        hvg = variable_genes(expression, adata.var_names, design.groups, settings["num_hvg"])
+        hvg = variable_genes(expression, adata.var_names, design.batch, design.condition, design.control_name,
+                             settings["num_hvg"])
         if keep_genes is not None:
             missing = sorted(set(keep_genes) - set(adata.var_names))
             if missing:

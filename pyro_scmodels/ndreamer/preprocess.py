@@ -19,6 +19,7 @@ from ._constants import (
     LOG_CHECK_SAMPLE,
     LOG_DATA_MAX,
     MIN_CELLS_FOR_LEIDEN,
+    RESPONSE_GENE_SHARE,
     TARGET_SUM,
 )
 
@@ -52,17 +53,106 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_ma
     return normalised
 
 
-def variable_genes(log_expression: sp.csr_matrix, genes, groups: np.ndarray, num_hvg: int) -> np.ndarray:
-    """Boolean mask of the ``num_hvg`` most variable genes (scanpy, seurat flavour, per group); all when fewer."""
-    if len(genes) <= num_hvg:
-        return np.ones(len(genes), dtype=bool)
-    frame = anndata.AnnData(X=log_expression, obs=pd.DataFrame({"group": pd.Categorical(groups)}),
+def condition_response(log_expression: sp.csr_matrix, batch: np.ndarray, condition: np.ndarray,
+                       control_name: str) -> np.ndarray:
+    """How strongly each gene responds to the condition, measured within batches.
+
+    For every treatment ``t`` and every batch holding both ``t`` and the control, the difference of
+    mean log expression ``mean_t - mean_control``; these are averaged over the batches (so a
+    response must be consistent, and differences between batches never count) and the largest
+    absolute value over the treatments is the gene's score. When no batch holds both, the
+    difference is taken over all cells.
+
+    Parameters
+    ----------
+    log_expression
+        Cells x genes, log-normalised.
+    batch, condition
+        Batch and condition label of every cell.
+    control_name
+        The control condition.
+
+    Returns
+    -------
+    numpy.ndarray
+        One non-negative score per gene (log scale: 1 is an e-fold change of ``1 + expression``).
+    """
+    batch, condition = np.asarray(batch).astype(str), np.asarray(condition).astype(str)
+    mean = lambda cells: np.asarray(log_expression[np.flatnonzero(cells)].mean(0)).ravel()  # noqa: E731
+    score = np.zeros(log_expression.shape[1])
+    for treatment in dict.fromkeys(condition[condition != control_name]):
+        differences = [mean((batch == b) & (condition == treatment)) - mean((batch == b) & (condition == control_name))
+                       for b in dict.fromkeys(batch)
+                       if ((batch == b) & (condition == treatment)).any() and ((batch == b) & (condition == control_name)).any()]
+        if not differences:
+            differences = [mean(condition == treatment) - mean(condition == control_name)]
+        score = np.maximum(score, np.abs(np.mean(differences, axis=0)))
+    return score
+
+
+def variable_genes(log_expression: sp.csr_matrix, genes, batch: np.ndarray, condition: np.ndarray,
+                   control_name: str, num_hvg: int, response_share: float = RESPONSE_GENE_SHARE) -> np.ndarray:
+    """Boolean mask of ``num_hvg`` genes: those that respond to the condition, then the most variable.
+
+    First the ``ceil(response_share * num_hvg)`` genes with the largest
+    :func:`condition_response` (within-batch difference between conditions), then the most
+    variable genes (scanpy, seurat flavour, per batch with the conditions pooled) until
+    ``num_hvg`` genes are chosen. All genes when there are no more than ``num_hvg``.
+
+    Why both parts. Variability judged inside each batch x condition group cannot see a
+    response: a gene that every stimulated cell switches on is not variable among stimulated
+    cells. On the Kang IFN-beta data (1975 cells, 6998 genes) at ``num_hvg=2000``, HVGs per
+    batch x condition group keep ISG15 but drop IFI6, IFIT1 and IFIT3, and HVGs on the pooled
+    data still drop those three (they are highly expressed, and seurat dispersions are
+    normalised within mean bins); ranked by the within-batch condition difference they are the
+    top four genes. The variable part keeps the genes that describe the cell states.
+
+    Parameters
+    ----------
+    log_expression
+        Cells x genes, log-normalised.
+    genes
+        Gene names (for scanpy).
+    batch, condition, control_name
+        Batch and condition of every cell, and the control condition.
+    num_hvg
+        Genes kept.
+    response_share
+        Share of ``num_hvg`` given to the condition-responding genes, in [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask over the genes.
+    """
+    if not 0.0 <= response_share <= 1.0:
+        raise ValueError(f"response_share must be in [0, 1], got {response_share}.")
+    n_genes = len(genes)
+    if n_genes <= num_hvg:
+        return np.ones(n_genes, dtype=bool)
+    n_response = int(np.ceil(response_share * num_hvg))
+    # stable sort: ties (e.g. genes zero everywhere) keep gene order, so the choice is deterministic
+    chosen = list(np.argsort(-condition_response(log_expression, batch, condition, control_name), kind="stable")[:n_response])
+    frame = anndata.AnnData(X=log_expression, obs=pd.DataFrame({"batch": pd.Categorical(np.asarray(batch).astype(str))}),
                             var=pd.DataFrame(index=pd.Index(genes).astype(str)))
-    batch_key = "group" if frame.obs["group"].nunique() > 1 else None
+    batch_key = "batch" if frame.obs["batch"].nunique() > 1 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.highly_variable_genes(frame, n_top_genes=num_hvg, flavor="seurat", batch_key=batch_key)
-    return frame.var["highly_variable"].to_numpy()
+    var = frame.var.reset_index(drop=True)
+    # scanpy's own ranking: in more batches first, then by normalised dispersion
+    keys = ["highly_variable_nbatches", "dispersions_norm"] if batch_key else ["dispersions_norm"]
+    ranked = var.assign(dispersions_norm=var["dispersions_norm"].fillna(-np.inf)).sort_values(keys, ascending=False, kind="stable").index
+    taken = set(chosen)
+    for gene in ranked:
+        if len(chosen) >= num_hvg:
+            break
+        if gene not in taken:
+            chosen.append(gene)
+            taken.add(gene)
+    mask = np.zeros(n_genes, dtype=bool)
+    mask[chosen] = True
+    return mask
 
 
 def pseudo_labels(log_expression: sp.csr_matrix, groups: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

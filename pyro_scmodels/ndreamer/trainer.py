@@ -22,8 +22,13 @@ class NDreamerTrainer(TrainingLoop):
 
     An epoch is one pass: ``ceil(n_cells / batch_size)`` steps, each drawing
     ``max(2, batch_size // n_groups)`` cells from every batch x condition group (with
-    replacement for groups smaller than that). After every step the network counts the step
-    and re-initialises dead codes on its schedule (:meth:`NDreamerNetwork.step_end`).
+    replacement for groups smaller than that).
+
+    Dead codes are re-initialised (:meth:`NDreamerNetwork.reinitialise_dead_codes`) on a schedule
+    of data seen, not of steps: once ``reset_every`` cells have been drawn since the last reset,
+    where ``reset_every`` is ``DEAD_CODE_RESET_CELLS`` (30 default minibatches) or one pass over
+    the data, whichever is smaller. A fixed step count never came round on small data: with
+    fewer than about 2,000 cells, the default 15 passes are fewer than 30 steps.
     History: one row per pass with the mean training loss and the mean of every loss part.
 
     Parameters
@@ -52,6 +57,9 @@ class NDreamerTrainer(TrainingLoop):
         self.per_group = max(K.MIN_CELLS_PER_GROUP_DRAW, batch_size // len(self.members))
         self.n_cells, self.batch_size = len(groups), batch_size
         self.steps_per_pass = max(1, math.ceil(self.n_cells / batch_size))
+        self.reset_every = min(K.DEAD_CODE_RESET_CELLS, self.n_cells)
+        self.cells_since_reset = 0
+        self.resets = 0  # dead-code checks run so far
         self._projections: torch.Tensor | None = None
 
     def steps_for(self, passes: float) -> int:
@@ -75,14 +83,19 @@ class NDreamerTrainer(TrainingLoop):
         return total_loss(outputs, batch, self.loss_weights)
 
     def after_step(self, cells: np.ndarray) -> None:
-        """Dead-code bookkeeping: count the step, re-initialise rarely used codes on schedule."""
-        self.network.step_end(self._projections)
+        """Dead-code bookkeeping: count the cells drawn, re-initialise rarely used codes when due."""
+        self.cells_since_reset += len(cells)
+        if self.cells_since_reset >= self.reset_every:
+            self.network.reinitialise_dead_codes(self._projections)
+            self.cells_since_reset = 0
+            self.resets += 1
         self._projections = None
 
     def extra_state(self) -> dict:
-        """The network's step counter of the dead-code schedule (not part of its state_dict)."""
-        return {"steps_since_reset": self.network.steps_since_reset}
+        """The dead-code schedule's counters (not part of the network's state_dict)."""
+        return {"cells_since_reset": self.cells_since_reset, "resets": self.resets}
 
     def load_extra_state(self, state: dict) -> None:
-        """Restore :meth:`extra_state`."""
-        self.network.steps_since_reset = state["steps_since_reset"]
+        """Restore :meth:`extra_state` (a checkpoint from the step-count schedule restarts the count)."""
+        self.cells_since_reset = int(state.get("cells_since_reset", 0))
+        self.resets = int(state.get("resets", 0))

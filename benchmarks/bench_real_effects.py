@@ -1,0 +1,200 @@
+"""NDreamer on real IFN-beta data: which genes are kept, the interferon ITE, donor reproducibility.
+
+Usage::
+
+    python benchmarks/bench_real_effects.py [--quick] [--output PATH]
+
+Needs ``../shared/data`` (the Kang et al. 2018 files). Three measurements:
+
+1. Gene selection: which interferon-stimulated genes (ISGs) are kept on both Kang files, and how
+   many responding genes on simulated data (2,000 cells, 3,000 genes, 40 responding), for HVGs
+   per batch x condition group (the old default), HVGs per batch with the conditions pooled, and
+   pooled HVGs plus a share of condition-responding genes (the default is 10 %).
+2. Kang (scGen split, 1,975 cells): a default ``NDreamer`` (default network, gene selection and
+   training), then ``estimate_ite()`` at its default k = 1: the share of stimulated cells with a
+   positive ITE for ISG15, IFI6, IFIT1 and IFIT3, next to the share of stimulated cells in which
+   the gene is detected at all (a treated cell's ITE is its observed expression minus its matched
+   control, so an undetected gene cannot have a positive ITE).
+3. Muscat Kang subset (2 donors): NDreamer on each donor alone; the correlation across genes of
+   the two donors' mean ITE of stimulated cells (overall, and the mean over the 5 cell types), at
+   k = 1 and k = 10, against the correlation of the donors' pseudobulk log fold changes (log1p of
+   counts per 1e4 of summed cells).
+
+``--quick`` uses the compact network (``NETWORK_PRESETS["small"]``, batch size 256) and writes
+nothing unless ``--output`` is given. Torch runs on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import hardware_facts, now, write_section  # noqa: E402
+
+import pyro_scmodels as ps  # noqa: E402
+from pyro_scmodels.ndreamer import NDreamer  # noqa: E402
+from pyro_scmodels.ndreamer._constants import NETWORK_PRESETS  # noqa: E402
+from pyro_scmodels.ndreamer.preprocess import log_normalise, variable_genes  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+KANG, MUSCAT = DATA / "kang2018_ifnb_scgen_valid_counts.h5ad", DATA / "kang2018_ifnb_muscat_example.h5ad"
+INTERFERON = ["ISG15", "IFI6", "IFIT1", "IFIT3"]
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION_TITLE = "## NDreamer on real IFN-beta data (bench_real_effects.py)"
+
+
+def per_group_hvg(expression, genes, groups, num_hvg) -> np.ndarray:
+    """The old default: scanpy seurat HVGs with every batch x condition group as a batch."""
+    frame = anndata.AnnData(X=expression, obs=pd.DataFrame({"group": pd.Categorical(groups)}),
+                            var=pd.DataFrame(index=pd.Index(genes).astype(str)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.highly_variable_genes(frame, n_top_genes=num_hvg, flavor="seurat", batch_key="group")
+    return frame.var["highly_variable"].to_numpy()
+
+
+def selections(expression, genes, batch, condition, control, num_hvg) -> dict[str, np.ndarray]:
+    """Gene masks of every scheme compared."""
+    out = {"per batch x condition HVG (old)": per_group_hvg(expression, genes, np.char.add(batch, condition), num_hvg)}
+    for share in (0.0, 0.05, 0.1, 0.2):
+        name = "pooled HVG" if share == 0 else f"pooled HVG + {share:.0%} responding" + (" (default)" if share == 0.1 else "")
+        out[name] = variable_genes(expression, genes, batch, condition, control, num_hvg, response_share=share)
+    return out
+
+
+def gene_selection() -> list[str]:
+    """Markdown rows: scheme -> ISGs kept (Kang files) or responding genes kept (simulated)."""
+    rows = []
+    for path, control, batch_key in ((KANG, "control", None), (MUSCAT, "ctrl", "donor")):
+        adata = anndata.read_h5ad(path)
+        expression = log_normalise(adata)
+        condition = adata.obs["condition"].astype(str).to_numpy()
+        batch = np.full(adata.n_obs, "all") if batch_key is None else adata.obs[batch_key].astype(str).to_numpy()
+        isgs = [g for g in INTERFERON if g in adata.var_names]
+        for num_hvg in (500, 1000, 2000):
+            if num_hvg >= adata.n_vars:
+                continue
+            for name, mask in selections(expression, adata.var_names, batch, condition, control, num_hvg).items():
+                kept = [g for g in isgs if mask[adata.var_names.get_loc(g)]]
+                rows.append(f"| {path.stem} | {num_hvg} | {name} | {len(kept)}/{len(isgs)} ({', '.join(kept) or '-'}) |")
+    adata = ps.datasets.simulate(n_cells=2000, n_genes=3000, n_responding_genes=40, seed=0)
+    expression = log_normalise(adata, "counts")
+    responding, markers = adata.var["responding"].to_numpy(), adata.var["is_marker"].to_numpy()
+    for num_hvg in (300, 1000):
+        for name, mask in selections(expression, adata.var_names, adata.obs["batch"].astype(str).to_numpy(),
+                                     adata.obs["condition"].astype(str).to_numpy(), "control", num_hvg).items():
+            rows.append(f"| simulated 2,000 x 3,000 | {num_hvg} | {name} | responding {int((mask & responding).sum())}/40, "
+                        f"markers {int((mask & markers).sum())}/{int(markers.sum())} |")
+    return rows
+
+
+def train(adata, control: str, network: dict) -> tuple[NDreamer, float]:
+    """A default NDreamer (apart from ``network``) trained for the default passes; its seconds."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer(adata, "condition", control, device="cpu", **network)
+        nd.train(progress_bar=False)
+    return nd, time.perf_counter() - start
+
+
+def kang_interferon(network: dict) -> list[str]:
+    """Markdown rows: gene -> kept, share of stimulated cells with ITE > 0 (k = 1), share detected."""
+    adata = anndata.read_h5ad(KANG)
+    nd, seconds = train(adata, "control", network)
+    ite = nd.estimate_ite().layers["ite_stimulated"]
+    stimulated = (adata.obs["condition"] == "stimulated").to_numpy()
+    rows = []
+    for gene in INTERFERON:
+        detected = float((np.asarray(adata[stimulated, gene].X.todense()).ravel() > 0).mean())
+        if gene in set(nd.genes):
+            positive = float((ite[stimulated, list(nd.genes).index(gene)] > 0).mean())
+            rows.append(f"| {gene} | yes | {positive:.3f} | {detected:.3f} |")
+        else:
+            rows.append(f"| {gene} | no | - | {detected:.3f} |")
+    print(f"Kang: {len(nd.genes)} genes, trained in {seconds:.0f} s", flush=True)
+    return rows
+
+
+def pseudobulk_log_fold_change(counts, stimulated: np.ndarray) -> np.ndarray:
+    """log1p of counts per 1e4 of the summed stimulated cells minus that of the summed controls."""
+    sums = [np.asarray(counts[np.flatnonzero(cells)].sum(0)).ravel() for cells in (stimulated, ~stimulated)]
+    stim, ctrl = (np.log1p(1e4 * s / s.sum()) for s in sums)
+    return stim - ctrl
+
+
+def muscat_reproducibility(network: dict) -> list[str]:
+    """Markdown rows: estimate -> donor-vs-donor correlation across genes, overall and per cell type."""
+    adata = anndata.read_h5ad(MUSCAT)
+    types = sorted(adata.obs["cell_type"].astype(str).unique())
+    tables: dict[str, dict] = {}
+    for donor in sorted(adata.obs["donor"].astype(str).unique()):
+        cells = adata[adata.obs["donor"].astype(str) == donor].copy()
+        nd, seconds = train(cells, "ctrl", network)
+        stimulated = (cells.obs["condition"] == "stim").to_numpy()
+        cell_type = cells.obs["cell_type"].astype(str).to_numpy()
+        by_type = lambda values: {"all": values(np.ones_like(stimulated)), **{t: values(cell_type == t) for t in types}}  # noqa: E731
+        tables.setdefault("pseudobulk log fold change", {})[donor] = by_type(
+            lambda keep: pseudobulk_log_fold_change(cells.X[keep], stimulated[keep]))
+        for k in (1, 10):
+            ite = nd.estimate_ite(nearest_neighbor=k).layers["ite_stim"]
+            tables.setdefault(f"NDreamer mean ITE, k = {k}" + (" (default)" if k == 1 else ""), {})[donor] = by_type(
+                lambda keep: ite[stimulated & keep].mean(0))
+        print(f"muscat donor {donor}: {cells.n_obs} cells, trained in {seconds:.0f} s", flush=True)
+    rows = []
+    for name, per_donor in tables.items():
+        first, second = per_donor.values()
+        r = {part: float(np.corrcoef(first[part], second[part])[0, 1]) for part in first}
+        rows.append(f"| {name} | {r['all']:.3f} | {np.mean([r[t] for t in types]):.3f} | "
+                    + " / ".join(f"{r[t]:.3f}" for t in types) + " |")
+    return rows, types
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three measurements, print them and (unless --quick) write the RESULTS.md section."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="compact network; writes nothing unless --output is given")
+    parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default benchmarks/RESULTS.md)")
+    args = parser.parse_args(argv)
+    if not KANG.exists() or not MUSCAT.exists():
+        print(f"needs {KANG} and {MUSCAT}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(1)
+    network = {**NETWORK_PRESETS["small"], "batch_size": 256} if args.quick else {}
+    selection = gene_selection()
+    interferon = kang_interferon(network)
+    reproducibility, types = muscat_reproducibility(network)
+    body = (
+        "Gene selection (ISGs of ISG15, IFI6, IFIT1, IFIT3 kept; on simulated data responding genes and markers kept):\n\n"
+        "| data | num_hvg | selection | kept |\n|---|---:|---|---|\n" + "\n".join(selection) + "\n\n"
+        f"Kang, default NDreamer{' (quick: compact network)' if args.quick else ''}, `estimate_ite()` (k = 1): share of "
+        "stimulated cells with ITE > 0; the share in which the gene is detected bounds it (a treated cell's ITE is its "
+        "observed expression minus its matched control).\n\n"
+        "| gene | kept | ITE > 0 | detected |\n|---|---|---:|---:|\n" + "\n".join(interferon) + "\n\n"
+        "Muscat Kang subset, NDreamer on each donor alone: correlation across genes between the two donors.\n\n"
+        f"| estimate | overall | mean over cell types | {' / '.join(types)} |\n|---|---:|---:|---|\n"
+        + "\n".join(reproducibility) + "\n"
+    )
+    print("\n" + body)
+    output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
+    if output is not None:
+        command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])])
+        facts = {**hardware_facts(), "torch threads": "1"}
+        header = f"{SECTION_TITLE}\n\nMeasured {now()}.\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n"
+        write_section(output, SECTION_TITLE, header + body + f"\nCommand:\n\n```\n{command}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
