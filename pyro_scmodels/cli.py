@@ -23,6 +23,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import OutputFolder, read_h5ad
+from .ndreamer._constants import NEAREST_NEIGHBOR
 from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
@@ -303,7 +304,8 @@ def _add_ndreamer(sub) -> None:
                          "much faster and suits a few thousand cells")
     nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
     nd.add_argument("--batch-size", type=int, default=1024, help="cells per training step")
-    nd.add_argument("--nearest-neighbor", type=int, default=1, help="matched cells per group: 1 is causal matching")
+    nd.add_argument("--nearest-neighbor", type=int, default=NEAREST_NEIGHBOR,
+                    help="matched cells per group, kernel-weighted (1: causal matching, one partner)")
     nd.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth for --nearest-neighbor > 1")
     nd.add_argument("--cate-groupby", default=None,
                     help="obs column (e.g. cell type): write cate_<condition>.csv and an ITE heatmap per group")
