@@ -137,7 +137,8 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         raise ValueError("ndreamer trains in one process (its losses compare cells across the whole minibatch); "
                          "run it without torchrun.")
     out = _prepare_output(folder, args)
-    adata = read_h5ad(args.data)
+    # backed: .X stays on disk and is read in blocks of rows (layers are loaded by anndata)
+    adata = read_h5ad(args.data, backed="r" if args.backed else None)
     if args.cate_groupby is not None:
         V.present(args.cate_groupby, adata.obs.columns, f"{args.data} obs (--cate-groupby)", "column")
     # the constructor checks keys, the control, and the batch x condition group sizes before training
@@ -298,6 +299,9 @@ def _add_ndreamer(sub) -> None:
     nd.add_argument("--control", required=True, help="name of the control condition")
     nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns (each its own effect)")
     nd.add_argument("--layer", default=None, help="layer to read instead of .X")
+    nd.add_argument("--backed", action="store_true",
+                    help="open the input with anndata's backed='r': .X is read from disk in blocks of rows and never "
+                         "densified (the sparse log-normalised matrix is held in memory)")
     nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
     nd.add_argument("--network", choices=["small", "default"], default="default",
                     help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "

@@ -94,16 +94,28 @@ class CountMatrix:
     def n_features(self) -> int:
         return self.shape[1]
 
-    def _chunks(self):
-        for start in range(0, self.n_cells, _VALIDATION_CHUNK):
-            stop = min(start + _VALIDATION_CHUNK, self.n_cells)
-            block = self.matrix[start:stop]
-            yield start, stop, block
+    def chunks(self, chunk_size: int = _VALIDATION_CHUNK):
+        """Consecutive blocks of rows, read one at a time (a backed matrix never has to fit in memory).
+
+        Parameters
+        ----------
+        chunk_size
+            Rows per block.
+
+        Yields
+        ------
+        tuple
+            ``(start, stop, block)``: the block holds rows ``start..stop-1`` in the host's format
+            (sparse for a sparse or backed sparse matrix, dense for a dense one).
+        """
+        for start in range(0, self.n_cells, chunk_size):
+            stop = min(start + chunk_size, self.n_cells)
+            yield start, stop, self.matrix[start:stop]
 
     def validate(self) -> None:
         """Raise ``ValueError`` on NaN/Inf, negative or non-integer counts, or empty cells."""
         totals = np.empty(self.n_cells, dtype=np.float64)
-        for start, stop, block in self._chunks():
+        for start, stop, block in self.chunks():
             values = block.data if sp.issparse(block) else np.asarray(block)
             if not np.all(np.isfinite(values)):
                 raise ValueError(
@@ -138,7 +150,7 @@ class CountMatrix:
         """Total counts per cell (float64, length ``n_cells``)."""
         if self._totals is None:
             totals = np.empty(self.n_cells, dtype=np.float64)
-            for start, stop, block in self._chunks():
+            for start, stop, block in self.chunks():
                 totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
             self._totals = totals
         return self._totals
@@ -170,7 +182,7 @@ class CountMatrix:
         groups = np.zeros(self.n_cells, dtype=np.int64) if groups is None else np.asarray(groups)
         sums = np.zeros((n_groups, self.n_features))
         counts = np.bincount(groups, minlength=n_groups).astype(np.float64)
-        for start, stop, block in self._chunks():
+        for start, stop, block in self.chunks():
             g = groups[start:stop]
             # a sparse one-hot of group membership turns the grouped sum into one product
             member = sp.csr_matrix(

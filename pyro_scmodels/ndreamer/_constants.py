@@ -48,6 +48,9 @@ CHECKPOINT_EVERY = 1  # passes between checkpoints
 CHECKPOINT_FILE = "checkpoint.pt"
 
 # --- matching (SPEC 3.5) -------------------------------------------------------------
+# cells per block when reading the input (a backed .X is read from disk one block at a time)
+READ_CHUNK_CELLS = 10_000
+
 MATCHING_PCA_COMPONENTS = 50
 # matched cells per group. k = 1 (causal matching, the public NDreamer's default) leaves the count
 # noise of a single partner in every effect; measured on simulate(effect_modifier=1.0), 3000 cells

@@ -11,6 +11,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from ..data.counts import CountMatrix
 from ._constants import (
     LEIDEN_ITERATIONS,
     LEIDEN_NEIGHBOURS,
@@ -19,6 +20,7 @@ from ._constants import (
     LOG_CHECK_SAMPLE,
     LOG_DATA_MAX,
     MIN_CELLS_FOR_LEIDEN,
+    READ_CHUNK_CELLS,
     RESPONSE_GENE_SHARE,
     TARGET_SUM,
 )
@@ -38,19 +40,43 @@ def is_log_normalised(matrix) -> bool:
 
 
 def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_matrix:
-    """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised."""
-    matrix = adata.X if layer is None else adata.layers[layer]
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised.
+
+    A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read in blocks of rows: the
+    result is the sparse log-normalised matrix, and no dense cells x genes array is made.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; in memory or backed.
+    layer
+        Layer holding the counts (or log-normalised values); ``None`` for ``adata.X``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Cells x genes, float32.
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found; layers: {list(adata.layers.keys())}.")
+    source = CountMatrix(adata.X if layer is None else adata.layers[layer], name=where, validate=False)
+    # blocks of rows: a backed matrix is read from disk one block at a time
+    blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
+    matrix = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+    del blocks
     if is_log_normalised(matrix):
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
         return matrix
     logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
     totals = np.asarray(matrix.sum(1)).ravel()
     if (totals <= 0).any():
-        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts; remove them first.")
-    normalised = sp.csr_matrix(sp.diags((TARGET_SUM / totals).astype(np.float32)) @ matrix)
-    normalised.data = np.log1p(normalised.data)
-    return normalised
+        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in {where} (first at row "
+                         f"{int(np.flatnonzero(totals <= 0)[0])}); remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1).")
+    # scale the stored values row by row in place (no second copy of the matrix)
+    matrix.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(matrix.indptr))
+    np.log1p(matrix.data, out=matrix.data)
+    return matrix
 
 
 def condition_response(log_expression: sp.csr_matrix, batch: np.ndarray, condition: np.ndarray,
