@@ -48,7 +48,8 @@ _ARGUMENT_CHECKS = {
              "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
     "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
             "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
-            "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int},
+            "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int,
+            "latent_independence": V.non_negative_float},
     "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
                  "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
 }
@@ -181,7 +182,8 @@ def run_fit(args, folder: OutputFolder) -> None:
         dispersion_key=args.dispersion_key, library_size_key=args.library_size_key,
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
-    model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed)
+    model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
+                          latent_independence=args.latent_independence)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices)
@@ -273,6 +275,9 @@ def _add_fit(sub) -> None:
     net.add_argument("--n-latent", type=int, default=10, help="dimensions of the latent space z")
     net.add_argument("--n-hidden", type=int, default=128, help="width of the encoder and decoder layers")
     net.add_argument("--n-layers", type=int, default=1, help="hidden layers of the encoder and decoder")
+    net.add_argument("--latent-independence", type=float, default=0.0,
+                     help="weight of an MMD penalty keeping the --encoder-keys out of z (10 for model-based "
+                          "counterfactuals of a condition; 0: off)")
     net.add_argument("--max-epochs", type=int, default=None,
                      help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
     net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")

@@ -188,10 +188,11 @@ class CellData:
         batch = {name: value[host_index].to(device) for name, value in covariates.items()}
         batch["nn_onehot"] = _onehot(batch.pop("nn_codes"), self.n_nn_covariates) if self.n_nn_covariates else None
         batch["encoder_onehot"] = (
-            _onehot(batch.pop("encoder_codes"), self.n_encoder_covariates) if self.n_encoder_covariates else None
+            _onehot(batch["encoder_codes"], self.n_encoder_covariates) if self.n_encoder_covariates else None
         )
         batch.pop("nn_codes", None)
-        batch.pop("encoder_codes", None)
+        if not self.n_encoder_covariates:  # kept otherwise: the latent-independence penalty reads the categories
+            batch.pop("encoder_codes", None)
         batch.update(counts)
         batch["index"] = device_index
         return batch

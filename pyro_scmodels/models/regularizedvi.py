@@ -48,6 +48,13 @@ class RegularizedVI(PyroModelBase):
         with :func:`pyro_scmodels.models.ambient.profile_from_droplets`): the background keeps
         that shape and only its amount per category is learned. Default None: s is learned
         gene by gene.
+    latent_independence
+        Weight lambda of a penalty ``lambda N MMD^2`` that makes the posterior of z the same in
+        every category of each ``encoder_covariate_keys`` column (module
+        :mod:`pyro_scmodels.independence`); 0 (default) is off. Told a covariate, the encoder can
+        still write it into z; for model-based counterfactuals (``NDreamer.from_model``, the
+        basal-state design) use 10, which on the simulator kept the decoded effect unshrunk
+        whatever the network width (docs/ndreamer.md).
     seed
         Seeds the initial network weights.
 
@@ -76,6 +83,7 @@ class RegularizedVI(PyroModelBase):
         init: str = "data",
         seed: int = 0,
         ambient_profile: pd.DataFrame | None = None,
+        latent_independence: float = 0.0,
         _categories: dict | None = None,
     ):
         super().__init__()
@@ -87,9 +95,14 @@ class RegularizedVI(PyroModelBase):
             raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
         if priors is not None and not isinstance(priors, RegularizedPriors):
             raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
+        latent_independence = V.non_negative_float("latent_independence", latent_independence)
         self.adata = adata
         self._setup = read_setup(adata)
         self.layer, self.keys = self._setup.layer, self._setup.keys
+        if latent_independence > 0 and not self.keys.encoder:
+            raise ValueError(f"latent_independence={latent_independence:g} makes z independent of the encoder covariates, "
+                             "but the model was set up without any: pass encoder_covariate_keys=[...] (e.g. the "
+                             "condition) to setup_anndata, or leave latent_independence at 0.")
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         self.var_names = pd.Index(adata.var_names).copy()
@@ -98,6 +111,8 @@ class RegularizedVI(PyroModelBase):
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
         )
+        if latent_independence > 0:  # stored only when on, so that models saved before it load unchanged
+            self.init_params["latent_independence"] = latent_independence
         profile = None
         if ambient_profile is not None:
             self.init_params["ambient_profile"] = ambient_profile
@@ -111,6 +126,7 @@ class RegularizedVI(PyroModelBase):
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
                 model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
+                latent_independence=latent_independence,
             )
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)

@@ -29,6 +29,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..distributions import GammaPoissonMean, select_rows
+from ..independence import category_mmd
 from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
 from ..nn import GaussianEncoder, SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
@@ -65,6 +66,7 @@ class RegularizedVIDims:
     n_decoder_latent: int | None = None  # width of the z the decoder reads (default n_latent)
     site_suffix: str = ""  # appended to every site and plate name of this modality ("_rna")
     counts_key: str = "x"  # the minibatch entry holding this modality's counts
+    latent_independence: float = 0.0  # weight of the MMD penalty on z across encoder-covariate categories
 
     def site(self, name: str) -> str:
         """Name of a site of this modality."""
@@ -250,7 +252,22 @@ class RegularizedVIModel(LocalPyroModule):
         with pyro.plate("cells", n_obs, subsample=batch["index"]):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([x.shape[0], self.dims.n_latent]).to_event(1))
-            return self.local_sites(z, batch, global_values)
+            counts = self.local_sites(z, batch, global_values)
+        self.latent_independence_penalty(z, batch, n_obs)
+        return counts
+
+    def latent_independence_penalty(self, z: torch.Tensor, batch: dict, n_obs: int) -> None:
+        """-lambda N MMD^2(q(z | category), q(z)) summed over the encoder covariates' categories.
+
+        Not part of the generative model: a penalty (``pyro.factor``) on the z drawn from the
+        guide, which makes z carry no information on what the encoder is told (module
+        :mod:`pyro_scmodels.independence`). Off (lambda = 0) by default.
+        """
+        if self.dims.latent_independence <= 0 or batch.get("encoder_codes") is None:
+            return
+        # per cell, like the ELBO's data term: the minibatch statistic times the dataset size
+        penalty = self.dims.latent_independence * n_obs * category_mmd(z, batch["encoder_codes"])
+        pyro.factor(self.dims.site("latent_independence"), -penalty)
 
 
 class RegularizedVIGuide(LocalPyroModule):
@@ -379,7 +396,7 @@ class RegularizedVIGuide(LocalPyroModule):
 def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
                  global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
                  site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
-                 n_decoder_latent: int | None = None, with_z_encoder: bool = True,
+                 n_decoder_latent: int | None = None, with_z_encoder: bool = True, latent_independence: float = 0.0,
                  model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None):
     """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
 
@@ -401,6 +418,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         Whether this modality has the ambient and feature-scaling terms.
     with_z_encoder
         Whether the guide has its own z encoder (not with a joint encoder).
+    latent_independence
+        Weight of the penalty on the dependence of z on the encoder covariates (0: off).
     model_class, guide_class
         Subclasses to build instead (a modeller's edited model or guide).
     ambient_profile
@@ -419,7 +438,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         n_library=data.n_library, n_nn_covariates=data.n_nn_covariates,
         n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
         use_ambient=use_ambient, use_feature_scaling=use_feature_scaling, n_decoder_latent=n_decoder_latent,
-        site_suffix=site_suffix, counts_key=key,
+        site_suffix=site_suffix, counts_key=key, latent_independence=float(latent_independence),
     )
     library_loc, library_variance, centre = data.library_prior(key=key)
     if init == "data":
