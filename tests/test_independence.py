@@ -71,3 +71,4 @@ def test_fit_command_refuses_the_penalty_without_encoder_keys(tmp_path, capsys):
     assert code == 2
     assert "encoder_covariate_keys" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.h5ad").exists()
+

@@ -251,3 +251,18 @@ def test_predictive_check_headline_is_the_calibrated_figure(small):
     text = repr(posterior_predictive_check(model, num_samples=5))
     headline = text.splitlines()[1]
     assert headline.index("calibration (randomised PIT)") < headline.index("raw interval coverage")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_building_a_model_leaves_the_gpus_alone(monkeypatch):
+    # torch.random.fork_rng() without devices saves the RNG of every visible GPU (starting a CUDA
+    # context on each); the networks are built on the CPU, so none may be touched. Forced here:
+    # with two "visible" GPUs any GPU RNG call fails on this CUDA-less torch.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    adata = ps.datasets.simulate(n_cells=100, n_genes=120, seed=0)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    ps.RegularizedVI(adata, n_hidden=16)
+    mdata = ps.datasets.simulate_multiome(n_cells=100, n_genes=120, n_peaks=150, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata)
+    ps.RegularizedMultimodalVI(mdata, n_hidden=16)

@@ -104,7 +104,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         data = self._cell_data()
         joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
         models, guides = {}, {}
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
             torch.manual_seed(seed)
             for m in self.modalities:
                 models[m], guides[m] = build_model_and_guide(

@@ -120,7 +120,7 @@ class RegularizedVI(PyroModelBase):
                                               self.encoding.level_names(list(self.keys.ambient or [])))
         self._data = None
         data = self._cell_data()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
             torch.manual_seed(seed)
             model, guide = build_model_and_guide(
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
