@@ -145,12 +145,21 @@ def _codes_in_use(nd: NDreamer) -> int:
 
 def test_dead_codes_are_revived_on_small_data(tiny_adata):
     """300 cells at the default batch size: 5 steps in the default 15 passes, so a schedule of one
-    reset per 30 steps never ran. Resets by data seen run once per pass here (every step), and the
-    cells end up using more codes than in the same training without resets."""
+    reset per 30 steps never ran. By data seen, every 10 passes (3,000 cells, 3 steps) here: once in
+    the default 15 passes, 6 times in 60 (19 steps), after which the cells use more codes than in the same
+    training without resets. Large data reset every DEAD_CODE_RESET_CELLS cells."""
     with_resets, without = _nd(tiny_adata, batch_size=1024), _nd(tiny_adata, batch_size=1024)
     without.network.reinitialise_dead_codes = lambda projections: None  # same training, resets switched off
     with_resets.train(progress_bar=False)
+    assert with_resets.trainer.step == 5 and with_resets.trainer.resets == 1  # the default 15 passes
+    with_resets.train(n_epochs=45, progress_bar=False)
     without.train(progress_bar=False)
-    assert with_resets.trainer.step == 5 and with_resets.trainer.resets == 5
+    without.train(n_epochs=45, progress_bar=False)
+    assert with_resets.trainer.step == without.trainer.step == 19 and with_resets.trainer.resets == 6
     used, unused = _codes_in_use(with_resets), _codes_in_use(without)
     assert used > unused + 2, f"codes in use: {used} with resets, {unused} without"
+    from pyro_scmodels.ndreamer import _constants as K
+    from pyro_scmodels.ndreamer.trainer import NDreamerTrainer
+
+    many = np.repeat(without.design.groups, 20)  # 6,000 cells: 10 passes are more than 30 minibatches
+    assert NDreamerTrainer(without.network, lambda cells: None, many).reset_every == K.DEAD_CODE_RESET_CELLS

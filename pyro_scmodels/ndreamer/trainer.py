@@ -26,9 +26,10 @@ class NDreamerTrainer(TrainingLoop):
 
     Dead codes are re-initialised (:meth:`NDreamerNetwork.reinitialise_dead_codes`) on a schedule
     of data seen, not of steps: once ``reset_every`` cells have been drawn since the last reset,
-    where ``reset_every`` is ``DEAD_CODE_RESET_CELLS`` (30 default minibatches) or one pass over
-    the data, whichever is smaller. A fixed step count never came round on small data: with
-    fewer than about 2,000 cells, the default 15 passes are fewer than 30 steps.
+    where ``reset_every`` is ``DEAD_CODE_RESET_CELLS`` (30 default minibatches) or
+    ``DEAD_CODE_RESET_PASSES`` (10) passes over the data, whichever is smaller. A fixed step count
+    never came round on small data: with fewer than about 2,000 cells, the default 15 passes are
+    fewer than 30 steps. Once per pass resets too often (see ``_constants``).
     History: one row per pass with the mean training loss and the mean of every loss part.
 
     Parameters
@@ -57,7 +58,7 @@ class NDreamerTrainer(TrainingLoop):
         self.per_group = max(K.MIN_CELLS_PER_GROUP_DRAW, batch_size // len(self.members))
         self.n_cells, self.batch_size = len(groups), batch_size
         self.steps_per_pass = max(1, math.ceil(self.n_cells / batch_size))
-        self.reset_every = min(K.DEAD_CODE_RESET_CELLS, self.n_cells)
+        self.reset_every = min(K.DEAD_CODE_RESET_CELLS, K.DEAD_CODE_RESET_PASSES * self.n_cells)
         self.cells_since_reset = 0
         self.resets = 0  # dead-code checks run so far
         self._projections: torch.Tensor | None = None
