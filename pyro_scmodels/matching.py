@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._validation import positive_float, positive_int
+from .ivf_search import IVF_RECALL, ivf_lists, ivf_search  # noqa: F401  (ivf_lists, IVF_RECALL: public here)
 
 logger = logging.getLogger("pyro_scmodels.matching")
 
@@ -33,7 +34,6 @@ METHODS = ("auto", "exact", "ivf")
 #: ``method="auto"`` switches from an exact to an approximate (IVF) CPU search above this many query x base
 #: distance evaluations per group: 1.5e10 is about 150k x 100k cells, a few seconds of exact search on 2 cores.
 EXACT_MAX_PAIRS = 1.5e10
-RECALL_SAMPLE = 1000  # queries checked against an exact search after an approximate one (logged)
 
 _gpu_resources = None
 _cpu_fallback_logged = False  # the "runs on the CPU" message is logged once per process
@@ -162,17 +162,6 @@ def _as_points(name: str, x) -> np.ndarray:
     return array
 
 
-def ivf_parameters(n_base: int) -> tuple[int, int]:
-    """Inverted lists and lists probed per query of the approximate index, from the base size.
-
-    About 4 sqrt(n) lists (faiss' guideline; at most n / 39, so that k-means has 39 cells per list)
-    and 1/32 of them probed (at least 16): recall@1 of 0.95 or more on cell embeddings
-    (``benchmarks/bench_matching.py`` measures it).
-    """
-    n_lists = int(np.clip(min(4 * np.sqrt(n_base), n_base // 39), 1, 65536))
-    return n_lists, min(n_lists, max(16, int(np.ceil(n_lists / 32))))
-
-
 def choose_method(method: str, n_query: int, n_base: int, device: str) -> str:
     """``"exact"`` or ``"ivf"``: ``"auto"`` is exact on a GPU and for up to :data:`EXACT_MAX_PAIRS` pairs."""
     if method not in METHODS:
@@ -180,34 +169,6 @@ def choose_method(method: str, n_query: int, n_base: int, device: str) -> str:
     if method != "auto":
         return method
     return "ivf" if device == "cpu" and float(n_query) * n_base > EXACT_MAX_PAIRS else "exact"
-
-
-def _ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Approximate search with an inverted-file index (k-means cells, exact distances inside them)."""
-    n_lists, n_probe = ivf_parameters(len(xb))
-    quantizer = faiss.IndexFlatL2(xb.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, xb.shape[1], n_lists)
-    index.cp.seed, index.cp.niter = seed, 10  # seeded k-means; 10 iterations suffice for coarse cells
-    rng = np.random.default_rng(seed)
-    sample = xb if len(xb) <= 40 * n_lists else xb[np.sort(rng.choice(len(xb), 40 * n_lists, replace=False))]
-    index.train(sample)
-    index.add(xb)
-    index.nprobe = n_probe
-    _, indices = index.search(xq, k)
-    # a query whose probed lists hold fewer than k cells gets -1: those few are searched exactly
-    short = np.flatnonzero((indices < 0).any(axis=1))
-    if short.size:
-        exact = faiss.IndexFlatL2(xb.shape[1])
-        exact.add(xb)
-        indices[short] = exact.search(xq[short], k)[1]
-    recall_sample = rng.choice(len(xq), min(RECALL_SAMPLE, len(xq)), replace=False)
-    exact = faiss.IndexFlatL2(xb.shape[1])
-    exact.add(xb)
-    truth = exact.search(xq[recall_sample], 1)[1][:, 0]
-    recall = float(np.mean(indices[recall_sample, 0] == truth))
-    logger.info("Approximate matching (IVF, %d lists, %d probed) of %d cells into %d: recall@1 %.3f on %d sampled "
-                "cells (method='exact' for an exact search).", n_lists, n_probe, len(xq), len(xb), recall, len(recall_sample))
-    return indices
 
 
 def _search(query: np.ndarray, base: np.ndarray, k: int, device: str,
@@ -220,7 +181,7 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, device: str,
     centre = base.mean(axis=0, dtype=np.float64).astype(np.float32)
     xq, xb = query - centre, base - centre
     if method == "ivf":
-        indices = _ivf_search(faiss, xq, xb, k)
+        indices = ivf_search(faiss, xq, xb, k)
     elif device == "cuda":
         if k > GPU_MAX_K:  # resolve_faiss_device keeps this from happening; faiss' own error is less clear
             raise ValueError(f"k={k} exceeds faiss' GPU limit k={GPU_MAX_K}.")
@@ -254,7 +215,8 @@ def knn(query, base, k: int = 1, device: str = "auto", method: str = "auto") -> 
         torch's device): ``"auto"`` is the GPU when :func:`faiss_gpu_available`, else the CPU, said once
         per process; ``"cuda"`` without a GPU faiss raises a ValueError naming what is missing and the fix.
     method
-        ``"exact"``, ``"ivf"`` (approximate: an inverted-file index, :func:`ivf_parameters`; its recall@1
+        ``"exact"``, ``"ivf"`` (approximate: an inverted-file index of :func:`ivf_lists` lists, probed as
+        few as reach recall@1 :data:`IVF_RECALL` on a sample of queries; its recall@1
         against an exact search of a sample is logged) or ``"auto"``: exact on a GPU, and on the CPU up
         to :data:`EXACT_MAX_PAIRS` query x base pairs, IVF beyond.
 
@@ -317,7 +279,7 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
     """Match every cell to its nearest cells within each target group.
 
     For each target group T: one index over the cells of T (exact, or IVF for large groups on the CPU),
-    one batched search of all cells.
+    one batched search of all cells (with k = 1, of the cells outside T: a cell of T is its own nearest).
 
     Parameters
     ----------
@@ -355,8 +317,16 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
     matches = {}
     for label in targets:
         members = np.flatnonzero(codes == code_of[label])
-        group_method = choose_method(method, len(points), members.size, faiss_device)
-        distances, local = _search(points, points[members], min(k, members.size), faiss_device, group_method)
+        group_k = min(k, members.size)
+        # with one neighbour, a cell of the group is its own nearest (distance 0): only the others are searched
+        queries = np.flatnonzero(codes != code_of[label]) if group_k == 1 else np.arange(len(points))
+        group_method = choose_method(method, queries.size, members.size, faiss_device)
+        local = np.zeros((len(points), group_k), dtype=np.int64)
+        local[members] = np.arange(members.size)[:, None]
+        distances = np.zeros((len(points), group_k), dtype=np.float32)
+        if queries.size:
+            distances[queries], local[queries] = _search(points[queries], points[members], group_k, faiss_device,
+                                                         group_method)
         matches[label] = GroupMatches(members[local], distances, kernel_weights(distances, bandwidth))
     return matches
 
