@@ -148,21 +148,31 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
                   **NETWORK_PRESETS[args.network])
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
-    nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
-    nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
-    # the results are saved before CATE, so that a CATE problem loses nothing
-    nd.save(out, overwrite=True)
+    layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"
+    if args.backed:
+        # no cells x genes array of the whole data: the layers are computed and written a block of cells at a time
+        nd.save(out, overwrite=True)
+        nd.write_effects(os.path.join(out, "effects.h5ad"), args.nearest_neighbor, args.bandwidth, overwrite=True)
+        wrote = (f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space']), "
+                 f"{os.path.join(out, 'effects.h5ad')} (layers {layers}), the network")
+    else:
+        nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
+        nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
+        # the results are saved before CATE, so that a CATE problem loses nothing
+        nd.save(out, overwrite=True)
+        wrote = f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers {layers}), the network"
     written = []
     for condition in (nd.design.treatments if args.cate_groupby else []):
-        table = nd.estimate_cate(args.cate_groupby, condition)
+        table = nd.estimate_cate(args.cate_groupby, condition, nearest_neighbor=args.nearest_neighbor,
+                                 bandwidth=args.bandwidth)
         with atomic_path(os.path.join(out, f"cate_{condition}.csv")) as temporary:
             table.to_csv(temporary, index=False)
         written.append(os.path.join(out, f"cate_{condition}.csv"))
-        written.append(plot_ite_heatmap(nd.results.layers[f"ite_{condition}"], nd.genes, nd.results.obs[args.cate_groupby],
+        # the heatmap shows each group's mean ITE: the CATE table's, one row per group
+        means = table.pivot(index="group", columns="gene", values="mean_ite").reindex(columns=list(nd.genes))
+        written.append(plot_ite_heatmap(means.to_numpy(), nd.genes, means.index,
                                         os.path.join(out, f"ite_heatmap_{condition}.png"), condition=condition))
-    print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers denoised, "
-          f"batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}), the network"
-          + (f", {', '.join(written)}." if written else "."))
+    print(wrote + (f", {', '.join(written)}." if written else "."))
 
 
 def run_fit(args, folder: OutputFolder) -> None:

@@ -5,6 +5,7 @@ import warnings
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -87,4 +88,47 @@ def test_ndreamer_command_reads_a_backed_input(on_disk, tmp_path):
                  "--quiet"])
     assert code == 0
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
-    assert list(results.obs_names) == list(adata.obs_names) and "ite_stimulated" in results.layers
+    assert list(results.obs_names) == list(adata.obs_names) and "X_effect_modifier_space" in results.obsm
+    assert not results.layers  # --backed: no whole-data layer in memory; they were written block by block
+    effects = anndata.read_h5ad(os.path.join(out, "effects.h5ad"), backed="r")
+    assert list(effects.obs_names) == list(adata.obs_names)
+    assert {"denoised", "batch_effect", "ite_stimulated"} <= set(effects.layers.keys())
+    assert np.isfinite(effects.layers["ite_stimulated"][:50]).all()
+
+
+def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_disk, tmp_path):
+    adata, _ = on_disk
+    nd = _fitted(adata)
+    whole = {name: nd.results.layers[name].copy() for name in ("denoised", "batch_effect", "ite_stimulated")}
+    cells, genes = np.array([5, 590, 3]), list(nd.genes[[7, 0, 41]])
+    nd.effects._cache.clear()  # computed from the matches, not sliced from the cached whole result
+    for chosen in (cells, nd.results.obs_names[cells], np.isin(np.arange(600), cells)):
+        part = nd.estimate_ite(indices=chosen, gene_list=genes)
+        rows = np.sort(cells) if chosen.dtype == bool else cells
+        assert list(part.obs_names) == list(nd.results.obs_names[rows]) and list(part.var_names) == genes
+        np.testing.assert_allclose(part.layers["ite_stimulated"], whole["ite_stimulated"][rows][:, [7, 0, 41]], atol=1e-6)
+    decomposed = nd.decompose_batch_effect(gene_list=genes[:1])
+    assert decomposed.shape == (600, 1)
+    np.testing.assert_allclose(decomposed.layers["batch_effect"][:, 0], whole["batch_effect"][:, 7], atol=1e-6)
+    assert set(nd.results.layers) == set(whole)  # results untouched by the subset queries
+    with pytest.raises(ValueError, match=r"gene_list: \['NOT_A_GENE'\] are not among the 80 genes"):
+        nd.estimate_ite(gene_list=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match=r"cell positions in \[0, 600\)"):
+        nd.estimate_ite(indices=[0, 600])
+    with pytest.raises(ValueError, match="boolean mask of 3 values; the results hold 600 cells"):
+        nd.estimate_ite(indices=[True, False, True])
+    path = str(tmp_path / "effects.h5ad")
+    nd.write_effects(path, chunk_cells=64)  # ten blocks, the last one short
+    on_file = anndata.read_h5ad(path, backed="r")
+    assert list(on_file.var_names) == list(nd.genes)
+    for name, values in whole.items():
+        np.testing.assert_allclose(on_file.layers[name][:], values, atol=1e-6)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        nd.write_effects(path)
+    assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
+    # CATE without an ITE layer: computed group by group, the same table
+    table = nd.estimate_cate("cell_type")
+    del nd.results.layers["ite_stimulated"]
+    nd.effects._cache.clear()
+    pd.testing.assert_frame_equal(nd.estimate_cate("cell_type"), table, atol=1e-5)
+    assert "ite_stimulated" not in nd.results.layers

@@ -5,7 +5,8 @@ The public API is the effects pipeline; the loss functions live in
 :mod:`pyro_scmodels.ndreamer.network`.
 """
 
-from .effects import CounterfactualDesign, MatchedEffects, estimate_cate
+from .cate import estimate_cate
+from .effects import CounterfactualDesign, MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
 from .pipeline import NDreamer

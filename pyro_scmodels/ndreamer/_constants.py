@@ -54,6 +54,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # --- matching (SPEC 3.5) -------------------------------------------------------------
 # cells per block when reading the input (a backed .X is read from disk one block at a time)
 READ_CHUNK_CELLS = 10_000
+WRITE_CHUNK_CELLS = 10_000  # cells whose effects are computed and written at a time (NDreamer.write_effects)
 
 MATCHING_PCA_COMPONENTS = 50
 # matched cells per group. k = 1 (causal matching, the public NDreamer's default) leaves the count

@@ -3,6 +3,7 @@
 A folder holds ``settings.json`` (constructor settings and loss weights), ``results.h5ad``
 (the results AnnData, with the pseudo cell-state labels as hidden ``obs`` columns),
 ``effects.npz`` (matching space and cached effects) and, for a trained network, ``network.pt``.
+:func:`write_effects_h5ad` writes every cell's effect layers to an ``.h5ad`` block by block.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import dataclasses
 import json
 import os
 
+import anndata
+import h5py
+import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
@@ -76,3 +80,46 @@ def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):
     if os.path.exists(os.path.join(dir_path, EFFECTS_FILE)):
         nd.effects.load(os.path.join(dir_path, EFFECTS_FILE))
     return nd
+
+
+#: anndata's on-disk encoding of a dense array (the attributes ``anndata.io.write_elem`` gives one)
+DENSE_ARRAY_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
+H5_CHUNK_VALUES = 2**20  # float32 values per HDF5 chunk (4 MiB): whole rows, so that reading cells reads few chunks
+
+
+def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, chunk_cells: int,
+                       overwrite: bool = False) -> str:
+    """Write ``nd``'s denoised expression, batch effect and ITE layers of every cell, ``chunk_cells`` at a time.
+
+    The file is an ordinary ``.h5ad`` (obs, the genes as var, obsm, the layers), written under a temporary
+    name and renamed when complete. Memory holds one block of cells x genes per layer.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.endswith(".h5ad"):
+        raise ValueError(f"write_effects writes an .h5ad file; got {path!r}.")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"The folder of {path} does not exist; create it first.")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    names = ["denoised", "batch_effect"] + [f"ite_{c}" for c in nd.design.treatments]
+    n_cells, n_genes = nd.results.n_obs, len(nd.genes)
+    shell = anndata.AnnData(obs=nd.results.obs.copy(), var=pd.DataFrame(index=pd.Index(nd.genes).astype(str)),
+                            obsm=dict(nd.results.obsm))
+    with atomic_path(path) as temporary:
+        shell.write_h5ad(temporary)
+        with h5py.File(temporary, "a") as handle:
+            layers = handle.require_group("layers")
+            layers.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+            rows = int(max(1, min(n_cells, H5_CHUNK_VALUES // max(n_genes, 1))))
+            datasets = {}
+            for name in names:
+                datasets[name] = layers.create_dataset(name, shape=(n_cells, n_genes), dtype="float32",
+                                                       chunks=(rows, n_genes) if n_cells and n_genes else None)
+                datasets[name].attrs.update(DENSE_ARRAY_ENCODING)
+            for start in range(0, n_cells, chunk_cells):
+                cells = np.arange(start, min(start + chunk_cells, n_cells))
+                block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells)
+                for name in names:
+                    datasets[name][start:cells[-1] + 1] = block[name]
+    return path

@@ -1,4 +1,4 @@
-"""Counterfactual matching in an embedding: batch denoising, per-cell treatment effects, CATE (SPEC 3.5).
+"""Counterfactual matching in an embedding: batch denoising and per-cell treatment effects (SPEC 3.5).
 
 Works on any embedding of the cells: the NDreamer effect-modifier space or the latent space of a
 Pyro model. Every output is aligned with the input cells.
@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.decomposition import PCA
 
 from .. import _validation as V
@@ -99,24 +98,62 @@ class CounterfactualDesign:
         return f"{batch}{GROUP_SEPARATOR}{condition}"
 
 
-def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str,
-                       own: np.ndarray | None = None) -> np.ndarray:
-    """For every cell: mean over the batches holding ``condition`` of its matched expression there.
+def _dense(values) -> np.ndarray:
+    return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
 
-    With ``own`` (a boolean per cell), cells of that condition use themselves for their own batch.
+
+def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
+                       own: np.ndarray | None = None) -> np.ndarray:
+    """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
+
+    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch.
     """
     batches = design.batches_with[condition]
     total = None
     for b in batches:
         match = matches[design.group(b, condition)]
-        values = weighted_average(expression, match.indices, match.weights)
-        values = np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
+        values = _dense(weighted_average(expression, match.indices[cells], match.weights[cells]))
         if own is not None:
-            itself = own & (design.batch == b)
-            row = expression[np.flatnonzero(itself)]
-            values[itself] = np.asarray(row.todense()) if hasattr(row, "todense") else row
+            itself = own & (design.batch[cells] == b)
+            values[itself] = _dense(expression[cells[itself]])
         total = values if total is None else total + values
     return total / len(batches)
+
+
+def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None) -> dict:
+    """Denoised expression, batch effect and ITE of some cells and genes, from matches already found.
+
+    Parameters
+    ----------
+    expression
+        Log-normalised expression of all cells (cells x genes), dense or sparse; only the matched
+        rows of the cells asked for and the genes asked for are read.
+    matches
+        :func:`~pyro_scmodels.matching.match_groups` of every cell into every batch x condition group.
+    design
+        Conditions, control and batches.
+    cells, genes
+        Positions of the cells and of the genes (default all).
+
+    Returns
+    -------
+    dict
+        As :func:`estimate_effects`, (len(cells), len(genes)) float32 arrays in the order asked for.
+    """
+    cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
+    if genes is not None:
+        expression = expression[:, np.asarray(genes, dtype=np.int64)]
+    denoised = np.zeros((cells.size, expression.shape[1]), dtype=np.float32)
+    per_condition = {}
+    for c in design.conditions:
+        own = design.condition[cells] == c
+        # every cell's value "as if in condition c": itself for its own batch when it is in c
+        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own)
+        denoised[own] = per_condition[c][own]
+    out = {"denoised": denoised, "batch_effect": (_dense(expression[cells]) - denoised).astype(np.float32)}
+    for c in design.treatments:
+        out[f"ite_{c}"] = (per_condition[c] - per_condition[design.control_name]).astype(np.float32)
+    return out
 
 
 def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDesign,
@@ -145,56 +182,52 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
     if np.asarray(embedding).shape[0] != len(design.condition):
         raise ValueError(f"embedding has {np.asarray(embedding).shape[0]} cells, the design {len(design.condition)}.")
     matches = match_groups(embedding, design.groups, k=nearest_neighbor, bandwidth=bandwidth, device=device)
-    denoised = np.zeros((len(design.condition), expression.shape[1]), dtype=np.float32)
-    per_condition = {}
-    for c in design.conditions:
-        own = design.condition == c
-        # every cell's value "as if in condition c": itself for its own batch when it is in c
-        per_condition[c] = _mean_over_batches(expression, matches, design, c, own=own)
-        denoised[own] = per_condition[c][own]
-    observed = np.asarray(expression.todense()) if hasattr(expression, "todense") else np.asarray(expression)
-    out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
-    for c in design.treatments:
-        out[f"ite_{c}"] = (per_condition[c] - per_condition[design.control_name]).astype(np.float32)
-    return out
+    return effects_of_cells(expression, matches, design)
 
 
-def estimate_cate(ite: np.ndarray, groups, genes) -> pd.DataFrame:
-    """Conditional average treatment effects per cell group and gene.
+def select_cells_and_genes(obs_names, genes, indices=None, gene_list=None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Positions of the cells and genes a user asked effects for (None: all), or a ValueError naming the problem.
 
-    Per group and gene: the mean ITE, a sign test (binomial test of positive vs negative ITEs), a
-    parametric z test of the mean, and Benjamini-Hochberg adjusted p-values within each group.
+    Parameters
+    ----------
+    obs_names, genes
+        The cells and the genes of the results.
+    indices
+        Cells: integer positions, a boolean mask over all cells, or cell names (``obs_names``).
+    gene_list
+        Gene names.
 
     Returns
     -------
-    pandas.DataFrame
-        Columns ``group``, ``gene``, ``n_cells``, ``mean_ite``, ``fraction_positive``,
-        ``sign_test_p``, ``z``, ``z_p``, ``sign_test_p_adj``, ``z_p_adj``.
+    tuple
+        (cell positions or None, gene positions or None), int64.
     """
-    groups = np.asarray(groups).astype(str)
-    genes = list(genes)
-    rows = []
-    for group in dict.fromkeys(groups):
-        values = ite[groups == group]
-        n = values.shape[0]
-        mean = values.mean(0)
-        positive, negative = (values > 0).sum(0), (values < 0).sum(0)
-        # two-sided sign test: ties dropped, binomial(n_nonzero, 1/2)
-        nonzero = positive + negative
-        smaller = np.minimum(positive, negative)
-        sign_p = np.where(nonzero > 0, np.minimum(1.0, 2 * stats.binom.cdf(smaller, np.maximum(nonzero, 1), 0.5)), 1.0)
-        sd = values.std(0, ddof=1) if n > 1 else np.zeros_like(mean)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(sd > 0, mean / (sd / np.sqrt(n)), 0.0)
-        z_p = 2 * stats.norm.sf(np.abs(z))
-        table = pd.DataFrame({
-            "group": group, "gene": genes, "n_cells": n, "mean_ite": mean,
-            "fraction_positive": positive / max(n, 1), "sign_test_p": sign_p, "z": z, "z_p": z_p,
-        })
-        table["sign_test_p_adj"] = stats.false_discovery_control(table["sign_test_p"].to_numpy())
-        table["z_p_adj"] = stats.false_discovery_control(table["z_p"].to_numpy())
-        rows.append(table)
-    return pd.concat(rows, ignore_index=True)
+    n_cells, cells, columns = len(obs_names), None, None
+    if indices is not None:
+        chosen = np.asarray(indices)
+        if chosen.ndim != 1:
+            raise ValueError(f"indices must be 1-d (positions, a boolean mask or cell names), got shape {chosen.shape}.")
+        if chosen.dtype == bool:
+            if chosen.size != n_cells:
+                raise ValueError(f"indices is a boolean mask of {chosen.size} values; the results hold {n_cells} cells.")
+            cells = np.flatnonzero(chosen)
+        elif np.issubdtype(chosen.dtype, np.integer):
+            if chosen.size and (chosen.min() < 0 or chosen.max() >= n_cells):
+                raise ValueError(f"indices must be cell positions in [0, {n_cells}), got {chosen.min()} to {chosen.max()}.")
+            cells = chosen.astype(np.int64)
+        else:
+            cells = pd.Index(obs_names).get_indexer(chosen.astype(str))
+            if (cells < 0).any():
+                missing = list(chosen[cells < 0][:5])
+                raise ValueError(f"indices: {missing} are not cells of the results (obs_names).")
+    if gene_list is not None:
+        names = [gene_list] if isinstance(gene_list, str) else list(gene_list)
+        columns = pd.Index(genes).get_indexer(names)
+        if (columns < 0).any():
+            missing = [n for n, c in zip(names, columns) if c < 0][:5]
+            raise ValueError(f"gene_list: {missing} are not among the {len(genes)} genes of the results (NDreamer "
+                             "keeps its variable genes: see nd.genes; pass keep_genes= to keep others).")
+    return cells, columns
 
 
 class MatchedEffects:
@@ -225,6 +258,7 @@ class MatchedEffects:
         self.embedding: np.ndarray | None = None
         self.space: np.ndarray | None = None
         self._cache: dict[tuple[int, float], dict[str, np.ndarray]] = {}
+        self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
 
     @property
     def has_embedding(self) -> bool:
@@ -250,18 +284,39 @@ class MatchedEffects:
         """Forget the embedding, the matching space and every cached result."""
         self.embedding = self.space = None
         self._cache.clear()
+        self._matches.clear()
 
-    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict[str, np.ndarray]:
-        """:func:`estimate_effects` in the matching space, computed once per ``(nearest_neighbor, bandwidth)``."""
+    def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
+        """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
         if self.space is None:
             raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
         key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
-        if key not in self._cache:
+        if key not in self._matches:
             # device="auto": the matching module decides whether FAISS can use a GPU
-            self._cache[key] = estimate_effects(self.space, self.expression, self.design, *key, device="auto")
+            self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
+            while len(self._matches) > self.max_cached:
+                self._matches.pop(next(iter(self._matches)))
+        return self._matches[key]
+
+    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict[str, np.ndarray]:
+        """:func:`estimate_effects` of every cell and gene, computed once per ``(nearest_neighbor, bandwidth)``."""
+        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
+        if key not in self._cache:
+            self._cache[key] = effects_of_cells(self.expression, self.matches(*key), self.design)
             while len(self._cache) > self.max_cached:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
+
+    def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
+                   genes=None) -> dict[str, np.ndarray]:
+        """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
+        of the whole data is never built. Taken from the cached full result when there is one."""
+        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
+        if key in self._cache:
+            rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
+            columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
+            return {name: values[rows][:, columns] for name, values in self._cache[key].items()}
+        return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes)
 
     def save(self, path: str) -> None:
         """Write the embedding, the matching space and the cached results to one ``.npz`` file."""

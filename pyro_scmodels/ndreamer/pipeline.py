@@ -29,7 +29,8 @@ from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
-from .effects import CounterfactualDesign, MatchedEffects, estimate_cate
+from .effect_queries import EffectQueries, labels_of
+from .effects import CounterfactualDesign, MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
 from .preprocess import log_normalise, pseudo_labels, variable_genes
@@ -40,21 +41,12 @@ logger = logging.getLogger(__name__)
 
 
 
-def _labels(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
-    for key in keys:
-        if key not in obs:
-            raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(obs.columns)[:20]}).")
-        if obs[key].isna().any():
-            raise ValueError(f"adata.obs[{key!r}] has missing values; fill or drop those cells first.")
-    return obs[keys].astype(str).to_numpy()
-
-
 def _rng_devices(device: torch.device) -> list:
     # fork only this device's generator: never touch every visible GPU
     return [device] if device.type == "cuda" else []
 
 
-class NDreamer(ModelRepresentation):
+class NDreamer(ModelRepresentation, EffectQueries):
     """Learn an effect-modifier space and estimate batch effects and per-cell treatment effects.
 
     Parameters
@@ -130,8 +122,8 @@ class NDreamer(ModelRepresentation):
     @staticmethod
     def _make_design(obs: pd.DataFrame, settings: dict) -> CounterfactualDesign:
         """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control)."""
-        condition = _labels(obs, [settings["condition_key"]], "condition_key")[:, 0]
-        batches = _labels(obs, settings["batch_key"], "batch_key")
+        condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
+        batches = labels_of(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
         # saved before the setting existed: no minimum
         return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1))
@@ -151,7 +143,7 @@ class NDreamer(ModelRepresentation):
         self.genes, self.expression, self.model = genes, expression, model
         self.label_low, self.label_high = labels if labels is not None else (None, None)
         self.condition_codes = pd.Categorical(self.design.condition, categories=self.design.conditions).codes.astype(np.int64)
-        batches = _labels(obs, settings["batch_key"], "batch_key")
+        batches = labels_of(obs, settings["batch_key"], "batch_key")
         self.batch_codes = np.stack([pd.Categorical(batches[:, j]).codes for j in range(batches.shape[1])], 1).astype(
             np.int64) if batches.shape[1] else np.zeros((len(obs), 0), dtype=np.int64)
         self.network, self.trainer = None, None
@@ -269,95 +261,6 @@ class NDreamer(ModelRepresentation):
         embedding = self.network.embed(x, batch_size=self.settings["batch_size"]).cpu().numpy()
         self._set_embedding(embedding)
         return embedding
-
-    def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
-        if not self.effects.has_embedding:
-            self.get_modifier_space()
-        return self.effects.effects(nearest_neighbor, bandwidth)
-
-    def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> anndata.AnnData:
-        """Layers ``denoised`` and ``batch_effect`` (observed - denoised) of ``results``.
-
-        Parameters
-        ----------
-        nearest_neighbor, bandwidth
-            k of the matching (1: causal matching) and the kernel bandwidth for k > 1.
-
-        Returns
-        -------
-        anndata.AnnData
-            :attr:`results`.
-        """
-        effects = self._effects(nearest_neighbor, bandwidth)
-        self.results.layers["denoised"] = effects["denoised"]
-        self.results.layers["batch_effect"] = effects["batch_effect"]
-        return self.results
-
-    def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> anndata.AnnData:
-        """Layers ``ite_<condition>`` of ``results`` for every non-control condition, for every cell.
-
-        Parameters
-        ----------
-        nearest_neighbor, bandwidth
-            As for :meth:`decompose_batch_effect`.
-
-        Returns
-        -------
-        anndata.AnnData
-            :attr:`results`.
-        """
-        effects = self._effects(nearest_neighbor, bandwidth)
-        for condition in self.design.treatments:
-            self.results.layers[f"ite_{condition}"] = effects[f"ite_{condition}"]
-        return self.results
-
-    def estimate_cate(self, groupby: str, condition: str | None = None,
-                      min_cells: int = K.MIN_CELLS_FOR_CATE) -> pd.DataFrame:
-        """Per group of ``results.obs[groupby]`` and gene: mean ITE, sign test, z test, BH-adjusted p-values.
-
-        Parameters
-        ----------
-        groupby
-            Column of ``results.obs`` holding the cell groups.
-        condition
-            Treatment condition (default the first); its ITE layer is estimated when missing.
-        min_cells
-            Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
-            left out of the table, with a warning that names them and their sizes.
-
-        Returns
-        -------
-        pandas.DataFrame
-            See :func:`~pyro_scmodels.ndreamer.estimate_cate`; also stored in ``results.uns``.
-        """
-        condition = condition or self.design.treatments[0]
-        if condition not in self.design.treatments:
-            raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
-        min_cells = V.positive_int("min_cells", min_cells)
-        groups = _labels(self.results.obs, [groupby], "groupby")[:, 0]
-        layer = f"ite_{condition}"
-        if layer not in self.results.layers:
-            self.estimate_ite()
-        kept = self._groups_with_both_conditions(groups, condition, min_cells)
-        cells = np.isin(groups, kept)
-        table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
-        self.results.uns[f"cate_{condition}_{groupby}"] = table
-        return table
-
-    def _groups_with_both_conditions(self, groups: np.ndarray, condition: str, min_cells: int) -> list:
-        """The groups holding at least ``min_cells`` cells of ``condition`` and of the control (warns about the rest)."""
-        counts = pd.crosstab(groups, self.design.condition)
-        treated = counts.get(condition, pd.Series(0, index=counts.index))
-        control = counts.get(self.design.control_name, pd.Series(0, index=counts.index))
-        enough = (treated >= min_cells) & (control >= min_cells)
-        skipped = [f"{g!r} ({treated[g]} {condition}, {control[g]} {self.design.control_name})" for g in counts.index[~enough]]
-        if not enough.any():
-            raise ValueError(f"No group has at least min_cells={min_cells} cells of both {condition!r} and the control "
-                             f"{self.design.control_name!r}: {', '.join(skipped[:10])}.")
-        if skipped:
-            warnings.warn(f"CATE skipped {len(skipped)} group(s) with fewer than min_cells={min_cells} cells of either "
-                          f"condition: {', '.join(skipped[:10])}.", stacklevel=2)
-        return list(counts.index[enough])
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, dir_path: str, overwrite: bool = False) -> None:

@@ -1,0 +1,171 @@
+"""The effects NDreamer answers from its matches: batch decomposition, per-cell ITE, CATE, effects on disk.
+
+:class:`EffectQueries` is a mixin of :class:`~pyro_scmodels.ndreamer.NDreamer`; it reads the instance's
+``effects`` (:class:`~pyro_scmodels.ndreamer.MatchedEffects`), ``results``, ``genes`` and ``design``, and
+its ``get_modifier_space()``. Whole-data layers go in ``results``; with ``indices=`` / ``gene_list=``
+only the cells and genes asked for are computed, and :meth:`EffectQueries.write_effects` writes every
+cell's layers to disk block by block.
+"""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+
+from .. import _validation as V
+from . import _constants as K
+from ._persistence import write_effects_h5ad
+from .cate import estimate_cate, groups_with_both_conditions
+from .effects import select_cells_and_genes
+
+
+def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
+    """``obs[keys]`` as strings, or an error naming a missing column or one with missing values."""
+    for key in keys:
+        if key not in obs:
+            raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(obs.columns)[:20]}).")
+        if obs[key].isna().any():
+            raise ValueError(f"adata.obs[{key!r}] has missing values; fill or drop those cells first.")
+    return obs[keys].astype(str).to_numpy()
+
+
+class EffectQueries:
+    """Effects of an NDreamer's matches: the methods of :class:`~pyro_scmodels.ndreamer.NDreamer` that answer them."""
+
+    def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
+        if not self.effects.has_embedding:
+            self.get_modifier_space()
+        return self.effects.effects(nearest_neighbor, bandwidth)
+
+    def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list) -> anndata.AnnData:
+        """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
+        cells, columns = select_cells_and_genes(self.results.obs_names, self.genes, indices, gene_list)
+        if not self.effects.has_embedding:
+            self.get_modifier_space()
+        effects = self.effects.effects_of(nearest_neighbor, bandwidth, cells, columns)
+        obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
+        genes = self.genes if columns is None else self.genes[columns]
+        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers={n: effects[n] for n in names})
+
+    def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
+                               indices=None, gene_list=None) -> anndata.AnnData:
+        """Layers ``denoised`` and ``batch_effect`` (observed - denoised) of ``results``, or of the cells asked for.
+
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth
+            k of the matching (1: causal matching) and the kernel bandwidth for k > 1.
+        indices, gene_list
+            Cells (positions, a boolean mask or names) and genes to compute, as in scvi-tools' getters.
+            With either, only those are computed and returned in a new AnnData, and ``results`` is left
+            as it is: on large data, no cells x genes array of the whole data is built. For every cell,
+            :meth:`write_effects` writes the layers to disk in blocks of cells.
+
+        Returns
+        -------
+        anndata.AnnData
+            :attr:`results`, or the new AnnData of the cells and genes asked for.
+        """
+        if indices is not None or gene_list is not None:
+            return self._effects_of(["denoised", "batch_effect"], nearest_neighbor, bandwidth, indices, gene_list)
+        effects = self._effects(nearest_neighbor, bandwidth)
+        self.results.layers["denoised"] = effects["denoised"]
+        self.results.layers["batch_effect"] = effects["batch_effect"]
+        return self.results
+
+    def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
+                     indices=None, gene_list=None) -> anndata.AnnData:
+        """Layers ``ite_<condition>`` of ``results`` for every non-control condition, for every cell.
+
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth, indices, gene_list
+            As for :meth:`decompose_batch_effect`.
+
+        Returns
+        -------
+        anndata.AnnData
+            :attr:`results`, or a new AnnData of the cells and genes asked for.
+        """
+        if indices is not None or gene_list is not None:
+            return self._effects_of([f"ite_{c}" for c in self.design.treatments], nearest_neighbor, bandwidth,
+                                    indices, gene_list)
+        effects = self._effects(nearest_neighbor, bandwidth)
+        for condition in self.design.treatments:
+            self.results.layers[f"ite_{condition}"] = effects[f"ite_{condition}"]
+        return self.results
+
+    def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
+                      chunk_cells: int = K.WRITE_CHUNK_CELLS, overwrite: bool = False) -> str:
+        """Write denoised expression, batch effect and every ITE of every cell to an ``.h5ad``, in blocks of cells.
+
+        For data too large for cells x genes arrays in memory: each block of ``chunk_cells`` cells is
+        computed from the matches and written as rows of the file's layers, so memory holds one block.
+        The file (``obs``, the genes as ``var``, ``obsm``, layers ``denoised``, ``batch_effect``,
+        ``ite_<condition>``) appears complete or not at all; read it with
+        ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk.
+
+        Parameters
+        ----------
+        path
+            The ``.h5ad`` file to write; its folder must exist.
+        nearest_neighbor, bandwidth
+            As for :meth:`decompose_batch_effect`.
+        chunk_cells
+            Cells computed and written at a time.
+        overwrite
+            Replace an existing file.
+
+        Returns
+        -------
+        str
+            ``path``.
+        """
+        if not self.effects.has_embedding:
+            self.get_modifier_space()
+        return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, V.positive_int("chunk_cells", chunk_cells),
+                                  overwrite)
+
+    def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
+                      nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> pd.DataFrame:
+        """Per group of ``results.obs[groupby]`` and gene: mean ITE, sign test, z test, BH-adjusted p-values.
+
+        Parameters
+        ----------
+        groupby
+            Column of ``results.obs`` holding the cell groups.
+        condition
+            Treatment condition (default the first).
+        min_cells
+            Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
+            left out of the table, with a warning that names them and their sizes.
+        nearest_neighbor, bandwidth
+            Matching of the ITE when ``results`` holds no ``ite_<condition>`` layer (after
+            :meth:`estimate_ite` the layer is used as it is). The ITE is then computed one group of
+            cells at a time, so that no cells x genes array of the whole data is built.
+
+        Returns
+        -------
+        pandas.DataFrame
+            See :func:`~pyro_scmodels.ndreamer.estimate_cate`; also stored in ``results.uns``.
+        """
+        condition = condition or self.design.treatments[0]
+        if condition not in self.design.treatments:
+            raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
+        min_cells = V.positive_int("min_cells", min_cells)
+        groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
+        layer = f"ite_{condition}"
+        kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)
+        if layer in self.results.layers:
+            cells = np.isin(groups, kept)
+            table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
+        else:  # one group's cells x genes at a time: the whole ITE layer is never built
+            tables = []
+            for group in [g for g in dict.fromkeys(groups) if g in set(kept)]:  # the order of the in-memory table
+                cells = np.flatnonzero(groups == group)
+                ite = self.estimate_ite(nearest_neighbor, bandwidth, indices=cells).layers[layer]
+                tables.append(estimate_cate(ite, groups[cells], self.genes))
+            table = pd.concat(tables, ignore_index=True)
+        self.results.uns[f"cate_{condition}_{groupby}"] = table
+        return table
