@@ -232,3 +232,19 @@ def test_total_loss_decreases():
         history.append(loss.item())
     assert all(torch.isfinite(torch.tensor(history)))
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5
+
+
+def test_gumbel_softmax_sample_draws_each_code_with_its_softmax_probability():
+    from pyro_scmodels.ndreamer.network import gumbel_softmax_sample
+
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).expand(100_000, 4).contiguous().requires_grad_(True)
+    sample = gumbel_softmax_sample(logits, tau=1.0)
+    torch.testing.assert_close(sample.sum(-1), torch.ones(100_000))
+    # Gumbel-max: the argmax of logits + noise is a draw from softmax(logits) (sd of each share < 0.0016)
+    shares = torch.bincount(sample.argmax(-1), minlength=4) / 100_000
+    torch.testing.assert_close(shares, torch.softmax(logits[0], -1).detach(), atol=0.006, rtol=0)
+    sample[:, 2].sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, 2].mean() > 0
+    cold = gumbel_softmax_sample(logits.detach()[:1000], tau=0.01)
+    assert (cold.max(-1).values > 0.99).float().mean() > 0.95  # a low temperature gives near one-hot samples
