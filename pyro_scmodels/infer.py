@@ -164,7 +164,10 @@ class SVITrainer(TrainingLoop):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """Adam over the model's and the guide's parameters."""
-        return torch.optim.Adam(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        # foreach: one kernel per step for all parameters; torch chooses it only on CUDA by default, and the
+        # per-tensor loop cost 5 ms of a 70 ms step at batch 128 on the CPU
+        return torch.optim.Adam(self.parameters(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                                foreach=True)
 
     def loss(self, batch: dict, n_obs: int, kl_weight: float) -> torch.Tensor:
         """Negative ELBO of a minibatch, per cell of the ``n_obs``-cell dataset."""

@@ -160,7 +160,14 @@ class RegularizedVIModel(LocalPyroModule):
         # the prior enters relative to its density at 0, so the per-cell loss is not swamped
         # by a normalising constant of ~1.7 nats per weight
         prior = self.priors["decoder_weight"]
-        penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in self.decoder.weights())
+        weights = list(self.decoder.weights())
+        if prior.batch_shape == torch.Size():
+            # a prior shared by every weight: its density at 0 is one number (no tensor of zeros to evaluate);
+            # it is subtracted per weight, before summing, so float32 sums never hold the large constant
+            at_zero = prior.log_prob(weights[0].new_zeros(()))
+            penalty = sum((prior.log_prob(w) - at_zero).sum() for w in weights)
+        else:
+            penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in weights)
         pyro.factor(self.dims.site("decoder_weight_prior"), penalty)
 
     def global_sites(self) -> dict[str, torch.Tensor]:
