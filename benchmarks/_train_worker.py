@@ -39,13 +39,13 @@ def _maxrss_mib() -> float:
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
-def _train_ours(adata, epochs: int) -> dict:
+def _train_ours(adata, epochs: int, batch_size: int = BATCH_SIZE) -> dict:
     """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks."""
     import pyro_scmodels
 
     pyro_scmodels.RegularizedVI.setup_anndata(adata, batch_key="batch")
     model = pyro_scmodels.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS)
-    settings = dict(batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu", progress_bar=False)
+    settings = dict(batch_size=batch_size, train_size=TRAIN_SIZE, early_stopping=False, device="cpu", progress_bar=False)
     model.train(max_epochs=WARMUP_EPOCHS, **settings)
     rss_before = _maxrss_mib()
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def _train_ours(adata, epochs: int) -> dict:
     }
 
 
-def _train_scvi(adata, epochs: int) -> dict:
+def _train_scvi(adata, epochs: int, batch_size: int = BATCH_SIZE) -> dict:
     """Warm up and time ``scvi.model.SCVI`` training; returns training cells, seconds, checks."""
     import logging
     import warnings
@@ -79,7 +79,7 @@ def _train_scvi(adata, epochs: int) -> dict:
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood="nb")
     settings = dict(
-        batch_size=BATCH_SIZE, accelerator="cpu", early_stopping=False, train_size=TRAIN_SIZE,
+        batch_size=batch_size, accelerator="cpu", early_stopping=False, train_size=TRAIN_SIZE,
         enable_progress_bar=False, check_val_every_n_epoch=1,
     )
     model.train(max_epochs=WARMUP_EPOCHS, **settings)
@@ -101,7 +101,8 @@ def _train_scvi(adata, epochs: int) -> dict:
     }
 
 
-def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, result_path: str) -> None:
+def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, result_path: str,
+               batch_size: int = BATCH_SIZE) -> None:
     """Entry point of a measured process: load data, train, write a JSON result.
 
     Parameters
@@ -116,6 +117,8 @@ def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, resu
         torch intra-op threads to set, or None for torch's default.
     result_path
         Where the JSON result goes.
+    batch_size
+        Minibatch size of both tools.
     """
     import anndata
     import torch
@@ -128,7 +131,7 @@ def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, resu
     adata = anndata.read_h5ad(data_path)
     rss_loaded = _maxrss_mib()
     train = _train_ours if tool == "pyro_scmodels" else _train_scvi
-    result = train(adata, epochs)
+    result = train(adata, epochs, batch_size)
     result.update(
         tool=tool, epochs=epochs, threads=torch.get_num_threads(),
         rss_loaded_mib=rss_loaded, rss_peak_mib=_maxrss_mib(),

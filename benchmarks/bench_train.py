@@ -2,10 +2,11 @@
 
 Usage::
 
-    python benchmarks/bench_train.py [--quick] [--epochs N] [--threads N] [--output PATH]
+    python benchmarks/bench_train.py [--quick] [--epochs N] [--threads N] [--batch-sizes 1024 128]
+        [--rounds 2] [--output PATH]
 
 Both tools train the same architecture (``n_hidden=128``, ``n_latent=10``, ``n_layers=1``,
-``batch_size=1024``, ``train_size=0.9``, validation loss every epoch, no early stopping) on
+``train_size=0.9``, each batch size of ``--batch-sizes`` (default 1024), validation loss every epoch, no early stopping) on
 
 1. the PBMC 3-chemistries data (``../shared/data/pbmc_10x_3chemistries_scWGParis.h5ad``
    from the repository root; skipped with a note when absent), and
@@ -14,7 +15,9 @@ Both tools train the same architecture (``n_hidden=128``, ``n_latent=10``, ``n_l
 scvi-tools is not a dependency of the package: SCVI is measured only when ``import scvi``
 works (e.g. run the script with a Python that has scvi-tools installed).
 
-Every (dataset, tool) measurement runs in a fresh Python process (this script re-invoked
+The tools alternate, A B A B for ``--rounds 2``, and the ratio is of their mean cells/s, so that a
+change in the machine's load shows up as a difference between rounds, not as a false ratio; the load
+average before and after is recorded. Every (dataset, tool) measurement runs in a fresh Python process (this script re-invoked
 with hidden arguments), so that its peak resident memory (``VmHWM``) is its own. In that
 process the model is built, trained once for 1 epoch (warm-up, not timed), then trained for
 ``E`` more epochs under the clock. Throughput is ``n_train_cells * E / seconds``.
@@ -27,6 +30,7 @@ nothing unless ``--output`` is given.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -88,7 +92,8 @@ def machine_facts(threads: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # the measurements (each in a fresh process running _train_worker.run_worker)
 # ------------------------------------------------------------------------------------------
-def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdir: Path) -> dict:
+def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdir: Path,
+            batch_size: int = BATCH_SIZE) -> dict:
     """Run one measurement in a fresh Python process (same interpreter).
 
     Parameters
@@ -103,6 +108,8 @@ def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdi
         torch threads for the child, or None for torch's default.
     workdir
         Scratch folder: the child's working directory (scvi/Lightning may write logs there).
+    batch_size
+        Minibatch size of the child.
 
     Returns
     -------
@@ -112,7 +119,7 @@ def measure(tool: str, data_path: Path, epochs: int, threads: int | None, workdi
     result_path = workdir / f"result_{tool}_{data_path.stem}.json"
     command = [
         sys.executable, str(Path(__file__).resolve()), "--_worker", tool, "--_data", str(data_path),
-        "--_epochs", str(epochs), "--_result", str(result_path),
+        "--_epochs", str(epochs), "--_result", str(result_path), "--_batch", str(batch_size),
     ]
     if threads:
         command += ["--threads", str(threads)]
@@ -135,27 +142,32 @@ def print_result(result: dict, epochs: int, threads: int) -> None:
 
 
 def measure_dataset(dataset: dict, tools: list[str], epochs: int, child_threads: int | None,
-                    threads: int, workdir: Path) -> list[dict]:
-    """Measure every tool on one dataset; our row gets ``ratio`` when both tools ran."""
+                    threads: int, workdir: Path, batch_size: int = BATCH_SIZE, rounds: int = 2) -> list[dict]:
+    """Measure every tool on one dataset, alternating them (A B A B for two rounds).
+
+    Our rows get ``ratio``: the mean of our cells/s over the rounds over scvi-tools' mean.
+    """
     shape = f"{dataset['n_cells']:,} x {dataset['n_genes']:,}"
     rows, speed = [], {}
-    for tool in tools:
-        print(f"\n{dataset['label']} ({shape}), {tool}: {WARMUP_EPOCHS} warm-up + {epochs} timed epoch(s) ...", flush=True)
-        result = measure(tool, dataset["path"], epochs, child_threads, workdir)
-        result.update(dataset=dataset["label"], shape=shape)
-        if "error" in result:
-            print(f"  failed: {result['error']}")
-        else:
-            result["cells_per_s"] = result["n_train"] * epochs / result["seconds"]
-            speed[tool] = result["cells_per_s"]
-            print_result(result, epochs, threads)
-        rows.append(result)
+    for round_ in range(1, rounds + 1):
+        for tool in tools:
+            print(f"\n{dataset['label']} ({shape}), batch {batch_size}, round {round_}, {tool}: {WARMUP_EPOCHS} warm-up "
+                  f"+ {epochs} timed epoch(s) ...", flush=True)
+            result = measure(tool, dataset["path"], epochs, child_threads, workdir, batch_size)
+            result.update(dataset=dataset["label"], shape=shape, batch_size=batch_size, round=round_)
+            if "error" in result:
+                print(f"  failed: {result['error']}")
+            else:
+                result["cells_per_s"] = result["n_train"] * epochs / result["seconds"]
+                speed.setdefault(tool, []).append(result["cells_per_s"])
+                print_result(result, epochs, threads)
+            rows.append(result)
     if len(speed) == 2:
-        ratio = speed["pyro_scmodels"] / speed["scvi-tools"]
+        ratio = (sum(speed["pyro_scmodels"]) / len(speed["pyro_scmodels"])) / (sum(speed["scvi-tools"]) / len(speed["scvi-tools"]))
         for row in rows:
             if row["tool"] == "pyro_scmodels":
                 row["ratio"] = ratio
-        print(f"  ratio ours / scvi-tools (cells/s): {ratio:.2f}")
+        print(f"  ratio ours / scvi-tools (mean cells/s over rounds): {ratio:.2f}")
     return rows
 
 
@@ -224,17 +236,18 @@ def results_table(rows: list[dict]) -> str:
         The table; ``ratio`` is ours / scvi-tools in cells per second, on our row.
     """
     header = (
-        "| dataset | cells x genes | tool | epochs | seconds | cells/s | RSS loaded / peak (MiB) | ratio ours/scvi |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|"
+        "| dataset | cells x genes | batch | round | tool | epochs | seconds | cells/s | RSS loaded / peak (MiB) | "
+        "ratio ours/scvi |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['dataset']} | {row['shape']} | {row['tool']} | {row['epochs']} | failed | failed | - | - |")
+            lines.append(f"| {row['dataset']} | {row['shape']} | {row['batch_size']} | {row['round']} | {row['tool']} | "
+                         f"{row['epochs']} | failed | failed | - | - |")
             continue
         ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
         lines.append(
-            f"| {row['dataset']} | {row['shape']} | {row['tool']} | {row['epochs']} | {row['seconds']:.2f} "
+            f"| {row['dataset']} | {row['shape']} | {row['batch_size']} | {row['round']} | {row['tool']} | {row['epochs']} | {row['seconds']:.2f} "
             f"| {row['cells_per_s']:,.0f} | {row['rss_loaded_mib']:,.0f} / {row['rss_peak_mib']:,.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -244,10 +257,10 @@ def section_text(facts: dict, table: str, command: str, when: str, notes: list[s
     """The full ``RESULTS.md`` section: date, machine facts, settings, table, command."""
     return (
         section_header(SECTION_TITLE, when, facts)
-        + f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch_size={BATCH_SIZE}, "
+        + f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch size as in the table, "
         f"train_size={TRAIN_SIZE}, CPU, no early stopping, validation loss every epoch (both tools). "
         f"Each (dataset, tool) runs in a fresh process: the model is built, trained {WARMUP_EPOCHS} warm-up "
-        f"epoch (not timed), then trained for the listed epochs under the clock. "
+        f"epoch (not timed), then trained for the listed epochs under the clock; the tools alternate (A B A B). "
         f"cells/s = training cells x epochs / seconds. RSS: peak resident memory (`VmHWM`) of that process after loading the "
         f"data (including imports) and at the end (peak).{note_lines(notes)}\n\n"
         f"{table}\n\n"
@@ -267,9 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", nargs="+", choices=["pbmc", "simulated"], default=["pbmc", "simulated"], help="datasets to run")
     parser.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS), help="tools to run (scvi-tools only when importable)")
     parser.add_argument("--pbmc", type=Path, default=PBMC_PATH, help="path of the PBMC .h5ad file")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[BATCH_SIZE], help="minibatch sizes, each measured")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the alternating tools (A B A B for 2)")
     parser.add_argument("--output", type=Path, default=None, help=f"markdown file to update (default: {DEFAULT_OUTPUT.relative_to(REPO_ROOT)}; none with --quick)")
     # hidden: one measurement in a child process
-    for name, kind in (("--_worker", str), ("--_data", str), ("--_epochs", int), ("--_result", str)):
+    for name, kind in (("--_worker", str), ("--_data", str), ("--_epochs", int), ("--_result", str), ("--_batch", int)):
         parser.add_argument(name, type=kind, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status."""
     args = parse_args(argv)
     if args._worker:
-        run_worker(args._worker, args._data, args._epochs, args.threads, args._result)
+        run_worker(args._worker, args._data, args._epochs, args.threads, args._result, args._batch or BATCH_SIZE)
         return 0
 
     import torch
@@ -307,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         datasets = prepare_datasets(args.datasets, args.quick, args.pbmc, workdir)
         if len(datasets) < len(args.datasets):
             notes.append("Datasets whose file was missing were skipped.")
-        for dataset in datasets:
-            epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS[dataset["name"]])
-            rows += measure_dataset(dataset, tools, epochs, args.threads, threads, workdir)
+        load_before = os.getloadavg()
+        for batch_size in args.batch_sizes:
+            for dataset in datasets:
+                epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS[dataset["name"]])
+                rows += measure_dataset(dataset, tools, epochs, args.threads, threads, workdir, batch_size, args.rounds)
+        load_after = os.getloadavg()
+        notes.append(f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
+                     f"after {tuple(round(v, 2) for v in load_after)}")
 
     table = results_table(rows)
     print("\n" + table)
