@@ -84,7 +84,7 @@ class ModelRepresentation:
         q(z | x, condition), decoded with every other quantity held fixed (decoder weights and
         global sites at their point estimates, the library at a typical size). It leaves out
         parameter uncertainty and every systematic error of the fitted model, which dominates the error on the simulator:
-        the 90 % bounds hold the true effect only about 31-45 % of the time (an ensemble of 4
+        the 90 % bounds hold the true effect only about 23-45 % of the time (an ensemble of 4
         models: 45 %). Read them as the effect's sensitivity to the cell's state, not as
         calibrated credible intervals.
 
