@@ -111,7 +111,7 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     assert decomposed.shape == (600, 1)
     np.testing.assert_allclose(decomposed.layers["batch_effect"][:, 0], whole["batch_effect"][:, 7], atol=1e-6)
     assert set(nd.results.layers) == set(whole)  # results untouched by the subset queries
-    with pytest.raises(ValueError, match=r"gene_list: \['NOT_A_GENE'\] are not among the 80 genes"):
+    with pytest.raises(ValueError, match=r"gene_list names 1 feature\(s\) not among the 80 genes of the results: \['NOT_A_GENE'\]"):
         nd.estimate_ite(gene_list=["NOT_A_GENE"])
     with pytest.raises(ValueError, match=r"cell positions in \[0, 600\)"):
         nd.estimate_ite(indices=[0, 600])

@@ -16,6 +16,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
+from .._selection import cell_positions
 from .._atomic import atomic_path
 from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
@@ -252,16 +253,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
     @staticmethod
     def _cell_positions(n_cells: int, indices) -> np.ndarray:
         """``indices`` (None, integer positions or a boolean mask) as integer positions, checked."""
-        if indices is None:
-            return np.arange(n_cells)
-        indices = np.asarray(indices)
-        if indices.dtype == bool:
-            if indices.shape != (n_cells,):
-                raise ValueError(f"A boolean indices mask needs one entry per cell ({n_cells}), got shape {indices.shape}.")
-            return np.flatnonzero(indices)
-        if indices.size and (indices.min() < 0 or indices.max() >= n_cells):
-            raise IndexError(f"indices must lie in [0, {n_cells}); got range [{indices.min()}, {indices.max()}].")
-        return indices
+        return cell_positions(n_cells, indices)
 
     def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
         """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""

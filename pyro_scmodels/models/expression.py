@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from .._selection import gene_positions
 
 
 def transform_covariates(model, transform_batch) -> list[dict | None]:
@@ -78,13 +79,8 @@ def _no_conditioning(model, items: list) -> list[None]:
 
 
 def _gene_positions(names: pd.Index, gene_list) -> np.ndarray | slice:
-    if gene_list is None:
-        return slice(None)
-    gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
-    missing = [g for g in gene_list if g not in names]
-    if missing:
-        raise KeyError(f"gene_list names {len(missing)} feature(s) the model does not have, e.g. {missing[:3]}.")
-    return names.get_indexer(gene_list)
+    positions = gene_positions(names, gene_list)
+    return slice(None) if positions is None else positions
 
 
 def _check_library_size(library_size) -> None:

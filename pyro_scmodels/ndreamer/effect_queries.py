@@ -17,7 +17,7 @@ from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
 from .cate import estimate_cate, groups_with_both_conditions
-from .effects import select_cells_and_genes
+from .._selection import cell_positions, gene_positions
 
 
 def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
@@ -33,17 +33,22 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
 class EffectQueries:
     """Effects of an NDreamer's matches: the methods of :class:`~pyro_scmodels.ndreamer.NDreamer` that answer them."""
 
-    def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
+    def _matched_effects(self):
+        """The matching state, with the representation's embedding set (computed once when missing)."""
         if not self.effects.has_embedding:
             self.get_modifier_space()
-        return self.effects.effects(nearest_neighbor, bandwidth)
+        return self.effects
+
+    def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
+        return self._matched_effects().effects(nearest_neighbor, bandwidth)
 
     def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list) -> anndata.AnnData:
         """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
-        cells, columns = select_cells_and_genes(self.results.obs_names, self.genes, indices, gene_list)
-        if not self.effects.has_embedding:
-            self.get_modifier_space()
-        effects = self.effects.effects_of(nearest_neighbor, bandwidth, cells, columns)
+        cells = None if indices is None else cell_positions(self.results.n_obs, indices, self.results.obs_names,
+                                                             "the results")
+        columns = gene_positions(self.genes, gene_list, "the results",
+                                 "NDreamer keeps its variable genes (nd.genes); pass keep_genes= to keep others.")
+        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns)
         obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
         genes = self.genes if columns is None else self.genes[columns]
         return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers={n: effects[n] for n in names})
@@ -122,8 +127,7 @@ class EffectQueries:
         str
             ``path``.
         """
-        if not self.effects.has_embedding:
-            self.get_modifier_space()
+        self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, V.positive_int("chunk_cells", chunk_cells),
                                   overwrite)
 

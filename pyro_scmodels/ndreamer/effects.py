@@ -185,51 +185,6 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
     return effects_of_cells(expression, matches, design)
 
 
-def select_cells_and_genes(obs_names, genes, indices=None, gene_list=None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Positions of the cells and genes a user asked effects for (None: all), or a ValueError naming the problem.
-
-    Parameters
-    ----------
-    obs_names, genes
-        The cells and the genes of the results.
-    indices
-        Cells: integer positions, a boolean mask over all cells, or cell names (``obs_names``).
-    gene_list
-        Gene names.
-
-    Returns
-    -------
-    tuple
-        (cell positions or None, gene positions or None), int64.
-    """
-    n_cells, cells, columns = len(obs_names), None, None
-    if indices is not None:
-        chosen = np.asarray(indices)
-        if chosen.ndim != 1:
-            raise ValueError(f"indices must be 1-d (positions, a boolean mask or cell names), got shape {chosen.shape}.")
-        if chosen.dtype == bool:
-            if chosen.size != n_cells:
-                raise ValueError(f"indices is a boolean mask of {chosen.size} values; the results hold {n_cells} cells.")
-            cells = np.flatnonzero(chosen)
-        elif np.issubdtype(chosen.dtype, np.integer):
-            if chosen.size and (chosen.min() < 0 or chosen.max() >= n_cells):
-                raise ValueError(f"indices must be cell positions in [0, {n_cells}), got {chosen.min()} to {chosen.max()}.")
-            cells = chosen.astype(np.int64)
-        else:
-            cells = pd.Index(obs_names).get_indexer(chosen.astype(str))
-            if (cells < 0).any():
-                missing = list(chosen[cells < 0][:5])
-                raise ValueError(f"indices: {missing} are not cells of the results (obs_names).")
-    if gene_list is not None:
-        names = [gene_list] if isinstance(gene_list, str) else list(gene_list)
-        columns = pd.Index(genes).get_indexer(names)
-        if (columns < 0).any():
-            missing = [n for n, c in zip(names, columns) if c < 0][:5]
-            raise ValueError(f"gene_list: {missing} are not among the {len(genes)} genes of the results (NDreamer "
-                             "keeps its variable genes: see nd.genes; pass keep_genes= to keep others).")
-    return cells, columns
-
-
 class MatchedEffects:
     """One representation's matching space and the effects estimated in it, cached.
 
