@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import sys
 import types
 
@@ -444,68 +443,3 @@ def test_weighted_average_defaults_and_errors():
         matching.weighted_average(values, indices, np.ones((2, 3)))
     with pytest.raises(ValueError, match="non-negative"):
         matching.weighted_average(values, indices, [[1.0, -1.0], [1.0, 1.0]])
-
-
-# --- approximate matching at scale ------------------------------------------------------------------
-def test_method_auto_is_exact_for_small_groups_and_on_a_gpu_and_ivf_for_large_ones_on_the_cpu():
-    assert matching.choose_method("auto", 10_000, 10_000, "cpu") == "exact"
-    assert matching.choose_method("auto", 1_000_000, 250_000, "cpu") == "ivf"
-    assert matching.choose_method("auto", 1_000_000, 250_000, "cuda") == "exact"
-    assert matching.choose_method("exact", 1_000_000, 250_000, "cpu") == "exact"
-    with pytest.raises(ValueError, match="method must be one of 'auto', 'exact', 'ivf'"):
-        matching.choose_method("hnsw", 10, 10, "cpu")
-    assert matching.ivf_lists(250_000) == 2000
-    assert matching.ivf_lists(100) == 2  # tiny bases: at least 39 cells per list
-
-
-def test_ivf_matching_recalls_the_exact_neighbours_and_logs_its_recall(caplog):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(20, 10)) * 3
-    points = (centres[rng.integers(0, 20, 8000)] + rng.normal(size=(8000, 10)) * 0.5).astype(np.float32)
-    groups = np.repeat(["a", "b"], 4000)
-    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
-    exact = matching.match_groups(points, groups, method="exact")
-    approximate = matching.match_groups(points, groups, method="ivf")
-    for group in ("a", "b"):
-        recall = np.mean(exact[group].indices[:, 0] == approximate[group].indices[:, 0])
-        assert recall >= 0.95, f"recall@1 {recall:.3f} in group {group}"
-        # every match is a cell of the group, and a cell of the group finds itself
-        members = np.flatnonzero(groups == group)
-        assert np.isin(approximate[group].indices, members).all()
-        assert (approximate[group].indices[members, 0] == members).mean() > 0.99
-    assert "Approximate matching (IVF" in caplog.text and "recall@1" in caplog.text
-
-
-def test_ivf_probes_as_many_lists_as_the_data_needs(caplog):
-    # uniform points in 12 dimensions have no clusters: a few probed lists miss most nearest neighbours, so the
-    # search has to climb the probe ladder; well-separated clusters need the fewest probes
-    rng = np.random.default_rng(1)
-    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
-    hard = rng.uniform(size=(12_000, 12)).astype(np.float32)
-    query, base = hard[:4000], hard[4000:]
-    _, exact = matching.knn(query, base, method="exact")
-    _, approximate = matching.knn(query, base, method="ivf")
-    assert np.mean(exact[:, 0] == approximate[:, 0]) >= 0.95
-    hard_probes = int(re.search(r"(\d+) probed", caplog.text).group(1))
-    caplog.clear()
-    centres = rng.normal(size=(20, 12)) * 10
-    easy = (centres[rng.integers(0, 20, 12_000)] + rng.normal(size=(12_000, 12)) * 0.3).astype(np.float32)
-    matching.knn(easy[:4000], easy[4000:], method="ivf")
-    easy_probes = int(re.search(r"(\d+) probed", caplog.text).group(1))
-    assert hard_probes > easy_probes, (easy_probes, hard_probes)
-
-
-def test_one_neighbour_in_its_own_group_is_the_cell_itself_and_others_are_searched_exactly():
-    rng = np.random.default_rng(2)
-    points = rng.normal(size=(600, 5)).astype(np.float32)
-    groups = np.repeat(["a", "b", "c"], 200)
-    matches = matching.match_groups(points, groups, k=1)
-    for code, group in enumerate("abc"):
-        members = np.arange(code * 200, (code + 1) * 200)
-        found = matches[group]
-        np.testing.assert_array_equal(found.indices[members, 0], members)
-        np.testing.assert_array_equal(found.distances[members, 0], 0.0)
-        others = np.setdiff1d(np.arange(600), members)
-        brute = np.linalg.norm(points[others, None] - points[None, members], axis=2)
-        np.testing.assert_array_equal(found.indices[others, 0], members[brute.argmin(axis=1)])
-        np.testing.assert_allclose(found.distances[others, 0], brute.min(axis=1), rtol=1e-5)
