@@ -57,6 +57,12 @@ def _blas_distances(faiss):
         faiss.cvar.distance_compute_blas_threshold = saved
 
 
+def _exact_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
+    """Exact k nearest rows of ``xb`` for few queries, without an index (no second copy of ``xb``)."""
+    with _blas_distances(faiss):
+        return faiss.knn(xq, xb, k)[1]
+
+
 def ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Approximate search with an inverted-file index (k-means cells, exact distances inside them).
 
@@ -89,11 +95,8 @@ def ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0) -> 
     sample = xb if len(xb) <= 40 * n_lists else xb[np.sort(rng.choice(len(xb), 40 * n_lists, replace=False))]
     index.train(sample)
     index.add(xb)
-    exact = faiss.IndexFlatL2(xb.shape[1])
-    exact.add(xb)
     recall_sample = rng.choice(len(xq), min(RECALL_SAMPLE, len(xq)), replace=False)
-    with _blas_distances(faiss):
-        truth = exact.search(xq[recall_sample], 1)[1][:, 0]
+    truth = _exact_search(faiss, xq[recall_sample], xb, 1)[:, 0]
     for n_probe in _probe_ladder(n_lists):  # searching 1,000 queries per step costs little next to the full search
         index.nprobe = n_probe
         recall = float(np.mean(index.search(xq[recall_sample], 1)[1][:, 0] == truth))
@@ -103,8 +106,7 @@ def ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0) -> 
     # a query whose probed lists hold fewer than k cells gets -1: those few are searched exactly
     short = np.flatnonzero((indices < 0).any(axis=1))
     if short.size:
-        with _blas_distances(faiss):
-            indices[short] = exact.search(xq[short], k)[1]
+        indices[short] = _exact_search(faiss, xq[short], xb, k)
     logger.info("Approximate matching (IVF, %d lists, %d probed) of %d cells into %d: recall@1 %.3f on %d sampled "
                 "cells (method='exact' for an exact search).", n_lists, n_probe, len(xq), len(xb), recall, len(recall_sample))
     return indices
