@@ -1,0 +1,156 @@
+"""One method trained on one dataset of ``bench_integration.py``: writes the embedding.
+
+Each (dataset, method) pair runs in its own process (``bench_integration.py --_worker``), so
+the pairs can run side by side with one thread each. Every method gets the same genes and, for
+the deep models, the same architecture and training settings (below).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+N_HIDDEN, N_LATENT, N_LAYERS = 128, 10, 1
+BATCH_SIZE, TRAIN_SIZE, SEED = 128, 0.9, 0
+
+# RegularizedVI setups: setup_anndata keys, model keywords, priors (name -> Gamma(a, b)), train keywords
+SETUPS = {
+    # the shortcut: ambient, dispersion and library size per batch; scaling global, decoder batch-free
+    "RegularizedVI batch_key": {"setup": {"batch_key": "batch"}},
+    # the shortcut plus a feature scaling per batch
+    "RegularizedVI batch_key + scaling": {"setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"]}},
+    # the shortcut plus the decoder conditioned on batch (scaling per batch follows by default)
+    "RegularizedVI batch_key + decoder": {"setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"]}},
+    # scaling per batch with a wider prior: Gamma(20, 20), sd 0.22
+    "RegularizedVI batch_key + scaling(20)": {
+        "setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"]},
+        "priors": {"feature_scaling": (20.0, 20.0)},
+    },
+    # the encoder sees the batch as well (scaling per batch)
+    "RegularizedVI batch_key + scaling + encoder": {
+        "setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+    },
+    # scaling per batch, the global sites (ambient, scaling, dispersion rates) at 10 x the learning rate
+    "RegularizedVI batch_key + scaling + globals 10x lr": {
+        "setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"]}, "global_lr": 10.0,
+    },
+    "RegularizedVI batch_key + decoder + globals 10x lr": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"]}, "global_lr": 10.0,
+    },
+    # a wide scaling prior, Gamma(2, 2) (sd 0.71): a per-gene batch effect costs less in y than in z
+    "RegularizedVI batch_key + scaling(2)": {
+        "setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"]},
+        "priors": {"feature_scaling": (2.0, 2.0)},
+    },
+    "RegularizedVI batch_key + scaling(2) + encoder": {
+        "setup": {"batch_key": "batch", "feature_scaling_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+        "priors": {"feature_scaling": (2.0, 2.0)},
+    },
+    "RegularizedVI batch_key + decoder + scaling(2)": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"]},
+        "priors": {"feature_scaling": (2.0, 2.0)},
+    },
+    "RegularizedVI batch_key + decoder + encoder": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+    },
+}
+SCVI = {"scVI nb": "nb", "scVI zinb": "zinb"}
+METHODS = ["PCA", *SCVI, *SETUPS]
+
+
+def _pca(adata) -> np.ndarray:
+    from pyro_scmodels.metrics import log_normalised_pca
+
+    return log_normalised_pca(adata.X, n_components=min(30, adata.n_vars - 1), seed=SEED)
+
+
+def _scvi(adata, likelihood: str, epochs: int) -> np.ndarray:
+    import logging
+    import warnings
+
+    import scvi
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    scvi.settings.seed = SEED
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood=likelihood)
+    if setup.get("global_lr"):
+        _global_lr(setup["global_lr"])
+    model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False,
+                accelerator="cpu", enable_progress_bar=False)
+    return model.get_latent_representation()
+
+
+def _regularizedvi(adata, setup: dict, epochs: int) -> np.ndarray:
+    import pyro.distributions as dist
+    import torch
+
+    from pyro_scmodels import RegularizedPriors, RegularizedVI
+
+    RegularizedVI.setup_anndata(adata, **setup["setup"])
+    priors = None
+    if setup.get("priors"):
+        priors = RegularizedPriors(**{name: dist.Gamma(torch.tensor(a), torch.tensor(b))
+                                      for name, (a, b) in setup["priors"].items()})
+    model = RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, priors=priors, seed=SEED,
+                          **setup.get("model", {}))
+    if setup.get("global_lr"):
+        _global_lr(setup["global_lr"])
+    model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu",
+                progress_bar=False, seed=SEED, **setup.get("train", {}))
+    return model.get_latent_representation()
+
+
+def _global_lr(factor: float) -> None:
+    """Adam with ``factor`` x the learning rate for the guide's global point estimates (an experiment)."""
+    import torch
+
+    from pyro_scmodels import infer
+    from pyro_scmodels.pyro_modules import PositiveSiteGuide
+
+    def build(trainer):
+        chosen = [p for c in trainer.guide.children() if isinstance(c, PositiveSiteGuide) for p in c.parameters()]
+        ids = {id(p) for p in chosen}
+        rest = [p for p in trainer.parameters() if id(p) not in ids]
+        return torch.optim.Adam([{"params": rest}, {"params": chosen, "lr": trainer.lr * factor}], lr=trainer.lr,
+                                eps=trainer.eps, weight_decay=trainer.weight_decay)
+
+    infer.SVITrainer.build_optimizer = build
+
+
+def run_worker(method: str, data_path: str, epochs: int, embedding_path: str) -> None:
+    """Train ``method`` on the dataset at ``data_path`` and save its embedding (``.npy``) and a JSON of facts.
+
+    Parameters
+    ----------
+    method
+        One of :data:`METHODS`.
+    data_path
+        The prepared dataset (``.h5ad``, counts in ``.X``, ``obs["batch"]``).
+    epochs
+        Training epochs of the deep models (no early stopping).
+    embedding_path
+        Where the cells x dimensions embedding goes; ``<embedding_path>.json`` gets the seconds.
+    """
+    import anndata
+    import torch
+
+    torch.set_num_threads(1)
+    adata = anndata.read_h5ad(data_path)
+    start = time.perf_counter()
+    if method == "PCA":
+        embedding = _pca(adata)
+    elif method in SCVI:
+        embedding = _scvi(adata, SCVI[method], epochs)
+    elif method in SETUPS:
+        embedding = _regularizedvi(adata, SETUPS[method], epochs)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    seconds = time.perf_counter() - start
+    np.save(embedding_path, np.asarray(embedding, dtype=np.float32))
+    with open(embedding_path + ".json", "w") as handle:
+        json.dump({"method": method, "epochs": epochs, "seconds": seconds}, handle)
