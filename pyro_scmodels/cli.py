@@ -271,7 +271,8 @@ def _add_fit(sub) -> None:
     fit.add_argument("--layer", default=None, help="layer holding the raw counts (default: .X)")
     keys = fit.add_argument_group("covariates (obs columns); each technical effect can have its own key")
     keys.add_argument("--batch-key", default=None,
-                      help="shortcut: ambient, dispersion and library-size keys all set to this column")
+                      help="shortcut: ambient, dispersion and library-size keys all set to this column; to integrate "
+                           "batches add --nn-conditioning-keys with the same column")
     keys.add_argument("--ambient-keys", nargs="+", default=None, help="one ambient RNA profile per category")
     keys.add_argument("--nn-conditioning-keys", nargs="+", default=None, help="columns the decoder is conditioned on")
     keys.add_argument("--feature-scaling-keys", nargs="+", default=None, help="per-gene multiplicative factor per category")

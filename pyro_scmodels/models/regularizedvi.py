@@ -159,7 +159,10 @@ class RegularizedVI(PyroModelBase):
             ``library_size_key=batch_key``. It clashes only with those three keys (``ValueError``
             naming the clash) and combines with every other key, e.g. with
             ``nn_conditioning_covariate_keys=["donor"]``. Unlike scvi-tools' one ``batch_key``,
-            each technical effect has its own purpose-specific key here.
+            each technical effect has its own purpose-specific key here. To integrate batches, add
+            ``nn_conditioning_covariate_keys=[batch_key]``: with ``batch_key`` alone the decoder is
+            batch-free and the feature scaling global, so a per-gene batch effect stays in z
+            (docs/models.md, "Integrating batches").
         ambient_covariate_keys
             Columns whose categories each get an additive ambient profile.
         nn_conditioning_covariate_keys
