@@ -78,8 +78,6 @@ def _scvi(adata, likelihood: str, epochs: int) -> np.ndarray:
     scvi.settings.seed = SEED
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood=likelihood)
-    if setup.get("global_lr"):
-        _global_lr(setup["global_lr"])
     model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False,
                 accelerator="cpu", enable_progress_bar=False)
     return model.get_latent_representation()
@@ -99,27 +97,14 @@ def _regularizedvi(adata, setup: dict, epochs: int) -> np.ndarray:
     model = RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, priors=priors, seed=SEED,
                           **setup.get("model", {}))
     if setup.get("global_lr"):
-        _global_lr(setup["global_lr"])
+        from _common import global_sites_lr_optimizer
+
+        from pyro_scmodels import infer
+
+        infer.SVITrainer.build_optimizer = global_sites_lr_optimizer(setup["global_lr"])  # this process trains one model
     model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu",
                 progress_bar=False, seed=SEED, **setup.get("train", {}))
     return model.get_latent_representation()
-
-
-def _global_lr(factor: float) -> None:
-    """Adam with ``factor`` x the learning rate for the guide's global point estimates (an experiment)."""
-    import torch
-
-    from pyro_scmodels import infer
-    from pyro_scmodels.pyro_modules import PositiveSiteGuide
-
-    def build(trainer):
-        chosen = [p for c in trainer.guide.children() if isinstance(c, PositiveSiteGuide) for p in c.parameters()]
-        ids = {id(p) for p in chosen}
-        rest = [p for p in trainer.parameters() if id(p) not in ids]
-        return torch.optim.Adam([{"params": rest}, {"params": chosen, "lr": trainer.lr * factor}], lr=trainer.lr,
-                                eps=trainer.eps, weight_decay=trainer.weight_decay)
-
-    infer.SVITrainer.build_optimizer = build
 
 
 def run_worker(method: str, data_path: str, epochs: int, embedding_path: str) -> None:

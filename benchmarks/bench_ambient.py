@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import hardware_facts, update_results  # noqa: E402
+from _common import global_sites_lr_optimizer, hardware_facts, update_results  # noqa: E402
 
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets, infer  # noqa: E402
 from pyro_scmodels import metrics as M  # noqa: E402
@@ -158,11 +158,6 @@ def init_from_low_count_cells(model, adata) -> None:
     model.module.guide.ambient.value = value  # a PyroParam: assigning sets its unconstrained value
 
 
-def global_parameters(trainer) -> list:
-    """The parameters of the guide's global point estimates (PositiveSiteGuide children)."""
-    return [p for child in trainer.guide.children() if isinstance(child, PositiveSiteGuide) for p in child.parameters()]
-
-
 def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, seed: int = 0):
     """Set up, build and train one variant; returns the model, its initial profile and seconds."""
     options = variant_options(name, adata)
@@ -173,12 +168,7 @@ def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, 
     initial_profile = model.get_ambient_profile().to_numpy().copy()
     original = infer.SVITrainer.build_optimizer
     if options["global_lr"]:
-        def build(trainer):  # Adam with its own learning rate for the global sites
-            chosen = {id(p) for p in global_parameters(trainer)}
-            rest = [p for p in trainer.parameters() if id(p) not in chosen]
-            groups = [{"params": rest}, {"params": global_parameters(trainer), "lr": trainer.lr * GLOBAL_LR_FACTOR}]
-            return torch.optim.Adam(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay)
-        infer.SVITrainer.build_optimizer = build
+        infer.SVITrainer.build_optimizer = global_sites_lr_optimizer(GLOBAL_LR_FACTOR)
     start = time.time()
     try:
         model.train(max_epochs=epochs, lr=lr, batch_size=batch_size, early_stopping=False,
