@@ -183,8 +183,15 @@ def run_fit(args, folder: OutputFolder) -> None:
     _check_device(args.device)
     writer = is_writer()
     # the other ranks of a torchrun launch read the same input, train, and leave the folder to rank 0
+    if args.backed and args.write_normalized:
+        raise ValueError("--write-normalized writes a dense cells x genes layer, which --backed exists to avoid; drop one "
+                         "of them (with a model from --backed, get_normalized_expression(indices=...) gives chosen cells).")
+    if args.backed and args.layer is not None:
+        raise ValueError(f"--backed keeps only .X on disk; anndata loads --layer {args.layer!r} into memory. Put the raw "
+                         "counts in .X of the file (adata.X = adata.layers[...]; adata.write_h5ad(...)) or drop --backed.")
     out = _prepare_output(folder, args) if writer else folder.path
-    adata = read_h5ad(args.data)
+    # backed: .X stays on disk and training reads it in shuffled chunks of cells (layers are loaded by anndata)
+    adata = read_h5ad(args.data, backed="r" if args.backed else None)
     # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
         adata, layer=args.layer, batch_key=args.batch_key, ambient_covariate_keys=args.ambient_keys,
@@ -199,6 +206,10 @@ def run_fit(args, folder: OutputFolder) -> None:
                 progress_bar=not args.quiet, devices=args.devices)
     if not writer:
         return
+    if args.backed:  # the results without the counts, which stay in the input file
+        import anndata
+
+        adata = anndata.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
     _store_results(model, adata, write_normalized=args.write_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
@@ -295,6 +306,9 @@ def _add_fit(sub) -> None:
     net.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam); raise to 1e-2 for small data")
     fit.add_argument("--write-normalized", action="store_true",
                      help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
+    fit.add_argument("--backed", action="store_true",
+                     help="train from disk: open the input with anndata's backed='r' (raw counts in .X, not --layer); "
+                          "results.h5ad then holds the results without the counts")
     fit.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     fit.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")

@@ -20,6 +20,7 @@ from pyro.infer import Trace_ELBO
 from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
+from .data.on_disk import chunk_shuffled_order, read_ahead_groups
 from .distributed import LocalScale
 from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
@@ -180,9 +181,24 @@ class SVITrainer(TrainingLoop):
             self.loss(self.data.minibatch(self.train_indices[: min(2, len(self.train_indices))]), len(self.train_indices), 1.0)
 
     def minibatches(self, plan: TrainingPlan, rng: np.random.Generator):
-        """Shuffled minibatches of the training cells (their indices)."""
+        """Shuffled minibatches of the training cells (their indices).
+
+        Counts in memory: one random permutation. Counts on disk: shuffled chunks of neighbouring
+        cells, shuffled again within buffers (:func:`~pyro_scmodels.data.on_disk.chunk_shuffled_order`),
+        each buffer's rows read ahead in one pass; a data-parallel rank reads only its shards.
+        """
         self._plan, self._kl_weight = plan, 1.0
-        yield from iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng)
+        if not self.data.on_disk:
+            yield from iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng)
+            return
+        order = chunk_shuffled_order(self.train_indices, rng)
+        batches = list(iterate_minibatches(order, plan.batch_size, shuffle=False))
+        try:
+            for group in read_ahead_groups(batches):
+                self.data.read_ahead(np.concatenate([self.parallel.shard(batch)[0] for batch in group]))
+                yield from group
+        finally:
+            self.data.read_ahead(None)
 
     def minibatch_loss(self, indices: np.ndarray) -> tuple[torch.Tensor, dict]:
         """Negative ELBO per cell of one minibatch (this rank's shard of it) at the current KL weight."""
@@ -258,7 +274,8 @@ class SVITrainer(TrainingLoop):
         self.model.eval()
         self.guide.eval()
         total = 0.0
-        for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
+        # in file order: cells read from disk come in a few contiguous runs (a sum does not depend on the order)
+        for chunk in iterate_minibatches(np.sort(indices), batch_size, shuffle=False):
             # each minibatch estimates the whole set's ELBO; weight them by their share of cells
             total += self.loss(self.data.minibatch(chunk), n_obs, kl_weight).item() * len(chunk)
         return total

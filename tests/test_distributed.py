@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import traceback
+from unittest import mock
 
+import anndata
 import mudata
 import numpy as np
 import pandas as pd
@@ -25,6 +27,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 import pyro_scmodels as ps
+from pyro_scmodels.data.on_disk import DiskCSR
 from pyro_scmodels.infer import SVITrainer, NonFiniteError
 
 WORLD = 2
@@ -56,7 +59,19 @@ def _cells(n_cells: int, seed: int = 3):
     return adata
 
 
-def _model(kind: str, n_cells: int):
+def _written_cells(path: str) -> str:
+    """The 47 cells of the step checks with their raw counts in X, written to ``path`` (read back backed)."""
+    adata = _cells(47)
+    adata.X = adata.layers.pop("counts")
+    adata.write_h5ad(path)
+    return path
+
+
+def _model(kind: str, n_cells: int, path: str | None = None):
+    if kind == "disk":
+        backed = anndata.read_h5ad(path, backed="r")
+        ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+        return ps.RegularizedVI(backed, dropout_rate=0.0, seed=0, **TINY)
     if kind == "multimodal":
         mudata.set_options(pull_on_update=False)
         # some cells without ATAC counts: their ATAC terms are masked, on whichever rank they land
@@ -67,15 +82,23 @@ def _model(kind: str, n_cells: int):
     return ps.RegularizedVI(_cells(n_cells), dropout_rate=0.0, seed=0, **TINY)
 
 
-def _one_epoch_of_two_steps(kind: str = "rna", **parallel) -> dict:
-    """47 cells, minibatches of 32 and 15 (shards 16/16 and 8/7): parameters and last gradients."""
-    model = _model(kind, 47)
-    with _AtMean():
+def _one_epoch_of_two_steps(kind: str = "rna", path: str | None = None, **parallel) -> dict:
+    """47 cells, minibatches of 32 and 15 (shards 16/16 and 8/7): parameters and last gradients
+    (and, for counts on disk, how many cells each read from the file took)."""
+    model = _model(kind, 47, path)
+    reads = []
+    original = DiskCSR.rows
+
+    def counted(self, positions, *args):
+        reads.append(len(positions))
+        return original(self, positions, *args)
+
+    with _AtMean(), mock.patch.object(DiskCSR, "rows", counted):
         model.train(max_epochs=1, batch_size=32, train_size=1.0, lr=1e-2, kl_warmup_epochs=None, gradient_clip=None,
                     early_stopping=False, device="cpu", progress_bar=False, **parallel)
     named = list(model.trainer.named_parameters())
     return {"parameters": {n: p.detach().numpy().copy() for n, p in named},
-            "gradients": {n: p.grad.numpy().copy() for n, p in named if p.grad is not None}}
+            "gradients": {n: p.grad.numpy().copy() for n, p in named if p.grad is not None}, "reads": reads}
 
 
 def _short_run(**parallel) -> pd.DataFrame:
@@ -101,7 +124,7 @@ def _nan_on_rank_one(rank: int) -> str:
     return "no error"
 
 
-def _rank_main(rank: int, port: int, results) -> None:
+def _rank_main(rank: int, port: int, results, path: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share two cores; no OpenMP pool inherited across fork is touched
@@ -109,6 +132,7 @@ def _rank_main(rank: int, port: int, results) -> None:
         parallel = dict(devices=WORLD, strategy="ddp")
         results.put((rank, {"step": _one_epoch_of_two_steps(**parallel),
                             "multimodal": _one_epoch_of_two_steps("multimodal", **parallel),
+                            "disk": _one_epoch_of_two_steps("disk", path, **parallel),
                             "short": _short_run(**parallel).to_dict(),
                             "nan": _nan_on_rank_one(rank)}))
     except BaseException:
@@ -122,12 +146,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
+def cells_on_disk(tmp_path_factory) -> str:
+    return _written_cells(str(tmp_path_factory.mktemp("disk") / "cells.h5ad"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cells_on_disk):
     """Rank -> results of the in-process checks, run once on two forked ranks."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(rank, port, results)) for rank in range(WORLD)]
+    processes = [context.Process(target=_rank_main, args=(rank, port, results, cells_on_disk)) for rank in range(WORLD)]
     for process in processes:
         process.start()
     try:
@@ -142,11 +171,17 @@ def two_ranks():
     return collected
 
 
-@pytest.mark.parametrize("kind", ["step", "multimodal"])
-def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks, kind):
+@pytest.mark.parametrize("kind", ["step", "multimodal", "disk"])
+def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks, kind, cells_on_disk):
     """Gradients averaged by DDP, locals scaled by N / global minibatch: the same step as one process
-    (RegularizedVI, and RegularizedMultimodalVI with per-cell modality weights and masked cells)."""
-    single = _one_epoch_of_two_steps("rna" if kind == "step" else kind)
+    (RegularizedVI, RegularizedMultimodalVI with per-cell modality weights and masked cells, and
+    RegularizedVI reading its counts from disk, where each rank reads only its shards)."""
+    single = _one_epoch_of_two_steps("rna" if kind == "step" else kind, cells_on_disk)
+    if kind == "disk":
+        # after the 2-cell first pass, one read-ahead of the epoch: all 47 cells in one process,
+        # 16 + 8 and 16 + 7 (this rank's shards of the minibatches of 32 and 15) on the ranks
+        assert single["reads"] == [2, 47]
+        assert [two_ranks[rank]["disk"]["reads"] for rank in range(WORLD)] == [[2, 24], [2, 23]]
     for rank, result in two_ranks.items():
         step = result[kind]
         assert step["parameters"].keys() == single["parameters"].keys()

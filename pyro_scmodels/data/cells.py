@@ -171,6 +171,20 @@ class CellData:
             {key: matrix.to_torch_csr(self._device) for key, matrix in self.modalities.items()} if counts_on_device else None
         )
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether some counts stay in a file (a backed AnnData) and are read as minibatches need them."""
+        return any(matrix.on_disk for matrix in self.modalities.values())
+
+    def read_ahead(self, indices: np.ndarray | None) -> None:
+        """Read the counts of cells ``indices`` from disk in one pass and keep them until the next call.
+
+        Minibatches of these cells are then served from memory; None drops what is held. Counts
+        held in memory ignore it.
+        """
+        for matrix in self.modalities.values():
+            matrix.hold(indices)
+
     def minibatch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors of cells ``indices`` on the current device: counts, covariates and the indices."""
         device = self._device

@@ -11,6 +11,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .on_disk import DiskCSR, is_disk_csr
+
 # rows are validated in chunks so a backed (on-disk) matrix never has to fit in memory
 _VALIDATION_CHUNK = 10_000
 
@@ -83,6 +85,9 @@ class CountMatrix:
         if self.shape[1] == 0:
             raise ValueError(f"{name} has zero features (genes); nothing to fit.")
         self._totals = None
+        # an on-disk CSR (backed AnnData) is read as contiguous runs; other backed formats go through anndata
+        self.disk = DiskCSR(matrix) if _is_backed(matrix) and is_disk_csr(matrix) else None
+        self._held: tuple[np.ndarray, sp.csr_matrix] | None = None
         if validate:
             self.validate()
 
@@ -110,7 +115,31 @@ class CountMatrix:
         """
         for start in range(0, self.n_cells, chunk_size):
             stop = min(start + chunk_size, self.n_cells)
-            yield start, stop, self.matrix[start:stop]
+            yield start, stop, self.disk.block(start, stop) if self.disk is not None else self.matrix[start:stop]
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the counts stay in a file (a backed AnnData) and are read as rows are needed."""
+        return _is_backed(self.matrix)
+
+    def hold(self, indices: np.ndarray | None) -> None:
+        """Read rows ``indices`` from disk now and keep them in memory for :meth:`rows` (None: drop them).
+
+        Used to read a training buffer in one pass; a no-op for counts held in memory.
+        """
+        if self.disk is None or indices is None:
+            self._held = None
+            return
+        kept = np.unique(np.asarray(indices, dtype=np.int64))
+        self._held = (kept, self.disk.rows(kept))
+
+    def _held_rows(self, indices: np.ndarray):
+        """The held rows ``indices`` (sparse), or None when some of them are not held."""
+        if self._held is None:
+            return None
+        kept, block = self._held
+        where = np.minimum(np.searchsorted(kept, indices), kept.size - 1)
+        return block[where] if np.array_equal(kept[where], indices) else None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on NaN/Inf, negative or non-integer counts, or empty cells."""
@@ -158,6 +187,10 @@ class CountMatrix:
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Dense float32 rows ``indices`` (in the given order)."""
         indices = np.asarray(indices)
+        if self.disk is not None:
+            block = self._held_rows(indices)
+            block = self.disk.rows(indices) if block is None else block
+            return block.toarray().astype(np.float32, copy=False)
         if _is_backed(self.matrix):
             # h5py-backed datasets need increasing indices: read sorted, then restore the order
             order = np.argsort(indices, kind="stable")
@@ -201,7 +234,9 @@ class CountMatrix:
     def to_torch_csr(self, device: torch.device) -> "DeviceCSR":
         """The whole matrix as a CSR held on ``device`` (device-backed mode)."""
         matrix = self.matrix
-        if _is_backed(matrix):
+        if self.disk is not None:
+            matrix = self.disk.block(0, self.n_cells)
+        elif _is_backed(matrix):
             matrix = matrix[:]
         matrix = sp.csr_matrix(matrix, copy=True)
         matrix.sum_duplicates()  # the device gather writes each (row, column) once; the host path sums duplicates

@@ -1,0 +1,136 @@
+"""Counts that stay on disk: contiguous reads of a stored CSR matrix, and a minibatch order made for them.
+
+An AnnData opened with ``backed="r"`` keeps ``X`` in its file as three arrays (``data``,
+``indices``, ``indptr``: anndata's on-disk CSR format). Cells ``a..b-1`` are one contiguous
+slice of ``data`` and of ``indices``, so a block of neighbouring cells costs about one read,
+while every scattered cell costs a read of its own. :class:`DiskCSR` holds ``indptr`` in memory
+(8 bytes a cell) and reads any set of cells as a few contiguous runs.
+
+Training from disk then follows the scheme of scverse's ``annbatch``: the cells are cut into
+chunks of neighbouring cells, the chunks are shuffled, and the cells of a buffer of chunks are
+shuffled again before they are cut into minibatches (:func:`chunk_shuffled_order`); a buffer's
+rows are read ahead in one pass (:meth:`DiskCSR.rows` over their sorted positions).
+``annbatch`` itself needs Python >= 3.12; this package supports 3.11, and anndata's own backed
+reader re-reads ``indptr`` and goes row by row (9-12 thousand cells a second against 370 thousand
+for contiguous runs on the same file: ``benchmarks/RESULTS.md``, "Reading counts from disk").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+# cells of one on-disk chunk, and chunks per shuffling buffer (16,384 cells: tens of MB of sparse rows)
+CHUNK_CELLS = 256
+BUFFER_CHUNKS = 64
+# sorted positions closer than this are read as one run (reading a few unwanted rows is cheaper than a new read)
+MAX_GAP = 32
+
+
+def is_disk_csr(matrix) -> bool:
+    """Whether ``matrix`` is a backed AnnData CSR dataset whose arrays :class:`DiskCSR` can slice."""
+    group = getattr(matrix, "group", None)
+    return getattr(matrix, "format", None) == "csr" and group is not None and all(k in group for k in ("data", "indices", "indptr"))
+
+
+class DiskCSR:
+    """Rows of an on-disk CSR matrix, read as contiguous runs.
+
+    Parameters
+    ----------
+    dataset
+        A backed AnnData sparse dataset in CSR format (``adata.X`` of ``read_h5ad(..., backed="r")``);
+        any group holding ``data``, ``indices`` and ``indptr`` arrays that slice like numpy (h5py or zarr).
+    """
+
+    def __init__(self, dataset):
+        if not is_disk_csr(dataset):
+            raise ValueError(f"{type(dataset).__name__} is not an on-disk CSR matrix (a group with data, indices and "
+                             "indptr); CSC or dense backed matrices are read through anndata.")
+        group = dataset.group
+        self.shape = tuple(int(s) for s in dataset.shape)
+        self.dtype = dataset.dtype
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self._data, self._indices = group["data"], group["indices"]
+
+    def block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start..stop-1`` as an in-memory CSR matrix (one read of each array)."""
+        a, b = self.indptr[start], self.indptr[stop]
+        return sp.csr_matrix((self._data[a:b], self._indices[a:b], self.indptr[start : stop + 1] - a),
+                             shape=(stop - start, self.shape[1]))
+
+    def rows(self, positions: np.ndarray, max_gap: int = MAX_GAP) -> sp.csr_matrix:
+        """Rows ``positions`` (any order, repeats allowed) as a CSR matrix in that order.
+
+        The sorted positions are split into runs wherever two neighbours are more than ``max_gap``
+        rows apart; each run is one :meth:`block` read, from which its rows are taken.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        if positions.min() < 0 or positions.max() >= self.shape[0]:
+            raise IndexError(f"cell positions must lie in 0..{self.shape[0] - 1}, got {positions.min()}..{positions.max()}.")
+        order = np.argsort(positions, kind="stable")
+        ordered = positions[order]
+        runs = np.split(ordered, np.flatnonzero(np.diff(ordered) > max_gap) + 1)
+        stacked = sp.vstack([self.block(run[0], run[-1] + 1)[run - run[0]] for run in runs], format="csr")
+        restore = np.empty_like(order)
+        restore[order] = np.arange(order.size)
+        return stacked[restore]
+
+
+def chunk_shuffled_order(indices: np.ndarray, rng: np.random.Generator, chunk_cells: int | None = None,
+                         buffer_chunks: int | None = None) -> np.ndarray:
+    """An epoch's order of ``indices`` for reading from disk: shuffled chunks, shuffled within buffers.
+
+    The sorted cells are cut into chunks of ``chunk_cells`` neighbours; the chunks are put in a
+    random order; each run of ``buffer_chunks`` chunks (a buffer) is shuffled cell by cell.
+    Every cell appears once. A minibatch cut from this order draws its cells from a whole buffer
+    (``chunk_cells * buffer_chunks`` cells from ``buffer_chunks`` places in the file).
+
+    Parameters
+    ----------
+    indices
+        The cells of the epoch (positions).
+    rng
+        The epoch's generator.
+    chunk_cells, buffer_chunks
+        Chunk length and chunks per buffer; default :data:`CHUNK_CELLS` and :data:`BUFFER_CHUNKS`.
+
+    Returns
+    -------
+    numpy.ndarray
+        A permutation of ``indices``.
+    """
+    chunk_cells = CHUNK_CELLS if chunk_cells is None else chunk_cells
+    buffer_chunks = BUFFER_CHUNKS if buffer_chunks is None else buffer_chunks
+    cells = np.sort(np.asarray(indices))
+    chunks = [cells[s : s + chunk_cells] for s in range(0, cells.size, chunk_cells)]
+    order = rng.permutation(len(chunks))
+    buffers = []
+    for start in range(0, len(order), buffer_chunks):
+        buffer = np.concatenate([chunks[i] for i in order[start : start + buffer_chunks]])
+        buffers.append(buffer[rng.permutation(buffer.size)])
+    return np.concatenate(buffers) if buffers else cells
+
+
+def read_ahead_groups(minibatches: list[np.ndarray], buffer_cells: int | None = None):
+    """Consecutive minibatches gathered into groups of about ``buffer_cells`` cells, each read from disk at once.
+
+    ``buffer_cells`` defaults to one buffer of :func:`chunk_shuffled_order`.
+
+    Yields
+    ------
+    list of numpy.ndarray
+        The minibatches of one group, in order.
+    """
+    buffer_cells = CHUNK_CELLS * BUFFER_CHUNKS if buffer_cells is None else buffer_cells
+    group, size = [], 0
+    for batch in minibatches:
+        group.append(batch)
+        size += len(batch)
+        if size >= buffer_cells:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group

@@ -1,0 +1,137 @@
+"""Counts read from disk: contiguous runs of an on-disk CSR, the chunk-shuffled epoch order, and
+training from a backed AnnData that reads each buffer once and serves the same rows as memory."""
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import pyro_scmodels as ps
+from pyro_scmodels.data import on_disk
+from pyro_scmodels.data.on_disk import DiskCSR, chunk_shuffled_order, read_ahead_groups
+
+QUICK = dict(n_hidden=16, n_latent=4)
+TRAIN = dict(batch_size=50, device="cpu", progress_bar=False, kl_warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def on_file(tmp_path_factory):
+    """600 simulated cells with their raw counts in X, written to an h5ad; (in-memory AnnData, path)."""
+    adata = ps.datasets.simulate(n_cells=600, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=5)
+    adata.X = sp.csr_matrix(adata.layers["counts"])
+    del adata.layers["counts"]
+    path = tmp_path_factory.mktemp("disk") / "cells.h5ad"
+    adata.write_h5ad(path)
+    return adata, path
+
+
+def test_rows_in_any_order_with_repeats_equal_memory(on_file):
+    adata, path = on_file
+    backed = anndata.read_h5ad(path, backed="r")
+    disk = DiskCSR(backed.X)
+    rng = np.random.default_rng(0)
+    for positions in (rng.choice(600, 70, replace=True), np.array([599, 0, 300, 300, 1]), np.arange(100, 400)):
+        for gap in (0, 32, 1000):  # one read per cell, a few runs, one run
+            np.testing.assert_array_equal(disk.rows(positions, max_gap=gap).toarray(), adata.X[positions].toarray())
+    np.testing.assert_array_equal(disk.block(17, 230).toarray(), adata.X[17:230].toarray())
+    with pytest.raises(IndexError, match="0..599"):
+        disk.rows(np.array([3, 600]))
+
+
+def test_csc_or_dense_backed_matrices_are_refused_by_name():
+    with pytest.raises(ValueError, match="not an on-disk CSR"):
+        DiskCSR(np.zeros((3, 2)))
+
+
+def test_chunk_shuffled_order_is_a_permutation_mixing_distant_chunks():
+    cells = np.sort(np.random.default_rng(1).choice(10_000, 6_000, replace=False))
+    order = chunk_shuffled_order(cells, np.random.default_rng(2), chunk_cells=100, buffer_chunks=8)
+    np.testing.assert_array_equal(np.sort(order), cells)
+    chunk_of = {cell: i // 100 for i, cell in enumerate(cells)}
+    first_batch = order[:64]
+    # a minibatch comes from several chunks of its buffer, and only from that buffer's 8 chunks
+    assert 4 <= len({chunk_of[c] for c in first_batch}) <= 8
+    assert len({chunk_of[c] for c in order[:800]}) == 8
+    again = chunk_shuffled_order(cells, np.random.default_rng(2), chunk_cells=100, buffer_chunks=8)
+    np.testing.assert_array_equal(order, again)
+    groups = list(read_ahead_groups([order[s:s + 64] for s in range(0, 6000, 64)], buffer_cells=800))
+    assert [sum(map(len, g)) for g in groups[:-1]] == [832] * (len(groups) - 1)
+    np.testing.assert_array_equal(np.concatenate([b for g in groups for b in g]), order)
+
+
+def test_training_from_disk_reads_each_buffer_once_and_serves_the_right_rows(on_file, monkeypatch):
+    adata, path = on_file
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    model = ps.RegularizedVI(backed, seed=0, **QUICK)
+    monkeypatch.setattr(on_disk, "CHUNK_CELLS", 40)
+    monkeypatch.setattr(on_disk, "BUFFER_CHUNKS", 4)
+    reads, served = [], []
+    original_rows, original_minibatch = DiskCSR.rows, ps.data.CellData.minibatch
+
+    def counting_rows(self, positions, max_gap=on_disk.MAX_GAP):
+        reads.append(len(positions))
+        return original_rows(self, positions, max_gap)
+
+    def checked_minibatch(self, indices):
+        batch = original_minibatch(self, indices)
+        served.append(len(indices))
+        # every minibatch, from the held buffer or from disk, holds exactly these cells' counts
+        np.testing.assert_array_equal(batch["x"].numpy(), adata.X[np.asarray(indices)].toarray())
+        return batch
+
+    monkeypatch.setattr(DiskCSR, "rows", counting_rows)
+    monkeypatch.setattr(ps.data.CellData, "minibatch", checked_minibatch)
+    model.train(max_epochs=2, **TRAIN)
+    n_train = len(model.trainer.train_indices)
+    assert n_train == 540 and sum(served) >= 2 * n_train
+    # training reads: 160-cell buffers of 50-cell minibatches (4 per read-ahead), each read once; the
+    # rest are the prepare pass and validation, in file order
+    n_validation_batches = 2 * int(np.ceil(60 / 50))
+    per_epoch = int(np.ceil(np.ceil(n_train / 50) / 4))
+    assert len(reads) == 1 + 2 * per_epoch + n_validation_batches
+    assert model.history["train_loss"].notna().all()
+
+
+def test_model_trained_from_disk_matches_one_trained_in_memory(on_file):
+    """Same data, same settings: the epoch order differs (chunks from disk), the fit does not."""
+    adata, path = on_file
+    memory = adata.copy()
+    ps.RegularizedVI.setup_anndata(memory, batch_key="batch")
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    losses = []
+    for data in (memory, backed):
+        model = ps.RegularizedVI(data, seed=0, **QUICK)
+        model.train(max_epochs=30, **TRAIN)
+        losses.append(model.history["validation_loss"].dropna().iloc[-5:].mean())
+        latent = model.get_latent_representation()
+        assert latent.shape == (600, 4) and np.isfinite(latent).all()
+    assert abs(losses[1] - losses[0]) / losses[0] < 0.02, losses
+
+
+def test_queries_of_a_model_read_the_same_from_disk_as_from_memory(on_file, tmp_path):
+    """A model trained in memory, loaded over the backed file: getters, predictive check and DE agree."""
+    from pyro_scmodels import criticism
+
+    adata, path = on_file
+    memory = adata.copy()
+    ps.RegularizedVI.setup_anndata(memory, batch_key="batch")
+    model = ps.RegularizedVI(memory, seed=0, **QUICK)
+    model.train(max_epochs=3, **TRAIN)
+    model.save(str(tmp_path / "model"))
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    on_disk_model = ps.RegularizedVI.load(str(tmp_path / "model"), adata=backed, device="cpu")
+    cells = np.array([590, 3, 300, 41])
+    for query in (lambda m: m.get_latent_representation(),
+                  lambda m: m.get_library_size(),
+                  lambda m: m.get_normalized_expression(indices=cells, return_numpy=True),
+                  lambda m: m.get_ambient_fraction()):
+        np.testing.assert_allclose(query(on_disk_model), query(model), rtol=1e-5, atol=1e-6)
+    checks = [criticism.posterior_predictive_check(m, num_samples=4, seed=1).summary for m in (model, on_disk_model)]
+    pd.testing.assert_frame_equal(checks[0], checks[1])
+    de = [m.differential_expression(groupby="cell_type", group1="type_0", num_samples=5, n_cells=100) for m in
+          (model, on_disk_model)]
+    pd.testing.assert_frame_equal(de[0], de[1])
