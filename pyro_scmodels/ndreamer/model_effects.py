@@ -46,7 +46,8 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
 def model_counterfactual_ite(model, condition_key: str, control_name: str, treatment: str,
                              num_samples: int = K.MODEL_ITE_SAMPLES,
                              quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, batch_size: int | None = None,
-                             seed: int = 0, target_sum: float = K.TARGET_SUM) -> dict[str, np.ndarray]:
+                             seed: int = 0, target_sum: float = K.TARGET_SUM, indices=None,
+                             gene_columns=None) -> dict[str, np.ndarray]:
     """Per-cell treatment effect by decoding each cell's z under treatment and under control.
 
     For every posterior sample z_s of a cell: effect_s = log1p(target_sum * rho_t / sum rho_t)
@@ -68,6 +69,9 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         Minibatch size; seed of the draws of z.
     target_sum
         Counts per cell of the log-normalised scale the effect is on.
+    indices, gene_columns
+        Cell positions and gene positions to return (default all); every gene is decoded, since
+        the log-normalisation divides by the cell's total.
 
     Returns
     -------
@@ -82,7 +86,8 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     level = torch.tensor(quantiles)
     # the same seed draws the same z in both passes, minibatch by minibatch
     treated, control = (
-        model.decode_samples(batch_size=batch_size, n_samples=num_samples, seed=seed, nn_covariates={condition_key: name})
+        model.decode_samples(indices=indices, batch_size=batch_size, n_samples=num_samples, seed=seed,
+                             nn_covariates={condition_key: name})
         for name in (treatment, control_name)
     )
     parts = {"mean": [], "low": [], "high": []}
@@ -90,6 +95,8 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         log_t = torch.log1p(target_sum * rho_t / rho_t.sum(-1, keepdim=True))
         log_c = torch.log1p(target_sum * rho_c / rho_c.sum(-1, keepdim=True))
         effect = (log_t - log_c).cpu()
+        if gene_columns is not None:
+            effect = effect[..., torch.as_tensor(gene_columns, dtype=torch.long)]
         parts["mean"].append(effect.mean(0))
         low, high = torch.quantile(effect, level.to(effect.dtype), dim=0)
         parts["low"].append(low)

@@ -11,6 +11,7 @@ import anndata
 import pandas as pd
 
 from .. import _validation as V
+from .._selection import cell_positions, gene_positions
 from . import _constants as K
 from ._persistence import LATENT
 from .preprocess import log_normalise
@@ -64,7 +65,8 @@ class ModelRepresentation:
         return self
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
-                           quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES) -> anndata.AnnData:
+                           quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, indices=None,
+                           gene_list=None) -> anndata.AnnData:
         """Model-based counterfactual ITE with credible intervals (``from_model`` only).
 
         Each cell's z (posterior samples) is decoded with the condition switched to each treatment
@@ -92,11 +94,15 @@ class ModelRepresentation:
         ----------
         num_samples, quantiles
             Posterior samples of z per cell; the interval's quantiles.
+        indices, gene_list
+            Only these cells (positions, a boolean mask or names) and genes: the layers are
+            returned in a new AnnData and :attr:`results` is left as it is (for data too large for
+            whole cells x genes layers; the cells are decoded a minibatch at a time either way).
 
         Returns
         -------
         anndata.AnnData
-            :attr:`results`.
+            :attr:`results`, or the new AnnData of the cells and genes asked for.
         """
         if self.model is None:
             if self.settings["representation"] == LATENT:
@@ -105,10 +111,20 @@ class ModelRepresentation:
             raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
         from .model_effects import model_counterfactual_ite
 
+        subset = indices is not None or gene_list is not None
+        cells = None if indices is None else cell_positions(self.results.n_obs, indices, self.results.obs_names,
+                                                             "the results")
+        columns = gene_positions(self.genes, gene_list, "the results", "The model's genes are nd.genes.")
+        layers = {}
         for treatment in self.design.treatments:
             effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
                                               treatment, V.positive_int("num_samples", num_samples), quantiles,
-                                              seed=self.settings["seed"])
+                                              seed=self.settings["seed"], indices=cells, gene_columns=columns)
             for name, values in effect.items():
-                self.results.layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
-        return self.results
+                layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
+        if not subset:
+            self.results.layers.update(layers)
+            return self.results
+        obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
+        genes = self.genes if columns is None else self.genes[columns]
+        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers=layers)
