@@ -1,0 +1,83 @@
+"""The route on a CUDA GPU: training, training from disk, faiss's GPU index, NDreamer and the model route.
+
+Marked ``gpu`` and skipped where torch sees no CUDA device (CI and the CPU machine); on a GPU machine
+``benchmarks/gpu_check.sh`` runs them (``pytest -m gpu``). The faiss GPU test also needs a faiss build
+with GPU support. The CPU machine covers each device decision with mocks (tests/test_matching.py).
+"""
+
+import anndata
+import numpy as np
+import pytest
+import torch
+
+import pyro_scmodels as ps
+from pyro_scmodels import matching
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
+TINY = dict(n_hidden=32, n_latent=5)
+FAST = dict(batch_size=256, progress_bar=False, lr=1e-2, kl_warmup_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def cells():
+    adata = ps.datasets.simulate(n_cells=1500, n_genes=200, seed=0)
+    adata.X = adata.layers["counts"].copy()
+    return adata
+
+
+def test_regularizedvi_trains_on_cuda_host_and_device_counts(cells):
+    for counts_on_device in (False, True):
+        adata = cells.copy()
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+        model = ps.RegularizedVI(adata, seed=0, **TINY)
+        model.train(max_epochs=20, device="auto", counts_on_device=counts_on_device, **FAST)
+        assert model.device.type == "cuda"
+        losses = model.history["train_loss"].to_numpy()
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]
+        latent = model.get_latent_representation()
+        assert latent.shape == (1500, 5) and np.isfinite(latent).all()
+
+
+def test_training_from_disk_on_cuda(cells, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    cells.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    model = ps.RegularizedVI(backed, seed=0, **TINY)
+    model.train(max_epochs=5, device="cuda", **FAST)
+    assert np.isfinite(model.history["validation_loss"]).all()
+
+
+@pytest.mark.skipif(not matching.faiss_gpu_available(), reason="the installed faiss has no GPU support")
+def test_faiss_gpu_exact_search_agrees_with_the_cpu():
+    rng = np.random.default_rng(0)
+    base, query = rng.normal(size=(20_000, 16)).astype(np.float32), rng.normal(size=(5_000, 16)).astype(np.float32)
+    gpu_distances, gpu_indices = matching.knn(query, base, k=5, device="cuda", method="exact")
+    cpu_distances, cpu_indices = matching.knn(query, base, k=5, device="cpu", method="exact")
+    assert np.mean(gpu_indices[:, 0] == cpu_indices[:, 0]) > 0.999
+    np.testing.assert_allclose(gpu_distances, cpu_distances, rtol=1e-3, atol=1e-3)
+
+
+def test_ndreamer_end_to_end_on_cuda(cells):
+    adata = cells.copy()
+    nd = ps.NDreamer(adata, "condition", "control", batch_key="batch", device="auto", num_hvg=150)
+    nd.train(n_epochs=2, progress_bar=False)
+    results = nd.estimate_ite()
+    assert np.isfinite(results.layers["ite_stimulated"]).all()
+    table = nd.estimate_cate("cell_type")
+    assert np.isfinite(table["mean_ite"]).all()
+
+
+def test_model_route_on_cuda_saves_and_loads(cells, tmp_path):
+    adata = cells.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
+                                   nn_conditioning_covariate_keys=["condition"], encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, seed=0, latent_independence=10.0, **TINY)
+    model.train(max_epochs=20, device="cuda", **FAST)
+    nd = ps.NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cuda")
+    nd.estimate_ite()
+    results = nd.estimate_model_ite(num_samples=10)
+    assert np.isfinite(results.layers["ite_model_stimulated"]).all()
+    nd.save(str(tmp_path / "nd"))
+    again = ps.NDreamer.load(str(tmp_path / "nd"), model=model)
+    np.testing.assert_array_equal(again.results.layers["ite_stimulated"], results.layers["ite_stimulated"])
