@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import pyro_scmodels as ps
 from pyro_scmodels.cli import main
 from pyro_scmodels.ndreamer import NDreamer, preprocess
+from pyro_scmodels.ndreamer import _constants as K
 
 TINY = dict(n_codebooks=4, codebook_size=16, embedding_dim=32, z_dim=8, encoder_hidden=(32,), decoder_hidden=(32,),
             batch_size=128, device="cpu", num_hvg=80)
@@ -110,7 +111,7 @@ def test_ndreamer_command_reads_a_backed_input(on_disk, tmp_path):
     assert np.isfinite(effects.layers["ite_stimulated"][:50]).all()
 
 
-def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_disk, tmp_path):
+def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_disk, tmp_path, monkeypatch):
     adata, _ = on_disk
     nd = _fitted(adata)
     whole = {name: nd.results.layers[name].copy() for name in ("denoised", "batch_effect", "ite_stimulated")}
@@ -140,9 +141,10 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         nd.write_effects(path)
     assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
-    # CATE without an ITE layer: computed group by group, the same table
+    # CATE without an ITE layer: computed in blocks of cells of one group (here 50), summed; the same table
     table = nd.estimate_cate("cell_type")
     del nd.results.layers["ite_stimulated"]
     nd.effects._cache.clear()
+    monkeypatch.setattr(K, "WRITE_CHUNK_CELLS", 50)
     pd.testing.assert_frame_equal(nd.estimate_cate("cell_type"), table, atol=1e-5)
     assert "ite_stimulated" not in nd.results.layers

@@ -9,6 +9,53 @@ import pandas as pd
 from scipy import stats
 
 
+class CateSums:
+    """Per-gene sums of one group's ITEs, added a block of cells at a time (the table needs no more).
+
+    Parameters
+    ----------
+    n_genes
+        Genes (columns) of the ITE blocks.
+    """
+
+    def __init__(self, n_genes: int):
+        self.n = 0
+        self.total = np.zeros(n_genes)
+        self.squares = np.zeros(n_genes)
+        self.positive = np.zeros(n_genes, dtype=np.int64)
+        self.negative = np.zeros(n_genes, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        """Add the ITEs of a block of cells (cells x genes)."""
+        values = np.asarray(values, dtype=np.float64)
+        self.n += values.shape[0]
+        self.total += values.sum(0)
+        self.squares += np.square(values).sum(0)
+        self.positive += (values > 0).sum(0)
+        self.negative += (values < 0).sum(0)
+
+    def table(self, group: str, genes) -> pd.DataFrame:
+        """The CATE rows of this group (see :func:`estimate_cate`)."""
+        n = self.n
+        mean = self.total / max(n, 1)
+        # two-sided sign test: ties dropped, binomial(n_nonzero, 1/2)
+        nonzero = self.positive + self.negative
+        smaller = np.minimum(self.positive, self.negative)
+        sign_p = np.where(nonzero > 0, np.minimum(1.0, 2 * stats.binom.cdf(smaller, np.maximum(nonzero, 1), 0.5)), 1.0)
+        # the sample variance from the sums (float64; clipped at 0 against rounding)
+        sd = np.sqrt(np.maximum(self.squares - n * mean**2, 0.0) / (n - 1)) if n > 1 else np.zeros_like(mean)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(sd > 0, mean / (sd / np.sqrt(n)), 0.0)
+        z_p = 2 * stats.norm.sf(np.abs(z))
+        table = pd.DataFrame({
+            "group": group, "gene": list(genes), "n_cells": n, "mean_ite": mean,
+            "fraction_positive": self.positive / max(n, 1), "sign_test_p": sign_p, "z": z, "z_p": z_p,
+        })
+        table["sign_test_p_adj"] = stats.false_discovery_control(table["sign_test_p"].to_numpy())
+        table["z_p_adj"] = stats.false_discovery_control(table["z_p"].to_numpy())
+        return table
+
+
 def estimate_cate(ite: np.ndarray, groups, genes) -> pd.DataFrame:
     """Conditional average treatment effects per cell group and gene.
 
@@ -25,25 +72,9 @@ def estimate_cate(ite: np.ndarray, groups, genes) -> pd.DataFrame:
     genes = list(genes)
     rows = []
     for group in dict.fromkeys(groups):
-        values = ite[groups == group]
-        n = values.shape[0]
-        mean = values.mean(0)
-        positive, negative = (values > 0).sum(0), (values < 0).sum(0)
-        # two-sided sign test: ties dropped, binomial(n_nonzero, 1/2)
-        nonzero = positive + negative
-        smaller = np.minimum(positive, negative)
-        sign_p = np.where(nonzero > 0, np.minimum(1.0, 2 * stats.binom.cdf(smaller, np.maximum(nonzero, 1), 0.5)), 1.0)
-        sd = values.std(0, ddof=1) if n > 1 else np.zeros_like(mean)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(sd > 0, mean / (sd / np.sqrt(n)), 0.0)
-        z_p = 2 * stats.norm.sf(np.abs(z))
-        table = pd.DataFrame({
-            "group": group, "gene": genes, "n_cells": n, "mean_ite": mean,
-            "fraction_positive": positive / max(n, 1), "sign_test_p": sign_p, "z": z, "z_p": z_p,
-        })
-        table["sign_test_p_adj"] = stats.false_discovery_control(table["sign_test_p"].to_numpy())
-        table["z_p_adj"] = stats.false_discovery_control(table["z_p"].to_numpy())
-        rows.append(table)
+        sums = CateSums(len(genes))
+        sums.add(ite[groups == group])
+        rows.append(sums.table(group, genes))
     return pd.concat(rows, ignore_index=True)
 
 

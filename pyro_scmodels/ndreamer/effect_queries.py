@@ -16,7 +16,7 @@ import pandas as pd
 from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
-from .cate import estimate_cate, groups_with_both_conditions
+from .cate import CateSums, estimate_cate, groups_with_both_conditions
 from .._selection import cell_positions, gene_positions
 
 
@@ -164,12 +164,14 @@ class EffectQueries:
         if layer in self.results.layers:
             cells = np.isin(groups, kept)
             table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
-        else:  # one group's cells x genes at a time: the whole ITE layer is never built
+        else:  # a block of one group's cells at a time, summed: no cells x genes array beyond a block
             tables = []
             for group in [g for g in dict.fromkeys(groups) if g in set(kept)]:  # the order of the in-memory table
-                cells = np.flatnonzero(groups == group)
-                ite = self.estimate_ite(nearest_neighbor, bandwidth, indices=cells).layers[layer]
-                tables.append(estimate_cate(ite, groups[cells], self.genes))
+                cells, sums = np.flatnonzero(groups == group), CateSums(len(self.genes))
+                for start in range(0, cells.size, K.WRITE_CHUNK_CELLS):
+                    block = cells[start : start + K.WRITE_CHUNK_CELLS]
+                    sums.add(self.estimate_ite(nearest_neighbor, bandwidth, indices=block).layers[layer])
+                tables.append(sums.table(group, self.genes))
             table = pd.concat(tables, ignore_index=True)
         self.results.uns[f"cate_{condition}_{groupby}"] = table
         return table
