@@ -1,6 +1,6 @@
 """One rank of a ``bench_distributed.py`` measurement (started by torchrun; rank 0 writes the result).
 
-Builds the simulated cells (same seed on every rank), trains RegularizedVI one warm-up epoch,
+Builds the simulated cells (same seed on every rank) or opens ``--h5ad`` backed, trains RegularizedVI one warm-up epoch,
 then times further epochs and writes ``{"cells_per_s", "seconds", "epochs", ...}`` as JSON.
 """
 
@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import anndata
 import torch
 
 import pyro_scmodels as ps
@@ -26,10 +27,15 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--result", required=True)
+    parser.add_argument("--h5ad", default=None, help="train from this file opened backed (raw counts in .X)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    adata = ps.datasets.simulate(n_cells=args.cells, n_genes=args.genes, seed=0)
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    if args.h5ad:
+        adata = anndata.read_h5ad(args.h5ad, backed="r")
+        ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    else:
+        adata = ps.datasets.simulate(n_cells=args.cells, n_genes=args.genes, seed=0)
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
     model = ps.RegularizedVI(adata, seed=0)
     # under torchrun with one process this is plain single-process training (the baseline)
     settings = dict(batch_size=args.batch_size, early_stopping=False, progress_bar=False, accelerator=args.accelerator,

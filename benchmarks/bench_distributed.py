@@ -2,14 +2,15 @@
 
 Usage::
 
-    python benchmarks/bench_distributed.py [--quick] [--rounds R] [--gpus K] [--output PATH]
+    python benchmarks/bench_distributed.py [--quick] [--rounds R] [--backed] [--gpus K] [--output PATH]
 
 Each measurement is a ``torchrun --standalone --nproc_per_node=P`` launch of
 ``_distributed_worker.py`` (one torch thread per process, the gloo backend on the CPU, NCCL on
 GPUs): simulated cells, one warm-up epoch, then timed epochs; throughput = training cells x
 epochs / seconds. The process counts alternate (1, 2, 1, 2, ...) so that a change in the load of
 a shared machine falls on both, and the 1-minute load average is recorded before and after each
-run. Scaling efficiency = cells/s with P processes / (P x cells/s with 1), from the medians.
+run. ``--backed`` adds the same runs reading the counts from an h5ad opened ``backed="r"`` (the
+chunked on-disk loader, each rank reading ahead only its shards). Scaling efficiency = cells/s with P processes / (P x cells/s with 1), from the medians.
 The global minibatch is the same for every P (each rank takes 1/P of it), so the optimisation is
 the same and only its speed changes. Results go to the ``## Data-parallel training
 (bench_distributed.py)`` section of ``benchmarks/RESULTS.md``; ``--quick`` writes nothing
@@ -36,13 +37,25 @@ FULL = dict(cells=8000, genes=1000, epochs=3, batch_size=1024)
 QUICK = dict(cells=1000, genes=200, epochs=1, batch_size=256)
 
 
-def measure(processes: int, sizes: dict, accelerator: str, workdir: Path) -> dict:
+def write_cells(sizes: dict, path: Path) -> Path:
+    """The simulated cells of ``sizes`` with their raw counts in X, as an h5ad read backed by the workers."""
+    import pyro_scmodels as ps
+
+    adata = ps.datasets.simulate(n_cells=sizes["cells"], n_genes=sizes["genes"], seed=0)
+    adata.X = adata.layers.pop("counts")
+    for layer in list(adata.layers):
+        del adata.layers[layer]
+    adata.write_h5ad(path)
+    return path
+
+
+def measure(processes: int, sizes: dict, accelerator: str, workdir: Path, h5ad: Path | None = None) -> dict:
     """One torchrun launch with ``processes`` ranks; the worker's JSON plus the load before and after."""
     result = workdir / f"result-{processes}-{os.getpid()}-{len(list(workdir.iterdir()))}.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(HERE / "_distributed_worker.py"), "--cells", str(sizes["cells"]), "--genes", str(sizes["genes"]),
                "--epochs", str(sizes["epochs"]), "--batch-size", str(sizes["batch_size"]),
-               "--accelerator", accelerator, "--result", str(result)]
+               "--accelerator", accelerator, "--result", str(result)] + (["--h5ad", str(h5ad)] if h5ad else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     load_before = os.getloadavg()[0]
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -79,17 +92,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds (default: %(default)s)")
     parser.add_argument("--gpus", type=int, default=0, help="also measure 1..K GPUs (one process each)")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--backed", action="store_true",
+                        help="also train from an h5ad opened backed (the chunked on-disk loader; each rank reads its shards)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    plans = [("CPU (gloo)", "cpu", [1, 2] * args.rounds)]
+    plans = [("CPU (gloo)", "cpu", [1, 2] * args.rounds, False)]
+    if args.backed:
+        plans.append(("CPU (gloo), counts on disk", "cpu", [1, 2] * args.rounds, True))
     if args.gpus:
-        plans.append(("GPU (NCCL)", "gpu", list(range(1, args.gpus + 1)) * args.rounds))
+        plans.append(("GPU (NCCL)", "gpu", list(range(1, args.gpus + 1)) * args.rounds, False))
     rows, summary, all_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, accelerator, order in plans:
+        h5ad = write_cells(sizes, Path(tmp) / "cells.h5ad") if args.backed else None
+        for label, accelerator, order, backed in plans:
             runs = []
             for processes in order:
-                runs.append(measure(processes, sizes, accelerator, Path(tmp)))
+                runs.append(measure(processes, sizes, accelerator, Path(tmp), h5ad if backed else None))
                 r = runs[-1]
                 print(f"{label} P={processes}: {r['cells_per_s']:,.0f} cells/s ({r['seconds']:.1f} s, load "
                       f"{r['load_before']:.2f} -> {r['load_after']:.2f})")
@@ -105,7 +123,8 @@ def main() -> None:
         "| backend | processes P | cells/s (median) | scaling efficiency |\n|---|---:|---:|---:|\n" + "\n".join(summary)
         + "\n\nEvery run, in order:\n\n| backend | processes | cells/s | seconds | 1-min load before / after |\n"
         "|---|---:|---:|---:|---|\n" + "\n".join(rows) + "\n\n" + load_note(all_runs) + "\n\nCommand:\n\n```\npython benchmarks/bench_distributed.py"
-        + (" --quick" if args.quick else "") + (f" --gpus {args.gpus}" if args.gpus else "") + "\n```\n"
+        + (" --quick" if args.quick else "") + (" --backed" if args.backed else "") + (f" --gpus {args.gpus}" if args.gpus else "")
+        + "\n```\n"
     )
     print("\n" + section)
     output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)

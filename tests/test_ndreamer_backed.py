@@ -52,7 +52,7 @@ def test_backed_input_gives_the_in_memory_results(on_disk, monkeypatch):
 
 
 def test_log_normalise_reads_blocks_and_leaves_the_input_alone(on_disk, monkeypatch):
-    adata, _ = on_disk
+    adata, path = on_disk
     counts = adata.X.copy()
     monkeypatch.setattr(preprocess, "READ_CHUNK_CELLS", 100)
     blocked = preprocess.log_normalise(adata)
@@ -63,6 +63,10 @@ def test_log_normalise_reads_blocks_and_leaves_the_input_alone(on_disk, monkeypa
     expected = np.log1p(counts.toarray() * (1e4 / totals)[:, None])
     np.testing.assert_allclose(blocked.toarray(), expected, rtol=1e-5, atol=1e-5)
     assert (blocked != whole).nnz == 0
+    # from the file (read straight into the result): the same matrix, and the file untouched
+    from_file = preprocess.log_normalise(anndata.read_h5ad(path, backed="r"))
+    assert from_file.dtype == np.float32 and (from_file != whole).nnz == 0
+    assert (anndata.read_h5ad(path).X != counts).nnz == 0
 
 
 def test_model_route_on_a_backed_model_saves_and_loads(on_disk, tmp_path):
