@@ -135,7 +135,7 @@ class CountMatrix:
 
     def _held_rows(self, indices: np.ndarray):
         """The held rows ``indices`` (sparse), or None when some of them are not held."""
-        if self._held is None:
+        if self._held is None or self._held[0].size == 0:
             return None
         kept, block = self._held
         where = np.minimum(np.searchsorted(kept, indices), kept.size - 1)
