@@ -209,7 +209,8 @@ def run_fit(args, folder: OutputFolder) -> None:
     if args.backed:  # the results without the counts, which stay in the input file
         import anndata
 
-        adata = anndata.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+        adata = anndata.AnnData(obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm),
+                                varm=dict(adata.varm), uns=dict(adata.uns))
     _store_results(model, adata, write_normalized=args.write_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)

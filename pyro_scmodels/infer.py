@@ -185,7 +185,7 @@ class SVITrainer(TrainingLoop):
 
         Counts in memory: one random permutation. Counts on disk: shuffled chunks of neighbouring
         cells, shuffled again within buffers (:func:`~pyro_scmodels.data.on_disk.chunk_shuffled_order`),
-        each buffer's rows read ahead in one pass; a data-parallel rank reads only its shards.
+        each buffer's rows read ahead in one pass; a data-parallel rank keeps only its shards' rows.
         """
         self._plan, self._kl_weight = plan, 1.0
         if not self.data.on_disk:
@@ -274,8 +274,9 @@ class SVITrainer(TrainingLoop):
         self.model.eval()
         self.guide.eval()
         total = 0.0
-        # in file order: cells read from disk come in a few contiguous runs (a sum does not depend on the order)
-        for chunk in iterate_minibatches(np.sort(indices), batch_size, shuffle=False):
+        # counts on disk: in file order, so that a minibatch's cells come in a few contiguous runs
+        order = np.sort(indices) if self.data.on_disk else indices
+        for chunk in iterate_minibatches(order, batch_size, shuffle=False):
             # each minibatch estimates the whole set's ELBO; weight them by their share of cells
             total += self.loss(self.data.minibatch(chunk), n_obs, kl_weight).item() * len(chunk)
         return total

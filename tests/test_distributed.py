@@ -175,10 +175,10 @@ def two_ranks(cells_on_disk):
 def test_one_step_on_two_ranks_equals_one_process_on_the_union(two_ranks, kind, cells_on_disk):
     """Gradients averaged by DDP, locals scaled by N / global minibatch: the same step as one process
     (RegularizedVI, RegularizedMultimodalVI with per-cell modality weights and masked cells, and
-    RegularizedVI reading its counts from disk, where each rank reads only its shards)."""
+    RegularizedVI reading its counts from disk, where each rank holds only its shards' rows)."""
     single = _one_epoch_of_two_steps("rna" if kind == "step" else kind, cells_on_disk)
     if kind == "disk":
-        # after the 2-cell first pass, one read-ahead of the epoch: all 47 cells in one process,
+        # the cells asked of the file: after the 2-cell first pass, one read-ahead of the epoch: all 47 in one process,
         # 16 + 8 and 16 + 7 (this rank's shards of the minibatches of 32 and 15) on the ranks
         assert single["reads"] == [2, 47]
         assert [two_ranks[rank]["disk"]["reads"] for rank in range(WORLD)] == [[2, 24], [2, 23]]

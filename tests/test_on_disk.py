@@ -135,3 +135,30 @@ def test_queries_of_a_model_read_the_same_from_disk_as_from_memory(on_file, tmp_
     de = [m.differential_expression(groupby="cell_type", group1="type_0", num_samples=5, n_cells=100) for m in
           (model, on_disk_model)]
     pd.testing.assert_frame_equal(de[0], de[1])
+
+
+def test_counts_held_on_the_device_are_not_read_from_disk_again(on_file, monkeypatch):
+    _, path = on_file
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    model = ps.RegularizedVI(backed, seed=0, **QUICK)
+    held = []
+    original = ps.data.CountMatrix.hold
+    monkeypatch.setattr(ps.data.CountMatrix, "hold", lambda self, indices: held.append(indices) or original(self, indices))
+    model.train(max_epochs=2, counts_on_device=True, **TRAIN)
+    # the whole matrix went to the device once: no buffer is read from the file during the epochs
+    assert [h for h in held if h is not None] == []
+    assert model.history["train_loss"].notna().all()
+
+
+def test_model_ite_refuses_an_empty_selection(on_file):
+    adata, _ = on_file
+    memory = adata.copy()
+    ps.RegularizedVI.setup_anndata(memory, batch_key="batch", nn_conditioning_covariate_keys=["condition"],
+                                   encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(memory, seed=0, **QUICK)
+    model.train(max_epochs=1, **TRAIN)
+    nd = ps.NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
+    for selection, word in ((dict(indices=np.zeros(600, dtype=bool)), "indices"), (dict(gene_list=[]), "gene_list")):
+        with pytest.raises(ValueError, match=f"{word} selects nothing"):
+            nd.estimate_model_ite(num_samples=2, **selection)

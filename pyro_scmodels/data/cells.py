@@ -173,8 +173,11 @@ class CellData:
 
     @property
     def on_disk(self) -> bool:
-        """Whether some counts stay in a file (a backed AnnData) and are read as minibatches need them."""
-        return any(matrix.on_disk for matrix in self.modalities.values())
+        """Whether some counts stay in a file (a backed AnnData) and are read as minibatches need them.
+
+        False once the counts are held on the device (``to_device(counts_on_device=True)``).
+        """
+        return self._device_counts is None and any(matrix.on_disk for matrix in self.modalities.values())
 
     def read_ahead(self, indices: np.ndarray | None) -> None:
         """Read the counts of cells ``indices`` from disk in one pass and keep them until the next call.

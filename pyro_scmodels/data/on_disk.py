@@ -11,8 +11,12 @@ chunks of neighbouring cells, the chunks are shuffled, and the cells of a buffer
 shuffled again before they are cut into minibatches (:func:`chunk_shuffled_order`); a buffer's
 rows are read ahead in one pass (:meth:`DiskCSR.rows` over their sorted positions).
 ``annbatch`` itself needs Python >= 3.12; this package supports 3.11, and anndata's own backed
-reader re-reads ``indptr`` and goes row by row (9-12 thousand cells a second against 370 thousand
-for contiguous runs on the same file: ``benchmarks/RESULTS.md``, "Reading counts from disk").
+reader re-reads ``indptr`` and goes row by row (9-12 thousand 1,024-cell minibatch cells a second
+against 46-54 thousand for this reader on the same files: ``benchmarks/RESULTS.md``, "Scale from disk").
+
+In a data-parallel run a rank's shards of a buffer's minibatches are spread over all the buffer's
+chunks, so each rank reads the buffer's chunks whole and keeps its own cells: every rank reads about
+the whole file once per epoch (the cells it trains on are still only its shards).
 """
 
 from __future__ import annotations

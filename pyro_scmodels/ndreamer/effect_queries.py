@@ -146,8 +146,8 @@ class EffectQueries:
             left out of the table, with a warning that names them and their sizes.
         nearest_neighbor, bandwidth
             Matching of the ITE when ``results`` holds no ``ite_<condition>`` layer (after
-            :meth:`estimate_ite` the layer is used as it is). The ITE is then computed one group of
-            cells at a time, so that no cells x genes array of the whole data is built.
+            :meth:`estimate_ite` the layer is used as it is). The ITE is then computed 10,000 cells of
+            a group at a time and summed per gene, so that no cells x genes array beyond a block is built.
 
         Returns
         -------

@@ -115,6 +115,10 @@ class ModelRepresentation:
         cells = None if indices is None else cell_positions(self.results.n_obs, indices, self.results.obs_names,
                                                              "the results")
         columns = gene_positions(self.genes, gene_list, "the results", "The model's genes are nd.genes.")
+        for name, chosen in (("indices", cells), ("gene_list", columns)):
+            if chosen is not None and len(chosen) == 0:
+                raise ValueError(f"estimate_model_ite: {name} selects nothing; pass at least one "
+                                 f"{'cell' if name == 'indices' else 'gene'}, or None for all.")
         layers = {}
         for treatment in self.design.treatments:
             effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
