@@ -10,7 +10,7 @@ GPUs): simulated cells, one warm-up epoch, then timed epochs; throughput = train
 epochs / seconds. The process counts alternate (1, 2, 1, 2, ...) so that a change in the load of
 a shared machine falls on both, and the 1-minute load average is recorded before and after each
 run. ``--backed`` adds the same runs reading the counts from an h5ad opened ``backed="r"`` (the
-chunked on-disk loader, each rank holding only its shards' rows). Scaling efficiency = cells/s with P processes / (P x cells/s with 1), from the medians.
+chunked on-disk loader, each rank reading ahead only its shards). Scaling efficiency = cells/s with P processes / (P x cells/s with 1), from the medians.
 The global minibatch is the same for every P (each rank takes 1/P of it), so the optimisation is
 the same and only its speed changes. Results go to the ``## Data-parallel training
 (bench_distributed.py)`` section of ``benchmarks/RESULTS.md``; ``--quick`` writes nothing

@@ -20,7 +20,7 @@ from pyro.infer import Trace_ELBO
 from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
-from .data.on_disk import chunk_shuffled_order, read_ahead_groups
+from .data.on_disk import chunk_grouped_minibatches, chunk_shuffled_order, read_ahead_groups
 from .distributed import LocalScale
 from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
@@ -185,14 +185,15 @@ class SVITrainer(TrainingLoop):
 
         Counts in memory: one random permutation. Counts on disk: shuffled chunks of neighbouring
         cells, shuffled again within buffers (:func:`~pyro_scmodels.data.on_disk.chunk_shuffled_order`),
-        each buffer's rows read ahead in one pass; a data-parallel rank keeps only its shards' rows.
+        each buffer's rows read ahead in one pass, each minibatch's cells grouped by chunk so that a
+        data-parallel rank's shards come from about 1 / W of the buffer's chunks.
         """
         self._plan, self._kl_weight = plan, 1.0
         if not self.data.on_disk:
             yield from iterate_minibatches(self.train_indices, plan.batch_size, shuffle=True, rng=rng)
             return
-        order = chunk_shuffled_order(self.train_indices, rng)
-        batches = list(iterate_minibatches(order, plan.batch_size, shuffle=False))
+        order, chunk_rank = chunk_shuffled_order(self.train_indices, rng, return_chunk_rank=True)
+        batches = chunk_grouped_minibatches(order, chunk_rank, plan.batch_size)
         try:
             for group in read_ahead_groups(batches):
                 self.data.read_ahead(np.concatenate([self.parallel.shard(batch)[0] for batch in group]))

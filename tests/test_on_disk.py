@@ -162,3 +162,31 @@ def test_model_ite_refuses_an_empty_selection(on_file):
     for selection, word in ((dict(indices=np.zeros(600, dtype=bool)), "indices"), (dict(gene_list=[]), "gene_list")):
         with pytest.raises(ValueError, match=f"{word} selects nothing"):
             nd.estimate_model_ite(num_samples=2, **selection)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_ranks_read_about_their_share_of_the_file(world):
+    """Each minibatch grouped by chunk: a rank's shards of a buffer lie in about 1 / W of its chunks, so
+    the rows the ranks read (whole runs of the sorted positions, as DiskCSR.rows reads them) add up
+    to about the file once, where shards of an ungrouped minibatch would make every rank read it all."""
+    from pyro_scmodels.data.on_disk import MAX_GAP, chunk_grouped_minibatches
+    from pyro_scmodels.distributed import shard
+
+    cells = np.sort(np.random.default_rng(0).choice(220_000, 200_000, replace=False))
+    order, rank_of = chunk_shuffled_order(cells, np.random.default_rng(1), return_chunk_rank=True)
+    grouped = chunk_grouped_minibatches(order, rank_of, 1024)
+    plain = [order[s:s + 1024] for s in range(0, order.size, 1024)]
+    for a, b in zip(grouped, plain):  # the same cells in every minibatch
+        np.testing.assert_array_equal(np.sort(a), np.sort(b))
+
+    def rows_read(batches):
+        total = 0
+        for group in read_ahead_groups(batches):
+            for r in range(world):
+                held = np.unique(np.concatenate([shard(b, r, world)[0] for b in group]))
+                runs = np.split(held, np.flatnonzero(np.diff(held) > MAX_GAP) + 1)
+                total += sum(run[-1] - run[0] + 1 for run in runs)
+        return total
+
+    assert rows_read(grouped) < 1.25 * 220_000
+    assert rows_read(plain) > 0.9 * world * 200_000

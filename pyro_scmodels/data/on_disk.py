@@ -14,9 +14,10 @@ rows are read ahead in one pass (:meth:`DiskCSR.rows` over their sorted position
 reader re-reads ``indptr`` and goes row by row (9-12 thousand 1,024-cell minibatch cells a second
 against 46-54 thousand for this reader on the same files: ``benchmarks/RESULTS.md``, "Scale from disk").
 
-In a data-parallel run a rank's shards of a buffer's minibatches are spread over all the buffer's
-chunks, so each rank reads the buffer's chunks whole and keeps its own cells: every rank reads about
-the whole file once per epoch (the cells it trains on are still only its shards).
+In a data-parallel run each minibatch's cells are grouped by chunk (:func:`chunk_grouped_minibatches`)
+before the ranks take their contiguous shards, so a rank's shards of a buffer come from about 1 / W
+of its chunks and the ranks together read the file about once per epoch; the minibatches, as sets of
+cells, are the same for any number of ranks.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class DiskCSR:
 
 
 def chunk_shuffled_order(indices: np.ndarray, rng: np.random.Generator, chunk_cells: int | None = None,
-                         buffer_chunks: int | None = None) -> np.ndarray:
+                         buffer_chunks: int | None = None, return_chunk_rank: bool = False):
     """An epoch's order of ``indices`` for reading from disk: shuffled chunks, shuffled within buffers.
 
     The sorted cells are cut into chunks of ``chunk_cells`` neighbours; the chunks are put in a
@@ -100,22 +101,45 @@ def chunk_shuffled_order(indices: np.ndarray, rng: np.random.Generator, chunk_ce
         The epoch's generator.
     chunk_cells, buffer_chunks
         Chunk length and chunks per buffer; default :data:`CHUNK_CELLS` and :data:`BUFFER_CHUNKS`.
+    return_chunk_rank
+        Also return, per cell of the order, the place of its chunk in the epoch's chunk order.
 
     Returns
     -------
-    numpy.ndarray
-        A permutation of ``indices``.
+    numpy.ndarray or (numpy.ndarray, numpy.ndarray)
+        A permutation of ``indices`` (and the chunk rank of each of its cells).
     """
     chunk_cells = CHUNK_CELLS if chunk_cells is None else chunk_cells
     buffer_chunks = BUFFER_CHUNKS if buffer_chunks is None else buffer_chunks
     cells = np.sort(np.asarray(indices))
     chunks = [cells[s : s + chunk_cells] for s in range(0, cells.size, chunk_cells)]
     order = rng.permutation(len(chunks))
-    buffers = []
+    buffers, ranks = [], []
     for start in range(0, len(order), buffer_chunks):
-        buffer = np.concatenate([chunks[i] for i in order[start : start + buffer_chunks]])
-        buffers.append(buffer[rng.permutation(buffer.size)])
-    return np.concatenate(buffers) if buffers else cells
+        picked = order[start : start + buffer_chunks]
+        buffer = np.concatenate([chunks[i] for i in picked])
+        rank = np.repeat(np.arange(start, start + len(picked)), [len(chunks[i]) for i in picked])
+        shuffle = rng.permutation(buffer.size)
+        buffers.append(buffer[shuffle])
+        ranks.append(rank[shuffle])
+    if not buffers:
+        return (cells, np.zeros(0, dtype=np.int64)) if return_chunk_rank else cells
+    return (np.concatenate(buffers), np.concatenate(ranks)) if return_chunk_rank else np.concatenate(buffers)
+
+
+def chunk_grouped_minibatches(order: np.ndarray, chunk_rank: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Minibatches cut from a chunk-shuffled order, each with its cells grouped by chunk.
+
+    A minibatch holds the same cells as a plain cut of ``order``; only their order within it
+    changes. Data-parallel ranks take contiguous shards of a minibatch, so rank r then takes cells
+    of the r-th share of the buffer's chunks in nearly every minibatch, and reads about 1 / W of
+    the buffer instead of every chunk.
+    """
+    out = []
+    for start in range(0, order.size, batch_size):
+        keys = chunk_rank[start : start + batch_size]
+        out.append(order[start : start + batch_size][np.argsort(keys, kind="stable")])
+    return out
 
 
 def read_ahead_groups(minibatches: list[np.ndarray], buffer_cells: int | None = None):
