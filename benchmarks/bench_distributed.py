@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_distributed.py [--quick] [--rounds R] [--backed] [--gpus K] [--output PATH]
+    python benchmarks/bench_distributed.py [--quick] [--rounds R] [--cells N] [--backed] [--gpus K] [--output PATH]
 
 Each measurement is a ``torchrun --standalone --nproc_per_node=P`` launch of
 ``_distributed_worker.py`` (one torch thread per process, the gloo backend on the CPU, NCCL on
@@ -92,10 +92,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds (default: %(default)s)")
     parser.add_argument("--gpus", type=int, default=0, help="also measure 1..K GPUs (one process each)")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--cells", type=int, default=None, help="simulated cells (default 8,000; --quick 1,000)")
     parser.add_argument("--backed", action="store_true",
                         help="also train from an h5ad opened backed (the chunked on-disk loader; each rank reads its shards)")
     args = parser.parse_args()
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.cells is not None:
+        sizes["cells"] = args.cells
     plans = [("CPU (gloo)", "cpu", [1, 2] * args.rounds, False)]
     if args.backed:
         plans.append(("CPU (gloo), counts on disk", "cpu", [1, 2] * args.rounds, True))
@@ -123,7 +126,7 @@ def main() -> None:
         "| backend | processes P | cells/s (median) | scaling efficiency |\n|---|---:|---:|---:|\n" + "\n".join(summary)
         + "\n\nEvery run, in order:\n\n| backend | processes | cells/s | seconds | 1-min load before / after |\n"
         "|---|---:|---:|---:|---|\n" + "\n".join(rows) + "\n\n" + load_note(all_runs) + "\n\nCommand:\n\n```\npython benchmarks/bench_distributed.py"
-        + (" --quick" if args.quick else "") + (" --backed" if args.backed else "") + (f" --gpus {args.gpus}" if args.gpus else "")
+        + (" --quick" if args.quick else "") + (f" --cells {args.cells}" if args.cells else "") + (" --backed" if args.backed else "") + (f" --gpus {args.gpus}" if args.gpus else "")
         + "\n```\n"
     )
     print("\n" + section)
