@@ -89,7 +89,7 @@ def main() -> None:
     args.store.mkdir(parents=True, exist_ok=True)
     sizes = sorted(args.sizes)
     load_before = os.getloadavg()
-    results, written = {}, {}
+    results = {}
     for n in sizes:
         if args.report_only:
             for stage in args.stages:
@@ -98,7 +98,7 @@ def main() -> None:
                     results[(stage, n)] = json.loads(kept.read_text())
             continue
         if not (args.store / f"cells_{n}.h5ad").exists():
-            written[n] = run_stage("write", args.store, n)
+            run_stage("write", args.store, n)
         for stage in args.stages:
             results[(stage, n)] = run_stage(stage, args.store, n)
     load_after = os.getloadavg()
