@@ -63,7 +63,7 @@ def test_log_normalise_reads_blocks_and_leaves_the_input_alone(on_disk, monkeypa
     expected = np.log1p(counts.toarray() * (1e4 / totals)[:, None])
     np.testing.assert_allclose(blocked.toarray(), expected, rtol=1e-5, atol=1e-5)
     assert (blocked != whole).nnz == 0
-    # from the file (read straight into the result): the same matrix
+    # from the file (blocks of its on-disk CSR): the same matrix
     from_file = preprocess.log_normalise(anndata.read_h5ad(path, backed="r"))
     assert from_file.dtype == np.float32 and (from_file != whole).nnz == 0
 

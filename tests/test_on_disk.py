@@ -162,6 +162,8 @@ def test_model_ite_refuses_an_empty_selection(on_file):
     for selection, word in ((dict(indices=np.zeros(600, dtype=bool)), "indices"), (dict(gene_list=[]), "gene_list")):
         with pytest.raises(ValueError, match=f"{word} selects nothing"):
             nd.estimate_model_ite(num_samples=2, **selection)
+        with pytest.raises(ValueError, match=f"{word} selects nothing"):  # the matching route shares the check
+            nd.estimate_ite(**selection)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -42,16 +42,29 @@ class EffectQueries:
     def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
         return self._matched_effects().effects(nearest_neighbor, bandwidth)
 
-    def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list) -> anndata.AnnData:
-        """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
+    def _selection(self, indices, gene_list) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Positions of the cells and genes asked for (None: all of them); a selection of nothing is refused."""
         cells = None if indices is None else cell_positions(self.results.n_obs, indices, self.results.obs_names,
                                                              "the results")
         columns = gene_positions(self.genes, gene_list, "the results",
-                                 "NDreamer keeps its variable genes (nd.genes); pass keep_genes= to keep others.")
-        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns)
+                                 "NDreamer keeps its genes in nd.genes (pass keep_genes= to keep others).")
+        for name, chosen in (("indices", cells), ("gene_list", columns)):
+            if chosen is not None and len(chosen) == 0:
+                raise ValueError(f"{name} selects nothing; pass at least one {'cell' if name == 'indices' else 'gene'}, "
+                                 "or None for all.")
+        return cells, columns
+
+    def _subset_result(self, cells, columns, layers: dict) -> anndata.AnnData:
+        """A new AnnData of the cells and genes selected by :meth:`_selection`, with ``layers``."""
         obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
         genes = self.genes if columns is None else self.genes[columns]
-        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers={n: effects[n] for n in names})
+        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers=layers)
+
+    def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list) -> anndata.AnnData:
+        """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
+        cells, columns = self._selection(indices, gene_list)
+        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns)
+        return self._subset_result(cells, columns, {n: effects[n] for n in names})
 
     def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
                                indices=None, gene_list=None) -> anndata.AnnData:

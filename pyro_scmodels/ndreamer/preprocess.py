@@ -42,8 +42,8 @@ def is_log_normalised(matrix) -> bool:
 def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_matrix:
     """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised.
 
-    A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read straight into the sparse
-    result (an on-disk CSR) or in blocks of rows: no dense cells x genes array is made.
+    A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read in blocks of rows: the
+    result is the sparse log-normalised matrix, and no dense cells x genes array is made.
 
     Parameters
     ----------
@@ -61,16 +61,10 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_ma
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; layers: {list(adata.layers.keys())}.")
     source = CountMatrix(adata.X if layer is None else adata.layers[layer], name=where, validate=False)
-    if source.disk is not None:
-        # an on-disk CSR is read straight into the one matrix kept (blocks and their stacked copy would
-        # need twice its size at the peak)
-        matrix = source.disk.block(0, source.n_cells)
-        matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=False)
-    else:
-        # blocks of rows: other backed formats are read from disk one block at a time
-        blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
-        matrix = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-        del blocks
+    # blocks of rows: a backed matrix is read from disk one block at a time
+    blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
+    matrix = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+    del blocks
     if is_log_normalised(matrix):
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
         return matrix

@@ -11,7 +11,6 @@ import anndata
 import pandas as pd
 
 from .. import _validation as V
-from .._selection import cell_positions, gene_positions
 from . import _constants as K
 from ._persistence import LATENT
 from .preprocess import log_normalise
@@ -111,14 +110,7 @@ class ModelRepresentation:
             raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
         from .model_effects import model_counterfactual_ite
 
-        subset = indices is not None or gene_list is not None
-        cells = None if indices is None else cell_positions(self.results.n_obs, indices, self.results.obs_names,
-                                                             "the results")
-        columns = gene_positions(self.genes, gene_list, "the results", "The model's genes are nd.genes.")
-        for name, chosen in (("indices", cells), ("gene_list", columns)):
-            if chosen is not None and len(chosen) == 0:
-                raise ValueError(f"estimate_model_ite: {name} selects nothing; pass at least one "
-                                 f"{'cell' if name == 'indices' else 'gene'}, or None for all.")
+        cells, columns = self._selection(indices, gene_list)
         layers = {}
         for treatment in self.design.treatments:
             effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
@@ -126,9 +118,7 @@ class ModelRepresentation:
                                               seed=self.settings["seed"], indices=cells, gene_columns=columns)
             for name, values in effect.items():
                 layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
-        if not subset:
+        if indices is None and gene_list is None:
             self.results.layers.update(layers)
             return self.results
-        obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
-        genes = self.genes if columns is None else self.genes[columns]
-        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers=layers)
+        return self._subset_result(cells, columns, layers)
