@@ -94,15 +94,39 @@ class GammaPoissonMean(dist.GammaPoisson):
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
-        per_gene = torch.lgamma(self._theta) - self._theta * self._theta.log()  # before broadcasting
-        theta, per_gene = self._per_cell(self._theta), self._per_cell(per_gene)
-        value_plus_theta = value + theta
+        theta = self._per_cell(self._theta)
+        # terms with a log, cheap per entry: theta log theta - (x + theta) log(theta + mu) + x log mu
+        dense = theta * theta.log() - (value + theta) * torch.log(theta + mu) + value * mu.log()
+        positions = self._gamma_positions(value, dense.shape)
+        if positions is None:
+            with torch.no_grad():
+                log_factorial = torch.lgamma(value + 1)  # a constant of the data
+            return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
+        # lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) is 0 where x = 0; single-cell counts are mostly
+        # zeros, and lgamma (with digamma in the backward pass) is the costliest function of the step
+        flat_value = value.expand(dense.shape).reshape(-1)
+        where, column, cell = positions
+        x = flat_value[where]
+        theta_table = self._theta.reshape(-1, self._theta.shape[-1])
+        if self._group is None:
+            theta_x = theta_table[0, column]
+        else:
+            theta_x = theta_table[self._group[cell], column]
         with torch.no_grad():
-            log_factorial = torch.lgamma(value + 1)  # a constant of the data
-        return (
-            torch.lgamma(value_plus_theta)
-            - per_gene
-            - value_plus_theta * torch.log(theta + mu)
-            + value * mu.log()
-            - log_factorial
-        )
+            log_factorial = torch.lgamma(x + 1)
+        gamma_terms = torch.lgamma(x + theta_x) - torch.lgamma(theta_x) - log_factorial
+        return dense.reshape(-1).index_add(0, where, gamma_terms).reshape(dense.shape)
+
+    def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
+        """Flat positions of the non-zero counts, their gene and cell; None where the dense form is used.
+
+        The sparse form needs theta as one row per gene (or one per group, with ``group``) and
+        the cells on the second-to-last axis; other shapes take the dense form.
+        """
+        if len(shape) < 2 or (self._group is None and self._theta.numel() != shape[-1]):
+            return None
+        with torch.no_grad():
+            where = value.expand(shape).reshape(-1).nonzero().squeeze(1)
+            column = where % shape[-1]
+            cell = (where // shape[-1]) % shape[-2]
+        return where, column, cell

@@ -19,6 +19,35 @@ def test_log_prob_equals_pyros_gamma_poisson(grouped):
     torch.testing.assert_close(GammaPoissonMean(mu, theta, group).log_prob(x), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("leading", [(), (4,)])
+def test_log_prob_and_gradients_on_mostly_zero_counts(grouped, leading):
+    # the lgamma terms are computed only where x > 0: values and gradients must still be Pyro's
+    torch.manual_seed(2)
+    mu = (torch.rand(*leading, 7, 11) * 3 + 1e-3).requires_grad_()
+    theta = (torch.rand(3 if grouped else 1, 11) * 5 + 0.05).requires_grad_()
+    group = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if grouped else None
+    x = torch.poisson(mu.detach() * 0.3)
+    assert 0.2 < (x == 0).float().mean() < 0.95
+    ours = GammaPoissonMean(mu, theta, group).log_prob(x)
+    ours_grads = torch.autograd.grad(ours.sum(), (mu, theta))
+    per_cell = theta[group] if grouped else theta.expand(7, 11)
+    expected = dist.GammaPoisson(per_cell, per_cell / mu).log_prob(x)
+    expected_grads = torch.autograd.grad(expected.sum(), (mu, theta))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+    for got, want in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_log_prob_with_a_theta_per_cell_and_gene():
+    # a concentration that is neither per gene nor a grouped table takes the dense form
+    torch.manual_seed(3)
+    mu, theta = torch.rand(5, 6) * 4 + 0.01, torch.rand(5, 6) * 3 + 0.1
+    x = torch.poisson(mu)
+    torch.testing.assert_close(GammaPoissonMean(mu, theta).log_prob(x),
+                               dist.GammaPoisson(theta, theta / mu).log_prob(x), rtol=1e-5, atol=1e-4)
+
+
 def test_moments_of_samples():
     torch.manual_seed(1)
     mu, theta = torch.tensor([[3.0, 40.0]]), torch.tensor([[2.0, 0.5]])
