@@ -28,6 +28,8 @@ from pyro.poutine.messenger import Messenger
 
 import pyro_scmodels as ps
 from pyro_scmodels.data.on_disk import DiskCSR
+
+from ._on_disk_files import write_counts_h5ad
 from pyro_scmodels.infer import SVITrainer, NonFiniteError
 
 WORLD = 2
@@ -61,10 +63,7 @@ def _cells(n_cells: int, seed: int = 3):
 
 def _written_cells(path: str) -> str:
     """The 47 cells of the step checks with their raw counts in X, written to ``path`` (read back backed)."""
-    adata = _cells(47)
-    adata.X = adata.layers.pop("counts")
-    adata.write_h5ad(path)
-    return path
+    return write_counts_h5ad(_cells(47), path)
 
 
 def _model(kind: str, n_cells: int, path: str | None = None):

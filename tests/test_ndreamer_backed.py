@@ -14,6 +14,8 @@ from pyro_scmodels.cli import main
 from pyro_scmodels.ndreamer import NDreamer, preprocess
 from pyro_scmodels.ndreamer import _constants as K
 
+from ._on_disk_files import write_counts_h5ad
+
 TINY = dict(n_codebooks=4, codebook_size=16, embedding_dim=32, z_dim=8, encoder_hidden=(32,), decoder_hidden=(32,),
             batch_size=128, device="cpu", num_hvg=80)
 
@@ -21,10 +23,7 @@ TINY = dict(n_codebooks=4, codebook_size=16, embedding_dim=32, z_dim=8, encoder_
 @pytest.fixture(scope="module")
 def on_disk(tmp_path_factory):
     adata = ps.datasets.simulate(n_cells=600, n_genes=120, seed=3)
-    adata.X = sp.csr_matrix(adata.layers["counts"], dtype=np.float32)
-    path = str(tmp_path_factory.mktemp("backed") / "cells.h5ad")
-    adata.write_h5ad(path)
-    return adata, path
+    return adata, write_counts_h5ad(adata, tmp_path_factory.mktemp("backed") / "cells.h5ad", keep_counts_layer=True)
 
 
 def _fitted(adata):

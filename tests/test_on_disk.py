@@ -5,11 +5,12 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import pyro_scmodels as ps
 from pyro_scmodels.data import on_disk
 from pyro_scmodels.data.on_disk import DiskCSR, chunk_shuffled_order, read_ahead_groups
+
+from ._on_disk_files import write_counts_h5ad
 
 QUICK = dict(n_hidden=16, n_latent=4)
 TRAIN = dict(batch_size=50, device="cpu", progress_bar=False, kl_warmup_epochs=1)
@@ -19,11 +20,7 @@ TRAIN = dict(batch_size=50, device="cpu", progress_bar=False, kl_warmup_epochs=1
 def on_file(tmp_path_factory):
     """600 simulated cells with their raw counts in X, written to an h5ad; (in-memory AnnData, path)."""
     adata = ps.datasets.simulate(n_cells=600, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=5)
-    adata.X = sp.csr_matrix(adata.layers["counts"])
-    del adata.layers["counts"]
-    path = tmp_path_factory.mktemp("disk") / "cells.h5ad"
-    adata.write_h5ad(path)
-    return adata, path
+    return adata, write_counts_h5ad(adata, tmp_path_factory.mktemp("disk") / "cells.h5ad")
 
 
 def test_rows_in_any_order_with_repeats_equal_memory(on_file):
