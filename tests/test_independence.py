@@ -51,6 +51,9 @@ def test_latent_independence_removes_the_condition_from_z(tmp_path):
     loaded = ps.RegularizedVI.load(str(tmp_path / "model"), adata=adata)
     assert loaded.init_params["latent_independence"] == 10.0
     np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-5)
+    # the penalty is a training device: posterior predictive draws (z with a sample dimension) still work
+    draws = loaded.posterior_predictive(num_samples=2, indices=np.arange(50))
+    assert np.asarray(draws.todense() if hasattr(draws, "todense") else draws).shape[-2:] == (50, adata.n_vars)
 
 
 def test_latent_independence_needs_encoder_covariates():

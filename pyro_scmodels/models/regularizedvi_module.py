@@ -272,6 +272,10 @@ class RegularizedVIModel(LocalPyroModule):
         """
         if self.dims.latent_independence <= 0 or batch.get("encoder_codes") is None:
             return
+        if z.dim() != 2:
+            # draws of z with a sample dimension (posterior predictive checks): a penalty on training, not
+            # a density of the model, so it has nothing to add to a predictive draw
+            return
         # per cell, like the ELBO's data term: the minibatch statistic times the dataset size
         penalty = self.dims.latent_independence * n_obs * category_mmd(z, batch["encoder_codes"])
         pyro.factor(self.dims.site("latent_independence"), -penalty)
