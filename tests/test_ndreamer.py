@@ -6,6 +6,7 @@ import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
@@ -285,3 +286,25 @@ def test_model_counterfactual_needs_a_condition_conditioned_decoder(fitted):
     nd = NDreamer.from_model(fitted, "condition", "control", device="cpu")
     with pytest.raises(ValueError, match="not conditioned on 'condition'"):
         nd.estimate_model_ite(num_samples=2)
+
+
+def test_model_counterfactual_switches_the_condition_feature_scaling():
+    """With the condition as a feature-scaling key (the default when it conditions the decoder), part of
+    its effect sits in y_{condition}; the counterfactual switches y with the decoder's condition."""
+    adata = ps.datasets.simulate(n_cells=300, n_genes=120, seed=1)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"],
+                                   encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4, latent_independence=1.0)
+    model.train(max_epochs=3, batch_size=100, lr=5e-2, early_stopping=False, device="cpu", progress_bar=False)
+    scaling = model.get_feature_scaling()
+    assert list(model.keys.feature_scaling) == ["condition"]
+    assert not np.allclose(scaling["stimulated"], scaling["control"], rtol=1e-3)  # training moved y apart
+    nd = NDreamer.from_model(model, "condition", "control", device="cpu")
+    result = nd.estimate_model_ite(num_samples=4).layers["ite_model_stimulated"]  # draws seeded by from_model's seed=0
+    decoded = {}
+    for name in ("stimulated", "control"):
+        y = torch.as_tensor(scaling[name].to_numpy(), dtype=torch.float32)
+        rho = torch.cat([r for _, _, r in model.decode_samples(n_samples=4, seed=0, nn_covariates={"condition": name})], 1)
+        decoded[name] = torch.log1p(1e4 * rho * y / (rho * y).sum(-1, keepdim=True))
+    expected = (decoded["stimulated"] - decoded["control"]).mean(0).numpy()
+    np.testing.assert_allclose(result, expected, atol=1e-4)

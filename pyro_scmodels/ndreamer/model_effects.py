@@ -2,7 +2,9 @@
 
 Each cell's posterior z is decoded twice, with the decoder's condition covariate set to the
 treatment and to the control; the same seeded draws of z serve both decodings, so the effect
-of a draw is a difference of two decodings of one latent state.
+of a draw is a difference of two decodings of one latent state. When the condition is also a
+feature-scaling key (the default when it conditions the decoder), its per-gene factor y is
+switched with it: part of the effect may sit in y rather than in the decoder.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     return list(model.encoding.categories[condition_key])
 
 
+def condition_scaling(model, condition_key: str, names: list[str]):
+    """Feature scaling y (genes,) of each of ``names`` when ``condition_key`` is a feature-scaling key, else None.
+
+    With ``nn_conditioning_covariate_keys=[condition]`` and no ``feature_scaling_covariate_keys``,
+    the condition also gets a per-gene factor y_{condition,g} in the mean; the model may put much of
+    the condition's effect there (measured on Kang: ISG15's mean decoded effect 2.71 log units without
+    y, 4.11 with it, 4.61 observed), so a counterfactual must switch it too.
+    """
+    if condition_key not in list(model.keys.feature_scaling):
+        return None
+    modality = model.default_modality(None)
+    try:
+        table = model.global_site_table("feature_scaling", modality)
+    except ValueError:  # a modality without feature scaling
+        return None
+    several = len(list(model.keys.feature_scaling)) > 1
+    return {name: torch.as_tensor(table[f"{condition_key}={name}" if several else name].to_numpy(), dtype=torch.float32)
+            for name in names}
+
+
 def model_counterfactual_ite(model, condition_key: str, control_name: str, treatment: str,
                              num_samples: int = K.MODEL_ITE_SAMPLES,
                              quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, batch_size: int | None = None,
@@ -50,9 +72,11 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
                              gene_columns=None) -> dict[str, np.ndarray]:
     """Per-cell treatment effect by decoding each cell's z under treatment and under control.
 
-    For every posterior sample z_s of a cell: effect_s = log1p(target_sum * rho_t / sum rho_t)
-    - log1p(target_sum * rho_c / sum rho_c), with rho decoded with the condition set to the
-    treatment and to the control (everything else of the cell unchanged).
+    For every posterior sample z_s of a cell: effect_s = log1p(target_sum * e_t / sum e_t)
+    - log1p(target_sum * e_c / sum e_c), with e = rho decoded with the condition set to the
+    treatment and to the control (everything else of the cell unchanged), times the condition's
+    feature scaling y when the condition is a feature-scaling key (see :func:`condition_scaling`).
+    Ambient RNA, library size and the scaling of other keys are left out.
 
     Parameters
     ----------
@@ -90,8 +114,11 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
                              nn_covariates={condition_key: name})
         for name in (treatment, control_name)
     )
+    scaling = condition_scaling(model, condition_key, [treatment, control_name])
     parts = {"mean": [], "low": [], "high": []}
     for (_, _, rho_t), (_, _, rho_c) in zip(treated, control):
+        if scaling is not None:
+            rho_t, rho_c = rho_t * scaling[treatment].to(rho_t.device), rho_c * scaling[control_name].to(rho_c.device)
         log_t = torch.log1p(target_sum * rho_t / rho_t.sum(-1, keepdim=True))
         log_c = torch.log1p(target_sum * rho_c / rho_c.sum(-1, keepdim=True))
         effect = (log_t - log_c).cpu()
