@@ -33,9 +33,13 @@ class GammaPoissonMean(dist.GammaPoisson):
         log p(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
                    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))
 
-    Terms that depend on ``theta`` alone are computed once per gene (or per gene and group)
-    rather than once per cell and gene, so the gradient needs one ``digamma`` over the
-    minibatch instead of three.
+    Terms that depend on ``theta`` alone are computed per gene (or per gene and group) before
+    they are spread over the cells, and ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``,
+    which is 0 wherever x = 0, only at the non-zero counts: single-cell counts are mostly
+    zeros, and this lgamma (a digamma in the backward pass) was the costliest function of a
+    training step. That sparse form needs theta as one row per gene (shape ``(G,)`` or
+    ``(1, G)``) or, with ``group``, a 2-D groups x genes table; any other theta takes the dense
+    form, with the same values.
 
     Parameters
     ----------
@@ -95,8 +99,9 @@ class GammaPoissonMean(dist.GammaPoisson):
             self._validate_sample(value)
         mu = self._mu
         theta = self._per_cell(self._theta)
+        theta_log_theta = self._per_cell(self._theta * self._theta.log())  # per gene (and group), then spread
         # terms with a log, cheap per entry: theta log theta - (x + theta) log(theta + mu) + x log mu
-        dense = theta * theta.log() - (value + theta) * torch.log(theta + mu) + value * mu.log()
+        dense = theta_log_theta - (value + theta) * torch.log(theta + mu) + value * mu.log()
         positions = self._gamma_positions(value, dense.shape)
         if positions is None:
             with torch.no_grad():
@@ -114,7 +119,7 @@ class GammaPoissonMean(dist.GammaPoisson):
             theta_x = theta_table[self._group[cell], column]
         with torch.no_grad():
             log_factorial = torch.lgamma(x + 1)
-        gamma_terms = torch.lgamma(x + theta_x) - torch.lgamma(theta_x) - log_factorial
+        gamma_terms = (torch.lgamma(x + theta_x) - torch.lgamma(theta_x) - log_factorial).to(dense.dtype)
         return dense.reshape(-1).index_add(0, where, gamma_terms).reshape(dense.shape)
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
@@ -123,8 +128,11 @@ class GammaPoissonMean(dist.GammaPoisson):
         The sparse form needs theta as one row per gene (or one per group, with ``group``) and
         the cells on the second-to-last axis; other shapes take the dense form.
         """
-        if len(shape) < 2 or (self._group is None and self._theta.numel() != shape[-1]):
+        theta, n_genes = self._theta, shape[-1]
+        if theta.dim() == 0 or theta.shape[-1] != n_genes or len(shape) < 2:
             return None
+        if (self._group is None and theta.numel() != n_genes) or (self._group is not None and theta.dim() != 2):
+            return None  # e.g. a theta per cell, or draws of a grouped table: the dense form
         with torch.no_grad():
             where = value.expand(shape).reshape(-1).nonzero().squeeze(1)
             column = where % shape[-1]

@@ -48,6 +48,26 @@ def test_log_prob_with_a_theta_per_cell_and_gene():
                                dist.GammaPoisson(theta, theta / mu).log_prob(x), rtol=1e-5, atol=1e-4)
 
 
+def test_log_prob_with_draws_of_a_grouped_theta_and_unusual_shapes():
+    # shapes outside the sparse form's (theta per gene, or one 2-D grouped table) take the dense form
+    torch.manual_seed(4)
+    mu = torch.rand(3, 5, 4) * 3 + 0.01
+    theta = torch.rand(3, 2, 4) * 4 + 0.1  # three draws of a 2-group table
+    group = torch.tensor([0, 1, 1, 0, 1])
+    x = torch.poisson(mu * 0.5)
+    per_cell = theta[:, group]
+    torch.testing.assert_close(GammaPoissonMean(mu, theta, group).log_prob(x),
+                               dist.GammaPoisson(per_cell, per_cell / mu).log_prob(x), rtol=1e-5, atol=1e-4)
+    column = torch.rand(4, 1) + 0.5  # a theta per cell (4 cells) that happens to match 4 genes in size
+    mu2 = torch.rand(4, 4) * 3 + 0.01
+    x2 = torch.poisson(mu2)
+    torch.testing.assert_close(GammaPoissonMean(mu2, column).log_prob(x2),
+                               dist.GammaPoisson(column.expand(4, 4), column / mu2).log_prob(x2), rtol=1e-5, atol=1e-4)
+    # a float64 mean with float32 counts and theta keeps float64, as the dense form did
+    wide = GammaPoissonMean(mu2.double(), torch.rand(1, 4) + 0.5).log_prob(x2)
+    assert wide.dtype == torch.float64
+
+
 def test_moments_of_samples():
     torch.manual_seed(1)
     mu, theta = torch.tensor([[3.0, 40.0]]), torch.tensor([[2.0, 0.5]])
