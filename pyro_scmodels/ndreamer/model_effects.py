@@ -45,20 +45,35 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     return list(model.encoding.categories[condition_key])
 
 
-def condition_scaling(model, condition_key: str, names: list[str]):
+def condition_scaling(model, condition_key: str, names: list[str]) -> dict[str, torch.Tensor] | None:
     """Feature scaling y (genes,) of each of ``names`` when ``condition_key`` is a feature-scaling key, else None.
 
     With ``nn_conditioning_covariate_keys=[condition]`` and no ``feature_scaling_covariate_keys``,
     the condition also gets a per-gene factor y_{condition,g} in the mean; the model may put much of
     the condition's effect there (measured on Kang: ISG15's mean decoded effect 2.71 log units without
     y, 4.11 with it, 4.61 observed), so a counterfactual must switch it too.
+
+    Parameters
+    ----------
+    model
+        A trained RegularizedVI or RegularizedMultimodalVI (its first modality, the one decoded).
+    condition_key
+        The condition column.
+    names
+        Categories of ``condition_key`` whose y is wanted.
+
+    Returns
+    -------
+    dict or None
+        ``{category: y}`` (float32 tensors over the decoded modality's features), or None when the
+        condition has no feature scaling (not a feature-scaling key, or a modality without it).
     """
     if condition_key not in list(model.keys.feature_scaling):
         return None
     modality = model.default_modality(None)
     try:
         table = model.global_site_table("feature_scaling", modality)
-    except ValueError:  # a modality without feature scaling
+    except ValueError:  # the decoded modality has no feature-scaling site
         return None
     several = len(list(model.keys.feature_scaling)) > 1
     return {name: torch.as_tensor(table[f"{condition_key}={name}" if several else name].to_numpy(), dtype=torch.float32)
