@@ -91,7 +91,7 @@ def test_each_decoder_leans_on_the_dimensions_carrying_its_modalitys_factor(simu
     rna_dims = _eta_squared(z, obs["rna_state"]) > 0.3
     assert atac_dims.any() and rna_dims.any()
     # each decoder puts a larger share of its sensitivity on its own factor's dimensions than the other decoder;
-    # measured ratios move with float rounding (1 or 2 torch threads, an earlier test's state): ATAC 1.18-1.92 in
+    # measured ratios move with float rounding (1 or 2 torch threads; one full-suite run): ATAC 1.18-1.92 in
     # three runs, RNA 1.18-1.33 in two, so the bound leaves a margin under the lowest
     assert share["atac"][atac_dims].sum() > 1.1 * share["rna"][atac_dims].sum()
     assert share["rna"][rna_dims].sum() > 1.1 * share["atac"][rna_dims].sum()
