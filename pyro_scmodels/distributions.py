@@ -109,8 +109,7 @@ class GammaPoissonMean(dist.GammaPoisson):
             return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
         # lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) is 0 where x = 0; single-cell counts are mostly
         # zeros, and lgamma (with digamma in the backward pass) is the costliest function of the step
-        flat_value = value.expand(dense.shape).reshape(-1)
-        where, column, cell = positions
+        flat_value, where, column, cell = positions
         x = flat_value[where]
         theta_table = self._theta.reshape(-1, self._theta.shape[-1])
         if self._group is None:
@@ -123,7 +122,7 @@ class GammaPoissonMean(dist.GammaPoisson):
         return dense.reshape(-1).index_add(0, where, gamma_terms).reshape(dense.shape)
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
-        """Flat positions of the non-zero counts, their gene and cell; None where the dense form is used.
+        """The counts flattened, the flat positions of the non-zero ones, their gene and cell; None for the dense form.
 
         The sparse form needs theta as one row per gene (or one per group, with ``group``) and
         the cells on the second-to-last axis; other shapes take the dense form.
@@ -133,8 +132,9 @@ class GammaPoissonMean(dist.GammaPoisson):
             return None
         if (self._group is None and theta.numel() != n_genes) or (self._group is not None and theta.dim() != 2):
             return None  # e.g. a theta per cell, or draws of a grouped table: the dense form
+        flat_value = value.expand(shape).reshape(-1)
         with torch.no_grad():
-            where = value.expand(shape).reshape(-1).nonzero().squeeze(1)
+            where = flat_value.nonzero().squeeze(1)
             column = where % shape[-1]
             cell = (where // shape[-1]) % shape[-2]
-        return where, column, cell
+        return flat_value, where, column, cell

@@ -130,10 +130,12 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         for name in (treatment, control_name)
     )
     scaling = condition_scaling(model, condition_key, [treatment, control_name])
+    if scaling is not None:  # moved to the model's device once, not per minibatch
+        scaling = {name: y.to(model.device) for name, y in scaling.items()}
     parts = {"mean": [], "low": [], "high": []}
     for (_, _, rho_t), (_, _, rho_c) in zip(treated, control):
         if scaling is not None:
-            rho_t, rho_c = rho_t * scaling[treatment].to(rho_t.device), rho_c * scaling[control_name].to(rho_c.device)
+            rho_t, rho_c = rho_t * scaling[treatment], rho_c * scaling[control_name]
         log_t = torch.log1p(target_sum * rho_t / rho_t.sum(-1, keepdim=True))
         log_c = torch.log1p(target_sum * rho_c / rho_c.sum(-1, keepdim=True))
         effect = (log_t - log_c).cpu()
