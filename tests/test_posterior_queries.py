@@ -90,6 +90,33 @@ def test_decode_samples_switches_the_condition(conditioned):
         next(conditioned.decode_samples(nn_covariates={"condition": "typo"}))
 
 
+def test_feature_scaling_of_switched_categories_multiplies_their_y():
+    """A key that both conditions the decoder and scales genes (here with batch as a second scaling
+    key): the model answers the y of any categories, and decode_samples can switch it with rho."""
+    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_markers_per_type=4, n_responding_genes=6, seed=4)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"],
+                                   feature_scaling_covariate_keys=["batch", "condition"])
+    model = ps.RegularizedVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=3, batch_size=100, lr=5e-2, early_stopping=False, device="cpu", progress_bar=False)
+    table = model.get_feature_scaling()
+    assert "condition=stimulated" in table and "batch=batch_1" in table
+    y = model.feature_scaling_of({"condition": "stimulated"}).numpy()
+    np.testing.assert_allclose(y, table["condition=stimulated"].to_numpy(), rtol=1e-6)
+    both = model.feature_scaling_of({"batch": "batch_1", "condition": "control"}).numpy()
+    np.testing.assert_allclose(both, (table["batch=batch_1"] * table["condition=control"]).to_numpy(), rtol=1e-5)
+    assert not np.allclose(y, model.feature_scaling_of({"condition": "control"}).numpy(), rtol=1e-4)
+    assert model.feature_scaling_of({"cell_type": "type_0"}) is None  # not a scaling key
+    assert model.feature_scaling_of(None) is None
+    with pytest.raises(ValueError, match="'typo' is not a category of 'condition'"):
+        model.feature_scaling_of({"condition": "typo"})
+    cells = np.arange(10)
+    switch = {"condition": "stimulated"}
+    (_, _, rho), = list(model.decode_samples(indices=cells, n_samples=2, seed=1, nn_covariates=switch))
+    (_, _, scaled), = list(model.decode_samples(indices=cells, n_samples=2, seed=1, nn_covariates=switch,
+                                                with_scaling=True))
+    torch.testing.assert_close(scaled, rho * torch.as_tensor(y))
+
+
 def test_model_ite_decodes_one_z_under_both_conditions(conditioned):
     # the same seeded draws serve both decodings: an effect of a condition on itself is exactly 0
     same = model_counterfactual_ite(conditioned, "condition", "control", "control", num_samples=5, seed=2)

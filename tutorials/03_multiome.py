@@ -43,11 +43,11 @@ if path.exists():
         mdata = mudata.read_h5mu(path)
     layer, keys = None, {}
 else:
-    mdata = ps.datasets.simulate_multiome(seed=0)
+    mdata = ps.datasets.simulate_multiome(n_cells=600 if QUICK else 1200, seed=0)
     layer, keys = "counts", dict(ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"])
 print(mdata)
 
-FIT = dict(batch_size=128, lr=1e-2, kl_warmup_epochs=3 if QUICK else 20, early_stopping=not QUICK,
+FIT = dict(batch_size=256 if QUICK else 128, lr=1e-2, kl_warmup_epochs=3 if QUICK else 20, early_stopping=not QUICK,
            device="cpu" if QUICK else "auto", progress_bar=False)
 EPOCHS = 20 if QUICK else 300
 

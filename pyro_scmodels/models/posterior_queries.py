@@ -144,7 +144,8 @@ class PosteriorQueries:
         return torch.cat(means).numpy(), torch.cat(variances).numpy()
 
     def decode_samples(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
-                       seed: int = 0, nn_covariates: dict | None = None, modality: str | None = None):
+                       seed: int = 0, nn_covariates: dict | None = None, modality: str | None = None,
+                       with_scaling: bool = False):
         """Expression rho decoded from the posterior of z, one minibatch at a time.
 
         Parameters
@@ -156,6 +157,10 @@ class PosteriorQueries:
             decode every cell as if it had that category (e.g. a counterfactual condition).
         modality
             The modality decoded (multimodal models only).
+        with_scaling
+            Also multiply rho by the feature scaling y of the switched categories whose keys are
+            feature-scaling keys (see :meth:`feature_scaling_of`): a counterfactual for a key, such
+            as a condition, whose effect the model splits between the decoder and y.
 
         Yields
         ------
@@ -165,12 +170,53 @@ class PosteriorQueries:
         switch = self.nn_switch(nn_covariates)
         modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
         decode_options = {} if modality is None else {"modality": modality}
+        scaling = self.feature_scaling_of(nn_covariates, modality) if V.boolean("with_scaling", with_scaling) else None
         model = self.module.model.eval()
         for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
             with torch.no_grad():
                 nn_onehot = None if switch is None else switch(batch["nn_onehot"])
                 rho = model.decode(z, batch, nn_onehot, **decode_options)
-            yield cells, batch, rho
+            yield cells, batch, rho if scaling is None else rho * scaling
+
+    def feature_scaling_of(self, covariates: dict | None, modality: str | None = None) -> torch.Tensor | None:
+        """Product of the feature scalings y (posterior medians) of the given categories, per feature.
+
+        Only the keys of ``covariates`` that are feature-scaling keys count (with
+        ``nn_conditioning_covariate_keys=[condition]`` and no ``feature_scaling_covariate_keys``,
+        the condition is one: it gets a per-gene factor in the mean, and the model may put much of
+        the condition's effect there, so a counterfactual must switch y with the decoder).
+
+        Parameters
+        ----------
+        covariates
+            ``{key: category}``.
+        modality
+            Multimodal models: the modality (default: the first).
+
+        Returns
+        -------
+        torch.Tensor or None
+            Features-long, on the model's device; None when no key of ``covariates`` scales
+            features (or the modality has no feature-scaling site).
+        """
+        modality = self.default_modality(modality)
+        scaling_keys = list(self.keys.feature_scaling)
+        switched = {key: str(category) for key, category in (covariates or {}).items() if key in scaling_keys}
+        if not switched:
+            return None
+        try:
+            table = self.global_site_table("feature_scaling", modality)
+        except ValueError:  # this modality has no feature-scaling site
+            return None
+        factor = torch.ones(table.shape[0])
+        for key, category in switched.items():
+            known = self.encoding.categories[key]
+            if category not in known:
+                raise ValueError(f"{category!r} is not a category of {key!r} known to the model ({known}).")
+            # the table's columns stack the categories of every scaling key, in key order
+            column = sum(len(self.encoding.categories[k]) for k in scaling_keys[: scaling_keys.index(key)])
+            factor = factor * torch.as_tensor(table.iloc[:, column + known.index(category)].to_numpy(), dtype=torch.float32)
+        return factor.to(self.device)
 
     def nn_switch(self, nn_covariates: dict | None):
         """A function setting the decoder one-hot of the given keys to the given categories (checked now).
