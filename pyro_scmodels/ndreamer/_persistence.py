@@ -51,8 +51,21 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
         json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
 
 
-def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):
-    """An instance of ``cls`` restored from ``dir_path`` through its one constructor path (``_setup``)."""
+@dataclasses.dataclass
+class SavedNDreamer:
+    """What a saved NDreamer folder holds, read back; :meth:`NDreamer.load` builds the instance from it."""
+
+    settings: dict
+    loss_weights: LossWeights
+    results: anndata.AnnData
+    labels: tuple | None
+    latent: np.ndarray | None
+    network_state: dict | None  # None when the folder has no network file
+    effects_file: str | None  # None when the folder has no effects file
+
+
+def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
+    """Read a folder written by :func:`write_ndreamer`; clear errors for missing files or other cells."""
     for name in (SETTINGS_FILE, RESULTS_FILE):
         if not os.path.exists(os.path.join(dir_path, name)):
             raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing).")
@@ -67,19 +80,15 @@ def read_ndreamer(cls, dir_path: str, device: str = "auto", model=None):
     if model is not None and not pd.Index(model.adata.obs_names).equals(results.obs_names):
         raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
     latent = results.obsm[EMBEDDING_KEY] if settings["representation"] == LATENT else None
-    nd = cls.__new__(cls)
-    nd._setup(settings, results.obs.copy(), sp.csr_matrix(results.X), pd.Index(results.var_names), device,
-              labels=labels, loss_weights=loss_weights, latent=latent, model=model)
-    if nd.network is not None:
+    network_state = None
+    if settings["representation"] == NETWORK:
         network_file = os.path.join(dir_path, NETWORK_FILE)
         if not os.path.exists(network_file):
             raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({NETWORK_FILE} missing).")
-        nd.network.load_state_dict(load_torch_file(network_file, "saved NDreamer network"))
-        nd.network.eval()
-    nd.results = results
-    if os.path.exists(os.path.join(dir_path, EFFECTS_FILE)):
-        nd.effects.load(os.path.join(dir_path, EFFECTS_FILE))
-    return nd
+        network_state = load_torch_file(network_file, "saved NDreamer network")
+    effects_file = os.path.join(dir_path, EFFECTS_FILE)
+    return SavedNDreamer(settings, loss_weights, results, labels, latent, network_state,
+                         effects_file if os.path.exists(effects_file) else None)
 
 
 #: anndata's on-disk encoding of a dense array (the attributes ``anndata.io.write_elem`` gives one)

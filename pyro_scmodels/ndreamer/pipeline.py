@@ -292,4 +292,17 @@ class NDreamer(ModelRepresentation, EffectQueries):
         -------
         NDreamer
         """
-        return read_ndreamer(cls, dir_path, device, model)
+        saved = read_ndreamer(dir_path, model)
+        nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
+        nd._setup(saved.settings, saved.results.obs.copy(), sp.csr_matrix(saved.results.X),
+                  pd.Index(saved.results.var_names), device, labels=saved.labels, loss_weights=saved.loss_weights,
+                  latent=saved.latent, model=model)
+        if nd.network is not None:
+            if saved.network_state is None:
+                raise FileNotFoundError(f"No saved NDreamer network in {dir_path}.")
+            nd.network.load_state_dict(saved.network_state)
+            nd.network.eval()
+        nd.results = saved.results
+        if saved.effects_file is not None:
+            nd.effects.load(saved.effects_file)
+        return nd
