@@ -11,7 +11,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -172,3 +174,32 @@ def global_sites_lr_optimizer(factor: float):
                                 eps=trainer.eps, weight_decay=trainer.weight_decay)
 
     return build
+
+
+def run_single_threaded(command: list[str], cwd: str | None = None) -> tuple[float, float]:
+    """Run ``command`` with one thread per numeric library; its wall seconds and peak RSS in MiB.
+
+    The peak is the child's ``ru_maxrss`` from ``os.wait4``. On Linux that includes the parent's
+    size at exec time, so a driver that measures this way keeps its own memory small.
+
+    Parameters
+    ----------
+    command
+        The program and its arguments.
+    cwd
+        Working directory of the child (default: this process's).
+
+    Returns
+    -------
+    tuple
+        ``(seconds, peak_rss_mib)``; a ``RuntimeError`` with the tail of the output if it fails.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n" + "\n".join(output.strip().splitlines()[-15:]))
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,24 +37,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hardware_facts, now, section_header, write_section  # noqa: E402
+from _common import hardware_facts, now, run_single_threaded, section_header, write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TITLE = "## NDreamer against the public NDreamer (bench_ndreamer_public.py)"
 PUBLIC_BATCH = 2048  # cells the public code draws from each group per epoch (its default batch_size)
-
-
-def run_child(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` with one thread per library; its wall seconds and peak RSS in GiB (``os.wait4``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[1]} failed:\n" + "\n".join(output.strip().splitlines()[-15:]))
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def ours_worker(source: str, output: str) -> None:
@@ -125,7 +111,8 @@ def main() -> None:
         for round_ in range(2 * args.rounds + 1):
             output = os.path.join(work, f"run{round_}.npz")
             if round_ % 2 == 0:
-                wall, rss = run_child([sys.executable, __file__, "--_worker", counts, output])
+                wall, rss = run_single_threaded([sys.executable, __file__, "--_worker", counts, output])
+                rss /= 1024  # GiB
                 stored = np.load(output)
                 row = {"tool": "pyro_scmodels NDreamer", "passes": float(stored["passes"]), "wall": wall, "rss": rss,
                        "inside": float(stored["seconds"]),
@@ -135,8 +122,9 @@ def main() -> None:
             else:
                 workdir = os.path.join(work, f"public{round_}")
                 os.makedirs(workdir)
-                wall, rss = run_child([args.public_python, str(HERE / "_public_ndreamer_worker.py"), lognorm, output,
-                                       workdir, "0", str(epochs)])
+                wall, rss = run_single_threaded([args.public_python, str(HERE / "_public_ndreamer_worker.py"), lognorm,
+                                                 output, workdir, "0", str(epochs)])
+                rss /= 1024  # GiB
                 stored = np.load(output)
                 estimate = np.zeros((adata.n_obs, len(stored["genes"])), dtype=np.float32)
                 estimate[stored["rows"]] = stored["ite"]

@@ -45,26 +45,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hardware_facts, now, section_header, status_mib, write_section  # noqa: E402
+from _common import hardware_facts, now, run_single_threaded, section_header, status_mib, write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TITLE = "## RegularizedVI against the public regularizedvi (bench_regularizedvi_public.py)"
 N_HIDDEN, N_LATENT, N_LAYERS, TRAIN_SIZE, SEED = 128, 10, 1, 0.9, 0  # as in _public_regularizedvi_worker.py
 OURS, PUBLIC = "pyro_scmodels RegularizedVI", "public regularizedvi"
-
-
-def run_child(command: list[str], workdir: str) -> tuple[float, float]:
-    """Run ``command`` with one thread per library; its wall seconds and peak RSS in MiB (``os.wait4``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed:\n" + "\n".join(output.strip().splitlines()[-15:]))
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def source_state() -> str:
@@ -125,7 +111,7 @@ def ours_worker(source: str, output: str, batch_size: int, epochs: int, warmup: 
 def measure(command: list[str], result_path: str, workdir: str, batch_size: int, round_: int) -> dict:
     """One run: the child's JSON result with wall time, wait4 peak RSS, load and the derived rates added."""
     load_start = os.getloadavg()[0]
-    wall, rss = run_child(command, workdir)
+    wall, rss = run_single_threaded(command, workdir)
     with open(result_path) as handle:
         row = json.load(handle)
     row.update(batch_size=batch_size, round=round_, wall=wall, rss_mib=rss, load_start=load_start,
@@ -213,8 +199,8 @@ def main() -> None:
     rows, loads, state = [], [os.getloadavg()], source_state()
     with tempfile.TemporaryDirectory(prefix="bench_rvi_public_") as work:
         data = os.path.join(work, "counts.h5ad")
-        run_child([sys.executable, __file__, "--_prepare", data, str(args.cells), str(args.genes), str(args.batches)],
-                  work)
+        run_single_threaded([sys.executable, __file__, "--_prepare", data, str(args.cells), str(args.genes),
+                             str(args.batches)], work)
         for batch_size in args.batch_sizes:
             for round_ in range(1, args.rounds + 1):
                 for tool in (OURS, PUBLIC):
