@@ -114,7 +114,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
             if missing:
                 raise KeyError(f"keep_genes {missing[:5]} not found in adata.var_names.")
             hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
-        expression = expression[:, hvg].tocsr()
+        if not hvg.all():  # a column subset is a second copy of the matrix; skip it when every gene is kept
+            expression = expression[:, hvg].tocsr()
         labels = pseudo_labels(expression, design.groups, seed)
         self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
                     labels=labels, loss_weights=loss_weights, design=design)
@@ -156,7 +157,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
                     settings["n_codebooks"], settings["codebook_size"], settings["codebook_dim"],
                     settings["embedding_dim"], settings["z_dim"], tuple(settings["decoder_hidden"]),
                 ).to(self.device)
-        self.results = anndata.AnnData(X=expression.copy(), obs=obs, var=pd.DataFrame(index=genes))
+        # X is the matrix the effects read, not a copy of it: at 10^6 cells a copy is gigabytes
+        self.results = anndata.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=genes))
         self.results.uns["ndreamer"] = {"condition_key": settings["condition_key"], "control_name": settings["control_name"],
                                         "conditions": self.design.conditions, "batch_key": settings["batch_key"],
                                         "representation": settings.get("model", settings["representation"])}
@@ -257,8 +259,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """
         if self.network is None:
             return self.effects.embedding
-        x = torch.as_tensor(self.expression.toarray(), device=self.device)
-        embedding = self.network.embed(x, batch_size=self.settings["batch_size"]).cpu().numpy()
+        # one block of cells densified at a time: never a cells x genes dense array
+        step = self.settings["batch_size"]
+        parts = [self.network.embed(torch.as_tensor(self.expression[start : start + step].toarray(), device=self.device)).cpu()
+                 for start in range(0, self.expression.shape[0], step)]
+        embedding = torch.cat(parts).numpy()
         self._set_embedding(embedding)
         return embedding
 
