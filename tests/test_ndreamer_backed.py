@@ -65,6 +65,9 @@ def test_log_normalise_reads_blocks_and_leaves_the_input_alone(on_disk, monkeypa
     # from the file (blocks of its on-disk CSR): the same matrix
     from_file = preprocess.log_normalise(anndata.read_h5ad(path, backed="r"))
     assert from_file.dtype == np.float32 and (from_file != whole).nnz == 0
+    # a dense input (no stored-entry count to size the arrays by): the same matrix
+    dense = preprocess.log_normalise(anndata.AnnData(X=counts.toarray(), obs=adata.obs))
+    assert sp.issparse(dense) and (dense != whole).nnz == 0
 
 
 def test_model_route_on_a_backed_model_saves_and_loads(on_disk, tmp_path):

@@ -39,6 +39,40 @@ def is_log_normalised(matrix) -> bool:
     return bool(not np.all(sample == np.round(sample)) and sample.max() < LOG_DATA_MAX)
 
 
+def _stored_entries(source: CountMatrix) -> int | None:
+    """Entries stored in the CSR behind ``source`` (read from its indptr), or None if it is not a CSR."""
+    if source.disk is not None:
+        return int(source.disk.indptr[-1])
+    return int(source.matrix.nnz) if sp.isspmatrix_csr(source.matrix) or isinstance(source.matrix, sp.csr_array) else None
+
+
+def _float32_csr(source: CountMatrix) -> sp.csr_matrix:
+    """Every row of ``source`` as one float32 CSR, read a block of rows at a time.
+
+    When the stored entries are known (a CSR in memory or on disk), the blocks are written into
+    arrays allocated once, so the matrix is never held twice (a list of blocks then a stacked
+    copy would be); otherwise the blocks are stacked.
+    """
+    total = _stored_entries(source)
+    if total is None:
+        blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+    index_dtype = np.int32 if max(total, source.n_features) < np.iinfo(np.int32).max else np.int64
+    data = np.empty(total, dtype=np.float32)
+    indices = np.empty(total, dtype=index_dtype)
+    indptr = np.zeros(source.n_cells + 1, dtype=index_dtype)
+    filled = 0
+    for start, stop, block in source.chunks(READ_CHUNK_CELLS):
+        block = sp.csr_matrix(block)
+        data[filled : filled + block.nnz] = block.data
+        indices[filled : filled + block.nnz] = block.indices
+        indptr[start + 1 : stop + 1] = filled + block.indptr[1:]
+        filled += block.nnz
+    if filled != total:  # the store changed under us, or its indptr does not match its data
+        raise ValueError(f"Read {filled} stored entries where the matrix's indptr says {total}; is the file being written?")
+    return sp.csr_matrix((data, indices, indptr), shape=(source.n_cells, source.n_features))
+
+
 def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_matrix:
     """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised.
 
@@ -61,10 +95,7 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_ma
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; layers: {list(adata.layers.keys())}.")
     source = CountMatrix(adata.X if layer is None else adata.layers[layer], name=where, validate=False)
-    # blocks of rows: a backed matrix is read from disk one block at a time
-    blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
-    matrix = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-    del blocks
+    matrix = _float32_csr(source)
     if is_log_normalised(matrix):
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
         return matrix
