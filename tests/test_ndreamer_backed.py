@@ -65,6 +65,12 @@ def test_log_normalise_reads_blocks_and_leaves_the_input_alone(on_disk, monkeypa
     # from the file (blocks of its on-disk CSR): the same matrix
     from_file = preprocess.log_normalise(anndata.read_h5ad(path, backed="r"))
     assert from_file.dtype == np.float32 and (from_file != whole).nnz == 0
+    # 64-bit indices (chosen above 2^31 stored entries; here forced): the same matrix
+    monkeypatch.setattr(preprocess, "INDEX32_LIMIT", 10)
+    monkeypatch.setattr(preprocess, "READ_CHUNK_CELLS", 100)
+    wide = preprocess.log_normalise(anndata.read_h5ad(path, backed="r"))
+    assert (wide != whole).nnz == 0
+    monkeypatch.setattr(preprocess, "INDEX32_LIMIT", np.iinfo(np.int32).max)
     # a dense input (no stored-entry count to size the arrays by): the same matrix
     dense = preprocess.log_normalise(anndata.AnnData(X=counts.toarray(), obs=adata.obs))
     assert sp.issparse(dense) and (dense != whole).nnz == 0

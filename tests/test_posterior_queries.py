@@ -105,16 +105,22 @@ def test_feature_scaling_of_switched_categories_multiplies_their_y():
     both = model.feature_scaling_of({"batch": "batch_1", "condition": "control"}).numpy()
     np.testing.assert_allclose(both, (table["batch=batch_1"] * table["condition=control"]).to_numpy(), rtol=1e-5)
     assert not np.allclose(y, model.feature_scaling_of({"condition": "control"}).numpy(), rtol=1e-4)
-    assert model.feature_scaling_of({"cell_type": "type_0"}) is None  # not a scaling key
-    assert model.feature_scaling_of(None) is None
+    assert model.feature_scaling_of(None) is None and model.feature_scaling_of({}) is None
     with pytest.raises(ValueError, match="'typo' is not a category of 'condition'"):
         model.feature_scaling_of({"condition": "typo"})
+    with pytest.raises(KeyError, match="conditon"):
+        model.feature_scaling_of({"conditon": "control"})
     cells = np.arange(10)
     switch = {"condition": "stimulated"}
     (_, _, rho), = list(model.decode_samples(indices=cells, n_samples=2, seed=1, nn_covariates=switch))
     (_, _, scaled), = list(model.decode_samples(indices=cells, n_samples=2, seed=1, nn_covariates=switch,
                                                 with_scaling=True))
     torch.testing.assert_close(scaled, rho * torch.as_tensor(y))
+
+
+def test_feature_scaling_of_a_key_that_does_not_scale_is_none(conditioned):
+    assert "batch" in conditioned.encoding.categories and "batch" not in list(conditioned.keys.feature_scaling)
+    assert conditioned.feature_scaling_of({"batch": "batch_0"}) is None
 
 
 def test_model_ite_decodes_one_z_under_both_conditions(conditioned):

@@ -165,7 +165,8 @@ class PosteriorQueries:
         Yields
         ------
         tuple
-            ``(cell_positions, minibatch, rho)``; rho has z's leading shape and features last.
+            ``(cell_positions, minibatch, rho)``; rho has z's leading shape and features last
+            (with ``with_scaling``: rho times y, whose rows no longer sum as rho's do).
         """
         switch = self.nn_switch(nn_covariates)
         modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
@@ -198,8 +199,18 @@ class PosteriorQueries:
         torch.Tensor or None
             Features-long, on the model's device; None when no key of ``covariates`` scales
             features (or the modality has no feature-scaling site).
+
+        Raises
+        ------
+        KeyError
+            A key of ``covariates`` is not one of the model's covariate keys.
+        ValueError
+            A category is not one the model knows for its key.
         """
         modality = self.default_modality(modality)
+        unknown = [key for key in (covariates or {}) if key not in self.encoding.categories]
+        if unknown:
+            raise KeyError(f"{unknown} are not covariate keys of this model (keys: {sorted(self.encoding.categories)}).")
         scaling_keys = list(self.keys.feature_scaling)
         switched = {key: str(category) for key, category in (covariates or {}).items() if key in scaling_keys}
         if not switched:
@@ -216,7 +227,7 @@ class PosteriorQueries:
             # the table's columns stack the categories of every scaling key, in key order
             column = sum(len(self.encoding.categories[k]) for k in scaling_keys[: scaling_keys.index(key)])
             factor = factor * torch.as_tensor(table.iloc[:, column + known.index(category)].to_numpy(), dtype=torch.float32)
-        return factor.to(self.device)
+        return factor.to(self.device)  # where posterior_z_batches puts z, hence rho
 
     def nn_switch(self, nn_covariates: dict | None):
         """A function setting the decoder one-hot of the given keys to the given categories (checked now).

@@ -8,6 +8,7 @@ A folder holds ``settings.json`` (constructor settings and loss weights), ``resu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,7 +17,6 @@ import anndata
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from .._atomic import atomic_path, write_h5ad
@@ -39,7 +39,12 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     if nd.network is not None:
         with atomic_path(os.path.join(dir_path, NETWORK_FILE)) as temporary:
             torch.save(nd.network.state_dict(), temporary)
-    results = nd.results.copy()
+    # a new AnnData over the same matrices (a .copy() would duplicate X and every layer); obs and uns,
+    # which are changed below, are copied
+    source = nd.results
+    results = anndata.AnnData(X=source.X, obs=source.obs.copy(), var=source.var, uns=copy.deepcopy(dict(source.uns)),
+                              obsm=dict(source.obsm), varm=dict(source.varm), layers=dict(source.layers),
+                              obsp=dict(source.obsp), varp=dict(source.varp))
     for key in [k for k in results.uns if k.startswith("cate_")]:
         results.uns[key] = results.uns[key].astype({"group": str, "gene": str})
     if nd.label_low is not None:
@@ -53,7 +58,23 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
 
 @dataclasses.dataclass
 class SavedNDreamer:
-    """What a saved NDreamer folder holds, read back; :meth:`NDreamer.load` builds the instance from it."""
+    """What a saved NDreamer folder holds, read back; :meth:`NDreamer.load` builds the instance from it.
+
+    Attributes
+    ----------
+    settings, loss_weights
+        Constructor settings and loss weights.
+    results
+        The results AnnData (its X is the log-normalised expression of the selected genes).
+    labels
+        The pseudo cell-state labels (low, high resolution), or None.
+    latent
+        The fixed embedding of a ``from_model`` NDreamer, or None.
+    network_state
+        The network's state dict, or None when the representation is a latent.
+    effects_file
+        Path of the matching state and cached effects, or None when it was not saved.
+    """
 
     settings: dict
     loss_weights: LossWeights
@@ -65,7 +86,26 @@ class SavedNDreamer:
 
 
 def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
-    """Read a folder written by :func:`write_ndreamer`; clear errors for missing files or other cells."""
+    """Read a folder written by :func:`write_ndreamer`.
+
+    Parameters
+    ----------
+    dir_path
+        The folder.
+    model
+        The model a ``from_model`` NDreamer was built from, checked to hold the saved cells.
+
+    Returns
+    -------
+    SavedNDreamer
+
+    Raises
+    ------
+    FileNotFoundError
+        A file of the folder is missing.
+    ValueError
+        ``model`` holds other cells than the saved NDreamer.
+    """
     for name in (SETTINGS_FILE, RESULTS_FILE):
         if not os.path.exists(os.path.join(dir_path, name)):
             raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing).")

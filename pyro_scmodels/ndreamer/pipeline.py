@@ -302,9 +302,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         nd._setup(saved.settings, saved.results.obs.copy(), sp.csr_matrix(saved.results.X),
                   pd.Index(saved.results.var_names), device, labels=saved.labels, loss_weights=saved.loss_weights,
                   latent=saved.latent, model=model)
-        if nd.network is not None:
-            if saved.network_state is None:
-                raise FileNotFoundError(f"No saved NDreamer network in {dir_path}.")
+        if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()
         nd.results = saved.results

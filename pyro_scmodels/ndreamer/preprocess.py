@@ -26,6 +26,7 @@ from ._constants import (
 )
 
 logger = logging.getLogger(__name__)
+INDEX32_LIMIT = np.iinfo(np.int32).max  # more stored entries than this need 64-bit CSR indices
 
 
 def is_log_normalised(matrix) -> bool:
@@ -57,7 +58,7 @@ def _float32_csr(source: CountMatrix) -> sp.csr_matrix:
     if total is None:
         blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
         return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-    index_dtype = np.int32 if max(total, source.n_features) < np.iinfo(np.int32).max else np.int64
+    index_dtype = np.int32 if max(total, source.n_features) < INDEX32_LIMIT else np.int64
     data = np.empty(total, dtype=np.float32)
     indices = np.empty(total, dtype=index_dtype)
     indptr = np.zeros(source.n_cells + 1, dtype=index_dtype)
@@ -66,7 +67,8 @@ def _float32_csr(source: CountMatrix) -> sp.csr_matrix:
         block = sp.csr_matrix(block)
         data[filled : filled + block.nnz] = block.data
         indices[filled : filled + block.nnz] = block.indices
-        indptr[start + 1 : stop + 1] = filled + block.indptr[1:]
+        # each block has 32-bit offsets of its own: widen them before adding the entries already written
+        indptr[start + 1 : stop + 1] = block.indptr[1:].astype(index_dtype) + filled
         filled += block.nnz
     if filled != total:  # the store changed under us, or its indptr does not match its data
         raise ValueError(f"Read {filled} stored entries where the matrix's indptr says {total}; is the file being written?")
