@@ -192,7 +192,12 @@ def run_single_threaded(command: list[str], cwd: str | None = None) -> tuple[flo
     Returns
     -------
     tuple
-        ``(seconds, peak_rss_mib)``; a ``RuntimeError`` with the tail of the output if it fails.
+        ``(seconds, peak_rss_mib)``.
+
+    Raises
+    ------
+    RuntimeError
+        The child failed; the message holds the tail of its output.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     start = time.perf_counter()
