@@ -38,6 +38,6 @@ def fitted(simulated):
         library_size_key="batch",
     )
     model = ps.RegularizedVI(adata, seed=0)
-    model.train(max_epochs=300, batch_size=512, lr=1e-2, kl_warmup_epochs=30, early_stopping=False,
+    model.train(max_epochs=150, batch_size=512, lr=1e-2, kl_warmup_epochs=15, early_stopping=False,
                 device="cpu", seed=0, progress_bar=False)
     return model

@@ -7,7 +7,7 @@ from pyro_scmodels import metrics as M
 
 def test_loss_decreases_without_nan(fitted):
     history = fitted.history
-    assert len(history) == 300
+    assert len(history) == 150
     assert np.isfinite(history.to_numpy()).all()
     assert history["train_loss"].iloc[-10:].mean() < 0.95 * history["train_loss"].iloc[:10].mean()
     assert history["validation_loss"].iloc[-10:].mean() < history["validation_loss"].iloc[:10].mean()
