@@ -39,7 +39,7 @@ def pbmc():
         dispersion_key="batch", library_size_key="batch",
     )
     model = ps.RegularizedVI(adata)
-    model.train(max_epochs=100, batch_size=512, lr=1e-2, kl_warmup_epochs=10, early_stopping=False,
+    model.train(max_epochs=60, batch_size=512, lr=1e-2, kl_warmup_epochs=6, early_stopping=False,
                 device="cpu", progress_bar=False)
     return model
 
