@@ -90,6 +90,35 @@ print("KS statistic of the PIT values:", check.ks_statistic)
 # observed vs predicted zero fraction per gene, and the mean-variance relation.
 
 # %% [markdown]
+# ## The ambient fraction per batch, and what the prior changes
+# `get_ambient_fraction()` is the share of each cell's expected counts that comes from the background;
+# `summarize_by="batch"` summarises it per batch. Only the sum of a cell's own expression and the
+# background is identified by the counts: a gene vector moved from the background of every batch into
+# rho leaves the mean unchanged. So with the prior masked (the default, as in regularizedvi) the shared
+# part of the background stays near where it starts (a fifth of the mean profile, about 17 % of the
+# counts), and only the differences between batches are learned from the data. Switching the prior on
+# pulls every batch's background towards the prior's mean. With an ambient profile measured from empty
+# droplets, pass it as `RegularizedVI(..., ambient_profile=...)`: then the shape is known and only the
+# amount is learned (`docs/models.md`; `benchmarks/RESULTS.md`, "Ambient").
+
+# %%
+default_model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128)  # the prior masked
+default_model.train(max_epochs=20 if QUICK else 300, batch_size=256, lr=1e-2, kl_warmup_epochs=3 if QUICK else 30,
+                    device="cpu" if QUICK else "auto", progress_bar=not QUICK)
+fractions = pd.DataFrame({
+    "prior masked (default)": default_model.get_ambient_fraction(summarize_by="batch")["mean"],
+    "Gamma(2, 50) prior on": model.get_ambient_fraction(summarize_by="batch")["mean"],
+})
+if "true_rho" in adata.layers:  # simulated: the true share over the same genes
+    batch_codes = adata.obs["batch"].cat.codes.to_numpy()
+    scaling = adata.varm["true_feature_scaling"].T[batch_codes]
+    soup = (adata.varm["true_ambient"].T[batch_codes] * scaling).sum(1)
+    own = (np.asarray(adata.layers["true_rho"]) * scaling).sum(1)
+    fractions["truth"] = pd.Series(soup / (own + soup), index=adata.obs_names).groupby(adata.obs["batch"], observed=True).mean()
+print("mean ambient fraction per batch:")
+print(fractions.round(3))
+
+# %% [markdown]
 # ## Posterior summaries into the AnnData (cell2location layout)
 
 # %%
