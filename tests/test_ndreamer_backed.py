@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import pyro_scmodels as ps
 from pyro_scmodels.cli import main
 from pyro_scmodels.ndreamer import NDreamer, preprocess
+from pyro_scmodels.ndreamer import pipeline as pipeline_module
 from pyro_scmodels.ndreamer import _constants as K
 
 from ._on_disk_files import write_counts_h5ad
@@ -159,3 +160,50 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     monkeypatch.setattr(K, "WRITE_CHUNK_CELLS", 50)
     pd.testing.assert_frame_equal(nd.estimate_cate("cell_type"), table, atol=1e-5)
     assert "ite_stimulated" not in nd.results.layers
+
+
+def test_log_normalise_reads_the_cells_and_genes_asked_for(on_disk):
+    adata, path = on_disk
+    whole = preprocess.log_normalise(adata)
+    genes = np.zeros(adata.n_vars, dtype=bool)
+    genes[::3] = True
+    cells = np.arange(5, adata.n_obs, 7)
+    for source in (adata, anndata.read_h5ad(path, backed="r")):
+        picked = preprocess.log_normalise(source, genes=genes, cells=cells)
+        # each cell's total is taken over every gene, not only the kept ones
+        assert (picked != whole[cells][:, genes]).nnz == 0
+        assert (preprocess.log_normalise(source, genes=np.flatnonzero(genes)) != whole[:, genes]).nnz == 0
+    with pytest.raises(ValueError, match="cells must be increasing"):
+        preprocess.log_normalise(adata, cells=[3, 1])
+
+
+def test_genes_of_a_large_data_set_are_chosen_on_a_sample_of_its_cells(on_disk, monkeypatch):
+    """Above HVG_MAX_CELLS cells the all-genes matrix is read for a sample only, and then only the
+    chosen genes of every cell; the choice agrees with the one made on every cell."""
+    _, path = on_disk
+    backed = anndata.read_h5ad(path, backed="r")
+    sample = preprocess.gene_selection_cells(np.asarray(backed.obs["batch"].astype(str) + "|" + backed.obs["condition"].astype(str)),
+                                             max_cells=400, min_per_group=20)
+    assert 380 <= sample.size <= 420 and (np.diff(sample) > 0).all()
+    reads = []
+    original = preprocess.log_normalise
+
+    def spy(adata, layer=None, genes=None, cells=None):
+        reads.append((None if genes is None else int(np.sum(genes)) if np.asarray(genes).dtype == bool else len(genes),
+                      None if cells is None else len(cells)))
+        return original(adata, layer, genes=genes, cells=cells)
+
+    monkeypatch.setattr(pipeline_module, "log_normalise", spy)
+    monkeypatch.setattr(pipeline_module, "gene_selection_cells",
+                        lambda groups, seed=0: preprocess.gene_selection_cells(groups, 400, 20, seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer(backed, "condition", "control", batch_key="batch", **{**TINY, "num_hvg": 40})
+    # the sample's every gene, then every cell's chosen genes; never every cell's every gene
+    assert reads[0] == (None, sample.size) and reads[1] == (40, None) and len(reads) == 2
+    assert nd.expression.shape == (backed.n_obs, 40)
+    # the genes chosen on the sample are mostly those chosen on every cell
+    design = nd.design
+    on_every_cell = preprocess.variable_genes(original(backed), backed.var_names, design.batch, design.condition,
+                                              design.control_name, 40)
+    assert len(set(backed.var_names[on_every_cell]) & set(nd.genes)) >= 0.8 * 40  # measured: 35 of 40 (32 on 240 cells)

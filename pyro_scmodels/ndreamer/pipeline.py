@@ -33,7 +33,7 @@ from .effect_queries import EffectQueries, labels_of
 from .effects import CounterfactualDesign, MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
-from .preprocess import log_normalise, pseudo_labels, variable_genes
+from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
 from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer
 
@@ -62,6 +62,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
         between conditions within batches, the rest the most variable genes per batch with the
         conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
         batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
+        With more than 50,000 cells the genes are chosen on a seeded sample of 50,000 spread over
+        the batch x condition groups (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`),
+        and only the chosen genes of every cell are then read.
     layer
         Layer to read instead of ``.X``.
     n_codebooks, codebook_size, codebook_dim, embedding_dim, z_dim, encoder_hidden, decoder_hidden
@@ -106,16 +109,24 @@ class NDreamer(ModelRepresentation, EffectQueries):
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
         design = self._make_design(adata.obs, settings)
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
-        expression = log_normalise(adata, layer)
-        hvg = variable_genes(expression, adata.var_names, design.batch, design.condition, design.control_name,
-                             settings["num_hvg"])
         if keep_genes is not None:
             missing = sorted(set(keep_genes) - set(adata.var_names))
             if missing:
                 raise KeyError(f"keep_genes {missing[:5]} not found in adata.var_names.")
-            hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
-        if not hvg.all():  # a column subset is a second copy of the matrix; skip it when every gene is kept
-            expression = expression[:, hvg].tocsr()
+        if adata.n_vars <= settings["num_hvg"]:  # every gene is used: no selection
+            expression, hvg = log_normalise(adata, layer), np.ones(adata.n_vars, dtype=bool)
+        else:
+            # the genes are chosen on at most HVG_MAX_CELLS cells; then only the chosen genes of every
+            # cell are read, so the all-genes matrix of a large (backed) data set is never held
+            sample = gene_selection_cells(design.groups, seed=seed)
+            rows = slice(None) if sample is None else sample
+            chosen_from = log_normalise(adata, layer, cells=sample)
+            hvg = variable_genes(chosen_from, adata.var_names, design.batch[rows], design.condition[rows],
+                                 design.control_name, settings["num_hvg"])
+            if keep_genes is not None:
+                hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
+            expression = chosen_from[:, hvg].tocsr() if sample is None else log_normalise(adata, layer, genes=hvg)
+            del chosen_from
         labels = pseudo_labels(expression, design.groups, seed)
         self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
                     labels=labels, loss_weights=loss_weights, design=design)

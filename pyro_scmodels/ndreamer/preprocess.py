@@ -13,6 +13,8 @@ import scipy.sparse as sp
 
 from ..data.counts import CountMatrix
 from ._constants import (
+    HVG_MAX_CELLS,
+    HVG_MIN_CELLS_PER_GROUP,
     LEIDEN_ITERATIONS,
     LEIDEN_NEIGHBOURS,
     LEIDEN_PCA_COMPONENTS,
@@ -47,39 +49,60 @@ def _stored_entries(source: CountMatrix) -> int | None:
     return int(source.matrix.nnz) if sp.isspmatrix_csr(source.matrix) or isinstance(source.matrix, sp.csr_array) else None
 
 
-def _float32_csr(source: CountMatrix) -> sp.csr_matrix:
-    """Every row of ``source`` as one float32 CSR, read a block of rows at a time.
+def _row_blocks(source: CountMatrix, cells: np.ndarray | None):
+    """``(first_row, block)`` for consecutive blocks of the chosen rows (all rows when ``cells`` is None)."""
+    if cells is None:
+        for start, _, block in source.chunks(READ_CHUNK_CELLS):
+            yield start, block
+        return
+    for start in range(0, cells.size, READ_CHUNK_CELLS):
+        positions = cells[start : start + READ_CHUNK_CELLS]
+        yield start, source.disk.rows(positions) if source.disk is not None else source.matrix[positions]
 
-    When the stored entries are known (a CSR in memory or on disk), the blocks are written into
-    arrays allocated once, so the matrix is never held twice (a list of blocks then a stacked
-    copy would be); otherwise the blocks are stacked.
+
+def _into_csr(blocks, n_rows: int, n_columns: int, total: int) -> sp.csr_matrix:
+    """Stack ``(first_row, block)`` float32 CSR blocks into arrays allocated once for ``total`` entries.
+
+    A list of blocks and then a stacked copy would hold the matrix twice; this holds it once.
     """
-    total = _stored_entries(source)
-    if total is None:
-        blocks = [sp.csr_matrix(block, dtype=np.float32) for _, _, block in source.chunks(READ_CHUNK_CELLS)]
-        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-    index_dtype = np.int32 if max(total, source.n_features) < INDEX32_LIMIT else np.int64
+    index_dtype = np.int32 if max(total, n_columns) < INDEX32_LIMIT else np.int64
     data = np.empty(total, dtype=np.float32)
     indices = np.empty(total, dtype=index_dtype)
-    indptr = np.zeros(source.n_cells + 1, dtype=index_dtype)
+    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
     filled = 0
-    for start, stop, block in source.chunks(READ_CHUNK_CELLS):
-        block = sp.csr_matrix(block)
+    for start, block in blocks:
+        if filled + block.nnz > total:
+            raise ValueError(f"Read more stored entries than counted ({total}); is the file being written?")
         data[filled : filled + block.nnz] = block.data
         indices[filled : filled + block.nnz] = block.indices
         # each block has 32-bit offsets of its own: widen them before adding the entries already written
-        indptr[start + 1 : stop + 1] = block.indptr[1:].astype(index_dtype) + filled
+        indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(index_dtype) + filled
         filled += block.nnz
     if filled != total:  # the store changed under us, or its indptr does not match its data
-        raise ValueError(f"Read {filled} stored entries where the matrix's indptr says {total}; is the file being written?")
-    return sp.csr_matrix((data, indices, indptr), shape=(source.n_cells, source.n_features))
+        raise ValueError(f"Read {filled} stored entries where {total} were counted; is the file being written?")
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
-def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_matrix:
+def _normalised(block, first_row: int, log_input: bool, where: str, keep: np.ndarray | None) -> sp.csr_matrix:
+    """One block as float32 CSR: log1p(TARGET_SUM x / total) of counts (totals over every gene), kept columns."""
+    block = sp.csr_matrix(block, dtype=np.float32)
+    if not log_input:
+        totals = np.asarray(block.sum(1)).ravel()
+        if (totals <= 0).any():
+            raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in {where} (first at row "
+                             f"{first_row + int(np.flatnonzero(totals <= 0)[0])} of the cells read); remove them first, "
+                             "e.g. sc.pp.filter_cells(adata, min_counts=1).")
+        block.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(block.indptr))
+        np.log1p(block.data, out=block.data)
+    return block if keep is None else block[:, keep].tocsr()
+
+
+def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, cells=None) -> sp.csr_matrix:
     """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised.
 
-    A backed AnnData (``anndata.read_h5ad(path, backed="r")``) is read in blocks of rows: the
-    result is the sparse log-normalised matrix, and no dense cells x genes array is made.
+    The input is read in blocks of rows, so a backed AnnData (``anndata.read_h5ad(path,
+    backed="r")``) never has to fit in memory: the result is the sparse log-normalised matrix of
+    the cells and genes asked for, and no dense cells x genes array is made.
 
     Parameters
     ----------
@@ -87,29 +110,42 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None) -> sp.csr_ma
         Cells x genes; in memory or backed.
     layer
         Layer holding the counts (or log-normalised values); ``None`` for ``adata.X``.
+    genes
+        Boolean mask or positions of the genes to keep (default all). Each cell's total is still
+        taken over every gene.
+    cells
+        Positions of the cells to read, increasing (default all).
 
     Returns
     -------
     scipy.sparse.csr_matrix
-        Cells x genes, float32.
+        Cells x genes asked for, float32.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; layers: {list(adata.layers.keys())}.")
     source = CountMatrix(adata.X if layer is None else adata.layers[layer], name=where, validate=False)
-    matrix = _float32_csr(source)
-    if is_log_normalised(matrix):
+    if cells is not None:
+        cells = np.asarray(cells, dtype=np.int64)
+        if cells.size == 0 or np.any(np.diff(cells) <= 0) or cells[0] < 0 or cells[-1] >= source.n_cells:
+            raise ValueError(f"cells must be increasing positions in 0..{source.n_cells - 1}, at least one.")
+    keep = None
+    if genes is not None:
+        keep = np.asarray(genes)
+        keep = np.flatnonzero(keep) if keep.dtype == bool else keep.astype(np.int64)
+    n_rows = source.n_cells if cells is None else cells.size
+    n_columns = source.n_features if keep is None else keep.size
+    # raw counts or log values, judged on the first block (its first LOG_CHECK_SAMPLE stored values)
+    log_input = is_log_normalised(sp.csr_matrix(next(_row_blocks(source, cells))[1], dtype=np.float32))
+    if log_input:
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
-        return matrix
-    logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
-    totals = np.asarray(matrix.sum(1)).ravel()
-    if (totals <= 0).any():
-        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in {where} (first at row "
-                         f"{int(np.flatnonzero(totals <= 0)[0])}); remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1).")
-    # scale the stored values row by row in place (no second copy of the matrix)
-    matrix.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(matrix.indptr))
-    np.log1p(matrix.data, out=matrix.data)
-    return matrix
+    else:
+        logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
+    total = _stored_entries(source) if cells is None and keep is None else None
+    if total is None:  # a first pass counts the entries kept, so that the result is allocated once
+        total = sum(_normalised(block, start, log_input, where, keep).nnz for start, block in _row_blocks(source, cells))
+    blocks = ((start, _normalised(block, start, log_input, where, keep)) for start, block in _row_blocks(source, cells))
+    return _into_csr(blocks, n_rows, n_columns, total)
 
 
 def condition_response(log_expression: sp.csr_matrix, batch: np.ndarray, condition: np.ndarray,
@@ -147,6 +183,41 @@ def condition_response(log_expression: sp.csr_matrix, batch: np.ndarray, conditi
             differences = [mean(condition == treatment) - mean(condition == control_name)]
         score = np.maximum(score, np.abs(np.mean(differences, axis=0)))
     return score
+
+
+def gene_selection_cells(groups: np.ndarray, max_cells: int = HVG_MAX_CELLS,
+                         min_per_group: int = HVG_MIN_CELLS_PER_GROUP, seed: int = 0) -> np.ndarray | None:
+    """The cells the variable genes are chosen on: all (None) up to ``max_cells``, else a seeded sample.
+
+    Each group (batch x condition) gives cells in proportion to its size, and at least
+    ``min(size, min_per_group)``, so that small groups still count in the within-batch
+    condition response and the per-batch dispersions.
+
+    Parameters
+    ----------
+    groups
+        Group label of every cell.
+    max_cells, min_per_group
+        Size of the sample; fewest cells taken from a group.
+    seed
+        Seed of the sample.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Increasing cell positions, or None for every cell.
+    """
+    groups = np.asarray(groups)
+    if groups.size <= max_cells:
+        return None
+    rng = np.random.default_rng(seed)
+    share = max_cells / groups.size
+    chosen = []
+    for name in np.unique(groups):
+        members = np.flatnonzero(groups == name)
+        take = min(members.size, max(int(round(share * members.size)), min_per_group))
+        chosen.append(rng.choice(members, size=take, replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 def variable_genes(log_expression: sp.csr_matrix, genes, batch: np.ndarray, condition: np.ndarray,
