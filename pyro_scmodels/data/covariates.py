@@ -207,6 +207,26 @@ class CovariateEncoding:
             offset += len(self.categories[key])
         return np.stack(columns, axis=1)
 
+    def stacked_span(self, keys: list[str], key: str, category) -> tuple[int, int, int]:
+        """Where ``key``'s categories, and ``category`` among them, sit in a table stacked over ``keys``.
+
+        Returns
+        -------
+        tuple
+            ``(start, stop, column)``: the columns of ``key`` are ``start..stop-1`` (the order of
+            :meth:`stacked_codes` and :meth:`level_names`) and ``category``'s is ``column``.
+
+        Raises
+        ------
+        ValueError
+            ``category`` is not one the encoding knows for ``key``.
+        """
+        known = self.categories[key]
+        if str(category) not in known:
+            raise ValueError(f"{category!r} is not a category of {key!r} known to the model ({known}).")
+        start = self.n_categories(list(keys)[: list(keys).index(key)])
+        return start, start + len(known), start + known.index(str(category))
+
     def continuous(self, obs: pd.DataFrame, table: str = "adata.obs") -> np.ndarray:
         """Continuous covariates as a float32 matrix (cells x keys)."""
         if not self.keys.continuous:

@@ -221,12 +221,8 @@ class PosteriorQueries:
             return None
         factor = torch.ones(table.shape[0])
         for key, category in switched.items():
-            known = self.encoding.categories[key]
-            if category not in known:
-                raise ValueError(f"{category!r} is not a category of {key!r} known to the model ({known}).")
-            # the table's columns stack the categories of every scaling key, in key order
-            column = sum(len(self.encoding.categories[k]) for k in scaling_keys[: scaling_keys.index(key)])
-            factor = factor * torch.as_tensor(table.iloc[:, column + known.index(category)].to_numpy(), dtype=torch.float32)
+            _, _, column = self.encoding.stacked_span(scaling_keys, key, category)  # the table stacks every scaling key
+            factor = factor * torch.as_tensor(table.iloc[:, column].to_numpy(), dtype=torch.float32)
         return factor.to(self.device)  # where posterior_z_batches puts z, hence rho
 
     def nn_switch(self, nn_covariates: dict | None):
@@ -247,11 +243,7 @@ class PosteriorQueries:
                     f"{key!r} is not a decoder-conditioning key of this model (nn_conditioning_covariate_keys={keys}); "
                     "only those can be switched when decoding."
                 )
-            known = self.encoding.categories[key]
-            if str(category) not in known:
-                raise ValueError(f"{category!r} is not a category of {key!r} known to the model ({known}).")
-            offset = sum(len(self.encoding.categories[k]) for k in keys[: keys.index(key)])
-            columns.append((offset, offset + len(known), offset + known.index(str(category))))
+            columns.append(self.encoding.stacked_span(keys, key, category))
 
         def switch(onehot: torch.Tensor) -> torch.Tensor:
             onehot = onehot.clone()
