@@ -142,8 +142,9 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     else:
         logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
     total = _stored_entries(source) if cells is None and keep is None else None
-    if total is None:  # a first pass counts the entries kept, so that the result is allocated once
-        total = sum(_normalised(block, start, log_input, where, keep).nnz for start, block in _row_blocks(source, cells))
+    if total is None:  # a first pass counts the entries kept (normalising keeps them), to allocate the result once
+        total = sum((sp.csr_matrix(block) if keep is None else sp.csr_matrix(block)[:, keep]).nnz
+                    for _, block in _row_blocks(source, cells))
     blocks = ((start, _normalised(block, start, log_input, where, keep)) for start, block in _row_blocks(source, cells))
     return _into_csr(blocks, n_rows, n_columns, total)
 
