@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 N_HIDDEN, N_LATENT, N_LAYERS = 128, 10, 1
-BATCH_SIZE, TRAIN_SIZE, SEED = 128, 0.9, 0
+BATCH_SIZE, TRAIN_SIZE = 128, 0.9
 
 # RegularizedVI setups: setup_anndata keys, model keywords, priors (name -> Gamma(a, b)), train keywords
 SETUPS = {
@@ -60,13 +60,13 @@ SCVI = {"scVI nb": "nb", "scVI zinb": "zinb"}
 METHODS = ["PCA", *SCVI, *SETUPS]
 
 
-def _pca(adata) -> np.ndarray:
+def _pca(adata, seed: int) -> np.ndarray:
     from pyro_scmodels.metrics import log_normalised_pca
 
-    return log_normalised_pca(adata.X, n_components=min(30, adata.n_vars - 1), seed=SEED)
+    return log_normalised_pca(adata.X, n_components=min(30, adata.n_vars - 1), seed=seed)
 
 
-def _scvi(adata, likelihood: str, epochs: int) -> np.ndarray:
+def _scvi(adata, likelihood: str, epochs: int, seed: int) -> np.ndarray:
     import logging
     import warnings
 
@@ -75,7 +75,7 @@ def _scvi(adata, likelihood: str, epochs: int) -> np.ndarray:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "scvi", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    scvi.settings.seed = SEED
+    scvi.settings.seed = seed
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, gene_likelihood=likelihood)
     model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False,
@@ -83,7 +83,7 @@ def _scvi(adata, likelihood: str, epochs: int) -> np.ndarray:
     return model.get_latent_representation()
 
 
-def _regularizedvi(adata, setup: dict, epochs: int) -> np.ndarray:
+def _regularizedvi(adata, setup: dict, epochs: int, seed: int) -> np.ndarray:
     import pyro.distributions as dist
     import torch
 
@@ -94,7 +94,7 @@ def _regularizedvi(adata, setup: dict, epochs: int) -> np.ndarray:
     if setup.get("priors"):
         priors = RegularizedPriors(**{name: dist.Gamma(torch.tensor(a), torch.tensor(b))
                                       for name, (a, b) in setup["priors"].items()})
-    model = RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, priors=priors, seed=SEED,
+    model = RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, priors=priors, seed=seed,
                           **setup.get("model", {}))
     if setup.get("global_lr"):
         from _common import global_sites_lr_optimizer
@@ -103,11 +103,11 @@ def _regularizedvi(adata, setup: dict, epochs: int) -> np.ndarray:
 
         infer.SVITrainer.build_optimizer = global_sites_lr_optimizer(setup["global_lr"])  # this process trains one model
     model.train(max_epochs=epochs, batch_size=BATCH_SIZE, train_size=TRAIN_SIZE, early_stopping=False, device="cpu",
-                progress_bar=False, seed=SEED, **setup.get("train", {}))
+                progress_bar=False, seed=seed, **setup.get("train", {}))
     return model.get_latent_representation()
 
 
-def run_worker(method: str, data_path: str, epochs: int, embedding_path: str) -> None:
+def run_worker(method: str, data_path: str, epochs: int, embedding_path: str, seed: int = 0) -> None:
     """Train ``method`` on the dataset at ``data_path`` and save its embedding (``.npy``) and a JSON of facts.
 
     Parameters
@@ -120,6 +120,8 @@ def run_worker(method: str, data_path: str, epochs: int, embedding_path: str) ->
         Training epochs of the deep models (no early stopping).
     embedding_path
         Where the cells x dimensions embedding goes; ``<embedding_path>.json`` gets the seconds.
+    seed
+        Seed of the initialisation, the minibatch order and the train/validation split.
     """
     import anndata
     import torch
@@ -128,14 +130,14 @@ def run_worker(method: str, data_path: str, epochs: int, embedding_path: str) ->
     adata = anndata.read_h5ad(data_path)
     start = time.perf_counter()
     if method == "PCA":
-        embedding = _pca(adata)
+        embedding = _pca(adata, seed)
     elif method in SCVI:
-        embedding = _scvi(adata, SCVI[method], epochs)
+        embedding = _scvi(adata, SCVI[method], epochs, seed)
     elif method in SETUPS:
-        embedding = _regularizedvi(adata, SETUPS[method], epochs)
+        embedding = _regularizedvi(adata, SETUPS[method], epochs, seed)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     seconds = time.perf_counter() - start
     np.save(embedding_path, np.asarray(embedding, dtype=np.float32))
     with open(embedding_path + ".json", "w") as handle:
-        json.dump({"method": method, "epochs": epochs, "seconds": seconds}, handle)
+        json.dump({"method": method, "epochs": epochs, "seed": seed, "seconds": seconds}, handle)

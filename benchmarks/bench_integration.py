@@ -19,6 +19,7 @@ Run from the repository root::
 
     python benchmarks/bench_integration.py --jobs 2            # every dataset and method, ~1 h on 2 cores
     python benchmarks/bench_integration.py --datasets kang_donors --methods "PCA,scVI nb" --no-write
+    python benchmarks/bench_integration.py --seeds 0,1,2      # three trainings of each; tables are the means
 """
 
 from __future__ import annotations
@@ -65,29 +66,30 @@ def prepare(dataset: str, cache: Path) -> Path:
     return path
 
 
-def embedding_path(cache: Path, dataset: str, method: str, epochs: int) -> Path:
-    """The cached embedding of one (dataset, method, epochs)."""
+def embedding_path(cache: Path, dataset: str, method: str, epochs: int, seed: int = 0) -> Path:
+    """The cached embedding of one (dataset, method, epochs, seed); seed 0 keeps the name it always had."""
     slug = method.replace(" ", "_").replace("+", "plus").replace("(", "").replace(")", "")
-    return cache / f"{dataset}__{slug}__e{epochs}.npy"
+    return cache / f"{dataset}__{slug}__e{epochs}{f'_s{seed}' if seed else ''}.npy"
 
 
-def train(dataset: str, method: str, data_path: Path, epochs: int, cache: Path, fresh: bool) -> str:
-    """Train one (dataset, method) in a child process unless its embedding is cached; return a log line."""
-    out = embedding_path(cache, dataset, method, epochs)
+def train(dataset: str, method: str, seed: int, data_path: Path, epochs: int, cache: Path, fresh: bool) -> str:
+    """Train one (dataset, method, seed) in a child process unless its embedding is cached; return a log line."""
+    out = embedding_path(cache, dataset, method, epochs, seed)
+    name = f"{dataset} / {method} / seed {seed}"
     if out.exists() and not fresh:
-        return f"{dataset} / {method}: cached"
+        return f"{name}: cached"
     start = time.perf_counter()
     command = [sys.executable, str(Path(__file__).resolve()), "--_worker", method, "--_data", str(data_path),
-               "--epochs", str(epochs), "--_out", str(out)]
+               "--epochs", str(epochs), "--_out", str(out), "--_seed", str(seed)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-12:])
-        return f"{dataset} / {method}: FAILED (exit {done.returncode})\n{tail}"
-    return f"{dataset} / {method}: {time.perf_counter() - start:.0f} s"
+        return f"{name}: FAILED (exit {done.returncode})\n{tail}"
+    return f"{name}: {time.perf_counter() - start:.0f} s"
 
 
-def score(dataset: str, methods: list[str], data_path: Path, epochs: int, cache: Path) -> pd.DataFrame:
-    """scib-metrics table (methods x metrics, unscaled) of the cached embeddings of one dataset."""
+def score(dataset: str, methods: list[str], data_path: Path, epochs: int, cache: Path, seed: int = 0) -> pd.DataFrame:
+    """scib-metrics table (methods x metrics, unscaled) of the cached embeddings of one dataset and seed."""
     import anndata
     from scib_metrics.benchmark import BioConservation, Benchmarker
 
@@ -96,7 +98,7 @@ def score(dataset: str, methods: list[str], data_path: Path, epochs: int, cache:
     adata = adata[scored].copy()
     keys = []
     for method in methods:
-        path = embedding_path(cache, dataset, method, epochs)
+        path = embedding_path(cache, dataset, method, epochs, seed)
         if path.exists():
             adata.obsm[method] = np.load(path)[scored]
             keys.append(method)
@@ -155,6 +157,27 @@ def across_datasets(tables: dict[str, pd.DataFrame]) -> str:
     return header + "\n".join(rows) + "\n" if rows else ""
 
 
+def mean_table(per_seed: list[pd.DataFrame]) -> pd.DataFrame:
+    """The mean over seeds of each method's scores (methods scored in every seed only)."""
+    methods = [m for m in per_seed[0].index if all(m in t.index for t in per_seed)]
+    return sum(t.loc[methods] for t in per_seed) / len(per_seed)
+
+
+def seed_spread(per_seed: list[pd.DataFrame], seeds: list[int]) -> str:
+    """A table of each method's aggregates in every seed, with their mean and sd."""
+    methods = [m for m in per_seed[0].index if all(m in t.index for t in per_seed)]
+    header = ("| method | " + " | ".join(f"{c} (seeds {', '.join(map(str, seeds))}): mean +- sd" for c in SUMMARY)
+              + " |\n|---|" + "---|" * len(SUMMARY) + "\n")
+    rows = []
+    for m in methods:
+        cells = []
+        for c in SUMMARY:
+            values = np.array([t.loc[m, c] for t in per_seed])
+            cells.append(", ".join(f"{v:.3f}" for v in values) + f": {values.mean():.3f} +- {values.std(ddof=1):.3f}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The table with the summary columns first, three decimals."""
     columns = SUMMARY + [c for c in table.columns if c not in SUMMARY]
@@ -169,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", default=",".join(LOADERS), help="comma-separated, from: " + ", ".join(LOADERS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--epochs", type=int, default=200, help="training epochs of every deep model")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each is trained and scored on its own, "
+                        "and the tables are averaged over them (with the seed-to-seed sd of the aggregates)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side (one thread each)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of prepared data and embeddings")
     parser.add_argument("--fresh", action="store_true", help="retrain even when an embedding is cached")
@@ -176,7 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        parser.error("--seeds names no seed")
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name, chosen, known in (("dataset", args.datasets, LOADERS), ("method", args.methods, METHODS)):
@@ -190,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare, train (in child processes), score, print and write RESULTS.md."""
     args = parse_args(argv)
     if args._worker:
-        run_worker(args._worker, args._data, args.epochs, args._out)
+        run_worker(args._worker, args._data, args.epochs, args._out, args._seed)
         return 0
     for needed in ("scib_metrics", "scvi"):
         if package_version(needed.replace("_", "-") if needed != "scvi" else "scvi-tools") is None:
@@ -198,15 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     data = {d: prepare(d, args.cache) for d in args.datasets}
-    # method-major: every dataset's first methods finish before the later setups start
-    jobs = [(d, m) for m in args.methods for d in args.datasets]
+    # seed-major, then method-major: the first seed of every dataset and method finishes first
+    jobs = [(d, m, seed) for seed in args.seeds for m in args.methods for d in args.datasets]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for line in pool.map(lambda job: train(*job, data[job[0]], args.epochs, args.cache, args.fresh), jobs):
             print(line, flush=True)
     parts, tables = [], {}
     for dataset in args.datasets:
-        table = tables[dataset] = score(dataset, args.methods, data[dataset], args.epochs, args.cache)
+        per_seed = [score(dataset, args.methods, data[dataset], args.epochs, args.cache, seed) for seed in args.seeds]
+        table = tables[dataset] = mean_table(per_seed)
         text = f"### {dataset}\n\n{markdown(table)}\n{verdict(table)}\n"
+        if len(per_seed) > 1:
+            text += "\n" + seed_spread(per_seed, args.seeds)
         print("\n" + text, flush=True)
         parts.append(text)
     summary = across_datasets(tables)
@@ -218,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     facts = {**hardware_facts(), "scvi-tools": package_version("scvi-tools"),
              "scib-metrics": package_version("scib-metrics"), "epochs": args.epochs, "batch size": 128,
+             "seeds (tables are means over them)": ", ".join(map(str, args.seeds)),
              "load average (1 min) before / after": f"{load_before[0]:.1f} / {load_after[0]:.1f}"}
     if not args.no_write:
         write_section(RESULTS, TITLE, section_header(TITLE, now(), facts) + "\n".join(parts))

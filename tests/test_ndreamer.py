@@ -70,6 +70,24 @@ def test_modifier_space_is_deterministic_and_keeps_cell_types(simulated_nd):
     assert M.cluster_ari(space, adata.obs["cell_type"]) > 0.8  # cell states kept
 
 
+def test_modifier_space_embedded_block_by_block_equals_one_pass(simulated_nd):
+    # the embedding is built one minibatch of cells at a time (never a cells x genes dense array);
+    # it must equal the network's embedding of every cell at once
+    adata, nd = simulated_nd
+    assert adata.n_obs > nd.settings["batch_size"]  # several blocks
+    with torch.no_grad():
+        whole = nd.network.embed(torch.as_tensor(nd.expression.toarray())).numpy()
+    np.testing.assert_allclose(nd.get_modifier_space(), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_results_matrix_is_the_expression_the_effects_read(simulated_nd):
+    # results.X is not a copy (at 10^6 cells a copy is gigabytes); docs/ndreamer.md says to copy it
+    # before changing it in place
+    _, nd = simulated_nd
+    assert sp.issparse(nd.results.X) and nd.results.X.shape == nd.expression.shape
+    assert np.shares_memory(nd.results.X.data, nd.expression.data)
+
+
 def test_results_align_with_input_cells_and_every_cell_has_an_effect(simulated_nd):
     adata, nd = simulated_nd
     nd.decompose_batch_effect()
