@@ -55,6 +55,16 @@ SETUPS = {
     "RegularizedVI batch_key + decoder + encoder": {
         "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
     },
+    # the encoder told the batch and penalised for writing it into z (latent_independence: MMD of q(z)
+    # across batches, weight 1 or 10), so that only the decoder's batch input carries it
+    "RegularizedVI batch_key + decoder + encoder + independence(1)": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+        "model": {"latent_independence": 1.0},
+    },
+    "RegularizedVI batch_key + decoder + encoder + independence(10)": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+        "model": {"latent_independence": 10.0},
+    },
 }
 SCVI = {"scVI nb": "nb", "scVI zinb": "zinb"}
 METHODS = ["PCA", *SCVI, *SETUPS]

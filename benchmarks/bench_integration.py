@@ -49,7 +49,8 @@ SETUP_NOTE = (
     'Setups (`_integration_worker.SETUPS`): `scaling` = feature scaling per batch, `decoder` = decoder '
     'conditioned on batch (scaling per batch follows), `encoder` = the encoder told the batch, '
     '`scaling(20)` / `scaling(2)` = a Gamma(20, 20) / Gamma(2, 2) scaling prior, `globals 10x lr` = 10 x '
-    "the learning rate for the global sites. NMI/ARI from Leiden over resolutions (scib-metrics' default "
+    "the learning rate for the global sites, `independence(w)` = `latent_independence=w` (an MMD penalty "
+    "on q(z) across batches, with the encoder told the batch). NMI/ARI from Leiden over resolutions (scib-metrics' default "
     'k-means has one initialisation). Each training ran in its own process, two side by side.'
 )
 SUMMARY = ["Bio conservation", "Batch correction", "Total"]

@@ -1,9 +1,12 @@
 """GammaPoissonMean is Pyro's GammaPoisson(theta, theta / mu), and select_rows is table[index]."""
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
+import scipy.sparse as sp
 import torch
 
+from pyro_scmodels.data.counts import CountMatrix, stored_positions
 from pyro_scmodels.distributions import GammaPoissonMean, select_rows
 
 
@@ -19,6 +22,19 @@ def test_log_prob_equals_pyros_gamma_poisson(grouped):
     torch.testing.assert_close(GammaPoissonMean(mu, theta, group).log_prob(x), expected, rtol=1e-5, atol=1e-4)
 
 
+def assert_equals_pyro(ours_dist, mu, theta, group, x) -> torch.Tensor:
+    """ours_dist.log_prob(x) and its gradients in (mu, theta) equal Pyro's GammaPoisson's; returns ours."""
+    ours = ours_dist.log_prob(x)
+    ours_grads = torch.autograd.grad(ours.sum(), (mu, theta), retain_graph=True)
+    per_cell = theta[group] if group is not None else theta.expand(mu.shape[-2], mu.shape[-1])
+    expected = dist.GammaPoisson(per_cell, per_cell / mu).log_prob(x)
+    expected_grads = torch.autograd.grad(expected.sum(), (mu, theta))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+    for got, want in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return ours
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("leading", [(), (4,)])
 def test_log_prob_and_gradients_on_mostly_zero_counts(grouped, leading):
@@ -29,14 +45,43 @@ def test_log_prob_and_gradients_on_mostly_zero_counts(grouped, leading):
     group = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if grouped else None
     x = torch.poisson(mu.detach() * 0.3)
     assert 0.2 < (x == 0).float().mean() < 0.95
-    ours = GammaPoissonMean(mu, theta, group).log_prob(x)
-    ours_grads = torch.autograd.grad(ours.sum(), (mu, theta))
-    per_cell = theta[group] if grouped else theta.expand(7, 11)
-    expected = dist.GammaPoisson(per_cell, per_cell / mu).log_prob(x)
-    expected_grads = torch.autograd.grad(expected.sum(), (mu, theta))
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
-    for got, want in zip(ours_grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_equals_pyro(GammaPoissonMean(mu, theta, group), mu, theta, group, x)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_positions_from_the_sparse_rows_give_pyros_values_and_gradients(grouped):
+    # a minibatch of sparse counts says where its non-zeros are (rows in any order, a row twice);
+    # the likelihood must then equal Pyro's, values and gradients
+    rng = np.random.default_rng(4)
+    counts = sp.random(40, 13, density=0.3, format="csr", random_state=4,
+                       data_rvs=lambda n: rng.integers(1, 30, n)).astype(np.float32)
+    rows, positions = CountMatrix(counts, validate=False).rows_and_positions(np.array([7, 2, 39, 2, 0, 18, 25]))
+    assert positions is not None and np.array_equal(np.sort(positions[0]), np.flatnonzero(rows))
+    torch.manual_seed(4)
+    mu = (torch.rand(7, 13) * 10 + 1e-3).requires_grad_()
+    theta = (torch.rand(3 if grouped else 1, 13) * 5 + 0.05).requires_grad_()
+    group = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if grouped else None
+    x = torch.from_numpy(rows)
+    given = tuple(torch.from_numpy(p) for p in positions)
+    ours = assert_equals_pyro(GammaPoissonMean(mu, theta, group, positions=given), mu, theta, group, x)
+    # the positions are what is used (not searched for again): one left out changes that entry only
+    partial = tuple(torch.from_numpy(p[1:]) for p in positions)
+    changed = GammaPoissonMean(mu, theta, group, positions=partial).log_prob(x) != ours
+    assert changed.sum() == 1 and changed.reshape(-1)[int(positions[0][0])]
+
+
+def test_no_positions_for_counts_that_store_an_entry_twice():
+    # an uncanonical CSR (the same entry stored twice) densifies to their sum: its stored entries are
+    # not the non-zero positions, so none are given and the likelihood searches the dense rows
+    block = sp.csr_matrix((np.array([1.0, 2.0, 5.0]), np.array([1, 1, 2]), np.array([0, 2, 3])), shape=(2, 3))
+    assert stored_positions(block, unique=False) is None
+    rows, positions = CountMatrix(block, validate=False).rows_and_positions(np.array([1, 0]))
+    assert positions is None and rows.tolist() == [[0, 0, 5], [0, 3, 0]]
+    # unsorted but distinct entries (common in files) keep their positions
+    unsorted = sp.csr_matrix((np.array([1.0, 2.0, 5.0]), np.array([2, 0, 1]), np.array([0, 2, 3])), shape=(2, 3))
+    assert not unsorted.has_canonical_format
+    rows, positions = CountMatrix(unsorted, validate=False).rows_and_positions(np.array([1, 0]))
+    assert sorted(positions[0].tolist()) == np.flatnonzero(rows).tolist()
 
 
 def test_log_prob_with_a_theta_per_cell_and_gene():

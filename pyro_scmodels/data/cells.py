@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .counts import CountMatrix, DeviceCSR
+from .counts import POSITIONS_SUFFIX, CountMatrix, DeviceCSR
 from .covariates import CovariateEncoding
 from .mudata_registry import MuDataSetup, read_mudata_setup
 from .registry import AnnDataSetup, read_setup
@@ -197,10 +197,15 @@ class CellData:
         counts = {}
         for key, matrix in self.modalities.items():
             if self._device_counts is not None:
-                counts[key] = self._device_counts[key].rows(device_index)
+                counts[key], positions = self._device_counts[key].rows_and_positions(device_index)
             else:
                 # densify only this minibatch, on the host, then send it
-                counts[key] = torch.from_numpy(matrix.rows(indices)).to(device, non_blocking=True)
+                rows, positions = matrix.rows_and_positions(indices)
+                counts[key] = torch.from_numpy(rows).to(device, non_blocking=True)
+                if positions is not None:
+                    positions = tuple(torch.from_numpy(p).to(device, non_blocking=True) for p in positions)
+            # where the stored (non-zero) counts are: the likelihood's count-only terms are taken there
+            counts[key + POSITIONS_SUFFIX] = positions
         host_index = device_index if covariates is self._device_covariates else index
         batch = {name: value[host_index].to(device) for name, value in covariates.items()}
         batch["nn_onehot"] = _onehot(batch.pop("nn_codes"), self.n_nn_covariates) if self.n_nn_covariates else None

@@ -15,6 +15,9 @@ from .on_disk import DiskCSR, is_disk_csr
 
 # rows are validated in chunks so a backed (on-disk) matrix never has to fit in memory
 _VALIDATION_CHUNK = 10_000
+#: a minibatch's entry ``<counts key> + POSITIONS_SUFFIX`` holds where its stored counts are
+#: (:meth:`CountMatrix.rows_and_positions`), or None
+POSITIONS_SUFFIX = "_positions"
 
 
 def _is_backed(matrix) -> bool:
@@ -88,6 +91,7 @@ class CountMatrix:
         # an on-disk CSR (backed AnnData) is read as contiguous runs; other backed formats go through anndata
         self.disk = DiskCSR(matrix) if _is_backed(matrix) and is_disk_csr(matrix) else None
         self._held: tuple[np.ndarray, sp.csr_matrix] | None = None
+        self._unique: bool | None = None  # see _entries_unique
         if validate:
             self.validate()
 
@@ -186,11 +190,25 @@ class CountMatrix:
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Dense float32 rows ``indices`` (in the given order)."""
+        return self.rows_and_positions(indices)[0]
+
+    def rows_and_positions(self, indices: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        """Dense float32 rows ``indices`` and, for sparse counts, where their stored entries are.
+
+        Returns
+        -------
+        tuple
+            ``(rows, positions)``; ``positions`` is ``(flat, column, row)`` (int64 arrays: the
+            flat position in ``rows``, the feature and the row of every stored entry; each
+            position once), or None for dense counts. The likelihood evaluates its count-only
+            terms there instead of searching the dense rows for non-zeros (see
+            :class:`~pyro_scmodels.distributions.GammaPoissonMean`).
+        """
         indices = np.asarray(indices)
         if self.disk is not None:
             block = self._held_rows(indices)
             block = self.disk.rows(indices) if block is None else block
-            return block.toarray().astype(np.float32, copy=False)
+            return block.toarray().astype(np.float32, copy=False), stored_positions(block, unique=False)
         if _is_backed(self.matrix):
             # h5py-backed datasets need increasing indices: read sorted, then restore the order
             order = np.argsort(indices, kind="stable")
@@ -198,11 +216,23 @@ class CountMatrix:
             block = block.toarray() if sp.issparse(block) else np.asarray(block)
             out = np.empty_like(block, dtype=np.float32)
             out[order] = block
-            return out
+            return out, None
         block = self.matrix[indices]
         if sp.issparse(block):
-            return block.toarray().astype(np.float32, copy=False)
-        return np.asarray(block, dtype=np.float32)
+            positions = stored_positions(block, unique=self._entries_unique())
+            return block.toarray().astype(np.float32, copy=False), positions
+        return np.asarray(block, dtype=np.float32), None
+
+    def _entries_unique(self) -> bool:
+        """Whether no (row, column) is stored twice in the in-memory sparse matrix (checked once).
+
+        A canonical CSR says so itself; otherwise (e.g. unsorted indices, common in files) the
+        rows are checked a chunk at a time, once, rather than every minibatch's rows.
+        """
+        if self._unique is None:
+            self._unique = bool(self.matrix.has_canonical_format) or all(
+                _without_duplicates(block) for _, _, block in self.chunks())
+        return self._unique
 
     def column_means(self, weights: np.ndarray | None = None, groups: np.ndarray | None = None, n_groups: int = 1,
                      nonzero: bool = False):
@@ -243,6 +273,29 @@ class CountMatrix:
         return DeviceCSR(matrix, device)
 
 
+def _without_duplicates(block) -> bool:
+    """Whether a sparse block stores each (row, column) at most once."""
+    summed = sp.csr_matrix(block, copy=True)
+    summed.sum_duplicates()
+    return summed.nnz == block.nnz
+
+
+def stored_positions(block, unique: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(flat, column, row)`` of every stored entry of a CSR block (int64), or None.
+
+    ``flat = row * n_columns + column`` indexes the block densified and flattened. Read off the
+    CSR structure in O(stored entries), against a search of the dense block for its non-zeros.
+    A position stored twice would be counted twice, so a block that is not canonical gives
+    None unless ``unique`` says that its entries are known to be distinct (unsorted only).
+    """
+    block = sp.csr_matrix(block)
+    if not unique and not block.has_canonical_format:
+        return None
+    row = np.repeat(np.arange(block.shape[0], dtype=np.int64), np.diff(block.indptr))
+    column = block.indices.astype(np.int64)
+    return row * block.shape[1] + column, column, row
+
+
 class DeviceCSR:
     """A CSR matrix held on a torch device, densified a minibatch at a time on that device."""
 
@@ -254,6 +307,10 @@ class DeviceCSR:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dense rows ``index`` (a long tensor on the same device)."""
+        return self.rows_and_positions(index)[0]
+
+    def rows_and_positions(self, index: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Dense rows ``index`` and ``(flat, column, row)`` of their stored entries (see :func:`stored_positions`)."""
         starts = self.indptr[index]
         lengths = self.indptr[index + 1] - starts
         row_of_entry = torch.repeat_interleave(torch.arange(index.numel(), device=index.device), lengths)
@@ -262,5 +319,6 @@ class DeviceCSR:
         rank = torch.arange(row_of_entry.numel(), device=index.device) - offsets[row_of_entry]
         entry = starts[row_of_entry] + rank
         dense = torch.zeros(index.numel(), self.n_features, device=index.device)
-        dense[row_of_entry, self.indices[entry]] = self.data[entry]
-        return dense
+        column = self.indices[entry]
+        dense[row_of_entry, column] = self.data[entry]
+        return dense, (row_of_entry * self.n_features + column, column, row_of_entry)

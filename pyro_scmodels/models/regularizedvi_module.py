@@ -28,6 +28,7 @@ import torch
 from pyro import poutine
 
 from .. import _constants as C
+from ..data.counts import POSITIONS_SUFFIX
 from ..distributions import GammaPoissonMean, select_rows
 from ..independence import category_mmd
 from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
@@ -250,7 +251,10 @@ class RegularizedVIModel(LocalPyroModule):
             )
             # GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu), written with its mean (see GammaPoissonMean)
             group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-            pyro.sample(site("obs"), GammaPoissonMean(mu, global_values["theta"], group).to_event(1), obs=batch[self.dims.counts_key])
+            # the minibatch says where its stored counts are (read off the sparse rows), when it knows
+            positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
+            pyro.sample(site("obs"), GammaPoissonMean(mu, global_values["theta"], group, positions=positions).to_event(1),
+                        obs=batch[self.dims.counts_key])
         return mu
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
