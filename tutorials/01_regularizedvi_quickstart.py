@@ -100,14 +100,18 @@ print(adata.obs["batch"].value_counts())
 # %% [markdown]
 # ## Set up and train
 # Every technical effect has its own covariate key. `batch_key="batch"` gives each chemistry its own
-# ambient RNA profile, dispersion and library-size prior. To *integrate* the chemistries the decoder
-# is also conditioned on them (`nn_conditioning_covariate_keys`), which gives each chemistry its own
-# per-gene feature scaling too: 5' and 3' chemistries differ gene by gene, and with a batch-free
-# decoder and one global scaling nothing but z could absorb that (docs: "Integrating batches").
+# ambient RNA profile, dispersion and library-size prior. To *integrate* the chemistries:
+# - the decoder is conditioned on them (`nn_conditioning_covariate_keys`), which gives each chemistry
+#   its own per-gene feature scaling too: 5' and 3' chemistries differ gene by gene, and with a
+#   batch-free decoder and one global scaling nothing but z could absorb that;
+# - the encoder is told the chemistry (`encoder_covariate_keys`) and `latent_independence=10` adds an
+#   MMD penalty that makes q(z) the same in every chemistry, so the batch is carried by the decoder's
+#   input and not by z (docs: "Integrating batches", with scib-metrics figures on four datasets).
 
 # %%
-ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["batch"])
-model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128)
+ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["batch"],
+                               encoder_covariate_keys=["batch"])
+model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128, latent_independence=10.0)
 EPOCHS, BATCH_SIZE = (15, 256) if QUICK else (200, 128)
 history = model.train(max_epochs=EPOCHS, batch_size=BATCH_SIZE, kl_warmup_epochs=3 if QUICK else 400,
                       early_stopping=False, device="cpu" if QUICK else "auto", progress_bar=not QUICK)
