@@ -19,12 +19,18 @@ category), ``low_count_init`` (profile initialised from the 10 % lowest-count ce
 ``global_lr`` (global sites at 5 x the learning rate), ``profile_empties`` (``ambient_profile=``
 from simulated empty droplets; only the amount per category is learned), ``profile_pooled``
 (``ambient_profile=`` the pooled profile of all cells, the same for every category) and
-combinations joined by ``+``.
+combinations joined by ``+``. ``cellbender`` runs CellBender remove-background (installed in its own
+environment: ``--cellbender PATH`` or $CELLBENDER) on the same counts plus simulated empty droplets,
+one run per channel: per batch on the simulator (its empty droplets drawn from that batch's true
+background), once on the spiked PBMC cells (empty droplets drawn from the soup that was added);
+``cellbender_per_group`` runs one channel per spiked group, each with empty droplets at its own
+soup amount (the 0 % group has no soup and is left out).
 
 Run from the repository root::
 
     python benchmarks/bench_ambient.py simulator --variants seed,profile_empties
     python benchmarks/bench_ambient.py spikein --variants seed,global_lr
+    python benchmarks/bench_ambient.py simulator --variants seed,cellbender --cellbender /work/cb_venv/bin/cellbender
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse as sp
 import pyro.distributions as dist
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cellbender import background_of_channel, find_cellbender  # noqa: E402
 from _common import global_sites_lr_optimizer, hardware_facts, update_results  # noqa: E402
 
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets, infer  # noqa: E402
@@ -56,6 +64,8 @@ SPIKES = (0.0, 0.02, 0.08, 0.20)
 PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_10x_3chemistries_scWGParis.h5ad"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GLOBAL_LR_FACTOR = 5.0
+EMPTIES_PER_CHANNEL = {"simulator": 2000, "spikein": 10000}  # simulated empty droplets for CellBender
+EMPTIES_INCLUDED = {"simulator": 300, "spikein": 3000}  # of those, analysed together with the cells
 
 
 # --- the learned-scale prior (an experiment, not a package option) -------------------------
@@ -115,6 +125,8 @@ def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
     adata.obs["spike"] = pd.Categorical([f"spike_{int(100 * s)}" for s in share],
                                         categories=[f"spike_{int(100 * s)}" for s in SPIKES])
     adata.obs["added_fraction"] = added / counts.sum(1)
+    adata.obs["added_counts"] = added
+    adata.uns["soup"] = soup
     return adata
 
 
@@ -184,45 +196,115 @@ def log_profile_r(fitted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([M.pearson(np.log(fitted[:, k]), np.log(truth[:, k])) for k in range(truth.shape[1])]))
 
 
-def measure_simulator(name: str, n_cells: int, n_genes: int, epochs: int, lr: float, seed: int = 0) -> dict:
+def cellbender_simulator(adata, command: str, epochs: int, threads: int, seed: int = 1) -> dict:
+    """CellBender once per batch, each with that batch's simulated empty droplets."""
+    counts = sp.csr_matrix(adata.layers["counts"])
+    batch = adata.obs["batch"].to_numpy()
+    levels = list(adata.obs["batch"].cat.categories)
+    empties = datasets.simulate_empty_droplets(adata, n_droplets=EMPTIES_PER_CHANNEL["simulator"], seed=seed)
+    share, profiles, seconds, unanalysed = np.full(adata.n_obs, np.nan), [], 0.0, 0
+    for b in levels:
+        cells = np.flatnonzero(batch == b)
+        run = background_of_channel(command, counts[cells], sp.csr_matrix(empties.X[empties.obs["batch"].to_numpy() == b]),
+                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["simulator"])
+        share[cells] = run["share"]
+        profiles.append(run["profile"])
+        seconds, unanalysed = seconds + run["seconds"], unanalysed + run["unanalysed"]
+    return {"share": share, "profile": np.stack(profiles, 1), "seconds": seconds, "unanalysed": unanalysed}
+
+
+def measure_simulator(name: str, n_cells: int, n_genes: int, epochs: int, lr: float, seed: int = 0,
+                      cellbender: str | None = None, threads: int = 1) -> dict:
     adata = simulated(n_cells, n_genes, seed)
-    model, initial, seconds = fit(adata, name, {"batch_key": "batch"}, epochs, lr, batch_size=128, seed=seed)
-    inferred = model.get_ambient_fraction()
     truth = adata.obs["true_ambient_fraction"].to_numpy()
     batch = adata.obs["batch"].to_numpy()
     levels = list(adata.obs["batch"].cat.categories)
+    if name == "cellbender":  # no latent space and no initial profile of ours to compare
+        run = cellbender_simulator(adata, find_cellbender(cellbender), epochs, threads)
+        inferred, profile, initial, z, seconds = run["share"], run["profile"], None, None, run["seconds"]
+        name = f"{name} ({run['unanalysed']} cells not analysed)" if run["unanalysed"] else name
+    else:
+        model, initial, seconds = fit(adata, name, {"batch_key": "batch"}, epochs, lr, batch_size=128, seed=seed)
+        inferred, profile = model.get_ambient_fraction(), model.get_ambient_profile().to_numpy()
+        z = model.get_latent_representation()
+    keep = ~np.isnan(inferred)  # CellBender may leave a few cells unanalysed
+    inferred, truth, batch = inferred[keep], truth[keep], batch[keep]
     by_batch = np.array([inferred[batch == b].mean() for b in levels])
     true_by_batch = np.array([truth[batch == b].mean() for b in levels])
-    z = model.get_latent_representation()
     return {
         "variant": name, "inferred": by_batch, "truth": true_by_batch,
         "max_rel_error": float(np.max(np.abs(by_batch / true_by_batch - 1.0))),
         "spearman": M.spearman(inferred, truth),
         "spearman_within": float(np.mean([M.spearman(inferred[batch == b], truth[batch == b]) for b in levels])),
-        "profile_r": log_profile_r(model.get_ambient_profile().to_numpy(), adata.varm["true_ambient"]),
-        "profile_r_initial": log_profile_r(initial, adata.varm["true_ambient"]),
-        "batch_entropy": M.knn_entropy(z, adata.obs["batch"]), "type_ari": M.cluster_ari(z, adata.obs["cell_type"]),
+        "profile_r": log_profile_r(profile, adata.varm["true_ambient"]),
+        "profile_r_initial": np.nan if initial is None else log_profile_r(initial, adata.varm["true_ambient"]),
+        "batch_entropy": np.nan if z is None else M.knn_entropy(z, adata.obs["batch"]),
+        "type_ari": np.nan if z is None else M.cluster_ari(z, adata.obs["cell_type"]),
         "seconds": seconds,
     }
 
 
-def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0) -> dict:
+def soup_droplets(adata, n: int, mean_counts: float, rng) -> sp.csr_matrix:
+    """``n`` empty droplets of the added soup, ``mean_counts`` counts each on average (log-normal sd 0.3)."""
+    sizes = np.maximum(1, np.round(mean_counts * rng.lognormal(0.0, 0.3, n))).astype(np.int64)
+    return sp.csr_matrix(np.stack([rng.multinomial(size, adata.uns["soup"]) for size in sizes]))
+
+
+def cellbender_spikein(adata, command: str, epochs: int, threads: int, per_group: bool, seed: int = 1) -> dict:
+    """CellBender on the spiked cells, with empty droplets of the added soup.
+
+    CellBender assumes every droplet of a channel takes up the same amount of soup (times a droplet
+    efficiency). One channel (``per_group`` False): all cells, empty droplets at the mean amount added.
+    One channel per spiked group (``per_group``): each group's cells with empty droplets at that
+    group's amount; the 0 % group has no soup to draw empty droplets from and is left out (NaN).
+    """
+    rng = np.random.default_rng(seed)
+    counts, n = sp.csr_matrix(adata.X), EMPTIES_PER_CHANNEL["spikein"]
+    if not per_group:
+        return background_of_channel(command, counts, soup_droplets(adata, n, adata.obs["added_counts"].mean(), rng),
+                                     adata.var_names, adata.obs_names, epochs, threads, EMPTIES_INCLUDED["spikein"])
+    share, seconds, unanalysed = np.full(adata.n_obs, np.nan), 0.0, 0
+    spike = adata.obs["spike"].to_numpy()
+    for level in adata.obs["spike"].cat.categories[1:]:  # the first is the 0 % group
+        cells = np.flatnonzero(spike == level)
+        soup_counts = float(adata.obs["added_counts"].to_numpy()[cells].mean())
+        run = background_of_channel(command, counts[cells], soup_droplets(adata, n // 4, soup_counts, rng),
+                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["spikein"] // 4)
+        share[cells], seconds, unanalysed = run["share"], seconds + run["seconds"], unanalysed + run["unanalysed"]
+    return {"share": share, "seconds": seconds, "unanalysed": unanalysed}
+
+
+def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0, cellbender: str | None = None,
+                    threads: int = 1) -> dict:
     adata = spiked_pbmc(seed=seed)
-    setup = {"ambient_covariate_keys": ["batch", "spike"], "dispersion_key": "batch", "library_size_key": "batch"}
-    model, _, seconds = fit(adata, name, setup, epochs, lr, batch_size=512, seed=seed)
-    inferred = model.get_ambient_fraction()
+    if name in ("cellbender", "cellbender_per_group"):
+        run = cellbender_spikein(adata, find_cellbender(cellbender), epochs, threads, per_group=name == "cellbender_per_group")
+        inferred, seconds = run["share"], run["seconds"]
+        name = f"{name} ({run['unanalysed']} cells not analysed)" if run["unanalysed"] else name
+    else:
+        setup = {"ambient_covariate_keys": ["batch", "spike"], "dispersion_key": "batch", "library_size_key": "batch"}
+        model, _, seconds = fit(adata, name, setup, epochs, lr, batch_size=512, seed=seed)
+        inferred = model.get_ambient_fraction()
     added = adata.obs["added_fraction"].to_numpy()
     group = adata.obs["spike"].to_numpy()
     levels = list(adata.obs["spike"].cat.categories)
-    means = np.array([inferred[group == g].mean() for g in levels])
+    means = np.array([np.nanmean(inferred[group == g]) if np.isfinite(inferred[group == g]).any() else np.nan
+                      for g in levels])  # NaN for a group a variant leaves out
     added_means = np.array([added[group == g].mean() for g in levels])
-    return {"variant": name, "inferred": means, "added": added_means, "slope": float(np.polyfit(added_means, means, 1)[0]),
-            "spearman": M.spearman(inferred, added), "seconds": seconds}
+    run, analysed = ~np.isnan(means), ~np.isnan(inferred)
+    return {"variant": name, "inferred": means, "added": added_means,
+            "slope": float(np.polyfit(added_means[run], means[run], 1)[0]),
+            "spearman": M.spearman(inferred[analysed], added[analysed]), "seconds": seconds}
 
 
 # --- tables -----------------------------------------------------------------------------------
+def number(value: float, digits: int) -> str:
+    """``value`` to ``digits`` decimals, or a dash where it does not apply (NaN)."""
+    return "-" if np.isnan(value) else f"{value:.{digits}f}"
+
+
 def percent(values) -> str:
-    return " / ".join(f"{100 * v:.1f}" for v in values)
+    return " / ".join("-" if np.isnan(v) else f"{100 * v:.1f}" for v in values)
 
 
 def simulator_table(rows: list[dict]) -> str:
@@ -230,8 +312,8 @@ def simulator_table(rows: list[dict]) -> str:
              "log-profile r (fitted / initial) | batch entropy | type ARI | s |", "|---|---|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {percent(r['inferred'])} | {percent(r['truth'])} | {r['max_rel_error']:.2f} | "
-                     f"{r['spearman']:.2f} / {r['spearman_within']:.2f} | {r['profile_r']:.3f} / {r['profile_r_initial']:.3f} | "
-                     f"{r['batch_entropy']:.3f} | {r['type_ari']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['spearman']:.2f} / {r['spearman_within']:.2f} | {r['profile_r']:.3f} / {number(r['profile_r_initial'], 3)} | "
+                     f"{number(r['batch_entropy'], 3)} | {number(r['type_ari'], 2)} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -253,16 +335,22 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cellbender", default=None, help="the cellbender command for the 'cellbender' variant "
+                        "(default: $CELLBENDER or the one on PATH)")
+    parser.add_argument("--cellbender-epochs", type=int, default=150, help="CellBender's epochs (its default: 150)")
     parser.add_argument("--write", action="store_true", help="replace this design's section of RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.variants.split(","):
         if args.design == "simulator":
-            rows.append(measure_simulator(name, args.n_cells, args.n_genes, args.epochs, args.lr))
+            rows.append(measure_simulator(name, args.n_cells, args.n_genes,
+                                          args.cellbender_epochs if name.startswith("cellbender") else args.epochs, args.lr,
+                                          cellbender=args.cellbender, threads=args.threads))
             table = simulator_table(rows)
         else:
-            rows.append(measure_spikein(name, args.epochs, args.lr))
+            rows.append(measure_spikein(name, args.cellbender_epochs if name.startswith("cellbender") else args.epochs, args.lr,
+                                        cellbender=args.cellbender, threads=args.threads))
             table = spikein_table(rows)
         print(table.splitlines()[-1], flush=True)
     print(table)
