@@ -291,9 +291,9 @@ def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0, cellbender
     means = np.array([np.nanmean(inferred[group == g]) if np.isfinite(inferred[group == g]).any() else np.nan
                       for g in levels])  # NaN for a group a variant leaves out
     added_means = np.array([added[group == g].mean() for g in levels])
-    run, analysed = ~np.isnan(means), ~np.isnan(inferred)
+    present, analysed = ~np.isnan(means), ~np.isnan(inferred)
     return {"variant": name, "inferred": means, "added": added_means,
-            "slope": float(np.polyfit(added_means[run], means[run], 1)[0]),
+            "slope": float(np.polyfit(added_means[present], means[present], 1)[0]),
             "spearman": M.spearman(inferred[analysed], added[analysed]), "seconds": seconds}
 
 
