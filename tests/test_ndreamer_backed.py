@@ -14,6 +14,7 @@ from pyro_scmodels.cli import main
 from pyro_scmodels.ndreamer import NDreamer, preprocess
 from pyro_scmodels.ndreamer import pipeline as pipeline_module
 from pyro_scmodels.ndreamer import _constants as K
+from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
 
 from ._on_disk_files import write_counts_h5ad
 
@@ -105,6 +106,12 @@ def test_model_route_on_a_backed_model_saves_and_loads(on_disk, tmp_path):
     nd.save(str(tmp_path / "nd"))
     again = ps.NDreamer.load(str(tmp_path / "nd"), model=model)
     np.testing.assert_array_equal(again.results.layers["ite_stimulated"], results.layers["ite_stimulated"])
+    # from a backed model the expression is held as counts, saved beside the results and read back
+    assert isinstance(nd.expression, LogNormalisedCounts) and nd.results.X is None
+    assert isinstance(again.expression, LogNormalisedCounts)
+    np.testing.assert_array_equal(again.expression[cells].toarray(), nd.expression[cells].toarray())
+    fresh = again.estimate_ite(nearest_neighbor=3, indices=cells).layers["ite_stimulated"]  # not cached: from the counts
+    np.testing.assert_allclose(fresh, nd.estimate_ite(nearest_neighbor=3, indices=cells).layers["ite_stimulated"], rtol=1e-6)
 
 
 def test_ndreamer_command_reads_a_backed_input(on_disk, tmp_path):
@@ -188,10 +195,10 @@ def test_genes_of_a_large_data_set_are_chosen_on_a_sample_of_its_cells(on_disk, 
     reads = []
     original = preprocess.log_normalise
 
-    def spy(adata, layer=None, genes=None, cells=None):
+    def spy(adata, layer=None, genes=None, cells=None, compact=False):
         reads.append((None if genes is None else int(np.sum(genes)) if np.asarray(genes).dtype == bool else len(genes),
                       None if cells is None else len(cells)))
-        return original(adata, layer, genes=genes, cells=cells)
+        return original(adata, layer, genes=genes, cells=cells, compact=compact)
 
     monkeypatch.setattr(pipeline_module, "log_normalise", spy)
     monkeypatch.setattr(pipeline_module, "gene_selection_cells",
@@ -202,6 +209,7 @@ def test_genes_of_a_large_data_set_are_chosen_on_a_sample_of_its_cells(on_disk, 
     # the sample's every gene, then every cell's chosen genes; never every cell's every gene
     assert reads[0] == (None, sample.size) and reads[1] == (40, None) and len(reads) == 2
     assert nd.expression.shape == (backed.n_obs, 40)
+    assert isinstance(nd.expression, LogNormalisedCounts) and nd.results.X is None  # backed: held as counts
     # the genes chosen on the sample are mostly those chosen on every cell
     design = nd.design
     on_every_cell = preprocess.variable_genes(original(backed), backed.var_names, design.batch, design.condition,

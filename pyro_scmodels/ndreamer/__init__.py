@@ -6,6 +6,7 @@ The public API is the effects pipeline; the loss functions live in
 """
 
 from .cate import estimate_cate
+from .count_rows import LogNormalisedCounts
 from .effects import CounterfactualDesign, MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
@@ -14,6 +15,7 @@ from .trainer import NDreamerTrainer
 
 __all__ = [
     "CounterfactualDesign",
+    "LogNormalisedCounts",
     "LossWeights",
     "MatchedEffects",
     "NDreamer",

@@ -2,7 +2,8 @@
 
 A folder holds ``settings.json`` (constructor settings and loss weights), ``results.h5ad``
 (the results AnnData, with the pseudo cell-state labels as hidden ``obs`` columns),
-``effects.npz`` (matching space and cached effects) and, for a trained network, ``network.pt``.
+``effects.npz`` (matching space and cached effects), for a trained network ``network.pt`` and, when the
+expression is held as counts (a backed input), ``expression_counts.npz``.
 :func:`write_effects_h5ad` writes every cell's effect layers to an ``.h5ad`` block by block.
 """
 
@@ -17,15 +18,19 @@ import anndata
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad
 
+from .count_rows import LogNormalisedCounts
 from .losses import LossWeights
 
 EMBEDDING_KEY = "X_effect_modifier_space"
 NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "settings.json", "results.h5ad", "effects.npz"
+COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
+COUNTS_ARRAYS = ("counts", "indices", "indptr", "factors")
 NETWORK, LATENT = "network", "latent"  # the two kinds of representation
 LABEL_COLUMNS = ("_label_low", "_label_high")
 
@@ -50,6 +55,11 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     if nd.label_low is not None:
         results.obs[LABEL_COLUMNS[0]], results.obs[LABEL_COLUMNS[1]] = nd.label_low, nd.label_high
     write_h5ad(results, os.path.join(dir_path, RESULTS_FILE))
+    if isinstance(nd.expression, LogNormalisedCounts):
+        with atomic_path(os.path.join(dir_path, COUNTS_FILE)) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
+    elif os.path.exists(os.path.join(dir_path, COUNTS_FILE)):  # from an earlier save over this folder
+        os.remove(os.path.join(dir_path, COUNTS_FILE))
     with atomic_path(os.path.join(dir_path, EFFECTS_FILE)) as temporary:
         nd.effects.save(temporary)
     with atomic_path(os.path.join(dir_path, SETTINGS_FILE)) as temporary, open(temporary, "w") as handle:
@@ -65,7 +75,10 @@ class SavedNDreamer:
     settings, loss_weights
         Constructor settings and loss weights.
     results
-        The results AnnData (its X is the log-normalised expression of the selected genes).
+        The results AnnData (its X is the log-normalised expression of the selected genes, or None).
+    expression
+        The log-normalised expression: ``results.X`` as a CSR, or the saved
+        :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts`.
     labels
         The pseudo cell-state labels (low, high resolution), or None.
     latent
@@ -79,6 +92,7 @@ class SavedNDreamer:
     settings: dict
     loss_weights: LossWeights
     results: anndata.AnnData
+    expression: object
     labels: tuple | None
     latent: np.ndarray | None
     network_state: dict | None  # None when the folder has no network file
@@ -126,8 +140,17 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
         if not os.path.exists(network_file):
             raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({NETWORK_FILE} missing).")
         network_state = load_torch_file(network_file, "saved NDreamer network")
+    counts_file = os.path.join(dir_path, COUNTS_FILE)
+    if results.X is not None:
+        expression = sp.csr_matrix(results.X)
+    elif os.path.exists(counts_file):
+        with np.load(counts_file, allow_pickle=False) as stored:
+            expression = LogNormalisedCounts(*(stored[n] for n in COUNTS_ARRAYS), int(stored["n_genes"]))
+    else:
+        raise FileNotFoundError(f"The saved NDreamer in {dir_path} has no expression: results.h5ad has no X and "
+                                f"{COUNTS_FILE} is missing.")
     effects_file = os.path.join(dir_path, EFFECTS_FILE)
-    return SavedNDreamer(settings, loss_weights, results, labels, latent, network_state,
+    return SavedNDreamer(settings, loss_weights, results, expression, labels, latent, network_state,
                          effects_file if os.path.exists(effects_file) else None)
 
 

@@ -97,12 +97,15 @@ class CounterfactualDesign:
         return f"{batch}{GROUP_SEPARATOR}{condition}"
 
 
-def _dense(values) -> np.ndarray:
+def _dense(values, genes: np.ndarray | None = None) -> np.ndarray:
+    """A block of rows as a dense array, of the columns ``genes`` only when given."""
+    if genes is not None:
+        values = values[:, genes]
     return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
 
 
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
-                       own: np.ndarray | None = None) -> np.ndarray:
+                       own: np.ndarray | None = None, genes: np.ndarray | None = None) -> np.ndarray:
     """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
 
     With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch.
@@ -111,10 +114,10 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     total = None
     for b in batches:
         match = matches[design.group(b, condition)]
-        values = _dense(weighted_average(expression, match.indices[cells], match.weights[cells]))
+        values = _dense(weighted_average(expression, match.indices[cells], match.weights[cells]), genes)
         if own is not None:
             itself = own & (design.batch[cells] == b)
-            values[itself] = _dense(expression[cells[itself]])
+            values[itself] = _dense(expression[cells[itself]], genes)
         total = values if total is None else total + values
     return total / len(batches)
 
@@ -125,8 +128,9 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     Parameters
     ----------
     expression
-        Log-normalised expression of all cells (cells x genes), dense or sparse; only the matched
-        rows of the cells asked for and the genes asked for are read.
+        Log-normalised expression of all cells (cells x genes): dense, sparse or
+        :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts`; only the matched rows of
+        the cells asked for are read, and only the genes asked for are kept.
     matches
         :func:`~pyro_scmodels.matching.match_groups` of every cell into every batch x condition group.
     design
@@ -140,16 +144,17 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         As :func:`estimate_effects`, (len(cells), len(genes)) float32 arrays in the order asked for.
     """
     cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
-    if genes is not None:
-        expression = expression[:, np.asarray(genes, dtype=np.int64)]
-    denoised = np.zeros((cells.size, expression.shape[1]), dtype=np.float32)
+    # columns are taken from each block of rows: slicing the whole matrix first would copy all of it
+    genes = None if genes is None else np.asarray(genes, dtype=np.int64)
+    n_genes = expression.shape[1] if genes is None else genes.size
+    denoised = np.zeros((cells.size, n_genes), dtype=np.float32)
     per_condition = {}
     for c in design.conditions:
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
-        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own)
+        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes)
         denoised[own] = per_condition[c][own]
-    out = {"denoised": denoised, "batch_effect": (_dense(expression[cells]) - denoised).astype(np.float32)}
+    out = {"denoised": denoised, "batch_effect": (_dense(expression[cells], genes) - denoised).astype(np.float32)}
     for c in design.treatments:
         out[f"ite_{c}"] = (per_condition[c] - per_condition[design.control_name]).astype(np.float32)
     return out
@@ -164,7 +169,8 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
     embedding
         Matching space (cells x dims), e.g. :func:`matching_space` of the effect-modifier space.
     expression
-        Log-normalised expression (cells x genes), dense or sparse.
+        Log-normalised expression (cells x genes): dense, sparse or
+        :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts`.
     design
         Conditions, control and batches.
     nearest_neighbor, bandwidth, device

@@ -52,7 +52,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
     Parameters
     ----------
     adata
-        Cells x genes, raw counts or log-normalised values (detected and logged).
+        Cells x genes, raw counts or log-normalised values (detected and logged). In memory, or
+        backed (``anndata.read_h5ad(path, backed="r")``): then the raw counts of the chosen genes
+        are held as :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts` (4 bytes per
+        stored entry, half a float32 CSR), :attr:`expression` is that object and ``results.X`` is
+        None; read rows with ``nd.expression[cells]``.
     condition_key, control_name
         Column of ``adata.obs`` with the condition, and the control condition's name.
     batch_key
@@ -114,7 +118,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
             if missing:
                 raise KeyError(f"keep_genes {missing[:5]} not found in adata.var_names.")
         if adata.n_vars <= settings["num_hvg"]:  # every gene is used: no selection
-            expression, hvg = log_normalise(adata, layer), np.ones(adata.n_vars, dtype=bool)
+            expression, hvg = log_normalise(adata, layer, compact=adata.isbacked), np.ones(adata.n_vars, dtype=bool)
         else:
             # the genes are chosen on at most HVG_MAX_CELLS cells; then only the chosen genes of every
             # cell are read, so the all-genes matrix of a large (backed) data set is never held
@@ -125,7 +129,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
                                  design.control_name, settings["num_hvg"])
             if keep_genes is not None:
                 hvg = hvg | np.asarray(adata.var_names.isin(list(keep_genes)))
-            expression = chosen_from[:, hvg].tocsr() if sample is None else log_normalise(adata, layer, genes=hvg)
+            expression = (chosen_from[:, hvg].tocsr() if sample is None
+                          else log_normalise(adata, layer, genes=hvg, compact=adata.isbacked))
             del chosen_from
         labels = pseudo_labels(expression, design.groups, seed)
         self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
@@ -140,7 +145,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         # saved before the setting existed: no minimum
         return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1))
 
-    def _setup(self, settings: dict, obs: pd.DataFrame, expression: sp.csr_matrix, genes: pd.Index, device,
+    def _setup(self, settings: dict, obs: pd.DataFrame, expression, genes: pd.Index, device,
                labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
                latent: np.ndarray | None = None, model=None, design: CounterfactualDesign | None = None) -> None:
         """The one constructor path: every attribute of every entry point is set here.
@@ -168,8 +173,10 @@ class NDreamer(ModelRepresentation, EffectQueries):
                     settings["n_codebooks"], settings["codebook_size"], settings["codebook_dim"],
                     settings["embedding_dim"], settings["z_dim"], tuple(settings["decoder_hidden"]),
                 ).to(self.device)
-        # X is the matrix the effects read, not a copy of it: at 10^6 cells a copy is gigabytes
-        self.results = anndata.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=genes))
+        # X is the matrix the effects read, not a copy of it: at 10^6 cells a copy is gigabytes. From a backed
+        # input the expression is held as counts (LogNormalisedCounts, half the memory), which is no AnnData X
+        self.results = anndata.AnnData(X=expression if sp.issparse(expression) else None, obs=obs,
+                                       var=pd.DataFrame(index=genes))
         self.results.uns["ndreamer"] = {"condition_key": settings["condition_key"], "control_name": settings["control_name"],
                                         "conditions": self.design.conditions, "batch_key": settings["batch_key"],
                                         "representation": settings.get("model", settings["representation"])}
@@ -310,7 +317,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """
         saved = read_ndreamer(dir_path, model)
         nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
-        nd._setup(saved.settings, saved.results.obs.copy(), sp.csr_matrix(saved.results.X),
+        nd._setup(saved.settings, saved.results.obs.copy(), saved.expression,
                   pd.Index(saved.results.var_names), device, labels=saved.labels, loss_weights=saved.loss_weights,
                   latent=saved.latent, model=model)
         if nd.network is not None:  # read_ndreamer has checked that the network file is there

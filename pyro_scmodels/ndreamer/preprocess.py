@@ -12,6 +12,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from ..data.counts import CountMatrix
+from .count_rows import LogNormalisedCounts, index_dtype, storage_dtype
 from ._constants import (
     HVG_MAX_CELLS,
     HVG_MIN_CELLS_PER_GROUP,
@@ -83,21 +84,56 @@ def _into_csr(blocks, n_rows: int, n_columns: int, total: int) -> sp.csr_matrix:
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
+def _size_factors(block: sp.csr_matrix, first_row: int, where: str) -> np.ndarray:
+    """float32 ``TARGET_SUM / total`` of every cell of a float32 block (totals over every gene)."""
+    totals = np.asarray(block.sum(1)).ravel()
+    if (totals <= 0).any():
+        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in {where} (first at row "
+                         f"{first_row + int(np.flatnonzero(totals <= 0)[0])} of the cells read); remove them first, "
+                         "e.g. sc.pp.filter_cells(adata, min_counts=1).")
+    return (TARGET_SUM / totals).astype(np.float32)
+
+
 def _normalised(block, first_row: int, log_input: bool, where: str, keep: np.ndarray | None) -> sp.csr_matrix:
     """One block as float32 CSR: log1p(TARGET_SUM x / total) of counts (totals over every gene), kept columns."""
     block = sp.csr_matrix(block, dtype=np.float32)
     if not log_input:
-        totals = np.asarray(block.sum(1)).ravel()
-        if (totals <= 0).any():
-            raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in {where} (first at row "
-                             f"{first_row + int(np.flatnonzero(totals <= 0)[0])} of the cells read); remove them first, "
-                             "e.g. sc.pp.filter_cells(adata, min_counts=1).")
-        block.data *= np.repeat((TARGET_SUM / totals).astype(np.float32), np.diff(block.indptr))
+        block.data *= np.repeat(_size_factors(block, first_row, where), np.diff(block.indptr))
         np.log1p(block.data, out=block.data)
     return block if keep is None else block[:, keep].tocsr()
 
 
-def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, cells=None) -> sp.csr_matrix:
+def _into_counts(blocks, where: str, keep: np.ndarray | None, n_rows: int, n_columns: int,
+                 total: int) -> LogNormalisedCounts:
+    """The raw-count ``(first_row, block)`` blocks as :class:`LogNormalisedCounts`, arrays allocated once.
+
+    The counts are kept as uint16 while they fit (widened to uint32, or float32 for non-integer
+    values, when a block needs it), so a cell's values are exactly those of :func:`_normalised`.
+    """
+    counts = np.empty(total, dtype=np.uint16)
+    indices = np.empty(total, dtype=index_dtype(n_columns))
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    factors = np.empty(n_rows, dtype=np.float32)
+    filled = 0
+    for start, block in blocks:
+        block = sp.csr_matrix(block, dtype=np.float32)
+        factors[start : start + block.shape[0]] = _size_factors(block, start, where)
+        block = block if keep is None else block[:, keep].tocsr()
+        if filled + block.nnz > total:
+            raise ValueError(f"Read more stored entries than counted ({total}); is the file being written?")
+        wider = storage_dtype(block.data, counts.dtype)
+        if wider != counts.dtype:  # a count above 65,535, or a non-integer value: widen once
+            counts = counts.astype(wider)
+        counts[filled : filled + block.nnz] = block.data
+        indices[filled : filled + block.nnz] = block.indices
+        indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(np.int64) + filled
+        filled += block.nnz
+    if filled != total:
+        raise ValueError(f"Read {filled} stored entries where {total} were counted; is the file being written?")
+    return LogNormalisedCounts(counts, indices, indptr, factors, n_columns)
+
+
+def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, cells=None, compact: bool = False):
     """log1p of counts per ``TARGET_SUM`` (raw counts), or the matrix as it is when it already is log-normalised.
 
     The input is read in blocks of rows, so a backed AnnData (``anndata.read_h5ad(path,
@@ -115,10 +151,14 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
         taken over every gene.
     cells
         Positions of the cells to read, increasing (default all).
+    compact
+        For raw-count input, return :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts`
+        (the counts and a size factor per cell, 4 bytes per stored entry instead of 8; its rows are
+        the same float32 values). Log-normalised input is returned as a CSR either way.
 
     Returns
     -------
-    scipy.sparse.csr_matrix
+    scipy.sparse.csr_matrix or LogNormalisedCounts
         Cells x genes asked for, float32.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -145,6 +185,8 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     if total is None:  # a first pass counts the entries kept (normalising keeps them), to allocate the result once
         total = sum((sp.csr_matrix(block) if keep is None else sp.csr_matrix(block)[:, keep]).nnz
                     for _, block in _row_blocks(source, cells))
+    if compact and not log_input:
+        return _into_counts(_row_blocks(source, cells), where, keep, n_rows, n_columns, total)
     blocks = ((start, _normalised(block, start, log_input, where, keep)) for start, block in _row_blocks(source, cells))
     return _into_csr(blocks, n_rows, n_columns, total)
 

@@ -59,8 +59,11 @@ class ModelRepresentation:
                         batch_size=K.BATCH_SIZE, seed=seed, layer=layer, representation=LATENT, model=type(model).__name__,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group))
         self = cls.__new__(cls)
-        self._setup(settings, model.adata.obs.copy(), log_normalise(source, layer),
-                    pd.Index(source.var_names).astype(str), device, latent=model.get_latent_representation(), model=model)
+        latent = model.get_latent_representation()  # before the expression is held: the two never add up
+        # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
+        expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
+        self._setup(settings, model.adata.obs.copy(), expression, pd.Index(source.var_names).astype(str), device,
+                    latent=latent, model=model)
         return self
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
