@@ -34,8 +34,6 @@ METHODS = ("auto", "exact", "ivf")
 #: ``method="auto"`` switches from an exact to an approximate (IVF) CPU search above this many query x base
 #: distance evaluations per group: 1.5e10 is about 150k x 100k cells, a few seconds of exact search on 2 cores.
 EXACT_MAX_PAIRS = 1.5e10
-#: matched rows read from a row store at a time by weighted_average (its transient arrays hold ~17 bytes per entry)
-ROW_STORE_ROWS = 20_000
 
 _gpu_resources = None
 _cpu_fallback_logged = False  # the "runs on the CPU" message is logged once per process
@@ -369,10 +367,6 @@ def weighted_average(values, indices, weights=None):
     totals = weights.sum(axis=1, keepdims=True)
     if not np.isfinite(weights).all() or (weights < 0).any() or (totals <= 0).any():
         raise ValueError("weights must be finite and non-negative, with a positive sum in every row.")
-    if row_store and n_query * k > ROW_STORE_ROWS:  # a few thousand queries at a time: the rows read stay small
-        step = max(1, ROW_STORE_ROWS // k)
-        return sp.vstack([weighted_average(values, indices[s : s + step], weights[s : s + step])
-                          for s in range(0, n_query, step)], format="csr")
     if row_store:  # read the matched rows once, then index them by their place among those rows
         matched, indices = np.unique(indices, return_inverse=True)
         values, n_cells = values.rows(matched), matched.size

@@ -69,7 +69,7 @@ def test_log_normalised_input_stays_a_csr():
     assert sp.issparse(out)
 
 
-def test_weighted_averages_and_effects_equal_those_of_the_csr(monkeypatch):
+def test_weighted_averages_and_effects_equal_those_of_the_csr():
     adata = _counts(n_cells=400, n_genes=30, seed=2)
     csr, compact = preprocess.log_normalise(adata), preprocess.log_normalise(adata, compact=True)
     rng = np.random.default_rng(0)
@@ -77,13 +77,6 @@ def test_weighted_averages_and_effects_equal_those_of_the_csr(monkeypatch):
     weights = rng.random((120, 7)).astype(np.float32)
     np.testing.assert_allclose(weighted_average(compact, indices, weights).toarray(),
                                weighted_average(csr, indices, weights).toarray(), rtol=1e-6, atol=1e-7)
-    import pyro_scmodels.matching as matching_module
-
-    monkeypatch.setattr(matching_module, "ROW_STORE_ROWS", 100)  # the rows of 14 queries at a time (7 matches each)
-    stacked = weighted_average(compact, indices, weights)
-    monkeypatch.undo()
-    assert stacked.shape == (120, 30)
-    np.testing.assert_allclose(stacked.toarray(), weighted_average(csr, indices, weights).toarray(), rtol=1e-6, atol=1e-7)
     condition = np.where(np.arange(400) % 2, "treated", "control")
     batch = np.where(np.arange(400) < 200, "a", "b")
     design = CounterfactualDesign(condition, "control", batch)
