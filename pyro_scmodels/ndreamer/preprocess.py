@@ -61,27 +61,36 @@ def _row_blocks(source: CountMatrix, cells: np.ndarray | None):
         yield start, source.disk.rows(positions) if source.disk is not None else source.matrix[positions]
 
 
-def _into_csr(blocks, n_rows: int, n_columns: int, total: int) -> sp.csr_matrix:
-    """Stack ``(first_row, block)`` float32 CSR blocks into arrays allocated once for ``total`` entries.
+def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray):
+    """Fill ``data``, ``indices`` and ``indptr`` (allocated once for ``total`` entries) from ``(first_row, block)``
+    CSR blocks; a list of blocks and then a stacked copy would hold the matrix twice.
 
-    A list of blocks and then a stacked copy would hold the matrix twice; this holds it once.
+    Integer ``data`` is widened (:func:`~pyro_scmodels.ndreamer.count_rows.storage_dtype`) when a block
+    holds values it cannot store exactly. Returns the three arrays.
     """
-    index_dtype = np.int32 if max(total, n_columns) < INDEX32_LIMIT else np.int64
-    data = np.empty(total, dtype=np.float32)
-    indices = np.empty(total, dtype=index_dtype)
-    indptr = np.zeros(n_rows + 1, dtype=index_dtype)
     filled = 0
     for start, block in blocks:
         if filled + block.nnz > total:
             raise ValueError(f"Read more stored entries than counted ({total}); is the file being written?")
+        wider = storage_dtype(block.data, data.dtype)
+        if wider != data.dtype:  # a count above 65,535, or a non-integer value: widen once
+            data = data.astype(wider)
         data[filled : filled + block.nnz] = block.data
         indices[filled : filled + block.nnz] = block.indices
         # each block has 32-bit offsets of its own: widen them before adding the entries already written
-        indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(index_dtype) + filled
+        indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(indptr.dtype) + filled
         filled += block.nnz
     if filled != total:  # the store changed under us, or its indptr does not match its data
         raise ValueError(f"Read {filled} stored entries where {total} were counted; is the file being written?")
-    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
+    return data, indices, indptr
+
+
+def _into_csr(blocks, n_rows: int, n_columns: int, total: int) -> sp.csr_matrix:
+    """Stack ``(first_row, block)`` float32 CSR blocks into one CSR (:func:`_stack_blocks`)."""
+    index_dtype = np.int32 if max(total, n_columns) < INDEX32_LIMIT else np.int64
+    arrays = _stack_blocks(blocks, total, np.empty(total, dtype=np.float32), np.empty(total, dtype=index_dtype),
+                           np.zeros(n_rows + 1, dtype=index_dtype))
+    return sp.csr_matrix(arrays, shape=(n_rows, n_columns))
 
 
 def _size_factors(block: sp.csr_matrix, first_row: int, where: str) -> np.ndarray:
@@ -105,31 +114,22 @@ def _normalised(block, first_row: int, log_input: bool, where: str, keep: np.nda
 
 def _into_counts(blocks, where: str, keep: np.ndarray | None, n_rows: int, n_columns: int,
                  total: int) -> LogNormalisedCounts:
-    """The raw-count ``(first_row, block)`` blocks as :class:`LogNormalisedCounts`, arrays allocated once.
+    """The raw-count ``(first_row, block)`` blocks as :class:`LogNormalisedCounts` (:func:`_stack_blocks`).
 
-    The counts are kept as uint16 while they fit (widened to uint32, or float32 for non-integer
-    values, when a block needs it), so a cell's values are exactly those of :func:`_normalised`.
+    The counts start as uint16 and are widened only when a block needs it, and each cell's size
+    factor is that of :func:`_normalised`, so the rows read are exactly its values.
     """
-    counts = np.empty(total, dtype=np.uint16)
-    indices = np.empty(total, dtype=index_dtype(n_columns))
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
     factors = np.empty(n_rows, dtype=np.float32)
-    filled = 0
-    for start, block in blocks:
-        block = sp.csr_matrix(block, dtype=np.float32)
-        factors[start : start + block.shape[0]] = _size_factors(block, start, where)
-        block = block if keep is None else block[:, keep].tocsr()
-        if filled + block.nnz > total:
-            raise ValueError(f"Read more stored entries than counted ({total}); is the file being written?")
-        wider = storage_dtype(block.data, counts.dtype)
-        if wider != counts.dtype:  # a count above 65,535, or a non-integer value: widen once
-            counts = counts.astype(wider)
-        counts[filled : filled + block.nnz] = block.data
-        indices[filled : filled + block.nnz] = block.indices
-        indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(np.int64) + filled
-        filled += block.nnz
-    if filled != total:
-        raise ValueError(f"Read {filled} stored entries where {total} were counted; is the file being written?")
+
+    def kept_counts():
+        for start, block in blocks:
+            block = sp.csr_matrix(block, dtype=np.float32)
+            factors[start : start + block.shape[0]] = _size_factors(block, start, where)  # over every gene
+            yield start, block if keep is None else block[:, keep].tocsr()
+
+    counts, indices, indptr = _stack_blocks(kept_counts(), total, np.empty(total, dtype=np.uint16),
+                                            np.empty(total, dtype=index_dtype(n_columns)),
+                                            np.zeros(n_rows + 1, dtype=np.int64))
     return LogNormalisedCounts(counts, indices, indptr, factors, n_columns)
 
 
