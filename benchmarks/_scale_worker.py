@@ -8,7 +8,8 @@ Stages: ``write`` (the on-disk store), ``read`` (epoch-like reads: anndata's bac
 the package's chunked reader), ``train`` (setup and one epoch of RegularizedVI from disk),
 ``infer`` (the latent of every cell, from disk), ``ndreamer`` (``NDreamer.from_model`` on the backed
 data: matching, CATE per cell type, the ITE of 10,000 cells), ``match`` (``match_groups`` on the
-saved latent, 4 groups).
+saved latent, 4 groups). ``--device`` (default ``cpu``) is where torch and faiss run; ``gpu_check.sh``
+runs the same stages with ``--device cuda``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def write_store(store: Path, n_cells: int) -> dict:
     import pandas as pd
     import scipy.sparse as sp
     from anndata.io import sparse_dataset, write_elem
+
+    store.mkdir(parents=True, exist_ok=True)
 
     import pyro_scmodels as ps
 
@@ -110,7 +113,7 @@ def _backed_model(store: Path, n_cells: int):
     return backed
 
 
-def train(store: Path, n_cells: int) -> dict:
+def train(store: Path, n_cells: int, device: str = "cpu") -> dict:
     import pyro_scmodels as ps
 
     start = time.perf_counter()
@@ -118,17 +121,17 @@ def train(store: Path, n_cells: int) -> dict:
     model = ps.RegularizedVI(backed, seed=0)
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    model.train(max_epochs=1, batch_size=TRAIN_BATCH, device="cpu", progress_bar=False, early_stopping=False)
+    model.train(max_epochs=1, batch_size=TRAIN_BATCH, device=device, progress_bar=False, early_stopping=False)
     epoch_s = time.perf_counter() - start
     model.save(str(store / f"model_{n_cells}"), overwrite=True)
     return {"setup_s": setup_s, "epoch_s": epoch_s, "train_cells_per_s": len(model.trainer.train_indices) / epoch_s}
 
 
-def infer(store: Path, n_cells: int) -> dict:
+def infer(store: Path, n_cells: int, device: str = "cpu") -> dict:
     import pyro_scmodels as ps
 
     backed = _backed_model(store, n_cells)
-    model = ps.RegularizedVI.load(str(store / f"model_{n_cells}"), adata=backed, device="cpu")
+    model = ps.RegularizedVI.load(str(store / f"model_{n_cells}"), adata=backed, device=device)
     start = time.perf_counter()
     latent = model.get_latent_representation(batch_size=4096)
     seconds = time.perf_counter() - start
@@ -136,13 +139,13 @@ def infer(store: Path, n_cells: int) -> dict:
     return {"infer_s": seconds, "infer_cells_per_s": n_cells / seconds}
 
 
-def ndreamer(store: Path, n_cells: int) -> dict:
+def ndreamer(store: Path, n_cells: int, device: str = "cpu") -> dict:
     import pyro_scmodels as ps
 
     backed = _backed_model(store, n_cells)
-    model = ps.RegularizedVI.load(str(store / f"model_{n_cells}"), adata=backed, device="cpu")
+    model = ps.RegularizedVI.load(str(store / f"model_{n_cells}"), adata=backed, device=device)
     start = time.perf_counter()
-    nd = ps.NDreamer.from_model(model, condition_key="condition", control_name="control", batch_key="batch", device="cpu")
+    nd = ps.NDreamer.from_model(model, condition_key="condition", control_name="control", batch_key="batch", device=device)
     cate = nd.estimate_cate("cell_type")
     cells = np.sort(np.random.default_rng(0).choice(n_cells, ITE_CELLS, replace=False))
     ite = nd.estimate_ite(indices=cells)
@@ -150,7 +153,7 @@ def ndreamer(store: Path, n_cells: int) -> dict:
     return {"ndreamer_s": seconds, "cate_rows": int(len(cate)), "ite_shape": list(ite.shape)}
 
 
-def match(store: Path, n_cells: int) -> dict:
+def match(store: Path, n_cells: int, device: str = "cpu") -> dict:
     import anndata
     import pandas as pd
 
@@ -162,7 +165,7 @@ def match(store: Path, n_cells: int) -> dict:
     pair = np.where(obs["batch"].isin(["batch_0", "batch_1"]), "a", "b")
     groups = pd.Series(obs["condition"].astype(str).to_numpy()) + "_" + pair
     start = time.perf_counter()
-    matching.match_groups(latent, groups.to_numpy(), k=1, device="cpu")
+    matching.match_groups(latent, groups.to_numpy(), k=1, device=device)
     return {"match_s": time.perf_counter() - start, "groups": int(groups.nunique())}
 
 
@@ -175,14 +178,21 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--n-cells", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--device", default="cpu", help="torch's and faiss' device for train, infer, ndreamer, match")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.stage == "read":
         result = read_rates(store_path(args.store, args.n_cells))
+    elif args.stage == "write":
+        result = write_store(args.store, args.n_cells)
     else:
-        result = STAGES[args.stage](args.store, args.n_cells)
-    result.update(stage=args.stage, n_cells=args.n_cells, wall_s=time.perf_counter() - start,
+        result = STAGES[args.stage](args.store, args.n_cells, args.device)
+    result.update(stage=args.stage, n_cells=args.n_cells, device=args.device, wall_s=time.perf_counter() - start,
                   peak_rss_gib=(status_mib("VmHWM") or float("nan")) / 1024)
+    if args.device.startswith("cuda") and args.stage != "write":
+        import torch
+
+        result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3  # torch's tensors only, not faiss'
     args.result.write_text(json.dumps(result))
 
 
