@@ -212,28 +212,37 @@ class TrainingLoop:
             if max_steps is not None and self.step >= max_steps:
                 break
             loss, parts = self.minibatch_loss(item)
-            finite = bool(torch.isfinite(loss))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # a NaN loss gives NaN gradients, never applied: the checks below stop first
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), plan.gradient_clip) if plan.gradient_clip else None
+            # one copy to the host per step: on a GPU each .item() or bool() waits for the queued kernels
+            values = self._to_host(loss, norm, parts)
+            finite = math.isfinite(values[0])
             # every rank asks, so that one rank's NaN stops all of them (with that rank's message)
             if self.parallel.any(not finite):
                 raise NonFiniteError(self.parallel.first_message(None if finite else self.diagnose("the loss", parts)))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if plan.gradient_clip:
-                norm = torch.nn.utils.clip_grad_norm_(self.parameters(), plan.gradient_clip)
-                if not torch.isfinite(norm):
-                    raise NonFiniteError(self.diagnose("the gradient", parts))
+            if norm is not None and not math.isfinite(values[1]):
+                raise NonFiniteError(self.diagnose("the gradient", parts))
             self.optimizer.step()
             self.step += 1
             self.after_step(item)
             weight = self.minibatch_weight(item)
-            total += loss.item() * weight
+            total += values[0] * weight
             weights += weight
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * weight
+            for name, value in zip(parts, values[2:]):
+                sums[name] = sums.get(name, 0.0) + value * weight
         # each rank's loss is its share of the global minibatch's: the epoch's loss is their mean
         total, *means = self.parallel.mean([total, *sums.values()])
         scale = 1.0 / weights if weights else math.nan
         return total * scale, {name: value * scale for name, value in zip(sums, means)}
+
+    @staticmethod
+    def _to_host(loss: torch.Tensor, norm: torch.Tensor | None, parts: dict) -> list[float]:
+        """``[loss, gradient norm (NaN if none), *parts]`` as floats, in one device-to-host copy."""
+        device, dtype = loss.device, loss.dtype
+        scalars = [loss.detach(), torch.full((), math.nan, device=device, dtype=dtype) if norm is None else norm]
+        scalars += [torch.as_tensor(value, device=device, dtype=dtype).detach() for value in parts.values()]
+        return torch.stack([scalar.reshape(()).to(dtype) for scalar in scalars]).tolist()
 
     def _done(self, plan) -> bool:
         max_steps = plan.max_steps
