@@ -10,6 +10,9 @@ own, since torch on CUDA does not make faiss able to use it (faiss-cpu, the defa
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +32,17 @@ GPU_MAX_K = 2048
 FAISS_GPU_PACKAGE = "faiss-gpu"
 GPU_INSTALL_HINT = (f"install the faiss GPU build instead of faiss-cpu (both provide the faiss module): "
                     f"pip uninstall faiss-cpu && pip install {FAISS_GPU_PACKAGE}")
+#: A faiss GPU build must hold machine code for the GPU: faiss-gpu-cu12 1.14 has sm_70 and sm_80 only and aborts
+#: on an H100 or H200 ("no kernel image is available"); faiss-gpu 1.15.1 has sm_70 to sm_90.
+GPU_REBUILD_HINT = (f"install a faiss GPU build with code for this GPU: pip uninstall faiss-gpu-cu12 faiss-cpu && "
+                    f"pip install '{FAISS_GPU_PACKAGE}>=1.15.1'")
+#: The search :func:`gpu_search_runs` tries in a child process, and how long it may take (CUDA start-up included).
+GPU_PROBE = """import numpy as np, faiss
+x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+_, found = faiss.knn_gpu(faiss.StandardGpuResources(), x, x, 1)
+assert (found[:, 0] == np.arange(256)).all(), "faiss' GPU search found wrong neighbours"
+"""
+GPU_PROBE_TIMEOUT_S = 120
 
 METHODS = ("auto", "exact", "ivf")
 #: ``method="auto"`` switches from an exact to an approximate (IVF) CPU search above this many query x base
@@ -37,6 +51,7 @@ EXACT_MAX_PAIRS = 1.5e10
 
 _gpu_resources = None
 _cpu_fallback_logged = False  # the "runs on the CPU" message is logged once per process
+_gpu_probe = None  # gpu_search_runs' answer, found once per process
 _large_k_logged = False  # so is the one for k > GPU_MAX_K
 
 
@@ -71,7 +86,38 @@ def _gpu_problem() -> tuple[str, str] | None:
     if getattr(faiss, "get_num_gpus", lambda: 0)() < 1:
         return ("faiss has GPU support but sees no CUDA device (faiss.get_num_gpus() == 0)",
                 "check that a CUDA GPU is visible (CUDA_VISIBLE_DEVICES) and that the driver supports faiss' CUDA")
+    runs, failure = gpu_search_runs()
+    if not runs:
+        return f"faiss' GPU search fails on this GPU ({failure})", GPU_REBUILD_HINT
     return None
+
+
+def gpu_search_runs() -> tuple[bool, str]:
+    """Whether a small faiss GPU search runs and is right here, tried once per process in a child process.
+
+    faiss stops the whole process (abort, not a Python exception) when its GPU code cannot run, for
+    example a build without machine code for this GPU. A child process takes that instead of the
+    caller's session (a trained model, unsaved results): about a second, once, on machines where faiss
+    has GPU support and sees a GPU.
+
+    Returns
+    -------
+    tuple of (bool, str)
+        Whether :data:`GPU_PROBE` ran and found each point itself, and if not the child's last error line.
+    """
+    global _gpu_probe
+    if _gpu_probe is None:
+        # the child imports the faiss this process would: same interpreter, same module search path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        try:
+            child = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, env=env,
+                                   timeout=GPU_PROBE_TIMEOUT_S)
+            lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+            _gpu_probe = (child.returncode == 0,
+                          "" if child.returncode == 0 else (lines[-1] if lines else f"exit status {child.returncode}")[-300:])
+        except subprocess.TimeoutExpired:
+            _gpu_probe = (False, f"a test search did not finish within {GPU_PROBE_TIMEOUT_S} s")
+    return _gpu_probe
 
 
 def faiss_gpu_available() -> bool:
@@ -80,8 +126,9 @@ def faiss_gpu_available() -> bool:
     Returns
     -------
     bool
-        True only if faiss was built with GPU support and ``faiss.get_num_gpus() > 0`` (faiss-gpu
-        imports on CPU-only hosts, where ``index_cpu_to_all_gpus`` silently gives an empty index).
+        True only if faiss was built with GPU support, ``faiss.get_num_gpus() > 0`` (faiss-gpu
+        imports on CPU-only hosts, where ``index_cpu_to_all_gpus`` silently gives an empty index) and a
+        small GPU search runs (:func:`gpu_search_runs`).
     """
     return _gpu_problem() is None
 

@@ -139,6 +139,7 @@ def test_faiss_gpu_available_needs_gpu_support_and_a_device(monkeypatch):
     # faiss-gpu on a CPU-only host: the GPU classes exist but there is no device
     fake = types.SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 0)
     monkeypatch.setattr(matching, "_faiss", lambda: fake)
+    monkeypatch.setattr(matching, "_gpu_probe", (True, ""))  # as if the GPU search ran
     assert matching.faiss_gpu_available() is False
     with pytest.raises(ValueError, match="sees no CUDA device"):
         matching.resolve_faiss_device("cuda")
@@ -161,6 +162,45 @@ def test_auto_device_logs_the_cpu_fallback_once(monkeypatch, caplog):
     records = [r for r in caplog.records if r.name == "pyro_scmodels.matching"]
     assert len(records) == 1 and records[0].levelno == logging.INFO
     assert "runs on the CPU" in records[0].getMessage()
+
+
+@pytest.fixture
+def gpu_build_with_one_gpu(monkeypatch):
+    """A faiss GPU build seeing one GPU, torch on CUDA, and no GPU search tried yet in this process."""
+    monkeypatch.setattr(matching, "_faiss", lambda: types.SimpleNamespace(StandardGpuResources=object,
+                                                                          get_num_gpus=lambda: 1))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(matching, "_gpu_probe", None)
+    monkeypatch.setattr(matching, "_cpu_fallback_logged", False)
+
+
+def test_a_gpu_build_that_aborts_on_this_gpu_falls_back_to_the_cpu(gpu_build_with_one_gpu, monkeypatch, caplog):
+    # as faiss-gpu-cu12 1.14 on an H200: the GPU search kills its process
+    abort = "import sys, os; sys.stderr.write('Faiss assertion failed: CUDA error 209 no kernel image\\n'); os.abort()"
+    monkeypatch.setattr(matching, "GPU_PROBE", abort)
+    with caplog.at_level(logging.INFO, logger="pyro_scmodels.matching"):
+        assert matching.resolve_faiss_device("auto") == "cpu"  # this process lives on
+    assert matching.faiss_gpu_available() is False
+    warning = [r for r in caplog.records if r.name == "pyro_scmodels.matching"][0]
+    assert warning.levelno == logging.WARNING and "no kernel image" in warning.getMessage()
+    assert "faiss-gpu>=1.15.1" in warning.getMessage()
+    with pytest.raises(ValueError, match="device='cuda' cannot be used: faiss' GPU search fails on this GPU"):
+        matching.resolve_faiss_device("cuda")
+
+
+def test_the_gpu_search_is_tried_once_per_process(gpu_build_with_one_gpu, monkeypatch, tmp_path):
+    tries = tmp_path / "tries"
+    monkeypatch.setattr(matching, "GPU_PROBE", f"open({str(tries)!r}, 'a').write('x')")
+    assert matching.resolve_faiss_device("auto") == "cuda" and matching.resolve_faiss_device("cuda") == "cuda"
+    assert matching.faiss_gpu_available() is True
+    assert tries.read_text() == "x"
+
+
+def test_a_gpu_search_that_hangs_is_given_up(gpu_build_with_one_gpu, monkeypatch):
+    monkeypatch.setattr(matching, "GPU_PROBE", "import time; time.sleep(30)")
+    monkeypatch.setattr(matching, "GPU_PROBE_TIMEOUT_S", 1)
+    runs, failure = matching.gpu_search_runs()
+    assert not runs and "did not finish within 1 s" in failure
 
 
 @pytest.fixture
@@ -205,6 +245,7 @@ def faiss_setup(monkeypatch):
     monkeypatch.setattr(matching, "_cpu_fallback_logged", False)
     monkeypatch.setattr(matching, "_large_k_logged", False)
     monkeypatch.setattr(matching, "_gpu_resources", None)
+    monkeypatch.setattr(matching, "_gpu_probe", (True, ""))  # the child-process search, as if it ran
     return setup
 
 
