@@ -8,12 +8,11 @@ Training: ``simulate(20,000 cells x 2,000 genes)``; both tools train the archite
 ``bench_train.py`` (128 hidden units, 10 latent dimensions, 1 layer, 90 % of the cells, validation
 every epoch), one warm-up epoch and then 3 timed epochs, at batch 128 and 1024. In each round the
 order is: ours with counts densified on the host per minibatch, scvi-tools SCVI (its own data loader,
-``accelerator="gpu"``), ours again without Pyro's argument checks, ours with the counts held on the GPU
-(``counts_on_device=True``); two rounds (A B C D A B C D). Matching: ``bench_matching.simulate_embedding(10^6)`` (50 dimensions, 4 groups)
+``accelerator="gpu"``), ours with the counts held on the GPU (``counts_on_device=True``); two rounds
+(A B C A B C). Matching: ``bench_matching.simulate_embedding(10^6)`` (50 dimensions, 4 groups)
 matched with ``match_groups(k=1)`` on the device faiss chooses (exact, the GPU index when faiss has
 GPU support), twice; then on the CPU (IVF at this size) once, and recall@1 of the CPU's matches
 against the exact ones over every cell (a differing index with an equal distance counts as a tie).
-Training also runs ours with Pyro's argument validation off, to measure what those checks cost on a GPU.
 Each figure is added to ``--output`` (kept across calls with different ``--parts``) as soon as it is
 measured. ``--device cpu`` is a dry run.
 """
@@ -97,25 +96,12 @@ def recall_against(exact: dict, other: dict) -> float:
 
 
 def training_figures(args, record, attempt) -> None:
-    """Training cells/s: ours (host counts; host counts without Pyro's argument checks), SCVI, ours (device counts)."""
-    import pyro
-
-    def ours_unvalidated(adata, batch_size, device):
-        # Pyro and torch check every distribution's arguments and values; each check of a CUDA tensor waits
-        # for the GPU. This variant measures what those checks cost.
-        pyro.enable_validation(False)
-        try:
-            return train_ours(adata, batch_size, device, False)
-        finally:
-            pyro.enable_validation(True)
-
+    """Training cells/s: ours (host counts), SCVI, ours (device counts), two rounds."""
     adata = ps.datasets.simulate(n_cells=args.cells, n_genes=2_000, seed=0)
     for batch_size in args.batch_sizes:
         for round_ in range(2):
             attempt(f"ours_host_b{batch_size}_r{round_}", train_ours, adata.copy(), batch_size, args.device, False)
             attempt(f"scvi_b{batch_size}_r{round_}", train_scvi, adata, batch_size, args.device)
-            attempt(f"ours_host_unvalidated_b{batch_size}_r{round_}", ours_unvalidated, adata.copy(), batch_size,
-                    args.device)
             attempt(f"ours_device_b{batch_size}_r{round_}", train_ours, adata.copy(), batch_size, args.device, True)
 
 
