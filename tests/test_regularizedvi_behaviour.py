@@ -178,6 +178,21 @@ def test_nan_is_detected_and_named(small):
         model.train(max_epochs=2, **QUICK)
 
 
+def test_a_nan_loss_stops_before_any_parameter_moves(small):
+    # the loop checks the loss after backward (one host copy per step): the optimiser step must not run
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    with torch.no_grad():
+        model.module.model.decoder.output.bias[3] = float("nan")
+    before = {name: p.detach().clone() for name, p in model.trainer.named_parameters()}
+    step = model.trainer.step
+    with pytest.raises(NonFiniteError, match="the loss is NaN or Inf"):
+        model.train(max_epochs=1, **QUICK)
+    assert model.trainer.step == step
+    for name, p in model.trainer.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], equal_nan=True, rtol=0, atol=0, msg=name)
+
+
 def test_counts_stay_sparse_and_only_minibatch_rows_are_densified(small):
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=1, **QUICK)
