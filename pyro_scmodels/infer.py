@@ -102,15 +102,25 @@ class ELBOLoss(torch.nn.Module):
         super().__init__()
         self.model, self.guide = model, guide
         self.elbo = Trace_ELBO()
+        self.checked = False  # whether Pyro has checked the model and guide (on the first call)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
-        """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``."""
+        """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
+
+        Pyro's checks of the model against the guide (matching sites, shapes, a NaN or Inf warning per
+        site) run on the first call only: the structure is the same for every minibatch, and on a GPU
+        each per-site check waits for the device. The training loop checks every step's loss and gradient.
+        """
         # the data were validated once at setup; per-step support checks only cost time
-        with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
+        with pyro.validation_enabled(not self.checked), pyro.settings.context(
+                validate_distributions_pyro=False, validate_distributions_torch=False):
             if local_factor == 1.0:
-                return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
-            with LocalScale(local_factor):
-                return self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+            else:
+                with LocalScale(local_factor):
+                    loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+        self.checked = True
+        return loss
 
 
 class SVITrainer(TrainingLoop):

@@ -193,6 +193,21 @@ def test_a_nan_loss_stops_before_any_parameter_moves(small):
         torch.testing.assert_close(p.detach(), before[name], equal_nan=True, rtol=0, atol=0, msg=name)
 
 
+def test_pyro_checks_the_model_and_guide_on_the_first_loss_only(small, monkeypatch):
+    # site matching, shapes and a NaN warning per site: once, not on every step (each waits for a GPU)
+    import pyro.poutine.trace_struct as trace_struct
+
+    calls = []
+    real = trace_struct.warn_if_nan
+    monkeypatch.setattr(trace_struct, "warn_if_nan", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    checked = len(calls)
+    assert checked > 0  # the first pass was checked
+    model.train(max_epochs=2, **QUICK)
+    assert len(calls) == checked and model.trainer.step > 2
+
+
 def test_counts_stay_sparse_and_only_minibatch_rows_are_densified(small):
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=1, **QUICK)
