@@ -8,6 +8,7 @@ checkpoints with resume, a tqdm progress bar and a per-epoch history.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -108,17 +109,15 @@ class ELBOLoss(torch.nn.Module):
         """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
 
         Pyro's checks of the model against the guide (matching sites, shapes, a NaN or Inf warning per
-        site) run on the first call only: the structure is the same for every minibatch, and on a GPU
-        each per-site check waits for the device. The training loop checks every step's loss and gradient.
+        site) run on the first call only, when Pyro's validation is on: the structure is the same for
+        every minibatch, and on a GPU each per-site check waits for the device. The training loop checks
+        every step's loss and gradient.
         """
+        checks = pyro.validation_enabled(False) if self.checked else contextlib.nullcontext()
+        scale = LocalScale(local_factor) if local_factor != 1.0 else contextlib.nullcontext()
         # the data were validated once at setup; per-step support checks only cost time
-        with pyro.validation_enabled(not self.checked), pyro.settings.context(
-                validate_distributions_pyro=False, validate_distributions_torch=False):
-            if local_factor == 1.0:
-                loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
-            else:
-                with LocalScale(local_factor):
-                    loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
+        with checks, pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False), scale:
+            loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
         self.checked = True
         return loss
 

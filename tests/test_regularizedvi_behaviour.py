@@ -206,6 +206,15 @@ def test_pyro_checks_the_model_and_guide_on_the_first_loss_only(small, monkeypat
     assert checked > 0  # the first pass was checked
     model.train(max_epochs=2, **QUICK)
     assert len(calls) == checked and model.trainer.step > 2
+    # validation switched off by the user stays off, on the first call too
+    calls.clear()
+    was_on = pyro.poutine.util.is_validation_enabled()
+    pyro.enable_validation(False)
+    try:
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=1, **QUICK)
+    finally:
+        pyro.enable_validation(was_on)
+    assert calls == []
 
 
 def test_counts_stay_sparse_and_only_minibatch_rows_are_densified(small):
