@@ -39,9 +39,15 @@ def _maxrss_mib() -> float:
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
-def _train_ours(adata, epochs: int, batch_size: int = BATCH_SIZE) -> dict:
-    """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks."""
+def _train_ours(adata, epochs: int, batch_size: int = BATCH_SIZE, direct: bool = True) -> dict:
+    """Warm up and time ``RegularizedVI`` training; returns training cells, seconds, checks.
+
+    ``direct=False`` trains with Pyro's ``Trace_ELBO`` (the model class's direct form switched off).
+    """
     import pyro_scmodels
+    from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
+
+    RegularizedVIModel.direct_elbo = direct
 
     pyro_scmodels.RegularizedVI.setup_anndata(adata, batch_key="batch")
     model = pyro_scmodels.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS)
@@ -52,6 +58,8 @@ def _train_ours(adata, epochs: int, batch_size: int = BATCH_SIZE) -> dict:
     # as in scvi-tools, a second call trains max_epochs more epochs from the current weights
     model.train(max_epochs=epochs, **settings)
     seconds = time.perf_counter() - start
+    if model.trainer.elbo_loss.direct is not direct:
+        raise RuntimeError(f"asked for direct={direct}, trained with direct={model.trainer.elbo_loss.direct}")
     timed = model.history.iloc[WARMUP_EPOCHS:]
     return {
         "n_train": len(model.train_indices),
@@ -108,7 +116,7 @@ def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, resu
     Parameters
     ----------
     tool
-        ``"pyro_scmodels"`` or ``"scvi-tools"``.
+        ``"pyro_scmodels"``, ``"pyro_scmodels-trace"`` (with Pyro's ``Trace_ELBO``) or ``"scvi-tools"``.
     data_path
         An ``.h5ad`` file with raw counts in ``.X`` and ``obs["batch"]``.
     epochs
@@ -130,8 +138,10 @@ def run_worker(tool: str, data_path: str, epochs: int, threads: int | None, resu
     # read afresh: this process owns its AnnData
     adata = anndata.read_h5ad(data_path)
     rss_loaded = _maxrss_mib()
-    train = _train_ours if tool == "pyro_scmodels" else _train_scvi
-    result = train(adata, epochs, batch_size)
+    if tool == "scvi-tools":
+        result = _train_scvi(adata, epochs, batch_size)
+    else:
+        result = _train_ours(adata, epochs, batch_size, direct=tool == "pyro_scmodels")
     result.update(
         tool=tool, epochs=epochs, threads=torch.get_num_threads(),
         rss_loaded_mib=rss_loaded, rss_peak_mib=_maxrss_mib(),

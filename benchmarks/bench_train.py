@@ -53,7 +53,8 @@ DEFAULT_EPOCHS = {"pbmc": 10, "simulated": 5}
 QUICK_EPOCHS = 1
 QUICK_CELLS = 500
 SIMULATED_SHAPE = (20000, 2000)
-TOOLS = ("pyro_scmodels", "scvi-tools")
+TOOLS = ("pyro_scmodels", "pyro_scmodels-trace", "scvi-tools")
+DEFAULT_TOOLS = ("pyro_scmodels", "scvi-tools")  # pyro_scmodels-trace: ours with Pyro's Trace_ELBO (direct form off)
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,12 +163,16 @@ def measure_dataset(dataset: dict, tools: list[str], epochs: int, child_threads:
                 speed.setdefault(tool, []).append(result["cells_per_s"])
                 print_result(result, epochs, threads)
             rows.append(result)
-    if len(speed) == 2:
-        ratio = (sum(speed["pyro_scmodels"]) / len(speed["pyro_scmodels"])) / (sum(speed["scvi-tools"]) / len(speed["scvi-tools"]))
-        for row in rows:
-            if row["tool"] == "pyro_scmodels":
-                row["ratio"] = ratio
-        print(f"  ratio ours / scvi-tools (mean cells/s over rounds): {ratio:.2f}")
+    mean = {tool: sum(values) / len(values) for tool, values in speed.items()}
+    if "scvi-tools" in mean:
+        for tool in ("pyro_scmodels", "pyro_scmodels-trace"):
+            if tool in mean:
+                for row in rows:
+                    if row["tool"] == tool:
+                        row["ratio"] = mean[tool] / mean["scvi-tools"]
+                print(f"  ratio {tool} / scvi-tools (mean cells/s over rounds): {mean[tool] / mean['scvi-tools']:.2f}")
+    if "pyro_scmodels" in mean and "pyro_scmodels-trace" in mean:
+        print(f"  ratio direct ELBO / Trace_ELBO: {mean['pyro_scmodels'] / mean['pyro_scmodels-trace']:.2f}")
     return rows
 
 
@@ -278,7 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="timed epochs for every dataset (default: PBMC 10, simulated 5; quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both tools (default: torch's default)")
     parser.add_argument("--datasets", nargs="+", choices=["pbmc", "simulated"], default=["pbmc", "simulated"], help="datasets to run")
-    parser.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS), help="tools to run (scvi-tools only when importable)")
+    parser.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(DEFAULT_TOOLS),
+                        help="tools to run (scvi-tools only when importable; pyro_scmodels-trace: ours with Pyro's Trace_ELBO)")
     parser.add_argument("--pbmc", type=Path, default=PBMC_PATH, help="path of the PBMC .h5ad file")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[BATCH_SIZE], help="minibatch sizes, each measured")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the alternating tools (A B A B for 2)")

@@ -16,7 +16,12 @@
 #   5. training cells/s of ours against scvi-tools SCVI (gpu_figures.py --parts training);
 #   6. matching 10^6 cells on the CPU (IVF) with recall@1 against the GPU's exact matches.
 # Everything lands in $OUT: gpu_check.log, gpu_figures.json, scale_*.json.
+# Arguments choose steps 2-6 (default: all): tests matching scale training cpu-matching, e.g.
+#   bash benchmarks/gpu_check.sh tests training
+# The training step also runs ours with Pyro's Trace_ELBO (--trace-too: the A/B of the direct ELBO).
 set -uo pipefail
+steps=${*:-tests matching scale training cpu-matching}
+wanted() { [[ " $steps " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
@@ -46,18 +51,29 @@ d, i = faiss.knn_gpu(faiss.StandardGpuResources(), x[:500], x, 3)
 print("knn_gpu finds each point itself:", bool((i[:, 0] == np.arange(500)).all()), "max self-distance", float(d[:, 0].max()))
 EOF
 # (if faiss' GPU search fails here, the package finds out by itself, in a child process, and matches on the CPU)
-step "tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 tests/test_gpu.py tests/test_matching.py
-step "matching 10^6 cells on faiss' device"
-figures 90 matching
-step "scale route at 10^5 cells from disk, device cuda"
-for stage in write train infer ndreamer match; do
-    device=cuda; [ "$stage" = write ] && device=cpu
-    timeout 100 python3 benchmarks/_scale_worker.py "$stage" --store /tmp/store --n-cells 100000 --device "$device" \
-        --result "$OUT/scale_$stage.json" && cat "$OUT/scale_$stage.json" && echo || break
-done
-step "training against scvi-tools"
-figures 200 training
-step "matching 10^6 cells on the CPU, recall against the GPU"
-figures 90 matching cpu-matching
+if wanted tests; then
+    step "tests"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 tests/test_gpu.py tests/test_matching.py \
+        tests/test_direct_elbo.py
+fi
+if wanted matching; then
+    step "matching 10^6 cells on faiss' device"
+    figures 90 matching
+fi
+if wanted scale; then
+    step "scale route at 10^5 cells from disk, device cuda"
+    for stage in write train infer ndreamer match; do
+        device=cuda; [ "$stage" = write ] && device=cpu
+        timeout 100 python3 benchmarks/_scale_worker.py "$stage" --store /tmp/store --n-cells 100000 --device "$device" \
+            --result "$OUT/scale_$stage.json" && cat "$OUT/scale_$stage.json" && echo || break
+    done
+fi
+if wanted training; then
+    step "training against scvi-tools"
+    figures 330 training --trace-too
+fi
+if wanted cpu-matching; then
+    step "matching 10^6 cells on the CPU, recall against the GPU"
+    figures 90 matching cpu-matching
+fi
 step "done"

@@ -63,6 +63,12 @@ class PositiveSiteGuide(LocalPyroModule):
     def forward(self, name: str) -> torch.Tensor:
         return pyro.sample(name, self.distribution())
 
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised draw and its log-density (0 for a point estimate), as :meth:`forward`'s site holds them."""
+        q = self.distribution()
+        value = q.rsample()
+        return value, q.log_prob(value).sum()
+
     def median(self) -> torch.Tensor:
         """The point estimate, or the LogNormal median (detached)."""
         return (self.value if self.family == "map" else self.loc.exp()).detach()

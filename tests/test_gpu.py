@@ -38,6 +38,29 @@ def test_regularizedvi_trains_on_cuda_host_and_device_counts(cells):
         assert latent.shape == (1500, 5) and np.isfinite(latent).all()
 
 
+def test_direct_elbo_on_cuda_equals_trace_elbo_and_is_taken(cells):
+    """On CUDA the direct ELBO gives Trace_ELBO's loss and gradient, and training keeps it (first-call check passed)."""
+    adata = cells.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, seed=0, **TINY)
+    model.train(max_epochs=2, device="cuda", counts_on_device=True, **FAST)
+    loss_module = model.trainer.elbo_loss
+    # the check at the first call restored the GPU's random generator (dropout, z, l draws) before comparing
+    assert loss_module.direct
+    batch = model.trainer.data.minibatch(np.arange(256))
+    results = {}
+    for form in ("trace_loss", "direct_loss"):
+        for parameter in loss_module.parameters():
+            parameter.grad = None
+        torch.manual_seed(5)
+        loss = getattr(loss_module, form)(batch, 1500, 0.5)
+        loss.backward()
+        results[form] = (loss.item(), [p.grad.clone() for p in loss_module.parameters()])
+    assert results["direct_loss"][0] == pytest.approx(results["trace_loss"][0], rel=1e-5)
+    for traced, direct in zip(results["trace_loss"][1], results["direct_loss"][1]):
+        assert (direct - traced).abs().max().item() <= 1e-4 * max(traced.abs().max().item(), 1e-6)
+
+
 def test_training_from_disk_on_cuda(cells, tmp_path):
     path = tmp_path / "cells.h5ad"
     cells.write_h5ad(path)

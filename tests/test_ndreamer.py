@@ -257,7 +257,7 @@ def test_from_model_matching_and_model_based_counterfactuals():
 
     With the basal-state setup (condition given to the encoder and the decoder) the model ITE is
     unbiased in scale and follows the within-type effect modifier. Its 90 % interval holds only
-    the spread of z under point-estimate parameters: coverage is far below nominal (about 0.35
+    the spread of z under point-estimate parameters: coverage is far below nominal (0.25-0.43
     here); the floor guards against narrower intervals, it does not claim calibration.
     """
     adata = ps.datasets.simulate(n_cells=2000, n_genes=200, seed=0, effect_modifier=1.0)
@@ -281,12 +281,14 @@ def test_from_model_matching_and_model_based_counterfactuals():
     low, mean, high = (results.layers[f"ite_model_stimulated{s}"] for s in ("_q05", "", "_q95"))
     assert (low <= high).all() and ((low <= mean + 1e-5) & (mean <= high + 1e-5)).mean() > 0.99
     recovery = M.effect_recovery(adata, mean, low=low, high=high)
-    # measured (seed 0, n_hidden 128): slope 1.11, per-cell r 0.75, false effect 0.094, coverage 0.31;
-    # without latent_independence the same network gives slope ~0.5 and per-cell r ~0.2
+    # measured over model seeds 0-2, with the direct ELBO and with Trace_ELBO (2026-12-04): slope 1.08-1.13,
+    # per-cell r 0.65-0.79, false effect 0.06-0.116, coverage 0.25-0.43 (rounding differences between the two
+    # equal losses grow over 960 steps into this seed-like spread); without latent_independence the same
+    # network gives slope ~0.5 and per-cell r ~0.2
     assert 0.8 <= recovery["slope"] <= 1.25
     assert recovery["per_cell_r"] >= 0.6
-    assert recovery["false_effect_ratio"] <= 0.12
-    assert recovery["coverage"] >= 0.25
+    assert recovery["false_effect_ratio"] <= 0.13
+    assert recovery["coverage"] >= 0.2
 
 
 def test_model_counterfactual_warns_when_z_carries_the_condition():

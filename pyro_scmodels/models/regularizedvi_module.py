@@ -17,7 +17,6 @@ Read :meth:`RegularizedVIModel.forward` next to the equations::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,47 +30,14 @@ from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
 from ..distributions import GammaPoissonMean, select_rows
 from ..independence import category_mmd
-from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
-from ..nn import GaussianEncoder, SoftplusDecoder
+from ..nn import SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
+from ..pyro_modules import LocalPyroModule
+from .regularizedvi_dims import GLOBAL_SITES, SITE_COVARIATE_ROLES, RegularizedVIDims  # noqa: F401  (their import path)
+from .regularizedvi_guide import RegularizedVIGuide
 
 if TYPE_CHECKING:  # only for the annotation of build_model_and_guide
     from ..data import CellData
-
-GLOBAL_SITES = ("dispersion_rate", "ambient", "feature_scaling", "library_residual_weight")
-#: the covariate role (a field of ``CovariateKeys``) whose categories index the first axis of
-#: each per-gene global site; used to name the categories in tables and exports
-SITE_COVARIATE_ROLES = {
-    "ambient": "ambient", "feature_scaling": "feature_scaling", "inverse_sqrt_theta": "dispersion",
-    "dispersion": "dispersion", "dispersion_rate": "dispersion",
-}
-
-
-@dataclass
-class RegularizedVIDims:
-    """Sizes of a RegularizedVI module."""
-
-    n_genes: int
-    n_latent: int = 10
-    n_hidden: int = 128
-    n_layers: int = 1
-    n_ambient: int = 1  # stacked ambient categories (sum over ambient keys)
-    n_scaling: int = 1  # stacked feature-scaling categories
-    n_dispersion: int = 1  # dispersion groups
-    n_library: int = 1  # library-prior groups
-    n_nn_covariates: int = 0  # one-hot width injected into the decoder
-    n_encoder_covariates: int = 0  # one-hot width given to the encoders
-    n_continuous: int = 0
-    use_ambient: bool = True  # additive ambient background (s)
-    use_feature_scaling: bool = True  # multiplicative feature scaling (y)
-    n_decoder_latent: int | None = None  # width of the z the decoder reads (default n_latent)
-    site_suffix: str = ""  # appended to every site and plate name of this modality ("_rna")
-    counts_key: str = "x"  # the minibatch entry holding this modality's counts
-    latent_independence: float = 0.0  # weight of the MMD penalty on z across encoder-covariate categories
-
-    def site(self, name: str) -> str:
-        """Name of a site of this modality."""
-        return name + self.site_suffix
 
 
 def background(ambient, ambient_index) -> torch.Tensor:
@@ -154,10 +120,10 @@ class RegularizedVIModel(LocalPyroModule):
         """w ~ prior: the weight of the observed library size in the library guide."""
         return pyro.sample(self.dims.site("library_residual_weight"), self.priors["library_residual_weight"])
 
-    def decoder_weight_prior(self) -> None:
-        """Normal prior on the decoder weights, as a MAP penalty."""
+    def decoder_weight_log_density(self) -> torch.Tensor | None:
+        """log p(decoder weights) relative to its value at 0 (None without a weight prior)."""
         if "decoder_weight" not in self.priors:
-            return
+            return None
         # the prior enters relative to its density at 0, so the per-cell loss is not swamped
         # by a normalising constant of ~1.7 nats per weight
         prior = self.priors["decoder_weight"]
@@ -166,10 +132,14 @@ class RegularizedVIModel(LocalPyroModule):
             # a prior shared by every weight: its density at 0 is one number (no tensor of zeros to evaluate);
             # it is subtracted per weight, before summing, so float32 sums never hold the large constant
             at_zero = prior.log_prob(weights[0].new_zeros(()))
-            penalty = sum((prior.log_prob(w) - at_zero).sum() for w in weights)
-        else:
-            penalty = sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in weights)
-        pyro.factor(self.dims.site("decoder_weight_prior"), penalty)
+            return sum((prior.log_prob(w) - at_zero).sum() for w in weights)
+        return sum((prior.log_prob(w) - prior.log_prob(torch.zeros_like(w))).sum() for w in weights)
+
+    def decoder_weight_prior(self) -> None:
+        """Normal prior on the decoder weights, as a MAP penalty (:meth:`decoder_weight_log_density`)."""
+        penalty = self.decoder_weight_log_density()
+        if penalty is not None:
+            pyro.factor(self.dims.site("decoder_weight_prior"), penalty)
 
     def global_sites(self) -> dict[str, torch.Tensor]:
         """Sample every global site (outside the cell plate): counted once per dataset."""
@@ -242,20 +212,28 @@ class RegularizedVIModel(LocalPyroModule):
         """
         site = self.dims.site
         with poutine.mask(mask=True if mask is None else mask):
-            p = batch["library_index"]
-            library = pyro.sample(site("library"), dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p]))
+            library = pyro.sample(site("library"), self.library_prior(batch))
             rho = self.decode(z, batch)
             mu = expected_counts(
                 library, rho, global_values["ambient"], global_values["feature_scaling"], batch["ambient_index"],
                 batch["scaling_index"],
             )
-            # GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu), written with its mean (see GammaPoissonMean)
-            group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-            # the minibatch says where its stored counts are (read off the sparse rows), when it knows
-            positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
-            pyro.sample(site("obs"), GammaPoissonMean(mu, global_values["theta"], group, positions=positions).to_event(1),
+            pyro.sample(site("obs"), self.count_distribution(mu, global_values["theta"], batch).to_event(1),
                         obs=batch[self.dims.counts_key])
         return mu
+
+    def library_prior(self, batch: dict) -> dist.LogNormal:
+        """p(l_n) = LogNormal(m_p, sqrt(0.5 v_p)) of each cell's library group p."""
+        p = batch["library_index"]
+        return dist.LogNormal(self.library_prior_loc[p], self.library_prior_scale[p])
+
+    def count_distribution(self, mu: torch.Tensor, theta: torch.Tensor, batch: dict) -> GammaPoissonMean:
+        """p(x_n | mu_n) = GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu_n), per cell and gene."""
+        # written with its mean (see GammaPoissonMean); theta per dispersion group
+        group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
+        # the minibatch says where its stored counts are (read off the sparse rows), when it knows
+        positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
+        return GammaPoissonMean(mu, theta, group, positions=positions)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         global_values = self.global_sites()
@@ -274,138 +252,75 @@ class RegularizedVIModel(LocalPyroModule):
         guide, which makes z carry no information on what the encoder is told (module
         :mod:`pyro_scmodels.independence`). Off (lambda = 0) by default.
         """
+        penalty = self.latent_independence_log_factor(z, batch, n_obs)
+        if penalty is not None:
+            pyro.factor(self.dims.site("latent_independence"), penalty)
+
+    def latent_independence_log_factor(self, z: torch.Tensor, batch: dict, n_obs: int) -> torch.Tensor | None:
+        """The factor of :meth:`latent_independence_penalty` (None when off or not applicable)."""
         if self.dims.latent_independence <= 0 or batch.get("encoder_codes") is None:
-            return
+            return None
         if z.dim() != 2:
             # draws of z with a sample dimension (posterior predictive checks): a penalty on training, not
             # a density of the model, so it has nothing to add to a predictive draw
-            return
+            return None
         # per cell, like the ELBO's data term: the minibatch statistic times the dataset size
-        penalty = self.dims.latent_independence * n_obs * category_mmd(z, batch["encoder_codes"])
-        pyro.factor(self.dims.site("latent_independence"), -penalty)
+        return -self.dims.latent_independence * n_obs * category_mmd(z, batch["encoder_codes"])
 
+    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    #: this class's :meth:`log_joint` scores exactly the sites of :meth:`forward` (a subclass that
+    #: changes the sites trains with Pyro's Trace_ELBO unless it sets this itself)
+    direct_elbo = True
 
-class RegularizedVIGuide(LocalPyroModule):
-    """The variational distribution: amortised for z and l, mean-field for the globals.
-
-    Parameters
-    ----------
-    dims
-        Sizes.
-    init
-        Initial values: ``ambient`` (categories x genes), ``library_log_total_centre`` (float);
-        optionally ``ambient_profile`` (categories x genes): then s = amount x that profile and
-        only the amount per category is learned (starting at the total of ``ambient``).
-    global_guides
-        Guide family per global site: ``"map"`` (default) or ``"lognormal"``.
-    dropout_rate, input_dropout_rate
-        Encoder dropout after hidden layers and on the input features.
-    """
-
-    def __init__(self, dims: RegularizedVIDims, init: dict, global_guides: dict | None = None,
-                 dropout_rate: float = 0.1, input_dropout_rate: float = 0.0, with_z_encoder: bool = True):
-        super().__init__()
-        families = {site: "map" for site in GLOBAL_SITES}
-        families.update(global_guides or {})
-        unknown = set(families) - set(GLOBAL_SITES)
-        if unknown:
-            raise ValueError(f"Unknown global site(s) {sorted(unknown)} in global_guides; known: {GLOBAL_SITES}.")
-        for site, family in families.items():
-            if family not in GUIDE_FAMILIES:
-                raise ValueError(f"global_guides[{site!r}] must be one of {GUIDE_FAMILIES}, got {family!r}.")
-        self.dims = dims
-        n_input = dims.n_genes + dims.n_continuous + dims.n_encoder_covariates
-        self.n_input = n_input
-        if with_z_encoder:
-            self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate,
-                                           input_dropout_rate, n_dropout_features=dims.n_genes)
-        self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
-        self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
-        full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731
-        self.dispersion_rate = PositiveSiteGuide(full((dims.n_dispersion, 1), C.INIT_DISPERSION_RATE), families["dispersion_rate"])
-        self.inverse_sqrt_theta = PositiveSiteGuide(
-            full((dims.n_dispersion, dims.n_genes), C.INIT_THETA**-0.5), "lognormal", C.INIT_DISPERSION_GUIDE_SCALE
-        )
-        if dims.use_ambient:
-            ambient = torch.as_tensor(init["ambient"], dtype=torch.float32)
-            if init.get("ambient_profile") is not None:
-                if families["ambient"] != "map":
-                    raise ValueError("A given ambient profile needs the 'map' guide for 'ambient' (only its amount is learned).")
-                # the profile is given (e.g. from empty droplets): only the amount per category is learned
-                self.ambient = ProfileAmountGuide(init["ambient_profile"], ambient.sum(-1))
-            else:
-                self.ambient = PositiveSiteGuide(ambient, families["ambient"])
+    def global_log_density(self, values: dict) -> torch.Tensor:
+        """log p of the global sites at ``values`` (site name -> value), as :meth:`global_sites` scores them."""
+        priors, dims = self.priors, self.dims
+        rate = values["dispersion_rate"]
+        log_p = priors["dispersion_rate"].log_prob(rate).sum()
+        log_p = log_p + dist.Exponential(rate).log_prob(values["inverse_sqrt_theta"]).sum()
+        if dims.use_ambient and self.regularize_ambient:  # masked otherwise
+            log_p = log_p + priors["ambient"].log_prob(values["ambient"]).sum()
         if dims.use_feature_scaling:
-            self.feature_scaling = PositiveSiteGuide(
-                full((dims.n_scaling, dims.n_genes), C.INIT_FEATURE_SCALING), families["feature_scaling"]
-            )
-        self.library_residual_weight = PositiveSiteGuide(
-            torch.tensor(C.INIT_LIBRARY_RESIDUAL_WEIGHT), families["library_residual_weight"]
-        )
+            log_p = log_p + priors["feature_scaling"].log_prob(values["feature_scaling"]).sum()
+        log_p = log_p + priors["library_residual_weight"].log_prob(values["library_residual_weight"]).sum()
+        penalty = self.decoder_weight_log_density()
+        return log_p if penalty is None else log_p + penalty
 
-    def encoder_input(self, batch: dict) -> torch.Tensor:
-        """log1p(x), with continuous and encoder covariates appended."""
-        parts = [torch.log1p(batch[self.dims.counts_key]), batch["continuous"]]
-        if batch.get("encoder_onehot") is not None:
-            parts.append(batch["encoder_onehot"])
-        return torch.cat(parts, -1)
+    def log_joint(self, values: dict, batch: dict, n_obs: int, kl_weight: float = 1.0,
+                  local_factor: float = 1.0) -> torch.Tensor:
+        """log p(x, z, l, globals) of a minibatch, each site weighted as ``Trace_ELBO`` weights it.
 
-    # --- posterior queries (no sampling statements: usable outside inference) -----------------
-    def z_posterior(self, batch: dict, encoder_input: torch.Tensor | None = None) -> dist.Normal:
-        """q(z_n | x_n): the amortised Normal of each cell's latent state (cells x n_latent).
+        The same sum as the model trace's ``log_prob_sum()`` replayed at ``values``, computed without
+        Pyro's effect handlers: a cell's terms count ``n_obs / minibatch size`` times (the cell
+        plate's subsampling) times ``local_factor`` (a data-parallel shard), and z's prior term is
+        also weighted by ``kl_weight``.
 
-        ``encoder_input`` may be passed when already computed (see :meth:`encoder_input`).
+        Parameters
+        ----------
+        values
+            Site name (without the modality suffix) -> value: the globals, ``"z"`` and ``"library"``,
+            e.g. from :meth:`~pyro_scmodels.models.regularizedvi_guide.RegularizedVIGuide.draw`.
+        batch, n_obs, kl_weight
+            As in :meth:`forward`.
+        local_factor
+            Extra weight of the cell plate's terms.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar.
         """
-        loc, scale = self.encoder(self.encoder_input(batch) if encoder_input is None else encoder_input)
-        return dist.Normal(loc, scale)
-
-    def library_loc(self, batch: dict) -> torch.Tensor:
-        """Posterior median of log l_n per cell, at the point estimate (median) of w."""
-        return self.log_library_loc(self.encoder_input(batch), batch, self.library_residual_weight.median())[0]
-
-    def global_medians(self) -> dict[str, torch.Tensor]:
-        """Posterior median (or point estimate) of every global site, by site name (no modality suffix)."""
-        # every positive-site guide child, so a subclass's added global site is included too
-        return {name: child.median() for name, child in self.named_children() if isinstance(child, PositiveSiteGuide)}
-
-    def global_sites(self) -> torch.Tensor:
-        """Guides of the global sites; returns the library residual weight w."""
-        d, site = self.dims, self.dims.site
-        genes = pyro.plate(site("genes"), d.n_genes, dim=-1)
-        with pyro.plate(site("dispersion_groups"), d.n_dispersion, dim=-2):
-            self.dispersion_rate(site("dispersion_rate"))
-            with genes:
-                self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
-        if d.use_ambient:
-            with pyro.plate(site("ambient_categories"), d.n_ambient, dim=-2), genes:
-                self.ambient(site("ambient"))
-        if d.use_feature_scaling:
-            with pyro.plate(site("scaling_categories"), d.n_scaling, dim=-2), genes:
-                self.feature_scaling(site("feature_scaling"))
-        return self.library_residual_weight(site("library_residual_weight"))
-
-    def log_library_loc(self, h: torch.Tensor, batch: dict, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual library guide: w x centred log observed total + a learned correction (loc, scale)."""
-        # cells without counts in this modality (masked) get a finite placeholder total of 1
-        total = batch[self.dims.counts_key].sum(-1).clamp_min(1.0)
-        offset, scale = self.library_encoder(h)
-        return w * (total.log() - self.log_total_centre) + offset[..., 0], scale[..., 0]
-
-    def library_site(self, h: torch.Tensor, batch: dict, w: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Sample the library size of each cell (call inside the cell plate)."""
-        loc, scale = self.log_library_loc(h, batch, w)
-        with poutine.mask(mask=True if mask is None else mask):
-            pyro.sample(self.dims.site("library"), dist.LogNormal(loc, scale))
-
-    def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
-        w = self.global_sites()
-        h = self.encoder_input(batch)  # shared by the z and library encoders
-        with pyro.plate("cells", n_obs, subsample=batch["index"]):
-            q_z = self.z_posterior(batch, h)
-            with poutine.scale(scale=kl_weight):
-                pyro.sample("z", q_z.to_event(1))
-            self.library_site(h, batch, w)
-        return q_z.loc
+        z, library = values["z"], values["library"]
+        cells = local_factor * n_obs / z.shape[0]
+        log_p = self.global_log_density(values)
+        log_p = log_p + kl_weight * cells * dist.Normal(z.new_zeros(()), 1.0).log_prob(z).sum()
+        log_p = log_p + cells * self.library_prior(batch).log_prob(library).sum()
+        theta = values["inverse_sqrt_theta"].pow(-2)
+        mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
+                             batch["ambient_index"], batch["scaling_index"])
+        log_p = log_p + cells * self.count_distribution(mu, theta, batch).log_prob(batch[self.dims.counts_key]).sum()
+        penalty = self.latent_independence_log_factor(z, batch, n_obs)
+        return log_p if penalty is None else log_p + penalty
 
 
 def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
