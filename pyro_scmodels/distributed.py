@@ -13,8 +13,10 @@ the W ranks' gradients, so rank r's loss is::
 
     -(log p(globals) + (W |B_r| / |B|) (N / |B_r|) log p(shard B_r))
 
-i.e. the cell plate is scaled by an extra ``W |B_r| / |B|`` (:class:`LocalScale`): the mean
-over ranks is the single-process loss of B, globals once and cells N / |B|, exactly.
+i.e. the cell plate is scaled by an extra ``W |B_r| / |B|`` (:class:`LocalScale` for Pyro's
+``Trace_ELBO``; the ``local_factor`` argument of the direct form, ``guide.draw`` and
+``model.log_joint``): the mean over ranks is the single-process loss of B, globals once and
+cells N / |B|.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 
 import pyro_scmodels as ps
 from pyro_scmodels.infer import ELBOLoss
+from pyro_scmodels.models.regularizedvi_guide import RegularizedVIGuide
 from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
 
 SMALL = dict(n_hidden=32, n_latent=4)
@@ -134,6 +135,61 @@ def test_a_subclass_that_changes_a_site_trains_with_trace_elbo():
     with pytest.warns(UserWarning, match="Trace_ELBO gives"):
         model.train(max_epochs=1, **QUICK)
     assert model.trainer.elbo_loss.direct is False
+
+
+def test_the_first_call_check_sees_a_wrong_global_term_at_any_dataset_size():
+    """A wrong global prior is a tiny share of a per-cell loss over 10^6 cells; the check compares at the minibatch's size."""
+    adata = _adata(batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.module.model.__class__ = EditedPriorClaimingDirect
+    data = model._cell_data()
+    loss_module = ELBOLoss(model.module.model, model.module.guide)
+    with pytest.warns(UserWarning, match="Trace_ELBO gives"):
+        loss_module(data.minibatch(np.arange(64)), 10**6, 1.0)
+    assert loss_module.direct is False
+
+
+class GuideIgnoringKLWeight(RegularizedVIGuide):
+    direct_elbo = True  # wrong: its draw leaves out the KL weight of z
+
+    def draw(self, batch, n_obs, kl_weight=1.0, local_factor=1.0):
+        return super().draw(batch, n_obs, 1.0, local_factor)
+
+
+def test_the_first_call_check_sees_a_kl_weight_slip_during_warm_up():
+    """The check runs at a KL weight below 1, so a draw that ignores it is caught even when training starts at 1."""
+    adata = _adata(batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.module.guide.__class__ = GuideIgnoringKLWeight
+    model.module.model.__class__ = type("SameModel", (RegularizedVIModel,), {"direct_elbo": True})
+    data = model._cell_data()
+    loss_module = ELBOLoss(model.module.model, model.module.guide)
+    with pytest.warns(UserWarning, match="Trace_ELBO gives"):
+        loss_module(data.minibatch(np.arange(64)), data.n_cells, 1.0)
+    assert loss_module.direct is False
+
+
+def test_direct_elbo_in_eval_mode_and_for_a_query_mapped_onto_a_reference():
+    """Eval mode (no dropout: the validation loss), and a query whose reference levels are frozen buffers."""
+    adata = _adata(batch_key="batch")
+    reference = adata[adata.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(reference, layer="counts", batch_key="batch")
+    trained = ps.RegularizedVI(reference, **SMALL)
+    trained.train(max_epochs=2, **QUICK)
+    query = ps.RegularizedVI.load_query_data(adata[adata.obs["batch"] == "batch_2"].copy(), trained)
+    for model in (trained, query):
+        loss_module = ELBOLoss(model.module.model, model.module.guide)
+        assert loss_module.direct
+        data = model._cell_data()
+        batch = data.minibatch(np.arange(40))
+        for training in (True, False):
+            model.module.model.train(training)
+            model.module.guide.train(training)
+            traced, traced_grads = _loss_and_gradients(loss_module, "trace_loss", batch, data.n_cells, 0.7, 1.0)
+            direct, direct_grads = _loss_and_gradients(loss_module, "direct_loss", batch, data.n_cells, 0.7, 1.0)
+            assert direct == pytest.approx(traced, rel=1e-5)
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(traced_grads, direct_grads))
+            assert any(g.abs().sum() > 0 for g in direct_grads)
 
 
 def test_multimodal_model_uses_trace_elbo():

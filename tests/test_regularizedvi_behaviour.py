@@ -157,8 +157,10 @@ def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
     resumed = ps.RegularizedVI(small, **SMALL)  # a new session: picks the checkpoint up
     resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), **QUICK)
     assert len(resumed.history) == 4
-    np.testing.assert_allclose(resumed.history.to_numpy(), straight.history.to_numpy(), rtol=1e-5)
-    np.testing.assert_allclose(resumed.get_latent_representation(), straight.get_latent_representation(), rtol=1e-4, atol=1e-5)
+    # bit for bit: the resumed trainer checks its loss form at its first training step (not in a pre-pass),
+    # and that check leaves the step's random numbers and its form (the direct ELBO) as they were
+    np.testing.assert_array_equal(resumed.history.to_numpy(), straight.history.to_numpy())
+    np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
 
 
 def test_second_train_call_continues(small):
