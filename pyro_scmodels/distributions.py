@@ -122,15 +122,19 @@ class GammaPoissonMean(dist.GammaPoisson):
         flat_value, where, column, cell = positions
         x = flat_value.index_select(0, where)
         theta_table = self._theta.reshape(-1, self._theta.shape[-1])
+        # lgamma(theta) once per gene (and group), then spread to the counts: not once per count, and
+        # its digamma in the backward pass likewise
+        lgamma_table = torch.lgamma(theta_table)
         # index_select rather than indexing: its backward is an index_add, several times faster on
         # the CPU than the accumulating index_put of advanced indexing
         if self._group is None:
-            theta_x = theta_table[0].index_select(0, column)
+            theta_x, lgamma_theta_x = theta_table[0].index_select(0, column), lgamma_table[0].index_select(0, column)
         else:
-            theta_x = theta_table.reshape(-1).index_select(0, self._group.index_select(0, cell) * theta_table.shape[-1] + column)
+            flat = self._group.index_select(0, cell) * theta_table.shape[-1] + column
+            theta_x, lgamma_theta_x = theta_table.reshape(-1).index_select(0, flat), lgamma_table.reshape(-1).index_select(0, flat)
         with torch.no_grad():
             log_factorial = torch.lgamma(x + 1)
-        gamma_terms = (torch.lgamma(x + theta_x) - torch.lgamma(theta_x) - log_factorial).to(dense.dtype)
+        gamma_terms = (torch.lgamma(x + theta_x) - lgamma_theta_x - log_factorial).to(dense.dtype)
         return dense.reshape(-1).index_add(0, where, gamma_terms).reshape(dense.shape)
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
