@@ -202,3 +202,29 @@ def test_unseen_decoder_covariate_is_refused_and_known_batches_need_no_training(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a trained model: no "not trained" warning
         np.testing.assert_allclose(query.get_latent_representation(), model.get_latent_representation(known), rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_with_a_known_ambient_profile_learns_only_the_new_levels_amount(data, tmp_path):
+    """ambient_profile= on the reference (profiles for the query's batch too): the query learns only that amount."""
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, **KEYS)
+    levels = sorted(data.obs["batch"].unique())
+    profile = pd.DataFrame(np.random.default_rng(1).random((data.n_vars, len(levels))) + 0.1, index=data.var_names,
+                           columns=levels)
+    reference = ps.RegularizedVI(adata, n_hidden=32, n_latent=4, seed=0, ambient_profile=profile)
+    reference.train(max_epochs=3, **FAST)
+    query = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    before = query.module.guide.ambient.median().clone()
+    query.train(max_epochs=5, **FAST)
+    after = query.module.guide.ambient.median()
+    new = query.encoding.categories["batch"].index("batch_2")
+    known = [i for i in range(len(levels)) if i != new]
+    assert torch.equal(after[known], before[known])  # the reference levels' backgrounds are fixed
+    assert not torch.allclose(after[new], before[new])  # the new level's amount learned
+    # every level keeps its given profile: amount x profile, each row proportional to the given one
+    given = torch.as_tensor(profile[query.encoding.categories["batch"]].to_numpy().T, dtype=after.dtype)
+    ratio = after / given
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
+    query.save(str(tmp_path / "query"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "query"), query_cells(data))
+    assert torch.allclose(loaded.module.guide.ambient.median(), after)

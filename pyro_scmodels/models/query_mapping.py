@@ -36,7 +36,7 @@ from .. import _validation as V
 from ..data import CovariateKeys, check_var_names, read_setup
 from ..data.query_genes import align_genes
 from ..nn import GaussianEncoder
-from ..pyro_modules import PositiveSiteGuide
+from ..pyro_modules import PositiveSiteGuide, ProfileAmountGuide
 from ._base import MODEL_FILE
 from .regularizedvi import setup_arguments
 from .regularizedvi_module import SITE_COVARIATE_ROLES
@@ -303,6 +303,42 @@ class NewLevelsSiteGuide(PositiveSiteGuide):
         return (self.table("value") if self.family == "map" else self.table("loc").exp()).detach()
 
 
+class NewLevelsAmountGuide(ProfileAmountGuide):
+    """Amount x profile with the reference levels' amounts fixed: only the new levels' amounts learn.
+
+    For a reference trained with a known ambient profile (:class:`~pyro_scmodels.pyro_modules.ProfileAmountGuide`).
+    Every level's profile is the one given; the reference levels' amounts are a buffer, and the new
+    levels' amounts are this guide's parameter. Its ``state_dict`` holds the whole amount table under
+    the plain guide's names, so a saved query model loads as an ordinary model.
+
+    Parameters
+    ----------
+    site
+        The site's guide, holding the reference's amounts in the rows of known levels.
+    new_rows
+        Rows of the levels new in the query.
+    """
+
+    def __init__(self, site: ProfileAmountGuide, new_rows):
+        new_rows = torch.as_tensor(np.asarray(new_rows), dtype=torch.long)
+        amount = site.amount.detach()
+        super().__init__(site.profile, amount[new_rows].reshape(-1))
+        self.table_names = ("amount",)
+        self.register_buffer("new_rows", new_rows, persistent=False)
+        unconstrained = site.amount_unconstrained.detach()
+        with torch.no_grad():
+            self.amount_unconstrained.copy_(unconstrained[new_rows])
+        self.register_buffer("fixed_amount_unconstrained", unconstrained.clone(), persistent=False)
+        self.register_buffer("fixed_amount", amount.clone(), persistent=False)
+        self.register_state_dict_post_hook(_full_tables)
+        self.register_load_state_dict_pre_hook(_new_rows_only)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """Every level's amount (new ones learned, the rest fixed) times its profile."""
+        return self.fixed_amount.index_copy(0, self.new_rows, self.amount) * self.profile
+
+
 def _freeze_reference(module: torch.nn.Module, rows: dict[str, np.ndarray], freeze_encoder: bool, freeze_decoder: bool) -> None:
     """Fix every reference parameter of a query module; new levels (and optionally the networks) learn."""
     module.requires_grad_(False)
@@ -313,7 +349,9 @@ def _freeze_reference(module: torch.nn.Module, rows: dict[str, np.ndarray], free
             continue
         new_rows = np.flatnonzero(rows[role] < 0)
         if new_rows.size:
-            setattr(guide, name, NewLevelsSiteGuide(child, new_rows))
+            # a known profile (ambient_profile=): only the new levels' amounts learn, their profiles stay as given
+            wrapper = NewLevelsAmountGuide if isinstance(child, ProfileAmountGuide) else NewLevelsSiteGuide
+            setattr(guide, name, wrapper(child, new_rows))
     if not freeze_encoder:
         for child in guide.children():
             if isinstance(child, GaussianEncoder):  # the z and the library encoders
