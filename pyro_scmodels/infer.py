@@ -97,9 +97,9 @@ class ELBOLoss(torch.nn.Module):
     module's ``forward``; holding the model and guide as submodules gives it every parameter.
 
     Pyro's ``Trace_ELBO`` defines the loss. A model and guide whose classes declare
-    ``direct_elbo = True`` (RegularizedVI's do; a subclass must declare it again) also compute it
-    without Pyro's effect handlers: ``guide.draw`` gives the draws and log q, ``model.log_joint``
-    gives log p. At a minibatch of 128 cells most of a step's Python time is Pyro's tracing, and on
+    ``direct_elbo = True`` (RegularizedVI's and RegularizedMultimodalVI's do; a subclass must
+    declare it again) also compute it without Pyro's effect handlers: ``guide.draw`` gives the
+    draws and log q, ``model.log_joint`` gives log p. At a minibatch of 128 cells most of a step's Python time is Pyro's tracing, and on
     a GPU that time is the step. The first call computes both from the same random numbers and
     takes the direct form only if the two losses agree (:meth:`_direct_agrees`); otherwise it warns
     and keeps ``Trace_ELBO``. Once taken, every call uses it, the first included.

@@ -91,6 +91,34 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
                 self.block(m).local_sites(z, batch, globals_[m], mask=present[m])
         return z
 
+    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    #: :meth:`log_joint` scores exactly the sites of :meth:`forward` (not inherited by a subclass)
+    direct_elbo = True
+
+    def log_joint(self, values: dict, batch: dict, n_obs: int, kl_weight: float = 1.0,
+                  local_factor: float = 1.0) -> torch.Tensor:
+        """log p of every modality's sites and z at ``values``, each weighted as ``Trace_ELBO`` weights it.
+
+        As :meth:`RegularizedVIModel.log_joint`, with ``values[m]`` holding modality m's global values
+        and library sizes, and ``values["z"]`` the joint z (``values["z_parts"]``, per modality, in
+        concatenation mode). A cell without counts in a modality has no terms of that modality (nor
+        of its part of z in concatenation mode).
+        """
+        present = {m: has_counts(batch, self.block(m).dims.counts_key) for m in self.modalities}
+        z = values["z"]
+        cells = local_factor * n_obs / z.shape[0]
+        log_p = sum(self.block(m).global_log_density(values[m]) for m in self.modalities)
+        standard = dist.Normal(z.new_zeros(()), 1.0)
+        if self.latent_mode == "concatenation":
+            for m in self.modalities:
+                prior = standard.log_prob(values["z_parts"][m]).sum(-1)
+                log_p = log_p + kl_weight * cells * torch.where(present[m], prior, prior.new_zeros(())).sum()
+        else:
+            log_p = log_p + kl_weight * cells * standard.log_prob(z).sum()
+        for m in self.modalities:
+            log_p = log_p + cells * self.block(m).local_log_density(z, values[m], batch, mask=present[m]).sum()
+        return log_p
+
 
 class RegularizedMultimodalVIGuide(LocalPyroModule):
     """q(z, l, globals): per-modality encoders combined by ``latent_mode``.
@@ -206,3 +234,39 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
             for m in self.modalities:
                 self.block(m).library_site(inputs[m], batch, library_weights[m], mask=present[m])
         return loc
+
+    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    #: :meth:`draw` draws exactly the sites of :meth:`forward`, in the same order
+    direct_elbo = True
+
+    def draw(self, batch: dict, n_obs: int, kl_weight: float = 1.0, local_factor: float = 1.0) -> tuple[dict, torch.Tensor]:
+        """One draw of every site from q and log q of the draw, each site weighted as ``Trace_ELBO`` weights it.
+
+        As :meth:`RegularizedVIGuide.draw`, for :meth:`RegularizedMultimodalVIModel.log_joint`; the random
+        numbers are drawn in the order of :meth:`forward`.
+        """
+        values, log_q = {}, 0.0
+        for m in self.modalities:
+            values[m], site_log_q = self.block(m).draw_globals()
+            log_q = log_q + site_log_q
+        inputs, present, loc, scale = self.latent(batch)
+        n = batch["index"].shape[0]
+        cells = local_factor * n_obs / n
+        if self.latent_mode == "concatenation":
+            values["z_parts"] = {}
+            for m in self.modalities:
+                q_z = dist.Normal(loc[m], scale[m])
+                values["z_parts"][m] = part = q_z.rsample()
+                density = q_z.log_prob(part).sum(-1)
+                log_q = log_q + kl_weight * cells * torch.where(present[m], density, density.new_zeros(())).sum()
+            values["z"] = torch.cat([values["z_parts"][m] for m in self.modalities], -1)
+        else:
+            q_z = dist.Normal(loc, scale)
+            values["z"] = q_z.rsample()
+            log_q = log_q + kl_weight * cells * q_z.log_prob(values["z"]).sum()
+        for m in self.modalities:
+            q_library = self.block(m).library_posterior(inputs[m], batch, values[m]["library_residual_weight"])
+            values[m]["library"] = library = q_library.rsample()
+            density = q_library.log_prob(library)
+            log_q = log_q + cells * torch.where(present[m], density, density.new_zeros(())).sum()
+        return values, log_q

@@ -170,12 +170,7 @@ class RegularizedVIGuide(LocalPyroModule):
             ``(values, log_q)``: site name (without the modality suffix) -> value, for
             :meth:`~pyro_scmodels.models.regularizedvi_module.RegularizedVIModel.log_joint`, and a scalar.
         """
-        values, log_q = {}, 0.0
-        names = ["dispersion_rate", "inverse_sqrt_theta"] + ["ambient"] * self.dims.use_ambient
-        names += ["feature_scaling"] * self.dims.use_feature_scaling + ["library_residual_weight"]
-        for name in names:  # the order of global_sites
-            values[name], site_log_q = getattr(self, name).draw()
-            log_q = log_q + site_log_q
+        values, log_q = self.draw_globals()
         h = self.encoder_input(batch)
         q_z = self.z_posterior(batch, h)
         values["z"] = q_z.rsample()
@@ -184,3 +179,13 @@ class RegularizedVIGuide(LocalPyroModule):
         q_library = self.library_posterior(h, batch, values["library_residual_weight"])
         values["library"] = q_library.rsample()
         return values, log_q + cells * q_library.log_prob(values["library"]).sum()
+
+    def draw_globals(self) -> tuple[dict, torch.Tensor]:
+        """The global sites' draws and their log q, in the order of :meth:`global_sites` (see :meth:`draw`)."""
+        values, log_q = {}, 0.0
+        names = ["dispersion_rate", "inverse_sqrt_theta"] + ["ambient"] * self.dims.use_ambient
+        names += ["feature_scaling"] * self.dims.use_feature_scaling + ["library_residual_weight"]
+        for name in names:
+            values[name], site_log_q = getattr(self, name).draw()
+            log_q = log_q + site_log_q
+        return values, log_q

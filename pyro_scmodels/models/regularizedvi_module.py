@@ -310,17 +310,28 @@ class RegularizedVIModel(LocalPyroModule):
         torch.Tensor
             A scalar.
         """
-        z, library = values["z"], values["library"]
+        z = values["z"]
         cells = local_factor * n_obs / z.shape[0]
         log_p = self.global_log_density(values)
         log_p = log_p + kl_weight * cells * dist.Normal(z.new_zeros(()), 1.0).log_prob(z).sum()
-        log_p = log_p + cells * self.library_prior(batch).log_prob(library).sum()
-        theta = values["inverse_sqrt_theta"].pow(-2)
-        mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
-                             batch["ambient_index"], batch["scaling_index"])
-        log_p = log_p + cells * self.count_distribution(mu, theta, batch).log_prob(batch[self.dims.counts_key]).sum()
+        log_p = log_p + cells * self.local_log_density(z, values, batch).sum()
         penalty = self.latent_independence_log_factor(z, batch, n_obs)
         return log_p if penalty is None else log_p + penalty
+
+    def local_log_density(self, z: torch.Tensor, values: dict, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(l_n) + log p(x_n | z_n, l_n) of each cell (unweighted), 0 where ``mask`` is False.
+
+        The terms of :meth:`local_sites` at the library sizes ``values["library"]`` and the global
+        values in ``values`` (:meth:`log_joint`; the multimodal model calls it per modality).
+        """
+        library = values["library"]
+        log_p = self.library_prior(batch).log_prob(library)
+        mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
+                             batch["ambient_index"], batch["scaling_index"])
+        theta = values["inverse_sqrt_theta"].pow(-2)
+        log_p = log_p + self.count_distribution(mu, theta, batch).log_prob(batch[self.dims.counts_key]).sum(-1)
+        # as poutine.mask does: the masked cells' terms are replaced by 0, not multiplied by it
+        return log_p if mask is None else torch.where(mask, log_p, log_p.new_zeros(()))
 
 
 def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: int, n_hidden: int, n_layers: int, init: str,
