@@ -257,6 +257,25 @@ def _new_rows_only(module, state_dict, prefix, *args) -> None:
             state_dict[key] = state_dict[key][module.new_rows.to(state_dict[key].device)]
 
 
+def _hold_reference_rows(module, site, names: tuple[str, ...], new_rows: torch.Tensor) -> None:
+    """Give ``module`` the whole tables ``names`` of ``site`` as buffers, its own parameters the new rows.
+
+    The parameters ``<name>_unconstrained`` of ``module`` (new rows only) start at ``site``'s values; the
+    hooks make its ``state_dict`` hold whole tables, as ``site``'s does.
+    """
+    module.table_names = tuple(names)
+    module.register_buffer("new_rows", new_rows, persistent=False)
+    for name in names:
+        unconstrained = getattr(site, f"{name}_unconstrained").detach()
+        with torch.no_grad():
+            getattr(module, f"{name}_unconstrained").copy_(unconstrained[new_rows])
+        # unconstrained: what the state_dict holds; constrained: what the guide samples with
+        module.register_buffer(f"fixed_{name}_unconstrained", unconstrained.clone(), persistent=False)
+        module.register_buffer(f"fixed_{name}", getattr(site, name).detach().clone(), persistent=False)
+    module.register_state_dict_post_hook(_full_tables)
+    module.register_load_state_dict_pre_hook(_new_rows_only)
+
+
 class NewLevelsSiteGuide(PositiveSiteGuide):
     """Guide of a per-level global site whose reference levels are fixed: only the new levels learn.
 
@@ -276,17 +295,7 @@ class NewLevelsSiteGuide(PositiveSiteGuide):
     def __init__(self, site: PositiveSiteGuide, new_rows):
         new_rows = torch.as_tensor(np.asarray(new_rows), dtype=torch.long)
         super().__init__(site.median()[new_rows], site.family)
-        self.table_names = ("value",) if site.family == "map" else ("loc", "scale")
-        self.register_buffer("new_rows", new_rows, persistent=False)
-        for name in self.table_names:
-            unconstrained = getattr(site, f"{name}_unconstrained").detach()
-            with torch.no_grad():
-                getattr(self, f"{name}_unconstrained").copy_(unconstrained[new_rows])
-            # unconstrained: what the state_dict holds; constrained: what the guide samples with
-            self.register_buffer(f"fixed_{name}_unconstrained", unconstrained.clone(), persistent=False)
-            self.register_buffer(f"fixed_{name}", getattr(site, name).detach().clone(), persistent=False)
-        self.register_state_dict_post_hook(_full_tables)
-        self.register_load_state_dict_pre_hook(_new_rows_only)
+        _hold_reference_rows(self, site, ("value",) if site.family == "map" else ("loc", "scale"), new_rows)
 
     def table(self, name: str) -> torch.Tensor:
         """The whole table ``name`` (``"value"``, ``"loc"`` or ``"scale"``), new rows learned, the rest fixed."""
@@ -323,15 +332,7 @@ class NewLevelsAmountGuide(ProfileAmountGuide):
         new_rows = torch.as_tensor(np.asarray(new_rows), dtype=torch.long)
         amount = site.amount.detach()
         super().__init__(site.profile, amount[new_rows].reshape(-1))
-        self.table_names = ("amount",)
-        self.register_buffer("new_rows", new_rows, persistent=False)
-        unconstrained = site.amount_unconstrained.detach()
-        with torch.no_grad():
-            self.amount_unconstrained.copy_(unconstrained[new_rows])
-        self.register_buffer("fixed_amount_unconstrained", unconstrained.clone(), persistent=False)
-        self.register_buffer("fixed_amount", amount.clone(), persistent=False)
-        self.register_state_dict_post_hook(_full_tables)
-        self.register_load_state_dict_pre_hook(_new_rows_only)
+        _hold_reference_rows(self, site, ("amount",), new_rows)
 
     @property
     def value(self) -> torch.Tensor:
