@@ -120,7 +120,7 @@ class ELBOLoss(torch.nn.Module):
         self.model, self.guide = model, guide
         self.elbo = Trace_ELBO()
         self.checked = False  # whether Pyro has checked the model and guide (on the first call)
-        self.direct = bool(direct) and all(vars(type(m)).get("direct_elbo", False) for m in (model, guide))
+        self.direct = bool(direct) and all(declares_direct_elbo(m) for m in (model, guide))
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
         """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
@@ -184,6 +184,18 @@ class ELBOLoss(torch.nn.Module):
         with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
             values, log_q = self.guide.draw(batch, n_obs, kl_weight, local_factor)
             return (log_q - self.model.log_joint(values, batch, n_obs, kl_weight, local_factor)) / n_obs
+
+
+def declares_direct_elbo(module) -> bool:
+    """Whether ``module``'s own class declares ``direct_elbo = True``, and so does every part it delegates to.
+
+    A subclass does not inherit the declaration. A module built of parts (the multimodal model's blocks)
+    lists them in ``direct_elbo_parts()``: an edited block makes the whole loss use ``Trace_ELBO``.
+    """
+    if not vars(type(module)).get("direct_elbo", False):
+        return False
+    parts = getattr(module, "direct_elbo_parts", None)
+    return parts is None or all(declares_direct_elbo(part) for part in parts())
 
 
 def _generators(device: torch.device) -> list[torch.Generator]:

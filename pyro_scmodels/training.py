@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -355,7 +356,13 @@ class TrainingLoop:
                 module.load_state_dict(state[name])
         if state.get("optimizer") is not None:
             self._make_optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])
+            if _optimizer_state_fits(state["optimizer"], self.optimizer):
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
+                # an ordinary model: the moment estimates were kept for other parameter shapes
+                warnings.warn(f"{source} holds optimiser moments for parameters of other shapes than this model's; "
+                              "training continues with fresh Adam moments.", stacklevel=2)
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = state["history"]
         self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]
@@ -376,3 +383,16 @@ class TrainingLoop:
         if self.optimizer is not None:
             # load_state_dict casts each state tensor to its parameter's device
             self.optimizer.load_state_dict(self.optimizer.state_dict())
+
+
+def _optimizer_state_fits(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every saved per-parameter moment has the shape of the parameter it would be given to."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
+    if len(saved_ids) != len(parameters):
+        return False
+    for index, parameter in zip(saved_ids, parameters):
+        for value in saved.get("state", {}).get(index, {}).values():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
+                return False
+    return True

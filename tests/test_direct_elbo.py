@@ -192,16 +192,26 @@ def test_direct_elbo_in_eval_mode_and_for_a_query_mapped_onto_a_reference():
             assert any(g.abs().sum() > 0 for g in direct_grads)
 
 
-MULTIMODAL_MODES = [("concatenation", "equal"), ("weighted_mean", "equal"), ("weighted_mean", "universal"),
-                    ("weighted_mean", "cell"), ("single_encoder", "equal")]
+MULTIMODAL_MODES = [("concatenation", "equal", False), ("weighted_mean", "equal", False),
+                    ("weighted_mean", "universal", False), ("weighted_mean", "cell", False),
+                    ("single_encoder", "equal", False), ("concatenation", "cell", True)]
 
 
-@pytest.mark.parametrize("latent_mode, weights", MULTIMODAL_MODES)
-def test_multimodal_direct_elbo_equals_trace_elbo(latent_mode, weights):
-    """Every latent mode, with cells that lack one modality's counts (their terms masked), at a KL weight below 1."""
+@pytest.mark.parametrize("latent_mode, weights, rich", MULTIMODAL_MODES)
+def test_multimodal_direct_elbo_equals_trace_elbo(latent_mode, weights, rich):
+    """Every latent mode, with cells that lack one modality's counts (their terms masked), at a KL weight below 1.
+
+    ``rich``: dispersion, library and scaling per batch, LogNormal global guides and the ambient prior on.
+    """
     mdata = ps.datasets.simulate_multiome(n_cells=120, n_genes=80, n_peaks=120, seed=0)
-    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
-    model = ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=4, latent_mode=latent_mode, modality_weights=weights)
+    keys = dict(ambient_covariate_keys=["batch"])
+    if rich:
+        keys.update(dispersion_key="batch", library_size_key="batch", feature_scaling_covariate_keys=["batch"])
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", **keys)
+    options = dict(global_guides={"ambient": "lognormal", "dispersion_rate": "lognormal"},
+                   priors=ps.RegularizedPriors(regularize_ambient=True)) if rich else {}
+    model = ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=4, latent_mode=latent_mode, modality_weights=weights,
+                                       **options)
     loss_module = ELBOLoss(model.module.model, model.module.guide)
     assert loss_module.direct
     data = model._cell_data()
@@ -215,6 +225,18 @@ def test_multimodal_direct_elbo_equals_trace_elbo(latent_mode, weights):
         assert direct == pytest.approx(traced, rel=1e-5)
         for (name, _), g_traced, g_direct in zip(loss_module.named_parameters(), traced_grads, direct_grads):
             assert (g_direct - g_traced).abs().max().item() <= 1e-4 * max(g_traced.abs().max().item(), 1e-6), name
+        assert sum(int(g.abs().sum() > 0) for g in direct_grads) > len(direct_grads) // 2
+
+
+def test_an_edited_multimodal_block_makes_the_loss_trace_elbo():
+    """The multimodal classes declare the direct form, but a block of an edited class takes it away."""
+    mdata = ps.datasets.simulate_multiome(n_cells=120, n_genes=80, n_peaks=120, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    model = ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=4)
+    assert ELBOLoss(model.module.model, model.module.guide).direct
+    block = model.module.model.block(model.module.model.modalities[0])
+    block.__class__ = EditedPrior
+    assert not ELBOLoss(model.module.model, model.module.guide).direct
 
 
 def test_multimodal_training_takes_the_direct_form():

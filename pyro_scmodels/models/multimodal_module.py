@@ -95,19 +95,24 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
     #: :meth:`log_joint` scores exactly the sites of :meth:`forward` (not inherited by a subclass)
     direct_elbo = True
 
+    def direct_elbo_parts(self) -> list[RegularizedVIModel]:
+        """The blocks whose methods :meth:`log_joint` calls: each must declare the direct form too."""
+        return [self.block(m) for m in self.modalities]
+
     def log_joint(self, values: dict, batch: dict, n_obs: int, kl_weight: float = 1.0,
                   local_factor: float = 1.0) -> torch.Tensor:
         """log p of every modality's sites and z at ``values``, each weighted as ``Trace_ELBO`` weights it.
 
-        As :meth:`RegularizedVIModel.log_joint`, with ``values[m]`` holding modality m's global values
-        and library sizes, and ``values["z"]`` the joint z (``values["z_parts"]``, per modality, in
-        concatenation mode). A cell without counts in a modality has no terms of that modality (nor
+        As :meth:`RegularizedVIModel.log_joint`, with ``values["modalities"][m]`` holding modality m's
+        global values and library sizes, and ``values["z"]`` the joint z (``values["z_parts"]``, per
+        modality, in concatenation mode). A cell without counts in a modality has no terms of that modality (nor
         of its part of z in concatenation mode).
         """
         present = {m: has_counts(batch, self.block(m).dims.counts_key) for m in self.modalities}
         z = values["z"]
         cells = local_factor * n_obs / z.shape[0]
-        log_p = sum(self.block(m).global_log_density(values[m]) for m in self.modalities)
+        per_modality = values["modalities"]
+        log_p = sum(self.block(m).global_log_density(per_modality[m]) for m in self.modalities)
         standard = dist.Normal(z.new_zeros(()), 1.0)
         if self.latent_mode == "concatenation":
             for m in self.modalities:
@@ -116,7 +121,7 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
         else:
             log_p = log_p + kl_weight * cells * standard.log_prob(z).sum()
         for m in self.modalities:
-            log_p = log_p + cells * self.block(m).local_log_density(z, values[m], batch, mask=present[m]).sum()
+            log_p = log_p + cells * self.block(m).local_log_density(z, per_modality[m], batch, mask=present[m]).sum()
         return log_p
 
 
@@ -239,16 +244,21 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
     #: :meth:`draw` draws exactly the sites of :meth:`forward`, in the same order
     direct_elbo = True
 
+    def direct_elbo_parts(self) -> list[RegularizedVIGuide]:
+        """The blocks whose methods :meth:`draw` calls: each must declare the direct form too."""
+        return [self.block(m) for m in self.modalities]
+
     def draw(self, batch: dict, n_obs: int, kl_weight: float = 1.0, local_factor: float = 1.0) -> tuple[dict, torch.Tensor]:
         """One draw of every site from q and log q of the draw, each site weighted as ``Trace_ELBO`` weights it.
 
         As :meth:`RegularizedVIGuide.draw`, for :meth:`RegularizedMultimodalVIModel.log_joint`; the random
         numbers are drawn in the order of :meth:`forward`.
         """
-        values, log_q = {}, 0.0
+        per_modality, log_q = {}, 0.0
         for m in self.modalities:
-            values[m], site_log_q = self.block(m).draw_globals()
+            per_modality[m], site_log_q = self.block(m).draw_globals()
             log_q = log_q + site_log_q
+        values = {"modalities": per_modality}
         inputs, present, loc, scale = self.latent(batch)
         n = batch["index"].shape[0]
         cells = local_factor * n_obs / n
@@ -265,8 +275,8 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
             values["z"] = q_z.rsample()
             log_q = log_q + kl_weight * cells * q_z.log_prob(values["z"]).sum()
         for m in self.modalities:
-            q_library = self.block(m).library_posterior(inputs[m], batch, values[m]["library_residual_weight"])
-            values[m]["library"] = library = q_library.rsample()
+            q_library = self.block(m).library_posterior(inputs[m], batch, per_modality[m]["library_residual_weight"])
+            per_modality[m]["library"] = library = q_library.rsample()
             density = q_library.log_prob(library)
             log_q = log_q + cells * torch.where(present[m], density, density.new_zeros(())).sum()
         return values, log_q

@@ -332,6 +332,7 @@ class NewLevelsAmountGuide(ProfileAmountGuide):
         new_rows = torch.as_tensor(np.asarray(new_rows), dtype=torch.long)
         amount = site.amount.detach()
         super().__init__(site.profile, amount[new_rows].reshape(-1))
+        self.profile.copy_(site.profile)  # as the reference holds it (the constructor would normalise it again)
         _hold_reference_rows(self, site, ("amount",), new_rows)
 
     @property
