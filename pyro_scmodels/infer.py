@@ -99,28 +99,27 @@ class ELBOLoss(torch.nn.Module):
     Pyro's ``Trace_ELBO`` defines the loss. A model and guide whose classes declare
     ``direct_elbo = True`` (RegularizedVI's and RegularizedMultimodalVI's do; a subclass must
     declare it again) also compute it without Pyro's effect handlers: ``guide.draw`` gives the
-    draws and log q, ``model.log_joint`` gives log p. At a minibatch of 128 cells most of a step's Python time is Pyro's tracing, and on
-    a GPU that time is the step. The first call computes both from the same random numbers and
-    takes the direct form only if the two losses agree (:meth:`_direct_agrees`); otherwise it warns
-    and keeps ``Trace_ELBO``. Once taken, every call uses it, the first included.
+    draws and log q, ``model.log_joint`` gives log p. At a minibatch of 128 cells most of a step's
+    Python time is Pyro's tracing, and on a GPU that time is the step. The first call computes both
+    from the same random numbers and takes the direct form only if the two losses agree
+    (:meth:`_direct_agrees`); otherwise it warns and keeps ``Trace_ELBO``. Once taken, every call
+    uses it, the first included.
 
     Parameters
     ----------
     model, guide
         Callables ``model(batch, n_obs, kl_weight)`` and ``guide(batch, n_obs, kl_weight)``.
-    direct
-        Whether to use the direct form where the classes declare one (False: always ``Trace_ELBO``).
     """
 
     #: relative difference of the two losses above which the direct form is not used
     AGREEMENT_RTOL = 1e-4
 
-    def __init__(self, model, guide, direct: bool = True):
+    def __init__(self, model, guide):
         super().__init__()
         self.model, self.guide = model, guide
         self.elbo = Trace_ELBO()
         self.checked = False  # whether Pyro has checked the model and guide (on the first call)
-        self.direct = bool(direct) and all(declares_direct_elbo(m) for m in (model, guide))
+        self.direct = all(declares_direct_elbo(m) for m in (model, guide))
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
         """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
