@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pyro_scmodels import matching
+from pyro_scmodels import faiss_device, matching
 
 
 def brute_force(query, base, k):
@@ -138,22 +138,22 @@ def test_missing_faiss_gives_a_clear_import_error(monkeypatch):
 def test_faiss_gpu_available_needs_gpu_support_and_a_device(monkeypatch):
     # faiss-gpu on a CPU-only host: the GPU classes exist but there is no device
     fake = types.SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 0)
-    monkeypatch.setattr(matching, "_faiss", lambda: fake)
-    monkeypatch.setattr(matching, "_gpu_probe", (True, ""))  # as if the GPU search ran
+    monkeypatch.setattr(faiss_device, "faiss_module", lambda: fake)
+    monkeypatch.setattr(faiss_device, "_gpu_probe", (True, ""))  # as if the GPU search ran
     assert matching.faiss_gpu_available() is False
     with pytest.raises(ValueError, match="sees no CUDA device"):
         matching.resolve_faiss_device("cuda")
     fake.get_num_gpus = lambda: 1
     assert matching.faiss_gpu_available() is True
     # faiss-cpu: no GPU classes (its Python knn_gpu wrapper does not count)
-    monkeypatch.setattr(matching, "_faiss", lambda: types.SimpleNamespace(knn_gpu=None, get_num_gpus=lambda: 1))
+    monkeypatch.setattr(faiss_device, "faiss_module", lambda: types.SimpleNamespace(knn_gpu=None, get_num_gpus=lambda: 1))
     assert matching.faiss_gpu_available() is False
 
 
 def test_auto_device_logs_the_cpu_fallback_once(monkeypatch, caplog):
     if matching.faiss_gpu_available():
         pytest.skip("a GPU faiss is usable here")
-    monkeypatch.setattr(matching, "_cpu_fallback_logged", False)
+    monkeypatch.setattr(faiss_device, "_cpu_fallback_logged", False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # torch on a GPU would make it a WARNING
     with caplog.at_level(logging.INFO, logger="pyro_scmodels.matching"):
         matching.knn(np.zeros((1, 2)), np.zeros((1, 2)), device="auto")
@@ -167,17 +167,17 @@ def test_auto_device_logs_the_cpu_fallback_once(monkeypatch, caplog):
 @pytest.fixture
 def gpu_build_with_one_gpu(monkeypatch):
     """A faiss GPU build seeing one GPU, torch on CUDA, and no GPU search tried yet in this process."""
-    monkeypatch.setattr(matching, "_faiss", lambda: types.SimpleNamespace(StandardGpuResources=object,
+    monkeypatch.setattr(faiss_device, "faiss_module", lambda: types.SimpleNamespace(StandardGpuResources=object,
                                                                           get_num_gpus=lambda: 1))
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(matching, "_gpu_probe", None)
-    monkeypatch.setattr(matching, "_cpu_fallback_logged", False)
+    monkeypatch.setattr(faiss_device, "_gpu_probe", None)
+    monkeypatch.setattr(faiss_device, "_cpu_fallback_logged", False)
 
 
 def test_a_gpu_build_that_aborts_on_this_gpu_falls_back_to_the_cpu(gpu_build_with_one_gpu, monkeypatch, caplog):
     # as faiss-gpu-cu12 1.14 on an H200: the GPU search kills its process
     abort = "import sys, os; sys.stderr.write('Faiss assertion failed: CUDA error 209 no kernel image\\n'); os.abort()"
-    monkeypatch.setattr(matching, "GPU_PROBE", abort)
+    monkeypatch.setattr(faiss_device, "GPU_PROBE", abort)
     with caplog.at_level(logging.INFO, logger="pyro_scmodels.matching"):
         assert matching.resolve_faiss_device("auto") == "cpu"  # this process lives on
     assert matching.faiss_gpu_available() is False
@@ -190,15 +190,15 @@ def test_a_gpu_build_that_aborts_on_this_gpu_falls_back_to_the_cpu(gpu_build_wit
 
 def test_the_gpu_search_is_tried_once_per_process(gpu_build_with_one_gpu, monkeypatch, tmp_path):
     tries = tmp_path / "tries"
-    monkeypatch.setattr(matching, "GPU_PROBE", f"open({str(tries)!r}, 'a').write('x')")
+    monkeypatch.setattr(faiss_device, "GPU_PROBE", f"open({str(tries)!r}, 'a').write('x')")
     assert matching.resolve_faiss_device("auto") == "cuda" and matching.resolve_faiss_device("cuda") == "cuda"
     assert matching.faiss_gpu_available() is True
     assert tries.read_text() == "x"
 
 
 def test_a_gpu_search_that_hangs_is_given_up(gpu_build_with_one_gpu, monkeypatch):
-    monkeypatch.setattr(matching, "GPU_PROBE", "import time; time.sleep(30)")
-    monkeypatch.setattr(matching, "GPU_PROBE_TIMEOUT_S", 1)
+    monkeypatch.setattr(faiss_device, "GPU_PROBE", "import time; time.sleep(30)")
+    monkeypatch.setattr(faiss_device, "GPU_PROBE_TIMEOUT_S", 1)
     runs, failure = matching.gpu_search_runs()
     assert not runs and "did not finish within 1 s" in failure
 
@@ -242,10 +242,10 @@ def faiss_setup(monkeypatch):
         return calls
 
     # a fresh process as far as matching is concerned: nothing logged yet, no GPU resources
-    monkeypatch.setattr(matching, "_cpu_fallback_logged", False)
-    monkeypatch.setattr(matching, "_large_k_logged", False)
+    monkeypatch.setattr(faiss_device, "_cpu_fallback_logged", False)
+    monkeypatch.setattr(faiss_device, "_large_k_logged", False)
     monkeypatch.setattr(matching, "_gpu_resources", None)
-    monkeypatch.setattr(matching, "_gpu_probe", (True, ""))  # the child-process search, as if it ran
+    monkeypatch.setattr(faiss_device, "_gpu_probe", (True, ""))  # the child-process search, as if it ran
     return setup
 
 

@@ -74,3 +74,37 @@ def test_one_neighbour_in_its_own_group_is_the_cell_itself_and_others_are_search
         brute = np.linalg.norm(points[others, None] - points[None, members], axis=2)
         np.testing.assert_array_equal(found.indices[others, 0], members[brute.argmin(axis=1)])
         np.testing.assert_allclose(found.distances[others, 0], brute.min(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e5])
+def test_ivf_distances_are_exact_for_the_cells_found_at_any_coordinate_scale(scale, caplog):
+    # the index ranks candidates in half precision (float32 codes beyond fp16's range, here at 1e5): the
+    # distances returned are recomputed in float32 for the cells found, ascending, and the matches right
+    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 10)) * 3
+    points = ((centres[rng.integers(0, 20, 9000)] + rng.normal(size=(9000, 10)) * 0.5) * scale).astype(np.float32)
+    query, base = points[:3000], points[3000:]
+    distances, indices = matching.knn(query, base, k=5, method="ivf")
+    _, exact = matching.knn(query, base, k=1, method="exact")
+    assert np.mean(indices[:, 0] == exact[:, 0]) >= 0.95
+    recomputed = np.linalg.norm(query[:, None].astype(np.float64) - base[indices], axis=2)
+    np.testing.assert_allclose(distances, recomputed, rtol=1e-5)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    # the index itself found them (fp16 codes that overflowed would probe every list and still miss)
+    lists, probed, recall = re.search(r"IVF, (\d+) lists, (\d+) probed.*recall@1 ([\d.]+)", caplog.text).groups()
+    assert int(probed) < int(lists) and float(recall) >= matching.IVF_RECALL, caplog.text
+
+
+def test_ivf_that_misses_with_every_list_probed_searches_exactly_and_says_so(monkeypatch, caplog):
+    # half-precision codes of coordinates beyond fp16's range overflow: the sampled recall stays short even
+    # with every list probed, and the search falls back to an exact one rather than return wrong matches
+    from pyro_scmodels import ivf_search
+    monkeypatch.setattr(ivf_search, "FP16_MAX_ABS", np.inf)
+    rng = np.random.default_rng(4)
+    points = (rng.normal(size=(6000, 10)) * 1e6).astype(np.float32)
+    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
+    _, approximate = matching.knn(points[:2000], points[2000:], method="ivf")
+    _, exact = matching.knn(points[:2000], points[2000:], method="exact")
+    np.testing.assert_array_equal(approximate, exact)
+    assert "searching exactly instead" in caplog.text
