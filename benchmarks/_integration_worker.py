@@ -65,6 +65,16 @@ SETUPS = {
         "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
         "model": {"latent_independence": 10.0},
     },
+    # between the two weights above: less pressure to mix, in case weight 10 costs bio conservation
+    "RegularizedVI batch_key + decoder + encoder + independence(3)": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+        "model": {"latent_independence": 3.0},
+    },
+    # weight 10 with the global sites at 10 x the learning rate (which lifted bio on the PBMC chemistries, one seed)
+    "RegularizedVI batch_key + decoder + encoder + independence(10) + globals 10x lr": {
+        "setup": {"batch_key": "batch", "nn_conditioning_covariate_keys": ["batch"], "encoder_covariate_keys": ["batch"]},
+        "model": {"latent_independence": 10.0}, "global_lr": 10.0,
+    },
 }
 SCVI = {"scVI nb": "nb", "scVI zinb": "zinb"}
 METHODS = ["PCA", *SCVI, *SETUPS]

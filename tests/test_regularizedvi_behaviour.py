@@ -172,6 +172,23 @@ def test_second_train_call_continues(small):
     assert model.trainer.optimizer.param_groups[0]["lr"] == 5e-3
 
 
+def test_adam_runs_torchs_fused_kernel_and_falls_back_to_foreach(small):
+    from pyro_scmodels.training import fused_optimizer
+
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    assert model.trainer.optimizer.defaults["fused"] is True  # one pass over each parameter per step
+
+    class NoFusedKernel(torch.optim.Adam):  # as on a device without torch's fused Adam
+        def __init__(self, params, fused=None, **settings):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, **settings)
+
+    optimizer = fused_optimizer(NoFusedKernel, [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+
+
 def test_nan_is_detected_and_named(small):
     model = ps.RegularizedVI(small, **SMALL)
     with torch.no_grad():

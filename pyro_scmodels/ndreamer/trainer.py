@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..training import TrainingLoop
+from ..training import TrainingLoop, fused_optimizer
 from . import _constants as K
 from .losses import LossWeights, total_loss
 from .network import NDreamerNetwork
@@ -69,7 +69,7 @@ class NDreamerTrainer(TrainingLoop):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the network's parameters."""
-        return torch.optim.AdamW(self.network.parameters(), lr=self.lr)
+        return fused_optimizer(torch.optim.AdamW, self.network.parameters(), lr=self.lr)
 
     def minibatches(self, plan, rng: np.random.Generator):
         """One pass of balanced draws: the same number of cells from every group per step."""
