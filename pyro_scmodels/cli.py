@@ -49,7 +49,7 @@ _ARGUMENT_CHECKS = {
     "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
             "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
             "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int,
-            "latent_independence": V.non_negative_float},
+            "latent_independence": V.non_negative_float, "global_lr_factor": V.positive_float},
     "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
                  "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
 }
@@ -202,7 +202,7 @@ def run_fit(args, folder: OutputFolder) -> None:
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
+                global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices)
     if not writer:
         return
@@ -305,6 +305,8 @@ def _add_fit(sub) -> None:
                      help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
     net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")
     net.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam); raise to 1e-2 for small data")
+    net.add_argument("--global-lr-factor", type=float, default=1.0,
+                     help="the global sites (ambient, scaling, dispersion) learn at this multiple of --lr (10 integrates)")
     fit.add_argument("--write-normalized", action="store_true",
                      help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
     fit.add_argument("--backed", action="store_true",

@@ -361,7 +361,7 @@ class TrainingLoop:
             else:
                 # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
                 # an ordinary model: the moment estimates were kept for other parameter shapes
-                warnings.warn(f"{source} holds optimiser moments for parameters of other shapes than this model's; "
+                warnings.warn(f"{source} holds optimiser moments for other parameter shapes or groups than this model's; "
                               "training continues with fresh Adam moments.", stacklevel=2)
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = state["history"]
@@ -386,10 +386,11 @@ class TrainingLoop:
 
 
 def _optimizer_state_fits(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every saved per-parameter moment has the shape of the parameter it would be given to."""
+    """Whether the saved groups hold as many parameters as the optimiser's, and every saved per-parameter moment
+    has the shape of the parameter it would be given to."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     saved_ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
-    if len(saved_ids) != len(parameters):
+    if [len(g["params"]) for g in saved.get("param_groups", [])] != [len(g["params"]) for g in optimizer.param_groups]:
         return False
     for index, parameter in zip(saved_ids, parameters):
         for value in saved.get("state", {}).get(index, {}).values():

@@ -279,7 +279,8 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     (["--batch-key", "nope", "--layer", "counts"], ["nope", "adata.obs"]),
     (["--batch-key", "batch", "--layer", "no_such_layer"], ["no_such_layer", "adata.layers"]),
     (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
-], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key"])
+    (["--batch-key", "batch", "--layer", "counts", "--global-lr-factor", "0"], ["--global-lr-factor", "positive"]),
+], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key", "global-lr-factor-not-positive"])
 def test_fit_bad_input_returns_2_with_message(input_h5ad, tmp_path, capsys, extra, expected):
     out = str(tmp_path / "out")
     code = main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--quiet", *extra])

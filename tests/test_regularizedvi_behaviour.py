@@ -1,6 +1,8 @@
 """RegularizedVI mechanics: plate scaling, seeds, save/load, checkpoints, NaN detection, data access."""
 
 import anndata
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -187,6 +189,36 @@ def test_adam_runs_torchs_fused_kernel_and_falls_back_to_foreach(small):
 
     optimizer = fused_optimizer(NoFusedKernel, [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+
+
+def test_global_sites_learn_at_global_lr_factor_times_lr_and_keep_their_moments(small, tmp_path):
+    from pyro_scmodels.pyro_modules import PositiveSiteGuide
+
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, **QUICK)
+    assert len(model.trainer.optimizer.param_groups) == 1  # the default: every parameter at lr
+    some = next(p for p in model.module.guide.parameters())
+    before = model.trainer.optimizer.state[some]["exp_avg"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the moments move with the parameters: no "fresh moments" warning
+        model.train(max_epochs=1, global_lr_factor=10.0, lr=2e-3, **QUICK)
+    rest, chosen = model.trainer.optimizer.param_groups
+    globals_ = {id(p) for m in model.module.guide.modules() if isinstance(m, PositiveSiteGuide) for p in m.parameters()}
+    assert {id(p) for p in chosen["params"]} == globals_ and len(globals_) >= 3  # ambient, scaling, dispersion
+    assert not globals_ & {id(p) for p in rest["params"]}
+    assert chosen["lr"] == pytest.approx(2e-2) and rest["lr"] == pytest.approx(2e-3)
+    # the step taken at the new settings started from the moments of the first call
+    assert not torch.equal(model.trainer.optimizer.state[some]["exp_avg"], before)
+    assert model.trainer.optimizer.state[some]["step"].item() == model.trainer.step
+    # saved and loaded with its two groups and their moments
+    model.save(str(tmp_path / "model"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = ps.RegularizedVI.load(str(tmp_path / "model"), small.copy())
+        loaded.train(max_epochs=1, global_lr_factor=10.0, lr=2e-3, **QUICK)
+    assert [g["lr"] for g in loaded.trainer.optimizer.param_groups] == pytest.approx([2e-3, 2e-2])
+    with pytest.raises(ValueError, match="global_lr_factor"):
+        model.train(max_epochs=1, global_lr_factor=0.0, **QUICK)
 
 
 def test_nan_is_detected_and_named(small):

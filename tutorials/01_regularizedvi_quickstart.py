@@ -106,7 +106,9 @@ print(adata.obs["batch"].value_counts())
 #   batch-free decoder and one global scaling nothing but z could absorb that;
 # - the encoder is told the chemistry (`encoder_covariate_keys`) and `latent_independence=10` adds an
 #   MMD penalty that makes q(z) the same in every chemistry, so the batch is carried by the decoder's
-#   input and not by z (docs: "Integrating batches", with scib-metrics figures on four datasets).
+#   input and not by z (docs: "Integrating batches", with scib-metrics figures on four datasets);
+# - `global_lr_factor=10` lets the global sites (ambient, feature scaling, dispersion) learn at ten times
+#   the learning rate, which kept more of the cell-type structure in the same benchmark.
 
 # %%
 ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["batch"],
@@ -114,7 +116,7 @@ ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_cond
 model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128, latent_independence=10.0)
 EPOCHS, BATCH_SIZE = (15, 256) if QUICK else (200, 128)
 history = model.train(max_epochs=EPOCHS, batch_size=BATCH_SIZE, kl_warmup_epochs=3 if QUICK else 400,
-                      early_stopping=False, device="cpu" if QUICK else "auto", progress_bar=not QUICK)
+                      global_lr_factor=10.0, early_stopping=False, device="cpu" if QUICK else "auto", progress_bar=not QUICK)
 print(history.tail())
 
 # %%

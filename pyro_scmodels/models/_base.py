@@ -87,6 +87,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
         checkpoint_every: int = 10,
         progress_bar: bool = True,
         *,
+        global_lr_factor: float = 1.0,
         accelerator: str | None = None,
         devices: int | str | list | None = None,
         plan_kwargs: dict | None = None,
@@ -107,6 +108,10 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
             Cells per minibatch.
         lr, weight_decay, eps
             Adam settings.
+        global_lr_factor
+            The guides of the global sites (ambient background, feature scaling, dispersion rates) learn at
+            ``global_lr_factor`` x ``lr``. 10 integrates real batches better (docs/models.md, "Integrating
+            batches"); 1, the default, trains every parameter at ``lr``.
         train_size
             Fraction of cells used for training; the rest give the validation loss.
         early_stopping
@@ -138,7 +143,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
         plan_kwargs
             scvi-tools' training-plan settings, e.g. ``{"lr": 1e-3, "weight_decay": 1e-6,
             "n_epochs_kl_warmup": 400}`` (also ``eps``, ``n_steps_kl_warmup``, ``gradient_clip``,
-            ``optimizer="Adam"``); an unknown key raises ``ValueError`` listing the known ones.
+            ``global_lr_factor``, ``optimizer="Adam"``); an unknown key raises ``ValueError`` listing the known ones.
         datasplitter_kwargs
             ``{"external_indexing": [train, validation(, test)]}`` fixes the split by cell
             positions (instead of ``train_size``); DataLoader options are refused (none is used).
@@ -155,7 +160,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else V.positive_int("max_epochs", max_epochs)
         settings = checked_settings(merge_plan_kwargs(plan_kwargs, dict(
             lr=lr, weight_decay=weight_decay, eps=eps, kl_warmup_epochs=kl_warmup_epochs,
-            kl_warmup_steps=kl_warmup_steps, gradient_clip=gradient_clip)))
+            kl_warmup_steps=kl_warmup_steps, gradient_clip=gradient_clip, global_lr_factor=global_lr_factor)))
         batch_size = V.positive_int("batch_size", batch_size)
         checkpoint_every = V.positive_int("checkpoint_every", checkpoint_every)
         validate_every = V.positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
@@ -194,7 +199,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
     def _prepare_trainer(self, data: CellData, train_size: float, seed: int, settings: dict,
                          split: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Create the trainer (split and optimiser settings) on the first call; update it on later ones."""
-        adam = {key: settings[key] for key in ("lr", "eps", "weight_decay")}
+        adam = {key: settings[key] for key in ("lr", "eps", "weight_decay", "global_lr_factor")}
         if self.trainer is None:
             train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed)) if split is None else split
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,

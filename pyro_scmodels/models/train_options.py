@@ -26,11 +26,13 @@ PLAN_KWARGS = {
     "kl_warmup_steps": "kl_warmup_steps",
     "gradient_clip": "gradient_clip",
     "optimizer": "optimizer",
+    "global_lr_factor": "global_lr_factor",
 }
 # the defaults of train(): an explicit argument that differs from its default must not be contradicted
 TRAIN_DEFAULTS = {
     "lr": C.LEARNING_RATE, "weight_decay": C.WEIGHT_DECAY, "eps": C.ADAM_EPS,
     "kl_warmup_epochs": C.KL_WARMUP_EPOCHS, "kl_warmup_steps": None, "gradient_clip": C.GRADIENT_CLIP_NORM,
+    "global_lr_factor": 1.0,
 }
 # DataLoader options of scvi-tools' splitter that have no counterpart here (no DataLoader is used)
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "persistent_workers", "drop_last", "shuffle", "load_sparse_tensor")
@@ -133,6 +135,7 @@ def checked_settings(settings: dict) -> dict:
         "kl_warmup_epochs": V.optional(V.non_negative_int, "kl_warmup_epochs", settings["kl_warmup_epochs"]),
         "kl_warmup_steps": V.optional(V.non_negative_int, "kl_warmup_steps", settings["kl_warmup_steps"]),
         "gradient_clip": V.optional(V.positive_float, "gradient_clip", settings["gradient_clip"]),
+        "global_lr_factor": V.positive_float("global_lr_factor", settings["global_lr_factor"]),
     }
 
 
