@@ -27,7 +27,8 @@ from .data import CellData, iterate_minibatches
 from .data.on_disk import chunk_grouped_minibatches, chunk_shuffled_order, read_ahead_groups
 from .distributed import LocalScale
 from .pyro_modules import PositiveSiteGuide
-from .training import LoopPlan, NonFiniteError, TrainingLoop, fused_optimizer  # noqa: F401  (NonFiniteError: its old import path)
+from .optimizers import fused_optimizer
+from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from . import _constants as C
 from ._atomic import atomic_path
 from ._io import load_torch_file
 from .distributed import SingleProcess
+from .optimizers import optimizer_state_fits
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class TrainingLoop:
                 module.load_state_dict(state[name])
         if state.get("optimizer") is not None:
             self._make_optimizer()
-            if _optimizer_state_fits(state["optimizer"], self.optimizer):
+            if optimizer_state_fits(state["optimizer"], self.optimizer):
                 self.optimizer.load_state_dict(state["optimizer"])
             else:
                 # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
@@ -383,44 +384,3 @@ class TrainingLoop:
         if self.optimizer is not None:
             # load_state_dict casts each state tensor to its parameter's device
             self.optimizer.load_state_dict(self.optimizer.state_dict())
-
-
-def _optimizer_state_fits(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the saved groups hold as many parameters as the optimiser's, and every saved per-parameter moment
-    has the shape of the parameter it would be given to."""
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_ids = [i for group in saved.get("param_groups", []) for i in group["params"]]
-    if [len(g["params"]) for g in saved.get("param_groups", [])] != [len(g["params"]) for g in optimizer.param_groups]:
-        return False
-    for index, parameter in zip(saved_ids, parameters):
-        for value in saved.get("state", {}).get(index, {}).values():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
-                return False
-    return True
-
-
-def fused_optimizer(optimizer_class: type[torch.optim.Optimizer], parameters, **settings) -> torch.optim.Optimizer:
-    """``optimizer_class`` (``torch.optim.Adam`` or ``AdamW``) with torch's fused kernel where it runs, else foreach.
-
-    Parameters
-    ----------
-    optimizer_class
-        An optimizer class that takes ``fused`` and ``foreach``.
-    parameters
-        The parameters to optimise.
-    **settings
-        Passed on (``lr``, ``eps``, ``weight_decay``, ...).
-
-    Returns
-    -------
-    torch.optim.Optimizer
-        The optimizer. The fused kernel updates each parameter in one pass over its memory; foreach runs several
-        whole-tensor operations in turn. On 2 CPU cores, RegularizedVI trained 1.26-1.28x as many cells per
-        second at batch 128 with it (benchmarks/RESULTS.md, "Training throughput: what changed it").
-    """
-    parameters = list(parameters)
-    try:
-        return optimizer_class(parameters, fused=True, **settings)
-    except RuntimeError:  # fused kernels exist for floating-point parameters on the CPU and CUDA only
-        return optimizer_class(parameters, foreach=True, **settings)
-

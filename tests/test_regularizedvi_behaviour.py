@@ -175,7 +175,7 @@ def test_second_train_call_continues(small):
 
 
 def test_adam_runs_torchs_fused_kernel_and_falls_back_to_foreach(small):
-    from pyro_scmodels.training import fused_optimizer
+    from pyro_scmodels.optimizers import fused_optimizer
 
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=1, **QUICK)

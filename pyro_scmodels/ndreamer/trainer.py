@@ -8,7 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..training import TrainingLoop, fused_optimizer
+from ..optimizers import fused_optimizer
+from ..training import TrainingLoop
 from . import _constants as K
 from .losses import LossWeights, total_loss
 from .network import NDreamerNetwork
