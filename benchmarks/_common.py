@@ -159,23 +159,6 @@ def now() -> str:
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def global_sites_lr_optimizer(factor: float):
-    """A ``build_optimizer`` for ``infer.SVITrainer``: Adam with ``factor`` x the learning rate for the guide's
-    global point estimates (its ``PositiveSiteGuide`` children). An experiment of the benchmarks, not an option."""
-    import torch
-
-    from pyro_scmodels.pyro_modules import PositiveSiteGuide
-
-    def build(trainer):
-        chosen = [p for c in trainer.guide.children() if isinstance(c, PositiveSiteGuide) for p in c.parameters()]
-        ids = {id(p) for p in chosen}
-        rest = [p for p in trainer.parameters() if id(p) not in ids]
-        return torch.optim.Adam([{"params": rest}, {"params": chosen, "lr": trainer.lr * factor}], lr=trainer.lr,
-                                eps=trainer.eps, weight_decay=trainer.weight_decay)
-
-    return build
-
-
 def run_single_threaded(command: list[str], cwd: str | None = None) -> tuple[float, float]:
     """Run ``command`` with one thread per numeric library; its wall seconds and peak RSS in MiB.
 

@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _cellbender import background_of_channel, find_cellbender  # noqa: E402
-from _common import global_sites_lr_optimizer, hardware_facts, update_results  # noqa: E402
+from _common import hardware_facts, update_results  # noqa: E402
 
-from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets, infer  # noqa: E402
+from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets  # noqa: E402
 from pyro_scmodels import metrics as M  # noqa: E402
 from pyro_scmodels.models.ambient import profile_from_droplets  # noqa: E402
 from pyro_scmodels.models.regularizedvi_module import RegularizedVIGuide, RegularizedVIModel  # noqa: E402
@@ -178,15 +178,9 @@ def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, 
     if options["low_count_init"]:
         init_from_low_count_cells(model, adata)
     initial_profile = model.get_ambient_profile().to_numpy().copy()
-    original = infer.SVITrainer.build_optimizer
-    if options["global_lr"]:
-        infer.SVITrainer.build_optimizer = global_sites_lr_optimizer(GLOBAL_LR_FACTOR)
     start = time.time()
-    try:
-        model.train(max_epochs=epochs, lr=lr, batch_size=batch_size, early_stopping=False,
-                    kl_warmup_epochs=epochs // 4, progress_bar=False, seed=seed)
-    finally:
-        infer.SVITrainer.build_optimizer = original
+    model.train(max_epochs=epochs, lr=lr, batch_size=batch_size, early_stopping=False, kl_warmup_epochs=epochs // 4,
+                progress_bar=False, seed=seed, global_lr_factor=GLOBAL_LR_FACTOR if options["global_lr"] else 1.0)
     return model, initial_profile, time.time() - start
 
 
