@@ -108,3 +108,18 @@ def test_ivf_that_misses_with_every_list_probed_searches_exactly_and_says_so(mon
     _, exact = matching.knn(points[:2000], points[2000:], method="exact")
     np.testing.assert_array_equal(approximate, exact)
     assert "searching exactly instead" in caplog.text
+
+
+def test_ivf_counts_a_tie_as_a_hit_when_it_chooses_its_probes(caplog):
+    # cells on a grid (as in a discrete, codebook-like space) and queries half-way between two of them: each
+    # query has two nearest cells at the same distance, and the exact search and the index may return either.
+    # Counted as misses, the probes would climb to every list and the search fall back to an exact one
+    rng = np.random.default_rng(5)
+    base = np.stack(np.meshgrid(*[np.arange(9)] * 4, indexing="ij"), axis=-1).reshape(-1, 4).astype(np.float32)
+    query = base[rng.choice(len(base), 3000)] + np.float32(0.5) * np.eye(4, dtype=np.float32)[rng.integers(0, 4, 3000)]
+    caplog.set_level(logging.INFO, logger="pyro_scmodels.matching")
+    distances, _ = matching.knn(query, base, method="ivf")
+    np.testing.assert_allclose(distances[:, 0], 0.5, rtol=1e-5)
+    assert "searching exactly instead" not in caplog.text
+    lists, probed, recall = re.search(r"IVF, (\d+) lists, (\d+) probed.*recall@1 ([\d.]+)", caplog.text).groups()
+    assert int(probed) < int(lists) and float(recall) >= matching.IVF_RECALL, caplog.text
