@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 import pyro_scmodels as ps
 from pyro_scmodels._validation import ArgumentTypeError
 from pyro_scmodels.matching import knn
-from pyro_scmodels.models.query_mapping import NewLevelsSiteGuide
+from pyro_scmodels.models.query_freezing import NewLevelsSiteGuide
 
 KEYS = dict(layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
             dispersion_key="batch", library_size_key="batch")
