@@ -33,13 +33,16 @@ class GammaPoissonMean(dist.GammaPoisson):
         log p(x) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
                    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))
 
-    Terms that depend on ``theta`` alone are computed per gene (or per gene and group) before
-    they are spread over the cells, and ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``,
-    which is 0 wherever x = 0, only at the non-zero counts: single-cell counts are mostly
-    zeros, and this lgamma (a digamma in the backward pass) was the costliest function of a
-    training step. That sparse form needs theta as one row per gene (shape ``(G,)`` or
-    ``(1, G)``) or, with ``group``, a 2-D groups x genes table; any other theta takes the dense
-    form, with the same values.
+    Only ``theta log(theta / (theta + mu)) = -theta log1p(mu / theta)`` is computed at every
+    entry; the rest, ``x log(mu / (theta + mu)) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``,
+    is 0 wherever x = 0 and is computed at the non-zero counts only. Single-cell counts are
+    mostly zeros: this halves the passes over every cell and gene (forward and backward), and
+    lgamma (a digamma in the backward pass), once the costliest function of a training step,
+    runs only at the counts. Terms of ``theta`` alone are computed per gene (or per gene and
+    group) before they are spread over the cells. That sparse form needs theta as one row per
+    gene (shape ``(G,)`` or ``(1, G)``) or, with ``group``, a 2-D groups x genes table; any
+    other theta takes the dense form, with the same values. :meth:`log_prob_sum_genes` gives
+    each cell's sum over genes without the cells x genes tensor of terms.
 
     Parameters
     ----------
@@ -105,22 +108,60 @@ class GammaPoissonMean(dist.GammaPoisson):
         return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        split = self._split_log_prob(value)
+        if split is None:
+            return self._dense_log_prob(value)
+        zero_count, where, count_terms, shape = split
+        return zero_count.expand(shape).reshape(-1).index_add(0, where, count_terms).reshape(shape)
+
+    def log_prob_sum_genes(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_prob(value).sum(-1)``, without the cells x genes tensor of every term.
+
+        Parameters
+        ----------
+        value
+            Counts, cells x genes (or with leading sample dimensions).
+
+        Returns
+        -------
+        torch.Tensor
+            log p of each cell's counts: the shape of ``value`` without its last axis.
+        """
+        split = self._split_log_prob(value)
+        if split is None:
+            return self._dense_log_prob(value).sum(-1)
+        zero_count, where, count_terms, shape = split
+        per_row = zero_count.expand(shape).sum(-1).reshape(-1)
+        with torch.no_grad():
+            row = torch.div(where, shape[-1], rounding_mode="floor")  # the cell (and sample) of each count
+        return per_row.index_add(0, row, count_terms).reshape(shape[:-1])
+
+    def _dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Every term at every entry: for a theta that is not one row per gene (or per group)."""
+        mu, theta = self._mu, self._per_cell(self._theta)
+        theta_log_theta = self._per_cell(self._theta * self._theta.log())  # per gene (and group), then spread
+        dense = theta_log_theta - (value + theta) * torch.log(theta + mu) + value * mu.log()
+        with torch.no_grad():
+            log_factorial = torch.lgamma(value + 1)  # a constant of the data
+        return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
+
+    def _split_log_prob(self, value: torch.Tensor):
+        """The terms at every entry, the flat positions of the non-zero counts and the terms there, and the shape;
+        None where the sparse form does not apply (see :meth:`_gamma_positions`)."""
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
-        theta = self._per_cell(self._theta)
-        theta_log_theta = self._per_cell(self._theta * self._theta.log())  # per gene (and group), then spread
-        # terms with a log, cheap per entry: theta log theta - (x + theta) log(theta + mu) + x log mu
-        dense = theta_log_theta - (value + theta) * torch.log(theta + mu) + value * mu.log()
-        positions = self._gamma_positions(value, dense.shape)
+        shape = torch.broadcast_shapes(mu.shape, self._per_cell(self._theta).shape, value.shape)
+        positions = self._gamma_positions(value, shape)
         if positions is None:
-            with torch.no_grad():
-                log_factorial = torch.lgamma(value + 1)  # a constant of the data
-            return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
-        # lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) is 0 where x = 0; single-cell counts are mostly
-        # zeros, and lgamma (with digamma in the backward pass) is the costliest function of the step
+            return None
+        # every entry: the x = 0 term (see the class docstring); the other terms at the non-zero counts below.
+        # -theta and 1 / theta per gene (and group), then spread: a product's backward pass is cheaper than a
+        # quotient's, and no pass over every entry negates
+        zero_count = self._per_cell(-self._theta) * torch.log1p(mu * self._per_cell(self._theta.reciprocal()))
         flat_value, where, column, cell = positions
         x = flat_value.index_select(0, where)
+        mu_x = mu.expand(shape).reshape(-1).index_select(0, where)
         theta_table = self._theta.reshape(-1, self._theta.shape[-1])
         # lgamma(theta) once per gene (and group), then spread to the counts: not once per count, and
         # its digamma in the backward pass likewise
@@ -134,8 +175,9 @@ class GammaPoissonMean(dist.GammaPoisson):
             theta_x, lgamma_theta_x = theta_table.reshape(-1).index_select(0, flat), lgamma_table.reshape(-1).index_select(0, flat)
         with torch.no_grad():
             log_factorial = torch.lgamma(x + 1)
-        gamma_terms = (torch.lgamma(x + theta_x) - lgamma_theta_x - log_factorial).to(dense.dtype)
-        return dense.reshape(-1).index_add(0, where, gamma_terms).reshape(dense.shape)
+        count_terms = (x * (mu_x.log() - torch.log(theta_x + mu_x)) + torch.lgamma(x + theta_x) - lgamma_theta_x
+                       - log_factorial).to(zero_count.dtype)
+        return zero_count, where, count_terms, shape
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
         """The counts flattened, the flat positions of the non-zero ones, their gene and cell; None for the dense form.

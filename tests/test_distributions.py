@@ -49,6 +49,34 @@ def test_log_prob_and_gradients_on_mostly_zero_counts(grouped, leading):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("leading", [(), (4,)])
+@pytest.mark.parametrize("theta_per_cell", [False, True])
+def test_per_cell_sum_equals_the_sum_of_log_prob(grouped, leading, theta_per_cell):
+    # log_prob_sum_genes (what training uses) never forms the cells x genes terms: its values and gradients
+    # must be log_prob(x).sum(-1)'s, in the sparse form and in the dense one (a theta per cell)
+    torch.manual_seed(5)
+    mu = (torch.rand(*leading, 7, 11) * 3 + 1e-3).requires_grad_()
+    if theta_per_cell:
+        grouped = False
+        theta = (torch.rand(7, 11) * 5 + 0.05).requires_grad_()
+    else:
+        theta = (torch.rand(3 if grouped else 1, 11) * 5 + 0.05).requires_grad_()
+    group = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if grouped else None
+    x = torch.poisson(mu.detach() * 0.3)
+    assert 0.2 < (x == 0).float().mean() < 0.95
+    distribution = GammaPoissonMean(mu, theta, group)
+    per_cell = distribution.log_prob_sum_genes(x)
+    expected = distribution.log_prob(x).sum(-1)
+    assert per_cell.shape == (*leading, 7)
+    torch.testing.assert_close(per_cell, expected, rtol=1e-5, atol=1e-4)
+    weights = torch.rand(per_cell.shape)  # a weighted sum: each cell's gradient is its own
+    got = torch.autograd.grad((per_cell * weights).sum(), (mu, theta))
+    want = torch.autograd.grad((expected * weights).sum(), (mu, theta))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 def test_positions_from_the_sparse_rows_give_pyros_values_and_gradients(grouped):
     # a minibatch of sparse counts says where its non-zeros are (rows in any order, a row twice);
     # the likelihood must then equal Pyro's, values and gradients

@@ -329,7 +329,7 @@ class RegularizedVIModel(LocalPyroModule):
         mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
                              batch["ambient_index"], batch["scaling_index"])
         theta = values["inverse_sqrt_theta"].pow(-2)
-        log_p = log_p + self.count_distribution(mu, theta, batch).log_prob(batch[self.dims.counts_key]).sum(-1)
+        log_p = log_p + self.count_distribution(mu, theta, batch).log_prob_sum_genes(batch[self.dims.counts_key])
         # as poutine.mask does: the masked cells' terms are replaced by 0, not multiplied by it
         return log_p if mask is None else torch.where(mask, log_p, log_p.new_zeros(()))
 
