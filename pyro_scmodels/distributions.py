@@ -151,7 +151,7 @@ class GammaPoissonMean(dist.GammaPoisson):
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
-        shape = torch.broadcast_shapes(mu.shape, self._per_cell(self._theta).shape, value.shape)
+        shape = torch.broadcast_shapes(self.batch_shape, value.shape)  # mu's and the spread theta's, with value's
         positions = self._gamma_positions(value, shape)
         if positions is None:
             return None
