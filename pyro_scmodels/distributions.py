@@ -111,7 +111,7 @@ class GammaPoissonMean(dist.GammaPoisson):
         split = self._split_log_prob(value)
         if split is None:
             return self._dense_log_prob(value)
-        zero_count, where, count_terms, shape = split
+        zero_count, where, count_terms, shape, _ = split
         return zero_count.expand(shape).reshape(-1).index_add(0, where, count_terms).reshape(shape)
 
     def log_prob_sum_genes(self, value: torch.Tensor) -> torch.Tensor:
@@ -130,11 +130,12 @@ class GammaPoissonMean(dist.GammaPoisson):
         split = self._split_log_prob(value)
         if split is None:
             return self._dense_log_prob(value).sum(-1)
-        zero_count, where, count_terms, shape = split
+        zero_count, where, count_terms, shape, cell = split
         per_row = zero_count.expand(shape).sum(-1).reshape(-1)
-        with torch.no_grad():
-            row = torch.div(where, shape[-1], rounding_mode="floor")  # the cell (and sample) of each count
-        return per_row.index_add(0, row, count_terms).reshape(shape[:-1])
+        if len(shape) > 2:  # with sample dimensions a count's row is its sample's cell, not the cell alone
+            with torch.no_grad():
+                cell = torch.div(where, shape[-1], rounding_mode="floor")
+        return per_row.index_add(0, cell, count_terms).reshape(shape[:-1])
 
     def _dense_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Every term at every entry: for a theta that is not one row per gene (or per group)."""
@@ -146,8 +147,8 @@ class GammaPoissonMean(dist.GammaPoisson):
         return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
 
     def _split_log_prob(self, value: torch.Tensor):
-        """The terms at every entry, the flat positions of the non-zero counts and the terms there, and the shape;
-        None where the sparse form does not apply (see :meth:`_gamma_positions`)."""
+        """The terms at every entry, the flat positions of the non-zero counts and the terms there, the shape and
+        each count's cell; None where the sparse form does not apply (see :meth:`_gamma_positions`)."""
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
@@ -177,7 +178,7 @@ class GammaPoissonMean(dist.GammaPoisson):
             log_factorial = torch.lgamma(x + 1)
         count_terms = (x * (mu_x.log() - torch.log(theta_x + mu_x)) + torch.lgamma(x + theta_x) - lgamma_theta_x
                        - log_factorial).to(zero_count.dtype)
-        return zero_count, where, count_terms, shape
+        return zero_count, where, count_terms, shape, cell
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
         """The counts flattened, the flat positions of the non-zero ones, their gene and cell; None for the dense form.
