@@ -11,7 +11,6 @@ Only rank 0 writes the output folder.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import OutputFolder, read_h5ad
-from .ndreamer._constants import NEAREST_NEIGHBOR
+from .cli_arguments import build_parser, check_arguments
 from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
@@ -40,36 +39,6 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
         pass
-
-
-# the numeric options of each command, checked before any file is read or written
-_ARGUMENT_CHECKS = {
-    "demo": {"n_cells": V.positive_int, "n_genes": V.positive_int, "epochs": V.positive_int,
-             "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
-    "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
-            "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
-            "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int,
-            "latent_independence": V.non_negative_float, "global_lr_factor": V.positive_float},
-    "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
-                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
-}
-
-
-def check_arguments(args) -> None:
-    """Check the numeric options of ``args.command`` (None: the option's default applies).
-
-    Parameters
-    ----------
-    args
-        Parsed command line (:func:`build_parser`).
-
-    Raises
-    ------
-    TypeError, ValueError
-        From :mod:`pyro_scmodels._validation`, naming the option (e.g. ``--batch-size``).
-    """
-    for name, check in _ARGUMENT_CHECKS.get(args.command, {}).items():
-        V.optional(check, "--" + name.replace("_", "-"), getattr(args, name))
 
 
 # names inside an output folder that mark results of an earlier run
@@ -221,146 +190,6 @@ def run_fit(args, folder: OutputFolder) -> None:
     layers = f", layers['{NORMALIZED_LAYER}']" if args.write_normalized else ""
     print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']{layers}), {os.path.join(out, 'model')}/, "
           f"history.csv and the figures {', '.join(figures)}.")
-
-
-DESCRIPTION = """Pyro models of single-cell counts from the command line.
-
-  demo      simulate data with known truth, fit RegularizedVI and NDreamer, report what was recovered
-  fit       fit RegularizedVI on your .h5ad of raw counts
-  ndreamer  batch-denoised expression and per-cell treatment effects with NDreamer
-
-Run `pyro-scmodels COMMAND --help` for a command's options."""
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default, and keeps the description's line breaks.
-
-    Flags (default False), and options whose help already says what their absence means, show no
-    "(default: None)".
-    """
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _common(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; checked before any work")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
-    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
-
-
-def _add_demo(sub) -> None:
-    demo = sub.add_parser("demo", formatter_class=_HelpFormatter,
-                          help="simulate data with known truth, fit RegularizedVI and NDreamer, report recovery",
-                          description="Simulate cells with known truth (no download), fit RegularizedVI and NDreamer, "
-                                      "and print each recovered figure beside its truth or baseline with a verdict.")
-    demo.add_argument("-o", "--output", default="pyro_scmodels_demo", help="output folder")
-    demo.add_argument("--n-cells", type=int, default=3000, help="simulated cells")
-    demo.add_argument("--n-genes", type=int, default=500, help="simulated genes")
-    demo.add_argument("--epochs", type=int, default=120,
-                      help="RegularizedVI training epochs (120 at lr 2e-2 recover what 300 at 1e-2 did, in 40 %% of the steps)")
-    demo.add_argument("--batch-size", type=int, default=512, help="cells per training step")
-    demo.add_argument("--lr", type=float, default=2e-2, help="learning rate; higher than fit's: small data, few steps")
-    demo.add_argument("--skip-ndreamer", action="store_true", help="run only RegularizedVI")
-    demo.add_argument("--write-normalized", action="store_true",
-                      help="also write the dense normalised-expression layer (float32, cells x genes x 4 bytes)")
-    demo.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
-    _common(demo, "replace earlier results in the output folder")
-
-
-def _add_fit(sub) -> None:
-    fit = sub.add_parser("fit", formatter_class=_HelpFormatter, help="fit RegularizedVI on an .h5ad file of raw counts",
-                         description="Fit RegularizedVI on raw counts and write the latent space, per-batch ambient "
-                                     "profiles, dispersion, scaling, library sizes, the model and figures.")
-    fit.add_argument("data", help="input .h5ad with raw counts in .X or --layer")
-    fit.add_argument("-o", "--output", required=True, help="output folder (created; checked before training)")
-    fit.add_argument("--layer", default=None, help="layer holding the raw counts (default: .X)")
-    keys = fit.add_argument_group("covariates (obs columns); each technical effect can have its own key")
-    keys.add_argument("--batch-key", default=None,
-                      help="shortcut: ambient, dispersion and library-size keys all set to this column; to integrate "
-                           "batches add --nn-conditioning-keys with the same column")
-    keys.add_argument("--ambient-keys", nargs="+", default=None, help="one ambient RNA profile per category")
-    keys.add_argument("--nn-conditioning-keys", nargs="+", default=None, help="columns the decoder is conditioned on")
-    keys.add_argument("--feature-scaling-keys", nargs="+", default=None, help="per-gene multiplicative factor per category")
-    keys.add_argument("--dispersion-key", default=None, help="gene dispersion per category")
-    keys.add_argument("--library-size-key", default=None, help="library-size prior per category")
-    keys.add_argument("--encoder-keys", nargs="+", default=None,
-                      help="columns the encoder sees (their effects can leak into the latent space)")
-    keys.add_argument("--continuous-keys", nargs="+", default=None, help="numeric columns used as continuous covariates")
-    keys.add_argument("--label-key", default=None, help="a column (e.g. cell type) to colour the latent figure by")
-    net = fit.add_argument_group("model and training")
-    net.add_argument("--n-latent", type=int, default=10, help="dimensions of the latent space z")
-    net.add_argument("--n-hidden", type=int, default=128, help="width of the encoder and decoder layers")
-    net.add_argument("--n-layers", type=int, default=1, help="hidden layers of the encoder and decoder")
-    net.add_argument("--latent-independence", type=float, default=0.0,
-                     help="weight of an MMD penalty keeping the --encoder-keys out of z (10 for model-based "
-                          "counterfactuals of a condition; 0: off)")
-    net.add_argument("--max-epochs", type=int, default=None,
-                     help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
-    net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")
-    net.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam); raise to 1e-2 for small data")
-    net.add_argument("--global-lr-factor", type=float, default=1.0,
-                     help="the global sites (ambient, scaling, dispersion) learn at this multiple of --lr (10 integrates)")
-    fit.add_argument("--write-normalized", action="store_true",
-                     help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
-    fit.add_argument("--backed", action="store_true",
-                     help="train from disk: open the input with anndata's backed='r' (raw counts in .X, not --layer); "
-                          "results.h5ad then holds the results without the counts")
-    fit.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
-    fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
-    fit.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
-    fit.add_argument("--devices", type=int, default=None,
-                     help="data-parallel training on N processes of this machine (starts torchrun; under torchrun: "
-                          "its --nproc_per_node). Multi-node: see docs/distributed.md")
-    _common(fit, "replace earlier results in the output folder (and discard its checkpoint)")
-
-
-def _add_ndreamer(sub) -> None:
-    nd = sub.add_parser("ndreamer", formatter_class=_HelpFormatter,
-                        help="NDreamer: batch-denoised expression and per-cell treatment effects",
-                        description="Learn an effect-modifier space, match cells across conditions and batches, and "
-                                    "write denoised expression, batch effects and per-cell treatment effects (ITE).")
-    nd.add_argument("data", help="input .h5ad (raw counts or log-normalised values)")
-    nd.add_argument("-o", "--output", required=True, help="output folder (created; checked before training)")
-    nd.add_argument("--condition-key", required=True, help="obs column holding the condition")
-    nd.add_argument("--control", required=True, help="name of the control condition")
-    nd.add_argument("--batch-key", nargs="+", default=None, help="one or more batch columns (each its own effect)")
-    nd.add_argument("--layer", default=None, help="layer to read instead of .X")
-    nd.add_argument("--backed", action="store_true",
-                    help="open the input with anndata's backed='r': .X is read from disk in blocks of rows and never "
-                         "densified (the sparse log-normalised matrix is held in memory)")
-    nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
-    nd.add_argument("--network", choices=["small", "default"], default="default",
-                    help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
-                         "much faster and suits a few thousand cells")
-    nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
-    nd.add_argument("--batch-size", type=int, default=1024, help="cells per training step")
-    nd.add_argument("--nearest-neighbor", type=int, default=NEAREST_NEIGHBOR,
-                    help="matched cells per group, kernel-weighted (1: causal matching, one partner)")
-    nd.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth for --nearest-neighbor > 1")
-    nd.add_argument("--cate-groupby", default=None,
-                    help="obs column (e.g. cell type): write cate_<condition>.csv and an ITE heatmap per group")
-    nd.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
-    _common(nd, "replace earlier results in the output folder")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``pyro-scmodels`` argument parser (commands ``demo``, ``fit`` and ``ndreamer``)."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="pyro-scmodels", description=DESCRIPTION, formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo(sub)
-    _add_fit(sub)
-    _add_ndreamer(sub)
-    return parser
 
 
 def _launch_torchrun(argv: list[str], devices: int) -> int:

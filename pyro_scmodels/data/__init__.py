@@ -8,7 +8,7 @@
 
 from .cells import CellData, iterate_minibatches
 from .counts import CountMatrix, DeviceCSR, fingerprint
-from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
+from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys, setup_arguments
 from .mudata_registry import MuDataSetup, modality_counts, read_mudata_setup, setup_mudata
 from .registry import SETUP_UNS_KEY, AnnDataSetup, check_var_names, counts_matrix, read_setup, setup_anndata
 
@@ -30,5 +30,6 @@ __all__ = [
     "read_setup",
     "resolve_covariate_keys",
     "setup_anndata",
+    "setup_arguments",
     "setup_mudata",
 ]

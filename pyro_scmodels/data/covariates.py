@@ -42,6 +42,27 @@ class CovariateKeys:
         return asdict(self)
 
 
+def setup_arguments(keys: dict) -> dict:
+    """The ``setup_anndata`` / ``setup_mudata`` keyword arguments that reproduce recorded keys.
+
+    Parameters
+    ----------
+    keys
+        :meth:`CovariateKeys.to_dict` of a recorded setup.
+
+    Returns
+    -------
+    dict
+        ``ambient_covariate_keys``, ``nn_conditioning_covariate_keys``, ... as ``setup_anndata`` takes them.
+    """
+    return {
+        "ambient_covariate_keys": keys["ambient"], "nn_conditioning_covariate_keys": keys["nn_conditioning"],
+        "feature_scaling_covariate_keys": keys["feature_scaling"], "dispersion_key": keys["dispersion"],
+        "library_size_key": keys["library_size"], "encoder_covariate_keys": keys["encoder"],
+        "continuous_covariate_keys": keys["continuous"],
+    }
+
+
 def _as_list(value, argument: str) -> list[str]:
     if value is None:
         return []

@@ -12,12 +12,11 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
+from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_arguments, setup_mudata
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
-from .regularizedvi import setup_arguments
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
 

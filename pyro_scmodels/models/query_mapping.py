@@ -25,12 +25,11 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import CovariateKeys, check_var_names, read_setup
+from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..pyro_modules import PositiveSiteGuide
 from ._base import MODEL_FILE
 from .query_freezing import freeze_reference
-from .regularizedvi import setup_arguments
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
 logger = logging.getLogger(__name__)
@@ -303,3 +302,64 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
         )
         model.is_trained = True
     return model
+
+
+# --- the methods a model class offers (scvi-tools' ArchesMixin) ---------------------------------
+class QueryMappingMixin:
+    """``prepare_query_anndata`` and ``load_query_data`` as classmethods of a model class, as in scvi-tools."""
+
+    @classmethod
+    def prepare_query_anndata(cls, adata, reference, return_reference_var_names: bool = False, inplace: bool = True):
+        """Reorder the query's genes to the reference's; genes it lacks are filled with zeros (with a warning).
+
+        Parameters
+        ----------
+        adata
+            The query AnnData.
+        reference
+            A trained model, or the folder it was saved to.
+        return_reference_var_names
+            Only return the reference's gene names.
+        inplace
+            Change ``adata`` and return None (as scvi-tools); False returns a new AnnData.
+
+        Returns
+        -------
+        None, anndata.AnnData or pandas.Index
+            See :func:`pyro_scmodels.models.query_mapping.prepare_query_anndata`.
+        """
+        return prepare_query_anndata(adata, reference, cls, return_reference_var_names, inplace)
+
+    @classmethod
+    def load_query_data(cls, adata, reference, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
+                        freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False) -> "QueryMappingMixin":
+        """A model of new cells (the query) built on a trained reference, for ``train()`` on the query.
+
+        The query is set up with the reference's layer and keys. Categories of the ambient,
+        feature-scaling, dispersion and library-size keys that the reference has not seen become
+        new levels, learned from the query; known categories keep the reference's values. The
+        decoder, the encoders and every global tied to a reference level stay fixed. A new
+        category of a decoder-conditioning or encoder key raises ``ValueError``.
+
+        Parameters
+        ----------
+        adata
+            The query AnnData: raw counts, the reference's genes (see :meth:`prepare_query_anndata`).
+        reference
+            A trained model, or the folder it was saved to; it is not changed.
+        inplace_subset_query_vars
+            First align the query's genes in place, as :meth:`prepare_query_anndata` does.
+        freeze_encoder, freeze_decoder
+            Keep the reference's encoders (z and library) / decoder fixed.
+        freeze_dropout
+            Turn dropout off in the query model's encoders.
+        unfrozen
+            Train every parameter, reference levels included.
+
+        Returns
+        -------
+        RegularizedVI
+            The query model (see :func:`pyro_scmodels.models.query_mapping.load_query_data`).
+        """
+        return load_query_data(cls, adata, reference, inplace_subset_query_vars, freeze_encoder, freeze_decoder,
+                               freeze_dropout, unfrozen)

@@ -14,14 +14,15 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
+from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from ._base import ModelAndGuide, PyroModelBase
+from .query_mapping import QueryMappingMixin
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 
 
-class RegularizedVI(PyroModelBase):
+class RegularizedVI(QueryMappingMixin, PyroModelBase):
     """scVI with an ambient background, feature scaling and a containment prior on dispersion.
 
     Parameters
@@ -401,74 +402,3 @@ class RegularizedVI(PyroModelBase):
         model._restore(payload)
         model._move_to(device)
         return model
-
-    # --- reference mapping (scArches-style); the work is done in query_mapping -----------------
-    @classmethod
-    def prepare_query_anndata(cls, adata, reference, return_reference_var_names: bool = False, inplace: bool = True):
-        """Reorder the query's genes to the reference's; genes it lacks are filled with zeros (with a warning).
-
-        Parameters
-        ----------
-        adata
-            The query AnnData.
-        reference
-            A trained model, or the folder it was saved to.
-        return_reference_var_names
-            Only return the reference's gene names.
-        inplace
-            Change ``adata`` and return None (as scvi-tools); False returns a new AnnData.
-
-        Returns
-        -------
-        None, anndata.AnnData or pandas.Index
-            See :func:`pyro_scmodels.models.query_mapping.prepare_query_anndata`.
-        """
-        from . import query_mapping  # imported here: query_mapping builds models of this class
-
-        return query_mapping.prepare_query_anndata(adata, reference, cls, return_reference_var_names, inplace)
-
-    @classmethod
-    def load_query_data(cls, adata, reference, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
-                        freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False) -> "RegularizedVI":
-        """A model of new cells (the query) built on a trained reference, for ``train()`` on the query.
-
-        The query is set up with the reference's layer and keys. Categories of the ambient,
-        feature-scaling, dispersion and library-size keys that the reference has not seen become
-        new levels, learned from the query; known categories keep the reference's values. The
-        decoder, the encoders and every global tied to a reference level stay fixed. A new
-        category of a decoder-conditioning or encoder key raises ``ValueError``.
-
-        Parameters
-        ----------
-        adata
-            The query AnnData: raw counts, the reference's genes (see :meth:`prepare_query_anndata`).
-        reference
-            A trained model, or the folder it was saved to; it is not changed.
-        inplace_subset_query_vars
-            First align the query's genes in place, as :meth:`prepare_query_anndata` does.
-        freeze_encoder, freeze_decoder
-            Keep the reference's encoders (z and library) / decoder fixed.
-        freeze_dropout
-            Turn dropout off in the query model's encoders.
-        unfrozen
-            Train every parameter, reference levels included.
-
-        Returns
-        -------
-        RegularizedVI
-            The query model (see :func:`pyro_scmodels.models.query_mapping.load_query_data`).
-        """
-        from . import query_mapping  # imported here: query_mapping builds models of this class
-
-        return query_mapping.load_query_data(cls, adata, reference, inplace_subset_query_vars, freeze_encoder, freeze_decoder,
-                                             freeze_dropout, unfrozen)
-
-
-def setup_arguments(keys: dict) -> dict:
-    """The ``setup_*`` keyword arguments that reproduce recorded covariate keys."""
-    return {
-        "ambient_covariate_keys": keys["ambient"], "nn_conditioning_covariate_keys": keys["nn_conditioning"],
-        "feature_scaling_covariate_keys": keys["feature_scaling"], "dispersion_key": keys["dispersion"],
-        "library_size_key": keys["library_size"], "encoder_covariate_keys": keys["encoder"],
-        "continuous_covariate_keys": keys["continuous"],
-    }
