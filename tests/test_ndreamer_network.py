@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pyro_scmodels.ndreamer import LossWeights, NDreamerNetwork
 from pyro_scmodels.ndreamer.losses import (
+    SumXLogX,
     codebook_loss,
     dependence_nmi,
     group_index,
@@ -15,6 +16,7 @@ from pyro_scmodels.ndreamer.losses import (
     kl_loss,
     neighbourhood_loss,
     reconstruction_loss,
+    segmented_soft_nmi,
     total_loss,
     triplet_loss,
 )
@@ -188,6 +190,50 @@ def test_dependence_is_average_of_groups():
         for g in torch.unique(group)
     ]
     assert torch.allclose(together, torch.stack(separate).mean(), atol=1e-5)
+
+
+def _nmi_by_loops(probs, labels):
+    """NMI of each codebook with one label variable, its joint summed label by label (the definition)."""
+    values = []
+    for k in range(probs.shape[0]):
+        joint = torch.stack([probs[k, labels == level].sum(0) for level in torch.unique(labels)]) / len(labels)
+        p_code, p_label = joint.sum(0), joint.sum(1)
+
+        def entropy(p):
+            return -(p * p.clamp_min(1e-12).log()).sum()
+        mutual = entropy(p_code) + entropy(p_label) - entropy(joint)
+        values.append(2 * mutual.clamp_min(0) / (entropy(p_code) + entropy(p_label)))
+    return torch.stack(values)
+
+
+def test_segmented_nmi_matches_the_definition_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(3)
+    n = 60
+    logits = torch.randn(K, n, C, generator=gen).mul(4).requires_grad_()
+    group = (torch.arange(n) < 22).long()  # segments of unequal sizes: 22 and 38 cells
+    first, second = torch.randint(0, 3, (n,), generator=gen), torch.randint(0, 5, (n,), generator=gen)
+    # per group, two label variables: segments 2g (columns 8g..8g+2) and 2g + 1 (columns 8g+3..8g+7)
+    columns = torch.stack([8 * group + first, 8 * group + 3 + second], dim=1)
+    segments = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3])
+    fast = segmented_soft_nmi(logits.softmax(-1), columns, segments)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), logits)
+    probs = logits.softmax(-1)
+    slow = torch.stack([_nmi_by_loops(probs[:, group == g], labels[group == g])
+                        for g in (0, 1) for labels in (first, second)], dim=1)
+    (grad_slow,) = torch.autograd.grad(slow.sum(), logits)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert torch.allclose(grad_fast, grad_slow, atol=1e-6 * grad_slow.abs().max().item() + 1e-9)
+
+
+def test_sum_xlogx_matches_autograd_with_zeros():
+    p = torch.tensor([[0.0, 0.2, 0.8, 1e-13], [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    fast = SumXLogX.apply(p)
+    (grad_fast,) = torch.autograd.grad(fast, p, grad_out)
+    slow = (p * p.clamp_min(1e-12).log()).sum(-1)
+    (grad_slow,) = torch.autograd.grad(slow, p, grad_out)
+    assert torch.allclose(fast, slow) and torch.isfinite(grad_fast).all()
+    assert torch.allclose(grad_fast, grad_slow)
 
 
 def test_triplet_zero_without_valid_triplet():

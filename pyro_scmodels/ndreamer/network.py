@@ -32,14 +32,14 @@ def codebook_logits(projections: torch.Tensor, codebooks: torch.Tensor) -> torch
     Returns
     -------
     torch.Tensor
-        ``(K, N, C)`` logits, all ``<= 0``.
+        ``(K, N, C)`` logits, ``<= 0`` up to rounding.
     """
     p_sq = projections.pow(2).sum(-1, keepdim=True)  # (K, N, 1)
     e_sq = codebooks.pow(2).sum(-1).unsqueeze(1)  # (K, 1, C)
     # baddbmm computes (-|p|^2 - |e|^2) + 2 p.e^T in a single fused batched product
-    logits = torch.baddbmm(-(p_sq + e_sq), projections, codebooks.transpose(1, 2), beta=1.0, alpha=2.0)
-    # the expansion can round a true 0 distance to a tiny positive logit
-    return logits.clamp(max=0.0)
+    # the expansion can round a true 0 distance to a tiny positive logit; softmax and argmax are unaffected,
+    # so no clamp (a pass over the (K, N, C) tensor and another in the backward pass)
+    return torch.baddbmm(-(p_sq + e_sq), projections, codebooks.transpose(1, 2), beta=1.0, alpha=2.0)
 
 
 
@@ -63,8 +63,9 @@ def gumbel_softmax_sample(logits: torch.Tensor, tau: float) -> torch.Tensor:
         Same shape; rows sum to 1.
     """
     # U = 0 would give an infinite draw: the smallest positive float keeps every draw finite
-    noise = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny).log_().neg_().log_().neg_()
-    return (logits + noise).div_(tau).softmax(-1)
+    # log(-log U) is minus the Gumbel draw: subtracting it saves a pass of negation
+    minus_noise = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny).log_().neg_().log_()
+    return (logits - minus_noise).div_(tau).softmax(-1)
 
 class ResidualBlock(nn.Module):
     """Pre-normalised residual feed-forward block ``h + W2 relu(W1 LayerNorm(h))``.
