@@ -16,7 +16,9 @@ Two designs, each printed as a markdown table (``--write`` also puts them in RES
 Variants: ``seed`` (the SPEC defaults: init 0.2 x mean, prior masked), ``init_prior``,
 ``prior_on`` (Gamma(1, 100) counted), ``learned_scale`` (Gamma(1, 1/m_e) with m_e learned per
 category), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
-``global_lr`` (global sites at 5 x the learning rate), ``profile_empties`` (``ambient_profile=``
+``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
+the batch or the spiked group, and z made independent of it: ``latent_independence=10``; ``independence:W`` for
+weight W), ``profile_empties`` (``ambient_profile=``
 from simulated empty droplets; only the amount per category is learned), ``profile_pooled``
 (``ambient_profile=`` the pooled profile of all cells, the same for every category) and
 combinations joined by ``+``. ``cellbender`` runs CellBender remove-background (installed in its own
@@ -64,6 +66,7 @@ SPIKES = (0.0, 0.02, 0.08, 0.20)
 PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_10x_3chemistries_scWGParis.h5ad"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GLOBAL_LR_FACTOR = 5.0
+LATENT_INDEPENDENCE = 10.0  # the weight of the documented integration setup (docs/models.md)
 EMPTIES_PER_CHANNEL = {"simulator": 2000, "spikein": 10000}  # simulated empty droplets for CellBender
 EMPTIES_INCLUDED = {"simulator": 300, "spikein": 3000}  # of those, analysed together with the cells
 
@@ -131,12 +134,18 @@ def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
 
 
 # --- fitting --------------------------------------------------------------------------------
-def variant_options(name: str, adata) -> dict:
-    """Constructor and training options of a variant (names joined by '+' combine)."""
-    options = {"model": {}, "train": {}, "cls": RegularizedVI, "global_lr": False, "low_count_init": False}
+def variant_options(name: str, adata, key: str = "batch") -> dict:
+    """Constructor and training options of a variant (names joined by '+' combine).
+
+    ``key`` is the design's ambient category under test (the batch on the simulator, the spiked group on PBMC).
+    """
+    options = {"model": {}, "train": {}, "setup": {}, "cls": RegularizedVI, "global_lr": False, "low_count_init": False}
     for part in name.split("+"):
         if part == "seed":
             continue
+        elif part.split(":")[0] == "independence":  # the encoder told the category, z penalised (MMD) for carrying it
+            options["setup"]["encoder_covariate_keys"] = [key]
+            options["model"]["latent_independence"] = float(part.split(":")[1]) if ":" in part else LATENT_INDEPENDENCE
         elif part == "init_prior":
             options["model"]["init"] = "prior"
         elif part == "prior_on":
@@ -170,10 +179,10 @@ def init_from_low_count_cells(model, adata) -> None:
     model.module.guide.ambient.value = value  # a PyroParam: assigning sets its unconstrained value
 
 
-def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, seed: int = 0):
+def fit(adata, name: str, setup: dict, epochs: int, lr: float, batch_size: int, seed: int = 0, key: str = "batch"):
     """Set up, build and train one variant; returns the model, its initial profile and seconds."""
-    options = variant_options(name, adata)
-    RegularizedVI.setup_anndata(adata, layer="counts" if "counts" in adata.layers else None, **setup)
+    options = variant_options(name, adata, key)
+    RegularizedVI.setup_anndata(adata, layer="counts" if "counts" in adata.layers else None, **setup, **options["setup"])
     model = options["cls"](adata, n_hidden=64, n_latent=8, seed=seed, **options["model"])
     if options["low_count_init"]:
         init_from_low_count_cells(model, adata)
@@ -277,7 +286,7 @@ def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0, cellbender
         name = f"{name} ({run['unanalysed']} cells not analysed)" if run["unanalysed"] else name
     else:
         setup = {"ambient_covariate_keys": ["batch", "spike"], "dispersion_key": "batch", "library_size_key": "batch"}
-        model, _, seconds = fit(adata, name, setup, epochs, lr, batch_size=512, seed=seed)
+        model, _, seconds = fit(adata, name, setup, epochs, lr, batch_size=512, seed=seed, key="spike")
         inferred = model.get_ambient_fraction()
     added = adata.obs["added_fraction"].to_numpy()
     group = adata.obs["spike"].to_numpy()
@@ -329,6 +338,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data (spike groups, simulated cells) and the model")
     parser.add_argument("--cellbender", default=None, help="the cellbender command for the 'cellbender' variant "
                         "(default: $CELLBENDER or the one on PATH)")
     parser.add_argument("--cellbender-epochs", type=int, default=150, help="CellBender's epochs (its default: 150)")
@@ -340,11 +350,11 @@ def main(argv=None) -> None:
         if args.design == "simulator":
             rows.append(measure_simulator(name, args.n_cells, args.n_genes,
                                           args.cellbender_epochs if name.startswith("cellbender") else args.epochs, args.lr,
-                                          cellbender=args.cellbender, threads=args.threads))
+                                          seed=args.seed, cellbender=args.cellbender, threads=args.threads))
             table = simulator_table(rows)
         else:
             rows.append(measure_spikein(name, args.cellbender_epochs if name.startswith("cellbender") else args.epochs, args.lr,
-                                        cellbender=args.cellbender, threads=args.threads))
+                                        seed=args.seed, cellbender=args.cellbender, threads=args.threads))
             table = spikein_table(rows)
         print(table.splitlines()[-1], flush=True)
     print(table)

@@ -131,8 +131,9 @@ def resolve_covariate_keys(
     if leaking:
         warnings.warn(
             f"encoder_covariate_keys={leaking}: the encoder sees these covariates and the decoder does not, so their "
-            "effects can leak into the latent space z (give them to nn_conditioning_covariate_keys as well to keep "
-            "them out of z).", stacklevel=3
+            "effects can leak into the latent space z (to keep them out of z, give them to "
+            "nn_conditioning_covariate_keys as well, or train with RegularizedVI(..., latent_independence=10), which "
+            "penalises z for carrying them).", stacklevel=3
         )
     return keys
 
