@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
+from torch.autograd.function import once_differentiable
 
 
 def select_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,11 +128,13 @@ class GammaPoissonMean(dist.GammaPoisson):
         torch.Tensor
             log p of each cell's counts: the shape of ``value`` without its last axis.
         """
-        split = self._split_log_prob(value)
+        # one cells x genes mean (no sample dimensions): the x = 0 term's row sums with their gradient written out
+        rows_only = self._mu.dim() == 2 and value.dim() == 2 and self._mu.shape == value.shape
+        split = self._split_log_prob(value, zero_count_rows=rows_only)
         if split is None:
             return self._dense_log_prob(value).sum(-1)
         zero_count, where, count_terms, shape, cell = split
-        per_row = zero_count.expand(shape).sum(-1).reshape(-1)
+        per_row = (zero_count if rows_only else zero_count.expand(shape).sum(-1)).reshape(-1)
         if len(shape) > 2:  # with sample dimensions a count's row is its sample's cell, not the cell alone
             with torch.no_grad():
                 cell = torch.div(where, shape[-1], rounding_mode="floor")
@@ -146,9 +149,13 @@ class GammaPoissonMean(dist.GammaPoisson):
             log_factorial = torch.lgamma(value + 1)  # a constant of the data
         return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
 
-    def _split_log_prob(self, value: torch.Tensor):
+    def _split_log_prob(self, value: torch.Tensor, zero_count_rows: bool = False):
         """The terms at every entry, the flat positions of the non-zero counts and the terms there, the shape and
-        each count's cell; None where the sparse form does not apply (see :meth:`_gamma_positions`)."""
+        each count's cell; None where the sparse form does not apply (see :meth:`_gamma_positions`).
+
+        With ``zero_count_rows`` (a cells x genes mean and value), the first item is each cell's sum of the x = 0
+        terms instead of the terms (:class:`ZeroCountRowSums`).
+        """
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
@@ -159,7 +166,11 @@ class GammaPoissonMean(dist.GammaPoisson):
         # every entry: the x = 0 term (see the class docstring); the other terms at the non-zero counts below.
         # -theta and 1 / theta per gene (and group), then spread: a product's backward pass is cheaper than a
         # quotient's, and no pass over every entry negates
-        zero_count = self._per_cell(-self._theta) * torch.log1p(mu * self._per_cell(self._theta.reciprocal()))
+        if zero_count_rows:
+            theta_table = self._theta.reshape(-1, self._theta.shape[-1])
+            zero_count = ZeroCountRowSums.apply(mu, theta_table, self._group)
+        else:
+            zero_count = self._per_cell(-self._theta) * torch.log1p(mu * self._per_cell(self._theta.reciprocal()))
         flat_value, where, column, cell = positions
         x = flat_value.index_select(0, where)
         mu_x = mu.expand(shape).reshape(-1).index_select(0, where)
@@ -200,3 +211,44 @@ class GammaPoissonMean(dist.GammaPoisson):
             column = where % shape[-1]
             cell = (where // shape[-1]) % shape[-2]
         return flat_value, where, column, cell
+
+
+class ZeroCountRowSums(torch.autograd.Function):
+    """Each cell's ``sum_g -theta log1p(mu / theta)`` (the negative binomial's x = 0 term), gradient written out.
+
+    With ``C = mu / theta``: d/dmu = -1 / (1 + C) and d/dtheta = C / (1 + C) - log1p(C). Autograd of the same
+    expression keeps the spread -theta and 1 / theta tables and makes about eight passes over the cells x genes
+    tensors backwards; written out, the backward pass makes four, and the forward pass sums over genes with one
+    matrix product against the theta table instead of spreading -theta and multiplying.
+
+    ``apply(mu, theta_table, group)``: ``mu`` cells x genes, ``theta_table`` groups x genes (one row without
+    ``group``), ``group`` the row of each cell or None. Returns a vector of one value per cell.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, theta_table: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+        onehot = None if group is None else F.one_hot(group, theta_table.shape[0]).to(mu.dtype)
+        inverse = theta_table.reciprocal()
+        ratio = mu * inverse if onehot is None else (onehot @ inverse).mul_(mu)  # C = mu / theta
+        log_term = torch.log1p(ratio)
+        # sum_g theta_{e(n), g} log1p(C_ng): every row's product with every theta row (few), then its own row's
+        per_row = log_term @ theta_table.T
+        per_row = per_row[:, 0] if onehot is None else (per_row * onehot).sum(-1)
+        ctx.save_for_backward(ratio, log_term, theta_table, onehot)
+        return -per_row
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        ratio, log_term, theta_table, onehot = ctx.saved_tensors
+        weight = grad.unsqueeze(-1)
+        inverse = ratio.add(1.0).reciprocal_()  # 1 / (1 + C)
+        # d/dtheta summed over each group's cells: sum_n g_n (1 - 1 / (1 + C) - log1p(C))
+        total = log_term + inverse  # out of place: the saved tensors stay valid for a second backward pass
+        if onehot is None:
+            grad_theta = (grad.sum() - grad @ total).unsqueeze(0)
+        else:
+            weighted = onehot * weight
+            grad_theta = weighted.sum(0).unsqueeze(-1) - weighted.T @ total
+        grad_mu = inverse.mul_(weight.neg())
+        return grad_mu, grad_theta.reshape(theta_table.shape), None

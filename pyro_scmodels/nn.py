@@ -87,7 +87,11 @@ class GaussianEncoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n_dropout_features
-        h = self.input_dropout(h) if n is None else torch.cat([self.input_dropout(h[..., :n]), h[..., n:]], -1)
+        if n is not None and n < h.shape[-1] and not isinstance(self.input_dropout, nn.Identity):
+            # mask the features only, not the appended covariates (a copy of the input, so only when masking)
+            h = torch.cat([self.input_dropout(h[..., :n]), h[..., n:]], -1)
+        else:
+            h = self.input_dropout(h)
         h = self.hidden(h)
         return self.loc(h), F.softplus(self.raw_scale(h)) + SCALE_EPS
 

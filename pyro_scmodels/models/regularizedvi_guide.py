@@ -83,7 +83,9 @@ class RegularizedVIGuide(LocalPyroModule):
         parts = [torch.log1p(batch[self.dims.counts_key]), batch["continuous"]]
         if batch.get("encoder_onehot") is not None:
             parts.append(batch["encoder_onehot"])
-        return torch.cat(parts, -1)
+        parts = [part for part in parts if part.shape[-1]]
+        # without covariates, no concatenation: it would copy the cells x genes input once more
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
     # --- posterior queries (no sampling statements: usable outside inference) -----------------
     def z_posterior(self, batch: dict, encoder_input: torch.Tensor | None = None) -> dist.Normal:
