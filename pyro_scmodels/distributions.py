@@ -43,7 +43,8 @@ class GammaPoissonMean(dist.GammaPoisson):
     group) before they are spread over the cells. That sparse form needs theta as one row per
     gene (shape ``(G,)`` or ``(1, G)``) or, with ``group``, a 2-D groups x genes table; any
     other theta takes the dense form, with the same values. :meth:`log_prob_sum_genes` gives
-    each cell's sum over genes without the cells x genes tensor of terms.
+    each cell's sum over genes without the cells x genes tensor of terms (for a cells x genes mean,
+    the x = 0 term through :class:`ZeroCountRowSums`, whose gradient is written out).
 
     Parameters
     ----------
