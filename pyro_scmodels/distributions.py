@@ -219,8 +219,9 @@ class ZeroCountRowSums(torch.autograd.Function):
 
     With ``C = mu / theta``: d/dmu = -1 / (1 + C) and d/dtheta = C / (1 + C) - log1p(C). Autograd of the same
     expression keeps the spread -theta and 1 / theta tables and makes about eight passes over the cells x genes
-    tensors backwards; written out, the backward pass makes four, and the forward pass sums over genes with one
-    matrix product against the theta table instead of spreading -theta and multiplying.
+    tensors backwards; written out, the backward pass makes five (one of them a matrix product that only reads),
+    and the forward pass sums over genes with one matrix product against the theta table instead of spreading
+    -theta and multiplying.
 
     ``apply(mu, theta_table, group)``: ``mu`` cells x genes, ``theta_table`` groups x genes (one row without
     ``group``), ``group`` the row of each cell or None. Returns a vector of one value per cell.

@@ -7,16 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from pyro_scmodels.ndreamer import LossWeights, NDreamerNetwork
+from pyro_scmodels.ndreamer.code_information import SumXLogX, dependence_nmi, independence_nmi, segmented_soft_nmi
 from pyro_scmodels.ndreamer.losses import (
-    SumXLogX,
     codebook_loss,
-    dependence_nmi,
     group_index,
-    independence_nmi,
     kl_loss,
     neighbourhood_loss,
     reconstruction_loss,
-    segmented_soft_nmi,
     total_loss,
     triplet_loss,
 )

@@ -1,7 +1,7 @@
 """NDreamer training losses, vectorised over codebooks and over batch x condition groups.
 
-Group-wise terms never loop over groups in Python: the mutual-information terms sum a joint
-(code, group-and-label) table as one product with a sparse cell-to-column matrix, and the
+Group-wise terms never loop over groups in Python: the mutual-information terms
+(:mod:`.code_information`) sum a joint (code, group-and-label) table as one sparse product, and the
 pairwise terms (triplet, neighbourhood) work on ``N x N`` matrices masked to same-group pairs.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .code_information import dependence_nmi, independence_nmi
 
 
 @dataclass
@@ -43,14 +45,6 @@ class LossWeights:
     triplets_per_anchor: int = 15
     n_neighbours: int = 20
     across_cluster_weight: float = 20.0
-
-
-_XLOGX_FLOOR = 1e-12
-
-
-def _xlogx(p: torch.Tensor) -> torch.Tensor:
-    # the clamp keeps log finite at p == 0, so the gradient there is finite too
-    return p * torch.log(p.clamp_min(_XLOGX_FLOOR))
 
 
 def _zero(reference: torch.Tensor) -> torch.Tensor:
@@ -130,144 +124,6 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, tor
     corr = cov / (std.unsqueeze(0) * std.unsqueeze(1))
     off = ~torch.eye(dim, dtype=torch.bool, device=mean.device)
     return kl, corr[off].pow(2).mean()
-
-
-def segmented_soft_nmi(
-    probs: torch.Tensor, columns: torch.Tensor, segments: torch.Tensor, n_segments: int | None = None
-) -> torch.Tensor:
-    """Normalised mutual information between soft code assignments and labels, per segment.
-
-    Each *segment* is one (set of cells, label variable) pair; its label categories are
-    *columns*. Every cell lies in exactly one column of each segment it belongs to. For segment
-    ``s`` and codebook ``k`` the joint is ``P(c, l) = sum_{n in l} probs[k, n, c] / n_s``, then
-    ``NMI = 2 I(c; l) / (H(c) + H(l))`` (arithmetic-mean normalisation: stays finite when one
-    side has zero entropy, and is 1 when codes and labels determine each other).
-
-    Parameters
-    ----------
-    probs
-        ``(K, N, C)`` soft assignments (rows sum to 1).
-    columns
-        ``(N, J)`` long: for each cell its column in each of ``J`` label slots.
-    segments, n_segments
-        ``(L,)`` long: segment of each column; number of segments (default ``segments.max() + 1``).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(K, S)`` NMI of each codebook in each segment (0 for an empty segment).
-    """
-    k, n, c = probs.shape
-    n_cols = segments.numel()
-    n_seg = int(segments.max()) + 1 if n_segments is None else n_segments
-    col_count = torch.bincount(columns.reshape(-1), minlength=n_cols).to(probs.dtype)
-    seg_count = probs.new_zeros(n_seg).index_add(0, segments, col_count)
-    norm = seg_count[segments].clamp_min(1.0)
-    # each cell's 1 / n_s rides in the sparse matrix, so the product gives P(c, l) without a division pass
-    joint = torch.bmm(_membership(columns, 1.0 / norm[columns], n_cols, k), probs)  # (K, L, C)
-    p_label = col_count / norm
-    p_code = probs.new_zeros(k, n_seg, c).index_add(1, segments, joint)
-    h_code = -_xlogx(p_code).sum(-1)  # (K, S)
-    h_label = -probs.new_zeros(n_seg).index_add(0, segments, _xlogx(p_label))  # (S,)
-    h_joint = -probs.new_zeros(k, n_seg).index_add(1, segments, SumXLogX.apply(joint))  # (K, S)
-    mi = (h_code + h_label - h_joint).clamp_min(0.0)
-    return 2.0 * mi / (h_code + h_label).clamp_min(1e-8)
-
-
-def _membership(columns: torch.Tensor, weights: torch.Tensor, n_cols: int, n_books: int) -> torch.Tensor:
-    """``(K, L, N)`` sparse matrix, the same for every codebook: entry (l, n) is the weight of cell n in column l.
-
-    A sparse product sums each column's cells in one pass over ``probs`` and, backwards, writes the gradient of
-    ``probs`` once; one ``index_add`` per label slot read ``probs`` once per slot and wrote a ``(K, N, C)`` gradient
-    per slot (with both NMI terms on 32 x 1,024 x 1,024, 860 against 545 ms forward and backward on one CPU thread;
-    benchmarks/RESULTS.md, "NDreamer training: what changed it").
-
-    Parameters
-    ----------
-    columns, weights
-        ``(N, J)``: each cell's column in each label slot, and its weight there.
-    n_cols, n_books
-        L, the number of columns; K, the number of codebooks.
-    """
-    n, slots = columns.shape
-    cells = torch.arange(n, device=columns.device).repeat_interleave(slots)
-    books = torch.arange(n_books, device=columns.device).repeat_interleave(n * slots)
-    indices = torch.stack([books, columns.reshape(-1).repeat(n_books), cells.repeat(n_books)])
-    # built valid (every index in range), so torch's checks of the indices are not needed
-    return torch.sparse_coo_tensor(indices, weights.reshape(-1).repeat(n_books), (n_books, n_cols, n),
-                                   check_invariants=False).coalesce()
-
-
-class SumXLogX(torch.autograd.Function):
-    """``sum_c p log max(p, 1e-12)`` over the last dimension, with its gradient written out.
-
-    The gradient is ``log max(p, 1e-12) + [p > 1e-12]``, finite at p = 0, as autograd gives it for
-    ``(p * p.clamp_min(1e-12).log()).sum(-1)``. Written out, it saves the logarithm from the forward pass and makes
-    three passes over the ``(K, L, C)`` joint backwards instead of about six.
-    """
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
-        log_p = p.clamp_min(_XLOGX_FLOOR).log_()
-        ctx.save_for_backward(p, log_p)
-        return torch.linalg.vecdot(p, log_p)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        p, log_p = ctx.saved_tensors
-        return (log_p + (p > _XLOGX_FLOOR)).mul_(grad.unsqueeze(-1))
-
-
-def independence_nmi(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """NMI between codes and nuisance labels over the whole minibatch (to be minimised).
-
-    Parameters
-    ----------
-    probs
-        ``(K, N, C)`` soft assignments.
-    labels
-        ``(N, J)`` integer codes of ``J`` label variables (condition, then each batch key).
-
-    Returns
-    -------
-    torch.Tensor
-        Scalar: NMI averaged over codebooks, summed over the ``J`` label variables.
-    """
-    labels = labels.reshape(probs.shape[1], -1).long()
-    sizes = labels.max(0).values + 1  # (J,)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    segments = torch.repeat_interleave(torch.arange(labels.shape[1], device=labels.device), sizes)
-    nmi = segmented_soft_nmi(probs, labels + offsets, segments, n_segments=labels.shape[1])
-    return nmi.mean(0).sum()
-
-
-def dependence_nmi(
-    probs: torch.Tensor, group: torch.Tensor, label_low: torch.Tensor, label_high: torch.Tensor
-) -> torch.Tensor:
-    """NMI between codes and the two pseudo cell-state labels within each group (to be maximised).
-
-    Parameters
-    ----------
-    probs
-        ``(K, N, C)`` soft assignments.
-    group, label_low, label_high
-        ``(N,)`` batch x condition group of each cell, low- and high-resolution Leiden labels.
-
-    Returns
-    -------
-    torch.Tensor
-        Scalar: per group, ``NMI(codes, low) + NMI(codes, high)`` averaged over codebooks; then
-        averaged over the groups present (each group counts once whatever its size).
-    """
-    group = torch.unique(group, return_inverse=True)[1]
-    n_groups = int(group.max()) + 1
-    n_labels = int(torch.maximum(label_low.max(), label_high.max())) + 1
-    # one scalar key per (group, resolution, label); segment = group * 2 + resolution
-    seg = torch.stack([group * 2, group * 2 + 1], dim=1)  # (N, 2)
-    keys = seg * n_labels + torch.stack([label_low, label_high], dim=1).long()
-    unique_keys, columns = torch.unique(keys, return_inverse=True)
-    nmi = segmented_soft_nmi(probs, columns, unique_keys // n_labels, n_segments=2 * n_groups)
-    return nmi.mean(0).view(n_groups, 2).sum(1).mean()
 
 
 def triplet_loss(
