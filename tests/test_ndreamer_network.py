@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from pyro_scmodels.ndreamer import LossWeights, NDreamerNetwork
-from pyro_scmodels.ndreamer.code_information import SumXLogX, dependence_nmi, independence_nmi, segmented_soft_nmi
+from pyro_scmodels.ndreamer.code_information import (
+    SumXLogX,
+    dependence_nmi,
+    independence_and_dependence_nmi,
+    independence_nmi,
+    segmented_soft_nmi,
+)
 from pyro_scmodels.ndreamer.losses import (
     codebook_loss,
     group_index,
@@ -220,6 +226,22 @@ def test_segmented_nmi_matches_the_definition_in_value_and_gradient():
     (grad_slow,) = torch.autograd.grad(slow.sum(), logits)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert torch.allclose(grad_fast, grad_slow, atol=1e-6 * grad_slow.abs().max().item() + 1e-9)
+
+
+def test_both_nmi_terms_from_one_table_equal_each_alone():
+    gen = torch.Generator().manual_seed(7)
+    n = 80
+    logits = torch.randn(K, n, C, generator=gen).mul(3).requires_grad_()
+    labels = torch.stack([torch.randint(0, 2, (n,), generator=gen), torch.randint(0, 3, (n,), generator=gen)], 1)
+    group = labels[:, 0] * 3 + labels[:, 1]
+    low, high = torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 9, (n,), generator=gen)
+    together = independence_and_dependence_nmi(logits.softmax(-1), labels, group, low, high)
+    (grad_together,) = torch.autograd.grad(together[0] - 2 * together[1], logits)
+    alone = (independence_nmi(logits.softmax(-1), labels), dependence_nmi(logits.softmax(-1), group, low, high))
+    (grad_alone,) = torch.autograd.grad(alone[0] - 2 * alone[1], logits)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_together, grad_alone)
 
 
 def test_sum_xlogx_matches_autograd_with_zeros():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .code_information import dependence_nmi, independence_nmi
+from .code_information import independence_and_dependence_nmi
 
 
 @dataclass
@@ -281,10 +281,11 @@ def total_loss(
 
     mse, cosine = reconstruction_loss(x, outputs["reconstruction"])
     kl, correlation = kl_loss(outputs["mean"], outputs["logvar"])
+    independence, dependence = independence_and_dependence_nmi(
+        outputs["probs"], nuisance, group, batch["label_low"], batch["label_high"])
     parts = {
         "mse": mse, "cosine": cosine, "kl": kl, "correlation": correlation,
-        "independence": independence_nmi(outputs["probs"], nuisance),
-        "dependence": dependence_nmi(outputs["probs"], group, batch["label_low"], batch["label_high"]),
+        "independence": independence, "dependence": dependence,
         "triplet": triplet_loss(outputs["mean"], group, batch["label_high"], w.triplet_margin, w.triplets_per_anchor),
         "neighbourhood": neighbourhood_loss(
             x, outputs["mean"], group, batch["label_low"], w.n_neighbours, w.across_cluster_weight
