@@ -164,18 +164,17 @@ class GammaPoissonMean(dist.GammaPoisson):
         positions = self._gamma_positions(value, shape)
         if positions is None:
             return None
-        # every entry: the x = 0 term (see the class docstring); the other terms at the non-zero counts below.
-        # -theta and 1 / theta per gene (and group), then spread: a product's backward pass is cheaper than a
-        # quotient's, and no pass over every entry negates
+        theta_table = self._theta.reshape(-1, self._theta.shape[-1])
+        # every entry: the x = 0 term (see the class docstring); the other terms at the non-zero counts below
         if zero_count_rows:
-            theta_table = self._theta.reshape(-1, self._theta.shape[-1])
             zero_count = ZeroCountRowSums.apply(mu, theta_table, self._group)
         else:
+            # -theta and 1 / theta per gene (and group), then spread: a product's backward pass is cheaper than a
+            # quotient's, and no pass over every entry negates
             zero_count = self._per_cell(-self._theta) * torch.log1p(mu * self._per_cell(self._theta.reciprocal()))
         flat_value, where, column, cell = positions
         x = flat_value.index_select(0, where)
         mu_x = mu.expand(shape).reshape(-1).index_select(0, where)
-        theta_table = self._theta.reshape(-1, self._theta.shape[-1])
         # lgamma(theta) once per gene (and group), then spread to the counts: not once per count, and
         # its digamma in the backward pass likewise
         lgamma_table = torch.lgamma(theta_table)
