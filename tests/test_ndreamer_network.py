@@ -23,7 +23,7 @@ from pyro_scmodels.ndreamer.losses import (
     total_loss,
     triplet_loss,
 )
-from pyro_scmodels.ndreamer.network import codebook_logits
+from pyro_scmodels.ndreamer.code_choice import code_scores, gumbel_perturbed, relaxed_code_choice
 
 G, K, C, D, Z, N = 50, 4, 16, 8, 16, 48
 
@@ -99,18 +99,18 @@ def test_training_is_stochastic():
     assert gap.median() < 1e-3
 
 
-def test_codebook_logits_matches_naive():
+def test_code_scores_are_minus_squared_distances_up_to_a_constant_per_cell():
     torch.manual_seed(0)
     p, e = torch.randn(3, 20, 8), torch.randn(3, 30, 8)
     naive = -(p.unsqueeze(2) - e.unsqueeze(1)).pow(2).sum(-1)
-    assert torch.allclose(codebook_logits(p, e), naive, atol=1e-4)
+    assert torch.allclose(code_scores(p, e), naive + p.pow(2).sum(-1, keepdim=True), atol=1e-4)
 
 
-def test_codebook_logits_never_builds_the_difference_tensor():
+def test_code_scores_never_build_the_difference_tensor():
     k, n, c, d = 2, 1024, 512, 8
     p, e = torch.randn(k, n, d), torch.randn(k, c, d)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        codebook_logits(p, e)
+        code_scores(p, e)
     largest = max(evt.cpu_memory_usage for evt in prof.events())
     # the (K, N, C) output is allowed; a (K, N, C, d) difference would be d times larger
     assert 0 < largest <= 2 * k * n * c * 4 < k * n * c * d * 4
@@ -299,17 +299,69 @@ def test_total_loss_decreases():
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5
 
 
-def test_gumbel_softmax_sample_draws_each_code_with_its_softmax_probability():
-    from pyro_scmodels.ndreamer.network import gumbel_softmax_sample
-
+def test_relaxed_code_choice_draws_each_code_with_its_softmax_probability():
+    # C = 4 codes: fewer than the candidates, the dense draw over every code
     torch.manual_seed(0)
-    logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).expand(100_000, 4).contiguous().requires_grad_(True)
-    sample = gumbel_softmax_sample(logits, tau=1.0)
-    torch.testing.assert_close(sample.sum(-1), torch.ones(100_000))
-    # Gumbel-max: the argmax of logits + noise is a draw from softmax(logits) (sd of each share < 0.0016)
-    shares = torch.bincount(sample.argmax(-1), minlength=4) / 100_000
-    torch.testing.assert_close(shares, torch.softmax(logits[0], -1).detach(), atol=0.006, rtol=0)
-    sample[:, 2].sum().backward()
-    assert torch.isfinite(logits.grad).all() and logits.grad[:, 2].mean() > 0
-    cold = gumbel_softmax_sample(logits.detach()[:1000], tau=0.01)
+    e = torch.eye(4).unsqueeze(0)  # code c is the c-th unit vector, so quantised is the weights
+    scores = torch.tensor([0.0, 1.0, 2.0, -1.0]).expand(1, 100_000, 4).contiguous().requires_grad_(True)
+    weights, codes = relaxed_code_choice(scores, torch.zeros(1, 100_000, 4), e, tau=1.0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 100_000))
+    # Gumbel-max: the argmax of scores + noise is a draw from softmax(scores) (sd of each share < 0.0016)
+    shares = torch.bincount(codes[0], minlength=4) / 100_000
+    torch.testing.assert_close(shares, torch.softmax(scores[0, 0], -1).detach(), atol=0.006, rtol=0)
+    weights[0, :, 2].sum().backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad[0, :, 2].mean() > 0
+    cold, _ = relaxed_code_choice(scores.detach()[:, :1000], torch.zeros(1, 1000, 4), e, tau=0.01)
     assert (cold.max(-1).values > 0.99).float().mean() > 0.95  # a low temperature gives near one-hot samples
+
+
+def _choice_with_gradients(choose, p, e, tau, seed):
+    p, e = p.clone().requires_grad_(), e.clone().requires_grad_()
+    torch.manual_seed(seed)
+    quantised, codes = choose(code_scores(p, e), p, e, tau)
+    (quantised * torch.linspace(-1, 1, quantised.numel()).view_as(quantised)).sum().backward()
+    return quantised.detach(), codes, p.grad, e.grad
+
+
+def _dense_draw(scores, p, e, tau):
+    """The definition: softmax((s + g) / tau) over every code, the same noise as relaxed_code_choice draws."""
+    g = gumbel_perturbed(scores.detach()) - scores.detach()
+    weights = ((scores + g) / tau).softmax(-1)
+    return torch.bmm(weights, e), weights.argmax(-1)
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.05, 1.0])
+def test_relaxed_code_choice_equals_the_dense_draw(tau, monkeypatch):
+    import pyro_scmodels.ndreamer.code_choice as choice
+
+    fallbacks = []
+    dense_choice = choice._dense_choice
+    monkeypatch.setattr(choice, "_dense_choice", lambda *args: fallbacks.append(1) or dense_choice(*args))
+    # 64 codes: at tau 0.01 and 0.05 the sparse path (a few codes per cell) runs, at tau 1 every code is within
+    # the margin, more than the candidates, and the call falls back to the dense draw; all equal the definition
+    gen = torch.Generator().manual_seed(3)
+    p, e = torch.randn(3, 200, 8, generator=gen), torch.randn(3, 64, 8, generator=gen)
+    sparse = _choice_with_gradients(relaxed_code_choice, p, e, tau, seed=11)
+    assert len(fallbacks) == (tau == 1.0)
+    dense = _choice_with_gradients(_dense_draw, p, e, tau, seed=11)
+    assert torch.equal(sparse[1], dense[1])
+    for ours, definition in zip(sparse[0:1] + sparse[2:], dense[0:1] + dense[2:]):
+        # the two forms round differently; tau divides the rounding of the scores
+        torch.testing.assert_close(ours, definition, rtol=1e-3, atol=1e-3 * definition.abs().max().item())
+    assert not torch.equal(sparse[0], _choice_with_gradients(relaxed_code_choice, p, e, tau, seed=12)[0])
+
+
+def test_relaxed_code_choice_keeps_only_the_codes_that_carry_weight(monkeypatch):
+    import pyro_scmodels.ndreamer.code_choice as choice
+
+    gen = torch.Generator().manual_seed(4)
+    p, e = torch.randn(2, 300, 8, generator=gen), torch.randn(2, 128, 8, generator=gen)
+    scores = code_scores(p, e)
+    found = choice._candidates(gumbel_perturbed(scores), margin=0.3, m=choice.CANDIDATES)
+    values, index, codes = found
+    assert values.shape == index.shape == (2, 300, choice.CANDIDATES)
+    kept = torch.isfinite(values)
+    assert ((index == codes.unsqueeze(-1)) & kept).any(-1).all()  # the largest is a candidate
+    assert (values[kept] >= (values[..., :1] - 0.3).expand_as(values)[kept]).all()
+    # with equal scores most cells have more than one code within a unit of their largest; at most 2 allowed
+    assert choice._candidates(gumbel_perturbed(torch.zeros(2, 300, 128)), margin=1.0, m=2) is None

@@ -14,58 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _constants as K
+from .code_choice import code_scores, relaxed_code_choice
 
-
-def codebook_logits(projections: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Negative squared Euclidean distance between every projection and every code.
-
-    Uses ``-||p - e||^2 = -(|p|^2 - 2 p.e + |e|^2)`` so only ``(K, N, C)`` tensors are built,
-    never the ``(K, N, C, d)`` difference tensor.
-
-    Parameters
-    ----------
-    projections
-        ``(K, N, d)``: each cell's projection for each codebook.
-    codebooks
-        ``(K, C, d)``: the codes of each codebook.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(K, N, C)`` logits, ``<= 0`` up to rounding.
-    """
-    p_sq = projections.pow(2).sum(-1, keepdim=True)  # (K, N, 1)
-    e_sq = codebooks.pow(2).sum(-1).unsqueeze(1)  # (K, 1, C)
-    # baddbmm computes (-|p|^2 - |e|^2) + 2 p.e^T in a single fused batched product
-    # the expansion can round a true 0 distance to a tiny positive logit; softmax and argmax are unaffected,
-    # so no clamp (a pass over the (K, N, C) tensor and another in the backward pass)
-    return torch.baddbmm(-(p_sq + e_sq), projections, codebooks.transpose(1, 2), beta=1.0, alpha=2.0)
-
-
-
-def gumbel_softmax_sample(logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """A relaxed one-hot sample softmax((logits + g) / tau), g ~ Gumbel(0, 1) independently per entry.
-
-    The distribution of ``torch.nn.functional.gumbel_softmax(hard=False)``. The noise is drawn as
-    -log(-log U), U ~ Uniform(0, 1), in place: on the (K, N, C) codebook logits this takes 0.39 s
-    where torch's draw through ``exponential_`` takes 1.13 s (32 x 1024 x 1024, one CPU thread).
-
-    Parameters
-    ----------
-    logits
-        Unnormalised log-probabilities, categories on the last dimension.
-    tau
-        Temperature (> 0).
-
-    Returns
-    -------
-    torch.Tensor
-        Same shape; rows sum to 1.
-    """
-    # U = 0 would give an infinite draw: the smallest positive float keeps every draw finite
-    # log(-log U) is minus the Gumbel draw: subtracting it saves a pass of negation
-    minus_noise = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny).log_().neg_().log_()
-    return (logits - minus_noise).div_(tau).softmax(-1)
 
 class ResidualBlock(nn.Module):
     """Pre-normalised residual feed-forward block ``h + W2 relu(W1 LayerNorm(h))``.
@@ -102,7 +52,8 @@ class NDreamerNetwork(nn.Module):
 
     Code choice. Training: Gumbel-softmax with temperature ``tau`` as a *soft* relaxation (not
     straight-through): the quantised vector is ``y @ codebook`` with ``y`` the relaxed sample,
-    nearly one-hot at the default ``tau = 0.01``. Evaluation (``model.eval()``): the nearest code
+    nearly one-hot at the default ``tau = 0.01`` (computed on the few codes that carry weight at float32
+    precision: :mod:`~pyro_scmodels.ndreamer.code_choice`). Evaluation (``model.eval()``): the nearest code
     (argmax of the logits), and the embedding mean instead of a sample, so inference is
     deterministic.
 
@@ -215,19 +166,18 @@ class NDreamerNetwork(nn.Module):
         Returns
         -------
         dict
-            ``logits`` and ``probs`` (``(K, N, C)``, probs = softmax of logits without noise),
+            ``logits`` and ``probs`` (``(K, N, C)``; the logits are minus the squared distances to the
+            codes up to a constant per cell, probs = softmax of logits without noise),
             ``codes`` (``(N, K)`` index of the code used), ``quantised`` (``(K, N, d)``, the vector
             passed on), ``nearest_vectors`` (``(K, N, d)``, the closest code of each projection,
             differentiable with respect to the codebooks; used by the codebook loss).
         """
-        logits = codebook_logits(projections, self.codebooks)
+        logits = code_scores(projections, self.codebooks)  # the logits up to a constant per cell
         k_index = torch.arange(self.n_codebooks, device=logits.device).unsqueeze(1)
         nearest = logits.argmax(-1)  # (K, N)
         nearest_vectors = self.codebooks[k_index, nearest]
         if self.training:
-            sample = gumbel_softmax_sample(logits, self.tau)
-            quantised = torch.bmm(sample, self.codebooks)
-            codes = sample.argmax(-1)
+            quantised, codes = relaxed_code_choice(logits, projections, self.codebooks, self.tau)
             with torch.no_grad():
                 self.code_usage.scatter_add_(1, codes, torch.ones_like(codes, dtype=self.code_usage.dtype))
         else:
