@@ -1,10 +1,5 @@
 """pyro_scmodels: Pyro models of single-cell count data."""
 
-from ._allocator import enable_huge_pages_for_torch
-
-# before the first import of torch below: its CPU allocator reads the setting once (see _allocator)
-enable_huge_pages_for_torch()
-
 from . import criticism, datasets, differential, matching, predictive
 from .models import (
     RegularizedMultimodalVI,

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _constants as C
+from ._allocator import reuse_freed_memory
 from ._atomic import atomic_path
 from ._io import load_torch_file
 from .distributed import SingleProcess
@@ -258,6 +259,11 @@ class TrainingLoop:
         On Ctrl-C the state is checkpointed (when checkpointing is on), the modules are put back
         in eval mode, and ``KeyboardInterrupt`` is raised again.
         """
+        # each step frees and allocates the same large tensors: fresh pages for them cost more than the arithmetic
+        with reuse_freed_memory():
+            return self._fit(plan, seed)
+
+    def _fit(self, plan, seed: int) -> pd.DataFrame:
         self.interruption = None
         if plan.checkpoint_path and self.epoch == 0:
             self._resume(plan.checkpoint_path)

@@ -1,4 +1,5 @@
-"""Transparent huge pages for torch's CPU tensors: set before torch is imported, never over the user's choice."""
+"""Freed memory kept for reuse while a model trains: fewer page faults inside, memory handed back after, never over
+the user's own malloc settings."""
 
 import os
 import subprocess
@@ -6,47 +7,108 @@ import sys
 
 import pytest
 
-REPORT = "import os, sys; {first}import pyro_scmodels; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+from pyro_scmodels import _allocator
+
+GLIBC = _allocator._glibc() is not None
+
+# a 64 MB tensor written and freed, again and again; prints the page faults of the last one inside the block and
+# after it, then the resident memory (MB) after the block against before it
+PROBE = """
+import resource, torch
+from pyro_scmodels._allocator import reuse_freed_memory
+
+def faults_of_a_fresh_tensor():
+    for _ in range(3):  # allocated, written and freed: torch asks for 64-byte alignment, which a freed block of
+        torch.ones(16, 1024, 1024)  # exactly the size lacks, so the heap grows until two freed blocks merge
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16, 1024, 1024)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def resident_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20
+
+before = resident_mb()
+with reuse_freed_memory():
+    with reuse_freed_memory():  # a nested block leaves the setting to the outer one
+        pass
+    inside = faults_of_a_fresh_tensor()
+after = resident_mb()
+print(inside, faults_of_a_fresh_tensor(), round(after - before))
+"""
 
 
-def _fresh_interpreter(first: str, environment: dict) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | environment
-    done = subprocess.run([sys.executable, "-c", REPORT.format(first=first)], env=env, capture_output=True, text=True,
+def _probe(**environment) -> tuple[int, int, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != _allocator.OPT_OUT}
+    env.pop("GLIBC_TUNABLES", None)
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env | environment, capture_output=True, text=True,
                           check=True)
-    return done.stdout.strip().splitlines()[-1]
+    return tuple(int(v) for v in done.stdout.split())
 
 
-@pytest.mark.parametrize("first, environment, expected", [
-    ("", {}, "1"),                                          # the package first: it switches huge pages on
-    ("import torch; ", {}, "None"),                          # torch first: too late, so nothing is claimed
-    ("", {"THP_MEM_ALLOC_ENABLE": "0"}, "0"),                # the user's choice stands
-])
-def test_huge_pages_are_requested_only_before_torch_and_never_over_the_user(first, environment, expected):
-    assert _fresh_interpreter(first, environment) == expected
-
-
-def _huge_pages_mode() -> str:
-    """The system's transparent huge pages mode: 'always', 'madvise' (on request only) or 'never'."""
+def _huge_pages_always() -> bool:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
-            return handle.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "never"
+            return "[always]" in handle.read()
+    except OSError:
+        return False
 
 
-@pytest.mark.skipif(_huge_pages_mode() == "never" or not os.path.exists("/proc/self/smaps_rollup"),
-                    reason="no transparent huge pages on this system")
-@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
-def test_torch_backs_large_tensors_with_huge_pages_when_the_package_comes_first(setting, huge):
-    # a fresh 64 MB tensor, written: the process's anonymous huge pages show whether torch's allocator asked for them
-    code = ("import pyro_scmodels, torch; t = torch.ones(16, 1024, 1024); "
-            "print([int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if setting is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = setting
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    kilobytes = int(done.stdout.strip().splitlines()[-1])
-    if huge:
-        assert kilobytes >= 32 * 1024
-    elif _huge_pages_mode() == "madvise":  # in 'always' mode the kernel uses them whatever torch asks
-        assert kilobytes < 32 * 1024
+@pytest.mark.skipif(not GLIBC or not os.path.exists("/proc/self/statm"), reason="glibc's malloc on Linux only")
+def test_freed_memory_is_reused_inside_the_block_and_handed_back_after():
+    inside, _, resident_growth = _probe()
+    assert inside < 500  # 64 MB in 4 KB pages would be 16,384 faults: the freed tensor's pages were reused
+    assert resident_growth < 40  # the 128 MB kept during the block went back to the kernel
+
+
+@pytest.mark.skipif(not GLIBC or not os.path.exists("/proc/self/statm"), reason="glibc's malloc on Linux only")
+@pytest.mark.parametrize("environment", [{_allocator.OPT_OUT: "0"}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}])
+def test_the_user_setting_or_opt_out_leaves_malloc_alone(environment):
+    inside, outside, _ = _probe(**environment)
+    if not _huge_pages_always():  # with huge pages always on, fresh memory faults once per 2 MB only
+        assert inside > 8000 and outside > 8000  # glibc's default: a fresh mapping per large tensor
+
+
+def test_reuse_is_wanted_only_without_the_users_malloc_settings(monkeypatch):
+    for name in (_allocator.OPT_OUT, *_allocator.USER_TUNING):
+        monkeypatch.delenv(name, raising=False)
+    assert _allocator.reuse_wanted() == GLIBC
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    assert not _allocator.reuse_wanted()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv(_allocator.OPT_OUT, "0")
+    assert not _allocator.reuse_wanted()
+
+
+def test_the_training_loop_trains_inside_the_block(monkeypatch):
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from pyro_scmodels import training
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append("in")
+        yield
+        entered.append("out")
+
+    monkeypatch.setattr(training, "reuse_freed_memory", recording)
+
+    class Line(training.TrainingLoop):
+        def build_optimizer(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def minibatches(self, plan, rng):
+            assert entered == ["in"]  # steps run inside the block
+            yield torch.ones(4, 1)
+
+        def minibatch_loss(self, item):
+            loss = (self.modules["line"](item) - 1).pow(2).mean()
+            return loss, {}
+
+    loop = Line({"line": torch.nn.Linear(1, 1)})
+    loop.fit(training.LoopPlan(max_epochs=2, progress_bar=False))
+    assert entered == ["in", "out"] and np.isfinite(loop.history["train_loss"]).all()
