@@ -6,9 +6,9 @@ laid out codebook first, ``(K, N, ...)``.
 The relaxed draw is ``softmax((s + g) / tau)`` over the ``C`` codes with Gumbel noise ``g``. At NDreamer's
 temperature (0.01) it is one-hot to float32 precision except among the few codes whose perturbed scores lie
 within a fraction of a unit of the largest: every other code's weight is below the rounding of the sum.
-:func:`relaxed_code_choice` therefore softmaxes only the :data:`CANDIDATES` best-perturbed codes of each cell,
-and checks on every call that the codes it leaves out carry no weight at float32 precision; if any cell fails
-the check (a high temperature, near ties), that call takes the dense draw over every code.
+:func:`relaxed_code_choice` draws only those codes and their noise, top down from the largest (the same
+distribution as perturbing every code), and softmaxes them; if a cell has more than :data:`CANDIDATES` of them
+(a high temperature), that call perturbs every code and takes the dense draw.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import math
 
 import torch
 
-#: most codes per cell in the sparse relaxed draw. The gap between the largest of C iid Gumbel draws and the
-#: (m+1)-th is distributed as the largest of m iid Exp(1) draws, so with equal scores (the worst case) a cell has
-#: more than m codes within 0.24 of its largest (the margin at tau = 0.01) with probability (1 - exp(-0.24))^m:
-#: about 2e-11 for m = 16, so a (32 x 1,024)-cell step falls back to the dense draw about once in 10^6.
+#: most codes per cell in the sparse relaxed draw. The other codes within the margin of the largest number about
+#: Poisson(theta e^-G0) with G0 ~ Gumbel and theta = e^margin - 1 (0.27 at tau = 0.01), e^-G0 ~ Exp(1): a geometric
+#: count, more than 15 with probability (theta / (1 + theta))^16, about 1e-11, so a (32 x 1,024)-cell step falls
+#: back to the dense draw about once in 10^6.
 CANDIDATES = 16
 
 
@@ -66,42 +66,75 @@ def _dense_choice(scores, perturbed, codebooks, tau):
     return torch.bmm(weights, codebooks), weights.argmax(-1)
 
 
-def _candidates(perturbed: torch.Tensor, margin: float, m: int):
-    """The codes whose perturbed score is within ``margin`` of their cell's largest, at most ``m`` per cell.
+def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
+    """The codes whose perturbed score ``s + g`` is within ``margin`` of their cell's largest, and their noise ``g``.
 
-    Returns ``(values, index, codes)``: ``(K, N, m)`` perturbed scores (``-inf`` where a cell has fewer
-    candidates) and code indices, and the ``(K, N)`` code of the largest; ``None`` if a cell has more than ``m``.
-    A threshold and a compaction are one pass each over the ``(K, N, C)`` scores (``topk`` took 3-4 times as long).
+    Drawn top down instead of perturbing every code: with ``x_c = s_c + g_c`` independent Gumbels, the largest is
+    ``lse(s) + G0`` with ``G0 ~ Gumbel(0, 1)``, its code is a draw from ``probs``, the two are independent, and given
+    them every other ``x_c`` is an independent Gumbel truncated below the largest. Such a code lies within
+    ``margin`` with probability ``1 - exp(-q_c)``, ``q_c = p_c e^-G0 (e^margin - 1)``: the codes hit by a Poisson
+    process of rate ``q``, whose count is Poisson with mean ``sum q_c`` and whose hits fall on the codes in
+    proportion to ``p_c``. Given that it lies there, ``y = p_c e^-x`` (x measured from ``lse(s)``) is exponential
+    truncated to ``(A, A e^margin)``, ``A = p_c e^-G0``, and ``g_c = -log y``. One cumulative sum over the codes
+    replaces a uniform draw, two logarithms, a maximum and a threshold over them.
+
+    Returns ``(noise, index, codes)``: ``(K, N, m)`` noise ``g`` (``-inf`` where a cell has fewer candidates) and code
+    indices, and the ``(K, N)`` code of the largest; ``None`` if a cell has more than ``m`` candidates.
     """
-    top_value, codes = perturbed.max(-1)
-    flat = (perturbed >= (top_value - margin).unsqueeze(-1)).view(-1).nonzero().squeeze(1)  # sorted by cell
-    n_codes = perturbed.shape[-1]
-    cell = flat // n_codes
-    counts = torch.bincount(cell, minlength=top_value.numel())
-    if int(counts.max()) > m:
+    k, n, c = probs.shape
+    p = probs.reshape(k * n, c)
+    cdf = p.cumsum(-1)
+    total = cdf[:, -1:]
+    # right=True: a code owns [cdf before it, its cdf), so a code of probability 0 (underflow) is never drawn
+    top = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True).clamp_(max=c - 1)  # (R, 1): from probs
+    p_top = p.gather(1, top)
+    g0 = -torch.rand_like(total).clamp_(min=torch.finfo(p.dtype).tiny).log_().neg_().log_()
+    rest = (total - p_top).clamp_(min=0.0)
+    events = torch.poisson(g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)).squeeze(1).long()
+    n_events = int(events.max()) if events.numel() else 0
+    if n_events > m - 1:
         return None
-    slot = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[cell]
-    values = perturbed.new_full((top_value.numel(), m), -math.inf)
-    index = torch.zeros(top_value.numel(), m, dtype=torch.long, device=flat.device)
-    values[cell, slot] = perturbed.view(-1)[flat]
-    index[cell, slot] = flat - cell * n_codes
-    return values.view(*top_value.shape, m), index.view(*top_value.shape, m), codes
+    # the hits: codes drawn from probs without the top code (its stretch of the cumulative sum is stepped over)
+    start = cdf.gather(1, top) - p_top
+    draw = torch.rand(p.shape[0], n_events, dtype=p.dtype, device=p.device).mul_(rest)
+    hits = torch.searchsorted(cdf, draw + p_top * (draw >= start), right=True).clamp_(max=c - 1)
+    # a code hit twice is one candidate; a hit on the top code (rounding at the stretch's ends) is none
+    hits, _ = torch.where(torch.arange(n_events, device=p.device) < events.unsqueeze(1), hits, c).sort(1)
+    repeated = torch.cat([torch.zeros_like(hits[:, :1], dtype=torch.bool), hits[:, 1:] == hits[:, :-1]], 1)
+    p_hit = p.gather(1, hits.clamp(max=c - 1))
+    kept = (hits < c) & ~repeated & (hits != top) & (p_hit > 0)
+    # the noise of each hit, in double precision: y truncated exponential on (A, A e^margin)
+    a_rate = p_hit.double() * g0.neg().exp().double()
+    width = -torch.expm1(-a_rate * math.expm1(margin))
+    y = a_rate - torch.log1p(-torch.rand_like(a_rate) * width)
+    hit_noise = torch.where(kept, -y.log(), -math.inf).to(p.dtype)
+    noise = torch.cat([g0 - p_top.log(), hit_noise], 1)  # the top code's noise: x_top - s_top = G0 - log p_top
+    index = torch.cat([top, torch.where(kept, hits, top)], 1)
+    pad = m - noise.shape[1]
+    noise = torch.nn.functional.pad(noise, (0, pad), value=-math.inf)
+    index = torch.nn.functional.pad(index, (0, pad), value=0)
+    return noise.view(k, n, m), index.view(k, n, m), top.view(k, n)
 
 
-def relaxed_code_choice(scores: torch.Tensor, projections: torch.Tensor, codebooks: torch.Tensor,
-                        tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def relaxed_code_choice(scores: torch.Tensor, probs: torch.Tensor, projections: torch.Tensor,
+                        codebooks: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A Gumbel-softmax (soft, not straight-through) choice of one code per cell and codebook.
 
     The vector passed on is ``sum_c w_c e_c`` with ``w = softmax((s + g) / tau)``, ``g ~ Gumbel(0, 1)``. It is
     computed on the codes whose ``s + g`` lies within ``tau (log C + 24 log 2)`` of the cell's largest, when no
     cell has more than :data:`CANDIDATES` of them: every other code's weight is below ``2^-24 / C`` of the
     largest, so together they are below float32 rounding, and the gradient reaches the scores through the
-    candidates only (the others' gradient is below rounding as well). Otherwise the draw is taken over every code.
+    candidates only (the others' gradient is below rounding as well). Those codes and their noise are drawn top
+    down (:func:`_top_down_candidates`), the same distribution as perturbing every code. Otherwise (a high
+    temperature; at 0.01, a cell with more than 16 candidates has probability below 1e-12) every code is perturbed
+    and the draw is taken over all of them.
 
     Parameters
     ----------
     scores
         ``(K, N, C)`` from :func:`code_scores`.
+    probs
+        ``softmax(scores)`` over the codes (no gradient is taken through it here).
     projections, codebooks
         ``(K, N, d)`` and ``(K, C, d)``, the tensors ``scores`` was computed from.
     tau
@@ -114,20 +147,20 @@ def relaxed_code_choice(scores: torch.Tensor, projections: torch.Tensor, codeboo
     codes : torch.Tensor
         ``(K, N)`` the code of largest weight.
     """
-    perturbed = gumbel_perturbed(scores.detach())
     n_codes = scores.shape[-1]
     found = None
     if CANDIDATES < n_codes:
         with torch.no_grad():
-            found = _candidates(perturbed, tau * (math.log(n_codes) + 24 * math.log(2)), CANDIDATES)
+            found = _top_down_candidates(probs.detach(), tau * (math.log(n_codes) + 24 * math.log(2)), CANDIDATES)
     if found is None:
-        return _dense_choice(scores, perturbed, codebooks, tau)
-    values, index, codes = found
+        return _dense_choice(scores, gumbel_perturbed(scores.detach()), codebooks, tau)
+    noise, index, codes = found
     k_index = torch.arange(scores.shape[0], device=scores.device).view(-1, 1, 1)
     chosen = codebooks[k_index, index]  # (K, N, m, d)
     # the candidates' scores recomputed from their codes carry the gradient (through m codes, not C); the
-    # values are the perturbed scores found above, the same numbers as in the dense draw
+    # values are the scores' own (the two products round differently)
     recomputed = 2 * (projections.unsqueeze(2) * chosen).sum(-1) - chosen.pow(2).sum(-1)
-    weights = (values + (recomputed - recomputed.detach())).div(tau).softmax(-1)
+    candidate_scores = scores.detach().gather(-1, index) + (recomputed - recomputed.detach())
+    weights = (candidate_scores + noise).div(tau).softmax(-1)
     quantised = (weights.unsqueeze(-1) * chosen).sum(2)
     return quantised, codes

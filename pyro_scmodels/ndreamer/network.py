@@ -176,8 +176,9 @@ class NDreamerNetwork(nn.Module):
         k_index = torch.arange(self.n_codebooks, device=logits.device).unsqueeze(1)
         nearest = logits.argmax(-1)  # (K, N)
         nearest_vectors = self.codebooks[k_index, nearest]
+        probs = logits.softmax(-1)
         if self.training:
-            quantised, codes = relaxed_code_choice(logits, projections, self.codebooks, self.tau)
+            quantised, codes = relaxed_code_choice(logits, probs, projections, self.codebooks, self.tau)
             with torch.no_grad():
                 self.code_usage.scatter_add_(1, codes, torch.ones_like(codes, dtype=self.code_usage.dtype))
         else:
@@ -185,7 +186,7 @@ class NDreamerNetwork(nn.Module):
             quantised = nearest_vectors
         return {
             "logits": logits,
-            "probs": logits.softmax(-1),
+            "probs": probs,
             "codes": codes.transpose(0, 1),
             "quantised": quantised,
             "nearest_vectors": nearest_vectors,
