@@ -410,3 +410,4 @@ def test_top_down_candidates_lie_within_the_margin_of_the_largest():
     # equal scores: most cells have more than one other code within a unit of their largest; at most 2 allowed
     flat = torch.zeros(2, 3000, 128)
     assert choice._top_down_candidates(flat.softmax(-1), margin=1.0, m=2) is None
+

@@ -88,7 +88,9 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     # right=True: a code owns [cdf before it, its cdf), so a code of probability 0 (underflow) is never drawn
     top = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True).clamp_(max=c - 1)  # (R, 1): from probs
     p_top = p.gather(1, top)
-    g0 = -torch.rand_like(total).clamp_(min=torch.finfo(p.dtype).tiny).log_().neg_().log_()
+    # U = 0 read as the smallest U > 0 that rand draws (2^-24 in float32): clamped to the smallest float instead,
+    # G0 fell to -4.5, beyond what the draw's resolution allows (-2.8), and its Poisson mean to 23 hits
+    g0 = -torch.rand_like(total).clamp_(min=torch.finfo(p.dtype).eps / 2).log_().neg_().log_()
     rest = (total - p_top).clamp_(min=0.0)
     events = torch.poisson(g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)).squeeze(1).long()
     n_events = int(events.max()) if events.numel() else 0
