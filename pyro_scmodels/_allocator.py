@@ -6,8 +6,10 @@ every time (NDreamer's codebooks x cells x codes tensors are 128 MB each; a PBMC
 genes is 46 MB), so each step paid a page fault per 4 KB page of each of them, often more than the arithmetic
 writing them. :func:`reuse_freed_memory` switches ``mmap`` off and keeps freed memory in the heap for the duration
 of a training loop, then restores glibc's defaults and hands the free memory back (``malloc_trim``). On two CPU
-cores this made a pass of NDreamer 1.2-1.3x faster and RegularizedVI on PBMC at batch 1,024 1.4-1.6x faster
-(benchmarks/RESULTS.md, "Training: freed memory reused").
+cores this made NDreamer's passes 1.2-1.3x faster and RegularizedVI on PBMC at batch 1,024 1.21-1.26x faster
+(benchmarks/RESULTS.md, "Training: freed memory reused"). torch asks for 64-byte aligned blocks, which a freed block
+of exactly the same size cannot give, so the heap grows over the first steps until freed blocks merge; after that
+a step faults almost no fresh pages.
 
 It does nothing where the C library is not glibc, when the user tunes ``malloc`` through the environment
 (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``), or when
