@@ -411,3 +411,21 @@ def test_top_down_candidates_lie_within_the_margin_of_the_largest():
     flat = torch.zeros(2, 3000, 128)
     assert choice._top_down_candidates(flat.softmax(-1), margin=1.0, m=2) is None
 
+
+
+def test_a_top_draw_rounded_onto_the_total_lands_on_a_code_that_can_be_drawn(monkeypatch):
+    import pyro_scmodels.ndreamer.code_choice as choice
+
+    probs = torch.rand(1, 50, 64, generator=torch.Generator().manual_seed(7))
+    probs[..., -10:] = 0.0  # the last codes cannot be drawn
+    probs = probs / probs.sum(-1, keepdim=True)
+    real = torch.rand_like
+    calls = []
+
+    def first_at_one(tensor, *args, **kwargs):  # the top code's uniform draw at 1: the value is the total itself
+        calls.append(1)
+        return torch.ones_like(tensor) if len(calls) == 1 else real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "rand_like", first_at_one)
+    noise, index, codes = choice._top_down_candidates(probs, margin=0.3, m=choice.CANDIDATES)
+    assert (probs.gather(-1, codes.unsqueeze(-1)) > 0).all() and torch.isfinite(noise[..., 0]).all()

@@ -88,6 +88,9 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     # right=True: a code owns [cdf before it, its cdf), so a code of probability 0 (underflow) is never drawn
     top = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True).clamp_(max=c - 1)  # (R, 1): from probs
     p_top = p.gather(1, top)
+    if bool((p_top == 0).any()):  # a draw rounded onto the total, past the last code that can be drawn
+        top = torch.where(p_top > 0, top, p.argmax(-1, keepdim=True))
+        p_top = p.gather(1, top)
     # U = 0 read as the smallest U > 0 that rand draws (2^-24 in float32): clamped to the smallest float instead,
     # G0 fell to -4.5, beyond what the draw's resolution allows (-2.8), and its Poisson mean to 23 hits
     g0 = -torch.rand_like(total).clamp_(min=torch.finfo(p.dtype).eps / 2).log_().neg_().log_()
@@ -128,7 +131,7 @@ def relaxed_code_choice(scores: torch.Tensor, probs: torch.Tensor, projections: 
     largest, so together they are below float32 rounding, and the gradient reaches the scores through the
     candidates only (the others' gradient is below rounding as well). Those codes and their noise are drawn top
     down (:func:`_top_down_candidates`), the same distribution as perturbing every code. Otherwise (a high
-    temperature; at 0.01, a cell with more than 16 candidates has probability below 1e-12) every code is perturbed
+    temperature; at 0.01, a cell has more than 16 candidates with probability about 1e-11) every code is perturbed
     and the draw is taken over all of them.
 
     Parameters
