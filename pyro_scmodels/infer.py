@@ -1,7 +1,7 @@
 """SVI on the package's one training loop (:class:`~pyro_scmodels.training.TrainingLoop`).
 
 ``SVITrainer`` fits a Pyro model/guide pair with Adam on the negative ELBO (``Trace_ELBO``, or the
-same loss computed directly where the model and guide provide it: :class:`ELBOLoss`): minibatches from
+same loss computed directly where the model and guide provide it: :class:`~pyro_scmodels.elbo.ELBOLoss`): minibatches from
 :class:`~pyro_scmodels.data.CellData`, KL warm-up and a validation loss; the loop it inherits
 adds gradient clipping, NaN/Inf detection that names the culprit, early stopping,
 checkpoints with resume, a tqdm progress bar and a per-epoch history.
@@ -9,23 +9,18 @@ checkpoints with resume, a tqdm progress bar and a per-epoch history.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 
 from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
 from .data.on_disk import chunk_grouped_minibatches, chunk_shuffled_order, read_ahead_groups
-from .distributed import LocalScale
+from .elbo import ELBOLoss
 from .pyro_modules import PositiveSiteGuide
 from .optimizers import fused_optimizer
 from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
@@ -90,121 +85,6 @@ class TrainingPlan(LoopPlan):
             weight = 1.0
         # poutine.scale needs a positive scale: the warm-up starts just above 0, not at 0
         return min(1.0, max(weight, C.MIN_KL_WEIGHT))
-
-
-class ELBOLoss(torch.nn.Module):
-    """The negative ELBO of a model/guide pair as a module's forward (what DDP wraps).
-
-    ``DistributedDataParallel`` averages gradients over ranks when the loss comes out of a
-    module's ``forward``; holding the model and guide as submodules gives it every parameter.
-
-    Pyro's ``Trace_ELBO`` defines the loss. A model and guide whose classes declare
-    ``direct_elbo = True`` (RegularizedVI's and RegularizedMultimodalVI's do; a subclass must
-    declare it again) also compute it without Pyro's effect handlers: ``guide.draw`` gives the
-    draws and log q, ``model.log_joint`` gives log p. At a minibatch of 128 cells most of a step's
-    Python time is Pyro's tracing, and on a GPU that time is the step. The first call computes both
-    from the same random numbers and takes the direct form only if the two losses agree
-    (:meth:`_direct_agrees`); otherwise it warns and keeps ``Trace_ELBO``. Once taken, every call
-    uses it, the first included.
-
-    Parameters
-    ----------
-    model, guide
-        Callables ``model(batch, n_obs, kl_weight)`` and ``guide(batch, n_obs, kl_weight)``.
-    """
-
-    #: relative difference of the two losses above which the direct form is not used
-    AGREEMENT_RTOL = 1e-4
-
-    def __init__(self, model, guide):
-        super().__init__()
-        self.model, self.guide = model, guide
-        self.elbo = Trace_ELBO()
-        self.checked = False  # whether Pyro has checked the model and guide (on the first call)
-        self.direct = all(declares_direct_elbo(m) for m in (model, guide))
-
-    def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
-        """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
-
-        Pyro's checks of the model against the guide (matching sites, shapes, a NaN or Inf warning per
-        site) run on the first call only, when Pyro's validation is on: the structure is the same for
-        every minibatch, and on a GPU each per-site check waits for the device. The training loop checks
-        every step's loss and gradient.
-        """
-        if self.direct and not self.checked:
-            self.direct = self._direct_agrees(batch)
-        if self.direct:
-            return self.direct_loss(batch, n_obs, kl_weight, local_factor)
-        return self.trace_loss(batch, n_obs, kl_weight, local_factor)
-
-    def _direct_agrees(self, batch: dict) -> bool:
-        """Whether the direct form gives Trace_ELBO's loss on ``batch``, from the same random numbers.
-
-        Both are computed without gradients, with the dataset size set to the minibatch's and a KL
-        weight of 0.5: at the real dataset size the global sites' terms are a tiny share of a per-cell
-        loss, and a wrong global term could pass. The random generators are put back afterwards, so
-        the step that follows draws what it would have drawn without the check: a run that resumes
-        from a checkpoint (and checks at its first step) follows the uninterrupted run.
-        """
-        generators = _generators(batch["index"].device)
-        before = [g.get_state() for g in generators]
-        n_cells, kl_weight = int(batch["index"].shape[0]), 0.5
-        with torch.no_grad():
-            traced = float(self.trace_loss(batch, n_cells, kl_weight))
-            for generator, state in zip(generators, before):
-                generator.set_state(state)
-            direct = float(self.direct_loss(batch, n_cells, kl_weight))
-        for generator, state in zip(generators, before):
-            generator.set_state(state)
-        if not math.isfinite(traced):
-            # nothing to compare (the loop reports a non-finite loss itself); compare again at the next call
-            self.checked = False
-            return True
-        if abs(direct - traced) <= self.AGREEMENT_RTOL * max(1.0, abs(traced)):
-            return True
-        warnings.warn(
-            f"{type(self.model).__name__}.log_joint and {type(self.guide).__name__}.draw give a loss of "
-            f"{direct:.6g} where Pyro's Trace_ELBO gives {traced:.6g} on the same minibatch and draws; training "
-            "uses Trace_ELBO. A subclass that changes the model's sites should not declare direct_elbo = True.",
-            stacklevel=4,
-        )
-        return False
-
-    def trace_loss(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
-        """The loss by Pyro's ``Trace_ELBO`` (its model/guide checks only on the first call)."""
-        checks = pyro.validation_enabled(False) if self.checked else contextlib.nullcontext()
-        scale = LocalScale(local_factor) if local_factor != 1.0 else contextlib.nullcontext()
-        # the data were validated once at setup; per-step support checks only cost time
-        with checks, pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False), scale:
-            loss = self.elbo.differentiable_loss(self.model, self.guide, batch, n_obs, kl_weight) / n_obs
-        self.checked = True
-        return loss
-
-    def direct_loss(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
-        """The same loss from ``guide.draw`` and ``model.log_joint``, without Pyro's effect handlers."""
-        with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
-            values, log_q = self.guide.draw(batch, n_obs, kl_weight, local_factor)
-            return (log_q - self.model.log_joint(values, batch, n_obs, kl_weight, local_factor)) / n_obs
-
-
-def declares_direct_elbo(module) -> bool:
-    """Whether ``module``'s own class declares ``direct_elbo = True``, and so does every part it delegates to.
-
-    A subclass does not inherit the declaration. A module built of parts (the multimodal model's blocks)
-    lists them in ``direct_elbo_parts()``: an edited block makes the whole loss use ``Trace_ELBO``.
-    """
-    if not vars(type(module)).get("direct_elbo", False):
-        return False
-    parts = getattr(module, "direct_elbo_parts", None)
-    return parts is None or all(declares_direct_elbo(part) for part in parts())
-
-
-def _generators(device: torch.device) -> list[torch.Generator]:
-    """The default random generators a step draws from: the CPU's, and the device's on a GPU."""
-    generators = [torch.default_generator]
-    if device.type == "cuda":
-        generators.append(torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()])
-    return generators
 
 
 class SVITrainer(TrainingLoop):

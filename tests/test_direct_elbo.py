@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pyro_scmodels as ps
-from pyro_scmodels.infer import ELBOLoss
+from pyro_scmodels.elbo import ELBOLoss
 from pyro_scmodels.models.regularizedvi_guide import RegularizedVIGuide
 from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
 

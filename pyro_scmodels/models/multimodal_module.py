@@ -91,7 +91,7 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
                 self.block(m).local_sites(z, batch, globals_[m], mask=present[m])
         return z
 
-    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    # --- the ELBO without Pyro's tracing (elbo.ELBOLoss checks it against Trace_ELBO) ---------
     #: :meth:`log_joint` scores exactly the sites of :meth:`forward` (not inherited by a subclass)
     direct_elbo = True
 
@@ -240,7 +240,7 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
                 self.block(m).library_site(inputs[m], batch, library_weights[m], mask=present[m])
         return loc
 
-    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    # --- the ELBO without Pyro's tracing (elbo.ELBOLoss checks it against Trace_ELBO) ---------
     #: :meth:`draw` draws exactly the sites of :meth:`forward`, in the same order
     direct_elbo = True
 

@@ -148,7 +148,7 @@ class RegularizedVIGuide(LocalPyroModule):
             self.library_site(h, batch, w)
         return q_z.loc
 
-    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    # --- the ELBO without Pyro's tracing (elbo.ELBOLoss checks it against Trace_ELBO) ---------
     #: this class's :meth:`draw` draws exactly the sites of :meth:`forward`, in the same order
     direct_elbo = True
 

@@ -267,7 +267,7 @@ class RegularizedVIModel(LocalPyroModule):
         # per cell, like the ELBO's data term: the minibatch statistic times the dataset size
         return -self.dims.latent_independence * n_obs * category_mmd(z, batch["encoder_codes"])
 
-    # --- the ELBO without Pyro's tracing (infer.ELBOLoss checks it against Trace_ELBO) ---------
+    # --- the ELBO without Pyro's tracing (elbo.ELBOLoss checks it against Trace_ELBO) ---------
     #: this class's :meth:`log_joint` scores exactly the sites of :meth:`forward` (a subclass that
     #: changes the sites trains with Pyro's Trace_ELBO unless it sets this itself)
     direct_elbo = True
