@@ -67,7 +67,8 @@ def reuse_freed_memory():
     """Within the block, large allocations come from the heap and freed memory stays there for reuse.
 
     On leaving, glibc's defaults (``M_MMAP_MAX`` 65,536, ``M_TRIM_THRESHOLD`` 128 KB) are restored and the free
-    memory is handed back to the kernel, so the process's resident memory falls back as before.
+    memory is handed back to the kernel, so the process's resident memory falls back as before. One setting stays:
+    after any ``mallopt`` call glibc stops adapting its ``mmap`` threshold, which keeps the value it had grown to.
     """
     global _depth
     libc = _glibc() if reuse_wanted() else None
