@@ -44,10 +44,10 @@ def naive_codebook_logits(projections, codebooks):
 
 
 def layer_function(impl: str):
-    """The logits function called ``impl`` (``"ours"`` or ``"naive"``)."""
-    from pyro_scmodels.ndreamer.network import codebook_logits
+    """The logits function called ``impl`` (``"ours"`` or ``"naive"``; the two differ by a constant per cell)."""
+    from pyro_scmodels.ndreamer.code_choice import code_scores
 
-    return codebook_logits if impl == "ours" else naive_codebook_logits
+    return code_scores if impl == "ours" else naive_codebook_logits
 
 
 def layer_inputs(n_cells: int, seed: int = SEED):
@@ -90,7 +90,7 @@ def training_setup(impl: str, n_cells: int, n_genes: int = TRAIN_GENES, seed: in
 
     if impl == "naive":
         # NDreamerNetwork.quantise looks the function up in its module at call time
-        network_module.codebook_logits = naive_codebook_logits
+        network_module.code_scores = naive_codebook_logits
     torch.manual_seed(seed)
     network = NDreamerNetwork(n_genes, N_CONDITIONS, batch_sizes=(N_BATCHES,))
     network.train()

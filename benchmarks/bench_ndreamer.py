@@ -6,13 +6,13 @@ Usage::
 
 SPEC 3.2: the public NDreamer code computes, for each of the K codebooks, the squared distance
 of every projection to every code by materialising an ``N x C x d`` difference tensor.
-:func:`pyro_scmodels.ndreamer.network.codebook_logits` computes the same logits as
+:func:`pyro_scmodels.ndreamer.code_choice.code_scores` computes the same logits (up to a constant per cell) as
 ``-(|p|^2 - 2 p.e + |e|^2)`` with one batched matrix product, so only ``K x N x C`` tensors exist.
 
 Measured, at the SPEC defaults K = 32 codebooks, C = 1024 codes, d = 8:
 
 1. the codebook layer alone, forward + backward, for N = 256 and N = 1024 cells: ours
-   (``codebook_logits(projections (K, N, d), codebooks (K, C, d))``) against a naive reference
+   (``code_scores(projections (K, N, d), codebooks (K, C, d))``) against a naive reference
    written here (per codebook ``-((p[:, None, :] - e[None, :, :]) ** 2).sum(-1)``, stacked),
    both followed by the same softmax and weighted sum so that backward runs through them;
 2. a full training step of :class:`NDreamerNetwork` + :func:`total_loss` (as
@@ -179,7 +179,7 @@ def section_text(facts: dict, table: str, command: str, when: str, timing: dict,
     return (
         section_header(SECTION_TITLE, when, facts)
         + f"Settings: K={K} codebooks, C={C} codes, d={D} (SPEC defaults), float32, CPU. "
-        f"Codebook layer: ours = `codebook_logits` (`-(|p|^2 - 2 p.e + |e|^2)`, one `baddbmm`); naive = per codebook "
+        f"Codebook layer: ours = `code_scores` (`2 p.e - |e|^2`, one `baddbmm`); naive = per codebook "
         f"`-((p[:, None, :] - e[None, :, :]) ** 2).sum(-1)`, stacked (one N x C x d float32 tensor per codebook: {sizes}); "
         f"both followed by softmax over codes and a fixed weighted sum, then backward to projections and codebooks. "
         f"Training step: `NDreamerNetwork` at its defaults (encoder 1024-512, embedding 512, z 256, decoder 512-1024), "

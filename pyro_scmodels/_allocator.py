@@ -5,7 +5,7 @@ glibc's ``malloc`` serves every allocation above 32 MB (above 128 KB until its t
 every time (NDreamer's codebooks x cells x codes tensors are 128 MB each; a PBMC minibatch of 1,024 cells x 11,221
 genes is 46 MB), so each step paid a page fault per 4 KB page of each of them, often more than the arithmetic
 writing them. :func:`reuse_freed_memory` switches ``mmap`` off and keeps freed memory in the heap for the duration
-of a training loop, then restores glibc's defaults and hands the free memory back (``malloc_trim``). On two CPU
+of a training loop, then switches ``mmap`` back on and hands the free memory back (``malloc_trim``). On two CPU
 cores this made NDreamer's passes 1.2-1.3x faster and RegularizedVI on PBMC at batch 1,024 1.21-1.26x faster
 (benchmarks/RESULTS.md, "Training: freed memory reused"). torch asks for 64-byte aligned blocks, which a freed block
 of exactly the same size cannot give, so the heap grows over the first steps until freed blocks merge; after that
@@ -33,11 +33,13 @@ OPT_OUT = "PYRO_SCMODELS_REUSE_MEMORY"
 USER_TUNING = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 # mallopt parameters and glibc's defaults (malloc.h, malloc.c)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+DEFAULT_MMAP_MAX = 65536
+RESTORED_TRIM_THRESHOLD = 64 * 2**20  # 2 x DEFAULT_MMAP_THRESHOLD_MAX (32 MB), as glibc's adaptive setting reaches
 NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: the heap is trimmed only beyond 2 GB of free top
 
 _lock = threading.Lock()
-_depth = 0  # nested loops (a model trained inside another's loop) switch it once
+_depth = 0  # blocks inside (nested loops, other threads): the first in switches it on, the last out off
+_applied = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,25 +68,29 @@ def reuse_wanted() -> bool:
 def reuse_freed_memory():
     """Within the block, large allocations come from the heap and freed memory stays there for reuse.
 
-    On leaving, glibc's defaults (``M_MMAP_MAX`` 65,536, ``M_TRIM_THRESHOLD`` 128 KB) are restored and the free
-    memory is handed back to the kernel, so the process's resident memory falls back as before. One setting stays:
-    after any ``mallopt`` call glibc stops adapting its ``mmap`` threshold, which keeps the value it had grown to.
+    The first block to enter switches it on and the last to leave (threads and nested loops count) switches it off:
+    glibc's ``M_MMAP_MAX`` default (65,536) is restored, the trim threshold set to 64 MB (twice glibc's largest
+    adaptive ``mmap`` threshold, where a process that has freed large blocks ends up), and the free memory is handed
+    back to the kernel, so the process's resident memory falls back as before. glibc stops adapting its ``mmap``
+    threshold after any ``mallopt`` call; it keeps the value it had grown to.
     """
-    global _depth
-    libc = _glibc() if reuse_wanted() else None
+    global _depth, _applied
     with _lock:
-        first = libc is not None and _depth == 0
         _depth += 1
-        if first:
+        if _depth == 1 and reuse_wanted():
+            libc = _glibc()
             # the trim threshold first: once large blocks come from the heap, freeing one must not return it
             if libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) != 1 or libc.mallopt(M_MMAP_MAX, 0) != 1:
                 logger.debug("mallopt refused a setting; freed memory may not be kept for reuse")
+            _applied = True
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if first:
+            if _depth == 0 and _applied:
+                libc = _glibc()
                 libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, RESTORED_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
+                _applied = False

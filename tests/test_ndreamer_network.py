@@ -336,7 +336,7 @@ def _dense_draw(scores, probs, p, e, tau):
 
 @pytest.mark.parametrize("tau", [0.01, 0.02, 1.0])
 def test_relaxed_code_choice_has_the_distribution_of_the_dense_draw(tau, monkeypatch):
-    # 64 codes, one cell drawn 100,000 times. At tau 0.01 and 0.05 the candidates are drawn top down (a few codes per
+    # 64 codes, one cell drawn 100,000 times. At tau 0.01 and 0.02 the candidates are drawn top down (a few codes per
     # cell); at tau 1 every code is within the margin, more than the candidates, and every code is perturbed
     import pyro_scmodels.ndreamer.code_choice as choice
 
@@ -356,12 +356,12 @@ def test_relaxed_code_choice_has_the_distribution_of_the_dense_draw(tau, monkeyp
     for codes in (ours[1], definition[1]):
         torch.testing.assert_close(torch.bincount(codes[0], minlength=64) / n, probs, atol=0.006, rtol=0)
     # the first six codes' weights have the same distribution (two-sample Kolmogorov-Smirnov distance on a grid;
-    # 0.0073 is the 1 % critical value for 100,000 draws each)
+    # 0.0087 is the 0.1 % critical value for 100,000 draws each)
     grid = torch.linspace(0, 1, 201)
     for column in range(2, 8):
         ranked = [draws[0][0, :, column].sort().values for draws in (ours, definition)]
         distance = (torch.searchsorted(ranked[0], grid) - torch.searchsorted(ranked[1], grid)).abs().max().item() / n
-        assert distance < 0.0073, (column, distance)
+        assert distance < 0.0087, (column, distance)
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.02])
@@ -397,6 +397,7 @@ def test_top_down_candidates_lie_within_the_margin_of_the_largest():
     gen = torch.Generator().manual_seed(4)
     p, e = torch.randn(2, 3000, 8, generator=gen), torch.randn(2, 128, 8, generator=gen)
     scores = code_scores(p, e)
+    torch.manual_seed(9)
     noise, index, codes = choice._top_down_candidates(scores.softmax(-1), margin=0.3, m=choice.CANDIDATES)
     assert noise.shape == index.shape == (2, 3000, choice.CANDIDATES)
     values = scores.gather(-1, index) + noise
@@ -416,6 +417,7 @@ def test_top_down_candidates_lie_within_the_margin_of_the_largest():
 def test_a_top_draw_rounded_onto_the_total_lands_on_a_code_that_can_be_drawn(monkeypatch):
     import pyro_scmodels.ndreamer.code_choice as choice
 
+    torch.manual_seed(8)
     probs = torch.rand(1, 50, 64, generator=torch.Generator().manual_seed(7))
     probs[..., -10:] = 0.0  # the last codes cannot be drawn
     probs = probs / probs.sum(-1, keepdim=True)
@@ -429,3 +431,20 @@ def test_a_top_draw_rounded_onto_the_total_lands_on_a_code_that_can_be_drawn(mon
     monkeypatch.setattr(torch, "rand_like", first_at_one)
     noise, index, codes = choice._top_down_candidates(probs, margin=0.3, m=choice.CANDIDATES)
     assert (probs.gather(-1, codes.unsqueeze(-1)) > 0).all() and torch.isfinite(noise[..., 0]).all()
+
+
+def test_a_high_temperature_takes_the_dense_draw_for_every_cell(monkeypatch):
+    # tau 3: every code is within the margin. A one-hot cell has no other candidate, but the flat cell beside it
+    # has 64: the call must not draw the flat cell sparsely
+    import pyro_scmodels.ndreamer.code_choice as choice
+
+    fallbacks = []
+    dense_choice = choice._dense_choice
+    monkeypatch.setattr(choice, "_dense_choice", lambda *args: fallbacks.append(1) or dense_choice(*args))
+    torch.manual_seed(10)
+    e = torch.eye(64)[None].clone()
+    p = torch.stack([torch.zeros(64), 100 * torch.eye(64)[0]])[None]  # a flat cell, a one-hot cell
+    scores = code_scores(p, e)
+    quantised, _ = relaxed_code_choice(scores, scores.softmax(-1), p, e, tau=3.0)
+    assert fallbacks == [1]
+    assert quantised[0, 0].max() < 0.5  # the flat cell's weights are spread at this temperature

@@ -22,6 +22,9 @@ import torch
 #: count, more than 15 with probability (theta / (1 + theta))^16, about 1e-11, so a (32 x 1,024)-cell step falls
 #: back to the dense draw about once in 10^6.
 CANDIDATES = 16
+#: margins beyond this take the dense draw: e^3 - 1 = 19 gives Poisson means up to 19 x 16.6 (float32's largest
+#: e^-G0), far more than 16 candidates, and e^margin overflows float64 beyond 709
+MAX_MARGIN = 3.0
 
 
 def code_scores(projections: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -81,6 +84,8 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     Returns ``(noise, index, codes)``: ``(K, N, m)`` noise ``g`` (``-inf`` where a cell has fewer candidates) and code
     indices, and the ``(K, N)`` code of the largest; ``None`` if a cell has more than ``m`` candidates.
     """
+    if margin > MAX_MARGIN:  # a high temperature: most cells would overflow m, and the Poisson means overflow too
+        return None
     k, n, c = probs.shape
     p = probs.reshape(k * n, c)
     cdf = p.cumsum(-1)
@@ -88,7 +93,8 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     # right=True: a code owns [cdf before it, its cdf), so a code of probability 0 (underflow) is never drawn
     top = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True).clamp_(max=c - 1)  # (R, 1): from probs
     p_top = p.gather(1, top)
-    if bool((p_top == 0).any()):  # a draw rounded onto the total, past the last code that can be drawn
+    if bool((p_top == 0).any()):  # a draw rounded onto the total, past the last code that can be drawn: the
+        # likeliest code stands in (a 2^-24 chance per cell)
         top = torch.where(p_top > 0, top, p.argmax(-1, keepdim=True))
         p_top = p.gather(1, top)
     # U = 0 read as the smallest U > 0 that rand draws (2^-24 in float32): clamped to the smallest float instead,
@@ -137,7 +143,8 @@ def relaxed_code_choice(scores: torch.Tensor, probs: torch.Tensor, projections: 
     Parameters
     ----------
     scores
-        ``(K, N, C)`` from :func:`code_scores`.
+        ``(K, N, C)`` from :func:`code_scores` of ``projections`` and ``codebooks`` (the candidates' gradient is
+        taken through those two, so other scores would get another gradient).
     probs
         ``softmax(scores)`` over the codes (no gradient is taken through it here).
     projections, codebooks
