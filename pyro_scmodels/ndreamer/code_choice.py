@@ -50,15 +50,21 @@ def code_scores(projections: torch.Tensor, codebooks: torch.Tensor) -> torch.Ten
     return torch.baddbmm(-codebooks.pow(2).sum(-1).unsqueeze(1), projections, codebooks.transpose(1, 2), alpha=2.0)
 
 
+def _minus_gumbel(like: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """``log(-log U)``, ``U ~ Uniform(0, 1)`` shaped like ``like`` and at least ``floor``: minus a Gumbel(0, 1) draw,
+    made in place (torch's ``exponential_`` was about three times slower on the ``(K, N, C)`` scores)."""
+    uniform = torch.rand_like(like)
+    return (uniform.clamp_(min=floor) if floor > 0 else uniform).log_().neg_().log_()
+
+
 def gumbel_perturbed(scores: torch.Tensor) -> torch.Tensor:
     """``scores + g`` with ``g ~ Gumbel(0, 1)`` drawn independently per entry, without a gradient.
 
-    The noise is drawn as ``-log(-log U)``, ``U ~ Uniform(0, 1)``, in place (torch's ``exponential_`` was about
-    three times slower on the ``(K, N, C)`` scores). ``U = 0`` (probability 2^-24 per entry) gives ``-inf``: a
-    code that cannot be drawn, which is the limit of its Gumbel draw.
+    ``U = 0`` (probability 2^-24 per entry) gives ``-inf``: a code that cannot be drawn, which is the limit of its
+    Gumbel draw.
     """
     with torch.no_grad():
-        minus_noise = torch.rand_like(scores).log_().neg_().log_()
+        minus_noise = _minus_gumbel(scores)
         return torch.sub(scores, minus_noise, out=minus_noise)
 
 
@@ -99,7 +105,7 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
         p_top = p.gather(1, top)
     # U = 0 read as the smallest U > 0 that rand draws (2^-24 in float32): clamped to the smallest float instead,
     # G0 fell to -4.5, beyond what the draw's resolution allows (-2.8), and its Poisson mean to 23 hits
-    g0 = -torch.rand_like(total).clamp_(min=torch.finfo(p.dtype).eps / 2).log_().neg_().log_()
+    g0 = -_minus_gumbel(total, floor=torch.finfo(p.dtype).eps / 2)
     rest = (total - p_top).clamp_(min=0.0)
     events = torch.poisson(g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)).squeeze(1).long()
     n_events = int(events.max()) if events.numel() else 0
