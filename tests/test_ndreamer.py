@@ -199,20 +199,32 @@ def test_kang_interferon_response():
 
 
 def test_muscat_denoising_mixes_donors():
+    """Denoised expression mixes the two donors more than the observed one, on average over seeds and conditions.
+
+    One seed is not a test here: on these 1,556 cells, 20 seeds gave the stimulated cells a denoised donor
+    entropy of 0.82-0.93 (mean 0.89) against 0.86 observed, below it for 3 of 20 seeds (4, 6, 17), and
+    with two threads each run's value varies (reductions in another order). The mean gain over four seeds
+    and both conditions (about 0.04, standard deviation about 0.013) is a test that fails when denoising
+    stops mixing donors, not when one seed draws badly.
+    """
     adata = anndata.read_h5ad(shared_file("kang2018_ifnb_muscat_example.h5ad"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nd = NDreamer(adata, "condition", "ctrl", batch_key="donor", **SMALL)
-        nd.train(progress_bar=False)
-    # k = 10: with k = 5 the control cells' denoised entropy sat at the observed one (0.854 vs 0.858 with
-    # today's package versions, also at the commit that introduced the test); k = 10 gives 0.91 vs 0.86
-    results = nd.decompose_batch_effect(nearest_neighbor=10)
-    for condition in ("ctrl", "stim"):
-        cells = (adata.obs["condition"] == condition).to_numpy()
-        donors = adata.obs["donor"].astype(str).to_numpy()[cells]
-        observed = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.X[cells].toarray()))), donors)
-        denoised = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.layers["denoised"][cells]))), donors)
-        assert denoised > observed
+    donors = adata.obs["donor"].astype(str).to_numpy()
+    gains = {"ctrl": [], "stim": []}
+    for seed in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nd = NDreamer(adata, "condition", "ctrl", batch_key="donor", seed=seed, **SMALL)
+            nd.train(progress_bar=False)
+        # k = 10: with k = 5 the control cells' denoised entropy sat at the observed one (0.854 vs 0.858);
+        # k = 10 gives 0.91 vs 0.86
+        results = nd.decompose_batch_effect(nearest_neighbor=10)
+        for condition in gains:
+            cells = (adata.obs["condition"] == condition).to_numpy()
+            observed = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.X[cells].toarray()))), donors[cells])
+            denoised = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.layers["denoised"][cells]))),
+                                     donors[cells])
+            gains[condition].append(denoised - observed)
+    assert np.mean(gains["ctrl"] + gains["stim"]) > 0, gains
 
 
 def _pseudobulk_log_fold_change(counts, stimulated: np.ndarray) -> np.ndarray:
