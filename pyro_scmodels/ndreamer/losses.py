@@ -2,7 +2,8 @@
 
 Group-wise terms never loop over groups in Python: the mutual-information terms
 (:mod:`.code_information`) sum a joint (code, group-and-label) table as one sparse product, and the
-pairwise terms (triplet, neighbourhood) work on ``N x N`` matrices masked to same-group pairs.
+pairwise terms (triplet, neighbourhood) compare cells of the same group only, on ``(B, M, M)`` blocks
+(:func:`group_blocks`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,58 @@ def _zero(reference: torch.Tensor) -> torch.Tensor:
 
 
 def _pairwise_distances(a: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances ``(N, N)`` between rows, with a finite gradient at zero distance."""
+    """Euclidean distances ``(..., M, M)`` between the rows of ``(..., M, D)``, with a finite gradient at zero distance."""
     sq = a.pow(2).sum(-1)
-    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * a @ a.T).clamp_min(1e-12)
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * a @ a.transpose(-1, -2)).clamp_min(1e-12)
     return d2.sqrt()
+
+
+def group_blocks(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cells laid out in ``(B, M)`` blocks of one group each, for terms that compare cells of a group only.
+
+    With G groups of about N / G cells (NDreamer's balanced draws), the blocks' pairs number N^2 / G
+    instead of N^2: the pairwise distances, masks and top-k of the triplet and neighbourhood terms shrink
+    G-fold. When blocks would hold more pairs than N^2 (very unequal groups), one block holds every cell
+    (``B = 1``, ``M = N``) and the terms mask pairs of different groups, as they do inside blocks.
+
+    Parameters
+    ----------
+    group
+        ``(N,)`` long group of each cell.
+
+    Returns
+    -------
+    index : torch.Tensor
+        ``(B, M)`` long position of each block's cells; padding points at cell 0.
+    valid : torch.Tensor
+        ``(B, M)`` bool, False for padding.
+    """
+    n = group.numel()
+    ids, counts = torch.unique(group, return_counts=True)
+    width = int(counts.max()) if n else 0
+    if ids.numel() * width * width >= n * n:
+        return torch.arange(n, device=group.device).unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=group.device)
+    order = torch.argsort(group, stable=True)
+    block = torch.repeat_interleave(torch.arange(ids.numel(), device=group.device), counts)
+    rank = torch.arange(n, device=group.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    index = torch.zeros(ids.numel(), width, dtype=torch.long, device=group.device)
+    valid = torch.zeros(ids.numel(), width, dtype=torch.bool, device=group.device)
+    index[block, rank] = order
+    valid[block, rank] = True
+    return index, valid
+
+
+def _same_group_pairs(group: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, M, M)``: both cells real, of the same group, and not the same cell."""
+    g = group[index]
+    pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2) & (g.unsqueeze(-1) == g.unsqueeze(-2))
+    return pairs & ~torch.eye(index.shape[1], dtype=torch.bool, device=index.device)
+
+
+def _pairs_of(labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(B, M, M)``: whether two cells of a block share a label."""
+    blocked = labels[index]
+    return blocked.unsqueeze(-1) == blocked.unsqueeze(-2)
 
 
 def group_index(condition: torch.Tensor, batches: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,28 +200,30 @@ def triplet_loss(
     torch.Tensor
         Mean of ``relu(d(a, p) - d(a, n) + margin)`` over valid triplets; 0 when there is none.
     """
-    n = embedding.shape[0]
-    m = min(max_per_anchor, n - 1)
+    index, valid = group_blocks(group)
+    n_blocks, width = index.shape
+    m = min(max_per_anchor, width - 1)
     if m <= 0:
         return _zero(embedding)
-    same_group = group.unsqueeze(0) == group.unsqueeze(1)
-    same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    positive = same_group & same & ~torch.eye(n, dtype=torch.bool, device=embedding.device)
-    negative = same_group & ~same
+    pairs = _same_group_pairs(group, index, valid)
+    same = _pairs_of(labels, index)
+    positive = pairs & same
+    negative = pairs & ~same
     if coarse_labels is not None:
-        same_coarse = coarse_labels.unsqueeze(0) == coarse_labels.unsqueeze(1)
+        same_coarse = _pairs_of(coarse_labels, index)
         positive &= same_coarse
         negative &= ~same_coarse
     # top-m of uniform noise over the allowed pairs is a uniform random subset of them;
     # disallowed pairs score -1 and only appear once the allowed ones run out
-    pos_score, pos_idx = torch.rand(n, n, device=embedding.device).masked_fill(~positive, -1.0).topk(m, dim=1)
-    neg_score, neg_idx = torch.rand(n, n, device=embedding.device).masked_fill(~negative, -1.0).topk(m, dim=1)
-    valid = (pos_score >= 0) & (neg_score >= 0)
-    if not bool(valid.any()):
+    noise = torch.rand(2, n_blocks, width, width, device=embedding.device)
+    pos_score, pos_idx = noise[0].masked_fill_(~positive, -1.0).topk(m, dim=-1)
+    neg_score, neg_idx = noise[1].masked_fill_(~negative, -1.0).topk(m, dim=-1)
+    ok = (pos_score >= 0) & (neg_score >= 0)
+    if not bool(ok.any()):
         return _zero(embedding)
-    dist = _pairwise_distances(embedding)
-    losses = F.relu(dist.gather(1, pos_idx) - dist.gather(1, neg_idx) + margin)
-    return losses[valid].mean()
+    dist = _pairwise_distances(embedding[index])
+    losses = F.relu(dist.gather(-1, pos_idx) - dist.gather(-1, neg_idx) + margin)
+    return losses[ok].mean()
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -206,22 +257,22 @@ def neighbourhood_loss(
     torch.Tensor
         Mean over cells with at least one same-group neighbour; 0 when there is none.
     """
-    n = x.shape[0]
-    k = min(n_neighbours, n - 1)
-    allowed = (group.unsqueeze(0) == group.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool, device=x.device)
-    has_neighbour = allowed.any(1)
+    index, valid = group_blocks(group)
+    k = min(n_neighbours, index.shape[1] - 1)
+    allowed = _same_group_pairs(group, index, valid)
+    has_neighbour = allowed.any(-1)
     if k <= 0 or not bool(has_neighbour.any()):
         return _zero(embedding)
-    dist_x = _pairwise_distances(x.detach())
-    dist_z = _pairwise_distances(embedding)
+    dist_x = _pairwise_distances(x.detach()[index])
+    dist_z = _pairwise_distances(embedding[index])
     pool = torch.zeros_like(allowed)
     for dist in (dist_x, dist_z.detach()):
-        values, idx = (-dist).masked_fill(~allowed, float("-inf")).topk(k, dim=1)
-        pool.scatter_(1, idx, torch.isfinite(values) | pool.gather(1, idx))
+        values, idx = (-dist).masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+        pool.scatter_(-1, idx, torch.isfinite(values) | pool.gather(-1, idx))
     p_x = _masked_softmax(-dist_x / temperature, pool)
     p_z = _masked_softmax(-dist_z / temperature, pool)
-    weight = 1.0 + across_cluster_weight * (label_low.unsqueeze(0) != label_low.unsqueeze(1)).to(x.dtype)
-    per_cell = ((p_x - p_z) * weight).pow(2).sum(1)
+    weight = 1.0 + across_cluster_weight * (~_pairs_of(label_low, index)).to(x.dtype)
+    per_cell = ((p_x - p_z) * weight).pow(2).sum(-1)
     return per_cell[has_neighbour].mean()
 
 
