@@ -25,7 +25,7 @@ from pyro_scmodels.ndreamer.losses import (
     total_loss,
     triplet_loss,
 )
-from pyro_scmodels.ndreamer.code_choice import code_scores, gumbel_perturbed, relaxed_code_choice
+from pyro_scmodels.ndreamer.code_choice import code_scores, gumbel_perturbed, nearest_code, relaxed_code_choice
 
 G, K, C, D, Z, N = 50, 4, 16, 8, 16, 48
 
@@ -106,6 +106,35 @@ def test_code_scores_are_minus_squared_distances_up_to_a_constant_per_cell():
     p, e = torch.randn(3, 20, 8), torch.randn(3, 30, 8)
     naive = -(p.unsqueeze(2) - e.unsqueeze(1)).pow(2).sum(-1)
     assert torch.allclose(code_scores(p, e), naive + p.pow(2).sum(-1, keepdim=True), atol=1e-4)
+
+
+def test_code_scores_gradient_equals_the_definitions():
+    """The written-out backward products give autograd's gradient of 2 p.e - |e|^2, for both inputs."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(3, 20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(3, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(code_scores, (p, e))
+    grad = torch.randn(3, 20, 30, generator=gen, dtype=torch.float64)
+    fast = torch.autograd.grad(code_scores(p, e), (p, e), grad)
+    slow = torch.autograd.grad(2 * p @ e.transpose(1, 2) - e.pow(2).sum(-1).unsqueeze(1), (p, e), grad)
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b)
+    # with one input needing no gradient, the other's is still right
+    (only_p,) = torch.autograd.grad(code_scores(p, e.detach()), p, grad)
+    assert torch.allclose(only_p, slow[0])
+
+
+@pytest.mark.parametrize("n_codes", [1024, 320, 100])
+def test_nearest_code_is_the_first_argmax(n_codes):
+    """Block maxima (1,024 and 320 codes) or torch's argmax (100: not a multiple of the block) give the first
+    index of the largest score, ties included."""
+    gen = torch.Generator().manual_seed(n_codes)
+    scores = torch.randint(0, 6, (4, 50, n_codes), generator=gen).float()  # many ties for the largest
+    assert torch.equal(nearest_code(scores), scores.argmax(-1))
+    scores = torch.randn(4, 50, n_codes, generator=gen)
+    assert torch.equal(nearest_code(scores), scores.argmax(-1))
+    scores[0, 0, 7] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    assert torch.equal(nearest_code(scores), scores.argmax(-1))
 
 
 def test_code_scores_never_build_the_difference_tensor():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _constants as K
-from .code_choice import code_scores, relaxed_code_choice
+from .code_choice import code_scores, nearest_code, relaxed_code_choice
 
 
 class ResidualBlock(nn.Module):
@@ -174,7 +174,7 @@ class NDreamerNetwork(nn.Module):
         """
         logits = code_scores(projections, self.codebooks)  # the logits up to a constant per cell
         k_index = torch.arange(self.n_codebooks, device=logits.device).unsqueeze(1)
-        nearest = logits.argmax(-1)  # (K, N)
+        nearest = nearest_code(logits.detach())  # (K, N)
         nearest_vectors = self.codebooks[k_index, nearest]
         probs = logits.softmax(-1)
         if self.training:
