@@ -21,7 +21,7 @@ Needs ``../shared/data`` (the Kang et al. 2018 files). Four measurements (``--pa
    is positive and whose 90 % interval lies above 0, and matching in the model's z at the default k.
 4. Muscat Kang subset (2 donors): NDreamer on each donor alone; the correlation across genes of
    the two donors' mean ITE of stimulated cells (overall, and the mean over the 5 cell types), at
-   k = 1 and k = 10, against the correlation of the donors' pseudobulk log fold changes (log1p of
+   k = 1, k = 10 and the default k, against the correlation of the donors' pseudobulk log fold changes (log1p of
    counts per 1e4 of summed cells).
 
 ``--quick`` uses the compact network (``NETWORK_PRESETS["small"]``, batch size 256) and writes
@@ -189,7 +189,7 @@ def muscat_reproducibility(network: dict) -> list[str]:
         by_type = lambda values: {"all": values(np.ones_like(stimulated)), **{t: values(cell_type == t) for t in types}}  # noqa: E731
         tables.setdefault("pseudobulk log fold change", {})[donor] = by_type(
             lambda keep: pseudobulk_log_fold_change(cells.X[keep], stimulated[keep]))
-        for k in (1, 10):
+        for k in sorted({1, 10, NEAREST_NEIGHBOR}):
             ite = nd.estimate_ite(nearest_neighbor=k).layers["ite_stim"]
             tables.setdefault(f"NDreamer mean ITE, k = {k}" + (" (default)" if k == NEAREST_NEIGHBOR else ""), {})[donor] = by_type(
                 lambda keep: ite[stimulated & keep].mean(0))

@@ -159,8 +159,8 @@ def _ndreamer(adata, out: str, args) -> tuple[list[Line], list[str]]:
     nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **NETWORK_PRESETS["small"],
                   batch_size=256, device=args.device, seed=args.seed)
     nd.train(progress_bar=not args.quiet)
-    nd.decompose_batch_effect(nearest_neighbor=10)
-    results = nd.estimate_ite(nearest_neighbor=10)
+    nd.decompose_batch_effect()
+    results = nd.estimate_ite()
     lines = ndreamer_report(adata, results, nd.genes)
     print_report("NDreamer: per-cell treatment effects vs ground truth", lines)
     folder = os.path.join(out, "ndreamer")
