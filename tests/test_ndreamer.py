@@ -224,7 +224,8 @@ def test_muscat_denoising_mixes_donors():
             denoised = M.knn_entropy(M.log_normalised_pca(sp.csr_matrix(np.expm1(results.layers["denoised"][cells]))),
                                      donors[cells])
             gains[condition].append(denoised - observed)
-    assert np.mean(gains["ctrl"] + gains["stim"]) > 0, gains
+    # the control cells' gain alone is steady (mean about 0.05, standard deviation about 0.02 a seed)
+    assert np.mean(gains["ctrl"] + gains["stim"]) > 0 and np.mean(gains["ctrl"]) > 0, gains
 
 
 def _pseudobulk_log_fold_change(counts, stimulated: np.ndarray) -> np.ndarray:

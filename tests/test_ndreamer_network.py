@@ -420,6 +420,38 @@ def test_relaxed_code_choice_equals_the_dense_softmax_on_the_same_noise(tau):
         torch.testing.assert_close(ours, definition, rtol=1e-4, atol=1e-4 * definition.abs().max().item())
 
 
+@pytest.mark.parametrize("tau", [0.01, 0.3])
+def test_candidate_choice_gradient_equals_autograd_of_its_definition(tau):
+    """The written-out backward of the candidates' weighted sum against autograd of the expression it replaces, in
+    double precision: three codebooks stored non-contiguously, repeated candidates, padding (noise -inf), and
+    with only the projections needing a gradient."""
+    import pyro_scmodels.ndreamer.code_choice as choice
+
+    gen = torch.Generator().manual_seed(8)
+    k, n, c, d, m = 3, 40, 20, 8, 4
+    p = torch.randn(k, n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(c, k, d, generator=gen, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    index = torch.randint(0, c, (k, n, m), generator=gen)
+    index[:, :5, 1] = index[:, :5, 0]  # a code listed twice
+    noise = torch.randn(k, n, m, generator=gen, dtype=torch.float64)
+    noise[:, 10:, 3] = -math.inf  # padding
+    scores = code_scores(p, e).detach().gather(-1, index)
+    grad_out = torch.randn(k, n, d, generator=gen, dtype=torch.float64)
+
+    chosen = e[torch.arange(k).view(-1, 1, 1), index]
+    recomputed = 2 * (p.unsqueeze(2) * chosen).sum(-1) - chosen.pow(2).sum(-1)
+    weights = ((scores + (recomputed - recomputed.detach()) + noise) / tau).softmax(-1)
+    definition = (weights.unsqueeze(-1) * chosen).sum(2)
+    expected = torch.autograd.grad(definition, (p, e), grad_out)
+
+    ours = choice._CandidateChoice.apply(p, e, scores, noise, index, tau)
+    assert torch.allclose(ours, definition)
+    for a, b in zip(torch.autograd.grad(ours, (p, e), grad_out), expected):
+        assert torch.allclose(a, b)
+    (only_p,) = torch.autograd.grad(choice._CandidateChoice.apply(p, e.detach(), scores, noise, index, tau), p, grad_out)
+    assert torch.allclose(only_p, expected[0])
+
+
 def test_top_down_candidates_lie_within_the_margin_of_the_largest():
     import pyro_scmodels.ndreamer.code_choice as choice
 

@@ -70,18 +70,20 @@ def test_neighbourhood_equals_its_definition(sizes):
     assert torch.allclose(grad_blocked, grad_expected, rtol=1e-7, atol=1e-12)
 
 
-def test_triplet_equals_its_definition_when_the_triplets_are_fixed():
+@pytest.mark.parametrize("sizes", [(3, 3, 3, 2, 3, 2, 3), (3,)])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_triplet_equals_its_definition_when_the_triplets_are_fixed(sizes, coarse):
     """Groups of three cells labelled (a, a, b) give each of the two a-cells exactly one triplet (the other a,
-    the b) and the b-cell none; groups of two (a, b) give none. With sizes 3 and 2 mixed, the blocks are padded."""
+    the b) and the b-cell none; groups of two (a, b) give none. With sizes 3 and 2 mixed, the blocks are padded;
+    one group is one block. Coarse labels equal to the labels allow the same triplets."""
     gen = torch.Generator().manual_seed(5)
-    sizes = (3, 3, 3, 2, 3, 2, 3)
     group = _shuffled_groups(sizes, seed=1)
     labels = torch.empty_like(group)
     for g, size in enumerate(sizes):
         members = torch.nonzero(group == g).flatten()
         labels[members] = torch.tensor([0, 0, 1][:size] if size == 3 else [0, 1])
     embedding = torch.randn(group.numel(), 5, generator=gen, dtype=torch.float64).requires_grad_()
-    value = triplet_loss(embedding, group, labels, margin=2.0)
+    value = triplet_loss(embedding, group, labels, margin=2.0, coarse_labels=labels.clone() if coarse else None)
     dist = _distances(embedding)
     terms = []
     for i in range(group.numel()):

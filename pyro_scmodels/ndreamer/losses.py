@@ -65,13 +65,13 @@ def group_blocks(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     With G groups of about N / G cells (NDreamer's balanced draws), the blocks' pairs number N^2 / G
     instead of N^2: the pairwise distances, masks and top-k of the triplet and neighbourhood terms shrink
-    G-fold. When blocks would hold more pairs than N^2 (very unequal groups), one block holds every cell
+    G-fold. When blocks would hold N^2 pairs or more (very unequal groups), one block holds every cell
     (``B = 1``, ``M = N``) and the terms mask pairs of different groups, as they do inside blocks.
 
     Parameters
     ----------
     group
-        ``(N,)`` long group of each cell.
+        ``(N,)`` group of each cell (labels torch can compare).
 
     Returns
     -------
@@ -86,8 +86,8 @@ def group_blocks(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if ids.numel() * width * width >= n * n:
         return torch.arange(n, device=group.device).unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=group.device)
     order = torch.argsort(group, stable=True)
-    block = torch.repeat_interleave(torch.arange(ids.numel(), device=group.device), counts)
-    rank = torch.arange(n, device=group.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    block = torch.repeat_interleave(torch.arange(ids.numel(), device=group.device), counts, output_size=n)
+    rank = torch.arange(n, device=group.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=n)
     index = torch.zeros(ids.numel(), width, dtype=torch.long, device=group.device)
     valid = torch.zeros(ids.numel(), width, dtype=torch.bool, device=group.device)
     index[block, rank] = order
@@ -178,6 +178,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, tor
 def triplet_loss(
     embedding: torch.Tensor, group: torch.Tensor, labels: torch.Tensor, margin: float = 5.0,
     max_per_anchor: int = 15, coarse_labels: torch.Tensor | None = None,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triplet margin loss with anchor, positive and negative from the same group.
 
@@ -194,13 +195,15 @@ def triplet_loss(
         Margin on Euclidean distances; upper bound on triplets per anchor.
     coarse_labels
         Optional ``(N,)`` second labelling; see above.
+    blocks
+        :func:`group_blocks` of ``group``, when already computed.
 
     Returns
     -------
     torch.Tensor
         Mean of ``relu(d(a, p) - d(a, n) + margin)`` over valid triplets; 0 when there is none.
     """
-    index, valid = group_blocks(group)
+    index, valid = group_blocks(group) if blocks is None else blocks
     n_blocks, width = index.shape
     m = min(max_per_anchor, width - 1)
     if m <= 0:
@@ -234,6 +237,7 @@ def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def neighbourhood_loss(
     x: torch.Tensor, embedding: torch.Tensor, group: torch.Tensor, label_low: torch.Tensor,
     n_neighbours: int = 20, across_cluster_weight: float = 20.0, temperature: float = 1.0,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Agreement of expression-space and embedding-space neighbourhoods within groups.
 
@@ -251,13 +255,15 @@ def neighbourhood_loss(
         ``(N,)`` batch x condition group and low-resolution labels.
     n_neighbours, across_cluster_weight, temperature
         Neighbours per space, extra weight of across-cluster pairs, softmax temperature.
+    blocks
+        :func:`group_blocks` of ``group``, when already computed.
 
     Returns
     -------
     torch.Tensor
         Mean over cells with at least one same-group neighbour; 0 when there is none.
     """
-    index, valid = group_blocks(group)
+    index, valid = group_blocks(group) if blocks is None else blocks
     k = min(n_neighbours, index.shape[1] - 1)
     allowed = _same_group_pairs(group, index, valid)
     has_neighbour = allowed.any(-1)
@@ -330,6 +336,7 @@ def total_loss(
     if batches is not None and batches.numel():
         nuisance = torch.cat([nuisance, batches.reshape(nuisance.shape[0], -1)], dim=1)
 
+    blocks = group_blocks(group)  # shared by the two pairwise terms
     mse, cosine = reconstruction_loss(x, outputs["reconstruction"])
     kl, correlation = kl_loss(outputs["mean"], outputs["logvar"])
     independence, dependence = independence_and_dependence_nmi(
@@ -337,9 +344,10 @@ def total_loss(
     parts = {
         "mse": mse, "cosine": cosine, "kl": kl, "correlation": correlation,
         "independence": independence, "dependence": dependence,
-        "triplet": triplet_loss(outputs["mean"], group, batch["label_high"], w.triplet_margin, w.triplets_per_anchor),
+        "triplet": triplet_loss(outputs["mean"], group, batch["label_high"], w.triplet_margin, w.triplets_per_anchor,
+                                blocks=blocks),
         "neighbourhood": neighbourhood_loss(
-            x, outputs["mean"], group, batch["label_low"], w.n_neighbours, w.across_cluster_weight
+            x, outputs["mean"], group, batch["label_low"], w.n_neighbours, w.across_cluster_weight, blocks=blocks
         ),
         "codebook": codebook_loss(outputs["projections"], outputs["nearest_vectors"], w.commitment),
     }
