@@ -124,6 +124,22 @@ def test_code_scores_gradient_equals_the_definitions():
     assert torch.allclose(only_p, slow[0])
 
 
+def test_code_scores_backward_under_autocast():
+    """Under CPU autocast the scores come out in bfloat16; the written-out backward still gives float32 gradients
+    close to those of the float32 definition."""
+    gen = torch.Generator().manual_seed(6)
+    p = torch.randn(2, 30, 8, generator=gen, requires_grad=True)
+    e = torch.randn(2, 40, 8, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = code_scores(p, e)
+    assert scores.dtype == torch.bfloat16
+    grads = torch.autograd.grad(scores.float().sum(), (p, e))
+    expected = torch.autograd.grad((2 * p @ e.transpose(1, 2) - e.pow(2).sum(-1).unsqueeze(1)).sum(), (p, e))
+    for a, b in zip(grads, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("n_codes", [1024, 320, 100])
 def test_nearest_code_is_the_first_argmax(n_codes):
     """Block maxima (1,024 and 320 codes) or torch's argmax (100: not a multiple of the block) give the first
