@@ -106,8 +106,7 @@ def nearest_code(scores: torch.Tensor) -> torch.Tensor:
     if scores.device.type != "cpu" or n_codes % ARGMAX_BLOCK or n_codes < 8 * ARGMAX_BLOCK:
         return scores.argmax(-1)
     blocks = scores.reshape(-1, n_codes // ARGMAX_BLOCK, ARGMAX_BLOCK)
-    block = blocks.amax(-1).argmax(-1, keepdim=True)  # the first block holding the largest
-    block = block.squeeze(1)
+    block = blocks.amax(-1).argmax(-1)  # the first block holding the largest
     within = blocks[torch.arange(blocks.shape[0], device=scores.device), block].argmax(-1)
     return (block * ARGMAX_BLOCK + within).view(scores.shape[:-1])
 
