@@ -209,6 +209,20 @@ def rate(name: str, value) -> float:
     return number(name, value, 0.0, 1.0, strict_maximum=True, description="a number in [0, 1)")
 
 
+def level(name: str, value) -> float:
+    """An interval's level in (0, 1), such as 0.9 for a 90 % interval.
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Outside (0, 1).
+    """
+    return number(name, value, 0.0, 1.0, strict_minimum=True, strict_maximum=True,
+                  description="a level in (0, 1), e.g. 0.9 for a 90 % interval")
+
+
 def probability(name: str, value) -> float:
     """A probability in [0, 1].
 

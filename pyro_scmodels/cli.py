@@ -100,6 +100,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     """NDreamer on a user's h5ad: modifier space, denoised expression, per-cell effects, CATE."""
     from .figures import plot_ite_heatmap
     from .ndreamer import NDreamer
+    from .ndreamer.effect_intervals import bound_names
     from .ndreamer._constants import NETWORK_PRESETS
 
     _check_device(args.device)
@@ -118,15 +119,18 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"
+    if args.ite_interval is not None:
+        layers += ", " + ", ".join(f"ite_{c}_{b}" for c in nd.design.treatments for b in bound_names(args.ite_interval))
     if args.backed:
         # no cells x genes array of the whole data: the layers are computed and written a block of cells at a time
         nd.save(out, overwrite=True)
-        nd.write_effects(os.path.join(out, "effects.h5ad"), args.nearest_neighbor, args.bandwidth, overwrite=True)
+        nd.write_effects(os.path.join(out, "effects.h5ad"), args.nearest_neighbor, args.bandwidth, overwrite=True,
+                         interval=args.ite_interval)
         wrote = (f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space']), "
                  f"{os.path.join(out, 'effects.h5ad')} (layers {layers}), the network")
     else:
         nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
-        nd.estimate_ite(args.nearest_neighbor, args.bandwidth)
+        nd.estimate_ite(args.nearest_neighbor, args.bandwidth, interval=args.ite_interval)
         # the results are saved before CATE, so that a CATE problem loses nothing
         nd.save(out, overwrite=True)
         wrote = f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers {layers}), the network"

@@ -17,7 +17,8 @@ _ARGUMENT_CHECKS = {
             "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int,
             "latent_independence": V.non_negative_float, "global_lr_factor": V.positive_float},
     "ndreamer": {"num_hvg": V.positive_int, "epochs": V.positive_float, "batch_size": V.positive_int,
-                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int},
+                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int,
+                 "ite_interval": V.level},
 }
 
 
@@ -36,6 +37,9 @@ def check_arguments(args) -> None:
     """
     for name, check in _ARGUMENT_CHECKS.get(args.command, {}).items():
         V.optional(check, "--" + name.replace("_", "-"), getattr(args, name))
+    if getattr(args, "ite_interval", None) is not None and args.nearest_neighbor < 2:
+        raise ValueError(f"--ite-interval is estimated from the spread of the matched cells and needs at least two: "
+                         f"got --nearest-neighbor {args.nearest_neighbor}; pass --nearest-neighbor 2 or more.")
 
 
 DESCRIPTION = """Pyro models of single-cell counts from the command line.
@@ -159,6 +163,9 @@ def _add_ndreamer(sub) -> None:
     nd.add_argument("--nearest-neighbor", type=int, default=NEAREST_NEIGHBOR,
                     help="matched cells per group, kernel-weighted (1: causal matching, one partner)")
     nd.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth for --nearest-neighbor > 1")
+    nd.add_argument("--ite-interval", type=float, default=None, metavar="LEVEL",
+                    help="also write layers ite_<condition>_qLO / _qHI, the bounds of each ITE's interval at this level "
+                         "(e.g. 0.9: q05 and q95) from the spread of the matched cells")
     nd.add_argument("--cate-groupby", default=None,
                     help="obs column (e.g. cell type): write cate_<condition>.csv and an ITE heatmap per group")
     nd.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")

@@ -3,7 +3,8 @@
 Searches are exact (a flat index, or brute force on a GPU) unless a group is large enough on the CPU
 for an approximate inverted-file (IVF) index to pay (:func:`choose_method`), whose recall is logged.
 
-:func:`match_groups` matches every cell into each target group, :func:`weighted_average` averages over matches.
+:func:`match_groups` matches every cell into each target group, :func:`weighted_average` averages over matches
+and :func:`weighted_moments` also gives their mean square (the spread of an effect's interval).
 :func:`~pyro_scmodels.faiss_device.resolve_faiss_device` (re-exported here) decides, for every search, whether faiss
 runs on the CPU or a GPU; :mod:`~pyro_scmodels.faiss_device` is the one module that imports faiss."""
 
@@ -258,6 +259,38 @@ def weighted_average(values, indices, weights=None):
     numpy.ndarray or scipy.sparse.csr_matrix
         (n_query, n_genes) averages, CSR for sparse ``values``; float32 for float32 values, else float64.
     """
+    selector, values = _selector(values, indices, weights, read_rows=None)
+    return _product(selector, values)
+
+
+def weighted_moments(values, indices, weights=None):
+    """Weighted average and weighted mean square, for each query, of the rows it was matched to.
+
+    The matched rows are read once and squared there: the whole of ``values`` is never squared.
+
+    Parameters
+    ----------
+    values, indices, weights
+        As for :func:`weighted_average`.
+
+    Returns
+    -------
+    tuple
+        ``(mean, mean_square)``: sum_j w_j x_j and sum_j w_j x_j^2 with the weights normalised per
+        row, each of the type :func:`weighted_average` returns.
+    """
+    selector, values = _selector(values, indices, weights, read_rows=True)
+    squares = values.power(2) if sp.issparse(values) else np.square(values)
+    return _product(selector, values), _product(selector, squares)
+
+
+def _selector(values, indices, weights, read_rows: bool | None):
+    """Checked inputs as ``(selector, rows)``: ``selector @ rows`` is the weighted average.
+
+    The selector's row q holds q's normalised weights at its matched cells. With ``read_rows``
+    (or a row store, which has no other access) only the matched rows are read, once each, and the
+    selector indexes them by their place among those rows.
+    """
     indices = np.asarray(indices)
     if indices.ndim != 2 or indices.shape[1] == 0 or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"indices must be a 2-d integer array (queries x k), got {indices.dtype} {indices.shape}.")
@@ -272,12 +305,17 @@ def weighted_average(values, indices, weights=None):
     totals = weights.sum(axis=1, keepdims=True)
     if not np.isfinite(weights).all() or (weights < 0).any() or (totals <= 0).any():
         raise ValueError("weights must be finite and non-negative, with a positive sum in every row.")
-    if row_store:  # read the matched rows once, then index them by their place among those rows
+    if row_store or read_rows:
         matched, indices = np.unique(indices, return_inverse=True)
-        values, n_cells = values.rows(matched), matched.size
-    # row q holds q's normalised weights at its matched cells: the product reads only the matched rows
+        values = values.rows(matched) if row_store else values[matched]
+        n_cells = matched.size
     dtype = np.result_type(values.dtype, np.float32)
     selector = sp.csr_matrix(((weights / totals).astype(dtype).ravel(), indices.ravel(),
                               np.arange(0, n_query * k + 1, k)), shape=(n_query, n_cells))
+    return selector, values
+
+
+def _product(selector: sp.csr_matrix, values):
+    """``selector @ values`` as CSR for sparse values, else as an array (a vector stays a vector)."""
     result = selector @ values
     return sp.csr_matrix(result) if sp.issparse(result) else np.asarray(result)

@@ -322,13 +322,15 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
     out = str(tmp_path / "nd")
     code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
                  "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
-                 "--device", "cpu", "-o", out, "--quiet"])
+                 "--device", "cpu", "-o", out, "--quiet", "--ite-interval", "0.9"])
     assert code == 0
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     source = anndata.read_h5ad(input_h5ad)
     assert list(results.obs_names) == list(source.obs_names)
-    for layer in ("denoised", "batch_effect", "ite_stimulated"):
+    for layer in ("denoised", "batch_effect", "ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
         assert layer in results.layers
+    low, ite, high = (results.layers[f"ite_stimulated{s}"] for s in ("_q05", "", "_q95"))
+    assert (low <= ite).all() and (ite <= high).all()
     assert "X_effect_modifier_space" in results.obsm
     assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
     with open(os.path.join(out, "ite_heatmap_stimulated.png"), "rb") as handle:
@@ -336,3 +338,9 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
     assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "ctrl", "-o",
                  str(tmp_path / "bad"), "--quiet"]) == 2
     assert "control_name 'ctrl' is not a condition" in capsys.readouterr().err
+    for bad, named in ((["--ite-interval", "90"], "--ite-interval"), (["--ite-interval", "0.9", "--nearest-neighbor", "1"],
+                                                                        "--nearest-neighbor")):
+        assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "-o",
+                     str(tmp_path / "bad_interval"), "--quiet", *bad]) == 2
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / "bad_interval").exists()  # refused before anything is read or trained

@@ -302,6 +302,13 @@ def test_from_model_matching_and_model_based_counterfactuals():
     assert recovery["per_cell_r"] >= 0.6
     assert recovery["false_effect_ratio"] <= 0.13
     assert recovery["coverage"] >= 0.2
+    # the matched ITE's interval (spread of the matched cells, Student t): near its nominal 90 %
+    matched = nd.estimate_ite(interval=0.9)
+    bounds = matched.layers["ite_stimulated_q05"], matched.layers["ite_stimulated_q95"]
+    recovery = M.effect_recovery(adata, matched.layers["ite_stimulated"], low=bounds[0], high=bounds[1])
+    print("matched ITE with its interval:", recovery)
+    assert 0.8 <= recovery["coverage"] <= 0.95 and 0.8 <= recovery["slope"] <= 1.25
+    assert recovery["per_cell_r"] >= 0.6
 
 
 def test_model_counterfactual_warns_when_z_carries_the_condition():

@@ -119,15 +119,16 @@ def test_ndreamer_command_reads_a_backed_input(on_disk, tmp_path):
     out = str(tmp_path / "nd")
     code = main(["ndreamer", path, "--backed", "--condition-key", "condition", "--control", "control", "--batch-key",
                  "batch", "--epochs", "1", "--batch-size", "128", "--network", "small", "--device", "cpu", "-o", out,
-                 "--quiet"])
+                 "--quiet", "--ite-interval", "0.8"])
     assert code == 0
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     assert list(results.obs_names) == list(adata.obs_names) and "X_effect_modifier_space" in results.obsm
     assert not results.layers  # --backed: no whole-data layer in memory; they were written block by block
     effects = anndata.read_h5ad(os.path.join(out, "effects.h5ad"), backed="r")
     assert list(effects.obs_names) == list(adata.obs_names)
-    assert {"denoised", "batch_effect", "ite_stimulated"} <= set(effects.layers.keys())
-    assert np.isfinite(effects.layers["ite_stimulated"][:50]).all()
+    assert {"denoised", "batch_effect", "ite_stimulated", "ite_stimulated_q10", "ite_stimulated_q90"} <= set(effects.layers.keys())
+    ite, low, high = (effects.layers[f"ite_stimulated{s}"][:50] for s in ("", "_q10", "_q90"))
+    assert np.isfinite(ite).all() and (low <= ite).all() and (ite <= high).all() and (low < high).any()
 
 
 def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_disk, tmp_path, monkeypatch):

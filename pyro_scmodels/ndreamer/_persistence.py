@@ -25,6 +25,7 @@ from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad
 
 from .count_rows import LogNormalisedCounts
+from .effect_intervals import bound_names
 from .losses import LossWeights
 
 EMBEDDING_KEY = "X_effect_modifier_space"
@@ -160,7 +161,7 @@ H5_CHUNK_VALUES = 2**20  # float32 values per HDF5 chunk (4 MiB): whole rows, so
 
 
 def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, chunk_cells: int,
-                       overwrite: bool = False) -> str:
+                       overwrite: bool = False, interval: float | None = None) -> str:
     """Write ``nd``'s denoised expression, batch effect and ITE layers of every cell, ``chunk_cells`` at a time.
 
     The file is an ordinary ``.h5ad`` (obs, the genes as var, obsm, the layers), written under a temporary
@@ -175,6 +176,8 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     names = ["denoised", "batch_effect"] + [f"ite_{c}" for c in nd.design.treatments]
+    if interval is not None:
+        names += [f"ite_{c}_{bound}" for c in nd.design.treatments for bound in bound_names(interval)]
     n_cells, n_genes = nd.results.n_obs, len(nd.genes)
     shell = anndata.AnnData(obs=nd.results.obs.copy(), var=pd.DataFrame(index=pd.Index(nd.genes).astype(str)),
                             obsm=dict(nd.results.obsm))
@@ -191,7 +194,7 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
                 datasets[name].attrs.update(DENSE_ARRAY_ENCODING)
             for start in range(0, n_cells, chunk_cells):
                 cells = np.arange(start, min(start + chunk_cells, n_cells))
-                block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells)
+                block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells, interval=interval)
                 for name in names:
                     datasets[name][start:cells[-1] + 1] = block[name]
     return path

@@ -16,6 +16,7 @@ import pandas as pd
 from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
+from .effect_intervals import bound_names, interval_level
 from .cate import CateSums, estimate_cate, groups_with_both_conditions
 from .._selection import cell_positions, gene_positions
 
@@ -30,6 +31,13 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
+def _check_interval_neighbours(nearest_neighbor) -> None:
+    """Before any matching: an interval is estimated from the spread of at least two matched cells."""
+    if V.positive_int("nearest_neighbor", nearest_neighbor) < 2:
+        raise ValueError(f"An interval is estimated from the spread of the matched cells and needs at least two: got "
+                         f"nearest_neighbor={nearest_neighbor}; pass nearest_neighbor >= 2 (default {K.NEAREST_NEIGHBOR}).")
+
+
 class EffectQueries:
     """Effects of an NDreamer's matches: the methods of :class:`~pyro_scmodels.ndreamer.NDreamer` that answer them."""
 
@@ -39,8 +47,8 @@ class EffectQueries:
             self.get_modifier_space()
         return self.effects
 
-    def _effects(self, nearest_neighbor: int, bandwidth: float) -> dict:
-        return self._matched_effects().effects(nearest_neighbor, bandwidth)
+    def _effects(self, nearest_neighbor: int, bandwidth: float, interval: float | None = None) -> dict:
+        return self._matched_effects().effects(nearest_neighbor, bandwidth, interval)
 
     def _selection(self, indices, gene_list) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Positions of the cells and genes asked for (None: all of them); a selection of nothing is refused."""
@@ -60,10 +68,11 @@ class EffectQueries:
         genes = self.genes if columns is None else self.genes[columns]
         return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers=layers)
 
-    def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list) -> anndata.AnnData:
+    def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list,
+                    interval: float | None = None) -> anndata.AnnData:
         """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
         cells, columns = self._selection(indices, gene_list)
-        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns)
+        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns, interval)
         return self._subset_result(cells, columns, {n: effects[n] for n in names})
 
     def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -93,29 +102,41 @@ class EffectQueries:
         return self.results
 
     def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
-                     indices=None, gene_list=None) -> anndata.AnnData:
+                     indices=None, gene_list=None, interval: float | None = None) -> anndata.AnnData:
         """Layers ``ite_<condition>`` of ``results`` for every non-control condition, for every cell.
 
         Parameters
         ----------
         nearest_neighbor, bandwidth, indices, gene_list
             As for :meth:`decompose_batch_effect`.
+        interval
+            A level such as 0.9: also layers ``ite_<condition>_q05`` and ``_q95``, the bounds of a
+            Student t interval built from the spread of each cell's matched cells
+            (:mod:`~pyro_scmodels.ndreamer.effect_intervals`). It holds the measurement noise of the
+            cell and of its matches, not how far the matches' state is from the cell's: on
+            ``datasets.simulate(3000, 500, effect_modifier=1.0)`` its 90 % bounds held the true effect
+            in 86-88 % of entries when matched in a RegularizedVI latent (``from_model``) and 70-82 % in
+            NDreamer's own space, whose matches are looser. Needs ``nearest_neighbor >= 2``.
 
         Returns
         -------
         anndata.AnnData
             :attr:`results`, or a new AnnData of the cells and genes asked for.
         """
+        names = [f"ite_{c}" for c in self.design.treatments]
+        if interval is not None:
+            names += [f"ite_{c}_{bound}" for c in self.design.treatments for bound in bound_names(interval_level(interval))]
+            _check_interval_neighbours(nearest_neighbor)
         if indices is not None or gene_list is not None:
-            return self._effects_of([f"ite_{c}" for c in self.design.treatments], nearest_neighbor, bandwidth,
-                                    indices, gene_list)
-        effects = self._effects(nearest_neighbor, bandwidth)
-        for condition in self.design.treatments:
-            self.results.layers[f"ite_{condition}"] = effects[f"ite_{condition}"]
+            return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval)
+        effects = self._effects(nearest_neighbor, bandwidth, interval)
+        for name in names:
+            self.results.layers[name] = effects[name]
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
-                      chunk_cells: int = K.WRITE_CHUNK_CELLS, overwrite: bool = False) -> str:
+                      chunk_cells: int = K.WRITE_CHUNK_CELLS, overwrite: bool = False,
+                      interval: float | None = None) -> str:
         """Write denoised expression, batch effect and every ITE of every cell to an ``.h5ad``, in blocks of cells.
 
         For data too large for cells x genes arrays in memory: each block of ``chunk_cells`` cells is
@@ -134,15 +155,20 @@ class EffectQueries:
             Cells computed and written at a time.
         overwrite
             Replace an existing file.
+        interval
+            A level such as 0.9: also each ITE's interval bounds, as in :meth:`estimate_ite`.
 
         Returns
         -------
         str
             ``path``.
         """
+        level = None if interval is None else interval_level(interval)
+        if level is not None:
+            _check_interval_neighbours(nearest_neighbor)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, V.positive_int("chunk_cells", chunk_cells),
-                                  overwrite)
+                                  overwrite, level)
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> pd.DataFrame:

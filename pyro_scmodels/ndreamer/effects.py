@@ -14,6 +14,7 @@ from sklearn.decomposition import PCA
 from .. import _validation as V
 from ..matching import match_groups, weighted_average
 from . import _constants as K
+from .effect_intervals import bound_names, dense_block, interval_bounds, interval_level, matched_spread, smallest_positive
 
 GROUP_SEPARATOR = "|"  # joins batch and condition into one matching-group label
 
@@ -97,32 +98,39 @@ class CounterfactualDesign:
         return f"{batch}{GROUP_SEPARATOR}{condition}"
 
 
-def _dense(values, genes: np.ndarray | None = None) -> np.ndarray:
-    """A block of rows as a dense array, of the columns ``genes`` only when given."""
-    if genes is not None:
-        values = values[:, genes]
-    return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
-
-
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
-                       own: np.ndarray | None = None, genes: np.ndarray | None = None) -> np.ndarray:
+                       own: np.ndarray | None = None, genes: np.ndarray | None = None, unit: np.ndarray | None = None):
     """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
 
     With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch.
+    With ``unit`` (a single count's value per cell, for an interval), returns ``(mean, variance, dof)``:
+    the variance of that mean and its degrees of freedom per cell (:mod:`.effect_intervals`).
     """
     batches = design.batches_with[condition]
-    total = None
+    total = variance = dof = None
     for b in batches:
         match = matches[design.group(b, condition)]
-        values = _dense(weighted_average(expression, match.indices[cells], match.weights[cells]), genes)
-        if own is not None:
-            itself = own & (design.batch[cells] == b)
-            values[itself] = _dense(expression[cells[itself]], genes)
+        indices, weights = match.indices[cells], match.weights[cells]
+        itself = np.zeros(cells.size, dtype=bool) if own is None else own & (design.batch[cells] == b)
+        if unit is None:
+            values = dense_block(weighted_average(expression, indices, weights), genes)
+        else:
+            values, spread, squared_weights = matched_spread(expression, indices, weights, unit, genes)
+            # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it
+            part = np.where(itself[:, None], spread, spread * squared_weights)
+            variance = part if variance is None else variance + part
+            part_dof = 1.0 / squared_weights[:, 0] - 1.0
+            dof = part_dof if dof is None else np.minimum(dof, part_dof)
+        if itself.any():
+            values[itself] = dense_block(expression[cells[itself]], genes)
         total = values if total is None else total + values
-    return total / len(batches)
+    if unit is None:
+        return total / len(batches)
+    return total / len(batches), variance / len(batches) ** 2, dof
 
 
-def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None) -> dict:
+def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None,
+                     interval: float | None = None) -> dict:
     """Denoised expression, batch effect and ITE of some cells and genes, from matches already found.
 
     Parameters
@@ -137,6 +145,10 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         Conditions, control and batches.
     cells, genes
         Positions of the cells and of the genes (default all).
+    interval
+        A level such as 0.9: also the bounds ``ite_<condition>_q05`` / ``_q95`` of each ITE's
+        Student t interval from the spread of the matched cells (:mod:`.effect_intervals`). Needs
+        at least two matched cells per group.
 
     Returns
     -------
@@ -144,20 +156,45 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         As :func:`estimate_effects`, (len(cells), len(genes)) float32 arrays in the order asked for.
     """
     cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
+    level = None if interval is None else interval_level(interval)
+    if level is not None:
+        _check_spread_estimable(matches)
     # columns are taken from each block of rows: slicing the whole matrix first would copy all of it
     genes = None if genes is None else np.asarray(genes, dtype=np.int64)
-    n_genes = expression.shape[1] if genes is None else genes.size
-    denoised = np.zeros((cells.size, n_genes), dtype=np.float32)
+    observed = expression[cells]
+    unit = None if level is None else smallest_positive(observed)  # of the whole row, before the genes are kept
+    observed = dense_block(observed, genes)
+    denoised = np.zeros(observed.shape, dtype=np.float32)
     per_condition = {}
     for c in design.conditions:
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
-        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes)
-        denoised[own] = per_condition[c][own]
-    out = {"denoised": denoised, "batch_effect": (_dense(expression[cells], genes) - denoised).astype(np.float32)}
+        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes, unit=unit)
+        denoised[own] = (per_condition[c] if level is None else per_condition[c][0])[own]
+    out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
+    control = per_condition[design.control_name]
     for c in design.treatments:
-        out[f"ite_{c}"] = (per_condition[c] - per_condition[design.control_name]).astype(np.float32)
+        if level is None:
+            out[f"ite_{c}"] = (per_condition[c] - control).astype(np.float32)
+            continue
+        (treated_mean, treated_variance, treated_dof), (control_mean, control_variance, control_dof) = per_condition[c], control
+        effect = treated_mean - control_mean
+        out[f"ite_{c}"] = effect.astype(np.float32)
+        low, high = interval_bounds(effect, treated_variance + control_variance, np.minimum(treated_dof, control_dof), level)
+        low_name, high_name = bound_names(level)
+        out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
     return out
+
+
+def _check_spread_estimable(matches: dict) -> None:
+    """An interval needs at least two matched cells in every group (one cell has no spread)."""
+    single = [label for label, match in matches.items() if match.indices.shape[1] < 2]
+    if single:
+        raise ValueError(
+            f"An interval needs at least two matched cells per group, but group(s) {single[:5]} give one "
+            "(nearest_neighbor=1, or a group of one cell): pass nearest_neighbor >= 2, e.g. the default "
+            f"{K.NEAREST_NEIGHBOR}."
+        )
 
 
 def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDesign,
@@ -207,7 +244,7 @@ class MatchedEffects:
     n_components, seed
         PCA of the matching space.
     max_cached
-        How many ``(nearest_neighbor, bandwidth)`` results are kept (each holds several
+        How many ``(nearest_neighbor, bandwidth, interval)`` results are kept (each holds several
         cells x genes arrays); the oldest is dropped first.
     """
 
@@ -217,7 +254,7 @@ class MatchedEffects:
         self.n_components, self.seed, self.max_cached = n_components, seed, max_cached
         self.embedding: np.ndarray | None = None
         self.space: np.ndarray | None = None
-        self._cache: dict[tuple[int, float], dict[str, np.ndarray]] = {}
+        self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
         self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
 
     @property
@@ -250,7 +287,7 @@ class MatchedEffects:
         """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
         if self.space is None:
             raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
-        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
+        key = self._key(nearest_neighbor, bandwidth)
         if key not in self._matches:
             # device="auto": the matching module decides whether FAISS can use a GPU
             self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
@@ -258,31 +295,52 @@ class MatchedEffects:
                 self._matches.pop(next(iter(self._matches)))
         return self._matches[key]
 
-    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict[str, np.ndarray]:
-        """:func:`estimate_effects` of every cell and gene, computed once per ``(nearest_neighbor, bandwidth)``."""
-        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
-        if key not in self._cache:
-            self._cache[key] = effects_of_cells(self.expression, self.matches(*key), self.design)
-            while len(self._cache) > self.max_cached:
-                self._cache.pop(next(iter(self._cache)))
-        return self._cache[key]
+    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
+                interval: float | None = None) -> dict[str, np.ndarray]:
+        """:func:`effects_of_cells` of every cell and gene, computed once per ``(nearest_neighbor, bandwidth, interval)``.
+
+        A result with an interval also answers the same matching without one.
+        """
+        key = self._key(nearest_neighbor, bandwidth)
+        level = None if interval is None else interval_level(interval)
+        cached = self._cached(key, level)
+        if cached is not None:
+            return cached
+        self._cache[(*key, level)] = effects_of_cells(self.expression, self.matches(*key), self.design, interval=level)
+        while len(self._cache) > self.max_cached:
+            self._cache.pop(next(iter(self._cache)))
+        return self._cache[(*key, level)]
 
     def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
-                   genes=None) -> dict[str, np.ndarray]:
+                   genes=None, interval: float | None = None) -> dict[str, np.ndarray]:
         """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
         of the whole data is never built. Taken from the cached full result when there is one."""
-        key = (V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth))
-        if key in self._cache:
+        key = self._key(nearest_neighbor, bandwidth)
+        level = None if interval is None else interval_level(interval)
+        cached = self._cached(key, level)
+        if cached is not None:
             rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
             columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
-            return {name: values[rows][:, columns] for name, values in self._cache[key].items()}
-        return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes)
+            return {name: values[rows][:, columns] for name, values in cached.items()}
+        return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level)
+
+    @staticmethod
+    def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:
+        return V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth)
+
+    def _cached(self, key: tuple[int, float], level: float | None) -> dict | None:
+        """The cached result of this matching at ``level``; without a level, one at any level will do."""
+        if (*key, level) in self._cache:
+            return self._cache[(*key, level)]
+        if level is None:
+            return next((v for (k, b, _), v in self._cache.items() if (k, b) == key), None)
+        return None
 
     def save(self, path: str) -> None:
         """Write the embedding, the matching space and the cached results to one ``.npz`` file."""
         arrays = {} if self.embedding is None else {"embedding": self.embedding, "space": self.space}
-        for (k, bandwidth), effects in self._cache.items():
-            arrays.update({f"effects|{k}|{bandwidth!r}|{name}": values for name, values in effects.items()})
+        for (k, bandwidth, level), effects in self._cache.items():
+            arrays.update({f"effects|{k}|{bandwidth!r}|{level!r}|{name}": values for name, values in effects.items()})
         with open(path, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
@@ -294,5 +352,9 @@ class MatchedEffects:
                 self.set_embedding(stored["embedding"], stored["space"])
             for name in stored.files:
                 if name.startswith("effects|"):
-                    _, k, bandwidth, layer = name.split("|", 3)
-                    self._cache.setdefault((int(k), float(bandwidth)), {})[layer] = stored[name]
+                    parts = name.split("|")
+                    if len(parts) == 4:  # written before intervals existed: effects|k|bandwidth|layer
+                        parts.insert(3, "None")
+                    _, k, bandwidth, level, layer = parts[0], parts[1], parts[2], parts[3], "|".join(parts[4:])
+                    key = (int(k), float(bandwidth), None if level == "None" else float(level))
+                    self._cache.setdefault(key, {})[layer] = stored[name]

@@ -1,0 +1,102 @@
+"""Intervals for matched per-cell effects, from the spread of the matched cells.
+
+A treated cell's matched ITE is a difference of averages: over each batch, its own value (in its own
+batch) or the weighted mean of its k matched cells there, averaged over the batches; minus the same
+for the control. Each average is estimated from cells that share the cell's state, so the spread of
+those cells around their mean estimates the noise of one measurement at that state:
+
+    s^2 = sum_j w_j (x_j - xbar)^2 / (1 - sum_j w_j^2)        (weights w normalised to 1)
+
+and the variance of a weighted mean of them is ``s^2 sum_j w_j^2``; the cell's own value, one
+measurement, has variance ``s^2`` (from its matches in its own group, itself among them). The
+ITE's variance is the sum of its averages' variances over the number of batches squared, and the
+interval is a Student t interval with ``1 / sum_j w_j^2 - 1`` degrees of freedom (the fewest over
+the groups used), since each s^2 rests on about k cells.
+
+A spread estimated from k matched zeros is not evidence of no noise: each s^2 is at least that of
+one count among the matched cells, ``u^2 sum_j w_j^2`` with u the log-normalised value of a single
+count in the cell (its smallest positive value).
+
+What the interval leaves out: how far the matched cells' state is from the cell's own, beyond their
+spread (a representation that matches loosely gives intervals that cover less), and the
+difference between the mean of log-normalised counts and the log of their mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import stats
+
+from .. import _validation as V
+from ..matching import weighted_moments
+
+
+def interval_level(interval) -> float:
+    """``interval`` checked as a level in (0, 1)."""
+    return V.level("interval", interval)
+
+
+def bound_names(level: float) -> tuple[str, str]:
+    """Layer suffixes of an interval's bounds, named by their quantiles: 0.9 -> ``("q05", "q95")``."""
+    return tuple(f"q{round(q * 100):02d}" for q in ((1 - level) / 2, (1 + level) / 2))
+
+
+def dense_block(values, genes: np.ndarray | None = None) -> np.ndarray:
+    """A block of rows as a dense array, of the columns ``genes`` only when given."""
+    if genes is not None:
+        values = values[:, genes]
+    return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
+
+
+def smallest_positive(rows) -> np.ndarray:
+    """Each row's smallest positive value (0 for a row without one): a single count's log-normalised value."""
+    if sp.issparse(rows):
+        rows = sp.csr_matrix(rows)
+        data = np.where(rows.data > 0, rows.data, np.inf)
+        starts, lengths = rows.indptr[:-1], np.diff(rows.indptr)
+        out = np.full(rows.shape[0], np.inf)
+        filled = lengths > 0
+        out[filled] = np.minimum.reduceat(data, starts[filled]) if data.size else np.inf
+    else:
+        rows = np.asarray(rows)
+        out = np.where(rows > 0, rows, np.inf).min(axis=1)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: np.ndarray, genes=None):
+    """Weighted mean of the matched rows, their spread s^2 and the sum of squared normalised weights.
+
+    Parameters
+    ----------
+    expression
+        Cells x genes: dense, sparse or a row store (see :func:`~pyro_scmodels.matching.weighted_average`).
+    indices, weights
+        (cells, k) matches of the cells asked for.
+    unit
+        A single count's value in each of those cells (:func:`smallest_positive`).
+    genes
+        Gene positions kept (default all).
+
+    Returns
+    -------
+    tuple
+        ``(mean, spread, squared_weights)``: (cells, genes) arrays (the mean as
+        :func:`~pyro_scmodels.matching.weighted_average` gives it, the spread float64) and a (cells, 1) array.
+    """
+    normalised = weights / weights.sum(axis=1, keepdims=True)
+    squared_weights = (normalised.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+    mean, square = (dense_block(v, genes) for v in weighted_moments(expression, indices, weights))
+    # the mean as weighted_average gives it (the ITE is the same with or without an interval); the spread in float64
+    spread = np.maximum(square - mean.astype(np.float64) ** 2, 0.0)
+    # numerically concentrated weights (one effective cell) leave no spread: only the one-count floor
+    spread /= np.maximum(1.0 - squared_weights, 1e-6)
+    spread = np.maximum(spread, (np.asarray(unit, dtype=np.float64)[:, None] ** 2) * squared_weights)
+    return mean, spread, squared_weights
+
+
+def interval_bounds(effect: np.ndarray, variance: np.ndarray, dof: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Student t bounds ``effect -/+ t_{(1 + level) / 2, dof} sqrt(variance)``, float32; ``dof`` one per row."""
+    quantile = stats.t.ppf(0.5 + level / 2, np.maximum(dof, 1.0))[:, None]
+    half = quantile * np.sqrt(variance)
+    return (effect - half).astype(np.float32), (effect + half).astype(np.float32)

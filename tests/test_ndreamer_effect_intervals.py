@@ -1,0 +1,124 @@
+"""Intervals of matched per-cell effects (``estimate_ite(interval=...)``): calibration, forms of input, errors."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pyro_scmodels.matching import match_groups, weighted_average, weighted_moments
+from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
+from pyro_scmodels.ndreamer.effect_intervals import bound_names, smallest_positive
+from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+
+
+def exact_design(seed=0, n_states=12, per_state=30, n_genes=40, noise=0.5):
+    """Cells of discrete states (far apart in the embedding), 2 batches x 2 conditions, Gaussian noise.
+
+    The matched cells of every cell share its state, so the spread of its matches is exactly its
+    measurement noise and a calibrated interval covers at its nominal level.
+    """
+    rng = np.random.default_rng(seed)
+    control_level = rng.normal(2.0, 1.0, (n_states, n_genes))
+    effect = rng.normal(0.0, 1.0, (n_states, n_genes))
+    batch_offset = rng.normal(0.0, 0.5, (2, n_genes))  # additive: cancels between the conditions
+    sd = rng.uniform(0.2, 1.0, n_genes) * noise / 0.5
+    state, batch, condition = (np.repeat(a, per_state) for a in np.array(
+        [(s, b, c) for s in range(n_states) for b in range(2) for c in range(2)]).T)
+    truth = control_level[state] + effect[state] * condition[:, None] + batch_offset[batch]
+    expression = truth + rng.normal(0.0, 1.0, truth.shape) * sd
+    embedding = np.stack([state * 100.0, np.zeros(state.size)], 1) + rng.normal(0, 0.01, (state.size, 2))
+    design = CounterfactualDesign(np.where(condition == 1, "stim", "ctrl"), "ctrl", batch.astype(str))
+    return expression.astype(np.float32), embedding, design, effect[state], condition == 1
+
+
+def coverage(expression, embedding, design, true_effect, treated, level, k=20):
+    matches = match_groups(embedding, design.groups, k=k, device="cpu")
+    out = effects_of_cells(expression, matches, design, interval=level)
+    low_name, high_name = bound_names(level)
+    low, high = out[f"ite_stim_{low_name}"][treated], out[f"ite_stim_{high_name}"][treated]
+    assert (low <= out["ite_stim"][treated]).all() and (out["ite_stim"][treated] <= high).all()
+    return float(((low <= true_effect[treated]) & (true_effect[treated] <= high)).mean()), out
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_interval_covers_at_its_level_when_matches_share_the_state(level):
+    expression, embedding, design, true_effect, treated = exact_design()
+    covered, _ = coverage(expression, embedding, design, true_effect, treated, level)
+    assert abs(covered - level) < 0.03, f"{level:.0%} interval covered {covered:.3f}"
+
+
+def test_interval_narrows_with_less_noise_and_does_not_change_the_effect():
+    noisy = exact_design(noise=0.5)
+    quiet = exact_design(noise=0.1)
+    _, wide = coverage(*noisy, 0.9)
+    _, narrow = coverage(*quiet, 0.9)
+    width = lambda out: float((out["ite_stim_q95"] - out["ite_stim_q05"]).mean())  # noqa: E731
+    assert width(narrow) < 0.3 * width(wide)
+    expression, embedding, design, _, _ = noisy
+    matches = match_groups(embedding, design.groups, k=20, device="cpu")
+    plain = effects_of_cells(expression, matches, design)
+    assert set(plain) == {"denoised", "batch_effect", "ite_stim"}
+    np.testing.assert_array_equal(plain["ite_stim"], wide["ite_stim"])  # the interval leaves the estimate alone
+
+
+def test_dense_sparse_and_count_rows_give_the_same_bounds():
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(rng.gamma(0.5, 4.0, (1, 30)), (240, 30)).astype(np.float32)
+    counts[:, 0] += 1  # every cell holds a count
+    factors = (1e4 / counts.sum(1)).astype(np.float32)
+    dense = np.log1p(counts * factors[:, None])
+    csr = sp.csr_matrix(counts)
+    rows = LogNormalisedCounts(csr.data.astype(np.uint16), csr.indices.astype(np.uint16), csr.indptr, factors, 30)
+    design = CounterfactualDesign(np.tile(["ctrl", "stim"], 120), "ctrl", np.repeat(["a", "b"], 120))
+    matches = match_groups(rng.normal(size=(240, 3)), design.groups, k=8, device="cpu")
+    results = [effects_of_cells(x, matches, design, interval=0.8, genes=np.arange(5, 25))
+               for x in (dense, sp.csr_matrix(dense), rows)]
+    for other in results[1:]:
+        for name in ("ite_stim", "ite_stim_q10", "ite_stim_q90"):
+            np.testing.assert_allclose(other[name], results[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_of_cells_gets_the_bounds_of_the_whole():
+    expression, embedding, design, _, _ = exact_design(n_states=4)
+    matches = match_groups(embedding, design.groups, k=10, device="cpu")
+    whole = effects_of_cells(expression, matches, design, interval=0.9)
+    cells, genes = np.arange(50, 130), np.array([3, 7, 11])
+    block = effects_of_cells(expression, matches, design, cells=cells, genes=genes, interval=0.9)
+    for name in ("ite_stim", "ite_stim_q05", "ite_stim_q95"):
+        np.testing.assert_allclose(block[name], whole[name][np.ix_(cells, genes)], rtol=1e-6)
+
+
+def test_matched_zeros_still_leave_the_noise_of_one_count():
+    """A gene with no counts among a cell's matches has no measured spread, but one count could be there."""
+    expression = np.zeros((40, 3), dtype=np.float32)
+    expression[:, 0] = np.log1p(1e4 / 1000.0)  # a single count in a cell of 1,000 counts
+    design = CounterfactualDesign(np.tile(["ctrl", "stim"], 20), "ctrl")
+    matches = match_groups(np.zeros((40, 1)), design.groups, k=10, device="cpu")
+    out = effects_of_cells(expression, matches, design, interval=0.9)
+    half = (out["ite_stim_q95"] - out["ite_stim_q05"]) / 2
+    assert (half[:, 1:] > 0.1 * expression[0, 0]).all()  # an all-zero gene: not a zero-width interval
+    np.testing.assert_allclose(smallest_positive(expression), expression[:, 0])
+    np.testing.assert_allclose(smallest_positive(sp.csr_matrix(expression)), expression[:, 0])
+
+
+def test_weighted_moments_are_the_weighted_mean_and_mean_square():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(30, 4))
+    indices, weights = rng.integers(0, 30, (6, 5)), rng.uniform(0.1, 1.0, (6, 5))
+    w = weights / weights.sum(1, keepdims=True)
+    for form in (values, sp.csr_matrix(values)):
+        mean, square = weighted_moments(form, indices, weights)
+        dense = lambda x: x.toarray() if sp.issparse(x) else x  # noqa: E731
+        np.testing.assert_allclose(dense(mean), np.einsum("qk,qkg->qg", w, values[indices]))
+        np.testing.assert_allclose(dense(square), np.einsum("qk,qkg->qg", w, values[indices] ** 2))
+        np.testing.assert_allclose(dense(mean), dense(weighted_average(form, indices, weights)))
+
+
+def test_interval_errors_name_the_argument():
+    expression, embedding, design, _, _ = exact_design(n_states=2)
+    with pytest.raises(ValueError, match="at least two"):
+        effects_of_cells(expression, match_groups(embedding, design.groups, k=1, device="cpu"), design, interval=0.9)
+    matches = match_groups(embedding, design.groups, k=5, device="cpu")
+    for bad in (0.0, 1.0, 90):
+        with pytest.raises(ValueError, match="interval"):
+            effects_of_cells(expression, matches, design, interval=bad)
+    assert bound_names(0.9) == ("q05", "q95") and bound_names(0.5) == ("q25", "q75")
