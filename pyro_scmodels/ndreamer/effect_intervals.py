@@ -3,19 +3,17 @@
 A treated cell's matched ITE is a difference of averages: over each batch, its own value (in its own
 batch) or the weighted mean of its k matched cells there, averaged over the batches; minus the same
 for the control. Each average is estimated from cells that share the cell's state, so the spread of
-those cells around their mean estimates the noise of one measurement at that state:
-
-    s^2 = sum_j w_j (x_j - xbar)^2 / (1 - sum_j w_j^2)        (weights w normalised to 1)
-
-and the variance of a weighted mean of them is ``s^2 sum_j w_j^2``; the cell's own value, one
-measurement, has variance ``s^2`` (from its matches in its own group, itself among them). The
-ITE's variance is the sum of its averages' variances over the number of batches squared, and the
-interval is a Student t interval with ``1 / sum_j w_j^2 - 1`` degrees of freedom (the fewest over
-the groups used), since each s^2 rests on about k cells.
+those k cells, their sample variance s^2, estimates the noise of one measurement at that state. The
+weighted mean of them (weights w normalised to 1) has variance ``s^2 sum_j w_j^2``; the cell's own
+value, one measurement, has variance ``s^2`` (from its matches in its own group, itself among them).
+The ITE's variance is the sum of these over the number of batches squared, and the interval is a
+Student t interval with k - 1 degrees of freedom (the fewest over the groups used). The spread is
+not kernel-weighted: the weights may put almost all their mass on the nearest cell (a cell is its
+own nearest in its own group), which would leave it with almost no degrees of freedom.
 
 A spread estimated from k matched zeros is not evidence of no noise: each s^2 is at least that of
-one count among the matched cells, ``u^2 sum_j w_j^2`` with u the log-normalised value of a single
-count in the cell (its smallest positive value).
+one count among the k matched cells, ``u^2 / k`` with u the log-normalised value of a single count in
+the cell (its smallest positive value).
 
 What the interval leaves out: how far the matched cells' state is from the cell's own, beyond their
 spread (a representation that matches loosely gives intervals that cover less), and the
@@ -29,7 +27,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from .. import _validation as V
-from ..matching import weighted_moments
+from ..matching import weighted_average, weighted_moments
 
 
 def interval_level(interval) -> float:
@@ -67,12 +65,16 @@ def smallest_positive(rows) -> np.ndarray:
 def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: np.ndarray, genes=None):
     """Weighted mean of the matched rows, their spread s^2 and the sum of squared normalised weights.
 
+    The spread is the plain sample variance of the k matched values (degrees of freedom k - 1): the
+    kernel weights may put almost all their mass on the nearest cell (a cell is its own nearest in its
+    own group), which leaves a weighted spread with almost no degrees of freedom.
+
     Parameters
     ----------
     expression
         Cells x genes: dense, sparse or a row store (see :func:`~pyro_scmodels.matching.weighted_average`).
     indices, weights
-        (cells, k) matches of the cells asked for.
+        (cells, k) matches of the cells asked for, k >= 2.
     unit
         A single count's value in each of those cells (:func:`smallest_positive`).
     genes
@@ -81,17 +83,17 @@ def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: n
     Returns
     -------
     tuple
-        ``(mean, spread, squared_weights)``: (cells, genes) arrays (the mean as
+        ``(mean, spread, squared_weights)``: (cells, genes) arrays (the weighted mean as
         :func:`~pyro_scmodels.matching.weighted_average` gives it, the spread float64) and a (cells, 1) array.
     """
+    k = indices.shape[1]
     normalised = weights / weights.sum(axis=1, keepdims=True)
     squared_weights = (normalised.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
-    mean, square = (dense_block(v, genes) for v in weighted_moments(expression, indices, weights))
-    # the mean as weighted_average gives it (the ITE is the same with or without an interval); the spread in float64
-    spread = np.maximum(square - mean.astype(np.float64) ** 2, 0.0)
-    # numerically concentrated weights (one effective cell) leave no spread: only the one-count floor
-    spread /= np.maximum(1.0 - squared_weights, 1e-6)
-    spread = np.maximum(spread, (np.asarray(unit, dtype=np.float64)[:, None] ** 2) * squared_weights)
+    mean = dense_block(weighted_average(expression, indices, weights), genes)
+    plain_mean, plain_square = (dense_block(v, genes).astype(np.float64) for v in weighted_moments(expression, indices))
+    spread = np.maximum(plain_square - plain_mean**2, 0.0) * (k / (k - 1))
+    # k matched zeros are not evidence of no noise: at least the spread of one count among the k
+    spread = np.maximum(spread, np.asarray(unit, dtype=np.float64)[:, None] ** 2 / k)
     return mean, spread, squared_weights
 
 

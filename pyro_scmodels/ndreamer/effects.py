@@ -119,7 +119,7 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it
             part = np.where(itself[:, None], spread, spread * squared_weights)
             variance = part if variance is None else variance + part
-            part_dof = 1.0 / squared_weights[:, 0] - 1.0
+            part_dof = np.full(cells.size, indices.shape[1] - 1.0)  # the spread's: k matched values
             dof = part_dof if dof is None else np.minimum(dof, part_dof)
         if itself.any():
             values[itself] = dense_block(expression[cells[itself]], genes)
