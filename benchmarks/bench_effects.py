@@ -195,6 +195,7 @@ def main() -> None:
     print("\nall seeds (mean, range)\n" + text)
     notes += [f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
               f"after {tuple(round(v, 2) for v in load_after)}; one torch thread per process; train s is wall time"]
+    print("\n".join(notes))
     if args.no_write:
         return
     facts = {"data": f"simulate(n_cells={args.cells}, n_genes={args.genes}, effect_modifier={args.effect_modifier}), "
