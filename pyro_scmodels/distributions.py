@@ -10,19 +10,51 @@ from torch.autograd.function import once_differentiable
 
 
 def select_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``weights[:, None] * table[index]`` for a small table, as a one-hot matrix product.
+    """``weights[..., None] * table[index]`` for a small table (a row per category, e.g. per batch).
 
-    Same values as indexing, but the gradient is a matrix product instead of a scatter-add
-    (several times faster on the CPU for a cells x genes result), and a per-cell weight comes
-    for free inside the product. ``weights`` may carry leading sample dimensions.
+    The rows are gathered forwards; backwards the table's gradient is a one-hot matrix product, not
+    the scatter-add of indexing (several times faster on the CPU for a cells x genes result), and a
+    per-cell weight's gradient comes from one product with the table (:class:`_SelectedRows`).
+    ``weights`` may carry leading sample dimensions.
     """
     if table.shape[-2] == 1:
         rows = table.expand(index.shape[0], table.shape[-1])
         return rows if weights is None else weights.unsqueeze(-1) * table
+    if table.dim() == 2:
+        return _SelectedRows.apply(table, index, weights)
+    # a table with leading dimensions (draws of a grouped parameter): the product broadcasts over them
     onehot = F.one_hot(index, table.shape[-2]).to(table.dtype)
-    if weights is not None:
-        onehot = onehot * weights.unsqueeze(-1)
-    return onehot @ table
+    return (onehot if weights is None else onehot * weights.unsqueeze(-1)) @ table
+
+
+class _SelectedRows(torch.autograd.Function):
+    """``apply(table, index, weights)`` = ``weights[..., None] * table[index]`` (weights may be None).
+
+    A product with a one-hot matrix gives the same values, but with few rows (a handful of batches) its
+    forward pass, (cells x rows) @ (rows x genes), ran at a fraction of the speed of a gather on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        rows = table.index_select(0, index)
+        ctx.save_for_backward(table, index, weights)
+        return rows if weights is None else rows * weights.unsqueeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        table, index, weights = ctx.saved_tensors
+        grad_table = grad_weights = None
+        # cells x rows; scatter rather than F.one_hot, which checks the index range (a wait for a GPU)
+        onehot = grad.new_zeros(index.shape[0], table.shape[0]).scatter_(1, index.unsqueeze(1), 1.0)
+        if ctx.needs_input_grad[0]:
+            # sum over cells (and samples) of each cell's weighted gradient, into its row
+            selector = onehot if weights is None else onehot * weights.unsqueeze(-1)
+            grad_table = selector.reshape(-1, table.shape[0]).T @ grad.reshape(-1, table.shape[1])
+        if weights is not None and ctx.needs_input_grad[2]:
+            # d/dw_n = sum_g grad_ng table[index_n, g]: the product with every row, then the cell's own
+            grad_weights = ((grad @ table.T) * onehot).sum(-1)
+        return grad_table, None, grad_weights
 
 
 class GammaPoissonMean(dist.GammaPoisson):

@@ -158,6 +158,24 @@ def test_select_rows_is_indexing_with_weights():
     torch.testing.assert_close(select_rows(table[:1], index, weights), weights[:, None] * table[:1].expand(4, 5))
 
 
+@pytest.mark.parametrize("weights_shape", [None, (6,), (3, 6)])
+def test_select_rows_gradient_is_the_derivative(weights_shape):
+    # the gather's backward pass is written out (a one-hot product for the table, one product for the weights)
+    torch.manual_seed(4)
+    table = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([2, 0, 0, 1, 2, 2])
+    if weights_shape is None:
+        assert torch.autograd.gradcheck(lambda t: select_rows(t, index), (table,))
+        return
+    weights = torch.rand(weights_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: select_rows(t, index, w), (table, weights))
+    torch.testing.assert_close(select_rows(table, index, weights), weights.unsqueeze(-1) * table[index])
+    # only what is asked for: a fixed table still gives the weights their gradient
+    fixed = table.detach()
+    (grad,) = torch.autograd.grad(select_rows(fixed, index, weights).sum(), weights)
+    torch.testing.assert_close(grad, fixed[index].sum(-1).expand(weights_shape))
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_zero_count_row_sums_gradient_is_the_derivative(grouped):
     # the x = 0 term's gradient is written out by hand: finite differences in float64 must agree,
