@@ -129,8 +129,9 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         wrote = (f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space']), "
                  f"{os.path.join(out, 'effects.h5ad')} (layers {layers}), the network")
     else:
-        nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
+        # the effects with an interval first: the batch decomposition is then read from the same cached result
         nd.estimate_ite(args.nearest_neighbor, args.bandwidth, interval=args.ite_interval)
+        nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
         # the results are saved before CATE, so that a CATE problem loses nothing
         nd.save(out, overwrite=True)
         wrote = f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers {layers}), the network"

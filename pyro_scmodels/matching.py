@@ -266,7 +266,9 @@ def weighted_average(values, indices, weights=None):
 def weighted_moments(values, indices, weights=None):
     """Weighted average and weighted mean square, for each query, of the rows it was matched to.
 
-    The matched rows are read once and squared there: the whole of ``values`` is never squared.
+    Only the matched rows are read (once each) and squared, in float64 so that the mean square minus
+    the squared mean keeps its digits; for many queries that can be nearly every row, so ask for a
+    block of queries at a time.
 
     Parameters
     ----------
@@ -279,12 +281,13 @@ def weighted_moments(values, indices, weights=None):
         ``(mean, mean_square)``: sum_j w_j x_j and sum_j w_j x_j^2 with the weights normalised per
         row, each of the type :func:`weighted_average` returns.
     """
-    selector, values = _selector(values, indices, weights, read_rows=True)
+    selector, values = _selector(values, indices, weights, read_rows=True, dtype=np.float64)
+    values = values.astype(np.float64)
     squares = values.power(2) if sp.issparse(values) else np.square(values)
     return _product(selector, values), _product(selector, squares)
 
 
-def _selector(values, indices, weights, read_rows: bool | None):
+def _selector(values, indices, weights, read_rows: bool | None, dtype=None):
     """Checked inputs as ``(selector, rows)``: ``selector @ rows`` is the weighted average.
 
     The selector's row q holds q's normalised weights at its matched cells. With ``read_rows``
@@ -309,7 +312,7 @@ def _selector(values, indices, weights, read_rows: bool | None):
         matched, indices = np.unique(indices, return_inverse=True)
         values = values.rows(matched) if row_store else values[matched]
         n_cells = matched.size
-    dtype = np.result_type(values.dtype, np.float32)
+    dtype = np.result_type(values.dtype, np.float32) if dtype is None else dtype  # the weights' precision
     selector = sp.csr_matrix(((weights / totals).astype(dtype).ravel(), indices.ravel(),
                               np.arange(0, n_query * k + 1, k)), shape=(n_query, n_cells))
     return selector, values

@@ -116,12 +116,25 @@ def test_save_and_load_round_trip(simulated_nd, tmp_path):
     loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
     np.testing.assert_allclose(loaded.get_modifier_space(), nd.get_modifier_space(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated_q95"], bounds)
+    assert (20, 1.0, 0.9) in loaded.effects._cache  # the cached effects came back with their level
     loaded.estimate_ite()
     nd.estimate_ite()
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], nd.results.layers["ite_stimulated"], atol=1e-5)
     np.testing.assert_allclose(loaded.estimate_ite(interval=0.9).layers["ite_stimulated_q95"], bounds, atol=1e-5)
     with pytest.raises(FileExistsError):
         nd.save(str(tmp_path / "nd"))
+
+
+def test_bounds_of_an_earlier_interval_are_not_left_beside_new_effects(simulated_nd):
+    _, nd = simulated_nd
+    nd.estimate_ite(interval=0.9)
+    nd.estimate_ite(interval=0.5)
+    assert {"ite_stimulated_q25", "ite_stimulated_q75"} <= set(nd.results.layers)
+    assert "ite_stimulated_q05" not in nd.results.layers
+    nd.estimate_ite(nearest_neighbor=5)  # other matches: no bounds of the k = 20 ones stay
+    assert not [name for name in nd.results.layers if name.startswith("ite_stimulated_q")]
+    with pytest.raises(ValueError, match="nearest_neighbor=1"):
+        nd.estimate_ite(nearest_neighbor=1, interval=0.9)
 
 
 def test_log_normalised_input_and_fewer_genes_than_num_hvg():

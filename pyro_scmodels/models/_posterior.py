@@ -14,13 +14,8 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from .. import _validation as V
+from .._labels import quantile_label
 
-
-
-def quantile_label(q: float) -> str:
-    """``q05`` for 0.05, ``q97.5`` for 0.975."""
-    percent = 100.0 * q
-    return f"q{round(percent):02d}" if abs(percent - round(percent)) < 1e-9 else f"q{percent:g}"
 
 
 class PosteriorMixin:

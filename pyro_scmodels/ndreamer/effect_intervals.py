@@ -7,13 +7,13 @@ those k cells, their sample variance s^2, estimates the noise of one measurement
 weighted mean of them (weights w normalised to 1) has variance ``s^2 sum_j w_j^2``; the cell's own
 value, one measurement, has variance ``s^2`` (from its matches in its own group, itself among them).
 The ITE's variance is the sum of these over the number of batches squared, and the interval is a
-Student t interval with k - 1 degrees of freedom (the fewest over the groups used). The spread is
+Student t interval with k - 1 degrees of freedom (k capped by the smallest group used). The spread is
 not kernel-weighted: the weights may put almost all their mass on the nearest cell (a cell is its
 own nearest in its own group), which would leave it with almost no degrees of freedom.
 
-A spread estimated from k matched zeros is not evidence of no noise: each s^2 is at least that of
+A spread estimated from k matched zeros is not evidence of no noise: every s^2 is floored at that of
 one count among the k matched cells, ``u^2 / k`` with u the log-normalised value of a single count in
-the cell (its smallest positive value).
+the cell whose effect is estimated (its smallest positive value).
 
 What the interval leaves out: how far the matched cells' state is from the cell's own, beyond their
 spread (a representation that matches loosely gives intervals that cover less), and the
@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from .. import _validation as V
+from .._labels import quantile_label
 from ..matching import weighted_average, weighted_moments
 
 
@@ -36,8 +37,9 @@ def interval_level(interval) -> float:
 
 
 def bound_names(level: float) -> tuple[str, str]:
-    """Layer suffixes of an interval's bounds, named by their quantiles: 0.9 -> ``("q05", "q95")``."""
-    return tuple(f"q{round(q * 100):02d}" for q in ((1 - level) / 2, (1 + level) / 2))
+    """Layer suffixes of an interval's bounds, named by their quantiles: 0.9 -> ``("q05", "q95")``, 0.95 ->
+    ``("q2.5", "q97.5")``."""
+    return tuple(quantile_label(q) for q in ((1 - level) / 2, (1 + level) / 2))
 
 
 def dense_block(values, genes: np.ndarray | None = None) -> np.ndarray:
@@ -90,7 +92,7 @@ def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: n
     normalised = weights / weights.sum(axis=1, keepdims=True)
     squared_weights = (normalised.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
     mean = dense_block(weighted_average(expression, indices, weights), genes)
-    plain_mean, plain_square = (dense_block(v, genes).astype(np.float64) for v in weighted_moments(expression, indices))
+    plain_mean, plain_square = (dense_block(v, genes) for v in weighted_moments(expression, indices))
     spread = np.maximum(plain_square - plain_mean**2, 0.0) * (k / (k - 1))
     # k matched zeros are not evidence of no noise: at least the spread of one count among the k
     spread = np.maximum(spread, np.asarray(unit, dtype=np.float64)[:, None] ** 2 / k)

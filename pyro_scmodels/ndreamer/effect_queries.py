@@ -31,11 +31,16 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
-def _check_interval_neighbours(nearest_neighbor) -> None:
-    """Before any matching: an interval is estimated from the spread of at least two matched cells."""
+def _check_interval_neighbours(nearest_neighbor, design) -> None:
+    """Before any matching: an interval is estimated from the spread of at least two matched cells per group."""
     if V.positive_int("nearest_neighbor", nearest_neighbor) < 2:
         raise ValueError(f"An interval is estimated from the spread of the matched cells and needs at least two: got "
                          f"nearest_neighbor={nearest_neighbor}; pass nearest_neighbor >= 2 (default {K.NEAREST_NEIGHBOR}).")
+    names, sizes = np.unique(design.groups, return_counts=True)
+    single = [str(name) for name, size in zip(names, sizes) if size < 2]
+    if single:
+        raise ValueError(f"An interval is estimated from the spread of the matched cells, but batch x condition group(s) "
+                         f"{single[:5]} hold a single cell: remove those cells or merge their batches.")
 
 
 class EffectQueries:
@@ -126,10 +131,14 @@ class EffectQueries:
         names = [f"ite_{c}" for c in self.design.treatments]
         if interval is not None:
             names += [f"ite_{c}_{bound}" for c in self.design.treatments for bound in bound_names(interval_level(interval))]
-            _check_interval_neighbours(nearest_neighbor)
+            _check_interval_neighbours(nearest_neighbor, self.design)
         if indices is not None or gene_list is not None:
             return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval)
         effects = self._effects(nearest_neighbor, bandwidth, interval)
+        # bounds of an earlier call (another k or level) would not belong to these effects
+        for c in self.design.treatments:
+            for stale in [n for n in self.results.layers if n.startswith(f"ite_{c}_q")]:
+                del self.results.layers[stale]
         for name in names:
             self.results.layers[name] = effects[name]
         return self.results
@@ -165,7 +174,7 @@ class EffectQueries:
         """
         level = None if interval is None else interval_level(interval)
         if level is not None:
-            _check_interval_neighbours(nearest_neighbor)
+            _check_interval_neighbours(nearest_neighbor, self.design)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, V.positive_int("chunk_cells", chunk_cells),
                                   overwrite, level)

@@ -159,6 +159,11 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     level = None if interval is None else interval_level(interval)
     if level is not None:
         _check_spread_estimable(matches)
+        if cells.size > K.WRITE_CHUNK_CELLS:
+            # the spread's float64 moments are cells x genes too: a block of cells at a time bounds them
+            blocks = [effects_of_cells(expression, matches, design, cells[start:start + K.WRITE_CHUNK_CELLS], genes, level)
+                      for start in range(0, cells.size, K.WRITE_CHUNK_CELLS)]
+            return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     # columns are taken from each block of rows: slicing the whole matrix first would copy all of it
     genes = None if genes is None else np.asarray(genes, dtype=np.int64)
     observed = expression[cells]
@@ -191,9 +196,9 @@ def _check_spread_estimable(matches: dict) -> None:
     single = [label for label, match in matches.items() if match.indices.shape[1] < 2]
     if single:
         raise ValueError(
-            f"An interval needs at least two matched cells per group, but group(s) {single[:5]} give one "
-            "(nearest_neighbor=1, or a group of one cell): pass nearest_neighbor >= 2, e.g. the default "
-            f"{K.NEAREST_NEIGHBOR}."
+            f"An interval needs at least two matched cells per group, but the matches into group(s) {single[:5]} "
+            "hold one: match with nearest_neighbor >= 2 (the default is "
+            f"{K.NEAREST_NEIGHBOR}), and keep at least two cells in every batch x condition group."
         )
 
 
@@ -352,9 +357,20 @@ class MatchedEffects:
                 self.set_embedding(stored["embedding"], stored["space"])
             for name in stored.files:
                 if name.startswith("effects|"):
-                    parts = name.split("|")
-                    if len(parts) == 4:  # written before intervals existed: effects|k|bandwidth|layer
-                        parts.insert(3, "None")
-                    _, k, bandwidth, level, layer = parts[0], parts[1], parts[2], parts[3], "|".join(parts[4:])
-                    key = (int(k), float(bandwidth), None if level == "None" else float(level))
-                    self._cache.setdefault(key, {})[layer] = stored[name]
+                    _, k, bandwidth, rest = name.split("|", 3)
+                    level, layer = _stored_level(rest)
+                    self._cache.setdefault((int(k), float(bandwidth), level), {})[layer] = stored[name]
+
+
+def _stored_level(rest: str) -> tuple[float | None, str]:
+    """``(level, layer)`` of a saved effect's name after ``effects|k|bandwidth|``: ``level|layer`` since intervals
+    exist, the layer alone before (a layer name may hold ``|``, a condition's name)."""
+    head, _, tail = rest.partition("|")
+    if not tail:
+        return None, rest
+    if head == "None":
+        return None, tail
+    try:
+        return float(head), tail
+    except ValueError:
+        return None, rest

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from .._labels import quantile_label
 from . import _constants as K
 
 
@@ -107,7 +108,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         low, high = torch.quantile(effect, level.to(effect.dtype), dim=0)
         parts["low"].append(low)
         parts["high"].append(high)
-    low_name, high_name = (f"q{round(q * 100):02d}" for q in quantiles)
+    low_name, high_name = (quantile_label(q) for q in quantiles)
     return {
         "mean": torch.cat(parts["mean"]).numpy().astype(np.float32),
         low_name: torch.cat(parts["low"]).numpy().astype(np.float32),
