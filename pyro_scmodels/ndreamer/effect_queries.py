@@ -151,7 +151,7 @@ class EffectQueries:
         For data too large for cells x genes arrays in memory: each block of ``chunk_cells`` cells is
         computed from the matches and written as rows of the file's layers, so memory holds one block.
         The file (``obs``, the genes as ``var``, ``obsm``, layers ``denoised``, ``batch_effect``,
-        ``ite_<condition>``) appears complete or not at all; read it with
+        ``ite_<condition>``, and with ``interval`` its bounds) appears complete or not at all; read it with
         ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk.
 
         Parameters
