@@ -92,7 +92,7 @@ class ModelRepresentation:
         models: 45 %). Read them as the effect's sensitivity to the cell's state, not as
         calibrated credible intervals. The matched ITE in the same latent,
         ``estimate_ite(interval=0.9)``, has an interval from the spread of the matched cells that
-        covered 85-86 % there (docs/ndreamer.md, "An interval for the matched ITE").
+        covered 84-88 % there (docs/ndreamer.md, "An interval for the matched ITE").
 
         Parameters
         ----------
