@@ -104,3 +104,21 @@ def test_model_route_on_cuda_saves_and_loads(cells, tmp_path):
     nd.save(str(tmp_path / "nd"))
     again = ps.NDreamer.load(str(tmp_path / "nd"), model=model)
     np.testing.assert_array_equal(again.results.layers["ite_stimulated"], results.layers["ite_stimulated"])
+
+
+def test_select_rows_on_cuda_matches_the_cpu_values_and_gradients():
+    # the gathered rows' backward pass is written out (distributions._SelectedRows): same numbers on the GPU
+    from pyro_scmodels.distributions import select_rows
+
+    torch.manual_seed(0)
+    table = torch.randn(3, 50, dtype=torch.float64)
+    index = torch.randint(0, 3, (40,))
+    weights = torch.rand(2, 40, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        t, w = table.to(device).requires_grad_(), weights.to(device).requires_grad_()
+        out = select_rows(t, index.to(device), w)
+        grad_t, grad_w = torch.autograd.grad((out * out).sum(), (t, w))
+        results.append([x.detach().cpu() for x in (out, grad_t, grad_w)])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda, cpu)
