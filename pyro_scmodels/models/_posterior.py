@@ -17,7 +17,6 @@ from .. import _validation as V
 from .._labels import quantile_label
 
 
-
 class PosteriorMixin:
     """Posterior summaries of every site, their export, and the model graph."""
 

@@ -99,8 +99,7 @@ def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: n
     return mean, spread, squared_weights
 
 
-def interval_bounds(effect: np.ndarray, variance: np.ndarray, dof: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Student t bounds ``effect -/+ t_{(1 + level) / 2, dof} sqrt(variance)``, float32; ``dof`` one per row."""
-    quantile = stats.t.ppf(0.5 + level / 2, np.maximum(dof, 1.0))[:, None]
-    half = quantile * np.sqrt(variance)
+def interval_bounds(effect: np.ndarray, variance: np.ndarray, dof: float, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Student t bounds ``effect -/+ t_{(1 + level) / 2, dof} sqrt(variance)``, float32."""
+    half = stats.t.ppf(0.5 + level / 2, max(dof, 1)) * np.sqrt(variance)
     return (effect - half).astype(np.float32), (effect + half).astype(np.float32)

@@ -104,10 +104,11 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
 
     With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch.
     With ``unit`` (a single count's value per cell, for an interval), returns ``(mean, variance, dof)``:
-    the variance of that mean and its degrees of freedom per cell (:mod:`.effect_intervals`).
+    the variance of that mean and the fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
     batches = design.batches_with[condition]
-    total = variance = dof = None
+    total = variance = None
+    dof = float("inf")
     for b in batches:
         match = matches[design.group(b, condition)]
         indices, weights = match.indices[cells], match.weights[cells]
@@ -119,8 +120,7 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it
             part = np.where(itself[:, None], spread, spread * squared_weights)
             variance = part if variance is None else variance + part
-            part_dof = np.full(cells.size, indices.shape[1] - 1.0)  # the spread's: k matched values
-            dof = part_dof if dof is None else np.minimum(dof, part_dof)
+            dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
         if itself.any():
             values[itself] = dense_block(expression[cells[itself]], genes)
         total = values if total is None else total + values
@@ -185,7 +185,7 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         (treated_mean, treated_variance, treated_dof), (control_mean, control_variance, control_dof) = per_condition[c], control
         effect = treated_mean - control_mean
         out[f"ite_{c}"] = effect.astype(np.float32)
-        low, high = interval_bounds(effect, treated_variance + control_variance, np.minimum(treated_dof, control_dof), level)
+        low, high = interval_bounds(effect, treated_variance + control_variance, min(treated_dof, control_dof), level)
         low_name, high_name = bound_names(level)
         out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
     return out
