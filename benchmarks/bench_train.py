@@ -53,8 +53,10 @@ DEFAULT_EPOCHS = {"pbmc": 10, "simulated": 5}
 QUICK_EPOCHS = 1
 QUICK_CELLS = 500
 SIMULATED_SHAPE = (20000, 2000)
-TOOLS = ("pyro_scmodels", "pyro_scmodels-trace", "scvi-tools")
-DEFAULT_TOOLS = ("pyro_scmodels", "scvi-tools")  # pyro_scmodels-trace: ours with Pyro's Trace_ELBO (direct form off)
+TOOLS = ("pyro_scmodels", "pyro_scmodels-compiled", "pyro_scmodels-trace", "scvi-tools")
+# pyro_scmodels-trace: ours with Pyro's Trace_ELBO (direct form off); -compiled: train(compile=True)
+DEFAULT_TOOLS = ("pyro_scmodels", "pyro_scmodels-compiled", "scvi-tools")
+OURS = ("pyro_scmodels", "pyro_scmodels-compiled", "pyro_scmodels-trace")
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def measure_dataset(dataset: dict, tools: list[str], epochs: int, child_threads:
             rows.append(result)
     mean = {tool: sum(values) / len(values) for tool, values in speed.items()}
     if "scvi-tools" in mean:
-        for tool in ("pyro_scmodels", "pyro_scmodels-trace"):
+        for tool in OURS:
             if tool in mean:
                 for row in rows:
                     if row["tool"] == tool:
@@ -241,19 +243,20 @@ def results_table(rows: list[dict]) -> str:
         The table; ``ratio`` is ours / scvi-tools in cells per second, on our row.
     """
     header = (
-        "| dataset | cells x genes | batch | round | tool | epochs | seconds | cells/s | RSS loaded / peak (MiB) | "
-        "ratio ours/scvi |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|"
+        "| dataset | cells x genes | batch | round | tool | epochs | seconds | cells/s | warm-up epoch s | "
+        "RSS loaded / peak (MiB) | ratio ours/scvi |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['dataset']} | {row['shape']} | {row['batch_size']} | {row['round']} | {row['tool']} | "
-                         f"{row['epochs']} | failed | failed | - | - |")
+                         f"{row['epochs']} | failed | failed | - | - | - |")
             continue
         ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
+        warmup = f"{row['warmup_seconds']:.1f}" if row.get("warmup_seconds") is not None else "-"
         lines.append(
             f"| {row['dataset']} | {row['shape']} | {row['batch_size']} | {row['round']} | {row['tool']} | {row['epochs']} | {row['seconds']:.2f} "
-            f"| {row['cells_per_s']:,.0f} | {row['rss_loaded_mib']:,.0f} / {row['rss_peak_mib']:,.0f} | {ratio} |"
+            f"| {row['cells_per_s']:,.0f} | {warmup} | {row['rss_loaded_mib']:,.0f} / {row['rss_peak_mib']:,.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -265,7 +268,8 @@ def section_text(facts: dict, table: str, command: str, when: str, notes: list[s
         + f"Settings: n_hidden={N_HIDDEN}, n_latent={N_LATENT}, n_layers={N_LAYERS}, batch size as in the table, "
         f"train_size={TRAIN_SIZE}, CPU, no early stopping, validation loss every epoch (both tools). "
         f"Each (dataset, tool) runs in a fresh process: the model is built, trained {WARMUP_EPOCHS} warm-up "
-        f"epoch (not timed), then trained for the listed epochs under the clock; the tools alternate (A B A B). "
+        f"epoch (not timed; its seconds are in the table: for `pyro_scmodels-compiled`, `train(compile=True)`, they include "
+        f"compiling), then trained for the listed epochs under the clock; the tools alternate (A B A B). "
         f"cells/s = training cells x epochs / seconds. RSS: peak resident memory (`VmHWM`) of that process after loading the "
         f"data (including imports) and at the end (peak).{note_lines(notes)}\n\n"
         f"{table}\n\n"

@@ -23,6 +23,7 @@ from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import OutputFolder, read_h5ad
 from .cli_arguments import build_parser, check_arguments
+from .elbo import CompileUnavailableError
 from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
@@ -177,7 +178,7 @@ def run_fit(args, folder: OutputFolder) -> None:
                           latent_independence=args.latent_independence)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
-                progress_bar=not args.quiet, devices=args.devices)
+                progress_bar=not args.quiet, devices=args.devices, compile=args.compile)
     if not writer:
         return
     if args.backed:  # the results without the counts, which stay in the input file
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"error{_rank_prefix()}: {err}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, CompileUnavailableError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         print(f"error{_rank_prefix()}: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2

@@ -31,6 +31,10 @@ class ELBOLoss(torch.nn.Module):
     (:meth:`_direct_agrees`); otherwise it warns and keeps ``Trace_ELBO``. Once taken, every call
     uses it, the first included.
 
+    With :meth:`use_compiled` the direct form of a training step runs through ``torch.compile``
+    (fused kernels instead of several hundred small operations a step); the check against
+    ``Trace_ELBO`` and the loss without gradients (validation) stay uncompiled.
+
     Parameters
     ----------
     model, guide
@@ -46,6 +50,7 @@ class ELBOLoss(torch.nn.Module):
         self.elbo = Trace_ELBO()
         self.checked = False  # whether Pyro has checked the model and guide (on the first call)
         self.direct = all(declares_direct_elbo(m) for m in (model, guide))
+        self.compiled_loss = None  # direct_loss through torch.compile, while use_compiled(True)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
         """Negative ELBO per cell of the ``n_obs``-cell dataset; the cell plate's terms times ``local_factor``.
@@ -57,6 +62,8 @@ class ELBOLoss(torch.nn.Module):
         """
         if self.direct and not self.checked:
             self.direct = self._direct_agrees(batch)
+        if self.direct and self.compiled_loss is not None and torch.is_grad_enabled():
+            return self.compiled_step_loss(batch, n_obs, kl_weight, local_factor)
         if self.direct:
             return self.direct_loss(batch, n_obs, kl_weight, local_factor)
         return self.trace_loss(batch, n_obs, kl_weight, local_factor)
@@ -109,6 +116,59 @@ class ELBOLoss(torch.nn.Module):
         with pyro.settings.context(validate_distributions_pyro=False, validate_distributions_torch=False):
             values, log_q = self.guide.draw(batch, n_obs, kl_weight, local_factor)
             return (log_q - self.model.log_joint(values, batch, n_obs, kl_weight, local_factor)) / n_obs
+
+
+    def use_compiled(self, enabled: bool) -> None:
+        """Compute training steps' direct loss through ``torch.compile`` (``enabled``) or eagerly.
+
+        Call :func:`check_compile_works` for the device first. A model and guide whose loss is
+        ``Trace_ELBO`` (no direct form) are not compiled: Pyro's effect handlers do not trace.
+        """
+        if not enabled:
+            self.compiled_loss = None
+        elif self.compiled_loss is None:
+            # dynamic: the minibatch's cells and stored counts vary (the last minibatch, sparse rows);
+            # fallback_random: the same draws as the eager form, so a seed reproduces its run and a resumed
+            # run follows the uninterrupted one
+            self.compiled_loss = torch.compile(self.direct_loss, dynamic=True, options={"fallback_random": True})
+
+    def compiled_step_loss(self, batch: dict, n_obs: int, kl_weight: float, local_factor: float = 1.0) -> torch.Tensor:
+        """:meth:`direct_loss` through the compiled function (:meth:`use_compiled`)."""
+        # each model (its genes, covariates, layers) is one more compiled version of the same code: torch's
+        # default limit of 8 would send a session's third or fourth model back to the eager form
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_VERSIONS):
+            return self.compiled_loss(batch, n_obs, kl_weight, local_factor)
+
+
+class CompileUnavailableError(RuntimeError):
+    """``compile=True`` was asked for, and ``torch.compile`` cannot build kernels on this machine."""
+
+
+#: compiled versions of the loss kept per process (every model trained with compile=True adds two or three)
+COMPILED_VERSIONS = 64
+_COMPILE_PROBES: dict[str, str | None] = {}  # device type -> None (torch.compile works) or why it failed
+
+
+def check_compile_works(device: torch.device) -> None:
+    """Raise a :class:`CompileUnavailableError` that says what to install when ``torch.compile`` cannot build kernels on ``device``.
+
+    A two-operation function is compiled once per process and device type (a few seconds): it needs
+    a C++ compiler on the CPU and triton on a GPU, which a missing toolchain would otherwise report
+    only after the model's own compilation.
+    """
+    kind = torch.device(device).type
+    if kind not in _COMPILE_PROBES:
+        try:
+            probe = torch.compile(lambda x: torch.lgamma(x * 2.0 + 1.0).sum(), dynamic=False)
+            probe(torch.ones(3, device=device))
+            _COMPILE_PROBES[kind] = None
+        except Exception as err:  # any failure of the toolchain: the message below names it
+            _COMPILE_PROBES[kind] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    failure = _COMPILE_PROBES[kind]
+    if failure is not None:
+        need = "a C++ compiler (g++ or clang++ on the PATH, or named by the CXX variable)" if kind == "cpu" else "triton"
+        raise CompileUnavailableError(f"compile=True: torch.compile does not work on {kind} here ({failure}). It needs {need}; "
+                           "install it, or train with compile=False (the default).")
 
 
 def declares_direct_elbo(module) -> bool:

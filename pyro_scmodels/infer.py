@@ -20,7 +20,7 @@ from . import _constants as C
 from . import _validation as V
 from .data import CellData, iterate_minibatches
 from .data.on_disk import chunk_grouped_minibatches, chunk_shuffled_order, read_ahead_groups
-from .elbo import ELBOLoss
+from .elbo import ELBOLoss, check_compile_works
 from .pyro_modules import PositiveSiteGuide
 from .optimizers import fused_optimizer
 from .training import LoopPlan, NonFiniteError, TrainingLoop  # noqa: F401  (NonFiniteError: its old import path)
@@ -146,6 +146,15 @@ class SVITrainer(TrainingLoop):
             return
         for group, settings in zip(self.optimizer.param_groups, groups):
             group.update(lr=settings.get("lr", lr), eps=eps, weight_decay=weight_decay)
+
+    def use_compiled_loss(self, enabled: bool, device: torch.device) -> None:
+        """Training steps compute the loss through ``torch.compile`` (:meth:`ELBOLoss.use_compiled`) or eagerly.
+
+        Checks first that ``torch.compile`` works on ``device`` (:func:`~pyro_scmodels.elbo.check_compile_works`).
+        """
+        if enabled:
+            check_compile_works(device)
+        self.elbo_loss.use_compiled(enabled)
 
     def _parameter_groups(self) -> list[dict]:
         """Adam's parameter groups: all parameters, or, with a ``global_lr_factor`` other than 1, the global

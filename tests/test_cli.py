@@ -208,6 +208,18 @@ def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_
     assert len(_history(out)) == 3
 
 
+def test_fit_compile_without_a_working_compiler_stops_before_training(input_h5ad, tmp_path, monkeypatch, capsys):
+    from pyro_scmodels import elbo
+
+    monkeypatch.setitem(elbo._COMPILE_PROBES, "cpu", "InvalidCxxCompiler: No working C++ compiler found")
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "2", "--compile", "--device", "cpu", *FIT_ARGS]) != 0
+    message = capsys.readouterr().err
+    assert "C++ compiler" in message and "compile=False" in message
+    assert not os.path.exists(os.path.join(out, "results.h5ad"))
+    assert not os.path.exists(os.path.join(out, "checkpoint")) or not os.listdir(os.path.join(out, "checkpoint"))
+
+
 def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
     out = str(tmp_path / "out")
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--write-normalized", *FIT_ARGS]) == 0
