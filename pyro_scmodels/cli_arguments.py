@@ -127,7 +127,7 @@ def _add_fit(sub) -> None:
     net.add_argument("--global-lr-factor", type=float, default=1.0,
                      help="the global sites (ambient, scaling, dispersion) learn at this multiple of --lr (10 integrates)")
     net.add_argument("--compile", action="store_true",
-                     help="train through torch.compile: faster steps after 15-45 s of compiling (needs a C++ compiler)")
+                     help="train through torch.compile: faster steps after 11-50 s of compiling (needs a C++ compiler)")
     fit.add_argument("--write-normalized", action="store_true",
                      help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
     fit.add_argument("--backed", action="store_true",

@@ -117,7 +117,6 @@ class ELBOLoss(torch.nn.Module):
             values, log_q = self.guide.draw(batch, n_obs, kl_weight, local_factor)
             return (log_q - self.model.log_joint(values, batch, n_obs, kl_weight, local_factor)) / n_obs
 
-
     def use_compiled(self, enabled: bool) -> None:
         """Compute training steps' direct loss through ``torch.compile`` (``enabled``) or eagerly.
 
@@ -167,8 +166,8 @@ def check_compile_works(device: torch.device) -> None:
     failure = _COMPILE_PROBES[kind]
     if failure is not None:
         need = "a C++ compiler (g++ or clang++ on the PATH, or named by the CXX variable)" if kind == "cpu" else "triton"
-        raise CompileUnavailableError(f"compile=True: torch.compile does not work on {kind} here ({failure}). It needs {need}; "
-                           "install it, or train with compile=False (the default).")
+        raise CompileUnavailableError(f"compile=True: torch.compile does not work on {kind} here ({failure}). "
+                                      f"It needs {need}; install it, or train with compile=False (the default).")
 
 
 def declares_direct_elbo(module) -> bool:
