@@ -18,7 +18,8 @@
 # Everything lands in $OUT: gpu_check.log, gpu_figures.json, scale_*.json.
 # Arguments choose steps 2-6 (default: all): tests matching scale training cpu-matching, e.g.
 #   bash benchmarks/gpu_check.sh tests training
-# With the word "trace" the training step also runs ours with Pyro's Trace_ELBO (the A/B of the direct ELBO).
+# With the word "trace" the training step also runs ours with Pyro's Trace_ELBO (the A/B of the direct ELBO); with
+# "compiled", ours with train(compile=True) (triton compiles the loss in the warm-up epoch).
 set -uo pipefail
 steps=${*:-tests matching scale training cpu-matching}
 wanted() { [[ " $steps " == *" $1 "* ]]; }
@@ -54,7 +55,7 @@ EOF
 if wanted tests; then
     step "tests"
     timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 tests/test_gpu.py tests/test_matching.py \
-        tests/test_direct_elbo.py
+        tests/test_direct_elbo.py tests/test_compiled_training.py
 fi
 if wanted matching; then
     step "matching 10^6 cells on faiss' device"
@@ -70,7 +71,8 @@ if wanted scale; then
 fi
 if wanted training; then
     step "training against scvi-tools"
-    if wanted trace; then figures 330 training --trace-too; else figures 200 training; fi
+    extra=(); wanted trace && extra+=(--trace-too); wanted compiled && extra+=(--compiled-too)
+    figures $(( 200 + 130 * ${#extra[@]} )) training ${extra[@]+"${extra[@]}"}
 fi
 if wanted cpu-matching; then
     step "matching 10^6 cells on the CPU, recall against the GPU"

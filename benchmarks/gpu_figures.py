@@ -45,16 +45,18 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_ours(adata, batch_size: int, device: str, counts_on_device: bool, direct: bool = True) -> float:
-    """Training cells per second of RegularizedVI over the timed epochs (``direct=False``: Pyro's Trace_ELBO)."""
+def train_ours(adata, batch_size: int, device: str, counts_on_device: bool, direct: bool = True,
+               compile: bool = False) -> float:
+    """Training cells per second of RegularizedVI over the timed epochs (``direct=False``: Pyro's Trace_ELBO;
+    ``compile=True``: ``train(compile=True)``, compiled in the warm-up epoch)."""
     from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
 
     RegularizedVIModel.direct_elbo = direct  # the class's declaration decides (infer.ELBOLoss)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
     model = ps.RegularizedVI(adata, n_hidden=N_HIDDEN, n_latent=N_LATENT, n_layers=N_LAYERS, seed=0)
     settings = dict(batch_size=batch_size, train_size=TRAIN_SIZE, device=device, counts_on_device=counts_on_device,
-                    early_stopping=False, progress_bar=False)
-    model.train(max_epochs=1, **settings)  # warm-up: CUDA kernels, allocator
+                    early_stopping=False, progress_bar=False, compile=compile)
+    model.train(max_epochs=1, **settings)  # warm-up: CUDA kernels, allocator (and compiling)
     _synchronize(device)
     start = time.perf_counter()
     model.train(max_epochs=TIMED_EPOCHS, **settings)  # as in scvi-tools: epochs more from the current weights
@@ -104,18 +106,20 @@ def recall_against(exact: dict, other: dict) -> float:
 
 def training_figures(args, record, attempt) -> None:
     """Training cells/s, two rounds of: ours (host counts), SCVI, ours (device counts); with ``--trace-too`` each
-    of ours also with Pyro's Trace_ELBO (the A/B of the direct ELBO)."""
+    of ours also with Pyro's Trace_ELBO (the A/B of the direct ELBO), with ``--compiled-too`` also with
+    ``train(compile=True)``."""
     adata = ps.datasets.simulate(n_cells=args.cells, n_genes=2_000, seed=0)
-    forms = [("", True)] + ([("_trace", False)] if args.trace_too else [])
+    forms = ([("", True, False)] + ([("_trace", False, False)] if args.trace_too else [])
+             + ([("_compiled", True, True)] if args.compiled_too else []))
     for batch_size in args.batch_sizes:
         for round_ in range(2):
-            for suffix, direct in forms:
+            for suffix, direct, compile in forms:
                 attempt(f"ours_host{suffix}_b{batch_size}_r{round_}", train_ours, adata.copy(), batch_size, args.device,
-                        False, direct)
+                        False, direct, compile)
             attempt(f"scvi_b{batch_size}_r{round_}", train_scvi, adata, batch_size, args.device)
-            for suffix, direct in forms:
+            for suffix, direct, compile in forms:
                 attempt(f"ours_device{suffix}_b{batch_size}_r{round_}", train_ours, adata.copy(), batch_size,
-                        args.device, True, direct)
+                        args.device, True, direct, compile)
 
 
 def matching_figures(args, record, figures, cpu_too: bool) -> None:
@@ -150,6 +154,7 @@ def main() -> None:
     parser.add_argument("--match-cells", type=int, default=1_000_000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--trace-too", action="store_true", help="each of ours also with Pyro's Trace_ELBO")
+    parser.add_argument("--compiled-too", action="store_true", help="each of ours also with train(compile=True)")
     args = parser.parse_args()
     figures = json.loads(args.output.read_text()) if args.output.exists() else {}
     figures.update(device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
