@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 
@@ -14,6 +15,8 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from .distributed import LocalScale
+
+logger = logging.getLogger(__name__)
 
 
 class ELBOLoss(torch.nn.Module):
@@ -126,6 +129,8 @@ class ELBOLoss(torch.nn.Module):
         if not enabled:
             self.compiled_loss = None
         elif self.compiled_loss is None:
+            logger.info("compile=True: the first training step compiles the loss (11-50 s on 2 CPU cores; less with "
+                        "torch's kernel cache filled).")
             # dynamic: the minibatch's cells and stored counts vary (the last minibatch, sparse rows);
             # fallback_random: the same draws as the eager form, so a seed reproduces its run and a resumed
             # run follows the uninterrupted one
