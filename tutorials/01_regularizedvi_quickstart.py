@@ -109,6 +109,10 @@ print(adata.obs["batch"].value_counts())
 #   input and not by z (docs: "Integrating batches", with scib-metrics figures on four datasets);
 # - `global_lr_factor=10` lets the global sites (ambient, feature scaling, dispersion) learn at ten times
 #   the learning rate, which kept more of the cell-type structure in the same benchmark.
+#
+# For a long run on the CPU, `model.train(..., compile=True)` computes each step through `torch.compile`:
+# 11-50 s of compiling at the first step, then 1.1-1.4x the cells per second on 2 cores (it needs a C++
+# compiler; docs: "Compiled training"). This short tutorial trains without it.
 
 # %%
 ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["batch"],
