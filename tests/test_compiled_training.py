@@ -100,12 +100,14 @@ def test_a_missing_toolchain_is_named_before_training(monkeypatch, device, needs
 def test_the_probe_finds_a_compiler_that_does_not_exist(monkeypatch):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no kernel built before may stand in
-    torch._dynamo.reset()  # nor a function compiled before in this process
     monkeypatch.setattr(elbo, "_COMPILE_PROBES", {})
-    with pytest.raises(RuntimeError, match="does not work on cpu.*C\\+\\+ compiler"):
-        elbo.check_compile_works(torch.device("cpu"))
+    torch._dynamo.reset()  # no function compiled before in this process may stand in
+    # torch's own patch restores its config afterwards (pytest's monkeypatch deletes what a config module hides);
+    # without the kernel cache, no kernel built before may stand in either
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        with pytest.raises(RuntimeError, match="does not work on cpu.*C\\+\\+ compiler"):
+            elbo.check_compile_works(torch.device("cpu"))
+    torch._dynamo.reset()  # the probe's failed compilation is not kept either
 
 
 def test_compile_must_be_a_boolean():
