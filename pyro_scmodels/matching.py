@@ -259,11 +259,11 @@ def weighted_average(values, indices, weights=None):
     numpy.ndarray or scipy.sparse.csr_matrix
         (n_query, n_genes) averages, CSR for sparse ``values``; float32 for float32 values, else float64.
     """
-    selector, values = _selector(values, indices, weights, read_rows=None)
-    return _product(selector, values)
+    rows, indices = _matched_rows(values, indices, read_rows=False)
+    return _product(_selector(indices, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
 
 
-def weighted_moments(values, indices, weights=None):
+def weighted_moments(values, indices, weights=None, average_weights=None):
     """Weighted average and weighted mean square, for each query, of the rows it was matched to.
 
     Only the matched rows are read (once each) and squared, in float64 so that the mean square minus
@@ -274,48 +274,56 @@ def weighted_moments(values, indices, weights=None):
     ----------
     values, indices, weights
         As for :func:`weighted_average`.
+    average_weights
+        Other (n_query, k) weights: their weighted average is also returned, from the same read of the
+        rows and exactly as :func:`weighted_average` gives it (its precision, its order of sums).
 
     Returns
     -------
     tuple
         ``(mean, mean_square)``: sum_j w_j x_j and sum_j w_j x_j^2 with the weights normalised per
-        row, each of the type :func:`weighted_average` returns.
+        row, each of the type :func:`weighted_average` returns; with ``average_weights``,
+        ``(mean, mean_square, average)``.
     """
-    selector, values = _selector(values, indices, weights, read_rows=True, dtype=np.float64)
-    values = values.astype(np.float64)
-    squares = values.power(2) if sp.issparse(values) else np.square(values)
-    return _product(selector, values), _product(selector, squares)
+    rows, indices = _matched_rows(values, indices, read_rows=True)
+    selector = _selector(indices, weights, rows.shape[0], np.float64)
+    wide = rows.astype(np.float64)
+    squares = wide.power(2) if sp.issparse(wide) else np.square(wide)
+    moments = _product(selector, wide), _product(selector, squares)
+    if average_weights is None:
+        return moments
+    dtype = np.result_type(rows.dtype, np.float32)
+    return (*moments, _product(_selector(indices, average_weights, rows.shape[0], dtype), rows))
 
 
-def _selector(values, indices, weights, read_rows: bool | None, dtype=None):
-    """Checked inputs as ``(selector, rows)``: ``selector @ rows`` is the weighted average.
-
-    The selector's row q holds q's normalised weights at its matched cells. With ``read_rows``
-    (or a row store, which has no other access) only the matched rows are read, once each, and the
-    selector indexes them by their place among those rows.
-    """
+def _matched_rows(values, indices, read_rows: bool):
+    """Checked ``(rows, indices)``: ``values`` and indices into it, or, with ``read_rows`` (and always for a
+    row store, which has no other access), only the matched rows, read once each, and indices into them."""
     indices = np.asarray(indices)
     if indices.ndim != 2 or indices.shape[1] == 0 or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"indices must be a 2-d integer array (queries x k), got {indices.dtype} {indices.shape}.")
     row_store = not sp.issparse(values) and callable(getattr(values, "rows", None))  # e.g. LogNormalisedCounts
     values = values if sp.issparse(values) or row_store else np.asarray(values)
-    n_cells, (n_query, k) = values.shape[0], indices.shape
-    if indices.size and (indices.min() < 0 or indices.max() >= n_cells):
-        raise ValueError(f"indices must lie in [0, {n_cells}) (the rows of values).")
+    if indices.size and (indices.min() < 0 or indices.max() >= values.shape[0]):
+        raise ValueError(f"indices must lie in [0, {values.shape[0]}) (the rows of values).")
+    if not (row_store or read_rows):
+        return values, indices
+    matched, local = np.unique(indices, return_inverse=True)
+    # the map to places among the matched rows keeps each query's order of matches, hence the order of sums
+    return (values.rows(matched) if row_store else values[matched]), local.reshape(indices.shape)
+
+
+def _selector(indices: np.ndarray, weights, n_rows: int, dtype) -> sp.csr_matrix:
+    """(n_query, n_rows) CSR whose row q holds q's weights, normalised, at its matched rows (checked)."""
+    n_query, k = indices.shape
     weights = np.ones(indices.shape) if weights is None else np.asarray(weights, dtype=np.float64)
     if weights.shape != indices.shape:
         raise ValueError(f"weights and indices must have the same shape, got {weights.shape} and {indices.shape}.")
     totals = weights.sum(axis=1, keepdims=True)
     if not np.isfinite(weights).all() or (weights < 0).any() or (totals <= 0).any():
         raise ValueError("weights must be finite and non-negative, with a positive sum in every row.")
-    if row_store or read_rows:
-        matched, indices = np.unique(indices, return_inverse=True)
-        values = values.rows(matched) if row_store else values[matched]
-        n_cells = matched.size
-    dtype = np.result_type(values.dtype, np.float32) if dtype is None else dtype  # the weights' precision
-    selector = sp.csr_matrix(((weights / totals).astype(dtype).ravel(), indices.ravel(),
-                              np.arange(0, n_query * k + 1, k)), shape=(n_query, n_cells))
-    return selector, values
+    return sp.csr_matrix(((weights / totals).astype(dtype).ravel(), indices.ravel(), np.arange(0, n_query * k + 1, k)),
+                         shape=(n_query, n_rows))
 
 
 def _product(selector: sp.csr_matrix, values):

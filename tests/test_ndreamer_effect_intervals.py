@@ -111,6 +111,10 @@ def test_weighted_moments_are_the_weighted_mean_and_mean_square():
         np.testing.assert_allclose(dense(mean), np.einsum("qk,qkg->qg", w, values[indices]))
         np.testing.assert_allclose(dense(square), np.einsum("qk,qkg->qg", w, values[indices] ** 2))
         np.testing.assert_allclose(dense(mean), dense(weighted_average(form, indices, weights)))
+        # the kernel-weighted average from the same read is weighted_average's, bit for bit
+        other = rng.uniform(0.1, 1.0, indices.shape).astype(np.float32)
+        *_, average = weighted_moments(form.astype(np.float32), indices, weights, average_weights=other)
+        np.testing.assert_array_equal(dense(average), dense(weighted_average(form.astype(np.float32), indices, other)))
 
 
 def test_interval_errors_name_the_argument():

@@ -28,7 +28,7 @@ from scipy import stats
 
 from .. import _validation as V
 from .._labels import quantile_label
-from ..matching import weighted_average, weighted_moments
+from ..matching import weighted_moments
 
 
 def interval_level(interval) -> float:
@@ -91,8 +91,9 @@ def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: n
     k = indices.shape[1]
     normalised = weights / weights.sum(axis=1, keepdims=True)
     squared_weights = (normalised.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
-    mean = dense_block(weighted_average(expression, indices, weights), genes)
-    plain_mean, plain_square = (dense_block(v, genes) for v in weighted_moments(expression, indices))
+    # one read of the matched rows: their plain moments, and the kernel-weighted mean the estimate uses
+    plain_mean, plain_square, mean = (dense_block(v, genes) for v in weighted_moments(expression, indices,
+                                                                                       average_weights=weights))
     spread = np.maximum(plain_square - plain_mean**2, 0.0) * (k / (k - 1))
     # k matched zeros are not evidence of no noise: at least the spread of one count among the k
     spread = np.maximum(spread, np.asarray(unit, dtype=np.float64)[:, None] ** 2 / k)
