@@ -325,13 +325,22 @@ def test_from_model_matching_and_model_based_counterfactuals():
     assert recovery["per_cell_r"] >= 0.6
     assert recovery["false_effect_ratio"] <= 0.13
     assert recovery["coverage"] >= 0.2
-    # the matched ITE's interval (spread of the matched cells, Student t): near its nominal 90 %
-    matched = nd.estimate_ite(interval=0.9)
-    bounds = matched.layers["ite_stimulated_q05"], matched.layers["ite_stimulated_q95"]
-    recovery = M.effect_recovery(adata, matched.layers["ite_stimulated"], low=bounds[0], high=bounds[1])
+    # the matched ITE with its interval (spread of the matched cells, Student t), a cell's own batch and
+    # condition from its matched cells (factual="matched", from_model's default) and from itself ("observed").
+    # Measured over model seeds 0-2 (2026-12-05): matched coverage 0.892-0.895, slope 0.84-0.85, per-cell r
+    # 0.884-0.888; observed coverage 0.816-0.824, per-cell r 0.734-0.735
+    recovery = {}
+    for factual in ("matched", "observed"):
+        route = nd if factual == "matched" else NDreamer.from_model(model, "condition", "control", batch_key="batch",
+                                                                    device="cpu", factual=factual)
+        matched = route.estimate_ite(interval=0.9)
+        bounds = matched.layers["ite_stimulated_q05"], matched.layers["ite_stimulated_q95"]
+        recovery[factual] = M.effect_recovery(adata, matched.layers["ite_stimulated"], low=bounds[0], high=bounds[1])
     print("matched ITE with its interval:", recovery)
-    assert 0.8 <= recovery["coverage"] <= 0.95 and 0.8 <= recovery["slope"] <= 1.25
-    assert recovery["per_cell_r"] >= 0.6
+    assert 0.85 <= recovery["matched"]["coverage"] <= 0.95 and 0.8 <= recovery["matched"]["slope"] <= 1.25
+    assert recovery["matched"]["per_cell_r"] >= 0.8
+    assert recovery["matched"]["per_cell_r"] > recovery["observed"]["per_cell_r"] + 0.08
+    assert 0.78 <= recovery["observed"]["coverage"] <= 0.95
 
 
 def test_model_counterfactual_warns_when_z_carries_the_condition():

@@ -60,6 +60,33 @@ def test_interval_narrows_with_less_noise_and_does_not_change_the_effect():
     np.testing.assert_array_equal(plain["ite_stim"], wide["ite_stim"])  # the interval leaves the estimate alone
 
 
+def test_matched_factual_averages_the_own_group_and_keeps_the_interval():
+    """factual="matched": a cell's own batch and condition come from its matched cells there (itself among
+    them), which removes its own noise; the interval (one measurement's variance for that term) is the same, so
+    it is conservative where the matches share the state exactly; denoised and batch effect are unchanged."""
+    expression, embedding, design, true_effect, treated = exact_design()
+    matches = match_groups(embedding, design.groups, k=20, device="cpu")
+    observed = effects_of_cells(expression, matches, design, interval=0.9)
+    matched = effects_of_cells(expression, matches, design, interval=0.9, factual="matched")
+    for name in ("denoised", "batch_effect"):
+        np.testing.assert_array_equal(matched[name], observed[name])
+    for bound in ("q05", "q95"):  # the same width, moved with the estimate
+        np.testing.assert_allclose(matched[f"ite_stim_{bound}"] - matched["ite_stim"],
+                                   observed[f"ite_stim_{bound}"] - observed["ite_stim"], atol=1e-5)
+    # by hand for one treated cell: the mean over batches of its kernel-weighted matches, minus its matched controls
+    cell = int(np.flatnonzero(treated)[0])
+    arm = lambda c: np.mean([weighted_average(expression, matches[design.group(b, c)].indices[[cell]],  # noqa: E731
+                                              matches[design.group(b, c)].weights[[cell]])[0] for b in ("0", "1")], 0)
+    np.testing.assert_allclose(matched["ite_stim"][cell], arm("stim") - arm("ctrl"), atol=1e-5)
+    error = lambda out: float(np.sqrt(np.mean((out["ite_stim"][treated] - true_effect[treated]) ** 2)))  # noqa: E731
+    assert error(matched) < 0.8 * error(observed)
+    inside = lambda out: float(((out["ite_stim_q05"][treated] <= true_effect[treated])  # noqa: E731
+                                & (true_effect[treated] <= out["ite_stim_q95"][treated])).mean())
+    assert inside(matched) > 0.95 and abs(inside(observed) - 0.9) < 0.03
+    with pytest.raises(ValueError, match="factual must be"):
+        effects_of_cells(expression, matches, design, factual="own")
+
+
 def test_dense_sparse_and_count_rows_give_the_same_bounds():
     rng = np.random.default_rng(1)
     counts = rng.poisson(rng.gamma(0.5, 4.0, (1, 30)), (240, 30)).astype(np.float32)
@@ -140,7 +167,7 @@ def test_spread_keeps_its_digits_for_large_values_with_little_noise():
 
 
 def test_saved_effects_of_the_format_before_intervals_are_read(tmp_path):
-    from pyro_scmodels.ndreamer.effects import MatchedEffects
+    from pyro_scmodels.ndreamer.matched_effects import MatchedEffects
 
     expression, embedding, design, _, _ = exact_design(n_states=2)
     effects = MatchedEffects(expression, design)

@@ -125,6 +125,26 @@ def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     attached.save(str(tmp_path / "nd"), overwrite=True)
 
 
+def test_from_model_factual_is_kept_through_save_and_load(tiny_model, tmp_path):
+    """from_model's factual ("matched" by default) decides the matched ITE, and a saved result keeps it."""
+    with pytest.raises(ValueError, match="factual must be"):
+        NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu", factual="itself")
+    ite = {}
+    for factual in ("matched", "observed"):
+        nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu", factual=factual)
+        ite[factual] = nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"].copy()
+        nd.save(str(tmp_path / factual))
+        loaded = NDreamer.load(str(tmp_path / factual), device="cpu")
+        space = loaded.get_modifier_space()
+        loaded.effects.invalidate()  # recomputed from the matches, not read from the saved layers
+        loaded.effects.set_embedding(space)
+        np.testing.assert_allclose(loaded.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite[factual],
+                                   atol=1e-6)
+    default = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    np.testing.assert_array_equal(default.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite["matched"])
+    assert np.abs(ite["matched"] - ite["observed"]).max() > 0.05
+
+
 def test_from_model_needs_a_model_of_the_package(tiny_model):
     class NotAModel:
         adata = tiny_model.adata

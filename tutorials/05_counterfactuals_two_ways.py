@@ -71,10 +71,11 @@ mean, low, high = (results.layers[f"ite_model_{treatment}{s}"] for s in ("", "_q
 # effect modifier only), CATE r, false-effect ratio in non-responding types, slope of estimate on truth
 # and the coverage of each 90 % interval. The model's holds only the posterior spread of z (decoder and
 # global sites at point estimates), not parameter uncertainty or model misfit, so its coverage is well
-# below 90 %. The matched ITE's interval holds the measurement noise of the cell and of its matched
-# cells (their spread), which is most of that estimate's error when the matches share the cell's
-# state: its coverage is near 90 % in a model's latent space, lower in a space that matches loosely
-# (see docs/ndreamer.md, "An interval for the matched ITE").
+# below 90 %. The matched ITE takes each cell's own batch and condition from its matched cells there
+# (itself among them: `from_model(..., factual="matched")`, the default), which removes the cell's own
+# counting noise; its interval holds the measurement noise of the cell and of its matched cells (their
+# spread). In a model's latent space its coverage is near 90 % (91-93 % on this simulator at full size);
+# in a space that matches loosely it is lower (see docs/ndreamer.md, "An interval for the matched ITE").
 
 # %%
 truth = adata[:, nd.genes].layers["true_ite"]

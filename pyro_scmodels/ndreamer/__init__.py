@@ -7,7 +7,8 @@ The public API is the effects pipeline; the loss functions live in
 
 from .cate import estimate_cate
 from .count_rows import LogNormalisedCounts
-from .effects import CounterfactualDesign, MatchedEffects
+from .effects import CounterfactualDesign
+from .matched_effects import MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
 from .pipeline import NDreamer

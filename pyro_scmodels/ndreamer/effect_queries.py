@@ -120,8 +120,9 @@ class EffectQueries:
             (:mod:`~pyro_scmodels.ndreamer.effect_intervals`). It holds the measurement noise of the
             cell and of its matches, not how far the matches' state is from the cell's: on
             ``datasets.simulate(3000, 500, effect_modifier=1.0)`` its 90 % bounds held the true effect
-            in 84-88 % of entries when matched in a RegularizedVI latent (``from_model``) and 70-86 % in
-            NDreamer's own space, whose matches are looser. Needs ``nearest_neighbor >= 2``.
+            in 91-93 % of entries when matched in a RegularizedVI latent (``from_model``, whose
+            ``factual="matched"`` takes a cell's own batch and condition from its matched cells too)
+            and 70-86 % in NDreamer's own space, whose matches are looser. Needs ``nearest_neighbor >= 2``.
 
         Returns
         -------

@@ -7,6 +7,7 @@ Pyro model. Every output is aligned with the input cells.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -98,16 +99,31 @@ class CounterfactualDesign:
         return f"{batch}{GROUP_SEPARATOR}{condition}"
 
 
+#: how a cell's own batch and condition enter its effects: its own measurement, or its matched cells there
+FACTUAL_CHOICES = ("observed", "matched")
+
+
+class ArmMean(NamedTuple):
+    """One condition's matched expression of some cells, averaged over the batches holding that condition."""
+
+    mean: np.ndarray  #: a cell of that condition counts itself for its own batch (the denoised expression)
+    variance: np.ndarray | None  #: of ``mean``, with an interval (a cell's own value: one measurement's variance)
+    dof: float  #: the fewest degrees of freedom of the spreads, with an interval
+    matched: np.ndarray | None  #: with ``factual="matched"``: its k matched cells (itself among them) instead
+
+
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
-                       own: np.ndarray | None = None, genes: np.ndarray | None = None, unit: np.ndarray | None = None):
+                       own: np.ndarray | None = None, genes: np.ndarray | None = None, unit: np.ndarray | None = None,
+                       factual: str = "observed") -> ArmMean:
     """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
 
-    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch.
-    With ``unit`` (a single count's value per cell, for an interval), returns ``(mean, variance, dof)``:
-    the variance of that mean and the fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
+    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch
+    (and, with ``factual="matched"``, also their matched cells there, in :attr:`ArmMean.matched`). With ``unit``
+    (a single count's value per cell, for an interval), also the variance of that mean and the fewest degrees of
+    freedom of its spreads (:mod:`.effect_intervals`).
     """
     batches = design.batches_with[condition]
-    total = variance = None
+    total = variance = matched = None
     dof = float("inf")
     for b in batches:
         match = matches[design.group(b, condition)]
@@ -117,20 +133,24 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             values = dense_block(weighted_average(expression, indices, weights), genes)
         else:
             values, spread, squared_weights = matched_spread(expression, indices, weights, unit, genes)
-            # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it
+            # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it.
+            # The own value keeps one measurement's variance with factual="matched" too: that mean trades the
+            # cell's counting noise for how far its neighbours' state is from its own, which no spread measures
             part = np.where(itself[:, None], spread, spread * squared_weights)
             variance = part if variance is None else variance + part
             dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
+        if factual == "matched":
+            matched = values.copy() if matched is None else matched + values
         if itself.any():
             values[itself] = dense_block(expression[cells[itself]], genes)
         total = values if total is None else total + values
-    if unit is None:
-        return total / len(batches)
-    return total / len(batches), variance / len(batches) ** 2, dof
+    n = len(batches)
+    return ArmMean(total / n, None if variance is None else variance / n ** 2, dof,
+                   None if matched is None else matched / n)
 
 
 def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None,
-                     interval: float | None = None) -> dict:
+                     interval: float | None = None, factual: str = "observed") -> dict:
     """Denoised expression, batch effect and ITE of some cells and genes, from matches already found.
 
     Parameters
@@ -149,20 +169,27 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         A level such as 0.9: also the bounds ``ite_<condition>_q05`` / ``_q95`` of each ITE's
         Student t interval from the spread of the matched cells (:mod:`.effect_intervals`). Needs
         at least two matched cells per group.
+    factual
+        How the ITE takes a cell's value in its own batch and condition: ``"observed"``, the cell's
+        own expression; ``"matched"``, the kernel-weighted mean of its matched cells there (itself
+        among them), like every other batch and condition. The second removes the cell's own counting
+        noise, and is right when the matches share the cell's state (a model's latent); the interval
+        is the same for both. ``denoised`` and ``batch_effect`` use the observed value either way.
 
     Returns
     -------
     dict
         As :func:`estimate_effects`, (len(cells), len(genes)) float32 arrays in the order asked for.
     """
+    factual = V.choice("factual", factual, FACTUAL_CHOICES)
     cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
     level = None if interval is None else interval_level(interval)
     if level is not None:
         _check_spread_estimable(matches)
         if cells.size > K.WRITE_CHUNK_CELLS:
             # the spread's float64 moments are cells x genes too: a block of cells at a time bounds them
-            blocks = [effects_of_cells(expression, matches, design, cells[start:start + K.WRITE_CHUNK_CELLS], genes, level)
-                      for start in range(0, cells.size, K.WRITE_CHUNK_CELLS)]
+            blocks = [effects_of_cells(expression, matches, design, cells[start:start + K.WRITE_CHUNK_CELLS], genes, level,
+                                       factual) for start in range(0, cells.size, K.WRITE_CHUNK_CELLS)]
             return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     # columns are taken from each block of rows: slicing the whole matrix first would copy all of it
     genes = None if genes is None else np.asarray(genes, dtype=np.int64)
@@ -170,24 +197,25 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     unit = None if level is None else smallest_positive(observed)  # of the whole row, before the genes are kept
     observed = dense_block(observed, genes)
     denoised = np.zeros(observed.shape, dtype=np.float32)
-    per_condition = {}
+    arms = {}
     for c in design.conditions:
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
-        per_condition[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes, unit=unit)
-        denoised[own] = (per_condition[c] if level is None else per_condition[c][0])[own]
+        arms[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes, unit=unit, factual=factual)
+        denoised[own] = arms[c].mean[own]
     out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
-    control = per_condition[design.control_name]
+    control = arms[design.control_name]
     for c in design.treatments:
-        if level is None:
-            out[f"ite_{c}"] = (per_condition[c] - control).astype(np.float32)
-            continue
-        (treated_mean, treated_variance, treated_dof), (control_mean, control_variance, control_dof) = per_condition[c], control
-        effect = treated_mean - control_mean
+        treated = arms[c]
+        if factual == "matched":
+            effect = treated.matched - control.matched
+        else:
+            effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
-        low, high = interval_bounds(effect, treated_variance + control_variance, min(treated_dof, control_dof), level)
-        low_name, high_name = bound_names(level)
-        out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
+        if level is not None:
+            low, high = interval_bounds(effect, treated.variance + control.variance, min(treated.dof, control.dof), level)
+            low_name, high_name = bound_names(level)
+            out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
     return out
 
 
@@ -203,7 +231,8 @@ def _check_spread_estimable(matches: dict) -> None:
 
 
 def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDesign,
-                     nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, device: str = "auto") -> dict[str, np.ndarray]:
+                     nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, device: str = "auto",
+                     factual: str = "observed") -> dict[str, np.ndarray]:
     """Denoised expression, batch effect and per-cell treatment effects, by matching in ``embedding``.
 
     Parameters
@@ -217,6 +246,8 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
         Conditions, control and batches.
     nearest_neighbor, bandwidth, device
         k of the matching (1: causal matching), kernel bandwidth for k > 1, FAISS device.
+    factual
+        As in :func:`effects_of_cells`.
 
     Returns
     -------
@@ -229,148 +260,4 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
     if np.asarray(embedding).shape[0] != len(design.condition):
         raise ValueError(f"embedding has {np.asarray(embedding).shape[0]} cells, the design {len(design.condition)}.")
     matches = match_groups(embedding, design.groups, k=nearest_neighbor, bandwidth=bandwidth, device=device)
-    return effects_of_cells(expression, matches, design)
-
-
-class MatchedEffects:
-    """One representation's matching space and the effects estimated in it, cached.
-
-    Owns the embedding, its PCA (the matching space, :func:`matching_space`) and the results
-    of :func:`estimate_effects` keyed by ``(nearest_neighbor, bandwidth)``. A new embedding
-    (:meth:`set_embedding`) or :meth:`invalidate` drops every cached result, so effects never
-    outlive the representation they were matched in.
-
-    Parameters
-    ----------
-    expression
-        Log-normalised expression (cells x genes) whose matched values make the effects.
-    design
-        Conditions, control and batches of the same cells.
-    n_components, seed
-        PCA of the matching space.
-    max_cached
-        How many ``(nearest_neighbor, bandwidth, interval)`` results are kept (each holds several
-        cells x genes arrays); the oldest is dropped first.
-    """
-
-    def __init__(self, expression, design: CounterfactualDesign, n_components: int = K.MATCHING_PCA_COMPONENTS,
-                 seed: int = 0, max_cached: int = 1):
-        self.expression, self.design = expression, design
-        self.n_components, self.seed, self.max_cached = n_components, seed, max_cached
-        self.embedding: np.ndarray | None = None
-        self.space: np.ndarray | None = None
-        self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
-        self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
-
-    @property
-    def has_embedding(self) -> bool:
-        """Whether a representation has been set."""
-        return self.embedding is not None
-
-    def set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
-        """Match in ``embedding`` from now on (its PCA unless ``space`` is given).
-
-        Cached effects are dropped unless the embedding is exactly the one already set.
-        """
-        embedding = np.asarray(embedding, dtype=np.float32)
-        if embedding.ndim != 2 or embedding.shape[0] != len(self.design.condition):
-            raise ValueError(f"embedding has shape {embedding.shape}; expected ({len(self.design.condition)}, dims).")
-        if self.embedding is not None and np.array_equal(embedding, self.embedding):
-            return
-        self.invalidate()
-        self.embedding = embedding
-        self.space = (matching_space(embedding, self.n_components, self.seed) if space is None
-                      else np.asarray(space, dtype=np.float32))
-
-    def invalidate(self) -> None:
-        """Forget the embedding, the matching space and every cached result."""
-        self.embedding = self.space = None
-        self._cache.clear()
-        self._matches.clear()
-
-    def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
-        """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
-        if self.space is None:
-            raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
-        key = self._key(nearest_neighbor, bandwidth)
-        if key not in self._matches:
-            # device="auto": the matching module decides whether FAISS can use a GPU
-            self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
-            while len(self._matches) > self.max_cached:
-                self._matches.pop(next(iter(self._matches)))
-        return self._matches[key]
-
-    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
-                interval: float | None = None) -> dict[str, np.ndarray]:
-        """:func:`effects_of_cells` of every cell and gene, computed once per ``(nearest_neighbor, bandwidth, interval)``.
-
-        A result with an interval also answers the same matching without one.
-        """
-        key = self._key(nearest_neighbor, bandwidth)
-        level = None if interval is None else interval_level(interval)
-        cached = self._cached(key, level)
-        if cached is not None:
-            return cached
-        self._cache[(*key, level)] = effects_of_cells(self.expression, self.matches(*key), self.design, interval=level)
-        while len(self._cache) > self.max_cached:
-            self._cache.pop(next(iter(self._cache)))
-        return self._cache[(*key, level)]
-
-    def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
-                   genes=None, interval: float | None = None) -> dict[str, np.ndarray]:
-        """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
-        of the whole data is never built. Taken from the cached full result when there is one."""
-        key = self._key(nearest_neighbor, bandwidth)
-        level = None if interval is None else interval_level(interval)
-        cached = self._cached(key, level)
-        if cached is not None:
-            rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
-            columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
-            return {name: values[rows][:, columns] for name, values in cached.items()}
-        return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level)
-
-    @staticmethod
-    def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:
-        return V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth)
-
-    def _cached(self, key: tuple[int, float], level: float | None) -> dict | None:
-        """The cached result of this matching at ``level``; without a level, one at any level will do."""
-        if (*key, level) in self._cache:
-            return self._cache[(*key, level)]
-        if level is None:
-            return next((v for (k, b, _), v in self._cache.items() if (k, b) == key), None)
-        return None
-
-    def save(self, path: str) -> None:
-        """Write the embedding, the matching space and the cached results to one ``.npz`` file."""
-        arrays = {} if self.embedding is None else {"embedding": self.embedding, "space": self.space}
-        for (k, bandwidth, level), effects in self._cache.items():
-            arrays.update({f"effects|{k}|{bandwidth!r}|{level!r}|{name}": values for name, values in effects.items()})
-        with open(path, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-
-    def load(self, path: str) -> None:
-        """Restore what :meth:`save` wrote (for the same cells)."""
-        self.invalidate()
-        with np.load(path, allow_pickle=False) as stored:
-            if "embedding" in stored:
-                self.set_embedding(stored["embedding"], stored["space"])
-            for name in stored.files:
-                if name.startswith("effects|"):
-                    _, k, bandwidth, rest = name.split("|", 3)
-                    level, layer = _stored_level(rest)
-                    self._cache.setdefault((int(k), float(bandwidth), level), {})[layer] = stored[name]
-
-
-def _stored_level(rest: str) -> tuple[float | None, str]:
-    """``(level, layer)`` of a saved effect's name after ``effects|k|bandwidth|``: ``level|layer`` since intervals
-    exist, the layer alone before (a layer name may hold ``|``, a condition's name)."""
-    head, _, tail = rest.partition("|")
-    if not tail:
-        return None, rest
-    if head == "None":
-        return None, tail
-    try:
-        return float(head), tail
-    except ValueError:
-        return None, rest
+    return effects_of_cells(expression, matches, design, factual=factual)

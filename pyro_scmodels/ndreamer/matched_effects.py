@@ -1,0 +1,160 @@
+"""A representation's matching space and the effects estimated in it, cached (:class:`MatchedEffects`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validation as V
+from ..matching import match_groups
+from . import _constants as K
+from .effect_intervals import interval_level
+from .effects import FACTUAL_CHOICES, CounterfactualDesign, effects_of_cells, matching_space
+
+
+class MatchedEffects:
+    """One representation's matching space and the effects estimated in it, cached.
+
+    Owns the embedding, its PCA (the matching space, :func:`matching_space`) and the results
+    of :func:`estimate_effects` keyed by ``(nearest_neighbor, bandwidth)``. A new embedding
+    (:meth:`set_embedding`) or :meth:`invalidate` drops every cached result, so effects never
+    outlive the representation they were matched in.
+
+    Parameters
+    ----------
+    expression
+        Log-normalised expression (cells x genes) whose matched values make the effects.
+    design
+        Conditions, control and batches of the same cells.
+    n_components, seed
+        PCA of the matching space.
+    max_cached
+        How many ``(nearest_neighbor, bandwidth, interval)`` results are kept (each holds several
+        cells x genes arrays); the oldest is dropped first.
+    factual
+        How the ITE takes a cell's own batch and condition (:func:`effects_of_cells`).
+    """
+
+    def __init__(self, expression, design: CounterfactualDesign, n_components: int = K.MATCHING_PCA_COMPONENTS,
+                 seed: int = 0, max_cached: int = 1, factual: str = "observed"):
+        self.expression, self.design = expression, design
+        self.factual = V.choice("factual", factual, FACTUAL_CHOICES)
+        self.n_components, self.seed, self.max_cached = n_components, seed, max_cached
+        self.embedding: np.ndarray | None = None
+        self.space: np.ndarray | None = None
+        self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
+        self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether a representation has been set."""
+        return self.embedding is not None
+
+    def set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
+        """Match in ``embedding`` from now on (its PCA unless ``space`` is given).
+
+        Cached effects are dropped unless the embedding is exactly the one already set.
+        """
+        embedding = np.asarray(embedding, dtype=np.float32)
+        if embedding.ndim != 2 or embedding.shape[0] != len(self.design.condition):
+            raise ValueError(f"embedding has shape {embedding.shape}; expected ({len(self.design.condition)}, dims).")
+        if self.embedding is not None and np.array_equal(embedding, self.embedding):
+            return
+        self.invalidate()
+        self.embedding = embedding
+        self.space = (matching_space(embedding, self.n_components, self.seed) if space is None
+                      else np.asarray(space, dtype=np.float32))
+
+    def invalidate(self) -> None:
+        """Forget the embedding, the matching space and every cached result."""
+        self.embedding = self.space = None
+        self._cache.clear()
+        self._matches.clear()
+
+    def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
+        """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
+        if self.space is None:
+            raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
+        key = self._key(nearest_neighbor, bandwidth)
+        if key not in self._matches:
+            # device="auto": the matching module decides whether FAISS can use a GPU
+            self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
+            while len(self._matches) > self.max_cached:
+                self._matches.pop(next(iter(self._matches)))
+        return self._matches[key]
+
+    def effects(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
+                interval: float | None = None) -> dict[str, np.ndarray]:
+        """:func:`effects_of_cells` of every cell and gene, computed once per ``(nearest_neighbor, bandwidth, interval)``.
+
+        A result with an interval also answers the same matching without one.
+        """
+        key = self._key(nearest_neighbor, bandwidth)
+        level = None if interval is None else interval_level(interval)
+        cached = self._cached(key, level)
+        if cached is not None:
+            return cached
+        self._cache[(*key, level)] = effects_of_cells(self.expression, self.matches(*key), self.design, interval=level,
+                                                      factual=self.factual)
+        while len(self._cache) > self.max_cached:
+            self._cache.pop(next(iter(self._cache)))
+        return self._cache[(*key, level)]
+
+    def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
+                   genes=None, interval: float | None = None) -> dict[str, np.ndarray]:
+        """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
+        of the whole data is never built. Taken from the cached full result when there is one."""
+        key = self._key(nearest_neighbor, bandwidth)
+        level = None if interval is None else interval_level(interval)
+        cached = self._cached(key, level)
+        if cached is not None:
+            rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
+            columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
+            return {name: values[rows][:, columns] for name, values in cached.items()}
+        return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
+                                factual=self.factual)
+
+    @staticmethod
+    def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:
+        return V.positive_int("nearest_neighbor", nearest_neighbor), V.positive_float("bandwidth", bandwidth)
+
+    def _cached(self, key: tuple[int, float], level: float | None) -> dict | None:
+        """The cached result of this matching at ``level``; without a level, one at any level will do."""
+        if (*key, level) in self._cache:
+            return self._cache[(*key, level)]
+        if level is None:
+            return next((v for (k, b, _), v in self._cache.items() if (k, b) == key), None)
+        return None
+
+    def save(self, path: str) -> None:
+        """Write the embedding, the matching space and the cached results to one ``.npz`` file."""
+        arrays = {} if self.embedding is None else {"embedding": self.embedding, "space": self.space}
+        for (k, bandwidth, level), effects in self._cache.items():
+            arrays.update({f"effects|{k}|{bandwidth!r}|{level!r}|{name}": values for name, values in effects.items()})
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    def load(self, path: str) -> None:
+        """Restore what :meth:`save` wrote (for the same cells)."""
+        self.invalidate()
+        with np.load(path, allow_pickle=False) as stored:
+            if "embedding" in stored:
+                self.set_embedding(stored["embedding"], stored["space"])
+            for name in stored.files:
+                if name.startswith("effects|"):
+                    _, k, bandwidth, rest = name.split("|", 3)
+                    level, layer = _stored_level(rest)
+                    self._cache.setdefault((int(k), float(bandwidth), level), {})[layer] = stored[name]
+
+
+def _stored_level(rest: str) -> tuple[float | None, str]:
+    """``(level, layer)`` of a saved effect's name after ``effects|k|bandwidth|``: ``level|layer`` since intervals
+    exist, the layer alone before (a layer name may hold ``|``, a condition's name)."""
+    head, _, tail = rest.partition("|")
+    if not tail:
+        return None, rest
+    if head == "None":
+        return None, tail
+    try:
+        return float(head), tail
+    except ValueError:
+        return None, rest
