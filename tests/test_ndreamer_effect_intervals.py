@@ -68,8 +68,8 @@ def test_matched_factual_averages_the_own_group_and_keeps_the_interval():
     matches = match_groups(embedding, design.groups, k=20, device="cpu")
     observed = effects_of_cells(expression, matches, design, interval=0.9)
     matched = effects_of_cells(expression, matches, design, interval=0.9, factual="matched")
-    for name in ("denoised", "batch_effect"):
-        np.testing.assert_array_equal(matched[name], observed[name])
+    for name in ("denoised", "batch_effect"):  # the same up to rounding (kept as a difference from the matched mean)
+        np.testing.assert_allclose(matched[name], observed[name], atol=1e-5)
     for bound in ("q05", "q95"):  # the same width, moved with the estimate
         np.testing.assert_allclose(matched[f"ite_stim_{bound}"] - matched["ite_stim"],
                                    observed[f"ite_stim_{bound}"] - observed["ite_stim"], atol=1e-5)

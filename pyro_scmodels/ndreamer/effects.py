@@ -106,10 +106,11 @@ FACTUAL_CHOICES = ("observed", "matched")
 class ArmMean(NamedTuple):
     """One condition's matched expression of some cells, averaged over the batches holding that condition."""
 
-    mean: np.ndarray  #: a cell of that condition counts itself for its own batch (the denoised expression)
-    variance: np.ndarray | None  #: of ``mean``, with an interval (a cell's own value: one measurement's variance)
+    mean: np.ndarray  #: the ITE's term; a cell of that condition takes its own batch from itself or its matches
+    variance: np.ndarray | None  #: of ``mean``, with an interval (a cell's own batch: one measurement's variance)
     dof: float  #: the fewest degrees of freedom of the spreads, with an interval
-    matched: np.ndarray | None  #: with ``factual="matched"``: its k matched cells (itself among them) instead
+    own_shift: np.ndarray | None  #: with ``factual="matched"``, per cell of that condition (in order): its own
+    #: value minus its matched cells' there, over the number of batches; ``mean`` plus it is the denoised value
 
 
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
@@ -117,18 +118,22 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
                        factual: str = "observed") -> ArmMean:
     """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
 
-    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch
-    (and, with ``factual="matched"``, also their matched cells there, in :attr:`ArmMean.matched`). With ``unit``
-    (a single count's value per cell, for an interval), also the variance of that mean and the fewest degrees of
-    freedom of its spreads (:mod:`.effect_intervals`).
+    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch,
+    or, with ``factual="matched"``, their matched cells there (and :attr:`ArmMean.own_shift` keeps the difference).
+    With ``unit`` (a single count's value per cell, for an interval), also the variance of that mean and the
+    fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
     batches = design.batches_with[condition]
-    total = variance = matched = None
+    n = len(batches)
+    own = np.zeros(cells.size, dtype=bool) if own is None else own
+    own_rows = np.flatnonzero(own)
+    own_shift = None
+    total = variance = None
     dof = float("inf")
     for b in batches:
         match = matches[design.group(b, condition)]
         indices, weights = match.indices[cells], match.weights[cells]
-        itself = np.zeros(cells.size, dtype=bool) if own is None else own & (design.batch[cells] == b)
+        itself = own & (design.batch[cells] == b)
         if unit is None:
             values = dense_block(weighted_average(expression, indices, weights), genes)
         else:
@@ -139,14 +144,19 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             part = np.where(itself[:, None], spread, spread * squared_weights)
             variance = part if variance is None else variance + part
             dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
-        if factual == "matched":
-            matched = values.copy() if matched is None else matched + values
         if itself.any():
-            values[itself] = dense_block(expression[cells[itself]], genes)
-        total = values if total is None else total + values
-    n = len(batches)
-    return ArmMean(total / n, None if variance is None else variance / n ** 2, dof,
-                   None if matched is None else matched / n)
+            observed = dense_block(expression[cells[itself]], genes)
+            if factual == "matched":  # only the difference is kept, for the denoised value: not a second array
+                own_shift = np.zeros((own_rows.size, values.shape[1]), values.dtype) if own_shift is None else own_shift
+                own_shift[np.searchsorted(own_rows, np.flatnonzero(itself))] = (observed - values[itself]) / n
+            else:
+                values[itself] = observed
+        if total is None:
+            total = values
+        else:
+            total += values
+    total /= n
+    return ArmMean(total, None if variance is None else variance / n ** 2, dof, own_shift)
 
 
 def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None,
@@ -202,15 +212,12 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
         arms[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes, unit=unit, factual=factual)
-        denoised[own] = arms[c].mean[own]
+        denoised[own] = arms[c].mean[own] if arms[c].own_shift is None else arms[c].mean[own] + arms[c].own_shift
     out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
     control = arms[design.control_name]
     for c in design.treatments:
         treated = arms[c]
-        if factual == "matched":
-            effect = treated.matched - control.matched
-        else:
-            effect = treated.mean - control.mean
+        effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
         if level is not None:
             low, high = interval_bounds(effect, treated.variance + control.variance, min(treated.dof, control.dof), level)
