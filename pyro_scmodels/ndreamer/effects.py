@@ -132,7 +132,7 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     dof = float("inf")
     for b in batches:
         match = matches[design.group(b, condition)]
-        indices, weights = match.indices[cells], match.weights[cells]
+        indices, weights = match.indices[cells], match.weights_of(cells)
         itself = own & (design.batch[cells] == b)
         if unit is None:
             values = dense_block(weighted_average(expression, indices, weights), genes)
