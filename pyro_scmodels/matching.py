@@ -177,7 +177,8 @@ class GroupMatches(NamedTuple):
     """Matches of the query cells into one target group: ``indices`` is (n_query, k).
 
     Distances and kernel weights are computed from the embedding when asked, for the rows asked: stored, with
-    k = 20 into 8 groups, each was 0.64 GB at 10^6 cells. They are the computation the search ends with (the
+    k = 20 into 8 groups, each was 0.64 GB at 10^6 cells (the centred embedding they come from, n x d float32, is
+    kept instead, one copy for every group). They are the computation the search ends with (the
     distances of the cells found, from the same centred coordinates), and NDreamer's effects came out bit for bit
     the same as with stored ones.
     """
@@ -196,11 +197,11 @@ class GroupMatches(NamedTuple):
         return self.weights_of(slice(None))
 
     def distances_of(self, rows) -> np.ndarray:
-        """The distances of some rows (cells, as positions or a slice)."""
+        """The distances of some rows (cells, as an array of positions or a slice)."""
         return _distances(self.points[rows], self.points, self.indices[rows])
 
     def weights_of(self, rows) -> np.ndarray:
-        """The kernel weights of some rows (cells, as positions or a slice)."""
+        """The kernel weights of some rows (cells, as an array of positions or a slice)."""
         return kernel_weights(self.distances_of(rows), self.bandwidth).astype(np.float32)
 
 

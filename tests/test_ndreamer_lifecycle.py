@@ -140,6 +140,8 @@ def test_from_model_factual_is_kept_through_save_and_load(tiny_model, tmp_path):
         loaded.effects.set_embedding(space)
         np.testing.assert_allclose(loaded.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite[factual],
                                    atol=1e-6)
+    with pytest.raises(AttributeError):  # fixed once set: the cached effects do not record it
+        nd.effects.factual = "matched"
     default = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
     np.testing.assert_array_equal(default.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite["matched"])
     assert np.abs(ite["matched"] - ite["observed"]).max() > 0.05

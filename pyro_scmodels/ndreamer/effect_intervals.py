@@ -5,7 +5,8 @@ batch) or the weighted mean of its k matched cells there, averaged over the batc
 for the control. (With ``factual="matched"`` the own batch, too, takes the weighted mean of the k
 matched cells there, itself among them; the variance of that term stays one measurement's, ``s^2``,
 as an allowance for how far those cells' state lies from the cell's: see
-:func:`~pyro_scmodels.ndreamer.effects.effects_of_cells`.) Each average is estimated from cells that share the cell's state, so the spread of
+:func:`~pyro_scmodels.ndreamer.effects.effects_of_cells`.)
+Each average is estimated from cells that share the cell's state, so the spread of
 those k cells, their sample variance s^2, estimates the noise of one measurement at that state. The
 weighted mean of them (weights w normalised to 1) has variance ``s^2 sum_j w_j^2``; the cell's own
 value, one measurement, has variance ``s^2`` (from its matches in its own group, itself among them).

@@ -183,8 +183,8 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         How the ITE takes a cell's value in its own batch and condition: ``"observed"``, the cell's
         own expression; ``"matched"``, the kernel-weighted mean of its matched cells there (itself
         among them), like every other batch and condition. The second removes the cell's own counting
-        noise, and is right when the matches share the cell's state (a model's latent); the interval
-        is the same for both. ``denoised`` and ``batch_effect`` use the observed value either way.
+        noise, and is right when the matches share the cell's state (a model's latent); the interval's
+        width is the same for both. ``denoised`` and ``batch_effect`` use the observed value either way.
 
     Returns
     -------

@@ -37,12 +37,17 @@ class MatchedEffects:
     def __init__(self, expression, design: CounterfactualDesign, n_components: int = K.MATCHING_PCA_COMPONENTS,
                  seed: int = 0, max_cached: int = 1, factual: str = "observed"):
         self.expression, self.design = expression, design
-        self.factual = V.choice("factual", factual, FACTUAL_CHOICES)
+        self._factual = V.choice("factual", factual, FACTUAL_CHOICES)
         self.n_components, self.seed, self.max_cached = n_components, seed, max_cached
         self.embedding: np.ndarray | None = None
         self.space: np.ndarray | None = None
         self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
         self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
+
+    @property
+    def factual(self) -> str:
+        """How the ITE takes a cell's own batch and condition; fixed at construction (the cache does not record it)."""
+        return self._factual
 
     @property
     def has_embedding(self) -> bool:
@@ -94,7 +99,7 @@ class MatchedEffects:
         if cached is not None:
             return cached
         self._cache[(*key, level)] = effects_of_cells(self.expression, self.matches(*key), self.design, interval=level,
-                                                      factual=self.factual)
+                                                      factual=self._factual)
         while len(self._cache) > self.max_cached:
             self._cache.pop(next(iter(self._cache)))
         return self._cache[(*key, level)]
@@ -111,7 +116,7 @@ class MatchedEffects:
             columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
             return {name: values[rows][:, columns] for name, values in cached.items()}
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
-                                factual=self.factual)
+                                factual=self._factual)
 
     @staticmethod
     def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:

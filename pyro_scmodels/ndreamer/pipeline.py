@@ -108,7 +108,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
                         codebook_size=codebook_size, codebook_dim=codebook_dim, embedding_dim=embedding_dim,
                         z_dim=z_dim, encoder_hidden=list(encoder_hidden), decoder_hidden=list(decoder_hidden),
                         batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr), seed=seed,
-                        representation=NETWORK, factual="observed",  # see from_model: matches here span more state
+                        representation=NETWORK,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group))
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
@@ -181,8 +181,10 @@ class NDreamer(ModelRepresentation, EffectQueries):
         self.results.uns["ndreamer"] = {"condition_key": settings["condition_key"], "control_name": settings["control_name"],
                                         "conditions": self.design.conditions, "batch_key": settings["batch_key"],
                                         "representation": settings.get("model", settings["representation"])}
-        # saved before the setting existed: the observed value, as the effects were then computed
-        self.effects = MatchedEffects(expression, self.design, seed=settings["seed"], factual=settings.get("factual", "observed"))
+        # NDreamer's own space, and results saved before the setting existed, use the cell's own value (see
+        # from_model); not in the constructor's settings, so training checkpoints of earlier versions still resume
+        self.effects = MatchedEffects(expression, self.design, seed=settings["seed"],
+                                      factual=settings.get("factual", "observed"))
         if latent is not None:
             self._set_embedding(latent)
 

@@ -56,7 +56,7 @@ class ModelRepresentation:
             uses it: its matches span more of the state inside a cell type). On
             ``datasets.simulate(3000, 500, effect_modifier=1.0)`` (four seeds, a RegularizedVI with
             ``latent_independence=10``) the per-cell correlation with the true ITE is 0.88-0.92 with
-            ``"matched"`` and 0.74-0.80 with ``"observed"``. The interval is the same for both.
+            ``"matched"`` and 0.74-0.80 with ``"observed"``. The interval's width is the same for both.
 
         Returns
         -------
