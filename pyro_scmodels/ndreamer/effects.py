@@ -114,12 +114,13 @@ class ArmMean(NamedTuple):
 
 
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
-                       own: np.ndarray | None = None, genes: np.ndarray | None = None, unit: np.ndarray | None = None,
-                       factual: str = "observed") -> ArmMean:
+                       own: np.ndarray | None = None, observed: np.ndarray | None = None, genes: np.ndarray | None = None,
+                       unit: np.ndarray | None = None, factual: str = "observed") -> ArmMean:
     """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
 
-    With ``own`` (a boolean per cell of ``cells``), cells of that condition use themselves for their own batch,
-    or, with ``factual="matched"``, their matched cells there (and :attr:`ArmMean.own_shift` keeps the difference).
+    With ``own`` (a boolean per cell of ``cells``) and ``observed`` (the cells' own rows, dense, the genes kept:
+    read once by the caller), cells of that condition use themselves for their own batch, or, with
+    ``factual="matched"``, their matched cells there (and :attr:`ArmMean.own_shift` keeps the difference).
     With ``unit`` (a single count's value per cell, for an interval), also the variance of that mean and the
     fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
@@ -145,12 +146,11 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             variance = part if variance is None else variance + part
             dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
         if itself.any():
-            observed = dense_block(expression[cells[itself]], genes)
             if factual == "matched":  # only the difference is kept, for the denoised value: not a second array
                 own_shift = np.zeros((own_rows.size, values.shape[1]), values.dtype) if own_shift is None else own_shift
-                own_shift[np.searchsorted(own_rows, np.flatnonzero(itself))] = (observed - values[itself]) / n
+                own_shift[np.searchsorted(own_rows, np.flatnonzero(itself))] = (observed[itself] - values[itself]) / n
             else:
-                values[itself] = observed
+                values[itself] = observed[itself]
         if total is None:
             total = values
         else:
@@ -211,7 +211,8 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     for c in design.conditions:
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
-        arms[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, genes=genes, unit=unit, factual=factual)
+        arms[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, observed=observed, genes=genes,
+                                     unit=unit, factual=factual)
         denoised[own] = arms[c].mean[own] if arms[c].own_shift is None else arms[c].mean[own] + arms[c].own_shift
     out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
     control = arms[design.control_name]
