@@ -160,15 +160,16 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     # right=True: a code owns [cdf before it, its cdf), so a code of probability 0 (underflow) is never drawn
     top = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True).clamp_(max=c - 1)  # (R, 1): from probs
     p_top = p.gather(1, top)
-    if bool((p_top == 0).any()):  # a draw rounded onto the total, past the last code that can be drawn: the
-        # likeliest code stands in (a 2^-24 chance per cell)
-        top = torch.where(p_top > 0, top, p.argmax(-1, keepdim=True))
-        p_top = p.gather(1, top)
+    # a draw rounded onto the total, past the last code that can be drawn: the likeliest code stands in (a 2^-24
+    # chance per cell). Always computed: testing for it first would read the device back to the host
+    top = torch.where(p_top > 0, top, p.argmax(-1, keepdim=True))
+    p_top = p.gather(1, top)
     # U = 0 read as the smallest U > 0 that rand draws (2^-24 in float32): clamped to the smallest float instead,
     # G0 fell to -4.5, beyond what the draw's resolution allows (-2.8), and its Poisson mean to 23 hits
     g0 = -_minus_gumbel(total, floor=torch.finfo(p.dtype).eps / 2)
     rest = (total - p_top).clamp_(min=0.0)
     events = torch.poisson(g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)).squeeze(1).long()
+    # the step's one read back to the host: how many hits to draw, and whether any cell has too many
     n_events = int(events.max()) if events.numel() else 0
     if n_events > m - 1:
         return None

@@ -5,6 +5,8 @@ within each group (dependence, to be maximised), vectorised over codebooks and g
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 _XLOGX_FLOOR = 1e-12
@@ -15,9 +17,55 @@ def _xlogx(p: torch.Tensor) -> torch.Tensor:
     return p * torch.log(p.clamp_min(_XLOGX_FLOOR))
 
 
-def segmented_soft_nmi(
-    probs: torch.Tensor, columns: torch.Tensor, segments: torch.Tensor, n_segments: int | None = None
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class NMILayout:
+    """Which cells each label column sums, for :func:`soft_nmi`: everything that depends on the labels only.
+
+    Built where the labels are (:meth:`build`; in training, on the host: its ``unique``-free but size-dependent
+    steps, the column counts and the sparse ``coalesce``, would each wait for the device there), then moved.
+
+    Attributes
+    ----------
+    membership
+        ``(K, L, N)`` sparse, the same for every codebook: entry (l, n) is ``1 / n_s`` for cell n in column l of
+        segment s (:func:`_membership`).
+    segments
+        ``(L,)`` long: segment of each column.
+    n_segments
+        S, the number of segments.
+    label_entropy
+        ``(S,)`` entropy of the labels in each segment.
+    """
+
+    membership: torch.Tensor
+    segments: torch.Tensor
+    n_segments: int
+    label_entropy: torch.Tensor
+
+    @classmethod
+    def build(cls, columns: torch.Tensor, segments: torch.Tensor, n_segments: int | None, n_books: int,
+              dtype: torch.dtype = torch.float32) -> "NMILayout":
+        """The layout of ``columns`` ``(N, J)`` (each cell's column in each of J label slots) with ``segments``
+        ``(L,)`` (segment of each column), ``n_segments`` (default ``segments.max() + 1``), for ``n_books``
+        codebooks."""
+        n_cols = segments.numel()
+        n_seg = int(segments.max()) + 1 if n_segments is None else n_segments
+        col_count = torch.bincount(columns.reshape(-1), minlength=n_cols).to(dtype)
+        seg_count = torch.zeros(n_seg, dtype=dtype, device=segments.device).index_add(0, segments, col_count)
+        norm = seg_count[segments].clamp_min(1.0)
+        # each cell's 1 / n_s rides in the sparse matrix, so the product gives P(c, l) without a division pass
+        membership = _membership(columns, 1.0 / norm[columns], n_cols, n_books)
+        p_label = col_count / norm
+        label_entropy = -torch.zeros(n_seg, dtype=dtype, device=segments.device).index_add(0, segments, _xlogx(p_label))
+        return cls(membership, segments, n_seg, label_entropy)
+
+    def to(self, device) -> "NMILayout":
+        """The same layout on ``device``."""
+        return replace(self, membership=self.membership.to(device), segments=self.segments.to(device),
+                       label_entropy=self.label_entropy.to(device))
+
+
+def soft_nmi(probs: torch.Tensor, layout: NMILayout) -> torch.Tensor:
     """Normalised mutual information between soft code assignments and labels, per segment.
 
     Each *segment* is one (set of cells, label variable) pair; its label categories are
@@ -25,6 +73,33 @@ def segmented_soft_nmi(
     ``s`` and codebook ``k`` the joint is ``P(c, l) = sum_{n in l} probs[k, n, c] / n_s``, then
     ``NMI = 2 I(c; l) / (H(c) + H(l))`` (arithmetic-mean normalisation: stays finite when one
     side has zero entropy, and is 1 when codes and labels determine each other).
+
+    Parameters
+    ----------
+    probs
+        ``(K, N, C)`` soft assignments (rows sum to 1).
+    layout
+        :class:`NMILayout` of the labels, for ``K`` codebooks.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, S)`` NMI of each codebook in each segment (0 for an empty segment).
+    """
+    k, _, c = probs.shape
+    segments, n_seg = layout.segments, layout.n_segments
+    joint = torch.bmm(layout.membership, probs)  # (K, L, C)
+    p_code = probs.new_zeros(k, n_seg, c).index_add(1, segments, joint)
+    h_code = -_xlogx(p_code).sum(-1)  # (K, S)
+    h_joint = -probs.new_zeros(k, n_seg).index_add(1, segments, SumXLogX.apply(joint))  # (K, S)
+    mi = (h_code + layout.label_entropy - h_joint).clamp_min(0.0)
+    return 2.0 * mi / (h_code + layout.label_entropy).clamp_min(1e-8)
+
+
+def segmented_soft_nmi(
+    probs: torch.Tensor, columns: torch.Tensor, segments: torch.Tensor, n_segments: int | None = None
+) -> torch.Tensor:
+    """:func:`soft_nmi` with the layout built here from the labels' columns.
 
     Parameters
     ----------
@@ -40,21 +115,7 @@ def segmented_soft_nmi(
     torch.Tensor
         ``(K, S)`` NMI of each codebook in each segment (0 for an empty segment).
     """
-    k, n, c = probs.shape
-    n_cols = segments.numel()
-    n_seg = int(segments.max()) + 1 if n_segments is None else n_segments
-    col_count = torch.bincount(columns.reshape(-1), minlength=n_cols).to(probs.dtype)
-    seg_count = probs.new_zeros(n_seg).index_add(0, segments, col_count)
-    norm = seg_count[segments].clamp_min(1.0)
-    # each cell's 1 / n_s rides in the sparse matrix, so the product gives P(c, l) without a division pass
-    joint = torch.bmm(_membership(columns, 1.0 / norm[columns], n_cols, k), probs)  # (K, L, C)
-    p_label = col_count / norm
-    p_code = probs.new_zeros(k, n_seg, c).index_add(1, segments, joint)
-    h_code = -_xlogx(p_code).sum(-1)  # (K, S)
-    h_label = -probs.new_zeros(n_seg).index_add(0, segments, _xlogx(p_label))  # (S,)
-    h_joint = -probs.new_zeros(k, n_seg).index_add(1, segments, SumXLogX.apply(joint))  # (K, S)
-    mi = (h_code + h_label - h_joint).clamp_min(0.0)
-    return 2.0 * mi / (h_code + h_label).clamp_min(1e-8)
+    return soft_nmi(probs, NMILayout.build(columns, segments, n_segments, probs.shape[0], probs.dtype))
 
 
 def _membership(columns: torch.Tensor, weights: torch.Tensor, n_cols: int, n_books: int) -> torch.Tensor:
@@ -165,8 +226,42 @@ def dependence_nmi(
     return segmented_soft_nmi(probs, columns, segments, n_segments).mean(0).view(n_groups, 2).sum(1).mean()
 
 
+@dataclass(frozen=True)
+class NMITerms:
+    """The independence and dependence terms' columns laid side by side in one :class:`NMILayout`.
+
+    Attributes
+    ----------
+    layout
+        Segments ``0..n_independence-1`` are the nuisance label variables over every cell; then two per group
+        (low and high resolution pseudo labels).
+    n_independence, n_groups
+        Segments of the independence term; groups of the dependence term.
+    """
+
+    layout: NMILayout
+    n_independence: int
+    n_groups: int
+
+    @classmethod
+    def build(cls, labels: torch.Tensor, group: torch.Tensor, label_low: torch.Tensor, label_high: torch.Tensor,
+              n_books: int, dtype: torch.dtype = torch.float32) -> "NMITerms":
+        """The layout of both terms for ``n_books`` codebooks (arguments as for
+        :func:`independence_and_dependence_nmi`)."""
+        first, first_segments, n_first = _independence_columns(labels, labels.shape[0])
+        second, second_segments, n_second, n_groups = _dependence_columns(group, label_low, label_high)
+        columns = torch.cat([first, second + first_segments.numel()], dim=1)
+        segments = torch.cat([first_segments, second_segments + n_first])
+        return cls(NMILayout.build(columns, segments, n_first + n_second, n_books, dtype), n_first, n_groups)
+
+    def to(self, device) -> "NMITerms":
+        """The same layout on ``device``."""
+        return replace(self, layout=self.layout.to(device))
+
+
 def independence_and_dependence_nmi(
-    probs: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, label_low: torch.Tensor, label_high: torch.Tensor
+    probs: torch.Tensor, labels: torch.Tensor | None = None, group: torch.Tensor | None = None,
+    label_low: torch.Tensor | None = None, label_high: torch.Tensor | None = None, terms: NMITerms | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`independence_nmi` and :func:`dependence_nmi` from one joint table.
 
@@ -180,15 +275,16 @@ def independence_and_dependence_nmi(
         As for :func:`independence_nmi`.
     group, label_low, label_high
         As for :func:`dependence_nmi`.
+    terms
+        :meth:`NMITerms.build` of the labels, when already built (then the labels are not needed).
 
     Returns
     -------
     tuple
         ``(independence, dependence)``, each equal to its own function's value.
     """
-    first, first_segments, n_first = _independence_columns(labels, probs.shape[1])
-    second, second_segments, n_second, n_groups = _dependence_columns(group, label_low, label_high)
-    columns = torch.cat([first, second + first_segments.numel()], dim=1)
-    segments = torch.cat([first_segments, second_segments + n_first])
-    nmi = segmented_soft_nmi(probs, columns, segments, n_first + n_second).mean(0)
-    return nmi[:n_first].sum(), nmi[n_first:].view(n_groups, 2).sum(1).mean()
+    if terms is None:
+        terms = NMITerms.build(labels, group, label_low, label_high, probs.shape[0], probs.dtype)
+    nmi = soft_nmi(probs, terms.layout).mean(0)
+    n_first = terms.n_independence
+    return nmi[:n_first].sum(), nmi[n_first:].view(terms.n_groups, 2).sum(1).mean()

@@ -3,7 +3,12 @@
 Group-wise terms never loop over groups in Python: the mutual-information terms
 (:mod:`.code_information`) sum a joint (code, group-and-label) table as one sparse product, and the
 pairwise terms (triplet, neighbourhood) compare cells of the same group only, on ``(B, M, M)`` blocks
-(:func:`group_blocks`).
+(:func:`~.loss_layout.group_blocks`).
+
+No term reads a value back to the host: on a GPU each such read waits for every queued kernel. What depends on the
+minibatch's labels only (groups, blocks, label columns) is its :class:`~.loss_layout.MinibatchLayout`, built on
+the host with the labels; counts that would decide a branch are folded into the arithmetic instead (a mean over
+no entries is 0).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .code_information import independence_and_dependence_nmi
+from .loss_layout import MinibatchLayout, group_blocks, group_index, minibatch_layout  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -53,46 +59,16 @@ def _zero(reference: torch.Tensor) -> torch.Tensor:
     return reference.sum() * 0.0
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1; 0 (still in the graph) where it is 0 everywhere."""
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def _pairwise_distances(a: torch.Tensor) -> torch.Tensor:
     """Euclidean distances ``(..., M, M)`` between the rows of ``(..., M, D)``, with a finite gradient at zero distance."""
     sq = a.pow(2).sum(-1)
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * a @ a.transpose(-1, -2)).clamp_min(1e-12)
     return d2.sqrt()
-
-
-def group_blocks(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cells laid out in ``(B, M)`` blocks of one group each, for terms that compare cells of a group only.
-
-    With G groups of about N / G cells (NDreamer's balanced draws), the blocks' pairs number N^2 / G
-    instead of N^2: the pairwise distances, masks and top-k of the triplet and neighbourhood terms shrink
-    G-fold. When blocks would hold N^2 pairs or more (very unequal groups), one block holds every cell
-    (``B = 1``, ``M = N``) and the terms mask pairs of different groups, as they do inside blocks.
-
-    Parameters
-    ----------
-    group
-        ``(N,)`` group of each cell (labels torch can compare).
-
-    Returns
-    -------
-    index : torch.Tensor
-        ``(B, M)`` long position of each block's cells; padding points at cell 0.
-    valid : torch.Tensor
-        ``(B, M)`` bool, False for padding.
-    """
-    n = group.numel()
-    ids, counts = torch.unique(group, return_counts=True)
-    width = int(counts.max()) if n else 0
-    if ids.numel() * width * width >= n * n:
-        return torch.arange(n, device=group.device).unsqueeze(0), torch.ones(1, n, dtype=torch.bool, device=group.device)
-    order = torch.argsort(group, stable=True)
-    block = torch.repeat_interleave(torch.arange(ids.numel(), device=group.device), counts, output_size=n)
-    rank = torch.arange(n, device=group.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=n)
-    index = torch.zeros(ids.numel(), width, dtype=torch.long, device=group.device)
-    valid = torch.zeros(ids.numel(), width, dtype=torch.bool, device=group.device)
-    index[block, rank] = order
-    valid[block, rank] = True
-    return index, valid
 
 
 def _same_group_pairs(group: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -106,25 +82,6 @@ def _pairs_of(labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``(B, M, M)``: whether two cells of a block share a label."""
     blocked = labels[index]
     return blocked.unsqueeze(-1) == blocked.unsqueeze(-2)
-
-
-def group_index(condition: torch.Tensor, batches: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer id ``0..n_groups-1`` of each cell's batch x condition group.
-
-    Parameters
-    ----------
-    condition, batches
-        ``(N,)`` integer condition codes; ``(N, B)`` integer batch codes or ``None``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(N,)`` long tensor.
-    """
-    keys = condition.reshape(-1, 1)
-    if batches is not None and batches.numel():
-        keys = torch.cat([keys, batches.reshape(keys.shape[0], -1)], dim=1)
-    return torch.unique(keys, dim=0, return_inverse=True)[1]
 
 
 def reconstruction_loss(x: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +128,9 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, tor
     cov = centred.T @ centred / (n - 1)
     std = cov.diagonal().clamp_min(1e-8).sqrt()
     corr = cov / (std.unsqueeze(0) * std.unsqueeze(1))
-    off = ~torch.eye(dim, dtype=torch.bool, device=mean.device)
-    return kl, corr[off].pow(2).mean()
+    # the mean over the off-diagonal entries, without a boolean index (its size is read back on a GPU)
+    off = 1.0 - torch.eye(dim, dtype=mean.dtype, device=mean.device)
+    return kl, (corr.pow(2) * off).sum() / (dim * (dim - 1))
 
 
 def triplet_loss(
@@ -221,12 +179,10 @@ def triplet_loss(
     noise = torch.rand(2, n_blocks, width, width, device=embedding.device)
     pos_score, pos_idx = noise[0].masked_fill_(~positive, -1.0).topk(m, dim=-1)
     neg_score, neg_idx = noise[1].masked_fill_(~negative, -1.0).topk(m, dim=-1)
-    ok = (pos_score >= 0) & (neg_score >= 0)
-    if not bool(ok.any()):
-        return _zero(embedding)
+    ok = ((pos_score >= 0) & (neg_score >= 0)).to(embedding.dtype)
     dist = _pairwise_distances(embedding[index])
     losses = F.relu(dist.gather(-1, pos_idx) - dist.gather(-1, neg_idx) + margin)
-    return losses[ok].mean()
+    return _masked_mean(losses, ok)
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -267,7 +223,7 @@ def neighbourhood_loss(
     k = min(n_neighbours, index.shape[1] - 1)
     allowed = _same_group_pairs(group, index, valid)
     has_neighbour = allowed.any(-1)
-    if k <= 0 or not bool(has_neighbour.any()):
+    if k <= 0:
         return _zero(embedding)
     dist_x = _pairwise_distances(x.detach()[index])
     dist_z = _pairwise_distances(embedding[index])
@@ -279,7 +235,7 @@ def neighbourhood_loss(
     p_z = _masked_softmax(-dist_z / temperature, pool)
     weight = 1.0 + across_cluster_weight * (~_pairs_of(label_low, index)).to(x.dtype)
     per_cell = ((p_x - p_z) * weight).pow(2).sum(-1)
-    return per_cell[has_neighbour].mean()
+    return _masked_mean(per_cell, has_neighbour.to(per_cell.dtype))
 
 
 def codebook_loss(projections: torch.Tensor, nearest_vectors: torch.Tensor, commitment: float = 0.25) -> torch.Tensor:
@@ -316,7 +272,8 @@ def total_loss(
     batch
         ``x`` ``(N, G)``, ``condition`` ``(N,)``, ``label_low`` and ``label_high`` ``(N,)``;
         optional ``batches`` ``(N, B)``, ``group`` ``(N,)`` (else derived from condition and
-        batches) and ``n_conditions`` (else the number of conditions in the minibatch).
+        batches), ``n_conditions`` (else the number of conditions in the minibatch) and
+        ``layout``, the :class:`~.loss_layout.MinibatchLayout` of these labels (else built here).
     weights
         :class:`LossWeights`; defaults when ``None``.
 
@@ -329,18 +286,16 @@ def total_loss(
     """
     w = LossWeights() if weights is None else weights
     x, condition = batch["x"], batch["condition"]
-    batches = batch.get("batches")
-    group = batch["group"] if batch.get("group") is not None else group_index(condition, batches)
+    layout = batch.get("layout")
+    if layout is None:  # built here, on the minibatch's device (NDreamer builds it on the host)
+        layout = minibatch_layout(condition, batch.get("batches"), batch["label_low"], batch["label_high"],
+                                  outputs["probs"].shape[0], group=batch.get("group"), dtype=outputs["probs"].dtype)
+    group, blocks = layout.group, layout.blocks  # blocks: shared by the two pairwise terms
     n_conditions = batch.get("n_conditions") or int(torch.unique(condition).numel())
-    nuisance = condition.reshape(-1, 1)
-    if batches is not None and batches.numel():
-        nuisance = torch.cat([nuisance, batches.reshape(nuisance.shape[0], -1)], dim=1)
 
-    blocks = group_blocks(group)  # shared by the two pairwise terms
     mse, cosine = reconstruction_loss(x, outputs["reconstruction"])
     kl, correlation = kl_loss(outputs["mean"], outputs["logvar"])
-    independence, dependence = independence_and_dependence_nmi(
-        outputs["probs"], nuisance, group, batch["label_low"], batch["label_high"])
+    independence, dependence = independence_and_dependence_nmi(outputs["probs"], terms=layout.nmi)
     parts = {
         "mse": mse, "cosine": cosine, "kl": kl, "correlation": correlation,
         "independence": independence, "dependence": dependence,

@@ -32,6 +32,7 @@ from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
 from .effect_queries import EffectQueries, labels_of
 from .effects import CounterfactualDesign
 from .matched_effects import MatchedEffects
+from .loss_layout import minibatch_layout
 from .losses import LossWeights
 from .network import NDreamerNetwork
 from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
@@ -195,14 +196,20 @@ class NDreamer(ModelRepresentation, EffectQueries):
 
     # --- training -----------------------------------------------------------------------------
     def _minibatch(self, cells: np.ndarray) -> dict:
-        as_long = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+        # the labels' layout (groups, blocks, label columns) is built here on the host and sent with the values:
+        # on a GPU, building it there would read sizes back to the host several times a step
+        host = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+        condition, label_low, label_high = (host(a[cells]) for a in (self.condition_codes, self.label_low, self.label_high))
+        batches = host(self.batch_codes[cells]) if self.batch_codes.shape[1] else None
+        layout = minibatch_layout(condition, batches, label_low, label_high, self.network.n_codebooks)
         return {
             "x": torch.as_tensor(self.expression[cells].toarray(), device=self.device),
-            "condition": as_long(self.condition_codes[cells]),
-            "batches": as_long(self.batch_codes[cells]) if self.batch_codes.shape[1] else None,
-            "label_low": as_long(self.label_low[cells]),
-            "label_high": as_long(self.label_high[cells]),
+            "condition": condition.to(self.device),
+            "batches": batches.to(self.device) if batches is not None else None,
+            "label_low": label_low.to(self.device),
+            "label_high": label_high.to(self.device),
             "n_conditions": len(self.design.conditions),
+            "layout": layout.to(self.device),
         }
 
     def _fingerprint(self) -> dict:
