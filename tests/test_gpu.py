@@ -116,6 +116,31 @@ def test_ndreamer_end_to_end_on_cuda(cells):
     assert np.isfinite(table["mean_ite"]).all()
 
 
+def test_ndreamer_training_step_synchronises_once_on_cuda(cells):
+    # tests/test_ndreamer_device_reads.py counts the operations on the CPU; here CUDA itself reports each
+    # synchronising call (torch's sync debug mode warns on them), the sparse product's own included
+    import warnings
+
+    from pyro_scmodels.ndreamer.losses import total_loss
+
+    nd = ps.NDreamer(cells.copy(), "condition", "control", batch_key="batch", device="cuda", num_hvg=150)
+    nd.train(n_epochs=0.2, progress_bar=False)
+    batch = nd.trainer.minibatch(next(iter(nd.trainer.minibatches(None, np.random.default_rng(0)))))
+    nd.network.train()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            outputs = nd.network(batch["x"], batch["condition"], batch["batches"])
+            loss, _ = total_loss(outputs, batch, nd.loss_weights)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, syncs  # the sparse code draw's count of candidates
+
+
 def test_model_route_on_cuda_saves_and_loads(cells, tmp_path):
     adata = cells.copy()
     ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
