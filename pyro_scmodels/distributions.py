@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.autograd.function import once_differentiable
+
+
+def one_hot_rows(index: torch.Tensor, n_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``(cells, n_rows)`` one-hot matrix of ``index``, with ``like``'s dtype and device.
+
+    Written as a scatter rather than ``F.one_hot``, which checks the index range on the host (on a GPU, a wait
+    for every queued kernel each time).
+    """
+    return like.new_zeros(index.shape[0], n_rows).scatter_(1, index.unsqueeze(1), 1.0)
 
 
 def select_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -23,7 +31,7 @@ def select_rows(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor 
     if table.dim() == 2:
         return _SelectedRows.apply(table, index, weights)
     # a table with leading dimensions (draws of a grouped parameter): the product broadcasts over them
-    onehot = F.one_hot(index, table.shape[-2]).to(table.dtype)
+    onehot = one_hot_rows(index, table.shape[-2], table)
     return (onehot if weights is None else onehot * weights.unsqueeze(-1)) @ table
 
 
@@ -45,8 +53,7 @@ class _SelectedRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         table, index, weights = ctx.saved_tensors
         grad_table = grad_weights = None
-        # cells x rows; scatter rather than F.one_hot, which checks the index range (a wait for a GPU)
-        onehot = grad.new_zeros(index.shape[0], table.shape[0]).scatter_(1, index.unsqueeze(1), 1.0)
+        onehot = one_hot_rows(index, table.shape[0], grad)
         if ctx.needs_input_grad[0]:
             # sum over cells (and samples) of each cell's weighted gradient, into its row
             selector = onehot if weights is None else onehot * weights.unsqueeze(-1)
@@ -260,7 +267,7 @@ class ZeroCountRowSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: torch.Tensor, theta_table: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
-        onehot = None if group is None else F.one_hot(group, theta_table.shape[0]).to(mu.dtype)
+        onehot = None if group is None else one_hot_rows(group, theta_table.shape[0], mu)
         inverse = theta_table.reciprocal()
         ratio = mu * inverse if onehot is None else (onehot @ inverse).mul_(mu)  # C = mu / theta
         log_term = torch.log1p(ratio)
