@@ -147,6 +147,25 @@ def test_from_model_factual_is_kept_through_save_and_load(tiny_model, tmp_path):
     assert np.abs(ite["matched"] - ite["observed"]).max() > 0.05
 
 
+def test_ndreamer_factual_is_checked_kept_and_does_not_block_a_resume(tiny_adata, tmp_path):
+    """NDreamer's own factual ("observed" by default): refused before any work when unknown, saved with the
+    results, and not part of what a checkpoint must match (it changes no training)."""
+    with pytest.raises(ValueError, match="factual must be"):
+        _nd(tiny_adata, factual="itself")
+    observed = _nd(tiny_adata)
+    observed.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    matched = _nd(tiny_adata, factual="matched")  # resumes the same run: its pass counts towards n_epochs
+    assert len(matched.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))) == 1
+    ite = {name: nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"].copy()
+           for name, nd in (("observed", observed), ("matched", matched))}
+    assert observed.effects.factual == "observed" and matched.effects.factual == "matched"
+    assert np.abs(ite["matched"] - ite["observed"]).max() > 0.05
+    matched.save(str(tmp_path / "nd"))
+    loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    assert loaded.effects.factual == "matched"
+    np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], ite["matched"], atol=1e-6)
+
+
 def test_from_model_needs_a_model_of_the_package(tiny_model):
     class NotAModel:
         adata = tiny_model.adata
