@@ -21,8 +21,9 @@ def _xlogx(p: torch.Tensor) -> torch.Tensor:
 class NMILayout:
     """Which cells each label column sums, for :func:`soft_nmi`: everything that depends on the labels only.
 
-    Built where the labels are (:meth:`build`; in training, on the host: its ``unique``-free but size-dependent
-    steps, the column counts and the sparse ``coalesce``, would each wait for the device there), then moved.
+    Built where the labels are (:meth:`build`), then moved: in training, on the host, because two of its steps have
+    outputs sized by the data (the column counts, ``bincount``, and the sparse ``coalesce``), and each would wait for
+    every queued kernel on a GPU.
 
     Attributes
     ----------
