@@ -116,7 +116,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     # the constructor checks keys, the control, and the batch x condition group sizes before training
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
                   layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                  **NETWORK_PRESETS[args.network])
+                  factual=args.factual, **NETWORK_PRESETS[args.network])
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"

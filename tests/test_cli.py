@@ -334,8 +334,9 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
     out = str(tmp_path / "nd")
     code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
                  "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
-                 "--device", "cpu", "-o", out, "--quiet", "--ite-interval", "0.9"])
+                 "--device", "cpu", "-o", out, "--quiet", "--ite-interval", "0.9", "--factual", "matched"])
     assert code == 0
+    assert ps.NDreamer.load(out, device="cpu").effects.factual == "matched"
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     source = anndata.read_h5ad(input_h5ad)
     assert list(results.obs_names) == list(source.obs_names)
