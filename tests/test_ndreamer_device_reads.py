@@ -91,6 +91,7 @@ def test_the_pairwise_terms_are_zero_with_nothing_to_compare():
     x = torch.randn(6, 5)
     group = torch.arange(6)  # one cell per group: no pair, no triplet, no neighbour
     labels = torch.zeros(6, dtype=torch.long)
-    for value in (triplet_loss(embedding, group, labels), neighbourhood_loss(x, embedding, group, labels, n_neighbours=3)):
+    terms = (triplet_loss(embedding, group, labels), neighbourhood_loss(x, embedding, group, labels, n_neighbours=3))
+    for value in terms:
         (grad,) = torch.autograd.grad(value, embedding, allow_unused=True)
         assert value.item() == 0.0 and (grad is None or not grad.any())

@@ -90,7 +90,7 @@ class MinibatchLayout:
     nmi: NMITerms
 
     def to(self, device) -> "MinibatchLayout":
-        """The same layout on ``device`` (the copies do not wait for the device: nothing here is read back)."""
+        """The same layout on ``device`` (copies to the device at the start of a step; nothing is read back)."""
         return MinibatchLayout(self.group.to(device), tuple(t.to(device) for t in self.blocks), self.nmi.to(device))
 
 

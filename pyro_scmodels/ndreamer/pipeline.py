@@ -212,7 +212,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         # the labels' layout (groups, blocks, label columns) is built here on the host and sent with the values:
         # on a GPU, building it there would read sizes back to the host several times a step
         host = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
-        condition, label_low, label_high = (host(a[cells]) for a in (self.condition_codes, self.label_low, self.label_high))
+        condition, label_low, label_high = (host(codes[cells])
+                                            for codes in (self.condition_codes, self.label_low, self.label_high))
         batches = host(self.batch_codes[cells]) if self.batch_codes.shape[1] else None
         layout = minibatch_layout(condition, batches, label_low, label_high, self.network.n_codebooks)
         return {
