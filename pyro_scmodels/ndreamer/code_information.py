@@ -23,13 +23,16 @@ class NMILayout:
 
     Built where the labels are (:meth:`build`), then moved: in training, on the host, because two of its steps have
     outputs sized by the data (the column counts, ``bincount``, and the sparse ``coalesce``), and each would wait for
-    every queued kernel on a GPU.
+    every queued kernel on a GPU. It holds one codebook's table; the K copies are made on the device.
 
     Attributes
     ----------
-    membership
-        ``(K, L, N)`` sparse, the same for every codebook: entry (l, n) is ``1 / n_s`` for cell n in column l of
-        segment s (:func:`_membership`).
+    pattern_indices, pattern_values
+        One codebook's ``(L, N)`` sparse table (:func:`_membership_pattern`): entry (l, n) is ``1 / n_s`` for cell n
+        in column l of segment s. :meth:`membership` repeats it for every codebook where the product runs, so the
+        host builds and sends one copy, not K.
+    n_cells, n_books
+        N and K.
     segments
         ``(L,)`` long: segment of each column.
     n_segments
@@ -38,7 +41,10 @@ class NMILayout:
         ``(S,)`` entropy of the labels in each segment.
     """
 
-    membership: torch.Tensor
+    pattern_indices: torch.Tensor
+    pattern_values: torch.Tensor
+    n_cells: int
+    n_books: int
     segments: torch.Tensor
     n_segments: int
     label_entropy: torch.Tensor
@@ -55,15 +61,21 @@ class NMILayout:
         seg_count = torch.zeros(n_seg, dtype=dtype, device=segments.device).index_add(0, segments, col_count)
         norm = seg_count[segments].clamp_min(1.0)
         # each cell's 1 / n_s rides in the sparse matrix, so the product gives P(c, l) without a division pass
-        membership = _membership(columns, 1.0 / norm[columns], n_cols, n_books)
+        pattern_indices, pattern_values = _membership_pattern(columns, 1.0 / norm[columns], n_cols)
         p_label = col_count / norm
         label_entropy = -torch.zeros(n_seg, dtype=dtype, device=segments.device).index_add(0, segments, _xlogx(p_label))
-        return cls(membership, segments, n_seg, label_entropy)
+        return cls(pattern_indices, pattern_values, columns.shape[0], n_books, segments, n_seg, label_entropy)
 
     def to(self, device) -> "NMILayout":
         """The same layout on ``device``."""
-        return replace(self, membership=self.membership.to(device), segments=self.segments.to(device),
+        return replace(self, pattern_indices=self.pattern_indices.to(device),
+                       pattern_values=self.pattern_values.to(device), segments=self.segments.to(device),
                        label_entropy=self.label_entropy.to(device))
+
+    def membership(self) -> torch.Tensor:
+        """``(K, L, N)`` sparse: the pattern once per codebook (:func:`_membership`), on the layout's device."""
+        return _membership(self.pattern_indices, self.pattern_values, self.segments.numel(), self.n_cells,
+                           self.n_books)
 
 
 def soft_nmi(probs: torch.Tensor, layout: NMILayout) -> torch.Tensor:
@@ -89,7 +101,7 @@ def soft_nmi(probs: torch.Tensor, layout: NMILayout) -> torch.Tensor:
     """
     k, _, c = probs.shape
     segments, n_seg = layout.segments, layout.n_segments
-    joint = torch.bmm(layout.membership, probs)  # (K, L, C)
+    joint = torch.bmm(layout.membership(), probs)  # (K, L, C)
     p_code = probs.new_zeros(k, n_seg, c).index_add(1, segments, joint)
     h_code = -_xlogx(p_code).sum(-1)  # (K, S)
     h_joint = -probs.new_zeros(k, n_seg).index_add(1, segments, SumXLogX.apply(joint))  # (K, S)
@@ -119,28 +131,39 @@ def segmented_soft_nmi(
     return soft_nmi(probs, NMILayout.build(columns, segments, n_segments, probs.shape[0], probs.dtype))
 
 
-def _membership(columns: torch.Tensor, weights: torch.Tensor, n_cols: int, n_books: int) -> torch.Tensor:
-    """``(K, L, N)`` sparse matrix, the same for every codebook: entry (l, n) is the weight of cell n in column l.
-
-    A sparse product sums each column's cells in one pass over ``probs`` and, backwards, writes the gradient of
-    ``probs`` once; one ``index_add`` per label slot read ``probs`` once per slot and wrote a ``(K, N, C)`` gradient
-    per slot (with both NMI terms on 32 x 1,024 x 1,024, 860 against 545 ms forward and backward on one CPU thread;
-    benchmarks/RESULTS.md, "NDreamer training: what changed it").
+def _membership_pattern(columns: torch.Tensor, weights: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(L, N)`` matrix of one codebook, entry (l, n) the weight of cell n in column l, as its ``(2, nnz)``
+    coalesced indices (sorted by column, then cell) and values.
 
     Parameters
     ----------
     columns, weights
         ``(N, J)``: each cell's column in each label slot, and its weight there.
-    n_cols, n_books
-        L, the number of columns; K, the number of codebooks.
+    n_cols
+        L, the number of columns.
     """
     n, slots = columns.shape
     cells = torch.arange(n, device=columns.device).repeat_interleave(slots)
-    books = torch.arange(n_books, device=columns.device).repeat_interleave(n * slots)
-    indices = torch.stack([books, columns.reshape(-1).repeat(n_books), cells.repeat(n_books)])
     # built valid (every index in range), so torch's checks of the indices are not needed
-    return torch.sparse_coo_tensor(indices, weights.reshape(-1).repeat(n_books), (n_books, n_cols, n),
-                                   check_invariants=False).coalesce()
+    pattern = torch.sparse_coo_tensor(torch.stack([columns.reshape(-1), cells]), weights.reshape(-1), (n_cols, n),
+                                      check_invariants=False).coalesce()
+    return pattern.indices(), pattern.values()
+
+
+def _membership(indices: torch.Tensor, values: torch.Tensor, n_cols: int, n_cells: int, n_books: int) -> torch.Tensor:
+    """``(K, L, N)`` sparse matrix, the same for every codebook: :func:`_membership_pattern` once per codebook.
+
+    A sparse product sums each column's cells in one pass over ``probs`` and, backwards, writes the gradient of
+    ``probs`` once; one ``index_add`` per label slot read ``probs`` once per slot and wrote a ``(K, N, C)`` gradient
+    per slot (with both NMI terms on 32 x 1,024 x 1,024, 860 against 545 ms forward and backward on one CPU thread;
+    benchmarks/RESULTS.md, "NDreamer training: what changed it").
+    """
+    nnz = values.numel()
+    # the copies, book after book, of a sorted pattern are sorted: no coalesce (no sort, no read-back on a GPU)
+    books = torch.arange(n_books, device=values.device).view(-1, 1).expand(n_books, nnz).reshape(1, -1)
+    indices = torch.cat([books, indices.repeat(1, n_books)])
+    return torch.sparse_coo_tensor(indices, values.repeat(n_books), (n_books, n_cols, n_cells), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class SumXLogX(torch.autograd.Function):

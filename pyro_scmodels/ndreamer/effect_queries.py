@@ -122,7 +122,8 @@ class EffectQueries:
             ``datasets.simulate(3000, 500, effect_modifier=1.0)`` its 90 % bounds held the true effect
             in 91-93 % of entries when matched in a RegularizedVI latent (``from_model``, whose
             ``factual="matched"`` takes a cell's own batch and condition from its matched cells too)
-            and 70-86 % in NDreamer's own space, whose matches are looser. Needs ``nearest_neighbor >= 2``.
+            and 83-85 % in NDreamer's own space (87-90 % with ``NDreamer(..., factual="matched")``).
+            Needs ``nearest_neighbor >= 2``.
 
         Returns
         -------
