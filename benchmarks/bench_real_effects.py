@@ -24,7 +24,7 @@ Needs ``../shared/data`` (the Kang et al. 2018 files). Four measurements (``--pa
    k = 1, k = 10 and the default k, against the correlation of the donors' pseudobulk log fold changes (log1p of
    counts per 1e4 of summed cells).
 
-``--quick`` uses the compact network (``NETWORK_PRESETS["small"]``, batch size 256) and writes
+``--quick`` uses the compact network (``network_preset("small")``, batch size 256) and writes
 nothing unless ``--output`` is given. Torch runs on one thread.
 """
 
@@ -48,7 +48,8 @@ from _common import hardware_facts, now, write_section  # noqa: E402
 
 import pyro_scmodels as ps  # noqa: E402
 from pyro_scmodels.ndreamer import NDreamer  # noqa: E402
-from pyro_scmodels.ndreamer._constants import NEAREST_NEIGHBOR, NETWORK_PRESETS  # noqa: E402
+from pyro_scmodels.ndreamer import network_preset  # noqa: E402
+from pyro_scmodels.ndreamer._constants import NEAREST_NEIGHBOR  # noqa: E402
 from pyro_scmodels.ndreamer.preprocess import log_normalise, variable_genes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs {KANG} and {MUSCAT}", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
-    network = {**NETWORK_PRESETS["small"], "batch_size": 256} if args.quick else {}
+    network = {**network_preset("small"), "batch_size": 256} if args.quick else {}
     body, model_body = "", ""
     if "selection" in args.parts:
         body += ("Gene selection (ISGs of ISG15, IFI6, IFIT1, IFIT3 kept; on simulated data responding genes and markers "

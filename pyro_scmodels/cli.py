@@ -102,7 +102,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .figures import plot_ite_heatmap
     from .ndreamer import NDreamer
     from .ndreamer.effect_intervals import bound_names
-    from .ndreamer._constants import NETWORK_PRESETS
+    from .ndreamer import network_preset
 
     _check_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -116,7 +116,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     # the constructor checks keys, the control, and the batch x condition group sizes before training
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
                   layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                  factual=args.factual, **NETWORK_PRESETS[args.network])
+                  factual=args.factual, **network_preset(args.network))
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from . import _validation as V
-from .ndreamer._constants import NEAREST_NEIGHBOR
+from .ndreamer._constants import NEAREST_NEIGHBOR, NETWORK_PRESET_NAMES
 
 # the numeric options of each command, checked before any file is read or written
 _ARGUMENT_CHECKS = {
@@ -157,9 +157,10 @@ def _add_ndreamer(sub) -> None:
                     help="open the input with anndata's backed='r': .X is read from disk in blocks of rows and never "
                          "densified (the sparse log-normalised matrix is held in memory)")
     nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
-    nd.add_argument("--network", choices=["small", "default"], default="default",
+    nd.add_argument("--network", choices=list(NETWORK_PRESET_NAMES), default="default",
                     help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
-                         "much faster and suits a few thousand cells")
+                         "much faster and suits a few thousand cells, with the independence weight 1000 "
+                         "(ndreamer.network_preset)")
     nd.add_argument("--epochs", type=float, default=None, help="passes over the data (default 15)")
     nd.add_argument("--batch-size", type=int, default=1024, help="cells per training step")
     nd.add_argument("--nearest-neighbor", type=int, default=NEAREST_NEIGHBOR,

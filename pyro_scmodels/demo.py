@@ -152,11 +152,10 @@ def run(args, out: str, latent_key: str, store_results, write_figures) -> dict:
 
 def _ndreamer(adata, out: str, args) -> tuple[list[Line], list[str]]:
     from .figures import plot_ite_heatmap
-    from .ndreamer import NDreamer
-    from .ndreamer._constants import NETWORK_PRESETS
+    from .ndreamer import NDreamer, network_preset
 
     print("\nNDreamer: effect-modifier space and per-cell effects of 'stimulated' vs 'control' ...")
-    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **NETWORK_PRESETS["small"],
+    nd = NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **network_preset("small"),
                   batch_size=256, device=args.device, seed=args.seed)
     nd.train(progress_bar=not args.quiet)
     nd.decompose_batch_effect()

@@ -336,7 +336,10 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
                  "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
                  "--device", "cpu", "-o", out, "--quiet", "--ite-interval", "0.9", "--factual", "matched"])
     assert code == 0
-    assert ps.NDreamer.load(out, device="cpu").effects.factual == "matched"
+    loaded = ps.NDreamer.load(out, device="cpu")
+    assert loaded.effects.factual == "matched"
+    # --network small trained the compact network with the weights measured for it
+    assert loaded.loss_weights.independence == 1000.0 and loaded.settings["n_codebooks"] == 8
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     source = anndata.read_h5ad(input_h5ad)
     assert list(results.obs_names) == list(source.obs_names)

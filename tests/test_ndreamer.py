@@ -10,14 +10,13 @@ import torch
 
 import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
-from pyro_scmodels.ndreamer import NDreamer
+from pyro_scmodels.ndreamer import NDreamer, network_preset
 from pyro_scmodels.ndreamer.preprocess import log_normalise, variable_genes
 
 from .conftest import shared_file
 
 # a smaller network than the SPEC defaults keeps the tests fast on two CPU cores
-SMALL = dict(n_codebooks=8, codebook_size=64, embedding_dim=128, z_dim=32, encoder_hidden=(256, 128),
-             decoder_hidden=(128, 256), batch_size=256, device="cpu")
+SMALL = dict(network_preset("small"), batch_size=256, device="cpu")
 INTERFERON = {"ISG15", "IFI6", "IFIT1", "IFIT3"}
 
 

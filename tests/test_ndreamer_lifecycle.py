@@ -204,3 +204,17 @@ def test_dead_codes_are_revived_on_small_data(tiny_adata):
 
     many = np.repeat(without.design.groups, 20)  # 6,000 cells: 10 passes are more than 30 minibatches
     assert NDreamerTrainer(without.network, lambda cells: None, many).reset_every == K.DEAD_CODE_RESET_CELLS
+
+
+def test_network_presets_give_their_sizes_and_loss_weights():
+    from pyro_scmodels.ndreamer import PRESET_NAMES, LossWeights, network_preset
+
+    assert set(PRESET_NAMES) == {"default", "small"}
+    default, small = network_preset("default"), network_preset("small")
+    assert default["loss_weights"] == LossWeights() and default["loss_weights"].independence == 300.0
+    assert small["loss_weights"].independence == 1000.0 and small["n_codebooks"] < default["n_codebooks"]
+    # a new object each call: changing one NDreamer's weights cannot change the preset
+    small["loss_weights"].independence = 1.0
+    assert network_preset("small")["loss_weights"].independence == 1000.0
+    with pytest.raises(ValueError, match="Unknown network preset 'huge'.*default.*small"):
+        network_preset("huge")

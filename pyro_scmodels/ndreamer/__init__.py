@@ -12,6 +12,7 @@ from .matched_effects import MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork
 from .pipeline import NDreamer
+from .presets import PRESET_NAMES, network_preset
 from .trainer import NDreamerTrainer
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "NDreamer",
     "NDreamerNetwork",
     "NDreamerTrainer",
+    "PRESET_NAMES",
     "estimate_cate",
+    "network_preset",
 ]

@@ -39,13 +39,8 @@ DEAD_CODE_RESET_PASSES = 10
 RESIDUAL_EXPANSION = 2  # inner width of the residual block, in multiples of its width
 LOGVAR_BOUNDS = (-12.0, 8.0)  # exp(logvar) can neither overflow nor vanish early in training
 
-# named network sizes (the CLI's --network): the SPEC's, and a compact one for a few thousand cells
-NETWORK_PRESETS = {
-    "default": dict(n_codebooks=N_CODEBOOKS, codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM,
-                    embedding_dim=EMBEDDING_DIM, z_dim=Z_DIM, encoder_hidden=ENCODER_HIDDEN, decoder_hidden=DECODER_HIDDEN),
-    "small": dict(n_codebooks=8, codebook_size=64, codebook_dim=CODEBOOK_DIM, embedding_dim=128, z_dim=32,
-                  encoder_hidden=(256, 128), decoder_hidden=(128, 256)),
-}
+# named configurations (network size and loss weights): ndreamer.presets.network_preset
+NETWORK_PRESET_NAMES = ("default", "small")
 
 # --- training (SPEC 3.4) -------------------------------------------------------------
 PASSES = 15  # default training: about 15 passes over the data

@@ -93,7 +93,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         does. ``denoised`` and ``batch_effect`` use the observed value either way. On
         ``datasets.simulate(3000, 500, effect_modifier=1.0)`` (seeds 0-3) the per-cell correlation with
         the true ITE is 0.82-0.85 with ``"matched"`` and 0.73-0.77 with ``"observed"`` for the default
-        network; for the compact network (``NETWORK_PRESETS["small"]``, 2,000 cells), which keeps
+        network; for the compact network (``network_preset("small")``, 2,000 cells), which keeps
         little of the state inside a cell type, 0.04-0.10 against 0.41-0.48 (two seeds;
         benchmarks/RESULTS.md, "NDreamer keeps the cell state"). Hence ``"observed"`` by default here, ``"matched"`` in
         :meth:`from_model`.
