@@ -2,10 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_scmodels import RegularizedVI, datasets
+from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets
 from pyro_scmodels import metrics as M
 from pyro_scmodels._validation import ArgumentTypeError
 from pyro_scmodels.models.ambient import profile_from_droplets
@@ -156,6 +157,29 @@ def _recover_known_shares():
     log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(adata.uns["true_ambient_profile"][:, b]))
                                for b in range(len(FRACTIONS))])  # noqa: E731
     assert log_r(model.get_ambient_profile().to_numpy()) > log_r(seed_profile) + 0.05
+
+
+def test_prior_shaped_like_the_pooled_cells_learns_a_better_profile_than_its_start():
+    """docs/models.md's recipe: s ~ Gamma(a, a / (amount x pooled profile)), counted; every gene still learned."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adata = _simulated()
+        RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+        start = RegularizedVI(adata, n_hidden=64, n_latent=8).get_ambient_profile()  # 0.2 x each batch's mean
+        pooled = profile_from_droplets(adata, layer="counts").iloc[:, 0].to_numpy()
+        mean = torch.as_tensor(np.outer(start.sum(0).to_numpy(), pooled), dtype=torch.float32)  # batches x genes
+        priors = RegularizedPriors(ambient=dist.Gamma(torch.full_like(mean, 10.0), 10.0 / mean), regularize_ambient=True)
+        model = RegularizedVI(adata, n_hidden=64, n_latent=8, priors=priors)
+        model.train(max_epochs=150, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=37, progress_bar=False)
+    finally:
+        torch.set_num_threads(threads)
+    truth = adata.uns["true_ambient_profile"]
+    log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(truth[:, b]))  # noqa: E731
+                               for b in range(len(FRACTIONS))])
+    # measured: 0.879 against 0.856 at the start (the seed model ends at 0.850, below its start)
+    assert log_r(model.get_ambient_profile().to_numpy()) > log_r(start.to_numpy()) + 0.01
+    assert M.spearman(model.get_ambient_fraction(), adata.obs["true_ambient_fraction"]) >= 0.8
 
 
 def test_multimodal_fraction_per_ambient_modality():
