@@ -352,7 +352,15 @@ class TrainingLoop:
     def load_state(self, state: dict, source: str = "the saved state") -> None:
         """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
         saved = state.get("fingerprint", {})
-        differing = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        differing = []
+        for key in sorted(set(saved) | set(self.fingerprint)):
+            old, new = saved.get(key), self.fingerprint.get(key)
+            if old == new:
+                continue
+            if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
+                differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+            else:
+                differing.append(key)
         if differing:
             raise ValueError(
                 f"{source} was written for different data or settings ({', '.join(differing)} differ); "

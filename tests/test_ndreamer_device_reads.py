@@ -85,13 +85,25 @@ def test_the_layout_built_on_the_host_gives_the_loss_built_in_place(trained):
 
 
 def test_the_pairwise_terms_are_zero_with_nothing_to_compare():
-    from pyro_scmodels.ndreamer.losses import neighbourhood_loss, triplet_loss
+    from pyro_scmodels.ndreamer.losses import group_blocks, neighbourhood_loss, triplet_loss
 
     embedding = torch.randn(6, 3, requires_grad=True)
     x = torch.randn(6, 5)
-    group = torch.arange(6)  # one cell per group: no pair, no triplet, no neighbour
     labels = torch.zeros(6, dtype=torch.long)
-    terms = (triplet_loss(embedding, group, labels), neighbourhood_loss(x, embedding, group, labels, n_neighbours=3))
+    single = torch.arange(6)  # one cell per group: blocks of width 1, the early return
+    pairs = torch.tensor([0, 0, 0, 1, 1, 1])
+    terms = (
+        triplet_loss(embedding, single, labels),
+        neighbourhood_loss(x, embedding, single, labels, n_neighbours=3),
+        # groups of three with one label: every anchor has positives and no negative, so no triplet is valid and the
+        # masked mean divides by nothing
+        triplet_loss(embedding, pairs, labels),
+        # blocks of three whose cells are all in different groups: no cell has a same-group neighbour (masked mean)
+        neighbourhood_loss(x, embedding, single, labels, n_neighbours=3, blocks=group_blocks(pairs)),
+    )
     for value in terms:
         (grad,) = torch.autograd.grad(value, embedding, allow_unused=True)
         assert value.item() == 0.0 and (grad is None or not grad.any())
+    # the same calls with something to compare are not zero (the test above would pass on a constant)
+    assert triplet_loss(embedding, pairs, torch.tensor([0, 1, 0, 1, 0, 1]), margin=100.0).item() > 0
+    assert neighbourhood_loss(x, embedding, pairs, labels, n_neighbours=2).item() > 0

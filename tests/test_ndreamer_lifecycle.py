@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyro_scmodels as ps
-from pyro_scmodels.ndreamer import NDreamer, NDreamerTrainer
+from pyro_scmodels.ndreamer import LossWeights, NDreamer, NDreamerTrainer
 from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
 from pyro_scmodels.training import NonFiniteError
 
@@ -49,8 +49,12 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_adata, tmp_path):
 
 def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
     _nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="different data or settings"):
+    with pytest.raises(ValueError, match=r"different data or settings \(settings\.lr differ\)"):
         _nd(tiny_adata, lr=5e-3).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+    # a checkpoint of the old default independence weight names it (the default went from 1000 to 300)
+    with pytest.raises(ValueError, match=r"\(loss_weights\.independence differ\)"):
+        _nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
+                                                                             checkpoint_dir=str(tmp_path))
 
 
 def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
@@ -207,7 +211,7 @@ def test_dead_codes_are_revived_on_small_data(tiny_adata):
 
 
 def test_network_presets_give_their_sizes_and_loss_weights():
-    from pyro_scmodels.ndreamer import PRESET_NAMES, LossWeights, network_preset
+    from pyro_scmodels.ndreamer import PRESET_NAMES, network_preset
 
     assert set(PRESET_NAMES) == {"default", "small"}
     default, small = network_preset("default"), network_preset("small")
@@ -218,3 +222,14 @@ def test_network_presets_give_their_sizes_and_loss_weights():
     assert network_preset("small")["loss_weights"].independence == 1000.0
     with pytest.raises(ValueError, match="Unknown network preset 'huge'.*default.*small"):
         network_preset("huge")
+
+
+
+def test_ndreamers_built_from_one_preset_do_not_share_loss_weights():
+    from pyro_scmodels.ndreamer import NDreamer, network_preset
+
+    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_batches=1, n_markers_per_type=3, n_responding_genes=4, seed=0)
+    preset = network_preset("small")
+    first, second = (NDreamer(adata, "condition", "control", layer="counts", device="cpu", **preset) for _ in range(2))
+    first.loss_weights.independence = 5.0
+    assert second.loss_weights.independence == 1000.0 and preset["loss_weights"].independence == 1000.0

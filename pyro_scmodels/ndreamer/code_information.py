@@ -17,7 +17,7 @@ def _xlogx(p: torch.Tensor) -> torch.Tensor:
     return p * torch.log(p.clamp_min(_XLOGX_FLOOR))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no field-wise ==
 class NMILayout:
     """Which cells each label column sums, for :func:`soft_nmi`: everything that depends on the labels only.
 
@@ -250,7 +250,7 @@ def dependence_nmi(
     return segmented_soft_nmi(probs, columns, segments, n_segments).mean(0).view(n_groups, 2).sum(1).mean()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no field-wise ==
 class NMITerms:
     """The independence and dependence terms' columns laid side by side in one :class:`NMILayout`.
 

@@ -71,7 +71,7 @@ def group_blocks(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no field-wise ==
 class MinibatchLayout:
     """What :func:`~pyro_scmodels.ndreamer.losses.total_loss` needs to know about a minibatch besides its values.
 

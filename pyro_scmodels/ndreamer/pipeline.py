@@ -170,7 +170,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         one gets ``latent`` as its fixed embedding and, optionally, the ``model`` it came from.
         """
         self.settings, self.device = settings, resolve_device(device)
-        self.loss_weights = loss_weights or LossWeights()
+        # a copy: a caller's LossWeights (e.g. from network_preset, reused for several NDreamers) is not shared
+        self.loss_weights = dataclasses.replace(loss_weights) if loss_weights is not None else LossWeights()
         # the constructor has already checked the design from the same obs; the other paths build it here
         self.design = self._make_design(obs, settings) if design is None else design
         self.genes, self.expression, self.model = genes, expression, model
@@ -230,10 +231,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """What identifies this NDreamer's training data and settings (checked before resuming)."""
         hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
         # how effects are read off the matches does not change training: a checkpoint resumes across it
-        settings = {**{k: v for k, v in self.settings.items() if k != "factual"},
-                    "loss_weights": dataclasses.asdict(self.loss_weights)}
+        # dicts of reprs, so that a refused resume names the setting or loss weight that differs
+        settings = {k: repr(v) for k, v in self.settings.items() if k != "factual"}
+        weights = {k: repr(v) for k, v in dataclasses.asdict(self.loss_weights).items()}
         return {"cells": (self.results.n_obs, hashed(self.results.obs_names)), "genes": (len(self.genes), hashed(self.genes)),
-                "settings": repr(sorted(settings.items()))}
+                "settings": settings, "loss_weights": weights}
 
     def train(self, n_epochs: float | None = None, progress_bar: bool = True, checkpoint_dir: str | None = None,
               checkpoint_every: int = K.CHECKPOINT_EVERY, gradient_clip: float | None = K.GRADIENT_CLIP_NORM) -> pd.DataFrame:
