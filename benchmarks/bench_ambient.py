@@ -16,7 +16,9 @@ Two designs, each printed as a markdown table (``--write`` also puts them in RES
 Variants: ``seed`` (the SPEC defaults: init 0.2 x mean, prior masked), ``init_prior``,
 ``prior_on`` (Gamma(1, 100) counted), ``learned_scale`` (Gamma(1, 1/m_e) with m_e learned per
 category), ``pooled_prior`` (Gamma(a, a / (m_e p_g)) counted: the pooled cells' profile p as the prior's shape, the
-amount m_e learned per category, every gene still learned; ``pooled_prior:A`` for a = A, default 1), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
+amount m_e learned per category, every gene still learned; ``pooled_prior:A`` for a = A, default 1), ``shape_prior`` (the package's ``ambient_shape_prior=10``: the same
+prior centred on the mean normalised expression, the amount a parameter without a prior; ``shape_prior:A``),
+``droplet`` (the package's ``ambient_per_droplet=True``: mu = (l rho + s) y, the background as counts per droplet), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
 ``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
 the batch or the spiked group, and z made independent of it: ``latent_independence=10``; ``independence:W`` for
 weight W), ``profile_empties`` (``ambient_profile=``
@@ -143,8 +145,14 @@ def simulated(n_cells: int, n_genes: int, seed: int = 0):
 
 
 
-def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
-    """PBMC counts with soup added to random quarters of the cells at the shares in SPIKES."""
+def spiked_pbmc(n_genes: int = 1000, seed: int = 0, added_as: str = "per-count"):
+    """PBMC counts with soup added to random quarters of the cells at the shares in SPIKES.
+
+    ``added_as="per-count"``: each cell gets soup in proportion to its own counts, so that it makes the group's share of
+    every cell (the seed model's assumption). ``"per-droplet"``: each cell of a group draws the same expected soup
+    counts (Poisson), the group's share of its mean library, as a droplet takes up ambient RNA whatever its cell
+    holds; cells with less RNA then carry a larger share.
+    """
     import anndata
     from scipy import sparse
 
@@ -156,7 +164,12 @@ def spiked_pbmc(n_genes: int = 1000, seed: int = 0):
     soup = counts.sum(0) / counts.sum()
     group = rng.permutation(np.arange(adata.n_obs) % len(SPIKES))
     share = np.asarray(SPIKES)[group]
-    added = np.round(share / (1.0 - share) * counts.sum(1)).astype(np.int64)
+    totals = counts.sum(1)
+    if added_as == "per-droplet":
+        group_mean = np.array([totals[group == g].mean() for g in range(len(SPIKES))])[group]
+        added = rng.poisson(share / (1.0 - share) * group_mean).astype(np.int64)
+    else:
+        added = np.round(share / (1.0 - share) * totals).astype(np.int64)
     for n in np.flatnonzero(added):
         counts[n] += rng.multinomial(added[n], soup)
     adata.X = sparse.csr_matrix(counts.astype(np.float32))
@@ -194,6 +207,10 @@ def variant_options(name: str, adata, key: str = "batch") -> dict:
             PooledShapeModel.concentration = float(part.split(":")[1]) if ":" in part else 1.0
             options["cls"] = PooledShapeVI
             options["model"]["priors"] = RegularizedPriors(regularize_ambient=True)
+        elif part == "droplet":  # the package option: the background as counts per droplet, mu = (l rho + s) y
+            options["model"]["ambient_per_droplet"] = True
+        elif part.split(":")[0] == "shape_prior":  # the package option: Gamma(a, a / (m_e p_g)), m_e learned
+            options["model"]["ambient_shape_prior"] = float(part.split(":")[1]) if ":" in part else 10.0
         elif part == "low_count_init":
             options["low_count_init"] = True
         elif part == "global_lr":
@@ -320,8 +337,8 @@ def cellbender_spikein(adata, command: str, epochs: int, threads: int, per_group
 
 
 def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0, cellbender: str | None = None,
-                    threads: int = 1) -> dict:
-    adata = spiked_pbmc(seed=seed)
+                    threads: int = 1, added_as: str = "per-count") -> dict:
+    adata = spiked_pbmc(seed=seed, added_as=added_as)
     if name in ("cellbender", "cellbender_per_group"):
         run = cellbender_spikein(adata, find_cellbender(cellbender), epochs, threads, per_group=name == "cellbender_per_group")
         inferred, seconds = run["share"], run["seconds"]
@@ -384,6 +401,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cellbender", default=None, help="the cellbender command for the 'cellbender' variant "
                         "(default: $CELLBENDER or the one on PATH)")
     parser.add_argument("--cellbender-epochs", type=int, default=150, help="CellBender's epochs (its default: 150)")
+    parser.add_argument("--soup", choices=("per-count", "per-droplet"), default="per-count",
+                        help="spikein: soup in proportion to each cell's counts, or the same expected counts per droplet")
     parser.add_argument("--write", action="store_true", help="replace this design's section of RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -396,12 +415,13 @@ def main(argv=None) -> None:
             table = simulator_table(rows)
         else:
             rows.append(measure_spikein(name, args.cellbender_epochs if name.startswith("cellbender") else args.epochs, args.lr,
-                                        seed=args.seed, cellbender=args.cellbender, threads=args.threads))
+                                        seed=args.seed, cellbender=args.cellbender, threads=args.threads,
+                                        added_as=args.soup))
             table = spikein_table(rows)
         print(table.splitlines()[-1], flush=True)
     print(table)
     if args.write:
-        title = f"## Ambient: {args.design}"
+        title = f"## Ambient: {args.design}" + (" (soup per droplet)" if args.design == "spikein" and args.soup == "per-droplet" else "")
         settings = (f"{args.n_cells} cells x {args.n_genes} genes, " if args.design == "simulator" else "") + \
             f"{args.epochs} epochs, lr {args.lr:g}, no early stopping; " + ", ".join(f"{k}: {v}" for k, v in hardware_facts().items())
         update_results(RESULTS, f"{title}\n\n{settings}.\n\n{table}\n", title)

@@ -175,7 +175,8 @@ def run_fit(args, folder: OutputFolder) -> None:
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
-                          latent_independence=args.latent_independence)
+                          latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
+                          ambient_shape_prior=args.ambient_shape_prior)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices, compile=args.compile)

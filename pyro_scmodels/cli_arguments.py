@@ -120,6 +120,12 @@ def _add_fit(sub) -> None:
     net.add_argument("--latent-independence", type=float, default=0.0,
                      help="weight of an MMD penalty keeping the --encoder-keys out of z (10 for model-based "
                           "counterfactuals of a condition; 0: off)")
+    net.add_argument("--ambient-per-droplet", action="store_true",
+                     help="the ambient background as counts per droplet, mu = (l rho + s) y, not scaled by the library "
+                          "(docs/models.md; best with --ambient-shape-prior)")
+    net.add_argument("--ambient-shape-prior", type=float, default=None, metavar="A",
+                     help="count a Gamma(A, A / (m_e p_g)) prior on the background, centred on the pooled cells' profile "
+                          "with an amount per ambient category that is learned (e.g. 10; default: off)")
     net.add_argument("--max-epochs", type=int, default=None,
                      help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
     net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets
+from pyro_scmodels import _constants as C
 from pyro_scmodels import metrics as M
 from pyro_scmodels._validation import ArgumentTypeError
 from pyro_scmodels.models.ambient import profile_from_droplets
@@ -88,6 +89,51 @@ def test_fraction_is_the_background_share_of_the_likelihood_mean(short_fit):
     expected = 1.0 - own.sum(-1) / mu.sum(-1)
     np.testing.assert_allclose(fraction[cells], expected.numpy(), rtol=1e-4)
     np.testing.assert_allclose(model.get_ambient_fraction(indices=cells), fraction[cells], rtol=1e-6)
+
+
+def test_background_per_droplet_is_not_scaled_by_the_library(tmp_path):
+    adata = _simulated(n_cells=200, n_genes=60, seed=1)
+    RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = RegularizedVI(adata, n_hidden=32, n_latent=4, ambient_per_droplet=True, ambient_shape_prior=5.0)
+    model.train(max_epochs=3, progress_bar=False)
+    cells = np.arange(7)
+    _, (batch, _) = next(model.minibatches(indices=cells))
+    medians = model.module.guide.global_medians()
+    with torch.no_grad():
+        z = model.module.guide.z_posterior(batch).loc
+        rho = model.module.model.decode(z, batch)
+        library = model.module.guide.library_loc(batch).exp()
+        y = expected_counts(torch.ones(len(cells)), torch.ones_like(rho), None, medians["feature_scaling"],
+                            batch["ambient_index"], batch["scaling_index"])  # prod_t y per cell and gene
+        soup = medians["ambient"][batch["ambient_index"][:, 0]]
+        mu = expected_counts(library, rho, medians["ambient"], medians["feature_scaling"], batch["ambient_index"],
+                             batch["scaling_index"], per_droplet=True)
+        cell_part, soup_part = model.module.model.decompose_mean(z, batch, medians, library=library)
+    # mu = (l rho + s) y: the background does not grow with the library
+    torch.testing.assert_close(mu, (library[:, None] * rho + soup + C.MEAN_EPS) * y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cell_part + soup_part, mu, rtol=1e-4, atol=1e-4)
+    expected = (soup_part.sum(-1) / mu.sum(-1)).numpy()
+    np.testing.assert_allclose(model.get_ambient_fraction(indices=cells), expected, rtol=1e-4)
+    # the settings and the learned amounts come back with the model
+    model.save(str(tmp_path / "m"))
+    loaded = RegularizedVI.load(str(tmp_path / "m"), adata)
+    assert loaded.init_params["ambient_per_droplet"] is True and loaded.init_params["ambient_shape_prior"] == 5.0
+    torch.testing.assert_close(loaded.module.model.ambient_amount, model.module.model.ambient_amount)
+    np.testing.assert_allclose(loaded.get_ambient_fraction(indices=cells), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="ambient_shape_prior is not supported"):
+        RegularizedVI.load_query_data(adata.copy(), model)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(ambient_per_droplet="yes"), ArgumentTypeError, "ambient_per_droplet must be True or False"),
+    (dict(ambient_shape_prior=0.0), ValueError, "ambient_shape_prior"),
+    (dict(ambient_shape_prior=10.0, ambient_profile=pd.DataFrame({"all": np.ones(60)})), ValueError, "Pass one of them"),
+])
+def test_background_options_are_checked(options, error, match):
+    adata = _simulated(n_cells=100, n_genes=60, seed=1)
+    RegularizedVI.setup_anndata(adata, layer="counts")
+    with pytest.raises(error, match=match):
+        RegularizedVI(adata, n_hidden=16, n_latent=4, **options)
 
 
 def test_summary_per_category_and_export(short_fit):
@@ -180,6 +226,33 @@ def test_prior_shaped_like_the_pooled_cells_learns_a_better_profile_than_its_sta
     # measured: 0.879 against 0.856 at the start (the seed model ends at 0.850, below its start)
     assert log_r(model.get_ambient_profile().to_numpy()) > log_r(start.to_numpy()) + 0.01
     assert M.spearman(model.get_ambient_fraction(), adata.obs["true_ambient_fraction"]) >= 0.8
+
+
+def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
+    """Both options together (docs/models.md): levels, the cells' order (also within a batch) and the profile."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adata = _simulated()
+        RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+        model = RegularizedVI(adata, n_hidden=64, n_latent=8, ambient_per_droplet=True, ambient_shape_prior=10.0)
+        start = model.get_ambient_profile().to_numpy().copy()
+        model.train(max_epochs=600, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=150, progress_bar=False)
+    finally:
+        torch.set_num_threads(threads)
+    fraction, truth = model.get_ambient_fraction(), adata.obs["true_ambient_fraction"].to_numpy()
+    batch = adata.obs["batch"].to_numpy()
+    inferred = model.get_ambient_fraction(summarize_by="batch")["mean"].to_numpy()
+    true = adata.obs["true_ambient_fraction"].groupby(adata.obs["batch"], observed=True).mean().to_numpy()
+    # measured (seed 0): 4.2 / 9.7 / 18.8 / 24.0 % for 3.4 / 7.9 / 14.7 / 25.7 %, largest relative error 0.28 (the seed
+    # model: 3.7); asserted with room, as the error moves with training (0.26-0.97 over four simulated data sets)
+    assert np.all(np.abs(inferred / true - 1.0) < 0.45), (inferred, true)
+    assert M.spearman(fraction, truth) >= 0.8  # 0.91 (the seed model 0.89)
+    within = np.mean([M.spearman(fraction[batch == b], truth[batch == b]) for b in np.unique(batch)])
+    assert within >= 0.4, within  # 0.58: a cell with more RNA carries less soup (the seed model: about 0)
+    log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(adata.uns["true_ambient_profile"][:, b]))
+                               for b in range(len(FRACTIONS))])  # noqa: E731
+    assert log_r(model.get_ambient_profile().to_numpy()) > log_r(start) + 0.015  # 0.887 against 0.856
 
 
 def test_multimodal_fraction_per_ambient_modality():

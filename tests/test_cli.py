@@ -229,6 +229,16 @@ def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
     assert len(_history(out)) == 1
 
 
+def test_fit_background_options_reach_the_saved_model(input_h5ad, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--ambient-per-droplet", "--ambient-shape-prior", "10",
+                 *FIT_ARGS]) == 0
+    model = ps.RegularizedVI.load(os.path.join(out, "model"), anndata.read_h5ad(input_h5ad))
+    assert model.init_params["ambient_per_droplet"] is True and model.init_params["ambient_shape_prior"] == 10.0
+    results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    np.testing.assert_allclose(results.obs["regularizedvi_ambient_fraction"], model.get_ambient_fraction(), rtol=1e-4)
+
+
 def test_fit_backed_trains_from_disk_and_writes_results_without_the_counts(input_h5ad, tmp_path, monkeypatch):
     from pyro_scmodels.data import CountMatrix
 
@@ -292,7 +302,9 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     (["--batch-key", "batch", "--layer", "no_such_layer"], ["no_such_layer", "adata.layers"]),
     (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
     (["--batch-key", "batch", "--layer", "counts", "--global-lr-factor", "0"], ["--global-lr-factor", "positive"]),
-], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key", "global-lr-factor-not-positive"])
+    (["--batch-key", "batch", "--layer", "counts", "--ambient-shape-prior", "-1"], ["ambient_shape_prior"]),
+], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key", "global-lr-factor-not-positive",
+        "ambient-shape-prior-not-positive"])
 def test_fit_bad_input_returns_2_with_message(input_h5ad, tmp_path, capsys, extra, expected):
     out = str(tmp_path / "out")
     code = main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--quiet", *extra])

@@ -59,6 +59,9 @@ CONFIGURATIONS = {
         dict(latent_independence=2.0),
     ),
     "no decoder weight prior, one category each": ({}, dict(priors=ps.RegularizedPriors(decoder_weight=None))),
+    "background per droplet, shaped ambient prior with learned amounts": (
+        dict(batch_key="batch"), dict(ambient_per_droplet=True, ambient_shape_prior=10.0,
+                                      global_guides={"ambient": "lognormal"})),
 }
 
 

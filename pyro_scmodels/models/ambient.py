@@ -5,7 +5,9 @@ With ``mu_{n,g} = l_n (rho_{n,g} + s_{e(n),g}) y_{t(n),g}`` the background part 
 
     f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}
 
-(the library size l_n cancels). It is computed from the model's own decomposition of the mean
+(the library size l_n cancels). With the background per droplet (``ambient_per_droplet=True``,
+``mu = (l_n rho + s) y``) it does not cancel: ``f_n = sum_g s y / sum_g (l_n rho + s) y``, at the posterior
+median of ``l_n``. It is computed from the model's own decomposition of the mean
 (:meth:`~pyro_scmodels.RegularizedVIModel.decompose_mean`) at the posterior mean of z and the
 point estimates (medians) of the global sites.
 """
@@ -23,7 +25,7 @@ SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
 
 
 def ambient_fraction(queries, generative, global_values: dict, adata=None, indices=None,
-                     batch_size: int | None = None) -> np.ndarray:
+                     batch_size: int | None = None, library_of=None) -> np.ndarray:
     """Per cell, the share of the expected counts that comes from the ambient background.
 
     Parameters
@@ -37,6 +39,9 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
         Point estimates of that block's global sites (``ambient``, ``feature_scaling``).
     adata, indices, batch_size
         Cells, as in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
+    library_of
+        None, or a function of a minibatch giving each cell's library size l (needed when the
+        background is per droplet, where the share depends on it).
 
     Returns
     -------
@@ -47,7 +52,8 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
     parts = []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):
         with torch.no_grad():
-            cell, soup = generative.decompose_mean(z, batch, global_values)
+            library = None if library_of is None else library_of(batch)
+            cell, soup = generative.decompose_mean(z, batch, global_values, library=library)
             soup = soup.sum(-1)
             parts.append((soup / (cell.sum(-1) + soup)).cpu())
     return torch.cat(parts).numpy().astype(np.float64)

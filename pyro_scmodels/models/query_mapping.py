@@ -280,6 +280,11 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
         ("freeze_decoder", freeze_decoder), ("freeze_dropout", freeze_dropout), ("unfrozen", unfrozen))}
     if not reference.is_trained:
         raise ValueError("The reference model has not been trained; train it (reference.train()) before mapping a query onto it.")
+    if reference.init_params.get("ambient_shape_prior") is not None:
+        # its amounts per ambient category are parameters of the model, which the freezing of reference levels
+        # does not know yet
+        raise ValueError("Mapping a query onto a reference trained with ambient_shape_prior is not supported; train the "
+                         "reference without it, or train one model on the reference and query cells together.")
     if flags["inplace_subset_query_vars"]:
         align_genes(adata, reference.var_names, inplace=True)
     _check_query(adata, reference)

@@ -56,6 +56,18 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         still write it into z; for model-based counterfactuals (``NDreamer.from_model``, the
         basal-state design) use 10, which on the simulator kept the decoded effect unshrunk
         whatever the network width (docs/ndreamer.md).
+    ambient_per_droplet
+        False (default, the SPEC's and regularizedvi's mean ``mu = l (rho + s) y``): the background
+        grows with the cell's library size, so its share is about the same for every cell of a
+        category. True: ``mu = (l rho + s) y``, the background is counts per droplet (as CellBender
+        models it), a cell with more RNA carries a smaller share, and the split between rho and s is
+        informed by how counts grow with l (docs/models.md, "The background per droplet").
+    ambient_shape_prior
+        None (default), or a concentration a > 0: the prior ``s_{e,g} ~ Gamma(a, a / (m_e p_g))`` is
+        counted, centred on the pooled cells' profile p (mean normalised expression) at an amount m_e
+        per ambient category that is learned (a point estimate, no prior). Every gene's s is still
+        learned; the prior places the part of the background that the likelihood cannot tell from
+        rho (docs/models.md). Not with ``ambient_profile``.
     seed
         Seeds the initial network weights.
 
@@ -85,6 +97,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         seed: int = 0,
         ambient_profile: pd.DataFrame | None = None,
         latent_independence: float = 0.0,
+        ambient_per_droplet: bool = False,
+        ambient_shape_prior: float | None = None,
         _categories: dict | None = None,
     ):
         super().__init__()
@@ -97,6 +111,13 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         if priors is not None and not isinstance(priors, RegularizedPriors):
             raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
         latent_independence = V.non_negative_float("latent_independence", latent_independence)
+        if not isinstance(ambient_per_droplet, (bool, np.bool_)):
+            raise V.ArgumentTypeError(f"ambient_per_droplet must be True or False, got {ambient_per_droplet!r}.")
+        if ambient_shape_prior is not None:
+            ambient_shape_prior = V.positive_float("ambient_shape_prior", ambient_shape_prior)
+            if ambient_profile is not None:
+                raise ValueError("ambient_shape_prior centres the background's prior on the pooled cells' profile and "
+                                 "learns every gene; ambient_profile fixes the profile. Pass one of them.")
         self.adata = adata
         self._setup = read_setup(adata)
         self.layer, self.keys = self._setup.layer, self._setup.keys
@@ -114,6 +135,10 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         )
         if latent_independence > 0:  # stored only when on, so that models saved before it load unchanged
             self.init_params["latent_independence"] = latent_independence
+        if ambient_per_droplet:
+            self.init_params["ambient_per_droplet"] = True
+        if ambient_shape_prior is not None:
+            self.init_params["ambient_shape_prior"] = ambient_shape_prior
         profile = None
         if ambient_profile is not None:
             self.init_params["ambient_profile"] = ambient_profile
@@ -127,7 +152,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
                 model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
-                latent_independence=latent_independence,
+                latent_independence=latent_independence, ambient_per_droplet=bool(ambient_per_droplet),
+                ambient_shape_prior=ambient_shape_prior,
             )
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
@@ -307,7 +333,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
 
         ``f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}``, from the
         model's decomposition of the mean (:meth:`RegularizedVIModel.decompose_mean`) at the
-        posterior mean of z and the point estimates of s and y.
+        posterior mean of z and the point estimates of s and y; with ``ambient_per_droplet=True``,
+        ``rho`` is multiplied by the cell's library size l_n (posterior median).
 
         Parameters
         ----------
@@ -325,8 +352,11 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         obs = (self.adata if adata is None else adata).obs
         if summarize_by is not None:
             _ambient.check_summary_column(obs, summarize_by)
-        fractions = _ambient.ambient_fraction(self, self.module.model, self.module.guide.global_medians(), adata,
-                                              indices, batch_size)
+        guide = self.module.guide
+        # per droplet, the share depends on the cell's library size: its posterior median
+        library_of = (lambda batch: guide.library_loc(batch).exp()) if self.dims.ambient_per_droplet else None
+        fractions = _ambient.ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices,
+                                              batch_size, library_of=library_of)
         if summarize_by is None:
             return fractions
         return _ambient.summarize(fractions, obs.iloc[self._cell_positions(len(obs), indices)], summarize_by)

@@ -34,6 +34,7 @@ class RegularizedVIDims:
     site_suffix: str = ""  # appended to every site and plate name of this modality ("_rna")
     counts_key: str = "x"  # the minibatch entry holding this modality's counts
     latent_independence: float = 0.0  # weight of the MMD penalty on z across encoder-covariate categories
+    ambient_per_droplet: bool = False  # the background as counts per droplet, not scaled by l_n (mu = (l rho + s) y)
 
     def site(self, name: str) -> str:
         """Name of a site of this modality."""

@@ -25,6 +25,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.nn import PyroParam
+from torch.distributions import constraints
 
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
@@ -57,11 +59,15 @@ def scaling_factor(library, scaling, scaling_index) -> torch.Tensor:
     return factor
 
 
-def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index):
+def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index, per_droplet: bool = False):
     """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene.
 
-    ``ambient`` or ``scaling`` may be None when the modality has no such term.
+    ``ambient`` or ``scaling`` may be None when the modality has no such term. With ``per_droplet`` the background
+    is counts per droplet, not scaled by the library: ``mu = (l rho + s) y``.
     """
+    if per_droplet and ambient is not None:
+        cell = rho * library.unsqueeze(-1)
+        return (cell + background(ambient, ambient_index)) * scaling_factor(torch.ones_like(library), scaling, scaling_index)
     rho = rho + (background(ambient, ambient_index) if ambient is not None else C.MEAN_EPS)
     return rho * scaling_factor(library, scaling, scaling_index)
 
@@ -77,13 +83,28 @@ class RegularizedVIModel(LocalPyroModule):
         The priors (see :class:`~pyro_scmodels.RegularizedPriors`).
     library_prior_loc, library_prior_variance
         m_p (centred) and v_p per library group.
+    ambient_shape_prior
+        None, or ``(concentration a, shape p (genes), initial amounts (categories))``: then
+        ``s_{e,g} ~ Gamma(a, a / (m_e p_g))``, counted in the ELBO, with the amount ``m_e`` per category a
+        learned hyperparameter of the model (empirical Bayes) and ``p`` the pooled cells' profile.
     """
 
-    def __init__(self, dims: RegularizedVIDims, priors: RegularizedPriors, library_prior_loc, library_prior_variance):
+    def __init__(self, dims: RegularizedVIDims, priors: RegularizedPriors, library_prior_loc, library_prior_variance,
+                 ambient_shape_prior=None):
         super().__init__()
         self.dims = dims
-        self.regularize_ambient = bool(priors.regularize_ambient)
         self.priors = PriorSet(priors.distributions())
+        self.shaped_ambient = ambient_shape_prior is not None
+        # the shaped prior is always counted: it is what places the background's shared part
+        self.regularize_ambient = bool(priors.regularize_ambient) or self.shaped_ambient
+        if self.shaped_ambient:
+            concentration, shape, amounts = ambient_shape_prior
+            shape = torch.as_tensor(shape, dtype=torch.float32)
+            self.register_buffer("ambient_shape_concentration", torch.tensor(float(concentration)))
+            self.register_buffer("ambient_shape", shape / shape.sum())
+            # a parameter of the model, not a site: no prior, a point estimate by maximising the ELBO
+            self.ambient_amount = PyroParam(torch.as_tensor(amounts, dtype=torch.float32).reshape(-1, 1),
+                                            constraint=constraints.positive)
         self.register_buffer("library_prior_loc", torch.as_tensor(library_prior_loc, dtype=torch.float32))
         self.register_buffer(
             "library_prior_scale",
@@ -105,11 +126,18 @@ class RegularizedVIModel(LocalPyroModule):
                 u = pyro.sample(site("inverse_sqrt_theta"), dist.Exponential(dispersion_rate))
         return u.pow(-2)
 
+    def ambient_prior(self) -> dist.Distribution:
+        """The prior of s: ``priors.ambient``, or ``Gamma(a, a / (m_e p_g))`` with the shaped prior."""
+        if not self.shaped_ambient:
+            return self.priors["ambient"]
+        a = self.ambient_shape_concentration
+        return dist.Gamma(a, a / (self.ambient_amount * self.ambient_shape))
+
     def sample_ambient(self, genes: pyro.plate) -> torch.Tensor:
-        """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient``)."""
+        """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient`` or the shaped prior)."""
         with pyro.plate(self.dims.site("ambient_categories"), self.dims.n_ambient, dim=-2), genes:
             with poutine.mask(mask=self.regularize_ambient):
-                return pyro.sample(self.dims.site("ambient"), self.priors["ambient"])
+                return pyro.sample(self.dims.site("ambient"), self.ambient_prior())
 
     def sample_feature_scaling(self, genes: pyro.plate) -> torch.Tensor:
         """y_{t,g} ~ prior."""
@@ -184,8 +212,9 @@ class RegularizedVIModel(LocalPyroModule):
         """The two parts of the mean mu: the cell's own counts and the ambient background.
 
         ``mu = l rho y + l s y``: the cell part ``l_n rho_{n,g} prod_t y_{t(n),g}`` and the
-        background part ``l_n sum_e s_{e(n),g} prod_t y_{t(n),g}``. Their sum is the mean of
-        the likelihood in :meth:`local_sites` (up to the floor on the mean).
+        background part ``l_n sum_e s_{e(n),g} prod_t y_{t(n),g}``; with ``dims.ambient_per_droplet``
+        the background part is not scaled by ``l_n``. Their sum is the mean of the likelihood in
+        :meth:`local_sites` (up to the floor on the mean).
 
         Parameters
         ----------
@@ -195,7 +224,7 @@ class RegularizedVIModel(LocalPyroModule):
             ``{"ambient": s, "feature_scaling": y}`` (categories x genes, or None for a term the
             modality lacks), e.g. the guide's :meth:`~RegularizedVIGuide.global_medians`.
         library
-            l per cell; default 1 (the shares do not depend on it).
+            l per cell; default 1 (the shares do not depend on it, unless the background is per droplet).
 
         Returns
         -------
@@ -209,6 +238,8 @@ class RegularizedVIModel(LocalPyroModule):
         factor = scaling_factor(library, global_values.get("feature_scaling"), batch["scaling_index"])
         ambient = global_values.get("ambient")
         soup = background(ambient, batch["ambient_index"]) if ambient is not None else torch.zeros_like(rho)
+        if self.dims.ambient_per_droplet:
+            return rho * factor, soup * factor / library.unsqueeze(-1)
         return rho * factor, soup * factor
 
     def local_sites(self, z: torch.Tensor, batch: dict, global_values: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +253,7 @@ class RegularizedVIModel(LocalPyroModule):
             rho = self.decode(z, batch)
             mu = expected_counts(
                 library, rho, global_values["ambient"], global_values["feature_scaling"], batch["ambient_index"],
-                batch["scaling_index"],
+                batch["scaling_index"], self.dims.ambient_per_droplet,
             )
             pyro.sample(site("obs"), self.count_distribution(mu, global_values["theta"], batch).to_event(1),
                         obs=batch[self.dims.counts_key])
@@ -285,7 +316,7 @@ class RegularizedVIModel(LocalPyroModule):
         log_p = priors["dispersion_rate"].log_prob(rate).sum()
         log_p = log_p + dist.Exponential(rate).log_prob(values["inverse_sqrt_theta"]).sum()
         if dims.use_ambient and self.regularize_ambient:  # masked otherwise
-            log_p = log_p + priors["ambient"].log_prob(values["ambient"]).sum()
+            log_p = log_p + self.ambient_prior().log_prob(values["ambient"]).sum()
         if dims.use_feature_scaling:
             log_p = log_p + priors["feature_scaling"].log_prob(values["feature_scaling"]).sum()
         log_p = log_p + priors["library_residual_weight"].log_prob(values["library_residual_weight"]).sum()
@@ -333,7 +364,7 @@ class RegularizedVIModel(LocalPyroModule):
         library = values["library"]
         log_p = self.library_prior(batch).log_prob(library)
         mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
-                             batch["ambient_index"], batch["scaling_index"])
+                             batch["ambient_index"], batch["scaling_index"], self.dims.ambient_per_droplet)
         theta = values["inverse_sqrt_theta"].pow(-2)
         log_p = log_p + self.count_distribution(mu, theta, batch).log_prob_sum_genes(batch[self.dims.counts_key])
         # as poutine.mask does: the masked cells' terms are replaced by 0, not multiplied by it
@@ -344,7 +375,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
                  global_guides: dict | None, dropout_rate: float, input_dropout_rate: float, key: str = "x",
                  site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
                  n_decoder_latent: int | None = None, with_z_encoder: bool = True, latent_independence: float = 0.0,
-                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None):
+                 model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None,
+                 ambient_per_droplet: bool = False, ambient_shape_prior: float | None = None):
     """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
 
     Used by RegularizedVI (one pair) and RegularizedMultimodalVI (one pair per modality, with
@@ -372,6 +404,11 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     ambient_profile
         None, or a known ambient profile per category (categories x genes, e.g. from empty
         droplets): the background keeps that shape and only its amount is learned.
+    ambient_per_droplet
+        The background as counts per droplet, not scaled by the library size.
+    ambient_shape_prior
+        None, or the concentration a of the prior ``s_{e,g} ~ Gamma(a, a / (m_e p_g))`` centred on the
+        pooled cells' profile p (the mean normalised expression), with the amounts m_e learned.
 
     Returns
     -------
@@ -386,6 +423,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         n_encoder_covariates=data.n_encoder_covariates, n_continuous=data.n_continuous,
         use_ambient=use_ambient, use_feature_scaling=use_feature_scaling, n_decoder_latent=n_decoder_latent,
         site_suffix=site_suffix, counts_key=key, latent_independence=float(latent_independence),
+        ambient_per_droplet=bool(ambient_per_droplet),
     )
     library_loc, library_variance, centre = data.library_prior(key=key)
     if init == "data":
@@ -394,7 +432,14 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
     else:
         ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
-    model = model_class(dims, priors, library_loc, library_variance)
+    shape_prior = None
+    if ambient_shape_prior is not None and use_ambient:
+        # the pooled cells' profile, and amounts that start where the initial s starts
+        # (a gene without counts gets the floor the initial s has, so that its prior rate stays finite)
+        shape = np.maximum(data.normalised_means(key)[0], C.INIT_AMBIENT_FLOOR)
+        shape_prior = (float(ambient_shape_prior), shape, np.asarray(ambient).sum(-1))
+    model = model_class(dims, priors, library_loc, library_variance,
+                        **({} if shape_prior is None else {"ambient_shape_prior": shape_prior}))
     init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
     guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
     model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
