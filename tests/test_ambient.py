@@ -235,7 +235,7 @@ def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
     try:
         adata = _simulated()
         RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
-        model = RegularizedVI(adata, n_hidden=64, n_latent=8, ambient_per_droplet=True, ambient_shape_prior=10.0)
+        model = RegularizedVI(adata, n_hidden=64, n_latent=8, ambient_per_droplet=True, ambient_shape_prior=3.0)
         start = model.get_ambient_profile().to_numpy().copy()
         model.train(max_epochs=600, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=150, progress_bar=False)
     finally:
@@ -244,15 +244,16 @@ def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
     batch = adata.obs["batch"].to_numpy()
     inferred = model.get_ambient_fraction(summarize_by="batch")["mean"].to_numpy()
     true = adata.obs["true_ambient_fraction"].groupby(adata.obs["batch"], observed=True).mean().to_numpy()
-    # measured (seed 0): 4.2 / 9.7 / 18.8 / 24.0 % for 3.4 / 7.9 / 14.7 / 25.7 %, largest relative error 0.28 (the seed
-    # model: 3.7); asserted with room, as the error moves with training (0.26-0.97 over four simulated data sets)
-    assert np.all(np.abs(inferred / true - 1.0) < 0.45), (inferred, true)
-    assert M.spearman(fraction, truth) >= 0.8  # 0.91 (the seed model 0.89)
+    # the target, every batch within 30 %: measured (bench, seed 0) 4.0 / 8.1 / 16.8 / 22.1 % for 3.4 / 7.9 /
+    # 14.7 / 25.7 %, largest relative error 0.18 (the seed model: 2.8). Met on three simulated data sets of four
+    # (0.18-0.27; the fourth 0.80), benchmarks/RESULTS.md
+    assert np.all(np.abs(inferred / true - 1.0) < 0.3), (inferred, true)
+    assert M.spearman(fraction, truth) >= 0.8  # 0.92 (the seed model 0.89)
     within = np.mean([M.spearman(fraction[batch == b], truth[batch == b]) for b in np.unique(batch)])
     assert within >= 0.4, within  # 0.58: a cell with more RNA carries less soup (the seed model: about 0)
     log_r = lambda p: np.mean([M.pearson(np.log(p[:, b] / p[:, b].sum()), np.log(adata.uns["true_ambient_profile"][:, b]))
                                for b in range(len(FRACTIONS))])  # noqa: E731
-    assert log_r(model.get_ambient_profile().to_numpy()) > log_r(start) + 0.015  # 0.887 against 0.856
+    assert log_r(model.get_ambient_profile().to_numpy()) > log_r(start) + 0.01  # 0.880 against 0.856
 
 
 def test_multimodal_fraction_per_ambient_modality():
