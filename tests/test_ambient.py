@@ -50,6 +50,18 @@ def test_simulator_option_leaves_the_other_draws_alone():
     assert "true_ambient_fraction" not in plain.obs and "true_ambient_profile" not in plain.uns
 
 
+def test_empty_droplets_of_a_subset_keep_every_simulated_batch():
+    adata = _simulated(n_cells=200, n_genes=80, seed=2)
+    subset = adata[adata.obs["batch"] != "batch_3"].copy()  # the subset's categories lose batch_3
+    droplets = datasets.simulate_empty_droplets(subset, n_droplets=7)
+    assert droplets.obs["batch"].value_counts().to_dict() == {f"batch_{b}": 7 for b in range(4)}
+    # each droplet's counts follow its own batch's soup
+    profile = profile_from_droplets(datasets.simulate_empty_droplets(subset, n_droplets=400), groupby="batch")
+    truth = subset.uns["true_ambient_profile"]
+    for b in range(4):
+        assert M.pearson(profile[f"batch_{b}"].to_numpy(), truth[:, b]) > 0.9
+
+
 @pytest.mark.parametrize("value, error, match", [
     ((0.1, 0.2), ValueError, "one value per batch"),
     ((0.1, 0.2, 0.3, 1.0), ValueError, r"ambient_fractions\[3\]"),

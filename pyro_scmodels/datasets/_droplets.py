@@ -29,6 +29,12 @@ def simulate_empty_droplets(adata, n_droplets: int = 100, seed: int = 1) -> annd
     soup = np.asarray(adata.varm["true_ambient"]).T
     counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
                              for b in range(soup.shape[0])])
-    obs = pd.DataFrame({"batch": np.repeat(adata.obs["batch"].cat.categories, n_droplets)},
-                       index=[f"empty_{i}" for i in range(counts.shape[0])])
+    # one soup per simulated batch, in the simulation's order (a subset of the cells may have dropped a batch's
+    # category, but varm keeps every batch's soup)
+    names = [str(b) for b in adata.uns.get("simulation", {}).get("batches", adata.obs["batch"].cat.categories)]
+    if len(names) != soup.shape[0]:
+        raise ValueError(f"adata.varm['true_ambient'] has {soup.shape[0]} batches but the batch names are {names}; "
+                         "pass the AnnData that datasets.simulate returned (or a subset of its cells).")
+    labels = pd.Categorical(np.repeat(np.asarray(names, dtype=object), n_droplets), categories=names)
+    obs = pd.DataFrame({"batch": labels}, index=[f"empty_{i}" for i in range(counts.shape[0])])
     return anndata.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=adata.var_names))
