@@ -11,7 +11,9 @@ Two designs, each printed as a markdown table (``--write`` also puts them in RES
   split at random into four groups and soup counts (the pooled profile of all cells) are
   added to make 0 %, 2 %, 8 % and 20 % of each cell's counts. The model gets the group as an
   ambient key; reported: the slope of the inferred share on the added share (per-group means),
-  Spearman per cell, and the group means.
+  Spearman per cell, and the group means. ``--soup per-droplet`` instead adds the same expected soup
+  counts to every cell of a group (the group's share of its mean library), as a droplet takes up
+  ambient RNA whatever its cell holds.
 
 Variants: ``seed`` (the SPEC defaults: init 0.2 x mean, prior masked), ``init_prior``,
 ``prior_on`` (Gamma(1, 100) counted), ``learned_scale`` (Gamma(1, 1/m_e) with m_e learned per
