@@ -233,3 +233,6 @@ def test_ndreamers_built_from_one_preset_do_not_share_loss_weights():
     first, second = (NDreamer(adata, "condition", "control", layer="counts", device="cpu", **preset) for _ in range(2))
     first.loss_weights.independence = 5.0
     assert second.loss_weights.independence == 1000.0 and preset["loss_weights"].independence == 1000.0
+    # ... but an NDreamer trains with the weights it saves and fingerprints: its trainer holds the same object
+    first.train(n_epochs=0.1, progress_bar=False)
+    assert first.trainer.loss_weights is first.loss_weights

@@ -112,8 +112,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         if priors is not None and not isinstance(priors, RegularizedPriors):
             raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
         latent_independence = V.non_negative_float("latent_independence", latent_independence)
-        if not isinstance(ambient_per_droplet, (bool, np.bool_)):
-            raise V.ArgumentTypeError(f"ambient_per_droplet must be True or False, got {ambient_per_droplet!r}.")
+        ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
         if ambient_shape_prior is not None:
             ambient_shape_prior = V.positive_float("ambient_shape_prior", ambient_shape_prior)
             if ambient_profile is not None:
@@ -153,7 +152,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
                 data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
                 global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
                 model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
-                latent_independence=latent_independence, ambient_per_droplet=bool(ambient_per_droplet),
+                latent_independence=latent_independence, ambient_per_droplet=ambient_per_droplet,
                 ambient_shape_prior=ambient_shape_prior,
             )
         self.dims = model.dims

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -55,7 +54,8 @@ class NDreamerTrainer(TrainingLoop):
                  fingerprint: dict | None = None):
         super().__init__({"network": network}, fingerprint, history_columns=("train_loss", *LOSS_PARTS))
         self.network, self.minibatch, self.lr = network, minibatch, lr
-        self.loss_weights = dataclasses.replace(loss_weights) if loss_weights is not None else LossWeights()
+        # the caller's object, not a copy: NDreamer keeps its own copy and trains, saves and fingerprints with it
+        self.loss_weights = LossWeights() if loss_weights is None else loss_weights
         self.members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups)]
         self.per_group = max(K.MIN_CELLS_PER_GROUP_DRAW, batch_size // len(self.members))
         self.n_cells, self.batch_size = len(groups), batch_size
