@@ -17,9 +17,9 @@ Two designs, each printed as a markdown table (``--write`` also puts them in RES
 
 Variants: ``seed`` (the SPEC defaults: init 0.2 x mean, prior masked), ``init_prior``,
 ``prior_on`` (Gamma(1, 100) counted), ``learned_scale`` (Gamma(1, 1/m_e) with m_e learned per
-category), ``pooled_prior`` (Gamma(a, a / (m_e p_g)) counted: the pooled cells' profile p as the prior's shape, the
-amount m_e learned per category, every gene still learned; ``pooled_prior:A`` for a = A, default 1), ``shape_prior`` (the package's ``ambient_shape_prior=10``: the same
-prior centred on the mean normalised expression, the amount a parameter without a prior; ``shape_prior:A``),
+category), ``shape_prior`` (the package's ``ambient_shape_prior=10``: Gamma(a, a / (m_e p_g)) counted, centred
+on the mean normalised expression p, the amount m_e per category learned, every gene still learned; ``shape_prior:A``
+for a = A),
 ``droplet`` (the package's ``ambient_per_droplet=True``: mu = (l rho + s) y, the background as counts per droplet), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
 ``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
 the batch or the spiked group, and z made independent of it: ``latent_independence=10``; ``independence:W`` for
@@ -106,40 +106,6 @@ class LearnedScaleVI(RegularizedVI):
     guide_class = LearnedScaleGuide
 
 
-class PooledShapeModel(RegularizedVIModel):
-    """s_{e,g} ~ Gamma(a, a / (m_e p_g)): a priori each category's soup has the shape p of the pooled cells (the
-    assumption SoupX makes) at an amount m_e ~ LogNormal(log 0.1, 2) learned per category; the data move each gene."""
-
-    concentration = 1.0
-    pooled = None  # p (genes), set from the data before the model is built
-
-    def sample_ambient(self, genes):
-        prior = dist.LogNormal(torch.tensor(np.log(0.1)), torch.tensor(2.0)).expand([self.dims.n_ambient, 1])
-        amount = pyro.sample("ambient_mean", prior.to_event(2))
-        shape = torch.as_tensor(self.pooled, dtype=amount.dtype, device=amount.device)
-        a = torch.as_tensor(self.concentration, dtype=amount.dtype, device=amount.device)
-        with pyro.plate("ambient_categories", self.dims.n_ambient, dim=-2), genes:
-            return pyro.sample("ambient", dist.Gamma(a, a / (amount * shape)))
-
-
-class PooledShapeGuide(RegularizedVIGuide):
-    """The seed guide plus a point estimate of m_e, starting at the total of the initial s."""
-
-    def __init__(self, dims, init, *args, **kwargs):
-        super().__init__(dims, init, *args, **kwargs)
-        start = torch.as_tensor(init["ambient"], dtype=torch.float32).sum(-1, keepdim=True)
-        self.ambient_mean = PositiveSiteGuide(start, "map")
-
-    def global_sites(self):
-        pyro.sample("ambient_mean", dist.Delta(self.ambient_mean.value, event_dim=2))
-        return super().global_sites()
-
-
-class PooledShapeVI(RegularizedVI):
-    model_class = PooledShapeModel
-    guide_class = PooledShapeGuide
-
-
 # --- data ---------------------------------------------------------------------------------
 def simulated(n_cells: int, n_genes: int, seed: int = 0):
     return datasets.simulate(n_cells=n_cells, n_genes=n_genes, n_batches=len(FRACTIONS), n_markers_per_type=10,
@@ -202,13 +168,6 @@ def variant_options(name: str, adata, key: str = "batch") -> dict:
             options["model"]["priors"] = RegularizedPriors(regularize_ambient=True)
         elif part == "learned_scale":
             options["cls"] = LearnedScaleVI
-        elif part.split(":")[0] == "pooled_prior":  # the pooled cells' shape as the prior's mean, counted
-            counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
-            pooled = np.asarray(counts.sum(0)).ravel() + 0.5
-            PooledShapeModel.pooled = pooled / pooled.sum()
-            PooledShapeModel.concentration = float(part.split(":")[1]) if ":" in part else 1.0
-            options["cls"] = PooledShapeVI
-            options["model"]["priors"] = RegularizedPriors(regularize_ambient=True)
         elif part == "droplet":  # the package option: the background as counts per droplet, mu = (l rho + s) y
             options["model"]["ambient_per_droplet"] = True
         elif part.split(":")[0] == "shape_prior":  # the package option: Gamma(a, a / (m_e p_g)), m_e learned
