@@ -24,7 +24,8 @@ for a = A),
 ``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
 the batch or the spiked group, and z made independent of it: ``latent_independence=10``; ``independence:W`` for
 weight W), ``profile_empties`` (``ambient_profile=``
-from simulated empty droplets; only the amount per category is learned), ``profile_pooled``
+from simulated empty droplets; only the amount per category is learned), ``scaling`` (the category's per-gene
+scaling y modelled too: ``feature_scaling_covariate_keys``), ``profile_pooled``
 (``ambient_profile=`` the pooled profile of all cells, the same for every category) and
 combinations joined by ``+``. ``cellbender`` runs CellBender remove-background (installed in its own
 environment: ``--cellbender PATH`` or $CELLBENDER) on the same counts plus simulated empty droplets,
@@ -172,6 +173,8 @@ def variant_options(name: str, adata, key: str = "batch") -> dict:
             options["model"]["ambient_per_droplet"] = True
         elif part.split(":")[0] == "shape_prior":  # the package option: Gamma(a, a / (m_e p_g)), m_e learned
             options["model"]["ambient_shape_prior"] = float(part.split(":")[1]) if ":" in part else 10.0
+        elif part == "scaling":  # the category's per-gene scaling y modelled too (the simulator draws one per batch)
+            options["setup"]["feature_scaling_covariate_keys"] = [key]
         elif part == "low_count_init":
             options["low_count_init"] = True
         elif part == "global_lr":

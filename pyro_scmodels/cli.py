@@ -174,9 +174,10 @@ def run_fit(args, folder: OutputFolder) -> None:
         dispersion_key=args.dispersion_key, library_size_key=args.library_size_key,
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
+    profile = None if args.empty_droplets is None else _profile_from_empty_droplets(args.empty_droplets, adata)
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
-                          ambient_shape_prior=args.ambient_shape_prior)
+                          ambient_shape_prior=args.ambient_shape_prior, ambient_profile=profile)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices, compile=args.compile)
@@ -197,6 +198,26 @@ def run_fit(args, folder: OutputFolder) -> None:
     layers = f", layers['{NORMALIZED_LAYER}']" if args.write_normalized else ""
     print(f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['{LATENT_KEY}']{layers}), {os.path.join(out, 'model')}/, "
           f"history.csv and the figures {', '.join(figures)}.")
+
+
+def _profile_from_empty_droplets(path: str, adata):
+    """``fit --empty-droplets``: each ambient category's profile, from the empty droplets in ``path``."""
+    from .data.registry import read_setup
+    from .models.ambient import profile_from_droplets
+
+    empty = read_h5ad(path)
+    if empty.n_obs == 0:
+        raise ValueError(f"--empty-droplets {path} holds no droplets; give the raw matrix's barcodes without a cell.")
+    missing = adata.var_names.difference(empty.var_names)
+    if len(missing):
+        raise KeyError(f"--empty-droplets {path} lacks {len(missing)} of the data's {adata.n_vars} genes, e.g. "
+                       f"{list(missing[:5])}; write the empty droplets with every gene of the data (its var_names).")
+    keys = list(read_setup(adata).keys.ambient)
+    absent = [key for key in keys if key not in empty.obs.columns]
+    if absent:
+        raise KeyError(f"--empty-droplets {path} has no obs column {absent}: each droplet needs its ambient category, "
+                       f"in the column the data uses (ambient keys {keys}).")
+    return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
 
 
 def _launch_torchrun(argv: list[str], devices: int) -> int:

@@ -126,6 +126,11 @@ def _add_fit(sub) -> None:
     net.add_argument("--ambient-shape-prior", type=float, default=None, metavar="A",
                      help="count a Gamma(A, A / (m_e p_g)) prior on the background, centred on the pooled cells' profile "
                           "with an amount per ambient category that is learned (e.g. 3; default: off)")
+    net.add_argument("--empty-droplets", default=None, metavar="H5AD",
+                     help="an .h5ad of droplets without a cell (raw counts in .X, every gene of the data, and the ambient "
+                          "key columns): each ambient category's background profile is measured there and only its "
+                          "amount is learned (docs/models.md; best with --ambient-per-droplet and "
+                          "--feature-scaling-keys; default: the profile is learned)")
     net.add_argument("--max-epochs", type=int, default=None,
                      help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")
     net.add_argument("--batch-size", type=int, default=1024, help="cells per step; 128 often integrates hard batches better")

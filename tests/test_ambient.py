@@ -193,6 +193,26 @@ def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
     pd.testing.assert_frame_equal(loaded.get_ambient_profile(), learned)
 
 
+def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
+    adata = datasets.simulate(n_cells=200, n_genes=120, n_batches=2, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    adata.obs["lane"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 3 == 0, "L1", "L2"))
+    empty = datasets.simulate_empty_droplets(adata, n_droplets=60)
+    empty.obs["lane"] = pd.Categorical(np.where(np.arange(empty.n_obs) % 2 == 0, "L1", "L2"))
+    profile = profile_from_droplets(empty, groupby=["batch", "lane"])
+    RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch", "lane"])
+    model = RegularizedVI(adata, n_hidden=16, n_latent=2, ambient_profile=profile)
+    assert list(profile.columns) == list(model.get_ambient_profile().columns) == [
+        "batch=batch_0", "batch=batch_1", "lane=L1", "lane=L2"]
+    # each column is its own droplets' counts, normalised
+    lane = empty.obs["lane"].to_numpy() == "L2"
+    sums = np.asarray(empty.X[lane].sum(0)).ravel() + 0.5
+    np.testing.assert_allclose(profile["lane=L2"], sums / sums.sum())
+    # a category with no droplet is missing (not a flat profile), and the model says which
+    empty.obs["lane"] = pd.Categorical(["L1"] * empty.n_obs, categories=["L1", "L2"])
+    with pytest.raises(KeyError, match="lane=L2"):
+        RegularizedVI(adata, ambient_profile=profile_from_droplets(empty, groupby=["batch", "lane"]))
+
+
 # --- recovery of known shares ---------------------------------------------------------------------
 def _fit_on_simulator(epochs: int, options_of):
     """The bench_ambient simulator design fitted with the model options ``options_of(adata)`` returns; returns
@@ -258,7 +278,8 @@ def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
     inferred, truth, spearman = _shares(adata, model)
     # the issue's target, every batch within 30 %: measured (bench, seed 0) 4.0 / 8.1 / 16.8 / 22.1 % for 3.4 / 7.9 /
     # 14.7 / 25.7 %, largest relative error 0.18 (the seed model: 2.8). Met on three simulated data sets of four
-    # (0.18-0.27; the fourth 0.80), benchmarks/RESULTS.md
+    # (0.18-0.27; the fourth 0.80), benchmarks/RESULTS.md. Not on every design: with 2,000 cells x 200 genes and the
+    # batch's gene scaling modelled, 0.18-0.77 ("Ambient at a larger size")
     assert np.all(np.abs(inferred / truth - 1.0) < 0.3), (inferred, truth)
     assert spearman >= 0.8  # 0.92 (the seed model 0.89)
     fraction, true_fraction = model.get_ambient_fraction(), adata.obs["true_ambient_fraction"].to_numpy()

@@ -239,6 +239,35 @@ def test_fit_background_options_reach_the_saved_model(input_h5ad, tmp_path):
     np.testing.assert_allclose(results.obs["regularizedvi_ambient_fraction"], model.get_ambient_fraction(), rtol=1e-4)
 
 
+def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_path, capsys):
+    from pyro_scmodels.models.ambient import profile_from_droplets
+
+    adata = anndata.read_h5ad(input_h5ad)
+    empty = ps.datasets.simulate_empty_droplets(adata, n_droplets=200)
+    empty_path = str(tmp_path / "empty.h5ad")
+    empty.write_h5ad(empty_path)
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--empty-droplets", empty_path, "--ambient-per-droplet",
+                 *FIT_ARGS]) == 0
+    model = ps.RegularizedVI.load(os.path.join(out, "model"), adata)
+    fitted = model.get_ambient_profile()
+    measured = profile_from_droplets(empty, groupby="batch")
+    # only the amounts were learned: every batch's background has the empty droplets' shape
+    np.testing.assert_allclose(fitted / fitted.sum(0), measured.loc[fitted.index, fitted.columns], rtol=1e-4)
+    # checked before training: a gene or the ambient key missing from the droplets' file
+    bad = {"genes": empty[:, 1:].copy(), "key": empty.copy()}
+    del bad["key"].obs["batch"]
+    for name, words in (("genes", ["lacks 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"])):
+        path = str(tmp_path / f"{name}.h5ad")
+        bad[name].write_h5ad(path)
+        capsys.readouterr()
+        assert main(["fit", input_h5ad, "-o", str(tmp_path / name), "--max-epochs", "1", "--empty-droplets", path,
+                     *FIT_ARGS]) == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words), err
+        assert not (tmp_path / name).exists()
+
+
 def test_fit_backed_trains_from_disk_and_writes_results_without_the_counts(input_h5ad, tmp_path, monkeypatch):
     from pyro_scmodels.data import CountMatrix
 

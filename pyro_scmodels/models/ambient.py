@@ -96,7 +96,7 @@ def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame
     return table
 
 
-def profile_from_droplets(adata, groupby: str | None = None, layer: str | None = None,
+def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: str | None = None,
                           pseudocount: float = 0.5) -> pd.DataFrame:
     """The ambient profile of each category, from the counts of empty droplets.
 
@@ -106,8 +106,8 @@ def profile_from_droplets(adata, groupby: str | None = None, layer: str | None =
         Counts of droplets without a cell (e.g. barcodes of a raw 10x matrix with few UMIs),
         with the model's genes.
     groupby
-        ``.obs`` column naming each droplet's ambient category (e.g. the batch); None: one
-        profile (column ``"all"``).
+        ``.obs`` column naming each droplet's ambient category (e.g. the batch), or a list of
+        columns, one per ambient key of the model; None: one profile (column ``"all"``).
     layer
         Layer with the counts; None for ``.X``.
     pseudocount
@@ -116,24 +116,31 @@ def profile_from_droplets(adata, groupby: str | None = None, layer: str | None =
     Returns
     -------
     pandas.DataFrame
-        Genes x categories, each column summing to 1; pass it as ``ambient_profile``.
+        Genes x categories, each column summing to 1; pass it as ``ambient_profile``. With
+        several ``groupby`` columns, the columns are named ``"key=category"``, as the model names
+        its stacked categories (``get_ambient_profile()``).
     """
     if layer is not None:
         V.present(layer, adata.layers, "adata.layers", "layer")
     counts = adata.X if layer is None else adata.layers[layer]
     pseudocount = V.non_negative_float("pseudocount", pseudocount)
-    if groupby is None:
-        labels, categories = np.zeros(adata.n_obs, dtype=int), ["all"]
-    else:
-        V.present(groupby, adata.obs.columns, "adata.obs", "column")
-        column = adata.obs[groupby].astype("category")
-        labels, categories = column.cat.codes.to_numpy(), [str(c) for c in column.cat.categories]
-    sums = np.zeros((adata.n_vars, len(categories)))
-    for k in range(len(categories)):
-        rows = counts[labels == k]
-        sums[:, k] = np.asarray(rows.sum(axis=0)).ravel()
-    sums = sums + pseudocount
-    return pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=categories)
+    keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
+    for key in keys:
+        V.present(key, adata.obs.columns, "adata.obs", "column")
+    groups = [(np.zeros(adata.n_obs, dtype=int), ["all"])] if not keys else []
+    for key in keys:
+        # categories without a droplet would get a flat profile: dropped, so that the model names them as missing
+        column = adata.obs[key].astype("category").cat.remove_unused_categories()
+        names = [str(c) if len(keys) == 1 else f"{key}={c}" for c in column.cat.categories]
+        groups.append((column.cat.codes.to_numpy(), names))
+    profiles = []
+    for labels, names in groups:
+        sums = np.zeros((adata.n_vars, len(names)))
+        for k in range(len(names)):
+            sums[:, k] = np.asarray(counts[labels == k].sum(axis=0)).ravel()
+        sums = sums + pseudocount
+        profiles.append(pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=names))
+    return pd.concat(profiles, axis=1)
 
 
 def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarray:
