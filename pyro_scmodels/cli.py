@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
-from ._io import OutputFolder, read_h5ad
+from ._io import InputFileError, OutputFolder, read_h5ad
 from .cli_arguments import build_parser, check_arguments
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -205,7 +205,10 @@ def _profile_from_empty_droplets(path: str, adata):
     from .data.registry import read_setup
     from .models.ambient import profile_from_droplets
 
-    empty = read_h5ad(path)
+    try:
+        empty = read_h5ad(path)
+    except InputFileError as err:
+        raise InputFileError(f"--empty-droplets: {err}") from err
     if empty.n_obs == 0:
         raise ValueError(f"--empty-droplets {path} holds no droplets; give the raw matrix's barcodes without a cell.")
     missing = adata.var_names.difference(empty.var_names)

@@ -266,6 +266,9 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
         err = capsys.readouterr().err
         assert all(word in err for word in words), err
         assert not (tmp_path / name).exists()
+    assert main(["fit", input_h5ad, "-o", str(tmp_path / "none"), "--empty-droplets", str(tmp_path / "no.h5ad"),
+                 *FIT_ARGS]) == 2
+    assert "--empty-droplets" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_fit_backed_trains_from_disk_and_writes_results_without_the_counts(input_h5ad, tmp_path, monkeypatch):
