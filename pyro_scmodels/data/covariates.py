@@ -160,6 +160,19 @@ def _refuse_numeric_as_category(column: pd.Series, key: str, table: str) -> None
         )
 
 
+
+def stacked_level_names(categories: dict[str, list]) -> list[str]:
+    """Names of the stacked categories of several keys, as the models name a per-category table's rows.
+
+    ``{key: categories}`` in key order: ``"key=category"`` with several keys, the category alone with one,
+    ``["all"]`` with none.
+    """
+    if not categories:
+        return ["all"]
+    several = len(categories) > 1
+    return [f"{key}={c}" if several else str(c) for key, levels in categories.items() for c in levels]
+
+
 class CovariateEncoding:
     """Integer codes of categorical covariates and values of continuous ones.
 
@@ -267,6 +280,4 @@ class CovariateEncoding:
 
     def level_names(self, keys: list[str]) -> list[str]:
         """Names of the stacked categories of ``keys`` (``"key=category"``); ``["all"]`` with no keys."""
-        if not keys:
-            return ["all"]
-        return [f"{k}={c}" if len(keys) > 1 else c for k in keys for c in self.categories[k]]
+        return stacked_level_names({k: self.categories[k] for k in keys})

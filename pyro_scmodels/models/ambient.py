@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from ..data.covariates import stacked_level_names
 
 #: columns of the per-category summary
 SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
@@ -127,12 +128,12 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
     for key in keys:
         V.present(key, adata.obs.columns, "adata.obs", "column")
-    groups = [(np.zeros(adata.n_obs, dtype=int), ["all"])] if not keys else []
-    for key in keys:
-        # categories without a droplet would get a flat profile: dropped, so that the model names them as missing
-        column = adata.obs[key].astype("category").cat.remove_unused_categories()
-        names = [str(c) if len(keys) == 1 else f"{key}={c}" for c in column.cat.categories]
-        groups.append((column.cat.codes.to_numpy(), names))
+    # categories without a droplet would get a flat profile: dropped, so that the model names them as missing
+    columns = {key: adata.obs[key].astype("category").cat.remove_unused_categories() for key in keys}
+    names = iter(stacked_level_names({key: list(column.cat.categories) for key, column in columns.items()}))
+    groups = [(column.cat.codes.to_numpy(), [next(names) for _ in column.cat.categories]) for column in columns.values()]
+    if not keys:
+        groups = [(np.zeros(adata.n_obs, dtype=int), list(names))]
     profiles = []
     for labels, names in groups:
         sums = np.zeros((adata.n_vars, len(names)))
