@@ -4,6 +4,7 @@ numeric options, made before any file is read or written. The commands themselve
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import _validation as V
 from .ndreamer._constants import NEAREST_NEIGHBOR, NETWORK_PRESET_NAMES
@@ -37,6 +38,9 @@ def check_arguments(args) -> None:
     """
     for name, check in _ARGUMENT_CHECKS.get(args.command, {}).items():
         V.optional(check, "--" + name.replace("_", "-"), getattr(args, name))
+    empty = getattr(args, "empty_droplets", None)
+    if empty is not None and not os.path.isfile(empty):  # before the data are read (and before torchrun starts)
+        raise FileNotFoundError(f"--empty-droplets: file {empty} not found.")
     if getattr(args, "ite_interval", None) is not None and args.nearest_neighbor < 2:
         raise ValueError(f"--ite-interval is estimated from the spread of the matched cells and needs at least two: "
                          f"got --nearest-neighbor {args.nearest_neighbor}; pass --nearest-neighbor 2 or more.")

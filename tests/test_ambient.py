@@ -201,8 +201,10 @@ def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
     profile = profile_from_droplets(empty, groupby=["batch", "lane"])
     RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch", "lane"])
     model = RegularizedVI(adata, n_hidden=16, n_latent=2, ambient_profile=profile)
-    assert list(profile.columns) == list(model.get_ambient_profile().columns) == [
-        "batch=batch_0", "batch=batch_1", "lane=L1", "lane=L2"]
+    fitted = model.get_ambient_profile()
+    assert list(profile.columns) == list(fitted.columns) == ["batch=batch_0", "batch=batch_1", "lane=L1", "lane=L2"]
+    # the model holds each category's measured shape
+    np.testing.assert_allclose(fitted / fitted.sum(0), profile.loc[fitted.index], rtol=1e-5)
     # each column is its own droplets' counts, normalised
     lane = empty.obs["lane"].to_numpy() == "L2"
     sums = np.asarray(empty.X[lane].sum(0)).ravel() + 0.5
@@ -211,6 +213,16 @@ def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
     empty.obs["lane"] = pd.Categorical(["L1"] * empty.n_obs, categories=["L1", "L2"])
     with pytest.raises(KeyError, match="lane=L2"):
         RegularizedVI(adata, ambient_profile=profile_from_droplets(empty, groupby=["batch", "lane"]))
+    # one key: droplets of one batch only give that batch's profile, not a profile copied to every batch
+    RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"])
+    only_first = empty[empty.obs["batch"] == "batch_0"]
+    with pytest.raises(KeyError, match="batch_1"):
+        RegularizedVI(adata, ambient_profile=profile_from_droplets(only_first, groupby="batch"))
+    unlabelled = empty.copy()
+    unlabelled.obs["batch"] = unlabelled.obs["batch"].astype(object)
+    unlabelled.obs.iloc[0, unlabelled.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(ValueError, match="no category for 1 droplets"):
+        profile_from_droplets(unlabelled, groupby="batch")
 
 
 # --- recovery of known shares ---------------------------------------------------------------------

@@ -255,9 +255,14 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
     # only the amounts were learned: every batch's background has the empty droplets' shape
     np.testing.assert_allclose(fitted / fitted.sum(0), measured.loc[fitted.index, fitted.columns], rtol=1e-4)
     # checked before training: a gene or the ambient key missing from the droplets' file
-    bad = {"genes": empty[:, 1:].copy(), "key": empty.copy()}
+    first = adata.obs["batch"].cat.categories[0]
+    bad = {"genes": empty[:, 1:].copy(), "key": empty.copy(), "one_batch": empty[empty.obs["batch"] == first].copy(),
+           "repeated": empty.copy()}
     del bad["key"].obs["batch"]
-    for name, words in (("genes", ["lacks 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"])):
+    bad["repeated"].var_names = [*empty.var_names[:-1], empty.var_names[0]]
+    others = [str(c) for c in adata.obs["batch"].cat.categories[1:]]
+    for name, words in (("genes", ["lacks 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
+                        ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"])):
         path = str(tmp_path / f"{name}.h5ad")
         bad[name].write_h5ad(path)
         capsys.readouterr()

@@ -160,12 +160,18 @@ def _refuse_numeric_as_category(column: pd.Series, key: str, table: str) -> None
         )
 
 
-
 def stacked_level_names(categories: dict[str, list]) -> list[str]:
     """Names of the stacked categories of several keys, as the models name a per-category table's rows.
 
-    ``{key: categories}`` in key order: ``"key=category"`` with several keys, the category alone with one,
-    ``["all"]`` with none.
+    Parameters
+    ----------
+    categories
+        ``{key: categories}``, in key order.
+
+    Returns
+    -------
+    list of str
+        ``"key=category"`` with several keys, the category alone with one, ``["all"]`` with none.
     """
     if not categories:
         return ["all"]

@@ -119,7 +119,16 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     pandas.DataFrame
         Genes x categories, each column summing to 1; pass it as ``ambient_profile``. With
         several ``groupby`` columns, the columns are named ``"key=category"``, as the model names
-        its stacked categories (``get_ambient_profile()``).
+        its stacked categories (``get_ambient_profile()``), and each key's profiles are measured
+        over all droplets (the model adds the backgrounds of a cell's categories). A category
+        without droplets has no column, so a model given the profile names it as missing.
+
+    Raises
+    ------
+    KeyError
+        ``layer`` or a ``groupby`` column is absent.
+    ValueError
+        A ``groupby`` column has droplets without a category (NaN).
     """
     if layer is not None:
         V.present(layer, adata.layers, "adata.layers", "layer")
@@ -128,8 +137,13 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
     for key in keys:
         V.present(key, adata.obs.columns, "adata.obs", "column")
-    # categories without a droplet would get a flat profile: dropped, so that the model names them as missing
-    columns = {key: adata.obs[key].astype("category").cat.remove_unused_categories() for key in keys}
+    for key in keys:
+        if adata.obs[key].isna().any():
+            raise ValueError(f"adata.obs[{key!r}] has no category for {int(adata.obs[key].isna().sum())} droplets; give "
+                             "every droplet its ambient category, or drop those droplets.")
+    # labels as strings, as the models record categories; categories without a droplet would get a flat profile,
+    # so they are dropped, and a model given the profile names them as missing
+    columns = {key: adata.obs[key].astype(str).astype("category") for key in keys}
     names = iter(stacked_level_names({key: list(column.cat.categories) for key, column in columns.items()}))
     groups = [(column.cat.codes.to_numpy(), [next(names) for _ in column.cat.categories]) for column in columns.values()]
     if not keys:
@@ -148,8 +162,8 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
 
     ``profile`` is a genes x categories DataFrame (columns named like the columns of
-    ``get_ambient_profile()``; one column is used for every category), or a Series of one
-    profile for every category.
+    ``get_ambient_profile()``; one column not named after a category is used for every category), or a
+    Series of one profile for every category.
     """
     if isinstance(profile, pd.Series):
         profile = profile.to_frame("all")
@@ -161,7 +175,7 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
         raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
                        "give one row per gene of adata.var_names.")
     profile = profile.loc[var_names]
-    if profile.shape[1] == 1:
+    if profile.shape[1] == 1 and profile.columns[0] not in levels:  # one profile for all (a category's is not)
         profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
     unknown = [c for c in levels if c not in profile.columns]
     if unknown:
