@@ -125,7 +125,7 @@ def test_cate_table(simulated_nd):
 
 
 def test_save_and_load_round_trip(simulated_nd, tmp_path):
-    _, nd = simulated_nd
+    adata, nd = simulated_nd
     nd.estimate_cate("cell_type")
     bounds = nd.estimate_ite(interval=0.9).layers["ite_stimulated_q95"].copy()  # cached with its level, and saved
     nd.save(str(tmp_path / "nd"))
@@ -138,6 +138,9 @@ def test_save_and_load_round_trip(simulated_nd, tmp_path):
     nd.estimate_ite()
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], nd.results.layers["ite_stimulated"], atol=1e-5)
     np.testing.assert_allclose(loaded.estimate_ite(interval=0.9).layers["ite_stimulated_q95"], bounds, atol=1e-5)
+    # scvi-tools' habit, Model.load(dir_path, adata): told what NDreamer.load takes instead of a device error
+    with pytest.raises(TypeError, match="takes no AnnData"):
+        NDreamer.load(str(tmp_path / "nd"), adata)
     with pytest.raises(FileExistsError):
         nd.save(str(tmp_path / "nd"))
 

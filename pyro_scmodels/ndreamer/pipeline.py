@@ -344,6 +344,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         -------
         NDreamer
         """
+        if not isinstance(device, str) and hasattr(device, "obs") and hasattr(device, "var_names"):
+            # scvi-tools' Model.load(dir_path, adata): an NDreamer saves its cells and expression with it
+            raise V.ArgumentTypeError("NDreamer.load(dir_path, device='auto', model=None) takes no AnnData: the cells and "
+                                      "the expression it needs are saved in the folder. Pass the trained model as model= "
+                                      "for a from_model NDreamer.")
         saved = read_ndreamer(dir_path, model)
         nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
         nd._setup(saved.settings, saved.results.obs.copy(), saved.expression,
