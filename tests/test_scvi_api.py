@@ -262,6 +262,29 @@ def test_latent_distribution(model):
     np.testing.assert_allclose(draws.var(0).mean(), variance.mean(), rtol=0.15)
 
 
+def test_posterior_predictive_sample_in_scvi_layout(model):
+    genes = list(model.adata.var_names[:10])
+    draws = model.posterior_predictive_sample(n_samples=20, gene_list=genes)
+    assert draws.shape == (300, 10, 20) and (draws >= 0).all() and np.array_equal(draws, np.round(draws))
+    # the draws follow the data: gene means (over cells and draws) against the observed gene means
+    observed = np.asarray(model.adata[:, genes].layers["counts"].mean(0)).ravel()
+    assert np.corrcoef(np.log1p(draws.mean((0, 2))), np.log1p(observed))[0, 1] > 0.9
+    one = model.posterior_predictive_sample(indices=np.arange(5))
+    assert one.shape == (5, 50)
+    with pytest.raises(KeyError, match="not_a_gene"):
+        model.posterior_predictive_sample(gene_list=["not_a_gene"])
+    with pytest.raises(ValueError, match="n_samples"):
+        model.posterior_predictive_sample(n_samples=0)
+
+
+def test_to_device_moves_the_modules(untrained):
+    untrained.to_device("cpu")
+    assert untrained.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in untrained.module.parameters())
+    with pytest.raises(ValueError, match="device"):
+        untrained.to_device("tpu")
+
+
 # --- save and load -----------------------------------------------------------------------------
 def test_save_with_anndata_and_load_without(model, tmp_path):
     folder = str(tmp_path / "model")
@@ -317,6 +340,8 @@ def test_multimodal_model_answers_the_same_calls(tmp_path):
     peaks = list(mdata.mod["atac"].var_names[:4])
     draws = model.get_normalized_expression("atac", gene_list=peaks, n_samples=2, return_mean=False, library_size=1)
     assert draws.shape == (2, 150, 4)
+    assert model.posterior_predictive_sample(n_samples=3, gene_list=peaks, modality="atac").shape == (150, 4, 3)
+    assert model.posterior_predictive_sample().shape == (150, 80)  # the first modality, as every query's default
     folder = str(tmp_path / "multimodal")
     model.save(folder, save_anndata=True)
     assert os.path.isfile(os.path.join(folder, "mdata.h5mu"))

@@ -345,6 +345,17 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
                 self._loaded_history = saved["history"]
         self.module.eval()
 
+    def to_device(self, device: str) -> None:
+        """Move the model's modules (and its optimiser state) to ``device``, as scvi-tools' ``to_device``.
+
+        Parameters
+        ----------
+        device
+            ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a GPU when torch sees one). Later
+            queries run there; ``train(device=...)`` chooses its own device.
+        """
+        self._move_to(device)
+
     def _move_to(self, device: str) -> None:
         self.device = resolve_device(device)
         self.module.to(self.device)

@@ -78,7 +78,8 @@ def _no_conditioning(model, items: list) -> list[None]:
     return [None]
 
 
-def _gene_positions(names: pd.Index, gene_list) -> np.ndarray | slice:
+def gene_columns(names: pd.Index, gene_list) -> np.ndarray | slice:
+    """Columns of ``gene_list`` among ``names`` (checked, the names of missing genes in the error); all: a slice."""
     positions = gene_positions(names, gene_list)
     return slice(None) if positions is None else positions
 
@@ -108,7 +109,7 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     options = {} if modality is None else {"modality": modality}
     switches = [model.nn_switch(c) for c in transform_covariates(model, transform_batch)]
     names = model.feature_names(modality)
-    columns = _gene_positions(names, gene_list)
+    columns = gene_columns(names, gene_list)
     decoder, guide = model.module.model.eval(), model.module.guide.eval()
     parts = []
     for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):

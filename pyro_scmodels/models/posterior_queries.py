@@ -355,3 +355,34 @@ class PosteriorQueries:
                              modality: str | None = None):
         """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
         return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality)
+
+    def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1, gene_list=None,
+                                    batch_size: int | None = None, modality: str | None = None) -> np.ndarray:
+        """Counts drawn from the posterior predictive, in scvi-tools' layout.
+
+        The same draws as :meth:`posterior_predictive`, under scvi-tools' name and arguments
+        (``n_samples``, ``gene_list``) and with its axis order. scvi-tools returns a sparse
+        ``sparse.GCXS`` array; this returns a dense numpy array (choose cells with ``indices`` and
+        genes with ``gene_list`` for large data).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to draw for (default: every cell of the training data) and cells per minibatch.
+        n_samples
+            Draws per cell.
+        gene_list
+            Names of the genes to return (default: every gene).
+        modality
+            Multimodal models: the modality whose counts are drawn (default: the first).
+
+        Returns
+        -------
+        numpy.ndarray
+            Cells x genes with ``n_samples=1``, else cells x genes x ``n_samples``.
+        """
+        n_samples = V.positive_int("n_samples", n_samples)
+        modality = self.default_modality(modality)
+        columns = expression.gene_columns(self.feature_names(modality), gene_list)
+        draws = self.posterior_predictive(n_samples, adata, indices, batch_size, modality)[:, :, columns]
+        return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
