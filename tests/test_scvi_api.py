@@ -277,6 +277,26 @@ def test_posterior_predictive_sample_in_scvi_layout(model):
         model.posterior_predictive_sample(n_samples=0)
 
 
+def test_scvi_setup_and_model_arguments_say_what_to_use_instead():
+    adata = _simulate()
+    with pytest.raises(TypeError, match="categorical_covariate_keys: each technical effect has its own key"):
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", categorical_covariate_keys=["batch"])
+    with pytest.raises(TypeError, match=r"size_factor_key: the library size is a latent.*not_ours: not an argument"):
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", size_factor_key="true_library", not_ours=1)
+    assert ps.data.SETUP_UNS_KEY not in adata.uns  # refused before anything was recorded
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    with pytest.raises(TypeError, match="gene_likelihood: the counts are negative binomial"):
+        ps.RegularizedVI(adata, gene_likelihood="zinb")
+    with pytest.raises(TypeError, match="dispersion_key"):
+        ps.RegularizedVI(adata, dispersion="gene-batch")
+    mdata = ps.datasets.simulate_multiome(n_cells=60, n_genes=80, n_peaks=120, seed=0)
+    with pytest.raises(TypeError, match="labels_key: RegularizedVI is unsupervised"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", labels_key="cell_type")
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    with pytest.raises(TypeError, match="latent_distribution: z is Normal"):
+        ps.RegularizedMultimodalVI(mdata, latent_distribution="ln")
+
+
 def test_to_device_moves_the_modules(untrained):
     untrained.to_device("cpu")
     assert untrained.device == torch.device("cpu")

@@ -18,6 +18,8 @@ from . import ambient as _ambient
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
+from . import scvi_arguments as scvi_names
+from .scvi_arguments import refuse_scvi_arguments
 
 
 def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
@@ -54,6 +56,8 @@ class RegularizedMultimodalVI(PyroModelBase):
         One :class:`~pyro_scmodels.RegularizedPriors` for all modalities, or a dict per modality.
     global_guides, init, seed
         As for :class:`~pyro_scmodels.RegularizedVI`.
+    **scvi_arguments
+        scvi-tools' ``gene_likelihood``, ``dispersion``, ... raise ``TypeError`` saying what to use instead.
     """
 
     #: the Pyro modules built; a subclass sets its own (e.g. a block model with an edited site)
@@ -65,7 +69,8 @@ class RegularizedMultimodalVI(PyroModelBase):
     def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
                  dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
-                 seed: int = 0, _categories: dict | None = None):
+                 seed: int = 0, _categories: dict | None = None, **scvi_arguments):
+        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, "RegularizedMultimodalVI")
         super().__init__()
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
         modality_weights = V.choice("modality_weights", modality_weights, WEIGHT_MODES)
@@ -124,7 +129,8 @@ class RegularizedMultimodalVI(PyroModelBase):
     @classmethod
     def setup_mudata(cls, mdata, modalities=None, layer=None, batch_key=None, ambient_covariate_keys=None,
                      nn_conditioning_covariate_keys=None, feature_scaling_covariate_keys=None, dispersion_key=None,
-                     library_size_key=None, encoder_covariate_keys=None, continuous_covariate_keys=None) -> None:
+                     library_size_key=None, encoder_covariate_keys=None, continuous_covariate_keys=None,
+                     **scvi_arguments) -> None:
         """Validate ``mdata`` and record the modalities, layers and covariate keys.
 
         Parameters
@@ -137,7 +143,11 @@ class RegularizedMultimodalVI(PyroModelBase):
             Layer of raw counts: one name for every modality, or a dict per modality; None for ``.X``.
         batch_key, ambient_covariate_keys, ...
             As in :meth:`RegularizedVI.setup_anndata`, shared by all modalities.
+        **scvi_arguments
+            scvi-tools' ``categorical_covariate_keys``, ``size_factor_key``, ... raise ``TypeError`` saying
+            what to use instead.
         """
+        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, "RegularizedMultimodalVI.setup_mudata")
         setup_mudata(
             mdata, modalities, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,

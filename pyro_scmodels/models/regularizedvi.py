@@ -17,9 +17,11 @@ from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
+from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
 from .query_mapping import QueryMappingMixin
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
+from .scvi_arguments import refuse_scvi_arguments
 
 
 class RegularizedVI(QueryMappingMixin, PyroModelBase):
@@ -71,6 +73,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         of 1, 3, 10 and 30). Not with ``ambient_profile``.
     seed
         Seeds the initial network weights.
+    **scvi_arguments
+        scvi-tools' ``gene_likelihood``, ``dispersion``, ``latent_distribution``, ... raise ``TypeError``
+        saying what this model does instead.
 
     Examples
     --------
@@ -101,7 +106,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         ambient_per_droplet: bool = False,
         ambient_shape_prior: float | None = None,
         _categories: dict | None = None,
+        **scvi_arguments,
     ):
+        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, "RegularizedVI")
         super().__init__()
         V.choice("init", init, ("data", "prior"))
         n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
@@ -172,6 +179,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         library_size_key: str | None = None,
         encoder_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        **scvi_arguments,
     ) -> None:
         """Validate ``adata`` and record which layer and ``.obs`` columns the model reads.
 
@@ -211,7 +219,11 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             (:meth:`~pyro_scmodels.NDreamer.estimate_model_ite`) needs the condition there.
         continuous_covariate_keys
             Numeric columns appended to the encoder input and to z for the decoder.
+        **scvi_arguments
+            scvi-tools' ``categorical_covariate_keys``, ``size_factor_key`` or ``labels_key`` raise
+            ``TypeError`` saying what to use instead.
         """
+        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, "RegularizedVI.setup_anndata")
         setup_anndata(
             adata, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
