@@ -51,6 +51,8 @@ def _same_calls(model) -> dict:
         "reconstruction": model.get_reconstruction_error(),
         "elbo": model.get_elbo(),
         "marginal": model.get_marginal_ll(n_mc_samples=5),
+        "predictive": model.posterior_predictive_sample(n_samples=3, gene_list=genes).shape,
+        "predictive_one": model.posterior_predictive_sample(indices=np.arange(7)).shape,
     }
 
 
@@ -68,7 +70,7 @@ def test_history_keys_have_scvi_shape(both):
 
 def test_latent_distribution_and_expression_shapes_match(both):
     reference, ours = both
-    for key in ("latent", "expression", "samples"):
+    for key in ("latent", "expression", "samples", "predictive", "predictive_one"):
         assert tuple(ours[key]) == tuple(reference[key]), key
 
 
