@@ -297,6 +297,24 @@ def test_scvi_setup_and_model_arguments_say_what_to_use_instead():
         ps.RegularizedMultimodalVI(mdata, latent_distribution="ln")
 
 
+def test_likelihood_parameters_are_the_models_mean_and_dispersion(model):
+    params = model.get_likelihood_parameters()
+    mean, theta = params["mean"], params["dispersions"]
+    assert mean.shape == theta.shape == (300, 50) and (mean > 0).all()
+    # theta is each cell's dispersion group's (batch_key gives one per batch)
+    table = model.get_dispersion()
+    batch = model.adata.obs["batch"].astype(str).to_numpy()
+    np.testing.assert_allclose(theta, table[batch].to_numpy().T, rtol=1e-5)
+    # the mean follows the counts: per-cell totals and per-gene means
+    counts = np.asarray(model.adata.layers["counts"].todense())
+    assert np.corrcoef(np.log(mean.sum(1)), np.log(counts.sum(1)))[0, 1] > 0.9
+    assert np.corrcoef(np.log(mean.mean(0)), np.log1p(counts.mean(0)))[0, 1] > 0.9
+    draws = model.get_likelihood_parameters(n_samples=4)
+    assert draws["mean"].shape == (4, 300, 50)
+    averaged = model.get_likelihood_parameters(n_samples=4, give_mean=True)["mean"]
+    np.testing.assert_allclose(averaged, draws["mean"].mean(0), rtol=1e-5)
+
+
 def test_to_device_moves_the_modules(untrained):
     untrained.to_device("cpu")
     assert untrained.device == torch.device("cpu")

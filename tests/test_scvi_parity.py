@@ -53,6 +53,7 @@ def _same_calls(model) -> dict:
         "marginal": model.get_marginal_ll(n_mc_samples=5),
         "predictive": model.posterior_predictive_sample(n_samples=3, gene_list=genes).shape,
         "predictive_one": model.posterior_predictive_sample(indices=np.arange(7)).shape,
+        "likelihood": {k: v.shape for k, v in model.get_likelihood_parameters(indices=np.arange(9)).items()},
     }
 
 
@@ -72,6 +73,9 @@ def test_latent_distribution_and_expression_shapes_match(both):
     reference, ours = both
     for key in ("latent", "expression", "samples", "predictive", "predictive_one"):
         assert tuple(ours[key]) == tuple(reference[key]), key
+    # SCVI's default likelihood (zinb) adds "dropout"; ours is a negative binomial
+    assert ours["likelihood"] == {k: reference["likelihood"][k] for k in ("mean", "dispersions")} == {
+        "mean": (9, 40), "dispersions": (9, 40)}
 
 
 def test_one_vs_rest_de_has_the_core_columns(both):

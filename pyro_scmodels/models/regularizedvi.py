@@ -19,6 +19,7 @@ from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
+from .likelihood_parameters import likelihood_parameters
 from .query_mapping import QueryMappingMixin
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 from .scvi_arguments import refuse_scvi_arguments
@@ -376,6 +377,20 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: the ambient fraction."""
         return {"ambient_fraction": self.get_ambient_fraction(adata, batch_size=batch_size)}
+
+    def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
+                                  batch_size: int | None = None) -> dict:
+        """Mean and dispersion of p(x | z) per cell and gene, as scvi-tools' ``get_likelihood_parameters``.
+
+        See :func:`pyro_scmodels.models.likelihood_parameters.likelihood_parameters` (``n_samples=1``
+        is the posterior mean of z, as in :meth:`get_normalized_expression`).
+
+        Returns
+        -------
+        dict
+            ``"mean"`` (mu, background and scaling included) and ``"dispersions"`` (theta).
+        """
+        return likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size)
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).

@@ -1,0 +1,56 @@
+"""The parameters of p(x | z) per cell and gene, as scvi-tools' ``get_likelihood_parameters`` returns them.
+
+The counts are ``GammaPoisson(theta, theta / mu)`` (a negative binomial with mean ``mu`` and inverse
+dispersion ``theta``): ``mu`` is the full mean of the likelihood (the cell's own expression, the ambient
+background, the feature scaling and the library size), ``theta`` the dispersion of the cell's group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _validation as V
+
+
+def likelihood_parameters(model, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
+                          batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{"mean": mu, "dispersions": theta}`` of a single-modality model's likelihood, per cell and gene.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~pyro_scmodels.RegularizedVI`.
+    adata, indices, batch_size
+        Cells, as in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
+    n_samples
+        1: at the posterior mean of z. More: at that many seeded draws of z from q(z | x).
+    give_mean
+        With ``n_samples`` > 1: the mean over the draws instead of every draw.
+    seed
+        Seeds the draws of z.
+
+    Returns
+    -------
+    dict
+        ``"mean"`` and ``"dispersions"``: cells x genes, or ``n_samples`` x cells x genes. The library
+        size is its posterior median and the global sites (background, scaling, dispersion) their
+        posterior medians.
+    """
+    n_samples = V.positive_int("n_samples", n_samples)
+    give_mean = V.boolean("give_mean", give_mean)
+    guide, generative = model.module.guide.eval(), model.module.model.eval()
+    medians = guide.global_medians()
+    theta = medians["inverse_sqrt_theta"].pow(-2)  # dispersion groups x genes
+    means, dispersions = [], []
+    for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
+        with torch.no_grad():
+            cell, background = generative.decompose_mean(z, batch, medians, library=guide.library_loc(batch).exp())
+        mu = cell + background  # the likelihood's mean, its floor included (in the background)
+        group = batch["dispersion_index"] if theta.shape[0] > 1 else torch.zeros_like(batch["index"])
+        means.append(mu.cpu())
+        dispersions.append(theta[group].expand_as(mu).cpu())
+    mean, dispersion = torch.cat(means, dim=-2).numpy(), torch.cat(dispersions, dim=-2).numpy()
+    if n_samples > 1 and give_mean:
+        mean, dispersion = mean.mean(0), dispersion.mean(0)
+    return {"mean": mean, "dispersions": dispersion}
