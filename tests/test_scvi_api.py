@@ -271,6 +271,12 @@ def test_posterior_predictive_sample_in_scvi_layout(model):
     assert np.corrcoef(np.log1p(draws.mean((0, 2))), np.log1p(observed))[0, 1] > 0.9
     one = model.posterior_predictive_sample(indices=np.arange(5))
     assert one.shape == (5, 50)
+    # columns in the model's gene order whatever gene_list's order (scvi-tools selects by a mask)
+    means = np.asarray(model.adata.layers["counts"].mean(0)).ravel()
+    low, high = int(np.argmin(means)), int(np.argmax(means))
+    asked = [model.adata.var_names[high], model.adata.var_names[low]]
+    drawn = model.posterior_predictive_sample(n_samples=30, gene_list=asked).mean((0, 2))
+    assert (drawn[0] < drawn[1]) == (low < high), (low, high, drawn)
     with pytest.raises(KeyError, match="not_a_gene"):
         model.posterior_predictive_sample(gene_list=["not_a_gene"])
     with pytest.raises(ValueError, match="n_samples"):
@@ -287,6 +293,7 @@ def test_scvi_setup_and_model_arguments_say_what_to_use_instead():
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
     with pytest.raises(TypeError, match="gene_likelihood: the counts are negative binomial"):
         ps.RegularizedVI(adata, gene_likelihood="zinb")
+    ps.RegularizedVI(adata, gene_likelihood="nb", latent_distribution="normal")  # what this model does: accepted
     with pytest.raises(TypeError, match="dispersion_key"):
         ps.RegularizedVI(adata, dispersion="gene-batch")
     mdata = ps.datasets.simulate_multiome(n_cells=60, n_genes=80, n_peaks=120, seed=0)
@@ -308,6 +315,9 @@ def test_likelihood_parameters_are_the_models_mean_and_dispersion(model):
     # the mean follows the counts: per-cell totals and per-gene means
     counts = np.asarray(model.adata.layers["counts"].todense())
     assert np.corrcoef(np.log(mean.sum(1)), np.log(counts.sum(1)))[0, 1] > 0.9
+    # the whole mean, background included: the expected totals are the observed ones (without the background, about
+    # a sixth lower)
+    assert 0.93 < np.median(mean.sum(1) / counts.sum(1)) < 1.07
     assert np.corrcoef(np.log(mean.mean(0)), np.log1p(counts.mean(0)))[0, 1] > 0.9
     draws = model.get_likelihood_parameters(n_samples=4)
     assert draws["mean"].shape == (4, 300, 50)
@@ -321,6 +331,8 @@ def test_to_device_moves_the_modules(untrained):
     assert all(p.device.type == "cpu" for p in untrained.module.parameters())
     with pytest.raises(ValueError, match="device"):
         untrained.to_device("tpu")
+    with pytest.raises(ValueError, match="cuda:1"):  # a GPU index, as scvi-tools takes it (no GPU here)
+        untrained.to_device(1)
 
 
 # --- save and load -----------------------------------------------------------------------------

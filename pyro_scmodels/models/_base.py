@@ -345,15 +345,18 @@ class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, Posteri
                 self._loaded_history = saved["history"]
         self.module.eval()
 
-    def to_device(self, device: str) -> None:
+    def to_device(self, device: str | int) -> None:
         """Move the model's modules (and its optimiser state) to ``device``, as scvi-tools' ``to_device``.
 
         Parameters
         ----------
         device
-            ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a GPU when torch sees one). Later
-            queries run there; ``train(device=...)`` chooses its own device.
+            ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (a GPU when torch sees one) or a GPU index N
+            (``"cuda:N"``, as scvi-tools takes it). Later queries run there; ``train(device=...)`` chooses
+            its own device.
         """
+        if isinstance(device, int) and not isinstance(device, bool):
+            device = f"cuda:{device}"
         self._move_to(device)
 
     def _move_to(self, device: str) -> None:

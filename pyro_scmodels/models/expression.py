@@ -79,7 +79,25 @@ def _no_conditioning(model, items: list) -> list[None]:
 
 
 def gene_columns(names: pd.Index, gene_list) -> np.ndarray | slice:
-    """Columns of ``gene_list`` among ``names`` (checked, the names of missing genes in the error); all: a slice."""
+    """Columns of the genes asked for.
+
+    Parameters
+    ----------
+    names
+        The model's gene names, in its order.
+    gene_list
+        Names to pick, or None for every gene.
+
+    Returns
+    -------
+    numpy.ndarray or slice
+        Positions of ``gene_list`` in ``names`` (in ``gene_list``'s order), or ``slice(None)``.
+
+    Raises
+    ------
+    KeyError
+        Naming the genes of ``gene_list`` that ``names`` lacks.
+    """
     positions = gene_positions(names, gene_list)
     return slice(None) if positions is None else positions
 

@@ -356,14 +356,13 @@ class PosteriorQueries:
         """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
         return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality)
 
-    def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1, gene_list=None,
+    def posterior_predictive_sample(self, adata=None, indices=None, *, n_samples: int = 1, gene_list=None,
                                     batch_size: int | None = None, modality: str | None = None) -> np.ndarray:
         """Counts drawn from the posterior predictive, in scvi-tools' layout.
 
         The same draws as :meth:`posterior_predictive`, under scvi-tools' name and arguments
-        (``n_samples``, ``gene_list``) and with its axis order. scvi-tools returns a sparse
-        ``sparse.GCXS`` array; this returns a dense numpy array (choose cells with ``indices`` and
-        genes with ``gene_list`` for large data).
+        (``n_samples``, ``gene_list``; keyword-only after ``indices``) and with its axis order. scvi-tools
+        returns a sparse ``sparse.GCXS`` array; this returns a dense numpy array.
 
         Parameters
         ----------
@@ -372,7 +371,8 @@ class PosteriorQueries:
         n_samples
             Draws per cell.
         gene_list
-            Names of the genes to return (default: every gene).
+            Names of the genes to return (default: every gene). Their columns come in the model's gene
+            order, as in scvi-tools; only these genes are held, a minibatch at a time.
         modality
             Multimodal models: the modality whose counts are drawn (default: the first).
 
@@ -380,9 +380,19 @@ class PosteriorQueries:
         -------
         numpy.ndarray
             Cells x genes with ``n_samples=1``, else cells x genes x ``n_samples``.
+
+        Raises
+        ------
+        KeyError
+            A gene of ``gene_list`` that the model does not have (named).
         """
         n_samples = V.positive_int("n_samples", n_samples)
         modality = self.default_modality(modality)
         columns = expression.gene_columns(self.feature_names(modality), gene_list)
-        draws = self.posterior_predictive(n_samples, adata, indices, batch_size, modality)[:, :, columns]
+        if not isinstance(columns, slice):
+            columns = np.sort(columns)  # the model's gene order, as scvi-tools' mask gives it
+        site = next(name for name in self.observation_sites if self.site_modality(name) == modality)
+        parts = [draws[site][1][:, :, columns]
+                 for _, draws in predictive.predictive_batches(self, n_samples, adata, indices, batch_size)]
+        draws = np.concatenate(parts, axis=1)
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)

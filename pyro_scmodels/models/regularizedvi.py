@@ -109,7 +109,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         _categories: dict | None = None,
         **scvi_arguments,
     ):
-        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, "RegularizedVI")
+        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, type(self).__name__)
         super().__init__()
         V.choice("init", init, ("data", "prior"))
         n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
@@ -224,7 +224,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             scvi-tools' ``categorical_covariate_keys``, ``size_factor_key`` or ``labels_key`` raise
             ``TypeError`` saying what to use instead.
         """
-        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, "RegularizedVI.setup_anndata")
+        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, f"{cls.__name__}.setup_anndata")
         setup_anndata(
             adata, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,
@@ -382,8 +382,14 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
                                   batch_size: int | None = None) -> dict:
         """Mean and dispersion of p(x | z) per cell and gene, as scvi-tools' ``get_likelihood_parameters``.
 
-        See :func:`pyro_scmodels.models.likelihood_parameters.likelihood_parameters` (``n_samples=1``
-        is the posterior mean of z, as in :meth:`get_normalized_expression`).
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+        n_samples, give_mean
+            1: at the posterior mean of z (as :meth:`get_normalized_expression`); more: at seeded
+            draws of z, or their mean with ``give_mean``
+            (:func:`~pyro_scmodels.models.likelihood_parameters.likelihood_parameters`).
 
         Returns
         -------

@@ -35,13 +35,19 @@ MODEL = {
 }
 
 
+# scvi-tools' values that say what this package does anyway: accepted, so that a script ported from scvi-tools runs
+# ("dispersion": "gene" is not among them: with a dispersion_key this package's dispersion is per category)
+SAME_AS_HERE = {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False}
+
+
 def refuse_scvi_arguments(given: dict, table: dict[str, str], call: str) -> None:
     """Raise ``TypeError`` for keyword arguments ``call`` does not take, saying what to use for scvi-tools' ones.
 
     Parameters
     ----------
     given
-        The keyword arguments ``call`` did not recognise (empty: nothing to do).
+        The keyword arguments ``call`` did not recognise (empty: nothing to do). scvi-tools' values that are
+        what this package does (:data:`SAME_AS_HERE`, e.g. ``gene_likelihood="nb"``) are accepted.
     table
         scvi-tools' argument name -> what this package does instead (:data:`SETUP`, :data:`MODEL`).
     call
@@ -52,6 +58,8 @@ def refuse_scvi_arguments(given: dict, table: dict[str, str], call: str) -> None
     TypeError
         Naming every argument; for scvi-tools' ones, this package's counterpart.
     """
+    given = {name: value for name, value in given.items()
+             if not (name in SAME_AS_HERE and type(value) is type(SAME_AS_HERE[name]) and value == SAME_AS_HERE[name])}
     if not given:
         return
     known = [name for name in given if name in table]

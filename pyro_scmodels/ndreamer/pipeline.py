@@ -343,6 +343,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         Returns
         -------
         NDreamer
+
+        Raises
+        ------
+        TypeError
+            An AnnData in place of ``device`` (scvi-tools' ``Model.load(dir_path, adata)``).
         """
         if not isinstance(device, str) and hasattr(device, "obs") and hasattr(device, "var_names"):
             # scvi-tools' Model.load(dir_path, adata): an NDreamer saves its cells and expression with it
