@@ -58,7 +58,7 @@ def predictive_batches(model, num_samples: int = 1, adata=None, indices=None, ba
 
 
 def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
-                         modality: str | None = None):
+                         modality: str | None = None, features=None):
     """Counts drawn from the posterior predictive distribution.
 
     Parameters
@@ -68,6 +68,9 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
     modality
         Multimodal models: the modality whose counts are returned; None returns a dict with
         every modality.
+    features
+        None (every feature), or the columns to keep (positions, or a slice), taken a minibatch at a
+        time so that only they are held.
 
     Returns
     -------
@@ -87,7 +90,7 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
     parts = {site: [] for site in sites}
     for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
         for site in sites:
-            parts[site].append(draws[site][1])
+            parts[site].append(draws[site][1] if features is None else draws[site][1][:, :, features])
     arrays = {site: np.concatenate(values, axis=1) for site, values in parts.items()}
     if len(arrays) == 1:
         return next(iter(arrays.values()))

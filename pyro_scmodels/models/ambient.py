@@ -128,34 +128,31 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     KeyError
         ``layer`` or a ``groupby`` column is absent.
     ValueError
-        A ``groupby`` column has droplets without a category (NaN).
+        No droplets, or a ``groupby`` column has droplets without a category (NaN).
     """
     if layer is not None:
         V.present(layer, adata.layers, "adata.layers", "layer")
     counts = adata.X if layer is None else adata.layers[layer]
     pseudocount = V.non_negative_float("pseudocount", pseudocount)
+    if adata.n_obs == 0:
+        raise ValueError("adata holds no droplets; give the empty droplets' counts (e.g. a raw matrix's barcodes "
+                         "without a cell).")
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
+    columns = {}
     for key in keys:
         V.present(key, adata.obs.columns, "adata.obs", "column")
-    for key in keys:
         if adata.obs[key].isna().any():
             raise ValueError(f"adata.obs[{key!r}] has no category for {int(adata.obs[key].isna().sum())} droplets; give "
                              "every droplet its ambient category, or drop those droplets.")
-    # labels as strings, as the models record categories; categories without a droplet would get a flat profile,
-    # so they are dropped, and a model given the profile names them as missing
-    columns = {key: adata.obs[key].astype(str).astype("category") for key in keys}
-    names = iter(stacked_level_names({key: list(column.cat.categories) for key, column in columns.items()}))
-    groups = [(column.cat.codes.to_numpy(), [next(names) for _ in column.cat.categories]) for column in columns.values()]
-    if not keys:
-        groups = [(np.zeros(adata.n_obs, dtype=int), list(names))]
-    profiles = []
-    for labels, names in groups:
-        sums = np.zeros((adata.n_vars, len(names)))
-        for k in range(len(names)):
-            sums[:, k] = np.asarray(counts[labels == k].sum(axis=0)).ravel()
-        sums = sums + pseudocount
-        profiles.append(pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=names))
-    return pd.concat(profiles, axis=1)
+        # labels as strings, as the models record categories; a category without a droplet gets no column (not a
+        # flat profile), so that a model given the profile names it as missing
+        columns[key] = adata.obs[key].astype(str).astype("category")
+    labels = [column.cat.codes.to_numpy() for column in columns.values()] or [np.zeros(adata.n_obs, dtype=int)]
+    sums = [np.stack([np.asarray(counts[codes == k].sum(axis=0)).ravel() for k in range(codes.max() + 1)], axis=1)
+            for codes in labels]
+    sums = np.concatenate(sums, axis=1).astype(np.float64) + pseudocount
+    names = stacked_level_names({key: list(column.cat.categories) for key, column in columns.items()})
+    return pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=names)
 
 
 def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarray:

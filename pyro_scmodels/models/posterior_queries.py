@@ -391,8 +391,5 @@ class PosteriorQueries:
         columns = expression.gene_columns(self.feature_names(modality), gene_list)
         if not isinstance(columns, slice):
             columns = np.sort(columns)  # the model's gene order, as scvi-tools' mask gives it
-        site = next(name for name in self.observation_sites if self.site_modality(name) == modality)
-        parts = [draws[site][1][:, :, columns]
-                 for _, draws in predictive.predictive_batches(self, n_samples, adata, indices, batch_size)]
-        draws = np.concatenate(parts, axis=1)
+        draws = predictive.posterior_predictive(self, n_samples, adata, indices, batch_size, modality, features=columns)
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)

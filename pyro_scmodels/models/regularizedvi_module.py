@@ -235,11 +235,13 @@ class RegularizedVIModel(LocalPyroModule):
         rho = self.decode(z, batch, nn_onehot)
         if library is None:
             library = rho.new_ones(rho.shape[-2])
-        factor = scaling_factor(library, global_values.get("feature_scaling"), batch["scaling_index"])
+        scaling, index = global_values.get("feature_scaling"), batch["scaling_index"]
         ambient = global_values.get("ambient")
         soup = background(ambient, batch["ambient_index"]) if ambient is not None else torch.zeros_like(rho)
-        if self.dims.ambient_per_droplet:
-            return rho * factor, soup * factor / library.unsqueeze(-1)
+        if self.dims.ambient_per_droplet:  # the background is not scaled by the library
+            scaled = scaling_factor(torch.ones_like(library), scaling, index)
+            return rho * library.unsqueeze(-1) * scaled, soup * scaled
+        factor = scaling_factor(library, scaling, index)
         return rho * factor, soup * factor
 
     def local_sites(self, z: torch.Tensor, batch: dict, global_values: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
