@@ -123,6 +123,29 @@ def test_posterior_predictive_check_per_modality(simulated_pair):
         assert 0.75 < check[site].pit_coverage[0.9] < 0.97
 
 
+def test_likelihood_parameters_per_modality(simulated_pair):
+    model = simulated_pair
+    has_atac = model.adata.obs["has_atac"].to_numpy()
+    for modality in ("rna", "atac"):
+        params = model.get_likelihood_parameters(modality)
+        mean, theta = params["mean"], params["dispersions"]
+        counts = model.adata.mod[modality].layers["counts"]
+        counts = np.asarray(counts.todense() if hasattr(counts, "todense") else counts, dtype=np.float64)
+        assert mean.shape == theta.shape == counts.shape and (mean > 0).all()
+        # no dispersion key: one theta per feature, the modality's own
+        np.testing.assert_allclose(theta, np.broadcast_to(model.get_dispersion(modality).to_numpy()[:, 0], mean.shape),
+                                   rtol=1e-5)
+        cells = has_atac if modality == "atac" else np.ones_like(has_atac)
+        # the modality's own library and background: its expected totals are its observed ones
+        assert 0.9 < np.median(mean[cells].sum(1) / counts[cells].sum(1)) < 1.1, modality
+        assert np.corrcoef(np.log(mean[cells].sum(1)), np.log(counts[cells].sum(1)))[0, 1] > 0.9, modality
+        assert np.corrcoef(np.log(mean[cells].mean(0)), np.log1p(counts[cells].mean(0)))[0, 1] > 0.9, modality
+    draws = model.get_likelihood_parameters("atac", indices=np.arange(10), n_samples=3)
+    assert draws["mean"].shape == (3, 10, counts.shape[1])
+    with pytest.raises(ValueError, match="protein"):
+        model.get_likelihood_parameters("protein")
+
+
 def test_export_posterior_per_modality(simulated_pair, tmp_path):
     mdata = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)
     simulated_pair.export_posterior(mdata, num_samples=5)

@@ -260,6 +260,10 @@ def test_latent_distribution(model):
     assert variance.shape == (300, 4) and (variance > 0).all()
     draws = model.posterior_z(n_samples=400, seed=0)
     np.testing.assert_allclose(draws.var(0).mean(), variance.mean(), rtol=0.15)
+    # scvi-tools' positional order (adata, indices, give_mean, mc_samples, batch_size): the mean is exact for a Normal z
+    np.testing.assert_allclose(model.get_latent_representation(None, np.arange(7), True, 100, 3), mean[:7], rtol=1e-5)
+    with pytest.raises(ValueError, match="mc_samples"):
+        model.get_latent_representation(mc_samples=0)
 
 
 def test_posterior_predictive_sample_in_scvi_layout(model):
@@ -387,6 +391,7 @@ def test_multimodal_model_answers_the_same_calls(tmp_path):
     np.testing.assert_allclose(model.get_marginal_ll(n_mc_samples=1, seed=1), model.get_elbo(seed=1), rtol=1e-6)
     mean, variance = model.get_latent_representation(return_dist=True)
     assert mean.shape == variance.shape == (150, 6)
+    np.testing.assert_array_equal(model.get_latent_representation(mc_samples=100), mean)
     peaks = list(mdata.mod["atac"].var_names[:4])
     draws = model.get_normalized_expression("atac", gene_list=peaks, n_samples=2, return_mean=False, library_size=1)
     assert draws.shape == (2, 150, 4)

@@ -45,6 +45,7 @@ def _same_calls(model) -> dict:
         "elbo_train": model.history["elbo_train"],
         "elbo_validation": model.history["elbo_validation"],
         "latent": (mean.shape, variance.shape),
+        "latent_positional": model.get_latent_representation(None, np.arange(6), True, 50, 4).shape,
         "expression": model.get_normalized_expression(transform_batch="batch_1", gene_list=genes, library_size=1).shape,
         "samples": model.get_normalized_expression(n_samples=3, return_mean=False, gene_list=genes).shape,
         "de": model.differential_expression(groupby="cell_type", mode="change"),
@@ -73,7 +74,7 @@ def test_history_keys_have_scvi_shape(both):
 
 def test_latent_distribution_and_expression_shapes_match(both):
     reference, ours = both
-    for key in ("latent", "expression", "samples", "predictive", "predictive_one", "likelihood_draws", "likelihood_mean"):
+    for key in ("latent", "latent_positional", "expression", "samples", "predictive", "predictive_one", "likelihood_draws", "likelihood_mean"):
         assert tuple(ours[key]) == tuple(reference[key]), key
     # SCVI's default likelihood (zinb) adds "dropout"; ours is a negative binomial
     assert ours["likelihood"] == {k: reference["likelihood"][k] for k in ("mean", "dispersions")} == {

@@ -13,14 +13,19 @@ import torch
 from .. import _validation as V
 
 
-def likelihood_parameters(model, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
-                          batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """``{"mean": mu, "dispersions": theta}`` of a single-modality model's likelihood, per cell and gene.
+def likelihood_parameters(queries, generative, guide, adata=None, indices=None, n_samples: int = 1,
+                          give_mean: bool = False, batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{"mean": mu, "dispersions": theta}`` of one modality's likelihood, per cell and feature.
 
     Parameters
     ----------
-    model
-        A trained :class:`~pyro_scmodels.RegularizedVI`.
+    queries
+        The trained user-facing model (:class:`~pyro_scmodels.RegularizedVI` or
+        :class:`~pyro_scmodels.RegularizedMultimodalVI`): it runs the posterior of z (the joint z
+        of a multimodal model) over minibatches.
+    generative, guide
+        The Pyro model and guide of the modality (a multimodal model's blocks): the model splits the
+        mean (``decompose_mean``), the guide gives the global sites' medians and the library size.
     adata, indices, batch_size
         Cells, as in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
     n_samples
@@ -33,17 +38,17 @@ def likelihood_parameters(model, adata=None, indices=None, n_samples: int = 1, g
     Returns
     -------
     dict
-        ``"mean"`` and ``"dispersions"``: cells x genes, or ``n_samples`` x cells x genes. The library
+        ``"mean"`` and ``"dispersions"``: cells x features, or ``n_samples`` x cells x features. The library
         size is its posterior median and the global sites (background, scaling, dispersion) their
         posterior medians.
     """
     n_samples = V.positive_int("n_samples", n_samples)
     give_mean = V.boolean("give_mean", give_mean)
-    guide, generative = model.module.guide.eval(), model.module.model.eval()
+    guide, generative = guide.eval(), generative.eval()
     medians = guide.global_medians()
     theta = medians["inverse_sqrt_theta"].pow(-2)  # dispersion groups x genes
     means, dispersions = [], []
-    for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
+    for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
         with torch.no_grad():
             cell, background = generative.decompose_mean(z, batch, medians, library=guide.library_loc(batch).exp())
         mu = cell + background  # the likelihood's mean, its floor included (in the background)

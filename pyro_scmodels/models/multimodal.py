@@ -15,11 +15,12 @@ from .. import _validation as V
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_arguments, setup_mudata
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
+from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
 from . import scvi_arguments as scvi_names
-from .scvi_arguments import refuse_scvi_arguments
+from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
 def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
@@ -192,7 +193,7 @@ class RegularizedMultimodalVI(PyroModelBase):
 
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
-                                  seed: int = 0, return_dist: bool = False):
+                                  seed: int = 0, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
         """Posterior mean (or one seeded sample) of the joint z, or of one modality's block / encoder.
 
         Parameters
@@ -208,12 +209,15 @@ class RegularizedMultimodalVI(PyroModelBase):
             Return the posterior mean; else one posterior sample, seeded by ``seed``.
         return_dist
             Return ``(mean, variance)`` of q(z | x) instead, as scvi-tools does (``store`` is ignored).
+        mc_samples
+            Taken for scvi-tools' calls and checked, but unused: z is Normal, so its mean is exact.
 
         Returns
         -------
         numpy.ndarray or tuple
             Cells x latent; with ``return_dist``, a tuple of two such arrays.
         """
+        V.positive_int("mc_samples", mc_samples)
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
@@ -287,6 +291,33 @@ class RegularizedMultimodalVI(PyroModelBase):
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: ``ambient_fraction_<m>`` per ambient modality."""
         return {f"ambient_fraction_{m}": self.get_ambient_fraction(m, adata, batch_size=batch_size)
                 for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
+
+    def get_likelihood_parameters(self, modality: str = "rna", adata=None, indices=None, n_samples: int = 1,
+                                  give_mean: bool = False, batch_size: int | None = None) -> dict:
+        """Mean and dispersion of one modality's p(x | z) per cell and feature.
+
+        As :meth:`RegularizedVI.get_likelihood_parameters` (scvi-tools' ``get_likelihood_parameters``),
+        with the joint z decoded by the modality's block.
+
+        Parameters
+        ----------
+        modality
+            The modality whose likelihood is returned.
+        adata, indices, batch_size
+            As in :meth:`get_latent_representation`.
+        n_samples, give_mean
+            1: at the posterior mean of the joint z; more: at seeded draws of it, or their mean with
+            ``give_mean``.
+
+        Returns
+        -------
+        dict
+            ``"mean"`` (mu, with the modality's background and scaling) and ``"dispersions"`` (theta):
+            cells x features, or ``n_samples`` x cells x features.
+        """
+        modality = self._check_modality(modality)
+        return likelihood_parameters(self, self.module.model.block(modality), self.module.guide.block(modality), adata,
+                                     indices, n_samples, give_mean, batch_size)
 
     def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
         """Dispersion theta of a modality: features x dispersion groups."""

@@ -22,7 +22,7 @@ from ._base import ModelAndGuide, PyroModelBase
 from .likelihood_parameters import likelihood_parameters
 from .query_mapping import QueryMappingMixin
 from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
-from .scvi_arguments import refuse_scvi_arguments
+from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
 class RegularizedVI(QueryMappingMixin, PyroModelBase):
@@ -244,8 +244,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
 
     # --- outputs ------------------------------------------------------------------------------
-    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True, batch_size: int | None = None,
-                                  return_dist: bool = False, seed: int = 0):
+    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
+                                  mc_samples: int = MC_SAMPLES, batch_size: int | None = None, return_dist: bool = False,
+                                  seed: int = 0):
         """Posterior mean (or one seeded sample) of z per cell, or the mean and variance of q(z | x).
 
         Parameters
@@ -256,6 +257,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             Cells to use (integer positions or a boolean mask); default all.
         give_mean
             Return the posterior mean; else one posterior sample.
+        mc_samples
+            Taken for scvi-tools' calls (same position) and checked, but unused: z is Normal, so its
+            posterior mean is exact (scvi-tools samples only for its log-normal latent).
         batch_size
             Cells per minibatch.
         return_dist
@@ -268,6 +272,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         numpy.ndarray or tuple
             Cells x ``n_latent``; with ``return_dist``, a tuple of two such arrays.
         """
+        V.positive_int("mc_samples", mc_samples)
         if return_dist:
             return self.posterior_z_moments(adata, indices, batch_size)
         if give_mean:
@@ -396,7 +401,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         dict
             ``"mean"`` (mu, background and scaling included) and ``"dispersions"`` (theta).
         """
-        return likelihood_parameters(self, adata, indices, n_samples, give_mean, batch_size)
+        return likelihood_parameters(self, self.module.model, self.module.guide, adata, indices, n_samples, give_mean,
+                                     batch_size)
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).

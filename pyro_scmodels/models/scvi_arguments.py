@@ -6,6 +6,9 @@ habit; Python's own "unexpected keyword argument" would not say what this packag
 
 from __future__ import annotations
 
+#: scvi-tools' default ``mc_samples`` of ``get_latent_representation``: taken, unused here (z is Normal)
+MC_SAMPLES = 5000
+
 LABELS = ("RegularizedVI is unsupervised: cell labels are not part of the model (use them in "
           "differential_expression(groupby=...) or NDreamer instead)")
 
