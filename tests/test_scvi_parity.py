@@ -56,6 +56,7 @@ def _same_calls(model) -> dict:
         "predictive_one": model.posterior_predictive_sample(indices=np.arange(7)).shape,
         "likelihood": {k: v.shape for k, v in model.get_likelihood_parameters(indices=np.arange(9)).items()},
         "likelihood_draws": model.get_likelihood_parameters(indices=np.arange(9), n_samples=3)["mean"].shape,
+        "correlation": model.get_feature_correlation_matrix(indices=np.arange(20), n_samples=2).shape,
         "likelihood_mean": model.get_likelihood_parameters(indices=np.arange(9), n_samples=3, give_mean=True)["mean"].shape,
     }
 
@@ -74,7 +75,7 @@ def test_history_keys_have_scvi_shape(both):
 
 def test_latent_distribution_and_expression_shapes_match(both):
     reference, ours = both
-    for key in ("latent", "latent_positional", "expression", "samples", "predictive", "predictive_one", "likelihood_draws", "likelihood_mean"):
+    for key in ("latent", "latent_positional", "correlation", "expression", "samples", "predictive", "predictive_one", "likelihood_draws", "likelihood_mean"):
         assert tuple(ours[key]) == tuple(reference[key]), key
     # SCVI's default likelihood (zinb) adds "dropout"; ours is a negative binomial
     assert ours["likelihood"] == {k: reference["likelihood"][k] for k in ("mean", "dispersions")} == {

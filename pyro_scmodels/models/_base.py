@@ -26,6 +26,7 @@ from ..distributed import training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
+from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .train_options import checked_settings, external_split, merge_plan_kwargs
 
@@ -42,7 +43,7 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase(ModelDescription, EvidenceQueries, PosteriorQueries, PosteriorMixin):
+class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries, PosteriorQueries, PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     def __init__(self):

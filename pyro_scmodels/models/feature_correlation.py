@@ -1,0 +1,100 @@
+"""Correlation between features of counts drawn from the posterior, as scvi-tools' ``get_feature_correlation_matrix``.
+
+For each cell, z is drawn from q(z | x) and decoded to rho; counts are drawn at a fixed library
+size from the model's own likelihood, ``GammaPoisson(theta, theta / mu)`` with
+``mu = rna_size_factor * rho / sum(rho)``. The draws of every cell (and of every category of
+``transform_batch``) are pooled, and the features are correlated over them. Technical terms that
+rho leaves out (background, feature scaling, library size) do not enter the correlation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyro.distributions as dist
+import torch
+from scipy.stats import rankdata
+
+from .. import _validation as V
+from .expression import transform_covariates
+
+CORRELATION_TYPES = ("spearman", "pearson")
+#: scvi-tools' defaults of ``get_feature_correlation_matrix``
+N_SAMPLES = 10
+RNA_SIZE_FACTOR = 1000
+
+
+def _dispersion_of(model, modality) -> torch.Tensor:
+    """theta of each dispersion group: groups x features, on the model's device."""
+    table = model.global_site_table("dispersion", modality)
+    return torch.as_tensor(table.to_numpy().T, dtype=torch.float32, device=model.device)
+
+
+class FeatureCorrelationQueries:
+    """``get_feature_correlation_matrix`` on any model of this package.
+
+    Needs of the model class: ``decode_samples``, ``global_site_table``, ``feature_names``,
+    ``default_modality``, ``device`` and the decoder-conditioning keys that ``transform_batch`` reads.
+    """
+
+    def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = N_SAMPLES,
+                                       batch_size: int | None = None, rna_size_factor: float = RNA_SIZE_FACTOR,
+                                       transform_batch=None, correlation_type: str = "spearman", *,
+                                       modality: str | None = None, seed: int = 0) -> pd.DataFrame:
+        """Feature-feature correlation of counts drawn from the posterior at a fixed library size.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells (default every cell of the training data) and cells per minibatch.
+        n_samples
+            Draws of z, and of counts, per cell.
+        rna_size_factor
+            The library size the counts are drawn at (scvi-tools' default, 1,000).
+        transform_batch
+            None: each cell's own decoder covariates. A category of the decoder-conditioning key, a
+            list of them, or ``{key: category}``: the cells are decoded as each, and the draws of every
+            category are pooled (as scvi-tools does), so the correlation is free of that covariate.
+        correlation_type
+            ``"spearman"`` (ranks; scvi-tools' default) or ``"pearson"``.
+        modality
+            Multimodal models: the modality (default the first).
+        seed
+            Seeds the draws of z and of the counts.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Features x features, indexed by the feature names in the model's order. A feature
+            whose draws are all equal (e.g. all zero) has NaN correlations, as in numpy.
+
+        Notes
+        -----
+        Every draw is held at once: cells x ``n_samples`` x (number of ``transform_batch``
+        categories) rows by the features, as float32. Pass ``indices`` for large data.
+        """
+        n_samples = V.positive_int("n_samples", n_samples)
+        rna_size_factor = V.positive_float("rna_size_factor", rna_size_factor)
+        correlation_type = V.choice("correlation_type", correlation_type, CORRELATION_TYPES)
+        seed = V.non_negative_int("seed", seed)
+        modality = self.default_modality(modality)
+        settings = transform_covariates(self, transform_batch)
+        theta = _dispersion_of(self, modality)
+        draws = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # the count draws; decode_samples seeds z itself
+            for covariates in settings:
+                for _, batch, rho in self.decode_samples(adata, indices, batch_size, n_samples, seed, covariates,
+                                                         modality):
+                    with torch.no_grad():
+                        mu = rho / rho.sum(-1, keepdim=True) * rna_size_factor
+                        group = batch["dispersion_index"] if theta.shape[0] > 1 else torch.zeros_like(batch["index"])
+                        counts = dist.GammaPoisson(theta[group], theta[group] / mu).sample()
+                    draws.append(counts.reshape(-1, counts.shape[-1]).cpu().numpy())
+        data = np.concatenate(draws)
+        if correlation_type == "spearman":
+            data = rankdata(data, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature: NaN, as numpy gives it
+            correlation = np.corrcoef(data, rowvar=False)
+        names = self.feature_names(modality)
+        return pd.DataFrame(correlation, index=names, columns=names)
