@@ -203,34 +203,18 @@ def run_fit(args, folder: OutputFolder) -> None:
 def _profile_from_empty_droplets(path: str, adata):
     """``fit --empty-droplets``: each ambient category's profile, from the empty droplets in ``path``."""
     from .data.registry import read_setup
-    from .models.ambient import profile_from_droplets
+    from .models.ambient import check_droplets, profile_from_droplets
 
     try:
         empty = read_h5ad(path)
     except InputFileError as err:
         raise InputFileError(f"--empty-droplets: {err}") from err
-    if empty.n_obs == 0:
-        raise ValueError(f"--empty-droplets {path} holds no droplets; give the raw matrix's barcodes without a cell.")
-    if not empty.var_names.is_unique:
-        repeated = list(empty.var_names[empty.var_names.duplicated()].unique()[:5])
-        raise ValueError(f"--empty-droplets {path} has repeated gene names, e.g. {repeated}; give each gene one column "
-                         "(as the data has), e.g. by summing the repeated columns.")
-    missing = adata.var_names.difference(empty.var_names)
-    if len(missing):
-        raise KeyError(f"--empty-droplets {path} lacks {len(missing)} of the data's {adata.n_vars} genes, e.g. "
-                       f"{list(missing[:5])}; write the empty droplets with every gene of the data (its var_names).")
     setup = read_setup(adata)
     keys = list(setup.keys.ambient)
-    absent = [key for key in keys if key not in empty.obs.columns]
-    if absent:
-        raise KeyError(f"--empty-droplets {path} has no obs column {absent}: each droplet needs its ambient category, "
-                       f"in the column the data uses (ambient keys {keys}).")
-    for key in keys:
-        found = set(empty.obs[key].dropna().astype(str))
-        without = [c for c in setup.categories[key] if c not in found]
-        if without:
-            raise KeyError(f"--empty-droplets {path} has no droplet of {key} {without}; each ambient category needs its "
-                           "own empty droplets (from the same channel).")
+    try:
+        check_droplets(empty, adata.var_names, {key: list(setup.categories[key]) for key in keys})
+    except (KeyError, ValueError) as err:  # the same error, naming the option and the file
+        raise type(err)(f"--empty-droplets {path}: {err.args[0]}") from err
     return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
 
 

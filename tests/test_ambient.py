@@ -223,6 +223,10 @@ def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
     unlabelled.obs.iloc[0, unlabelled.obs.columns.get_loc("batch")] = np.nan
     with pytest.raises(ValueError, match="no category for 1 droplets"):
         profile_from_droplets(unlabelled, groupby="batch")
+    repeated = empty.copy()
+    repeated.var_names = [*empty.var_names[:-1], empty.var_names[0]]
+    with pytest.raises(ValueError, match="repeated gene names"):
+        profile_from_droplets(repeated, groupby="batch")
 
 
 # --- recovery of known shares ---------------------------------------------------------------------

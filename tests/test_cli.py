@@ -261,7 +261,7 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
     del bad["key"].obs["batch"]
     bad["repeated"].var_names = [*empty.var_names[:-1], empty.var_names[0]]
     others = [str(c) for c in adata.obs["batch"].cat.categories[1:]]
-    for name, words in (("genes", ["lacks 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
+    for name, words in (("genes", ["lack 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
                         ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"])):
         path = str(tmp_path / f"{name}.h5ad")
         bad[name].write_h5ad(path)
@@ -269,7 +269,7 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
         assert main(["fit", input_h5ad, "-o", str(tmp_path / name), "--max-epochs", "1", "--empty-droplets", path,
                      *FIT_ARGS]) == 2
         err = capsys.readouterr().err
-        assert all(word in err for word in words), err
+        assert all(word in err for word in [f"--empty-droplets {path}", *words]), err
         assert not (tmp_path / name).exists()
     assert main(["fit", input_h5ad, "-o", str(tmp_path / "none"), "--empty-droplets", str(tmp_path / "no.h5ad"),
                  *FIT_ARGS]) == 2

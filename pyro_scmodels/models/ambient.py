@@ -97,6 +97,55 @@ def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame
     return table
 
 
+def check_droplets(droplets, var_names: pd.Index, categories: dict[str, list[str]]) -> None:
+    """Raise unless the empty droplets can give each ambient category's profile over the data's genes.
+
+    Checked before a model is built (the CLI's ``fit --empty-droplets``), with messages that say what the droplets
+    lack.
+
+    Parameters
+    ----------
+    droplets
+        AnnData of empty droplets.
+    var_names
+        The data's genes, each of which needs a column in ``droplets``.
+    categories
+        ``{ambient key: the data's categories}``: each key needs an ``.obs`` column of ``droplets``, and each
+        category at least one droplet.
+
+    Raises
+    ------
+    ValueError
+        No droplets, or repeated gene names.
+    KeyError
+        Genes, an ambient key's column, or a category's droplets missing (named).
+    """
+    if droplets.n_obs == 0:
+        raise ValueError("the file holds no droplets; give the raw matrix's barcodes without a cell.")
+    _check_unique_genes(droplets)
+    missing = pd.Index(var_names).difference(droplets.var_names)
+    if len(missing):
+        raise KeyError(f"the droplets lack {len(missing)} of the data's {len(var_names)} genes, e.g. {list(missing[:5])}; "
+                       "write the empty droplets with every gene of the data (its var_names).")
+    absent = [key for key in categories if key not in droplets.obs.columns]
+    if absent:
+        raise KeyError(f"the droplets have no obs column {absent}: each droplet needs its ambient category, in the "
+                       f"column the data uses (ambient keys {list(categories)}).")
+    for key, levels in categories.items():
+        found = set(droplets.obs[key].dropna().astype(str))
+        without = [c for c in levels if c not in found]
+        if without:
+            raise KeyError(f"there is no droplet of {key} {without}; each ambient category needs its own empty droplets "
+                           "(from the same channel).")
+
+
+def _check_unique_genes(droplets) -> None:
+    if not droplets.var_names.is_unique:
+        repeated = list(droplets.var_names[droplets.var_names.duplicated()].unique()[:5])
+        raise ValueError(f"the droplets have repeated gene names, e.g. {repeated}; give each gene one column (as the "
+                         "data has), e.g. by summing the repeated columns.")
+
+
 def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: str | None = None,
                           pseudocount: float = 0.5) -> pd.DataFrame:
     """The ambient profile of each category, from the counts of empty droplets.
@@ -128,7 +177,7 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     KeyError
         ``layer`` or a ``groupby`` column is absent.
     ValueError
-        No droplets, or a ``groupby`` column has droplets without a category (NaN).
+        No droplets, repeated gene names, or a ``groupby`` column has droplets without a category (NaN).
     """
     if layer is not None:
         V.present(layer, adata.layers, "adata.layers", "layer")
@@ -137,6 +186,7 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     if adata.n_obs == 0:
         raise ValueError("adata holds no droplets; give the empty droplets' counts (e.g. a raw matrix's barcodes "
                          "without a cell).")
+    _check_unique_genes(adata)  # a profile with a gene twice would not line up with the model's genes
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
     columns = {}
     for key in keys:
