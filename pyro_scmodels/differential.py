@@ -3,7 +3,8 @@
 The "change" test of scvi-tools, on a model's background-free expression rho: draw pairs of
 (cell, posterior sample) from the two groups, form log2 fold changes, and per gene report the
 posterior probability that |LFC| exceeds ``delta``; genes are selected by posterior expected
-false discovery rate. Comparisons, column names and the one-vs-rest default follow scvi-tools'
+false discovery rate. The "vanilla" test reports, on the same pairs, the probability that the
+first group's expression is the higher. Comparisons, column names and the one-vs-rest default follow scvi-tools'
 ``differential_expression``.
 """
 
@@ -19,6 +20,7 @@ from . import _validation as V
 from .data import counts_matrix
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
+MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
 NORMALISED_TOTAL = 1e4  # raw_normalized_mean*: counts per 10,000, as scvi-tools reports them
 
 
@@ -55,21 +57,13 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
         ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
     """
     rng = rng or np.random.default_rng(0)
-    first_strata = log2_expression_1 if isinstance(log2_expression_1, list) else [log2_expression_1]
-    second_strata = log2_expression_2 if isinstance(log2_expression_2, list) else [log2_expression_2]
-    per_stratum = max(1, n_pairs // len(first_strata))
-    lfc = np.concatenate([
-        a[rng.integers(len(a), size=per_stratum)] - b[rng.integers(len(b), size=per_stratum)]
-        for a, b in zip(first_strata, second_strata)
-    ])
+    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
     proba = (np.abs(lfc) > delta).mean(0)
-    clipped = np.clip(proba, 1e-6, 1 - 1e-6)
-    scale = [np.concatenate([np.exp2(a) for a in strata]).mean(0) - pseudocount for strata in (first_strata, second_strata)]
     table = pd.DataFrame(
         {
             "proba_de": proba,
             "proba_not_de": 1.0 - proba,
-            "bayes_factor": np.log(clipped) - np.log1p(-clipped),
+            "bayes_factor": _log_odds(proba),
             "scale1": scale[0],
             "scale2": scale[1],
             "lfc_mean": lfc.mean(0),
@@ -84,6 +78,47 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
     ).sort_values("proba_de", ascending=False)
     table[f"is_de_fdr_{fdr_target}"] = expected_fdr_selection(table["proba_de"].to_numpy(), fdr_target)
     return table
+
+
+def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 5000,
+                 rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
+    """Per gene, the posterior probability that group 1 expresses more than group 2 (scvi-tools' ``"vanilla"``).
+
+    The hypotheses are M1: h1 > h2 and M2: h1 <= h2, judged on the same random pairs of rows as
+    :func:`change_test` (same arguments).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by gene, sorted by ``bayes_factor``: ``proba_m1``, ``proba_m2``, ``bayes_factor``
+        (log odds of M1), ``scale1``, ``scale2`` (mean expression).
+    """
+    rng = rng or np.random.default_rng(0)
+    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
+    proba = (lfc > 0).mean(0)
+    table = pd.DataFrame({"proba_m1": proba, "proba_m2": 1.0 - proba, "bayes_factor": _log_odds(proba),
+                          "scale1": scale[0], "scale2": scale[1]}, index=pd.Index(genes, name="gene"))
+    return table.sort_values("bayes_factor", ascending=False)
+
+
+def _paired_differences(log2_expression_1, log2_expression_2, n_pairs: int, rng: np.random.Generator,
+                        pseudocount: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """log2 fold changes of random row pairs (within each stratum), and each group's mean expression."""
+    first_strata = log2_expression_1 if isinstance(log2_expression_1, list) else [log2_expression_1]
+    second_strata = log2_expression_2 if isinstance(log2_expression_2, list) else [log2_expression_2]
+    per_stratum = max(1, n_pairs // len(first_strata))
+    lfc = np.concatenate([
+        a[rng.integers(len(a), size=per_stratum)] - b[rng.integers(len(b), size=per_stratum)]
+        for a, b in zip(first_strata, second_strata)
+    ])
+    scale = [np.concatenate([np.exp2(a) for a in strata]).mean(0) - pseudocount for strata in (first_strata, second_strata)]
+    return lfc, scale
+
+
+def _log_odds(proba: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with p kept off 0 and 1 so that a certain call is finite."""
+    clipped = np.clip(proba, 1e-6, 1 - 1e-6)
+    return np.log(clipped) - np.log1p(-clipped)
 
 
 def expected_fdr_selection(proba_de_sorted: np.ndarray, fdr_target: float) -> np.ndarray:
@@ -226,7 +261,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                             modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
-    """Bayesian differential expression (scvi-tools' ``mode="change"``) between groups of cells.
+    """Bayesian differential expression (scvi-tools' ``"change"`` and ``"vanilla"`` modes) between groups of cells.
 
     Uses seeded posterior samples of the background- and scaling-free expression rho
     (``model.decode_samples``). ``scale1``/``scale2`` are mean rho (counts at a typical library
@@ -246,7 +281,10 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         Instead of ``groupby``: cells as a boolean mask, integer positions or an ``adata.obs``
         query string; without ``idx2``, ``idx1`` is compared with all other cells.
     mode
-        ``"change"`` only (scvi-tools' default is ``"vanilla"``, which is not offered here).
+        ``"change"`` (the default here): P(|LFC| > ``delta``) with LFC summaries and the FDR
+        selection. ``"vanilla"`` (scvi-tools' default): P(group 1 expresses more), ``proba_m1`` /
+        ``proba_m2`` / ``bayes_factor``, sorted by ``bayes_factor``; ``delta`` and ``fdr_target``
+        do not apply.
     delta
         Smallest log2 fold change that counts as a change.
     batch_correction
@@ -276,11 +314,12 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     -------
     pandas.DataFrame
         One row per feature and comparison, indexed by feature, each comparison sorted by
-        ``proba_de``: the columns of :func:`change_test`, ``delta``, ``pseudocounts``, those of
+        ``proba_de`` (``bayes_factor`` in vanilla mode): the columns of :func:`change_test`, ``delta``,
+        ``pseudocounts`` (those of :func:`vanilla_test` in vanilla mode), those of
         :func:`raw_count_properties` (with ``all_stats``), ``comparison`` (e.g. ``"B vs Rest"``),
         ``group1`` and ``group2``.
     """
-    V.choice("mode", mode, ("change",))
+    mode = V.choice("mode", mode, MODES)
     for name, value in (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)):
         V.positive_int(name, value)
     if not delta >= 0 or not 0 < fdr_target < 1 or not pseudocount > 0:
@@ -298,15 +337,18 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                         num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount)
             for offset, cells in enumerate((cells1, cells2))
         ]
-        table = change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng,
-                            pseudocount)
-        table.insert(5, "pseudocounts", pseudocount)
-        table.insert(6, "delta", delta)
+        if mode == "vanilla":
+            table = vanilla_test(samples[0], samples[1], model.feature_names(modality), n_pairs, rng, pseudocount)
+        else:
+            table = change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng,
+                                pseudocount)
+            table.insert(5, "pseudocounts", pseudocount)
+            table.insert(6, "delta", delta)
         if matrix is not None:
             for column, values in raw_count_properties(matrix, cells1, cells2).items():
                 table[column] = pd.Series(values, index=model.feature_names(modality))
-        fdr_column = table.pop(f"is_de_fdr_{fdr_target}")
-        table[f"is_de_fdr_{fdr_target}"] = fdr_column
+        if mode == "change":  # the selection last, after the raw columns, as scvi-tools orders them
+            table[f"is_de_fdr_{fdr_target}"] = table.pop(f"is_de_fdr_{fdr_target}")
         table["comparison"], table["group1"], table["group2"] = f"{name1} vs {name2}", name1, name2
         tables.append(table)
     return pd.concat(tables)

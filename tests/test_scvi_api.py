@@ -24,6 +24,12 @@ SCVI_DE_COLUMNS = {
 }
 
 
+SCVI_VANILLA_COLUMNS = [
+    "proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "raw_mean1", "raw_mean2", "non_zeros_proportion1",
+    "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2", "comparison", "group1", "group2",
+]
+
+
 def _simulate(seed=0):
     return ps.datasets.simulate(n_cells=300, n_genes=50, n_markers_per_type=5, n_responding_genes=5, seed=seed)
 
@@ -191,6 +197,23 @@ def test_one_vs_rest_over_all_groups_finds_each_types_markers(fitted):
         assert rows.loc[markers, "is_de_fdr_0.05"].mean() >= 0.8, cell_type
 
 
+def test_vanilla_mode_has_scvi_tools_columns_and_finds_the_markers(fitted):
+    """scvi-tools' default mode: P(group 1 expresses more), in its columns and order."""
+    adata = fitted.adata
+    table = fitted.differential_expression(groupby="cell_type", group1="type_0", mode="vanilla", num_samples=5,
+                                           n_cells=100)
+    assert list(table.columns) == SCVI_VANILLA_COLUMNS
+    assert table["bayes_factor"].is_monotonic_decreasing
+    np.testing.assert_allclose(table["proba_m1"] + table["proba_m2"], 1.0)
+    markers = adata.var_names[adata.var["marker_of"] == "type_0"]
+    assert table.loc[markers, "proba_m1"].gt(0.9).mean() >= 0.8
+    # the same direction as the change mode's fold change, on the genes either mode is sure of
+    change = fitted.differential_expression(groupby="cell_type", group1="type_0", num_samples=5, n_cells=100)
+    sure = table.index[(table["proba_m1"] > 0.95) | (table["proba_m1"] < 0.05)]
+    assert len(sure) > 10
+    np.testing.assert_array_equal(table.loc[sure, "proba_m1"] > 0.5, change.loc[sure, "lfc_mean"] > 0)
+
+
 def test_observed_count_columns_are_the_group_means(model):
     adata = model.adata
     table = model.differential_expression(groupby="cell_type", group1="type_0", num_samples=2, n_cells=20)
@@ -226,7 +249,7 @@ def test_batch_correction_pairs_within_each_condition(model):
 @pytest.mark.parametrize("arguments, message", [
     (dict(), "Pass groupby"),
     (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
-    (dict(groupby="cell_type", mode="vanilla"), "mode must be 'change'"),
+    (dict(groupby="cell_type", mode="vanila"), "mode must be"),
     (dict(idx1=np.zeros(300, dtype=bool)), "idx1 selects no cells"),
     (dict(idx1=np.ones(10, dtype=bool)), "one per cell"),
 ])

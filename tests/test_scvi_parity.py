@@ -49,6 +49,7 @@ def _same_calls(model) -> dict:
         "expression": model.get_normalized_expression(transform_batch="batch_1", gene_list=genes, library_size=1).shape,
         "samples": model.get_normalized_expression(n_samples=3, return_mean=False, gene_list=genes).shape,
         "de": model.differential_expression(groupby="cell_type", mode="change"),
+        "de_vanilla": model.differential_expression(groupby="cell_type", group1="type_0", mode="vanilla"),
         "reconstruction": model.get_reconstruction_error(),
         "elbo": model.get_elbo(),
         "marginal": model.get_marginal_ll(n_mc_samples=5),
@@ -87,6 +88,7 @@ def test_one_vs_rest_de_has_the_core_columns(both):
     assert CORE_DE_COLUMNS <= set(reference["de"].columns)
     assert CORE_DE_COLUMNS <= set(ours["de"].columns)
     assert set(ours["de"]["comparison"]) == set(reference["de"]["comparison"])
+    assert list(ours["de_vanilla"].columns) == list(reference["de_vanilla"].columns)
 
 
 def test_evidence_getters_answer(both):

@@ -333,7 +333,7 @@ class PosteriorQueries:
                                 fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                                 pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                                 modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
-        """Bayesian differential expression (scvi-tools' "change" mode), one-vs-rest by default.
+        """Bayesian differential expression (scvi-tools' "change" mode, or "vanilla"), one-vs-rest by default.
 
         ``model.differential_expression(groupby="cell_type")`` compares every group with the
         rest; ``group1``/``group2`` or ``idx1``/``idx2`` narrow it. See
