@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
-from ._io import InputFileError, OutputFolder, read_h5ad
+from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .cli_arguments import build_parser, check_arguments
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -44,18 +44,33 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 # names inside an output folder that mark results of an earlier run
 RESULT_NAMES = ("results.h5ad", "model", "checkpoint", "network.pt", "ndreamer")
+#: other files the commands write into the output folder (an input file there would be replaced)
+WRITTEN_FILES = ("effects.h5ad", "history.csv")
 
 
 def _prepare_output(folder: OutputFolder, args) -> str:
-    """Check the output folder before any work (writable, not a file, no earlier results unless allowed).
+    """Check the output folder before any work (writable, not a file, no earlier results unless allowed, and not
+    where the input file lies)."""
+    data = getattr(args, "data", None)
+    if data is not None:
+        _check_input_is_not_an_output(data, folder.path)
+    return folder.check(overwrite=args.overwrite, resume=getattr(args, "resume", False))
 
-    On ``--overwrite`` an old checkpoint is removed, so that a new run does not resume from it.
-    """
-    resume = getattr(args, "resume", False)
-    path = folder.check(overwrite=args.overwrite, resume=resume)
-    if args.overwrite and not resume:
-        shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)
-    return path
+
+def _check_input_is_not_an_output(data: str, out: str) -> None:
+    """Refuse an input file that the command would replace (e.g. ``-o`` its own folder with ``results.h5ad``)."""
+    relative = os.path.relpath(os.path.realpath(data), os.path.realpath(out))
+    first = relative.split(os.sep)[0]
+    if first != os.pardir and first in (*RESULT_NAMES, *WRITTEN_FILES):
+        raise OutputPathError(f"the input file {data} is where this command writes its results "
+                              f"({os.path.join(out, first)}); choose another output folder (-o) or move the input.")
+
+
+def _discard_old_checkpoint(out: str, args) -> None:
+    """On ``--overwrite`` (without ``--resume``), remove an earlier run's checkpoint, so that this run does not resume
+    from it. Called once every input check has passed, right before training: a run refused for its input keeps it."""
+    if args.overwrite and not getattr(args, "resume", False):
+        shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
 
 
 def _check_device(device: str) -> None:
@@ -117,6 +132,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
                   layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
                   factual=args.factual, **network_preset(args.network))
+    _discard_old_checkpoint(out, args)
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"
@@ -178,6 +194,8 @@ def run_fit(args, folder: OutputFolder) -> None:
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
                           ambient_shape_prior=args.ambient_shape_prior, ambient_profile=profile)
+    if writer:
+        _discard_old_checkpoint(out, args)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices, compile=args.compile)

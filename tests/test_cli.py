@@ -333,6 +333,35 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     np.testing.assert_allclose(fresh["train_loss"].to_numpy(), first["train_loss"].to_numpy(), rtol=1e-5)
 
 
+def test_overwrite_keeps_the_checkpoint_of_a_run_refused_for_its_input(input_h5ad, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", *FIT_ARGS]) == 0
+    before = sorted(os.listdir(os.path.join(out, "checkpoint")))
+    assert before
+    bad = [a if a != "counts" else "no_such_layer" for a in FIT_ARGS]
+    assert main(["fit", input_h5ad, "-o", out, "--overwrite", "--max-epochs", "1", *bad]) == 2
+    assert "no_such_layer" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(out, "checkpoint"))) == before
+
+
+@pytest.mark.parametrize("command", ["fit", "ndreamer"])
+def test_an_input_where_the_results_go_is_refused(input_h5ad, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "results.h5ad"
+    shutil.copyfile(input_h5ad, data)
+    size = data.stat().st_size
+    arguments = (["--backed", "--batch-key", "batch", "--quiet"] if command == "fit" else
+                 ["--condition-key", "condition", "--control", "control", "--batch-key", "batch", "--quiet"])
+    assert main([command, str(data), "-o", str(out), "--overwrite", *arguments]) == 2
+    assert "is where this command writes its results" in capsys.readouterr().err
+    assert data.stat().st_size == size and anndata.read_h5ad(data).n_obs == N_CELLS
+    # another name in the same folder is an input like any other
+    other = out / "data.h5ad"
+    shutil.copyfile(input_h5ad, other)
+    assert main(["fit", str(other), "-o", str(out), "--overwrite", "--max-epochs", "1", *FIT_ARGS]) == 0
+
+
 # --- bad inputs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, expected", [
     (["--batch-key", "nope", "--layer", "counts"], ["nope", "adata.obs"]),
