@@ -94,8 +94,8 @@ class ModelRepresentation:
         decoder then adds the whole effect back. With the condition in the decoder only, or in a
         wide network without the penalty, z carries it and the effect is shrunk (a warning says
         so). On ``datasets.simulate(n_cells=2000, n_genes=200, effect_modifier=1.0)`` at
-        ``n_hidden=128``: slope of estimate on truth 1.11 with the penalty and 0.54 without;
-        per-cell correlation inside responding types 0.74 and 0.18.
+        ``n_hidden=128`` (``benchmarks/bench_model_ite.py``): slope of estimate on truth 1.12 with
+        the penalty and 0.52 without; per-cell correlation inside responding types 0.75 and 0.14.
 
         Which uncertainty the interval includes: only the posterior spread of each cell's z,
         q(z | x, condition), decoded with every other quantity held fixed (decoder weights and
