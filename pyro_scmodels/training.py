@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _constants as C
+from . import _validation as V
 from ._allocator import reuse_freed_memory
 from ._atomic import atomic_path
 from ._io import load_torch_file
@@ -73,6 +74,17 @@ class LoopPlan:
     checkpoint_path: str | None = None
     checkpoint_every: int = 10
     progress_bar: bool = True
+
+    def __post_init__(self):
+        # every model trains here, so the settings are checked here once (a negative clip would flip the gradients)
+        self.max_epochs = V.non_negative_int("max_epochs", self.max_epochs)
+        self.max_steps = V.optional(V.non_negative_int, "max_steps", self.max_steps)
+        self.early_stopping = V.boolean("early_stopping", self.early_stopping)
+        self.patience = V.positive_int("patience", self.patience)
+        self.min_delta = V.non_negative_float("min_delta", self.min_delta)
+        self.gradient_clip = V.optional(V.positive_float, "gradient_clip", self.gradient_clip)
+        self.checkpoint_every = V.positive_int("checkpoint_every", self.checkpoint_every)
+        self.progress_bar = V.boolean("progress_bar", self.progress_bar)
 
 
 class TrainingLoop:

@@ -57,6 +57,20 @@ def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
                                                                              checkpoint_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(gradient_clip=-1.0), "gradient_clip must be a positive number"),  # a negative norm flips every gradient
+    (dict(gradient_clip=0), "gradient_clip must be a positive number"),
+    (dict(checkpoint_every=0), "checkpoint_every"),
+    (dict(progress_bar="no"), "progress_bar"),
+])
+def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, message):
+    nd = _nd(tiny_adata)
+    before = _state(nd)
+    with pytest.raises((ValueError, TypeError), match=message):
+        nd.train(n_epochs=1, **{"progress_bar": False, **arguments})
+    assert all(torch.equal(value, before[name]) for name, value in _state(nd).items())
+
+
 def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
     nd = _nd(tiny_adata)
     with torch.no_grad():
