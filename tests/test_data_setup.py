@@ -4,6 +4,7 @@ raises one exception type per kind of error. Tiny data: the file runs in seconds
 
 import json
 import os
+import re
 
 import anndata
 import numpy as np
@@ -118,6 +119,50 @@ def test_counts_normalised_in_place_after_setup_are_caught(adata):
     adata.X.data = np.log1p(adata.X.data)
     with pytest.raises(ValueError, match="non-integer"):
         ps.RegularizedVI(adata, **SMALL)
+
+
+def _edit(adata, how):
+    if how == "counts rescaled":
+        adata.layers["counts"] = adata.layers["counts"] * 3
+    elif how == "counts edited in place":
+        adata.layers["counts"].data[:5] += 1
+    elif how == "cells subset":
+        adata._inplace_subset_obs(np.arange(30))
+    elif how == "batch relabelled":
+        adata.obs["batch"] = str(adata.obs["batch"].iloc[0])
+
+
+@pytest.mark.parametrize("how, named", [("counts rescaled", "counts adata.layers['counts']"),
+                                        ("counts edited in place", "counts adata.layers['counts']"),
+                                        ("cells subset", "cells"), ("batch relabelled", "covariate 'batch'")])
+def test_a_model_refuses_its_data_changed_in_place(adata, how, named):
+    """The model reads its data once; a query after an in-place edit would answer for the old data."""
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.train(**FIT)
+    z = model.get_latent_representation()
+    # edits that leave the model's data as they were
+    adata.obs["note"] = "x"
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    adata.layers["normalised"] = adata.layers["counts"].copy()
+    np.testing.assert_array_equal(model.get_latent_representation(), z)
+    _edit(adata, how)
+    for query in (model.get_latent_representation, lambda: model.get_normalized_expression(adata=adata),
+                  lambda: model.train(**FIT)):
+        with pytest.raises(ValueError, match=f"changed in place.*{re.escape(named)}"):
+            query()
+    # a copy is new data: read afresh and validated
+    if how != "batch relabelled":
+        assert model.get_latent_representation(adata=adata.copy()).shape == (adata.n_obs, 2)
+
+
+def test_a_multimodal_model_refuses_a_modality_changed_in_place(mdata):
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, **SMALL)
+    model.get_latent_representation()
+    mdata.mod["atac"].layers["counts"] = mdata.mod["atac"].layers["counts"] * 2
+    with pytest.raises(ValueError, match=r"changed in place.*\(counts mdata\.mod\['atac'\]"):
+        model.get_latent_representation()
 
 
 def test_multimodal_counts_validated_once_per_modality(mdata, calls):

@@ -83,6 +83,17 @@ class MuDataSetup(_RecordedEncoding):
     categories: dict[str, list[str]] | None = None
     counts: dict[str, dict] | None = None
 
+    def count_sources(self, mdata) -> dict[str, object]:
+        """Each modality's count matrix, as stored (not read or converted), by a name for messages."""
+        sources = {}
+        for m in self.modalities:
+            modality, layer = mdata.mod[m], self.layers.get(m)
+            if layer is not None:
+                V.present(layer, modality.layers, f"mdata.mod[{m!r}].layers", "layer")
+            sources[f"mdata.mod[{m!r}]" + ("" if layer is None else f".layers[{layer!r}]")] = (
+                modality.X if layer is None else modality.layers[layer])
+        return sources
+
     def count_matrices(self, mdata, validate: bool | None = None) -> dict[str, CountMatrix]:
         """The counts of every modality of ``mdata``, as ``{"x_<modality>": CountMatrix}``.
 

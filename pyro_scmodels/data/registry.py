@@ -121,6 +121,13 @@ class AnnDataSetup(_RecordedEncoding):
     categories: dict[str, list[str]] | None = None
     counts: dict | None = None
 
+    def count_sources(self, adata) -> dict[str, object]:
+        """The matrix holding the counts, as stored (not read or converted): ``{"adata.X" or "adata.layers[...]": m}``."""
+        if self.layer is None:
+            return {"adata.X": adata.X}
+        V.present(self.layer, adata.layers, "adata.layers", "layer")
+        return {f"adata.layers[{self.layer!r}]": adata.layers[self.layer]}
+
     def count_matrices(self, adata, validate: bool | None = None) -> dict[str, CountMatrix]:
         """The counts of ``adata`` under this setup, as ``{"x": CountMatrix}``.
 

@@ -20,6 +20,7 @@ from .._selection import cell_positions
 from .._atomic import atomic_path
 from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
+from ..data.source_state import changes, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..distributed import training_parallelism
@@ -54,6 +55,29 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
     # --- to be provided by the model class -------------------------------------------------
     def _cell_data(self, adata=None) -> CellData:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _held_cell_data(self) -> CellData:
+        """The training data, read once, after checking that the data object has not changed since.
+
+        Raises
+        ------
+        ValueError
+            The cells, the counts or a covariate of ``self.adata`` changed in place after the model read it
+            (the model would go on answering for the data as they were).
+        """
+        state = source_state(self.adata, self._setup, self.encoding)
+        if self._data is None:
+            # counts validated at setup are not validated again unless they changed since
+            self._data = CellData.from_setup(self.adata, encoding=self.encoding, setup=self._setup)
+            self._data_state = state
+        elif state != self._data_state:
+            changed, name = ", ".join(changes(self._data_state, state)), type(self).__name__
+            setup = "setup_mudata" if hasattr(self.adata, "mod") else "setup_anndata"
+            raise ValueError(
+                f"The model's data changed in place after the model read them ({changed}); the model would go on "
+                f"answering for the data as they were. Build a new model on the changed data ({name}.{setup}(...), "
+                f"then {name}(...)), or pass them to a query as new data (adata=adata.copy()).")
+        return self._data
 
     # --- training ---------------------------------------------------------------------------
     @property

@@ -160,10 +160,7 @@ class RegularizedMultimodalVI(PyroModelBase):
     def _cell_data(self, adata=None) -> CellData:
         mdata = self.adata if adata is None else adata
         if mdata is self.adata:
-            if self._data is None:
-                # counts validated at setup are not validated again unless they changed since
-                self._data = CellData.from_setup(mdata, encoding=self.encoding, setup=self._setup)
-            return self._data
+            return self._held_cell_data()
         for m in self.modalities:
             check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
         # new cells: read with the training setup, always validated

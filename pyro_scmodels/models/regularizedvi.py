@@ -235,10 +235,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
 
     def _cell_data(self, adata=None) -> CellData:
         if adata is None or adata is self.adata:
-            if self._data is None:
-                # counts validated at setup are not validated again unless they changed since
-                self._data = CellData.from_setup(self.adata, encoding=self.encoding, setup=self._setup)
-            return self._data
+            return self._held_cell_data()
         check_var_names(self.var_names, adata)
         # new cells: read with the training setup, always validated
         return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
