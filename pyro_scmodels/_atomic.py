@@ -42,6 +42,18 @@ def atomic_path(path: str):
 
 
 def write_h5ad(adata, path: str) -> None:
-    """``adata.write_h5ad(path)``, atomically (see :func:`atomic_path`)."""
+    """``adata`` written to ``path`` as h5ad, atomically (see :func:`atomic_path`).
+
+    A backed AnnData stays backed by its own file: its ``write_h5ad`` method would move it onto the
+    written (temporary) file, leaving the user's object pointing at a name that is then renamed away.
+    """
     with atomic_path(path) as temporary:
-        adata.write_h5ad(temporary)
+        if not getattr(adata, "isbacked", False):
+            adata.write_h5ad(temporary)
+            return
+        try:
+            from anndata.io import write_h5ad as write_copy  # anndata >= 0.11: writes without rebinding
+        except ImportError:  # older anndata: a copy in memory
+            adata.to_memory().write_h5ad(temporary)
+        else:
+            write_copy(temporary, adata)

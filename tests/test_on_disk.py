@@ -134,6 +134,23 @@ def test_queries_of_a_model_read_the_same_from_disk_as_from_memory(on_file, tmp_
     pd.testing.assert_frame_equal(de[0], de[1])
 
 
+def test_saving_a_backed_model_with_its_data_leaves_the_users_file_open(on_file, tmp_path):
+    """save(save_anndata=True) writes a copy; the model and the user's backed AnnData keep reading their own file."""
+    adata, path = on_file
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    model = ps.RegularizedVI(backed, seed=0, **QUICK)
+    model.train(max_epochs=1, **TRAIN)
+    before = model.get_latent_representation()
+    model.save(str(tmp_path / "model"), save_anndata=True)
+    assert str(backed.filename) == str(path) and backed.isbacked
+    np.testing.assert_array_equal(model.get_latent_representation(), before)
+    np.testing.assert_array_equal(backed.X[:5].toarray(), adata.X[:5].toarray())
+    model.train(max_epochs=1, **TRAIN)  # and it trains on from the file
+    saved = ps.RegularizedVI.load(str(tmp_path / "model"))
+    assert (saved.adata.X != adata.X).nnz == 0 and list(saved.adata.obs_names) == list(adata.obs_names)
+
+
 def test_counts_held_on_the_device_are_not_read_from_disk_again(on_file, monkeypatch):
     _, path = on_file
     backed = anndata.read_h5ad(path, backed="r")

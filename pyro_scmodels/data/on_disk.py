@@ -57,9 +57,26 @@ class DiskCSR:
         self.dtype = dataset.dtype
         self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
         self._data, self._indices = group["data"], group["indices"]
+        # an HDF5 file and the group's name in it, to open it again if its handle is closed under us
+        # (anndata closes and reopens a backed object's file when that object is written elsewhere)
+        file = getattr(group, "file", None)
+        self._source = (file.filename, group.name) if hasattr(file, "filename") else None
+        self._reopened = None
+
+    def _open_if_closed(self) -> None:
+        identifier = getattr(self._data, "id", None)
+        if identifier is None or identifier.valid or self._source is None:
+            return
+        import h5py
+
+        filename, name = self._source
+        self._reopened = h5py.File(filename, "r")
+        group = self._reopened[name]
+        self._data, self._indices = group["data"], group["indices"]
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start..stop-1`` as an in-memory CSR matrix (one read of each array)."""
+        self._open_if_closed()
         a, b = self.indptr[start], self.indptr[stop]
         return sp.csr_matrix((self._data[a:b], self._indices[a:b], self.indptr[start : stop + 1] - a),
                              shape=(stop - start, self.shape[1]))

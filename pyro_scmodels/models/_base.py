@@ -17,7 +17,7 @@ from pyro import poutine
 from .. import _constants as C
 from .. import _validation as V
 from .._selection import cell_positions
-from .._atomic import atomic_path
+from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, source_state
@@ -328,9 +328,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
         data_path = os.path.join(dir_path, self._data_file())
-        if save_anndata:
+        if save_anndata and hasattr(self.adata, "mod"):
             with atomic_path(data_path) as temporary:
-                self.adata.write(temporary)  # AnnData.write is write_h5ad; MuData.write is write_h5mu
+                self.adata.write(temporary)  # MuData.write is write_h5mu
+        elif save_anndata:
+            write_h5ad(self.adata, data_path)  # atomic; a backed AnnData stays backed by its own file
         elif os.path.exists(data_path):
             os.remove(data_path)  # data saved with an earlier model must not be loaded with this one
         with atomic_path(path) as temporary:
