@@ -182,6 +182,18 @@ def test_errors_and_deprecated_alias():
     only_control = adata[adata.obs["condition"] == "control"].copy()
     with pytest.raises(ValueError, match="nothing to compare"):
         NDreamer(only_control, "condition", "control", **SMALL)
+    # designs whose batch effect is the treatment effect: the condition as a batch, or batches holding one arm each
+    with pytest.raises(ValueError, match="batch_key \\['batch', 'condition'\\] holds the condition_key"):
+        NDreamer(adata, "condition", "control", batch_key=["batch", "condition"], **SMALL)
+    adata.obs["run"] = np.where(adata.obs["condition"] == "control", "run_a", "run_b")
+    with pytest.raises(ValueError, match=r"No batch holds both condition 'stimulated' \(batches \['run_b'\]\) and the "
+                                         r"control 'control' \(batches \['run_a'\]\)"):
+        NDreamer(adata, "condition", "control", batch_key="run", **SMALL)
+    # one batch holding one arm is fine when another holds both
+    adata.obs["run"] = np.where((adata.obs["condition"] == "stimulated") & (adata.obs["batch"] == "batch_0"), "run_b",
+                                "run_a")
+    design = NDreamer(adata, "condition", "control", batch_key="run", **SMALL).design
+    assert sorted(design.batches_with["stimulated"]) == ["run_a", "run_b"] and design.batches_with["control"] == ["run_a"]
 
 
 def test_default_gene_selection_keeps_the_interferon_genes():

@@ -70,7 +70,7 @@ class CounterfactualDesign:
         self.batch = np.full(n, "all") if self.batch is None else np.asarray(self.batch).astype(str)
         if len(self.batch) != n:
             raise ValueError(f"batch has {len(self.batch)} labels for {n} cells.")
-        self.conditions = list(dict.fromkeys(self.condition))
+        self.conditions = [str(c) for c in dict.fromkeys(self.condition)]  # str, not numpy's, in names and messages
         if self.control_name not in self.conditions:
             raise ValueError(f"control_name {self.control_name!r} is not a condition (conditions: {self.conditions}).")
         self.treatments = [c for c in self.conditions if c != self.control_name]
@@ -79,8 +79,21 @@ class CounterfactualDesign:
         self.groups = np.char.add(np.char.add(self.batch, GROUP_SEPARATOR), self.condition)
         self._check_group_sizes(V.positive_int("min_cells_per_group", self.min_cells_per_group))
         present = set(self.groups)
-        self.batches_with = {c: [b for b in dict.fromkeys(self.batch) if f"{b}{GROUP_SEPARATOR}{c}" in present]
+        self.batches_with = {c: [str(b) for b in dict.fromkeys(self.batch) if f"{b}{GROUP_SEPARATOR}{c}" in present]
                              for c in self.conditions}
+        self._check_batches_hold_both_arms()
+
+    def _check_batches_hold_both_arms(self) -> None:
+        """Refuse a treatment that no batch holds together with the control: its batch effect and its effect would
+        be the same difference, and every ITE would carry the batch effect."""
+        controls = set(self.batches_with[self.control_name])
+        for treatment in self.treatments:
+            if not controls & set(self.batches_with[treatment]):
+                raise ValueError(
+                    f"No batch holds both condition {treatment!r} (batches {self.batches_with[treatment]}) and the "
+                    f"control {self.control_name!r} (batches {sorted(controls)}): the batch is confounded with the "
+                    "condition, so the treatment effect cannot be told from the batch effect. Use a batch key whose "
+                    "batches each hold both conditions (e.g. donors or runs), or none.")
 
     def _check_group_sizes(self, minimum: int) -> None:
         names, sizes = np.unique(self.groups, return_counts=True)

@@ -155,6 +155,10 @@ class NDreamer(ModelRepresentation, EffectQueries):
     @staticmethod
     def _make_design(obs: pd.DataFrame, settings: dict) -> CounterfactualDesign:
         """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control)."""
+        if settings["condition_key"] in settings["batch_key"]:
+            raise ValueError(f"batch_key {settings['batch_key']} holds the condition_key {settings['condition_key']!r}: "
+                             "a batch effect equal to the condition would take the whole treatment effect. Give the "
+                             "batches (e.g. donors or runs) as batch_key, or none.")
         condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = labels_of(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
