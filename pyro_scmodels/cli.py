@@ -112,6 +112,25 @@ def run_demo(args, folder: OutputFolder) -> dict:
                     lambda model, adata, folder, colour_by: write_figures(model, adata, folder, colour_by, args.umap))
 
 
+def _check_cate_groups(nd, obs, groupby: str) -> None:
+    """``--cate-groupby``: raise unless each treatment has a group with enough cells of it and of the control."""
+    import warnings
+
+    from .ndreamer.effect_queries import labels_of
+    from .ndreamer import _constants as K
+    from .ndreamer.cate import groups_with_both_conditions
+
+    groups = labels_of(obs, [groupby], "--cate-groupby")[:, 0]
+    for treatment in nd.design.treatments:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the groups left out are reported when the CATE is computed
+            try:
+                groups_with_both_conditions(groups, nd.design.condition, treatment, nd.design.control_name,
+                                            K.MIN_CELLS_FOR_CATE)
+            except ValueError as err:
+                raise ValueError(f"--cate-groupby {groupby}: {err} Choose a column of cell groups (e.g. cell types).") from err
+
+
 def run_ndreamer(args, folder: OutputFolder) -> None:
     """NDreamer on a user's h5ad: modifier space, denoised expression, per-cell effects, CATE."""
     from .figures import plot_ite_heatmap
@@ -132,6 +151,8 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
                   layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
                   factual=args.factual, **network_preset(args.network))
+    if args.cate_groupby is not None:  # every treatment needs a group with both arms: checked before training
+        _check_cate_groups(nd, adata.obs, args.cate_groupby)
     _discard_old_checkpoint(out, args)
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()

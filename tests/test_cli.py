@@ -22,6 +22,7 @@ import pytest
 
 import pyro_scmodels as ps
 from pyro_scmodels.cli import LATENT_KEY, NORMALIZED_LAYER, main
+from pyro_scmodels.ndreamer import NDreamer
 
 N_CELLS, N_GENES, N_LATENT = 300, 60, 10
 BATCHES = ["batch_0", "batch_1", "batch_2"]
@@ -408,7 +409,7 @@ def test_python_m_help_lists_commands():
 
 
 # --- ndreamer ---------------------------------------------------------------------------------------
-def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path, capsys):
+def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "nd")
     code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
                  "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
@@ -438,3 +439,10 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
                      str(tmp_path / "bad_interval"), "--quiet", *bad]) == 2
         assert named in capsys.readouterr().err
         assert not (tmp_path / "bad_interval").exists()  # refused before anything is read or trained
+    # a grouping with no group holding enough cells of both arms: refused before training, nothing written
+    called = []
+    monkeypatch.setattr(NDreamer, "train", lambda *a, **k: called.append(1))
+    assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
+                 "--layer", "counts", "--cate-groupby", "true_library", "-o", str(tmp_path / "bad_cate"), "--quiet"]) == 2
+    assert "--cate-groupby true_library: No group has at least" in capsys.readouterr().err
+    assert not called and not (tmp_path / "bad_cate").exists()
