@@ -211,6 +211,8 @@ def run_fit(args, folder: OutputFolder) -> None:
         dispersion_key=args.dispersion_key, library_size_key=args.library_size_key,
         encoder_covariate_keys=args.encoder_keys, continuous_covariate_keys=args.continuous_keys,
     )
+    if args.label_key is not None:  # only colours a figure, but a misspelt column must not pass unnoticed
+        V.present(args.label_key, adata.obs.columns, f"{args.data} obs (--label-key)", "column")
     profile = None if args.empty_droplets is None else _profile_from_empty_droplets(args.empty_droplets, adata)
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,

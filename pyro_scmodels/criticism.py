@@ -246,8 +246,6 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
                 if site not in accumulators:
                     accumulators[site] = SiteAccumulator(observed.shape[-1], num_samples)
                 accumulators[site].update(observed, draws, rng)
-    if not positions:
-        raise ValueError("No cells to check: indices selects none.")
     positions = np.concatenate(positions)
     source = adata if adata is not None else getattr(model, "adata", None)
     obs_names = pd.Index(source.obs_names)[positions] if source is not None else pd.RangeIndex(len(positions))

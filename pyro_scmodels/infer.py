@@ -51,6 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def split_cells(n_cells: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random train / validation split of ``range(n_cells)`` (both sorted)."""
     train_size = V.fraction("train_size", train_size)
+    if train_size < 1.0 and n_cells < 2:
+        raise ValueError(f"{n_cells} cell cannot be split into training and validation cells (train_size={train_size}); "
+                         "give more cells, or pass train_size=1.0 to train on it without validation.")
     permutation = rng.permutation(n_cells)
     n_train = n_cells if train_size == 1.0 else min(n_cells - 1, max(1, int(round(train_size * n_cells))))
     return np.sort(permutation[:n_train]), np.sort(permutation[n_train:])

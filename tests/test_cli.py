@@ -370,8 +370,9 @@ def test_an_input_where_the_results_go_is_refused(input_h5ad, tmp_path, capsys, 
     (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
     (["--batch-key", "batch", "--layer", "counts", "--global-lr-factor", "0"], ["--global-lr-factor", "positive"]),
     (["--batch-key", "batch", "--layer", "counts", "--ambient-shape-prior", "-1"], ["ambient_shape_prior"]),
+    (["--batch-key", "batch", "--layer", "counts", "--label-key", "celltype"], ["celltype", "--label-key"]),
 ], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key", "global-lr-factor-not-positive",
-        "ambient-shape-prior-not-positive"])
+        "ambient-shape-prior-not-positive", "missing-label-key"])
 def test_fit_bad_input_returns_2_with_message(input_h5ad, tmp_path, capsys, extra, expected):
     out = str(tmp_path / "out")
     code = main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--quiet", *extra])

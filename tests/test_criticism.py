@@ -183,7 +183,7 @@ def test_validation_split_and_bad_arguments(validation_check, fitted, untrained)
     empty = SimpleNamespace(train_indices=np.arange(5), validation_indices=np.array([], int))
     with pytest.raises(ValueError, match="holds no cells"):
         posterior_predictive_check(empty, split="validation")
-    with pytest.raises(ValueError, match="No cells"):
+    with pytest.raises(ValueError, match="indices selects no cells"):
         posterior_predictive_check(fitted, indices=np.array([], int), num_samples=2)
     with pytest.raises(ValueError, match="num_samples"):
         posterior_predictive_check(fitted, num_samples=0)

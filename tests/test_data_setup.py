@@ -327,3 +327,13 @@ def test_cli_checks_numeric_options_before_any_work(tmp_path, capsys):
     assert main(["demo", "-o", str(out), "--lr", "-1", "--quiet"]) == 2
     assert "--lr must be a positive number" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_one_cell_cannot_be_split_for_validation(adata):
+    one = adata[:1].copy()
+    ps.RegularizedVI.setup_anndata(one, layer="counts")
+    model = ps.RegularizedVI(one, **SMALL)
+    with pytest.raises(ValueError, match="1 cell cannot be split into training and validation cells"):
+        model.train(**FIT)
+    model.train(**FIT, train_size=1.0)
+    assert model.is_trained

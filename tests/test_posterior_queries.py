@@ -207,3 +207,12 @@ def test_a_subclass_names_the_pyro_modules_it_builds(multimodal):
     model = EditedMultimodal(multimodal.adata, n_latent=3, n_hidden=16)
     assert all(isinstance(model.module.model.block(m), EditedBlock) for m in model.modalities)
     assert isinstance(model.module.model, ps.RegularizedMultimodalVIModel)
+
+
+def test_an_empty_selection_is_refused_by_name(conditioned, multimodal):
+    for query in (lambda m: m.get_latent_representation(indices=[]),
+                  lambda m: m.get_normalized_expression(indices=np.zeros(m.adata.n_obs, dtype=bool)),
+                  lambda m: m.get_likelihood_parameters(indices=np.array([], dtype=int))):
+        for model in (conditioned, multimodal):
+            with pytest.raises(ValueError, match="indices selects no cells"):
+                query(model)

@@ -16,7 +16,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
-from .._selection import cell_positions
+from .._selection import SelectionError, cell_positions
 from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu
 from ..data import CellData, iterate_minibatches
@@ -292,8 +292,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
 
     @staticmethod
     def _cell_positions(n_cells: int, indices) -> np.ndarray:
-        """``indices`` (None, integer positions or a boolean mask) as integer positions, checked."""
-        return cell_positions(n_cells, indices)
+        """``indices`` (None, integer positions or a boolean mask) as integer positions, checked (at least one)."""
+        positions = cell_positions(n_cells, indices)
+        if positions.size == 0:
+            raise SelectionError("indices selects no cells; give at least one position (or None for every cell).")
+        return positions
 
     def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
         """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""
