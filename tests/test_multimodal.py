@@ -162,6 +162,14 @@ def test_save_load_round_trip(simulated_pair, tmp_path):
     fresh = ps.datasets.simulate_multiome(atac_missing_fraction=0.05, seed=0)
     loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "model"), fresh)
     np.testing.assert_array_equal(loaded.get_latent_representation(), simulated_pair.get_latent_representation())
+    # a folder of the other kind of model says which it holds
+    with pytest.raises(ValueError, match="holds a saved RegularizedMultimodalVI, not a RegularizedVI"):
+        ps.RegularizedVI.load(str(tmp_path / "model"), fresh.mod["rna"])
+    rna = ps.datasets.simulate(n_cells=60, n_genes=30, n_markers_per_type=3, n_responding_genes=3)
+    ps.RegularizedVI.setup_anndata(rna, layer="counts")
+    ps.RegularizedVI(rna, n_hidden=8, n_latent=2).save(str(tmp_path / "single"))
+    with pytest.raises(ValueError, match="holds a saved RegularizedVI, not a RegularizedMultimodalVI"):
+        ps.RegularizedMultimodalVI.load(str(tmp_path / "single"), fresh)
 
 
 def test_single_modality_mudata_agrees_with_regularizedvi():

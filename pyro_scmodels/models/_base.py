@@ -356,9 +356,14 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             )
         return read_h5mu(path) if kind == "mudata" else read_h5ad(path)
 
-    @staticmethod
-    def _read_payload(dir_path: str) -> dict:
-        return load_torch_file(os.path.join(dir_path, MODEL_FILE), "saved model")
+    @classmethod
+    def _read_payload(cls, dir_path: str) -> dict:
+        payload = load_torch_file(os.path.join(dir_path, MODEL_FILE), "saved model")
+        # a multimodal model records its modalities; a single-modality one its layer
+        if ("modalities" in payload) != hasattr(cls, "setup_mudata"):
+            saved = payload.get("class", "model of another kind")
+            raise ValueError(f"{dir_path} holds a saved {saved}, not a {cls.__name__}; load it with {saved}.load(...).")
+        return payload
 
     def _restore(self, payload: dict) -> None:
         self.module.load_state_dict(payload["state_dict"])
