@@ -182,6 +182,10 @@ def test_errors_and_deprecated_alias():
     only_control = adata[adata.obs["condition"] == "control"].copy()
     with pytest.raises(ValueError, match="nothing to compare"):
         NDreamer(only_control, "condition", "control", **SMALL)
+    repeated = adata.copy()
+    repeated.var_names = [*adata.var_names[:-1], adata.var_names[0]]
+    with pytest.raises(ValueError, match=r"var_names are not unique.*var_names_make_unique"):
+        NDreamer(repeated, "condition", "control", **SMALL)
     # designs whose batch effect is the treatment effect: the condition as a batch, or batches holding one arm each
     with pytest.raises(ValueError, match="batch_key \\['batch', 'condition'\\] holds the condition_key"):
         NDreamer(adata, "condition", "control", batch_key=["batch", "condition"], **SMALL)
@@ -412,3 +416,7 @@ def test_model_counterfactual_switches_the_condition_feature_scaling():
         decoded[name] = torch.log1p(1e4 * rho * y / (rho * y).sum(-1, keepdim=True))
     expected = (decoded["stimulated"] - decoded["control"]).mean(0).numpy()
     np.testing.assert_allclose(result, expected, atol=1e-4)
+    # the interval's levels are checked before anything is decoded
+    for quantiles in ((0.9, 0.1), (0.05, 1.5), (0.5,)):
+        with pytest.raises(ValueError, match="quantiles"):
+            nd.estimate_model_ite(num_samples=2, quantiles=quantiles)

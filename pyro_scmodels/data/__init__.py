@@ -10,7 +10,8 @@ from .cells import CellData, iterate_minibatches
 from .counts import CountMatrix, DeviceCSR, fingerprint
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys, setup_arguments
 from .mudata_registry import MuDataSetup, modality_counts, read_mudata_setup, setup_mudata
-from .registry import SETUP_UNS_KEY, AnnDataSetup, check_var_names, counts_matrix, read_setup, setup_anndata
+from .registry import (SETUP_UNS_KEY, AnnDataSetup, check_unique_names, check_var_names, counts_matrix, read_setup,
+                       setup_anndata)
 
 __all__ = [
     "SETUP_UNS_KEY",
@@ -21,6 +22,7 @@ __all__ = [
     "CovariateKeys",
     "DeviceCSR",
     "MuDataSetup",
+    "check_unique_names",
     "check_var_names",
     "counts_matrix",
     "fingerprint",

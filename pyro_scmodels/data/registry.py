@@ -171,7 +171,7 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     if getattr(adata, "is_view", False):
         raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
     keys = resolve_covariate_keys(**covariate_arguments)
-    _check_unique_names(adata)
+    check_unique_names(adata)
     counts = counts_matrix(adata, layer)  # validates counts before anything is stored
     encoding = CovariateEncoding(keys).fit(adata.obs)  # validates the categorical columns
     encoding.continuous(adata.obs)  # and the continuous ones
@@ -180,14 +180,20 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     return setup
 
 
-def _check_unique_names(adata) -> None:
-    """Outputs are indexed by cell and gene names: repeated names would make them ambiguous."""
+def check_unique_names(adata) -> None:
+    """Raise unless cell and gene names are unique: outputs are indexed by them, and repeats would make them ambiguous.
+
+    Raises
+    ------
+    ValueError
+        Naming the repeated names and the anndata call that makes them unique.
+    """
     for axis, names, fix in (("obs_names", adata.obs_names, "obs_names_make_unique"),
                              ("var_names", adata.var_names, "var_names_make_unique")):
         if not names.is_unique:
             repeated = names[names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"adata.{axis} are not unique (e.g. {repeated} repeat); outputs indexed by these names "
-                             f"would be ambiguous. Call `adata.{fix}()` before setup.")
+                             f"would be ambiguous. Call `adata.{fix}()` first.")
 
 
 def read_setup(adata) -> AnnDataSetup:

@@ -92,10 +92,12 @@ def _check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_ma
     type_sd = _check_float("type_sd", type_sd, 0.0)
     n_responding = _check_int("n_responding_genes", n_responding_genes, 0)
     if n_types * n_markers > n_genes:
-        raise ValueError(f"n_cell_types * n_markers_per_type = {n_types * n_markers} exceeds "
-                         f"n_genes = {n_genes}")
+        raise ValueError(f"n_cell_types * n_markers_per_type = {n_types * n_markers} exceeds n_genes = {n_genes} (every "
+                         f"type has its own markers); pass n_markers_per_type <= {n_genes // n_types}, fewer "
+                         f"n_cell_types or more n_genes.")
     if n_responding > n_genes:
-        raise ValueError(f"n_responding_genes = {n_responding} exceeds n_genes = {n_genes}")
+        raise ValueError(f"n_responding_genes = {n_responding} exceeds n_genes = {n_genes}; pass "
+                         f"n_responding_genes <= {n_genes}.")
     return _Settings(
         n_cells=n_cells, n_genes=n_genes, n_cell_types=n_types, n_batches=n_batches,
         n_markers_per_type=n_markers, within_type_rank=rank, type_sd=type_sd,

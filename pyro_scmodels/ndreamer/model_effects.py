@@ -46,6 +46,18 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     return list(model.encoding.categories[condition_key])
 
 
+def _checked_quantiles(quantiles) -> tuple[float, float]:
+    """Two levels in (0, 1), the lower first (the layers are named after them)."""
+    try:
+        low, high = quantiles
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"quantiles must be two levels (low, high), e.g. (0.05, 0.95); got {quantiles!r}.") from err
+    low, high = V.probability("quantiles[0]", low), V.probability("quantiles[1]", high)
+    if not 0 < low < high < 1:
+        raise ValueError(f"quantiles must satisfy 0 < low < high < 1, e.g. (0.05, 0.95); got {quantiles!r}.")
+    return low, high
+
+
 def model_counterfactual_ite(model, condition_key: str, control_name: str, treatment: str,
                              num_samples: int = K.MODEL_ITE_SAMPLES,
                              quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, batch_size: int | None = None,
@@ -88,7 +100,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         if name not in categories:
             raise ValueError(f"{name!r} is not a category of {condition_key!r} known to the model ({categories}).")
     num_samples = V.positive_int("num_samples", num_samples)
-    level = torch.tensor(quantiles)
+    level = torch.tensor(_checked_quantiles(quantiles))
     # the same seed draws the same z in both passes, minibatch by minibatch
     # with_scaling: the condition's feature scaling y is switched with the decoder (the model's
     # measured split on Kang: ISG15's decoded effect 2.71 log units without y, 4.11 with it, 4.61 observed)

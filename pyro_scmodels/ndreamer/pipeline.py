@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import _validation as V
+from ..data import check_unique_names
 from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
@@ -116,6 +117,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
             raise ValueError("control_name is required: the name of the control condition.")
         if adata.n_obs == 0:
             raise ValueError("adata has zero cells.")
+        check_unique_names(adata)  # results are indexed by cell and gene names
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
                         num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, n_codebooks=n_codebooks,
