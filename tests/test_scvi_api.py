@@ -250,6 +250,7 @@ def test_batch_correction_pairs_within_each_condition(model):
     (dict(), "Pass groupby"),
     (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
     (dict(groupby="cell_type", mode="vanila"), "mode must be"),
+    (dict(groupby="true_library"), "holds real numbers"),
     (dict(idx1=np.zeros(300, dtype=bool)), "idx1 selects no cells"),
     (dict(idx1=np.ones(10, dtype=bool)), "one per cell"),
 ])
