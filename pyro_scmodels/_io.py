@@ -182,6 +182,43 @@ class OutputFolder:
         self._created = [f for f in self._created if os.path.exists(f)]
 
 
+def writable_folder(name: str, path) -> str:
+    """``path`` as a folder that exists (made with its parents if needed) and can be written: checked before any work.
+
+    Parameters
+    ----------
+    name
+        The argument, for the message (e.g. ``"checkpoint_dir"``).
+    path
+        The folder.
+
+    Returns
+    -------
+    str
+        The path.
+
+    Raises
+    ------
+    OutputPathError
+        An existing file, a file among its parents, or a folder that cannot be made or written.
+    """
+    path = V.file_path(name, path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputPathError(f"{name} {path} is an existing file; give a folder.")
+    blocking = _file_on_the_way(path)
+    if blocking is not None:
+        raise OutputPathError(f"{name} {path} cannot be created: {blocking} is a file, not a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        with open(probe, "wb") as handle:
+            handle.write(b"0")
+        os.remove(probe)
+    except OSError as err:
+        raise OutputPathError(f"{name} {path} cannot be created or written ({err.strerror}); choose another folder.") from err
+    return path
+
+
 def _file_on_the_way(path: str) -> str | None:
     """The first existing non-folder among the parents of ``path`` (``None`` when there is none)."""
     current = os.path.dirname(os.path.abspath(path))

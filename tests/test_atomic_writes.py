@@ -53,3 +53,28 @@ def test_ctrl_c_in_the_cli_exits_130_and_says_how_to_resume(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "check_arguments", lambda args: None)
     assert cli.main(["fit", str(source), "-o", str(tmp_path / "out")]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_output_folders_are_checked_before_any_training(tmp_path):
+    """checkpoint_dir and save's folder: an existing file, or a file among the parents, is named before any work."""
+    import pyro_scmodels as ps
+    from pyro_scmodels._io import OutputPathError
+    from pyro_scmodels.ndreamer import NDreamer, network_preset
+
+    adata = ps.datasets.simulate(n_cells=120, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=1)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for folder, message in ((a_file, "is an existing file"), (a_file / "sub", "is a file, not a folder")):
+        with pytest.raises(OutputPathError, match=f"checkpoint_dir .*{message}"):
+            model.train(max_epochs=2, progress_bar=False, checkpoint_dir=str(folder))
+        assert not model.is_trained and model.trainer is None  # refused before any step
+        with pytest.raises(OutputPathError, match=f"dir_path .*{message}"):
+            model.save(str(folder))
+    nd = NDreamer(adata, "condition", "control", device="cpu", **network_preset("small"))
+    with pytest.raises(OutputPathError, match="checkpoint_dir .*is an existing file"):
+        nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(a_file))
+    assert nd.trainer is None
+    with pytest.raises(OutputPathError, match="dir_path .*is a file, not a folder"):
+        nd.save(str(a_file / "nd"))

@@ -198,6 +198,11 @@ def test_setup_errors(multiome):
     mdata = multiome.copy()
     with pytest.raises(ValueError, match="Unknown modalities"):
         ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=["rna", "protein"])
+    with pytest.raises(TypeError, match="layer=\\{modality: layer\\}"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities={"rna": "rna", "atac": "nope"})
+    single = mdata.copy()
+    ps.RegularizedMultimodalVI.setup_mudata(single, modalities="rna")  # one name, not its letters
+    assert ps.data.read_mudata_setup(single).modalities == ["rna"]
     with pytest.raises(ValueError, match="not been set up"):
         ps.RegularizedMultimodalVI(multiome.copy())
     ps.RegularizedMultimodalVI.setup_mudata(mdata)

@@ -133,6 +133,11 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     MuDataSetup
         The record, as also stored in ``mdata.uns``.
     """
+    if isinstance(modalities, str):  # one name, not its letters
+        modalities = [modalities]
+    if isinstance(modalities, dict):
+        raise V.ArgumentTypeError("modalities must be a list of modality names (in the order of the latent blocks); "
+                                  "give each modality's counts layer with layer={modality: layer} instead of a dict here.")
     modalities = list(mdata.mod) if modalities is None else list(modalities)
     unknown = [m for m in modalities if m not in mdata.mod]
     if unknown or not modalities:

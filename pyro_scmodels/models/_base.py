@@ -18,12 +18,12 @@ from .. import _constants as C
 from .. import _validation as V
 from .._selection import SelectionError, cell_positions
 from .._atomic import atomic_path, write_h5ad
-from .._io import load_torch_file, read_h5ad, read_h5mu
+from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
-from ..distributed import training_parallelism
+from ..distributed import is_writer, training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
@@ -202,6 +202,8 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
         compile = V.boolean("compile", compile)
+        if checkpoint_dir is not None and is_writer():  # only rank 0 writes checkpoints
+            checkpoint_dir = writable_folder("checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         self.module.to(self.device)
@@ -325,7 +327,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         save_anndata = V.boolean("save_anndata", save_anndata)
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        os.makedirs(dir_path, exist_ok=True)
+        writable_folder("dir_path", dir_path)
         payload = self._save_payload()
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)

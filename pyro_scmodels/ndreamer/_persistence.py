@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from .._atomic import atomic_path, write_h5ad
-from .._io import load_torch_file, read_h5ad
+from .._io import load_torch_file, read_h5ad, writable_folder
 
 from .count_rows import LogNormalisedCounts
 from .effect_intervals import bound_names
@@ -40,7 +40,7 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     """Write ``nd`` into ``dir_path`` (and nowhere else); ``FileExistsError`` unless ``overwrite``."""
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
-    os.makedirs(dir_path, exist_ok=True)
+    writable_folder("dir_path", dir_path)
     # every file atomically; the settings file, which marks a saved NDreamer, is written last
     if nd.network is not None:
         with atomic_path(os.path.join(dir_path, NETWORK_FILE)) as temporary:

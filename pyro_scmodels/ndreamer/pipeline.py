@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import _validation as V
+from .._io import writable_folder
 from ..data import check_unique_names
 from ..infer import resolve_device
 from ..training import LoopPlan
@@ -271,6 +272,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if self.network is None:
             raise ValueError("This NDreamer uses a fixed latent representation (from_model): there is no network to train.")
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
+        if checkpoint_dir is not None:
+            checkpoint_dir = writable_folder("checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
             self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],
                                            self.settings["lr"], self.loss_weights, self._fingerprint())
