@@ -68,9 +68,15 @@ def _check_input_is_not_an_output(data: str, out: str) -> None:
 
 def _discard_old_checkpoint(out: str, args) -> None:
     """On ``--overwrite`` (without ``--resume``), remove an earlier run's checkpoint, so that this run does not resume
-    from it. Called once every input check has passed, right before training: a run refused for its input keeps it."""
-    if args.overwrite and not getattr(args, "resume", False):
-        shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+    from it. Called once every input check has passed, right before training: a run refused for its input keeps it.
+    With ``--resume`` and no checkpoint, say that training starts from the beginning."""
+    folder = os.path.join(out, "checkpoint")
+    if getattr(args, "resume", False):
+        if not (os.path.isdir(folder) and os.listdir(folder)):
+            logging.getLogger("pyro_scmodels").warning(f"--resume: no checkpoint in {folder}; training starts from the "
+                                                       "beginning.")
+    elif args.overwrite:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_device(device: str) -> None:

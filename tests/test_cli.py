@@ -334,6 +334,13 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     np.testing.assert_allclose(fresh["train_loss"].to_numpy(), first["train_loss"].to_numpy(), rtol=1e-5)
 
 
+def test_resume_without_a_checkpoint_says_it_starts_afresh(input_h5ad, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pyro_scmodels")
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "1", *FIT_ARGS]) == 0
+    assert "--resume: no checkpoint in" in caplog.text and "starts from the beginning" in caplog.text
+
+
 def test_overwrite_keeps_the_checkpoint_of_a_run_refused_for_its_input(input_h5ad, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", *FIT_ARGS]) == 0

@@ -68,9 +68,9 @@ def test_nan_or_inf_counts_rejected(adata, bad, dense):
     if dense:
         X[3, 4] = bad
     else:
-        X.data[5] = bad
+        X.data[X.indptr[7] + 1] = bad  # an entry of row 7
     adata.X = X
-    with pytest.raises(ValueError, match=r"adata\.X contains NaN or Inf"):
+    with pytest.raises(ValueError, match=rf"adata\.X contains NaN or Inf values \(first at row {3 if dense else 7}\)"):
         RegularizedVI.setup_anndata(adata)
 
 

@@ -289,6 +289,8 @@ def test_latent_distribution(model):
     np.testing.assert_allclose(model.get_latent_representation(None, np.arange(7), True, 100, 3), mean[:7], rtol=1e-5)
     with pytest.raises(ValueError, match="mc_samples"):
         model.get_latent_representation(mc_samples=0)
+    with pytest.raises(TypeError, match="give_mean"):
+        model.get_latent_representation(give_mean="no")  # a non-empty string would read as True
 
 
 def test_posterior_predictive_sample_in_scvi_layout(model):

@@ -53,6 +53,15 @@ def fingerprint(matrix) -> dict:
             "sum": total}
 
 
+def _first_bad_row(block) -> int:
+    """The first row of a block (sparse or dense) holding a NaN or Inf."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        entry = int(np.flatnonzero(~np.isfinite(block.data))[0])
+        return int(np.searchsorted(block.indptr, entry, side="right") - 1)
+    return int(np.flatnonzero(~np.isfinite(np.asarray(block)).all(axis=1))[0])
+
+
 class CountMatrix:
     """Row access to a cells x features matrix of raw counts.
 
@@ -152,7 +161,7 @@ class CountMatrix:
             values = block.data if sp.issparse(block) else np.asarray(block)
             if not np.all(np.isfinite(values)):
                 raise ValueError(
-                    f"{self.name} contains NaN or Inf values (rows {start}..{stop - 1}). "
+                    f"{self.name} contains NaN or Inf values (first at row {start + _first_bad_row(block)}). "
                     "The models need raw counts; pass the raw count layer with `layer=`."
                 )
             if values.size and values.min() < 0:

@@ -215,6 +215,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             Cells x latent; with ``return_dist``, a tuple of two such arrays.
         """
         V.positive_int("mc_samples", mc_samples)
+        give_mean, return_dist = V.boolean("give_mean", give_mean), V.boolean("return_dist", return_dist)
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":

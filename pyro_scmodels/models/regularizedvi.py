@@ -270,6 +270,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             Cells x ``n_latent``; with ``return_dist``, a tuple of two such arrays.
         """
         V.positive_int("mc_samples", mc_samples)
+        give_mean, return_dist = V.boolean("give_mean", give_mean), V.boolean("return_dist", return_dist)
         if return_dist:
             return self.posterior_z_moments(adata, indices, batch_size)
         if give_mean:
