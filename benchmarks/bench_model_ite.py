@@ -113,7 +113,7 @@ def main() -> None:
     print(f"\n{setting}\n\n{table}")
     if args.no_write:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     title = f"## Model ITE variants (bench_model_ite.py, {args.n_cells} x {args.n_genes})"
     facts = {"setting": setting, "commit": commit or "unknown", **hardware_facts(),

@@ -51,9 +51,8 @@ def write_h5ad(adata, path: str) -> None:
         if not getattr(adata, "isbacked", False):
             adata.write_h5ad(temporary)
             return
-        try:
-            from anndata.io import write_h5ad as write_copy  # anndata >= 0.11: writes without rebinding
-        except ImportError:  # older anndata: a copy in memory
-            adata.to_memory().write_h5ad(temporary)
-        else:
-            write_copy(temporary, adata)
+        from anndata.io import write_h5ad as write_copy  # the function writes a copy without rebinding
+
+        if os.path.exists(temporary):  # it would append into an earlier process's left-over file of the same name
+            os.remove(temporary)
+        write_copy(temporary, adata)

@@ -84,8 +84,22 @@ def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 500
                  rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
     """Per gene, the posterior probability that group 1 expresses more than group 2 (scvi-tools' ``"vanilla"``).
 
-    The hypotheses are M1: h1 > h2 and M2: h1 <= h2, judged on the same random pairs of rows as
-    :func:`change_test` (same arguments).
+    The hypotheses are M1: h1 > h2 and M2: h1 <= h2, judged on random pairs of rows drawn as in
+    :func:`change_test`.
+
+    Parameters
+    ----------
+    log2_expression_1, log2_expression_2
+        Posterior samples of log2 expression (draws x genes) of each group, or lists of them per
+        stratum (rows are paired within a stratum), as for :func:`change_test`.
+    genes
+        Gene names (columns).
+    n_pairs
+        Random pairs of rows, shared evenly among strata.
+    rng
+        Random generator for the pairs.
+    pseudocount
+        The pseudocount added before the log, removed again from ``scale1``/``scale2``.
 
     Returns
     -------

@@ -69,12 +69,12 @@ def test_output_folders_are_checked_before_any_training(tmp_path):
     for folder, message in ((a_file, "is an existing file"), (a_file / "sub", "is a file, not a folder")):
         with pytest.raises(OutputPathError, match=f"checkpoint_dir .*{message}"):
             model.train(max_epochs=2, progress_bar=False, checkpoint_dir=str(folder))
-        assert not model.is_trained and model.trainer is None  # refused before any step
+        assert not model.is_trained and (model.trainer is None or model.trainer.epoch == 0)  # refused before any step
         with pytest.raises(OutputPathError, match=f"dir_path .*{message}"):
             model.save(str(folder))
     nd = NDreamer(adata, "condition", "control", device="cpu", **network_preset("small"))
     with pytest.raises(OutputPathError, match="checkpoint_dir .*is an existing file"):
         nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(a_file))
-    assert nd.trainer is None
+    assert nd.trainer is None or nd.trainer.step == 0
     with pytest.raises(OutputPathError, match="dir_path .*is a file, not a folder"):
         nd.save(str(a_file / "nd"))

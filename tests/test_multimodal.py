@@ -140,6 +140,8 @@ def test_likelihood_parameters_per_modality(simulated_pair):
         assert 0.9 < np.median(mean[cells].sum(1) / counts[cells].sum(1)) < 1.1, modality
         assert np.corrcoef(np.log(mean[cells].sum(1)), np.log(counts[cells].sum(1)))[0, 1] > 0.9, modality
         assert np.corrcoef(np.log(mean[cells].mean(0)), np.log1p(counts[cells].mean(0)))[0, 1] > 0.9, modality
+    first = model.get_likelihood_parameters(indices=np.arange(5))["mean"]  # the first modality by default
+    np.testing.assert_array_equal(first, model.get_likelihood_parameters(model.modalities[0], indices=np.arange(5))["mean"])
     draws = model.get_likelihood_parameters("atac", indices=np.arange(10), n_samples=3)
     assert draws["mean"].shape == (3, 10, counts.shape[1])
     with pytest.raises(ValueError, match="protein"):

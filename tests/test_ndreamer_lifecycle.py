@@ -63,12 +63,13 @@ def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
     (dict(checkpoint_every=0), "checkpoint_every"),
     (dict(progress_bar="no"), "progress_bar"),
 ])
-def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, message):
+def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, message, tmp_path):
     nd = _nd(tiny_adata)
     before = _state(nd)
     with pytest.raises((ValueError, TypeError), match=message):
-        nd.train(n_epochs=1, **{"progress_bar": False, **arguments})
+        nd.train(n_epochs=1, checkpoint_dir=str(tmp_path / "new"), **{"progress_bar": False, **arguments})
     assert all(torch.equal(value, before[name]) for name, value in _state(nd).items())
+    assert not (tmp_path / "new").exists()  # the checkpoint folder is made only once every setting has passed
 
 
 def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
@@ -108,6 +109,31 @@ def test_second_training_recomputes_embedding_and_effects(tiny_adata):
     space = matching_space(nd.get_modifier_space(), seed=nd.settings["seed"])
     fresh = estimate_effects(space, nd.expression, nd.design, nearest_neighbor=3)
     np.testing.assert_allclose(second, fresh["ite_stimulated"], atol=1e-6)
+
+
+def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
+    """Saved before the confounding checks: its results stay readable, and the design is named as confounded."""
+    import anndata
+
+    nd = _nd(tiny_adata)
+    nd.save(str(tmp_path / "nd"))
+    path = tmp_path / "nd" / "results.h5ad"
+    results = anndata.read_h5ad(path)
+    control = (results.obs["condition"] == "control").to_numpy()
+    # the same three batches, each holding one arm only
+    results.obs["batch"] = np.where(control, np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1"), "batch_2")
+    results.write_h5ad(path)
+    with pytest.warns(UserWarning, match="No batch holds both condition 'stimulated'"):
+        loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    assert loaded.results.n_obs == tiny_adata.n_obs
+    with pytest.raises(ValueError, match="No batch holds both"):  # a new NDreamer on such data is refused
+        _nd(_with_obs(tiny_adata, loaded.results.obs))
+
+
+def _with_obs(adata, obs):
+    changed = adata.copy()
+    changed.obs["batch"] = obs["batch"].to_numpy()
+    return changed
 
 
 @pytest.fixture(scope="module")

@@ -458,7 +458,10 @@ def test_feature_correlation_matrix_finds_the_marker_modules():
     np.testing.assert_array_equal(fitted.get_feature_correlation_matrix(indices=np.arange(40), seed=3),
                                   fitted.get_feature_correlation_matrix(indices=np.arange(40), seed=3))
     pooled = fitted.get_feature_correlation_matrix(transform_batch=["control", "stimulated"], correlation_type="pearson")
+    own = fitted.get_feature_correlation_matrix(correlation_type="pearson")
     assert pooled.shape == (50, 50) and np.isfinite(pooled.to_numpy()).all()
+    # every cell decoded in both conditions: other draws than each cell's own condition gives
+    assert not np.allclose(pooled.to_numpy(), own.to_numpy(), atol=1e-3)
     with pytest.raises(ValueError, match="correlation_type"):
         fitted.get_feature_correlation_matrix(correlation_type="kendall")
     with pytest.raises(ValueError, match="rna_size_factor"):

@@ -84,7 +84,23 @@ class MuDataSetup(_RecordedEncoding):
     counts: dict[str, dict] | None = None
 
     def count_sources(self, mdata) -> dict[str, object]:
-        """Each modality's count matrix, as stored (not read or converted), by a name for messages."""
+        """Each modality's count matrix, as stored (not read or converted).
+
+        Parameters
+        ----------
+        mdata
+            A MuData with this setup's modalities and layers.
+
+        Returns
+        -------
+        dict
+            ``{"mdata.mod['<m>']" (+ ``.layers['<layer>']``): matrix}`` per modality, named for messages.
+
+        Raises
+        ------
+        KeyError
+            A modality's layer is missing.
+        """
         sources = {}
         for m in self.modalities:
             modality, layer = mdata.mod[m], self.layers.get(m)

@@ -122,7 +122,23 @@ class AnnDataSetup(_RecordedEncoding):
     counts: dict | None = None
 
     def count_sources(self, adata) -> dict[str, object]:
-        """The matrix holding the counts, as stored (not read or converted): ``{"adata.X" or "adata.layers[...]": m}``."""
+        """The matrix holding the counts, as stored (not read or converted).
+
+        Parameters
+        ----------
+        adata
+            An AnnData with this setup's layout.
+
+        Returns
+        -------
+        dict
+            ``{"adata.X" or "adata.layers['<layer>']": matrix}``, named for messages.
+
+        Raises
+        ------
+        KeyError
+            The setup's layer is not in ``adata.layers``.
+        """
         if self.layer is None:
             return {"adata.X": adata.X}
         V.present(self.layer, adata.layers, "adata.layers", "layer")
@@ -182,6 +198,11 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
 
 def check_unique_names(adata) -> None:
     """Raise unless cell and gene names are unique: outputs are indexed by them, and repeats would make them ambiguous.
+
+    Parameters
+    ----------
+    adata
+        The AnnData (its ``obs_names`` and ``var_names``).
 
     Raises
     ------

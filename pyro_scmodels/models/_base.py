@@ -65,18 +65,25 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             The cells, the counts or a covariate of ``self.adata`` changed in place after the model read it
             (the model would go on answering for the data as they were).
         """
-        state = source_state(self.adata, self._setup, self.encoding)
         if self._data is None:
+            state = source_state(self.adata, self._setup, self.encoding)
             # counts validated at setup are not validated again unless they changed since
             self._data = CellData.from_setup(self.adata, encoding=self.encoding, setup=self._setup)
             self._data_state = state
-        elif state != self._data_state:
-            changed, name = ", ".join(changes(self._data_state, state)), type(self).__name__
+            return self._data
+        changed = changes(self._data_state, source_state(self.adata, self._setup, self.encoding, self._data_state))
+        if changed:
+            name = type(self).__name__
             setup = "setup_mudata" if hasattr(self.adata, "mod") else "setup_anndata"
-            raise ValueError(
-                f"The model's data changed in place after the model read them ({changed}); the model would go on "
-                f"answering for the data as they were. Build a new model on the changed data ({name}.{setup}(...), "
-                f"then {name}(...)), or pass them to a query as new data (adata=adata.copy()).")
+            if all(part.startswith("counts") for part in changed):
+                fix = ("Put the raw counts back (normalise a copy, or keep the counts in a layer, e.g. "
+                       "adata.layers['counts'] = adata.X.copy(), and set the model up on that layer), or build a new "
+                       f"model on the data as they are now ({name}.{setup}(...), then {name}(...)).")
+            else:
+                fix = (f"Build a new model on the changed data ({name}.{setup}(...), then {name}(...)), or pass other "
+                       "cells to a query as new data (adata=...).")
+            raise ValueError(f"The model's data changed in place after the model read them ({', '.join(changed)}); "
+                             f"the model would go on answering for the data as they were. {fix}")
         return self._data
 
     # --- training ---------------------------------------------------------------------------
@@ -202,8 +209,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
         compile = V.boolean("compile", compile)
-        if checkpoint_dir is not None and is_writer():  # only rank 0 writes checkpoints
-            checkpoint_dir = writable_folder("checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         self.module.to(self.device)
@@ -224,6 +230,8 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, "checkpoint.pt"),
             checkpoint_every=checkpoint_every, progress_bar=progress_bar,
         )
+        if checkpoint_dir is not None and is_writer():  # the last check before training; only rank 0 writes checkpoints
+            writable_folder("checkpoint_dir", checkpoint_dir)
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed)

@@ -290,7 +290,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         return {f"ambient_fraction_{m}": self.get_ambient_fraction(m, adata, batch_size=batch_size)
                 for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
 
-    def get_likelihood_parameters(self, modality: str = "rna", adata=None, indices=None, n_samples: int = 1,
+    def get_likelihood_parameters(self, modality: str | None = None, adata=None, indices=None, n_samples: int = 1,
                                   give_mean: bool = False, batch_size: int | None = None) -> dict:
         """Mean and dispersion of one modality's p(x | z) per cell and feature.
 
@@ -300,7 +300,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         Parameters
         ----------
         modality
-            The modality whose likelihood is returned.
+            The modality whose likelihood is returned (default the first).
         adata, indices, batch_size
             As in :meth:`get_latent_representation`.
         n_samples, give_mean
@@ -313,7 +313,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             ``"mean"`` (mu, with the modality's background and scaling) and ``"dispersions"`` (theta):
             cells x features, or ``n_samples`` x cells x features.
         """
-        modality = self._check_modality(modality)
+        modality = self.default_modality(modality)
         return likelihood_parameters(self, self.module.model.block(modality), self.module.guide.block(modality), adata,
                                      indices, n_samples, give_mean, batch_size)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import warnings
+
 import numpy as np
 from sklearn.decomposition import PCA
 
@@ -57,12 +59,15 @@ class CounterfactualDesign:
     min_cells_per_group
         Fewest cells a batch x condition group may hold. Matching into a smaller group gives every
         cell the same few partners, and effects that look certain but rest on a handful of cells.
+    refuse_confounding
+        Raise when a treatment shares no batch with the control; False (a saved NDreamer) warns instead.
     """
 
     condition: np.ndarray
     control_name: str
     batch: np.ndarray | None = None
     min_cells_per_group: int = 1
+    refuse_confounding: bool = True
 
     def __post_init__(self):
         self.condition = np.asarray(self.condition).astype(str)
@@ -89,11 +94,13 @@ class CounterfactualDesign:
         controls = set(self.batches_with[self.control_name])
         for treatment in self.treatments:
             if not controls & set(self.batches_with[treatment]):
-                raise ValueError(
-                    f"No batch holds both condition {treatment!r} (batches {self.batches_with[treatment]}) and the "
-                    f"control {self.control_name!r} (batches {sorted(controls)}): the batch is confounded with the "
-                    "condition, so the treatment effect cannot be told from the batch effect. Use a batch key whose "
-                    "batches each hold both conditions (e.g. donors or runs), or none.")
+                message = (f"No batch holds both condition {treatment!r} (batches {self.batches_with[treatment]}) and the "
+                           f"control {self.control_name!r} (batches {sorted(controls)}): the batch is confounded with the "
+                           "condition, so the treatment effect cannot be told from the batch effect. Use a batch key "
+                           "whose batches each hold both conditions (e.g. donors or runs), or none.")
+                if self.refuse_confounding:
+                    raise ValueError(message)
+                warnings.warn(message, UserWarning, stacklevel=4)
 
     def _check_group_sizes(self, minimum: int) -> None:
         names, sizes = np.unique(self.groups, return_counts=True)

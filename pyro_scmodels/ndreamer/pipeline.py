@@ -156,17 +156,24 @@ class NDreamer(ModelRepresentation, EffectQueries):
                     labels=labels, loss_weights=loss_weights, design=design)
 
     @staticmethod
-    def _make_design(obs: pd.DataFrame, settings: dict) -> CounterfactualDesign:
-        """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control)."""
+    def _make_design(obs: pd.DataFrame, settings: dict, saved: bool = False) -> CounterfactualDesign:
+        """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control, confounding).
+
+        ``saved``: an NDreamer saved before the confounding checks existed loads with a warning instead.
+        """
         if settings["condition_key"] in settings["batch_key"]:
-            raise ValueError(f"batch_key {settings['batch_key']} holds the condition_key {settings['condition_key']!r}: "
-                             "a batch effect equal to the condition would take the whole treatment effect. Give the "
-                             "batches (e.g. donors or runs) as batch_key, or none.")
+            message = (f"batch_key {settings['batch_key']} holds the condition_key {settings['condition_key']!r}: a batch "
+                       "effect equal to the condition would take the whole treatment effect. Give the batches (e.g. "
+                       "donors or runs) as batch_key, or none.")
+            if not saved:
+                raise ValueError(message)
+            warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning, stacklevel=3)
         condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = labels_of(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
         # saved before the setting existed: no minimum
-        return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1))
+        return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
+                                    refuse_confounding=not saved)
 
     def _setup(self, settings: dict, obs: pd.DataFrame, expression, genes: pd.Index, device,
                labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
@@ -272,8 +279,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if self.network is None:
             raise ValueError("This NDreamer uses a fixed latent representation (from_model): there is no network to train.")
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
-        if checkpoint_dir is not None:
-            checkpoint_dir = writable_folder("checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
             self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],
                                            self.settings["lr"], self.loss_weights, self._fingerprint())
@@ -282,6 +288,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
                         checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, K.CHECKPOINT_FILE),
                         checkpoint_every=V.positive_int("checkpoint_every", checkpoint_every))
+        if checkpoint_dir is not None:  # the last check before training
+            writable_folder("checkpoint_dir", checkpoint_dir)
         try:
             with torch.random.fork_rng(devices=_rng_devices(self.device)):
                 t.fit(plan, seed=self.settings["seed"])
@@ -365,9 +373,10 @@ class NDreamer(ModelRepresentation, EffectQueries):
                                       "for a from_model NDreamer.")
         saved = read_ndreamer(dir_path, model)
         nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
-        nd._setup(saved.settings, saved.results.obs.copy(), saved.expression,
-                  pd.Index(saved.results.var_names), device, labels=saved.labels, loss_weights=saved.loss_weights,
-                  latent=saved.latent, model=model)
+        obs = saved.results.obs.copy()
+        nd._setup(saved.settings, obs, saved.expression, pd.Index(saved.results.var_names), device, labels=saved.labels,
+                  loss_weights=saved.loss_weights, latent=saved.latent, model=model,
+                  design=cls._make_design(obs, saved.settings, saved=True))
         if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()
