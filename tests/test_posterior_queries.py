@@ -64,6 +64,13 @@ def test_posterior_z_mean_and_seeded_samples(conditioned):
     one = conditioned.get_latent_representation(give_mean=False, seed=7)
     np.testing.assert_array_equal(one, conditioned.get_latent_representation(give_mean=False, seed=7))
     np.testing.assert_allclose(one, conditioned.posterior_z(n_samples=1, seed=7)[0])
+    # a cell's draws are its own: the same whichever other cells are asked for, in whatever order and minibatches
+    cells = [399, 5, 17, 5, 0]
+    part = conditioned.posterior_z(indices=cells, n_samples=3, seed=7, batch_size=2)
+    np.testing.assert_allclose(part, draws[:, cells], rtol=1e-5, atol=1e-6)
+    # and independent between cells (not one draw shared by a block)
+    assert abs(np.corrcoef((draws - mean)[0, :, 0], (draws - mean)[0, :, 1])[0, 1]) < 0.2
+    assert np.abs(np.corrcoef((draws - mean)[0, :200, 0], (draws - mean)[0, 200:, 0])[0, 1]) < 0.2
 
 
 def test_seeded_normalized_expression_is_reproducible(conditioned):

@@ -16,6 +16,7 @@ import torch
 from .. import _validation as V
 from .. import differential, predictive
 from . import expression
+from .cell_noise import CellNoise
 from ..differential import PSEUDOCOUNT
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
@@ -79,7 +80,8 @@ class PosteriorQueries:
         n_samples
             None: the posterior mean of z. An integer: that many draws from q(z | x) per cell.
         seed
-            Seeds the draws: the same seed gives the same z in every call.
+            Seeds the draws: the same seed gives each cell the same z in every call, whichever other cells
+            are asked for and in whatever order (:class:`~pyro_scmodels.models.cell_noise.CellNoise`).
         modality
             Multimodal models: a modality's own encoder posterior instead of the joint z.
 
@@ -93,8 +95,9 @@ class PosteriorQueries:
         if n_samples is not None:
             n_samples = V.positive_int("n_samples", n_samples)
         guide = self.module.guide.eval()
-        # one generator for the whole call, so results do not depend on torch's global state
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        # each cell's draws from its own seeded block, so results depend neither on torch's global state nor on the
+        # other cells of the call
+        noise = None if n_samples is None else CellNoise(seed, n_samples, self.device)
         for cells, (batch, _) in self._indexed_batches(adata, indices, batch_size):
             # no_grad only around the computation: a `with` spanning the yield would leak into the caller
             with torch.no_grad():
@@ -102,8 +105,7 @@ class PosteriorQueries:
                 if n_samples is None:
                     z = q_z.loc
                 else:
-                    noise = torch.randn((n_samples, *q_z.loc.shape), generator=generator, device=q_z.loc.device)
-                    z = q_z.loc + q_z.scale * noise
+                    z = q_z.loc + q_z.scale * noise.of(cells, q_z.loc.shape[-1])
             yield cells, batch, z
 
     def posterior_z(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
