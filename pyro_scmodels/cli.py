@@ -260,9 +260,9 @@ def _profile_from_empty_droplets(path: str, adata):
     keys = list(setup.keys.ambient)
     try:
         check_droplets(empty, adata.var_names, {key: list(setup.categories[key]) for key in keys})
+        return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
     except (KeyError, ValueError) as err:  # the same error, naming the option and the file
         raise type(err)(f"--empty-droplets {path}: {err.args[0]}") from err
-    return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
 
 
 def _launch_torchrun(argv: list[str], devices: int) -> int:

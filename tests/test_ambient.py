@@ -179,6 +179,13 @@ def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
     np.testing.assert_allclose(profile.sum(0), 1.0)
     with pytest.raises(KeyError, match="no column for the ambient categories"):
         RegularizedVI(adata, ambient_profile=profile.iloc[:, :2])
+    # one column is used for every category only when it says so ("all", or a Series); a category's or another
+    # name is not copied to the other categories
+    for name in (profile.columns[0], "foo"):
+        with pytest.raises(KeyError, match="no column for the ambient categories"):
+            RegularizedVI(adata, ambient_profile=profile.iloc[:, :1].rename(columns={profile.columns[0]: name}))
+    shared = RegularizedVI(adata, n_hidden=8, n_latent=2, ambient_profile=profile.iloc[:, 0].rename("anything"))
+    assert shared.get_ambient_profile().shape[1] == profile.shape[1]
     with pytest.raises(KeyError, match="no row for 3 of the model's genes"):
         RegularizedVI(adata, ambient_profile=profile.iloc[3:])
     with pytest.raises(ArgumentTypeError, match="DataFrame"):
@@ -223,6 +230,10 @@ def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
     unlabelled.obs.iloc[0, unlabelled.obs.columns.get_loc("batch")] = np.nan
     with pytest.raises(ValueError, match="no category for 1 droplets"):
         profile_from_droplets(unlabelled, groupby="batch")
+    silent = empty.copy()
+    silent.X = silent.X * 0  # droplets without a count would give a flat profile
+    with pytest.raises(ValueError, match="hold no counts at all"):
+        profile_from_droplets(silent, groupby="batch")
     repeated = empty.copy()
     repeated.var_names = [*empty.var_names[:-1], empty.var_names[0]]
     with pytest.raises(ValueError, match="repeated gene names"):

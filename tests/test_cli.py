@@ -258,12 +258,14 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
     # checked before training: a gene or the ambient key missing from the droplets' file
     first = adata.obs["batch"].cat.categories[0]
     bad = {"genes": empty[:, 1:].copy(), "key": empty.copy(), "one_batch": empty[empty.obs["batch"] == first].copy(),
-           "repeated": empty.copy()}
+           "repeated": empty.copy(), "no_counts": empty.copy()}
+    bad["no_counts"].X = bad["no_counts"].X * 0
     del bad["key"].obs["batch"]
     bad["repeated"].var_names = [*empty.var_names[:-1], empty.var_names[0]]
     others = [str(c) for c in adata.obs["batch"].cat.categories[1:]]
     for name, words in (("genes", ["lack 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
-                        ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"])):
+                        ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"]),
+                        ("no_counts", ["hold no counts at all"])):
         path = str(tmp_path / f"{name}.h5ad")
         bad[name].write_h5ad(path)
         capsys.readouterr()

@@ -313,6 +313,9 @@ def test_priors_are_buffers_and_reach_the_model(small):
     assert state["model.priors.feature_scaling__rate"].item() == 200.0
     prior = model.module.model.priors["ambient"]
     assert isinstance(prior, dist.Gamma) and float(prior.mean) == pytest.approx(0.04)
+    # the model keeps its own copy: a later edit of the caller's object changes neither what it trains nor reports
+    priors.ambient = dist.Gamma(1.0, 1e6)
+    assert float(model.priors.ambient.rate) == 50.0 and float(model.module.model.priors["ambient"].rate) == 50.0
 
 
 def test_sample_posterior_summaries(fitted):

@@ -177,7 +177,8 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     KeyError
         ``layer`` or a ``groupby`` column is absent.
     ValueError
-        No droplets, repeated gene names, or a ``groupby`` column has droplets without a category (NaN).
+        No droplets, repeated gene names, a ``groupby`` column has droplets without a category (NaN), or a
+        category's droplets hold no counts.
     """
     if layer is not None:
         V.present(layer, adata.layers, "adata.layers", "layer")
@@ -200,8 +201,13 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     labels = [column.cat.codes.to_numpy() for column in columns.values()] or [np.zeros(adata.n_obs, dtype=int)]
     sums = [np.stack([np.asarray(counts[codes == k].sum(axis=0)).ravel() for k in range(codes.max() + 1)], axis=1)
             for codes in labels]
-    sums = np.concatenate(sums, axis=1).astype(np.float64) + pseudocount
+    sums = np.concatenate(sums, axis=1).astype(np.float64)
     names = stacked_level_names({key: list(column.cat.categories) for key, column in columns.items()})
+    empty = [name for name, total in zip(names, sums.sum(0)) if total <= 0]
+    if empty:  # the pseudocount alone would make a flat profile
+        raise ValueError(f"The droplets of {empty} hold no counts at all, so they measure no background; check the "
+                         "file (the raw matrix's counts, in .X or the layer given).")
+    sums = sums + pseudocount
     return pd.DataFrame(sums / sums.sum(0, keepdims=True), index=adata.var_names, columns=names)
 
 
@@ -209,8 +215,8 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
 
     ``profile`` is a genes x categories DataFrame (columns named like the columns of
-    ``get_ambient_profile()``; one column not named after a category is used for every category), or a
-    Series of one profile for every category.
+    ``get_ambient_profile()``; a single column named ``"all"``, as ``profile_from_droplets(groupby=None)`` names it,
+    is used for every category), or a Series of one profile for every category.
     """
     if isinstance(profile, pd.Series):
         profile = profile.to_frame("all")
@@ -222,7 +228,7 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
         raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
                        "give one row per gene of adata.var_names.")
     profile = profile.loc[var_names]
-    if profile.shape[1] == 1 and profile.columns[0] not in levels:  # one profile for all (a category's is not)
+    if list(profile.columns) == ["all"] and levels != ["all"]:  # one profile for every category, named so
         profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
     unknown = [c for c in levels if c not in profile.columns]
     if unknown:

@@ -7,6 +7,7 @@ DataFrames aligned with the AnnData.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -39,7 +40,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
     input_dropout_rate
         Probability of masking each gene of the encoder input (0: off).
     priors
-        A :class:`~pyro_scmodels.RegularizedPriors`; default the SPEC priors.
+        A :class:`~pyro_scmodels.RegularizedPriors`; default the SPEC priors. The model keeps its own
+        copy (the buffers of its Pyro modules): edit the priors before building the model.
     global_guides
         Guide family per global site, e.g. ``{"ambient": "lognormal"}``; default point
         estimates (``"map"``) for ``dispersion_rate``, ``ambient``, ``feature_scaling`` and
@@ -136,7 +138,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         self.var_names = pd.Index(adata.var_names).copy()
-        self.priors = priors or RegularizedPriors()
+        # the model's own copy: a later edit of the caller's object would change what the model reports, not what it
+        # trains (its Pyro modules hold the priors as buffers)
+        self.priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()
         self.init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
             input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
