@@ -163,6 +163,10 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
     # CATE without an ITE layer: computed in blocks of cells of one group (here 50), summed; the same table
     table = nd.estimate_cate("cell_type")
+    # another matching than the layer's: computed with it, not read from the layer
+    assert nd.results.uns["ite_matching"]["nearest_neighbor"] == 20
+    other = nd.estimate_cate("cell_type", nearest_neighbor=2)
+    assert not np.allclose(other["mean_ite"], table["mean_ite"], atol=1e-3)
     del nd.results.layers["ite_stimulated"]
     nd.effects._cache.clear()
     monkeypatch.setattr(K, "WRITE_CHUNK_CELLS", 50)

@@ -21,6 +21,9 @@ from .cate import CateSums, estimate_cate, groups_with_both_conditions
 from .._selection import cell_positions, gene_positions
 
 
+#: ``results.uns`` key of the matching (nearest_neighbor, bandwidth) that the ``ite_*`` layers hold
+ITE_SETTINGS = "ite_matching"
+
 def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     """``obs[keys]`` as strings, or an error naming a missing column or one with missing values."""
     for key in keys:
@@ -143,6 +146,8 @@ class EffectQueries:
                 del self.results.layers[stale]
         for name in names:
             self.results.layers[name] = effects[name]
+        # which matching the layers hold, so that a CATE of another matching does not read them
+        self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth)}
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -195,9 +200,9 @@ class EffectQueries:
             Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
             left out of the table, with a warning that names them and their sizes.
         nearest_neighbor, bandwidth
-            Matching of the ITE when ``results`` holds no ``ite_<condition>`` layer (after
-            :meth:`estimate_ite` the layer is used as it is). The ITE is then computed 10,000 cells of
-            a group at a time and summed per gene, so that no cells x genes array beyond a block is built.
+            Matching of the ITE. The ``ite_<condition>`` layer of :meth:`estimate_ite` is used when it
+            was made with the same two; otherwise the ITE is computed 10,000 cells of a group at a time
+            and summed per gene, so that no cells x genes array beyond a block is built.
 
         Returns
         -------
@@ -211,7 +216,10 @@ class EffectQueries:
         groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
         layer = f"ite_{condition}"
         kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)
-        if layer in self.results.layers:
+        made_with = self.results.uns.get(ITE_SETTINGS, {})
+        same = (made_with.get("nearest_neighbor") == V.positive_int("nearest_neighbor", nearest_neighbor)
+                and made_with.get("bandwidth") == float(bandwidth))
+        if layer in self.results.layers and same:
             cells = np.isin(groups, kept)
             table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
         else:  # a block of one group's cells at a time, summed: no cells x genes array beyond a block
