@@ -26,6 +26,7 @@ from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, ST
 
 from . import _validation as V
 from ._atomic import atomic_path
+from .figures import figure_path as checked_figure_path
 
 __all__ = ["PredictiveCheck", "SiteCheck", "posterior_predictive_check", "prior_predictive_check"]
 
@@ -155,7 +156,7 @@ class PredictiveCheck:
             Passed to ``Figure.savefig`` (e.g. ``dpi``).
         """
         kwargs.setdefault("dpi", 120)
-        path = V.output_path("path", path)
+        path = checked_figure_path("path", path)
         # savefig picks the format from the extension, which the temporary name keeps
         with atomic_path(path) as temporary:
             self.figure.savefig(temporary, **kwargs)
@@ -231,7 +232,7 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
     num_samples = V.positive_int("num_samples", num_samples)
     batch_size = V.optional(V.positive_int, "batch_size", batch_size)
     seed = V.non_negative_int("seed", seed)
-    figure_path = V.optional(V.output_path, "figure_path", figure_path)
+    figure_path = V.optional(checked_figure_path, "figure_path", figure_path)
     rng = np.random.default_rng(seed)
     accumulators: dict[str, SiteAccumulator] = {}
     positions = []

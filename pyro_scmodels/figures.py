@@ -12,17 +12,52 @@ is switched in the user's session; each is written atomically (a temporary name,
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from . import _validation as V
 from ._atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
 MAX_CELLS_SHOWN = 20_000  # a random subset beyond this keeps the plot light and legible
 MAX_CATEGORIES_COLOURED = 20
+
+
+def figure_path(name: str, value) -> str:
+    """``value``, a figure file to write, checked before the work that makes the figure: its folder exists and its
+    extension names a format matplotlib writes (the format is taken from it).
+
+    Parameters
+    ----------
+    name
+        The argument, for the message.
+    value
+        The path.
+
+    Returns
+    -------
+    str
+        The path.
+
+    Raises
+    ------
+    ValueError
+        No extension, or one matplotlib does not write (the message lists those it does).
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = V.output_path(name, value)
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension not in formats:
+        raise ValueError(f"{name} {path}: the figure's format comes from its extension, and "
+                         f"{'it has none' if not extension else repr(extension) + ' is not one matplotlib writes'}; "
+                         f"use one of {sorted(formats)}.")
+    return path
 
 
 def _save(figure, path: str) -> str:

@@ -187,6 +187,10 @@ def test_validation_split_and_bad_arguments(validation_check, fitted, untrained)
         posterior_predictive_check(fitted, indices=np.array([], int), num_samples=2)
     with pytest.raises(ValueError, match="num_samples"):
         posterior_predictive_check(fitted, num_samples=0)
+    # the figure's format comes from its extension: checked before the check runs (it was lost after)
+    for bad in ("ppc.xyz", "ppc"):
+        with pytest.raises(ValueError, match="figure_path .*use one of"):
+            posterior_predictive_check(fitted, num_samples=2, figure_path=bad)
 
 
 def test_prior_check_on_untrained_model(untrained, tmp_path):
