@@ -9,9 +9,15 @@ import os
 from . import _validation as V
 from .ndreamer._constants import NEAREST_NEIGHBOR, NETWORK_PRESET_NAMES
 
+# the smallest demo whose report has cells of every batch x type x condition (and NDreamer its groups of 10)
+DEMO_MIN_CELLS, DEMO_MIN_GENES = 300, 50
 # the numeric options of each command, checked before any file is read or written
 _ARGUMENT_CHECKS = {
-    "demo": {"n_cells": V.positive_int, "n_genes": V.positive_int, "epochs": V.positive_int,
+    "demo": {"n_cells": lambda name, value: V.integer(name, value, minimum=DEMO_MIN_CELLS, description=(
+                 f"an integer >= {DEMO_MIN_CELLS} (its report needs cells of every batch, type and condition)")),
+             "n_genes": lambda name, value: V.integer(name, value, minimum=DEMO_MIN_GENES, description=(
+                 f"an integer >= {DEMO_MIN_GENES} (five cell types need their marker genes)")),
+             "epochs": V.positive_int,
              "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
     "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
             "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,

@@ -365,7 +365,8 @@ class TrainingLoop:
         """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
         saved = state.get("fingerprint", {})
         differing = []
-        for key in sorted(set(saved) | set(self.fingerprint)):
+        # a part the saved state does not record (written by an earlier version) is not compared
+        for key in sorted(set(saved) & set(self.fingerprint) if saved else set(self.fingerprint)):
             old, new = saved.get(key), self.fingerprint.get(key)
             if old == new:
                 continue

@@ -343,6 +343,15 @@ def test_resume_without_a_checkpoint_says_it_starts_afresh(input_h5ad, tmp_path,
     assert "--resume: no checkpoint in" in caplog.text and "starts from the beginning" in caplog.text
 
 
+def test_resume_with_another_setup_is_refused_by_name(input_h5ad, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", *FIT_ARGS]) == 0
+    other = [a if a != "batch" else "condition" for a in FIT_ARGS]  # another covariate: other tables in the model
+    capsys.readouterr()
+    assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "2", *other]) == 2
+    assert "written for different data or settings (covariates differ)" in capsys.readouterr().err
+
+
 def test_overwrite_keeps_the_checkpoint_of_a_run_refused_for_its_input(input_h5ad, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", *FIT_ARGS]) == 0

@@ -418,5 +418,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             "cells": (data.n_cells, int(names.sum() % (2**61))),
             "features": tuple(m.n_features for m in data.modalities.values()),
             "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+            # the covariate keys and their categories size the model's tables: another setup cannot resume
+            "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
         }
 
