@@ -202,6 +202,8 @@ def test_unseen_decoder_covariate_is_refused_and_known_batches_need_no_training(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a trained model: no "not trained" warning
         np.testing.assert_allclose(query.get_latent_representation(), model.get_latent_representation(known), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="nothing to train"):  # it failed inside torch's backward
+        query.train(max_epochs=1, **FAST)
 
 
 def test_a_reference_with_a_known_ambient_profile_learns_only_the_new_levels_amount(data, tmp_path):

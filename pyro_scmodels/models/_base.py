@@ -195,6 +195,10 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         TrainingHistory
             The training history (also in :attr:`history`).
         """
+        if not any(parameter.requires_grad for parameter in self.module.parameters()):
+            raise ValueError("Every parameter of this model is frozen: there is nothing to train. A query model whose "
+                             "categories are all known to the reference is ready to use as it is (or build it with "
+                             "load_query_data(..., freeze_encoder=False) to fine-tune the encoders).")
         data = self._cell_data()
         # every setting is checked before anything is trained
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else V.positive_int("max_epochs", max_epochs)
