@@ -193,7 +193,9 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
                          "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")
     labels = obs[groupby].astype(str).to_numpy()
     known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
-    chosen = known if group1 is None else ([group1] if isinstance(group1, str) else list(group1))
+    chosen = known if group1 is None else list(dict.fromkeys([group1] if isinstance(group1, str) else list(group1)))
+    if not chosen:
+        raise ValueError("group1 is an empty list; pass a group, a list of groups, or None for every group.")
     for group in [*chosen, *([] if group2 is None else [group2])]:
         if str(group) not in known:
             raise ValueError(f"Group {group!r} not found in adata.obs[{groupby!r}] (groups: {known[:20]}).")
@@ -337,10 +339,11 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         ``group1`` and ``group2``.
     """
     mode = V.choice("mode", mode, MODES)
-    for name, value in (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)):
-        V.positive_int(name, value)
-    if not delta >= 0 or not 0 < fdr_target < 1 or not pseudocount > 0:
-        raise ValueError(f"Need delta >= 0, 0 < fdr_target < 1 and pseudocount > 0; got {delta}, {fdr_target}, {pseudocount}.")
+    num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
+                                     (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))
+    delta, pseudocount = V.non_negative_float("delta", delta), V.positive_float("pseudocount", pseudocount)
+    fdr_target = V.number("fdr_target", fdr_target, 0.0, 1.0, strict_minimum=True, strict_maximum=True,
+                          description="a number in (0, 1)")
     adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
     strata = _correction_strata(model, batch_correction)

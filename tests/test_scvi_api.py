@@ -177,6 +177,10 @@ def test_gene_list_library_size_and_samples(model):
     np.testing.assert_allclose(draws.mean(0), mean, rtol=1e-5)
     with pytest.raises(KeyError, match="gene_list names 1 feature"):
         model.get_normalized_expression(gene_list=["gene_0", "no_such_gene"])
+    np.testing.assert_allclose(model.get_normalized_expression(library_size=np.float32(1)), full, rtol=1e-6)  # numpy's
+    for bad in (float("inf"), 0, "proportions", np.ones(2)):
+        with pytest.raises(ValueError, match="library_size"):
+            model.get_normalized_expression(library_size=bad)
 
 
 # --- differential expression ----------------------------------------------------------------
@@ -251,6 +255,10 @@ def test_batch_correction_pairs_within_each_condition(model):
     (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
     (dict(groupby="cell_type", mode="vanila"), "mode must be"),
     (dict(groupby="true_library"), "holds real numbers"),
+    (dict(groupby="cell_type", group1=[]), "group1 is an empty list"),
+    (dict(groupby="cell_type", delta="0.5"), "delta must be a non-negative number"),
+    (dict(groupby="cell_type", pseudocount=float("inf")), "pseudocount"),
+    (dict(groupby="cell_type", fdr_target=1.0), "fdr_target must be a number in \\(0, 1\\)"),
     (dict(idx1=np.zeros(300, dtype=bool)), "idx1 selects no cells"),
     (dict(idx1=np.ones(10, dtype=bool)), "one per cell"),
 ])

@@ -103,9 +103,11 @@ def gene_columns(names: pd.Index, gene_list) -> np.ndarray | slice:
 
 
 def _check_library_size(library_size) -> None:
-    if not (library_size is None or library_size == "latent" or (
-            isinstance(library_size, (int, float)) and not isinstance(library_size, bool) and library_size > 0)):
+    if library_size is None or (isinstance(library_size, str) and library_size == "latent"):
+        return
+    if isinstance(library_size, (str, bool)) or np.ndim(library_size) != 0:
         raise ValueError(f"library_size must be None, 'latent' or a positive number, got {library_size!r}.")
+    V.positive_float("library_size", library_size)  # finite and > 0; numpy scalars welcome
 
 
 def normalized_expression(model, adata=None, indices=None, transform_batch=None, gene_list=None,
