@@ -30,6 +30,7 @@ __all__ = [
     "existing_file",
     "exclusive",
     "fraction",
+    "group_column",
     "integer",
     "non_negative_float",
     "non_negative_int",
@@ -393,3 +394,31 @@ def output_path(name: str, value) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")
     return path
+
+
+def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
+    """Raise unless ``obs[key]`` exists and holds groups (categories, strings or integer labels), not real numbers.
+
+    Parameters
+    ----------
+    obs
+        The cell table.
+    key
+        The column.
+    what
+        The argument that named it, for the message (e.g. ``"groupby"``).
+    table
+        How to call ``obs`` in the message.
+
+    Raises
+    ------
+    KeyError
+        The column is missing.
+    ValueError
+        It holds real numbers: one group per value would follow.
+    """
+    present(key, obs.columns, table, "column")
+    column = obs[key]
+    if getattr(column.dtype, "kind", "") == "f":  # numpy's and pandas' float dtypes
+        raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
+                         "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")

@@ -126,6 +126,7 @@ def _check_cate_groups(nd, obs, groupby: str) -> None:
     from .ndreamer import _constants as K
     from .ndreamer.cate import groups_with_both_conditions
 
+    V.group_column(obs, groupby, "--cate-groupby")
     groups = labels_of(obs, [groupby], "--cate-groupby")[:, 0]
     for treatment in nd.design.treatments:
         with warnings.catch_warnings():

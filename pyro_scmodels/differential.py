@@ -185,12 +185,9 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         raise ValueError("idx2 needs idx1.")
     if groupby is None:
         raise ValueError("Pass groupby (an .obs column, for one-vs-rest over its groups) or idx1 (cells to compare).")
-    V.present(groupby, obs.columns, "adata.obs", "column")
+    V.group_column(obs, groupby, "groupby")
     if obs[groupby].isna().any():
         raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
-    if pd.api.types.is_float_dtype(obs[groupby]):
-        raise ValueError(f"adata.obs[{groupby!r}] holds real numbers ({obs[groupby].nunique()} distinct values), not groups; "
-                         "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")
     labels = obs[groupby].astype(str).to_numpy()
     known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
     chosen = known if group1 is None else list(dict.fromkeys([group1] if isinstance(group1, str) else list(group1)))

@@ -170,6 +170,8 @@ def test_summary_argument_checked_before_work(short_fit):
         model.get_ambient_fraction(summarize_by="donor")
     with pytest.raises(ArgumentTypeError, match="summarize_by"):
         model.get_ambient_fraction(summarize_by=["batch"])
+    with pytest.raises(ValueError, match="summarize_by: adata.obs\\['true_library'\\] holds real numbers"):
+        model.get_ambient_fraction(summarize_by="true_library")  # it made one group per cell
 
 
 def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):

@@ -461,7 +461,9 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
     # a grouping with no group holding enough cells of both arms: refused before training, nothing written
     called = []
     monkeypatch.setattr(NDreamer, "train", lambda *a, **k: called.append(1))
-    assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
-                 "--layer", "counts", "--cate-groupby", "true_library", "-o", str(tmp_path / "bad_cate"), "--quiet"]) == 2
-    assert "--cate-groupby true_library: No group has at least" in capsys.readouterr().err
-    assert not called and not (tmp_path / "bad_cate").exists()
+    for column, message in (("condition", "--cate-groupby condition: No group has at least"),  # one arm per group
+                            ("true_library", "holds real numbers")):
+        assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key",
+                     "batch", "--layer", "counts", "--cate-groupby", column, "-o", str(tmp_path / "bad_cate"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+        assert not called and not (tmp_path / "bad_cate").exists()

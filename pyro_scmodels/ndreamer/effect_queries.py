@@ -213,6 +213,7 @@ class EffectQueries:
         if condition not in self.design.treatments:
             raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
         min_cells = V.positive_int("min_cells", min_cells)
+        V.group_column(self.results.obs, groupby, "groupby", "results.obs")
         groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
         layer = f"ite_{condition}"
         kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)
