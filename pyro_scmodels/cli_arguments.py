@@ -47,6 +47,11 @@ def check_arguments(args) -> None:
     empty = getattr(args, "empty_droplets", None)
     if empty is not None and not os.path.isfile(empty):  # before the data are read (and before torchrun starts)
         raise FileNotFoundError(f"--empty-droplets: file {empty} not found.")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues the run in the output folder and --overwrite starts it anew: pass one of them.")
+    if args.command == "ndreamer" and args.backed and args.layer is not None:
+        raise ValueError(f"--backed keeps only .X on disk; anndata loads --layer {args.layer!r} into memory. Put the "
+                         "expression in .X of the file or drop --backed.")
     if getattr(args, "ite_interval", None) is not None and args.nearest_neighbor < 2:
         raise ValueError(f"--ite-interval is estimated from the spread of the matched cells and needs at least two: "
                          f"got --nearest-neighbor {args.nearest_neighbor}; pass --nearest-neighbor 2 or more.")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _constants as C
+from . import _validation as V
 
 
 def _gamma(pair):
@@ -59,6 +60,21 @@ class RegularizedPriors:
         default_factory=lambda: dist.Normal(torch.tensor(0.0), torch.tensor(C.DECODER_WEIGHT_PRIOR_SCALE))
     )
     regularize_ambient: bool = False
+
+    def __post_init__(self):
+        # each site is positive (a scale, a rate or a background): its prior must be a distribution on positive numbers
+        for f in fields(self):
+            prior = getattr(self, f.name)
+            if f.name == "regularize_ambient" or (f.name == "decoder_weight" and prior is None):
+                continue
+            if not isinstance(prior, torch.distributions.Distribution):
+                raise V.ArgumentTypeError(f"RegularizedPriors.{f.name} must be a distribution, e.g. "
+                                          f"{'dist.Normal(0., 1.)' if f.name == 'decoder_weight' else 'dist.Gamma(1., 100.)'}"
+                                          f"; got {prior!r}.")
+            if f.name != "decoder_weight" and bool(prior.support.check(torch.tensor(-1.0)).any()):
+                raise ValueError(f"RegularizedPriors.{f.name} must be a distribution on positive numbers (its site is "
+                                 f"positive); {type(prior).__name__} has support {prior.support}.")
+        self.regularize_ambient = V.boolean("regularize_ambient", self.regularize_ambient)
 
     def distributions(self) -> dict[str, dist.Distribution]:
         """The priors that are distributions, by site name (None entries left out)."""

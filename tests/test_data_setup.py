@@ -329,6 +329,11 @@ def test_cli_checks_numeric_options_before_any_work(tmp_path, capsys):
     assert "error: --batch-size must be a positive integer, got 0." in capsys.readouterr().err
     assert main(["demo", "-o", str(out), "--lr", "-1", "--quiet"]) == 2
     assert "--lr must be a positive number" in capsys.readouterr().err
+    assert main(["fit", "data.h5ad", "-o", str(out), "--resume", "--overwrite", "--quiet"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert main(["ndreamer", "data.h5ad", "-o", str(out), "--condition-key", "c", "--control", "a", "--backed",
+                 "--layer", "counts", "--quiet"]) == 2
+    assert "--backed keeps only .X on disk" in capsys.readouterr().err
     # too small a demo for its report (it crashed after training)
     assert main(["demo", "-o", str(out), "--n-cells", "5", "--quiet"]) == 2
     assert "--n-cells must be an integer >= 300" in capsys.readouterr().err

@@ -125,6 +125,8 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     results.write_h5ad(path)
     with pytest.warns(UserWarning, match="No batch holds both condition 'stimulated'"):
         loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    with pytest.raises(ValueError, match="takes no model"):  # its own network: a model would be ignored
+        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=object())
     assert loaded.results.n_obs == tiny_adata.n_obs
     with pytest.raises(ValueError, match="No batch holds both"):  # a new NDreamer on such data is refused
         _nd(_with_obs(tiny_adata, loaded.results.obs))

@@ -316,6 +316,13 @@ def test_priors_are_buffers_and_reach_the_model(small):
     # the model keeps its own copy: a later edit of the caller's object changes neither what it trains nor reports
     priors.ambient = dist.Gamma(1.0, 1e6)
     assert float(model.priors.ambient.rate) == 50.0 and float(model.module.model.priors["ambient"].rate) == 50.0
+    # what is not a prior of a positive site is refused by name
+    for bad, error, message in ((dict(ambient=None), TypeError, "RegularizedPriors.ambient must be a distribution"),
+                                (dict(ambient=0.01), TypeError, "RegularizedPriors.ambient must be a distribution"),
+                                (dict(feature_scaling=dist.Normal(1.0, 0.1)), ValueError, "on positive numbers"),
+                                (dict(regularize_ambient="yes"), TypeError, "regularize_ambient")):
+        with pytest.raises(error, match=message):
+            ps.RegularizedPriors(**bad)
 
 
 def test_sample_posterior_summaries(fitted):

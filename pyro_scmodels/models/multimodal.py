@@ -95,6 +95,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             unknown = sorted(set(chosen) - set(self.modalities))
             if unknown:
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
+        seed = V.non_negative_int("seed", seed)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
         priors = priors if isinstance(priors, dict) else {m: priors for m in self.modalities}
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}

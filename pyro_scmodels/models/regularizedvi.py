@@ -140,6 +140,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         self.var_names = pd.Index(adata.var_names).copy()
         # the model's own copy: a later edit of the caller's object would change what the model reports, not what it
         # trains (its Pyro modules hold the priors as buffers)
+        seed = V.non_negative_int("seed", seed)
         self.priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()
         self.init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,

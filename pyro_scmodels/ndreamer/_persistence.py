@@ -132,6 +132,9 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     labels = None
     if LABEL_COLUMNS[0] in results.obs:
         labels = tuple(results.obs.pop(c).to_numpy() for c in LABEL_COLUMNS)
+    if model is not None and settings["representation"] != LATENT:
+        raise ValueError(f"{dir_path} holds an NDreamer with its own network, not one built with NDreamer.from_model: it "
+                         "takes no model; load it with NDreamer.load(dir_path).")
     if model is not None and not pd.Index(model.adata.obs_names).equals(results.obs_names):
         raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
     latent = results.obsm[EMBEDDING_KEY] if settings["representation"] == LATENT else None
