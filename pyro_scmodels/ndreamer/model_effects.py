@@ -30,15 +30,15 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     if condition_key not in list(model.keys.encoder):
         # measured (benchmarks/bench_model_ite.py): without the condition the encoder reads it off the
         # treated counts, z carries it, and switching the decoder's condition moves the output only
-        # partly (slope of estimate on truth ~0.4 instead of ~0.95)
+        # partly (slope of estimate on truth 0.37-0.46 instead of 1.12-1.16 in the recommended setup)
         warnings.warn(
             f"The model's encoder is not given {condition_key!r}, so z carries the condition and the decoded "
             "effect is shrunk towards 0. Set the model up with encoder_covariate_keys=[condition_key] as well "
             "as nn_conditioning_covariate_keys=[condition_key] (the basal-state design).", stacklevel=4,
         )
     elif not model.init_params.get("latent_independence", 0.0):
-        # measured (docs/ndreamer.md): told the condition, the encoder may still write it into z, more so
-        # in wider networks (simulator, n_hidden=128: slope 0.54, per-cell r 0.18; with the penalty 1.11, 0.74)
+        # measured (bench_model_ite.py): told the condition, the encoder may still write it into z (simulator,
+        # n_hidden=128: slope 0.52-0.62, per-cell r 0.14-0.55; with the penalty 1.12-1.16, 0.75-0.88)
         warnings.warn(
             f"The model was trained without latent_independence, so z may still carry {condition_key!r} and the "
             "decoded effect may be shrunk. Train it with RegularizedVI(adata, latent_independence=10.0).", stacklevel=4,
