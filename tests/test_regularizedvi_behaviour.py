@@ -323,6 +323,10 @@ def test_priors_are_buffers_and_reach_the_model(small):
                                 (dict(regularize_ambient="yes"), TypeError, "regularize_ambient")):
         with pytest.raises(error, match=message):
             ps.RegularizedPriors(**bad)
+    # a prior whose shape does not fit its site is refused when the model is built, not in a trace during training
+    transposed = torch.ones(small.n_vars, 2)
+    with pytest.raises(ValueError, match=r"RegularizedPriors.ambient has batch shape \(\d+, 2\)"):
+        ps.RegularizedVI(small, priors=ps.RegularizedPriors(ambient=dist.Gamma(transposed, transposed)), **SMALL)
 
 
 def test_sample_posterior_summaries(fitted):

@@ -72,6 +72,22 @@ def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index
     return rho * scaling_factor(library, scaling, scaling_index)
 
 
+def _check_prior_shapes(priors, dims) -> None:
+    """Each prior's batch shape must broadcast to its site's shape (checked when the model is built, not in a trace)."""
+    sites = {"ambient": (dims.n_ambient, dims.n_genes), "feature_scaling": (dims.n_scaling, dims.n_genes),
+             "dispersion_rate": (dims.n_dispersion, 1), "library_residual_weight": ()}
+    for name, shape in sites.items():
+        prior = getattr(priors, name)
+        try:
+            fits = torch.broadcast_shapes(prior.batch_shape, shape) == torch.Size(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"RegularizedPriors.{name} has batch shape {tuple(prior.batch_shape)}, which does not "
+                             f"broadcast to its site's shape {shape} (categories x genes where it has them); give "
+                             "scalar parameters, or parameters of that shape.")
+
+
 class RegularizedVIModel(LocalPyroModule):
     """The generative model p(x, z, l, globals).
 
@@ -93,6 +109,7 @@ class RegularizedVIModel(LocalPyroModule):
                  ambient_shape_prior=None):
         super().__init__()
         self.dims = dims
+        _check_prior_shapes(priors, dims)
         self.priors = PriorSet(priors.distributions())
         self.shaped_ambient = ambient_shape_prior is not None
         # the shaped prior is always counted: it is what places the background's shared part
