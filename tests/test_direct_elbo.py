@@ -197,7 +197,7 @@ def test_direct_elbo_in_eval_mode_and_for_a_query_mapped_onto_a_reference():
 
 MULTIMODAL_MODES = [("concatenation", "equal", False), ("weighted_mean", "equal", False),
                     ("weighted_mean", "universal", False), ("weighted_mean", "cell", False),
-                    ("single_encoder", "equal", False), ("concatenation", "cell", True)]
+                    ("single_encoder", "equal", False), ("concatenation", "equal", True)]
 
 
 @pytest.mark.parametrize("latent_mode, weights, rich", MULTIMODAL_MODES)

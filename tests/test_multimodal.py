@@ -210,5 +210,9 @@ def test_setup_errors(multiome):
     ps.RegularizedMultimodalVI.setup_mudata(mdata)
     with pytest.raises(ValueError, match="latent_mode"):
         ps.RegularizedMultimodalVI(mdata, latent_mode="product")
+    with pytest.raises(ValueError, match="in latent_mode='weighted_mean' only"):
+        ps.RegularizedMultimodalVI(mdata, modality_weights="cell")  # concatenation has no weights: it was ignored
+    with pytest.raises(ValueError, match=r"does not have: \['adt'\]"):
+        ps.RegularizedMultimodalVI(mdata, n_latent={"rna": 3, "atac": 2, "adt": 2})
     with pytest.raises(ValueError, match="unknown modalities"):
         ps.RegularizedMultimodalVI(mdata, ambient_modalities=["protein"])

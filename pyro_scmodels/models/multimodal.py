@@ -31,6 +31,9 @@ def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
         missing = [m for m in modalities if m not in value]
         if missing:
             raise ValueError(f"{name} has no entry for modality {missing}; give one per modality {modalities}.")
+        unknown = [m for m in value if m not in modalities]
+        if unknown:
+            raise ValueError(f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}.")
         return {m: V.positive_int(f"{name}[{m!r}]", value[m]) for m in modalities}
     return {m: V.positive_int(name, value) for m in modalities}
 
@@ -77,6 +80,9 @@ class RegularizedMultimodalVI(PyroModelBase):
         super().__init__()
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
         modality_weights = V.choice("modality_weights", modality_weights, WEIGHT_MODES)
+        if modality_weights != "equal" and latent_mode != "weighted_mean":
+            raise ValueError(f"modality_weights={modality_weights!r} weighs the modalities' encoders in "
+                             f"latent_mode='weighted_mean' only; latent_mode={latent_mode!r} has no weights to learn.")
         self.adata = mdata
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
