@@ -348,3 +348,17 @@ def test_one_cell_cannot_be_split_for_validation(adata):
         model.train(**FIT)
     model.train(**FIT, train_size=1.0)
     assert model.is_trained
+
+
+def test_a_cell_without_counts_in_any_modality_is_refused_in_new_data_too(mdata):
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, **SMALL)
+    other = mdata.copy()
+    for m in ("rna", "atac"):  # cell 3 loses every count after setup: setup's check no longer sees it
+        counts = other.mod[m].layers["counts"].tolil()
+        counts[3, :] = 0
+        other.mod[m].layers["counts"] = counts.tocsr()
+    with pytest.raises(ValueError, match=r"1 cell\(s\) have no counts in any modality \(first at row 3\)"):
+        model.get_latent_representation(adata=other)
+    with pytest.raises(ValueError, match="no counts in any modality"):
+        ps.RegularizedMultimodalVI(other, **SMALL)

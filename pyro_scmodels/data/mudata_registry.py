@@ -117,15 +117,28 @@ class MuDataSetup(_RecordedEncoding):
         counts changed since setup are validated again.
         """
         recorded = self.counts or {}
-        return {
+        matrices = {
             f"x_{m}": validated(modality_counts(mdata, m, self.layers.get(m), validate=False), recorded.get(m), validate)
             for m in self.modalities
         }
+        if any(matrix.validated for matrix in matrices.values()):  # read again (new or changed counts): checked again
+            _check_every_cell_has_counts(matrices.values(), mdata.n_obs)
+        return matrices
 
     def to_json(self) -> str:
         """The record as stored in ``.uns``."""
         return json.dumps({"modalities": self.modalities, "layers": self.layers, "keys": self.keys.to_dict(),
                            "categories": self.categories, "counts": self.counts})
+
+
+def _check_every_cell_has_counts(matrices, n_cells: int) -> None:
+    """Raise if a cell has no counts in any modality (one empty modality is fine: its terms are masked)."""
+    totals = np.zeros(n_cells)
+    for counts in matrices:
+        totals += counts.totals()
+    if (totals <= 0).any():
+        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in any modality (first at row "
+                         f"{int(np.flatnonzero(totals <= 0)[0])}); remove them first.")
 
 
 def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> MuDataSetup:
@@ -160,14 +173,9 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
         raise ValueError(f"Unknown modalities {unknown} (mdata has {list(mdata.mod)}).")
     layers = layer if isinstance(layer, dict) else {m: layer for m in modalities}
     keys = resolve_covariate_keys(**covariate_arguments)
-    fingerprints = {}
-    totals = np.zeros(mdata.n_obs)
-    for m in modalities:
-        counts = modality_counts(mdata, m, layers.get(m))  # validated here, once
-        totals += counts.totals()
-        fingerprints[m] = counts.fingerprint
-    if (totals <= 0).any():
-        raise ValueError(f"{int((totals <= 0).sum())} cell(s) have no counts in any modality; remove them first.")
+    matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
+    fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}
+    _check_every_cell_has_counts(matrices.values(), mdata.n_obs)
     encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
     encoding.continuous(mdata.obs, "mdata.obs")
     setup = MuDataSetup(modalities, layers, keys, encoding.categories, fingerprints)
