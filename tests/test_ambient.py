@@ -233,9 +233,15 @@ def test_profile_from_droplets_by_several_keys_names_the_columns_as_the_model():
     with pytest.raises(ValueError, match="no category for 1 droplets"):
         profile_from_droplets(unlabelled, groupby="batch")
     silent = empty.copy()
-    silent.X = silent.X * 0  # droplets without a count would give a flat profile
-    with pytest.raises(ValueError, match="hold no counts at all"):
+    counts = np.asarray(silent.X.todense() if hasattr(silent.X, "todense") else silent.X).copy()
+    counts[np.flatnonzero(silent.obs["batch"].to_numpy() == "batch_1")] = 0  # one batch's droplets without a count
+    silent.X = counts
+    with pytest.raises(ValueError, match=r"droplets of \['batch=batch_1'\]|droplets of \['batch_1'\] hold no counts"):
         profile_from_droplets(silent, groupby="batch")
+    fractional = empty.copy()
+    fractional.X = fractional.X * 0.5  # normalised, not raw counts
+    with pytest.raises(ValueError, match="non-integer"):
+        profile_from_droplets(fractional, groupby="batch")
     repeated = empty.copy()
     repeated.var_names = [*empty.var_names[:-1], empty.var_names[0]]
     with pytest.raises(ValueError, match="repeated gene names"):

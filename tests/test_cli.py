@@ -265,7 +265,7 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
     others = [str(c) for c in adata.obs["batch"].cat.categories[1:]]
     for name, words in (("genes", ["lack 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
                         ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"]),
-                        ("no_counts", ["hold no counts at all"])):
+                        ("no_counts", ["no counts at all"])):
         path = str(tmp_path / f"{name}.h5ad")
         bad[name].write_h5ad(path)
         capsys.readouterr()

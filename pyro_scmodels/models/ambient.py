@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from ..data.counts import CountMatrix
 from ..data.covariates import stacked_level_names
 
 #: columns of the per-category summary
@@ -188,6 +189,8 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
         raise ValueError("adata holds no droplets; give the empty droplets' counts (e.g. a raw matrix's barcodes "
                          "without a cell).")
     _check_unique_genes(adata)  # a profile with a gene twice would not line up with the model's genes
+    # raw counts (finite, non-negative integers); a droplet without counts is fine
+    CountMatrix(counts, name="the droplets' " + ("X" if layer is None else f"layers[{layer!r}]"), allow_empty_cells=True)
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
     columns = {}
     for key in keys:
