@@ -149,6 +149,11 @@ def tiny_model(tiny_adata):
 
 def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    assert repr(nd).splitlines() == [
+        "NDreamer(300 cells x 60 genes; representation: the latent of a RegularizedVI)",
+        "  condition 'condition': control 'control', treatments ['stimulated']",
+        "  batches (batch): ['batch_0', 'batch_1', 'batch_2']",
+        "  layers computed: none yet"]
     with pytest.raises(ValueError, match="no network to train"):
         nd.train()
     nd.estimate_ite(nearest_neighbor=3)

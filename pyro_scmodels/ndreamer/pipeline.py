@@ -332,6 +332,19 @@ class NDreamer(ModelRepresentation, EffectQueries):
         return embedding
 
     # --- persistence ----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        s, design = self.settings, self.design
+        source = (f"the latent of a {s.get('model', 'model')}" if s["representation"] != NETWORK
+                  else "its own network" + ("" if self.trainer is None else f", trained {self.trainer.epoch} passes"))
+        batches = sorted({str(b) for b in design.batch}) if s["batch_key"] else []
+        computed = sorted(name for name in self.results.layers if name.startswith(("ite", "denoised", "batch_effect")))
+        return "\n".join([
+            f"NDreamer({self.results.n_obs} cells x {len(self.genes)} genes; representation: {source})",
+            f"  condition {s['condition_key']!r}: control {design.control_name!r}, treatments {design.treatments}",
+            f"  batches ({', '.join(s['batch_key']) or 'none'}): {batches[:10] if batches else 'one'}",
+            f"  layers computed: {', '.join(computed) if computed else 'none yet'}",
+        ])
+
     def save(self, dir_path: str, overwrite: bool = False) -> None:
         """Write settings, results, matching state and the network (if any) into ``dir_path`` only.
 
