@@ -180,6 +180,8 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         cells2 = np.setdiff1d(np.arange(len(obs)), cells1) if idx2 is None else _cells("idx2", idx2, obs)
         if len(cells1) == 0 or len(cells2) == 0:
             raise ValueError(f"{'idx1' if len(cells1) == 0 else 'idx2 (or the rest)'} selects no cells.")
+        if np.array_equal(np.unique(cells1), np.unique(cells2)):
+            raise ValueError("idx1 and idx2 select the same cells: there is nothing to compare.")
         return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
     if idx2 is not None:
         raise ValueError("idx2 needs idx1.")

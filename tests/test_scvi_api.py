@@ -149,6 +149,8 @@ def test_transform_batch_decodes_as_the_given_condition(model):
     assert not np.allclose(as_control[~control], own[~control])
     both = model.get_normalized_expression(transform_batch=["control", "stimulated"], return_numpy=True)
     np.testing.assert_allclose(both, (as_control + as_stimulated) / 2, rtol=1e-5)
+    repeated = model.get_normalized_expression(transform_batch=["control", "control", "stimulated"], return_numpy=True)
+    np.testing.assert_allclose(repeated, both, rtol=1e-6)  # a category named twice counts once
     with pytest.raises(ValueError, match="not a category of 'condition'"):
         model.get_normalized_expression(transform_batch="no_such_condition")
 
@@ -256,6 +258,7 @@ def test_batch_correction_pairs_within_each_condition(model):
     (dict(groupby="cell_type", mode="vanila"), "mode must be"),
     (dict(groupby="true_library"), "holds real numbers"),
     (dict(groupby="cell_type", group1=[]), "group1 is an empty list"),
+    (dict(idx1=np.arange(20), idx2=np.arange(20)[::-1]), "select the same cells"),
     (dict(groupby="cell_type", delta="0.5"), "delta must be a non-negative number"),
     (dict(groupby="cell_type", pseudocount=float("inf")), "pseudocount"),
     (dict(groupby="cell_type", fdr_target=1.0), "fdr_target must be a number in \\(0, 1\\)"),

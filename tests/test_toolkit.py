@@ -84,6 +84,8 @@ def test_global_guide_family_switches_to_lognormal(sim):
     summary = model.sample_posterior(num_samples=10, indices=np.arange(50))
     assert (summary["stds"]["ambient"] > 0).all()
     assert (summary["stds"]["dispersion_rate"] == 0).all()
+    with pytest.raises(ValueError, match="need at least 2 draws"):  # one draw reported every sd as 0
+        model.sample_posterior(num_samples=1)
 
 
 def test_subclass_overrides_one_site(sim):

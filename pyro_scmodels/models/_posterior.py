@@ -49,6 +49,8 @@ class PosteriorMixin:
         """
         self._check_trained()
         num_samples = V.positive_int("num_samples", num_samples)
+        if num_samples < 2:  # one draw would report every sd as 0 and every quantile as the draw itself
+            raise ValueError(f"num_samples={num_samples}: the posterior's sd and quantiles need at least 2 draws.")
         self.module.eval()
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):

@@ -39,6 +39,8 @@ def transform_covariates(model, transform_batch) -> list[dict | None]:
     if transform_batch is None:
         return [None]
     items = list(transform_batch) if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+    # a category named twice would count twice in the average; dicts are compared by their items
+    items = list({repr(sorted(i.items())) if isinstance(i, dict) else str(i): i for i in items}.values())
     if not items:
         raise ValueError("transform_batch is an empty list; pass None or at least one category.")
     keys = list(model.keys.nn_conditioning)
