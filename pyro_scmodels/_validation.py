@@ -415,10 +415,11 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
     KeyError
         The column is missing.
     ValueError
-        It holds real numbers: one group per value would follow.
+        It holds real numbers (not all whole): one group per value would follow.
     """
     present(key, obs.columns, table, "column")
     column = obs[key]
-    if getattr(column.dtype, "kind", "") == "f":  # numpy's and pandas' float dtypes
+    # numpy's and pandas' float dtypes, unless every value is a whole number (labels such as hours 0, 6, 24)
+    if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
         raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
                          "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")

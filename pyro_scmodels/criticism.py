@@ -156,7 +156,8 @@ class PredictiveCheck:
             Passed to ``Figure.savefig`` (e.g. ``dpi``).
         """
         kwargs.setdefault("dpi", 120)
-        path = checked_figure_path("path", path)
+        # the format comes from the extension unless it is given
+        path = V.output_path("path", path) if "format" in kwargs else checked_figure_path("path", path)
         # savefig picks the format from the extension, which the temporary name keeps
         with atomic_path(path) as temporary:
             self.figure.savefig(temporary, **kwargs)

@@ -187,9 +187,10 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         raise ValueError("idx2 needs idx1.")
     if groupby is None:
         raise ValueError("Pass groupby (an .obs column, for one-vs-rest over its groups) or idx1 (cells to compare).")
-    V.group_column(obs, groupby, "groupby")
+    V.present(groupby, obs.columns, "adata.obs", "column")
     if obs[groupby].isna().any():
         raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
+    V.group_column(obs, groupby, "groupby")
     labels = obs[groupby].astype(str).to_numpy()
     known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
     chosen = known if group1 is None else list(dict.fromkeys([group1] if isinstance(group1, str) else list(group1)))

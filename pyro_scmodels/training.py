@@ -40,6 +40,10 @@ from .optimizers import optimizer_state_fits
 logger = logging.getLogger(__name__)
 
 
+#: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
+ADDED_FINGERPRINT_PARTS = ("covariates",)
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or Inf; the message names the loss part, site or parameter."""
 
@@ -365,8 +369,8 @@ class TrainingLoop:
         """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
         saved = state.get("fingerprint", {})
         differing = []
-        # a part the saved state does not record (written by an earlier version) is not compared
-        for key in sorted(set(saved) & set(self.fingerprint) if saved else set(self.fingerprint)):
+        # a part added to the fingerprint later is not compared with a state written before it
+        for key in sorted((set(saved) | set(self.fingerprint)) - {k for k in ADDED_FINGERPRINT_PARTS if k not in saved}):
             old, new = saved.get(key), self.fingerprint.get(key)
             if old == new:
                 continue

@@ -223,3 +223,19 @@ def test_an_empty_selection_is_refused_by_name(conditioned, multimodal):
         for model in (conditioned, multimodal):
             with pytest.raises(ValueError, match="indices selects no cells"):
                 query(model)
+
+
+def test_cell_noise_is_the_cells_own_across_blocks():
+    from pyro_scmodels.models.cell_noise import BLOCK, CellNoise
+
+    cells = np.arange(3 * BLOCK + 5)
+    whole = CellNoise(3, 2, "cpu").of(cells, 4)
+    # any selection, order and repeats, across block boundaries: the same rows
+    picked = np.array([BLOCK, BLOCK - 1, 2 * BLOCK, 2 * BLOCK - 1, 0, BLOCK, 3 * BLOCK + 4])
+    np.testing.assert_array_equal(CellNoise(3, 2, "cpu").of(picked, 4).numpy(), whole[:, picked].numpy())
+    # independent between blocks and seeds (not one block's draws repeated)
+    first, second = whole[:, :BLOCK].numpy().ravel(), whole[:, BLOCK:2 * BLOCK].numpy().ravel()
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.1
+    other_seed = CellNoise(4, 2, "cpu").of(cells, 4).numpy().ravel()
+    assert abs(np.corrcoef(whole.numpy().ravel(), other_seed)[0, 1]) < 0.1
+    assert abs(float(whole.mean())) < 0.1 and abs(float(whole.std()) - 1.0) < 0.1

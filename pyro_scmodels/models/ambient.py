@@ -218,8 +218,8 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
 
     ``profile`` is a genes x categories DataFrame (columns named like the columns of
-    ``get_ambient_profile()``; a single column named ``"all"``, as ``profile_from_droplets(groupby=None)`` names it,
-    is used for every category), or a Series of one profile for every category.
+    ``get_ambient_profile()``; a single column not named after a category, such as ``profile_from_droplets``'s
+    ``"all"``, is used for every category), or a Series of one profile for every category.
     """
     if isinstance(profile, pd.Series):
         profile = profile.to_frame("all")
@@ -231,12 +231,12 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
         raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
                        "give one row per gene of adata.var_names.")
     profile = profile.loc[var_names]
-    if list(profile.columns) == ["all"] and levels != ["all"]:  # one profile for every category, named so
+    if profile.shape[1] == 1 and profile.columns[0] not in levels:  # one profile for all (a category's is not)
         profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
     unknown = [c for c in levels if c not in profile.columns]
     if unknown:
         raise KeyError(f"ambient_profile has no column for the ambient categories {unknown}; its columns are "
-                       f"{list(map(str, profile.columns))}.")
+                       f"{list(map(str, profile.columns))} (one column named e.g. 'all' is used for every category).")
     values = profile[levels].to_numpy(dtype=np.float64).T
     if not np.isfinite(values).all() or (values < 0).any() or (values.sum(1) <= 0).any():
         raise ValueError("ambient_profile must be finite and non-negative, with a positive sum per category.")

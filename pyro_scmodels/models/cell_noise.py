@@ -3,8 +3,9 @@
 A seeded query draws z = loc + scale * noise for each cell. Drawn from one generator over the minibatches, a
 cell's noise would depend on which cells come before it: ``estimate_model_ite(indices=[1, 2, 3])`` would not
 repeat the rows of the full run, and a result written a block of cells at a time would differ from one computed
-at once. Here cell i's noise depends only on the seed and i: the cells are cut into blocks of ``BLOCK`` positions,
-each block's noise comes from its own generator, seeded from (seed, block), and a cell takes its row.
+at once. Here cell i's noise depends only on the seed and i (its position in the data queried): the cells are cut
+into blocks of ``BLOCK`` positions, each block's noise comes from its own generator, seeded from (seed, block), and a
+cell takes its row.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: cells whose draws come from one seeded generator
-BLOCK = 1024
+#: cells whose draws come from one seeded generator (small, so that a few scattered cells cost little)
+BLOCK = 64
+#: blocks kept, so that minibatches smaller than a block or revisits do not draw a block again
+CACHED_BLOCKS = 64
 
 
 def _block_seed(seed: int, block: int) -> int:
-    """A generator seed for one block, mixed from the query's seed and the block's number."""
-    return int(np.random.SeedSequence([int(seed), int(block)]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+    """A generator seed for one block: the query's seed, with the block as numpy's spawn key (no two collide)."""
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(block),))
+    return int(sequence.generate_state(1, np.uint64)[0] % (2**63 - 1))
 
 
 class CellNoise:
@@ -36,14 +40,16 @@ class CellNoise:
 
     def __init__(self, seed: int, n_samples: int, device: torch.device):
         self.seed, self.n_samples, self.device = int(seed), int(n_samples), torch.device(device)
-        self._block: tuple[int, int, torch.Tensor] | None = None  # the last block made: (number, width, noise)
+        self._blocks: dict[tuple[int, int], torch.Tensor] = {}  # the latest blocks made, by (number, width)
 
     def _noise_of_block(self, block: int, width: int) -> torch.Tensor:
-        if self._block is None or self._block[:2] != (block, width):
+        key = (block, width)
+        if key not in self._blocks:
             generator = torch.Generator(device=self.device).manual_seed(_block_seed(self.seed, block))
-            noise = torch.randn((self.n_samples, BLOCK, width), generator=generator, device=self.device)
-            self._block = (block, width, noise)
-        return self._block[2]
+            self._blocks[key] = torch.randn((self.n_samples, BLOCK, width), generator=generator, device=self.device)
+            while len(self._blocks) > CACHED_BLOCKS:
+                self._blocks.pop(next(iter(self._blocks)))
+        return self._blocks[key]
 
     def of(self, cells, width: int) -> torch.Tensor:
         """The noise of the cells at ``cells`` (positions in the data), in their order.

@@ -8,6 +8,7 @@ training loop are the single-modality ones.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -25,15 +26,18 @@ from . import scvi_arguments as scvi_names
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
-def _per_modality(value, modalities: list[str], name: str) -> dict[str, int]:
-    """An int for every modality, or a dict with one entry per modality."""
+def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
+    """An int for every modality, or a dict with one entry per modality (extra entries warn when ``loading``)."""
     if isinstance(value, dict):
         missing = [m for m in modalities if m not in value]
         if missing:
             raise ValueError(f"{name} has no entry for modality {missing}; give one per modality {modalities}.")
         unknown = [m for m in value if m not in modalities]
         if unknown:
-            raise ValueError(f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}.")
+            message = f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}."
+            if not loading:
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=3)  # a model saved before this check still loads
         return {m: V.positive_int(f"{name}[{m!r}]", value[m]) for m in modalities}
     return {m: V.positive_int(name, value) for m in modalities}
 
@@ -81,16 +85,19 @@ class RegularizedMultimodalVI(PyroModelBase):
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
         modality_weights = V.choice("modality_weights", modality_weights, WEIGHT_MODES)
         if modality_weights != "equal" and latent_mode != "weighted_mean":
-            raise ValueError(f"modality_weights={modality_weights!r} weighs the modalities' encoders in "
-                             f"latent_mode='weighted_mean' only; latent_mode={latent_mode!r} has no weights to learn.")
+            message = (f"modality_weights={modality_weights!r} weighs the modalities' encoders in "
+                       f"latent_mode='weighted_mean' only; latent_mode={latent_mode!r} has no weights to learn.")
+            if _categories is None:
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)  # a model saved before this check still loads
         self.adata = mdata
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
         self.keys = setup.keys
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
-        hidden = _per_modality(n_hidden, self.modalities, "n_hidden")
-        latent = _per_modality(n_latent, self.modalities, "n_latent")
+        hidden = _per_modality(n_hidden, self.modalities, "n_hidden", loading=_categories is not None)
+        latent = _per_modality(n_latent, self.modalities, "n_latent", loading=_categories is not None)
         if latent_mode != "concatenation" and len(set(latent.values())) > 1:
             raise ValueError(f"latent_mode={latent_mode!r} needs the same n_latent for every modality, got {latent}.")
         ambient_modalities = [m for m in ("rna",) if m in self.modalities] if ambient_modalities is None else list(ambient_modalities)

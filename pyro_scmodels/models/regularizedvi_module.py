@@ -74,12 +74,15 @@ def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index
 
 def _check_prior_shapes(priors, dims) -> None:
     """Each prior's batch shape must broadcast to its site's shape (checked when the model is built, not in a trace)."""
-    sites = {"ambient": (dims.n_ambient, dims.n_genes), "feature_scaling": (dims.n_scaling, dims.n_genes),
-             "dispersion_rate": (dims.n_dispersion, 1), "library_residual_weight": ()}
+    sites = {"dispersion_rate": (dims.n_dispersion, 1), "library_residual_weight": ()}
+    if dims.use_ambient:  # a modality without a site does not use its prior
+        sites["ambient"] = (dims.n_ambient, dims.n_genes)
+    if dims.use_feature_scaling:
+        sites["feature_scaling"] = (dims.n_scaling, dims.n_genes)
     for name, shape in sites.items():
         prior = getattr(priors, name)
         try:
-            fits = torch.broadcast_shapes(prior.batch_shape, shape) == torch.Size(shape)
+            fits = prior.batch_shape.numel() == 1 or torch.broadcast_shapes(prior.batch_shape, shape) == torch.Size(shape)
         except RuntimeError:
             fits = False
         if not fits:
