@@ -327,6 +327,11 @@ def test_priors_are_buffers_and_reach_the_model(small):
     transposed = torch.ones(small.n_vars, 2)
     with pytest.raises(ValueError, match=r"RegularizedPriors.ambient has batch shape \(\d+, 2\)"):
         ps.RegularizedVI(small, priors=ps.RegularizedPriors(ambient=dist.Gamma(transposed, transposed)), **SMALL)
+    # a per-gene prior is a valid shape: init="prior" starts each gene at its own prior mean (it raised)
+    rate = torch.linspace(50.0, 200.0, small.n_vars)
+    per_gene = ps.RegularizedVI(small, init="prior", priors=ps.RegularizedPriors(ambient=dist.Gamma(torch.ones_like(rate),
+                                                                                                   rate)), **SMALL)
+    np.testing.assert_allclose(per_gene.get_ambient_profile().to_numpy()[:, 0], 1 / rate.numpy(), rtol=1e-4)
 
 
 def test_sample_posterior_summaries(fitted):

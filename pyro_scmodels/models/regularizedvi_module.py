@@ -453,7 +453,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
         ambient = C.INIT_AMBIENT_FRACTION * data.stacked_normalised_means("ambient_index", data.n_ambient, key) / n_keys
         ambient = np.maximum(ambient, C.INIT_AMBIENT_FLOOR)
     else:
-        ambient = np.full((data.n_ambient, matrix.n_features), float(priors.ambient.mean))
+        # the prior's mean, broadcast to categories x genes (a prior may have per-gene or per-category parameters)
+        ambient = np.broadcast_to(priors.ambient.mean.detach().cpu().numpy(), (data.n_ambient, matrix.n_features)).copy()
     shape_prior = None
     if ambient_shape_prior is not None and use_ambient:
         # the pooled cells' profile, and amounts that start where the initial s starts
