@@ -122,12 +122,24 @@ def test_export_posterior_follows_cell2location_layout(fitted, tmp_path):
     assert "means_ambient" in anndata.read_h5ad(tmp_path / "exported.h5ad").varm
 
 
-def test_render_model_draws_plates_and_sites(sim, monkeypatch):
+def test_render_model_draws_plates_and_sites(sim, monkeypatch, tmp_path):
     model = ps.RegularizedVI(sim, **SMALL)
     pytest.importorskip("graphviz")
     source = model.render_model().source
     for name in ("ambient", "feature_scaling", "inverse_sqrt_theta", "cluster_cells", "obs"):
         assert name in source
+    # a file: its folder, format and the Graphviz binaries are checked before drawing; nothing is left behind
+    import shutil as shutil_module
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.render_model(str(tmp_path / "no_folder" / "model.png"))
+    with pytest.raises(ValueError, match="not one Graphviz writes"):
+        model.render_model(str(tmp_path / "model.xyz"))
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="Graphviz binaries"):
+        model.render_model(str(tmp_path / "model.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "graphviz", None)  # as if graphviz were not installed
     with pytest.raises(ImportError, match="pip install graphviz"):
         model.render_model()

@@ -6,6 +6,9 @@ class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and ``site
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pandas as pd
 import pyro
@@ -14,6 +17,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from .. import _validation as V
+from .._atomic import atomic_path
 from .._labels import quantile_label
 
 
@@ -149,7 +153,9 @@ class PosteriorMixin:
         Parameters
         ----------
         filename
-            Also write the drawing there (needs the Graphviz binaries, e.g. ``apt-get install graphviz``).
+            Also write the drawing there, in the format of its extension (e.g. ``model.png``); needs the
+            Graphviz binaries (e.g. ``apt-get install graphviz``). Checked before anything is drawn; the
+            file is written atomically and nothing else is left beside it.
         render_distributions
             Label each site with its distribution.
 
@@ -158,16 +164,29 @@ class PosteriorMixin:
         graphviz.Digraph
         """
         try:
-            import graphviz  # noqa: F401
+            import graphviz
         except ImportError as err:
             raise ImportError(
                 "render_model needs the `graphviz` Python package: `pip install graphviz` "
                 "(and the Graphviz binaries, e.g. `apt-get install graphviz`, to write a file)."
             ) from err
+        if filename is not None:
+            filename = V.output_path("filename", filename)
+            file_format = os.path.splitext(filename)[1].lstrip(".").lower()
+            if file_format not in graphviz.FORMATS:
+                raise ValueError(f"filename {filename}: the drawing's format comes from the extension, and "
+                                 f"{file_format or 'none'!r} is not one Graphviz writes (e.g. png, pdf, svg).")
+            if shutil.which("dot") is None:
+                raise FileNotFoundError("render_model(filename=...) needs the Graphviz binaries (`dot`), which are not "
+                                        "on the PATH: e.g. `apt-get install graphviz`; without filename the drawing "
+                                        "is returned.")
         batch, n_obs = next(self._batches(indices=np.arange(min(2, self.adata.n_obs))))
         (guide_trace,) = self._guide_traces(batch, n_obs, 1)
         # latent values replayed from the guide: pyro's provenance tracking cannot draw from
         # some torch distributions (Exponential.rsample calls Tensor.new(shape))
         model = poutine.replay(self.module.model, trace=guide_trace)
-        return pyro.render_model(model, model_args=(batch, n_obs), filename=filename,
-                                 render_distributions=render_distributions)
+        graph = pyro.render_model(model, model_args=(batch, n_obs), render_distributions=render_distributions)
+        if filename is not None:  # piped and written atomically: no source file beside it
+            with atomic_path(filename) as temporary, open(temporary, "wb") as handle:
+                handle.write(graph.pipe(format=file_format))
+        return graph
