@@ -135,8 +135,10 @@ def test_render_model_draws_plates_and_sites(sim, monkeypatch, tmp_path):
         model.render_model(str(tmp_path / "no_folder" / "model.png"))
     with pytest.raises(ValueError, match="not one Graphviz writes"):
         model.render_model(str(tmp_path / "model.xyz"))
+    import graphviz
+
     monkeypatch.setattr(shutil_module, "which", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="Graphviz binaries"):
+    with pytest.raises(graphviz.ExecutableNotFound):
         model.render_model(str(tmp_path / "model.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     monkeypatch.undo()

@@ -154,8 +154,9 @@ class PosteriorMixin:
         ----------
         filename
             Also write the drawing there, in the format of its extension (e.g. ``model.png``); needs the
-            Graphviz binaries (e.g. ``apt-get install graphviz``). Checked before anything is drawn; the
-            file is written atomically and nothing else is left beside it.
+            Graphviz binaries (e.g. ``apt-get install graphviz``; without them Graphviz's
+            ``ExecutableNotFound`` is raised). Checked before anything is drawn; the file is written
+            atomically and nothing else is left beside it.
         render_distributions
             Label each site with its distribution.
 
@@ -176,10 +177,8 @@ class PosteriorMixin:
             if file_format not in graphviz.FORMATS:
                 raise ValueError(f"filename {filename}: the drawing's format comes from the extension, and "
                                  f"{file_format or 'none'!r} is not one Graphviz writes (e.g. png, pdf, svg).")
-            if shutil.which("dot") is None:
-                raise FileNotFoundError("render_model(filename=...) needs the Graphviz binaries (`dot`), which are not "
-                                        "on the PATH: e.g. `apt-get install graphviz`; without filename the drawing "
-                                        "is returned.")
+            if shutil.which("dot") is None:  # Graphviz's own error, as drawing would raise it, but before the work
+                raise graphviz.ExecutableNotFound(["dot"])
         batch, n_obs = next(self._batches(indices=np.arange(min(2, self.adata.n_obs))))
         (guide_trace,) = self._guide_traces(batch, n_obs, 1)
         # latent values replayed from the guide: pyro's provenance tracking cannot draw from
