@@ -113,10 +113,13 @@ class OutputFolder:
         The folder.
     result_names
         Names inside the folder that mark earlier results.
+    label, option
+        How messages name the folder, and the option that sets it (none for a Python argument).
     """
 
-    def __init__(self, path, result_names: tuple[str, ...] = ()):
-        self.path = V.file_path("output folder", path)
+    def __init__(self, path, result_names: tuple[str, ...] = (), label: str = "output folder", option: str | None = "-o"):
+        self.label, self.hint = label, "" if option is None else f" ({option})"
+        self.path = V.file_path(label, path)
         self.result_names = tuple(result_names)
         self._created: list[str] = []
 
@@ -140,10 +143,10 @@ class OutputFolder:
             The folder's path.
         """
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise OutputPathError(f"output folder {self.path} is an existing file; choose a folder name (-o).")
+            raise OutputPathError(f"{self.label} {self.path} is an existing file; choose a folder name{self.hint}.")
         blocking = _file_on_the_way(self.path)
         if blocking is not None:
-            raise OutputPathError(f"output folder {self.path} cannot be created: {blocking} is a file, not a folder.")
+            raise OutputPathError(f"{self.label} {self.path} cannot be created: {blocking} is a file, not a folder.")
         earlier = self.earlier_results()
         if earlier and not (overwrite or resume):
             raise OutputPathError(
@@ -158,7 +161,7 @@ class OutputFolder:
             os.remove(probe)
         except OSError as err:
             self.discard_if_empty()
-            raise OutputPathError(f"output folder {self.path} is not writable ({err.strerror}); choose another.") from err
+            raise OutputPathError(f"{self.label} {self.path} is not writable ({err.strerror}); choose another.") from err
         return self.path
 
     def _make_folders(self) -> None:
@@ -171,7 +174,7 @@ class OutputFolder:
                 os.mkdir(folder)
             except OSError as err:
                 self.discard_if_empty()
-                raise OutputPathError(f"output folder {self.path} cannot be created ({err.strerror}: {folder}).") from err
+                raise OutputPathError(f"{self.label} {self.path} cannot be created ({err.strerror}: {folder}).") from err
             self._created.append(folder)
 
     def discard_if_empty(self) -> None:
@@ -202,21 +205,8 @@ def writable_folder(name: str, path) -> str:
     OutputPathError
         An existing file, a file among its parents, or a folder that cannot be made or written.
     """
-    path = V.file_path(name, path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputPathError(f"{name} {path} is an existing file; give a folder.")
-    blocking = _file_on_the_way(path)
-    if blocking is not None:
-        raise OutputPathError(f"{name} {path} cannot be created: {blocking} is a file, not a folder.")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-probe-{os.getpid()}")
-        with open(probe, "wb") as handle:
-            handle.write(b"0")
-        os.remove(probe)
-    except OSError as err:
-        raise OutputPathError(f"{name} {path} cannot be created or written ({err.strerror}); choose another folder.") from err
-    return path
+    # the command line's output-folder check, named after the argument (a folder it makes stays: it is used next)
+    return OutputFolder(path, label=name, option=None).check(overwrite=True)
 
 
 def _file_on_the_way(path: str) -> str | None:

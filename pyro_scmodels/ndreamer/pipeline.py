@@ -287,7 +287,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
                         checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, K.CHECKPOINT_FILE),
-                        checkpoint_every=V.positive_int("checkpoint_every", checkpoint_every))
+                        checkpoint_every=checkpoint_every)  # LoopPlan checks its settings
         if checkpoint_dir is not None:  # the last check before training
             writable_folder("checkpoint_dir", checkpoint_dir)
         try:
