@@ -156,6 +156,24 @@ def test_transform_batch_decodes_as_the_given_condition(model):
 
 
 @pytest.mark.filterwarnings("ignore:The model has not been trained")
+def test_transform_batch_with_two_conditioning_keys_takes_dicts_and_refuses_mixed_lists():
+    adata = _simulate()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["batch", "condition"])
+    two = ps.RegularizedVI(adata, **SMALL)
+    get = dict(indices=np.arange(20), return_numpy=True)
+    as_batch = two.get_normalized_expression(transform_batch="batch_1", **get)  # one key's category: unambiguous
+    joint = two.get_normalized_expression(transform_batch={"batch": "batch_1", "condition": "stimulated"}, **get)
+    assert not np.allclose(as_batch, joint)
+    averaged = two.get_normalized_expression(
+        transform_batch=[{"batch": "batch_0"}, {"batch": "batch_1"}], **get)
+    np.testing.assert_allclose(
+        averaged, (two.get_normalized_expression(transform_batch="batch_0", **get) + as_batch) / 2, rtol=1e-5)
+    # a batch and a condition in one list would average two half-switched decodings: refused, with the fix
+    with pytest.raises(ValueError, match="several decoder-conditioning keys.*pass a dict"):
+        two.get_normalized_expression(transform_batch=["batch_1", "stimulated"], **get)
+
+
+@pytest.mark.filterwarnings("ignore:The model has not been trained")
 def test_transform_batch_without_a_conditioned_decoder_warns_and_changes_nothing(untrained):
     with pytest.warns(UserWarning, match="changes nothing"):
         shifted = untrained.get_normalized_expression(transform_batch="batch_1", return_numpy=True)

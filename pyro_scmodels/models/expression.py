@@ -46,7 +46,17 @@ def transform_covariates(model, transform_batch) -> list[dict | None]:
     keys = list(model.keys.nn_conditioning)
     if not keys:
         return _no_conditioning(model, items)
-    return [item if isinstance(item, dict) else {_key_of(model, keys, item): str(item)} for item in items]
+    settings = [item if isinstance(item, dict) else {_key_of(model, keys, item): str(item)} for item in items]
+    named = {next(iter(s)) for s, item in zip(settings, items) if not isinstance(item, dict)}
+    if len(named) > 1:
+        # categories of two keys in one list would average "as b1 with its own tech" with "as t2 with its own
+        # batch": neither the joint setting nor either alone, so it is refused rather than guessed
+        raise ValueError(
+            f"transform_batch={list(transform_batch)!r} names categories of several decoder-conditioning keys "
+            f"({sorted(named)}); a list averages over categories of one key. To decode as a combination, pass a "
+            "dict such as {key_a: category_a, key_b: category_b}; to average over several, a list of such dicts."
+        )
+    return settings
 
 
 def _key_of(model, keys: list[str], category) -> str:

@@ -311,7 +311,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         transform_batch
             Decode every cell as if it had this category of the decoder-conditioning key
             (``nn_conditioning_covariate_keys``); a list of categories averages over them; a dict
-            ``{key: category}`` when several keys condition the decoder. Only those keys enter
+            ``{key: category}`` when several keys condition the decoder (a list of such dicts averages
+            over them; a list mixing categories of two keys is refused). Only those keys enter
             rho: the ambient, scaling, dispersion and library-size groups are left out of rho
             anyway, so with an unconditioned decoder this changes nothing (and warns).
         gene_list
