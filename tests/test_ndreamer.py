@@ -382,12 +382,20 @@ def test_from_model_matching_and_model_based_counterfactuals():
 def test_model_counterfactual_warns_when_z_carries_the_condition():
     """A decoder-only condition lets z carry it, which shrinks the decoded effect: the user is told."""
     adata = ps.datasets.simulate(n_cells=300, n_genes=120, seed=1)
+    # two treatments: the warning is about the model, so it comes once, pointing at the caller's line
+    stimulated = np.flatnonzero(adata.obs["condition"].to_numpy() == "stimulated")
+    adata.obs["condition"] = adata.obs["condition"].astype(str)
+    adata.obs.iloc[stimulated[::2], adata.obs.columns.get_loc("condition")] = "stimulated_b"
     ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
     model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
     model.train(max_epochs=1, batch_size=300, early_stopping=False, device="cpu", progress_bar=False)
     nd = NDreamer.from_model(model, "condition", "control", device="cpu")
-    with pytest.warns(UserWarning, match="encoder_covariate_keys"):
-        nd.estimate_model_ite(num_samples=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = nd.estimate_model_ite(num_samples=2)
+    said = [w for w in caught if "encoder_covariate_keys" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert {"ite_model_stimulated", "ite_model_stimulated_b"} <= set(result.layers)
 
 
 def test_model_counterfactual_needs_a_condition_conditioned_decoder(fitted):

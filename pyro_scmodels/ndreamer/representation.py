@@ -132,10 +132,10 @@ class ModelRepresentation:
 
         cells, columns = self._selection(indices, gene_list)
         layers = {}
-        for treatment in self.design.treatments:
-            effect = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
-                                              treatment, V.positive_int("num_samples", num_samples), quantiles,
-                                              seed=self.settings["seed"], indices=cells, gene_columns=columns)
+        effects = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
+                                           list(self.design.treatments), V.positive_int("num_samples", num_samples),
+                                           quantiles, seed=self.settings["seed"], indices=cells, gene_columns=columns)
+        for treatment, effect in effects.items():
             for name, values in effect.items():
                 layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
         if indices is None and gene_list is None:
