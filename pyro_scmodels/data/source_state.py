@@ -24,7 +24,8 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
 
 
-def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None = None) -> dict:
+def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None = None,
+                 count_fingerprints: list[dict] | None = None) -> dict:
     """A summary of the parts of ``data`` that a model's copy of it holds.
 
     Parameters
@@ -38,6 +39,9 @@ def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None
         The model's covariate encoding (a column it cannot encode counts as changed).
     previous
         The summary taken before, if any: an unchanged cell index object is then not hashed again.
+    count_fingerprints
+        The counts' fingerprints, in the order of ``setup.count_sources(data)``, when they were just
+        taken of the same matrices (the model's first read): the stored counts are then not summed again.
 
     Returns
     -------
@@ -49,8 +53,12 @@ def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None
     cells = (len(obs), obs.index) if previous is not None and previous["cells"][1] is obs.index else (
         len(obs), obs.index, _digest(pd.util.hash_pandas_object(obs.index, index=False).to_numpy()))
     state = {"cells": cells}
-    for name, matrix in setup.count_sources(data).items():
-        state[f"counts {name}"] = fingerprint(matrix)
+    sources = setup.count_sources(data)
+    known = count_fingerprints if count_fingerprints is not None else [None] * len(sources)
+    if len(known) != len(sources):
+        raise ValueError(f"{len(known)} count fingerprints given for {len(sources)} count matrices.")
+    for (name, matrix), taken in zip(sources.items(), known):
+        state[f"counts {name}"] = fingerprint(matrix) if taken is None else taken
     for key in encoding.keys.categorical_keys():
         try:
             state[f"covariate {key!r}"] = _digest(encoding.codes(obs, key, setup.table))

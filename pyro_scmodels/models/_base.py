@@ -66,10 +66,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             (the model would go on answering for the data as they were).
         """
         if self._data is None:
-            state = source_state(self.adata, self._setup, self.encoding)
             # counts validated at setup are not validated again unless they changed since
             self._data = CellData.from_setup(self.adata, encoding=self.encoding, setup=self._setup)
-            self._data_state = state
+            # the counts' sums were just taken by CellData, of the same matrices: not taken twice
+            taken = [matrix.fingerprint for matrix in self._data.modalities.values()]
+            self._data_state = source_state(self.adata, self._setup, self.encoding, count_fingerprints=taken)
             return self._data
         changed = changes(self._data_state, source_state(self.adata, self._setup, self.encoding, self._data_state))
         if changed:
