@@ -64,7 +64,8 @@ from _common import hardware_facts, update_results  # noqa: E402
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets  # noqa: E402
 from pyro_scmodels import metrics as M  # noqa: E402
 from pyro_scmodels.models.ambient import profile_from_droplets  # noqa: E402
-from pyro_scmodels.models.regularizedvi_module import RegularizedVIGuide, RegularizedVIModel  # noqa: E402
+from pyro_scmodels.models.regularizedvi_guide import RegularizedVIGuide  # noqa: E402
+from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel  # noqa: E402
 from pyro_scmodels.pyro_modules import PositiveSiteGuide  # noqa: E402
 
 FRACTIONS = (0.03, 0.08, 0.15, 0.25)

@@ -7,7 +7,9 @@ term) and hand the subclass to the user class through ``model_class`` / ``guide_
 from .multimodal import RegularizedMultimodalVI
 from .multimodal_module import RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import RegularizedVI
-from .regularizedvi_module import RegularizedVIDims, RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
+from .model_construction import build_model_and_guide
+from .regularizedvi_guide import RegularizedVIGuide
+from .regularizedvi_module import RegularizedVIDims, RegularizedVIModel
 
 __all__ = [
     "RegularizedMultimodalVI",

@@ -1,7 +1,7 @@
 """RegularizedMultimodalVI: paired modalities (e.g. RNA + ATAC) with a joint latent space.
 
 The maths lives in :mod:`.multimodal_module`; each modality is a RegularizedVI block built by
-:func:`~pyro_scmodels.models.regularizedvi_module.build_model_and_guide`, so priors, guides, covariates and the
+:func:`~pyro_scmodels.models.model_construction.build_model_and_guide`, so priors, guides, covariates and the
 training loop are the single-modality ones.
 """
 
@@ -21,7 +21,9 @@ from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
-from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel, build_model_and_guide
+from .model_construction import build_model_and_guide
+from .regularizedvi_guide import RegularizedVIGuide
+from .regularizedvi_module import RegularizedVIModel
 from . import scvi_arguments as scvi_names
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..pyro_modules import LocalPyroModule
 from ..nn import GaussianEncoder
-from .regularizedvi_module import RegularizedVIGuide, RegularizedVIModel
+from .regularizedvi_guide import RegularizedVIGuide
+from .regularizedvi_module import RegularizedVIModel
 
 LATENT_MODES = ("concatenation", "weighted_mean", "single_encoder")
 WEIGHT_MODES = ("equal", "universal", "cell")
