@@ -4,10 +4,10 @@ The Pyro modules are public so that a modeller can subclass them (override one s
 term) and hand the subclass to the user class through ``model_class`` / ``guide_class``.
 """
 
+from .model_construction import build_model_and_guide
 from .multimodal import RegularizedMultimodalVI
 from .multimodal_module import RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi import RegularizedVI
-from .model_construction import build_model_and_guide
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIDims, RegularizedVIModel
 

@@ -20,8 +20,8 @@ from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
-from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .model_construction import build_model_and_guide
+from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from . import scvi_arguments as scvi_names

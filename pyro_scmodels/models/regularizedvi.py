@@ -21,8 +21,8 @@ from . import ambient as _ambient
 from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
 from .likelihood_parameters import likelihood_parameters
-from .query_mapping import QueryMappingMixin
 from .model_construction import build_model_and_guide
+from .query_mapping import QueryMappingMixin
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
