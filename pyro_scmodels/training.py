@@ -204,10 +204,10 @@ class TrainingLoop:
         problems = [f"{name} (value)" for name, p in named if not torch.isfinite(p).all()]
         return problems + [f"{name} (gradient)" for name, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
 
-    def _message(self, where: str, problems: list[str]) -> str:
+    def _message(self, where: str, problems: list[str], state: str = "is NaN or Inf") -> str:
         found = "; ".join(problems) or "no single part or parameter identified"
         return (
-            f"Training stopped at epoch {self.epoch}, step {self.step}: {where} is NaN or Inf. Non-finite: {found}. "
+            f"Training stopped at epoch {self.epoch}, step {self.step}: {where} {state}. Non-finite: {found}. "
             "Try a lower learning rate (lr), a smaller gradient_clip, or check the input for extreme values."
         )
 
@@ -230,7 +230,7 @@ class TrainingLoop:
         for item in self.minibatches(plan, rng):
             if max_steps is not None and self.step >= max_steps:
                 break
-            loss, parts = self.minibatch_loss(item)
+            loss, parts = self._checked_loss(item)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # a NaN loss gives NaN gradients, never applied: the checks below stop first
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), plan.gradient_clip) if plan.gradient_clip else None
@@ -254,6 +254,22 @@ class TrainingLoop:
         total, *means = self.parallel.mean([total, *sums.values()])
         scale = 1.0 / weights if weights else math.nan
         return total * scale, {name: value * scale for name, value in zip(sums, means)}
+
+    def _checked_loss(self, item) -> tuple[torch.Tensor, dict]:
+        """``minibatch_loss(item)``; a failure inside it caused by non-finite parameters is named as such.
+
+        A NaN weight can stop the forward pass before there is a loss to check (a distribution refusing a
+        NaN rate, a sampler refusing NaN probabilities): the error then names the parameters, as for a NaN loss.
+        """
+        try:
+            return self.minibatch_loss(item)
+        except (RuntimeError, ValueError) as err:
+            problems = [p for p in self._parameter_problems() if p.endswith("(value)")]
+            if not problems:
+                raise
+            raise NonFiniteError(self._message(
+                "the loss", problems, f"could not be computed ({type(err).__name__}: {err}): parameters are NaN or Inf"
+            )) from err
 
     @staticmethod
     def _to_host(loss: torch.Tensor, norm: torch.Tensor | None, parts: dict) -> list[float]:

@@ -81,6 +81,17 @@ def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
     assert not nd.network.training  # put back in eval mode
 
 
+@pytest.mark.parametrize("parameter", ["encoder.0.weight", "codebooks"])
+def test_non_finite_weight_before_the_code_choice_names_the_parameter(tiny_adata, parameter):
+    # a NaN there stops the forward pass itself (with more codes than candidates, the code choice's sampler
+    # refuses NaN rates): there is no loss to check
+    nd = _nd(tiny_adata, codebook_size=32)
+    with torch.no_grad():
+        dict(nd.network.named_parameters())[parameter].view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=rf"could not be computed .*network\.{parameter} \(value\)"):
+        nd.train(n_epochs=1, progress_bar=False)
+
+
 def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypatch):
     nd = _nd(tiny_adata)
 
