@@ -10,6 +10,7 @@ checkpoints with resume, a tqdm progress bar and a per-epoch history.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,9 @@ class SVITrainer(TrainingLoop):
         self.elbo_loss = ELBOLoss(model, guide)
         self._step_loss, self._wrapped_for = self.elbo_loss, self.parallel  # the loss a step calls (DDP-wrapped)
         self.lr, self.eps, self.weight_decay, self.global_lr_factor = lr, eps, weight_decay, global_lr_factor
+        # what this call asked for: a resumed checkpoint brings back its own, and after_resume takes these up again
+        self._requested = dict(lr=lr, eps=eps, weight_decay=weight_decay, global_lr_factor=global_lr_factor)
+        self._requested_split = (self.train_indices.copy(), self.validation_indices.copy())
         self._plan: TrainingPlan | None = None
         self._kl_weight = 1.0
         self._current: tuple | None = None  # (batch, n_obs, kl_weight) of the step in progress
@@ -243,6 +247,22 @@ class SVITrainer(TrainingLoop):
     def load_extra_state(self, state: dict) -> None:
         """Restore the train / validation split."""
         self.train_indices, self.validation_indices = state["train_indices"], state["validation_indices"]
+
+    def after_resume(self) -> None:
+        """A resumed run continues as a second call to ``train`` would: this call's Adam settings, the saved split.
+
+        The checkpoint's optimiser state holds its learning rate and weight decay, and its split; without this the
+        new call's ``lr``, ``weight_decay``, ``eps`` and ``global_lr_factor`` were silently dropped.
+        """
+        train, validation = self._requested_split
+        if not (np.array_equal(np.sort(train), np.sort(self.train_indices))
+                and np.array_equal(np.sort(validation), np.sort(self.validation_indices))):
+            warnings.warn(
+                f"The checkpoint's train/validation split ({len(self.train_indices)} / {len(self.validation_indices)} "
+                f"cells) differs from the one this call asks for ({len(train)} / {len(validation)}: train_size, seed or "
+                "external_indexing); the checkpoint's split is kept, as in a second call to train(). Remove the "
+                "checkpoint to train with the new split.", stacklevel=2)
+        self.set_optimizer_settings(**self._requested)
 
     # --- diagnostics -----------------------------------------------------------------------
     def diagnose(self, where: str, parts: dict) -> str:

@@ -85,6 +85,34 @@ class RegularizedPriors:
         }
 
 
+def priors_fingerprint(priors) -> str:
+    """A text that changes whenever a prior's family, its parameter values or a flag changes.
+
+    Parameters
+    ----------
+    priors
+        A :class:`RegularizedPriors`, a dict of them (per modality), or None.
+
+    Returns
+    -------
+    str
+        Compared before a checkpoint is resumed: the checkpoint's prior buffers would otherwise silently
+        replace the ones the model was built with.
+    """
+    if priors is None:
+        return "None"
+    if isinstance(priors, dict):
+        return repr({name: priors_fingerprint(value) for name, value in sorted(priors.items())})
+    described = {}
+    for f in fields(priors):
+        value = getattr(priors, f.name)
+        if isinstance(value, torch.distributions.Distribution):
+            value = (type(value).__name__,
+                     {k: v.detach().cpu().tolist() for k, v in distribution_parameters(value, f.name).items()})
+        described[f.name] = value
+    return repr(described)
+
+
 def distribution_parameters(prior: torch.distributions.Distribution, name: str) -> dict[str, torch.Tensor]:
     """The tensor parameters from which ``type(prior)(**params)`` rebuilds ``prior``."""
     signature = inspect.signature(type(prior).__init__).parameters

@@ -41,7 +41,10 @@ logger = logging.getLogger(__name__)
 
 
 #: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
-ADDED_FINGERPRINT_PARTS = ("covariates",)
+ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors")
+#: parts replaced by finer ones ("covariates", one text, by the two above that name what differs): an older
+#: checkpoint's is not compared
+RETIRED_FINGERPRINT_PARTS = ("covariates",)
 
 
 class NonFiniteError(FloatingPointError):
@@ -299,6 +302,11 @@ class TrainingLoop:
         self.interruption = None
         if plan.checkpoint_path and self.epoch == 0:
             self._resume(plan.checkpoint_path)
+            if plan.early_stopping and self._epochs_without_improvement >= plan.patience:
+                # the checkpoint's run already stopped early: running the same call again finds it finished
+                # (without this, each re-run trained one more epoch before the same test stopped it again)
+                logger.info("The checkpoint's run stopped early at epoch %d; nothing left to train.", self.epoch)
+                return self.history
         if self.optimizer is None:
             self.prepare()
             self._make_optimizer()
@@ -353,8 +361,12 @@ class TrainingLoop:
         state = self.parallel.from_writer(lambda: load_torch_file(path, "training checkpoint") if os.path.exists(path) else None)
         if state is not None:
             self.load_state(state, source=f"Checkpoint {path}")
+            self.after_resume()
             if self.parallel.is_writer:
                 logger.info("Resumed from %s at epoch %d.", path, self.epoch)
+
+    def after_resume(self) -> None:
+        """Called once a checkpoint was resumed: take up this call's settings where the state brought back older ones."""
 
     def _should_stop(self, validation_loss: float, train_loss: float, plan) -> bool:
         monitored = train_loss if math.isnan(validation_loss) else validation_loss
@@ -386,7 +398,8 @@ class TrainingLoop:
         saved = state.get("fingerprint", {})
         differing = []
         # a part added to the fingerprint later is not compared with a state written before it
-        for key in sorted((set(saved) | set(self.fingerprint)) - {k for k in ADDED_FINGERPRINT_PARTS if k not in saved}):
+        skipped = {k for k in ADDED_FINGERPRINT_PARTS if k not in saved} | set(RETIRED_FINGERPRINT_PARTS)
+        for key in sorted((set(saved) | set(self.fingerprint)) - skipped):
             old, new = saved.get(key), self.fingerprint.get(key)
             if old == new:
                 continue

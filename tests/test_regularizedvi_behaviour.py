@@ -165,6 +165,37 @@ def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
     np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
 
 
+def test_a_resumed_run_takes_this_calls_optimiser_settings_and_says_the_split_is_kept(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    resumed = ps.RegularizedVI(small, **SMALL)  # a new session continues with other settings, as a second call would
+    with pytest.warns(UserWarning, match="checkpoint's train/validation split .* is kept"):
+        resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), lr=1e-2, weight_decay=1e-3, global_lr_factor=10.0,
+                      datasplitter_kwargs={"external_indexing": [np.arange(150), np.arange(150, 200)]}, **QUICK)
+    assert len(resumed.history) == 4  # it did resume
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.trainer.optimizer.param_groups] == [(1e-2, 1e-3), (0.1, 1e-3)]
+
+
+def test_resuming_with_other_priors_is_refused(small, tmp_path):
+    # the priors are buffers of the saved modules: resuming would train with the checkpoint's, not these
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    edited = ps.RegularizedPriors(ambient=dist.Gamma(2.0, 50.0), regularize_ambient=True)
+    with pytest.raises(ValueError, match=r"priors differ"):
+        ps.RegularizedVI(small, **SMALL, priors=edited).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    again = ps.RegularizedVI(small, **SMALL, priors=ps.RegularizedPriors())  # the same priors, passed explicitly
+    again.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(again.history) == 2
+
+
+def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_path):
+    stop = dict(max_epochs=20, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e6)
+    epochs = []
+    for _ in range(2):  # the same script run twice (a notebook re-run, fit --resume)
+        model = ps.RegularizedVI(small, **SMALL)
+        model.train(checkpoint_dir=str(tmp_path), **stop, **QUICK)
+        epochs.append(len(model.history))
+    assert epochs == [3, 3]
+
+
 def test_second_train_call_continues(small):
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=2, **QUICK)

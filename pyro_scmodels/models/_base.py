@@ -25,6 +25,7 @@ from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..distributed import is_writer, training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
+from ..priors import priors_fingerprint
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
 from .feature_correlation import FeatureCorrelationQueries
@@ -171,7 +172,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             Keep the whole sparse count matrix on the device (fast on a GPU with enough memory).
         checkpoint_dir
             Write the full training state there every ``checkpoint_every`` epochs and at the end;
-            if a checkpoint is already there, training resumes from it.
+            if a checkpoint is already there, training resumes from it, as a second call to ``train``
+            would continue: with this call's ``lr``, ``weight_decay``, ``eps`` and ``global_lr_factor``,
+            and the checkpoint's train/validation split (a warning when this call asks for another). A
+            checkpoint of other cells, genes, model settings, covariates or priors is refused, naming
+            what differs. A run that had stopped early is finished: the same call trains nothing more.
         progress_bar
             Show a tqdm progress bar with the running loss.
         accelerator, devices, strategy
@@ -424,6 +429,10 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             "features": tuple(m.n_features for m in data.modalities.values()),
             "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
             # the covariate keys and their categories size the model's tables: another setup cannot resume
-            "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
+            # (dicts, so that the refusal names the role or the column that differs)
+            "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
+            "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
+            # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
+            "priors": priors_fingerprint(self.init_params.get("priors")),
         }
 
