@@ -69,12 +69,17 @@ Run `pyro-scmodels COMMAND --help` for a command's options."""
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each option's default, and keeps the description's line breaks.
 
-    Flags (default False), and options whose help already says what their absence means, show no
-    "(default: None)".
+    Flags (default False) and options without a default (None) show no "(default: ...)", nor does an
+    option whose help already states its default ("(default ...", "default: ..." or "%(default)s");
+    the word "default" elsewhere in a help (a choice named 'default') does not hide it.
     """
 
+    _STATES_DEFAULT = ("(default", "default:", "%(default)")
+
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        help_text = action.help or ""
+        if (action.default is None or action.default is False
+                or any(marker in help_text for marker in self._STATES_DEFAULT)):
             return action.help
         return super()._get_help_string(action)
 
@@ -181,7 +186,8 @@ def _add_ndreamer(sub) -> None:
     nd.add_argument("--layer", default=None, help="layer to read instead of .X")
     nd.add_argument("--backed", action="store_true",
                     help="open the input with anndata's backed='r': .X is read from disk in blocks of rows and never "
-                         "densified (the sparse log-normalised matrix is held in memory)")
+                         "densified; the chosen genes are held in memory as raw counts, or as a float32 CSR when the input is "
+                         "log-normalised or the genes are chosen on every cell (docs/ndreamer.md, 'Data on disk')")
     nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
     nd.add_argument("--network", choices=list(NETWORK_PRESET_NAMES), default="default",
                     help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
@@ -200,7 +206,8 @@ def _add_ndreamer(sub) -> None:
                     help="also write layers ite_<condition>_qLO / _qHI, the bounds of each ITE's interval at this level "
                          "(e.g. 0.9: q05 and q95) from the spread of the matched cells")
     nd.add_argument("--cate-groupby", default=None,
-                    help="obs column (e.g. cell type): write cate_<condition>.csv and an ITE heatmap per group")
+                    help="obs column (e.g. cell type): write cate_<condition>.csv and ite_heatmap_<condition>.png (one row per "
+                         "group) for each treated condition")
     nd.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     _common(nd, "replace earlier results in the output folder")
 

@@ -349,7 +349,10 @@ def test_resume_with_another_setup_is_refused_by_name(input_h5ad, tmp_path, caps
     other = [a if a != "batch" else "condition" for a in FIT_ARGS]  # another covariate: other tables in the model
     capsys.readouterr()
     assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "2", *other]) == 2
-    assert "written for different data or settings (covariates differ)" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    # the roles and the columns that differ are named (the batch key sets the ambient, dispersion and library keys)
+    assert "written for different data or settings (" in said
+    assert "covariate keys.ambient" in said and "covariate categories.condition" in said
 
 
 def test_overwrite_keeps_the_checkpoint_of_a_run_refused_for_its_input(input_h5ad, tmp_path, capsys):
@@ -467,3 +470,49 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
                      "batch", "--layer", "counts", "--cate-groupby", column, "-o", str(tmp_path / "bad_cate"), "--quiet"]) == 2
         assert message in capsys.readouterr().err
         assert not called and not (tmp_path / "bad_cate").exists()
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """``--help`` output split into its option entries: first option string -> the entry's text, whitespace collapsed."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent == 2 and line.lstrip().startswith("-"):
+            current = re.split(r"[ ,]", line.strip(), maxsplit=1)[0]
+            entries[current] = line.strip()
+        elif current is not None and indent > 2 and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {option: " ".join(entry.split()) for option, entry in entries.items()}
+
+
+def test_help_of_every_command_shows_every_option_default(capsys):
+    """README: `pyro-scmodels COMMAND --help` lists every option with its default, also where the help text holds the
+    word "default" otherwise (ndreamer --network's choice 'default', --factual's "--network default")."""
+    import argparse
+
+    from pyro_scmodels.cli_arguments import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = []
+    for name, parser in commands.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        entries = _help_entries(capsys.readouterr().out)
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            entry = entries[action.option_strings[0]]
+            assert f"(default: {action.default})" in entry, f"{name} {action.option_strings[-1]}: {entry}"
+            checked.append((name, action.option_strings[-1]))
+    assert {("ndreamer", "--network"), ("ndreamer", "--factual"), ("fit", "--lr")} <= set(checked)
+
+
+def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["ndreamer", "--help"])
+    entries = _help_entries(capsys.readouterr().out)
+    assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
+    assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]

@@ -28,6 +28,7 @@ from pyro.poutine.messenger import Messenger
 
 import pyro_scmodels as ps
 from pyro_scmodels.data.on_disk import DiskCSR
+from pyro_scmodels.distributed import SingleProcess
 
 from ._on_disk_files import write_counts_h5ad
 from pyro_scmodels.infer import SVITrainer, NonFiniteError
@@ -219,6 +220,24 @@ def test_devices_without_torchrun_says_how_to_launch(monkeypatch):
     with pytest.raises(ValueError, match="strategy"):
         model.train(max_epochs=1, strategy="dp", device="cpu", progress_bar=False)
     assert not model.is_trained
+
+
+def test_latent_independence_is_refused_data_parallel(monkeypatch):
+    # its MMD compares cells across the minibatch; a rank sees only its shard (the objective would change with W)
+    class TwoRanks(SingleProcess):
+        world_size = 2
+
+    monkeypatch.setattr("pyro_scmodels.models._base.training_parallelism", lambda *args: (torch.device("cpu"), TwoRanks()))
+    adata = _cells(40)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", encoder_covariate_keys=["condition"],
+                                   nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, latent_independence=10.0, **TINY)
+    with pytest.raises(ValueError, match="latent_independence=10.0 cannot be trained data-parallel"):
+        model.train(max_epochs=1, device="cpu", progress_bar=False)
+    assert not model.is_trained
+    monkeypatch.undo()
+    model.train(max_epochs=1, device="cpu", progress_bar=False)  # in one process it trains
+    assert model.is_trained
 
 
 # --- the command line under torchrun: killed after its first checkpoint, then resumed ----------

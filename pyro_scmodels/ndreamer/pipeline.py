@@ -57,10 +57,12 @@ class NDreamer(ModelRepresentation, EffectQueries):
     ----------
     adata
         Cells x genes, raw counts or log-normalised values (detected and logged). In memory, or
-        backed (``anndata.read_h5ad(path, backed="r")``): then the raw counts of the chosen genes
-        are held as :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts` (4 bytes per
-        stored entry, half a float32 CSR), :attr:`expression` is that object and ``results.X`` is
-        None; read rows with ``nd.expression[cells]``.
+        backed (``anndata.read_h5ad(path, backed="r")``): then, when every gene is used or the genes
+        are chosen on a sample (more than 50,000 cells), the raw counts of the chosen genes are held
+        as :class:`~pyro_scmodels.ndreamer.count_rows.LogNormalisedCounts` (4 bytes per stored
+        entry, half a float32 CSR), :attr:`expression` is that object and ``results.X`` is None
+        (read rows with ``nd.expression[cells]``); otherwise, and for log-normalised input, the
+        float32 CSR of the chosen genes, as in memory (docs/ndreamer.md, "Data on disk").
     condition_key, control_name
         Column of ``adata.obs`` with the condition, and the control condition's name.
     batch_key
