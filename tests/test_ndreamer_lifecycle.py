@@ -31,6 +31,22 @@ def _state(nd: NDreamer) -> dict:
     return {k: v.clone() for k, v in nd.network.state_dict().items()}
 
 
+def test_passes_are_whole_epochs_when_cells_are_not_a_multiple_of_the_batch(tiny_adata, tmp_path):
+    # 300 cells at batch 128: a pass is 3 steps; 2 + 2 passes, and 2 passes resumed to 4, are 4 passes
+    straight = _nd(tiny_adata, batch_size=128)
+    straight.train(n_epochs=4, progress_bar=False)
+    twice = _nd(tiny_adata, batch_size=128)
+    twice.train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+    resumed = _nd(tiny_adata, batch_size=128)
+    resumed.train(n_epochs=4, progress_bar=False, checkpoint_dir=str(tmp_path))
+    twice.train(n_epochs=2, progress_bar=False)
+    assert straight.trainer.step == twice.trainer.step == resumed.trainer.step == 12
+    assert len(straight.history) == len(twice.history) == len(resumed.history) == 4  # one row per pass
+    for other in (twice, resumed):
+        for name, value in _state(other).items():
+            torch.testing.assert_close(value, _state(straight)[name], rtol=1e-5, atol=1e-6)
+
+
 def test_resumed_training_equals_an_uninterrupted_run(tiny_adata, tmp_path):
     straight = _nd(tiny_adata)
     straight.train(n_epochs=3, progress_bar=False, checkpoint_dir=str(tmp_path / "straight"))
@@ -247,18 +263,18 @@ def _codes_in_use(nd: NDreamer) -> int:
 
 
 def test_dead_codes_are_revived_on_small_data(tiny_adata):
-    """300 cells at the default batch size: 5 steps in the default 15 passes, so a schedule of one
-    reset per 30 steps never ran. By data seen, every 10 passes (3,000 cells, 3 steps) here: once in
-    the default 15 passes, 6 times in 60 (19 steps), after which the cells use more codes than in the same
-    training without resets. Large data reset every DEAD_CODE_RESET_CELLS cells."""
+    """300 cells at the default batch size: a pass is one step of 1,024 draws, 15 steps in the default 15
+    passes, so a schedule of one reset per 30 steps never ran. By data seen, every 10 passes (10,240 cells
+    drawn) here: once in the default 15 passes, 6 times in 60, after which the cells use more codes than in
+    the same training without resets. Large data reset every DEAD_CODE_RESET_CELLS cells."""
     with_resets, without = _nd(tiny_adata, batch_size=1024), _nd(tiny_adata, batch_size=1024)
     without.network.reinitialise_dead_codes = lambda projections: None  # same training, resets switched off
     with_resets.train(progress_bar=False)
-    assert with_resets.trainer.step == 5 and with_resets.trainer.resets == 1  # the default 15 passes
+    assert with_resets.trainer.step == 15 and with_resets.trainer.resets == 1  # the default 15 passes
     with_resets.train(n_epochs=45, progress_bar=False)
     without.train(progress_bar=False)
     without.train(n_epochs=45, progress_bar=False)
-    assert with_resets.trainer.step == without.trainer.step == 19 and with_resets.trainer.resets == 6
+    assert with_resets.trainer.step == without.trainer.step == 60 and with_resets.trainer.resets == 6
     used, unused = _codes_in_use(with_resets), _codes_in_use(without)
     assert used > unused + 2, f"codes in use: {used} with resets, {unused} without"
     from pyro_scmodels.ndreamer import _constants as K

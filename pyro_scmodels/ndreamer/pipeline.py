@@ -260,9 +260,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         Parameters
         ----------
         n_epochs
-            Passes over the data in this call (default 15); each step draws
-            ``batch_size / n_groups`` cells from every group (with replacement for small groups).
-            A further call continues training (optimiser state kept) for ``n_epochs`` more passes.
+            Passes in this call (default 15): a pass is ``ceil(n_cells / batch_size)`` steps (at least
+            one; with fewer cells than ``batch_size`` it draws more cells than the data hold), and each
+            step draws ``batch_size / n_groups`` cells from every group (with replacement for small
+            groups). A further call continues training (optimiser state kept) for ``n_epochs`` more
+            passes: ``train(2)`` twice is ``train(4)``. A fraction of a pass ends inside one.
         progress_bar
             Show a tqdm bar.
         checkpoint_dir

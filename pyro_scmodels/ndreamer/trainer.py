@@ -21,9 +21,10 @@ LOSS_PARTS = ("mse", "cosine", "kl", "correlation", "independence", "dependence"
 class NDreamerTrainer(TrainingLoop):
     """AdamW on :func:`~pyro_scmodels.ndreamer.losses.total_loss` with balanced group draws (SPEC 3.4).
 
-    An epoch is one pass: ``ceil(n_cells / batch_size)`` steps, each drawing
+    An epoch is one pass: ``ceil(n_cells / batch_size)`` steps (at least one), each drawing
     ``max(2, batch_size // n_groups)`` cells from every batch x condition group (with
-    replacement for groups smaller than that).
+    replacement for groups smaller than that); with fewer cells than ``batch_size``, a pass is one
+    step that draws more cells than the data hold.
 
     Dead codes are re-initialised (:meth:`NDreamerNetwork.reinitialise_dead_codes`) on a schedule
     of data seen, not of steps: once ``reset_every`` cells have been drawn since the last reset,
@@ -60,14 +61,22 @@ class NDreamerTrainer(TrainingLoop):
         self.per_group = max(K.MIN_CELLS_PER_GROUP_DRAW, batch_size // len(self.members))
         self.n_cells, self.batch_size = len(groups), batch_size
         self.steps_per_pass = max(1, math.ceil(self.n_cells / batch_size))
-        self.reset_every = min(K.DEAD_CODE_RESET_CELLS, K.DEAD_CODE_RESET_PASSES * self.n_cells)
+        # cells drawn in a pass (more than the data hold when they are fewer than one batch)
+        cells_per_pass = self.steps_per_pass * self.per_group * len(self.members)
+        self.reset_every = min(K.DEAD_CODE_RESET_CELLS, K.DEAD_CODE_RESET_PASSES * cells_per_pass)
         self.cells_since_reset = 0
         self.resets = 0  # dead-code checks run so far
         self._projections: torch.Tensor | None = None
 
     def steps_for(self, passes: float) -> int:
-        """Optimiser steps in ``passes`` passes over the data (at least one)."""
-        return max(1, math.ceil(passes * self.n_cells / self.batch_size))
+        """Optimiser steps in ``passes`` passes (epochs of ``steps_per_pass`` steps; at least one step).
+
+        A whole number of passes is a whole number of the loop's epochs, so that ``train(2)`` twice is
+        ``train(4)``, a run resumed after whole passes repeats the uninterrupted one, and the history has one
+        row per pass. (Counting ``passes * n_cells / batch_size`` steps instead ended most calls inside an
+        epoch whenever ``n_cells`` is not a multiple of ``batch_size``.)
+        """
+        return max(1, math.ceil(passes * self.steps_per_pass - 1e-9))
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the network's parameters."""
