@@ -23,6 +23,7 @@ from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .cli_arguments import build_parser, check_arguments
+from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
 
@@ -146,7 +147,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .ndreamer import network_preset
 
     _check_device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ValueError("ndreamer trains in one process (its losses compare cells across the whole minibatch); "
                          "run it without torchrun.")
     out = _prepare_output(folder, args)
@@ -276,7 +277,7 @@ def _launch_torchrun(argv: list[str], devices: int) -> int:
 
 def _rank_prefix() -> str:
     """``" (rank r)"`` in a distributed run, so that each process's error is told apart."""
-    return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
 
 
 def _leave_process_group() -> None:

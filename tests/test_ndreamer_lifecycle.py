@@ -88,6 +88,41 @@ def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, mess
     assert not (tmp_path / "new").exists()  # the checkpoint folder is made only once every setting has passed
 
 
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(embedding_dim=0), ValueError, "embedding_dim must be a positive integer"),  # it trained a constant embedding
+    (dict(n_codebooks=0), ValueError, "n_codebooks"),
+    (dict(codebook_size=0), ValueError, "codebook_size"),
+    (dict(codebook_dim=0), ValueError, "codebook_dim"),
+    (dict(z_dim=-3), ValueError, "z_dim"),
+    (dict(encoder_hidden=64), TypeError, r"encoder_hidden must be a list of layer widths"),
+    (dict(decoder_hidden=(16, 0)), ValueError, r"decoder_hidden\[1\]"),
+    (dict(loss_weights={"independance": 1.0}), ValueError, "unknown entries \\['independance'\\]"),
+    (dict(loss_weights={"triplet": -5.0}), ValueError, "loss_weights.triplet"),  # it would reward bad triplets
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+])
+def test_network_settings_are_checked_before_preprocessing(tiny_adata, monkeypatch, arguments, error, message):
+    def preprocessing(*args, **kwargs):
+        raise AssertionError("preprocessing started before the settings were checked")
+
+    monkeypatch.setattr("pyro_scmodels.ndreamer.pipeline.log_normalise", preprocessing)
+    with pytest.raises(error, match=message):
+        NDreamer(tiny_adata, "condition", "control", batch_key="batch", layer="counts", **{**TINY, **arguments})
+
+
+def test_loss_weights_as_a_dict_override_the_defaults(tiny_adata):
+    nd = _nd(tiny_adata, loss_weights={"independence": 1000.0})
+    assert nd.loss_weights.independence == 1000.0 and nd.loss_weights.triplet == ps.ndreamer.LossWeights().triplet
+
+
+def test_training_under_torchrun_is_refused(tiny_adata, monkeypatch):
+    nd = _nd(tiny_adata)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each process would train and checkpoint alone
+    with pytest.raises(ValueError, match="NDreamer trains in one process"):
+        nd.train(n_epochs=1, progress_bar=False)
+    assert nd.trainer is None
+
+
 def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
     nd = _nd(tiny_adata)
     with torch.no_grad():

@@ -13,11 +13,12 @@ no entries is 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
+from .. import _validation as V
 from .code_information import independence_and_dependence_nmi
 from .loss_layout import group_blocks, group_index, minibatch_layout  # noqa: F401 (the first two re-exported)
 
@@ -57,6 +58,32 @@ class LossWeights:
     triplets_per_anchor: int = 15
     n_neighbours: int = 20
     across_cluster_weight: float = 20.0
+
+    def __post_init__(self):
+        # a negative weight would reward the part it weighs (e.g. a negative independence weight rewards codes
+        # that carry the batch); checked here, before any preprocessing or training
+        for f in fields(self):
+            if f.name in ("triplets_per_anchor", "n_neighbours"):
+                setattr(self, f.name, V.positive_int(f"loss_weights.{f.name}", getattr(self, f.name)))
+            else:
+                setattr(self, f.name, V.non_negative_float(f"loss_weights.{f.name}", getattr(self, f.name)))
+
+    @classmethod
+    def from_value(cls, value) -> "LossWeights":
+        """``value`` as a new :class:`LossWeights`: None (the defaults), a LossWeights (copied) or a dict.
+
+        A dict overrides those entries of the defaults, e.g. ``{"independence": 1000.0}``.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, LossWeights):
+            return replace(value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"loss_weights has unknown entries {unknown}; known: {[f.name for f in fields(cls)]}.")
+            return cls(**value)
+        raise V.ArgumentTypeError(f"loss_weights must be a LossWeights, a dict of its entries or None; got {value!r}.")
 
 
 def _zero(reference: torch.Tensor) -> torch.Tensor:

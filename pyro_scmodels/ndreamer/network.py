@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validation as V
 from . import _constants as K
 from .code_choice import code_scores, nearest_code, relaxed_code_choice
 
@@ -37,6 +38,26 @@ class ResidualBlock(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Apply the block to ``h`` ``(N, width)``."""
         return h + self.outer(F.relu(self.inner(self.norm(h))))
+
+
+def checked_sizes(**sizes) -> dict:
+    """The network's sizes, checked before any preprocessing: positive integers, and lists of them for
+    ``encoder_hidden`` / ``decoder_hidden`` (layer widths).
+
+    Returns
+    -------
+    dict
+        The sizes, with the hidden widths as lists of ``int``.
+    """
+    checked = {}
+    for name, value in sizes.items():
+        if name.endswith("_hidden"):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise V.ArgumentTypeError(f"{name} must be a list of layer widths, e.g. (256, 128); got {value!r}.")
+            checked[name] = [V.positive_int(f"{name}[{i}]", width) for i, width in enumerate(value)]
+        else:
+            checked[name] = V.positive_int(name, value)
+    return checked
 
 
 class NDreamerNetwork(nn.Module):

@@ -27,6 +27,7 @@ import torch
 from .. import _validation as V
 from .._io import writable_folder
 from ..data import check_unique_names
+from ..distributed import launched_world_size
 from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
@@ -36,7 +37,7 @@ from .effects import FACTUAL_CHOICES, CounterfactualDesign
 from .matched_effects import MatchedEffects
 from .loss_layout import minibatch_layout
 from .losses import LossWeights
-from .network import NDreamerNetwork
+from .network import NDreamerNetwork, checked_sizes
 from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
 from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer
@@ -121,12 +122,16 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if adata.n_obs == 0:
             raise ValueError("adata has zero cells.")
         check_unique_names(adata)  # results are indexed by cell and gene names
+        # every setting is checked here, before the preprocessing (gene choice, Leiden) that large data wait for
+        sizes = checked_sizes(n_codebooks=n_codebooks, codebook_size=codebook_size, codebook_dim=codebook_dim,
+                              embedding_dim=embedding_dim, z_dim=z_dim, encoder_hidden=encoder_hidden,
+                              decoder_hidden=decoder_hidden)
+        loss_weights = LossWeights.from_value(loss_weights)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                        num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, n_codebooks=n_codebooks,
-                        codebook_size=codebook_size, codebook_dim=codebook_dim, embedding_dim=embedding_dim,
-                        z_dim=z_dim, encoder_hidden=list(encoder_hidden), decoder_hidden=list(decoder_hidden),
-                        batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr), seed=seed,
+                        num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, **sizes,
+                        batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr),
+                        seed=V.non_negative_int("seed", seed),
                         representation=NETWORK,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
                         factual=V.choice("factual", factual, FACTUAL_CHOICES))
@@ -187,7 +192,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """
         self.settings, self.device = settings, resolve_device(device)
         # a copy: a caller's LossWeights (e.g. from network_preset, reused for several NDreamers) is not shared
-        self.loss_weights = dataclasses.replace(loss_weights) if loss_weights is not None else LossWeights()
+        self.loss_weights = LossWeights.from_value(loss_weights)
         # the constructor has already checked the design from the same obs; the other paths build it here
         self.design = self._make_design(obs, settings) if design is None else design
         self.genes, self.expression, self.model = genes, expression, model
@@ -282,6 +287,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """
         if self.network is None:
             raise ValueError("This NDreamer uses a fixed latent representation (from_model): there is no network to train.")
+        if launched_world_size() > 1:  # each process would train the whole network and write the same checkpoint
+            raise ValueError("NDreamer trains in one process (its losses compare cells across the whole minibatch); "
+                             "run it without torchrun (docs/distributed.md).")
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
