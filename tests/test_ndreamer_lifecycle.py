@@ -1,9 +1,11 @@
 """NDreamer's life cycle on tiny data: training on the shared loop (checkpoint resume, NaN naming),
 effects recomputed after retraining, and save/load from every construction path."""
 
+import os
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -171,6 +173,42 @@ def test_second_training_recomputes_embedding_and_effects(tiny_adata):
     space = matching_space(nd.get_modifier_space(), seed=nd.settings["seed"])
     fresh = estimate_effects(space, nd.expression, nd.design, nearest_neighbor=3)
     np.testing.assert_allclose(second, fresh["ite_stimulated"], atol=1e-6)
+
+
+def test_training_goes_on_after_save_and_load_as_in_memory(tiny_adata, tmp_path):
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=2, progress_bar=False)
+    nd.save(str(tmp_path / "nd"))
+    back = NDreamer.load(str(tmp_path / "nd"))
+    pd.testing.assert_frame_equal(back.history, nd.history)  # the history was lost
+    nd.train(n_epochs=2, progress_bar=False)
+    back.train(n_epochs=2, progress_bar=False)  # the optimiser's moments and the passes done are kept
+    assert back.trainer.epoch == nd.trainer.epoch == 4
+    np.testing.assert_array_equal(back.get_modifier_space(), nd.get_modifier_space())
+
+
+def test_a_failed_overwrite_leaves_the_earlier_save_whole(tiny_adata, tmp_path, monkeypatch):
+    import pyro_scmodels.ndreamer._persistence as persistence
+
+    folder = str(tmp_path / "nd")
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    nd.get_modifier_space()
+    nd.save(folder)
+    nd.train(n_epochs=2, progress_bar=False)
+    nd.get_modifier_space()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(persistence, "write_h5ad", disk_full)  # the results cannot be written this time
+    with pytest.raises(OSError, match="No space left"):
+        nd.save(folder, overwrite=True)
+    monkeypatch.undo()
+    assert not [f for f in os.listdir(folder) if f.startswith(".staged-")]
+    back = NDreamer.load(folder)  # the earlier save, whole: its stored embedding is its network's (it was a mix)
+    np.testing.assert_allclose(back.results.obsm["X_effect_modifier_space"], back.get_modifier_space(), atol=1e-6)
+    assert len(back.history) == 1
 
 
 def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):

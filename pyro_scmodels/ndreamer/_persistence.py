@@ -2,13 +2,15 @@
 
 A folder holds ``settings.json`` (constructor settings and loss weights), ``results.h5ad``
 (the results AnnData, with the pseudo cell-state labels as hidden ``obs`` columns),
-``effects.npz`` (matching space and cached effects), for a trained network ``network.pt`` and, when the
-expression is held as counts (a backed input), ``expression_counts.npz``.
+``effects.npz`` (matching space and cached effects), for a network ``network.pt`` (and, once trained,
+``training.pt``: history, optimiser state, passes done) and, when the expression is held as counts (a backed
+input), ``expression_counts.npz``.
 :func:`write_effects_h5ad` writes every cell's effect layers to an ``.h5ad`` block by block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,22 +33,63 @@ from .losses import LossWeights
 EMBEDDING_KEY = "X_effect_modifier_space"
 NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "settings.json", "results.h5ad", "effects.npz"
 COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
+TRAINING_FILE = "training.pt"  # the training loop's state without the network (history, optimiser, passes done)
+STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file is written
 COUNTS_ARRAYS = ("counts", "indices", "indptr", "factors")
 NETWORK, LATENT = "network", "latent"  # the two kinds of representation
 LABEL_COLUMNS = ("_label_low", "_label_high")
 
 
 def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
-    """Write ``nd`` into ``dir_path`` (and nowhere else); ``FileExistsError`` unless ``overwrite``."""
+    """Write ``nd`` into ``dir_path`` (and nowhere else); ``FileExistsError`` unless ``overwrite``.
+
+    Every file is first written under a staged name beside its final one. Only when all are written are they
+    renamed into place: the settings file, which marks a saved NDreamer, is removed before the renames and
+    written last. A save that fails while writing (a full disk) leaves an earlier save in the folder as it was;
+    one stopped during the renames leaves a folder without settings, which does not load (never a mix of two
+    saves, which loaded without a word).
+    """
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
     writable_folder("dir_path", dir_path)
-    # every file atomically; the settings file, which marks a saved NDreamer, is written last
-    if nd.network is not None:
-        with atomic_path(os.path.join(dir_path, NETWORK_FILE)) as temporary:
-            torch.save(nd.network.state_dict(), temporary)
-    # a new AnnData over the same matrices (a .copy() would duplicate X and every layer); obs and uns,
-    # which are changed below, are copied
+    final = lambda name: os.path.join(dir_path, name)  # noqa: E731
+    staged: dict[str, str] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            def stage(name: str) -> str:
+                staged[name] = stack.enter_context(atomic_path(final(f"{STAGED_PREFIX}{name}")))
+                return staged[name]
+
+            if nd.network is not None:
+                torch.save(nd.network.state_dict(), stage(NETWORK_FILE))
+            if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
+                torch.save(nd.trainer.state(include_modules=False), stage(TRAINING_FILE))
+            write_h5ad(_results_to_save(nd), stage(RESULTS_FILE))
+            if isinstance(nd.expression, LogNormalisedCounts):
+                with open(stage(COUNTS_FILE), "wb") as handle:
+                    np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
+            nd.effects.save(stage(EFFECTS_FILE))
+            with open(stage(SETTINGS_FILE), "w") as handle:
+                json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
+        # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(final(SETTINGS_FILE))
+        for name in (NETWORK_FILE, TRAINING_FILE, COUNTS_FILE):  # from an earlier save, no longer part of this one
+            if name not in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(final(name))
+        for name in [n for n in staged if n != SETTINGS_FILE] + [SETTINGS_FILE]:
+            os.replace(final(f"{STAGED_PREFIX}{name}"), final(name))
+    except BaseException:
+        for name in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(final(f"{STAGED_PREFIX}{name}"))
+        raise
+
+
+def _results_to_save(nd) -> anndata.AnnData:
+    """A new AnnData over the same matrices as ``nd.results`` (a .copy() would duplicate X and every layer), with
+    obs and uns copied (changed here: the labels as hidden columns, the CATE tables' categories as text)."""
     source = nd.results
     results = anndata.AnnData(X=source.X, obs=source.obs.copy(), var=source.var, uns=copy.deepcopy(dict(source.uns)),
                               obsm=dict(source.obsm), varm=dict(source.varm), layers=dict(source.layers),
@@ -55,16 +98,7 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
         results.uns[key] = results.uns[key].astype({"group": str, "gene": str})
     if nd.label_low is not None:
         results.obs[LABEL_COLUMNS[0]], results.obs[LABEL_COLUMNS[1]] = nd.label_low, nd.label_high
-    write_h5ad(results, os.path.join(dir_path, RESULTS_FILE))
-    if isinstance(nd.expression, LogNormalisedCounts):
-        with atomic_path(os.path.join(dir_path, COUNTS_FILE)) as temporary, open(temporary, "wb") as handle:
-            np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
-    elif os.path.exists(os.path.join(dir_path, COUNTS_FILE)):  # from an earlier save over this folder
-        os.remove(os.path.join(dir_path, COUNTS_FILE))
-    with atomic_path(os.path.join(dir_path, EFFECTS_FILE)) as temporary:
-        nd.effects.save(temporary)
-    with atomic_path(os.path.join(dir_path, SETTINGS_FILE)) as temporary, open(temporary, "w") as handle:
-        json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
+    return results
 
 
 @dataclasses.dataclass
@@ -88,6 +122,8 @@ class SavedNDreamer:
         The network's state dict, or None when the representation is a latent.
     effects_file
         Path of the matching state and cached effects, or None when it was not saved.
+    training_state
+        The training loop's state without the network (:meth:`TrainingLoop.state`), or None.
     """
 
     settings: dict
@@ -98,6 +134,7 @@ class SavedNDreamer:
     latent: np.ndarray | None
     network_state: dict | None  # None when the folder has no network file
     effects_file: str | None  # None when the folder has no effects file
+    training_state: dict | None = None  # None when saved before training, or before the file existed
 
 
 def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
@@ -123,7 +160,9 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     """
     for name in (SETTINGS_FILE, RESULTS_FILE):
         if not os.path.exists(os.path.join(dir_path, name)):
-            raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing).")
+            interrupted = any(f.startswith(STAGED_PREFIX) for f in os.listdir(dir_path)) if os.path.isdir(dir_path) else False
+            raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing)"
+                                    + ("; a save into it was interrupted: save again." if interrupted else "."))
     with open(os.path.join(dir_path, SETTINGS_FILE)) as handle:
         settings = json.load(handle)
     settings.setdefault("representation", NETWORK)
@@ -154,8 +193,12 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
         raise FileNotFoundError(f"The saved NDreamer in {dir_path} has no expression: results.h5ad has no X and "
                                 f"{COUNTS_FILE} is missing.")
     effects_file = os.path.join(dir_path, EFFECTS_FILE)
+    training_file = os.path.join(dir_path, TRAINING_FILE)
+    training_state = None
+    if network_state is not None and os.path.exists(training_file):
+        training_state = load_torch_file(training_file, "saved NDreamer training state")
     return SavedNDreamer(settings, loss_weights, results, expression, labels, latent, network_state,
-                         effects_file if os.path.exists(effects_file) else None)
+                         effects_file if os.path.exists(effects_file) else None, training_state)
 
 
 #: anndata's on-disk encoding of a dense array (the attributes ``anndata.io.write_elem`` gives one)

@@ -293,8 +293,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
-            self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],
-                                           self.settings["lr"], self.loss_weights, self._fingerprint())
+            self._make_trainer()
         t = self.trainer
         plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
@@ -308,6 +307,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         finally:
             self._invalidate()  # the representation changed (even if only partly): nothing computed before holds
         return self.history
+
+    def _make_trainer(self) -> NDreamerTrainer:
+        self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],
+                                       self.settings["lr"], self.loss_weights, self._fingerprint())
+        return self.trainer
 
     def _invalidate(self) -> None:
         self.effects.invalidate()
@@ -405,6 +409,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()
+            if saved.training_state is not None:  # the history, optimiser and passes: a further train() goes on
+                nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
         nd.results = saved.results
         if saved.effects_file is not None:
             nd.effects.load(saved.effects_file)
