@@ -383,6 +383,7 @@ class TrainingLoop:
         modules = {name: module.state_dict() for name, module in self.modules.items()} if include_modules else {}
         return {
             **modules,
+            "loop": type(self).__name__,  # which model's training wrote it (they share the file name checkpoint.pt)
             "fingerprint": self.fingerprint,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -395,6 +396,14 @@ class TrainingLoop:
 
     def load_state(self, state: dict, source: str = "the saved state") -> None:
         """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
+        # another model's checkpoint in the same folder: say so, rather than "remove it" (it is not this run's)
+        # (a checkpoint from before the "loop" entry is told by its modules)
+        legacy = {"network": "NDreamerTrainer", "model": "SVITrainer"}
+        writer = state.get("loop") or next((kind for name, kind in legacy.items()
+                                            if name in state and name not in self.modules), None)
+        if writer is not None and writer != type(self).__name__:
+            raise ValueError(f"{source} was written by another model's training ({writer}), not by this "
+                             f"{type(self).__name__}; choose another checkpoint_dir (that file belongs to the other run).")
         saved = state.get("fingerprint", {})
         differing = []
         # a part added to the fingerprint later is not compared with a state written before it

@@ -211,6 +211,16 @@ def test_a_failed_overwrite_leaves_the_earlier_save_whole(tiny_adata, tmp_path, 
     assert len(back.history) == 1
 
 
+def test_another_models_checkpoint_is_named_as_such(tiny_adata, tmp_path):
+    adata = tiny_adata.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    ps.RegularizedVI(adata, n_hidden=16, n_latent=4).train(max_epochs=1, checkpoint_dir=str(tmp_path), device="cpu",
+                                                          progress_bar=False)
+    nd = _nd(tiny_adata)  # the same folder: both write checkpoint.pt
+    with pytest.raises(ValueError, match=r"written by another model's training \(SVITrainer\).*choose another"):
+        nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+
+
 def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     """Saved before the confounding checks: its results stay readable, and the design is named as confounded."""
     import anndata
