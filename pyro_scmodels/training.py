@@ -34,17 +34,11 @@ from . import _validation as V
 from ._allocator import reuse_freed_memory
 from ._atomic import atomic_path
 from ._io import load_torch_file
+from .checkpoint_match import check_saved_state
 from .distributed import SingleProcess
 from .optimizers import optimizer_state_fits
 
 logger = logging.getLogger(__name__)
-
-
-#: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
-ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors")
-#: parts replaced by finer ones ("covariates", one text, by the two above that name what differs): an older
-#: checkpoint's is not compared
-RETIRED_FINGERPRINT_PARTS = ("covariates",)
 
 
 class NonFiniteError(FloatingPointError):
@@ -396,31 +390,7 @@ class TrainingLoop:
 
     def load_state(self, state: dict, source: str = "the saved state") -> None:
         """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
-        # another model's checkpoint in the same folder: say so, rather than "remove it" (it is not this run's)
-        # (a checkpoint from before the "loop" entry is told by its modules)
-        legacy = {"network": "NDreamerTrainer", "model": "SVITrainer"}
-        writer = state.get("loop") or next((kind for name, kind in legacy.items()
-                                            if name in state and name not in self.modules), None)
-        if writer is not None and writer != type(self).__name__:
-            raise ValueError(f"{source} was written by another model's training ({writer}), not by this "
-                             f"{type(self).__name__}; choose another checkpoint_dir (that file belongs to the other run).")
-        saved = state.get("fingerprint", {})
-        differing = []
-        # a part added to the fingerprint later is not compared with a state written before it
-        skipped = {k for k in ADDED_FINGERPRINT_PARTS if k not in saved} | set(RETIRED_FINGERPRINT_PARTS)
-        for key in sorted((set(saved) | set(self.fingerprint)) - skipped):
-            old, new = saved.get(key), self.fingerprint.get(key)
-            if old == new:
-                continue
-            if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
-                differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
-            else:
-                differing.append(key)
-        if differing:
-            raise ValueError(
-                f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                "remove it or choose another checkpoint_dir."
-            )
+        check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
         if all(name in state for name in self.modules):
             for name, module in self.modules.items():
                 module.load_state_dict(state[name])

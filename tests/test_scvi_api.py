@@ -149,6 +149,11 @@ def test_transform_batch_decodes_as_the_given_condition(model):
     assert not np.allclose(as_control[~control], own[~control])
     both = model.get_normalized_expression(transform_batch=["control", "stimulated"], return_numpy=True)
     np.testing.assert_allclose(both, (as_control + as_stimulated) / 2, rtol=1e-5)
+    # at a fixed library size, the mean of the proportions (scvi-tools averages px_scale x library_size)
+    shares = [model.get_normalized_expression(transform_batch=c, library_size=1, return_numpy=True)
+              for c in ("control", "stimulated")]
+    np.testing.assert_allclose(model.get_normalized_expression(transform_batch=["control", "stimulated"], library_size=1,
+                                                               return_numpy=True), np.mean(shares, axis=0), rtol=1e-5)
     repeated = model.get_normalized_expression(transform_batch=["control", "control", "stimulated"], return_numpy=True)
     np.testing.assert_allclose(repeated, both, rtol=1e-6)  # a category named twice counts once
     with pytest.raises(ValueError, match="not a category of 'condition'"):
@@ -483,14 +488,19 @@ def test_feature_correlation_matrix_finds_the_marker_modules():
     upper = np.triu_indices(50, 1)
     decoded = np.corrcoef(rankdata(fitted.get_normalized_expression(return_numpy=True), axis=0), rowvar=False)
     assert np.corrcoef(correlation.to_numpy()[upper], decoded[upper])[0, 1] > 0.3
-    # the same seed, the same draws; the categories of transform_batch pooled; Pearson on request
+    # the same seed, the same draws; Pearson on request
     np.testing.assert_array_equal(fitted.get_feature_correlation_matrix(indices=np.arange(40), seed=3),
                                   fitted.get_feature_correlation_matrix(indices=np.arange(40), seed=3))
-    pooled = fitted.get_feature_correlation_matrix(transform_batch=["control", "stimulated"], correlation_type="pearson")
+    both = fitted.get_feature_correlation_matrix(transform_batch=["control", "stimulated"], correlation_type="pearson")
     own = fitted.get_feature_correlation_matrix(correlation_type="pearson")
-    assert pooled.shape == (50, 50) and np.isfinite(pooled.to_numpy()).all()
+    assert both.shape == (50, 50) and np.isfinite(both.to_numpy()).all()
     # every cell decoded in both conditions: other draws than each cell's own condition gives
-    assert not np.allclose(pooled.to_numpy(), own.to_numpy(), atol=1e-3)
+    assert not np.allclose(both.to_numpy(), own.to_numpy(), atol=1e-3)
+    # a list of categories: the mean of each category's matrix, as scvi-tools (pooling the draws added the
+    # covariance between the conditions: genes that both respond looked correlated)
+    each = [fitted.get_feature_correlation_matrix(transform_batch=c, correlation_type="pearson").to_numpy()
+            for c in ("control", "stimulated")]
+    np.testing.assert_allclose(both.to_numpy(), np.mean(each, axis=0), rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="correlation_type"):
         fitted.get_feature_correlation_matrix(correlation_type="kendall")
     with pytest.raises(ValueError, match="rna_size_factor"):

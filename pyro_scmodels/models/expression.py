@@ -144,15 +144,18 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     columns = gene_columns(names, gene_list)
     decoder, guide = model.module.model.eval(), model.module.guide.eval()
     parts = []
+    def decoded(z, batch, switch):
+        rho = decoder.decode(z, batch, None if switch is None else switch(batch["nn_onehot"]), **options)
+        # at a fixed library size each decoding is rescaled before the average: the mean of the proportions, as
+        # scvi-tools averages px_scale x library_size (rescaling the mean of rho instead differed by up to 5 %)
+        return rho if library_size is None or library_size == "latent" else rho / rho.sum(-1, keepdim=True) * float(library_size)
+
     for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
         with torch.no_grad():
             # a list of categories: the expression averaged over decoding as each (scvi-tools' transform_batch)
-            rho = sum(decoder.decode(z, batch, None if s is None else s(batch["nn_onehot"]), **options)
-                      for s in switches) / len(switches)
+            rho = sum(decoded(z, batch, s) for s in switches) / len(switches)
             if library_size == "latent":
                 rho = rho * guide.library_loc(batch, **options).exp().unsqueeze(-1)
-            elif library_size is not None:
-                rho = rho / rho.sum(-1, keepdim=True) * float(library_size)
             if n_samples > 1 and return_mean:
                 rho = rho.mean(0)
         parts.append(rho[..., columns].cpu())

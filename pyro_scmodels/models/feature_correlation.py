@@ -2,8 +2,9 @@
 
 For each cell, z is drawn from q(z | x) and decoded to rho; counts are drawn at a fixed library
 size from the model's own likelihood, ``GammaPoisson(theta, theta / mu)`` with
-``mu = rna_size_factor * rho / sum(rho)``. The draws of every cell (and of every category of
-``transform_batch``) are pooled, and the features are correlated over them. Technical terms that
+``mu = rna_size_factor * rho / sum(rho)``. The draws of every cell are pooled and the features
+correlated over them; with several categories of ``transform_batch``, one matrix per category, averaged.
+Technical terms that
 rho leaves out (background, feature scaling, library size) do not enter the correlation.
 """
 
@@ -53,8 +54,9 @@ class FeatureCorrelationQueries:
             The library size the counts are drawn at (scvi-tools' default, 1,000).
         transform_batch
             None: each cell's own decoder covariates. A category of the decoder-conditioning key, a
-            list of them, or ``{key: category}``: the cells are decoded as each, and the draws of every
-            category are pooled (as scvi-tools does), so the correlation is free of that covariate.
+            list of them, or ``{key: category}``: the cells are decoded as each, one correlation matrix
+            is made per category and the matrices are averaged (as scvi-tools does), so the correlation
+            is free of that covariate.
         correlation_type
             ``"spearman"`` (ranks; scvi-tools' default) or ``"pearson"``.
         modality
@@ -70,8 +72,8 @@ class FeatureCorrelationQueries:
 
         Notes
         -----
-        Every draw is held at once: cells x ``n_samples`` x (number of ``transform_batch``
-        categories) rows by the features, as float32. Pass ``indices`` for large data.
+        The draws of one category are held at once: cells x ``n_samples`` rows by the features, as
+        float32. Pass ``indices`` for large data.
         """
         n_samples = V.positive_int("n_samples", n_samples)
         rna_size_factor = V.positive_float("rna_size_factor", rna_size_factor)
@@ -80,10 +82,13 @@ class FeatureCorrelationQueries:
         modality = self.default_modality(modality)
         settings = transform_covariates(self, transform_batch)
         theta = _dispersion_of(self, modality)
-        draws = []
+        matrices = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)  # the count draws; decode_samples seeds z itself
             for covariates in settings:
+                # the count draws, seeded afresh per category (decode_samples seeds z itself): a list's matrix is
+                # the mean of the matrices of its categories asked one at a time
+                torch.manual_seed(seed)
+                draws = []
                 for _, batch, rho in self.decode_samples(adata, indices, batch_size, n_samples, seed, covariates,
                                                          modality):
                     with torch.no_grad():
@@ -91,10 +96,17 @@ class FeatureCorrelationQueries:
                         group = batch["dispersion_index"] if theta.shape[0] > 1 else torch.zeros_like(batch["index"])
                         counts = dist.GammaPoisson(theta[group], theta[group] / mu).sample()
                     draws.append(counts.reshape(-1, counts.shape[-1]).cpu().numpy())
-        data = np.concatenate(draws)
-        if correlation_type == "spearman":
-            data = rankdata(data, axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature: NaN, as numpy gives it
-            correlation = np.corrcoef(data, rowvar=False)
+                matrices.append(_correlation(np.concatenate(draws), correlation_type))
+        # one matrix per category, averaged (as scvi-tools does): pooling the categories' draws added the
+        # covariance between categories, so two features that both move with the batch looked correlated
+        correlation = np.mean(matrices, axis=0)
         names = self.feature_names(modality)
         return pd.DataFrame(correlation, index=names, columns=names)
+
+
+def _correlation(data: np.ndarray, correlation_type: str) -> np.ndarray:
+    """Features x features correlation of ``data`` (draws x features); Spearman's on its ranks."""
+    if correlation_type == "spearman":
+        data = rankdata(data, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature: NaN, as numpy gives it
+        return np.corrcoef(data, rowvar=False)
