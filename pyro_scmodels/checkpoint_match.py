@@ -8,10 +8,10 @@ both with the run at hand, before any parameter is loaded, and names what differ
 from __future__ import annotations
 
 #: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
-ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors")
-#: parts replaced by finer ones ("covariates", one text, by the two above that name what differs): an older
-#: checkpoint's is not compared
-RETIRED_FINGERPRINT_PARTS = ("covariates",)
+ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "feature names", "model settings")
+#: a model's parts replaced by finer ones, which name what differs ("covariates" by the covariate parts above,
+#: "settings" by "model settings"): an older checkpoint's is not compared when the run's fingerprint lacks the part
+RETIRED_FINGERPRINT_PARTS = ("covariates", "settings")
 #: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
 
@@ -42,10 +42,12 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
                                         if name in state and name not in modules), None)
     if writer is not None and writer != loop:
         raise ValueError(f"{source} was written by another model's training ({writer}), not by this {loop}; "
-                         "choose another checkpoint_dir (that file belongs to the other run).")
+                         "choose another checkpoint_dir, or on the command line another output folder (that file "
+                         "belongs to the other run).")
     saved = state.get("fingerprint", {})
     differing = []
-    skipped = {k for k in ADDED_FINGERPRINT_PARTS if k not in saved} | set(RETIRED_FINGERPRINT_PARTS)
+    skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
+               | {k for k in RETIRED_FINGERPRINT_PARTS if k not in fingerprint})
     for key in sorted((set(saved) | set(fingerprint)) - skipped):
         old, new = saved.get(key), fingerprint.get(key)
         if old == new:
@@ -56,4 +58,5 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
             differing.append(key)
     if differing:
         raise ValueError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                         "remove it or choose another checkpoint_dir.")
+                         "remove it or choose another checkpoint_dir (on the command line: --overwrite, or another "
+                         "output folder).")

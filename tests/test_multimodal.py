@@ -196,6 +196,18 @@ def test_single_modality_mudata_agrees_with_regularizedvi():
     assert multimodal.history["train_loss"].iloc[-1] == pytest.approx(single.history["train_loss"].iloc[-1], rel=0.05)
 
 
+def test_resuming_with_the_modalities_swapped_is_refused(multiome, tmp_path):
+    # swapped modalities of the same sizes resumed silently onto the wrong decoders
+    models = []
+    for modalities in (["rna", "atac"], ["atac", "rna"]):
+        mdata = multiome[:200].copy()
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, modalities=modalities)
+        models.append(ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16))
+    models[0].train(max_epochs=1, checkpoint_dir=str(tmp_path), **FIT)
+    with pytest.raises(ValueError, match=r"feature names\.0: atac, feature names\.0: rna"):
+        models[1].train(max_epochs=2, checkpoint_dir=str(tmp_path), **FIT)
+
+
 def test_setup_errors(multiome):
     mdata = multiome.copy()
     with pytest.raises(ValueError, match="Unknown modalities"):
@@ -216,3 +228,15 @@ def test_setup_errors(multiome):
         ps.RegularizedMultimodalVI(mdata, n_latent={"rna": 3, "atac": 2, "adt": 2})
     with pytest.raises(ValueError, match="unknown modalities"):
         ps.RegularizedMultimodalVI(mdata, ambient_modalities=["protein"])
+    # per-modality dicts name every modality: a misspelt key left that modality to its default without a word
+    with pytest.raises(ValueError, match=r"layer has no entry for modality \['atac'\] \(did you mean \['ATAC'\]"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata.copy(), layer={"rna": None, "ATAC": None})
+    with pytest.raises(ValueError, match=r"names \['rna'\] more than once"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata.copy(), modalities=["rna", "rna"])
+    with pytest.raises(ValueError, match=r"priors has no entry for modality \['atac'\]"):
+        ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors()})
+    with pytest.raises(ValueError, match=r"priors names modalities the model does not have: \['ATAC'\]"):
+        ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors(), "atac": ps.RegularizedPriors(),
+                                                  "ATAC": ps.RegularizedPriors()})
+    with pytest.raises(TypeError, match=r"priors\['atac'\] must be a RegularizedPriors"):
+        ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors(), "atac": None})

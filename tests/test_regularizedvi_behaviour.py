@@ -186,6 +186,16 @@ def test_resuming_with_other_priors_is_refused(small, tmp_path):
     assert len(again.history) == 2
 
 
+def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    other = small[:, ::-1].copy()  # the same counts, the genes in another order: the per-gene tables would not fit
+    ps.RegularizedVI.setup_anndata(other, layer="counts", batch_key="batch")
+    with pytest.raises(ValueError, match=r"feature names\.genes differ.*--overwrite"):
+        ps.RegularizedVI(other, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    with pytest.raises(ValueError, match=r"model settings\.n_latent differ"):  # the setting is named
+        ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+
+
 def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_path):
     stop = dict(max_epochs=20, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e6)
     epochs = []

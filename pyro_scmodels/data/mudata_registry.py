@@ -171,7 +171,11 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     unknown = [m for m in modalities if m not in mdata.mod]
     if unknown or not modalities:
         raise ValueError(f"Unknown modalities {unknown} (mdata has {list(mdata.mod)}).")
-    layers = layer if isinstance(layer, dict) else {m: layer for m in modalities}
+    repeated = sorted({m for m in modalities if modalities.count(m) > 1})
+    if repeated:
+        raise ValueError(f"modalities names {repeated} more than once; name each modality once.")
+    # a dict must name every modality: a misspelt or missing key silently read that modality's .X (None: .X)
+    layers = V.per_modality("layer", layer, modalities)
     keys = resolve_covariate_keys(**covariate_arguments)
     matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
     fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}

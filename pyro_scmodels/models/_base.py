@@ -6,6 +6,7 @@ guide) and ``_cell_data`` (its data access). Everything here works for any such 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 
@@ -436,7 +437,11 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         return {
             "cells": (data.n_cells, int(names.sum() % (2**61))),
             "features": tuple(m.n_features for m in data.modalities.values()),
-            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+            # the names, modality by modality in the model's order: the per-gene tables and the decoders' rows
+            # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)
+            "feature names": {"genes" if m is None else f"{i}: {m}": _digest(self.feature_names(m))
+                              for i, m in enumerate(getattr(self, "modalities", None) or [None])},
+            "model settings": {k: repr(v) for k, v in self.init_params.items() if k != "priors"},
             # the covariate keys and their categories size the model's tables: another setup cannot resume
             # (dicts, so that the refusal names the role or the column that differs)
             "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
@@ -445,3 +450,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             "priors": priors_fingerprint(self.init_params.get("priors")),
         }
 
+
+def _digest(names) -> str:
+    """A short digest of a sequence of names, in order."""
+    return hashlib.blake2b("\x1f".join(map(str, names)).encode(), digest_size=12).hexdigest()

@@ -29,19 +29,14 @@ from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
 def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
-    """An int for every modality, or a dict with one entry per modality (extra entries warn when ``loading``)."""
-    if isinstance(value, dict):
-        missing = [m for m in modalities if m not in value]
-        if missing:
-            raise ValueError(f"{name} has no entry for modality {missing}; give one per modality {modalities}.")
-        unknown = [m for m in value if m not in modalities]
-        if unknown:
-            message = f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}."
-            if not loading:
-                raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=3)  # a model saved before this check still loads
-        return {m: V.positive_int(f"{name}[{m!r}]", value[m]) for m in modalities}
-    return {m: V.positive_int(name, value) for m in modalities}
+    """A positive int for every modality, or a dict with one entry per modality (see :func:`V.per_modality`)."""
+    return V.per_modality(name, value, modalities, V.positive_int, loading)
+
+
+def _checked_priors(label: str, priors) -> RegularizedPriors:
+    if not isinstance(priors, RegularizedPriors):
+        raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors; got {type(priors).__name__}.")
+    return priors
 
 
 class RegularizedMultimodalVI(PyroModelBase):
@@ -112,7 +107,7 @@ class RegularizedMultimodalVI(PyroModelBase):
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
         seed = V.non_negative_int("seed", seed)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
-        priors = priors if isinstance(priors, dict) else {m: priors for m in self.modalities}
+        priors = V.per_modality("priors", priors, self.modalities, _checked_priors, loading=_categories is not None)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
         self.init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
