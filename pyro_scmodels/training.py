@@ -17,6 +17,7 @@ process writes checkpoints, and for the checkpoint that the writing rank read.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -305,6 +306,9 @@ class TrainingLoop:
             self.prepare()
             self._make_optimizer()
         writer = self.parallel.is_writer
+        # the state at the last epoch boundary: what Ctrl-C writes, so that --resume repeats the uninterrupted run
+        keep_boundary = bool(plan.checkpoint_path and writer)
+        boundary = self._boundary_state() if keep_boundary else None
         bar = tqdm(total=plan.max_epochs, initial=min(self.epoch, plan.max_epochs), desc=self.description,
                    disable=not (plan.progress_bar and writer), unit="epoch")
         try:
@@ -322,19 +326,25 @@ class TrainingLoop:
                 if not math.isnan(validation_loss):
                     shown["val"] = f"{validation_loss:.4g}"
                 bar.set_postfix(**shown)
-                if plan.checkpoint_path and writer and self.epoch % plan.checkpoint_every == 0:
-                    self.save_checkpoint(plan.checkpoint_path)
-                # an epoch whose validation was skipped (check_val_every_n_epoch) neither improves nor counts
+                # an epoch whose validation was skipped (check_val_every_n_epoch) neither improves nor counts;
+                # the stop test runs before the state is kept, so that a checkpoint holds its counters
                 monitored = record.get("validated", True)
-                if plan.early_stopping and monitored and self._should_stop(validation_loss, train_loss, plan):
+                stop = plan.early_stopping and monitored and self._should_stop(validation_loss, train_loss, plan)
+                if keep_boundary:
+                    boundary = self._boundary_state()
+                    if self.epoch % plan.checkpoint_every == 0:
+                        self._write_state(boundary, plan.checkpoint_path)
+                if stop:
                     logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
                     break
         except KeyboardInterrupt:
             self.interruption = f"trained for {self.epoch} of {plan.max_epochs} epochs (interrupted at step {self.step})"
-            if plan.checkpoint_path and writer:
-                # mid-epoch state: a resumed run repeats the interrupted epoch, so it is not bit-identical
-                self.save_checkpoint(plan.checkpoint_path)
-                logger.warning("Interrupted: %s; state written to %s.", self.interruption, plan.checkpoint_path)
+            if boundary is not None:
+                # the last whole epoch's state, not the interrupted step's: a resumed run then repeats the
+                # uninterrupted one bit for bit (the steps of the interrupted epoch are trained again)
+                self._write_state(boundary, plan.checkpoint_path)
+                logger.warning("Interrupted: %s; the state after epoch %d (the last whole one) written to %s.",
+                               self.interruption, boundary["epoch"], plan.checkpoint_path)
             else:
                 logger.warning("Interrupted: %s; the parameters of the last step are kept.", self.interruption)
             raise
@@ -410,9 +420,17 @@ class TrainingLoop:
 
     def save_checkpoint(self, path: str) -> None:
         """Write the full training state (atomically: a crash never leaves half a file)."""
+        self._write_state(self.state(), path)
+
+    @staticmethod
+    def _write_state(state: dict, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as temporary:
-            torch.save(self.state(), temporary)
+            torch.save(state, temporary)
+
+    def _boundary_state(self) -> dict:
+        """A copy of :meth:`state` (the parameters and the optimiser's moments cloned), kept between epochs."""
+        return copy.deepcopy(self.state())
 
     def load_checkpoint(self, path: str) -> None:
         """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""

@@ -206,6 +206,31 @@ def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_pa
     assert epochs == [3, 3]
 
 
+def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(small, tmp_path, monkeypatch):
+    from pyro_scmodels.infer import SVITrainer
+
+    straight = ps.RegularizedVI(small, **SMALL)
+    straight.train(max_epochs=4, **QUICK)
+    steps = {"n": 0}
+    original = SVITrainer.after_step
+
+    def ctrl_c_inside_the_third_epoch(self, item):
+        steps["n"] += 1
+        if steps["n"] == 2 * 3 + 2:  # 3 steps an epoch (180 training cells, batch 64): the third epoch's second step
+            raise KeyboardInterrupt
+        original(self, item)
+
+    monkeypatch.setattr(SVITrainer, "after_step", ctrl_c_inside_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=4, checkpoint_dir=str(tmp_path), checkpoint_every=10, **QUICK)
+    monkeypatch.undo()
+    resumed = ps.RegularizedVI(small, **SMALL)  # resumes from the end of epoch 2, the last whole one
+    resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), **QUICK)
+    # bit for bit (the interrupted step's state was written, and its epoch's steps were trained twice)
+    np.testing.assert_array_equal(resumed.history.to_numpy(), straight.history.to_numpy())
+    np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
+
+
 def test_second_train_call_continues(small):
     model = ps.RegularizedVI(small, **SMALL)
     model.train(max_epochs=2, **QUICK)
