@@ -115,10 +115,15 @@ class OutputFolder:
         Names inside the folder that mark earlier results.
     label, option
         How messages name the folder, and the option that sets it (none for a Python argument).
+    resumable
+        Whether the command can continue an interrupted run (the refusal of earlier results then names
+        ``--resume``).
     """
 
-    def __init__(self, path, result_names: tuple[str, ...] = (), label: str = "output folder", option: str | None = "-o"):
+    def __init__(self, path, result_names: tuple[str, ...] = (), label: str = "output folder", option: str | None = "-o",
+                 resumable: bool = True):
         self.label, self.hint = label, "" if option is None else f" ({option})"
+        self.resumable = resumable
         self.path = V.file_path(label, path)
         self.result_names = tuple(result_names)
         self._created: list[str] = []
@@ -150,8 +155,9 @@ class OutputFolder:
         earlier = self.earlier_results()
         if earlier and not (overwrite or resume):
             raise OutputPathError(
-                f"{self.path} holds earlier results ({', '.join(earlier)}); choose another output folder, pass "
-                "--overwrite (overwrite=True) to replace them, or --resume to continue an interrupted run."
+                f"{self.path} holds earlier results ({', '.join(earlier)}); choose another output folder"
+                + (", pass --overwrite (overwrite=True) to replace them, or --resume to continue an interrupted run."
+                   if self.resumable else " or pass --overwrite (overwrite=True) to replace them.")
             )
         self._make_folders()
         probe = os.path.join(self.path, f".write-probe-{os.getpid()}")

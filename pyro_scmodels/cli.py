@@ -11,6 +11,7 @@ Only rank 0 writes the output folder.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -55,6 +56,7 @@ def _prepare_output(folder: OutputFolder, args) -> str:
     data = getattr(args, "data", None)
     if data is not None:
         _check_input_is_not_an_output(data, folder.path)
+    _check_resumable(folder, args)
     return folder.check(overwrite=args.overwrite, resume=getattr(args, "resume", False))
 
 
@@ -67,17 +69,44 @@ def _check_input_is_not_an_output(data: str, out: str) -> None:
                               f"({os.path.join(out, first)}); choose another output folder (-o) or move the input.")
 
 
-def _discard_old_checkpoint(out: str, args) -> None:
-    """On ``--overwrite`` (without ``--resume``), remove an earlier run's checkpoint, so that this run does not resume
-    from it. Called once every input check has passed, right before training: a run refused for its input keeps it.
-    With ``--resume`` and no checkpoint, say that training starts from the beginning."""
-    folder = os.path.join(out, "checkpoint")
-    if getattr(args, "resume", False):
-        if not (os.path.isdir(folder) and os.listdir(folder)):
-            logging.getLogger("pyro_scmodels").warning(f"--resume: no checkpoint in {folder}; training starts from the "
-                                                       "beginning.")
-    elif args.overwrite:
-        shutil.rmtree(folder, ignore_errors=True)
+#: what the commands write into an output folder, removed by --overwrite: an earlier run's optional outputs (its
+#: CATE tables, heatmaps, effects file, NDreamer folder) stayed beside the new results
+EARLIER_OUTPUTS = ("results.h5ad", "effects.h5ad", "history.csv", "latent.png", "training_curve.png",
+                   "ndreamer_ite_heatmap.png", "model", "ndreamer", "checkpoint")
+EARLIER_OUTPUT_PATTERNS = ("cate_*.csv", "ite_heatmap_*.png")
+#: the files of an NDreamer saved into the folder (the ndreamer command), removed only beside its effects.npz
+NDREAMER_FILES = ("effects.npz", "network.pt", "training.pt", "expression_counts.npz", "settings.json")
+
+
+def _discard_earlier_outputs(out: str, args) -> None:
+    """On ``--overwrite`` (without ``--resume``), remove what an earlier run wrote into the folder, so that nothing of
+    it is left beside this run's results and this run does not resume from its checkpoint. Called once every input
+    check has passed, right before training: a run refused for its input keeps them. Other files are left alone."""
+    if getattr(args, "resume", False) or not args.overwrite:
+        return
+    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in EARLIER_OUTPUT_PATTERNS
+                                 for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
+    if os.path.isfile(os.path.join(out, "effects.npz")):
+        names += NDREAMER_FILES
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            os.remove(path)
+
+
+def _check_resumable(folder: OutputFolder, args) -> None:
+    """``--resume`` into a folder of finished results without a checkpoint: refused (it replaced them with a new run)."""
+    checkpoint = os.path.join(folder.path, "checkpoint")
+    if not getattr(args, "resume", False) or args.overwrite or (os.path.isdir(checkpoint) and os.listdir(checkpoint)):
+        return
+    earlier = folder.earlier_results()
+    if earlier:
+        raise OutputPathError(f"--resume: {folder.path} holds results ({', '.join(earlier)}) but no checkpoint to resume "
+                              "from; pass --overwrite to replace them with a new run, or choose another output folder.")
+    logging.getLogger("pyro_scmodels").warning(f"--resume: no checkpoint in {checkpoint}; training starts from the "
+                                               "beginning.")
 
 
 def _check_device(device: str) -> None:
@@ -115,6 +144,7 @@ def run_demo(args, folder: OutputFolder) -> dict:
 
     _check_device(args.device)
     out = _prepare_output(folder, args)
+    _discard_earlier_outputs(out, args)  # the demo's arguments are checked by now; it simulates its own input
     return demo.run(args, out, LATENT_KEY, lambda model, adata: _store_results(model, adata, args.write_normalized),
                     lambda model, adata, folder, colour_by: write_figures(model, adata, folder, colour_by, args.umap))
 
@@ -161,7 +191,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
                   factual=args.factual, **network_preset(args.network))
     if args.cate_groupby is not None:  # every treatment needs a group with both arms: checked before training
         _check_cate_groups(nd, adata.obs, args.cate_groupby)
-    _discard_old_checkpoint(out, args)
+    _discard_earlier_outputs(out, args)
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"
@@ -226,7 +256,7 @@ def run_fit(args, folder: OutputFolder) -> None:
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
                           ambient_shape_prior=args.ambient_shape_prior, ambient_profile=profile)
     if writer:
-        _discard_old_checkpoint(out, args)
+        _discard_earlier_outputs(out, args)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices, compile=args.compile)
@@ -306,7 +336,7 @@ def main(argv=None) -> int:
     try:
         try:
             check_arguments(args)
-            folder = OutputFolder(args.output, RESULT_NAMES)
+            folder = OutputFolder(args.output, RESULT_NAMES, resumable=args.command != "demo")
             commands[args.command](args, folder)
         finally:
             # a run that failed before writing anything leaves no empty folder behind

@@ -133,7 +133,7 @@ def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
     capsys.readouterr()
     assert main(["demo", "-o", out, *DEMO_ARGS]) == 2
     message = capsys.readouterr().err
-    assert "--overwrite" in message
+    assert "--overwrite" in message and "--resume" not in message  # the demo has no --resume to offer
     assert out in message and "results.h5ad" in message
     assert os.path.getmtime(os.path.join(out, "results.h5ad")) == before  # nothing was touched
 
@@ -516,3 +516,27 @@ def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
     entries = _help_entries(capsys.readouterr().out)
     assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
     assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]
+
+
+def test_overwrite_removes_what_an_earlier_run_wrote_and_keeps_other_files(input_h5ad, tmp_path):
+    out = tmp_path / "out"
+    assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "1", *FIT_ARGS]) == 0
+    # an earlier ndreamer run's optional outputs in the same folder, and a file of the user's
+    for name in ("cate_stimulated.csv", "ite_heatmap_stimulated.png", "effects.h5ad", "notes.txt"):
+        (out / name).write_text("earlier")
+    assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "1", "--overwrite", *FIT_ARGS]) == 0
+    left = set(os.listdir(out))
+    assert not left & {"cate_stimulated.csv", "ite_heatmap_stimulated.png", "effects.h5ad"}  # they stayed beside it
+    assert {"notes.txt", "results.h5ad", "model", "history.csv"} <= left
+
+
+def test_resume_into_finished_results_without_a_checkpoint_is_refused(input_h5ad, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "1", *FIT_ARGS]) == 0
+    shutil.rmtree(out / "checkpoint")  # e.g. removed to save space
+    before = (out / "results.h5ad").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "2", "--resume", *FIT_ARGS]) == 2
+    said = capsys.readouterr().err
+    assert "holds results" in said and "no checkpoint to resume from" in said and "--overwrite" in said
+    assert (out / "results.h5ad").stat().st_mtime_ns == before  # a new run replaced them
