@@ -344,7 +344,8 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     if key in container:
         return
     available = ", ".join(map(str, list(container)[:limit])) or "(none)"
-    raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {what}s: {available}.")
+    plural = what[:-1] + "ies" if what.endswith("y") else what + "s"
+    raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
 
 
 def file_path(name: str, value) -> str:

@@ -208,6 +208,18 @@ def test_resuming_with_the_modalities_swapped_is_refused(multiome, tmp_path):
         models[1].train(max_epochs=2, checkpoint_dir=str(tmp_path), **FIT)
 
 
+def test_store_with_indices_and_a_missing_modality_are_refused_before_the_work(simulated_pair):
+    model = simulated_pair
+    with pytest.raises(ValueError, match="store=True writes a row for every cell"):
+        model.get_latent_representation(indices=[0, 1, 2], store=True)  # it failed in anndata after computing z
+    with pytest.raises(ValueError, match="store=True writes a row for every cell"):
+        model.get_modality_attribution(indices=[0, 1, 2], store=True)  # it skipped storing without a word
+    assert set(model.get_modality_attribution(indices=[0, 1, 2])) == set(model.modalities)  # stored nothing, as asked
+    rna_only = mudata.MuData({"rna": model.adata.mod["rna"][:20].copy()})
+    with pytest.raises(KeyError, match="Modality 'atac' not found .* Available modalities: rna"):
+        model.get_latent_representation(adata=rna_only)
+
+
 def test_setup_errors(multiome):
     mdata = multiome.copy()
     with pytest.raises(ValueError, match="Unknown modalities"):

@@ -158,6 +158,13 @@ def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypat
     assert nd.trainer.step == 1
 
 
+def test_more_neighbours_than_any_group_holds_says_so(tiny_adata):
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    with pytest.warns(UserWarning, match=r"nearest_neighbor=100000 is more than the cells of the largest .* the same as"):
+        nd.estimate_ite(nearest_neighbor=100000, gene_list=list(nd.genes[:3]))
+
+
 def test_second_training_recomputes_embedding_and_effects(tiny_adata):
     nd = _nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)

@@ -33,6 +33,13 @@ def _per_modality(value, modalities: list[str], name: str, loading: bool = False
     return V.per_modality(name, value, modalities, V.positive_int, loading)
 
 
+def _check_store(store: bool, indices) -> None:
+    """``store`` writes one row per cell of the MuData: with ``indices`` it could not (it failed after the work)."""
+    if store and indices is not None:
+        raise ValueError("store=True writes a row for every cell of the MuData (its obsm); with indices it cannot. "
+                         "Pass indices=None, or keep the returned array yourself.")
+
+
 def _checked_priors(label: str, priors) -> RegularizedPriors:
     if not isinstance(priors, RegularizedPriors):
         raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors; got {type(priors).__name__}.")
@@ -175,6 +182,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         if mdata is self.adata:
             return self._held_cell_data()
         for m in self.modalities:
+            V.present(m, mdata.mod, "the MuData's modalities (mdata.mod)", "modality")
             check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
         # new cells: read with the training setup, always validated
         return CellData.from_setup(mdata, encoding=self.encoding, setup=self._setup, validate=True)
@@ -229,6 +237,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         """
         V.positive_int("mc_samples", mc_samples)
         give_mean, return_dist = V.boolean("give_mean", give_mean), V.boolean("return_dist", return_dist)
+        _check_store(V.boolean("store", store) and not return_dist, indices)
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
@@ -340,7 +349,8 @@ class RegularizedMultimodalVI(PyroModelBase):
             raise ValueError(f"Modality {modality!r} has no feature scaling (see feature_scaling_modalities).")
         return self.global_site_table("feature_scaling", modality)
 
-    def get_modality_attribution(self, adata=None, indices=None, batch_size: int | None = None, store: bool = True) -> dict:
+    def get_modality_attribution(self, adata=None, indices=None, batch_size: int | None = None,
+                                 store: bool | None = None) -> dict:
         """How much each latent dimension drives each modality's decoder, per cell (SPEC 2).
 
         For modality m and latent column j: the mean over features of |d rho^(m) / d z_j| at the
@@ -351,8 +361,11 @@ class RegularizedMultimodalVI(PyroModelBase):
         -------
         dict
             ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; with
-            ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``.
+            ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``. ``store``
+            None (default): stored when every cell is asked for; True with ``indices`` is refused.
         """
+        store = indices is None if store is None else V.boolean("store", store)
+        _check_store(store, indices)
         model = self.module.model.eval()
         parts = {m: [] for m in self.modalities}
         latents = []
@@ -373,7 +386,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         for m in self.modalities:
             attribution = torch.cat(parts[m]).cpu().numpy()
             result[m] = {"attribution": attribution, "weighted_z": z * attribution}
-            if store and indices is None:
+            if store:
                 target.obsm[f"X_attribution_{m}"] = attribution
                 target.obsm[f"X_weighted_z_{m}"] = z * attribution
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .. import _validation as V
@@ -81,6 +83,13 @@ class MatchedEffects:
             raise ValueError("No representation to match in yet: set an embedding first (NDreamer: train() it).")
         key = self._key(nearest_neighbor, bandwidth)
         if key not in self._matches:
+            _, sizes = np.unique(self.design.groups, return_counts=True)
+            if key[0] > sizes.max():
+                # every group is matched with all of its cells: a larger k changes nothing, and saying so beats
+                # a silent clip (results recorded under a k that was never used)
+                warnings.warn(f"nearest_neighbor={key[0]} is more than the cells of the largest batch x condition "
+                              f"group ({sizes.max()}): each cell is matched with every cell of each group, the same "
+                              f"as nearest_neighbor={sizes.max()}.", UserWarning, stacklevel=3)
             # device="auto": the matching module decides whether FAISS can use a GPU
             self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
             while len(self._matches) > self.max_cached:
