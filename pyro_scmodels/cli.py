@@ -322,9 +322,7 @@ def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "devices", None) and args.devices > 1 and "WORLD_SIZE" not in os.environ:
-        check_arguments(args)
-        return _launch_torchrun(argv, args.devices)
+    launch = bool(getattr(args, "devices", None) and args.devices > 1 and "WORLD_SIZE" not in os.environ)
     package_logger = logging.getLogger("pyro_scmodels")
     if not any(isinstance(h, _CurrentStderrHandler) for h in package_logger.handlers):
         handler = _CurrentStderrHandler()
@@ -337,6 +335,12 @@ def main(argv=None) -> int:
         try:
             check_arguments(args)
             folder = OutputFolder(args.output, RESULT_NAMES, resumable=args.command != "demo")
+            if launch:
+                # the input file and the output folder are checked here, once, before the processes start: a
+                # refusal inside them came with torchrun's own report (a traceback) and exit code 1
+                _prepare_output(folder, args)
+                read_h5ad(args.data, backed="r").file.close()
+                return _launch_torchrun(argv, args.devices)
             commands[args.command](args, folder)
         finally:
             # a run that failed before writing anything leaves no empty folder behind

@@ -297,9 +297,18 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = []
     monkeypatch.setattr(cli.subprocess, "call", lambda command: started.append(command) or 0)
-    argv = ["fit", "cells.h5ad", "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "3"]
+    cells = str(tmp_path / "cells.h5ad")
+    _cells(40).write_h5ad(cells)
+    argv = ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "3"]
     assert cli.main(argv) == 0
     assert started == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "pyro_scmodels", *argv]]
-    assert not (tmp_path / "out").exists()  # the launched ranks prepare the folder, not the launcher
-    assert cli.main(["fit", "cells.h5ad", "-o", str(tmp_path / "out"), "--devices", "0"]) == 2  # checked first
+    assert not (tmp_path / "out").exists()  # checked by the launcher, left to the ranks to fill (not left empty)
+    assert cli.main(["fit", cells, "-o", str(tmp_path / "out"), "--devices", "0"]) == 2  # checked first
+    # the input file and the output folder are checked before any process starts (inside them, a refusal came
+    # with torchrun's traceback and exit code 1)
+    assert cli.main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "out"), "--devices", "2"]) == 2
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.h5ad").write_text("earlier")
+    assert cli.main(["fit", cells, "-o", str(tmp_path / "done"), "--devices", "2"]) == 2
+    assert len(started) == 1
