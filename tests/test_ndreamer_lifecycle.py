@@ -102,6 +102,8 @@ def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, mess
     (dict(loss_weights={"triplet": -5.0}), ValueError, "loss_weights.triplet"),  # it would reward bad triplets
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
+    (dict(num_hvg=1), ValueError, "num_hvg must be an integer >= 2"),  # sklearn's n_components=0 error, after work
+    (dict(batch_key="true_library"), ValueError, r"batch_key: adata.obs\['true_library'\] holds real numbers"),
 ])
 def test_network_settings_are_checked_before_preprocessing(tiny_adata, monkeypatch, arguments, error, message):
     def preprocessing(*args, **kwargs):
@@ -109,7 +111,7 @@ def test_network_settings_are_checked_before_preprocessing(tiny_adata, monkeypat
 
     monkeypatch.setattr("pyro_scmodels.ndreamer.pipeline.log_normalise", preprocessing)
     with pytest.raises(error, match=message):
-        NDreamer(tiny_adata, "condition", "control", batch_key="batch", layer="counts", **{**TINY, **arguments})
+        NDreamer(tiny_adata, "condition", "control", layer="counts", **{"batch_key": "batch", **TINY, **arguments})
 
 
 def test_loss_weights_as_a_dict_override_the_defaults(tiny_adata):

@@ -129,7 +129,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         loss_weights = LossWeights.from_value(loss_weights)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                        num_hvg=V.positive_int("num_hvg", num_hvg), layer=layer, **sizes,
+                        num_hvg=V.integer("num_hvg", num_hvg, minimum=2, description="an integer >= 2 (genes for the PCA of the cell states)"), layer=layer, **sizes,
                         batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr),
                         seed=V.non_negative_int("seed", seed),
                         representation=NETWORK,
@@ -175,6 +175,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
             if not saved:
                 raise ValueError(message)
             warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning, stacklevel=3)
+        if not saved:  # a column of real numbers made one group per cell (the error then listed every cell)
+            for key in dict.fromkeys([settings["condition_key"], *settings["batch_key"]]):
+                V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
         condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = labels_of(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
