@@ -337,6 +337,12 @@ def test_cli_checks_numeric_options_before_any_work(tmp_path, capsys):
     # too small a demo for its report (it crashed after training)
     assert main(["demo", "-o", str(out), "--n-cells", "5", "--quiet"]) == 2
     assert "--n-cells must be an integer >= 300" in capsys.readouterr().err
+    # named by their options (they were named by their Python arguments, or failed in sklearn after the gene choice)
+    assert main(["fit", "data.h5ad", "-o", str(out), "--ambient-shape-prior", "-1", "--quiet"]) == 2
+    assert "--ambient-shape-prior must be a positive number" in capsys.readouterr().err
+    assert main(["ndreamer", "data.h5ad", "-o", str(out), "--condition-key", "c", "--control", "a", "--num-hvg", "1",
+                 "--quiet"]) == 2
+    assert "--num-hvg must be an integer >= 2" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
