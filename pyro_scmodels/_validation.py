@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Callable, Iterable
 
 __all__ = [
@@ -344,7 +343,7 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     if key in container:
         return
     available = ", ".join(map(str, list(container)[:limit])) or "(none)"
-    plural = what[:-1] + "ies" if what.endswith("y") else what + "s"
+    plural = what[:-1] + "ies" if what.endswith("y") and what[-2:-1] not in "aeiou" else what + "s"
     raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
 
 
@@ -425,46 +424,3 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
     if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
         raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
                          "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")
-
-
-def per_modality(name: str, value, modalities: list[str], check=None, loading: bool = False) -> dict:
-    """One value for every modality: ``value`` itself for each, or a dict with exactly one entry per modality.
-
-    Parameters
-    ----------
-    name
-        The argument's name, for messages (``"layer"``, ``"n_latent"``).
-    value
-        One value, or a dict ``{modality: value}``.
-    modalities
-        The modalities, in order.
-    check
-        ``check(label, value) -> value`` applied to each value (e.g. :func:`positive_int`); None keeps them.
-    loading
-        A dict naming modalities the model does not have warns instead of raising (a saved model still loads).
-
-    Returns
-    -------
-    dict
-        ``{modality: value}`` in the order of ``modalities``.
-
-    Raises
-    ------
-    ValueError
-        A dict without an entry for a modality (a misspelt key left it to the default silently), or with
-        entries for modalities that do not exist.
-    """
-    check = check or (lambda label, item: item)
-    if not isinstance(value, dict):
-        return {m: check(name, value) for m in modalities}
-    missing = [m for m in modalities if m not in value]
-    unknown = [m for m in value if m not in modalities]
-    if missing:
-        hint = f" (did you mean {unknown} for {missing}?)" if unknown else ""
-        raise ValueError(f"{name} has no entry for modality {missing}{hint}; give one per modality {modalities}.")
-    if unknown:
-        message = f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}."
-        if not loading:
-            raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-    return {m: check(f"{name}[{m!r}]", value[m]) for m in modalities}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 #: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
 ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "feature names", "model settings")
-#: a model's parts replaced by finer ones, which name what differs ("covariates" by the covariate parts above,
-#: "settings" by "model settings"): an older checkpoint's is not compared when the run's fingerprint lacks the part
-RETIRED_FINGERPRINT_PARTS = ("covariates", "settings")
+#: a model's parts that finer ones (which name what differs) replace: compared only for a checkpoint written before
+#: its successor existed, so that an older checkpoint keeps its check and a newer one reports each difference once
+SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "covariate keys"}
 #: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
 
@@ -47,16 +47,27 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
     saved = state.get("fingerprint", {})
     differing = []
     skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
-               | {k for k in RETIRED_FINGERPRINT_PARTS if k not in fingerprint})
+               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if successor in saved and successor in fingerprint})
     for key in sorted((set(saved) | set(fingerprint)) - skipped):
         old, new = saved.get(key), fingerprint.get(key)
-        if old == new:
+        if _same(old, new):
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
-            differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+            differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if not _same(old.get(k), new.get(k))]
         else:
             differing.append(key)
     if differing:
         raise ValueError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
                          "remove it or choose another checkpoint_dir (on the command line: --overwrite, or another "
                          "output folder).")
+
+
+def _same(old, new) -> bool:
+    """Equal, or the same number written two ways (``"1000"`` and ``"1000.0"``: a setting given as an int then, and
+    stored as a float now)."""
+    if old == new:
+        return True
+    try:
+        return isinstance(old, str) and isinstance(new, str) and float(old) == float(new)
+    except ValueError:
+        return False

@@ -74,8 +74,6 @@ def _check_input_is_not_an_output(data: str, out: str) -> None:
 EARLIER_OUTPUTS = ("results.h5ad", "effects.h5ad", "history.csv", "latent.png", "training_curve.png",
                    "ndreamer_ite_heatmap.png", "model", "ndreamer", "checkpoint")
 EARLIER_OUTPUT_PATTERNS = ("cate_*.csv", "ite_heatmap_*.png")
-#: the files of an NDreamer saved into the folder (the ndreamer command), removed only beside its effects.npz
-NDREAMER_FILES = ("effects.npz", "network.pt", "training.pt", "expression_counts.npz", "settings.json")
 
 
 def _discard_earlier_outputs(out: str, args) -> None:
@@ -84,10 +82,13 @@ def _discard_earlier_outputs(out: str, args) -> None:
     check has passed, right before training: a run refused for its input keeps them. Other files are left alone."""
     if getattr(args, "resume", False) or not args.overwrite:
         return
-    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in EARLIER_OUTPUT_PATTERNS
+    from .ndreamer._persistence import SAVED_FILES, STAGED_PREFIX
+
+    patterns = [*EARLIER_OUTPUT_PATTERNS, f"{STAGED_PREFIX}*"]
+    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in patterns
                                  for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
-    if os.path.isfile(os.path.join(out, "effects.npz")):
-        names += NDREAMER_FILES
+    if os.path.isfile(os.path.join(out, SAVED_FILES[0])):  # an NDreamer saved into the folder (its effects file)
+        names += SAVED_FILES
     for name in names:
         path = os.path.join(out, name)
         if os.path.isdir(path):
@@ -99,9 +100,10 @@ def _discard_earlier_outputs(out: str, args) -> None:
 def _check_resumable(folder: OutputFolder, args) -> None:
     """``--resume`` into a folder of finished results without a checkpoint: refused (it replaced them with a new run)."""
     checkpoint = os.path.join(folder.path, "checkpoint")
-    if not getattr(args, "resume", False) or args.overwrite or (os.path.isdir(checkpoint) and os.listdir(checkpoint)):
+    if not getattr(args, "resume", False) or args.overwrite or os.path.isfile(os.path.join(checkpoint, "checkpoint.pt")):
         return
-    earlier = folder.earlier_results()
+    # a checkpoint folder without its file (a run stopped in its first epoch) is not a result: resuming starts afresh
+    earlier = [path for path in folder.earlier_results() if os.path.basename(path) != "checkpoint"]
     if earlier:
         raise OutputPathError(f"--resume: {folder.path} holds results ({', '.join(earlier)}) but no checkpoint to resume "
                               "from; pass --overwrite to replace them with a new run, or choose another output folder.")
@@ -175,11 +177,11 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .ndreamer import NDreamer
     from .ndreamer.effect_intervals import bound_names
     from .ndreamer import network_preset
+    from .ndreamer.pipeline import ONE_PROCESS_ONLY
 
     _check_device(args.device)
     if launched_world_size() > 1:
-        raise ValueError("ndreamer trains in one process (its losses compare cells across the whole minibatch); "
-                         "run it without torchrun.")
+        raise ValueError(ONE_PROCESS_ONLY)
     out = _prepare_output(folder, args)
     # backed: .X stays on disk and is read in blocks of rows (layers are loaded by anndata)
     adata = read_h5ad(args.data, backed="r" if args.backed else None)

@@ -143,6 +143,9 @@ class SVITrainer(TrainingLoop):
     def set_optimizer_settings(self, lr: float, eps: float, weight_decay: float, global_lr_factor: float = 1.0) -> None:
         """Use new Adam settings from the next step on (the moment estimates are kept)."""
         self.lr, self.eps, self.weight_decay, self.global_lr_factor = lr, eps, weight_decay, global_lr_factor
+        # the settings of the latest call: a checkpoint resumed after a first call that failed before its first
+        # epoch must not bring that call's settings back
+        self._requested = dict(lr=lr, eps=eps, weight_decay=weight_decay, global_lr_factor=global_lr_factor)
         if self.optimizer is None:
             return
         groups = self._parameter_groups()

@@ -85,6 +85,13 @@ class RegularizedPriors:
         }
 
 
+def checked_priors(label: str, priors) -> "RegularizedPriors":
+    """``priors`` if it is a :class:`RegularizedPriors`; ``TypeError`` naming ``label`` otherwise."""
+    if not isinstance(priors, RegularizedPriors):
+        raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors, got {type(priors).__name__}.")
+    return priors
+
+
 def priors_fingerprint(priors) -> str:
     """A text that changes whenever a prior's family, its parameter values or a flag changes.
 

@@ -286,8 +286,10 @@ class TrainingLoop:
         """Train until ``plan.max_epochs`` / ``plan.max_steps`` (counted over all calls) or early stopping.
 
         A checkpoint at ``plan.checkpoint_path`` is resumed when this loop has not trained yet.
-        On Ctrl-C the state is checkpointed (when checkpointing is on), the modules are put back
-        in eval mode, and ``KeyboardInterrupt`` is raised again.
+        On Ctrl-C the state after the last whole epoch is checkpointed (when checkpointing is on; the
+        interrupted epoch's steps are trained again on resume, so the resumed run repeats the
+        uninterrupted one), the modules keep the last step's parameters and are put back in eval
+        mode, and ``KeyboardInterrupt`` is raised again.
         """
         # each step frees and allocates the same large tensors: fresh pages for them cost more than the arithmetic
         with reuse_freed_memory():

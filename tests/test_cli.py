@@ -390,7 +390,7 @@ def test_an_input_where_the_results_go_is_refused(input_h5ad, tmp_path, capsys, 
     (["--batch-key", "batch", "--layer", "no_such_layer"], ["no_such_layer", "adata.layers"]),
     (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
     (["--batch-key", "batch", "--layer", "counts", "--global-lr-factor", "0"], ["--global-lr-factor", "positive"]),
-    (["--batch-key", "batch", "--layer", "counts", "--ambient-shape-prior", "-1"], ["ambient_shape_prior"]),
+    (["--batch-key", "batch", "--layer", "counts", "--ambient-shape-prior", "-1"], ["--ambient-shape-prior"]),
     (["--batch-key", "batch", "--layer", "counts", "--label-key", "celltype"], ["celltype", "--label-key"]),
 ], ids=["missing-obs-key", "missing-layer", "batch-key-with-dispersion-key", "global-lr-factor-not-positive",
         "ambient-shape-prior-not-positive", "missing-label-key"])
@@ -522,11 +522,14 @@ def test_overwrite_removes_what_an_earlier_run_wrote_and_keeps_other_files(input
     out = tmp_path / "out"
     assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "1", *FIT_ARGS]) == 0
     # an earlier ndreamer run's optional outputs in the same folder, and a file of the user's
-    for name in ("cate_stimulated.csv", "ite_heatmap_stimulated.png", "effects.h5ad", "notes.txt"):
+    earlier = {"cate_stimulated.csv", "ite_heatmap_stimulated.png", "effects.h5ad",
+               # a saved NDreamer, and a file of an interrupted save of one
+               "effects.npz", "network.pt", "training.pt", "settings.json", ".staged-network.pt"}
+    for name in (*earlier, "notes.txt"):
         (out / name).write_text("earlier")
     assert main(["fit", input_h5ad, "-o", str(out), "--max-epochs", "1", "--overwrite", *FIT_ARGS]) == 0
     left = set(os.listdir(out))
-    assert not left & {"cate_stimulated.csv", "ite_heatmap_stimulated.png", "effects.h5ad"}  # they stayed beside it
+    assert not left & earlier  # they stayed beside the new results
     assert {"notes.txt", "results.h5ad", "model", "history.csv"} <= left
 
 
@@ -540,3 +543,11 @@ def test_resume_into_finished_results_without_a_checkpoint_is_refused(input_h5ad
     said = capsys.readouterr().err
     assert "holds results" in said and "no checkpoint to resume from" in said and "--overwrite" in said
     assert (out / "results.h5ad").stat().st_mtime_ns == before  # a new run replaced them
+
+
+def test_resume_after_a_run_stopped_in_its_first_epoch_starts_afresh(input_h5ad, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pyro_scmodels")
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)  # made before the first epoch; the run was killed before writing into it
+    assert main(["fit", input_h5ad, "-o", str(out), "--resume", "--max-epochs", "1", *FIT_ARGS]) == 0
+    assert "no checkpoint in" in caplog.text and "starts from the beginning" in caplog.text

@@ -196,6 +196,32 @@ def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):
         ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
 
 
+def test_a_checkpoint_written_before_the_finer_fingerprint_keeps_its_settings_check(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for part in ("covariate keys", "covariate categories", "priors", "feature names", "model settings"):
+        del state["fingerprint"][part]  # as checkpoints were written before 2026-12-06
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"\(settings differ\)"):  # it resumed, or failed in load_state_dict
+        ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    same = ps.RegularizedVI(small, **SMALL)
+    same.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(same.history) == 2  # the same settings still resume
+
+
+def test_a_resume_after_a_failed_first_call_takes_the_latest_settings(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path / "good"), **QUICK)
+    other = tmp_path / "other"  # another model's checkpoint: the first call is refused before any epoch
+    other.mkdir()
+    torch.save({"loop": "NDreamerTrainer"}, other / "checkpoint.pt")
+    model = ps.RegularizedVI(small, **SMALL)
+    with pytest.raises(ValueError, match="another model's training"):
+        model.train(max_epochs=2, checkpoint_dir=str(other), lr=1e-3, **QUICK)
+    model.train(max_epochs=2, checkpoint_dir=str(tmp_path / "good"), lr=5e-2, **QUICK)
+    assert [g["lr"] for g in model.trainer.optimizer.param_groups] == [5e-2]  # not the failed call's 1e-3
+
+
 def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_path):
     stop = dict(max_epochs=20, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e6)
     epochs = []

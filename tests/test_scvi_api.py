@@ -174,8 +174,10 @@ def test_transform_batch_with_two_conditioning_keys_takes_dicts_and_refuses_mixe
     np.testing.assert_allclose(
         averaged, (two.get_normalized_expression(transform_batch="batch_0", **get) + as_batch) / 2, rtol=1e-5)
     # a batch and a condition in one list would average two half-switched decodings: refused, with the fix
-    with pytest.raises(ValueError, match="several decoder-conditioning keys.*pass a dict"):
-        two.get_normalized_expression(transform_batch=["batch_1", "stimulated"], **get)
+    for mixed in (["batch_1", "stimulated"], ["batch_1", {"condition": "stimulated"}],
+                  [{"batch": "batch_0"}, {"condition": "stimulated"}]):
+        with pytest.raises(ValueError, match="switches different decoder-conditioning keys.*pass a dict"):
+            two.get_normalized_expression(transform_batch=mixed, **get)
 
 
 @pytest.mark.filterwarnings("ignore:The model has not been trained")

@@ -8,6 +8,7 @@ covariate keys, categories and count fingerprints in ``mdata.uns`` (as JSON).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -175,7 +176,7 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     if repeated:
         raise ValueError(f"modalities names {repeated} more than once; name each modality once.")
     # a dict must name every modality: a misspelt or missing key silently read that modality's .X (None: .X)
-    layers = V.per_modality("layer", layer, modalities)
+    layers = per_modality("layer", layer, modalities)
     keys = resolve_covariate_keys(**covariate_arguments)
     matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
     fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}
@@ -200,3 +201,46 @@ def read_mudata_setup(mdata) -> MuDataSetup:
         raise ValueError("This object was set up for RegularizedVI (setup_anndata), not with setup_mudata.")
     return MuDataSetup(modalities=record["modalities"], layers=record["layers"], keys=CovariateKeys(**record["keys"]),
                        categories=record.get("categories"), counts=record.get("counts"))
+
+
+def per_modality(name: str, value, modalities: list[str], check=None, loading: bool = False) -> dict:
+    """One value for every modality: ``value`` itself for each, or a dict with exactly one entry per modality.
+
+    Parameters
+    ----------
+    name
+        The argument's name, for messages (``"layer"``, ``"n_latent"``).
+    value
+        One value, or a dict ``{modality: value}``.
+    modalities
+        The modalities, in order.
+    check
+        ``check(label, value) -> value`` applied to each value (e.g. ``_validation.positive_int``); None keeps them.
+    loading
+        A dict naming modalities the model does not have warns instead of raising (a saved model still loads).
+
+    Returns
+    -------
+    dict
+        ``{modality: value}`` in the order of ``modalities``.
+
+    Raises
+    ------
+    ValueError
+        A dict without an entry for a modality (a misspelt key left it to the default silently), or with
+        entries for modalities that do not exist.
+    """
+    check = check or (lambda label, item: item)
+    if not isinstance(value, dict):
+        return {m: check(name, value) for m in modalities}
+    missing = [m for m in modalities if m not in value]
+    unknown = [m for m in value if m not in modalities]
+    if missing:
+        hint = f" (did you mean {unknown} for {missing}?)" if unknown else ""
+        raise ValueError(f"{name} has no entry for modality {missing}{hint}; give one per modality {modalities}.")
+    if unknown:
+        message = f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}."
+        if not loading:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return {m: check(f"{name}[{m!r}]", value[m]) for m in modalities}

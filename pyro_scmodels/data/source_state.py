@@ -24,6 +24,24 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
 
 
+def names_digest(names) -> str:
+    """A digest of a sequence of names, in order (cell or feature names)."""
+    return _digest(pd.util.hash_pandas_object(pd.Index(names).astype(str), index=False).to_numpy())
+
+
+def setting_text(value) -> str:
+    """A text that changes whenever ``value`` does: ``repr``, but arrays and tables by a digest of their content
+    (pandas and numpy shorten a long ``repr`` with "...", so two profiles differing in a middle gene read the same)."""
+    if isinstance(value, (pd.DataFrame, pd.Series)):
+        frame = value.to_frame() if isinstance(value, pd.Series) else value
+        content = pd.util.hash_pandas_object(frame, index=False).to_numpy()  # any dtype, row by row
+        return (f"{type(value).__name__} {frame.shape} {names_digest(frame.index)} {names_digest(frame.columns)} "
+                f"{_digest(content)}")
+    if isinstance(value, np.ndarray):
+        return f"ndarray {value.shape} {value.dtype} {_digest(value)}"
+    return repr(value)
+
+
 def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None = None,
                  count_fingerprints: list[dict] | None = None) -> dict:
     """A summary of the parts of ``data`` that a model's copy of it holds.

@@ -6,7 +6,6 @@ guide) and ``_cell_data`` (its data access). Everything here works for any such 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 
@@ -21,7 +20,7 @@ from .._selection import SelectionError, cell_positions
 from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..data import CellData, iterate_minibatches
-from ..data.source_state import changes, source_state
+from ..data.source_state import changes, names_digest, setting_text, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..distributed import is_writer, training_parallelism
@@ -439,9 +438,12 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             "features": tuple(m.n_features for m in data.modalities.values()),
             # the names, modality by modality in the model's order: the per-gene tables and the decoders' rows
             # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)
-            "feature names": {"genes" if m is None else f"{i}: {m}": _digest(self.feature_names(m))
+            "feature names": {"genes" if m is None else f"{i}: {m}": names_digest(self.feature_names(m))
                               for i, m in enumerate(getattr(self, "modalities", None) or [None])},
-            "model settings": {k: repr(v) for k, v in self.init_params.items() if k != "priors"},
+            "model settings": {k: setting_text(v) for k, v in self.init_params.items() if k != "priors"},
+            # the two parts of checkpoints written before the finer ones above (compared only for those)
+            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+            "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
             # the covariate keys and their categories size the model's tables: another setup cannot resume
             # (dicts, so that the refusal names the role or the column that differs)
             "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
@@ -449,8 +451,3 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
             "priors": priors_fingerprint(self.init_params.get("priors")),
         }
-
-
-def _digest(names) -> str:
-    """A short digest of a sequence of names, in order."""
-    return hashlib.blake2b("\x1f".join(map(str, names)).encode(), digest_size=12).hexdigest()

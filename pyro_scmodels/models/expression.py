@@ -47,13 +47,13 @@ def transform_covariates(model, transform_batch) -> list[dict | None]:
     if not keys:
         return _no_conditioning(model, items)
     settings = [item if isinstance(item, dict) else {_key_of(model, keys, item): str(item)} for item in items]
-    named = {next(iter(s)) for s, item in zip(settings, items) if not isinstance(item, dict)}
-    if len(named) > 1:
-        # categories of two keys in one list would average "as b1 with its own tech" with "as t2 with its own
+    switched = {tuple(sorted(s)) for s in settings}
+    if len(switched) > 1:
+        # entries switching different keys would average "as b1 with its own tech" with "as t2 with its own
         # batch": neither the joint setting nor either alone, so it is refused rather than guessed
         raise ValueError(
-            f"transform_batch={list(transform_batch)!r} names categories of several decoder-conditioning keys "
-            f"({sorted(named)}); a list averages over categories of one key. To decode as a combination, pass a "
+            f"transform_batch={list(transform_batch)!r} switches different decoder-conditioning keys in its entries "
+            f"({sorted(switched)}); a list averages over settings of the same keys. To decode as a combination, pass a "
             "dict such as {key_a: category_a, key_b: category_b}; to average over several, a list of such dicts."
         )
     return settings

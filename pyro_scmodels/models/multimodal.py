@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from ..data.mudata_registry import per_modality
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_arguments, setup_mudata
-from ..priors import RegularizedPriors
+from ..priors import RegularizedPriors, checked_priors
 from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
@@ -29,8 +30,8 @@ from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
 def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
-    """A positive int for every modality, or a dict with one entry per modality (see :func:`V.per_modality`)."""
-    return V.per_modality(name, value, modalities, V.positive_int, loading)
+    """A positive int for every modality, or a dict with one entry per modality (see :func:`per_modality`)."""
+    return per_modality(name, value, modalities, V.positive_int, loading)
 
 
 def _check_store(store: bool, indices) -> None:
@@ -38,12 +39,6 @@ def _check_store(store: bool, indices) -> None:
     if store and indices is not None:
         raise ValueError("store=True writes a row for every cell of the MuData (its obsm); with indices it cannot. "
                          "Pass indices=None, or keep the returned array yourself.")
-
-
-def _checked_priors(label: str, priors) -> RegularizedPriors:
-    if not isinstance(priors, RegularizedPriors):
-        raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors; got {type(priors).__name__}.")
-    return priors
 
 
 class RegularizedMultimodalVI(PyroModelBase):
@@ -114,7 +109,7 @@ class RegularizedMultimodalVI(PyroModelBase):
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
         seed = V.non_negative_int("seed", seed)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
-        priors = V.per_modality("priors", priors, self.modalities, _checked_priors, loading=_categories is not None)
+        priors = per_modality("priors", priors, self.modalities, checked_priors, loading=_categories is not None)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
         self.init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,

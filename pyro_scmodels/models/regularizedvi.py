@@ -16,7 +16,7 @@ import torch
 
 from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
-from ..priors import RegularizedPriors
+from ..priors import RegularizedPriors, checked_priors
 from . import ambient as _ambient
 from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
@@ -121,8 +121,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         dropout_rate, input_dropout_rate = V.rate("dropout_rate", dropout_rate), V.rate("input_dropout_rate", input_dropout_rate)
         if global_guides is not None and not isinstance(global_guides, dict):
             raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
-        if priors is not None and not isinstance(priors, RegularizedPriors):
-            raise TypeError(f"priors must be a RegularizedPriors, got {type(priors).__name__}.")
+        if priors is not None:
+            checked_priors("priors", priors)
         latent_independence = V.non_negative_float("latent_independence", latent_independence)
         ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
         if ambient_shape_prior is not None:

@@ -35,6 +35,8 @@ NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "setting
 COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
 TRAINING_FILE = "training.pt"  # the training loop's state without the network (history, optimiser, passes done)
 STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file is written
+#: every file a save may write, its effects file first (the one no other output of the package has)
+SAVED_FILES = (EFFECTS_FILE, NETWORK_FILE, TRAINING_FILE, COUNTS_FILE, SETTINGS_FILE, RESULTS_FILE)
 COUNTS_ARRAYS = ("counts", "indices", "indptr", "factors")
 NETWORK, LATENT = "network", "latent"  # the two kinds of representation
 LABEL_COLUMNS = ("_label_low", "_label_high")

@@ -43,6 +43,8 @@ from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer
 
 logger = logging.getLogger(__name__)
+ONE_PROCESS_ONLY = ("NDreamer trains in one process (its losses compare cells across the whole minibatch); run it "
+                    "without torchrun (docs/distributed.md).")
 
 
 
@@ -177,7 +179,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
             warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning, stacklevel=3)
         if not saved:  # a column of real numbers made one group per cell (the error then listed every cell)
             for key in dict.fromkeys([settings["condition_key"], *settings["batch_key"]]):
-                V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
+                if key in obs.columns:  # a missing one is named by labels_of below
+                    V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
         condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = labels_of(obs, settings["batch_key"], "batch_key")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
@@ -291,8 +294,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if self.network is None:
             raise ValueError("This NDreamer uses a fixed latent representation (from_model): there is no network to train.")
         if launched_world_size() > 1:  # each process would train the whole network and write the same checkpoint
-            raise ValueError("NDreamer trains in one process (its losses compare cells across the whole minibatch); "
-                             "run it without torchrun (docs/distributed.md).")
+            raise ValueError(ONE_PROCESS_ONLY)
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
