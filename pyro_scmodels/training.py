@@ -17,11 +17,8 @@ process writes checkpoints, and for the checkpoint that the writing rank read.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -33,11 +30,8 @@ from tqdm.auto import tqdm
 from . import _constants as C
 from . import _validation as V
 from ._allocator import reuse_freed_memory
-from ._atomic import atomic_path
-from ._io import load_torch_file
-from .checkpoint_match import check_saved_state
+from .checkpoints import LoopCheckpoints
 from .distributed import SingleProcess
-from .optimizers import optimizer_state_fits
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +83,7 @@ class LoopPlan:
         self.progress_bar = V.boolean("progress_bar", self.progress_bar)
 
 
-class TrainingLoop:
+class TrainingLoop(LoopCheckpoints):
     """Minibatch gradient descent on named torch modules, with the hooks a subclass fills in.
 
     Parameters
@@ -362,18 +356,6 @@ class TrainingLoop:
         self._best = math.inf
         self._epochs_without_improvement = 0
 
-    def _resume(self, path: str) -> None:
-        """Continue from the checkpoint at ``path`` if there is one (read by the writing rank, handed to all)."""
-        state = self.parallel.from_writer(lambda: load_torch_file(path, "training checkpoint") if os.path.exists(path) else None)
-        if state is not None:
-            self.load_state(state, source=f"Checkpoint {path}")
-            self.after_resume()
-            if self.parallel.is_writer:
-                logger.info("Resumed from %s at epoch %d.", path, self.epoch)
-
-    def after_resume(self) -> None:
-        """Called once a checkpoint was resumed: take up this call's settings where the state brought back older ones."""
-
     def _should_stop(self, validation_loss: float, train_loss: float, plan) -> bool:
         monitored = train_loss if math.isnan(validation_loss) else validation_loss
         if monitored < self._best - plan.min_delta:
@@ -382,64 +364,3 @@ class TrainingLoop:
         else:
             self._epochs_without_improvement += 1
         return self._epochs_without_improvement >= plan.patience
-
-    # --- checkpoints -----------------------------------------------------------------------
-    def state(self, include_modules: bool = True) -> dict:
-        """Everything needed to continue training (the modules' parameters optionally left out)."""
-        modules = {name: module.state_dict() for name, module in self.modules.items()} if include_modules else {}
-        return {
-            **modules,
-            "loop": type(self).__name__,  # which model's training wrote it (they share the file name checkpoint.pt)
-            "fingerprint": self.fingerprint,
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "history": self.history,
-            "best": self._best,
-            "epochs_without_improvement": self._epochs_without_improvement,
-            **self.extra_state(),
-        }
-
-    def load_state(self, state: dict, source: str = "the saved state") -> None:
-        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
-        check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
-        if all(name in state for name in self.modules):
-            for name, module in self.modules.items():
-                module.load_state_dict(state[name])
-        if state.get("optimizer") is not None:
-            self._make_optimizer()
-            if optimizer_state_fits(state["optimizer"], self.optimizer):
-                self.optimizer.load_state_dict(state["optimizer"])
-            else:
-                # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
-                # an ordinary model: the moment estimates were kept for other parameter shapes
-                warnings.warn(f"{source} holds optimiser moments for other parameter shapes or groups than this model's; "
-                              "training continues with fresh Adam moments.", stacklevel=2)
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history = state["history"]
-        self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]
-        self.load_extra_state(state)
-
-    def save_checkpoint(self, path: str) -> None:
-        """Write the full training state (atomically: a crash never leaves half a file)."""
-        self._write_state(self.state(), path)
-
-    @staticmethod
-    def _write_state(state: dict, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with atomic_path(path) as temporary:
-            torch.save(state, temporary)
-
-    def _boundary_state(self) -> dict:
-        """A copy of :meth:`state` (the parameters and the optimiser's moments cloned), kept between epochs."""
-        return copy.deepcopy(self.state())
-
-    def load_checkpoint(self, path: str) -> None:
-        """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""
-        self.load_state(load_torch_file(path, "training checkpoint"), source=f"Checkpoint {path}")
-
-    def move_optimizer_state(self) -> None:
-        """After the modules moved device, move the optimiser's state with them."""
-        if self.optimizer is not None:
-            # load_state_dict casts each state tensor to its parameter's device
-            self.optimizer.load_state_dict(self.optimizer.state_dict())

@@ -1,0 +1,166 @@
+"""Checkpoints of the training loop: its state, written and read back, and whether a saved state belongs to a run.
+
+:class:`LoopCheckpoints` is the part of :class:`~pyro_scmodels.training.TrainingLoop` that writes its state (modules,
+optimiser, epoch, history, early-stopping counters, the loop's own extra state) and restores it. A checkpoint records
+which training loop wrote it and a fingerprint of what the run depends on (cells, genes, settings, covariates,
+priors; see each model's ``_fingerprint``). :func:`check_saved_state` compares both with the run at hand, before
+any parameter is loaded, and names what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+
+import torch
+
+from ._atomic import atomic_path
+from ._io import load_torch_file
+from .optimizers import optimizer_state_fits
+
+logger = logging.getLogger("pyro_scmodels.training")
+
+
+
+#: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
+ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "feature names", "model settings")
+#: a model's parts that finer ones (which name what differs) replace: compared only for a checkpoint written before
+#: its successor existed, so that an older checkpoint keeps its check and a newer one reports each difference once
+SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "covariate keys"}
+#: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
+LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
+
+
+def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source: str) -> None:
+    """Raise ``ValueError`` unless ``state`` was written by this kind of loop for the same data and settings.
+
+    Parameters
+    ----------
+    state
+        A loop's saved state (``TrainingLoop.state``).
+    loop
+        The name of the loop resuming (its class name).
+    modules
+        The names of the loop's modules.
+    fingerprint
+        The loop's fingerprint now.
+    source
+        What the state is, for the message (``"Checkpoint <path>"``).
+
+    Raises
+    ------
+    ValueError
+        Another model's training wrote it (it shares the file name ``checkpoint.pt``: the message does not tell
+        the user to remove it), or the fingerprints differ (naming the parts, and a dict part's entries).
+    """
+    writer = state.get("loop") or next((kind for name, kind in LEGACY_LOOP_MODULES.items()
+                                        if name in state and name not in modules), None)
+    if writer is not None and writer != loop:
+        raise ValueError(f"{source} was written by another model's training ({writer}), not by this {loop}; "
+                         "choose another checkpoint_dir, or on the command line another output folder (that file "
+                         "belongs to the other run).")
+    saved = state.get("fingerprint", {})
+    differing = []
+    skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
+               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if successor in saved and successor in fingerprint})
+    for key in sorted((set(saved) | set(fingerprint)) - skipped):
+        old, new = saved.get(key), fingerprint.get(key)
+        if _same(old, new):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
+            differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if not _same(old.get(k), new.get(k))]
+        else:
+            differing.append(key)
+    if differing:
+        raise ValueError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
+                         "remove it or choose another checkpoint_dir (on the command line: --overwrite, or another "
+                         "output folder).")
+
+
+def _same(old, new) -> bool:
+    """Equal, or the same number written two ways (``"1000"`` and ``"1000.0"``: a setting given as an int then, and
+    stored as a float now)."""
+    if old == new:
+        return True
+    try:
+        return isinstance(old, str) and isinstance(new, str) and float(old) == float(new)
+    except ValueError:
+        return False
+
+
+class LoopCheckpoints:
+    """Writing and restoring a training loop's state (mixed into :class:`~pyro_scmodels.training.TrainingLoop`)."""
+
+    def _resume(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` if there is one (read by the writing rank, handed to all)."""
+        state = self.parallel.from_writer(lambda: load_torch_file(path, "training checkpoint") if os.path.exists(path) else None)
+        if state is not None:
+            self.load_state(state, source=f"Checkpoint {path}")
+            self.after_resume()
+            if self.parallel.is_writer:
+                logger.info("Resumed from %s at epoch %d.", path, self.epoch)
+
+    def after_resume(self) -> None:  # noqa: B027 (a hook)
+        """Called once a checkpoint was resumed: take up this call's settings where the state brought back older ones."""
+
+    def state(self, include_modules: bool = True) -> dict:
+        """Everything needed to continue training (the modules' parameters optionally left out)."""
+        modules = {name: module.state_dict() for name, module in self.modules.items()} if include_modules else {}
+        return {
+            **modules,
+            "loop": type(self).__name__,  # which model's training wrote it (they share the file name checkpoint.pt)
+            "fingerprint": self.fingerprint,
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best": self._best,
+            "epochs_without_improvement": self._epochs_without_improvement,
+            **self.extra_state(),
+        }
+
+    def load_state(self, state: dict, source: str = "the saved state") -> None:
+        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
+        check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
+        if all(name in state for name in self.modules):
+            for name, module in self.modules.items():
+                module.load_state_dict(state[name])
+        if state.get("optimizer") is not None:
+            self._make_optimizer()
+            if optimizer_state_fits(state["optimizer"], self.optimizer):
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
+                # an ordinary model: the moment estimates were kept for other parameter shapes
+                warnings.warn(f"{source} holds optimiser moments for other parameter shapes or groups than this model's; "
+                              "training continues with fresh Adam moments.", stacklevel=2)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = state["history"]
+        self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]
+        self.load_extra_state(state)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write the full training state (atomically: a crash never leaves half a file)."""
+        self._write_state(self.state(), path)
+
+    @staticmethod
+    def _write_state(state: dict, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
+
+    def _boundary_state(self) -> dict:
+        """A copy of :meth:`state` (the parameters and the optimiser's moments cloned), kept between epochs."""
+        return copy.deepcopy(self.state())
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""
+        self.load_state(load_torch_file(path, "training checkpoint"), source=f"Checkpoint {path}")
+
+    def move_optimizer_state(self) -> None:
+        """After the modules moved device, move the optimiser's state with them."""
+        if self.optimizer is not None:
+            # load_state_dict casts each state tensor to its parameter's device
+            self.optimizer.load_state_dict(self.optimizer.state_dict())
