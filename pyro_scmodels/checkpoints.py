@@ -10,6 +10,7 @@ any parameter is loaded, and names what differs.
 from __future__ import annotations
 
 import copy
+import decimal
 import logging
 import os
 import warnings
@@ -21,6 +22,8 @@ from ._io import load_torch_file
 from .optimizers import optimizer_state_fits
 
 logger = logging.getLogger("pyro_scmodels.training")
+#: the file a training run checkpoints to, inside its checkpoint_dir (every model's, NDreamer's too)
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 
@@ -63,8 +66,9 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
                          "belongs to the other run).")
     saved = state.get("fingerprint", {})
     differing = []
+    # a legacy part is compared only when the saved state has it and lacks its successor (written in between)
     skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
-               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if successor in saved and successor in fingerprint})
+               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if k not in saved or successor in saved})
     for key in sorted((set(saved) | set(fingerprint)) - skipped):
         old, new = saved.get(key), fingerprint.get(key)
         if _same(old, new):
@@ -84,9 +88,11 @@ def _same(old, new) -> bool:
     stored as a float now)."""
     if old == new:
         return True
-    try:
-        return isinstance(old, str) and isinstance(new, str) and float(old) == float(new)
-    except ValueError:
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:  # exact (a float would equate seeds that differ above 2**53)
+        return decimal.Decimal(old) == decimal.Decimal(new)
+    except decimal.InvalidOperation:
         return False
 
 

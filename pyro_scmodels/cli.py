@@ -23,6 +23,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
+from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import build_parser, check_arguments
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
@@ -100,9 +101,10 @@ def _discard_earlier_outputs(out: str, args) -> None:
 def _check_resumable(folder: OutputFolder, args) -> None:
     """``--resume`` into a folder of finished results without a checkpoint: refused (it replaced them with a new run)."""
     checkpoint = os.path.join(folder.path, "checkpoint")
-    if not getattr(args, "resume", False) or args.overwrite or os.path.isfile(os.path.join(checkpoint, "checkpoint.pt")):
+    if not getattr(args, "resume", False) or os.path.isfile(os.path.join(checkpoint, CHECKPOINT_FILE)):
         return
-    # a checkpoint folder without its file (a run stopped in its first epoch) is not a result: resuming starts afresh
+    # a checkpoint folder without its file (a run stopped before its first checkpoint) is not a result: resuming
+    # starts afresh
     earlier = [path for path in folder.earlier_results() if os.path.basename(path) != "checkpoint"]
     if earlier:
         raise OutputPathError(f"--resume: {folder.path} holds results ({', '.join(earlier)}) but no checkpoint to resume "

@@ -208,6 +208,15 @@ def test_a_checkpoint_written_before_the_finer_fingerprint_keeps_its_settings_ch
     same = ps.RegularizedVI(small, **SMALL)
     same.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
     assert len(same.history) == 2  # the same settings still resume
+    # a model saved before 2026-12-05 (its fingerprint: cells, features, settings) still loads and trains on
+    same.save(str(tmp_path / "saved"))
+    payload = torch.load(tmp_path / "saved" / "model.pt", weights_only=False)
+    fingerprint = payload["trainer"]["fingerprint"]
+    payload["trainer"]["fingerprint"] = {k: fingerprint[k] for k in ("cells", "features", "settings")}
+    torch.save(payload, tmp_path / "saved" / "model.pt")
+    loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small)
+    loaded.train(max_epochs=1, **QUICK)
+    assert len(loaded.history) == 3
 
 
 def test_a_resume_after_a_failed_first_call_takes_the_latest_settings(small, tmp_path):

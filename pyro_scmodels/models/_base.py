@@ -23,6 +23,7 @@ from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, names_digest, setting_text, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
+from ..checkpoints import CHECKPOINT_FILE
 from ..distributed import is_writer, training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from ..priors import priors_fingerprint
@@ -246,7 +247,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             kl_warmup_epochs=settings["kl_warmup_epochs"], kl_warmup_steps=settings["kl_warmup_steps"],
             early_stopping=early_stopping, patience=early_stopping_patience, min_delta=early_stopping_min_delta,
             gradient_clip=settings["gradient_clip"], validate_every=validate_every,
-            checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, "checkpoint.pt"),
+            checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE),
             checkpoint_every=checkpoint_every, progress_bar=progress_bar,
         )
         if checkpoint_dir is not None and is_writer():  # the last check before training; only rank 0 writes checkpoints

@@ -49,7 +49,6 @@ LEARNING_RATE = 1e-3  # AdamW
 GRADIENT_CLIP_NORM = 10.0
 MIN_CELLS_PER_GROUP_DRAW = 2  # each group gives at least this many cells to every minibatch
 CHECKPOINT_EVERY = 1  # passes between checkpoints
-CHECKPOINT_FILE = "checkpoint.pt"
 
 # --- matching (SPEC 3.5) -------------------------------------------------------------
 # cells per block when reading the input (a backed .X is read from disk one block at a time)

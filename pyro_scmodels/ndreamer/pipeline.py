@@ -26,6 +26,7 @@ import torch
 
 from .. import _validation as V
 from .._io import writable_folder
+from ..checkpoints import CHECKPOINT_FILE
 from ..data import check_unique_names
 from ..distributed import launched_world_size
 from ..infer import resolve_device
@@ -302,7 +303,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         t = self.trainer
         plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
-                        checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, K.CHECKPOINT_FILE),
+                        checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE),
                         checkpoint_every=checkpoint_every)  # LoopPlan checks its settings
         if checkpoint_dir is not None:  # the last check before training
             writable_folder("checkpoint_dir", checkpoint_dir)
