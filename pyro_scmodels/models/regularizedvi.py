@@ -312,9 +312,10 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             As in :meth:`get_latent_representation`.
         transform_batch
             Decode every cell as if it had this category of the decoder-conditioning key
-            (``nn_conditioning_covariate_keys``); a list of categories averages over them; a dict
+            (``nn_conditioning_covariate_keys``); a list of categories averages over them (at a number
+            ``library_size``, the rescaled decodings are averaged, as scvi-tools does); a dict
             ``{key: category}`` when several keys condition the decoder (a list of such dicts averages
-            over them; a list mixing categories of two keys is refused). Only those keys enter
+            over them; a list whose entries switch different keys is refused). Only those keys enter
             rho: the ambient, scaling, dispersion and library-size groups are left out of rho
             anyway, so with an unconditioned decoder this changes nothing (and warns).
         gene_list
