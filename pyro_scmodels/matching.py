@@ -238,6 +238,8 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
         raise ValueError(f"groups must be 1-d with one label per cell ({points.shape[0]}), got shape {labels.shape}.")
     codes, uniques = pd.factorize(labels)  # missing labels get code -1
     code_of = {label: code for code, label in enumerate(uniques)}
+    if isinstance(target_groups, str):  # one label, not its characters
+        target_groups = [target_groups]
     targets = list(uniques) if target_groups is None else list(target_groups)
     missing = [label for label in targets if label not in code_of]
     if missing:

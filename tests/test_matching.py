@@ -484,3 +484,9 @@ def test_weighted_average_defaults_and_errors():
         matching.weighted_average(values, indices, np.ones((2, 3)))
     with pytest.raises(ValueError, match="non-negative"):
         matching.weighted_average(values, indices, [[1.0, -1.0], [1.0, 1.0]])
+
+
+def test_one_target_group_given_as_a_string_is_one_label():
+    embedding = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    groups = np.array(["a"] * 20 + ["b"] * 30 + ["ab"] * 10)
+    assert list(matching.match_groups(embedding, groups, target_groups="ab", k=2)) == ["ab"]  # it read the letters a and b

@@ -167,6 +167,39 @@ def test_more_neighbours_than_any_group_holds_says_so(tiny_adata):
         nd.estimate_ite(nearest_neighbor=100000, gene_list=list(nd.genes[:3]))
 
 
+def test_retraining_clears_the_interval_bounds_too(tiny_adata):
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    nd.estimate_ite(interval=0.9)
+    assert "ite_stimulated_q05" in nd.results.layers and "ite_matching" in nd.results.uns
+    nd.train(n_epochs=1, progress_bar=False)  # the bounds of the old network stayed, and were saved
+    assert not [name for name in nd.results.layers if name.startswith("ite_")]
+    assert "ite_matching" not in nd.results.uns
+
+
+def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch):
+    def latent(*args, **kwargs):
+        raise AssertionError("the latent was computed before the design was checked")
+
+    monkeypatch.setattr(tiny_model, "get_latent_representation", latent)
+    with pytest.raises(KeyError, match="conditon"):
+        NDreamer.from_model(tiny_model, "conditon", "control", device="cpu")
+
+
+def test_batch_labels_holding_the_join_character_are_refused(tiny_adata):
+    adata = tiny_adata.copy()
+    half = np.arange(adata.n_obs) < adata.n_obs // 2
+    adata.obs["donor"], adata.obs["lane"] = np.where(half, "x|1", "x"), np.where(half, "2", "1|2")
+    with pytest.raises(ValueError, match="label 'x\\|1'.*joined with '\\|'"):  # ("x|1", "2") and ("x", "1|2") merged
+        NDreamer(adata, "condition", "control", batch_key=["donor", "lane"], layer="counts", **TINY)
+
+
+def test_effects_of_an_untrained_network_warn(tiny_adata):
+    nd = _nd(tiny_adata)
+    with pytest.warns(UserWarning, match="has not been trained"):
+        nd.get_modifier_space()
+
+
 def test_second_training_recomputes_embedding_and_effects(tiny_adata):
     nd = _nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)

@@ -184,6 +184,13 @@ class NDreamer(ModelRepresentation, EffectQueries):
                     V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
         condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
         batches = labels_of(obs, settings["batch_key"], "batch_key")
+        if batches.shape[1] > 1 and not saved:
+            joined = [(key, value) for j, key in enumerate(settings["batch_key"]) for value in np.unique(batches[:, j])
+                      if "|" in value]
+            if joined:  # ("x|1", "2") and ("x", "1|2") would be one batch, "x|1|2"
+                key, value = joined[0]
+                raise ValueError(f"batch_key {key!r} has the label {value!r}: with several batch keys the labels are "
+                                 "joined with '|', so a label holding '|' could merge two batches. Rename those labels.")
         batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
         # saved before the setting existed: no minimum
         return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
@@ -209,6 +216,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         self.batch_codes = np.stack([pd.Categorical(batches[:, j]).codes for j in range(batches.shape[1])], 1).astype(
             np.int64) if batches.shape[1] else np.zeros((len(obs), 0), dtype=np.int64)
         self.network, self.trainer = None, None
+        self._saved_network = False  # a network read from a saved folder (trained, though no trainer came with it)
         if settings["representation"] == NETWORK:
             batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
             with torch.random.fork_rng(devices=_rng_devices(self.device)):
@@ -323,9 +331,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         self.effects.invalidate()
         for key in (EMBEDDING_KEY, EMBEDDING_KEY + "_PCA"):
             self.results.obsm.pop(key, None)
-        for layer in ["denoised", "batch_effect", *(f"ite_{c}" for c in self.design.treatments)]:
-            self.results.layers.pop(layer, None)
-        for key in [k for k in self.results.uns if k.startswith("cate_")]:
+        # every effect layer, the ITE's interval bounds too (they stayed, and were saved, beside a new network)
+        effect_layers = ("denoised", "batch_effect", *(f"ite_{c}" for c in self.design.treatments))
+        for layer in [name for name in self.results.layers if name.startswith(effect_layers)]:
+            del self.results.layers[layer]
+        for key in [k for k in self.results.uns if k.startswith("cate_") or k == "ite_matching"]:
             del self.results.uns[key]
 
     # --- embedding and effects ------------------------------------------------------------------
@@ -345,6 +355,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
         """
         if self.network is None:
             return self.effects.embedding
+        if (self.trainer is None or self.trainer.step == 0) and not self._saved_network:
+            warnings.warn("This NDreamer has not been trained: its embedding, and every effect matched in it, come "
+                          "from a randomly initialised network. Call train() first.", UserWarning, stacklevel=2)
         # one block of cells densified at a time: never a cells x genes dense array
         step = self.settings["batch_size"]
         parts = [self.network.embed(torch.as_tensor(self.expression[start : start + step].toarray(), device=self.device)).cpu()
@@ -415,6 +428,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()
+            nd._saved_network = True
             if saved.training_state is not None:  # the history, optimiser and passes: a further train() goes on
                 nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
         nd.results = saved.results

@@ -73,11 +73,13 @@ class ModelRepresentation:
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
                         factual=V.choice("factual", factual, FACTUAL_CHOICES))
         self = cls.__new__(cls)
+        # the design is checked before the latent and the expression are computed (minutes at 10^6 cells)
+        design = cls._make_design(model.adata.obs, settings)
         latent = model.get_latent_representation()  # before the expression is held: the two never add up
         # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
         expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
         self._setup(settings, model.adata.obs.copy(), expression, pd.Index(source.var_names).astype(str), device,
-                    latent=latent, model=model)
+                    latent=latent, model=model, design=design)
         return self
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
