@@ -230,7 +230,9 @@ def _feature_names(model, site: str, n: int) -> pd.Index:
 
 
 def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prior) -> PredictiveCheck:
-    num_samples = V.positive_int("num_samples", num_samples)
+    # one draw makes the randomised PIT uniform on [0, 1/2] or [1/2, 1] whatever the fit: its coverage reads nominal
+    num_samples = V.integer("num_samples", num_samples, minimum=2, description=(
+        "an integer >= 2 (with one draw the PIT coverage reads nominal whatever the fit; 20 or more is advised)"))
     batch_size = V.optional(V.positive_int, "batch_size", batch_size)
     seed = V.non_negative_int("seed", seed)
     figure_path = V.optional(checked_figure_path, "figure_path", figure_path)

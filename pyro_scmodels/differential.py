@@ -193,7 +193,8 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
     V.group_column(obs, groupby, "groupby")
     labels = obs[groupby].astype(str).to_numpy()
     known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
-    chosen = known if group1 is None else list(dict.fromkeys([group1] if isinstance(group1, str) else list(group1)))
+    one = isinstance(group1, str) or not isinstance(group1, (list, tuple, set, np.ndarray, pd.Index, pd.Series))
+    chosen = known if group1 is None else list(dict.fromkeys([group1] if one else list(group1)))
     if not chosen:
         raise ValueError("group1 is an empty list; pass a group, a list of groups, or None for every group.")
     for group in [*chosen, *([] if group2 is None else [group2])]:

@@ -206,3 +206,12 @@ def test_prior_check_on_untrained_model(untrained, tmp_path):
     again = prior_predictive_check(untrained, num_samples=5, batch_size=64)
     pd.testing.assert_frame_equal(check.genes, again.genes)  # the seed fixes draws and PIT
     np.testing.assert_array_equal(check.pit_histogram, again.pit_histogram)
+
+
+def test_one_predictive_draw_is_refused():
+    # with one draw the randomised PIT reads nominal coverage whatever the fit
+    adata = ps.datasets.simulate(n_cells=100, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=0)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
+        prior_predictive_check(model, num_samples=1)

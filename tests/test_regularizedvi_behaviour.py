@@ -474,3 +474,43 @@ def test_decoder_weight_prior_is_the_log_density_relative_to_zero(small, prior):
         assert expected == pytest.approx(expected_closed, rel=1e-4)
     site = [name for name in trace.nodes if "decoder_weight_prior" in name][0]
     assert float(trace.nodes[site]["fn"].log_prob(torch.tensor(0.0))) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_a_subclassed_model_is_not_loaded_or_resumed_as_the_plain_one(small, tmp_path):
+    from pyro_scmodels.models.regularizedvi_guide import RegularizedVIGuide
+    from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
+    from pyro_scmodels.pyro_modules import PositiveSiteGuide
+
+    class OffsetModel(RegularizedVIModel):  # a per-gene factor on the mean, a site of its own
+        def global_sites(self):
+            values = super().global_sites()
+            with pyro.plate("genes_offset", self.dims.n_genes, dim=-1):
+                values["offset"] = pyro.sample("gene_offset", dist.Gamma(10.0, 10.0))
+            return values
+
+    class OffsetGuide(RegularizedVIGuide):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gene_offset = PositiveSiteGuide(torch.ones(self.dims.n_genes), "map")
+
+        def global_sites(self):
+            values = super().global_sites()
+            with pyro.plate("genes_offset", self.dims.n_genes, dim=-1):
+                self.gene_offset("gene_offset")
+            return values
+
+    class OffsetVI(ps.RegularizedVI):
+        model_class, guide_class = OffsetModel, OffsetGuide
+
+    edited = OffsetVI(small, **SMALL)
+    edited.train(max_epochs=2, checkpoint_dir=str(tmp_path / "ck"), **QUICK)
+    edited.save(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="OffsetModel / OffsetGuide.*OffsetVI.load"):
+        ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small)  # it loaded, or failed in load_state_dict
+    with pytest.raises(ValueError, match="module classes differ"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=3, checkpoint_dir=str(tmp_path / "ck"), **QUICK)
+    assert OffsetVI.load(str(tmp_path / "saved"), adata=small).is_trained
+    # a per-gene site of the subclass is exported per gene, to .varm (it went to .uns as a list)
+    exported = small.copy()
+    edited.export_posterior(exported, num_samples=2)
+    assert exported.varm["means_gene_offset"].shape == (small.n_vars, 1)

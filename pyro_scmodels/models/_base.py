@@ -360,6 +360,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
+        payload["module classes"] = self._module_classes()
         data_path = os.path.join(dir_path, self._data_file())
         if save_anndata and hasattr(self.adata, "mod"):
             with atomic_path(data_path) as temporary:
@@ -395,7 +396,16 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             raise ValueError(f"{dir_path} holds a saved {saved}, not a {cls.__name__}; load it with {saved}.load(...).")
         return payload
 
+    def _module_classes(self) -> str:
+        """The classes of the Pyro model and guide (a modeller's subclass edits sites the state dict cannot show)."""
+        return f"{type(self.module.model).__name__} / {type(self.module.guide).__name__}"
+
     def _restore(self, payload: dict) -> None:
+        saved_classes = payload.get("module classes")
+        if saved_classes is not None and saved_classes != self._module_classes():
+            raise ValueError(f"This folder was saved by a {payload.get('class', 'model')} whose Pyro model and guide are "
+                             f"{saved_classes}; {type(self).__name__} builds {self._module_classes()}, so an edited site "
+                             f"would silently take its default. Load it with {payload.get('class', 'that class')}.load(...).")
         self.module.load_state_dict(payload["state_dict"])
         self.is_trained = payload["is_trained"]
         saved = payload.get("trainer")
@@ -451,4 +461,6 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
             "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
             # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
             "priors": priors_fingerprint(self.init_params.get("priors")),
+            # a subclass's edited site is not in the state dict: another model class resumed silently with the default
+            "module classes": self._module_classes(),
         }

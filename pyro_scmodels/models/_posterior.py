@@ -127,6 +127,10 @@ class PosteriorMixin:
                 elif value.ndim == 2 and value.shape[-1] == len(self._feature_table(name, adata).var_names):
                     table = self._feature_table(name, adata)
                     table.varm[key] = pd.DataFrame(value.T, index=table.var_names, columns=self.site_levels(name, value.shape[0]))
+                elif value.ndim == 1 and value.shape[0] == len(self._feature_table(name, adata).var_names):
+                    # one value per gene (e.g. a site a subclass adds): a one-column table, not a list in .uns
+                    table = self._feature_table(name, adata)
+                    table.varm[key] = pd.DataFrame({name: value}, index=table.var_names)
                 else:
                     globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
         for name, values in self.exported_cell_quantities(adata, batch_size).items():
