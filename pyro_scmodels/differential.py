@@ -182,6 +182,10 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
             raise ValueError(f"{'idx1' if len(cells1) == 0 else 'idx2 (or the rest)'} selects no cells.")
         if np.array_equal(np.unique(cells1), np.unique(cells2)):
             raise ValueError("idx1 and idx2 select the same cells: there is nothing to compare.")
+        shared = np.intersect1d(cells1, cells2)
+        if len(shared):
+            warnings.warn(f"idx1 and idx2 share {len(shared)} cells; they count in both groups, which pulls the two "
+                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=3)
         return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
     if idx2 is not None:
         raise ValueError("idx2 needs idx1.")

@@ -71,6 +71,10 @@ class RegularizedPriors:
                 raise V.ArgumentTypeError(f"RegularizedPriors.{f.name} must be a distribution, e.g. "
                                           f"{'dist.Normal(0., 1.)' if f.name == 'decoder_weight' else 'dist.Gamma(1., 100.)'}"
                                           f"; got {prior!r}.")
+            if prior.event_shape != torch.Size():  # e.g. .to_event(1): a site's values are independent draws
+                raise ValueError(f"RegularizedPriors.{f.name} must be a univariate distribution (parameters per gene or "
+                                 f"category are fine, no event dimensions); got event_shape {tuple(prior.event_shape)}. "
+                                 "Drop .to_event(...).")
             if f.name != "decoder_weight" and bool(prior.support.check(torch.tensor(-1.0)).any()):
                 raise ValueError(f"RegularizedPriors.{f.name} must be a distribution on positive numbers (its site is "
                                  f"positive); {type(prior).__name__} has support {prior.support}.")

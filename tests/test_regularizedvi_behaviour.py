@@ -421,7 +421,10 @@ def test_priors_are_buffers_and_reach_the_model(small):
     for bad, error, message in ((dict(ambient=None), TypeError, "RegularizedPriors.ambient must be a distribution"),
                                 (dict(ambient=0.01), TypeError, "RegularizedPriors.ambient must be a distribution"),
                                 (dict(feature_scaling=dist.Normal(1.0, 0.1)), ValueError, "on positive numbers"),
-                                (dict(regularize_ambient="yes"), TypeError, "regularize_ambient")):
+                                (dict(regularize_ambient="yes"), TypeError, "regularize_ambient"),
+                                # an event dimension gave a raw "Expected value.dim() >= 1" from the support check
+                                (dict(dispersion_rate=dist.Gamma(9.0, 3.0).expand([1]).to_event(1)), ValueError,
+                                 "must be a univariate distribution")):
         with pytest.raises(error, match=message):
             ps.RegularizedPriors(**bad)
     # a prior whose shape does not fit its site is refused when the model is built, not in a trace during training
@@ -433,6 +436,10 @@ def test_priors_are_buffers_and_reach_the_model(small):
     per_gene = ps.RegularizedVI(small, init="prior", priors=ps.RegularizedPriors(ambient=dist.Gamma(torch.ones_like(rate),
                                                                                                    rate)), **SMALL)
     np.testing.assert_allclose(per_gene.get_ambient_profile().to_numpy()[:, 0], 1 / rate.numpy(), rtol=1e-4)
+    # a prior without a finite mean cannot be a starting point (training stopped at its first step)
+    with pytest.raises(ValueError, match="HalfCauchy's mean is not finite"):
+        ps.RegularizedVI(small, init="prior", priors=ps.RegularizedPriors(ambient=dist.HalfCauchy(torch.tensor(0.01))),
+                         **SMALL)
 
 
 def test_sample_posterior_summaries(fitted):

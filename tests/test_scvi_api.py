@@ -296,6 +296,11 @@ def test_differential_expression_bad_requests(model, arguments, message):
         model.differential_expression(num_samples=2, n_cells=10, **arguments)
 
 
+def test_overlapping_selections_warn(model):
+    with pytest.warns(UserWarning, match="idx1 and idx2 share 10 cells"):
+        model.differential_expression(idx1=np.arange(30), idx2=np.arange(20, 60), num_samples=2, n_cells=10)
+
+
 # --- ELBO, reconstruction, marginal likelihood, latent distribution ---------------------------
 def test_elbo_marginal_ll_and_reconstruction_error(model):
     cells = np.arange(150)

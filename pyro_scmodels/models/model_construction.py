@@ -80,6 +80,10 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     else:
         # the prior's mean, broadcast to categories x genes (a prior may have per-gene or per-category parameters)
         ambient = np.broadcast_to(priors.ambient.mean.detach().cpu().numpy(), (data.n_ambient, matrix.n_features)).copy()
+        if not np.isfinite(ambient).all():  # e.g. a HalfCauchy: training would stop at its first step
+            raise ValueError(f"init='prior' starts the background at the ambient prior's mean, and "
+                             f"{type(priors.ambient).__name__}'s mean is not finite; use init='data' or a prior with a "
+                             "finite mean.")
     shape_prior = None
     if ambient_shape_prior is not None and use_ambient:
         # the pooled cells' profile, and amounts that start where the initial s starts
