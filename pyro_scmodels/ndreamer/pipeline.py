@@ -34,6 +34,7 @@ from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
 from .effect_queries import EffectQueries, labels_of
+from .design import design_from_obs
 from .effects import FACTUAL_CHOICES, CounterfactualDesign
 from .matched_effects import MatchedEffects
 from .loss_layout import minibatch_layout
@@ -132,7 +133,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
         loss_weights = LossWeights.from_value(loss_weights)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                        num_hvg=V.integer("num_hvg", num_hvg, minimum=2, description="an integer >= 2 (genes for the PCA of the cell states)"), layer=layer, **sizes,
+                        num_hvg=V.integer("num_hvg", num_hvg, minimum=2,
+                                          description="an integer >= 2 (genes for the PCA of the cell states)"),
+                        layer=layer, **sizes,
                         batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr),
                         seed=V.non_negative_int("seed", seed),
                         representation=NETWORK,
@@ -140,7 +143,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
                         factual=V.choice("factual", factual, FACTUAL_CHOICES))
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
-        design = self._make_design(adata.obs, settings)
+        design = design_from_obs(adata.obs, settings)
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
         if keep_genes is not None:
             missing = sorted(set(keep_genes) - set(adata.var_names))
@@ -165,37 +168,6 @@ class NDreamer(ModelRepresentation, EffectQueries):
         self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
                     labels=labels, loss_weights=loss_weights, design=design)
 
-    @staticmethod
-    def _make_design(obs: pd.DataFrame, settings: dict, saved: bool = False) -> CounterfactualDesign:
-        """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control, confounding).
-
-        ``saved``: an NDreamer saved before the confounding checks existed loads with a warning instead.
-        """
-        if settings["condition_key"] in settings["batch_key"]:
-            message = (f"batch_key {settings['batch_key']} holds the condition_key {settings['condition_key']!r}: a batch "
-                       "effect equal to the condition would take the whole treatment effect. Give the batches (e.g. "
-                       "donors or runs) as batch_key, or none.")
-            if not saved:
-                raise ValueError(message)
-            warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning, stacklevel=3)
-        if not saved:  # a column of real numbers made one group per cell (the error then listed every cell)
-            for key in dict.fromkeys([settings["condition_key"], *settings["batch_key"]]):
-                if key in obs.columns:  # a missing one is named by labels_of below
-                    V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
-        condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
-        batches = labels_of(obs, settings["batch_key"], "batch_key")
-        if batches.shape[1] > 1 and not saved:
-            joined = [(key, value) for j, key in enumerate(settings["batch_key"]) for value in np.unique(batches[:, j])
-                      if "|" in value]
-            if joined:  # ("x|1", "2") and ("x", "1|2") would be one batch, "x|1|2"
-                key, value = joined[0]
-                raise ValueError(f"batch_key {key!r} has the label {value!r}: with several batch keys the labels are "
-                                 "joined with '|', so a label holding '|' could merge two batches. Rename those labels.")
-        batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
-        # saved before the setting existed: no minimum
-        return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
-                                    refuse_confounding=not saved)
-
     def _setup(self, settings: dict, obs: pd.DataFrame, expression, genes: pd.Index, device,
                labels: tuple[np.ndarray, np.ndarray] | None = None, loss_weights: LossWeights | None = None,
                latent: np.ndarray | None = None, model=None, design: CounterfactualDesign | None = None) -> None:
@@ -208,7 +180,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         # a copy: a caller's LossWeights (e.g. from network_preset, reused for several NDreamers) is not shared
         self.loss_weights = LossWeights.from_value(loss_weights)
         # the constructor has already checked the design from the same obs; the other paths build it here
-        self.design = self._make_design(obs, settings) if design is None else design
+        self.design = design_from_obs(obs, settings) if design is None else design
         self.genes, self.expression, self.model = genes, expression, model
         self.label_low, self.label_high = labels if labels is not None else (None, None)
         self.condition_codes = pd.Categorical(self.design.condition, categories=self.design.conditions).codes.astype(np.int64)
@@ -424,7 +396,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         obs = saved.results.obs.copy()
         nd._setup(saved.settings, obs, saved.expression, pd.Index(saved.results.var_names), device, labels=saved.labels,
                   loss_weights=saved.loss_weights, latent=saved.latent, model=model,
-                  design=cls._make_design(obs, saved.settings, saved=True))
+                  design=design_from_obs(obs, saved.settings, saved=True))
         if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()

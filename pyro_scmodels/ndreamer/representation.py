@@ -13,6 +13,7 @@ import pandas as pd
 from .. import _validation as V
 from . import _constants as K
 from ._persistence import LATENT
+from .design import design_from_obs
 from .effects import FACTUAL_CHOICES
 from .preprocess import log_normalise
 
@@ -74,7 +75,7 @@ class ModelRepresentation:
                         factual=V.choice("factual", factual, FACTUAL_CHOICES))
         self = cls.__new__(cls)
         # the design is checked before the latent and the expression are computed (minutes at 10^6 cells)
-        design = cls._make_design(model.adata.obs, settings)
+        design = design_from_obs(model.adata.obs, settings)
         latent = model.get_latent_representation()  # before the expression is held: the two never add up
         # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
         expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
