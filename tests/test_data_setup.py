@@ -313,7 +313,7 @@ def test_train_argument_errors(untrained, arguments, error, message):
 
 
 def test_predictive_check_arguments_checked_first(untrained, tmp_path):
-    with pytest.raises(TypeError, match=r"num_samples must be a positive integer, got 2\.5"):
+    with pytest.raises(TypeError, match=r"num_samples must be an integer >= 2 .*got 2\.5"):
         criticism.prior_predictive_check(untrained, num_samples=2.5)
     with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
         criticism.prior_predictive_check(untrained, num_samples=2, batch_size=0)
