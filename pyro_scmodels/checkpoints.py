@@ -24,9 +24,6 @@ from .optimizers import optimizer_state_fits
 logger = logging.getLogger("pyro_scmodels.training")
 #: the file a training run checkpoints to, inside its checkpoint_dir (every model's, NDreamer's too)
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-
 #: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
 ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "feature names", "model settings",
                            "module classes")

@@ -83,13 +83,11 @@ def _discard_earlier_outputs(out: str, args) -> None:
     check has passed, right before training: a run refused for its input keeps them. Other files are left alone."""
     if getattr(args, "resume", False) or not args.overwrite:
         return
-    from .ndreamer._persistence import SAVED_FILES, STAGED_PREFIX
+    from .ndreamer import discard_saved
 
-    patterns = [*EARLIER_OUTPUT_PATTERNS, f"{STAGED_PREFIX}*"]
-    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in patterns
+    discard_saved(out)  # an NDreamer saved into the folder (the ndreamer command), or a save of one interrupted
+    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in EARLIER_OUTPUT_PATTERNS
                                  for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
-    if os.path.isfile(os.path.join(out, SAVED_FILES[0])):  # an NDreamer saved into the folder (its effects file)
-        names += SAVED_FILES
     for name in names:
         path = os.path.join(out, name)
         if os.path.isdir(path):

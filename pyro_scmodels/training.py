@@ -305,6 +305,7 @@ class TrainingLoop(LoopCheckpoints):
         # the state at the last epoch boundary: what Ctrl-C writes, so that --resume repeats the uninterrupted run
         keep_boundary = bool(plan.checkpoint_path and writer)
         boundary = self._boundary_state() if keep_boundary else None
+        written = None  # the epoch whose state was last written (the end of the run need not write it again)
         bar = tqdm(total=plan.max_epochs, initial=min(self.epoch, plan.max_epochs), desc=self.description,
                    disable=not (plan.progress_bar and writer), unit="epoch")
         try:
@@ -330,6 +331,7 @@ class TrainingLoop(LoopCheckpoints):
                     boundary = self._boundary_state()
                     if self.epoch % plan.checkpoint_every == 0:
                         self._write_state(boundary, plan.checkpoint_path)
+                        written = self.epoch
                 if stop:
                     logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
                     break
@@ -347,7 +349,7 @@ class TrainingLoop(LoopCheckpoints):
         finally:
             bar.close()
             self._set_training(False)
-        if plan.checkpoint_path and writer:
+        if plan.checkpoint_path and writer and written != self.epoch:
             self.save_checkpoint(plan.checkpoint_path)
         return self.history
 

@@ -144,11 +144,14 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     columns = gene_columns(names, gene_list)
     decoder, guide = model.module.model.eval(), model.module.guide.eval()
     parts = []
+
     def decoded(z, batch, switch):
         rho = decoder.decode(z, batch, None if switch is None else switch(batch["nn_onehot"]), **options)
         # at a fixed library size each decoding is rescaled before the average: the mean of the proportions, as
         # scvi-tools averages px_scale x library_size (rescaling the mean of rho instead differed by up to 5 %)
-        return rho if library_size is None or library_size == "latent" else rho / rho.sum(-1, keepdim=True) * float(library_size)
+        if library_size is None or library_size == "latent":
+            return rho
+        return rho / rho.sum(-1, keepdim=True) * float(library_size)
 
     for _, batch, z in model.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):
         with torch.no_grad():

@@ -5,6 +5,7 @@ The public API is the effects pipeline; the loss functions live in
 :mod:`pyro_scmodels.ndreamer.network`.
 """
 
+from ._persistence import discard_saved
 from .cate import estimate_cate
 from .count_rows import LogNormalisedCounts
 from .effects import CounterfactualDesign
@@ -24,6 +25,7 @@ __all__ = [
     "NDreamerNetwork",
     "NDreamerTrainer",
     "PRESET_NAMES",
+    "discard_saved",
     "estimate_cate",
     "network_preset",
 ]

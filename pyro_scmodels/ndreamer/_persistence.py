@@ -35,11 +35,22 @@ NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "setting
 COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
 TRAINING_FILE = "training.pt"  # the training loop's state without the network (history, optimiser, passes done)
 STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file is written
-#: every file a save may write, its effects file first (the one no other output of the package has)
+#: every file a save may write
 SAVED_FILES = (EFFECTS_FILE, NETWORK_FILE, TRAINING_FILE, COUNTS_FILE, SETTINGS_FILE, RESULTS_FILE)
 COUNTS_ARRAYS = ("counts", "indices", "indptr", "factors")
 NETWORK, LATENT = "network", "latent"  # the two kinds of representation
 LABEL_COLUMNS = ("_label_low", "_label_high")
+
+
+def discard_saved(dir_path: str) -> None:
+    """Remove a saved NDreamer's files from ``dir_path`` (only when its effects file marks one), and any file of an
+    interrupted save; other files are left alone."""
+    names = [f for f in os.listdir(dir_path) if f.startswith(STAGED_PREFIX)] if os.path.isdir(dir_path) else []
+    if os.path.isfile(os.path.join(dir_path, EFFECTS_FILE)):  # the one file no other output of the package has
+        names += SAVED_FILES
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(dir_path, name))
 
 
 def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:

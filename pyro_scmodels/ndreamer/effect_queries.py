@@ -24,6 +24,7 @@ from .._selection import cell_positions, gene_positions
 #: ``results.uns`` key of the matching (nearest_neighbor, bandwidth) that the ``ite_*`` layers hold
 ITE_SETTINGS = "ite_matching"
 
+
 def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     """``obs[keys]`` as strings, or an error naming a missing column or one with missing values."""
     for key in keys:

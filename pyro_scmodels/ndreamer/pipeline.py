@@ -33,7 +33,7 @@ from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
-from .effect_queries import EffectQueries, labels_of
+from .effect_queries import ITE_SETTINGS, EffectQueries, labels_of
 from .design import design_from_obs
 from .effects import FACTUAL_CHOICES, CounterfactualDesign
 from .matched_effects import MatchedEffects
@@ -307,7 +307,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         effect_layers = ("denoised", "batch_effect", *(f"ite_{c}" for c in self.design.treatments))
         for layer in [name for name in self.results.layers if name.startswith(effect_layers)]:
             del self.results.layers[layer]
-        for key in [k for k in self.results.uns if k.startswith("cate_") or k == "ite_matching"]:
+        for key in [k for k in self.results.uns if k.startswith("cate_") or k == ITE_SETTINGS]:
             del self.results.uns[key]
 
     # --- embedding and effects ------------------------------------------------------------------
