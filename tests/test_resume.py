@@ -1,0 +1,175 @@
+"""RegularizedVI checkpoints and saves: a resumed run repeats the uninterrupted one, takes this call's settings,
+and is refused when the checkpoint or folder belongs to other data, settings, priors, genes or model classes."""
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_scmodels as ps
+
+from .test_regularizedvi_behaviour import QUICK, SMALL
+
+
+@pytest.fixture
+def small():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    return adata
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
+    straight = ps.RegularizedVI(small, **SMALL)
+    straight.train(max_epochs=4, **QUICK)
+    interrupted = ps.RegularizedVI(small, **SMALL)
+    interrupted.train(max_epochs=2, checkpoint_dir=str(tmp_path), checkpoint_every=1, **QUICK)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = ps.RegularizedVI(small, **SMALL)  # a new session: picks the checkpoint up
+    resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(resumed.history) == 4
+    # bit for bit: the resumed trainer checks its loss form at its first training step (not in a pre-pass),
+    # and that check leaves the step's random numbers and its form (the direct ELBO) as they were
+    np.testing.assert_array_equal(resumed.history.to_numpy(), straight.history.to_numpy())
+    np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
+
+
+def test_a_resumed_run_takes_this_calls_optimiser_settings_and_says_the_split_is_kept(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    resumed = ps.RegularizedVI(small, **SMALL)  # a new session continues with other settings, as a second call would
+    with pytest.warns(UserWarning, match="checkpoint's train/validation split .* is kept"):
+        resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), lr=1e-2, weight_decay=1e-3, global_lr_factor=10.0,
+                      datasplitter_kwargs={"external_indexing": [np.arange(150), np.arange(150, 200)]}, **QUICK)
+    assert len(resumed.history) == 4  # it did resume
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.trainer.optimizer.param_groups] == [(1e-2, 1e-3), (0.1, 1e-3)]
+
+
+def test_resuming_with_other_priors_is_refused(small, tmp_path):
+    # the priors are buffers of the saved modules: resuming would train with the checkpoint's, not these
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    edited = ps.RegularizedPriors(ambient=dist.Gamma(2.0, 50.0), regularize_ambient=True)
+    with pytest.raises(ValueError, match=r"priors differ"):
+        ps.RegularizedVI(small, **SMALL, priors=edited).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    again = ps.RegularizedVI(small, **SMALL, priors=ps.RegularizedPriors())  # the same priors, passed explicitly
+    again.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(again.history) == 2
+
+
+def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    other = small[:, ::-1].copy()  # the same counts, the genes in another order: the per-gene tables would not fit
+    ps.RegularizedVI.setup_anndata(other, layer="counts", batch_key="batch")
+    with pytest.raises(ValueError, match=r"feature names\.genes differ.*--overwrite"):
+        ps.RegularizedVI(other, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    with pytest.raises(ValueError, match=r"model settings\.n_latent differ"):  # the setting is named
+        ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+
+
+def test_a_checkpoint_written_before_the_finer_fingerprint_keeps_its_settings_check(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for part in ("covariate keys", "covariate categories", "priors", "feature names", "model settings"):
+        del state["fingerprint"][part]  # as checkpoints were written before 2026-12-06
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"\(settings differ\)"):  # it resumed, or failed in load_state_dict
+        ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    same = ps.RegularizedVI(small, **SMALL)
+    same.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(same.history) == 2  # the same settings still resume
+    # a model saved before 2026-12-05 (its fingerprint: cells, features, settings) still loads and trains on
+    same.save(str(tmp_path / "saved"))
+    payload = torch.load(tmp_path / "saved" / "model.pt", weights_only=False)
+    fingerprint = payload["trainer"]["fingerprint"]
+    payload["trainer"]["fingerprint"] = {k: fingerprint[k] for k in ("cells", "features", "settings")}
+    torch.save(payload, tmp_path / "saved" / "model.pt")
+    loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small)
+    loaded.train(max_epochs=1, **QUICK)
+    assert len(loaded.history) == 3
+
+
+def test_a_resume_after_a_failed_first_call_takes_the_latest_settings(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path / "good"), **QUICK)
+    other = tmp_path / "other"  # another model's checkpoint: the first call is refused before any epoch
+    other.mkdir()
+    torch.save({"loop": "NDreamerTrainer"}, other / "checkpoint.pt")
+    model = ps.RegularizedVI(small, **SMALL)
+    with pytest.raises(ValueError, match="another model's training"):
+        model.train(max_epochs=2, checkpoint_dir=str(other), lr=1e-3, **QUICK)
+    model.train(max_epochs=2, checkpoint_dir=str(tmp_path / "good"), lr=5e-2, **QUICK)
+    assert [g["lr"] for g in model.trainer.optimizer.param_groups] == [5e-2]  # not the failed call's 1e-3
+
+
+def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_path):
+    stop = dict(max_epochs=20, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e6)
+    epochs = []
+    for _ in range(2):  # the same script run twice (a notebook re-run, fit --resume)
+        model = ps.RegularizedVI(small, **SMALL)
+        model.train(checkpoint_dir=str(tmp_path), **stop, **QUICK)
+        epochs.append(len(model.history))
+    assert epochs == [3, 3]
+
+
+def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(small, tmp_path, monkeypatch):
+    from pyro_scmodels.infer import SVITrainer
+
+    straight = ps.RegularizedVI(small, **SMALL)
+    straight.train(max_epochs=4, **QUICK)
+    steps = {"n": 0}
+    original = SVITrainer.after_step
+
+    def ctrl_c_inside_the_third_epoch(self, item):
+        steps["n"] += 1
+        if steps["n"] == 2 * 3 + 2:  # 3 steps an epoch (180 training cells, batch 64): the third epoch's second step
+            raise KeyboardInterrupt
+        original(self, item)
+
+    monkeypatch.setattr(SVITrainer, "after_step", ctrl_c_inside_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=4, checkpoint_dir=str(tmp_path), checkpoint_every=10, **QUICK)
+    monkeypatch.undo()
+    resumed = ps.RegularizedVI(small, **SMALL)  # resumes from the end of epoch 2, the last whole one
+    resumed.train(max_epochs=4, checkpoint_dir=str(tmp_path), **QUICK)
+    # bit for bit (the interrupted step's state was written, and its epoch's steps were trained twice)
+    np.testing.assert_array_equal(resumed.history.to_numpy(), straight.history.to_numpy())
+    np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
+
+
+def test_a_subclassed_model_is_not_loaded_or_resumed_as_the_plain_one(small, tmp_path):
+    from pyro_scmodels.models.regularizedvi_guide import RegularizedVIGuide
+    from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
+    from pyro_scmodels.pyro_modules import PositiveSiteGuide
+
+    class OffsetModel(RegularizedVIModel):  # a per-gene factor on the mean, a site of its own
+        def global_sites(self):
+            values = super().global_sites()
+            with pyro.plate("genes_offset", self.dims.n_genes, dim=-1):
+                values["offset"] = pyro.sample("gene_offset", dist.Gamma(10.0, 10.0))
+            return values
+
+    class OffsetGuide(RegularizedVIGuide):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gene_offset = PositiveSiteGuide(torch.ones(self.dims.n_genes), "map")
+
+        def global_sites(self):
+            values = super().global_sites()
+            with pyro.plate("genes_offset", self.dims.n_genes, dim=-1):
+                self.gene_offset("gene_offset")
+            return values
+
+    class OffsetVI(ps.RegularizedVI):
+        model_class, guide_class = OffsetModel, OffsetGuide
+
+    edited = OffsetVI(small, **SMALL)
+    edited.train(max_epochs=2, checkpoint_dir=str(tmp_path / "ck"), **QUICK)
+    edited.save(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="OffsetModel / OffsetGuide.*OffsetVI.load"):
+        ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small)  # it loaded, or failed in load_state_dict
+    with pytest.raises(ValueError, match="module classes differ"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=3, checkpoint_dir=str(tmp_path / "ck"), **QUICK)
+    assert OffsetVI.load(str(tmp_path / "saved"), adata=small).is_trained
+    # a per-gene site of the subclass is exported per gene, to .varm (it went to .uns as a list)
+    exported = small.copy()
+    edited.export_posterior(exported, num_samples=2)
+    assert exported.varm["means_gene_offset"].shape == (small.n_vars, 1)
