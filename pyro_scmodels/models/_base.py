@@ -17,8 +17,7 @@ from pyro import poutine
 from .. import _constants as C
 from .. import _validation as V
 from .._selection import SelectionError, cell_positions
-from .._atomic import atomic_path, write_h5ad
-from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
+from .._io import file_path, writable_folder
 from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, names_digest, setting_text, source_state
 from ._posterior import PosteriorMixin
@@ -31,10 +30,9 @@ from .describe import ModelDescription
 from .evidence import EvidenceQueries
 from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
+from .persistence import SavedModel
 from .train_options import checked_settings, external_split, merge_plan_kwargs
 
-MODEL_FILE = "model.pt"
-DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by save(..., save_anndata=True)
 
 
 class ModelAndGuide(torch.nn.Module):
@@ -46,7 +44,8 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries, PosteriorQueries, PosteriorMixin):
+class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries, PosteriorQueries,
+                    PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     def __init__(self):
@@ -220,7 +219,7 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
         compile = V.boolean("compile", compile)
-        checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = V.optional(file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         if parallel.world_size > 1 and self.init_params.get("latent_independence", 0.0):
@@ -333,92 +332,6 @@ class PyroModelBase(ModelDescription, EvidenceQueries, FeatureCorrelationQueries
         guide = self.module.guide
         with torch.no_grad():
             return [poutine.trace(guide).get_trace(batch, n_obs) for _ in range(num_samples)]
-
-    # --- persistence ---------------------------------------------------------------------------
-    def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
-        raise NotImplementedError
-
-    def save(self, dir_path: str, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Save the model (parameters, settings, gene names, categories, history) to ``dir_path``.
-
-        Parameters
-        ----------
-        dir_path
-            Folder to create; ``model.pt`` is written inside.
-        overwrite
-            Replace an existing saved model in ``dir_path``.
-        save_anndata
-            Also write the training data (``adata.h5ad``, or ``mdata.h5mu`` for a MuData), so that
-            :meth:`load` needs no data argument.
-        """
-        path = os.path.join(dir_path, MODEL_FILE)
-        save_anndata = V.boolean("save_anndata", save_anndata)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        writable_folder("dir_path", dir_path)
-        payload = self._save_payload()
-        payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
-        payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
-        payload["is_trained"] = self.is_trained
-        payload["module classes"] = self._module_classes()
-        data_path = os.path.join(dir_path, self._data_file())
-        if save_anndata and hasattr(self.adata, "mod"):
-            with atomic_path(data_path) as temporary:
-                self.adata.write(temporary)  # MuData.write is write_h5mu
-        elif save_anndata:
-            write_h5ad(self.adata, data_path)  # atomic; a backed AnnData stays backed by its own file
-        elif os.path.exists(data_path):
-            os.remove(data_path)  # data saved with an earlier model must not be loaded with this one
-        with atomic_path(path) as temporary:
-            torch.save(payload, temporary)
-
-    def _data_file(self) -> str:
-        return DATA_FILES["mudata" if hasattr(self.adata, "mod") else "anndata"]
-
-    @staticmethod
-    def _saved_data(dir_path: str, kind: str):
-        """The data saved next to a model with ``save_anndata=True``; ``ValueError`` saying what to do if absent."""
-        path = os.path.join(dir_path, DATA_FILES[kind])
-        if not os.path.exists(path):
-            what = "mdata" if kind == "mudata" else "adata"
-            raise ValueError(
-                f"No {what} was passed and none was saved in {dir_path} ({DATA_FILES[kind]} is absent). Pass the data "
-                f"the model should work on ({what}=...), or save the model with save(..., save_anndata=True)."
-            )
-        return read_h5mu(path) if kind == "mudata" else read_h5ad(path)
-
-    @classmethod
-    def _read_payload(cls, dir_path: str) -> dict:
-        payload = load_torch_file(os.path.join(dir_path, MODEL_FILE), "saved model")
-        # a multimodal model records its modalities; a single-modality one its layer
-        if ("modalities" in payload) != hasattr(cls, "setup_mudata"):
-            saved = payload.get("class", "model of another kind")
-            raise ValueError(f"{dir_path} holds a saved {saved}, not a {cls.__name__}; load it with {saved}.load(...).")
-        return payload
-
-    def _module_classes(self) -> str:
-        """The classes of the Pyro model and guide (a modeller's subclass edits sites the state dict cannot show)."""
-        return f"{type(self.module.model).__name__} / {type(self.module.guide).__name__}"
-
-    def _restore(self, payload: dict) -> None:
-        saved_classes = payload.get("module classes")
-        if saved_classes is not None and saved_classes != self._module_classes():
-            raise ValueError(f"This folder was saved by a {payload.get('class', 'model')} whose Pyro model and guide are "
-                             f"{saved_classes}; {type(self).__name__} builds {self._module_classes()}, so an edited site "
-                             f"would silently take its default. Load it with {payload.get('class', 'that class')}.load(...).")
-        self.module.load_state_dict(payload["state_dict"])
-        self.is_trained = payload["is_trained"]
-        saved = payload.get("trainer")
-        if saved is not None:
-            if saved["fingerprint"].get("cells") == self._fingerprint()["cells"]:
-                self.trainer = SVITrainer(self.module.model, self.module.guide, self._cell_data(), saved["train_indices"],
-                                          saved["validation_indices"], fingerprint=self._fingerprint())
-                self.trainer.load_state(saved)
-            else:
-                # other cells than in training: the history is kept, the split and optimiser are not
-                self.trainer = None
-                self._loaded_history = saved["history"]
-        self.module.eval()
 
     def to_device(self, device: str | int) -> None:
         """Move the model's modules (and its optimiser state) to ``device``, as scvi-tools' ``to_device``.

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from .._selection import cell_positions
 from ..data.counts import CountMatrix
 from ..data.covariates import stacked_level_names
 
@@ -27,7 +28,7 @@ SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
 
 
 def ambient_fraction(queries, generative, global_values: dict, adata=None, indices=None,
-                     batch_size: int | None = None, library_of=None) -> np.ndarray:
+                     batch_size: int | None = None, library_of=None, summarize_by: str | None = None):
     """Per cell, the share of the expected counts that comes from the ambient background.
 
     Parameters
@@ -44,12 +45,18 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
     library_of
         None, or a function of a minibatch giving each cell's library size l (needed when the
         background is per droplet, where the share depends on it).
+    summarize_by
+        None, or an ``.obs`` column: the fractions summarised per category of it (:func:`summarize`),
+        the column checked before anything is computed.
 
     Returns
     -------
-    numpy.ndarray
-        One fraction in [0, 1) per chosen cell.
+    numpy.ndarray or pandas.DataFrame
+        One fraction in [0, 1) per chosen cell, or the summary table.
     """
+    obs = (queries.adata if adata is None else adata).obs
+    if summarize_by is not None:
+        check_summary_column(obs, summarize_by)
     generative = generative.eval()
     parts = []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):
@@ -58,7 +65,10 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
             cell, soup = generative.decompose_mean(z, batch, global_values, library=library)
             soup = soup.sum(-1)
             parts.append((soup / (cell.sum(-1) + soup)).cpu())
-    return torch.cat(parts).numpy().astype(np.float64)
+    fractions = torch.cat(parts).numpy().astype(np.float64)
+    if summarize_by is None:
+        return fractions
+    return summarize(fractions, obs.iloc[cell_positions(len(obs), indices)], summarize_by)
 
 
 def check_summary_column(obs: pd.DataFrame, by) -> None:

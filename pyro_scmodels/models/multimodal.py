@@ -22,6 +22,8 @@ from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
+from .model_settings import shared_settings
+from .modality_attribution import check_store, modality_attribution
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -32,13 +34,6 @@ from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
     """A positive int for every modality, or a dict with one entry per modality (see :func:`per_modality`)."""
     return per_modality(name, value, modalities, V.positive_int, loading)
-
-
-def _check_store(store: bool, indices) -> None:
-    """``store`` writes one row per cell of the MuData: with ``indices`` it could not (it failed after the work)."""
-    if store and indices is not None:
-        raise ValueError("store=True writes a row for every cell of the MuData (its obsm); with indices it cannot. "
-                         "Pass indices=None, or keep the returned array yourself.")
 
 
 class RegularizedMultimodalVI(PyroModelBase):
@@ -89,6 +84,8 @@ class RegularizedMultimodalVI(PyroModelBase):
             if _categories is None:
                 raise ValueError(message)
             warnings.warn(message, UserWarning, stacklevel=2)  # a model saved before this check still loads
+        shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed)
+        n_layers, dropout_rate, seed = shared["n_layers"], shared["dropout_rate"], shared["seed"]
         self.adata = mdata
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
@@ -107,7 +104,6 @@ class RegularizedMultimodalVI(PyroModelBase):
             unknown = sorted(set(chosen) - set(self.modalities))
             if unknown:
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
-        seed = V.non_negative_int("seed", seed)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
         priors = per_modality("priors", priors, self.modalities, checked_priors, loading=_categories is not None)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
@@ -129,7 +125,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             for m in self.modalities:
                 models[m], guides[m] = build_model_and_guide(
                     data, priors[m], n_latent=latent[m], n_hidden=hidden[m], n_layers=n_layers, init=init,
-                    global_guides=global_guides, dropout_rate=V.rate("dropout_rate", dropout_rate), input_dropout_rate=0.0,
+                    global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=0.0,
                     key=f"x_{m}", site_suffix=f"_{m}", use_ambient=m in ambient_modalities,
                     use_feature_scaling=m in scaling_modalities, n_decoder_latent=joint,
                     with_z_encoder=latent_mode != "single_encoder",
@@ -232,7 +228,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         """
         V.positive_int("mc_samples", mc_samples)
         give_mean, return_dist = V.boolean("give_mean", give_mean), V.boolean("return_dist", return_dist)
-        _check_store(V.boolean("store", store) and not return_dist, indices)
+        check_store(V.boolean("store", store) and not return_dist, indices)
         if modality is not None:
             self._check_modality(modality)
             if self.latent_mode == "single_encoder":
@@ -293,14 +289,8 @@ class RegularizedMultimodalVI(PyroModelBase):
         block = self._check_modality(modality)
         if not self.module.guide.block(block).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
-        obs = (self.adata if adata is None else adata).obs
-        if summarize_by is not None:
-            _ambient.check_summary_column(obs, summarize_by)
-        fractions = _ambient.ambient_fraction(self, self.module.model.block(block),
-                                              self.module.guide.block(block).global_medians(), adata, indices, batch_size)
-        if summarize_by is None:
-            return fractions
-        return _ambient.summarize(fractions, obs.iloc[self._cell_positions(len(obs), indices)], summarize_by)
+        return _ambient.ambient_fraction(self, self.module.model.block(block), self.module.guide.block(block).global_medians(),
+                                         adata, indices, batch_size, summarize_by=summarize_by)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: ``ambient_fraction_<m>`` per ambient modality."""
@@ -359,32 +349,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``. ``store``
             None (default): stored when every cell is asked for; True with ``indices`` is refused.
         """
-        store = indices is None if store is None else V.boolean("store", store)
-        _check_store(store, indices)
-        model = self.module.model.eval()
-        parts = {m: [] for m in self.modalities}
-        latents = []
-        for _, batch, z in self.posterior_z_batches(adata, indices, batch_size):
-            latents.append(z)
-            for m in self.modalities:
-                decode = lambda latent, m=m: model.decode(latent, batch, modality=m)  # noqa: E731
-                columns = []
-                for j in range(z.shape[-1]):
-                    tangent = torch.zeros_like(z)
-                    tangent[:, j] = 1.0
-                    _, derivative = torch.func.jvp(decode, (z,), (tangent,))
-                    columns.append(derivative.abs().mean(-1).detach())
-                parts[m].append(torch.stack(columns, -1))
-        z = torch.cat(latents).cpu().numpy()
-        result = {}
-        target = self.adata if adata is None else adata
-        for m in self.modalities:
-            attribution = torch.cat(parts[m]).cpu().numpy()
-            result[m] = {"attribution": attribution, "weighted_z": z * attribution}
-            if store:
-                target.obsm[f"X_attribution_{m}"] = attribution
-                target.obsm[f"X_weighted_z_{m}"] = z * attribution
-        return result
+        return modality_attribution(self, self.module.model, adata, indices, batch_size, store)
 
     def site_modality(self, site: str) -> str | None:
         """The modality a site belongs to (its suffix, e.g. ``obs_atac`` -> ``"atac"``); None for a shared site."""
@@ -413,16 +378,12 @@ class RegularizedMultimodalVI(PyroModelBase):
         ``mdata`` None: the MuData saved with ``save(..., save_anndata=True)``. ``device``:
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         """
-        payload = cls._read_payload(dir_path)
-        if mdata is None:
-            mdata = cls._saved_data(dir_path, "mudata")
+        return cls._load(dir_path, mdata, device, "mudata")
+
+    @classmethod
+    def _bind_saved(cls, payload: dict, mdata) -> None:
         for m, names in payload["var_names"].items():
             if m not in mdata.mod:
                 raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")
             check_var_names(names, mdata.mod[m], f"mdata.mod[{m!r}]")
         cls.setup_mudata(mdata, modalities=payload["modalities"], layer=payload["layers"], **setup_arguments(payload["keys"]))
-        model = cls(mdata, **payload["init_params"], _categories=payload["categories"])
-        model._restore(payload)
-        model._move_to(device)
-        return model
-

@@ -28,7 +28,7 @@ from .. import _validation as V
 from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..pyro_modules import PositiveSiteGuide
-from ._base import MODEL_FILE
+from .persistence import MODEL_FILE
 from .query_freezing import freeze_reference
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 

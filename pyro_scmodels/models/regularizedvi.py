@@ -7,7 +7,6 @@ DataFrames aligned with the AnnData.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -16,12 +15,13 @@ import torch
 
 from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
-from ..priors import RegularizedPriors, checked_priors
+from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
 from .likelihood_parameters import likelihood_parameters
 from .model_construction import build_model_and_guide
+from .model_settings import regularizedvi_settings
 from .query_mapping import QueryMappingMixin
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -94,101 +94,48 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
     guide_class = RegularizedVIGuide
     derived_sites = {"dispersion": ("inverse_sqrt_theta", lambda u: u.pow(-2))}
 
-    def __init__(
-        self,
-        adata,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        input_dropout_rate: float = 0.0,
-        priors: RegularizedPriors | None = None,
-        global_guides: dict | None = None,
-        init: str = "data",
-        seed: int = 0,
-        ambient_profile: pd.DataFrame | None = None,
-        latent_independence: float = 0.0,
-        ambient_per_droplet: bool = False,
-        ambient_shape_prior: float | None = None,
-        _categories: dict | None = None,
-        **scvi_arguments,
-    ):
+    def __init__(self, adata, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1, dropout_rate: float = 0.1,
+                 input_dropout_rate: float = 0.0, priors: RegularizedPriors | None = None, global_guides: dict | None = None,
+                 init: str = "data", seed: int = 0, ambient_profile: pd.DataFrame | None = None,
+                 latent_independence: float = 0.0, ambient_per_droplet: bool = False,
+                 ambient_shape_prior: float | None = None, _categories: dict | None = None, **scvi_arguments):
         refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, type(self).__name__)
         super().__init__()
-        V.choice("init", init, ("data", "prior"))
-        n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
-        n_layers = V.positive_int("n_layers", n_layers)
-        dropout_rate, input_dropout_rate = V.rate("dropout_rate", dropout_rate), V.rate("input_dropout_rate", input_dropout_rate)
-        if global_guides is not None and not isinstance(global_guides, dict):
-            raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
-        if priors is not None:
-            checked_priors("priors", priors)
-        latent_independence = V.non_negative_float("latent_independence", latent_independence)
-        ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
-        if ambient_shape_prior is not None:
-            ambient_shape_prior = V.positive_float("ambient_shape_prior", ambient_shape_prior)
-            if ambient_profile is not None:
-                raise ValueError("ambient_shape_prior centres the background's prior on the pooled cells' profile and "
-                                 "learns every gene; ambient_profile fixes the profile. Pass one of them.")
+        self.init_params = regularizedvi_settings(
+            n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed,
+            latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile)
+        settings = {**self.init_params}
+        self.priors = settings.pop("priors")
         self.adata = adata
         self._setup = read_setup(adata)
         self.layer, self.keys = self._setup.layer, self._setup.keys
-        if latent_independence > 0 and not self.keys.encoder:
+        if settings.get("latent_independence", 0) > 0 and not self.keys.encoder:
             raise ValueError(f"latent_independence={latent_independence:g} makes z independent of the encoder covariates, "
                              "but the model was set up without any: pass encoder_covariate_keys=[...] (e.g. the "
                              "condition) to setup_anndata, or leave latent_independence at 0.")
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         self.var_names = pd.Index(adata.var_names).copy()
-        # the model's own copy: a later edit of the caller's object would change what the model reports, not what it
-        # trains (its Pyro modules hold the priors as buffers)
-        seed = V.non_negative_int("seed", seed)
-        self.priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()
-        self.init_params = dict(
-            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
-            input_dropout_rate=input_dropout_rate, priors=self.priors, global_guides=global_guides, init=init, seed=seed,
-        )
-        if latent_independence > 0:  # stored only when on, so that models saved before it load unchanged
-            self.init_params["latent_independence"] = latent_independence
-        if ambient_per_droplet:
-            self.init_params["ambient_per_droplet"] = True
-        if ambient_shape_prior is not None:
-            self.init_params["ambient_shape_prior"] = ambient_shape_prior
-        profile = None
         if ambient_profile is not None:
-            self.init_params["ambient_profile"] = ambient_profile
-            profile = _ambient.profile_matrix(ambient_profile, self.var_names,
-                                              self.encoding.level_names(list(self.keys.ambient or [])))
+            settings["ambient_profile"] = _ambient.profile_matrix(ambient_profile, self.var_names,
+                                                                  self.encoding.level_names(list(self.keys.ambient or [])))
         self._data = None
         data = self._cell_data()
         with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
-            torch.manual_seed(seed)
-            model, guide = build_model_and_guide(
-                data, self.priors, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers, init=init,
-                global_guides=global_guides, dropout_rate=dropout_rate, input_dropout_rate=input_dropout_rate,
-                model_class=self.model_class, guide_class=self.guide_class, ambient_profile=profile,
-                latent_independence=latent_independence, ambient_per_droplet=ambient_per_droplet,
-                ambient_shape_prior=ambient_shape_prior,
-            )
+            torch.manual_seed(settings.pop("seed"))
+            model, guide = build_model_and_guide(data, self.priors, model_class=self.model_class,
+                                                 guide_class=self.guide_class, **settings)
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod
-    def setup_anndata(
-        cls,
-        adata,
-        layer: str | None = None,
-        batch_key: str | None = None,
-        ambient_covariate_keys: list[str] | None = None,
-        nn_conditioning_covariate_keys: list[str] | None = None,
-        feature_scaling_covariate_keys: list[str] | None = None,
-        dispersion_key: str | None = None,
-        library_size_key: str | None = None,
-        encoder_covariate_keys: list[str] | None = None,
-        continuous_covariate_keys: list[str] | None = None,
-        **scvi_arguments,
-    ) -> None:
+    def setup_anndata(cls, adata, layer: str | None = None, batch_key: str | None = None,
+                      ambient_covariate_keys: list[str] | None = None,
+                      nn_conditioning_covariate_keys: list[str] | None = None,
+                      feature_scaling_covariate_keys: list[str] | None = None, dispersion_key: str | None = None,
+                      library_size_key: str | None = None, encoder_covariate_keys: list[str] | None = None,
+                      continuous_covariate_keys: list[str] | None = None, **scvi_arguments) -> None:
         """Validate ``adata`` and record which layer and ``.obs`` columns the model reads.
 
         Parameters
@@ -374,17 +321,11 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         numpy.ndarray or pandas.DataFrame
             Per cell, or per category with columns ``mean``, ``median``, ``q05``, ``q95``, ``n_cells``.
         """
-        obs = (self.adata if adata is None else adata).obs
-        if summarize_by is not None:
-            _ambient.check_summary_column(obs, summarize_by)
         guide = self.module.guide
         # per droplet, the share depends on the cell's library size: its posterior median
         library_of = (lambda batch: guide.library_loc(batch).exp()) if self.dims.ambient_per_droplet else None
-        fractions = _ambient.ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices,
-                                              batch_size, library_of=library_of)
-        if summarize_by is None:
-            return fractions
-        return _ambient.summarize(fractions, obs.iloc[self._cell_positions(len(obs), indices)], summarize_by)
+        return _ambient.ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices, batch_size,
+                                         library_of=library_of, summarize_by=summarize_by)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: the ambient fraction."""
@@ -461,9 +402,10 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         -------
         RegularizedVI
         """
-        payload = cls._read_payload(dir_path)
-        if adata is None:
-            adata = cls._saved_data(dir_path, "anndata")
+        return cls._load(dir_path, adata, device, "anndata")
+
+    @classmethod
+    def _bind_saved(cls, payload: dict, adata) -> None:
         check_var_names(payload["var_names"], adata)
         saved_setup = (payload["layer"], payload["keys"])
         if SETUP_UNS_KEY in adata.uns:
@@ -471,10 +413,6 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
             if (current.layer, current.keys.to_dict()) != saved_setup:
                 warnings.warn(
                     "adata was set up differently from the saved model; the model's setup "
-                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=2
+                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=4
                 )
         cls.setup_anndata(adata, layer=payload["layer"], **setup_arguments(payload["keys"]))
-        model = cls(adata, **payload["init_params"], _categories=payload["categories"])
-        model._restore(payload)
-        model._move_to(device)
-        return model

@@ -1,0 +1,72 @@
+"""The settings a model class is built with, checked before any data is read.
+
+Each function checks the arguments of a model's constructor by name and returns them as the
+``init_params`` the model keeps: what :meth:`save` writes and :meth:`load` passes back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .. import _validation as V
+from ..priors import RegularizedPriors, checked_priors
+
+
+def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> dict:
+    """The settings every model class takes, checked: hidden layers, dropout, global guides, init, seed.
+
+    Parameters
+    ----------
+    n_layers, dropout_rate, global_guides, init, seed
+        As for :class:`~pyro_scmodels.RegularizedVI`.
+
+    Returns
+    -------
+    dict
+        The checked values by name.
+    """
+    V.choice("init", init, ("data", "prior"))
+    if global_guides is not None and not isinstance(global_guides, dict):
+        raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
+    return dict(n_layers=V.positive_int("n_layers", n_layers), dropout_rate=V.rate("dropout_rate", dropout_rate),
+                global_guides=global_guides, init=init, seed=V.non_negative_int("seed", seed))
+
+
+def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init,
+                           seed, latent_independence, ambient_per_droplet, ambient_shape_prior,
+                           ambient_profile) -> dict:
+    """:class:`~pyro_scmodels.RegularizedVI`'s constructor arguments, checked, as its ``init_params``.
+
+    The options that are off are left out (``latent_independence`` 0, ``ambient_per_droplet``
+    False, no ``ambient_shape_prior`` or ``ambient_profile``), so that models saved before they
+    existed load unchanged. ``priors`` is the model's own copy: a later edit of the caller's object
+    would change what the model reports, not what it trains (its Pyro modules hold the priors as
+    buffers).
+
+    Returns
+    -------
+    dict
+        Keyword arguments that rebuild the model.
+    """
+    shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed)
+    n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
+    input_dropout_rate = V.rate("input_dropout_rate", input_dropout_rate)
+    if priors is not None:
+        checked_priors("priors", priors)
+    latent_independence = V.non_negative_float("latent_independence", latent_independence)
+    ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
+    if ambient_shape_prior is not None:
+        ambient_shape_prior = V.positive_float("ambient_shape_prior", ambient_shape_prior)
+        if ambient_profile is not None:
+            raise ValueError("ambient_shape_prior centres the background's prior on the pooled cells' profile and "
+                             "learns every gene; ambient_profile fixes the profile. Pass one of them.")
+    settings = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=shared["n_layers"],
+                    dropout_rate=shared["dropout_rate"], input_dropout_rate=input_dropout_rate,
+                    priors=copy.deepcopy(priors) if priors is not None else RegularizedPriors(),
+                    global_guides=global_guides, init=init, seed=shared["seed"])
+    optional = dict(latent_independence=(latent_independence, latent_independence > 0),
+                    ambient_per_droplet=(True, ambient_per_droplet),
+                    ambient_shape_prior=(ambient_shape_prior, ambient_shape_prior is not None),
+                    ambient_profile=(ambient_profile, ambient_profile is not None))
+    settings.update({name: value for name, (value, used) in optional.items() if used})
+    return settings
