@@ -5,5 +5,6 @@ from __future__ import annotations
 
 def quantile_label(q: float) -> str:
     """``q05`` for 0.05, ``q97.5`` for 0.975: whole percents with two digits, others as they are."""
-    percent = 100.0 * q
-    return f"q{round(percent):02d}" if abs(percent - round(percent)) < 1e-9 else f"q{percent:g}"
+    # to 1e-4 of a percent: a float32 0.9 (0.8999999762) is q90 and its lower bound q05, not q5
+    percent = round(100.0 * float(q), 4)
+    return f"q{round(percent):02d}" if percent == round(percent) else f"q{percent:g}"

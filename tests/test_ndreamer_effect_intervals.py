@@ -154,6 +154,8 @@ def test_interval_errors_name_the_argument():
             effects_of_cells(expression, matches, design, interval=bad)
     assert bound_names(0.9) == ("q05", "q95") and bound_names(0.5) == ("q25", "q75")
     assert bound_names(0.95) == ("q2.5", "q97.5") and bound_names(0.99) == ("q0.5", "q99.5")
+    # a level read as float32 (0.8999999762) named its lower bound q5, so code reading ..._q05 found no layer
+    assert bound_names(np.float32(0.9)) == ("q05", "q95") and bound_names(np.float32(0.95)) == ("q2.5", "q97.5")
 
 
 def test_spread_keeps_its_digits_for_large_values_with_little_noise():

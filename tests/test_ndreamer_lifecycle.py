@@ -194,6 +194,19 @@ def test_batch_labels_holding_the_join_character_are_refused(tiny_adata):
         NDreamer(adata, "condition", "control", batch_key=["donor", "lane"], layer="counts", **TINY)
 
 
+def test_condition_and_single_batch_labels_holding_the_join_character_are_refused(tiny_adata):
+    # batch "x" with condition "stim|control" and batch "x|stim" with "control" were one matching group, "x|stim|control"
+    adata = tiny_adata.copy()
+    half = np.arange(adata.n_obs) < adata.n_obs // 2
+    adata.obs["run"] = np.where(half, "x", "x|stim")
+    adata.obs["arm"] = np.where(adata.obs["condition"] == "control", "control", "stim|control")
+    with pytest.raises(ValueError, match="condition_key 'arm' has the label 'stim\\|control'"):
+        NDreamer(adata, "arm", "control", batch_key="run", layer="counts", **TINY)
+    adata.obs["arm"] = adata.obs["condition"]
+    with pytest.raises(ValueError, match="batch_key 'run' has the label 'x\\|stim'"):
+        NDreamer(adata, "arm", "control", batch_key="run", layer="counts", **TINY)
+
+
 def test_effects_of_an_untrained_network_warn(tiny_adata):
     nd = _nd(tiny_adata)
     with pytest.warns(UserWarning, match="has not been trained"):
@@ -326,6 +339,44 @@ def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     np.testing.assert_allclose(attached.estimate_model_ite(num_samples=3).layers["ite_model_stimulated"],
                                nd.results.layers["ite_model_stimulated"], atol=1e-6)
     attached.save(str(tmp_path / "nd"), overwrite=True)
+
+
+def test_load_refuses_a_model_that_is_not_the_one_it_was_built_from(tiny_model, tmp_path):
+    """The model ITE is written by position under the saved genes: a model with the genes in another order filed each
+    gene's effect under another's name; a model trained further decoded effects the stored latent was not matched in."""
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    nd.save(str(tmp_path / "nd"))
+    tiny_model.save(str(tmp_path / "model"))
+    reloaded = ps.RegularizedVI.load(str(tmp_path / "model"), tiny_model.adata.copy(), device="cpu")
+    NDreamer.load(str(tmp_path / "nd"), device="cpu", model=reloaded)  # the same model, saved and loaded: accepted
+    reversed_genes = tiny_model.adata[:, ::-1].copy()
+    ps.RegularizedVI.setup_anndata(reversed_genes, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    other = ps.RegularizedVI(reversed_genes, n_hidden=16, n_latent=4)
+    with pytest.raises(ValueError, match="other genes than the saved NDreamer .*position 0: 'gene_59' against the "
+                                         "saved 'gene_0'"):
+        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=other)
+    fewer = ps.RegularizedVI(_setup_copy(tiny_model.adata[:, :40]), n_hidden=16, n_latent=4)
+    with pytest.raises(ValueError, match="40 genes against the saved 60"):
+        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=fewer)
+    reloaded.train(max_epochs=1, batch_size=128, device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match="parameters differ from those of the model this NDreamer was built from"):
+        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=reloaded)
+
+
+def test_a_cell_or_gene_asked_for_twice_is_refused(tiny_model):
+    # the result is an AnnData indexed by names: repeats gave it repeated obs or var names (anndata only warned)
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    with pytest.raises(ValueError, match=r"indices names the cell\(s\) \['cell_1'\] more than once"):
+        nd.estimate_ite(indices=[1, 1, 2])
+    with pytest.raises(ValueError, match=r"gene_list names the gene\(s\) \['gene_3'\] more than once"):
+        nd.estimate_model_ite(num_samples=2, gene_list=["gene_3", "gene_4", "gene_3"])
+    assert nd.estimate_ite(indices=[2, 1]).obs_names.tolist() == ["cell_2", "cell_1"]
+
+
+def _setup_copy(adata):
+    adata = adata.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    return adata
 
 
 def test_from_model_factual_is_kept_through_save_and_load(tiny_model, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -150,6 +151,54 @@ class SavedNDreamer:
     training_state: dict | None = None  # None when saved before training, or before the file existed
 
 
+def model_digest(model) -> str:
+    """A digest of a trained model's parameters and buffers: the same model, saved and loaded, gives the same one.
+
+    Parameters
+    ----------
+    model
+        A model of this package (its ``module``, the Pyro model and guide).
+
+    Returns
+    -------
+    str
+        A SHA-256 hex digest.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(model.module.state_dict().items()):
+        digest.update(name.encode())
+        # the bytes of any dtype (reshaped: a 0-d tensor has no last dimension to view)
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_attached_model(model, settings: dict, results: anndata.AnnData) -> None:
+    """Refuse a model re-attached to a saved ``from_model`` NDreamer that is not the one it was built from.
+
+    Its cells and genes (names and order) must be the saved ones: the model ITE is written by position into layers
+    named by the saved genes. Its parameters must be the saved model's (a digest recorded by ``from_model``; not
+    checked for NDreamers saved before it was recorded): a model trained further, or another with the same cell
+    names, decodes other effects than the stored latent was matched in.
+    """
+    if not pd.Index(model.adata.obs_names).equals(results.obs_names):
+        raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
+    source = model.counts_source()[0] if callable(getattr(model, "counts_source", None)) else None
+    genes = None if source is None else pd.Index(source.var_names).astype(str)
+    if genes is None or not genes.equals(results.var_names):
+        differ = "no counts_source()" if genes is None else (
+            f"{len(genes)} genes against the saved {results.n_vars}" if len(genes) != results.n_vars else
+            "the first difference at position {0}: {1!r} against the saved {2!r}".format(
+                *next((i, a, b) for i, (a, b) in enumerate(zip(genes, results.var_names)) if a != b)))
+        raise ValueError(f"model has other genes than the saved NDreamer ({differ}): its model ITE would be filed "
+                         "under the wrong gene names. Pass the model it was built from.")
+    saved = settings.get("model_digest")
+    if saved is not None and saved != model_digest(model):
+        raise ValueError("model's parameters differ from those of the model this NDreamer was built from (trained "
+                         "further, or another model with the same cells and genes): its model ITE would not belong to "
+                         "the stored latent. Pass the model it was built from (e.g. as saved beside it), or build a "
+                         "new NDreamer with NDreamer.from_model(model, ...).")
+
+
 def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     """Read a folder written by :func:`write_ndreamer`.
 
@@ -169,7 +218,7 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     FileNotFoundError
         A file of the folder is missing.
     ValueError
-        ``model`` holds other cells than the saved NDreamer.
+        ``model`` is not the one the saved NDreamer was built from (:func:`check_attached_model`).
     """
     for name in (SETTINGS_FILE, RESULTS_FILE):
         if not os.path.exists(os.path.join(dir_path, name)):
@@ -187,8 +236,8 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     if model is not None and settings["representation"] != LATENT:
         raise ValueError(f"{dir_path} holds an NDreamer with its own network, not one built with NDreamer.from_model: it "
                          "takes no model; load it with NDreamer.load(dir_path).")
-    if model is not None and not pd.Index(model.adata.obs_names).equals(results.obs_names):
-        raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
+    if model is not None:
+        check_attached_model(model, settings, results)
     latent = results.obsm[EMBEDDING_KEY] if settings["representation"] == LATENT else None
     network_state = None
     if settings["representation"] == NETWORK:

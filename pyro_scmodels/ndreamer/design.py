@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import _validation as V
 from .effect_queries import labels_of
-from .effects import CounterfactualDesign
+from .effects import GROUP_SEPARATOR, CounterfactualDesign
 
 
 def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> CounterfactualDesign:
@@ -44,14 +44,27 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
                 V.group_column(obs, key, "condition_key" if key == settings["condition_key"] else "batch_key")
     condition = labels_of(obs, [settings["condition_key"]], "condition_key")[:, 0]
     batches = labels_of(obs, settings["batch_key"], "batch_key")
-    if batches.shape[1] > 1 and not saved:
-        joined = [(key, value) for j, key in enumerate(settings["batch_key"]) for value in np.unique(batches[:, j])
-                  if "|" in value]
-        if joined:  # ("x|1", "2") and ("x", "1|2") would be one batch, "x|1|2"
-            key, value = joined[0]
-            raise ValueError(f"batch_key {key!r} has the label {value!r}: with several batch keys the labels are "
-                             "joined with '|', so a label holding '|' could merge two batches. Rename those labels.")
-    batch = np.array(["|".join(row) for row in batches]) if batches.shape[1] else None
+    if not saved:
+        _refuse_separator(condition, batches, settings)
+    batch = np.array([GROUP_SEPARATOR.join(row) for row in batches]) if batches.shape[1] else None
     # saved before the setting existed: no minimum
     return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
                                 refuse_confounding=not saved)
+
+
+def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict) -> None:
+    """Refuse a condition or batch label holding the separator that joins them into matching groups.
+
+    A batch's labels (one per batch key) and a cell's condition are joined with ``|``: batch ``"x"`` with condition
+    ``"y|ctrl"`` and batch ``"x|y"`` with ``"ctrl"`` would be one group, ``"x|y|ctrl"``, so treated and control
+    cells would be matched as one group.
+    """
+    columns = [(settings["condition_key"], "condition_key", condition),
+               *((key, "batch_key", batches[:, j]) for j, key in enumerate(settings["batch_key"]))]
+    for key, role, labels in columns:
+        joined = [value for value in np.unique(labels) if GROUP_SEPARATOR in value]
+        if joined:
+            raise ValueError(f"{role} {key!r} has the label {joined[0]!r}: conditions and batches are joined with "
+                             f"{GROUP_SEPARATOR!r} into matching groups, so a label holding {GROUP_SEPARATOR!r} could "
+                             "merge two groups (e.g. batch 'x' with condition 'y|ctrl', and batch 'x|y' with 'ctrl'). "
+                             "Rename those labels.")

@@ -66,9 +66,15 @@ class EffectQueries:
         columns = gene_positions(self.genes, gene_list, "the results",
                                  "NDreamer keeps its genes in nd.genes (pass keep_genes= to keep others).")
         for name, chosen in (("indices", cells), ("gene_list", columns)):
+            what = "cell" if name == "indices" else "gene"
             if chosen is not None and len(chosen) == 0:
-                raise ValueError(f"{name} selects nothing; pass at least one {'cell' if name == 'indices' else 'gene'}, "
-                                 "or None for all.")
+                raise ValueError(f"{name} selects nothing; pass at least one {what}, or None for all.")
+            # the result is an AnnData indexed by cell and gene names: a repeat would give it repeated names
+            if chosen is not None and len(np.unique(chosen)) < len(chosen):
+                names = self.results.obs_names if name == "indices" else self.genes
+                repeated = list(dict.fromkeys(names[p] for p in chosen[pd.Index(chosen).duplicated()]))[:5]
+                raise ValueError(f"{name} names the {what}(s) {repeated} more than once; the result is an AnnData "
+                                 f"indexed by {what} names, so ask for each {what} once.")
         return cells, columns
 
     def _subset_result(self, cells, columns, layers: dict) -> anndata.AnnData:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import _validation as V
 from . import _constants as K
-from ._persistence import LATENT
+from ._persistence import LATENT, model_digest
 from .design import design_from_obs
 from .effects import FACTUAL_CHOICES
 from .preprocess import log_normalise
@@ -72,7 +72,8 @@ class ModelRepresentation:
                         batch_size=K.BATCH_SIZE, seed=V.non_negative_int("seed", seed), layer=layer,
                         representation=LATENT, model=type(model).__name__,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
-                        factual=V.choice("factual", factual, FACTUAL_CHOICES))
+                        factual=V.choice("factual", factual, FACTUAL_CHOICES),
+                        model_digest=model_digest(model))  # re-attaching it at load is checked against it
         self = cls.__new__(cls)
         # the design is checked before the latent and the expression are computed (minutes at 10^6 cells)
         design = design_from_obs(model.adata.obs, settings)
