@@ -62,7 +62,24 @@ class RegularizedPriors:
     regularize_ambient: bool = False
 
     def __post_init__(self):
-        # each site is positive (a scale, a rate or a background): its prior must be a distribution on positive numbers
+        self.validate()
+
+    def validate(self) -> "RegularizedPriors":
+        """Check every prior (again: a field set after construction is checked when a model is built with it).
+
+        Returns
+        -------
+        RegularizedPriors
+            Itself.
+
+        Raises
+        ------
+        TypeError
+            A prior that is not a distribution.
+        ValueError
+            A prior with event dimensions, or (but for ``decoder_weight``) one that does not cover every positive
+            number: its site is positive, and the guide's point estimate may take any positive value.
+        """
         for f in fields(self):
             prior = getattr(self, f.name)
             if f.name == "regularize_ambient" or (f.name == "decoder_weight" and prior is None):
@@ -75,10 +92,15 @@ class RegularizedPriors:
                 raise ValueError(f"RegularizedPriors.{f.name} must be a univariate distribution (parameters per gene or "
                                  f"category are fine, no event dimensions); got event_shape {tuple(prior.event_shape)}. "
                                  "Drop .to_event(...).")
-            if f.name != "decoder_weight" and bool(prior.support.check(torch.tensor(-1.0)).any()):
-                raise ValueError(f"RegularizedPriors.{f.name} must be a distribution on positive numbers (its site is "
-                                 f"positive); {type(prior).__name__} has support {prior.support}.")
+            if f.name != "decoder_weight" and (bool(prior.support.check(torch.tensor(-1.0)).any())
+                                               or not all(bool(prior.support.check(torch.tensor(v)).all())
+                                                          for v in (1e-6, 1e6))):
+                # Uniform(0.95, 1.05) was accepted, and training failed once the estimate left the interval
+                raise ValueError(f"RegularizedPriors.{f.name} must be a distribution over all positive numbers (its "
+                                 f"site is positive, and its estimate may take any positive value); "
+                                 f"{type(prior).__name__} has support {prior.support}. Use e.g. a Gamma or a LogNormal.")
         self.regularize_ambient = V.boolean("regularize_ambient", self.regularize_ambient)
+        return self
 
     def distributions(self) -> dict[str, dist.Distribution]:
         """The priors that are distributions, by site name (None entries left out)."""
@@ -93,7 +115,7 @@ def checked_priors(label: str, priors) -> "RegularizedPriors":
     """``priors`` if it is a :class:`RegularizedPriors`; ``TypeError`` naming ``label`` otherwise."""
     if not isinstance(priors, RegularizedPriors):
         raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors, got {type(priors).__name__}.")
-    return priors
+    return priors.validate()  # a field may have been set after construction
 
 
 def priors_fingerprint(priors) -> str:
@@ -165,3 +187,8 @@ class PriorSet(nn.Module):
     def __getitem__(self, name: str) -> torch.distributions.Distribution:
         family, keys = self._families[name]
         return family(**{key: getattr(self, f"{name}__{key}") for key in keys})
+
+    def distributions(self) -> dict[str, torch.distributions.Distribution]:
+        """The priors as the buffers hold them now (edits included), on the CPU, by site name."""
+        return {name: family(**{key: getattr(self, f"{name}__{key}").detach().cpu().clone() for key in keys})
+                for name, (family, keys) in self._families.items()}

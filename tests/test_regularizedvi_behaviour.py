@@ -304,13 +304,21 @@ def test_priors_are_buffers_and_reach_the_model(small):
     # what is not a prior of a positive site is refused by name
     for bad, error, message in ((dict(ambient=None), TypeError, "RegularizedPriors.ambient must be a distribution"),
                                 (dict(ambient=0.01), TypeError, "RegularizedPriors.ambient must be a distribution"),
-                                (dict(feature_scaling=dist.Normal(1.0, 0.1)), ValueError, "on positive numbers"),
+                                (dict(feature_scaling=dist.Normal(1.0, 0.1)), ValueError, "over all positive numbers"),
+                                # accepted, and training failed once the point estimate left (0.95, 1.05)
+                                (dict(feature_scaling=dist.Uniform(0.95, 1.05)), ValueError,
+                                 r"over all positive numbers .*Uniform has support Interval"),
                                 (dict(regularize_ambient="yes"), TypeError, "regularize_ambient"),
                                 # an event dimension gave a raw "Expected value.dim() >= 1" from the support check
                                 (dict(dispersion_rate=dist.Gamma(9.0, 3.0).expand([1]).to_event(1)), ValueError,
                                  "must be a univariate distribution")):
         with pytest.raises(error, match=message):
             ps.RegularizedPriors(**bad)
+    # a field set after construction is checked when a model is built with it (it trained with a Normal prior on y)
+    changed = ps.RegularizedPriors()
+    changed.feature_scaling = dist.Normal(0.0, 1.0)
+    with pytest.raises(ValueError, match="RegularizedPriors.feature_scaling must be a distribution over all positive"):
+        ps.RegularizedVI(small, priors=changed, **SMALL)
     # a prior whose shape does not fit its site is refused when the model is built, not in a trace during training
     transposed = torch.ones(small.n_vars, 2)
     with pytest.raises(ValueError, match=r"RegularizedPriors.ambient has batch shape \(\d+, 2\)"):
@@ -324,6 +332,26 @@ def test_priors_are_buffers_and_reach_the_model(small):
     with pytest.raises(ValueError, match="HalfCauchy's mean is not finite"):
         ps.RegularizedVI(small, init="prior", priors=ps.RegularizedPriors(ambient=dist.HalfCauchy(torch.tensor(0.01))),
                          **SMALL)
+
+
+def test_prior_buffers_edited_in_place_are_what_the_model_reports_saves_and_loads(small, tmp_path):
+    # the buffers are the hyperparameters the model trains with; model.priors, export and save read the priors
+    # object given at construction, so an edit reported the old prior, and a per-gene edit saved a model that failed
+    # to load (size mismatch of the buffer)
+    model = ps.RegularizedVI(small, **SMALL)
+    buffers = model.module.model.priors
+    buffers.dispersion_rate__concentration.fill_(4.0)
+    buffers.feature_scaling__concentration = torch.full((small.n_vars,), 20.0)
+    buffers.feature_scaling__rate = torch.full((small.n_vars,), 20.0)
+    assert float(model.priors.dispersion_rate.concentration) == 4.0
+    assert model.priors.feature_scaling.concentration.shape == (small.n_vars,)
+    model.train(max_epochs=1, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
+    exported = model.export_posterior(small.copy(), num_samples=2)
+    assert "concentration: 4.0" in exported.uns["RegularizedVI"]["settings"]["priors"]
+    model.save(str(tmp_path / "m"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "m"), small.copy(), device="cpu")
+    np.testing.assert_array_equal(loaded.module.model.priors.feature_scaling__rate.numpy(), np.full(small.n_vars, 20.0))
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation())
 
 
 def test_sample_posterior_summaries(fitted):

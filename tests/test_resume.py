@@ -55,6 +55,20 @@ def test_resuming_with_other_priors_is_refused(small, tmp_path):
     assert len(again.history) == 2
 
 
+def test_resuming_compares_the_prior_buffers_not_the_priors_object(small, tmp_path):
+    # the checkpoint of a model whose buffers were edited: a default model resumed silently with the edited prior, and
+    # a model given that prior as an object was refused
+    first = ps.RegularizedVI(small, **SMALL)
+    first.module.model.priors.feature_scaling__concentration.fill_(2.0)
+    first.module.model.priors.feature_scaling__rate.fill_(2.0)
+    first.train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    with pytest.raises(ValueError, match=r"priors differ"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    same = ps.RegularizedVI(small, **SMALL, priors=ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0)))
+    same.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(same.history) == 2  # it resumed
+
+
 def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):
     ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
     other = small[:, ::-1].copy()  # the same counts, the genes in another order: the per-gene tables would not fit

@@ -90,6 +90,18 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
 
     # --- training ---------------------------------------------------------------------------
     @property
+    def init_params(self) -> dict:
+        """The constructor arguments that rebuild this model, with its priors as its Pyro modules hold them now.
+
+        What :meth:`save` writes, :meth:`load` and query mapping pass back, and resuming compares: an in-place edit of a
+        prior buffer is trained with, so it is also what is saved and checked.
+        """
+        params = dict(self._init_params)
+        if getattr(self, "module", None) is not None:
+            params["priors"] = self.priors
+        return params
+
+    @property
     def history(self) -> TrainingHistory:
         """Training history: one row per epoch (``train_loss``, ``validation_loss``, ``kl_weight``).
 

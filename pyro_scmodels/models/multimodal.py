@@ -107,7 +107,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
         priors = per_modality("priors", priors, self.modalities, checked_priors, loading=_categories is not None)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
-        self.init_params = dict(
+        self._init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
             modality_weights=modality_weights, ambient_modalities=ambient_modalities,
             feature_scaling_modalities=scaling_modalities, dropout_rate=dropout_rate, priors=priors,
@@ -136,6 +136,11 @@ class RegularizedMultimodalVI(PyroModelBase):
                                      dropout_rate)
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
+
+    @property
+    def priors(self) -> dict[str, RegularizedPriors]:
+        """The priors of each modality, read back from its block's buffers (in-place edits included)."""
+        return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod

@@ -43,7 +43,9 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         Probability of masking each gene of the encoder input (0: off).
     priors
         A :class:`~pyro_scmodels.RegularizedPriors`; default the SPEC priors. The model keeps its own
-        copy (the buffers of its Pyro modules): edit the priors before building the model.
+        copy (the buffers of its Pyro modules, e.g. ``model.module.model.priors.ambient__rate``): later edits
+        of the object passed change nothing; edits of the buffers are trained with, and :attr:`priors` reads
+        them back.
     global_guides
         Guide family per global site, e.g. ``{"ambient": "lognormal"}``; default point
         estimates (``"map"``) for ``dispersion_rate``, ``ambient``, ``feature_scaling`` and
@@ -101,11 +103,11 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
                  ambient_shape_prior: float | None = None, _categories: dict | None = None, **scvi_arguments):
         refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, type(self).__name__)
         super().__init__()
-        self.init_params = regularizedvi_settings(
+        self._init_params = regularizedvi_settings(
             n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed,
             latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile)
-        settings = {**self.init_params}
-        self.priors = settings.pop("priors")
+        settings = {**self._init_params}
+        priors = settings.pop("priors")
         self.adata = adata
         self._setup = read_setup(adata)
         self.layer, self.keys = self._setup.layer, self._setup.keys
@@ -123,10 +125,15 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         data = self._cell_data()
         with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
             torch.manual_seed(settings.pop("seed"))
-            model, guide = build_model_and_guide(data, self.priors, model_class=self.model_class,
+            model, guide = build_model_and_guide(data, priors, model_class=self.model_class,
                                                  guide_class=self.guide_class, **settings)
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
+
+    @property
+    def priors(self) -> RegularizedPriors:
+        """The priors the model trains with, read back from its Pyro model's buffers (in-place edits included)."""
+        return self.module.model.prior_settings()
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod

@@ -109,6 +109,7 @@ class RegularizedVIModel(LocalPyroModule):
         self.shaped_ambient = ambient_shape_prior is not None
         # the shaped prior is always counted: it is what places the background's shared part
         self.regularize_ambient = bool(priors.regularize_ambient) or self.shaped_ambient
+        self._asked_to_regularize_ambient = bool(priors.regularize_ambient)  # the shaped prior counts it anyway
         if self.shaped_ambient:
             concentration, shape, amounts = ambient_shape_prior
             shape = torch.as_tensor(shape, dtype=torch.float32)
@@ -285,6 +286,19 @@ class RegularizedVIModel(LocalPyroModule):
         # the minibatch says where its stored counts are (read off the sparse rows), when it knows
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
         return GammaPoissonMean(mu, theta, group, positions=positions)
+
+    def prior_settings(self) -> RegularizedPriors:
+        """The priors this model samples from now, read back from its buffers (edits of them included).
+
+        Returns
+        -------
+        RegularizedPriors
+            Rebuilds a model with the same priors (``save`` writes it, ``load`` and resuming compare it).
+        """
+        flag = self._asked_to_regularize_ambient if self.shaped_ambient else bool(self.regularize_ambient)
+        in_use = self.priors.distributions()
+        in_use.setdefault("decoder_weight", None)  # no decoder-weight prior
+        return RegularizedPriors(**in_use, regularize_ambient=flag)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         global_values = self.global_sites()
