@@ -18,6 +18,22 @@ from torch.distributions import constraints
 GUIDE_FAMILIES = ("map", "lognormal")
 
 
+def refuse_outer_plates(module: torch.nn.Module) -> None:
+    """Raise when the model or guide runs inside a plate of the caller's (Pyro's vectorised particles or samples).
+
+    The modules draw one set of global sites per call: under ``Trace_ELBO(vectorize_particles=True)`` or
+    ``Predictive(..., parallel=True)`` the particle dimension of the global sites lined up with the cells' plate, so
+    the ELBO came out about ``num_particles`` times too large without an error.
+    """
+    outer = [frame.name for frame in pyro.poutine.runtime.get_plates()]
+    if outer:
+        raise NotImplementedError(
+            f"{type(module).__name__} ran inside the plate(s) {outer}: the package's models draw one sample per call, "
+            "and do not broadcast over Pyro's vectorised particles or samples. Use Trace_ELBO(num_particles=n) without "
+            "vectorize_particles, or Predictive(..., parallel=False)."
+        )
+
+
 class LocalPyroModule(PyroModule):
     """A ``PyroModule`` that is built and always runs with module-local parameters."""
 

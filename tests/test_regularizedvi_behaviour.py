@@ -354,6 +354,40 @@ def test_prior_buffers_edited_in_place_are_what_the_model_reports_saves_and_load
     np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation())
 
 
+def test_pyro_vectorised_particles_are_refused_by_name(small):
+    # the global sites' particle dimension lined up with the cells' plate: the ELBO came out about num_particles times
+    # too large, without an error, and Predictive(parallel=True) failed in a reshape
+    model = ps.RegularizedVI(small, **SMALL)
+    batch, n_obs = next(model._batches(indices=np.arange(64)))
+    one = Trace_ELBO(num_particles=3).loss(model.module.model, model.module.guide, batch, n_obs)  # sequential: fine
+    assert np.isfinite(one)
+    with pytest.raises(NotImplementedError, match="ran inside the plate\\(s\\) \\['num_particles_vectorized'\\]"):
+        Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2).loss(model.module.model,
+                                                                                        model.module.guide, batch, n_obs)
+    predictive = pyro.infer.Predictive(poutine.uncondition(model.module.model), guide=model.module.guide, num_samples=4,
+                                       parallel=True)
+    with pytest.raises(NotImplementedError, match="Predictive\\(..., parallel=False\\)"):
+        predictive(batch, n_obs)
+
+
+def test_the_documented_own_loop_with_a_torch_optimiser_trains(small):
+    # docs/models.md, "Training with your own loop": pyro.infer.SVI needs Pyro's param store, which the modules do
+    # not use; the module-based Trace_ELBO with a torch optimiser is the route, and it must lower the loss
+    model = ps.RegularizedVI(small, **SMALL)
+    loss_fn = Trace_ELBO()(model.module.model, model.module.guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+    batch, n_obs = next(model._batches(indices=np.arange(128)))
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = loss_fn(batch, n_obs)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
 def test_sample_posterior_summaries(fitted):
     summary = fitted.sample_posterior(num_samples=20, indices=np.arange(200))
     assert set(summary) == {"means", "stds", "q05", "q95"}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 
-from ..pyro_modules import LocalPyroModule
+from ..pyro_modules import LocalPyroModule, refuse_outer_plates
 from ..nn import GaussianEncoder
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -73,6 +73,7 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
         return {m: self.block(m).decode(z, batch, nn_onehot) for m in self.modalities}
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        refuse_outer_plates(self)
         globals_ = {m: self.block(m).global_sites() for m in self.modalities}
         present = {m: has_counts(batch, self.block(m).dims.counts_key) for m in self.modalities}
         n = batch["index"].shape[0]
@@ -227,6 +228,7 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
         return inputs, present, loc, scale
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        refuse_outer_plates(self)
         library_weights = {m: self.block(m).global_sites() for m in self.modalities}
         inputs, present, loc, scale = self.latent(batch)
         with pyro.plate("cells", n_obs, subsample=batch["index"]):

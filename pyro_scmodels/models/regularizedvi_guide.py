@@ -16,7 +16,7 @@ from pyro import poutine
 
 from .. import _constants as C
 from ..nn import GaussianEncoder
-from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide
+from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide, refuse_outer_plates
 from .regularizedvi_dims import GLOBAL_SITES, RegularizedVIDims
 
 
@@ -139,6 +139,7 @@ class RegularizedVIGuide(LocalPyroModule):
             pyro.sample(self.dims.site("library"), q_library)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        refuse_outer_plates(self)
         w = self.global_sites()
         h = self.encoder_input(batch)  # shared by the z and library encoders
         with pyro.plate("cells", n_obs, subsample=batch["index"]):

@@ -30,7 +30,7 @@ from ..distributions import GammaPoissonMean, select_rows
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder
 from ..priors import PriorSet, RegularizedPriors
-from ..pyro_modules import LocalPyroModule
+from ..pyro_modules import LocalPyroModule, refuse_outer_plates
 from .regularizedvi_dims import GLOBAL_SITES, SITE_COVARIATE_ROLES, RegularizedVIDims  # noqa: F401  (their import path)
 
 
@@ -301,6 +301,7 @@ class RegularizedVIModel(LocalPyroModule):
         return RegularizedPriors(**in_use, regularize_ambient=flag)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
+        refuse_outer_plates(self)
         global_values = self.global_sites()
         x = batch[self.dims.counts_key]
         with pyro.plate("cells", n_obs, subsample=batch["index"]):
