@@ -144,6 +144,23 @@ def test_weighted_moments_are_the_weighted_mean_and_mean_square():
         np.testing.assert_array_equal(dense(average), dense(weighted_average(form.astype(np.float32), indices, other)))
 
 
+def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
+    # batch "1" keeps its treated cells only: the treated arm was averaged over both batches and the control over
+    # batch "0", so half of batch 1's offset against batch 0 was in every cell's ITE
+    expression, embedding, full, true_effect, treated = exact_design(noise=0.1)
+    keep = ~((full.batch == "1") & ~treated)
+    with pytest.warns(UserWarning, match=r"Batch\(es\) \['1'\] hold only one of condition 'stim'"):
+        design = CounterfactualDesign(full.condition[keep], "ctrl", full.batch[keep])
+    assert design.common_batches("stim") == ["0"]
+    matches = match_groups(embedding[keep], design.groups, k=10, device="cpu")
+    out = effects_of_cells(expression[keep], matches, design, interval=0.9)
+    error = out["ite_stim"][treated[keep]] - true_effect[keep][treated[keep]]
+    assert np.abs(error.mean(0)).max() < 0.05, np.abs(error.mean(0)).max()  # before: up to 0.94 (mean 0.25) per gene
+    assert np.isfinite(out["ite_stim_q05"]).all() and (out["ite_stim_q05"] <= out["ite_stim"]).all()
+    # the denoised treated value still averages over both batches holding the treatment
+    assert design.batches_with["stim"] == ["0", "1"]
+
+
 def test_interval_errors_name_the_argument():
     expression, embedding, design, _, _ = exact_design(n_states=2)
     with pytest.raises(ValueError, match="at least two"):

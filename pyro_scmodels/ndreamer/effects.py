@@ -87,6 +87,7 @@ class CounterfactualDesign:
         self.batches_with = {c: [str(b) for b in dict.fromkeys(self.batch) if f"{b}{GROUP_SEPARATOR}{c}" in present]
                              for c in self.conditions}
         self._check_batches_hold_both_arms()
+        self._warn_of_one_arm_batches()
 
     def _check_batches_hold_both_arms(self) -> None:
         """Refuse a treatment that no batch holds together with the control: its batch effect and its effect would
@@ -101,6 +102,26 @@ class CounterfactualDesign:
                 if self.refuse_confounding:
                     raise ValueError(message)
                 warnings.warn(message, UserWarning, stacklevel=4)
+
+    def common_batches(self, treatment: str) -> list[str]:
+        """The batches holding both ``treatment`` and the control: the ITE compares the two arms over these.
+
+        Averaging each arm over the batches holding it put the batch effect of a batch holding one arm only into
+        every cell's ITE (a third of it with one such batch in three).
+        """
+        controls = set(self.batches_with[self.control_name])
+        return [b for b in self.batches_with[treatment] if b in controls]
+
+    def _warn_of_one_arm_batches(self) -> None:
+        for treatment in self.treatments:
+            common = self.common_batches(treatment)
+            one_arm = [b for b in dict.fromkeys([*self.batches_with[treatment], *self.batches_with[self.control_name]])
+                       if b not in common]
+            if one_arm and common:
+                warnings.warn(f"Batch(es) {one_arm} hold only one of condition {treatment!r} and the control "
+                              f"{self.control_name!r}: the ITE of {treatment!r} compares the two over the batches holding "
+                              f"both ({common}); the denoised expression still averages each condition over every "
+                              "batch holding it.", UserWarning, stacklevel=4)
 
     def _check_group_sizes(self, minimum: int) -> None:
         names, sizes = np.unique(self.groups, return_counts=True)
@@ -135,8 +156,9 @@ class ArmMean(NamedTuple):
 
 def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
                        own: np.ndarray | None = None, observed: np.ndarray | None = None, genes: np.ndarray | None = None,
-                       unit: np.ndarray | None = None, factual: str = "observed") -> ArmMean:
-    """For each of ``cells``: mean over the batches holding ``condition`` of its matched expression there.
+                       unit: np.ndarray | None = None, factual: str = "observed", batches: list[str] | None = None) -> ArmMean:
+    """For each of ``cells``: mean over the batches holding ``condition`` (or over ``batches``) of its matched
+    expression there.
 
     With ``own`` (a boolean per cell of ``cells``) and ``observed`` (the cells' own rows, dense, the genes kept:
     read once by the caller), cells of that condition use themselves for their own batch, or, with
@@ -144,7 +166,7 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     With ``unit`` (a single count's value per cell, for an interval), also the variance of that mean and the
     fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
-    batches = design.batches_with[condition]
+    batches = design.batches_with[condition] if batches is None else batches
     n = len(batches)
     own = np.zeros(cells.size, dtype=bool) if own is None else own
     own_rows = np.flatnonzero(own)
@@ -235,9 +257,13 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
                                      unit=unit, factual=factual)
         denoised[own] = arms[c].mean[own] if arms[c].own_shift is None else arms[c].mean[own] + arms[c].own_shift
     out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
-    control = arms[design.control_name]
     for c in design.treatments:
-        treated = arms[c]
+        # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference
+        common = design.common_batches(c)
+        treated, control = (arms[a] if common == design.batches_with[a] else
+                            _mean_over_batches(expression, matches, design, a, cells, own=design.condition[cells] == a,
+                                               observed=observed, genes=genes, unit=unit, factual=factual, batches=common)
+                            for a in (c, design.control_name))
         effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
         if level is not None:
