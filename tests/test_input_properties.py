@@ -113,3 +113,18 @@ def test_repeated_names_are_refused_with_the_fix(axis):
         setattr(adata, f"{axis}_names", names)
     with pytest.raises(ValueError, match=rf"adata\.{axis}_names are not unique.*{axis}_names_make_unique"):
         ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+
+
+def test_float16_counts_are_summed_without_overflow():
+    # float16 sums overflowed at 65,504: three cells' totals read inf, training stopped with a NaN named in the model,
+    # and get_library_size() returned zeros
+    from pyro_scmodels.data import CountMatrix
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 2048, (20, 60)).astype(np.float16)  # every entry exact in float16; totals up to 120,000
+    expected = counts.astype(np.float64).sum(1)
+    assert expected.max() > 65504
+    np.testing.assert_array_equal(CountMatrix(counts, name="adata.X").totals(), expected)
+    checked = CountMatrix(counts, name="adata.X")
+    checked.validate()  # its own pass over the blocks (scipy's sparse matrices have no float16)
+    np.testing.assert_array_equal(checked.totals(), expected)

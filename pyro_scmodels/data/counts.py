@@ -175,7 +175,7 @@ class CountMatrix:
                     f"{self.name} contains non-integer values (e.g. {bad.tolist()}). The models need raw "
                     "counts, not normalised or log-transformed data; pass the raw count layer with `layer=`."
                 )
-            totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+            totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
         empty = np.flatnonzero(totals <= 0)
         if empty.size == self.n_cells:
             raise ValueError(f"{self.name} has no counts at all ({self.n_cells} cells x {self.shape[1]} genes, every total 0); "
@@ -193,7 +193,7 @@ class CountMatrix:
         if self._totals is None:
             totals = np.empty(self.n_cells, dtype=np.float64)
             for start, stop, block in self.chunks():
-                totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+                totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
             self._totals = totals
         return self._totals
 

@@ -54,11 +54,32 @@ def _row_blocks(source: CountMatrix, cells: np.ndarray | None):
     """``(first_row, block)`` for consecutive blocks of the chosen rows (all rows when ``cells`` is None)."""
     if cells is None:
         for start, _, block in source.chunks(READ_CHUNK_CELLS):
-            yield start, block
+            yield start, _canonical(block)
         return
     for start in range(0, cells.size, READ_CHUNK_CELLS):
         positions = cells[start : start + READ_CHUNK_CELLS]
-        yield start, source.disk.rows(positions) if source.disk is not None else source.matrix[positions]
+        yield start, _canonical(source.disk.rows(positions) if source.disk is not None else source.matrix[positions])
+
+
+def _canonical(block) -> sp.csr_matrix:
+    """A block as CSR with each entry stored once: scipy sums an entry stored twice, but log1p of each part summed
+    is not log1p of the sum (7.5 log units off in one cell)."""
+    block = sp.csr_matrix(block)
+    if not block.has_canonical_format:
+        block.sum_duplicates()
+    return block
+
+
+def _check_values(block: sp.csr_matrix, first_row: int, where: str, log_input: bool) -> None:
+    """Raise on NaN, Inf or negative values in a block: the first block's check saw only its first values, and
+    a NaN further on failed in the PCA (sklearn's "Input X contains NaN") or, negative, was taken as it was."""
+    bad = ~np.isfinite(block.data) | (block.data < 0)
+    if bad.any():
+        row = first_row + int(np.searchsorted(block.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+        value = float(block.data[bad][0])
+        kind = "log-normalised values" if log_input else "raw counts"
+        raise ValueError(f"{where} holds {value:g} at row {row} of the cells read: NDreamer needs finite, non-negative "
+                         f"{kind}. Pass the layer of raw counts (layer=...), or fix those cells.")
 
 
 def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray):
@@ -80,8 +101,8 @@ def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, ind
         # each block has 32-bit offsets of its own: widen them before adding the entries already written
         indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(indptr.dtype) + filled
         filled += block.nnz
-    if filled != total:  # the store changed under us, or its indptr does not match its data
-        raise ValueError(f"Read {filled} stored entries where {total} were counted; is the file being written?")
+    if filled < total:  # entries stored twice were summed (_canonical): the arrays hold fewer than the store
+        data, indices = data[:filled].copy(), indices[:filled].copy()
     return data, indices, indptr
 
 
@@ -106,6 +127,7 @@ def _size_factors(block: sp.csr_matrix, first_row: int, where: str) -> np.ndarra
 def _normalised(block, first_row: int, log_input: bool, where: str, keep: np.ndarray | None) -> sp.csr_matrix:
     """One block as float32 CSR: log1p(TARGET_SUM x / total) of counts (totals over every gene), kept columns."""
     block = sp.csr_matrix(block, dtype=np.float32)
+    _check_values(block, first_row, where, log_input)
     if not log_input:
         block.data *= np.repeat(_size_factors(block, first_row, where), np.diff(block.indptr))
         np.log1p(block.data, out=block.data)
@@ -124,6 +146,7 @@ def _into_counts(blocks, where: str, keep: np.ndarray | None, n_rows: int, n_col
     def kept_counts():
         for start, block in blocks:
             block = sp.csr_matrix(block, dtype=np.float32)
+            _check_values(block, start, where, log_input=False)
             factors[start : start + block.shape[0]] = _size_factors(block, start, where)  # over every gene
             yield start, block if keep is None else block[:, keep].tocsr()
 
