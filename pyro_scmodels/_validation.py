@@ -343,7 +343,7 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
 
 
-def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
+def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False) -> None:
     """Raise unless ``obs[key]`` exists and holds groups (categories, strings or integer labels), not real numbers.
 
     Parameters
@@ -356,6 +356,8 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
         The argument that named it, for the message (e.g. ``"groupby"``).
     table
         How to call ``obs`` in the message.
+    complete
+        Also refuse cells without a value (NaN): a result per group would leave them out without a word.
 
     Raises
     ------
@@ -366,6 +368,9 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs") -> None:
     """
     present(key, obs.columns, table, "column")
     column = obs[key]
+    if complete and column.isna().any():
+        raise ValueError(f"{what}: {table}[{key!r}] has missing values ({int(column.isna().sum())} cells); fill or drop "
+                         "them first (a result per group would leave those cells out).")
     # numpy's and pandas' float dtypes, unless every value is a whole number (labels such as hours 0, 6, 24)
     if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
         raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "

@@ -191,10 +191,7 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         raise ValueError("idx2 needs idx1.")
     if groupby is None:
         raise ValueError("Pass groupby (an .obs column, for one-vs-rest over its groups) or idx1 (cells to compare).")
-    V.present(groupby, obs.columns, "adata.obs", "column")
-    if obs[groupby].isna().any():
-        raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop them first.")
-    V.group_column(obs, groupby, "groupby")
+    V.group_column(obs, groupby, "groupby", complete=True)
     labels = obs[groupby].astype(str).to_numpy()
     known = [str(g) for g in pd.Categorical(obs[groupby]).remove_unused_categories().categories]
     one = isinstance(group1, str) or not isinstance(group1, (list, tuple, set, np.ndarray, pd.Index, pd.Series))

@@ -172,6 +172,13 @@ def test_summary_argument_checked_before_work(short_fit):
         model.get_ambient_fraction(summarize_by=["batch"])
     with pytest.raises(ValueError, match="summarize_by: adata.obs\\['true_library'\\] holds real numbers"):
         model.get_ambient_fraction(summarize_by="true_library")  # it made one group per cell
+    # cells without a label were left out of the table without a word
+    model.adata.obs["partly"] = model.adata.obs["batch"].astype(object).where(np.arange(model.adata.n_obs) % 10 != 0)
+    try:
+        with pytest.raises(ValueError, match=r"summarize_by: adata.obs\['partly'\] has missing values \(\d+ cells\)"):
+            model.get_ambient_fraction(summarize_by="partly")
+    finally:
+        del model.adata.obs["partly"]
 
 
 def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):

@@ -75,7 +75,7 @@ def check_summary_column(obs: pd.DataFrame, by) -> None:
     """Raise unless ``by`` names a column of ``obs`` (checked before anything is computed)."""
     if not isinstance(by, str):
         raise V.ArgumentTypeError(f"summarize_by must be the name of an .obs column (a str), got {by!r}.")
-    V.group_column(obs, by, "summarize_by")
+    V.group_column(obs, by, "summarize_by", complete=True)  # cells without a label were left out of the table
 
 
 def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame:
