@@ -96,6 +96,39 @@ def two_dimensional_view(latent: np.ndarray, method: str = "pca", seed: int = 0)
     return centred @ vt[:2].T, "PCA"
 
 
+OTHER_LABEL = "other"
+
+
+def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
+    """How :func:`plot_latent` colours a column: None for real numbers (a colour scale), else ``(label, cells)`` pairs.
+
+    The :data:`MAX_CATEGORIES_COLOURED` largest categories each get a colour (in sorted order); the cells of the
+    others are drawn in grey as one group labelled ``"other (N categories)"``, first, so that every cell is drawn
+    (only the first 20 categories were, and the rest of the cells were left out of the figure).
+
+    Parameters
+    ----------
+    values
+        One value per cell.
+
+    Returns
+    -------
+    list of (str, numpy.ndarray) or None
+        Labels and boolean masks that together cover every cell once.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and not all(float(v).is_integer() for v in pd.unique(values[~np.isnan(values)])):
+        return None
+    labels = pd.Series(values).astype(str)
+    counts = labels.value_counts(sort=True)
+    coloured = sorted(counts.index[:MAX_CATEGORIES_COLOURED])
+    groups = [(name, (labels == name).to_numpy()) for name in coloured]
+    rest = ~labels.isin(coloured).to_numpy()
+    if rest.any():
+        groups.insert(0, (f"{OTHER_LABEL} ({counts.size - len(coloured)} categories)", rest))
+    return groups
+
+
 def plot_latent(latent: np.ndarray, obs: pd.DataFrame, colour_by: list[str], path: str, title: str = "latent",
                 method: str = "pca", seed: int = 0) -> str:
     """Scatter plots of a 2-D view of ``latent``, one panel per column of ``obs`` in ``colour_by``.
@@ -129,11 +162,16 @@ def plot_latent(latent: np.ndarray, obs: pd.DataFrame, colour_by: list[str], pat
         if column is None:
             ax.scatter(coordinates[:, 0], coordinates[:, 1], s=3, alpha=0.6)
         else:
-            labels = pd.Series(np.asarray(obs[column])[shown]).astype(str)
-            for name in list(dict.fromkeys(sorted(labels)))[:MAX_CATEGORIES_COLOURED]:
-                chosen = (labels == name).to_numpy()
-                ax.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=3, alpha=0.6, label=name)
-            ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
+            groups = colour_groups(np.asarray(obs[column])[shown])
+            if groups is None:  # real numbers: a colour scale
+                points = ax.scatter(coordinates[:, 0], coordinates[:, 1], s=3, alpha=0.6,
+                                    c=np.asarray(obs[column], dtype=float)[shown], cmap="viridis")
+                figure.colorbar(points, ax=ax)
+            else:
+                for name, chosen in groups:
+                    grey = dict(color="lightgrey") if name.startswith(OTHER_LABEL) else {}
+                    ax.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=3, alpha=0.6, label=name, **grey)
+                ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
             ax.set_title(f"coloured by {column}")
         ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", xticks=[], yticks=[])
     figure.suptitle(f"{title} ({method})")

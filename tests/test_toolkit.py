@@ -1,10 +1,12 @@
 """The modeller's toolkit on RegularizedVI: editing priors, guide families, subclassing one site,
 posterior export, the model graph and Bayesian differential expression."""
 
+import os
 import sys
 
 import anndata
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -186,3 +188,21 @@ def test_interferon_genes_up_in_stimulated_cd14_monocytes():
     assert (hits["proba_de"] > 0.9).all(), hits
     assert hits[f"is_de_fdr_0.05"].all()
     assert table[f"is_de_fdr_0.05"].mean() < 0.5  # not everything is called
+
+
+def test_latent_figure_draws_every_cell_whatever_the_number_of_categories(tmp_path):
+    # only the first 20 categories were drawn: with 25 cell types 60 of 300 cells were missing from latent.png, and a
+    # column of real numbers was drawn as 20 one-cell categories
+    from pyro_scmodels import figures
+
+    labels = np.repeat([f"type_{i:02d}" for i in range(25)], 12)
+    groups = figures.colour_groups(labels)
+    masks = np.stack([mask for _, mask in groups])
+    assert (masks.sum(0) == 1).all()  # every cell in exactly one group
+    assert groups[0][0] == "other (5 categories)" and len(groups) == figures.MAX_CATEGORIES_COLOURED + 1
+    assert figures.colour_groups(np.linspace(0.1, 3.7, 300)) is None  # real numbers: a colour scale
+    assert [name for name, _ in figures.colour_groups(np.repeat([0.0, 6.0, 24.0], 100))] == ["0.0", "24.0", "6.0"]
+    obs = pd.DataFrame({"cell_type": labels, "qc": np.linspace(0.1, 3.7, 300)})
+    latent = np.random.default_rng(0).normal(size=(300, 4))
+    path = figures.plot_latent(latent, obs, ["cell_type", "qc"], str(tmp_path / "latent.png"))
+    assert os.path.getsize(path) > 0
