@@ -36,6 +36,16 @@ from .distributed import SingleProcess
 logger = logging.getLogger(__name__)
 
 
+def require_float32_default() -> None:
+    """Raise unless torch's default dtype is float32: the models' data, buffers and networks are float32, and under
+    ``torch.set_default_dtype(torch.float64)`` the networks were built in float64 and the first step failed inside
+    the encoder ("mat1 and mat2 must have the same dtype")."""
+    if torch.get_default_dtype() != torch.float32:
+        raise RuntimeError(f"torch's default dtype is {torch.get_default_dtype()}, and pyro_scmodels computes in "
+                           "float32 (its data, buffers and networks): call torch.set_default_dtype(torch.float32) "
+                           "before building or training a model.")
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or Inf; the message names the loss part, site or parameter."""
 
@@ -285,6 +295,7 @@ class TrainingLoop(LoopCheckpoints):
         uninterrupted one), the modules keep the last step's parameters and are put back in eval
         mode, and ``KeyboardInterrupt`` is raised again.
         """
+        require_float32_default()
         # each step frees and allocates the same large tensors: fresh pages for them cost more than the arithmetic
         with reuse_freed_memory():
             return self._fit(plan, seed)

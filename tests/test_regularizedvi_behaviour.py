@@ -388,6 +388,20 @@ def test_the_documented_own_loop_with_a_torch_optimiser_trains(small):
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
 
 
+def test_a_float64_default_dtype_is_named_before_the_model_is_built(small):
+    # the networks were built in float64 and the first step failed in the encoder: "mat1 and mat2 must have the same
+    # dtype"
+    model = ps.RegularizedVI(small, **SMALL)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(RuntimeError, match="default dtype is torch.float64.*torch.set_default_dtype\\(torch.float32\\)"):
+            ps.RegularizedVI(small, **SMALL)
+        with pytest.raises(RuntimeError, match="default dtype is torch.float64"):
+            model.train(max_epochs=1, progress_bar=False)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_sample_posterior_summaries(fitted):
     summary = fitted.sample_posterior(num_samples=20, indices=np.arange(200))
     assert set(summary) == {"means", "stds", "q05", "q95"}

@@ -13,6 +13,7 @@ import torch
 from .. import _constants as C
 from ..data import CellData
 from ..priors import RegularizedPriors
+from ..training import require_float32_default
 from .regularizedvi_dims import RegularizedVIDims
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -62,6 +63,7 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     tuple
         ``(model, guide)``.
     """
+    require_float32_default()
     matrix = data.modalities[key]
     dims = RegularizedVIDims(
         n_genes=matrix.n_features, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
