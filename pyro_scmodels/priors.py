@@ -136,6 +136,11 @@ def priors_fingerprint(priors) -> str:
         return "None"
     if isinstance(priors, dict):
         return repr({name: priors_fingerprint(value) for name, value in sorted(priors.items())})
+    return repr(_described(priors))
+
+
+def _described(priors: RegularizedPriors) -> dict:
+    """Each field as comparable values: a prior's family and parameter values, or the flag."""
     described = {}
     for f in fields(priors):
         value = getattr(priors, f.name)
@@ -143,7 +148,13 @@ def priors_fingerprint(priors) -> str:
             value = (type(value).__name__,
                      {k: v.detach().cpu().tolist() for k, v in distribution_parameters(value, f.name).items()})
         described[f.name] = value
-    return repr(described)
+    return described
+
+
+def edited_fields(priors: RegularizedPriors) -> list[str]:
+    """The fields of ``priors`` that differ from the defaults (a prior's family or values, or the flag)."""
+    default = _described(RegularizedPriors())
+    return [name for name, value in _described(priors).items() if value != default[name]]
 
 
 def distribution_parameters(prior: torch.distributions.Distribution, name: str) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ masking of empty modalities, and agreement with RegularizedVI on one modality.""
 
 import mudata
 import numpy as np
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -253,3 +254,15 @@ def test_setup_errors(multiome):
                                                   "ATAC": ps.RegularizedPriors()})
     with pytest.raises(TypeError, match=r"priors\['atac'\] must be a RegularizedPriors"):
         ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors(), "atac": None})
+    # a prior of a site the modality does not have was dropped without a word (by default RNA has no feature
+    # scaling and ATAC no ambient term)
+    scaled = ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0))
+    with pytest.raises(ValueError, match=r"priors\['rna'\] sets \['feature_scaling'\], but modality 'rna' has a "
+                                         r"feature scaling term \(feature_scaling_modalities=\['atac'\]\)"):
+        ps.RegularizedMultimodalVI(mdata, priors={"rna": scaled, "atac": ps.RegularizedPriors()})
+    with pytest.raises(ValueError, match=r"priors\['atac'\] sets \['ambient', 'regularize_ambient'\]"):
+        ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors(), "atac": ps.RegularizedPriors(
+            ambient=dist.Gamma(2.0, 5.0), regularize_ambient=True)})
+    with pytest.raises(ValueError, match=r"priors sets \['ambient'\], but no modality has an ambient term"):
+        ps.RegularizedMultimodalVI(mdata, ambient_modalities=[], priors=ps.RegularizedPriors(ambient=dist.Gamma(2.0, 5.0)))
+    ps.RegularizedMultimodalVI(mdata, priors=scaled)  # one object for both: ATAC has the feature scaling it edits

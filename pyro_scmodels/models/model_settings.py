@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 from .. import _validation as V
-from ..priors import RegularizedPriors, checked_priors
+from ..priors import RegularizedPriors, checked_priors, edited_fields
 
 
 def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> dict:
@@ -70,3 +70,29 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
                     ambient_profile=(ambient_profile, ambient_profile is not None))
     settings.update({name: value for name, (value, used) in optional.items() if used})
     return settings
+
+
+#: the prior fields of a site, and the argument that gives a modality that site
+_SITE_FIELDS = {"ambient": (("ambient", "regularize_ambient"), "ambient_modalities"),
+                "feature scaling": (("feature_scaling",), "feature_scaling_modalities")}
+
+
+def refuse_priors_of_absent_sites(priors: dict, per_modality: bool, ambient: list[str], scaling: list[str]) -> None:
+    """Refuse an edited prior of :class:`~pyro_scmodels.RegularizedMultimodalVI` that no modality would use (it was
+    dropped without a word).
+
+    Priors given per modality: each modality's edits must be of sites it has. One object for every modality: each
+    edit must be of a site that some modality has.
+    """
+    having = {"ambient": set(ambient), "feature scaling": set(scaling)}
+    for site, (names, argument) in _SITE_FIELDS.items():
+        for m, modality_priors in priors.items():
+            edited = [name for name in edited_fields(modality_priors) if name in names]
+            unused = (m not in having[site]) if per_modality else not having[site]
+            if edited and unused:
+                where = f"priors[{m!r}]" if per_modality else "priors"
+                raise ValueError(f"{where} sets {edited}, but {'modality ' + repr(m) if per_modality else 'no modality'} "
+                                 f"has {'an' if site[0] in 'aeiou' else 'a'} {site} term ({argument}={sorted(having[site])}), so it would be ignored. Add "
+                                 f"the modality to {argument}, or leave that prior at its default.")
+            if not per_modality:
+                break  # one object: the same for every modality

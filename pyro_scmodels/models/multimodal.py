@@ -22,7 +22,7 @@ from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
-from .model_settings import shared_settings
+from .model_settings import refuse_priors_of_absent_sites, shared_settings
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
@@ -104,8 +104,11 @@ class RegularizedMultimodalVI(PyroModelBase):
             unknown = sorted(set(chosen) - set(self.modalities))
             if unknown:
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
+        given_per_modality = isinstance(priors, dict)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
         priors = per_modality("priors", priors, self.modalities, checked_priors, loading=_categories is not None)
+        if _categories is None:  # a model saved before this check still loads
+            refuse_priors_of_absent_sites(priors, given_per_modality, ambient_modalities, scaling_modalities)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
         self._init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
