@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pyro.distributions as dist
 import pytest
 import scipy.sparse as sp
 import torch
@@ -238,3 +239,16 @@ def test_a_reference_with_a_known_ambient_profile_learns_only_the_new_levels_amo
     assert torch.allclose(loaded.module.guide.ambient.median(), after)
     loaded.train(max_epochs=1, **FAST)  # an ordinary model now: it trains on, with fresh Adam moments
     assert np.isfinite(loaded.history["train_loss"]).all()
+
+
+def test_a_prior_with_a_row_per_reference_category_is_named_for_new_query_categories(data):
+    # it was refused with the prior's shape against the query model's site, a model the user never built
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    per_batch = ps.RegularizedPriors(dispersion_rate=dist.Gamma(torch.tensor([[9.0], [4.0]]), torch.tensor([[3.0], [1.0]])))
+    model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2, priors=per_batch)
+    model.train(max_epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"prior RegularizedPriors.dispersion_rate has one row per category \(2 rows\), "
+                                         r"and the query adds categories \['batch_2'\] of 'batch'"):
+        ps.RegularizedVI.load_query_data(query_cells(data), model)
+    ps.RegularizedVI.load_query_data(data[data.obs["batch"] == "batch_1"].copy(), model)  # known categories: fine

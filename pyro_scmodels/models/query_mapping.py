@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
+from ..priors import RegularizedPriors
 from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..pyro_modules import PositiveSiteGuide
@@ -176,6 +177,30 @@ def _query_categories(reference: Reference, observed: dict[str, list[str]]) -> t
     return categories, {k: v for k, v in new.items() if v}
 
 
+def _refuse_per_category_priors(reference: Reference, new: dict[str, list[str]]) -> None:
+    """Refuse new categories of a key whose site has a prior with one row per category of the reference's.
+
+    The query model was refused with the prior's shape against its site's (which the user never built), without
+    saying that it is the query's new categories that the prior has no row for.
+    """
+    priors = reference.init_params.get("priors")
+    if not new or not isinstance(priors, RegularizedPriors):
+        return
+    keys = reference.keys
+    sites = {"dispersion_rate": [keys.dispersion] if keys.dispersion else [], "ambient": keys.ambient,
+             "feature_scaling": keys.feature_scaling}
+    for name, site_keys in sites.items():
+        shape = getattr(priors, name).batch_shape
+        grown = [key for key in site_keys if key in new]
+        if len(shape) == 2 and shape[0] > 1 and grown:
+            raise ValueError(
+                f"The reference's prior RegularizedPriors.{name} has one row per category ({shape[0]} rows), and the "
+                f"query adds categories {new[grown[0]][:5]} of {grown[0]!r}, which it has no row for. Map the query onto "
+                f"a reference whose {name} prior is the same for every category (scalar or per-gene parameters), or "
+                "give the query's cells categories the reference knows."
+            )
+
+
 def _reference_rows(reference: Reference, categories: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """Per covariate role, the reference row of each row of the query's per-level table (-1: a new level)."""
     rows = {}
@@ -290,6 +315,7 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     _check_query(adata, reference)
     model_class.setup_anndata(adata, layer=reference.layer, **setup_arguments(reference.keys.to_dict()))  # validates the counts
     categories, new = _query_categories(reference, read_setup(adata).categories)
+    _refuse_per_category_priors(reference, new)
     init_params = dict(reference.init_params)
     if flags["freeze_dropout"]:
         init_params.update(dropout_rate=0.0, input_dropout_rate=0.0)
