@@ -3,6 +3,7 @@ masking of empty modalities, and agreement with RegularizedVI on one modality.""
 
 import mudata
 import numpy as np
+import pandas as pd
 import pyro.distributions as dist
 import pytest
 import torch
@@ -266,3 +267,21 @@ def test_setup_errors(multiome):
     with pytest.raises(ValueError, match=r"priors sets \['ambient'\], but no modality has an ambient term"):
         ps.RegularizedMultimodalVI(mdata, ambient_modalities=[], priors=ps.RegularizedPriors(ambient=dist.Gamma(2.0, 5.0)))
     ps.RegularizedMultimodalVI(mdata, priors=scaled)  # one object for both: ATAC has the feature scaling it edits
+
+
+def test_unaligned_modalities_are_named_with_the_fix_for_each_case():
+    # one hint for every case (mu.pp.intersect_obs), which drops the cells without the modality and does not reorder
+    from pyro_scmodels.data.mudata_registry import _unaligned
+
+    cells = pd.Index([f"c{i}" for i in range(6)])
+    shuffled = _unaligned("atac", cells[::-1], cells)
+    assert "same cells in another order" in shuffled and "mdata.mod['atac'][mdata.obs_names]" in shuffled
+    assert "intersect_obs" not in shuffled
+    lacking = _unaligned("atac", cells[:4], cells)
+    assert "lacks 2 of its cells (e.g. ['c4', 'c5'])" in lacking and "row of zeros" in lacking
+    extra = _unaligned("atac", cells.append(pd.Index(["x1"])), cells)
+    assert "holds 1 cell(s) not in mdata.obs (e.g. ['x1'])" in extra and "mdata.update()" in extra
+    mdata = ps.datasets.simulate_multiome(n_cells=60, n_genes=75, n_peaks=120, seed=0)
+    mdata.mod["atac"] = mdata.mod["atac"][::-1].copy()
+    with pytest.raises(ValueError, match="same cells in another order"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")

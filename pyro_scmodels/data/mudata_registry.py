@@ -13,11 +13,33 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 
 from .. import _validation as V
 from .counts import CountMatrix
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 from .registry import SETUP_UNS_KEY, _RecordedEncoding, load_record, validated
+
+
+def _unaligned(modality: str, held, cells) -> str:
+    """What is wrong with a modality's cells against ``mdata.obs``, and the fix for that case.
+
+    One hint (``mu.pp.intersect_obs``) was given for every case: it drops cells without the modality, which the
+    model can keep, and does not reorder cells.
+    """
+    held, cells = pd.Index(held), pd.Index(cells)
+    start = f"Modality {modality!r} does not hold the cells of mdata.obs in the same order"
+    fix_order = f"`mdata.mod[{modality!r}] = mdata.mod[{modality!r}][mdata.obs_names].copy()`"
+    if held.is_unique and set(held) == set(cells):
+        return f"{start}: it holds the same cells in another order. Reorder it: {fix_order}."
+    missing, extra = cells.difference(held), held.difference(cells)
+    if len(extra):
+        return (f"{start}: it holds {len(extra)} cell(s) not in mdata.obs (e.g. {list(extra[:3])}); call "
+                "`mdata.update()` after changing a modality, or drop them.")
+    return (f"{start}: it lacks {len(missing)} of its cells (e.g. {list(missing[:3])}). A cell without a modality's "
+            "counts is modelled from its other modalities when the modality holds it as a row of zeros: add such rows "
+            f"in mdata.obs order (then {fix_order}), or keep only the cells with every modality "
+            "(`mu.pp.intersect_obs(mdata)`).")
 
 
 def modality_counts(mdata, modality: str, layer: str | None, validate: bool = True) -> CountMatrix:
@@ -47,10 +69,7 @@ def modality_counts(mdata, modality: str, layer: str | None, validate: bool = Tr
     """
     adata = mdata.mod[modality]
     if list(adata.obs_names) != list(mdata.obs_names):
-        raise ValueError(
-            f"Modality {modality!r} does not hold the cells of mdata.obs in the same order; RegularizedMultimodalVI "
-            "needs paired modalities (e.g. `mu.pp.intersect_obs(mdata)`)."
-        )
+        raise ValueError(_unaligned(modality, adata.obs_names, mdata.obs_names))
     if layer is None:
         return CountMatrix(adata.X, name=f"mdata.mod[{modality!r}].X", validate=validate, allow_empty_cells=True)
     V.present(layer, adata.layers, f"mdata.mod[{modality!r}].layers", "layer")
