@@ -205,6 +205,11 @@ def test_numeric_batch_key_is_refused_with_its_number_of_values(small):
     # the user opts in by making the column categorical
     adata.obs["lane"] = pd.Categorical(np.arange(adata.n_obs) % 2)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="lane")
+    # 1 and "1" were two categories with one name: the model failed later in pandas ("categories must be unique")
+    adata.obs["mixed"] = np.array([1 if i % 2 else "1" for i in range(adata.n_obs)], dtype=object)
+    with pytest.raises(ValueError, match=r"adata\.obs\['mixed'\] holds labels of different types that read the same "
+                                         r"as text \(\['1'\]"):
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="mixed")
 
 
 # --- saved files that are damaged -----------------------------------------------------------------

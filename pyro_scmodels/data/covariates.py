@@ -210,6 +210,11 @@ class CovariateEncoding:
             _refuse_numeric_as_category(column, key, table)
             cat = pd.Categorical(column).remove_unused_categories()
             categories[key] = [str(c) for c in cat.categories]
+            if len(set(categories[key])) < len(categories[key]):  # e.g. 1 and "1": one label as text, two categories
+                same = sorted({c for c in categories[key] if categories[key].count(c) > 1})[:5]
+                raise ValueError(f"{table}[{key!r}] holds labels of different types that read the same as text "
+                                 f"({same}, e.g. 1 and '1'); make the column one type first: "
+                                 f"{table}[{key!r}] = {table}[{key!r}].astype(str).")
         for key in self.keys.continuous:
             _check_present(obs, key, table)
         self.categories = categories
