@@ -14,36 +14,7 @@ import zipfile
 
 import torch
 
-from ._validation import ArgumentTypeError
-
-
-def file_path(name: str, value) -> str:
-    """``value`` as a non-empty path ``str`` (``TypeError`` for other types, ``ValueError`` if empty)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise ArgumentTypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
-    path = os.fspath(value)
-    if not path:
-        raise ValueError(f"{name} must be a file path, got {value!r}.")
-    return path
-
-
-def output_path(name: str, value) -> str:
-    """``value``, a file to be written, as a ``str``; its folder must exist.
-
-    Raises
-    ------
-    TypeError
-        Not a str or path-like.
-    ValueError
-        An empty path.
-    FileNotFoundError
-        The folder to write into does not exist.
-    """
-    path = file_path(name, value)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")
-    return path
+from . import _validation as V
 
 
 class InputFileError(ValueError):
@@ -121,7 +92,7 @@ def load_torch_file(path: str, what: str = "saved file"):
 
 
 def _existing_input(value) -> str:
-    path = file_path("input file", value)
+    path = V.file_path("input file", value)
     if os.path.isdir(path):
         raise InputFileError(f"input file {path} is a folder; give the path of an .h5ad file inside it.")
     if not os.path.exists(path):
@@ -153,7 +124,7 @@ class OutputFolder:
                  resumable: bool = True):
         self.label, self.hint = label, "" if option is None else f" ({option})"
         self.resumable = resumable
-        self.path = file_path(label, path)
+        self.path = V.file_path(label, path)
         self.result_names = tuple(result_names)
         self._created: list[str] = []
 

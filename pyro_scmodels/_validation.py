@@ -8,6 +8,7 @@ Every check names the argument, and raises one exception type per kind of error:
   raised ``ValueError`` for every bad argument, still catches it.
 * ``ValueError``: the type is right but the value is not allowed (out of range, not one of the
   choices, two arguments that exclude each other). The message names the argument and the value.
+* ``FileNotFoundError``: the folder to write a file into does not exist.
 * ``KeyError``: a named key, column, layer or modality is missing from a container. The
   message names the key, where it was looked for and what is available.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "non_negative_int",
     "number",
     "optional",
+    "output_path",
     "positive_float",
     "positive_int",
     "present",
@@ -341,6 +344,35 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     available = ", ".join(map(str, list(container)[:limit])) or "(none)"
     plural = what[:-1] + "ies" if what.endswith("y") and what[-2:-1] not in "aeiou" else what + "s"
     raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
+
+
+def file_path(name: str, value) -> str:
+    """``value`` as a non-empty path ``str`` (``TypeError`` for other types, ``ValueError`` if empty)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a file path (str or os.PathLike), got {value!r}.")
+    path = os.fspath(value)
+    if not path:
+        raise ValueError(f"{name} must be a file path, got {value!r}.")
+    return path
+
+
+def output_path(name: str, value) -> str:
+    """``value``, a file to be written, as a ``str``; its folder must exist.
+
+    Raises
+    ------
+    TypeError
+        Not a str or path-like.
+    ValueError
+        An empty path.
+    FileNotFoundError
+        The folder to write into does not exist.
+    """
+    path = file_path(name, value)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")
+    return path
 
 
 def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False) -> None:

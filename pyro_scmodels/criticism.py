@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, STATISTICS, SiteAccumulator  # noqa: F401
 
 from . import _validation as V
-from ._io import output_path
 from ._atomic import atomic_path
 from .figures import figure_path as checked_figure_path
 
@@ -158,7 +157,7 @@ class PredictiveCheck:
         """
         kwargs.setdefault("dpi", 120)
         # the format comes from the extension unless it is given
-        path = output_path("path", path) if "format" in kwargs else checked_figure_path("path", path)
+        path = V.output_path("path", path) if "format" in kwargs else checked_figure_path("path", path)
         # savefig picks the format from the extension, which the temporary name keeps
         with atomic_path(path) as temporary:
             self.figure.savefig(temporary, **kwargs)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ._io import output_path
+from . import _validation as V
 from ._atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def figure_path(name: str, value) -> str:
     """
     from matplotlib.backend_bases import FigureCanvasBase
 
-    path = output_path(name, value)
+    path = V.output_path(name, value)
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if extension not in formats:

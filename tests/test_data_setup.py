@@ -12,7 +12,6 @@ import pytest
 
 import pyro_scmodels as ps
 from pyro_scmodels import _validation as V
-from pyro_scmodels._io import output_path
 from pyro_scmodels import criticism
 from pyro_scmodels.cli import main
 from pyro_scmodels.data import (
@@ -283,9 +282,9 @@ def test_checks_return_canonical_values(tmp_path):
     with pytest.raises(KeyError, match=r"Column 'x' not found in adata\.obs\. Available columns: a, b"):
         V.present("x", ["a", "b"], "adata.obs", "column")
     with pytest.raises(FileNotFoundError, match="figure_path: the folder .*missing"):
-        output_path("figure_path", tmp_path / "missing" / "f.png")
+        V.output_path("figure_path", tmp_path / "missing" / "f.png")
     with pytest.raises(TypeError, match="figure_path must be a file path"):
-        output_path("figure_path", 3)
+        V.output_path("figure_path", 3)
 
 
 # --- the checks are used by train, the predictive checks and the command line ---------------------

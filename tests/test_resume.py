@@ -67,6 +67,13 @@ def test_resuming_compares_the_prior_buffers_not_the_priors_object(small, tmp_pa
     same = ps.RegularizedVI(small, **SMALL, priors=ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0)))
     same.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
     assert len(same.history) == 2  # it resumed
+    # edited between two train() calls: the second call's checkpoints recorded the first call's priors
+    later = ps.RegularizedVI(small, **SMALL)
+    later.train(max_epochs=1, **QUICK)
+    later.module.model.priors.dispersion_rate__rate.fill_(1.0)
+    later.train(max_epochs=2, checkpoint_dir=str(tmp_path / "later"), **QUICK)
+    with pytest.raises(ValueError, match=r"priors differ"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=3, checkpoint_dir=str(tmp_path / "later"), **QUICK)
 
 
 def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):

@@ -17,7 +17,7 @@ from pyro import poutine
 from .. import _constants as C
 from .. import _validation as V
 from .._selection import SelectionError, cell_positions
-from .._io import file_path, writable_folder
+from .._io import writable_folder
 from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, names_digest, setting_text, source_state
 from ._posterior import PosteriorMixin
@@ -231,7 +231,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         train_size = V.fraction("train_size", train_size)
         seed = V.non_negative_int("seed", seed)
         compile = V.boolean("compile", compile)
-        checkpoint_dir = V.optional(file_path, "checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         if parallel.world_size > 1 and self.init_params.get("latent_independence", 0.0):
@@ -282,6 +282,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
                                       fingerprint=self._fingerprint())
             return
         self.trainer.move_optimizer_state()
+        # what the checkpoints of this call record: a prior buffer edited since the first call is part of it
+        self.trainer.fingerprint = self._fingerprint()
         # a further call continues training: the split stays, the optimiser takes the new settings
         if split is not None:
             if not np.array_equal(split[0], np.sort(self.trainer.train_indices)):

@@ -17,7 +17,6 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from .. import _validation as V
-from .._io import output_path
 from .._atomic import atomic_path
 from .._labels import quantile_label
 
@@ -177,7 +176,7 @@ class PosteriorMixin:
                 "(and the Graphviz binaries, e.g. `apt-get install graphviz`, to write a file)."
             ) from err
         if filename is not None:
-            filename = output_path("filename", filename)
+            filename = V.output_path("filename", filename)
             file_format = os.path.splitext(filename)[1].lstrip(".").lower()
             if file_format not in graphviz.FORMATS:
                 raise ValueError(f"filename {filename}: the drawing's format comes from the extension, and "

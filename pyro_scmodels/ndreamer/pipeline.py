@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import _validation as V
-from .._io import file_path, writable_folder
+from .._io import writable_folder
 from ..checkpoints import CHECKPOINT_FILE
 from ..data import check_unique_names
 from ..distributed import launched_world_size
@@ -277,7 +277,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if launched_world_size() > 1:  # each process would train the whole network and write the same checkpoint
             raise ValueError(ONE_PROCESS_ONLY)
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
-        checkpoint_dir = V.optional(file_path, "checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
             self._make_trainer()
         t = self.trainer
