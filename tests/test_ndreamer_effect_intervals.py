@@ -159,6 +159,14 @@ def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
     assert np.isfinite(out["ite_stim_q05"]).all() and (out["ite_stim_q05"] <= out["ite_stim"]).all()
     # the denoised treated value still averages over both batches holding the treatment
     assert design.batches_with["stim"] == ["0", "1"]
+    # a saved design whose treatment shares no batch with the control (loaded with a warning) keeps its effects: each
+    # arm over its own batches (an empty set of shared batches failed with a TypeError)
+    apart = ~(((full.batch == "1") & ~treated) | ((full.batch == "0") & treated))
+    with pytest.warns(UserWarning, match="No batch holds both"):
+        confounded = CounterfactualDesign(full.condition[apart], "ctrl", full.batch[apart], refuse_confounding=False)
+    out = effects_of_cells(expression[apart], match_groups(embedding[apart], confounded.groups, k=10, device="cpu"),
+                           confounded)
+    assert np.isfinite(out["ite_stim"]).all()
 
 
 def test_interval_errors_name_the_argument():

@@ -167,6 +167,8 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
     batches = design.batches_with[condition] if batches is None else batches
+    if not batches:
+        raise ValueError(f"No batch to average condition {condition!r} over.")
     n = len(batches)
     own = np.zeros(cells.size, dtype=bool) if own is None else own
     own_rows = np.flatnonzero(own)
@@ -249,7 +251,17 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     unit = None if level is None else smallest_positive(observed)  # of the whole row, before the genes are kept
     observed = dense_block(observed, genes)
     denoised = np.zeros(observed.shape, dtype=np.float32)
-    arms = {}
+    arms, over_common = {}, {}
+
+    def _arm_over(batches: list[str], condition: str) -> ArmMean:
+        """An arm over some batches, once per set of batches (the control serves every treatment sharing them)."""
+        key = (condition, tuple(batches))
+        if key not in over_common:
+            over_common[key] = _mean_over_batches(expression, matches, design, condition, cells,
+                                                  own=design.condition[cells] == condition, observed=observed,
+                                                  genes=genes, unit=unit, factual=factual, batches=batches)
+        return over_common[key]
+
     for c in design.conditions:
         own = design.condition[cells] == c
         # every cell's value "as if in condition c": itself for its own batch when it is in c
@@ -258,12 +270,11 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         denoised[own] = arms[c].mean[own] if arms[c].own_shift is None else arms[c].mean[own] + arms[c].own_shift
     out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
     for c in design.treatments:
-        # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference
-        common = design.common_batches(c)
-        treated, control = (arms[a] if common == design.batches_with[a] else
-                            _mean_over_batches(expression, matches, design, a, cells, own=design.condition[cells] == a,
-                                               observed=observed, genes=genes, unit=unit, factual=factual, batches=common)
-                            for a in (c, design.control_name))
+        # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference.
+        # None in common (a saved, confounded design, loaded with a warning): each arm over its own batches
+        common = design.common_batches(c) or None
+        treated, control = (arms[a] if common is None or common == design.batches_with[a] else
+                            _arm_over(common, a) for a in (c, design.control_name))
         effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
         if level is not None:
