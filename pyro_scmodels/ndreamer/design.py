@@ -53,18 +53,24 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
 
 
 def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict) -> None:
-    """Refuse a condition or batch label holding the separator that joins them into matching groups.
+    """Refuse a batch label holding the separator that joins the labels into matching groups, and a condition label
+    holding ``/``.
 
-    A batch's labels (one per batch key) and a cell's condition are joined with ``|``: batch ``"x"`` with condition
-    ``"y|ctrl"`` and batch ``"x|y"`` with ``"ctrl"`` would be one group, ``"x|y|ctrl"``, so treated and control
-    cells would be matched as one group.
+    A group is its batch keys' labels and its condition joined with ``|``: with ``|`` in no batch label, the first
+    parts of a group are its batch labels and the rest its condition, so a condition may hold ``|``; batch ``"x"``
+    with condition ``"y|ctrl"`` and batch ``"x|y"`` with ``"ctrl"`` were one group. A condition names layers
+    (``ite_<c>``) and files (``cate_<c>.csv``): with ``/`` the h5ad stored a nested group that anndata could not
+    read back, and the CLI's CSV went to a folder that does not exist.
     """
-    columns = [(settings["condition_key"], "condition_key", condition),
-               *((key, "batch_key", batches[:, j]) for j, key in enumerate(settings["batch_key"]))]
-    for key, role, labels in columns:
-        joined = [value for value in np.unique(labels) if GROUP_SEPARATOR in value]
+    for j, key in enumerate(settings["batch_key"]):
+        joined = [value for value in np.unique(batches[:, j]) if GROUP_SEPARATOR in value]
         if joined:
-            raise ValueError(f"{role} {key!r} has the label {joined[0]!r}: conditions and batches are joined with "
+            raise ValueError(f"batch_key {key!r} has the label {joined[0]!r}: the batch labels are joined with "
                              f"{GROUP_SEPARATOR!r} into matching groups, so a label holding {GROUP_SEPARATOR!r} could "
                              "merge two groups (e.g. batch 'x' with condition 'y|ctrl', and batch 'x|y' with 'ctrl'). "
                              "Rename those labels.")
+    slashed = [value for value in np.unique(condition) if "/" in value]
+    if slashed:
+        raise ValueError(f"condition_key {settings['condition_key']!r} has the label {slashed[0]!r}: conditions name "
+                         "layers (ite_<condition>) and files (cate_<condition>.csv), where '/' would make a folder. "
+                         "Rename those labels (e.g. replace '/' with '_').")
