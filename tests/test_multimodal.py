@@ -258,7 +258,7 @@ def test_setup_errors(multiome):
     # a prior of a site the modality does not have was dropped without a word (by default RNA has no feature
     # scaling and ATAC no ambient term)
     scaled = ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0))
-    with pytest.raises(ValueError, match=r"priors\['rna'\] sets \['feature_scaling'\], but modality 'rna' has a "
+    with pytest.raises(ValueError, match=r"priors\['rna'\] sets \['feature_scaling'\], but modality 'rna' has no "
                                          r"feature scaling term \(feature_scaling_modalities=\['atac'\]\)"):
         ps.RegularizedMultimodalVI(mdata, priors={"rna": scaled, "atac": ps.RegularizedPriors()})
     with pytest.raises(ValueError, match=r"priors\['atac'\] sets \['ambient', 'regularize_ambient'\]"):
@@ -266,7 +266,11 @@ def test_setup_errors(multiome):
             ambient=dist.Gamma(2.0, 5.0), regularize_ambient=True)})
     with pytest.raises(ValueError, match=r"priors sets \['ambient'\], but no modality has an ambient term"):
         ps.RegularizedMultimodalVI(mdata, ambient_modalities=[], priors=ps.RegularizedPriors(ambient=dist.Gamma(2.0, 5.0)))
-    ps.RegularizedMultimodalVI(mdata, priors=scaled)  # one object for both: ATAC has the feature scaling it edits
+    # one object for both: ATAC has the feature scaling it edits; reported per modality, RNA's copy is at the default,
+    # so the model rebuilds from its own init_params (it was refused: RNA's copy carried the edit)
+    both = ps.RegularizedMultimodalVI(mdata, priors=scaled)
+    assert float(both.priors["atac"].feature_scaling.rate) == 2.0 and float(both.priors["rna"].feature_scaling.rate) == 200.0
+    ps.RegularizedMultimodalVI(mdata, **both.init_params)
 
 
 def test_unaligned_modalities_are_named_with_the_fix_for_each_case():

@@ -7,6 +7,7 @@ Each function checks the arguments of a model's constructor by name and returns 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from .. import _validation as V
 from ..priors import RegularizedPriors, checked_priors, edited_fields
@@ -81,8 +82,20 @@ def refuse_priors_of_absent_sites(priors: dict, per_modality: bool, ambient: lis
     """Refuse an edited prior of :class:`~pyro_scmodels.RegularizedMultimodalVI` that no modality would use (it was
     dropped without a word).
 
-    Priors given per modality: each modality's edits must be of sites it has. One object for every modality: each
-    edit must be of a site that some modality has.
+    Parameters
+    ----------
+    priors
+        A :class:`~pyro_scmodels.RegularizedPriors` per modality.
+    per_modality
+        Whether the user gave them per modality: then each modality's edits must be of sites it has; one object for
+        every modality: each edit must be of a site that some modality has.
+    ambient, scaling
+        The modalities with an ambient term, and with a feature scaling term.
+
+    Raises
+    ------
+    ValueError
+        Naming the prior, the fields edited and the modalities that have the site.
     """
     having = {"ambient": set(ambient), "feature scaling": set(scaling)}
     for site, (names, argument) in _SITE_FIELDS.items():
@@ -90,9 +103,35 @@ def refuse_priors_of_absent_sites(priors: dict, per_modality: bool, ambient: lis
             edited = [name for name in edited_fields(modality_priors) if name in names]
             unused = (m not in having[site]) if per_modality else not having[site]
             if edited and unused:
-                where = f"priors[{m!r}]" if per_modality else "priors"
-                raise ValueError(f"{where} sets {edited}, but {'modality ' + repr(m) if per_modality else 'no modality'} "
-                                 f"has {'an' if site[0] in 'aeiou' else 'a'} {site} term ({argument}={sorted(having[site])}), so it would be ignored. Add "
-                                 f"the modality to {argument}, or leave that prior at its default.")
+                article = "an" if site[0] in "aeiou" else "a"
+                where, who = ((f"priors[{m!r}]", f"modality {m!r} has no") if per_modality
+                              else ("priors", f"no modality has {article}"))
+                raise ValueError(f"{where} sets {edited}, but {who} {site} term ({argument}={sorted(having[site])}), so "
+                                 f"it would be ignored. Add the modality to {argument}, or leave that prior at its default.")
             if not per_modality:
                 break  # one object: the same for every modality
+
+
+def without_absent_sites(priors: RegularizedPriors, has_ambient: bool, has_scaling: bool) -> RegularizedPriors:
+    """``priors`` with the fields of the sites a modality lacks at their defaults (the block never uses them).
+
+    One edited object given for every modality is copied into each block; reported back per modality, a block
+    without the site would carry the edit, and the model could not be rebuilt from its own ``init_params``.
+
+    Parameters
+    ----------
+    priors
+        One block's priors.
+    has_ambient, has_scaling
+        Whether the block has the ambient and the feature scaling terms.
+
+    Returns
+    -------
+    RegularizedPriors
+    """
+    absent = [name for site, present in (("ambient", has_ambient), ("feature scaling", has_scaling)) if not present
+              for name in _SITE_FIELDS[site][0]]
+    if not absent:
+        return priors
+    default = RegularizedPriors()
+    return dataclasses.replace(priors, **{name: getattr(default, name) for name in absent})

@@ -22,7 +22,7 @@ from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
-from .model_settings import refuse_priors_of_absent_sites, shared_settings
+from .model_settings import refuse_priors_of_absent_sites, shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
@@ -143,7 +143,9 @@ class RegularizedMultimodalVI(PyroModelBase):
     @property
     def priors(self) -> dict[str, RegularizedPriors]:
         """The priors of each modality, read back from its block's buffers (in-place edits included)."""
-        return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
+        blocks = {m: self.module.model.block(m) for m in self.modalities}
+        return {m: without_absent_sites(block.prior_settings(), block.dims.use_ambient, block.dims.use_feature_scaling)
+                for m, block in blocks.items()}
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod
