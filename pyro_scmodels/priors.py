@@ -11,6 +11,7 @@ device and are saved in the ``state_dict``) and rebuilds the distribution at eve
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field, fields
 
 import pyro.distributions as dist
@@ -64,8 +65,14 @@ class RegularizedPriors:
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> "RegularizedPriors":
+    def validate(self, saved: bool = False) -> "RegularizedPriors":
         """Check every prior (again: a field set after construction is checked when a model is built with it).
+
+        Parameters
+        ----------
+        saved
+            The priors of a saved model being loaded: a prior over part of the positive numbers, allowed before
+            this check existed, warns instead of raising.
 
         Returns
         -------
@@ -92,14 +99,20 @@ class RegularizedPriors:
                 raise ValueError(f"RegularizedPriors.{f.name} must be a univariate distribution (parameters per gene or "
                                  f"category are fine, no event dimensions); got event_shape {tuple(prior.event_shape)}. "
                                  "Drop .to_event(...).")
-            if f.name != "decoder_weight" and (bool(prior.support.check(torch.tensor(-1.0)).any())
-                                               or not all(bool(prior.support.check(torch.tensor(v)).all())
-                                                          for v in (1e-6, 1e6))):
-                # Uniform(0.95, 1.05) was accepted, and training failed once the estimate left the interval
-                raise ValueError(f"RegularizedPriors.{f.name} must be a distribution over all positive numbers (its "
-                                 f"site is positive, and its estimate may take any positive value); "
-                                 f"{type(prior).__name__} has support {prior.support}. Use e.g. a Gamma or a LogNormal.")
-        self.regularize_ambient = V.boolean("regularize_ambient", self.regularize_ambient)
+            if f.name == "decoder_weight":
+                continue
+            negative = bool(prior.support.check(torch.tensor(-1.0)).any())
+            # Uniform(0.95, 1.05) was accepted, and training failed once the estimate left the interval
+            partial = not all(bool(prior.support.check(torch.tensor(v)).all()) for v in (1e-6, 1e6))
+            if negative or partial:
+                message = (f"RegularizedPriors.{f.name} must be a distribution over all positive numbers (its site is "
+                           f"positive, and its estimate may take any positive value); {type(prior).__name__} has support "
+                           f"{prior.support}. Use e.g. a Gamma or a LogNormal.")
+                if negative or not saved:
+                    raise ValueError(message)
+                warnings.warn(f"{message} (A saved model with it still loads.)", UserWarning, stacklevel=3)
+        # set without __setattr__: the priors read back from a model (PriorsInUse) refuse assignments
+        object.__setattr__(self, "regularize_ambient", V.boolean("regularize_ambient", self.regularize_ambient))
         return self
 
     def distributions(self) -> dict[str, dist.Distribution]:
@@ -111,11 +124,33 @@ class RegularizedPriors:
         }
 
 
-def checked_priors(label: str, priors) -> "RegularizedPriors":
-    """``priors`` if it is a :class:`RegularizedPriors`; ``TypeError`` naming ``label`` otherwise."""
+class PriorsInUse(RegularizedPriors):
+    """The priors a model trains with, read back from its buffers (``model.priors``): read-only.
+
+    An assignment to a field (``model.priors.ambient = ...``) would change nothing the model does, so it is refused,
+    naming the buffers to edit instead. Built without the checks of :class:`RegularizedPriors`: they were made when
+    the model was built (and a saved model with a prior allowed then still reads back).
+    """
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"model.priors is read back from the model's buffers, so setting {name} would change "
+                             f"nothing: edit the buffers (e.g. model.module.model.priors.{name}__rate.fill_(...)), or "
+                             f"build a new model with priors=RegularizedPriors({name}=...).")
+
+    def __repr__(self) -> str:
+        return "RegularizedPriors" + super().__repr__()[len(type(self).__qualname__):]
+
+
+def checked_priors(label: str, priors, saved: bool = False) -> "RegularizedPriors":
+    """``priors`` if it is a :class:`RegularizedPriors`, checked again (:meth:`RegularizedPriors.validate`, ``saved``
+    for a model being loaded); ``TypeError`` naming ``label`` otherwise."""
     if not isinstance(priors, RegularizedPriors):
         raise V.ArgumentTypeError(f"{label} must be a RegularizedPriors, got {type(priors).__name__}.")
-    return priors.validate()  # a field may have been set after construction
+    return priors.validate(saved)  # a field may have been set after construction
 
 
 def priors_fingerprint(priors) -> str:
@@ -201,5 +236,7 @@ class PriorSet(nn.Module):
 
     def distributions(self) -> dict[str, torch.distributions.Distribution]:
         """The priors as the buffers hold them now (edits included), on the CPU, by site name."""
-        return {name: family(**{key: getattr(self, f"{name}__{key}").detach().cpu().clone() for key in keys})
+        # not validated: a buffer edited to a value outside its constraint is reported, not raised on here
+        return {name: family(**{key: getattr(self, f"{name}__{key}").detach().cpu().clone() for key in keys},
+                             validate_args=False)
                 for name, (family, keys) in self._families.items()}

@@ -354,6 +354,27 @@ def test_prior_buffers_edited_in_place_are_what_the_model_reports_saves_and_load
     np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation())
 
 
+def test_model_priors_are_read_only_and_an_older_saved_prior_still_loads(small, tmp_path, monkeypatch):
+    model = ps.RegularizedVI(small, **SMALL)
+    # model.priors is read back from the buffers: an assignment would change nothing the model does
+    with pytest.raises(AttributeError, match="setting ambient would change nothing: edit the buffers"):
+        model.priors.ambient = dist.Gamma(2.0, 5.0)
+    with pytest.raises(AttributeError, match="assigning it would change nothing"):
+        model.priors = ps.RegularizedPriors()
+    assert repr(model.priors).startswith("RegularizedPriors(dispersion_rate=Gamma(")
+    # a buffer edited outside its constraint is reported, not raised on by the read-back
+    model.module.model.priors.ambient__rate.fill_(-1.0)
+    assert float(model.priors.ambient.rate) == -1.0
+    # a model saved before priors over part of the positive numbers were refused still loads, with a warning
+    monkeypatch.setattr(ps.RegularizedPriors, "validate", lambda self, saved=False: self)
+    older = ps.RegularizedVI(small, **SMALL, priors=ps.RegularizedPriors(feature_scaling=dist.Uniform(0.5, 2.0)))
+    older.save(str(tmp_path / "older"))
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="must be a distribution over all positive numbers .*still loads"):
+        loaded = ps.RegularizedVI.load(str(tmp_path / "older"), small.copy(), device="cpu")
+    assert isinstance(loaded.priors.feature_scaling, dist.Uniform)
+
+
 def test_pyro_vectorised_particles_are_refused_by_name(small):
     # the global sites' particle dimension lined up with the cells' plate: the ELBO came out about num_particles times
     # too large, without an error, and Predictive(parallel=True) failed in a reshape

@@ -35,7 +35,7 @@ def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> d
 
 def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init,
                            seed, latent_independence, ambient_per_droplet, ambient_shape_prior,
-                           ambient_profile) -> dict:
+                           ambient_profile, saved: bool = False) -> dict:
     """:class:`~pyro_scmodels.RegularizedVI`'s constructor arguments, checked, as its ``init_params``.
 
     The options that are off are left out (``latent_independence`` 0, ``ambient_per_droplet``
@@ -43,6 +43,15 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
     existed load unchanged. ``priors`` is the model's own copy: a later edit of the caller's object
     would change what the model reports, not what it trains (its Pyro modules hold the priors as
     buffers).
+
+    Parameters
+    ----------
+    n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed
+        As for :class:`~pyro_scmodels.RegularizedVI`.
+    latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile
+        As for :class:`~pyro_scmodels.RegularizedVI`.
+    saved
+        The settings of a saved model being loaded (checks added since it was saved warn instead).
 
     Returns
     -------
@@ -53,7 +62,7 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
     n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
     input_dropout_rate = V.rate("input_dropout_rate", input_dropout_rate)
     if priors is not None:
-        checked_priors("priors", priors)
+        checked_priors("priors", priors, saved)
     latent_independence = V.non_negative_float("latent_independence", latent_independence)
     ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
     if ambient_shape_prior is not None:

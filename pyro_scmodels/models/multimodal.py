@@ -106,8 +106,10 @@ class RegularizedMultimodalVI(PyroModelBase):
                 raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
         given_per_modality = isinstance(priors, dict)
         priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
-        priors = per_modality("priors", priors, self.modalities, checked_priors, loading=_categories is not None)
-        if _categories is None:  # a model saved before this check still loads
+        saved = _categories is not None
+        priors = per_modality("priors", priors, self.modalities, lambda name, value: checked_priors(name, value, saved),
+                              loading=saved)
+        if not saved:  # a model saved before this check still loads
             refuse_priors_of_absent_sites(priors, given_per_modality, ambient_modalities, scaling_modalities)
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
         self._init_params = dict(
@@ -146,6 +148,11 @@ class RegularizedMultimodalVI(PyroModelBase):
         blocks = {m: self.module.model.block(m) for m in self.modalities}
         return {m: without_absent_sites(block.prior_settings(), block.dims.use_ambient, block.dims.use_feature_scaling)
                 for m, block in blocks.items()}
+
+    @priors.setter
+    def priors(self, value) -> None:
+        raise AttributeError("model.priors is read back from the blocks' buffers: assigning it would change nothing. "
+                             "Edit the buffers (model.module.model.block(m).priors), or build a new model with priors=...")
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod

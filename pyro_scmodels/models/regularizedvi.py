@@ -105,7 +105,7 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         super().__init__()
         self._init_params = regularizedvi_settings(
             n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed,
-            latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile)
+            latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile, saved=_categories is not None)
         settings = {**self._init_params}
         priors = settings.pop("priors")
         self.adata = adata
@@ -132,8 +132,16 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
 
     @property
     def priors(self) -> RegularizedPriors:
-        """The priors the model trains with, read back from its Pyro model's buffers (in-place edits included)."""
+        """The priors the model trains with, read back from its Pyro model's buffers (in-place edits included).
+
+        Read-only: edit the buffers (``model.module.model.priors``), or build a new model with ``priors=``.
+        """
         return self.module.model.prior_settings()
+
+    @priors.setter
+    def priors(self, value) -> None:
+        raise AttributeError("model.priors is read back from the model's buffers: assigning it would change nothing. "
+                             "Edit the buffers (model.module.model.priors), or build a new model with priors=...")
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod

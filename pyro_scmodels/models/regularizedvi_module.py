@@ -29,7 +29,7 @@ from ..data.counts import POSITIONS_SUFFIX
 from ..distributions import GammaPoissonMean, select_rows
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder
-from ..priors import PriorSet, RegularizedPriors
+from ..priors import PriorSet, PriorsInUse, RegularizedPriors
 from ..pyro_modules import LocalPyroModule, refuse_outer_plates
 from .regularizedvi_dims import GLOBAL_SITES, SITE_COVARIATE_ROLES, RegularizedVIDims  # noqa: F401  (their import path)
 
@@ -287,7 +287,7 @@ class RegularizedVIModel(LocalPyroModule):
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
         return GammaPoissonMean(mu, theta, group, positions=positions)
 
-    def prior_settings(self) -> RegularizedPriors:
+    def prior_settings(self) -> PriorsInUse:
         """The priors this model samples from now, read back from its buffers (edits of them included).
 
         Returns
@@ -298,7 +298,7 @@ class RegularizedVIModel(LocalPyroModule):
         flag = self._asked_to_regularize_ambient if self.shaped_ambient else bool(self.regularize_ambient)
         in_use = self.priors.distributions()
         in_use.setdefault("decoder_weight", None)  # no decoder-weight prior
-        return RegularizedPriors(**in_use, regularize_ambient=flag)
+        return PriorsInUse(**in_use, regularize_ambient=flag)
 
     def forward(self, batch: dict, n_obs: int, kl_weight: float = 1.0):
         refuse_outer_plates(self)
