@@ -90,6 +90,20 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
 
     # --- training ---------------------------------------------------------------------------
     @property
+    def priors(self):
+        """The priors the model trains with, read back from its Pyro modules' buffers (in-place edits included).
+
+        A :class:`~pyro_scmodels.RegularizedPriors` (one per modality for a multimodal model), read-only: edit the
+        buffers (``model.module.model.priors``), or build a new model with ``priors=``.
+        """
+        return self._priors_in_use()
+
+    @priors.setter
+    def priors(self, value) -> None:
+        raise AttributeError("model.priors is read back from the model's buffers: assigning it would change nothing. "
+                             "Edit the buffers (model.module.model.priors), or build a new model with priors=...")
+
+    @property
     def init_params(self) -> dict:
         """The constructor arguments that rebuild this model, with its priors as its Pyro modules hold them now.
 

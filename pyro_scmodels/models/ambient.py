@@ -251,3 +251,52 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     if not np.isfinite(values).all() or (values < 0).any() or (values.sum(1) <= 0).any():
         raise ValueError("ambient_profile must be finite and non-negative, with a positive sum per category.")
     return values / values.sum(1, keepdims=True)
+
+
+class AmbientQueries:
+    """The ambient queries of a single-modality model (mixed into :class:`~pyro_scmodels.RegularizedVI`).
+
+    Needs of the model class: ``module`` (its Pyro model and guide), ``dims`` and the posterior queries
+    (``global_site_table``, ``posterior_z_batches``).
+    """
+
+    def get_ambient_profile(self) -> pd.DataFrame:
+        """Ambient background s (posterior median), in counts at a typical library size.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Genes x ambient categories (``"all"`` without ambient keys).
+        """
+        return self.global_site_table("ambient")
+
+    def get_ambient_fraction(self, adata=None, indices=None, batch_size: int | None = None, summarize_by: str | None = None):
+        """Share of each cell's expected counts that comes from the ambient background.
+
+        ``f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}``, from the
+        model's decomposition of the mean (:meth:`RegularizedVIModel.decompose_mean`) at the
+        posterior mean of z and the point estimates of s and y; with ``ambient_per_droplet=True``,
+        ``rho`` is multiplied by the cell's library size l_n (posterior median).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
+        summarize_by
+            None: one value per cell. An ``.obs`` column (e.g. the ambient covariate key):
+            a summary per category of that column.
+
+        Returns
+        -------
+        numpy.ndarray or pandas.DataFrame
+            Per cell, or per category with columns ``mean``, ``median``, ``q05``, ``q95``, ``n_cells``.
+        """
+        guide = self.module.guide
+        # per droplet, the share depends on the cell's library size: its posterior median
+        library_of = (lambda batch: guide.library_loc(batch).exp()) if self.dims.ambient_per_droplet else None
+        return ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices, batch_size,
+                                library_of=library_of, summarize_by=summarize_by)
+
+    def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
+        """Per-cell results that :meth:`export_posterior` writes to ``.obs``: the ambient fraction."""
+        return {"ambient_fraction": self.get_ambient_fraction(adata, batch_size=batch_size)}

@@ -142,17 +142,10 @@ class RegularizedMultimodalVI(PyroModelBase):
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
 
-    @property
-    def priors(self) -> dict[str, RegularizedPriors]:
-        """The priors of each modality, read back from its block's buffers (in-place edits included)."""
+    def _priors_in_use(self) -> dict[str, RegularizedPriors]:
         blocks = {m: self.module.model.block(m) for m in self.modalities}
         return {m: without_absent_sites(block.prior_settings(), block.dims.use_ambient, block.dims.use_feature_scaling)
                 for m, block in blocks.items()}
-
-    @priors.setter
-    def priors(self, value) -> None:
-        raise AttributeError("model.priors is read back from the blocks' buffers: assigning it would change nothing. "
-                             "Edit the buffers (model.module.model.block(m).priors), or build a new model with priors=...")
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod

@@ -17,6 +17,7 @@ from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
+from .ambient import AmbientQueries
 from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
 from .likelihood_parameters import likelihood_parameters
@@ -28,7 +29,7 @@ from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
-class RegularizedVI(QueryMappingMixin, PyroModelBase):
+class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
     """scVI with an ambient background, feature scaling and a containment prior on dispersion.
 
     Parameters
@@ -130,18 +131,8 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         self.dims = model.dims
         self.module = ModelAndGuide(model, guide)
 
-    @property
-    def priors(self) -> RegularizedPriors:
-        """The priors the model trains with, read back from its Pyro model's buffers (in-place edits included).
-
-        Read-only: edit the buffers (``model.module.model.priors``), or build a new model with ``priors=``.
-        """
+    def _priors_in_use(self) -> RegularizedPriors:
         return self.module.model.prior_settings()
-
-    @priors.setter
-    def priors(self, value) -> None:
-        raise AttributeError("model.priors is read back from the model's buffers: assigning it would change nothing. "
-                             "Edit the buffers (model.module.model.priors), or build a new model with priors=...")
 
     # --- setup --------------------------------------------------------------------------------
     @classmethod
@@ -304,47 +295,6 @@ class RegularizedVI(QueryMappingMixin, PyroModelBase):
         """
         return self.normalized_expression(adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size,
                                           return_mean, return_numpy, seed=seed)
-
-    def get_ambient_profile(self) -> pd.DataFrame:
-        """Ambient background s (posterior median), in counts at a typical library size.
-
-        Returns
-        -------
-        pandas.DataFrame
-            Genes x ambient categories (``"all"`` without ambient keys).
-        """
-        return self.global_site_table("ambient")
-
-    def get_ambient_fraction(self, adata=None, indices=None, batch_size: int | None = None, summarize_by: str | None = None):
-        """Share of each cell's expected counts that comes from the ambient background.
-
-        ``f_n = sum_g s_{e(n),g} y_{t(n),g} / sum_g (rho_{n,g} + s_{e(n),g}) y_{t(n),g}``, from the
-        model's decomposition of the mean (:meth:`RegularizedVIModel.decompose_mean`) at the
-        posterior mean of z and the point estimates of s and y; with ``ambient_per_droplet=True``,
-        ``rho`` is multiplied by the cell's library size l_n (posterior median).
-
-        Parameters
-        ----------
-        adata, indices, batch_size
-            As in :meth:`get_latent_representation`.
-        summarize_by
-            None: one value per cell. An ``.obs`` column (e.g. the ambient covariate key):
-            a summary per category of that column.
-
-        Returns
-        -------
-        numpy.ndarray or pandas.DataFrame
-            Per cell, or per category with columns ``mean``, ``median``, ``q05``, ``q95``, ``n_cells``.
-        """
-        guide = self.module.guide
-        # per droplet, the share depends on the cell's library size: its posterior median
-        library_of = (lambda batch: guide.library_loc(batch).exp()) if self.dims.ambient_per_droplet else None
-        return _ambient.ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices, batch_size,
-                                         library_of=library_of, summarize_by=summarize_by)
-
-    def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
-        """Per-cell results that :meth:`export_posterior` writes to ``.obs``: the ambient fraction."""
-        return {"ambient_fraction": self.get_ambient_fraction(adata, batch_size=batch_size)}
 
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
                                   batch_size: int | None = None) -> dict:
