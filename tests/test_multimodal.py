@@ -285,6 +285,10 @@ def test_unaligned_modalities_are_named_with_the_fix_for_each_case():
     assert "lacks 2 of its cells (e.g. ['c4', 'c5'])" in lacking and "row of zeros" in lacking
     extra = _unaligned("atac", cells.append(pd.Index(["x1"])), cells)
     assert "holds 1 cell(s) not in mdata.obs (e.g. ['x1'])" in extra and "mdata.update()" in extra
+    both = _unaligned("atac", cells[:4].append(pd.Index(["x1"])), cells)  # only the extra cells were named
+    assert "holds 1 cell(s) not in mdata.obs" in both and "lacks 2 of its cells" in both
+    repeated = _unaligned("atac", cells.append(cells[:1]), cells)  # it read "lacks 0 of its cells (e.g. [])"
+    assert "names cells more than once (e.g. ['c0'])" in repeated and "lacks" not in repeated
     mdata = ps.datasets.simulate_multiome(n_cells=60, n_genes=75, n_peaks=120, seed=0)
     mdata.mod["atac"] = mdata.mod["atac"][::-1].copy()
     with pytest.raises(ValueError, match="same cells in another order"):

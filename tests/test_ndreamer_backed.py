@@ -256,3 +256,12 @@ def test_nan_or_negative_values_past_the_first_sample_are_named(monkeypatch):
     logged[170, 2] = -0.5
     with pytest.raises(ValueError, match="at row 170 .*finite, non-negative log-normalised values"):
         preprocess.log_normalise(anndata.AnnData(sp.csr_matrix(logged)))
+
+
+def test_a_store_whose_count_of_entries_does_not_match_is_refused(monkeypatch):
+    # summing entries stored twice must not hide a store whose indptr and data disagree (one being written)
+    counts = sp.csr_matrix(np.random.default_rng(2).poisson(2.0, (60, 12)).astype(np.float32) + 1)
+    real = preprocess._stored_entries
+    monkeypatch.setattr(preprocess, "_stored_entries", lambda source: real(source) + 3)
+    with pytest.raises(ValueError, match="were counted; is the file being written"):
+        preprocess.log_normalise(anndata.AnnData(counts))

@@ -29,17 +29,24 @@ def _unaligned(modality: str, held, cells) -> str:
     """
     held, cells = pd.Index(held), pd.Index(cells)
     start = f"Modality {modality!r} does not hold the cells of mdata.obs in the same order"
+    if not held.is_unique:
+        repeated = list(held[held.duplicated()].unique()[:3])
+        return (f"{start}: it names cells more than once (e.g. {repeated}); make them unique "
+                f"(`mdata.mod[{modality!r}].obs_names_make_unique()`, then `mdata.update()`).")
     fix_order = f"`mdata.mod[{modality!r}] = mdata.mod[{modality!r}][mdata.obs_names].copy()`"
-    if held.is_unique and set(held) == set(cells):
+    missing, extra = cells.difference(held, sort=False), held.difference(cells, sort=False)
+    if not len(missing) and not len(extra):
         return f"{start}: it holds the same cells in another order. Reorder it: {fix_order}."
-    missing, extra = cells.difference(held), held.difference(cells)
+    parts = []
     if len(extra):
-        return (f"{start}: it holds {len(extra)} cell(s) not in mdata.obs (e.g. {list(extra[:3])}); call "
-                "`mdata.update()` after changing a modality, or drop them.")
-    return (f"{start}: it lacks {len(missing)} of its cells (e.g. {list(missing[:3])}). A cell without a modality's "
-            "counts is modelled from its other modalities when the modality holds it as a row of zeros: add such rows "
-            f"in mdata.obs order (then {fix_order}), or keep only the cells with every modality "
-            "(`mu.pp.intersect_obs(mdata)`).")
+        parts.append(f"it holds {len(extra)} cell(s) not in mdata.obs (e.g. {list(extra[:3])}): call `mdata.update()` "
+                     "after changing a modality, or drop them")
+    if len(missing):
+        parts.append(f"it lacks {len(missing)} of its cells (e.g. {list(missing[:3])}). A cell without a modality's "
+                     "counts is modelled from its other modalities when the modality holds it as a row of zeros: add "
+                     f"such rows in mdata.obs order (then {fix_order}), or keep only the cells with every modality "
+                     "(`mu.pp.intersect_obs(mdata)`)")
+    return f"{start}: " + "; ".join(parts) + "."
 
 
 def modality_counts(mdata, modality: str, layer: str | None, validate: bool = True) -> CountMatrix:

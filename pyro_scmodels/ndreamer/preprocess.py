@@ -50,23 +50,28 @@ def _stored_entries(source: CountMatrix) -> int | None:
     return int(source.matrix.nnz) if sp.isspmatrix_csr(source.matrix) or isinstance(source.matrix, sp.csr_array) else None
 
 
-def _row_blocks(source: CountMatrix, cells: np.ndarray | None):
-    """``(first_row, block)`` for consecutive blocks of the chosen rows (all rows when ``cells`` is None)."""
+def _row_blocks(source: CountMatrix, cells: np.ndarray | None, merged: list[int] | None = None):
+    """``(first_row, block)`` for consecutive CSR blocks of the chosen rows (all rows when ``cells`` is None), each
+    entry stored once; ``merged[0]`` counts the stored entries summed into others."""
     if cells is None:
         for start, _, block in source.chunks(READ_CHUNK_CELLS):
-            yield start, _canonical(block)
+            yield start, _canonical(block, merged)
         return
     for start in range(0, cells.size, READ_CHUNK_CELLS):
         positions = cells[start : start + READ_CHUNK_CELLS]
-        yield start, _canonical(source.disk.rows(positions) if source.disk is not None else source.matrix[positions])
+        block = source.disk.rows(positions) if source.disk is not None else source.matrix[positions]
+        yield start, _canonical(block, merged)
 
 
-def _canonical(block) -> sp.csr_matrix:
+def _canonical(block, merged: list[int] | None = None) -> sp.csr_matrix:
     """A block as CSR with each entry stored once: scipy sums an entry stored twice, but log1p of each part summed
     is not log1p of the sum (7.5 log units off in one cell)."""
     block = sp.csr_matrix(block)
     if not block.has_canonical_format:
+        stored = block.nnz
         block.sum_duplicates()
+        if merged is not None:
+            merged[0] += stored - block.nnz
     return block
 
 
@@ -82,12 +87,14 @@ def _check_values(block: sp.csr_matrix, first_row: int, where: str, log_input: b
                          f"{kind}. Pass the layer of raw counts (layer=...), or fix those cells.")
 
 
-def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray):
+def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                  merged: list[int] | None = None):
     """Fill ``data``, ``indices`` and ``indptr`` (allocated once for ``total`` entries) from ``(first_row, block)``
     CSR blocks; a list of blocks and then a stacked copy would hold the matrix twice.
 
     Integer ``data`` is widened (:func:`~pyro_scmodels.ndreamer.count_rows.storage_dtype`) when a block
-    holds values it cannot store exactly. Returns the three arrays.
+    holds values it cannot store exactly. ``merged``: the entries stored twice that the blocks summed
+    (:func:`_canonical`), which ``total``, read from the store, still counts. Returns the three arrays.
     """
     filled = 0
     for start, block in blocks:
@@ -101,16 +108,19 @@ def _stack_blocks(blocks, total: int, data: np.ndarray, indices: np.ndarray, ind
         # each block has 32-bit offsets of its own: widen them before adding the entries already written
         indptr[start + 1 : start + block.shape[0] + 1] = block.indptr[1:].astype(indptr.dtype) + filled
         filled += block.nnz
-    if filled < total:  # entries stored twice were summed (_canonical): the arrays hold fewer than the store
-        data, indices = data[:filled].copy(), indices[:filled].copy()
+    expected = total - (merged[0] if merged else 0)
+    if filled != expected:  # the store changed under us, or its indptr does not match its data
+        raise ValueError(f"Read {filled} stored entries where {expected} were counted; is the file being written?")
+    if filled < total:  # entries stored twice were summed: views of the first entries (no second copy)
+        data, indices = data[:filled], indices[:filled]
     return data, indices, indptr
 
 
-def _into_csr(blocks, n_rows: int, n_columns: int, total: int) -> sp.csr_matrix:
+def _into_csr(blocks, n_rows: int, n_columns: int, total: int, merged: list[int] | None = None) -> sp.csr_matrix:
     """Stack ``(first_row, block)`` float32 CSR blocks into one CSR (:func:`_stack_blocks`)."""
     index_dtype = np.int32 if max(total, n_columns) < INDEX32_LIMIT else np.int64
     arrays = _stack_blocks(blocks, total, np.empty(total, dtype=np.float32), np.empty(total, dtype=index_dtype),
-                           np.zeros(n_rows + 1, dtype=index_dtype))
+                           np.zeros(n_rows + 1, dtype=index_dtype), merged)
     return sp.csr_matrix(arrays, shape=(n_rows, n_columns))
 
 
@@ -135,7 +145,7 @@ def _normalised(block, first_row: int, log_input: bool, where: str, keep: np.nda
 
 
 def _into_counts(blocks, where: str, keep: np.ndarray | None, n_rows: int, n_columns: int,
-                 total: int) -> LogNormalisedCounts:
+                 total: int, merged: list[int] | None = None) -> LogNormalisedCounts:
     """The raw-count ``(first_row, block)`` blocks as :class:`LogNormalisedCounts` (:func:`_stack_blocks`).
 
     The counts start as uint16 and are widened only when a block needs it, and each cell's size
@@ -152,7 +162,7 @@ def _into_counts(blocks, where: str, keep: np.ndarray | None, n_rows: int, n_col
 
     counts, indices, indptr = _stack_blocks(kept_counts(), total, np.empty(total, dtype=np.uint16),
                                             np.empty(total, dtype=index_dtype(n_columns)),
-                                            np.zeros(n_rows + 1, dtype=np.int64))
+                                            np.zeros(n_rows + 1, dtype=np.int64), merged)
     return LogNormalisedCounts(counts, indices, indptr, factors, n_columns)
 
 
@@ -205,13 +215,15 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     else:
         logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
     total = _stored_entries(source) if cells is None and keep is None else None
+    # the store's own count includes entries stored twice, which the blocks sum: they are counted as they go
+    merged = [0] if total is not None else None
     if total is None:  # a first pass counts the entries kept (normalising keeps them), to allocate the result once
-        total = sum((sp.csr_matrix(block) if keep is None else sp.csr_matrix(block)[:, keep]).nnz
-                    for _, block in _row_blocks(source, cells))
+        total = sum((block if keep is None else block[:, keep]).nnz for _, block in _row_blocks(source, cells))
     if compact and not log_input:
-        return _into_counts(_row_blocks(source, cells), where, keep, n_rows, n_columns, total)
-    blocks = ((start, _normalised(block, start, log_input, where, keep)) for start, block in _row_blocks(source, cells))
-    return _into_csr(blocks, n_rows, n_columns, total)
+        return _into_counts(_row_blocks(source, cells, merged), where, keep, n_rows, n_columns, total, merged)
+    blocks = ((start, _normalised(block, start, log_input, where, keep))
+              for start, block in _row_blocks(source, cells, merged))
+    return _into_csr(blocks, n_rows, n_columns, total, merged)
 
 
 def condition_response(log_expression: sp.csr_matrix, batch: np.ndarray, condition: np.ndarray,
