@@ -326,7 +326,10 @@ def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="no network to train"):
         nd.train()
     nd.estimate_ite(nearest_neighbor=3)
-    nd.estimate_model_ite(num_samples=3)
+    nd.estimate_model_ite(num_samples=3, quantiles=(0.1, 0.9))
+    nd.estimate_model_ite(num_samples=3)  # the bounds of the first call would not belong to this mean: dropped
+    assert sorted(n for n in nd.results.layers if n.startswith("ite_model")) == [
+        "ite_model_stimulated", "ite_model_stimulated_q05", "ite_model_stimulated_q95"]
     nd.save(str(tmp_path / "nd"))
     loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
     assert list(loaded.results.obs_names) == list(nd.results.obs_names)

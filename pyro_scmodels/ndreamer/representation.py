@@ -144,6 +144,10 @@ class ModelRepresentation:
             for name, values in effect.items():
                 layers[f"ite_model_{treatment}" + ("" if name == "mean" else f"_{name}")] = values
         if indices is None and gene_list is None:
+            # bounds of an earlier call (other quantiles or draws) would not belong to this mean
+            for treatment in effects:
+                for stale in [n for n in self.results.layers if n.startswith(f"ite_model_{treatment}_q")]:
+                    del self.results.layers[stale]
             self.results.layers.update(layers)
             return self.results
         return self._subset_result(cells, columns, layers)
