@@ -224,7 +224,24 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         means = table.pivot(index="group", columns="gene", values="mean_ite").reindex(columns=list(nd.genes))
         written.append(plot_ite_heatmap(means.to_numpy(), nd.genes, means.index,
                                         os.path.join(out, f"ite_heatmap_{condition}.png"), condition=condition))
+    if args.resume:  # the earlier run's tables and files that this run did not write again would not belong to it
+        kept = {os.path.join(out, "effects.h5ad")} if args.backed else set()
+        _remove_superseded(out, kept | set(written))
     print(wrote + (f", {', '.join(written)}." if written else "."))
+
+
+def _remove_superseded(out: str, written: set[str]) -> None:
+    """After a resumed ``ndreamer`` run has written its results: remove the earlier run's effects file, CATE tables
+    and heatmaps that it did not write again (they stayed beside the new results, up to 2.1 log units off them)."""
+    candidates = [os.path.join(out, "effects.h5ad"), *(p for pattern in EARLIER_OUTPUT_PATTERNS
+                                                        for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
+    stale = [path for path in candidates if os.path.isfile(path) and path not in written]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        logging.getLogger("pyro_scmodels").warning(
+            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)}, which this run did "
+            "not write again.")
 
 
 def run_fit(args, folder: OutputFolder) -> None:

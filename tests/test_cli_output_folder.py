@@ -133,3 +133,22 @@ def test_resume_after_a_run_stopped_in_its_first_epoch_starts_afresh(input_h5ad,
     (out / "checkpoint").mkdir(parents=True)  # made before the first epoch; the run was killed before writing into it
     assert main(["fit", input_h5ad, "-o", str(out), "--resume", "--max-epochs", "1", *FIT_ARGS]) == 0
     assert "no checkpoint in" in caplog.text and "starts from the beginning" in caplog.text
+
+
+def test_ndreamer_resume_removes_the_earlier_runs_outputs_it_does_not_write_again(input_h5ad, tmp_path, caplog):
+    # the first run's CATE tables and heatmaps stayed beside the resumed run's results, up to 0.66 log units off them
+    out = str(tmp_path / "nd")
+    args = ["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
+            "--layer", "counts", "--batch-size", "128", "--network", "small", "--device", "cpu", "-o", out, "--quiet"]
+    assert main([*args, "--epochs", "1", "--cate-groupby", "cell_type"]) == 0
+    assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
+    with open(os.path.join(out, "notes.txt"), "w") as handle:  # a file of the user's
+        handle.write("mine")
+    with caplog.at_level(logging.WARNING, logger="pyro_scmodels"):
+        assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert "removed the earlier run's cate_stimulated.csv, ite_heatmap_stimulated.png" in caplog.text
+    assert not os.path.exists(os.path.join(out, "cate_stimulated.csv"))
+    assert not os.path.exists(os.path.join(out, "ite_heatmap_stimulated.png"))
+    assert os.path.exists(os.path.join(out, "results.h5ad")) and os.path.exists(os.path.join(out, "notes.txt"))
+    assert main([*args, "--epochs", "3", "--resume", "--cate-groupby", "cell_type"]) == 0  # written again: kept
+    assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
