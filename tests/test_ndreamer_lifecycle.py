@@ -380,6 +380,24 @@ def test_a_cell_or_gene_asked_for_twice_is_refused(tiny_model):
     assert nd.estimate_ite(indices=[2, 1]).obs_names.tolist() == ["cell_2", "cell_1"]
 
 
+def test_a_cate_does_not_read_ite_layers_saved_before_the_arms_shared_their_batches(tiny_adata):
+    # layers saved before 2026-12-06 averaged each arm over its own batches; with a batch holding one arm they differ,
+    # and the CATE read them while estimate_ite(indices=...) computed the new way
+    one_arm = tiny_adata[~((tiny_adata.obs["batch"] == "batch_2") & (tiny_adata.obs["condition"] == "control"))].copy()
+    nd = _nd(one_arm)  # (its warning names batch_2)
+    assert nd.design.common_batches("stimulated") == ["batch_0", "batch_1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained network's warning
+        nd.estimate_ite(nearest_neighbor=5)
+        fresh = nd.estimate_cate("cell_type", nearest_neighbor=5)
+        nd.results.layers["ite_stimulated"] = nd.results.layers["ite_stimulated"] + 5.0  # as if computed the old way
+        read = nd.estimate_cate("cell_type", nearest_neighbor=5)["mean_ite"]  # this version's layers: read
+        np.testing.assert_allclose(read - fresh["mean_ite"], 5.0, atol=1e-4)
+        del nd.results.uns["ite_matching"]["arms"]  # saved before the arms were recorded: recomputed
+        np.testing.assert_allclose(nd.estimate_cate("cell_type", nearest_neighbor=5)["mean_ite"], fresh["mean_ite"],
+                                   atol=1e-5)
+
+
 def _setup_copy(adata):
     adata = adata.copy()
     ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])

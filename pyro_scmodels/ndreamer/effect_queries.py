@@ -23,6 +23,9 @@ from .._selection import cell_positions, gene_positions
 
 #: ``results.uns`` key of the matching (nearest_neighbor, bandwidth) that the ``ite_*`` layers hold
 ITE_SETTINGS = "ite_matching"
+#: how the stored ITE layers average the arms (recorded with them: layers saved before it averaged each arm over its own
+#: batches)
+ITE_ARMS = "batches holding both"
 
 
 def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
@@ -154,7 +157,8 @@ class EffectQueries:
         for name in names:
             self.results.layers[name] = effects[name]
         # which matching the layers hold, so that a CATE of another matching does not read them
-        self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth)}
+        self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth),
+                                          "arms": ITE_ARMS}
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -226,7 +230,10 @@ class EffectQueries:
         kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)
         made_with = self.results.uns.get(ITE_SETTINGS, {})
         same = (made_with.get("nearest_neighbor") == V.positive_int("nearest_neighbor", nearest_neighbor)
-                and made_with.get("bandwidth") == float(bandwidth))
+                and made_with.get("bandwidth") == float(bandwidth)
+                # layers saved before the arms were averaged over shared batches differ where a batch holds one arm
+                and (made_with.get("arms") == ITE_ARMS or self.design.common_batches(condition)
+                     == self.design.batches_with[condition] == self.design.batches_with[self.design.control_name]))
         if layer in self.results.layers and same:
             cells = np.isin(groups, kept)
             table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
