@@ -5,6 +5,10 @@ from __future__ import annotations
 
 def quantile_label(q: float) -> str:
     """``q05`` for 0.05, ``q97.5`` for 0.975: whole percents with two digits, others as they are."""
-    # to 1e-4 of a percent: a float32 0.9 (0.8999999762) is q90 and its lower bound q05, not q5
-    percent = round(100.0 * float(q), 4)
+    # to 1e-4 of a percent: a float32 0.9 (0.8999999762) is q90 and its lower bound q05, not q5; a level that small
+    # rounding would make 0 keeps its own digits (1e-7 is not q00)
+    exact = 100.0 * float(q)
+    percent = round(exact, 4)
+    if percent == 0.0 and exact != 0.0:
+        return f"q{exact:g}"
     return f"q{round(percent):02d}" if percent == round(percent) else f"q{percent:g}"

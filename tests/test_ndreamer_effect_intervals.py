@@ -181,6 +181,9 @@ def test_interval_errors_name_the_argument():
     assert bound_names(0.95) == ("q2.5", "q97.5") and bound_names(0.99) == ("q0.5", "q99.5")
     # a level read as float32 (0.8999999762) named its lower bound q5, so code reading ..._q05 found no layer
     assert bound_names(np.float32(0.9)) == ("q05", "q95") and bound_names(np.float32(0.95)) == ("q2.5", "q97.5")
+    from pyro_scmodels._labels import quantile_label
+
+    assert quantile_label(0.0) == "q00" and quantile_label(1e-7) == "q1e-05"  # not q00 as well
 
 
 def test_spread_keeps_its_digits_for_large_values_with_little_noise():
