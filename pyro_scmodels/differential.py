@@ -152,7 +152,12 @@ def expected_fdr_selection(proba_de_sorted: np.ndarray, fdr_target: float) -> np
 def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
     """Positions of the cells chosen by a boolean mask, integer positions or an ``obs.query`` string."""
     if isinstance(selection, str):
-        return np.flatnonzero(obs.index.isin(obs.query(selection).index))
+        # evaluated to a mask, read by position: matching the selected names took every cell sharing a name
+        mask = np.asarray(obs.eval(selection))
+        if mask.dtype != bool or mask.shape != (len(obs),):
+            raise ValueError(f"{name}={selection!r} is not a condition on the cells (an obs.query string such as "
+                             "\"cell_type == 'B'\").")
+        return np.flatnonzero(mask)
     selection = np.asarray(selection).ravel()
     if selection.dtype == bool:
         if selection.shape != (len(obs),):
@@ -215,7 +220,7 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
 
 
 # --- observed-count summaries ----------------------------------------------------------------
-def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray) -> dict[str, np.ndarray]:
+def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_empty: bool = False) -> dict[str, np.ndarray]:
     """scvi-tools' observed-count columns for two sets of cells.
 
     Parameters
@@ -223,7 +228,10 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray) -> dict
     matrix
         A :class:`~pyro_scmodels.data.CountMatrix` of raw counts.
     cells1, cells2
-        Positions of the cells of each group (disjoint).
+        Positions of the cells of each group; a cell in both counts in both.
+    skip_empty
+        Leave out cells without counts (a multimodal model's cells without this modality, whose likelihood is
+        masked: their zeros are no measurement).
 
     Returns
     -------
@@ -231,16 +239,29 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray) -> dict
         ``raw_mean1/2`` (mean count), ``non_zeros_proportion1/2`` (fraction of cells with a
         count) and ``raw_normalized_mean1/2`` (mean of counts per 10,000 per cell), per feature.
     """
-    groups = np.full(matrix.n_cells, 2, dtype=np.int64)  # 2: neither group
-    groups[cells1], groups[cells2] = 0, 1
     totals = matrix.totals()
+    if skip_empty:
+        cells1, cells2 = cells1[totals[cells1] > 0], cells2[totals[cells2] > 0]
     per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
-    stats = {
-        "raw_mean": matrix.column_means(groups=groups, n_groups=3),
-        "non_zeros_proportion": matrix.column_means(groups=groups, n_groups=3, nonzero=True),
-        "raw_normalized_mean": matrix.column_means(weights=per_10k, groups=groups, n_groups=3),
-    }
-    return {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
+
+    def group_stats(groups: np.ndarray) -> dict[str, np.ndarray]:
+        return {"raw_mean": matrix.column_means(groups=groups, n_groups=3),
+                "non_zeros_proportion": matrix.column_means(groups=groups, n_groups=3, nonzero=True),
+                "raw_normalized_mean": matrix.column_means(weights=per_10k, groups=groups, n_groups=3)}
+
+    groups = np.full(matrix.n_cells, 2, dtype=np.int64)  # 2: neither group
+    if np.intersect1d(cells1, cells2).size == 0:  # one pass over the counts for both groups
+        groups[cells1], groups[cells2] = 0, 1
+        stats = group_stats(groups)
+        return {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
+    # overlapping groups (one pass each): the shared cells were counted in the second group only
+    out = {}
+    for i, cells in enumerate((cells1, cells2)):
+        groups[:] = 2
+        groups[cells] = 0
+        out.update({f"{name}{i + 1}": values[0] for name, values in group_stats(groups).items()})
+    return {f"{name}{i}": out[f"{name}{i}"] for name in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
+            for i in (1, 2)}
 
 
 # --- the user-facing test ----------------------------------------------------------------------
@@ -367,7 +388,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
             table.insert(5, "pseudocounts", pseudocount)
             table.insert(6, "delta", delta)
         if matrix is not None:
-            for column, values in raw_count_properties(matrix, cells1, cells2).items():
+            for column, values in raw_count_properties(matrix, cells1, cells2,
+                                                       skip_empty=getattr(model, "modalities", None) is not None).items():
                 table[column] = pd.Series(values, index=model.feature_names(modality))
         if mode == "change":  # the selection last, after the raw columns, as scvi-tools orders them
             table[f"is_de_fdr_{fdr_target}"] = table.pop(f"is_de_fdr_{fdr_target}")
