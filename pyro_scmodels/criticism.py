@@ -231,6 +231,9 @@ def _feature_names(model, site: str, n: int) -> pd.Index:
 
 def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prior) -> PredictiveCheck:
     # one draw makes the randomised PIT uniform on [0, 1/2] or [1/2, 1] whatever the fit: its coverage reads nominal
+    if adata is not None and not hasattr(adata, "obs"):  # e.g. posterior_predictive_check(model, 30)
+        raise V.ArgumentTypeError(f"adata must be an AnnData (or MuData) or None, got {adata!r}; pass the number of draws "
+                                  "as num_samples=...")
     num_samples = V.integer("num_samples", num_samples, minimum=2, description=(
         "an integer >= 2 (with one draw the PIT coverage reads nominal whatever the fit; 20 or more is advised)"))
     batch_size = V.optional(V.positive_int, "batch_size", batch_size)
@@ -238,7 +241,10 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
     figure_path = V.optional(checked_figure_path, "figure_path", figure_path)
     rng = np.random.default_rng(seed)
     accumulators: dict[str, SiteAccumulator] = {}
-    positions = []
+    positions, site_positions = [], {}
+    # a multimodal model masks the likelihood of a cell without counts in a modality: its zeros are no measurement,
+    # and counted they read as perfectly calibrated (ATAC's 90 % coverage 0.816 with them, 0.773 without)
+    skip_empty = getattr(model, "modalities", None) is not None
     device = torch.device(getattr(model, "device", "cpu"))
     # the draws come from torch's generator: seed it without disturbing the caller's stream
     # (argument validation of every distribution is skipped: it costs ~15 % of the draws' time)
@@ -247,16 +253,24 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
         for cells, sites in model.predictive_batches(num_samples, adata, indices, batch_size, prior=prior):
             positions.append(np.asarray(cells))
             for site, (observed, draws) in sites.items():
+                kept = np.asarray(cells)
+                if skip_empty:
+                    measured = observed.sum(-1) > 0
+                    observed, draws, kept = observed[measured], draws[:, measured], kept[measured]
+                    if not kept.size:
+                        continue
                 if site not in accumulators:
                     accumulators[site] = SiteAccumulator(observed.shape[-1], num_samples)
                 accumulators[site].update(observed, draws, rng)
+                site_positions.setdefault(site, []).append(kept)
     positions = np.concatenate(positions)
     source = adata if adata is not None else getattr(model, "adata", None)
-    obs_names = pd.Index(source.obs_names)[positions] if source is not None else pd.RangeIndex(len(positions))
-    results = {
-        site: SiteCheck(**acc.result(site, _feature_names(model, site, acc.total.shape[1]), obs_names, prior))
-        for site, acc in accumulators.items()
-    }
+    names = pd.Index(source.obs_names) if source is not None else None
+    results = {}
+    for site, acc in accumulators.items():
+        cells = np.concatenate(site_positions[site])
+        obs_names = names[cells] if names is not None else pd.Index(cells)
+        results[site] = SiteCheck(**acc.result(site, _feature_names(model, site, acc.total.shape[1]), obs_names, prior))
     check = PredictiveCheck(results, len(positions), num_samples, prior)
     if figure_path is not None:
         check.save(figure_path)
@@ -290,7 +304,8 @@ def posterior_predictive_check(model, adata=None, indices=None, num_samples: int
     Returns
     -------
     PredictiveCheck
-        Statistics, calibration and figure, per observation site.
+        Statistics, calibration and figure, per observation site. For a multimodal model, a modality's site
+        counts only the cells with counts in it (the others' likelihood is masked).
 
     Raises
     ------

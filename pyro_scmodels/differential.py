@@ -367,6 +367,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     delta, pseudocount = V.non_negative_float("delta", delta), V.positive_float("pseudocount", pseudocount)
     fdr_target = V.number("fdr_target", fdr_target, 0.0, 1.0, strict_minimum=True, strict_maximum=True,
                           description="a number in (0, 1)")
+    # to 7 digits, as it names its column (is_de_fdr_0.05, as scvi-tools): a float32 0.05 is not 0.05000000074505806
+    fdr_target = float(f"{fdr_target:.7g}")
     adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
     strata = _correction_strata(model, batch_correction)

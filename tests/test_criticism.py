@@ -215,3 +215,6 @@ def test_one_predictive_draw_is_refused():
     model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
         prior_predictive_check(model, num_samples=1)
+    # the second argument of the posterior check is adata: 30 failed in anndata's attribute access
+    with pytest.raises(TypeError, match="adata must be an AnnData .*got 30; pass the number of draws as num_samples"):
+        posterior_predictive_check(model, 30)

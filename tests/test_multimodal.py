@@ -123,6 +123,26 @@ def test_posterior_predictive_check_per_modality(simulated_pair):
     assert set(check.sites) == {"obs_rna", "obs_atac"}
     for site in check.sites:
         assert 0.75 < check[site].pit_coverage[0.9] < 0.97
+    # a cell without ATAC has its ATAC likelihood masked: its zeros are no measurement, and counted they read as
+    # perfectly calibrated
+    has_atac = simulated_pair.adata.obs["has_atac"].to_numpy()[:300]
+    assert (~has_atac).any()
+    assert list(check["obs_atac"].cells.index) == list(simulated_pair.adata.obs_names[:300][has_atac])
+    assert len(check["obs_rna"].cells) == 300
+
+
+def test_de_observed_columns_leave_out_cells_without_the_modality(simulated_pair):
+    from pyro_scmodels.data import CountMatrix
+    from pyro_scmodels.differential import raw_count_properties
+
+    has_atac = simulated_pair.adata.obs["has_atac"].to_numpy()
+    counts = simulated_pair.adata.mod["atac"].layers["counts"]
+    dense = np.asarray(counts.todense() if hasattr(counts, "todense") else counts, dtype=np.float64)
+    cells1, cells2 = np.arange(0, 200), np.arange(200, 400)
+    raw = raw_count_properties(CountMatrix(counts, validate=False, allow_empty_cells=True), cells1, cells2,
+                               skip_empty=True)
+    np.testing.assert_allclose(raw["raw_mean1"], dense[cells1[has_atac[cells1]]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(raw["non_zeros_proportion2"], (dense[cells2[has_atac[cells2]]] > 0).mean(0), rtol=1e-6)
 
 
 def test_likelihood_parameters_per_modality(simulated_pair):

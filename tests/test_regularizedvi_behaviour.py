@@ -424,6 +424,8 @@ def test_a_float64_default_dtype_is_named_before_the_model_is_built(small):
 
 
 def test_sample_posterior_summaries(fitted):
+    with pytest.raises(TypeError, match="quantiles must be a sequence of numbers in \\(0, 1\\)"):  # a bare float
+        fitted.sample_posterior(num_samples=2, quantiles=0.5)
     summary = fitted.sample_posterior(num_samples=20, indices=np.arange(200))
     assert set(summary) == {"means", "stds", "q05", "q95"}
     means = summary["means"]

@@ -308,6 +308,11 @@ def test_overlapping_selections_warn(model):
     np.testing.assert_allclose(rows["non_zeros_proportion1"], (dense[:30] > 0).mean(0), rtol=1e-5)
 
 
+def test_a_float32_fdr_target_names_its_column_as_a_float_does(model):
+    table = model.differential_expression(groupby="condition", fdr_target=np.float32(0.05), num_samples=2, n_cells=10)
+    assert "is_de_fdr_0.05" in table.columns  # it was is_de_fdr_0.05000000074505806
+
+
 def test_a_query_string_selects_cells_by_position_when_names_repeat(model):
     # the names the query matched selected every cell sharing a name: 168 cells for a query matching 100
     adata = model.adata.copy()
