@@ -169,6 +169,13 @@ def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
     assert np.isfinite(out["ite_stim"]).all()
 
 
+def test_treatments_follow_a_categorical_columns_order():
+    # they followed their first appearance: with categories [ctrl, A, B] and B first in the table, B was "the first"
+    condition = np.array(["B"] * 3 + ["ctrl"] * 3 + ["A"] * 3)
+    assert CounterfactualDesign(condition, "ctrl").treatments == ["B", "A"]
+    assert CounterfactualDesign(condition, "ctrl", order=["ctrl", "A", "B", "unused"]).treatments == ["A", "B"]
+
+
 def test_interval_errors_name_the_argument():
     expression, embedding, design, _, _ = exact_design(n_states=2)
     with pytest.raises(ValueError, match="at least two"):
