@@ -30,6 +30,9 @@ ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "
 #: a model's parts that finer ones (which name what differs) replace: compared only for a checkpoint written before
 #: its successor existed, so that an older checkpoint keeps its check and a newer one reports each difference once
 SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "covariate keys"}
+#: a part, and the part a model also computes the way earlier versions wrote it: a checkpoint matching either matches
+#: (the priors of a multimodal block without a site are now at their defaults, unused either way)
+EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06"}
 #: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
 
@@ -66,10 +69,12 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
     differing = []
     # a legacy part is compared only when the saved state has it and lacks its successor (written in between)
     skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
-               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if k not in saved or successor in saved})
+               | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if k not in saved or successor in saved}
+               | set(EQUIVALENT_FINGERPRINT_PARTS.values()))
     for key in sorted((set(saved) | set(fingerprint)) - skipped):
         old, new = saved.get(key), fingerprint.get(key)
-        if _same(old, new):
+        if _same(old, new) or (key in EQUIVALENT_FINGERPRINT_PARTS
+                               and _same(old, fingerprint.get(EQUIVALENT_FINGERPRINT_PARTS[key]))):
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
             differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if not _same(old.get(k), new.get(k))]

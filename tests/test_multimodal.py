@@ -313,3 +313,32 @@ def test_unaligned_modalities_are_named_with_the_fix_for_each_case():
     mdata.mod["atac"] = mdata.mod["atac"][::-1].copy()
     with pytest.raises(ValueError, match="same cells in another order"):
         ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+
+
+def test_a_save_and_checkpoint_of_an_earlier_version_with_a_shared_edited_prior_still_load_and_resume(tmp_path,
+                                                                                                       monkeypatch):
+    # earlier versions reported every block's priors as its buffers held them, so a shared edit of feature scaling
+    # was also in RNA's (unused); now RNA's reads at the default, and the old save was refused ("priors differ")
+    import warnings
+
+    mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=75, n_peaks=120, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"],
+                                            feature_scaling_covariate_keys=["batch"])
+    shared = ps.RegularizedPriors(feature_scaling=dist.Gamma(2.0, 2.0))
+    quick = dict(batch_size=75, progress_bar=False, device="cpu", early_stopping=False)
+    monkeypatch.setattr(ps.RegularizedMultimodalVI, "_priors_in_use", ps.RegularizedMultimodalVI._legacy_priors)
+    monkeypatch.setattr(ps.RegularizedMultimodalVI, "_legacy_priors", lambda self: None)
+    earlier = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16, priors=shared)
+    earlier.train(max_epochs=1, checkpoint_dir=str(tmp_path / "ckpt"), **quick)
+    earlier.save(str(tmp_path / "saved"))
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "saved"), mdata, device="cpu")
+    assert float(loaded.priors["atac"].feature_scaling.rate) == 2.0
+    resumed = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16, priors=shared)
+    resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "ckpt"), **quick)
+    assert len(resumed.history) == 2  # it resumed
+    with pytest.raises(ValueError, match="priors differ"):  # another prior is still refused
+        ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16).train(max_epochs=3, checkpoint_dir=str(tmp_path / "ckpt"),
+                                                                        **quick)

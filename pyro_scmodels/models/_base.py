@@ -22,7 +22,7 @@ from ..data import CellData, iterate_minibatches
 from ..data.source_state import changes, names_digest, setting_text, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
-from ..checkpoints import CHECKPOINT_FILE
+from ..checkpoints import CHECKPOINT_FILE, EQUIVALENT_FINGERPRINT_PARTS
 from ..distributed import is_writer, training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from ..priors import priors_fingerprint
@@ -102,6 +102,10 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
     def priors(self, value) -> None:
         raise AttributeError("model.priors is read back from the model's buffers: assigning it would change nothing. "
                              "Edit the buffers (model.module.model.priors), or build a new model with priors=...")
+
+    def _legacy_priors(self):
+        """The priors as an earlier version fingerprinted them, where that differs (None: it does not)."""
+        return None
 
     @property
     def init_params(self) -> dict:
@@ -402,6 +406,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
             # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
             "priors": priors_fingerprint(self.init_params.get("priors")),
+            **({} if self._legacy_priors() is None else
+               {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(self._legacy_priors())}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
         }

@@ -142,6 +142,10 @@ class RegularizedMultimodalVI(PyroModelBase):
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
 
+    def _legacy_priors(self) -> dict[str, RegularizedPriors]:
+        # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)
+        return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
+
     def _priors_in_use(self) -> dict[str, RegularizedPriors]:
         blocks = {m: self.module.model.block(m) for m in self.modalities}
         return {m: without_absent_sites(block.prior_settings(), block.dims.use_ambient, block.dims.use_feature_scaling)
