@@ -9,6 +9,6 @@ def quantile_label(q: float) -> str:
     # rounding would make 0 keeps its own digits (1e-7 is not q00)
     exact = 100.0 * float(q)
     percent = round(exact, 4)
-    if percent == 0.0 and exact != 0.0:
-        return f"q{exact:g}"
+    if percent in (0.0, 100.0) and exact != percent:  # 1e-7 is not q00, nor 1 - 1e-7 q100
+        return f"q{exact:.10g}"
     return f"q{round(percent):02d}" if percent == round(percent) else f"q{percent:g}"

@@ -24,7 +24,7 @@ from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
-from .cli_arguments import build_parser, check_arguments
+from .cli_arguments import in_option_names, build_parser, check_arguments
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -189,6 +189,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         V.present(args.cate_groupby, adata.obs.columns, f"{args.data} obs (--cate-groupby)", "column")
     # the constructor checks keys, the control, and the batch x condition group sizes before training
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
+                  min_cells_per_group=args.min_cells_per_group,
                   layer=args.layer, batch_size=args.batch_size, device=args.device, seed=args.seed,
                   factual=args.factual, **network_preset(args.network))
     if args.cate_groupby is not None:  # every treatment needs a group with both arms: checked before training
@@ -213,6 +214,8 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         # the results are saved before CATE, so that a CATE problem loses nothing
         nd.save(out, overwrite=True)
         wrote = f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers {layers}), the network"
+    if args.resume:  # the earlier run's tables and files would not belong to this run's results: before any is written
+        _remove_superseded(out, {os.path.join(out, "effects.h5ad")} if args.backed else set())
     written = []
     for condition in (nd.design.treatments if args.cate_groupby else []):
         table = nd.estimate_cate(args.cate_groupby, condition, nearest_neighbor=args.nearest_neighbor,
@@ -224,15 +227,13 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         means = table.pivot(index="group", columns="gene", values="mean_ite").reindex(columns=list(nd.genes))
         written.append(plot_ite_heatmap(means.to_numpy(), nd.genes, means.index,
                                         os.path.join(out, f"ite_heatmap_{condition}.png"), condition=condition))
-    if args.resume:  # the earlier run's tables and files that this run did not write again would not belong to it
-        kept = {os.path.join(out, "effects.h5ad")} if args.backed else set()
-        _remove_superseded(out, kept | set(written))
     print(wrote + (f", {', '.join(written)}." if written else "."))
 
 
 def _remove_superseded(out: str, written: set[str]) -> None:
-    """After a resumed ``ndreamer`` run has written its results: remove the earlier run's effects file, CATE tables
-    and heatmaps that it did not write again (they stayed beside the new results, up to 2.1 log units off them)."""
+    """Once a resumed ``ndreamer`` run has saved its results, and before its CATE tables: remove the earlier run's
+    effects file (unless ``written``), CATE tables and heatmaps (they stayed beside the new results, up to 2.1 log
+    units off them; this run writes its own, if asked, after)."""
     candidates = [os.path.join(out, "effects.h5ad"), *(p for pattern in EARLIER_OUTPUT_PATTERNS
                                                         for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
     stale = [path for path in candidates if os.path.isfile(path) and path not in written]
@@ -240,8 +241,8 @@ def _remove_superseded(out: str, written: set[str]) -> None:
         os.remove(path)
     if stale:
         logging.getLogger("pyro_scmodels").warning(
-            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)}, which this run did "
-            "not write again.")
+            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)}: they would not belong "
+            "to this run's results.")
 
 
 def run_fit(args, folder: OutputFolder) -> None:
@@ -376,7 +377,8 @@ def main(argv=None) -> int:
         return 1
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, CompileUnavailableError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
-        print(f"error{_rank_prefix()}: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        print(f"error{_rank_prefix()}: {in_option_names(message)}", file=sys.stderr)
         return 2
     return 0
 

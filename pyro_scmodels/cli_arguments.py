@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from . import _validation as V
-from .ndreamer._constants import NEAREST_NEIGHBOR, NETWORK_PRESET_NAMES
+from .ndreamer._constants import MIN_CELLS_PER_GROUP, NEAREST_NEIGHBOR, NETWORK_PRESET_NAMES
 
 # the smallest demo whose report has cells of every batch x type x condition (and NDreamer its groups of 10)
 DEMO_MIN_CELLS, DEMO_MIN_GENES = 300, 50
@@ -27,7 +28,7 @@ _ARGUMENT_CHECKS = {
     "ndreamer": {"num_hvg": lambda name, value: V.integer(name, value, minimum=2, description=(
                      "an integer >= 2 (genes for the PCA of the cell states)")), "epochs": V.positive_float, "batch_size": V.positive_int,
                  "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int,
-                 "ite_interval": V.level},
+                 "ite_interval": V.level, "min_cells_per_group": V.positive_int},
 }
 
 
@@ -191,6 +192,9 @@ def _add_ndreamer(sub) -> None:
                          "densified; the chosen genes are held in memory as raw counts, or as a float32 CSR when the input is "
                          "log-normalised or the genes are chosen on every cell (docs/ndreamer.md, 'Data on disk')")
     nd.add_argument("--num-hvg", type=int, default=2000, help="variable genes used (all genes when fewer)")
+    nd.add_argument("--min-cells-per-group", type=int, default=MIN_CELLS_PER_GROUP,
+                    help="fewest cells a batch x condition group may hold (smaller groups are refused: every cell is "
+                         "matched into each group)")
     nd.add_argument("--network", choices=list(NETWORK_PRESET_NAMES), default="default",
                     help="network size: 'default' is the SPEC's (tens of thousands of cells and more); 'small' trains "
                          "much faster and suits a few thousand cells, with the independence weight 1000 "
@@ -225,3 +229,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_ndreamer(sub)
     return parser
+
+
+#: the Python arguments that messages name, and the option that sets each on the command line
+OPTION_OF = {
+    "batch_key": "--batch-key", "ambient_covariate_keys": "--ambient-keys",
+    "nn_conditioning_covariate_keys": "--nn-conditioning-keys", "feature_scaling_covariate_keys": "--feature-scaling-keys",
+    "dispersion_key": "--dispersion-key", "library_size_key": "--library-size-key",
+    "encoder_covariate_keys": "--encoder-keys", "continuous_covariate_keys": "--continuous-keys",
+    "ambient_profile": "--empty-droplets", "ambient_shape_prior": "--ambient-shape-prior",
+    "latent_independence": "--latent-independence", "ambient_per_droplet": "--ambient-per-droplet",
+    "n_latent": "--n-latent", "n_hidden": "--n-hidden", "n_layers": "--n-layers", "max_epochs": "--max-epochs",
+    "batch_size": "--batch-size", "global_lr_factor": "--global-lr-factor", "checkpoint_every": "--checkpoint-every",
+    "control_name": "--control", "condition_key": "--condition-key", "num_hvg": "--num-hvg",
+    "nearest_neighbor": "--nearest-neighbor", "min_cells_per_group": "--min-cells-per-group",
+}
+#: names that are also plain words ("the layer"): changed only where a message gives them a value (``layer=``)
+OPTION_OF_WITH_VALUE = {"layer": "--layer", "device": "--device", "lr": "--lr", "seed": "--seed", "factual": "--factual",
+                        "bandwidth": "--bandwidth"}
+_PYTHON_NAME = re.compile(r"\b(" + "|".join(sorted(map(re.escape, OPTION_OF), key=len, reverse=True)) + r")\b(=?)"
+                          r"|\b(" + "|".join(map(re.escape, OPTION_OF_WITH_VALUE)) + r")=")
+
+
+def in_option_names(message: str) -> str:
+    """A message of the package with its Python argument names as the command line's options.
+
+    ``"pass encoder_covariate_keys=[...]"`` reads ``"pass --encoder-keys [...]"``, ``"device='cpu'"`` reads
+    ``"--device 'cpu'"``: the package's messages name the Python arguments, which a command-line user does not have.
+
+    Parameters
+    ----------
+    message
+        An error message.
+
+    Returns
+    -------
+    str
+    """
+    def option(match: re.Match) -> str:
+        if match.group(3):
+            return OPTION_OF_WITH_VALUE[match.group(3)] + " "
+        return OPTION_OF[match.group(1)] + (" " if match.group(2) else "")
+
+    message = _PYTHON_NAME.sub(option, message).replace(" to setup_anndata", "")
+    return re.sub(r"(--[a-z-]+) `", r"\1`", message)  # "`layer=`" reads "`--layer`"

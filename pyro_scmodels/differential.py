@@ -153,7 +153,10 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
     """Positions of the cells chosen by a boolean mask, integer positions or an ``obs.query`` string."""
     if isinstance(selection, str):
         # evaluated to a mask, read by position: matching the selected names took every cell sharing a name
-        mask = np.asarray(obs.eval(selection))
+        mask = obs.eval(selection)
+        if isinstance(mask, pd.Series) and pd.api.types.is_bool_dtype(mask.dtype):
+            mask = mask.fillna(False).to_numpy(dtype=bool)  # a nullable column's <NA> is not selected, as obs.query
+        mask = np.asarray(mask)
         if mask.dtype != bool or mask.shape != (len(obs),):
             raise ValueError(f"{name}={selection!r} is not a condition on the cells (an obs.query string such as "
                              "\"cell_type == 'B'\").")
@@ -242,6 +245,10 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
     totals = matrix.totals()
     if skip_empty:
         cells1, cells2 = cells1[totals[cells1] > 0], cells2[totals[cells2] > 0]
+    unmeasured = [i + 1 for i, cells in enumerate((cells1, cells2)) if cells.size == 0]
+    if unmeasured:  # their means read 0, as if measured
+        warnings.warn(f"group {' and '.join(map(str, unmeasured))} has no cells with counts in this modality: its "
+                      "observed-count columns are NaN.", UserWarning, stacklevel=3)
     per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
 
     def group_stats(groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -250,18 +257,18 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
                 "raw_normalized_mean": matrix.column_means(weights=per_10k, groups=groups, n_groups=3)}
 
     groups = np.full(matrix.n_cells, 2, dtype=np.int64)  # 2: neither group
-    if np.intersect1d(cells1, cells2).size == 0:  # one pass over the counts for both groups
+    if np.intersect1d(cells1, cells2).size == 0:  # both groups in the same passes over the counts
         groups[cells1], groups[cells2] = 0, 1
         stats = group_stats(groups)
-        return {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
-    # overlapping groups (one pass each): the shared cells were counted in the second group only
-    out = {}
-    for i, cells in enumerate((cells1, cells2)):
-        groups[:] = 2
-        groups[cells] = 0
-        out.update({f"{name}{i + 1}": values[0] for name, values in group_stats(groups).items()})
-    return {f"{name}{i}": out[f"{name}{i}"] for name in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
-            for i in (1, 2)}
+        out = {f"{name}{i + 1}": values[i] for name, values in stats.items() for i in range(2)}
+    else:  # overlapping groups, one set of passes each: the shared cells were counted in the second group only
+        out = {}
+        for i, cells in enumerate((cells1, cells2)):
+            groups[:] = 2
+            groups[cells] = 0
+            out.update({f"{name}{i + 1}": values[0] for name, values in group_stats(groups).items()})
+    return {f"{name}{i}": np.full_like(out[f"{name}{i}"], np.nan) if i in unmeasured else out[f"{name}{i}"]
+            for name in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean") for i in (1, 2)}
 
 
 # --- the user-facing test ----------------------------------------------------------------------
@@ -391,7 +398,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
             table.insert(6, "delta", delta)
         if matrix is not None:
             for column, values in raw_count_properties(matrix, cells1, cells2,
-                                                       skip_empty=getattr(model, "modalities", None) is not None).items():
+                                                       skip_empty=model.masks_cells_without_counts).items():
                 table[column] = pd.Series(values, index=model.feature_names(modality))
         if mode == "change":  # the selection last, after the raw columns, as scvi-tools orders them
             table[f"is_de_fdr_{fdr_target}"] = table.pop(f"is_de_fdr_{fdr_target}")

@@ -137,9 +137,11 @@ class PriorsInUse(RegularizedPriors):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
+        where = ("model.module.model.priors, or model.module.model.block(m).priors for a multimodal model, e.g. "
+                 f"{name}__rate.fill_(...)")
+        fix = "build" if name == "regularize_ambient" else f"edit its buffers ({where}), or build"  # a flag: no buffer
         raise AttributeError(f"model.priors is read back from the model's buffers, so setting {name} would change "
-                             f"nothing: edit the buffers (e.g. model.module.model.priors.{name}__rate.fill_(...)), or "
-                             f"build a new model with priors=RegularizedPriors({name}=...).")
+                             f"nothing: {fix} a new model with priors=RegularizedPriors({name}=...).")
 
     def __repr__(self) -> str:
         return "RegularizedPriors" + super().__repr__()[len(type(self).__qualname__):]

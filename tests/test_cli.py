@@ -6,6 +6,7 @@ tests check the exit codes, what is printed, and what is written (read back from
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
@@ -367,7 +368,7 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
         assert handle.read(4) == b"\x89PNG"
     assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "ctrl", "-o",
                  str(tmp_path / "bad"), "--quiet"]) == 2
-    assert "control_name 'ctrl' is not a condition" in capsys.readouterr().err
+    assert "--control 'ctrl' is not a condition" in capsys.readouterr().err  # the option, not the Python argument
     for bad, named in ((["--ite-interval", "90"], "--ite-interval"), (["--ite-interval", "0.9", "--nearest-neighbor", "1"],
                                                                         "--nearest-neighbor")):
         assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "-o",
@@ -429,3 +430,26 @@ def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
     entries = _help_entries(capsys.readouterr().out)
     assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
     assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]
+
+
+def test_errors_name_the_options_not_the_python_arguments():
+    # a command-line user was told to pass encoder_covariate_keys=[...] to setup_anndata, or to lower
+    # min_cells_per_group, which the command did not offer
+    from pyro_scmodels.cli_arguments import in_option_names
+
+    assert in_option_names("pass encoder_covariate_keys=[...] (e.g. the condition) to setup_anndata, or leave "
+                           "latent_independence at 0.") == ("pass --encoder-keys [...] (e.g. the condition), or leave "
+                                                            "--latent-independence at 0.")
+    assert in_option_names("or lower min_cells_per_group if you accept that") == \
+        "or lower --min-cells-per-group if you accept that"
+    assert in_option_names("use device='cpu' or 'auto'") == "use --device 'cpu' or 'auto'"
+    assert in_option_names("pass the raw count layer with `layer=`; the layer that holds counts") == \
+        "pass the raw count layer with `--layer`; the layer that holds counts"  # a plain word stays
+    from pyro_scmodels.cli_arguments import OPTION_OF, OPTION_OF_WITH_VALUE, build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {option for command in ("fit", "ndreamer") for action in commands[command]._actions
+               for option in action.option_strings}
+
+    assert set(OPTION_OF.values()) | set(OPTION_OF_WITH_VALUE.values()) <= options  # every option named exists
+

@@ -128,7 +128,10 @@ def test_posterior_predictive_check_per_modality(simulated_pair):
     has_atac = simulated_pair.adata.obs["has_atac"].to_numpy()[:300]
     assert (~has_atac).any()
     assert list(check["obs_atac"].cells.index) == list(simulated_pair.adata.obs_names[:300][has_atac])
-    assert len(check["obs_rna"].cells) == 300
+    assert len(check["obs_rna"].cells) == 300 and f"x {int(has_atac.sum())} cells" in repr(check["obs_atac"])
+    with pytest.warns(UserWarning, match=r"None of the \d+ cells checked has counts for \['obs_atac'\]"):
+        rna_only = criticism.posterior_predictive_check(simulated_pair, num_samples=3, indices=np.flatnonzero(~has_atac))
+    assert set(rna_only.sites) == {"obs_rna"}
 
 
 def test_de_observed_columns_leave_out_cells_without_the_modality(simulated_pair):
@@ -143,6 +146,15 @@ def test_de_observed_columns_leave_out_cells_without_the_modality(simulated_pair
                                skip_empty=True)
     np.testing.assert_allclose(raw["raw_mean1"], dense[cells1[has_atac[cells1]]].mean(0), rtol=1e-6)
     np.testing.assert_allclose(raw["non_zeros_proportion2"], (dense[cells2[has_atac[cells2]]] > 0).mean(0), rtol=1e-6)
+    # and differential_expression passes it for a multimodal model
+    table = simulated_pair.differential_expression(idx1=cells1, idx2=cells2, modality="atac", num_samples=2, n_cells=20)
+    np.testing.assert_allclose(table.loc[simulated_pair.feature_names("atac"), "raw_mean1"], raw["raw_mean1"], rtol=1e-6)
+    # a group whose cells all lack the modality has no observed means (they read 0, as if measured)
+    without = np.flatnonzero(~has_atac)
+    with pytest.warns(UserWarning, match="group 1 has no cells with counts in this modality"):
+        table = simulated_pair.differential_expression(idx1=without, idx2=cells2, modality="atac", num_samples=2,
+                                                       n_cells=20)
+    assert table["raw_mean1"].isna().all() and table["raw_mean2"].notna().all()
 
 
 def test_likelihood_parameters_per_modality(simulated_pair):

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from pyro_scmodels.matching import match_groups, weighted_average, weighted_moments
 from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
 from pyro_scmodels.ndreamer.effect_intervals import bound_names, smallest_positive
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer.effects import CounterfactualDesign, _mean_over_batches, effects_of_cells
 
 
 def exact_design(seed=0, n_states=12, per_state=30, n_genes=40, noise=0.5):
@@ -164,9 +164,12 @@ def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
     apart = ~(((full.batch == "1") & ~treated) | ((full.batch == "0") & treated))
     with pytest.warns(UserWarning, match="No batch holds both"):
         confounded = CounterfactualDesign(full.condition[apart], "ctrl", full.batch[apart], refuse_confounding=False)
-    out = effects_of_cells(expression[apart], match_groups(embedding[apart], confounded.groups, k=10, device="cpu"),
-                           confounded)
-    assert np.isfinite(out["ite_stim"]).all()
+    apart_matches = match_groups(embedding[apart], confounded.groups, k=10, device="cpu")
+    out = effects_of_cells(expression[apart], apart_matches, confounded)
+    cells = np.arange(apart.sum())
+    arms = {c: _mean_over_batches(expression[apart], apart_matches, confounded, c, cells,
+                                  own=confounded.condition == c, observed=expression[apart]).mean for c in ("stim", "ctrl")}
+    np.testing.assert_allclose(out["ite_stim"], arms["stim"] - arms["ctrl"], rtol=1e-5, atol=1e-5)
 
 
 def test_treatments_follow_a_categorical_columns_order():
@@ -191,6 +194,7 @@ def test_interval_errors_name_the_argument():
     from pyro_scmodels._labels import quantile_label
 
     assert quantile_label(0.0) == "q00" and quantile_label(1e-7) == "q1e-05"  # not q00 as well
+    assert quantile_label(1 - 1e-7) != quantile_label(1 - 2e-7) and quantile_label(1.0) == "q100"
 
 
 def test_spread_keeps_its_digits_for_large_values_with_little_noise():

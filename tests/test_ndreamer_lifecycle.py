@@ -209,6 +209,8 @@ def test_a_single_batch_keys_labels_holding_the_join_character_are_refused(tiny_
     adata.obs["arm"] = np.where(adata.obs["condition"] == "control", "control", "drug/10uM")
     with pytest.raises(ValueError, match="condition_key 'arm' has the label 'drug/10uM'"):
         NDreamer(adata, "arm", "control", batch_key="run", layer="counts", **TINY)
+    adata.obs["arm"] = np.where(adata.obs["condition"] == "control", "DMSO/vehicle", "drug")  # the control names nothing
+    assert NDreamer(adata, "arm", "DMSO/vehicle", batch_key="run", layer="counts", **TINY).design.treatments == ["drug"]
 
 
 def test_effects_of_an_untrained_network_warn(tiny_adata):

@@ -357,7 +357,7 @@ def test_prior_buffers_edited_in_place_are_what_the_model_reports_saves_and_load
 def test_model_priors_are_read_only_and_an_older_saved_prior_still_loads(small, tmp_path, monkeypatch):
     model = ps.RegularizedVI(small, **SMALL)
     # model.priors is read back from the buffers: an assignment would change nothing the model does
-    with pytest.raises(AttributeError, match="setting ambient would change nothing: edit the buffers"):
+    with pytest.raises(AttributeError, match="setting ambient would change nothing: edit its buffers"):
         model.priors.ambient = dist.Gamma(2.0, 5.0)
     with pytest.raises(AttributeError, match="assigning it would change nothing"):
         model.priors = ps.RegularizedPriors()

@@ -325,6 +325,13 @@ def test_a_query_string_selects_cells_by_position_when_names_repeat(model):
     np.testing.assert_allclose(by_query.loc[by_mask.index, "raw_mean1"], by_mask["raw_mean1"], rtol=1e-6)
     with pytest.raises(ValueError, match="is not a condition on the cells"):
         model.differential_expression(idx1="true_library * 2", num_samples=2, n_cells=10)
+    # a nullable column gives pandas' boolean array (with <NA> not selected, as obs.query)
+    adata.obs["dose"] = pd.array([1, 3, None] * (adata.n_obs // 3), dtype="Int64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_dose = model.differential_expression(adata=adata, idx1="dose > 2", num_samples=2, n_cells=10)
+        thirds = model.differential_expression(adata=adata, idx1=np.arange(1, adata.n_obs, 3), num_samples=2, n_cells=10)
+    np.testing.assert_allclose(by_dose.loc[thirds.index, "raw_mean1"], thirds["raw_mean1"], rtol=1e-6)
 
 
 # --- ELBO, reconstruction, marginal likelihood, latent distribution ---------------------------

@@ -10,7 +10,6 @@ import os
 import warnings
 
 import numpy as np
-import pandas as pd
 import torch
 from pyro import poutine
 
@@ -19,13 +18,12 @@ from .. import _validation as V
 from .._selection import SelectionError, cell_positions
 from .._io import writable_folder
 from ..data import CellData, iterate_minibatches
-from ..data.source_state import changes, names_digest, setting_text, source_state
+from ..data.source_state import changes, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
-from ..checkpoints import CHECKPOINT_FILE, EQUIVALENT_FINGERPRINT_PARTS
+from ..checkpoints import CHECKPOINT_FILE
 from ..distributed import is_writer, training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
-from ..priors import priors_fingerprint
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
 from .feature_correlation import FeatureCorrelationQueries
@@ -47,6 +45,10 @@ class ModelAndGuide(torch.nn.Module):
 class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries, PosteriorQueries,
                     PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
+
+    #: whether the likelihood leaves out a cell's features where it has no counts (a multimodal model's cell without a
+    #: modality): checks and summaries of observed counts then leave those cells out too
+    masks_cells_without_counts = False
 
     def __init__(self):
         self.trainer: SVITrainer | None = None
@@ -94,18 +96,16 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         """The priors the model trains with, read back from its Pyro modules' buffers (in-place edits included).
 
         A :class:`~pyro_scmodels.RegularizedPriors` (one per modality for a multimodal model), read-only: edit the
-        buffers (``model.module.model.priors``), or build a new model with ``priors=``.
+        buffers (``model.module.model.priors``; ``model.module.model.block(m).priors`` for a multimodal model), or
+        build a new model with ``priors=``.
         """
         return self._priors_in_use()
 
     @priors.setter
     def priors(self, value) -> None:
         raise AttributeError("model.priors is read back from the model's buffers: assigning it would change nothing. "
-                             "Edit the buffers (model.module.model.priors), or build a new model with priors=...")
-
-    def _legacy_priors(self):
-        """The priors as an earlier version fingerprinted them, where that differs (None: it does not)."""
-        return None
+                             "Edit the buffers (model.module.model.priors, or model.module.model.block(m).priors for a "
+                             "multimodal model), or build a new model with priors=...")
 
     @property
     def init_params(self) -> dict:
@@ -384,30 +384,3 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         self.module.to(self.device)
         if self.trainer is not None:
             self.trainer.move_optimizer_state()
-
-    def _fingerprint(self) -> dict:
-        """What identifies this model's training data and settings (checked before resuming)."""
-        data = self._cell_data()
-        names = pd.util.hash_pandas_object(pd.Index(self.adata.obs_names), index=False).to_numpy()
-        return {
-            "cells": (data.n_cells, int(names.sum() % (2**61))),
-            "features": tuple(m.n_features for m in data.modalities.values()),
-            # the names, modality by modality in the model's order: the per-gene tables and the decoders' rows
-            # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)
-            "feature names": {"genes" if m is None else f"{i}: {m}": names_digest(self.feature_names(m))
-                              for i, m in enumerate(getattr(self, "modalities", None) or [None])},
-            "model settings": {k: setting_text(v) for k, v in self.init_params.items() if k != "priors"},
-            # the two parts of checkpoints written before the finer ones above (compared only for those)
-            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
-            "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
-            # the covariate keys and their categories size the model's tables: another setup cannot resume
-            # (dicts, so that the refusal names the role or the column that differs)
-            "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
-            "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
-            # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
-            "priors": priors_fingerprint(self.init_params.get("priors")),
-            **({} if self._legacy_priors() is None else
-               {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(self._legacy_priors())}),
-            # a subclass's edited site is not in the state dict: another model class resumed silently with the default
-            "module classes": self._module_classes(),
-        }

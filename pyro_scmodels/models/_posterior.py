@@ -56,10 +56,13 @@ class PosteriorMixin:
         if num_samples < 2:  # one draw would report every sd as 0 and every quantile as the draw itself
             raise ValueError(f"num_samples={num_samples}: the posterior's sd and quantiles need at least 2 draws.")
         self.module.eval()
-        if isinstance(quantiles, (str, bytes)) or not hasattr(quantiles, "__iter__"):  # e.g. quantiles=0.5
+        try:  # a bare number (quantiles=0.5, np.array(0.5)) or a non-number in the list failed unnamed
+            if isinstance(quantiles, (str, bytes)) or np.ndim(quantiles) != 1:
+                raise TypeError
+            quantiles = tuple(float(q) for q in quantiles)
+        except (TypeError, ValueError):
             raise V.ArgumentTypeError(f"quantiles must be a sequence of numbers in (0, 1), e.g. (0.05, 0.95); got "
-                                      f"{quantiles!r}.")
-        quantiles = tuple(float(q) for q in quantiles)
+                                      f"{quantiles!r}.") from None
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be distinct numbers in (0, 1), got {quantiles}.")

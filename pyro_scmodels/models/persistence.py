@@ -1,4 +1,5 @@
-"""Saving a fitted model to a folder and loading it back, shared by every model class.
+"""Saving a fitted model to a folder and loading it back, and what identifies it for a checkpoint, shared by every
+model class.
 
 A model class provides ``_save_payload`` (its settings, setup and feature names) and
 ``_bind_saved`` (check that data suits a saved payload and set it up); :class:`SavedModel` writes
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import torch
 
 from .. import _validation as V
 from .._atomic import atomic_path, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
+from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS
+from ..data.source_state import names_digest, setting_text
 from ..infer import SVITrainer
+from ..priors import priors_fingerprint
 
 MODEL_FILE = "model.pt"
 DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by save(..., save_anndata=True)
@@ -124,3 +129,34 @@ class SavedModel:
         model._restore(payload)
         model._move_to(device)
         return model
+
+    def _legacy_priors(self):
+        """The priors as an earlier version fingerprinted them, where that differs (None: it does not)."""
+        return None
+
+    def _fingerprint(self) -> dict:
+        """What identifies this model's training data and settings (checked before resuming)."""
+        data = self._cell_data()
+        names = pd.util.hash_pandas_object(pd.Index(self.adata.obs_names), index=False).to_numpy()
+        return {
+            "cells": (data.n_cells, int(names.sum() % (2**61))),
+            "features": tuple(m.n_features for m in data.modalities.values()),
+            # the names, modality by modality in the model's order: the per-gene tables and the decoders' rows
+            # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)
+            "feature names": {"genes" if m is None else f"{i}: {m}": names_digest(self.feature_names(m))
+                              for i, m in enumerate(getattr(self, "modalities", None) or [None])},
+            "model settings": {k: setting_text(v) for k, v in self.init_params.items() if k != "priors"},
+            # the two parts of checkpoints written before the finer ones above (compared only for those)
+            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+            "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
+            # the covariate keys and their categories size the model's tables: another setup cannot resume
+            # (dicts, so that the refusal names the role or the column that differs)
+            "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
+            "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
+            # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
+            "priors": priors_fingerprint(self.init_params.get("priors")),
+            **({} if self._legacy_priors() is None else
+               {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(self._legacy_priors())}),
+            # a subclass's edited site is not in the state dict: another model class resumed silently with the default
+            "module classes": self._module_classes(),
+        }

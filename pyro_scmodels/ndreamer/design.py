@@ -55,14 +55,14 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
 
 
 def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict) -> None:
-    """Refuse a batch label holding the separator that joins the labels into matching groups, and a condition label
+    """Refuse a batch label holding the separator that joins the labels into matching groups, and a treatment's label
     holding ``/``.
 
     A group is its batch keys' labels and its condition joined with ``|``: with ``|`` in no batch label, the first
     parts of a group are its batch labels and the rest its condition, so a condition may hold ``|``; batch ``"x"``
     with condition ``"y|ctrl"`` and batch ``"x|y"`` with ``"ctrl"`` were one group. A condition names layers
     (``ite_<c>``) and files (``cate_<c>.csv``): with ``/`` the h5ad stored a nested group that anndata could not
-    read back, and the CLI's CSV went to a folder that does not exist.
+    read back, and the CLI's CSV went to a folder that does not exist (the control names neither).
     """
     for j, key in enumerate(settings["batch_key"]):
         joined = [value for value in np.unique(batches[:, j]) if GROUP_SEPARATOR in value]
@@ -71,7 +71,8 @@ def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict
                              f"{GROUP_SEPARATOR!r} into matching groups, so a label holding {GROUP_SEPARATOR!r} could "
                              "merge two groups (e.g. batch 'x' with condition 'y|ctrl', and batch 'x|y' with 'ctrl'). "
                              "Rename those labels.")
-    slashed = [value for value in np.unique(condition) if "/" in value]
+    # the control names no layer or file
+    slashed = [value for value in np.unique(condition) if "/" in value and value != str(settings["control_name"])]
     if slashed:
         raise ValueError(f"condition_key {settings['condition_key']!r} has the label {slashed[0]!r}: conditions name "
                          "layers (ite_<condition>) and files (cate_<condition>.csv), where '/' would make a folder. "

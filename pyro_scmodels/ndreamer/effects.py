@@ -260,13 +260,16 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     arms, over_common = {}, {}
 
     def _arm_over(batches: list[str], condition: str) -> ArmMean:
-        """An arm over some batches, once per set of batches (the control serves every treatment sharing them)."""
-        key = (condition, tuple(batches))
-        if key not in over_common:
-            over_common[key] = _mean_over_batches(expression, matches, design, condition, cells,
-                                                  own=design.condition[cells] == condition, observed=observed,
-                                                  genes=genes, unit=unit, factual=factual, batches=batches)
-        return over_common[key]
+        """An arm over some batches; the control's kept per set of batches (it serves every treatment sharing them,
+        and a treatment's arm is used once)."""
+        key = tuple(batches)
+        if condition == design.control_name and key in over_common:
+            return over_common[key]
+        arm = _mean_over_batches(expression, matches, design, condition, cells, own=design.condition[cells] == condition,
+                                 observed=observed, genes=genes, unit=unit, factual=factual, batches=batches)
+        if condition == design.control_name:
+            over_common[key] = arm
+        return arm
 
     for c in design.conditions:
         own = design.condition[cells] == c
