@@ -107,8 +107,8 @@ def _add_demo(sub) -> None:
     demo.add_argument("--n-genes", type=int, default=500, help="simulated genes")
     demo.add_argument("--epochs", type=int, default=120,
                       help="RegularizedVI training epochs (120 at lr 2e-2 recover what 300 at 1e-2 did, in 40 %% of the steps)")
-    demo.add_argument("--batch-size", type=int, default=512, help="cells per training step")
-    demo.add_argument("--lr", type=float, default=2e-2, help="learning rate; higher than fit's: small data, few steps")
+    demo.add_argument("--batch-size", type=int, default=512, help="cells per RegularizedVI training step (NDreamer: 256)")
+    demo.add_argument("--lr", type=float, default=2e-2, help="RegularizedVI's learning rate; higher than fit's: small data, few steps")
     demo.add_argument("--skip-ndreamer", action="store_true", help="run only RegularizedVI")
     demo.add_argument("--write-normalized", action="store_true",
                       help="also write the dense normalised-expression layer (float32, cells x genes x 4 bytes)")

@@ -397,15 +397,18 @@ def test_the_documented_own_loop_with_a_torch_optimiser_trains(small):
     model = ps.RegularizedVI(small, **SMALL)
     loss_fn = Trace_ELBO()(model.module.model, model.module.guide)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
-    batch, n_obs = next(model._batches(indices=np.arange(128)))
+    model.module.train()
     torch.manual_seed(0)
     losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = loss_fn(batch, n_obs)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    for epoch in range(10):
+        order = np.random.default_rng(epoch).permutation(model.adata.n_obs)
+        for _, (batch, n_obs) in model.minibatches(indices=order, batch_size=128):
+            optimizer.zero_grad()
+            loss = loss_fn(batch, n_obs)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    model.module.eval()
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
 
 

@@ -128,6 +128,10 @@ def test_scvi_train_arguments_take_effect(untrained):
     assert untrained.history["kl_weight"].iloc[0] == pytest.approx(1e-6, abs=1e-5)  # epoch 0 of a 5-epoch warm-up
     np.testing.assert_array_equal(untrained.train_indices, train)
     np.testing.assert_array_equal(untrained.validation_indices, validation)
+    # a later call with the default train_size asks for nothing (it warned "train_size differs from the first call")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        untrained.train(max_epochs=2, batch_size=64, progress_bar=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

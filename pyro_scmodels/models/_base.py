@@ -298,6 +298,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed)) if split is None else split
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,
                                       fingerprint=self._fingerprint())
+            self._split_given = split is not None  # external_indexing: a later call's default train_size is no request
             return
         self.trainer.move_optimizer_state()
         # what the checkpoints of this call record: a prior buffer edited since the first call is part of it
@@ -307,7 +308,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             if not np.array_equal(split[0], np.sort(self.trainer.train_indices)):
                 warnings.warn("external_indexing differs from the first call's split; the original split is kept.",
                               stacklevel=3)
-        elif abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
+        elif (not getattr(self, "_split_given", False)
+              and abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9):
             warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=3)
         self.trainer.set_optimizer_settings(**adam)
 
