@@ -36,6 +36,25 @@ def test_rows_in_any_order_with_repeats_equal_memory(on_file):
         disk.rows(np.array([3, 600]))
 
 
+def test_a_file_rewritten_after_its_handle_closed_is_refused(on_file, tmp_path):
+    # the rows were read again, from the new file, at the old offsets: a latent matching neither order of the cells
+    adata, _ = on_file
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)  # X holds the counts (the fixture put them there)
+    backed = anndata.read_h5ad(path, backed="r")
+    disk = DiskCSR(backed.X)
+    expected = disk.block(0, 5).toarray()
+    backed.file.close()  # anndata closes a backed file, e.g. in to_memory() or when the object is written elsewhere
+    np.testing.assert_array_equal(disk.block(0, 5).toarray(), expected)  # the same file: read again
+    disk._reopened.close()
+    adata[::-1].copy().write_h5ad(path)  # the same cells in another order, at the same path
+    with pytest.raises(ValueError, match="has changed since its counts were read"):
+        disk.block(0, 5)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="is no longer there"):
+        disk.block(0, 5)
+
+
 def test_csc_or_dense_backed_matrices_are_refused_by_name():
     with pytest.raises(ValueError, match="not an on-disk CSR"):
         DiskCSR(np.zeros((3, 2)))

@@ -22,6 +22,8 @@ cells, are the same for any number of ranks.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -36,6 +38,15 @@ def is_disk_csr(matrix) -> bool:
     """Whether ``matrix`` is a backed AnnData CSR dataset whose arrays :class:`DiskCSR` can slice."""
     group = getattr(matrix, "group", None)
     return getattr(matrix, "format", None) == "csr" and group is not None and all(k in group for k in ("data", "indices", "indptr"))
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """The size and modification time of a file (None when it cannot be read)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
 
 
 class DiskCSR:
@@ -61,6 +72,7 @@ class DiskCSR:
         # (anndata closes and reopens a backed object's file when that object is written elsewhere)
         file = getattr(group, "file", None)
         self._source = (file.filename, group.name) if hasattr(file, "filename") else None
+        self._stamp = _file_stamp(self._source[0]) if self._source is not None else None
         self._reopened = None
 
     def _open_if_closed(self) -> None:
@@ -70,8 +82,23 @@ class DiskCSR:
         import h5py
 
         filename, name = self._source
+        # the file at that path may have been rewritten since (other counts, or the cells in another order): the rows
+        # would be read at the old offsets without a word
+        stamp = _file_stamp(filename)
+        if stamp is None:
+            raise FileNotFoundError(f"The file {filename}, whose counts this model reads, is no longer there.")
+        if stamp != self._stamp:
+            raise ValueError(f"The file {filename} has changed since its counts were read (its size or modification "
+                             "time differ), so its rows no longer sit where they did. Open it again "
+                             "(anndata.read_h5ad(path, backed='r')) and set the model up on it (e.g. Model.load(folder, "
+                             "adata)).")
         self._reopened = h5py.File(filename, "r")
         group = self._reopened[name]
+        if int(group["indptr"][-1]) != int(self.indptr[-1]):
+            self._reopened.close()
+            self._reopened = None
+            raise ValueError(f"The file {filename} holds other counts than when they were read ({int(group['indptr'][-1])} "
+                             f"stored entries, not {int(self.indptr[-1])}); open it again and set the model up on it.")
         self._data, self._indices = group["data"], group["indices"]
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
