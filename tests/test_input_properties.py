@@ -128,3 +128,18 @@ def test_float16_counts_are_summed_without_overflow():
     checked = CountMatrix(counts, name="adata.X")
     checked.validate()  # its own pass over the blocks (scipy's sparse matrices have no float16)
     np.testing.assert_array_equal(checked.totals(), expected)
+
+
+def test_the_fraction_of_cells_with_counts_counts_an_entry_stored_twice_once():
+    # each stored part was turned into 1 before the parts were summed: DE's non_zeros_proportion reached 2.0
+    from pyro_scmodels.data import CountMatrix
+
+    dense = np.random.default_rng(0).poisson(1.0, (40, 10)).astype(np.float32)
+    coo = sp.coo_matrix(dense)
+    order = np.argsort(np.concatenate([coo.row, coo.row]), kind="stable")
+    half = np.floor(coo.data / 2)
+    doubled = sp.csr_matrix((np.concatenate([half + 0.0, coo.data - half])[order], np.concatenate([coo.col, coo.col])[order],
+                             np.concatenate([[0], np.cumsum(np.bincount(coo.row, minlength=40) * 2)])), shape=dense.shape)
+    assert not doubled.has_canonical_format
+    fraction = CountMatrix(doubled, name="adata.X", validate=False).column_means(nonzero=True)[0]
+    np.testing.assert_allclose(fraction, (dense > 0).mean(0))

@@ -263,6 +263,9 @@ class CountMatrix:
             if nonzero:
                 block = block.copy() if sp.issparse(block) else np.asarray(block)
                 if sp.issparse(block):
+                    # an entry stored twice counted twice (proportions up to 2): summed first, as scipy reads it
+                    block = sp.csr_matrix(block)
+                    block.sum_duplicates()
                     block.data = (block.data > 0).astype(np.float64)
                 else:
                     block = (block > 0).astype(np.float64)
