@@ -55,6 +55,19 @@ def test_a_file_rewritten_after_its_handle_closed_is_refused(on_file, tmp_path):
         disk.block(0, 5)
 
 
+def test_a_backed_dense_or_csc_matrix_reads_repeated_and_unsorted_rows(on_file, tmp_path):
+    # h5py needs strictly increasing indices: a repeated cell (indices=[3, 3]) failed inside h5py
+    from pyro_scmodels.data import CountMatrix
+
+    adata, _ = on_file
+    for name, matrix in (("dense", adata.X.toarray()), ("csc", adata.X.tocsc())):
+        written = anndata.AnnData(matrix, obs=adata.obs[[]], var=adata.var[[]])
+        written.write_h5ad(tmp_path / f"{name}.h5ad")
+        backed = anndata.read_h5ad(tmp_path / f"{name}.h5ad", backed="r")
+        rows, _ = CountMatrix(backed.X, name="adata.X", validate=False).rows_and_positions(np.array([5, 2, 5, 3, 3]))
+        np.testing.assert_array_equal(rows, adata.X[[5, 2, 5, 3, 3]].toarray())
+
+
 def test_csc_or_dense_backed_matrices_are_refused_by_name():
     with pytest.raises(ValueError, match="not an on-disk CSR"):
         DiskCSR(np.zeros((3, 2)))

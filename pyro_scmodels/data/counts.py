@@ -219,13 +219,11 @@ class CountMatrix:
             block = self.disk.rows(indices) if block is None else block
             return block.toarray().astype(np.float32, copy=False), stored_positions(block, unique=False)
         if _is_backed(self.matrix):
-            # h5py-backed datasets need increasing indices: read sorted, then restore the order
-            order = np.argsort(indices, kind="stable")
-            block = self.matrix[indices[order]]
+            # h5py-backed datasets need strictly increasing indices: read each row once, sorted, then expand
+            unique, inverse = np.unique(indices, return_inverse=True)
+            block = self.matrix[unique]
             block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            out = np.empty_like(block, dtype=np.float32)
-            out[order] = block
-            return out, None
+            return block[inverse.reshape(-1)].astype(np.float32, copy=False), None
         block = self.matrix[indices]
         if sp.issparse(block):
             positions = stored_positions(block, unique=self._entries_unique())
