@@ -238,3 +238,23 @@ def test_data_parallel_ranks_read_about_their_share_of_the_file(world):
 
     assert rows_read(grouped) < 1.25 * 220_000
     assert rows_read(plain) > 0.9 * world * 200_000
+
+
+def test_a_backed_file_with_the_genes_in_another_order_is_told_to_copy_to_a_new_file(on_file, tmp_path):
+    # the advice (adata[:, model_genes], then adata.copy()) led to anndata refusing to copy a backed view in memory
+    adata, path = on_file
+    model = ps.RegularizedVI(_set_up(adata.copy()), seed=0, **QUICK)
+    reversed_genes = adata[:, ::-1].copy()
+    reversed_genes.write_h5ad(tmp_path / "reversed.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "reversed.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"copy\(filename='subset.h5ad'\)"):
+        model.get_latent_representation(backed)
+    with pytest.raises(ValueError, match=r"adata.copy\(filename='subset.h5ad'\)"):
+        ps.RegularizedVI.setup_anndata(backed[:, list(adata.var_names)])
+    subset = backed[:, list(adata.var_names)].copy(filename=tmp_path / "subset.h5ad")  # the route the messages give
+    np.testing.assert_allclose(model.get_latent_representation(subset), model.get_latent_representation(), atol=1e-5)
+
+
+def _set_up(adata):
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    return adata

@@ -185,7 +185,9 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
         The record, as also stored in ``adata.uns``.
     """
     if getattr(adata, "is_view", False):
-        raise ValueError("adata is a view of another AnnData; set up a copy instead: `adata = adata.copy()`.")
+        fix = ("`adata = adata.copy(filename='subset.h5ad')` (a backed view is copied to a new file)"
+               if getattr(adata, "isbacked", False) else "`adata = adata.copy()`")
+        raise ValueError(f"adata is a view of another AnnData; set up a copy instead: {fix}.")
     keys = resolve_covariate_keys(**covariate_arguments)
     check_unique_names(adata)
     counts = counts_matrix(adata, layer)  # validates counts before anything is stored
@@ -257,7 +259,10 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
         detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
     if not detail:
         detail.append("same genes in a different order")
+    # a backed AnnData's subset is a view that cannot be copied into memory: a new backed file holds it
+    fix = (f"`{what}[:, model_genes].copy(filename='subset.h5ad')` (a new backed file)"
+           if getattr(adata, "isbacked", False) else f"`{what}[:, model_genes]`")
     raise ValueError(
         f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
-        f"Subset and order them with `{what}[:, model_genes]`."
+        f"Subset and order them with {fix}."
     )
