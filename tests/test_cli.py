@@ -302,7 +302,7 @@ def test_fit_backed_trains_from_disk_and_writes_results_without_the_counts(input
 @pytest.mark.parametrize("extra, expected", [
     (["--batch-key", "nope", "--layer", "counts"], ["nope", "adata.obs"]),
     (["--batch-key", "batch", "--layer", "no_such_layer"], ["no_such_layer", "adata.layers"]),
-    (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["batch_key", "dispersion_key"]),
+    (["--batch-key", "batch", "--dispersion-key", "batch", "--layer", "counts"], ["--batch-key", "--dispersion-key"]),
     (["--batch-key", "batch", "--layer", "counts", "--global-lr-factor", "0"], ["--global-lr-factor", "positive"]),
     (["--batch-key", "batch", "--layer", "counts", "--ambient-shape-prior", "-1"], ["--ambient-shape-prior"]),
     (["--batch-key", "batch", "--layer", "counts", "--label-key", "celltype"], ["celltype", "--label-key"]),

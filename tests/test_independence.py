@@ -72,6 +72,6 @@ def test_fit_command_refuses_the_penalty_without_encoder_keys(tmp_path, capsys):
     ps.datasets.simulate(n_cells=100, n_genes=120, seed=0).write_h5ad(path)
     code = main(["fit", path, "--layer", "counts", "--latent-independence", "10", "-o", str(tmp_path / "out"), "--quiet"])
     assert code == 2
-    assert "encoder_covariate_keys" in capsys.readouterr().err
+    assert "--encoder-keys" in capsys.readouterr().err  # the option, not the Python argument
     assert not (tmp_path / "out" / "results.h5ad").exists()
 
