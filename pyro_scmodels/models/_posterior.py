@@ -6,6 +6,8 @@ class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and ``site
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 
@@ -21,6 +23,18 @@ from .._atomic import atomic_path
 from .._labels import quantile_label
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None, device):
+    """Torch's generators seeded with ``seed`` inside, and restored after (nothing when ``seed`` is None)."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class PosteriorMixin:
     """Posterior summaries of every site, their export, and the model graph."""
 
@@ -32,7 +46,7 @@ class PosteriorMixin:
     # --- posterior summaries -----------------------------------------------------------------
     @torch.no_grad()
     def sample_posterior(self, num_samples: int = 100, adata=None, indices=None, batch_size: int | None = None,
-                         quantiles: tuple[float, float] = (0.05, 0.95)) -> dict:
+                         quantiles: tuple[float, float] = (0.05, 0.95), seed: int | None = None) -> dict:
         """Summaries of the posterior of every latent site, from samples of the guide.
 
         Parameters
@@ -43,6 +57,9 @@ class PosteriorMixin:
             Cells for the local (per-cell) sites; globals are summarised once.
         quantiles
             The lower and upper quantiles reported.
+        seed
+            Seeds the guide's draws (the caller's random state is left as it was); None draws from torch's
+            global generator, as Pyro does.
 
         Returns
         -------
@@ -66,38 +83,40 @@ class PosteriorMixin:
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be distinct numbers in (0, 1), got {quantiles}.")
-        level = torch.tensor(quantiles)
-        summaries = {key: {} for key in ("means", "stds", *labels)}
-        local_parts: dict[str, list] = {}
-        self._local_sites = set()
-        for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
-            traces = self._guide_traces(batch, n_obs, num_samples)
-            site_draws = {}
-            for name, site in prune_subsample_sites(traces[0]).nodes.items():
-                if site["type"] != "sample" or site["is_observed"]:
-                    continue
-                is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
-                if is_local or i == 0:  # globals are the same in every minibatch: summarise once
-                    site_draws[name] = (torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu(), is_local)
-            for name, (source, function) in self.derived_sites.items():
-                if source in site_draws:
-                    site_draws[name] = (function(site_draws[source][0]), site_draws[source][1])
-            for name, (draws, is_local) in site_draws.items():
-                stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
-                stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
-                if is_local:
-                    self._local_sites.add(name)
-                    local_parts.setdefault(name, []).append(stats)
-                else:
-                    for key, value in zip(summaries, stats):
-                        summaries[key][name] = value.numpy()
-        for name, parts in local_parts.items():
-            for j, key in enumerate(summaries):
-                summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
+        seed = V.optional(V.non_negative_int, "seed", seed)
+        with seeded(seed, self.device):
+            level = torch.tensor(quantiles)
+            summaries = {key: {} for key in ("means", "stds", *labels)}
+            local_parts: dict[str, list] = {}
+            self._local_sites = set()
+            for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
+                traces = self._guide_traces(batch, n_obs, num_samples)
+                site_draws = {}
+                for name, site in prune_subsample_sites(traces[0]).nodes.items():
+                    if site["type"] != "sample" or site["is_observed"]:
+                        continue
+                    is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
+                    if is_local or i == 0:  # globals are the same in every minibatch: summarise once
+                        site_draws[name] = (torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu(), is_local)
+                for name, (source, function) in self.derived_sites.items():
+                    if source in site_draws:
+                        site_draws[name] = (function(site_draws[source][0]), site_draws[source][1])
+                for name, (draws, is_local) in site_draws.items():
+                    stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
+                    stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
+                    if is_local:
+                        self._local_sites.add(name)
+                        local_parts.setdefault(name, []).append(stats)
+                    else:
+                        for key, value in zip(summaries, stats):
+                            summaries[key][name] = value.numpy()
+            for name, parts in local_parts.items():
+                for j, key in enumerate(summaries):
+                    summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
         return summaries
 
     def export_posterior(self, adata=None, num_samples: int = 100, batch_size: int | None = None,
-                         quantiles: tuple[float, float] = (0.05, 0.95)):
+                         quantiles: tuple[float, float] = (0.05, 0.95), seed: int | None = None):
         """Write posterior means, sd and quantiles of every site into an AnnData.
 
         The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
@@ -111,7 +130,7 @@ class PosteriorMixin:
         ----------
         adata
             AnnData of the model's cells and genes; default the training data.
-        num_samples, batch_size, quantiles
+        num_samples, batch_size, quantiles, seed
             As in :meth:`sample_posterior`.
 
         Returns
@@ -120,7 +139,7 @@ class PosteriorMixin:
             ``adata``, with the results added.
         """
         adata = self.adata if adata is None else adata
-        summaries = self.sample_posterior(num_samples, adata=adata, batch_size=batch_size, quantiles=quantiles)
+        summaries = self.sample_posterior(num_samples, adata=adata, batch_size=batch_size, quantiles=quantiles, seed=seed)
         globals_out = {}
         for stat, sites in summaries.items():
             for name, value in sites.items():
