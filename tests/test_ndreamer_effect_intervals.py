@@ -172,13 +172,6 @@ def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
     np.testing.assert_allclose(out["ite_stim"], arms["stim"] - arms["ctrl"], rtol=1e-5, atol=1e-5)
 
 
-def test_treatments_follow_a_categorical_columns_order():
-    # they followed their first appearance: with categories [ctrl, A, B] and B first in the table, B was "the first"
-    condition = np.array(["B"] * 3 + ["ctrl"] * 3 + ["A"] * 3)
-    assert CounterfactualDesign(condition, "ctrl").treatments == ["B", "A"]
-    assert CounterfactualDesign(condition, "ctrl", order=["ctrl", "A", "B", "unused"]).treatments == ["A", "B"]
-
-
 def test_interval_errors_name_the_argument():
     expression, embedding, design, _, _ = exact_design(n_states=2)
     with pytest.raises(ValueError, match="at least two"):

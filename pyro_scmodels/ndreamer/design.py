@@ -47,11 +47,9 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
     if not saved:
         _refuse_separator(condition, batches, settings)
     batch = np.array([GROUP_SEPARATOR.join(row) for row in batches]) if batches.shape[1] else None
-    column = obs[settings["condition_key"]]
-    order = list(column.cat.categories) if isinstance(column.dtype, pd.CategoricalDtype) else None
     # saved before the setting existed: no minimum
     return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
-                                refuse_confounding=not saved, order=order)
+                                refuse_confounding=not saved)
 
 
 def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict) -> None:

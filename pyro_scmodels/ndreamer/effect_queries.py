@@ -206,7 +206,7 @@ class EffectQueries:
         groupby
             Column of ``results.obs`` holding the cell groups.
         condition
-            Treatment condition (default the first).
+            Treatment condition (default the first, in order of appearance in the cells).
         min_cells
             Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
             left out of the table, with a warning that names them and their sizes.

@@ -61,9 +61,6 @@ class CounterfactualDesign:
         cell the same few partners, and effects that look certain but rest on a handful of cells.
     refuse_confounding
         Raise when a treatment shares no batch with the control; False (a saved NDreamer) warns instead.
-    order
-        The conditions' order (a categorical column's categories); None: their first appearance. The first
-        treatment is the default of the queries that take one.
     """
 
     condition: np.ndarray
@@ -71,7 +68,6 @@ class CounterfactualDesign:
     batch: np.ndarray | None = None
     min_cells_per_group: int = 1
     refuse_confounding: bool = True
-    order: list[str] | None = None
 
     def __post_init__(self):
         self.condition = np.asarray(self.condition).astype(str)
@@ -79,9 +75,7 @@ class CounterfactualDesign:
         self.batch = np.full(n, "all") if self.batch is None else np.asarray(self.batch).astype(str)
         if len(self.batch) != n:
             raise ValueError(f"batch has {len(self.batch)} labels for {n} cells.")
-        present = [str(c) for c in dict.fromkeys(self.condition)]  # str, not numpy's, in names and messages
-        # a categorical column's order, as scanpy reads it (first appearance otherwise)
-        self.conditions = present if self.order is None else [c for c in map(str, self.order) if c in set(present)]
+        self.conditions = [str(c) for c in dict.fromkeys(self.condition)]  # str, not numpy's, in names and messages
         if self.control_name not in self.conditions:
             raise ValueError(f"control_name {self.control_name!r} is not a condition (conditions: {self.conditions}).")
         self.treatments = [c for c in self.conditions if c != self.control_name]
