@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, CompileUnavailableError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        print(f"error{_rank_prefix()}: {in_option_names(message)}", file=sys.stderr)
+        print(f"error{_rank_prefix()}: {in_option_names(message, args.command)}", file=sys.stderr)
         return 2
     return 0
 

@@ -251,25 +251,51 @@ _PYTHON_NAME = re.compile(r"\b(" + "|".join(sorted(map(re.escape, OPTION_OF), ke
                           r"|\b(" + "|".join(map(re.escape, OPTION_OF_WITH_VALUE)) + r")=")
 
 
-def in_option_names(message: str) -> str:
+def in_option_names(message: str, command: str | None = None) -> str:
     """A message of the package with its Python argument names as the command line's options.
 
     ``"pass encoder_covariate_keys=[...]"`` reads ``"pass --encoder-keys [...]"``, ``"device='cpu'"`` reads
     ``"--device 'cpu'"``: the package's messages name the Python arguments, which a command-line user does not have.
+    Only the options of ``command`` are named; quoted text (a column, a gene, a value) and tokens that are paths or
+    calls (holding ``/``, ``\\`` or ``(``) are left as they are.
 
     Parameters
     ----------
     message
         An error message.
+    command
+        The subcommand (``"fit"``, ``"ndreamer"``, ...); None: every command's options.
 
     Returns
     -------
     str
     """
+    options = _command_options(command)
+
     def option(match: re.Match) -> str:
         if match.group(3):
-            return OPTION_OF_WITH_VALUE[match.group(3)] + " "
-        return OPTION_OF[match.group(1)] + (" " if match.group(2) else "")
+            flag, equals = OPTION_OF_WITH_VALUE[match.group(3)], True
+        else:
+            flag, equals = OPTION_OF[match.group(1)], bool(match.group(2))
+        if options is not None and flag not in options:
+            return match.group(0)
+        return flag + (" " if equals else "")
 
-    message = _PYTHON_NAME.sub(option, message).replace(" to setup_anndata", "")
-    return re.sub(r"(--[a-z-]+) `", r"\1`", message)  # "`layer=`" reads "`--layer`"
+    def token(word: str) -> str:
+        return word if any(c in word for c in "/\\(") else _PYTHON_NAME.sub(option, word)
+
+    # quoted text is the user's (a column, a gene, a value): left alone; the rest a word at a time
+    parts = re.split(r"('[^']*'|\"[^\"]*\")", message)
+    out = "".join(part if i % 2 else re.sub(r"\S+", lambda m: token(m.group(0)), part) for i, part in enumerate(parts))
+    out = out.replace(" to setup_anndata", "")
+    return re.sub(r"(--[a-z-]+) `", r"\1`", out)  # "`layer=`" reads "`--layer`"
+
+
+def _command_options(command: str | None) -> set[str] | None:
+    """The options of a subcommand (None when not given or unknown)."""
+    if command is None:
+        return None
+    commands = next((a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if commands is None or command not in commands.choices:
+        return None
+    return {flag for action in commands.choices[command]._actions for flag in action.option_strings}

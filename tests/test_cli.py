@@ -445,6 +445,12 @@ def test_errors_name_the_options_not_the_python_arguments():
     assert in_option_names("use device='cpu' or 'auto'") == "use --device 'cpu' or 'auto'"
     assert in_option_names("pass the raw count layer with `layer=`; the layer that holds counts") == \
         "pass the raw count layer with `--layer`; the layer that holds counts"  # a plain word stays
+    # the user's own text stays: a path, a quoted column or gene, a call; and only the command's own options
+    for untouched, command in (("input file sweep/lr=0.01/cells.h5ad not found.", "fit"),
+                               ("Column 'batch_key' not found in adata.obs", "fit"),
+                               ("model.train(batch_size=256) first", "fit"), ("set n_latent=3", "ndreamer")):
+        assert in_option_names(untouched, command) == untouched
+    assert in_option_names("control_name 'ctrl' is not a condition", "ndreamer") == "--control 'ctrl' is not a condition"
     from pyro_scmodels.cli_arguments import OPTION_OF, OPTION_OF_WITH_VALUE, build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
