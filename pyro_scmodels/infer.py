@@ -258,7 +258,8 @@ class SVITrainer(TrainingLoop):
         new call's ``lr``, ``weight_decay``, ``eps`` and ``global_lr_factor`` were silently dropped.
         """
         train, validation = self._requested_split
-        if not (np.array_equal(np.sort(train), np.sort(self.train_indices))
+        # a call that asked for no split (train_size and external_indexing left out) is told nothing
+        if getattr(self, "split_asked", True) and not (np.array_equal(np.sort(train), np.sort(self.train_indices))
                 and np.array_equal(np.sort(validation), np.sort(self.validation_indices))):
             warnings.warn(
                 f"The checkpoint's train/validation split ({len(self.train_indices)} / {len(self.validation_indices)} "

@@ -1,6 +1,8 @@
 """RegularizedVI checkpoints and saves: a resumed run repeats the uninterrupted one, takes this call's settings,
 and is refused when the checkpoint or folder belongs to other data, settings, priors, genes or model classes."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -194,3 +196,19 @@ def test_a_subclassed_model_is_not_loaded_or_resumed_as_the_plain_one(small, tmp
     exported = small.copy()
     edited.export_posterior(exported, num_samples=2)
     assert exported.varm["means_gene_offset"].shape == (small.n_vars, 1)
+
+
+def test_a_call_that_asks_for_no_split_is_not_told_the_kept_one_differs(small, tmp_path):
+    # after external_indexing, a resume or a load followed by a plain train() warned that the split differs from the
+    # one "this call asks for", though it asked for none
+    split = {"external_indexing": [np.arange(150), np.arange(150, 200)]}
+    first = ps.RegularizedVI(small, **SMALL)
+    first.train(max_epochs=1, checkpoint_dir=str(tmp_path / "ckpt"), datasplitter_kwargs=split, **QUICK)
+    first.save(str(tmp_path / "saved"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        resumed = ps.RegularizedVI(small, **SMALL)
+        resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "ckpt"), **QUICK)
+        loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), small.copy(), device="cpu")
+        loaded.train(max_epochs=1, **QUICK)
+    np.testing.assert_array_equal(np.sort(resumed.train_indices), np.arange(150))

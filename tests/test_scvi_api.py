@@ -132,6 +132,8 @@ def test_scvi_train_arguments_take_effect(untrained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         untrained.train(max_epochs=2, batch_size=64, progress_bar=False)
+    with pytest.warns(UserWarning, match="train_size differs from the first call"):  # one the caller gives: said
+        untrained.train(max_epochs=3, batch_size=64, train_size=0.3, progress_bar=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -135,7 +135,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         max_epochs: int | None = None,
         batch_size: int = C.BATCH_SIZE,
         lr: float = C.LEARNING_RATE,
-        train_size: float = C.TRAIN_SIZE,
+        train_size: float | None = None,
         early_stopping: bool = True,
         device: str = "auto",
         seed: int = 0,
@@ -185,7 +185,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             only. Needs a C++ compiler on the CPU and triton on a GPU: checked before training, with an error
             that says what is missing.
         train_size
-            Fraction of cells used for training; the rest give the validation loss.
+            Fraction of cells used for training; the rest give the validation loss. None: 0.9 on the first
+            call; a later call keeps the first call's split (and warns when given another fraction).
         early_stopping
             Stop when the validation loss has not improved by ``early_stopping_min_delta``
             (default ``n_genes * 2e-4``) for ``early_stopping_patience`` validated epochs of this call.
@@ -246,7 +247,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         validate_every = V.positive_int("check_val_every_n_epoch", check_val_every_n_epoch)
         early_stopping_patience = V.positive_int("early_stopping_patience", early_stopping_patience)
         early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
-        train_size = V.fraction("train_size", train_size)
+        asked_size = V.optional(V.fraction, "train_size", train_size)
+        train_size = C.TRAIN_SIZE if asked_size is None else asked_size
         seed = V.non_negative_int("seed", seed)
         compile = V.boolean("compile", compile)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
@@ -263,7 +265,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             )
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
-        self._prepare_trainer(data, train_size, seed, settings, split)
+        self._prepare_trainer(data, train_size, seed, settings, split, asked_size is not None)
         self.trainer.use_parallel(parallel)
         self.trainer.use_compiled_loss(compile, self.device)
         if early_stopping_min_delta is None:
@@ -291,14 +293,14 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         return self.history
 
     def _prepare_trainer(self, data: CellData, train_size: float, seed: int, settings: dict,
-                         split: tuple[np.ndarray, np.ndarray] | None) -> None:
+                         split: tuple[np.ndarray, np.ndarray] | None, size_asked: bool = True) -> None:
         """Create the trainer (split and optimiser settings) on the first call; update it on later ones."""
         adam = {key: settings[key] for key in ("lr", "eps", "weight_decay", "global_lr_factor")}
         if self.trainer is None:
             train, validation = split_cells(data.n_cells, train_size, np.random.default_rng(seed)) if split is None else split
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,
                                       fingerprint=self._fingerprint())
-            self._split_given = split is not None  # external_indexing: a later call's default train_size is no request
+            self.trainer.split_asked = size_asked or split is not None  # a resume then says it keeps another split
             return
         self.trainer.move_optimizer_state()
         # what the checkpoints of this call record: a prior buffer edited since the first call is part of it
@@ -308,8 +310,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             if not np.array_equal(split[0], np.sort(self.trainer.train_indices)):
                 warnings.warn("external_indexing differs from the first call's split; the original split is kept.",
                               stacklevel=3)
-        elif (not getattr(self, "_split_given", False)
-              and abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9):
+        elif size_asked and abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
+            # only a fraction the caller gave: the kept split may come from external_indexing, a load or a resume
             warnings.warn("train_size differs from the first call; the original train/validation split is kept.", stacklevel=3)
         self.trainer.set_optimizer_settings(**adam)
 
