@@ -10,5 +10,5 @@ def quantile_label(q: float) -> str:
     exact = 100.0 * float(q)
     percent = round(exact, 4)
     if percent in (0.0, 100.0) and exact != percent:  # 1e-7 is not q00, nor 1 - 1e-7 q100
-        return f"q{exact:.10g}"
+        return f"q{float(f'{exact:.12g}')!r}"  # 12 digits: two close levels keep two names
     return f"q{round(percent):02d}" if percent == round(percent) else f"q{percent:g}"

@@ -241,8 +241,8 @@ def _remove_superseded(out: str, written: set[str]) -> None:
         os.remove(path)
     if stale:
         logging.getLogger("pyro_scmodels").warning(
-            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)}: they would not belong "
-            "to this run's results.")
+            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)} (they would not belong "
+            "to this run's results; the tables asked for are written again).")
 
 
 def run_fit(args, folder: OutputFolder) -> None:

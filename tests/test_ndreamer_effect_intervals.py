@@ -188,6 +188,7 @@ def test_interval_errors_name_the_argument():
 
     assert quantile_label(0.0) == "q00" and quantile_label(1e-7) == "q1e-05"  # not q00 as well
     assert quantile_label(1 - 1e-7) != quantile_label(1 - 2e-7) and quantile_label(1.0) == "q100"
+    assert quantile_label(1 - 1e-11) not in (quantile_label(1 - 2e-11), "q100")
 
 
 def test_spread_keeps_its_digits_for_large_values_with_little_noise():

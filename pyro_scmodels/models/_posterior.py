@@ -74,9 +74,9 @@ class PosteriorMixin:
             raise ValueError(f"num_samples={num_samples}: the posterior's sd and quantiles need at least 2 draws.")
         self.module.eval()
         try:  # a bare number (quantiles=0.5, np.array(0.5)) or a non-number in the list failed unnamed
-            if isinstance(quantiles, (str, bytes)) or np.ndim(quantiles) != 1:
+            if isinstance(quantiles, (str, bytes)):
                 raise TypeError
-            quantiles = tuple(float(q) for q in quantiles)
+            quantiles = tuple(float(q) for q in list(quantiles))  # a 0-d array is not iterable either
         except (TypeError, ValueError):
             raise V.ArgumentTypeError(f"quantiles must be a sequence of numbers in (0, 1), e.g. (0.05, 0.95); got "
                                       f"{quantiles!r}.") from None

@@ -240,7 +240,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
         # how effects are read off the matches does not change training: a checkpoint resumes across it
         # dicts of reprs, so that a refused resume names the setting or loss weight that differs
-        settings = {k: repr(v) for k, v in self.settings.items() if k != "factual"}
+        # nor which groups are large enough to match into (it refuses, it does not train otherwise)
+        settings = {k: repr(v) for k, v in self.settings.items() if k not in ("factual", "min_cells_per_group")}
         weights = {k: repr(v) for k, v in dataclasses.asdict(self.loss_weights).items()}
         return {"cells": (self.results.n_obs, hashed(self.results.obs_names)), "genes": (len(self.genes), hashed(self.genes)),
                 "settings": settings, "loss_weights": weights}
