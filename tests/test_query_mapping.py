@@ -252,3 +252,25 @@ def test_a_prior_with_a_row_per_reference_category_is_named_for_new_query_catego
                                          r"and the query adds categories \['batch_2'\] of 'batch'"):
         ps.RegularizedVI.load_query_data(query_cells(data), model)
     ps.RegularizedVI.load_query_data(data[data.obs["batch"] == "batch_1"].copy(), model)  # known categories: fine
+
+
+def test_a_subclassed_reference_is_mapped_with_its_own_class(data):
+    # RegularizedVI.load_query_data(query, subclass_model) built the plain model: the edited site took its default
+    class FixedScalingModel(ps.RegularizedVIModel):
+        def sample_feature_scaling(self, genes):
+            return torch.ones(self.dims.n_scaling, self.dims.n_genes) * 1.5
+
+    class FixedScalingVI(ps.RegularizedVI):
+        model_class = FixedScalingModel
+
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pyro: the guide's feature scaling is not in the model
+        reference = FixedScalingVI(adata, n_hidden=8, n_latent=2)
+        reference.train(max_epochs=1, **FAST)
+        with pytest.raises(ValueError, match="reference is a FixedScalingVI, whose Pyro model and guide are "
+                                             "FixedScalingModel / RegularizedVIGuide"):
+            ps.RegularizedVI.load_query_data(query_cells(data), reference)
+        query = FixedScalingVI.load_query_data(query_cells(data), reference)
+    assert type(query.module.model) is FixedScalingModel

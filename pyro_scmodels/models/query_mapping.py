@@ -81,6 +81,12 @@ class Reference:
         if isinstance(reference, (str, os.PathLike)):
             return cls._from_folder(os.fspath(reference), model_class)
         if isinstance(reference, model_class):
+            built = f"{model_class.model_class.__name__} / {model_class.guide_class.__name__}"
+            if type(reference) is not model_class and reference._module_classes() != built:
+                # a subclass's edited site would silently take its default in the query model
+                raise ValueError(f"reference is a {type(reference).__name__}, whose Pyro model and guide are "
+                                 f"{reference._module_classes()}; {model_class.__name__} builds {built}. Map the query "
+                                 f"with {type(reference).__name__}.load_query_data(...).")
             return cls(
                 type(reference).__name__, dict(reference.init_params), reference.layer, reference.keys,
                 {k: list(v) for k, v in reference.encoding.categories.items()}, pd.Index(reference.var_names),
