@@ -143,7 +143,7 @@ def test_reference_from_a_folder_and_a_saved_query_model(data, reference, tmp_pa
     assert torch.equal(from_folder.module.guide.ambient.median(), from_model.module.guide.ambient.median())
 
 
-def test_prepare_query_anndata_reorders_and_pads(data, reference):
+def test_prepare_query_anndata_reorders_and_pads(data, reference, tmp_path):
     cells = query_cells(data)
     genes = list(reference.var_names)
     rng = np.random.default_rng(0)
@@ -157,6 +157,9 @@ def test_prepare_query_anndata_reorders_and_pads(data, reference):
     missing = [g for g in genes if g not in kept]
     assert aligned[:, missing].layers["counts"].sum() == 0
     np.testing.assert_array_equal(aligned[:, kept].layers["counts"].toarray(), original.layers["counts"].toarray())
+    # the padded genes' .var rows keep their columns' types: a bool column with NaN could not be written
+    assert aligned.var["is_marker"].dtype == bool and not aligned.var.loc[missing, "is_marker"].any()
+    aligned.write_h5ad(tmp_path / "aligned.h5ad")
 
     with pytest.warns(UserWarning, match="filled with zeros"):
         assert ps.RegularizedVI.prepare_query_anndata(query, reference) is None  # scvi-tools' default: in place

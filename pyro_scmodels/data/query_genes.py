@@ -32,6 +32,24 @@ def _columns(matrix, take: np.ndarray):
     return out
 
 
+def _padded_var(var: pd.DataFrame, genes) -> pd.DataFrame:
+    """``var`` in the reference's gene order, a padded gene's row holding a value of its column's type.
+
+    reindex leaves NaN there, which turns a bool column into an object column that h5py cannot write (the query's
+    ``write_h5ad``, and ``save(save_anndata=True)``, failed): False for a bool column, "" for a text one.
+    """
+    padded = var.reindex(genes)
+    added = ~pd.Index(genes).isin(var.index)
+    if not added.any():
+        return padded
+    for column in var.columns:
+        if pd.api.types.is_bool_dtype(var[column]):
+            padded[column] = padded[column].astype(object).where(~added, False).astype(bool)
+        elif var[column].dtype == object and var[column].map(lambda v: isinstance(v, str)).all():
+            padded[column] = padded[column].where(~added, "")
+    return padded
+
+
 def _aligned_fields(adata, genes: pd.Index) -> dict | None:
     """The fields of ``adata`` with its genes reordered and padded to ``genes``; None if they already match."""
     query = pd.Index(adata.var_names)
@@ -58,7 +76,7 @@ def _aligned_fields(adata, genes: pd.Index) -> dict | None:
     varp = {} if n_missing else {k: v[take][:, take] for k, v in adata.varp.items()}
     uns = {k: v for k, v in adata.uns.items() if k != SETUP_UNS_KEY}  # a setup of the old genes no longer applies
     return {
-        "X": None if adata.X is None else _columns(adata.X, take), "obs": adata.obs.copy(), "var": adata.var.reindex(genes),
+        "X": None if adata.X is None else _columns(adata.X, take), "obs": adata.obs.copy(), "var": _padded_var(adata.var, genes),
         "uns": uns, "obsm": dict(adata.obsm), "obsp": dict(adata.obsp), "varm": varm, "varp": varp,
         "layers": {k: _columns(v, take) for k, v in adata.layers.items()}, "raw": adata.raw,
     }
