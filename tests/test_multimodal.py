@@ -354,3 +354,11 @@ def test_a_save_and_checkpoint_of_an_earlier_version_with_a_shared_edited_prior_
     with pytest.raises(ValueError, match="priors differ"):  # another prior is still refused
         ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16).train(max_epochs=3, checkpoint_dir=str(tmp_path / "ckpt"),
                                                                         **quick)
+
+
+def test_query_mapping_is_refused_by_name():
+    # an AttributeError came back: scvi-tools users expect the method, or a clear "not supported"
+    with pytest.raises(NotImplementedError, match="RegularizedMultimodalVI has no query mapping"):
+        ps.RegularizedMultimodalVI.load_query_data(None, None)
+    with pytest.raises(NotImplementedError, match="RegularizedVI.load_query_data"):
+        ps.RegularizedMultimodalVI.prepare_query_anndata(None, None)

@@ -183,6 +183,15 @@ class RegularizedMultimodalVI(PyroModelBase):
             continuous_covariate_keys=continuous_covariate_keys,
         )
 
+    @classmethod
+    def load_query_data(cls, *args, **kwargs):
+        """Not offered for paired modalities: map RNA with :meth:`RegularizedVI.load_query_data`, or train one model
+        on the reference and query cells together."""
+        raise NotImplementedError("RegularizedMultimodalVI has no query mapping (scArches) yet: train one model on the "
+                                  "reference and the query together, or map the RNA with RegularizedVI.load_query_data.")
+
+    prepare_query_anndata = load_query_data
+
     def _cell_data(self, adata=None) -> CellData:
         mdata = self.adata if adata is None else adata
         if mdata is self.adata:
