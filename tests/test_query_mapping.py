@@ -277,3 +277,21 @@ def test_a_subclassed_reference_is_mapped_with_its_own_class(data):
             ps.RegularizedVI.load_query_data(query_cells(data), reference)
         query = FixedScalingVI.load_query_data(query_cells(data), reference)
     assert type(query.module.model) is FixedScalingModel
+    # the getters report the site as the model uses it, not the guide's untouched value (1.0): a likelihood mean 1.5
+    # times too small, and get_feature_scaling at 1
+    np.testing.assert_allclose(reference.get_feature_scaling().to_numpy(), 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mean = reference.get_likelihood_parameters(indices=np.arange(20))["mean"]
+        cell, background = (part.detach().numpy() for part in _decomposed(reference, np.arange(20)))
+    np.testing.assert_allclose(mean, cell + background, rtol=1e-5)
+
+
+def _decomposed(model, cells):
+    """rho and s of some cells at the posterior mean of z, times the model's own fixed feature scaling (1.5)."""
+    batch, n_obs = next(model._batches(indices=cells))
+    z = torch.as_tensor(model.get_latent_representation(indices=cells))
+    values = model.module.model.global_values(model.module.guide.global_medians())
+    library = model.module.guide.library_loc(batch).exp()
+    with torch.no_grad():
+        return model.module.model.decompose_mean(z, batch, values, library=library)

@@ -294,7 +294,8 @@ class AmbientQueries:
         guide = self.module.guide
         # per droplet, the share depends on the cell's library size: its posterior median
         library_of = (lambda batch: guide.library_loc(batch).exp()) if self.dims.ambient_per_droplet else None
-        return ambient_fraction(self, self.module.model, guide.global_medians(), adata, indices, batch_size,
+        return ambient_fraction(self, self.module.model, self.module.model.global_values(guide.global_medians()), adata,
+                                indices, batch_size,
                                 library_of=library_of, summarize_by=summarize_by)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:

@@ -45,7 +45,7 @@ def likelihood_parameters(queries, generative, guide, adata=None, indices=None, 
     n_samples = V.positive_int("n_samples", n_samples)
     give_mean = V.boolean("give_mean", give_mean)
     guide, generative = guide.eval(), generative.eval()
-    medians = guide.global_medians()
+    medians = generative.global_values(guide.global_medians())  # a subclass's fixed site as the model uses it
     theta = medians["inverse_sqrt_theta"].pow(-2)  # dispersion groups x genes
     means, dispersions = [], []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size, None if n_samples == 1 else n_samples, seed):

@@ -313,7 +313,8 @@ class RegularizedMultimodalVI(PyroModelBase):
         block = self._check_modality(modality)
         if not self.module.guide.block(block).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
-        return _ambient.ambient_fraction(self, self.module.model.block(block), self.module.guide.block(block).global_medians(),
+        model = self.module.model.block(block)
+        return _ambient.ambient_fraction(self, model, model.global_values(self.module.guide.block(block).global_medians()),
                                          adata, indices, batch_size, summarize_by=summarize_by)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:

@@ -302,13 +302,14 @@ class PosteriorQueries:
         modality
             Multimodal models: the modality.
         """
-        suffix = "" if modality is None else f"_{modality}"
-        medians = self.module.guide.global_medians()
+        model, guide = ((self.module.model, self.module.guide) if modality is None
+                        else (self.module.model.block(modality), self.module.guide.block(modality)))
+        medians = guide.global_medians()
         source = "inverse_sqrt_theta" if site == "dispersion" else site
-        if source + suffix not in medians:
+        if source not in medians:
             where = "" if modality is None else f" of modality {modality!r}"
             raise ValueError(f"The model has no {site!r} site{where}; sites: {sorted(medians)}.")
-        values = medians[source + suffix]
+        values = model.global_values(medians)[source]  # a subclass's fixed value, not the guide's unused one
         values = values.pow(-2) if site == "dispersion" else values
         return pd.DataFrame(values.detach().cpu().numpy().T, index=self.feature_names(modality),
                             columns=self.site_levels(site, values.shape[0]))

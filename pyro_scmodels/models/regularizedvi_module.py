@@ -198,6 +198,20 @@ class RegularizedVIModel(LocalPyroModule):
         self.decoder_weight_prior()
         return {"theta": theta, "ambient": ambient, "feature_scaling": scaling}
 
+    @torch.no_grad()
+    def global_values(self, medians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global values this model decodes with, given the guide's medians (keyed without the site suffix).
+
+        A site the model samples takes its median; a value that a subclass's ``sample_<site>`` sets without sampling
+        (e.g. a fixed feature scaling) replaces the guide's, which the model never uses (the getters reported the
+        guide's untouched value).
+        """
+        data = {self.dims.site(name): value for name, value in medians.items()}
+        used = poutine.block(poutine.condition(self.global_sites, data=data))()
+        values = dict(medians)
+        values.update({name: used[name] for name in ("ambient", "feature_scaling") if used.get(name) is not None})
+        return values
+
     def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None) -> torch.Tensor:
         """Expression rho = softplus(decoder([z, continuous], nn covariates)) of each cell.
 
