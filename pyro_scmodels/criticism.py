@@ -29,6 +29,7 @@ from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, ST
 from . import _validation as V
 from ._atomic import atomic_path
 from .figures import figure_path as checked_figure_path
+from .seeding import seeded
 
 __all__ = ["PredictiveCheck", "SiteCheck", "posterior_predictive_check", "prior_predictive_check"]
 
@@ -251,8 +252,7 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
     device = torch.device(getattr(model, "device", "cpu"))
     # the draws come from torch's generator: seed it without disturbing the caller's stream
     # (argument validation of every distribution is skipped: it costs ~15 % of the draws' time)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
+    with seeded(seed, device), pyro.validation_enabled(False):
         for cells, sites in model.predictive_batches(num_samples, adata, indices, batch_size, prior=prior):
             positions.append(np.asarray(cells))
             for site, (observed, draws) in sites.items():

@@ -30,6 +30,7 @@ from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
 from .train_options import checked_settings, external_split, merge_plan_kwargs
+from ..seeding import seeded
 
 
 
@@ -284,8 +285,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         if checkpoint_dir is not None and is_writer():  # the last check before training; only rank 0 writes checkpoints
             writable_folder("checkpoint_dir", checkpoint_dir)
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(seed)
+            with seeded(seed, self.device):
                 self.trainer.fit(plan, seed=seed)
         finally:
             # also after an interruption (Ctrl-C): the steps that ran are kept and count as training

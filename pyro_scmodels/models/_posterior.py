@@ -6,7 +6,6 @@ class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and ``site
 
 from __future__ import annotations
 
-import contextlib
 
 import os
 import shutil
@@ -21,18 +20,7 @@ from pyro.poutine.util import prune_subsample_sites
 from .. import _validation as V
 from .._atomic import atomic_path
 from .._labels import quantile_label
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device):
-    """Torch's generators seeded with ``seed`` inside, and restored after (nothing when ``seed`` is None)."""
-    if seed is None:
-        yield
-        return
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+from ..seeding import seeded
 
 
 class PosteriorMixin:

@@ -17,6 +17,7 @@ import torch
 from pyro import poutine
 
 from .. import _validation as V
+from ..seeding import seeded
 
 
 def _in_cell_plate(site: dict) -> bool:
@@ -61,9 +62,7 @@ class EvidenceQueries:
         """Per minibatch, a list of ``n_samples`` term dicts (see :meth:`_local_terms`), seeded."""
         self._check_trained()
         self.module.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(int(seed))
+        with seeded(seed, self.device), torch.no_grad():
             for _, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
                 yield [self._local_terms(batch, n_obs) for _ in range(n_samples)]
 

@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 
 from .. import _validation as V
 from .expression import transform_covariates
+from ..seeding import rng_devices
 
 CORRELATION_TYPES = ("spearman", "pearson")
 #: scvi-tools' defaults of ``get_feature_correlation_matrix``
@@ -83,7 +84,7 @@ class FeatureCorrelationQueries:
         settings = transform_covariates(self, transform_batch)
         theta = _dispersion_of(self, modality)
         matrices = []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=rng_devices(self.device)):
             for covariates in settings:
                 # the count draws, seeded afresh per category (decode_samples seeds z itself): a list's matrix is
                 # the mean of the matrices of its categories asked one at a time

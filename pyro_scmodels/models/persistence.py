@@ -138,6 +138,8 @@ class SavedModel:
         """What identifies this model's training data and settings (checked before resuming)."""
         data = self._cell_data()
         names = pd.util.hash_pandas_object(pd.Index(self.adata.obs_names), index=False).to_numpy()
+        params, legacy = self.init_params, self._legacy_priors()  # each reads the priors back from the buffers: once
+        settings = {k: v for k, v in params.items() if k != "priors"}
         return {
             "cells": (data.n_cells, int(names.sum() % (2**61))),
             "features": tuple(m.n_features for m in data.modalities.values()),
@@ -145,18 +147,17 @@ class SavedModel:
             # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)
             "feature names": {"genes" if m is None else f"{i}: {m}": names_digest(self.feature_names(m))
                               for i, m in enumerate(getattr(self, "modalities", None) or [None])},
-            "model settings": {k: setting_text(v) for k, v in self.init_params.items() if k != "priors"},
+            "model settings": {k: setting_text(v) for k, v in settings.items()},
             # the two parts of checkpoints written before the finer ones above (compared only for those)
-            "settings": repr({k: v for k, v in self.init_params.items() if k != "priors"}),
+            "settings": repr(settings),
             "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
             # the covariate keys and their categories size the model's tables: another setup cannot resume
             # (dicts, so that the refusal names the role or the column that differs)
             "covariate keys": {role: repr(keys) for role, keys in self.keys.to_dict().items()},
             "covariate categories": {key: repr(list(cats)) for key, cats in self.encoding.categories.items()},
             # the priors are buffers of the checkpoint's modules: resuming would silently put the old ones back
-            "priors": priors_fingerprint(self.init_params.get("priors")),
-            **({} if self._legacy_priors() is None else
-               {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(self._legacy_priors())}),
+            "priors": priors_fingerprint(params.get("priors")),
+            **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
         }

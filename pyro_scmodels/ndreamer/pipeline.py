@@ -43,16 +43,12 @@ from .network import NDreamerNetwork, checked_sizes
 from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
 from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer
+from ..seeding import rng_devices
 
 logger = logging.getLogger(__name__)
 ONE_PROCESS_ONLY = ("NDreamer trains in one process (its losses compare cells across the whole minibatch); run it "
                     "without torchrun (docs/distributed.md).")
 
-
-
-def _rng_devices(device: torch.device) -> list:
-    # fork only this device's generator: never touch every visible GPU
-    return [device] if device.type == "cuda" else []
 
 
 class NDreamer(ModelRepresentation, EffectQueries):
@@ -191,7 +187,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         self._saved_network = False  # a network read from a saved folder (trained, though no trainer came with it)
         if settings["representation"] == NETWORK:
             batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
-            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            with torch.random.fork_rng(devices=rng_devices(self.device)):
                 torch.manual_seed(settings["seed"])
                 self.network = NDreamerNetwork(
                     len(genes), len(self.design.conditions), batch_sizes, tuple(settings["encoder_hidden"]),
@@ -289,7 +285,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if checkpoint_dir is not None:  # the last check before training
             writable_folder("checkpoint_dir", checkpoint_dir)
         try:
-            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            with torch.random.fork_rng(devices=rng_devices(self.device)):
                 t.fit(plan, seed=self.settings["seed"])
         finally:
             self._invalidate()  # the representation changed (even if only partly): nothing computed before holds
