@@ -178,15 +178,6 @@ def test_retraining_clears_the_interval_bounds_too(tiny_adata):
     assert "ite_matching" not in nd.results.uns
 
 
-def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch):
-    def latent(*args, **kwargs):
-        raise AssertionError("the latent was computed before the design was checked")
-
-    monkeypatch.setattr(tiny_model, "get_latent_representation", latent)
-    with pytest.raises(KeyError, match="conditon"):
-        NDreamer.from_model(tiny_model, "conditon", "control", device="cpu")
-
-
 def test_batch_labels_holding_the_join_character_are_refused(tiny_adata):
     adata = tiny_adata.copy()
     half = np.arange(adata.n_obs) < adata.n_obs // 2
@@ -310,79 +301,6 @@ def _with_obs(adata, obs):
     return changed
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_adata):
-    adata = tiny_adata.copy()
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
-    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
-    model.train(max_epochs=3, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
-    return model
-
-
-def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
-    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
-    assert repr(nd).splitlines() == [
-        "NDreamer(300 cells x 60 genes; representation: the latent of a RegularizedVI)",
-        "  condition 'condition': control 'control', treatments ['stimulated']",
-        "  batches (batch): ['batch_0', 'batch_1', 'batch_2']",
-        "  layers computed: none yet"]
-    with pytest.raises(ValueError, match="no network to train"):
-        nd.train()
-    nd.estimate_ite(nearest_neighbor=3)
-    nd.estimate_model_ite(num_samples=3, quantiles=(0.1, 0.9))
-    nd.estimate_model_ite(num_samples=3)  # the bounds of the first call would not belong to this mean: dropped
-    assert sorted(n for n in nd.results.layers if n.startswith("ite_model")) == [
-        "ite_model_stimulated", "ite_model_stimulated_q05", "ite_model_stimulated_q95"]
-    nd.save(str(tmp_path / "nd"))
-    loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
-    assert list(loaded.results.obs_names) == list(nd.results.obs_names)
-    np.testing.assert_array_equal(loaded.get_modifier_space(), nd.get_modifier_space())
-    for layer in nd.results.layers:
-        np.testing.assert_allclose(loaded.results.layers[layer], nd.results.layers[layer])
-    np.testing.assert_allclose(loaded.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"],
-                               nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], atol=1e-6)
-    with pytest.raises(ValueError, match="loaded without its model"):
-        loaded.estimate_model_ite(num_samples=3)
-    with pytest.raises(ValueError, match="no network to train"):
-        loaded.train()
-    attached = NDreamer.load(str(tmp_path / "nd"), device="cpu", model=tiny_model)
-    np.testing.assert_allclose(attached.estimate_model_ite(num_samples=3).layers["ite_model_stimulated"],
-                               nd.results.layers["ite_model_stimulated"], atol=1e-6)
-    attached.save(str(tmp_path / "nd"), overwrite=True)
-
-
-def test_load_refuses_a_model_that_is_not_the_one_it_was_built_from(tiny_model, tmp_path):
-    """The model ITE is written by position under the saved genes: a model with the genes in another order filed each
-    gene's effect under another's name; a model trained further decoded effects the stored latent was not matched in."""
-    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
-    nd.save(str(tmp_path / "nd"))
-    tiny_model.save(str(tmp_path / "model"))
-    reloaded = ps.RegularizedVI.load(str(tmp_path / "model"), tiny_model.adata.copy(), device="cpu")
-    NDreamer.load(str(tmp_path / "nd"), device="cpu", model=reloaded)  # the same model, saved and loaded: accepted
-    reversed_genes = tiny_model.adata[:, ::-1].copy()
-    ps.RegularizedVI.setup_anndata(reversed_genes, layer="counts", nn_conditioning_covariate_keys=["condition"])
-    other = ps.RegularizedVI(reversed_genes, n_hidden=16, n_latent=4)
-    with pytest.raises(ValueError, match="other genes than the saved NDreamer .*position 0: 'gene_59' against the "
-                                         "saved 'gene_0'"):
-        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=other)
-    fewer = ps.RegularizedVI(_setup_copy(tiny_model.adata[:, :40]), n_hidden=16, n_latent=4)
-    with pytest.raises(ValueError, match="40 genes against the saved 60"):
-        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=fewer)
-    reloaded.train(max_epochs=1, batch_size=128, device="cpu", progress_bar=False)
-    with pytest.raises(ValueError, match="parameters differ from those of the model this NDreamer was built from"):
-        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=reloaded)
-
-
-def test_a_cell_or_gene_asked_for_twice_is_refused(tiny_model):
-    # the result is an AnnData indexed by names: repeats gave it repeated obs or var names (anndata only warned)
-    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
-    with pytest.raises(ValueError, match=r"indices names the cell\(s\) \['cell_1'\] more than once"):
-        nd.estimate_ite(indices=[1, 1, 2])
-    with pytest.raises(ValueError, match=r"gene_list names the gene\(s\) \['gene_3'\] more than once"):
-        nd.estimate_model_ite(num_samples=2, gene_list=["gene_3", "gene_4", "gene_3"])
-    assert nd.estimate_ite(indices=[2, 1]).obs_names.tolist() == ["cell_2", "cell_1"]
-
-
 def test_a_cate_does_not_read_ite_layers_saved_before_the_arms_shared_their_batches(tiny_adata):
     # layers saved before 2026-12-06 averaged each arm over its own batches; with a batch holding one arm they differ,
     # and the CATE read them while estimate_ite(indices=...) computed the new way
@@ -399,34 +317,6 @@ def test_a_cate_does_not_read_ite_layers_saved_before_the_arms_shared_their_batc
         del nd.results.uns["ite_matching"]["arms"]  # saved before the arms were recorded: recomputed
         np.testing.assert_allclose(nd.estimate_cate("cell_type", nearest_neighbor=5)["mean_ite"], fresh["mean_ite"],
                                    atol=1e-5)
-
-
-def _setup_copy(adata):
-    adata = adata.copy()
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
-    return adata
-
-
-def test_from_model_factual_is_kept_through_save_and_load(tiny_model, tmp_path):
-    """from_model's factual ("matched" by default) decides the matched ITE, and a saved result keeps it."""
-    with pytest.raises(ValueError, match="factual must be"):
-        NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu", factual="itself")
-    ite = {}
-    for factual in ("matched", "observed"):
-        nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu", factual=factual)
-        ite[factual] = nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"].copy()
-        nd.save(str(tmp_path / factual))
-        loaded = NDreamer.load(str(tmp_path / factual), device="cpu")
-        space = loaded.get_modifier_space()
-        loaded.effects.invalidate()  # recomputed from the matches, not read from the saved layers
-        loaded.effects.set_embedding(space)
-        np.testing.assert_allclose(loaded.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite[factual],
-                                   atol=1e-6)
-    with pytest.raises(AttributeError):  # fixed once set: the cached effects do not record it
-        nd.effects.factual = "matched"
-    default = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
-    np.testing.assert_array_equal(default.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"], ite["matched"])
-    assert np.abs(ite["matched"] - ite["observed"]).max() > 0.05
 
 
 def test_ndreamer_factual_is_checked_kept_and_does_not_block_a_resume(tiny_adata, tmp_path):
@@ -446,16 +336,6 @@ def test_ndreamer_factual_is_checked_kept_and_does_not_block_a_resume(tiny_adata
     loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
     assert loaded.effects.factual == "matched"
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], ite["matched"], atol=1e-6)
-
-
-def test_from_model_needs_a_model_of_the_package(tiny_model):
-    class NotAModel:
-        adata = tiny_model.adata
-
-    with pytest.raises(ValueError, match="needs a model of this package"):
-        NDreamer.from_model(NotAModel(), "condition", "control")
-    source, layer = tiny_model.counts_source()
-    assert source is tiny_model.adata and layer == "counts"
 
 
 def _codes_in_use(nd: NDreamer) -> int:
@@ -500,7 +380,6 @@ def test_network_presets_give_their_sizes_and_loss_weights():
     assert network_preset("small")["loss_weights"].independence == 1000.0
     with pytest.raises(ValueError, match="Unknown network preset 'huge'.*default.*small"):
         network_preset("huge")
-
 
 
 def test_ndreamers_built_from_one_preset_do_not_share_loss_weights():

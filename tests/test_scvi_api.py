@@ -301,45 +301,6 @@ def test_differential_expression_bad_requests(model, arguments, message):
         model.differential_expression(num_samples=2, n_cells=10, **arguments)
 
 
-def test_overlapping_selections_warn(model):
-    with pytest.warns(UserWarning, match="idx1 and idx2 share 10 cells"):
-        table = model.differential_expression(idx1=np.arange(30), idx2=np.arange(20, 60), num_samples=2, n_cells=10)
-    # the shared cells count in both groups' observed columns (group 1's left them out)
-    counts = model.adata.layers["counts"]
-    dense = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
-    genes = list(model.adata.var_names)
-    rows = table.loc[genes]
-    np.testing.assert_allclose(rows["raw_mean1"], dense[:30].mean(0), rtol=1e-5)
-    np.testing.assert_allclose(rows["raw_mean2"], dense[20:60].mean(0), rtol=1e-5)
-    np.testing.assert_allclose(rows["non_zeros_proportion1"], (dense[:30] > 0).mean(0), rtol=1e-5)
-
-
-def test_a_float32_fdr_target_names_its_column_as_a_float_does(model):
-    table = model.differential_expression(groupby="condition", fdr_target=np.float32(0.05), num_samples=2, n_cells=10)
-    assert "is_de_fdr_0.05" in table.columns  # it was is_de_fdr_0.05000000074505806
-
-
-def test_a_query_string_selects_cells_by_position_when_names_repeat(model):
-    # the names the query matched selected every cell sharing a name: 168 cells for a query matching 100
-    adata = model.adata.copy()
-    adata.obs_names = [f"c{i % 50}" for i in range(adata.n_obs)]
-    positions = np.flatnonzero((adata.obs["condition"] == "stimulated").to_numpy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        by_query = model.differential_expression(adata=adata, idx1="condition == 'stimulated'", num_samples=2, n_cells=10)
-        by_mask = model.differential_expression(adata=adata, idx1=positions, num_samples=2, n_cells=10)
-    np.testing.assert_allclose(by_query.loc[by_mask.index, "raw_mean1"], by_mask["raw_mean1"], rtol=1e-6)
-    with pytest.raises(ValueError, match="is not a condition on the cells"):
-        model.differential_expression(idx1="true_library * 2", num_samples=2, n_cells=10)
-    # a nullable column gives pandas' boolean array (with <NA> not selected, as obs.query)
-    adata.obs["dose"] = pd.array([1, 3, None] * (adata.n_obs // 3), dtype="Int64")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        by_dose = model.differential_expression(adata=adata, idx1="dose > 2", num_samples=2, n_cells=10)
-        thirds = model.differential_expression(adata=adata, idx1=np.arange(1, adata.n_obs, 3), num_samples=2, n_cells=10)
-    np.testing.assert_allclose(by_dose.loc[thirds.index, "raw_mean1"], thirds["raw_mean1"], rtol=1e-6)
-
-
 # --- ELBO, reconstruction, marginal likelihood, latent distribution ---------------------------
 def test_elbo_marginal_ll_and_reconstruction_error(model):
     cells = np.arange(150)
