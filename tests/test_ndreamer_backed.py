@@ -160,6 +160,14 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
         np.testing.assert_allclose(on_file.layers[name][:], values, atol=1e-6)
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         nd.write_effects(path)
+    # only the cells and genes asked for, in their order, a block of two cells at a time
+    part_path = str(tmp_path / "part.h5ad")
+    nd.write_effects(part_path, chunk_cells=2, indices=nd.results.obs_names[cells], gene_list=genes)
+    part = anndata.read_h5ad(part_path)
+    assert list(part.obs_names) == list(nd.results.obs_names[cells]) and list(part.var_names) == genes
+    np.testing.assert_array_equal(part.obsm["X_effect_modifier_space"], nd.results.obsm["X_effect_modifier_space"][cells])
+    for name, values in whole.items():
+        np.testing.assert_allclose(part.layers[name], values[cells][:, [7, 0, 41]], atol=1e-6)
     assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
     # CATE without an ITE layer: computed in blocks of cells of one group (here 50), summed; the same table
     table = nd.estimate_cate("cell_type")

@@ -269,11 +269,13 @@ H5_CHUNK_VALUES = 2**20  # float32 values per HDF5 chunk (4 MiB): whole rows, so
 
 
 def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, chunk_cells: int,
-                       overwrite: bool = False, interval: float | None = None) -> str:
-    """Write ``nd``'s denoised expression, batch effect and ITE layers of every cell, ``chunk_cells`` at a time.
+                       overwrite: bool = False, interval: float | None = None, cells: np.ndarray | None = None,
+                       columns: np.ndarray | None = None) -> str:
+    """Write ``nd``'s denoised expression, batch effect and ITE layers, ``chunk_cells`` cells at a time.
 
     The file is an ordinary ``.h5ad`` (obs, the genes as var, obsm, the layers), written under a temporary
-    name and renamed when complete. Memory holds one block of cells x genes per layer.
+    name and renamed when complete. Memory holds one block of cells x genes per layer. ``cells`` and
+    ``columns`` (positions; None for all) select the rows and genes written, in their order.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -286,9 +288,12 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     names = ["denoised", "batch_effect"] + [f"ite_{c}" for c in nd.design.treatments]
     if interval is not None:
         names += [f"ite_{c}_{bound}" for c in nd.design.treatments for bound in bound_names(interval)]
-    n_cells, n_genes = nd.results.n_obs, len(nd.genes)
-    shell = anndata.AnnData(obs=nd.results.obs.copy(), var=pd.DataFrame(index=pd.Index(nd.genes).astype(str)),
-                            obsm=dict(nd.results.obsm))
+    cells = np.arange(nd.results.n_obs) if cells is None else np.asarray(cells)
+    genes = pd.Index(nd.genes) if columns is None else pd.Index(nd.genes)[columns]
+    n_cells, n_genes = len(cells), len(genes)
+    obsm = {key: value.iloc[cells] if isinstance(value, pd.DataFrame) else value[cells]
+            for key, value in nd.results.obsm.items()}
+    shell = anndata.AnnData(obs=nd.results.obs.iloc[cells].copy(), var=pd.DataFrame(index=genes.astype(str)), obsm=obsm)
     with atomic_path(path) as temporary:
         shell.write_h5ad(temporary)
         with h5py.File(temporary, "a") as handle:
@@ -301,8 +306,8 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
                                                        chunks=(rows, n_genes) if n_cells and n_genes else None)
                 datasets[name].attrs.update(DENSE_ARRAY_ENCODING)
             for start in range(0, n_cells, chunk_cells):
-                cells = np.arange(start, min(start + chunk_cells, n_cells))
-                block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells, interval=interval)
+                stop = min(start + chunk_cells, n_cells)
+                block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells[start:stop], columns, interval=interval)
                 for name in names:
-                    datasets[name][start:cells[-1] + 1] = block[name]
+                    datasets[name][start:stop] = block[name]
     return path

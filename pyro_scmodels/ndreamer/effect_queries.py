@@ -163,7 +163,7 @@ class EffectQueries:
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
                       chunk_cells: int = K.WRITE_CHUNK_CELLS, overwrite: bool = False,
-                      interval: float | None = None) -> str:
+                      interval: float | None = None, indices=None, gene_list=None) -> str:
         """Write denoised expression, batch effect and every ITE of every cell to an ``.h5ad``, in blocks of cells.
 
         For data too large for cells x genes arrays in memory: each block of ``chunk_cells`` cells is
@@ -184,6 +184,9 @@ class EffectQueries:
             Replace an existing file.
         interval
             A level such as 0.9: also each ITE's interval bounds, as in :meth:`estimate_ite`.
+        indices, gene_list
+            Only these cells (positions, a boolean mask or names; in the order given) and genes, as for
+            :meth:`decompose_batch_effect`; default every cell and every gene.
 
         Returns
         -------
@@ -193,9 +196,11 @@ class EffectQueries:
         level = None if interval is None else interval_level(interval)
         if level is not None:
             _check_interval_neighbours(nearest_neighbor, self.design)
+        chunk_cells = V.positive_int("chunk_cells", chunk_cells)
+        cells, columns = self._selection(indices, gene_list)
         self._matched_effects()
-        return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, V.positive_int("chunk_cells", chunk_cells),
-                                  overwrite, level)
+        return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, chunk_cells, overwrite, level, cells,
+                                  columns)
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> pd.DataFrame:
