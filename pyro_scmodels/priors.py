@@ -242,3 +242,37 @@ class PriorSet(nn.Module):
         return {name: family(**{key: getattr(self, f"{name}__{key}").detach().cpu().clone() for key in keys},
                              validate_args=False)
                 for name, (family, keys) in self._families.items()}
+
+
+def check_prior_shapes(priors, dims) -> None:
+    """Refuse a prior whose batch shape does not broadcast to its site's shape.
+
+    Checked when a model is built, so that the error names the prior rather than a trace's shape mismatch.
+
+    Parameters
+    ----------
+    priors
+        :class:`RegularizedPriors` of one modality.
+    dims
+        That modality's sizes (:class:`~pyro_scmodels.models.regularizedvi_dims.RegularizedVIDims`).
+
+    Raises
+    ------
+    ValueError
+        Naming the prior, its batch shape and the site's shape.
+    """
+    sites = {"dispersion_rate": (dims.n_dispersion, 1), "library_residual_weight": ()}
+    if dims.use_ambient:  # a modality without a site does not use its prior
+        sites["ambient"] = (dims.n_ambient, dims.n_genes)
+    if dims.use_feature_scaling:
+        sites["feature_scaling"] = (dims.n_scaling, dims.n_genes)
+    for name, shape in sites.items():
+        prior = getattr(priors, name)
+        try:
+            fits = prior.batch_shape.numel() == 1 or torch.broadcast_shapes(prior.batch_shape, shape) == torch.Size(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"RegularizedPriors.{name} has batch shape {tuple(prior.batch_shape)}, which does not "
+                             f"broadcast to its site's shape {shape} (categories x genes where it has them); give "
+                             "scalar parameters, or parameters of that shape.")

@@ -29,7 +29,7 @@ from ..data.counts import POSITIONS_SUFFIX
 from ..distributions import GammaPoissonMean, select_rows
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder
-from ..priors import PriorSet, PriorsInUse, RegularizedPriors
+from ..priors import PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes
 from ..pyro_modules import LocalPyroModule, refuse_outer_plates
 from .regularizedvi_dims import GLOBAL_SITES, SITE_COVARIATE_ROLES, RegularizedVIDims  # noqa: F401  (their import path)
 
@@ -64,25 +64,6 @@ def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index
     return rho * scaling_factor(library, scaling, scaling_index)
 
 
-def _check_prior_shapes(priors, dims) -> None:
-    """Each prior's batch shape must broadcast to its site's shape (checked when the model is built, not in a trace)."""
-    sites = {"dispersion_rate": (dims.n_dispersion, 1), "library_residual_weight": ()}
-    if dims.use_ambient:  # a modality without a site does not use its prior
-        sites["ambient"] = (dims.n_ambient, dims.n_genes)
-    if dims.use_feature_scaling:
-        sites["feature_scaling"] = (dims.n_scaling, dims.n_genes)
-    for name, shape in sites.items():
-        prior = getattr(priors, name)
-        try:
-            fits = prior.batch_shape.numel() == 1 or torch.broadcast_shapes(prior.batch_shape, shape) == torch.Size(shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"RegularizedPriors.{name} has batch shape {tuple(prior.batch_shape)}, which does not "
-                             f"broadcast to its site's shape {shape} (categories x genes where it has them); give "
-                             "scalar parameters, or parameters of that shape.")
-
-
 class RegularizedVIModel(LocalPyroModule):
     """The generative model p(x, z, l, globals).
 
@@ -104,7 +85,7 @@ class RegularizedVIModel(LocalPyroModule):
                  ambient_shape_prior=None):
         super().__init__()
         self.dims = dims
-        _check_prior_shapes(priors, dims)
+        check_prior_shapes(priors, dims)
         self.priors = PriorSet(priors.distributions())
         self.shaped_ambient = ambient_shape_prior is not None
         # the shaped prior is always counted: it is what places the background's shared part
