@@ -56,3 +56,58 @@ def write_h5ad(adata, path: str) -> None:
         if os.path.exists(temporary):  # it would append into an earlier process's left-over file of the same name
             os.remove(temporary)
         write_copy(temporary, adata)
+
+
+STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file of the save is written
+
+
+@contextlib.contextmanager
+def staged_save(dir_path: str, marker: str, replaces=()):
+    """Write the files of one save into ``dir_path`` so that the folder never holds a mix of two saves.
+
+    Each file is written (atomically) under a staged name beside its final one. Only when the block has
+    written them all are they put in place: ``marker``, the file that makes the folder a saved object, is
+    removed first, the files of ``replaces`` that this save did not write are removed (they belong to the
+    earlier save), the others are renamed in, and ``marker`` last. A save that fails while writing (a full
+    disk, Ctrl-C) leaves the earlier save as it was; one stopped during the renames leaves a folder without
+    ``marker``, which does not load.
+
+    Parameters
+    ----------
+    dir_path
+        An existing, writable folder.
+    marker
+        The file whose presence marks a complete save; the block must stage it.
+    replaces
+        Other file names an earlier save may have left, removed unless this save writes them.
+
+    Yields
+    ------
+    callable
+        ``stage(name) -> path``: the path to write the file ``name`` to.
+    """
+    final = lambda name: os.path.join(dir_path, name)  # noqa: E731
+    staged: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            def stage(name: str) -> str:
+                staged.append(name)
+                return stack.enter_context(atomic_path(final(f"{STAGED_PREFIX}{name}")))
+
+            yield stage
+        if marker not in staged:
+            raise RuntimeError(f"staged_save: the save wrote no {marker}")  # a bug of the caller, not of the input
+        # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(final(marker))
+        for name in replaces:
+            if name not in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(final(name))
+        for name in [n for n in staged if n != marker] + [marker]:
+            os.replace(final(f"{STAGED_PREFIX}{name}"), final(name))
+    except BaseException:
+        for name in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(final(f"{STAGED_PREFIX}{name}"))
+        raise

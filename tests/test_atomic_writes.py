@@ -5,7 +5,9 @@ import os
 import anndata
 import numpy as np
 import pytest
+import torch
 
+import pyro_scmodels as ps
 from pyro_scmodels import _atomic, cli
 
 
@@ -40,6 +42,31 @@ def test_an_earlier_file_survives_a_failed_rewrite(tmp_path):
                 handle.write("new but unfinished")
             raise RuntimeError("killed")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["settings.json"]
+
+
+def test_a_model_save_stopped_while_writing_leaves_the_earlier_save_whole(tmp_path, monkeypatch):
+    adata = ps.datasets.simulate(n_cells=120, n_genes=40, n_markers_per_type=4, seed=0)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    first = ps.RegularizedVI(adata, n_latent=3, n_hidden=8, seed=0)
+    folder = str(tmp_path / "model")
+    first.save(folder, save_anndata=True)
+    other = adata[:50].copy()
+    second = ps.RegularizedVI(other, n_latent=3, n_hidden=8, seed=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    for model, save_anndata in ((first, False), (second, True)):  # the data removed; other data written
+        with pytest.raises(KeyboardInterrupt):
+            model.save(folder, overwrite=True, save_anndata=save_anndata)
+        assert sorted(os.listdir(folder)) == ["adata.h5ad", "model.pt"]  # no staged file left either
+    monkeypatch.undo()
+    loaded = ps.RegularizedVI.load(folder)
+    assert loaded.adata.n_obs == 120
+    np.testing.assert_array_equal(loaded.get_latent_representation(), first.get_latent_representation())
+    second.save(folder, overwrite=True)  # a finished save without data removes the earlier save's data
+    assert sorted(os.listdir(folder)) == ["model.pt"]
 
 
 def test_ctrl_c_in_the_cli_exits_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from .._atomic import atomic_path, write_h5ad
+from .._atomic import staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS
 from ..data.source_state import names_digest, setting_text
@@ -54,16 +54,14 @@ class SavedModel:
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
         payload["module classes"] = self._module_classes()
-        data_path = os.path.join(dir_path, self._data_file())
-        if save_anndata and hasattr(self.adata, "mod"):
-            with atomic_path(data_path) as temporary:
-                self.adata.write(temporary)  # MuData.write is write_h5mu
-        elif save_anndata:
-            write_h5ad(self.adata, data_path)  # atomic; a backed AnnData stays backed by its own file
-        elif os.path.exists(data_path):
-            os.remove(data_path)  # data saved with an earlier model must not be loaded with this one
-        with atomic_path(path) as temporary:
-            torch.save(payload, temporary)
+        # model.pt marks the save: written last, after the data, so that a save stopped while writing leaves the
+        # earlier one whole, and data saved with an earlier model is removed (never loaded with this one)
+        with staged_save(dir_path, MODEL_FILE, replaces=tuple(DATA_FILES.values())) as stage:
+            if save_anndata and hasattr(self.adata, "mod"):
+                self.adata.write(stage(self._data_file()))  # MuData.write is write_h5mu
+            elif save_anndata:
+                write_h5ad(self.adata, stage(self._data_file()))  # a backed AnnData stays backed by its own file
+            torch.save(payload, stage(MODEL_FILE))
 
     def _data_file(self) -> str:
         return DATA_FILES["mudata" if hasattr(self.adata, "mod") else "anndata"]

@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .._atomic import atomic_path, write_h5ad
+from .._atomic import STAGED_PREFIX, atomic_path, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
 
 from .count_rows import LogNormalisedCounts
@@ -35,7 +35,6 @@ EMBEDDING_KEY = "X_effect_modifier_space"
 NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "settings.json", "results.h5ad", "effects.npz"
 COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
 TRAINING_FILE = "training.pt"  # the training loop's state without the network (history, optimiser, passes done)
-STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file is written
 #: every file a save may write
 SAVED_FILES = (EFFECTS_FILE, NETWORK_FILE, TRAINING_FILE, COUNTS_FILE, SETTINGS_FILE, RESULTS_FILE)
 COUNTS_ARRAYS = ("counts", "indices", "indptr", "factors")
@@ -66,39 +65,18 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
     writable_folder("dir_path", dir_path)
-    final = lambda name: os.path.join(dir_path, name)  # noqa: E731
-    staged: dict[str, str] = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            def stage(name: str) -> str:
-                staged[name] = stack.enter_context(atomic_path(final(f"{STAGED_PREFIX}{name}")))
-                return staged[name]
-
-            if nd.network is not None:
-                torch.save(nd.network.state_dict(), stage(NETWORK_FILE))
-            if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
-                torch.save(nd.trainer.state(include_modules=False), stage(TRAINING_FILE))
-            write_h5ad(_results_to_save(nd), stage(RESULTS_FILE))
-            if isinstance(nd.expression, LogNormalisedCounts):
-                with open(stage(COUNTS_FILE), "wb") as handle:
-                    np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
-            nd.effects.save(stage(EFFECTS_FILE))
-            with open(stage(SETTINGS_FILE), "w") as handle:
-                json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
-        # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(final(SETTINGS_FILE))
-        for name in (NETWORK_FILE, TRAINING_FILE, COUNTS_FILE):  # from an earlier save, no longer part of this one
-            if name not in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(final(name))
-        for name in [n for n in staged if n != SETTINGS_FILE] + [SETTINGS_FILE]:
-            os.replace(final(f"{STAGED_PREFIX}{name}"), final(name))
-    except BaseException:
-        for name in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(final(f"{STAGED_PREFIX}{name}"))
-        raise
+    with staged_save(dir_path, SETTINGS_FILE, replaces=(NETWORK_FILE, TRAINING_FILE, COUNTS_FILE)) as stage:
+        if nd.network is not None:
+            torch.save(nd.network.state_dict(), stage(NETWORK_FILE))
+        if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
+            torch.save(nd.trainer.state(include_modules=False), stage(TRAINING_FILE))
+        write_h5ad(_results_to_save(nd), stage(RESULTS_FILE))
+        if isinstance(nd.expression, LogNormalisedCounts):
+            with open(stage(COUNTS_FILE), "wb") as handle:
+                np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
+        nd.effects.save(stage(EFFECTS_FILE))
+        with open(stage(SETTINGS_FILE), "w") as handle:
+            json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
 
 
 def _results_to_save(nd) -> anndata.AnnData:
