@@ -13,6 +13,7 @@ import torch
 from pyro import poutine
 
 from . import _validation as V
+from .seeding import seeded
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def predictive_batches(model, num_samples: int = 1, adata=None, indices=None, ba
 
 
 def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
-                         modality: str | None = None, features=None):
+                         modality: str | None = None, features=None, seed: int | None = None):
     """Counts drawn from the posterior predictive distribution.
 
     Parameters
@@ -71,6 +72,8 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
     features
         None (every feature), or the columns to keep (positions, or a slice), taken a minibatch at a
         time so that only they are held.
+    seed
+        Seed of the draws (torch's random state is restored after); None draws from the current stream.
 
     Returns
     -------
@@ -88,9 +91,10 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
             raise ValueError(f"Unknown modality {modality!r}; the model observes {known or list(sites)}.")
         sites = {site: sites[site] for site in chosen}
     parts = {site: [] for site in sites}
-    for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
-        for site in sites:
-            parts[site].append(draws[site][1] if features is None else draws[site][1][:, :, features])
+    with seeded(seed, model.device):
+        for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
+            for site in sites:
+                parts[site].append(draws[site][1] if features is None else draws[site][1][:, :, features])
     arrays = {site: np.concatenate(values, axis=1) for site, values in parts.items()}
     if len(arrays) == 1:
         return next(iter(arrays.values()))

@@ -362,3 +362,24 @@ def test_query_mapping_is_refused_by_name():
         ps.RegularizedMultimodalVI.load_query_data(None, None)
     with pytest.raises(NotImplementedError, match="RegularizedVI.load_query_data"):
         ps.RegularizedMultimodalVI.prepare_query_anndata(None, None)
+
+
+def test_modalities_whose_names_end_alike_keep_their_own_sites():
+    """"rna" and "new_rna" (total and newly made RNA): "obs_new_rna" ends with "_rna" too."""
+    pair = ps.datasets.simulate_multiome(n_cells=120, seed=0)
+    rna = pair.mod["rna"]
+    mdata = mudata.MuData({"rna": rna.copy(), "new_rna": rna.copy()})
+    mdata.mod["new_rna"].layers["counts"] = rna.layers["counts"] * 2
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=8, ambient_modalities=["new_rna"],
+                                       feature_scaling_modalities=[])
+    assert {s: model.site_modality(s) for s in ("obs_rna", "obs_new_rna", "ambient_new_rna", "z")} == {
+        "obs_rna": "rna", "obs_new_rna": "new_rna", "ambient_new_rna": "new_rna", "z": None}
+    draws = model.posterior_predictive(num_samples=2, seed=0)
+    assert set(draws) == {"rna", "new_rna"}
+    np.testing.assert_array_equal(model.posterior_predictive(num_samples=2, seed=0)["new_rna"], draws["new_rna"])
+    np.testing.assert_array_equal(model.posterior_predictive_sample(modality="new_rna", n_samples=2, seed=0),
+                                  draws["new_rna"].transpose(1, 2, 0))
+    model.export_posterior(num_samples=2, seed=0)
+    assert "means_ambient_new_rna" in mdata.mod["new_rna"].varm and "means_inverse_sqrt_theta_rna" in mdata.mod["rna"].varm
+    assert not [key for key in mdata.mod["rna"].varm if key.endswith("new_rna")]

@@ -378,7 +378,8 @@ class RegularizedMultimodalVI(PyroModelBase):
 
     def site_modality(self, site: str) -> str | None:
         """The modality a site belongs to (its suffix, e.g. ``obs_atac`` -> ``"atac"``); None for a shared site."""
-        return next((m for m in self.modalities if site.endswith(f"_{m}")), None)
+        # the longest suffix: with modalities "rna" and "new_rna", "obs_new_rna" is new_rna's
+        return max((m for m in self.modalities if site.endswith(f"_{m}")), key=len, default=None)
 
     def _feature_table(self, site: str, mdata):
         modality = self.site_modality(site)

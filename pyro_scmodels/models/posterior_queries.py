@@ -356,12 +356,13 @@ class PosteriorQueries:
         return predictive.predictive_batches(self, num_samples, adata, indices, batch_size, prior)
 
     def posterior_predictive(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
-                             modality: str | None = None):
+                             modality: str | None = None, seed: int | None = None):
         """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
-        return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality)
+        return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality, seed=seed)
 
     def posterior_predictive_sample(self, adata=None, indices=None, *, n_samples: int = 1, gene_list=None,
-                                    batch_size: int | None = None, modality: str | None = None) -> np.ndarray:
+                                    batch_size: int | None = None, modality: str | None = None,
+                                    seed: int | None = None) -> np.ndarray:
         """Counts drawn from the posterior predictive, in scvi-tools' layout.
 
         The same draws as :meth:`posterior_predictive`, under scvi-tools' name and arguments
@@ -379,6 +380,8 @@ class PosteriorQueries:
             order, as in scvi-tools; only these genes are held, a minibatch at a time.
         modality
             Multimodal models: the modality whose counts are drawn (default: the first).
+        seed
+            Seed of the draws (torch's random state is restored after); None draws from the current stream.
 
         Returns
         -------
@@ -395,5 +398,6 @@ class PosteriorQueries:
         columns = expression.gene_columns(self.feature_names(modality), gene_list)
         if not isinstance(columns, slice):
             columns = np.sort(columns)  # the model's gene order, as scvi-tools' mask gives it
-        draws = predictive.posterior_predictive(self, n_samples, adata, indices, batch_size, modality, features=columns)
+        draws = predictive.posterior_predictive(self, n_samples, adata, indices, batch_size, modality, features=columns,
+                                                seed=seed)
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)
