@@ -163,6 +163,16 @@ def test_a_multimodal_model_refuses_a_modality_changed_in_place(mdata):
     ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
     model = ps.RegularizedMultimodalVI(mdata, **SMALL)
     model.get_latent_representation()
+    original = mdata.mod["atac"]
+    mdata.mod["atac"] = original.copy()  # the same names in the same order: not a change
+    model.get_latent_representation()
+    # a modality replaced with its peaks or its cells in another order keeps every sum of its counts
+    for reordered, named in ((original[:, ::-1].copy(), "features"), (original[::-1].copy(), "cells")):
+        mdata.mod["atac"] = reordered
+        with pytest.raises(ValueError, match=rf"changed in place.*\({named} of mdata\.mod\['atac'\]"):
+            model.get_latent_representation()
+    mdata.mod["atac"] = original
+    model.get_latent_representation()
     mdata.mod["atac"].layers["counts"] = mdata.mod["atac"].layers["counts"] * 2
     with pytest.raises(ValueError, match=r"changed in place.*\(counts mdata\.mod\['atac'\]"):
         model.get_latent_representation()

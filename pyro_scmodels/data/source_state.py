@@ -67,10 +67,15 @@ def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None
         ``{"cells": ..., "counts <name>": ..., "covariate <key>": ...}``; compare with :func:`changes`.
     """
     obs = data.obs
-    # a pandas Index cannot change in place: the same object has the same names, and need not be hashed again
-    cells = (len(obs), obs.index) if previous is not None and previous["cells"][1] is obs.index else (
-        len(obs), obs.index, _digest(pd.util.hash_pandas_object(obs.index, index=False).to_numpy()))
-    state = {"cells": cells}
+    state = {"cells": _index_state(obs.index, previous, "cells")}
+    if hasattr(data, "mod"):
+        # a modality replaced after the model read it (its features or cells reordered) keeps the sums of its
+        # counts: its names tell (the model would label its per-feature values with the new order's names)
+        for m in setup.modalities:
+            table = data.mod[m] if m in data.mod else None
+            for axis in ("var", "obs"):
+                part = f"{'features' if axis == 'var' else 'cells'} of mdata.mod[{m!r}]"
+                state[part] = None if table is None else _index_state(getattr(table, f"{axis}_names"), previous, part)
     sources = setup.count_sources(data)
     known = count_fingerprints if count_fingerprints is not None else [None] * len(sources)
     if len(known) != len(sources):
@@ -90,6 +95,15 @@ def source_state(data, setup, encoding: CovariateEncoding, previous: dict | None
     return state
 
 
+def _index_state(index: pd.Index, previous: dict | None, part: str) -> tuple:
+    """(length, index object[, digest of the names]): the names are hashed only when the object is not the one seen
+    before (a pandas Index cannot change in place: the same object has the same names)."""
+    seen = None if previous is None else previous.get(part)
+    if seen is not None and seen[1] is index:
+        return len(index), index
+    return len(index), index, _digest(pd.util.hash_pandas_object(index, index=False).to_numpy())
+
+
 def changes(before: dict, now: dict) -> list[str]:
     """The parts that differ between two :func:`source_state` summaries, named for a message.
 
@@ -106,8 +120,9 @@ def changes(before: dict, now: dict) -> list[str]:
     differ = []
     for part in dict.fromkeys([*before, *now]):
         old, new = before.get(part), now.get(part)
-        if part == "cells":  # (count, index object[, digest]): the same object, or the same count and digest
-            same = old[1] is new[1] or (len(new) == 3 and old[0] == new[0] and old[-1] == new[-1])
+        if isinstance(old, tuple) and isinstance(new, tuple):
+            # names, as (count, index object[, digest]): the same object, or the same count and digest
+            same = old[1] is new[1] or (len(old) == 3 and len(new) == 3 and old[0] == new[0] and old[2] == new[2])
         else:
             same = old == new
         if not same:
