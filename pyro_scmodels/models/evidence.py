@@ -56,6 +56,8 @@ class EvidenceQueries:
                 terms[label] = terms[label] + value
                 if label == "model" and site["is_observed"]:
                     terms[f"obs:{name}"] = value
+                    if site["mask"] is not None:  # the cells with counts in this modality
+                        terms[f"measured:{name}"] = torch.as_tensor(site["mask"], device=value.device).expand_as(value)
         return terms
 
     def _evidence_batches(self, adata, indices, batch_size, n_samples: int, seed: int):
@@ -69,7 +71,11 @@ class EvidenceQueries:
     @staticmethod
     def _reduce(parts: list[torch.Tensor], return_mean: bool):
         values = torch.cat(parts).cpu().numpy().astype(np.float64)
-        return float(values.mean()) if return_mean else values
+        if not return_mean:
+            return values
+        # NaN marks a cell without counts in a modality: the mean is over the cells measured
+        measured = values[~np.isnan(values)]
+        return float(measured.mean()) if len(measured) else float("nan")
 
     def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True,
                  seed: int = 0):
@@ -108,17 +114,25 @@ class EvidenceQueries:
         -------
         dict
             ``{"reconstruction_loss": value}`` (lower is better, scvi-tools' key); a multimodal
-            model adds ``"reconstruction_loss_<modality>"`` per modality.
+            model adds ``"reconstruction_loss_<modality>"`` per modality, NaN for a cell without counts
+            in that modality and averaged over the cells with counts (the total holds the modalities
+            each cell has).
         """
         per_site: dict[str, list] = {}
+        measured: dict[str, list] = {}
         for draws in self._evidence_batches(adata, indices, batch_size, 1, seed):
-            for key, value in draws[0].items():
+            terms = draws[0]
+            for key, value in terms.items():
                 if key.startswith("obs:"):
-                    per_site.setdefault(key[len("obs:"):], []).append(-value)
+                    site = key[len("obs:"):]
+                    per_site.setdefault(site, []).append(-value)
+                    measured.setdefault(site, []).append(terms.get(f"measured:{site}"))
         result = {"reconstruction_loss": self._reduce([sum(parts) for parts in zip(*per_site.values())], return_mean)}
         if len(per_site) > 1:
             for site, parts in per_site.items():
                 modality = self.site_modality(site)
+                parts = [part if mask is None else torch.where(mask, part, torch.nan)
+                         for part, mask in zip(parts, measured[site])]
                 result[f"reconstruction_loss_{modality or site}"] = self._reduce(parts, return_mean)
         return result
 
