@@ -121,6 +121,19 @@ def non_negative_int(name: str, value) -> int:
     return integer(name, value, minimum=0, description="a non-negative integer")
 
 
+def seed(name: str, value) -> int:
+    """``value`` as a seed: an ``int`` in ``[0, 2**32 - 1]``, the range numpy's legacy seeding and scikit-learn take.
+
+    Raises
+    ------
+    TypeError
+        Not an integer.
+    ValueError
+        Outside that range.
+    """
+    return integer(name, value, minimum=0, maximum=2**32 - 1, description="an integer in [0, 2**32 - 1]")
+
+
 # --- real numbers ------------------------------------------------------------------------------
 def number(name: str, value, minimum: float | None = None, maximum: float | None = None, *,
            strict_minimum: bool = False, strict_maximum: bool = False, finite: bool = True,

@@ -176,6 +176,11 @@ def test_errors_and_deprecated_alias():
         NDreamer(adata, "treatment", "control", **SMALL)
     with pytest.raises(KeyError, match="batch_key 'donor'"):
         NDreamer(adata, "condition", "control", batch_key="donor", **SMALL)
+    for genes in ("gene_0", adata.var_names == "gene_0"):  # a string read as its characters, a mask as True/False
+        with pytest.raises(TypeError, match=r"keep_genes takes a list of gene names.*list\(adata.var_names\[mask\]\)"):
+            NDreamer(adata, "condition", "control", keep_genes=genes, **SMALL)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+        NDreamer(adata, "condition", "control", seed=2**40, **SMALL)
     with pytest.warns(DeprecationWarning, match="contorl_name"):
         nd = NDreamer(adata, "condition", contorl_name="control", **SMALL)
     assert nd.design.control_name == "control"

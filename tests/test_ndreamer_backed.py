@@ -255,7 +255,7 @@ def test_nan_or_negative_values_past_the_first_sample_are_named(monkeypatch):
     counts = rng.poisson(2.0, (200, 20)).astype(np.float32) + 1
     monkeypatch.setattr(preprocess, "LOG_CHECK_SAMPLE", 100)
     monkeypatch.setattr(preprocess, "READ_CHUNK_CELLS", 50)
-    for bad, row in ((np.nan, 150), (-5.0, 120)):
+    for bad, row in ((np.nan, 150), (-5.0, 120), (np.nan, 7)):  # the last among the first values
         data = counts.copy()
         data[row, 3] = bad
         with pytest.raises(ValueError, match=f"adata.X holds {bad:g} at row {row} of the cells read"):

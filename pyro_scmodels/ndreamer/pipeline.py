@@ -133,7 +133,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
                                           description="an integer >= 2 (genes for the PCA of the cell states)"),
                         layer=layer, **sizes,
                         batch_size=V.positive_int("batch_size", batch_size), lr=V.positive_float("lr", lr),
-                        seed=V.non_negative_int("seed", seed),
+                        seed=V.seed("seed", seed),
                         representation=NETWORK,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
                         factual=V.choice("factual", factual, FACTUAL_CHOICES))
@@ -142,6 +142,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
         design = design_from_obs(adata.obs, settings)
         # --- SPEC 3.1: log-normalised expression of variable genes, pseudo cell states per group
         if keep_genes is not None:
+            if isinstance(keep_genes, str) or np.asarray(keep_genes).dtype == bool:
+                # a string would be read as its characters, a mask as the names True and False
+                given = f"the string {keep_genes!r}" if isinstance(keep_genes, str) else "a boolean mask"
+                raise V.ArgumentTypeError(f"keep_genes takes a list of gene names, got {given}; pass e.g. "
+                                          "['IFI6', 'IFIT1'] (for a mask: list(adata.var_names[mask])).")
             missing = sorted(set(keep_genes) - set(adata.var_names))
             if missing:
                 raise KeyError(f"keep_genes {missing[:5]} not found in adata.var_names.")

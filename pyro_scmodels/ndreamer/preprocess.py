@@ -75,14 +75,14 @@ def _canonical(block, merged: list[int] | None = None) -> sp.csr_matrix:
     return block
 
 
-def _check_values(block: sp.csr_matrix, first_row: int, where: str, log_input: bool) -> None:
+def _check_values(block: sp.csr_matrix, first_row: int, where: str, log_input: bool | None) -> None:
     """Raise on NaN, Inf or negative values in a block: the first block's check saw only its first values, and
     a NaN further on failed in the PCA (sklearn's "Input X contains NaN") or, negative, was taken as it was."""
     bad = ~np.isfinite(block.data) | (block.data < 0)
     if bad.any():
         row = first_row + int(np.searchsorted(block.indptr, np.flatnonzero(bad)[0], side="right") - 1)
         value = float(block.data[bad][0])
-        kind = "log-normalised values" if log_input else "raw counts"
+        kind = {True: "log-normalised values", False: "raw counts", None: "raw counts or log-normalised values"}[log_input]
         raise ValueError(f"{where} holds {value:g} at row {row} of the cells read: NDreamer needs finite, non-negative "
                          f"{kind}. Pass the layer of raw counts (layer=...), or fix those cells.")
 
@@ -209,7 +209,10 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     n_rows = source.n_cells if cells is None else cells.size
     n_columns = source.n_features if keep is None else keep.size
     # raw counts or log values, judged on the first block (its first LOG_CHECK_SAMPLE stored values)
-    log_input = is_log_normalised(sp.csr_matrix(next(_row_blocks(source, cells))[1], dtype=np.float32))
+    first_row, first = next(_row_blocks(source, cells))
+    first = sp.csr_matrix(first, dtype=np.float32)
+    _check_values(first, first_row, where, log_input=None)  # named here, before the type of values is judged
+    log_input = is_log_normalised(first)
     if log_input:
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
     else:

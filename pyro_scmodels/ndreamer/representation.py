@@ -70,7 +70,7 @@ class ModelRepresentation:
         source, layer = _model_counts(model)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
-                        batch_size=K.BATCH_SIZE, seed=V.non_negative_int("seed", seed), layer=layer,
+                        batch_size=K.BATCH_SIZE, seed=V.seed("seed", seed), layer=layer,
                         representation=LATENT, model=type(model).__name__,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
                         factual=V.choice("factual", factual, FACTUAL_CHOICES),
