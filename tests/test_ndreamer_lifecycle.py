@@ -76,6 +76,37 @@ def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
                                                                              checkpoint_dir=str(tmp_path))
 
 
+def test_checkpoint_of_other_labels_or_other_data_under_the_same_names_is_refused(tiny_adata, tmp_path):
+    _nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    relabelled = tiny_adata.copy()  # the condition of a few cells corrected, as a rerun after a fix would
+    relabelled.obs["condition"] = relabelled.obs["condition"].astype(str)
+    relabelled.obs.iloc[:20, relabelled.obs.columns.get_loc("condition")] = "control"
+    other = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=6)
+    assert list(other.obs_names) == list(tiny_adata.obs_names) and list(other.var_names) == list(tiny_adata.var_names)
+    for adata, differ in ((relabelled, r"cell labels"), (other, r"expression")):
+        with pytest.raises(ValueError, match=rf"different data or settings \(.*{differ}.*differ\)"):
+            _nd(adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+    reordered = tiny_adata[::-1].copy()
+    with pytest.raises(ValueError, match=r"different data or settings \(cell labels, cell order differ\)"):
+        _nd(reordered).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+
+
+def test_edited_loss_weights_and_renamed_cells_are_what_a_save_and_a_checkpoint_record(tiny_adata, tmp_path):
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    nd.loss_weights.independence = 1000.0  # edited between two calls
+    nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    nd.results.obs_names = [f"sample1_{name}" for name in nd.results.obs_names]  # before merging with other data
+    nd.save(str(tmp_path / "nd"))
+    back = NDreamer.load(str(tmp_path / "nd"))  # the save could not be loaded: its state recorded the old ones
+    assert back.loss_weights.independence == 1000.0 and back.trainer.epoch == 2
+    # the checkpoint holds the weights trained with: a run with the defaults does not resume from it
+    with pytest.raises(ValueError, match=r"\(loss_weights\.independence differ\)"):
+        _nd(tiny_adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    _nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
+                                                                         checkpoint_dir=str(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("arguments, message", [
     (dict(gradient_clip=-1.0), "gradient_clip must be a positive number"),  # a negative norm flips every gradient
     (dict(gradient_clip=0), "gradient_clip must be a positive number"),
@@ -159,6 +190,8 @@ def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypat
         nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
     assert (tmp_path / "checkpoint.pt").exists() and not nd.network.training
     assert nd.trainer.step == 1
+    with pytest.warns(UserWarning, match=r"Training was interrupted: the network was trained for 0 of 1 epochs"):
+        nd.get_modifier_space()
 
 
 def test_more_neighbours_than_any_group_holds_says_so(tiny_adata):
@@ -205,10 +238,13 @@ def test_a_single_batch_keys_labels_holding_the_join_character_are_refused(tiny_
     assert NDreamer(adata, "arm", "DMSO/vehicle", batch_key="run", layer="counts", **TINY).design.treatments == ["drug"]
 
 
-def test_effects_of_an_untrained_network_warn(tiny_adata):
+def test_effects_of_an_untrained_network_warn(tiny_adata, tmp_path):
     nd = _nd(tiny_adata)
     with pytest.warns(UserWarning, match="has not been trained"):
         nd.get_modifier_space()
+    nd.save(str(tmp_path / "untrained"))  # saved and loaded, still untrained
+    with pytest.warns(UserWarning, match="has not been trained"):
+        NDreamer.load(str(tmp_path / "untrained")).get_modifier_space()
 
 
 def test_second_training_recomputes_embedding_and_effects(tiny_adata):
@@ -287,7 +323,10 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     results.obs["batch"] = np.where(control, np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1"), "batch_2")
     results.write_h5ad(path)
     with pytest.warns(UserWarning, match="No batch holds both condition 'stimulated'"):
-        loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+        with pytest.warns(UserWarning, match=r"training state in .* does not match the saved results \(cell labels "
+                                             r"differ\): loaded without it"):
+            loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
+    assert loaded.trainer is None
     with pytest.raises(ValueError, match="takes no model"):  # its own network: a model would be ignored
         NDreamer.load(str(tmp_path / "nd"), device="cpu", model=object())
     assert loaded.results.n_obs == tiny_adata.n_obs

@@ -13,9 +13,9 @@ either ``"network"`` (trainable) or ``"latent"`` (a fixed embedding, e.g. a mode
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import re
 import warnings
 
 import anndata
@@ -42,7 +42,7 @@ from .losses import LossWeights
 from .network import NDreamerNetwork, checked_sizes
 from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
 from .representation import ModelRepresentation
-from .trainer import NDreamerTrainer
+from .trainer import NDreamerTrainer, expression_summary, training_fingerprint
 from ..seeding import rng_devices
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class NDreamer(ModelRepresentation, EffectQueries):
         batches = labels_of(obs, settings["batch_key"], "batch_key")
         self.batch_codes = np.stack([pd.Categorical(batches[:, j]).codes for j in range(batches.shape[1])], 1).astype(
             np.int64) if batches.shape[1] else np.zeros((len(obs), 0), dtype=np.int64)
-        self.network, self.trainer = None, None
+        self.network, self.trainer, self._expression_summary = None, None, None
         self._saved_network = False  # a network read from a saved folder (trained, though no trainer came with it)
         if settings["representation"] == NETWORK:
             batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
@@ -238,14 +238,11 @@ class NDreamer(ModelRepresentation, EffectQueries):
 
     def _fingerprint(self) -> dict:
         """What identifies this NDreamer's training data and settings (checked before resuming)."""
-        hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
-        # how effects are read off the matches does not change training: a checkpoint resumes across it
-        # dicts of reprs, so that a refused resume names the setting or loss weight that differs
-        # nor which groups are large enough to match into (it refuses, it does not train otherwise)
-        settings = {k: repr(v) for k, v in self.settings.items() if k not in ("factual", "min_cells_per_group")}
-        weights = {k: repr(v) for k, v in dataclasses.asdict(self.loss_weights).items()}
-        return {"cells": (self.results.n_obs, hashed(self.results.obs_names)), "genes": (len(self.genes), hashed(self.genes)),
-                "settings": settings, "loss_weights": weights}
+        if self._expression_summary is None:  # the expression never changes: summed once
+            self._expression_summary = expression_summary(self.expression)
+        labels = [self.condition_codes, self.batch_codes, self.label_low, self.label_high]
+        return training_fingerprint(self.results.obs_names, self.genes, self.settings, self.loss_weights,
+                                    self.design.conditions, labels, self._expression_summary)
 
     def train(self, n_epochs: float | None = None, progress_bar: bool = True, checkpoint_dir: str | None = None,
               checkpoint_every: int = K.CHECKPOINT_EVERY, gradient_clip: float | None = K.GRADIENT_CLIP_NORM) -> pd.DataFrame:
@@ -282,6 +279,8 @@ class NDreamer(ModelRepresentation, EffectQueries):
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         if self.trainer is None:
             self._make_trainer()
+        else:  # what the checkpoints of this call record: loss weights edited since the first call are part of it
+            self.trainer.fingerprint = self._fingerprint()
         t = self.trainer
         plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
@@ -332,6 +331,9 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if (self.trainer is None or self.trainer.step == 0) and not self._saved_network:
             warnings.warn("This NDreamer has not been trained: its embedding, and every effect matched in it, come "
                           "from a randomly initialised network. Call train() first.", UserWarning, stacklevel=2)
+        elif self.trainer is not None and self.trainer.interruption:
+            warnings.warn(f"Training was interrupted: the network was {self.trainer.interruption}. Call train() again "
+                          "to continue.", UserWarning, stacklevel=2)
         # one block of cells densified at a time: never a cells x genes dense array
         step = self.settings["batch_size"]
         parts = [self.network.embed(torch.as_tensor(self.expression[start : start + step].toarray(), device=self.device)).cpu()
@@ -364,6 +366,10 @@ class NDreamer(ModelRepresentation, EffectQueries):
         dir_path, overwrite
             Target folder; replace an NDreamer saved there.
         """
+        if self.network is not None and self.trainer is None:
+            self._make_trainer()  # an untrained network is saved with a training state of no steps, to load as such
+        elif self.trainer is not None:  # the saved training state records the loss weights and names as they are now
+            self.trainer.fingerprint = self._fingerprint()
         write_ndreamer(self, dir_path, overwrite)
 
     @classmethod
@@ -402,9 +408,18 @@ class NDreamer(ModelRepresentation, EffectQueries):
         if nd.network is not None:  # read_ndreamer has checked that the network file is there
             nd.network.load_state_dict(saved.network_state)
             nd.network.eval()
-            nd._saved_network = True
+            # trained, unless its training state says it never took a step (a save made before training)
+            nd._saved_network = saved.training_state is None or saved.training_state.get("step", 1) > 0
             if saved.training_state is not None:  # the history, optimiser and passes: a further train() goes on
-                nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
+                try:
+                    nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
+                except ValueError as error:  # the folder's files were edited: the network and results still load
+                    nd.trainer = None
+                    differ = re.search(r"\(([^()]*) differ\)", str(error))
+                    warnings.warn(f"The training state in {dir_path} does not match the saved results "
+                                  f"({differ.group(1) if differ else error} differ): loaded without it. The network "
+                                  "and the results are the saved ones; a further train() starts with a new optimiser "
+                                  "and history.", UserWarning, stacklevel=2)
         nd.results = saved.results
         if saved.effects_file is not None:
             nd.effects.load(saved.effects_file)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
+from ..data.source_state import names_digest, setting_text
 from ..optimizers import fused_optimizer
 from ..training import TrainingLoop
 from . import _constants as K
@@ -111,3 +114,52 @@ class NDreamerTrainer(TrainingLoop):
         """Restore :meth:`extra_state` (a checkpoint from the step-count schedule restarts the count)."""
         self.cells_since_reset = int(state.get("cells_since_reset", 0))
         self.resets = int(state.get("resets", 0))
+
+
+def training_fingerprint(cells: pd.Index, genes: pd.Index, settings: dict, loss_weights: LossWeights,
+                         conditions: list, labels: list, expression_summary: str) -> dict:
+    """What an NDreamer's training depends on: a checkpoint or a saved training state resumes only if it matches.
+
+    Parameters
+    ----------
+    cells, genes
+        The cell and gene names, in order.
+    settings
+        The NDreamer's settings (how effects are read off the matches is left out: training does not depend
+        on it, so a checkpoint resumes across it).
+    loss_weights
+        The loss weights.
+    conditions
+        The condition names, in the order of their codes.
+    labels
+        Per-cell integer arrays the network is trained with: condition codes, batch codes and the pseudo
+        cell-state labels (None entries are skipped).
+    expression_summary
+        A text that changes with the expression (:func:`expression_summary`).
+
+    Returns
+    -------
+    dict
+        Parts compared one by one, so that a refused resume names what differs.
+    """
+    # a sum of per-name hashes, as the first versions wrote it: a checkpoint of theirs keeps matching
+    hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
+    skipped = ("factual", "min_cells_per_group")
+    label_codes = [np.asarray(values, dtype=np.int64).ravel() for values in labels if values is not None]
+    return {"cells": (len(cells), hashed(cells)), "genes": (len(genes), hashed(genes)),
+            "settings": {k: repr(v) for k, v in settings.items() if k not in skipped},
+            "loss_weights": {k: repr(v) for k, v in dataclasses.asdict(loss_weights).items()},
+            # added later (ADDED_FINGERPRINT_PARTS): a relabelled design, or other data under the same names
+            "cell order": names_digest(cells),
+            "cell labels": f"{[str(c) for c in conditions]} {setting_text(np.concatenate(label_codes))}",
+            "expression": expression_summary}
+
+
+def expression_summary(expression) -> str:
+    """Shape, stored entries and the sum of the values of NDreamer's expression (CSR, or counts with factors)."""
+    if hasattr(expression, "factors"):  # LogNormalisedCounts: the counts and each cell's factor
+        parts = (expression.counts, expression.factors)
+    else:
+        parts = (expression.data,)
+    sums = [f"{float(np.sum(values, dtype=np.float64)):.12g}" for values in parts]
+    return f"{tuple(int(n) for n in expression.shape)} {len(parts[0])} entries, sums {' '.join(sums)}"
