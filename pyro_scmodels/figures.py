@@ -102,31 +102,63 @@ OTHER_LABEL = "other"
 def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
     """How :func:`plot_latent` colours a column: None for real numbers (a colour scale), else ``(label, cells)`` pairs.
 
-    The :data:`MAX_CATEGORIES_COLOURED` largest categories each get a colour (in sorted order); the cells of the
-    others are drawn in grey as one group labelled ``"other (N categories)"``, first, so that every cell is drawn
-    (only the first 20 categories were, and the rest of the cells were left out of the figure).
+    Text, booleans, a pandas categorical, and numbers that are all whole and take at most
+    :data:`MAX_CATEGORIES_COLOURED` values are categories; other numbers (a QC score, a count of genes) go on a
+    colour scale. The :data:`MAX_CATEGORIES_COLOURED` largest categories each get a colour (numbers in numeric
+    order, others sorted as text); the cells of the others are drawn in grey as one group labelled
+    ``"other (N categories)"``, first, so that every cell is drawn.
 
     Parameters
     ----------
     values
-        One value per cell.
+        One value per cell (a pandas Series keeps a categorical's dtype).
 
     Returns
     -------
     list of (str, numpy.ndarray) or None
         Labels and boolean masks that together cover every cell once.
     """
+    categorical = isinstance(getattr(values, "dtype", None), pd.CategoricalDtype)
     values = np.asarray(values)
-    if values.dtype.kind == "f" and not all(float(v).is_integer() for v in pd.unique(values[~np.isnan(values)])):
-        return None
+    numeric = values.dtype.kind in "iuf" and not categorical
+    if numeric:
+        distinct = pd.unique(values[~np.isnan(values)]) if values.dtype.kind == "f" else pd.unique(values)
+        whole = all(float(v).is_integer() for v in distinct)
+        if not whole or len(distinct) > MAX_CATEGORIES_COLOURED:
+            return None
     labels = pd.Series(values).astype(str)
     counts = labels.value_counts(sort=True)
-    coloured = sorted(counts.index[:MAX_CATEGORIES_COLOURED])
+    kept = list(counts.index[:MAX_CATEGORIES_COLOURED])
+    if numeric:
+        order = np.argsort([float(label) for label in kept], kind="stable")  # "nan" sorts last
+        coloured = [kept[i] for i in order]
+    else:
+        coloured = sorted(kept)
     groups = [(name, (labels == name).to_numpy()) for name in coloured]
     rest = ~labels.isin(coloured).to_numpy()
     if rest.any():
         groups.insert(0, (f"{OTHER_LABEL} ({counts.size - len(coloured)} categories)", rest))
     return groups
+
+
+def category_colours(n: int) -> list:
+    """``n`` distinct colours: matplotlib's ``tab10`` for up to 10 categories, ``tab20`` for up to 20."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if n <= 10 else "tab20"]
+    if n > palette.N:
+        raise ValueError(f"{n} categories; at most {palette.N} distinct colours.")
+    return [palette(i) for i in range(n)]
+
+
+def draw_groups(ax, coordinates: np.ndarray, groups: list[tuple[str, np.ndarray]]) -> None:
+    """Scatter each group of :func:`colour_groups` in its own colour (the "other" group in grey), with a legend."""
+    named = [name for name, _ in groups if not name.startswith(OTHER_LABEL)]
+    colours = dict(zip(named, category_colours(len(named))))
+    for name, chosen in groups:
+        colour = colours.get(name, "lightgrey")
+        ax.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=3, alpha=0.6, label=name, color=colour)
+    ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
 
 
 def plot_latent(latent: np.ndarray, obs: pd.DataFrame, colour_by: list[str], path: str, title: str = "latent",
@@ -162,16 +194,13 @@ def plot_latent(latent: np.ndarray, obs: pd.DataFrame, colour_by: list[str], pat
         if column is None:
             ax.scatter(coordinates[:, 0], coordinates[:, 1], s=3, alpha=0.6)
         else:
-            groups = colour_groups(np.asarray(obs[column])[shown])
+            groups = colour_groups(obs[column].iloc[shown])
             if groups is None:  # real numbers: a colour scale
                 points = ax.scatter(coordinates[:, 0], coordinates[:, 1], s=3, alpha=0.6,
                                     c=np.asarray(obs[column], dtype=float)[shown], cmap="viridis")
                 figure.colorbar(points, ax=ax)
             else:
-                for name, chosen in groups:
-                    grey = dict(color="lightgrey") if name.startswith(OTHER_LABEL) else {}
-                    ax.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=3, alpha=0.6, label=name, **grey)
-                ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
+                draw_groups(ax, coordinates, groups)
             ax.set_title(f"coloured by {column}")
         ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", xticks=[], yticks=[])
     figure.suptitle(f"{title} ({method})")

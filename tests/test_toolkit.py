@@ -201,7 +201,18 @@ def test_latent_figure_draws_every_cell_whatever_the_number_of_categories(tmp_pa
     assert (masks.sum(0) == 1).all()  # every cell in exactly one group
     assert groups[0][0] == "other (5 categories)" and len(groups) == figures.MAX_CATEGORIES_COLOURED + 1
     assert figures.colour_groups(np.linspace(0.1, 3.7, 300)) is None  # real numbers: a colour scale
-    assert [name for name, _ in figures.colour_groups(np.repeat([0.0, 6.0, 24.0], 100))] == ["0.0", "24.0", "6.0"]
+    assert [name for name, _ in figures.colour_groups(np.repeat([0.0, 6.0, 24.0], 100))] == ["0.0", "6.0", "24.0"]
+    # whole numbers with many values (a count of genes) go on a colour scale; a categorical of numbers is categories
+    assert figures.colour_groups(np.arange(300) * 3) is None and figures.colour_groups(np.arange(300.0)) is None
+    assert len(figures.colour_groups(pd.Series(np.arange(300) % 25).astype("category"))) == 21
+    # more than ten categories: each its own colour (the default cycle of ten gave type_00 and type_10 the same)
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    fifteen = figures.colour_groups(np.repeat([f"type_{i:02d}" for i in range(15)], 20))
+    figures.draw_groups(ax, np.random.default_rng(0).normal(size=(300, 2)), fifteen)
+    colours = {tuple(collection.get_facecolor()[0]) for collection in ax.collections}
+    assert len(ax.collections) == 15 and len(colours) == 15
     obs = pd.DataFrame({"cell_type": labels, "qc": np.linspace(0.1, 3.7, 300)})
     latent = np.random.default_rng(0).normal(size=(300, 4))
     path = figures.plot_latent(latent, obs, ["cell_type", "qc"], str(tmp_path / "latent.png"))
