@@ -122,6 +122,12 @@ def test_export_posterior_follows_cell2location_layout(fitted, tmp_path):
     assert adata.uns["RegularizedVI"]["settings"]["n_latent"] == 10
     adata.write_h5ad(tmp_path / "exported.h5ad")  # everything written is h5ad-compatible
     assert "means_ambient" in anndata.read_h5ad(tmp_path / "exported.h5ad").varm
+    # a second export at other levels: the first one's quantiles (of another fit, perhaps) do not stay beside it
+    adata.obs["q05_my_column"] = 1.0  # the user's own column, not a site's
+    fitted.export_posterior(adata, num_samples=10, quantiles=(0.1, 0.9))
+    assert {"q10_library", "q90_library", "q05_my_column"} <= set(adata.obs) and "q05_library" not in adata.obs
+    assert "q10_dispersion" in adata.varm and not [key for key in adata.varm if key.startswith(("q05", "q95"))]
+    assert not [key for key in adata.obsm if key.startswith(("q05", "q95"))] and "q10_z" in adata.obsm
 
 
 def test_render_model_draws_plates_and_sites(sim, monkeypatch, tmp_path):

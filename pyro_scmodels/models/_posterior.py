@@ -6,8 +6,8 @@ class: ``observation_sites``, ``derived_sites``, ``_indexed_batches`` and ``site
 
 from __future__ import annotations
 
-
 import os
+import re
 import shutil
 
 import numpy as np
@@ -128,6 +128,7 @@ class PosteriorMixin:
         """
         adata = self.adata if adata is None else adata
         summaries = self.sample_posterior(num_samples, adata=adata, batch_size=batch_size, quantiles=quantiles, seed=seed)
+        self._drop_other_quantiles(adata, list(summaries["means"]), [stat for stat in summaries if stat.startswith("q")])
         globals_out = {}
         for stat, sites in summaries.items():
             for name, value in sites.items():
@@ -156,6 +157,20 @@ class PosteriorMixin:
             "globals": globals_out,
         }
         return adata
+
+    def _drop_other_quantiles(self, adata, sites: list[str], labels: list[str]) -> None:
+        """Remove the quantiles of an earlier export at other levels (``q05_<site>`` beside a new ``q10_<site>``):
+        they would read as this export's, from another fit of the model."""
+        for name in sites:
+            stale = re.compile(rf"q[0-9][0-9.e+-]*_{re.escape(name)}")
+            tables = [(adata.obs, "columns"), (adata.obsm, "keys")]
+            feature_table = self._feature_table(name, adata)
+            tables.append((feature_table.varm, "keys"))
+            for table, names in tables:
+                keys = list(table.columns) if names == "columns" else list(table.keys())
+                for key in keys:
+                    if stale.fullmatch(str(key)) and str(key).split("_", 1)[0] not in labels:
+                        del table[key]
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results besides the sites that :meth:`export_posterior` writes to ``.obs`` (name -> values)."""
