@@ -48,6 +48,23 @@ def test_global_sites_count_once_and_cells_scale_with_minibatch(small):
             assert scales[site] == pytest.approx(200 / 20), site
 
 
+def test_validation_loss_weights_the_global_terms_as_the_training_loss_does(small):
+    """Per validation cell, the global sites' prior terms count 1 / n_train, as in the training loss: with 1 / n_val
+    the validation curve sat above the training curve for no reason of fit."""
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, train_size=0.8, **QUICK)
+    trainer = model.trainer
+    n_train, validation = len(trainer.train_indices), trainer.validation_indices
+    batch = trainer.data.minibatch(validation)
+    losses = {}
+    for name, n_obs in (("as training", n_train), ("as its own set", len(validation))):
+        torch.manual_seed(0)
+        losses[name] = trainer.loss(batch, n_obs, 1.0).item()
+    torch.manual_seed(0)
+    assert trainer._validation_loss(batch_size=len(validation)) == pytest.approx(losses["as training"], rel=1e-5)
+    assert losses["as its own set"] - losses["as training"] > 1.0  # the offset the old weighting added, per cell
+
+
 @pytest.mark.parametrize("n_global", [21, 1])
 def test_data_parallel_shards_scale_cells_by_n_over_the_global_minibatch(small, n_global):
     """On W ranks, rank r's shard B_r of a global minibatch B: globals count once, cells W N / |B|
