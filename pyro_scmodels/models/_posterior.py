@@ -47,7 +47,10 @@ class PosteriorMixin:
             The lower and upper quantiles reported.
         seed
             Seeds the guide's draws (the caller's random state is left as it was); None draws from torch's
-            global generator, as Pyro does.
+            global generator, as Pyro does. The draws repeat for the same cells, ``indices`` and
+            ``batch_size``; other minibatches draw other noise, so a cell's summary then moves within its
+            Monte Carlo error (about sd / sqrt(num_samples)). The getters (latent, expression) draw each
+            cell's noise from its own seeded stream instead, and do not move.
 
         Returns
         -------

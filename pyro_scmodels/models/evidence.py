@@ -92,7 +92,8 @@ class EvidenceQueries:
         return_mean
             Return the mean over cells; else one value per cell.
         seed
-            Seeds the guide's draw.
+            Seeds the guide's draw; as for ``sample_posterior``, the draw repeats for the same cells,
+            ``indices`` and ``batch_size`` (a one-draw estimate: other minibatches give another draw).
 
         Returns
         -------
