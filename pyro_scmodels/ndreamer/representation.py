@@ -8,6 +8,7 @@ the model-based counterfactual (:meth:`~ModelRepresentation.estimate_model_ite`)
 from __future__ import annotations
 
 import anndata
+import numpy as np
 import pandas as pd
 
 from .. import _validation as V
@@ -24,6 +25,23 @@ def _model_counts(model):
         raise ValueError(f"NDreamer.from_model needs a model of this package (with counts_source()); "
                          f"{type(model).__name__} is not one.")
     return model.counts_source()
+
+
+def _refuse_cells_without_counts(model, source, layer) -> None:
+    """A multimodal model keeps cells without counts in a modality; NDreamer's expression is the first modality's,
+    and needs counts for every cell. Checked before the latent is computed (in memory; a backed store is read once,
+    later, and refused there)."""
+    if not getattr(model, "masks_cells_without_counts", False) or getattr(source, "isbacked", False):
+        return
+    matrix = source.X if layer is None else source.layers[layer]
+    empty = int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
+    if empty:
+        modality = model.default_modality()
+        others = [m for m in getattr(model, "modalities", []) if m != modality]
+        raise ValueError(f"NDreamer.from_model reads its expression from the model's first modality, {modality!r}, "
+                         f"which has no counts for {empty} of its {matrix.shape[0]} cells. Build the model with a "
+                         f"modality that has counts for every cell first (modalities=[{', '.join(map(repr, others))}, "
+                         f"{modality!r}] or the order that puts it first), or give NDreamer a model of those cells.")
 
 
 class ModelRepresentation:
@@ -78,6 +96,7 @@ class ModelRepresentation:
         self = cls.__new__(cls)
         # the design is checked before the latent and the expression are computed (minutes at 10^6 cells)
         design = design_from_obs(model.adata.obs, settings)
+        _refuse_cells_without_counts(model, source, layer)
         latent = model.get_latent_representation()  # before the expression is held: the two never add up
         # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
         expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
