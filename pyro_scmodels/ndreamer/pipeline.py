@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 
 import anndata
@@ -32,11 +31,12 @@ from ..distributed import launched_world_size
 from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
-from ._persistence import EMBEDDING_KEY, NETWORK, read_ndreamer, write_ndreamer
+from ._persistence import EMBEDDING_KEY, NETWORK
 from .effect_queries import ITE_SETTINGS, EffectQueries, labels_of
 from .design import design_from_obs
 from .effects import FACTUAL_CHOICES, CounterfactualDesign
 from .matched_effects import MatchedEffects
+from .save_load import NDreamerSaveLoad
 from .loss_layout import minibatch_layout
 from .losses import LossWeights
 from .network import NDreamerNetwork, checked_sizes
@@ -51,7 +51,7 @@ ONE_PROCESS_ONLY = ("NDreamer trains in one process (its losses compare cells ac
 
 
 
-class NDreamer(ModelRepresentation, EffectQueries):
+class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
     """Learn an effect-modifier space and estimate batch effects and per-cell treatment effects.
 
     Parameters
@@ -355,72 +355,3 @@ class NDreamer(ModelRepresentation, EffectQueries):
             f"  batches ({', '.join(s['batch_key']) or 'none'}): {batches[:10] if batches else 'one'}",
             f"  layers computed: {', '.join(computed) if computed else 'none yet'}",
         ])
-
-    def save(self, dir_path: str, overwrite: bool = False) -> None:
-        """Write settings, results, matching state and the network (if any) into ``dir_path`` only.
-
-        A ``from_model`` NDreamer stores its latent (in the results) but not the model itself.
-
-        Parameters
-        ----------
-        dir_path, overwrite
-            Target folder; replace an NDreamer saved there.
-        """
-        if self.network is not None and self.trainer is None:
-            self._make_trainer()  # an untrained network is saved with a training state of no steps, to load as such
-        elif self.trainer is not None:  # the saved training state records the loss weights and names as they are now
-            self.trainer.fingerprint = self._fingerprint()
-        write_ndreamer(self, dir_path, overwrite)
-
-    @classmethod
-    def load(cls, dir_path: str, device: str = "auto", model=None) -> "NDreamer":
-        """Load an NDreamer written by :meth:`save`.
-
-        Parameters
-        ----------
-        dir_path, device
-            The folder; torch device.
-        model
-            For a ``from_model`` NDreamer: the same trained model, re-attached so that
-            :meth:`estimate_model_ite` works (without it that method raises). Its cells must be
-            the saved ones. Matching-based methods work without it (the latent is stored).
-
-        Returns
-        -------
-        NDreamer
-
-        Raises
-        ------
-        TypeError
-            An AnnData in place of ``device`` (scvi-tools' ``Model.load(dir_path, adata)``).
-        """
-        if not isinstance(device, str) and hasattr(device, "obs") and hasattr(device, "var_names"):
-            # scvi-tools' Model.load(dir_path, adata): an NDreamer saves its cells and expression with it
-            raise V.ArgumentTypeError("NDreamer.load(dir_path, device='auto', model=None) takes no AnnData: the cells and "
-                                      "the expression it needs are saved in the folder. Pass the trained model as model= "
-                                      "for a from_model NDreamer.")
-        saved = read_ndreamer(dir_path, model)
-        nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
-        obs = saved.results.obs.copy()
-        nd._setup(saved.settings, obs, saved.expression, pd.Index(saved.results.var_names), device, labels=saved.labels,
-                  loss_weights=saved.loss_weights, latent=saved.latent, model=model,
-                  design=design_from_obs(obs, saved.settings, saved=True))
-        if nd.network is not None:  # read_ndreamer has checked that the network file is there
-            nd.network.load_state_dict(saved.network_state)
-            nd.network.eval()
-            # trained, unless its training state says it never took a step (a save made before training)
-            nd._saved_network = saved.training_state is None or saved.training_state.get("step", 1) > 0
-            if saved.training_state is not None:  # the history, optimiser and passes: a further train() goes on
-                try:
-                    nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
-                except ValueError as error:  # the folder's files were edited: the network and results still load
-                    nd.trainer = None
-                    differ = re.search(r"\(([^()]*) differ\)", str(error))
-                    warnings.warn(f"The training state in {dir_path} does not match the saved results "
-                                  f"({differ.group(1) if differ else error} differ): loaded without it. The network "
-                                  "and the results are the saved ones; a further train() starts with a new optimiser "
-                                  "and history.", UserWarning, stacklevel=2)
-        nd.results = saved.results
-        if saved.effects_file is not None:
-            nd.effects.load(saved.effects_file)
-        return nd
