@@ -122,7 +122,9 @@ def non_negative_int(name: str, value) -> int:
 
 
 def seed(name: str, value) -> int:
-    """``value`` as a seed: an ``int`` in ``[0, 2**32 - 1]``, the range numpy's legacy seeding and scikit-learn take.
+    """``value`` as a seed passed to scikit-learn (NDreamer's PCA): an ``int`` in ``[0, 2**32 - 1]``, the range it takes.
+
+    Seeds that reach only torch and numpy's ``SeedSequence`` are :func:`non_negative_int` (no upper bound).
 
     Raises
     ------

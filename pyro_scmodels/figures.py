@@ -104,8 +104,9 @@ def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
 
     Text, booleans, a pandas categorical, and numbers that are all whole and take at most
     :data:`MAX_CATEGORIES_COLOURED` values are categories; other numbers (a QC score, a count of genes) go on a
-    colour scale. The :data:`MAX_CATEGORIES_COLOURED` largest categories each get a colour (numbers in numeric
-    order, others sorted as text); the cells of the others are drawn in grey as one group labelled
+    colour scale. The :data:`MAX_CATEGORIES_COLOURED` largest categories each get a colour (a categorical's in its
+    own order, numbers and numeric text such as Leiden's clusters in numeric order, other text sorted); the cells of
+    the others are drawn in grey as one group labelled
     ``"other (N categories)"``, first, so that every cell is drawn.
 
     Parameters
@@ -119,6 +120,7 @@ def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
         Labels and boolean masks that together cover every cell once.
     """
     categorical = isinstance(getattr(values, "dtype", None), pd.CategoricalDtype)
+    order = [str(c) for c in values.cat.categories] if categorical else None
     values = np.asarray(values)
     numeric = values.dtype.kind in "iuf" and not categorical
     if numeric:
@@ -129,9 +131,10 @@ def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
     labels = pd.Series(values).astype(str)
     counts = labels.value_counts(sort=True)
     kept = list(counts.index[:MAX_CATEGORIES_COLOURED])
-    if numeric:
-        order = np.argsort([float(label) for label in kept], kind="stable")  # "nan" sorts last
-        coloured = [kept[i] for i in order]
+    if order is not None:  # a categorical: its own order of categories
+        coloured = [name for name in order if name in kept] + sorted(set(kept) - set(order))
+    elif numeric or all(_is_number(label) for label in kept):  # numbers, or text such as Leiden's "0", "1", ..., "11"
+        coloured = [kept[i] for i in np.argsort([float(label) for label in kept], kind="stable")]  # "nan" last
     else:
         coloured = sorted(kept)
     groups = [(name, (labels == name).to_numpy()) for name in coloured]
@@ -139,6 +142,14 @@ def colour_groups(values) -> list[tuple[str, np.ndarray]] | None:
     if rest.any():
         groups.insert(0, (f"{OTHER_LABEL} ({counts.size - len(coloured)} categories)", rest))
     return groups
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def category_colours(n: int) -> list:

@@ -311,10 +311,9 @@ def untrained(adata):
     (dict(batch_size=2.5), TypeError, r"batch_size must be a positive integer, got 2\.5"),
     (dict(kl_warmup_epochs=-1), ValueError, r"kl_warmup_epochs must be a non-negative integer, got -1"),
     (dict(kl_warmup_epochs=1.5), TypeError, r"kl_warmup_epochs must be a non-negative integer, got 1\.5"),
-    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*32 - 1\], got -1"),
-    (dict(seed=2**40), ValueError, r"seed must be an integer in \[0, 2\*\*32 - 1\], got 1099511627776"),
+    (dict(seed=-1), ValueError, r"seed must be a non-negative integer, got -1"),
 ], ids=["train_size_type", "weight_decay_value", "weight_decay_type", "batch_size_type", "warmup_value",
-        "warmup_type", "seed", "seed_range"])
+        "warmup_type", "seed"])
 def test_train_argument_errors(untrained, arguments, error, message):
     with pytest.raises(error, match=message):
         untrained.train(**{**FIT, **arguments})

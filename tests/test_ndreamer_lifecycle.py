@@ -315,6 +315,7 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     import anndata
 
     nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
     nd.save(str(tmp_path / "nd"))
     path = tmp_path / "nd" / "results.h5ad"
     results = anndata.read_h5ad(path)
@@ -327,6 +328,14 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
                                              r"differ\): loaded without it"):
             loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
     assert loaded.trainer is None
+    with warnings.catch_warnings():  # its network is the saved one, not a new one to train
+        warnings.simplefilter("error", UserWarning)
+        loaded.get_modifier_space()
+    loaded.save(str(tmp_path / "again"))
+    with warnings.catch_warnings():  # saved again without a training state, it still loads as trained
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="No batch holds both")
+        NDreamer.load(str(tmp_path / "again"), device="cpu").get_modifier_space()
     with pytest.raises(ValueError, match="takes no model"):  # its own network: a model would be ignored
         NDreamer.load(str(tmp_path / "nd"), device="cpu", model=object())
     assert loaded.results.n_obs == tiny_adata.n_obs

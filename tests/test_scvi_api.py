@@ -446,7 +446,7 @@ def test_load_device_auto_chooses_cuda_when_available(model, tmp_path, monkeypat
 
 
 # --- the multimodal model ----------------------------------------------------------------------
-def test_multimodal_model_answers_the_same_calls(tmp_path):
+def test_multimodal_model_answers_the_same_calls(tmp_path, monkeypatch):
     mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=80, n_peaks=120, seed=2, atac_missing_fraction=0.1)
     ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="batch")
     model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
@@ -461,6 +461,21 @@ def test_multimodal_model_answers_the_same_calls(tmp_path):
                                errors["reconstruction_loss_rna"] + np.nan_to_num(errors["reconstruction_loss_atac"]), rtol=1e-5)
     means = model.get_reconstruction_error()
     np.testing.assert_allclose(means["reconstruction_loss_atac"], errors["reconstruction_loss_atac"][has_atac].mean(), rtol=1e-5)
+    # a NaN of a measured cell (a numerical problem) is not left out of the mean
+    from pyro_scmodels.models.evidence import EvidenceQueries
+
+    terms_of = EvidenceQueries._local_terms
+
+    def poisoned(self, batch, n_obs):
+        terms = terms_of(self, batch, n_obs)
+        terms["obs:obs_rna"] = terms["obs:obs_rna"].clone()
+        terms["obs:obs_rna"][0] = float("nan")
+        return terms
+
+    monkeypatch.setattr(EvidenceQueries, "_local_terms", poisoned)
+    assert np.isnan(model.get_reconstruction_error()["reconstruction_loss_rna"])
+    assert np.isnan(model.get_reconstruction_error()["reconstruction_loss"])
+    monkeypatch.undo()
     np.testing.assert_allclose(means["reconstruction_loss"], errors["reconstruction_loss"].mean(), rtol=1e-5)
     assert np.isfinite(model.get_elbo(return_mean=False)).all()
     np.testing.assert_allclose(model.get_marginal_ll(n_mc_samples=1, seed=1), model.get_elbo(seed=1), rtol=1e-6)

@@ -211,6 +211,10 @@ def test_latent_figure_draws_every_cell_whatever_the_number_of_categories(tmp_pa
     # whole numbers with many values (a count of genes) go on a colour scale; a categorical of numbers is categories
     assert figures.colour_groups(np.arange(300) * 3) is None and figures.colour_groups(np.arange(300.0)) is None
     assert len(figures.colour_groups(pd.Series(np.arange(300) % 25).astype("category"))) == 21
+    leiden = pd.Series((np.arange(300) % 12).astype(str))  # scanpy's clusters: text "0" ... "11"
+    assert [name for name, _ in figures.colour_groups(leiden)] == [str(i) for i in range(12)]
+    ordered = pd.Categorical(np.repeat(["b", "c", "a"], 100), categories=["c", "a", "b"])  # the user's order
+    assert [name for name, _ in figures.colour_groups(pd.Series(ordered))] == ["c", "a", "b"]
     # more than ten categories: each its own colour (the default cycle of ten gave type_00 and type_10 the same)
     from matplotlib.figure import Figure
 

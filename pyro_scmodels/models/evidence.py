@@ -69,13 +69,18 @@ class EvidenceQueries:
                 yield [self._local_terms(batch, n_obs) for _ in range(n_samples)]
 
     @staticmethod
-    def _reduce(parts: list[torch.Tensor], return_mean: bool):
+    def _reduce(parts: list[torch.Tensor], return_mean: bool, measured: list[torch.Tensor | None] | None = None):
+        """Per-cell values, or their mean; with ``measured`` (per part a mask, or None for every cell), the cells
+        outside it are NaN and the mean is over the cells in it (a NaN of a measured cell stays in the mean)."""
         values = torch.cat(parts).cpu().numpy().astype(np.float64)
+        keep = np.ones(len(values), dtype=bool)
+        if measured is not None:
+            keep = np.concatenate([np.ones(len(p), dtype=bool) if m is None else m.cpu().numpy()
+                                   for p, m in zip(parts, measured)])
+            values[~keep] = np.nan
         if not return_mean:
             return values
-        # NaN marks a cell without counts in a modality: the mean is over the cells measured
-        measured = values[~np.isnan(values)]
-        return float(measured.mean()) if len(measured) else float("nan")
+        return float(values[keep].mean()) if keep.any() else float("nan")
 
     def get_elbo(self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True,
                  seed: int = 0):
@@ -132,9 +137,7 @@ class EvidenceQueries:
         if len(per_site) > 1:
             for site, parts in per_site.items():
                 modality = self.site_modality(site)
-                parts = [part if mask is None else torch.where(mask, part, torch.nan)
-                         for part, mask in zip(parts, measured[site])]
-                result[f"reconstruction_loss_{modality or site}"] = self._reduce(parts, return_mean)
+                result[f"reconstruction_loss_{modality or site}"] = self._reduce(parts, return_mean, measured[site])
         return result
 
     def get_marginal_ll(self, adata=None, indices=None, n_mc_samples: int = 1000, batch_size: int | None = None,

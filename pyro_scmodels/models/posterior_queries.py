@@ -94,7 +94,7 @@ class PosteriorQueries:
         self._check_trained()
         if n_samples is not None:
             n_samples = V.positive_int("n_samples", n_samples)
-        seed = V.seed("seed", seed)
+        seed = V.non_negative_int("seed", seed)
         guide = self.module.guide.eval()
         # each cell's draws from its own seeded block, so results depend neither on torch's global state nor on the
         # other cells of the call

@@ -155,11 +155,13 @@ def training_fingerprint(cells: pd.Index, genes: pd.Index, settings: dict, loss_
             "expression": expression_summary}
 
 
-def expression_summary(expression) -> str:
-    """Shape, stored entries and the sum of the values of NDreamer's expression (CSR, or counts with factors)."""
-    if hasattr(expression, "factors"):  # LogNormalisedCounts: the counts and each cell's factor
-        parts = (expression.counts, expression.factors)
-    else:
-        parts = (expression.data,)
-    sums = [f"{float(np.sum(values, dtype=np.float64)):.12g}" for values in parts]
-    return f"{tuple(int(n) for n in expression.shape)} {len(parts[0])} entries, sums {' '.join(sums)}"
+def expression_summary(expression, block_cells: int = 100_000) -> str:
+    """Shape and the sum of the log-normalised values of NDreamer's expression.
+
+    Summed over the values themselves, a block of cells at a time, so that the same data held as a float32 CSR (in
+    memory) or as counts with size factors (from a backed input) read the same.
+    """
+    total = 0.0
+    for start in range(0, expression.shape[0], block_cells):
+        total += float(np.sum(expression[start : start + block_cells].data, dtype=np.float64))
+    return f"{tuple(int(n) for n in expression.shape)}, sum {total:.12g}"
