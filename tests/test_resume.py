@@ -212,3 +212,32 @@ def test_a_call_that_asks_for_no_split_is_not_told_the_kept_one_differs(small, t
         loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), small.copy(), device="cpu")
         loaded.train(max_epochs=1, **QUICK)
     np.testing.assert_array_equal(np.sort(resumed.train_indices), np.arange(150))
+
+
+def test_a_checkpoint_of_other_counts_covariates_or_cell_order_under_the_same_names_is_refused(small, tmp_path):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+    thinned = small.copy()
+    thinned.layers["counts"] = thinned.layers["counts"].copy()
+    thinned.layers["counts"].data = np.ceil(thinned.layers["counts"].data / 2)
+    relabelled = small.copy()
+    relabelled.obs["batch"] = relabelled.obs["batch"].to_numpy()[np.random.default_rng(0).permutation(200)]
+    for adata, differ in ((thinned, r"counts\.x"), (relabelled, r"cell covariates\.ambient_index"),
+                          (small[::-1].copy(), "cell order")):
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+        with pytest.raises(ValueError, match=rf"different data or settings \(.*{differ}.*differ\)"):
+            ps.RegularizedVI(adata, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+
+
+def test_a_saved_model_loaded_onto_its_cells_reordered_or_other_counts_does_not_reuse_the_split(small, tmp_path):
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, **QUICK)
+    model.save(str(tmp_path / "model"))
+    reordered = small[::-1].copy()  # the split's positions would point at other cells
+    assert ps.RegularizedVI.load(str(tmp_path / "model"), adata=reordered).trainer is None
+    thinned = small.copy()
+    thinned.layers["counts"] = thinned.layers["counts"].copy()
+    thinned.layers["counts"].data = np.ceil(thinned.layers["counts"].data / 2)
+    with pytest.warns(UserWarning, match=r"data differ from those the model was trained on \(counts\.x differ\)"):
+        loaded = ps.RegularizedVI.load(str(tmp_path / "model"), adata=thinned)
+    assert loaded.trainer is None and len(loaded.history) == 2
+    assert ps.RegularizedVI.load(str(tmp_path / "model"), adata=small.copy()).trainer is not None  # the same data

@@ -9,6 +9,8 @@ the parameters, the training state and optionally the data, atomically, and rebu
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import pandas as pd
 import torch
@@ -101,13 +103,23 @@ class SavedModel:
         self.is_trained = payload["is_trained"]
         saved = payload.get("trainer")
         if saved is not None:
-            if saved["fingerprint"].get("cells") == self._fingerprint()["cells"]:
-                self.trainer = SVITrainer(self.module.model, self.module.guide, self._cell_data(), saved["train_indices"],
-                                          saved["validation_indices"], fingerprint=self._fingerprint())
-                self.trainer.load_state(saved)
-            else:
+            now, then = self._fingerprint(), saved["fingerprint"]
+            # the split is kept as positions: it needs the same cells in the same order (an older save lacks the order)
+            same_cells = then.get("cells") == now["cells"] and then.get("cell order", now["cell order"]) == now["cell order"]
+            self.trainer = None
+            if same_cells:
+                trainer = SVITrainer(self.module.model, self.module.guide, self._cell_data(), saved["train_indices"],
+                                     saved["validation_indices"], fingerprint=now)
+                try:
+                    trainer.load_state(saved)
+                    self.trainer = trainer
+                except ValueError as error:  # the same cells with other counts or covariates: other data
+                    differ = re.search(r"\(([^()]*) differ\)", str(error))
+                    warnings.warn(f"The data differ from those the model was trained on ({differ.group(1) if differ else error} "
+                                  "differ): the model is loaded with its parameters and history, and a further train() "
+                                  "starts a new split and optimiser.", UserWarning, stacklevel=4)
+            if self.trainer is None:
                 # other cells than in training: the history is kept, the split and optimiser are not
-                self.trainer = None
                 self._loaded_history = saved["history"]
         self.module.eval()
 
@@ -158,4 +170,11 @@ class SavedModel:
             **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
+            # added later (ADDED_FINGERPRINT_PARTS): the split is kept as positions, so the cells' order counts; other
+            # counts or relabelled cells under the same names resumed silently
+            "cell order": names_digest(self.adata.obs_names),
+            "cell covariates": {role: setting_text(values.numpy()) for role, values in data.covariates.items()},
+            "counts": {name: "not read (on disk)" if matrix.fingerprint["sum"] is None
+                       else f"{matrix.fingerprint['nnz']} entries, sum {matrix.fingerprint['sum']:.12g}"
+                       for name, matrix in data.modalities.items()},
         }
