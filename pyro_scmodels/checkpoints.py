@@ -111,6 +111,20 @@ class LoopCheckpoints:
             if self.parallel.is_writer:
                 logger.info("Resumed from %s at epoch %d.", path, self.epoch)
 
+    def _refuse_another_runs_checkpoint(self, path: str) -> None:
+        """Before a loop that has trained writes to ``path``: refuse a checkpoint there of another run on other data
+        or settings (it would be overwritten; a loop's first call resumes from it or refuses it instead)."""
+        def summary():
+            if not os.path.exists(path):
+                return None
+            state = load_torch_file(path, "training checkpoint")
+            return {key: state.get(key) for key in ("run", "loop", "fingerprint")}
+
+        found = self.parallel.from_writer(summary)
+        if found is not None and found.get("run") != self.run_id:
+            check_saved_state(found, type(self).__name__, self.modules, self.fingerprint,
+                              f"Checkpoint {path} (of another run, which this one would overwrite)")
+
     def after_resume(self) -> None:  # noqa: B027 (a hook)
         """Called once a checkpoint was resumed: take up this call's settings where the state brought back older ones."""
 
@@ -119,6 +133,7 @@ class LoopCheckpoints:
         modules = {name: module.state_dict() for name, module in self.modules.items()} if include_modules else {}
         return {
             **modules,
+            "run": self.run_id,  # which run wrote it: a run resumed from it, or a model loaded from a save, takes it up
             "loop": type(self).__name__,  # which model's training wrote it (they share the file name checkpoint.pt)
             "fingerprint": self.fingerprint,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -130,9 +145,12 @@ class LoopCheckpoints:
             **self.extra_state(),
         }
 
-    def load_state(self, state: dict, source: str = "the saved state") -> None:
-        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError``."""
-        check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
+    def load_state(self, state: dict, source: str = "the saved state", check: bool = True) -> None:
+        """Restore :meth:`state`; a state from other cells, genes or settings raises ``ValueError`` (unless
+        ``check`` is False: this loop's own state, kept in memory)."""
+        if check:
+            check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
+        self.run_id = state.get("run", self.run_id)
         if all(name in state for name in self.modules):
             for name, module in self.modules.items():
                 module.load_state_dict(state[name])

@@ -242,10 +242,10 @@ class SVITrainer(TrainingLoop):
         return {"train_indices": self.train_indices, "validation_indices": self.validation_indices,
                 "global_lr_factor": self.global_lr_factor}
 
-    def load_state(self, state: dict, source: str = "the saved state") -> None:
+    def load_state(self, state: dict, source: str = "the saved state", check: bool = True) -> None:
         """As :meth:`TrainingLoop.load_state`, with Adam's groups built as they were saved."""
         self.global_lr_factor = state.get("global_lr_factor", 1.0)
-        super().load_state(state, source)
+        super().load_state(state, source, check)
 
     def load_extra_state(self, state: dict) -> None:
         """Restore the train / validation split."""

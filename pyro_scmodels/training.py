@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -121,6 +122,9 @@ class TrainingLoop(LoopCheckpoints):
         self.epoch = 0
         self.step = 0
         self.interruption: str | None = None  # set by Ctrl-C during fit: how far training got
+        # where the interrupted call started, and the state after its last whole epoch: the next call finishes it
+        self._interrupted_call: dict | None = None
+        self.run_id = uuid.uuid4().hex  # which run a checkpoint belongs to (a resume takes the checkpoint's)
         self._best = math.inf
         self._epochs_without_improvement = 0
         self.parallel = SingleProcess()
@@ -300,10 +304,27 @@ class TrainingLoop(LoopCheckpoints):
         with reuse_freed_memory():
             return self._fit(plan, seed)
 
+    def call_start(self) -> tuple[int, int]:
+        """(epoch, step) that a call's number of epochs counts from: where an interrupted call started (the next
+        call takes it up and finishes it), else where training stands."""
+        call = self._interrupted_call
+        return (call["epoch"], call["step"]) if self.interruption and call is not None else (self.epoch, self.step)
+
     def _fit(self, plan, seed: int) -> pd.DataFrame:
+        call, self._interrupted_call = self._interrupted_call, None
+        if self.interruption and call is not None and call["boundary"] is not None:
+            # the interrupted epoch's steps are undone: the state after the last whole epoch, then those steps again,
+            # as a resume from the checkpoint does (the run then repeats the uninterrupted one)
+            self.load_state(call["boundary"], check=False)
+            self.after_resume()  # this call's optimiser settings, as after a resume
+            if self.parallel.is_writer:
+                logger.info("Taking up the interrupted call from epoch %d, its last whole one.", self.epoch)
         self.interruption = None
+        start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
         if plan.checkpoint_path and self.epoch == 0:
             self._resume(plan.checkpoint_path)
+        elif plan.checkpoint_path:
+            self._refuse_another_runs_checkpoint(plan.checkpoint_path)
             if plan.early_stopping and self._epochs_without_improvement >= plan.patience:
                 # the checkpoint's run already stopped early: running the same call again finds it finished
                 # (without this, each re-run trained one more epoch before the same test stopped it again)
@@ -313,9 +334,9 @@ class TrainingLoop(LoopCheckpoints):
             self.prepare()
             self._make_optimizer()
         writer = self.parallel.is_writer
-        # the state at the last epoch boundary: what Ctrl-C writes, so that --resume repeats the uninterrupted run
-        keep_boundary = bool(plan.checkpoint_path and writer)
-        boundary = self._boundary_state() if keep_boundary else None
+        # the state at the last epoch boundary: what Ctrl-C writes (so that --resume repeats the uninterrupted run)
+        # and what the next call starts from; kept by every rank, so that they all take the interrupted call up alike
+        boundary = self._boundary_state()
         written = None  # the epoch whose state was last written (the end of the run need not write it again)
         bar = tqdm(total=plan.max_epochs, initial=min(self.epoch, plan.max_epochs), desc=self.description,
                    disable=not (plan.progress_bar and writer), unit="epoch")
@@ -338,24 +359,25 @@ class TrainingLoop(LoopCheckpoints):
                 # the stop test runs before the state is kept, so that a checkpoint holds its counters
                 monitored = record.get("validated", True)
                 stop = plan.early_stopping and monitored and self._should_stop(validation_loss, train_loss, plan)
-                if keep_boundary:
-                    boundary = self._boundary_state()
-                    if self.epoch % plan.checkpoint_every == 0:
-                        self._write_state(boundary, plan.checkpoint_path)
-                        written = self.epoch
+                boundary = self._boundary_state()
+                if plan.checkpoint_path and writer and self.epoch % plan.checkpoint_every == 0:
+                    self._write_state(boundary, plan.checkpoint_path)
+                    written = self.epoch
                 if stop:
                     logger.info("Early stopping at epoch %d: no improvement > %.3g for %d epochs.", self.epoch, plan.min_delta, plan.patience)
                     break
         except KeyboardInterrupt:
             self.interruption = f"trained for {self.epoch} of {plan.max_epochs} epochs (interrupted at step {self.step})"
-            if boundary is not None:
+            self._interrupted_call = {"epoch": start[0], "step": start[1], "boundary": boundary}
+            if plan.checkpoint_path and writer:
                 # the last whole epoch's state, not the interrupted step's: a resumed run then repeats the
                 # uninterrupted one bit for bit (the steps of the interrupted epoch are trained again)
                 self._write_state(boundary, plan.checkpoint_path)
                 logger.warning("Interrupted: %s; the state after epoch %d (the last whole one) written to %s.",
                                self.interruption, boundary["epoch"], plan.checkpoint_path)
             else:
-                logger.warning("Interrupted: %s; the parameters of the last step are kept.", self.interruption)
+                logger.warning("Interrupted: %s; the parameters of the last step are kept until the next call, which "
+                               "starts again from epoch %d.", self.interruption, boundary["epoch"])
             raise
         finally:
             bar.close()

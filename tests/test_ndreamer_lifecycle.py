@@ -192,6 +192,14 @@ def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypat
     assert nd.trainer.step == 1
     with pytest.warns(UserWarning, match=r"Training was interrupted: the network was trained for 0 of 1 epochs"):
         nd.get_modifier_space()
+    # the same call again finishes the interrupted one from its last whole pass, as an uninterrupted run
+    monkeypatch.undo()
+    nd.train(n_epochs=1, progress_bar=False)
+    straight = _nd(tiny_adata)
+    straight.train(n_epochs=1, progress_bar=False)
+    assert nd.trainer.step == straight.trainer.step and len(nd.history) == 1
+    for name, value in _state(straight).items():
+        torch.testing.assert_close(_state(nd)[name], value, rtol=0, atol=0)
 
 
 def test_more_neighbours_than_any_group_holds_says_so(tiny_adata):

@@ -156,6 +156,41 @@ def test_a_run_resumed_after_ctrl_c_repeats_the_uninterrupted_run(small, tmp_pat
     # bit for bit (the interrupted step's state was written, and its epoch's steps were trained twice)
     np.testing.assert_array_equal(resumed.history.to_numpy(), straight.history.to_numpy())
     np.testing.assert_array_equal(resumed.get_latent_representation(), straight.get_latent_representation())
+    # the same object, the same call run again (with or without checkpoints): it finishes the interrupted call from
+    # its last whole epoch (it trained max_epochs more, from the interrupted step's parameters: 7 epochs, not 4)
+    for checkpoint_dir in (None, str(tmp_path / "again")):
+        steps["n"] = 0
+        model = ps.RegularizedVI(small, **SMALL)
+        monkeypatch.setattr(SVITrainer, "after_step", ctrl_c_inside_the_third_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            model.train(max_epochs=4, checkpoint_dir=checkpoint_dir, **QUICK)
+        monkeypatch.undo()
+        with pytest.warns(UserWarning, match="Call train\\(\\) again with the same max_epochs to finish that call"):
+            model.get_latent_representation()
+        model.train(max_epochs=4, checkpoint_dir=checkpoint_dir, **QUICK)
+        assert model.trainer.epoch == 4 and len(model.history) == 4
+        np.testing.assert_array_equal(model.history.to_numpy(), straight.history.to_numpy())
+        np.testing.assert_array_equal(model.get_latent_representation(), straight.get_latent_representation())
+
+
+def test_a_trained_model_does_not_overwrite_another_runs_checkpoint(small, tmp_path):
+    other = small.copy()
+    other.layers["counts"] = other.layers["counts"].copy()
+    other.layers["counts"].data = np.ceil(other.layers["counts"].data / 2)
+    ps.RegularizedVI.setup_anndata(other, layer="counts", batch_key="batch")
+    ps.RegularizedVI(other, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path / "other"), **QUICK)
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=1, checkpoint_dir=str(tmp_path / "mine"), **QUICK)
+    written = (tmp_path / "other" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"of another run, which this one would overwrite\) was written for different "
+                                         r"data or settings \(counts\.x differ\)"):
+        model.train(max_epochs=1, checkpoint_dir=str(tmp_path / "other"), **QUICK)
+    assert (tmp_path / "other" / "checkpoint.pt").read_bytes() == written
+    model.train(max_epochs=1, checkpoint_dir=str(tmp_path / "mine"), **QUICK)  # its own run's checkpoint
+    model.save(str(tmp_path / "saved"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small.copy())
+    loaded.train(max_epochs=1, checkpoint_dir=str(tmp_path / "mine"), **QUICK)  # the same run, loaded
+    assert loaded.trainer.epoch == 3
 
 
 def test_a_subclassed_model_is_not_loaded_or_resumed_as_the_plain_one(small, tmp_path):

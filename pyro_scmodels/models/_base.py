@@ -272,10 +272,11 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         if early_stopping_min_delta is None:
             early_stopping_min_delta = data.n_features * C.EARLY_STOPPING_MIN_DELTA_PER_GENE
         # max_epochs counts this call's epochs; a run resumed from a checkpoint starts at 0 here and
-        # continues from the checkpoint's epoch inside fit, so it completes to max_epochs in all
+        # continues from the checkpoint's epoch inside fit, so it completes to max_epochs in all; after Ctrl-C
+        # they count from where the interrupted call started, which this call finishes
         self.trainer.reset_early_stopping()
         plan = TrainingPlan(
-            max_epochs=self.trainer.epoch + max_epochs, batch_size=batch_size,
+            max_epochs=self.trainer.call_start()[0] + max_epochs, batch_size=batch_size,
             kl_warmup_epochs=settings["kl_warmup_epochs"], kl_warmup_steps=settings["kl_warmup_steps"],
             early_stopping=early_stopping, patience=early_stopping_patience, min_delta=early_stopping_min_delta,
             gradient_clip=settings["gradient_clip"], validate_every=validate_every,
@@ -321,7 +322,8 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=4)
         elif self.trainer is not None and self.trainer.interruption:
             warnings.warn(f"Training was interrupted: the model was {self.trainer.interruption}. Call train() again "
-                          "to continue.", stacklevel=4)
+                          "with the same max_epochs to finish that call (it starts again from the last whole epoch).",
+                          stacklevel=4)
 
     @property
     def train_indices(self) -> np.ndarray:

@@ -282,7 +282,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         else:  # what the checkpoints of this call record: loss weights edited since the first call are part of it
             self.trainer.fingerprint = self._fingerprint()
         t = self.trainer
-        plan = LoopPlan(max_epochs=t.epoch + int(np.ceil(passes)), max_steps=t.step + t.steps_for(passes),
+        epoch, step = t.call_start()  # after Ctrl-C: where the interrupted call started, which this one finishes
+        plan = LoopPlan(max_epochs=epoch + int(np.ceil(passes)), max_steps=step + t.steps_for(passes),
                         gradient_clip=gradient_clip, progress_bar=progress_bar,
                         checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE),
                         checkpoint_every=checkpoint_every)  # LoopPlan checks its settings
@@ -333,7 +334,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                           "from a randomly initialised network. Call train() first.", UserWarning, stacklevel=2)
         elif self.trainer is not None and self.trainer.interruption:
             warnings.warn(f"Training was interrupted: the network was {self.trainer.interruption}. Call train() again "
-                          "to continue.", UserWarning, stacklevel=2)
+                          "with the same n_epochs to finish that call (it starts again from the last whole pass).",
+                          UserWarning, stacklevel=2)
         # one block of cells densified at a time: never a cells x genes dense array
         step = self.settings["batch_size"]
         parts = [self.network.embed(torch.as_tensor(self.expression[start : start + step].toarray(), device=self.device)).cpu()
