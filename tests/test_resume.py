@@ -268,7 +268,11 @@ def test_a_saved_model_loaded_onto_its_cells_reordered_or_other_counts_does_not_
     model.train(max_epochs=2, **QUICK)
     model.save(str(tmp_path / "model"))
     reordered = small[::-1].copy()  # the split's positions would point at other cells
-    assert ps.RegularizedVI.load(str(tmp_path / "model"), adata=reordered).trainer is None
+    on_reordered = ps.RegularizedVI.load(str(tmp_path / "model"), adata=reordered)
+    assert on_reordered.trainer is None
+    on_reordered.train(max_epochs=2, **QUICK)  # trained on: its history goes on (it was dropped) from epoch 2
+    assert list(on_reordered.history.index) == [0, 1, 2, 3] and on_reordered.trainer.epoch == 4
+    assert (on_reordered.history["kl_weight"].iloc[2:] == 1.0).all()  # no second KL warm-up
     thinned = small.copy()
     thinned.layers["counts"] = thinned.layers["counts"].copy()
     thinned.layers["counts"].data = np.ceil(thinned.layers["counts"].data / 2)

@@ -302,6 +302,13 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,
                                       fingerprint=self._fingerprint())
             self.trainer.split_asked = size_asked or split is not None  # a resume then says it keeps another split
+            loaded = getattr(self, "_loaded_history", None)
+            if loaded is not None and len(loaded):
+                # a saved model loaded onto other cells trains on: its history goes on (it was dropped) and its epochs
+                # count (KL warm-up does not start again on a trained model), with a new split and optimiser
+                self.trainer.history = loaded.copy()
+                self.trainer.epoch = len(loaded)
+                self._loaded_history = None
             return
         self.trainer.move_optimizer_state()
         # what the checkpoints of this call record: a prior buffer edited since the first call is part of it
