@@ -117,6 +117,17 @@ def test_bad_scvi_train_arguments_fail_before_training(untrained, arguments, mes
     assert not untrained.is_trained and untrained.trainer is None
 
 
+def test_scvi_train_arguments_without_a_counterpart_say_what_to_use(untrained):
+    with pytest.raises(TypeError, match=r"validation_size: pass train_size.*; enable_progress_bar: progress_bar; "
+                                        r"bogus: not an argument of RegularizedVI\.train"):
+        untrained.train(max_epochs=1, validation_size=0.2, enable_progress_bar=False, bogus=1)
+    assert untrained.trainer is None
+    untrained.train(max_epochs=1, progress_bar=False, shuffle_set_split=True, load_sparse_tensor=False,
+                    early_stopping_monitor="elbo_validation")  # what this package does: accepted
+    with pytest.raises(TypeError, match="early_stopping_monitor: early stopping watches the validation loss"):
+        untrained.train(max_epochs=1, early_stopping_monitor="reconstruction_loss_validation")
+
+
 def test_scvi_train_arguments_take_effect(untrained):
     train, validation = np.arange(0, 200), np.arange(200, 260)
     untrained.train(max_epochs=1, accelerator="cpu", devices=1, plan_kwargs={"lr": 3e-3, "weight_decay": 0.0,

@@ -29,6 +29,8 @@ from .evidence import EvidenceQueries
 from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
+from . import scvi_arguments as scvi_names
+from .scvi_arguments import refuse_scvi_arguments
 from .train_options import checked_settings, external_split, merge_plan_kwargs
 from ..seeding import seeded
 
@@ -160,6 +162,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         datasplitter_kwargs: dict | None = None,
         check_val_every_n_epoch: int = 1,
         strategy: str | None = None,
+        **scvi_arguments,
     ) -> TrainingHistory:
         """Fit the model with stochastic variational inference.
 
@@ -227,12 +230,18 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             positions (instead of ``train_size``); DataLoader options are refused (none is used).
         check_val_every_n_epoch
             Compute the validation loss every this many epochs (others record NaN).
+        **scvi_arguments
+            scvi-tools' ``train`` arguments that have no counterpart here are refused, each with what to use
+            instead (``validation_size``, ``enable_progress_bar``, ...); their values that are what this
+            package does (``shuffle_set_split=True``, ``load_sparse_tensor=False``,
+            ``early_stopping_monitor="elbo_validation"``) are accepted.
 
         Returns
         -------
         TrainingHistory
             The training history (also in :attr:`history`).
         """
+        refuse_scvi_arguments(scvi_arguments, scvi_names.TRAIN, f"{type(self).__name__}.train")
         if not any(parameter.requires_grad for parameter in self.module.parameters()):
             raise ValueError("Every parameter of this model is frozen: there is nothing to train. A query model whose "
                              "categories are all known to the reference is ready to use as it is (or build it with "

@@ -37,10 +37,21 @@ MODEL = {
     "use_layer_norm": "every hidden layer has a LayerNorm without affine parameters and no BatchNorm",
 }
 
+TRAIN = {
+    "validation_size": "pass train_size; the validation cells are the rest",
+    "shuffle_set_split": ("the split is random, seeded by seed (scvi-tools' default True); fix it with "
+                          "datasplitter_kwargs={'external_indexing': [train, validation]}"),
+    "load_sparse_tensor": ("the counts stay sparse and only each minibatch's rows are made dense; counts_on_device=True "
+                           "holds them on the GPU"),
+    "early_stopping_monitor": ("early stopping watches the validation loss (scvi-tools' 'elbo_validation'), or the "
+                               "training loss when there are no validation cells"),
+    "enable_progress_bar": "progress_bar",
+}
 
 # scvi-tools' values that say what this package does anyway: accepted, so that a script ported from scvi-tools runs
 # ("dispersion": "gene" is not among them: with a dispersion_key this package's dispersion is per category)
-SAME_AS_HERE = {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False}
+SAME_AS_HERE = {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False,
+                "shuffle_set_split": True, "load_sparse_tensor": False, "early_stopping_monitor": "elbo_validation"}
 
 
 def refuse_scvi_arguments(given: dict, table: dict[str, str], call: str) -> None:
