@@ -66,7 +66,12 @@ def package_version(distribution: str) -> str | None:
 
 
 def update_results(path: Path, section: str, title: str) -> None:
-    """Replace (or append) the ``title`` section of ``path``, keeping the others.
+    """Replace (or append) the generated part of the ``title`` section of ``path``, keeping everything else.
+
+    The generated part runs from ``title`` to the section's first ``### `` subsection that the new section does not
+    write itself (or the next level-2 heading): the subsections written under it by hand (earlier runs, notes) stay,
+    after the new figures. The file is written
+    under a temporary name and renamed, so that a crash never leaves half a file.
 
     Parameters
     ----------
@@ -85,8 +90,11 @@ def update_results(path: Path, section: str, title: str) -> None:
     if start is None:
         before, after = lines, []
     else:
-        # the section ends at the next level-2 (or level-1) heading
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))), len(lines))
+        # the generated part ends at the next level-2 (or level-1) heading, or at the first subsection that the new
+        # section does not write itself (a script may write subsections of its own: those are replaced)
+        own = {line.strip() for line in section.splitlines() if line.startswith("### ")}
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))
+                    or (lines[j].startswith("### ") and lines[j].strip() not in own)), len(lines))
         before, after = lines[:start], lines[end:]
     while before and not before[-1].strip():
         before.pop()
@@ -94,7 +102,14 @@ def update_results(path: Path, section: str, title: str) -> None:
     if after:
         text += "\n" + "\n".join(after).rstrip("\n") + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary.exists():
+            temporary.unlink()
+        raise
 
 
 def status_mib(field: str) -> float | None:

@@ -43,8 +43,8 @@ def main() -> None:
     model.train(max_epochs=1, **settings)  # warm-up (process group, DDP buckets, allocator)
     before = len(model.history)
     start = time.perf_counter()
-    # max_epochs counts all epochs or this call's, depending on the version: count the rows instead
-    model.train(max_epochs=1 + args.epochs, **settings)
+    # max_epochs counts this call's epochs (a second call trains that many more); the rows are counted all the same
+    model.train(max_epochs=args.epochs, **settings)
     seconds = time.perf_counter() - start
     epochs = len(model.history) - before
     if is_writer():

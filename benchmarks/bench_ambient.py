@@ -44,6 +44,8 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _cellbender import background_of_channel, find_cellbender  # noqa: E402
-from _common import hardware_facts, update_results  # noqa: E402
+from _common import hardware_facts, now, update_results  # noqa: E402
 
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets  # noqa: E402
 from pyro_scmodels import metrics as M  # noqa: E402
@@ -371,6 +373,7 @@ def main(argv=None) -> None:
     parser.add_argument("--write", action="store_true", help="replace this design's section of RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     rows = []
     for name in args.variants.split(","):
         if args.design == "simulator":
@@ -386,10 +389,17 @@ def main(argv=None) -> None:
         print(table.splitlines()[-1], flush=True)
     print(table)
     if args.write:
-        title = f"## Ambient: {args.design}" + (" (soup per droplet)" if args.design == "spikein" and args.soup == "per-droplet" else "")
+        # the sections' titles in RESULTS.md ("spikein" wrote a new section beside "spike-in on PBMC")
+        title = "## Ambient: simulator" if args.design == "simulator" else "## Ambient: spike-in on PBMC"
+        if args.design == "spikein" and args.soup == "per-droplet":
+            title += " (soup per droplet)"
         settings = (f"{args.n_cells} cells x {args.n_genes} genes, " if args.design == "simulator" else "") + \
             f"{args.epochs} epochs, lr {args.lr:g}, no early stopping; " + ", ".join(f"{k}: {v}" for k, v in hardware_facts().items())
-        update_results(RESULTS, f"{title}\n\n{settings}.\n\n{table}\n", title)
+        load_after = os.getloadavg()
+        run = (f"Measured {now()}; load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
+               f"{tuple(round(x, 2) for x in load_after)}. Command: `python benchmarks/bench_ambient.py "
+               f"{' '.join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))}`")
+        update_results(RESULTS, f"{title}\n\n{run}\n\n{settings}.\n\n{table}\n", title)
 
 
 if __name__ == "__main__":

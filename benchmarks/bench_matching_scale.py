@@ -43,7 +43,8 @@ def recall_at_1(embedding: np.ndarray, groups: np.ndarray, matches: dict, seed: 
     for label, found in matches.items():
         members = np.flatnonzero(groups == label)
         # cells of the group find themselves (k = 1): the sample is of the other cells, which are searched
-        sample = rng.choice(np.flatnonzero(groups != label), RECALL_CELLS, replace=False)
+        outside = np.flatnonzero(groups != label)
+        sample = rng.choice(outside, min(RECALL_CELLS, outside.size), replace=False)
         index = faiss.IndexFlatL2(embedding.shape[1])
         index.add(embedding[members])
         distance, local = index.search(embedding[sample], 1)
