@@ -11,10 +11,13 @@ Only rank 0 writes the output folder.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -30,6 +33,7 @@ from .elbo import CompileUnavailableError
 from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
+LAUNCH_CHECK_CELLS = 1_000  # fit --devices: cells of the input set up in the launching process, to check the options
 NORMALIZED_LAYER = "regularizedvi_normalized"
 
 
@@ -245,24 +249,10 @@ def _remove_superseded(out: str, written: set[str]) -> None:
             "to this run's results; the tables asked for are written again).")
 
 
-def run_fit(args, folder: OutputFolder) -> None:
-    """Fit RegularizedVI on a user's h5ad and write results and the model (rank 0 only, when data-parallel)."""
+def _set_up(adata, args) -> None:
+    """``setup_anndata`` of ``fit``'s options on ``adata`` (which it validates), and the figure's label column."""
     from . import RegularizedVI
-    from .distributed import is_writer
 
-    _check_device(args.device)
-    writer = is_writer()
-    # the other ranks of a torchrun launch read the same input, train, and leave the folder to rank 0
-    if args.backed and args.write_normalized:
-        raise ValueError("--write-normalized writes a dense cells x genes layer, which --backed exists to avoid; drop one "
-                         "of them (with a model from --backed, get_normalized_expression(indices=...) gives chosen cells).")
-    if args.backed and args.layer is not None:
-        raise ValueError(f"--backed keeps only .X on disk; anndata loads --layer {args.layer!r} into memory. Put the raw "
-                         "counts in .X of the file (adata.X = adata.layers[...]; adata.write_h5ad(...)) or drop --backed.")
-    out = _prepare_output(folder, args) if writer else folder.path
-    # backed: .X stays on disk and training reads it in shuffled chunks of cells (layers are loaded by anndata)
-    adata = read_h5ad(args.data, backed="r" if args.backed else None)
-    # everything is validated here, before training starts
     RegularizedVI.setup_anndata(
         adata, layer=args.layer, batch_key=args.batch_key, ambient_covariate_keys=args.ambient_keys,
         nn_conditioning_covariate_keys=args.nn_conditioning_keys, feature_scaling_covariate_keys=args.feature_scaling_keys,
@@ -271,6 +261,33 @@ def run_fit(args, folder: OutputFolder) -> None:
     )
     if args.label_key is not None:  # only colours a figure, but a misspelt column must not pass unnoticed
         V.present(args.label_key, adata.obs.columns, f"{args.data} obs (--label-key)", "column")
+
+
+def _check_before_launch(args) -> None:
+    """``fit --devices N``: the device, and the setup on the file's first cells, checked once before the processes
+    start (a refusal inside them came with torchrun's traceback and exit code 1); the processes check every cell."""
+    _check_device(args.device)
+    adata = read_h5ad(args.data, backed="r")
+    try:
+        sample = adata[: min(adata.n_obs, LAUNCH_CHECK_CELLS)].to_memory()
+    finally:
+        adata.file.close()
+    _set_up(sample, args)
+
+
+def run_fit(args, folder: OutputFolder) -> None:
+    """Fit RegularizedVI on a user's h5ad and write results and the model (rank 0 only, when data-parallel)."""
+    from . import RegularizedVI
+    from .distributed import is_writer
+
+    _check_device(args.device)
+    writer = is_writer()
+    # the other ranks of a torchrun launch read the same input, train, and leave the folder to rank 0
+    out = _prepare_output(folder, args) if writer else folder.path
+    # backed: .X stays on disk and training reads it in shuffled chunks of cells (layers are loaded by anndata)
+    adata = read_h5ad(args.data, backed="r" if args.backed else None)
+    # everything is validated here, before training starts
+    _set_up(adata, args)
     profile = None if args.empty_droplets is None else _profile_from_empty_droplets(args.empty_droplets, adata)
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
@@ -318,11 +335,27 @@ def _profile_from_empty_droplets(path: str, adata):
 
 
 def _launch_torchrun(argv: list[str], devices: int) -> int:
-    """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes."""
+    """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes.
+
+    On Ctrl-C torchrun is sent SIGINT, which it passes to the processes (they write their checkpoint and stop), and
+    this waits for it: the run has stopped, and its folder is no longer written, when the command returns (killing
+    torchrun, as ``subprocess.call`` does, left the processes training and writing on). A second Ctrl-C stops it.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "pyro_scmodels", *argv]
-    print(f"Starting {devices} processes: {' '.join(command[1:])}", file=sys.stderr)
-    return subprocess.call(command)
+    print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+        raise
 
 
 def _rank_prefix() -> str:
@@ -358,8 +391,8 @@ def main(argv=None) -> int:
             if launch:
                 # the input file and the output folder are checked here, once, before the processes start: a
                 # refusal inside them came with torchrun's own report (a traceback) and exit code 1
+                _check_before_launch(args)
                 _prepare_output(folder, args)
-                read_h5ad(args.data, backed="r").file.close()
                 return _launch_torchrun(argv, args.devices)
             commands[args.command](args, folder)
         finally:
@@ -369,7 +402,9 @@ def main(argv=None) -> int:
             _leave_process_group()
     except KeyboardInterrupt:
         # Ctrl-C: the training loop has written a checkpoint (fit) before this point is reached
-        hint = " Rerun the same command with --resume to continue from the last checkpoint." if args.command in ("fit", "ndreamer") else ""
+        again = "the same command without --overwrite and with --resume" if getattr(args, "overwrite", False) else \
+            "the same command with --resume"
+        hint = f" Rerun {again} to continue from the last checkpoint." if args.command in ("fit", "ndreamer") else ""
         print(f"interrupted.{hint}", file=sys.stderr)
         return 130
     except NonFiniteError as err:

@@ -52,6 +52,16 @@ def check_arguments(args) -> None:
         raise FileNotFoundError(f"--empty-droplets: file {empty} not found.")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise ValueError("--resume continues the run in the output folder and --overwrite starts it anew: pass one of them.")
+    if args.command == "fit" and args.backed and args.write_normalized:
+        raise ValueError("--write-normalized writes a dense cells x genes layer, which --backed exists to avoid; drop one "
+                         "of them (with a model from --backed, get_normalized_expression(indices=...) gives chosen cells).")
+    if args.command == "fit" and args.backed and args.layer is not None:
+        raise ValueError(f"--backed keeps only .X on disk; anndata loads --layer {args.layer!r} into memory. Put the raw "
+                         "counts in .X of the file (adata.X = adata.layers[...]; adata.write_h5ad(...)) or drop --backed.")
+    if args.command == "fit" and (args.devices or 1) > 1 and (args.latent_independence or 0) > 0:
+        raise ValueError(f"--latent-independence {args.latent_independence} cannot be trained with --devices "
+                         f"{args.devices}: its penalty compares cells across the whole minibatch, and each process would "
+                         "see only its share. Train in one process, or drop --latent-independence.")
     if args.command == "ndreamer" and args.backed and args.layer is not None:
         raise ValueError(f"--backed keeps only .X on disk; anndata loads --layer {args.layer!r} into memory. Put the "
                          "expression in .X of the file or drop --backed.")

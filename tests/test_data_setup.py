@@ -7,6 +7,7 @@ import os
 import re
 
 import anndata
+import pandas as pd
 import numpy as np
 import pytest
 
@@ -376,3 +377,13 @@ def test_a_cell_without_counts_in_any_modality_is_refused_in_new_data_too(mdata)
         model.get_latent_representation(adata=other)
     with pytest.raises(ValueError, match="no counts in any modality"):
         ps.RegularizedMultimodalVI(other, **SMALL)
+
+
+def test_an_anndata_without_x_is_named_with_the_fix(tmp_path):
+    # the results.h5ad that fit --backed writes hold no counts: passed as input, anndata gave None (or, backed, a bare
+    # KeyError from h5py) and the setup failed with "'NoneType' object has no attribute 'shape'"
+    empty = anndata.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]), var=pd.DataFrame(index=["g1", "g2"]))
+    empty.write_h5ad(tmp_path / "results.h5ad")
+    for adata in (empty, anndata.read_h5ad(tmp_path / "results.h5ad", backed="r")):
+        with pytest.raises(ValueError, match=r"adata\.X holds no matrix \(it is None\).*layer=\.\.\."):
+            ps.RegularizedVI.setup_anndata(adata)

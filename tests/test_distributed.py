@@ -296,7 +296,16 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda command: started.append(command) or 0)
+
+    class Launched:  # torchrun, as subprocess.Popen starts it
+        def __init__(self, command):
+            started.append(command)
+            self.signals = []
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Launched)
     cells = str(tmp_path / "cells.h5ad")
     _cells(40).write_h5ad(cells)
     argv = ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "3"]
@@ -311,4 +320,55 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "results.h5ad").write_text("earlier")
     assert cli.main(["fit", cells, "-o", str(tmp_path / "done"), "--devices", "2"]) == 2
-    assert len(started) == 1
+    # so are the options the processes would refuse: a layer or a key not in the file, the device, static conflicts
+    for options, message in ((["--layer", "nope"], "Layer 'nope' not found"),
+                             (["--batch-key", "nope"], "'nope'"),
+                             (["--device", "cuda"], "cuda"),
+                             (["--latent-independence", "5"], "--latent-independence 5.0 cannot be trained with --devices 2"),
+                             (["--backed", "--write-normalized"], "--write-normalized writes a dense")):
+        code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out2"), "--devices", "2", *options])
+        assert code == 2 and message in error and error.count("\n") == 1, (options, error)
+    assert len(started) == 1 and not (tmp_path / "out2").exists()
+
+
+def _cli_error(cli, argv) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = cli.main(argv)
+    return code, stderr.getvalue()
+
+
+def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, tmp_path):
+    """Ctrl-C passes SIGINT to torchrun and waits: killing it left the processes training and writing the folder."""
+    from pyro_scmodels import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    events = []
+
+    class Launched:
+        def __init__(self, command):
+            self.waits = 0
+
+        def wait(self):
+            self.waits += 1
+            events.append(f"wait {self.waits}")
+            if self.waits == 1:
+                raise KeyboardInterrupt  # Ctrl-C while the processes train
+            return -2
+
+        def send_signal(self, number):
+            events.append(f"signal {signal.Signals(number).name}")
+
+        def kill(self):
+            events.append("kill")
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Launched)
+    cells = str(tmp_path / "cells.h5ad")
+    _cells(40).write_h5ad(cells)
+    code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--overwrite"])
+    assert code == 130 and events == ["wait 1", "signal SIGINT", "wait 2"]
+    # the hint of a run started with --overwrite: --resume with --overwrite is refused
+    assert "Rerun the same command without --overwrite and with --resume" in error

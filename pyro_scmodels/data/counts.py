@@ -24,6 +24,14 @@ def _is_backed(matrix) -> bool:
     return not isinstance(matrix, np.ndarray) and not sp.issparse(matrix)
 
 
+def stored_x(adata):
+    """``adata.X``, or None when the file behind a backed AnnData has none (anndata raises a bare ``KeyError``)."""
+    try:
+        return adata.X
+    except KeyError:
+        return None
+
+
 def fingerprint(matrix) -> dict:
     """A cheap summary of a count matrix: shape, dtype, number of nonzero entries and their sum.
 
@@ -79,6 +87,10 @@ class CountMatrix:
     """
 
     def __init__(self, matrix, name: str = "adata.X", validate: bool = True, allow_empty_cells: bool = False):
+        if matrix is None:
+            raise ValueError(f"{name} holds no matrix (it is None): this AnnData has no values there, e.g. the "
+                             "results.h5ad that `fit --backed` writes, whose counts stay in the input file. Pass the file "
+                             "that holds the counts, or the layer that does (layer=..., --layer).")
         self.allow_empty_cells = allow_empty_cells
         # of the matrix as given, before any format conversion below
         self.fingerprint = fingerprint(matrix)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import pandas as pd
 
 from .. import _validation as V
-from .counts import CountMatrix
+from .counts import CountMatrix, stored_x
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 
 SETUP_UNS_KEY = "_pyro_scmodels_setup"
@@ -44,7 +44,7 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
         ``layer`` is not in ``adata.layers``.
     """
     if layer is None:
-        return CountMatrix(adata.X, name="adata.X", validate=validate)
+        return CountMatrix(stored_x(adata), name="adata.X", validate=validate)
     V.present(layer, adata.layers, "adata.layers", "layer")
     return CountMatrix(adata.layers[layer], name=f"adata.layers[{layer!r}]", validate=validate)
 

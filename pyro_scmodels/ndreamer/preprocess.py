@@ -11,7 +11,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from ..data.counts import CountMatrix
+from ..data.counts import CountMatrix, stored_x
 from .count_rows import LogNormalisedCounts, index_dtype, storage_dtype
 from ._constants import (
     HVG_MAX_CELLS,
@@ -197,7 +197,7 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found; layers: {list(adata.layers.keys())}.")
-    source = CountMatrix(adata.X if layer is None else adata.layers[layer], name=where, validate=False)
+    source = CountMatrix(stored_x(adata) if layer is None else adata.layers[layer], name=where, validate=False)
     if cells is not None:
         cells = np.asarray(cells, dtype=np.int64)
         if cells.size == 0 or np.any(np.diff(cells) <= 0) or cells[0] < 0 or cells[-1] >= source.n_cells:
