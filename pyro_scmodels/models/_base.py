@@ -210,8 +210,10 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             if a checkpoint is already there, training resumes from it, as a second call to ``train``
             would continue: with this call's ``lr``, ``weight_decay``, ``eps`` and ``global_lr_factor``,
             and the checkpoint's train/validation split (a warning when this call asks for another). A
-            checkpoint of other cells, genes, model settings, covariates or priors is refused, naming
-            what differs. A run that had stopped early is finished: the same call trains nothing more.
+            checkpoint of other cells (or the same cells in another order), genes, counts, model settings,
+            covariates or their labels, or priors is refused, naming what differs; so is one of another
+            run when this model has already trained (it would be overwritten). A run that had stopped
+            early is finished: the same call trains nothing more.
         progress_bar
             Show a tqdm progress bar with the running loss.
         accelerator, devices, strategy
