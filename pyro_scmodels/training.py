@@ -323,13 +323,13 @@ class TrainingLoop(LoopCheckpoints):
         start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
         if plan.checkpoint_path and self.epoch == 0:
             self._resume(plan.checkpoint_path)
-        elif plan.checkpoint_path:
-            self._refuse_another_runs_checkpoint(plan.checkpoint_path)
             if plan.early_stopping and self._epochs_without_improvement >= plan.patience:
                 # the checkpoint's run already stopped early: running the same call again finds it finished
                 # (without this, each re-run trained one more epoch before the same test stopped it again)
                 logger.info("The checkpoint's run stopped early at epoch %d; nothing left to train.", self.epoch)
                 return self.history
+        elif plan.checkpoint_path:
+            self._refuse_another_runs_checkpoint(plan.checkpoint_path)
         if self.optimizer is None:
             self.prepare()
             self._make_optimizer()
