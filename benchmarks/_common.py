@@ -68,9 +68,9 @@ def package_version(distribution: str) -> str | None:
 def update_results(path: Path, section: str, title: str) -> None:
     """Replace (or append) the generated part of the ``title`` section of ``path``, keeping everything else.
 
-    The generated part runs from ``title`` to the section's first ``### `` subsection that the new section does not
-    write itself (or the next level-2 heading): the subsections written under it by hand (earlier runs, notes) stay,
-    after the new figures. The file is written
+    The section runs from ``title`` to the next level-2 heading. Its subsections (``### ``) that the new section writes
+    are replaced; the others stay, after the new section and in their order: those written by hand (earlier runs,
+    notes), and those of a partial rerun's other parts (e.g. the datasets it did not run). The file is written
     under a temporary name and renamed, so that a crash never leaves half a file.
 
     Parameters
@@ -90,12 +90,19 @@ def update_results(path: Path, section: str, title: str) -> None:
     if start is None:
         before, after = lines, []
     else:
-        # the generated part ends at the next level-2 (or level-1) heading, or at the first subsection that the new
-        # section does not write itself (a script may write subsections of its own: those are replaced)
+        # the section ends at the next level-2 (or level-1) heading; of its subsections, those the new section writes
+        # itself are replaced, and the others (written by hand: earlier runs, notes) kept after it, in their order
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))), len(lines))
         own = {line.strip() for line in section.splitlines() if line.startswith("### ")}
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))
-                    or (lines[j].startswith("### ") and lines[j].strip() not in own)), len(lines))
-        before, after = lines[:start], lines[end:]
+        kept, keep = [], False
+        for line in lines[start + 1 : end]:
+            if line.startswith("### "):
+                keep = line.strip() not in own
+            if keep:
+                kept.append(line)
+        while kept and not kept[-1].strip():
+            kept.pop()
+        before, after = lines[:start], kept + ([""] if kept and end < len(lines) else []) + lines[end:]
     while before and not before[-1].strip():
         before.pop()
     text = "\n".join(before) + ("\n\n" if before else "") + section.rstrip("\n") + "\n"

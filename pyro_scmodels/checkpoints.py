@@ -33,6 +33,9 @@ SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "cova
 #: a part, and the part a model also computes the way earlier versions wrote it: a checkpoint matching either matches
 #: (the priors of a multimodal block without a site are now at their defaults, unused either way)
 EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06"}
+#: dict parts whose entries may be unknown (None, e.g. the sums of counts on disk, which are not read): such an entry
+#: matches any value (the same file trained backed and resumed in memory)
+PARTS_WITH_UNKNOWN_ENTRIES = ("counts",)
 #: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
 
@@ -77,7 +80,10 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
                                and _same(old, fingerprint.get(EQUIVALENT_FINGERPRINT_PARTS[key]))):
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
-            differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str) if not _same(old.get(k), new.get(k))]
+            unknown = (lambda k: old.get(k) is None or new.get(k) is None) if key in PARTS_WITH_UNKNOWN_ENTRIES else (
+                lambda k: False)
+            differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str)
+                          if not _same(old.get(k), new.get(k)) and not unknown(k)]
         else:
             differing.append(key)
     if differing:
@@ -121,7 +127,8 @@ class LoopCheckpoints:
             return {key: state.get(key) for key in ("run", "loop", "fingerprint")}
 
         found = self.parallel.from_writer(summary)
-        if found is not None and found.get("run") != self.run_id:
+        # the writing rank's run (each rank drew its own id): every rank takes the same decision
+        if found is not None and found.get("run") != self.parallel.from_writer(lambda: self.run_id):
             check_saved_state(found, type(self).__name__, self.modules, self.fingerprint,
                               f"Checkpoint {path} (of another run, which this one would overwrite)")
 
@@ -151,6 +158,7 @@ class LoopCheckpoints:
         if check:
             check_saved_state(state, type(self).__name__, self.modules, self.fingerprint, source)
         self.run_id = state.get("run", self.run_id)
+        self._state_restored = True
         if all(name in state for name in self.modules):
             for name, module in self.modules.items():
                 module.load_state_dict(state[name])

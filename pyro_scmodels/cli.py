@@ -27,6 +27,7 @@ from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
+from .data.counts import stored_x
 from .cli_arguments import in_option_names, build_parser, check_arguments
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
@@ -266,10 +267,16 @@ def _set_up(adata, args) -> None:
 def _check_before_launch(args) -> None:
     """``fit --devices N``: the device, and the setup on the file's first cells, checked once before the processes
     start (a refusal inside them came with torchrun's traceback and exit code 1); the processes check every cell."""
+    import anndata
+
     _check_device(args.device)
     adata = read_h5ad(args.data, backed="r")
     try:
-        sample = adata[: min(adata.n_obs, LAUNCH_CHECK_CELLS)].to_memory()
+        # the first cells of X and of every layer (a file may hold its counts in a layer only, without X)
+        rows = slice(0, min(adata.n_obs, LAUNCH_CHECK_CELLS))
+        x = stored_x(adata)
+        sample = anndata.AnnData(X=None if x is None else x[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy(),
+                                 layers={name: adata.layers[name][rows] for name in adata.layers})
     finally:
         adata.file.close()
     _set_up(sample, args)
@@ -337,14 +344,16 @@ def _profile_from_empty_droplets(path: str, adata):
 def _launch_torchrun(argv: list[str], devices: int) -> int:
     """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes.
 
-    On Ctrl-C torchrun is sent SIGINT, which it passes to the processes (they write their checkpoint and stop), and
-    this waits for it: the run has stopped, and its folder is no longer written, when the command returns (killing
-    torchrun, as ``subprocess.call`` does, left the processes training and writing on). A second Ctrl-C stops it.
+    torchrun runs in a session of its own, so that a terminal's Ctrl-C reaches this process only; this then sends
+    torchrun one SIGINT, which it passes to the processes (they write their checkpoint and stop), and waits: the run
+    has stopped, and its folder is no longer written, when the command returns. Killing torchrun, as
+    ``subprocess.call`` does, left the processes training and writing on; a second SIGINT to torchrun, on top of the
+    terminal's, cut its graceful stop short. A second Ctrl-C here stops it.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "pyro_scmodels", *argv]
     print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, start_new_session=True)
     try:
         return process.wait()
     except KeyboardInterrupt:

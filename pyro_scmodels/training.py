@@ -125,6 +125,10 @@ class TrainingLoop(LoopCheckpoints):
         # where the interrupted call started, and the state after its last whole epoch: the next call finishes it
         self._interrupted_call: dict | None = None
         self.run_id = uuid.uuid4().hex  # which run a checkpoint belongs to (a resume takes the checkpoint's)
+        # a loop resumes a checkpoint until it has run an epoch or had a state restored (its epoch count may start
+        # above 0: a saved model's history carried onto other cells)
+        self._epochs_run = 0
+        self._state_restored = False
         self._best = math.inf
         self._epochs_without_improvement = 0
         self.parallel = SingleProcess()
@@ -321,7 +325,7 @@ class TrainingLoop(LoopCheckpoints):
                 logger.info("Taking up the interrupted call from epoch %d, its last whole one.", self.epoch)
         self.interruption = None
         start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
-        if plan.checkpoint_path and self.epoch == 0:
+        if plan.checkpoint_path and self._epochs_run == 0 and not self._state_restored:
             self._resume(plan.checkpoint_path)
             if plan.early_stopping and self._epochs_without_improvement >= plan.patience:
                 # the checkpoint's run already stopped early: running the same call again finds it finished
@@ -348,6 +352,7 @@ class TrainingLoop(LoopCheckpoints):
                 record = self.end_epoch(plan, train_loss, parts)
                 self.history.loc[self.epoch] = [record.get(c, math.nan) for c in self.history.columns]
                 self.epoch += 1
+                self._epochs_run += 1
                 bar.update(1)
                 validation_loss = record.get("validation_loss", math.nan)
                 # a loop without validation cells (NDreamer) shows no validation loss rather than nan

@@ -19,11 +19,12 @@ def common():
 def test_a_rerun_replaces_its_figures_and_keeps_the_subsections_written_by_hand(common, tmp_path, monkeypatch):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmark results\n\n## Bench A\n\nold figures\n\n### pbmc\n\nold table\n\n"
-                    "### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
-    common.update_results(path, "## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n", "## Bench A")
+                    "### The run before (by hand)\n\nkeep me\n\n### kang\n\nold kang\n\n## Bench B\n\nother\n")
+    common.update_results(path, "## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n\n### kang\n\nnew kang\n",
+                          "## Bench A")
     text = path.read_text()
-    assert text == ("# Benchmark results\n\n## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n\n"
-                    "### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
+    assert text == ("# Benchmark results\n\n## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n\n### kang\n\n"
+                    "new kang\n\n### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
     common.update_results(path, "## Bench C\n\nfirst run\n", "## Bench C")  # a new section goes at the end
     assert path.read_text() == text + "\n## Bench C\n\nfirst run\n"
 

@@ -258,25 +258,32 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def test_killed_two_process_fit_resumes_from_its_checkpoint(tmp_path):
+def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_checkpoint(tmp_path):
     data = str(tmp_path / "cells.h5ad")
     _cells(160, seed=5).write_h5ad(data)
     out = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(ps.__file__)), env.get("PYTHONPATH", "")])
+    # more epochs than FIT's 8: the run must still be training when it is interrupted
+    options = [*FIT[:FIT.index("--max-epochs")], "--max-epochs", "40", *FIT[FIT.index("--max-epochs") + 2:]]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_scmodels",
-                "fit", data, "-o", out, *FIT]
-    first = subprocess.Popen(torchrun, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                "fit", data, "-o", out, *options]
+    # `pyro-scmodels fit --devices 2`, interrupted once it checkpointed: SIGINT to it (a wrapper's, a scheduler's, or a
+    # terminal's Ctrl-C: torchrun runs in a session of its own, so that the launcher alone receives it and passes it on)
+    launcher = [sys.executable, "-m", "pyro_scmodels", "fit", data, "-o", out, *options, "--devices", "2"]
+    first = subprocess.Popen(launcher, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     checkpoint = os.path.join(out, "checkpoint", "checkpoint.pt")
     deadline = time.time() + 240
     while not os.path.exists(checkpoint) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert os.path.exists(checkpoint), first.communicate()[1][-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    for pid in _processes_mentioning(out):  # workers that left the process group
-        os.kill(pid, signal.SIGKILL)
-    assert not os.path.exists(os.path.join(out, "results.h5ad"))
+    os.kill(first.pid, signal.SIGINT)
+    error = first.communicate(timeout=120)[1]
+    # the command returns once torchrun's processes have stopped: killed, torchrun left them training and writing
+    assert first.returncode == 130 and "interrupted." in error, error[-3000:]
+    assert _processes_mentioning(out) == [] and not os.path.exists(os.path.join(out, "results.h5ad"))
+    assert torch.load(checkpoint, weights_only=False)["epoch"] >= 2  # whole: written before the processes stopped
 
     # without --quiet: the resume is reported at INFO level
     resumed = subprocess.run([*(a for a in torchrun if a != "--quiet"), "--resume"], env=env, capture_output=True,
@@ -286,7 +293,7 @@ def test_killed_two_process_fit_resumes_from_its_checkpoint(tmp_path):
     assert len(epochs) == 1 and epochs[0] >= 2, resumed.stderr[-3000:]  # rank 0 read it, for both ranks
     assert resumed.stdout.count("Wrote ") == 1  # only rank 0 writes
     history = pd.read_csv(os.path.join(out, "history.csv"), index_col=0)
-    assert list(history.index) == list(range(8)) and history["validation_loss"].notna().all()
+    assert list(history.index) == list(range(40)) and history["validation_loss"].notna().all()
     assert os.path.exists(os.path.join(out, "results.h5ad")) and os.path.exists(os.path.join(out, "model", "model.pt"))
 
 
@@ -298,7 +305,8 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     started = []
 
     class Launched:  # torchrun, as subprocess.Popen starts it
-        def __init__(self, command):
+        def __init__(self, command, start_new_session=False):
+            assert start_new_session  # a terminal's Ctrl-C reaches the launcher only, which passes one SIGINT on
             started.append(command)
             self.signals = []
 
@@ -329,6 +337,14 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
         code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out2"), "--devices", "2", *options])
         assert code == 2 and message in error and error.count("\n") == 1, (options, error)
     assert len(started) == 1 and not (tmp_path / "out2").exists()
+    # a file whose counts are in a layer only (no X) is a valid input: launched
+    cells_only_layer = _cells(40)
+    layer_only = anndata.AnnData(obs=cells_only_layer.obs, var=cells_only_layer.var,
+                                 layers={"counts": cells_only_layer.layers["counts"]})
+    layer_only.write_h5ad(tmp_path / "layer_only.h5ad")
+    assert cli.main(["fit", str(tmp_path / "layer_only.h5ad"), "-o", str(tmp_path / "out3"), "--devices", "2",
+                     "--layer", "counts", "--batch-key", "batch"]) == 0
+    assert len(started) == 2
 
 
 def _cli_error(cli, argv) -> tuple[int, str]:
@@ -349,7 +365,7 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
     events = []
 
     class Launched:
-        def __init__(self, command):
+        def __init__(self, command, start_new_session=False):
             self.waits = 0
 
         def wait(self):

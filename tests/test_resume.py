@@ -280,3 +280,52 @@ def test_a_saved_model_loaded_onto_its_cells_reordered_or_other_counts_does_not_
         loaded = ps.RegularizedVI.load(str(tmp_path / "model"), adata=thinned)
     assert loaded.trainer is None and len(loaded.history) == 2
     assert ps.RegularizedVI.load(str(tmp_path / "model"), adata=small.copy()).trainer is not None  # the same data
+
+
+def test_a_checkpoint_trained_backed_resumes_in_memory_and_a_loaded_models_own_run_resumes(small, tmp_path,
+                                                                                          monkeypatch):
+    import anndata
+
+    from pyro_scmodels.infer import SVITrainer
+
+    from ._on_disk_files import write_counts_h5ad
+
+    path = write_counts_h5ad(small.copy(), tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(path, backed="r")
+    ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
+    ps.RegularizedVI(backed, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path / "run"), **QUICK)
+    in_memory = anndata.read_h5ad(path)  # the same file: the sums of counts on disk are not read, and match any
+    ps.RegularizedVI.setup_anndata(in_memory, batch_key="batch")
+    resumed = ps.RegularizedVI(in_memory, **SMALL)
+    resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "run"), **QUICK)
+    assert len(resumed.history) == 2
+    # a saved model loaded onto other cells: interrupted, then the same session script run again resumes its run
+    resumed.save(str(tmp_path / "saved"))
+    other = small[:150].copy()
+    steps = {"n": 0}
+    original = SVITrainer.after_step
+
+    def ctrl_c_in_the_second_epoch(self, item):
+        steps["n"] += 1
+        if steps["n"] == 4:  # 135 training cells, batch 64: 3 steps an epoch
+            raise KeyboardInterrupt
+        original(self, item)
+
+    monkeypatch.setattr(SVITrainer, "after_step", ctrl_c_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        ps.RegularizedVI.load(str(tmp_path / "saved"), adata=other).train(max_epochs=3, checkpoint_dir=str(tmp_path / "o"),
+                                                                          **QUICK)
+    monkeypatch.undo()
+    again = ps.RegularizedVI.load(str(tmp_path / "saved"), adata=other)
+    counted = {"steps": 0}
+
+    def count(self, item):
+        counted["steps"] += 1
+        original(self, item)
+
+    monkeypatch.setattr(SVITrainer, "after_step", count)
+    again.train(max_epochs=3, checkpoint_dir=str(tmp_path / "o"), **QUICK)
+    # the history goes on from the save's 2 epochs: the checkpoint's epoch 3 is taken up, then 2 more (5 in all):
+    # 6 steps, not 3 epochs afresh (9 steps) beside the checkpoint, which it then overwrote
+    assert list(again.history.index) == [0, 1, 2, 3, 4] and counted["steps"] == 6
+    assert again.trainer.step == resumed.trainer.step + 9  # the steps count on from the save's (warm-up by steps)

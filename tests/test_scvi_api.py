@@ -126,6 +126,8 @@ def test_scvi_train_arguments_without_a_counterpart_say_what_to_use(untrained):
                     early_stopping_monitor="elbo_validation")  # what this package does: accepted
     with pytest.raises(TypeError, match="early_stopping_monitor: early stopping watches the validation loss"):
         untrained.train(max_epochs=1, early_stopping_monitor="reconstruction_loss_validation")
+    with pytest.raises(TypeError, match="gene_likelihood: not an argument of RegularizedVI.train"):  # a model argument
+        untrained.train(max_epochs=1, gene_likelihood="nb")
 
 
 def test_scvi_train_arguments_take_effect(untrained):

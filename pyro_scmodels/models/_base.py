@@ -29,7 +29,6 @@ from .evidence import EvidenceQueries
 from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
-from . import scvi_arguments as scvi_names
 from .scvi_arguments import refuse_scvi_arguments
 from .train_options import checked_settings, external_split, merge_plan_kwargs
 from ..seeding import seeded
@@ -243,7 +242,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         TrainingHistory
             The training history (also in :attr:`history`).
         """
-        refuse_scvi_arguments(scvi_arguments, scvi_names.TRAIN, f"{type(self).__name__}.train")
+        refuse_scvi_arguments(scvi_arguments, "train", f"{type(self).__name__}.train")
         if not any(parameter.requires_grad for parameter in self.module.parameters()):
             raise ValueError("Every parameter of this model is frozen: there is nothing to train. A query model whose "
                              "categories are all known to the reference is ready to use as it is (or build it with "
@@ -318,7 +317,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
                 # a saved model loaded onto other cells trains on: its history goes on (it was dropped) and its epochs
                 # count (KL warm-up does not start again on a trained model), with a new split and optimiser
                 self.trainer.history = loaded.copy()
-                self.trainer.epoch = len(loaded)
+                self.trainer.epoch, self.trainer.step = len(loaded), getattr(self, "_loaded_step", 0)
                 self._loaded_history = None
             return
         self.trainer.move_optimizer_state()

@@ -27,7 +27,6 @@ from .modality_attribution import check_store, modality_attribution
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
-from . import scvi_arguments as scvi_names
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
@@ -75,7 +74,7 @@ class RegularizedMultimodalVI(PyroModelBase):
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
                  dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
                  seed: int = 0, _categories: dict | None = None, **scvi_arguments):
-        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, type(self).__name__)
+        refuse_scvi_arguments(scvi_arguments, "model", type(self).__name__)
         super().__init__()
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
         modality_weights = V.choice("modality_weights", modality_weights, WEIGHT_MODES)
@@ -174,7 +173,7 @@ class RegularizedMultimodalVI(PyroModelBase):
             scvi-tools' ``categorical_covariate_keys``, ``size_factor_key``, ... raise ``TypeError`` saying
             what to use instead.
         """
-        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, f"{cls.__name__}.setup_mudata")
+        refuse_scvi_arguments(scvi_arguments, "setup", f"{cls.__name__}.setup_mudata")
         setup_mudata(
             mdata, modalities, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,

@@ -119,8 +119,9 @@ class SavedModel:
                                   "differ): the model is loaded with its parameters and history, and a further train() "
                                   "starts a new split and optimiser.", UserWarning, stacklevel=4)
             if self.trainer is None:
-                # other cells than in training: the history is kept, the split and optimiser are not
+                # other cells than in training: the history and the steps taken are kept, the split and optimiser not
                 self._loaded_history = saved["history"]
+                self._loaded_step = int(saved.get("step", 0))
         self.module.eval()
 
     @classmethod
@@ -174,7 +175,8 @@ class SavedModel:
             # counts or relabelled cells under the same names resumed silently
             "cell order": names_digest(self.adata.obs_names),
             "cell covariates": {role: setting_text(values.numpy()) for role, values in data.covariates.items()},
-            "counts": {name: "not read (on disk)" if matrix.fingerprint["sum"] is None
+            # None for counts on disk (not read for this): they match any (PARTS_WITH_UNKNOWN_ENTRIES)
+            "counts": {name: None if matrix.fingerprint["sum"] is None
                        else f"{matrix.fingerprint['nnz']} entries, sum {matrix.fingerprint['sum']:.12g}"
                        for name, matrix in data.modalities.items()},
         }

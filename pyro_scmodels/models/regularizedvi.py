@@ -18,7 +18,6 @@ from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, 
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from .ambient import AmbientQueries
-from . import scvi_arguments as scvi_names
 from ._base import ModelAndGuide, PyroModelBase
 from .likelihood_parameters import likelihood_parameters
 from .model_construction import build_model_and_guide
@@ -102,7 +101,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
                  init: str = "data", seed: int = 0, ambient_profile: pd.DataFrame | None = None,
                  latent_independence: float = 0.0, ambient_per_droplet: bool = False,
                  ambient_shape_prior: float | None = None, _categories: dict | None = None, **scvi_arguments):
-        refuse_scvi_arguments(scvi_arguments, scvi_names.MODEL, type(self).__name__)
+        refuse_scvi_arguments(scvi_arguments, "model", type(self).__name__)
         super().__init__()
         self._init_params = regularizedvi_settings(
             n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed,
@@ -184,7 +183,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
             scvi-tools' ``categorical_covariate_keys``, ``size_factor_key`` or ``labels_key`` raise
             ``TypeError`` saying what to use instead.
         """
-        refuse_scvi_arguments(scvi_arguments, scvi_names.SETUP, f"{cls.__name__}.setup_anndata")
+        refuse_scvi_arguments(scvi_arguments, "setup", f"{cls.__name__}.setup_anndata")
         setup_anndata(
             adata, layer, batch_key=batch_key, ambient_covariate_keys=ambient_covariate_keys,
             nn_conditioning_covariate_keys=nn_conditioning_covariate_keys,

@@ -50,20 +50,27 @@ TRAIN = {
 
 # scvi-tools' values that say what this package does anyway: accepted, so that a script ported from scvi-tools runs
 # ("dispersion": "gene" is not among them: with a dispersion_key this package's dispersion is per category)
-SAME_AS_HERE = {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False,
-                "shuffle_set_split": True, "load_sparse_tensor": False, "early_stopping_monitor": "elbo_validation"}
+# (per call: a model argument passed to train() is refused like any other)
+SAME_AS_HERE = {
+    "setup": {},
+    "model": {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False},
+    "train": {"shuffle_set_split": True, "load_sparse_tensor": False, "early_stopping_monitor": "elbo_validation"},
+}
+TABLES = {"setup": SETUP, "model": MODEL, "train": TRAIN}
 
 
-def refuse_scvi_arguments(given: dict, table: dict[str, str], call: str) -> None:
+def refuse_scvi_arguments(given: dict, kind: str, call: str) -> None:
     """Raise ``TypeError`` for keyword arguments ``call`` does not take, saying what to use for scvi-tools' ones.
 
     Parameters
     ----------
     given
         The keyword arguments ``call`` did not recognise (empty: nothing to do). scvi-tools' values that are
-        what this package does (:data:`SAME_AS_HERE`, e.g. ``gene_likelihood="nb"``) are accepted.
-    table
-        scvi-tools' argument name -> what this package does instead (:data:`SETUP`, :data:`MODEL`).
+        what this package does (:data:`SAME_AS_HERE` of this kind of call, e.g. ``gene_likelihood="nb"``) are
+        accepted.
+    kind
+        ``"setup"``, ``"model"`` or ``"train"``: which of scvi-tools' arguments (:data:`SETUP`, :data:`MODEL`,
+        :data:`TRAIN`: name -> what this package does instead).
     call
         The call's name, for the message (e.g. ``"RegularizedVI.setup_anndata"``).
 
@@ -72,8 +79,9 @@ def refuse_scvi_arguments(given: dict, table: dict[str, str], call: str) -> None
     TypeError
         Naming every argument; for scvi-tools' ones, this package's counterpart.
     """
+    table, same = TABLES[kind], SAME_AS_HERE[kind]
     given = {name: value for name, value in given.items()
-             if not (name in SAME_AS_HERE and type(value) is type(SAME_AS_HERE[name]) and value == SAME_AS_HERE[name])}
+             if not (name in same and type(value) is type(same[name]) and value == same[name])}
     if not given:
         return
     known = [name for name in given if name in table]
