@@ -11,14 +11,10 @@ Only rank 0 writes the output folder.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -27,14 +23,13 @@ from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
-from .data.counts import stored_x
 from .cli_arguments import in_option_names, build_parser, check_arguments
+from .cli_launch import first_cells, launch_torchrun, leave_process_group, rank_prefix
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
 
 LATENT_KEY = "X_regularizedvi"
-LAUNCH_CHECK_CELLS = 1_000  # fit --devices: cells of the input set up in the launching process, to check the options
 NORMALIZED_LAYER = "regularizedvi_normalized"
 
 
@@ -267,19 +262,8 @@ def _set_up(adata, args) -> None:
 def _check_before_launch(args) -> None:
     """``fit --devices N``: the device, and the setup on the file's first cells, checked once before the processes
     start (a refusal inside them came with torchrun's traceback and exit code 1); the processes check every cell."""
-    import anndata
-
     _check_device(args.device)
-    adata = read_h5ad(args.data, backed="r")
-    try:
-        # the first cells of X and of every layer (a file may hold its counts in a layer only, without X)
-        rows = slice(0, min(adata.n_obs, LAUNCH_CHECK_CELLS))
-        x = stored_x(adata)
-        sample = anndata.AnnData(X=None if x is None else x[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy(),
-                                 layers={name: adata.layers[name][rows] for name in adata.layers})
-    finally:
-        adata.file.close()
-    _set_up(sample, args)
+    _set_up(first_cells(args.data), args)
 
 
 def run_fit(args, folder: OutputFolder) -> None:
@@ -341,45 +325,6 @@ def _profile_from_empty_droplets(path: str, adata):
         raise type(err)(f"--empty-droplets {path}: {err.args[0]}") from err
 
 
-def _launch_torchrun(argv: list[str], devices: int) -> int:
-    """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes.
-
-    torchrun runs in a session of its own, so that a terminal's Ctrl-C reaches this process only; this then sends
-    torchrun one SIGINT, which it passes to the processes (they write their checkpoint and stop), and waits: the run
-    has stopped, and its folder is no longer written, when the command returns. Killing torchrun, as
-    ``subprocess.call`` does, left the processes training and writing on; a second SIGINT to torchrun, on top of the
-    terminal's, cut its graceful stop short. A second Ctrl-C here stops it.
-    """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "pyro_scmodels", *argv]
-    print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
-    process = subprocess.Popen(command, start_new_session=True)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            process.terminate()
-            process.wait()
-        raise
-
-
-def _rank_prefix() -> str:
-    """``" (rank r)"`` in a distributed run, so that each process's error is told apart."""
-    return f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
-
-
-def _leave_process_group() -> None:
-    """Close the torch.distributed process group that training started (a torchrun launch)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -402,13 +347,13 @@ def main(argv=None) -> int:
                 # refusal inside them came with torchrun's own report (a traceback) and exit code 1
                 _check_before_launch(args)
                 _prepare_output(folder, args)
-                return _launch_torchrun(argv, args.devices)
+                return launch_torchrun(argv, args.devices)
             commands[args.command](args, folder)
         finally:
             # a run that failed before writing anything leaves no empty folder behind
             if folder is not None:
                 folder.discard_if_empty()
-            _leave_process_group()
+            leave_process_group()
     except KeyboardInterrupt:
         # Ctrl-C: the training loop has written a checkpoint (fit) before this point is reached
         again = "the same command without --overwrite and with --resume" if getattr(args, "overwrite", False) else \
@@ -417,12 +362,12 @@ def main(argv=None) -> int:
         print(f"interrupted.{hint}", file=sys.stderr)
         return 130
     except NonFiniteError as err:
-        print(f"error{_rank_prefix()}: {err}", file=sys.stderr)
+        print(f"error{rank_prefix()}: {err}", file=sys.stderr)
         return 1
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, CompileUnavailableError) as err:
         # KeyError's str() adds quotes around the message: print the message itself
         message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        print(f"error{_rank_prefix()}: {in_option_names(message, args.command)}", file=sys.stderr)
+        print(f"error{rank_prefix()}: {in_option_names(message, args.command)}", file=sys.stderr)
         return 2
     return 0
 

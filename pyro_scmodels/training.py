@@ -327,6 +327,9 @@ class TrainingLoop(LoopCheckpoints):
         start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
         if plan.checkpoint_path and self._epochs_run == 0 and not self._state_restored:
             self._resume(plan.checkpoint_path)
+            if self.epoch > plan.max_epochs and self.parallel.is_writer:
+                logger.warning("The checkpoint holds %d epochs, more than the %d asked for: nothing is trained, and the "
+                               "model is the checkpoint's.", self.epoch, plan.max_epochs)
             if plan.early_stopping and self._epochs_without_improvement >= plan.patience:
                 # the checkpoint's run already stopped early: running the same call again finds it finished
                 # (without this, each re-run trained one more epoch before the same test stopped it again)

@@ -264,10 +264,14 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
     out = str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(ps.__file__)), env.get("PYTHONPATH", "")])
-    # more epochs than FIT's 8: the run must still be training when it is interrupted
-    options = [*FIT[:FIT.index("--max-epochs")], "--max-epochs", "40", *FIT[FIT.index("--max-epochs") + 2:]]
+    def epochs(n: int) -> list[str]:
+        return [*FIT[:FIT.index("--max-epochs")], "--max-epochs", str(n), *FIT[FIT.index("--max-epochs") + 2:]]
+
+    # the interrupted run asks for many epochs, so that it is still training when it is interrupted (at its first
+    # checkpoint, epoch 2); the resumed one for 40
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_scmodels",
-                "fit", data, "-o", out, *options]
+                "fit", data, "-o", out, *epochs(40)]
+    options = epochs(1000)
     # `pyro-scmodels fit --devices 2`, interrupted once it checkpointed: SIGINT to it (a wrapper's, a scheduler's, or a
     # terminal's Ctrl-C: torchrun runs in a session of its own, so that the launcher alone receives it and passes it on)
     launcher = [sys.executable, "-m", "pyro_scmodels", "fit", data, "-o", out, *options, "--devices", "2"]
@@ -283,7 +287,7 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
     # the command returns once torchrun's processes have stopped: killed, torchrun left them training and writing
     assert first.returncode == 130 and "interrupted." in error, error[-3000:]
     assert _processes_mentioning(out) == [] and not os.path.exists(os.path.join(out, "results.h5ad"))
-    assert torch.load(checkpoint, weights_only=False)["epoch"] >= 2  # whole: written before the processes stopped
+    assert 2 <= torch.load(checkpoint, weights_only=False)["epoch"] < 40  # whole: written before the processes stopped
 
     # without --quiet: the resume is reported at INFO level
     resumed = subprocess.run([*(a for a in torchrun if a != "--quiet"), "--resume"], env=env, capture_output=True,
@@ -299,7 +303,7 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
 
 def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path):
     """``pyro-scmodels fit --devices 2`` outside torchrun runs the same command under ``torchrun --standalone``."""
-    from pyro_scmodels import cli
+    from pyro_scmodels import cli, cli_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = []
@@ -313,7 +317,7 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
         def wait(self):
             return 0
 
-    monkeypatch.setattr(cli.subprocess, "Popen", Launched)
+    monkeypatch.setattr(cli_launch.subprocess, "Popen", Launched)
     cells = str(tmp_path / "cells.h5ad")
     _cells(40).write_h5ad(cells)
     argv = ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "3"]
@@ -359,7 +363,7 @@ def _cli_error(cli, argv) -> tuple[int, str]:
 
 def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, tmp_path):
     """Ctrl-C passes SIGINT to torchrun and waits: killing it left the processes training and writing the folder."""
-    from pyro_scmodels import cli
+    from pyro_scmodels import cli, cli_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     events = []
@@ -381,7 +385,7 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
         def kill(self):
             events.append("kill")
 
-    monkeypatch.setattr(cli.subprocess, "Popen", Launched)
+    monkeypatch.setattr(cli_launch.subprocess, "Popen", Launched)
     cells = str(tmp_path / "cells.h5ad")
     _cells(40).write_h5ad(cells)
     code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--overwrite"])

@@ -123,6 +123,14 @@ def test_a_resume_after_a_failed_first_call_takes_the_latest_settings(small, tmp
     assert [g["lr"] for g in model.trainer.optimizer.param_groups] == [5e-2]  # not the failed call's 1e-3
 
 
+def test_resuming_a_checkpoint_of_more_epochs_than_asked_says_so(small, tmp_path, caplog):
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=3, checkpoint_dir=str(tmp_path), **QUICK)
+    with caplog.at_level("WARNING", logger="pyro_scmodels"):
+        fewer = ps.RegularizedVI(small, **SMALL)
+        fewer.train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    assert len(fewer.history) == 3 and "The checkpoint holds 3 epochs, more than the 2 asked for" in caplog.text
+
+
 def test_running_a_finished_early_stopped_run_again_trains_nothing(small, tmp_path):
     stop = dict(max_epochs=20, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e6)
     epochs = []

@@ -1,0 +1,99 @@
+"""``pyro-scmodels fit --devices N``: the command run again under torchrun, one process per device.
+
+The launching process checks the input on its first cells (:func:`first_cells`), starts torchrun
+(:func:`launch_torchrun`) and passes Ctrl-C on to it; each process prefixes its errors with its rank
+(:func:`rank_prefix`) and closes its process group at the end (:func:`leave_process_group`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from ._io import read_h5ad
+from .data.counts import stored_x
+from .distributed import launched_world_size
+
+LAUNCH_CHECK_CELLS = 1_000  # cells of the input set up in the launching process, to check the options
+
+
+def first_cells(path: str, n_cells: int = LAUNCH_CHECK_CELLS):
+    """The first ``n_cells`` of the h5ad at ``path`` in memory: X and every layer (a file may hold its counts in a
+    layer only, without X), obs and var; the file is read backed, so only those rows are read.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file.
+    n_cells
+        How many cells (all, when the file holds fewer).
+
+    Returns
+    -------
+    anndata.AnnData
+    """
+    import anndata
+
+    adata = read_h5ad(path, backed="r")
+    try:
+        rows = slice(0, min(adata.n_obs, n_cells))
+        x = stored_x(adata)
+        return anndata.AnnData(X=None if x is None else x[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy(),
+                               layers={name: adata.layers[name][rows] for name in adata.layers})
+    finally:
+        adata.file.close()
+
+
+def launch_torchrun(argv: list[str], devices: int) -> int:
+    """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes.
+
+    Parameters
+    ----------
+    argv
+        The command's arguments, as given.
+    devices
+        Processes to start.
+
+    Returns
+    -------
+    int
+        torchrun's exit code.
+
+    torchrun runs in a session of its own, so that a terminal's Ctrl-C reaches this process only; this then sends
+    torchrun one SIGINT, which it passes to the processes (they write their checkpoint and stop), and waits: the run
+    has stopped, and its folder is no longer written, when the command returns. Killing torchrun, as
+    ``subprocess.call`` does, left the processes training and writing on; a second SIGINT to torchrun, on top of the
+    terminal's, cut its graceful stop short. A second Ctrl-C here stops it.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "pyro_scmodels", *argv]
+    print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+        raise
+
+
+def rank_prefix() -> str:
+    """``" (rank r)"`` in a distributed run, so that each process's error is told apart."""
+    return f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+
+
+def leave_process_group() -> None:
+    """Close the torch.distributed process group that training started (a torchrun launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
