@@ -275,8 +275,10 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
     # `pyro-scmodels fit --devices 2`, interrupted once it checkpointed: SIGINT to it (a wrapper's, a scheduler's, or a
     # terminal's Ctrl-C: torchrun runs in a session of its own, so that the launcher alone receives it and passes it on)
     launcher = [sys.executable, "-m", "pyro_scmodels", "fit", data, "-o", out, *options, "--devices", "2"]
+    # SIGINT at its default, as in a terminal: a process started in the background of a shell script (a CI job) has
+    # it ignored, and Python then never raises KeyboardInterrupt
     first = subprocess.Popen(launcher, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = os.path.join(out, "checkpoint", "checkpoint.pt")
     deadline = time.time() + 240
     while not os.path.exists(checkpoint) and first.poll() is None and time.time() < deadline:
