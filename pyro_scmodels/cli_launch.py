@@ -13,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 
 from ._io import read_h5ad
 from .data.counts import stored_x
@@ -67,12 +68,20 @@ def launch_torchrun(argv: list[str], devices: int) -> int:
     torchrun one SIGINT, which it passes to the processes (they write their checkpoint and stop), and waits: the run
     has stopped, and its folder is no longer written, when the command returns. Killing torchrun, as
     ``subprocess.call`` does, left the processes training and writing on; a second SIGINT to torchrun, on top of the
-    terminal's, cut its graceful stop short. A second Ctrl-C here stops it.
+    terminal's, cut its graceful stop short. A second Ctrl-C here stops it. SIGTERM and SIGHUP (a scheduler, a closed
+    terminal) are passed on too, and this waits for torchrun to stop.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "pyro_scmodels", *argv]
     print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
     process = subprocess.Popen(command, start_new_session=True)
+
+    def forward(number, frame):  # SIGTERM, SIGHUP: no longer reach torchrun's own session unless passed on
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(number)
+
+    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, forward) for number in handled}
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -84,6 +93,9 @@ def launch_torchrun(argv: list[str], devices: int) -> int:
             process.terminate()
             process.wait()
         raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def rank_prefix() -> str:

@@ -392,5 +392,21 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
     _cells(40).write_h5ad(cells)
     code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out"), "--devices", "2", "--overwrite"])
     assert code == 130 and events == ["wait 1", "signal SIGINT", "wait 2"]
+    # SIGTERM (a scheduler) and SIGHUP (a closed terminal) reach torchrun's session only through the launcher
+    events.clear()
+
+    class Terminated(Launched):
+        def wait(self):
+            self.waits += 1
+            events.append(f"wait {self.waits}")
+            if self.waits == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the launcher while it waits
+                return -15
+            return 0
+
+    monkeypatch.setattr(cli_launch.subprocess, "Popen", Terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli_launch.launch_torchrun(["fit"], 2) == -15 and events == ["wait 1", "signal SIGTERM"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
     # the hint of a run started with --overwrite: --resume with --overwrite is refused
     assert "Rerun the same command without --overwrite and with --resume" in error
