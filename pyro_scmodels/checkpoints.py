@@ -40,6 +40,14 @@ PARTS_WITH_UNKNOWN_ENTRIES = ("counts",)
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
 
 
+class StateMismatchError(ValueError):
+    """A saved training state written for other data or settings; ``parts`` names what differs."""
+
+    def __init__(self, message: str, parts: list[str]):
+        super().__init__(message)
+        self.parts = parts
+
+
 def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source: str) -> None:
     """Raise ``ValueError`` unless ``state`` was written by this kind of loop for the same data and settings.
 
@@ -60,7 +68,9 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
     ------
     ValueError
         Another model's training wrote it (it shares the file name ``checkpoint.pt``: the message does not tell
-        the user to remove it), or the fingerprints differ (naming the parts, and a dict part's entries).
+        the user to remove it).
+    StateMismatchError
+        The fingerprints differ (naming the parts, and a dict part's entries, also in ``parts``).
     """
     writer = state.get("loop") or next((kind for name, kind in LEGACY_LOOP_MODULES.items()
                                         if name in state and name not in modules), None)
@@ -87,9 +97,9 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
         else:
             differing.append(key)
     if differing:
-        raise ValueError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                         "remove it or choose another checkpoint_dir (on the command line: --overwrite, or another "
-                         "output folder).")
+        raise StateMismatchError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
+                                 "remove it or choose another checkpoint_dir (on the command line: --overwrite, or "
+                                 "another output folder).", differing)
 
 
 def _same(old, new) -> bool:

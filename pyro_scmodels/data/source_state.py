@@ -29,6 +29,12 @@ def names_digest(names) -> str:
     return _digest(pd.util.hash_pandas_object(pd.Index(names).astype(str), index=False).to_numpy())
 
 
+def unordered_names_hash(names) -> int:
+    """The first checkpoints' hash of a set of names: a sum of per-name hashes, blind to their order (kept, so that
+    those checkpoints keep matching; :func:`names_digest` is the ordered one)."""
+    return int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))
+
+
 def setting_text(value) -> str:
     """A text that changes whenever ``value`` does: ``repr``, but arrays and tables by a digest of their content
     (pandas and numpy shorten a long ``repr`` with "...", so two profiles differing in a middle gene read the same)."""

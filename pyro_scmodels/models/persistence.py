@@ -9,17 +9,15 @@ the parameters, the training state and optionally the data, atomically, and rebu
 from __future__ import annotations
 
 import os
-import re
 import warnings
 
-import pandas as pd
 import torch
 
 from .. import _validation as V
 from .._atomic import staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
-from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS
-from ..data.source_state import names_digest, setting_text
+from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, StateMismatchError
+from ..data.source_state import names_digest, setting_text, unordered_names_hash
 from ..infer import SVITrainer
 from ..priors import priors_fingerprint
 
@@ -113,9 +111,8 @@ class SavedModel:
                 try:
                     trainer.load_state(saved)
                     self.trainer = trainer
-                except ValueError as error:  # the same cells with other counts or covariates: other data
-                    differ = re.search(r"\(([^()]*) differ\)", str(error))
-                    warnings.warn(f"The data differ from those the model was trained on ({differ.group(1) if differ else error} "
+                except StateMismatchError as error:  # the same cells with other counts or covariates: other data
+                    warnings.warn(f"The data differ from those the model was trained on ({', '.join(error.parts)} "
                                   "differ): the model is loaded with its parameters and history, and a further train() "
                                   "starts a new split and optimiser.", UserWarning, stacklevel=4)
             if self.trainer is None:
@@ -148,11 +145,10 @@ class SavedModel:
     def _fingerprint(self) -> dict:
         """What identifies this model's training data and settings (checked before resuming)."""
         data = self._cell_data()
-        names = pd.util.hash_pandas_object(pd.Index(self.adata.obs_names), index=False).to_numpy()
         params, legacy = self.init_params, self._legacy_priors()  # each reads the priors back from the buffers: once
         settings = {k: v for k, v in params.items() if k != "priors"}
         return {
-            "cells": (data.n_cells, int(names.sum() % (2**61))),
+            "cells": (data.n_cells, unordered_names_hash(self.adata.obs_names)),
             "features": tuple(m.n_features for m in data.modalities.values()),
             # the names, modality by modality in the model's order: the per-gene tables and the decoders' rows
             # belong to them (other genes, or the modalities swapped, resumed silently onto the wrong features)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import pandas as pd
 
 from .. import _validation as V
+from ..checkpoints import StateMismatchError
 from ._persistence import read_ndreamer, write_ndreamer
 from .design import design_from_obs
 
@@ -72,11 +72,10 @@ class NDreamerSaveLoad:
             if saved.training_state is not None:  # the history, optimiser and passes: a further train() goes on
                 try:
                     nd._make_trainer().load_state(saved.training_state, source=f"The training state in {dir_path}")
-                except ValueError as error:  # the folder's files were edited: the network and results still load
+                except StateMismatchError as error:  # the folder's files were edited: the network and results load
                     nd.trainer = None
-                    differ = re.search(r"\(([^()]*) differ\)", str(error))
                     warnings.warn(f"The training state in {dir_path} does not match the saved results "
-                                  f"({differ.group(1) if differ else error} differ): loaded without it. The network "
+                                  f"({', '.join(error.parts)} differ): loaded without it. The network "
                                   "and the results are the saved ones; a further train() starts with a new optimiser "
                                   "and history.", UserWarning, stacklevel=2)
         nd.results = saved.results

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.source_state import names_digest, setting_text
+from ..data.source_state import names_digest, setting_text, unordered_names_hash
 from ..optimizers import fused_optimizer
 from ..training import TrainingLoop
 from . import _constants as K
@@ -142,11 +142,9 @@ def training_fingerprint(cells: pd.Index, genes: pd.Index, settings: dict, loss_
     dict
         Parts compared one by one, so that a refused resume names what differs.
     """
-    # a sum of per-name hashes, as the first versions wrote it: a checkpoint of theirs keeps matching
-    hashed = lambda names: int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))  # noqa: E731
     skipped = ("factual", "min_cells_per_group")
     label_codes = [np.asarray(values, dtype=np.int64).ravel() for values in labels if values is not None]
-    return {"cells": (len(cells), hashed(cells)), "genes": (len(genes), hashed(genes)),
+    return {"cells": (len(cells), unordered_names_hash(cells)), "genes": (len(genes), unordered_names_hash(genes)),
             "settings": {k: repr(v) for k, v in settings.items() if k not in skipped},
             "loss_weights": {k: repr(v) for k, v in dataclasses.asdict(loss_weights).items()},
             # added later (ADDED_FINGERPRINT_PARTS): a relabelled design, or other data under the same names
