@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import _validation as V
 from ..data.mudata_registry import per_modality
@@ -28,6 +27,7 @@ from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodal
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from ..seeding import seeded
 
 
 def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
@@ -125,8 +125,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         data = self._cell_data()
         joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
         models, guides = {}, {}
-        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
-            torch.manual_seed(seed)
+        with seeded(seed, "cpu"):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
             for m in self.modalities:
                 models[m], guides[m] = build_model_and_guide(
                     data, priors[m], n_latent=latent[m], n_hidden=hidden[m], n_layers=n_layers, init=init,

@@ -43,7 +43,7 @@ from .network import NDreamerNetwork, checked_sizes
 from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
 from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer, expression_summary, training_fingerprint
-from ..seeding import rng_devices
+from ..seeding import rng_devices, seeded
 
 logger = logging.getLogger(__name__)
 ONE_PROCESS_ONLY = ("NDreamer trains in one process (its losses compare cells across the whole minibatch); run it "
@@ -192,8 +192,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         self._saved_network = False  # a network read from a saved folder (trained, though no trainer came with it)
         if settings["representation"] == NETWORK:
             batch_sizes = [len(set(batches[:, j])) for j in range(batches.shape[1])]
-            with torch.random.fork_rng(devices=rng_devices(self.device)):
-                torch.manual_seed(settings["seed"])
+            with seeded(settings["seed"], self.device):
                 self.network = NDreamerNetwork(
                     len(genes), len(self.design.conditions), batch_sizes, tuple(settings["encoder_hidden"]),
                     settings["n_codebooks"], settings["codebook_size"], settings["codebook_dim"],
