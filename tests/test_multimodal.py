@@ -1,6 +1,8 @@
 """RegularizedMultimodalVI (SPEC 2): real paired RNA + ATAC, simulated data with known structure,
 masking of empty modalities, and agreement with RegularizedVI on one modality."""
 
+import os
+
 import mudata
 import numpy as np
 import pandas as pd
@@ -386,3 +388,58 @@ def test_modalities_whose_names_end_alike_keep_their_own_sites():
     model.export_posterior(num_samples=2, seed=0)
     assert "means_ambient_new_rna" in mdata.mod["new_rna"].varm and "means_inverse_sqrt_theta_rna" in mdata.mod["rna"].varm
     assert not [key for key in mdata.mod["rna"].varm if key.endswith("new_rna")]
+
+
+# scvi-tools' training settings of tests/test_scvi_api.py
+SCVI_FIT = dict(batch_size=64, lr=1e-2, kl_warmup_epochs=2, early_stopping=False, device="cpu", progress_bar=False)
+
+
+def test_multimodal_model_answers_scvi_tools_calls(tmp_path, monkeypatch):
+    """The scvi-tools calls of tests/test_scvi_api.py, on the multimodal model."""
+    mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=80, n_peaks=120, seed=2, atac_missing_fraction=0.1)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="batch")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, **SCVI_FIT)
+    assert list(model.history["elbo_train"].index) == [0, 1] and "RegularizedMultimodalVI(" in repr(model)
+    errors = model.get_reconstruction_error(return_mean=False)
+    assert set(errors) == {"reconstruction_loss", "reconstruction_loss_rna", "reconstruction_loss_atac"}
+    # a cell without ATAC counts has no ATAC error (NaN), not a perfect fit of 0; the mean is over the cells measured
+    has_atac = mdata.obs["has_atac"].to_numpy()
+    assert (~has_atac).any() and np.isnan(errors["reconstruction_loss_atac"]).tolist() == (~has_atac).tolist()
+    np.testing.assert_allclose(errors["reconstruction_loss"],
+                               errors["reconstruction_loss_rna"] + np.nan_to_num(errors["reconstruction_loss_atac"]), rtol=1e-5)
+    means = model.get_reconstruction_error()
+    np.testing.assert_allclose(means["reconstruction_loss_atac"], errors["reconstruction_loss_atac"][has_atac].mean(), rtol=1e-5)
+    # a NaN of a measured cell (a numerical problem) is not left out of the mean
+    from pyro_scmodels.models.evidence import EvidenceQueries
+
+    terms_of = EvidenceQueries._local_terms
+
+    def poisoned(self, batch, n_obs):
+        terms = terms_of(self, batch, n_obs)
+        terms["obs:obs_rna"] = terms["obs:obs_rna"].clone()
+        terms["obs:obs_rna"][0] = float("nan")
+        return terms
+
+    monkeypatch.setattr(EvidenceQueries, "_local_terms", poisoned)
+    assert np.isnan(model.get_reconstruction_error()["reconstruction_loss_rna"])
+    assert np.isnan(model.get_reconstruction_error()["reconstruction_loss"])
+    monkeypatch.undo()
+    np.testing.assert_allclose(means["reconstruction_loss"], errors["reconstruction_loss"].mean(), rtol=1e-5)
+    assert np.isfinite(model.get_elbo(return_mean=False)).all()
+    np.testing.assert_allclose(model.get_marginal_ll(n_mc_samples=1, seed=1), model.get_elbo(seed=1), rtol=1e-6)
+    mean, variance = model.get_latent_representation(return_dist=True)
+    assert mean.shape == variance.shape == (150, 6)
+    np.testing.assert_array_equal(model.get_latent_representation(mc_samples=100), mean)
+    peaks = list(mdata.mod["atac"].var_names[:4])
+    draws = model.get_normalized_expression("atac", gene_list=peaks, n_samples=2, return_mean=False, library_size=1)
+    assert draws.shape == (2, 150, 4)
+    assert model.posterior_predictive_sample(n_samples=3, gene_list=peaks, modality="atac").shape == (150, 4, 3)
+    assert model.posterior_predictive_sample().shape == (150, 80)  # the first modality, as every query's default
+    assert model.get_feature_correlation_matrix(indices=np.arange(30), modality="atac").shape == (120, 120)
+    assert list(model.get_feature_correlation_matrix(indices=np.arange(30)).index) == list(mdata.mod["rna"].var_names)
+    folder = str(tmp_path / "multimodal")
+    model.save(folder, save_anndata=True)
+    assert os.path.isfile(os.path.join(folder, "mdata.h5mu"))
+    loaded = ps.RegularizedMultimodalVI.load(folder)
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5, atol=1e-6)
