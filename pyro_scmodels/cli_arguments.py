@@ -257,8 +257,11 @@ OPTION_OF = {
 #: names that are also plain words ("the layer"): changed only where a message gives them a value (``layer=``)
 OPTION_OF_WITH_VALUE = {"layer": "--layer", "device": "--device", "lr": "--lr", "seed": "--seed", "factual": "--factual",
                         "bandwidth": "--bandwidth"}
-_PYTHON_NAME = re.compile(r"\b(" + "|".join(sorted(map(re.escape, OPTION_OF), key=len, reverse=True)) + r")\b(=?)"
-                          r"|\b(" + "|".join(map(re.escape, OPTION_OF_WITH_VALUE)) + r")=")
+# not after a dot: ``settings.n_latent`` names a part of a saved state, not an argument
+_PYTHON_NAME = re.compile(r"(?<![.\w])(" + "|".join(sorted(map(re.escape, OPTION_OF), key=len, reverse=True)) + r")\b(=?)"
+                          r"|(?<![.\w])(" + "|".join(map(re.escape, OPTION_OF_WITH_VALUE)) + r")=")
+#: a call (``model.train(batch_size=64)``) or a path: Python the user would run or a file, left as it is
+_CALL_OR_PATH = re.compile(r"\w\(|[/\\]")
 
 
 def in_option_names(message: str, command: str | None = None) -> str:
@@ -267,7 +270,8 @@ def in_option_names(message: str, command: str | None = None) -> str:
     ``"pass encoder_covariate_keys=[...]"`` reads ``"pass --encoder-keys [...]"``, ``"device='cpu'"`` reads
     ``"--device 'cpu'"``: the package's messages name the Python arguments, which a command-line user does not have.
     Only the options of ``command`` are named; quoted text (a column, a gene, a value) and tokens that are paths or
-    calls (holding ``/``, ``\\`` or ``(``) are left as they are.
+    calls (holding ``/``, ``\\`` or a name followed by ``(``) are left as they are, and so are names after a dot
+    (``settings.n_latent``, a part of a saved state).
 
     Parameters
     ----------
@@ -292,7 +296,7 @@ def in_option_names(message: str, command: str | None = None) -> str:
         return flag + (" " if equals else "")
 
     def token(word: str) -> str:
-        return word if any(c in word for c in "/\\(") else _PYTHON_NAME.sub(option, word)
+        return word if _CALL_OR_PATH.search(word) else _PYTHON_NAME.sub(option, word)
 
     # quoted text is the user's (a column, a gene, a value): left alone; the rest a word at a time
     parts = re.split(r"('[^']*'|\"[^\"]*\")", message)

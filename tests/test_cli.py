@@ -451,6 +451,10 @@ def test_errors_name_the_options_not_the_python_arguments():
                                ("model.train(batch_size=256) first", "fit"), ("set n_latent=3", "ndreamer")):
         assert in_option_names(untouched, command) == untouched
     assert in_option_names("control_name 'ctrl' is not a condition", "ndreamer") == "--control 'ctrl' is not a condition"
+    # a bracket opening a remark is not a call, and a name after a dot is a part of a saved state
+    assert in_option_names("set it (n_latent or batch_size=64)", "fit") == "set it (--n-latent or --batch-size 64)"
+    assert in_option_names("written for other settings (settings.n_latent differ)", "fit") == \
+        "written for other settings (settings.n_latent differ)"
     from pyro_scmodels.cli_arguments import OPTION_OF, OPTION_OF_WITH_VALUE, build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
