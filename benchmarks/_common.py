@@ -65,13 +65,21 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
+#: the hidden line under each subsection heading a script writes (markdown renders no comment)
+GENERATED = "<!-- written by a benchmark script -->"
+#: added to such a heading when a partial rerun keeps it under the new run's header
+EARLIER_RUN = " (an earlier run, not rerun in the run above)"
+
+
 def update_results(path: Path, section: str, title: str) -> None:
     """Replace (or append) the generated part of the ``title`` section of ``path``, keeping everything else.
 
     The section runs from ``title`` to the next level-2 heading. Its subsections (``### ``) that the new section writes
     are replaced; the others stay, after the new section and in their order: those written by hand (earlier runs,
-    notes), and those of a partial rerun's other parts (e.g. the datasets it did not run). The file is written
-    under a temporary name and renamed, so that a crash never leaves half a file.
+    notes), and those of a partial rerun's other parts (e.g. the datasets it did not run). Each subsection this
+    writes carries a hidden marker (:data:`GENERATED`) under its heading, so that when a later, partial rerun keeps
+    it, its heading is marked as an earlier run's (:data:`EARLIER_RUN`) instead of reading as part of the new run.
+    The file is written under a temporary name and renamed, so that a crash never leaves half a file.
 
     Parameters
     ----------
@@ -98,6 +106,9 @@ def update_results(path: Path, section: str, title: str) -> None:
         for line in lines[start + 1 : end]:
             if line.startswith("### "):
                 keep = line.strip() not in own
+            if keep and line.strip() == GENERATED and kept and kept[-1].startswith("### "):
+                kept[-1] += EARLIER_RUN  # another run's part, kept: no longer this run's (and said once)
+                continue
             if keep:
                 kept.append(line)
         while kept and not kept[-1].strip():
@@ -105,6 +116,7 @@ def update_results(path: Path, section: str, title: str) -> None:
         before, after = lines[:start], kept + ([""] if kept and end < len(lines) else []) + lines[end:]
     while before and not before[-1].strip():
         before.pop()
+    section = "\n".join(line + ("\n" + GENERATED if line.startswith("### ") else "") for line in section.splitlines())
     text = "\n".join(before) + ("\n\n" if before else "") + section.rstrip("\n") + "\n"
     if after:
         text += "\n" + "\n".join(after).rstrip("\n") + "\n"

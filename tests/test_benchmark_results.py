@@ -23,8 +23,9 @@ def test_a_rerun_replaces_its_figures_and_keeps_the_subsections_written_by_hand(
     common.update_results(path, "## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n\n### kang\n\nnew kang\n",
                           "## Bench A")
     text = path.read_text()
-    assert text == ("# Benchmark results\n\n## Bench A\n\nnew figures\n\n### pbmc\n\nnew table\n\n### kang\n\n"
-                    "new kang\n\n### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
+    mark = common.GENERATED
+    assert text == (f"# Benchmark results\n\n## Bench A\n\nnew figures\n\n### pbmc\n{mark}\n\nnew table\n\n### kang\n"
+                    f"{mark}\n\nnew kang\n\n### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
     common.update_results(path, "## Bench C\n\nfirst run\n", "## Bench C")  # a new section goes at the end
     assert path.read_text() == text + "\n## Bench C\n\nfirst run\n"
 
@@ -37,3 +38,20 @@ def test_a_rerun_replaces_its_figures_and_keeps_the_subsections_written_by_hand(
     monkeypatch.undo()
     assert path.read_text() == text + "\n## Bench C\n\nfirst run\n"  # the file as it was
     assert os.listdir(tmp_path) == ["RESULTS.md"]
+
+
+def test_a_partial_rerun_marks_the_parts_it_did_not_run_as_an_earlier_runs(common, tmp_path):
+    # a rerun on one dataset kept the other datasets' subsections under its own new header and date
+    path = tmp_path / "RESULTS.md"
+    common.update_results(path, "## Bench A\n\nrun 1, both\n\n### pbmc\n\npbmc 1\n\n### kang\n\nkang 1\n", "## Bench A")
+    common.update_results(path, "## Bench A\n\nrun 2, pbmc only\n\n### pbmc\n\npbmc 2\n", "## Bench A")
+    mark, earlier = common.GENERATED, common.EARLIER_RUN
+    text = path.read_text()
+    assert text == (f"# Benchmark results\n\n## Bench A\n\nrun 2, pbmc only\n\n### pbmc\n{mark}\n\npbmc 2\n\n"
+                    f"### kang{earlier}\n\nkang 1\n")
+    # a third run of pbmc keeps kang as it is: said once, and kept like a subsection written by hand
+    common.update_results(path, "## Bench A\n\nrun 3, pbmc only\n\n### pbmc\n\npbmc 3\n", "## Bench A")
+    assert path.read_text() == text.replace("run 2", "run 3").replace("pbmc 2", "pbmc 3")
+    # a full rerun writes kang anew; the earlier run's copy, under its marked heading, stays as history
+    common.update_results(path, "## Bench A\n\nrun 4\n\n### pbmc\n\npbmc 4\n\n### kang\n\nkang 4\n", "## Bench A")
+    assert path.read_text().count(f"### kang\n{mark}\n\nkang 4") == 1 and f"### kang{earlier}\n\nkang 1" in path.read_text()
