@@ -3,6 +3,7 @@ posterior export, the model graph and Bayesian differential expression."""
 
 import os
 import sys
+import warnings
 
 import anndata
 import numpy as np
@@ -107,6 +108,26 @@ def test_subclass_overrides_one_site(sim):
     baseline = ps.RegularizedVI(sim, **SMALL)
     baseline.train(**FIT)
     assert np.median(model.get_ambient_profile().to_numpy()) < 0.5 * np.median(baseline.get_ambient_profile().to_numpy())
+
+
+def test_a_subclass_that_fixes_a_site_leaves_no_guide_site_without_a_model_site(sim):
+    # the guide still sampled the fixed site: Pyro warned of a guide site missing from the model, and a LogNormal
+    # guide's scale, free of any model term, grew at every step
+    class FixedScaling(RegularizedVIModel):
+        def sample_feature_scaling(self, genes):
+            return torch.ones(self.dims.n_scaling, self.dims.n_genes)
+
+    class MyModel(ps.RegularizedVI):
+        model_class = FixedScaling
+
+    model = MyModel(sim, global_guides={"feature_scaling": "lognormal"}, **SMALL)
+    before = model.module.guide.feature_scaling.scale.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Found non-auxiliary vars in guide but not model" among them
+        model.train(max_epochs=2, **{k: v for k, v in FIT.items() if k != "max_epochs"})
+    torch.testing.assert_close(model.module.guide.feature_scaling.scale.detach(), before)
+    assert (model.get_feature_scaling().to_numpy() == 1).all()  # the model's fixed value, as before
+    assert ps.RegularizedVI(sim, **SMALL).module.guide.unsampled_sites == frozenset()
 
 
 def test_export_posterior_follows_cell2location_layout(fitted, tmp_path):

@@ -8,13 +8,15 @@ prior, the decoder's output bias).
 from __future__ import annotations
 
 import numpy as np
+import pyro
 import torch
+from pyro import poutine
 
 from .. import _constants as C
 from ..data import CellData
 from ..priors import RegularizedPriors
 from ..training import require_float32_default
-from .regularizedvi_dims import RegularizedVIDims
+from .regularizedvi_dims import GLOBAL_SITES, RegularizedVIDims
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 
@@ -97,4 +99,17 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
     guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
     model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
+    guide.unsampled_sites = unsampled_global_sites(model)
     return model, guide
+
+
+def unsampled_global_sites(model) -> frozenset:
+    """The global sites (:data:`GLOBAL_SITES`) that ``model.global_sites`` does not sample: those a subclass fixes.
+
+    Found by running the model's global sites once from their priors, outside inference.
+    """
+    # draws from the priors, on a forked random state: building a model leaves the seeded stream as it was
+    with pyro.settings.context(module_local_params=True), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        trace = poutine.trace(poutine.block(model.global_sites, hide_types=["param"])).get_trace()
+    sampled = {name for name, node in trace.nodes.items() if node["type"] == "sample"}
+    return frozenset(name for name in GLOBAL_SITES if model.dims.site(name) not in sampled)

@@ -77,6 +77,9 @@ class RegularizedVIGuide(LocalPyroModule):
         self.library_residual_weight = PositiveSiteGuide(
             torch.tensor(C.INIT_LIBRARY_RESIDUAL_WEIGHT), families["library_residual_weight"]
         )
+        #: global sites the model does not sample (a subclass that fixes one): not sampled here either, so that no
+        #: guide site goes without a model site (set by build_model_and_guide from a trace of the model)
+        self.unsampled_sites = frozenset()
 
     def encoder_input(self, batch: dict) -> torch.Tensor:
         """log1p(x), with continuous and encoder covariates appended."""
@@ -106,20 +109,25 @@ class RegularizedVIGuide(LocalPyroModule):
         return {name: child.median() for name, child in self.named_children() if isinstance(child, PositiveSiteGuide)}
 
     def global_sites(self) -> torch.Tensor:
-        """Guides of the global sites; returns the library residual weight w."""
+        """Guides of the global sites the model samples; returns the library residual weight w."""
         d, site = self.dims, self.dims.site
+        sampled = lambda name: name not in self.unsampled_sites  # noqa: E731
         genes = pyro.plate(site("genes"), d.n_genes, dim=-1)
         with pyro.plate(site("dispersion_groups"), d.n_dispersion, dim=-2):
-            self.dispersion_rate(site("dispersion_rate"))
-            with genes:
-                self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
-        if d.use_ambient:
+            if sampled("dispersion_rate"):
+                self.dispersion_rate(site("dispersion_rate"))
+            if sampled("inverse_sqrt_theta"):
+                with genes:
+                    self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
+        if d.use_ambient and sampled("ambient"):
             with pyro.plate(site("ambient_categories"), d.n_ambient, dim=-2), genes:
                 self.ambient(site("ambient"))
-        if d.use_feature_scaling:
+        if d.use_feature_scaling and sampled("feature_scaling"):
             with pyro.plate(site("scaling_categories"), d.n_scaling, dim=-2), genes:
                 self.feature_scaling(site("feature_scaling"))
-        return self.library_residual_weight(site("library_residual_weight"))
+        if sampled("library_residual_weight"):
+            return self.library_residual_weight(site("library_residual_weight"))
+        return self.library_residual_weight.median()  # the model fixes w: the library guide uses the guide's value
 
     def log_library_loc(self, h: torch.Tensor, batch: dict, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual library guide: w x centred log observed total + a learned correction (loc, scale)."""
