@@ -115,7 +115,7 @@ def test_a_subclass_that_fixes_a_site_leaves_no_guide_site_without_a_model_site(
     # guide's scale, free of any model term, grew at every step
     class FixedScaling(RegularizedVIModel):
         def sample_feature_scaling(self, genes):
-            return torch.ones(self.dims.n_scaling, self.dims.n_genes)
+            return torch.full((self.dims.n_scaling, self.dims.n_genes), 2.0)
 
     class MyModel(ps.RegularizedVI):
         model_class = FixedScaling
@@ -126,7 +126,9 @@ def test_a_subclass_that_fixes_a_site_leaves_no_guide_site_without_a_model_site(
         warnings.simplefilter("error")  # "Found non-auxiliary vars in guide but not model" among them
         model.train(max_epochs=2, **{k: v for k, v in FIT.items() if k != "max_epochs"})
     torch.testing.assert_close(model.module.guide.feature_scaling.scale.detach(), before)
-    assert (model.get_feature_scaling().to_numpy() == 1).all()  # the model's fixed value, as before
+    assert (model.get_feature_scaling().to_numpy() == 2).all()  # the model's fixed value, as before
+    # a draw of the posterior held the guide's unused value (1, where the model uses 2); a fixed site has no posterior
+    assert "feature_scaling" not in model.sample_posterior(num_samples=2, indices=np.arange(20))["means"]
     assert ps.RegularizedVI(sim, **SMALL).module.guide.unsampled_sites == frozenset()
 
 
