@@ -368,6 +368,11 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         :func:`raw_count_properties` (with ``all_stats``), ``comparison`` (e.g. ``"B vs Rest"``),
         ``group1`` and ``group2``.
     """
+    if hasattr(groupby, "obs") or hasattr(groupby, "mod"):
+        # scvi-tools' first argument is adata; here it is groupby (the data default to the training data)
+        raise TypeError(f"differential_expression's first argument is groupby (a column of adata.obs), not the data "
+                        f"(got a {type(groupby).__name__}); pass the data as adata=..., e.g. "
+                        "model.differential_expression(adata=adata, groupby='cell_type').")
     mode = V.choice("mode", mode, MODES)
     num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
                                      (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))

@@ -34,3 +34,11 @@ def seeded(seed: int | None, device):
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(int(seed))
         yield
+
+
+def seed_or_fresh(seed: int | None) -> int:
+    """``seed``, or when None one drawn from torch's global CPU stream: a fresh draw per call that
+    ``torch.manual_seed`` (or ``pyro.set_rng_seed``) makes repeatable, as scvi-tools' sampling queries are."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return seed

@@ -128,7 +128,10 @@ def test_fine_tuned_encoder_keeps_the_decoder(data, reference):
 def test_reference_from_a_folder_and_a_saved_query_model(data, reference, tmp_path):
     reference.save(str(tmp_path / "reference"))
     from_model = ps.RegularizedVI.load_query_data(query_cells(data), reference)
-    from_folder = ps.RegularizedVI.load_query_data(query_cells(data), str(tmp_path / "reference"))
+    # scvi-tools' keyword name (reference_model=) as well as its position
+    from_folder = ps.RegularizedVI.load_query_data(query_cells(data), reference_model=str(tmp_path / "reference"))
+    assert list(ps.RegularizedVI.prepare_query_anndata(query_cells(data), reference_model=reference,
+                                                       return_reference_var_names=True)) == list(reference.adata.var_names)
     assert all(torch.equal(v, from_folder.module.state_dict()[k]) for k, v in from_model.module.state_dict().items())
 
     from_model.train(max_epochs=5, kl_warmup_epochs=None, **FAST)

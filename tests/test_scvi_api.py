@@ -212,9 +212,14 @@ def test_transform_batch_without_a_conditioned_decoder_warns_and_changes_nothing
 def test_gene_list_library_size_and_samples(model):
     genes = list(model.adata.var_names[[3, 0, 7]])
     full = model.get_normalized_expression(library_size=1)
-    subset = model.get_normalized_expression(library_size=1, gene_list=genes)
-    assert list(subset.columns) == genes
-    pd.testing.assert_frame_equal(subset, full[genes])
+    # the model's order, each gene once, as scvi-tools' mask gives them: an unlabelled array's columns were the
+    # caller's order (3, 0, 7), which scvi-tools code labels in the model's order (0, 3, 7), swapping two genes
+    subset = model.get_normalized_expression(library_size=1, gene_list=genes + genes[:1])
+    in_order = list(model.adata.var_names[[0, 3, 7]])
+    assert list(subset.columns) == in_order
+    pd.testing.assert_frame_equal(subset, full[in_order])
+    np.testing.assert_array_equal(model.get_normalized_expression(library_size=1, gene_list=genes, return_numpy=True),
+                                  full[in_order].to_numpy())
     np.testing.assert_allclose(full.sum(1), 1.0, rtol=1e-5)  # scvi-tools' proportions
     draws = model.get_normalized_expression(n_samples=3, return_mean=False, seed=2)
     assert draws.shape == (3, 300, 50)
@@ -314,6 +319,12 @@ def test_differential_expression_bad_requests(model, arguments, message):
         model.differential_expression(num_samples=2, n_cells=10, **arguments)
 
 
+def test_differential_expression_given_the_data_first_says_to_pass_adata(model):
+    # scvi-tools' first argument is adata: here it failed deep inside with "unhashable type: 'AnnData'"
+    with pytest.raises(TypeError, match="first argument is groupby.*got a AnnData.*adata=adata"):
+        model.differential_expression(model.adata, "cell_type")
+
+
 # --- ELBO, reconstruction, marginal likelihood, latent distribution ---------------------------
 def test_elbo_marginal_ll_and_reconstruction_error(model):
     cells = np.arange(150)
@@ -346,6 +357,27 @@ def test_latent_distribution(model):
         model.get_latent_representation(mc_samples=0)
     with pytest.raises(TypeError, match="give_mean"):
         model.get_latent_representation(give_mean="no")  # a non-empty string would read as True
+
+
+def test_sampling_queries_draw_afresh_in_each_call_as_scvi_tools_does(model):
+    # a user averaging give_mean=False calls (scvi-tools' Monte Carlo habit) got one draw 20 times: variance 0
+    draws = np.stack([model.get_latent_representation(give_mean=False, indices=np.arange(40)) for _ in range(20)])
+    _, variance = model.get_latent_representation(return_dist=True, indices=np.arange(40))
+    np.testing.assert_allclose(draws.var(0).mean(), variance.mean(), rtol=0.5)
+    twice = [model.get_normalized_expression(n_samples=2, return_mean=False, indices=np.arange(9)) for _ in range(2)]
+    assert not np.allclose(*twice)
+    assert not np.allclose(*[model.get_likelihood_parameters(indices=np.arange(9), n_samples=2)["mean"] for _ in range(2)])
+    # repeatable: by torch's seed, or with seed= for each cell's own draw
+    repeats = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        repeats.append(model.get_latent_representation(give_mean=False, indices=np.arange(9)))
+    np.testing.assert_array_equal(*repeats)
+    np.testing.assert_array_equal(*[model.get_latent_representation(give_mean=False, seed=3) for _ in range(2)])
+    state = torch.get_rng_state()
+    model.get_latent_representation()  # the mean draws nothing: torch's stream is left as it was
+    model.get_normalized_expression(indices=np.arange(9))
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_posterior_predictive_sample_in_scvi_layout(model):
@@ -405,9 +437,9 @@ def test_likelihood_parameters_are_the_models_mean_and_dispersion(model):
     # a sixth lower)
     assert 0.93 < np.median(mean.sum(1) / counts.sum(1)) < 1.07
     assert np.corrcoef(np.log(mean.mean(0)), np.log1p(counts.mean(0)))[0, 1] > 0.9
-    draws = model.get_likelihood_parameters(n_samples=4)
+    draws = model.get_likelihood_parameters(n_samples=4, seed=1)
     assert draws["mean"].shape == (4, 300, 50)
-    averaged = model.get_likelihood_parameters(n_samples=4, give_mean=True)["mean"]
+    averaged = model.get_likelihood_parameters(n_samples=4, give_mean=True, seed=1)["mean"]
     np.testing.assert_allclose(averaged, draws["mean"].mean(0), rtol=1e-5)
 
 

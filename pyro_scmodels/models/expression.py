@@ -103,7 +103,8 @@ def gene_columns(names: pd.Index, gene_list) -> np.ndarray | slice:
     Returns
     -------
     numpy.ndarray or slice
-        Positions of ``gene_list`` in ``names`` (in ``gene_list``'s order), or ``slice(None)``.
+        Positions of ``gene_list`` in ``names``, in the model's order and each once (scvi-tools selects genes with a
+        mask, so an unlabelled array's columns are in that order), or ``slice(None)``.
 
     Raises
     ------
@@ -111,7 +112,7 @@ def gene_columns(names: pd.Index, gene_list) -> np.ndarray | slice:
         Naming the genes of ``gene_list`` that ``names`` lacks.
     """
     positions = gene_positions(names, gene_list)
-    return slice(None) if positions is None else positions
+    return slice(None) if positions is None else np.unique(positions)
 
 
 def _check_library_size(library_size) -> None:
@@ -125,7 +126,7 @@ def _check_library_size(library_size) -> None:
 def normalized_expression(model, adata=None, indices=None, transform_batch=None, gene_list=None,
                           library_size: str | float | None = None, n_samples: int = 1, batch_size: int | None = None,
                           return_mean: bool = True, return_numpy: bool | None = None, modality: str | None = None,
-                          seed: int = 0):
+                          seed: int | None = None):
     """rho per cell and feature; see ``RegularizedVI.get_normalized_expression`` for the arguments.
 
     Returns

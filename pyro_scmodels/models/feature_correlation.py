@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 
 from .. import _validation as V
 from .expression import transform_covariates
-from ..seeding import rng_devices
+from ..seeding import rng_devices, seed_or_fresh
 
 CORRELATION_TYPES = ("spearman", "pearson")
 #: scvi-tools' defaults of ``get_feature_correlation_matrix``
@@ -42,7 +42,7 @@ class FeatureCorrelationQueries:
     def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = N_SAMPLES,
                                        batch_size: int | None = None, rna_size_factor: float = RNA_SIZE_FACTOR,
                                        transform_batch=None, correlation_type: str = "spearman", *,
-                                       modality: str | None = None, seed: int = 0) -> pd.DataFrame:
+                                       modality: str | None = None, seed: int | None = None) -> pd.DataFrame:
         """Feature-feature correlation of counts drawn from the posterior at a fixed library size.
 
         Parameters
@@ -63,7 +63,8 @@ class FeatureCorrelationQueries:
         modality
             Multimodal models: the modality (default the first).
         seed
-            Seeds the draws of z and of the counts.
+            Seeds the draws of z and of the counts (None: fresh draws in every call, from torch's global
+            stream, as in scvi-tools).
 
         Returns
         -------
@@ -79,7 +80,7 @@ class FeatureCorrelationQueries:
         n_samples = V.positive_int("n_samples", n_samples)
         rna_size_factor = V.positive_float("rna_size_factor", rna_size_factor)
         correlation_type = V.choice("correlation_type", correlation_type, CORRELATION_TYPES)
-        seed = V.non_negative_int("seed", seed)
+        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))
         modality = self.default_modality(modality)
         settings = transform_covariates(self, transform_batch)
         theta = _dispersion_of(self, modality)

@@ -14,7 +14,7 @@ from .. import _validation as V
 
 
 def likelihood_parameters(queries, generative, guide, adata=None, indices=None, n_samples: int = 1,
-                          give_mean: bool = False, batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                          give_mean: bool = False, batch_size: int | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
     """``{"mean": mu, "dispersions": theta}`` of one modality's likelihood, per cell and feature.
 
     Parameters
@@ -29,11 +29,11 @@ def likelihood_parameters(queries, generative, guide, adata=None, indices=None, 
     adata, indices, batch_size
         Cells, as in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
     n_samples
-        1: at the posterior mean of z. More: at that many seeded draws of z from q(z | x).
+        1: at the posterior mean of z. More: at that many draws of z from q(z | x).
     give_mean
         With ``n_samples`` > 1: the mean over the draws instead of every draw.
     seed
-        Seeds the draws of z.
+        Seeds the draws of z (None: fresh draws in every call, from torch's global stream, as in scvi-tools).
 
     Returns
     -------

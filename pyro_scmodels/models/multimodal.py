@@ -224,7 +224,7 @@ class RegularizedMultimodalVI(PyroModelBase):
 
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
-                                  seed: int = 0, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
+                                  seed: int | None = None, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
         """Posterior mean (or one seeded sample) of the joint z, or of one modality's block / encoder.
 
         Parameters
@@ -237,7 +237,8 @@ class RegularizedMultimodalVI(PyroModelBase):
         store
             Also write the result to ``mdata.obsm["X_regularizedmultimodalvi"]`` (or ``..._<modality>``).
         give_mean, seed
-            Return the posterior mean; else one posterior sample, seeded by ``seed``.
+            Return the posterior mean; else one posterior sample, seeded by ``seed`` (None: a fresh draw in
+            every call, as in :meth:`RegularizedVI.get_latent_representation`).
         return_dist
             Return ``(mean, variance)`` of q(z | x) instead, as scvi-tools does (``store`` is ignored).
         mc_samples
@@ -268,7 +269,7 @@ class RegularizedMultimodalVI(PyroModelBase):
     def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
                                   return_numpy: bool | None = None, *, transform_batch=None, gene_list=None,
                                   library_size: str | float | None = None, n_samples: int = 1, return_mean: bool = True,
-                                  seed: int = 0):
+                                  seed: int | None = None):
         """Background- and scaling-free expression rho of one modality, decoded from the joint z.
 
         Parameters
@@ -321,7 +322,7 @@ class RegularizedMultimodalVI(PyroModelBase):
                 for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
 
     def get_likelihood_parameters(self, modality: str | None = None, adata=None, indices=None, n_samples: int = 1,
-                                  give_mean: bool = False, batch_size: int | None = None) -> dict:
+                                  give_mean: bool = False, batch_size: int | None = None, *, seed: int | None = None) -> dict:
         """Mean and dispersion of one modality's p(x | z) per cell and feature.
 
         As :meth:`RegularizedVI.get_likelihood_parameters` (scvi-tools' ``get_likelihood_parameters``),
@@ -334,8 +335,10 @@ class RegularizedMultimodalVI(PyroModelBase):
         adata, indices, batch_size
             As in :meth:`get_latent_representation`.
         n_samples, give_mean
-            1: at the posterior mean of the joint z; more: at seeded draws of it, or their mean with
+            1: at the posterior mean of the joint z; more: at draws of it, or their mean with
             ``give_mean``.
+        seed
+            Seeds the draws (None: fresh in every call, as in :meth:`get_latent_representation`).
 
         Returns
         -------
@@ -345,7 +348,7 @@ class RegularizedMultimodalVI(PyroModelBase):
         """
         modality = self.default_modality(modality)
         return likelihood_parameters(self, self.module.model.block(modality), self.module.guide.block(modality), adata,
-                                     indices, n_samples, give_mean, batch_size)
+                                     indices, n_samples, give_mean, batch_size, seed)
 
     def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
         """Dispersion theta of a modality: features x dispersion groups."""

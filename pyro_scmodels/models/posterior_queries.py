@@ -18,6 +18,7 @@ from .. import differential, predictive
 from . import expression
 from .cell_noise import CellNoise
 from ..differential import PSEUDOCOUNT
+from ..seeding import seed_or_fresh
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
 
@@ -66,7 +67,7 @@ class PosteriorQueries:
 
     # --- the posterior queries every getter, DE, check and counterfactual is built on ----------
     def posterior_z_batches(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
-                            seed: int = 0, modality: str | None = None):
+                            seed: int | None = 0, modality: str | None = None):
         """The posterior of z, one minibatch at a time: its mean, or seeded samples.
 
         Parameters
@@ -81,7 +82,8 @@ class PosteriorQueries:
             None: the posterior mean of z. An integer: that many draws from q(z | x) per cell.
         seed
             Seeds the draws: the same seed gives each cell the same z in every call, whichever other cells
-            are asked for and in whatever order (:class:`~pyro_scmodels.models.cell_noise.CellNoise`).
+            are asked for and in whatever order (:class:`~pyro_scmodels.models.cell_noise.CellNoise`). None:
+            fresh draws in each call, from torch's global stream (:func:`~pyro_scmodels.seeding.seed_or_fresh`).
         modality
             Multimodal models: a modality's own encoder posterior instead of the joint z.
 
@@ -94,7 +96,10 @@ class PosteriorQueries:
         self._check_trained()
         if n_samples is not None:
             n_samples = V.positive_int("n_samples", n_samples)
-        seed = V.non_negative_int("seed", seed)
+        seed = V.optional(V.non_negative_int, "seed", seed)
+        if n_samples is not None:
+            # drawn only when sampling: the mean of z leaves torch's stream as it was
+            seed = seed_or_fresh(seed)
         guide = self.module.guide.eval()
         # each cell's draws from its own seeded block, so results depend neither on torch's global state nor on the
         # other cells of the call
@@ -280,7 +285,7 @@ class PosteriorQueries:
     def normalized_expression(self, adata=None, indices=None, transform_batch=None, gene_list=None,
                               library_size: str | float | None = None, n_samples: int = 1, batch_size: int | None = None,
                               return_mean: bool = True, return_numpy: bool | None = None, modality: str | None = None,
-                              seed: int = 0):
+                              seed: int | None = None):
         """Background- and scaling-free expression rho per cell, as the getters return it.
 
         See :func:`pyro_scmodels.models.expression.normalized_expression`; the arguments are
@@ -395,9 +400,7 @@ class PosteriorQueries:
         """
         n_samples = V.positive_int("n_samples", n_samples)
         modality = self.default_modality(modality)
-        columns = expression.gene_columns(self.feature_names(modality), gene_list)
-        if not isinstance(columns, slice):
-            columns = np.sort(columns)  # the model's gene order, as scvi-tools' mask gives it
+        columns = expression.gene_columns(self.feature_names(modality), gene_list)  # the model's order, as scvi-tools'
         draws = predictive.posterior_predictive(self, n_samples, adata, indices, batch_size, modality, features=columns,
                                                 seed=seed)
         return draws[0] if n_samples == 1 else np.moveaxis(draws, 0, -1)

@@ -346,15 +346,15 @@ class QueryMappingMixin:
     """``prepare_query_anndata`` and ``load_query_data`` as classmethods of a model class, as in scvi-tools."""
 
     @classmethod
-    def prepare_query_anndata(cls, adata, reference, return_reference_var_names: bool = False, inplace: bool = True):
+    def prepare_query_anndata(cls, adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
         """Reorder the query's genes to the reference's; genes it lacks are filled with zeros (with a warning).
 
         Parameters
         ----------
         adata
             The query AnnData.
-        reference
-            A trained model, or the folder it was saved to.
+        reference_model
+            A trained model, or the folder it was saved to (scvi-tools' name and position).
         return_reference_var_names
             Only return the reference's gene names.
         inplace
@@ -365,10 +365,10 @@ class QueryMappingMixin:
         None, anndata.AnnData or pandas.Index
             See :func:`pyro_scmodels.models.query_mapping.prepare_query_anndata`.
         """
-        return prepare_query_anndata(adata, reference, cls, return_reference_var_names, inplace)
+        return prepare_query_anndata(adata, reference_model, cls, return_reference_var_names, inplace)
 
     @classmethod
-    def load_query_data(cls, adata, reference, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
+    def load_query_data(cls, adata, reference_model, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
                         freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False) -> "QueryMappingMixin":
         """A model of new cells (the query) built on a trained reference, for ``train()`` on the query.
 
@@ -382,8 +382,8 @@ class QueryMappingMixin:
         ----------
         adata
             The query AnnData: raw counts, the reference's genes (see :meth:`prepare_query_anndata`).
-        reference
-            A trained model, or the folder it was saved to; it is not changed.
+        reference_model
+            A trained model, or the folder it was saved to; it is not changed (scvi-tools' name and position).
         inplace_subset_query_vars
             First align the query's genes in place, as :meth:`prepare_query_anndata` does.
         freeze_encoder, freeze_decoder
@@ -398,5 +398,5 @@ class QueryMappingMixin:
         RegularizedVI
             The query model (see :func:`pyro_scmodels.models.query_mapping.load_query_data`).
         """
-        return load_query_data(cls, adata, reference, inplace_subset_query_vars, freeze_encoder, freeze_decoder,
+        return load_query_data(cls, adata, reference_model, inplace_subset_query_vars, freeze_encoder, freeze_decoder,
                                freeze_dropout, unfrozen)

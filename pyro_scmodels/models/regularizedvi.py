@@ -202,7 +202,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
     # --- outputs ------------------------------------------------------------------------------
     def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
                                   mc_samples: int = MC_SAMPLES, batch_size: int | None = None, return_dist: bool = False,
-                                  seed: int = 0):
+                                  seed: int | None = None):
         """Posterior mean (or one seeded sample) of z per cell, or the mean and variance of q(z | x).
 
         Parameters
@@ -221,7 +221,9 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
         return_dist
             Return ``(mean, variance)`` of q(z | x), as scvi-tools does.
         seed
-            Seeds the sample when ``give_mean=False``.
+            Seeds the sample when ``give_mean=False``: the same seed gives each cell the same draw. None (the
+            default): a fresh draw in every call, from torch's global stream, as in scvi-tools
+            (``torch.manual_seed`` repeats it).
 
         Returns
         -------
@@ -254,7 +256,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
     def get_normalized_expression(
         self, adata=None, indices=None, transform_batch=None, gene_list=None, library_size: str | float | None = None,
         n_samples: int = 1, batch_size: int | None = None, return_mean: bool = True, return_numpy: bool | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         """Background-free, scaling-free expression rho = softplus(decoder(z)) per cell and gene.
 
@@ -284,7 +286,8 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
         return_numpy
             Return an array instead of a DataFrame.
         seed
-            Seeds the samples of z when ``n_samples > 1``.
+            Seeds the samples of z when ``n_samples > 1`` (None, the default: fresh draws in every call,
+            as for :meth:`get_latent_representation`).
 
         Returns
         -------
@@ -296,7 +299,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
                                           return_mean, return_numpy, seed=seed)
 
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
-                                  batch_size: int | None = None) -> dict:
+                                  batch_size: int | None = None, *, seed: int | None = None) -> dict:
         """Mean and dispersion of p(x | z) per cell and gene, as scvi-tools' ``get_likelihood_parameters``.
 
         Parameters
@@ -304,9 +307,11 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
         adata, indices, batch_size
             As in :meth:`get_latent_representation`.
         n_samples, give_mean
-            1: at the posterior mean of z (as :meth:`get_normalized_expression`); more: at seeded
-            draws of z, or their mean with ``give_mean``
+            1: at the posterior mean of z (as :meth:`get_normalized_expression`); more: at draws of z
+            (fresh in every call, as in scvi-tools), or their mean with ``give_mean``
             (:func:`~pyro_scmodels.models.likelihood_parameters.likelihood_parameters`).
+        seed
+            Seeds the draws: the same seed gives each cell the same draws (None: fresh in every call).
 
         Returns
         -------
@@ -314,7 +319,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
             ``"mean"`` (mu, background and scaling included) and ``"dispersions"`` (theta).
         """
         return likelihood_parameters(self, self.module.model, self.module.guide, adata, indices, n_samples, give_mean,
-                                     batch_size)
+                                     batch_size, seed)
 
     def get_dispersion(self) -> pd.DataFrame:
         """Dispersion theta = u^-2 (posterior median; large theta is near Poisson).
