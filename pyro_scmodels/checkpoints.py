@@ -78,7 +78,40 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
         raise ValueError(f"{source} was written by another model's training ({writer}), not by this {loop}; "
                          "choose another checkpoint_dir, or on the command line another output folder (that file "
                          "belongs to the other run).")
-    saved = state.get("fingerprint", {})
+    differing = fingerprint_differences(state.get("fingerprint", {}), fingerprint)
+    if differing:
+        raise StateMismatchError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
+                                 "remove it or choose another checkpoint_dir (on the command line: --overwrite, or "
+                                 "another output folder).", differing)
+
+
+def refuse_other_data_on_other_ranks(parallel, fingerprint: dict) -> None:
+    """Raise :class:`StateMismatchError` on every rank unless each rank's fingerprint matches the writer's (rank 0).
+
+    A stale copy of the input on one node trained a model on a mix of two data sets, each rank with its own
+    train/validation split; this compares them before the first step.
+
+    Parameters
+    ----------
+    parallel
+        The loop's :class:`~pyro_scmodels.distributed.DataParallel` context.
+    fingerprint
+        This rank's loop fingerprint.
+    """
+    differing = fingerprint_differences(parallel.from_writer(lambda: fingerprint), fingerprint)
+    message = parallel.first_message(None if not differing else (
+        f"this process reads other data or settings than rank 0 ({', '.join(differing)} differ): every process "
+        "must read the same cells, counts and settings (the same file, unchanged, at the same path on every machine)."))
+    if message is not None:
+        raise StateMismatchError(message, differing)
+
+
+def fingerprint_differences(saved: dict, fingerprint: dict) -> list[str]:
+    """The parts (and a dict part's entries, ``"part.entry"``) in which two loops' fingerprints differ.
+
+    Parts added or renamed since ``saved`` was written are compared as :func:`check_saved_state` describes, and an
+    entry unknown on either side (:data:`PARTS_WITH_UNKNOWN_ENTRIES`) matches any.
+    """
     differing = []
     # a legacy part is compared only when the saved state has it and lacks its successor (written in between)
     skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
@@ -96,10 +129,7 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
                           if not _same(old.get(k), new.get(k)) and not unknown(k)]
         else:
             differing.append(key)
-    if differing:
-        raise StateMismatchError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                                 "remove it or choose another checkpoint_dir (on the command line: --overwrite, or "
-                                 "another output folder).", differing)
+    return differing
 
 
 def _same(old, new) -> bool:

@@ -229,9 +229,21 @@ def _checked_devices(devices) -> int | None:
 
 
 def _rank_device(accelerator: str | None, device: str) -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` for a GPU run, else the CPU."""
+    """This rank's device: ``cuda:LOCAL_RANK`` for a GPU run, else the CPU.
+
+    ``device`` is checked as in one process: a misspelt name, or ``"cuda"`` without CUDA, is refused (a node whose
+    CUDA failed would otherwise train on its CPU without a word), and so is ``device`` together with ``accelerator``.
+    """
+    from .infer import resolve_device  # imported here: infer imports this module (through elbo)
+
     device = str(device)
-    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and (device == "auto" or device.startswith("cuda")))
+    if device != "auto" and accelerator not in (None, "auto"):
+        raise ValueError(f"Pass either device (got {device!r}) or accelerator (got {accelerator!r}), not both.")
+    if device != "auto":
+        # raises for a name it does not know and for "cuda" without CUDA; each rank then takes cuda:LOCAL_RANK
+        wants_gpu = resolve_device(device).type == "cuda"
+    else:
+        wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
     if wants_gpu and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import _constants as C
 from . import _validation as V
 from ._allocator import reuse_freed_memory
-from .checkpoints import LoopCheckpoints
+from .checkpoints import LoopCheckpoints, refuse_other_data_on_other_ranks
 from .distributed import SingleProcess
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class TrainingLoop(LoopCheckpoints):
         if parallel.world_size > 1 and not self.data_parallel:
             raise ValueError(f"{type(self).__name__} trains in one process only; drop devices/strategy or start one "
                              "process (not torchrun with several).")
+        if parallel.world_size > 1:
+            refuse_other_data_on_other_ranks(parallel, self.fingerprint)
         self.parallel = parallel
 
     # --- hooks -----------------------------------------------------------------------------

@@ -124,6 +124,21 @@ def _nan_on_rank_one(rank: int) -> str:
     return "no error"
 
 
+def _refused_on_every_rank(rank: int, path: str) -> dict:
+    """Rank 1 reads other counts under the same names; then a checkpoint folder that cannot be made."""
+    refusals = {}
+    for name, cells, options in (("other data", _cells(60, seed=3 + rank), {}),
+                                 ("checkpoint folder", _cells(60), {"checkpoint_dir": os.path.join(path, "sub")})):
+        model = ps.RegularizedVI(cells, seed=0, **TINY)
+        try:
+            model.train(max_epochs=2, batch_size=20, device="cpu", progress_bar=False, devices=WORLD, strategy="ddp",
+                        **options)
+            refusals[name] = "trained"
+        except ValueError as err:  # StateMismatchError, OutputPathError
+            refusals[name] = f"{type(err).__name__}: {err}"
+    return refusals
+
+
 def _rank_main(rank: int, port: int, results, path: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -134,7 +149,8 @@ def _rank_main(rank: int, port: int, results, path: str) -> None:
                             "multimodal": _one_epoch_of_two_steps("multimodal", **parallel),
                             "disk": _one_epoch_of_two_steps("disk", path, **parallel),
                             "short": _short_run(**parallel).to_dict(),
-                            "nan": _nan_on_rank_one(rank)}))
+                            "refused": _refused_on_every_rank(rank, path),
+                            "nan": _nan_on_rank_one(rank)}))  # last: it poisons rank 1's loss in its process
     except BaseException:
         results.put((rank, {"error": traceback.format_exc()}))
 
@@ -211,6 +227,16 @@ def test_a_nan_on_one_rank_stops_every_rank_with_its_message(two_ranks):
         assert "rank 1 of 2" in message and "NaN or Inf" in message and "step 1" in message, (rank, message)
 
 
+def test_other_data_on_one_rank_and_a_bad_checkpoint_folder_are_refused_on_every_rank(two_ranks):
+    # a stale copy on one node trained a mixed model, each rank with its own split; a checkpoint folder that could not
+    # be made was refused on rank 0 only, and rank 1 failed on the closed connection
+    for rank in range(WORLD):
+        refused = two_ranks[rank]["refused"]
+        assert refused["other data"].startswith("StateMismatchError: (rank 1 of 2)"), (rank, refused)
+        assert "counts" in refused["other data"] and "same file" in refused["other data"]
+        assert refused["checkpoint folder"].startswith("OutputPathError") and "checkpoint_dir" in refused["checkpoint folder"]
+
+
 def test_devices_without_torchrun_says_how_to_launch(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -220,6 +246,30 @@ def test_devices_without_torchrun_says_how_to_launch(monkeypatch):
     with pytest.raises(ValueError, match="strategy"):
         model.train(max_epochs=1, strategy="dp", device="cpu", progress_bar=False)
     assert not model.is_trained
+
+
+def test_each_ranks_device_is_checked_as_in_one_process(monkeypatch):
+    # under torchrun, device="cuda" without CUDA (or a misspelt "gpu0") trained on the CPU without a word
+    from pyro_scmodels.distributed import _rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, accelerator in (("cuda", None), ("cuda:0", "auto")):
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            _rank_device(accelerator, device)
+    with pytest.raises(ValueError, match="device must be"):
+        _rank_device(None, "gpu0")
+    with pytest.raises(ValueError, match="not both"):
+        _rank_device("cpu", "cuda")
+    with pytest.raises(ValueError, match="accelerator='gpu' was requested"):
+        _rank_device("gpu", "auto")
+    assert _rank_device(None, "auto") == _rank_device("auto", "cpu") == torch.device("cpu")
+    # with GPUs, each rank takes its own, whatever index "cuda:N" names; "cpu" stays on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert _rank_device(None, "cuda:0") == _rank_device("gpu", "auto") == torch.device("cuda", 1)
+    assert _rank_device(None, "auto") == torch.device("cuda", 1) and _rank_device(None, "cpu") == torch.device("cpu")
 
 
 def test_latent_independence_is_refused_data_parallel(monkeypatch):

@@ -22,7 +22,7 @@ from ..data.source_state import changes, source_state
 from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..checkpoints import CHECKPOINT_FILE
-from ..distributed import is_writer, training_parallelism
+from ..distributed import training_parallelism
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
@@ -293,8 +293,10 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE),
             checkpoint_every=checkpoint_every, progress_bar=progress_bar,
         )
-        if checkpoint_dir is not None and is_writer():  # the last check before training; only rank 0 writes checkpoints
-            writable_folder("checkpoint_dir", checkpoint_dir)
+        if checkpoint_dir is not None:
+            # the last check before training, where rank 0 writes the checkpoints: its refusal is raised on every
+            # rank (the others would go on and fail on the closed connection, or wait)
+            parallel.from_writer(lambda: writable_folder("checkpoint_dir", checkpoint_dir))
         try:
             with seeded(seed, self.device):
                 self.trainer.fit(plan, seed=seed)
