@@ -24,7 +24,7 @@ from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import in_option_names, build_parser, check_arguments
-from .cli_launch import first_cells, launch_torchrun, leave_process_group, rank_prefix
+from .cli_launch import first_cells, launch_torchrun, leave_process_group, rank_prefix, stop_signals_as_interrupt
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -348,7 +348,8 @@ def main(argv=None) -> int:
                 _check_before_launch(args)
                 _prepare_output(folder, args)
                 return launch_torchrun(argv, args.devices)
-            commands[args.command](args, folder)
+            with stop_signals_as_interrupt():  # a scheduler's SIGTERM writes the checkpoint, as Ctrl-C does
+                commands[args.command](args, folder)
         finally:
             # a run that failed before writing anything leaves no empty folder behind
             if folder is not None:

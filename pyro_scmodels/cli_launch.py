@@ -2,7 +2,8 @@
 
 The launching process checks the input on its first cells (:func:`first_cells`), starts torchrun
 (:func:`launch_torchrun`) and passes Ctrl-C on to it; each process prefixes its errors with its rank
-(:func:`rank_prefix`) and closes its process group at the end (:func:`leave_process_group`).
+(:func:`rank_prefix`), stops on SIGTERM as on Ctrl-C (:func:`stop_signals_as_interrupt`) and closes its process
+group at the end (:func:`leave_process_group`).
 """
 
 from __future__ import annotations
@@ -64,35 +65,74 @@ def launch_torchrun(argv: list[str], devices: int) -> int:
     int
         torchrun's exit code.
 
+    Raises
+    ------
+    KeyboardInterrupt
+        After Ctrl-C, SIGTERM or SIGHUP, once torchrun has stopped (the command then says how to resume).
+
     torchrun runs in a session of its own, so that a terminal's Ctrl-C reaches this process only; this then sends
     torchrun one SIGINT, which it passes to the processes (they write their checkpoint and stop), and waits: the run
     has stopped, and its folder is no longer written, when the command returns. Killing torchrun, as
     ``subprocess.call`` does, left the processes training and writing on; a second SIGINT to torchrun, on top of the
     terminal's, cut its graceful stop short. A second Ctrl-C here stops it. SIGTERM and SIGHUP (a scheduler, a closed
-    terminal) are passed on too, and this waits for torchrun to stop.
+    terminal) are passed on too, as SIGINT, and this waits for torchrun to stop.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                "-m", "pyro_scmodels", *argv]
     print(f"Starting {devices} processes: {shlex.join(command[1:])}", file=sys.stderr)
     process = subprocess.Popen(command, start_new_session=True)
 
-    def forward(number, frame):  # SIGTERM, SIGHUP: no longer reach torchrun's own session unless passed on
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(number)
+    stopped = []
+
+    def forward(number, frame):
+        # SIGTERM, SIGHUP no longer reach torchrun's own session unless passed on; passed on as SIGINT, the stop that
+        # the processes turn into a checkpoint (torchrun hands its processes the signal it got)
+        stopped.append(number)
+        if len(stopped) == 1:  # once: a second SIGINT cuts torchrun's graceful stop short
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
 
     handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
     previous = {number: signal.signal(number, forward) for number in handled}
     try:
-        return process.wait()
+        code = process.wait()
     except KeyboardInterrupt:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGINT)
         try:
+            if stopped:  # SIGTERM or SIGHUP was passed on already: this is the second stop
+                raise
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
             process.wait()
         except KeyboardInterrupt:
             process.terminate()
             process.wait()
         raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if stopped:  # the run was stopped, not finished: the command ends as after Ctrl-C (exit 130, how to resume)
+        raise KeyboardInterrupt(f"signal {signal.Signals(stopped[0]).name}")
+    return code
+
+
+@contextlib.contextmanager
+def stop_signals_as_interrupt():
+    """Inside, SIGTERM and SIGHUP (a scheduler's stop, a closed terminal) raise ``KeyboardInterrupt`` as Ctrl-C does.
+
+    The training loops write their checkpoint on ``KeyboardInterrupt`` and the command says how to resume; by default
+    these signals ended the process where it stood, with every epoch since the last periodic checkpoint lost. Only in
+    the main thread (where Python runs signal handlers); the earlier handlers are restored after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -82,6 +82,27 @@ def test_ctrl_c_in_the_cli_exits_130_and_says_how_to_resume(tmp_path, monkeypatc
     assert "--resume" in capsys.readouterr().err
 
 
+def test_sigterm_to_the_cli_stops_it_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    # a scheduler's SIGTERM (or a closed terminal's SIGHUP) ended the process where it stood: every epoch since the
+    # last periodic checkpoint was lost. It now raises KeyboardInterrupt, on which the loops write their checkpoint
+    import signal
+
+    source = tmp_path / "in.h5ad"
+    anndata.AnnData(np.ones((4, 3), dtype=np.float32)).write_h5ad(source)
+    reached = []
+
+    def stopped(args, folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("after the signal")  # not reached: the handler raises at once
+
+    monkeypatch.setattr(cli, "run_fit", stopped)
+    monkeypatch.setattr(cli, "check_arguments", lambda args: None)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    assert cli.main(["fit", str(source), "-o", str(tmp_path / "out")]) == 130
+    assert "--resume" in capsys.readouterr().err and reached == []
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before  # put back
+
+
 def test_output_folders_are_checked_before_any_training(tmp_path):
     """checkpoint_dir and save's folder: an existing file, or a file among the parents, is named before any work."""
     import pyro_scmodels as ps

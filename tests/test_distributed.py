@@ -322,8 +322,8 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_scmodels",
                 "fit", data, "-o", out, *epochs(40)]
     options = epochs(1000)
-    # `pyro-scmodels fit --devices 2`, interrupted once it checkpointed: SIGINT to it (a wrapper's, a scheduler's, or a
-    # terminal's Ctrl-C: torchrun runs in a session of its own, so that the launcher alone receives it and passes it on)
+    # `pyro-scmodels fit --devices 2`, stopped once it checkpointed: torchrun runs in a session of its own, so that the
+    # launcher alone receives a stop (Ctrl-C, SIGTERM) and passes it on
     launcher = [sys.executable, "-m", "pyro_scmodels", "fit", data, "-o", out, *options, "--devices", "2"]
     # SIGINT at its default, as in a terminal: a process started in the background of a shell script (a CI job) has
     # it ignored, and Python then never raises KeyboardInterrupt
@@ -334,7 +334,9 @@ def test_interrupted_two_process_fit_stops_its_processes_and_resumes_from_its_ch
     while not os.path.exists(checkpoint) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert os.path.exists(checkpoint), first.communicate()[1][-3000:]
-    os.kill(first.pid, signal.SIGINT)
+    # SIGTERM (a scheduler's stop): passed on as SIGINT, which torchrun hands its processes; they write their
+    # checkpoint (SIGTERM itself killed them where they stood, with every epoch since the last checkpoint lost)
+    os.kill(first.pid, signal.SIGTERM)
     error = first.communicate(timeout=120)[1]
     # the command returns once torchrun's processes have stopped: killed, torchrun left them training and writing
     assert first.returncode == 130 and "interrupted." in error, error[-3000:]
@@ -456,7 +458,11 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
 
     monkeypatch.setattr(cli_launch.subprocess, "Popen", Terminated)
     handler = signal.getsignal(signal.SIGTERM)
-    assert cli_launch.launch_torchrun(["fit"], 2) == -15 and events == ["wait 1", "signal SIGTERM"]
+    # passed on as SIGINT, once: the stop that torchrun's processes turn into a checkpoint (SIGTERM killed them where
+    # they stood); the command then ends as after Ctrl-C
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        cli_launch.launch_torchrun(["fit"], 2)
+    assert events == ["wait 1", "signal SIGINT"]
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
     # the hint of a run started with --overwrite: --resume with --overwrite is refused
     assert "Rerun the same command without --overwrite and with --resume" in error
