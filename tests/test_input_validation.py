@@ -250,6 +250,26 @@ def test_cuda_requested_without_cuda(untrained, device):
     assert not untrained.is_trained
 
 
+def test_ndreamer_refuses_cuda_without_cuda_before_any_preprocessing(trained, adata, monkeypatch):
+    # the refusal came after the gene choice and the Leiden labels (minutes on large data)
+    import pyro_scmodels.ndreamer.pipeline as pipeline
+    import pyro_scmodels.ndreamer.representation as representation
+    from pyro_scmodels import NDreamer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("preprocessing ran before the device was checked")
+
+    for module in (pipeline, representation):
+        monkeypatch.setattr(module, "log_normalise", too_late)
+    monkeypatch.setattr(trained[0], "get_latent_representation", too_late)
+    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
+        NDreamer(adata, "condition", "control", device="cuda")
+    with pytest.raises(ValueError, match="device='cuda:0' was requested but CUDA is not available"):
+        NDreamer.from_model(trained[0], condition_key="condition", control_name="control", device="cuda:0")
+
+
 # --- new data at inference ------------------------------------------------------------------
 
 def test_unseen_category_at_inference_named(trained):

@@ -127,6 +127,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                               embedding_dim=embedding_dim, z_dim=z_dim, encoder_hidden=encoder_hidden,
                               decoder_hidden=decoder_hidden)
         loss_weights = LossWeights.from_value(loss_weights)
+        device = resolve_device(device)  # "cuda" without a GPU was refused only after the preprocessing
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
                         num_hvg=V.integer("num_hvg", num_hvg, minimum=2,

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from ..infer import resolve_device
 from . import _constants as K
 from ._persistence import LATENT, model_digest
 from .design import design_from_obs
@@ -85,6 +86,7 @@ class ModelRepresentation:
             With the model's latent as ``obsm["X_effect_modifier_space"]``; the matching-based
             methods work as usual, :meth:`train` raises (there is no network).
         """
+        device = resolve_device(device)  # before the latent and the expression are computed
         source, layer = _model_counts(model)
         settings = dict(condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
