@@ -263,7 +263,10 @@ def _check_before_launch(args) -> None:
     """``fit --devices N``: the device, and the setup on the file's first cells, checked once before the processes
     start (a refusal inside them came with torchrun's traceback and exit code 1); the processes check every cell."""
     _check_device(args.device)
-    _set_up(first_cells(args.data), args)
+    cells = first_cells(args.data)
+    _set_up(cells, args)
+    if args.empty_droplets is not None:  # read, and checked against the first cells' genes and ambient categories
+        _profile_from_empty_droplets(args.empty_droplets, cells)
 
 
 def run_fit(args, folder: OutputFolder) -> None:

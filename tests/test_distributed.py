@@ -387,11 +387,17 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     (tmp_path / "done" / "results.h5ad").write_text("earlier")
     assert cli.main(["fit", cells, "-o", str(tmp_path / "done"), "--devices", "2"]) == 2
     # so are the options the processes would refuse: a layer or a key not in the file, the device, static conflicts
+    not_h5ad, few_genes = tmp_path / "droplets.txt", tmp_path / "few_genes.h5ad"
+    not_h5ad.write_text("barcode,count\n")
+    _cells(40)[:, :5].copy().write_h5ad(few_genes)
     for options, message in ((["--layer", "nope"], "Layer 'nope' not found"),
                              (["--batch-key", "nope"], "'nope'"),
                              (["--device", "cuda"], "cuda"),
                              (["--latent-independence", "5"], "--latent-independence 5.0 cannot be trained with --devices 2"),
-                             (["--backed", "--write-normalized"], "--write-normalized writes a dense")):
+                             (["--backed", "--write-normalized"], "--write-normalized writes a dense"),
+                             # empty droplets that are not an h5ad, or lack the data's genes: read before the launch
+                             (["--empty-droplets", str(not_h5ad)], "--empty-droplets"),
+                             (["--empty-droplets", str(few_genes)], "--empty-droplets")):
         code, error = _cli_error(cli, ["fit", cells, "-o", str(tmp_path / "out2"), "--devices", "2", *options])
         assert code == 2 and message in error and error.count("\n") == 1, (options, error)
     assert len(started) == 1 and not (tmp_path / "out2").exists()
