@@ -18,137 +18,13 @@ import torch
 
 from . import _validation as V
 from .data import counts_matrix
+from .differential_statistics import change_test, vanilla_test
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
 MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
 NORMALISED_TOTAL = 1e4  # raw_normalized_mean*: counts per 10,000, as scvi-tools reports them
 
 
-def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25, fdr_target: float = 0.05,
-                n_pairs: int = 5000, rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
-    """Per-gene posterior of the log2 fold change between two groups.
-
-    Parameters
-    ----------
-    log2_expression_1, log2_expression_2
-        Posterior samples of log2 expression (draws x genes) for cells of each group; a row is
-        one posterior sample of one cell. Lists of such arrays (one per stratum, e.g. per batch
-        the cells were decoded as) pair rows within the same stratum only.
-    genes
-        Gene names (columns).
-    delta
-        Effect size below which a change does not count (log2 scale).
-    fdr_target
-        Target of the posterior expected false discovery rate.
-    n_pairs
-        Random pairs of rows (one from each group) whose differences form the LFC posterior,
-        shared evenly among strata.
-    rng
-        Random generator for the pairs.
-    pseudocount
-        The pseudocount added before the log, removed again from ``scale1``/``scale2``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by gene, sorted by ``proba_de``: ``proba_de`` (P(|LFC| > delta)),
-        ``proba_not_de``, ``bayes_factor`` (log odds of ``proba_de``), ``scale1``, ``scale2``
-        (mean expression), ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
-        ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
-    """
-    rng = rng or np.random.default_rng(0)
-    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
-    proba = (np.abs(lfc) > delta).mean(0)
-    table = pd.DataFrame(
-        {
-            "proba_de": proba,
-            "proba_not_de": 1.0 - proba,
-            "bayes_factor": _log_odds(proba),
-            "scale1": scale[0],
-            "scale2": scale[1],
-            "lfc_mean": lfc.mean(0),
-            "lfc_median": np.median(lfc, 0),
-            "lfc_std": lfc.std(0),
-            "lfc_min": lfc.min(0),
-            "lfc_max": lfc.max(0),
-            "lfc_q05": np.quantile(lfc, 0.05, axis=0),
-            "lfc_q95": np.quantile(lfc, 0.95, axis=0),
-        },
-        index=pd.Index(genes, name="gene"),
-    ).sort_values("proba_de", ascending=False)
-    table[f"is_de_fdr_{fdr_target}"] = expected_fdr_selection(table["proba_de"].to_numpy(), fdr_target)
-    return table
-
-
-def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 5000,
-                 rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
-    """Per gene, the posterior probability that group 1 expresses more than group 2 (scvi-tools' ``"vanilla"``).
-
-    The hypotheses are M1: h1 > h2 and M2: h1 <= h2, judged on random pairs of rows drawn as in
-    :func:`change_test`.
-
-    Parameters
-    ----------
-    log2_expression_1, log2_expression_2
-        Posterior samples of log2 expression (draws x genes) of each group, or lists of them per
-        stratum (rows are paired within a stratum), as for :func:`change_test`.
-    genes
-        Gene names (columns).
-    n_pairs
-        Random pairs of rows, shared evenly among strata.
-    rng
-        Random generator for the pairs.
-    pseudocount
-        The pseudocount added before the log, removed again from ``scale1``/``scale2``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by gene, sorted by ``bayes_factor``: ``proba_m1``, ``proba_m2``, ``bayes_factor``
-        (log odds of M1), ``scale1``, ``scale2`` (mean expression).
-    """
-    rng = rng or np.random.default_rng(0)
-    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
-    proba = (lfc > 0).mean(0)
-    table = pd.DataFrame({"proba_m1": proba, "proba_m2": 1.0 - proba, "bayes_factor": _log_odds(proba),
-                          "scale1": scale[0], "scale2": scale[1]}, index=pd.Index(genes, name="gene"))
-    return table.sort_values("bayes_factor", ascending=False)
-
-
-def _paired_differences(log2_expression_1, log2_expression_2, n_pairs: int, rng: np.random.Generator,
-                        pseudocount: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """log2 fold changes of random row pairs (within each stratum), and each group's mean expression."""
-    first_strata = log2_expression_1 if isinstance(log2_expression_1, list) else [log2_expression_1]
-    second_strata = log2_expression_2 if isinstance(log2_expression_2, list) else [log2_expression_2]
-    per_stratum = max(1, n_pairs // len(first_strata))
-    lfc = np.concatenate([
-        a[rng.integers(len(a), size=per_stratum)] - b[rng.integers(len(b), size=per_stratum)]
-        for a, b in zip(first_strata, second_strata)
-    ])
-    scale = [np.concatenate([np.exp2(a) for a in strata]).mean(0) - pseudocount for strata in (first_strata, second_strata)]
-    return lfc, scale
-
-
-def _log_odds(proba: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)), with p kept off 0 and 1 so that a certain call is finite."""
-    clipped = np.clip(proba, 1e-6, 1 - 1e-6)
-    return np.log(clipped) - np.log1p(-clipped)
-
-
-def expected_fdr_selection(proba_de_sorted: np.ndarray, fdr_target: float) -> np.ndarray:
-    """Largest set of top genes whose posterior expected FDR, mean(1 - proba_de), stays <= target.
-
-    ``proba_de_sorted`` must be in decreasing order; returns a boolean mask in that order.
-    """
-    expected_fdr = np.cumsum(1.0 - proba_de_sorted) / np.arange(1, len(proba_de_sorted) + 1)
-    passing = np.flatnonzero(expected_fdr <= fdr_target)
-    selected = np.zeros(len(proba_de_sorted), dtype=bool)
-    if passing.size:
-        selected[: passing[-1] + 1] = True
-    return selected
-
-
-# --- which cells are compared ----------------------------------------------------------------
 def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
     """Positions of the cells chosen by a boolean mask, integer positions or an ``obs.query`` string."""
     if isinstance(selection, str):
@@ -363,8 +239,9 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     -------
     pandas.DataFrame
         One row per feature and comparison, indexed by feature, each comparison sorted by
-        ``proba_de`` (``bayes_factor`` in vanilla mode): the columns of :func:`change_test`, ``delta``,
-        ``pseudocounts`` (those of :func:`vanilla_test` in vanilla mode), those of
+        ``proba_de`` (``bayes_factor`` in vanilla mode): the columns of
+        :func:`~pyro_scmodels.differential_statistics.change_test`, ``delta``, ``pseudocounts`` (those of
+        :func:`~pyro_scmodels.differential_statistics.vanilla_test` in vanilla mode), those of
         :func:`raw_count_properties` (with ``all_stats``), ``comparison`` (e.g. ``"B vs Rest"``),
         ``group1`` and ``group2``.
     """

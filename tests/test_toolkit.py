@@ -16,7 +16,7 @@ import torch
 from pyro import poutine
 
 import pyro_scmodels as ps
-from pyro_scmodels.differential import expected_fdr_selection
+from pyro_scmodels.differential_statistics import expected_fdr_selection
 from pyro_scmodels.models.regularizedvi_module import RegularizedVIModel
 
 from .conftest import shared_file
