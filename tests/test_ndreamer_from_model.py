@@ -82,6 +82,34 @@ def test_load_refuses_a_model_that_is_not_the_one_it_was_built_from(tiny_model, 
         NDreamer.load(str(tmp_path / "nd"), device="cpu", model=reloaded)
 
 
+def test_load_refuses_the_model_on_other_counts_under_the_same_cell_names(tiny_model, tmp_path):
+    # the file's rows rebuilt in another order (names, labels, genes and parameters all as saved): each cell got
+    # another cell's model ITE, without a word
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    nd.save(str(tmp_path / "nd"))
+    tiny_model.save(str(tmp_path / "model"))
+    shuffled = tiny_model.adata.copy()
+    order = np.random.default_rng(0).permutation(shuffled.n_obs)
+    shuffled.layers["counts"] = shuffled.layers["counts"][order]
+    shuffled.X = shuffled.layers["counts"].copy()
+    on_shuffled = ps.RegularizedVI.load(str(tmp_path / "model"), shuffled, device="cpu")
+    with pytest.raises(ValueError, match="holds other counts than the data this NDreamer was built from: the model's "
+                                         "latent of cell 'cell_"):
+        NDreamer.load(str(tmp_path / "nd"), device="cpu", model=on_shuffled)
+
+
+def test_the_model_ite_is_refused_once_the_model_has_changed(tiny_model):
+    # trained further after from_model, the model ITE moved (by up to 0.38) while the matches, the latent and the
+    # CATE stayed the old model's; the save then held layers of two models and could not take either back
+    model = ps.RegularizedVI(tiny_model.adata.copy(), n_hidden=16, n_latent=4)
+    model.train(max_epochs=2, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
+    nd = NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
+    nd.estimate_model_ite(num_samples=2)
+    model.train(max_epochs=1, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match="trained or changed after NDreamer.from_model"):
+        nd.estimate_model_ite(num_samples=2)
+
+
 def test_a_cell_or_gene_asked_for_twice_is_refused(tiny_model):
     # the result is an AnnData indexed by names: repeats gave it repeated obs or var names (anndata only warned)
     nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")

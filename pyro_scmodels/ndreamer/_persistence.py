@@ -32,6 +32,9 @@ from .effect_intervals import bound_names
 from .losses import LossWeights
 
 EMBEDDING_KEY = "X_effect_modifier_space"
+#: cells whose latent a re-attached model must reproduce, and by how much it may differ (float32 on another device)
+ATTACHED_LATENT_CHECK_CELLS = 1_000
+ATTACHED_LATENT_TOLERANCE = 1e-3
 NETWORK_FILE, SETTINGS_FILE, RESULTS_FILE, EFFECTS_FILE = "network.pt", "settings.json", "results.h5ad", "effects.npz"
 COUNTS_FILE = "expression_counts.npz"  # the expression of an NDreamer from a backed input (results.X is None)
 TRAINING_FILE = "training.pt"  # the training loop's state without the network (history, optimiser, passes done)
@@ -175,6 +178,26 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
                          "further, or another model with the same cells and genes): its model ITE would not belong to "
                          "the stored latent. Pass the model it was built from (e.g. as saved beside it), or build a "
                          "new NDreamer with NDreamer.from_model(model, ...).")
+    if EMBEDDING_KEY in results.obsm:
+        _check_attached_latent(model, np.asarray(results.obsm[EMBEDDING_KEY]), results.obs_names)
+
+
+def _check_attached_latent(model, stored: np.ndarray, names: pd.Index) -> None:
+    """Refuse a model whose data hold other counts under the saved cell names: its latent is not the stored one.
+
+    Checked on up to :data:`ATTACHED_LATENT_CHECK_CELLS` cells spread over the data (rows of a file rebuilt in
+    another order kept every name, label and parameter, and each cell got another cell's model ITE).
+    """
+    cells = np.unique(np.linspace(0, len(names) - 1, min(len(names), ATTACHED_LATENT_CHECK_CELLS)).round().astype(int))
+    now = np.asarray(model.get_latent_representation(indices=cells), dtype=np.float64)
+    gap = np.abs(now - stored[cells]).max(axis=1)
+    if (gap > ATTACHED_LATENT_TOLERANCE).any():
+        first = int(np.argmax(gap > ATTACHED_LATENT_TOLERANCE))
+        raise ValueError(
+            f"model.adata holds other counts than the data this NDreamer was built from: the model's latent of cell "
+            f"{names[cells[first]]!r} differs from the stored one by {gap[first]:.3g} ({int((gap > ATTACHED_LATENT_TOLERANCE).sum())} "
+            f"of {len(cells)} cells checked differ; e.g. the file's rows in another order). Load the model onto the "
+            "data it was built on.")
 
 
 def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:

@@ -155,6 +155,11 @@ class ModelRepresentation:
                 raise ValueError("This NDreamer was loaded without its model (models are not saved inside it); "
                                  "re-attach it with NDreamer.load(dir_path, model=model).")
             raise ValueError("estimate_model_ite needs an NDreamer built with NDreamer.from_model(model, ...).")
+        if self.settings.get("model_digest") not in (None, model_digest(self.model)):
+            # the rule a re-attached model is held to at load, held in memory too: the layers would mix two models
+            raise ValueError("The model was trained or changed after NDreamer.from_model(model, ...): its model ITE "
+                             "would not belong to the latent this NDreamer's matches and CATE were made in. Build a new "
+                             "NDreamer.from_model(model, ...) for the model as it is now.")
         from .model_effects import model_counterfactual_ite
 
         cells, columns = self._selection(indices, gene_list)
