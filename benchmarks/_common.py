@@ -68,7 +68,7 @@ def package_version(distribution: str) -> str | None:
 #: the hidden line under each subsection heading a script writes (markdown renders no comment)
 GENERATED = "<!-- written by a benchmark script -->"
 #: added to such a heading when a partial rerun keeps it under the new run's header
-EARLIER_RUN = " (an earlier run, not rerun in the run above)"
+EARLIER_RUN = " (from an earlier run)"
 
 
 def update_results(path: Path, section: str, title: str) -> None:

@@ -93,13 +93,16 @@ def launch_torchrun(argv: list[str], devices: int) -> int:
                 process.send_signal(signal.SIGINT)
 
     handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
-    previous = {number: signal.signal(number, forward) for number in handled}
+    # an ignored signal (nohup's SIGHUP) stays ignored: the run outlives the terminal
+    previous = {number: signal.signal(number, forward) for number in handled
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         code = process.wait()
     except KeyboardInterrupt:
         try:
             if stopped:  # SIGTERM or SIGHUP was passed on already: this is the second stop
                 raise
+            stopped.append(signal.SIGINT)  # a SIGTERM or SIGHUP from now on sends no second SIGINT
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGINT)
             process.wait()
@@ -121,7 +124,8 @@ def stop_signals_as_interrupt():
 
     The training loops write their checkpoint on ``KeyboardInterrupt`` and the command says how to resume; by default
     these signals ended the process where it stood, with every epoch since the last periodic checkpoint lost. Only in
-    the main thread (where Python runs signal handlers); the earlier handlers are restored after.
+    the main thread (where Python runs signal handlers); the earlier handlers are restored after. A signal ignored
+    when the process started (``nohup``'s SIGHUP) stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -130,7 +134,10 @@ def stop_signals_as_interrupt():
     def interrupt(number, frame):
         raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
 
-    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal the process was started with ignored stays ignored (nohup ignores SIGHUP, so that the run outlives
+    # its terminal), as Python leaves an ignored SIGINT alone
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield
     finally:

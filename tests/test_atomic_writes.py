@@ -101,6 +101,18 @@ def test_sigterm_to_the_cli_stops_it_as_ctrl_c_does(tmp_path, monkeypatch, capsy
     assert cli.main(["fit", str(source), "-o", str(tmp_path / "out")]) == 130
     assert "--resume" in capsys.readouterr().err and reached == []
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before  # put back
+    # started under nohup (SIGHUP ignored), the run outlives its terminal as before
+    def hung_up(args, folder):
+        os.kill(os.getpid(), signal.SIGHUP)
+        reached.append("after the signal")
+
+    monkeypatch.setattr(cli, "run_fit", hung_up)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli.main(["fit", str(source), "-o", str(tmp_path / "out2")]) == 0 and reached == ["after the signal"]
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_output_folders_are_checked_before_any_training(tmp_path):

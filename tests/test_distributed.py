@@ -469,6 +469,22 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         cli_launch.launch_torchrun(["fit"], 2)
     assert events == ["wait 1", "signal SIGINT"]
+    # Ctrl-C, then SIGHUP (the terminal closing) while torchrun stops: no second SIGINT, which cuts its stop short
+    events.clear()
+
+    class ClosedAfterCtrlC(Launched):
+        def wait(self):
+            self.waits += 1
+            events.append(f"wait {self.waits}")
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGHUP)
+            return -2
+
+    monkeypatch.setattr(cli_launch.subprocess, "Popen", ClosedAfterCtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        cli_launch.launch_torchrun(["fit"], 2)
+    assert events == ["wait 1", "signal SIGINT", "wait 2"]
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
     # the hint of a run started with --overwrite: --resume with --overwrite is refused
     assert "Rerun the same command without --overwrite and with --resume" in error

@@ -131,6 +131,22 @@ def test_a_subclass_that_fixes_a_site_leaves_no_guide_site_without_a_model_site(
     assert "feature_scaling" not in model.sample_posterior(num_samples=2, indices=np.arange(20))["means"]
     assert ps.RegularizedVI(sim, **SMALL).module.guide.unsampled_sites == frozenset()
 
+    class FixedDispersion(RegularizedVIModel):  # theta fixed: neither lambda nor 1/sqrt(theta) is sampled
+        def sample_dispersion(self, genes):
+            return torch.full((self.dims.n_dispersion, self.dims.n_genes), 10.0)
+
+    class Poissonish(ps.RegularizedVI):
+        model_class = FixedDispersion
+
+    model = Poissonish(sim, **SMALL)
+    assert model.module.guide.unsampled_sites == {"dispersion_rate", "inverse_sqrt_theta"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train(max_epochs=1, **{k: v for k, v in FIT.items() if k != "max_epochs"})
+    # the model's theta, not the guide's unused 1/sqrt(theta) (9 after its initial value)
+    np.testing.assert_allclose(model.get_dispersion().to_numpy(), 10.0, rtol=1e-5)
+    np.testing.assert_allclose(model.get_likelihood_parameters(indices=np.arange(5))["dispersions"], 10.0, rtol=1e-5)
+
 
 def test_export_posterior_follows_cell2location_layout(fitted, tmp_path):
     adata = fitted.adata.copy()

@@ -16,7 +16,7 @@ from .. import _constants as C
 from ..data import CellData
 from ..priors import RegularizedPriors
 from ..training import require_float32_default
-from .regularizedvi_dims import GLOBAL_SITES, RegularizedVIDims
+from .regularizedvi_dims import GUIDED_GLOBAL_SITES, RegularizedVIDims
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 
@@ -104,7 +104,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
 
 
 def unsampled_global_sites(model) -> frozenset:
-    """The global sites (:data:`GLOBAL_SITES`) that ``model.global_sites`` does not sample: those a subclass fixes.
+    """The guide's global sites (:data:`GUIDED_GLOBAL_SITES`) that ``model.global_sites`` does not sample: those a
+    subclass fixes.
 
     Found by running the model's global sites once from their priors, outside inference.
     """
@@ -112,4 +113,4 @@ def unsampled_global_sites(model) -> frozenset:
     with pyro.settings.context(module_local_params=True), torch.no_grad(), torch.random.fork_rng(devices=[]):
         trace = poutine.trace(poutine.block(model.global_sites, hide_types=["param"])).get_trace()
     sampled = {name for name, node in trace.nodes.items() if node["type"] == "sample"}
-    return frozenset(name for name in GLOBAL_SITES if model.dims.site(name) not in sampled)
+    return frozenset(name for name in GUIDED_GLOBAL_SITES if model.dims.site(name) not in sampled)

@@ -225,7 +225,7 @@ class RegularizedMultimodalVI(PyroModelBase):
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
                                   seed: int | None = None, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
-        """Posterior mean (or one seeded sample) of the joint z, or of one modality's block / encoder.
+        """Posterior mean (or one sample) of the joint z, or of one modality's block / encoder.
 
         Parameters
         ----------

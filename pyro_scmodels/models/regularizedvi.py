@@ -203,7 +203,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
     def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
                                   mc_samples: int = MC_SAMPLES, batch_size: int | None = None, return_dist: bool = False,
                                   seed: int | None = None):
-        """Posterior mean (or one seeded sample) of z per cell, or the mean and variance of q(z | x).
+        """Posterior mean (or one sample) of z per cell, or the mean and variance of q(z | x).
 
         Parameters
         ----------

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GLOBAL_SITES = ("dispersion_rate", "ambient", "feature_scaling", "library_residual_weight")
+#: every global site the guide samples (``GLOBAL_SITES``, whose guide family may be chosen, and the per-gene
+#: overdispersion, always LogNormal)
+GUIDED_GLOBAL_SITES = ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling", "library_residual_weight")
 #: the covariate role (a field of ``CovariateKeys``) whose categories index the first axis of
 #: each per-gene global site; used to name the categories in tables and exports
 SITE_COVARIATE_ROLES = {

@@ -113,12 +113,13 @@ class RegularizedVIGuide(LocalPyroModule):
         d, site = self.dims, self.dims.site
         sampled = lambda name: name not in self.unsampled_sites  # noqa: E731
         genes = pyro.plate(site("genes"), d.n_genes, dim=-1)
-        with pyro.plate(site("dispersion_groups"), d.n_dispersion, dim=-2):
-            if sampled("dispersion_rate"):
-                self.dispersion_rate(site("dispersion_rate"))
-            if sampled("inverse_sqrt_theta"):
-                with genes:
-                    self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
+        if sampled("dispersion_rate") or sampled("inverse_sqrt_theta"):
+            with pyro.plate(site("dispersion_groups"), d.n_dispersion, dim=-2):
+                if sampled("dispersion_rate"):
+                    self.dispersion_rate(site("dispersion_rate"))
+                if sampled("inverse_sqrt_theta"):
+                    with genes:
+                        self.inverse_sqrt_theta(site("inverse_sqrt_theta"))
         if d.use_ambient and sampled("ambient"):
             with pyro.plate(site("ambient_categories"), d.n_ambient, dim=-2), genes:
                 self.ambient(site("ambient"))

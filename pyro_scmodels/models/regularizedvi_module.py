@@ -188,9 +188,13 @@ class RegularizedVIModel(LocalPyroModule):
         guide's untouched value).
         """
         data = {self.dims.site(name): value for name, value in medians.items()}
-        used = poutine.block(poutine.condition(self.global_sites, data=data))()
+        with poutine.block():  # a query's own run of the sites: no outer trace sees it
+            trace = poutine.trace(poutine.condition(self.global_sites, data=data)).get_trace()
+        used = trace.nodes["_RETURN"]["value"]
         values = dict(medians)
         values.update({name: used[name] for name in ("ambient", "feature_scaling") if used.get(name) is not None})
+        if self.dims.site("inverse_sqrt_theta") not in trace.nodes:  # theta fixed by a subclass: u = theta^-1/2
+            values["inverse_sqrt_theta"] = used["theta"].pow(-0.5)
         return values
 
     def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None) -> torch.Tensor:
