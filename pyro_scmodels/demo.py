@@ -103,7 +103,8 @@ def ndreamer_report(adata, results, genes) -> list[Line]:
     mixing = M.knn_entropy(results.obsm["X_effect_modifier_space_PCA"], adata.obs["condition"])
     return [
         Line("ITE vs truth (Pearson, responding genes)", r, "1 = exact", verdict(r, "ite"),
-             "How well each cell's own treatment effect was estimated."),
+             "Each cell's estimated effect against its true one, pooled over cells and responding genes: it "
+             "rewards the right effect per cell type and gene (this simulation has no within-type variation)."),
         Line("mean |ITE|, responding types", estimated, f"truth {true:.3f}", verdict(ratio, "effect_ratio"),
              "The size of the effect where there is one: it should be close to the truth."),
         Line("mean |ITE|, other types", false, "truth 0", verdict(1 - false / max(estimated, 1e-9), "false_effect"),

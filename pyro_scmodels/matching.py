@@ -74,10 +74,11 @@ def _distances(query: np.ndarray, base: np.ndarray, indices: np.ndarray) -> np.n
 
 
 def _search(query: np.ndarray, base: np.ndarray, k: int, device: str, method: str = "exact",
-            centred: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            centred: bool = False, sample_from: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Search on validated float32 arrays with k <= len(base) on a device from :func:`resolve_faiss_device`
     (``"cuda"`` needs k <= GPU_MAX_K), exact or approximate (``"ivf"``); Euclidean distances, ascending.
-    ``centred``: both arrays are already centred on one common point (:func:`_centred`)."""
+    ``centred``: both arrays are already centred on one common point (:func:`_centred`). ``sample_from``: the
+    queries that are not base cells, from which the IVF search draws its recall sample."""
     global _gpu_resources
     faiss = faiss_module()
     if centred:
@@ -86,7 +87,7 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, device: str, method: st
         centre = base.mean(axis=0, dtype=np.float64).astype(np.float32)
         xq, xb = query - centre, base - centre
     if method == "ivf":
-        indices = ivf_search(faiss, xq, xb, k)
+        indices = ivf_search(faiss, xq, xb, k, sample_from=sample_from)
     elif device == "cuda":
         if k > GPU_MAX_K:  # resolve_faiss_device keeps this from happening; faiss' own error is less clear
             raise ValueError(f"k={k} exceeds faiss' GPU limit k={GPU_MAX_K}.")
@@ -97,6 +98,9 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, device: str, method: st
         index = faiss.IndexFlatL2(xb.shape[1])
         index.add(xb)
         _, indices = index.search(xq, k)
+    if (indices < 0).any():  # faiss' "no neighbour": read as a position, -1 was the last cell
+        raise ValueError(f"faiss found no neighbour for {int((indices < 0).any(axis=1).sum())} queries: their "
+                         "distances overflow float32. Rescale the embedding (e.g. standardise its columns).")
     # the square root magnifies what rounding error is left near 0 (~1e-2 from a cell to itself): recompute
     indices = indices.astype(np.int64, copy=False)
     distances = _distances(xq, xb, indices)
@@ -258,8 +262,10 @@ def match_groups(embedding, groups, target_groups=None, k=1, bandwidth=1.0, devi
         local = np.zeros((len(points), group_k), dtype=np.int64)
         local[members] = np.arange(members.size)[:, None]
         if queries.size:  # ordered by distance; the distances themselves are recomputed when asked
+            # the IVF recall is measured on cells of other groups: a group's own cells find themselves
+            outside = np.flatnonzero(codes[queries] != code_of[label])
             local[queries] = _search(points[queries], points[members], group_k, faiss_device, group_method,
-                                     centred=True)[1]
+                                     centred=True, sample_from=outside)[1]
         # 32-bit positions only: with k = 10 and 8 groups, 64-bit positions with stored weights were 1.6 KB a cell
         matches[label] = GroupMatches(members[local].astype(position_dtype), points, bandwidth)
     return matches

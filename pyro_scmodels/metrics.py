@@ -75,7 +75,7 @@ def per_cell_effect_correlation(estimate, truth, cell_type, responding_types, ge
     given cells of that type between estimated and true effect; the mean over (type, gene)
     pairs. This measures the within-type variation only (an effect modifier), not the type
     level, which :func:`cate_correlation` measures. Pairs whose true effect does not vary are
-    skipped.
+    skipped; a pair whose estimate does not vary scores 0 (it holds no per-cell information).
 
     Parameters
     ----------
@@ -92,8 +92,13 @@ def per_cell_effect_correlation(estimate, truth, cell_type, responding_types, ge
     -------
     float
         Mean correlation; NaN when no (type, gene) pair has a varying truth.
+
+    Raises
+    ------
+    ValueError
+        ``estimate`` holds NaN or infinite values (a pair holding one was skipped, which raised the score).
     """
-    estimate, truth = _as_dense(estimate), _as_dense(truth)
+    estimate, truth = _finite("estimate", _as_dense(estimate)), _as_dense(truth)
     cell_type = np.asarray(cell_type)
     genes = np.flatnonzero(genes) if np.asarray(genes).dtype == bool else np.asarray(genes)
     values = []
@@ -103,10 +108,23 @@ def per_cell_effect_correlation(estimate, truth, cell_type, responding_types, ge
             continue
         e, t = estimate[cells][:, genes], truth[cells][:, genes]
         e, t = e - e.mean(0), t - t.mean(0)
+        varies = t.std(0) > 1e-6
+        # an estimate constant in the type (up to rounding) correlates with nothing: 0, not skipped
+        informative = e.std(0) > 1e-9 * np.maximum(np.abs(estimate[cells][:, genes]).max(0), 1.0)
         scale = np.sqrt((e ** 2).sum(0) * (t ** 2).sum(0))
-        varies = (t.std(0) > 1e-6) & (scale > 0)
-        values.extend(((e * t).sum(0)[varies] / scale[varies]).tolist())
+        r = np.zeros(len(genes))
+        r[informative & varies] = (e * t).sum(0)[informative & varies] / scale[informative & varies]
+        values.extend(r[varies].tolist())
     return float(np.mean(values)) if values else float("nan")
+
+
+def _finite(name: str, values: np.ndarray) -> np.ndarray:
+    """``values``, or a ValueError naming how many entries are NaN or infinite."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN or infinite value(s) (first at row, column "
+                         f"{tuple(int(i) for i in np.argwhere(bad)[0])}); score a finite estimate.")
+    return values
 
 
 def group_mean_effects(effects, groups) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +203,7 @@ def effect_recovery(adata, estimate, genes=None, low=None, high=None) -> dict[st
     responders = list(record["responding_cell_types"])
     responding_genes = sub.var["responding"].to_numpy()
     truth = _as_dense(sub.layers["true_ite"])[treated]
-    estimate = _as_dense(estimate)
+    estimate = _finite("estimate", _as_dense(estimate))
     if estimate.shape != sub.shape:
         raise ValueError(f"estimate has shape {estimate.shape}; expected {sub.shape} (cells x genes).")
     estimate = estimate[treated]

@@ -62,6 +62,20 @@ def test_empty_droplets_of_a_subset_keep_every_simulated_batch():
         assert M.pearson(profile[f"batch_{b}"].to_numpy(), truth[:, b]) > 0.9
 
 
+def test_empty_droplets_hold_the_background_a_cell_of_their_batch_holds():
+    # they were drawn from s_b alone, without the batch's gene scaling y_b and depth: 0.7-1.2 times the cells'
+    # background, which moved CellBender's levels (it reads the amount from them) and the profile of the empties
+    adata = _simulated(n_cells=400, n_genes=80, seed=4)
+    droplets = datasets.simulate_empty_droplets(adata, n_droplets=4000)
+    soup, scaling = np.asarray(adata.varm["true_ambient"]).T, np.asarray(adata.varm["true_feature_scaling"]).T
+    depth = np.exp(np.asarray(adata.uns["simulation"]["batch_depth_offset"]))
+    for b, name in enumerate(adata.obs["batch"].cat.categories):
+        held = np.asarray(droplets[droplets.obs["batch"] == name].X.mean(0)).ravel() / np.exp(0.3 ** 2 / 2)
+        expected = depth[b] * soup[b] * scaling[b]  # a cell of median library: l = exp(offset), times (s y)
+        np.testing.assert_allclose(held.sum(), expected.sum(), rtol=0.05)
+        assert M.pearson(np.log(held + 1e-3), np.log(expected + 1e-3)) > 0.98
+
+
 @pytest.mark.parametrize("value, error, match", [
     ((0.1, 0.2), ValueError, "one value per batch"),
     ((0.1, 0.2, 0.3, 1.0), ValueError, r"ambient_fractions\[3\]"),

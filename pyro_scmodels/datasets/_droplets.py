@@ -1,4 +1,4 @@
-"""Empty droplets of a simulated dataset: counts drawn from each batch's true background only."""
+"""Empty droplets of a simulated dataset: counts drawn from each batch's true background only (as its cells hold it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pandas as pd
 
 def simulate_empty_droplets(adata, n_droplets: int = 100, seed: int = 1) -> anndata.AnnData:
     """Droplets without a cell for a dataset from :func:`simulate`: Poisson counts of each batch's true
-    background (``varm["true_ambient"]``) at a log-normal droplet size, as CellBender and SoupX read them.
+    background at a log-normal droplet size, as CellBender and SoupX read them. The background is the one a
+    typical cell of the batch holds: ``varm["true_ambient"]`` times the batch's gene scaling
+    (``varm["true_feature_scaling"]``) and depth (``exp`` of ``uns["simulation"]["batch_depth_offset"]``).
 
     Parameters
     ----------
@@ -27,6 +29,14 @@ def simulate_empty_droplets(adata, n_droplets: int = 100, seed: int = 1) -> annd
         raise KeyError("adata.varm['true_ambient'] not found: pass an AnnData made by pyro_scmodels.datasets.simulate.")
     rng = np.random.default_rng(seed)
     soup = np.asarray(adata.varm["true_ambient"]).T
+    # the background a typical cell of the batch carries: s_b times the batch's gene scaling y_b and its depth
+    # (the library factor's median, exp of the batch's offset), as in the cells' mean l (rho + s) y; without them the
+    # droplets held 0.7-1.2 times the cells' background, and its profile without the scaling
+    if "true_feature_scaling" in adata.varm:
+        soup = soup * np.asarray(adata.varm["true_feature_scaling"]).T
+    offsets = adata.uns.get("simulation", {}).get("batch_depth_offset")
+    if offsets is not None:
+        soup = soup * np.exp(np.asarray(offsets, dtype=float))[:, None]
     counts = np.concatenate([rng.poisson(soup[b] * rng.lognormal(0.0, 0.3, size=(n_droplets, 1)))
                              for b in range(soup.shape[0])])
     # one soup per simulated batch, in the simulation's order (a subset of the cells may have dropped a batch's
