@@ -21,9 +21,10 @@ IVF_RECALL = 0.97
 CODE_WIDTH = 16  # the index's dimensions are padded to a multiple of this (see _empty_index)
 FP16_MAX_ABS = 1e4  # beyond, coordinates lose too much in half precision (largest fp16: 65504): float32 codes
 QUERY_BLOCK = 131_072  # rows added or searched per call
-#: the recall's reference: a query whose float32 rounding bound exceeds this share of its nearest distance is searched
-#: in float64, in blocks of this many base rows (1,000 queries x 4,096 rows: 32 MiB)
-NEAREST_SLACK = 1e-3
+#: the recall's reference: a query whose float32 rounding slack exceeds this share of its nearest squared distance
+#: (float32 cannot rank its neighbours) is searched in float64, in blocks of this many base rows (1,000 queries x
+#: 4,096 rows: 32 MiB)
+NEAREST_SLACK = 0.25
 NEAREST_BLOCK = 4096
 
 
@@ -56,13 +57,37 @@ def _exact_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
     """Exact k nearest rows of ``xb`` by directly computed distances, without an index (no second copy of ``xb``).
 
     faiss computes the differences one pair at a time below its BLAS switch (``distance_compute_blas_threshold``,
-    counted in queries x dimensions), and ranks by |x|^2 + |y|^2 - 2 x.y in float32 above it, which rounding
+    compared with queries x dimensions), and ranks by |x|^2 + |y|^2 - 2 x.y in float32 above it, which rounding
     reorders when the cells lie far from the centre next to their neighbour distances (clusters at +-3000: 99 % of
-    first neighbours wrong after the fallback below): the queries go in blocks under the switch. Used for the few
-    queries whose probed lists hold fewer than k cells, and for the fallback when the index misses."""
+    first neighbours wrong after the fallback below): the queries go in blocks under the switch. With fewer queries
+    than threads and a large base, faiss 1.15 splits the base over threads in the BLAS form whatever the switch: such
+    calls run on one thread. Used for the few queries whose probed lists hold fewer than k cells, and for the
+    fallback when the index misses."""
     block = max(1, (faiss.cvar.distance_compute_blas_threshold - 1) // max(xq.shape[1], 1))
-    return np.concatenate([faiss.knn(xq[start:start + block], xb, k)[1] for start in range(0, len(xq), block)]) \
-        if len(xq) else np.empty((0, k), dtype=np.int64)
+    threads = faiss.omp_get_max_threads()
+    parts = []
+    for start in range(0, len(xq), block):
+        chunk = xq[start:start + block]
+        if len(chunk) < threads:
+            faiss.omp_set_num_threads(1)
+        try:
+            parts.append(faiss.knn(chunk, xb, k)[1])
+        finally:
+            faiss.omp_set_num_threads(threads)
+    return np.concatenate(parts) if parts else np.empty((0, k), dtype=np.int64)
+
+
+def _rounding_slack(q: np.ndarray, nearest: np.ndarray, eps: float) -> np.ndarray:
+    """How much nearer than ``nearest`` (squared) a cell may be and still rank behind the one found, when squared
+    distances are formed as |x|^2 + |y|^2 - 2 x.y with unit round-off ``eps``: ``4 eps (|q|^2 + |y|^2)``, with
+    |y| <= |q| + sqrt(nearest) for any nearer cell y.
+
+    The typical rounding, not its worst case ((2 d + 4) eps (...)): a slack too small only counts a few hits as
+    misses, which probes more lists (the safe side); one too large would count misses as hits (7 % of the squared
+    distance in a dense 10-dimensional latent with the worst case)."""
+    norms = np.einsum("ij,ij->i", q, q)
+    reach = (np.sqrt(norms) + np.sqrt(nearest)) ** 2
+    return 4.0 * eps * (norms + reach)
 
 
 def _nearest_squared(faiss, xq: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,10 +95,11 @@ def _nearest_squared(faiss, xq: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray,
     is measured against (a hit is a cell within ``distance + slack``).
 
     faiss' BLAS finds the nearest by |x|^2 + |y|^2 - 2 x.y in float32 (1,000 queries x 250k cells in 0.05 s at 10
-    dimensions), whose rounding, at most about ``bound = 4 d eps (|x|^2 + max |y|^2)``, can pick a far cell for
-    cells far from the centre (the recall then passed any index: 1.000 measured, 0.785 true). The cell it finds has
-    its distance recomputed from the differences; no cell is nearer by more than ``2 bound`` (the slack). Where that
-    bound exceeds 0.1 % of the distance, the query is searched in float64 (slack 0) instead."""
+    dimensions), whose rounding can pick a far cell for cells far from the centre (the recall then passed any index:
+    1.000 measured, 0.785 true). The cell it finds has its distance recomputed from the differences; no cell is nearer
+    by more than the slack (:func:`_rounding_slack`), and a cell found within it counts as a hit (a tie at float32's
+    resolution). Where the slack exceeds :data:`NEAREST_SLACK` of the distance (float32 cannot rank those cells), the
+    query is searched in float64, with float64's slack."""
     saved = faiss.cvar.distance_compute_blas_threshold
     faiss.cvar.distance_compute_blas_threshold = 1  # BLAS for few queries too (faiss would compare pair by pair)
     try:
@@ -82,23 +108,27 @@ def _nearest_squared(faiss, xq: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray,
         faiss.cvar.distance_compute_blas_threshold = saved
     q = xq.astype(np.float64)
     nearest = _squared_distances(q, xb, found)
-    largest = float(np.einsum("ij,ij->i", xb, xb).max(initial=0.0))
-    slack = 8.0 * xq.shape[1] * float(np.finfo(np.float32).eps) * (np.einsum("ij,ij->i", q, q) + largest)
-    unsettled = np.flatnonzero((nearest > 0) & (slack > NEAREST_SLACK * nearest))  # at 0, none is nearer
+    slack = _rounding_slack(q, nearest, float(np.finfo(np.float32).eps))
+    unsettled = np.flatnonzero(slack > NEAREST_SLACK * nearest)
     if unsettled.size:
-        nearest[unsettled], slack[unsettled] = _nearest_squared_float64(q[unsettled], xb), 0.0
+        rows = _nearest_rows_float64(q[unsettled], xb)
+        nearest[unsettled] = _squared_distances(q[unsettled], xb, rows)  # recomputed from the differences
+        slack[unsettled] = _rounding_slack(q[unsettled], nearest[unsettled], float(np.finfo(np.float64).eps))
     return nearest, slack
 
 
-def _nearest_squared_float64(q: np.ndarray, xb: np.ndarray) -> np.ndarray:
-    """Squared distance to the nearest row of ``xb`` by float64 BLAS in blocks of :data:`NEAREST_BLOCK` rows."""
+def _nearest_rows_float64(q: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """The nearest row of ``xb`` to each query by float64 BLAS, in blocks of :data:`NEAREST_BLOCK` rows."""
     q_norms = np.einsum("ij,ij->i", q, q)
-    nearest = np.full(len(q), np.inf)
+    nearest, rows = np.full(len(q), np.inf), np.zeros(len(q), dtype=np.int64)
     for start in range(0, len(xb), NEAREST_BLOCK):
         b = xb[start:start + NEAREST_BLOCK].astype(np.float64)
         squared = q_norms[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2.0 * (q @ b.T)
-        np.minimum(nearest, squared.min(axis=1), out=nearest)
-    return np.maximum(nearest, 0.0)
+        best = squared.argmin(axis=1)
+        value = squared[np.arange(len(q)), best]
+        better = value < nearest
+        nearest[better], rows[better] = value[better], start + best[better]
+    return rows
 
 
 def _padded(x: np.ndarray, width: int) -> np.ndarray:
@@ -193,6 +223,7 @@ def ivf_search(faiss, xq: np.ndarray, xb: np.ndarray, k: int, seed: int = 0,
             # fp16 steps are 0.5): float32 codes before an exact search
             logger.info("The half-precision IVF codes missed %.1f %% of sampled nearest neighbours with every list "
                         "probed; trying float32 codes.", 100 * (1 - recall))
+            del index  # not two indexes in memory at once
             return ivf_search(faiss, xq, xb, k, seed, sample_from, half_precision=False)
         logger.warning("The approximate (IVF) search missed %.1f %% of sampled nearest neighbours with every list "
                        "probed; searching exactly instead.", 100 * (1 - recall))

@@ -203,10 +203,10 @@ def effect_recovery(adata, estimate, genes=None, low=None, high=None) -> dict[st
     responders = list(record["responding_cell_types"])
     responding_genes = sub.var["responding"].to_numpy()
     truth = _as_dense(sub.layers["true_ite"])[treated]
-    estimate = _finite("estimate", _as_dense(estimate))
+    estimate = _as_dense(estimate)
     if estimate.shape != sub.shape:
         raise ValueError(f"estimate has shape {estimate.shape}; expected {sub.shape} (cells x genes).")
-    estimate = estimate[treated]
+    estimate = _finite("estimate (stimulated cells)", estimate[treated])  # the control rows are not scored
     in_responders = np.isin(cell_type, responders)
     block = np.ix_(in_responders, responding_genes)
     result = {
