@@ -92,57 +92,54 @@ def launch_torchrun(argv: list[str], devices: int) -> int:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGINT)
 
-    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
-    # an ignored signal (nohup's SIGHUP) stays ignored: the run outlives the terminal
-    previous = {number: signal.signal(number, forward) for number in handled
-                if signal.getsignal(number) is not signal.SIG_IGN}
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
+    with _stop_signals_handled_by(forward):
         try:
-            if stopped:  # SIGTERM or SIGHUP was passed on already: this is the second stop
-                raise
-            stopped.append(signal.SIGINT)  # a SIGTERM or SIGHUP from now on sends no second SIGINT
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-            process.wait()
+            code = process.wait()
         except KeyboardInterrupt:
-            process.terminate()
-            process.wait()
-        raise
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+            try:
+                if stopped:  # SIGTERM or SIGHUP was passed on already: this is the second stop
+                    raise
+                stopped.append(signal.SIGINT)  # a SIGTERM or SIGHUP from now on sends no second SIGINT
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGINT)
+                process.wait()
+            except KeyboardInterrupt:
+                process.terminate()
+                process.wait()
+            raise
     if stopped:  # the run was stopped, not finished: the command ends as after Ctrl-C (exit 130, how to resume)
         raise KeyboardInterrupt(f"signal {signal.Signals(stopped[0]).name}")
     return code
 
 
 @contextlib.contextmanager
-def stop_signals_as_interrupt():
-    """Inside, SIGTERM and SIGHUP (a scheduler's stop, a closed terminal) raise ``KeyboardInterrupt`` as Ctrl-C does.
-
-    The training loops write their checkpoint on ``KeyboardInterrupt`` and the command says how to resume; by default
-    these signals ended the process where it stood, with every epoch since the last periodic checkpoint lost. Only in
-    the main thread (where Python runs signal handlers); the earlier handlers are restored after. A signal ignored
-    when the process started (``nohup``'s SIGHUP) stays ignored.
-    """
+def _stop_signals_handled_by(handler):
+    """Inside, ``handler`` receives SIGTERM and SIGHUP (a scheduler's stop, a closed terminal); the earlier handlers
+    are restored after. Only in the main thread, where Python runs signal handlers. A signal the process was started
+    with ignored stays ignored (``nohup`` ignores SIGHUP so that the run outlives its terminal), as Python leaves an
+    ignored SIGINT alone."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(number, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
-
-    # a signal the process was started with ignored stays ignored (nohup ignores SIGHUP, so that the run outlives
-    # its terminal), as Python leaves an ignored SIGINT alone
-    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)
                 if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
+
+
+def stop_signals_as_interrupt():
+    """A context inside which SIGTERM and SIGHUP raise ``KeyboardInterrupt``, as Ctrl-C does.
+
+    The training loops write their checkpoint on ``KeyboardInterrupt`` and the command says how to resume; by default
+    these signals ended the process where it stood, with every epoch since the last periodic checkpoint lost.
+    """
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
+
+    return _stop_signals_handled_by(interrupt)
 
 
 def rank_prefix() -> str:

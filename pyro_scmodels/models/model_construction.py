@@ -15,6 +15,7 @@ from pyro import poutine
 from .. import _constants as C
 from ..data import CellData
 from ..priors import RegularizedPriors
+from ..seeding import seeded
 from ..training import require_float32_default
 from .regularizedvi_dims import GUIDED_GLOBAL_SITES, RegularizedVIDims
 from .regularizedvi_guide import RegularizedVIGuide
@@ -110,7 +111,7 @@ def unsampled_global_sites(model) -> frozenset:
     Found by running the model's global sites once from their priors, outside inference.
     """
     # draws from the priors, on a forked random state: building a model leaves the seeded stream as it was
-    with pyro.settings.context(module_local_params=True), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with pyro.settings.context(module_local_params=True), torch.no_grad(), seeded(0, "cpu"):
         trace = poutine.trace(poutine.block(model.global_sites, hide_types=["param"])).get_trace()
     sampled = {name for name, node in trace.nodes.items() if node["type"] == "sample"}
     return frozenset(name for name in GUIDED_GLOBAL_SITES if model.dims.site(name) not in sampled)
