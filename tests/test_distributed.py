@@ -469,7 +469,8 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         cli_launch.launch_torchrun(["fit"], 2)
     assert events == ["wait 1", "signal SIGINT"]
-    # Ctrl-C, then SIGHUP (the terminal closing) while torchrun stops: no second SIGINT, which cuts its stop short
+    # Ctrl-C, then SIGTERM (a scheduler) while torchrun stops: no second SIGINT, which cuts its stop short (SIGTERM,
+    # not SIGHUP: under nohup, as in a CI job, SIGHUP is ignored and would test nothing)
     events.clear()
 
     class ClosedAfterCtrlC(Launched):
@@ -478,7 +479,7 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
             events.append(f"wait {self.waits}")
             if self.waits == 1:
                 raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGTERM)
             return -2
 
     monkeypatch.setattr(cli_launch.subprocess, "Popen", ClosedAfterCtrlC)
