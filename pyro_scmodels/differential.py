@@ -148,41 +148,82 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
 
 
 # --- the user-facing test ----------------------------------------------------------------------
-def _correction_strata(model, batch_correction) -> list[dict | None]:
-    """Decoder covariates to decode every cell with (one stratum each), or ``[None]`` without correction."""
+def _correction_key(model, batch_correction) -> str | None:
+    """The decoder-conditioning key every cell is decoded as each category of, or None without correction."""
     if batch_correction is False or batch_correction is None:
-        return [None]
+        return None
     keys = list(model.keys.nn_conditioning)
     if isinstance(batch_correction, str):
         if batch_correction not in keys:
             raise ValueError(f"batch_correction={batch_correction!r} is not a decoder-conditioning key of the model "
                              f"(nn_conditioning_covariate_keys={keys}).")
-        key = batch_correction
-    elif V.boolean("batch_correction", batch_correction) and len(keys) == 1:
-        key = keys[0]
-    elif not keys:
+        return batch_correction
+    if V.boolean("batch_correction", batch_correction) and len(keys) == 1:
+        return keys[0]
+    if not keys:
         warnings.warn("batch_correction=True changes nothing here: the decoder is not conditioned on covariates, and rho "
-                      "already leaves out the ambient, scaling, dispersion and library terms.", stacklevel=3)
-        return [None]
+                      "already leaves out the ambient, scaling, dispersion and library terms.", stacklevel=4)
+        return None
+    raise ValueError(f"The decoder is conditioned on several keys {keys}; name the one to correct for, "
+                     "e.g. batch_correction='batch'.")
+
+
+def _chosen_categories(name: str, chosen, key: str, categories: list) -> list:
+    """``batchid1`` / ``batchid2`` checked against the key's categories, in the order given, without repeats."""
+    chosen = [chosen] if isinstance(chosen, str) or np.ndim(chosen) == 0 else list(chosen)
+    by_text = {str(category): category for category in categories}
+    unknown = [category for category in chosen if str(category) not in by_text]
+    if not chosen or unknown:
+        raise ValueError(f"{name}={chosen!r}: {'names no category' if not chosen else f'{unknown} not among'} the "
+                         f"categories of {key!r} ({list(categories)}).")
+    return list(dict.fromkeys(by_text[str(category)] for category in chosen))
+
+
+def _correction_strata(model, batch_correction, batchid1=None, batchid2=None) -> tuple[list, list, bool]:
+    """Decoder covariates to decode each group's cells with (one stratum each), and whether rows pair within strata.
+
+    Without correction each group has the one stratum None (the cells' own covariates). With it, both groups are
+    decoded as every category of the key and paired within a category; ``batchid1`` / ``batchid2`` narrow the
+    categories of each group: the same ones pair within each, disjoint ones pair across all (case and control
+    decoded as batches of their own)."""
+    key = _correction_key(model, batch_correction)
+    if key is None:
+        if batchid1 is not None or batchid2 is not None:
+            raise ValueError("batchid1 / batchid2 choose the categories the groups are decoded as, which needs "
+                             "batch_correction=True (or the key's name); without it each cell keeps its own.")
+        return [None], [None], True
+    categories = list(model.encoding.categories[key])
+    first = categories if batchid1 is None else _chosen_categories("batchid1", batchid1, key, categories)
+    second = categories if batchid2 is None else _chosen_categories("batchid2", batchid2, key, categories)
+    shared = set(map(str, first)) & set(map(str, second))
+    if set(map(str, first)) == set(map(str, second)):
+        second, paired = first, True
+    elif not shared:
+        paired = False
     else:
-        raise ValueError(f"The decoder is conditioned on several keys {keys}; name the one to correct for, "
-                         "e.g. batch_correction='batch'.")
-    return [{key: category} for category in model.encoding.categories[key]]
+        # scvi-tools warns here and pools; a pooled comparison mixes same- and cross-batch pairs without saying which
+        raise ValueError(f"batchid1 {first} and batchid2 {second} share {sorted(shared)} but differ: pass the same "
+                         "categories (pairs within each) or disjoint ones (case and control decoded as batches of "
+                         "their own). A batchid left out means every category of " + repr(key) + ".")
+    return [{key: category} for category in first], [{key: category} for category in second], paired
 
 
-def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount) -> list[np.ndarray]:
-    """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum."""
+def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount,
+                paired: bool = True) -> list[np.ndarray]:
+    """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all when the
+    strata do not pair)."""
     draws = []
     for stratum in strata:
         # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
         batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
         rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
         draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
-    return draws
+    return draws if paired else [np.concatenate(draws)]
 
 
 def differential_expression(model, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
-                            idx2=None, mode: str = "change", delta: float = 0.25, batch_correction: bool | str = False,
+                            idx2=None, mode: str = "change", delta: float | None = 0.25,
+                            batch_correction: bool | str = False, batchid1=None, batchid2=None,
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                             modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
@@ -211,12 +252,19 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         ``proba_m2`` / ``bayes_factor``, sorted by ``bayes_factor``; ``delta`` and ``fdr_target``
         do not apply.
     delta
-        Smallest log2 fold change that counts as a change.
+        Smallest log2 fold change that counts as a change. None: estimated from the genes' LFC
+        means in each comparison (:func:`~pyro_scmodels.differential_statistics.estimate_delta`,
+        as scvi-tools' ``delta=None``); the ``delta`` column holds the value used.
     batch_correction
         True: decode every cell as each category of the decoder-conditioning key in turn and pair
         cells only within a category (scvi-tools' batch correction; the ambient, scaling,
         dispersion and library terms never enter rho). A key name picks the key when the decoder
         is conditioned on several.
+    batchid1, batchid2
+        With ``batch_correction``: the categories of its key that group 1 and group 2 are decoded
+        as (default: every category). The same categories for both pair cells within each;
+        disjoint ones decode case and control as batches of their own and pair across them
+        (scvi-tools' two cases). Categories that overlap but differ are refused.
     fdr_target
         Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``).
     num_samples
@@ -253,14 +301,15 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     mode = V.choice("mode", mode, MODES)
     num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
                                      (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))
-    delta, pseudocount = V.non_negative_float("delta", delta), V.positive_float("pseudocount", pseudocount)
+    delta = None if delta is None and mode == "change" else V.non_negative_float("delta", delta)
+    pseudocount = V.positive_float("pseudocount", pseudocount)
     fdr_target = V.number("fdr_target", fdr_target, 0.0, 1.0, strict_minimum=True, strict_maximum=True,
                           description="a number in (0, 1)")
     # to 7 digits, as it names its column (is_de_fdr_0.05, as scvi-tools): a float32 0.05 is not 0.05000000074505806
     fdr_target = float(f"{fdr_target:.7g}")
     adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
-    strata = _correction_strata(model, batch_correction)
+    strata1, strata2, paired = _correction_strata(model, batch_correction, batchid1, batchid2)
     tests = comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
     matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats else None
     rng = np.random.default_rng(seed)
@@ -268,16 +317,15 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     for i, (name1, name2, cells1, cells2) in enumerate(tests):
         samples = [
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
-                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount)
-            for offset, cells in enumerate((cells1, cells2))
+                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired)
+            for offset, (cells, strata) in enumerate(((cells1, strata1), (cells2, strata2)))
         ]
         if mode == "vanilla":
             table = vanilla_test(samples[0], samples[1], model.feature_names(modality), n_pairs, rng, pseudocount)
         else:
             table = change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng,
                                 pseudocount)
-            table.insert(5, "pseudocounts", pseudocount)
-            table.insert(6, "delta", delta)
+            table.insert(5, "pseudocounts", pseudocount)  # before delta, as scvi-tools orders them
         if matrix is not None:
             for column, values in raw_count_properties(matrix, cells1, cells2,
                                                        skip_empty=model.masks_cells_without_counts).items():

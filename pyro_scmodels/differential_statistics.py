@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 
-def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25, fdr_target: float = 0.05,
+def change_test(log2_expression_1, log2_expression_2, genes, delta: float | None = 0.25, fdr_target: float = 0.05,
                 n_pairs: int = 5000, rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
     """Per-gene posterior of the log2 fold change between two groups.
 
@@ -25,7 +25,8 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
     genes
         Gene names (columns).
     delta
-        Effect size below which a change does not count (log2 scale).
+        Effect size below which a change does not count (log2 scale); None: estimated from the
+        genes' LFC means (:func:`estimate_delta`).
     fdr_target
         Target of the posterior expected false discovery rate.
     n_pairs
@@ -41,11 +42,12 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
     pandas.DataFrame
         Indexed by gene, sorted by ``proba_de``: ``proba_de`` (P(|LFC| > delta)),
         ``proba_not_de``, ``bayes_factor`` (log odds of ``proba_de``), ``scale1``, ``scale2``
-        (mean expression), ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
+        (mean expression), ``delta`` (the threshold used), ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
         ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
     """
     rng = rng or np.random.default_rng(0)
     lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
+    delta = estimate_delta(lfc.mean(0)) if delta is None else delta
     proba = (np.abs(lfc) > delta).mean(0)
     table = pd.DataFrame(
         {
@@ -54,6 +56,7 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
             "bayes_factor": _log_odds(proba),
             "scale1": scale[0],
             "scale2": scale[1],
+            "delta": delta,
             "lfc_mean": lfc.mean(0),
             "lfc_median": np.median(lfc, 0),
             "lfc_std": lfc.std(0),
@@ -66,6 +69,37 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float = 0.25
     ).sort_values("proba_de", ascending=False)
     table[f"is_de_fdr_{fdr_target}"] = expected_fdr_selection(table["proba_de"].to_numpy(), fdr_target)
     return table
+
+
+def estimate_delta(lfc_means: np.ndarray, coefficient: float = 0.6, floor: float = 0.1, seed: int = 0) -> float:
+    """The smallest log2 fold change that counts as a change, read from the genes' LFC means (``delta=None``).
+
+    A mixture of three normals is fitted to the genes' mean LFCs (down, unchanged, up); the threshold is
+    ``coefficient`` times the mean size of its outer two means, at least ``floor`` (the rule of scvi-tools'
+    ``delta=None``; Boyeau et al., 2023).
+
+    Parameters
+    ----------
+    lfc_means
+        One mean log2 fold change per gene.
+    coefficient, floor
+        The share of the outer modes' mean size taken, and the smallest threshold returned.
+    seed
+        Seed of the mixture's initialisation.
+
+    Returns
+    -------
+    float
+        The threshold, in log2 units.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    lfc_means = np.asarray(lfc_means, dtype=np.float64)
+    if lfc_means.ndim != 1 or len(lfc_means) < 3 or not np.isfinite(lfc_means).all():
+        raise ValueError(f"delta=None estimates the threshold from three or more finite per-gene LFC means; got shape "
+                         f"{lfc_means.shape}. Pass a number, e.g. delta=0.25.")
+    means = np.sort(GaussianMixture(n_components=3, random_state=seed).fit(lfc_means[:, None]).means_.ravel())
+    return float(max(floor, coefficient * np.abs(means[[0, -1]]).mean()))
 
 
 def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 5000,

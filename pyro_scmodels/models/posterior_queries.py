@@ -338,7 +338,8 @@ class PosteriorQueries:
         return site
 
     def differential_expression(self, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
-                                idx2=None, mode: str = "change", delta: float = 0.25, batch_correction: bool | str = False,
+                                idx2=None, mode: str = "change", delta: float | None = 0.25,
+                                batch_correction: bool | str = False, batchid1=None, batchid2=None,
                                 fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                                 pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                                 modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
@@ -351,8 +352,8 @@ class PosteriorQueries:
         """
         return differential.differential_expression(
             self, groupby, group1, group2, idx1, idx2, mode=mode, delta=delta, batch_correction=batch_correction,
-            fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells, n_pairs=n_pairs, pseudocount=pseudocount,
-            adata=adata, batch_size=batch_size, seed=seed, modality=modality, all_stats=all_stats,
+            batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells,
+            n_pairs=n_pairs, pseudocount=pseudocount, adata=adata, batch_size=batch_size, seed=seed, modality=modality, all_stats=all_stats,
         )
 
     def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
