@@ -188,6 +188,32 @@ def _described(priors: RegularizedPriors) -> dict:
     return described
 
 
+def prior_record(priors) -> dict:
+    """The priors as plain values, for an export's ``uns`` (torch's text of a distribution omits its parameters).
+
+    Parameters
+    ----------
+    priors
+        :class:`RegularizedPriors`, or a dict of them by modality.
+
+    Returns
+    -------
+    dict
+        Per prior its family (``"distribution"``) and parameters (a number, or a list per category or gene); the
+        flags as booleans; unset fields left out.
+    """
+    if isinstance(priors, dict):
+        return {name: prior_record(value) for name, value in priors.items()}
+    record = {}
+    for name, value in _described(priors).items():
+        if isinstance(value, tuple):
+            family, parameters = value
+            record[name] = {"distribution": family, **parameters}
+        elif value is not None:
+            record[name] = value
+    return record
+
+
 def edited_fields(priors: RegularizedPriors) -> list[str]:
     """The fields of ``priors`` that differ from the defaults (a prior's family or values, or the flag)."""
     default = _described(RegularizedPriors())
@@ -236,12 +262,40 @@ class PriorSet(nn.Module):
         family, keys = self._families[name]
         return family(**{key: getattr(self, f"{name}__{key}") for key in keys})
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved buffer keeps its own shape: one edited per gene beside a scalar partner (ambient__rate per gene,
+        # ambient__concentration scalar) is rebuilt per gene for both by the distribution, which load() builds from
+        for name, buffer in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != buffer.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def distributions(self) -> dict[str, torch.distributions.Distribution]:
         """The priors as the buffers hold them now (edits included), on the CPU, by site name."""
         # not validated: a buffer edited to a value outside its constraint is reported, not raised on here
         return {name: family(**{key: getattr(self, f"{name}__{key}").detach().cpu().clone() for key in keys},
                              validate_args=False)
                 for name, (family, keys) in self._families.items()}
+
+
+def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "priors") -> None:
+    """Refuse an edited ambient prior where ``ambient_shape_prior`` replaces it (the edit would change nothing).
+
+    Parameters
+    ----------
+    priors
+        :class:`RegularizedPriors` of one modality.
+    shaped_ambient
+        Whether the model samples the background from the shaped prior.
+    where
+        How the user reaches these priors, for the message.
+    """
+    if shaped_ambient and "ambient" in edited_fields(priors):
+        raise ValueError(f"The ambient prior in {where} was edited ({priors.ambient}), but ambient_shape_prior "
+                         "replaces it with Gamma(a, a / (m_e p_g)) centred on the pooled cells' profile, so the edit "
+                         "would change nothing. Build the model with one of them (set the shaped prior's "
+                         "concentration with ambient_shape_prior=...).")
 
 
 def check_prior_shapes(priors, dims) -> None:

@@ -11,7 +11,7 @@ from pyro_scmodels import _constants as C
 from pyro_scmodels import metrics as M
 from pyro_scmodels._validation import ArgumentTypeError
 from pyro_scmodels.models.ambient import profile_from_droplets
-from pyro_scmodels.models.regularizedvi_module import expected_counts
+from pyro_scmodels.models.expected_counts import expected_counts
 
 FRACTIONS = (0.03, 0.08, 0.15, 0.25)
 

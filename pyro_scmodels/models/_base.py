@@ -99,7 +99,9 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
 
         A :class:`~pyro_scmodels.RegularizedPriors` (one per modality for a multimodal model), read-only: edit the
         buffers (``model.module.model.priors``; ``model.module.model.block(m).priors`` for a multimodal model), or
-        build a new model with ``priors=``.
+        build a new model with ``priors=``. Edited buffers are checked against their sites' shapes before each
+        ``train()`` and ``save``. A subclass whose ``sample_*`` method samples its own prior (``model_class``)
+        samples what that method says; these are the buffers only.
         """
         return self._priors_in_use()
 
@@ -243,6 +245,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             The training history (also in :attr:`history`).
         """
         refuse_scvi_arguments(scvi_arguments, "train", f"{type(self).__name__}.train")
+        self.module.model.check_priors()  # buffers edited since the last call: before a trace fails on their shape
         if not any(parameter.requires_grad for parameter in self.module.parameters()):
             raise ValueError("Every parameter of this model is frozen: there is nothing to train. A query model whose "
                              "categories are all known to the reference is ready to use as it is (or build it with "

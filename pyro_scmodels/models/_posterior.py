@@ -20,6 +20,7 @@ from pyro.poutine.util import prune_subsample_sites
 from .. import _validation as V
 from .._atomic import atomic_path
 from .._labels import quantile_label
+from ..priors import prior_record
 from ..seeding import seeded
 
 
@@ -153,8 +154,11 @@ class PosteriorMixin:
                     globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
         for name, values in self.exported_cell_quantities(adata, batch_size).items():
             adata.obs[name] = values
+        settings = {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in self.init_params.items()
+                    if v is not None}
+        settings["priors"] = prior_record(self.priors)  # each prior's family and values (torch's text omits them)
         adata.uns[type(self).__name__] = {
-            "settings": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in self.init_params.items() if v is not None},
+            "settings": settings,
             "num_samples": int(num_samples),
             "quantiles": list(quantiles),
             "globals": globals_out,

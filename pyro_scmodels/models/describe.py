@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..data.summary import describe_setup
+from ..priors import edited_fields
 
 # settings shown in the summary, in this order, when the model has them
 _SHOWN_SETTINGS = ("n_latent", "n_hidden", "n_layers", "latent_mode", "dropout_rate", "init", "latent_independence",
@@ -44,11 +45,22 @@ class ModelDescription:
             if keys:
                 roles.append(f"{label}: {', '.join(keys)}")
         lines = [f"{name}({settings})", f"  data: {size}",
-                 f"  covariates: {'; '.join(roles) if roles else 'none'}", f"  {self._training_status()}"]
+                 f"  covariates: {'; '.join(roles) if roles else 'none'}", f"  {self._priors_line()}",
+                 f"  {self._training_status()}"]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.__repr__()
+
+    def _priors_line(self) -> str:
+        """Which priors differ from the defaults (their values: ``model.priors``)."""
+        priors = self.priors
+        edited = ({m: edited_fields(p) for m, p in priors.items()} if isinstance(priors, dict) else
+                  {None: edited_fields(priors)})
+        parts = [(f"{m}: " if m is not None else "") + (", ".join(fields) if fields else "defaults")
+                 for m, fields in edited.items()]
+        return "priors: " + ("; ".join(parts) if any(edited.values()) else "the defaults") + (
+            " (edited; values in model.priors)" if any(edited.values()) else "")
 
     def _training_status(self) -> str:
         history = self.history

@@ -141,6 +141,13 @@ class RegularizedMultimodalVI(PyroModelBase):
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
 
+    @classmethod
+    def _module_classes(cls) -> str:
+        # the blocks too, where a subclass edits them (the plain ones are left out: saves made before read the same)
+        blocks = f"{cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
+        plain = f"{RegularizedVIModel.__name__} / {RegularizedVIGuide.__name__}"
+        return super()._module_classes() + ("" if blocks == plain else f"; blocks {blocks}")
+
     def _legacy_priors(self) -> dict[str, RegularizedPriors]:
         # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)
         return {m: self.module.model.block(m).prior_settings() for m in self.modalities}

@@ -58,6 +58,12 @@ class RegularizedMultimodalVIModel(LocalPyroModule):
         """The RegularizedVI model block of modality ``name``."""
         return getattr(self, f"block_{name}")
 
+    def check_priors(self) -> None:
+        """Refuse each block's prior buffers edited to a shape their sites cannot take (see
+        :meth:`RegularizedVIModel.check_priors`)."""
+        for name in self.modalities:
+            self.block(name).check_priors(where=f"model.module.model.block({name!r}).priors")
+
     def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None, modality: str | None = None):
         """Expression rho of one modality (or of each, as a dict) decoded from the joint z.
 

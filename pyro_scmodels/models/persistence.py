@@ -49,6 +49,7 @@ class SavedModel:
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         writable_folder("dir_path", dir_path)
+        self.module.model.check_priors()  # a buffer of a shape its site cannot take would save a model that cannot load
         payload = self._save_payload()
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
@@ -87,9 +88,11 @@ class SavedModel:
             raise ValueError(f"{dir_path} holds a saved {saved}, not a {cls.__name__}; load it with {saved}.load(...).")
         return payload
 
-    def _module_classes(self) -> str:
-        """The classes of the Pyro model and guide (a modeller's subclass edits sites the state dict cannot show)."""
-        return f"{type(self.module.model).__name__} / {type(self.module.guide).__name__}"
+    @classmethod
+    def _module_classes(cls) -> str:
+        """The classes of the Pyro model and guide built (a modeller's subclass edits sites the state dict cannot
+        show)."""
+        return f"{cls.model_class.__name__} / {cls.guide_class.__name__}"
 
     def _restore(self, payload: dict) -> None:
         saved_classes = payload.get("module classes")

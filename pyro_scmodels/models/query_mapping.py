@@ -81,7 +81,7 @@ class Reference:
         if isinstance(reference, (str, os.PathLike)):
             return cls._from_folder(os.fspath(reference), model_class)
         if isinstance(reference, model_class):
-            built = f"{model_class.model_class.__name__} / {model_class.guide_class.__name__}"
+            built = model_class._module_classes()
             if type(reference) is not model_class and reference._module_classes() != built:
                 # a subclass's edited site would silently take its default in the query model
                 raise ValueError(f"reference is a {type(reference).__name__}, whose Pyro model and guide are "
@@ -247,7 +247,8 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
         saved = reference.state_dict[key].to(value.device)
         role = _level_role(key, module.guide)
         if role is None:
-            if saved.shape != value.shape:
+            # a prior's buffer keeps the reference's shape (a per-gene edit beside a scalar partner: PriorSet loads it)
+            if saved.shape != value.shape and ".priors." not in key:
                 raise ValueError(f"{key!r} has shape {tuple(saved.shape)} in the reference but {tuple(value.shape)} in the query model.")
             state[key] = saved.clone()
             continue

@@ -26,42 +26,14 @@ from torch.distributions import constraints
 
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
-from ..distributions import GammaPoissonMean, select_rows
+from ..distributions import GammaPoissonMean
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder
-from ..priors import PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes
+from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
+                      refuse_replaced_ambient_prior)
 from ..pyro_modules import LocalPyroModule, refuse_outer_plates
+from .expected_counts import background, expected_counts, scaling_factor
 from .regularizedvi_dims import GLOBAL_SITES, SITE_COVARIATE_ROLES, RegularizedVIDims  # noqa: F401  (their import path)
-
-
-def background(ambient, ambient_index) -> torch.Tensor:
-    """sum over ambient keys of s_{e(n),g}: each cell's background before library and scaling (cells x genes)."""
-    # the floor on the mean is added to the (small) ambient table, not to every cell and gene
-    return sum(select_rows(ambient + C.MEAN_EPS, ambient_index[:, k]) for k in range(ambient_index.shape[1]))
-
-
-def scaling_factor(library, scaling, scaling_index) -> torch.Tensor:
-    """l_n * prod_t y_{t(n),g} per cell and gene (``library`` alone, cells x 1, without scaling)."""
-    if scaling is None:
-        return library.unsqueeze(-1)
-    # l_n * y_{t(n)} in one product: the library size rides in the one-hot selection
-    factor = select_rows(scaling, scaling_index[:, 0], weights=library)
-    for k in range(1, scaling_index.shape[1]):
-        factor = factor * select_rows(scaling, scaling_index[:, k])
-    return factor
-
-
-def expected_counts(library, rho, ambient, scaling, ambient_index, scaling_index, per_droplet: bool = False):
-    """mu = l * (rho + sum of ambient profiles) * product of feature scalings, per cell and gene.
-
-    ``ambient`` or ``scaling`` may be None when the modality has no such term. With ``per_droplet`` the background
-    is counts per droplet, not scaled by the library: ``mu = (l rho + s) y``.
-    """
-    if per_droplet and ambient is not None:
-        cell = rho * library.unsqueeze(-1)
-        return (cell + background(ambient, ambient_index)) * scaling_factor(torch.ones_like(library), scaling, scaling_index)
-    rho = rho + (background(ambient, ambient_index) if ambient is not None else C.MEAN_EPS)
-    return rho * scaling_factor(library, scaling, scaling_index)
 
 
 class RegularizedVIModel(LocalPyroModule):
@@ -88,6 +60,7 @@ class RegularizedVIModel(LocalPyroModule):
         check_prior_shapes(priors, dims)
         self.priors = PriorSet(priors.distributions())
         self.shaped_ambient = ambient_shape_prior is not None
+        refuse_replaced_ambient_prior(priors, self.shaped_ambient)
         # the shaped prior is always counted: it is what places the background's shared part
         self.regularize_ambient = bool(priors.regularize_ambient) or self.shaped_ambient
         self._asked_to_regularize_ambient = bool(priors.regularize_ambient)  # the shaped prior counts it anyway
@@ -285,6 +258,27 @@ class RegularizedVIModel(LocalPyroModule):
         # the minibatch says where its stored counts are (read off the sparse rows), when it knows
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
         return GammaPoissonMean(mu, theta, group, positions=positions)
+
+    def check_priors(self, where: str = "model.module.model.priors") -> None:
+        """Refuse prior buffers edited to a shape their sites cannot take (run before each training call and save).
+
+        Parameters
+        ----------
+        where
+            How the user reaches these buffers, for the message.
+
+        Raises
+        ------
+        ValueError
+            Naming the prior, its buffers' shape and the site's shape.
+        """
+        in_use = self.prior_settings()
+        refuse_replaced_ambient_prior(in_use, self.shaped_ambient, where)
+        try:
+            check_prior_shapes(in_use, self.dims)
+        except ValueError as error:
+            raise ValueError(f"{error} Its buffers in {where} were edited to that shape after the model was "
+                             "built.") from None
 
     def prior_settings(self) -> PriorsInUse:
         """The priors this model samples from now, read back from its buffers (edits of them included).
