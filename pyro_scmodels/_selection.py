@@ -77,6 +77,12 @@ def gene_positions(names, gene_list, what: str = "the model", hint: str = "") ->
     if gene_list is None:
         return None
     wanted = [gene_list] if isinstance(gene_list, str) else list(gene_list)
+    kinds = np.asarray(wanted).dtype.kind if len(wanted) else "U"
+    if kinds in "biu" and not pd.Index(names).isin(wanted).any():
+        # positions or a mask, as indices= takes for cells: gene_list takes names, as in scvi-tools
+        given = "a boolean mask" if kinds == "b" else "integer positions"
+        raise SelectionError(f"gene_list takes gene names (as in scvi-tools); got {given}. Pass the names, e.g. "
+                             f"gene_list=genes[mask] with the {len(names)} genes of {what}.")
     positions = pd.Index(names).get_indexer(wanted)
     if (positions < 0).any():
         missing = [g for g, p in zip(wanted, positions) if p < 0]

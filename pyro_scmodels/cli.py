@@ -178,6 +178,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     from .ndreamer.effect_intervals import bound_names
     from .ndreamer import network_preset
     from .ndreamer.pipeline import ONE_PROCESS_ONLY
+    from .ndreamer.effect_queries import refuse_slash_in_groupby
 
     _check_device(args.device)
     if launched_world_size() > 1:
@@ -187,6 +188,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     adata = read_h5ad(args.data, backed="r" if args.backed else None)
     if args.cate_groupby is not None:
         V.present(args.cate_groupby, adata.obs.columns, f"{args.data} obs (--cate-groupby)", "column")
+        refuse_slash_in_groupby(args.cate_groupby, "--cate-groupby")
     # the constructor checks keys, the control, and the batch x condition group sizes before training
     nd = NDreamer(adata, args.condition_key, args.control, batch_key=args.batch_key, num_hvg=args.num_hvg,
                   min_cells_per_group=args.min_cells_per_group,

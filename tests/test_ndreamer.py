@@ -122,6 +122,15 @@ def test_cate_table(simulated_nd):
     table = nd.estimate_cate("cell_type")
     assert set(table["group"]) == set(adata.obs["cell_type"].astype(str))
     assert {"mean_ite", "sign_test_p_adj", "z_p_adj"} <= set(table.columns)
+    # a "/" made the saved table a nested key (uns["cate_stimulated_cell"]["type"]) that load returned elsewhere
+    nd.results.obs["cell/type"] = nd.results.obs["cell_type"]
+    with pytest.raises(ValueError, match=r"groupby 'cell/type' holds '/'"):
+        nd.estimate_cate("cell/type")
+    del nd.results.obs["cell/type"]
+    # gene_list takes names: positions or a mask were reported as genes "not among" the results
+    for genes, given in ((np.arange(3), "integer positions"), (np.isin(nd.genes, nd.genes[:3]), "a boolean mask")):
+        with pytest.raises(ValueError, match=f"gene_list takes gene names .*got {given}"):
+            nd.estimate_ite(gene_list=genes)
 
 
 def test_save_and_load_round_trip(simulated_nd, tmp_path):
@@ -184,6 +193,13 @@ def test_errors_and_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="contorl_name"):
         nd = NDreamer(adata, "condition", contorl_name="control", **SMALL)
     assert nd.design.control_name == "control"
+    # treatments whose layers share a name: IFN's lower bound ite_IFN_q05 was overwritten by IFN_q05's ITE
+    for second in ("stimulated_q05", "model_stimulated", "model_stimulated_q97.5"):
+        renamed = adata.copy()
+        renamed.obs["condition"] = renamed.obs["condition"].astype(str)
+        renamed.obs.loc[renamed.obs_names[renamed.obs["condition"] == "stimulated"][::2], "condition"] = second
+        with pytest.raises(ValueError, match=f"treatments 'stimulated' and '{second}'.*Rename one of them"):
+            NDreamer(renamed, "condition", "control", **SMALL)
     only_control = adata[adata.obs["condition"] == "control"].copy()
     with pytest.raises(ValueError, match="nothing to compare"):
         NDreamer(only_control, "condition", "control", **SMALL)

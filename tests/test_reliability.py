@@ -142,7 +142,7 @@ def test_cuda_without_a_gpu_leaves_no_folder(tmp_path, small_h5ad, monkeypatch):
     assert not out.exists()
 
 
-def test_cate_groupby_typo_is_reported_before_ndreamer_trains(tmp_path, small_h5ad, monkeypatch):
+def test_cate_groupby_typo_is_reported_before_ndreamer_trains(tmp_path, small, small_h5ad, monkeypatch):
     monkeypatch.setattr(NDreamer, "train", lambda *a, **k: pytest.fail("NDreamer trained before the key was checked"))
     out = tmp_path / "out"
     code, stderr = _cli(["ndreamer", small_h5ad, "-o", str(out), "--condition-key", "condition", "--control", "control",
@@ -150,6 +150,13 @@ def test_cate_groupby_typo_is_reported_before_ndreamer_trains(tmp_path, small_h5
     line = _one_error_line(stderr)
     assert code == 2 and "'celltype' not found" in line and "cell_type" in line
     assert not out.exists()
+    # a column holding "/" names a nested key of the saved results: refused before training, not after it
+    slashed = small.copy()
+    slashed.obs["cell/type"] = slashed.obs["cell_type"]
+    slashed.write_h5ad(tmp_path / "slashed.h5ad")
+    code, stderr = _cli(["ndreamer", str(tmp_path / "slashed.h5ad"), "-o", str(out), "--condition-key", "condition",
+                         "--control", "control", "--cate-groupby", "cell/type"])
+    assert code == 2 and "--cate-groupby 'cell/type' holds '/'" in _one_error_line(stderr) and not out.exists()
 
 
 # --- enough cells for an effect --------------------------------------------------------------------

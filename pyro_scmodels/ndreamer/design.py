@@ -5,6 +5,7 @@ Every entry point (the constructor, ``from_model``, ``load``) builds its design 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -46,10 +47,30 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
     batches = labels_of(obs, settings["batch_key"], "batch_key")
     if not saved:
         _refuse_separator(condition, batches, settings)
+        _refuse_colliding_layer_names(condition, settings)
     batch = np.array([GROUP_SEPARATOR.join(row) for row in batches]) if batches.shape[1] else None
     # saved before the setting existed: no minimum
     return CounterfactualDesign(condition, settings["control_name"], batch, settings.get("min_cells_per_group", 1),
                                 refuse_confounding=not saved)
+
+
+def _refuse_colliding_layer_names(condition: np.ndarray, settings: dict) -> None:
+    """Refuse two treatments whose layers would share a name, where one would silently replace the other's.
+
+    A treatment ``c`` names the layers ``ite_<c>``, its bounds ``ite_<c>_q05`` / ``ite_<c>_q95`` (per level) and
+    the model's ``ite_model_<c>`` (with bounds): treatments ``IFN`` and ``IFN_q05``, or ``A`` and ``model_A``,
+    wrote one layer twice (the second won, so IFN's lower bound was IFN_q05's ITE).
+    """
+    treatments = [str(c) for c in np.unique(condition) if str(c) != str(settings["control_name"])]
+    for first in treatments:
+        # what follows ite_ in a layer of `first`: first, first_q<..>, model_first, model_first_q<..>
+        pattern = re.compile(rf"(model_)?{re.escape(first)}(_q[0-9][0-9.e+-]*)?")
+        for second in treatments:
+            if second != first and pattern.fullmatch(second):
+                raise ValueError(f"condition_key {settings['condition_key']!r} has the treatments {first!r} and "
+                                 f"{second!r}: the layers of {second!r} (ite_{second}) would take the name of a layer "
+                                 f"of {first!r} (its interval's bounds ite_{first}_q05 / _q95, or the model's "
+                                 f"ite_model_{first}), and one would replace the other. Rename one of them.")
 
 
 def _refuse_separator(condition: np.ndarray, batches: np.ndarray, settings: dict) -> None:

@@ -50,6 +50,15 @@ def _check_interval_neighbours(nearest_neighbor, design) -> None:
                          f"{single[:5]} hold a single cell: remove those cells or merge their batches.")
 
 
+
+def refuse_slash_in_groupby(groupby: str, name: str = "groupby") -> None:
+    """Refuse a CATE column holding ``/``: its table is kept as ``results.uns["cate_<condition>_<groupby>"]``, which an
+    h5ad saves as a nested key (load returned it under another one)."""
+    if "/" in str(groupby):
+        raise ValueError(f"{name} {groupby!r} holds '/': the CATE table is kept as results.uns['cate_<condition>_"
+                         f"{groupby}'], which an h5ad would save under a nested key. Copy the column to a name "
+                         "without '/' (e.g. obs['cell_type'] = obs['cell/type']).")
+
 class EffectQueries:
     """Effects of an NDreamer's matches: the methods of :class:`~pyro_scmodels.ndreamer.NDreamer` that answer them."""
 
@@ -230,6 +239,7 @@ class EffectQueries:
             raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
         min_cells = V.positive_int("min_cells", min_cells)
         V.group_column(self.results.obs, groupby, "groupby", "results.obs")
+        refuse_slash_in_groupby(groupby)
         groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
         layer = f"ite_{condition}"
         kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)

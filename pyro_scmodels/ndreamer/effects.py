@@ -321,9 +321,11 @@ def estimate_effects(embedding: np.ndarray, expression, design: CounterfactualDe
     -------
     dict
         ``"denoised"``, ``"batch_effect"`` and ``"ite_<condition>"`` for every non-control
-        condition: cells x genes float32 arrays in the input's cell order. The ITE of a treated
-        cell is its denoised expression minus its matched controls (mean over control batches);
-        a control cell's is its matched treated cells minus its denoised expression.
+        condition: cells x genes float32 arrays in the input's cell order. The ITE of a cell is
+        its treated arm minus its control arm, each the mean over the batches that hold both
+        arms; in its own condition the arm is the cell itself (``factual="observed"``) or its
+        own batch's matched cells (``"matched"``). With ``"observed"`` and every batch holding
+        both arms, a treated cell's ITE is its denoised expression minus its matched controls.
     """
     if np.asarray(embedding).shape[0] != len(design.condition):
         raise ValueError(f"embedding has {np.asarray(embedding).shape[0]} cells, the design {len(design.condition)}.")
