@@ -148,8 +148,15 @@ def public_row(adata, seed: int, python: str) -> dict:
             raise RuntimeError(f"public NDreamer failed (exit {completed.returncode}):\n{tail}")
         stored = np.load(output)
         genes = list(stored["genes"])
-        estimate = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
-        estimate[stored["rows"]] = stored["ite"]  # stimulated cells; the scores read only those
+        record = adata.uns["simulation"]
+        treated = np.flatnonzero((adata.obs[record["condition_key"]] == record["stimulated_name"]).to_numpy())
+        missing = np.setdiff1d(treated, stored["rows"])
+        if missing.size:  # a zero filled in would score as "no effect" for the public tool
+            raise RuntimeError(f"public NDreamer returned no ITE for {missing.size} of the {treated.size} stimulated "
+                               "cells; their scores would be made up.")
+        # NaN for the control cells, which the scores do not read (a NaN where they do is refused)
+        estimate = np.full((adata.n_obs, len(genes)), np.nan, dtype=np.float32)
+        estimate[stored["rows"]] = stored["ite"]
         return {"public NDreamer": {**M.effect_recovery(adata, estimate, genes=genes), "seconds": float(stored["seconds"])}}
 
 

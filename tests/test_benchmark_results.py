@@ -55,3 +55,43 @@ def test_a_partial_rerun_marks_the_parts_it_did_not_run_as_an_earlier_runs(commo
     # a full rerun writes kang anew; the earlier run's copy, under its marked heading, stays as history
     common.update_results(path, "## Bench A\n\nrun 4\n\n### pbmc\n\npbmc 4\n\n### kang\n\nkang 4\n", "## Bench A")
     assert path.read_text().count(f"### kang\n{mark}\n\nkang 4") == 1 and f"### kang{earlier}\n\nkang 1" in path.read_text()
+
+
+def _fake_public_ndreamer(tmp_path, rows, values):
+    """An 'interpreter' standing in for the public NDreamer's: it writes the worker's output file with these rows."""
+    import sys
+
+    import numpy as np
+
+    np.savez(tmp_path / "answer.npz", rows=rows, ite=values)
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport shutil, sys, numpy as np\n"
+                    f"a = np.load({str(tmp_path / 'answer.npz')!r})\n"
+                    "genes = np.array(['gene_%d' % j for j in range(a['ite'].shape[1])])\n"
+                    "np.savez(sys.argv[3], rows=a['rows'], ite=a['ite'], genes=genes, seconds=1.0, epochs=1)\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_the_public_row_scores_every_stimulated_cell_or_refuses(tmp_path, monkeypatch):
+    # cells the public tool left out were scored as a zero effect (its row looked worse than it was)
+    import numpy as np
+
+    import pyro_scmodels as ps
+    from pyro_scmodels import metrics as M
+
+    monkeypatch.syspath_prepend(os.path.join(HERE, "..", "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_effects", os.path.join(HERE, "..", "benchmarks", "bench_effects.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=1,
+                                 effect_modifier=1.0)
+    truth = adata.layers["true_ite"]
+    truth = np.asarray(truth.todense() if hasattr(truth, "todense") else truth, dtype=np.float32)
+    treated = np.flatnonzero(adata.obs["condition"].to_numpy() == "stimulated")
+    row = bench.public_row(adata, 0, _fake_public_ndreamer(tmp_path, treated, truth[treated]))["public NDreamer"]
+    expected = M.effect_recovery(adata, truth)
+    assert row["per_cell_r"] == pytest.approx(expected["per_cell_r"]) and row["cate_r"] == pytest.approx(1.0)
+    kept = treated[5:]
+    with pytest.raises(RuntimeError, match=f"no ITE for 5 of the {treated.size} stimulated cells"):
+        bench.public_row(adata, 0, _fake_public_ndreamer(tmp_path, kept, truth[kept]))
