@@ -50,8 +50,18 @@ def read_h5ad(path, *, backed: str | None = None):
             "(e.g. `anndata.read_csv(...).write_h5ad(...)`) or scanpy first."
         )
     try:
+        with h5py.File(path, "r") as file:
+            encoding = file.attrs.get("encoding-type", "")
+        if encoding == "MuData":  # anndata's own message says to update anndata
+            raise InputFileError(f"input file {path} is a MuData (.h5mu) file; this reads one AnnData. Write the "
+                                 "modality to use as its own file, e.g. mudata.read_h5mu(path)['rna'].write_h5ad("
+                                 "'rna.h5ad'), or use RegularizedMultimodalVI from Python for both modalities.")
         return anndata.read_h5ad(path, backed=backed)
-    except (OSError, KeyError, ValueError, TypeError) as err:
+    except InputFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anndata's IORegistryError is a bare Exception
+        if not isinstance(err, (OSError, KeyError, ValueError, TypeError)) and "IOSpec" not in str(err):
+            raise
         # h5py reports a truncated file as OSError, a foreign HDF5 layout as KeyError/ValueError
         raise InputFileError(f"input file {path} could not be read as an .h5ad file ({err}); is it complete?") from err
 
@@ -94,7 +104,9 @@ def load_torch_file(path: str, what: str = "saved file"):
 def _existing_input(value) -> str:
     path = V.file_path("input file", value)
     if os.path.isdir(path):
-        raise InputFileError(f"input file {path} is a folder; give the path of an .h5ad file inside it.")
+        store = " (a zarr store: write it as .h5ad with anndata.read_zarr(path).write_h5ad(...))" if (
+            os.path.exists(os.path.join(path, ".zattrs")) or os.path.exists(os.path.join(path, "zarr.json"))) else ""
+        raise InputFileError(f"input file {path} is a folder{store}; give the path of an .h5ad file.")
     if not os.path.exists(path):
         raise InputFileError(f"input file {path} not found.")
     return path

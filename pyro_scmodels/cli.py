@@ -122,6 +122,11 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
     adata.obsm[LATENT_KEY] = model.get_latent_representation()
     if write_normalized:
         adata.layers[NORMALIZED_LAYER] = model.get_normalized_expression(return_numpy=True).astype(np.float32)
+    elif NORMALIZED_LAYER in adata.layers:  # an earlier run's (its input was an earlier results.h5ad): not this model's
+        del adata.layers[NORMALIZED_LAYER]
+        logging.getLogger("pyro_scmodels").warning(f"The input's layers['{NORMALIZED_LAYER}'] came from an earlier "
+                                                   "model and is left out of the results; pass --write-normalized "
+                                                   "for this model's.")
     # DataFrames keep the category names as columns
     adata.varm["regularizedvi_ambient"] = model.get_ambient_profile()
     adata.varm["regularizedvi_dispersion"] = model.get_dispersion()
@@ -298,8 +303,9 @@ def run_fit(args, folder: OutputFolder) -> None:
     if args.backed:  # the results without the counts, which stay in the input file
         import anndata
 
+        # the cell and gene graphs too (a neighbours graph); the layers and .raw, cells x genes, stay in the input
         adata = anndata.AnnData(obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm),
-                                varm=dict(adata.varm), uns=dict(adata.uns))
+                                varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp), uns=dict(adata.uns))
     _store_results(model, adata, write_normalized=args.write_normalized)
     write_h5ad(adata, os.path.join(out, "results.h5ad"))
     model.save(os.path.join(out, "model"), overwrite=True)
@@ -327,7 +333,10 @@ def _profile_from_empty_droplets(path: str, adata):
         check_droplets(empty, adata.var_names, {key: list(setup.categories[key]) for key in keys})
         return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
     except (KeyError, ValueError) as err:  # the same error, naming the option and the file
-        raise type(err)(f"--empty-droplets {path}: {err.args[0]}") from err
+        # the droplets are read from .X: --layer (which the count check's hint names) picks the data's layer only
+        message = str(err.args[0]).replace("pass the raw count layer with `layer=`.",
+                                           "write the droplets' raw counts in .X of that file (--layer is the data's).")
+        raise type(err)(f"--empty-droplets {path}: {message}") from err
 
 
 def main(argv=None) -> int:

@@ -176,7 +176,8 @@ def _add_fit(sub) -> None:
                      help="also write the dense normalised-expression layer (float32: n_cells x n_genes x 4 bytes)")
     fit.add_argument("--backed", action="store_true",
                      help="train from disk: open the input with anndata's backed='r' (raw counts in .X, not --layer); "
-                          "results.h5ad then holds the results without the counts")
+                          "results.h5ad then holds the results, obs, var, obsm, varm, obsp, varp and uns, without "
+                          "the counts, the layers and .raw, which stay in the input")
     fit.add_argument("--umap", action="store_true", help="draw the latent figure as a UMAP (slower) instead of PCA")
     fit.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT/checkpoint")
     fit.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")

@@ -17,6 +17,7 @@ import sys
 
 import anndata
 import numpy as np
+import scipy.sparse as sp
 import pandas as pd
 import pytest
 
@@ -228,6 +229,10 @@ def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
     assert adata.layers[NORMALIZED_LAYER].dtype == np.float32
     assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
     assert len(_history(out)) == 1
+    # refitted from those results without the flag: the earlier model's layer was kept beside the new latent
+    again = str(tmp_path / "again")
+    assert main(["fit", os.path.join(out, "results.h5ad"), "-o", again, "--max-epochs", "1", *FIT_ARGS]) == 0
+    assert NORMALIZED_LAYER not in anndata.read_h5ad(os.path.join(again, "results.h5ad")).layers
 
 
 def test_fit_background_options_reach_the_saved_model(input_h5ad, tmp_path):
@@ -258,14 +263,16 @@ def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_pa
     # checked before training: a gene or the ambient key missing from the droplets' file
     first = adata.obs["batch"].cat.categories[0]
     bad = {"genes": empty[:, 1:].copy(), "key": empty.copy(), "one_batch": empty[empty.obs["batch"] == first].copy(),
-           "repeated": empty.copy(), "no_counts": empty.copy()}
+           "repeated": empty.copy(), "no_counts": empty.copy(), "halved": empty.copy()}
     bad["no_counts"].X = bad["no_counts"].X * 0
+    bad["halved"].X = bad["halved"].X * 0.5  # the hint said --layer, which picks the data's layer, not the droplets
     del bad["key"].obs["batch"]
     bad["repeated"].var_names = [*empty.var_names[:-1], empty.var_names[0]]
     others = [str(c) for c in adata.obs["batch"].cat.categories[1:]]
     for name, words in (("genes", ["lack 1 of the data's", adata.var_names[0]]), ("key", ["no obs column", "batch"]),
                         ("one_batch", ["no droplet of batch", *others]), ("repeated", ["repeated gene names"]),
-                        ("no_counts", ["no counts at all"])):
+                        ("no_counts", ["no counts at all"]),
+                        ("halved", ["non-integer values", "write the droplets' raw counts in .X of that file"])):
         path = str(tmp_path / f"{name}.h5ad")
         bad[name].write_h5ad(path)
         capsys.readouterr()
@@ -287,9 +294,14 @@ def test_fit_backed_trains_from_disk_and_writes_results_without_the_counts(input
     monkeypatch.setattr(CountMatrix, "hold", lambda self, indices: held.append(indices) or original(self, indices))
     out = str(tmp_path / "out")
     args = ["--batch-key", "batch", "--batch-size", "128", "--quiet", "--max-epochs", "1"]
+    with_graph = anndata.read_h5ad(input_h5ad)
+    with_graph.obsp["connectivities"] = sp.identity(N_CELLS, format="csr")  # a neighbours graph: it was dropped
+    input_h5ad = str(tmp_path / "with_graph.h5ad")
+    with_graph.write_h5ad(input_h5ad)
     assert main(["fit", input_h5ad, "-o", out, "--backed", *args]) == 0
     adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     assert adata.X is None and adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
+    assert adata.obsp["connectivities"].nnz == N_CELLS and not adata.layers
     assert np.isfinite(adata.obsm[LATENT_KEY]).all() and "regularizedvi_ambient" in adata.varm
     # training read its counts from the file: one buffer held every training cell (90 % of them)
     assert max(len(h) for h in held if h is not None) == int(round(0.9 * N_CELLS))

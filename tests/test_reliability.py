@@ -85,10 +85,28 @@ def _folder(tmp_path, _):
     return path
 
 
+def _mudata(tmp_path, small_h5ad):
+    import anndata
+    import mudata
+
+    path = tmp_path / "pair.h5mu"
+    mudata.MuData({"rna": anndata.read_h5ad(small_h5ad)}).write(str(path))  # anndata's traceback said to update it
+    return path
+
+
+def _zarr(tmp_path, small_h5ad):
+    import anndata
+
+    path = tmp_path / "cells.zarr"
+    anndata.read_h5ad(small_h5ad).write_zarr(str(path))  # the message said to give the .h5ad inside (there is none)
+    return path
+
+
 @pytest.mark.parametrize("command", ["fit", "ndreamer"])
 @pytest.mark.parametrize("make, words", [(_truncated, "could not be read"), (_text, "not an .h5ad"),
-                                          (_csv, "not an .h5ad"), (_folder, "is a folder")],
-                         ids=["truncated", "text", "csv", "folder"])
+                                          (_csv, "not an .h5ad"), (_folder, "is a folder"),
+                                          (_mudata, "is a MuData (.h5mu) file"), (_zarr, "a zarr store")],
+                         ids=["truncated", "text", "csv", "folder", "mudata", "zarr"])
 def test_unreadable_input_gives_one_line_naming_the_file(tmp_path, small_h5ad, command, make, words):
     path = str(make(tmp_path, small_h5ad))
     out = tmp_path / "out"
