@@ -301,7 +301,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     mode = V.choice("mode", mode, MODES)
     num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
                                      (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))
-    delta = None if delta is None and mode == "change" else V.non_negative_float("delta", delta)
+    delta = None if delta is None else V.non_negative_float("delta", delta)  # vanilla mode does not use it
     pseudocount = V.positive_float("pseudocount", pseudocount)
     fdr_target = V.number("fdr_target", fdr_target, 0.0, 1.0, strict_minimum=True, strict_maximum=True,
                           description="a number in (0, 1)")
