@@ -57,9 +57,7 @@ WRITE_CHUNK_CELLS = 10_000  # cells whose effects are computed and written at a 
 
 MATCHING_PCA_COMPONENTS = 50
 # matched cells per group. k = 1 (causal matching, the public NDreamer's default) leaves the count
-# noise of a single partner in every effect; measured on simulate(effect_modifier=1.0), 3000 cells
-# (benchmarks/bench_effects.py), k = 10 with kernel weights lifted the per-cell ITE correlation inside
-# responding types from 0.51 to 0.68 (oracle 0.53) and the CATE correlation from 0.946 to 0.958. k = 20
+# noise of a single partner in every effect (benchmarks/bench_effects.py, simulate(effect_modifier=1.0)). k = 20
 # (2026-12-05, benchmarks/RESULTS.md "The number of matched partners"): on 1,500, 3,000 and 6,000 cells
 # (250-1,000 a group, nine seeds in all) it gained 0.001-0.022 per-cell r over k = 10 on every one, CATE r
 # and false effect unchanged; k = 40 gains more on the larger data but loses up to 0.033 at 250 cells a group
