@@ -152,10 +152,19 @@ def test_prepare_query_anndata_reorders_and_pads(data, reference, tmp_path):
     rng = np.random.default_rng(0)
     kept = [genes[i] for i in rng.permutation(len(genes))[5:]]  # 5 reference genes missing, the rest shuffled
     query = cells[:, kept].copy()
+    query.obsm["embedding"] = np.ones((query.n_obs, 2))
+    query.obsp["graph"] = sp.identity(query.n_obs, format="csr")
+    query.raw = query.copy()
     original = query.copy()
     with pytest.warns(UserWarning, match="5 of the reference's 100 genes are missing"):
         aligned = ps.RegularizedVI.prepare_query_anndata(query, reference, inplace=False)
     assert list(query.var_names) == kept  # inplace=False leaves the input alone
+    # also after the copy is edited in place: its cell-indexed fields shared the input's arrays
+    aligned.obsm["embedding"][:] = 0
+    aligned.obsp["graph"].data[:] = 0
+    aligned.raw.X.data[:] = 0
+    assert query.obsm["embedding"].min() == 1 and query.obsp["graph"].sum() == query.n_obs
+    assert query.raw.X.sum() == original.raw.X.sum() > 0
     assert list(aligned.var_names) == genes and sp.issparse(aligned.layers["counts"])
     missing = [g for g in genes if g not in kept]
     assert aligned[:, missing].layers["counts"].sum() == 0
@@ -298,3 +307,32 @@ def _decomposed(model, cells):
     library = model.module.guide.library_loc(batch).exp()
     with torch.no_grad():
         return model.module.model.decompose_mean(z, batch, values, library=library)
+
+
+def test_a_query_checkpoint_resumes_only_onto_a_query_of_the_same_reference_and_freezing(data, reference, tmp_path):
+    # mapped again onto a retrained reference, the query resumed its checkpoint: the decoder and encoders were the old
+    # reference's (from the checkpoint) and the tables' reference rows the new one's, a latent of neither
+    checkpoint = str(tmp_path / "ck")
+    fit = dict(max_epochs=1, batch_size=128, device="cpu", progress_bar=False, early_stopping=False)
+    first = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    first.train(checkpoint_dir=checkpoint, **fit)
+    retrained = ps.RegularizedVI.load(_saved(reference, tmp_path), reference.adata.copy(), device="cpu")
+    with torch.no_grad():
+        next(retrained.module.model.decoder.parameters()).add_(0.01)  # as another training would change it
+    for other in (ps.RegularizedVI.load_query_data(query_cells(data), retrained),
+                  ps.RegularizedVI.load_query_data(query_cells(data), reference, freeze_encoder=False)):
+        with pytest.raises(ValueError, match="query reference differ"):
+            other.train(checkpoint_dir=checkpoint, **fit)
+    # the same reference and freezing resumes, also from a saved and loaded query model
+    again = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    again.train(checkpoint_dir=checkpoint, **{**fit, "max_epochs": 2})
+    assert len(again.history) == 2 and again.query_reference == first.query_reference
+    again.save(str(tmp_path / "query"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "query"), query_cells(data), device="cpu")
+    assert loaded.query_reference == first.query_reference and reference.query_reference is None
+
+
+def _saved(model, tmp_path) -> str:
+    path = str(tmp_path / "reference")
+    model.save(path, overwrite=True)
+    return path

@@ -114,5 +114,7 @@ def align_genes(adata, genes: pd.Index, inplace: bool):
         return None
     if fields is None:
         return adata.copy()
-    fields["uns"] = copy.deepcopy(fields["uns"])
+    # a new object: the cell-indexed fields shared the input's arrays, so an edit of the copy changed the input
+    for name in ("uns", "obsm", "obsp", "raw"):
+        fields[name] = copy.deepcopy(fields[name])
     return anndata.AnnData(**fields)

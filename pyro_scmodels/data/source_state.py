@@ -15,6 +15,7 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .counts import fingerprint
 from .covariates import CovariateEncoding
@@ -22,6 +23,28 @@ from .covariates import CovariateEncoding
 
 def _digest(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).hexdigest()
+
+
+def state_digest(state_dict: dict) -> str:
+    """A SHA-256 digest of a module's parameters and buffers (names and bytes): the same state, saved and loaded,
+    gives the same one.
+
+    Parameters
+    ----------
+    state_dict
+        Name -> tensor, as ``torch.nn.Module.state_dict()`` returns it.
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(state_dict.items()):
+        digest.update(name.encode())
+        # the bytes of any dtype (reshaped: a 0-d tensor has no last dimension to view)
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def names_digest(names) -> str:

@@ -28,6 +28,10 @@ DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by sav
 class SavedModel:
     """Save and load for a model class (mixed into :class:`~pyro_scmodels.models._base.PyroModelBase`)."""
 
+    #: a query model's origin: a digest of its reference's parameters and the freezing it was mapped with (set by
+    #: ``load_query_data``); None for a model trained from scratch. Saved, and compared before a checkpoint resumes.
+    query_reference: str | None = None
+
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
         raise NotImplementedError
 
@@ -55,6 +59,7 @@ class SavedModel:
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
         payload["module classes"] = self._module_classes()
+        payload["query reference"] = self.query_reference
         # model.pt marks the save: written last, after the data, so that a save stopped while writing leaves the
         # earlier one whole, and data saved with an earlier model is removed (never loaded with this one)
         with staged_save(dir_path, MODEL_FILE, replaces=tuple(DATA_FILES.values())) as stage:
@@ -102,6 +107,7 @@ class SavedModel:
                              f"would silently take its default. Load it with {payload.get('class', 'that class')}.load(...).")
         self.module.load_state_dict(payload["state_dict"])
         self.is_trained = payload["is_trained"]
+        self.query_reference = payload.get("query reference")  # before the fingerprint below, which holds it
         saved = payload.get("trainer")
         if saved is not None:
             now, then = self._fingerprint(), saved["fingerprint"]
@@ -170,6 +176,9 @@ class SavedModel:
             **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
+            # a query's checkpoint holds the frozen reference parameters it was mapped onto: resumed onto a query of
+            # another reference, the model took one reference's decoder and the other's tables
+            "query reference": self.query_reference,
             # added later (ADDED_FINGERPRINT_PARTS): the split is kept as positions, so the cells' order counts; other
             # counts or relabelled cells under the same names resumed silently
             "cell order": names_digest(self.adata.obs_names),

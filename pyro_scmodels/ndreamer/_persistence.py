@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -26,6 +25,7 @@ import torch
 
 from .._atomic import STAGED_PREFIX, atomic_path, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
+from ..data.source_state import state_digest
 
 from .count_rows import LogNormalisedCounts
 from .effect_intervals import bound_names
@@ -146,12 +146,7 @@ def model_digest(model) -> str:
     str
         A SHA-256 hex digest.
     """
-    digest = hashlib.sha256()
-    for name, value in sorted(model.module.state_dict().items()):
-        digest.update(name.encode())
-        # the bytes of any dtype (reshaped: a 0-d tensor has no last dimension to view)
-        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_digest(model.module.state_dict())
 
 
 def check_attached_model(model, settings: dict, results: anndata.AnnData) -> None:
