@@ -131,7 +131,7 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
         ``history["elbo_validation"]``); see :class:`~pyro_scmodels.models.history.TrainingHistory`.
         """
         if self.trainer is None:
-            return as_history(getattr(self, "_loaded_history", None))
+            return as_history(None if self.carried_training is None else self.carried_training[0])
         return as_history(self.trainer.history)
 
     def train(
@@ -317,13 +317,13 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             self.trainer = SVITrainer(self.module.model, self.module.guide, data, train, validation, **adam,
                                       fingerprint=self._fingerprint())
             self.trainer.split_asked = size_asked or split is not None  # a resume then says it keeps another split
-            loaded = getattr(self, "_loaded_history", None)
+            loaded, step = self.carried_training or (None, 0)
             if loaded is not None and len(loaded):
                 # a saved model loaded onto other cells trains on: its history goes on (it was dropped) and its epochs
                 # count (KL warm-up does not start again on a trained model), with a new split and optimiser
                 self.trainer.history = loaded.copy()
-                self.trainer.epoch, self.trainer.step = len(loaded), getattr(self, "_loaded_step", 0)
-                self._loaded_history = None
+                self.trainer.epoch, self.trainer.step = len(loaded), step
+            self.carried_training = None
             return
         self.trainer.move_optimizer_state()
         # what the checkpoints of this call record: a prior buffer edited since the first call is part of it

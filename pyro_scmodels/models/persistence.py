@@ -31,6 +31,9 @@ class SavedModel:
     #: a query model's origin: a digest of its reference's parameters and the freezing it was mapped with (set by
     #: ``load_query_data``); None for a model trained from scratch. Saved, and compared before a checkpoint resumes.
     query_reference: str | None = None
+    #: the history and steps of a saved model loaded onto other cells than it trained on (its split and optimiser are
+    #: not restored): :attr:`history` shows them and the next ``train()`` continues them; None otherwise
+    carried_training: tuple | None = None
 
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
         raise NotImplementedError
@@ -126,8 +129,7 @@ class SavedModel:
                                   "starts a new split and optimiser.", UserWarning, stacklevel=4)
             if self.trainer is None:
                 # other cells than in training: the history and the steps taken are kept, the split and optimiser not
-                self._loaded_history = saved["history"]
-                self._loaded_step = int(saved.get("step", 0))
+                self.carried_training = (saved["history"], int(saved.get("step", 0)))
         self.module.eval()
 
     @classmethod
