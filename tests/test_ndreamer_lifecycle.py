@@ -107,6 +107,27 @@ def test_edited_loss_weights_and_renamed_cells_are_what_a_save_and_a_checkpoint_
                                                                          checkpoint_dir=str(tmp_path / "run"))
 
 
+def test_loss_weights_replaced_or_edited_after_training_are_trained_with_and_checked(tiny_adata):
+    # a LossWeights assigned after the first train() was saved and fingerprinted but not trained with (the trainer
+    # kept the old object): the history's parts no longer summed to its loss
+    nd = _nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    nd.loss_weights = LossWeights(cosine=0.0)
+    history = nd.train(n_epochs=1, progress_bar=False)
+    w = nd.loss_weights
+    weights = dict(mse=w.mse, cosine=w.cosine, kl=w.kl, correlation=w.kl, independence=w.independence,
+                   triplet=w.triplet, neighbourhood=w.neighbourhood, codebook=w.codebook)
+    last = history.iloc[-1]
+    parts = sum(last[name] * weight for name, weight in weights.items())
+    parts -= w.dependence / len(nd.design.conditions) * last["dependence"]
+    assert last["train_loss"] == pytest.approx(parts, rel=1e-4, abs=1e-4)
+    assert nd.trainer.loss_weights is nd.loss_weights and nd.trainer.loss_weights.cosine == 0.0
+    # an entry edited in place is checked as one given to the constructor (a negative weight rewards its part)
+    nd.loss_weights.independence = -300.0
+    with pytest.raises(ValueError, match="loss_weights.independence must be a non-negative number"):
+        nd.train(n_epochs=1, progress_bar=False)
+
+
 @pytest.mark.parametrize("arguments, message", [
     (dict(gradient_clip=-1.0), "gradient_clip must be a positive number"),  # a negative norm flips every gradient
     (dict(gradient_clip=0), "gradient_clip must be a positive number"),

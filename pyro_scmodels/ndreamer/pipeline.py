@@ -13,6 +13,7 @@ either ``"network"`` (trainable) or ``"latent"`` (a fixed embedding, e.g. a mode
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -73,8 +74,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         between conditions within batches, the rest the most variable genes per batch with the
         conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
         batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
-        With more than 50,000 cells the genes are chosen on a seeded sample of 50,000 spread over
-        the batch x condition groups (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`),
+        With more than 50,000 cells the genes are chosen on a seeded sample of 50,000 (at least
+        500 a group, so more with over 100 groups) spread over the batch x condition groups (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`),
         and only the chosen genes of every cell are then read.
     layer
         Layer to read instead of ``.X``.
@@ -255,7 +256,9 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             one; with fewer cells than ``batch_size`` it draws more cells than the data hold), and each
             step draws ``batch_size / n_groups`` cells from every group (with replacement for small
             groups). A further call continues training (optimiser state kept) for ``n_epochs`` more
-            passes: ``train(2)`` twice is ``train(4)``. A fraction of a pass ends inside one.
+            passes: ``train(2)`` twice is ``train(4)``. A fraction of a pass ends inside one, and the
+            pass it started counts as one (a history row, and a pass in the printed summary); the next
+            call starts a new pass, so ``train(0.5)`` twice is not ``train(1)``.
         progress_bar
             Show a tqdm bar.
         checkpoint_dir
@@ -277,6 +280,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             raise ValueError(ONE_PROCESS_ONLY)
         passes = K.PASSES if n_epochs is None else V.positive_float("n_epochs", n_epochs)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
+        self._sync_loss_weights()
         if self.trainer is None:
             self._make_trainer()
         else:  # what the checkpoints of this call record: loss weights edited since the first call are part of it
@@ -295,6 +299,16 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         finally:
             self._invalidate()  # the representation changed (even if only partly): nothing computed before holds
         return self.history
+
+    def _sync_loss_weights(self) -> None:
+        """Check :attr:`loss_weights` as it is now and hand it to the trainer: a LossWeights assigned after the first
+        ``train()`` was recorded by saves and checkpoints but not trained with, and an entry edited in place was not
+        checked (a negative weight rewards the part it weighs)."""
+        weights = self.loss_weights
+        self.loss_weights = LossWeights.from_value(dataclasses.asdict(weights) if isinstance(weights, LossWeights)
+                                                   else weights)
+        if self.trainer is not None:
+            self.trainer.loss_weights = self.loss_weights
 
     def _make_trainer(self) -> NDreamerTrainer:
         self.trainer = NDreamerTrainer(self.network, self._minibatch, self.design.groups, self.settings["batch_size"],

@@ -25,6 +25,7 @@ class NDreamerSaveLoad:
         dir_path, overwrite
             Target folder; replace an NDreamer saved there.
         """
+        self._sync_loss_weights()
         if self.network is not None and self.trainer is None and not self._saved_network:
             self._make_trainer()  # an untrained network is saved with a training state of no steps, to load as such
         elif self.trainer is not None:  # the saved training state records the loss weights and names as they are now
