@@ -130,6 +130,18 @@ def test_float16_counts_are_summed_without_overflow():
     np.testing.assert_array_equal(checked.totals(), expected)
 
 
+def test_ndreamer_reads_dense_float16_counts_as_float32_ones():
+    # RegularizedVI trains on them; NDreamer failed inside scipy ("scipy.sparse does not support dtype float16")
+    adata = ps.datasets.simulate(n_cells=240, n_genes=60, n_markers_per_type=4, n_responding_genes=4, seed=2)
+    counts = np.minimum(adata.layers["counts"].toarray(), 2048)  # exact in float16
+    half, single = adata.copy(), adata.copy()
+    half.X, single.X = counts.astype(np.float16), counts.astype(np.float32)
+    settings = dict(num_hvg=40, seed=0)
+    a, b = (ps.NDreamer(x, "condition", "control", batch_key="batch", **settings) for x in (half, single))
+    assert list(a.genes) == list(b.genes)
+    np.testing.assert_array_equal(a.expression.toarray(), b.expression.toarray())
+
+
 def test_the_fraction_of_cells_with_counts_counts_an_entry_stored_twice_once():
     # each stored part was turned into 1 before the parts were summed: DE's non_zeros_proportion reached 2.0
     from pyro_scmodels.data import CountMatrix

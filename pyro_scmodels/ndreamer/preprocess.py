@@ -65,7 +65,10 @@ def _row_blocks(source: CountMatrix, cells: np.ndarray | None, merged: list[int]
 
 def _canonical(block, merged: list[int] | None = None) -> sp.csr_matrix:
     """A block as CSR with each entry stored once: scipy sums an entry stored twice, but log1p of each part summed
-    is not log1p of the sum (7.5 log units off in one cell)."""
+    is not log1p of the sum (7.5 log units off in one cell). Dense float16 is widened: scipy's sparse matrices have no
+    float16 (NDreamer failed inside scipy on counts RegularizedVI trains on)."""
+    if getattr(block, "dtype", None) == np.float16:
+        block = block.astype(np.float32)
     block = sp.csr_matrix(block)
     if not block.has_canonical_format:
         stored = block.nnz
