@@ -131,3 +131,41 @@ class SoftplusDecoder(nn.Module):
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices (not biases): what a weight prior applies to."""
         return [linear.weight for linear in self.hidden.linears] + [self.output.weight]
+
+
+class Standardiser(nn.Module):
+    """Columns standardised by the mean and standard deviation of the cells the model was built on: ``(x - loc) / scale``.
+
+    The continuous covariates enter the encoders and the decoder through it. Raw, a column on a scale of tens (a
+    percentage of mitochondrial counts) outweighs the log counts next to it in a cell's layer-normalised hidden units,
+    and the latent lost the cell types. ``loc`` and ``scale`` are buffers: saved with the model, and taken over by a
+    query model from its reference, so that every cell is standardised as the model's own cells were.
+
+    Parameters
+    ----------
+    n_columns
+        Columns (continuous covariates); with none it passes its (empty) input through.
+    """
+
+    def __init__(self, n_columns: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(n_columns))
+        self.register_buffer("scale", torch.ones(n_columns))
+
+    def fit(self, values: torch.Tensor) -> "Standardiser":
+        """Set ``loc`` and ``scale`` from the model's cells (cells x columns); a constant column keeps scale 1."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        if values.shape[-1] and len(values):
+            scale = values.std(0, unbiased=False) if len(values) > 1 else torch.ones(values.shape[-1], dtype=values.dtype)
+            self.loc.copy_(values.mean(0))
+            self.scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if not x.shape[-1] else (x - self.loc) / self.scale
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a model saved before the covariates were standardised trained on them raw: it keeps them raw
+        for name, value in (("loc", torch.zeros_like(self.loc)), ("scale", torch.ones_like(self.scale))):
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

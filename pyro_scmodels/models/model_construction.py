@@ -100,6 +100,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
     guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
     model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
+    for module in (model, guide):  # the continuous covariates standardised as the training cells are
+        module.continuous_scaling.fit(data.covariates["continuous"])
     guide.unsampled_sites = unsampled_global_sites(model)
     return model, guide
 

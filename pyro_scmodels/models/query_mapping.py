@@ -243,9 +243,13 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
     fresh = module.state_dict()
     state = {}
     for key, value in fresh.items():
-        if key not in reference.state_dict:
+        if key not in reference.state_dict and key.rsplit(".", 2)[-2:-1] == ["continuous_scaling"]:
+            # a reference saved before the continuous covariates were standardised took them raw: so does its query
+            saved = torch.zeros_like(value) if key.endswith(".loc") else torch.ones_like(value)
+        elif key not in reference.state_dict:
             raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
-        saved = reference.state_dict[key].to(value.device)
+        else:
+            saved = reference.state_dict[key].to(value.device)
         role = _level_role(key, module.guide)
         if role is None:
             # a prior's buffer keeps the reference's shape (a per-gene edit beside a scalar partner: PriorSet loads it)

@@ -178,7 +178,9 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
             decoder adds it back; the model-based counterfactual
             (:meth:`~pyro_scmodels.NDreamer.estimate_model_ite`) needs the condition there.
         continuous_covariate_keys
-            Numeric columns appended to the encoder input and to z for the decoder.
+            Numeric columns appended to the encoder input and to z for the decoder, each standardised by
+            the mean and standard deviation over the model's cells (kept with the model: a loaded or query
+            model standardises its cells the same way).
         **scvi_arguments
             scvi-tools' ``categorical_covariate_keys``, ``size_factor_key`` or ``labels_key`` raise
             ``TypeError`` saying what to use instead.

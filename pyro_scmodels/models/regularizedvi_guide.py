@@ -15,7 +15,7 @@ import torch
 from pyro import poutine
 
 from .. import _constants as C
-from ..nn import GaussianEncoder
+from ..nn import GaussianEncoder, Standardiser
 from ..pyro_modules import GUIDE_FAMILIES, LocalPyroModule, PositiveSiteGuide, ProfileAmountGuide, refuse_outer_plates
 from .regularizedvi_dims import GLOBAL_SITES, RegularizedVIDims
 
@@ -55,6 +55,7 @@ class RegularizedVIGuide(LocalPyroModule):
             self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate,
                                            input_dropout_rate, n_dropout_features=dims.n_genes)
         self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
+        self.continuous_scaling = Standardiser(dims.n_continuous)  # set from the model's cells when built
         self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
         full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731
         self.dispersion_rate = PositiveSiteGuide(full((dims.n_dispersion, 1), C.INIT_DISPERSION_RATE), families["dispersion_rate"])
@@ -83,7 +84,7 @@ class RegularizedVIGuide(LocalPyroModule):
 
     def encoder_input(self, batch: dict) -> torch.Tensor:
         """log1p(x), with continuous and encoder covariates appended."""
-        parts = [torch.log1p(batch[self.dims.counts_key]), batch["continuous"]]
+        parts = [torch.log1p(batch[self.dims.counts_key]), self.continuous_scaling(batch["continuous"])]
         if batch.get("encoder_onehot") is not None:
             parts.append(batch["encoder_onehot"])
         parts = [part for part in parts if part.shape[-1]]

@@ -28,7 +28,7 @@ from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
 from ..distributions import GammaPoissonMean
 from ..independence import category_mmd
-from ..nn import SoftplusDecoder
+from ..nn import SoftplusDecoder, Standardiser
 from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
                       refuse_replaced_ambient_prior)
 from ..pyro_modules import LocalPyroModule, refuse_outer_plates
@@ -77,6 +77,7 @@ class RegularizedVIModel(LocalPyroModule):
             "library_prior_scale",
             torch.as_tensor(C.LIBRARY_PRIOR_VARIANCE_FACTOR * library_prior_variance, dtype=torch.float32).sqrt(),
         )
+        self.continuous_scaling = Standardiser(dims.n_continuous)  # set from the model's cells when built
         self.decoder = SoftplusDecoder(
             (dims.n_decoder_latent or dims.n_latent) + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers,
             dims.n_nn_covariates,
@@ -188,7 +189,7 @@ class RegularizedVIModel(LocalPyroModule):
         torch.Tensor
             rho with z's leading shape and genes last.
         """
-        continuous = batch["continuous"].expand(*z.shape[:-1], -1)
+        continuous = self.continuous_scaling(batch["continuous"]).expand(*z.shape[:-1], -1)
         covariates = batch.get("nn_onehot") if nn_onehot is None else nn_onehot
         return self.decoder(torch.cat([z, continuous], -1), covariates)
 
