@@ -139,7 +139,9 @@ def _add_fit(sub) -> None:
                            "batches add --nn-conditioning-keys with the same column")
     keys.add_argument("--ambient-keys", nargs="+", default=None, help="one ambient RNA profile per category")
     keys.add_argument("--nn-conditioning-keys", nargs="+", default=None, help="columns the decoder is conditioned on")
-    keys.add_argument("--feature-scaling-keys", nargs="+", default=None, help="per-gene multiplicative factor per category")
+    keys.add_argument("--feature-scaling-keys", nargs="*", default=None,
+                      help="per-gene multiplicative factor per category (default: the --nn-conditioning-keys; given "
+                           "with no column, one factor shared by every cell)")
     keys.add_argument("--dispersion-key", default=None, help="gene dispersion per category")
     keys.add_argument("--library-size-key", default=None, help="library-size prior per category")
     keys.add_argument("--encoder-keys", nargs="+", default=None,

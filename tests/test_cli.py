@@ -475,3 +475,13 @@ def test_errors_name_the_options_not_the_python_arguments():
 
     assert set(OPTION_OF.values()) | set(OPTION_OF_WITH_VALUE.values()) <= options  # every option named exists
 
+
+
+def test_feature_scaling_keys_given_empty_is_one_shared_factor(input_h5ad, tmp_path):
+    # nargs="+" refused an empty list, so the decoder's keys always became the scaling keys on the command line
+    out = str(tmp_path / "out")
+    assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--nn-conditioning-keys", "batch",
+                 "--feature-scaling-keys", "--batch-size", "128", "--quiet"]) == 0
+    model = ps.RegularizedVI.load(os.path.join(out, "model"), anndata.read_h5ad(input_h5ad))
+    assert model.keys.feature_scaling == [] and model.keys.nn_conditioning == ["batch"]
+    assert anndata.read_h5ad(os.path.join(out, "results.h5ad")).varm["regularizedvi_feature_scaling"].shape[1] == 1

@@ -171,6 +171,8 @@ def test_bad_continuous_covariate_rejected_before_training(adata, values, messag
         ("ambient_covariate_keys", ["batch"]),
         ("dispersion_key", "batch"),
         ("library_size_key", "batch"),
+        ("ambient_covariate_keys", []),  # asked for no ambient key: batch_key filled it without a word
+        ("dispersion_key", ""),
     ],
 )
 def test_batch_key_clashes_with_the_keys_it_fills(adata, argument, value):

@@ -85,7 +85,11 @@ def test_the_record_and_the_summary_show_the_priors_values(small, tmp_path):
     assert "priors: dispersion_rate, ambient (edited" in repr(model)
     model.train(**QUICK)
     model.export_posterior(small, num_samples=2).write_h5ad(tmp_path / "out.h5ad")
-    record = anndata.read_h5ad(tmp_path / "out.h5ad").uns["RegularizedVI"]["settings"]["priors"]
+    written = anndata.read_h5ad(tmp_path / "out.h5ad").uns["RegularizedVI"]
+    record = written["settings"]["priors"]
+    # the dispersion rate per dispersion group, named by its groups (it was a bare list of lists)
+    rates = written["globals"]["means_dispersion_rate"]
+    assert list(rates.index) == list(model.get_dispersion().columns) == list(small.obs["batch"].cat.categories)
     assert record["dispersion_rate"]["distribution"] == "LogNormal"
     assert (float(record["dispersion_rate"]["loc"]), float(record["dispersion_rate"]["scale"])) == (3.0, 0.5)
     np.testing.assert_array_equal(record["ambient"]["rate"], np.full(small.n_vars, 50.0))

@@ -73,6 +73,15 @@ def test_view_anndata_setup_and_printed_summary(model, untrained, capsys):
     assert summary.startswith("RegularizedVI(n_latent=4, n_hidden=32") and str(model) == summary
     assert "decoder-conditioning: condition" in summary and "trained for 6 epochs" in summary
     assert "not trained" in repr(untrained)
+    # the model's own setup, not the object's record: a later setup_anndata on the same AnnData printed its keys
+    adata = untrained.adata
+    adata.obs["run"] = adata.obs["batch"]
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["run"])
+    untrained.view_anndata_setup()
+    shown = capsys.readouterr().out
+    assert "ambient_covariate_keys: 'batch' -> 3 categories" in shown and "'run'" not in shown
+    untrained.view_anndata_setup(adata)  # given the data, their own record
+    assert "ambient_covariate_keys: 'run' -> 3 categories" in capsys.readouterr().out
 
 
 # --- history and train ------------------------------------------------------------------------

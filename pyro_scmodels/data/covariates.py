@@ -99,7 +99,7 @@ def resolve_covariate_keys(
     if batch_key is not None:
         given = {"ambient_covariate_keys": ambient_covariate_keys, "dispersion_key": dispersion_key,
                  "library_size_key": library_size_key}
-        clashes = [name for name in _BATCH_FANOUT if given[name]]
+        clashes = [name for name in _BATCH_FANOUT if given[name] is not None]  # [] or "" too: they ask for none
         if clashes:
             raise ValueError(
                 f"`batch_key={batch_key!r}` cannot be combined with {', '.join(f'`{c}`' for c in clashes)}: "

@@ -18,13 +18,16 @@ _ROLES = (
 _SHOWN_CATEGORIES = 8
 
 
-def describe_setup(data) -> str:
+def describe_setup(data, setup=None) -> str:
     """What ``setup_anndata`` / ``setup_mudata`` recorded for ``data``, as printable text.
 
     Parameters
     ----------
     data
         An AnnData or MuData that has been set up.
+    setup
+        The setup to describe instead of the one recorded in ``data`` (a model's own: its keys and category
+        order, which a later ``setup_anndata`` on the same object does not change).
 
     Returns
     -------
@@ -33,7 +36,8 @@ def describe_setup(data) -> str:
         ``.obs`` columns with their categories.
     """
     is_mudata = hasattr(data, "mod")
-    setup = read_mudata_setup(data) if is_mudata else read_setup(data)
+    if setup is None:
+        setup = read_mudata_setup(data) if is_mudata else read_setup(data)
     lines = [f"{'MuData' if is_mudata else 'AnnData'} set up for pyro_scmodels: {data.n_obs} cells"]
     if is_mudata:
         for m in setup.modalities:

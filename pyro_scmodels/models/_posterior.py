@@ -113,8 +113,8 @@ class PosteriorMixin:
 
         The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
         to ``.obs``), per-gene sites to ``.varm["<stat>_<site>"]`` as genes x categories
-        DataFrames, the remaining globals and the model's settings to
-        ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
+        DataFrames, the remaining globals (a site with one value per category, the dispersion rate, as a
+        table indexed by the categories) and the model's settings to ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
         results of the model class (:meth:`exported_cell_quantities`, e.g. ``ambient_fraction``)
         go to ``.obs`` too.
 
@@ -150,6 +150,10 @@ class PosteriorMixin:
                     # one value per gene (e.g. a site a subclass adds): a one-column table, not a list in .uns
                     table = self._feature_table(name, adata)
                     table.varm[key] = pd.DataFrame({name: value}, index=table.var_names)
+                elif value.ndim == 2 and value.shape[1] == 1 and value.shape[0] > 1:
+                    # one value per category (the dispersion rate per dispersion group): a table named by them
+                    globals_out[key] = pd.DataFrame({name: np.asarray(value[:, 0], dtype=np.float64)},
+                                                    index=pd.Index(self.site_levels(name, value.shape[0]), name="level"))
                 else:
                     globals_out[key] = np.asarray(value, dtype=np.float64).tolist()
         for name, values in self.exported_cell_quantities(adata, batch_size).items():

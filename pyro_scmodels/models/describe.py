@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..data.summary import describe_setup
@@ -28,9 +29,15 @@ class ModelDescription:
         Parameters
         ----------
         adata
-            An AnnData/MuData set up for this model class; default the model's own data.
+            An AnnData/MuData set up for this model class (its recorded setup is printed); default the model's
+            own data, with the keys and category order the model uses (a later ``setup_anndata`` on that object,
+            a load onto columns of another order or a query's new categories do not change them).
         """
-        print(describe_setup(self.adata if adata is None else adata))
+        if adata is not None:
+            print(describe_setup(adata))
+            return
+        own = dataclasses.replace(self._setup, keys=self.keys, categories=self.encoding.categories)
+        print(describe_setup(self.adata, own))
 
     def __repr__(self) -> str:
         name = type(self).__name__
