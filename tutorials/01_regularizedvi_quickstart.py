@@ -225,7 +225,8 @@ else:
 
 # %% [markdown]
 # ## Ambient RNA profile per chemistry
-# `get_ambient_profile()` is genes x chemistries (fractions of the ambient pool).
+# `get_ambient_profile()` is genes x chemistries: the background's expected counts per gene at a typical library
+# size (divide a column by its sum for the shares of the ambient pool).
 
 # %%
 ambient = model.get_ambient_profile()
@@ -242,14 +243,20 @@ fig.savefig(FIGURES / "01_ambient_profiles.png", dpi=120)
 # %% [markdown]
 # ## Normalised expression
 # `get_normalized_expression()` is background- and scaling-free expression: mean per chemistry of
-# the marker genes (it should agree across chemistries much better than raw counts do).
+# the marker genes. Raw counts differ between chemistries by their capture; the last table gives, gene by gene,
+# the ratio of the largest to the smallest chemistry's mean, raw and normalised (it need not shrink for every
+# marker: a quick run of 2026-12-06 had it shrink for LYZ, MS4A1 and NKG7 and grow for CD14).
 
 # %%
 raw = pd.DataFrame(np.asarray(adata[:, markers].layers["counts"].toarray()
                               if hasattr(adata.layers["counts"], "toarray") else adata[:, markers].layers["counts"]),
                    index=adata.obs_names, columns=markers)
 raw = raw.div(np.asarray(adata.layers["counts"].sum(1)).ravel(), axis=0) * 1e4
-print("raw counts per 10k, mean by chemistry:\n", raw.groupby(adata.obs["batch"].to_numpy()).mean().round(2))
-print("normalised expression per 10k, mean by chemistry:\n",
-      normalised[markers].groupby(adata.obs["batch"].to_numpy()).mean().round(2))
+raw_means = raw.groupby(adata.obs["batch"].to_numpy()).mean()
+normalised_means = normalised[markers].astype(float).groupby(adata.obs["batch"].to_numpy()).mean()
+print("raw counts per 10k, mean by chemistry:\n", raw_means.round(2))
+print("normalised expression per 10k, mean by chemistry:\n", normalised_means.round(2))
+print("largest / smallest chemistry mean, raw and normalised:\n",
+      pd.DataFrame({"raw": raw_means.max() / raw_means.min(),
+                    "normalised": normalised_means.max() / normalised_means.min()}).round(2))
 print("figures written to", FIGURES)

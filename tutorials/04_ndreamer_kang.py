@@ -36,7 +36,6 @@ import warnings
 from pyro_scmodels import metrics as M
 from pyro_scmodels.ndreamer import network_preset
 
-warnings.filterwarnings("ignore", category=UserWarning)
 # Network sizes: the defaults are for thousands of cells on a GPU; quick mode uses the compact preset
 # (a smaller network, with the loss weights measured for it).
 NET = dict(network_preset("small"), batch_size=256, device="cpu") if QUICK else {}
@@ -55,8 +54,8 @@ else:
     kang.X = kang.layers["counts"].copy()
     control = "control"
 interferon = [g for g in ("ISG15", "IFI6", "IFIT1", "IFIT3") if g in kang.var_names]
-if not interferon:  # simulated data: use the simulator's responding genes
-    interferon = list(kang.var_names[kang.var["responding"].to_numpy()][:4])
+if not interferon:  # simulated data: the simulator's responding genes that go up, as the interferon genes do
+    interferon = list(kang.var_names[(kang.var["responding"] & (kang.var["true_lfc"] > 0)).to_numpy()][:4])
 print(kang)
 print(pd.crosstab(kang.obs["cell_type"], kang.obs["condition"]))
 

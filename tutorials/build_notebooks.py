@@ -1,4 +1,4 @@
-"""Turn the tutorial scripts into executed Jupyter notebooks (``tutorials/notebooks/*.ipynb``).
+"""Turn the tutorial scripts into executed Jupyter notebooks (``tutorials/*.ipynb``, beside the scripts).
 
 Usage::
 
@@ -6,7 +6,9 @@ Usage::
 
 Each jupytext percent script is converted to a notebook and run top to bottom in a fresh Python
 kernel (from the tutorials folder, as a user opening it would); ``--quick`` sets
-``PYRO_SCMODELS_QUICK=1`` for the quick versions.
+``PYRO_SCMODELS_QUICK=1`` for the quick versions. The notebooks are written beside ``_setup.py``, which their first
+cell imports, so that they run again where they are; their figures are kept (inline, matplotlib's default in a
+kernel).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="tutorial names (default: all)")
     parser.add_argument("--quick", action="store_true", help="run the quick versions")
-    parser.add_argument("--output", default=str(HERE / "notebooks"))
+    parser.add_argument("--output", default=str(HERE), help="folder of the notebooks (default: the tutorials "
+                        "folder, where they import _setup.py)")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ["PYRO_SCMODELS_QUICK"] = "1"  # inherited by the kernels
-    os.environ.setdefault("MPLBACKEND", "Agg")
     scripts = sorted(HERE.glob("[0-9]*.py"))
     if args.names:
         scripts = [s for s in scripts if any(s.stem.startswith(n) for n in args.names)]

@@ -347,7 +347,10 @@ def variable_genes(log_expression: sp.csr_matrix, genes, batch: np.ndarray, cond
     n_response = int(np.ceil(response_share * num_hvg))
     # stable sort: ties (e.g. genes zero everywhere) keep gene order, so the choice is deterministic
     chosen = list(np.argsort(-condition_response(log_expression, batch, condition, control_name), kind="stable")[:n_response])
-    frame = anndata.AnnData(X=log_expression, obs=pd.DataFrame({"batch": pd.Categorical(np.asarray(batch).astype(str))}),
+    # a text index: anndata warns ("Transforming to str index") on the default integer one
+    cells = pd.Index(np.arange(len(batch)).astype(str))
+    frame = anndata.AnnData(X=log_expression, obs=pd.DataFrame({"batch": pd.Categorical(np.asarray(batch).astype(str))},
+                                                              index=cells),
                             var=pd.DataFrame(index=pd.Index(genes).astype(str)))
     batch_key = "batch" if frame.obs["batch"].nunique() > 1 else None
     with warnings.catch_warnings():
