@@ -33,7 +33,9 @@ ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "
 SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "covariate keys"}
 #: a part, and the part a model also computes the way earlier versions wrote it: a checkpoint matching either matches
 #: (the priors of a multimodal block without a site are now at their defaults, unused either way)
-EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06"}
+EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06",
+                               # a multimodal subclass's block classes, recorded since then
+                               "module classes": "module classes as written before 2026-12-06"}
 #: dict parts whose entries may be unknown (None, e.g. the sums of counts on disk, which are not read): such an entry
 #: matches any value (the same file trained backed and resumed in memory)
 PARTS_WITH_UNKNOWN_ENTRIES = ("counts",)

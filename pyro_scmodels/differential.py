@@ -188,6 +188,9 @@ def _correction_strata(model, batch_correction, batchid1=None, batchid2=None) ->
     decoded as batches of their own)."""
     key = _correction_key(model, batch_correction)
     if key is None:
+        if (batchid1 is not None or batchid2 is not None) and batch_correction:
+            raise ValueError("batchid1 / batchid2 choose categories of the decoder-conditioning key to decode the "
+                             "groups as, and this model's decoder is conditioned on no covariate: there are none.")
         if batchid1 is not None or batchid2 is not None:
             raise ValueError("batchid1 / batchid2 choose the categories the groups are decoded as, which needs "
                              "batch_correction=True (or the key's name); without it each cell keeps its own.")

@@ -279,7 +279,7 @@ class PriorSet(nn.Module):
                 for name, (family, keys) in self._families.items()}
 
 
-def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "priors") -> None:
+def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "priors", warn: bool = False) -> None:
     """Refuse an edited ambient prior where ``ambient_shape_prior`` replaces it (the edit would change nothing).
 
     Parameters
@@ -290,12 +290,18 @@ def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "pr
         Whether the model samples the background from the shaped prior.
     where
         How the user reaches these priors, for the message.
+    warn
+        Warn instead (a saved model, built before the refusal existed, or trained on with such an edit).
     """
-    if shaped_ambient and "ambient" in edited_fields(priors):
-        raise ValueError(f"The ambient prior in {where} was edited ({priors.ambient}), but ambient_shape_prior "
-                         "replaces it with Gamma(a, a / (m_e p_g)) centred on the pooled cells' profile, so the edit "
-                         "would change nothing. Build the model with one of them (set the shaped prior's "
-                         "concentration with ambient_shape_prior=...).")
+    if not shaped_ambient or "ambient" not in edited_fields(priors):
+        return
+    message = (f"The ambient prior in {where} was edited ({priors.ambient}), but ambient_shape_prior replaces it "
+               "with Gamma(a, a / (m_e p_g)) centred on the pooled cells' profile, so the edit changes nothing")
+    if warn:
+        warnings.warn(message + ".", UserWarning, stacklevel=3)
+        return
+    raise ValueError(message + ". Build the model with one of them (set the shaped prior's concentration with "
+                     "ambient_shape_prior=...).")
 
 
 def check_prior_shapes(priors, dims) -> None:

@@ -2,6 +2,8 @@
 
 Each edit must be what the model trains with, saves, loads and reports, or be refused by name before training."""
 
+import warnings
+
 import anndata
 import numpy as np
 import pyro
@@ -65,16 +67,22 @@ def test_buffers_edited_to_a_shape_their_site_cannot_take_are_refused_by_name(sm
     assert len(model.history) == 2
 
 
-def test_an_ambient_prior_the_shape_prior_replaces_is_refused(small):
+def test_an_ambient_prior_the_shape_prior_replaces_is_refused(small, tmp_path):
     # ambient_shape_prior samples s from Gamma(a, a / (m_e p_g)): an edited priors.ambient was reported by
     # model.priors and silently unused
     with pytest.raises(ValueError, match=r"ambient prior in priors was edited .*ambient_shape_prior replaces it"):
         ps.RegularizedVI(small, ambient_shape_prior=3.0,
                          priors=ps.RegularizedPriors(ambient=dist.Gamma(2.0, 50.0), regularize_ambient=True), **SMALL)
+    # edited after the model was built: said at train() and save (a model saved before the refusal loads so too)
     model = ps.RegularizedVI(small, ambient_shape_prior=3.0, **SMALL)
     model.module.model.priors.ambient__rate.fill_(10.0)
-    with pytest.raises(ValueError, match=r"ambient prior in model\.module\.model\.priors was edited"):
+    with pytest.warns(UserWarning, match=r"ambient prior in model\.module\.model\.priors was edited .*changes nothing"):
         model.train(**QUICK)
+    with pytest.warns(UserWarning, match="changes nothing"):
+        model.save(str(tmp_path / "m"))
+    with pytest.warns(UserWarning, match=r"ambient prior in priors was edited .*changes nothing"):
+        loaded = ps.RegularizedVI.load(str(tmp_path / "m"), small.copy(), device="cpu")
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation())
 
 
 def test_the_record_and_the_summary_show_the_priors_values(small, tmp_path):
@@ -121,5 +129,19 @@ def test_a_multimodal_model_with_edited_blocks_loads_and_resumes_only_as_itself(
         ps.RegularizedMultimodalVI(mdata, **SMALL).train(checkpoint_dir=str(tmp_path / "ck"), **QUICK)
     again = _EditedBlocks.load(str(tmp_path / "m"), mdata)
     assert isinstance(again.module.model.block("rna"), _TightLibraryWeight)
-    # the plain class's record is what saves made before the blocks were recorded hold
-    assert ps.RegularizedMultimodalVI._module_classes() == "RegularizedMultimodalVIModel / RegularizedMultimodalVIGuide"
+    # a plain model's checkpoint is refused by the subclass too (the plain blocks are recorded as well)
+    plain = ps.RegularizedMultimodalVI(mdata, **SMALL)
+    plain.train(checkpoint_dir=str(tmp_path / "plain"), **QUICK)
+    with pytest.raises(ValueError, match="module classes"):
+        _EditedBlocks(mdata, **SMALL).train(checkpoint_dir=str(tmp_path / "plain"), **QUICK)
+    # saved before the blocks were recorded (the outer classes only): loads with either class, the subclass warned
+    # that its blocks cannot be checked
+    payload = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
+    outer = "RegularizedMultimodalVIModel / RegularizedMultimodalVIGuide"
+    payload["module classes"] = payload["trainer"]["fingerprint"]["module classes"] = outer
+    torch.save(payload, tmp_path / "m" / "model.pt")
+    with pytest.warns(UserWarning, match="saved before the classes of a multimodal model's blocks were recorded"):
+        _EditedBlocks.load(str(tmp_path / "m"), mdata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ps.RegularizedMultimodalVI.load(str(tmp_path / "m"), mdata)

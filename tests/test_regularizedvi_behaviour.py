@@ -523,3 +523,29 @@ def test_continuous_covariates_are_standardised_as_the_models_cells_were(small, 
     models[0].module.load_state_dict(state)
     assert float(models[0].module.guide.continuous_scaling.loc) == 0.0
     assert float(models[0].module.model.continuous_scaling.scale) == 1.0
+
+
+def test_an_identity_standardiser_leaves_a_models_digest_as_before_and_an_old_reference_maps(small, tmp_path):
+    # the standardiser's buffers changed every model's digest: an NDreamer.from_model saved before refused its own
+    # model on load ("the model's parameters differ")
+    from pyro_scmodels.data.source_state import state_digest
+
+    model = ps.RegularizedVI(small, **SMALL)
+    state = model.module.state_dict()
+    without = {k: v for k, v in state.items() if "continuous_scaling" not in k}
+    assert len(without) < len(state) and state_digest(state) == state_digest(without)
+    shifted = dict(state, **{"guide.continuous_scaling.loc": torch.ones(1)})
+    assert state_digest(shifted) != state_digest(without)
+    # a reference saved before (no standardiser in its state) maps a query, which takes its covariates raw
+    adata = small.copy()
+    adata.obs["pct"] = np.random.default_rng(1).uniform(0, 100, adata.n_obs)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", continuous_covariate_keys=["pct"])
+    reference = ps.RegularizedVI(adata, **SMALL)
+    reference.train(max_epochs=1, **QUICK)
+    reference.save(str(tmp_path / "ref"))
+    payload = torch.load(tmp_path / "ref" / "model.pt", weights_only=False)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "continuous_scaling" not in k}
+    torch.save(payload, tmp_path / "ref" / "model.pt")
+    query = ps.RegularizedVI.load_query_data(adata[:60].copy(), str(tmp_path / "ref"))
+    assert float(query.module.guide.continuous_scaling.loc) == 0.0
+    assert float(query.module.model.continuous_scaling.scale) == 1.0

@@ -335,6 +335,12 @@ def test_batchid1_and_batchid2_decode_each_group_as_the_categories_named(model):
                                       n_cells=10)
 
 
+def test_batchid_on_a_decoder_without_covariates_says_there_are_no_categories(untrained):
+    with pytest.warns(UserWarning, match="changes nothing"), pytest.raises(ValueError, match="conditioned on no covariate"):
+        untrained.differential_expression(groupby="cell_type", group1="type_0", batch_correction=True,
+                                          batchid1=["batch_0"], num_samples=2, n_cells=10)
+
+
 def test_delta_none_is_estimated_from_the_lfc_means_and_reported():
     from pyro_scmodels.differential_statistics import change_test, estimate_delta
 
@@ -354,8 +360,13 @@ def test_delta_none_is_estimated_from_the_lfc_means_and_reported():
 
 
 def test_delta_none_through_the_model(model):
+    from pyro_scmodels.differential_statistics import estimate_delta
+
     table = model.differential_expression(groupby="cell_type", group1="type_0", delta=None, num_samples=3, n_cells=40)
-    assert table["delta"].nunique() == 1 and table["delta"].iloc[0] >= 0.1
+    delta = table["delta"].iloc[0]
+    assert table["delta"].nunique() == 1
+    assert delta == estimate_delta(table.loc[list(model.var_names), "lfc_mean"].to_numpy())
+    assert (table["proba_de"] == 0).sum() < len(table)  # the probabilities were computed with it
     assert list(table.columns[:8]) == ["proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts",
                                        "delta", "lfc_mean"]
 

@@ -115,6 +115,8 @@ def align_genes(adata, genes: pd.Index, inplace: bool):
     if fields is None:
         return adata.copy()
     # a new object: the cell-indexed fields shared the input's arrays, so an edit of the copy changed the input
-    for name in ("uns", "obsm", "obsp", "raw"):
+    for name in ("uns", "obsm", "obsp"):
         fields[name] = copy.deepcopy(fields[name])
+    # Raw.copy(), not a deep copy: that would copy the parent AnnData the Raw refers to, its counts and layers too
+    fields["raw"] = None if fields["raw"] is None else fields["raw"].copy()
     return anndata.AnnData(**fields)

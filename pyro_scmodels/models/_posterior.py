@@ -114,7 +114,8 @@ class PosteriorMixin:
         The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
         to ``.obs``), per-gene sites to ``.varm["<stat>_<site>"]`` as genes x categories
         DataFrames, the remaining globals (a site with one value per category, the dispersion rate, as a
-        table indexed by the categories) and the model's settings to ``.uns["<model class>"]``. ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
+        table indexed by the categories when there are several, else a nested list) and the model's settings to
+        ``.uns["<model class>"]`` (``settings["priors"]``: per prior its family and parameter values, a dict). ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
         results of the model class (:meth:`exported_cell_quantities`, e.g. ``ambient_fraction``)
         go to ``.obs`` too.
 

@@ -10,7 +10,7 @@ import copy
 import dataclasses
 
 from .. import _validation as V
-from ..priors import RegularizedPriors, checked_priors, edited_fields
+from ..priors import RegularizedPriors, checked_priors, edited_fields, refuse_replaced_ambient_prior
 
 
 def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> dict:
@@ -70,6 +70,8 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
         if ambient_profile is not None:
             raise ValueError("ambient_shape_prior centres the background's prior on the pooled cells' profile and "
                              "learns every gene; ambient_profile fixes the profile. Pass one of them.")
+        if priors is not None:  # a saved model built before this refusal loads, with a warning
+            refuse_replaced_ambient_prior(priors, True, warn=saved)
     settings = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=shared["n_layers"],
                     dropout_rate=shared["dropout_rate"], input_dropout_rate=input_dropout_rate,
                     priors=copy.deepcopy(priors) if priors is not None else RegularizedPriors(),

@@ -143,10 +143,18 @@ class RegularizedMultimodalVI(PyroModelBase):
 
     @classmethod
     def _module_classes(cls) -> str:
-        # the blocks too, where a subclass edits them (the plain ones are left out: saves made before read the same)
-        blocks = f"{cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
-        plain = f"{RegularizedVIModel.__name__} / {RegularizedVIGuide.__name__}"
-        return super()._module_classes() + ("" if blocks == plain else f"; blocks {blocks}")
+        # the blocks too: a subclass's block_model_class edits sites the outer classes do not show
+        return f"{super()._module_classes()}; blocks {cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
+
+    def _legacy_module_classes(self) -> str | None:
+        # saves and checkpoints before 2026-12-06 recorded the outer classes only (every record since has the blocks)
+        return super()._module_classes()
+
+    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
+        if (self.block_model_class, self.block_guide_class) != (RegularizedVIModel, RegularizedVIGuide):
+            warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
+                          f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
+                          f"({self._module_classes()}), which cannot be checked against it.", UserWarning, stacklevel=5)
 
     def _legacy_priors(self) -> dict[str, RegularizedPriors]:
         # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)

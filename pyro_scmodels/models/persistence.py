@@ -29,7 +29,8 @@ class SavedModel:
     """Save and load for a model class (mixed into :class:`~pyro_scmodels.models._base.PyroModelBase`)."""
 
     #: a query model's origin: a digest of its reference's parameters and the freezing it was mapped with (set by
-    #: ``load_query_data``); None for a model trained from scratch. Saved, and compared before a checkpoint resumes.
+    #: ``load_query_data``); None for a model trained from scratch, and for a query saved before 2026-12-06. Saved,
+    #: and compared before a checkpoint resumes.
     query_reference: str | None = None
     #: the history and steps of a saved model loaded onto other cells than it trained on (its split and optimiser are
     #: not restored): :attr:`history` shows them and the next ``train()`` continues them; None otherwise
@@ -102,9 +103,18 @@ class SavedModel:
         show)."""
         return f"{cls.model_class.__name__} / {cls.guide_class.__name__}"
 
+    def _legacy_module_classes(self) -> str | None:
+        """The module classes as saves before 2026-12-06 recorded them, where that differs (None: it does not)."""
+        return None
+
+    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
+        """A save whose record is :meth:`_legacy_module_classes` is loaded (what it lacks cannot be checked)."""
+
     def _restore(self, payload: dict) -> None:
         saved_classes = payload.get("module classes")
-        if saved_classes is not None and saved_classes != self._module_classes():
+        if saved_classes is not None and saved_classes == self._legacy_module_classes():
+            self._loaded_legacy_module_classes(saved_classes)
+        elif saved_classes is not None and saved_classes != self._module_classes():
             raise ValueError(f"This folder was saved by a {payload.get('class', 'model')} whose Pyro model and guide are "
                              f"{saved_classes}; {type(self).__name__} builds {self._module_classes()}, so an edited site "
                              f"would silently take its default. Load it with {payload.get('class', 'that class')}.load(...).")
@@ -178,6 +188,8 @@ class SavedModel:
             **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
+            **({} if self._legacy_module_classes() is None else
+               {EQUIVALENT_FINGERPRINT_PARTS["module classes"]: self._legacy_module_classes()}),
             # a query's checkpoint holds the frozen reference parameters it was mapped onto: resumed onto a query of
             # another reference, the model took one reference's decoder and the other's tables
             "query reference": self.query_reference,

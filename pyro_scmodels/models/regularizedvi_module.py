@@ -60,7 +60,6 @@ class RegularizedVIModel(LocalPyroModule):
         check_prior_shapes(priors, dims)
         self.priors = PriorSet(priors.distributions())
         self.shaped_ambient = ambient_shape_prior is not None
-        refuse_replaced_ambient_prior(priors, self.shaped_ambient)
         # the shaped prior is always counted: it is what places the background's shared part
         self.regularize_ambient = bool(priors.regularize_ambient) or self.shaped_ambient
         self._asked_to_regularize_ambient = bool(priors.regularize_ambient)  # the shaped prior counts it anyway
@@ -274,7 +273,9 @@ class RegularizedVIModel(LocalPyroModule):
             Naming the prior, its buffers' shape and the site's shape.
         """
         in_use = self.prior_settings()
-        refuse_replaced_ambient_prior(in_use, self.shaped_ambient, where)
+        # warned, not refused: an edit made after the model was built (or a model saved before the refusal) trains as
+        # it would have, with the edit unused
+        refuse_replaced_ambient_prior(in_use, self.shaped_ambient, where, warn=True)
         try:
             check_prior_shapes(in_use, self.dims)
         except ValueError as error:
