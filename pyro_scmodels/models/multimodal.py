@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import _validation as V
 from ..data.mudata_registry import per_modality
-from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_arguments, setup_mudata
+from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
 from ..priors import RegularizedPriors, checked_priors
 from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
@@ -23,6 +23,7 @@ from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
 from .model_settings import refuse_priors_of_absent_sites, shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
+from .multimodal_persistence import MultimodalPersistence
 from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -35,7 +36,7 @@ def _per_modality(value, modalities: list[str], name: str, loading: bool = False
     return per_modality(name, value, modalities, V.positive_int, loading)
 
 
-class RegularizedMultimodalVI(PyroModelBase):
+class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     """RegularizedVI for paired count modalities with a joint latent space.
 
     Parameters
@@ -140,25 +141,6 @@ class RegularizedMultimodalVI(PyroModelBase):
                                      dropout_rate)
         self.latent_sizes = latent
         self.module = ModelAndGuide(model, guide)
-
-    @classmethod
-    def _module_classes(cls) -> str:
-        # the blocks too: a subclass's block_model_class edits sites the outer classes do not show
-        return f"{super()._module_classes()}; blocks {cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
-
-    def _legacy_module_classes(self) -> str | None:
-        # saves and checkpoints before 2026-12-06 recorded the outer classes only (every record since has the blocks)
-        return super()._module_classes()
-
-    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
-        if (self.block_model_class, self.block_guide_class) != (RegularizedVIModel, RegularizedVIGuide):
-            warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
-                          f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
-                          f"({self._module_classes()}), which cannot be checked against it.", UserWarning, stacklevel=5)
-
-    def _legacy_priors(self) -> dict[str, RegularizedPriors]:
-        # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)
-        return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
 
     def _priors_in_use(self) -> dict[str, RegularizedPriors]:
         blocks = {m: self.module.model.block(m) for m in self.modalities}
@@ -404,28 +386,3 @@ class RegularizedMultimodalVI(PyroModelBase):
     def _site_base_name(self, site: str) -> str:
         modality = self.site_modality(site)
         return site if modality is None else site[: -len(modality) - 1]
-
-    # --- persistence ----------------------------------------------------------------------------
-    def _save_payload(self) -> dict:
-        return {
-            "class": type(self).__name__, "init_params": self.init_params, "modalities": self.modalities,
-            "layers": self.layers, "keys": self.keys.to_dict(), "categories": self.encoding.categories,
-            "var_names": {m: list(v) for m, v in self.var_names.items()},
-        }
-
-    @classmethod
-    def load(cls, dir_path: str, mdata=None, device: str = "auto") -> "RegularizedMultimodalVI":
-        """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality).
-
-        ``mdata`` None: the MuData saved with ``save(..., save_anndata=True)``. ``device``:
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        """
-        return cls._load(dir_path, mdata, device, "mudata")
-
-    @classmethod
-    def _bind_saved(cls, payload: dict, mdata) -> None:
-        for m, names in payload["var_names"].items():
-            if m not in mdata.mod:
-                raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")
-            check_var_names(names, mdata.mod[m], f"mdata.mod[{m!r}]")
-        cls.setup_mudata(mdata, modalities=payload["modalities"], layer=payload["layers"], **setup_arguments(payload["keys"]))

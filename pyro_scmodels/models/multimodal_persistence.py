@@ -1,0 +1,59 @@
+"""Save and load of :class:`~pyro_scmodels.RegularizedMultimodalVI`: its payload, its record of module classes and
+priors as earlier versions wrote them."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..data import check_var_names, setup_arguments
+from ..priors import RegularizedPriors
+from .regularizedvi_guide import RegularizedVIGuide
+from .regularizedvi_module import RegularizedVIModel
+
+
+class MultimodalPersistence:
+    """The multimodal parts of save and load (mixed into :class:`~pyro_scmodels.RegularizedMultimodalVI`, before
+    :class:`~pyro_scmodels.models._base.PyroModelBase`)."""
+
+    @classmethod
+    def _module_classes(cls) -> str:
+        # the blocks too: a subclass's block_model_class edits sites the outer classes do not show
+        return f"{super()._module_classes()}; blocks {cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
+
+    def _legacy_module_classes(self) -> str | None:
+        # saves and checkpoints before 2026-12-06 recorded the outer classes only (every record since has the blocks)
+        return super()._module_classes()
+
+    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
+        if (self.block_model_class, self.block_guide_class) != (RegularizedVIModel, RegularizedVIGuide):
+            warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
+                          f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
+                          f"({self._module_classes()}), which cannot be checked against it.", UserWarning, stacklevel=5)
+
+    def _legacy_priors(self) -> dict[str, RegularizedPriors]:
+        # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)
+        return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
+
+    def _save_payload(self) -> dict:
+        return {
+            "class": type(self).__name__, "init_params": self.init_params, "modalities": self.modalities,
+            "layers": self.layers, "keys": self.keys.to_dict(), "categories": self.encoding.categories,
+            "var_names": {m: list(v) for m, v in self.var_names.items()},
+        }
+
+    @classmethod
+    def load(cls, dir_path: str, mdata=None, device: str = "auto"):
+        """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality).
+
+        ``mdata`` None: the MuData saved with ``save(..., save_anndata=True)``. ``device``:
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        """
+        return cls._load(dir_path, mdata, device, "mudata")
+
+    @classmethod
+    def _bind_saved(cls, payload: dict, mdata) -> None:
+        for m, names in payload["var_names"].items():
+            if m not in mdata.mod:
+                raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")
+            check_var_names(names, mdata.mod[m], f"mdata.mod[{m!r}]")
+        cls.setup_mudata(mdata, modalities=payload["modalities"], layer=payload["layers"], **setup_arguments(payload["keys"]))
