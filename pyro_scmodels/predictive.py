@@ -13,6 +13,7 @@ import torch
 from pyro import poutine
 
 from . import _validation as V
+from .pyro_modules import evaluating
 from .seeding import seeded
 
 
@@ -43,19 +44,20 @@ def predictive_batches(model, num_samples: int = 1, adata=None, indices=None, ba
     num_samples = V.positive_int("num_samples", num_samples)
     if not prior:
         model.check_trained()
-    model.module.eval()
     sites = model.observation_sites
     draw = pyro.infer.Predictive(
         poutine.uncondition(model.module.model), guide=None if prior else model.module.guide,
         num_samples=num_samples, return_sites=list(sites),
     )
-    for cells, (batch, n_obs) in model.minibatches(adata, indices, batch_size):
-        draws = draw(batch, n_obs)
-        # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
-        yield cells, {
-            site: (batch[key].cpu().numpy().copy(), draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy().copy())
-            for site, key in sites.items()
-        }
+    with evaluating(model.module):  # no dropout while it runs, and the modules' own modes back afterwards
+        for cells, (batch, n_obs) in model.minibatches(adata, indices, batch_size):
+            draws = draw(batch, n_obs)
+            # numpy copies (not views of torch memory), so their size is visible to numpy's tracing
+            yield cells, {
+                site: (batch[key].cpu().numpy().copy(),
+                       draws[site].reshape(num_samples, *batch[key].shape).cpu().numpy().copy())
+                for site, key in sites.items()
+            }
 
 
 def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,

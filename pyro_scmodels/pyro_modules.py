@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -117,3 +119,24 @@ class ProfileAmountGuide(PositiveSiteGuide):
     def value(self) -> torch.Tensor:
         """The site's value, amount x profile."""
         return self.amount * self.profile
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """``module`` in evaluation mode (no dropout) inside the block, each of its submodules back in its own mode after.
+
+    The queries run in it: a query inside a user's own training loop left the modules in evaluation mode, and the
+    steps after it trained without dropout.
+
+    Parameters
+    ----------
+    module
+        The module (with its submodules) to evaluate with.
+    """
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for sub, mode in modes:
+            sub.training = mode

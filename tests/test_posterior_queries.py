@@ -242,3 +242,27 @@ def test_cell_noise_is_the_cells_own_across_blocks():
     other_seed = CellNoise(4, 2, "cpu").of(cells, 4).numpy().ravel()
     assert abs(np.corrcoef(whole.numpy().ravel(), other_seed)[0, 1]) < 0.1
     assert abs(float(whole.mean())) < 0.1 and abs(float(whole.std()) - 1.0) < 0.1
+
+
+def test_queries_leave_the_modules_in_the_mode_they_found_them(conditioned):
+    # "Training with your own loop" (docs/models.md): a getter called to monitor the run put the modules in
+    # evaluation mode and left them there, so every later step trained without dropout
+    model = conditioned
+    model.module.train()
+    try:
+        batch = _first_batch(model, 8)
+        for query in (lambda: model.get_latent_representation(), lambda: model.get_normalized_expression(n_samples=1),
+                      lambda: model.get_library_size(), lambda: model.get_elbo(), lambda: model.get_ambient_fraction(),
+                      lambda: model.get_likelihood_parameters(), lambda: model.posterior_predictive_sample(seed=0),
+                      lambda: model.sample_posterior(num_samples=2, seed=0)):
+            query()
+            assert all(module.training for module in model.module.modules())
+        first, second = (model.module.guide.z_posterior(batch).loc for _ in range(2))
+        assert not torch.equal(first, second)  # dropout still on in the guide's encoder
+        # while a query runs the modules evaluate (no dropout): the same answer twice
+        np.testing.assert_array_equal(model.get_latent_representation(), model.get_latent_representation())
+        model.module.eval()
+        model.get_latent_representation()
+        assert not any(module.training for module in model.module.modules())
+    finally:
+        model.module.eval()

@@ -23,6 +23,7 @@ from ._posterior import PosteriorMixin
 from .posterior_queries import PosteriorQueries
 from ..checkpoints import CHECKPOINT_FILE
 from ..distributed import training_parallelism
+from ..pyro_modules import evaluating
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
@@ -371,7 +372,14 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
             yield item
 
     def _indexed_batches(self, adata=None, indices=None, batch_size=None):
-        """Like :meth:`_batches`, with each minibatch's cell positions."""
+        """Like :meth:`_batches`, with each minibatch's cell positions; the queries' iterator: the Pyro modules are in
+        evaluation mode (no dropout) while it runs, and each is put back in its own mode when it ends (a query inside
+        a user's own training loop left them in evaluation mode, and the steps after it trained without dropout)."""
+        with evaluating(self.module):
+            yield from self._cell_batches(adata, indices, batch_size)
+
+    def _cell_batches(self, adata=None, indices=None, batch_size=None):
+        """The chosen cells in order, one minibatch at a time, on the model's device (the modules' modes untouched)."""
         data = self._cell_data(adata)
         data.to_device(self.device)
         indices = self._cell_positions(data.n_cells, indices)

@@ -64,7 +64,6 @@ class PosteriorMixin:
         num_samples = V.positive_int("num_samples", num_samples)
         if num_samples < 2:  # one draw would report every sd as 0 and every quantile as the draw itself
             raise ValueError(f"num_samples={num_samples}: the posterior's sd and quantiles need at least 2 draws.")
-        self.module.eval()
         try:  # a bare number (quantiles=0.5, np.array(0.5)) or a non-number in the list failed unnamed
             if isinstance(quantiles, (str, bytes)):
                 raise TypeError

@@ -57,7 +57,6 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
     obs = (queries.adata if adata is None else adata).obs
     if summarize_by is not None:
         check_summary_column(obs, summarize_by)
-    generative = generative.eval()
     parts = []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):
         with torch.no_grad():

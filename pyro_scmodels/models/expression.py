@@ -143,7 +143,7 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     switches = [model.nn_switch(c) for c in transform_covariates(model, transform_batch)]
     names = model.feature_names(modality)
     columns = gene_columns(names, gene_list)
-    decoder, guide = model.module.model.eval(), model.module.guide.eval()
+    decoder, guide = model.module.model, model.module.guide  # in evaluation mode while posterior_z_batches run
     parts = []
 
     def decoded(z, batch, switch):

@@ -44,7 +44,6 @@ def likelihood_parameters(queries, generative, guide, adata=None, indices=None, 
     """
     n_samples = V.positive_int("n_samples", n_samples)
     give_mean = V.boolean("give_mean", give_mean)
-    guide, generative = guide.eval(), generative.eval()
     medians = generative.global_values(guide.global_medians())  # a subclass's fixed site as the model uses it
     theta = medians["inverse_sqrt_theta"].pow(-2)  # dispersion groups x genes
     means, dispersions = [], []

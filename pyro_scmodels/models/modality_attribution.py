@@ -42,7 +42,7 @@ def modality_attribution(queries, generative, adata=None, indices=None, batch_si
     """
     store = indices is None if store is None else V.boolean("store", store)
     check_store(store, indices)
-    model = generative.eval()
+    model = generative  # in evaluation mode while the posterior_z_batches run
     parts = {m: [] for m in queries.modalities}
     latents = []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):

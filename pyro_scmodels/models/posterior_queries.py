@@ -49,9 +49,10 @@ class PosteriorQueries:
         ------
         tuple
             ``(cell_positions, (minibatch, n_cells))``: the minibatch dict that the model and guide
-            take, and the number of cells of the data set it comes from.
+            take, and the number of cells of the data set it comes from. The modules' training modes are
+            left as they are (a loop of one's own sets them).
         """
-        return self._indexed_batches(adata, indices, batch_size)
+        return self._cell_batches(adata, indices, batch_size)
 
     def check_trained(self) -> None:
         """Warn when the model has not been trained (results then reflect the initial parameters)."""
@@ -100,7 +101,7 @@ class PosteriorQueries:
         if n_samples is not None:
             # drawn only when sampling: the mean of z leaves torch's stream as it was
             seed = seed_or_fresh(seed)
-        guide = self.module.guide.eval()
+        guide = self.module.guide  # in evaluation mode while _indexed_batches runs
         # each cell's draws from its own seeded block, so results depend neither on torch's global state nor on the
         # other cells of the call
         noise = None if n_samples is None else CellNoise(seed, n_samples, self.device)
@@ -142,7 +143,7 @@ class PosteriorQueries:
             ``(mean, variance)``, each cells x latent.
         """
         self._check_trained()
-        guide = self.module.guide.eval()
+        guide = self.module.guide  # in evaluation mode while _indexed_batches runs
         means, variances = [], []
         for _, (batch, _) in self._indexed_batches(adata, indices, batch_size):
             with torch.no_grad():
@@ -180,7 +181,7 @@ class PosteriorQueries:
         modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
         decode_options = {} if modality is None else {"modality": modality}
         scaling = self.feature_scaling_of(nn_covariates, modality) if V.boolean("with_scaling", with_scaling) else None
-        model = self.module.model.eval()
+        model = self.module.model  # in evaluation mode while posterior_z_batches runs
         for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
             with torch.no_grad():
                 nn_onehot = None if switch is None else switch(batch["nn_onehot"])
@@ -274,7 +275,7 @@ class PosteriorQueries:
             Multimodal models: the modality whose library size is returned.
         """
         self._check_trained()
-        guide = self.module.guide.eval()
+        guide = self.module.guide  # in evaluation mode while _indexed_batches runs
         modality = self.default_modality(modality)
         options = {} if modality is None else {"modality": modality}
         with torch.no_grad():
