@@ -145,3 +145,62 @@ def test_a_multimodal_model_with_edited_blocks_loads_and_resumes_only_as_itself(
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ps.RegularizedMultimodalVI.load(str(tmp_path / "m"), mdata)
+
+
+class _InverseTheta(ps.RegularizedVIModel):
+    """Keeps the dispersion sites and derives theta = 1 / u from them (not u^-2)."""
+
+    def sample_dispersion(self, genes):
+        site = self.dims.site
+        with pyro.plate(site("dispersion_groups"), self.dims.n_dispersion, dim=-2):
+            rate = pyro.sample(site("dispersion_rate"), self.priors["dispersion_rate"])
+            with genes:
+                u = pyro.sample(site("inverse_sqrt_theta"), dist.Exponential(rate))
+        return u.pow(-1)
+
+
+class _ShiftedZ(ps.RegularizedVIGuide):
+    """A visible edit of q(z | x): its location moved by 1."""
+
+    def z_posterior(self, batch, encoder_input=None):
+        q = super().z_posterior(batch, encoder_input)
+        return dist.Normal(q.loc + 1.0, q.scale)
+
+
+def test_the_getters_report_a_subclass_theta_and_a_multimodal_block_guide_override_is_trained_with(small):
+    # the getters reported the guide's u^-2 (8.95) for a model decoding with 1 / u (2.99); the multimodal guide called
+    # the block encoders directly, so a block guide's z_posterior shaped the modality query but not the joint z
+    model = type("InverseThetaVI", (ps.RegularizedVI,), {"model_class": _InverseTheta})(small, **SMALL)
+    model.train(**QUICK)
+    u = model.module.guide.global_medians()["inverse_sqrt_theta"]
+    np.testing.assert_allclose(model.get_dispersion().to_numpy().T, (1 / u).detach().numpy(), rtol=1e-4)
+    mdata = ps.datasets.simulate_multiome(n_cells=120, n_genes=80, n_peaks=120, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    shifted = type("ShiftedMM", (ps.RegularizedMultimodalVI,), {"block_guide_class": _ShiftedZ})(mdata, **SMALL)
+    joint = shifted.get_latent_representation(indices=np.arange(5))
+    rna = shifted.get_latent_representation(indices=np.arange(5), modality="rna")
+    np.testing.assert_allclose(joint[:, :SMALL["n_latent"]], rna, rtol=1e-6)
+
+
+class _HalfLibraryWeight(ps.RegularizedVIModel):
+    """Fixes the library residual weight w at 0.5 (no site)."""
+
+    def sample_library_residual_weight(self):
+        return torch.tensor(0.5)
+
+
+def test_a_library_residual_weight_a_subclass_fixes_is_the_one_used(small):
+    # the guide dropped the site but kept using its own untouched w = 1 in training and in the library queries
+    model = type("HalfWeightVI", (ps.RegularizedVI,), {"model_class": _HalfLibraryWeight})(small, **SMALL)
+    model.train(**QUICK)
+    guide = model.module.guide
+    assert "library_residual_weight" in guide.unsampled_sites and float(guide.residual_weight_estimate()) == 0.5
+    batch, _ = next(iter(model.minibatches(indices=np.arange(6))))[1]
+    with torch.no_grad():
+        guide.eval()
+        expected = guide.log_library_loc(guide.encoder_input(batch), batch, torch.tensor(0.5))[0].exp()
+        assert not torch.allclose(expected, guide.log_library_loc(guide.encoder_input(batch), batch,
+                                                                   torch.tensor(1.0))[0].exp())
+    np.testing.assert_allclose(model.get_library_size(indices=np.arange(6)), expected.numpy(), rtol=1e-5)
+    medians = guide.global_medians()
+    assert float(model.module.model.global_values(medians)["library_residual_weight"]) == 0.5

@@ -103,7 +103,19 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     for module in (model, guide):  # the continuous covariates standardised as the training cells are
         module.continuous_scaling.fit(data.covariates["continuous"])
     guide.unsampled_sites = unsampled_global_sites(model)
+    if "library_residual_weight" in guide.unsampled_sites:  # fixed by a subclass: the library guide uses that value
+        guide.fixed_library_residual_weight = fixed_library_residual_weight(model)
     return model, guide
+
+
+def fixed_library_residual_weight(model) -> torch.Tensor:
+    """The value of w that a subclass's ``sample_library_residual_weight`` fixes (what it returns), checked."""
+    with pyro.settings.context(module_local_params=True), torch.no_grad(), seeded(0, "cpu"):
+        value = poutine.block(model.global_sites, hide_types=["param"])()["library_residual_weight"]
+    if value is None or not torch.is_tensor(torch.as_tensor(value)) or torch.as_tensor(value).numel() != 1:
+        raise ValueError(f"{type(model).__name__}.sample_library_residual_weight samples no site, so it fixes w: it must "
+                         f"return that value (one positive number, e.g. torch.tensor(0.5)); it returned {value!r}.")
+    return torch.as_tensor(value, dtype=torch.float32).detach().reshape(())
 
 
 def unsampled_global_sites(model) -> frozenset:

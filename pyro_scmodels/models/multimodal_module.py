@@ -223,7 +223,9 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
         if self.latent_mode == "single_encoder":
             loc, scale = self.joint_encoder(torch.cat([inputs[m] for m in self.modalities], -1))
             return inputs, present, loc, scale
-        encoded = {m: self.block(m).encoder(inputs[m]) for m in self.modalities}
+        # each block's own q(z | x) (a block guide's override of z_posterior, as RegularizedVI's guide uses it)
+        encoded = {m: (q.loc, q.scale) for m in self.modalities
+                   for q in (self.block(m).z_posterior(batch, inputs[m]),)}
         if self.latent_mode == "concatenation":
             return inputs, present, {m: e[0] for m, e in encoded.items()}, {m: e[1] for m, e in encoded.items()}
         w = self.modality_weights(inputs, present)

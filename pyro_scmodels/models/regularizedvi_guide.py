@@ -81,6 +81,9 @@ class RegularizedVIGuide(LocalPyroModule):
         #: global sites the model does not sample (a subclass that fixes one): not sampled here either, so that no
         #: guide site goes without a model site (set by build_model_and_guide from a trace of the model)
         self.unsampled_sites = frozenset()
+        #: w where a subclass's model fixes it (its ``sample_library_residual_weight`` returns it without sampling);
+        #: None: w is sampled, and its guide's median is the point estimate (set by build_model_and_guide)
+        self.fixed_library_residual_weight: torch.Tensor | None = None
 
     def encoder_input(self, batch: dict) -> torch.Tensor:
         """log1p(x), with continuous and encoder covariates appended."""
@@ -102,7 +105,13 @@ class RegularizedVIGuide(LocalPyroModule):
 
     def library_loc(self, batch: dict) -> torch.Tensor:
         """Posterior median of log l_n per cell, at the point estimate (median) of w."""
-        return self.log_library_loc(self.encoder_input(batch), batch, self.library_residual_weight.median())[0]
+        return self.log_library_loc(self.encoder_input(batch), batch, self.residual_weight_estimate())[0]
+
+    def residual_weight_estimate(self) -> torch.Tensor:
+        """The library residual weight w used outside inference: the value the model fixes, or the guide's median."""
+        if self.fixed_library_residual_weight is not None:
+            return self.fixed_library_residual_weight.to(self.log_total_centre.device)
+        return self.library_residual_weight.median()
 
     def global_medians(self) -> dict[str, torch.Tensor]:
         """Posterior median (or point estimate) of every global site, by site name (no modality suffix)."""
@@ -129,7 +138,7 @@ class RegularizedVIGuide(LocalPyroModule):
                 self.feature_scaling(site("feature_scaling"))
         if sampled("library_residual_weight"):
             return self.library_residual_weight(site("library_residual_weight"))
-        return self.library_residual_weight.median()  # the model fixes w: the library guide uses the guide's value
+        return self.residual_weight_estimate()  # the model fixes w: the library guide uses the model's value
 
     def log_library_loc(self, h: torch.Tensor, batch: dict, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual library guide: w x centred log observed total + a learned correction (loc, scale)."""

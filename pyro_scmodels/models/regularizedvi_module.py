@@ -148,9 +148,10 @@ class RegularizedVIModel(LocalPyroModule):
         theta = self.sample_dispersion(genes)
         ambient = self.sample_ambient(genes) if self.dims.use_ambient else None
         scaling = self.sample_feature_scaling(genes) if self.dims.use_feature_scaling else None
-        self.sample_library_residual_weight()
+        library_residual_weight = self.sample_library_residual_weight()
         self.decoder_weight_prior()
-        return {"theta": theta, "ambient": ambient, "feature_scaling": scaling}
+        return {"theta": theta, "ambient": ambient, "feature_scaling": scaling,
+                "library_residual_weight": library_residual_weight}
 
     @torch.no_grad()
     def global_values(self, medians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,8 +167,15 @@ class RegularizedVIModel(LocalPyroModule):
         used = trace.nodes["_RETURN"]["value"]
         values = dict(medians)
         values.update({name: used[name] for name in ("ambient", "feature_scaling") if used.get(name) is not None})
-        if self.dims.site("inverse_sqrt_theta") not in trace.nodes:  # theta fixed by a subclass: u = theta^-1/2
-            values["inverse_sqrt_theta"] = used["theta"].pow(-0.5)
+        fixed_w = used.get("library_residual_weight")
+        if self.dims.site("library_residual_weight") not in trace.nodes and fixed_w is not None:  # w fixed by a subclass
+            values["library_residual_weight"] = torch.as_tensor(fixed_w, dtype=torch.float32)
+        theta = used["theta"]
+        # theta fixed by a subclass, or derived otherwise than u^-2 from the same sites: u = theta^-1/2 as the model
+        # uses it (the getters reported the guide's u^-2)
+        if self.dims.site("inverse_sqrt_theta") not in trace.nodes or not torch.allclose(
+                theta, medians["inverse_sqrt_theta"].pow(-2), rtol=1e-5):
+            values["inverse_sqrt_theta"] = theta.pow(-0.5)
         return values
 
     def decode(self, z: torch.Tensor, batch: dict, nn_onehot: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,8 +222,10 @@ class RegularizedVIModel(LocalPyroModule):
         Returns
         -------
         tuple of torch.Tensor
-            ``(cell_part, background_part)``, each with z's leading shape and genes last; the
-            background part is zero when the modality has no ambient term.
+            ``(cell_part, background_part)``, genes last: the cell part with z's leading shape, the
+            background part cells x genes where it does not depend on z (a per-cell or default
+            library; it broadcasts against the cell part), and zero when the modality has no ambient
+            term.
         """
         rho = self.decode(z, batch, nn_onehot)
         if library is None:
