@@ -225,8 +225,9 @@ def main() -> None:
                      f"seeds {args.seeds}; scored on stimulated cells",
              "targets": TARGETS, **hardware_facts()}
     section = section_header(TITLE, now(), facts) + text + "\n" + "\n".join(f"\n- {n}" for n in notes) + "\n"
-    # a partial run (--skip) gets its own section, so that it never replaces the full table
-    title = TITLE if not args.skip else f"{TITLE[:-1]}, without {' and '.join(args.skip)})"
+    # a partial run (--skip, or the public NDreamer not given) gets its own section: it never replaces the full table
+    skipped = list(args.skip) + (["public"] if "public" not in args.skip and not args.public_python else [])
+    title = TITLE if not skipped else f"{TITLE[:-1]}, without {' and '.join(skipped)})"
     write_section(args.output, title, section.replace(TITLE, title, 1))
 
 

@@ -10,7 +10,7 @@ thread; ``--jobs`` of them run side by side. Embeddings are cached (``--cache``)
 setup does not retrain the others.
 
 Scores (``scib_metrics.benchmark.Benchmarker``, defaults, unscaled): bio conservation (isolated
-labels, k-means NMI and ARI, label silhouette, cLISI), batch correction (BRAS, the batch
+labels, NMI and ARI of Leiden clusters over a sweep of resolutions, label silhouette, cLISI), batch correction (BRAS, the batch
 silhouette of scib-metrics >= 0.5, iLISI, kBET per label, graph connectivity, PCR comparison
 against the PCA), and the aggregates (Total = 0.6 bio + 0.4 batch). Needs scvi-tools and
 scib-metrics (``pip install scvi-tools scib-metrics``).

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     embedding, groups = simulate_embedding(args.n_cells)
@@ -94,6 +95,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
+    if args.no_write:
+        return
     update_results(args.output, text + "\n", SECTION_TITLE)
 
 

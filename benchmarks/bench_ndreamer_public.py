@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="public runs; ours runs one more time than this")
     parser.add_argument("--public-python", default=os.environ.get("NDREAMER_PYTHON"))
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     parser.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -156,6 +157,8 @@ def main() -> None:
     print(text)
     facts = {"data": f"simulate(n_cells={args.cells}, n_genes={args.genes}, n_batches={args.batches}, "
                      "effect_modifier=1.0), seed 0", **hardware_facts()}
+    if args.no_write:
+        return
     write_section(args.output, TITLE, section_header(TITLE, now(), facts) + text)
 
 

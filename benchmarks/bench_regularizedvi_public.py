@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--public-python", default=os.environ.get("REGULARIZEDVI_PYTHON"))
     parser.add_argument("--public-commit", default=None, help="commit of the public repository installed (noted)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     parser.add_argument("--_prepare", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,6 +231,8 @@ def main() -> None:
              **hardware_facts(), **versions}
     command = shlex.join([sys.executable, *sys.argv])
     section = section_header(TITLE, now(), facts) + text + f"\nCommand:\n\n```\n{command}\n```\n"
+    if args.no_write:
+        return
     write_section(args.output, TITLE, section)
 
 

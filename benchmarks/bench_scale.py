@@ -16,8 +16,8 @@ each stage runs in a fresh process (``_scale_worker.py``) that opens the file wi
   batches, CATE per cell type for every gene, the ITE of 10,000 cells;
 - ``match``: ``match_groups`` on the saved latent, 4 groups, k = 1.
 
-Time and peak RSS (VmHWM) of each stage process are recorded, with the growth exponent of each between
-the smallest and the largest size (the slope of log time on log cells). The load average is recorded
+Time and peak RSS (VmHWM) of each stage process are recorded, with the growth exponent of each over the
+sizes run (the least-squares slope of log time on log cells). The load average is recorded
 before and after. The figures go in the ``## Scale from disk (bench_scale.py)`` section of
 ``benchmarks/RESULTS.md``.
 """
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=HERE / "_scale_store")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: build the section from the stage results kept in --store")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
@@ -132,6 +133,8 @@ def main() -> None:
               "10^6 cells with peak RSS <= 6 GB; time exponent <= 1.1."]
     text = "\n".join(lines)
     print(text)
+    if args.no_write:
+        return
     write_section(args.output, TITLE, text + "\n")
 
 
