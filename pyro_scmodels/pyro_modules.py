@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pyro
 import pyro.distributions as dist
@@ -121,22 +122,33 @@ class ProfileAmountGuide(PositiveSiteGuide):
         return self.amount * self.profile
 
 
+#: modules inside an :func:`evaluating` block: how many blocks hold each, and the modes to put back when the last ends
+_EVALUATING: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def evaluating(module: torch.nn.Module):
     """``module`` in evaluation mode (no dropout) inside the block, each of its submodules back in its own mode after.
 
     The queries run in it: a query inside a user's own training loop left the modules in evaluation mode, and the
-    steps after it trained without dropout.
+    steps after it trained without dropout. Blocks may overlap and end in any order (queries decoded side by side,
+    as generators that end one by one): the modes found by the first are put back when the last ends.
 
     Parameters
     ----------
     module
         The module (with its submodules) to evaluate with.
     """
-    modes = [(sub, sub.training) for sub in module.modules()]
+    held = _EVALUATING.get(module)
+    if held is None:
+        held = _EVALUATING[module] = [0, [(sub, sub.training) for sub in module.modules()]]
+    held[0] += 1
     module.eval()
     try:
         yield module
     finally:
-        for sub, mode in modes:
-            sub.training = mode
+        held[0] -= 1
+        if held[0] == 0:
+            del _EVALUATING[module]
+            for sub, mode in held[1]:
+                sub.training = mode

@@ -266,3 +266,19 @@ def test_queries_leave_the_modules_in_the_mode_they_found_them(conditioned):
         assert not any(module.training for module in model.module.modules())
     finally:
         model.module.eval()
+
+
+def test_queries_decoded_side_by_side_put_the_modes_back_whichever_ends_first(conditioned):
+    # the model ITE zips one decoding per condition: the first generator to end put back the modes it found, and the
+    # others, ended later, put back the evaluation mode the first had set
+    model = conditioned
+    model.module.train()
+    try:
+        passes = [model.decode_samples(indices=np.arange(20), nn_covariates={"condition": c}, seed=0)
+                  for c in ("control", "stimulated")]
+        for _ in zip(*passes):
+            assert not any(module.training for module in model.module.modules())
+        del passes
+        assert all(module.training for module in model.module.modules())
+    finally:
+        model.module.eval()
