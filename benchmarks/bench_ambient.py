@@ -359,8 +359,8 @@ def main(argv=None) -> None:
     parser.add_argument("design", choices=("simulator", "spikein"))
     parser.add_argument("--variants", default="seed,init_prior,prior_on,learned_scale,low_count_init,global_lr,"
                                                "profile_empties,profile_empties+global_lr")
-    parser.add_argument("--n-cells", type=int, default=600)
-    parser.add_argument("--n-genes", type=int, default=100)
+    parser.add_argument("--n-cells", type=int, default=600, help="simulator design only (spikein: all PBMC cells)")
+    parser.add_argument("--n-genes", type=int, default=100, help="simulator design only (spikein: the PBMC genes)")
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)

@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--n-hidden", type=int, default=128)
     parser.add_argument("--latent-independence", type=float, default=10.0)
-    parser.add_argument("--ensemble", type=int, default=3, help="models in the ensemble variant (0: skip it)")
+    parser.add_argument("--ensemble", type=int, default=3, help="models in the ensemble variant (0 or 1: skip it; an "
+                                                                 "ensemble needs two or more)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated data")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print the table only")

@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             if complete:
                 header = f"{title}\n\nMeasured {now()}.\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n"
                 write_section(output, title, header + text + f"\nCommand:\n\n```\n{command}\n```\n")
+            else:  # it exited 0 having written nothing, without a word
+                print(f"not written to {output}: {title!r} is written only by a run of its parts "
+                      f"({sorted(main_parts) if title == SECTION_TITLE else ['model']})")
     return 0
 
 
