@@ -36,6 +36,9 @@ SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "cova
 EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06",
                                # a multimodal subclass's block classes, recorded since then
                                "module classes": "module classes as written before 2026-12-06"}
+#: the same, where matching the earlier form leaves something unchecked: it matches, with a warning (a multimodal
+#: subclass with its own blocks resuming a checkpoint that did not record the blocks)
+UNCHECKED_EQUIVALENT_PARTS = {"module classes": "module classes as written before 2026-12-06, blocks unchecked"}
 #: dict parts whose entries may be unknown (None, e.g. the sums of counts on disk, which are not read): such an entry
 #: matches any value (the same file trained backed and resumed in memory)
 PARTS_WITH_UNKNOWN_ENTRIES = ("counts",)
@@ -119,11 +122,15 @@ def fingerprint_differences(saved: dict, fingerprint: dict) -> list[str]:
     # a legacy part is compared only when the saved state has it and lacks its successor (written in between)
     skipped = ({k for k in ADDED_FINGERPRINT_PARTS if k not in saved}
                | {k for k, successor in SUCCEEDED_FINGERPRINT_PARTS.items() if k not in saved or successor in saved}
-               | set(EQUIVALENT_FINGERPRINT_PARTS.values()))
+               | set(EQUIVALENT_FINGERPRINT_PARTS.values()) | set(UNCHECKED_EQUIVALENT_PARTS.values()))
     for key in sorted((set(saved) | set(fingerprint)) - skipped):
         old, new = saved.get(key), fingerprint.get(key)
         if _same(old, new) or (key in EQUIVALENT_FINGERPRINT_PARTS
                                and _same(old, fingerprint.get(EQUIVALENT_FINGERPRINT_PARTS[key]))):
+            continue
+        if key in UNCHECKED_EQUIVALENT_PARTS and _same(old, fingerprint.get(UNCHECKED_EQUIVALENT_PARTS[key])):
+            warnings.warn(f"The saved state was written before its {key} were recorded as they are now ({old}); it is "
+                          f"taken up by {new}, which cannot be checked against it.", UserWarning, stacklevel=2)
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
             unknown = (lambda k: old.get(k) is None or new.get(k) is None) if key in PARTS_WITH_UNKNOWN_ENTRIES else (

@@ -145,6 +145,19 @@ def test_a_multimodal_model_with_edited_blocks_loads_and_resumes_only_as_itself(
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ps.RegularizedMultimodalVI.load(str(tmp_path / "m"), mdata)
+    # a checkpoint that recorded the outer classes only: the plain class resumes it silently, the subclass with a
+    # warning (it resumed without a word)
+    checkpoint = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)
+    checkpoint["fingerprint"]["module classes"] = outer
+    for name, model_class in (("old_plain", ps.RegularizedMultimodalVI), ("old_edited", _EditedBlocks)):
+        (tmp_path / name).mkdir()
+        torch.save(checkpoint, tmp_path / name / "checkpoint.pt")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed = model_class(mdata, **SMALL)
+            resumed.train(checkpoint_dir=str(tmp_path / name), **{**QUICK, "max_epochs": 2})
+        unchecked = [w for w in caught if "cannot be checked" in str(w.message)]
+        assert len(resumed.history) == 2 and len(unchecked) == (model_class is _EditedBlocks)
 
 
 class _InverseTheta(ps.RegularizedVIModel):

@@ -110,6 +110,10 @@ class SavedModel:
     def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
         """A save whose record is :meth:`_legacy_module_classes` is loaded (what it lacks cannot be checked)."""
 
+    def _legacy_module_classes_part(self) -> dict:
+        """The fingerprint's entry for checkpoints that recorded :meth:`_legacy_module_classes` (none by default)."""
+        return {}
+
     def _restore(self, payload: dict) -> None:
         saved_classes = payload.get("module classes")
         if saved_classes is not None and saved_classes == self._legacy_module_classes():
@@ -188,8 +192,7 @@ class SavedModel:
             **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
-            **({} if self._legacy_module_classes() is None else
-               {EQUIVALENT_FINGERPRINT_PARTS["module classes"]: self._legacy_module_classes()}),
+            **self._legacy_module_classes_part(),
             # a query's checkpoint holds the frozen reference parameters it was mapped onto: resumed onto a query of
             # another reference, the model took one reference's decoder and the other's tables
             "query reference": self.query_reference,
