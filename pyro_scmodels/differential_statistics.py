@@ -42,7 +42,8 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float | None
     pandas.DataFrame
         Indexed by gene, sorted by ``proba_de``: ``proba_de`` (P(|LFC| > delta)),
         ``proba_not_de``, ``bayes_factor`` (log odds of ``proba_de``), ``scale1``, ``scale2``
-        (mean expression), ``delta`` (the threshold used), ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``,
+        (mean expression), ``delta`` (the threshold used), ``lfc_mean``, ``lfc_median``, ``lfc_std``,
+        ``lfc_min``, ``lfc_max``,
         ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
     """
     rng = rng or np.random.default_rng(0)

@@ -164,8 +164,29 @@ class Standardiser(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if not x.shape[-1] else (x - self.loc) / self.scale
 
+    #: the buffers' values that leave the input as it is: what a model saved before the standardiser had
+    IDENTITY = {"loc": 0.0, "scale": 1.0}
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a model saved before the covariates were standardised trained on them raw: it keeps them raw
-        for name, value in (("loc", torch.zeros_like(self.loc)), ("scale", torch.ones_like(self.scale))):
-            state_dict.setdefault(prefix + name, value)
+        for name, value in self.IDENTITY.items():
+            state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), value))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def is_identity_entry(cls, name: str, value: torch.Tensor) -> bool:
+        """Whether a state-dict entry is a standardiser buffer (``<...>.continuous_scaling.loc``/``.scale``) at its
+        identity value: what a model without the standardiser (saved before 2026-12-06) amounted to."""
+        owner, _, buffer = name.rpartition(".")
+        return (owner.rpartition(".")[2] == STANDARDISER_NAME and buffer in cls.IDENTITY
+                and bool((value == cls.IDENTITY[buffer]).all()))
+
+    @classmethod
+    def is_entry(cls, name: str) -> bool:
+        """Whether a state-dict key names a standardiser buffer of a model's or guide's ``continuous_scaling``."""
+        owner, _, buffer = name.rpartition(".")
+        return owner.rpartition(".")[2] == STANDARDISER_NAME and buffer in cls.IDENTITY
+
+
+#: the attribute the Pyro model and guide hold their :class:`Standardiser` under
+STANDARDISER_NAME = "continuous_scaling"

@@ -3,9 +3,6 @@ priors as earlier versions wrote them."""
 
 from __future__ import annotations
 
-import warnings
-
-from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, UNCHECKED_EQUIVALENT_PARTS
 from ..data import check_var_names, setup_arguments
 from ..priors import RegularizedPriors
 from .regularizedvi_guide import RegularizedVIGuide
@@ -21,24 +18,11 @@ class MultimodalPersistence:
         # the blocks too: a subclass's block_model_class edits sites the outer classes do not show
         return f"{super()._module_classes()}; blocks {cls.block_model_class.__name__} / {cls.block_guide_class.__name__}"
 
-    def _legacy_module_classes(self) -> str | None:
-        # saves and checkpoints before 2026-12-06 recorded the outer classes only (every record since has the blocks)
-        return super()._module_classes()
-
-    def _plain_blocks(self) -> bool:
-        return (self.block_model_class, self.block_guide_class) == (RegularizedVIModel, RegularizedVIGuide)
-
-    def _legacy_module_classes_part(self) -> dict:
-        # a checkpoint that recorded the outer classes only: the plain class takes it up as it did; a subclass with its
-        # own blocks too, with a warning (its blocks cannot be checked against it)
-        name = (EQUIVALENT_FINGERPRINT_PARTS if self._plain_blocks() else UNCHECKED_EQUIVALENT_PARTS)["module classes"]
-        return {name: self._legacy_module_classes()}
-
-    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
-        if not self._plain_blocks():
-            warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
-                          f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
-                          f"({self._module_classes()}), which cannot be checked against it.", UserWarning, stacklevel=5)
+    def _legacy_module_classes(self) -> tuple[str, bool]:
+        # saves and checkpoints before 2026-12-06 recorded the outer classes only (every record since has the blocks):
+        # they check a model of the plain blocks, not a subclass's own
+        plain = (self.block_model_class, self.block_guide_class) == (RegularizedVIModel, RegularizedVIGuide)
+        return super()._module_classes(), plain
 
     def _legacy_priors(self) -> dict[str, RegularizedPriors]:
         # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)

@@ -16,7 +16,7 @@ import torch
 from .. import _validation as V
 from .._atomic import staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
-from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, StateMismatchError
+from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, UNCHECKED_EQUIVALENT_PARTS, StateMismatchError
 from ..data.source_state import names_digest, setting_text, unordered_names_hash
 from ..infer import SVITrainer
 from ..priors import priors_fingerprint
@@ -103,21 +103,21 @@ class SavedModel:
         show)."""
         return f"{cls.model_class.__name__} / {cls.guide_class.__name__}"
 
-    def _legacy_module_classes(self) -> str | None:
-        """The module classes as saves before 2026-12-06 recorded them, where that differs (None: it does not)."""
+    def _legacy_module_classes(self) -> tuple[str, bool] | None:
+        """How saves and checkpoints before 2026-12-06 recorded the module classes, where that differs, and whether
+        such a record checks everything this class builds (None: the record has not changed). A record that does
+        not is taken up with a warning."""
         return None
 
-    def _loaded_legacy_module_classes(self, saved_classes: str) -> None:
-        """A save whose record is :meth:`_legacy_module_classes` is loaded (what it lacks cannot be checked)."""
-
-    def _legacy_module_classes_part(self) -> dict:
-        """The fingerprint's entry for checkpoints that recorded :meth:`_legacy_module_classes` (none by default)."""
-        return {}
-
     def _restore(self, payload: dict) -> None:
-        saved_classes = payload.get("module classes")
-        if saved_classes is not None and saved_classes == self._legacy_module_classes():
-            self._loaded_legacy_module_classes(saved_classes)
+        saved_classes, legacy = payload.get("module classes"), self._legacy_module_classes()
+        if saved_classes is not None and legacy is not None and saved_classes == legacy[0]:
+            if not legacy[1]:
+                # (the one such record so far: a multimodal model's, before its blocks were recorded)
+                warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
+                              f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
+                              f"({self._module_classes()}), which cannot be checked against it.", UserWarning,
+                              stacklevel=4)
         elif saved_classes is not None and saved_classes != self._module_classes():
             raise ValueError(f"This folder was saved by a {payload.get('class', 'model')} whose Pyro model and guide are "
                              f"{saved_classes}; {type(self).__name__} builds {self._module_classes()}, so an edited site "
@@ -192,7 +192,11 @@ class SavedModel:
             **({} if legacy is None else {EQUIVALENT_FINGERPRINT_PARTS["priors"]: priors_fingerprint(legacy)}),
             # a subclass's edited site is not in the state dict: another model class resumed silently with the default
             "module classes": self._module_classes(),
-            **self._legacy_module_classes_part(),
+            # checkpoints that recorded the module classes as before: taken up, with a warning where that leaves
+            # something unchecked (checkpoints.UNCHECKED_EQUIVALENT_PARTS)
+            **({} if (legacy_classes := self._legacy_module_classes()) is None else
+               {(EQUIVALENT_FINGERPRINT_PARTS if legacy_classes[1] else UNCHECKED_EQUIVALENT_PARTS)["module classes"]:
+                legacy_classes[0]}),
             # a query's checkpoint holds the frozen reference parameters it was mapped onto: resumed onto a query of
             # another reference, the model took one reference's decoder and the other's tables
             "query reference": self.query_reference,

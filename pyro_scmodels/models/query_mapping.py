@@ -29,6 +29,7 @@ from ..priors import RegularizedPriors
 from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..data.source_state import state_digest
+from ..nn import Standardiser
 from ..pyro_modules import PositiveSiteGuide
 from .persistence import MODEL_FILE
 from .query_freezing import freeze_reference
@@ -243,13 +244,11 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
     fresh = module.state_dict()
     state = {}
     for key, value in fresh.items():
-        if key not in reference.state_dict and key.rsplit(".", 2)[-2:-1] == ["continuous_scaling"]:
-            # a reference saved before the continuous covariates were standardised took them raw: so does its query
-            saved = torch.zeros_like(value) if key.endswith(".loc") else torch.ones_like(value)
-        elif key not in reference.state_dict:
+        if key not in reference.state_dict and Standardiser.is_entry(key):
+            continue  # a reference saved before the standardiser: loading fills it at its identity, as the reference was
+        if key not in reference.state_dict:
             raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
-        else:
-            saved = reference.state_dict[key].to(value.device)
+        saved = reference.state_dict[key].to(value.device)
         role = _level_role(key, module.guide)
         if role is None:
             # a prior's buffer keeps the reference's shape (a per-gene edit beside a scalar partner: PriorSet loads it)
@@ -339,7 +338,8 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
         freeze_reference(model.module, rows, flags["freeze_encoder"], flags["freeze_decoder"])
     frozen = "nothing" if flags["unfrozen"] else ", ".join(
         ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]])
-    model.query_reference = (f"reference {state_digest(reference.state_dict)}; frozen: {frozen}; dropout "
+    model.query_reference = (f"reference {state_digest(reference.state_dict, skip=Standardiser.is_identity_entry)}; "
+                             f"frozen: {frozen}; dropout "
                              f"{'off' if flags['freeze_dropout'] else 'as the reference'}")
     logger.info("Query mapped onto the reference; new levels learned from the query: %s.", new or "none")
     if not any(p.requires_grad for p in model.module.parameters()):

@@ -55,7 +55,7 @@ class RegularizedVIGuide(LocalPyroModule):
             self.encoder = GaussianEncoder(n_input, dims.n_latent, dims.n_hidden, dims.n_layers, dropout_rate,
                                            input_dropout_rate, n_dropout_features=dims.n_genes)
         self.library_encoder = GaussianEncoder(n_input, 1, C.LIBRARY_ENCODER_HIDDEN, 1, dropout_rate)
-        self.continuous_scaling = Standardiser(dims.n_continuous)  # set from the model's cells when built
+        self.continuous_scaling = Standardiser(dims.n_continuous)  # named as nn.STANDARDISER_NAME
         self.register_buffer("log_total_centre", torch.tensor(float(init["library_log_total_centre"])))
         full = lambda shape, v: torch.full(shape, float(v))  # noqa: E731
         self.dispersion_rate = PositiveSiteGuide(full((dims.n_dispersion, 1), C.INIT_DISPERSION_RATE), families["dispersion_rate"])

@@ -76,7 +76,7 @@ class RegularizedVIModel(LocalPyroModule):
             "library_prior_scale",
             torch.as_tensor(C.LIBRARY_PRIOR_VARIANCE_FACTOR * library_prior_variance, dtype=torch.float32).sqrt(),
         )
-        self.continuous_scaling = Standardiser(dims.n_continuous)  # set from the model's cells when built
+        self.continuous_scaling = Standardiser(dims.n_continuous)  # named as nn.STANDARDISER_NAME
         self.decoder = SoftplusDecoder(
             (dims.n_decoder_latent or dims.n_latent) + dims.n_continuous, dims.n_genes, dims.n_hidden, dims.n_layers,
             dims.n_nn_covariates,
