@@ -75,8 +75,9 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
         batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
         With more than 50,000 cells the genes are chosen on a seeded sample of 50,000 (at least
-        500 a group, so more with over 100 groups) spread over the batch x condition groups (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`),
-        and only the chosen genes of every cell are then read.
+        500 a group, so more with over 100 groups) spread over the batch x condition groups
+        (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`), and only the chosen genes
+        of every cell are then read.
     layer
         Layer to read instead of ``.X``.
     n_codebooks, codebook_size, codebook_dim, embedding_dim, z_dim, encoder_hidden, decoder_hidden
