@@ -69,6 +69,8 @@ def package_version(distribution: str) -> str | None:
 GENERATED = "<!-- written by a benchmark script -->"
 #: added to such a heading when a partial rerun keeps it under the new run's header
 EARLIER_RUN = " (from an earlier run)"
+#: the heading under which a rerun keeps the text before a section's first subsection when no script wrote it
+KEPT_LEAD = "### Kept from before this run"
 
 
 def update_results(path: Path, section: str, title: str) -> None:
@@ -79,6 +81,9 @@ def update_results(path: Path, section: str, title: str) -> None:
     notes), and those of a partial rerun's other parts (e.g. the datasets it did not run). Each subsection this
     writes carries a hidden marker (:data:`GENERATED`) under its heading, so that when a later, partial rerun keeps
     it, its heading is marked as an earlier run's (:data:`EARLIER_RUN`) instead of reading as part of the new run.
+    The text between the title and the first subsection is marked the same way under the title: a rerun replaces it
+    when a script wrote it, and otherwise (written by hand, or by a script before the marker existed) keeps it under
+    :data:`KEPT_LEAD`, so that nothing written by hand is lost.
     The file is written under a temporary name and renamed, so that a crash never leaves half a file.
 
     Parameters
@@ -102,8 +107,16 @@ def update_results(path: Path, section: str, title: str) -> None:
         # itself are replaced, and the others (written by hand: earlier runs, notes) kept after it, in their order
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "# "))), len(lines))
         own = {line.strip() for line in section.splitlines() if line.startswith("### ")}
-        kept, keep = [], False
-        for line in lines[start + 1 : end]:
+        first = next((j for j in range(start + 1, end) if lines[j].startswith("### ")), end)
+        lead = lines[start + 1 : first]
+        kept = []
+        if any(line.strip() for line in lead) and lead[0].strip() != GENERATED:
+            # text no script marked as its own: kept under a heading of its own (a later rerun keeps that subsection)
+            text_start = next(j for j, line in enumerate(lead) if line.strip())
+            text_end = max(j for j, line in enumerate(lead) if line.strip()) + 1
+            kept = [KEPT_LEAD, "", *lead[text_start:text_end], ""]
+        keep = False
+        for line in lines[first:end]:
             if line.startswith("### "):
                 keep = line.strip() not in own
             if keep and line.strip() == GENERATED and kept and kept[-1].startswith("### "):
@@ -116,7 +129,8 @@ def update_results(path: Path, section: str, title: str) -> None:
         before, after = lines[:start], kept + ([""] if kept and end < len(lines) else []) + lines[end:]
     while before and not before[-1].strip():
         before.pop()
-    section = "\n".join(line + ("\n" + GENERATED if line.startswith("### ") else "") for line in section.splitlines())
+    section = "\n".join(line + ("\n" + GENERATED if line.startswith("### ") or line.strip() == title else "")
+                        for line in section.splitlines())
     text = "\n".join(before) + ("\n\n" if before else "") + section.rstrip("\n") + "\n"
     if after:
         text += "\n" + "\n".join(after).rstrip("\n") + "\n"

@@ -24,10 +24,17 @@ def test_a_rerun_replaces_its_figures_and_keeps_the_subsections_written_by_hand(
                           "## Bench A")
     text = path.read_text()
     mark = common.GENERATED
-    assert text == (f"# Benchmark results\n\n## Bench A\n\nnew figures\n\n### pbmc\n{mark}\n\nnew table\n\n### kang\n"
-                    f"{mark}\n\nnew kang\n\n### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
+    # the lead no script marked (written by hand, or before the marker) is kept under a heading of its own
+    assert text == (f"# Benchmark results\n\n## Bench A\n{mark}\n\nnew figures\n\n### pbmc\n{mark}\n\nnew table\n\n"
+                    f"### kang\n{mark}\n\nnew kang\n\n{common.KEPT_LEAD}\n\nold figures\n\n"
+                    "### The run before (by hand)\n\nkeep me\n\n## Bench B\n\nother\n")
+    # the next rerun replaces the lead it marked, and keeps what was kept once
+    common.update_results(path, "## Bench A\n\nnewer figures\n\n### pbmc\n\nnew table\n\n### kang\n\nnew kang\n",
+                          "## Bench A")
+    assert path.read_text() == text.replace("new figures", "newer figures")
+    text = path.read_text()
     common.update_results(path, "## Bench C\n\nfirst run\n", "## Bench C")  # a new section goes at the end
-    assert path.read_text() == text + "\n## Bench C\n\nfirst run\n"
+    assert path.read_text() == text + f"\n## Bench C\n{mark}\n\nfirst run\n"
 
     def crash(self, *args, **kwargs):
         raise OSError("disk full")
@@ -36,7 +43,7 @@ def test_a_rerun_replaces_its_figures_and_keeps_the_subsections_written_by_hand(
     with pytest.raises(OSError, match="disk full"):
         common.update_results(path, "## Bench A\n\nlost\n", "## Bench A")
     monkeypatch.undo()
-    assert path.read_text() == text + "\n## Bench C\n\nfirst run\n"  # the file as it was
+    assert path.read_text() == text + f"\n## Bench C\n{mark}\n\nfirst run\n"  # the file as it was
     assert os.listdir(tmp_path) == ["RESULTS.md"]
 
 
@@ -47,7 +54,7 @@ def test_a_partial_rerun_marks_the_parts_it_did_not_run_as_an_earlier_runs(commo
     common.update_results(path, "## Bench A\n\nrun 2, pbmc only\n\n### pbmc\n\npbmc 2\n", "## Bench A")
     mark, earlier = common.GENERATED, common.EARLIER_RUN
     text = path.read_text()
-    assert text == (f"# Benchmark results\n\n## Bench A\n\nrun 2, pbmc only\n\n### pbmc\n{mark}\n\npbmc 2\n\n"
+    assert text == (f"# Benchmark results\n\n## Bench A\n{mark}\n\nrun 2, pbmc only\n\n### pbmc\n{mark}\n\npbmc 2\n\n"
                     f"### kang{earlier}\n\nkang 1\n")
     # a third run of pbmc keeps kang as it is: said once, and kept like a subsection written by hand
     common.update_results(path, "## Bench A\n\nrun 3, pbmc only\n\n### pbmc\n\npbmc 3\n", "## Bench A")
@@ -55,6 +62,25 @@ def test_a_partial_rerun_marks_the_parts_it_did_not_run_as_an_earlier_runs(commo
     # a full rerun writes kang anew; the earlier run's copy, under its marked heading, stays as history
     common.update_results(path, "## Bench A\n\nrun 4\n\n### pbmc\n\npbmc 4\n\n### kang\n\nkang 4\n", "## Bench A")
     assert path.read_text().count(f"### kang\n{mark}\n\nkang 4") == 1 and f"### kang{earlier}\n\nkang 1" in path.read_text()
+
+
+def test_a_lead_written_by_hand_under_a_sections_tables_survives_a_rerun(common, tmp_path):
+    # bench_ambient.py's rerun removed the 46 hand-written lines of "Ambient: simulator" (its design, its reading)
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Ambient: simulator\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+                    "Design: four batches at 3, 8, 15 and 25 %.\n\nReading: the seed's fractions barely move.\n\n"
+                    "## Next\n\nx\n")
+    common.update_results(path, "## Ambient: simulator\n\nMeasured today.\n\n| a | b |\n|---|---|\n| 3 | 4 |\n",
+                          "## Ambient: simulator")
+    text = path.read_text()
+    assert "| 3 | 4 |" in text and "| 1 | 2 |" in text
+    assert text.index("Measured today") < text.index(common.KEPT_LEAD) < text.index("Design: four batches")
+    assert "Reading: the seed's fractions barely move." in text and text.endswith("## Next\n\nx\n")
+    common.update_results(path, "## Ambient: simulator\n\nMeasured again.\n\n| a | b |\n|---|---|\n| 5 | 6 |\n",
+                          "## Ambient: simulator")
+    again = path.read_text()
+    assert again == text.replace("Measured today", "Measured again").replace("| 3 | 4 |", "| 5 | 6 |")
+    assert again.count("Design: four batches") == 1
 
 
 def _fake_public_ndreamer(tmp_path, rows, values):
