@@ -87,7 +87,8 @@ def read_rates(path: Path) -> dict:
     rates = {"anndata": [], "chunked": []}
     for repeat in range(2):
         rng = np.random.default_rng(repeat)
-        random_batches = [np.sort(rng.choice(n, TRAIN_BATCH, replace=False)) for _ in range(40)]
+        # a store smaller than one minibatch reads all its cells per batch
+        random_batches = [np.sort(rng.choice(n, min(TRAIN_BATCH, n), replace=False)) for _ in range(40)]
         start = time.perf_counter()
         for batch in random_batches:
             backed.X[batch].toarray()

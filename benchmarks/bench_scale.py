@@ -38,6 +38,21 @@ HERE = Path(__file__).resolve().parent
 TITLE = "## Scale from disk (bench_scale.py)"
 STAGES = ("read", "train", "infer", "ndreamer", "match")
 TIMES = {"train": "epoch_s", "infer": "infer_s", "ndreamer": "ndreamer_s", "match": "match_s"}
+#: what a stage reads from the store, and the stage that writes it
+NEEDS = {"infer": ("train", "model_{n}"), "ndreamer": ("train", "model_{n}"), "match": ("infer", "latent_{n}.npy")}
+
+
+def missing_inputs(store: Path, sizes: list[int], stages: list[str]) -> list[str]:
+    """The stages that would fail for want of an earlier stage's output: neither in the store nor run before them."""
+    problems = []
+    for n in sizes:
+        for position, stage in enumerate(stages):
+            if stage in NEEDS:
+                producer, name = NEEDS[stage]
+                if producer not in stages[:position] and not (store / name.format(n=n)).exists():
+                    problems.append(f"{stage} at {n:,} cells reads {store / name.format(n=n)}, which the {producer} "
+                                    f"stage writes: add '{producer}' before '{stage}' to --stages")
+    return problems
 
 
 def run_stage(stage: str, store: Path, n_cells: int) -> dict:
@@ -72,7 +87,8 @@ def table(results: dict, sizes: list[int]) -> list[str]:
             else:
                 cells.append(f"{r[key]:.1f} / {r['peak_rss_gib']:.2f}")
                 times.append(r[key])
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {exponent(sizes, times):.2f} |")
+        slope = exponent(sizes, times)
+        lines.append(f"| {stage} | " + " | ".join(cells) + (f" | {slope:.2f} |" if np.isfinite(slope) else " | - |"))
     return lines
 
 
@@ -87,8 +103,13 @@ def main() -> None:
                         help="run nothing: build the section from the stage results kept in --store")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
     args = parser.parse_args()
-    args.store.mkdir(parents=True, exist_ok=True)
     sizes = sorted(args.sizes)
+    stages = [stage for stage in STAGES if stage in args.stages]  # the stages run in their pipeline order
+    problems = [] if args.report_only else missing_inputs(args.store, sizes, stages)
+    if problems:
+        parser.error("; ".join(problems))
+    args.stages = stages
+    args.store.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     results = {}
     for n in sizes:

@@ -121,3 +121,18 @@ def test_the_public_row_scores_every_stimulated_cell_or_refuses(tmp_path, monkey
     kept = treated[5:]
     with pytest.raises(RuntimeError, match=f"no ITE for 5 of the {treated.size} stimulated cells"):
         bench.public_row(adata, 0, _fake_public_ndreamer(tmp_path, kept, truth[kept]))
+
+
+def test_the_scale_bench_refuses_a_stage_whose_input_no_earlier_stage_writes(tmp_path, monkeypatch):
+    # `--stages match` on a fresh store ran every earlier stage's processes, then failed on a missing latent file
+    monkeypatch.syspath_prepend(os.path.join(HERE, "..", "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_scale", os.path.join(HERE, "..", "benchmarks", "bench_scale.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    problems = bench.missing_inputs(tmp_path, [500], ["match"])
+    assert len(problems) == 1 and "latent_500.npy" in problems[0] and "add 'infer' before 'match'" in problems[0]
+    assert bench.missing_inputs(tmp_path, [500], ["train", "infer", "match"]) == []
+    assert len(bench.missing_inputs(tmp_path, [500], ["infer", "ndreamer"])) == 2  # both read the trained model
+    (tmp_path / "latent_500.npy").write_bytes(b"")
+    assert bench.missing_inputs(tmp_path, [500], ["match"]) == []  # an earlier run's output in the store
+    assert bench.table({("train", 500): {"epoch_s": 1.0, "peak_rss_gib": 0.5}}, [500])[2].endswith("| - |")
