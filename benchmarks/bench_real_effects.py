@@ -24,8 +24,8 @@ Needs ``../shared/data`` (the Kang et al. 2018 files). Four measurements (``--pa
    k = 1, k = 10 and the default k, against the correlation of the donors' pseudobulk log fold changes (log1p of
    counts per 1e4 of summed cells).
 
-``--quick`` uses the compact network (``network_preset("small")``, batch size 256) and writes
-nothing unless ``--output`` is given. Torch runs on one thread.
+``--quick`` uses the compact network (``network_preset("small")``, batch size 256) for NDreamer and
+``QUICK_MODEL_EPOCHS`` epochs for the model route, and writes nothing unless ``--output`` is given. Torch runs on one thread.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ MODEL_SECTION_TITLE = "## NDreamer on Kang: the model route (bench_real_effects.
 # RegularizedVI on Kang (1,975 cells): 100 epochs at lr 1e-2 (the default 1e-3 left it far from fitting the ISGs
 # after 100 epochs: posterior predictive mean of ISG15 in control cells 14 counts against 0.94 observed)
 MODEL_EPOCHS, MODEL_LR, MODEL_DRAWS = 100, 1e-2, 30
+QUICK_MODEL_EPOCHS = 20  # --quick: a check that the route runs, not its figures
 PARTS = ("selection", "interferon", "model", "donors")
 
 
@@ -211,7 +212,7 @@ def muscat_reproducibility(network: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements, print them and (unless --quick) write the RESULTS.md sections they complete."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="compact network; writes nothing unless --output is given")
+    parser.add_argument("--quick", action="store_true", help=f"compact network, {QUICK_MODEL_EPOCHS} model epochs; writes nothing unless --output is given")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default benchmarks/RESULTS.md)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="measurements to run (default all); a section of RESULTS.md is written only by a run of all its parts")
@@ -232,10 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                  "its matched controls').\n\n"
                  "| gene | kept | ITE > 0 | q05 > 0 | detected |\n|---|---|---:|---:|---:|\n" + "\n".join(kang_interferon(network))
                  + "\n\n")
+    model_epochs = QUICK_MODEL_EPOCHS if args.quick else MODEL_EPOCHS
     if "model" in args.parts:
         model_body = (f"RegularizedVI on Kang in the basal-state design (`encoder_covariate_keys` and "
                       f"`nn_conditioning_covariate_keys` = condition, so the condition is also a feature-scaling key; "
-                      f"`latent_independence=10`, {MODEL_EPOCHS} epochs at lr {MODEL_LR:g}), then `NDreamer.from_model(...)`: "
+                      f"`latent_independence=10`, {model_epochs} epochs{' (quick)' if args.quick else ''} at lr {MODEL_LR:g}), "
+                      "then `NDreamer.from_model(...)`: "
                       f"share of stimulated cells whose decoded ITE (`estimate_model_ite`, {MODEL_DRAWS} draws of z) is "
                       "above 0, whose 90 % interval lies above 0, and whose matching ITE in the model's z (`estimate_ite`, "
                       "default k) is above 0; the share detected; the mean decoded ITE of stimulated cells against the "
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                       "the condition's feature scaling y, which the counterfactual switches with the decoder's condition.\n\n"
                       "| gene | model ITE > 0 | q05 > 0 | matching ITE > 0 | detected | mean model ITE | observed "
                       "difference | y_stim / y_ctrl |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
-                      + "\n".join(kang_model_route()) + "\n")
+                      + "\n".join(kang_model_route(epochs=model_epochs)) + "\n")
     if "donors" in args.parts:
         reproducibility, types = muscat_reproducibility(network)
         body += ("Muscat Kang subset, NDreamer on each donor alone: correlation across genes between the two donors.\n\n"
