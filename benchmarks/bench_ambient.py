@@ -36,7 +36,7 @@ soup amount (the 0 % group has no soup and is left out).
 
 Run from the repository root::
 
-    python benchmarks/bench_ambient.py simulator --variants seed,profile_empties
+    python benchmarks/bench_ambient.py simulator --variants seed,profile_empties  # every option: --help
     python benchmarks/bench_ambient.py spikein --variants seed,global_lr
     python benchmarks/bench_ambient.py simulator --variants seed,cellbender --cellbender /work/cb_venv/bin/cellbender
 """

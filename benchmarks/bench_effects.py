@@ -28,7 +28,7 @@ Rows:
 
 Usage::
 
-    python benchmarks/bench_effects.py --seeds 0 1 --public-python /path/to/venv/bin/python
+    python benchmarks/bench_effects.py --seeds 0 1 --public-python /path/to/venv/bin/python [--no-write]  # every option: --help
 """
 
 from __future__ import annotations

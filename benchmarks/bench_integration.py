@@ -20,6 +20,7 @@ Run from the repository root::
     python benchmarks/bench_integration.py --jobs 2            # every dataset and method, ~1 h on 2 cores
     python benchmarks/bench_integration.py --datasets kang_donors --methods "PCA,scVI nb" --no-write
     python benchmarks/bench_integration.py --seeds 0,1,2      # three trainings of each; tables are the means
+    python benchmarks/bench_integration.py --help             # every option (--epochs, --fresh, ...)
 """
 
 from __future__ import annotations

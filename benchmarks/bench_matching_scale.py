@@ -3,7 +3,7 @@ on 10^6 cells in 4 groups, with recall@1 against an exact search.
 
 Usage::
 
-    python benchmarks/bench_matching_scale.py [--n-cells N] [--threads N] [--output PATH]
+    python benchmarks/bench_matching_scale.py [--n-cells N] [--threads N] [--output PATH] [--no-write]
 
 The embedding is :func:`bench_matching.simulate_embedding` (50 PCA-like dimensions, 30 cell types,
 batch shifts). The whole ``match_groups`` call is timed (index training, adding, choosing the lists probed

@@ -27,7 +27,7 @@ Every model trains without early stopping. The table (with the oracle of
 Run from the repository root::
 
     python benchmarks/bench_model_ite.py --n-cells 2000 --n-genes 200 --epochs 120
-    python benchmarks/bench_model_ite.py --n-cells 3000 --n-genes 500 --epochs 200
+    python benchmarks/bench_model_ite.py --n-cells 3000 --n-genes 500 --epochs 200  # every option: --help
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_ndreamer_public.py --public-python /path/to/venv/bin/python [--cells 4000]
+    python benchmarks/bench_ndreamer_public.py --public-python /path/to/venv/bin/python [--cells 4000] [--no-write]
         [--genes 1500] [--batches 3] [--rounds 1] [--output PATH]
 
 Data (issue 13): ``datasets.simulate(n_cells, n_genes, n_batches, effect_modifier=1.0)``, seed 0. Each

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_regularizedvi_public.py --public-python /path/to/venv/bin/python [--cells 4000]
+    python benchmarks/bench_regularizedvi_public.py --public-python /path/to/venv/bin/python [--cells 4000] [--no-write]
         [--genes 1500] [--batches 3] [--epochs 10] [--warmup 1] [--batch-sizes 128 1024] [--rounds 2]
         [--public-commit SHA] [--output PATH]
 

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_scale.py [--sizes 100000 300000 1000000] [--store DIR] [--output PATH]
+        [--stages read train infer ndreamer match] [--no-write] [--report-only] [--note TEXT]
 
 For each size the simulator's cells (20,000 cells x 2,000 genes, 4 batches, resampled and binomially
 thinned to the size) are written block by block to an ``.h5ad`` (kept in ``--store`` and reused), then

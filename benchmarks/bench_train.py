@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_train.py [--quick] [--epochs N] [--threads N] [--batch-sizes 1024 128]
+    python benchmarks/bench_train.py [--quick] [--epochs N] [--threads N] [--batch-sizes 1024 128]  # every option: --help
         [--rounds 2] [--output PATH]
 
 Both tools train the same architecture (``n_hidden=128``, ``n_latent=10``, ``n_layers=1``,
