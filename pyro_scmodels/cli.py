@@ -24,7 +24,7 @@ from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import in_option_names, build_parser, check_arguments
-from .cli_launch import first_cells, launch_torchrun, leave_process_group, rank_prefix, stop_signals_as_interrupt
+from .cli_launch import launch_torchrun, leave_process_group, rank_prefix, stop_signals_as_interrupt
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -267,13 +267,18 @@ def _set_up(adata, args) -> None:
 
 
 def _check_before_launch(args) -> None:
-    """``fit --devices N``: the device, and the setup on the file's first cells, checked once before the processes
-    start (a refusal inside them came with torchrun's traceback and exit code 1); the processes check every cell."""
+    """``fit --devices N``: the device, and the setup on every cell of the file, checked once before the processes
+    start (a refusal inside them came with torchrun's traceback and exit code 1)."""
     _check_device(args.device)
-    cells = first_cells(args.data)
-    _set_up(cells, args)
-    if args.empty_droplets is not None:  # read, and checked against the first cells' genes and ambient categories
-        _profile_from_empty_droplets(args.empty_droplets, cells)
+    # read backed whatever --backed says: the counts are checked chunk by chunk, as a --backed process checks them
+    # (the file's first 1,000 cells only, as before, let a bad count further on reach the processes)
+    adata = read_h5ad(args.data, backed="r")
+    try:
+        _set_up(adata, args)
+        if args.empty_droplets is not None:  # read, and checked against the data's genes and ambient categories
+            _profile_from_empty_droplets(args.empty_droplets, adata)
+    finally:
+        adata.file.close()
 
 
 def run_fit(args, folder: OutputFolder) -> None:

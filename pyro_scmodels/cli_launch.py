@@ -1,9 +1,8 @@
 """``pyro-scmodels fit --devices N``: the command run again under torchrun, one process per device.
 
-The launching process checks the input on its first cells (:func:`first_cells`), starts torchrun
-(:func:`launch_torchrun`) and passes Ctrl-C on to it; each process prefixes its errors with its rank
-(:func:`rank_prefix`), stops on SIGTERM as on Ctrl-C (:func:`stop_signals_as_interrupt`) and closes its process
-group at the end (:func:`leave_process_group`).
+The launching process, once the command has checked the input, starts torchrun (:func:`launch_torchrun`) and
+passes Ctrl-C on to it; each process prefixes its errors with its rank (:func:`rank_prefix`), stops on SIGTERM as
+on Ctrl-C (:func:`stop_signals_as_interrupt`) and closes its process group at the end (:func:`leave_process_group`).
 """
 
 from __future__ import annotations
@@ -16,39 +15,7 @@ import subprocess
 import sys
 import threading
 
-from ._io import read_h5ad
-from .data.counts import stored_x
 from .distributed import launched_world_size
-
-LAUNCH_CHECK_CELLS = 1_000  # cells of the input set up in the launching process, to check the options
-
-
-def first_cells(path: str, n_cells: int = LAUNCH_CHECK_CELLS):
-    """The first ``n_cells`` of the h5ad at ``path`` in memory: X and every layer (a file may hold its counts in a
-    layer only, without X), obs and var; the file is read backed, so only those rows are read.
-
-    Parameters
-    ----------
-    path
-        An ``.h5ad`` file.
-    n_cells
-        How many cells (all, when the file holds fewer).
-
-    Returns
-    -------
-    anndata.AnnData
-    """
-    import anndata
-
-    adata = read_h5ad(path, backed="r")
-    try:
-        rows = slice(0, min(adata.n_obs, n_cells))
-        x = stored_x(adata)
-        return anndata.AnnData(X=None if x is None else x[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy(),
-                               layers={name: adata.layers[name][rows] for name in adata.layers})
-    finally:
-        adata.file.close()
-
 
 def launch_torchrun(argv: list[str], devices: int) -> int:
     """``fit --devices N`` outside torchrun: run the same command under ``torchrun --standalone`` with N processes.

@@ -22,6 +22,7 @@ import anndata
 import mudata
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import pytest
 import torch
 from pyro.poutine.messenger import Messenger
@@ -409,6 +410,19 @@ def test_fit_devices_starts_torchrun_with_the_same_command(monkeypatch, tmp_path
     assert cli.main(["fit", str(tmp_path / "layer_only.h5ad"), "-o", str(tmp_path / "out3"), "--devices", "2",
                      "--layer", "counts", "--batch-key", "batch"]) == 0
     assert len(started) == 2
+    # every cell is checked before the launch: a fractional count in cell 1,100 (the launcher checked the first
+    # 1,000 cells, and the processes found it with torchrun's traceback), in X read in memory and in a layer
+    many = _cells(1_200)
+    counts = many.layers["counts"].astype(np.float32)
+    counts = counts.toarray() if hasattr(counts, "toarray") else counts
+    counts[1_100, np.argmax(counts[1_100])] += 0.5
+    many.X, many.layers["counts"] = sp.csr_matrix(counts), sp.csr_matrix(counts)
+    many.write_h5ad(tmp_path / "late_bad.h5ad")
+    for options in ([], ["--layer", "counts"]):
+        code, error = _cli_error(cli, ["fit", str(tmp_path / "late_bad.h5ad"), "-o", str(tmp_path / "out4"), "--devices",
+                                       "2", "--batch-key", "batch", *options])
+        assert code == 2 and "non-integer values" in error and error.count("\n") == 1, (options, error)
+    assert len(started) == 2 and not (tmp_path / "out4").exists()
 
 
 def _cli_error(cli, argv) -> tuple[int, str]:
