@@ -49,6 +49,27 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
     return np.unique(selection)
 
 
+def _measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -> list[tuple]:
+    """The comparisons without the cells that have no counts in ``modality`` (a multimodal model masks their
+    likelihood, so their decoded expression carries nothing of that modality: counted, they pulled every LFC toward 0).
+    Says how many cells were left out; a group left without cells is refused."""
+    measured = totals > 0
+    kept, left_out = [], set()
+    for name1, name2, cells1, cells2 in tests:
+        for name, cells in ((name1, cells1), (name2, cells2)):
+            if cells.size and not measured[cells].any():
+                raise ValueError(f"differential_expression: none of the {cells.size} cells of {name!r} has counts in "
+                                 f"modality {modality!r}, so the model has nothing of that modality to compare for them; "
+                                 "choose groups with measured cells, or another modality=.")
+            left_out.update(cells[~measured[cells]].tolist())
+        kept.append((name1, name2, cells1[measured[cells1]], cells2[measured[cells2]]))
+    if left_out:
+        warnings.warn(f"differential_expression: {len(left_out)} of the compared cells have no counts in modality "
+                      f"{modality!r} (their likelihood is masked, their decoded {modality!r} is the model's guess from "
+                      "the other modalities); they are left out of the test.", UserWarning, stacklevel=3)
+    return kept
+
+
 def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=None, idx2=None):
     """The comparisons asked for, scvi-tools style, as ``(group1, group2, cells1, cells2)`` tuples.
 
@@ -282,7 +303,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     adata, batch_size, seed
         Cells (default the training data), minibatch size, seed of subsets and samples.
     modality
-        Multimodal models: the modality tested (default the first).
+        Multimodal models: the modality tested (default the first). Cells without counts in it (whose likelihood the
+        model masks) are left out of both groups, with a warning saying how many; a group with none left is refused.
     all_stats
         Add the observed-count columns (``raw_mean1``, ``non_zeros_proportion1``, ...).
 
@@ -314,7 +336,11 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     modality = model.default_modality(modality)
     strata1, strata2, paired = _correction_strata(model, batch_correction, batchid1, batchid2)
     tests = comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
-    matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats else None
+    skip_empty = bool(model.masks_cells_without_counts)
+    matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats or skip_empty else None
+    if skip_empty:
+        tests = _measured_cells_only(tests, matrix.totals(), modality)
+    matrix = matrix if all_stats else None
     rng = np.random.default_rng(seed)
     tables = []
     for i, (name1, name2, cells1, cells2) in enumerate(tests):
@@ -330,8 +356,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                                 pseudocount)
             table.insert(5, "pseudocounts", pseudocount)  # before delta, as scvi-tools orders them
         if matrix is not None:
-            for column, values in raw_count_properties(matrix, cells1, cells2,
-                                                       skip_empty=model.masks_cells_without_counts).items():
+            for column, values in raw_count_properties(matrix, cells1, cells2, skip_empty=skip_empty).items():
                 table[column] = pd.Series(values, index=model.feature_names(modality))
         if mode == "change":  # the selection last, after the raw columns, as scvi-tools orders them
             table[f"is_de_fdr_{fdr_target}"] = table.pop(f"is_de_fdr_{fdr_target}")
