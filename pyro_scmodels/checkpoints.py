@@ -39,8 +39,8 @@ EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06",
 #: the same, where matching the earlier form leaves something unchecked: it matches, with a warning (a multimodal
 #: subclass with its own blocks resuming a checkpoint that did not record the blocks)
 UNCHECKED_EQUIVALENT_PARTS = {"module classes": "module classes as written before 2026-12-06, blocks unchecked"}
-#: dict parts whose entries may be unknown (None, e.g. the sums of counts on disk, which are not read): such an entry
-#: matches any value (the same file trained backed and resumed in memory)
+#: dict parts whose entries may be unknown in a saved state (None: the counts on disk, not summed before 2026-12-06):
+#: such an entry matches any value, with a warning that it cannot be checked
 PARTS_WITH_UNKNOWN_ENTRIES = ("counts",)
 #: a module a loop keeps, and the loop: a checkpoint from before the "loop" entry is told by its modules
 LEGACY_LOOP_MODULES = {"network": "NDreamerTrainer", "model": "SVITrainer"}
@@ -137,6 +137,11 @@ def fingerprint_differences(saved: dict, fingerprint: dict) -> list[str]:
                 lambda k: False)
             differing += [f"{key}.{k}" for k in sorted(set(old) | set(new), key=str)
                           if not _same(old.get(k), new.get(k)) and not unknown(k)]
+            unchecked = [k for k in sorted(set(old) | set(new), key=str) if unknown(k) and not _same(old.get(k), new.get(k))]
+            if unchecked and not differing:
+                warnings.warn(f"The saved state did not record the {key} of {', '.join(map(repr, unchecked))} (counts on "
+                              "disk, saved before 2026-12-06): it is taken up without checking that they are the "
+                              "counts it was trained on.", UserWarning, stacklevel=2)
         else:
             differing.append(key)
     return differing

@@ -324,6 +324,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                         f"(got a {type(groupby).__name__}); pass the data as adata=..., e.g. "
                         "model.differential_expression(adata=adata, groupby='cell_type').")
     mode = V.choice("mode", mode, MODES)
+    all_stats = V.boolean("all_stats", all_stats)
     num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
                                      (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))
     delta = None if delta is None else V.non_negative_float("delta", delta)  # vanilla mode does not use it

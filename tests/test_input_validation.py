@@ -305,6 +305,25 @@ def test_save_over_existing_model_needs_overwrite(trained):
     with pytest.raises(FileExistsError, match=r"model\.pt exists; pass overwrite=True"):
         model.save(str(folder))
     model.save(str(folder), overwrite=True)  # and with it, saving succeeds
+    # a string from a config file or argparse: "False" replaced the saved model (and NDreamer's save, and its effects)
+    before = (folder / "model.pt").read_bytes()
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'False'"):
+        model.save(str(folder), overwrite="False")
+    assert (folder / "model.pt").read_bytes() == before
+
+
+def test_flags_given_as_strings_are_refused_not_read_as_true(trained):
+    # return_mean="False" returned the mean, return_numpy="False" an array: the answer quietly not the one asked for
+    model, data, _ = trained
+    for call, flag in ((lambda v: model.get_elbo(return_mean=v), "return_mean"),
+                       (lambda v: model.get_reconstruction_error(return_mean=v), "return_mean"),
+                       (lambda v: model.get_marginal_ll(return_mean=v, n_mc_samples=2), "return_mean"),
+                       (lambda v: model.get_normalized_expression(return_numpy=v), "return_numpy"),
+                       (lambda v: model.differential_expression("cell_type", all_stats=v, num_samples=2, n_cells=10),
+                        "all_stats")):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
+            call("False")
+    assert isinstance(model.get_elbo(return_mean=np.False_), np.ndarray)  # numpy's bool is a bool
 
 
 def test_load_from_empty_folder(tmp_path):

@@ -302,7 +302,7 @@ def test_a_checkpoint_trained_backed_resumes_in_memory_and_a_loaded_models_own_r
     backed = anndata.read_h5ad(path, backed="r")
     ps.RegularizedVI.setup_anndata(backed, batch_key="batch")
     ps.RegularizedVI(backed, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path / "run"), **QUICK)
-    in_memory = anndata.read_h5ad(path)  # the same file: the sums of counts on disk are not read, and match any
+    in_memory = anndata.read_h5ad(path)  # the same file: its counts summed from disk match those in memory
     ps.RegularizedVI.setup_anndata(in_memory, batch_key="batch")
     resumed = ps.RegularizedVI(in_memory, **SMALL)
     resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "run"), **QUICK)
@@ -337,3 +337,58 @@ def test_a_checkpoint_trained_backed_resumes_in_memory_and_a_loaded_models_own_r
     # 6 steps, not 3 epochs afresh (9 steps) beside the checkpoint, which it then overwrote
     assert list(again.history.index) == [0, 1, 2, 3, 4] and counted["steps"] == 6
     assert again.trainer.step == resumed.trainer.step + 9  # the steps count on from the save's (warm-up by steps)
+
+
+def test_a_checkpoint_trained_backed_refuses_other_counts_on_disk_in_every_format(small, tmp_path):
+    # the counts on disk were recorded as unknown, matching any: a run on thinned counts under the same names took up
+    # the finished checkpoint and returned the first data's model as its own (in memory: refused)
+    import anndata
+    import scipy.sparse as sp
+    import torch
+
+    from pyro_scmodels.checkpoints import StateMismatchError
+
+    from ._on_disk_files import write_counts_h5ad
+
+    path = write_counts_h5ad(small.copy(), tmp_path / "cells.h5ad")
+    thinned = anndata.read_h5ad(path)
+    thinned.X.data = np.ceil(thinned.X.data / 2)  # the same names and stored entries
+    thinned.write_h5ad(tmp_path / "thinned.h5ad")
+
+    def model_on(file, backed="r", layout=None):
+        if layout is not None:  # the same counts written as CSC or dense
+            adata = anndata.read_h5ad(file)
+            adata.X = sp.csc_matrix(adata.X) if layout == "csc" else adata.X.toarray()
+            file = str(tmp_path / f"{layout}_{backed}.h5ad")
+            adata.write_h5ad(file)
+        adata = anndata.read_h5ad(file, backed=backed)
+        ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+        return ps.RegularizedVI(adata, **SMALL)
+
+    first = model_on(path)
+    first.train(max_epochs=1, checkpoint_dir=str(tmp_path / "run"), **QUICK)
+    for backed in ("r", None):
+        with pytest.raises(StateMismatchError, match=r"counts\.x differ"):
+            model_on(str(tmp_path / "thinned.h5ad"), backed).train(max_epochs=1, checkpoint_dir=str(tmp_path / "run"),
+                                                                  **QUICK)
+    # the same counts, read in memory or from disk as CSR, CSC or dense, take the checkpoint up
+    for backed, layout in ((None, None), ("r", "csc"), ("r", "dense"), (None, "dense")):
+        again = model_on(path, backed, layout)
+        again.train(max_epochs=1, checkpoint_dir=str(tmp_path / "run"), **QUICK)
+        assert all(torch.equal(a, b) for a, b in zip(first.module.state_dict().values(),
+                                                     again.module.state_dict().values())), (backed, layout)
+    # a model saved from disk, loaded onto thinned counts: its training state is dropped, as in memory
+    first.save(str(tmp_path / "model"))
+    with pytest.warns(UserWarning, match=r"counts\.x differ"):
+        loaded = ps.RegularizedVI.load(str(tmp_path / "model"),
+                                       adata=anndata.read_h5ad(tmp_path / "thinned.h5ad", backed="r"))
+    assert loaded.trainer is None
+
+
+def test_a_checkpoint_that_did_not_record_its_counts_on_disk_is_taken_up_with_a_warning():
+    from pyro_scmodels.checkpoints import fingerprint_differences
+
+    saved = {"counts": {"x": None}, "cells": 10}
+    with pytest.warns(UserWarning, match="did not record the counts of 'x'"):
+        assert fingerprint_differences(saved, {"counts": {"x": "5 entries, sum 9"}, "cells": 10}) == []
+    assert fingerprint_differences(saved, {"counts": {"x": "5 entries, sum 9"}, "cells": 11}) == ["cells"]

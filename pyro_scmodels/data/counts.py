@@ -61,6 +61,11 @@ def fingerprint(matrix) -> dict:
             "sum": total}
 
 
+def _stored_entries(block) -> int:
+    """Entries a block stores: a sparse block's stored values, a dense block's nonzeros (as :func:`fingerprint`)."""
+    return int(block.nnz) if sp.issparse(block) else int(np.count_nonzero(block))
+
+
 def _first_bad_row(block) -> int:
     """The first row of a block (sparse or dense) holding a NaN or Inf."""
     if sp.issparse(block):
@@ -109,6 +114,7 @@ class CountMatrix:
         if self.shape[1] == 0:
             raise ValueError(f"{name} has zero features (genes); nothing to fit.")
         self._totals = None
+        self._stored = None  # stored entries counted in a pass over counts on disk (see content_summary)
         # an on-disk CSR (backed AnnData) is read as contiguous runs; other backed formats go through anndata
         self.disk = DiskCSR(matrix) if _is_backed(matrix) and is_disk_csr(matrix) else None
         self._held: tuple[np.ndarray, sp.csr_matrix] | None = None
@@ -169,8 +175,10 @@ class CountMatrix:
     def validate(self) -> None:
         """Raise ``ValueError`` on NaN/Inf, negative or non-integer counts, or empty cells."""
         totals = np.empty(self.n_cells, dtype=np.float64)
+        stored = 0
         for start, stop, block in self.chunks():
             values = block.data if sp.issparse(block) else np.asarray(block)
+            stored += _stored_entries(block)
             if not np.all(np.isfinite(values)):
                 raise ValueError(
                     f"{self.name} contains NaN or Inf values (first at row {start + _first_bad_row(block)}). "
@@ -197,17 +205,36 @@ class CountMatrix:
                 f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
                 "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
             )
-        self._totals = totals
+        self._totals, self._stored = totals, stored
         self.validated = True
 
     def totals(self) -> np.ndarray:
         """Total counts per cell (float64, length ``n_cells``)."""
         if self._totals is None:
             totals = np.empty(self.n_cells, dtype=np.float64)
+            stored = 0
             for start, stop, block in self.chunks():
                 totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
-            self._totals = totals
+                stored += _stored_entries(block)
+            self._totals, self._stored = totals, stored
         return self._totals
+
+    def content_summary(self) -> str:
+        """The counts' stored entries and their sum, as ``"N entries, sum S"``: what tells these counts from others
+        of the same shape (thinned, normalised, other cells) when a saved training state is taken up.
+
+        In memory it is the :attr:`fingerprint`'s; on disk it is counted in one pass over the file (the pass that
+        validation or :meth:`totals` makes, kept), so that counts on disk are checked as counts in memory are, and
+        the same file read either way gives the same summary.
+        """
+        if self.fingerprint["sum"] is not None:
+            entries, total = self.fingerprint["nnz"], self.fingerprint["sum"]
+        else:
+            if self._stored is None:
+                self._totals = None  # totals given without a pass (none are): count both in one
+                self.totals()
+            entries, total = self._stored, float(np.sum(self._totals, dtype=np.float64))
+        return f"{entries} entries, sum {total:.12g}"
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Dense float32 rows ``indices`` (in the given order)."""

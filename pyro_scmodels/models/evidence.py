@@ -103,6 +103,7 @@ class EvidenceQueries:
         -------
         float or numpy.ndarray
         """
+        return_mean = V.boolean("return_mean", return_mean)  # a string "False" read as True returned the mean
         parts = [draws[0]["model"] - draws[0]["guide"] for draws in self._evidence_batches(adata, indices, batch_size, 1, seed)]
         return self._reduce(parts, return_mean)
 
@@ -123,6 +124,7 @@ class EvidenceQueries:
             in that modality and averaged over the cells with counts (the total holds the modalities
             each cell has).
         """
+        return_mean = V.boolean("return_mean", return_mean)
         per_site: dict[str, list] = {}
         measured: dict[str, list] = {}
         for draws in self._evidence_batches(adata, indices, batch_size, 1, seed):
@@ -159,6 +161,7 @@ class EvidenceQueries:
         float or numpy.ndarray
         """
         n_mc_samples = V.positive_int("n_mc_samples", n_mc_samples)
+        return_mean = V.boolean("return_mean", return_mean)
         parts = []
         for draws in self._evidence_batches(adata, indices, batch_size, n_mc_samples, seed):
             log_weights = torch.stack([d["model"] - d["guide"] for d in draws])

@@ -138,6 +138,7 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     _check_library_size(library_size)
     n_samples = V.positive_int("n_samples", n_samples)
     return_mean = V.boolean("return_mean", return_mean)
+    return_numpy = V.optional(V.boolean, "return_numpy", return_numpy)  # "False" returned an array
     modality = model.default_modality(modality)
     options = {} if modality is None else {"modality": modality}
     switches = [model.nn_switch(c) for c in transform_covariates(model, transform_batch)]

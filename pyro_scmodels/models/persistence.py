@@ -54,6 +54,7 @@ class SavedModel:
         """
         path = os.path.join(dir_path, MODEL_FILE)
         save_anndata = V.boolean("save_anndata", save_anndata)
+        overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         writable_folder("dir_path", dir_path)
@@ -204,8 +205,7 @@ class SavedModel:
             # counts or relabelled cells under the same names resumed silently
             "cell order": names_digest(self.adata.obs_names),
             "cell covariates": {role: setting_text(values.numpy()) for role, values in data.covariates.items()},
-            # None for counts on disk (not read for this): they match any (PARTS_WITH_UNKNOWN_ENTRIES)
-            "counts": {name: None if matrix.fingerprint["sum"] is None
-                       else f"{matrix.fingerprint['nnz']} entries, sum {matrix.fingerprint['sum']:.12g}"
-                       for name, matrix in data.modalities.items()},
+            # counts on disk are summed in one pass (recorded as None before 2026-12-06, matching any: other counts
+            # under the same names resumed silently; such a saved None is taken up with a warning)
+            "counts": {name: matrix.content_summary() for name, matrix in data.modalities.items()},
         }

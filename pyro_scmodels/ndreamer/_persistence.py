@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .. import _validation as V
 from .._atomic import STAGED_PREFIX, atomic_path, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
 from ..data.source_state import state_digest
@@ -67,6 +68,7 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     one stopped during the renames leaves a folder without settings, which does not load (never a mix of two
     saves, which loaded without a word).
     """
+    overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
     writable_folder("dir_path", dir_path)
@@ -280,6 +282,7 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     ``columns`` (positions; None for all) select the rows and genes written, in their order.
     """
     path = os.fspath(path)
+    overwrite = V.boolean("overwrite", overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     if not path.endswith(".h5ad"):
         raise ValueError(f"write_effects writes an .h5ad file; got {path!r}.")
