@@ -27,7 +27,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 #: fingerprint parts added after checkpoints were first written (an older checkpoint lacks them)
 ADDED_FINGERPRINT_PARTS = ("covariate keys", "covariate categories", "priors", "feature names", "model settings",
                            "module classes", "cell order", "cell labels", "expression", "cell covariates", "counts",
-                           "query reference")
+                           "query reference", "gene order")
 #: a model's parts that finer ones (which name what differs) replace: compared only for a checkpoint written before
 #: its successor existed, so that an older checkpoint keeps its check and a newer one reports each difference once
 SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "covariate keys"}

@@ -89,6 +89,10 @@ def test_checkpoint_of_other_labels_or_other_data_under_the_same_names_is_refuse
     reordered = tiny_adata[::-1].copy()
     with pytest.raises(ValueError, match=r"different data or settings \(cell labels, cell order differ\)"):
         _nd(reordered).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+    # the same genes in another order: the network's gene rows belonged to other genes (ITE up to 3.6 off)
+    genes_reversed = tiny_adata[:, tiny_adata.var_names[::-1]].copy()
+    with pytest.raises(ValueError, match=r"different data or settings \(gene order differ\)"):
+        _nd(genes_reversed).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
 
 
 def test_edited_loss_weights_and_renamed_cells_are_what_a_save_and_a_checkpoint_record(tiny_adata, tmp_path):

@@ -149,6 +149,8 @@ def training_fingerprint(cells: pd.Index, genes: pd.Index, settings: dict, loss_
             "loss_weights": {k: repr(v) for k, v in dataclasses.asdict(loss_weights).items()},
             # added later (ADDED_FINGERPRINT_PARTS): a relabelled design, or other data under the same names
             "cell order": names_digest(cells),
+            # the network's gene rows are by position: the same genes in another order resumed without a word
+            "gene order": names_digest(genes),
             "cell labels": f"{[str(c) for c in conditions]} {setting_text(np.concatenate(label_codes))}",
             "expression": expression_summary}
 
