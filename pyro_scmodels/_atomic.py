@@ -58,6 +58,30 @@ def write_h5ad(adata, path: str) -> None:
         write_copy(temporary, adata)
 
 
+def refuse_foreign_files(dir_path: str, marker: str, names, what: str) -> None:
+    """``FileExistsError`` naming the first of ``names`` in ``dir_path`` when no ``marker`` makes the folder a save:
+    such a file is someone else's (the user's data, another command's results), which a save must not replace.
+
+    Parameters
+    ----------
+    dir_path
+        The folder saved into.
+    marker
+        The file that marks a complete save (its presence: the files are an earlier save's, replaced with
+        ``overwrite=True``).
+    names
+        The files the save writes or removes.
+    what
+        What is saved, for the message (e.g. ``"a saved model"``).
+    """
+    if os.path.exists(os.path.join(dir_path, marker)):
+        return
+    for name in names:
+        if os.path.exists(os.path.join(dir_path, name)):
+            raise FileExistsError(f"{os.path.join(dir_path, name)} exists and is not part of {what} (there is no "
+                                  f"{marker}); save into another folder, or pass overwrite=True to replace it.")
+
+
 STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place once every file of the save is written
 
 
@@ -67,8 +91,9 @@ def staged_save(dir_path: str, marker: str, replaces=()):
 
     Each file is written (atomically) under a staged name beside its final one. Only when the block has
     written them all are they put in place: ``marker``, the file that makes the folder a saved object, is
-    removed first, the files of ``replaces`` that this save did not write are removed (they belong to the
-    earlier save), the others are renamed in, and ``marker`` last. A save that fails while writing (a full
+    removed first, the files of ``replaces`` that this save did not write are removed when ``marker`` was there
+    before the save (they belong to the earlier save; without it they are someone else's, and stay), the others
+    are renamed in, and ``marker`` last. A save that fails while writing (a full
     disk, Ctrl-C) leaves the earlier save as it was; one stopped during the renames leaves a folder without
     ``marker``, which does not load.
 
@@ -87,6 +112,7 @@ def staged_save(dir_path: str, marker: str, replaces=()):
         ``stage(name) -> path``: the path to write the file ``name`` to.
     """
     final = lambda name: os.path.join(dir_path, name)  # noqa: E731
+    earlier_save = os.path.exists(final(marker))
     staged: list[str] = []
     try:
         with contextlib.ExitStack() as stack:
@@ -100,7 +126,7 @@ def staged_save(dir_path: str, marker: str, replaces=()):
         # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
         with contextlib.suppress(FileNotFoundError):
             os.remove(final(marker))
-        for name in replaces:
+        for name in replaces if earlier_save else ():
             if name not in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(final(name))

@@ -5,6 +5,7 @@ offending key, layer, argument or value, or the fix. The data are tiny so the wh
 runs in seconds.
 """
 
+import os
 import re
 
 import numpy as np
@@ -310,6 +311,28 @@ def test_save_over_existing_model_needs_overwrite(trained):
     with pytest.raises(TypeError, match="overwrite must be True or False, got 'False'"):
         model.save(str(folder), overwrite="False")
     assert (folder / "model.pt").read_bytes() == before
+
+
+def test_a_save_leaves_files_it_did_not_write_alone(trained, tmp_path):
+    # the user's own adata.h5ad in the folder (the data the model was trained on) was deleted by a save without
+    # overwrite, and replaced by the model's copy with save_anndata=True
+    model, data, _ = trained
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "adata.h5ad").write_bytes(b"the user's data")
+    model.save(str(folder))
+    assert (folder / "adata.h5ad").read_bytes() == b"the user's data" and (folder / "model.pt").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adata.h5ad").write_bytes(b"the user's data")
+    with pytest.raises(FileExistsError, match=r"adata\.h5ad exists and is not part of a saved model"):
+        model.save(str(other), save_anndata=True)
+    assert os.listdir(other) == ["adata.h5ad"] and (other / "adata.h5ad").read_bytes() == b"the user's data"
+    # an earlier save's data copy is the save's own: replaced (overwrite=True) or removed with the earlier model
+    model.save(str(other), save_anndata=True, overwrite=True)
+    assert RegularizedVI.load(str(other)).adata.n_obs == data.n_obs
+    model.save(str(other), overwrite=True)
+    assert sorted(os.listdir(other)) == ["model.pt"]
 
 
 def test_flags_given_as_strings_are_refused_not_read_as_true(trained):

@@ -309,6 +309,17 @@ def test_training_goes_on_after_save_and_load_as_in_memory(tiny_adata, tmp_path)
     np.testing.assert_array_equal(back.get_modifier_space(), nd.get_modifier_space())
 
 
+def test_a_save_into_a_folder_of_other_results_is_refused(tiny_adata, tmp_path):
+    # NDreamer.save("out") after `pyro-scmodels fit -o out` replaced the fit's results.h5ad without overwrite=True
+    nd = _nd(tiny_adata)
+    (tmp_path / "results.h5ad").write_bytes(b"the fit's results")
+    with pytest.raises(FileExistsError, match=r"results\.h5ad exists and is not part of a saved NDreamer"):
+        nd.save(str(tmp_path))
+    assert os.listdir(tmp_path) == ["results.h5ad"] and (tmp_path / "results.h5ad").read_bytes() == b"the fit's results"
+    nd.save(str(tmp_path), overwrite=True)  # asked for: replaced
+    assert NDreamer.load(str(tmp_path)).results.n_obs == tiny_adata.n_obs
+
+
 def test_a_failed_overwrite_leaves_the_earlier_save_whole(tiny_adata, tmp_path, monkeypatch):
     import pyro_scmodels.ndreamer._persistence as persistence
 

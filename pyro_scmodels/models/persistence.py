@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .. import _validation as V
-from .._atomic import staged_save, write_h5ad
+from .._atomic import refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, UNCHECKED_EQUIVALENT_PARTS, StateMismatchError
 from ..data.source_state import names_digest, setting_text, unordered_names_hash
@@ -57,6 +57,8 @@ class SavedModel:
         overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        if not overwrite:  # the user's own adata.h5ad in the folder was removed (or replaced) by a save
+            refuse_foreign_files(dir_path, MODEL_FILE, [self._data_file()] if save_anndata else [], "a saved model")
         writable_folder("dir_path", dir_path)
         self.module.model.check_priors()  # a buffer of a shape its site cannot take would save a model that cannot load
         payload = self._save_payload()

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import _validation as V
-from .._atomic import STAGED_PREFIX, atomic_path, staged_save, write_h5ad
+from .._atomic import STAGED_PREFIX, atomic_path, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
 from ..data.source_state import state_digest
 from ..nn import Standardiser
@@ -71,6 +71,8 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
     if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
         raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
+    if not overwrite:  # e.g. the results.h5ad of `pyro-scmodels fit` in the same folder, replaced by NDreamer's
+        refuse_foreign_files(dir_path, SETTINGS_FILE, SAVED_FILES, "a saved NDreamer")
     writable_folder("dir_path", dir_path)
     with staged_save(dir_path, SETTINGS_FILE, replaces=(NETWORK_FILE, TRAINING_FILE, COUNTS_FILE)) as stage:
         if nd.network is not None:
