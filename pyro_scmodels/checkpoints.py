@@ -167,6 +167,7 @@ class LoopCheckpoints:
         """Continue from the checkpoint at ``path`` if there is one (read by the writing rank, handed to all)."""
         state = self.parallel.from_writer(lambda: load_torch_file(path, "training checkpoint") if os.path.exists(path) else None)
         if state is not None:
+            self._refuse_a_file_that_is_not_a_checkpoint(state, path)
             self.load_state(state, source=f"Checkpoint {path}")
             self.after_resume()
             if self.parallel.is_writer:
@@ -179,6 +180,7 @@ class LoopCheckpoints:
             if not os.path.exists(path):
                 return None
             state = load_torch_file(path, "training checkpoint")
+            self._refuse_a_file_that_is_not_a_checkpoint(state, path)
             return {key: state.get(key) for key in ("run", "loop", "fingerprint")}
 
         found = self.parallel.from_writer(summary)
@@ -247,7 +249,24 @@ class LoopCheckpoints:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore the state written by :meth:`save_checkpoint` (fingerprint checked)."""
-        self.load_state(load_torch_file(path, "training checkpoint"), source=f"Checkpoint {path}")
+        state = load_torch_file(path, "training checkpoint")
+        self._refuse_a_file_that_is_not_a_checkpoint(state, path)
+        self.load_state(state, source=f"Checkpoint {path}")
+
+    def _refuse_a_file_that_is_not_a_checkpoint(self, state, path: str) -> None:
+        """``ValueError`` unless ``state`` holds what :meth:`save_checkpoint` writes: a saved NDreamer's training state
+        (no network) copied in as a checkpoint was taken up with the random network; a pickled list failed with
+        ``AttributeError``."""
+        if isinstance(state, dict) and (state.get("loop", type(self).__name__) != type(self).__name__
+                                        or any(name in state and name not in self.modules for name in LEGACY_LOOP_MODULES)):
+            return  # another model's checkpoint: load_state names the model that wrote it
+        needed = [*self.modules, "epoch", "step", "history"]
+        missing = needed if not isinstance(state, dict) else [key for key in needed if key not in state]
+        if missing:
+            held = type(state).__name__ if not isinstance(state, dict) else f"keys {sorted(map(str, state))[:8]}"
+            raise ValueError(f"{path} is not a training checkpoint of this {type(self).__name__} (it lacks "
+                             f"{', '.join(map(repr, missing))}; it holds {held}): remove it or choose another "
+                             "checkpoint_dir.")
 
     def move_optimizer_state(self) -> None:
         """After the modules moved device, move the optimiser's state with them."""

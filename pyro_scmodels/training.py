@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -124,6 +125,7 @@ class TrainingLoop(LoopCheckpoints):
         self.interruption: str | None = None  # set by Ctrl-C during fit: how far training got
         # where the interrupted call started, and the state after its last whole epoch: the next call finishes it
         self._interrupted_call: dict | None = None
+        self.seed: int | None = None  # the seed of the last call to fit (its epochs' draws), kept with the state
         self.run_id = uuid.uuid4().hex  # which run a checkpoint belongs to (a resume takes the checkpoint's)
         # a loop resumes a checkpoint until it has run an epoch or had a state restored (its epoch count may start
         # above 0: a saved model's history carried onto other cells)
@@ -183,6 +185,21 @@ class TrainingLoop(LoopCheckpoints):
     def extra_state(self) -> dict:
         """Subclass state that a checkpoint must also hold."""
         return {}
+
+    def state(self, include_modules: bool = True) -> dict:
+        """As :meth:`LoopCheckpoints.state`, with an interruption (Ctrl-C) and the call it cut short, so that a model
+        saved after one warns after loading and its next ``train()`` finishes that call, as in memory."""
+        state = super().state(include_modules)
+        state["seed"] = self.seed
+        if self.interruption:
+            state["interruption"], state["interrupted call"] = self.interruption, self._interrupted_call
+        return state
+
+    def load_state(self, state: dict, source: str = "the saved state", check: bool = True) -> None:
+        """As :meth:`LoopCheckpoints.load_state`, with the interruption :meth:`state` kept (None when it has none)."""
+        super().load_state(state, source, check)
+        self.interruption, self._interrupted_call = state.get("interruption"), state.get("interrupted call")
+        self.seed = state.get("seed")
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state`."""
@@ -329,6 +346,12 @@ class TrainingLoop(LoopCheckpoints):
         start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
         if plan.checkpoint_path and self._epochs_run == 0 and not self._state_restored:
             self._resume(plan.checkpoint_path)
+            if self._state_restored and self.seed is not None and self.seed != seed and self.parallel.is_writer:
+                # the split is the checkpoint's and the epochs left draw with this seed: a run of neither seed
+                warnings.warn(f"The checkpoint at {plan.checkpoint_path} was trained with seed {self.seed}; this call's "
+                              f"seed {seed} draws its remaining epochs, so the run repeats neither seed's. Pass "
+                              f"seed={self.seed} to finish that run, or use another checkpoint folder.", UserWarning,
+                              stacklevel=4)
             if self.epoch > plan.max_epochs and self.parallel.is_writer:
                 logger.warning("The checkpoint holds %d epochs, more than the %d asked for: nothing is trained, and the "
                                "model is the checkpoint's.", self.epoch, plan.max_epochs)
@@ -342,6 +365,7 @@ class TrainingLoop(LoopCheckpoints):
         if self.optimizer is None:
             self.prepare()
             self._make_optimizer()
+        self.seed = seed
         writer = self.parallel.is_writer
         # the state at the last epoch boundary: what Ctrl-C writes (so that --resume repeats the uninterrupted run)
         # and what the next call starts from; kept by every rank, so that they all take the interrupted call up alike

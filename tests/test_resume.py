@@ -392,3 +392,55 @@ def test_a_checkpoint_that_did_not_record_its_counts_on_disk_is_taken_up_with_a_
     with pytest.warns(UserWarning, match="did not record the counts of 'x'"):
         assert fingerprint_differences(saved, {"counts": {"x": "5 entries, sum 9"}, "cells": 10}) == []
     assert fingerprint_differences(saved, {"counts": {"x": "5 entries, sum 9"}, "cells": 11}) == ["cells"]
+
+
+def test_a_model_saved_after_ctrl_c_warns_when_loaded_and_its_next_call_finishes_the_interrupted_one(small, tmp_path,
+                                                                                                    monkeypatch):
+    # the interruption was not saved: the loaded model said nothing of its half-trained epoch, and train(5) trained
+    # 5 more epochs (7 in all) where the same call in memory finishes the interrupted one (5, as uninterrupted)
+    from pyro_scmodels.infer import SVITrainer
+
+    straight = ps.RegularizedVI(small, **SMALL)
+    straight.train(max_epochs=5, **QUICK)
+    model = ps.RegularizedVI(small, **SMALL)
+    steps, original = {"n": 0}, SVITrainer.after_step
+
+    def ctrl_c_in_the_third_epoch(self, item):
+        steps["n"] += 1
+        if steps["n"] == 8:  # 3 steps an epoch
+            raise KeyboardInterrupt
+        original(self, item)
+
+    monkeypatch.setattr(SVITrainer, "after_step", ctrl_c_in_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(max_epochs=5, **QUICK)
+    monkeypatch.undo()
+    model.save(str(tmp_path / "saved"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), adata=small)
+    with pytest.warns(UserWarning, match=r"Training was interrupted: the model was trained for 2 of 5 epochs"):
+        loaded.get_latent_representation()
+    loaded.train(max_epochs=5, **QUICK)
+    assert list(loaded.history.index) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(loaded.history["elbo_train"].to_numpy(), straight.history["elbo_train"].to_numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(loaded.get_latent_representation(), straight.get_latent_representation(), atol=1e-6)
+
+
+def test_a_checkpoint_resumed_with_another_seed_says_the_run_is_neither_seeds(small, tmp_path):
+    # the split stayed the checkpoint's and the remaining epochs drew with the new seed, without a word
+    ps.RegularizedVI(small, **SMALL).train(max_epochs=1, seed=0, checkpoint_dir=str(tmp_path), **QUICK)
+    with pytest.warns(UserWarning, match=r"trained with seed 0; this call's seed 1 draws its remaining epochs"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=2, seed=1, checkpoint_dir=str(tmp_path), **QUICK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=3, seed=1, checkpoint_dir=str(tmp_path), **QUICK)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(small, tmp_path):
+    # a pickled list failed with AttributeError; a dict without the modules (a saved NDreamer's training.pt) was
+    # taken up with the model left at its random initialisation
+    for content in ([1, 2], {"epoch": 3, "step": 9, "history": None}):
+        torch.save(content, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match=r"checkpoint\.pt is not a training checkpoint of this SVITrainer \(it lacks "
+                                             r"'model', 'guide'"):
+            ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
