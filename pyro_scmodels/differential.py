@@ -46,6 +46,11 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
         raise V.ArgumentTypeError(f"{name} must be a boolean mask, integer cell positions or a query string, got {selection.dtype}.")
     if selection.size and (selection.min() < 0 or selection.max() >= len(obs)):
         raise IndexError(f"{name} must lie in [0, {len(obs)}); got range [{selection.min()}, {selection.max()}].")
+    if selection.size == len(obs) > 2 and np.isin(selection, (0, 1)).all():
+        # a 0/1 column (mask.astype(int)) read as positions compares cells 0 and 1 with the rest
+        raise ValueError(f"{name} holds one 0/1 integer per cell: a mask as integers, which would be read as the cell "
+                         f"positions {{0, 1}}. Pass it as booleans ({name}=mask.astype(bool)), or positions as "
+                         "np.flatnonzero(mask).")
     return np.unique(selection)
 
 

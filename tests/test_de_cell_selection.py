@@ -47,3 +47,13 @@ def test_a_query_string_selects_cells_by_position_when_names_repeat(model):
         by_dose = model.differential_expression(adata=adata, idx1="dose > 2", num_samples=2, n_cells=10)
         thirds = model.differential_expression(adata=adata, idx1=np.arange(1, adata.n_obs, 3), num_samples=2, n_cells=10)
     np.testing.assert_allclose(by_dose.loc[thirds.index, "raw_mean1"], thirds["raw_mean1"], rtol=1e-6)
+
+
+def test_a_mask_given_as_integers_is_refused_not_read_as_cells_0_and_1(model):
+    # (cell_type == 'type_0').astype(int) compared cells 0 and 1 with the rest: 0 DE genes, without a word
+    mask = (model.adata.obs["cell_type"] == model.adata.obs["cell_type"].iloc[0]).to_numpy()
+    with pytest.raises(ValueError, match=r"idx1 holds one 0/1 integer per cell.*idx1=mask\.astype\(bool\)"):
+        model.differential_expression(idx1=mask.astype(int), num_samples=2, n_cells=10)
+    with pytest.raises(ValueError, match="idx2 holds one 0/1 integer per cell"):
+        model.differential_expression(idx1=mask, idx2=(~mask).astype(np.int64), num_samples=2, n_cells=10)
+    model.differential_expression(idx1=np.array([0, 1, 1, 0]), num_samples=2, n_cells=10)  # positions: as before
