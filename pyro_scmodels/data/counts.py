@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .on_disk import DiskCSR, is_disk_csr
+from .on_disk import DiskCSR, is_disk_csr, reopenable
 
 # rows are validated in chunks so a backed (on-disk) matrix never has to fit in memory
 _VALIDATION_CHUNK = 10_000
@@ -115,8 +115,11 @@ class CountMatrix:
             raise ValueError(f"{name} has zero features (genes); nothing to fit.")
         self._totals = None
         self._stored = None  # stored entries counted in a pass over counts on disk (see content_summary)
-        # an on-disk CSR (backed AnnData) is read as contiguous runs; other backed formats go through anndata
+        # an on-disk CSR (backed AnnData) is read as contiguous runs; other backed formats go through anndata. Both
+        # open their file again if its handle is closed (anndata closes it in to_memory() or a write of the object)
         self.disk = DiskCSR(matrix) if _is_backed(matrix) and is_disk_csr(matrix) else None
+        if self.disk is None and _is_backed(matrix):
+            self.matrix = matrix = reopenable(matrix)
         self._held: tuple[np.ndarray, sp.csr_matrix] | None = None
         self._unique: bool | None = None  # see _entries_unique
         if validate:

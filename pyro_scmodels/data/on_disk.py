@@ -18,6 +18,10 @@ In a data-parallel run each minibatch's cells are grouped by chunk (:func:`chunk
 before the ranks take their contiguous shards, so a rank's shards of a buffer come from about 1 / W
 of its chunks and the ranks together read the file about once per epoch; the minibatches, as sets of
 cells, are the same for any number of ranks.
+
+A backed file's handle can be closed under the model (anndata closes it in ``to_memory()``, ``adata.file.close()``
+and when the object is written elsewhere): :class:`FileReopener` opens it again and refuses a file that now holds
+other counts. :class:`DiskCSR` and :class:`BackedMatrix` (backed CSC and dense matrices) read through it.
 """
 
 from __future__ import annotations
@@ -40,16 +44,90 @@ def is_disk_csr(matrix) -> bool:
     return getattr(matrix, "format", None) == "csr" and group is not None and all(k in group for k in ("data", "indices", "indptr"))
 
 
-def _content_probe(data, indices, width: int = 4096, points: int = 64) -> tuple:
-    """A few thousand stored entries (values and columns) from the start, the end and evenly spaced points of the
-    arrays: enough to tell a rewritten file (reordered cells, scaled counts) from the one read, for a few reads."""
-    n = int(data.shape[0])
+def _content_probe(arrays, width: int = 4096, points: int = 64, inner: int = 16) -> tuple:
+    """Slices along the first axis of ``arrays`` (all as long): ``width`` from the start and the end, ``inner`` at
+    ``points`` evenly spaced places. A few thousand stored entries (values and columns of a sparse matrix, or rows of
+    a dense one) tell a rewritten file (reordered cells, scaled counts) from the one read, for a few reads."""
+    n = int(arrays[0].shape[0])
     starts = sorted({0, max(n - width, 0), *np.linspace(0, max(n - 1, 0), points).astype(np.int64).tolist()})
     parts = []
     for start in starts:
-        stop = min(start + (width if start in (0, max(n - width, 0)) else 16), n)
-        parts.append((np.asarray(data[start:stop]).tobytes(), np.asarray(indices[start:stop]).tobytes()))
+        stop = min(start + (width if start in (0, max(n - width, 0)) else inner), n)
+        parts.append(tuple(np.asarray(array[start:stop]).tobytes() for array in arrays))
     return n, tuple(parts)
+
+
+def _sparse_parts(group) -> tuple | None:
+    """``(data, indices, indptr)`` of a group holding a compressed sparse matrix, or None when it holds none."""
+    if group is None or not all(k in group for k in ("data", "indices", "indptr")):
+        return None
+    return group["data"], group["indices"], group["indptr"]
+
+
+def _h5py_source(node) -> tuple[str, str] | None:
+    """The HDF5 file and the name in it of an h5py group or dataset; None for any other store (zarr, memory)."""
+    file = getattr(node, "file", None)
+    return (file.filename, node.name) if hasattr(file, "filename") and hasattr(node, "id") else None
+
+
+class FileReopener:
+    """Opens the HDF5 file behind a lazily read group or dataset again when its handle was closed under us.
+
+    anndata closes a backed object's file in ``to_memory()``, in ``adata.file.close()`` and when the object is
+    written elsewhere (``write_h5ad`` of a copy); the h5py objects read from then fail with h5py's own messages.
+
+    Parameters
+    ----------
+    node
+        The h5py group or dataset read from.
+    same_content
+        Whether a node of the file opened again holds what ``node`` held (``node -> bool``): the file at that path
+        may have been rewritten since (other counts, or the cells in another order), and the rows would be read at
+        the old places without a word.
+    """
+
+    def __init__(self, node, same_content):
+        self.source = _h5py_source(node)
+        self._same_content = same_content
+        self.opened = None  # the h5py.File opened again, once it was (kept open while it is read)
+
+    def reopened(self, handle):
+        """The node opened again from its file when ``handle`` (an h5py object of it) is closed; else None.
+
+        Raises
+        ------
+        FileNotFoundError
+            The file is no longer at its path.
+        ValueError
+            The file there holds other counts than the ones read.
+        """
+        identifier = getattr(handle, "id", None)
+        if identifier is None or identifier.valid or self.source is None:
+            return None
+        import h5py
+
+        filename, name = self.source
+        if not os.path.exists(filename):
+            raise FileNotFoundError(f"The file {filename}, whose counts this model reads, is no longer there.")
+        reopened = h5py.File(filename, "r")
+        node = reopened[name] if name in reopened else None
+        if node is None or not self._same_content(node):
+            reopened.close()
+            raise ValueError(f"The file {filename} holds other counts than when they were read (other cells, another "
+                             "order or other values), so its rows no longer sit where they did. Open it again "
+                             "(anndata.read_h5ad(path, backed='r')) and set the model up on it.")
+        self.opened = reopened
+        return node
+
+
+def _same_sparse(indptr: np.ndarray, probe: tuple):
+    """``group -> bool``: whether a group holds a sparse matrix of these offsets and this content probe (a write of
+    .obs or .uns, or a touch, changes neither)."""
+    def same(group) -> bool:
+        parts = _sparse_parts(group)
+        return (parts is not None and parts[2].shape == indptr.shape and np.array_equal(parts[2][:], indptr)
+                and _content_probe(parts[:2]) == probe)
+    return same
 
 
 class DiskCSR:
@@ -65,42 +143,23 @@ class DiskCSR:
     def __init__(self, dataset):
         if not is_disk_csr(dataset):
             raise ValueError(f"{type(dataset).__name__} is not an on-disk CSR matrix (a group with data, indices and "
-                             "indptr); CSC or dense backed matrices are read through anndata.")
+                             "indptr); CSC or dense backed matrices are read through anndata (see BackedMatrix).")
         group = dataset.group
         self.shape = tuple(int(s) for s in dataset.shape)
         self.dtype = dataset.dtype
         self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
         self._data, self._indices = group["data"], group["indices"]
-        # an HDF5 file and the group's name in it, to open it again if its handle is closed under us
-        # (anndata closes and reopens a backed object's file when that object is written elsewhere)
-        file = getattr(group, "file", None)
-        self._source = (file.filename, group.name) if hasattr(file, "filename") else None
-        self._probe = _content_probe(self._data, self._indices)
-        self._reopened = None
+        self._reopener = FileReopener(group, _same_sparse(self.indptr, _content_probe((self._data, self._indices))))
+
+    @property
+    def _reopened(self):
+        """The h5py.File opened again after the first was closed, or None."""
+        return self._reopener.opened
 
     def _open_if_closed(self) -> None:
-        identifier = getattr(self._data, "id", None)
-        if identifier is None or identifier.valid or self._source is None:
-            return
-        import h5py
-
-        filename, name = self._source
-        if not os.path.exists(filename):
-            raise FileNotFoundError(f"The file {filename}, whose counts this model reads, is no longer there.")
-        reopened = h5py.File(filename, "r")
-        group = reopened[name] if name in reopened else None
-        # the file at that path may have been rewritten since (other counts, or the cells in another order): the rows
-        # would be read at the old offsets without a word. Its row offsets and a sample of its entries must be the
-        # ones read (a write of .obs or .uns, or a touch, changes neither)
-        if (group is None or not all(k in group for k in ("data", "indices", "indptr"))
-                or group["indptr"].shape != self.indptr.shape or not np.array_equal(group["indptr"][:], self.indptr)
-                or _content_probe(group["data"], group["indices"]) != self._probe):
-            reopened.close()
-            raise ValueError(f"The file {filename} holds other counts than when they were read (other cells, another "
-                             "order or other values), so its rows no longer sit where they did. Open it again "
-                             "(anndata.read_h5ad(path, backed='r')) and set the model up on it.")
-        self._reopened = reopened
-        self._data, self._indices = group["data"], group["indices"]
+        group = self._reopener.reopened(self._data)
+        if group is not None:
+            self._data, self._indices = group["data"], group["indices"]
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start..stop-1`` as an in-memory CSR matrix (one read of each array)."""
@@ -127,6 +186,71 @@ class DiskCSR:
         restore = np.empty_like(order)
         restore[order] = np.arange(order.size)
         return stacked[restore]
+
+
+def _sparse_dataset(group):
+    """anndata's backed sparse dataset of an h5py group (``anndata.io`` from 0.11, ``anndata.experimental`` before)."""
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import sparse_dataset
+    return sparse_dataset(group)
+
+
+def _same_dense(dataset):
+    """``node -> bool``: whether a node is a dense dataset of the shape, dtype and content probe of ``dataset``."""
+    # whole rows: a few thousand values at each end, one row at each inner point
+    width = max(1, 4096 // max(int(dataset.shape[1]), 1))
+    shape, dtype, probe = tuple(dataset.shape), dataset.dtype, _content_probe((dataset,), width=width, inner=1)
+
+    def same(node) -> bool:
+        return (tuple(getattr(node, "shape", ())) == shape and getattr(node, "dtype", None) == dtype
+                and _content_probe((node,), width=width, inner=1) == probe)
+    return same
+
+
+class BackedMatrix:
+    """A backed CSC or dense matrix, read through anndata or h5py as before, whose file is opened again (and checked
+    to hold the same counts) when its handle was closed, as :class:`DiskCSR` does.
+
+    Parameters
+    ----------
+    matrix
+        ``adata.X`` (or a layer) of ``read_h5ad(..., backed="r")``: anndata's CSC dataset or an h5py dataset.
+        Use :func:`reopenable` to wrap only what lives in an HDF5 file.
+    """
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+        self.shape = tuple(int(s) for s in matrix.shape)
+        self.dtype = matrix.dtype
+        group = getattr(matrix, "group", None)
+        self._sparse = _sparse_parts(group) is not None
+        # a sparse dataset is read through its group; a dense one is itself the h5py dataset
+        self._node = group if self._sparse else matrix
+        if self._sparse:
+            data, indices, indptr = _sparse_parts(group)
+            same = _same_sparse(np.asarray(indptr[:], dtype=np.int64), _content_probe((data, indices)))
+        else:
+            same = _same_dense(matrix)
+        self._reopener = FileReopener(self._node, same)
+
+    def __getitem__(self, key):
+        node = self._reopener.reopened(self._node)
+        if node is not None:
+            self._node = node
+            self.matrix = _sparse_dataset(node) if self._sparse else node
+        return self.matrix[key]
+
+
+def reopenable(matrix):
+    """``matrix`` as a :class:`BackedMatrix` when it is a backed CSC or dense matrix in an HDF5 file; else itself
+    (memory, zarr, or any other store, which has no handle to close)."""
+    group = getattr(matrix, "group", None)
+    node = group if _sparse_parts(group) is not None else matrix
+    if _h5py_source(node) is None or getattr(matrix, "ndim", len(getattr(matrix, "shape", ()))) != 2:
+        return matrix
+    return BackedMatrix(matrix)
 
 
 def chunk_shuffled_order(indices: np.ndarray, rng: np.random.Generator, chunk_cells: int | None = None,
