@@ -197,7 +197,14 @@ def test_saving_a_backed_model_with_its_data_leaves_the_users_file_open(on_file,
     np.testing.assert_array_equal(backed.X[:5].toarray(), adata.X[:5].toarray())
     model.train(max_epochs=1, **TRAIN)  # and it trains on from the file
     saved = ps.RegularizedVI.load(str(tmp_path / "model"))
-    assert (saved.adata.X != adata.X).nnz == 0 and list(saved.adata.obs_names) == list(adata.obs_names)
+    # the copy of data on disk is opened on disk (it was read whole into memory)
+    assert saved.adata.isbacked and str(saved.adata.filename) == str(tmp_path / "model" / "adata.h5ad")
+    assert (saved.adata.X[:] != adata.X).nnz == 0 and list(saved.adata.obs_names) == list(adata.obs_names)
+    np.testing.assert_array_equal(saved.get_latent_representation(), before)  # the model as saved
+    # saved again over itself, with its data: the copy it reads from is replaced by an equal one, and loads
+    saved.save(str(tmp_path / "model"), save_anndata=True, overwrite=True)
+    again = ps.RegularizedVI.load(str(tmp_path / "model"))
+    np.testing.assert_array_equal(again.get_latent_representation(), before)
 
 
 def test_counts_held_on_the_device_are_not_read_from_disk_again(on_file, monkeypatch):

@@ -65,6 +65,7 @@ class SavedModel:
         payload["state_dict"] = {k: v.cpu() for k, v in self.module.state_dict().items()}
         payload["trainer"] = None if self.trainer is None else self.trainer.state(include_modules=False)
         payload["is_trained"] = self.is_trained
+        payload["data backed"] = bool(save_anndata and getattr(self.adata, "isbacked", False))
         payload["module classes"] = self._module_classes()
         payload["query reference"] = self.query_reference
         # model.pt marks the save: written last, after the data, so that a save stopped while writing leaves the
@@ -80,8 +81,9 @@ class SavedModel:
         return DATA_FILES["mudata" if hasattr(self.adata, "mod") else "anndata"]
 
     @staticmethod
-    def _saved_data(dir_path: str, kind: str):
-        """The data saved next to a model with ``save_anndata=True``; ``ValueError`` saying what to do if absent."""
+    def _saved_data(dir_path: str, kind: str, backed: bool = False):
+        """The data saved next to a model with ``save_anndata=True`` (opened backed when the model's were); ``ValueError``
+        saying what to do if absent."""
         path = os.path.join(dir_path, DATA_FILES[kind])
         if not os.path.exists(path):
             what = "mdata" if kind == "mudata" else "adata"
@@ -89,7 +91,9 @@ class SavedModel:
                 f"No {what} was passed and none was saved in {dir_path} ({DATA_FILES[kind]} is absent). Pass the data "
                 f"the model should work on ({what}=...), or save the model with save(..., save_anndata=True)."
             )
-        return read_h5mu(path) if kind == "mudata" else read_h5ad(path)
+        # a model of data on disk gets its copy on disk: read into memory, the copy of a file chosen because it does
+        # not fit there filled memory
+        return read_h5mu(path) if kind == "mudata" else read_h5ad(path, backed="r" if backed else None)
 
     @classmethod
     def _read_payload(cls, dir_path: str) -> dict:
@@ -159,7 +163,7 @@ class SavedModel:
         """The model saved in ``dir_path``, bound to ``data`` (None: the data saved beside it), on ``device``."""
         payload = cls._read_payload(dir_path)
         if data is None:
-            data = cls._saved_data(dir_path, kind)
+            data = cls._saved_data(dir_path, kind, payload.get("data backed", False))
         cls._bind_saved(payload, data)
         model = cls(data, **payload["init_params"], _categories=payload["categories"])
         model._restore(payload)
