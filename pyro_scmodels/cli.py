@@ -297,6 +297,7 @@ def run_fit(args, folder: OutputFolder) -> None:
     profile = None if args.empty_droplets is None else _profile_from_empty_droplets(args.empty_droplets, adata)
     model = RegularizedVI(adata, n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers, seed=args.seed,
                           latent_independence=args.latent_independence, ambient_per_droplet=args.ambient_per_droplet,
+                          decoder_gene_scale=args.decoder_gene_scale,
                           ambient_shape_prior=args.ambient_shape_prior, ambient_profile=profile)
     if writer:
         _discard_earlier_outputs(out, args)

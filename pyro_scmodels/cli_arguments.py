@@ -158,6 +158,9 @@ def _add_fit(sub) -> None:
     net.add_argument("--ambient-per-droplet", action="store_true",
                      help="the ambient background as counts per droplet, mu = (l rho + s) y, not scaled by the library "
                           "(docs/models.md; best with --ambient-shape-prior)")
+    net.add_argument("--decoder-gene-scale", action="store_true",
+                     help="scale each gene's decoder output by its mean expression, so that fold changes inside a cell "
+                          "type (a stimulation) are represented (docs/models.md, \"The decoder's scale\")")
     net.add_argument("--ambient-shape-prior", type=float, default=None, metavar="A",
                      help="count a Gamma(A, A / (m_e p_g)) prior on the background, centred on the pooled cells' profile "
                           "with an amount per ambient category that is learned (e.g. 3; default: off)")
@@ -252,6 +255,7 @@ OPTION_OF = {
     "encoder_covariate_keys": "--encoder-keys", "continuous_covariate_keys": "--continuous-keys",
     "ambient_profile": "--empty-droplets", "ambient_shape_prior": "--ambient-shape-prior",
     "latent_independence": "--latent-independence", "ambient_per_droplet": "--ambient-per-droplet",
+    "decoder_gene_scale": "--decoder-gene-scale",
     "n_latent": "--n-latent", "n_hidden": "--n-hidden", "n_layers": "--n-layers", "max_epochs": "--max-epochs",
     "batch_size": "--batch-size", "global_lr_factor": "--global-lr-factor", "checkpoint_every": "--checkpoint-every",
     "control_name": "--control", "condition_key": "--condition-key", "num_hvg": "--num-hvg",

@@ -7,6 +7,8 @@ one-hot matrix are concatenated to the input of every hidden layer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +99,12 @@ class GaussianEncoder(nn.Module):
 
 
 class SoftplusDecoder(nn.Module):
-    """Non-negative expression decoder: ``softplus(W h + b)`` (not a softmax over features).
+    """Non-negative expression decoder: ``c * softplus(W h + b)`` (not a softmax over features).
+
+    ``c`` is a per-feature buffer: 1 (SPEC 1.2's plain softplus, the bias starting at softplus^-1 of each feature's
+    mean), or each feature's mean / log 2 with the bias starting at 0 (:meth:`init_output` with ``gene_scaled``): the
+    output then moves in units of the feature's own level, so that one fold change is the same move of ``W h`` for a
+    rare and an abundant gene (on the plain linear scale an abundant gene's fold change needs large weights).
 
     Parameters
     ----------
@@ -117,16 +124,34 @@ class SoftplusDecoder(nn.Module):
         super().__init__()
         self.hidden = FullyConnected(n_input, n_hidden, n_layers, n_covariates, dropout_rate)
         self.output = nn.Linear(n_hidden, n_output)
+        self.register_buffer("output_scale", torch.ones(n_output))
 
     def forward(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
-        return F.softplus(self.output(self.hidden(z, covariates)))
+        return F.softplus(self.output(self.hidden(z, covariates))) * self.output_scale
 
-    def init_output_bias(self, mean_expression: torch.Tensor) -> None:
-        """Start the output at ``mean_expression`` per feature (inverse softplus of it)."""
+    def init_output(self, mean_expression: torch.Tensor, gene_scaled: bool = False) -> None:
+        """Start the output at ``mean_expression`` per feature: through the bias (inverse softplus of the mean), or,
+        ``gene_scaled``, through the scale (the mean / log 2, with the bias at 0: softplus(0) = log 2)."""
         mean = mean_expression.clamp_min(1e-6)
         with torch.no_grad():
-            # softplus^-1(m) = log(expm1(m)), written stably for large m
-            self.output.bias.copy_(mean + torch.log(-torch.expm1(-mean)))
+            if gene_scaled:
+                self.output_scale.copy_(mean / math.log(2.0))
+                self.output.bias.zero_()
+            else:
+                self.output_scale.fill_(1.0)
+                # softplus^-1(m) = log(expm1(m)), written stably for large m
+                self.output.bias.copy_(mean + torch.log(-torch.expm1(-mean)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a decoder saved before the scale existed (2026-12-06) was the plain softplus: scale 1
+        state_dict.setdefault(prefix + "output_scale", torch.ones_like(self.output_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def is_identity_entry(name: str, value: torch.Tensor) -> bool:
+        """Whether a state-dict entry is a decoder's ``output_scale`` at 1: what a decoder saved before the scale
+        existed amounted to."""
+        return name.endswith(".output_scale") and bool((value == 1).all())
 
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices (not biases): what a weight prior applies to."""
@@ -186,6 +211,13 @@ class Standardiser(nn.Module):
         """Whether a state-dict key names a standardiser buffer of a model's or guide's ``continuous_scaling``."""
         owner, _, buffer = name.rpartition(".")
         return owner.rpartition(".")[2] == STANDARDISER_NAME and buffer in cls.IDENTITY
+
+
+def is_legacy_identity_entry(name: str, value: torch.Tensor) -> bool:
+    """Whether a state-dict entry is a buffer added since models were first saved, at the value that earlier models
+    amounted to (a standardiser's identity, a decoder scale of 1): left out of a model's digest, so that a model saved
+    before keeps its digest."""
+    return Standardiser.is_identity_entry(name, value) or SoftplusDecoder.is_identity_entry(name, value)
 
 
 #: the attribute the Pyro model and guide hold their :class:`Standardiser` under

@@ -238,9 +238,10 @@ def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
 def test_fit_background_options_reach_the_saved_model(input_h5ad, tmp_path):
     out = str(tmp_path / "out")
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "1", "--ambient-per-droplet", "--ambient-shape-prior", "10",
-                 *FIT_ARGS]) == 0
+                 "--decoder-gene-scale", *FIT_ARGS]) == 0
     model = ps.RegularizedVI.load(os.path.join(out, "model"), anndata.read_h5ad(input_h5ad))
     assert model.init_params["ambient_per_droplet"] is True and model.init_params["ambient_shape_prior"] == 10.0
+    assert model.init_params["decoder_gene_scale"] is True
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     np.testing.assert_allclose(results.obs["regularizedvi_ambient_fraction"], model.get_ambient_fraction(), rtol=1e-4)
 

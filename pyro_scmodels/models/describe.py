@@ -10,7 +10,7 @@ from ..priors import edited_fields
 
 # settings shown in the summary, in this order, when the model has them
 _SHOWN_SETTINGS = ("n_latent", "n_hidden", "n_layers", "latent_mode", "dropout_rate", "init", "latent_independence",
-                   "ambient_per_droplet", "ambient_shape_prior")
+                   "ambient_per_droplet", "ambient_shape_prior", "decoder_gene_scale")
 _ROLE_NAMES = (("ambient", "ambient"), ("nn_conditioning", "decoder-conditioning"), ("feature_scaling", "feature scaling"),
                ("dispersion", "dispersion"), ("library_size", "library size"), ("encoder", "encoder"),
                ("continuous", "continuous"))

@@ -27,7 +27,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
                  site_suffix: str = "", use_ambient: bool = True, use_feature_scaling: bool = True,
                  n_decoder_latent: int | None = None, with_z_encoder: bool = True, latent_independence: float = 0.0,
                  model_class=RegularizedVIModel, guide_class=RegularizedVIGuide, ambient_profile=None,
-                 ambient_per_droplet: bool = False, ambient_shape_prior: float | None = None):
+                 ambient_per_droplet: bool = False, ambient_shape_prior: float | None = None,
+                 decoder_gene_scale: bool = False):
     """The model and guide of one modality's counts, with data-driven initial values (SPEC 1.3).
 
     Used by RegularizedVI (one pair) and RegularizedMultimodalVI (one pair per modality, with
@@ -60,6 +61,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
     ambient_shape_prior
         None, or the concentration a of the prior ``s_{e,g} ~ Gamma(a, a / (m_e p_g))`` centred on the
         pooled cells' profile p (the mean normalised expression), with the amounts m_e learned.
+    decoder_gene_scale
+        The decoder's output scaled per gene by its mean normalised expression (:class:`~pyro_scmodels.nn.SoftplusDecoder`).
 
     Returns
     -------
@@ -99,7 +102,8 @@ def build_model_and_guide(data: CellData, priors: RegularizedPriors, n_latent: i
                         **({} if shape_prior is None else {"ambient_shape_prior": shape_prior}))
     init_values = {"ambient": ambient, "library_log_total_centre": centre, "ambient_profile": ambient_profile}
     guide = guide_class(dims, init_values, global_guides, dropout_rate, input_dropout_rate, with_z_encoder)
-    model.decoder.init_output_bias(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32))
+    model.decoder.init_output(torch.as_tensor(data.normalised_means(key)[0], dtype=torch.float32),
+                              gene_scaled=decoder_gene_scale)
     for module in (model, guide):  # the continuous covariates standardised as the training cells are
         module.continuous_scaling.fit(data.covariates["continuous"])
     guide.unsampled_sites = unsampled_global_sites(model)

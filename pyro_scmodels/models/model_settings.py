@@ -35,11 +35,11 @@ def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> d
 
 def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init,
                            seed, latent_independence, ambient_per_droplet, ambient_shape_prior,
-                           ambient_profile, saved: bool = False) -> dict:
+                           ambient_profile, saved: bool = False, decoder_gene_scale: bool = False) -> dict:
     """:class:`~pyro_scmodels.RegularizedVI`'s constructor arguments, checked, as its ``init_params``.
 
-    The options that are off are left out (``latent_independence`` 0, ``ambient_per_droplet``
-    False, no ``ambient_shape_prior`` or ``ambient_profile``), so that models saved before they
+    The options that are off are left out (``latent_independence`` 0, ``ambient_per_droplet`` and
+    ``decoder_gene_scale`` False, no ``ambient_shape_prior`` or ``ambient_profile``), so that models saved before they
     existed load unchanged. ``priors`` is the model's own copy: a later edit of the caller's object
     would change what the model reports, not what it trains (its Pyro modules hold the priors as
     buffers).
@@ -48,7 +48,7 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
     ----------
     n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed
         As for :class:`~pyro_scmodels.RegularizedVI`.
-    latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile
+    latent_independence, ambient_per_droplet, ambient_shape_prior, ambient_profile, decoder_gene_scale
         As for :class:`~pyro_scmodels.RegularizedVI`.
     saved
         The settings of a saved model being loaded (checks added since it was saved warn instead).
@@ -65,6 +65,7 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
         checked_priors("priors", priors, saved)
     latent_independence = V.non_negative_float("latent_independence", latent_independence)
     ambient_per_droplet = V.boolean("ambient_per_droplet", ambient_per_droplet)
+    decoder_gene_scale = V.boolean("decoder_gene_scale", decoder_gene_scale)
     if ambient_shape_prior is not None:
         ambient_shape_prior = V.positive_float("ambient_shape_prior", ambient_shape_prior)
         if ambient_profile is not None:
@@ -78,6 +79,7 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
                     global_guides=global_guides, init=init, seed=shared["seed"])
     optional = dict(latent_independence=(latent_independence, latent_independence > 0),
                     ambient_per_droplet=(True, ambient_per_droplet),
+                    decoder_gene_scale=(True, decoder_gene_scale),
                     ambient_shape_prior=(ambient_shape_prior, ambient_shape_prior is not None),
                     ambient_profile=(ambient_profile, ambient_profile is not None))
     settings.update({name: value for name, (value, used) in optional.items() if used})

@@ -29,7 +29,7 @@ from ..priors import RegularizedPriors
 from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..data.source_state import state_digest
-from ..nn import Standardiser
+from ..nn import Standardiser, is_legacy_identity_entry
 from ..pyro_modules import PositiveSiteGuide
 from .persistence import MODEL_FILE
 from .query_freezing import freeze_reference
@@ -338,7 +338,7 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
         freeze_reference(model.module, rows, flags["freeze_encoder"], flags["freeze_decoder"])
     frozen = "nothing" if flags["unfrozen"] else ", ".join(
         ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]])
-    model.query_reference = (f"reference {state_digest(reference.state_dict, skip=Standardiser.is_identity_entry)}; "
+    model.query_reference = (f"reference {state_digest(reference.state_dict, skip=is_legacy_identity_entry)}; "
                              f"frozen: {frozen}; dropout "
                              f"{'off' if flags['freeze_dropout'] else 'as the reference'}")
     logger.info("Query mapped onto the reference; new levels learned from the query: %s.", new or "none")

@@ -27,7 +27,7 @@ from .. import _validation as V
 from .._atomic import STAGED_PREFIX, atomic_path, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
 from ..data.source_state import state_digest
-from ..nn import Standardiser
+from ..nn import is_legacy_identity_entry
 
 from .count_rows import LogNormalisedCounts
 from .effect_intervals import bound_names
@@ -152,7 +152,7 @@ def model_digest(model) -> str:
         A SHA-256 hex digest.
     """
     # a standardiser at its identity is what a model saved before it existed amounted to: the same digest
-    return state_digest(model.module.state_dict(), skip=Standardiser.is_identity_entry)
+    return state_digest(model.module.state_dict(), skip=is_legacy_identity_entry)
 
 
 def check_attached_model(model, settings: dict, results: anndata.AnnData) -> None:
