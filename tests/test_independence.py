@@ -75,3 +75,25 @@ def test_fit_command_refuses_the_penalty_without_encoder_keys(tmp_path, capsys):
     assert "--encoder-keys" in capsys.readouterr().err  # the option, not the Python argument
     assert not (tmp_path / "out" / "results.h5ad").exists()
 
+
+
+def test_the_leak_warning_comes_with_a_model_that_lets_encoder_keys_into_z():
+    # it came at setup, whatever the model then did: the documented setups (encoder keys, then
+    # RegularizedVI(..., latent_independence=10)) could not run without a warning to do what their next line does
+    import warnings
+
+    adata = ps.datasets.simulate(n_cells=120, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ps.RegularizedVI.setup_anndata(adata, layer="counts", encoder_covariate_keys=["condition"])
+        ps.RegularizedVI(adata, n_latent=2, n_hidden=8, latent_independence=10.0)
+    with pytest.warns(UserWarning, match=r"encoder_covariate_keys=\['condition'\].*can leak into the latent space"):
+        model = ps.RegularizedVI(adata, n_latent=2, n_hidden=8)
+    model.train(max_epochs=1, progress_bar=False)
+    with warnings.catch_warnings():  # said when it was built, not again when it is loaded
+        warnings.simplefilter("error", UserWarning)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save(folder, overwrite=True)
+            ps.RegularizedVI.load(folder, adata=adata)

@@ -427,6 +427,12 @@ def test_the_documented_own_loop_with_a_torch_optimiser_trains(small):
             losses.append(float(loss))
     model.module.eval()
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+    model.is_trained = True  # as the doc's loop ends: the queries no longer say the parameters are the initial ones
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.get_latent_representation()
 
 
 def test_a_float64_default_dtype_is_named_before_the_model_is_built(small):

@@ -125,17 +125,34 @@ def resolve_covariate_keys(
         encoder=_as_list(encoder_covariate_keys, "encoder_covariate_keys"),
         continuous=_as_list(continuous_covariate_keys, "continuous_covariate_keys"),
     )
-    # a key the decoder is also given is the basal-state design (the encoder can remove the key's
-    # effect from z because the decoder adds it back); only encoder-only keys can leak into z
+    return keys
+
+
+def warn_if_encoder_keys_leak(keys: CovariateKeys, latent_independence: float, stacklevel: int = 3) -> None:
+    """Warn when the encoder is told covariates the decoder is not, and nothing keeps them out of z.
+
+    A key the decoder is also given is the basal-state design (the encoder can remove the key's effect from z
+    because the decoder adds it back); an encoder-only key can leak into z unless ``latent_independence`` > 0
+    penalises z for carrying it. Raised when the model is built (at setup it warned to do what the documented
+    setups' next line, ``RegularizedVI(..., latent_independence=10)``, does).
+
+    Parameters
+    ----------
+    keys
+        The model's covariate keys.
+    latent_independence
+        The model's penalty weight (0: off).
+    stacklevel
+        Passed to :func:`warnings.warn`.
+    """
     leaking = [key for key in keys.encoder if key not in keys.nn_conditioning]
-    if leaking:
+    if leaking and not latent_independence > 0:
         warnings.warn(
             f"encoder_covariate_keys={leaking}: the encoder sees these covariates and the decoder does not, so their "
             "effects can leak into the latent space z (to keep them out of z, give them to "
             "nn_conditioning_covariate_keys as well, or train with RegularizedVI(..., latent_independence=10), which "
-            "penalises z for carrying them).", stacklevel=3
+            "penalises z for carrying them).", stacklevel=stacklevel
         )
-    return keys
 
 
 def _check_present(obs: pd.DataFrame, key: str, table: str) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from .. import _validation as V
 from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
+from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from .ambient import AmbientQueries
@@ -124,6 +125,8 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
             raise ValueError(f"latent_independence={latent_independence:g} makes z independent of the encoder covariates, "
                              "but the model was set up without any: pass encoder_covariate_keys=[...] (e.g. the "
                              "condition) to setup_anndata, or leave latent_independence at 0.")
+        if _categories is None:  # built anew (a loaded model said so when it was built)
+            warn_if_encoder_keys_leak(self.keys, settings.get("latent_independence", 0.0))
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         self.var_names = pd.Index(adata.var_names).copy()
