@@ -398,3 +398,14 @@ def test_counts_layer_used_when_x_is_log_normalised(adata):
     assert model.layer == "counts"
     batch = model._cell_data().minibatch(np.arange(3))
     np.testing.assert_array_equal(batch["x"].numpy(), adata.layers["counts"][:3].toarray())
+
+
+def test_a_mudata_or_another_object_as_adata_is_named(trained):
+    # a MuData failed with "argument of type 'NoneType' is not iterable" from deep in the setup check
+    import mudata
+
+    model, data, _ = trained
+    with pytest.raises(TypeError, match=r"adata= is a MuData \(modalities \['rna'\]\): pass one modality"):
+        model.get_latent_representation(adata=mudata.MuData({"rna": data.copy()}))
+    with pytest.raises(TypeError, match="adata= must be an AnnData, got a ndarray"):
+        model.get_latent_representation(adata=np.zeros((3, 3)))

@@ -209,6 +209,11 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
     def _cell_data(self, adata=None) -> CellData:
         if adata is None or adata is self.adata:
             return self._held_cell_data()
+        if hasattr(adata, "mod"):  # a MuData failed deep in the setup check ("'NoneType' is not iterable")
+            raise TypeError(f"{type(self).__name__} reads one AnnData; adata= is a MuData (modalities {list(adata.mod)}): "
+                            "pass one modality, e.g. adata=mdata.mod['rna'], or use RegularizedMultimodalVI.")
+        if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
+            raise TypeError(f"adata= must be an AnnData, got a {type(adata).__name__}.")
         check_var_names(self.var_names, adata)
         # new cells: read with the training setup, always validated
         return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
