@@ -387,3 +387,17 @@ def test_an_anndata_without_x_is_named_with_the_fix(tmp_path):
     for adata in (empty, anndata.read_h5ad(tmp_path / "results.h5ad", backed="r")):
         with pytest.raises(ValueError, match=r"adata\.X holds no matrix \(it is None\).*layer=\.\.\."):
             ps.RegularizedVI.setup_anndata(adata)
+
+
+def test_a_mudata_covariate_only_in_a_modality_obs_is_named_with_the_fix():
+    # "Column 'batch' not found in mdata.obs. Available columns: (none)."
+    import mudata
+
+    mdata = ps.datasets.simulate_multiome(n_cells=60, n_genes=75, n_peaks=120, seed=0)
+    mdata.mod["rna"].obs["donor"] = np.where(np.arange(mdata.n_obs) % 2, "d1", "d2")
+    with pytest.raises(KeyError, match=r"'donor' is in mdata\.mod\['rna'\]\.obs but not in mdata\.obs.*"
+                                       r"pull_obs\(prefix_unique=False\)"):
+        ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="donor")
+    mdata.pull_obs(prefix_unique=False)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", batch_key="donor")  # the fix works
+    assert isinstance(mdata, mudata.MuData)

@@ -168,6 +168,19 @@ def _check_every_cell_has_counts(matrices, n_cells: int) -> None:
                          f"{int(np.flatnonzero(totals <= 0)[0])}); remove them first.")
 
 
+def _refuse_keys_only_in_a_modality(mdata, keys: list[str]) -> None:
+    """``KeyError`` for a covariate column that is in a modality's obs but not in ``mdata.obs`` (the message listed
+    no columns, without saying where the column was nor that MuData copies them up on request)."""
+    for key in keys:
+        if key in mdata.obs.columns:
+            continue
+        holders = [m for m, modality in mdata.mod.items() if key in modality.obs.columns]
+        if holders:
+            raise KeyError(f"Column {key!r} is in mdata.mod[{holders[0]!r}].obs but not in mdata.obs, where the covariates "
+                           f"are read: copy it up with mdata.pull_obs(prefix_unique=False) (plain pull_obs() names it "
+                           f"'{holders[0]}:{key}'), or set mdata.obs[{key!r}] yourself.")
+
+
 def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> MuDataSetup:
     """Validate ``mdata`` once, fit the covariate encoding once, and record both in ``mdata.uns``.
 
@@ -207,6 +220,7 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
     fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}
     _check_every_cell_has_counts(matrices.values(), mdata.n_obs)
+    _refuse_keys_only_in_a_modality(mdata, [*keys.categorical_keys(), *keys.continuous])
     encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
     encoding.continuous(mdata.obs, "mdata.obs")
     setup = MuDataSetup(modalities, layers, keys, encoding.categories, fingerprints)
