@@ -24,7 +24,8 @@ from .model_construction import build_model_and_guide
 from .model_settings import refuse_priors_of_absent_sites, shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
-from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
+from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
+                                has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
@@ -210,6 +211,10 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     def feature_names(self, modality: str | None = None) -> pd.Index:
         """Names of the features of ``modality`` (default the first modelled one)."""
         return self.var_names[self.default_modality(modality)]
+
+    def measured_cells(self, batch: dict, modality: str | None = None):
+        """Which cells of a minibatch have counts in ``modality`` (default the first): a boolean per cell."""
+        return has_counts(batch, self.module.model.block(self.default_modality(modality)).dims.counts_key)
 
     def counts_source(self, modality: str | None = None, adata=None) -> tuple:
         """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``.
