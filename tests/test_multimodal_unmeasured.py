@@ -41,3 +41,19 @@ def test_feature_correlation_leaves_out_cells_without_the_modality(missing_atac)
     with warnings.catch_warnings():  # every cell has RNA: none is left out, nothing to say
         warnings.simplefilter("error", UserWarning)
         model.get_feature_correlation_matrix(modality="rna", n_samples=2, seed=0)
+
+
+def test_modality_attribution_is_nan_for_cells_without_the_modality(missing_atac):
+    # their z lies where the ATAC decoder was never fitted: their attributions were 36-48x the measured cells'
+    model, has_atac = missing_atac
+    mdata = model.adata
+    result = model.get_modality_attribution(store=True)
+    for modality, cells in (("atac", has_atac), ("rna", np.ones_like(has_atac))):
+        for name, stored in (("attribution", "X_attribution"), ("weighted_z", "X_weighted_z")):
+            values = result[modality][name]
+            assert np.isnan(values[~cells]).all(), (modality, name)
+            assert np.isfinite(values[cells]).all(), (modality, name)
+            np.testing.assert_array_equal(mdata.obsm[f"{stored}_{modality}"], values)
+    # the measured cells' rows are those of a call on them alone
+    measured = model.get_modality_attribution(indices=np.flatnonzero(has_atac), store=False)
+    np.testing.assert_allclose(result["atac"]["attribution"][has_atac], measured["atac"]["attribution"], rtol=1e-5)

@@ -373,7 +373,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         Returns
         -------
         dict
-            ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; with
+            ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``, NaN rows for the cells
+            without counts in the modality (their z lies where its decoder was never fitted: use ``np.nanmean``); with
             ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``. ``store``
             None (default): stored when every cell is asked for; True with ``indices`` is refused.
         """
