@@ -57,3 +57,23 @@ def test_modality_attribution_is_nan_for_cells_without_the_modality(missing_atac
     # the measured cells' rows are those of a call on them alone
     measured = model.get_modality_attribution(indices=np.flatnonzero(has_atac), store=False)
     np.testing.assert_allclose(result["atac"]["attribution"][has_atac], measured["atac"]["attribution"], rtol=1e-5)
+
+
+def test_ambient_fraction_is_nan_for_cells_without_the_modality_and_summaries_leave_them_out(missing_atac):
+    # they got a fraction, were counted in n_cells and widened the per-batch quantiles
+    model, has_atac = missing_atac
+    fractions = model.get_ambient_fraction("atac")
+    assert np.isnan(fractions[~has_atac]).all() and np.isfinite(fractions[has_atac]).all()
+    assert np.isfinite(model.get_ambient_fraction("rna")).all()  # every cell has RNA
+    table = model.get_ambient_fraction("atac", summarize_by="batch")
+    batch = model.adata.obs["batch"].to_numpy()
+    for category in table.index:
+        cells = (batch == category) & has_atac
+        row = table.loc[category]
+        assert row["n_cells"] == cells.sum() < (batch == category).sum()
+        np.testing.assert_allclose(row[["mean", "median", "q05", "q95"]].to_numpy(dtype=float),
+                                   [fractions[cells].mean(), np.median(fractions[cells]),
+                                    np.quantile(fractions[cells], 0.05), np.quantile(fractions[cells], 0.95)],
+                                   rtol=1e-6)
+    exported = model.export_posterior(num_samples=2, seed=0, adata=model.adata.copy())
+    np.testing.assert_array_equal(exported.obs["ambient_fraction_atac"].to_numpy(), fractions)

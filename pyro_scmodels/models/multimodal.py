@@ -309,14 +309,15 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         """Share of each cell's expected counts of a modality that comes from its ambient background.
 
         As :meth:`RegularizedVI.get_ambient_fraction`, with the joint z decoded by the modality's
-        block; ``summarize_by`` names a column of ``mdata.obs``.
+        block; ``summarize_by`` names a column of ``mdata.obs``. A cell without counts in the modality (its
+        likelihood masked) has NaN, and the summary's statistics and ``n_cells`` are over the measured cells.
         """
         block = self._check_modality(modality)
         if not self.module.guide.block(block).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
         model = self.module.model.block(block)
         return _ambient.ambient_fraction(self, model, model.global_values(self.module.guide.block(block).global_medians()),
-                                         adata, indices, batch_size, summarize_by=summarize_by)
+                                         adata, indices, batch_size, summarize_by=summarize_by, modality=block)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: ``ambient_fraction_<m>`` per ambient modality."""
