@@ -77,3 +77,17 @@ def test_ambient_fraction_is_nan_for_cells_without_the_modality_and_summaries_le
                                    rtol=1e-6)
     exported = model.export_posterior(num_samples=2, seed=0, adata=model.adata.copy())
     np.testing.assert_array_equal(exported.obs["ambient_fraction_atac"].to_numpy(), fractions)
+
+
+def test_exported_library_size_is_nan_for_cells_without_the_modality(missing_atac):
+    # from a placeholder total of 1 it read ~0.004-0.02, a library size for a library that was not measured
+    model, has_atac = missing_atac
+    summaries = model.sample_posterior(num_samples=3, seed=0)
+    for stat in ("means", "stds", "q05", "q95"):
+        library = summaries[stat]["library_atac"]
+        assert np.isnan(library[~has_atac]).all() and np.isfinite(library[has_atac]).all(), stat
+        assert np.isfinite(summaries[stat]["library_rna"]).all(), stat
+        assert np.isfinite(summaries[stat]["z_atac"]).all(), stat  # z is the decoders' input: kept
+    exported = model.export_posterior(num_samples=3, seed=0, adata=model.adata.copy())
+    np.testing.assert_array_equal(exported.obs["means_library_atac"].to_numpy(), summaries["means"]["library_atac"])
+    assert np.isfinite(exported.obs["means_library_rna"]).all()
