@@ -91,3 +91,38 @@ def test_exported_library_size_is_nan_for_cells_without_the_modality(missing_ata
     exported = model.export_posterior(num_samples=3, seed=0, adata=model.adata.copy())
     np.testing.assert_array_equal(exported.obs["means_library_atac"].to_numpy(), summaries["means"]["library_atac"])
     assert np.isfinite(exported.obs["means_library_rna"]).all()
+
+
+def _batch_without_atac(all_of_it=True):
+    """150 cells in 3 batches, every cell with ATAC but those of batch_2 (all, or all but one)."""
+    import scipy.sparse as sp
+
+    mdata = ps.datasets.simulate_multiome(n_cells=150, n_genes=75, n_peaks=120, n_batches=3, seed=2)
+    batch_2 = np.flatnonzero(mdata.obs["batch"].to_numpy() == "batch_2")[0 if all_of_it else 1:]
+    counts = mdata.mod["atac"].layers["counts"].tolil()
+    counts[batch_2] = 0
+    mdata.mod["atac"].layers["counts"] = sp.csr_matrix(counts)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"],
+                                            feature_scaling_covariate_keys=["batch"], dispersion_key="batch",
+                                            library_size_key="batch")
+    return mdata
+
+
+def test_a_category_without_counts_in_a_modality_is_named_when_the_model_is_built():
+    # its ATAC feature scaling, dispersion (~8.98 for every peak) and library group stayed the prior's, unsaid
+    mdata = _batch_without_atac()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    named = [m for m in messages if "has no cell with counts" in m]
+    assert len(named) == 1, messages  # ATAC in batch_2 only: RNA and the other batches are measured
+    assert named[0].startswith("modality 'atac' has no cell with counts in batch 'batch_2': its batch_2 feature "
+                               "scaling, dispersion and library size are the prior's")
+    with pytest.warns(UserWarning, match="its batch_2 dispersion, ambient and library size are the prior's"):
+        ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16, ambient_modalities=["atac"],
+                                   feature_scaling_modalities=[])
+    # one measured cell in batch_2 informs them: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ps.RegularizedMultimodalVI(_batch_without_atac(all_of_it=False), n_latent=3, n_hidden=16)

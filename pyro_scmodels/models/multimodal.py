@@ -29,6 +29,7 @@ from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimoda
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from .unmeasured_categories import warn_categories_without_counts
 from ..seeding import seeded
 
 
@@ -125,6 +126,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.latent_mode = latent_mode
         self._data = None
         data = self._cell_data()
+        warn_categories_without_counts(data, self.modalities, ambient_modalities, scaling_modalities)
         joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
         models, guides = {}, {}
         with seeded(seed, "cpu"):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
