@@ -79,12 +79,15 @@ print(pd.DataFrame(rows).round(2))
 # ## Modality attribution
 # For each modality, how sensitive its decoder is to each latent dimension, per cell
 # (`obsm["X_attribution_<m>"]`), and z weighted by that sensitivity (`obsm["X_weighted_z_<m>"]`).
+# A cell without counts in a modality has NaN there (its z lies where that decoder was never fitted), so the
+# averages are `np.nanmean`s over the cells measured in each modality.
 
 # %%
 model = models[("concatenation", "equal")]
 attribution = model.get_modality_attribution()
-share = pd.DataFrame({m: attribution[m]["attribution"].mean(0) / attribution[m]["attribution"].mean(0).sum()
-                      for m in attribution}, index=[f"z{i}" for i in range(model.get_latent_representation().shape[1])])
+mean_attribution = {m: np.nanmean(attribution[m]["attribution"], axis=0) for m in attribution}
+share = pd.DataFrame({m: mean_attribution[m] / mean_attribution[m].sum() for m in attribution},
+                     index=[f"z{i}" for i in range(model.get_latent_representation().shape[1])])
 print("share of each decoder's sensitivity per latent dimension (concatenation: rna block first):")
 print(share.round(3))
 
@@ -105,7 +108,8 @@ rna_counts = mdata.mod["rna"].layers["counts"] if layer else mdata.mod["rna"].X
 library = np.log1p(np.asarray(rna_counts.sum(1)).ravel())
 fig, axes = plt.subplots(1, len(attribution), figsize=(4.5 * len(attribution), 3.8))
 for ax, modality in zip(np.atleast_1d(axes), attribution):
-    weighted = model.adata.obsm[f"X_weighted_z_{modality}"]
+    measured = np.isfinite(model.adata.obsm[f"X_weighted_z_{modality}"]).all(1)  # cells with counts in the modality
+    weighted = model.adata.obsm[f"X_weighted_z_{modality}"][measured]
     if QUICK:
         centred = weighted - weighted.mean(0)
         u, s, _ = np.linalg.svd(centred, full_matrices=False)
@@ -118,9 +122,9 @@ for ax, modality in zip(np.atleast_1d(axes), attribution):
         emb = view.obsm["X_umap"]
     if colour_by is not None:
         codes = pd.Categorical(obs[colour_by]).codes
-        ax.scatter(emb[:, 0], emb[:, 1], s=3, c=codes, cmap="tab10")
+        ax.scatter(emb[:, 0], emb[:, 1], s=3, c=codes[measured], cmap="tab10")
     else:
-        im = ax.scatter(emb[:, 0], emb[:, 1], s=3, c=library, cmap="viridis")
+        im = ax.scatter(emb[:, 0], emb[:, 1], s=3, c=library[measured], cmap="viridis")
         fig.colorbar(im, ax=ax, label="log1p RNA counts")
     ax.set_title(f"weighted z, {modality}")
     ax.set_xticks([]), ax.set_yticks([])

@@ -31,6 +31,8 @@ class PosteriorMixin:
     observation_sites: dict[str, str] = {"obs": "x"}
     #: functions of sampled sites summarised as sites of their own: name -> (site, function)
     derived_sites: dict = {}
+    #: per-cell sites of a modality (base names) that a cell without counts in it has no fitted value of
+    sites_of_measured_cells: tuple[str, ...] = ("library",)
 
     # --- posterior summaries -----------------------------------------------------------------
     @torch.no_grad()
@@ -58,7 +60,8 @@ class PosteriorMixin:
         dict
             ``{"means": {site: array}, "stds": ..., "q05": ..., "q95": ...}`` (the quantile keys
             follow ``quantiles``). Per-cell sites have the cells along the first axis; global
-            sites keep their shape (categories x genes).
+            sites keep their shape (categories x genes). A multimodal model's library size of a modality is
+            NaN for the cells without counts in it (their library term is masked: the draws are not fitted).
         """
         self._check_trained()
         num_samples = V.positive_int("num_samples", num_samples)
@@ -96,6 +99,7 @@ class PosteriorMixin:
                     stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
                     stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
                     if is_local:
+                        stats = self._unmeasured_as_nan(name, batch, stats)
                         self._local_sites.add(name)
                         local_parts.setdefault(name, []).append(stats)
                     else:
@@ -105,6 +109,18 @@ class PosteriorMixin:
                 for j, key in enumerate(summaries):
                     summaries[key][name] = torch.cat([p[j] for p in parts]).numpy()
         return summaries
+
+    def _unmeasured_as_nan(self, site: str, batch: dict, stats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The summaries of a per-cell site with NaN for the cells not measured in the site's modality (a site of
+        :attr:`sites_of_measured_cells` only; the others, and a single-modality model's, as they are)."""
+        modality = self.site_modality(site)
+        if modality is None or self._site_base_name(site) not in self.sites_of_measured_cells:
+            return stats
+        measured = self.measured_cells(batch, modality)
+        if measured is None:
+            return stats
+        measured = measured.cpu()
+        return [torch.where(measured.reshape(-1, *[1] * (s.ndim - 1)), s, torch.nan) for s in stats]
 
     def export_posterior(self, adata=None, num_samples: int = 100, batch_size: int | None = None,
                          quantiles: tuple[float, float] = (0.05, 0.95), seed: int | None = None):

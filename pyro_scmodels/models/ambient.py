@@ -28,7 +28,8 @@ SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
 
 
 def ambient_fraction(queries, generative, global_values: dict, adata=None, indices=None,
-                     batch_size: int | None = None, library_of=None, summarize_by: str | None = None):
+                     batch_size: int | None = None, library_of=None, summarize_by: str | None = None,
+                     modality: str | None = None):
     """Per cell, the share of the expected counts that comes from the ambient background.
 
     Parameters
@@ -48,11 +49,14 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
     summarize_by
         None, or an ``.obs`` column: the fractions summarised per category of it (:func:`summarize`),
         the column checked before anything is computed.
+    modality
+        Multimodal models: the modality of ``generative``. A cell without counts in it (its likelihood masked)
+        has no fraction: NaN, left out of the summary.
 
     Returns
     -------
     numpy.ndarray or pandas.DataFrame
-        One fraction in [0, 1) per chosen cell, or the summary table.
+        One fraction in [0, 1) per chosen cell (NaN for a cell not measured in ``modality``), or the summary table.
     """
     obs = (queries.adata if adata is None else adata).obs
     if summarize_by is not None:
@@ -63,7 +67,11 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
             library = None if library_of is None else library_of(batch)
             cell, soup = generative.decompose_mean(z, batch, global_values, library=library)
             soup = soup.sum(-1)
-            parts.append((soup / (cell.sum(-1) + soup)).cpu())
+            fraction = soup / (cell.sum(-1) + soup)
+            measured = queries.measured_cells(batch, modality)
+            if measured is not None:  # a cell without counts in the modality: no fitted background share
+                fraction = torch.where(measured, fraction, torch.nan)
+            parts.append(fraction.cpu())
     fractions = torch.cat(parts).numpy().astype(np.float64)
     if summarize_by is None:
         return fractions
@@ -83,7 +91,7 @@ def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame
     Parameters
     ----------
     fractions
-        One value per row of ``obs``.
+        One value per row of ``obs``; a NaN (a cell not measured in the modality) is left out, of ``n_cells`` too.
     obs
         The cells' ``.obs`` table.
     by
@@ -92,13 +100,14 @@ def summarize(fractions: np.ndarray, obs: pd.DataFrame, by: str) -> pd.DataFrame
     Returns
     -------
     pandas.DataFrame
-        One row per category present (in category order), columns :data:`SUMMARY_COLUMNS`.
+        One row per category present (in category order), columns :data:`SUMMARY_COLUMNS`; a category whose
+        cells all have NaN has ``n_cells`` 0 and NaN statistics.
     """
     check_summary_column(obs, by)
     groups = pd.Series(fractions, index=obs.index).groupby(obs[by].to_numpy(), observed=True, sort=True)
     table = pd.DataFrame({
         "mean": groups.mean(), "median": groups.median(), "q05": groups.quantile(0.05),
-        "q95": groups.quantile(0.95), "n_cells": groups.size(),
+        "q95": groups.quantile(0.95), "n_cells": groups.count(),
     })
     categories = obs[by].cat.categories if isinstance(obs[by].dtype, pd.CategoricalDtype) else None
     if categories is not None:

@@ -4,11 +4,14 @@ For each cell, z is drawn from q(z | x) and decoded to rho; counts are drawn at 
 size from the model's own likelihood, ``GammaPoisson(theta, theta / mu)`` with
 ``mu = rna_size_factor * rho / sum(rho)``. The draws of every cell are pooled and the features
 correlated over them; with several categories of ``transform_batch``, one matrix per category, averaged.
+A multimodal model's cells without counts in the modality (whose likelihood it masks) are left out.
 Technical terms that
 rho leaves out (background, feature scaling, library size) do not enter the correlation.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -61,7 +64,9 @@ class FeatureCorrelationQueries:
         correlation_type
             ``"spearman"`` (ranks; scvi-tools' default) or ``"pearson"``.
         modality
-            Multimodal models: the modality (default the first).
+            Multimodal models: the modality (default the first). The cells without counts in it are left
+            out, with a warning (the model masks their likelihood, so their decoded features are a guess from
+            the other modalities); asking only for such cells raises ``ValueError``.
         seed
             Seeds the draws of z and of the counts (None: fresh draws in every call, from torch's global
             stream, as in scvi-tools).
@@ -90,20 +95,42 @@ class FeatureCorrelationQueries:
                 # the count draws, seeded afresh per category (decode_samples seeds z itself): a list's matrix is
                 # the mean of the matrices of its categories asked one at a time
                 torch.manual_seed(seed)
-                draws = []
+                draws, n_asked = [], 0
                 for _, batch, rho in self.decode_samples(adata, indices, batch_size, n_samples, seed, covariates,
                                                          modality):
+                    group = batch["dispersion_index"] if theta.shape[0] > 1 else torch.zeros_like(batch["index"])
+                    n_asked += group.shape[0]
+                    measured = self.measured_cells(batch, modality)
+                    if measured is not None:
+                        # a cell without counts in the modality has its likelihood masked: its decoded rho is the
+                        # model's guess from the other modalities, nearly one point, and would weaken every correlation
+                        rho, group = rho[..., measured, :], group[measured]
                     with torch.no_grad():
                         mu = rho / rho.sum(-1, keepdim=True) * rna_size_factor
-                        group = batch["dispersion_index"] if theta.shape[0] > 1 else torch.zeros_like(batch["index"])
                         counts = dist.GammaPoisson(theta[group], theta[group] / mu).sample()
                     draws.append(counts.reshape(-1, counts.shape[-1]).cpu().numpy())
-                matrices.append(_correlation(np.concatenate(draws), correlation_type))
+                draws = np.concatenate(draws)
+                if not matrices:
+                    _check_measured(draws.shape[0] // n_samples, n_asked, modality)
+                matrices.append(_correlation(draws, correlation_type))
         # one matrix per category, averaged (as scvi-tools does): pooling the categories' draws added the
         # covariance between categories, so two features that both move with the batch looked correlated
         correlation = np.mean(matrices, axis=0)
         names = self.feature_names(modality)
         return pd.DataFrame(correlation, index=names, columns=names)
+
+
+def _check_measured(n_measured: int, n_asked: int, modality) -> None:
+    """Refuse when none of the cells asked for has counts in ``modality``; say how many were left out."""
+    if n_measured == 0:
+        raise ValueError(f"get_feature_correlation_matrix: none of the {n_asked} cells asked for has counts in modality "
+                         f"{modality!r}, so the model has nothing of that modality to correlate for them; pass "
+                         "indices= of cells measured in it, or another modality=.")
+    if n_measured < n_asked:
+        warnings.warn(f"get_feature_correlation_matrix: {n_asked - n_measured} of the {n_asked} cells have no counts "
+                      f"in modality {modality!r} (their likelihood is masked, their decoded {modality!r} is the model's "
+                      "guess from the other modalities); they are left out of the correlation.", UserWarning,
+                      stacklevel=3)
 
 
 def _correlation(data: np.ndarray, correlation_type: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 For modality m and latent column j: the mean over features of |d rho^(m) / d z_j| at the cell's
 posterior mean z, from exact forward-mode derivatives (``torch.func.jvp``), one latent column at a
-time so that memory does not grow with the latent size.
+time so that memory does not grow with the latent size. A cell without counts in m (whose likelihood the model
+masks) has no attribution for m: its row is NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def modality_attribution(queries, generative, adata=None, indices=None, batch_si
     Returns
     -------
     dict
-        ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``.
+        ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; NaN rows for the cells
+        without counts in the modality (their likelihood is masked). Average with ``np.nanmean``.
     """
     store = indices is None if store is None else V.boolean("store", store)
     check_store(store, indices)
@@ -55,7 +57,13 @@ def modality_attribution(queries, generative, adata=None, indices=None, batch_si
                 tangent[:, j] = 1.0
                 _, derivative = torch.func.jvp(decode, (z,), (tangent,))
                 columns.append(derivative.abs().mean(-1).detach())
-            parts[m].append(torch.stack(columns, -1))
+            attribution = torch.stack(columns, -1)
+            measured = queries.measured_cells(batch, m)
+            if measured is not None:
+                # a cell without counts in m: its z lies where m's decoder was never fitted (and is steep there,
+                # 36-48x the measured cells' attributions), so it has none, as its reconstruction loss of m has none
+                attribution = torch.where(measured.unsqueeze(-1), attribution, torch.nan)
+            parts[m].append(attribution)
     z = torch.cat(latents).cpu().numpy()
     result = {}
     target = queries.adata if adata is None else adata

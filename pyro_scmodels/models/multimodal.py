@@ -24,10 +24,12 @@ from .model_construction import build_model_and_guide
 from .model_settings import refuse_priors_of_absent_sites, shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
-from .multimodal_module import LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel
+from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
+                                has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from .unmeasured_categories import warn_categories_without_counts
 from ..seeding import seeded
 
 
@@ -124,6 +126,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.latent_mode = latent_mode
         self._data = None
         data = self._cell_data()
+        warn_categories_without_counts(data, self.modalities, ambient_modalities, scaling_modalities)
         joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
         models, guides = {}, {}
         with seeded(seed, "cpu"):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)
@@ -210,6 +213,10 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     def feature_names(self, modality: str | None = None) -> pd.Index:
         """Names of the features of ``modality`` (default the first modelled one)."""
         return self.var_names[self.default_modality(modality)]
+
+    def measured_cells(self, batch: dict, modality: str | None = None):
+        """Which cells of a minibatch have counts in ``modality`` (default the first): a boolean per cell."""
+        return has_counts(batch, self.module.model.block(self.default_modality(modality)).dims.counts_key)
 
     def counts_source(self, modality: str | None = None, adata=None) -> tuple:
         """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``.
@@ -304,14 +311,15 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         """Share of each cell's expected counts of a modality that comes from its ambient background.
 
         As :meth:`RegularizedVI.get_ambient_fraction`, with the joint z decoded by the modality's
-        block; ``summarize_by`` names a column of ``mdata.obs``.
+        block; ``summarize_by`` names a column of ``mdata.obs``. A cell without counts in the modality (its
+        likelihood masked) has NaN, and the summary's statistics and ``n_cells`` are over the measured cells.
         """
         block = self._check_modality(modality)
         if not self.module.guide.block(block).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
         model = self.module.model.block(block)
         return _ambient.ambient_fraction(self, model, model.global_values(self.module.guide.block(block).global_medians()),
-                                         adata, indices, batch_size, summarize_by=summarize_by)
+                                         adata, indices, batch_size, summarize_by=summarize_by, modality=block)
 
     def exported_cell_quantities(self, adata=None, batch_size: int | None = None) -> dict:
         """Per-cell results that :meth:`export_posterior` writes to ``.obs``: ``ambient_fraction_<m>`` per ambient modality."""
@@ -368,7 +376,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         Returns
         -------
         dict
-            ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``; with
+            ``{modality: {"attribution": cells x latent, "weighted_z": z * attribution}}``, NaN rows for the cells
+            without counts in the modality (their z lies where its decoder was never fitted: use ``np.nanmean``); with
             ``store``, also ``mdata.obsm["X_attribution_<m>"]`` and ``["X_weighted_z_<m>"]``. ``store``
             None (default): stored when every cell is asked for; True with ``indices`` is refused.
         """

@@ -42,6 +42,12 @@ class PosteriorQueries:
         self.default_modality(modality)
         return self.var_names
 
+    def measured_cells(self, batch: dict, modality: str | None = None) -> torch.Tensor | None:
+        """Which cells of a minibatch have counts in ``modality``: a boolean per cell, or None when the model
+        fits every cell's counts (a single-modality model). A multimodal model masks the likelihood of a cell
+        without counts in a modality, so what it reports of that modality for the cell is not fitted."""
+        return None
+
     def minibatches(self, adata=None, indices=None, batch_size: int | None = None):
         """The chosen cells in order, one minibatch at a time, on the model's device.
 
