@@ -126,3 +126,15 @@ def test_a_category_without_counts_in_a_modality_is_named_when_the_model_is_buil
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ps.RegularizedMultimodalVI(_batch_without_atac(all_of_it=False), n_latent=3, n_hidden=16)
+
+
+def test_the_wrong_data_object_or_the_data_in_place_of_the_modality_is_named():
+    # an AnnData failed with "'AnnData' object has no attribute 'mod'"; scvi-tools' habit get_latent_representation(mdata)
+    # printed the whole MuData as an unknown modality
+    mdata = ps.datasets.simulate_multiome(n_cells=80, n_genes=75, n_peaks=120, seed=1)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
+    with pytest.raises(TypeError, match="reads a MuData with the modalities .*adata= is of type AnnData"):
+        model.get_latent_representation(adata=mdata.mod["rna"])
+    with pytest.raises(TypeError, match="modality= is a MuData: the modality comes first here"):
+        model.get_latent_representation(mdata)

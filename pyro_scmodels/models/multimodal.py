@@ -16,6 +16,7 @@ import pandas as pd
 from .. import _validation as V
 from ..data.mudata_registry import per_modality
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
+from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors, checked_priors
 from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
@@ -93,6 +94,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
         self.keys = setup.keys
+        if _categories is None:  # no penalty keeps encoder-only keys out of this model's z
+            warn_if_encoder_keys_leak(self.keys, 0.0)
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         hidden = _per_modality(n_hidden, self.modalities, "n_hidden", loading=_categories is not None)
@@ -194,6 +197,9 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         mdata = self.adata if adata is None else adata
         if mdata is self.adata:
             return self._held_cell_data()
+        if not hasattr(mdata, "mod"):  # an AnnData failed with "'AnnData' object has no attribute 'mod'"
+            raise TypeError(f"{type(self).__name__} reads a MuData with the modalities {self.modalities}; adata= is of type "
+                            f"{type(mdata).__name__}. Pass the MuData (a single modality's AnnData is not enough).")
         for m in self.modalities:
             V.present(m, mdata.mod, "the MuData's modalities (mdata.mod)", "modality")
             check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
@@ -202,6 +208,9 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
 
     # --- outputs ------------------------------------------------------------------------------
     def _check_modality(self, modality: str) -> str:
+        if hasattr(modality, "obs"):  # scvi-tools' first argument is the data; here it is the modality
+            raise TypeError(f"modality= is a {type(modality).__name__}: the modality comes first here (one of "
+                            f"{self.modalities}); pass the data as adata=..., e.g. get_latent_representation(adata=mdata).")
         if modality not in self.modalities:
             raise ValueError(f"Unknown modality {modality!r}; the model has {self.modalities}.")
         return modality
