@@ -244,8 +244,10 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
     fresh = module.state_dict()
     state = {}
     for key, value in fresh.items():
-        if key not in reference.state_dict and Standardiser.is_entry(key):
-            continue  # a reference saved before the standardiser: loading fills it at its identity, as the reference was
+        if key not in reference.state_dict and (Standardiser.is_entry(key) or key.endswith(".output_scale")):
+            # a reference saved before the standardiser or the decoder's scale: loading fills them at their identity,
+            # as the reference was
+            continue
         if key not in reference.state_dict:
             raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
         saved = reference.state_dict[key].to(value.device)
