@@ -86,7 +86,7 @@ STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place o
 
 
 @contextlib.contextmanager
-def staged_save(dir_path: str, marker: str, replaces=()):
+def staged_save(dir_path: str, marker: str, replaces=(), own_names: bool = False):
     """Write the files of one save into ``dir_path`` so that the folder never holds a mix of two saves.
 
     Each file is written (atomically) under a staged name beside its final one. Only when the block has
@@ -105,6 +105,9 @@ def staged_save(dir_path: str, marker: str, replaces=()):
         The file whose presence marks a complete save; the block must stage it.
     replaces
         Other file names an earlier save may have left, removed unless this save writes them.
+    own_names
+        The names of ``replaces`` are the save's own (no user's file is called so): removed also without ``marker``
+        (a save stopped during its renames left them, unmarked).
 
     Yields
     ------
@@ -126,7 +129,7 @@ def staged_save(dir_path: str, marker: str, replaces=()):
         # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
         with contextlib.suppress(FileNotFoundError):
             os.remove(final(marker))
-        for name in replaces if earlier_save else ():
+        for name in replaces if earlier_save or own_names else ():
             if name not in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(final(name))

@@ -57,17 +57,27 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
 def _measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -> list[tuple]:
     """The comparisons without the cells that have no counts in ``modality`` (a multimodal model masks their
     likelihood, so their decoded expression carries nothing of that modality: counted, they pulled every LFC toward 0).
-    Says how many cells were left out; a group left without cells is refused."""
+    Says how many cells were left out; a comparison with a group left without cells is left out with a warning when
+    there are others, and refused when it is the only one."""
     measured = totals > 0
-    kept, left_out = [], set()
+    kept, left_out, skipped = [], set(), []
     for name1, name2, cells1, cells2 in tests:
-        for name, cells in ((name1, cells1), (name2, cells2)):
-            if cells.size and not measured[cells].any():
-                raise ValueError(f"differential_expression: none of the {cells.size} cells of {name!r} has counts in "
-                                 f"modality {modality!r}, so the model has nothing of that modality to compare for them; "
-                                 "choose groups with measured cells, or another modality=.")
+        empty = [(name, cells.size) for name, cells in ((name1, cells1), (name2, cells2))
+                 if cells.size and not measured[cells].any()]
+        if empty:
+            message = (f"differential_expression: none of the {empty[0][1]} cells of {empty[0][0]!r} has counts in "
+                       f"modality {modality!r}, so the model has nothing of that modality to compare for them")
+            if len(tests) == 1:
+                raise ValueError(message + "; choose groups with measured cells, or another modality=.")
+            skipped.append(f"{name1} vs {name2}")  # one group of several (groupby, every group in turn): the others go on
+            warnings.warn(message + f": the comparison {name1} vs {name2} is left out.", UserWarning, stacklevel=3)
+            continue
+        for cells in (cells1, cells2):
             left_out.update(cells[~measured[cells]].tolist())
         kept.append((name1, name2, cells1[measured[cells1]], cells2[measured[cells2]]))
+    if not kept:
+        raise ValueError(f"differential_expression: no comparison has cells with counts in modality {modality!r} in both "
+                         f"groups ({', '.join(skipped)}).")
     if left_out:
         warnings.warn(f"differential_expression: {len(left_out)} of the compared cells have no counts in modality "
                       f"{modality!r} (their likelihood is masked, their decoded {modality!r} is the model's guess from "

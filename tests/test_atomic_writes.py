@@ -138,3 +138,27 @@ def test_output_folders_are_checked_before_any_training(tmp_path):
     assert nd.trainer is None or nd.trainer.step == 0
     with pytest.raises(OutputPathError, match="dir_path .*is a file, not a folder"):
         nd.save(str(a_file / "nd"))
+
+
+def test_a_save_removes_an_unmarked_earlier_saves_files_only_when_their_names_are_its_own(tmp_path):
+    # a save stopped during its renames leaves its files without the marker: NDreamer's own names (training.pt) are
+    # removed by the next save that does not write them (a stale training state loaded beside a new network); a
+    # model's adata.h5ad may be the user's own file, and stays
+    from pyro_scmodels._atomic import staged_save
+
+    for own_names, kept in ((True, False), (False, True)):
+        folder = tmp_path / f"own_{own_names}"
+        folder.mkdir()
+        (folder / "training.pt").write_text("an earlier save's")
+        with staged_save(str(folder), "settings.json", replaces=("training.pt",), own_names=own_names) as stage:
+            with open(stage("settings.json"), "w") as handle:
+                handle.write("{}")
+        assert (folder / "training.pt").exists() == kept and (folder / "settings.json").exists()
+    marked = tmp_path / "marked"  # with the marker there, the earlier save's files go in either case
+    marked.mkdir()
+    (marked / "training.pt").write_text("an earlier save's")
+    (marked / "settings.json").write_text("{}")
+    with staged_save(str(marked), "settings.json", replaces=("training.pt",)) as stage:
+        with open(stage("settings.json"), "w") as handle:
+            handle.write("{}")
+    assert not (marked / "training.pt").exists()

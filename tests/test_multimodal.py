@@ -179,6 +179,12 @@ def test_de_posterior_draws_leave_out_cells_without_the_modality(simulated_pair)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         simulated_pair.differential_expression(idx1=cells1, idx2=cells2, **{**options, "modality": "rna"})
+    # every group in turn, one of them without ATAC: that comparison is left out, the others go on
+    groups = np.where(~has_atac, "unmeasured", np.where(np.arange(has_atac.size) % 2 == 0, "even", "odd"))
+    simulated_pair.adata.obs["de_groups"] = pd.Categorical(groups)
+    with pytest.warns(UserWarning, match="the comparison unmeasured vs Rest is left out"):
+        table = simulated_pair.differential_expression("de_groups", modality="atac", num_samples=2, n_cells=20)
+    assert set(table["comparison"]) == {"even vs Rest", "odd vs Rest"}
 
 
 def test_likelihood_parameters_per_modality(simulated_pair):

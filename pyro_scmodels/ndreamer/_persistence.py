@@ -74,7 +74,9 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     if not overwrite:  # e.g. the results.h5ad of `pyro-scmodels fit` in the same folder, replaced by NDreamer's
         refuse_foreign_files(dir_path, SETTINGS_FILE, SAVED_FILES, "a saved NDreamer")
     writable_folder("dir_path", dir_path)
-    with staged_save(dir_path, SETTINGS_FILE, replaces=(NETWORK_FILE, TRAINING_FILE, COUNTS_FILE)) as stage:
+    # network.pt, training.pt and expression_counts.npz are NDreamer's names: an interrupted save's are removed too
+    with staged_save(dir_path, SETTINGS_FILE, replaces=(NETWORK_FILE, TRAINING_FILE, COUNTS_FILE),
+                     own_names=True) as stage:
         if nd.network is not None:
             torch.save(nd.network.state_dict(), stage(NETWORK_FILE))
         if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
