@@ -113,6 +113,10 @@ SETUPS.update({
     # the background per droplet with the pooled shape as its prior (issue 17's options; docs/models.md)
     f"{DOCUMENTED} + ambient per droplet + shape prior(3)": _documented_with(
         model={"ambient_per_droplet": True, "ambient_shape_prior": 3.0}),
+    # the decoder's output scaled per gene by its mean (docs/models.md, "The decoder's scale")
+    f"{DOCUMENTED} + gene-scaled decoder": _documented_with(model={"decoder_gene_scale": True}),
+    "RegularizedVI batch_key + gene-scaled decoder": {"setup": {"batch_key": "batch"},
+                                                      "model": {"decoder_gene_scale": True}},
 })
 SCVI = {"scVI nb": "nb", "scVI zinb": "zinb"}
 METHODS = ["PCA", *SCVI, *SETUPS]
