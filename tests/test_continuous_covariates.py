@@ -10,15 +10,7 @@ from pyro_scmodels.data.source_state import state_digest
 from pyro_scmodels.ndreamer._persistence import model_digest
 from pyro_scmodels.nn import Standardiser
 
-SMALL = dict(n_hidden=32, n_latent=4)
-QUICK = dict(batch_size=64, device="cpu", progress_bar=False, kl_warmup_epochs=2)
-
-
-@pytest.fixture
-def small():
-    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=3)
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
-    return adata
+from .test_regularizedvi_behaviour import QUICK, SMALL, small  # noqa: F401 (the fixture)
 
 
 def test_continuous_covariates_are_standardised_as_the_models_cells_were(small, tmp_path):

@@ -11,14 +11,7 @@ import torch
 
 import pyro_scmodels as ps
 
-from .test_regularizedvi_behaviour import QUICK, SMALL
-
-
-@pytest.fixture
-def small():
-    adata = ps.datasets.simulate(n_cells=200, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=3)
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
-    return adata
+from .test_regularizedvi_behaviour import QUICK, SMALL, small  # noqa: F401 (the fixture)
 
 
 def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):
