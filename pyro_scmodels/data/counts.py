@@ -177,28 +177,7 @@ class CountMatrix:
 
     def validate(self) -> None:
         """Raise ``ValueError`` on NaN/Inf, negative or non-integer counts, or empty cells."""
-        totals = np.empty(self.n_cells, dtype=np.float64)
-        stored = 0
-        for start, stop, block in self.chunks():
-            values = block.data if sp.issparse(block) else np.asarray(block)
-            stored += _stored_entries(block)
-            if not np.all(np.isfinite(values)):
-                raise ValueError(
-                    f"{self.name} contains NaN or Inf values (first at row {start + _first_bad_row(block)}). "
-                    "The models need raw counts; pass the raw count layer with `layer=`."
-                )
-            if values.size and values.min() < 0:
-                raise ValueError(
-                    f"{self.name} contains negative values (min {values.min():g}). The models need "
-                    "raw counts, not scaled or centred data; pass the raw count layer with `layer=`."
-                )
-            if values.size and not np.all(values == np.round(values)):
-                bad = values[values != np.round(values)][:3]
-                raise ValueError(
-                    f"{self.name} contains non-integer values (e.g. {bad.tolist()}). The models need raw "
-                    "counts, not normalised or log-transformed data; pass the raw count layer with `layer=`."
-                )
-            totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
+        totals = self._read_totals(self._check_block)
         empty = np.flatnonzero(totals <= 0)
         if empty.size == self.n_cells:
             raise ValueError(f"{self.name} has no counts at all ({self.n_cells} cells x {self.shape[1]} genes, every total 0); "
@@ -208,35 +187,58 @@ class CountMatrix:
                 f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
                 "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
             )
-        self._totals, self._stored = totals, stored
         self.validated = True
+
+    def _check_block(self, start: int, block) -> None:
+        """Raise ``ValueError`` on NaN/Inf, negative or non-integer values in a block of rows starting at ``start``."""
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                f"{self.name} contains NaN or Inf values (first at row {start + _first_bad_row(block)}). "
+                "The models need raw counts; pass the raw count layer with `layer=`."
+            )
+        if values.size and values.min() < 0:
+            raise ValueError(
+                f"{self.name} contains negative values (min {values.min():g}). The models need "
+                "raw counts, not scaled or centred data; pass the raw count layer with `layer=`."
+            )
+        if values.size and not np.all(values == np.round(values)):
+            bad = values[values != np.round(values)][:3]
+            raise ValueError(
+                f"{self.name} contains non-integer values (e.g. {bad.tolist()}). The models need raw "
+                "counts, not normalised or log-transformed data; pass the raw count layer with `layer=`."
+            )
+
+    def _read_totals(self, check=None) -> np.ndarray:
+        """One pass over the rows, a block at a time: the totals per cell and the stored entries, kept (``check``:
+        called on each block first, as ``check(start, block)``)."""
+        totals = np.empty(self.n_cells, dtype=np.float64)
+        stored = 0
+        for start, stop, block in self.chunks():
+            if check is not None:
+                check(start, block)
+            totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
+            stored += _stored_entries(block)
+        self._totals, self._stored = totals, stored
+        return totals
 
     def totals(self) -> np.ndarray:
         """Total counts per cell (float64, length ``n_cells``)."""
-        if self._totals is None:
-            totals = np.empty(self.n_cells, dtype=np.float64)
-            stored = 0
-            for start, stop, block in self.chunks():
-                totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()  # float16 overflowed at 65,504
-                stored += _stored_entries(block)
-            self._totals, self._stored = totals, stored
-        return self._totals
+        return self._read_totals() if self._totals is None else self._totals
 
     def content_summary(self) -> str:
         """The counts' stored entries and their sum, as ``"N entries, sum S"``: what tells these counts from others
         of the same shape (thinned, normalised, other cells) when a saved training state is taken up.
 
-        In memory it is the :attr:`fingerprint`'s; on disk it is counted in one pass over the file (the pass that
-        validation or :meth:`totals` makes, kept), so that counts on disk are checked as counts in memory are, and
-        the same file read either way gives the same summary.
+        In memory it is the :attr:`fingerprint`'s; on disk it is counted in the one pass over the file that validation
+        or :meth:`totals` makes (kept), so that counts on disk are checked as counts in memory are, and the same file
+        read either way gives the same summary.
         """
         if self.fingerprint["sum"] is not None:
             entries, total = self.fingerprint["nnz"], self.fingerprint["sum"]
         else:
-            if self._stored is None:
-                self._totals = None  # totals given without a pass (none are): count both in one
-                self.totals()
-            entries, total = self._stored, float(np.sum(self._totals, dtype=np.float64))
+            totals = self.totals()
+            entries, total = self._stored, float(np.sum(totals, dtype=np.float64))
         return f"{entries} entries, sum {total:.12g}"
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
