@@ -21,7 +21,7 @@ from ._validation import positive_float, positive_int
 from .faiss_device import (  # noqa: F401  (public here as well: the device decision's API)
     DEVICES, FAISS_GPU_PACKAGE, GPU_INSTALL_HINT, GPU_MAX_K, GPU_REBUILD_HINT, faiss_gpu_available, faiss_module,
     gpu_search_runs, resolve_faiss_device)
-from .ivf_search import IVF_RECALL, ivf_lists, ivf_search  # noqa: F401  (ivf_lists, IVF_RECALL: public here)
+from .ivf_search import IVF_RECALL, ivf_lists, ivf_search, settle_near_ties  # noqa: F401  (ivf_lists, IVF_RECALL: public here)
 
 logger = logging.getLogger("pyro_scmodels.matching")
 
@@ -101,8 +101,10 @@ def _search(query: np.ndarray, base: np.ndarray, k: int, device: str, method: st
     if (indices < 0).any():  # faiss' "no neighbour": read as a position, -1 was the last cell
         raise ValueError(f"faiss found no neighbour for {int((indices < 0).any(axis=1).sum())} queries: their "
                          "distances overflow float32. Rescale the embedding (e.g. standardise its columns).")
-    # the square root magnifies what rounding error is left near 0 (~1e-2 from a cell to itself): recompute
     indices = indices.astype(np.int64, copy=False)
+    if method != "ivf":  # the IVF search ranks its candidates from their codes and checks its own recall
+        indices = settle_near_ties(faiss, xq, xb, indices)
+    # the square root magnifies what rounding error is left near 0 (~1e-2 from a cell to itself): recompute
     distances = _distances(xq, xb, indices)
     order = np.argsort(distances, axis=1, kind="stable")  # near-ties may swap after the recomputation
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(indices, order, axis=1)
