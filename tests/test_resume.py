@@ -3,7 +3,9 @@ and is refused when the checkpoint or folder belongs to other data, settings, pr
 
 import warnings
 
+import anndata
 import numpy as np
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -437,3 +439,25 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(small, tmp_path):
         with pytest.raises(ValueError, match=r"checkpoint\.pt is not a training checkpoint of this SVITrainer \(it lacks "
                                              r"'model', 'guide'"):
             ps.RegularizedVI(small, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), **QUICK)
+
+
+def test_a_model_of_integer_named_genes_and_cells_loads_and_resumes_onto_its_data_read_back_from_h5ad(small, tmp_path):
+    # anndata keeps integer names in memory and writes them as strings: the saved model (and its own adata.h5ad)
+    # was refused as "60 genes missing, 60 unknown", and a checkpoint as other cells, with the same names
+    small.var_names = pd.Index(np.arange(small.n_vars) * 10)  # an Index is kept as it is (an array becomes text)
+    small.obs_names = pd.Index(np.arange(small.n_obs) + 1000)
+    assert small.var_names.dtype == np.int64 and small.obs_names.dtype == np.int64
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, checkpoint_dir=str(tmp_path / "run"), checkpoint_every=1, **QUICK)
+    model.save(str(tmp_path / "model"), save_anndata=True)
+    small.write_h5ad(tmp_path / "data.h5ad")
+    read_back = anndata.read_h5ad(tmp_path / "data.h5ad")
+    assert list(read_back.var_names[:2]) == ["0", "10"]
+    expected = model.get_latent_representation()
+    for loaded in (ps.RegularizedVI.load(str(tmp_path / "model")),
+                   ps.RegularizedVI.load(str(tmp_path / "model"), read_back)):
+        np.testing.assert_allclose(loaded.get_latent_representation(), expected, rtol=1e-5, atol=1e-6)
+    resumed = ps.RegularizedVI(read_back, **SMALL)
+    resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "run"), **QUICK)  # finished: nothing to train
+    np.testing.assert_array_equal(resumed.history.to_numpy(), model.history.to_numpy())
+    np.testing.assert_allclose(resumed.get_latent_representation(), expected, rtol=1e-5, atol=1e-6)

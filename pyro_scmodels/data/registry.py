@@ -246,8 +246,9 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
     what
         What to call ``adata`` in the message, e.g. ``"mdata.mod['rna']"``.
     """
-    actual = pd.Index(adata.var_names)
-    expected = pd.Index(expected)
+    # as text: h5ad stores names as strings, so a model of integer-named genes must load onto its file
+    actual = pd.Index(adata.var_names).astype(str)
+    expected = pd.Index(expected).astype(str)
     if actual.equals(expected):
         return
     missing = expected.difference(actual)

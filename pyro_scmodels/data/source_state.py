@@ -59,7 +59,8 @@ def names_digest(names) -> str:
 def unordered_names_hash(names) -> int:
     """The first checkpoints' hash of a set of names: a sum of per-name hashes, blind to their order (kept, so that
     those checkpoints keep matching; :func:`names_digest` is the ordered one)."""
-    return int(pd.util.hash_pandas_object(pd.Index(names), index=False).to_numpy().sum() % (2**61))
+    # as text (the same hash for string names): h5ad stores integer names as strings
+    return int(pd.util.hash_pandas_object(pd.Index(names).astype(str), index=False).to_numpy().sum() % (2**61))
 
 
 def setting_text(value) -> str:
