@@ -57,6 +57,12 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         One :class:`~pyro_scmodels.RegularizedPriors` for all modalities, or a dict per modality.
     global_guides, init, seed
         As for :class:`~pyro_scmodels.RegularizedVI`.
+    decoder_gene_scale
+        Scale each feature's decoder output by its mean normalised expression, as
+        ``RegularizedVI(decoder_gene_scale=True)`` does (docs/models.md, "The decoder's scale"): True or False for
+        every modality, or a dict with one bool per modality (e.g. ``{"rna": True, "atac": False}``). Each modality
+        has its own decoder, and the option was measured on RNA only, so it is given per modality as ``n_hidden``,
+        ``n_latent`` and ``priors`` are (one value for all, or a dict); default off for every modality.
     **scvi_arguments
         scvi-tools' ``gene_likelihood``, ``dispersion``, ... raise ``TypeError`` saying what to use instead.
     """
@@ -71,7 +77,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
                  dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
-                 seed: int = 0, _categories: dict | None = None, **scvi_arguments):
+                 seed: int = 0, decoder_gene_scale=False, _categories: dict | None = None, **scvi_arguments):
         refuse_scvi_arguments(scvi_arguments, "model", type(self).__name__)
         super().__init__()
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
@@ -94,7 +100,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         saved = _categories is not None
         checked = per_modality_settings(self.modalities, n_hidden, n_latent, latent_mode, ambient_modalities,
-                                        feature_scaling_modalities, priors, saved)
+                                        feature_scaling_modalities, priors, decoder_gene_scale, saved)
         hidden, latent, priors = checked["hidden"], checked["latent"], checked["priors"]
         ambient_modalities, scaling_modalities = checked["ambient_modalities"], checked["feature_scaling_modalities"]
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
@@ -104,6 +110,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             feature_scaling_modalities=scaling_modalities, dropout_rate=dropout_rate, priors=priors,
             global_guides=global_guides, init=init, seed=seed,
         )
+        if checked["decoder_gene_scale"] is not None:  # left out when off: earlier saves and checkpoints match
+            self._init_params["decoder_gene_scale"] = checked["decoder_gene_scale"]
         self.observation_sites = {f"obs_{m}": f"x_{m}" for m in self.modalities}
         self.derived_sites = {f"dispersion_{m}": (f"inverse_sqrt_theta_{m}", lambda u: u.pow(-2)) for m in self.modalities}
         self.latent_mode = latent_mode
@@ -121,6 +129,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
                     use_feature_scaling=m in scaling_modalities, n_decoder_latent=joint,
                     with_z_encoder=latent_mode != "single_encoder",
                     model_class=self.block_model_class, guide_class=self.block_guide_class,
+                    decoder_gene_scale=checked["gene_scale"][m],
                 )
             model = self.model_class(models, latent, latent_mode)
             guide = self.guide_class(guides, latent, latent_mode, modality_weights, hidden[self.modalities[0]], n_layers,

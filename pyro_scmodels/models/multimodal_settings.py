@@ -12,14 +12,14 @@ from .model_settings import refuse_priors_of_absent_sites
 
 
 def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode: str, ambient_modalities,
-                          feature_scaling_modalities, priors, saved: bool) -> dict:
+                          feature_scaling_modalities, priors, decoder_gene_scale, saved: bool) -> dict:
     """The settings given per modality, checked and spelt out for every modality.
 
     Parameters
     ----------
     modalities
         The modelled modalities, in the setup's order.
-    n_hidden, n_latent, latent_mode, ambient_modalities, feature_scaling_modalities, priors
+    n_hidden, n_latent, latent_mode, ambient_modalities, feature_scaling_modalities, priors, decoder_gene_scale
         As for :class:`~pyro_scmodels.RegularizedMultimodalVI` (``latent_mode`` already checked).
     saved
         The settings of a saved model being loaded: a dict naming modalities the model lacks, and checks added since
@@ -28,8 +28,10 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
     Returns
     -------
     dict
-        ``hidden``, ``latent`` and ``priors``: ``{modality: value}``; ``ambient_modalities`` and
-        ``feature_scaling_modalities``: lists.
+        ``hidden``, ``latent``, ``priors`` and ``gene_scale``: ``{modality: value}``; ``ambient_modalities`` and
+        ``feature_scaling_modalities``: lists; ``decoder_gene_scale``: the checked value as given (a bool, or the
+        dict) for ``init_params``, None when no modality has the scale (left out there, so that models saved before
+        the option existed load and resume unchanged).
 
     Raises
     ------
@@ -38,7 +40,7 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
         ``"concatenation"``; unknown modalities in ``ambient_modalities`` or ``feature_scaling_modalities``; an edited
         prior of a site no modality has.
     TypeError
-        ``n_hidden`` or ``n_latent`` not a positive int.
+        ``n_hidden`` or ``n_latent`` not a positive int, ``decoder_gene_scale`` not True or False.
     """
     hidden = per_modality("n_hidden", n_hidden, modalities, V.positive_int, saved)
     latent = per_modality("n_latent", n_latent, modalities, V.positive_int, saved)
@@ -57,5 +59,7 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
                           loading=saved)
     if not saved:  # a model saved before this check still loads
         refuse_priors_of_absent_sites(priors, given_per_modality, ambient, scaling)
-    return dict(hidden=hidden, latent=latent, priors=priors, ambient_modalities=ambient,
-                feature_scaling_modalities=scaling)
+    gene_scale = per_modality("decoder_gene_scale", decoder_gene_scale, modalities, V.boolean, saved)
+    given = gene_scale if isinstance(decoder_gene_scale, dict) else next(iter(gene_scale.values()))
+    return dict(hidden=hidden, latent=latent, priors=priors, gene_scale=gene_scale, ambient_modalities=ambient,
+                feature_scaling_modalities=scaling, decoder_gene_scale=given if any(gene_scale.values()) else None)
