@@ -7,24 +7,23 @@ training loop are the single-modality ones.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
 import pandas as pd
 
 from .. import _validation as V
-from ..data.mudata_registry import per_modality
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
 from ..data.covariates import warn_if_encoder_keys_leak
-from ..priors import RegularizedPriors, checked_priors
+from ..priors import RegularizedPriors
 from . import ambient as _ambient
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
-from .model_settings import refuse_priors_of_absent_sites, shared_settings, without_absent_sites
+from .model_settings import shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
+from .multimodal_settings import per_modality_settings
 from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
                                 has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
@@ -32,11 +31,6 @@ from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 from .unmeasured_categories import warn_categories_without_counts
 from ..seeding import seeded
-
-
-def _per_modality(value, modalities: list[str], name: str, loading: bool = False) -> dict[str, int]:
-    """A positive int for every modality, or a dict with one entry per modality (see :func:`per_modality`)."""
-    return per_modality(name, value, modalities, V.positive_int, loading)
 
 
 class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
@@ -63,6 +57,12 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         One :class:`~pyro_scmodels.RegularizedPriors` for all modalities, or a dict per modality.
     global_guides, init, seed
         As for :class:`~pyro_scmodels.RegularizedVI`.
+    decoder_gene_scale
+        Scale each feature's decoder output by its mean normalised expression, as
+        ``RegularizedVI(decoder_gene_scale=True)`` does (docs/models.md, "The decoder's scale"): True or False for
+        every modality, or a dict with one bool per modality (e.g. ``{"rna": True, "atac": False}``). Each modality
+        has its own decoder, and the option was measured on RNA only, so it is given per modality as ``n_hidden``,
+        ``n_latent`` and ``priors`` are (one value for all, or a dict); default off for every modality.
     **scvi_arguments
         scvi-tools' ``gene_likelihood``, ``dispersion``, ... raise ``TypeError`` saying what to use instead.
     """
@@ -77,7 +77,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,
                  dropout_rate: float = 0.1, priors=None, global_guides: dict | None = None, init: str = "data",
-                 seed: int = 0, _categories: dict | None = None, **scvi_arguments):
+                 seed: int = 0, decoder_gene_scale=False, _categories: dict | None = None, **scvi_arguments):
         refuse_scvi_arguments(scvi_arguments, "model", type(self).__name__)
         super().__init__()
         latent_mode = V.choice("latent_mode", latent_mode, LATENT_MODES)
@@ -98,25 +98,11 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             warn_if_encoder_keys_leak(self.keys, 0.0)
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
-        hidden = _per_modality(n_hidden, self.modalities, "n_hidden", loading=_categories is not None)
-        latent = _per_modality(n_latent, self.modalities, "n_latent", loading=_categories is not None)
-        if latent_mode != "concatenation" and len(set(latent.values())) > 1:
-            raise ValueError(f"latent_mode={latent_mode!r} needs the same n_latent for every modality, got {latent}.")
-        ambient_modalities = [m for m in ("rna",) if m in self.modalities] if ambient_modalities is None else list(ambient_modalities)
-        scaling_modalities = (
-            [m for m in ("atac",) if m in self.modalities] if feature_scaling_modalities is None else list(feature_scaling_modalities)
-        )
-        for name, chosen in (("ambient_modalities", ambient_modalities), ("feature_scaling_modalities", scaling_modalities)):
-            unknown = sorted(set(chosen) - set(self.modalities))
-            if unknown:
-                raise ValueError(f"{name} names unknown modalities {unknown}; known: {self.modalities}.")
-        given_per_modality = isinstance(priors, dict)
-        priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
         saved = _categories is not None
-        priors = per_modality("priors", priors, self.modalities, lambda name, value: checked_priors(name, value, saved),
-                              loading=saved)
-        if not saved:  # a model saved before this check still loads
-            refuse_priors_of_absent_sites(priors, given_per_modality, ambient_modalities, scaling_modalities)
+        checked = per_modality_settings(self.modalities, n_hidden, n_latent, latent_mode, ambient_modalities,
+                                        feature_scaling_modalities, priors, decoder_gene_scale, saved)
+        hidden, latent, priors = checked["hidden"], checked["latent"], checked["priors"]
+        ambient_modalities, scaling_modalities = checked["ambient_modalities"], checked["feature_scaling_modalities"]
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
         self._init_params = dict(
             n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
@@ -124,6 +110,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             feature_scaling_modalities=scaling_modalities, dropout_rate=dropout_rate, priors=priors,
             global_guides=global_guides, init=init, seed=seed,
         )
+        if checked["decoder_gene_scale"] is not None:  # left out when off: earlier saves and checkpoints match
+            self._init_params["decoder_gene_scale"] = checked["decoder_gene_scale"]
         self.observation_sites = {f"obs_{m}": f"x_{m}" for m in self.modalities}
         self.derived_sites = {f"dispersion_{m}": (f"inverse_sqrt_theta_{m}", lambda u: u.pow(-2)) for m in self.modalities}
         self.latent_mode = latent_mode
@@ -141,6 +129,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
                     use_feature_scaling=m in scaling_modalities, n_decoder_latent=joint,
                     with_z_encoder=latent_mode != "single_encoder",
                     model_class=self.block_model_class, guide_class=self.block_guide_class,
+                    decoder_gene_scale=checked["gene_scale"][m],
                 )
             model = self.model_class(models, latent, latent_mode)
             guide = self.guide_class(guides, latent, latent_mode, modality_weights, hidden[self.modalities[0]], n_layers,

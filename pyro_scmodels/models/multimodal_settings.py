@@ -1,0 +1,65 @@
+"""The per-modality settings of :class:`~pyro_scmodels.RegularizedMultimodalVI`, checked once its modalities are
+known (from the MuData's setup), before any block is built."""
+
+from __future__ import annotations
+
+import copy
+
+from .. import _validation as V
+from ..data.mudata_registry import per_modality
+from ..priors import RegularizedPriors, checked_priors
+from .model_settings import refuse_priors_of_absent_sites
+
+
+def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode: str, ambient_modalities,
+                          feature_scaling_modalities, priors, decoder_gene_scale, saved: bool) -> dict:
+    """The settings given per modality, checked and spelt out for every modality.
+
+    Parameters
+    ----------
+    modalities
+        The modelled modalities, in the setup's order.
+    n_hidden, n_latent, latent_mode, ambient_modalities, feature_scaling_modalities, priors, decoder_gene_scale
+        As for :class:`~pyro_scmodels.RegularizedMultimodalVI` (``latent_mode`` already checked).
+    saved
+        The settings of a saved model being loaded: a dict naming modalities the model lacks, and checks added since
+        it was saved, warn instead of raising.
+
+    Returns
+    -------
+    dict
+        ``hidden``, ``latent``, ``priors`` and ``gene_scale``: ``{modality: value}``; ``ambient_modalities`` and
+        ``feature_scaling_modalities``: lists; ``decoder_gene_scale``: the checked value as given (a bool, or the
+        dict) for ``init_params``, None when no modality has the scale (left out there, so that models saved before
+        the option existed load and resume unchanged).
+
+    Raises
+    ------
+    ValueError
+        A dict without an entry for a modality or naming one the model lacks; unequal ``n_latent`` outside
+        ``"concatenation"``; unknown modalities in ``ambient_modalities`` or ``feature_scaling_modalities``; an edited
+        prior of a site no modality has.
+    TypeError
+        ``n_hidden`` or ``n_latent`` not a positive int, ``decoder_gene_scale`` not True or False.
+    """
+    hidden = per_modality("n_hidden", n_hidden, modalities, V.positive_int, saved)
+    latent = per_modality("n_latent", n_latent, modalities, V.positive_int, saved)
+    if latent_mode != "concatenation" and len(set(latent.values())) > 1:
+        raise ValueError(f"latent_mode={latent_mode!r} needs the same n_latent for every modality, got {latent}.")
+    ambient = [m for m in ("rna",) if m in modalities] if ambient_modalities is None else list(ambient_modalities)
+    scaling = ([m for m in ("atac",) if m in modalities] if feature_scaling_modalities is None
+               else list(feature_scaling_modalities))
+    for name, chosen in (("ambient_modalities", ambient), ("feature_scaling_modalities", scaling)):
+        unknown = sorted(set(chosen) - set(modalities))
+        if unknown:
+            raise ValueError(f"{name} names unknown modalities {unknown}; known: {modalities}.")
+    given_per_modality = isinstance(priors, dict)
+    priors = copy.deepcopy(priors) if priors is not None else RegularizedPriors()  # the model's own copy
+    priors = per_modality("priors", priors, modalities, lambda name, value: checked_priors(name, value, saved),
+                          loading=saved)
+    if not saved:  # a model saved before this check still loads
+        refuse_priors_of_absent_sites(priors, given_per_modality, ambient, scaling)
+    gene_scale = per_modality("decoder_gene_scale", decoder_gene_scale, modalities, V.boolean, saved)
+    given = gene_scale if isinstance(decoder_gene_scale, dict) else next(iter(gene_scale.values()))
+    return dict(hidden=hidden, latent=latent, priors=priors, gene_scale=gene_scale, ambient_modalities=ambient,
+                feature_scaling_modalities=scaling, decoder_gene_scale=given if any(gene_scale.values()) else None)
