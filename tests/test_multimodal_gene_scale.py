@@ -30,7 +30,21 @@ def _normalised_means(counts) -> np.ndarray:
     totals = counts.sum(1)
     typical = np.exp(np.log(totals[totals > 0]).mean())
     weights = np.where(totals > 0, typical / np.maximum(totals, 1e-12), 0.0)
-    return (counts * weights[:, None]).mean(0)
+    return (counts * weights[:, None])[totals > 0].mean(0)  # over the cells measured in the modality
+
+
+def test_the_scale_and_the_starting_levels_are_means_over_the_cells_measured_in_the_modality():
+    # cells without ATAC counts are masked out of its likelihood; they were counted as zeros in its mean, which put
+    # the scale (and the plain decoder's starting bias) at 0.7 of the measured cells' level here
+    mdata = ps.datasets.simulate_multiome(n_cells=300, n_genes=75, n_peaks=120, atac_missing_fraction=0.3, seed=1)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    counts = mdata.mod["atac"].layers["counts"]
+    assert 0.2 < np.mean(np.asarray(counts.sum(1)).ravel() == 0) < 0.4
+    expected = _normalised_means(counts)
+    scaled = ps.RegularizedMultimodalVI(mdata, decoder_gene_scale=True, **SMALL).module.model.block("atac").decoder
+    np.testing.assert_allclose(scaled.output_scale.numpy() * math.log(2.0), np.maximum(expected, 1e-6), rtol=1e-5)
+    plain = ps.RegularizedMultimodalVI(mdata, **SMALL).module.model.block("atac").decoder
+    np.testing.assert_allclose(F.softplus(plain.output.bias.detach()).numpy(), np.maximum(expected, 1e-6), rtol=1e-3)
 
 
 def test_a_scaled_block_decodes_its_features_mean_times_softplus_over_log_2():

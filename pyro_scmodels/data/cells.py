@@ -149,8 +149,12 @@ class CellData:
         return np.where(counted, typical / np.maximum(totals, 1e-12), 0.0)
 
     def normalised_means(self, key: str = "x") -> np.ndarray:
-        """Mean library-normalised expression over all cells (1 x features), in counts at a typical library."""
-        return self.modalities[key].column_means(weights=self._inverse_size_factors(key))
+        """Mean library-normalised expression over the cells with counts in ``key`` (1 x features), in counts at a
+        typical library."""
+        weights = self._inverse_size_factors(key)
+        # cells without counts in the modality (weight 0) go to a second group, left out: they diluted the mean
+        measured = np.where(weights > 0, 0, 1)
+        return self.modalities[key].column_means(weights=weights, groups=measured, n_groups=2)[:1]
 
     def stacked_normalised_means(self, index_key: str, n_levels: int, key: str = "x") -> np.ndarray:
         """Mean library-normalised expression per level of a stacked covariate (levels x features)."""
@@ -159,7 +163,9 @@ class CellData:
         weights = self._inverse_size_factors(key)
         out = np.zeros((n_levels, matrix.n_features))
         for column in range(codes.shape[1]):
-            out += matrix.column_means(weights=weights, groups=codes[:, column].numpy(), n_groups=n_levels)
+            # cells without counts in the modality go to an extra level, left out (see normalised_means)
+            levels = np.where(weights > 0, codes[:, column].numpy(), n_levels)
+            out += matrix.column_means(weights=weights, groups=levels, n_groups=n_levels + 1)[:n_levels]
         return out
 
     # --- minibatches ---------------------------------------------------------------------
