@@ -84,11 +84,25 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
         raise ValueError(f"{source} was written by another model's training ({writer}), not by this {loop}; "
                          "choose another checkpoint_dir, or on the command line another output folder (that file "
                          "belongs to the other run).")
-    differing = fingerprint_differences(state.get("fingerprint", {}), fingerprint)
+    saved = state.get("fingerprint", {})
+    differing = fingerprint_differences(saved, fingerprint)
     if differing:
         raise StateMismatchError(f"{source} was written for different data or settings ({', '.join(differing)} differ); "
-                                 "remove it or choose another checkpoint_dir (on the command line: --overwrite, or "
-                                 "another output folder).", differing)
+                                 f"{_settings_to_resume(differing, saved, fingerprint)}remove it or choose another "
+                                 "checkpoint_dir (on the command line: --overwrite, or another output folder).", differing)
+
+
+def _settings_to_resume(differing: list[str], saved: dict, fingerprint: dict) -> str:
+    """The model settings the checkpoint was written with, where only those differ: the way to resume it rather than
+    discard it (``"to resume it, give n_hidden=64 (now 32); or "``), or ``""``."""
+    part = "model settings"
+    if not differing or not all(d.startswith(part + ".") for d in differing):
+        return ""
+    old, new = saved.get(part, {}), fingerprint.get(part, {})
+    # a setting left out of the record is at its default (options added later are recorded only when set)
+    shown = lambda text: "the default" if text is None else text if len(str(text)) <= 60 else "another value"  # noqa: E731
+    given = [f"{name}={shown(old.get(name))} (now {shown(new.get(name))})" for name in (d[len(part) + 1:] for d in differing)]
+    return f"to resume it, give {', '.join(given)}; or "
 
 
 def refuse_other_data_on_other_ranks(parallel, fingerprint: dict) -> None:

@@ -79,8 +79,16 @@ def test_resuming_with_other_genes_is_refused_by_name(small, tmp_path):
     ps.RegularizedVI.setup_anndata(other, layer="counts", batch_key="batch")
     with pytest.raises(ValueError, match=r"feature names\.genes differ.*--overwrite"):
         ps.RegularizedVI(other, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
-    with pytest.raises(ValueError, match=r"model settings\.n_latent differ"):  # the setting is named
+    # the setting is named, with the value that resumes the checkpoint (the only fix offered had been to discard it)
+    with pytest.raises(ValueError, match=r"model settings\.n_latent differ\); to resume it, give n_latent=4 \(now 5\); "
+                                         r"or remove it"):
         ps.RegularizedVI(small, n_hidden=32, n_latent=5).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
+    with pytest.raises(ValueError, match=r"give decoder_gene_scale=True \(now the default\); or remove it"):
+        scaled = tmp_path / "scaled"
+        ps.RegularizedVI(small, decoder_gene_scale=True, **SMALL).train(max_epochs=1, checkpoint_dir=str(scaled), **QUICK)
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=2, checkpoint_dir=str(scaled), **QUICK)
+    with pytest.raises(ValueError, match=r"feature names\.genes differ\); remove it"):  # not a setting: no such advice
+        ps.RegularizedVI(other, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), **QUICK)
 
 
 def test_a_checkpoint_written_before_the_finer_fingerprint_keeps_its_settings_check(small, tmp_path):
