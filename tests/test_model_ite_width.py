@@ -1,0 +1,116 @@
+"""The model ITE's bounds widened by its disagreement with the matched ITE (``estimate_model_ite(widen_by_matching=
+True)``): the disagreement and the widened bounds against numpy, what a subset of cells gets, and refused input.
+Its coverage on the simulator is asserted in test_ndreamer.py::test_from_model_matching_and_model_based_counterfactuals.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+import pyro_scmodels as ps
+from pyro_scmodels.ndreamer import NDreamer
+from pyro_scmodels.ndreamer.model_ite_width import MIN_GROUP_CELLS, disagreement_variance, widened_bounds
+
+
+def test_the_disagreement_is_the_mean_squared_difference_over_the_treated_cells_per_group(monkeypatch):
+    from pyro_scmodels.ndreamer import model_ite_width
+
+    monkeypatch.setattr(model_ite_width, "BLOCK", 7)  # several blocks
+    rng = np.random.default_rng(0)
+    decoded, matched = rng.normal(size=(120, 5)), rng.normal(size=(120, 5))
+    treated = np.sort(rng.choice(120, 70, replace=False))
+    groups = np.where(np.arange(120) < 100, np.arange(120) % 2, 2)  # groups 0 and 1 large, group 2 small
+    variance = disagreement_variance(treated, lambda r: decoded[r], lambda r: matched[r], groups, 3)
+    squared = (decoded - matched) ** 2
+    for g in (0, 1):
+        rows = treated[groups[treated] == g]
+        assert len(rows) >= MIN_GROUP_CELLS
+        np.testing.assert_allclose(variance[g], squared[rows].mean(0))
+    assert 0 < (groups[treated] == 2).sum() < MIN_GROUP_CELLS
+    np.testing.assert_allclose(variance[2], squared[treated].mean(0))  # too few cells: the value over all
+    np.testing.assert_allclose(disagreement_variance(treated, lambda r: decoded[r], lambda r: matched[r])[0],
+                               squared[treated].mean(0))
+
+
+def test_each_bound_moves_away_from_the_mean_by_its_normal_quantile():
+    mean, low, high = np.array([[0.0, 1.0]]), np.array([[-0.2, 0.5]]), np.array([[0.4, 1.1]])
+    variance = np.array([[0.25, 0.0]])
+    new_low, new_high = widened_bounds(mean, low, high, (0.1, 0.95), variance)
+    np.testing.assert_allclose(new_low, [[-np.sqrt(0.04 + norm.ppf(0.9) ** 2 * 0.25), 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(new_high, [[np.sqrt(0.16 + norm.ppf(0.95) ** 2 * 0.25), 1.1]], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def from_model():
+    adata = ps.datasets.simulate(n_cells=300, n_genes=40, n_markers_per_type=4, n_responding_genes=6, seed=2,
+                                 effect_modifier=1.0)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch",
+                                   nn_conditioning_covariate_keys=["condition"], encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=32, n_latent=4, latent_independence=10.0)
+    model.train(max_epochs=3, batch_size=64, device="cpu", progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
+
+
+def test_widened_bounds_hold_the_disagreement_and_a_subset_gets_the_whole_datas(from_model):
+    nd = from_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = nd.estimate_model_ite(num_samples=4).copy()
+        wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True)
+    assert nd.results.uns["model_ite_interval"] == {"widen_by_matching": True, "disagreement_groups": ""}
+    mean, low, high = (wide.layers[f"ite_model_stimulated{s}"] for s in ("", "_q05", "_q95"))
+    np.testing.assert_array_equal(mean, plain.layers["ite_model_stimulated"])  # the estimate is unchanged
+    treated = (nd.results.obs["condition"] == "stimulated").to_numpy()
+    matched = nd.estimate_ite().layers["ite_stimulated"]
+    variance = ((mean - matched)[treated].astype(np.float64) ** 2).mean(0)
+    expected = widened_bounds(mean, plain.layers["ite_model_stimulated_q05"], plain.layers["ite_model_stimulated_q95"],
+                              (0.05, 0.95), variance[None, :])
+    np.testing.assert_allclose(low, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(high, expected[1], rtol=1e-5, atol=1e-6)
+    assert ((high - low) > (plain.layers["ite_model_stimulated_q95"] - plain.layers["ite_model_stimulated_q05"])).mean() > 0.99
+    # a few cells get bounds from the disagreement over every treated cell, not over themselves
+    cells, genes = [3, 50, 200], list(nd.genes[:6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = nd.estimate_model_ite(num_samples=4, widen_by_matching=True, indices=cells, gene_list=genes)
+    columns = [list(nd.genes).index(g) for g in genes]
+    width = (high - low)[np.ix_(cells, columns)]
+    np.testing.assert_allclose(part.layers["ite_model_stimulated_q95"] - part.layers["ite_model_stimulated_q05"], width,
+                               rtol=0.05)
+
+
+def test_widened_bounds_per_group_take_each_groups_treated_cells(from_model):
+    nd = from_model
+    nd.results.obs["type_group"] = nd.results.obs["cell_type"].astype(str).to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = nd.estimate_model_ite(num_samples=4).copy()
+        wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True, disagreement_groups="type_group")
+    mean = wide.layers["ite_model_stimulated"]
+    matched = nd.estimate_ite().layers["ite_stimulated"]
+    treated = (nd.results.obs["condition"] == "stimulated").to_numpy()
+    squared = (mean - matched).astype(np.float64) ** 2
+    group = nd.results.obs["type_group"].to_numpy()
+    variance = np.stack([squared[treated & (group == g)].mean(0) if (treated & (group == g)).sum() >= MIN_GROUP_CELLS
+                         else squared[treated].mean(0) for g in group])
+    expected = widened_bounds(mean, plain.layers["ite_model_stimulated_q05"], plain.layers["ite_model_stimulated_q95"],
+                              (0.05, 0.95), variance)
+    np.testing.assert_allclose(wide.layers["ite_model_stimulated_q95"], expected[1], rtol=1e-5, atol=1e-6)
+    assert nd.results.uns["model_ite_interval"]["disagreement_groups"] == "type_group"
+
+
+def test_disagreement_groups_are_checked_before_decoding(from_model):
+    nd = from_model
+    with pytest.raises(ValueError, match="disagreement_groups needs widen_by_matching=True"):
+        nd.estimate_model_ite(num_samples=2, disagreement_groups="cell_type")
+    with pytest.raises(KeyError, match="'leiden' is not a column of nd.results.obs"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching=True, disagreement_groups="leiden")
+    nd.results.obs["partial"] = np.where(np.arange(nd.results.n_obs) < 10, None, "a")
+    with pytest.raises(ValueError, match=r"nd.results.obs\['partial'\] has 10 missing values"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching=True, disagreement_groups="partial")
+    with pytest.raises(TypeError, match="widen_by_matching"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching="yes")
