@@ -21,7 +21,8 @@ category), ``shape_prior`` (the package's ``ambient_shape_prior=10``: Gamma(a, a
 on the mean normalised expression p, the amount m_e per category learned, every gene still learned; ``shape_prior:A``
 for a = A),
 ``droplet`` (the package's ``ambient_per_droplet=True``: mu = (l rho + s) y, the background as counts per droplet), ``low_count_init`` (profile initialised from the 10 % lowest-count cells),
-``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
+``gene_scaled`` (the package's ``decoder_gene_scale=True``: the decoder's output in units of each gene's mean
+normalised expression, rho_g = m_g softplus(W h + b)_g / log 2), ``global_lr`` (global sites at 5 x the learning rate), ``independence`` (the encoder told the design's category,
 the batch or the spiked group, and z made independent of it: ``latent_independence=10``; ``independence:W`` for
 weight W), ``profile_empties`` (``ambient_profile=``
 from simulated empty droplets; only the amount per category is learned), ``scaling`` (the category's per-gene
@@ -176,6 +177,8 @@ def variant_options(name: str, adata, key: str = "batch") -> dict:
             options["model"]["ambient_per_droplet"] = True
         elif part.split(":")[0] == "shape_prior":  # the package option: Gamma(a, a / (m_e p_g)), m_e learned
             options["model"]["ambient_shape_prior"] = float(part.split(":")[1]) if ":" in part else 10.0
+        elif part == "gene_scaled":  # the package option: rho_g = m_g softplus(W h + b)_g / log 2
+            options["model"]["decoder_gene_scale"] = True
         elif part == "scaling":  # the category's per-gene scaling y modelled too (the simulator draws one per batch)
             options["setup"]["feature_scaling_covariate_keys"] = [key]
         elif part == "low_count_init":
