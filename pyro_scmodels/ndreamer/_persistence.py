@@ -165,7 +165,8 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
     checked for NDreamers saved before it was recorded): a model trained further, or another with the same cell
     names, decodes other effects than the stored latent was matched in.
     """
-    if not pd.Index(model.adata.obs_names).equals(results.obs_names):
+    # as text: integer names come back from h5ad as strings
+    if not pd.Index(model.adata.obs_names).astype(str).equals(pd.Index(results.obs_names).astype(str)):
         raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
     source = model.counts_source()[0] if callable(getattr(model, "counts_source", None)) else None
     genes = None if source is None else pd.Index(source.var_names).astype(str)
