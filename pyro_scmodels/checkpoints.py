@@ -94,15 +94,22 @@ def check_saved_state(state: dict, loop: str, modules, fingerprint: dict, source
 
 def _settings_to_resume(differing: list[str], saved: dict, fingerprint: dict) -> str:
     """The model settings the checkpoint was written with, where only those differ: the way to resume it rather than
-    discard it (``"to resume it, give n_hidden=64 (now 32); or "``), or ``""``."""
+    discard it (``"to resume it, use the settings it was written with: n_hidden=64 (now 32); or "``), or ``""``."""
     part = "model settings"
     if not differing or not all(d.startswith(part + ".") for d in differing):
         return ""
     old, new = saved.get(part, {}), fingerprint.get(part, {})
-    # a setting left out of the record is at its default (options added later are recorded only when set)
-    shown = lambda text: "the default" if text is None else text if len(str(text)) <= 60 else "another value"  # noqa: E731
-    given = [f"{name}={shown(old.get(name))} (now {shown(new.get(name))})" for name in (d[len(part) + 1:] for d in differing)]
-    return f"to resume it, give {', '.join(given)}; or "
+
+    def written(name: str) -> str:
+        # a setting left out of the record is at its default (options added later are recorded only when set); a
+        # long value (priors, a profile's digest) cannot be typed in: named only
+        now = "the default" if new.get(name) is None else new[name] if len(str(new[name])) <= 60 else "another value"
+        value = old.get(name)
+        if value is None:
+            return f"{name} at its default (now {now})"
+        return f"{name}={value} (now {now})" if len(str(value)) <= 60 else f"{name} as it recorded it (now {now})"
+
+    return f"to resume it, use the settings it was written with: {', '.join(written(d[len(part) + 1:]) for d in differing)}; or "
 
 
 def refuse_other_data_on_other_ranks(parallel, fingerprint: dict) -> None:

@@ -4,6 +4,7 @@ numeric options, made before any file is read or written. The commands themselve
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 
@@ -309,7 +310,25 @@ def in_option_names(message: str, command: str | None = None) -> str:
     parts = re.split(r"('[^']*'|\"[^\"]*\")", message)
     out = "".join(part if i % 2 else re.sub(r"\S+", lambda m: token(m.group(0)), part) for i, part in enumerate(parts))
     out = out.replace(" to setup_anndata", "")
+    # a switch takes no value: "--decoder-gene-scale True" reads "--decoder-gene-scale", "... False" "no --..."
+    out = re.sub(r"(--[a-z-]+) (True|False)\b", _switch_value, out)
     return re.sub(r"(--[a-z-]+) `", r"\1`", out)  # "`layer=`" reads "`--layer`"
+
+
+def _switch_value(match: re.Match) -> str:
+    """``--flag True`` as the switch itself, ``--flag False`` as "no --flag"; an option with a value as it is."""
+    flag, value = match.group(1), match.group(2)
+    if flag not in _switches():
+        return match.group(0)
+    return flag if value == "True" else f"no {flag}"
+
+
+@functools.lru_cache(maxsize=1)
+def _switches() -> frozenset[str]:
+    """The options of every subcommand that take no value (``store_true``)."""
+    commands = next((a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return frozenset(flag for parser in (commands.choices.values() if commands else []) for action in parser._actions
+                     if action.nargs == 0 and not isinstance(action, argparse._HelpAction) for flag in action.option_strings)
 
 
 def _command_options(command: str | None) -> set[str] | None:

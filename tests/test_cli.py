@@ -468,6 +468,11 @@ def test_errors_name_the_options_not_the_python_arguments():
     assert in_option_names("set it (n_latent or batch_size=64)", "fit") == "set it (--n-latent or --batch-size 64)"
     assert in_option_names("written for other settings (settings.n_latent differ)", "fit") == \
         "written for other settings (settings.n_latent differ)"
+    # a switch takes no value: the settings that resume a checkpoint name it as it is typed
+    assert in_option_names("written with: decoder_gene_scale=True (now the default), n_hidden=64 (now 32)", "fit") == \
+        "written with: --decoder-gene-scale (now the default), --n-hidden 64 (now 32)"
+    assert in_option_names("ambient_per_droplet=False, latent_independence=True", "fit") == \
+        "no --ambient-per-droplet, --latent-independence True"
     from pyro_scmodels.cli_arguments import OPTION_OF, OPTION_OF_WITH_VALUE, build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
