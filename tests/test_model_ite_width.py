@@ -40,6 +40,10 @@ def test_each_bound_moves_away_from_the_mean_by_its_normal_quantile():
     new_low, new_high = widened_bounds(mean, low, high, (0.1, 0.95), variance)
     np.testing.assert_allclose(new_low, [[-np.sqrt(0.04 + norm.ppf(0.9) ** 2 * 0.25), 0.5]], rtol=1e-6)
     np.testing.assert_allclose(new_high, [[np.sqrt(0.16 + norm.ppf(0.95) ** 2 * 0.25), 1.1]], rtol=1e-6)
+    # a mean outside its own bounds (a skewed spread of z): the new bounds still lie beyond the old ones
+    new_low, new_high = widened_bounds(np.array([[2.0]]), np.array([[2.5]]), np.array([[3.0]]), (0.05, 0.95),
+                                       np.array([[0.01]]))
+    assert new_low[0, 0] <= 2.0 - norm.ppf(0.95) * 0.1 + 1e-6 and new_high[0, 0] >= 3.0
 
 
 @pytest.fixture(scope="module")

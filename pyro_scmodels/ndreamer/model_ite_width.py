@@ -87,6 +87,8 @@ def widened_bounds(mean: np.ndarray, low: np.ndarray, high: np.ndarray, quantile
         The widened lower and upper bounds, float32.
     """
     z_low, z_high = norm.ppf(1.0 - quantiles[0]), norm.ppf(quantiles[1])
-    below = np.sqrt(np.square(mean - low, dtype=np.float64) + z_low ** 2 * variance)
-    above = np.sqrt(np.square(high - mean, dtype=np.float64) + z_high ** 2 * variance)
-    return (mean - below).astype(np.float32), (mean + above).astype(np.float32)
+    # a mean outside its own bounds (a skewed spread of z) keeps them: each new bound lies beyond the old one
+    below = np.sqrt(np.square(np.maximum(mean - low, 0.0), dtype=np.float64) + z_low ** 2 * variance)
+    above = np.sqrt(np.square(np.maximum(high - mean, 0.0), dtype=np.float64) + z_high ** 2 * variance)
+    return (np.minimum(low, mean - below).astype(np.float32, copy=False),
+            np.maximum(high, mean + above).astype(np.float32, copy=False))
