@@ -10,7 +10,8 @@ Every check names the argument, and raises one exception type per kind of error:
   choices, two arguments that exclude each other). The message names the argument and the value.
 * ``FileNotFoundError``: the folder to write a file into does not exist.
 * ``KeyError``: a named key, column, layer or modality is missing from a container. The
-  message names the key, where it was looked for and what is available.
+  message names the key, where it was looked for and what is available. These checks
+  (:func:`present`, :func:`group_column`) live in :mod:`._key_checks` and are imported here.
 
 Each check returns the value in a canonical type (``int``, ``float``, ``str``), so callers write
 ``batch_size = positive_int("batch_size", batch_size)``.
@@ -22,6 +23,8 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterable
+
+from ._key_checks import group_column, present
 
 __all__ = [
     "ArgumentTypeError",
@@ -333,34 +336,6 @@ def exclusive(first_name: str, first, second_name: str, second) -> None:
         raise ValueError(f"Pass either {first_name} or {second_name}, not both (got {first_name}={first!r}).")
 
 
-def present(key, container, where: str, what: str = "key", limit: int = 20) -> None:
-    """Raise ``KeyError`` unless ``key`` is in ``container``, listing what is available.
-
-    Parameters
-    ----------
-    key
-        The key, column, layer or modality looked for.
-    container
-        Anything supporting ``in`` and iteration (a mapping, a ``pandas.Index``, a list).
-    where
-        Where it was looked for, e.g. ``"adata.obs"`` or ``"adata.layers"``.
-    what
-        What the key is, e.g. ``"column"``, ``"layer"``, ``"modality"``.
-    limit
-        At most this many available keys are listed.
-
-    Raises
-    ------
-    KeyError
-        E.g. ``"Layer 'raw' not found in adata.layers. Available layers: counts."``.
-    """
-    if key in container:
-        return
-    available = ", ".join(map(str, list(container)[:limit])) or "(none)"
-    plural = what[:-1] + "ies" if what.endswith("y") and what[-2:-1] not in "aeiou" else what + "s"
-    raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
-
-
 def file_path(name: str, value) -> str:
     """``value`` as a non-empty path ``str`` (``TypeError`` for other types, ``ValueError`` if empty)."""
     if not isinstance(value, (str, os.PathLike)):
@@ -388,37 +363,3 @@ def output_path(name: str, value) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name}: the folder {folder} to write {os.path.basename(path)} into does not exist.")
     return path
-
-
-def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False) -> None:
-    """Raise unless ``obs[key]`` exists and holds groups (categories, strings or integer labels), not real numbers.
-
-    Parameters
-    ----------
-    obs
-        The cell table.
-    key
-        The column.
-    what
-        The argument that named it, for the message (e.g. ``"groupby"``).
-    table
-        How to call ``obs`` in the message.
-    complete
-        Also refuse cells without a value (NaN): a result per group would leave them out without a word.
-
-    Raises
-    ------
-    KeyError
-        The column is missing.
-    ValueError
-        It holds real numbers (not all whole): one group per value would follow.
-    """
-    present(key, obs.columns, table, "column")
-    column = obs[key]
-    if complete and column.isna().any():
-        raise ValueError(f"{what}: {table}[{key!r}] has missing values ({int(column.isna().sum())} cells); fill or drop "
-                         "them first (a result per group would leave those cells out).")
-    # numpy's and pandas' float dtypes, unless every value is a whole number (labels such as hours 0, 6, 24)
-    if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
-        raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
-                         "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")

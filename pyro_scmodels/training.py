@@ -1,14 +1,15 @@
 """The package's one training loop, independent of what is trained.
 
 :class:`TrainingLoop` owns everything a minibatch optimisation needs besides the loss itself:
-the optimiser, gradient clipping, NaN/Inf detection that names the loss part or parameter,
-checkpoints (atomic writes, fingerprint-checked resume), per-epoch seeding (so a resumed run
-equals an uninterrupted one), Ctrl-C safety, early stopping, a tqdm bar and a per-epoch
-``history``. Subclasses fill in the hooks: which minibatches an epoch draws
-(:meth:`~TrainingLoop.minibatches`), the loss of one (:meth:`~TrainingLoop.minibatch_loss`),
-what happens after each step (:meth:`~TrainingLoop.after_step`) and what an epoch records
-(:meth:`~TrainingLoop.end_epoch`). :class:`~pyro_scmodels.infer.SVITrainer` (Pyro ELBO) and
-the NDreamer trainer are the two specialisations.
+the optimiser, gradient clipping, NaN/Inf detection that names the loss part or parameter
+(:mod:`~pyro_scmodels.non_finite_checks`), checkpoints (atomic writes, fingerprint-checked
+resume), per-epoch seeding (so a resumed run equals an uninterrupted one), Ctrl-C safety, early
+stopping, a tqdm bar and a per-epoch ``history``. Subclasses fill in the hooks: which
+minibatches an epoch draws (:meth:`~TrainingLoop.minibatches`), the loss of one
+(:meth:`~TrainingLoop.minibatch_loss`), what happens after each step
+(:meth:`~TrainingLoop.after_step`) and what an epoch records (:meth:`~TrainingLoop.end_epoch`).
+:class:`~pyro_scmodels.infer.SVITrainer` (Pyro ELBO) and the NDreamer trainer are the two
+specialisations.
 
 Data-parallel training (:mod:`~pyro_scmodels.distributed`) plugs in through :attr:`TrainingLoop.parallel`:
 the loop asks it whether any rank saw a NaN, for the epoch's loss over all ranks, whether this
@@ -34,6 +35,7 @@ from . import _validation as V
 from ._allocator import reuse_freed_memory
 from .checkpoints import LoopCheckpoints, refuse_other_data_on_other_ranks
 from .distributed import SingleProcess
+from .non_finite_checks import NonFiniteChecks, NonFiniteError  # noqa: F401  (NonFiniteError: its import path)
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,6 @@ def require_float32_default() -> None:
         raise RuntimeError(f"torch's default dtype is {torch.get_default_dtype()}, and pyro_scmodels computes in "
                            "float32 (its data, buffers and networks): call torch.set_default_dtype(torch.float32) "
                            "before building or training a model.")
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or Inf; the message names the loss part, site or parameter."""
 
 
 @dataclass
@@ -95,7 +93,7 @@ class LoopPlan:
         self.progress_bar = V.boolean("progress_bar", self.progress_bar)
 
 
-class TrainingLoop(LoopCheckpoints):
+class TrainingLoop(LoopCheckpoints, NonFiniteChecks):
     """Minibatch gradient descent on named torch modules, with the hooks a subclass fills in.
 
     Parameters
@@ -222,24 +220,6 @@ class TrainingLoop(LoopCheckpoints):
         if self.optimizer is None:
             self.optimizer = self.build_optimizer()
 
-    def diagnose(self, where: str, parts: dict[str, torch.Tensor]) -> str:
-        """The error message when ``where`` (the loss or the gradient) is NaN or Inf."""
-        problems = [f"loss part {name!r}" for name, value in parts.items() if not torch.isfinite(torch.as_tensor(value)).all()]
-        problems += self._parameter_problems()
-        return self._message(where, problems)
-
-    def _parameter_problems(self) -> list[str]:
-        named = list(self.named_parameters())
-        problems = [f"{name} (value)" for name, p in named if not torch.isfinite(p).all()]
-        return problems + [f"{name} (gradient)" for name, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
-
-    def _message(self, where: str, problems: list[str], state: str = "is NaN or Inf") -> str:
-        found = "; ".join(problems) or "no single part or parameter identified"
-        return (
-            f"Training stopped at epoch {self.epoch}, step {self.step}: {where} {state}. Non-finite: {found}. "
-            "Try a lower learning rate (lr), a smaller gradient_clip, or check the input for extreme values."
-        )
-
     # --- one pass --------------------------------------------------------------------------
     @staticmethod
     def seed_epoch(seed: int, epoch: int) -> np.random.Generator:
@@ -283,22 +263,6 @@ class TrainingLoop(LoopCheckpoints):
         total, *means = self.parallel.mean([total, *sums.values()])
         scale = 1.0 / weights if weights else math.nan
         return total * scale, {name: value * scale for name, value in zip(sums, means)}
-
-    def _checked_loss(self, item) -> tuple[torch.Tensor, dict]:
-        """``minibatch_loss(item)``; a failure inside it caused by non-finite parameters is named as such.
-
-        A NaN weight can stop the forward pass before there is a loss to check (a distribution refusing a
-        NaN rate, a sampler refusing NaN probabilities): the error then names the parameters, as for a NaN loss.
-        """
-        try:
-            return self.minibatch_loss(item)
-        except (RuntimeError, ValueError) as err:
-            problems = [p for p in self._parameter_problems() if p.endswith("(value)")]
-            if not problems:
-                raise
-            raise NonFiniteError(self._message(
-                "the loss", problems, f"could not be computed ({type(err).__name__}: {err}): parameters are NaN or Inf"
-            )) from err
 
     @staticmethod
     def _to_host(loss: torch.Tensor, norm: torch.Tensor | None, parts: dict) -> list[float]:

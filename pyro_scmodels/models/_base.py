@@ -1,7 +1,8 @@
 """What every model class shares: training, devices, minibatch inference, save and load.
 
 A model class subclasses :class:`PyroModelBase` and provides ``_build_module`` (its model and
-guide) and ``_cell_data`` (its data access). Everything here works for any such pair.
+guide) and ``_cell_data`` (its data access). Everything here works for any such pair. The
+minibatches a query reads come from :class:`~pyro_scmodels.models.cell_batches.CellBatches`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ import warnings
 
 import numpy as np
 import torch
-from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
-from .._selection import SelectionError, cell_positions
 from .._io import writable_folder
-from ..data import CellData, iterate_minibatches
+from ..data import CellData
 from ..data.source_state import changes, source_state
 from ._posterior import PosteriorMixin
+from .cell_batches import CellBatches
 from .posterior_queries import PosteriorQueries
 from ..checkpoints import CHECKPOINT_FILE
 from ..distributed import training_parallelism
-from ..pyro_modules import evaluating
 from ..infer import SVITrainer, TrainingPlan, default_max_epochs, resolve_device, split_cells
 from .describe import ModelDescription
 from .evidence import EvidenceQueries
@@ -45,8 +44,8 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
-class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries, PosteriorQueries,
-                    PosteriorMixin):
+class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries,
+                    PosteriorQueries, PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
 
     #: whether the likelihood leaves out a cell's features where it has no counts (a multimodal model's cell without a
@@ -365,41 +364,6 @@ class PyroModelBase(SavedModel, ModelDescription, EvidenceQueries, FeatureCorrel
                 "for other cells keeps only its history)."
             )
         return np.asarray(self.trainer.train_indices), np.asarray(self.trainer.validation_indices)
-
-    def _batches(self, adata=None, indices=None, batch_size=None):
-        """Minibatches (on the model's device) of the chosen cells, in order."""
-        for _, item in self._indexed_batches(adata, indices, batch_size):
-            yield item
-
-    def _indexed_batches(self, adata=None, indices=None, batch_size=None):
-        """Like :meth:`_batches`, with each minibatch's cell positions; the queries' iterator: the Pyro modules are in
-        evaluation mode (no dropout) while it runs, and each is put back in its own mode when it ends (a query inside
-        a user's own training loop left them in evaluation mode, and the steps after it trained without dropout)."""
-        with evaluating(self.module):
-            yield from self._cell_batches(adata, indices, batch_size)
-
-    def _cell_batches(self, adata=None, indices=None, batch_size=None):
-        """The chosen cells in order, one minibatch at a time, on the model's device (the modules' modes untouched)."""
-        data = self._cell_data(adata)
-        data.to_device(self.device)
-        indices = self._cell_positions(data.n_cells, indices)
-        batch_size = C.BATCH_SIZE if batch_size is None else V.positive_int("batch_size", batch_size)
-        for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
-            yield chunk, (data.minibatch(chunk), data.n_cells)
-
-    @staticmethod
-    def _cell_positions(n_cells: int, indices) -> np.ndarray:
-        """``indices`` (None, integer positions or a boolean mask) as integer positions, checked (at least one)."""
-        positions = cell_positions(n_cells, indices)
-        if positions.size == 0:
-            raise SelectionError("indices selects no cells; give at least one position (or None for every cell).")
-        return positions
-
-    def _guide_traces(self, batch: dict, n_obs: int, num_samples: int):
-        """``num_samples`` traces of the guide on one minibatch (eval mode, no gradient)."""
-        guide = self.module.guide
-        with torch.no_grad():
-            return [poutine.trace(guide).get_trace(batch, n_obs) for _ in range(num_samples)]
 
     def to_device(self, device: str | int) -> None:
         """Move the model's modules (and its optimiser state) to ``device``, as scvi-tools' ``to_device``.

@@ -17,17 +17,18 @@ from .. import _validation as V
 from .. import differential, predictive
 from . import expression
 from .cell_noise import CellNoise
+from .global_site_tables import GlobalSiteTables
 from ..differential import PSEUDOCOUNT
 from ..seeding import seed_or_fresh
-from .regularizedvi_module import SITE_COVARIATE_ROLES
 
 
-class PosteriorQueries:
+class PosteriorQueries(GlobalSiteTables):
     """Posterior of z, decoded expression, global-site tables, DE and predictive draws.
 
     Needs of the model class: ``module`` (model and guide), ``device``, ``adata``, ``keys``,
     ``encoding``, ``_indexed_batches`` and ``_check_trained`` (see ``PyroModelBase``) and
-    ``feature_names(modality)``.
+    ``feature_names(modality)``. The tables of the per-feature global sites come from
+    :class:`~pyro_scmodels.models.global_site_tables.GlobalSiteTables`.
     """
 
     # --- features and modalities (a multimodal model overrides these) ---------------------------
@@ -302,47 +303,6 @@ class PosteriorQueries:
             self, adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size, return_mean,
             return_numpy, modality, seed,
         )
-
-    def global_site_table(self, site: str, modality: str | None = None) -> pd.DataFrame:
-        """A per-feature global site's posterior median as a features x categories table.
-
-        Parameters
-        ----------
-        site
-            ``"ambient"``, ``"feature_scaling"``, ``"inverse_sqrt_theta"`` or ``"dispersion"``
-            (theta = u^-2, derived from ``inverse_sqrt_theta``).
-        modality
-            Multimodal models: the modality.
-        """
-        model, guide = ((self.module.model, self.module.guide) if modality is None
-                        else (self.module.model.block(modality), self.module.guide.block(modality)))
-        medians = guide.global_medians()
-        source = "inverse_sqrt_theta" if site == "dispersion" else site
-        if source not in medians:
-            where = "" if modality is None else f" of modality {modality!r}"
-            raise ValueError(f"The model has no {site!r} site{where}; sites: {sorted(medians)}.")
-        values = model.global_values(medians)[source]  # a subclass's fixed value, not the guide's unused one
-        values = values.pow(-2) if site == "dispersion" else values
-        return pd.DataFrame(values.detach().cpu().numpy().T, index=self.feature_names(modality),
-                            columns=self.site_levels(site, values.shape[0]))
-
-    def site_levels(self, site: str, n_levels: int) -> list[str]:
-        """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
-        base = self._site_base_name(site)
-        role = SITE_COVARIATE_ROLES.get(base)
-        if role is None:
-            return [f"{site}_{j}" for j in range(n_levels)]
-        keys = getattr(self.keys, role)
-        keys = [keys] if isinstance(keys, str) else list(keys or [])
-        return self.encoding.level_names(keys)
-
-    def site_modality(self, site: str) -> str | None:
-        """The modality a site belongs to: None for a single-modality model."""
-        return None
-
-    def _site_base_name(self, site: str) -> str:
-        """The site's name without a modality suffix."""
-        return site
 
     def differential_expression(self, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
                                 idx2=None, mode: str = "change", delta: float | None = 0.25,

@@ -7,7 +7,8 @@ dispersion and library-size keys) that the reference has not seen become new lev
 the query; every other parameter is the reference's and stays fixed: the decoder, the encoders
 (unless asked otherwise) and every global site tied to a reference level.
 
-How the reference is frozen: :mod:`pyro_scmodels.models.query_freezing`.
+What the query takes from the reference: :class:`~pyro_scmodels.models.query_reference.Reference`. How the
+reference is frozen: :mod:`pyro_scmodels.models.query_freezing`.
 
 Parameters live in the modules (module-local, not in Pyro's global parameter store), so the
 reference and the query never share a parameter through its name.
@@ -16,112 +17,26 @@ reference and the query never share a parameter through its name.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .. import _validation as V
 from ..priors import RegularizedPriors
-from ..data import CovariateKeys, check_var_names, read_setup, setup_arguments
+from ..data import check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
 from ..data.source_state import state_digest
 from ..nn import Standardiser, is_legacy_identity_entry
 from ..pyro_modules import PositiveSiteGuide
-from .persistence import MODEL_FILE
 from .query_freezing import freeze_reference
+from .query_reference import Reference
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
 logger = logging.getLogger(__name__)
 
 #: buffers of the model indexed by library-size group
 LIBRARY_PRIOR_BUFFERS = ("model.library_prior_loc", "model.library_prior_scale")
-
-
-# --- the reference ----------------------------------------------------------------------------------
-@dataclass
-class Reference:
-    """What a query model takes from its reference: settings, setup, genes and parameters."""
-
-    class_name: str
-    init_params: dict
-    layer: str | None
-    keys: CovariateKeys
-    categories: dict[str, list[str]]
-    var_names: pd.Index
-    state_dict: dict[str, torch.Tensor]
-    is_trained: bool
-
-    @classmethod
-    def resolve(cls, reference, model_class) -> "Reference":
-        """``reference`` (a model of ``model_class`` or the folder it was saved to) as a :class:`Reference`.
-
-        Parameters
-        ----------
-        reference
-            A model of ``model_class`` (its parameters are copied, it is not changed) or the
-            folder passed to its ``save``.
-        model_class
-            The class the reference must be.
-
-        Returns
-        -------
-        Reference
-
-        Raises
-        ------
-        ArgumentTypeError
-            ``reference`` is neither.
-        FileNotFoundError
-            The folder holds no saved model.
-        ValueError
-            The saved model is of another class.
-        """
-        if isinstance(reference, (str, os.PathLike)):
-            return cls._from_folder(os.fspath(reference), model_class)
-        if isinstance(reference, model_class):
-            built = model_class._module_classes()
-            if type(reference) is not model_class and reference._module_classes() != built:
-                # a subclass's edited site would silently take its default in the query model
-                raise ValueError(f"reference is a {type(reference).__name__}, whose Pyro model and guide are "
-                                 f"{reference._module_classes()}; {model_class.__name__} builds {built}. Map the query "
-                                 f"with {type(reference).__name__}.load_query_data(...).")
-            return cls(
-                type(reference).__name__, dict(reference.init_params), reference.layer, reference.keys,
-                {k: list(v) for k, v in reference.encoding.categories.items()}, pd.Index(reference.var_names),
-                {k: v.detach().cpu().clone() for k, v in reference.module.state_dict().items()}, bool(reference.is_trained),
-            )
-        raise V.ArgumentTypeError(
-            f"reference must be a trained {model_class.__name__} or the folder it was saved to, got {type(reference).__name__}."
-        )
-
-    @classmethod
-    def _from_folder(cls, folder: str, model_class) -> "Reference":
-        path = os.path.join(folder, MODEL_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No saved model at {path}: reference must be a trained model or the folder passed to its save().")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload["class"] != model_class.__name__:
-            raise ValueError(f"The model saved in {folder} is a {payload['class']}, not a {model_class.__name__}.")
-        return cls(payload["class"], dict(payload["init_params"]), payload["layer"], CovariateKeys(**payload["keys"]),
-                   payload["categories"], pd.Index(payload["var_names"]), payload["state_dict"], bool(payload["is_trained"]))
-
-    def role_keys(self) -> dict[str, list[str]]:
-        """The ``.obs`` keys whose categories index each per-level table, by covariate role.
-
-        Returns
-        -------
-        dict
-            ``{"ambient": [...], "feature_scaling": [...], "dispersion": [...], "library_size": [...]}``;
-            an empty list where one level is shared by every cell.
-        """
-        keys = self.keys
-        single = lambda key: [] if key is None else [key]  # noqa: E731
-        return {"ambient": keys.ambient, "feature_scaling": keys.feature_scaling, "dispersion": single(keys.dispersion),
-                "library_size": single(keys.library_size)}
 
 
 def prepare_query_anndata(adata, reference, model_class, return_reference_var_names: bool = False, inplace: bool = True):

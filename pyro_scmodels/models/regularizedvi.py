@@ -2,19 +2,17 @@
 
 The maths lives in :mod:`.regularizedvi_module`; this class sets up the data, builds the
 model/guide pair with data-driven initial values, and returns results as arrays and
-DataFrames aligned with the AnnData.
+DataFrames aligned with the AnnData. Its save and load: :mod:`.regularizedvi_persistence`.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import SETUP_UNS_KEY, CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata, setup_arguments
+from ..data import CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
@@ -26,10 +24,11 @@ from .model_settings import regularizedvi_settings
 from .query_mapping import QueryMappingMixin
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
+from .regularizedvi_persistence import RegularizedVIPersistence
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
 
 
-class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
+class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence, PyroModelBase):
     """scVI with an ambient background, feature scaling and a containment prior on dispersion.
 
     Parameters
@@ -359,48 +358,3 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, PyroModelBase):
             Genes x scaling categories (``"all"`` without scaling keys).
         """
         return self.global_site_table("feature_scaling")
-
-    # --- persistence ----------------------------------------------------------------------------
-    def _save_payload(self) -> dict:
-        return {
-            "class": type(self).__name__,
-            "init_params": self.init_params,
-            "layer": self.layer,
-            "keys": self.keys.to_dict(),
-            "categories": self.encoding.categories,
-            "var_names": list(self.var_names),
-        }
-
-    @classmethod
-    def load(cls, dir_path: str, adata=None, device: str = "auto") -> "RegularizedVI":
-        """Load a model saved with :meth:`save`, bound to ``adata``.
-
-        Parameters
-        ----------
-        dir_path
-            The folder written by :meth:`save`.
-        adata
-            AnnData with the model's genes in the same order and only categories seen in
-            training; if it was not set up, the saved setup is applied. None: the AnnData saved
-            with ``save(..., save_anndata=True)``.
-        device
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-        Returns
-        -------
-        RegularizedVI
-        """
-        return cls._load(dir_path, adata, device, "anndata")
-
-    @classmethod
-    def _bind_saved(cls, payload: dict, adata) -> None:
-        check_var_names(payload["var_names"], adata)
-        saved_setup = (payload["layer"], payload["keys"])
-        if SETUP_UNS_KEY in adata.uns:
-            current = read_setup(adata)
-            if (current.layer, current.keys.to_dict()) != saved_setup:
-                warnings.warn(
-                    "adata was set up differently from the saved model; the model's setup "
-                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=4
-                )
-        cls.setup_anndata(adata, layer=payload["layer"], **setup_arguments(payload["keys"]))

@@ -41,7 +41,8 @@ from .save_load import NDreamerSaveLoad
 from .loss_layout import minibatch_layout
 from .losses import LossWeights
 from .network import NDreamerNetwork, checked_sizes
-from .preprocess import gene_selection_cells, log_normalise, pseudo_labels, variable_genes
+from .gene_selection import gene_selection_cells, variable_genes
+from .preprocess import log_normalise, pseudo_labels
 from .representation import ModelRepresentation
 from .trainer import NDreamerTrainer, expression_summary, training_fingerprint
 from ..seeding import rng_devices, seeded
@@ -72,11 +73,11 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
     num_hvg
         Genes used (all genes when there are fewer): a tenth are the genes that differ most
         between conditions within batches, the rest the most variable genes per batch with the
-        conditions pooled (:func:`~pyro_scmodels.ndreamer.preprocess.variable_genes`). Per
+        conditions pooled (:func:`~pyro_scmodels.ndreamer.gene_selection.variable_genes`). Per
         batch x condition group, HVGs dropped IFI6, IFIT1 and IFIT3 on Kang; this keeps them.
         With more than 50,000 cells the genes are chosen on a seeded sample of 50,000 (at least
         500 a group, so more with over 100 groups) spread over the batch x condition groups
-        (:func:`~pyro_scmodels.ndreamer.preprocess.gene_selection_cells`), and only the chosen genes
+        (:func:`~pyro_scmodels.ndreamer.gene_selection.gene_selection_cells`), and only the chosen genes
         of every cell are then read.
     layer
         Layer to read instead of ``.X``.

@@ -1,0 +1,70 @@
+"""Checks that a named key, column, layer or modality is where it is looked for, and that a column holds groups.
+
+Part of the argument checks of :mod:`._validation`, which imports them (call them as ``V.present`` and
+``V.group_column``). A missing key raises ``KeyError`` naming the key, where it was looked for and what is
+available; a column of real numbers where groups are needed raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+
+def present(key, container, where: str, what: str = "key", limit: int = 20) -> None:
+    """Raise ``KeyError`` unless ``key`` is in ``container``, listing what is available.
+
+    Parameters
+    ----------
+    key
+        The key, column, layer or modality looked for.
+    container
+        Anything supporting ``in`` and iteration (a mapping, a ``pandas.Index``, a list).
+    where
+        Where it was looked for, e.g. ``"adata.obs"`` or ``"adata.layers"``.
+    what
+        What the key is, e.g. ``"column"``, ``"layer"``, ``"modality"``.
+    limit
+        At most this many available keys are listed.
+
+    Raises
+    ------
+    KeyError
+        E.g. ``"Layer 'raw' not found in adata.layers. Available layers: counts."``.
+    """
+    if key in container:
+        return
+    available = ", ".join(map(str, list(container)[:limit])) or "(none)"
+    plural = what[:-1] + "ies" if what.endswith("y") and what[-2:-1] not in "aeiou" else what + "s"
+    raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
+
+
+def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False) -> None:
+    """Raise unless ``obs[key]`` exists and holds groups (categories, strings or integer labels), not real numbers.
+
+    Parameters
+    ----------
+    obs
+        The cell table.
+    key
+        The column.
+    what
+        The argument that named it, for the message (e.g. ``"groupby"``).
+    table
+        How to call ``obs`` in the message.
+    complete
+        Also refuse cells without a value (NaN): a result per group would leave them out without a word.
+
+    Raises
+    ------
+    KeyError
+        The column is missing.
+    ValueError
+        It holds real numbers (not all whole): one group per value would follow.
+    """
+    present(key, obs.columns, table, "column")
+    column = obs[key]
+    if complete and column.isna().any():
+        raise ValueError(f"{what}: {table}[{key!r}] has missing values ({int(column.isna().sum())} cells); fill or drop "
+                         "them first (a result per group would leave those cells out).")
+    # numpy's and pandas' float dtypes, unless every value is a whole number (labels such as hours 0, 6, 24)
+    if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
+        raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
+                         "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")

@@ -1,0 +1,59 @@
+"""The per-feature global sites (ambient, feature scaling, dispersion) as features x categories tables.
+
+:class:`GlobalSiteTables` is a base of :class:`~pyro_scmodels.models.posterior_queries.PosteriorQueries`:
+``global_site_table`` reads a site's posterior median from the guide (or the value a subclass's model fixes) and
+labels its rows with the categories of the covariate that indexes it. A multimodal model overrides
+``site_modality`` and ``_site_base_name``. It uses the model's ``module``, ``keys``, ``encoding`` and
+``feature_names``.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .regularizedvi_module import SITE_COVARIATE_ROLES
+
+
+class GlobalSiteTables:
+    """Tables of the per-feature global sites and the category names along their first axis."""
+
+    def global_site_table(self, site: str, modality: str | None = None) -> pd.DataFrame:
+        """A per-feature global site's posterior median as a features x categories table.
+
+        Parameters
+        ----------
+        site
+            ``"ambient"``, ``"feature_scaling"``, ``"inverse_sqrt_theta"`` or ``"dispersion"``
+            (theta = u^-2, derived from ``inverse_sqrt_theta``).
+        modality
+            Multimodal models: the modality.
+        """
+        model, guide = ((self.module.model, self.module.guide) if modality is None
+                        else (self.module.model.block(modality), self.module.guide.block(modality)))
+        medians = guide.global_medians()
+        source = "inverse_sqrt_theta" if site == "dispersion" else site
+        if source not in medians:
+            where = "" if modality is None else f" of modality {modality!r}"
+            raise ValueError(f"The model has no {site!r} site{where}; sites: {sorted(medians)}.")
+        values = model.global_values(medians)[source]  # a subclass's fixed value, not the guide's unused one
+        values = values.pow(-2) if site == "dispersion" else values
+        return pd.DataFrame(values.detach().cpu().numpy().T, index=self.feature_names(modality),
+                            columns=self.site_levels(site, values.shape[0]))
+
+    def site_levels(self, site: str, n_levels: int) -> list[str]:
+        """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
+        base = self._site_base_name(site)
+        role = SITE_COVARIATE_ROLES.get(base)
+        if role is None:
+            return [f"{site}_{j}" for j in range(n_levels)]
+        keys = getattr(self.keys, role)
+        keys = [keys] if isinstance(keys, str) else list(keys or [])
+        return self.encoding.level_names(keys)
+
+    def site_modality(self, site: str) -> str | None:
+        """The modality a site belongs to: None for a single-modality model."""
+        return None
+
+    def _site_base_name(self, site: str) -> str:
+        """The site's name without a modality suffix."""
+        return site
