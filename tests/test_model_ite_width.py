@@ -59,7 +59,10 @@ def from_model():
         return NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
 
 
-def test_widened_bounds_hold_the_disagreement_and_a_subset_gets_the_whole_datas(from_model):
+def test_widened_bounds_hold_the_disagreement_and_a_subset_gets_the_whole_datas(from_model, monkeypatch):
+    from pyro_scmodels.ndreamer import model_ite_width
+
+    monkeypatch.setattr(model_ite_width, "BLOCK", 64)  # the 300 cells widened in several blocks
     nd = from_model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

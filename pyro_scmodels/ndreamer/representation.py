@@ -226,7 +226,7 @@ class ModelRepresentation:
 
     def _widen_by_matching(self, effects: dict, quantiles, cells, columns, groups, decode) -> None:
         """Widen each treatment's bounds in ``effects`` in place (:mod:`~.model_ite_width`)."""
-        from .model_ite_width import disagreement_variance, widened_bounds
+        from .model_ite_width import BLOCK, disagreement_variance, widened_bounds
 
         condition = self.results.obs[self.settings["condition_key"]].astype(str).to_numpy()
         matched = self._matched_effects()
@@ -241,7 +241,9 @@ class ModelRepresentation:
                 treated, decoded, lambda rows, t=treatment: matched.effects_of(cells=rows, genes=columns)[f"ite_{t}"],
                 codes, n_groups)
             rows = np.arange(len(condition)) if cells is None else cells
-            per_cell = variance[0][None, :] if codes is None else variance[codes[rows]]
-            low_name, high_name = [name for name in effect if name != "mean"]
-            effect[low_name], effect[high_name] = widened_bounds(effect["mean"], effect[low_name], effect[high_name],
-                                                                 quantiles, per_cell)
+            low, high = (effect[name] for name in effect if name != "mean")
+            for start in range(0, len(rows), BLOCK):  # in place, a block of cells at a time (float64 inside)
+                block = slice(start, start + BLOCK)
+                per_cell = variance[0][None, :] if codes is None else variance[codes[rows[block]]]
+                low[block], high[block] = widened_bounds(effect["mean"][block], low[block], high[block], quantiles,
+                                                         per_cell)
