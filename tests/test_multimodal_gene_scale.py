@@ -179,3 +179,16 @@ def test_a_model_saved_without_the_option_loads_and_resumes_with_a_scale_of_1(tm
     with pytest.raises(ValueError, match="decoder_gene_scale"):
         ps.RegularizedMultimodalVI(mdata, decoder_gene_scale=True, **SMALL).train(
             checkpoint_dir=str(tmp_path / "ckpt"), **{**QUICK, "max_epochs": 3})
+
+
+def test_a_dict_of_equal_values_and_the_bool_are_one_setting(tmp_path):
+    # a run checkpointed with {"rna": True, "atac": True} was refused with True ("decoder_gene_scale differ")
+    mdata = _mdata()
+    every = ps.RegularizedMultimodalVI(mdata, decoder_gene_scale={"rna": True, "atac": True}, **SMALL)
+    assert every.init_params["decoder_gene_scale"] is True
+    every.train(checkpoint_dir=str(tmp_path / "ckpt"), **QUICK)
+    resumed = ps.RegularizedMultimodalVI(mdata, decoder_gene_scale=True, **SMALL)
+    resumed.train(checkpoint_dir=str(tmp_path / "ckpt"), **{**QUICK, "max_epochs": 2})
+    assert len(resumed.history) == 2
+    assert ps.RegularizedMultimodalVI(mdata, decoder_gene_scale={"rna": False, "atac": False},
+                                      **SMALL).init_params.get("decoder_gene_scale") is None

@@ -60,6 +60,8 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
     if not saved:  # a model saved before this check still loads
         refuse_priors_of_absent_sites(priors, given_per_modality, ambient, scaling)
     gene_scale = per_modality("decoder_gene_scale", decoder_gene_scale, modalities, V.boolean, saved)
-    given = gene_scale if isinstance(decoder_gene_scale, dict) else next(iter(gene_scale.values()))
+    # one value for every modality is recorded as that value, however given: a dict of equal values and the bool
+    # build the same model, and a checkpoint of one resumes with the other
+    given = gene_scale if len(set(gene_scale.values())) > 1 else next(iter(gene_scale.values()))
     return dict(hidden=hidden, latent=latent, priors=priors, gene_scale=gene_scale, ambient_modalities=ambient,
                 feature_scaling_modalities=scaling, decoder_gene_scale=given if any(gene_scale.values()) else None)
