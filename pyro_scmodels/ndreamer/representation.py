@@ -190,7 +190,10 @@ class ModelRepresentation:
             self.model, self.settings["condition_key"], self.settings["control_name"], treatments,
             V.positive_int("num_samples", num_samples), quantiles, seed=self.settings["seed"], indices=rows,
             gene_columns=columns)
-        effects = decode(list(self.design.treatments), cells)
+        # called here, not through decode: its warnings name the caller of this method (their stacklevel)
+        effects = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
+                                           list(self.design.treatments), V.positive_int("num_samples", num_samples),
+                                           quantiles, seed=self.settings["seed"], indices=cells, gene_columns=columns)
         if widen:
             self._widen_by_matching(effects, quantiles, cells, columns, groups, decode)
         for treatment, effect in effects.items():
