@@ -1,6 +1,6 @@
 """The model ITE's bounds widened by its disagreement with the matched ITE (``estimate_model_ite(widen_by_matching=
 True)``): the disagreement and the widened bounds against numpy, what a subset of cells gets, and refused input.
-Its coverage on the simulator is asserted in test_ndreamer.py::test_from_model_matching_and_model_based_counterfactuals.
+Its coverage on the simulator is asserted in test_ndreamer_real_data.py::test_from_model_matching_and_model_based_counterfactuals.
 """
 
 import warnings
