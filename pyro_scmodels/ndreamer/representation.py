@@ -186,14 +186,13 @@ class ModelRepresentation:
         widen = V.boolean("widen_by_matching", widen_by_matching)
         groups = self._disagreement_groups(disagreement_groups, widen)  # checked before any decoding
         layers = {}
-        decode = lambda treatments, rows: model_counterfactual_ite(  # noqa: E731
-            self.model, self.settings["condition_key"], self.settings["control_name"], treatments,
-            V.positive_int("num_samples", num_samples), quantiles, seed=self.settings["seed"], indices=rows,
-            gene_columns=columns)
+        # one model, condition and draws for every decoding (the widening decodes the treated cells again)
+        common = dict(model=self.model, condition_key=self.settings["condition_key"],
+                      control_name=self.settings["control_name"], num_samples=V.positive_int("num_samples", num_samples),
+                      quantiles=quantiles, seed=self.settings["seed"], gene_columns=columns)
+        decode = lambda treatments, rows: model_counterfactual_ite(treatments=treatments, indices=rows, **common)  # noqa: E731
         # called here, not through decode: its warnings name the caller of this method (their stacklevel)
-        effects = model_counterfactual_ite(self.model, self.settings["condition_key"], self.settings["control_name"],
-                                           list(self.design.treatments), V.positive_int("num_samples", num_samples),
-                                           quantiles, seed=self.settings["seed"], indices=cells, gene_columns=columns)
+        effects = model_counterfactual_ite(treatments=list(self.design.treatments), indices=cells, **common)
         if widen:
             self._widen_by_matching(effects, quantiles, cells, columns, groups, decode)
         for treatment, effect in effects.items():
