@@ -89,7 +89,7 @@ def settle_near_ties(faiss, xq: np.ndarray, xb: np.ndarray, indices: np.ndarray)
     spread, 20,000 queries: all three neighbours right for 62 % of queries). Where a query's slack
     (:func:`_rounding_slack`) exceeds :data:`EXACT_SLACK` of its k-th squared distance (not 0: nothing is nearer than
     a duplicate), its neighbours are taken from :func:`_exact_search` instead; elsewhere nothing changes (a typical
-    latent: no query; a 2-dimensional embedding of many cells: most queries, at about twice the search's time).
+    latent: no query; 200,000 cells in 2 dimensions: most queries, 1.8x the search's time; benchmarks/RESULTS.md).
 
     Parameters
     ----------
