@@ -35,7 +35,10 @@ SUCCEEDED_FINGERPRINT_PARTS = {"settings": "model settings", "covariates": "cova
 #: (the priors of a multimodal block without a site are now at their defaults, unused either way)
 EQUIVALENT_FINGERPRINT_PARTS = {"priors": "priors as written before 2026-12-06",
                                # a multimodal subclass's block classes, recorded since then
-                               "module classes": "module classes as written before 2026-12-06"}
+                               "module classes": "module classes as written before 2026-12-06",
+                               # a multimodal n_hidden or n_latent as given (a dict of equal values is now recorded
+                               # as the value, and a dict in the modalities' order)
+                               "model settings": "model settings as given before 2026-12-06"}
 #: the same, where matching the earlier form leaves something unchecked: it matches, with a warning (a multimodal
 #: subclass with its own blocks resuming a checkpoint that did not record the blocks)
 UNCHECKED_EQUIVALENT_PARTS = {"module classes": "module classes as written before 2026-12-06, blocks unchecked"}

@@ -104,8 +104,11 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         hidden, latent, priors = checked["hidden"], checked["latent"], checked["priors"]
         ambient_modalities, scaling_modalities = checked["ambient_modalities"], checked["feature_scaling_modalities"]
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
+        # n_hidden and n_latent as recorded (one value, or the dict in the modalities' order); as given for
+        # checkpoints and saves written before (MultimodalPersistence._legacy_settings)
+        self._given_sizes = dict(n_hidden=n_hidden, n_latent=n_latent)
         self._init_params = dict(
-            n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, latent_mode=latent_mode,
+            n_hidden=checked["n_hidden"], n_latent=checked["n_latent"], n_layers=n_layers, latent_mode=latent_mode,
             modality_weights=modality_weights, ambient_modalities=ambient_modalities,
             feature_scaling_modalities=scaling_modalities, dropout_rate=dropout_rate, priors=priors,
             global_guides=global_guides, init=init, seed=seed,

@@ -28,6 +28,13 @@ class MultimodalPersistence:
         # every block's priors as its buffers hold them, the sites it lacks included (checkpoints before 2026-12-06)
         return {m: self.module.model.block(m).prior_settings() for m in self.modalities}
 
+    def _legacy_settings(self, settings: dict) -> dict | None:
+        # saves and checkpoints before 2026-12-06 recorded n_hidden and n_latent as given: such a record matches a
+        # model given them the same way (a save's init_params give them back so when it is loaded)
+        given = {**settings, **self._given_sizes}
+        # compared as the fingerprint's text: a dict in another order, or np.int64(8) for 8, reads differently there
+        return None if repr(given) == repr(settings) else given
+
     def _save_payload(self) -> dict:
         return {
             "class": type(self).__name__, "init_params": self.init_params, "modalities": self.modalities,

@@ -29,9 +29,9 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
     -------
     dict
         ``hidden``, ``latent``, ``priors`` and ``gene_scale``: ``{modality: value}``; ``ambient_modalities`` and
-        ``feature_scaling_modalities``: lists; ``decoder_gene_scale``: the checked value as given (a bool, or the
-        dict) for ``init_params``, None when no modality has the scale (left out there, so that models saved before
-        the option existed load and resume unchanged).
+        ``feature_scaling_modalities``: lists; ``n_hidden``, ``n_latent`` and ``decoder_gene_scale``: the values
+        recorded in ``init_params`` (:func:`recorded`), ``decoder_gene_scale`` None when no modality has the scale
+        (left out there, so that models saved before the option existed load and resume unchanged).
 
     Raises
     ------
@@ -60,8 +60,27 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
     if not saved:  # a model saved before this check still loads
         refuse_priors_of_absent_sites(priors, given_per_modality, ambient, scaling)
     gene_scale = per_modality("decoder_gene_scale", decoder_gene_scale, modalities, V.boolean, saved)
-    # one value for every modality is recorded as that value, however given: a dict of equal values and the bool
-    # build the same model, and a checkpoint of one resumes with the other
-    given = gene_scale if len(set(gene_scale.values())) > 1 else next(iter(gene_scale.values()))
     return dict(hidden=hidden, latent=latent, priors=priors, gene_scale=gene_scale, ambient_modalities=ambient,
-                feature_scaling_modalities=scaling, decoder_gene_scale=given if any(gene_scale.values()) else None)
+                feature_scaling_modalities=scaling, n_hidden=recorded(hidden), n_latent=recorded(latent),
+                decoder_gene_scale=recorded(gene_scale) if any(gene_scale.values()) else None)
+
+
+def recorded(values: dict):
+    """A per-modality setting as the model records it: the one value when every modality has it, else the dict.
+
+    A dict of equal values and that value build the same model, so they are one setting: a checkpoint or save of one
+    resumes and loads with the other, and a dict is recorded in the modalities' order (``{"atac": 8, "rna": 16}`` and
+    ``{"rna": 16, "atac": 8}`` are one setting too).
+
+    Parameters
+    ----------
+    values
+        ``{modality: checked value}``, as :func:`~pyro_scmodels.data.mudata_registry.per_modality` returns it.
+
+    Returns
+    -------
+    object
+        The value shared by every modality, or ``values`` (a copy) where they differ.
+    """
+    first = next(iter(values.values()))
+    return first if all(type(v) is type(first) and v == first for v in values.values()) else dict(values)

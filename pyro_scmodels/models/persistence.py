@@ -174,11 +174,17 @@ class SavedModel:
         """The priors as an earlier version fingerprinted them, where that differs (None: it does not)."""
         return None
 
+    def _legacy_settings(self, settings: dict) -> dict | None:
+        """The settings (``init_params`` less the priors) as earlier versions recorded them, where that differs from
+        ``settings`` (None: it does not)."""
+        return None
+
     def _fingerprint(self) -> dict:
         """What identifies this model's training data and settings (checked before resuming)."""
         data = self._cell_data()
         params, legacy = self.init_params, self._legacy_priors()  # each reads the priors back from the buffers: once
         settings = {k: v for k, v in params.items() if k != "priors"}
+        legacy_settings = self._legacy_settings(settings)
         return {
             "cells": (data.n_cells, unordered_names_hash(self.adata.obs_names)),
             "features": tuple(m.n_features for m in data.modalities.values()),
@@ -187,8 +193,10 @@ class SavedModel:
             "feature names": {"genes" if m is None else f"{i}: {m}": names_digest(self.feature_names(m))
                               for i, m in enumerate(getattr(self, "modalities", None) or [None])},
             "model settings": {k: setting_text(v) for k, v in settings.items()},
+            **({} if legacy_settings is None else {EQUIVALENT_FINGERPRINT_PARTS["model settings"]: {
+                k: setting_text(v) for k, v in legacy_settings.items()}}),
             # the two parts of checkpoints written before the finer ones above (compared only for those)
-            "settings": repr(settings),
+            "settings": repr(settings if legacy_settings is None else legacy_settings),
             "covariates": repr({"keys": self.keys.to_dict(), "categories": self.encoding.categories}),
             # the covariate keys and their categories size the model's tables: another setup cannot resume
             # (dicts, so that the refusal names the role or the column that differs)
