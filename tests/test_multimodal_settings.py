@@ -42,7 +42,8 @@ def test_a_dict_in_another_order_is_the_same_setting_and_another_value_is_refuse
     assert list(reordered.init_params["n_hidden"].items()) == [("rna", 16), ("atac", 8)]  # the modalities' order
     with pytest.raises(ValueError, match=r"use the settings it was written with: n_hidden=\{'rna': 16, 'atac': 8\} "
                                          r"\(now 16\)"):
-        ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=3).train(checkpoint_dir=ckpt, **{**QUICK, "max_epochs": 3})
+        ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=3).train(checkpoint_dir=ckpt,
+                                                                        **{**QUICK, "max_epochs": 3})
     with pytest.raises(ValueError, match=r"n_hidden=\{'rna': 16, 'atac': 8\} \(now \{'rna': 8, 'atac': 16\}\)"):
         ps.RegularizedMultimodalVI(mdata, n_hidden={"atac": 16, "rna": 8}, n_latent=3).train(
             checkpoint_dir=ckpt, **{**QUICK, "max_epochs": 3})
