@@ -327,7 +327,7 @@ def run_fit(args, folder: OutputFolder) -> None:
 def _profile_from_empty_droplets(path: str, adata):
     """``fit --empty-droplets``: each ambient category's profile, from the empty droplets in ``path``."""
     from .data.registry import read_setup
-    from .models.ambient import check_droplets, profile_from_droplets
+    from .models.ambient import check_droplets, names_as_text, profile_from_droplets
 
     try:
         empty = read_h5ad(path)
@@ -337,7 +337,9 @@ def _profile_from_empty_droplets(path: str, adata):
     keys = list(setup.keys.ambient)
     try:
         check_droplets(empty, adata.var_names, {key: list(setup.categories[key]) for key in keys})
-        return profile_from_droplets(empty[:, adata.var_names], groupby=keys or None)
+        # the data's genes by position, their names matched as text (as check_droplets matched them)
+        genes = names_as_text(empty.var_names).get_indexer(names_as_text(adata.var_names))
+        return profile_from_droplets(empty[:, genes], groupby=keys or None)
     except (KeyError, ValueError) as err:  # the same error, naming the option and the file
         # the droplets are read from .X: --layer (which the count check's hint names) picks the data's layer only
         message = str(err.args[0]).replace("pass the raw count layer with `layer=`.",

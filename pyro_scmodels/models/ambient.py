@@ -142,7 +142,7 @@ def check_droplets(droplets, var_names: pd.Index, categories: dict[str, list[str
     if droplets.n_obs == 0:
         raise ValueError("the file holds no droplets; give the raw matrix's barcodes without a cell.")
     _check_unique_genes(droplets)
-    missing = pd.Index(var_names).difference(droplets.var_names)
+    missing = names_as_text(var_names).difference(names_as_text(droplets.var_names))
     if len(missing):
         raise KeyError(f"the droplets lack {len(missing)} of the data's {len(var_names)} genes, e.g. {list(missing[:5])}; "
                        "write the empty droplets with every gene of the data (its var_names).")
@@ -158,9 +158,16 @@ def check_droplets(droplets, var_names: pd.Index, categories: dict[str, list[str
                            "(from the same channel).")
 
 
+def names_as_text(names) -> pd.Index:
+    """Gene (or category) names as text, the way the package compares names (``check_var_names``): h5ad and CSV
+    files store names as strings, so the integer name 7 and the string "7" are one gene."""
+    return pd.Index(names).astype(str)
+
+
 def _check_unique_genes(droplets) -> None:
-    if not droplets.var_names.is_unique:
-        repeated = list(droplets.var_names[droplets.var_names.duplicated()].unique()[:5])
+    names = names_as_text(droplets.var_names)
+    if not names.is_unique:
+        repeated = list(names[names.duplicated()].unique()[:5])
         raise ValueError(f"the droplets have repeated gene names, e.g. {repeated}; give each gene one column (as the "
                          "data has), e.g. by summing the repeated columns.")
 
@@ -244,11 +251,20 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     if not isinstance(profile, pd.DataFrame):
         raise V.ArgumentTypeError(
             f"ambient_profile must be a genes x categories pandas DataFrame (see profile_from_droplets), got {type(profile).__name__}.")
-    missing = pd.Index(var_names).difference(profile.index)
+    # names as text, rows and columns: a profile read from a file names the genes (and categories) "7" where the
+    # data has 7, and the models record categories as text
+    profile = profile.set_axis(names_as_text(profile.index), axis=0).set_axis(names_as_text(profile.columns), axis=1)
+    for axis, names in (("rows", profile.index), ("columns", profile.columns)):
+        if not names.is_unique:
+            repeated = list(names[names.duplicated()].unique()[:5])
+            raise ValueError(f"ambient_profile has repeated {axis} {repeated} (names compared as text: 7 and '7' are "
+                             "one name); give each gene one row and each category one column.")
+    genes = names_as_text(var_names)
+    missing = genes.difference(profile.index)
     if len(missing):
         raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
-                       "give one row per gene of adata.var_names.")
-    profile = profile.loc[var_names]
+                       "give one row per gene of adata.var_names (names compared as text).")
+    profile = profile.loc[genes]
     if profile.shape[1] == 1 and profile.columns[0] not in levels:  # one profile for all (a category's is not)
         profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
     unknown = [c for c in levels if c not in profile.columns]
