@@ -14,7 +14,7 @@ Variants (``--n-hidden`` sets the networks, 128 by default as in the package):
 - ``basal_state``: the condition also enters the encoder (``encoder_covariate_keys``), so z can
   leave it out and the decoder adds it back;
 - ``basal_state_independence``: the same with ``latent_independence`` (10 by default), which keeps
-  the condition out of z (the setup docs/ndreamer.md recommends);
+  the condition out of z (the setup docs/ndreamer_model_route.md recommends);
 - ``basal_state_independence_ensemble_<k>``: ``--ensemble`` such models with different seeds; the
   mean of their means, and an interval of +- 1.645 sd from the within-model (z) and between-model
   variance.

@@ -47,10 +47,10 @@ ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["b
                                feature_scaling_covariate_keys=["batch"], library_size_key="batch",
                                nn_conditioning_covariate_keys=["condition"], encoder_covariate_keys=["condition"])
 # latent_independence: an MMD penalty that keeps the condition out of z, so that switching the
-# decoder's condition gives the whole effect (docs/ndreamer.md, "The model-based counterfactual")
+# decoder's condition gives the whole effect (docs/ndreamer_model_route.md)
 model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128, latent_independence=10.0)
 history = model.train(max_epochs=60 if QUICK else 300, batch_size=256, lr=5e-3,
-                      kl_warmup_epochs=6 if QUICK else 30, early_stopping=False,  # to the end: docs/ndreamer.md
+                      kl_warmup_epochs=6 if QUICK else 30, early_stopping=False,  # to the end: same page
                       device="cpu" if QUICK else "auto", progress_bar=not QUICK)
 print(history.tail(3))
 
@@ -64,7 +64,7 @@ results = nd.estimate_model_ite(num_samples=10 if QUICK else 50)
 treatment = [c for c in nd.design.conditions if c != "control"][0]
 matching, matching_low, matching_high = (results.layers[f"ite_{treatment}{s}"] for s in ("", "_q05", "_q95"))
 mean, low, high = (results.layers[f"ite_model_{treatment}{s}"] for s in ("", "_q05", "_q95"))
-# the same estimate, its bounds widened by its disagreement with the matched ITE (docs/ndreamer.md)
+# the same estimate, its bounds widened by its disagreement with the matched ITE (docs/ndreamer_model_route.md)
 widened = nd.estimate_model_ite(num_samples=10 if QUICK else 50, widen_by_matching=True)
 wide_low, wide_high = (widened.layers[f"ite_model_{treatment}{s}"] for s in ("_q05", "_q95"))
 
@@ -81,8 +81,8 @@ wide_low, wide_high = (widened.layers[f"ite_model_{treatment}{s}"] for s in ("_q
 # in a space that matches loosely it is lower (see docs/ndreamer.md, "An interval for the matched ITE").
 # `widen_by_matching=True` adds to the model's interval its mean squared disagreement with the matched
 # ITE per gene: an upper bound on its error where the two routes' errors are uncorrelated (86-94 % on
-# this simulator at full size; less where few cell types respond: docs/ndreamer.md, "The model ITE's
-# interval widened by matching").
+# this simulator at full size; less where few cell types respond: docs/ndreamer_model_route.md, "The model
+# ITE's interval widened by matching").
 
 # %%
 truth = adata[:, nd.genes].layers["true_ite"]

@@ -64,7 +64,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
         :mod:`pyro_scmodels.independence`); 0 (default) is off. Told a covariate, the encoder can
         still write it into z; for model-based counterfactuals (``NDreamer.from_model``, the
         basal-state design) use 10, which on the simulator kept the decoded effect unshrunk
-        whatever the network width (docs/ndreamer.md).
+        whatever the network width (docs/ndreamer_model_route.md).
     ambient_per_droplet
         False (default, the SPEC's and regularizedvi's mean ``mu = l (rho + s) y``): the background
         grows with the cell's library size, so its share is about the same for every cell of a

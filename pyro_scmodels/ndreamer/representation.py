@@ -135,7 +135,7 @@ class ModelRepresentation:
         the 90 % bounds hold the true effect only about 19-45 % of the time. Train the model to the end
         (``model.train(max_epochs=400, early_stopping=False)`` on 3,000 cells: per-cell r 0.73-0.82, slope
         1.01-1.18, coverage 0.27-0.45, against 0.48-0.76, 0.81-1.02 and 0.19-0.33 when early stopping ends it;
-        docs/ndreamer.md). Read them as the effect's sensitivity to the cell's state, not as
+        docs/ndreamer_model_route.md). Read them as the effect's sensitivity to the cell's state, not as
         calibrated credible intervals. The matched ITE in the same latent,
         ``estimate_ite(interval=0.9)``, has an interval from the spread of the matched cells that
         covered 91-93 % there (docs/ndreamer.md, "An interval for the matched ITE").
@@ -145,9 +145,9 @@ class ModelRepresentation:
         matched)^2, which bounds the decoded ITE's mean squared error from above where the two routes' errors
         are uncorrelated (:mod:`~pyro_scmodels.ndreamer.model_ite_width`). It is a bound on the error, not a
         posterior: on the simulator its 90 % bounds covered 0.86-0.94 per gene (12 data sets and seeds, both
-        decoders) and 0.92-0.95 per Leiden cluster (4, ``decoder_gene_scale=True``; docs/ndreamer.md, "The model
-        ITE's interval widened by matching"), but 0.62-0.68 per gene and 0.80-0.82 per cluster where one cell
-        type of five responds and the two routes' errors correlate.
+        decoders) and 0.92-0.95 per Leiden cluster (4, ``decoder_gene_scale=True``;
+        docs/ndreamer_model_route.md, "The model ITE's interval widened by matching"), but 0.62-0.68 per gene and
+        0.80-0.82 per cluster where one cell type of five responds and the two routes' errors correlate.
 
         Parameters
         ----------
