@@ -18,6 +18,7 @@ import pandas as pd
 from .. import _validation as V
 from .counts import CountMatrix
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
+from .on_disk import refuse_backed_csc
 from .registry import SETUP_UNS_KEY, _RecordedEncoding, load_record, validated
 
 
@@ -70,7 +71,8 @@ def modality_counts(mdata, modality: str, layer: str | None, validate: bool = Tr
     Raises
     ------
     ValueError
-        The modality's cells are not those of ``mdata.obs`` in the same order.
+        The modality's cells are not those of ``mdata.obs`` in the same order, or its counts are a backed matrix
+        stored as CSC.
     KeyError
         ``layer`` is not a layer of the modality.
     """
@@ -78,10 +80,12 @@ def modality_counts(mdata, modality: str, layer: str | None, validate: bool = Tr
     if list(adata.obs_names) != list(mdata.obs_names):
         raise ValueError(_unaligned(modality, adata.obs_names, mdata.obs_names))
     if layer is None:
-        return CountMatrix(adata.X, name=f"mdata.mod[{modality!r}].X", validate=validate, allow_empty_cells=True)
-    V.present(layer, adata.layers, f"mdata.mod[{modality!r}].layers", "layer")
-    return CountMatrix(adata.layers[layer], name=f"mdata.mod[{modality!r}].layers[{layer!r}]", validate=validate,
-                       allow_empty_cells=True)
+        matrix, name = adata.X, f"mdata.mod[{modality!r}].X"
+    else:
+        V.present(layer, adata.layers, f"mdata.mod[{modality!r}].layers", "layer")
+        matrix, name = adata.layers[layer], f"mdata.mod[{modality!r}].layers[{layer!r}]"
+    refuse_backed_csc(matrix, name)  # a backed modality (read_h5mu(backed=True)) stored as CSC
+    return CountMatrix(matrix, name=name, validate=validate, allow_empty_cells=True)
 
 
 @dataclass

@@ -44,6 +44,45 @@ def is_disk_csr(matrix) -> bool:
     return getattr(matrix, "format", None) == "csr" and group is not None and all(k in group for k in ("data", "indices", "indptr"))
 
 
+def refuse_backed_csc(matrix, name: str) -> None:
+    """Raise before any reading when ``matrix`` is a backed AnnData matrix stored as CSC.
+
+    A cell's counts are spread over every column of a CSC matrix, so reading any set of cells reads every stored
+    entry: anndata loads the whole matrix (``to_memory()``) for each minibatch and each query, which a backed
+    AnnData is opened to avoid.
+
+    Parameters
+    ----------
+    matrix
+        The count matrix as stored (``adata.X`` or a layer).
+    name
+        What to call it in the message, e.g. ``"adata.X"``.
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix, its file and the two fixes (load it, or a CSR copy of the file).
+    """
+    if sp.issparse(matrix) or getattr(matrix, "format", None) != "csc":  # in memory: converted to CSR rows
+        return
+    source = _h5py_source(getattr(matrix, "group", None))
+    where = f" in {source[0]}" if source is not None else ""
+    if name.startswith("mdata"):  # a modality of a MuData read with read_h5mu(path, backed=True)
+        load, copy = "`mdata = mudata.read_h5mu(path)` (not backed)", (
+            f"`m = mudata.read_h5mu(path); {name.replace('mdata', 'm', 1)} = {name.replace('mdata', 'm', 1)}.tocsr(); "
+            "m.write('counts_csr.h5mu')`, then `mudata.read_h5mu('counts_csr.h5mu', backed=True)`")
+    else:
+        load, copy = "`adata = adata.to_memory()`", (
+            f"`a = anndata.read_h5ad(path); {name.replace('adata', 'a', 1)} = {name.replace('adata', 'a', 1)}.tocsr(); "
+            "a.write_h5ad('counts_csr.h5ad')`, then `anndata.read_h5ad('counts_csr.h5ad', backed='r')`")
+    raise ValueError(
+        f"{name} is stored on disk as CSC (compressed sparse columns){where}. A cell's counts are spread over every "
+        "column there, so anndata would read the whole matrix into memory for every minibatch and every query, which "
+        f"reading from disk exists to avoid. Either load it, when it fits in memory: {load} (the counts are then "
+        f"read as CSR rows); or make a CSR copy of the file once and open that backed: {copy} (the copy needs the "
+        "matrix in memory once: anndata has no out-of-core CSC-to-CSR conversion).")
+
+
 def _content_probe(arrays, width: int = 4096, points: int = 64, inner: int = 16) -> tuple:
     """Slices along the first axis of ``arrays`` (all as long): ``width`` from the start and the end, ``inner`` at
     ``points`` evenly spaced places. A few thousand stored entries (values and columns of a sparse matrix, or rows of

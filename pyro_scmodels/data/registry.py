@@ -17,6 +17,7 @@ import pandas as pd
 
 from .. import _validation as V
 from .counts import CountMatrix, stored_x
+from .on_disk import refuse_backed_csc
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 
 SETUP_UNS_KEY = "_pyro_scmodels_setup"
@@ -42,11 +43,16 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
     ------
     KeyError
         ``layer`` is not in ``adata.layers``.
+    ValueError
+        The counts are a backed matrix stored as CSC (every read of cells would load all of it).
     """
     if layer is None:
-        return CountMatrix(stored_x(adata), name="adata.X", validate=validate)
-    V.present(layer, adata.layers, "adata.layers", "layer")
-    return CountMatrix(adata.layers[layer], name=f"adata.layers[{layer!r}]", validate=validate)
+        matrix, name = stored_x(adata), "adata.X"
+    else:
+        V.present(layer, adata.layers, "adata.layers", "layer")
+        matrix, name = adata.layers[layer], f"adata.layers[{layer!r}]"
+    refuse_backed_csc(matrix, name)
+    return CountMatrix(matrix, name=name, validate=validate)
 
 
 def validated(matrix: CountMatrix, recorded: dict | None, validate: bool | None = None) -> CountMatrix:
