@@ -44,6 +44,13 @@ class ModelAndGuide(torch.nn.Module):
         self.guide = guide
 
 
+def _backed_files(data) -> list[str]:
+    """The files behind a backed AnnData, or behind a MuData's backed modalities (empty in memory)."""
+    tables = list(data.mod.values()) if hasattr(data, "mod") else [data]
+    files = [str(table.filename) for table in tables if getattr(table, "isbacked", False)]
+    return list(dict.fromkeys(files))
+
+
 class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries,
                     PosteriorQueries, PosteriorMixin):
     """Shared behaviour of the user-facing model classes."""
@@ -81,7 +88,14 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         if changed:
             name = type(self).__name__
             setup = "setup_mudata" if hasattr(self.adata, "mod") else "setup_anndata"
-            if all(part.startswith("counts") for part in changed):
+            files = _backed_files(self.adata)
+            if files and all(part.startswith("counts") for part in changed):
+                # no sum of the counts is taken on disk: a sample of the stored entries changed
+                fix = (f"A sample of the counts stored in {', '.join(files)} differs from when the model read them "
+                       "(e.g. sc.pp.log1p(adata, chunked=True) on a file opened with backed='r+'). Transform a copy of "
+                       "the file, not the one the model reads; put the raw counts back in the file; or build a new model "
+                       f"on the file as it is now ({name}.{setup}(...), then {name}(...)).")
+            elif all(part.startswith("counts") for part in changed):
                 fix = ("Put the raw counts back (normalise a copy, or keep the counts in a layer, e.g. "
                        "adata.layers['counts'] = adata.X.copy(), and set the model up on that layer), or build a new "
                        f"model on the data as they are now ({name}.{setup}(...), then {name}(...)).")
