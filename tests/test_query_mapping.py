@@ -336,3 +336,34 @@ def _saved(model, tmp_path) -> str:
     path = str(tmp_path / "reference")
     model.save(path, overwrite=True)
     return path
+
+
+def test_a_backed_query_with_other_genes_is_told_how_to_align_it_on_disk(data, reference, tmp_path):
+    # the only advice was "Load it with adata.to_memory()", which a query larger than memory cannot follow
+    import anndata
+    from anndata.experimental import concat_on_disk
+
+    genes = list(reference.var_names)
+    path = str(tmp_path / "query.h5ad")
+    cells = query_cells(data)[:, genes[::-1][:90]]  # 10 genes missing, the rest reversed
+    # sparse counts only: concat_on_disk joins dense arrays (the simulator's truths) through dask, not installed here
+    anndata.AnnData(cells.X, obs=cells.obs, var=cells.var[[]], layers={"counts": cells.layers["counts"]}).write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"anndata\.experimental\.concat_on_disk") as refused:
+        ps.RegularizedVI.prepare_query_anndata(backed, reference)
+    assert path in str(refused.value) and "adata.to_memory()" in str(refused.value)
+    # the route it gives: blocks of cells aligned in memory, joined on disk, the same as the whole query aligned
+    parts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, backed.n_obs, 60):
+            part = backed[start:start + 60].to_memory()
+            ps.RegularizedVI.prepare_query_anndata(part, reference)
+            parts.append(str(tmp_path / f"part_{start}.h5ad"))
+            part.write_h5ad(parts[-1])
+        concat_on_disk(parts, str(tmp_path / "aligned.h5ad"))
+        whole = ps.RegularizedVI.prepare_query_anndata(anndata.read_h5ad(path), reference, inplace=False)
+    aligned = anndata.read_h5ad(tmp_path / "aligned.h5ad", backed="r")
+    assert list(aligned.var_names) == genes and list(aligned.obs_names) == list(whole.obs_names)
+    np.testing.assert_array_equal(aligned.layers["counts"].toarray(), whole.layers["counts"].toarray())
+    assert ps.RegularizedVI.load_query_data(aligned, reference).adata is aligned

@@ -59,7 +59,15 @@ def _aligned_fields(adata, genes: pd.Index) -> dict | None:
     if query.equals(genes):
         return None
     if getattr(adata, "isbacked", False):
-        raise ValueError("adata is backed on disk; its genes cannot be reordered in place. Load it with adata.to_memory().")
+        # every cell's row is rewritten (reordered, zero-padded): anndata has no way to add or move columns on disk
+        raise ValueError(
+            f"adata is backed on disk ({adata.filename}) and its genes differ from the reference's; aligning them "
+            "rewrites every cell's row, which is done in memory. If it fits in memory: `adata = adata.to_memory()`. "
+            "If not, align it a block of cells at a time and join the blocks on disk: for each block, "
+            "`part = adata[start:stop].to_memory()`, `RegularizedVI.prepare_query_anndata(part, model)`, "
+            "`part.write_h5ad(f'part_{start}.h5ad')`; then `anndata.experimental.concat_on_disk(part_files, "
+            "'query_aligned.h5ad')` and open that file with backed='r' (see 'Genes' under reference mapping in "
+            "docs/models.md).")
     take = query.get_indexer(genes)
     n_missing, n_dropped = int((take < 0).sum()), int(len(query.difference(genes)))
     if n_missing == len(genes):
