@@ -11,7 +11,8 @@ from scipy.stats import norm
 
 import pyro_scmodels as ps
 from pyro_scmodels.ndreamer import NDreamer
-from pyro_scmodels.ndreamer.model_ite_width import MIN_GROUP_CELLS, disagreement_variance, widened_bounds
+from pyro_scmodels.ndreamer.model_ite_width import (MIN_GROUP_CELLS, MIN_SAMPLED_PER_GROUP, disagreement_sample,
+                                                     disagreement_variance, widened_bounds)
 
 
 def test_the_disagreement_is_the_mean_squared_difference_over_the_treated_cells_per_group(monkeypatch):
@@ -32,6 +33,31 @@ def test_the_disagreement_is_the_mean_squared_difference_over_the_treated_cells_
     np.testing.assert_allclose(variance[2], squared[treated].mean(0))  # too few cells: the value over all
     np.testing.assert_allclose(disagreement_variance(treated, lambda r: decoded[r], lambda r: matched[r])[0],
                                squared[treated].mean(0))
+
+
+def test_above_the_cap_a_seeded_sample_per_group_stands_for_every_treated_cell():
+    rng = np.random.default_rng(1)
+    treated = np.sort(rng.choice(100_000, 30_000, replace=False))
+    groups = rng.choice(4, 100_000, p=[0.7, 0.25, 0.045, 0.005])  # the last group: about 150 treated cells
+    everyone, ones = disagreement_sample(treated, groups, 4, seed=0, max_cells=30_000)
+    np.testing.assert_array_equal(everyone, treated)  # up to the cap: every treated cell, weight 1
+    assert (ones == 1).all()
+    rows, weights = disagreement_sample(treated, groups, 4, seed=0, max_cells=2_000)
+    assert np.isin(rows, treated).all() and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows, disagreement_sample(treated, groups, 4, seed=0, max_cells=2_000)[0])  # seeded
+    for g in range(4):
+        members, sampled = treated[groups[treated] == g], rows[groups[rows] == g]
+        assert len(sampled) == min(len(members), max(MIN_SAMPLED_PER_GROUP, round(2_000 * len(members) / 30_000)))
+        np.testing.assert_allclose(weights[groups[rows] == g].sum(), len(members))  # the group's cells, weighted
+    # weighted means of the sample estimate the means over every treated cell, per group and over all
+    values = rng.gamma(2.0, size=(100_000, 3)) * (1 + groups[:, None])  # groups differ in their disagreement
+    full = disagreement_variance(treated, lambda r: values[r], lambda r: np.zeros((len(r), 3)), groups, 4)
+    sampled = disagreement_variance(rows, lambda r: values[r], lambda r: np.zeros((len(r), 3)), groups, 4, weights)
+    np.testing.assert_allclose(sampled, full, rtol=0.15)
+    one_full = disagreement_variance(treated, lambda r: values[r], lambda r: np.zeros((len(r), 3)))
+    rows1, weights1 = disagreement_sample(treated, groups, 4, seed=3, max_cells=2_000)
+    one_sampled = disagreement_variance(rows1, lambda r: values[r], lambda r: np.zeros((len(r), 3)), None, 1, weights1)
+    np.testing.assert_allclose(one_sampled, one_full, rtol=0.1)
 
 
 def test_each_bound_moves_away_from_the_mean_by_its_normal_quantile():
@@ -66,8 +92,9 @@ def test_widened_bounds_hold_the_disagreement_and_a_subset_gets_the_whole_datas(
     nd = from_model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = nd.estimate_model_ite(num_samples=4).copy()
-        wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True)
+        plain = nd.estimate_model_ite(num_samples=4, widen_by_matching=False).copy()
+        assert nd.results.uns["model_ite_interval"]["widen_by_matching"] is False
+        wide = nd.estimate_model_ite(num_samples=4)  # widened by default
     assert nd.results.uns["model_ite_interval"] == {"widen_by_matching": True, "disagreement_groups": ""}
     mean, low, high = (wide.layers[f"ite_model_stimulated{s}"] for s in ("", "_q05", "_q95"))
     np.testing.assert_array_equal(mean, plain.layers["ite_model_stimulated"])  # the estimate is unchanged
@@ -95,7 +122,7 @@ def test_widened_bounds_per_group_take_each_groups_treated_cells(from_model):
     nd.results.obs["type_group"] = nd.results.obs["cell_type"].astype(str).to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = nd.estimate_model_ite(num_samples=4).copy()
+        plain = nd.estimate_model_ite(num_samples=4, widen_by_matching=False).copy()
         wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True, disagreement_groups="type_group")
     mean = wide.layers["ite_model_stimulated"]
     matched = nd.estimate_ite().layers["ite_stimulated"]
@@ -113,7 +140,7 @@ def test_widened_bounds_per_group_take_each_groups_treated_cells(from_model):
 def test_disagreement_groups_are_checked_before_decoding(from_model):
     nd = from_model
     with pytest.raises(ValueError, match="disagreement_groups needs widen_by_matching=True"):
-        nd.estimate_model_ite(num_samples=2, disagreement_groups="cell_type")
+        nd.estimate_model_ite(num_samples=2, widen_by_matching=False, disagreement_groups="cell_type")
     with pytest.raises(KeyError, match="'leiden' is not a column of nd.results.obs"):
         nd.estimate_model_ite(num_samples=2, widen_by_matching=True, disagreement_groups="leiden")
     nd.results.obs["partial"] = np.where(np.arange(nd.results.n_obs) < 10, None, "a")
@@ -121,3 +148,43 @@ def test_disagreement_groups_are_checked_before_decoding(from_model):
         nd.estimate_model_ite(num_samples=2, widen_by_matching=True, disagreement_groups="partial")
     with pytest.raises(TypeError, match="widen_by_matching"):
         nd.estimate_model_ite(num_samples=2, widen_by_matching="yes")
+
+
+def test_the_bounds_take_the_sample_when_the_treated_cells_exceed_the_cap(from_model, monkeypatch):
+    from pyro_scmodels.ndreamer import model_ite_width
+
+    nd = from_model
+    treated = np.flatnonzero((nd.results.obs["condition"] == "stimulated").to_numpy())
+    monkeypatch.setattr(model_ite_width, "MAX_CELLS", 40)
+    monkeypatch.setattr(model_ite_width, "MIN_SAMPLED_PER_GROUP", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = nd.estimate_model_ite(num_samples=4, widen_by_matching=False).copy()
+        wide = nd.estimate_model_ite(num_samples=4)
+    assert len(treated) > 40
+    rows, weights = disagreement_sample(treated, None, 1, seed=nd.settings["seed"])
+    assert len(rows) == 40 and np.allclose(weights, len(treated) / 40)
+    mean = wide.layers["ite_model_stimulated"]
+    matched = nd.estimate_ite().layers["ite_stimulated"]
+    variance = ((mean - matched)[rows].astype(np.float64) ** 2).mean(0)  # over the sample, not every treated cell
+    expected = widened_bounds(mean, plain.layers["ite_model_stimulated_q05"], plain.layers["ite_model_stimulated_q95"],
+                              (0.05, 0.95), variance[None, :])
+    np.testing.assert_allclose(wide.layers["ite_model_stimulated_q95"], expected[1], rtol=1e-5, atol=1e-6)
+    everyone = ((mean - matched)[treated].astype(np.float64) ** 2).mean(0)
+    assert not np.allclose(variance, everyone)  # the sample differs from the whole, so the check above can fail
+
+
+def test_cells_asked_for_are_warned_about_the_setup_once():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=30, n_markers_per_type=3, n_responding_genes=5, seed=1)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["condition"],
+                                   encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=3)  # no latent_independence: a setup warning
+    model.train(max_epochs=2, batch_size=64, device="cpu", progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nd.estimate_model_ite(num_samples=2, indices=[0, 5])  # the treated cells are decoded again for the widening
+    setup = [w for w in caught if "latent_independence" in str(w.message)]
+    assert len(setup) == 1 and setup[0].filename == __file__, [(str(w.message), w.filename) for w in caught]

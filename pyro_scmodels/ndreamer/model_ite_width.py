@@ -14,6 +14,10 @@ the matched ITE's noise. Each bound moves away from E by sqrt(h^2 + z^2 v_g), h 
 normal quantile of its level. Per group (``groups``, e.g. Leiden clusters of the latent), v is taken over the group's
 treated cells, where it follows errors that differ between cell types; a group with fewer than
 :data:`MIN_GROUP_CELLS` treated cells takes the per-gene value.
+
+Above :data:`MAX_CELLS` treated cells the means are taken over a seeded sample of them (every group keeps at least
+:data:`MIN_SAMPLED_PER_GROUP` of its cells, or all), each cell weighted by its group's inverse sampling fraction: the
+matched ITE of every treated cell would cost as much as the CATE over all cells again.
 """
 
 from __future__ import annotations
@@ -27,11 +31,58 @@ from scipy.stats import norm
 BLOCK = 10_000
 #: a group with fewer treated cells than this takes the disagreement over all treated cells
 MIN_GROUP_CELLS = 20
+#: treated cells of a treatment over which the disagreement is taken at most (a seeded sample above it)
+MAX_CELLS = 20_000
+#: cells of each group kept in that sample at least (or all of the group's)
+MIN_SAMPLED_PER_GROUP = 200
+
+
+def disagreement_sample(treated: np.ndarray, group_codes: np.ndarray | None, n_groups: int, seed: int,
+                        max_cells: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The treated cells over which the disagreement is taken, and each one's weight.
+
+    Every treated cell with weight 1 up to ``max_cells`` of them; above it, a seeded sample drawn within each group
+    (``round(max_cells x the group's share)`` cells, at least :data:`MIN_SAMPLED_PER_GROUP` or the whole group),
+    each cell weighted by its group's cells over its sampled cells, so that weighted means estimate the means over
+    every treated cell.
+
+    Parameters
+    ----------
+    treated
+        Positions of the treatment's cells, increasing.
+    group_codes, n_groups
+        Every cell's group (0 .. n_groups - 1) and their number; None and 1 for one group.
+    seed
+        Seed of the sample.
+    max_cells
+        The most cells taken without sampling; :data:`MAX_CELLS` when None.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The chosen positions (increasing) and their float64 weights.
+    """
+    max_cells = MAX_CELLS if max_cells is None else int(max_cells)
+    if len(treated) <= max_cells:
+        return treated, np.ones(len(treated))
+    rng = np.random.default_rng(seed)
+    codes = np.zeros(len(treated), dtype=np.int64) if group_codes is None else group_codes[treated]
+    chosen, weights = [], []
+    for code in range(n_groups):
+        members = treated[codes == code]
+        if len(members) == 0:
+            continue
+        quota = min(len(members), max(MIN_SAMPLED_PER_GROUP, round(max_cells * len(members) / len(treated))))
+        chosen.append(rng.choice(members, quota, replace=False))
+        weights.append(np.full(quota, len(members) / quota))
+    chosen, weights = np.concatenate(chosen), np.concatenate(weights)
+    order = np.argsort(chosen)
+    return chosen[order], weights[order]
 
 
 def disagreement_variance(treated: np.ndarray, decoded: Callable[[np.ndarray], np.ndarray],
                           matched: Callable[[np.ndarray], np.ndarray], group_codes: np.ndarray | None = None,
-                          n_groups: int = 1) -> np.ndarray:
+                          n_groups: int = 1, weights: np.ndarray | None = None) -> np.ndarray:
     """The mean squared difference between the decoded and the matched ITE over the treated cells, per group.
 
     Parameters
@@ -44,26 +95,31 @@ def disagreement_variance(treated: np.ndarray, decoded: Callable[[np.ndarray], n
         Every cell's group (0 .. n_groups - 1), or None for one group.
     n_groups
         The number of groups.
+    weights
+        Each treated cell's weight (:func:`disagreement_sample`); None: all 1.
 
     Returns
     -------
     numpy.ndarray
-        ``(n_groups, n_genes)`` float64; a group with fewer than :data:`MIN_GROUP_CELLS` treated cells holds the
-        value over all of them.
+        ``(n_groups, n_genes)`` float64 weighted means; a group with fewer than :data:`MIN_GROUP_CELLS` treated
+        cells holds the value over all of them.
     """
-    sums, counts = None, np.zeros(n_groups)
+    weights = np.ones(len(treated)) if weights is None else np.asarray(weights, dtype=np.float64)
+    sums, mass = None, np.zeros(n_groups)  # mass: the treated cells each group's sums stand for
     for start in range(0, len(treated), BLOCK):
-        rows = treated[start:start + BLOCK]
+        rows, w = treated[start:start + BLOCK], weights[start:start + BLOCK]
         squared = (np.asarray(decoded(rows), dtype=np.float64) - np.asarray(matched(rows), dtype=np.float64)) ** 2
         codes = np.zeros(len(rows), dtype=np.int64) if group_codes is None else group_codes[rows]
         if sums is None:
             sums = np.zeros((n_groups, squared.shape[1]))
         for code in np.unique(codes):
-            sums[code] += squared[codes == code].sum(axis=0)
-        counts += np.bincount(codes, minlength=n_groups)
-    overall = sums.sum(axis=0) / counts.sum()
-    variance = sums / np.maximum(counts, 1.0)[:, None]
-    variance[counts < MIN_GROUP_CELLS] = overall
+            here = codes == code
+            sums[code] += w[here] @ squared[here]
+        mass += np.bincount(codes, weights=w, minlength=n_groups)
+    overall = sums.sum(axis=0) / mass.sum()
+    variance = sums / np.maximum(mass, 1e-300)[:, None]
+    # the group's treated cells decide, not its sampled ones (a sampled group keeps at least MIN_SAMPLED_PER_GROUP)
+    variance[mass < MIN_GROUP_CELLS] = overall
     return variance
 
 

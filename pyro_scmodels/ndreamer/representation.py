@@ -7,6 +7,8 @@ the model-based counterfactual (:meth:`~ModelRepresentation.estimate_model_ite`)
 
 from __future__ import annotations
 
+import warnings
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -111,7 +113,7 @@ class ModelRepresentation:
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
                            quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, indices=None,
-                           gene_list=None, widen_by_matching: bool = False,
+                           gene_list=None, widen_by_matching: bool = True,
                            disagreement_groups: str | None = None) -> anndata.AnnData:
         """Model-based counterfactual ITE with credible intervals (``from_model`` only).
 
@@ -128,26 +130,22 @@ class ModelRepresentation:
         ``n_hidden=128`` (``benchmarks/bench_model_ite.py``): slope of estimate on truth 1.12 with
         the penalty and 0.52 without; per-cell correlation inside responding types 0.75 and 0.14.
 
-        Which uncertainty the interval includes: only the posterior spread of each cell's z,
-        q(z | x, condition), decoded with every other quantity held fixed (decoder weights and
-        global sites at their point estimates, the library at a typical size). It leaves out
-        parameter uncertainty and every systematic error of the fitted model, which dominates the error on the simulator:
-        the 90 % bounds hold the true effect only about 19-45 % of the time. Train the model to the end
-        (``model.train(max_epochs=400, early_stopping=False)`` on 3,000 cells: per-cell r 0.73-0.82, slope
-        1.01-1.18, coverage 0.27-0.45, against 0.48-0.76, 0.81-1.02 and 0.19-0.33 when early stopping ends it;
-        docs/ndreamer_model_route.md). Read them as the effect's sensitivity to the cell's state, not as
-        calibrated credible intervals. The matched ITE in the same latent,
-        ``estimate_ite(interval=0.9)``, has an interval from the spread of the matched cells that
-        covered 91-93 % there (docs/ndreamer.md, "An interval for the matched ITE").
-
-        ``widen_by_matching=True`` adds to that spread the model's disagreement with the matched ITE: per
-        gene (and per group of ``disagreement_groups``), the mean over the treatment's cells of (decoded -
-        matched)^2, which bounds the decoded ITE's mean squared error from above where the two routes' errors
-        are uncorrelated (:mod:`~pyro_scmodels.ndreamer.model_ite_width`). It is a bound on the error, not a
-        posterior: on the simulator its 90 % bounds covered 0.86-0.94 per gene (12 data sets and seeds, both
-        decoders) and 0.92-0.95 per Leiden cluster (4, ``decoder_gene_scale=True``;
-        docs/ndreamer_model_route.md, "The model ITE's interval widened by matching"), but 0.62-0.68 per gene and
-        0.80-0.82 per cluster where one cell type of five responds and the two routes' errors correlate.
+        Which uncertainty the interval includes. By default (``widen_by_matching=True``) two parts: the
+        posterior spread of each cell's z, q(z | x, condition), decoded with every other quantity held fixed
+        (decoder weights and global sites at their point estimates, the library at a typical size), and a bound
+        on the fitted model's systematic error, which dominates on the simulator: per gene (and per group of
+        ``disagreement_groups``), the mean over the treatment's cells of (decoded - matched)^2, the matched ITE
+        (:meth:`estimate_ite` at its defaults) taken in the same latent. Where the two routes' errors are
+        uncorrelated that mean bounds the decoded ITE's mean squared error from above
+        (:mod:`~pyro_scmodels.ndreamer.model_ite_width`); each half-width h becomes sqrt(h^2 + z^2 v). It is a
+        bound on the error, not a posterior. On the simulator the 90 % bounds covered 0.86-0.94 of true per-cell
+        effects per gene (12 data sets and seeds, both decoders) and 0.92-0.95 per Leiden cluster (4,
+        ``decoder_gene_scale=True``), against 0.30-0.56 for the spread of z alone; but 0.62-0.68 per gene and
+        0.80-0.82 per cluster where one cell type of five responds and the two routes' errors correlate
+        (docs/ndreamer_model_route.md, "The model ITE's interval widened by matching"). The cost is the matched
+        ITE of the treated cells (at most 20,000 of each treatment, a seeded sample above that).
+        ``widen_by_matching=False`` gives the spread of z alone: read it as the effect's sensitivity to the
+        cell's state, not as a calibrated interval.
 
         Parameters
         ----------
@@ -159,8 +157,9 @@ class ModelRepresentation:
             whole cells x genes layers; the cells are decoded a minibatch at a time either way).
         widen_by_matching
             Widen the bounds by the disagreement with the matched ITE (``estimate_ite()`` at its defaults),
-            taken over every cell of each treatment, also when ``indices`` asks for fewer (they are then
-            decoded again, in blocks).
+            taken over every cell of each treatment (or a seeded sample of 20,000, each group of
+            ``disagreement_groups`` keeping at least 200 or all of its cells), also when ``indices`` asks for fewer
+            (those cells are then decoded again, in blocks). False: the spread of z alone.
         disagreement_groups
             A column of :attr:`results` ``.obs`` (e.g. Leiden clusters of the model's latent) over whose groups
             the disagreement is taken separately; None: one value per gene. Needs ``widen_by_matching``.
@@ -226,22 +225,31 @@ class ModelRepresentation:
                              "a group.")
         return codes, len(levels)
 
+    @staticmethod
+    def _decoded_again(decode, treatment, rows) -> np.ndarray:
+        """The decoded ITE of ``rows``, decoded again for the disagreement without repeating the first decoding's
+        warnings (the same model, condition and setup)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode([treatment], rows)[treatment]["mean"]
+
     def _widen_by_matching(self, effects: dict, quantiles, cells, columns, groups, decode) -> None:
         """Widen each treatment's bounds in ``effects`` in place (:mod:`~.model_ite_width`)."""
-        from .model_ite_width import BLOCK, disagreement_variance, widened_bounds
+        from .model_ite_width import BLOCK, disagreement_sample, disagreement_variance, widened_bounds
 
         condition = self.results.obs[self.settings["condition_key"]].astype(str).to_numpy()
         matched = self._matched_effects()
         codes, n_groups = (None, 1) if groups is None else groups
         for treatment, effect in effects.items():
-            treated = np.flatnonzero(condition == str(treatment))
+            treated, weights = disagreement_sample(np.flatnonzero(condition == str(treatment)), codes, n_groups,
+                                                   self.settings["seed"])
             if cells is None:  # every cell was decoded: the treated ones are among them
                 decoded = lambda rows, mean=effect["mean"]: mean[rows]  # noqa: E731
             else:
-                decoded = lambda rows, t=treatment: decode([t], rows)[t]["mean"]  # noqa: E731
+                decoded = lambda rows, t=treatment: self._decoded_again(decode, t, rows)  # noqa: E731
             variance = disagreement_variance(
                 treated, decoded, lambda rows, t=treatment: matched.effects_of(cells=rows, genes=columns)[f"ite_{t}"],
-                codes, n_groups)
+                codes, n_groups, weights)
             rows = np.arange(len(condition)) if cells is None else cells
             low, high = (effect[name] for name in effect if name != "mean")
             for start in range(0, len(rows), BLOCK):  # in place, a block of cells at a time (float64 inside)
