@@ -146,8 +146,14 @@ def test_disagreement_groups_are_checked_before_decoding(from_model):
     nd.results.obs["partial"] = np.where(np.arange(nd.results.n_obs) < 10, None, "a")
     with pytest.raises(ValueError, match=r"nd.results.obs\['partial'\] has 10 missing values"):
         nd.estimate_model_ite(num_samples=2, widen_by_matching=True, disagreement_groups="partial")
-    with pytest.raises(TypeError, match="widen_by_matching"):
+    with pytest.raises(ValueError, match="widen_by_matching='yes': give True"):
         nd.estimate_model_ite(num_samples=2, widen_by_matching="yes")
+    with pytest.raises(TypeError, match="widen_by_matching"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching=2)
+    with pytest.raises(ValueError, match="central quantiles such as"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching="hull", quantiles=(0.1, 0.95))
+    with pytest.raises(ValueError, match="disagreement_groups needs widen_by_matching=True"):
+        nd.estimate_model_ite(num_samples=2, widen_by_matching="hull", disagreement_groups="cell_type")
 
 
 def test_the_bounds_take_the_sample_when_the_treated_cells_exceed_the_cap(from_model, monkeypatch):
@@ -188,3 +194,29 @@ def test_cells_asked_for_are_warned_about_the_setup_once():
         nd.estimate_model_ite(num_samples=2, indices=[0, 5])  # the treated cells are decoded again for the widening
     setup = [w for w in caught if "latent_independence" in str(w.message)]
     assert len(setup) == 1 and setup[0].filename == __file__, [(str(w.message), w.filename) for w in caught]
+
+
+def test_the_hull_is_the_matched_interval_extended_to_the_model_ite(from_model, monkeypatch):
+    from pyro_scmodels.ndreamer import model_ite_width
+
+    monkeypatch.setattr(model_ite_width, "BLOCK", 64)  # several blocks of cells
+    nd = from_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hull = nd.estimate_model_ite(num_samples=4, widen_by_matching="hull", quantiles=(0.1, 0.9)).copy()
+        matched = nd.estimate_ite(interval=0.8)
+    assert nd.results.uns["model_ite_interval"]["widen_by_matching"] == "hull"
+    mean = hull.layers["ite_model_stimulated"]
+    low, high = hull.layers["ite_model_stimulated_q10"], hull.layers["ite_model_stimulated_q90"]
+    np.testing.assert_allclose(low, np.minimum(mean, matched.layers["ite_stimulated_q10"]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(high, np.maximum(mean, matched.layers["ite_stimulated_q90"]), rtol=1e-6, atol=1e-7)
+    outside = (mean < matched.layers["ite_stimulated_q10"]) | (mean > matched.layers["ite_stimulated_q90"])
+    assert 0 < outside.mean() < 1  # both cases occur: E an end point, and the matched interval as it is
+    # a few cells and genes get the same bounds as the whole
+    cells, genes = [7, 120, 250], list(nd.genes[[5, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = nd.estimate_model_ite(num_samples=4, widen_by_matching="hull", quantiles=(0.1, 0.9), indices=cells,
+                                     gene_list=genes)
+    np.testing.assert_allclose(part.layers["ite_model_stimulated_q10"], low[np.ix_(cells, [5, 1])], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(part.layers["ite_model_stimulated_q90"], high[np.ix_(cells, [5, 1])], rtol=1e-5, atol=1e-6)

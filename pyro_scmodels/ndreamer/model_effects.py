@@ -46,8 +46,24 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
     return list(model.encoding.categories[condition_key])
 
 
-def _checked_quantiles(quantiles) -> tuple[float, float]:
-    """Two levels in (0, 1), the lower first (the layers are named after them)."""
+def checked_quantiles(quantiles) -> tuple[float, float]:
+    """Two levels in (0, 1), the lower first (the layers are named after them).
+
+    Parameters
+    ----------
+    quantiles
+        The pair given, e.g. ``(0.05, 0.95)``.
+
+    Returns
+    -------
+    tuple of float
+        The two levels.
+
+    Raises
+    ------
+    ValueError
+        Not a pair of levels with 0 < low < high < 1.
+    """
     try:
         low, high = quantiles
     except (TypeError, ValueError) as err:
@@ -104,7 +120,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         if name not in categories:
             raise ValueError(f"{name!r} is not a category of {condition_key!r} known to the model ({categories}).")
     num_samples = V.positive_int("num_samples", num_samples)
-    level = torch.tensor(_checked_quantiles(quantiles))
+    level = torch.tensor(checked_quantiles(quantiles))
     columns = None if gene_columns is None else torch.as_tensor(gene_columns, dtype=torch.long)
     # the same seed draws the same z in every pass, minibatch by minibatch
     # with_scaling: the condition's feature scaling y is switched with the decoder (the model's

@@ -15,6 +15,11 @@ normal quantile of its level. Per group (``groups``, e.g. Leiden clusters of the
 treated cells, where it follows errors that differ between cell types; a group with fewer than
 :data:`MIN_GROUP_CELLS` treated cells takes the per-gene value.
 
+``widen_by_matching="hull"`` (:func:`matched_hull`) takes another route: the matched ITE's own interval (from the
+spread of the matched cells, :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite`), extended to hold the decoded
+ITE where it lies outside. Its coverage is the matched interval's, which holds where the two routes' errors
+correlate (one responding cell type of five) and the disagreement above does not.
+
 Above :data:`MAX_CELLS` treated cells the means are taken over a seeded sample of them (every group keeps at least
 :data:`MIN_SAMPLED_PER_GROUP` of its cells, or all), each cell weighted by its group's inverse sampling fraction: the
 matched ITE of every treated cell would cost as much as the CATE over all cells again.
@@ -148,3 +153,26 @@ def widened_bounds(mean: np.ndarray, low: np.ndarray, high: np.ndarray, quantile
     above = np.sqrt(np.square(np.maximum(high - mean, 0.0), dtype=np.float64) + z_high ** 2 * variance)
     return (np.minimum(low, mean - below).astype(np.float32, copy=False),
             np.maximum(high, mean + above).astype(np.float32, copy=False))
+
+
+#: ``widen_by_matching``'s value for :func:`matched_hull`
+HULL = "hull"
+
+
+def matched_hull(mean: np.ndarray, matched_low: np.ndarray, matched_high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The matched ITE's interval extended to hold the decoded ITE: ``[min(E, M_low), max(E, M_high)]``.
+
+    Parameters
+    ----------
+    mean
+        The decoded ITE E (cells x genes).
+    matched_low, matched_high
+        The matched ITE's bounds at the same level, for the same cells and genes.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The lower and upper bounds, float32.
+    """
+    return (np.minimum(mean, matched_low).astype(np.float32, copy=False),
+            np.maximum(mean, matched_high).astype(np.float32, copy=False))
