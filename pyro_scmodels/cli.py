@@ -273,6 +273,8 @@ def _check_before_launch(args) -> None:
     # read backed whatever --backed says: the counts are checked chunk by chunk, as a --backed process checks them
     # (the file's first 1,000 cells only, as before, let a bad count further on reach the processes)
     adata = read_h5ad(args.data, backed="r")
+    if not args.backed and getattr(adata.X, "format", None) == "csc":  # each process reads it whole, not backed
+        adata.file.close(); adata = read_h5ad(args.data)  # noqa: E702
     try:
         _set_up(adata, args)
         if args.empty_droplets is not None:  # read, and checked against the data's genes and ambient categories

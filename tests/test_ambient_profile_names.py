@@ -71,3 +71,19 @@ def test_droplets_named_by_text_serve_data_with_integer_gene_names():
     check_droplets(empty, pd.Index(range(adata.n_vars)), categories)  # every gene found
     with pytest.raises(KeyError, match=r"the droplets lack 1 of the data's 61 genes, e.g. \['60'\]"):
         check_droplets(empty, pd.Index(range(adata.n_vars + 1)), categories)
+
+
+def test_one_unnamed_column_serves_every_category_also_when_the_categories_are_digits():
+    # pd.DataFrame(vector, index=genes) names its column 0; with ambient categories "0" and "1" the column compared
+    # as text was taken for category "0" alone, and category "1" was refused
+    from pyro_scmodels.models.ambient import profile_matrix
+
+    genes = pd.Index([f"g{i}" for i in range(5)])
+    vector = np.arange(1.0, 6.0)
+    values = profile_matrix(pd.DataFrame(vector, index=genes), genes, ["0", "1"])
+    assert values.shape == (2, 5)
+    np.testing.assert_allclose(values[0], values[1])
+    np.testing.assert_allclose(values[0] / values[0].sum(), vector / vector.sum())
+    # a column named by a category as text is that category's: the other is still asked for
+    with pytest.raises(KeyError, match="1"):
+        profile_matrix(pd.DataFrame({"0": vector}, index=genes), genes, ["0", "1"])

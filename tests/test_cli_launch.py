@@ -233,3 +233,32 @@ def test_ctrl_c_of_a_launched_fit_stops_torchrun_and_waits_for_it(monkeypatch, t
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
     # the hint of a run started with --overwrite: --resume with --overwrite is refused
     assert "Rerun the same command without --overwrite and with --resume" in error
+
+
+def test_a_csc_file_is_launched_unless_backed(monkeypatch, tmp_path):
+    """The check before ``--devices 2`` reads the file backed; a CSC X, which each process reads whole without
+    ``--backed``, was refused there as if it were to be read from disk."""
+    import scipy.sparse as sp
+
+    from pyro_scmodels import cli, cli_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    started = []
+
+    class Launched:
+        def __init__(self, command, start_new_session=False):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cli_launch.subprocess, "Popen", Launched)
+    cells = _cells(40)
+    cells.X = sp.csc_matrix(cells.X)
+    path = str(tmp_path / "csc.h5ad")
+    cells.write_h5ad(path)
+    assert cli.main(["fit", path, "-o", str(tmp_path / "out"), "--devices", "2", "--max-epochs", "2"]) == 0
+    assert len(started) == 1
+    code, error = _cli_error(cli, ["fit", path, "-o", str(tmp_path / "out2"), "--devices", "2", "--backed"])
+    assert code == 2 and "stored on disk as CSC" in error and "leave out --backed" in error, error
+    assert len(started) == 1

@@ -74,3 +74,18 @@ def test_an_r_plus_file_whose_counts_are_untouched_is_read_as_before(cells, tmp_
     backed.write()
     np.testing.assert_array_equal(model.get_latent_representation(), before)
     model.train(max_epochs=1, seed=1, **TRAIN)
+
+
+def test_counts_edited_in_an_in_memory_layer_of_a_backed_adata_get_the_in_memory_advice(cells, tmp_path):
+    # the file's advice (transform a copy of the file) named a file whose counts had not changed
+    written = cells.copy()
+    written.layers["counts"] = written.X.copy()
+    written.write_h5ad(tmp_path / "layer.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "layer.h5ad", backed="r")  # X on disk, layers in memory
+    ps.RegularizedVI.setup_anndata(backed, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(backed, seed=0, **QUICK)
+    model.train(max_epochs=1, seed=0, **TRAIN)
+    backed.layers["counts"].data[:] = np.log1p(backed.layers["counts"].data)
+    with pytest.raises(ValueError, match=r"\(counts adata.layers\['counts'\]\).*Put the raw counts back") as refused:
+        model.get_latent_representation()
+    assert "stored in" not in str(refused.value)

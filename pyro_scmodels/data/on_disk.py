@@ -21,7 +21,8 @@ cells, are the same for any number of ranks.
 
 A backed file's handle can be closed under the model (anndata closes it in ``to_memory()``, ``adata.file.close()``
 and when the object is written elsewhere): :class:`FileReopener` opens it again and refuses a file that now holds
-other counts. :class:`DiskCSR` and :class:`BackedMatrix` (backed CSC and dense matrices) read through it.
+other counts. :class:`DiskCSR` and :class:`BackedMatrix` (backed dense matrices, and CSC ones read by slices of
+cells as NDreamer reads them; models refuse CSC: :func:`refuse_backed_csc`) read through it.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def refuse_backed_csc(matrix, name: str) -> None:
         f"{name} is stored on disk as CSC (compressed sparse columns){where}. A cell's counts are spread over every "
         "column there, so anndata would read the whole matrix into memory for every minibatch and every query, which "
         f"reading from disk exists to avoid. Either load it, when it fits in memory: {load} (the counts are then "
-        f"read as CSR rows); or make a CSR copy of the file once and open that backed: {copy} (the copy needs the "
-        "matrix in memory once: anndata has no out-of-core CSC-to-CSR conversion).")
+        f"read as CSR rows); or make a CSR copy of the file once and open that backed: {copy} (the copy needs the matrix "
+        "in memory once: anndata has no out-of-core CSC-to-CSR conversion). On the command line: leave out --backed, or give the CSR copy to --backed.")
 
 
 def _content_probe(arrays, width: int = 4096, points: int = 64, inner: int = 16) -> tuple:

@@ -167,3 +167,40 @@ def changes(before: dict, now: dict) -> list[str]:
         if not same:
             differ.append(part)
     return differ
+
+
+def backed_files(data) -> list[str]:
+    """The files behind a backed AnnData, or behind a MuData's backed modalities (empty in memory).
+
+    Parameters
+    ----------
+    data
+        An AnnData or MuData.
+
+    Returns
+    -------
+    list of str
+        Each file once.
+    """
+    tables = list(data.mod.values()) if hasattr(data, "mod") else [data]
+    files = [str(table.filename) for table in tables if getattr(table, "isbacked", False)]
+    return list(dict.fromkeys(files))
+
+
+def counts_on_disk(changed: list[str], sources: dict) -> bool:
+    """Whether every part of ``changed`` (:func:`changes`) is a count matrix read from a file.
+
+    Parameters
+    ----------
+    changed
+        The parts that differ, e.g. ``["counts adata.X"]``.
+    sources
+        The setup's count matrices as stored (``setup.count_sources(data)``), by name.
+
+    Returns
+    -------
+    bool
+        True when each changed part names counts whose matrix is on disk.
+    """
+    return bool(changed) and all(part.startswith("counts ") and stored_sample(sources.get(part[len("counts "):]))
+                                 is not None for part in changed)

@@ -17,7 +17,7 @@ from .. import _constants as C
 from .. import _validation as V
 from .._io import writable_folder
 from ..data import CellData
-from ..data.source_state import changes, source_state
+from ..data.source_state import backed_files, changes, counts_on_disk, source_state
 from ._posterior import PosteriorMixin
 from .cell_batches import CellBatches
 from .posterior_queries import PosteriorQueries
@@ -42,13 +42,6 @@ class ModelAndGuide(torch.nn.Module):
         super().__init__()
         self.model = model
         self.guide = guide
-
-
-def _backed_files(data) -> list[str]:
-    """The files behind a backed AnnData, or behind a MuData's backed modalities (empty in memory)."""
-    tables = list(data.mod.values()) if hasattr(data, "mod") else [data]
-    files = [str(table.filename) for table in tables if getattr(table, "isbacked", False)]
-    return list(dict.fromkeys(files))
 
 
 class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, FeatureCorrelationQueries,
@@ -88,8 +81,10 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         if changed:
             name = type(self).__name__
             setup = "setup_mudata" if hasattr(self.adata, "mod") else "setup_anndata"
-            files = _backed_files(self.adata)
-            if files and all(part.startswith("counts") for part in changed):
+            # the file's message only where every change is to counts read from a file (not to an in-memory layer
+            # or modality beside it)
+            files = backed_files(self.adata) if counts_on_disk(changed, self._setup.count_sources(self.adata)) else []
+            if files:
                 # no sum of the counts is taken on disk: a sample of the stored entries changed
                 fix = (f"A sample of the counts stored in {', '.join(files)} differs from when the model read them "
                        "(e.g. sc.pp.log1p(adata, chunked=True) on a file opened with backed='r+'). Transform a copy of "

@@ -253,6 +253,9 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
             f"ambient_profile must be a genes x categories pandas DataFrame (see profile_from_droplets), got {type(profile).__name__}.")
     # names as text, rows and columns: a profile read from a file names the genes (and categories) "7" where the
     # data has 7, and the models record categories as text
+    # one column named other than a category (as given: pd.DataFrame(vector, index=genes) names it 0) is every
+    # category's profile, also where the categories are "0", "1", ...
+    one_for_all = profile.shape[1] == 1 and profile.columns[0] not in levels
     profile = profile.set_axis(names_as_text(profile.index), axis=0).set_axis(names_as_text(profile.columns), axis=1)
     for axis, names in (("rows", profile.index), ("columns", profile.columns)):
         if not names.is_unique:
@@ -265,7 +268,7 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
         raise KeyError(f"ambient_profile has no row for {len(missing)} of the model's genes, e.g. {list(missing[:5])}; "
                        "give one row per gene of adata.var_names (names compared as text).")
     profile = profile.loc[genes]
-    if profile.shape[1] == 1 and profile.columns[0] not in levels:  # one profile for all (a category's is not)
+    if one_for_all:
         profile = pd.DataFrame(np.repeat(profile.to_numpy(), len(levels), axis=1), index=profile.index, columns=levels)
     unknown = [c for c in levels if c not in profile.columns]
     if unknown:

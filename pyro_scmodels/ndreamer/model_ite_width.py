@@ -21,8 +21,9 @@ ITE where it lies outside. Its coverage is the matched interval's, which holds w
 correlate (one responding cell type of five) and the disagreement above does not.
 
 Above :data:`MAX_CELLS` treated cells the means are taken over a seeded sample of them (every group keeps at least
-:data:`MIN_SAMPLED_PER_GROUP` of its cells, or all), each cell weighted by its group's inverse sampling fraction: the
-matched ITE of every treated cell would cost as much as the CATE over all cells again.
+:data:`MIN_SAMPLED_PER_GROUP` of its cells, or all, so the sample may exceed :data:`MAX_CELLS` by those floors), each
+cell weighted by its group's inverse sampling fraction: the matched ITE of every treated cell would cost as much as the
+CATE over all cells again (the matches themselves still cover every cell).
 """
 
 from __future__ import annotations
