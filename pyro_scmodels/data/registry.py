@@ -266,9 +266,13 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
         detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
     if not detail:
         detail.append("same genes in a different order")
-    # a backed AnnData's subset is a view that cannot be copied into memory: a new backed file holds it
-    fix = (f"`{what}[:, model_genes].copy(filename='subset.h5ad')` (a new backed file)"
-           if getattr(adata, "isbacked", False) else f"`{what}[:, model_genes]`")
+    # a backed AnnData's subset is a view that cannot be copied into memory: a new backed file holds it, written a
+    # block of cells at a time (anndata's copy(filename=) of a gene subset reads the whole matrix)
+    fix = (f"a new backed file written a block of cells at a time: for each block `part = {what}[start:stop]"
+           f".to_memory()[:, model_genes]` and `part.write_h5ad(f'part_{{start}}.h5ad')`, then "
+           "`anndata.experimental.concat_on_disk(part_files, 'subset.h5ad')`, opened with backed='r' "
+           f"(`{what}[:, model_genes].copy(filename='subset.h5ad')` does it in one step where the whole matrix fits in "
+           "memory)" if getattr(adata, "isbacked", False) else f"`{what}[:, model_genes]`")
     raise ValueError(
         f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
         f"Subset and order them with {fix}."
