@@ -16,8 +16,8 @@ import pandas as pd
 from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
-from .effect_intervals import bound_names, interval_level
-from .cate import CateSums, estimate_cate, groups_with_both_conditions
+from .cate import CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
+from .effect_intervals import bound_names, dense_block, interval_level
 from .._selection import cell_positions, gene_positions
 
 
@@ -222,7 +222,7 @@ class EffectQueries:
         condition
             Treatment condition (default the first, in order of appearance in the cells).
         min_cells
-            Fewest cells of ``condition`` and of the control a group must hold. Smaller groups are
+            Fewest cells of ``condition`` and of the control a group must hold (at least 2). Smaller groups are
             left out of the table, with a warning that names them and their sizes.
         nearest_neighbor, bandwidth
             Matching of the ITE. The ``ite_<condition>`` layer of :meth:`estimate_ite` is used when it
@@ -232,12 +232,17 @@ class EffectQueries:
         Returns
         -------
         pandas.DataFrame
-            See :func:`~pyro_scmodels.ndreamer.estimate_cate`; also stored in ``results.uns``.
+            See :func:`~pyro_scmodels.ndreamer.estimate_cate` (the tests' standard error comes from the group's
+            treated and control cells' observed expression, not from the spread of the per-cell ITEs, which share
+            their matched cells); also stored in ``results.uns``.
         """
         condition = condition or self.design.treatments[0]
         if condition not in self.design.treatments:
             raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
         min_cells = V.positive_int("min_cells", min_cells)
+        if min_cells < 2:  # the z test's standard error takes each arm's variance
+            raise ValueError(f"min_cells={min_cells}: a CATE group needs at least 2 cells of the treatment and of the "
+                             "control (each arm's variance enters the standard error); pass min_cells=2 or more.")
         V.group_column(self.results.obs, groupby, "groupby", "results.obs")
         refuse_slash_in_groupby(groupby)
         groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
@@ -249,17 +254,20 @@ class EffectQueries:
                 # layers saved before the arms were averaged over shared batches differ where a batch holds one arm
                 and (made_with.get("arms") == ITE_ARMS or self.design.common_batches(condition)
                      == self.design.batches_with[condition] == self.design.batches_with[self.design.control_name]))
-        if layer in self.results.layers and same:
-            cells = np.isin(groups, kept)
-            table = estimate_cate(self.results.layers[layer][cells], groups[cells], self.genes)
-        else:  # a block of one group's cells at a time, summed: no cells x genes array beyond a block
-            tables = []
-            for group in [g for g in dict.fromkeys(groups) if g in set(kept)]:  # the order of the in-memory table
-                cells, sums = np.flatnonzero(groups == group), CateSums(len(self.genes))
-                for start in range(0, cells.size, K.WRITE_CHUNK_CELLS):
-                    block = cells[start : start + K.WRITE_CHUNK_CELLS]
-                    sums.add(self.estimate_ite(nearest_neighbor, bandwidth, indices=block).layers[layer])
-                tables.append(sums.table(group, self.genes))
-            table = pd.concat(tables, ignore_index=True)
+        stored = layer in self.results.layers and same
+        labels = np.asarray(self.design.condition).astype(str)
+        arms = np.select([labels == str(condition), labels == str(self.design.control_name)], [TREATED, CONTROL], OTHER)
+        # a block of one group's cells at a time, summed: no cells x genes array beyond a block; the observed
+        # expression gives the standard error (the ITEs share their matched cells: cate.py)
+        tables = []
+        for group in [g for g in dict.fromkeys(groups) if g in set(kept)]:  # in order of appearance
+            cells, sums = np.flatnonzero(groups == group), CateSums(len(self.genes))
+            for start in range(0, cells.size, K.WRITE_CHUNK_CELLS):
+                block = cells[start : start + K.WRITE_CHUNK_CELLS]
+                ite = (self.results.layers[layer][block] if stored
+                       else self.estimate_ite(nearest_neighbor, bandwidth, indices=block).layers[layer])
+                sums.add(ite, dense_block(self.expression[block]), arms[block])
+            tables.append(sums.table(group, self.genes))
+        table = pd.concat(tables, ignore_index=True)
         self.results.uns[f"cate_{condition}_{groupby}"] = table
         return table
