@@ -305,7 +305,10 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         disjoint ones decode case and control as batches of their own and pair across them
         (scvi-tools' two cases). Categories that overlap but differ are refused.
     fdr_target
-        Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``).
+        Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``), as scvi-tools computes it:
+        from ``proba_de``, which also grows with the LFC's spread inside the groups, not a frequentist guarantee.
+        Between two random halves of one Kang cell type (every true difference 0, 1,267 genes, 400 epochs) the
+        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06).
     num_samples
         Posterior samples per cell.
     n_cells
