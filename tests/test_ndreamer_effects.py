@@ -105,3 +105,23 @@ def test_cate_tests_hold_their_level_where_nothing_responds(seed):
         rejected = (table.loc[expressed, test] < 0.05).mean()
         assert rejected <= 0.10, (test, rejected)
         assert (table.loc[expressed, f"{test}_adj"] < 0.1).mean() <= 0.02, test
+
+
+def test_cate_standard_error_is_the_two_arms_difference_of_means(monkeypatch):
+    from pyro_scmodels.ndreamer import cate
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    ite = rng.normal(0.2, 1.0, size=(3000, 4)).astype(np.float32)
+    observed = rng.gamma(2.0, size=(3000, 4)).astype(np.float32)
+    arms = rng.choice([cate.TREATED, cate.CONTROL, cate.OTHER], 3000, p=[0.3, 0.6, 0.1])
+    table = estimate_cate(ite, np.zeros(3000), list("abcd"), observed, arms)
+    t, c = observed[arms == cate.TREATED].astype(float), observed[arms == cate.CONTROL].astype(float)
+    se = np.sqrt(t.var(0, ddof=1) / len(t) + c.var(0, ddof=1) / len(c))
+    np.testing.assert_allclose(table["mean_ite"], ite.astype(float).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(table["z"], ite.astype(float).mean(0) / se, rtol=1e-6)
+    np.testing.assert_allclose(table["z_p"], 2 * stats.norm.sf(np.abs(table["z"])), rtol=1e-9)
+    # summed a few rows at a time: the same table
+    monkeypatch.setattr(cate, "ADD_ROWS", 7)
+    np.testing.assert_allclose(estimate_cate(ite, np.zeros(3000), list("abcd"), observed, arms)[["z", "sign_test_p"]],
+                               table[["z", "sign_test_p"]], rtol=1e-9)
