@@ -24,7 +24,8 @@ from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import in_option_names, build_parser, check_arguments
-from .cli_launch import launch_torchrun, leave_process_group, rank_prefix, stop_signals_as_interrupt
+from .cli_launch import (launch_torchrun, leave_process_group, rank_prefix, read_for_the_launch_check,
+                         stop_signals_as_interrupt)
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -272,9 +273,7 @@ def _check_before_launch(args) -> None:
     _check_device(args.device)
     # read backed whatever --backed says: the counts are checked chunk by chunk, as a --backed process checks them
     # (the file's first 1,000 cells only, as before, let a bad count further on reach the processes)
-    adata = read_h5ad(args.data, backed="r")
-    if not args.backed and getattr(adata.X, "format", None) == "csc":  # each process reads it whole, not backed
-        adata.file.close(); adata = read_h5ad(args.data)  # noqa: E702
+    adata = read_for_the_launch_check(args.data, args.backed, args.layer)
     try:
         _set_up(adata, args)
         if args.empty_droplets is not None:  # read, and checked against the data's genes and ambient categories

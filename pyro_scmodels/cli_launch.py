@@ -120,3 +120,33 @@ def leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def read_for_the_launch_check(path: str, backed: bool, layer: str | None):
+    """The input as ``fit --devices N`` checks it before the launch: backed, so that its counts are checked a chunk
+    at a time, unless the processes will read it whole anyway (no ``--backed``, counts in a CSC X, which a backed
+    setup refuses).
+
+    Parameters
+    ----------
+    path
+        The input ``.h5ad``.
+    backed, layer
+        ``fit``'s ``--backed`` and ``--layer``.
+
+    Returns
+    -------
+    anndata.AnnData
+        The data, backed or in memory.
+    """
+    from anndata import read_h5ad
+
+    adata = read_h5ad(path, backed="r")
+    try:
+        csc = not backed and layer is None and getattr(adata.X, "format", None) == "csc"
+    except KeyError:  # no X in the file: the setup names the problem
+        csc = False
+    if csc:
+        adata.file.close()
+        adata = read_h5ad(path)
+    return adata
