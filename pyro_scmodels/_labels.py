@@ -1,6 +1,15 @@
-"""Names of the quantile layers and columns every posterior and effect query writes (``q05``, ``q97.5``)."""
+"""Names: of the quantile layers and columns every posterior and effect query writes (``q05``, ``q97.5``), and of
+cells, genes and categories as the package compares them (as text)."""
 
 from __future__ import annotations
+
+import pandas as pd
+
+
+def names_as_text(names) -> pd.Index:
+    """Cell, gene or category names as text, the way the package compares them: h5ad and CSV files store names as
+    strings, so the integer name 7 and the string "7" are one name."""
+    return pd.Index(names).astype(str)
 
 
 def quantile_label(q: float) -> str:

@@ -328,7 +328,7 @@ def run_fit(args, folder: OutputFolder) -> None:
 def _profile_from_empty_droplets(path: str, adata):
     """``fit --empty-droplets``: each ambient category's profile, from the empty droplets in ``path``."""
     from .data.registry import read_setup
-    from .models.ambient import check_droplets, names_as_text, profile_from_droplets
+    from ._labels import names_as_text; from .models.ambient import check_droplets, profile_from_droplets  # noqa: E702
 
     try:
         empty = read_h5ad(path)

@@ -16,6 +16,7 @@ from typing import ClassVar
 import pandas as pd
 
 from .. import _validation as V
+from .._labels import names_as_text
 from .counts import CountMatrix, stored_x
 from .on_disk import refuse_backed_csc
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
@@ -253,8 +254,7 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
         What to call ``adata`` in the message, e.g. ``"mdata.mod['rna']"``.
     """
     # as text: h5ad stores names as strings, so a model of integer-named genes must load onto its file
-    actual = pd.Index(adata.var_names).astype(str)
-    expected = pd.Index(expected).astype(str)
+    actual, expected = names_as_text(adata.var_names), names_as_text(expected)
     if actual.equals(expected):
         return
     missing = expected.difference(actual)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._labels import names_as_text
 from .counts import fingerprint
 from .covariates import CovariateEncoding
 from .on_disk import stored_sample
@@ -55,14 +56,14 @@ def state_digest(state_dict: dict, skip=None) -> str:
 
 def names_digest(names) -> str:
     """A digest of a sequence of names, in order (cell or feature names)."""
-    return _digest(pd.util.hash_pandas_object(pd.Index(names).astype(str), index=False).to_numpy())
+    return _digest(pd.util.hash_pandas_object(names_as_text(names), index=False).to_numpy())
 
 
 def unordered_names_hash(names) -> int:
     """The first checkpoints' hash of a set of names: a sum of per-name hashes, blind to their order (kept, so that
     those checkpoints keep matching; :func:`names_digest` is the ordered one)."""
     # as text (the same hash for string names): h5ad stores integer names as strings
-    return int(pd.util.hash_pandas_object(pd.Index(names).astype(str), index=False).to_numpy().sum() % (2**61))
+    return int(pd.util.hash_pandas_object(names_as_text(names), index=False).to_numpy().sum() % (2**61))
 
 
 def setting_text(value) -> str:

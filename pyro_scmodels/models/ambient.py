@@ -22,6 +22,7 @@ from .. import _validation as V
 from .._selection import cell_positions
 from ..data.counts import CountMatrix
 from ..data.covariates import stacked_level_names
+from .._labels import names_as_text
 
 #: columns of the per-category summary
 SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
@@ -156,12 +157,6 @@ def check_droplets(droplets, var_names: pd.Index, categories: dict[str, list[str
         if without:
             raise KeyError(f"there is no droplet of {key} {without}; each ambient category needs its own empty droplets "
                            "(from the same channel).")
-
-
-def names_as_text(names) -> pd.Index:
-    """Gene (or category) names as text, the way the package compares names (``check_var_names``): h5ad and CSV
-    files store names as strings, so the integer name 7 and the string "7" are one gene."""
-    return pd.Index(names).astype(str)
 
 
 def _check_unique_genes(droplets) -> None:
