@@ -26,6 +26,7 @@ import torch
 from .. import _validation as V
 from .._atomic import STAGED_PREFIX, atomic_path, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
+from .._labels import names_as_text
 from ..data.source_state import state_digest
 from ..nn import is_legacy_identity_entry
 
@@ -166,10 +167,10 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
     names, decodes other effects than the stored latent was matched in.
     """
     # as text: integer names come back from h5ad as strings
-    if not pd.Index(model.adata.obs_names).astype(str).equals(pd.Index(results.obs_names).astype(str)):
+    if not names_as_text(model.adata.obs_names).equals(names_as_text(results.obs_names)):
         raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
     source = model.counts_source()[0] if callable(getattr(model, "counts_source", None)) else None
-    genes = None if source is None else pd.Index(source.var_names).astype(str)
+    genes = None if source is None else names_as_text(source.var_names)
     if genes is None or not genes.equals(results.var_names):
         differ = "no counts_source()" if genes is None else (
             f"{len(genes)} genes against the saved {results.n_vars}" if len(genes) != results.n_vars else
@@ -303,7 +304,7 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     n_cells, n_genes = len(cells), len(genes)
     obsm = {key: value.iloc[cells] if isinstance(value, pd.DataFrame) else value[cells]
             for key, value in nd.results.obsm.items()}
-    shell = anndata.AnnData(obs=nd.results.obs.iloc[cells].copy(), var=pd.DataFrame(index=genes.astype(str)), obsm=obsm)
+    shell = anndata.AnnData(obs=nd.results.obs.iloc[cells].copy(), var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm)
     with atomic_path(path) as temporary:
         shell.write_h5ad(temporary)
         with h5py.File(temporary, "a") as handle:

@@ -16,6 +16,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .._labels import names_as_text
 from ._constants import HVG_MAX_CELLS, HVG_MIN_CELLS_PER_GROUP, RESPONSE_GENE_SHARE
 
 
@@ -138,7 +139,7 @@ def variable_genes(log_expression: sp.csr_matrix, genes, batch: np.ndarray, cond
     cells = pd.Index(np.arange(len(batch)).astype(str))
     frame = anndata.AnnData(X=log_expression, obs=pd.DataFrame({"batch": pd.Categorical(np.asarray(batch).astype(str))},
                                                               index=cells),
-                            var=pd.DataFrame(index=pd.Index(genes).astype(str)))
+                            var=pd.DataFrame(index=names_as_text(genes)))
     batch_key = "batch" if frame.obs["batch"].nunique() > 1 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -26,6 +26,7 @@ import torch
 
 from .. import _validation as V
 from .._io import writable_folder
+from .._labels import names_as_text
 from ..checkpoints import CHECKPOINT_FILE
 from ..data import check_unique_names
 from ..distributed import launched_world_size
@@ -170,7 +171,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                           else log_normalise(adata, layer, genes=hvg, compact=adata.isbacked))
             del chosen_from
         labels = pseudo_labels(expression, design.groups, seed)
-        self._setup(settings, adata.obs.copy(), expression, pd.Index(adata.var_names[hvg]).astype(str), device,
+        self._setup(settings, adata.obs.copy(), expression, names_as_text(adata.var_names[hvg]), device,
                     labels=labels, loss_weights=loss_weights, design=design)
 
     def _setup(self, settings: dict, obs: pd.DataFrame, expression, genes: pd.Index, device,

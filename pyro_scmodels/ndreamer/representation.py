@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from .._labels import names_as_text
 from ..infer import resolve_device
 from . import _constants as K
 from ._persistence import LATENT, model_digest
@@ -109,7 +110,7 @@ class ModelRepresentation:
         latent = model.get_latent_representation()  # before the expression is held: the two never add up
         # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
         expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
-        self._setup(settings, model.adata.obs.copy(), expression, pd.Index(source.var_names).astype(str), device,
+        self._setup(settings, model.adata.obs.copy(), expression, names_as_text(source.var_names), device,
                     latent=latent, model=model, design=design)
         return self
 
