@@ -89,6 +89,21 @@ def test_global_guide_family_switches_to_lognormal(sim):
     assert (summary["stds"]["dispersion_rate"] == 0).all()
     with pytest.raises(ValueError, match="need at least 2 draws"):  # one draw reported every sd as 0
         model.sample_posterior(num_samples=1)
+    # the point estimates' sd 0 read as certainty beside real quantiles; they are named now
+    assert "dispersion_rate" in model.point_estimate_sites and "feature_scaling" not in model.point_estimate_sites
+    assert "ambient" not in model.point_estimate_sites and "z" not in model.point_estimate_sites
+
+
+def test_the_export_names_the_sites_whose_guide_is_a_point_estimate(sim):
+    model = ps.RegularizedVI(sim, **SMALL)
+    model.train(max_epochs=2, **{k: v for k, v in FIT.items() if k != "max_epochs"})
+    exported = model.export_posterior(sim.copy(), num_samples=3)
+    named = exported.uns["RegularizedVI"]["point_estimates"]
+    assert {"ambient", "feature_scaling", "dispersion_rate"} <= set(named)
+    assert not {"z", "inverse_sqrt_theta", "dispersion"} & set(named)  # sampled from a spread
+    for site in ("ambient", "feature_scaling"):  # sd 0, as the list says
+        assert (exported.varm[f"stds_{site}"].to_numpy() == 0).all()
+    assert (exported.varm["stds_dispersion"].to_numpy() > 0).all()
 
 
 def test_subclass_overrides_one_site(sim):

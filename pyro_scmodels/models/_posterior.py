@@ -33,6 +33,8 @@ class PosteriorMixin:
     derived_sites: dict = {}
     #: per-cell sites of a modality (base names) that a cell without counts in it has no fitted value of
     sites_of_measured_cells: tuple[str, ...] = ("library",)
+    #: the sites whose guide is a point estimate (a Delta), found by the last :meth:`sample_posterior`
+    point_estimate_sites: frozenset = frozenset()
 
     # --- posterior summaries -----------------------------------------------------------------
     @torch.no_grad()
@@ -62,6 +64,19 @@ class PosteriorMixin:
             follow ``quantiles``). Per-cell sites have the cells along the first axis; global
             sites keep their shape (categories x genes). A multimodal model's library size of a modality is
             NaN for the cells without counts in it (their library term is masked: the draws are not fitted).
+
+        Notes
+        -----
+        The spread is the guide's, not a full posterior's:
+
+        - sites whose guide is a point estimate (a Delta: by default the ambient profile, the feature
+          scaling, the dispersion rate and the library's residual weight) have sd 0 and every quantile equal
+          to the mean. That is no certainty, only a guide without a spread; their names are in
+          :attr:`point_estimate_sites` after a call (and in ``export_posterior``'s ``.uns``);
+        - the mean-field factors of the other global sites are over-confident: on
+          ``datasets.simulate(2000, 300)`` (two seeds) the 90 % interval of the overdispersion (theta) held
+          the true value for 67-68 % of genes x batches, 40-51 % for genes of mean count below 1, while its
+          posterior mean ranked the genes well (Spearman 0.91-0.95).
         """
         self._check_trained()
         num_samples = V.positive_int("num_samples", num_samples)
@@ -83,6 +98,7 @@ class PosteriorMixin:
             summaries = {key: {} for key in ("means", "stds", *labels)}
             local_parts: dict[str, list] = {}
             self._local_sites = set()
+            self.point_estimate_sites = set()
             for i, (batch, n_obs) in enumerate(self._batches(adata, indices, batch_size)):
                 traces = self._guide_traces(batch, n_obs, num_samples)
                 site_draws = {}
@@ -90,11 +106,15 @@ class PosteriorMixin:
                     if site["type"] != "sample" or site["is_observed"]:
                         continue
                     is_local = any(frame.name == "cells" for frame in site["cond_indep_stack"])
+                    if _is_point_estimate(site["fn"]):
+                        self.point_estimate_sites.add(name)
                     if is_local or i == 0:  # globals are the same in every minibatch: summarise once
                         site_draws[name] = (torch.stack([t.nodes[name]["value"] for t in traces]).float().cpu(), is_local)
                 for name, (source, function) in self.derived_sites.items():
                     if source in site_draws:
                         site_draws[name] = (function(site_draws[source][0]), site_draws[source][1])
+                        if source in self.point_estimate_sites:
+                            self.point_estimate_sites.add(name)
                 for name, (draws, is_local) in site_draws.items():
                     stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
                     stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
@@ -132,7 +152,8 @@ class PosteriorMixin:
         table indexed by the categories when there are several, else a nested list) and the model's settings to
         ``.uns["<model class>"]`` (``settings["priors"]``: per prior its family and parameter values, a dict). ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
         results of the model class (:meth:`exported_cell_quantities`, e.g. ``ambient_fraction``)
-        go to ``.obs`` too.
+        go to ``.obs`` too. ``.uns["<model class>"]["point_estimates"]`` names the sites whose guide is a point
+        estimate: their sd is 0 and their quantiles equal their mean (see :meth:`sample_posterior`'s notes).
 
         Parameters
         ----------
@@ -181,6 +202,8 @@ class PosteriorMixin:
             "settings": settings,
             "num_samples": int(num_samples),
             "quantiles": list(quantiles),
+            # sd 0 and quantiles equal to the mean there: the guide's point estimate, not a certainty
+            "point_estimates": sorted(self.point_estimate_sites),
             "globals": globals_out,
         }
         return adata
@@ -249,3 +272,10 @@ class PosteriorMixin:
             with atomic_path(filename) as temporary, open(temporary, "wb") as handle:
                 handle.write(graph.pipe(format=file_format))
         return graph
+
+
+def _is_point_estimate(fn) -> bool:
+    """Whether a guide site's distribution is a Delta, under any ``to_event`` or mask wrappers."""
+    while isinstance(fn, (pyro.distributions.Independent, pyro.distributions.MaskedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, pyro.distributions.Delta)
