@@ -142,7 +142,8 @@ class ModelRepresentation:
         uncorrelated that mean bounds the decoded ITE's mean squared error from above
         (:mod:`~pyro_scmodels.ndreamer.model_ite_width`); each half-width h becomes sqrt(h^2 + z^2 v). It is a
         bound on the error, not a posterior. On the simulator the 90 % bounds covered 0.86-0.94 of true per-cell
-        effects per gene (12 data sets and seeds, both decoders) and 0.92-0.95 per Leiden cluster (4,
+        effects (stimulated cells of responding types x responding genes) per gene (12 data sets and seeds, both
+        decoders, trained as that page recommends; 0.83-0.88 after 120 epochs at lr 2e-2) and 0.92-0.95 per Leiden cluster (4,
         ``decoder_gene_scale=True``), against 0.30-0.56 for the spread of z alone; but 0.58-0.71 per gene and
         0.80-0.88 per cluster (both decoders) where one cell type of five responds and the two routes' errors
         correlate (docs/ndreamer_model_route.md, "The model ITE's interval widened by matching"). The cost is the matched
