@@ -162,7 +162,8 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
 
     With ``own`` (a boolean per cell of ``cells``) and ``observed`` (the cells' own rows, dense, the genes kept:
     read once by the caller), cells of that condition use themselves for their own batch, or, with
-    ``factual="matched"``, their matched cells there (and :attr:`ArmMean.own_shift` keeps the difference).
+    ``factual="matched"``, their matched cells there (and :attr:`ArmMean.own_shift` keeps the difference; without
+    ``observed``, for the ITE alone, it stays None).
     With ``unit`` (a single count's value per cell, for an interval), also the variance of that mean and the
     fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
     """
@@ -190,11 +191,11 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
             variance = part if variance is None else variance + part
             dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
         if itself.any():
-            if factual == "matched":  # only the difference is kept, for the denoised value: not a second array
+            if factual != "matched":
+                values[itself] = observed[itself]
+            elif observed is not None:  # only the difference is kept, for the denoised value: not a second array
                 own_shift = np.zeros((own_rows.size, values.shape[1]), values.dtype) if own_shift is None else own_shift
                 own_shift[np.searchsorted(own_rows, np.flatnonzero(itself))] = (observed[itself] - values[itself]) / n
-            else:
-                values[itself] = observed[itself]
         if total is None:
             total = values
         else:
@@ -204,7 +205,7 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
 
 
 def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None, genes=None,
-                     interval: float | None = None, factual: str = "observed") -> dict:
+                     interval: float | None = None, factual: str = "observed", ite_of=None) -> dict:
     """Denoised expression, batch effect and ITE of some cells and genes, from matches already found.
 
     Parameters
@@ -229,6 +230,11 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         among them), like every other batch and condition. The second removes the cell's own counting
         noise, and is right when the matches share the cell's state (a model's latent); the interval's
         width is the same for both. ``denoised`` and ``batch_effect`` use the observed value either way.
+    ite_of
+        Treatments whose ITE layers alone (``ite_<c>`` and, with ``interval``, its bounds) are
+        computed, the same numbers as without it: no ``denoised`` or ``batch_effect``, and only
+        the arms those ITEs use (with ``factual="matched"`` and no interval, the cells' own rows
+        are not read). None: every layer.
 
     Returns
     -------
@@ -236,6 +242,7 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         As :func:`estimate_effects`, (len(cells), len(genes)) float32 arrays in the order asked for.
     """
     factual = V.choice("factual", factual, FACTUAL_CHOICES)
+    ite_of = checked_treatments(design, ite_of)
     cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
     level = None if interval is None else interval_level(interval)
     if level is not None:
@@ -243,15 +250,27 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         if cells.size > K.WRITE_CHUNK_CELLS:
             # the spread's float64 moments are cells x genes too: a block of cells at a time bounds them
             blocks = [effects_of_cells(expression, matches, design, cells[start:start + K.WRITE_CHUNK_CELLS], genes, level,
-                                       factual) for start in range(0, cells.size, K.WRITE_CHUNK_CELLS)]
+                                       factual, ite_of) for start in range(0, cells.size, K.WRITE_CHUNK_CELLS)]
             return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
     # columns are taken from each block of rows: slicing the whole matrix first would copy all of it
     genes = None if genes is None else np.asarray(genes, dtype=np.int64)
-    observed = expression[cells]
-    unit = None if level is None else smallest_positive(observed)  # of the whole row, before the genes are kept
-    observed = dense_block(observed, genes)
-    denoised = np.zeros(observed.shape, dtype=np.float32)
+    # the cells' own values: for denoised, for "observed" and for the interval's unit (not the ITE alone of "matched")
+    own_values = ite_of is None or factual == "observed"
+    observed = unit = None
+    if own_values or level is not None:
+        observed = expression[cells]
+        unit = None if level is None else smallest_positive(observed)  # of the whole row, before the genes are kept
+        observed = dense_block(observed, genes) if own_values else None
     arms, over_common = {}, {}
+
+    def _full_arm(condition: str) -> ArmMean:
+        """Every cell's value "as if in ``condition``", over every batch holding it: itself for its own batch when it
+        is in that condition."""
+        if condition not in arms:
+            arms[condition] = _mean_over_batches(expression, matches, design, condition, cells,
+                                                 own=design.condition[cells] == condition, observed=observed,
+                                                 genes=genes, unit=unit, factual=factual)
+        return arms[condition]
 
     def _arm_over(batches: list[str], condition: str) -> ArmMean:
         """An arm over some batches; the control's kept per set of batches (it serves every treatment sharing them,
@@ -265,18 +284,18 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
             over_common[key] = arm
         return arm
 
-    for c in design.conditions:
-        own = design.condition[cells] == c
-        # every cell's value "as if in condition c": itself for its own batch when it is in c
-        arms[c] = _mean_over_batches(expression, matches, design, c, cells, own=own, observed=observed, genes=genes,
-                                     unit=unit, factual=factual)
-        denoised[own] = arms[c].mean[own] if arms[c].own_shift is None else arms[c].mean[own] + arms[c].own_shift
-    out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
-    for c in design.treatments:
+    out = {}
+    if ite_of is None:
+        denoised = np.zeros(observed.shape, dtype=np.float32)
+        for c in design.conditions:
+            own, arm = design.condition[cells] == c, _full_arm(c)
+            denoised[own] = arm.mean[own] if arm.own_shift is None else arm.mean[own] + arm.own_shift
+        out = {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
+    for c in design.treatments if ite_of is None else ite_of:
         # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference.
         # None in common (a saved, confounded design, loaded with a warning): each arm over its own batches
         common = design.common_batches(c) or None
-        treated, control = (arms[a] if common is None or common == design.batches_with[a] else
+        treated, control = (_full_arm(a) if common is None or common == design.batches_with[a] else
                             _arm_over(common, a) for a in (c, design.control_name))
         effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
@@ -285,6 +304,18 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
             low_name, high_name = bound_names(level)
             out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
     return out
+
+
+def checked_treatments(design: CounterfactualDesign, ite_of) -> list[str] | None:
+    """``ite_of`` as a list of the design's treatments (a single name is one treatment), or None."""
+    if ite_of is None:
+        return None
+    chosen = [str(c) for c in ([ite_of] if isinstance(ite_of, str) else ite_of)]
+    unknown = [c for c in chosen if c not in design.treatments]
+    if unknown or not chosen:
+        raise ValueError(f"ite_of={ite_of!r}: give one or more of the treatments {design.treatments} (the control "
+                         f"{design.control_name!r} has no ITE), or None for every layer.")
+    return list(dict.fromkeys(chosen))
 
 
 def _check_spread_estimable(matches: dict) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 from .. import _validation as V
 from ..matching import match_groups
 from . import _constants as K
-from .effect_intervals import interval_level
-from .effects import FACTUAL_CHOICES, CounterfactualDesign, effects_of_cells, matching_space
+from .effect_intervals import bound_names, interval_level
+from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
 
 
 class MatchedEffects:
@@ -114,18 +114,22 @@ class MatchedEffects:
         return self._cache[(*key, level)]
 
     def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
-                   genes=None, interval: float | None = None) -> dict[str, np.ndarray]:
+                   genes=None, interval: float | None = None, ite_of=None) -> dict[str, np.ndarray]:
         """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
-        of the whole data is never built. Taken from the cached full result when there is one."""
+        of the whole data is never built. Taken from the cached full result when there is one.
+
+        ``ite_of`` (treatments): only their ``ite_<c>`` layers and, with ``interval``, its bounds, the same
+        numbers (:func:`effects_of_cells`)."""
         key = self._key(nearest_neighbor, bandwidth)
         level = None if interval is None else interval_level(interval)
         cached = self._cached(key, level)
         if cached is not None:
             rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
             columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
-            return {name: values[rows][:, columns] for name, values in cached.items()}
+            names = list(cached) if ite_of is None else ite_layer_names(self.design, ite_of, level)
+            return {name: cached[name][rows][:, columns] for name in names}
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
-                                factual=self._factual)
+                                factual=self._factual, ite_of=ite_of)
 
     @staticmethod
     def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:
@@ -158,6 +162,12 @@ class MatchedEffects:
                     _, k, bandwidth, rest = name.split("|", 3)
                     level, layer = _stored_level(rest)
                     self._cache.setdefault((int(k), float(bandwidth), level), {})[layer] = stored[name]
+
+
+def ite_layer_names(design: CounterfactualDesign, ite_of, level: float | None) -> list[str]:
+    """The layers :func:`effects_of_cells` gives with ``ite_of`` at ``level``: each ITE and, with a level, its bounds."""
+    suffixes = [""] if level is None else ["", *(f"_{name}" for name in bound_names(level))]
+    return [f"ite_{c}{suffix}" for c in checked_treatments(design, ite_of) for suffix in suffixes]
 
 
 def _stored_level(rest: str) -> tuple[float | None, str]:

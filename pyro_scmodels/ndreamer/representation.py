@@ -249,7 +249,8 @@ class ModelRepresentation:
         rows = np.arange(self.results.n_obs) if cells is None else cells
         for start in range(0, len(rows), BLOCK):  # a block of cells at a time: no second cells x genes array
             block = slice(start, start + BLOCK)
-            interval = matched.effects_of(cells=rows[block], genes=columns, interval=level)
+            # the ITE layers and their bounds only: no denoised expression or batch effect
+            interval = matched.effects_of(cells=rows[block], genes=columns, interval=level, ite_of=list(effects))
             for treatment, effect in effects.items():
                 low_name, high_name = (f"ite_{treatment}_{name}" for name in bound_names(level))
                 low, high = (effect[name] for name in effect if name != "mean")
@@ -294,7 +295,8 @@ class ModelRepresentation:
             else:
                 decoded = lambda rows, t=treatment: self._decoded_again(decode, t, rows)  # noqa: E731
             variance = disagreement_variance(
-                treated, decoded, lambda rows, t=treatment: matched.effects_of(cells=rows, genes=columns)[f"ite_{t}"],
+                treated, decoded,
+                lambda rows, t=treatment: matched.effects_of(cells=rows, genes=columns, ite_of=[t])[f"ite_{t}"],
                 codes, n_groups, weights)
             rows = np.arange(len(condition)) if cells is None else cells
             low, high = (effect[name] for name in effect if name != "mean")
