@@ -11,7 +11,12 @@ import pytest
 
 from pyro_scmodels.cli import main
 
-from .test_cli import FIT_ARGS, N_CELLS, _history, _restore_package_logger, input_h5ad  # noqa: F401 (fixtures)
+from . import _cli
+from ._cli import FIT_ARGS, N_CELLS, _history
+
+# the shared fixtures of tests/_cli.py, bound here for pytest to find
+_restore_package_logger = _cli._restore_package_logger
+input_h5ad = _cli.input_h5ad
 
 
 def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, caplog, capsys):

@@ -10,7 +10,11 @@ from pyro_scmodels.data.source_state import state_digest
 from pyro_scmodels.ndreamer._persistence import model_digest
 from pyro_scmodels.nn import Standardiser
 
-from .test_regularizedvi_behaviour import QUICK, SMALL, small  # noqa: F401 (the fixture)
+from . import _regularizedvi_small
+from ._regularizedvi_small import QUICK, SMALL
+
+# the shared fixture of tests/_regularizedvi_small.py, bound here for pytest to find
+small = _regularizedvi_small.small
 
 
 def test_continuous_covariates_are_standardised_as_the_models_cells_were(small, tmp_path):

@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .test_scvi_api import model  # noqa: F401 (fixture)
+from . import _scvi_api
+
+# the shared fixture of tests/_scvi_api.py, bound here for pytest to find
+model = _scvi_api.model
 
 
 def test_overlapping_selections_warn(model):

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from .test_scvi_api import model, untrained  # noqa: F401 (fixtures: the same model and data)
+from . import _scvi_api
+
+# the shared fixtures of tests/_scvi_api.py (the same model and data), bound here for pytest to find
+model = _scvi_api.model
+untrained = _scvi_api.untrained
 
 
 def test_batchid1_and_batchid2_decode_each_group_as_the_categories_named(model):

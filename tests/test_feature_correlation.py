@@ -7,7 +7,7 @@ from scipy.stats import rankdata
 
 import pyro_scmodels as ps
 
-from .test_scvi_api import FIT, SMALL, _simulate
+from ._scvi_api import FIT, SMALL, _simulate
 
 
 def test_feature_correlation_matrix_finds_the_marker_modules():

@@ -7,7 +7,10 @@ import pytest
 import pyro_scmodels as ps
 from pyro_scmodels.ndreamer import NDreamer
 
-from .test_ndreamer_lifecycle import tiny_adata  # noqa: F401 (fixture)
+from . import _ndreamer_tiny
+
+# the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
+tiny_adata = _ndreamer_tiny.tiny_adata
 
 
 def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch):

@@ -11,7 +11,11 @@ import torch
 
 import pyro_scmodels as ps
 
-from .test_regularizedvi_behaviour import QUICK, SMALL, small  # noqa: F401 (the fixture)
+from . import _regularizedvi_small
+from ._regularizedvi_small import QUICK, SMALL
+
+# the shared fixture of tests/_regularizedvi_small.py, bound here for pytest to find
+small = _regularizedvi_small.small
 
 
 def test_checkpoint_resume_equals_uninterrupted_run(small, tmp_path):

@@ -9,7 +9,11 @@ import torch
 
 import pyro_scmodels as ps
 
-from .test_regularizedvi_behaviour import QUICK, SMALL, small  # noqa: F401 (the fixture)
+from . import _regularizedvi_small
+from ._regularizedvi_small import QUICK, SMALL
+
+# the shared fixture of tests/_regularizedvi_small.py, bound here for pytest to find
+small = _regularizedvi_small.small
 
 
 def test_resuming_with_other_priors_is_refused(small, tmp_path):

@@ -6,10 +6,6 @@ tests check the exit codes, what is printed, and what is written (read back from
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import logging
 import os
 import re
 import subprocess
@@ -23,37 +19,13 @@ import pytest
 
 import pyro_scmodels as ps
 from pyro_scmodels.cli import LATENT_KEY, NORMALIZED_LAYER, main
-from pyro_scmodels.ndreamer import NDreamer
 
-N_CELLS, N_GENES, N_LATENT = 300, 60, 10
-BATCHES = ["batch_0", "batch_1", "batch_2"]
-DEMO_ARGS = ["--n-cells", str(N_CELLS), "--n-genes", str(N_GENES), "--epochs", "3", "--batch-size", "128", "--quiet",
-             "--write-normalized"]
-FIT_ARGS = ["--batch-key", "batch", "--layer", "counts", "--batch-size", "128", "--quiet"]
+from . import _cli
+from ._cli import BATCHES, DEMO_ARGS, FIT_ARGS, N_CELLS, N_GENES, N_LATENT, _history, _run
 
-
-@pytest.fixture(autouse=True)
-def _restore_package_logger():
-    """``main`` adds a stream handler bound to the sys.stderr of the moment; drop it after each test
-    so that a later test does not log into an earlier test's (closed) capture stream."""
-    logger = logging.getLogger("pyro_scmodels")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
-def _run(argv) -> tuple[int, str, str]:
-    """Run ``main`` capturing stdout and stderr (for module-scoped fixtures, where capsys is unavailable)."""
-    logger = logging.getLogger("pyro_scmodels")
-    handlers = list(logger.handlers)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(argv)
-    finally:
-        logger.handlers[:] = handlers
-    return code, stdout.getvalue(), stderr.getvalue()
+# the shared fixtures of tests/_cli.py, bound here for pytest to find
+_restore_package_logger = _cli._restore_package_logger
+input_h5ad = _cli.input_h5ad
 
 
 def _succeeded(run) -> str:
@@ -65,10 +37,6 @@ def _succeeded(run) -> str:
 
 def _dense(x) -> np.ndarray:
     return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-
-
-def _history(out) -> pd.DataFrame:
-    return pd.read_csv(os.path.join(out, "history.csv"), index_col=0)
 
 
 # --- demo ---------------------------------------------------------------------------------------
@@ -146,14 +114,6 @@ def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
 
 # --- fit ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def input_h5ad(tmp_path_factory):
-    adata = ps.datasets.simulate(n_cells=N_CELLS, n_genes=N_GENES, n_markers_per_type=4, n_responding_genes=4)
-    path = str(tmp_path_factory.mktemp("input") / "data.h5ad")
-    adata.write_h5ad(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def fit_run(input_h5ad, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fit") / "out")
     return (out, *_run(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]))
@@ -188,17 +148,6 @@ def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
         with open(os.path.join(out, figure), "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n", f"{figure} is not a PNG"
         assert figure in stdout
-
-
-def test_help_shows_defaults_and_version(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--help"])
-    assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 1024)" in text and "--write-normalized" in text and "``" not in text
-    with pytest.raises(SystemExit):
-        main(["--version"])
-    assert capsys.readouterr().out.strip() == f"pyro-scmodels {ps.__version__}"
 
 
 def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_h5ad, capsys):
@@ -355,132 +304,6 @@ def test_python_m_help_lists_commands():
     assert result.returncode == 0, result.stderr
     assert "demo" in result.stdout and "fit" in result.stdout
     assert "pyro-scmodels" in result.stdout
-
-
-# --- ndreamer ---------------------------------------------------------------------------------------
-def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path, capsys, monkeypatch):
-    out = str(tmp_path / "nd")
-    code = main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
-                 "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--cate-groupby", "cell_type", "--network", "small",
-                 "--device", "cpu", "-o", out, "--quiet", "--ite-interval", "0.9", "--factual", "matched"])
-    assert code == 0
-    loaded = ps.NDreamer.load(out, device="cpu")
-    assert loaded.effects.factual == "matched"
-    # --network small trained the compact network with the weights measured for it
-    assert loaded.loss_weights.independence == 1000.0 and loaded.settings["n_codebooks"] == 8
-    results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
-    source = anndata.read_h5ad(input_h5ad)
-    assert list(results.obs_names) == list(source.obs_names)
-    for layer in ("denoised", "batch_effect", "ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
-        assert layer in results.layers
-    low, ite, high = (results.layers[f"ite_stimulated{s}"] for s in ("_q05", "", "_q95"))
-    assert (low <= ite).all() and (ite <= high).all()
-    assert "X_effect_modifier_space" in results.obsm
-    assert os.path.exists(os.path.join(out, "cate_stimulated.csv"))
-    with open(os.path.join(out, "ite_heatmap_stimulated.png"), "rb") as handle:
-        assert handle.read(4) == b"\x89PNG"
-    assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "ctrl", "-o",
-                 str(tmp_path / "bad"), "--quiet"]) == 2
-    assert "--control 'ctrl' is not a condition" in capsys.readouterr().err  # the option, not the Python argument
-    for bad, named in ((["--ite-interval", "90"], "--ite-interval"), (["--ite-interval", "0.9", "--nearest-neighbor", "1"],
-                                                                        "--nearest-neighbor")):
-        assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "-o",
-                     str(tmp_path / "bad_interval"), "--quiet", *bad]) == 2
-        assert named in capsys.readouterr().err
-        assert not (tmp_path / "bad_interval").exists()  # refused before anything is read or trained
-    # a grouping with no group holding enough cells of both arms: refused before training, nothing written
-    called = []
-    monkeypatch.setattr(NDreamer, "train", lambda *a, **k: called.append(1))
-    for column, message in (("condition", "--cate-groupby condition: No group has at least"),  # one arm per group
-                            ("true_library", "holds real numbers")):
-        assert main(["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key",
-                     "batch", "--layer", "counts", "--cate-groupby", column, "-o", str(tmp_path / "bad_cate"), "--quiet"]) == 2
-        assert message in capsys.readouterr().err
-        assert not called and not (tmp_path / "bad_cate").exists()
-
-
-def _help_entries(text: str) -> dict[str, str]:
-    """``--help`` output split into its option entries: first option string -> the entry's text, whitespace collapsed."""
-    entries, current = {}, None
-    for line in text.splitlines():
-        indent = len(line) - len(line.lstrip())
-        if indent == 2 and line.lstrip().startswith("-"):
-            current = re.split(r"[ ,]", line.strip(), maxsplit=1)[0]
-            entries[current] = line.strip()
-        elif current is not None and indent > 2 and line.strip():
-            entries[current] += " " + line.strip()
-        else:
-            current = None
-    return {option: " ".join(entry.split()) for option, entry in entries.items()}
-
-
-def test_help_of_every_command_shows_every_option_default(capsys):
-    """README: `pyro-scmodels COMMAND --help` lists every option with its default, also where the help text holds the
-    word "default" otherwise (ndreamer --network's choice 'default', --factual's "--network default")."""
-    import argparse
-
-    from pyro_scmodels.cli_arguments import build_parser
-
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    checked = []
-    for name, parser in commands.items():
-        with pytest.raises(SystemExit) as exit_info:
-            main([name, "--help"])
-        assert exit_info.value.code == 0
-        entries = _help_entries(capsys.readouterr().out)
-        for action in parser._actions:
-            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
-                continue
-            entry = entries[action.option_strings[0]]
-            assert f"(default: {action.default})" in entry, f"{name} {action.option_strings[-1]}: {entry}"
-            checked.append((name, action.option_strings[-1]))
-    assert {("ndreamer", "--network"), ("ndreamer", "--factual"), ("fit", "--lr")} <= set(checked)
-
-
-def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
-    with pytest.raises(SystemExit):
-        main(["ndreamer", "--help"])
-    entries = _help_entries(capsys.readouterr().out)
-    assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
-    assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]
-
-
-def test_errors_name_the_options_not_the_python_arguments():
-    # a command-line user was told to pass encoder_covariate_keys=[...] to setup_anndata, or to lower
-    # min_cells_per_group, which the command did not offer
-    from pyro_scmodels.cli_arguments import in_option_names
-
-    assert in_option_names("pass encoder_covariate_keys=[...] (e.g. the condition) to setup_anndata, or leave "
-                           "latent_independence at 0.") == ("pass --encoder-keys [...] (e.g. the condition), or leave "
-                                                            "--latent-independence at 0.")
-    assert in_option_names("or lower min_cells_per_group if you accept that") == \
-        "or lower --min-cells-per-group if you accept that"
-    assert in_option_names("use device='cpu' or 'auto'") == "use --device 'cpu' or 'auto'"
-    assert in_option_names("pass the raw count layer with `layer=`; the layer that holds counts") == \
-        "pass the raw count layer with `--layer`; the layer that holds counts"  # a plain word stays
-    # the user's own text stays: a path, a quoted column or gene, a call; and only the command's own options
-    for untouched, command in (("input file sweep/lr=0.01/cells.h5ad not found.", "fit"),
-                               ("Column 'batch_key' not found in adata.obs", "fit"),
-                               ("model.train(batch_size=256) first", "fit"), ("set n_latent=3", "ndreamer")):
-        assert in_option_names(untouched, command) == untouched
-    assert in_option_names("control_name 'ctrl' is not a condition", "ndreamer") == "--control 'ctrl' is not a condition"
-    # a bracket opening a remark is not a call, and a name after a dot is a part of a saved state
-    assert in_option_names("set it (n_latent or batch_size=64)", "fit") == "set it (--n-latent or --batch-size 64)"
-    assert in_option_names("written for other settings (settings.n_latent differ)", "fit") == \
-        "written for other settings (settings.n_latent differ)"
-    # a switch takes no value: the settings that resume a checkpoint name it as it is typed
-    assert in_option_names("written with: decoder_gene_scale=True (now the default), n_hidden=64 (now 32)", "fit") == \
-        "written with: --decoder-gene-scale (now the default), --n-hidden 64 (now 32)"
-    assert in_option_names("ambient_per_droplet=False, latent_independence=True", "fit") == \
-        "no --ambient-per-droplet, --latent-independence True"
-    from pyro_scmodels.cli_arguments import OPTION_OF, OPTION_OF_WITH_VALUE, build_parser
-
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    options = {option for command in ("fit", "ndreamer") for action in commands[command]._actions
-               for option in action.option_strings}
-
-    assert set(OPTION_OF.values()) | set(OPTION_OF_WITH_VALUE.values()) <= options  # every option named exists
-
 
 
 def test_feature_scaling_keys_given_empty_is_one_shared_factor(input_h5ad, tmp_path):

@@ -1,0 +1,28 @@
+"""What the NDreamer life-cycle tests share: a tiny network, tiny simulated data and the copy of a network's
+weights."""
+
+import warnings
+
+import pytest
+
+import pyro_scmodels as ps
+from pyro_scmodels.ndreamer import NDreamer
+
+
+TINY = dict(n_codebooks=4, codebook_size=16, codebook_dim=4, embedding_dim=32, z_dim=8, encoder_hidden=(32, 16),
+            decoder_hidden=(16, 32), batch_size=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_adata():
+    return ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+
+
+def _nd(adata, **kwargs) -> NDreamer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **{**TINY, **kwargs})
+
+
+def _state(nd: NDreamer) -> dict:
+    return {k: v.clone() for k, v in nd.network.state_dict().items()}
