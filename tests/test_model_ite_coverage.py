@@ -1,6 +1,6 @@
-"""The model ITE's 90 % bounds where one cell type of five responds: the disagreement with the matched ITE (the
-default) misses there, because the two routes' errors correlate; ``widen_by_matching="hull"`` (the matched
-interval extended to the model ITE) covers near its level. The standard design is in
+"""The model ITE's 90 % bounds where one cell type of five responds: the disagreement with the matched ITE
+(``widen_by_matching=True``) misses there, because the two routes' errors correlate; ``widen_by_matching="hull"``
+(the matched interval extended to the model ITE, the default) covers near its level. The standard design is in
 test_ndreamer_real_data.py::test_from_model_matching_and_model_based_counterfactuals."""
 
 import warnings
@@ -31,7 +31,7 @@ def test_the_hull_covers_where_one_cell_type_responds():
             coverage[mode] = M.effect_recovery(adata, result.layers["ite_model_stimulated"], low=bounds[0],
                                                high=bounds[1])["coverage"]
     print("coverage of the 90 % bounds, one responding type:", coverage)
-    # measured on data seeds 0-2 with both decoders (2026-12-06): the default 0.58-0.71, the hull 0.90-0.92
+    # measured on data seeds 0-2 with both decoders (2026-12-06): True 0.58-0.71, the hull 0.90-0.92
     assert 0.85 <= coverage["hull"] <= 0.95
     assert coverage["hull"] > coverage[True] + 0.1
     assert np.isfinite(list(coverage.values())).all()

@@ -94,7 +94,7 @@ def test_widened_bounds_hold_the_disagreement_and_a_subset_gets_the_whole_datas(
         warnings.simplefilter("ignore")
         plain = nd.estimate_model_ite(num_samples=4, widen_by_matching=False).copy()
         assert nd.results.uns["model_ite_interval"]["widen_by_matching"] is False
-        wide = nd.estimate_model_ite(num_samples=4)  # widened by default
+        wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True)
     assert nd.results.uns["model_ite_interval"] == {"widen_by_matching": True, "disagreement_groups": ""}
     mean, low, high = (wide.layers[f"ite_model_stimulated{s}"] for s in ("", "_q05", "_q95"))
     np.testing.assert_array_equal(mean, plain.layers["ite_model_stimulated"])  # the estimate is unchanged
@@ -166,7 +166,7 @@ def test_the_bounds_take_the_sample_when_the_treated_cells_exceed_the_cap(from_m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = nd.estimate_model_ite(num_samples=4, widen_by_matching=False).copy()
-        wide = nd.estimate_model_ite(num_samples=4)
+        wide = nd.estimate_model_ite(num_samples=4, widen_by_matching=True)
     assert len(treated) > 40
     rows, weights = disagreement_sample(treated, None, 1, seed=nd.settings["seed"])
     assert len(rows) == 40 and np.allclose(weights, len(treated) / 40)
@@ -191,7 +191,8 @@ def test_cells_asked_for_are_warned_about_the_setup_once():
         nd = NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        nd.estimate_model_ite(num_samples=2, indices=[0, 5])  # the treated cells are decoded again for the widening
+        # the treated cells are decoded again for the widening
+        nd.estimate_model_ite(num_samples=2, indices=[0, 5], widen_by_matching=True)
     setup = [w for w in caught if "latent_independence" in str(w.message)]
     assert len(setup) == 1 and setup[0].filename == __file__, [(str(w.message), w.filename) for w in caught]
 
@@ -222,3 +223,20 @@ def test_the_hull_is_the_matched_interval_extended_to_the_model_ite(from_model, 
                                      gene_list=genes)
     np.testing.assert_allclose(part.layers["ite_model_stimulated_q10"], low[np.ix_(cells, [5, 1])], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(part.layers["ite_model_stimulated_q90"], high[np.ix_(cells, [5, 1])], rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_bounds_are_the_hull_and_its_refusals_name_the_other_mode(from_model):
+    # True under-covered where one cell type responds (0.58-0.71); the hull is the default since 2026-12-06
+    nd = from_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = nd.estimate_model_ite(num_samples=4).copy()
+        assert nd.results.uns["model_ite_interval"]["widen_by_matching"] == "hull"
+        hull = nd.estimate_model_ite(num_samples=4, widen_by_matching="hull")
+    for bound in ("_q05", "_q95"):
+        np.testing.assert_array_equal(default.layers[f"ite_model_stimulated{bound}"],
+                                      hull.layers[f"ite_model_stimulated{bound}"])
+    with pytest.raises(ValueError, match="widen_by_matching=True for others"):  # non-central quantiles at the default
+        nd.estimate_model_ite(num_samples=2, quantiles=(0.1, 0.95))
+    with pytest.raises(ValueError, match="disagreement_groups needs widen_by_matching=True"):
+        nd.estimate_model_ite(num_samples=2, disagreement_groups="cell_type")

@@ -116,7 +116,7 @@ class ModelRepresentation:
 
     def estimate_model_ite(self, num_samples: int = K.MODEL_ITE_SAMPLES,
                            quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, indices=None,
-                           gene_list=None, widen_by_matching: bool | str = True,
+                           gene_list=None, widen_by_matching: bool | str = "hull",
                            disagreement_groups: str | None = None) -> anndata.AnnData:
         """Model-based counterfactual ITE with credible intervals (``from_model`` only).
 
@@ -133,24 +133,35 @@ class ModelRepresentation:
         ``n_hidden=128`` (``benchmarks/bench_model_ite.py``): slope of estimate on truth 1.12 with
         the penalty and 0.52 without; per-cell correlation inside responding types 0.75 and 0.14.
 
-        Which uncertainty the interval includes. By default (``widen_by_matching=True``) two parts: the
-        posterior spread of each cell's z, q(z | x, condition), decoded with every other quantity held fixed
-        (decoder weights and global sites at their point estimates, the library at a typical size), and a bound
-        on the fitted model's systematic error, which dominates on the simulator: per gene (and per group of
+        Which uncertainty the interval includes. By default (``widen_by_matching="hull"``) the bounds are the
+        matched ITE's own interval at the same level (:meth:`estimate_ite` with ``interval=``, the spread of each
+        cell's matched cells), extended to hold the decoded ITE E: [min(E, M_low), max(E, M_high)]. Its coverage is
+        the matched interval's, which does not depend on the model's errors: on the simulator (stimulated cells of
+        responding types x responding genes) the 90 % bounds covered 0.90-0.92 where one cell type of five
+        responds, 0.93-0.955 in the standard design (both decoders, 2000 x 200) and 0.95-0.975 at 3000 x 500. It is
+        not centred on E, it is wider than the other modes where nothing responds, and it inherits the matched
+        interval's weak spots (strong down-regulation covered 0.61-0.89; control cells' entries 0.83-0.86).
+
+        ``widen_by_matching=True``: the posterior spread of each cell's z, q(z | x, condition), decoded with every
+        other quantity held fixed (decoder weights and global sites at their point estimates, the library at a
+        typical size), widened by a bound on the fitted model's systematic error: per gene (and per group of
         ``disagreement_groups``), the mean over the treatment's cells of (decoded - matched)^2, the matched ITE
         (:meth:`estimate_ite` at its defaults) taken in the same latent. Where the two routes' errors are
         uncorrelated that mean bounds the decoded ITE's mean squared error from above
         (:mod:`~pyro_scmodels.ndreamer.model_ite_width`); each half-width h becomes sqrt(h^2 + z^2 v). It is a
-        bound on the error, not a posterior. On the simulator the 90 % bounds covered 0.86-0.94 of true per-cell
-        effects (stimulated cells of responding types x responding genes) per gene (12 data sets and seeds, both
-        decoders, trained as that page recommends; 0.83-0.88 after 120 epochs at lr 2e-2) and 0.92-0.95 per Leiden cluster (4,
-        ``decoder_gene_scale=True``), against 0.30-0.56 for the spread of z alone; but 0.58-0.71 per gene and
-        0.80-0.88 per cluster (both decoders) where one cell type of five responds and the two routes' errors
-        correlate (docs/ndreamer_model_route.md, "The model ITE's interval widened by matching"). The cost is the matched
-        ITE of the treated cells (at most 20,000 of each treatment, a seeded sample above that).
-        ``widen_by_matching=False`` gives the spread of z alone: read it as the effect's sensitivity to the
-        cell's state, not as a calibrated interval. ``widen_by_matching="hull"`` covers near its level in both
-        designs: the matched interval extended to hold the decoded ITE (below).
+        bound on the error, not a posterior, centred on E and narrower where nothing responds. On the simulator
+        its 90 % bounds covered 0.86-0.94 per gene (12 data sets and seeds, both decoders, trained as
+        docs/ndreamer_model_route.md recommends; 0.83-0.88 after 120 epochs at lr 2e-2) and 0.92-0.95 per Leiden
+        cluster (4, ``decoder_gene_scale=True``); but 0.58-0.71 per gene and 0.80-0.88 per cluster where one
+        cell type of five responds and the two routes' errors correlate, which is why it is not the default
+        (docs/ndreamer_model_route.md).
+
+        ``widen_by_matching=False`` gives the spread of z alone (it covered 0.30-0.56): read it as the effect's
+        sensitivity to the cell's state, not as a calibrated interval.
+
+        Cost: the hull reads the matched interval of the cells asked for: at 60,000 cells about 2.2-2.4x the time
+        of ``True``, which reads the matched ITE of the treated cells (at most 20,000 of each treatment, a seeded
+        sample above that), and about 3x the spread of z alone (benchmarks/RESULTS.md).
 
         Parameters
         ----------
@@ -161,17 +172,15 @@ class ModelRepresentation:
             returned in a new AnnData and :attr:`results` is left as it is (for data too large for
             whole cells x genes layers; the cells are decoded a minibatch at a time either way).
         widen_by_matching
-            Widen the bounds by the disagreement with the matched ITE (``estimate_ite()`` at its defaults),
-            taken over every cell of each treatment (or a seeded sample of 20,000, each group of
-            ``disagreement_groups`` keeping at least 200 or all of its cells), also when ``indices`` asks for fewer
-            (those cells are then decoded again, in blocks). False: the spread of z alone. ``"hull"``: the matched
-            ITE's own interval at the same level (``estimate_ite(interval=...)``, central ``quantiles`` only),
-            extended to hold the decoded ITE, [min(E, M_low), max(E, M_high)]: it covered 0.90-0.92 where one cell
-            type of five responds and 0.93-0.955 in the standard design (both decoders, 2000 x 200), 0.95-0.97 on
-            3000 x 500; not centred on E, and wider than the default where nothing responds.
+            ``"hull"`` (the default): the matched ITE's interval at the same level, extended to hold the decoded
+            ITE (central ``quantiles`` only). True: the spread of z widened by the disagreement with the matched
+            ITE (``estimate_ite()`` at its defaults), taken over every cell of each treatment (or a seeded sample
+            of 20,000, each group of ``disagreement_groups`` keeping at least 200 or all of its cells), also when
+            ``indices`` asks for fewer (those cells are then decoded again, in blocks). False: the spread of z
+            alone. See above for what each holds and how each covered.
         disagreement_groups
             A column of :attr:`results` ``.obs`` (e.g. Leiden clusters of the model's latent) over whose groups
-            the disagreement is taken separately; None: one value per gene. Needs ``widen_by_matching``.
+            the disagreement is taken separately; None: one value per gene. Needs ``widen_by_matching=True``.
 
         Returns
         -------
@@ -235,8 +244,9 @@ class ModelRepresentation:
                              "ITE), 'hull' (the matched interval extended to the model ITE) or False (the spread of z).")
         low, high = checked_quantiles(quantiles)
         if abs(low - (1.0 - high)) > 1e-6:  # float32 levels: 0.05 and 0.95 differ from 1 - each other by ~1e-8
-            raise ValueError(f"widen_by_matching='hull' extends the matched ITE's central interval: give central "
-                             f"quantiles such as (0.05, 0.95); got {tuple(quantiles)!r}.")
+            raise ValueError(f"widen_by_matching='hull' (the default) extends the matched ITE's central interval: "
+                             f"give central quantiles such as (0.05, 0.95), or widen_by_matching=True for others; got "
+                             f"{tuple(quantiles)!r}.")
         return HULL
 
     def _hull_with_matching(self, effects: dict, quantiles, cells, columns) -> None:
