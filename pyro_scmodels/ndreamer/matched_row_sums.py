@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ..matching import _selector, weighted_average, weighted_moments
+from ..matching import match_selector, weighted_average, weighted_moments
 
 #: how many dense multiply-adds cost as much as one stored entry in scipy's sparse @ sparse (its count
 #: pass and its product, ~9.5 ns an entry against ~1 ns a multiply-add, 10^4 cells, k = 20, 2,000
@@ -57,7 +57,7 @@ def matched_mean(values, indices: np.ndarray, weights: np.ndarray, genes: np.nda
     if block is None:
         return dense_block(weighted_average(values, indices, weights), genes)
     rows, local = block
-    return _times(_selector(local, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
+    return _times(match_selector(local, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
 
 
 def matched_moments(values, indices: np.ndarray, weights: np.ndarray, genes: np.ndarray | None = None):
@@ -78,7 +78,7 @@ def matched_moments(values, indices: np.ndarray, weights: np.ndarray, genes: np.
     if block is None:
         return tuple(dense_block(v, genes) for v in weighted_moments(values, indices, average_weights=weights))
     rows, local = block
-    equal = _selector(local, None, rows.shape[0], np.float64)
+    equal = match_selector(local, None, rows.shape[0], np.float64)
     width = max(1, WIDE_SLICE_VALUES // max(rows.shape[0], 1))
     if width >= rows.shape[1]:
         wide = rows.astype(np.float64)
@@ -89,7 +89,7 @@ def matched_moments(values, indices: np.ndarray, weights: np.ndarray, genes: np.
             wide = rows[:, start:start + width].astype(np.float64)
             plain_mean[:, start:start + width] = _times(equal, wide)
             plain_square[:, start:start + width] = _times(equal, np.square(wide, out=wide))
-    mean = _times(_selector(local, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
+    mean = _times(match_selector(local, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
     return plain_mean, plain_square, mean
 
 
