@@ -293,7 +293,7 @@ def weighted_average(values, indices, weights=None):
         (n_query, n_genes) averages, CSR for sparse ``values``; float32 for float32 values, else float64.
     """
     rows, indices = _matched_rows(values, indices, read_rows=False)
-    return _product(_selector(indices, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
+    return _product(match_selector(indices, weights, rows.shape[0], np.result_type(rows.dtype, np.float32)), rows)
 
 
 def weighted_moments(values, indices, weights=None, average_weights=None):
@@ -319,14 +319,14 @@ def weighted_moments(values, indices, weights=None, average_weights=None):
         ``(mean, mean_square, average)``.
     """
     rows, indices = _matched_rows(values, indices, read_rows=True)
-    selector = _selector(indices, weights, rows.shape[0], np.float64)
+    selector = match_selector(indices, weights, rows.shape[0], np.float64)
     wide = rows.astype(np.float64)
     squares = wide.power(2) if sp.issparse(wide) else np.square(wide)
     moments = _product(selector, wide), _product(selector, squares)
     if average_weights is None:
         return moments
     dtype = np.result_type(rows.dtype, np.float32)
-    return (*moments, _product(_selector(indices, average_weights, rows.shape[0], dtype), rows))
+    return (*moments, _product(match_selector(indices, average_weights, rows.shape[0], dtype), rows))
 
 
 def _matched_rows(values, indices, read_rows: bool):
@@ -346,8 +346,25 @@ def _matched_rows(values, indices, read_rows: bool):
     return (values.rows(matched) if row_store else values[matched]), local.reshape(indices.shape)
 
 
-def _selector(indices: np.ndarray, weights, n_rows: int, dtype) -> sp.csr_matrix:
-    """(n_query, n_rows) CSR whose row q holds q's weights, normalised, at its matched rows (checked)."""
+def match_selector(indices: np.ndarray, weights, n_rows: int, dtype) -> sp.csr_matrix:
+    """The matches as a sparse matrix: ``match_selector(...) @ values`` gives each query's weighted mean of its rows.
+
+    Parameters
+    ----------
+    indices
+        (n_query, k) matched row positions.
+    weights
+        (n_query, k) non-negative weights with a positive sum per query (normalised here); None: equal weights.
+    n_rows
+        Rows of the values the matches index.
+    dtype
+        Type of the stored weights.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        (n_query, n_rows), row q holding q's normalised weights at its matched rows, in q's order of matches.
+    """
     n_query, k = indices.shape
     weights = np.ones(indices.shape) if weights is None else np.asarray(weights, dtype=np.float64)
     if weights.shape != indices.shape:

@@ -32,7 +32,7 @@ from scipy import stats
 
 from .. import _validation as V
 from .._labels import quantile_label
-from ..matching import weighted_moments
+from .matched_row_sums import dense_block, matched_moments  # dense_block: imported from here too
 
 
 def interval_level(interval) -> float:
@@ -44,13 +44,6 @@ def bound_names(level: float) -> tuple[str, str]:
     """Layer suffixes of an interval's bounds, named by their quantiles: 0.9 -> ``("q05", "q95")``, 0.95 ->
     ``("q2.5", "q97.5")``."""
     return tuple(quantile_label(q) for q in ((1 - level) / 2, (1 + level) / 2))
-
-
-def dense_block(values, genes: np.ndarray | None = None) -> np.ndarray:
-    """A block of rows as a dense array, of the columns ``genes`` only when given."""
-    if genes is not None:
-        values = values[:, genes]
-    return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)
 
 
 def smallest_positive(rows) -> np.ndarray:
@@ -96,11 +89,14 @@ def matched_spread(expression, indices: np.ndarray, weights: np.ndarray, unit: n
     normalised = weights / weights.sum(axis=1, keepdims=True)
     squared_weights = (normalised.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
     # one read of the matched rows: their plain moments, and the kernel-weighted mean the estimate uses
-    plain_mean, plain_square, mean = (dense_block(v, genes) for v in weighted_moments(expression, indices,
-                                                                                       average_weights=weights))
-    spread = np.maximum(plain_square - plain_mean**2, 0.0) * (k / (k - 1))
+    plain_mean, plain_square, mean = matched_moments(expression, indices, weights, genes)
+    # max(mean square - mean^2, 0) k / (k - 1), in place of the plain mean (not needed after): no temporaries
+    spread = np.square(plain_mean, out=plain_mean)
+    np.subtract(plain_square, spread, out=spread)
+    np.maximum(spread, 0.0, out=spread)
+    spread *= k / (k - 1)
     # k matched zeros are not evidence of no noise: at least the spread of one count among the k
-    spread = np.maximum(spread, np.asarray(unit, dtype=np.float64)[:, None] ** 2 / k)
+    np.maximum(spread, np.asarray(unit, dtype=np.float64)[:, None] ** 2 / k, out=spread)
     return mean, spread, squared_weights
 
 

@@ -15,9 +15,10 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from .. import _validation as V
-from ..matching import match_groups, weighted_average
+from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, dense_block, interval_bounds, interval_level, matched_spread, smallest_positive
+from .matched_row_sums import matched_mean
 
 GROUP_SEPARATOR = "|"  # joins batch and condition into one matching-group label
 
@@ -181,14 +182,18 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
         indices, weights = match.indices[cells], match.weights_of(cells)
         itself = own & (design.batch[cells] == b)
         if unit is None:
-            values = dense_block(weighted_average(expression, indices, weights), genes)
+            values = matched_mean(expression, indices, weights, genes)
         else:
             values, spread, squared_weights = matched_spread(expression, indices, weights, unit, genes)
             # one measurement (the cell itself) has the spread's variance; a weighted mean of k, sum w^2 of it.
             # The own value keeps one measurement's variance with factual="matched" too: that mean trades the
             # cell's counting noise for how far its neighbours' state is from its own, which no spread measures
-            part = np.where(itself[:, None], spread, spread * squared_weights)
-            variance = part if variance is None else variance + part
+            part = spread * squared_weights
+            part[itself] = spread[itself]
+            if variance is None:
+                variance = part
+            else:
+                variance += part
             dof = min(dof, indices.shape[1] - 1)  # the spread's: k matched values
         if itself.any():
             if factual != "matched":
