@@ -240,3 +240,30 @@ def test_the_default_bounds_are_the_hull_and_its_refusals_name_the_other_mode(fr
         nd.estimate_model_ite(num_samples=2, quantiles=(0.1, 0.95))
     with pytest.raises(ValueError, match="disagreement_groups needs widen_by_matching=True"):
         nd.estimate_model_ite(num_samples=2, disagreement_groups="cell_type")
+
+
+def test_the_default_hull_refuses_a_group_of_one_cell_before_decoding_and_names_the_other_modes(monkeypatch):
+    # min_cells_per_group=1 lets a batch x condition group of one cell through; the hull's matched interval needs two
+    adata = ps.datasets.simulate(n_cells=300, n_genes=40, n_markers_per_type=3, n_responding_genes=5, seed=0)
+    batch = adata.obs["batch"].astype(str).to_numpy().copy()
+    condition = adata.obs["condition"].astype(str).to_numpy()
+    batch[np.r_[np.flatnonzero(condition != "control")[:2], np.flatnonzero(condition == "control")[:1]]] = "x"
+    adata.obs["batch"] = batch
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["condition"],
+                                   encoder_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=3)
+    model.train(max_epochs=2, batch_size=100, early_stopping=False, device="cpu", progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd = NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu", min_cells_per_group=1)
+        from pyro_scmodels.ndreamer import model_effects
+
+        def no_decoding(**kwargs):
+            raise AssertionError("decoded before the refusal")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(model_effects, "model_counterfactual_ite", no_decoding)
+            with pytest.raises(ValueError, match=r"'x\|control'\] hold a single cell: pass widen_by_matching=True"):
+                nd.estimate_model_ite(num_samples=2)
+        widened = nd.estimate_model_ite(num_samples=2, widen_by_matching=True)  # the other modes still work
+    assert np.isfinite(widened.layers["ite_model_stimulated_q05"]).all()

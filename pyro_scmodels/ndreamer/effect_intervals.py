@@ -32,7 +32,7 @@ from scipy import stats
 
 from .. import _validation as V
 from .._labels import quantile_label
-from .matched_row_sums import dense_block, matched_moments  # dense_block: imported from here too
+from .matched_row_sums import matched_moments
 
 
 def interval_level(interval) -> float:

@@ -17,7 +17,8 @@ from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
 from .cate import ADD_ROWS, CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
-from .effect_intervals import bound_names, dense_block, interval_level
+from .effect_intervals import bound_names, interval_level
+from .matched_row_sums import dense_block
 from .._selection import cell_positions, gene_positions
 
 

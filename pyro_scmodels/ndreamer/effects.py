@@ -17,8 +17,8 @@ from sklearn.decomposition import PCA
 from .. import _validation as V
 from ..matching import match_groups
 from . import _constants as K
-from .effect_intervals import bound_names, dense_block, interval_bounds, interval_level, matched_spread, smallest_positive
-from .matched_row_sums import matched_mean
+from .effect_intervals import bound_names, interval_bounds, interval_level, matched_spread, smallest_positive
+from .matched_row_sums import dense_block, matched_mean
 
 GROUP_SEPARATOR = "|"  # joins batch and condition into one matching-group label
 
@@ -312,7 +312,20 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
 
 
 def checked_treatments(design: CounterfactualDesign, ite_of) -> list[str] | None:
-    """``ite_of`` as a list of the design's treatments (a single name is one treatment), or None."""
+    """The treatments whose ITE layers alone are asked for.
+
+    Parameters
+    ----------
+    design
+        The counterfactual design.
+    ite_of
+        A treatment, a list of treatments, or None (every layer).
+
+    Returns
+    -------
+    list of str or None
+        The treatments, as text; None when ``ite_of`` is None.
+    """
     if ite_of is None:
         return None
     chosen = [str(c) for c in ([ite_of] if isinstance(ite_of, str) else ite_of)]

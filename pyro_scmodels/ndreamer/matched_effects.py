@@ -115,11 +115,26 @@ class MatchedEffects:
 
     def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
                    genes=None, interval: float | None = None, ite_of=None) -> dict[str, np.ndarray]:
-        """The effects of some cells and genes only (positions; default all), not cached: a cells x genes array
-        of the whole data is never built. Taken from the cached full result when there is one.
+        """The effects of some cells and genes only, not cached: a cells x genes array of the whole data is never
+        built. Taken from the cached full result when there is one.
 
-        ``ite_of`` (treatments): only their ``ite_<c>`` layers and, with ``interval``, its bounds, the same
-        numbers (:func:`effects_of_cells`)."""
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth
+            The matching (k and the kernel's bandwidth).
+        cells, genes
+            Positions (default all).
+        interval
+            A level such as 0.9: the bounds' layers too.
+        ite_of
+            Treatments: only their ``ite_<c>`` layers (and, with ``interval``, their bounds), the same numbers as
+            the full computation (:func:`effects_of_cells`); None: every layer.
+
+        Returns
+        -------
+        dict
+            Layer name -> (cells, genes) array.
+        """
         key = self._key(nearest_neighbor, bandwidth)
         level = None if interval is None else interval_level(interval)
         cached = self._cached(key, level)
@@ -165,7 +180,22 @@ class MatchedEffects:
 
 
 def ite_layer_names(design: CounterfactualDesign, ite_of, level: float | None) -> list[str]:
-    """The layers :func:`effects_of_cells` gives with ``ite_of`` at ``level``: each ITE and, with a level, its bounds."""
+    """The layers :func:`effects_of_cells` gives with ``ite_of`` at ``level``.
+
+    Parameters
+    ----------
+    design
+        The counterfactual design.
+    ite_of
+        The treatments (see :func:`~.effects.checked_treatments`).
+    level
+        The interval's level, or None.
+
+    Returns
+    -------
+    list of str
+        ``ite_<c>`` for each treatment and, with a level, its bounds' layers.
+    """
     suffixes = [""] if level is None else ["", *(f"_{name}" for name in bound_names(level))]
     return [f"ite_{c}{suffix}" for c in checked_treatments(design, ite_of) for suffix in suffixes]
 

@@ -30,7 +30,20 @@ WIDE_SLICE_VALUES = 1 << 23
 
 
 def dense_block(values, genes: np.ndarray | None = None) -> np.ndarray:
-    """A block of rows as a dense array, of the columns ``genes`` only when given."""
+    """A block of rows as a dense array.
+
+    Parameters
+    ----------
+    values
+        Rows: dense, sparse or a matrix-like with ``todense``.
+    genes
+        Column positions kept (default all).
+
+    Returns
+    -------
+    numpy.ndarray
+        The rows, dense, of the columns ``genes`` only when given.
+    """
     if genes is not None:
         values = values[:, genes]
     return np.asarray(values.todense()) if hasattr(values, "todense") else np.asarray(values)

@@ -1,5 +1,6 @@
-"""The model ITE's interval widened by the model's disagreement with the matched ITE (an option of
-:meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_model_ite`).
+"""The model ITE's interval from matching: widened by the model's disagreement with the matched ITE
+(``widen_by_matching=True``), or the matched interval extended to the model ITE (:func:`matched_hull`, the default
+of :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_model_ite`).
 
 The decoded interval holds the spread of each cell's z only; the decoder's misfit to the true process, which data
 drawn from the model do not contain, is most of the error (benchmarks/RESULTS.md, "Model ITE: a parametric bootstrap

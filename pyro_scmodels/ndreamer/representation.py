@@ -138,7 +138,8 @@ class ModelRepresentation:
         cell's matched cells), extended to hold the decoded ITE E: [min(E, M_low), max(E, M_high)]. Its coverage is
         the matched interval's, which does not depend on the model's errors: on the simulator (stimulated cells of
         responding types x responding genes) the 90 % bounds covered 0.90-0.92 where one cell type of five
-        responds, 0.93-0.955 in the standard design (both decoders, 2000 x 200) and 0.95-0.975 at 3000 x 500. It is
+        responds, 0.93-0.955 in the standard design (both decoders, 2000 x 200); at 3000 x 500, 0.95-0.97 and
+        0.91-0.975 where one type responds. It is
         not centred on E, it is wider than the other modes where nothing responds, and it inherits the matched
         interval's weak spots (strong down-regulation covered 0.61-0.89; control cells' entries 0.83-0.86).
 
@@ -159,9 +160,9 @@ class ModelRepresentation:
         ``widen_by_matching=False`` gives the spread of z alone (it covered 0.30-0.56): read it as the effect's
         sensitivity to the cell's state, not as a calibrated interval.
 
-        Cost: the hull reads the matched interval of the cells asked for: at 60,000 cells about 2.2-2.4x the time
-        of ``True``, which reads the matched ITE of the treated cells (at most 20,000 of each treatment, a seeded
-        sample above that), and about 3x the spread of z alone (benchmarks/RESULTS.md).
+        Cost: the hull reads the matched interval of the cells asked for: at 60,000 cells 34-41 s against 19-21 s
+        for ``True``, which reads the matched ITE of the treated cells (at most 20,000 of each treatment, a seeded
+        sample above that), and 17-22 s for the spread of z alone (benchmarks/RESULTS.md).
 
         Parameters
         ----------
@@ -201,6 +202,8 @@ class ModelRepresentation:
 
         cells, columns = self._selection(indices, gene_list)
         widen = self._widening(widen_by_matching, quantiles)
+        if widen == HULL:
+            self._refuse_groups_of_one_cell()  # before any decoding
         groups = self._disagreement_groups(disagreement_groups, widen is True)  # checked before any decoding
         layers = {}
         # one model, condition and draws for every decoding (the widening decodes the treated cells again)
@@ -248,6 +251,16 @@ class ModelRepresentation:
                              f"give central quantiles such as (0.05, 0.95), or widen_by_matching=True for others; got "
                              f"{tuple(quantiles)!r}.")
         return HULL
+
+    def _refuse_groups_of_one_cell(self) -> None:
+        """The hull reads the matched interval, a spread of at least two matched cells in every batch x condition
+        group (``min_cells_per_group=1`` lets a group of one cell through)."""
+        names, sizes = np.unique(self.design.groups, return_counts=True)
+        single = [str(name) for name, size in zip(names, sizes) if size < 2]
+        if single:
+            raise ValueError(f"widen_by_matching='hull' (the default) reads the matched ITE's interval, the spread of "
+                             f"at least two matched cells in every batch x condition group, but {single[:5]} hold a "
+                             f"single cell: pass widen_by_matching=True (or False), or remove those cells.")
 
     def _hull_with_matching(self, effects: dict, quantiles, cells, columns) -> None:
         """Each treatment's bounds in ``effects`` replaced by :func:`~.model_ite_width.matched_hull`, in place."""
