@@ -1,7 +1,6 @@
 """Per-cell modality weights of latent_mode="weighted_mean", modality_weights="cell"."""
 
 import numpy as np
-import pytest
 import torch
 
 import pyro_scmodels as ps
