@@ -169,7 +169,8 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
             self.weight_layer = nn.Linear(len(blocks) * size, len(blocks))
             nn.init.zeros_(self.weight_layer.weight)
             nn.init.zeros_(self.weight_layer.bias)
-        # a save from before 2026-12-07 read the raw encoder inputs (its layer has their width): see _load_from_state_dict
+        # a save from before 2026-12-07 read the raw encoder inputs (its layer has their width): see
+        # _load_from_state_dict
         self.legacy_weight_input = False
 
     #: bound on |logit| of the per-cell weights (c tanh(logit / c)): with two modalities a weight stays in
