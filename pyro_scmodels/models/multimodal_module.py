@@ -144,7 +144,8 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
         As for the model.
     weights
         ``weighted_mean`` only: ``"equal"``, ``"universal"`` (one learned softmax) or ``"cell"``
-        (a per-cell softmax from a linear layer of the modalities' encoder inputs).
+        (a per-cell softmax from a linear layer of the modalities' encoders' latent means, started at
+        zero so that every cell starts at equal weights, its logits bounded by ``max_weight_logit``).
     n_hidden, n_layers, dropout_rate
         The joint encoder (``single_encoder`` mode).
     """
@@ -165,7 +166,27 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
         if latent_mode == "weighted_mean" and weights == "universal":
             self.weight_logits = nn.Parameter(torch.zeros(len(blocks)))
         if latent_mode == "weighted_mean" and weights == "cell":
-            self.weight_layer = nn.Linear(n_inputs, len(blocks))
+            self.weight_layer = nn.Linear(len(blocks) * size, len(blocks))
+            nn.init.zeros_(self.weight_layer.weight)
+            nn.init.zeros_(self.weight_layer.bias)
+        # a save from before 2026-12-06 23:00 UTC read the raw encoder inputs (its layer has their width): see
+        # _load_from_state_dict
+        self.legacy_weight_input = False
+
+    #: bound on |logit| of the per-cell weights (c tanh(logit / c)): with two modalities a weight stays in
+    #: [1 / (1 + e^{2c}), 1 / (1 + e^{-2c})], about [0.05, 0.95] at c = 1.5
+    max_weight_logit = 1.5
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # saves before 2026-12-06 23:00 UTC: the layer read the concatenated encoder inputs (log1p counts), unbounded; such a
+        # save keeps that layer and its answers (the new layer's width is M x n_latent, the old one's the inputs')
+        weight = state_dict.get(prefix + "weight_layer.weight")
+        if weight is not None and getattr(self, "weight_layer", None) is not None \
+                and weight.shape != self.weight_layer.weight.shape:
+            device = self.weight_layer.weight.device
+            self.weight_layer = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
+            self.legacy_weight_input = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def block(self, name: str) -> RegularizedVIGuide:
         """The RegularizedVI guide block of modality ``name``."""
@@ -202,15 +223,34 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
         """Posterior medians of every modality's global sites, by suffixed site name (``ambient_rna``)."""
         return {f"{name}_{m}": value for m in self.modalities for name, value in self.block(m).global_medians().items()}
 
-    def modality_weights(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Weights of the modalities per cell (cells x M), zero for a modality without counts."""
+    def modality_weights(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                         locs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Weights of the modalities per cell (cells x M), zero for a modality without counts.
+
+        Parameters
+        ----------
+        inputs
+            Each modality's encoder input (see :meth:`RegularizedVIGuide.encoder_input`).
+        present
+            Each modality's mask of cells with counts.
+        locs
+            Each modality's encoder latent mean, which ``"cell"`` weights read (computed when None).
+        """
         n = next(iter(inputs.values())).shape[0]
         if self.weights == "equal":
             logits = torch.zeros(n, len(self.modalities), device=next(iter(inputs.values())).device)
         elif self.weights == "universal":
             logits = self.weight_logits.expand(n, -1)
-        else:
+        elif self.legacy_weight_input:
             logits = self.weight_layer(torch.cat([inputs[m] for m in self.modalities], -1))
+        else:
+            if locs is None:
+                locs = {m: self.block(m).z_posterior(None, inputs[m]).loc for m in self.modalities}
+            # the latent means are O(1) whatever the number of features: the raw log1p counts (thousands of
+            # inputs) let the logits grow by ~n_features x lr per step and saturate the softmax at 0/1
+            logits = self.weight_layer(torch.cat([locs[m] for m in self.modalities], -1))
+            c = self.max_weight_logit
+            logits = c * torch.tanh(logits / c) if c is not None else logits
         available = torch.stack([present[m] for m in self.modalities], -1)
         # a cell with no counts anywhere keeps equal weights rather than dividing by zero
         available = available | ~available.any(-1, keepdim=True)
@@ -228,7 +268,7 @@ class RegularizedMultimodalVIGuide(LocalPyroModule):
                    for q in (self.block(m).z_posterior(batch, inputs[m]),)}
         if self.latent_mode == "concatenation":
             return inputs, present, {m: e[0] for m, e in encoded.items()}, {m: e[1] for m, e in encoded.items()}
-        w = self.modality_weights(inputs, present)
+        w = self.modality_weights(inputs, present, {m: e[0] for m, e in encoded.items()})
         locs = torch.stack([encoded[m][0] for m in self.modalities], -1)
         scales = torch.stack([encoded[m][1] for m in self.modalities], -1)
         loc = (locs * w.unsqueeze(-2)).sum(-1)
