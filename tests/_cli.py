@@ -34,7 +34,7 @@ def _restore_package_logger():
     logger.setLevel(level)
 
 
-def _run(argv) -> tuple[int, str, str]:
+def run_cli(argv) -> tuple[int, str, str]:
     """Run ``main`` capturing stdout and stderr (for module-scoped fixtures, where capsys is unavailable)."""
     logger = logging.getLogger("pyro_scmodels")
     handlers = list(logger.handlers)
@@ -47,7 +47,7 @@ def _run(argv) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def _history(out) -> pd.DataFrame:
+def history_table(out) -> pd.DataFrame:
     return pd.read_csv(os.path.join(out, "history.csv"), index_col=0)
 
 
@@ -59,7 +59,7 @@ def input_h5ad(tmp_path_factory):
     return path
 
 
-def _help_entries(text: str) -> dict[str, str]:
+def help_entries(text: str) -> dict[str, str]:
     """``--help`` output split into its option entries: first option string -> the entry's text, whitespace collapsed."""
     entries, current = {}, None
     for line in text.splitlines():

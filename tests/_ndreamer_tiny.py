@@ -18,11 +18,11 @@ def tiny_adata():
     return ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
 
 
-def _nd(adata, **kwargs) -> NDreamer:
+def tiny_nd(adata, **kwargs) -> NDreamer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return NDreamer(adata, "condition", "control", batch_key="batch", layer="counts", **{**TINY, **kwargs})
 
 
-def _state(nd: NDreamer) -> dict:
+def nd_state(nd: NDreamer) -> dict:
     return {k: v.clone() for k, v in nd.network.state_dict().items()}

@@ -21,7 +21,7 @@ import pyro_scmodels as ps
 from pyro_scmodels.cli import LATENT_KEY, NORMALIZED_LAYER, main
 
 from . import _cli
-from ._cli import BATCHES, DEMO_ARGS, FIT_ARGS, N_CELLS, N_GENES, N_LATENT, _history, _run
+from ._cli import BATCHES, DEMO_ARGS, FIT_ARGS, N_CELLS, N_GENES, N_LATENT, history_table, run_cli
 
 # the shared fixtures of tests/_cli.py, bound here for pytest to find
 _restore_package_logger = _cli._restore_package_logger
@@ -43,7 +43,7 @@ def _dense(x) -> np.ndarray:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    return (out, *_run(["demo", "-o", out, *DEMO_ARGS]))
+    return (out, *run_cli(["demo", "-o", out, *DEMO_ARGS]))
 
 
 def test_demo_exits_zero_and_prints_recovery_report(demo_run):
@@ -106,7 +106,7 @@ def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
     assert out in message and "results.h5ad" in message
     assert os.path.getmtime(os.path.join(out, "results.h5ad")) == before  # nothing was touched
 
-    code, stdout, stderr = _run(["demo", "-o", out, "--overwrite", *DEMO_ARGS])
+    code, stdout, stderr = run_cli(["demo", "-o", out, "--overwrite", *DEMO_ARGS])
     assert code == 0, stderr
     assert "recovered vs ground truth" in stdout
     assert anndata.read_h5ad(os.path.join(out, "results.h5ad")).obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
@@ -116,7 +116,7 @@ def test_demo_refuses_existing_output_then_overwrites(demo_run, capsys):
 @pytest.fixture(scope="module")
 def fit_run(input_h5ad, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fit") / "out")
-    return (out, *_run(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]))
+    return (out, *run_cli(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]))
 
 
 def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
@@ -135,7 +135,7 @@ def test_fit_writes_results_history_model_and_checkpoint(fit_run, input_h5ad):
     original = anndata.read_h5ad(input_h5ad)
     assert np.array_equal(_dense(adata.layers["counts"]), _dense(original.layers["counts"]))
     assert list(adata.obs_names) == list(original.obs_names)
-    history = _history(out)
+    history = history_table(out)
     assert len(history) == 3
     assert list(history.index) == [0, 1, 2]
     assert "train_loss" in history and np.isfinite(history["train_loss"]).all()
@@ -156,7 +156,7 @@ def test_fit_refuses_existing_output_without_resume_or_overwrite(fit_run, input_
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "3", *FIT_ARGS]) == 2
     message = capsys.readouterr().err
     assert "--overwrite" in message and "--resume" in message
-    assert len(_history(out)) == 3
+    assert len(history_table(out)) == 3
 
 
 def test_fit_compile_without_a_working_compiler_stops_before_training(input_h5ad, tmp_path, monkeypatch, capsys):
@@ -177,7 +177,7 @@ def test_fit_writes_the_normalized_layer_only_when_asked(input_h5ad, tmp_path):
     adata = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     assert adata.layers[NORMALIZED_LAYER].dtype == np.float32
     assert adata.obsm[LATENT_KEY].shape == (N_CELLS, N_LATENT)
-    assert len(_history(out)) == 1
+    assert len(history_table(out)) == 1
     # refitted from those results without the flag: the earlier model's layer was kept beside the new latent
     again = str(tmp_path / "again")
     assert main(["fit", os.path.join(out, "results.h5ad"), "-o", again, "--max-epochs", "1", *FIT_ARGS]) == 0

@@ -11,7 +11,7 @@ import pyro_scmodels as ps
 from pyro_scmodels.cli import main
 
 from . import _cli
-from ._cli import _help_entries
+from ._cli import help_entries
 
 # the shared fixtures of tests/_cli.py, bound here for pytest to find
 _restore_package_logger = _cli._restore_package_logger
@@ -41,7 +41,7 @@ def test_help_of_every_command_shows_every_option_default(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0
-        entries = _help_entries(capsys.readouterr().out)
+        entries = help_entries(capsys.readouterr().out)
         for action in parser._actions:
             if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
                 continue

@@ -13,7 +13,7 @@ from pyro_scmodels.cli import main
 from pyro_scmodels.ndreamer import NDreamer
 
 from . import _cli
-from ._cli import _help_entries
+from ._cli import help_entries
 
 # the shared fixtures of tests/_cli.py, bound here for pytest to find
 _restore_package_logger = _cli._restore_package_logger
@@ -65,6 +65,6 @@ def test_ndreamer_command_writes_results_aligned_with_input(input_h5ad, tmp_path
 def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
     with pytest.raises(SystemExit):
         main(["ndreamer", "--help"])
-    entries = _help_entries(capsys.readouterr().out)
+    entries = help_entries(capsys.readouterr().out)
     assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
     assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]

@@ -12,7 +12,7 @@ import pytest
 from pyro_scmodels.cli import main
 
 from . import _cli
-from ._cli import FIT_ARGS, N_CELLS, _history
+from ._cli import FIT_ARGS, N_CELLS, history_table
 
 # the shared fixtures of tests/_cli.py, bound here for pytest to find
 _restore_package_logger = _cli._restore_package_logger
@@ -23,7 +23,7 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     caplog.set_level(logging.INFO, logger="pyro_scmodels")
     out = str(tmp_path / "out")
     assert main(["fit", input_h5ad, "-o", out, "--max-epochs", "2", *FIT_ARGS]) == 0
-    first = _history(out)
+    first = history_table(out)
     assert len(first) == 2
     # an interrupted run leaves only its checkpoint behind
     os.remove(os.path.join(out, "results.h5ad"))
@@ -40,7 +40,7 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     loud = [a for a in FIT_ARGS if a != "--quiet"]
     assert main(["fit", input_h5ad, "-o", out, "--resume", "--max-epochs", "4", *loud]) == 0
     assert "Resumed from" in caplog.text and "at epoch 2" in caplog.text
-    resumed = _history(out)
+    resumed = history_table(out)
     assert len(resumed) == 4
     assert list(resumed.index) == [0, 1, 2, 3]
     # the first two epochs are those of the interrupted run, not retrained
@@ -51,7 +51,7 @@ def test_fit_resume_continues_and_overwrite_starts_fresh(input_h5ad, tmp_path, c
     caplog.clear()
     assert main(["fit", input_h5ad, "-o", out, "--overwrite", "--max-epochs", "2", *loud]) == 0
     assert "Resumed from" not in caplog.text
-    fresh = _history(out)
+    fresh = history_table(out)
     assert len(fresh) == 2
     # same seed, fresh start: the same losses as the first run
     np.testing.assert_allclose(fresh["train_loss"].to_numpy(), first["train_loss"].to_numpy(), rtol=1e-5)

@@ -7,11 +7,11 @@ from scipy.stats import rankdata
 
 import pyro_scmodels as ps
 
-from ._scvi_api import FIT, SMALL, _simulate
+from ._scvi_api import FIT, SMALL, simulate_small
 
 
 def test_feature_correlation_matrix_finds_the_marker_modules():
-    adata = _simulate(seed=1)
+    adata = simulate_small(seed=1)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["condition"])
     fitted = ps.RegularizedVI(adata, **SMALL)
     fitted.train(max_epochs=80, **FIT)

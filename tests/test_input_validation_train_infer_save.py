@@ -16,7 +16,7 @@ import torch
 from pyro_scmodels import RegularizedVI
 
 from . import _input_validation
-from ._input_validation import N_GENES, SMALL_MODEL, _simulate
+from ._input_validation import N_GENES, SMALL_MODEL, simulate_small
 
 # the shared fixture of tests/_input_validation.py, bound here for pytest to find
 adata = _input_validation.adata
@@ -25,7 +25,7 @@ adata = _input_validation.adata
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model fitted for one epoch on batch-keyed data, its AnnData and a folder it is saved in."""
-    data = _simulate()
+    data = simulate_small()
     RegularizedVI.setup_anndata(data, batch_key="batch")
     model = RegularizedVI(data, **SMALL_MODEL)
     model.train(max_epochs=1, batch_size=32, device="cpu", progress_bar=False)
@@ -169,7 +169,7 @@ def test_flags_given_as_strings_are_refused_not_read_as_true(trained):
 
 def test_load_from_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"No saved model at .*model\.pt"):
-        RegularizedVI.load(str(tmp_path), _simulate())
+        RegularizedVI.load(str(tmp_path), simulate_small())
 
 
 def _renamed(a):
@@ -189,7 +189,7 @@ def _renamed(a):
 )
 def test_load_with_different_genes_rejected(trained, change, detail):
     _, _, folder = trained
-    new = change(_simulate())
+    new = change(simulate_small())
     with pytest.raises(ValueError, match=r"The genes of adata do not match the model's \(30 genes\): .*" + detail):
         RegularizedVI.load(str(folder), new)
 

@@ -12,21 +12,21 @@ from pyro_scmodels.ndreamer import NDreamer
 from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
 
 from . import _ndreamer_tiny
-from ._ndreamer_tiny import _nd
+from ._ndreamer_tiny import tiny_nd
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
 
 
 def test_more_neighbours_than_any_group_holds_says_so(tiny_adata):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     with pytest.warns(UserWarning, match=r"nearest_neighbor=100000 is more than the cells of the largest .* the same as"):
         nd.estimate_ite(nearest_neighbor=100000, gene_list=list(nd.genes[:3]))
 
 
 def test_retraining_clears_the_interval_bounds_too(tiny_adata):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     nd.estimate_ite(interval=0.9)
     assert "ite_stimulated_q05" in nd.results.layers and "ite_matching" in nd.results.uns
@@ -36,7 +36,7 @@ def test_retraining_clears_the_interval_bounds_too(tiny_adata):
 
 
 def test_effects_of_an_untrained_network_warn(tiny_adata, tmp_path):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     with pytest.warns(UserWarning, match="has not been trained"):
         nd.get_modifier_space()
     nd.save(str(tmp_path / "untrained"))  # saved and loaded, still untrained
@@ -45,7 +45,7 @@ def test_effects_of_an_untrained_network_warn(tiny_adata, tmp_path):
 
 
 def test_second_training_recomputes_embedding_and_effects(tiny_adata):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     first = nd.estimate_ite(nearest_neighbor=3).layers["ite_stimulated"].copy()
     nd.estimate_cate("cell_type")
@@ -62,7 +62,7 @@ def test_second_training_recomputes_embedding_and_effects(tiny_adata):
 
 
 def test_training_goes_on_after_save_and_load_as_in_memory(tiny_adata, tmp_path):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=2, progress_bar=False)
     nd.save(str(tmp_path / "nd"))
     back = NDreamer.load(str(tmp_path / "nd"))
@@ -75,7 +75,7 @@ def test_training_goes_on_after_save_and_load_as_in_memory(tiny_adata, tmp_path)
 
 def test_a_save_into_a_folder_of_other_results_is_refused(tiny_adata, tmp_path):
     # NDreamer.save("out") after `pyro-scmodels fit -o out` replaced the fit's results.h5ad without overwrite=True
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     (tmp_path / "results.h5ad").write_bytes(b"the fit's results")
     with pytest.raises(FileExistsError, match=r"results\.h5ad exists and is not part of a saved NDreamer"):
         nd.save(str(tmp_path))
@@ -88,7 +88,7 @@ def test_a_failed_overwrite_leaves_the_earlier_save_whole(tiny_adata, tmp_path, 
     import pyro_scmodels.ndreamer._persistence as persistence
 
     folder = str(tmp_path / "nd")
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     nd.get_modifier_space()
     nd.save(folder)
@@ -113,7 +113,7 @@ def test_another_models_checkpoint_is_named_as_such(tiny_adata, tmp_path):
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
     ps.RegularizedVI(adata, n_hidden=16, n_latent=4).train(max_epochs=1, checkpoint_dir=str(tmp_path), device="cpu",
                                                           progress_bar=False)
-    nd = _nd(tiny_adata)  # the same folder: both write checkpoint.pt
+    nd = tiny_nd(tiny_adata)  # the same folder: both write checkpoint.pt
     with pytest.raises(ValueError, match=r"written by another model's training \(SVITrainer\).*choose another"):
         nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
 
@@ -122,7 +122,7 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     """Saved before the confounding checks: its results stay readable, and the design is named as confounded."""
     import anndata
 
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     nd.save(str(tmp_path / "nd"))
     path = tmp_path / "nd" / "results.h5ad"
@@ -148,7 +148,7 @@ def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
         NDreamer.load(str(tmp_path / "nd"), device="cpu", model=object())
     assert loaded.results.n_obs == tiny_adata.n_obs
     with pytest.raises(ValueError, match="No batch holds both"):  # a new NDreamer on such data is refused
-        _nd(_with_obs(tiny_adata, loaded.results.obs))
+        tiny_nd(_with_obs(tiny_adata, loaded.results.obs))
 
 
 def _with_obs(adata, obs):
@@ -161,7 +161,7 @@ def test_a_cate_does_not_read_ite_layers_saved_before_the_arms_shared_their_batc
     # layers saved before 2026-12-06 averaged each arm over its own batches; with a batch holding one arm they differ,
     # and the CATE read them while estimate_ite(indices=...) computed the new way
     one_arm = tiny_adata[~((tiny_adata.obs["batch"] == "batch_2") & (tiny_adata.obs["condition"] == "control"))].copy()
-    nd = _nd(one_arm)  # (its warning names batch_2)
+    nd = tiny_nd(one_arm)  # (its warning names batch_2)
     assert nd.design.common_batches("stimulated") == ["batch_0", "batch_1"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untrained network's warning
@@ -179,10 +179,10 @@ def test_ndreamer_factual_is_checked_kept_and_does_not_block_a_resume(tiny_adata
     """NDreamer's own factual ("observed" by default): refused before any work when unknown, saved with the
     results, and not part of what a checkpoint must match (it changes no training)."""
     with pytest.raises(ValueError, match="factual must be"):
-        _nd(tiny_adata, factual="itself")
-    observed = _nd(tiny_adata)
+        tiny_nd(tiny_adata, factual="itself")
+    observed = tiny_nd(tiny_adata)
     observed.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
-    matched = _nd(tiny_adata, factual="matched")  # resumes the same run: its pass counts towards n_epochs
+    matched = tiny_nd(tiny_adata, factual="matched")  # resumes the same run: its pass counts towards n_epochs
     assert len(matched.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))) == 1
     ite = {name: nd.estimate_ite(nearest_neighbor=5).layers["ite_stimulated"].copy()
            for name, nd in (("observed", observed), ("matched", matched))}

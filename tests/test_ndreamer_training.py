@@ -10,7 +10,7 @@ from pyro_scmodels.ndreamer import LossWeights, NDreamer, NDreamerTrainer
 from pyro_scmodels.training import NonFiniteError
 
 from . import _ndreamer_tiny
-from ._ndreamer_tiny import TINY, _nd, _state
+from ._ndreamer_tiny import TINY, tiny_nd, nd_state
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
@@ -18,49 +18,49 @@ tiny_adata = _ndreamer_tiny.tiny_adata
 
 def test_passes_are_whole_epochs_when_cells_are_not_a_multiple_of_the_batch(tiny_adata, tmp_path):
     # 300 cells at batch 128: a pass is 3 steps; 2 + 2 passes, and 2 passes resumed to 4, are 4 passes
-    straight = _nd(tiny_adata, batch_size=128)
+    straight = tiny_nd(tiny_adata, batch_size=128)
     straight.train(n_epochs=4, progress_bar=False)
-    twice = _nd(tiny_adata, batch_size=128)
+    twice = tiny_nd(tiny_adata, batch_size=128)
     twice.train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
     # min_cells_per_group refuses small groups and changes no training: a run with another value resumes
-    resumed = _nd(tiny_adata, batch_size=128, min_cells_per_group=5)
+    resumed = tiny_nd(tiny_adata, batch_size=128, min_cells_per_group=5)
     resumed.train(n_epochs=4, progress_bar=False, checkpoint_dir=str(tmp_path))
     twice.train(n_epochs=2, progress_bar=False)
     assert straight.trainer.step == twice.trainer.step == resumed.trainer.step == 12
     assert len(straight.history) == len(twice.history) == len(resumed.history) == 4  # one row per pass
     for other in (twice, resumed):
-        for name, value in _state(other).items():
-            torch.testing.assert_close(value, _state(straight)[name], rtol=1e-5, atol=1e-6)
+        for name, value in nd_state(other).items():
+            torch.testing.assert_close(value, nd_state(straight)[name], rtol=1e-5, atol=1e-6)
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tiny_adata, tmp_path):
-    straight = _nd(tiny_adata)
+    straight = tiny_nd(tiny_adata)
     straight.train(n_epochs=3, progress_bar=False, checkpoint_dir=str(tmp_path / "straight"))
-    interrupted = _nd(tiny_adata)
+    interrupted = tiny_nd(tiny_adata)
     interrupted.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoint.pt").exists() and len(interrupted.history) == 1
-    resumed = _nd(tiny_adata)  # a new session picks the checkpoint up and continues to 3 passes
+    resumed = tiny_nd(tiny_adata)  # a new session picks the checkpoint up and continues to 3 passes
     history = resumed.train(n_epochs=3, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
     assert len(history) == 3 and resumed.trainer.step == straight.trainer.step
     np.testing.assert_allclose(history.to_numpy(), straight.history.to_numpy(), rtol=1e-5)
-    expected = _state(straight)
-    for name, value in _state(resumed).items():
+    expected = nd_state(straight)
+    for name, value in nd_state(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert resumed.trainer.extra_state() == straight.trainer.extra_state()
 
 
 def test_checkpoint_of_other_settings_is_refused(tiny_adata, tmp_path):
-    _nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    tiny_nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"different data or settings \(settings\.lr differ\)"):
-        _nd(tiny_adata, lr=5e-3).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+        tiny_nd(tiny_adata, lr=5e-3).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
     # a checkpoint of the old default independence weight names it (the default went from 1000 to 300)
     with pytest.raises(ValueError, match=r"\(loss_weights\.independence differ\)"):
-        _nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
+        tiny_nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
                                                                              checkpoint_dir=str(tmp_path))
 
 
 def test_checkpoint_of_other_labels_or_other_data_under_the_same_names_is_refused(tiny_adata, tmp_path):
-    _nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
+    tiny_nd(tiny_adata).train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path))
     relabelled = tiny_adata.copy()  # the condition of a few cells corrected, as a rerun after a fix would
     relabelled.obs["condition"] = relabelled.obs["condition"].astype(str)
     relabelled.obs.iloc[:20, relabelled.obs.columns.get_loc("condition")] = "control"
@@ -68,18 +68,18 @@ def test_checkpoint_of_other_labels_or_other_data_under_the_same_names_is_refuse
     assert list(other.obs_names) == list(tiny_adata.obs_names) and list(other.var_names) == list(tiny_adata.var_names)
     for adata, differ in ((relabelled, r"cell labels"), (other, r"expression")):
         with pytest.raises(ValueError, match=rf"different data or settings \(.*{differ}.*differ\)"):
-            _nd(adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+            tiny_nd(adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
     reordered = tiny_adata[::-1].copy()
     with pytest.raises(ValueError, match=r"different data or settings \(cell labels, cell order differ\)"):
-        _nd(reordered).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+        tiny_nd(reordered).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
     # the same genes in another order: the network's gene rows belonged to other genes (ITE up to 3.6 off)
     genes_reversed = tiny_adata[:, tiny_adata.var_names[::-1]].copy()
     with pytest.raises(ValueError, match=r"different data or settings \(gene order differ\)"):
-        _nd(genes_reversed).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
+        tiny_nd(genes_reversed).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path))
 
 
 def test_edited_loss_weights_and_renamed_cells_are_what_a_save_and_a_checkpoint_record(tiny_adata, tmp_path):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     nd.loss_weights.independence = 1000.0  # edited between two calls
     nd.train(n_epochs=1, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
@@ -89,15 +89,15 @@ def test_edited_loss_weights_and_renamed_cells_are_what_a_save_and_a_checkpoint_
     assert back.loss_weights.independence == 1000.0 and back.trainer.epoch == 2
     # the checkpoint holds the weights trained with: a run with the defaults does not resume from it
     with pytest.raises(ValueError, match=r"\(loss_weights\.independence differ\)"):
-        _nd(tiny_adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
-    _nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
+        tiny_nd(tiny_adata).train(n_epochs=2, progress_bar=False, checkpoint_dir=str(tmp_path / "run"))
+    tiny_nd(tiny_adata, loss_weights=LossWeights(independence=1000.0)).train(n_epochs=2, progress_bar=False,
                                                                          checkpoint_dir=str(tmp_path / "run"))
 
 
 def test_loss_weights_replaced_or_edited_after_training_are_trained_with_and_checked(tiny_adata):
     # a LossWeights assigned after the first train() was saved and fingerprinted but not trained with (the trainer
     # kept the old object): the history's parts no longer summed to its loss
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
     nd.loss_weights = LossWeights(cosine=0.0)
     history = nd.train(n_epochs=1, progress_bar=False)
@@ -122,11 +122,11 @@ def test_loss_weights_replaced_or_edited_after_training_are_trained_with_and_che
     (dict(progress_bar="no"), "progress_bar"),
 ])
 def test_training_settings_are_checked_before_a_step(tiny_adata, arguments, message, tmp_path):
-    nd = _nd(tiny_adata)
-    before = _state(nd)
+    nd = tiny_nd(tiny_adata)
+    before = nd_state(nd)
     with pytest.raises((ValueError, TypeError), match=message):
         nd.train(n_epochs=1, checkpoint_dir=str(tmp_path / "new"), **{"progress_bar": False, **arguments})
-    assert all(torch.equal(value, before[name]) for name, value in _state(nd).items())
+    assert all(torch.equal(value, before[name]) for name, value in nd_state(nd).items())
     assert not (tmp_path / "new").exists()  # the checkpoint folder is made only once every setting has passed
 
 
@@ -155,12 +155,12 @@ def test_network_settings_are_checked_before_preprocessing(tiny_adata, monkeypat
 
 
 def test_loss_weights_as_a_dict_override_the_defaults(tiny_adata):
-    nd = _nd(tiny_adata, loss_weights={"independence": 1000.0})
+    nd = tiny_nd(tiny_adata, loss_weights={"independence": 1000.0})
     assert nd.loss_weights.independence == 1000.0 and nd.loss_weights.triplet == ps.ndreamer.LossWeights().triplet
 
 
 def test_training_under_torchrun_is_refused(tiny_adata, monkeypatch):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each process would train and checkpoint alone
     with pytest.raises(ValueError, match="NDreamer trains in one process"):
         nd.train(n_epochs=1, progress_bar=False)
@@ -168,7 +168,7 @@ def test_training_under_torchrun_is_refused(tiny_adata, monkeypatch):
 
 
 def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
     with torch.no_grad():
         nd.network.mean_head.bias[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"loss part 'kl'.*network\.mean_head\.bias \(value\)"):
@@ -180,7 +180,7 @@ def test_non_finite_loss_names_the_part_and_parameter(tiny_adata):
 def test_non_finite_weight_before_the_code_choice_names_the_parameter(tiny_adata, parameter):
     # a NaN there stops the forward pass itself (with more codes than candidates, the code choice's sampler
     # refuses NaN rates): there is no loss to check
-    nd = _nd(tiny_adata, codebook_size=32)
+    nd = tiny_nd(tiny_adata, codebook_size=32)
     with torch.no_grad():
         dict(nd.network.named_parameters())[parameter].view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match=rf"could not be computed .*network\.{parameter} \(value\)"):
@@ -188,7 +188,7 @@ def test_non_finite_weight_before_the_code_choice_names_the_parameter(tiny_adata
 
 
 def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypatch):
-    nd = _nd(tiny_adata)
+    nd = tiny_nd(tiny_adata)
 
     def interrupt(self, cells):
         raise KeyboardInterrupt
@@ -203,11 +203,11 @@ def test_ctrl_c_writes_a_checkpoint_and_reraises(tiny_adata, tmp_path, monkeypat
     # the same call again finishes the interrupted one from its last whole pass, as an uninterrupted run
     monkeypatch.undo()
     nd.train(n_epochs=1, progress_bar=False)
-    straight = _nd(tiny_adata)
+    straight = tiny_nd(tiny_adata)
     straight.train(n_epochs=1, progress_bar=False)
     assert nd.trainer.step == straight.trainer.step and len(nd.history) == 1
-    for name, value in _state(straight).items():
-        torch.testing.assert_close(_state(nd)[name], value, rtol=0, atol=0)
+    for name, value in nd_state(straight).items():
+        torch.testing.assert_close(nd_state(nd)[name], value, rtol=0, atol=0)
 
 
 def test_batch_labels_holding_the_join_character_are_refused(tiny_adata):
@@ -250,7 +250,7 @@ def test_dead_codes_are_revived_on_small_data(tiny_adata):
     passes, so a schedule of one reset per 30 steps never ran. By data seen, every 10 passes (10,240 cells
     drawn) here: once in the default 15 passes, 6 times in 60, after which the cells use more codes than in
     the same training without resets. Large data reset every DEAD_CODE_RESET_CELLS cells."""
-    with_resets, without = _nd(tiny_adata, batch_size=1024), _nd(tiny_adata, batch_size=1024)
+    with_resets, without = tiny_nd(tiny_adata, batch_size=1024), tiny_nd(tiny_adata, batch_size=1024)
     without.network.reinitialise_dead_codes = lambda projections: None  # same training, resets switched off
     with_resets.train(progress_bar=False)
     assert with_resets.trainer.step == 15 and with_resets.trainer.resets == 1  # the default 15 passes

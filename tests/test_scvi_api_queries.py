@@ -11,7 +11,7 @@ import torch
 import pyro_scmodels as ps
 
 from . import _scvi_api
-from ._scvi_api import SMALL, _simulate
+from ._scvi_api import SMALL, simulate_small
 
 # the shared fixtures of tests/_scvi_api.py, bound here for pytest to find
 model = _scvi_api.model
@@ -56,7 +56,7 @@ def test_transform_batch_decodes_as_the_given_condition(model):
 
 @pytest.mark.filterwarnings("ignore:The model has not been trained")
 def test_transform_batch_with_two_conditioning_keys_takes_dicts_and_refuses_mixed_lists():
-    adata = _simulate()
+    adata = simulate_small()
     ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["batch", "condition"])
     two = ps.RegularizedVI(adata, **SMALL)
     get = dict(indices=np.arange(20), return_numpy=True)

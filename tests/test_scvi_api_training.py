@@ -15,7 +15,7 @@ from pyro_scmodels.models._base import PyroModelBase
 from pyro_scmodels.models.history import TrainingHistory
 
 from . import _scvi_api
-from ._scvi_api import FIT, SMALL, _simulate
+from ._scvi_api import FIT, SMALL, simulate_small
 
 # the shared fixtures of tests/_scvi_api.py, bound here for pytest to find
 model = _scvi_api.model
@@ -28,7 +28,7 @@ def test_batch_key_combines_with_conditioning_and_scaling_defaults_to_it(model):
     assert keys.ambient == ["batch"] and keys.dispersion == "batch" and keys.library_size == "batch"
     assert keys.nn_conditioning == ["condition"] and keys.feature_scaling == ["condition"]
     assert model.get_feature_scaling().columns.tolist() == ["control", "stimulated"]
-    adata = _simulate()
+    adata = simulate_small()
     ps.RegularizedVI.setup_anndata(adata, batch_key="batch", nn_conditioning_covariate_keys=["condition"],
                                    feature_scaling_covariate_keys=[])
     assert ps.RegularizedVI(adata, **SMALL).keys.feature_scaling == []
@@ -137,7 +137,7 @@ def test_gpu_accelerator_without_cuda_says_so(untrained):
 
 
 def test_scvi_setup_and_model_arguments_say_what_to_use_instead():
-    adata = _simulate()
+    adata = simulate_small()
     with pytest.raises(TypeError, match="categorical_covariate_keys: each technical effect has its own key"):
         ps.RegularizedVI.setup_anndata(adata, layer="counts", categorical_covariate_keys=["batch"])
     with pytest.raises(TypeError, match=r"size_factor_key: the library size is a latent.*not_ours: not an argument"):
