@@ -110,7 +110,7 @@ SETUPS.update({
     f"{DOCUMENTED} + dropout 0": _documented_with(model={"dropout_rate": 0.0}),
     f"{DOCUMENTED} + LogNormal globals": _documented_with(
         model={"global_guides": {site: "lognormal" for site in ("ambient", "feature_scaling", "dispersion_rate")}}),
-    # the background per droplet with the pooled shape as its prior (issue 17's options; docs/models.md)
+    # the background per droplet with the pooled shape as its prior (issue 17's options; docs/ambient.md)
     f"{DOCUMENTED} + ambient per droplet + shape prior(3)": _documented_with(
         model={"ambient_per_droplet": True, "ambient_shape_prior": 3.0}),
     # the decoder's output scaled per gene by its mean (docs/models.md, "The decoder's scale")

@@ -158,7 +158,7 @@ def _add_fit(sub) -> None:
                           "counterfactuals of a condition; 0: off)")
     net.add_argument("--ambient-per-droplet", action="store_true",
                      help="the ambient background as counts per droplet, mu = (l rho + s) y, not scaled by the library "
-                          "(docs/models.md; best with --ambient-shape-prior)")
+                          "(docs/ambient.md; best with --ambient-shape-prior)")
     net.add_argument("--decoder-gene-scale", action="store_true",
                      help="scale each gene's decoder output by its mean expression, so that fold changes inside a cell "
                           "type (a stimulation) are represented (docs/models.md, \"The decoder's scale\")")
@@ -168,7 +168,7 @@ def _add_fit(sub) -> None:
     net.add_argument("--empty-droplets", default=None, metavar="H5AD",
                      help="an .h5ad of droplets without a cell (raw counts in .X, every gene of the data, and the ambient "
                           "key columns): each ambient category's background profile is measured there and only its "
-                          "amount is learned (docs/models.md; best with --ambient-per-droplet and "
+                          "amount is learned (docs/ambient.md; best with --ambient-per-droplet and "
                           "--feature-scaling-keys; default: the profile is learned)")
     net.add_argument("--max-epochs", type=int, default=None,
                      help="training epochs; default min(round(400 * 20000 / n_cells), 400), as scvi-tools does")

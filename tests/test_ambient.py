@@ -316,7 +316,7 @@ def test_known_profile_recovers_the_share_of_every_batch():
 
 
 def test_prior_shaped_like_the_pooled_cells_learns_a_better_profile_than_its_start():
-    """docs/models.md's recipe: s ~ Gamma(a, a / (amount x pooled profile)), counted; every gene still learned."""
+    """docs/ambient.md's recipe: s ~ Gamma(a, a / (amount x pooled profile)), counted; every gene still learned."""
     def pooled_prior(adata):
         start = RegularizedVI(adata, n_hidden=64, n_latent=8).get_ambient_profile()  # 0.2 x each batch's mean
         pooled = profile_from_droplets(adata, layer="counts").iloc[:, 0].to_numpy()
@@ -331,7 +331,7 @@ def test_prior_shaped_like_the_pooled_cells_learns_a_better_profile_than_its_sta
 
 
 def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
-    """Both options together (docs/models.md): levels, the cells' order (also within a batch) and the profile."""
+    """Both options together (docs/ambient.md): levels, the cells' order (also within a batch) and the profile."""
     adata, model, start = _fit_on_simulator(600, lambda _: {"ambient_per_droplet": True, "ambient_shape_prior": 3.0})
     inferred, truth, spearman = _shares(adata, model)
     # the issue's target, every batch within 30 %: measured (bench, seed 0) 4.0 / 8.1 / 16.8 / 22.1 % for 3.4 / 7.9 /
@@ -349,7 +349,7 @@ def test_background_per_droplet_with_the_shape_prior_recovers_the_shares():
 
 
 def test_empty_droplets_and_the_background_per_droplet_recover_levels_and_order():
-    """docs/models.md's recommended form when empty droplets are at hand, on the larger simulator design."""
+    """docs/ambient.md's recommended form when empty droplets are at hand, on the larger simulator design."""
     def empties_per_droplet(adata):
         empty = datasets.simulate_empty_droplets(adata)
         return {"ambient_profile": profile_from_droplets(empty, groupby="batch"), "ambient_per_droplet": True}

@@ -245,7 +245,7 @@ def test_cell_noise_is_the_cells_own_across_blocks():
 
 
 def test_queries_leave_the_modules_in_the_mode_they_found_them(conditioned):
-    # "Training with your own loop" (docs/models.md): a getter called to monitor the run put the modules in
+    # "Training with your own loop" (docs/posterior_queries.md): a getter called to monitor the run put the modules in
     # evaluation mode and left them there, so every later step trained without dropout
     model = conditioned
     model.module.train()

@@ -317,7 +317,7 @@ def test_pyro_vectorised_particles_are_refused_by_name(small):
 
 
 def test_the_documented_own_loop_with_a_torch_optimiser_trains(small):
-    # docs/models.md, "Training with your own loop": pyro.infer.SVI needs Pyro's param store, which the modules do
+    # docs/posterior_queries.md, "Training with your own loop": pyro.infer.SVI needs Pyro's param store, which the modules do
     # not use; the module-based Trace_ELBO with a torch optimiser is the route, and it must lower the loss
     model = ps.RegularizedVI(small, **SMALL)
     loss_fn = Trace_ELBO()(model.module.model, model.module.guide)

@@ -99,7 +99,7 @@ print("KS statistic of the PIT values:", check.ks_statistic)
 # counts), and only the differences between batches are learned from the data. Switching the prior on
 # pulls every batch's background towards the prior's mean. With an ambient profile measured from empty
 # droplets, pass it as `RegularizedVI(..., ambient_profile=...)`: then the shape is known and only the
-# amount is learned (`docs/models.md`; `benchmarks/RESULTS.md`, "Ambient").
+# amount is learned (`docs/ambient.md`; `benchmarks/RESULTS.md`, "Ambient").
 #
 # Without such a profile, two options together move the shared part too: `ambient_per_droplet=True` makes the
 # background counts per droplet, `mu = (l rho + s) y`, so it does not grow with the cell's library, and
@@ -109,7 +109,7 @@ print("KS statistic of the PIT values:", check.ks_statistic)
 # seed put the best data set 30-33 % off), where the default stays near 17 % everywhere; on 2,000 cells x 200 genes,
 # with the batch's gene scaling modelled as here, the largest error was 18-77 % (within 30 % on two data sets of
 # four). So read the levels below as the options' estimate, not the truth; empty droplets pin them down
-# (`docs/models.md`, "The background per droplet").
+# (`docs/ambient.md`, "The background per droplet").
 
 # %%
 default_model = ps.RegularizedVI(adata, n_latent=10, n_hidden=64 if QUICK else 128)  # the prior masked

@@ -67,7 +67,7 @@ def _aligned_fields(adata, genes: pd.Index) -> dict | None:
             "`part = adata[start:stop].to_memory()`, `RegularizedVI.prepare_query_anndata(part, model)`, "
             "`part.write_h5ad(f'part_{start}.h5ad')`; then `anndata.experimental.concat_on_disk(part_files, "
             "'query_aligned.h5ad')` and open that file with backed='r' (see 'Genes' under reference mapping in "
-            "docs/models.md).")
+            "docs/query_mapping.md).")
     take = query.get_indexer(genes)
     n_missing, n_dropped = int((take < 0).sum()), int(len(query.difference(genes)))
     if n_missing == len(genes):

@@ -194,7 +194,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         compile
             Compute each training step's loss through ``torch.compile``: fused kernels in place of several
             hundred small operations a step, about 1.2-1.4x the cells per second on 2 CPU cores at batch 128 on
-            the simulator (1.1-1.2x on PBMC; docs/models.md, "Compiled training"). Compiling takes 11-50 s at the
+            the simulator (1.1-1.2x on PBMC; docs/posterior_queries.md, "Compiled training"). Compiling takes 11-50 s at the
             first step on 2 CPU cores (the lower end when torch's kernel cache already holds the kernels), so it
             pays back on long runs only. Needs a C++ compiler on the CPU and triton on a GPU: checked before training, with an error
             that says what is missing.

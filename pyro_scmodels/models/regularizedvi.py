@@ -70,13 +70,13 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
         grows with the cell's library size, so its share is about the same for every cell of a
         category. True: ``mu = (l rho + s) y``, the background is counts per droplet (as CellBender
         models it), a cell with more RNA carries a smaller share, and the split between rho and s is
-        informed by how counts grow with l (docs/models.md, "The background per droplet").
+        informed by how counts grow with l (docs/ambient.md, "The background per droplet").
     ambient_shape_prior
         None (default), or a concentration a > 0: the prior ``s_{e,g} ~ Gamma(a, a / (m_e p_g))`` is
         counted, centred on the pooled cells' profile p (mean normalised expression) at an amount m_e
         per ambient category that is learned (a point estimate, no prior). Every gene's s is still
         learned; the prior places the part of the background that the likelihood cannot tell from
-        rho (docs/models.md; with ``ambient_per_droplet=True``, a = 3 recovered the simulator's shares best
+        rho (docs/ambient.md; with ``ambient_per_droplet=True``, a = 3 recovered the simulator's shares best
         of 1, 3, 10 and 30). Not with ``ambient_profile``.
     decoder_gene_scale
         False (default, SPEC 1.2): ``rho = softplus(W h + b)``, the bias starting at softplus^-1 of each gene's mean
