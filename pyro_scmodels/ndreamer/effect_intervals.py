@@ -46,6 +46,24 @@ def bound_names(level: float) -> tuple[str, str]:
     return tuple(quantile_label(q) for q in ((1 - level) / 2, (1 + level) / 2))
 
 
+def single_cell_groups(design) -> list[str]:
+    """The batch x condition groups holding a single cell, which no matched interval can be estimated in (a spread
+    needs at least two matched cells).
+
+    Parameters
+    ----------
+    design
+        The counterfactual design (:class:`~pyro_scmodels.ndreamer.effects.CounterfactualDesign`).
+
+    Returns
+    -------
+    list of str
+        Those groups' labels (empty when every group holds two cells or more).
+    """
+    names, sizes = np.unique(design.groups, return_counts=True)
+    return [str(name) for name, size in zip(names, sizes) if size < 2]
+
+
 def smallest_positive(rows) -> np.ndarray:
     """Each row's smallest positive value (0 for a row without one): a single count's log-normalised value."""
     if sp.issparse(rows):

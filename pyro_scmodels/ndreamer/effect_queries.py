@@ -17,7 +17,7 @@ from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
 from .cate import ADD_ROWS, CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
-from .effect_intervals import bound_names, interval_level
+from .effect_intervals import bound_names, interval_level, single_cell_groups
 from .matched_row_sums import dense_block
 from .._selection import cell_positions, gene_positions
 
@@ -44,8 +44,7 @@ def _check_interval_neighbours(nearest_neighbor, design) -> None:
     if V.positive_int("nearest_neighbor", nearest_neighbor) < 2:
         raise ValueError(f"An interval is estimated from the spread of the matched cells and needs at least two: got "
                          f"nearest_neighbor={nearest_neighbor}; pass nearest_neighbor >= 2 (default {K.NEAREST_NEIGHBOR}).")
-    names, sizes = np.unique(design.groups, return_counts=True)
-    single = [str(name) for name, size in zip(names, sizes) if size < 2]
+    single = single_cell_groups(design)
     if single:
         raise ValueError(f"An interval is estimated from the spread of the matched cells, but batch x condition group(s) "
                          f"{single[:5]} hold a single cell: remove those cells or merge their batches.")

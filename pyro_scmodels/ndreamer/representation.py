@@ -255,8 +255,9 @@ class ModelRepresentation:
     def _refuse_groups_of_one_cell(self) -> None:
         """The hull reads the matched interval, a spread of at least two matched cells in every batch x condition
         group (``min_cells_per_group=1`` lets a group of one cell through)."""
-        names, sizes = np.unique(self.design.groups, return_counts=True)
-        single = [str(name) for name, size in zip(names, sizes) if size < 2]
+        from .effect_intervals import single_cell_groups
+
+        single = single_cell_groups(self.design)
         if single:
             raise ValueError(f"widen_by_matching='hull' (the default) reads the matched ITE's interval, the spread of "
                              f"at least two matched cells in every batch x condition group, but {single[:5]} hold a "
