@@ -125,3 +125,6 @@ def test_cate_standard_error_is_the_two_arms_difference_of_means(monkeypatch):
     monkeypatch.setattr(cate, "ADD_ROWS", 7)
     np.testing.assert_allclose(estimate_cate(ite, np.zeros(3000), list("abcd"), observed, arms)[["z", "sign_test_p"]],
                                table[["z", "sign_test_p"]], rtol=1e-9)
+    # sparse observed rows (what NDreamer passes: its counts' rows) are densified in those parts: the same table
+    np.testing.assert_allclose(estimate_cate(ite, np.zeros(3000), list("abcd"), sp.csr_matrix(observed), arms)[["z"]],
+                               table[["z"]], rtol=1e-9)

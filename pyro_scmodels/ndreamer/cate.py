@@ -15,7 +15,10 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy import stats
+
+from .matched_row_sums import dense_block
 
 #: arm codes of :meth:`CateSums.add`: the treatment's cells, the control's, and any other condition's
 TREATED, CONTROL, OTHER = 1, 0, -1
@@ -43,16 +46,17 @@ class CateSums:
         self.arms = {arm: {"n": 0, "total": np.zeros(n_genes), "squares": np.zeros(n_genes),
                            "positive": np.zeros(n_genes), "negative": np.zeros(n_genes)} for arm in (TREATED, CONTROL)}
 
-    def add(self, values: np.ndarray, observed: np.ndarray, arm: np.ndarray) -> None:
-        """Add a block of cells: their ITEs and observed log expression (cells x genes) and arms (TREATED, CONTROL or
-        OTHER per cell)."""
-        values, observed, arm = np.asarray(values), np.asarray(observed), np.asarray(arm)
+    def add(self, values: np.ndarray, observed, arm: np.ndarray) -> None:
+        """Add a block of cells: their ITEs (cells x genes), their observed log expression (the same shape; dense,
+        or sparse rows, densified here a few thousand at a time) and their arms (TREATED, CONTROL or OTHER)."""
+        values, arm = np.asarray(values), np.asarray(arm)
+        observed = observed if sp.issparse(observed) else np.asarray(observed)
         if observed.shape != values.shape or arm.shape != (values.shape[0],):
             raise ValueError(f"CATE sums: ITE {values.shape}, observed {observed.shape} and arms {arm.shape} differ.")
         # float64 a few thousand rows at a time: two whole float64 copies of a 10,000-cell block would add 300 MB
         for start in range(0, values.shape[0], ADD_ROWS):
             rows = slice(start, start + ADD_ROWS)
-            self._add(values[rows].astype(np.float64), observed[rows].astype(np.float64), arm[rows])
+            self._add(values[rows].astype(np.float64), dense_block(observed[rows]).astype(np.float64), arm[rows])
 
     def _add(self, values: np.ndarray, observed: np.ndarray, arm: np.ndarray) -> None:
         self.n += values.shape[0]

@@ -16,9 +16,8 @@ import pandas as pd
 from .. import _validation as V
 from . import _constants as K
 from ._persistence import write_effects_h5ad
-from .cate import ADD_ROWS, CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
+from .cate import CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
 from .effect_intervals import bound_names, interval_level, single_cell_groups
-from .matched_row_sums import dense_block
 from .._selection import cell_positions, gene_positions
 
 
@@ -269,9 +268,7 @@ class EffectQueries:
                 block = cells[start : start + K.WRITE_CHUNK_CELLS]
                 ite = (self.results.layers[layer][block] if stored
                        else self.estimate_ite(nearest_neighbor, bandwidth, indices=block).layers[layer])
-                for part in range(0, block.size, ADD_ROWS):  # the observed rows densified a few thousand at a time
-                    rows = slice(part, part + ADD_ROWS)
-                    sums.add(ite[rows], dense_block(self.expression[block[rows]]), arms[block[rows]])
+                sums.add(ite, self.expression[block], arms[block])  # sparse rows: densified in parts there
             tables.append(sums.table(group, self.genes))
         table = pd.concat(tables, ignore_index=True)
         self.results.uns[f"cate_{condition}_{groupby}"] = table
