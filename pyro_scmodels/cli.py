@@ -22,6 +22,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
+from ._labels import names_as_text
 from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import in_option_names, build_parser, check_arguments
 from .cli_launch import (launch_torchrun, leave_process_group, rank_prefix, read_for_the_launch_check,
@@ -328,7 +329,7 @@ def run_fit(args, folder: OutputFolder) -> None:
 def _profile_from_empty_droplets(path: str, adata):
     """``fit --empty-droplets``: each ambient category's profile, from the empty droplets in ``path``."""
     from .data.registry import read_setup
-    from ._labels import names_as_text; from .models.ambient import check_droplets, profile_from_droplets  # noqa: E702
+    from .models.ambient import check_droplets, profile_from_droplets
 
     try:
         empty = read_h5ad(path)
