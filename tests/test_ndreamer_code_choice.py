@@ -252,3 +252,18 @@ def test_a_high_temperature_takes_the_dense_draw_for_every_cell(monkeypatch):
     quantised, _ = relaxed_code_choice(scores, scores.softmax(-1), p, e, tau=3.0)
     assert fallbacks == [1]
     assert quantised[0, 0].max() < 0.5  # the flat cell's weights are spread at this temperature
+
+
+def test_a_cell_with_nan_scores_passes_nan_on_instead_of_failing_in_the_poisson_draw():
+    """A NaN projection (exploded weights) gave a NaN Poisson mean in the top-down draw: torch.poisson raised an
+    unrelated "invalid Poisson rate" on the CPU (and on CUDA it need not raise). The NaN now reaches the output, where
+    the training loop's non-finite check names it."""
+    gen = torch.Generator().manual_seed(3)
+    p, e = torch.randn(1, 50, 8, generator=gen), torch.randn(1, 1024, 8, generator=gen)
+    p[0, 4] = float("nan")
+    scores = code_scores(p, e)
+    torch.manual_seed(0)
+    quantised, codes = relaxed_code_choice(scores, scores.softmax(-1), p, e, tau=0.01)
+    assert torch.isnan(quantised[0, 4]).all()
+    assert torch.isfinite(quantised[0, :4]).all() and torch.isfinite(quantised[0, 5:]).all()
+    assert codes.shape == (1, 50)

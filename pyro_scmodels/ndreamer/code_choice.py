@@ -168,7 +168,10 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     # G0 fell to -4.5, beyond what the draw's resolution allows (-2.8), and its Poisson mean to 23 hits
     g0 = -_minus_gumbel(total, floor=torch.finfo(p.dtype).eps / 2)
     rest = (total - p_top).clamp_(min=0.0)
-    events = torch.poisson(g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)).squeeze(1).long()
+    rate = g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)
+    # a cell whose scores are NaN (exploded weights) draws no hits: its NaN goes on to the loss, where the training
+    # loop's check names it; torch.poisson raised an unrelated error on NaN on the CPU, and need not raise on CUDA
+    events = torch.poisson(rate.nan_to_num_(nan=0.0)).squeeze(1).long()
     # the step's one read back to the host: how many hits to draw, and whether any cell has too many
     n_events = int(events.max()) if events.numel() else 0
     if n_events > m - 1:
