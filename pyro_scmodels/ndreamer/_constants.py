@@ -14,6 +14,9 @@ LEIDEN_ITERATIONS = 2
 MIN_CELLS_PER_GROUP = 10  # fewest cells in a batch x condition group (smaller groups are refused)
 MIN_CELLS_FOR_CATE = 10  # fewest treated and control cells in a CATE group (smaller groups are skipped)
 MIN_CELLS_FOR_LEIDEN = 30  # smaller batch x condition groups get a single label
+# the most cells of a group left alone in their high-resolution label: a lone cell has no positive in the triplet
+# term (a group of 60 cells at resolution 7 left 57 % of its cells alone); the resolution is lowered until it holds
+LEIDEN_MAX_SINGLETON_SHARE = 0.1
 # the variable genes are chosen on at most this many cells (a seeded sample, every batch x condition
 # group in proportion and at least HVG_MIN_CELLS_PER_GROUP of each): the all-genes matrix of 10^6 cells
 # would not fit in memory, and the genes' means and dispersions are settled long before

@@ -17,6 +17,7 @@ from .count_rows import LogNormalisedCounts, index_dtype, storage_dtype
 from .gene_selection import condition_response, gene_selection_cells, variable_genes  # noqa: F401  (their import path)
 from ._constants import (
     LEIDEN_ITERATIONS,
+    LEIDEN_MAX_SINGLETON_SHARE,
     LEIDEN_NEIGHBOURS,
     LEIDEN_PCA_COMPONENTS,
     LEIDEN_RESOLUTIONS,
@@ -231,8 +232,25 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     return _into_csr(blocks, n_rows, n_columns, total, merged)
 
 
+def _leiden(frame: anndata.AnnData, resolution: float, seed: int) -> np.ndarray:
+    """Leiden labels (0, 1, ...) of ``frame``'s neighbour graph at ``resolution``."""
+    sc.tl.leiden(frame, resolution=resolution, key_added="leiden", random_state=seed, flavor="igraph",
+                 n_iterations=LEIDEN_ITERATIONS, directed=False)
+    return frame.obs["leiden"].astype(int).to_numpy()
+
+
+def _singleton_share(codes: np.ndarray) -> float:
+    """The share of cells that are alone in their label."""
+    sizes = np.bincount(codes)
+    return float((sizes[codes] == 1).mean())
+
+
 def pseudo_labels(log_expression: sp.csr_matrix, groups: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Leiden clusters at low and high resolution, found within each batch x condition group.
+
+    Where the high resolution leaves more than ``LEIDEN_MAX_SINGLETON_SHARE`` of a group's cells alone in their
+    label (groups of up to a few hundred cells), that group's high-resolution labels are found at a resolution
+    halved until it does not (not below the low resolution).
 
     Returns two integer label vectors (unique across groups), aligned with the cells.
     """
@@ -251,9 +269,16 @@ def pseudo_labels(log_expression: sp.csr_matrix, groups: np.ndarray, seed: int =
         # the gaussian kernel avoids compiling umap's numba code (seconds) for a connectivity graph
         sc.pp.neighbors(frame, n_neighbors=min(LEIDEN_NEIGHBOURS, len(cells) - 1), random_state=seed, method="gauss", transformer="sklearn")
         for resolution in LEIDEN_RESOLUTIONS:
-            sc.tl.leiden(frame, resolution=resolution, key_added="leiden", random_state=seed, flavor="igraph",
-                         n_iterations=LEIDEN_ITERATIONS, directed=False)
-            codes = frame.obs["leiden"].astype(int).to_numpy()
+            codes = _leiden(frame, resolution, seed)
+            used = resolution
+            # a small group splits into single cells at the high resolution; halving it (not below the low one)
+            # until few cells are alone keeps the triplet term's positives
+            while used > LEIDEN_RESOLUTIONS[0] and _singleton_share(codes) > LEIDEN_MAX_SINGLETON_SHARE:
+                used = max(used / 2, LEIDEN_RESOLUTIONS[0])
+                codes = _leiden(frame, used, seed)
+            if used != resolution:
+                logger.info("NDreamer: group %r (%d cells) split into single cells at Leiden resolution %g; its "
+                            "high-resolution labels use %g.", group, len(cells), resolution, used)
             labels[resolution][cells] = codes + offset[resolution]
             offset[resolution] += codes.max() + 1
     return labels[LEIDEN_RESOLUTIONS[0]], labels[LEIDEN_RESOLUTIONS[1]]
