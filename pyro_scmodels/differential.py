@@ -18,7 +18,10 @@ import torch
 
 from . import _validation as V
 from .data import counts_matrix
+from .differential_cells import filter_outlier_cells as _drop_outliers
+from .differential_cells import measured_cells_only
 from .differential_statistics import change_test, vanilla_test
+from .differential_weights import check_weights, row_weights
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
 MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
@@ -52,37 +55,6 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
                          f"positions {{0, 1}}. Pass it as booleans ({name}=mask.astype(bool)), or positions as "
                          "np.flatnonzero(mask).")
     return np.unique(selection)
-
-
-def _measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -> list[tuple]:
-    """The comparisons without the cells that have no counts in ``modality`` (a multimodal model masks their
-    likelihood, so their decoded expression carries nothing of that modality: counted, they pulled every LFC toward 0).
-    Says how many cells were left out; a comparison with a group left without cells is left out with a warning when
-    there are others, and refused when it is the only one."""
-    measured = totals > 0
-    kept, left_out, skipped = [], set(), []
-    for name1, name2, cells1, cells2 in tests:
-        empty = [(name, cells.size) for name, cells in ((name1, cells1), (name2, cells2))
-                 if cells.size and not measured[cells].any()]
-        if empty:
-            message = (f"differential_expression: none of the {empty[0][1]} cells of {empty[0][0]!r} has counts in "
-                       f"modality {modality!r}, so the model has nothing of that modality to compare for them")
-            if len(tests) == 1:
-                raise ValueError(message + "; choose groups with measured cells, or another modality=.")
-            skipped.append(f"{name1} vs {name2}")  # one group of several (groupby, every group in turn): the others go on
-            warnings.warn(message + f": the comparison {name1} vs {name2} is left out.", UserWarning, stacklevel=3)
-            continue
-        for cells in (cells1, cells2):
-            left_out.update(cells[~measured[cells]].tolist())
-        kept.append((name1, name2, cells1[measured[cells1]], cells2[measured[cells2]]))
-    if not kept:
-        raise ValueError(f"differential_expression: no comparison has cells with counts in modality {modality!r} in both "
-                         f"groups ({', '.join(skipped)}).")
-    if left_out:
-        warnings.warn(f"differential_expression: {len(left_out)} of the compared cells have no counts in modality "
-                      f"{modality!r} (their likelihood is masked, their decoded {modality!r} is the model's guess from "
-                      "the other modalities); they are left out of the test.", UserWarning, stacklevel=3)
-    return kept
 
 
 def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=None, idx2=None):
@@ -248,16 +220,24 @@ def _correction_strata(model, batch_correction, batchid1=None, batchid2=None) ->
 
 
 def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount,
-                paired: bool = True) -> list[np.ndarray]:
+                paired: bool = True, weights: str = "uniform") -> tuple[list[np.ndarray], list | None]:
     """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all when the
-    strata do not pair)."""
+    strata do not pair), and the rows' probabilities alike (None: uniform)."""
     draws = []
     for stratum in strata:
         # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
         batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
         rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
         draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
-    return draws if paired else [np.concatenate(draws)]
+    probabilities = None
+    if weights == "importance":  # the ratios of the same z draws (same seed), under each cell's own covariates
+        probabilities = row_weights(model.log_importance_ratios(adata, cells, num_samples, seed, batch_size))
+    if not paired:
+        draws = [np.concatenate(draws)]
+    if probabilities is None:
+        return draws, None
+    # every stratum decodes the same z: the same weights, shared among the strata when they are pooled
+    return draws, [probabilities] * len(draws) if paired else [np.tile(probabilities, len(strata)) / len(strata)]
 
 
 def differential_expression(model, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
@@ -265,7 +245,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                             batch_correction: bool | str = False, batchid1=None, batchid2=None,
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
-                            modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
+                            modality: str | None = None, all_stats: bool = True, weights: str | None = "uniform",
+                            filter_outlier_cells: bool = False) -> pd.DataFrame:
     """Bayesian differential expression (scvi-tools' ``"change"`` and ``"vanilla"`` modes) between groups of cells.
 
     Uses seeded posterior samples of the background- and scaling-free expression rho
@@ -329,6 +310,17 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         model masks) are left out of both groups, with a warning saying how many; a group with none left is refused.
     all_stats
         Add the observed-count columns (``raw_mean1``, ``non_zeros_proportion1``, ...).
+    weights
+        How the (cell, posterior sample) rows of a group are drawn, as scvi-tools' ``weights``: ``"uniform"`` (the
+        default; None too) alike, ``"importance"`` in proportion to importance weights of their z draws
+        (:mod:`pyro_scmodels.differential_weights`: each cell's ``num_samples`` draws self-normalised by
+        ``model.log_importance_ratios``), so the draws follow the group's posterior rather than the guide's. With
+        ``num_samples=1`` it is the uniform draw. Not for ``RegularizedMultimodalVI`` (refused).
+    filter_outlier_cells
+        Leave out of the posterior draws the cells outside their group's bulk in the latent space, as scvi-tools'
+        ``filter_outlier_cells``: per group, a robust Gaussian (sklearn's ``EllipticEnvelope``) on the posterior means
+        of z, dropping the farthest tenth (:func:`pyro_scmodels.differential_cells.latent_inliers`); a warning says
+        how many per group. The ``raw_*`` columns keep every cell, as in scvi-tools.
 
     Returns
     -------
@@ -347,6 +339,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                         "model.differential_expression(adata=adata, groupby='cell_type').")
     mode = V.choice("mode", mode, MODES)
     all_stats = V.boolean("all_stats", all_stats)
+    filter_outlier_cells = V.boolean("filter_outlier_cells", filter_outlier_cells)
+    weights = check_weights(model, weights)
     num_samples, n_cells, n_pairs = (V.positive_int(name, value) for name, value in
                                      (("num_samples", num_samples), ("n_cells", n_cells), ("n_pairs", n_pairs)))
     delta = None if delta is None else V.non_negative_float("delta", delta)  # vanilla mode does not use it
@@ -362,21 +356,25 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     skip_empty = bool(model.masks_cells_without_counts)
     matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats or skip_empty else None
     if skip_empty:
-        tests = _measured_cells_only(tests, matrix.totals(), modality)
+        tests = measured_cells_only(tests, matrix.totals(), modality)
     matrix = matrix if all_stats else None
+    # the raw_* columns are of the groups as chosen; the posterior draws of the groups without their outliers
+    drawn = _drop_outliers(model, adata, tests, batch_size, seed) if filter_outlier_cells else tests
     rng = np.random.default_rng(seed)
     tables = []
-    for i, (name1, name2, cells1, cells2) in enumerate(tests):
-        samples = [
+    for i, ((name1, name2, cells1, cells2), (_, _, kept1, kept2)) in enumerate(zip(tests, drawn)):
+        (samples1, weights1), (samples2, weights2) = (
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
-                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired)
-            for offset, (cells, strata) in enumerate(((cells1, strata1), (cells2, strata2)))
-        ]
+                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, weights)
+            for offset, (cells, strata) in enumerate(((kept1, strata1), (kept2, strata2)))
+        )
+        weighting = {"weights1": weights1, "weights2": weights2}
         if mode == "vanilla":
-            table = vanilla_test(samples[0], samples[1], model.feature_names(modality), n_pairs, rng, pseudocount)
+            table = vanilla_test(samples1, samples2, model.feature_names(modality), n_pairs, rng, pseudocount,
+                                 **weighting)
         else:
-            table = change_test(samples[0], samples[1], model.feature_names(modality), delta, fdr_target, n_pairs, rng,
-                                pseudocount)
+            table = change_test(samples1, samples2, model.feature_names(modality), delta, fdr_target, n_pairs, rng,
+                                pseudocount, **weighting)
             table.insert(5, "pseudocounts", pseudocount)  # before delta, as scvi-tools orders them
         if matrix is not None:
             for column, values in raw_count_properties(matrix, cells1, cells2, skip_empty=skip_empty).items():

@@ -13,7 +13,8 @@ import pandas as pd
 
 
 def change_test(log2_expression_1, log2_expression_2, genes, delta: float | None = 0.25, fdr_target: float = 0.05,
-                n_pairs: int = 5000, rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
+                n_pairs: int = 5000, rng: np.random.Generator | None = None, pseudocount: float = 0.0,
+                weights1=None, weights2=None) -> pd.DataFrame:
     """Per-gene posterior of the log2 fold change between two groups.
 
     Parameters
@@ -36,6 +37,9 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float | None
         Random generator for the pairs.
     pseudocount
         The pseudocount added before the log, removed again from ``scale1``/``scale2``.
+    weights1, weights2
+        Probabilities of each group's rows (a list per stratum where the draws are), by which the pairs are drawn
+        and ``scale1``/``scale2`` averaged (``weights="importance"``); None: every row alike.
 
     Returns
     -------
@@ -47,7 +51,7 @@ def change_test(log2_expression_1, log2_expression_2, genes, delta: float | None
         ``lfc_q05``, ``lfc_q95``, ``is_de_fdr_<target>``.
     """
     rng = rng or np.random.default_rng(0)
-    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
+    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount, weights1, weights2)
     delta = estimate_delta(lfc.mean(0)) if delta is None else delta
     proba = (np.abs(lfc) > delta).mean(0)
     table = pd.DataFrame(
@@ -104,7 +108,8 @@ def estimate_delta(lfc_means: np.ndarray, coefficient: float = 0.6, floor: float
 
 
 def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 5000,
-                 rng: np.random.Generator | None = None, pseudocount: float = 0.0) -> pd.DataFrame:
+                 rng: np.random.Generator | None = None, pseudocount: float = 0.0, weights1=None,
+                 weights2=None) -> pd.DataFrame:
     """Per gene, the posterior probability that group 1 expresses more than group 2 (scvi-tools' ``"vanilla"``).
 
     The hypotheses are M1: h1 > h2 and M2: h1 <= h2, judged on random pairs of rows drawn as in
@@ -123,6 +128,8 @@ def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 500
         Random generator for the pairs.
     pseudocount
         The pseudocount added before the log, removed again from ``scale1``/``scale2``.
+    weights1, weights2
+        Probabilities of the rows, as for :func:`change_test`.
 
     Returns
     -------
@@ -131,7 +138,7 @@ def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 500
         (log odds of M1), ``scale1``, ``scale2`` (mean expression).
     """
     rng = rng or np.random.default_rng(0)
-    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount)
+    lfc, scale = _paired_differences(log2_expression_1, log2_expression_2, n_pairs, rng, pseudocount, weights1, weights2)
     proba = (lfc > 0).mean(0)
     table = pd.DataFrame({"proba_m1": proba, "proba_m2": 1.0 - proba, "bayes_factor": _log_odds(proba),
                           "scale1": scale[0], "scale2": scale[1]}, index=pd.Index(genes, name="gene"))
@@ -139,16 +146,29 @@ def vanilla_test(log2_expression_1, log2_expression_2, genes, n_pairs: int = 500
 
 
 def _paired_differences(log2_expression_1, log2_expression_2, n_pairs: int, rng: np.random.Generator,
-                        pseudocount: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """log2 fold changes of random row pairs (within each stratum), and each group's mean expression."""
-    first_strata = log2_expression_1 if isinstance(log2_expression_1, list) else [log2_expression_1]
-    second_strata = log2_expression_2 if isinstance(log2_expression_2, list) else [log2_expression_2]
+                        pseudocount: float, weights1=None, weights2=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """log2 fold changes of random row pairs (within each stratum; rows drawn by their weights where given), and each
+    group's (weighted) mean expression."""
+    as_list = lambda values: values if isinstance(values, list) else [values]  # noqa: E731
+    first_strata, second_strata = as_list(log2_expression_1), as_list(log2_expression_2)
+    first_weights, second_weights = ([None] * len(strata) if weights is None else as_list(weights)
+                                     for strata, weights in ((first_strata, weights1), (second_strata, weights2)))
     per_stratum = max(1, n_pairs // len(first_strata))
-    lfc = np.concatenate([
-        a[rng.integers(len(a), size=per_stratum)] - b[rng.integers(len(b), size=per_stratum)]
-        for a, b in zip(first_strata, second_strata)
-    ])
-    scale = [np.concatenate([np.exp2(a) for a in strata]).mean(0) - pseudocount for strata in (first_strata, second_strata)]
+
+    def pick(rows: np.ndarray, weights) -> np.ndarray:
+        # a uniform draw keeps the generator's stream of the unweighted test, so that weights=None repeats it
+        return rows[rng.integers(len(rows), size=per_stratum) if weights is None else
+                    rng.choice(len(rows), size=per_stratum, p=weights)]
+
+    lfc = np.concatenate([pick(a, wa) - pick(b, wb) for a, b, wa, wb in
+                          zip(first_strata, second_strata, first_weights, second_weights)])
+    scale = []
+    for strata, weights in ((first_strata, first_weights), (second_strata, second_weights)):
+        rows = np.concatenate([np.exp2(a) for a in strata])
+        if any(w is None for w in weights):
+            scale.append(rows.mean(0) - pseudocount)
+        else:
+            scale.append(np.average(rows, axis=0, weights=np.concatenate(weights)) - pseudocount)
     return lfc, scale
 
 

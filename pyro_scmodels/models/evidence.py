@@ -38,11 +38,17 @@ class EvidenceQueries:
     ``device``, ``observation_sites``, ``_indexed_batches`` and ``_check_trained``.
     """
 
-    def _local_terms(self, batch: dict, n_obs: int) -> dict[str, torch.Tensor]:
-        """One draw from the guide for a minibatch: per-cell log p (model), log q (guide) and log p(x | z, l)."""
+    #: why :meth:`log_importance_ratios` is not offered for this model class (None: it is)
+    importance_ratio_refusal: str | None = None
+
+    def _local_terms(self, batch: dict, n_obs: int, fixed: dict | None = None) -> dict[str, torch.Tensor]:
+        """One draw from the guide for a minibatch: per-cell log p (model), log q (guide) and log p(x | z, l);
+        ``fixed``: values of local sites given instead of drawn (e.g. ``{"z": z}``)."""
         medians = self.module.guide.global_medians()
-        guide = poutine.condition(self.module.guide, data=medians)
-        model = poutine.condition(self.module.model, data=medians)
+        fixed = fixed or {}
+        # both given the fixed values (replay takes only drawn sites); their log densities stay in the terms
+        guide = poutine.condition(self.module.guide, data={**medians, **fixed})
+        model = poutine.condition(self.module.model, data={**medians, **fixed})
         guide_trace = poutine.trace(guide).get_trace(batch, n_obs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch, n_obs)
         guide_trace.compute_log_prob(lambda name, site: _in_cell_plate(site))
@@ -54,7 +60,7 @@ class EvidenceQueries:
                     continue
                 value = _per_cell(site)
                 terms[label] = terms[label] + value
-                if label == "model" and site["is_observed"]:
+                if label == "model" and site["is_observed"] and name not in fixed:
                     terms[f"obs:{name}"] = value
                     if site["mask"] is not None:  # the cells with counts in this modality
                         terms[f"measured:{name}"] = torch.as_tensor(site["mask"], device=value.device).expand_as(value)
@@ -167,3 +173,42 @@ class EvidenceQueries:
             log_weights = torch.stack([d["model"] - d["guide"] for d in draws])
             parts.append(torch.logsumexp(log_weights.double(), 0) - math.log(n_mc_samples))
         return self._reduce(parts, return_mean)
+
+    def log_importance_ratios(self, adata=None, indices=None, n_samples: int = 1, seed: int = 0,
+                              batch_size: int | None = None) -> np.ndarray:
+        """log p(x, z_k, l_k) - log q(z_k, l_k | x) per cell, for the z draws that :meth:`decode_samples` decodes.
+
+        The z of each draw is the one ``posterior_z_batches(..., n_samples, seed)`` gives (the same seed: the same z,
+        so these ratios belong to the expression ``decode_samples`` decodes from it); the library size l is drawn
+        from the guide beside it and the global sites are held at their posterior medians, as in
+        :meth:`get_marginal_ll`. Exponentiated and normalised over a cell's draws they are self-normalised importance
+        weights of its z draws towards the model's posterior p(z | x) (what
+        ``differential_expression(weights="importance")`` resamples by).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_elbo`.
+        n_samples, seed
+            Draws per cell and their seed, as in :meth:`posterior_z_batches`.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``n_samples`` x cells, float64.
+
+        Raises
+        ------
+        NotImplementedError
+            The model class does not offer it (``importance_ratio_refusal`` says why).
+        """
+        if self.importance_ratio_refusal is not None:
+            raise NotImplementedError(f"{type(self).__name__}: importance ratios of z are not available: "
+                                      f"{self.importance_ratio_refusal}.")
+        n_obs = (self.adata if adata is None else adata).n_obs
+        parts = []
+        for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
+            with seeded(seed, self.device), torch.no_grad():  # the library draws repeat for the same cells and batches
+                terms = [self._local_terms(batch, n_obs, {"z": z_k}) for z_k in z]
+            parts.append(torch.stack([t["model"] - t["guide"] for t in terms]).double().cpu())
+        return torch.cat(parts, dim=1).numpy()

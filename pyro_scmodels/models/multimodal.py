@@ -73,6 +73,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
     block_model_class = RegularizedVIModel
     block_guide_class = RegularizedVIGuide
     masks_cells_without_counts = True  # a cell without a modality's counts has that modality's terms masked
+    importance_ratio_refusal = "its z may be drawn in per-modality parts, which the ratios do not condition on"
 
     def __init__(self, mdata, n_hidden=128, n_latent=10, n_layers: int = 1, latent_mode: str = "concatenation",
                  modality_weights: str = "equal", ambient_modalities=None, feature_scaling_modalities=None,

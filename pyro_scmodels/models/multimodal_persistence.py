@@ -43,13 +43,27 @@ class MultimodalPersistence:
         }
 
     @classmethod
-    def load(cls, dir_path: str, mdata=None, device: str = "auto"):
+    def load(cls, dir_path: str, mdata=None, device: str = "auto", prefix: str | None = None):
         """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality).
 
-        ``mdata`` None: the MuData saved with ``save(..., save_anndata=True)``. ``device``:
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        Parameters
+        ----------
+        dir_path
+            The folder written by :meth:`save`.
+        mdata
+            MuData with the model's modalities and features; None: the MuData saved with
+            ``save(..., save_anndata=True)``.
+        device
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        prefix
+            The prefix the model was saved with (files ``f"{prefix}model.pt"``, ``f"{prefix}mdata.h5mu"``); None:
+            no prefix.
+
+        Returns
+        -------
+        RegularizedMultimodalVI
         """
-        return cls._load(dir_path, mdata, device, "mudata")
+        return cls._load(dir_path, mdata, device, "mudata", prefix)
 
     @classmethod
     def _bind_saved(cls, payload: dict, mdata) -> None:

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .. import _validation as V
-from .._atomic import refuse_foreign_files, staged_save, write_h5ad
+from .._atomic import STAGED_PREFIX, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, UNCHECKED_EQUIVALENT_PARTS, StateMismatchError
 from ..data.source_state import names_digest, setting_text, unordered_names_hash
@@ -23,6 +23,60 @@ from ..priors import priors_fingerprint
 
 MODEL_FILE = "model.pt"
 DATA_FILES = {"anndata": "adata.h5ad", "mudata": "mdata.h5mu"}  # written by save(..., save_anndata=True)
+
+
+def file_prefix(prefix) -> str:
+    """``prefix`` checked as scvi-tools' ``save(..., prefix=)``: a string put before each saved file's name
+    (``f"{prefix}model.pt"``), so that several models share one folder; None is no prefix.
+
+    Raises
+    ------
+    TypeError
+        Not a string.
+    ValueError
+        A path separator in it (the prefix names files inside ``dir_path``, not a subfolder), or the name of a
+        save in progress.
+    """
+    if prefix is None:
+        return ""
+    if not isinstance(prefix, str):
+        # save(dir_path, True) meant overwrite before prefix came second, as in scvi-tools
+        raise V.ArgumentTypeError(f"prefix must be a string put before the saved files' names, got {prefix!r}; "
+                                  "pass overwrite and save_anndata by name, e.g. save(dir_path, overwrite=True).")
+    separators = [s for s in {"/", os.sep, os.altsep} if s and s in prefix]
+    if separators:
+        raise ValueError(f"prefix={prefix!r} holds the path separator {separators[0]!r}: a prefix names files inside "
+                         f"dir_path ({prefix}model.pt), not a subfolder. Put the folder in dir_path, e.g. "
+                         f"save(os.path.join(dir_path, {os.path.dirname(prefix)!r}), "
+                         f"prefix={os.path.basename(prefix)!r}).")
+    if prefix.startswith(STAGED_PREFIX):
+        raise ValueError(f"prefix={prefix!r} starts with {STAGED_PREFIX!r}, the name of a save in progress; choose "
+                         "another prefix.")
+    return prefix
+
+
+def saved_prefixes(dir_path: str) -> tuple[list[str], list[str]]:
+    """The files in ``dir_path`` and the prefixes of the saved models among them (``f"{prefix}model.pt"``)."""
+    names = sorted(os.listdir(dir_path)) if os.path.isdir(dir_path) else []
+    prefixes = [n[: -len(MODEL_FILE)] for n in names
+                if n.endswith(MODEL_FILE) and not n.startswith(STAGED_PREFIX) and ".partial-" not in n]
+    return names, prefixes
+
+
+def _no_saved_model(dir_path: str, prefix: str) -> Exception:
+    """The error for a folder without ``f"{prefix}model.pt"``: it names the files there and the prefixes saved."""
+    if not os.path.isdir(dir_path):
+        return FileNotFoundError(f"No saved model at {dir_path}: the folder does not exist.")
+    names, prefixes = saved_prefixes(dir_path)
+    shown = names[:20] + ([f"... {len(names) - 20} more"] if len(names) > 20 else [])
+    if not prefixes:
+        hint = "no saved model is there (a save writes <prefix>model.pt)"
+    elif len(prefixes) == 1:
+        hint = f"the one saved model there has prefix={prefixes[0] or None!r}; load it with that prefix"
+    else:
+        hint = f"the saved models there have the prefixes {[p or None for p in prefixes]}; pass one as prefix="
+    return FileNotFoundError(f"No saved model at {os.path.join(dir_path, prefix + MODEL_FILE)} (prefix={prefix or None!r})."
+                             f" Files found: {shown}; {hint}.")
 
 
 class SavedModel:
@@ -39,26 +93,32 @@ class SavedModel:
     def _save_payload(self) -> dict:  # pragma: no cover - provided by the model class
         raise NotImplementedError
 
-    def save(self, dir_path: str, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save the model (parameters, settings, gene names, categories, history) to ``dir_path``.
 
         Parameters
         ----------
         dir_path
             Folder to create; ``model.pt`` is written inside.
+        prefix
+            Put before the name of each file written (``f"{prefix}model.pt"``, ``f"{prefix}adata.h5ad"``), as in
+            scvi-tools: models saved with different prefixes share ``dir_path``, and :meth:`load` takes the same
+            prefix. None: no prefix. It may not hold a path separator.
         overwrite
-            Replace an existing saved model in ``dir_path``.
+            Replace an existing saved model of the same prefix in ``dir_path`` (those of other prefixes stay).
         save_anndata
             Also write the training data (``adata.h5ad``, or ``mdata.h5mu`` for a MuData), so that
             :meth:`load` needs no data argument.
         """
-        path = os.path.join(dir_path, MODEL_FILE)
+        prefix = file_prefix(prefix)
+        marker = f"{prefix}{MODEL_FILE}"
+        path = os.path.join(dir_path, marker)
         save_anndata = V.boolean("save_anndata", save_anndata)
         overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         if not overwrite:  # the user's own adata.h5ad in the folder was removed (or replaced) by a save
-            refuse_foreign_files(dir_path, MODEL_FILE, [self._data_file()] if save_anndata else [], "a saved model")
+            refuse_foreign_files(dir_path, marker, [prefix + self._data_file()] if save_anndata else [], "a saved model")
         writable_folder("dir_path", dir_path)
         self.module.model.check_priors()  # a buffer of a shape its site cannot take would save a model that cannot load
         payload = self._save_payload()
@@ -70,25 +130,26 @@ class SavedModel:
         payload["query reference"] = self.query_reference
         # model.pt marks the save: written last, after the data, so that a save stopped while writing leaves the
         # earlier one whole, and data saved with an earlier model is removed (never loaded with this one)
-        with staged_save(dir_path, MODEL_FILE, replaces=tuple(DATA_FILES.values())) as stage:
+        # (the files of another prefix are another model's: neither replaced nor removed)
+        with staged_save(dir_path, marker, replaces=tuple(prefix + name for name in DATA_FILES.values())) as stage:
             if save_anndata and hasattr(self.adata, "mod"):
-                self.adata.write(stage(self._data_file()))  # MuData.write is write_h5mu
+                self.adata.write(stage(prefix + self._data_file()))  # MuData.write is write_h5mu
             elif save_anndata:
-                write_h5ad(self.adata, stage(self._data_file()))  # a backed AnnData stays backed by its own file
-            torch.save(payload, stage(MODEL_FILE))
+                write_h5ad(self.adata, stage(prefix + self._data_file()))  # a backed AnnData stays backed by its own file
+            torch.save(payload, stage(marker))
 
     def _data_file(self) -> str:
         return DATA_FILES["mudata" if hasattr(self.adata, "mod") else "anndata"]
 
     @staticmethod
-    def _saved_data(dir_path: str, kind: str, backed: bool = False):
+    def _saved_data(dir_path: str, kind: str, backed: bool = False, prefix: str = ""):
         """The data saved next to a model with ``save_anndata=True`` (opened backed when the model's were); ``ValueError``
         saying what to do if absent."""
-        path = os.path.join(dir_path, DATA_FILES[kind])
+        path = os.path.join(dir_path, prefix + DATA_FILES[kind])
         if not os.path.exists(path):
             what = "mdata" if kind == "mudata" else "adata"
             raise ValueError(
-                f"No {what} was passed and none was saved in {dir_path} ({DATA_FILES[kind]} is absent). Pass the data "
+                f"No {what} was passed and none was saved in {dir_path} ({prefix}{DATA_FILES[kind]} is absent). Pass the data "
                 f"the model should work on ({what}=...), or save the model with save(..., save_anndata=True)."
             )
         # a model of data on disk gets its copy on disk: read into memory, the copy of a file chosen because it does
@@ -96,8 +157,11 @@ class SavedModel:
         return read_h5mu(path) if kind == "mudata" else read_h5ad(path, backed="r" if backed else None)
 
     @classmethod
-    def _read_payload(cls, dir_path: str) -> dict:
-        payload = load_torch_file(os.path.join(dir_path, MODEL_FILE), "saved model")
+    def _read_payload(cls, dir_path: str, prefix: str = "") -> dict:
+        path = os.path.join(dir_path, prefix + MODEL_FILE)
+        if not os.path.isfile(path):
+            raise _no_saved_model(dir_path, prefix)
+        payload = load_torch_file(path, "saved model")
         # a multimodal model records its modalities; a single-modality one its layer
         if ("modalities" in payload) != hasattr(cls, "setup_mudata"):
             saved = payload.get("class", "model of another kind")
@@ -159,11 +223,13 @@ class SavedModel:
         raise NotImplementedError
 
     @classmethod
-    def _load(cls, dir_path: str, data, device: str, kind: str):
-        """The model saved in ``dir_path``, bound to ``data`` (None: the data saved beside it), on ``device``."""
-        payload = cls._read_payload(dir_path)
+    def _load(cls, dir_path: str, data, device: str, kind: str, prefix: str | None = None):
+        """The model saved in ``dir_path`` under ``prefix``, bound to ``data`` (None: the data saved beside it), on
+        ``device``."""
+        prefix = file_prefix(prefix)
+        payload = cls._read_payload(dir_path, prefix)
         if data is None:
-            data = cls._saved_data(dir_path, kind, payload.get("data backed", False))
+            data = cls._saved_data(dir_path, kind, payload.get("data backed", False), prefix)
         cls._bind_saved(payload, data)
         model = cls(data, **payload["init_params"], _categories=payload["categories"])
         model._restore(payload)

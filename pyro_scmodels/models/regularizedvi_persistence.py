@@ -26,7 +26,7 @@ class RegularizedVIPersistence:
         }
 
     @classmethod
-    def load(cls, dir_path: str, adata=None, device: str = "auto") -> "RegularizedVI":
+    def load(cls, dir_path: str, adata=None, device: str = "auto", prefix: str | None = None) -> "RegularizedVI":
         """Load a model saved with :meth:`save`, bound to ``adata``.
 
         Parameters
@@ -39,12 +39,20 @@ class RegularizedVIPersistence:
             with ``save(..., save_anndata=True)``.
         device
             ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        prefix
+            The prefix the model was saved with (``save(..., prefix=)``; scvi-tools' meaning): the files read are
+            ``f"{prefix}model.pt"`` and ``f"{prefix}adata.h5ad"``. None: no prefix.
 
         Returns
         -------
         RegularizedVI
+
+        Raises
+        ------
+        FileNotFoundError
+            No ``f"{prefix}model.pt"`` in ``dir_path``; the message names the files there and the prefixes saved.
         """
-        return cls._load(dir_path, adata, device, "anndata")
+        return cls._load(dir_path, adata, device, "anndata", prefix)
 
     @classmethod
     def _bind_saved(cls, payload: dict, adata) -> None:

@@ -1,0 +1,73 @@
+"""Weights of the posterior draws behind differential expression: scvi-tools' ``weights="uniform" | "importance"``.
+
+With ``"uniform"`` every (cell, posterior sample) row of a group is drawn alike. With ``"importance"`` the rows are
+drawn in proportion to importance weights of their z draws, so that the draws follow the group's aggregate
+posterior (1/N) sum_n p(z | x_n) rather than the guide's (1/N) sum_n q(z | x_n): a row whose z explains its cell
+better than the guide's spread suggests counts more. scvi-tools (``RNASeqMixin.get_importance_weights``) targets the
+same aggregate posterior with the mixture of the group's guides as proposal, which needs each anchor cell's marginal
+likelihood p(x_a) and every z decoded against every anchor; here each cell's own guide is the proposal and its draws
+are self-normalised among themselves, which needs only the model's log joint against the guide's log density
+(``model.log_importance_ratios``) and gives every cell the same total weight, 1/N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validation as V
+
+WEIGHTS = ("uniform", "importance")  # scvi-tools' two choices; None is "uniform", as there
+
+
+def check_weights(model, weights) -> str:
+    """``weights`` checked (None: ``"uniform"``), and ``"importance"`` refused for a model that cannot give the ratios,
+    before any posterior draw is made.
+
+    Raises
+    ------
+    ValueError
+        Not one of :data:`WEIGHTS`.
+    NotImplementedError
+        ``"importance"`` for a model class whose ``importance_ratio_refusal`` says why not.
+    """
+    weights = "uniform" if weights is None else V.choice("weights", weights, WEIGHTS)
+    refusal = getattr(model, "importance_ratio_refusal", None)
+    if weights == "importance" and refusal is not None:
+        raise NotImplementedError(f"weights='importance' is not available for {type(model).__name__}: {refusal}. "
+                                  "Use weights='uniform' (the default).")
+    return weights
+
+
+def row_weights(log_ratios: np.ndarray) -> np.ndarray | None:
+    """Probabilities of the rows of a group's draws from their log importance ratios.
+
+    Parameters
+    ----------
+    log_ratios
+        ``n_samples`` x cells: log p(x, z, l) - log q(z, l | x) of each draw.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        One probability per row, rows ordered sample-major as the draws are (row ``s * n_cells + c``): each cell's
+        draws weighted by their ratios normalised over that cell's draws, every cell with total ``1 / n_cells``.
+        None where every row has the same weight (one draw per cell): the uniform draw.
+    """
+    log_ratios = np.asarray(log_ratios, dtype=np.float64)
+    if log_ratios.ndim != 2:
+        raise ValueError(f"log_ratios must be n_samples x cells, got shape {log_ratios.shape}.")
+    if log_ratios.shape[0] == 1:
+        return None
+    finite = np.where(np.isfinite(log_ratios), log_ratios, -np.inf)
+    if not np.isfinite(finite.max(axis=0)).all():
+        raise ValueError("weights='importance': a cell has no draw of finite log joint (the model gives its counts "
+                         "zero probability at every draw); use weights='uniform', or check the cell's counts.")
+    shifted = np.exp(finite - finite.max(axis=0, keepdims=True))
+    per_cell = shifted / shifted.sum(axis=0, keepdims=True)
+    return (per_cell / log_ratios.shape[1]).ravel()
+
+
+def effective_sample_size(probabilities: np.ndarray) -> float:
+    """Kish's effective number of rows, 1 / sum(p^2), of row probabilities (the rows' count when uniform)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return float(1.0 / np.square(probabilities / probabilities.sum()).sum())

@@ -1,0 +1,162 @@
+"""differential_expression's scvi-tools options weights="uniform" | "importance" and filter_outlier_cells."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pyro import poutine
+from scipy.special import logsumexp
+
+import pyro_scmodels as ps
+from pyro_scmodels.differential_cells import filter_outlier_cells, latent_inliers
+from pyro_scmodels.differential_weights import effective_sample_size, row_weights
+from pyro_scmodels.pyro_modules import evaluating
+from pyro_scmodels.seeding import seeded
+
+from ._scvi_api import FIT, SMALL
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adata = ps.datasets.simulate(n_cells=400, n_genes=60, n_markers_per_type=5, n_responding_genes=8, seed=3)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL, seed=0)
+    model.train(max_epochs=40, **FIT)
+    return model
+
+
+def _quiet_de(model, **arguments):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return model.differential_expression(**arguments)
+
+
+# --- importance weights ---------------------------------------------------------------------------
+def test_row_weights_normalise_each_cells_draws_and_favour_the_higher_log_joint():
+    log_ratios = np.array([[-10.0, -50.0, 3.0], [-12.0, -50.0, 3.0], [-11.0, -49.0, 3.0]])  # samples x cells
+    p = row_weights(log_ratios).reshape(3, 3)  # rows come sample-major, as the decoded draws
+    np.testing.assert_allclose(p.sum(axis=0), 1 / 3)  # each cell the same share: the group's aggregate posterior
+    assert p[0, 0] > p[2, 0] > p[1, 0]  # within a cell, the order of the log joints
+    np.testing.assert_allclose(p[0, 0] / p[2, 0], np.e)
+    np.testing.assert_allclose(p[:, 2], 1 / 9)  # equal ratios: equal weights
+    assert row_weights(log_ratios[:1]) is None  # one draw per cell: the uniform draw
+    assert effective_sample_size(p.ravel()) < 9
+    with pytest.raises(ValueError, match="no draw of finite log joint"):
+        row_weights(np.array([[-np.inf, 0.0], [np.nan, 0.0]]))
+
+
+def test_log_importance_ratios_average_to_the_marginal_likelihood(fitted):
+    cells = np.arange(6)
+    ratios = fitted.log_importance_ratios(indices=cells, n_samples=200, seed=1)
+    assert ratios.shape == (200, 6) and np.isfinite(ratios).all()
+    np.testing.assert_array_equal(ratios, fitted.log_importance_ratios(indices=cells, n_samples=200, seed=1))
+    # log mean exp of p(x, z, l) / q(z, l | x) over the draws estimates log p(x), as get_marginal_ll does
+    estimate = logsumexp(ratios, axis=0) - np.log(200)
+    marginal = fitted.get_marginal_ll(indices=cells, n_mc_samples=200, return_mean=False, seed=2)
+    np.testing.assert_allclose(estimate, marginal, atol=0.5)
+    assert (ratios.std(axis=0) > 0).all()  # the weights are not all alike
+
+
+def test_log_importance_ratios_score_the_decoded_z_draws(fitted):
+    """The ratios are log p(x, z, l) - log q(z, l | x) at the z that decode_samples decodes with the same seed, traced
+    here by Pyro directly (the library drawn from the guide under the same seed, the globals at their medians)."""
+    cells, seed = np.arange(5), 5
+    z = torch.as_tensor(fitted.posterior_z(indices=cells, n_samples=3, seed=seed))  # decode_samples' z
+    [(_, (batch, n_obs))] = list(fitted.minibatches(indices=cells))
+    medians = fitted.module.guide.global_medians()
+    expected = []
+    with evaluating(fitted.module), seeded(seed, fitted.device), torch.no_grad():
+        for z_k in z:
+            given = {**medians, "z": z_k}
+            guide = poutine.trace(poutine.condition(fitted.module.guide, data=given)).get_trace(batch, n_obs)
+            replayed = poutine.replay(poutine.condition(fitted.module.model, data=given), trace=guide)  # the guide's l
+            model = poutine.trace(replayed).get_trace(batch, n_obs)
+            log_p = [site["fn"].log_prob(site["value"]) for name, site in model.nodes.items()
+                     if site["type"] == "sample" and any(f.name == "cells" for f in site["cond_indep_stack"])]
+            log_q = [site["fn"].log_prob(site["value"]) for name, site in guide.nodes.items()
+                     if site["type"] == "sample" and any(f.name == "cells" for f in site["cond_indep_stack"])]
+            expected.append((sum(log_p) - sum(log_q)).double().numpy())
+    ratios = fitted.log_importance_ratios(indices=cells, n_samples=3, seed=seed)
+    np.testing.assert_allclose(ratios, np.stack(expected), rtol=1e-5, atol=1e-3)
+
+
+def test_importance_with_one_sample_per_cell_is_the_uniform_test(fitted):
+    arguments = dict(groupby="cell_type", group1="type_0", num_samples=1, n_pairs=2000)
+    uniform = _quiet_de(fitted, **arguments)
+    pd.testing.assert_frame_equal(_quiet_de(fitted, **arguments, weights="importance"), uniform)
+    pd.testing.assert_frame_equal(_quiet_de(fitted, **arguments, weights=None), uniform)  # None is uniform, as scvi's
+
+
+def test_importance_weighted_lfc_keeps_the_sign_of_responding_genes(fitted):
+    adata, truth = fitted.adata, fitted.adata.var
+    record = adata.uns["simulation"]
+    responders = adata.obs["cell_type"].isin(record["responding_cell_types"]).to_numpy()
+    stimulated = (adata.obs["condition"] == record["stimulated_name"]).to_numpy()
+    arguments = dict(idx1=responders & stimulated, idx2=responders & ~stimulated, num_samples=8, n_pairs=4000)
+    weighted = _quiet_de(fitted, **arguments, weights="importance")
+    uniform = _quiet_de(fitted, **arguments)
+    genes = truth.index[truth["responding"]]
+    signs = np.sign(weighted.loc[genes, "lfc_mean"]) == np.sign(truth.loc[genes, "true_lfc"])
+    assert signs.mean() >= 0.85, weighted.loc[genes, ["lfc_mean"]].join(truth["true_lfc"])
+    # the weights are used: the same draws give other group means
+    assert not np.allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index())
+    np.testing.assert_allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index(), rtol=0.25)
+
+
+def test_bad_weights_are_refused_before_any_draw(fitted, monkeypatch):
+    def no_draws(*args, **kwargs):
+        raise AssertionError("posterior draws were made before the argument check")
+
+    monkeypatch.setattr(type(fitted), "decode_samples", no_draws)
+    with pytest.raises(ValueError, match=r"weights must be 'uniform' or 'importance', got 'importnace'"):
+        fitted.differential_expression(groupby="cell_type", weights="importnace")
+    with pytest.raises(TypeError, match="filter_outlier_cells"):
+        fitted.differential_expression(groupby="cell_type", filter_outlier_cells="yes")
+
+
+def test_importance_weights_are_refused_for_the_multimodal_model():
+    mdata = ps.datasets.simulate_multiome(n_cells=200, n_genes=80, n_peaks=120, seed=0)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    with pytest.raises(NotImplementedError, match=r"weights='importance' is not available.*weights='uniform'"):
+        model.differential_expression(groupby="cell_type", weights="importance")
+    with pytest.raises(NotImplementedError, match="per-modality parts"):
+        model.log_importance_ratios(n_samples=2)
+
+
+# --- outlier cells --------------------------------------------------------------------------------
+def test_latent_inliers_drop_planted_far_cells_and_keep_all_when_the_covariance_fails():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(100, 4))
+    latent[:5] += 12.0  # five cells far from the bulk
+    inside = latent_inliers(latent)
+    assert not inside[:5].any()
+    assert (~inside).sum() == 10  # a tenth of the group, as sklearn's default contamination
+    with pytest.warns(UserWarning, match="could not be estimated.*every cell of it is kept"):
+        assert latent_inliers(np.zeros((1, 4))).all()  # a group of one cell: no covariance
+
+
+def test_filter_outlier_cells_drops_cells_planted_from_another_type(fitted):
+    adata = fitted.adata
+    types = adata.obs["cell_type"].to_numpy()
+    planted = np.flatnonzero(types == "type_3")[:3]  # labelled into type_0's group, but type_3 in the latent space
+    group1 = np.concatenate([np.flatnonzero(types == "type_0"), planted])
+    group2 = np.flatnonzero(types == "type_1")
+    with pytest.warns(UserWarning, match=rf"of {len(group1)} in 'idx1'.*of {len(group2)} in 'idx2'"):
+        [(_, _, kept1, kept2)] = filter_outlier_cells(fitted, adata, [("idx1", "idx2", group1, group2)])
+    assert not np.isin(planted, kept1).any()
+    assert len(group1) - len(kept1) == pytest.approx(0.1 * len(group1), abs=1)
+    assert np.isin(kept2, group2).all() and len(kept2) < len(group2)
+
+    arguments = dict(idx1=group1, idx2=group2, num_samples=4, n_pairs=2000)
+    with pytest.warns(UserWarning, match="filter_outlier_cells: left out"):
+        filtered = fitted.differential_expression(**arguments, filter_outlier_cells=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default filters nothing and says nothing
+        default = fitted.differential_expression(**arguments)
+    pd.testing.assert_frame_equal(fitted.differential_expression(**arguments, filter_outlier_cells=False), default)
+    assert not np.allclose(filtered["lfc_mean"].sort_index(), default["lfc_mean"].sort_index())
+    # the observed-count columns keep every cell, as scvi-tools'
+    pd.testing.assert_series_equal(filtered["raw_mean1"].sort_index(), default["raw_mean1"].sort_index())
