@@ -1,6 +1,7 @@
 """Bayesian differential expression from posterior samples of normalised expression.
 
-The "change" test of scvi-tools, on a model's background-free expression rho: draw pairs of
+The "change" test of scvi-tools, on a model's expression rho plus the part of its ambient background that every
+cell carries (which the likelihood cannot tell from rho; ``background="none"``: rho alone): draw pairs of
 (cell, posterior sample) from the two groups, form log2 fold changes, and per gene report the
 posterior probability that |LFC| exceeds ``delta``; genes are selected by posterior expected
 false discovery rate. The "vanilla" test reports, on the same pairs, the probability that the
@@ -23,6 +24,7 @@ from .differential_statistics import change_test, vanilla_test
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
 MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
+BACKGROUNDS = ("shared", "none")  # what of the ambient background the tested expression holds; see differential_expression
 NORMALISED_TOTAL = 1e4  # raw_normalized_mean*: counts per 10,000, as scvi-tools reports them
 
 
@@ -185,15 +187,27 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
 
 
 # --- the user-facing test ----------------------------------------------------------------------
+def _background_shift(model, background, modality) -> np.ndarray | None:
+    """What ``background`` adds to rho before the log: the model's shared background, or None."""
+    if not isinstance(background, str) or background not in BACKGROUNDS:
+        error = ValueError if isinstance(background, str) else V.ArgumentTypeError
+        raise error(f"background={background!r} is not an option: pass 'shared' (rho plus the part of the ambient "
+                    "background every category carries, which the data cannot tell from rho; the default) or 'none' "
+                    "(rho alone, free of all background).")
+    shared = model.shared_background(modality) if background == "shared" else None
+    return None if shared is None else shared.to_numpy(dtype=np.float32)
+
+
 def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount,
-                paired: bool = True) -> list[np.ndarray]:
-    """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all when the
-    strata do not pair)."""
+                paired: bool = True, shift: np.ndarray | None = None) -> list[np.ndarray]:
+    """log2(rho + shift + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all
+    when the strata do not pair); ``shift`` is a per-feature vector or None."""
     draws = []
     for stratum in strata:
         # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
         batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
         rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
+        rho = rho if shift is None else rho + shift
         draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
     return draws if paired else [np.concatenate(draws)]
 
@@ -203,12 +217,13 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                             batch_correction: bool | str = False, batchid1=None, batchid2=None,
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
-                            modality: str | None = None, all_stats: bool = True) -> pd.DataFrame:
+                            modality: str | None = None, all_stats: bool = True,
+                            background: str = "shared") -> pd.DataFrame:
     """Bayesian differential expression (scvi-tools' ``"change"`` and ``"vanilla"`` modes) between groups of cells.
 
-    Uses seeded posterior samples of the background- and scaling-free expression rho
-    (``model.decode_samples``). ``scale1``/``scale2`` are mean rho (counts at a typical library
-    size), where scvi-tools reports proportions.
+    Uses seeded posterior samples of the scaling-free expression rho (``model.decode_samples``) plus, by default,
+    the part of the ambient background that every cell carries (``background``). ``scale1``/``scale2`` are the
+    mean of that expression (counts at a typical library size), where scvi-tools reports proportions.
 
     Parameters
     ----------
@@ -246,11 +261,14 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``), as scvi-tools computes it:
         from ``proba_de``, which also grows with the LFC's spread inside the groups, not a frequentist guarantee.
         Between two random halves of one Kang cell type (every true difference 0, 1,267 genes, 400 epochs) the
-        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06). rho is free of the
-        background, so a background level the data cannot pin moves every LFC: on the simulator with batches at
-        5-20 % background, learned at 16-24 %, the LFC's slope on the truth was 1.17-1.48 and 10-28 % of the genes
-        called at 0.05 had no true change; with the true background profile given (``ambient_profile=``, which empty
-        droplets estimate) 1.01-1.03 and 4-5 % (docs/models.md, "The decoder's scale").
+        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06). A background level the
+        data cannot pin moves every LFC of rho alone: on the simulator with batches at 5 / 10 / 20 % background,
+        learned at 19-29 %, rho's LFC (``background="none"``) had slope 1.44-1.54 on the truth and 24-27 % of the
+        genes called at 0.05 had a true |LFC| <= 0.25; the default ``"shared"`` on the same fits had slope 0.92-0.93
+        and 3 % and 13 % (true calls 125 and 136 against rho's 157 and 166; with the true profile given, rho had
+        slope 0.99-1.02, 9 % and 19 %, and 116 and 137 true calls). The 13 % and 19 % of seed 1 are genes with a
+        true |LFC| in (0.1, 0.25]: 0.6 % of the calls had one <= 0.1 (benchmarks/RESULTS.md, "DE and the
+        unidentified background (2026-12-07)").
     num_samples
         Posterior samples per cell.
     n_cells
@@ -267,6 +285,15 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         model masks) are left out of both groups, with a warning saying how many; a group with none left is refused.
     all_stats
         Add the observed-count columns (``raw_mean1``, ``non_zeros_proportion1``, ...).
+    background
+        ``"shared"`` (the default since 2026-12-07): test rho + c, with c per feature the background every cell
+        carries (:meth:`~pyro_scmodels.models.global_site_tables.GlobalSiteTables.shared_background`: the smallest
+        s among each ambient key's categories, summed over keys; all of s with no ambient key). The mean is
+        ``l (rho + s) y``: moving c between rho and every category's s changes nothing the data see, so rho alone
+        is fixed only up to c, and a fit that leaves too much in s takes it from rho and stretches fold changes;
+        rho + c is fixed by the data. It adds no cell's own category, so a batch's extra soup stays out.
+        ``"none"``: rho alone (the only form before), free of all background: the form to use when the background is
+        identified (``ambient_profile=`` from empty droplets). Models without a background test rho either way.
 
     Returns
     -------
@@ -296,6 +323,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
     strata1, strata2, paired = correction_strata(model, batch_correction, batchid1, batchid2)
+    shift = _background_shift(model, background, modality)
     tests = comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
     skip_empty = bool(model.masks_cells_without_counts)
     matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats or skip_empty else None
@@ -307,7 +335,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     for i, (name1, name2, cells1, cells2) in enumerate(tests):
         samples = [
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
-                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired)
+                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, shift)
             for offset, (cells, strata) in enumerate(((cells1, strata1), (cells2, strata2)))
         ]
         if mode == "vanilla":
