@@ -1,6 +1,7 @@
 """Bayesian differential expression from posterior samples of normalised expression.
 
-The "change" test of scvi-tools, on a model's background-free expression rho: draw pairs of
+The "change" test of scvi-tools, on a model's expression rho plus the part of its ambient background that every
+cell carries (which the likelihood cannot tell from rho; ``background="none"``: rho alone): draw pairs of
 (cell, posterior sample) from the two groups, form log2 fold changes, and per gene report the
 posterior probability that |LFC| exceeds ``delta``; genes are selected by posterior expected
 false discovery rate. The "vanilla" test reports, on the same pairs, the probability that the
@@ -20,11 +21,13 @@ from . import _validation as V
 from .data import counts_matrix
 from .differential_cells import filter_outlier_cells as _drop_outliers
 from .differential_cells import measured_cells_only
+from .differential_correction import correction_strata
 from .differential_statistics import change_test, vanilla_test
 from .differential_weights import check_weights, row_weights
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
 MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
+BACKGROUNDS = ("shared", "none")  # what of the ambient background the tested expression holds; see differential_expression
 NORMALISED_TOTAL = 1e4  # raw_normalized_mean*: counts per 10,000, as scvi-tools reports them
 
 
@@ -156,78 +159,29 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
 
 
 # --- the user-facing test ----------------------------------------------------------------------
-def _correction_key(model, batch_correction) -> str | None:
-    """The decoder-conditioning key every cell is decoded as each category of, or None without correction."""
-    if batch_correction is False or batch_correction is None:
-        return None
-    keys = list(model.keys.nn_conditioning)
-    if isinstance(batch_correction, str):
-        if batch_correction not in keys:
-            raise ValueError(f"batch_correction={batch_correction!r} is not a decoder-conditioning key of the model "
-                             f"(nn_conditioning_covariate_keys={keys}).")
-        return batch_correction
-    if V.boolean("batch_correction", batch_correction) and len(keys) == 1:
-        return keys[0]
-    if not keys:
-        warnings.warn("batch_correction=True changes nothing here: the decoder is not conditioned on covariates, and rho "
-                      "already leaves out the ambient, scaling, dispersion and library terms.", stacklevel=4)
-        return None
-    raise ValueError(f"The decoder is conditioned on several keys {keys}; name the one to correct for, "
-                     "e.g. batch_correction='batch'.")
-
-
-def _chosen_categories(name: str, chosen, key: str, categories: list) -> list:
-    """``batchid1`` / ``batchid2`` checked against the key's categories, in the order given, without repeats."""
-    chosen = [chosen] if isinstance(chosen, str) or np.ndim(chosen) == 0 else list(chosen)
-    by_text = {str(category): category for category in categories}
-    unknown = [category for category in chosen if str(category) not in by_text]
-    if not chosen or unknown:
-        raise ValueError(f"{name}={chosen!r}: {'names no category' if not chosen else f'{unknown} not among'} the "
-                         f"categories of {key!r} ({list(categories)}).")
-    return list(dict.fromkeys(by_text[str(category)] for category in chosen))
-
-
-def _correction_strata(model, batch_correction, batchid1=None, batchid2=None) -> tuple[list, list, bool]:
-    """Decoder covariates to decode each group's cells with (one stratum each), and whether rows pair within strata.
-
-    Without correction each group has the one stratum None (the cells' own covariates). With it, both groups are
-    decoded as every category of the key and paired within a category; ``batchid1`` / ``batchid2`` narrow the
-    categories of each group: the same ones pair within each, disjoint ones pair across all (case and control
-    decoded as batches of their own)."""
-    key = _correction_key(model, batch_correction)
-    if key is None:
-        if (batchid1 is not None or batchid2 is not None) and batch_correction:
-            raise ValueError("batchid1 / batchid2 choose categories of the decoder-conditioning key to decode the "
-                             "groups as, and this model's decoder is conditioned on no covariate: there are none.")
-        if batchid1 is not None or batchid2 is not None:
-            raise ValueError("batchid1 / batchid2 choose the categories the groups are decoded as, which needs "
-                             "batch_correction=True (or the key's name); without it each cell keeps its own.")
-        return [None], [None], True
-    categories = list(model.encoding.categories[key])
-    first = categories if batchid1 is None else _chosen_categories("batchid1", batchid1, key, categories)
-    second = categories if batchid2 is None else _chosen_categories("batchid2", batchid2, key, categories)
-    shared = set(map(str, first)) & set(map(str, second))
-    if set(map(str, first)) == set(map(str, second)):
-        second, paired = first, True
-    elif not shared:
-        paired = False
-    else:
-        # scvi-tools warns here and pools; a pooled comparison mixes same- and cross-batch pairs without saying which
-        raise ValueError(f"batchid1 {first} and batchid2 {second} share {sorted(shared)} but differ: pass the same "
-                         "categories (pairs within each) or disjoint ones (case and control decoded as batches of "
-                         "their own). A batchid left out means every category of " + repr(key) + ".")
-    return [{key: category} for category in first], [{key: category} for category in second], paired
+def _background_shift(model, background, modality) -> np.ndarray | None:
+    """What ``background`` adds to rho before the log: the model's shared background, or None."""
+    if not isinstance(background, str) or background not in BACKGROUNDS:
+        error = ValueError if isinstance(background, str) else V.ArgumentTypeError
+        raise error(f"background={background!r} is not an option: pass 'shared' (rho plus the part of the ambient "
+                    "background every category carries, which the data cannot tell from rho; the default) or 'none' "
+                    "(rho alone, free of all background).")
+    shared = model.shared_background(modality) if background == "shared" else None
+    return None if shared is None else shared.to_numpy(dtype=np.float32)
 
 
 def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount,
-                paired: bool = True, weights: str = "uniform") -> tuple[list[np.ndarray], list | None]:
-    """log2(rho + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all when the
-    strata do not pair), and the rows' probabilities alike (None: uniform)."""
+                paired: bool = True, weights: str = "uniform",
+                shift: np.ndarray | None = None) -> tuple[list[np.ndarray], list | None]:
+    """log2(rho + shift + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all
+    when the strata do not pair), and the rows' probabilities alike (None: uniform); ``shift`` is a per-feature
+    vector or None."""
     draws = []
     for stratum in strata:
         # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
         batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
         rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
+        rho = rho if shift is None else rho + shift
         draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
     probabilities = None
     if weights == "importance":  # the ratios of the same z draws (same seed), under each cell's own covariates
@@ -246,12 +200,12 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                             fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                             pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                             modality: str | None = None, all_stats: bool = True, weights: str | None = "uniform",
-                            filter_outlier_cells: bool = False) -> pd.DataFrame:
+                            filter_outlier_cells: bool = False, background: str = "shared") -> pd.DataFrame:
     """Bayesian differential expression (scvi-tools' ``"change"`` and ``"vanilla"`` modes) between groups of cells.
 
-    Uses seeded posterior samples of the background- and scaling-free expression rho
-    (``model.decode_samples``). ``scale1``/``scale2`` are mean rho (counts at a typical library
-    size), where scvi-tools reports proportions.
+    Uses seeded posterior samples of the scaling-free expression rho (``model.decode_samples``) plus, by default,
+    the part of the ambient background that every cell carries (``background``). ``scale1``/``scale2`` are the
+    mean of that expression (counts at a typical library size), where scvi-tools reports proportions.
 
     Parameters
     ----------
@@ -289,11 +243,14 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``), as scvi-tools computes it:
         from ``proba_de``, which also grows with the LFC's spread inside the groups, not a frequentist guarantee.
         Between two random halves of one Kang cell type (every true difference 0, 1,267 genes, 400 epochs) the
-        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06). rho is free of the
-        background, so a background level the data cannot pin moves every LFC: on the simulator with batches at
-        5-20 % background, learned at 16-24 %, the LFC's slope on the truth was 1.17-1.48 and 10-28 % of the genes
-        called at 0.05 had no true change; with the true background profile given (``ambient_profile=``, which empty
-        droplets estimate) 1.01-1.03 and 4-5 % (docs/models.md, "The decoder's scale").
+        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06). A background level the
+        data cannot pin moves every LFC of rho alone: on the simulator with batches at 5 / 10 / 20 % background,
+        learned at 18.6-28.7 %, rho's LFC (``background="none"``) had slope 1.44-1.54 on the truth and 24-27 % of the
+        genes called at 0.05 had a true |LFC| <= 0.25; the default ``"shared"`` on the same fits had slope 0.92-0.93
+        and 3 % and 13 % (true calls 125 and 136 against rho's 157 and 166; with the true profile given, rho had
+        slope 0.99-1.02, 9 % and 19 %, and 116 and 137 true calls). The 13 % and 19 % of seed 1 are genes with a
+        true |LFC| in (0.1, 0.25]: 0.6 % of the calls had one <= 0.1 (benchmarks/RESULTS.md, "DE and the
+        unidentified background (2026-12-07)").
     num_samples
         Posterior samples per cell.
     n_cells
@@ -321,6 +278,16 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         ``filter_outlier_cells``: per group, a robust Gaussian (sklearn's ``EllipticEnvelope``) on the posterior means
         of z, dropping the farthest tenth (:func:`pyro_scmodels.differential_cells.latent_inliers`); a warning says
         how many per group. The ``raw_*`` columns keep every cell, as in scvi-tools.
+    background
+        ``"shared"`` (the default since 2026-12-07): test rho + c, with c per feature the background every cell
+        carries (:meth:`~pyro_scmodels.models.global_site_tables.GlobalSiteTables.shared_background`: the smallest
+        s among each ambient key's categories, summed over keys; all of s with no ambient key). The mean is
+        ``l (rho + s) y``: moving c between rho and every category's s changes nothing the data see, so rho alone
+        is fixed only up to c, and a fit that leaves too much in s takes it from rho and stretches fold changes;
+        rho + c is fixed by the data. It adds no cell's own category, so a batch's extra soup stays out.
+        ``"none"``: rho alone (the only form before), free of all background. Where the shared part is identified
+        (``ambient_profile=``, e.g. from empty droplets) rho alone kept the slope at 0.99-1.02 and ``"shared"``
+        shrank it to 0.94-0.95. Models (or modalities) without a background test rho either way.
 
     Returns
     -------
@@ -351,7 +318,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     fdr_target = float(f"{fdr_target:.7g}")
     adata = model.adata if adata is None else adata
     modality = model.default_modality(modality)
-    strata1, strata2, paired = _correction_strata(model, batch_correction, batchid1, batchid2)
+    strata1, strata2, paired = correction_strata(model, batch_correction, batchid1, batchid2)
+    shift = _background_shift(model, background, modality)
     tests = comparisons(adata.obs, groupby, group1, group2, idx1, idx2)
     skip_empty = bool(model.masks_cells_without_counts)
     matrix = counts_matrix(*model.counts_source(modality, adata), validate=False) if all_stats or skip_empty else None
@@ -365,7 +333,8 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     for i, ((name1, name2, cells1, cells2), (_, _, kept1, kept2)) in enumerate(zip(tests, drawn)):
         (samples1, weights1), (samples2, weights2) = (
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
-                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, weights)
+                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, weights,
+                        shift)
             for offset, (cells, strata) in enumerate(((kept1, strata1), (kept2, strata2)))
         )
         weighting = {"weights1": weights1, "weights2": weights2}

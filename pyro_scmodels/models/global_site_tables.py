@@ -40,6 +40,38 @@ class GlobalSiteTables:
         return pd.DataFrame(values.detach().cpu().numpy().T, index=self.feature_names(modality),
                             columns=self.site_levels(site, values.shape[0]))
 
+    def shared_background(self, modality: str | None = None) -> pd.Series | None:
+        """The part of the ambient background s that every cell carries, which the likelihood cannot tell from rho.
+
+        Per feature, the sum over ambient keys of the smallest s among the key's categories (with no ambient key, s
+        of the one category "all"). Every cell has one category of each key, so adding a vector ``c`` (up to this
+        one) to rho and taking it from every category of a key leaves the mean ``l (rho + s) y`` unchanged: only the
+        categories' differences are fixed by the data, and this part is where the fit happened to leave it.
+        It has rho's units (counts at a typical library size; with ``ambient_per_droplet=True``, a cell with l = 1).
+
+        Parameters
+        ----------
+        modality
+            Multimodal models: the modality.
+
+        Returns
+        -------
+        pandas.Series or None
+            Indexed by feature; None when the model (or the modality) has no ambient background.
+        """
+        try:
+            table = self.global_site_table("ambient", modality)
+        except ValueError:  # this model or modality has no ambient site
+            return None
+        keys = list(self.keys.ambient or [])
+        if not keys:
+            return table.iloc[:, 0].rename("shared_background")
+        shared = 0.0
+        for key in keys:
+            start, stop, _ = self.encoding.stacked_span(keys, key, self.encoding.categories[key][0])
+            shared = shared + table.iloc[:, start:stop].min(axis=1)
+        return shared.rename("shared_background")
+
     def site_levels(self, site: str, n_levels: int) -> list[str]:
         """Category names along the first axis of a per-feature global site (ambient, scaling, dispersion)."""
         base = self._site_base_name(site)

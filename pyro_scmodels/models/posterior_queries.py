@@ -310,20 +310,21 @@ class PosteriorQueries(GlobalSiteTables):
                                 fdr_target: float = 0.05, num_samples: int = 20, n_cells: int = 500, n_pairs: int = 5000,
                                 pseudocount: float = PSEUDOCOUNT, adata=None, batch_size: int | None = None, seed: int = 0,
                                 modality: str | None = None, all_stats: bool = True, weights: str | None = "uniform",
-                                filter_outlier_cells: bool = False) -> pd.DataFrame:
+                                filter_outlier_cells: bool = False, background: str = "shared") -> pd.DataFrame:
         """Bayesian differential expression (scvi-tools' "change" mode, or "vanilla"), one-vs-rest by default.
 
         ``model.differential_expression(groupby="cell_type")`` compares every group with the
         rest; ``group1``/``group2`` or ``idx1``/``idx2`` narrow it. See
         :func:`pyro_scmodels.differential.differential_expression` for every parameter;
         ``modality`` picks the modality of a multimodal model; ``weights`` (``"uniform"`` or ``"importance"``) and
-        ``filter_outlier_cells`` are scvi-tools' options of the same names.
+        ``filter_outlier_cells`` are scvi-tools' options of the same names. By default the tested expression is rho
+        plus the background every cell carries (``background="shared"``; ``"none"``: rho alone).
         """
         return differential.differential_expression(
             self, groupby, group1, group2, idx1, idx2, mode=mode, delta=delta, batch_correction=batch_correction,
             batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, num_samples=num_samples, n_cells=n_cells,
             n_pairs=n_pairs, pseudocount=pseudocount, adata=adata, batch_size=batch_size, seed=seed, modality=modality, all_stats=all_stats,
-            weights=weights, filter_outlier_cells=filter_outlier_cells,
+            weights=weights, filter_outlier_cells=filter_outlier_cells, background=background,
         )
 
     def predictive_batches(self, num_samples: int = 1, adata=None, indices=None, batch_size: int | None = None,
