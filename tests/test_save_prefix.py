@@ -100,3 +100,30 @@ def test_multimodal_models_share_a_folder_by_prefix(tmp_path):
         loaded = ps.RegularizedMultimodalVI.load(folder, prefix=prefix)
         assert isinstance(loaded.adata, mudata.MuData)
         np.testing.assert_array_equal(loaded.get_latent_representation(), original.get_latent_representation())
+
+
+def test_load_query_data_reads_a_reference_saved_with_a_prefix(two_models, tmp_path):
+    first, second = two_models
+    folder = str(tmp_path / "models")
+    first.save(folder, prefix="first_")
+    second.save(folder, prefix="second_")
+    query = second.adata.copy()
+    query.obs_names = [f"query_{name}" for name in query.obs_names]
+    with pytest.warns(UserWarning, match="nothing is left to train"):  # no new batch: all frozen
+        from_model = ps.RegularizedVI.load_query_data(query.copy(), second)
+    with pytest.warns(UserWarning, match="nothing is left to train"):
+        from_folder = ps.RegularizedVI.load_query_data(query.copy(), folder, prefix="second_")
+    assert from_folder.module.model.dims.n_latent == 3  # the second model's, not the first's
+    assert from_folder.query_reference == from_model.query_reference
+    state = from_model.module.state_dict()
+    assert all(np.array_equal(v, state[k]) for k, v in from_folder.module.state_dict().items())
+    assert list(ps.RegularizedVI.prepare_query_anndata(query, folder, return_reference_var_names=True,
+                                                       prefix="first_")) == list(first.adata.var_names)
+    # scvi-tools reads the unprefixed model.pt of a reference folder: absent here, the error names the prefixes
+    with pytest.raises(FileNotFoundError, match=r"No saved model at .*models.model\.pt .*prefixes \['first_', "
+                                                r"'second_'\]; pass one as prefix=.*reference must be"):
+        ps.RegularizedVI.load_query_data(query.copy(), folder)
+    with pytest.raises(ValueError, match="reference is a model, not the folder"):  # it would be ignored
+        ps.RegularizedVI.load_query_data(query.copy(), second, prefix="second_")
+    with pytest.raises(TypeError, match="prefix must be a string"):
+        ps.RegularizedVI.load_query_data(query.copy(), folder, prefix=True)

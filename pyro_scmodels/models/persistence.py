@@ -42,7 +42,8 @@ def file_prefix(prefix) -> str:
     if not isinstance(prefix, str):
         # save(dir_path, True) meant overwrite before prefix came second, as in scvi-tools
         raise V.ArgumentTypeError(f"prefix must be a string put before the saved files' names, got {prefix!r}; "
-                                  "pass overwrite and save_anndata by name, e.g. save(dir_path, overwrite=True).")
+                                  "pass overwrite (and a model's save_anndata) by name, e.g. save(dir_path, "
+                                  "overwrite=True).")
     separators = [s for s in {"/", os.sep, os.altsep} if s and s in prefix]
     if separators:
         raise ValueError(f"prefix={prefix!r} holds the path separator {separators[0]!r}: a prefix names files inside "
@@ -55,27 +56,44 @@ def file_prefix(prefix) -> str:
     return prefix
 
 
-def saved_prefixes(dir_path: str) -> tuple[list[str], list[str]]:
-    """The files in ``dir_path`` and the prefixes of the saved models among them (``f"{prefix}model.pt"``)."""
+def saved_prefixes(dir_path: str, marker: str = MODEL_FILE) -> tuple[list[str], list[str]]:
+    """The files in ``dir_path`` and the prefixes of the saves among them: each ``f"{prefix}{marker}"`` (``marker``:
+    ``model.pt`` for a model, ``settings.json`` for an NDreamer)."""
     names = sorted(os.listdir(dir_path)) if os.path.isdir(dir_path) else []
-    prefixes = [n[: -len(MODEL_FILE)] for n in names
-                if n.endswith(MODEL_FILE) and not n.startswith(STAGED_PREFIX) and ".partial-" not in n]
+    prefixes = [n[: -len(marker)] for n in names
+                if n.endswith(marker) and not n.startswith(STAGED_PREFIX) and ".partial-" not in n]
     return names, prefixes
 
 
-def _no_saved_model(dir_path: str, prefix: str) -> Exception:
-    """The error for a folder without ``f"{prefix}model.pt"``: it names the files there and the prefixes saved."""
+def no_saved(dir_path: str, prefix: str, marker: str = MODEL_FILE, what: str = "saved model") -> FileNotFoundError:
+    """The error for a folder without ``f"{prefix}{marker}"``: it names the files there and the prefixes saved.
+
+    Parameters
+    ----------
+    dir_path
+        The folder read.
+    prefix
+        The prefix asked for (checked by :func:`file_prefix`).
+    marker
+        The file that marks a complete save (``model.pt``; an NDreamer's ``settings.json``).
+    what
+        What is saved, for the message (``"saved model"``, ``"saved NDreamer"``).
+
+    Returns
+    -------
+    FileNotFoundError
+    """
     if not os.path.isdir(dir_path):
-        return FileNotFoundError(f"No saved model at {dir_path}: the folder does not exist.")
-    names, prefixes = saved_prefixes(dir_path)
+        return FileNotFoundError(f"No {what} at {dir_path}: the folder does not exist.")
+    names, prefixes = saved_prefixes(dir_path, marker)
     shown = names[:20] + ([f"... {len(names) - 20} more"] if len(names) > 20 else [])
     if not prefixes:
-        hint = "no saved model is there (a save writes <prefix>model.pt)"
+        hint = f"no {what} is there (a save writes <prefix>{marker})"
     elif len(prefixes) == 1:
-        hint = f"the one saved model there has prefix={prefixes[0] or None!r}; load it with that prefix"
+        hint = f"the one {what} there has prefix={prefixes[0] or None!r}; load it with that prefix"
     else:
-        hint = f"the saved models there have the prefixes {[p or None for p in prefixes]}; pass one as prefix="
-    return FileNotFoundError(f"No saved model at {os.path.join(dir_path, prefix + MODEL_FILE)} (prefix={prefix or None!r})."
+        hint = f"the {what}s there have the prefixes {[p or None for p in prefixes]}; pass one as prefix="
+    return FileNotFoundError(f"No {what} at {os.path.join(dir_path, prefix + marker)} (prefix={prefix or None!r})."
                              f" Files found: {shown}; {hint}.")
 
 
@@ -160,7 +178,7 @@ class SavedModel:
     def _read_payload(cls, dir_path: str, prefix: str = "") -> dict:
         path = os.path.join(dir_path, prefix + MODEL_FILE)
         if not os.path.isfile(path):
-            raise _no_saved_model(dir_path, prefix)
+            raise no_saved(dir_path, prefix)
         payload = load_torch_file(path, "saved model")
         # a multimodal model records its modalities; a single-modality one its layer
         if ("modalities" in payload) != hasattr(cls, "setup_mudata"):

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 LIBRARY_PRIOR_BUFFERS = ("model.library_prior_loc", "model.library_prior_scale")
 
 
-def prepare_query_anndata(adata, reference, model_class, return_reference_var_names: bool = False, inplace: bool = True):
+def prepare_query_anndata(adata, reference, model_class, return_reference_var_names: bool = False, inplace: bool = True,
+                          prefix: str | None = None):
     """Reorder the query's genes to the reference's, filling the reference's missing genes with zeros.
 
     Parameters
@@ -55,6 +56,8 @@ def prepare_query_anndata(adata, reference, model_class, return_reference_var_na
     inplace
         Change ``adata`` itself and return None (as scvi-tools); False returns a new AnnData and
         leaves ``adata`` as it was.
+    prefix
+        The prefix a reference folder was saved with (``save(..., prefix=)``); None: no prefix.
 
     Returns
     -------
@@ -69,7 +72,7 @@ def prepare_query_anndata(adata, reference, model_class, return_reference_var_na
     """
     return_reference_var_names = V.boolean("return_reference_var_names", return_reference_var_names)
     inplace = V.boolean("inplace", inplace)
-    genes = Reference.resolve(reference, model_class).var_names
+    genes = Reference.resolve(reference, model_class, prefix).var_names
     if return_reference_var_names:
         return genes.copy()
     return align_genes(adata, genes, inplace)
@@ -200,7 +203,8 @@ def _check_query(adata, reference: Reference) -> None:
 
 
 def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
-                    freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False):
+                    freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False,
+                    prefix: str | None = None):
     """A model of the query cells built on a trained reference (see :meth:`RegularizedVI.load_query_data`).
 
     Parameters
@@ -221,13 +225,15 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
         Turn dropout off in the query model's encoders.
     unfrozen
         Train every parameter, reference levels included (the other ``freeze_*`` are ignored).
+    prefix
+        The prefix a reference folder was saved with (``save(..., prefix=)``); None: no prefix.
 
     Returns
     -------
     RegularizedVI
         The query model, not yet trained on the query: call ``train()``.
     """
-    reference = Reference.resolve(reference, model_class)
+    reference = Reference.resolve(reference, model_class, prefix)
     flags = {name: V.boolean(name, value) for name, value in (
         ("inplace_subset_query_vars", inplace_subset_query_vars), ("freeze_encoder", freeze_encoder),
         ("freeze_decoder", freeze_decoder), ("freeze_dropout", freeze_dropout), ("unfrozen", unfrozen))}
@@ -273,7 +279,8 @@ class QueryMappingMixin:
     """``prepare_query_anndata`` and ``load_query_data`` as classmethods of a model class, as in scvi-tools."""
 
     @classmethod
-    def prepare_query_anndata(cls, adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True):
+    def prepare_query_anndata(cls, adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True,
+                              *, prefix: str | None = None):
         """Reorder the query's genes to the reference's; genes it lacks are filled with zeros (with a warning).
 
         Parameters
@@ -286,17 +293,21 @@ class QueryMappingMixin:
             Only return the reference's gene names.
         inplace
             Change ``adata`` and return None (as scvi-tools); False returns a new AnnData.
+        prefix
+            The prefix ``reference_model``'s folder was saved with (``save(dir_path, prefix=...)``); None: no prefix.
+            Not in scvi-tools, whose reference folder is read without one.
 
         Returns
         -------
         None, anndata.AnnData or pandas.Index
             See :func:`pyro_scmodels.models.query_mapping.prepare_query_anndata`.
         """
-        return prepare_query_anndata(adata, reference_model, cls, return_reference_var_names, inplace)
+        return prepare_query_anndata(adata, reference_model, cls, return_reference_var_names, inplace, prefix)
 
     @classmethod
     def load_query_data(cls, adata, reference_model, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
-                        freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False) -> "QueryMappingMixin":
+                        freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False, *,
+                        prefix: str | None = None) -> "QueryMappingMixin":
         """A model of new cells (the query) built on a trained reference, for ``train()`` on the query.
 
         The query is set up with the reference's layer and keys. Categories of the ambient,
@@ -319,6 +330,10 @@ class QueryMappingMixin:
             Turn dropout off in the query model's encoders.
         unfrozen
             Train every parameter, reference levels included.
+        prefix
+            The prefix ``reference_model``'s folder was saved with (``reference.save(dir_path, prefix=...)``): the
+            file read is ``f"{prefix}model.pt"``. None: no prefix. Not in scvi-tools, whose ``load_query_data``
+            reads a reference folder without one (there, a prefixed reference is loaded first and passed as a model).
 
         Returns
         -------
@@ -326,4 +341,4 @@ class QueryMappingMixin:
             The query model (see :func:`pyro_scmodels.models.query_mapping.load_query_data`).
         """
         return load_query_data(cls, adata, reference_model, inplace_subset_query_vars, freeze_encoder, freeze_decoder,
-                               freeze_dropout, unfrozen)
+                               freeze_dropout, unfrozen, prefix)

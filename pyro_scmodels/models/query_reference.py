@@ -14,7 +14,7 @@ import torch
 
 from .. import _validation as V
 from ..data import CovariateKeys
-from .persistence import MODEL_FILE
+from .persistence import file_prefix
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Reference:
     is_trained: bool
 
     @classmethod
-    def resolve(cls, reference, model_class) -> "Reference":
+    def resolve(cls, reference, model_class, prefix: str | None = None) -> "Reference":
         """``reference`` (a model of ``model_class`` or the folder it was saved to) as a :class:`Reference`.
 
         Parameters
@@ -41,6 +41,8 @@ class Reference:
             folder passed to its ``save``.
         model_class
             The class the reference must be.
+        prefix
+            The prefix the folder was saved with (``save(..., prefix=)``); None: no prefix. Only for a folder.
 
         Returns
         -------
@@ -51,12 +53,16 @@ class Reference:
         ArgumentTypeError
             ``reference`` is neither.
         FileNotFoundError
-            The folder holds no saved model.
+            The folder holds no model saved under ``prefix``; the message names the files there and the prefixes saved.
         ValueError
-            The saved model is of another class.
+            The saved model is of another class, or a ``prefix`` comes with a model (it names files of a folder).
         """
+        prefix = file_prefix(prefix)
         if isinstance(reference, (str, os.PathLike)):
-            return cls._from_folder(os.fspath(reference), model_class)
+            return cls._from_folder(os.fspath(reference), model_class, prefix)
+        if prefix:  # it would be ignored: the files it names are read only from a folder
+            raise ValueError(f"prefix={prefix!r} names the files of a saved reference, but reference is a model, not "
+                             "the folder it was saved to; pass the folder, or leave prefix out.")
         if isinstance(reference, model_class):
             built = model_class._module_classes()
             if type(reference) is not model_class and reference._module_classes() != built:
@@ -74,11 +80,11 @@ class Reference:
         )
 
     @classmethod
-    def _from_folder(cls, folder: str, model_class) -> "Reference":
-        path = os.path.join(folder, MODEL_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No saved model at {path}: reference must be a trained model or the folder passed to its save().")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+    def _from_folder(cls, folder: str, model_class, prefix: str) -> "Reference":
+        try:
+            payload = model_class._read_payload(folder, prefix)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error} reference must be a trained model or the folder passed to its save().") from None
         if payload["class"] != model_class.__name__:
             raise ValueError(f"The model saved in {folder} is a {payload['class']}, not a {model_class.__name__}.")
         return cls(payload["class"], dict(payload["init_params"]), payload["layer"], CovariateKeys(**payload["keys"]),

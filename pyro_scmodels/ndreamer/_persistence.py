@@ -4,7 +4,8 @@ A folder holds ``settings.json`` (constructor settings and loss weights), ``resu
 (the results AnnData, with the pseudo cell-state labels as hidden ``obs`` columns),
 ``effects.npz`` (matching space and cached effects), for a network ``network.pt`` (and, once trained,
 ``training.pt``: history, optimiser state, passes done) and, when the expression is held as counts (a backed
-input), ``expression_counts.npz``.
+input), ``expression_counts.npz``; each name after the save's prefix (``f"{prefix}settings.json"``), so that
+NDreamers saved with different prefixes share a folder.
 :func:`write_effects_h5ad` writes every cell's effect layers to an ``.h5ad`` block by block.
 """
 
@@ -28,6 +29,7 @@ from .._atomic import STAGED_PREFIX, atomic_path, refuse_foreign_files, staged_s
 from .._io import load_torch_file, read_h5ad, writable_folder
 from .._labels import names_as_text
 from ..data.source_state import state_digest
+from ..models.persistence import no_saved
 from ..nn import is_legacy_identity_entry
 
 from .count_rows import LogNormalisedCounts
@@ -60,8 +62,10 @@ def discard_saved(dir_path: str) -> None:
             os.remove(os.path.join(dir_path, name))
 
 
-def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
-    """Write ``nd`` into ``dir_path`` (and nowhere else); ``FileExistsError`` unless ``overwrite``.
+def write_ndreamer(nd, dir_path: str, overwrite: bool = False, prefix: str = "") -> None:
+    """Write ``nd`` into ``dir_path`` (and nowhere else), each file's name after ``prefix`` (checked by
+    :func:`~pyro_scmodels.models.persistence.file_prefix`); ``FileExistsError`` unless ``overwrite``, which replaces
+    only the files of the same prefix.
 
     Every file is first written under a staged name beside its final one. Only when all are written are they
     renamed into place: the settings file, which marks a saved NDreamer, is removed before the renames and
@@ -70,24 +74,27 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False) -> None:
     saves, which loaded without a word).
     """
     overwrite = V.boolean("overwrite", overwrite)  # a string "False" from a config file read as True
-    if os.path.exists(os.path.join(dir_path, SETTINGS_FILE)) and not overwrite:
-        raise FileExistsError(f"{dir_path} holds a saved NDreamer; pass overwrite=True.")
+    marker = prefix + SETTINGS_FILE
+    if os.path.exists(os.path.join(dir_path, marker)) and not overwrite:
+        raise FileExistsError(f"{dir_path} holds a saved NDreamer ({marker}); pass overwrite=True to replace it, or "
+                              "save with another prefix.")
     if not overwrite:  # e.g. the results.h5ad of `pyro-scmodels fit` in the same folder, replaced by NDreamer's
-        refuse_foreign_files(dir_path, SETTINGS_FILE, SAVED_FILES, "a saved NDreamer")
+        refuse_foreign_files(dir_path, marker, [prefix + name for name in SAVED_FILES], "a saved NDreamer")
     writable_folder("dir_path", dir_path)
     # network.pt, training.pt and expression_counts.npz are NDreamer's names: an interrupted save's are removed too
-    with staged_save(dir_path, SETTINGS_FILE, replaces=(NETWORK_FILE, TRAINING_FILE, COUNTS_FILE),
+    # (those of another prefix are another NDreamer's: they stay)
+    with staged_save(dir_path, marker, replaces=tuple(prefix + name for name in (NETWORK_FILE, TRAINING_FILE, COUNTS_FILE)),
                      own_names=True) as stage:
         if nd.network is not None:
-            torch.save(nd.network.state_dict(), stage(NETWORK_FILE))
+            torch.save(nd.network.state_dict(), stage(prefix + NETWORK_FILE))
         if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
-            torch.save(nd.trainer.state(include_modules=False), stage(TRAINING_FILE))
-        write_h5ad(_results_to_save(nd), stage(RESULTS_FILE))
+            torch.save(nd.trainer.state(include_modules=False), stage(prefix + TRAINING_FILE))
+        write_h5ad(_results_to_save(nd), stage(prefix + RESULTS_FILE))
         if isinstance(nd.expression, LogNormalisedCounts):
-            with open(stage(COUNTS_FILE), "wb") as handle:
+            with open(stage(prefix + COUNTS_FILE), "wb") as handle:
                 np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
-        nd.effects.save(stage(EFFECTS_FILE))
-        with open(stage(SETTINGS_FILE), "w") as handle:
+        nd.effects.save(stage(prefix + EFFECTS_FILE))
+        with open(stage(marker), "w") as handle:
             json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
 
 
@@ -209,8 +216,8 @@ def _check_attached_latent(model, stored: np.ndarray, names: pd.Index) -> None:
             "data it was built on.")
 
 
-def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
-    """Read a folder written by :func:`write_ndreamer`.
+def read_ndreamer(dir_path: str, model=None, prefix: str = "") -> SavedNDreamer:
+    """Read the NDreamer saved in ``dir_path`` under ``prefix`` by :func:`write_ndreamer`.
 
     Parameters
     ----------
@@ -218,6 +225,8 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
         The folder.
     model
         The model a ``from_model`` NDreamer was built from, checked to hold the saved cells.
+    prefix
+        The prefix it was saved with (checked by :func:`~pyro_scmodels.models.persistence.file_prefix`).
 
     Returns
     -------
@@ -226,20 +235,23 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     Raises
     ------
     FileNotFoundError
-        A file of the folder is missing.
+        A file of the save is missing; without ``f"{prefix}settings.json"`` the message names the files in the folder
+        and the prefixes of the NDreamers saved there.
     ValueError
         ``model`` is not the one the saved NDreamer was built from (:func:`check_attached_model`).
     """
+    path = lambda name: os.path.join(dir_path, prefix + name)  # noqa: E731
     for name in (SETTINGS_FILE, RESULTS_FILE):
-        if not os.path.exists(os.path.join(dir_path, name)):
-            interrupted = any(f.startswith(STAGED_PREFIX) for f in os.listdir(dir_path)) if os.path.isdir(dir_path) else False
-            raise FileNotFoundError(f"No saved NDreamer in {dir_path} ({name} missing)"
-                                    + ("; a save into it was interrupted: save again." if interrupted else "."))
-    with open(os.path.join(dir_path, SETTINGS_FILE)) as handle:
+        if not os.path.exists(path(name)):
+            interrupted = os.path.isdir(dir_path) and any(f.startswith(STAGED_PREFIX + prefix) for f in os.listdir(dir_path))
+            error = (no_saved(dir_path, prefix, SETTINGS_FILE, "saved NDreamer") if name == SETTINGS_FILE else
+                     FileNotFoundError(f"No saved NDreamer in {dir_path} ({prefix}{name} missing)."))
+            raise FileNotFoundError(str(error)[:-1] + ("; a save into it was interrupted: save again." if interrupted else "."))
+    with open(path(SETTINGS_FILE)) as handle:
         settings = json.load(handle)
     settings.setdefault("representation", NETWORK)
     loss_weights = LossWeights(**settings.pop("loss_weights", {}))
-    results = read_h5ad(os.path.join(dir_path, RESULTS_FILE))
+    results = read_h5ad(path(RESULTS_FILE))
     labels = None
     if LABEL_COLUMNS[0] in results.obs:
         labels = tuple(results.obs.pop(c).to_numpy() for c in LABEL_COLUMNS)
@@ -251,21 +263,21 @@ def read_ndreamer(dir_path: str, model=None) -> SavedNDreamer:
     latent = results.obsm[EMBEDDING_KEY] if settings["representation"] == LATENT else None
     network_state = None
     if settings["representation"] == NETWORK:
-        network_file = os.path.join(dir_path, NETWORK_FILE)
+        network_file = path(NETWORK_FILE)
         if not os.path.exists(network_file):
-            raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({NETWORK_FILE} missing).")
+            raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({prefix}{NETWORK_FILE} missing).")
         network_state = load_torch_file(network_file, "saved NDreamer network")
-    counts_file = os.path.join(dir_path, COUNTS_FILE)
+    counts_file = path(COUNTS_FILE)
     if results.X is not None:
         expression = sp.csr_matrix(results.X)
     elif os.path.exists(counts_file):
         with np.load(counts_file, allow_pickle=False) as stored:
             expression = LogNormalisedCounts(*(stored[n] for n in COUNTS_ARRAYS), int(stored["n_genes"]))
     else:
-        raise FileNotFoundError(f"The saved NDreamer in {dir_path} has no expression: results.h5ad has no X and "
-                                f"{COUNTS_FILE} is missing.")
-    effects_file = os.path.join(dir_path, EFFECTS_FILE)
-    training_file = os.path.join(dir_path, TRAINING_FILE)
+        raise FileNotFoundError(f"The saved NDreamer in {dir_path} has no expression: {prefix}{RESULTS_FILE} has no X "
+                                f"and {prefix}{COUNTS_FILE} is missing.")
+    effects_file = path(EFFECTS_FILE)
+    training_file = path(TRAINING_FILE)
     training_state = None
     if network_state is not None and os.path.exists(training_file):
         training_state = load_torch_file(training_file, "saved NDreamer training state")

@@ -8,6 +8,7 @@ import pandas as pd
 
 from .. import _validation as V
 from ..checkpoints import StateMismatchError
+from ..models.persistence import file_prefix
 from ._persistence import read_ndreamer, write_ndreamer
 from .design import design_from_obs
 
@@ -15,25 +16,41 @@ from .design import design_from_obs
 class NDreamerSaveLoad:
     """``save`` and ``load`` of :class:`~pyro_scmodels.ndreamer.NDreamer` (mixed into it)."""
 
-    def save(self, dir_path: str, overwrite: bool = False) -> None:
+    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False) -> None:
         """Write settings, results, matching state and the network (if any) into ``dir_path`` only.
 
-        A ``from_model`` NDreamer stores its latent (in the results) but not the model itself.
+        A ``from_model`` NDreamer stores its latent (in the results) but not the model itself; the model can be
+        saved into the same folder (``model.save(dir_path, prefix=...)``: its file names differ from these).
 
         Parameters
         ----------
-        dir_path, overwrite
-            Target folder; replace an NDreamer saved there.
+        dir_path
+            Target folder (created if absent).
+        prefix
+            Put before the name of each file written (``f"{prefix}settings.json"``, ``f"{prefix}results.h5ad"``,
+            ...), as scvi-tools' ``save(..., prefix=)``: NDreamers saved with different prefixes share ``dir_path``,
+            and :meth:`load` takes the same prefix. None: no prefix. It may not hold a path separator.
+        overwrite
+            Replace an NDreamer saved in ``dir_path`` under the same prefix (those of other prefixes stay).
+
+        Raises
+        ------
+        TypeError
+            ``prefix`` is not a string, e.g. ``save(dir_path, True)`` meaning ``overwrite`` (pass it by name).
+        FileExistsError
+            An NDreamer is saved there under this prefix, or a file of its names is someone else's, and not
+            ``overwrite``.
         """
+        prefix = file_prefix(prefix)  # before anything is changed or written
         self._sync_loss_weights()
         if self.network is not None and self.trainer is None and not self._saved_network:
             self._make_trainer()  # an untrained network is saved with a training state of no steps, to load as such
         elif self.trainer is not None:  # the saved training state records the loss weights and names as they are now
             self.trainer.fingerprint = self._fingerprint()
-        write_ndreamer(self, dir_path, overwrite)
+        write_ndreamer(self, dir_path, overwrite, prefix)
 
     @classmethod
-    def load(cls, dir_path: str, device: str = "auto", model=None):
+    def load(cls, dir_path: str, device: str = "auto", model=None, prefix: str | None = None):
         """Load an NDreamer written by :meth:`save`.
 
         Parameters
@@ -44,6 +61,8 @@ class NDreamerSaveLoad:
             For a ``from_model`` NDreamer: the same trained model, re-attached so that
             :meth:`estimate_model_ite` works (without it that method raises). Its cells must be
             the saved ones. Matching-based methods work without it (the latent is stored).
+        prefix
+            The prefix it was saved with (``save(..., prefix=)``); None: no prefix.
 
         Returns
         -------
@@ -52,14 +71,18 @@ class NDreamerSaveLoad:
         Raises
         ------
         TypeError
-            An AnnData in place of ``device`` (scvi-tools' ``Model.load(dir_path, adata)``).
+            An AnnData in place of ``device`` (scvi-tools' ``Model.load(dir_path, adata)``), or a ``prefix`` that is
+            not a string.
+        FileNotFoundError
+            No NDreamer saved in ``dir_path`` under ``prefix``; the message names the files there and the prefixes
+            of the NDreamers saved.
         """
         if not isinstance(device, str) and hasattr(device, "obs") and hasattr(device, "var_names"):
             # scvi-tools' Model.load(dir_path, adata): an NDreamer saves its cells and expression with it
             raise V.ArgumentTypeError("NDreamer.load(dir_path, device='auto', model=None) takes no AnnData: the cells and "
                                       "the expression it needs are saved in the folder. Pass the trained model as model= "
                                       "for a from_model NDreamer.")
-        saved = read_ndreamer(dir_path, model)
+        saved = read_ndreamer(dir_path, model, file_prefix(prefix))
         nd = cls.__new__(cls)  # built through the one constructor path, as every instance is
         obs = saved.results.obs.copy()
         nd._setup(saved.settings, obs, saved.expression, pd.Index(saved.results.var_names), device, labels=saved.labels,
