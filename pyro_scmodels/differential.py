@@ -1,7 +1,8 @@
 """Bayesian differential expression from posterior samples of normalised expression.
 
 The "change" test of scvi-tools, on a model's expression rho plus the part of its ambient background that every
-cell carries (which the likelihood cannot tell from rho; ``background="none"``: rho alone): draw pairs of
+cell carries (which, for the default background, the likelihood cannot tell from rho; ``background="none"``: rho
+alone): draw pairs of
 (cell, posterior sample) from the two groups, form log2 fold changes, and per gene report the
 posterior probability that |LFC| exceeds ``delta``; genes are selected by posterior expected
 false discovery rate. The "vanilla" test reports, on the same pairs, the probability that the
@@ -242,15 +243,9 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     fdr_target
         Posterior expected false discovery rate of the selected genes (``is_de_fdr_*``), as scvi-tools computes it:
         from ``proba_de``, which also grows with the LFC's spread inside the groups, not a frequentist guarantee.
-        Between two random halves of one Kang cell type (every true difference 0, 1,267 genes, 400 epochs) the
-        default 0.05 called none, 0.1 called 4-10 and 0.2 called 122-167 genes (2026-12-06). A background level the
-        data cannot pin moves every LFC of rho alone: on the simulator with batches at 5 / 10 / 20 % background,
-        learned at 18.6-28.7 %, rho's LFC (``background="none"``) had slope 1.44-1.54 on the truth and 24-27 % of the
-        genes called at 0.05 had a true |LFC| <= 0.25; the default ``"shared"`` on the same fits had slope 0.92-0.93
-        and 3 % and 13 % (true calls 125 and 136 against rho's 157 and 166; with the true profile given, rho had
-        slope 0.99-1.02, 9 % and 19 %, and 116 and 137 true calls). The 13 % and 19 % of seed 1 are genes with a
-        true |LFC| in (0.1, 0.25]: 0.6 % of the calls had one <= 0.1 (benchmarks/RESULTS.md, "DE and the
-        unidentified background (2026-12-07)").
+        Between two random halves of one Kang cell type (every true difference 0) the default 0.05 called none. On
+        simulated data with a known truth, rho alone (``background="none"``) called 24-27 % of its genes with no true
+        change, the default ``"shared"`` 3-13 % (docs/models.md, "Differential expression and the background").
     num_samples
         Posterior samples per cell.
     n_cells
@@ -279,24 +274,18 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         of z, dropping the farthest tenth (:func:`pyro_scmodels.differential_cells.latent_inliers`); a warning says
         how many per group. The ``raw_*`` columns keep every cell, as in scvi-tools.
     background
-        ``"shared"`` (the default since 2026-12-07): test rho + c, with c per feature the background every cell
-        carries (:meth:`~pyro_scmodels.models.global_site_tables.GlobalSiteTables.shared_background`: the smallest
-        s among each ambient key's categories, summed over keys; all of s with no ambient key). The mean is
-        ``l (rho + s) y``: moving c between rho and every category's s changes nothing the data see, so rho alone
-        is fixed only up to c, and a fit that leaves too much in s takes it from rho and stretches fold changes;
-        rho + c is fixed by the data. It adds no cell's own category, so a batch's extra soup stays out.
-        ``"none"``: rho alone (the only form before), free of all background. Where the shared part is identified
-        (``ambient_profile=``, e.g. from empty droplets) rho alone kept the slope at 0.99-1.02 and ``"shared"``
-        shrank it to 0.94-0.95. Measured beside the default decoder (same fits scored both ways, seeds 0-1): on
-        ``RegularizedMultimodalVI``'s RNA ``"shared"`` had slope 0.94-0.95 against rho's 1.44-1.49, false share
-        0.05-0.06 against 0.08-0.10 and no null call against 11 and 1; with ``decoder_gene_scale=True`` and the batch
-        in the decoder 0.87-0.91 against 1.16-1.23 (false share 0.00 / 0.07 against 0.10 / 0.21); with
-        ``ambient_per_droplet=True`` 0.87-0.90 against 1.17-1.29 (0.01-0.12 against 0.16-0.23), each with 11-30
-        fewer true calls. A per-droplet fit with the batch's scaling trained 600 epochs, which placed the levels
-        closer, left rho at 1.07-1.10 and ``"shared"`` at 0.87-0.88 (false share 0.11 / 0.19 against 0.02 / 0.12):
-        ``"none"`` where the fold changes' size matters and the background is pinned (benchmarks/RESULTS.md, "DE's
-        shared background on the multimodal model, gene-scaled decoders and the per-droplet background").
-        Models (or modalities) without a background test rho either way.
+        ``"shared"`` (the default since 2026-12-07; before, DE always tested rho alone, so ``scale1``/``scale2`` and
+        the LFCs differ from earlier runs): test rho + c, with c per feature the background every cell carries
+        (:meth:`~pyro_scmodels.models.global_site_tables.GlobalSiteTables.shared_background`: the smallest s among
+        each ambient key's categories, summed over keys). With the default background, which scales with the
+        library, the mean ``l (rho + s) y`` does not change when c moves between rho and every category's s, so a
+        fit that leaves too much in s takes it from rho and stretches rho's fold changes; rho + c does not depend on
+        where the fit left c. No cell's own category is added, so a batch's extra soup stays out. ``"none"``: rho
+        alone, free of all background. On every fit measured ``"shared"`` made as few false calls as ``"none"`` or
+        fewer, with LFC slopes of 0.87-0.95 on the truth against rho's 1.07-1.54; where the background is pinned
+        (``ambient_profile=``, or a long per-droplet fit) rho's slope was nearer 1 (0.99-1.10), so choose
+        ``"none"`` there when the fold changes' size matters more than the calls (docs/models.md, "Differential
+        expression and the background"). Models (or modalities) without a background test rho either way.
 
     Returns
     -------

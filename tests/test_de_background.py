@@ -68,3 +68,40 @@ def test_an_unknown_background_names_the_value_and_the_choices(two_keys):
         two_keys.differential_expression(idx1=cells, background="ambient", num_samples=2, n_cells=10)
     with pytest.raises(TypeError, match=r"background=True is not an option: pass 'shared'"):
         two_keys.differential_expression(idx1=cells, background=True, num_samples=2, n_cells=10)
+
+
+def test_shared_background_without_an_ambient_key_is_the_one_background():
+    adata = simulate_small()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts")
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.train(max_epochs=1, **FIT)
+    profile = model.get_ambient_profile()
+    assert profile.shape[1] == 1
+    np.testing.assert_allclose(model.shared_background().to_numpy(), profile.iloc[:, 0].to_numpy(), rtol=1e-6)
+
+
+def test_multimodal_shared_background_leaves_out_unmeasured_categories_and_modalities_without_one():
+    # a batch with no RNA counts (an ATAC-only channel): its RNA background never leaves its starting floor (1e-8)
+    # and, taken into the minimum, made "shared" test rho alone without a word
+    import scipy.sparse as sp
+    import warnings
+
+    mdata = ps.datasets.simulate_multiome(n_cells=300, n_genes=80, n_peaks=120, seed=0)
+    rna, batch = mdata.mod["rna"], mdata.obs["batch"].astype(str).to_numpy()
+    counts = rna.layers["counts"]
+    counts = counts.toarray() if sp.issparse(counts) else np.array(counts)
+    counts[batch == np.unique(batch)[-1]] = 0
+    rna.layers["counts"] = sp.csr_matrix(counts)
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", ambient_covariate_keys=["batch"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no cell with counts.*")
+        model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16, ambient_modalities=["rna"])
+    model.train(max_epochs=3, batch_size=128, lr=1e-2, kl_warmup_epochs=1, early_stopping=False, device="cpu",
+                progress_bar=False)
+    profile = model.get_ambient_profile("rna")
+    measured = [c for c in profile.columns if not c.endswith(np.unique(batch)[-1])]
+    assert len(measured) == profile.shape[1] - 1
+    shared = model.shared_background("rna")
+    np.testing.assert_allclose(shared.to_numpy(), profile[measured].min(axis=1).to_numpy(), rtol=1e-6)
+    assert shared.mean() > 1e-3  # not the unmeasured batch's floor
+    assert model.shared_background("atac") is None

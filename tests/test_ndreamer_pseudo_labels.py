@@ -22,10 +22,14 @@ def _share_with_a_positive(labels: np.ndarray) -> float:
     return float((sizes[labels] > 1).mean())
 
 
-def test_a_small_group_keeps_positives_at_the_high_resolution(caplog):
+def test_a_small_group_keeps_positives_at_the_high_resolution(caplog, monkeypatch):
     # 60 cells at resolution 7 left 57 % of them alone in their label (no positive for the triplet term)
     groups = np.repeat([0, 1], 60)
     x = sp.vstack([_log_expression(60, seed=0), _log_expression(60, seed=1)]).tocsr()
+    with monkeypatch.context() as plain:  # the case is real here: without the lowering most cells are alone
+        plain.setattr(preprocess, "LEIDEN_MAX_SINGLETON_SHARE", 1.0)
+        _, at_seven = pseudo_labels(x, groups)
+    assert max(_share_with_a_positive(at_seven[groups == group]) for group in (0, 1)) < 0.7
     with caplog.at_level(logging.INFO, logger=preprocess.__name__):
         low, high = pseudo_labels(x, groups)
     for group in (0, 1):

@@ -4,7 +4,7 @@
 ``global_site_table`` reads a site's posterior median from the guide (or the value a subclass's model fixes) and
 labels its rows with the categories of the covariate that indexes it. A multimodal model overrides
 ``site_modality`` and ``_site_base_name``. It uses the model's ``module``, ``keys``, ``encoding`` and
-``feature_names``.
+``feature_names``, and a multimodal model's ``masks_cells_without_counts`` and ``_cell_data``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .regularizedvi_module import SITE_COVARIATE_ROLES
+from .unmeasured_categories import categories_without_counts
 
 
 class GlobalSiteTables:
@@ -41,13 +42,20 @@ class GlobalSiteTables:
                             columns=self.site_levels(site, values.shape[0]))
 
     def shared_background(self, modality: str | None = None) -> pd.Series | None:
-        """The part of the ambient background s that every cell carries, which the likelihood cannot tell from rho.
+        """The part of the ambient background s that every cell carries.
 
         Per feature, the sum over ambient keys of the smallest s among the key's categories (with no ambient key, s
-        of the one category "all"). Every cell has one category of each key, so adding a vector ``c`` (up to this
-        one) to rho and taking it from every category of a key leaves the mean ``l (rho + s) y`` unchanged: only the
-        categories' differences are fixed by the data, and this part is where the fit happened to leave it.
-        It has rho's units (counts at a typical library size; with ``ambient_per_droplet=True``, a cell with l = 1).
+        of the one category "all"). Every cell has one category of each key, so with the default background, which
+        scales with the library size, adding a vector ``c`` (up to this one) to rho and taking it from every
+        category of a key leaves the mean ``l (rho + s) y`` unchanged: only the categories' differences are fixed by
+        the data, and this part is where the fit happened to leave it. Two set-ups pin it partly: with
+        ``ambient_per_droplet=True`` the mean is ``(l rho + s) y``, so moving ``c`` changes it by ``(l - 1) c y``
+        (here ``c`` is read at l = 1, a convention); and where an ambient key also conditions the decoder, the decoder
+        can take per-category offsets itself, so not even rho + c is fixed exactly.
+
+        A multimodal model's categories with no cell measured in ``modality`` are left out of the minimum: their
+        background never left its starting value (the likelihood of those cells is masked) and would set the
+        minimum to it.
 
         Parameters
         ----------
@@ -57,19 +65,24 @@ class GlobalSiteTables:
         Returns
         -------
         pandas.Series or None
-            Indexed by feature; None when the model (or the modality) has no ambient background.
+            Indexed by feature, in rho's units; None when the model (or the modality) has no ambient background.
         """
-        try:
-            table = self.global_site_table("ambient", modality)
-        except ValueError:  # this model or modality has no ambient site
+        guide = self.module.guide if modality is None else self.module.guide.block(modality)
+        if "ambient" not in guide.global_medians():  # this model or modality has no background
             return None
+        table = self.global_site_table("ambient", modality)
         keys = list(self.keys.ambient or [])
         if not keys:
             return table.iloc[:, 0].rename("shared_background")
+        unmeasured = set()
+        if self.masks_cells_without_counts:
+            unmeasured = set(categories_without_counts(self._cell_data(), modality, {"ambient"}))
         shared = 0.0
         for key in keys:
             start, stop, _ = self.encoding.stacked_span(keys, key, self.encoding.categories[key][0])
-            shared = shared + table.iloc[:, start:stop].min(axis=1)
+            measured = [start + j for j, category in enumerate(self.encoding.categories[key])
+                        if (key, str(category)) not in unmeasured]
+            shared = shared + table.iloc[:, measured].min(axis=1)
         return shared.rename("shared_background")
 
     def site_levels(self, site: str, n_levels: int) -> list[str]:

@@ -171,7 +171,7 @@ def _top_down_candidates(probs: torch.Tensor, margin: float, m: int):
     rate = g0.neg().exp_().mul_(math.expm1(margin)).mul_(rest)
     # a cell whose scores are NaN (exploded weights) draws no hits: its NaN goes on to the loss, where the training
     # loop's check names it; torch.poisson raised an unrelated error on NaN on the CPU, and need not raise on CUDA
-    events = torch.poisson(rate.nan_to_num_(nan=0.0)).squeeze(1).long()
+    events = torch.poisson(rate.nan_to_num_(nan=0.0, posinf=0.0)).squeeze(1).long()
     # the step's one read back to the host: how many hits to draw, and whether any cell has too many
     n_events = int(events.max()) if events.numel() else 0
     if n_events > m - 1:
