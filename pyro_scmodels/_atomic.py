@@ -86,7 +86,7 @@ STAGED_PREFIX = ".staged-"  # a file of a save in progress, renamed into place o
 
 
 @contextlib.contextmanager
-def staged_save(dir_path: str, marker: str, replaces=(), own_names: bool = False):
+def staged_save(dir_path: str, marker: str, replaces=()):
     """Write the files of one save into ``dir_path`` so that the folder never holds a mix of two saves.
 
     Each file is written (atomically) under a staged name beside its final one. Only when the block has
@@ -104,10 +104,8 @@ def staged_save(dir_path: str, marker: str, replaces=(), own_names: bool = False
     marker
         The file whose presence marks a complete save; the block must stage it.
     replaces
-        Other file names an earlier save may have left, removed unless this save writes them.
-    own_names
-        The names of ``replaces`` are the save's own (no user's file is called so): removed also without ``marker``
-        (a save stopped during its renames left them, unmarked).
+        Other file names an earlier save may have left, removed unless this save writes them (only with ``marker``
+        there: without it they are not known to be a save's).
 
     Yields
     ------
@@ -129,7 +127,7 @@ def staged_save(dir_path: str, marker: str, replaces=(), own_names: bool = False
         # every file is written (each atomic_path renamed its temporary to the staged name): put them in place
         with contextlib.suppress(FileNotFoundError):
             os.remove(final(marker))
-        for name in replaces if earlier_save or own_names else ():
+        for name in replaces if earlier_save else ():
             if name not in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(final(name))

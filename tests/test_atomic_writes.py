@@ -140,20 +140,18 @@ def test_output_folders_are_checked_before_any_training(tmp_path):
         nd.save(str(a_file / "nd"))
 
 
-def test_a_save_removes_an_unmarked_earlier_saves_files_only_when_their_names_are_its_own(tmp_path):
-    # a save stopped during its renames leaves its files without the marker: NDreamer's own names (training.pt) are
-    # removed by the next save that does not write them (a stale training state loaded beside a new network); a
-    # model's adata.h5ad may be the user's own file, and stays
+def test_a_save_removes_the_files_of_replaces_only_with_the_marker_there(tmp_path):
+    # without the marker the files are not known to be a save's (a user's best_network.pt beside a prefixed save,
+    # or a model's adata.h5ad): they stay
     from pyro_scmodels._atomic import staged_save
 
-    for own_names, kept in ((True, False), (False, True)):
-        folder = tmp_path / f"own_{own_names}"
-        folder.mkdir()
-        (folder / "training.pt").write_text("an earlier save's")
-        with staged_save(str(folder), "settings.json", replaces=("training.pt",), own_names=own_names) as stage:
-            with open(stage("settings.json"), "w") as handle:
-                handle.write("{}")
-        assert (folder / "training.pt").exists() == kept and (folder / "settings.json").exists()
+    folder = tmp_path / "unmarked"
+    folder.mkdir()
+    (folder / "training.pt").write_text("the user's")
+    with staged_save(str(folder), "settings.json", replaces=("training.pt",)) as stage:
+        with open(stage("settings.json"), "w") as handle:
+            handle.write("{}")
+    assert (folder / "training.pt").read_text() == "the user's" and (folder / "settings.json").exists()
     marked = tmp_path / "marked"  # with the marker there, the earlier save's files go in either case
     marked.mkdir()
     (marked / "training.pt").write_text("an earlier save's")

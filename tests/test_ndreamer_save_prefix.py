@@ -106,6 +106,8 @@ def test_missing_or_wrong_prefix_names_the_files_and_the_prefixes(two_nds, tiny_
                                                 r"the one saved NDreamer there has prefix='first_'"):
         NDreamer.load(folder)
     second.save(folder, prefix="second_")
+    with open(os.path.join(folder, "run_settings.json"), "w") as handle:  # the user's: no NDreamer's prefix
+        handle.write('{"learning_rate": 0.001}')
     with pytest.raises(FileNotFoundError, match=r"thrid_settings\.json.*prefixes \['first_', 'second_'\]"):
         NDreamer.load(folder, prefix="thrid_")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -138,3 +140,38 @@ def test_a_boolean_in_overwrites_old_place_is_refused(two_nds, tmp_path):
     with pytest.raises(TypeError, match=r"prefix must be a string.*got True.*save\(dir_path, overwrite=True\)"):
         first.save(folder, True)
     assert _digests(folder, "") == before
+
+
+@pytest.mark.filterwarnings("ignore:The model's encoder is not given:UserWarning")
+def test_overwrite_never_removes_a_file_no_ndreamer_save_wrote(tiny_model, tmp_path):
+    # an NDreamer without a network (from_model) writes no best_network.pt: the user's files of NDreamer's names
+    # stay, with or without an earlier NDreamer under the prefix; and they are not read as the save's
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    user = {"best_network.pt": "the user's network", "best_training.pt": "the user's", "best_expression_counts.npz": "x"}
+    for name, text in user.items():
+        (folder / name).write_text(text)
+    for _ in range(2):  # no earlier save under the prefix, then one
+        nd.save(str(folder), prefix="best_", overwrite=True)
+        assert {name: (folder / name).read_text() for name in user} == user
+    assert NDreamer.load(str(folder), model=tiny_model, prefix="best_").network is None
+
+
+def test_discard_saved_removes_only_its_prefixs_save(two_nds, tmp_path):
+    from pyro_scmodels.ndreamer import discard_saved
+
+    first, second = two_nds
+    folder = tmp_path / "nds"
+    first.save(str(folder))
+    first.save(str(folder), prefix="a_")
+    second.save(str(folder), prefix="b_")
+    others = {".staged-b_network.pt", ".staged-model.pt", ".staged-b_results.partial-12.h5ad", "a_notes.txt"}
+    kept = {n for n in os.listdir(folder) if not n.startswith("a_")} | others
+    for name in (*others, ".staged-a_results.partial-12.h5ad", ".staged-a_settings.json"):
+        (folder / name).write_text("in progress")
+    discard_saved(str(folder), prefix="a_")
+    assert set(os.listdir(folder)) == kept
+    discard_saved(str(folder))  # no prefix: the unprefixed save's files only
+    assert set(os.listdir(folder)) == {n for n in kept if n.startswith(("b_", ".staged-", "a_"))}
+    _same(NDreamer.load(str(folder), prefix="b_"), second)

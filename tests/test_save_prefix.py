@@ -6,6 +6,7 @@ import os
 import mudata
 import numpy as np
 import pytest
+import torch
 
 import pyro_scmodels as ps
 
@@ -61,7 +62,13 @@ def test_missing_or_wrong_prefix_names_the_files_and_the_prefixes(two_models, tm
     first, second = two_models
     folder = str(tmp_path / "models")
     first.save(folder, prefix="first_")
-    with pytest.raises(FileNotFoundError, match=r"No saved model at .*models.model\.pt .*\['first_model\.pt'\].*prefix='first_'"):
+    # the user's own checkpoint, and scvi-tools' model.pt: files named *model.pt that are no saved model of this package
+    torch.save({"state_dict": first.module.state_dict(), "epoch": 3}, os.path.join(folder, "best_model.pt"))
+    torch.save({"model_state_dict": {}, "attr_dict": {"init_params_": {}, "is_trained_": True}},
+               os.path.join(folder, "scvi_model.pt"))
+    with pytest.raises(FileNotFoundError, match=r"No saved model at .*models.model\.pt .*\['best_model\.pt', "
+                                                r"'first_model\.pt', 'scvi_model\.pt'\]; the one saved model there has "
+                                                r"prefix='first_'"):
         ps.RegularizedVI.load(folder, adata=first.adata.copy())
     second.save(folder, prefix="second_")
     with pytest.raises(FileNotFoundError, match=r"thrid_model\.pt.*prefixes \['first_', 'second_'\]"):

@@ -9,7 +9,9 @@ the parameters, the training state and optionally the data, atomically, and rebu
 from __future__ import annotations
 
 import os
+import struct
 import warnings
+import zipfile
 
 import torch
 
@@ -56,16 +58,40 @@ def file_prefix(prefix) -> str:
     return prefix
 
 
-def saved_prefixes(dir_path: str, marker: str = MODEL_FILE) -> tuple[list[str], list[str]]:
+#: keys every payload of :meth:`SavedModel.save` has, as the pickle inside ``model.pt`` spells them
+PAYLOAD_KEYS = ("init_params", "is_trained", "state_dict")
+
+
+def is_saved_model(path: str) -> bool:
+    """Whether ``path`` is a ``model.pt`` written by :meth:`SavedModel.save` (and not, e.g., a user's own torch
+    checkpoint named ``best_model.pt``): its pickle holds the payload's keys. Read as bytes, never unpickled, and
+    without the tensors' data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            data = archive.read(pickled) if pickled is not None else b""
+    except (OSError, zipfile.BadZipFile):
+        return False
+    # a string as pickle writes it: BINUNICODE (protocol 2, torch's) or SHORT_BINUNICODE (protocol 4 and later)
+    spelled = lambda key: (b"X" + struct.pack("<I", len(key)) + key.encode(),  # noqa: E731
+                           b"\x8c" + bytes([len(key)]) + key.encode())
+    return all(any(form in data for form in spelled(key)) for key in PAYLOAD_KEYS)
+
+
+def saved_prefixes(dir_path: str, marker: str = MODEL_FILE, is_save=None) -> tuple[list[str], list[str]]:
     """The files in ``dir_path`` and the prefixes of the saves among them: each ``f"{prefix}{marker}"`` (``marker``:
-    ``model.pt`` for a model, ``settings.json`` for an NDreamer)."""
+    ``model.pt`` for a model, ``settings.json`` for an NDreamer) that ``is_save(path)`` takes for a save (by default
+    :func:`is_saved_model`); another file of that name (a user's ``best_model.pt``) is no save."""
+    is_save = is_saved_model if is_save is None else is_save
     names = sorted(os.listdir(dir_path)) if os.path.isdir(dir_path) else []
     prefixes = [n[: -len(marker)] for n in names
-                if n.endswith(marker) and not n.startswith(STAGED_PREFIX) and ".partial-" not in n]
+                if n.endswith(marker) and not n.startswith(STAGED_PREFIX) and ".partial-" not in n
+                and is_save(os.path.join(dir_path, n))]
     return names, prefixes
 
 
-def no_saved(dir_path: str, prefix: str, marker: str = MODEL_FILE, what: str = "saved model") -> FileNotFoundError:
+def no_saved(dir_path: str, prefix: str, marker: str = MODEL_FILE, what: str = "saved model",
+             is_save=None) -> FileNotFoundError:
     """The error for a folder without ``f"{prefix}{marker}"``: it names the files there and the prefixes saved.
 
     Parameters
@@ -78,6 +104,8 @@ def no_saved(dir_path: str, prefix: str, marker: str = MODEL_FILE, what: str = "
         The file that marks a complete save (``model.pt``; an NDreamer's ``settings.json``).
     what
         What is saved, for the message (``"saved model"``, ``"saved NDreamer"``).
+    is_save
+        Whether a file named ``f"{prefix}{marker}"`` is a save (see :func:`saved_prefixes`).
 
     Returns
     -------
@@ -85,7 +113,7 @@ def no_saved(dir_path: str, prefix: str, marker: str = MODEL_FILE, what: str = "
     """
     if not os.path.isdir(dir_path):
         return FileNotFoundError(f"No {what} at {dir_path}: the folder does not exist.")
-    names, prefixes = saved_prefixes(dir_path, marker)
+    names, prefixes = saved_prefixes(dir_path, marker, is_save)
     shown = names[:20] + ([f"... {len(names) - 20} more"] if len(names) > 20 else [])
     if not prefixes:
         hint = f"no {what} is there (a save writes <prefix>{marker})"

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 
 import anndata
 import h5py
@@ -51,12 +52,60 @@ NETWORK, LATENT = "network", "latent"  # the two kinds of representation
 LABEL_COLUMNS = ("_label_low", "_label_high")
 
 
-def discard_saved(dir_path: str) -> None:
-    """Remove a saved NDreamer's files from ``dir_path`` (only when its effects file marks one), and any file of an
-    interrupted save; other files are left alone."""
-    names = [f for f in os.listdir(dir_path) if f.startswith(STAGED_PREFIX)] if os.path.isdir(dir_path) else []
-    if os.path.isfile(os.path.join(dir_path, EFFECTS_FILE)):  # the one file no other output of the package has
-        names += SAVED_FILES
+def is_saved_ndreamer(path: str) -> bool:
+    """Whether ``path`` is an NDreamer's settings file (a JSON object with its loss weights), not another
+    ``*settings.json``."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as handle:
+            settings = json.load(handle)
+        return isinstance(settings, dict) and "loss_weights" in settings
+    return False
+
+
+def saved_files(dir_path: str, prefix: str = "") -> tuple[str, ...]:
+    """The files (names after ``prefix``, settings file aside) that the NDreamer saved in ``dir_path`` under
+    ``prefix`` wrote, as its settings file lists them; () without a settings file.
+
+    A save before the list was kept (and one whose settings cannot be read) is taken to have written every name an
+    NDreamer of its representation may write: an NDreamer without a network wrote no network or training file.
+    Another file of such a name is the user's, and :func:`write_ndreamer` and :func:`discard_saved` leave it alone.
+    """
+    marker = os.path.join(dir_path, prefix + SETTINGS_FILE)
+    if not os.path.isfile(marker):
+        return ()
+    settings = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(marker) as handle:
+            settings = json.load(handle)
+    settings = settings if isinstance(settings, dict) else {}
+    listed = settings.get("files")
+    if isinstance(listed, list):
+        return tuple(name for name in SAVED_FILES if name in listed and name != SETTINGS_FILE)
+    latent = settings.get("representation") == LATENT
+    return tuple(n for n in SAVED_FILES if n != SETTINGS_FILE and not (latent and n in (NETWORK_FILE, TRAINING_FILE)))
+
+
+def _is_staged(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a staged file of an NDreamer's save under ``prefix`` (or an unfinished write of one)."""
+    for saved in SAVED_FILES:
+        stem, suffix = os.path.splitext(STAGED_PREFIX + prefix + saved)
+        if name == stem + suffix or re.fullmatch(re.escape(stem) + r"\.partial-\d+" + re.escape(suffix), name):
+            return True
+    return False
+
+
+def discard_saved(dir_path: str, prefix: str = "") -> None:
+    """Remove the NDreamer saved in ``dir_path`` under ``prefix``: the files its settings file lists
+    (:func:`saved_files`) and the settings file, or, after a save stopped during its renames (no settings file, its
+    effects file in place), every name an NDreamer's save writes; and the staged files of a save under ``prefix``
+    that did not finish. Other files (another prefix's save, a model's, the user's) are left alone."""
+    if not os.path.isdir(dir_path):
+        return
+    names = [f for f in os.listdir(dir_path) if _is_staged(f, prefix)]
+    if os.path.isfile(os.path.join(dir_path, prefix + SETTINGS_FILE)):
+        names += [prefix + n for n in (*saved_files(dir_path, prefix), SETTINGS_FILE)]
+    elif os.path.isfile(os.path.join(dir_path, prefix + EFFECTS_FILE)):  # the one file no other output of the package has
+        names += [prefix + n for n in SAVED_FILES]
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(dir_path, name))
@@ -81,21 +130,27 @@ def write_ndreamer(nd, dir_path: str, overwrite: bool = False, prefix: str = "")
     if not overwrite:  # e.g. the results.h5ad of `pyro-scmodels fit` in the same folder, replaced by NDreamer's
         refuse_foreign_files(dir_path, marker, [prefix + name for name in SAVED_FILES], "a saved NDreamer")
     writable_folder("dir_path", dir_path)
-    # network.pt, training.pt and expression_counts.npz are NDreamer's names: an interrupted save's are removed too
-    # (those of another prefix are another NDreamer's: they stay)
-    with staged_save(dir_path, marker, replaces=tuple(prefix + name for name in (NETWORK_FILE, TRAINING_FILE, COUNTS_FILE)),
-                     own_names=True) as stage:
+    # the files the earlier save under this prefix wrote and this one does not are removed (a stale training state
+    # loaded beside a new network); a file it did not write (the user's best_network.pt) stays
+    earlier = saved_files(dir_path, prefix)
+    with staged_save(dir_path, marker, replaces=tuple(prefix + name for name in earlier)) as stage:
+        written = []
+
+        def stage_file(name: str) -> str:
+            written.append(name)
+            return stage(prefix + name)
+
         if nd.network is not None:
-            torch.save(nd.network.state_dict(), stage(prefix + NETWORK_FILE))
+            torch.save(nd.network.state_dict(), stage_file(NETWORK_FILE))
         if nd.trainer is not None:  # history, optimiser moments and the passes done: training goes on after a load
-            torch.save(nd.trainer.state(include_modules=False), stage(prefix + TRAINING_FILE))
-        write_h5ad(_results_to_save(nd), stage(prefix + RESULTS_FILE))
+            torch.save(nd.trainer.state(include_modules=False), stage_file(TRAINING_FILE))
+        write_h5ad(_results_to_save(nd), stage_file(RESULTS_FILE))
         if isinstance(nd.expression, LogNormalisedCounts):
-            with open(stage(prefix + COUNTS_FILE), "wb") as handle:
+            with open(stage_file(COUNTS_FILE), "wb") as handle:
                 np.savez(handle, n_genes=nd.expression.shape[1], **{n: getattr(nd.expression, n) for n in COUNTS_ARRAYS})
-        nd.effects.save(stage(prefix + EFFECTS_FILE))
-        with open(stage(marker), "w") as handle:
-            json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights)}, handle)
+        nd.effects.save(stage_file(EFFECTS_FILE))
+        with open(stage(marker), "w") as handle:  # the files written: only those are read back, or removed later
+            json.dump({**nd.settings, "loss_weights": dataclasses.asdict(nd.loss_weights), "files": written}, handle)
 
 
 def _results_to_save(nd) -> anndata.AnnData:
@@ -243,13 +298,16 @@ def read_ndreamer(dir_path: str, model=None, prefix: str = "") -> SavedNDreamer:
     path = lambda name: os.path.join(dir_path, prefix + name)  # noqa: E731
     for name in (SETTINGS_FILE, RESULTS_FILE):
         if not os.path.exists(path(name)):
-            interrupted = os.path.isdir(dir_path) and any(f.startswith(STAGED_PREFIX + prefix) for f in os.listdir(dir_path))
-            error = (no_saved(dir_path, prefix, SETTINGS_FILE, "saved NDreamer") if name == SETTINGS_FILE else
+            interrupted = os.path.isdir(dir_path) and any(_is_staged(f, prefix) for f in os.listdir(dir_path))
+            error = (no_saved(dir_path, prefix, SETTINGS_FILE, "saved NDreamer", is_saved_ndreamer) if name == SETTINGS_FILE else
                      FileNotFoundError(f"No saved NDreamer in {dir_path} ({prefix}{name} missing)."))
             raise FileNotFoundError(str(error)[:-1] + ("; a save into it was interrupted: save again." if interrupted else "."))
     with open(path(SETTINGS_FILE)) as handle:
         settings = json.load(handle)
     settings.setdefault("representation", NETWORK)
+    listed = settings.pop("files", None)  # the files the save wrote (None before they were listed)
+    # a file of such a name the save did not write (one stopped during its renames left it, or the user's) is not read
+    saved = lambda name: os.path.exists(path(name)) and (listed is None or name in listed)  # noqa: E731
     loss_weights = LossWeights(**settings.pop("loss_weights", {}))
     results = read_h5ad(path(RESULTS_FILE))
     labels = None
@@ -264,13 +322,13 @@ def read_ndreamer(dir_path: str, model=None, prefix: str = "") -> SavedNDreamer:
     network_state = None
     if settings["representation"] == NETWORK:
         network_file = path(NETWORK_FILE)
-        if not os.path.exists(network_file):
+        if not saved(NETWORK_FILE):
             raise FileNotFoundError(f"No saved NDreamer network in {dir_path} ({prefix}{NETWORK_FILE} missing).")
         network_state = load_torch_file(network_file, "saved NDreamer network")
     counts_file = path(COUNTS_FILE)
     if results.X is not None:
         expression = sp.csr_matrix(results.X)
-    elif os.path.exists(counts_file):
+    elif saved(COUNTS_FILE):
         with np.load(counts_file, allow_pickle=False) as stored:
             expression = LogNormalisedCounts(*(stored[n] for n in COUNTS_ARRAYS), int(stored["n_genes"]))
     else:
@@ -279,10 +337,10 @@ def read_ndreamer(dir_path: str, model=None, prefix: str = "") -> SavedNDreamer:
     effects_file = path(EFFECTS_FILE)
     training_file = path(TRAINING_FILE)
     training_state = None
-    if network_state is not None and os.path.exists(training_file):
+    if network_state is not None and saved(TRAINING_FILE):
         training_state = load_torch_file(training_file, "saved NDreamer training state")
     return SavedNDreamer(settings, loss_weights, results, expression, labels, latent, network_state,
-                         effects_file if os.path.exists(effects_file) else None, training_state)
+                         effects_file if saved(EFFECTS_FILE) else None, training_state)
 
 
 #: anndata's on-disk encoding of a dense array (the attributes ``anndata.io.write_elem`` gives one)

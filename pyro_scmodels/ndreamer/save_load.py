@@ -31,7 +31,8 @@ class NDreamerSaveLoad:
             ...), as scvi-tools' ``save(..., prefix=)``: NDreamers saved with different prefixes share ``dir_path``,
             and :meth:`load` takes the same prefix. None: no prefix. It may not hold a path separator.
         overwrite
-            Replace an NDreamer saved in ``dir_path`` under the same prefix (those of other prefixes stay).
+            Replace an NDreamer saved in ``dir_path`` under the same prefix (those of other prefixes stay): of the
+            files there, only those its settings file lists as written by it are removed.
 
         Raises
         ------
