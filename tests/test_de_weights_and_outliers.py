@@ -12,8 +12,8 @@ from scipy.special import logsumexp
 import pyro_scmodels as ps
 from pyro_scmodels.differential_cells import filter_outlier_cells, latent_inliers
 from pyro_scmodels.differential_weights import effective_sample_size, row_weights
+from pyro_scmodels.models.evidence import library_noise
 from pyro_scmodels.pyro_modules import evaluating
-from pyro_scmodels.seeding import seeded
 
 from ._scvi_api import FIT, SMALL
 
@@ -61,17 +61,21 @@ def test_log_importance_ratios_average_to_the_marginal_likelihood(fitted):
 
 def test_log_importance_ratios_score_the_decoded_z_draws(fitted):
     """The ratios are log p(x, z, l) - log q(z, l | x) at the z that decode_samples decodes with the same seed, traced
-    here by Pyro directly (the library drawn from the guide under the same seed, the globals at their medians)."""
+    here by Pyro directly (l = exp(loc + scale * noise) of the guide's q(l | x) at the library's own per-cell noise,
+    the globals at their medians)."""
     cells, seed = np.arange(5), 5
     z = torch.as_tensor(fitted.posterior_z(indices=cells, n_samples=3, seed=seed))  # decode_samples' z
     [(_, (batch, n_obs))] = list(fitted.minibatches(indices=cells))
-    medians = fitted.module.guide.global_medians()
+    guide_module = fitted.module.guide
+    medians = guide_module.global_medians()
     expected = []
-    with evaluating(fitted.module), seeded(seed, fitted.device), torch.no_grad():
-        for z_k in z:
-            given = {**medians, "z": z_k}
-            guide = poutine.trace(poutine.condition(fitted.module.guide, data=given)).get_trace(batch, n_obs)
-            replayed = poutine.replay(poutine.condition(fitted.module.model, data=given), trace=guide)  # the guide's l
+    with evaluating(fitted.module), torch.no_grad():
+        q_library = guide_module.library_posterior(guide_module.encoder_input(batch), batch, medians["library_residual_weight"])
+        library = torch.exp(q_library.loc + q_library.scale * library_noise(seed, 3, fitted.device).of(cells, 1)[..., 0])
+        for z_k, l_k in zip(z, library):
+            given = {**medians, "z": z_k, "library": l_k}
+            guide = poutine.trace(poutine.condition(guide_module, data=given)).get_trace(batch, n_obs)
+            replayed = poutine.replay(poutine.condition(fitted.module.model, data=given), trace=guide)
             model = poutine.trace(replayed).get_trace(batch, n_obs)
             log_p = [site["fn"].log_prob(site["value"]) for name, site in model.nodes.items()
                      if site["type"] == "sample" and any(f.name == "cells" for f in site["cond_indep_stack"])]
@@ -80,6 +84,21 @@ def test_log_importance_ratios_score_the_decoded_z_draws(fitted):
             expected.append((sum(log_p) - sum(log_q)).double().numpy())
     ratios = fitted.log_importance_ratios(indices=cells, n_samples=3, seed=seed)
     np.testing.assert_allclose(ratios, np.stack(expected), rtol=1e-5, atol=1e-3)
+
+
+def test_log_importance_ratios_depend_on_neither_batch_size_nor_the_other_cells(fitted):
+    """Each cell's z and l come from its own seeded noise, so its ratios are those of (cell, seed, draw) alone, as the
+    uniform test's draws are (the library once came from torch's stream, re-seeded per minibatch: up to 14 nats off)."""
+    cells = np.arange(100)
+    whole = fitted.log_importance_ratios(indices=cells, n_samples=4, seed=2, batch_size=100)
+    np.testing.assert_allclose(fitted.log_importance_ratios(indices=cells, n_samples=4, seed=2, batch_size=30), whole,
+                               rtol=1e-6, atol=1e-4)
+    alone = fitted.log_importance_ratios(indices=cells[57:], n_samples=4, seed=2, batch_size=100)
+    np.testing.assert_allclose(alone, whole[:, 57:], rtol=1e-6, atol=1e-4)
+    one = fitted.log_importance_ratios(indices=[70], n_samples=4, seed=2)
+    np.testing.assert_allclose(one[:, 0], whole[:, 70], rtol=1e-6, atol=1e-4)
+    # another seed draws other l as well as other z
+    assert not np.allclose(fitted.log_importance_ratios(indices=cells, n_samples=4, seed=3), whole)
 
 
 def test_importance_with_one_sample_per_cell_is_the_uniform_test(fitted):
