@@ -124,6 +124,67 @@ def test_importance_weighted_lfc_keeps_the_sign_of_responding_genes(fitted):
     np.testing.assert_allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index(), rtol=0.25)
 
 
+def _first_draw_only(model, monkeypatch):
+    """Make every cell's sample 0 take all its weight (log ratio 0 against -1e9); returns the (cells, seed) asked."""
+    asked = []
+
+    def ratios(adata=None, indices=None, n_samples=1, seed=0, batch_size=None):
+        asked.append((np.asarray(indices).copy(), seed))
+        values = np.full((n_samples, len(indices)), -1e9)
+        values[0] = 0.0
+        return values
+
+    monkeypatch.setattr(model, "log_importance_ratios", ratios)
+    return asked
+
+
+def _first_draw_mean(model, cells, seed, strata=(None,)):
+    """Mean over the cells (and strata) of sample 0's decoded rho, with the seed differential_expression gives."""
+    means = [np.concatenate([rho[0].numpy() for _, _, rho in model.decode_samples(indices=cells, n_samples=4, seed=seed,
+                                                                                  nn_covariates=stratum)]).mean(0)
+             for stratum in strata]
+    return np.mean(means, axis=0)
+
+
+def test_importance_weights_pick_the_rows_they_weight(fitted, monkeypatch):
+    """Weights that put each cell's whole share on its sample 0 make scale1/scale2 the group means of sample 0's
+    decoded rho + shared background: the weights reach the rows of the draws they were computed for."""
+    asked = _first_draw_only(fitted, monkeypatch)
+    types = fitted.adata.obs["cell_type"].to_numpy()
+    group1, group2 = np.flatnonzero(types == "type_0"), np.flatnonzero(types == "type_1")
+    assert max(len(group1), len(group2)) < 500  # below n_cells: every cell is drawn
+    table = _quiet_de(fitted, idx1=group1, idx2=group2, num_samples=4, n_pairs=500, seed=7, weights="importance",
+                      all_stats=False).sort_index()
+    shared = fitted.shared_background(None)
+    shift = 0.0 if shared is None else shared.to_numpy()
+    for cells, seed, column in ((group1, 7, "scale1"), (group2, 8, "scale2")):  # group i's seed: seed + 2i + offset
+        expected = pd.Series(_first_draw_mean(fitted, cells, seed) + shift, index=fitted.adata.var_names).sort_index()
+        np.testing.assert_allclose(table[column], expected, rtol=1e-4, atol=1e-7)
+    assert [(c.tolist(), s) for c, s in asked] == [(group1.tolist(), 7), (group2.tolist(), 8)]
+
+
+def test_importance_weights_are_shared_among_pooled_strata(monkeypatch):
+    """batch_correction with disjoint batchid1 / batchid2 pools each group's strata: every stratum decodes the same z,
+    so each keeps the weights, divided among the strata."""
+    adata = ps.datasets.simulate(n_cells=150, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=4)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["batch"])
+    model = ps.RegularizedVI(adata, **SMALL, seed=0)
+    model.train(max_epochs=3, **FIT)
+    _first_draw_only(model, monkeypatch)
+    batches = sorted(adata.obs["batch"].astype(str).unique())
+    assert len(batches) >= 3
+    first, second = batches[:2], batches[2:]
+    cells1, cells2 = np.arange(0, 40), np.arange(60, 130)
+    table = _quiet_de(model, idx1=cells1, idx2=cells2, num_samples=4, n_pairs=500, seed=3, weights="importance",
+                      batch_correction=True, batchid1=first, batchid2=second, all_stats=False).sort_index()
+    for cells, seed, categories, column in ((cells1, 3, first, "scale1"), (cells2, 4, second, "scale2")):
+        strata = [{"batch": category} for category in categories]
+        expected = _first_draw_mean(model, cells, seed, strata)
+        shared = model.shared_background(None)
+        expected = pd.Series(expected + (0.0 if shared is None else shared.to_numpy()), index=adata.var_names)
+        np.testing.assert_allclose(table[column], expected.sort_index(), rtol=1e-4, atol=1e-7)
+
+
 def test_bad_weights_are_refused_before_any_draw(fitted, monkeypatch):
     def no_draws(*args, **kwargs):
         raise AssertionError("posterior draws were made before the argument check")
