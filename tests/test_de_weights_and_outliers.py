@@ -11,7 +11,7 @@ from scipy.special import logsumexp
 
 import pyro_scmodels as ps
 from pyro_scmodels.differential_cells import filter_outlier_cells, latent_inliers
-from pyro_scmodels.differential_weights import effective_sample_size, row_weights
+from pyro_scmodels.differential_weights import effective_sample_size, per_cell_effective_sample_size, row_weights
 from pyro_scmodels.models.evidence import library_noise
 from pyro_scmodels.pyro_modules import evaluating
 
@@ -183,6 +183,26 @@ def test_importance_weights_are_shared_among_pooled_strata(monkeypatch):
         shared = model.shared_background(None)
         expected = pd.Series(expected + (0.0 if shared is None else shared.to_numpy()), index=adata.var_names)
         np.testing.assert_allclose(table[column], expected.sort_index(), rtol=1e-4, atol=1e-7)
+
+
+def test_collapsed_importance_weights_warn_once_with_the_effective_sample_size(fitted, monkeypatch):
+    p = row_weights(np.array([[0.0, 0.0], [0.0, -1e9], [0.0, -1e9]]))
+    np.testing.assert_allclose(per_cell_effective_sample_size(p, 3), [3.0, 1.0])
+    _first_draw_only(fitted, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(groupby="cell_type", group1=["type_0", "type_1"], num_samples=10, n_pairs=500,
+                                       weights="importance", all_stats=False)
+    collapsed = [w for w in caught if "effective sample size" in str(w.message)]
+    assert len(collapsed) == 1, [str(w.message) for w in caught]  # once per call, over both comparisons
+    assert "of 1.0 " in str(collapsed[0].message) and "weights='uniform'" in str(collapsed[0].message)
+    assert collapsed[0].filename == __file__  # points at the caller
+    monkeypatch.setattr(fitted, "log_importance_ratios", lambda adata, cells, n, *rest: np.zeros((n, len(cells))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(groupby="cell_type", group1="type_0", num_samples=10, n_pairs=500,
+                                       weights="importance", all_stats=False)
+    assert not [w for w in caught if "effective sample size" in str(w.message)]
 
 
 def test_bad_weights_are_refused_before_any_draw(fitted, monkeypatch):
