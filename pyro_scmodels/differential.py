@@ -80,7 +80,7 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         shared = np.intersect1d(cells1, cells2)
         if len(shared):
             warnings.warn(f"idx1 and idx2 share {len(shared)} cells; they count in both groups, which pulls the two "
-                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=3)
+                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=4)
         return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
     if idx2 is not None:
         raise ValueError("idx2 needs idx1.")
@@ -135,7 +135,7 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
     unmeasured = [i + 1 for i, cells in enumerate((cells1, cells2)) if cells.size == 0]
     if unmeasured:  # their means read 0, as if measured
         warnings.warn(f"group {' and '.join(map(str, unmeasured))} has no cells with counts in this modality: its "
-                      "observed-count columns are NaN.", UserWarning, stacklevel=3)
+                      "observed-count columns are NaN.", UserWarning, stacklevel=4)
     per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
 
     def group_stats(groups: np.ndarray) -> dict[str, np.ndarray]:

@@ -260,3 +260,17 @@ def test_filter_outlier_cells_drops_cells_planted_from_another_type(fitted):
     assert not np.allclose(filtered["lfc_mean"].sort_index(), default["lfc_mean"].sort_index())
     # the observed-count columns keep every cell, as scvi-tools'
     pd.testing.assert_series_equal(filtered["raw_mean1"].sort_index(), default["raw_mean1"].sort_index())
+
+
+def test_differential_expression_warnings_point_at_the_callers_line(fitted):
+    """Each warning of differential_expression names the user's file, not a frame inside the package: the outlier
+    filter's count and its kept-whole group of one cell, the shared cells of idx1 / idx2 and a batch_correction that
+    changes nothing (this model's decoder has no covariate)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(idx1=[5], idx2=np.arange(0, 60), num_samples=2, n_pairs=200, all_stats=False,
+                                       filter_outlier_cells=True, batch_correction=True)
+    messages = [str(w.message) for w in caught]
+    for expected in ("filter_outlier_cells: left out", "could not be estimated", "share 1 cells", "changes nothing"):
+        assert any(expected in message for message in messages), (expected, messages)
+    assert [(w.filename, str(w.message)[:40]) for w in caught if w.filename != __file__] == []
