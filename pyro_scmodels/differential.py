@@ -24,7 +24,7 @@ from .differential_cells import filter_outlier_cells as _drop_outliers
 from .differential_cells import measured_cells_only
 from .differential_correction import correction_strata
 from .differential_statistics import change_test, vanilla_test
-from .differential_weights import check_weights, row_weights
+from .differential_weights import check_weights, collapse_warning, per_cell_effective_sample_size, row_weights
 
 PSEUDOCOUNT = 0.01  # added to rho (counts at a typical library) before the log: a silent gene is not a huge fold change
 MODES = ("change", "vanilla")  # scvi-tools' two modes; "change" is the default here
@@ -81,7 +81,7 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         shared = np.intersect1d(cells1, cells2)
         if len(shared):
             warnings.warn(f"idx1 and idx2 share {len(shared)} cells; they count in both groups, which pulls the two "
-                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=3)
+                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=4)
         return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
     if idx2 is not None:
         raise ValueError("idx2 needs idx1.")
@@ -136,7 +136,7 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
     unmeasured = [i + 1 for i, cells in enumerate((cells1, cells2)) if cells.size == 0]
     if unmeasured:  # their means read 0, as if measured
         warnings.warn(f"group {' and '.join(map(str, unmeasured))} has no cells with counts in this modality: its "
-                      "observed-count columns are NaN.", UserWarning, stacklevel=3)
+                      "observed-count columns are NaN.", UserWarning, stacklevel=4)
     per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
 
     def group_stats(groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -173,10 +173,10 @@ def _background_shift(model, background, modality) -> np.ndarray | None:
 
 def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, modality, pseudocount,
                 paired: bool = True, weights: str = "uniform",
-                shift: np.ndarray | None = None) -> tuple[list[np.ndarray], list | None]:
+                shift: np.ndarray | None = None) -> tuple[list[np.ndarray], list | None, np.ndarray | None]:
     """log2(rho + shift + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all
-    when the strata do not pair), and the rows' probabilities alike (None: uniform); ``shift`` is a per-feature
-    vector or None."""
+    when the strata do not pair), the rows' probabilities alike (None: uniform) and each cell's effective sample
+    size of its draws under them (None: uniform); ``shift`` is a per-feature vector or None."""
     draws = []
     for stratum in strata:
         # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
@@ -190,9 +190,10 @@ def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, moda
     if not paired:
         draws = [np.concatenate(draws)]
     if probabilities is None:
-        return draws, None
+        return draws, None, None
+    ess = per_cell_effective_sample_size(probabilities, num_samples)
     # every stratum decodes the same z: the same weights, shared among the strata when they are pooled
-    return draws, [probabilities] * len(draws) if paired else [np.tile(probabilities, len(strata)) / len(strata)]
+    return draws, ([probabilities] * len(draws) if paired else [np.tile(probabilities, len(strata)) / len(strata)]), ess
 
 
 def differential_expression(model, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
@@ -266,7 +267,12 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         How the (cell, posterior sample) rows of a group are drawn, as scvi-tools' ``weights``: ``"uniform"`` (the
         default; None too) alike, ``"importance"`` in proportion to importance weights of their z draws
         (:mod:`pyro_scmodels.differential_weights`: each cell's ``num_samples`` draws self-normalised by
-        ``model.log_importance_ratios``), so the draws follow the group's posterior rather than the guide's. With
+        ``model.log_importance_ratios``), so the draws follow the group's posterior rather than the guide's; every
+        cell keeps total weight 1/N (scvi-tools spreads it over the group: a z that explains many cells counts
+        more). The ratios sum log p(x | z, l) over every gene, so with many genes each cell's weight falls on a few
+        draws (Kish effective sample size 2-3 of 20 at 300-2,000 simulated genes) and the result approaches the
+        best draw per cell, losing the within-cell posterior spread: a warning gives the mean per-cell effective
+        sample size when it is below 20 % of ``num_samples``; ``"uniform"`` keeps that spread. With
         ``num_samples=1`` it is the uniform draw. Not for ``RegularizedMultimodalVI`` (refused).
     filter_outlier_cells
         Leave out of the posterior draws the cells outside their group's bulk in the latent space, as scvi-tools'
@@ -327,14 +333,15 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     # the raw_* columns are of the groups as chosen; the posterior draws of the groups without their outliers
     drawn = _drop_outliers(model, adata, tests, batch_size, seed) if filter_outlier_cells else tests
     rng = np.random.default_rng(seed)
-    tables = []
+    tables, ess = [], []
     for i, ((name1, name2, cells1, cells2), (_, _, kept1, kept2)) in enumerate(zip(tests, drawn)):
-        (samples1, weights1), (samples2, weights2) = (
+        (samples1, weights1, ess1), (samples2, weights2, ess2) = (
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
                         num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, weights,
                         shift)
             for offset, (cells, strata) in enumerate(((kept1, strata1), (kept2, strata2)))
         )
+        ess += [size for size in (ess1, ess2) if size is not None]
         weighting = {"weights1": weights1, "weights2": weights2}
         if mode == "vanilla":
             table = vanilla_test(samples1, samples2, model.feature_names(modality), n_pairs, rng, pseudocount,
@@ -350,4 +357,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
             table[f"is_de_fdr_{fdr_target}"] = table.pop(f"is_de_fdr_{fdr_target}")
         table["comparison"], table["group1"], table["group2"] = f"{name1} vs {name2}", name1, name2
         tables.append(table)
+    collapse = collapse_warning(ess, num_samples)
+    if collapse is not None:  # once per call, over every compared cell
+        warnings.warn(collapse, UserWarning, stacklevel=3)
     return pd.concat(tables)

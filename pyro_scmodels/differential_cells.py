@@ -12,6 +12,9 @@ import warnings
 import numpy as np
 
 OUTLIER_CONTAMINATION = 0.1  # sklearn's EllipticEnvelope default, which scvi-tools uses: a tenth of each group
+#: warnings of the functions below point at the user's ``model.differential_expression`` call, this many frames up:
+#: the function, ``differential.differential_expression``, the model's method, the caller
+USER_FRAME = 4
 
 
 def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -> list[tuple]:
@@ -30,7 +33,8 @@ def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -
             if len(tests) == 1:
                 raise ValueError(message + "; choose groups with measured cells, or another modality=.")
             skipped.append(f"{name1} vs {name2}")  # one group of several (groupby, every group in turn): the others go on
-            warnings.warn(message + f": the comparison {name1} vs {name2} is left out.", UserWarning, stacklevel=3)
+            warnings.warn(message + f": the comparison {name1} vs {name2} is left out.", UserWarning,
+                          stacklevel=USER_FRAME)
             continue
         for cells in (cells1, cells2):
             left_out.update(cells[~measured[cells]].tolist())
@@ -41,7 +45,7 @@ def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -
     if left_out:
         warnings.warn(f"differential_expression: {len(left_out)} of the compared cells have no counts in modality "
                       f"{modality!r} (their likelihood is masked, their decoded {modality!r} is the model's guess from "
-                      "the other modalities); they are left out of the test.", UserWarning, stacklevel=3)
+                      "the other modalities); they are left out of the test.", UserWarning, stacklevel=USER_FRAME)
     return kept
 
 
@@ -73,9 +77,9 @@ def latent_inliers(latent: np.ndarray, seed: int = 0) -> np.ndarray:
     try:
         envelope = EllipticEnvelope(contamination=OUTLIER_CONTAMINATION, random_state=seed)
         return envelope.fit_predict(np.asarray(latent, dtype=np.float64)) == 1
-    except ValueError as error:
+    except ValueError as error:  # called by filter_outlier_cells: one frame more to the user's call
         warnings.warn(f"filter_outlier_cells: the covariance of a group of {len(latent)} cells could not be estimated "
-                      f"({error}); every cell of it is kept.", UserWarning, stacklevel=3)
+                      f"({error}); every cell of it is kept.", UserWarning, stacklevel=USER_FRAME + 1)
         return np.ones(len(latent), dtype=bool)
 
 
@@ -104,17 +108,16 @@ def filter_outlier_cells(model, adata, tests: list[tuple], batch_size: int | Non
     """
     cells = np.unique(np.concatenate([np.concatenate([c1, c2]) for _, _, c1, c2 in tests]))
     latent = model.posterior_z(adata, cells, batch_size)  # once per cell, shared by every comparison it enters
-    row = {cell: i for i, cell in enumerate(cells.tolist())}
     kept, report = [], []
     for name1, name2, cells1, cells2 in tests:
         groups = []
         for name, group in ((name1, cells1), (name2, cells2)):
-            inside = latent_inliers(latent[[row[c] for c in group.tolist()]], seed)
+            inside = latent_inliers(latent[np.searchsorted(cells, group)], seed)  # cells: np.unique's, sorted
             groups.append(group[inside])
             report.append(f"{int((~inside).sum())} of {len(group)} in {name!r}" + ("" if len(tests) == 1 else
                                                                                  f" ({name1} vs {name2})"))
         kept.append((name1, name2, *groups))
     warnings.warn("filter_outlier_cells: left out of the posterior draws the cells outside their group's bulk in the "
                   f"latent space (a tenth of each group, scvi-tools' rule): {'; '.join(report)}. The raw_* columns "
-                  "use every cell.", UserWarning, stacklevel=3)
+                  "use every cell.", UserWarning, stacklevel=USER_FRAME)
     return kept

@@ -11,9 +11,9 @@ from scipy.special import logsumexp
 
 import pyro_scmodels as ps
 from pyro_scmodels.differential_cells import filter_outlier_cells, latent_inliers
-from pyro_scmodels.differential_weights import effective_sample_size, row_weights
+from pyro_scmodels.differential_weights import effective_sample_size, per_cell_effective_sample_size, row_weights
+from pyro_scmodels.models.evidence import library_noise
 from pyro_scmodels.pyro_modules import evaluating
-from pyro_scmodels.seeding import seeded
 
 from ._scvi_api import FIT, SMALL
 
@@ -61,17 +61,21 @@ def test_log_importance_ratios_average_to_the_marginal_likelihood(fitted):
 
 def test_log_importance_ratios_score_the_decoded_z_draws(fitted):
     """The ratios are log p(x, z, l) - log q(z, l | x) at the z that decode_samples decodes with the same seed, traced
-    here by Pyro directly (the library drawn from the guide under the same seed, the globals at their medians)."""
+    here by Pyro directly (l = exp(loc + scale * noise) of the guide's q(l | x) at the library's own per-cell noise,
+    the globals at their medians)."""
     cells, seed = np.arange(5), 5
     z = torch.as_tensor(fitted.posterior_z(indices=cells, n_samples=3, seed=seed))  # decode_samples' z
     [(_, (batch, n_obs))] = list(fitted.minibatches(indices=cells))
-    medians = fitted.module.guide.global_medians()
+    guide_module = fitted.module.guide
+    medians = guide_module.global_medians()
     expected = []
-    with evaluating(fitted.module), seeded(seed, fitted.device), torch.no_grad():
-        for z_k in z:
-            given = {**medians, "z": z_k}
-            guide = poutine.trace(poutine.condition(fitted.module.guide, data=given)).get_trace(batch, n_obs)
-            replayed = poutine.replay(poutine.condition(fitted.module.model, data=given), trace=guide)  # the guide's l
+    with evaluating(fitted.module), torch.no_grad():
+        q_library = guide_module.library_posterior(guide_module.encoder_input(batch), batch, medians["library_residual_weight"])
+        library = torch.exp(q_library.loc + q_library.scale * library_noise(seed, 3, fitted.device).of(cells, 1)[..., 0])
+        for z_k, l_k in zip(z, library):
+            given = {**medians, "z": z_k, "library": l_k}
+            guide = poutine.trace(poutine.condition(guide_module, data=given)).get_trace(batch, n_obs)
+            replayed = poutine.replay(poutine.condition(fitted.module.model, data=given), trace=guide)
             model = poutine.trace(replayed).get_trace(batch, n_obs)
             log_p = [site["fn"].log_prob(site["value"]) for name, site in model.nodes.items()
                      if site["type"] == "sample" and any(f.name == "cells" for f in site["cond_indep_stack"])]
@@ -80,6 +84,21 @@ def test_log_importance_ratios_score_the_decoded_z_draws(fitted):
             expected.append((sum(log_p) - sum(log_q)).double().numpy())
     ratios = fitted.log_importance_ratios(indices=cells, n_samples=3, seed=seed)
     np.testing.assert_allclose(ratios, np.stack(expected), rtol=1e-5, atol=1e-3)
+
+
+def test_log_importance_ratios_depend_on_neither_batch_size_nor_the_other_cells(fitted):
+    """Each cell's z and l come from its own seeded noise, so its ratios are those of (cell, seed, draw) alone, as the
+    uniform test's draws are (the library once came from torch's stream, re-seeded per minibatch: up to 14 nats off)."""
+    cells = np.arange(100)
+    whole = fitted.log_importance_ratios(indices=cells, n_samples=4, seed=2, batch_size=100)
+    np.testing.assert_allclose(fitted.log_importance_ratios(indices=cells, n_samples=4, seed=2, batch_size=30), whole,
+                               rtol=1e-6, atol=1e-4)
+    alone = fitted.log_importance_ratios(indices=cells[57:], n_samples=4, seed=2, batch_size=100)
+    np.testing.assert_allclose(alone, whole[:, 57:], rtol=1e-6, atol=1e-4)
+    one = fitted.log_importance_ratios(indices=[70], n_samples=4, seed=2)
+    np.testing.assert_allclose(one[:, 0], whole[:, 70], rtol=1e-6, atol=1e-4)
+    # another seed draws other l as well as other z
+    assert not np.allclose(fitted.log_importance_ratios(indices=cells, n_samples=4, seed=3), whole)
 
 
 def test_importance_with_one_sample_per_cell_is_the_uniform_test(fitted):
@@ -103,6 +122,87 @@ def test_importance_weighted_lfc_keeps_the_sign_of_responding_genes(fitted):
     # the weights are used: the same draws give other group means
     assert not np.allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index())
     np.testing.assert_allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index(), rtol=0.25)
+
+
+def _first_draw_only(model, monkeypatch):
+    """Make every cell's sample 0 take all its weight (log ratio 0 against -1e9); returns the (cells, seed) asked."""
+    asked = []
+
+    def ratios(adata=None, indices=None, n_samples=1, seed=0, batch_size=None):
+        asked.append((np.asarray(indices).copy(), seed))
+        values = np.full((n_samples, len(indices)), -1e9)
+        values[0] = 0.0
+        return values
+
+    monkeypatch.setattr(model, "log_importance_ratios", ratios)
+    return asked
+
+
+def _first_draw_mean(model, cells, seed, strata=(None,)):
+    """Mean over the cells (and strata) of sample 0's decoded rho, with the seed differential_expression gives."""
+    means = [np.concatenate([rho[0].numpy() for _, _, rho in model.decode_samples(indices=cells, n_samples=4, seed=seed,
+                                                                                  nn_covariates=stratum)]).mean(0)
+             for stratum in strata]
+    return np.mean(means, axis=0)
+
+
+def test_importance_weights_pick_the_rows_they_weight(fitted, monkeypatch):
+    """Weights that put each cell's whole share on its sample 0 make scale1/scale2 the group means of sample 0's
+    decoded rho + shared background: the weights reach the rows of the draws they were computed for."""
+    asked = _first_draw_only(fitted, monkeypatch)
+    types = fitted.adata.obs["cell_type"].to_numpy()
+    group1, group2 = np.flatnonzero(types == "type_0"), np.flatnonzero(types == "type_1")
+    assert max(len(group1), len(group2)) < 500  # below n_cells: every cell is drawn
+    table = _quiet_de(fitted, idx1=group1, idx2=group2, num_samples=4, n_pairs=500, seed=7, weights="importance",
+                      all_stats=False).sort_index()
+    shared = fitted.shared_background(None)
+    shift = 0.0 if shared is None else shared.to_numpy()
+    for cells, seed, column in ((group1, 7, "scale1"), (group2, 8, "scale2")):  # group i's seed: seed + 2i + offset
+        expected = pd.Series(_first_draw_mean(fitted, cells, seed) + shift, index=fitted.adata.var_names).sort_index()
+        np.testing.assert_allclose(table[column], expected, rtol=1e-4, atol=1e-7)
+    assert [(c.tolist(), s) for c, s in asked] == [(group1.tolist(), 7), (group2.tolist(), 8)]
+
+
+def test_importance_weights_are_shared_among_pooled_strata(monkeypatch):
+    """batch_correction with disjoint batchid1 / batchid2 pools each group's strata: every stratum decodes the same z,
+    so each keeps the weights, divided among the strata."""
+    adata = ps.datasets.simulate(n_cells=150, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=4)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["batch"])
+    model = ps.RegularizedVI(adata, **SMALL, seed=0)
+    model.train(max_epochs=3, **FIT)
+    _first_draw_only(model, monkeypatch)
+    batches = sorted(adata.obs["batch"].astype(str).unique())
+    assert len(batches) >= 3
+    first, second = batches[:2], batches[2:]
+    cells1, cells2 = np.arange(0, 40), np.arange(60, 130)
+    table = _quiet_de(model, idx1=cells1, idx2=cells2, num_samples=4, n_pairs=500, seed=3, weights="importance",
+                      batch_correction=True, batchid1=first, batchid2=second, all_stats=False).sort_index()
+    for cells, seed, categories, column in ((cells1, 3, first, "scale1"), (cells2, 4, second, "scale2")):
+        strata = [{"batch": category} for category in categories]
+        expected = _first_draw_mean(model, cells, seed, strata)
+        shared = model.shared_background(None)
+        expected = pd.Series(expected + (0.0 if shared is None else shared.to_numpy()), index=adata.var_names)
+        np.testing.assert_allclose(table[column], expected.sort_index(), rtol=1e-4, atol=1e-7)
+
+
+def test_collapsed_importance_weights_warn_once_with_the_effective_sample_size(fitted, monkeypatch):
+    p = row_weights(np.array([[0.0, 0.0], [0.0, -1e9], [0.0, -1e9]]))
+    np.testing.assert_allclose(per_cell_effective_sample_size(p, 3), [3.0, 1.0])
+    _first_draw_only(fitted, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(groupby="cell_type", group1=["type_0", "type_1"], num_samples=10, n_pairs=500,
+                                       weights="importance", all_stats=False)
+    collapsed = [w for w in caught if "effective sample size" in str(w.message)]
+    assert len(collapsed) == 1, [str(w.message) for w in caught]  # once per call, over both comparisons
+    assert "of 1.0 " in str(collapsed[0].message) and "weights='uniform'" in str(collapsed[0].message)
+    assert collapsed[0].filename == __file__  # points at the caller
+    monkeypatch.setattr(fitted, "log_importance_ratios", lambda adata, cells, n, *rest: np.zeros((n, len(cells))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(groupby="cell_type", group1="type_0", num_samples=10, n_pairs=500,
+                                       weights="importance", all_stats=False)
+    assert not [w for w in caught if "effective sample size" in str(w.message)]
 
 
 def test_bad_weights_are_refused_before_any_draw(fitted, monkeypatch):
@@ -160,3 +260,17 @@ def test_filter_outlier_cells_drops_cells_planted_from_another_type(fitted):
     assert not np.allclose(filtered["lfc_mean"].sort_index(), default["lfc_mean"].sort_index())
     # the observed-count columns keep every cell, as scvi-tools'
     pd.testing.assert_series_equal(filtered["raw_mean1"].sort_index(), default["raw_mean1"].sort_index())
+
+
+def test_differential_expression_warnings_point_at_the_callers_line(fitted):
+    """Each warning of differential_expression names the user's file, not a frame inside the package: the outlier
+    filter's count and its kept-whole group of one cell, the shared cells of idx1 / idx2 and a batch_correction that
+    changes nothing (this model's decoder has no covariate)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.differential_expression(idx1=[5], idx2=np.arange(0, 60), num_samples=2, n_pairs=200, all_stats=False,
+                                       filter_outlier_cells=True, batch_correction=True)
+    messages = [str(w.message) for w in caught]
+    for expected in ("filter_outlier_cells: left out", "could not be estimated", "share 1 cells", "changes nothing"):
+        assert any(expected in message for message in messages), (expected, messages)
+    assert [(w.filename, str(w.message)[:40]) for w in caught if w.filename != __file__] == []

@@ -17,7 +17,18 @@ import torch
 from pyro import poutine
 
 from .. import _validation as V
-from ..seeding import seeded
+from ..seeding import seed_or_fresh, seeded
+from .cell_noise import CellNoise
+
+#: numpy spawn key that sets the library draws' seed apart from z's (``CellNoise(seed)``) in log_importance_ratios
+LIBRARY_STREAM = 0x11B
+
+
+def library_noise(seed: int, n_samples: int, device) -> CellNoise:
+    """Per-cell standard-normal noise of the library draws that go with the z draws of ``seed``
+    (:meth:`EvidenceQueries.log_importance_ratios`): its own stream, derived from ``seed``, apart from z's."""
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(LIBRARY_STREAM,))
+    return CellNoise(int(sequence.generate_state(1, np.uint64)[0] % (2**63 - 1)), n_samples, device)
 
 
 def _in_cell_plate(site: dict) -> bool:
@@ -180,7 +191,9 @@ class EvidenceQueries:
 
         The z of each draw is the one ``posterior_z_batches(..., n_samples, seed)`` gives (the same seed: the same z,
         so these ratios belong to the expression ``decode_samples`` decodes from it); the library size l is drawn
-        from the guide beside it and the global sites are held at their posterior medians, as in
+        from the guide's q(l | x) beside it with per-cell noise of its own stream (:func:`library_noise`), so that, as
+        z, it depends only on the cell, ``seed`` and the draw, not on ``batch_size`` or the other cells asked for; the
+        global sites are held at their posterior medians, as in
         :meth:`get_marginal_ll`. Exponentiated and normalised over a cell's draws they are self-normalised importance
         weights of its z draws towards the model's posterior p(z | x) (what
         ``differential_expression(weights="importance")`` resamples by).
@@ -206,9 +219,17 @@ class EvidenceQueries:
             raise NotImplementedError(f"{type(self).__name__}: importance ratios of z are not available: "
                                       f"{self.importance_ratio_refusal}.")
         n_obs = (self.adata if adata is None else adata).n_obs
+        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))  # None: fresh draws, as for z
+        guide = self.module.guide
+        library_site = guide.dims.site("library")
+        noise = library_noise(seed, V.positive_int("n_samples", n_samples), self.device)
         parts = []
         for cells, batch, z in self.posterior_z_batches(adata, indices, batch_size, n_samples, seed):
-            with seeded(seed, self.device), torch.no_grad():  # the library draws repeat for the same cells and batches
-                terms = [self._local_terms(batch, n_obs, {"z": z_k}) for z_k in z]
+            with torch.no_grad():
+                # l = exp(loc + scale * noise) of the guide's LogNormal, the noise each cell's own (as z's): the ratios
+                # depend only on the cell, the seed and the draw, not on the minibatch or the other cells asked for
+                q_library = guide.library_posterior(guide.encoder_input(batch), batch, guide.residual_weight_estimate())
+                library = torch.exp(q_library.loc + q_library.scale * noise.of(cells, 1)[..., 0])
+                terms = [self._local_terms(batch, n_obs, {"z": z_k, library_site: l_k}) for z_k, l_k in zip(z, library)]
             parts.append(torch.stack([t["model"] - t["guide"] for t in terms]).double().cpu())
         return torch.cat(parts, dim=1).numpy()
