@@ -80,7 +80,7 @@ def test_shared_background_without_an_ambient_key_is_the_one_background():
     np.testing.assert_allclose(model.shared_background().to_numpy(), profile.iloc[:, 0].to_numpy(), rtol=1e-6)
 
 
-def test_multimodal_shared_background_leaves_out_unmeasured_categories_and_modalities_without_one():
+def test_multimodal_shared_background_leaves_out_unmeasured_categories_and_modalities_without_one(tmp_path):
     # a batch with no RNA counts (an ATAC-only channel): its RNA background never leaves its starting floor (1e-8)
     # and, taken into the minimum, made "shared" test rho alone without a word
     import scipy.sparse as sp
@@ -105,3 +105,7 @@ def test_multimodal_shared_background_leaves_out_unmeasured_categories_and_modal
     np.testing.assert_allclose(shared.to_numpy(), profile[measured].min(axis=1).to_numpy(), rtol=1e-6)
     assert shared.mean() > 1e-3  # not the unmeasured batch's floor
     assert model.shared_background("atac") is None
+    # loaded on the other batches' cells, the model still knows which category its training cells left unmeasured
+    model.save(str(tmp_path / "model"))
+    loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "model"), mdata=mdata[batch != np.unique(batch)[-1]].copy())
+    np.testing.assert_allclose(loaded.shared_background("rna").to_numpy(), shared.to_numpy(), rtol=1e-6)

@@ -4,7 +4,7 @@
 ``global_site_table`` reads a site's posterior median from the guide (or the value a subclass's model fixes) and
 labels its rows with the categories of the covariate that indexes it. A multimodal model overrides
 ``site_modality`` and ``_site_base_name``. It uses the model's ``module``, ``keys``, ``encoding`` and
-``feature_names``, and a multimodal model's ``masks_cells_without_counts`` and ``_cell_data``.
+``feature_names``, and a multimodal model's ``unfitted_categories``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import pandas as pd
 
 from .regularizedvi_module import SITE_COVARIATE_ROLES
-from .unmeasured_categories import categories_without_counts
 
 
 class GlobalSiteTables:
@@ -74,15 +73,16 @@ class GlobalSiteTables:
         keys = list(self.keys.ambient or [])
         if not keys:
             return table.iloc[:, 0].rename("shared_background")
-        unmeasured = set()
-        if self.masks_cells_without_counts:
-            unmeasured = set(categories_without_counts(self._cell_data(), modality, {"ambient"}))
-        shared = 0.0
+        # a multimodal model's record of its training cells (kept in its saves), not the cells it is bound to now
+        unfitted = getattr(self, "unfitted_categories", {}).get(modality, {})
+        unmeasured = {level for level, parameters in unfitted.items() if "ambient" in parameters}
+        shared = pd.Series(0.0, index=table.index)
         for key in keys:
             start, stop, _ = self.encoding.stacked_span(keys, key, self.encoding.categories[key][0])
             measured = [start + j for j, category in enumerate(self.encoding.categories[key])
                         if (key, str(category)) not in unmeasured]
-            shared = shared + table.iloc[:, measured].min(axis=1)
+            if measured:  # every cell measured in the modality has a category of each key
+                shared = shared + table.iloc[:, measured].min(axis=1)
         return shared.rename("shared_background")
 
     def site_levels(self, site: str, n_levels: int) -> list[str]:

@@ -121,7 +121,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.latent_mode = latent_mode
         self._data = None
         data = self._cell_data()
-        warn_categories_without_counts(data, self.modalities, ambient_modalities, scaling_modalities)
+        self.unfitted_categories = warn_categories_without_counts(data, self.modalities, ambient_modalities, scaling_modalities)
         joint = sum(latent.values()) if latent_mode == "concatenation" else latent[self.modalities[0]]
         models, guides = {}, {}
         with seeded(seed, "cpu"):  # built on the CPU: no GPU RNG to save (and no CUDA context to start)

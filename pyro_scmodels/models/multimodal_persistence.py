@@ -40,7 +40,14 @@ class MultimodalPersistence:
             "class": type(self).__name__, "init_params": self.init_params, "modalities": self.modalities,
             "layers": self.layers, "keys": self.keys.to_dict(), "categories": self.encoding.categories,
             "var_names": {m: list(v) for m, v in self.var_names.items()},
+            "unfitted categories": self.unfitted_categories,
         }
+
+    def _restore(self, payload: dict) -> None:
+        super()._restore(payload)
+        # the categories without counts in the training data: loaded on other cells, the model cannot tell them
+        # (a save before 2026-12-07 lacks them: those of the cells it is loaded on)
+        self.unfitted_categories = payload.get("unfitted categories", self.unfitted_categories)
 
     @classmethod
     def load(cls, dir_path: str, mdata=None, device: str = "auto", prefix: str | None = None):

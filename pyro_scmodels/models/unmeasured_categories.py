@@ -48,7 +48,7 @@ def categories_without_counts(data: CellData, modality: str, parameters: set[str
 
 
 def warn_categories_without_counts(data: CellData, modalities: list[str], ambient_modalities: list[str],
-                                   scaling_modalities: list[str]) -> None:
+                                   scaling_modalities: list[str]) -> dict[str, dict[tuple[str, str], list[str]]]:
     """Warn, per modality and category, when no cell of the category has counts in the modality while the
     modality's parameters are keyed by it: those parameters stay at their prior.
 
@@ -58,15 +58,23 @@ def warn_categories_without_counts(data: CellData, modalities: list[str], ambien
         The model's cells.
     modalities, ambient_modalities, scaling_modalities
         The modalities, and those with an ambient background and with feature scaling.
+
+    Returns
+    -------
+    dict
+        Per modality, :func:`categories_without_counts`'s ``{(key, category): [parameter names]}``.
     """
+    found = {}
     for m in modalities:
         parameters = {"dispersion", "library size"}
         parameters |= {"ambient"} if m in ambient_modalities else set()
         parameters |= {"feature scaling"} if m in scaling_modalities else set()
-        for (key, category), names in categories_without_counts(data, m, parameters).items():
+        found[m] = categories_without_counts(data, m, parameters)
+        for (key, category), names in found[m].items():
             listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
             warnings.warn(
                 f"modality {m!r} has no cell with counts in {key} {category!r}: its {category} {listed} are the "
                 f"prior's, not fitted (the model masks the likelihood of a cell without {m!r} counts), and are "
                 f"reported and exported as such. Leave {category!r} out of comparisons of {m!r}, or key these "
                 f"parameters by a column whose every category has cells with {m!r} counts.", UserWarning, stacklevel=3)
+    return found
