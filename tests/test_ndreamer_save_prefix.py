@@ -175,3 +175,23 @@ def test_discard_saved_removes_only_its_prefixs_save(two_nds, tmp_path):
     discard_saved(str(folder))  # no prefix: the unprefixed save's files only
     assert set(os.listdir(folder)) == {n for n in kept if n.startswith(("b_", ".staged-", "a_"))}
     _same(NDreamer.load(str(folder), prefix="b_"), second)
+
+
+def test_discard_after_a_save_stopped_in_its_renames_leaves_a_users_file(tiny_model, tmp_path):
+    # no settings file, the effects file in place: only the files the stopped save's staged settings list go (the
+    # effects file alone without them), never a user's best_network.pt that this NDreamer (no network) did not write
+    from pyro_scmodels.ndreamer import discard_saved
+
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    folder = tmp_path / "run"
+    nd.save(str(folder), prefix="best_")
+    (folder / "best_network.pt").write_text("the user's network")
+    settings = (folder / "best_settings.json").read_text()
+    (folder / "best_settings.json").unlink()
+    (folder / ".staged-best_settings.json").write_text(settings)  # the stopped save's settings, not yet renamed
+    discard_saved(str(folder), prefix="best_")
+    assert sorted(os.listdir(folder)) == ["best_network.pt"]
+    nd.save(str(folder), prefix="best_", overwrite=True)  # overwrite: a file of an NDreamer name is there
+    (folder / "best_settings.json").unlink()  # stopped with no staged settings left: the effects file alone
+    discard_saved(str(folder), prefix="best_")
+    assert "best_network.pt" in os.listdir(folder) and "best_effects.npz" not in os.listdir(folder)

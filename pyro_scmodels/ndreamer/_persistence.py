@@ -62,7 +62,7 @@ def is_saved_ndreamer(path: str) -> bool:
     return False
 
 
-def saved_files(dir_path: str, prefix: str = "") -> tuple[str, ...]:
+def saved_files(dir_path: str, prefix: str = "", staged: bool = False) -> tuple[str, ...]:
     """The files (names after ``prefix``, settings file aside) that the NDreamer saved in ``dir_path`` under
     ``prefix`` wrote, as its settings file lists them; () without a settings file.
 
@@ -70,7 +70,7 @@ def saved_files(dir_path: str, prefix: str = "") -> tuple[str, ...]:
     NDreamer of its representation may write: an NDreamer without a network wrote no network or training file.
     Another file of such a name is the user's, and :func:`write_ndreamer` and :func:`discard_saved` leave it alone.
     """
-    marker = os.path.join(dir_path, prefix + SETTINGS_FILE)
+    marker = os.path.join(dir_path, (STAGED_PREFIX if staged else "") + prefix + SETTINGS_FILE)  # staged: unfinished
     if not os.path.isfile(marker):
         return ()
     settings = {}
@@ -97,7 +97,8 @@ def _is_staged(name: str, prefix: str) -> bool:
 def discard_saved(dir_path: str, prefix: str = "") -> None:
     """Remove the NDreamer saved in ``dir_path`` under ``prefix``: the files its settings file lists
     (:func:`saved_files`) and the settings file, or, after a save stopped during its renames (no settings file, its
-    effects file in place), every name an NDreamer's save writes; and the staged files of a save under ``prefix``
+    effects file in place), the files its staged settings file lists (the effects file alone without one); and the
+    staged files of a save under ``prefix``
     that did not finish. Other files (another prefix's save, a model's, the user's) are left alone."""
     if not os.path.isdir(dir_path):
         return
@@ -105,7 +106,8 @@ def discard_saved(dir_path: str, prefix: str = "") -> None:
     if os.path.isfile(os.path.join(dir_path, prefix + SETTINGS_FILE)):
         names += [prefix + n for n in (*saved_files(dir_path, prefix), SETTINGS_FILE)]
     elif os.path.isfile(os.path.join(dir_path, prefix + EFFECTS_FILE)):  # the one file no other output of the package has
-        names += [prefix + n for n in SAVED_FILES]
+        # a save stopped during its renames: the files its staged settings list, else the effects file alone
+        names += [prefix + n for n in (saved_files(dir_path, prefix, staged=True) or (EFFECTS_FILE,))]
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(dir_path, name))
