@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 from .data import counts_matrix
 from .differential_cells import filter_outlier_cells as _drop_outliers
 from .differential_cells import measured_cells_only
@@ -81,7 +82,8 @@ def comparisons(obs: pd.DataFrame, groupby=None, group1=None, group2=None, idx1=
         shared = np.intersect1d(cells1, cells2)
         if len(shared):
             warnings.warn(f"idx1 and idx2 share {len(shared)} cells; they count in both groups, which pulls the two "
-                          "towards each other. Pass disjoint selections to compare them.", UserWarning, stacklevel=4)
+                          "towards each other. Pass disjoint selections to compare them.", UserWarning,
+                          stacklevel=user_stacklevel())
         return [("idx1", "Rest" if idx2 is None else "idx2", cells1, cells2)]
     if idx2 is not None:
         raise ValueError("idx2 needs idx1.")
@@ -136,7 +138,7 @@ def raw_count_properties(matrix, cells1: np.ndarray, cells2: np.ndarray, skip_em
     unmeasured = [i + 1 for i, cells in enumerate((cells1, cells2)) if cells.size == 0]
     if unmeasured:  # their means read 0, as if measured
         warnings.warn(f"group {' and '.join(map(str, unmeasured))} has no cells with counts in this modality: its "
-                      "observed-count columns are NaN.", UserWarning, stacklevel=4)
+                      "observed-count columns are NaN.", UserWarning, stacklevel=user_stacklevel())
     per_10k = np.divide(NORMALISED_TOTAL, totals, out=np.zeros_like(totals), where=totals > 0)
 
     def group_stats(groups: np.ndarray) -> dict[str, np.ndarray]:
@@ -359,5 +361,5 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         tables.append(table)
     collapse = collapse_warning(ess, num_samples)
     if collapse is not None:  # once per call, over every compared cell
-        warnings.warn(collapse, UserWarning, stacklevel=3)
+        warnings.warn(collapse, UserWarning, stacklevel=user_stacklevel())
     return pd.concat(tables)

@@ -11,10 +11,9 @@ import warnings
 
 import numpy as np
 
+from ._stacklevel import user_stacklevel
+
 OUTLIER_CONTAMINATION = 0.1  # sklearn's EllipticEnvelope default, which scvi-tools uses: a tenth of each group
-#: warnings of the functions below point at the user's ``model.differential_expression`` call, this many frames up:
-#: the function, ``differential.differential_expression``, the model's method, the caller
-USER_FRAME = 4
 
 
 def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -> list[tuple]:
@@ -34,7 +33,7 @@ def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -
                 raise ValueError(message + "; choose groups with measured cells, or another modality=.")
             skipped.append(f"{name1} vs {name2}")  # one group of several (groupby, every group in turn): the others go on
             warnings.warn(message + f": the comparison {name1} vs {name2} is left out.", UserWarning,
-                          stacklevel=USER_FRAME)
+                          stacklevel=user_stacklevel())
             continue
         for cells in (cells1, cells2):
             left_out.update(cells[~measured[cells]].tolist())
@@ -45,7 +44,8 @@ def measured_cells_only(tests: list[tuple], totals: np.ndarray, modality: str) -
     if left_out:
         warnings.warn(f"differential_expression: {len(left_out)} of the compared cells have no counts in modality "
                       f"{modality!r} (their likelihood is masked, their decoded {modality!r} is the model's guess from "
-                      "the other modalities); they are left out of the test.", UserWarning, stacklevel=USER_FRAME)
+                      "the other modalities); they are left out of the test.", UserWarning,
+                      stacklevel=user_stacklevel())
     return kept
 
 
@@ -77,9 +77,9 @@ def latent_inliers(latent: np.ndarray, seed: int = 0) -> np.ndarray:
     try:
         envelope = EllipticEnvelope(contamination=OUTLIER_CONTAMINATION, random_state=seed)
         return envelope.fit_predict(np.asarray(latent, dtype=np.float64)) == 1
-    except ValueError as error:  # called by filter_outlier_cells: one frame more to the user's call
+    except ValueError as error:
         warnings.warn(f"filter_outlier_cells: the covariance of a group of {len(latent)} cells could not be estimated "
-                      f"({error}); every cell of it is kept.", UserWarning, stacklevel=USER_FRAME + 1)
+                      f"({error}); every cell of it is kept.", UserWarning, stacklevel=user_stacklevel())
         return np.ones(len(latent), dtype=bool)
 
 
@@ -119,5 +119,5 @@ def filter_outlier_cells(model, adata, tests: list[tuple], batch_size: int | Non
         kept.append((name1, name2, *groups))
     warnings.warn("filter_outlier_cells: left out of the posterior draws the cells outside their group's bulk in the "
                   f"latent space (a tenth of each group, scvi-tools' rule): {'; '.join(report)}. The raw_* columns "
-                  "use every cell.", UserWarning, stacklevel=USER_FRAME)
+                  "use every cell.", UserWarning, stacklevel=user_stacklevel())
     return kept

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 
 
 def correction_key(model, batch_correction) -> str | None:
@@ -27,9 +28,9 @@ def correction_key(model, batch_correction) -> str | None:
     if V.boolean("batch_correction", batch_correction) and len(keys) == 1:
         return keys[0]
     if not keys:
-        # at the user's call: up through correction_strata, differential_expression and the model's method
         warnings.warn("batch_correction=True changes nothing here: the decoder is not conditioned on covariates, and rho "
-                      "already leaves out the ambient, scaling, dispersion and library terms.", stacklevel=5)
+                      "already leaves out the ambient, scaling, dispersion and library terms.",
+                      stacklevel=user_stacklevel())
         return None
     raise ValueError(f"The decoder is conditioned on several keys {keys}; name the one to correct for, "
                      "e.g. batch_correction='batch'.")

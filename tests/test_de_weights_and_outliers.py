@@ -1,5 +1,7 @@
 """differential_expression's scvi-tools options weights="uniform" | "importance" and filter_outlier_cells."""
 
+import functools
+import inspect
 import warnings
 
 import numpy as np
@@ -10,6 +12,8 @@ from pyro import poutine
 from scipy.special import logsumexp
 
 import pyro_scmodels as ps
+from pyro_scmodels.data import CountMatrix
+from pyro_scmodels.differential import differential_expression, raw_count_properties
 from pyro_scmodels.differential_cells import filter_outlier_cells, latent_inliers
 from pyro_scmodels.differential_weights import effective_sample_size, per_cell_effective_sample_size, row_weights
 from pyro_scmodels.models.evidence import library_noise
@@ -31,6 +35,12 @@ def _quiet_de(model, **arguments):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return model.differential_expression(**arguments)
+
+
+def _de_call(model, through: str):
+    """``model.differential_expression`` or the public function ``differential_expression(model, ...)``: the test
+    calls it, so its line is the user's (a partial adds no Python frame)."""
+    return model.differential_expression if through == "method" else functools.partial(differential_expression, model)
 
 
 # --- importance weights ---------------------------------------------------------------------------
@@ -185,18 +195,20 @@ def test_importance_weights_are_shared_among_pooled_strata(monkeypatch):
         np.testing.assert_allclose(table[column], expected.sort_index(), rtol=1e-4, atol=1e-7)
 
 
-def test_collapsed_importance_weights_warn_once_with_the_effective_sample_size(fitted, monkeypatch):
+@pytest.mark.parametrize("through", ["method", "function"])
+def test_collapsed_importance_weights_warn_once_with_the_effective_sample_size(fitted, monkeypatch, through):
     p = row_weights(np.array([[0.0, 0.0], [0.0, -1e9], [0.0, -1e9]]))
     np.testing.assert_allclose(per_cell_effective_sample_size(p, 3), [3.0, 1.0])
     _first_draw_only(fitted, monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fitted.differential_expression(groupby="cell_type", group1=["type_0", "type_1"], num_samples=10, n_pairs=500,
-                                       weights="importance", all_stats=False)
+        de, line = _de_call(fitted, through), inspect.currentframe().f_lineno + 1
+        de(groupby="cell_type", group1=["type_0", "type_1"], num_samples=10, n_pairs=500, weights="importance",
+           all_stats=False)
     collapsed = [w for w in caught if "effective sample size" in str(w.message)]
     assert len(collapsed) == 1, [str(w.message) for w in caught]  # once per call, over both comparisons
     assert "of 1.0 " in str(collapsed[0].message) and "weights='uniform'" in str(collapsed[0].message)
-    assert collapsed[0].filename == __file__  # points at the caller
+    assert (collapsed[0].filename, collapsed[0].lineno) == (__file__, line)  # points at the caller
     monkeypatch.setattr(fitted, "log_importance_ratios", lambda adata, cells, n, *rest: np.zeros((n, len(cells))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -262,15 +274,28 @@ def test_filter_outlier_cells_drops_cells_planted_from_another_type(fitted):
     pd.testing.assert_series_equal(filtered["raw_mean1"].sort_index(), default["raw_mean1"].sort_index())
 
 
-def test_differential_expression_warnings_point_at_the_callers_line(fitted):
-    """Each warning of differential_expression names the user's file, not a frame inside the package: the outlier
-    filter's count and its kept-whole group of one cell, the shared cells of idx1 / idx2 and a batch_correction that
-    changes nothing (this model's decoder has no covariate)."""
+@pytest.mark.parametrize("through", ["method", "function"])
+def test_differential_expression_warnings_point_at_the_callers_line(fitted, through):
+    """Each warning of differential_expression names the user's file, not a frame inside the package, whether called
+    as the model's method or as pyro_scmodels.differential.differential_expression(model, ...): the outlier filter's
+    count and its kept-whole group of one cell, the shared cells of idx1 / idx2 and a batch_correction that changes
+    nothing (this model's decoder has no covariate)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fitted.differential_expression(idx1=[5], idx2=np.arange(0, 60), num_samples=2, n_pairs=200, all_stats=False,
-                                       filter_outlier_cells=True, batch_correction=True)
+        de, line = _de_call(fitted, through), inspect.currentframe().f_lineno + 1
+        de(idx1=[5], idx2=np.arange(0, 60), num_samples=2, n_pairs=200, all_stats=False, filter_outlier_cells=True,
+           batch_correction=True)
     messages = [str(w.message) for w in caught]
     for expected in ("filter_outlier_cells: left out", "could not be estimated", "share 1 cells", "changes nothing"):
         assert any(expected in message for message in messages), (expected, messages)
-    assert [(w.filename, str(w.message)[:40]) for w in caught if w.filename != __file__] == []
+    assert [(w.filename, w.lineno, str(w.message)[:40]) for w in caught if (w.filename, w.lineno) != (__file__, line)] \
+        == []
+
+
+def test_raw_count_properties_called_directly_warns_at_the_callers_line():
+    counts = np.array([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw_count_properties(CountMatrix(counts, validate=False, allow_empty_cells=True), np.array([0, 2]),
+                             np.array([1]), skip_empty=True)
+    assert [(w.filename, str(w.message)[:25]) for w in caught] == [(__file__, "group 2 has no cells with")]

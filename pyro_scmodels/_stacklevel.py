@@ -1,0 +1,58 @@
+"""Where the package's warnings point: the user's line that called into the package, however deep the call went.
+
+A hard-coded ``stacklevel`` counts the frames of one call path (e.g. through ``model.differential_expression``) and
+points one frame off through another (``pyro_scmodels.differential.differential_expression(model, ...)``, public
+too). :func:`user_stacklevel` counts them at the time of the warning instead. Python 3.12's
+``warnings.warn(skip_file_prefixes=...)`` does the same; this works on 3.11 as well.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: the package's directory, with a trailing separator (so ``pyro_scmodels_extra/`` is not inside it)
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _inside_package(frame) -> bool:
+    return os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR)
+
+
+def _internal(frame) -> bool:
+    """A frame of the import machinery, which ``warnings.warn`` skips when it counts a stacklevel above 1."""
+    filename = frame.f_code.co_filename
+    return "importlib" in filename and "_bootstrap" in filename
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning raised by the caller points at the first frame outside the package.
+
+    Call it in the ``warnings.warn`` call itself: ``warnings.warn(message, UserWarning, stacklevel=user_stacklevel())``
+    inside the package names the file and line of the user's code that called into the package (a script, a test,
+    a notebook cell), whichever public function it called and through how many package frames.
+
+    Returns
+    -------
+    int
+        1 when the caller of this function is itself outside the package (the warning points at its own line);
+        otherwise 1 plus the number of package frames between it and the first frame outside the package, counted as
+        ``warnings.warn`` counts them (skipping the import machinery's frames). When every frame is inside the
+        package, one past the outermost, which ``warnings.warn`` reports as ``sys``.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from pyro_scmodels._stacklevel import user_stacklevel
+    >>> def check(x):  # in a package module
+    ...     if x < 0:
+    ...         warnings.warn("x is negative", UserWarning, stacklevel=user_stacklevel())
+    """
+    frame = sys._getframe(1)  # the frame calling warnings.warn: stacklevel=1
+    level = 1
+    while frame is not None and _inside_package(frame):
+        frame = frame.f_back
+        while frame is not None and _internal(frame):
+            frame = frame.f_back
+        level += 1
+    return level
