@@ -18,6 +18,16 @@ def tiny_adata():
     return ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_adata):
+    """A RegularizedVI of three epochs on ``tiny_adata``, the condition in its decoder (for ``NDreamer.from_model``)."""
+    adata = tiny_adata.copy()
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
+    model.train(max_epochs=3, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
+    return model
+
+
 def tiny_nd(adata, **kwargs) -> NDreamer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,6 +11,7 @@ from . import _ndreamer_tiny
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
+tiny_model = _ndreamer_tiny.tiny_model
 
 
 def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch):
@@ -22,13 +23,6 @@ def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch)
         NDreamer.from_model(tiny_model, "conditon", "control", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_adata):
-    adata = tiny_adata.copy()
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
-    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
-    model.train(max_epochs=3, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
-    return model
 
 
 def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):

@@ -16,6 +16,7 @@ from ._ndreamer_tiny import tiny_nd
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
+tiny_model = _ndreamer_tiny.tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,6 @@ def two_nds(tiny_adata):
     return first, second
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_adata):
-    adata = tiny_adata.copy()
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["condition"])
-    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
-    model.train(max_epochs=2, batch_size=128, early_stopping=False, device="cpu", progress_bar=False)
-    return model
 
 
 def _digests(folder: str, prefix: str) -> dict:
