@@ -293,7 +293,11 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
         fewer, with LFC slopes of 0.87-0.95 on the truth against rho's 1.07-1.54; where the background is pinned
         (``ambient_profile=``, or a long per-droplet fit) rho's slope was nearer 1 (0.99-1.10), so choose
         ``"none"`` there when the fold changes' size matters more than the calls (docs/models.md, "Differential
-        expression and the background"). Models (or modalities) without a background test rho either way.
+        expression and the background"). Key the background by the channel the soup came from (the 10x lane): on
+        Kang's data, with control and stimulated cells in separate lanes and the background keyed by donor, the fit
+        gave control cells the stimulated soup and ``"shared"`` halved the interferon response that ``"none"`` kept
+        (the calls stayed right); keyed by lane the two agreed. Models (or modalities) without a background test rho
+        either way.
 
     Returns
     -------
