@@ -30,8 +30,7 @@ def atomic_path(path: str):
         The path to write to.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    stem, suffix = os.path.splitext(name)
-    temporary = os.path.join(folder, f"{stem}.partial-{os.getpid()}{suffix}")
+    temporary = os.path.join(folder, _temporary_name(name, str(os.getpid())))
     try:
         yield temporary
         os.replace(temporary, path)
@@ -39,6 +38,21 @@ def atomic_path(path: str):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def _temporary_name(name: str, pid: str) -> str:
+    """The name :func:`atomic_path` writes ``name`` under first, in the process ``pid`` (the suffix kept)."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}.partial-{pid}{suffix}"
+
+
+def is_write_of(name: str, final: str) -> bool:
+    """Whether the file ``name`` is ``final`` or an unfinished :func:`atomic_path` write of it (any process's)."""
+    if name == final:
+        return True
+    stem, suffix = os.path.splitext(final)
+    pid = name[len(stem) + len(".partial-"):len(name) - len(suffix)]  # where the process id would be
+    return pid.isdigit() and name == _temporary_name(final, pid)
 
 
 def write_h5ad(adata, path: str) -> None:

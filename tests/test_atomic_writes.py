@@ -160,3 +160,14 @@ def test_a_save_removes_the_files_of_replaces_only_with_the_marker_there(tmp_pat
         with open(stage("settings.json"), "w") as handle:
             handle.write("{}")
     assert not (marked / "training.pt").exists()
+
+
+def test_is_write_of_names_a_file_and_its_unfinished_writes_only(tmp_path):
+    from pyro_scmodels._atomic import atomic_path, is_write_of
+
+    with atomic_path(str(tmp_path / "results.h5ad")) as temporary:  # the name atomic_path itself writes under
+        assert is_write_of(os.path.basename(temporary), "results.h5ad")
+        open(temporary, "w").close()
+    assert is_write_of("results.h5ad", "results.h5ad") and is_write_of("results.partial-12.h5ad", "results.h5ad")
+    for other in ("results.partial-x.h5ad", "results.partial-12.h5ad.h5ad", "a_results.partial-12.h5ad", "results.npz"):
+        assert not is_write_of(other, "results.h5ad")

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 
 import anndata
 import h5py
@@ -26,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import _validation as V
-from .._atomic import STAGED_PREFIX, atomic_path, refuse_foreign_files, staged_save, write_h5ad
+from .._atomic import STAGED_PREFIX, atomic_path, is_write_of, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, writable_folder
 from .._labels import names_as_text
 from ..data.source_state import state_digest
@@ -87,11 +86,7 @@ def saved_files(dir_path: str, prefix: str = "", staged: bool = False) -> tuple[
 
 def _is_staged(name: str, prefix: str) -> bool:
     """Whether ``name`` is a staged file of an NDreamer's save under ``prefix`` (or an unfinished write of one)."""
-    for saved in SAVED_FILES:
-        stem, suffix = os.path.splitext(STAGED_PREFIX + prefix + saved)
-        if name == stem + suffix or re.fullmatch(re.escape(stem) + r"\.partial-\d+" + re.escape(suffix), name):
-            return True
-    return False
+    return any(is_write_of(name, STAGED_PREFIX + prefix + saved) for saved in SAVED_FILES)
 
 
 def discard_saved(dir_path: str, prefix: str = "") -> None:
