@@ -7,7 +7,7 @@ is conditioned on the condition is trained per variant; ``NDreamer.from_model(..
 :func:`pyro_scmodels.metrics.effect_recovery` scores the posterior mean and the 90 % interval
 (stimulated cells; slope and coverage on responding cells x responding genes).
 
-Variants (``--n-hidden`` sets the networks, 128 by default as in the package):
+Variants (``--n-hidden`` and ``--n-layers`` set the networks, 128 wide and 1 layer by default as in the package):
 
 - ``decoder_only``: the condition enters the decoder only (the encoder reads the treated counts,
   so z carries the condition);
@@ -56,7 +56,7 @@ Z_90 = 1.645  # standard-normal quantile of a central 90 % interval
 
 
 def fit(adata, basal_state: bool, epochs: int, seed: int, n_hidden: int = 128, latent_independence: float = 0.0,
-        decoder_gene_scale: bool = False):
+        decoder_gene_scale: bool = False, n_layers: int = 1):
     """A RegularizedVI conditioned on the condition (and, for the basal state, encoded with it); its model ITE's
     mean, z-only bounds (``widen_by_matching=False``), the bounds widened by matching (``True``) and the matched
     interval extended to the mean (``widen_by_matching="hull"``, the default)."""
@@ -66,8 +66,8 @@ def fit(adata, basal_state: bool, epochs: int, seed: int, n_hidden: int = 128, l
     if basal_state:
         setup["encoder_covariate_keys"] = ["condition"]
     ps.RegularizedVI.setup_anndata(adata, **setup)
-    model = ps.RegularizedVI(adata, n_hidden=n_hidden, seed=seed, latent_independence=latent_independence,
-                             decoder_gene_scale=decoder_gene_scale)
+    model = ps.RegularizedVI(adata, n_hidden=n_hidden, n_layers=n_layers, seed=seed,
+                             latent_independence=latent_independence, decoder_gene_scale=decoder_gene_scale)
     model.train(max_epochs=epochs, batch_size=256, lr=5e-3, kl_warmup_epochs=max(1, epochs // 10),
                 early_stopping=False, device="cpu", progress_bar=False)
     nd = ps.NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu")
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--n-hidden", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=1, help="hidden layers of the encoder and decoder")
     parser.add_argument("--latent-independence", type=float, default=10.0)
     parser.add_argument("--ensemble", type=int, default=3, help="models in the ensemble variant (0 or 1: skip it; an "
                                                                  "ensemble needs two or more)")
@@ -113,11 +114,12 @@ def main() -> None:
     variants = (("decoder_only", False, 0.0), ("basal_state", True, 0.0), ("basal_state_independence", True, penalty))
     for name, basal, weight in variants:
         start = time.time()
-        mean, low, high, *wide_and_hull = fit(adata, basal, args.epochs, 0, args.n_hidden, weight, args.decoder_gene_scale)
+        mean, low, high, *wide_and_hull = fit(adata, basal, args.epochs, 0, args.n_hidden, weight, args.decoder_gene_scale,
+                                        args.n_layers)
         score(name, mean, low, high, time.time() - start, *wide_and_hull)
     if args.ensemble > 1:
         start = time.time()
-        fits = [fit(adata, True, args.epochs, s, args.n_hidden, penalty, args.decoder_gene_scale)
+        fits = [fit(adata, True, args.epochs, s, args.n_hidden, penalty, args.decoder_gene_scale, args.n_layers)
                 for s in range(args.ensemble)]
         means = np.stack([f[0] for f in fits])
         # the z interval of each model read as +- 1.645 sd; variances add (law of total variance)
@@ -132,7 +134,8 @@ def main() -> None:
     table = pd.DataFrame(rows).set_index("variant").to_markdown(floatfmt=".3f")
     types = "" if args.responding_cell_types is None else f", responding_cell_types={args.responding_cell_types}"
     setting = (f"simulate(n_cells={args.n_cells}, n_genes={args.n_genes}, seed={args.seed}, effect_modifier=1.0{types}); "
-               f"RegularizedVI(n_hidden={args.n_hidden}{', decoder_gene_scale=True' if args.decoder_gene_scale else ''}), {args.epochs} epochs at lr 5e-3, batch 256, no early stopping; "
+               f"RegularizedVI(n_hidden={args.n_hidden}{f', n_layers={args.n_layers}' if args.n_layers != 1 else ''}"
+               f"{', decoder_gene_scale=True' if args.decoder_gene_scale else ''}), {args.epochs} epochs at lr 5e-3, batch 256, no early stopping; "
                f"latent_independence={penalty} where named; estimate_model_ite(num_samples=30)")
     print(f"\n{setting}\n\n{table}")
     if args.no_write:
@@ -141,6 +144,7 @@ def main() -> None:
                             cwd=HERE).stdout.strip()
     title = (f"## Model ITE variants (bench_model_ite.py, {args.n_cells} x {args.n_genes}"
              f"{', gene-scaled decoder' if args.decoder_gene_scale else ''}"
+             f"{f', {args.n_layers} hidden layers' if args.n_layers != 1 else ''}"
              f"{'' if args.responding_cell_types is None else ', responding types ' + ' '.join(args.responding_cell_types)})")
     facts = {"setting": setting, "commit": commit or "unknown", **hardware_facts(),
              "load average (1, 5, 15 min)": f"before {tuple(round(v, 2) for v in load_before)}, "
