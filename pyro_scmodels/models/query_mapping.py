@@ -30,6 +30,7 @@ from ..data.source_state import state_digest
 from ..nn import Standardiser, is_legacy_identity_entry
 from ..pyro_modules import PositiveSiteGuide
 from .query_freezing import freeze_reference
+from .query_networks import extend_networks
 from .query_reference import Reference
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
@@ -82,23 +83,13 @@ def prepare_query_anndata(adata, reference, model_class, return_reference_var_na
 def _query_categories(reference: Reference, observed: dict[str, list[str]]) -> tuple[dict, dict]:
     """Category order of the query model and the categories new to the reference, per key.
 
-    Known categories keep the reference's positions; new ones follow, in the query's order.
-    A new category of a decoder-conditioning or encoder key raises ``ValueError``: the frozen
-    networks have no input column for it.
+    Known categories keep the reference's positions (and so their columns of a network's one-hot); new ones
+    follow, in the query's order.
     """
-    keys = reference.keys
-    networks = {**{k: "nn_conditioning_covariate_keys" for k in keys.nn_conditioning},
-                **{k: "encoder_covariate_keys" for k in keys.encoder}}
     categories, new = {}, {}
-    for key in keys.categorical_keys():
+    for key in reference.keys.categorical_keys():
         known = list(reference.categories[key])
         unseen = [c for c in observed[key] if c not in known]
-        if unseen and key in networks:
-            raise ValueError(
-                f"The query has categories {unseen[:5]} of {key!r} that the reference was not trained on. {key!r} is one "
-                f"of the reference's {networks[key]}: a network reads it as a one-hot input and has no column for a new "
-                f"category. Assign those cells a known category (known: {known[:10]}), or train a reference that includes them."
-            )
         categories[key], new[key] = known + unseen, unseen
     return categories, {k: v for k, v in new.items() if v}
 
@@ -153,11 +144,13 @@ def _level_role(key: str, guide) -> str | None:
     return None
 
 
-def _transfer_reference_state(module: torch.nn.Module, reference: Reference, rows: dict[str, np.ndarray]) -> None:
+def _transfer_reference_state(module: torch.nn.Module, reference: Reference, rows: dict[str, np.ndarray],
+                              extended: dict[str, int]) -> None:
     """Load the reference's parameters into a freshly built query module.
 
     Per-level tables take the reference's rows for known levels and keep their data-driven
-    initial values for new ones; everything else is the reference's.
+    initial values for new ones; a network weight with columns for new categories (``extended``: key -> how many)
+    takes the reference's weight into its other columns; everything else is the reference's.
     """
     fresh = module.state_dict()
     state = {}
@@ -169,6 +162,12 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
         if key not in reference.state_dict:
             raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
         saved = reference.state_dict[key].to(value.device)
+        if key in extended:
+            if saved.shape[:-1] != value.shape[:-1] or saved.shape[-1] + extended[key] != value.shape[-1]:
+                raise ValueError(f"{key!r} has shape {tuple(saved.shape)} in the reference, which does not fit the query "
+                                 f"model's {tuple(value.shape)} less its {extended[key]} columns of new categories.")
+            state[key] = saved.clone()  # the network's load hook puts it beside the new columns' initial values
+            continue
         role = _level_role(key, module.guide)
         if role is None:
             # a prior's buffer keeps the reference's shape (a per-gene edit beside a scalar partner: PriorSet loads it)
@@ -256,11 +255,14 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     # the reference's categories first, then the new ones: the constructor's hook for saved categories
     model = model_class(adata, **init_params, _categories=categories)
     rows = _reference_rows(reference, categories)
-    _transfer_reference_state(model.module, reference, rows)
+    # networks reading a key with new categories: the new categories' columns become parameters of their own
+    extended = extend_networks(model.module, reference, categories, new)
+    _transfer_reference_state(model.module, reference, rows, extended)
     if not flags["unfrozen"]:
         freeze_reference(model.module, rows, flags["freeze_encoder"], flags["freeze_decoder"])
     frozen = "nothing" if flags["unfrozen"] else ", ".join(
-        ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]])
+        ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]]
+        + (["reference columns of the networks"] if extended else []))
     model.query_reference = (f"reference {state_digest(reference.state_dict, skip=is_legacy_identity_entry)}; "
                              f"frozen: {frozen}; dropout "
                              f"{'off' if flags['freeze_dropout'] else 'as the reference'}")
