@@ -85,6 +85,9 @@ def test_a_new_batch_of_the_network_keys_learns_only_its_own_columns(reference, 
         assert torch.equal(after[key][:, :-1], reference_weight), key
         assert torch.equal(initial[key][:, :-1], reference_weight), key
         assert not torch.allclose(after[key][:, -1], initial[key][:, -1]), key  # the new column learned
+        # it started where the query model's fresh network put it (as scArches): nn.Linear's uniform in +-1/sqrt(fan_in)
+        start = initial[key][:, -1]
+        assert start.abs().max() <= after[key].shape[1] ** -0.5 and start.std() > 0.2 * after[key].shape[1] ** -0.5, key
     for key, value in before.items():  # everything else of the networks: the reference's, bit for bit
         if key not in NETWORK_WEIGHTS and (".decoder." in key or "encoder." in key):
             assert torch.equal(after[key], value), key
@@ -133,6 +136,36 @@ def test_unfrozen_and_fine_tuned_networks_train_their_reference_columns_too(data
     assert query.module.model.decoder.hidden.new_weights["0"].requires_grad
     query = ps.RegularizedVI.load_query_data(query_cells(data), reference, unfrozen=True)
     assert all(p.requires_grad for p in query.module.parameters())
+
+
+def test_a_new_category_between_another_keys_columns(data, tmp_path):
+    # one-hot over ["batch", "condition"]: batch_0, batch_1, batch_2 (new), control, stimulated; the new column sits
+    # between the reference's columns, which keep their meaning
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    keys = ["batch", "condition"]
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
+                                   nn_conditioning_covariate_keys=keys, encoder_covariate_keys=keys)
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4, seed=0)
+    model.train(max_epochs=3, **FAST)
+    query = ps.RegularizedVI.load_query_data(data[data.obs["batch"] != "batch_0"].copy(), model)
+    query.train(max_epochs=3, kl_warmup_epochs=None, **FAST)
+    before, after = model.module.state_dict(), query.module.state_dict()
+    for key in NETWORK_WEIGHTS:
+        start = before[key].shape[1] - 4  # where the one-hot begins in the layer's input
+        kept = [*range(start + 2), start + 3, start + 4]
+        assert torch.equal(after[key][:, kept], before[key]), key
+    assert torch.equal(after["model.decoder.hidden.linears.0.weight"][:, -3],
+                       query.module.model.decoder.hidden.new_weights["0"][:, 0].detach())
+    # a batch the reference knows goes through the reference's columns: its latent is the reference's
+    known = data[data.obs["batch"] == "batch_1"].copy()
+    np.testing.assert_allclose(query.get_latent_representation(known), model.get_latent_representation(known),
+                               rtol=1e-5, atol=1e-6)
+    query.save(str(tmp_path / "query"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "query"), query.adata.copy())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), query.get_latent_representation())
+    again = ps.RegularizedVI.load_query_data(query.adata.copy(), model)  # a checkpoint back into the split layout
+    again.module.load_state_dict(query.module.state_dict())
+    np.testing.assert_array_equal(again.get_latent_representation(), query.get_latent_representation())
 
 
 class _FixedWidthDecoder(SoftplusDecoder):
