@@ -4,11 +4,14 @@ A reference :class:`~pyro_scmodels.RegularizedVI` was trained on some batches; n
 query) come from batches it has not seen. The query model reuses the reference's setup and
 everything it learned. Categories of the technical covariates (ambient, feature-scaling,
 dispersion and library-size keys) that the reference has not seen become new levels, learned from
-the query; every other parameter is the reference's and stays fixed: the decoder, the encoders
-(unless asked otherwise) and every global site tied to a reference level.
+the query. Categories of the keys the networks read (``nn_conditioning_covariate_keys``,
+``encoder_covariate_keys``) that the reference has not seen get input columns of their own in those
+networks, learned from the query. Every other parameter is the reference's and stays fixed: the
+decoder, the encoders (unless asked otherwise) and every global site tied to a reference level.
 
 What the query takes from the reference: :class:`~pyro_scmodels.models.query_reference.Reference`. How the
-reference is frozen: :mod:`pyro_scmodels.models.query_freezing`.
+reference is frozen: :mod:`pyro_scmodels.models.query_freezing`; the networks' new columns:
+:mod:`pyro_scmodels.models.query_networks`.
 
 Parameters live in the modules (module-local, not in Pyro's global parameter store), so the
 reference and the query never share a parameter through its name.
@@ -217,9 +220,10 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     inplace_subset_query_vars
         First reorder and zero-pad the query's genes in place (:func:`prepare_query_anndata`).
     freeze_encoder
-        Keep the reference's z and library encoders fixed (False: fine-tune them on the query).
+        Keep the reference's z and library encoders fixed (False: fine-tune them on the query). Their input
+        columns for new categories of ``encoder_covariate_keys`` learn either way.
     freeze_decoder
-        Keep the reference's decoder fixed.
+        Keep the reference's decoder fixed (its columns for new categories learn either way).
     freeze_dropout
         Turn dropout off in the query model's encoders.
     unfrozen
@@ -314,9 +318,10 @@ class QueryMappingMixin:
 
         The query is set up with the reference's layer and keys. Categories of the ambient,
         feature-scaling, dispersion and library-size keys that the reference has not seen become
-        new levels, learned from the query; known categories keep the reference's values. The
-        decoder, the encoders and every global tied to a reference level stay fixed. A new
-        category of a decoder-conditioning or encoder key raises ``ValueError``.
+        new levels, learned from the query; known categories keep the reference's values. A new
+        category of a decoder-conditioning or encoder key gets input columns of its own in the
+        networks that read it (scArches), learned from the query. The decoder's and encoders'
+        reference weights and every global tied to a reference level stay fixed.
 
         Parameters
         ----------
@@ -327,7 +332,8 @@ class QueryMappingMixin:
         inplace_subset_query_vars
             First align the query's genes in place, as :meth:`prepare_query_anndata` does.
         freeze_encoder, freeze_decoder
-            Keep the reference's encoders (z and library) / decoder fixed.
+            Keep the reference's encoders (z and library) / decoder fixed; their columns for new categories learn
+            either way.
         freeze_dropout
             Turn dropout off in the query model's encoders.
         unfrozen
