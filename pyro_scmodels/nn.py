@@ -45,13 +45,111 @@ class FullyConnected(nn.Module):
         self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False)
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
+        #: per extended layer (by index, as text), the weights of its input columns new to its reference
+        self.new_weights = nn.ParameterDict()
+        self.register_state_dict_post_hook(_whole_weights)
+        self.register_load_state_dict_pre_hook(_split_weights)
+
     def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
-        for linear in self.linears:
+        for index, linear in enumerate(self.linears):
             if self.n_covariates:
                 # covariates are per cell; h may carry extra leading sample dimensions
                 h = torch.cat([h, covariates.expand(*h.shape[:-1], -1)], dim=-1)
-            h = self.dropout(F.relu(self.norm(linear(h))))
+            h = self.dropout(F.relu(self.norm(F.linear(h, self.layer_weight(index), linear.bias))))
         return h
+
+    # --- categories new to a reference (a query model: models/query_networks.py) ------------------------------------
+    def layer_weight(self, index: int) -> torch.Tensor:
+        """The whole weight matrix of layer ``index`` (outputs x inputs), new columns included when extended."""
+        linear = self.linears[index]
+        new = self.new_weights[str(index)] if str(index) in self.new_weights else None
+        if new is None:
+            return linear.weight
+        # the reference's columns and the new ones side by side, then put back in the order of the layer's input
+        return torch.cat([linear.weight, new], 1)[:, getattr(self, f"column_order_{index}")]
+
+    def extend_covariates(self, new_columns) -> None:
+        """Give the covariate columns ``new_columns`` weights of their own in every layer.
+
+        For a query model on a reference: ``new_columns`` are the positions, in the one-hot this stack is injected
+        with, of categories the reference was not trained on. Afterwards each layer's ``linear.weight`` holds only
+        the other columns (the reference's shape, so it can be frozen as a tensor and loaded from the reference)
+        and ``new_weights[str(layer)]`` the new ones, which keep this stack's initial values.
+
+        Parameters
+        ----------
+        new_columns
+            Positions among the ``n_covariates`` covariate columns.
+        """
+        columns = torch.as_tensor(new_columns, dtype=torch.long).reshape(-1)
+        if columns.numel() and (not self.n_covariates or int(columns.max()) >= self.n_covariates or int(columns.min()) < 0):
+            raise ValueError(f"new_columns {columns.tolist()} are not among the {self.n_covariates} covariate columns.")
+        for index, linear in enumerate(self.linears):
+            self._hold_new_columns(index, linear.in_features - self.n_covariates + columns)
+
+    def extend_inputs(self, new_columns) -> None:
+        """Give the columns ``new_columns`` of the first layer's input weights of their own.
+
+        As :meth:`extend_covariates`, for covariates appended to the input (an encoder's one-hot) rather than
+        injected into every layer: ``new_columns`` are positions in the first layer's input.
+
+        Parameters
+        ----------
+        new_columns
+            Positions among the first layer's ``in_features - n_covariates`` input columns.
+        """
+        columns = torch.as_tensor(new_columns, dtype=torch.long).reshape(-1)
+        n_input = self.linears[0].in_features - self.n_covariates
+        if columns.numel() and (int(columns.max()) >= n_input or int(columns.min()) < 0):
+            raise ValueError(f"new_columns {columns.tolist()} are not among the {n_input} input columns.")
+        self._hold_new_columns(0, columns)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The weights of the columns new to the reference (empty when this stack was not extended)."""
+        return list(self.new_weights.values())
+
+    def _hold_new_columns(self, index: int, columns: torch.Tensor) -> None:
+        if not columns.numel():
+            return
+        if str(index) in self.new_weights:
+            raise ValueError(f"Layer {index} already has weights for new columns; extend a stack once.")
+        linear = self.linears[index]
+        is_new = torch.zeros(linear.in_features, dtype=torch.bool)
+        is_new[columns] = True
+        new, kept = torch.nonzero(is_new).flatten(), torch.nonzero(~is_new).flatten()
+        order = torch.empty(linear.in_features, dtype=torch.long)
+        order[kept] = torch.arange(len(kept))
+        order[new] = len(kept) + torch.arange(len(new))
+        device, weight = linear.weight.device, linear.weight.detach()
+        for name, value in (("column_order", order), ("kept_columns", kept), ("new_columns", new)):
+            self.register_buffer(f"{name}_{index}", value.to(device), persistent=False)
+        self.new_weights[str(index)] = nn.Parameter(weight[:, new.to(device)].clone())
+        linear.weight = nn.Parameter(weight[:, kept.to(device)].clone(), requires_grad=linear.weight.requires_grad)
+
+
+def _whole_weights(module: FullyConnected, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of :class:`FullyConnected`: an extended layer's weight is stored whole, as a plain
+    layer's, so that a saved query model loads as an ordinary model."""
+    for index, new in module.new_weights.items():
+        key = f"{prefix}linears.{index}.weight"
+        state_dict[key] = torch.cat([state_dict[key], state_dict.pop(f"{prefix}new_weights.{index}")], 1)[
+            :, getattr(module, f"column_order_{index}")]
+
+
+def _split_weights(module: FullyConnected, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of :class:`FullyConnected`: an extended layer takes a whole weight apart into the
+    reference's and the new columns; a weight of the reference's width (no new columns) loads into the former, the
+    new columns keeping their values."""
+    for index, new in module.new_weights.items():
+        key, new_key = f"{prefix}linears.{index}.weight", f"{prefix}new_weights.{index}"
+        if key not in state_dict or new_key in state_dict:
+            continue
+        weight = state_dict[key]
+        if weight.shape[-1] == module.linears[int(index)].in_features:
+            state_dict[new_key] = weight[:, getattr(module, f"new_columns_{index}").to(weight.device)]
+            state_dict[key] = weight[:, getattr(module, f"kept_columns_{index}").to(weight.device)]
+        else:
+            state_dict[new_key] = new.detach().clone()
 
 
 class GaussianEncoder(nn.Module):
@@ -97,6 +195,10 @@ class GaussianEncoder(nn.Module):
         h = self.hidden(h)
         return self.loc(h), F.softplus(self.raw_scale(h)) + SCALE_EPS
 
+    def extend_inputs(self, new_columns) -> None:
+        """Weights of their own for the input columns ``new_columns`` (see :meth:`FullyConnected.extend_inputs`)."""
+        self.hidden.extend_inputs(new_columns)
+
 
 class SoftplusDecoder(nn.Module):
     """Non-negative expression decoder: ``c * softplus(W h + b)`` (not a softmax over features).
@@ -129,6 +231,10 @@ class SoftplusDecoder(nn.Module):
     def forward(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
         return F.softplus(self.output(self.hidden(z, covariates))) * self.output_scale
 
+    def extend_covariates(self, new_columns) -> None:
+        """Weights of their own for the covariate columns ``new_columns`` (see :meth:`FullyConnected.extend_covariates`)."""
+        self.hidden.extend_covariates(new_columns)
+
     def init_output(self, mean_expression: torch.Tensor, gene_scaled: bool = False) -> None:
         """Start the output at ``mean_expression`` per feature: through the bias (inverse softplus of the mean), or,
         ``gene_scaled``, through the scale (the mean / log 2, with the bias at 0: softplus(0) = log 2)."""
@@ -155,7 +261,7 @@ class SoftplusDecoder(nn.Module):
 
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices (not biases): what a weight prior applies to."""
-        return [linear.weight for linear in self.hidden.linears] + [self.output.weight]
+        return [self.hidden.layer_weight(i) for i in range(len(self.hidden.linears))] + [self.output.weight]
 
 
 class Standardiser(nn.Module):

@@ -203,14 +203,15 @@ def test_clear_errors_before_any_work(data, reference):
         ps.RegularizedVI.load_query_data(cells, "/nonexistent/folder")
 
 
-def test_unseen_decoder_covariate_is_refused_and_known_batches_need_no_training(data):
+def test_unseen_decoder_covariate_gets_a_column_and_known_batches_need_no_training(data):
     adata = data[data.obs["batch"] != "batch_2"].copy()
     ps.RegularizedVI.setup_anndata(adata, layer="counts", ambient_covariate_keys=["batch"],
                                    nn_conditioning_covariate_keys=["batch"])
     model = ps.RegularizedVI(adata, n_hidden=8, n_latent=2)
     model.train(max_epochs=1, **FAST)
-    with pytest.raises(ValueError, match=r"\['batch_2'\] of 'batch'.*nn_conditioning_covariate_keys"):
-        ps.RegularizedVI.load_query_data(query_cells(data), model)
+    # the decoder reads batch_2 through a column of its own (tests/test_query_networks.py)
+    new = ps.RegularizedVI.load_query_data(query_cells(data), model)
+    assert new.module.model.decoder.hidden.new_weights["0"].shape == (8, 1)
     known = data[data.obs["batch"] == "batch_1"].copy()
     with pytest.warns(UserWarning, match="nothing is left to train"):
         query = ps.RegularizedVI.load_query_data(known, model)

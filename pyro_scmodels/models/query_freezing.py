@@ -18,6 +18,7 @@ import torch
 
 from ..nn import GaussianEncoder
 from ..pyro_modules import PositiveSiteGuide, ProfileAmountGuide
+from .query_networks import new_network_parameters
 from .regularizedvi_dims import SITE_COVARIATE_ROLES
 
 
@@ -122,7 +123,8 @@ class NewLevelsAmountGuide(ProfileAmountGuide):
 
 
 def freeze_reference(module: torch.nn.Module, rows: dict[str, np.ndarray], freeze_encoder: bool, freeze_decoder: bool) -> None:
-    """Fix every reference parameter of a query module; new levels (and optionally the networks) learn.
+    """Fix every reference parameter of a query module; new levels, the networks' columns of new categories (and
+    optionally the whole networks) learn.
 
     Parameters
     ----------
@@ -136,6 +138,8 @@ def freeze_reference(module: torch.nn.Module, rows: dict[str, np.ndarray], freez
         Keep the decoder fixed.
     """
     module.requires_grad_(False)
+    for parameter in new_network_parameters(module):  # the networks' columns of categories new to the reference
+        parameter.requires_grad_(True)
     guide = module.guide
     for name, child in list(guide.named_children()):
         role = SITE_COVARIATE_ROLES.get(name)

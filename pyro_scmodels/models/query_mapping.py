@@ -4,11 +4,14 @@ A reference :class:`~pyro_scmodels.RegularizedVI` was trained on some batches; n
 query) come from batches it has not seen. The query model reuses the reference's setup and
 everything it learned. Categories of the technical covariates (ambient, feature-scaling,
 dispersion and library-size keys) that the reference has not seen become new levels, learned from
-the query; every other parameter is the reference's and stays fixed: the decoder, the encoders
-(unless asked otherwise) and every global site tied to a reference level.
+the query. Categories of the keys the networks read (``nn_conditioning_covariate_keys``,
+``encoder_covariate_keys``) that the reference has not seen get input columns of their own in those
+networks, learned from the query. Every other parameter is the reference's and stays fixed: the
+decoder, the encoders (unless asked otherwise) and every global site tied to a reference level.
 
 What the query takes from the reference: :class:`~pyro_scmodels.models.query_reference.Reference`. How the
-reference is frozen: :mod:`pyro_scmodels.models.query_freezing`.
+reference is frozen: :mod:`pyro_scmodels.models.query_freezing`; the networks' new columns:
+:mod:`pyro_scmodels.models.query_networks`.
 
 Parameters live in the modules (module-local, not in Pyro's global parameter store), so the
 reference and the query never share a parameter through its name.
@@ -30,6 +33,7 @@ from ..data.source_state import state_digest
 from ..nn import Standardiser, is_legacy_identity_entry
 from ..pyro_modules import PositiveSiteGuide
 from .query_freezing import freeze_reference
+from .query_networks import extend_networks
 from .query_reference import Reference
 from .regularizedvi_module import SITE_COVARIATE_ROLES
 
@@ -82,23 +86,13 @@ def prepare_query_anndata(adata, reference, model_class, return_reference_var_na
 def _query_categories(reference: Reference, observed: dict[str, list[str]]) -> tuple[dict, dict]:
     """Category order of the query model and the categories new to the reference, per key.
 
-    Known categories keep the reference's positions; new ones follow, in the query's order.
-    A new category of a decoder-conditioning or encoder key raises ``ValueError``: the frozen
-    networks have no input column for it.
+    Known categories keep the reference's positions (and so their columns of a network's one-hot); new ones
+    follow, in the query's order.
     """
-    keys = reference.keys
-    networks = {**{k: "nn_conditioning_covariate_keys" for k in keys.nn_conditioning},
-                **{k: "encoder_covariate_keys" for k in keys.encoder}}
     categories, new = {}, {}
-    for key in keys.categorical_keys():
+    for key in reference.keys.categorical_keys():
         known = list(reference.categories[key])
         unseen = [c for c in observed[key] if c not in known]
-        if unseen and key in networks:
-            raise ValueError(
-                f"The query has categories {unseen[:5]} of {key!r} that the reference was not trained on. {key!r} is one "
-                f"of the reference's {networks[key]}: a network reads it as a one-hot input and has no column for a new "
-                f"category. Assign those cells a known category (known: {known[:10]}), or train a reference that includes them."
-            )
         categories[key], new[key] = known + unseen, unseen
     return categories, {k: v for k, v in new.items() if v}
 
@@ -153,11 +147,13 @@ def _level_role(key: str, guide) -> str | None:
     return None
 
 
-def _transfer_reference_state(module: torch.nn.Module, reference: Reference, rows: dict[str, np.ndarray]) -> None:
+def _transfer_reference_state(module: torch.nn.Module, reference: Reference, rows: dict[str, np.ndarray],
+                              extended: dict[str, int]) -> None:
     """Load the reference's parameters into a freshly built query module.
 
     Per-level tables take the reference's rows for known levels and keep their data-driven
-    initial values for new ones; everything else is the reference's.
+    initial values for new ones; a network weight with columns for new categories (``extended``: key -> how many)
+    takes the reference's weight into its other columns; everything else is the reference's.
     """
     fresh = module.state_dict()
     state = {}
@@ -169,6 +165,12 @@ def _transfer_reference_state(module: torch.nn.Module, reference: Reference, row
         if key not in reference.state_dict:
             raise ValueError(f"The reference has no {key!r}; it was saved by another version of the model. Retrain it.")
         saved = reference.state_dict[key].to(value.device)
+        if key in extended:
+            if saved.shape[:-1] != value.shape[:-1] or saved.shape[-1] + extended[key] != value.shape[-1]:
+                raise ValueError(f"{key!r} has shape {tuple(saved.shape)} in the reference, which does not fit the query "
+                                 f"model's {tuple(value.shape)} less its {extended[key]} columns of new categories.")
+            state[key] = saved.clone()  # the network's load hook puts it beside the new columns' initial values
+            continue
         role = _level_role(key, module.guide)
         if role is None:
             # a prior's buffer keeps the reference's shape (a per-gene edit beside a scalar partner: PriorSet loads it)
@@ -218,9 +220,10 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     inplace_subset_query_vars
         First reorder and zero-pad the query's genes in place (:func:`prepare_query_anndata`).
     freeze_encoder
-        Keep the reference's z and library encoders fixed (False: fine-tune them on the query).
+        Keep the reference's z and library encoders fixed (False: fine-tune them on the query). Their input
+        columns for new categories of ``encoder_covariate_keys`` learn either way.
     freeze_decoder
-        Keep the reference's decoder fixed.
+        Keep the reference's decoder fixed (its columns for new categories learn either way).
     freeze_dropout
         Turn dropout off in the query model's encoders.
     unfrozen
@@ -256,11 +259,14 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     # the reference's categories first, then the new ones: the constructor's hook for saved categories
     model = model_class(adata, **init_params, _categories=categories)
     rows = _reference_rows(reference, categories)
-    _transfer_reference_state(model.module, reference, rows)
+    # networks reading a key with new categories: the new categories' columns become parameters of their own
+    extended = extend_networks(model.module, reference, categories, new)
+    _transfer_reference_state(model.module, reference, rows, extended)
     if not flags["unfrozen"]:
         freeze_reference(model.module, rows, flags["freeze_encoder"], flags["freeze_decoder"])
     frozen = "nothing" if flags["unfrozen"] else ", ".join(
-        ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]])
+        ["reference rows"] + [part for part in ("encoder", "decoder") if flags[f"freeze_{part}"]]
+        + (["reference columns of the networks"] if extended else []))
     model.query_reference = (f"reference {state_digest(reference.state_dict, skip=is_legacy_identity_entry)}; "
                              f"frozen: {frozen}; dropout "
                              f"{'off' if flags['freeze_dropout'] else 'as the reference'}")
@@ -312,9 +318,10 @@ class QueryMappingMixin:
 
         The query is set up with the reference's layer and keys. Categories of the ambient,
         feature-scaling, dispersion and library-size keys that the reference has not seen become
-        new levels, learned from the query; known categories keep the reference's values. The
-        decoder, the encoders and every global tied to a reference level stay fixed. A new
-        category of a decoder-conditioning or encoder key raises ``ValueError``.
+        new levels, learned from the query; known categories keep the reference's values. A new
+        category of a decoder-conditioning or encoder key gets input columns of its own in the
+        networks that read it (scArches), learned from the query. The decoder's and encoders'
+        reference weights and every global tied to a reference level stay fixed.
 
         Parameters
         ----------
@@ -325,7 +332,8 @@ class QueryMappingMixin:
         inplace_subset_query_vars
             First align the query's genes in place, as :meth:`prepare_query_anndata` does.
         freeze_encoder, freeze_decoder
-            Keep the reference's encoders (z and library) / decoder fixed.
+            Keep the reference's encoders (z and library) / decoder fixed; their columns for new categories learn
+            either way.
         freeze_dropout
             Turn dropout off in the query model's encoders.
         unfrozen
