@@ -26,7 +26,7 @@ from torch.distributions import constraints
 
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
-from ..distributions import GammaPoissonMean
+from ..distributions import CountPositions, GammaPoissonMean
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder, Standardiser
 from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
@@ -266,9 +266,10 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         """p(x_n | mu_n) = GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu_n), per cell and gene."""
         # written with its mean (see GammaPoissonMean); theta per dispersion group
         group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-        # the minibatch says where its stored counts are (read off the sparse rows), when it knows
+        # the minibatch says where its stored counts are (read off the sparse rows), when it knows; they hold the
+        # tensor they locate and are used for it alone (an entry edited to a plain tuple is a hint not taken)
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
-        return GammaPoissonMean(mu, theta, group, positions=positions)
+        return GammaPoissonMean(mu, theta, group, positions=positions if isinstance(positions, CountPositions) else None)
 
     def check_priors(self, where: str = "model.module.model.priors") -> None:
         """Refuse prior buffers edited to a shape their sites cannot take (run before each training call and save).
