@@ -103,9 +103,14 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
 
     def sample_ambient(self, genes: pyro.plate) -> torch.Tensor:
         """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient`` or the shaped prior)."""
+        prior = self.ambient_prior()
+        if not self.regularize_ambient:
+            # masked in the distribution (log-density 0, draws the prior's), not with poutine.mask: an ELBO with
+            # analytic KL terms (TraceMeanField_ELBO) masks a site's KL with the guide's mask, so a handler mask on the
+            # model side alone was ignored there; every ELBO reads the masked density as Trace_ELBO does
+            prior = prior.mask(False)
         with pyro.plate(self.dims.site("ambient_categories"), self.dims.n_ambient, dim=-2), genes:
-            with poutine.mask(mask=self.regularize_ambient):
-                return pyro.sample(self.dims.site("ambient"), self.ambient_prior())
+            return pyro.sample(self.dims.site("ambient"), prior)
 
     def sample_feature_scaling(self, genes: pyro.plate) -> torch.Tensor:
         """y_{t,g} ~ prior."""
