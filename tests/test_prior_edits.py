@@ -218,3 +218,23 @@ def test_a_library_residual_weight_a_subclass_fixes_is_the_one_used(small):
     np.testing.assert_allclose(model.get_library_size(indices=np.arange(6)), expected.numpy(), rtol=1e-5)
     medians = guide.global_medians()
     assert float(model.module.model.global_values(medians)["library_residual_weight"]) == 0.5
+
+
+@pytest.mark.parametrize("buffer, value, message", [
+    ("priors.feature_scaling__rate", float("nan"), r"priors\.feature_scaling: rate is nan.*model\.module\.model\.priors\.feature_scaling__rate"),
+    ("priors.dispersion_rate__rate", -1.0, r"priors\.dispersion_rate: rate is -1.*GreaterThan"),
+    ("priors.ambient__concentration", float("inf"), r"priors\.ambient: concentration is inf"),
+    ("library_prior_loc", float("nan"), r"model\.module\.model\.library_prior_loc holds \[nan"),
+    ("library_prior_scale", 0.0, r"library_prior_scale holds \[0\.0.*positive"),
+])
+def test_buffers_edited_to_a_value_their_prior_cannot_take_are_refused_by_name_before_training(small, buffer, value,
+                                                                                                 message):
+    # shapes only were checked: training then stopped with a NonFiniteError listing ~20 gradients and advising a
+    # lower learning rate
+    model = ps.RegularizedVI(small, **SMALL)
+    owner, name = (model.module.model.priors, buffer.split(".")[1]) if "." in buffer else (model.module.model, buffer)
+    getattr(owner, name).fill_(value)
+    with pytest.raises(ValueError, match=message):
+        model.train(**QUICK)
+    assert not model.is_trained
+

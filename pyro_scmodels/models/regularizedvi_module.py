@@ -277,7 +277,8 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         return GammaPoissonMean(mu, theta, group, positions=positions if isinstance(positions, CountPositions) else None)
 
     def check_priors(self, where: str = "model.module.model.priors") -> None:
-        """Refuse prior buffers edited to a shape their sites cannot take (run before each training call and save).
+        """Refuse prior buffers edited to a shape their sites cannot take, or to a value their distribution cannot take
+        (NaN, infinite, a negative rate; library prior included): run before each training call and save.
 
         Parameters
         ----------
@@ -287,8 +288,16 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         Raises
         ------
         ValueError
-            Naming the prior, its buffers' shape and the site's shape.
+            Naming the prior, its buffers' shape and the site's shape, or the prior, parameter and value.
         """
+        self.priors.check_values(where)
+        module = where[: -len(".priors")] if where.endswith(".priors") else where
+        for name, positive in (("library_prior_loc", False), ("library_prior_scale", True)):
+            buffer = getattr(self, name).detach()
+            if not bool((torch.isfinite(buffer) & ((buffer > 0) if positive else True)).all()):
+                raise ValueError(f"The library prior's buffer {module}.{name} holds {buffer.reshape(-1).tolist()}: it "
+                                 f"must be finite{' and positive' if positive else ''}. It was edited after the model "
+                                 "was built: fill it with a valid value, or build a new model.")
         in_use = self.prior_settings()
         # warned, not refused: an edit made after the model was built (or a model saved before the refusal) trains as
         # it would have, with the edit unused
