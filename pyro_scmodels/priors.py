@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _constants as C
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 
 
 def _gamma(pair):
@@ -334,6 +335,24 @@ def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "pr
         return
     raise ValueError(message + ". Build the model with one of them (set the shaped prior's concentration with "
                      "ambient_shape_prior=...).")
+
+
+def warn_unused_ambient_prior(priors: RegularizedPriors, where: str = "priors") -> None:
+    """Warn that an edited ambient prior is masked (it changes nothing in training) unless ``regularize_ambient``.
+
+    Parameters
+    ----------
+    priors
+        :class:`RegularizedPriors` of one modality, given to a model being built.
+    where
+        How the user gave them, for the message.
+    """
+    if priors.regularize_ambient or "ambient" not in edited_fields(priors):
+        return
+    warnings.warn(f"{where}.ambient was edited ({priors.ambient}), but regularize_ambient is False: the ambient prior is "
+                  "masked (not counted in the ELBO), so the edit changes only prior predictive draws, not training. "
+                  f"Pass RegularizedPriors(ambient={priors.ambient}, regularize_ambient=True) to train with it.",
+                  UserWarning, stacklevel=user_stacklevel())
 
 
 def check_prior_shapes(priors, dims) -> None:

@@ -238,3 +238,18 @@ def test_buffers_edited_to_a_value_their_prior_cannot_take_are_refused_by_name_b
         model.train(**QUICK)
     assert not model.is_trained
 
+
+def test_an_edited_ambient_prior_that_is_masked_warns_once_at_construction(small):
+    # RegularizedPriors(ambient=...) without regularize_ambient=True was accepted silently and changed nothing in
+    # training (only prior predictive draws)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps.RegularizedVI(small, priors=ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4)), **SMALL)
+    masked = [w for w in caught if "regularize_ambient" in str(w.message)]
+    assert len(masked) == 1 and "regularize_ambient=True" in str(masked[0].message)
+    assert masked[0].filename == __file__  # the user's line (user_stacklevel)
+    for priors in (ps.RegularizedPriors(), ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4), regularize_ambient=True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ps.RegularizedVI(small, priors=priors, **SMALL)
+        assert not [w for w in caught if "regularize_ambient" in str(w.message)]
