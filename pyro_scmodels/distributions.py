@@ -64,6 +64,29 @@ class _SelectedRows(torch.autograd.Function):
         return grad_table, None, grad_weights
 
 
+class CountPositions(tuple):
+    """``(flat, column, row)``: where the stored (non-zero) counts of one dense tensor, ``counts``, are.
+
+    A tuple of the three long tensors of :func:`~pyro_scmodels.data.counts.stored_positions` (the flat position in
+    ``counts``, the gene and the cell of each), which also holds the cells x genes tensor they locate, so that
+    :class:`GammaPoissonMean` uses them for that tensor only.
+
+    Parameters
+    ----------
+    positions
+        The three long tensors.
+    counts
+        The dense counts they locate.
+    """
+
+    def __new__(cls, positions, counts: torch.Tensor):
+        new = super().__new__(cls, positions)
+        if len(new) != 3:
+            raise ValueError(f"CountPositions takes (flat, column, row), got {len(new)} tensors.")
+        new.counts = counts
+        return new
+
+
 class GammaPoissonMean(dist.GammaPoisson):
     """``GammaPoisson(concentration=theta, rate=theta / mu)``, parameterised by its mean ``mu``.
 
@@ -96,19 +119,24 @@ class GammaPoissonMean(dist.GammaPoisson):
         Optional group of each cell (long tensor): cell n uses row ``group[n]`` of
         ``concentration``.
     positions
-        Optional ``(flat, column, row)`` long tensors locating every non-zero count of the value
-        that :meth:`log_prob` will be given (cells x genes), each position once: the flat
-        position, the gene and the cell. A minibatch read from sparse counts knows them from its
-        CSR structure, which is 10-20 times cheaper than searching the dense counts; they may
-        also list zero counts (their terms are 0). Used only when the value is cells x genes;
-        otherwise, and when None, the non-zeros are searched for.
+        Optional :class:`CountPositions`: ``(flat, column, row)`` long tensors locating every
+        non-zero count of one cells x genes tensor of counts (its ``counts``), each position once:
+        the flat position, the gene and the cell. A minibatch read from sparse counts knows them
+        from its CSR structure, which is 10-20 times cheaper than searching the dense counts; they
+        may also list zero counts (their terms are 0). Used only when :meth:`log_prob` is given
+        that very tensor (``value is positions.counts``); any other value (counts given through
+        ``poutine.condition``, replicate draws, a sliced or replaced minibatch) has its non-zeros
+        searched for, so ``log_prob(value)`` depends on ``value`` alone.
     """
 
     def __init__(self, mean: torch.Tensor, concentration: torch.Tensor, group: torch.Tensor | None = None,
-                 positions: tuple | None = None, validate_args=None):
+                 positions: CountPositions | None = None, validate_args=None):
         self._mu = mean
         self._theta = concentration
         self._group = group
+        if positions is not None and not isinstance(positions, CountPositions):
+            raise TypeError("positions must be a CountPositions (the positions and the counts tensor they locate), "
+                            f"got {type(positions).__name__}: wrap them as CountPositions(positions, counts).")
         self._positions = positions
         theta_shape = concentration.shape if group is None else (group.shape[0], concentration.shape[-1])
         batch_shape = torch.broadcast_shapes(mean.shape, theta_shape)
@@ -242,7 +270,9 @@ class GammaPoissonMean(dist.GammaPoisson):
         if (self._group is None and theta.numel() != n_genes) or (self._group is not None and theta.dim() != 2):
             return None  # e.g. a theta per cell, or draws of a grouped table: the dense form
         flat_value = value.expand(shape).reshape(-1)
-        if self._positions is not None and value.dim() == 2 and tuple(value.shape) == tuple(shape):
+        # the positions describe one tensor: an identity check (free), not a shape check, so that other counts of
+        # the same shape (conditioned, replicated, sliced or replaced) are never scored at that tensor's non-zeros
+        if self._positions is not None and value is self._positions.counts and tuple(value.shape) == tuple(shape):
             where, column, cell = self._positions  # given by the minibatch (read off its sparse rows)
             return flat_value, where, column, cell
         with torch.no_grad():

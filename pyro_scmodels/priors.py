@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _constants as C
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 
 
 def _gamma(pair):
@@ -271,6 +272,38 @@ class PriorSet(nn.Module):
                 self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def check_values(self, where: str = "model.module.model.priors") -> None:
+        """Refuse a buffer edited to a value its distribution cannot take: NaN, infinite, or outside the parameter's
+        constraint (``arg_constraints``, e.g. a negative rate). Run before training, beside the shape check.
+
+        Parameters
+        ----------
+        where
+            How the user reaches these buffers, for the message.
+
+        Raises
+        ------
+        ValueError
+            Naming the ``RegularizedPriors`` field, the parameter, a bad value and the buffer.
+        """
+        for name, (family, keys) in self._families.items():
+            constraints = family.arg_constraints  # a class attribute for torch's families (a property for a few)
+            for key in keys:
+                buffer = getattr(self, f"{name}__{key}").detach()
+                constraint = constraints.get(key) if isinstance(constraints, dict) else None
+                valid = torch.isfinite(buffer)
+                if constraint is not None and not torch.distributions.constraints.is_dependent(constraint):
+                    valid = valid & constraint.check(buffer)
+                if bool(valid.all()):
+                    continue
+                bad = buffer[~valid]
+                count = f" ({bad.numel()} of its {buffer.numel()} values)" if buffer.numel() > 1 else ""
+                raise ValueError(
+                    f"priors.{name}: {key} is {bad.reshape(-1)[0].item():g}{count}, which {family.__name__} cannot "
+                    f"take (it must be finite{'' if constraint is None else f' and satisfy {constraint}'}). The buffer "
+                    f"{where}.{name}__{key} was edited to it: fill it with a valid value, or build a new model with "
+                    f"priors=RegularizedPriors({name}=...).")
+
     def distributions(self) -> dict[str, torch.distributions.Distribution]:
         """The priors as the buffers hold them now (edits included), on the CPU, by site name."""
         # not validated: a buffer edited to a value outside its constraint is reported, not raised on here
@@ -302,6 +335,24 @@ def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "pr
         return
     raise ValueError(message + ". Build the model with one of them (set the shaped prior's concentration with "
                      "ambient_shape_prior=...).")
+
+
+def warn_unused_ambient_prior(priors: RegularizedPriors, where: str = "priors") -> None:
+    """Warn that an edited ambient prior is masked (it changes nothing in training) unless ``regularize_ambient``.
+
+    Parameters
+    ----------
+    priors
+        :class:`RegularizedPriors` of one modality, given to a model being built.
+    where
+        How the user gave them, for the message.
+    """
+    if priors.regularize_ambient or "ambient" not in edited_fields(priors):
+        return
+    warnings.warn(f"{where}.ambient was edited ({priors.ambient}), but regularize_ambient is False: the ambient prior is "
+                  "masked (not counted in the ELBO), so the edit changes only prior predictive draws, not training. "
+                  f"Pass RegularizedPriors(ambient={priors.ambient}, regularize_ambient=True) to train with it.",
+                  UserWarning, stacklevel=user_stacklevel())
 
 
 def check_prior_shapes(priors, dims) -> None:

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from pyro_scmodels.data.counts import CountMatrix, stored_positions
-from pyro_scmodels.distributions import GammaPoissonMean, ZeroCountRowSums, select_rows
+from pyro_scmodels.distributions import CountPositions, GammaPoissonMean, ZeroCountRowSums, select_rows
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -90,12 +90,32 @@ def test_positions_from_the_sparse_rows_give_pyros_values_and_gradients(grouped)
     theta = (torch.rand(3 if grouped else 1, 13) * 5 + 0.05).requires_grad_()
     group = torch.tensor([0, 2, 1, 1, 0, 2, 2]) if grouped else None
     x = torch.from_numpy(rows)
-    given = tuple(torch.from_numpy(p) for p in positions)
+    given = CountPositions(tuple(torch.from_numpy(p) for p in positions), x)
     ours = assert_equals_pyro(GammaPoissonMean(mu, theta, group, positions=given), mu, theta, group, x)
     # the positions are what is used (not searched for again): one left out changes that entry only
-    partial = tuple(torch.from_numpy(p[1:]) for p in positions)
+    partial = CountPositions(tuple(torch.from_numpy(p[1:]) for p in positions), x)
     changed = GammaPoissonMean(mu, theta, group, positions=partial).log_prob(x) != ours
     assert changed.sum() == 1 and changed.reshape(-1)[int(positions[0][0])]
+    # ... for the tensor they locate only: equal counts in another tensor are searched, not read off the positions
+    assert torch.equal(GammaPoissonMean(mu, theta, group, positions=partial).log_prob(x.clone()), ours)
+
+
+def test_positions_are_used_for_their_own_counts_only():
+    # other counts of the same shape (conditioned on, replicated, replaced) were scored at the positions of the
+    # minibatch's counts: their non-zeros elsewhere counted as zeros (a rolled minibatch: -77567 against -79839)
+    torch.manual_seed(6)
+    mu = torch.rand(8, 10) * 5 + 0.1
+    theta = torch.rand(1, 10) * 3 + 0.2
+    x = torch.poisson(mu * 0.5)
+    block = sp.csr_matrix(x.numpy())
+    positions = CountPositions(tuple(torch.from_numpy(p) for p in stored_positions(block)), x)
+    other = torch.roll(x, 1, 0) + torch.eye(8, 10)  # non-zeros where x has none
+    expected = dist.GammaPoisson(theta.expand(8, 10), theta / mu).log_prob(other)
+    ours = GammaPoissonMean(mu, theta, positions=positions)
+    torch.testing.assert_close(ours.log_prob(other), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.log_prob_sum_genes(other), expected.sum(-1), rtol=1e-5, atol=1e-3)
+    with pytest.raises(TypeError, match="CountPositions"):  # bare positions cannot say which counts they locate
+        GammaPoissonMean(mu, theta, positions=tuple(positions))
 
 
 def test_no_positions_for_counts_that_store_an_entry_twice():

@@ -73,3 +73,17 @@ def test_a_checkpoint_that_recorded_the_dict_as_given_still_resumes(mdata, tmp_p
     with pytest.raises(ValueError, match="n_hidden differ"):
         ps.RegularizedMultimodalVI(mdata, n_hidden=8, n_latent=3).train(checkpoint_dir=str(ckpt),
                                                                        **{**QUICK, "max_epochs": 3})
+
+
+def test_an_edited_ambient_prior_that_is_masked_warns_once_per_object_given(mdata):
+    # as for RegularizedVI: an edited ambient prior without regularize_ambient=True changes nothing in training
+    import warnings
+
+    import pyro.distributions as dist
+    edited = ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4))
+    for priors, where in ((edited, "priors.ambient"), ({"rna": edited, "atac": ps.RegularizedPriors()}, "priors['rna']")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ps.RegularizedMultimodalVI(mdata, n_hidden=16, n_latent=3, priors=priors)
+        masked = [str(w.message) for w in caught if "regularize_ambient" in str(w.message)]
+        assert len(masked) == 1 and masked[0].startswith(where), masked

@@ -27,7 +27,8 @@ def small():
 
 def _prior_in_trace(model, site: str):
     batch, n_obs = next(model._batches(indices=np.arange(16)))
-    return poutine.trace(model.module.model).get_trace(batch, n_obs).nodes[site]["fn"]
+    fn = poutine.trace(model.module.model).get_trace(batch, n_obs).nodes[site]["fn"]
+    return fn.base_dist if isinstance(fn, dist.MaskedDistribution) else fn  # the ambient prior, masked by default
 
 
 def test_one_buffer_edited_per_gene_saves_loads_and_maps_a_query(small, tmp_path):
@@ -217,3 +218,38 @@ def test_a_library_residual_weight_a_subclass_fixes_is_the_one_used(small):
     np.testing.assert_allclose(model.get_library_size(indices=np.arange(6)), expected.numpy(), rtol=1e-5)
     medians = guide.global_medians()
     assert float(model.module.model.global_values(medians)["library_residual_weight"]) == 0.5
+
+
+@pytest.mark.parametrize("buffer, value, message", [
+    ("priors.feature_scaling__rate", float("nan"), r"priors\.feature_scaling: rate is nan.*model\.module\.model\.priors\.feature_scaling__rate"),
+    ("priors.dispersion_rate__rate", -1.0, r"priors\.dispersion_rate: rate is -1.*GreaterThan"),
+    ("priors.ambient__concentration", float("inf"), r"priors\.ambient: concentration is inf"),
+    ("library_prior_loc", float("nan"), r"model\.module\.model\.library_prior_loc holds \[nan"),
+    ("library_prior_scale", 0.0, r"library_prior_scale holds \[0\.0.*positive"),
+])
+def test_buffers_edited_to_a_value_their_prior_cannot_take_are_refused_by_name_before_training(small, buffer, value,
+                                                                                                 message):
+    # shapes only were checked: training then stopped with a NonFiniteError listing ~20 gradients and advising a
+    # lower learning rate
+    model = ps.RegularizedVI(small, **SMALL)
+    owner, name = (model.module.model.priors, buffer.split(".")[1]) if "." in buffer else (model.module.model, buffer)
+    getattr(owner, name).fill_(value)
+    with pytest.raises(ValueError, match=message):
+        model.train(**QUICK)
+    assert not model.is_trained
+
+
+def test_an_edited_ambient_prior_that_is_masked_warns_once_at_construction(small):
+    # RegularizedPriors(ambient=...) without regularize_ambient=True was accepted silently and changed nothing in
+    # training (only prior predictive draws)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps.RegularizedVI(small, priors=ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4)), **SMALL)
+    masked = [w for w in caught if "regularize_ambient" in str(w.message)]
+    assert len(masked) == 1 and "regularize_ambient=True" in str(masked[0].message)
+    assert masked[0].filename == __file__  # the user's line (user_stacklevel)
+    for priors in (ps.RegularizedPriors(), ps.RegularizedPriors(ambient=dist.Gamma(1.0, 1e4), regularize_ambient=True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ps.RegularizedVI(small, priors=priors, **SMALL)
+        assert not [w for w in caught if "regularize_ambient" in str(w.message)]

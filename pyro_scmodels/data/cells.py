@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..distributions import CountPositions
 from .counts import POSITIONS_SUFFIX, CountMatrix, DeviceCSR
 from .covariates import CovariateEncoding
 from .mudata_registry import MuDataSetup, read_mudata_setup
@@ -210,8 +211,9 @@ class CellData:
                 counts[key] = torch.from_numpy(rows).to(device, non_blocking=True)
                 if positions is not None:
                     positions = tuple(torch.from_numpy(p).to(device, non_blocking=True) for p in positions)
-            # where the stored (non-zero) counts are: the likelihood's count-only terms are taken there
-            counts[key + POSITIONS_SUFFIX] = positions
+            # where the stored (non-zero) counts are: the likelihood's count-only terms are taken there, for this
+            # very tensor only (CountPositions holds it)
+            counts[key + POSITIONS_SUFFIX] = None if positions is None else CountPositions(positions, counts[key])
         host_index = device_index if covariates is self._device_covariates else index
         batch = {name: value[host_index].to(device) for name, value in covariates.items()}
         batch["nn_onehot"] = _onehot(batch.pop("nn_codes"), self.n_nn_covariates) if self.n_nn_covariates else None

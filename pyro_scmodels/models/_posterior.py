@@ -116,8 +116,13 @@ class PosteriorMixin:
                         if source in self.point_estimate_sites:
                             self.point_estimate_sites.add(name)
                 for name, (draws, is_local) in site_draws.items():
-                    stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
-                    stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
+                    if name in self.point_estimate_sites:
+                        # every draw is the one value: summarised exactly (the float32 mean of equal draws drifted
+                        # by an ulp, below q05, and the sd came out 1e-7)
+                        stats = [draws[0], torch.zeros_like(draws[0])] + [draws[0]] * len(quantiles)
+                    else:
+                        stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
+                        stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))
                     if is_local:
                         stats = self._unmeasured_as_nan(name, batch, stats)
                         self._local_sites.add(name)

@@ -10,7 +10,8 @@ import copy
 import dataclasses
 
 from .. import _validation as V
-from ..priors import RegularizedPriors, checked_priors, edited_fields, refuse_replaced_ambient_prior
+from ..priors import (RegularizedPriors, checked_priors, edited_fields, refuse_replaced_ambient_prior,
+                      warn_unused_ambient_prior)
 
 
 def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> dict:
@@ -73,6 +74,8 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
                              "learns every gene; ambient_profile fixes the profile. Pass one of them.")
         if priors is not None:  # a saved model built before this refusal loads, with a warning
             refuse_replaced_ambient_prior(priors, True, warn=saved)
+    elif priors is not None and not saved:  # warned once, when the user builds it (not again at each load)
+        warn_unused_ambient_prior(priors)
     settings = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=shared["n_layers"],
                     dropout_rate=shared["dropout_rate"], input_dropout_rate=input_dropout_rate,
                     priors=copy.deepcopy(priors) if priors is not None else RegularizedPriors(),

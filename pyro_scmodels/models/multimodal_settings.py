@@ -7,7 +7,7 @@ import copy
 
 from .. import _validation as V
 from ..data.mudata_registry import per_modality
-from ..priors import RegularizedPriors, checked_priors
+from ..priors import RegularizedPriors, checked_priors, warn_unused_ambient_prior
 from .model_settings import refuse_priors_of_absent_sites
 
 
@@ -59,6 +59,9 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
                           loading=saved)
     if not saved:  # a model saved before this check still loads
         refuse_priors_of_absent_sites(priors, given_per_modality, ambient, scaling)
+        # once per object the user gave: per modality with an ambient term, or once for the one shared object
+        for m in (ambient if given_per_modality else ambient[:1]):
+            warn_unused_ambient_prior(priors[m], f"priors[{m!r}]" if given_per_modality else "priors")
     gene_scale = per_modality("decoder_gene_scale", decoder_gene_scale, modalities, V.boolean, saved)
     return dict(hidden=hidden, latent=latent, priors=priors, gene_scale=gene_scale, ambient_modalities=ambient,
                 feature_scaling_modalities=scaling, n_hidden=recorded(hidden), n_latent=recorded(latent),

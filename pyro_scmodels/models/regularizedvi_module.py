@@ -26,7 +26,7 @@ from torch.distributions import constraints
 
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
-from ..distributions import GammaPoissonMean
+from ..distributions import CountPositions, GammaPoissonMean
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder, Standardiser
 from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
@@ -103,9 +103,14 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
 
     def sample_ambient(self, genes: pyro.plate) -> torch.Tensor:
         """s_{e,g} ~ prior (its log-density masked unless ``regularize_ambient`` or the shaped prior)."""
+        prior = self.ambient_prior()
+        if not self.regularize_ambient:
+            # masked in the distribution (log-density 0, draws the prior's), not with poutine.mask: an ELBO with
+            # analytic KL terms (TraceMeanField_ELBO) masks a site's KL with the guide's mask, so a handler mask on the
+            # model side alone was ignored there; every ELBO reads the masked density as Trace_ELBO does
+            prior = prior.mask(False)
         with pyro.plate(self.dims.site("ambient_categories"), self.dims.n_ambient, dim=-2), genes:
-            with poutine.mask(mask=self.regularize_ambient):
-                return pyro.sample(self.dims.site("ambient"), self.ambient_prior())
+            return pyro.sample(self.dims.site("ambient"), prior)
 
     def sample_feature_scaling(self, genes: pyro.plate) -> torch.Tensor:
         """y_{t,g} ~ prior."""
@@ -266,12 +271,14 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         """p(x_n | mu_n) = GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu_n), per cell and gene."""
         # written with its mean (see GammaPoissonMean); theta per dispersion group
         group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
-        # the minibatch says where its stored counts are (read off the sparse rows), when it knows
+        # the minibatch says where its stored counts are (read off the sparse rows), when it knows; they hold the
+        # tensor they locate and are used for it alone (an entry edited to a plain tuple is a hint not taken)
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
-        return GammaPoissonMean(mu, theta, group, positions=positions)
+        return GammaPoissonMean(mu, theta, group, positions=positions if isinstance(positions, CountPositions) else None)
 
     def check_priors(self, where: str = "model.module.model.priors") -> None:
-        """Refuse prior buffers edited to a shape their sites cannot take (run before each training call and save).
+        """Refuse prior buffers edited to a shape their sites cannot take, or to a value their distribution cannot take
+        (NaN, infinite, a negative rate; library prior included): run before each training call and save.
 
         Parameters
         ----------
@@ -281,8 +288,16 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         Raises
         ------
         ValueError
-            Naming the prior, its buffers' shape and the site's shape.
+            Naming the prior, its buffers' shape and the site's shape, or the prior, parameter and value.
         """
+        self.priors.check_values(where)
+        module = where[: -len(".priors")] if where.endswith(".priors") else where
+        for name, positive in (("library_prior_loc", False), ("library_prior_scale", True)):
+            buffer = getattr(self, name).detach()
+            if not bool((torch.isfinite(buffer) & ((buffer > 0) if positive else True)).all()):
+                raise ValueError(f"The library prior's buffer {module}.{name} holds {buffer.reshape(-1).tolist()}: it "
+                                 f"must be finite{' and positive' if positive else ''}. It was edited after the model "
+                                 "was built: fill it with a valid value, or build a new model.")
         in_use = self.prior_settings()
         # warned, not refused: an edit made after the model was built (or a model saved before the refusal) trains as
         # it would have, with the edit unused
