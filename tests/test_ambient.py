@@ -282,8 +282,10 @@ def _fit_on_simulator(epochs: int, options_of, size=(600, 100), scaling: bool = 
                                     feature_scaling_covariate_keys=["batch"] if scaling else None)
         start = RegularizedVI(adata, n_hidden=64, n_latent=8).get_ambient_profile().to_numpy()  # the seed's start
         model = RegularizedVI(adata, n_hidden=64, n_latent=8, **options_of(adata))
+        # validated at the last epoch only: each epoch reseeds torch, so the fit is bit-identical to validating every
+        # epoch (checked 2026-12-07 on the 600 x 100 and 2000 x 200 designs), and no assertion reads the validation loss
         model.train(max_epochs=epochs, lr=1e-2, batch_size=128, early_stopping=False, kl_warmup_epochs=epochs // 4,
-                    progress_bar=False)
+                    progress_bar=False, check_val_every_n_epoch=epochs)
     finally:
         torch.set_num_threads(threads)
     return adata, model, start
