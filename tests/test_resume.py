@@ -246,3 +246,36 @@ def test_a_model_of_integer_named_genes_and_cells_loads_and_resumes_onto_its_dat
     resumed.train(max_epochs=2, checkpoint_dir=str(tmp_path / "run"), **QUICK)  # finished: nothing to train
     np.testing.assert_array_equal(resumed.history.to_numpy(), model.history.to_numpy())
     np.testing.assert_allclose(resumed.get_latent_representation(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_state_kept_at_an_epoch_boundary_is_an_equal_copy_that_shares_no_tensor(small):
+    """What Ctrl-C writes and the next call starts from (checkpoints.state_copy, in place of copy.deepcopy)."""
+    from pyro_scmodels.checkpoints import state_copy
+
+    model = ps.RegularizedVI(small, **SMALL)
+    model.train(max_epochs=2, **QUICK)
+    live = model.trainer.state()
+    kept = state_copy(live)
+
+    def tensors(state, path=()):
+        if isinstance(state, torch.Tensor):
+            yield path, state
+        elif isinstance(state, dict):
+            for key, value in state.items():
+                yield from tensors(value, path + (key,))
+        elif isinstance(state, (list, tuple)):
+            for i, value in enumerate(state):
+                yield from tensors(value, path + (i,))
+
+    pairs = dict(tensors(live)), dict(tensors(kept))
+    assert pairs[0].keys() == pairs[1].keys() and len(pairs[0]) > 10  # the parameters and the Adam moments
+    for path, tensor in pairs[0].items():
+        assert torch.equal(tensor, pairs[1][path]), path
+        assert tensor.numel() == 0 or tensor.data_ptr() != pairs[1][path].data_ptr(), path  # (empty: no memory)
+    for name in ("model", "guide"):
+        assert type(kept[name]) is type(live[name]) and kept[name]._metadata == live[name]._metadata
+    kept["history"].iloc[0, 0] = -1.0  # the history is copied too: a later epoch's rows do not reach the kept state
+    assert live["history"].iloc[0, 0] != -1.0
+    with torch.no_grad():  # training on after the copy leaves it as it was
+        next(model.module.parameters()).add_(1.0)
+    assert not torch.equal(next(model.module.parameters()).detach(), next(iter(pairs[1].values())))
