@@ -179,16 +179,27 @@ def _log2_draws(model, adata, cells, strata, num_samples, batch_size, seed, moda
     """log2(rho + shift + pseudocount) draws (rows: sample x cell) of ``cells``, one array per stratum (one in all
     when the strata do not pair), the rows' probabilities alike (None: uniform) and each cell's effective sample
     size of its draws under them (None: uniform); ``shift`` is a per-feature vector or None."""
+    probabilities = None
+    if weights == "importance":
+        # one pass: each z draw decoded once per stratum beside its log ratio (under the cell's own covariates), the
+        # draws and ratios those of decode_samples and log_importance_ratios with the same seed
+        parts, ratios = [[] for _ in strata], []
+        for _, rhos, log_ratios in model.decode_samples_with_ratios(adata, cells, batch_size, num_samples, seed,
+                                                                    strata, modality=modality):
+            for part, rho in zip(parts, rhos):
+                part.append(rho.cpu())
+            ratios.append(log_ratios)
+        probabilities = row_weights(torch.cat(ratios, dim=1).numpy())
+    else:
+        # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change; decoded
+        # lazily, one stratum at a time
+        parts = [(rho.cpu() for _, _, rho in model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum,
+                                                                  modality=modality)) for stratum in strata]
     draws = []
-    for stratum in strata:
-        # the same seed in every stratum: each cell keeps its z draws, only the decoder covariates change
-        batches = model.decode_samples(adata, cells, batch_size, num_samples, seed, stratum, modality=modality)
-        rho = torch.cat([rho.cpu() for _, _, rho in batches], dim=1).numpy()  # samples x cells x features
+    while parts:  # a stratum's float32 rho let go once its log2 is taken
+        rho = torch.cat(list(parts.pop(0)), dim=1).numpy()  # samples x cells x features
         rho = rho if shift is None else rho + shift
         draws.append(np.log2(rho.reshape(-1, rho.shape[-1]) + pseudocount))
-    probabilities = None
-    if weights == "importance":  # the ratios of the same z draws (same seed), under each cell's own covariates
-        probabilities = row_weights(model.log_importance_ratios(adata, cells, num_samples, seed, batch_size))
     if not paired:
         draws = [np.concatenate(draws)]
     if probabilities is None:
@@ -268,8 +279,9 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     weights
         How the (cell, posterior sample) rows of a group are drawn, as scvi-tools' ``weights``: ``"uniform"`` (the
         default; None too) alike, ``"importance"`` in proportion to importance weights of their z draws
-        (:mod:`pyro_scmodels.differential_weights`: each cell's ``num_samples`` draws self-normalised by
-        ``model.log_importance_ratios``), so the draws follow the group's posterior rather than the guide's; every
+        (:mod:`pyro_scmodels.differential_weights`: each cell's ``num_samples`` draws self-normalised by their
+        ``model.log_importance_ratios``, which ``model.decode_samples_with_ratios`` gives beside the decoded draws
+        in the same pass), so the draws follow the group's posterior rather than the guide's; every
         cell keeps total weight 1/N (scvi-tools spreads it over the group: a z that explains many cells counts
         more). The ratios sum log p(x | z, l) over every gene, so with many genes each cell's weight falls on a few
         draws (Kish effective sample size 2-3 of 20 at 300-2,000 simulated genes) and the result approaches the

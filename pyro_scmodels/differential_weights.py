@@ -7,7 +7,8 @@ better than the guide's spread suggests counts more. scvi-tools (``RNASeqMixin.g
 same aggregate posterior with the mixture of the group's guides as proposal, which needs each anchor cell's marginal
 likelihood p(x_a) and every z decoded against every anchor; here each cell's own guide is the proposal and its draws
 are self-normalised among themselves, which needs only the model's log joint against the guide's log density
-(``model.log_importance_ratios``) and gives every cell the same total weight, 1/N, where scvi-tools spreads the
+(``model.log_importance_ratios``; DE reads them beside the decoded draws, from ``model.decode_samples_with_ratios``
+in one pass) and gives every cell the same total weight, 1/N, where scvi-tools spreads the
 weight over the whole group's rows (a z that explains many of the group's cells counts more) and offers a
 ``truncation`` of the weights (Ionides 2008). log p(x | z, l) sums over every gene, so with many genes a cell's
 draws differ by several nats and its weights fall on a few of them (an effective sample size of 2-3 of 20 draws

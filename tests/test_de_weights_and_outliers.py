@@ -111,6 +111,73 @@ def test_log_importance_ratios_depend_on_neither_batch_size_nor_the_other_cells(
     assert not np.allclose(fitted.log_importance_ratios(indices=cells, n_samples=4, seed=3), whole)
 
 
+def _two_passes(model, indices, batch_size, n_samples, seed, strata=(None,)):
+    """decode_samples (per stratum) and log_importance_ratios with the same seed: DE's draws before the one pass."""
+    rhos = [torch.cat([rho for _, _, rho in model.decode_samples(indices=indices, batch_size=batch_size,
+                                                                 n_samples=n_samples, seed=seed,
+                                                                 nn_covariates=stratum)], dim=1) for stratum in strata]
+    return rhos, model.log_importance_ratios(indices=indices, n_samples=n_samples, seed=seed, batch_size=batch_size)
+
+
+def _one_pass(model, indices, batch_size, n_samples, seed, strata=(None,)):
+    parts = list(model.decode_samples_with_ratios(indices=indices, batch_size=batch_size, n_samples=n_samples,
+                                                  seed=seed, nn_covariates=strata))
+    assert np.array_equal(np.concatenate([cells for cells, _, _ in parts]), np.sort(indices))
+    rhos = [torch.cat([rhos[i] for _, rhos, _ in parts], dim=1) for i in range(len(strata))]
+    return rhos, torch.cat([ratios for _, _, ratios in parts], dim=1).numpy()
+
+
+@pytest.mark.parametrize("route", ["direct", "traced"])
+@pytest.mark.parametrize("batch_size", [None, 37])
+def test_one_pass_gives_the_draws_and_ratios_of_the_two_passes(fitted, monkeypatch, batch_size, route):
+    """decode_samples_with_ratios (one encoder pass and one decoding per minibatch) gives the rho of decode_samples
+    and the ratios of log_importance_ratios with the same seed, per cell whatever the minibatches, both where it
+    scores the draws itself and where a model class without direct_elbo has them traced."""
+    if route == "traced":
+        monkeypatch.setattr("pyro_scmodels.models.evidence.declares_direct_elbo", lambda module: False)
+    cells = np.arange(3, 400, 3)  # 133 cells, not in one block of the per-cell noise
+    (rho,), ratios = _one_pass(fitted, cells, batch_size, 5, 11)
+    (expected_rho,), expected = _two_passes(fitted, cells, batch_size, 5, 11)
+    assert ratios.dtype == np.float64 and ratios.shape == (5, len(cells))
+    np.testing.assert_allclose(rho.numpy(), expected_rho.numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ratios, expected, rtol=1e-6, atol=0)
+    # against the two passes over the whole set at once: the minibatches change no draw (to float32 rounding)
+    (_, whole) = _two_passes(fitted, cells, None, 5, 11)
+    np.testing.assert_allclose(ratios, whole, rtol=1e-6, atol=1e-4)
+
+
+def test_one_pass_decodes_every_stratum_and_scores_the_cells_own_covariates(monkeypatch):
+    """With strata (batch-corrected DE) rho is decoded under each, as decode_samples decodes it, and the ratios stay
+    those of the cells' own covariates."""
+    adata = ps.datasets.simulate(n_cells=150, n_genes=30, n_markers_per_type=3, n_responding_genes=3, seed=4)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", nn_conditioning_covariate_keys=["batch"])
+    model = ps.RegularizedVI(adata, **SMALL, seed=0)
+    model.train(max_epochs=3, **FIT)
+    strata = [{"batch": category} for category in sorted(adata.obs["batch"].astype(str).unique())]
+    for chosen in (strata[:2], [None, strata[0]]):
+        rhos, ratios = _one_pass(model, np.arange(10, 140), 50, 3, 2, chosen)
+        expected_rhos, expected = _two_passes(model, np.arange(10, 140), 50, 3, 2, chosen)
+        for rho, expected_rho in zip(rhos, expected_rhos, strict=True):
+            np.testing.assert_allclose(rho.numpy(), expected_rho.numpy(), rtol=1e-6, atol=0)
+        np.testing.assert_allclose(ratios, expected, rtol=1e-6, atol=0)
+    assert not np.allclose(rhos[0].numpy(), rhos[1].numpy())  # the strata decode differently
+
+
+def test_importance_de_is_the_two_pass_de(fitted, monkeypatch):
+    """The DE table from the one pass is the one DE gave when it called decode_samples and then
+    log_importance_ratios (here put back in the one pass's place)."""
+    arguments = dict(groupby="cell_type", group1="type_0", num_samples=6, n_pairs=3000, batch_size=45,
+                     weights="importance", seed=4)
+    one_pass = _quiet_de(fitted, **arguments)
+
+    def two_passes(adata, indices, batch_size, n_samples, seed, strata, modality=None):
+        rhos, ratios = _two_passes(fitted, indices, batch_size, n_samples, seed, strata)
+        yield np.asarray(indices), rhos, torch.as_tensor(ratios)
+
+    monkeypatch.setattr(fitted, "decode_samples_with_ratios", two_passes)
+    pd.testing.assert_frame_equal(one_pass, _quiet_de(fitted, **arguments), check_exact=False, rtol=1e-6)
+
+
 def test_importance_with_one_sample_per_cell_is_the_uniform_test(fitted):
     arguments = dict(groupby="cell_type", group1="type_0", num_samples=1, n_pairs=2000)
     uniform = _quiet_de(fitted, **arguments)
@@ -134,18 +201,28 @@ def test_importance_weighted_lfc_keeps_the_sign_of_responding_genes(fitted):
     np.testing.assert_allclose(weighted["scale1"].sort_index(), uniform["scale1"].sort_index(), rtol=0.25)
 
 
+def _replace_ratios(model, monkeypatch, ratios):
+    """Make DE's one pass (``decode_samples_with_ratios``) give its draws with ``ratios(n_samples, n_cells)`` as their
+    log ratios; returns the (cells, seed) asked."""
+    asked, one_pass = [], model.decode_samples_with_ratios
+
+    def replaced(adata=None, indices=None, batch_size=None, n_samples=1, seed=0, *rest, **options):
+        asked.append((np.asarray(indices).copy(), seed))
+        for cells, rhos, _ in one_pass(adata, indices, batch_size, n_samples, seed, *rest, **options):
+            yield cells, rhos, torch.as_tensor(ratios(n_samples, len(cells)), dtype=torch.float64)
+
+    monkeypatch.setattr(model, "decode_samples_with_ratios", replaced)
+    return asked
+
+
 def _first_draw_only(model, monkeypatch):
     """Make every cell's sample 0 take all its weight (log ratio 0 against -1e9); returns the (cells, seed) asked."""
-    asked = []
-
-    def ratios(adata=None, indices=None, n_samples=1, seed=0, batch_size=None):
-        asked.append((np.asarray(indices).copy(), seed))
-        values = np.full((n_samples, len(indices)), -1e9)
+    def ratios(n_samples, n_cells):
+        values = np.full((n_samples, n_cells), -1e9)
         values[0] = 0.0
         return values
 
-    monkeypatch.setattr(model, "log_importance_ratios", ratios)
-    return asked
+    return _replace_ratios(model, monkeypatch, ratios)
 
 
 def _first_draw_mean(model, cells, seed, strata=(None,)):
@@ -209,7 +286,8 @@ def test_collapsed_importance_weights_warn_once_with_the_effective_sample_size(f
     assert len(collapsed) == 1, [str(w.message) for w in caught]  # once per call, over both comparisons
     assert "of 1.0 " in str(collapsed[0].message) and "weights='uniform'" in str(collapsed[0].message)
     assert (collapsed[0].filename, collapsed[0].lineno) == (__file__, line)  # points at the caller
-    monkeypatch.setattr(fitted, "log_importance_ratios", lambda adata, cells, n, *rest: np.zeros((n, len(cells))))
+    monkeypatch.undo()
+    _replace_ratios(fitted, monkeypatch, lambda n_samples, n_cells: np.zeros((n_samples, n_cells)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted.differential_expression(groupby="cell_type", group1="type_0", num_samples=10, n_pairs=500,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
 
 from .. import _validation as V
+from ..elbo import declares_direct_elbo
 from ..seeding import seed_or_fresh, seeded
 from .cell_noise import CellNoise
 
@@ -46,7 +48,8 @@ class EvidenceQueries:
     """``get_elbo``, ``get_reconstruction_error`` and ``get_marginal_ll`` on any model/guide pair.
 
     Needs of the model class: ``module`` (model and guide; the guide answers ``global_medians()``),
-    ``device``, ``observation_sites``, ``_indexed_batches`` and ``_check_trained``.
+    ``device``, ``observation_sites``, ``_indexed_batches`` and ``_check_trained``; for
+    :meth:`decode_samples_with_ratios` also ``default_modality`` and ``nn_switch`` (``PosteriorQueries``).
     """
 
     #: why :meth:`log_importance_ratios` is not offered for this model class (None: it is)
@@ -196,7 +199,8 @@ class EvidenceQueries:
         global sites are held at their posterior medians, as in
         :meth:`get_marginal_ll`. Exponentiated and normalised over a cell's draws they are self-normalised importance
         weights of its z draws towards the model's posterior p(z | x) (what
-        ``differential_expression(weights="importance")`` resamples by).
+        ``differential_expression(weights="importance")`` resamples by; it takes them, with the decoded draws, from
+        :meth:`decode_samples_with_ratios` in one pass: this method runs the encoder again for every draw).
 
         Parameters
         ----------
@@ -209,6 +213,10 @@ class EvidenceQueries:
         -------
         numpy.ndarray
             ``n_samples`` x cells, float64.
+
+        See Also
+        --------
+        decode_samples_with_ratios : the same ratios beside the decoded expression, in one pass (what DE uses).
 
         Raises
         ------
@@ -233,3 +241,75 @@ class EvidenceQueries:
                 terms = [self._local_terms(batch, n_obs, {"z": z_k, library_site: l_k}) for z_k, l_k in zip(z, library)]
             parts.append(torch.stack([t["model"] - t["guide"] for t in terms]).double().cpu())
         return torch.cat(parts, dim=1).numpy()
+
+    def decode_samples_with_ratios(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int = 1,
+                                   seed: int | None = 0, nn_covariates=(None,), modality: str | None = None):
+        """Expression rho of posterior draws of z beside each draw's log importance ratio, one minibatch at a time.
+
+        What :meth:`decode_samples` (once per entry of ``nn_covariates``) and :meth:`log_importance_ratios` give for
+        the same ``seed``, in one pass: per minibatch the encoders run once, z and l are drawn once from the same
+        per-cell noise as there (so the draws depend neither on ``batch_size`` nor on the other cells asked for), each
+        draw is decoded once per entry of ``nn_covariates``, and the log joint is scored from the rho decoded under
+        the cells' own covariates (the entry None, or one more decoding when there is none). For a model class whose
+        model and guide declare ``direct_elbo`` the per-cell terms are computed directly
+        (:meth:`~pyro_scmodels.models.regularizedvi_log_density.RegularizedVILogDensity.cell_log_joint`, the sum a
+        trace gives); otherwise each draw is traced as in :meth:`log_importance_ratios`.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, n_samples, seed
+            As in :meth:`log_importance_ratios`.
+        nn_covariates
+            A sequence of ``{key: category}`` (or None: the cells' own covariates), as :meth:`decode_samples`' own
+            argument: rho is decoded under each in turn (the strata of batch-corrected DE).
+        modality
+            As in :meth:`decode_samples` (a model that offers the ratios models one count matrix: None).
+
+        Yields
+        ------
+        tuple
+            ``(cell_positions, rhos, log_ratios)``: ``rhos`` a list with one ``n_samples`` x cells x features tensor
+            per entry of ``nn_covariates`` (on the model's device), ``log_ratios`` the draws' log p(x, z, l) - log
+            q(z, l | x), ``n_samples`` x cells, float64 on the CPU.
+
+        Raises
+        ------
+        NotImplementedError
+            The model class does not offer the ratios (``importance_ratio_refusal`` says why).
+        """
+        if self.importance_ratio_refusal is not None:
+            raise NotImplementedError(f"{type(self).__name__}: importance ratios of z are not available: "
+                                      f"{self.importance_ratio_refusal}.")
+        self.default_modality(modality)
+        self._check_trained()
+        n_samples = V.positive_int("n_samples", n_samples)
+        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))
+        switches = [self.nn_switch(covariates) for covariates in nn_covariates]  # checked before any draw
+        guide, model = self.module.guide, self.module.model
+        direct = declares_direct_elbo(model) and declares_direct_elbo(guide)
+        z_noise, l_noise = CellNoise(seed, n_samples, self.device), library_noise(seed, n_samples, self.device)
+        library_site = guide.dims.site("library")
+        with torch.no_grad():
+            medians = guide.global_medians()
+        for cells, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
+            with torch.no_grad():
+                h = guide.encoder_input(batch)  # the input both encoders share
+                q_z = guide.z_posterior(batch, h)
+                z = q_z.loc + q_z.scale * z_noise.of(cells, q_z.loc.shape[-1])  # posterior_z_batches' draw
+                q_library = guide.library_posterior(h, batch, guide.residual_weight_estimate())
+                library = torch.exp(q_library.loc + q_library.scale * l_noise.of(cells, 1)[..., 0])
+                rhos = [model.decode(z, batch, None if switch is None else switch(batch["nn_onehot"]))
+                        for switch in switches]
+                if direct:
+                    own = rhos[switches.index(None)] if None in switches else model.decode(z, batch)
+                    # log q in the guide trace's order (z, then l), each draw as a cells-long row, as traced; without
+                    # the distributions' argument checks (a fifth of the time): the counts were checked when read, z
+                    # and l are the guide's own draws, and the values are the same
+                    with pyro.validation_enabled(False):
+                        ratios = [model.cell_log_joint(z_k, {**medians, "library": l_k}, batch, rho_k)
+                                  - (q_z.to_event(1).log_prob(z_k) + q_library.log_prob(l_k))
+                                  for z_k, l_k, rho_k in zip(z, library, own)]
+                else:  # a model or guide with sites of its own: the traces say what they score
+                    terms = [self._local_terms(batch, n_obs, {"z": z_k, library_site: l_k}) for z_k, l_k in zip(z, library)]
+                    ratios = [t["model"] - t["guide"] for t in terms]
+            yield cells, rhos, torch.stack(ratios).double().cpu()

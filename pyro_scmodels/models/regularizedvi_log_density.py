@@ -79,3 +79,38 @@ class RegularizedVILogDensity:
         log_p = log_p + self.count_distribution(mu, theta, batch).log_prob_sum_genes(batch[self.dims.counts_key])
         # as poutine.mask does: the masked cells' terms are replaced by 0, not multiplied by it
         return log_p if mask is None else torch.where(mask, log_p, log_p.new_zeros(()))
+
+    def cell_log_joint(self, z: torch.Tensor, values: dict, batch: dict, rho: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(z_n) + log p(l_n) + log p(x_n | z_n, l_n) of each cell, unweighted, as a trace of the model scores them.
+
+        The per-cell terms of the cell plate's sites (no subsampling or KL weight, no mask) that
+        :meth:`~pyro_scmodels.models.evidence.EvidenceQueries.log_importance_ratios` reads off a Pyro trace, from the
+        expression ``rho`` already decoded from ``z`` (e.g. for differential expression) instead of decoding it again.
+
+        Parameters
+        ----------
+        z
+            One draw of z per cell, cells x latent.
+        values
+            The library sizes ``values["library"]`` (per cell) and the global values by site name (without the modality
+            suffix), e.g. the guide's medians.
+        batch
+            The cells' minibatch.
+        rho
+            ``decode(z, batch)``, when already computed (with the cells' own decoder covariates).
+
+        Returns
+        -------
+        torch.Tensor
+            One value per cell.
+        """
+        rho = self.decode(z, batch) if rho is None else rho
+        library = values["library"]
+        # the sites' terms in the order of the model's trace (z, library, counts), each as its site scores it (the
+        # counts' whole table of terms summed over genes, not log_prob_sum_genes): the sum the trace gives, to the bit
+        log_p = dist.Normal(z.new_zeros(()), 1.0).expand(z.shape).to_event(1).log_prob(z)
+        log_p = log_p + self.library_prior(batch).log_prob(library)
+        mu = expected_counts(library, rho, values.get("ambient"), values.get("feature_scaling"), batch["ambient_index"],
+                             batch["scaling_index"], self.dims.ambient_per_droplet)
+        counts = self.count_distribution(mu, values["inverse_sqrt_theta"].pow(-2), batch).to_event(1)
+        return log_p + counts.log_prob(batch[self.dims.counts_key])
