@@ -64,7 +64,7 @@ class FeatureCorrelationQueries:
         correlation_type
             ``"spearman"`` (ranks; scvi-tools' default) or ``"pearson"``.
         modality
-            Multimodal models: the modality (default the first). The cells without counts in it are left
+            Multimodal models: the modality (default: the RNA modality, see ``default_modality``). The cells without counts in it are left
             out, with a warning (the model masks their likelihood, so their decoded features are a guess from
             the other modalities); asking only for such cells raises ``ValueError``.
         seed

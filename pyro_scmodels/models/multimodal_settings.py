@@ -10,6 +10,50 @@ from ..data.mudata_registry import per_modality
 from ..priors import RegularizedPriors, checked_priors
 from .model_settings import refuse_priors_of_absent_sites
 
+#: the modality names that mark RNA and ATAC: the defaults of ``ambient_modalities`` and ``feature_scaling_modalities``,
+#: and (RNA) the modality a query runs on when it names none
+RNA_MODALITY, ATAC_MODALITY = "rna", "atac"
+
+
+def query_modality(modalities: list[str], modality, model_name: str) -> str:
+    """The modality a per-modality query of a multimodal model runs on: ``modality``, or by default the RNA one.
+
+    One rule for every query (expression, DE, predictive draws, likelihood parameters, feature correlation, ...),
+    whatever the order of the MuData's modalities (a ``.h5mu`` reads back with them sorted, ATAC before RNA).
+
+    Parameters
+    ----------
+    modalities
+        The model's modalities.
+    modality
+        The modality asked for, or None for the default: ``"rna"`` when the model has it.
+    model_name
+        The model's class name, for the messages.
+
+    Returns
+    -------
+    str
+        A modality of ``modalities``.
+
+    Raises
+    ------
+    TypeError
+        ``modality`` is data (scvi-tools passes the data first; here the modality comes first).
+    ValueError
+        ``modality`` is not one of ``modalities``, or is None and the model has no RNA modality.
+    """
+    if hasattr(modality, "obs"):
+        raise TypeError(f"modality= is a {type(modality).__name__}: the modality comes first here (one of "
+                        f"{modalities}); pass the data as adata=..., e.g. get_latent_representation(adata=mdata).")
+    if modality is None:
+        if RNA_MODALITY not in modalities:
+            raise ValueError(f"{model_name} has no modality named {RNA_MODALITY!r} (its modalities: {modalities}), so "
+                             f"a query has no default modality: pass modality=, e.g. modality={modalities[0]!r}.")
+        return RNA_MODALITY
+    if modality not in modalities:
+        raise ValueError(f"Unknown modality {modality!r}; the model has {modalities}.")
+    return modality
+
 
 def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode: str, ambient_modalities,
                           feature_scaling_modalities, priors, decoder_gene_scale, saved: bool) -> dict:
@@ -46,8 +90,8 @@ def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode
     latent = per_modality("n_latent", n_latent, modalities, V.positive_int, saved)
     if latent_mode != "concatenation" and len(set(latent.values())) > 1:
         raise ValueError(f"latent_mode={latent_mode!r} needs the same n_latent for every modality, got {latent}.")
-    ambient = [m for m in ("rna",) if m in modalities] if ambient_modalities is None else list(ambient_modalities)
-    scaling = ([m for m in ("atac",) if m in modalities] if feature_scaling_modalities is None
+    ambient = [m for m in (RNA_MODALITY,) if m in modalities] if ambient_modalities is None else list(ambient_modalities)
+    scaling = ([m for m in (ATAC_MODALITY,) if m in modalities] if feature_scaling_modalities is None
                else list(feature_scaling_modalities))
     for name, chosen in (("ambient_modalities", ambient), ("feature_scaling_modalities", scaling)):
         unknown = sorted(set(chosen) - set(modalities))
