@@ -101,7 +101,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         saved = _categories is not None
         checked = per_modality_settings(self.modalities, n_hidden, n_latent, latent_mode, ambient_modalities,
-                                        feature_scaling_modalities, priors, decoder_gene_scale, saved)
+                                        feature_scaling_modalities, priors, decoder_gene_scale, saved, self.keys)
         hidden, latent, priors = checked["hidden"], checked["latent"], checked["priors"]
         ambient_modalities, scaling_modalities = checked["ambient_modalities"], checked["feature_scaling_modalities"]
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
