@@ -7,6 +7,7 @@ import math
 
 from ..data.summary import describe_setup
 from ..priors import edited_fields
+from .scvi_arguments import refuses_scvi_arguments
 
 # settings shown in the summary, in this order, when the model has them
 _SHOWN_SETTINGS = ("n_latent", "n_hidden", "n_layers", "latent_mode", "dropout_rate", "init", "latent_independence",
@@ -23,6 +24,7 @@ class ModelDescription:
     ``history``.
     """
 
+    @refuses_scvi_arguments("query")
     def view_anndata_setup(self, adata=None) -> None:
         """Print the setup the model reads: cells, features, counts layer and every covariate's categories.
 

@@ -21,6 +21,7 @@ from scipy.stats import rankdata
 
 from .. import _validation as V
 from .expression import transform_covariates
+from .scvi_arguments import refuses_scvi_arguments
 from ..seeding import rng_devices, seed_or_fresh
 
 CORRELATION_TYPES = ("spearman", "pearson")
@@ -42,6 +43,7 @@ class FeatureCorrelationQueries:
     ``default_modality``, ``device`` and the decoder-conditioning keys that ``transform_batch`` reads.
     """
 
+    @refuses_scvi_arguments("query")
     def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = N_SAMPLES,
                                        batch_size: int | None = None, rna_size_factor: float = RNA_SIZE_FACTOR,
                                        transform_batch=None, correlation_type: str = "spearman", *,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
-from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
+from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, require_mudata, setup_mudata
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
@@ -28,7 +28,7 @@ from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimoda
                                 has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
-from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments, refuses_scvi_arguments
 from .unmeasured_categories import warn_categories_without_counts
 from ..seeding import seeded
 
@@ -190,9 +190,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         mdata = self.adata if adata is None else adata
         if mdata is self.adata:
             return self._held_cell_data()
-        if not hasattr(mdata, "mod"):  # an AnnData failed with "'AnnData' object has no attribute 'mod'"
-            raise TypeError(f"{type(self).__name__} reads a MuData with the modalities {self.modalities}; adata= is of type "
-                            f"{type(mdata).__name__}. Pass the MuData (a single modality's AnnData is not enough).")
+        require_mudata(mdata, f"{type(self).__name__} (adata=)")
         for m in self.modalities:
             V.present(m, mdata.mod, "the MuData's modalities (mdata.mod)", "modality")
             check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
@@ -221,6 +219,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         modality = self.default_modality(modality)
         return (self.adata if adata is None else adata).mod[modality], self.layers.get(modality)
 
+    @refuses_scvi_arguments("query")
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
                                   seed: int | None = None, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
@@ -265,6 +264,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             (self.adata if adata is None else adata).obsm["X_regularizedmultimodalvi" + (f"_{modality}" if modality else "")] = z
         return z
 
+    @refuses_scvi_arguments("query")
     def get_normalized_expression(self, modality: str | None = None, adata=None, indices=None, batch_size: int | None = None,
                                   return_numpy: bool | None = None, *, transform_batch=None, gene_list=None,
                                   library_size: str | float | None = None, n_samples: int = 1, return_mean: bool = True,
@@ -327,6 +327,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         return {f"ambient_fraction_{m}": self.get_ambient_fraction(m, adata, batch_size=batch_size)
                 for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
 
+    @refuses_scvi_arguments("query")
     def get_likelihood_parameters(self, modality: str | None = None, adata=None, indices=None, n_samples: int = 1,
                                   give_mean: bool = False, batch_size: int | None = None, *, seed: int | None = None) -> dict:
         """Mean and dispersion of one modality's p(x | z) per cell and feature.

@@ -18,6 +18,7 @@ from .. import differential, predictive
 from . import expression
 from .cell_noise import CellNoise
 from .global_site_tables import GlobalSiteTables
+from .scvi_arguments import refuses_scvi_arguments
 from ..differential import PSEUDOCOUNT
 from ..seeding import seed_or_fresh
 
@@ -304,6 +305,7 @@ class PosteriorQueries(GlobalSiteTables):
             return_numpy, modality, seed,
         )
 
+    @refuses_scvi_arguments("differential")
     def differential_expression(self, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
                                 idx2=None, mode: str = "change", delta: float | None = 0.25,
                                 batch_correction: bool | str = False, batchid1=None, batchid2=None,
@@ -337,6 +339,7 @@ class PosteriorQueries(GlobalSiteTables):
         """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
         return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality, seed=seed)
 
+    @refuses_scvi_arguments("query")
     def posterior_predictive_sample(self, adata=None, indices=None, *, n_samples: int = 1, gene_list=None,
                                     batch_size: int | None = None, modality: str | None = None,
                                     seed: int | None = None) -> np.ndarray:
