@@ -24,7 +24,7 @@ from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
 from ._labels import names_as_text
 from .checkpoints import CHECKPOINT_FILE
-from .cli_arguments import in_option_names, build_parser, check_arguments
+from .cli_arguments import in_option_names, check_arguments, parse_arguments
 from .cli_launch import (launch_torchrun, leave_process_group, rank_prefix, read_for_the_launch_check,
                          stop_signals_as_interrupt)
 from .distributed import launched_world_size
@@ -352,7 +352,7 @@ def _profile_from_empty_droplets(path: str, adata):
 def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     launch = bool(getattr(args, "devices", None) and args.devices > 1 and "WORLD_SIZE" not in os.environ)
     package_logger = logging.getLogger("pyro_scmodels")
     if not any(isinstance(h, _CurrentStderrHandler) for h in package_logger.handlers):

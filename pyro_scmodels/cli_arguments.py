@@ -245,7 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_fit(sub)
     _add_ndreamer(sub)
+    parser.command_parsers = sub.choices  # for parse_arguments: a command's own usage in its errors
     return parser
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line parsed by :func:`build_parser`; an unknown option is refused with the command's usage.
+
+    argparse alone refused an unknown option of ``fit`` (``--categorical-covariate-keys``) with the top-level usage;
+    here the command's parser reports it, and an scvi-tools argument's option also says what to use instead.
+
+    Parameters
+    ----------
+    argv
+        The arguments after the program name.
+
+    Returns
+    -------
+    argparse.Namespace
+
+    Raises
+    ------
+    SystemExit
+        Status 2 after argparse's message (usage and error) on stderr, as argparse does.
+    """
+    from .models.scvi_arguments import TABLES
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    notes = []
+    for option in dict.fromkeys(u.split("=")[0] for u in unknown if u.startswith("--")):
+        name = option[2:].replace("-", "_")
+        said = next((table[name] for table in TABLES.values() if name in table), None)
+        if said is not None:  # an scvi-tools argument (e.g. categorical_covariate_keys): what to use instead
+            notes.append(f"{option} (scvi-tools' {name}): {in_option_names(said, args.command)}")
+    parser.command_parsers[args.command].error(
+        f"unrecognized arguments: {' '.join(unknown)}" + (". " + "; ".join(notes) if notes else ""))
 
 
 #: the Python arguments that messages name, and the option that sets each on the command line

@@ -272,7 +272,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     adata, batch_size, seed
         Cells (default the training data), minibatch size, seed of subsets and samples.
     modality
-        Multimodal models: the modality tested (default the first). Cells without counts in it (whose likelihood the
+        Multimodal models: the modality tested (default: the RNA modality, see ``default_modality``). Cells without counts in it (whose likelihood the
         model masks) are left out of both groups, with a warning saying how many; a group with none left is refused.
     all_stats
         Add the observed-count columns (``raw_mean1``, ``non_zeros_proportion1``, ...).

@@ -139,6 +139,35 @@ class SVITrainer(TrainingLoop):
         self._plan: TrainingPlan | None = None
         self._kl_weight = 1.0
         self._current: tuple | None = None  # (batch, n_obs, kl_weight) of the step in progress
+        self.kl_warmup: tuple | None = None  # (epochs, steps) of the KL warm-up of the last call (call_warmup)
+
+    def call_warmup(self, asked: tuple, given: bool) -> tuple:
+        """The KL warm-up ``(epochs, steps)`` of a call to train(), recorded for the next call (and kept in the state).
+
+        Parameters
+        ----------
+        asked
+            ``(kl_warmup_epochs, kl_warmup_steps)`` of the call (the defaults when not given).
+        given
+            The call asked for a warm-up (:func:`~pyro_scmodels.models.train_options.warmup_given`): it is used as
+            asked, counted over all the model's epochs (or steps), from its first one.
+
+        Returns
+        -------
+        tuple
+            ``asked`` when given or the model has not trained; else the model's own warm-up goes on: that of its last
+            call, or (a state saved before it was recorded) none when the KL weight before this call had reached 1.
+            A call that takes up an interrupted one, or a run resumed from a checkpoint, so repeats its warm-up.
+        """
+        if not given and self.kl_warmup is not None:
+            asked = self.kl_warmup
+        elif not given:
+            weights = self.history["kl_weight"]
+            before = weights[weights.index < self.call_start()[0]]
+            if len(before) and before.iloc[-1] >= 1.0:
+                asked = (0, None)
+        self.kl_warmup = tuple(asked)
+        return self.kl_warmup
 
     def set_optimizer_settings(self, lr: float, eps: float, weight_decay: float, global_lr_factor: float = 1.0) -> None:
         """Use new Adam settings from the next step on (the moment estimates are kept)."""
@@ -240,7 +269,7 @@ class SVITrainer(TrainingLoop):
     def extra_state(self) -> dict:
         """The train / validation split, and the global sites' learning-rate factor (Adam's groups follow it)."""
         return {"train_indices": self.train_indices, "validation_indices": self.validation_indices,
-                "global_lr_factor": self.global_lr_factor}
+                "global_lr_factor": self.global_lr_factor, "kl_warmup": self.kl_warmup}
 
     def load_state(self, state: dict, source: str = "the saved state", check: bool = True) -> None:
         """As :meth:`TrainingLoop.load_state`, with Adam's groups built as they were saved."""
@@ -250,6 +279,7 @@ class SVITrainer(TrainingLoop):
     def load_extra_state(self, state: dict) -> None:
         """Restore the train / validation split."""
         self.train_indices, self.validation_indices = state["train_indices"], state["validation_indices"]
+        self.kl_warmup = state.get("kl_warmup")  # None in states saved before it was recorded
 
     def after_resume(self) -> None:
         """A resumed run continues as a second call to ``train`` would: this call's Adam settings, the saved split.

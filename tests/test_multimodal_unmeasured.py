@@ -134,7 +134,7 @@ def test_the_wrong_data_object_or_the_data_in_place_of_the_modality_is_named():
     mdata = ps.datasets.simulate_multiome(n_cells=80, n_genes=75, n_peaks=120, seed=1)
     ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
     model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
-    with pytest.raises(TypeError, match="reads a MuData with the modalities .*adata= is of type AnnData"):
+    with pytest.raises(TypeError, match=r"RegularizedMultimodalVI \(adata=\) takes a MuData .*given AnnData of 80 cells x 75 features.*RegularizedVI"):
         model.get_latent_representation(adata=mdata.mod["rna"])
     with pytest.raises(TypeError, match="modality= is a MuData: the modality comes first here"):
         model.get_latent_representation(mdata)

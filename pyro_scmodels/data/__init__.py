@@ -9,7 +9,7 @@
 from .cells import CellData, iterate_minibatches
 from .counts import CountMatrix, DeviceCSR, fingerprint
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys, setup_arguments
-from .mudata_registry import MuDataSetup, modality_counts, read_mudata_setup, setup_mudata
+from .mudata_registry import MuDataSetup, modality_counts, read_mudata_setup, require_mudata, setup_mudata
 from .registry import (SETUP_UNS_KEY, AnnDataSetup, check_unique_names, check_var_names, counts_matrix, read_setup,
                        setup_anndata)
 
@@ -29,6 +29,7 @@ __all__ = [
     "iterate_minibatches",
     "modality_counts",
     "read_mudata_setup",
+    "require_mudata",
     "read_setup",
     "resolve_covariate_keys",
     "setup_anndata",

@@ -75,6 +75,15 @@ def _first_bad_row(block) -> int:
     return int(np.flatnonzero(~np.isfinite(np.asarray(block)).all(axis=1))[0])
 
 
+class EmptyCellsError(ValueError):
+    """Cells with zero total counts where every cell needs counts; ``name`` (e.g. ``"adata.layers['counts']"``) and
+    ``rows`` (their positions) let a caller word the message for its own case (e.g. data given to a query)."""
+
+    def __init__(self, message: str, name: str, rows: np.ndarray):
+        super().__init__(message)
+        self.name, self.rows = name, rows
+
+
 class CountMatrix:
     """Row access to a cells x features matrix of raw counts.
 
@@ -183,9 +192,9 @@ class CountMatrix:
             raise ValueError(f"{self.name} has no counts at all ({self.n_cells} cells x {self.shape[1]} genes, every total 0); "
                              "pass the layer that holds the raw counts with `layer=`, or check how the data were loaded.")
         if empty.size and not self.allow_empty_cells:
-            raise ValueError(
+            raise EmptyCellsError(
                 f"{self.name} has {empty.size} cell(s) with zero total counts (first at row {empty[0]}). "
-                "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+                "Remove them before setup, e.g. `sc.pp.filter_cells(adata, min_counts=1)`.", self.name, empty
             )
         self.validated = True
 

@@ -185,6 +185,29 @@ def _refuse_keys_only_in_a_modality(mdata, keys: list[str]) -> None:
                            f"'{holders[0]}:{key}'), or set mdata.obs[{key!r}] yourself.")
 
 
+def require_mudata(data, call: str) -> None:
+    """Refuse an object without modalities (e.g. an AnnData) where a MuData is needed.
+
+    Parameters
+    ----------
+    data
+        What ``call`` was given.
+    call
+        The call that needs a MuData, for the message (e.g. ``"RegularizedMultimodalVI.setup_mudata"``).
+
+    Raises
+    ------
+    TypeError
+        ``data`` has no ``.mod``: naming its type and shape, and what to use instead.
+    """
+    if hasattr(data, "mod"):
+        return
+    shape = f" of {data.shape[0]} cells x {data.shape[1]} features" if len(getattr(data, "shape", ())) == 2 else ""
+    raise TypeError(f"{call} takes a MuData (paired modalities in mdata.mod); it was given {type(data).__name__}{shape}. "
+                    "For one modality use RegularizedVI (RegularizedVI.setup_anndata(adata, ...), then RegularizedVI(adata)); "
+                    "for several, build a MuData of them, e.g. mudata.MuData({'rna': rna, 'atac': atac}).")
+
+
 def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> MuDataSetup:
     """Validate ``mdata`` once, fit the covariate encoding once, and record both in ``mdata.uns``.
 
@@ -211,6 +234,7 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     if isinstance(modalities, dict):
         raise V.ArgumentTypeError("modalities must be a list of modality names (in the order of the latent blocks); "
                                   "give each modality's counts layer with layer={modality: layer} instead of a dict here.")
+    require_mudata(mdata, "RegularizedMultimodalVI.setup_mudata")
     modalities = list(mdata.mod) if modalities is None else list(modalities)
     unknown = [m for m in modalities if m not in mdata.mod]
     if unknown or not modalities:
@@ -237,9 +261,12 @@ def read_mudata_setup(mdata) -> MuDataSetup:
 
     Raises
     ------
+    TypeError
+        ``mdata`` is not a MuData (:func:`require_mudata`).
     ValueError
         ``mdata`` was not set up, or was set up with ``setup_anndata``.
     """
+    require_mudata(mdata, "RegularizedMultimodalVI")
     record = load_record(mdata, "MuData", "RegularizedMultimodalVI.setup_mudata(mdata, ...)")
     if "modalities" not in record:
         raise ValueError("This object was set up for RegularizedVI (setup_anndata), not with setup_mudata.")

@@ -30,7 +30,7 @@ from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
 from .scvi_arguments import refuse_scvi_arguments
-from .train_options import checked_settings, external_split, merge_plan_kwargs
+from .train_options import KL_WARMUP_DEFAULT, checked_settings, external_split, merge_plan_kwargs, warmup_given
 from ..seeding import seeded
 
 
@@ -152,7 +152,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         early_stopping: bool = True,
         device: str = "auto",
         seed: int = 0,
-        kl_warmup_epochs: int | None = C.KL_WARMUP_EPOCHS,
+        kl_warmup_epochs: int | None = KL_WARMUP_DEFAULT,
         kl_warmup_steps: int | None = None,
         early_stopping_patience: int = C.EARLY_STOPPING_PATIENCE,
         early_stopping_min_delta: float | None = None,
@@ -210,7 +210,10 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
             Seeds the split, minibatch order and every sample: the same seed gives identical
             results on the CPU.
         kl_warmup_epochs, kl_warmup_steps
-            Linear warm-up of the weight of the KL term of z, in epochs or (if given) steps.
+            Linear warm-up of the weight of the KL term of z, in epochs or (if given) steps, counted from the model's
+            first epoch over all calls (``kl_warmup_epochs=20`` after 12 epochs goes on at 12/20). Left out (and not in
+            ``plan_kwargs``), a new model warms up over 400 epochs and a trained one keeps its own warm-up: that of its
+            last call, so a finished one stays at weight 1.
         gradient_clip
             Maximum global gradient norm (None turns clipping off).
         counts_on_device
@@ -289,6 +292,8 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         self.module.to(self.device)
         data.to_device(self.device, counts_on_device=counts_on_device)
         self._prepare_trainer(data, train_size, seed, settings, split, asked_size is not None)
+        warmup = self.trainer.call_warmup((settings["kl_warmup_epochs"], settings["kl_warmup_steps"]),
+                                          warmup_given(kl_warmup_epochs, kl_warmup_steps, plan_kwargs))
         self.trainer.use_parallel(parallel)
         self.trainer.use_compiled_loss(compile, self.device)
         if early_stopping_min_delta is None:
@@ -299,7 +304,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         self.trainer.reset_early_stopping()
         plan = TrainingPlan(
             max_epochs=self.trainer.call_start()[0] + max_epochs, batch_size=batch_size,
-            kl_warmup_epochs=settings["kl_warmup_epochs"], kl_warmup_steps=settings["kl_warmup_steps"],
+            kl_warmup_epochs=warmup[0], kl_warmup_steps=warmup[1],
             early_stopping=early_stopping, patience=early_stopping_patience, min_delta=early_stopping_min_delta,
             gradient_clip=settings["gradient_clip"], validate_every=validate_every,
             checkpoint_path=None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE),

@@ -7,6 +7,7 @@ import math
 
 from ..data.summary import describe_setup
 from ..priors import edited_fields
+from .scvi_arguments import refuses_scvi_arguments
 
 # settings shown in the summary, in this order, when the model has them
 _SHOWN_SETTINGS = ("n_latent", "n_hidden", "n_layers", "latent_mode", "dropout_rate", "init", "latent_independence",
@@ -23,6 +24,7 @@ class ModelDescription:
     ``history``.
     """
 
+    @refuses_scvi_arguments("query")
     def view_anndata_setup(self, adata=None) -> None:
         """Print the setup the model reads: cells, features, counts layer and every covariate's categories.
 
@@ -49,12 +51,20 @@ class ModelDescription:
         for field, label in _ROLE_NAMES:
             keys = getattr(self.keys, field)
             keys = [keys] if isinstance(keys, str) else list(keys or [])
-            if keys:
-                roles.append(f"{label}: {', '.join(keys)}")
+            built = self._modalities_with_role(field)
+            if keys and built != []:  # keys of a role no modality was built with are not shown
+                roles.append(f"{label}: {', '.join(keys)}" + (f" ({', '.join(built)})" if built else ""))
         lines = [f"{name}({settings})", f"  data: {size}",
                  f"  covariates: {'; '.join(roles) if roles else 'none'}", f"  {self._priors_line()}",
                  f"  {self._training_status()}"]
         return "\n".join(lines)
+
+    def _modalities_with_role(self, field: str) -> list[str] | None:
+        """The modalities built with the sites of an ambient or feature-scaling role; None: not given per modality."""
+        attribute = {"ambient": "use_ambient", "feature_scaling": "use_feature_scaling"}.get(field)
+        if attribute is None or not hasattr(self, "modalities"):
+            return None
+        return [m for m in self.modalities if getattr(self.module.guide.block(m).dims, attribute)]
 
     def __str__(self) -> str:
         return self.__repr__()

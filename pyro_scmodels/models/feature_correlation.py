@@ -21,6 +21,7 @@ from scipy.stats import rankdata
 
 from .. import _validation as V
 from .expression import transform_covariates
+from .scvi_arguments import refuses_scvi_arguments
 from ..seeding import rng_devices, seed_or_fresh
 
 CORRELATION_TYPES = ("spearman", "pearson")
@@ -42,6 +43,7 @@ class FeatureCorrelationQueries:
     ``default_modality``, ``device`` and the decoder-conditioning keys that ``transform_batch`` reads.
     """
 
+    @refuses_scvi_arguments("query")
     def get_feature_correlation_matrix(self, adata=None, indices=None, n_samples: int = N_SAMPLES,
                                        batch_size: int | None = None, rna_size_factor: float = RNA_SIZE_FACTOR,
                                        transform_batch=None, correlation_type: str = "spearman", *,
@@ -64,7 +66,7 @@ class FeatureCorrelationQueries:
         correlation_type
             ``"spearman"`` (ranks; scvi-tools' default) or ``"pearson"``.
         modality
-            Multimodal models: the modality (default the first). The cells without counts in it are left
+            Multimodal models: the modality (default: the RNA modality, see ``default_modality``). The cells without counts in it are left
             out, with a warning (the model masks their likelihood, so their decoded features are a guess from
             the other modalities); asking only for such cells raises ``ValueError``.
         seed

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
-from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, setup_mudata
+from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, require_mudata, setup_mudata
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
@@ -23,12 +23,12 @@ from .model_construction import build_model_and_guide
 from .model_settings import shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
-from .multimodal_settings import per_modality_settings
+from .multimodal_settings import per_modality_settings, query_modality
 from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
                                 has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
-from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments, refuses_scvi_arguments
 from .unmeasured_categories import warn_categories_without_counts
 from ..seeding import seeded
 
@@ -101,7 +101,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
         saved = _categories is not None
         checked = per_modality_settings(self.modalities, n_hidden, n_latent, latent_mode, ambient_modalities,
-                                        feature_scaling_modalities, priors, decoder_gene_scale, saved)
+                                        feature_scaling_modalities, priors, decoder_gene_scale, saved, self.keys)
         hidden, latent, priors = checked["hidden"], checked["latent"], checked["priors"]
         ambient_modalities, scaling_modalities = checked["ambient_modalities"], checked["feature_scaling_modalities"]
         self.var_names = {m: pd.Index(mdata.mod[m].var_names).copy() for m in self.modalities}
@@ -190,9 +190,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         mdata = self.adata if adata is None else adata
         if mdata is self.adata:
             return self._held_cell_data()
-        if not hasattr(mdata, "mod"):  # an AnnData failed with "'AnnData' object has no attribute 'mod'"
-            raise TypeError(f"{type(self).__name__} reads a MuData with the modalities {self.modalities}; adata= is of type "
-                            f"{type(mdata).__name__}. Pass the MuData (a single modality's AnnData is not enough).")
+        require_mudata(mdata, f"{type(self).__name__} (adata=)")
         for m in self.modalities:
             V.present(m, mdata.mod, "the MuData's modalities (mdata.mod)", "modality")
             check_var_names(self.var_names[m], mdata.mod[m], f"mdata.mod[{m!r}]")
@@ -200,34 +198,28 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         return CellData.from_setup(mdata, encoding=self.encoding, setup=self._setup, validate=True)
 
     # --- outputs ------------------------------------------------------------------------------
-    def _check_modality(self, modality: str) -> str:
-        if hasattr(modality, "obs"):  # scvi-tools' first argument is the data; here it is the modality
-            raise TypeError(f"modality= is a {type(modality).__name__}: the modality comes first here (one of "
-                            f"{self.modalities}); pass the data as adata=..., e.g. get_latent_representation(adata=mdata).")
-        if modality not in self.modalities:
-            raise ValueError(f"Unknown modality {modality!r}; the model has {self.modalities}.")
-        return modality
-
     def default_modality(self, modality: str | None = None) -> str:
-        """The modality a query runs on: ``modality`` (checked), or the first modelled one."""
-        return self.modalities[0] if modality is None else self._check_modality(modality)
+        """The modality a per-modality query runs on: ``modality`` (checked), else by default
+        the RNA modality (``"rna"``) when the model has one; without one, ``modality=`` is required (ValueError)."""
+        return query_modality(self.modalities, modality, type(self).__name__)
 
     def feature_names(self, modality: str | None = None) -> pd.Index:
-        """Names of the features of ``modality`` (default the first modelled one)."""
+        """Names of the features of ``modality`` (default: :meth:`default_modality`)."""
         return self.var_names[self.default_modality(modality)]
 
     def measured_cells(self, batch: dict, modality: str | None = None):
-        """Which cells of a minibatch have counts in ``modality`` (default the first): a boolean per cell."""
+        """Which cells of a minibatch have counts in ``modality`` (default: :meth:`default_modality`): a boolean per cell."""
         return has_counts(batch, self.module.model.block(self.default_modality(modality)).dims.counts_key)
 
     def counts_source(self, modality: str | None = None, adata=None) -> tuple:
-        """Where the model reads the counts of ``modality`` (default the first): ``(mdata.mod[m], layer)``.
+        """Where the model reads the counts of ``modality`` (default: :meth:`default_modality`): ``(mdata.mod[m], layer)``.
 
         ``adata``: another MuData with the model's layout (default the training data).
         """
         modality = self.default_modality(modality)
         return (self.adata if adata is None else adata).mod[modality], self.layers.get(modality)
 
+    @refuses_scvi_arguments("query")
     def get_latent_representation(self, modality: str | None = None, adata=None, indices=None,
                                   batch_size: int | None = None, store: bool = False, give_mean: bool = True,
                                   seed: int | None = None, return_dist: bool = False, mc_samples: int = MC_SAMPLES):
@@ -259,7 +251,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         give_mean, return_dist = V.boolean("give_mean", give_mean), V.boolean("return_dist", return_dist)
         check_store(V.boolean("store", store) and not return_dist, indices)
         if modality is not None:
-            self._check_modality(modality)
+            self.default_modality(modality)
             if self.latent_mode == "single_encoder":
                 raise ValueError("latent_mode='single_encoder' has one joint encoder: there is no per-modality latent.")
         if return_dist:
@@ -272,7 +264,8 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             (self.adata if adata is None else adata).obsm["X_regularizedmultimodalvi" + (f"_{modality}" if modality else "")] = z
         return z
 
-    def get_normalized_expression(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
+    @refuses_scvi_arguments("query")
+    def get_normalized_expression(self, modality: str | None = None, adata=None, indices=None, batch_size: int | None = None,
                                   return_numpy: bool | None = None, *, transform_batch=None, gene_list=None,
                                   library_size: str | float | None = None, n_samples: int = 1, return_mean: bool = True,
                                   seed: int | None = None):
@@ -281,7 +274,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         Parameters
         ----------
         modality
-            The modality decoded.
+            The modality decoded; default: the RNA modality (:meth:`default_modality`).
         adata, indices, batch_size
             Cells (default the training MuData), minibatch size.
         transform_batch, gene_list, library_size, n_samples, return_mean, return_numpy, seed
@@ -294,31 +287,37 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             Cells x features of ``modality``; samples x cells x features when
             ``return_mean=False`` and ``n_samples > 1``.
         """
-        self._check_modality(modality)
+        modality = self.default_modality(modality)
         return self.normalized_expression(adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size,
                                           return_mean, return_numpy, modality=modality, seed=seed)
 
-    def get_library_size(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell)."""
-        return self.library_sizes(adata, indices, batch_size, modality=self._check_modality(modality))
+    def get_library_size(self, modality: str | None = None, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell).
 
-    def get_ambient_profile(self, modality: str = "rna") -> pd.DataFrame:
-        """Ambient background s of a modality: features x ambient categories."""
-        if not self.module.guide.block(self._check_modality(modality)).dims.use_ambient:
+        modality: the modality; default: the RNA modality (:meth:`default_modality`)."""
+        return self.library_sizes(adata, indices, batch_size, modality=self.default_modality(modality))
+
+    def get_ambient_profile(self, modality: str | None = None) -> pd.DataFrame:
+        """Ambient background s of a modality: features x ambient categories.
+
+        modality: a modality of ``ambient_modalities``; default: the RNA modality (:meth:`default_modality`)."""
+        modality = self.default_modality(modality)
+        if not self.module.guide.block(modality).dims.use_ambient:
             raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
         return self.global_site_table("ambient", modality)
 
-    def get_ambient_fraction(self, modality: str = "rna", adata=None, indices=None, batch_size: int | None = None,
+    def get_ambient_fraction(self, modality: str | None = None, adata=None, indices=None, batch_size: int | None = None,
                              summarize_by: str | None = None):
         """Share of each cell's expected counts of a modality that comes from its ambient background.
 
         As :meth:`RegularizedVI.get_ambient_fraction`, with the joint z decoded by the modality's
         block; ``summarize_by`` names a column of ``mdata.obs``. A cell without counts in the modality (its
         likelihood masked) has NaN, and the summary's statistics and ``n_cells`` are over the measured cells.
+        modality: default: the RNA modality (:meth:`default_modality`).
         """
-        block = self._check_modality(modality)
+        block = self.default_modality(modality)
         if not self.module.guide.block(block).dims.use_ambient:
-            raise ValueError(f"Modality {modality!r} has no ambient background (see ambient_modalities).")
+            raise ValueError(f"Modality {block!r} has no ambient background (see ambient_modalities).")
         model = self.module.model.block(block)
         return _ambient.ambient_fraction(self, model, model.global_values(self.module.guide.block(block).global_medians()),
                                          adata, indices, batch_size, summarize_by=summarize_by, modality=block)
@@ -328,6 +327,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         return {f"ambient_fraction_{m}": self.get_ambient_fraction(m, adata, batch_size=batch_size)
                 for m in self.modalities if self.module.guide.block(m).dims.use_ambient}
 
+    @refuses_scvi_arguments("query")
     def get_likelihood_parameters(self, modality: str | None = None, adata=None, indices=None, n_samples: int = 1,
                                   give_mean: bool = False, batch_size: int | None = None, *, seed: int | None = None) -> dict:
         """Mean and dispersion of one modality's p(x | z) per cell and feature.
@@ -338,7 +338,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         Parameters
         ----------
         modality
-            The modality whose likelihood is returned (default the first).
+            The modality whose likelihood is returned; default: the RNA modality (:meth:`default_modality`).
         adata, indices, batch_size
             As in :meth:`get_latent_representation`.
         n_samples, give_mean
@@ -357,13 +357,14 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         return likelihood_parameters(self, self.module.model.block(modality), self.module.guide.block(modality), adata,
                                      indices, n_samples, give_mean, batch_size, seed)
 
-    def get_dispersion(self, modality: str = "rna") -> pd.DataFrame:
-        """Dispersion theta of a modality: features x dispersion groups."""
-        return self.global_site_table("dispersion", self._check_modality(modality))
+    def get_dispersion(self, modality: str | None = None) -> pd.DataFrame:
+        """Dispersion theta of a modality: features x dispersion groups; modality default: the RNA modality
+        (:meth:`default_modality`)."""
+        return self.global_site_table("dispersion", self.default_modality(modality))
 
     def get_feature_scaling(self, modality: str = "atac") -> pd.DataFrame:
-        """Feature scaling y of a modality: features x scaling categories."""
-        if not self.module.guide.block(self._check_modality(modality)).dims.use_feature_scaling:
+        """Feature scaling y of a modality: features x scaling categories; modality default: ``"atac"``."""
+        if not self.module.guide.block(self.default_modality(modality)).dims.use_feature_scaling:
             raise ValueError(f"Modality {modality!r} has no feature scaling (see feature_scaling_modalities).")
         return self.global_site_table("feature_scaling", modality)
 

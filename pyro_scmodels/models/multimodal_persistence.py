@@ -3,7 +3,7 @@ priors as earlier versions wrote them."""
 
 from __future__ import annotations
 
-from ..data import check_var_names, setup_arguments
+from ..data import check_var_names, require_mudata, setup_arguments
 from ..priors import RegularizedPriors
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
@@ -74,6 +74,7 @@ class MultimodalPersistence:
 
     @classmethod
     def _bind_saved(cls, payload: dict, mdata) -> None:
+        require_mudata(mdata, f"{cls.__name__}.load")
         for m, names in payload["var_names"].items():
             if m not in mdata.mod:
                 raise ValueError(f"mdata has no modality {m!r}, which the saved model needs.")

@@ -18,6 +18,7 @@ from .. import differential, predictive
 from . import expression
 from .cell_noise import CellNoise
 from .global_site_tables import GlobalSiteTables
+from .scvi_arguments import refuses_scvi_arguments
 from ..differential import PSEUDOCOUNT
 from ..seeding import seed_or_fresh
 
@@ -172,7 +173,7 @@ class PosteriorQueries(GlobalSiteTables):
             ``{key: category}`` for decoder-conditioning keys (``nn_conditioning_covariate_keys``):
             decode every cell as if it had that category (e.g. a counterfactual condition).
         modality
-            The modality decoded (multimodal models only).
+            The modality decoded (multimodal models only; default: the RNA modality, see ``default_modality``).
         with_scaling
             Also multiply rho by the feature scaling y of the switched categories whose keys are
             feature-scaling keys (see :meth:`feature_scaling_of`): a counterfactual for a key, such
@@ -185,7 +186,7 @@ class PosteriorQueries(GlobalSiteTables):
             (with ``with_scaling``: rho times y, whose rows no longer sum as rho's do).
         """
         switch = self.nn_switch(nn_covariates)
-        modality = self.default_modality(modality)  # a multimodal model decodes its first modality by default
+        modality = self.default_modality(modality)  # a multimodal model: its RNA modality by default
         decode_options = {} if modality is None else {"modality": modality}
         scaling = self.feature_scaling_of(nn_covariates, modality) if V.boolean("with_scaling", with_scaling) else None
         model = self.module.model  # in evaluation mode while posterior_z_batches runs
@@ -208,7 +209,7 @@ class PosteriorQueries(GlobalSiteTables):
         covariates
             ``{key: category}``.
         modality
-            Multimodal models: the modality (default: the first).
+            Multimodal models: the modality (default: the RNA modality, see ``default_modality``).
 
         Returns
         -------
@@ -279,7 +280,7 @@ class PosteriorQueries(GlobalSiteTables):
         adata, indices, batch_size
             As in :meth:`posterior_z_batches`.
         modality
-            Multimodal models: the modality whose library size is returned.
+            Multimodal models: the modality whose library size is returned (default: the RNA modality, see ``default_modality``).
         """
         self._check_trained()
         guide = self.module.guide  # in evaluation mode while _indexed_batches runs
@@ -304,6 +305,7 @@ class PosteriorQueries(GlobalSiteTables):
             return_numpy, modality, seed,
         )
 
+    @refuses_scvi_arguments("differential")
     def differential_expression(self, groupby: str | None = None, group1=None, group2: str | None = None, idx1=None,
                                 idx2=None, mode: str = "change", delta: float | None = 0.25,
                                 batch_correction: bool | str = False, batchid1=None, batchid2=None,
@@ -316,7 +318,7 @@ class PosteriorQueries(GlobalSiteTables):
         ``model.differential_expression(groupby="cell_type")`` compares every group with the
         rest; ``group1``/``group2`` or ``idx1``/``idx2`` narrow it. See
         :func:`pyro_scmodels.differential.differential_expression` for every parameter;
-        ``modality`` picks the modality of a multimodal model; ``weights`` (``"uniform"`` or ``"importance"``) and
+        ``modality`` picks the modality of a multimodal model (default: the RNA modality, see ``default_modality``); ``weights`` (``"uniform"`` or ``"importance"``) and
         ``filter_outlier_cells`` are scvi-tools' options of the same names. By default the tested expression is rho
         plus the background every cell carries (``background="shared"``; ``"none"``: rho alone).
         """
@@ -337,6 +339,7 @@ class PosteriorQueries(GlobalSiteTables):
         """Counts drawn from the posterior predictive; see :func:`pyro_scmodels.predictive.posterior_predictive`."""
         return predictive.posterior_predictive(self, num_samples, adata, indices, batch_size, modality, seed=seed)
 
+    @refuses_scvi_arguments("query")
     def posterior_predictive_sample(self, adata=None, indices=None, *, n_samples: int = 1, gene_list=None,
                                     batch_size: int | None = None, modality: str | None = None,
                                     seed: int | None = None) -> np.ndarray:
@@ -356,7 +359,7 @@ class PosteriorQueries(GlobalSiteTables):
             Names of the genes to return (default: every gene). Their columns come in the model's gene
             order, as in scvi-tools; only these genes are held, a minibatch at a time.
         modality
-            Multimodal models: the modality whose counts are drawn (default: the first).
+            Multimodal models: the modality whose counts are drawn (default: the RNA modality, see ``default_modality``).
         seed
             Seed of the draws (torch's random state is restored after); None draws from the current stream.
 

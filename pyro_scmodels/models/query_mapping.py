@@ -36,6 +36,7 @@ from .query_freezing import freeze_reference
 from .query_networks import extend_networks
 from .query_reference import Reference
 from .regularizedvi_module import SITE_COVARIATE_ROLES
+from .scvi_arguments import refuses_scvi_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ class QueryMappingMixin:
         return prepare_query_anndata(adata, reference_model, cls, return_reference_var_names, inplace, prefix)
 
     @classmethod
+    @refuses_scvi_arguments("query_mapping")
     def load_query_data(cls, adata, reference_model, inplace_subset_query_vars: bool = False, freeze_encoder: bool = True,
                         freeze_decoder: bool = True, freeze_dropout: bool = False, unfrozen: bool = False, *,
                         prefix: str | None = None) -> "QueryMappingMixin":

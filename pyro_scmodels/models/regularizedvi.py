@@ -13,6 +13,7 @@ import torch
 
 from .. import _validation as V
 from ..data import CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
+from ..data.counts import EmptyCellsError
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
@@ -25,7 +26,7 @@ from .query_mapping import QueryMappingMixin
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .regularizedvi_persistence import RegularizedVIPersistence
-from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments
+from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments, refuses_scvi_arguments
 
 
 class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence, PyroModelBase):
@@ -214,10 +215,18 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
         if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
             raise TypeError(f"adata= must be an AnnData, got a {type(adata).__name__}.")
         check_var_names(self.var_names, adata)
-        # new cells: read with the training setup, always validated
-        return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
+        try:  # new cells: read with the training setup, always validated
+            return CellData.from_setup(adata, encoding=self.encoding, setup=self._setup, validate=True)
+        except EmptyCellsError as error:
+            names = ", ".join(map(repr, adata.obs_names[error.rows[:3]])) + (", ..." if len(error.rows) > 3 else "")
+            raise ValueError(
+                f"The adata passed to this query has {len(error.rows)} cell(s) with zero total counts in {error.name} "
+                f"({names}; rows {error.rows[:3].tolist()}{', ...' if len(error.rows) > 3 else ''}): the model cannot "
+                f"place a cell without counts. Pass the cells with counts, e.g. adata=adata[np.asarray("
+                f"{error.name}.sum(axis=1)).ravel() > 0].") from None
 
     # --- outputs ------------------------------------------------------------------------------
+    @refuses_scvi_arguments("query")
     def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
                                   mc_samples: int = MC_SAMPLES, batch_size: int | None = None, return_dist: bool = False,
                                   seed: int | None = None):
@@ -271,6 +280,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
         """
         return self.library_sizes(adata, indices, batch_size)
 
+    @refuses_scvi_arguments("query")
     def get_normalized_expression(
         self, adata=None, indices=None, transform_batch=None, gene_list=None, library_size: str | float | None = None,
         n_samples: int = 1, batch_size: int | None = None, return_mean: bool = True, return_numpy: bool | None = None,
@@ -316,6 +326,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
         return self.normalized_expression(adata, indices, transform_batch, gene_list, library_size, n_samples, batch_size,
                                           return_mean, return_numpy, seed=seed)
 
+    @refuses_scvi_arguments("query")
     def get_likelihood_parameters(self, adata=None, indices=None, n_samples: int = 1, give_mean: bool = False,
                                   batch_size: int | None = None, *, seed: int | None = None) -> dict:
         """Mean and dispersion of p(x | z) per cell and gene, as scvi-tools' ``get_likelihood_parameters``.

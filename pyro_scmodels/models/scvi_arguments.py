@@ -6,6 +6,9 @@ habit; Python's own "unexpected keyword argument" would not say what this packag
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 #: scvi-tools' default ``mc_samples`` of ``get_latent_representation``: taken, unused here (z is Normal)
 MC_SAMPLES = 5000
 
@@ -48,6 +51,49 @@ TRAIN = {
     "enable_progress_bar": "progress_bar",
 }
 
+# the queries (get_normalized_expression, get_latent_representation, posterior_predictive_sample, ...)
+QUERY = {
+    "silent": "the queries here show no progress bar: there is nothing to silence",
+    "n_samples_overall": ("not offered: choose the cells with indices= (e.g. a random subset of positions) and the "
+                          "draws per cell with n_samples="),
+    "dataloader": "not offered: pass the cells as adata= (and indices=); the model makes its own minibatches",
+    "weights": ("the posterior draws are averaged with equal weights (scvi-tools' 'uniform'); importance weights are "
+                "offered by differential_expression(weights='importance')"),
+    "hide_state_registries": ("view_anndata_setup prints the setup the model reads (layer, keys, categories); it has no "
+                              "state registries to hide"),
+}
+DIFFERENTIAL = {
+    "n_samples": "num_samples (posterior draws of z per cell)",
+    "pseudocounts": "pseudocount (one value, added to the expression before the log2 fold change)",
+    "silent": "differential_expression prints no progress: there is nothing to silence",
+    "use_permutation": "the (cell, sample) pairs of the two groups are always drawn at random; n_pairs sets how many",
+    "m_permutation": "n_pairs (the random (cell, sample) pairs behind each gene's fold-change posterior)",
+    "importance_weighting_kwargs": "weights='importance' takes no options here",
+    "cred_interval_lvls": ("not offered: the table has each gene's fold-change posterior summaries (lfc_mean, "
+                           "lfc_median, lfc_std, lfc_min, lfc_max, lfc_q05, lfc_q95)"),
+}
+QUERY_MAPPING = {
+    "freeze_expression": "freeze_encoder (keeps the reference's z and library encoders fixed; freeze_decoder the decoder)",
+    "freeze_batchnorm_encoder": "the encoders have no BatchNorm (a LayerNorm without affine parameters): nothing to freeze",
+    "freeze_batchnorm_decoder": "the decoder has no BatchNorm (a LayerNorm without affine parameters): nothing to freeze",
+    "freeze_decoder_first_layer": "freeze_decoder (the whole decoder; rows of the query's new categories still train)",
+    "freeze_classifier": LABELS,
+}
+
+class _ANY_OF(tuple):
+    """Several scvi-tools values of one argument that all say what this package does (e.g. weights None or 'uniform')."""
+
+    def __new__(cls, *values):
+        return super().__new__(cls, values)
+
+
+def _is_same(value, accepted) -> bool:
+    """Whether ``value`` is ``accepted`` (of the same type: ``1`` is not ``True``), or one of an :class:`_ANY_OF`."""
+    if isinstance(accepted, _ANY_OF):
+        return any(_is_same(value, one) for one in accepted)
+    return type(value) is type(accepted) and value == accepted
+
+
 # scvi-tools' values that say what this package does anyway: accepted, so that a script ported from scvi-tools runs
 # ("dispersion": "gene" is not among them: with a dispersion_key this package's dispersion is per category)
 # (per call: a model argument passed to train() is refused like any other)
@@ -55,8 +101,14 @@ SAME_AS_HERE = {
     "setup": {},
     "model": {"gene_likelihood": "nb", "latent_distribution": "normal", "use_observed_lib_size": False},
     "train": {"shuffle_set_split": True, "load_sparse_tensor": False, "early_stopping_monitor": "elbo_validation"},
+    "query": {"silent": True, "n_samples_overall": None, "dataloader": None, "weights": _ANY_OF(None, "uniform"),
+              "hide_state_registries": False},
+    "differential": {"silent": True},
+    # scvi-tools' defaults: the reference's weights stay fixed (freeze_encoder, freeze_decoder); no BatchNorm here
+    "query_mapping": {"freeze_expression": True, "freeze_batchnorm_encoder": True, "freeze_batchnorm_decoder": False},
 }
-TABLES = {"setup": SETUP, "model": MODEL, "train": TRAIN}
+TABLES = {"setup": SETUP, "model": MODEL, "train": TRAIN, "query": QUERY, "differential": DIFFERENTIAL,
+          "query_mapping": QUERY_MAPPING}
 
 
 def refuse_scvi_arguments(given: dict, kind: str, call: str) -> None:
@@ -69,8 +121,9 @@ def refuse_scvi_arguments(given: dict, kind: str, call: str) -> None:
         what this package does (:data:`SAME_AS_HERE` of this kind of call, e.g. ``gene_likelihood="nb"``) are
         accepted.
     kind
-        ``"setup"``, ``"model"`` or ``"train"``: which of scvi-tools' arguments (:data:`SETUP`, :data:`MODEL`,
-        :data:`TRAIN`: name -> what this package does instead).
+        ``"setup"``, ``"model"``, ``"train"``, ``"query"``, ``"differential"`` or ``"query_mapping"``: which of
+        scvi-tools' arguments (:data:`SETUP`, :data:`MODEL`, :data:`TRAIN`, :data:`QUERY`, :data:`DIFFERENTIAL`,
+        :data:`QUERY_MAPPING`: name -> what this package does instead).
     call
         The call's name, for the message (e.g. ``"RegularizedVI.setup_anndata"``).
 
@@ -80,8 +133,7 @@ def refuse_scvi_arguments(given: dict, kind: str, call: str) -> None:
         Naming every argument; for scvi-tools' ones, this package's counterpart.
     """
     table, same = TABLES[kind], SAME_AS_HERE[kind]
-    given = {name: value for name, value in given.items()
-             if not (name in same and type(value) is type(same[name]) and value == same[name])}
+    given = {name: value for name, value in given.items() if not (name in same and _is_same(value, same[name]))}
     if not given:
         return
     known = [name for name in given if name in table]
@@ -90,3 +142,34 @@ def refuse_scvi_arguments(given: dict, kind: str, call: str) -> None:
     if unknown:
         parts.append(f"{', '.join(unknown)}: not an argument of {call}")
     raise TypeError(f"{call}() got arguments it does not take. " + "; ".join(parts) + ".")
+
+
+def refuses_scvi_arguments(kind: str):
+    """Decorate a method so that keyword arguments it does not take go to :func:`refuse_scvi_arguments`.
+
+    For the queries, ``differential_expression`` and ``load_query_data``, whose signatures have no ``**kwargs``:
+    an scvi-tools argument (``n_samples_overall=``, ``pseudocounts=``, ``freeze_expression=``, ...) then raises
+    ``TypeError`` naming this package's counterpart instead of Python's bare "unexpected keyword argument".
+
+    Parameters
+    ----------
+    kind
+        The table of :func:`refuse_scvi_arguments` (``"query"``, ``"differential"``, ``"query_mapping"``, ...).
+
+    Returns
+    -------
+    callable
+        The decorator; the method keeps its name, docstring and signature (``inspect.signature``).
+    """
+    def decorate(method):
+        taken = inspect.signature(method).parameters
+
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            others = {name: kwargs.pop(name) for name in list(kwargs) if name not in taken}
+            if others:
+                owner = self if isinstance(self, type) else type(self)
+                refuse_scvi_arguments(others, kind, f"{owner.__name__}.{method.__name__}")
+            return method(self, *args, **kwargs)
+        return checked
+    return decorate

@@ -34,6 +34,29 @@ TRAIN_DEFAULTS = {
     "kl_warmup_epochs": C.KL_WARMUP_EPOCHS, "kl_warmup_steps": None, "gradient_clip": C.GRADIENT_CLIP_NORM,
     "global_lr_factor": 1.0,
 }
+
+
+class _DefaultWarmup(int):
+    """train()'s default ``kl_warmup_epochs`` (400), told apart from 400 passed: left out, a trained model keeps its
+    own warm-up (:meth:`~pyro_scmodels.infer.SVITrainer.call_warmup`)."""
+
+
+KL_WARMUP_DEFAULT = _DefaultWarmup(C.KL_WARMUP_EPOCHS)
+_WARMUP_KEYS = [key for key, setting in PLAN_KWARGS.items() if setting in ("kl_warmup_epochs", "kl_warmup_steps")]
+
+
+def _plain(value):
+    """The default warm-up as a plain int (the checked settings hold no marker); any other value unchanged."""
+    return int(value) if isinstance(value, _DefaultWarmup) else value
+
+
+def warmup_given(kl_warmup_epochs, kl_warmup_steps, plan_kwargs: dict | None) -> bool:
+    """Whether a call to train() asks for a KL warm-up: ``kl_warmup_epochs`` passed (even 400), ``kl_warmup_steps``,
+    or a warm-up key of ``plan_kwargs`` (``n_epochs_kl_warmup``, ...)."""
+    return (kl_warmup_epochs is not KL_WARMUP_DEFAULT or kl_warmup_steps is not None
+            or any(key in (plan_kwargs if isinstance(plan_kwargs, dict) else {}) for key in _WARMUP_KEYS))
+
+
 # DataLoader options of scvi-tools' splitter that have no counterpart here (no DataLoader is used)
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "persistent_workers", "drop_last", "shuffle", "load_sparse_tensor")
 DISTRIBUTED_NOTE = ("one process trains on one device; several devices train data-parallel with one process each, "
@@ -132,7 +155,8 @@ def checked_settings(settings: dict) -> dict:
         "lr": V.positive_float("lr", settings["lr"]),
         "eps": V.positive_float("eps", settings["eps"]),
         "weight_decay": V.non_negative_float("weight_decay", settings["weight_decay"]),
-        "kl_warmup_epochs": V.optional(V.non_negative_int, "kl_warmup_epochs", settings["kl_warmup_epochs"]),
+        "kl_warmup_epochs": V.optional(V.non_negative_int, "kl_warmup_epochs",
+                                       _plain(settings["kl_warmup_epochs"])),
         "kl_warmup_steps": V.optional(V.non_negative_int, "kl_warmup_steps", settings["kl_warmup_steps"]),
         "gradient_clip": V.optional(V.positive_float, "gradient_clip", settings["gradient_clip"]),
         "global_lr_factor": V.positive_float("global_lr_factor", settings["global_lr_factor"]),

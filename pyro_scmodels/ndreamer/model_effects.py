@@ -91,7 +91,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     ----------
     model
         A trained model whose decoder is conditioned on ``condition_key`` (a multimodal model's
-        first modality is decoded).
+        default modality, its RNA, is decoded).
     condition_key, control_name
         The condition column and the control category.
     treatments

@@ -29,7 +29,8 @@ MODEL_ITE_INTERVAL = "model_ite_interval"
 
 
 def _model_counts(model):
-    """The AnnData and layer holding the counts the model was trained on (its first modality)."""
+    """The AnnData and layer holding the counts the model was trained on (a multimodal model's default modality,
+    its RNA: ``model.default_modality()``)."""
     if not callable(getattr(model, "counts_source", None)):
         raise ValueError(f"NDreamer.from_model needs a model of this package (with counts_source()); "
                          f"{type(model).__name__} is not one.")
@@ -37,7 +38,7 @@ def _model_counts(model):
 
 
 def _refuse_cells_without_counts(model, source, layer) -> None:
-    """A multimodal model keeps cells without counts in a modality; NDreamer's expression is the first modality's,
+    """A multimodal model keeps cells without counts in a modality; NDreamer's expression is the default modality's,
     and needs counts for every cell. Checked before the latent is computed (in memory; a backed store is read once,
     later, and refused there)."""
     if not getattr(model, "masks_cells_without_counts", False) or getattr(source, "isbacked", False):
@@ -47,10 +48,11 @@ def _refuse_cells_without_counts(model, source, layer) -> None:
     if empty:
         modality = model.default_modality()
         others = [m for m in getattr(model, "modalities", []) if m != modality]
-        raise ValueError(f"NDreamer.from_model reads its expression from the model's first modality, {modality!r}, "
-                         f"which has no counts for {empty} of its {matrix.shape[0]} cells. Build the model with a "
-                         f"modality that has counts for every cell first (modalities=[{', '.join(map(repr, others))}, "
-                         f"{modality!r}] or the order that puts it first), or give NDreamer a model of those cells.")
+        raise ValueError(f"NDreamer.from_model reads its expression from the model's default modality, {modality!r} "
+                         f"(model.default_modality(): the RNA one), which has no counts for {empty} of its "
+                         f"{matrix.shape[0]} cells. Give NDreamer a model of the cells that have {modality!r} counts "
+                         f"(e.g. mdata[mdata.obs_names[has_counts]].copy(), set up and trained again); the model's "
+                         f"other modalities: {others}.")
 
 
 class ModelRepresentation:
@@ -65,7 +67,7 @@ class ModelRepresentation:
         ----------
         model
             A trained model of this package (:class:`~pyro_scmodels.RegularizedVI`, or a
-            :class:`~pyro_scmodels.RegularizedMultimodalVI`, whose first modality gives the
+            :class:`~pyro_scmodels.RegularizedMultimodalVI`, whose default modality (its RNA) gives the
             expression); read through ``get_latent_representation()``, ``adata`` and
             ``counts_source()``. For
             :meth:`estimate_model_ite` its decoder must be conditioned on ``condition_key``.

@@ -1,0 +1,66 @@
+"""Every per-modality query of RegularizedMultimodalVI defaults to the same modality: the RNA one, whatever the
+order of the MuData's modalities (a .h5mu reads back with ATAC first); without an RNA modality, modality= is needed."""
+
+import warnings
+
+import mudata as md
+import numpy as np
+import pytest
+
+import pyro_scmodels as ps
+
+md.set_options(pull_on_update=False)
+
+
+@pytest.fixture(scope="module")
+def atac_first():
+    sim = ps.datasets.simulate_multiome(n_cells=120, n_genes=75, n_peaks=120, seed=0)
+    mdata = md.MuData({"atac": sim["atac"].copy(), "rna": sim["rna"].copy()})  # as read_h5mu returns it
+    mdata.obs = sim.obs.copy()
+    mdata.obs["grp"] = np.where(np.arange(mdata.n_obs) % 2 == 0, "a", "b")
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")  # modalities=None: mdata.mod's order
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=64, device="cpu", progress_bar=False)
+    return model
+
+
+def queries(model):
+    """Each per-modality query, asked without a modality, as the number of features it answers on."""
+    return {
+        "get_normalized_expression": lambda: model.get_normalized_expression(n_samples=1).shape[1],
+        "differential_expression": lambda: len(model.differential_expression(groupby="grp", group1="a", num_samples=2,
+                                                                              n_cells=20, n_pairs=50)),
+        "posterior_predictive_sample": lambda: model.posterior_predictive_sample().shape[1],
+        "get_likelihood_parameters": lambda: model.get_likelihood_parameters()["mean"].shape[1],
+        "get_feature_correlation_matrix": lambda: model.get_feature_correlation_matrix(n_samples=1).shape[1],
+        "get_library_size": lambda: 75 if model.get_library_size().shape[0] == model.adata.n_obs else None,
+        "get_dispersion": lambda: model.get_dispersion().shape[0],
+        "get_ambient_profile": lambda: model.get_ambient_profile().shape[0] if "rna" in model.modalities else
+        model.get_ambient_profile(),
+    }
+
+
+def test_every_query_defaults_to_the_rna_modality_when_it_is_not_first(atac_first):
+    assert atac_first.modalities == ["atac", "rna"]
+    assert atac_first.default_modality() == "rna"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        answered = {name: query() for name, query in queries(atac_first).items()}
+    assert answered == {name: 75 for name in answered}  # the 75 genes, not the 120 peaks
+
+
+def test_a_model_without_an_rna_modality_needs_modality_in_every_query():
+    sim = ps.datasets.simulate_multiome(n_cells=60, n_genes=75, n_peaks=120, seed=1)
+    mdata = md.MuData({"gex": sim["rna"].copy(), "peaks": sim["atac"].copy()})
+    mdata.obs = sim.obs.copy()
+    mdata.obs["grp"] = np.where(np.arange(mdata.n_obs) % 2 == 0, "a", "b")
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts")
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
+    model.is_trained_ = True  # the default is resolved before anything is computed
+    for name, query in queries(model).items():
+        with pytest.raises(ValueError, match=r"no modality named 'rna' \(its modalities: \['gex', 'peaks'\]\).*"
+                                             r"pass modality=, e.g. modality='gex'"):
+            query()
+    assert model.get_dispersion(modality="gex").shape[0] == 75
