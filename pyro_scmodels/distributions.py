@@ -7,6 +7,8 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.autograd.function import once_differentiable
 
+from .data.count_positions import CountPositions
+
 
 def one_hot_rows(index: torch.Tensor, n_rows: int, like: torch.Tensor) -> torch.Tensor:
     """``(cells, n_rows)`` one-hot matrix of ``index``, with ``like``'s dtype and device.
@@ -62,29 +64,6 @@ class _SelectedRows(torch.autograd.Function):
             # d/dw_n = sum_g grad_ng table[index_n, g]: the product with every row, then the cell's own
             grad_weights = ((grad @ table.T) * onehot).sum(-1)
         return grad_table, None, grad_weights
-
-
-class CountPositions(tuple):
-    """``(flat, column, row)``: where the stored (non-zero) counts of one dense tensor, ``counts``, are.
-
-    A tuple of the three long tensors of :func:`~pyro_scmodels.data.counts.stored_positions` (the flat position in
-    ``counts``, the gene and the cell of each), which also holds the cells x genes tensor they locate, so that
-    :class:`GammaPoissonMean` uses them for that tensor only.
-
-    Parameters
-    ----------
-    positions
-        The three long tensors.
-    counts
-        The dense counts they locate.
-    """
-
-    def __new__(cls, positions, counts: torch.Tensor):
-        new = super().__new__(cls, positions)
-        if len(new) != 3:
-            raise ValueError(f"CountPositions takes (flat, column, row), got {len(new)} tensors.")
-        new.counts = counts
-        return new
 
 
 class GammaPoissonMean(dist.GammaPoisson):

@@ -351,7 +351,7 @@ def warn_unused_ambient_prior(priors: RegularizedPriors, where: str = "priors") 
         return
     warnings.warn(f"{where}.ambient was edited ({priors.ambient}), but regularize_ambient is False: the ambient prior is "
                   "masked (not counted in the ELBO), so the edit changes only prior predictive draws, not training. "
-                  f"Pass RegularizedPriors(ambient={priors.ambient}, regularize_ambient=True) to train with it.",
+                  "Pass the same ambient= with regularize_ambient=True to train with it.",
                   UserWarning, stacklevel=user_stacklevel())
 
 

@@ -118,6 +118,21 @@ def test_positions_are_used_for_their_own_counts_only():
         GammaPoissonMean(mu, theta, positions=tuple(positions))
 
 
+def test_a_copied_or_pickled_minibatch_keeps_its_positions_tied_to_its_own_counts():
+    # CountPositions is a tuple holding its counts: tuple's own reduction rebuilt it without them (TypeError)
+    import copy
+    import pickle
+
+    x = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+    batch = {"x": x, "x_positions": CountPositions(tuple(torch.from_numpy(p) for p in
+                                                         stored_positions(sp.csr_matrix(x.numpy()))), x)}
+    for copied in (copy.deepcopy(batch), pickle.loads(pickle.dumps(batch))):
+        positions = copied["x_positions"]
+        assert isinstance(positions, CountPositions) and positions.counts is copied["x"]  # the copy's fast path
+        assert all(torch.equal(a, b) for a, b in zip(positions, batch["x_positions"]))
+    assert copy.copy(batch["x_positions"]).counts is x
+
+
 def test_no_positions_for_counts_that_store_an_entry_twice():
     # an uncanonical CSR (the same entry stored twice) densifies to their sum: its stored entries are
     # not the non-zero positions, so none are given and the likelihood searches the dense rows

@@ -101,6 +101,8 @@ def test_point_estimate_sites_are_summarised_exactly(small):
         mean = summaries["means"][site]
         assert (summaries["stds"][site] == 0).all(), site
         assert (summaries["q05"][site] == mean).all() and (summaries["q95"][site] == mean).all(), site
+        # each its own array: editing the mean in place must not move the quantiles
+        assert not np.shares_memory(mean, summaries["q05"][site]) and not np.shares_memory(mean, summaries["q95"][site])
         if site in medians:
             np.testing.assert_array_equal(mean, medians[site].numpy())
     for key in exported.varm:

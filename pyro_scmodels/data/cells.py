@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..distributions import CountPositions
+from .count_positions import CountPositions
 from .counts import POSITIONS_SUFFIX, CountMatrix, DeviceCSR
 from .covariates import CovariateEncoding
 from .mudata_registry import MuDataSetup, read_mudata_setup

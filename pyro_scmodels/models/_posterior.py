@@ -119,7 +119,9 @@ class PosteriorMixin:
                     if name in self.point_estimate_sites:
                         # every draw is the one value: summarised exactly (the float32 mean of equal draws drifted
                         # by an ulp, below q05, and the sd came out 1e-7)
-                        stats = [draws[0], torch.zeros_like(draws[0])] + [draws[0]] * len(quantiles)
+                        # (copies: not views of the stacked draws, nor one array shared by the mean and quantiles)
+                        stats = [draws[0].clone() for _ in range(2 + len(quantiles))]
+                        stats[1].zero_()
                     else:
                         stats = [draws.mean(0), draws.std(0) if num_samples > 1 else torch.zeros_like(draws[0])]
                         stats += list(torch.quantile(draws, level.to(draws.dtype), dim=0))

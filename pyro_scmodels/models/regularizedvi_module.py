@@ -26,7 +26,8 @@ from torch.distributions import constraints
 
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
-from ..distributions import CountPositions, GammaPoissonMean
+from ..data.count_positions import CountPositions
+from ..distributions import GammaPoissonMean
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder, Standardiser
 from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
