@@ -16,21 +16,13 @@ import pyro_scmodels as ps
 from pyro_scmodels._validation import ArgumentTypeError
 from pyro_scmodels.matching import knn
 from pyro_scmodels.models.query_freezing import NewLevelsSiteGuide
+from ._one_thread import one_thread  # noqa: F401  (a module-scoped autouse fixture)
 
 KEYS = dict(layer="counts", ambient_covariate_keys=["batch"], feature_scaling_covariate_keys=["batch"],
             dispersion_key="batch", library_size_key="batch")
 # few optimiser steps on few cells: a large learning rate, one minibatch per epoch, no validation pass
 FAST = dict(batch_size=256, lr=1e-2, train_size=1.0, early_stopping=False, device="cpu", progress_bar=False, seed=0)
 PER_LEVEL = ("dispersion_rate", "inverse_sqrt_theta", "ambient", "feature_scaling")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Networks this small run as fast on one thread, and a busy shared machine does not slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

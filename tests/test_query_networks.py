@@ -13,6 +13,7 @@ import torch
 import pyro_scmodels as ps
 from pyro_scmodels.matching import knn
 from pyro_scmodels.nn import SoftplusDecoder
+from ._one_thread import one_thread  # noqa: F401  (a module-scoped autouse fixture)
 
 SETUP = dict(layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["batch"], encoder_covariate_keys=["batch"])
 # few optimiser steps on few cells: a large learning rate, one minibatch per epoch, no validation pass
@@ -20,15 +21,6 @@ FAST = dict(batch_size=256, lr=1e-2, train_size=1.0, early_stopping=False, devic
 # the networks' weights that read the batch one-hot: (state-dict key, columns of the reference's batches)
 NETWORK_WEIGHTS = ("model.decoder.hidden.linears.0.weight", "guide.encoder.hidden.linears.0.weight",
                    "guide.library_encoder.hidden.linears.0.weight")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Networks this small run as fast on one thread, and a busy shared machine does not slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
