@@ -74,3 +74,39 @@ class CellNoise:
             rows = torch.as_tensor(cells[where] - block * BLOCK, device=self.device)
             out[:, torch.as_tensor(where, device=self.device)] = self._noise_of_block(block, width)[:, rows]
         return out
+
+    def normal_draws(self, posterior, cells) -> torch.Tensor:
+        """``loc + scale * noise`` of a Normal posterior (cells x dims) for the cells at ``cells``: each cell's
+        ``n_samples`` seeded draws (z's; every query that draws z from a seed draws it here).
+
+        Parameters
+        ----------
+        posterior
+            A distribution with ``loc`` and ``scale`` of shape cells x dims.
+        cells
+            The cells' positions, as for :meth:`of`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n_samples`` x cells x dims.
+        """
+        return posterior.loc + posterior.scale * self.of(cells, posterior.loc.shape[-1])
+
+    def log_normal_draws(self, posterior, cells) -> torch.Tensor:
+        """``exp(loc + scale * noise)`` of a LogNormal posterior of one value per cell (the library size's): each
+        cell's ``n_samples`` seeded draws.
+
+        Parameters
+        ----------
+        posterior
+            A distribution with ``loc`` and ``scale`` of shape cells.
+        cells
+            The cells' positions, as for :meth:`of`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n_samples`` x cells.
+        """
+        return torch.exp(posterior.loc + posterior.scale * self.of(cells, 1)[..., 0])

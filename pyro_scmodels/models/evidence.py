@@ -237,7 +237,7 @@ class EvidenceQueries:
                 # l = exp(loc + scale * noise) of the guide's LogNormal, the noise each cell's own (as z's): the ratios
                 # depend only on the cell, the seed and the draw, not on the minibatch or the other cells asked for
                 q_library = guide.library_posterior(guide.encoder_input(batch), batch, guide.residual_weight_estimate())
-                library = torch.exp(q_library.loc + q_library.scale * noise.of(cells, 1)[..., 0])
+                library = noise.log_normal_draws(q_library, cells)
                 terms = [self._local_terms(batch, n_obs, {"z": z_k, library_site: l_k}) for z_k, l_k in zip(z, library)]
             parts.append(torch.stack([t["model"] - t["guide"] for t in terms]).double().cpu())
         return torch.cat(parts, dim=1).numpy()
@@ -295,9 +295,9 @@ class EvidenceQueries:
             with torch.no_grad():
                 h = guide.encoder_input(batch)  # the input both encoders share
                 q_z = guide.z_posterior(batch, h)
-                z = q_z.loc + q_z.scale * z_noise.of(cells, q_z.loc.shape[-1])  # posterior_z_batches' draw
+                z = z_noise.normal_draws(q_z, cells)  # posterior_z_batches' draw
                 q_library = guide.library_posterior(h, batch, guide.residual_weight_estimate())
-                library = torch.exp(q_library.loc + q_library.scale * l_noise.of(cells, 1)[..., 0])
+                library = l_noise.log_normal_draws(q_library, cells)  # log_importance_ratios' draw
                 rhos = [model.decode(z, batch, None if switch is None else switch(batch["nn_onehot"]))
                         for switch in switches]
                 if direct:

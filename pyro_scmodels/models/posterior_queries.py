@@ -120,7 +120,7 @@ class PosteriorQueries(GlobalSiteTables):
                 if n_samples is None:
                     z = q_z.loc
                 else:
-                    z = q_z.loc + q_z.scale * noise.of(cells, q_z.loc.shape[-1])
+                    z = noise.normal_draws(q_z, cells)
             yield cells, batch, z
 
     def posterior_z(self, adata=None, indices=None, batch_size: int | None = None, n_samples: int | None = None,
