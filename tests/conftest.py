@@ -5,10 +5,25 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import pyro_scmodels as ps
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (setup.cfg runs one worker a core), each worker's torch gets its share of the cores.
+
+    Without it every worker would start one torch thread a core, and two workers on two cores would run four threads
+    that wait on each other. Processes the tests start (the CLI's) inherit the share through ``OMP_NUM_THREADS``.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        share = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 def shared_file(name: str) -> str:
