@@ -248,12 +248,10 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
 
 
 def _attached_counts(model, modality):
-    """The AnnData of the counts a re-attached model reads for the saved ``modality`` (None: the model's default, as
-    in a save made before the modality was kept); None for an object without ``counts_source()``."""
-    if not callable(getattr(model, "counts_source", None)):
-        return None
+    """The AnnData a re-attached model reads the saved ``modality`` from (None: its default, as saved before the
+    modality was kept); None without ``counts_source()``."""
     try:
-        return model.counts_source(modality)[0]
+        return model.counts_source(modality)[0] if callable(getattr(model, "counts_source", None)) else None
     except ValueError as err:  # a RegularizedVI for a multimodal NDreamer, or a model without the saved modality
         raise ValueError(f"The saved NDreamer reads the expression of modality {modality!r}, which model cannot give "
                          f"({err}). Pass the model it was built from.") from err
