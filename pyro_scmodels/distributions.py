@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
@@ -64,6 +66,27 @@ class _SelectedRows(torch.autograd.Function):
             # d/dw_n = sum_g grad_ng table[index_n, g]: the product with every row, then the cell's own
             grad_weights = ((grad @ table.T) * onehot).sum(-1)
         return grad_table, None, grad_weights
+
+
+class CountTerms(NamedTuple):
+    """What :class:`GammaPoissonMean`'s log p(x) holds of the counts and theta alone, at the non-zero counts of one
+    counts tensor (:meth:`GammaPoissonMean.count_terms`): computed once, for the means of many draws of z scored at
+    the same theta (importance ratios), instead of once per draw.
+
+    ``counts``, ``theta`` and ``group`` are the tensors they were computed from (the distribution given them checks
+    its own by identity); ``where`` and ``cell`` the flat positions of the non-zero counts and their cells, ``x`` and
+    ``theta_x`` the counts and theta there, and ``lgammas`` lgamma(x + theta), lgamma(theta) and lgamma(x + 1) there
+    (kept apart, so that each count's term is summed in the order of a log p computed without them, to the bit).
+    """
+
+    counts: torch.Tensor
+    theta: torch.Tensor
+    group: torch.Tensor | None
+    where: torch.Tensor
+    cell: torch.Tensor
+    x: torch.Tensor
+    theta_x: torch.Tensor
+    lgammas: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class GammaPoissonMean(dist.GammaPoisson):
@@ -155,20 +178,49 @@ class GammaPoissonMean(dist.GammaPoisson):
         new._validate_args = self._validate_args
         return new
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        split = self._split_log_prob(value)
+    def log_prob(self, value: torch.Tensor, fixed: CountTerms | None = None) -> torch.Tensor:
+        """log p(``value``) at every entry; ``fixed`` as for :meth:`log_prob_sum_genes`."""
+        split = self._split_log_prob(value, fixed=fixed)
         if split is None:
             return self._dense_log_prob(value)
         zero_count, where, count_terms, shape, _ = split
         return zero_count.expand(shape).reshape(-1).index_add(0, where, count_terms).reshape(shape)
 
-    def log_prob_sum_genes(self, value: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def count_terms(cls, counts: torch.Tensor, concentration: torch.Tensor, group: torch.Tensor | None = None,
+                    positions: CountPositions | None = None) -> CountTerms | None:
+        """The terms of log p(``counts``) that do not depend on the mean, for :meth:`log_prob_sum_genes`'s ``fixed``.
+
+        Parameters
+        ----------
+        counts
+            Counts, cells x genes.
+        concentration, group, positions
+            As for the constructor.
+
+        Returns
+        -------
+        CountTerms or None
+            None where theta takes the dense form (then there is nothing to keep).
+        """
+        # the terms read no mean: the counts stand in for its shape
+        entries = cls(counts, concentration, group, positions, validate_args=False)._count_entries(counts, counts.shape)
+        if entries is None:
+            return None
+        where, cell, x, theta_x, lgamma_theta_x, log_factorial = entries
+        return CountTerms(counts, concentration, group, where, cell, x, theta_x,
+                          (torch.lgamma(x + theta_x), lgamma_theta_x, log_factorial))
+
+    def log_prob_sum_genes(self, value: torch.Tensor, fixed: CountTerms | None = None) -> torch.Tensor:
         """``log_prob(value).sum(-1)``, without the cells x genes tensor of every term.
 
         Parameters
         ----------
         value
             Counts, cells x genes (or with leading sample dimensions).
+        fixed
+            :meth:`count_terms` of ``value`` at this distribution's theta and group (checked): only the terms with
+            the mean are computed; the same value, to the bit.
 
         Returns
         -------
@@ -177,7 +229,7 @@ class GammaPoissonMean(dist.GammaPoisson):
         """
         # one cells x genes mean (no sample dimensions): the x = 0 term's row sums with their gradient written out
         rows_only = self._mu.dim() == 2 and value.dim() == 2 and self._mu.shape == value.shape
-        split = self._split_log_prob(value, zero_count_rows=rows_only)
+        split = self._split_log_prob(value, zero_count_rows=rows_only, fixed=fixed)
         if split is None:
             return self._dense_log_prob(value).sum(-1)
         zero_count, where, count_terms, shape, cell = split
@@ -196,20 +248,29 @@ class GammaPoissonMean(dist.GammaPoisson):
             log_factorial = torch.lgamma(value + 1)  # a constant of the data
         return dense + torch.lgamma(value + theta) - torch.lgamma(theta) - log_factorial
 
-    def _split_log_prob(self, value: torch.Tensor, zero_count_rows: bool = False):
+    def _split_log_prob(self, value: torch.Tensor, zero_count_rows: bool = False, fixed: CountTerms | None = None):
         """The terms at every entry, the flat positions of the non-zero counts and the terms there, the shape and
         each count's cell; None where the sparse form does not apply (see :meth:`_gamma_positions`).
 
         With ``zero_count_rows`` (a cells x genes mean and value), the first item is each cell's sum of the x = 0
-        terms instead of the terms (:class:`ZeroCountRowSums`).
+        terms instead of the terms (:class:`ZeroCountRowSums`). With ``fixed`` (:meth:`count_terms`), the terms
+        without the mean are read from it.
         """
         if self._validate_args:
             self._validate_sample(value)
         mu = self._mu
         shape = torch.broadcast_shapes(self.batch_shape, value.shape)  # mu's and the spread theta's, with value's
-        positions = self._gamma_positions(value, shape)
-        if positions is None:
-            return None
+        if fixed is None:
+            entries = self._count_entries(value, shape)
+            if entries is None:
+                return None
+            where, cell, x, theta_x, lgamma_theta_x, log_factorial = entries
+        else:
+            if not (fixed.counts is value and fixed.theta is self._theta and fixed.group is self._group
+                    and tuple(value.shape) == tuple(shape)):
+                raise ValueError("fixed holds the count terms of other counts, theta or group than these: compute "
+                                 "them with GammaPoissonMean.count_terms(counts, theta, group, positions) of these.")
+            where, cell, x, theta_x = fixed.where, fixed.cell, fixed.x, fixed.theta_x
         theta_table = self._theta.reshape(-1, self._theta.shape[-1])
         # every entry: the x = 0 term (see the class docstring); the other terms at the non-zero counts below
         if zero_count_rows:
@@ -218,9 +279,21 @@ class GammaPoissonMean(dist.GammaPoisson):
             # -theta and 1 / theta per gene (and group), then spread: a product's backward pass is cheaper than a
             # quotient's, and no pass over every entry negates
             zero_count = self._per_cell(-self._theta) * torch.log1p(mu * self._per_cell(self._theta.reciprocal()))
+        mu_x = mu.expand(shape).reshape(-1).index_select(0, where)
+        lgamma_x_theta, lgamma_theta_x, log_factorial = ((torch.lgamma(x + theta_x), lgamma_theta_x, log_factorial)
+                                                         if fixed is None else fixed.lgammas)
+        count_terms = x * (mu_x.log() - torch.log(theta_x + mu_x)) + lgamma_x_theta - lgamma_theta_x - log_factorial
+        return zero_count, where, count_terms.to(zero_count.dtype), shape, cell
+
+    def _count_entries(self, value: torch.Tensor, shape: torch.Size):
+        """At the non-zero counts of ``value``: their flat positions and cells, x, theta, lgamma(theta) and
+        lgamma(x + 1), none of which depends on the mean; None for the dense form."""
+        positions = self._gamma_positions(value, shape)
+        if positions is None:
+            return None
         flat_value, where, column, cell = positions
         x = flat_value.index_select(0, where)
-        mu_x = mu.expand(shape).reshape(-1).index_select(0, where)
+        theta_table = self._theta.reshape(-1, self._theta.shape[-1])
         # lgamma(theta) once per gene (and group), then spread to the counts: not once per count, and
         # its digamma in the backward pass likewise
         lgamma_table = torch.lgamma(theta_table)
@@ -233,9 +306,7 @@ class GammaPoissonMean(dist.GammaPoisson):
             theta_x, lgamma_theta_x = theta_table.reshape(-1).index_select(0, flat), lgamma_table.reshape(-1).index_select(0, flat)
         with torch.no_grad():
             log_factorial = torch.lgamma(x + 1)
-        count_terms = (x * (mu_x.log() - torch.log(theta_x + mu_x)) + torch.lgamma(x + theta_x) - lgamma_theta_x
-                       - log_factorial).to(zero_count.dtype)
-        return zero_count, where, count_terms, shape, cell
+        return where, cell, x, theta_x, lgamma_theta_x, log_factorial
 
     def _gamma_positions(self, value: torch.Tensor, shape: torch.Size):
         """The counts flattened, the flat positions of the non-zero ones, their gene and cell; None for the dense form.

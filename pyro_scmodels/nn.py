@@ -51,11 +51,24 @@ class FullyConnected(nn.Module):
         self.register_load_state_dict_pre_hook(_split_weights)
 
     def forward(self, h: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden stack's output for the input ``h`` (cells x ``n_input``, with any leading sample dimensions) and
+        the cells' one-hot ``covariates``.
+
+        A plain layer is called as its ``nn.Linear`` module, so hooks registered on ``linears[i]`` fire. A layer
+        extended for a query model (:meth:`extend_covariates`, :meth:`extend_inputs`) multiplies by its whole
+        weight (:meth:`layer_weight`: the reference's columns and the new ones, put in order at each call), so
+        ``linears[i]``'s hooks do not fire for it; hook the stack itself there.
+        """
+        extended = self.new_weights  # empty outside query models
         for index, linear in enumerate(self.linears):
             if self.n_covariates:
                 # covariates are per cell; h may carry extra leading sample dimensions
                 h = torch.cat([h, covariates.expand(*h.shape[:-1], -1)], dim=-1)
-            h = self.dropout(F.relu(self.norm(F.linear(h, self.layer_weight(index), linear.bias))))
+            if extended and str(index) in extended:
+                h = F.linear(h, self.layer_weight(index), linear.bias)
+            else:
+                h = linear(h)
+            h = self.dropout(F.relu(self.norm(h)))
         return h
 
     # --- categories new to a reference (a query model: models/query_networks.py) ------------------------------------

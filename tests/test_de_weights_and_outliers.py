@@ -146,6 +146,21 @@ def test_one_pass_gives_the_draws_and_ratios_of_the_two_passes(fitted, monkeypat
     np.testing.assert_allclose(ratios, whole, rtol=1e-6, atol=1e-4)
 
 
+def test_one_pass_finds_the_draw_independent_count_terms_once_per_minibatch(fitted, monkeypatch):
+    """lgamma(x + theta), lgamma(theta), lgamma(x + 1) and where the counts are do not depend on the draw (theta is held
+    at its median): found once per minibatch, not once per draw, and the ratios are still the trace's, to the bit."""
+    from pyro_scmodels.distributions import GammaPoissonMean
+
+    found = []
+    entries = GammaPoissonMean._count_entries
+    monkeypatch.setattr(GammaPoissonMean, "_count_entries", lambda self, *a: found.append(1) or entries(self, *a))
+    cells = np.arange(100)
+    _, ratios = _one_pass(fitted, cells, 50, 5, 3)
+    assert len(found) == 2  # two minibatches of five draws each
+    np.testing.assert_array_equal(ratios, fitted.log_importance_ratios(indices=cells, n_samples=5, seed=3,
+                                                                       batch_size=50))
+
+
 def test_one_pass_decodes_every_stratum_and_scores_the_cells_own_covariates(monkeypatch):
     """With strata (batch-corrected DE) rho is decoded under each, as decode_samples decodes it, and the ratios stay
     those of the cells' own covariates."""

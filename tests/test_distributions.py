@@ -228,3 +228,31 @@ def test_zero_count_row_sums_gradient_is_the_derivative(grouped):
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
 
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("sparse_rows", [False, True])
+def test_count_terms_kept_for_many_means_give_the_same_log_prob_to_the_bit(grouped, sparse_rows):
+    # importance ratios score many draws of the mean against one minibatch's counts at one theta: the terms without
+    # the mean, computed once, give every draw the log p computed without them
+    rng = np.random.default_rng(7)
+    counts = sp.random(30, 11, density=0.3, format="csr", random_state=7,
+                       data_rvs=lambda n: rng.integers(1, 40, n)).astype(np.float32)
+    rows, positions = CountMatrix(counts, validate=False).rows_and_positions(np.arange(30))
+    x = torch.from_numpy(rows)
+    given = CountPositions(tuple(torch.from_numpy(p) for p in positions), x) if sparse_rows else None
+    theta = torch.rand(3 if grouped else 1, 11) * 5 + 0.05
+    group = torch.from_numpy(rng.integers(0, 3, 30)) if grouped else None
+    fixed = GammaPoissonMean.count_terms(x, theta, group, given)
+    assert fixed is not None and fixed.x.numel() == int((rows > 0).sum())
+    for _ in range(3):
+        mean = GammaPoissonMean(torch.rand(30, 11) * 10 + 1e-3, theta, group, positions=given)
+        assert torch.equal(mean.log_prob(x, fixed=fixed), mean.log_prob(x))
+        assert torch.equal(mean.log_prob_sum_genes(x, fixed=fixed), mean.log_prob_sum_genes(x))
+    # terms of other counts or of another theta would be a silent wrong answer: refused
+    with pytest.raises(ValueError, match="count terms of other counts, theta or group"):
+        mean.log_prob(x.clone(), fixed=fixed)
+    with pytest.raises(ValueError, match="count terms of other counts, theta or group"):
+        GammaPoissonMean(torch.rand(30, 11), theta.clone(), group).log_prob_sum_genes(x, fixed=fixed)
+    # a theta of the dense form keeps nothing
+    assert GammaPoissonMean.count_terms(x, torch.rand(30, 11) + 0.1) is None

@@ -171,6 +171,47 @@ def test_a_multimodal_model_whose_rna_modality_lacks_cells_is_named_before_the_l
         raise AssertionError("the latent was computed before the cells without counts were found")
 
     monkeypatch.setattr(model, "get_latent_representation", latent)
-    with pytest.raises(ValueError, match=rf"default modality, 'rna' .*which has no counts for {missing} of its 120 "
+    with pytest.raises(ValueError, match=rf"the modality 'rna' .*which has no counts for {missing} of its 120 "
                                          r"cells.*other modalities: \['atac'\]"):
         NDreamer.from_model(model, "condition", "control", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gex_atac_model():
+    """A RegularizedMultimodalVI whose modalities are "gex" and "atac" (none named "rna"), the condition in its decoder."""
+    import mudata
+
+    simulated = ps.datasets.simulate_multiome(n_cells=120, n_genes=75, n_peaks=120, seed=1)
+    mdata = mudata.MuData({"gex": simulated.mod["rna"], "atac": simulated.mod["atac"]})
+    mdata.obs["condition"] = np.where(np.arange(120) % 2 == 0, "control", "stimulated")
+    ps.RegularizedMultimodalVI.setup_mudata(mdata, layer="counts", nn_conditioning_covariate_keys=["condition"],
+                                            encoder_covariate_keys=["condition"])
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=8)
+    model.train(max_epochs=2, batch_size=64, early_stopping=False, device="cpu", progress_bar=False)
+    return model
+
+
+def test_from_model_takes_the_modality_of_a_model_without_rna(gex_atac_model, tmp_path):
+    model = gex_atac_model
+    with pytest.raises(ValueError, match=r"from_model\(modality=None\).*no modality named 'rna' \(its modalities: "
+                                         r"\['(gex|atac)', '(gex|atac)'\]\).*pass modality="):
+        NDreamer.from_model(model, "condition", "control", device="cpu")
+    with pytest.raises(ValueError, match=r"Unknown modality 'rna'; the model has \['(gex|atac)', '(gex|atac)'\]"):
+        NDreamer.from_model(model, "condition", "control", device="cpu", modality="rna")
+    nd = NDreamer.from_model(model, "condition", "control", device="cpu", modality="gex")
+    assert list(nd.results.var_names) == list(model.var_names["gex"])
+    assert "the expression of its 'gex'" in repr(nd)
+    # the model ITE decodes the same modality (the model has no default one to fall back on)
+    ite = nd.estimate_model_ite(num_samples=2, widen_by_matching=False).layers["ite_model_stimulated"].copy()
+    assert ite.shape == (120, 75) and np.isfinite(ite).all()
+    nd.save(str(tmp_path / "nd"))
+    assert NDreamer.load(str(tmp_path / "nd"), device="cpu").settings["modality"] == "gex"
+    attached = NDreamer.load(str(tmp_path / "nd"), device="cpu", model=model)
+    assert "the expression of its 'gex'" in repr(attached)
+    np.testing.assert_allclose(attached.estimate_model_ite(num_samples=2, widen_by_matching=False)
+                               .layers["ite_model_stimulated"], ite, atol=1e-6)
+
+
+def test_from_model_refuses_a_modality_for_a_single_modality_model(tiny_model):
+    with pytest.raises(ValueError, match=r"from_model\(modality='rna'\): RegularizedVI models one count matrix"):
+        NDreamer.from_model(tiny_model, "condition", "control", device="cpu", modality="rna")

@@ -110,3 +110,31 @@ def test_point_estimate_sites_are_summarised_exactly(small):
             site = key[len("means_"):]
             mean, low, high = (exported.varm[f"{k}_{site}"].to_numpy() for k in ("means", "q05", "q95"))
             assert (low <= mean).all() and (mean <= high).all(), site
+
+
+def test_forward_hooks_on_the_hidden_linear_layers_fire(small):
+    """PyTorch users hook submodules (activations, feature attribution): the first nn.Linear of the encoder's and of the
+    decoder's hidden stack is called as a module, so its hooks see (and may change) what the model computes."""
+    model = ps.RegularizedVI(small, **SMALL, n_layers=2, seed=0)
+    seen = {}
+    encoder_first = model.module.guide.encoder.hidden.linears[0]
+    decoder_first = model.module.model.decoder.hidden.linears[0]
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, tuple(output.shape))  # returns None: the output is left as it is
+        return hook
+
+    handles = [module.register_forward_hook(record(name))
+               for name, module in (("encoder", encoder_first), ("decoder", decoder_first),
+                                    ("decoder, second layer", model.module.model.decoder.hidden.linears[1]))]
+    latent = model.get_latent_representation(indices=np.arange(10))
+    model.get_normalized_expression(indices=np.arange(10))
+    for handle in handles:
+        handle.remove()
+    assert seen == {"encoder": (10, 16), "decoder": (10, 16), "decoder, second layer": (10, 16)}
+    # a hook that replaces the output is what the model then uses
+    handle = encoder_first.register_forward_hook(lambda module, args, output: output * 0.0)
+    zeroed = model.get_latent_representation(indices=np.arange(10))
+    handle.remove()
+    assert not np.allclose(zeroed, latent) and np.allclose(zeroed, zeroed[0])  # every cell the same latent
+    np.testing.assert_array_equal(model.get_latent_representation(indices=np.arange(10)), latent)

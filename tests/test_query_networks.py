@@ -160,6 +160,38 @@ def test_a_new_category_between_another_keys_columns(data, tmp_path):
     np.testing.assert_array_equal(again.get_latent_representation(), query.get_latent_representation())
 
 
+def test_two_hidden_layers_each_take_the_new_batch_and_keep_the_reference_outputs(data):
+    """With n_layers=2 the decoder's batch one-hot enters both hidden layers: each gets a column of its own for the
+    query's new batch (after the reference's columns, which stay frozen), the query model gives the reference's
+    latent and expression on the reference's cells, before and after training, and the new columns learn."""
+    adata = data[data.obs["batch"] != "batch_2"].copy()
+    ps.RegularizedVI.setup_anndata(adata, **SETUP)
+    reference = ps.RegularizedVI(adata, n_hidden=16, n_latent=4, n_layers=2, seed=0)
+    reference.train(max_epochs=3, **FAST)
+    before = {k: v.detach().clone() for k, v in reference.module.state_dict().items()}
+    query = ps.RegularizedVI.load_query_data(query_cells(data), reference)
+    assert sorted(query.module.model.decoder.hidden.new_weights) == ["0", "1"]
+    initial = {k: v.detach().clone() for k, v in query.module.state_dict().items()}
+
+    def assert_reference_outputs():
+        np.testing.assert_allclose(query.get_latent_representation(adata), reference.get_latent_representation(adata),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(query.get_normalized_expression(adata=adata, return_numpy=True),
+                                   reference.get_normalized_expression(adata=adata, return_numpy=True), rtol=1e-5,
+                                   atol=1e-8)
+
+    assert_reference_outputs()
+    history = query.train(max_epochs=10, kl_warmup_epochs=None, **FAST)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    after = query.module.state_dict()
+    for layer in ("0", "1"):
+        key = f"model.decoder.hidden.linears.{layer}.weight"
+        assert after[key].shape[1] == before[key].shape[1] + 1, key  # batch_2, after the reference's columns
+        assert torch.equal(after[key][:, :-1], before[key]), key
+        assert not torch.allclose(after[key][:, -1], initial[key][:, -1]), key  # the new column learned
+    assert_reference_outputs()
+
+
 class _FixedWidthDecoder(SoftplusDecoder):
     """A subclass's decoder that cannot take columns for new categories."""
 

@@ -291,6 +291,7 @@ class EvidenceQueries:
         library_site = guide.dims.site("library")
         with torch.no_grad():
             medians = guide.global_medians()
+            theta = medians["inverse_sqrt_theta"].pow(-2)  # one tensor for every minibatch's count terms
         for cells, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
             with torch.no_grad():
                 h = guide.encoder_input(batch)  # the input both encoders share
@@ -306,7 +307,10 @@ class EvidenceQueries:
                     # the distributions' argument checks (a fifth of the time): the counts were checked when read, z
                     # and l are the guide's own draws, and the values are the same
                     with pyro.validation_enabled(False):
-                        ratios = [model.cell_log_joint(z_k, {**medians, "library": l_k}, batch, rho_k)
+                        # the counts' terms that no draw changes (lgamma(x + theta), lgamma(x + 1), the positions of
+                        # the non-zero counts): once for the minibatch, not once per draw
+                        fixed = model.count_terms(theta, batch)
+                        ratios = [model.cell_log_joint(z_k, {**medians, "library": l_k}, batch, rho_k, fixed)
                                   - (q_z.to_event(1).log_prob(z_k) + q_library.log_prob(l_k))
                                   for z_k, l_k, rho_k in zip(z, library, own)]
                 else:  # a model or guide with sites of its own: the traces say what they score

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
+from ..distributions import CountTerms
 from .expected_counts import expected_counts
 
 
@@ -71,16 +72,23 @@ class RegularizedVILogDensity:
         The terms of :meth:`local_sites` at the library sizes ``values["library"]`` and the global
         values in ``values`` (:meth:`log_joint`; the multimodal model calls it per modality).
         """
-        library = values["library"]
-        log_p = self.library_prior(batch).log_prob(library)
-        mu = expected_counts(library, self.decode(z, batch), values.get("ambient"), values.get("feature_scaling"),
-                             batch["ambient_index"], batch["scaling_index"], self.dims.ambient_per_droplet)
-        theta = values["inverse_sqrt_theta"].pow(-2)
-        log_p = log_p + self.count_distribution(mu, theta, batch).log_prob_sum_genes(batch[self.dims.counts_key])
+        log_p = self.library_prior(batch).log_prob(values["library"])
+        log_p = log_p + self.count_likelihood(z, values, batch).log_prob_sum_genes(batch[self.dims.counts_key])
         # as poutine.mask does: the masked cells' terms are replaced by 0, not multiplied by it
         return log_p if mask is None else torch.where(mask, log_p, log_p.new_zeros(()))
 
-    def cell_log_joint(self, z: torch.Tensor, values: dict, batch: dict, rho: torch.Tensor | None = None) -> torch.Tensor:
+    def count_likelihood(self, z: torch.Tensor, values: dict, batch: dict, rho: torch.Tensor | None = None,
+                         theta: torch.Tensor | None = None):
+        """p(x_n | z_n, l_n) of each cell: :meth:`count_distribution` at the mean of the library sizes
+        ``values["library"]``, the expression ``rho`` (default ``decode(z, batch)``) and the global values in
+        ``values``, and at ``theta`` (default ``values["inverse_sqrt_theta"] ** -2``)."""
+        mu = expected_counts(values["library"], self.decode(z, batch) if rho is None else rho, values.get("ambient"),
+                             values.get("feature_scaling"), batch["ambient_index"], batch["scaling_index"],
+                             self.dims.ambient_per_droplet)
+        return self.count_distribution(mu, values["inverse_sqrt_theta"].pow(-2) if theta is None else theta, batch)
+
+    def cell_log_joint(self, z: torch.Tensor, values: dict, batch: dict, rho: torch.Tensor | None = None,
+                       fixed: CountTerms | None = None) -> torch.Tensor:
         """log p(z_n) + log p(l_n) + log p(x_n | z_n, l_n) of each cell, unweighted, as a trace of the model scores them.
 
         The per-cell terms of the cell plate's sites (no subsampling or KL weight, no mask) that
@@ -98,19 +106,20 @@ class RegularizedVILogDensity:
             The cells' minibatch.
         rho
             ``decode(z, batch)``, when already computed (with the cells' own decoder covariates).
+        fixed
+            ``count_terms(theta, batch)`` at the theta of ``values`` (``inverse_sqrt_theta ** -2``): the terms of the
+            counts that no draw changes (lgamma(x + theta), lgamma(x + 1), where the counts are), computed once per
+            minibatch for all its draws. None: computed here. The same value either way.
 
         Returns
         -------
         torch.Tensor
             One value per cell.
         """
-        rho = self.decode(z, batch) if rho is None else rho
-        library = values["library"]
         # the sites' terms in the order of the model's trace (z, library, counts), each as its site scores it (the
         # counts' whole table of terms summed over genes, not log_prob_sum_genes): the sum the trace gives, to the bit
         log_p = dist.Normal(z.new_zeros(()), 1.0).expand(z.shape).to_event(1).log_prob(z)
-        log_p = log_p + self.library_prior(batch).log_prob(library)
-        mu = expected_counts(library, rho, values.get("ambient"), values.get("feature_scaling"), batch["ambient_index"],
-                             batch["scaling_index"], self.dims.ambient_per_droplet)
-        counts = self.count_distribution(mu, values["inverse_sqrt_theta"].pow(-2), batch).to_event(1)
-        return log_p + counts.log_prob(batch[self.dims.counts_key])
+        log_p = log_p + self.library_prior(batch).log_prob(values["library"])
+        counts = self.count_likelihood(z, values, batch, rho, None if fixed is None else fixed.theta)
+        given = {} if fixed is None else {"fixed": fixed}  # a subclass's count distribution may not take it
+        return log_p + counts.log_prob(batch[self.dims.counts_key], **given).sum(-1)

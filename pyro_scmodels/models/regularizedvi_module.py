@@ -27,7 +27,7 @@ from torch.distributions import constraints
 from .. import _constants as C
 from ..data.counts import POSITIONS_SUFFIX
 from ..data.count_positions import CountPositions
-from ..distributions import GammaPoissonMean
+from ..distributions import CountTerms, GammaPoissonMean
 from ..independence import category_mmd
 from ..nn import SoftplusDecoder, Standardiser
 from ..priors import (PriorSet, PriorsInUse, RegularizedPriors, check_prior_shapes,
@@ -271,11 +271,22 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
     def count_distribution(self, mu: torch.Tensor, theta: torch.Tensor, batch: dict) -> GammaPoissonMean:
         """p(x_n | mu_n) = GammaPoisson(theta_{d(n)}, theta_{d(n)} / mu_n), per cell and gene."""
         # written with its mean (see GammaPoissonMean); theta per dispersion group
+        return GammaPoissonMean(mu, theta, *self._count_layout(batch))
+
+    def count_terms(self, theta: torch.Tensor, batch: dict) -> CountTerms | None:
+        """The terms of log p(x_n | mu_n) of the minibatch's counts that do not depend on mu, at ``theta``
+        (:meth:`GammaPoissonMean.count_terms`): computed once for the draws of z that
+        :meth:`~pyro_scmodels.models.regularizedvi_log_density.RegularizedVILogDensity.cell_log_joint` scores at the
+        same theta. A subclass whose :meth:`count_distribution` is not a ``GammaPoissonMean`` returns None."""
+        return GammaPoissonMean.count_terms(batch[self.dims.counts_key], theta, *self._count_layout(batch))
+
+    def _count_layout(self, batch: dict) -> tuple:
+        """The dispersion group of each cell (None with one group) and the positions of the minibatch's counts."""
         group = batch["dispersion_index"] if self.dims.n_dispersion > 1 else None
         # the minibatch says where its stored counts are (read off the sparse rows), when it knows; they hold the
         # tensor they locate and are used for it alone (an entry edited to a plain tuple is a hint not taken)
         positions = batch.get(self.dims.counts_key + POSITIONS_SUFFIX)
-        return GammaPoissonMean(mu, theta, group, positions=positions if isinstance(positions, CountPositions) else None)
+        return group, positions if isinstance(positions, CountPositions) else None
 
     def check_priors(self, where: str = "model.module.model.priors") -> None:
         """Refuse prior buffers edited to a shape their sites cannot take, or to a value their distribution cannot take

@@ -228,7 +228,7 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
     # as text: integer names come back from h5ad as strings
     if not names_as_text(model.adata.obs_names).equals(names_as_text(results.obs_names)):
         raise ValueError("model.adata holds other cells than the saved NDreamer; pass the model it was built from.")
-    source = model.counts_source()[0] if callable(getattr(model, "counts_source", None)) else None
+    source = _attached_counts(model, settings.get("modality"))
     genes = None if source is None else names_as_text(source.var_names)
     if genes is None or not genes.equals(results.var_names):
         differ = "no counts_source()" if genes is None else (
@@ -245,6 +245,16 @@ def check_attached_model(model, settings: dict, results: anndata.AnnData) -> Non
                          "new NDreamer with NDreamer.from_model(model, ...).")
     if EMBEDDING_KEY in results.obsm:
         _check_attached_latent(model, np.asarray(results.obsm[EMBEDDING_KEY]), results.obs_names)
+
+
+def _attached_counts(model, modality):
+    """The AnnData a re-attached model reads the saved ``modality`` from (None: its default, as saved before the
+    modality was kept); None without ``counts_source()``."""
+    try:
+        return model.counts_source(modality)[0] if callable(getattr(model, "counts_source", None)) else None
+    except ValueError as err:  # a RegularizedVI for a multimodal NDreamer, or a model without the saved modality
+        raise ValueError(f"The saved NDreamer reads the expression of modality {modality!r}, which model cannot give "
+                         f"({err}). Pass the model it was built from.") from err
 
 
 def _check_attached_latent(model, stored: np.ndarray, names: pd.Index) -> None:

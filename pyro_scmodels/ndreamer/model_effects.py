@@ -78,7 +78,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
                              num_samples: int = K.MODEL_ITE_SAMPLES,
                              quantiles: tuple[float, float] = K.MODEL_ITE_QUANTILES, batch_size: int | None = None,
                              seed: int = 0, target_sum: float = K.TARGET_SUM, indices=None,
-                             gene_columns=None) -> dict[str, dict[str, np.ndarray]]:
+                             gene_columns=None, modality: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-cell treatment effects by decoding each cell's z under each treatment and under control.
 
     For every posterior sample z_s of a cell: effect_s = log1p(target_sum * e_t / sum e_t)
@@ -90,8 +90,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     Parameters
     ----------
     model
-        A trained model whose decoder is conditioned on ``condition_key`` (a multimodal model's
-        default modality, its RNA, is decoded).
+        A trained model whose decoder is conditioned on ``condition_key``.
     condition_key, control_name
         The condition column and the control category.
     treatments
@@ -107,6 +106,8 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     indices, gene_columns
         Cell positions and gene positions to return (default all); every gene is decoded, since
         the log-normalisation divides by the cell's total.
+    modality
+        A multimodal model's modality decoded (default: its RNA one, ``model.default_modality``).
 
     Returns
     -------
@@ -127,7 +128,8 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
     # measured split on Kang: ISG15's decoded effect 2.71 log units without y, 4.11 with it, 4.61 observed)
     passes = [
         model.decode_samples(indices=indices, batch_size=batch_size, n_samples=num_samples, seed=seed,
-                             nn_covariates={condition_key: name}, with_scaling=True)
+                             nn_covariates={condition_key: name}, with_scaling=True,
+                             modality=modality)
         for name in [control_name, *treatments]
     ]
     parts = {t: {"mean": [], "low": [], "high": []} for t in treatments}

@@ -364,7 +364,9 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
     # --- persistence ----------------------------------------------------------------------------
     def __repr__(self) -> str:
         s, design = self.settings, self.design
-        source = (f"the latent of a {s.get('model', 'model')}" if s["representation"] != NETWORK
+        source = (f"the latent of a {s.get('model', 'model')}"
+                  + (f", the expression of its {s['modality']!r}" if s.get("modality") else "")
+                  if s["representation"] != NETWORK
                   else "its own network" + ("" if self.trainer is None else f", trained {self.trainer.epoch} passes"))
         batches = sorted({str(b) for b in design.batch}) if s["batch_key"] else []
         computed = sorted(name for name in self.results.layers if name.startswith(("ite", "denoised", "batch_effect")))

@@ -28,31 +28,35 @@ from .preprocess import log_normalise
 MODEL_ITE_INTERVAL = "model_ite_interval"
 
 
-def _model_counts(model):
-    """The AnnData and layer holding the counts the model was trained on (a multimodal model's default modality,
-    its RNA: ``model.default_modality()``)."""
+def _model_counts(model, modality):
+    """The modality the expression is read from (``modality``, checked; by default the package's rule,
+    :func:`~pyro_scmodels.models.multimodal_settings.query_modality`: a multimodal model's RNA; None for a
+    single-modality model), and the AnnData and layer holding its counts."""
     if not callable(getattr(model, "counts_source", None)):
         raise ValueError(f"NDreamer.from_model needs a model of this package (with counts_source()); "
                          f"{type(model).__name__} is not one.")
-    return model.counts_source()
+    try:
+        modality = model.default_modality(modality)
+    except ValueError as err:  # no "rna" modality and none given, a name the model lacks, or one for a RegularizedVI
+        raise ValueError(f"NDreamer.from_model(modality={modality!r}): {err}") from err
+    return (modality, *model.counts_source(modality))
 
 
-def _refuse_cells_without_counts(model, source, layer) -> None:
-    """A multimodal model keeps cells without counts in a modality; NDreamer's expression is the default modality's,
-    and needs counts for every cell. Checked before the latent is computed (in memory; a backed store is read once,
+def _refuse_cells_without_counts(model, source, layer, modality) -> None:
+    """A multimodal model keeps cells without counts in a modality; NDreamer's expression is ``modality``'s, and
+    needs counts for every cell. Checked before the latent is computed (in memory; a backed store is read once,
     later, and refused there)."""
     if not getattr(model, "masks_cells_without_counts", False) or getattr(source, "isbacked", False):
         return
     matrix = source.X if layer is None else source.layers[layer]
     empty = int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
     if empty:
-        modality = model.default_modality()
         others = [m for m in getattr(model, "modalities", []) if m != modality]
-        raise ValueError(f"NDreamer.from_model reads its expression from the model's default modality, {modality!r} "
-                         f"(model.default_modality(): the RNA one), which has no counts for {empty} of its "
+        raise ValueError(f"NDreamer.from_model reads its expression from the modality {modality!r} (modality=; by "
+                         f"default the RNA one), which has no counts for {empty} of its "
                          f"{matrix.shape[0]} cells. Give NDreamer a model of the cells that have {modality!r} counts "
-                         f"(e.g. mdata[mdata.obs_names[has_counts]].copy(), set up and trained again); the model's "
-                         f"other modalities: {others}.")
+                         f"(e.g. mdata[mdata.obs_names[has_counts]].copy(), set up and trained again), or another "
+                         f"modality=; the model's other modalities: {others}.")
 
 
 class ModelRepresentation:
@@ -60,15 +64,16 @@ class ModelRepresentation:
 
     @classmethod
     def from_model(cls, model, condition_key: str, control_name: str, batch_key=None, seed: int = 0,
-                   device: str = "auto", min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, factual: str = "matched"):
+                   device: str = "auto", min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, factual: str = "matched",
+                   modality: str | None = None):
         """Match cells in a trained Pyro model's latent space instead of a learned code space.
 
         Parameters
         ----------
         model
             A trained model of this package (:class:`~pyro_scmodels.RegularizedVI`, or a
-            :class:`~pyro_scmodels.RegularizedMultimodalVI`, whose default modality (its RNA) gives the
-            expression); read through ``get_latent_representation()``, ``adata`` and
+            :class:`~pyro_scmodels.RegularizedMultimodalVI`, one of whose modalities gives the expression, see
+            ``modality``); read through ``get_latent_representation()``, ``adata`` and
             ``counts_source()``. For
             :meth:`estimate_model_ite` its decoder must be conditioned on ``condition_key``.
         condition_key, control_name, batch_key
@@ -89,6 +94,11 @@ class ModelRepresentation:
             ``datasets.simulate(3000, 500, effect_modifier=1.0)`` (four seeds, a RegularizedVI with
             ``latent_independence=10``) the per-cell correlation with the true ITE is 0.88-0.92 with
             ``"matched"`` and 0.74-0.80 with ``"observed"``. The interval's width is the same for both.
+        modality
+            A multimodal model's modality whose counts are the expression (matched, and decoded by
+            :meth:`estimate_model_ite`); the cells are matched in the joint latent either way. None: the rule of
+            every multimodal query, the modality named ``"rna"`` (a model without one needs ``modality=``). A
+            single-modality model takes None only. Kept by :meth:`save` and :meth:`load`.
 
         Returns
         -------
@@ -97,8 +107,8 @@ class ModelRepresentation:
             methods work as usual, :meth:`train` raises (there is no network).
         """
         device = resolve_device(device)  # before the latent and the expression are computed
-        source, layer = _model_counts(model)
-        settings = dict(condition_key=condition_key, control_name=str(control_name),
+        modality, source, layer = _model_counts(model, modality)
+        settings = dict(modality=modality, condition_key=condition_key, control_name=str(control_name),
                         batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
                         batch_size=K.BATCH_SIZE, seed=V.seed("seed", seed), layer=layer,
                         representation=LATENT, model=type(model).__name__,
@@ -108,7 +118,7 @@ class ModelRepresentation:
         self = cls.__new__(cls)
         # the design is checked before the latent and the expression are computed (minutes at 10^6 cells)
         design = design_from_obs(model.adata.obs, settings)
-        _refuse_cells_without_counts(model, source, layer)
+        _refuse_cells_without_counts(model, source, layer, modality)
         latent = model.get_latent_representation()  # before the expression is held: the two never add up
         # from a backed input, the counts themselves (half a float32 CSR; see NDreamer's adata)
         expression = log_normalise(source, layer, compact=bool(getattr(source, "isbacked", False)))
@@ -211,7 +221,8 @@ class ModelRepresentation:
         # one model, condition and draws for every decoding (the widening decodes the treated cells again)
         common = dict(model=self.model, condition_key=self.settings["condition_key"],
                       control_name=self.settings["control_name"], num_samples=V.positive_int("num_samples", num_samples),
-                      quantiles=quantiles, seed=self.settings["seed"], gene_columns=columns)
+                      quantiles=quantiles, seed=self.settings["seed"], gene_columns=columns,
+                      modality=self.settings.get("modality"))  # None in a save made before it was kept: the rule's
         decode = lambda treatments, rows: model_counterfactual_ite(treatments=treatments, indices=rows, **common)  # noqa: E731
         # called here, not through decode: its warnings name the caller of this method (their stacklevel)
         effects = model_counterfactual_ite(treatments=list(self.design.treatments), indices=cells, **common)
