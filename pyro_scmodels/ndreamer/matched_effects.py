@@ -11,6 +11,7 @@ from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
 from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
+from .ite_shrinkage import matching_space_clusters, shrinkage_offsets
 
 
 class MatchedEffects:
@@ -45,6 +46,8 @@ class MatchedEffects:
         self.space: np.ndarray | None = None
         self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
         self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
+        self._clusters: np.ndarray | None = None  # of the matching space, for the ITE's shrinkage
+        self._offsets: dict[tuple[int, float, str], np.ndarray] = {}  # clusters x genes per matching and treatment
 
     @property
     def factual(self) -> str:
@@ -76,6 +79,8 @@ class MatchedEffects:
         self.embedding = self.space = None
         self._cache.clear()
         self._matches.clear()
+        self._clusters = None
+        self._offsets.clear()
 
     def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
         """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
@@ -145,6 +150,27 @@ class MatchedEffects:
             return {name: cached[name][rows][:, columns] for name in names}
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
                                 factual=self._factual, ite_of=ite_of)
+
+    def shrinkage(self, nearest_neighbor: int, bandwidth: float, treatment: str) -> tuple[np.ndarray, np.ndarray]:
+        """The clusters of the matching space and what shrinkage adds to each one's ITE of ``treatment``.
+
+        Both found once (per matching, for the offsets) and kept until the representation changes.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            The cluster of every cell, and the clusters x genes offsets
+            (:func:`~.ite_shrinkage.shrinkage_offsets`).
+        """
+        key = self._key(nearest_neighbor, bandwidth)
+        matches = self.matches(*key)  # before the clusters: it refuses a missing representation
+        if self._clusters is None:
+            self._clusters = matching_space_clusters(self.space, self.seed)
+        if (*key, treatment) not in self._offsets:
+            self._offsets = {k: v for k, v in self._offsets.items() if k[:2] == key}  # one matching's offsets kept
+            self._offsets[(*key, treatment)] = shrinkage_offsets(self.expression, matches, self.design, self._clusters,
+                                                                 treatment, self._factual)
+        return self._clusters, self._offsets[(*key, treatment)]
 
     @staticmethod
     def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:

@@ -1,0 +1,195 @@
+"""Adaptive shrinkage of the matched ITE's cluster-level effects across genes (``estimate_ite(shrink="clusters")``).
+
+The mean matched ITE of a group of similar cells, gene by gene, carries the counting noise of the ~100 cells
+that each arm's mean draws on; in genes that do not respond that noise is most of what is estimated. Cells
+are clustered in the matching space (Leiden), and within each cluster the genes' mean ITEs are shrunk
+together by empirical Bayes (:mod:`pyro_scmodels.shrinkage`): a prior ``median + normal scale mixture``
+is fitted across genes with each gene's standard error, and every cell of the cluster is moved by the
+cluster's posterior mean minus its raw mean, gene by gene. Differences between cells of one cluster are
+kept; only the cluster's level is shrunk.
+
+The cluster's mean ITE is linear in the expression: each arm is a weighted sum of cells' values (the
+matched cells' kernel weights, and the cell itself for its own batch and condition with
+``factual="observed"``). Its standard error takes each arm's weights and the weighted spread of the cells
+they fall on, ``se^2 = sum_arms sum_j W_j^2 s^2``: cells shared as matches by many cells of the cluster
+count as often as they are used, which a spread of the per-cell ITEs over sqrt(n) ignores.
+"""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+
+from ..shrinkage import fit_normal_mixture
+from . import _constants as K
+from .effects import CounterfactualDesign
+from .preprocess import _leiden
+
+#: the ``shrink=`` choices of :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite`
+SHRINK_CHOICES = ("clusters",)
+#: the stored ITE layers' record of no shrinkage (an h5ad cannot store None)
+NO_SHRINK = "none"
+#: Leiden resolution of the clusters (NDreamer's low-resolution pseudo-labels use the same). Measured 2026-12-07
+#: on simulate(3000, 500, effect_modifier=1.0), six seeds (benchmarks/RESULTS.md, "NDreamer's CATE r"): 0.25-1.0
+#: all reach CATE r >= 0.974; finer clusters have larger standard errors and shrink real effects more (slope)
+SHRINK_RESOLUTION = 0.5
+#: fewest cells a cluster needs to be shrunk (the spreads need two cells; smaller clusters keep their ITE)
+MIN_CLUSTER_CELLS = 2
+
+
+def matching_space_clusters(space: np.ndarray, seed: int = 0, resolution: float = SHRINK_RESOLUTION) -> np.ndarray:
+    """Leiden clusters of the matching space (its 15-neighbour graph, gaussian kernel), every condition together.
+
+    Parameters
+    ----------
+    space
+        Cells x components: the space the cells are matched in.
+    seed, resolution
+        Leiden's random state and resolution.
+
+    Returns
+    -------
+    numpy.ndarray
+        One integer label per cell (0, 1, ...).
+    """
+    space = np.asarray(space, dtype=np.float32)
+    if space.shape[0] < 3:
+        return np.zeros(space.shape[0], dtype=np.int64)
+    frame = anndata.AnnData(X=space)
+    sc.pp.neighbors(frame, n_neighbors=min(K.LEIDEN_NEIGHBOURS, space.shape[0] - 1), use_rep="X", random_state=seed,
+                    method="gauss", transformer="sklearn")
+    return _leiden(frame, resolution, seed).astype(np.int64)
+
+
+def arm_weights(matches: dict, design: CounterfactualDesign, labels: np.ndarray, condition: str,
+                batches: list[str], factual: str) -> sp.csr_matrix:
+    """Weight of every cell in each cluster's mean of one arm of the ITE.
+
+    Parameters
+    ----------
+    matches
+        Every cell's matches into every batch x condition group.
+    design
+        The counterfactual design.
+    labels
+        Cluster of every cell (0 .. n_clusters - 1).
+    condition, batches
+        The arm: its condition, averaged over these batches (as :func:`~.effects.effects_of_cells` does).
+    factual
+        ``"observed"``: a cell of ``condition`` stands for itself in its own batch; ``"matched"``: its matches do.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Clusters x cells; row c holds the weights whose sum of expression rows is the mean, over the cells of
+        cluster c, of their arm value (each row sums to 1).
+    """
+    n_clusters, n_cells = int(labels.max()) + 1, len(labels)
+    sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+    cells = np.arange(n_cells)
+    rows, columns, values = [], [], []
+    for b in batches:
+        match = matches[design.group(b, condition)]
+        weights = match.weights_of(cells).astype(np.float64)
+        weights /= weights.sum(axis=1, keepdims=True)
+        share = 1.0 / (sizes[labels] * len(batches))  # each cell's part in its cluster's mean over the batches
+        itself = (design.condition == condition) & (design.batch == b) if factual == "observed" else np.zeros(n_cells, bool)
+        weights[itself] = 0.0
+        rows += [np.repeat(labels, weights.shape[1]), labels[itself]]
+        columns += [match.indices.ravel(), cells[itself]]
+        values += [(weights * share[:, None]).ravel(), share[itself]]
+    # repeated (cluster, cell) pairs are summed by the conversion: a cell matched by many of the cluster's cells
+    return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
+                         shape=(n_clusters, n_cells))
+
+
+def _weighted_moments(weights: sp.csr_matrix, expression) -> tuple[np.ndarray, np.ndarray]:
+    """``weights @ x`` and ``weights @ x^2`` (clusters x genes, float64), reading the expression a block of rows at
+    a time (never a cells x genes dense array)."""
+    n_clusters, n_genes = weights.shape[0], expression.shape[1]
+    first, second = np.zeros((n_clusters, n_genes)), np.zeros((n_clusters, n_genes))
+    used = np.flatnonzero(np.asarray(abs(weights).sum(axis=0)).ravel() > 0)
+    for start in range(0, used.size, K.READ_CHUNK_CELLS):
+        block = used[start : start + K.READ_CHUNK_CELLS]
+        rows = expression[block]
+        rows = sp.csr_matrix(rows, dtype=np.float64) if sp.issparse(rows) else np.asarray(rows, dtype=np.float64)
+        part = weights[:, block]
+        first += np.asarray((part @ rows).todense() if sp.issparse(rows) else part @ rows)
+        squared = rows.multiply(rows) if sp.issparse(rows) else rows ** 2
+        second += np.asarray((part @ squared).todense() if sp.issparse(squared) else part @ squared)
+    return first, second
+
+
+def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's mean ITE per gene and its standard error, from the two arms' weights.
+
+    Parameters
+    ----------
+    expression
+        Log-normalised expression (cells x genes): dense, sparse or row store.
+    treated, control
+        :func:`arm_weights` of the two arms.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Clusters x genes: the mean ITE, and its standard error ``sqrt(sum_arms sum_j W_j^2 s^2)``, ``s^2``
+        the arm's weighted variance of the cells it draws on (corrected for the weights' effective size).
+    """
+    effect, variance = 0.0, 0.0
+    for sign, weights in ((1.0, treated), (-1.0, control)):
+        mean, mean_square = _weighted_moments(weights, expression)
+        squared_weights = np.asarray(weights.multiply(weights).sum(axis=1))  # clusters x 1
+        # the weighted variance's small-sample correction 1 / (1 - sum w^2) (one cell: no spread, and no correction)
+        correction = 1.0 / np.maximum(1.0 - squared_weights, 1e-12)
+        spread = np.maximum(mean_square - mean ** 2, 0.0) * np.where(squared_weights < 1.0, correction, 0.0)
+        effect = effect + sign * mean
+        variance = variance + squared_weights * spread
+    return effect, np.sqrt(variance)
+
+
+def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, labels: np.ndarray, treatment: str,
+                      factual: str = "observed") -> np.ndarray:
+    """What shrinkage adds to the ITE of ``treatment`` of each cluster's cells, per gene.
+
+    Parameters
+    ----------
+    expression
+        Log-normalised expression of every cell (cells x genes).
+    matches, design
+        The matches of every cell into every group, and the design.
+    labels
+        Cluster of every cell (0 .. n_clusters - 1).
+    treatment
+        The treatment whose ITE is shrunk.
+    factual
+        As in :func:`~.effects.effects_of_cells`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Clusters x genes, float32: per cluster, the posterior mean of its mean ITE (prior: the median over genes
+        plus a normal scale mixture fitted across genes) minus that mean. Zero for clusters of fewer than
+        ``MIN_CLUSTER_CELLS`` cells and for genes with no spread (standard error 0).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(design.condition),) or labels.min() < 0:
+        raise ValueError(f"labels must hold one cluster (>= 0) per cell, {len(design.condition)} in all; got shape "
+                         f"{labels.shape}.")
+    # the ITE's two arms, over the batches holding both (each over its own when none does: a saved, confounded design)
+    common = design.common_batches(treatment)
+    arms = [arm_weights(matches, design, labels, arm, common or design.batches_with[arm], factual)
+            for arm in (treatment, design.control_name)]
+    effect, standard_error = cluster_effects(expression, *arms)
+    offsets = np.zeros_like(effect)
+    sizes = np.bincount(labels, minlength=effect.shape[0])
+    for cluster in np.flatnonzero(sizes >= MIN_CLUSTER_CELLS):
+        beta, se = effect[cluster], standard_error[cluster]
+        if not (se > 0).any():
+            continue
+        # the median, not 0: a responding cluster's genes share a shift (composition, depth) that is no noise
+        prior = fit_normal_mixture(beta, se, centre=float(np.median(beta)))
+        offsets[cluster] = prior.posterior(beta, se).mean - beta
+    return offsets.astype(np.float32)

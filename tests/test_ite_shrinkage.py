@@ -1,0 +1,127 @@
+"""Empirical-Bayes adaptive shrinkage (pyro_scmodels.shrinkage) and NDreamer's ``estimate_ite(shrink="clusters")``."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import pyro_scmodels as ps
+from pyro_scmodels import metrics as M
+from pyro_scmodels.matching import match_groups
+from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer.ite_shrinkage import arm_weights, cluster_effects
+from pyro_scmodels.shrinkage import fit_normal_mixture, scale_grid, shrink
+
+from ._ndreamer_tiny import tiny_nd
+
+
+@pytest.fixture(scope="module")
+def sparse_effects():
+    """900 null effects and 100 real ones, each measured with a known standard error."""
+    rng = np.random.default_rng(0)
+    truth = np.r_[np.zeros(900), rng.normal(0, 1.5, 100)]
+    se = rng.uniform(0.1, 0.4, truth.size)
+    return truth, truth + rng.normal(0, 1, truth.size) * se, se
+
+
+def test_shrinkage_recovers_a_sparse_effect_vector_better_than_the_raw_estimates(sparse_effects):
+    truth, noisy, se = sparse_effects
+    post = shrink(noisy, se, centre=0.0)
+    assert np.mean((post.mean - truth) ** 2) < 0.5 * np.mean((noisy - truth) ** 2)
+    null = truth == 0
+    # null effects are pulled to ~0, far below their noise
+    assert np.median(np.abs(post.mean[null])) < 0.2 * np.median(np.abs(noisy[null]))
+    # a large effect, far above its noise, is kept
+    big = np.r_[noisy, 5.0], np.r_[se, 0.2]
+    assert shrink(*big, centre=0.0).mean[-1] == pytest.approx(5.0, abs=0.1)
+    # 90 % posterior intervals hold the truth about as often as they say
+    inside = np.abs(post.mean - truth) <= 1.645 * post.sd
+    assert 0.85 <= inside.mean() <= 0.99
+
+
+def test_shrinkage_centres_on_the_median_and_keeps_exact_estimates(sparse_effects):
+    truth, noisy, se = sparse_effects
+    shift = 0.7  # a shift every feature carries is no noise: shrinkage toward the median keeps it
+    post = shrink(noisy + shift, se)
+    assert np.median(post.mean[truth == 0]) == pytest.approx(shift, abs=0.05)
+    se = se.copy()
+    se[:3] = 0.0  # known exactly: returned as they are
+    post = shrink(noisy, se, centre=0.0)
+    np.testing.assert_array_equal(post.mean[:3], noisy[:3])
+    np.testing.assert_array_equal(post.sd[:3], 0.0)
+    prior = fit_normal_mixture(noisy, se)
+    assert prior.weights.sum() == pytest.approx(1.0) and prior.scales[0] == 0.0
+    # 90 % of the effects are null: the point mass and the scales far below the noise carry about that much
+    assert 0.8 < prior.weights[prior.scales < 0.1].sum() < 0.97
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: shrink(np.zeros(5), np.ones(4)), "one per estimate"),
+    (lambda: shrink(np.r_[np.nan, 1.0], np.ones(2)), "non-finite"),
+    (lambda: shrink(np.ones(3), np.r_[1.0, -1.0, 1.0]), "finite and >= 0"),
+    (lambda: shrink(np.ones((2, 2)), np.ones((2, 2))), "1-D"),
+    (lambda: shrink(np.ones(3), np.zeros(3)), "Every standard error is 0"),
+    (lambda: shrink(np.ones(3), np.ones(3), centre="mean"), "'median'"),
+    (lambda: fit_normal_mixture(np.ones(3), np.ones(3), scales=[-1.0, 1.0]), "scales must be"),
+    (lambda: fit_normal_mixture(np.ones(3), np.ones(3), max_iter=0), "max_iter"),
+    (lambda: scale_grid(np.ones(3), np.ones(3), step=1.0), "step must be > 1"),
+])
+def test_bad_inputs_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.fixture(scope="module")
+def modifier_sim():
+    return ps.datasets.simulate(n_cells=800, n_genes=150, effect_modifier=1.0, seed=0)
+
+
+@pytest.mark.parametrize("factual", ["observed", "matched"])
+def test_cluster_effect_is_the_mean_ite_of_its_cells(modifier_sim, factual):
+    """The arms' weights give exactly each cluster's mean ITE, with a positive standard error."""
+    adata = modifier_sim
+    nd = tiny_nd(adata)
+    design = CounterfactualDesign(adata.obs["condition"].to_numpy(), "control", adata.obs["batch"].to_numpy())
+    matches = match_groups(adata.obsm["true_latent"], design.groups, k=5, device="cpu")
+    ite = effects_of_cells(nd.expression, matches, design, factual=factual)["ite_stimulated"]
+    labels = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    arms = [arm_weights(matches, design, labels, c, design.common_batches("stimulated"), factual)
+            for c in ("stimulated", "control")]
+    effect, se = cluster_effects(nd.expression, *arms)
+    for cluster in range(labels.max() + 1):
+        np.testing.assert_allclose(effect[cluster], ite[labels == cluster].mean(0), atol=1e-5)
+    assert (se > 0).mean() > 0.9 and np.isfinite(se).all()
+
+
+def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim):
+    adata = modifier_sim
+    nd = tiny_nd(adata)
+    nd._set_embedding(adata.obsm["true_latent"])  # the true cell state: no training needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9).layers.items()}
+        shrunk = nd.estimate_ite(interval=0.9, shrink="clusters")
+    assert shrunk.uns["ite_matching"]["shrink"] == "clusters"
+    before = M.effect_recovery(adata, raw["ite_stimulated"], genes=nd.genes)
+    after = M.effect_recovery(adata, shrunk.layers["ite_stimulated"], genes=nd.genes)
+    assert after["false_effect_ratio"] < 0.6 * before["false_effect_ratio"]
+    assert after["cate_r"] > before["cate_r"]
+    # the bounds move with the estimate, their width unchanged
+    moved = shrunk.layers["ite_stimulated"] - raw["ite_stimulated"]
+    assert np.abs(moved).max() > 0.01
+    np.testing.assert_allclose(shrunk.layers["ite_stimulated_q05"] - raw["ite_stimulated_q05"], moved, atol=1e-5)
+    np.testing.assert_allclose(shrunk.layers["ite_stimulated_q95"] - raw["ite_stimulated_q95"], moved, atol=1e-5)
+    # cells and genes asked for: the same numbers as the whole layer
+    cells, genes = np.arange(0, adata.n_obs, 7), list(nd.genes[[3, 10, 40]])
+    part = nd.estimate_ite(indices=cells, gene_list=genes, shrink="clusters").layers["ite_stimulated"]
+    np.testing.assert_allclose(part, shrunk.layers["ite_stimulated"][cells][:, [3, 10, 40]], atol=1e-5)
+    # the CATE reads the shrunk ITE when asked, the unshrunk one otherwise
+    full = np.array(shrunk.layers["ite_stimulated"])
+    for which, layer in (("clusters", full), (None, raw["ite_stimulated"])):
+        table = nd.estimate_cate("cell_type", shrink=which)
+        group = table["group"].iloc[0]
+        cells_of = (adata.obs["cell_type"].astype(str) == group).to_numpy()
+        np.testing.assert_allclose(table[table["group"] == group]["mean_ite"].to_numpy(), layer[cells_of].mean(0),
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="shrink must be"):
+        nd.estimate_ite(shrink="cluster")
