@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import anndata
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from ..matching import knn
 from ..shrinkage import fit_normal_mixture
 from . import _constants as K
 from .effects import CounterfactualDesign
-from .preprocess import _leiden
 
 #: the ``shrink=`` choices of :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite`
 SHRINK_CHOICES = ("clusters",)
@@ -40,7 +41,11 @@ MIN_CLUSTER_CELLS = 2
 
 
 def matching_space_clusters(space: np.ndarray, seed: int = 0, resolution: float = SHRINK_RESOLUTION) -> np.ndarray:
-    """Leiden clusters of the matching space (its 15-neighbour graph, gaussian kernel), every condition together.
+    """Leiden clusters of the matching space's 15-nearest-neighbour graph, every condition together.
+
+    The graph's edges are unweighted (a cell and its neighbours, both ways): NDreamer's embedding comes from
+    discrete codes, so many cells share one point, and scanpy's gaussian kernel, whose width is a cell's
+    distance to its neighbours, left every cell of such data alone in its cluster (nothing shrunk).
 
     Parameters
     ----------
@@ -55,12 +60,18 @@ def matching_space_clusters(space: np.ndarray, seed: int = 0, resolution: float 
         One integer label per cell (0, 1, ...).
     """
     space = np.asarray(space, dtype=np.float32)
-    if space.shape[0] < 3:
-        return np.zeros(space.shape[0], dtype=np.int64)
-    frame = anndata.AnnData(X=space)
-    sc.pp.neighbors(frame, n_neighbors=min(K.LEIDEN_NEIGHBOURS, space.shape[0] - 1), use_rep="X", random_state=seed,
-                    method="gauss", transformer="sklearn")
-    return _leiden(frame, resolution, seed).astype(np.int64)
+    n = space.shape[0]
+    if n < 3:
+        return np.zeros(n, dtype=np.int64)
+    _, neighbours = knn(space, space, k=min(K.LEIDEN_NEIGHBOURS, n - 1) + 1, device="auto")
+    rows = np.repeat(np.arange(n), neighbours.shape[1])
+    graph = sp.csr_matrix((np.ones(rows.size), (rows, neighbours.ravel())), shape=(n, n))
+    graph = graph.maximum(graph.T).tolil()
+    graph.setdiag(0)  # a cell is no neighbour of itself (with repeated points it need not come first)
+    frame = anndata.AnnData(obs=pd.DataFrame(index=np.arange(n).astype(str)))
+    sc.tl.leiden(frame, resolution=resolution, adjacency=graph.tocsr(), random_state=seed, flavor="igraph",
+                 n_iterations=K.LEIDEN_ITERATIONS, directed=False)
+    return frame.obs["leiden"].astype(int).to_numpy().astype(np.int64)
 
 
 def arm_weights(matches: dict, design: CounterfactualDesign, labels: np.ndarray, condition: str,
