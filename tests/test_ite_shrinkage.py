@@ -9,7 +9,7 @@ import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
 from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
-from pyro_scmodels.ndreamer.ite_shrinkage import arm_weights, cluster_effects
+from pyro_scmodels.ndreamer.ite_shrinkage import arm_weights, cluster_effects, matching_space_clusters
 from pyro_scmodels.shrinkage import fit_normal_mixture, scale_grid, shrink
 
 from ._ndreamer_tiny import tiny_nd
@@ -125,3 +125,15 @@ def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim):
                                    atol=1e-5)
     with pytest.raises(ValueError, match="shrink must be"):
         nd.estimate_ite(shrink="cluster")
+
+
+def test_clusters_form_where_many_cells_share_one_point():
+    """NDreamer's discrete codes put many cells on one point: the clusters still group them (a gaussian kernel
+    left each cell alone, and nothing was shrunk)."""
+    rng = np.random.default_rng(0)
+    points = np.repeat(rng.normal(0, 5, (12, 8)), 30, axis=0)  # 12 distinct points, 30 cells on each
+    labels = matching_space_clusters(points)
+    sizes = np.bincount(labels)
+    assert labels.shape == (360,) and 2 <= sizes.size <= 12 and sizes.min() >= 30
+    for point in range(12):  # the cells on one point share a cluster
+        assert np.unique(labels[point * 30:(point + 1) * 30]).size == 1
