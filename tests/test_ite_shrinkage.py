@@ -2,14 +2,17 @@
 
 import warnings
 
+import anndata
 import numpy as np
 import pytest
+from scipy import stats
 
 import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
 from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
-from pyro_scmodels.ndreamer.ite_shrinkage import arm_weights, cluster_effects, matching_space_clusters
+from pyro_scmodels.ndreamer import _constants as K
+from pyro_scmodels.ndreamer.ite_shrinkage import CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters
 from pyro_scmodels.shrinkage import fit_normal_mixture, scale_grid, shrink
 
 from ._ndreamer_tiny import tiny_nd
@@ -93,7 +96,7 @@ def test_cluster_effect_is_the_mean_ite_of_its_cells(modifier_sim, factual):
     assert (se > 0).mean() > 0.9 and np.isfinite(se).all()
 
 
-def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim):
+def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim, tmp_path):
     adata = modifier_sim
     nd = tiny_nd(adata)
     nd._set_embedding(adata.obsm["true_latent"])  # the true cell state: no training needed
@@ -106,15 +109,24 @@ def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim):
     after = M.effect_recovery(adata, shrunk.layers["ite_stimulated"], genes=nd.genes)
     assert after["false_effect_ratio"] < 0.6 * before["false_effect_ratio"]
     assert after["cate_r"] > before["cate_r"]
-    # the bounds move with the estimate, their width unchanged
+    # the bounds are centred on the shrunk estimate, their variance the matched one plus the cluster mean's posterior
     moved = shrunk.layers["ite_stimulated"] - raw["ite_stimulated"]
     assert np.abs(moved).max() > 0.01
-    np.testing.assert_allclose(shrunk.layers["ite_stimulated_q05"] - raw["ite_stimulated_q05"], moved, atol=1e-5)
-    np.testing.assert_allclose(shrunk.layers["ite_stimulated_q95"] - raw["ite_stimulated_q95"], moved, atol=1e-5)
+    low, ite, high = (np.array(shrunk.layers[f"ite_stimulated{s}"]) for s in ("_q05", "", "_q95"))
+    np.testing.assert_allclose((low + high) / 2, ite, atol=1e-5)
+    labels, fit = nd.effects.shrinkage(K.NEAREST_NEIGHBOR, K.BANDWIDTH, "stimulated")
+    t = stats.t.ppf(0.95, K.NEAREST_NEIGHBOR - 1)
+    raw_half = (raw["ite_stimulated_q95"] - raw["ite_stimulated_q05"]) / 2
+    np.testing.assert_allclose((high - low) / 2, np.sqrt(raw_half ** 2 + (t * fit.posterior_sd[labels]) ** 2), rtol=1e-4)
+    assert ((high - low) / 2 - raw_half).mean() > 1e-3
+    # the cells' clusters are recorded with the layers
+    np.testing.assert_array_equal(shrunk.obs[CLUSTER_KEY].to_numpy().astype(int), labels)
     # cells and genes asked for: the same numbers as the whole layer
     cells, genes = np.arange(0, adata.n_obs, 7), list(nd.genes[[3, 10, 40]])
-    part = nd.estimate_ite(indices=cells, gene_list=genes, shrink="clusters").layers["ite_stimulated"]
-    np.testing.assert_allclose(part, shrunk.layers["ite_stimulated"][cells][:, [3, 10, 40]], atol=1e-5)
+    part = nd.estimate_ite(indices=cells, gene_list=genes, interval=0.9, shrink="clusters")
+    for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
+        np.testing.assert_allclose(part.layers[layer], shrunk.layers[layer][cells][:, [3, 10, 40]], atol=1e-5)
+    np.testing.assert_array_equal(part.obs[CLUSTER_KEY].to_numpy().astype(int), labels[cells])
     # the CATE reads the shrunk ITE when asked, the unshrunk one otherwise
     full = np.array(shrunk.layers["ite_stimulated"])
     for which, layer in (("clusters", full), (None, raw["ite_stimulated"])):
@@ -125,6 +137,17 @@ def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim):
                                    atol=1e-5)
     with pytest.raises(ValueError, match="shrink must be"):
         nd.estimate_ite(shrink="cluster")
+    # written to disk block by block: the same shrunk layers and clusters
+    path = nd.write_effects(str(tmp_path / "effects.h5ad"), interval=0.9, chunk_cells=300, shrink="clusters")
+    written = anndata.read_h5ad(path)
+    for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
+        np.testing.assert_allclose(written.layers[layer], shrunk.layers[layer], atol=1e-5)
+    np.testing.assert_array_equal(written.obs[CLUSTER_KEY].to_numpy().astype(int), labels)
+    with pytest.raises(ValueError, match="shrink must be"):
+        nd.write_effects(str(tmp_path / "bad.h5ad"), shrink="genes")
+    # unshrunk layers carry no clusters
+    assert CLUSTER_KEY not in nd.estimate_ite().obs
+    assert CLUSTER_KEY not in anndata.read_h5ad(nd.write_effects(str(tmp_path / "raw.h5ad"))).obs
 
 
 def test_clusters_form_where_many_cells_share_one_point():

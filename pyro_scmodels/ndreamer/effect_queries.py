@@ -18,7 +18,7 @@ from . import _constants as K
 from ._persistence import write_effects_h5ad
 from .cate import CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
 from .effect_intervals import bound_names, interval_level, single_cell_groups
-from .ite_shrinkage import NO_SHRINK, SHRINK_CHOICES
+from .ite_shrinkage import CLUSTER_KEY, NO_SHRINK, SHRINK_CHOICES
 from .._selection import cell_positions, gene_positions
 
 
@@ -93,16 +93,21 @@ class EffectQueries:
         """A new AnnData of the cells and genes selected by :meth:`_selection`, with ``layers``."""
         obs = self.results.obs if cells is None else self.results.obs.iloc[cells]
         genes = self.genes if columns is None else self.genes[columns]
-        return anndata.AnnData(obs=obs.copy(), var=pd.DataFrame(index=genes), layers=layers)
+        # a shrunk estimate_ite's clusters belong to the layers stored in results, not to these
+        return anndata.AnnData(obs=obs.drop(columns=CLUSTER_KEY, errors="ignore"), var=pd.DataFrame(index=genes), layers=layers)
 
     def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list,
                     interval: float | None = None, shrink: str | None = None) -> anndata.AnnData:
         """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
         cells, columns = self._selection(indices, gene_list)
         effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns, interval)
-        if shrink is not None:
-            effects = self._shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth, cells, columns)
-        return self._subset_result(cells, columns, {n: effects[n] for n in names})
+        if shrink is None:
+            return self._subset_result(cells, columns, {n: effects[n] for n in names})
+        effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth, cells, columns,
+                                      None if interval is None else interval_level(interval))
+        result = self._subset_result(cells, columns, effects)
+        self._record_clusters(result.obs, nearest_neighbor, bandwidth, cells)
+        return result
 
     def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
                                indices=None, gene_list=None) -> anndata.AnnData:
@@ -130,17 +135,10 @@ class EffectQueries:
         self.results.layers["batch_effect"] = effects["batch_effect"]
         return self.results
 
-    def _shrunk(self, effects: dict, nearest_neighbor: int, bandwidth: float, cells, columns) -> dict:
-        """``effects`` with every ITE layer (and its bounds) moved by its cluster's shrinkage; new arrays (the cached
-        effects are left as they are)."""
-        shrunk = dict(effects)
-        for c in self.design.treatments:
-            labels, offsets = self.effects.shrinkage(nearest_neighbor, bandwidth, c)
-            offset = offsets[labels if cells is None else labels[cells]]
-            offset = offset if columns is None else offset[:, columns]
-            for name in [n for n in effects if n == f"ite_{c}" or n.startswith(f"ite_{c}_q")]:
-                shrunk[name] = effects[name] + offset  # the bounds move with the estimate: their width is unchanged
-        return shrunk
+    def _record_clusters(self, obs: pd.DataFrame, nearest_neighbor: int, bandwidth: float, cells=None) -> None:
+        """``obs[CLUSTER_KEY]``: the cluster whose shrinkage moved each cell's ITE."""
+        labels, _ = self.effects.shrinkage(nearest_neighbor, bandwidth, self.design.treatments[0])
+        obs[CLUSTER_KEY] = pd.Categorical(labels if cells is None else labels[cells])
 
     def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
                      indices=None, gene_list=None, interval: float | None = None,
@@ -163,15 +161,18 @@ class EffectQueries:
             ``NDreamer(..., factual="matched")``). The control cells' entries of the same types and genes
             are covered less, 83-86 % in the RegularizedVI latent (three seeds): their counterfactual comes
             from treated matches whose state differs from theirs. Entries with no true effect are covered
-            99.7 %. Needs ``nearest_neighbor >= 2``. With ``shrink``, the bounds move with the estimate and
-            keep their width: they do not include the prior's uncertainty.
+            99.7 %. Needs ``nearest_neighbor >= 2``. With ``shrink``, the bounds are centred on the shrunk
+            ITE and their variance is the matched one plus the posterior variance of the cell's cluster mean
+            (:func:`~pyro_scmodels.ndreamer.ite_shrinkage.widened_bounds`); they leave out the uncertainty of
+            the fitted prior itself (its weights and centre are taken as known).
         shrink
             ``None`` (default): the matched ITE as it is. ``"clusters"``: empirical-Bayes shrinkage of each
             cluster's mean ITE across genes (docs/ndreamer.md, "Shrunk effects"). The cells are clustered
             by Leiden (resolution 0.5) on the matching space, every condition together; per cluster and gene
             the mean ITE gets a standard error from the matching, a prior (the median over genes plus a
             normal scale mixture, fitted across genes) is fitted, and every cell of the cluster moves by the
-            posterior mean minus the mean, so differences between its cells are kept. It assumes that within
+            posterior mean minus the mean, so differences between its cells are kept. Each cell's cluster is
+            recorded in ``obs["ite_shrinkage_cluster"]`` of the result. It assumes that within
             a cluster most genes respond little or not at all and the rest share a few scales. On
             ``datasets.simulate(3000, 500, effect_modifier=1.0)`` it cut the false effect in
             non-responding types and raised CATE r (benchmarks/RESULTS.md, "Shrunk matched effects").
@@ -189,8 +190,12 @@ class EffectQueries:
         if indices is not None or gene_list is not None:
             return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval, shrink)
         effects = self._effects(nearest_neighbor, bandwidth, interval)
+        if CLUSTER_KEY in self.results.obs:  # an earlier call's: these layers may not be shrunk
+            del self.results.obs[CLUSTER_KEY]
         if shrink is not None:
-            effects = self._shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth, None, None)
+            effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth,
+                                          level=None if interval is None else interval_level(interval))
+            self._record_clusters(self.results.obs, nearest_neighbor, bandwidth)
         # bounds of an earlier call (another k or level) would not belong to these effects
         for c in self.design.treatments:
             for stale in [n for n in self.results.layers if n.startswith(f"ite_{c}_q")]:
@@ -204,7 +209,7 @@ class EffectQueries:
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
                       chunk_cells: int = K.WRITE_CHUNK_CELLS, overwrite: bool = False,
-                      interval: float | None = None, indices=None, gene_list=None) -> str:
+                      interval: float | None = None, indices=None, gene_list=None, shrink: str | None = None) -> str:
         """Write denoised expression, batch effect and every ITE of every cell to an ``.h5ad``, in blocks of cells.
 
         For data too large for cells x genes arrays in memory: each block of ``chunk_cells`` cells is
@@ -228,6 +233,9 @@ class EffectQueries:
         indices, gene_list
             Only these cells (positions, a boolean mask or names; in the order given) and genes, as for
             :meth:`decompose_batch_effect`; default every cell and every gene.
+        shrink
+            As for :meth:`estimate_ite`: ``"clusters"`` shrinks every ITE (and widens its bounds); the file's
+            ``obs["ite_shrinkage_cluster"]`` then records each cell's cluster.
 
         Returns
         -------
@@ -238,10 +246,11 @@ class EffectQueries:
         if level is not None:
             _check_interval_neighbours(nearest_neighbor, self.design)
         chunk_cells = V.positive_int("chunk_cells", chunk_cells)
+        shrink = V.choice("shrink", shrink, SHRINK_CHOICES, allow_none=True)
         cells, columns = self._selection(indices, gene_list)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, chunk_cells, overwrite, level, cells,
-                                  columns)
+                                  columns, shrink)
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,

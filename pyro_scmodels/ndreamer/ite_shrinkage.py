@@ -17,11 +17,14 @@ count as often as they are used, which a spread of the per-cell ITEs over sqrt(n
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import anndata
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from scipy import stats
 
 from ..matching import knn
 from ..shrinkage import fit_normal_mixture
@@ -32,6 +35,8 @@ from .effects import CounterfactualDesign
 SHRINK_CHOICES = ("clusters",)
 #: the stored ITE layers' record of no shrinkage (an h5ad cannot store None)
 NO_SHRINK = "none"
+#: ``obs`` column of the results that records each cell's cluster when the ITE is shrunk
+CLUSTER_KEY = "ite_shrinkage_cluster"
 #: Leiden resolution of the clusters (NDreamer's low-resolution pseudo-labels use the same). Measured 2026-12-07
 #: on simulate(3000, 500, effect_modifier=1.0), six seeds (benchmarks/RESULTS.md, "NDreamer's CATE r"): 0.25-1.0
 #: all reach CATE r >= 0.974; finer clusters have larger standard errors and shrink real effects more (slope)
@@ -161,8 +166,17 @@ def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix) 
     return effect, np.sqrt(variance)
 
 
+class ClusterShrinkage(NamedTuple):
+    """Per cluster and gene (clusters x genes, float32): what shrinkage adds to the ITE of the cluster's cells, the
+    posterior sd of the cluster's mean ITE, and the standard error of its unshrunk mean."""
+
+    offset: np.ndarray
+    posterior_sd: np.ndarray
+    standard_error: np.ndarray
+
+
 def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, labels: np.ndarray, treatment: str,
-                      factual: str = "observed") -> np.ndarray:
+                      factual: str = "observed") -> ClusterShrinkage:
     """What shrinkage adds to the ITE of ``treatment`` of each cluster's cells, per gene.
 
     Parameters
@@ -180,10 +194,11 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
 
     Returns
     -------
-    numpy.ndarray
-        Clusters x genes, float32: per cluster, the posterior mean of its mean ITE (prior: the median over genes
-        plus a normal scale mixture fitted across genes) minus that mean. Zero for clusters of fewer than
-        ``MIN_CLUSTER_CELLS`` cells and for genes with no spread (standard error 0).
+    ClusterShrinkage
+        Clusters x genes, float32: ``offset``, per cluster the posterior mean of its mean ITE (prior: the median over
+        genes plus a normal scale mixture fitted across genes) minus that mean; ``posterior_sd``, that mean's
+        posterior sd; ``standard_error``, the raw mean's. Clusters of fewer than ``MIN_CLUSTER_CELLS`` cells are not
+        shrunk: offset 0, posterior sd equal to the standard error. Genes with no spread (standard error 0): all 0.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(design.condition),) or labels.min() < 0:
@@ -194,7 +209,7 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
     arms = [arm_weights(matches, design, labels, arm, common or design.batches_with[arm], factual)
             for arm in (treatment, design.control_name)]
     effect, standard_error = cluster_effects(expression, *arms)
-    offsets = np.zeros_like(effect)
+    offsets, posterior_sd = np.zeros_like(effect), standard_error.copy()
     sizes = np.bincount(labels, minlength=effect.shape[0])
     for cluster in np.flatnonzero(sizes >= MIN_CLUSTER_CELLS):
         beta, se = effect[cluster], standard_error[cluster]
@@ -202,5 +217,45 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
             continue
         # the median, not 0: a responding cluster's genes share a shift (composition, depth) that is no noise
         prior = fit_normal_mixture(beta, se, centre=float(np.median(beta)))
-        offsets[cluster] = prior.posterior(beta, se).mean - beta
-    return offsets.astype(np.float32)
+        posterior = prior.posterior(beta, se)
+        offsets[cluster], posterior_sd[cluster] = posterior.mean - beta, posterior.sd
+    return ClusterShrinkage(*(a.astype(np.float32) for a in (offsets, posterior_sd, standard_error)))
+
+
+def interval_dof(matches: dict, design: CounterfactualDesign, treatment: str) -> int:
+    """Degrees of freedom of the matched interval of ``treatment``'s ITE: the fewest matched cells, less one, in the
+    groups its two arms draw on (as :func:`~.effects.effects_of_cells` takes them)."""
+    common = design.common_batches(treatment)
+    return min(matches[design.group(b, arm)].indices.shape[1] - 1
+               for arm in (treatment, design.control_name) for b in (common or design.batches_with[arm]))
+
+
+def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, posterior_sd: np.ndarray, dof: int,
+                   level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shrunk ITE's interval: the matched interval's variance plus the cluster mean's posterior variance.
+
+    The matched bounds are ``ite -/+ t sqrt(v)`` (:func:`~.effect_intervals.interval_bounds`, ``t`` the Student t
+    quantile of ``level`` at ``dof``); the shrunk bounds are ``shrunk ite -/+ t sqrt(v + sd^2)``, ``sd`` the posterior
+    sd of the cell's cluster's mean ITE. ``v`` already holds the sampling noise of the cluster's raw mean, which the
+    posterior sd holds too: counted twice, on purpose (dropping it from ``v`` covered less on the simulator,
+    benchmarks/RESULTS.md, "Shrunk matched effects: the interval").
+
+    Parameters
+    ----------
+    estimate
+        The shrunk ITE (cells x genes).
+    low, high
+        The matched (unshrunk) bounds of the same entries.
+    posterior_sd
+        The posterior sd of each entry's cluster mean (cells x genes).
+    dof, level
+        The matched interval's degrees of freedom (:func:`interval_dof`) and level.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        The low and high bounds, float32.
+    """
+    t = stats.t.ppf(0.5 + level / 2, max(dof, 1))
+    half = np.sqrt(((high - low) / 2.0) ** 2 + (t * posterior_sd) ** 2)
+    return (estimate - half).astype(np.float32), (estimate + half).astype(np.float32)
