@@ -160,3 +160,22 @@ def test_clusters_form_where_many_cells_share_one_point():
     assert labels.shape == (360,) and 2 <= sizes.size <= 12 and sizes.min() >= 30
     for point in range(12):  # the cells on one point share a cluster
         assert np.unique(labels[point * 30:(point + 1) * 30]).size == 1
+
+
+def test_large_data_cluster_a_sample_and_the_rest_take_their_nearest_sampled_cell(monkeypatch):
+    """Above ``sample_cells`` Leiden sees only a sample (the graph of 10^6 cells cost more than the matching); every
+    cell still gets a cluster, the cells on one point the same one, numbered 0, 1, ... with none empty."""
+    from pyro_scmodels.ndreamer import ite_shrinkage
+
+    seen, leiden = [], ite_shrinkage.sc.tl.leiden
+    monkeypatch.setattr(ite_shrinkage.sc.tl, "leiden", lambda frame, **kw: (seen.append(frame.n_obs), leiden(frame, **kw)))
+    rng = np.random.default_rng(1)
+    points = np.repeat(rng.normal(0, 5, (12, 8)), 30, axis=0)
+    labels = matching_space_clusters(points, sample_cells=120)
+    assert seen == [120]
+    assert labels.shape == (360,) and set(np.unique(labels)) == set(range(labels.max() + 1)) and labels.max() >= 1
+    for point in range(12):
+        assert np.unique(labels[point * 30:(point + 1) * 30]).size == 1
+    np.testing.assert_array_equal(matching_space_clusters(points, sample_cells=120), labels)  # seeded
+    with pytest.raises(ValueError, match="sample_cells"):
+        matching_space_clusters(points, sample_cells=2)

@@ -26,6 +26,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from scipy import stats
 
+from .. import _validation as V
 from ..matching import knn
 from ..shrinkage import fit_normal_mixture
 from . import _constants as K
@@ -41,40 +42,59 @@ CLUSTER_KEY = "ite_shrinkage_cluster"
 #: on simulate(3000, 500, effect_modifier=1.0), six seeds (benchmarks/RESULTS.md, "NDreamer's CATE r"): 0.25-1.0
 #: all reach CATE r >= 0.974; finer clusters have larger standard errors and shrink real effects more (slope)
 SHRINK_RESOLUTION = 0.5
+#: most cells clustered; above, a random sample is and the others take their nearest sampled cell's cluster
+CLUSTER_SAMPLE_CELLS = 50_000
 #: fewest cells a cluster needs to be shrunk (the spreads need two cells; smaller clusters keep their ITE)
 MIN_CLUSTER_CELLS = 2
 
 
-def matching_space_clusters(space: np.ndarray, seed: int = 0, resolution: float = SHRINK_RESOLUTION) -> np.ndarray:
+def matching_space_clusters(space: np.ndarray, seed: int = 0, resolution: float = SHRINK_RESOLUTION,
+                            sample_cells: int = CLUSTER_SAMPLE_CELLS) -> np.ndarray:
     """Leiden clusters of the matching space's 15-nearest-neighbour graph, every condition together.
 
     The graph's edges are unweighted (a cell and its neighbours, both ways): NDreamer's embedding comes from
     discrete codes, so many cells share one point, and scanpy's gaussian kernel, whose width is a cell's
     distance to its neighbours, left every cell of such data alone in its cluster (nothing shrunk).
+    Above ``sample_cells`` cells, a random sample of that many is clustered and every cell takes the cluster of
+    its nearest sampled cell: the graph of every cell cost more time and memory than the matching at 10^6 cells
+    (benchmarks/RESULTS.md, "Shrunk matched effects: the interval, the scale").
 
     Parameters
     ----------
     space
         Cells x components: the space the cells are matched in.
     seed, resolution
-        Leiden's random state and resolution.
+        The sample's and Leiden's random state, and Leiden's resolution.
+    sample_cells
+        Most cells clustered by Leiden (>= 3).
 
     Returns
     -------
     numpy.ndarray
-        One integer label per cell (0, 1, ...).
+        One integer label per cell (0, 1, ..., each used).
     """
     space = np.asarray(space, dtype=np.float32)
+    sample_cells = V.integer("sample_cells", sample_cells, minimum=3)
+    if space.shape[0] <= sample_cells:
+        return _leiden_clusters(space, seed, resolution)
+    sample = np.sort(np.random.default_rng(seed).choice(space.shape[0], sample_cells, replace=False))
+    _, nearest = knn(space, space[sample], k=1, device="auto")
+    # a sampled cluster may lose every cell to a point it shares with another: labels renumbered 0, 1, ...
+    return np.unique(_leiden_clusters(space[sample], seed, resolution)[nearest[:, 0]], return_inverse=True)[1]
+
+
+def _leiden_clusters(space: np.ndarray, seed: int, resolution: float) -> np.ndarray:
+    """Leiden labels of every cell of ``space`` (float32), on the unweighted kNN graph."""
     n = space.shape[0]
     if n < 3:
         return np.zeros(n, dtype=np.int64)
     _, neighbours = knn(space, space, k=min(K.LEIDEN_NEIGHBOURS, n - 1) + 1, device="auto")
     rows = np.repeat(np.arange(n), neighbours.shape[1])
-    graph = sp.csr_matrix((np.ones(rows.size), (rows, neighbours.ravel())), shape=(n, n))
-    graph = graph.maximum(graph.T).tolil()
-    graph.setdiag(0)  # a cell is no neighbour of itself (with repeated points it need not come first)
+    other = rows != neighbours.ravel()  # a cell is no neighbour of itself (with repeated points it need not come first)
+    graph = sp.csr_matrix((np.ones(int(other.sum())), (rows[other], neighbours.ravel()[other])), shape=(n, n))
+    graph = graph.maximum(graph.T)
     frame = anndata.AnnData(obs=pd.DataFrame(index=np.arange(n).astype(str)))
-    sc.tl.leiden(frame, resolution=resolution, adjacency=graph.tocsr(), random_state=seed, flavor="igraph",
+    sc.tl.leiden(frame, resolution=resolution, adjacency=graph, random_state=seed, flavor="igraph",
                  n_iterations=K.LEIDEN_ITERATIONS, directed=False)
     return frame.obs["leiden"].astype(int).to_numpy().astype(np.int64)
 
