@@ -13,6 +13,9 @@ matched cells' kernel weights, and the cell itself for its own batch and conditi
 ``factual="observed"``). Its standard error takes each arm's weights and the weighted spread of the cells
 they fall on, ``se^2 = sum_arms sum_j W_j^2 s^2``: cells shared as matches by many cells of the cluster
 count as often as they are used, which a spread of the per-cell ITEs over sqrt(n) ignores.
+
+With an interval, the shrunk ITE's bounds add the cluster mean's posterior variance to the matched interval's
+variance (:func:`widened_bounds`).
 """
 
 from __future__ import annotations
