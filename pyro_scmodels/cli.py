@@ -213,12 +213,12 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         # no cells x genes array of the whole data: the layers are computed and written a block of cells at a time
         nd.save(out, overwrite=True)
         nd.write_effects(os.path.join(out, "effects.h5ad"), args.nearest_neighbor, args.bandwidth, overwrite=True,
-                         interval=args.ite_interval)
+                         interval=args.ite_interval, shrink=args.shrink)
         wrote = (f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space']), "
                  f"{os.path.join(out, 'effects.h5ad')} (layers {layers}), the network")
     else:
         # the effects with an interval first: the batch decomposition is then read from the same cached result
-        nd.estimate_ite(args.nearest_neighbor, args.bandwidth, interval=args.ite_interval)
+        nd.estimate_ite(args.nearest_neighbor, args.bandwidth, interval=args.ite_interval, shrink=args.shrink)
         nd.decompose_batch_effect(args.nearest_neighbor, args.bandwidth)
         # the results are saved before CATE, so that a CATE problem loses nothing
         nd.save(out, overwrite=True)
@@ -228,7 +228,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     written = []
     for condition in (nd.design.treatments if args.cate_groupby else []):
         table = nd.estimate_cate(args.cate_groupby, condition, nearest_neighbor=args.nearest_neighbor,
-                                 bandwidth=args.bandwidth)
+                                 bandwidth=args.bandwidth, shrink=args.shrink)
         with atomic_path(os.path.join(out, f"cate_{condition}.csv")) as temporary:
             table.to_csv(temporary, index=False)
         written.append(os.path.join(out, f"cate_{condition}.csv"))

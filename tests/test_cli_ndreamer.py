@@ -68,3 +68,27 @@ def test_ndreamer_help_names_the_files_cate_groupby_writes(capsys):
     entries = help_entries(capsys.readouterr().out)
     assert "cate_<condition>.csv" in entries["--cate-groupby"] and "ite_heatmap_<condition>.png" in entries["--cate-groupby"]
     assert "raw counts" in entries["--backed"] and "float32 CSR" in entries["--backed"]
+
+
+def test_ndreamer_shrink_option_writes_shrunk_effects_and_their_clusters(input_h5ad, tmp_path, capsys):
+    out = str(tmp_path / "nd")
+    base = ["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
+            "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--network", "small", "--device", "cpu",
+            "--quiet", "--ite-interval", "0.9"]
+    assert main([*base, "-o", out, "--shrink", "clusters"]) == 0
+    results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    assert results.uns["ite_matching"]["shrink"] == "clusters"
+    clusters = results.obs["ite_shrinkage_cluster"].to_numpy().astype(int)
+    assert clusters.shape == (results.n_obs,) and clusters.max() >= 1  # several clusters, one per cell
+    # the same layers as the saved NDreamer's estimate_ite(shrink="clusters")
+    again = ps.NDreamer.load(out, device="cpu").estimate_ite(interval=0.9, shrink="clusters")
+    for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
+        assert abs(results.layers[layer] - again.layers[layer]).max() < 1e-5
+    assert (again.obs["ite_shrinkage_cluster"].to_numpy().astype(int) == clusters).all()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices, as --network and --factual
+        main([*base, "-o", str(tmp_path / "bad"), "--shrink", "genes"])
+    assert exit_info.value.code == 2
+    assert "--shrink: invalid choice: 'genes'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(["ndreamer", "--help"])
+    assert "ite_shrinkage_cluster" in help_entries(capsys.readouterr().out)["--shrink"]

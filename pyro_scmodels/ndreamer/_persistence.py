@@ -34,6 +34,7 @@ from ..nn import is_legacy_identity_entry
 
 from .count_rows import LogNormalisedCounts
 from .effect_intervals import bound_names
+from .ite_shrinkage import CLUSTER_KEY
 from .losses import LossWeights
 
 EMBEDDING_KEY = "X_effect_modifier_space"
@@ -357,12 +358,13 @@ H5_CHUNK_VALUES = 2**20  # float32 values per HDF5 chunk (4 MiB): whole rows, so
 
 def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, chunk_cells: int,
                        overwrite: bool = False, interval: float | None = None, cells: np.ndarray | None = None,
-                       columns: np.ndarray | None = None) -> str:
+                       columns: np.ndarray | None = None, shrink: str | None = None) -> str:
     """Write ``nd``'s denoised expression, batch effect and ITE layers, ``chunk_cells`` cells at a time.
 
     The file is an ordinary ``.h5ad`` (obs, the genes as var, obsm, the layers), written under a temporary
     name and renamed when complete. Memory holds one block of cells x genes per layer. ``cells`` and
-    ``columns`` (positions; None for all) select the rows and genes written, in their order.
+    ``columns`` (positions; None for all) select the rows and genes written, in their order. ``shrink``
+    ``"clusters"``: the ITEs shrunk (:meth:`~.matched_effects.MatchedEffects.shrunk`), the clusters in ``obs``.
     """
     path = os.fspath(path)
     overwrite = V.boolean("overwrite", overwrite)
@@ -381,7 +383,11 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     n_cells, n_genes = len(cells), len(genes)
     obsm = {key: value.iloc[cells] if isinstance(value, pd.DataFrame) else value[cells]
             for key, value in nd.results.obsm.items()}
-    shell = anndata.AnnData(obs=nd.results.obs.iloc[cells].copy(), var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm)
+    obs = nd.results.obs.iloc[cells].drop(columns=CLUSTER_KEY, errors="ignore")
+    if shrink is not None:  # the clusters are the matching space's, one set for every treatment
+        labels, _ = nd.effects.shrinkage(nearest_neighbor, bandwidth, nd.design.treatments[0])
+        obs[CLUSTER_KEY] = pd.Categorical(labels[cells])
+    shell = anndata.AnnData(obs=obs, var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm)
     with atomic_path(path) as temporary:
         shell.write_h5ad(temporary)
         with h5py.File(temporary, "a") as handle:
@@ -396,6 +402,8 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
             for start in range(0, n_cells, chunk_cells):
                 stop = min(start + chunk_cells, n_cells)
                 block = nd.effects.effects_of(nearest_neighbor, bandwidth, cells[start:stop], columns, interval=interval)
+                if shrink is not None:
+                    block = nd.effects.shrunk(block, nearest_neighbor, bandwidth, cells[start:stop], columns, interval)
                 for name in names:
                     datasets[name][start:stop] = block[name]
     return path

@@ -11,6 +11,7 @@ from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
 from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
+from .ite_shrinkage import ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets, widened_bounds
 
 
 class MatchedEffects:
@@ -45,6 +46,8 @@ class MatchedEffects:
         self.space: np.ndarray | None = None
         self._cache: dict[tuple[int, float, float | None], dict[str, np.ndarray]] = {}
         self._matches: dict[tuple[int, float], dict] = {}  # cells x k indices per group: small next to the effects
+        self._clusters: np.ndarray | None = None  # of the matching space, for the ITE's shrinkage
+        self._offsets: dict[tuple[int, float, str], ClusterShrinkage] = {}  # clusters x genes per matching and treatment
 
     @property
     def factual(self) -> str:
@@ -76,6 +79,8 @@ class MatchedEffects:
         self.embedding = self.space = None
         self._cache.clear()
         self._matches.clear()
+        self._clusters = None
+        self._offsets.clear()
 
     def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
         """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
@@ -145,6 +150,62 @@ class MatchedEffects:
             return {name: cached[name][rows][:, columns] for name in names}
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
                                 factual=self._factual, ite_of=ite_of)
+
+    def shrinkage(self, nearest_neighbor: int, bandwidth: float, treatment: str) -> tuple[np.ndarray, ClusterShrinkage]:
+        """The clusters of the matching space and what shrinkage adds to each one's ITE of ``treatment``.
+
+        Both found once (per matching, for the offsets) and kept until the representation changes.
+
+        Returns
+        -------
+        (numpy.ndarray, ClusterShrinkage)
+            The cluster of every cell, and the clusters x genes offsets, posterior sds and standard errors
+            (:func:`~.ite_shrinkage.shrinkage_offsets`).
+        """
+        key = self._key(nearest_neighbor, bandwidth)
+        matches = self.matches(*key)  # before the clusters: it refuses a missing representation
+        if self._clusters is None:
+            self._clusters = matching_space_clusters(self.space, self.seed)
+        if (*key, treatment) not in self._offsets:
+            self._offsets = {k: v for k, v in self._offsets.items() if k[:2] == key}  # one matching's offsets kept
+            self._offsets[(*key, treatment)] = shrinkage_offsets(self.expression, matches, self.design, self._clusters,
+                                                                 treatment, self._factual)
+        return self._clusters, self._offsets[(*key, treatment)]
+
+    def shrunk(self, effects: dict, nearest_neighbor: int, bandwidth: float, cells=None, columns=None,
+               level: float | None = None) -> dict:
+        """``effects`` of some cells and genes with every ITE shrunk by its cluster (``estimate_ite(shrink="clusters")``).
+
+        Parameters
+        ----------
+        effects
+            Layers of the cells and genes asked for (as :meth:`effects_of` gives them); new arrays replace the ITEs.
+        nearest_neighbor, bandwidth
+            The matching the effects come from.
+        cells, columns
+            Positions of those cells and genes (None: all).
+        level
+            The level of the bounds in ``effects`` (None: no bounds): they are rebuilt by
+            :func:`~.ite_shrinkage.widened_bounds` around the shrunk ITE.
+
+        Returns
+        -------
+        dict
+            ``effects`` with ``ite_<condition>`` moved by its cluster's offset, and its bounds widened.
+        """
+        out = dict(effects)
+        for c in [c for c in self.design.treatments if f"ite_{c}" in effects]:
+            labels, fit = self.shrinkage(nearest_neighbor, bandwidth, c)
+            rows = labels if cells is None else labels[np.asarray(cells)]
+            columns_kept = np.arange(fit.offset.shape[1]) if columns is None else np.asarray(columns)
+            offset, sd = (a[np.ix_(rows, columns_kept)] for a in (fit.offset, fit.posterior_sd))
+            out[f"ite_{c}"] = effects[f"ite_{c}"] + offset
+            bounds = [f"ite_{c}_{b}" for b in bound_names(level)] if level is not None else []
+            if bounds and bounds[0] in effects:
+                dof = interval_dof(self.matches(nearest_neighbor, bandwidth), self.design, c)
+                out[bounds[0]], out[bounds[1]] = widened_bounds(out[f"ite_{c}"], effects[bounds[0]],
+                                                                effects[bounds[1]], sd, dof, level)
+        return out
 
     @staticmethod
     def _key(nearest_neighbor, bandwidth) -> tuple[int, float]:
