@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 import pyro_scmodels as ps
 
@@ -13,16 +14,20 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (setup.cfg runs one worker a core), each worker's torch gets its share of the cores.
+    """Under pytest-xdist (setup.cfg runs one worker a core), each worker's thread pools get its share of the cores.
 
-    Without it every worker would start one torch thread a core, and two workers on two cores would run four threads
-    that wait on each other. Processes the tests start (the CLI's) inherit the share through ``OMP_NUM_THREADS``.
+    Without it every worker would start one thread a core in each of torch's, faiss's and the BLAS libraries' pools,
+    and two workers on two cores would run their threads over each other (their waiting threads spin, so the suite
+    took longer than one process). Pools loaded later (faiss) and processes the tests start (the CLI's, the
+    tutorials') read the share from the environment.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // workers)
-        os.environ["OMP_NUM_THREADS"] = str(share)
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(share)
+        threadpool_limits(limits=share)  # the pools already loaded (numpy's and scipy's BLAS, torch's OpenMP)
         torch.set_num_threads(share)
 
 

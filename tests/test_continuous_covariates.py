@@ -7,7 +7,7 @@ import torch
 
 import pyro_scmodels as ps
 from pyro_scmodels.data.source_state import state_digest
-from pyro_scmodels.ndreamer._persistence import model_digest
+from pyro_scmodels.ndreamer.attached_model import model_digest
 from pyro_scmodels.nn import Standardiser
 
 from . import _regularizedvi_small

@@ -17,7 +17,8 @@ from .. import _validation as V
 from .._labels import names_as_text
 from ..infer import resolve_device
 from . import _constants as K
-from ._persistence import LATENT, model_digest
+from ._persistence import LATENT
+from .attached_model import model_digest
 from .model_effects import checked_quantiles
 from .model_ite_width import HULL
 from .design import design_from_obs
