@@ -11,24 +11,30 @@ from threadpoolctl import threadpool_limits
 import pyro_scmodels as ps
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+#: the thread-pool sizes that OpenMP (torch, faiss) and the BLAS libraries read when they load
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def pytest_configure(config):
     """Under pytest-xdist (setup.cfg runs one worker a core), each worker's thread pools get its share of the cores.
 
     Without it every worker would start one thread a core in each of torch's, faiss's and the BLAS libraries' pools,
-    and two workers on two cores would run their threads over each other (their waiting threads spin, so the suite
-    took longer than one process). Pools loaded later (faiss) and processes the tests start (the CLI's, the
-    tutorials') read the share from the environment.
+    and two workers on two cores would run their threads over each other (the waiting threads spin: the suite took
+    longer than in one process). The controller sets the share in the environment before it starts the workers, so
+    that every pool reads it when its library loads (an OpenMP pool's size set later holds only for the thread that
+    set it; threads of the training loop's helpers started their own pools of two); processes the tests start (the
+    CLI's, the tutorials') inherit it too. A worker also limits the pools already loaded.
     """
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    worker = "PYTEST_XDIST_WORKER" in os.environ
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]) if worker else (getattr(config.option, "numprocesses", 0) or 0)
     if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // workers)
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        for name in THREAD_VARIABLES:
             os.environ[name] = str(share)
-        threadpool_limits(limits=share)  # the pools already loaded (numpy's and scipy's BLAS, torch's OpenMP)
-        torch.set_num_threads(share)
+        if worker:
+            threadpool_limits(limits=share)  # the pools already loaded (numpy's and scipy's BLAS, torch's OpenMP)
+            torch.set_num_threads(share)
 
 
 def shared_file(name: str) -> str:
