@@ -11,8 +11,8 @@ from threadpoolctl import threadpool_limits
 import pyro_scmodels as ps
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-#: the thread-pool sizes that OpenMP (torch, faiss) and the BLAS libraries read when they load
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: the thread-pool sizes that OpenMP (torch, faiss), the BLAS libraries and numba (scanpy's) read when they load
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def pytest_configure(config):
@@ -35,6 +35,15 @@ def pytest_configure(config):
         if worker:
             threadpool_limits(limits=share)  # the pools already loaded (numpy's and scipy's BLAS, torch's OpenMP)
             torch.set_num_threads(share)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_threads():
+    """Each test file starts at its xdist worker's share of torch's threads, whatever the file before left."""
+    share = os.environ.get("OMP_NUM_THREADS") if "PYTEST_XDIST_WORKER" in os.environ else None
+    if share is not None:
+        torch.set_num_threads(int(share))
+    yield
 
 
 def shared_file(name: str) -> str:
