@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                  "share of stimulated cells with ITE > 0, and with its 90 % interval (`interval=0.9`) above 0; the share "
                  "in which the gene is detected bounds the first (a treated cell's ITE is its observed expression minus "
                  "its matched controls').\n\n"
-                 "The last two shares with `estimate_ite(interval=0.9, shrink=\"clusters\")` (the bounds move with the "
-                 "estimate).\n\n"
+                 "The last two shares with `estimate_ite(interval=0.9, shrink=\"clusters\")` (the bounds widened by the "
+                 "cluster mean's posterior sd).\n\n"
                  "| gene | kept | ITE > 0 | q05 > 0 | ITE > 0, shrunk | q05 > 0, shrunk | detected |\n"
                  "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(kang_interferon(network))
                  + "\n\n")

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 import pyro_scmodels as ps
 
@@ -33,6 +32,8 @@ def pytest_configure(config):
         for name in THREAD_VARIABLES:
             os.environ[name] = str(share)
         if worker:
+            from threadpoolctl import threadpool_limits  # scikit-learn's dependency; only xdist's workers need it
+
             threadpool_limits(limits=share)  # the pools already loaded (numpy's and scipy's BLAS, torch's OpenMP)
             torch.set_num_threads(share)
 

@@ -277,7 +277,8 @@ class RegularizedVIModel(RegularizedVILogDensity, LocalPyroModule):
         """The terms of log p(x_n | mu_n) of the minibatch's counts that do not depend on mu, at ``theta``
         (:meth:`GammaPoissonMean.count_terms`): computed once for the draws of z that
         :meth:`~pyro_scmodels.models.regularizedvi_log_density.RegularizedVILogDensity.cell_log_joint` scores at the
-        same theta. A subclass whose :meth:`count_distribution` is not a ``GammaPoissonMean`` returns None."""
+        same theta. A subclass whose :meth:`count_distribution` is not a ``GammaPoissonMean`` must override this to
+        return None (``cell_log_joint`` then computes every term)."""
         return GammaPoissonMean.count_terms(batch[self.dims.counts_key], theta, *self._count_layout(batch))
 
     def _count_layout(self, batch: dict) -> tuple:
