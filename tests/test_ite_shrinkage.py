@@ -150,6 +150,17 @@ def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim, tmp_path):
     assert CLUSTER_KEY not in anndata.read_h5ad(nd.write_effects(str(tmp_path / "raw.h5ad"))).obs
 
 
+def test_a_new_representation_drops_the_old_clusters(modifier_sim):
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd.estimate_ite(shrink="clusters")
+    assert CLUSTER_KEY in nd.results.obs
+    nd._invalidate()  # what retraining or a new embedding does before the new representation is set
+    assert CLUSTER_KEY not in nd.results.obs  # it stayed beside the new space, and was saved
+
+
 def test_clusters_form_where_many_cells_share_one_point():
     """NDreamer's discrete codes put many cells on one point: the clusters still group them (a gaussian kernel
     left each cell alone, and nothing was shrunk)."""

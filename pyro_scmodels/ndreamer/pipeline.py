@@ -37,6 +37,7 @@ from ._persistence import EMBEDDING_KEY, NETWORK
 from .effect_queries import ITE_SETTINGS, EffectQueries, labels_of
 from .design import design_from_obs
 from .effects import FACTUAL_CHOICES, CounterfactualDesign
+from .ite_shrinkage import CLUSTER_KEY
 from .matched_effects import MatchedEffects
 from .save_load import NDreamerSaveLoad
 from .loss_layout import minibatch_layout
@@ -328,6 +329,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             del self.results.layers[layer]
         for key in [k for k in self.results.uns if k.startswith("cate_") or k == ITE_SETTINGS]:
             del self.results.uns[key]
+        self.results.obs.drop(columns=CLUSTER_KEY, errors="ignore", inplace=True)  # the old space's clusters (they stayed, saved)
 
     # --- embedding and effects ------------------------------------------------------------------
     def _set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
