@@ -301,8 +301,7 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
             for key, value in nd.results.obsm.items()}
     obs = nd.results.obs.iloc[cells].drop(columns=CLUSTER_KEY, errors="ignore")
     if shrink is not None:  # the clusters are the matching space's, one set for every treatment
-        labels, _ = nd.effects.shrinkage(nearest_neighbor, bandwidth, nd.design.treatments[0])
-        obs[CLUSTER_KEY] = pd.Categorical(labels[cells])
+        obs[CLUSTER_KEY] = pd.Categorical(nd.effects.clusters()[cells])
     shell = anndata.AnnData(obs=obs, var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm)
     with atomic_path(path) as temporary:
         shell.write_h5ad(temporary)

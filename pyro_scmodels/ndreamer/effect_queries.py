@@ -106,7 +106,7 @@ class EffectQueries:
         effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth, cells, columns,
                                       None if interval is None else interval_level(interval))
         result = self._subset_result(cells, columns, effects)
-        self._record_clusters(result.obs, nearest_neighbor, bandwidth, cells)
+        self._record_clusters(result.obs, cells)
         return result
 
     def decompose_batch_effect(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -135,9 +135,9 @@ class EffectQueries:
         self.results.layers["batch_effect"] = effects["batch_effect"]
         return self.results
 
-    def _record_clusters(self, obs: pd.DataFrame, nearest_neighbor: int, bandwidth: float, cells=None) -> None:
+    def _record_clusters(self, obs: pd.DataFrame, cells=None) -> None:
         """``obs[CLUSTER_KEY]``: the cluster whose shrinkage moved each cell's ITE."""
-        labels, _ = self.effects.shrinkage(nearest_neighbor, bandwidth, self.design.treatments[0])
+        labels = self.effects.clusters()
         obs[CLUSTER_KEY] = pd.Categorical(labels if cells is None else labels[cells])
 
     def estimate_ite(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -195,7 +195,7 @@ class EffectQueries:
         if shrink is not None:
             effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth,
                                           level=None if interval is None else interval_level(interval))
-            self._record_clusters(self.results.obs, nearest_neighbor, bandwidth)
+            self._record_clusters(self.results.obs)
         # bounds of an earlier call (another k or level) would not belong to these effects
         for c in self.design.treatments:
             for stale in [n for n in self.results.layers if n.startswith(f"ite_{c}_q")]:

@@ -113,6 +113,11 @@ class CounterfactualDesign:
         controls = set(self.batches_with[self.control_name])
         return [b for b in self.batches_with[treatment] if b in controls]
 
+    def ite_batches(self, treatment: str, arm: str) -> list[str]:
+        """The batches over which the ITE of ``treatment`` averages ``arm`` (the treatment or the control): the
+        :meth:`common_batches`, or, where none is common (a saved, confounded design), the arm's own."""
+        return self.common_batches(treatment) or self.batches_with[arm]
+
     def _warn_of_one_arm_batches(self) -> None:
         for treatment in self.treatments:
             common = self.common_batches(treatment)
@@ -299,9 +304,8 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     for c in design.treatments if ite_of is None else ite_of:
         # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference.
         # None in common (a saved, confounded design, loaded with a warning): each arm over its own batches
-        common = design.common_batches(c) or None
-        treated, control = (_full_arm(a) if common is None or common == design.batches_with[a] else
-                            _arm_over(common, a) for a in (c, design.control_name))
+        treated, control = (_full_arm(a) if design.ite_batches(c, a) == design.batches_with[a] else
+                            _arm_over(design.ite_batches(c, a), a) for a in (c, design.control_name))
         effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
         if level is not None:

@@ -228,8 +228,7 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
         raise ValueError(f"labels must hold one cluster (>= 0) per cell, {len(design.condition)} in all; got shape "
                          f"{labels.shape}.")
     # the ITE's two arms, over the batches holding both (each over its own when none does: a saved, confounded design)
-    common = design.common_batches(treatment)
-    arms = [arm_weights(matches, design, labels, arm, common or design.batches_with[arm], factual)
+    arms = [arm_weights(matches, design, labels, arm, design.ite_batches(treatment, arm), factual)
             for arm in (treatment, design.control_name)]
     effect, standard_error = cluster_effects(expression, *arms)
     offsets, posterior_sd = np.zeros_like(effect), standard_error.copy()
@@ -248,9 +247,8 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
 def interval_dof(matches: dict, design: CounterfactualDesign, treatment: str) -> int:
     """Degrees of freedom of the matched interval of ``treatment``'s ITE: the fewest matched cells, less one, in the
     groups its two arms draw on (as :func:`~.effects.effects_of_cells` takes them)."""
-    common = design.common_batches(treatment)
     return min(matches[design.group(b, arm)].indices.shape[1] - 1
-               for arm in (treatment, design.control_name) for b in (common or design.batches_with[arm]))
+               for arm in (treatment, design.control_name) for b in design.ite_batches(treatment, arm))
 
 
 def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, posterior_sd: np.ndarray, dof: int,

@@ -151,6 +151,15 @@ class MatchedEffects:
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
                                 factual=self._factual, ite_of=ite_of)
 
+    def clusters(self) -> np.ndarray:
+        """The cluster of every cell in the matching space (the ITE's shrinkage), found once per representation."""
+        if self.space is None:
+            raise ValueError("No representation yet: train NDreamer (or build it from a model) before asking for "
+                             "its clusters.")
+        if self._clusters is None:
+            self._clusters = matching_space_clusters(self.space, self.seed)
+        return self._clusters
+
     def shrinkage(self, nearest_neighbor: int, bandwidth: float, treatment: str) -> tuple[np.ndarray, ClusterShrinkage]:
         """The clusters of the matching space and what shrinkage adds to each one's ITE of ``treatment``.
 
@@ -164,8 +173,7 @@ class MatchedEffects:
         """
         key = self._key(nearest_neighbor, bandwidth)
         matches = self.matches(*key)  # before the clusters: it refuses a missing representation
-        if self._clusters is None:
-            self._clusters = matching_space_clusters(self.space, self.seed)
+        self.clusters()
         if (*key, treatment) not in self._offsets:
             self._offsets = {k: v for k, v in self._offsets.items() if k[:2] == key}  # one matching's offsets kept
             self._offsets[(*key, treatment)] = shrinkage_offsets(self.expression, matches, self.design, self._clusters,
