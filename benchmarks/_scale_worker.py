@@ -140,18 +140,18 @@ def infer(store: Path, n_cells: int, device: str = "cpu") -> dict:
     return {"infer_s": seconds, "infer_cells_per_s": n_cells / seconds}
 
 
-def ndreamer(store: Path, n_cells: int, device: str = "cpu") -> dict:
+def ndreamer(store: Path, n_cells: int, device: str = "cpu", shrink: str | None = None) -> dict:
     import pyro_scmodels as ps
 
     backed = _backed_model(store, n_cells)
     model = ps.RegularizedVI.load(str(store / f"model_{n_cells}"), adata=backed, device=device)
     start = time.perf_counter()
     nd = ps.NDreamer.from_model(model, condition_key="condition", control_name="control", batch_key="batch", device=device)
-    cate = nd.estimate_cate("cell_type")
+    cate = nd.estimate_cate("cell_type", shrink=shrink)
     cells = np.sort(np.random.default_rng(0).choice(n_cells, min(ITE_CELLS, n_cells), replace=False))
-    ite = nd.estimate_ite(indices=cells)
+    ite = nd.estimate_ite(indices=cells, shrink=shrink)
     seconds = time.perf_counter() - start
-    return {"ndreamer_s": seconds, "cate_rows": int(len(cate)), "ite_shape": list(ite.shape)}
+    return {"ndreamer_s": seconds, "cate_rows": int(len(cate)), "ite_shape": list(ite.shape), "shrink": shrink}
 
 
 def match(store: Path, n_cells: int, device: str = "cpu") -> dict:
@@ -180,12 +180,15 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--device", default="cpu", help="torch's and faiss' device for train, infer, ndreamer, match")
+    parser.add_argument("--shrink", default=None, help="the ndreamer stage's estimate_cate/estimate_ite shrink=")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.stage == "read":
         result = read_rates(store_path(args.store, args.n_cells))
     elif args.stage == "write":
         result = write_store(args.store, args.n_cells)
+    elif args.stage == "ndreamer":
+        result = ndreamer(args.store, args.n_cells, args.device, args.shrink)
     else:
         result = STAGES[args.stage](args.store, args.n_cells, args.device)
     result.update(stage=args.stage, n_cells=args.n_cells, device=args.device, wall_s=time.perf_counter() - start,

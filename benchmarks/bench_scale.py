@@ -56,11 +56,11 @@ def missing_inputs(store: Path, sizes: list[int], stages: list[str]) -> list[str
     return problems
 
 
-def run_stage(stage: str, store: Path, n_cells: int) -> dict:
+def run_stage(stage: str, store: Path, n_cells: int, shrink: str | None = None) -> dict:
     result = store / f"result_{stage}_{n_cells}.json"
     result.unlink(missing_ok=True)
     command = [sys.executable, str(HERE / "_scale_worker.py"), stage, "--store", str(store), "--n-cells", str(n_cells),
-               "--result", str(result)]
+               "--result", str(result)] + (["--shrink", shrink] if shrink and stage == "ndreamer" else [])
     out = run_in_child(command, result, HERE, {"stage": stage, "n_cells": n_cells})
     print(json.dumps(out), flush=True)
     return out
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: build the section from the stage results kept in --store")
+    parser.add_argument("--shrink", choices=["clusters"], default=None,
+                        help="the ndreamer stage shrinks its CATE and ITE (estimate_*(shrink=...))")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
@@ -123,7 +125,7 @@ def main() -> None:
         if not (args.store / f"cells_{n}.h5ad").exists():
             run_stage("write", args.store, n)
         for stage in args.stages:
-            results[(stage, n)] = run_stage(stage, args.store, n)
+            results[(stage, n)] = run_stage(stage, args.store, n, args.shrink)
     load_after = os.getloadavg()
     facts = hardware_facts()
     if not args.report_only:

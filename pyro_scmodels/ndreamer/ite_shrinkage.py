@@ -47,6 +47,8 @@ CLUSTER_KEY = "ite_shrinkage_cluster"
 SHRINK_RESOLUTION = 0.5
 #: most cells clustered; above, a random sample is and the others take their nearest sampled cell's cluster
 CLUSTER_SAMPLE_CELLS = 50_000
+#: cells whose matches are turned into cluster weights at a time (arm_weights)
+ARM_BLOCK_CELLS = 100_000
 #: fewest cells a cluster needs to be shrunk (the spreads need two cells; smaller clusters keep their ITE)
 MIN_CLUSTER_CELLS = 2
 
@@ -127,21 +129,25 @@ def arm_weights(matches: dict, design: CounterfactualDesign, labels: np.ndarray,
     """
     n_clusters, n_cells = int(labels.max()) + 1, len(labels)
     sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
-    cells = np.arange(n_cells)
-    rows, columns, values = [], [], []
+    share = 1.0 / (sizes[labels] * len(batches))  # each cell's part in its cluster's mean over the batches
+    total = sp.csr_matrix((n_clusters, n_cells))
     for b in batches:
         match = matches[design.group(b, condition)]
-        weights = match.weights_of(cells).astype(np.float64)
-        weights /= weights.sum(axis=1, keepdims=True)
-        share = 1.0 / (sizes[labels] * len(batches))  # each cell's part in its cluster's mean over the batches
         itself = (design.condition == condition) & (design.batch == b) if factual == "observed" else np.zeros(n_cells, bool)
-        weights[itself] = 0.0
-        rows += [np.repeat(labels, weights.shape[1]), labels[itself]]
-        columns += [match.indices.ravel(), cells[itself]]
-        values += [(weights * share[:, None]).ravel(), share[itself]]
-    # repeated (cluster, cell) pairs are summed by the conversion: a cell matched by many of the cluster's cells
-    return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
-                         shape=(n_clusters, n_cells))
+        # a block of cells at a time: the (cluster, matched cell) triplets of every cell at once took ~5 GB at 10^6
+        # cells; repeated pairs (a cell matched by many of the cluster's cells) are summed by each conversion
+        for start in range(0, n_cells, ARM_BLOCK_CELLS):
+            block = np.arange(start, min(start + ARM_BLOCK_CELLS, n_cells))
+            weights = match.weights_of(block).astype(np.float64)
+            weights /= weights.sum(axis=1, keepdims=True)
+            weights[itself[block]] = 0.0
+            weights *= share[block, None]
+            total = total + sp.csr_matrix(
+                (weights.ravel(), (np.repeat(labels[block], weights.shape[1]), match.indices[block].ravel())),
+                shape=(n_clusters, n_cells))
+        own = np.flatnonzero(itself)
+        total = total + sp.csr_matrix((share[own], (labels[own], own)), shape=(n_clusters, n_cells))
+    return total
 
 
 def _weighted_moments(weights: sp.csr_matrix, expression) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +155,8 @@ def _weighted_moments(weights: sp.csr_matrix, expression) -> tuple[np.ndarray, n
     a time (never a cells x genes dense array)."""
     n_clusters, n_genes = weights.shape[0], expression.shape[1]
     first, second = np.zeros((n_clusters, n_genes)), np.zeros((n_clusters, n_genes))
-    used = np.flatnonzero(np.asarray(abs(weights).sum(axis=0)).ravel() > 0)
+    weights = sp.csc_matrix(weights)  # columns sliced a block at a time: a CSR slice reads every row
+    used = np.flatnonzero(np.diff(weights.indptr) > 0)
     for start in range(0, used.size, K.READ_CHUNK_CELLS):
         block = used[start : start + K.READ_CHUNK_CELLS]
         rows = expression[block]
