@@ -190,6 +190,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     _check_device(args.device)
     if launched_world_size() > 1:
         raise ValueError(ONE_PROCESS_ONLY)
+    args.shrink = None if args.shrink == "none" else args.shrink  # the methods' value for no shrinkage
     out = _prepare_output(folder, args)
     # backed: .X stays on disk and is read in blocks of rows (layers are loaded by anndata)
     adata = read_h5ad(args.data, backed="r" if args.backed else None)

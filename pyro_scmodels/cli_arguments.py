@@ -228,11 +228,11 @@ def _add_ndreamer(sub) -> None:
     nd.add_argument("--ite-interval", type=float, default=None, metavar="LEVEL",
                     help="also write layers ite_<condition>_qLO / _qHI, the bounds of each ITE's interval at this level "
                          "(e.g. 0.9: q05 and q95) from the spread of the matched cells")
-    nd.add_argument("--shrink", choices=["clusters"], default=None,
-                    help="'clusters': empirical-Bayes shrinkage of each matching-space cluster's mean ITE across genes "
-                         "(fewer false effects, slightly smaller real ones; the interval widened by the cluster mean's "
-                         "posterior sd); obs column ite_shrinkage_cluster records the clusters (docs/ndreamer.md, "
-                         "'Shrunk effects'). Default: none")
+    nd.add_argument("--shrink", choices=["clusters", "none"], default="clusters",
+                    help="'clusters' (default): empirical-Bayes shrinkage of each matching-space cluster's mean ITE "
+                         "across genes (fewer false effects, slightly smaller real ones; the interval widened by the "
+                         "cluster mean's posterior sd); obs column ite_shrinkage_cluster records the clusters "
+                         "(docs/ndreamer.md, 'Shrunk effects'). 'none': the matched ITE unshrunk")
     nd.add_argument("--cate-groupby", default=None,
                     help="obs column (e.g. cell type): write cate_<condition>.csv and ite_heatmap_<condition>.png (one row per "
                          "group) for each treated condition")

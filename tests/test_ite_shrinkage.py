@@ -4,6 +4,7 @@ import warnings
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -96,14 +97,32 @@ def test_cluster_effect_is_the_mean_ite_of_its_cells(modifier_sim, factual):
     assert (se > 0).mean() > 0.9 and np.isfinite(se).all()
 
 
+def test_arm_weights_built_a_block_of_cells_at_a_time_equal_those_built_at_once(modifier_sim, monkeypatch):
+    """Blocks of 37 cells (the package uses 100,000, so that 10^6 cells need no all-cells triplets) sum the repeated
+    (cluster, matched cell) pairs across blocks to the same weights."""
+    from pyro_scmodels.ndreamer import ite_shrinkage
+
+    adata = modifier_sim
+    design = CounterfactualDesign(adata.obs["condition"].to_numpy(), "control", adata.obs["batch"].to_numpy())
+    matches = match_groups(adata.obsm["true_latent"], design.groups, k=5, device="cpu")
+    labels = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    batches = design.common_batches("stimulated")
+    whole = arm_weights(matches, design, labels, "stimulated", batches, "observed")
+    monkeypatch.setattr(ite_shrinkage, "ARM_BLOCK_CELLS", 37)
+    blocks = arm_weights(matches, design, labels, "stimulated", batches, "observed")
+    assert adata.n_obs > 37 * 10 and whole.nnz > 0
+    np.testing.assert_allclose(blocks.toarray(), whole.toarray(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(blocks.sum(axis=1)).ravel(), 1.0)
+
+
 def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim, tmp_path):
     adata = modifier_sim
     nd = tiny_nd(adata)
     nd._set_embedding(adata.obsm["true_latent"])  # the true cell state: no training needed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9).layers.items()}
-        shrunk = nd.estimate_ite(interval=0.9, shrink="clusters")
+        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9, shrink=None).layers.items()}
+        shrunk = nd.estimate_ite(interval=0.9)  # shrink="clusters", the default
     assert shrunk.uns["ite_matching"]["shrink"] == "clusters"
     before = M.effect_recovery(adata, raw["ite_stimulated"], genes=nd.genes)
     after = M.effect_recovery(adata, shrunk.layers["ite_stimulated"], genes=nd.genes)
@@ -146,8 +165,14 @@ def test_estimate_ite_shrink_lowers_the_false_effect(modifier_sim, tmp_path):
     with pytest.raises(ValueError, match="shrink must be"):
         nd.write_effects(str(tmp_path / "bad.h5ad"), shrink="genes")
     # unshrunk layers carry no clusters
-    assert CLUSTER_KEY not in nd.estimate_ite().obs
-    assert CLUSTER_KEY not in anndata.read_h5ad(nd.write_effects(str(tmp_path / "raw.h5ad"))).obs
+    assert CLUSTER_KEY not in nd.estimate_ite(shrink=None).obs
+    assert CLUSTER_KEY not in anndata.read_h5ad(nd.write_effects(str(tmp_path / "raw.h5ad"), shrink=None)).obs
+    # the default shrinks (every method: estimate_ite, estimate_cate and write_effects)
+    np.testing.assert_allclose(nd.estimate_ite(interval=0.9).layers["ite_stimulated"], full, atol=1e-6)
+    default = anndata.read_h5ad(nd.write_effects(str(tmp_path / "default.h5ad"), interval=0.9))
+    np.testing.assert_allclose(default.layers["ite_stimulated"], full, atol=1e-5)
+    np.testing.assert_array_equal(default.obs[CLUSTER_KEY].to_numpy().astype(int), labels)
+    pd.testing.assert_frame_equal(nd.estimate_cate("cell_type"), nd.estimate_cate("cell_type", shrink="clusters"))
 
 
 def test_a_new_representation_drops_the_old_clusters(modifier_sim):

@@ -57,6 +57,11 @@ CHECKPOINT_EVERY = 1  # passes between checkpoints
 # cells per block when reading the input (a backed .X is read from disk one block at a time)
 READ_CHUNK_CELLS = 10_000
 WRITE_CHUNK_CELLS = 10_000  # cells whose effects are computed and written at a time (NDreamer.write_effects)
+# the matched ITE's default shrinkage (ndreamer.ite_shrinkage). Measured on simulate(3000, 500, effect_modifier=1.0),
+# six seeds (benchmarks/RESULTS.md, "Shrunk matched effects ... the default"): CATE r 0.937-0.963 -> 0.976-0.980 and
+# the false effect 0.052-0.070 -> 0.006-0.011 in NDreamer's space, the same in a RegularizedVI latent; slope lower
+# by 0.01-0.03. None turns it off
+SHRINK = "clusters"
 
 MATCHING_PCA_COMPONENTS = 50
 # matched cells per group. k = 1 (causal matching, the public NDreamer's default) leaves the count
