@@ -190,3 +190,23 @@ def test_large_data_cluster_a_sample_and_the_rest_take_their_nearest_sampled_cel
     np.testing.assert_array_equal(matching_space_clusters(points, sample_cells=120), labels)  # seeded
     with pytest.raises(ValueError, match="sample_cells"):
         matching_space_clusters(points, sample_cells=2)
+
+
+def test_a_cluster_too_small_to_shrink_keeps_its_ite_and_its_matched_bounds(modifier_sim):
+    """A cell alone in its cluster is not shrunk: its ITE and its interval stay the matched ones (its interval was
+    widened by the posterior sd of a cluster mean that moved nothing)."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    labels = modifier_sim.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    labels[5] = labels.max() + 1  # cell 5 alone in its cluster
+    nd.effects._clusters = labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9).layers.items()}
+        shrunk = nd.estimate_ite(interval=0.9, shrink="clusters")
+    for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
+        np.testing.assert_array_equal(shrunk.layers[layer][5], raw[layer][5])
+    # the other cells' clusters are shrunk, and their bounds widened
+    widened = (shrunk.layers["ite_stimulated_q95"] - shrunk.layers["ite_stimulated_q05"]
+               - raw["ite_stimulated_q95"] + raw["ite_stimulated_q05"])
+    assert (np.delete(widened, 5, axis=0) > 1e-4).mean() > 0.5

@@ -252,14 +252,15 @@ def interval_dof(matches: dict, design: CounterfactualDesign, treatment: str) ->
 
 
 def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, posterior_sd: np.ndarray, dof: int,
-                   level: float) -> tuple[np.ndarray, np.ndarray]:
+                   level: float, shrunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The shrunk ITE's interval: the matched interval's variance plus the cluster mean's posterior variance.
 
     The matched bounds are ``ite -/+ t sqrt(v)`` (:func:`~.effect_intervals.interval_bounds`, ``t`` the Student t
     quantile of ``level`` at ``dof``); the shrunk bounds are ``shrunk ite -/+ t sqrt(v + sd^2)``, ``sd`` the posterior
     sd of the cell's cluster's mean ITE. ``v`` already holds the sampling noise of the cluster's raw mean, which the
     posterior sd holds too: counted twice, on purpose (dropping it from ``v`` covered less on the simulator,
-    benchmarks/RESULTS.md, "Shrunk matched effects: the interval").
+    benchmarks/RESULTS.md, "Shrunk matched effects: the interval"). A cell whose cluster was not shrunk (fewer than
+    ``MIN_CLUSTER_CELLS`` cells) keeps its ITE and so its matched bounds.
 
     Parameters
     ----------
@@ -271,6 +272,8 @@ def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, post
         The posterior sd of each entry's cluster mean (cells x genes).
     dof, level
         The matched interval's degrees of freedom (:func:`interval_dof`) and level.
+    shrunk
+        One boolean per row (cell): whether its cluster was shrunk (False: the matched bounds are returned).
 
     Returns
     -------
@@ -279,4 +282,7 @@ def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, post
     """
     t = stats.t.ppf(0.5 + level / 2, max(dof, 1))
     half = np.sqrt(((high - low) / 2.0) ** 2 + (t * posterior_sd) ** 2)
-    return (estimate - half).astype(np.float32), (estimate + half).astype(np.float32)
+    kept = ~np.asarray(shrunk, dtype=bool)[:, None]
+    # the unshrunk rows take the matched bounds themselves (rebuilt from their half-width they could move by rounding)
+    return (np.where(kept, low, estimate - half).astype(np.float32),
+            np.where(kept, high, estimate + half).astype(np.float32))
