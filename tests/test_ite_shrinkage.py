@@ -210,3 +210,28 @@ def test_a_cluster_too_small_to_shrink_keeps_its_ite_and_its_matched_bounds(modi
     widened = (shrunk.layers["ite_stimulated_q95"] - shrunk.layers["ite_stimulated_q05"]
                - raw["ite_stimulated_q95"] + raw["ite_stimulated_q05"])
     assert (np.delete(widened, 5, axis=0) > 1e-4).mean() > 0.5
+
+
+def test_a_failing_shrunk_estimate_ite_leaves_the_earlier_result_whole(modifier_sim, monkeypatch):
+    """A failure part-way through estimate_ite changes nothing stored: the earlier layers, their clusters and record
+    stay together (the clusters were dropped before the new layers were computed)."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd.estimate_ite(interval=0.9, shrink="clusters")
+    layers = {n: np.array(v) for n, v in nd.results.layers.items()}
+    clusters, record = nd.results.obs[CLUSTER_KEY].copy(), dict(nd.results.uns["ite_matching"])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped part-way")
+
+    monkeypatch.setattr(nd.effects, "shrunk", fail)
+    for kwargs in (dict(interval=0.8, shrink="clusters"), dict(nearest_neighbor=3, shrink="clusters")):
+        with pytest.raises(RuntimeError, match="part-way"):
+            nd.estimate_ite(**kwargs)
+        assert sorted(nd.results.layers) == sorted(layers)
+        for name, values in layers.items():
+            np.testing.assert_array_equal(nd.results.layers[name], values)
+        assert CLUSTER_KEY in nd.results.obs and nd.results.obs[CLUSTER_KEY].equals(clusters)
+        assert dict(nd.results.uns["ite_matching"]) == record

@@ -190,18 +190,22 @@ class EffectQueries:
         if indices is not None or gene_list is not None:
             return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval, shrink)
         effects = self._effects(nearest_neighbor, bandwidth, interval)
-        if CLUSTER_KEY in self.results.obs:  # an earlier call's: these layers may not be shrunk
-            del self.results.obs[CLUSTER_KEY]
+        clusters = None
         if shrink is not None:
             effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth,
                                           level=None if interval is None else interval_level(interval))
-            self._record_clusters(self.results.obs)
+            clusters = pd.Categorical(self.effects.clusters())
+        # everything is computed: results change only from here, so a failure above leaves an earlier call's whole
+        # result (its layers, clusters and record) as it was
+        self.results.obs.drop(columns=CLUSTER_KEY, errors="ignore", inplace=True)  # these layers may not be shrunk
         # bounds of an earlier call (another k or level) would not belong to these effects
         for c in self.design.treatments:
             for stale in [n for n in self.results.layers if n.startswith(f"ite_{c}_q")]:
                 del self.results.layers[stale]
         for name in names:
             self.results.layers[name] = effects[name]
+        if clusters is not None:
+            self.results.obs[CLUSTER_KEY] = clusters
         # which matching the layers hold, so that a CATE of another matching does not read them
         self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth),
                                           "arms": ITE_ARMS, "shrink": shrink or NO_SHRINK}
