@@ -235,3 +235,20 @@ def test_a_failing_shrunk_estimate_ite_leaves_the_earlier_result_whole(modifier_
             np.testing.assert_array_equal(nd.results.layers[name], values)
         assert CLUSTER_KEY in nd.results.obs and nd.results.obs[CLUSTER_KEY].equals(clusters)
         assert dict(nd.results.uns["ite_matching"]) == record
+
+
+def test_write_effects_records_how_its_layers_were_made(modifier_sim, tmp_path):
+    """The file's uns says what estimate_ite's result says: the matching, the shrinkage and the interval's level."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = nd.write_effects(str(tmp_path / "shrunk.h5ad"), nearest_neighbor=3, bandwidth=2.0, interval=0.8,
+                                shrink="clusters")
+        plain = nd.write_effects(str(tmp_path / "plain.h5ad"), nearest_neighbor=4)
+        expected = dict(nd.estimate_ite(nearest_neighbor=3, bandwidth=2.0, interval=0.8, shrink="clusters").uns["ite_matching"])
+    record = dict(anndata.read_h5ad(path).uns["ite_matching"])
+    assert record == expected
+    assert (record["nearest_neighbor"], record["bandwidth"], record["shrink"], record["interval"]) == (3, 2.0, "clusters", 0.8)
+    record = dict(anndata.read_h5ad(plain).uns["ite_matching"])
+    assert record["shrink"] == "none" and record["nearest_neighbor"] == 4 and "interval" not in record

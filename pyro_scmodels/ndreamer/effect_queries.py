@@ -39,6 +39,16 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
+def ite_record(nearest_neighbor: int, bandwidth: float, shrink: str | None, level: float | None) -> dict:
+    """How ITE layers were made, as ``results.uns[ITE_SETTINGS]`` and a :meth:`~EffectQueries.write_effects` file's
+    ``uns`` record it: the matching, the arms' rule, the shrinkage (``"none"``: an h5ad stores no None) and, with
+    bounds, their level."""
+    record = {"nearest_neighbor": V.positive_int("nearest_neighbor", nearest_neighbor),
+              "bandwidth": V.positive_float("bandwidth", bandwidth), "arms": ITE_ARMS,
+              "shrink": shrink or NO_SHRINK}
+    return record if level is None else {**record, "interval": float(level)}
+
+
 def _check_interval_neighbours(nearest_neighbor, design) -> None:
     """Before any matching: an interval is estimated from the spread of at least two matched cells per group."""
     if V.positive_int("nearest_neighbor", nearest_neighbor) < 2:
@@ -207,8 +217,8 @@ class EffectQueries:
         if clusters is not None:
             self.results.obs[CLUSTER_KEY] = clusters
         # which matching the layers hold, so that a CATE of another matching does not read them
-        self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth),
-                                          "arms": ITE_ARMS, "shrink": shrink or NO_SHRINK}
+        self.results.uns[ITE_SETTINGS] = ite_record(nearest_neighbor, bandwidth, shrink,
+                                                    None if interval is None else interval_level(interval))
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -220,7 +230,9 @@ class EffectQueries:
         computed from the matches and written as rows of the file's layers, so memory holds one block.
         The file (``obs``, the genes as ``var``, ``obsm``, layers ``denoised``, ``batch_effect``,
         ``ite_<condition>``, and with ``interval`` its bounds) appears complete or not at all; read it with
-        ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk.
+        ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk. Its ``uns["ite_matching"]`` records
+        how the layers were made, as :meth:`estimate_ite` records it in ``results.uns``: ``nearest_neighbor``,
+        ``bandwidth``, ``shrink`` (``"none"``: not shrunk) and, with ``interval``, its level.
 
         Parameters
         ----------
@@ -254,7 +266,7 @@ class EffectQueries:
         cells, columns = self._selection(indices, gene_list)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, chunk_cells, overwrite, level, cells,
-                                  columns, shrink)
+                                  columns, shrink, uns={ITE_SETTINGS: ite_record(nearest_neighbor, bandwidth, shrink, level)})
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
