@@ -12,7 +12,8 @@ from pyro_scmodels import metrics as M
 from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
 from pyro_scmodels.ndreamer import _constants as K
-from pyro_scmodels.ndreamer.ite_shrinkage import CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters
+from pyro_scmodels.ndreamer.ite_shrinkage import (CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters,
+                                                  shrinkage_offsets)
 from pyro_scmodels.shrinkage import fit_normal_mixture, scale_grid, shrink
 
 from ._ndreamer_tiny import tiny_nd
@@ -252,3 +253,22 @@ def test_write_effects_records_how_its_layers_were_made(modifier_sim, tmp_path):
     assert (record["nearest_neighbor"], record["bandwidth"], record["shrink"], record["interval"]) == (3, 2.0, "clusters", 0.8)
     record = dict(anndata.read_h5ad(plain).uns["ite_matching"])
     assert record["shrink"] == "none" and record["nearest_neighbor"] == 4 and "interval" not in record
+
+
+def test_a_batch_shift_leaves_the_cluster_means_standard_error_as_it_is():
+    """Each batch counts in an arm's mean with a share fixed by the design: a batch's shift of level is no sampling
+    noise, and adding one changes neither the cluster's ITE nor its standard error (pooled over batches, the spread
+    held the shift, 20 times the noise here)."""
+    rng = np.random.default_rng(0)
+    n = 240
+    batch, condition = np.repeat(["b0", "b1"], n // 2), np.tile(["control", "stimulated"], n // 2)
+    design = CounterfactualDesign(condition, "control", batch)
+    state = rng.normal(0, 1, (n, 3)).astype(np.float32)
+    matches = match_groups(state, design.groups, k=5, device="cpu")
+    labels = (state[:, 0] > 0).astype(np.int64)
+    expression = rng.normal(0, 1, (n, 40))
+    shifted = expression + np.where(batch == "b1", 20.0, 0.0)[:, None]
+    plain, moved = (shrinkage_offsets(x, matches, design, labels, "stimulated") for x in (expression, shifted))
+    assert (plain.standard_error > 0).all()
+    np.testing.assert_allclose(moved.standard_error, plain.standard_error, rtol=1e-4)
+    np.testing.assert_allclose(moved.offset, plain.offset, atol=1e-4)
