@@ -7,7 +7,10 @@ from pyro_scmodels._stacklevel import PACKAGE_DIR, user_stacklevel
 
 # functions whose frames count as the package's: compiled under a file name inside its directory
 _PACKAGE_SOURCE = '''
+import contextlib
 import warnings
+
+import torch
 from pyro_scmodels._stacklevel import user_stacklevel
 
 def warn(message):
@@ -21,6 +24,18 @@ def level():
 
 def through(callback):
     return callback()
+
+@torch.no_grad()
+def decorated(message):
+    return deeper(message, 1)
+
+@contextlib.contextmanager
+def context():
+    yield
+
+@context()
+def in_context(message):
+    return warn(message)
 '''
 _package = {}
 exec(compile(_PACKAGE_SOURCE, PACKAGE_DIR + "_stacklevel_test_module.py", "exec"), _package)
@@ -51,3 +66,14 @@ def test_a_warning_of_the_users_callback_called_by_the_package_names_the_callbac
         warnings.simplefilter("always")
         line = _package["through"](callback)
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+def test_a_decorated_package_function_warns_at_the_users_line():
+    """``@torch.no_grad()`` (and a context manager used as a decorator) put a wrapper's frame between the user and the
+    package: the warning named torch's _contextlib.py."""
+    for call in (_package["decorated"], _package["in_context"]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            call("through a wrapper")
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], call
