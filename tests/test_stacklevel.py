@@ -3,7 +3,10 @@
 import inspect
 import warnings
 
+import pyro_scmodels as ps
 from pyro_scmodels._stacklevel import PACKAGE_DIR, user_stacklevel
+
+from ._ndreamer_tiny import tiny_nd
 
 # functions whose frames count as the package's: compiled under a file name inside its directory
 _PACKAGE_SOURCE = '''
@@ -77,3 +80,25 @@ def test_a_decorated_package_function_warns_at_the_users_line():
             line = inspect.currentframe().f_lineno + 1
             call("through a wrapper")
         assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], call
+
+
+def _files_of(call, text: str) -> set:
+    """The files named by the warnings holding ``text`` that ``call()`` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return {w.filename for w in caught if text in str(w.message)}
+
+
+def test_not_trained_warnings_name_the_users_line():
+    """A query of an untrained model or NDreamer warns at the user's line, whichever public method was called (a
+    fixed stacklevel named posterior_queries.py, ambient.py, effect_queries.py or torch's _contextlib.py)."""
+    adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+    nd = tiny_nd(adata)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, n_hidden=16, n_latent=4)
+    for call in (model.get_latent_representation, model.get_normalized_expression, model.get_ambient_fraction,
+                 model.get_library_size, model.check_trained, lambda: model.posterior_predictive(num_samples=1)):
+        assert _files_of(call, "has not been trained") == {__file__}, call
+    for call in (nd.estimate_ite, nd.get_modifier_space):  # through the effects' first embedding, and directly
+        assert _files_of(call, "has not been trained") == {__file__}, call
