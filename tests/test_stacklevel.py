@@ -90,9 +90,9 @@ def _files_of(call, text: str) -> set:
     return {w.filename for w in caught if text in str(w.message)}
 
 
-def test_not_trained_warnings_name_the_users_line():
-    """A query of an untrained model or NDreamer warns at the user's line, whichever public method was called (a
-    fixed stacklevel named posterior_queries.py, ambient.py, effect_queries.py or torch's _contextlib.py)."""
+def test_query_warnings_name_the_users_line():
+    """A query of a model or NDreamer (untrained, then trained) warns at the user's line, whichever public method was
+    called (a fixed stacklevel named posterior_queries.py, ambient.py, effect_queries.py or torch's _contextlib.py)."""
     adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
     nd = tiny_nd(adata)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
@@ -102,3 +102,13 @@ def test_not_trained_warnings_name_the_users_line():
         assert _files_of(call, "has not been trained") == {__file__}, call
     for call in (nd.estimate_ite, nd.get_modifier_space):  # through the effects' first embedding, and directly
         assert _files_of(call, "has not been trained") == {__file__}, call
+    # the warnings of a trained model's and NDreamer's queries (their fixed levels named regularizedvi.py,
+    # posterior_queries.py and effect_queries.py)
+    model.train(max_epochs=1, progress_bar=False)
+    nd._set_embedding(adata.obsm["true_latent"])
+    for call, text in ((lambda: model.get_normalized_expression(n_samples=2, return_mean=False, return_numpy=False),
+                        "return_mean=False"),
+                       (lambda: model.get_normalized_expression(transform_batch="batch_0"), "changes nothing"),
+                       (lambda: nd.estimate_ite(nearest_neighbor=1000), "more than the cells"),
+                       (lambda: nd.decompose_batch_effect(nearest_neighbor=900, indices=[0, 1]), "more than the cells")):
+        assert _files_of(call, text) == {__file__}, text

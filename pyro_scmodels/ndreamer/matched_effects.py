@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
@@ -95,7 +96,7 @@ class MatchedEffects:
                 # a silent clip (results recorded under a k that was never used)
                 warnings.warn(f"nearest_neighbor={key[0]} is more than the cells of the largest batch x condition "
                               f"group ({sizes.max()}): each cell is matched with every cell of each group, the same "
-                              f"as nearest_neighbor={sizes.max()}.", UserWarning, stacklevel=3)
+                              f"as nearest_neighbor={sizes.max()}.", UserWarning, stacklevel=user_stacklevel())
             # device="auto": the matching module decides whether FAISS can use a GPU
             self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
             while len(self._matches) > self.max_cached:
