@@ -22,7 +22,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pyro_scmodels import datasets
+
 EMPTY_PREFIX = "empty_"
+EMPTIES_PER_CHANNEL = {"simulator": 2000, "spikein": 10000}  # simulated empty droplets for CellBender
+EMPTIES_INCLUDED = {"simulator": 300, "spikein": 3000}  # of those, analysed together with the cells
 
 
 def find_cellbender(path: str | None) -> str:
@@ -90,3 +94,51 @@ def background_of_channel(command: str, cells: sp.csr_matrix, empties: sp.csr_ma
         share, profile = read_background(output, cell_names)
     # CellBender analyses the droplets it ranks highest; a cell it left out has no share (NaN), and is counted
     return {"share": share, "profile": profile, "seconds": seconds, "unanalysed": int(np.isnan(share).sum())}
+
+
+# --- the two designs of bench_ambient.py, one run per channel ---------------------------------------
+def cellbender_simulator(adata, command: str, epochs: int, threads: int, seed: int = 1) -> dict:
+    """CellBender once per batch, each with that batch's simulated empty droplets."""
+    counts = sp.csr_matrix(adata.layers["counts"])
+    batch = adata.obs["batch"].to_numpy()
+    levels = list(adata.obs["batch"].cat.categories)
+    empties = datasets.simulate_empty_droplets(adata, n_droplets=EMPTIES_PER_CHANNEL["simulator"], seed=seed)
+    share, profiles, seconds, unanalysed = np.full(adata.n_obs, np.nan), [], 0.0, 0
+    for b in levels:
+        cells = np.flatnonzero(batch == b)
+        run = background_of_channel(command, counts[cells], sp.csr_matrix(empties.X[empties.obs["batch"].to_numpy() == b]),
+                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["simulator"])
+        share[cells] = run["share"]
+        profiles.append(run["profile"])
+        seconds, unanalysed = seconds + run["seconds"], unanalysed + run["unanalysed"]
+    return {"share": share, "profile": np.stack(profiles, 1), "seconds": seconds, "unanalysed": unanalysed}
+
+
+def soup_droplets(adata, n: int, mean_counts: float, rng) -> sp.csr_matrix:
+    """``n`` empty droplets of the added soup, ``mean_counts`` counts each on average (log-normal sd 0.3)."""
+    sizes = np.maximum(1, np.round(mean_counts * rng.lognormal(0.0, 0.3, n))).astype(np.int64)
+    return sp.csr_matrix(np.stack([rng.multinomial(size, adata.uns["soup"]) for size in sizes]))
+
+
+def cellbender_spikein(adata, command: str, epochs: int, threads: int, per_group: bool, seed: int = 1) -> dict:
+    """CellBender on the spiked cells, with empty droplets of the added soup.
+
+    CellBender assumes every droplet of a channel takes up the same amount of soup (times a droplet
+    efficiency). One channel (``per_group`` False): all cells, empty droplets at the mean amount added.
+    One channel per spiked group (``per_group``): each group's cells with empty droplets at that
+    group's amount; the 0 % group has no soup to draw empty droplets from and is left out (NaN).
+    """
+    rng = np.random.default_rng(seed)
+    counts, n = sp.csr_matrix(adata.X), EMPTIES_PER_CHANNEL["spikein"]
+    if not per_group:
+        return background_of_channel(command, counts, soup_droplets(adata, n, adata.obs["added_counts"].mean(), rng),
+                                     adata.var_names, adata.obs_names, epochs, threads, EMPTIES_INCLUDED["spikein"])
+    share, seconds, unanalysed = np.full(adata.n_obs, np.nan), 0.0, 0
+    spike = adata.obs["spike"].to_numpy()
+    for level in adata.obs["spike"].cat.categories[1:]:  # the first is the 0 % group
+        cells = np.flatnonzero(spike == level)
+        soup_counts = float(adata.obs["added_counts"].to_numpy()[cells].mean())
+        run = background_of_channel(command, counts[cells], soup_droplets(adata, n // 4, soup_counts, rng),
+                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["spikein"] // 4)
+        share[cells], seconds, unanalysed = run["share"], seconds + run["seconds"], unanalysed + run["unanalysed"]
+    return {"share": share, "seconds": seconds, "unanalysed": unanalysed}

@@ -54,14 +54,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyro
-import scipy.sparse as sp
 import pyro.distributions as dist
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _cellbender import background_of_channel, find_cellbender  # noqa: E402
+from _cellbender import cellbender_simulator, cellbender_spikein, find_cellbender  # noqa: E402
 from _common import hardware_facts, now, update_results  # noqa: E402
 
 from pyro_scmodels import RegularizedPriors, RegularizedVI, datasets  # noqa: E402
@@ -77,8 +76,6 @@ PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_10x_3chem
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GLOBAL_LR_FACTOR = 5.0
 LATENT_INDEPENDENCE = 10.0  # the weight of the documented integration setup (docs/models.md)
-EMPTIES_PER_CHANNEL = {"simulator": 2000, "spikein": 10000}  # simulated empty droplets for CellBender
-EMPTIES_INCLUDED = {"simulator": 300, "spikein": 3000}  # of those, analysed together with the cells
 
 
 # --- the learned-scale prior (an experiment, not a package option) -------------------------
@@ -115,7 +112,6 @@ class LearnedScaleVI(RegularizedVI):
 def simulated(n_cells: int, n_genes: int, seed: int = 0):
     return datasets.simulate(n_cells=n_cells, n_genes=n_genes, n_batches=len(FRACTIONS), n_markers_per_type=10,
                              n_responding_genes=20, ambient_fractions=FRACTIONS, seed=seed)
-
 
 
 def spiked_pbmc(n_genes: int = 1000, seed: int = 0, added_as: str = "per-count"):
@@ -228,23 +224,6 @@ def log_profile_r(fitted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([M.pearson(np.log(fitted[:, k]), np.log(truth[:, k])) for k in range(truth.shape[1])]))
 
 
-def cellbender_simulator(adata, command: str, epochs: int, threads: int, seed: int = 1) -> dict:
-    """CellBender once per batch, each with that batch's simulated empty droplets."""
-    counts = sp.csr_matrix(adata.layers["counts"])
-    batch = adata.obs["batch"].to_numpy()
-    levels = list(adata.obs["batch"].cat.categories)
-    empties = datasets.simulate_empty_droplets(adata, n_droplets=EMPTIES_PER_CHANNEL["simulator"], seed=seed)
-    share, profiles, seconds, unanalysed = np.full(adata.n_obs, np.nan), [], 0.0, 0
-    for b in levels:
-        cells = np.flatnonzero(batch == b)
-        run = background_of_channel(command, counts[cells], sp.csr_matrix(empties.X[empties.obs["batch"].to_numpy() == b]),
-                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["simulator"])
-        share[cells] = run["share"]
-        profiles.append(run["profile"])
-        seconds, unanalysed = seconds + run["seconds"], unanalysed + run["unanalysed"]
-    return {"share": share, "profile": np.stack(profiles, 1), "seconds": seconds, "unanalysed": unanalysed}
-
-
 def measure_simulator(name: str, n_cells: int, n_genes: int, epochs: int, lr: float, seed: int = 0,
                       cellbender: str | None = None, threads: int = 1) -> dict:
     adata = simulated(n_cells, n_genes, seed)
@@ -274,36 +253,6 @@ def measure_simulator(name: str, n_cells: int, n_genes: int, epochs: int, lr: fl
         "type_ari": np.nan if z is None else M.cluster_ari(z, adata.obs["cell_type"]),
         "seconds": seconds,
     }
-
-
-def soup_droplets(adata, n: int, mean_counts: float, rng) -> sp.csr_matrix:
-    """``n`` empty droplets of the added soup, ``mean_counts`` counts each on average (log-normal sd 0.3)."""
-    sizes = np.maximum(1, np.round(mean_counts * rng.lognormal(0.0, 0.3, n))).astype(np.int64)
-    return sp.csr_matrix(np.stack([rng.multinomial(size, adata.uns["soup"]) for size in sizes]))
-
-
-def cellbender_spikein(adata, command: str, epochs: int, threads: int, per_group: bool, seed: int = 1) -> dict:
-    """CellBender on the spiked cells, with empty droplets of the added soup.
-
-    CellBender assumes every droplet of a channel takes up the same amount of soup (times a droplet
-    efficiency). One channel (``per_group`` False): all cells, empty droplets at the mean amount added.
-    One channel per spiked group (``per_group``): each group's cells with empty droplets at that
-    group's amount; the 0 % group has no soup to draw empty droplets from and is left out (NaN).
-    """
-    rng = np.random.default_rng(seed)
-    counts, n = sp.csr_matrix(adata.X), EMPTIES_PER_CHANNEL["spikein"]
-    if not per_group:
-        return background_of_channel(command, counts, soup_droplets(adata, n, adata.obs["added_counts"].mean(), rng),
-                                     adata.var_names, adata.obs_names, epochs, threads, EMPTIES_INCLUDED["spikein"])
-    share, seconds, unanalysed = np.full(adata.n_obs, np.nan), 0.0, 0
-    spike = adata.obs["spike"].to_numpy()
-    for level in adata.obs["spike"].cat.categories[1:]:  # the first is the 0 % group
-        cells = np.flatnonzero(spike == level)
-        soup_counts = float(adata.obs["added_counts"].to_numpy()[cells].mean())
-        run = background_of_channel(command, counts[cells], soup_droplets(adata, n // 4, soup_counts, rng),
-                                    adata.var_names, adata.obs_names[cells], epochs, threads, EMPTIES_INCLUDED["spikein"] // 4)
-        share[cells], seconds, unanalysed = run["share"], seconds + run["seconds"], unanalysed + run["unanalysed"]
-    return {"share": share, "seconds": seconds, "unanalysed": unanalysed}
 
 
 def measure_spikein(name: str, epochs: int, lr: float, seed: int = 0, cellbender: str | None = None,

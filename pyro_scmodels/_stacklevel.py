@@ -15,8 +15,20 @@ import sys
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+#: files of the decorator wrappers that package functions are called through (``@torch.no_grad()``, a
+#: ``contextlib.contextmanager`` used as a decorator): ``warnings.warn`` counts their frames, and a warning that stopped
+#: at them named torch's ``_contextlib.py``
+WRAPPER_FILES = (os.sep + os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
+
+
 def _inside_package(frame) -> bool:
     return os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR)
+
+
+def _passed_through(frame) -> bool:
+    """A frame between the package's frames: the package's own, or a decorator's wrapper calling a package function
+    (the walk only reaches a wrapper from the package function it called)."""
+    return _inside_package(frame) or frame.f_code.co_filename.endswith(WRAPPER_FILES)
 
 
 def _internal(frame) -> bool:
@@ -37,7 +49,8 @@ def user_stacklevel() -> int:
     int
         1 when the caller of this function is itself outside the package (the warning points at its own line);
         otherwise 1 plus the number of package frames between it and the first frame outside the package, counted as
-        ``warnings.warn`` counts them (skipping the import machinery's frames). When every frame is inside the
+        ``warnings.warn`` counts them (skipping the import machinery's frames; a decorator's wrapper around a package
+        function, e.g. ``@torch.no_grad()``, counts as a package frame). When every frame is inside the
         package, one past the outermost, which ``warnings.warn`` reports as ``sys``.
 
     Examples
@@ -50,7 +63,7 @@ def user_stacklevel() -> int:
     """
     frame = sys._getframe(1)  # the frame calling warnings.warn: stacklevel=1
     level = 1
-    while frame is not None and _inside_package(frame):
+    while frame is not None and _passed_through(frame):
         frame = frame.f_back
         while frame is not None and _internal(frame):
             frame = frame.f_back

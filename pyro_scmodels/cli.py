@@ -11,22 +11,20 @@ Only rank 0 writes the output folder.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import shutil
 import sys
 
 import numpy as np
 
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
-from ._io import InputFileError, OutputFolder, OutputPathError, read_h5ad
+from ._io import InputFileError, OutputFolder, read_h5ad
 from ._labels import names_as_text
-from .checkpoints import CHECKPOINT_FILE
 from .cli_arguments import in_option_names, check_arguments, parse_arguments
 from .cli_launch import (launch_torchrun, leave_process_group, rank_prefix, read_for_the_launch_check,
                          stop_signals_as_interrupt)
+from .cli_output import RESULT_NAMES, discard_earlier_outputs, prepare_output, remove_superseded
 from .distributed import launched_world_size
 from .elbo import CompileUnavailableError
 from .training import NonFiniteError
@@ -45,72 +43,6 @@ class _CurrentStderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
         pass
-
-
-# names inside an output folder that mark results of an earlier run
-RESULT_NAMES = ("results.h5ad", "model", "checkpoint", "network.pt", "ndreamer")
-#: other files the commands write into the output folder (an input file there would be replaced)
-WRITTEN_FILES = ("effects.h5ad", "history.csv")
-
-
-def _prepare_output(folder: OutputFolder, args) -> str:
-    """Check the output folder before any work (writable, not a file, no earlier results unless allowed, and not
-    where the input file lies)."""
-    data = getattr(args, "data", None)
-    if data is not None:
-        _check_input_is_not_an_output(data, folder.path)
-    _check_resumable(folder, args)
-    return folder.check(overwrite=args.overwrite, resume=getattr(args, "resume", False))
-
-
-def _check_input_is_not_an_output(data: str, out: str) -> None:
-    """Refuse an input file that the command would replace (e.g. ``-o`` its own folder with ``results.h5ad``)."""
-    relative = os.path.relpath(os.path.realpath(data), os.path.realpath(out))
-    first = relative.split(os.sep)[0]
-    if first != os.pardir and first in (*RESULT_NAMES, *WRITTEN_FILES):
-        raise OutputPathError(f"the input file {data} is where this command writes its results "
-                              f"({os.path.join(out, first)}); choose another output folder (-o) or move the input.")
-
-
-#: what the commands write into an output folder, removed by --overwrite: an earlier run's optional outputs (its
-#: CATE tables, heatmaps, effects file, NDreamer folder) stayed beside the new results
-EARLIER_OUTPUTS = ("results.h5ad", "effects.h5ad", "history.csv", "latent.png", "training_curve.png",
-                   "ndreamer_ite_heatmap.png", "model", "ndreamer", "checkpoint")
-EARLIER_OUTPUT_PATTERNS = ("cate_*.csv", "ite_heatmap_*.png")
-
-
-def _discard_earlier_outputs(out: str, args) -> None:
-    """On ``--overwrite`` (without ``--resume``), remove what an earlier run wrote into the folder, so that nothing of
-    it is left beside this run's results and this run does not resume from its checkpoint. Called once every input
-    check has passed, right before training: a run refused for its input keeps them. Other files are left alone."""
-    if getattr(args, "resume", False) or not args.overwrite:
-        return
-    from .ndreamer import discard_saved
-
-    discard_saved(out)  # an NDreamer saved into the folder (the ndreamer command), or a save of one interrupted
-    names = [*EARLIER_OUTPUTS, *(os.path.basename(p) for pattern in EARLIER_OUTPUT_PATTERNS
-                                 for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
-    for name in names:
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.isfile(path):
-            os.remove(path)
-
-
-def _check_resumable(folder: OutputFolder, args) -> None:
-    """``--resume`` into a folder of finished results without a checkpoint: refused (it replaced them with a new run)."""
-    checkpoint = os.path.join(folder.path, "checkpoint")
-    if not getattr(args, "resume", False) or os.path.isfile(os.path.join(checkpoint, CHECKPOINT_FILE)):
-        return
-    # a checkpoint folder without its file (a run stopped before its first checkpoint) is not a result: resuming
-    # starts afresh
-    earlier = [path for path in folder.earlier_results() if os.path.basename(path) != "checkpoint"]
-    if earlier:
-        raise OutputPathError(f"--resume: {folder.path} holds results ({', '.join(earlier)}) but no checkpoint to resume "
-                              "from; pass --overwrite to replace them with a new run, or choose another output folder.")
-    logging.getLogger("pyro_scmodels").warning(f"--resume: no checkpoint in {checkpoint}; training starts from the "
-                                               "beginning.")
 
 
 def _check_device(device: str) -> None:
@@ -152,8 +84,8 @@ def run_demo(args, folder: OutputFolder) -> dict:
     from . import demo
 
     _check_device(args.device)
-    out = _prepare_output(folder, args)
-    _discard_earlier_outputs(out, args)  # the demo's arguments are checked by now; it simulates its own input
+    out = prepare_output(folder, args)
+    discard_earlier_outputs(out, args)  # the demo's arguments are checked by now; it simulates its own input
     return demo.run(args, out, LATENT_KEY, lambda model, adata: _store_results(model, adata, args.write_normalized),
                     lambda model, adata, folder, colour_by: write_figures(model, adata, folder, colour_by, args.umap))
 
@@ -191,7 +123,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
     if launched_world_size() > 1:
         raise ValueError(ONE_PROCESS_ONLY)
     args.shrink = None if args.shrink == "none" else args.shrink  # the methods' value for no shrinkage
-    out = _prepare_output(folder, args)
+    out = prepare_output(folder, args)
     # backed: .X stays on disk and is read in blocks of rows (layers are loaded by anndata)
     adata = read_h5ad(args.data, backed="r" if args.backed else None)
     if args.cate_groupby is not None:
@@ -204,7 +136,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
                   factual=args.factual, **network_preset(args.network))
     if args.cate_groupby is not None:  # every treatment needs a group with both arms: checked before training
         _check_cate_groups(nd, adata.obs, args.cate_groupby)
-    _discard_earlier_outputs(out, args)
+    discard_earlier_outputs(out, args)
     nd.train(n_epochs=args.epochs, progress_bar=not args.quiet, checkpoint_dir=os.path.join(out, "checkpoint"))
     nd.get_modifier_space()
     layers = f"denoised, batch_effect, {', '.join('ite_' + c for c in nd.design.treatments)}"
@@ -225,7 +157,7 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         nd.save(out, overwrite=True)
         wrote = f"Wrote {os.path.join(out, 'results.h5ad')} (obsm['X_effect_modifier_space'], layers {layers}), the network"
     if args.resume:  # the earlier run's tables and files would not belong to this run's results: before any is written
-        _remove_superseded(out, {os.path.join(out, "effects.h5ad")} if args.backed else set())
+        remove_superseded(out, {os.path.join(out, "effects.h5ad")} if args.backed else set())
     written = []
     for condition in (nd.design.treatments if args.cate_groupby else []):
         table = nd.estimate_cate(args.cate_groupby, condition, nearest_neighbor=args.nearest_neighbor,
@@ -238,21 +170,6 @@ def run_ndreamer(args, folder: OutputFolder) -> None:
         written.append(plot_ite_heatmap(means.to_numpy(), nd.genes, means.index,
                                         os.path.join(out, f"ite_heatmap_{condition}.png"), condition=condition))
     print(wrote + (f", {', '.join(written)}." if written else "."))
-
-
-def _remove_superseded(out: str, written: set[str]) -> None:
-    """Once a resumed ``ndreamer`` run has saved its results, and before its CATE tables: remove the earlier run's
-    effects file (unless ``written``), CATE tables and heatmaps (they stayed beside the new results, up to 2.1 log
-    units off them; this run writes its own, if asked, after)."""
-    candidates = [os.path.join(out, "effects.h5ad"), *(p for pattern in EARLIER_OUTPUT_PATTERNS
-                                                        for p in glob.glob(os.path.join(glob.escape(out), pattern)))]
-    stale = [path for path in candidates if os.path.isfile(path) and path not in written]
-    for path in stale:
-        os.remove(path)
-    if stale:
-        logging.getLogger("pyro_scmodels").warning(
-            f"--resume: removed the earlier run's {', '.join(os.path.basename(p) for p in stale)} (they would not belong "
-            "to this run's results; the tables asked for are written again).")
 
 
 def _set_up(adata, args) -> None:
@@ -292,7 +209,7 @@ def run_fit(args, folder: OutputFolder) -> None:
     _check_device(args.device)
     writer = is_writer()
     # the other ranks of a torchrun launch read the same input, train, and leave the folder to rank 0
-    out = _prepare_output(folder, args) if writer else folder.path
+    out = prepare_output(folder, args) if writer else folder.path
     # backed: .X stays on disk and training reads it in shuffled chunks of cells (layers are loaded by anndata)
     adata = read_h5ad(args.data, backed="r" if args.backed else None)
     # everything is validated here, before training starts
@@ -303,7 +220,7 @@ def run_fit(args, folder: OutputFolder) -> None:
                           decoder_gene_scale=args.decoder_gene_scale,
                           ambient_shape_prior=args.ambient_shape_prior, ambient_profile=profile)
     if writer:
-        _discard_earlier_outputs(out, args)
+        discard_earlier_outputs(out, args)
     model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 global_lr_factor=args.global_lr_factor, checkpoint_dir=os.path.join(out, "checkpoint"), checkpoint_every=args.checkpoint_every,
                 progress_bar=not args.quiet, devices=args.devices, compile=args.compile)
@@ -371,7 +288,7 @@ def main(argv=None) -> int:
                 # the input file and the output folder are checked here, once, before the processes start: a
                 # refusal inside them came with torchrun's own report (a traceback) and exit code 1
                 _check_before_launch(args)
-                _prepare_output(folder, args)
+                prepare_output(folder, args)
                 return launch_torchrun(argv, args.devices)
             with stop_signals_as_interrupt():  # a scheduler's SIGTERM writes the checkpoint, as Ctrl-C does
                 commands[args.command](args, folder)

@@ -13,7 +13,8 @@ from pyro_scmodels import metrics as M
 from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
 from pyro_scmodels.ndreamer import _constants as K
-from pyro_scmodels.ndreamer.ite_shrinkage import CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters
+from pyro_scmodels.ndreamer.ite_shrinkage import (CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters,
+                                                  shrinkage_offsets)
 from pyro_scmodels.shrinkage import fit_normal_mixture, scale_grid, shrink
 
 from ._ndreamer_tiny import tiny_nd
@@ -215,3 +216,84 @@ def test_large_data_cluster_a_sample_and_the_rest_take_their_nearest_sampled_cel
     np.testing.assert_array_equal(matching_space_clusters(points, sample_cells=120), labels)  # seeded
     with pytest.raises(ValueError, match="sample_cells"):
         matching_space_clusters(points, sample_cells=2)
+
+
+def test_a_cluster_too_small_to_shrink_keeps_its_ite_and_its_matched_bounds(modifier_sim):
+    """A cell alone in its cluster is not shrunk: its ITE and its interval stay the matched ones (its interval was
+    widened by the posterior sd of a cluster mean that moved nothing)."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    labels = modifier_sim.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    labels[5] = labels.max() + 1  # cell 5 alone in its cluster
+    nd.effects._clusters = labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9).layers.items()}
+        shrunk = nd.estimate_ite(interval=0.9, shrink="clusters")
+    for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
+        np.testing.assert_array_equal(shrunk.layers[layer][5], raw[layer][5])
+    # the other cells' clusters are shrunk, and their bounds widened
+    widened = (shrunk.layers["ite_stimulated_q95"] - shrunk.layers["ite_stimulated_q05"]
+               - raw["ite_stimulated_q95"] + raw["ite_stimulated_q05"])
+    assert (np.delete(widened, 5, axis=0) > 1e-4).mean() > 0.5
+
+
+def test_a_failing_shrunk_estimate_ite_leaves_the_earlier_result_whole(modifier_sim, monkeypatch):
+    """A failure part-way through estimate_ite changes nothing stored: the earlier layers, their clusters and record
+    stay together (the clusters were dropped before the new layers were computed)."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd.estimate_ite(interval=0.9, shrink="clusters")
+    layers = {n: np.array(v) for n, v in nd.results.layers.items()}
+    clusters, record = nd.results.obs[CLUSTER_KEY].copy(), dict(nd.results.uns["ite_matching"])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped part-way")
+
+    monkeypatch.setattr(nd.effects, "shrunk", fail)
+    for kwargs in (dict(interval=0.8, shrink="clusters"), dict(nearest_neighbor=3, shrink="clusters")):
+        with pytest.raises(RuntimeError, match="part-way"):
+            nd.estimate_ite(**kwargs)
+        assert sorted(nd.results.layers) == sorted(layers)
+        for name, values in layers.items():
+            np.testing.assert_array_equal(nd.results.layers[name], values)
+        assert CLUSTER_KEY in nd.results.obs and nd.results.obs[CLUSTER_KEY].equals(clusters)
+        assert dict(nd.results.uns["ite_matching"]) == record
+
+
+def test_write_effects_records_how_its_layers_were_made(modifier_sim, tmp_path):
+    """The file's uns says what estimate_ite's result says: the matching, the shrinkage and the interval's level."""
+    nd = tiny_nd(modifier_sim)
+    nd._set_embedding(modifier_sim.obsm["true_latent"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = nd.write_effects(str(tmp_path / "shrunk.h5ad"), nearest_neighbor=3, bandwidth=2.0, interval=0.8,
+                                shrink="clusters")
+        plain = nd.write_effects(str(tmp_path / "plain.h5ad"), nearest_neighbor=4)
+        expected = dict(nd.estimate_ite(nearest_neighbor=3, bandwidth=2.0, interval=0.8, shrink="clusters").uns["ite_matching"])
+    record = dict(anndata.read_h5ad(path).uns["ite_matching"])
+    assert record == expected
+    assert (record["nearest_neighbor"], record["bandwidth"], record["shrink"], record["interval"]) == (3, 2.0, "clusters", 0.8)
+    record = dict(anndata.read_h5ad(plain).uns["ite_matching"])
+    assert record["shrink"] == "none" and record["nearest_neighbor"] == 4 and "interval" not in record
+
+
+def test_a_batch_shift_leaves_the_cluster_means_standard_error_as_it_is():
+    """Each batch counts in an arm's mean with a share fixed by the design: a batch's shift of level is no sampling
+    noise, and adding one changes neither the cluster's ITE nor its standard error (pooled over batches, the spread
+    held the shift, 20 times the noise here)."""
+    rng = np.random.default_rng(0)
+    n = 240
+    batch, condition = np.repeat(["b0", "b1"], n // 2), np.tile(["control", "stimulated"], n // 2)
+    design = CounterfactualDesign(condition, "control", batch)
+    state = rng.normal(0, 1, (n, 3)).astype(np.float32)
+    matches = match_groups(state, design.groups, k=5, device="cpu")
+    labels = (state[:, 0] > 0).astype(np.int64)
+    expression = rng.normal(0, 1, (n, 40))
+    shifted = expression + np.where(batch == "b1", 20.0, 0.0)[:, None]
+    plain, moved = (shrinkage_offsets(x, matches, design, labels, "stimulated") for x in (expression, shifted))
+    assert (plain.standard_error > 0).all()
+    np.testing.assert_allclose(moved.standard_error, plain.standard_error, rtol=1e-4)
+    np.testing.assert_allclose(moved.offset, plain.offset, atol=1e-4)

@@ -16,6 +16,7 @@ import torch
 from .. import _constants as C
 from .. import _validation as V
 from .._io import writable_folder
+from .._stacklevel import user_stacklevel
 from ..data import CellData
 from ..data.source_state import backed_files, changes, counts_on_disk, source_state
 from ._posterior import PosteriorMixin
@@ -32,7 +33,6 @@ from .persistence import SavedModel
 from .scvi_arguments import refuse_scvi_arguments
 from .train_options import KL_WARMUP_DEFAULT, checked_settings, external_split, merge_plan_kwargs, warmup_given
 from ..seeding import seeded
-
 
 
 class ModelAndGuide(torch.nn.Module):
@@ -355,11 +355,11 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
     # --- inference in minibatches --------------------------------------------------------------
     def _check_trained(self) -> None:
         if not self.is_trained:
-            warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=4)
+            warnings.warn("The model has not been trained; results reflect the initial parameters.", stacklevel=user_stacklevel())
         elif self.trainer is not None and self.trainer.interruption:
             warnings.warn(f"Training was interrupted: the model was {self.trainer.interruption}. Call train() again "
                           "with the same max_epochs to finish that call (it starts again from the last whole epoch).",
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
 
     @property
     def train_indices(self) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 
 from .. import _validation as V
 from .._selection import gene_positions
+from .._stacklevel import user_stacklevel
 
 
 def transform_covariates(model, transform_batch) -> list[dict | None]:
@@ -85,7 +86,7 @@ def _no_conditioning(model, items: list) -> list[None]:
     warnings.warn(
         "transform_batch changes nothing here: the decoder is not conditioned on covariates "
         "(nn_conditioning_covariate_keys), and the batch enters only through the ambient, scaling, dispersion and "
-        "library terms, which normalised expression already leaves out.", stacklevel=4
+        "library terms, which normalised expression already leaves out.", stacklevel=user_stacklevel()
     )
     return [None]
 
@@ -168,7 +169,7 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
     if rho.ndim == 3:
         if return_numpy is False:
             warnings.warn("return_mean=False with n_samples > 1 returns an array (samples x cells x features), "
-                          "as in scvi-tools.", stacklevel=3)
+                          "as in scvi-tools.", stacklevel=user_stacklevel())
         return rho
     if return_numpy:
         return rho

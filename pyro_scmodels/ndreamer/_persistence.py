@@ -274,13 +274,14 @@ H5_CHUNK_VALUES = 2**20  # float32 values per HDF5 chunk (4 MiB): whole rows, so
 
 def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, chunk_cells: int,
                        overwrite: bool = False, interval: float | None = None, cells: np.ndarray | None = None,
-                       columns: np.ndarray | None = None, shrink: str | None = None) -> str:
+                       columns: np.ndarray | None = None, shrink: str | None = None, uns: dict | None = None) -> str:
     """Write ``nd``'s denoised expression, batch effect and ITE layers, ``chunk_cells`` cells at a time.
 
     The file is an ordinary ``.h5ad`` (obs, the genes as var, obsm, the layers), written under a temporary
     name and renamed when complete. Memory holds one block of cells x genes per layer. ``cells`` and
     ``columns`` (positions; None for all) select the rows and genes written, in their order. ``shrink``
     ``"clusters"``: the ITEs shrunk (:meth:`~.matched_effects.MatchedEffects.shrunk`), the clusters in ``obs``.
+    ``uns``: the file's ``uns`` (how its layers were made).
     """
     path = os.fspath(path)
     overwrite = V.boolean("overwrite", overwrite)
@@ -302,7 +303,7 @@ def write_effects_h5ad(nd, path: str, nearest_neighbor: int, bandwidth: float, c
     obs = nd.results.obs.iloc[cells].drop(columns=CLUSTER_KEY, errors="ignore")
     if shrink is not None:  # the clusters are the matching space's, one set for every treatment
         obs[CLUSTER_KEY] = pd.Categorical(nd.effects.clusters()[cells])
-    shell = anndata.AnnData(obs=obs, var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm)
+    shell = anndata.AnnData(obs=obs, var=pd.DataFrame(index=names_as_text(genes)), obsm=obsm, uns=uns or {})
     with atomic_path(path) as temporary:
         shell.write_h5ad(temporary)
         with h5py.File(temporary, "a") as handle:

@@ -39,6 +39,16 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
+def ite_record(nearest_neighbor: int, bandwidth: float, shrink: str | None, level: float | None) -> dict:
+    """How ITE layers were made, as ``results.uns[ITE_SETTINGS]`` and a :meth:`~EffectQueries.write_effects` file's
+    ``uns`` record it: the matching, the arms' rule, the shrinkage (``"none"``: an h5ad stores no None) and, with
+    bounds, their level."""
+    record = {"nearest_neighbor": V.positive_int("nearest_neighbor", nearest_neighbor),
+              "bandwidth": V.positive_float("bandwidth", bandwidth), "arms": ITE_ARMS,
+              "shrink": shrink or NO_SHRINK}
+    return record if level is None else {**record, "interval": float(level)}
+
+
 def _check_interval_neighbours(nearest_neighbor, design) -> None:
     """Before any matching: an interval is estimated from the spread of at least two matched cells per group."""
     if V.positive_int("nearest_neighbor", nearest_neighbor) < 2:
@@ -192,21 +202,25 @@ class EffectQueries:
         if indices is not None or gene_list is not None:
             return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval, shrink)
         effects = self._effects(nearest_neighbor, bandwidth, interval)
-        if CLUSTER_KEY in self.results.obs:  # an earlier call's: these layers may not be shrunk
-            del self.results.obs[CLUSTER_KEY]
+        clusters = None
         if shrink is not None:
             effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth,
                                           level=None if interval is None else interval_level(interval))
-            self._record_clusters(self.results.obs)
+            clusters = pd.Categorical(self.effects.clusters())
+        # everything is computed: results change only from here, so a failure above leaves an earlier call's whole
+        # result (its layers, clusters and record) as it was
+        self.results.obs.drop(columns=CLUSTER_KEY, errors="ignore", inplace=True)  # these layers may not be shrunk
         # bounds of an earlier call (another k or level) would not belong to these effects
         for c in self.design.treatments:
             for stale in [n for n in self.results.layers if n.startswith(f"ite_{c}_q")]:
                 del self.results.layers[stale]
         for name in names:
             self.results.layers[name] = effects[name]
+        if clusters is not None:
+            self.results.obs[CLUSTER_KEY] = clusters
         # which matching the layers hold, so that a CATE of another matching does not read them
-        self.results.uns[ITE_SETTINGS] = {"nearest_neighbor": int(nearest_neighbor), "bandwidth": float(bandwidth),
-                                          "arms": ITE_ARMS, "shrink": shrink or NO_SHRINK}
+        self.results.uns[ITE_SETTINGS] = ite_record(nearest_neighbor, bandwidth, shrink,
+                                                    None if interval is None else interval_level(interval))
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -218,7 +232,9 @@ class EffectQueries:
         computed from the matches and written as rows of the file's layers, so memory holds one block.
         The file (``obs``, the genes as ``var``, ``obsm``, layers ``denoised``, ``batch_effect``,
         ``ite_<condition>``, and with ``interval`` its bounds) appears complete or not at all; read it with
-        ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk.
+        ``anndata.read_h5ad(path, backed="r")`` to keep the layers on disk. Its ``uns["ite_matching"]`` records
+        how the layers were made, as :meth:`estimate_ite` records it in ``results.uns``: ``nearest_neighbor``,
+        ``bandwidth``, ``shrink`` (``"none"``: not shrunk) and, with ``interval``, its level.
 
         Parameters
         ----------
@@ -252,7 +268,7 @@ class EffectQueries:
         cells, columns = self._selection(indices, gene_list)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, chunk_cells, overwrite, level, cells,
-                                  columns, shrink)
+                                  columns, shrink, uns={ITE_SETTINGS: ite_record(nearest_neighbor, bandwidth, shrink, level)})
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,

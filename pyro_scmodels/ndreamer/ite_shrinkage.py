@@ -11,8 +11,9 @@ kept; only the cluster's level is shrunk.
 The cluster's mean ITE is linear in the expression: each arm is a weighted sum of cells' values (the
 matched cells' kernel weights, and the cell itself for its own batch and condition with
 ``factual="observed"``). Its standard error takes each arm's weights and the weighted spread of the cells
-they fall on, ``se^2 = sum_arms sum_j W_j^2 s^2``: cells shared as matches by many cells of the cluster
-count as often as they are used, which a spread of the per-cell ITEs over sqrt(n) ignores.
+they fall on, ``se^2 = sum_arms sum_j W_j^2 s^2``, ``s^2`` taken within each batch (the design fixes each batch's
+share): cells shared as matches by many cells of the cluster count as often as they are used, which a spread of
+the per-cell ITEs over sqrt(n) ignores.
 
 With an interval, the shrunk ITE's bounds add the cluster mean's posterior variance to the matched interval's
 variance (:func:`widened_bounds`).
@@ -168,7 +169,8 @@ def _weighted_moments(weights: sp.csr_matrix, expression) -> tuple[np.ndarray, n
     return first, second
 
 
-def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix,
+                    strata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each cluster's mean ITE per gene and its standard error, from the two arms' weights.
 
     Parameters
@@ -177,22 +179,34 @@ def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix) 
         Log-normalised expression (cells x genes): dense, sparse or row store.
     treated, control
         :func:`arm_weights` of the two arms.
+    strata
+        One label per cell (its batch), or None: each arm's weight on a stratum is fixed by the design (its
+        batches count equally), so its variance is taken within each stratum and summed. Pooled over batches,
+        the spread also held the batches' differences of level, which are no sampling noise: with a strong
+        batch effect that inflated the standard error (benchmarks/RESULTS.md, "Shrinkage's standard error:
+        batches pooled or apart").
 
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
-        Clusters x genes: the mean ITE, and its standard error ``sqrt(sum_arms sum_j W_j^2 s^2)``, ``s^2``
-        the arm's weighted variance of the cells it draws on (corrected for the weights' effective size).
+        Clusters x genes: the mean ITE, and its standard error ``sqrt(sum_arms sum_strata sum_j W_j^2 s^2)``,
+        ``s^2`` the stratum's weighted variance of the arm's cells (corrected for the weights' effective size).
     """
     effect, variance = 0.0, 0.0
+    labels = np.zeros(treated.shape[1], dtype=np.int64) if strata is None else pd.factorize(np.asarray(strata))[0]
     for sign, weights in ((1.0, treated), (-1.0, control)):
-        mean, mean_square = _weighted_moments(weights, expression)
-        squared_weights = np.asarray(weights.multiply(weights).sum(axis=1))  # clusters x 1
-        # the weighted variance's small-sample correction 1 / (1 - sum w^2) (one cell: no spread, and no correction)
-        correction = 1.0 / np.maximum(1.0 - squared_weights, 1e-12)
-        spread = np.maximum(mean_square - mean ** 2, 0.0) * np.where(squared_weights < 1.0, correction, 0.0)
-        effect = effect + sign * mean
-        variance = variance + squared_weights * spread
+        for stratum in np.unique(labels):
+            part = sp.csr_matrix(weights.multiply((labels == stratum)[None, :]))
+            total = np.asarray(part.sum(axis=1))  # clusters x 1: the stratum's share of the arm's mean
+            first, second = _weighted_moments(part, expression)
+            scale = np.where(total > 0, total, 1.0)
+            mean, mean_square = first / scale, second / scale
+            squared_weights = np.asarray(part.multiply(part).sum(axis=1)) / scale ** 2  # sum of the normalised w^2
+            # the weighted variance's small-sample correction 1 / (1 - sum w^2) (one cell: no spread, and no correction)
+            correction = 1.0 / np.maximum(1.0 - squared_weights, 1e-12)
+            spread = np.maximum(mean_square - mean ** 2, 0.0) * np.where(squared_weights < 1.0, correction, 0.0)
+            effect = effect + sign * first
+            variance = variance + total ** 2 * squared_weights * spread
     return effect, np.sqrt(variance)
 
 
@@ -237,7 +251,7 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
     # the ITE's two arms, over the batches holding both (each over its own when none does: a saved, confounded design)
     arms = [arm_weights(matches, design, labels, arm, design.ite_batches(treatment, arm), factual)
             for arm in (treatment, design.control_name)]
-    effect, standard_error = cluster_effects(expression, *arms)
+    effect, standard_error = cluster_effects(expression, *arms, strata=design.batch)
     offsets, posterior_sd = np.zeros_like(effect), standard_error.copy()
     sizes = np.bincount(labels, minlength=effect.shape[0])
     for cluster in np.flatnonzero(sizes >= MIN_CLUSTER_CELLS):
@@ -259,14 +273,15 @@ def interval_dof(matches: dict, design: CounterfactualDesign, treatment: str) ->
 
 
 def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, posterior_sd: np.ndarray, dof: int,
-                   level: float) -> tuple[np.ndarray, np.ndarray]:
+                   level: float, shrunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The shrunk ITE's interval: the matched interval's variance plus the cluster mean's posterior variance.
 
     The matched bounds are ``ite -/+ t sqrt(v)`` (:func:`~.effect_intervals.interval_bounds`, ``t`` the Student t
     quantile of ``level`` at ``dof``); the shrunk bounds are ``shrunk ite -/+ t sqrt(v + sd^2)``, ``sd`` the posterior
     sd of the cell's cluster's mean ITE. ``v`` already holds the sampling noise of the cluster's raw mean, which the
     posterior sd holds too: counted twice, on purpose (dropping it from ``v`` covered less on the simulator,
-    benchmarks/RESULTS.md, "Shrunk matched effects: the interval").
+    benchmarks/RESULTS.md, "Shrunk matched effects: the interval"). A cell whose cluster was not shrunk (fewer than
+    ``MIN_CLUSTER_CELLS`` cells) keeps its ITE and so its matched bounds.
 
     Parameters
     ----------
@@ -278,6 +293,8 @@ def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, post
         The posterior sd of each entry's cluster mean (cells x genes).
     dof, level
         The matched interval's degrees of freedom (:func:`interval_dof`) and level.
+    shrunk
+        One boolean per row (cell): whether its cluster was shrunk (False: the matched bounds are returned).
 
     Returns
     -------
@@ -286,4 +303,7 @@ def widened_bounds(estimate: np.ndarray, low: np.ndarray, high: np.ndarray, post
     """
     t = stats.t.ppf(0.5 + level / 2, max(dof, 1))
     half = np.sqrt(((high - low) / 2.0) ** 2 + (t * posterior_sd) ** 2)
-    return (estimate - half).astype(np.float32), (estimate + half).astype(np.float32)
+    kept = ~np.asarray(shrunk, dtype=bool)[:, None]
+    # the unshrunk rows take the matched bounds themselves (rebuilt from their half-width they could move by rounding)
+    return (np.where(kept, low, estimate - half).astype(np.float32),
+            np.where(kept, high, estimate + half).astype(np.float32))

@@ -7,11 +7,13 @@ import warnings
 import numpy as np
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
 from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
-from .ite_shrinkage import ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets, widened_bounds
+from .ite_shrinkage import (MIN_CLUSTER_CELLS, ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets,
+                            widened_bounds)
 
 
 class MatchedEffects:
@@ -94,7 +96,7 @@ class MatchedEffects:
                 # a silent clip (results recorded under a k that was never used)
                 warnings.warn(f"nearest_neighbor={key[0]} is more than the cells of the largest batch x condition "
                               f"group ({sizes.max()}): each cell is matched with every cell of each group, the same "
-                              f"as nearest_neighbor={sizes.max()}.", UserWarning, stacklevel=3)
+                              f"as nearest_neighbor={sizes.max()}.", UserWarning, stacklevel=user_stacklevel())
             # device="auto": the matching module decides whether FAISS can use a GPU
             self._matches[key] = match_groups(self.space, self.design.groups, k=key[0], bandwidth=key[1], device="auto")
             while len(self._matches) > self.max_cached:
@@ -211,8 +213,9 @@ class MatchedEffects:
             bounds = [f"ite_{c}_{b}" for b in bound_names(level)] if level is not None else []
             if bounds and bounds[0] in effects:
                 dof = interval_dof(self.matches(nearest_neighbor, bandwidth), self.design, c)
+                shrunk = np.bincount(labels)[rows] >= MIN_CLUSTER_CELLS  # a smaller cluster keeps its ITE and bounds
                 out[bounds[0]], out[bounds[1]] = widened_bounds(out[f"ite_{c}"], effects[bounds[0]],
-                                                                effects[bounds[1]], sd, dof, level)
+                                                                effects[bounds[1]], sd, dof, level, shrunk)
         return out
 
     @staticmethod

@@ -27,6 +27,7 @@ import torch
 from .. import _validation as V
 from .._io import writable_folder
 from .._labels import names_as_text
+from .._stacklevel import user_stacklevel
 from ..checkpoints import CHECKPOINT_FILE
 from ..data import check_unique_names
 from ..distributed import launched_world_size
@@ -350,11 +351,11 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             return self.effects.embedding
         if (self.trainer is None or self.trainer.step == 0) and not self._saved_network:
             warnings.warn("This NDreamer has not been trained: its embedding, and every effect matched in it, come "
-                          "from a randomly initialised network. Call train() first.", UserWarning, stacklevel=2)
+                          "from a randomly initialised network. Call train() first.", UserWarning, stacklevel=user_stacklevel())
         elif self.trainer is not None and self.trainer.interruption:
             warnings.warn(f"Training was interrupted: the network was {self.trainer.interruption}. Call train() again "
                           "with the same n_epochs to finish that call (it starts again from the last whole pass).",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=user_stacklevel())
         # one block of cells densified at a time: never a cells x genes dense array
         step = self.settings["batch_size"]
         parts = [self.network.embed(torch.as_tensor(self.expression[start : start + step].toarray(), device=self.device)).cpu()
