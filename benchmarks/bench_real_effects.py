@@ -21,8 +21,11 @@ Needs ``../shared/data`` (the Kang et al. 2018 files). Four measurements (``--pa
    is positive and whose 90 % interval lies above 0, and matching in the model's z at the default k.
 4. Muscat Kang subset (2 donors): NDreamer on each donor alone; the correlation across genes of
    the two donors' mean ITE of stimulated cells (overall, and the mean over the 5 cell types), at
-   k = 1, k = 10 and the default k (also with ``shrink="clusters"``), against the correlation of the donors' pseudobulk log fold changes (log1p of
-   counts per 1e4 of summed cells).
+   k = 1, k = 10 and the default k with ``shrink=None``, and the default k with ``shrink="clusters"``,
+   against the correlation of the donors' pseudobulk log fold changes (log1p of counts per 1e4 of summed cells).
+
+``--factual observed|matched`` builds every NDreamer with that ``factual`` (how a treated cell's own batch and
+condition enter its ITE; default: NDreamer's own default).
 
 ``--quick`` uses the compact network (``network_preset("small")``, batch size 256) for NDreamer and
 ``QUICK_MODEL_EPOCHS`` epochs for the model route, and writes nothing unless ``--output`` is given. Torch runs on one thread.
@@ -50,6 +53,7 @@ import pyro_scmodels as ps  # noqa: E402
 from pyro_scmodels.ndreamer import NDreamer  # noqa: E402
 from pyro_scmodels.ndreamer import network_preset  # noqa: E402
 from pyro_scmodels.ndreamer._constants import NEAREST_NEIGHBOR  # noqa: E402
+from pyro_scmodels.ndreamer.effects import FACTUAL_CHOICES  # noqa: E402
 from pyro_scmodels.ndreamer.preprocess import log_normalise, variable_genes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -201,8 +205,10 @@ def muscat_reproducibility(network: dict) -> list[str]:
         tables.setdefault("pseudobulk log fold change", {})[donor] = by_type(
             lambda keep: pseudobulk_log_fold_change(cells.X[keep], stimulated[keep]))
         for k in sorted({1, 10, NEAREST_NEIGHBOR}):
-            ite = nd.estimate_ite(nearest_neighbor=k).layers["ite_stim"]
-            tables.setdefault(f"NDreamer mean ITE, k = {k}" + (" (default)" if k == NEAREST_NEIGHBOR else ""), {})[donor] = by_type(
+            # unshrunk, as the rows were named before shrink="clusters" became estimate_ite's default
+            ite = nd.estimate_ite(nearest_neighbor=k, shrink=None).layers["ite_stim"]
+            tables.setdefault(f"NDreamer mean ITE, k = {k}" + (" (default)" if k == NEAREST_NEIGHBOR else "")
+                              + ", shrink=None", {})[donor] = by_type(
                 lambda keep: ite[stimulated & keep].mean(0))
         shrunk = nd.estimate_ite(shrink="clusters").layers["ite_stim"]
         tables.setdefault(f"NDreamer mean ITE, k = {NEAREST_NEIGHBOR}, shrink=\"clusters\"", {})[donor] = by_type(
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="markdown file to update (default benchmarks/RESULTS.md)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="measurements to run (default all); a section of RESULTS.md is written only by a run of all its parts")
+    parser.add_argument("--factual", choices=FACTUAL_CHOICES, default=None,
+                        help="NDreamer(factual=...) for the interferon and donors parts (default: NDreamer's default)")
     parser.add_argument("--decoder-gene-scale", action="store_true",
                         help="the model part with RegularizedVI(decoder_gene_scale=True); written to its own section")
     args = parser.parse_args(argv)
@@ -232,12 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(1)
     network = {**network_preset("small"), "batch_size": 256} if args.quick else {}
+    if args.factual is not None:  # the network's training does not read it, only the ITE's arithmetic
+        network["factual"] = args.factual
     body, model_body = "", ""
     if "selection" in args.parts:
         body += ("Gene selection (ISGs of ISG15, IFI6, IFIT1, IFIT3 kept; on simulated data responding genes and markers "
                  "kept):\n\n| data | num_hvg | selection | kept |\n|---|---:|---|---|\n" + "\n".join(gene_selection()) + "\n\n")
     if "interferon" in args.parts:
-        body += (f"Kang, default NDreamer{' (quick: compact network)' if args.quick else ''}, `estimate_ite()` (k = {NEAREST_NEIGHBOR}): "
+        body += (f"Kang, default NDreamer{' (quick: compact network)' if args.quick else ''}"
+                 f"{f', factual={args.factual!r}' if args.factual else ''}, `estimate_ite()` (k = {NEAREST_NEIGHBOR}): "
                  "share of stimulated cells with ITE > 0, and with its 90 % interval (`interval=0.9`) above 0; the share "
                  "in which the gene is detected bounds the first (a treated cell's ITE is its observed expression minus "
                  "its matched controls').\n\n"
@@ -262,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                       + "\n".join(kang_model_route(epochs=model_epochs, decoder_gene_scale=args.decoder_gene_scale)) + "\n")
     if "donors" in args.parts:
         reproducibility, types = muscat_reproducibility(network)
-        body += ("Muscat Kang subset, NDreamer on each donor alone: correlation across genes between the two donors.\n\n"
+        body += (f"Muscat Kang subset, NDreamer{f' (factual={args.factual!r})' if args.factual else ''} on each donor alone: "
+                 "correlation across genes between the two donors.\n\n"
                  f"| estimate | overall | mean over cell types | {' / '.join(types)} |\n|---|---:|---:|---|\n"
                  + "\n".join(reproducibility) + "\n")
     print("\n" + body + model_body)
