@@ -221,15 +221,15 @@ def _add_ndreamer(sub) -> None:
     nd.add_argument("--nearest-neighbor", type=int, default=NEAREST_NEIGHBOR,
                     help="matched cells per group, kernel-weighted (1: causal matching, one partner)")
     nd.add_argument("--bandwidth", type=float, default=1.0, help="kernel bandwidth for --nearest-neighbor > 1")
-    nd.add_argument("--factual", choices=["observed", "matched"], default="observed",
+    nd.add_argument("--factual", choices=["auto", "observed", "matched"], default="auto",
                     help="a cell's own batch and condition in its ITE: its own counts, or the mean of its matched cells "
-                         "there (less counting noise; use it with --network default, whose space keeps the cell state: "
-                         "docs/ndreamer.md)")
+                         "there (less counting noise where the space keeps the cell state); auto: matched with "
+                         "--network default, observed with --network small (docs/ndreamer.md)")
     nd.add_argument("--ite-interval", type=float, default=None, metavar="LEVEL",
                     help="also write layers ite_<condition>_qLO / _qHI, the bounds of each ITE's interval at this level "
                          "(e.g. 0.9: q05 and q95) from the spread of the matched cells")
     nd.add_argument("--shrink", choices=["clusters", "none"], default="clusters",
-                    help="'clusters' (default): empirical-Bayes shrinkage of each matching-space cluster's mean ITE "
+                    help="'clusters': empirical-Bayes shrinkage of each matching-space cluster's mean ITE "
                          "across genes (fewer false effects, slightly smaller real ones; the interval widened by the "
                          "cluster mean's posterior sd); obs column ite_shrinkage_cluster records the clusters "
                          "(docs/ndreamer.md, 'Shrunk effects'). 'none': the matched ITE unshrunk")

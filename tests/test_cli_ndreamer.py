@@ -75,9 +75,11 @@ def test_ndreamer_shrink_option_writes_shrunk_effects_and_their_clusters(input_h
     base = ["ndreamer", input_h5ad, "--condition-key", "condition", "--control", "control", "--batch-key", "batch",
             "--layer", "counts", "--epochs", "1", "--batch-size", "128", "--network", "small", "--device", "cpu",
             "--quiet", "--ite-interval", "0.9"]
-    assert main([*base, "-o", out, "--shrink", "clusters"]) == 0
+    assert main([*base, "-o", out]) == 0  # --shrink clusters, the default
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     assert results.uns["ite_matching"]["shrink"] == "clusters"
+    # --factual auto (the default) keeps the cell's own counts for the compact network
+    assert ps.NDreamer.load(out, device="cpu").settings["factual"] == "observed"
     clusters = results.obs["ite_shrinkage_cluster"].to_numpy().astype(int)
     assert clusters.shape == (results.n_obs,) and clusters.max() >= 1  # several clusters, one per cell
     # the same layers as the saved NDreamer's estimate_ite(shrink="clusters")
@@ -85,6 +87,12 @@ def test_ndreamer_shrink_option_writes_shrunk_effects_and_their_clusters(input_h
     for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
         assert abs(results.layers[layer] - again.layers[layer]).max() < 1e-5
     assert (again.obs["ite_shrinkage_cluster"].to_numpy().astype(int) == clusters).all()
+    # --shrink none: the matched ITE as it is, no clusters
+    assert main([*base, "-o", str(tmp_path / "raw"), "--shrink", "none"]) == 0
+    raw = anndata.read_h5ad(str(tmp_path / "raw" / "results.h5ad"))
+    assert raw.uns["ite_matching"]["shrink"] == "none" and "ite_shrinkage_cluster" not in raw.obs
+    unshrunk = ps.NDreamer.load(out, device="cpu").estimate_ite(interval=0.9, shrink=None)
+    assert abs(raw.layers["ite_stimulated"] - unshrunk.layers["ite_stimulated"]).max() < 1e-5
     with pytest.raises(SystemExit) as exit_info:  # argparse's choices, as --network and --factual
         main([*base, "-o", str(tmp_path / "bad"), "--shrink", "genes"])
     assert exit_info.value.code == 2

@@ -61,7 +61,8 @@ def test_default_network_keeps_the_state_inside_a_cell_type():
 
     At the SPEC's independence weight (1000) the codes lost the within-type state on this seed (two torch threads:
     per-cell r 0.449 against the oracle's 0.446, slope 0.745; benchmarks/RESULTS.md, "NDreamer keeps the cell
-    state"); at the default 300, 0.630 and 0.904.
+    state"); at the default 300, 0.630 and 0.904 with the cell's own counts, unshrunk. At today's defaults (the
+    matched own term and the shrinkage, which trade slope for noise: docs/ndreamer.md) 0.689 and 0.815.
     """
     adata = ps.datasets.simulate(n_cells=1500, n_genes=500, seed=4, effect_modifier=1.0)
     with warnings.catch_warnings():
@@ -71,7 +72,7 @@ def test_default_network_keeps_the_state_inside_a_cell_type():
     scores = M.effect_recovery(adata, nd.estimate_ite().layers["ite_stimulated"], genes=nd.genes)
     oracle = M.effect_recovery(adata, M.oracle_effect(adata))
     assert scores["per_cell_r"] >= oracle["per_cell_r"] + 0.12, (scores, oracle)
-    assert 0.82 <= scores["slope"] <= 1.1, scores
+    assert 0.78 <= scores["slope"] <= 1.1, scores  # the weight of 1000 gave 0.745
 
 
 def test_modifier_space_is_deterministic_and_keeps_cell_types(simulated_nd):

@@ -44,6 +44,7 @@ from .save_load import NDreamerSaveLoad
 from .loss_layout import minibatch_layout
 from .losses import LossWeights
 from .network import NDreamerNetwork, checked_sizes
+from .presets import own_space_factual
 from .gene_selection import gene_selection_cells, variable_genes
 from .preprocess import log_normalise, pseudo_labels
 from .representation import ModelRepresentation
@@ -98,16 +99,13 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         want even when they respond weakly).
     factual
         How the matched ITE (:meth:`estimate_ite`) takes a cell's value in its own batch and condition:
-        ``"observed"`` (default), the cell's own expression; ``"matched"``, the kernel-weighted mean of
-        its k nearest cells there (itself among them), as for every other batch and condition, which
-        removes the cell's own counting noise but keeps only as much of its state as the embedding
-        does. ``denoised`` and ``batch_effect`` use the observed value either way. On
-        ``datasets.simulate(3000, 500, effect_modifier=1.0)`` (seeds 0-3) the per-cell correlation with
-        the true ITE is 0.82-0.85 with ``"matched"`` and 0.73-0.77 with ``"observed"`` for the default
-        network; for the compact network (``network_preset("small")``, 2,000 cells), which keeps
-        little of the state inside a cell type, 0.04-0.10 against 0.41-0.48 (two seeds;
-        benchmarks/RESULTS.md, "NDreamer keeps the cell state"). Hence ``"observed"`` by default here, ``"matched"`` in
-        :meth:`from_model`.
+        ``"observed"``, the cell's own expression; ``"matched"``, the kernel-weighted mean of its k nearest
+        cells there (itself among them), as for every other batch and condition, which removes the cell's
+        own counting noise but keeps only as much of its state as the embedding does. ``"auto"`` (default):
+        ``"matched"`` with the default network sizes and loss weights, ``"observed"`` with any other
+        (:func:`~pyro_scmodels.ndreamer.presets.own_space_factual` has the measurements: the compact network
+        keeps too little of the state inside a cell type for ``"matched"``). The choice made is kept in
+        ``settings["factual"]``. ``denoised`` and ``batch_effect`` use the observed value either way.
     contorl_name
         Deprecated spelling of ``control_name`` accepted from the reference implementation.
     """
@@ -118,7 +116,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                  embedding_dim: int = K.EMBEDDING_DIM, z_dim: int = K.Z_DIM, encoder_hidden=K.ENCODER_HIDDEN,
                  decoder_hidden=K.DECODER_HIDDEN, loss_weights: LossWeights | None = None,
                  batch_size: int = K.BATCH_SIZE, lr: float = K.LEARNING_RATE, device: str = "auto", seed: int = 0,
-                 keep_genes=None, min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, factual: str = "observed",
+                 keep_genes=None, min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, factual: str = "auto",
                  contorl_name: str | None = None):
         if contorl_name is not None:
             warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning, stacklevel=2)
@@ -143,7 +141,9 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                         seed=V.seed("seed", seed),
                         representation=NETWORK,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
-                        factual=V.choice("factual", factual, FACTUAL_CHOICES))
+                        factual=V.choice("factual", factual, ("auto", *FACTUAL_CHOICES)))
+        if settings["factual"] == "auto":
+            settings["factual"] = own_space_factual(sizes, loss_weights)
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}).")
         design = design_from_obs(adata.obs, settings)
