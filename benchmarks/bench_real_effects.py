@@ -248,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                  "kept):\n\n| data | num_hvg | selection | kept |\n|---|---:|---|---|\n" + "\n".join(gene_selection()) + "\n\n")
     if "interferon" in args.parts:
         body += (f"Kang, default NDreamer{' (quick: compact network)' if args.quick else ''}"
-                 f"{f', factual={args.factual!r}' if args.factual else ''}, `estimate_ite()` (k = {NEAREST_NEIGHBOR}): "
-                 "share of stimulated cells with ITE > 0, and with its 90 % interval (`interval=0.9`) above 0; the share "
-                 "in which the gene is detected bounds the first (a treated cell's ITE is its observed expression minus "
-                 "its matched controls').\n\n"
-                 "The last two shares with `estimate_ite(interval=0.9, shrink=\"clusters\")` (the bounds widened by the "
-                 "cluster mean's posterior sd).\n\n"
+                 f"{f', factual={args.factual!r}' if args.factual else ''}, `estimate_ite(interval=0.9, shrink=None)` "
+                 f"(k = {NEAREST_NEIGHBOR}): share of stimulated cells with ITE > 0, and with its 90 % interval above 0. "
+                 "With `factual=\"observed\"` (the cell's own counts) the share in which the gene is detected bounds the "
+                 "first; with `\"matched\"` (the default network's `\"auto\"`) a cell's own term comes from its matched "
+                 "cells.\n\n"
+                 "The last two shares with `estimate_ite(interval=0.9, shrink=\"clusters\")`, the default (the bounds "
+                 "widened by the cluster mean's posterior sd).\n\n"
                  "| gene | kept | ITE > 0 | q05 > 0 | ITE > 0, shrunk | q05 > 0, shrunk | detected |\n"
                  "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(kang_interferon(network))
                  + "\n\n")
