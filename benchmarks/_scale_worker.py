@@ -140,7 +140,7 @@ def infer(store: Path, n_cells: int, device: str = "cpu") -> dict:
     return {"infer_s": seconds, "infer_cells_per_s": n_cells / seconds}
 
 
-def ndreamer(store: Path, n_cells: int, device: str = "cpu", shrink: str | None = None) -> dict:
+def ndreamer(store: Path, n_cells: int, device: str = "cpu", shrink: str | None = "clusters") -> dict:
     import pyro_scmodels as ps
 
     backed = _backed_model(store, n_cells)
@@ -180,7 +180,8 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--device", default="cpu", help="torch's and faiss' device for train, infer, ndreamer, match")
-    parser.add_argument("--shrink", default=None, help="the ndreamer stage's estimate_cate/estimate_ite shrink=")
+    parser.add_argument("--shrink", choices=["clusters", "none"], default="clusters",
+                        help="the ndreamer stage's estimate_cate / estimate_ite shrink= (none: unshrunk)")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.stage == "read":
@@ -188,7 +189,7 @@ def main() -> None:
     elif args.stage == "write":
         result = write_store(args.store, args.n_cells)
     elif args.stage == "ndreamer":
-        result = ndreamer(args.store, args.n_cells, args.device, args.shrink)
+        result = ndreamer(args.store, args.n_cells, args.device, None if args.shrink == "none" else args.shrink)
     else:
         result = STAGES[args.stage](args.store, args.n_cells, args.device)
     result.update(stage=args.stage, n_cells=args.n_cells, device=args.device, wall_s=time.perf_counter() - start,

@@ -16,7 +16,9 @@ continuous state scales the response, so every stimulated cell has its own true 
 Rows:
 
 - ``oracle``: observed log expression minus the true type x batch control mean (knows type and batch);
-- ``NDreamer k=1``, ``NDreamer default`` and ``NDreamer, factual=matched``: this package's NDreamer, causal matching, the default, and the default with a cell's own batch and condition taken from its matched cells there;
+- ``NDreamer ...``: this package's NDreamer with a cell's own counts (``factual="observed"``) unshrunk, at causal
+  matching and the default k; and at its defaults (``factual="auto"``: ``"matched"`` for the default network, and
+  ``shrink="clusters"``) and the same unshrunk;
 - ``RegularizedVI matching`` / ``RegularizedVI model ITE``: ``NDreamer.from_model`` on a RegularizedVI
   in the basal-state design (the condition given to the encoder and to the decoder); matching in its z
   (``factual="matched"``, the default there, and ``"observed"``: a cell's own batch and condition from its
@@ -61,8 +63,10 @@ def simulate(args, seed: int):
 
 
 def ndreamer_rows(adata, seed: int, args) -> dict:
-    """This package's NDreamer at its defaults: causal matching (k = 1) and the default k; then the same trained
-    network with ``factual="matched"`` (resumed from the first one's checkpoint: the setting changes no training)."""
+    """This package's NDreamer: with a cell's own counts (``factual="observed"``) unshrunk, at causal matching (k = 1)
+    and the default k; then the same trained network (resumed from the first one's checkpoint: the setting changes
+    no training) at its defaults (``factual="auto"``, which is ``"matched"`` for the default network, and
+    ``shrink="clusters"``) and unshrunk."""
     import tempfile
 
     import pyro_scmodels as ps
@@ -70,19 +74,23 @@ def ndreamer_rows(adata, seed: int, args) -> dict:
     from pyro_scmodels.ndreamer import _constants as K
 
     rows = {}
+    k_default = K.NEAREST_NEIGHBOR
     with tempfile.TemporaryDirectory() as checkpoints:
-        for factual in ("observed", "matched"):
+        for factual in ("observed", "auto"):
             start = time.perf_counter()
             nd = ps.NDreamer(adata, condition_key="condition", control_name="control", batch_key="batch", layer="counts",
                              device="cpu", seed=seed, factual=factual)
             nd.train(progress_bar=False, checkpoint_dir=checkpoints)
             if factual == "observed":
                 trained = time.perf_counter() - start
-                settings = (("NDreamer k=1", 1), (f"NDreamer default (k={K.NEAREST_NEIGHBOR})", K.NEAREST_NEIGHBOR))
+                settings = (("NDreamer k=1, factual=observed, unshrunk", 1, None),
+                            (f"NDreamer k={k_default}, factual=observed, unshrunk", k_default, None))
             else:
-                settings = ((f"NDreamer, factual=matched (k={K.NEAREST_NEIGHBOR})", K.NEAREST_NEIGHBOR),)
-            for name, k in settings:
-                result = nd.estimate_ite(nearest_neighbor=k, interval=0.9 if k > 1 else None)
+                chosen = nd.settings["factual"]
+                settings = ((f"NDreamer default (k={k_default}, factual={chosen}, shrink=clusters)", k_default, "clusters"),
+                            (f"NDreamer k={k_default}, factual={chosen}, unshrunk", k_default, None))
+            for name, k, shrink in settings:
+                result = nd.estimate_ite(nearest_neighbor=k, interval=0.9 if k > 1 else None, shrink=shrink)
                 bounds = {} if k == 1 else {"low": result.layers["ite_stimulated_q05"],
                                             "high": result.layers["ite_stimulated_q95"]}
                 rows[name] = {**M.effect_recovery(adata, result.layers["ite_stimulated"], genes=result.var_names, **bounds),

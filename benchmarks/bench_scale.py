@@ -60,7 +60,7 @@ def run_stage(stage: str, store: Path, n_cells: int, shrink: str | None = None) 
     result = store / f"result_{stage}_{n_cells}.json"
     result.unlink(missing_ok=True)
     command = [sys.executable, str(HERE / "_scale_worker.py"), stage, "--store", str(store), "--n-cells", str(n_cells),
-               "--result", str(result)] + (["--shrink", shrink] if shrink and stage == "ndreamer" else [])
+               "--result", str(result)] + (["--shrink", shrink] if stage == "ndreamer" else [])
     out = run_in_child(command, result, HERE, {"stage": stage, "n_cells": n_cells})
     print(json.dumps(out), flush=True)
     return out
@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the figures without writing --output")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: build the section from the stage results kept in --store")
-    parser.add_argument("--shrink", choices=["clusters"], default=None,
-                        help="the ndreamer stage shrinks its CATE and ITE (estimate_*(shrink=...))")
+    parser.add_argument("--shrink", choices=["clusters", "none"], default="clusters",
+                        help="the ndreamer stage's estimate_cate / estimate_ite shrink= (none: unshrunk)")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
     args = parser.parse_args()
     sizes = sorted(args.sizes)

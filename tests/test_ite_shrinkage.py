@@ -228,7 +228,7 @@ def test_a_cluster_too_small_to_shrink_keeps_its_ite_and_its_matched_bounds(modi
     nd.effects._clusters = labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9).layers.items()}
+        raw = {n: np.array(v) for n, v in nd.estimate_ite(interval=0.9, shrink=None).layers.items()}
         shrunk = nd.estimate_ite(interval=0.9, shrink="clusters")
     for layer in ("ite_stimulated", "ite_stimulated_q05", "ite_stimulated_q95"):
         np.testing.assert_array_equal(shrunk.layers[layer][5], raw[layer][5])
@@ -271,7 +271,7 @@ def test_write_effects_records_how_its_layers_were_made(modifier_sim, tmp_path):
         warnings.simplefilter("ignore")
         path = nd.write_effects(str(tmp_path / "shrunk.h5ad"), nearest_neighbor=3, bandwidth=2.0, interval=0.8,
                                 shrink="clusters")
-        plain = nd.write_effects(str(tmp_path / "plain.h5ad"), nearest_neighbor=4)
+        plain = nd.write_effects(str(tmp_path / "plain.h5ad"), nearest_neighbor=4, shrink=None)
         expected = dict(nd.estimate_ite(nearest_neighbor=3, bandwidth=2.0, interval=0.8, shrink="clusters").uns["ite_matching"])
     record = dict(anndata.read_h5ad(path).uns["ite_matching"])
     assert record == expected

@@ -46,3 +46,16 @@ def test_the_choice_made_is_saved(small_sim, tmp_path):
 def test_an_unknown_factual_names_the_choices(small_sim):
     with pytest.raises(ValueError, match="auto"):
         build(small_sim, factual="own")
+
+
+def test_from_model_takes_auto_as_matched(small_sim):
+    """A model's latent is denoised: from_model's "auto" is its default, "matched"."""
+    data = small_sim.copy()
+    ps.RegularizedVI.setup_anndata(data, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(data, n_latent=4, n_hidden=16, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, device="cpu", progress_bar=False)
+        nd = NDreamer.from_model(model, condition_key="condition", control_name="control", batch_key="batch",
+                                 factual="auto", device="cpu")
+    assert nd.settings["factual"] == "matched" and nd.effects.factual == "matched"

@@ -176,7 +176,7 @@ def test_a_cate_does_not_read_ite_layers_saved_before_the_arms_shared_their_batc
 
 
 def test_ndreamer_factual_is_checked_kept_and_does_not_block_a_resume(tiny_adata, tmp_path):
-    """NDreamer's own factual ("observed" by default): refused before any work when unknown, saved with the
+    """NDreamer's own factual ("observed" for this test's compact network under the default "auto"): refused before any work when unknown, saved with the
     results, and not part of what a checkpoint must match (it changes no training)."""
     with pytest.raises(ValueError, match="factual must be"):
         tiny_nd(tiny_adata, factual="itself")

@@ -197,6 +197,7 @@ def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix,
     for sign, weights in ((1.0, treated), (-1.0, control)):
         for stratum in np.unique(labels):
             part = sp.csr_matrix(weights.multiply((labels == stratum)[None, :]))
+            part.eliminate_zeros()  # the other strata's entries, kept as zeros, would be read as used columns
             total = np.asarray(part.sum(axis=1))  # clusters x 1: the stratum's share of the arm's mean
             first, second = _weighted_moments(part, expression)
             scale = np.where(total > 0, total, 1.0)

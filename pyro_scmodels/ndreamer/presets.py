@@ -57,7 +57,8 @@ def own_space_factual(sizes: dict, loss_weights: LossWeights) -> str:
     (``network_preset("small")``) fell to 0.09-0.12 against 0.41-0.48, and the default network at the SPEC's
     independence weight 1000 to 0.45 / 0.22 against 0.56 / 0.51 (benchmarks/RESULTS.md, "NDreamer's own space:
     ``factual="observed"`` or ``"matched"`` with the shrinkage"). No measure of the data told those cases apart, so any
-    configuration other than the measured one keeps the cell's own counts.
+    other network sizes or loss weights keep the cell's own counts (the data's size, the genes and the length of
+    training are not checked).
 
     Parameters
     ----------
