@@ -94,3 +94,31 @@ def reuse_freed_memory():
                 libc.mallopt(M_TRIM_THRESHOLD, RESTORED_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
                 _applied = False
+
+
+M_MMAP_THRESHOLD = -3
+#: glibc's starting threshold: blocks above it get their own mapping, given back to the kernel when freed
+FIXED_MMAP_THRESHOLD = 128 * 2**10
+
+
+def map_large_blocks() -> None:
+    """From now on, every block above 128 KB gets its own ``mmap`` and goes back to the kernel when freed.
+
+    glibc raises its ``mmap`` threshold (up to 32 MB) each time a mapped block is freed; blocks below it then come
+    from the heaps, where torch's 64-byte aligned requests do not fit the freed blocks of the same size. How far the
+    threshold has risen when a query's loop starts depends on what ran before it, so the same latent of 10^6 cells
+    peaked at 1.1 GiB in most runs and at 2.0-6.9 GiB in others (benchmarks/RESULTS.md, "RegularizedVI's latent at
+    10^6 cells"). A fixed threshold stops the adapting for the rest of the process (glibc keeps no other
+    state to go back to); training switches ``mmap`` off in its own loop either way (:func:`reuse_freed_memory`).
+    Nothing changes where :func:`reuse_wanted` is False (not glibc, or the user tunes ``malloc``).
+    """
+    global _mapped
+    with _lock:
+        if _mapped or not reuse_wanted():
+            return
+        if _glibc().mallopt(M_MMAP_THRESHOLD, FIXED_MMAP_THRESHOLD) != 1:
+            logger.debug("mallopt refused the mmap threshold")
+        _mapped = True
+
+
+_mapped = False

@@ -114,3 +114,57 @@ def test_the_training_loop_trains_inside_the_block(monkeypatch):
     loop = Line({"line": torch.nn.Linear(1, 1)})
     loop.fit(training.LoopPlan(max_epochs=2, progress_bar=False))
     assert entered == ["in", "out"] and np.isfinite(loop.history["train_loss"]).all()
+
+
+# a 32 MB tensor freed raises glibc's adaptive mmap threshold; prints the page faults of a fresh 8 MB tensor after
+# four more were written and freed, with or without map_large_blocks() first
+THRESHOLD_PROBE = """
+import resource, sys, torch
+from pyro_scmodels._allocator import map_large_blocks
+torch.ones(8, 1024, 1024)
+if sys.argv[1] == "fix":
+    map_large_blocks()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2, 1024, 1024)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(4):
+    faults()
+print(faults())
+"""
+
+
+def _threshold_probe(mode: str, **environment) -> int:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in (_allocator.OPT_OUT, "THP_MEM_ALLOC_ENABLE")}
+    env.pop("GLIBC_TUNABLES", None)
+    done = subprocess.run([sys.executable, "-c", THRESHOLD_PROBE, mode], env=env | environment, capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+@pytest.mark.skipif(_huge_pages_always(), reason="with huge pages always on, fresh memory faults once per 2 MB anyway")
+def test_map_large_blocks_gives_each_large_block_its_own_mapping_again():
+    """Once glibc's threshold has risen, 8 MB blocks come from the heap (no fresh pages); after map_large_blocks each
+    is mapped on its own (2,048 fresh 4 KB pages) and unmapped when freed, so a query's loop cannot grow the heap."""
+    assert _threshold_probe("plain") < 500
+    assert _threshold_probe("fix") > 1500
+    assert _threshold_probe("fix", **{_allocator.OPT_OUT: "0"}) < 500  # the opt-out leaves malloc alone
+
+
+def test_queries_of_many_cells_fix_the_threshold_first(monkeypatch):
+    import pyro_scmodels as ps
+    from pyro_scmodels.models import cell_batches
+
+    adata = ps.datasets.simulate(n_cells=200, n_genes=150, seed=0)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, n_latent=4, n_hidden=16, seed=0)
+    model.train(max_epochs=1, device="cpu", progress_bar=False)
+    calls = []
+    monkeypatch.setattr(cell_batches, "map_large_blocks", lambda: calls.append(1))
+    model.get_latent_representation(indices=list(range(50)))
+    assert calls == []  # a small query leaves malloc as it is
+    monkeypatch.setattr(cell_batches, "MAPPED_QUERY_CELLS", 100)
+    model.get_latent_representation()
+    assert calls == [1]

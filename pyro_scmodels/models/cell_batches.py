@@ -13,9 +13,15 @@ from pyro import poutine
 
 from .. import _constants as C
 from .. import _validation as V
+from .._allocator import map_large_blocks
 from .._selection import SelectionError, cell_positions
 from ..data import iterate_minibatches
 from ..pyro_modules import evaluating
+
+
+#: queries of this many cells or more fix glibc's mmap threshold first (``_allocator.map_large_blocks``): at 10^6
+#: cells the latent's peak went from 1.1 GiB to 2-6.9 GiB in about a third of runs without it
+MAPPED_QUERY_CELLS = 100_000
 
 
 class CellBatches:
@@ -39,6 +45,8 @@ class CellBatches:
         data.to_device(self.device)
         indices = self._cell_positions(data.n_cells, indices)
         batch_size = C.BATCH_SIZE if batch_size is None else V.positive_int("batch_size", batch_size)
+        if len(indices) >= MAPPED_QUERY_CELLS:  # a fixed mmap threshold: the loop's memory does not creep up
+            map_large_blocks()
         for chunk in iterate_minibatches(indices, batch_size, shuffle=False):
             yield chunk, (data.minibatch(chunk), data.n_cells)
 
