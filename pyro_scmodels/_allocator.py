@@ -99,6 +99,7 @@ def reuse_freed_memory():
 M_MMAP_THRESHOLD = -3
 #: glibc's starting threshold: blocks above it get their own mapping, given back to the kernel when freed
 FIXED_MMAP_THRESHOLD = 128 * 2**10
+_mapped = False  # map_large_blocks has fixed the threshold (it stays fixed for the process)
 
 
 def map_large_blocks() -> None:
@@ -119,6 +120,3 @@ def map_large_blocks() -> None:
         if _glibc().mallopt(M_MMAP_THRESHOLD, FIXED_MMAP_THRESHOLD) != 1:
             logger.debug("mallopt refused the mmap threshold")
         _mapped = True
-
-
-_mapped = False

@@ -304,8 +304,9 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
     for c in design.treatments if ite_of is None else ite_of:
         # both arms over the batches holding both: a batch of one arm would add its batch effect to the difference.
         # None in common (a saved, confounded design, loaded with a warning): each arm over its own batches
-        treated, control = (_full_arm(a) if design.ite_batches(c, a) == design.batches_with[a] else
-                            _arm_over(design.ite_batches(c, a), a) for a in (c, design.control_name))
+        batches = {a: design.ite_batches(c, a) for a in (c, design.control_name)}
+        treated, control = (_full_arm(a) if batches[a] == design.batches_with[a] else _arm_over(batches[a], a)
+                            for a in (c, design.control_name))
         effect = treated.mean - control.mean
         out[f"ite_{c}"] = effect.astype(np.float32)
         if level is not None:

@@ -213,11 +213,13 @@ def cluster_effects(expression, treated: sp.csr_matrix, control: sp.csr_matrix,
 
 class ClusterShrinkage(NamedTuple):
     """Per cluster and gene (clusters x genes, float32): what shrinkage adds to the ITE of the cluster's cells, the
-    posterior sd of the cluster's mean ITE, and the standard error of its unshrunk mean."""
+    posterior sd of the cluster's mean ITE, and the standard error of its unshrunk mean; per cluster, whether it was
+    shrunk (a cluster too small to shrink keeps its cells' ITE and matched bounds)."""
 
     offset: np.ndarray
     posterior_sd: np.ndarray
     standard_error: np.ndarray
+    shrunk: np.ndarray
 
 
 def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, labels: np.ndarray, treatment: str,
@@ -254,8 +256,8 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
             for arm in (treatment, design.control_name)]
     effect, standard_error = cluster_effects(expression, *arms, strata=design.batch)
     offsets, posterior_sd = np.zeros_like(effect), standard_error.copy()
-    sizes = np.bincount(labels, minlength=effect.shape[0])
-    for cluster in np.flatnonzero(sizes >= MIN_CLUSTER_CELLS):
+    shrunk = np.bincount(labels, minlength=effect.shape[0]) >= MIN_CLUSTER_CELLS
+    for cluster in np.flatnonzero(shrunk):
         beta, se = effect[cluster], standard_error[cluster]
         if not (se > 0).any():
             continue
@@ -263,7 +265,7 @@ def shrinkage_offsets(expression, matches: dict, design: CounterfactualDesign, l
         prior = fit_normal_mixture(beta, se, centre=float(np.median(beta)))
         posterior = prior.posterior(beta, se)
         offsets[cluster], posterior_sd[cluster] = posterior.mean - beta, posterior.sd
-    return ClusterShrinkage(*(a.astype(np.float32) for a in (offsets, posterior_sd, standard_error)))
+    return ClusterShrinkage(*(a.astype(np.float32) for a in (offsets, posterior_sd, standard_error)), shrunk)
 
 
 def interval_dof(matches: dict, design: CounterfactualDesign, treatment: str) -> int:

@@ -12,8 +12,7 @@ from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
 from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
-from .ite_shrinkage import (MIN_CLUSTER_CELLS, ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets,
-                            widened_bounds)
+from .ite_shrinkage import ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets, widened_bounds
 
 
 class MatchedEffects:
@@ -213,9 +212,8 @@ class MatchedEffects:
             bounds = [f"ite_{c}_{b}" for b in bound_names(level)] if level is not None else []
             if bounds and bounds[0] in effects:
                 dof = interval_dof(self.matches(nearest_neighbor, bandwidth), self.design, c)
-                shrunk = np.bincount(labels)[rows] >= MIN_CLUSTER_CELLS  # a smaller cluster keeps its ITE and bounds
                 out[bounds[0]], out[bounds[1]] = widened_bounds(out[f"ite_{c}"], effects[bounds[0]],
-                                                                effects[bounds[1]], sd, dof, level, shrunk)
+                                                                effects[bounds[1]], sd, dof, level, fit.shrunk[rows])
         return out
 
     @staticmethod
