@@ -120,9 +120,10 @@ class MatchedEffects:
         return self._cache[(*key, level)]
 
     def effects_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
-                   genes=None, interval: float | None = None, ite_of=None) -> dict[str, np.ndarray]:
+                   genes=None, interval: float | None = None, ite_of=None,
+                   factual: str | None = None) -> dict[str, np.ndarray]:
         """The effects of some cells and genes only, not cached: a cells x genes array of the whole data is never
-        built. Taken from the cached full result when there is one.
+        built. Taken from the cached full result when there is one (of the same ``factual``).
 
         Parameters
         ----------
@@ -135,6 +136,9 @@ class MatchedEffects:
         ite_of
             Treatments: only their ``ite_<c>`` layers (and, with ``interval``, their bounds), the same numbers as
             the full computation (:func:`effects_of_cells`); None: every layer.
+        factual
+            ``"observed"`` or ``"matched"``: a cell's own term in its own condition (:func:`effects_of_cells`);
+            None: this object's :attr:`factual`.
 
         Returns
         -------
@@ -143,14 +147,15 @@ class MatchedEffects:
         """
         key = self._key(nearest_neighbor, bandwidth)
         level = None if interval is None else interval_level(interval)
-        cached = self._cached(key, level)
+        factual = self._factual if factual is None else V.choice("factual", factual, FACTUAL_CHOICES)
+        cached = self._cached(key, level) if factual == self._factual else None
         if cached is not None:
             rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
             columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
             names = list(cached) if ite_of is None else ite_layer_names(self.design, ite_of, level)
             return {name: cached[name][rows][:, columns] for name in names}
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
-                                factual=self._factual, ite_of=ite_of)
+                                factual=factual, ite_of=ite_of)
 
     def clusters(self) -> np.ndarray:
         """The cluster of every cell in the matching space (the ITE's shrinkage), found once per representation."""

