@@ -87,6 +87,25 @@ def test_matched_effects_give_the_ite_layers_alone_computed_or_from_the_cache(in
         np.testing.assert_array_equal(cached[name], computed[name])
 
 
+def test_effects_of_another_factual_are_computed_with_it_not_taken_from_the_cache():
+    # estimate_model_ite's hull reads the observed own term from an NDreamer whose own factual is "matched"
+    expression, _, embedding, design = three_arm_design(seed=4)
+    matched, observed = (MatchedEffects(expression, design, factual=f) for f in ("matched", "observed"))
+    for effects in (matched, observed):
+        effects.set_embedding(embedding)
+    cells, genes = np.array([3, 250, 41]), np.array([7, 0, 5])
+    expected = observed.effects_of(cells=cells, genes=genes, interval=0.9, ite_of=["stimA"])
+    own = matched.effects_of(cells=cells, genes=genes, interval=0.9, ite_of=["stimA"])
+    matched.effects(interval=0.9)  # the matched factual's whole result, cached
+    asked = matched.effects_of(cells=cells, genes=genes, interval=0.9, ite_of=["stimA"], factual="observed")
+    assert matched.factual == "matched"
+    assert not np.allclose(own["ite_stimA"], expected["ite_stimA"])  # the two factuals differ here
+    for name in expected:
+        np.testing.assert_array_equal(asked[name], expected[name], err_msg=name)
+    with pytest.raises(ValueError, match="factual"):
+        matched.effects_of(cells=cells, factual="mean")
+
+
 def test_ite_of_names_treatments_only():
     expression, _, embedding, design = three_arm_design()
     matches = match_groups(embedding, design.groups, k=4, device="cpu")

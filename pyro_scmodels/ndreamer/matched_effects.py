@@ -52,7 +52,8 @@ class MatchedEffects:
 
     @property
     def factual(self) -> str:
-        """How the ITE takes a cell's own batch and condition; fixed at construction (the cache does not record it)."""
+        """How the ITE takes a cell's own batch and condition; fixed at construction (the cache holds this one's results;
+        :meth:`effects_of` computes another's, uncached)."""
         return self._factual
 
     @property
