@@ -189,11 +189,13 @@ def test_from_model_matching_and_model_based_counterfactuals():
             covered = M.effect_recovery(adata, wide.layers["ite_model_stimulated"], low=bounds[0], high=bounds[1])
             assert 0.85 <= covered["coverage"] <= 0.96, (groups, covered)
             np.testing.assert_array_equal(wide.layers["ite_model_stimulated"], mean)  # the estimate is unchanged
-        # the default, the matched interval extended to the model ITE: 0.946 and 0.933 on data seeds 0 and 1 (2026-12-06)
+        # the default, the matched interval (a cell's own term observed) extended to the model ITE: 0.908, 0.903 and
+        # 0.925 on data seeds 0-2 (2026-12-07); with the matched own term it over-covered, 0.946 here and 0.95-0.97 at
+        # 3000 x 500
         hull = nd.estimate_model_ite(num_samples=20)
         covered = M.effect_recovery(adata, hull.layers["ite_model_stimulated"], low=hull.layers["ite_model_stimulated_q05"],
                                     high=hull.layers["ite_model_stimulated_q95"])
-        assert 0.85 <= covered["coverage"] <= 0.97, covered
+        assert 0.85 <= covered["coverage"] <= 0.95, covered
     # the matched ITE with its interval (spread of the matched cells, Student t), a cell's own batch and
     # condition from its matched cells (factual="matched", from_model's default) and from itself ("observed").
     # Measured over model seeds 0-2 (2026-12-05): matched coverage 0.892-0.895, slope 0.84-0.85, per-cell r

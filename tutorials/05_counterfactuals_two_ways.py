@@ -91,8 +91,8 @@ hull_low, hull_high = (hull.layers[f"ite_model_{treatment}{s}"] for s in ("_q05"
 # matched ITE per gene: an upper bound on its error where the two routes' errors are uncorrelated (86-94 %
 # on this simulator at full size; 58-71 % where one cell type of five responds: docs/ndreamer_model_route.md, "The
 # model ITE's interval widened by matching"). The default, `widen_by_matching="hull"`, covers near 90 % in both
-# designs: the matched ITE's own interval, extended to the model ITE where it lies outside, so its coverage is the
-# matched interval's.
+# designs: the matched ITE's own interval (with the cell's own term taken from its observed expression, whose noise
+# is measured), extended to the model ITE where it lies outside (85-94 % on this simulator, docs/ndreamer_model_route.md).
 
 # %%
 truth = adata[:, nd.genes].layers["true_ite"]

@@ -147,14 +147,17 @@ class ModelRepresentation:
         the penalty and 0.52 without; per-cell correlation inside responding types 0.75 and 0.14.
 
         Which uncertainty the interval includes. By default (``widen_by_matching="hull"``) the bounds are the
-        matched ITE's own interval at the same level (:meth:`estimate_ite` with ``interval=``, the spread of each
-        cell's matched cells), extended to hold the decoded ITE E: [min(E, M_low), max(E, M_high)]. Its coverage is
-        the matched interval's, which does not depend on the model's errors: on the simulator (stimulated cells of
-        responding types x responding genes) the 90 % bounds covered 0.90-0.92 where one cell type of five
-        responds, 0.93-0.955 in the standard design (both decoders, 2000 x 200); at 3000 x 500, 0.95-0.97 and
-        0.91-0.975 where one type responds. It is
-        not centred on E, it is wider than the other modes where nothing responds, and it inherits the matched
-        interval's weak spots (strong down-regulation covered 0.61-0.89; control cells' entries 0.83-0.86).
+        matched ITE's own interval at the same level (:meth:`estimate_ite` with ``interval=``: the noise of the
+        cell's own measurement and the spread of its matched cells), extended to hold the decoded ITE E:
+        [min(E, M_low), max(E, M_high)]. The interval extended takes the cell's own batch and condition from its
+        observed expression, whatever this NDreamer's ``factual``: that term's variance is measured, where the
+        matched own term's is an allowance (:mod:`~pyro_scmodels.ndreamer.effect_intervals`). On the simulator
+        (stimulated cells of responding types x responding genes) the 90 % bounds covered 0.90-0.925 in the
+        standard design at 2000 x 200 and 0.92-0.94 at 3000 x 500; 0.85-0.88 where one cell type of five responds
+        (0.86-0.90 with ``n_layers=2``); the matched interval alone 0.82-0.87. It holds the matched route's noise and
+        the two routes' disagreement, not the model's parameter uncertainty. It is not centred on E, it is wider
+        than the other modes where nothing responds, and it inherits the matched interval's weak spots (strong
+        down-regulation is covered least).
 
         ``widen_by_matching=True``: the posterior spread of each cell's z, q(z | x, condition), decoded with every
         other quantity held fixed (decoder weights and global sites at their point estimates, the library at a
