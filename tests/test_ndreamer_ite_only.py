@@ -140,3 +140,29 @@ def test_the_widening_and_the_hull_read_the_ite_layers_alone_and_get_the_same_bo
     assert set(alone.layers) == set(full.layers)
     for name in alone.layers:
         np.testing.assert_array_equal(alone.layers[name], full.layers[name], err_msg=name)
+
+
+@pytest.mark.parametrize("shrink, interval", [(None, None), ("clusters", 0.9)])
+def test_estimate_ite_of_some_cells_computes_the_ite_layers_alone(from_model, shrink, interval, monkeypatch):  # noqa: F811
+    # estimate_cate reads the ITE 10,000 cells of a group at a time through the same path: no denoised expression
+    # or batch effect (two more cells x genes arrays) for any of them
+    nd = from_model
+    asked = []
+    full_path = E.effects_of_cells
+
+    def spy(*args, ite_of=None, **kwargs):
+        asked.append(ite_of)
+        return full_path(*args, ite_of=ite_of, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = nd.estimate_ite(shrink=shrink, interval=interval).copy()
+        nd.effects._cache.clear()  # computed, not sliced from the whole result
+        monkeypatch.setattr("pyro_scmodels.ndreamer.matched_effects.effects_of_cells", spy)
+        cells = [3, 77, 150, 299]
+        part = nd.estimate_ite(indices=cells, shrink=shrink, interval=interval)
+    assert asked == [list(nd.design.treatments)]
+    bounds = [] if interval is None else ["ite_stimulated_q05", "ite_stimulated_q95"]
+    assert set(part.layers) == {"ite_stimulated", *bounds}
+    for name in part.layers:
+        np.testing.assert_allclose(part.layers[name], whole.layers[name][cells], rtol=1e-6, atol=1e-7, err_msg=name)

@@ -107,10 +107,12 @@ class EffectQueries:
         return anndata.AnnData(obs=obs.drop(columns=CLUSTER_KEY, errors="ignore"), var=pd.DataFrame(index=genes), layers=layers)
 
     def _effects_of(self, names: list[str], nearest_neighbor: int, bandwidth: float, indices, gene_list,
-                    interval: float | None = None, shrink: str | None = None) -> anndata.AnnData:
-        """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers."""
+                    interval: float | None = None, shrink: str | None = None, ite_of=None) -> anndata.AnnData:
+        """A new AnnData of the cells and genes asked for, with the effects ``names`` as layers (``ite_of``: the
+        treatments whose ITE layers are all of them, computed alone)."""
         cells, columns = self._selection(indices, gene_list)
-        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns, interval)
+        effects = self._matched_effects().effects_of(nearest_neighbor, bandwidth, cells, columns, interval,
+                                                     ite_of=ite_of)
         if shrink is None:
             return self._subset_result(cells, columns, {n: effects[n] for n in names})
         effects = self.effects.shrunk({n: effects[n] for n in names}, nearest_neighbor, bandwidth, cells, columns,
@@ -201,7 +203,9 @@ class EffectQueries:
             names += [f"ite_{c}_{bound}" for c in self.design.treatments for bound in bound_names(interval_level(interval))]
             _check_interval_neighbours(nearest_neighbor, self.design)
         if indices is not None or gene_list is not None:
-            return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval, shrink)
+            # the ITE layers alone: no denoised expression or batch effect (estimate_cate asks 10,000 cells at a time)
+            return self._effects_of(names, nearest_neighbor, bandwidth, indices, gene_list, interval, shrink,
+                                    ite_of=list(self.design.treatments))
         effects = self._effects(nearest_neighbor, bandwidth, interval)
         clusters = None
         if shrink is not None:
