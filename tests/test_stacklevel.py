@@ -1,5 +1,6 @@
 """user_stacklevel: a package warning points at the first frame outside the package, however deep the call went."""
 
+import importlib.util
 import inspect
 import warnings
 
@@ -39,6 +40,10 @@ def context():
 @context()
 def in_context(message):
     return warn(message)
+
+class Warns(torch.nn.Module):
+    def forward(self, message):
+        return deeper(message, 1)
 '''
 _package = {}
 exec(compile(_PACKAGE_SOURCE, PACKAGE_DIR + "_stacklevel_test_module.py", "exec"), _package)
@@ -73,8 +78,9 @@ def test_a_warning_of_the_users_callback_called_by_the_package_names_the_callbac
 
 def test_a_decorated_package_function_warns_at_the_users_line():
     """``@torch.no_grad()`` (and a context manager used as a decorator) put a wrapper's frame between the user and the
-    package: the warning named torch's _contextlib.py."""
-    for call in (_package["decorated"], _package["in_context"]):
+    package: the warning named torch's _contextlib.py. So does ``torch.nn.Module.__call__`` before a package module's
+    ``forward``: it named torch's module.py."""
+    for call in (_package["decorated"], _package["in_context"], _package["Warns"]()):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             line = inspect.currentframe().f_lineno + 1
@@ -112,3 +118,16 @@ def test_query_warnings_name_the_users_line():
                        (lambda: nd.estimate_ite(nearest_neighbor=1000), "more than the cells"),
                        (lambda: nd.decompose_batch_effect(nearest_neighbor=900, indices=[0, 1]), "more than the cells")):
         assert _files_of(call, text) == {__file__}, text
+
+
+def test_a_users_module_named_contextlib_is_the_users_code(tmp_path):
+    """Only the standard library's contextlib (and torch's wrappers) are passed through: a warning raised from a user's
+    own contextlib.py pointed past it, at its caller."""
+    (tmp_path / "contextlib.py").write_text("def call(function, *args):\n    return function(*args)\n")
+    spec = importlib.util.spec_from_file_location("users_contextlib", tmp_path / "contextlib.py")
+    users = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(users)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        users.call(_package["warn"], "from the user's contextlib.py")
+    assert [(w.filename, w.lineno) for w in caught] == [(str(tmp_path / "contextlib.py"), 2)]
