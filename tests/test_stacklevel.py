@@ -4,10 +4,16 @@ import importlib.util
 import inspect
 import warnings
 
+import anndata
+import numpy as np
+import pyro.distributions as dist
+
 import pyro_scmodels as ps
 from pyro_scmodels._stacklevel import PACKAGE_DIR, user_stacklevel
+from pyro_scmodels.criticism import posterior_predictive_check, prior_predictive_check
+from pyro_scmodels.ndreamer import NDreamer
 
-from ._ndreamer_tiny import tiny_nd
+from ._ndreamer_tiny import TINY, tiny_nd
 
 # functions whose frames count as the package's: compiled under a file name inside its directory
 _PACKAGE_SOURCE = '''
@@ -118,6 +124,132 @@ def test_query_warnings_name_the_users_line():
                        (lambda: nd.estimate_ite(nearest_neighbor=1000), "more than the cells"),
                        (lambda: nd.decompose_batch_effect(nearest_neighbor=900, indices=[0, 1]), "more than the cells")):
         assert _files_of(call, text) == {__file__}, text
+
+
+# --- the package's warnings, each through a public entry point that its fixed stacklevel counted wrong -------------
+SMALL = dict(n_hidden=16, n_latent=4)
+QUICK = dict(batch_size=64, device="cpu", progress_bar=False)
+
+
+def _small_adata(**setup):
+    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", **setup)
+    return adata
+
+
+def test_training_warnings_name_the_users_line():
+    """A second train() with another train_size (its level named _base.py's caller, train), and a model class that
+    claims the direct ELBO wrongly (the warning is raised inside ELBOLoss.forward: it named torch's module.py)."""
+    from .test_direct_elbo import EditedPriorClaimingDirect
+
+    model = ps.RegularizedVI(_small_adata(batch_key="batch"), **SMALL)
+    model.module.model.__class__ = EditedPriorClaimingDirect
+    assert _files_of(lambda: model.train(max_epochs=1, **QUICK), "Trace_ELBO gives") == {__file__}
+    assert _files_of(lambda: model.train(max_epochs=2, train_size=0.5, **QUICK), "train_size differs") == {__file__}
+
+
+def test_resume_warnings_name_the_users_line(tmp_path):
+    """A checkpoint resumed with another seed and train_size: its seed (training.py) and split (infer.py) are kept."""
+    adata = _small_adata()
+    ps.RegularizedVI(adata, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), seed=0, **QUICK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps.RegularizedVI(adata, **SMALL).train(max_epochs=2, checkpoint_dir=str(tmp_path), seed=1, train_size=0.5,
+                                               **QUICK)
+    for text in ("was trained with seed 0", "the checkpoint's split is kept"):
+        assert {w.filename for w in caught if text in str(w.message)} == {__file__}, text
+
+
+def test_load_warnings_name_the_users_line(tmp_path, monkeypatch):
+    """A saved prior allowed before the refusal (priors.py: its level named model_settings.py), and a model loaded onto
+    other counts of its cells (persistence.py)."""
+    adata = _small_adata()
+    model = ps.RegularizedVI(adata, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    model.save(str(tmp_path / "model"))
+    thinned = adata.copy()
+    thinned.layers["counts"] = thinned.layers["counts"].copy()
+    thinned.layers["counts"].data = np.ceil(thinned.layers["counts"].data / 2)
+    assert _files_of(lambda: ps.RegularizedVI.load(str(tmp_path / "model"), adata=thinned), "data differ from those") \
+        == {__file__}
+    monkeypatch.setattr(ps.RegularizedPriors, "validate", lambda self, saved=False: self)
+    older = ps.RegularizedVI(adata, **SMALL, priors=ps.RegularizedPriors(feature_scaling=dist.Uniform(0.5, 2.0)))
+    older.save(str(tmp_path / "older"))
+    monkeypatch.undo()
+    assert _files_of(lambda: ps.RegularizedVI.load(str(tmp_path / "older"), adata.copy(), device="cpu"),
+                     "still loads") == {__file__}
+
+
+def test_query_mapping_warnings_name_the_users_line():
+    """Genes padded with zeros, through prepare_query_anndata and through load_query_data (one fixed level served
+    one path), and a query with nothing left to train."""
+    adata = _small_adata(batch_key="batch")
+    reference = ps.RegularizedVI(adata, **SMALL)
+    reference.train(max_epochs=1, **QUICK)
+    fewer = adata[:, 5:].copy()
+    assert _files_of(lambda: ps.RegularizedVI.prepare_query_anndata(fewer.copy(), reference), "filled with zeros") \
+        == {__file__}
+    assert _files_of(lambda: ps.RegularizedVI.load_query_data(fewer.copy(), reference, inplace_subset_query_vars=True),
+                     "filled with zeros") == {__file__}
+    assert _files_of(lambda: ps.RegularizedVI.load_query_data(adata.copy(), reference), "nothing is left to train") \
+        == {__file__}
+
+
+def test_a_query_loaded_as_an_ordinary_model_warns_at_the_users_line(tmp_path):
+    """Its optimiser moments, kept for the new rows only, are dropped on load (checkpoints.py: its level named
+    persistence.py)."""
+    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+    known = adata.obs["batch"] != "batch_2"
+    reference_cells = adata[known].copy()  # set up on its own: batch_2 is a category new to the reference
+    ps.RegularizedVI.setup_anndata(reference_cells, layer="counts", batch_key="batch")
+    reference = ps.RegularizedVI(reference_cells, **SMALL)
+    reference.train(max_epochs=1, **QUICK)
+    query = ps.RegularizedVI.load_query_data(adata[~known].copy(), reference)
+    query.train(max_epochs=1, **QUICK)
+    query.save(str(tmp_path / "query"))
+    assert _files_of(lambda: ps.RegularizedVI.load(str(tmp_path / "query"), adata[~known].copy()),
+                     "optimiser moments") == {__file__}
+
+
+def test_ndreamer_warnings_name_the_users_line(tmp_path):
+    """The model ITE of a model whose encoder is not told the condition (model_effects.py), a batch holding one
+    arm (effects.py, in the design dataclass's __post_init__: the generated __init__ is package code), and a saved
+    NDreamer whose batches each hold one arm, loaded (effects.py and design.py through NDreamer.load)."""
+    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
+    with_condition = adata.copy()
+    ps.RegularizedVI.setup_anndata(with_condition, layer="counts", nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(with_condition, **SMALL)
+    model.train(max_epochs=1, **QUICK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_model = NDreamer.from_model(model, "condition", "control", device="cpu")
+    # the model's effects are decoded on two paths (the treated cells again, to widen the intervals)
+    assert _files_of(lambda: from_model.estimate_model_ite(num_samples=2), "encoder is not given") == {__file__}
+    one_arm = adata[~((adata.obs["batch"] == "batch_1") & (adata.obs["condition"] == "control"))].copy()
+    assert _files_of(lambda: NDreamer(one_arm, "condition", "control", batch_key="batch", layer="counts", **TINY), "hold only one of condition") == {__file__}
+    nd = tiny_nd(adata)
+    nd.save(str(tmp_path / "nd"))
+    path = tmp_path / "nd" / "results.h5ad"
+    results = anndata.read_h5ad(path)
+    control = (results.obs["condition"] == "control").to_numpy()
+    # the same three batches, each holding one arm only
+    results.obs["batch"] = np.where(control, np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1"), "batch_2")
+    results.write_h5ad(path)
+    assert _files_of(lambda: NDreamer.load(str(tmp_path / "nd"), device="cpu"), "No batch holds both") == {__file__}
+
+
+def test_multimodal_warnings_name_the_users_line():
+    """A modality without counts in a batch, named when the model is built (unmeasured_categories.py) and when a
+    predictive check has no cell measured in it (criticism.py)."""
+    from .test_multimodal_unmeasured import _batch_without_atac
+
+    mdata = _batch_without_atac()
+    assert _files_of(lambda: ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16), "has no cell with counts") \
+        == {__file__}
+    model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
+    no_atac = np.flatnonzero(mdata.obs["batch"].to_numpy() == "batch_2")[:20]
+    for check in (posterior_predictive_check, prior_predictive_check):
+        assert _files_of(lambda: check(model, indices=no_atac, num_samples=2), "left out of the check") == {__file__}
 
 
 def test_a_users_module_named_contextlib_is_the_users_code(tmp_path):
