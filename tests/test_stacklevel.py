@@ -4,7 +4,6 @@ import importlib.util
 import inspect
 import warnings
 
-import anndata
 import numpy as np
 import pyro.distributions as dist
 
@@ -13,7 +12,13 @@ from pyro_scmodels._stacklevel import PACKAGE_DIR, user_stacklevel
 from pyro_scmodels.criticism import posterior_predictive_check, prior_predictive_check
 from pyro_scmodels.ndreamer import NDreamer
 
-from ._ndreamer_tiny import TINY, tiny_nd
+from . import _ndreamer_tiny
+from ._ndreamer_tiny import TINY, save_with_one_arm_batches, tiny_nd
+from .test_direct_elbo import QUICK, SMALL, EditedPriorClaimingDirect, _adata
+from .test_multimodal_unmeasured import _batch_without_atac
+
+# the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
+tiny_adata = _ndreamer_tiny.tiny_adata
 
 # functions whose frames count as the package's: compiled under a file name inside its directory
 _PACKAGE_SOURCE = '''
@@ -126,31 +131,20 @@ def test_query_warnings_name_the_users_line():
         assert _files_of(call, text) == {__file__}, text
 
 
-# --- the package's warnings, each through a public entry point that its fixed stacklevel counted wrong -------------
-SMALL = dict(n_hidden=16, n_latent=4)
-QUICK = dict(batch_size=64, device="cpu", progress_bar=False)
-
-
-def _small_adata(**setup):
-    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
-    ps.RegularizedVI.setup_anndata(adata, layer="counts", **setup)
-    return adata
-
-
+# --- the package's warnings through public entry points (most fixed levels named a package file or torch) ---
 def test_training_warnings_name_the_users_line():
-    """A second train() with another train_size (its level named _base.py's caller, train), and a model class that
-    claims the direct ELBO wrongly (the warning is raised inside ELBOLoss.forward: it named torch's module.py)."""
-    from .test_direct_elbo import EditedPriorClaimingDirect
-
-    model = ps.RegularizedVI(_small_adata(batch_key="batch"), **SMALL)
+    """A second train() with another train_size (_base.py), and a model class that claims the direct ELBO wrongly (the
+    warning is raised inside ELBOLoss.forward: its fixed level named torch's module.py)."""
+    model = ps.RegularizedVI(_adata(batch_key="batch"), **SMALL)
     model.module.model.__class__ = EditedPriorClaimingDirect
     assert _files_of(lambda: model.train(max_epochs=1, **QUICK), "Trace_ELBO gives") == {__file__}
     assert _files_of(lambda: model.train(max_epochs=2, train_size=0.5, **QUICK), "train_size differs") == {__file__}
 
 
 def test_resume_warnings_name_the_users_line(tmp_path):
-    """A checkpoint resumed with another seed and train_size: its seed (training.py) and split (infer.py) are kept."""
-    adata = _small_adata()
+    """A checkpoint resumed with another seed and train_size: its seed (training.py: its fixed level named _base.py)
+    and its split (infer.py: named checkpoints.py) are kept."""
+    adata = _adata()
     ps.RegularizedVI(adata, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), seed=0, **QUICK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -161,9 +155,9 @@ def test_resume_warnings_name_the_users_line(tmp_path):
 
 
 def test_load_warnings_name_the_users_line(tmp_path, monkeypatch):
-    """A saved prior allowed before the refusal (priors.py: its level named model_settings.py), and a model loaded onto
-    other counts of its cells (persistence.py)."""
-    adata = _small_adata()
+    """A model loaded onto other counts of its cells (persistence.py), and a saved prior allowed before the refusal
+    (priors.py: its fixed level named model_settings.py)."""
+    adata = _adata()
     model = ps.RegularizedVI(adata, **SMALL)
     model.train(max_epochs=1, **QUICK)
     model.save(str(tmp_path / "model"))
@@ -181,9 +175,9 @@ def test_load_warnings_name_the_users_line(tmp_path, monkeypatch):
 
 
 def test_query_mapping_warnings_name_the_users_line():
-    """Genes padded with zeros, through prepare_query_anndata and through load_query_data (one fixed level served
-    one path), and a query with nothing left to train."""
-    adata = _small_adata(batch_key="batch")
+    """Genes padded with zeros (query_genes.py), through prepare_query_anndata and through load_query_data, and a query
+    with nothing left to train (query_mapping.py): their fixed levels named scvi_arguments.py."""
+    adata = _adata(batch_key="batch")
     reference = ps.RegularizedVI(adata, **SMALL)
     reference.train(max_epochs=1, **QUICK)
     fewer = adata[:, 5:].copy()
@@ -195,28 +189,26 @@ def test_query_mapping_warnings_name_the_users_line():
         == {__file__}
 
 
-def test_a_query_loaded_as_an_ordinary_model_warns_at_the_users_line(tmp_path):
-    """Its optimiser moments, kept for the new rows only, are dropped on load (checkpoints.py: its level named
-    persistence.py)."""
-    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
-    known = adata.obs["batch"] != "batch_2"
-    reference_cells = adata[known].copy()  # set up on its own: batch_2 is a category new to the reference
+def test_a_query_loaded_as_an_ordinary_model_warns_at_the_users_line(tiny_adata, tmp_path):
+    """Its optimiser moments, kept for the new rows only, are dropped on load (checkpoints.py: its fixed level named
+    training.py)."""
+    known = tiny_adata.obs["batch"] != "batch_2"
+    reference_cells = tiny_adata[known].copy()  # set up on its own: batch_2 is a category new to the reference
     ps.RegularizedVI.setup_anndata(reference_cells, layer="counts", batch_key="batch")
     reference = ps.RegularizedVI(reference_cells, **SMALL)
     reference.train(max_epochs=1, **QUICK)
-    query = ps.RegularizedVI.load_query_data(adata[~known].copy(), reference)
+    query = ps.RegularizedVI.load_query_data(tiny_adata[~known].copy(), reference)
     query.train(max_epochs=1, **QUICK)
     query.save(str(tmp_path / "query"))
-    assert _files_of(lambda: ps.RegularizedVI.load(str(tmp_path / "query"), adata[~known].copy()),
+    assert _files_of(lambda: ps.RegularizedVI.load(str(tmp_path / "query"), tiny_adata[~known].copy()),
                      "optimiser moments") == {__file__}
 
 
-def test_ndreamer_warnings_name_the_users_line(tmp_path):
-    """The model ITE of a model whose encoder is not told the condition (model_effects.py), a batch holding one
-    arm (effects.py, in the design dataclass's __post_init__: the generated __init__ is package code), and a saved
-    NDreamer whose batches each hold one arm, loaded (effects.py and design.py through NDreamer.load)."""
-    adata = ps.datasets.simulate(n_cells=300, n_genes=60, n_markers_per_type=4, n_responding_genes=6, seed=5)
-    with_condition = adata.copy()
+def test_ndreamer_warnings_name_the_users_line(tiny_adata, tmp_path):
+    """The model ITE of a model whose encoder is not told the condition (model_effects.py); a batch holding one arm
+    (effects.py, in the design dataclass's __post_init__, under its generated __init__: the fixed level named
+    design.py); a saved NDreamer whose batches each hold one arm, loaded (effects.py again, and save_load.py)."""
+    with_condition = tiny_adata.copy()
     ps.RegularizedVI.setup_anndata(with_condition, layer="counts", nn_conditioning_covariate_keys=["condition"])
     model = ps.RegularizedVI(with_condition, **SMALL)
     model.train(max_epochs=1, **QUICK)
@@ -225,24 +217,20 @@ def test_ndreamer_warnings_name_the_users_line(tmp_path):
         from_model = NDreamer.from_model(model, "condition", "control", device="cpu")
     # the model's effects are decoded on two paths (the treated cells again, to widen the intervals)
     assert _files_of(lambda: from_model.estimate_model_ite(num_samples=2), "encoder is not given") == {__file__}
-    one_arm = adata[~((adata.obs["batch"] == "batch_1") & (adata.obs["condition"] == "control"))].copy()
-    assert _files_of(lambda: NDreamer(one_arm, "condition", "control", batch_key="batch", layer="counts", **TINY), "hold only one of condition") == {__file__}
-    nd = tiny_nd(adata)
-    nd.save(str(tmp_path / "nd"))
-    path = tmp_path / "nd" / "results.h5ad"
-    results = anndata.read_h5ad(path)
-    control = (results.obs["condition"] == "control").to_numpy()
-    # the same three batches, each holding one arm only
-    results.obs["batch"] = np.where(control, np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1"), "batch_2")
-    results.write_h5ad(path)
-    assert _files_of(lambda: NDreamer.load(str(tmp_path / "nd"), device="cpu"), "No batch holds both") == {__file__}
+    cells = tiny_adata.obs
+    one_arm = tiny_adata[~((cells["batch"] == "batch_1") & (cells["condition"] == "control"))].copy()
+    assert _files_of(lambda: NDreamer(one_arm, "condition", "control", batch_key="batch", layer="counts", **TINY),
+                     "hold only one of condition") == {__file__}
+    nd = tiny_nd(tiny_adata)
+    nd.train(n_epochs=1, progress_bar=False)
+    save_with_one_arm_batches(nd, str(tmp_path / "nd"))
+    for text in ("No batch holds both", "does not match the saved results"):
+        assert _files_of(lambda: NDreamer.load(str(tmp_path / "nd"), device="cpu"), text) == {__file__}, text
 
 
 def test_multimodal_warnings_name_the_users_line():
     """A modality without counts in a batch, named when the model is built (unmeasured_categories.py) and when a
     predictive check has no cell measured in it (criticism.py)."""
-    from .test_multimodal_unmeasured import _batch_without_atac
-
     mdata = _batch_without_atac()
     assert _files_of(lambda: ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16), "has no cell with counts") \
         == {__file__}
