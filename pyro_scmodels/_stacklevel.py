@@ -8,27 +8,52 @@ too). :func:`user_stacklevel` counts them at the time of the warning instead. Py
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
+
+import torch.nn.modules.module
+import torch.utils._contextlib
 
 #: the package's directory, with a trailing separator (so ``pyro_scmodels_extra/`` is not inside it)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-#: files of the decorator wrappers that package functions are called through (``@torch.no_grad()``, a
-#: ``contextlib.contextmanager`` used as a decorator): ``warnings.warn`` counts their frames, and a warning that stopped
-#: at them named torch's ``_contextlib.py``
-WRAPPER_FILES = (os.sep + os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
+#: the package's name: code generated for it (a dataclass's ``__init__``, whose ``__post_init__`` may warn) has the file
+#: name ``<string>`` and runs in the globals of the package module it was made for
+PACKAGE = __name__.rpartition(".")[0]
+
+
+def _real(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+#: files of the wrappers that package functions are called through, and nothing else: the standard library's
+#: ``contextlib`` and torch's ``_contextlib`` (``@torch.no_grad()``, a ``contextlib.contextmanager`` used as a
+#: decorator) and ``torch.nn.Module.__call__`` (a package module's ``forward``). ``warnings.warn`` counts their frames,
+#: and a warning that stopped at them named torch's ``_contextlib.py`` or ``module.py``. Whole paths: a user's own
+#: module named ``contextlib.py`` is the user's code.
+WRAPPER_FILES = frozenset(_real(module.__file__) for module in (contextlib, torch.utils._contextlib,
+                                                                torch.nn.modules.module))
+
+
+@functools.lru_cache(maxsize=256)
+def _is_wrapper_file(filename: str) -> bool:
+    return _real(filename) in WRAPPER_FILES
 
 
 def _inside_package(frame) -> bool:
-    return os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR)
+    filename = frame.f_code.co_filename
+    if filename == "<string>":
+        return str(frame.f_globals.get("__name__", "")).partition(".")[0] == PACKAGE
+    return os.path.abspath(filename).startswith(PACKAGE_DIR)
 
 
 def _passed_through(frame) -> bool:
-    """A frame between the package's frames: the package's own, or a decorator's wrapper calling a package function
-    (the walk only reaches a wrapper from the package function it called)."""
-    return _inside_package(frame) or frame.f_code.co_filename.endswith(WRAPPER_FILES)
+    """A frame between the package's frames: the package's own, or a wrapper calling a package function (the walk
+    only reaches a wrapper from the package function it called)."""
+    return _inside_package(frame) or _is_wrapper_file(frame.f_code.co_filename)
 
 
 def _internal(frame) -> bool:
@@ -49,9 +74,10 @@ def user_stacklevel() -> int:
     int
         1 when the caller of this function is itself outside the package (the warning points at its own line);
         otherwise 1 plus the number of package frames between it and the first frame outside the package, counted as
-        ``warnings.warn`` counts them (skipping the import machinery's frames; a decorator's wrapper around a package
-        function, e.g. ``@torch.no_grad()``, counts as a package frame). When every frame is inside the
-        package, one past the outermost, which ``warnings.warn`` reports as ``sys``.
+        ``warnings.warn`` counts them (skipping the import machinery's frames; a wrapper calling a package function,
+        e.g. ``@torch.no_grad()`` or ``torch.nn.Module.__call__``, and a package dataclass's generated ``__init__``
+        count as package frames). When every frame is inside the package, one past the outermost, which
+        ``warnings.warn`` reports as ``sys``.
 
     Examples
     --------

@@ -19,6 +19,7 @@ import torch
 
 from ._atomic import atomic_path
 from ._io import load_torch_file
+from ._stacklevel import user_stacklevel
 from .optimizers import optimizer_state_fits
 
 logger = logging.getLogger("pyro_scmodels.training")
@@ -184,7 +185,8 @@ def fingerprint_differences(saved: dict, fingerprint: dict) -> list[str]:
             continue
         if key in UNCHECKED_EQUIVALENT_PARTS and _same(old, fingerprint.get(UNCHECKED_EQUIVALENT_PARTS[key])):
             warnings.warn(f"The saved state was written before its {key} were recorded as they are now ({old}); it is "
-                          f"taken up by {new}, which cannot be checked against it.", UserWarning, stacklevel=2)
+                          f"taken up by {new}, which cannot be checked against it.", UserWarning,
+                          stacklevel=user_stacklevel())
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ, not the whole group
             unknown = (lambda k: old.get(k) is None or new.get(k) is None) if key in PARTS_WITH_UNKNOWN_ENTRIES else (
@@ -195,7 +197,7 @@ def fingerprint_differences(saved: dict, fingerprint: dict) -> list[str]:
             if unchecked and not differing:
                 warnings.warn(f"The saved state did not record the {key} of {', '.join(map(repr, unchecked))} (counts on "
                               "disk, saved before 2026-12-06): it is taken up without checking that they are the "
-                              "counts it was trained on.", UserWarning, stacklevel=2)
+                              "counts it was trained on.", UserWarning, stacklevel=user_stacklevel())
         else:
             differing.append(key)
     return differing
@@ -281,7 +283,7 @@ class LoopCheckpoints:
                 # e.g. a query model saved with its reference rows frozen (only new rows trained) and loaded as
                 # an ordinary model: the moment estimates were kept for other parameter shapes
                 warnings.warn(f"{source} holds optimiser moments for other parameter shapes or groups than this model's; "
-                              "training continues with fresh Adam moments.", stacklevel=2)
+                              "training continues with fresh Adam moments.", stacklevel=user_stacklevel())
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = state["history"]
         self._best, self._epochs_without_improvement = state["best"], state["epochs_without_improvement"]

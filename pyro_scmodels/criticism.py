@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from .predictive_statistics import INTERVAL_LEVELS, MAX_PIT_SAMPLE, PIT_BINS, STATISTICS, SiteAccumulator  # noqa: F401
 
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 from ._atomic import atomic_path
 from .figures import figure_path as checked_figure_path
 from .seeding import seeded
@@ -276,7 +277,7 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
     unmeasured = [site for site in getattr(model, "observation_sites", {}) if site not in accumulators]
     if unmeasured:  # every chosen cell lacks that modality: the site had nothing to check (it was left out silently)
         warnings.warn(f"None of the {len(positions)} cells checked has counts for {unmeasured}: those sites are left "
-                      "out of the check.", UserWarning, stacklevel=3)
+                      "out of the check.", UserWarning, stacklevel=user_stacklevel())
     source = adata if adata is not None else getattr(model, "adata", None)
     names = pd.Index(source.obs_names) if source is not None else None
     results = {}

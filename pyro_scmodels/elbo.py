@@ -14,6 +14,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from ._stacklevel import user_stacklevel
 from .distributed import LocalScale
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class ELBOLoss(torch.nn.Module):
             f"{type(self.model).__name__}.log_joint and {type(self.guide).__name__}.draw give a loss of "
             f"{direct:.6g} where Pyro's Trace_ELBO gives {traced:.6g} on the same minibatch and draws; training "
             "uses Trace_ELBO. A subclass that changes the model's sites should not declare direct_elbo = True.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return False
 

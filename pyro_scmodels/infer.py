@@ -19,6 +19,7 @@ from pyro import poutine
 
 from . import _constants as C
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 from .data import CellData, iterate_minibatches
 from .data.on_disk import chunk_grouped_minibatches, chunk_shuffled_order, read_ahead_groups
 from .elbo import ELBOLoss, check_compile_works
@@ -295,7 +296,7 @@ class SVITrainer(TrainingLoop):
                 f"The checkpoint's train/validation split ({len(self.train_indices)} / {len(self.validation_indices)} "
                 f"cells) differs from the one this call asks for ({len(train)} / {len(validation)}: train_size, seed or "
                 "external_indexing); the checkpoint's split is kept, as in a second call to train(). Remove the "
-                "checkpoint to train with the new split.", stacklevel=2)
+                "checkpoint to train with the new split.", stacklevel=user_stacklevel())
         self.set_optimizer_settings(**self._requested)
 
     # --- diagnostics -----------------------------------------------------------------------

@@ -111,7 +111,8 @@ class RegularizedPriors:
                            f"{prior.support}. Use e.g. a Gamma or a LogNormal.")
                 if negative or not saved:
                     raise ValueError(message)
-                warnings.warn(f"{message} (A saved model with it still loads.)", UserWarning, stacklevel=3)
+                warnings.warn(f"{message} (A saved model with it still loads.)", UserWarning,
+                              stacklevel=user_stacklevel())
         # set without __setattr__: the priors read back from a model (PriorsInUse) refuse assignments
         object.__setattr__(self, "regularize_ambient", V.boolean("regularize_ambient", self.regularize_ambient))
         return self
@@ -331,7 +332,7 @@ def refuse_replaced_ambient_prior(priors, shaped_ambient: bool, where: str = "pr
     message = (f"The ambient prior in {where} was edited ({priors.ambient}), but ambient_shape_prior replaces it "
                "with Gamma(a, a / (m_e p_g)) centred on the pooled cells' profile, so the edit changes nothing")
     if warn:
-        warnings.warn(message + ".", UserWarning, stacklevel=3)
+        warnings.warn(message + ".", UserWarning, stacklevel=user_stacklevel())
         return
     raise ValueError(message + ". Build the model with one of them (set the shaped prior's concentration with "
                      "ambient_shape_prior=...).")

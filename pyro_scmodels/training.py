@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import _constants as C
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 from ._allocator import reuse_freed_memory
 from .checkpoints import LoopCheckpoints, refuse_other_data_on_other_ranks
 from .distributed import SingleProcess
@@ -315,7 +316,7 @@ class TrainingLoop(LoopCheckpoints, NonFiniteChecks):
                 warnings.warn(f"The checkpoint at {plan.checkpoint_path} was trained with seed {self.seed}; this call's "
                               f"seed {seed} draws its remaining epochs, so the run repeats neither seed's. Pass "
                               f"seed={self.seed} to finish that run, or use another checkpoint folder.", UserWarning,
-                              stacklevel=4)
+                              stacklevel=user_stacklevel())
             if self.epoch > plan.max_epochs and self.parallel.is_writer:
                 logger.warning("The checkpoint holds %d epochs, more than the %d asked for: nothing is trained, and the "
                                "model is the checkpoint's.", self.epoch, plan.max_epochs)

@@ -1,8 +1,11 @@
 """What the NDreamer life-cycle tests share: a tiny network, tiny simulated data and the copy of a network's
 weights."""
 
+import os
 import warnings
 
+import anndata
+import numpy as np
 import pytest
 
 import pyro_scmodels as ps
@@ -36,3 +39,15 @@ def tiny_nd(adata, **kwargs) -> NDreamer:
 
 def nd_state(nd: NDreamer) -> dict:
     return {k: v.clone() for k, v in nd.network.state_dict().items()}
+
+
+def save_with_one_arm_batches(nd: NDreamer, folder: str) -> None:
+    """Save ``nd`` to ``folder``, then relabel the saved cells into its three batches so that each holds one arm only:
+    a confounded design, as saved before the confounding checks."""
+    nd.save(folder)
+    path = os.path.join(folder, "results.h5ad")
+    results = anndata.read_h5ad(path)
+    control = (results.obs["condition"] == "control").to_numpy()
+    controls = np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1")
+    results.obs["batch"] = np.where(control, controls, "batch_2")
+    results.write_h5ad(path)

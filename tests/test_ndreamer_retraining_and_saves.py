@@ -12,7 +12,7 @@ from pyro_scmodels.ndreamer import NDreamer
 from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
 
 from . import _ndreamer_tiny
-from ._ndreamer_tiny import tiny_nd
+from ._ndreamer_tiny import save_with_one_arm_batches, tiny_nd
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
@@ -120,17 +120,9 @@ def test_another_models_checkpoint_is_named_as_such(tiny_adata, tmp_path):
 
 def test_a_saved_confounded_design_loads_with_a_warning(tiny_adata, tmp_path):
     """Saved before the confounding checks: its results stay readable, and the design is named as confounded."""
-    import anndata
-
     nd = tiny_nd(tiny_adata)
     nd.train(n_epochs=1, progress_bar=False)
-    nd.save(str(tmp_path / "nd"))
-    path = tmp_path / "nd" / "results.h5ad"
-    results = anndata.read_h5ad(path)
-    control = (results.obs["condition"] == "control").to_numpy()
-    # the same three batches, each holding one arm only
-    results.obs["batch"] = np.where(control, np.where(np.arange(results.n_obs) % 2 == 0, "batch_0", "batch_1"), "batch_2")
-    results.write_h5ad(path)
+    save_with_one_arm_batches(nd, str(tmp_path / "nd"))
     with pytest.warns(UserWarning, match="No batch holds both condition 'stimulated'"):
         with pytest.warns(UserWarning, match=r"training state in .* does not match the saved results \(cell labels "
                                              r"differ\): loaded without it"):

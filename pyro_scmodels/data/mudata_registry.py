@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from .counts import CountMatrix
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 from .on_disk import refuse_backed_csc
@@ -313,5 +314,5 @@ def per_modality(name: str, value, modalities: list[str], check=None, loading: b
         message = f"{name} names modalities the model does not have: {unknown}; its modalities are {modalities}."
         if not loading:
             raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
     return {m: check(f"{name}[{m!r}]", value[m]) for m in modalities}

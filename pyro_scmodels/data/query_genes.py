@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._stacklevel import user_stacklevel
 from .registry import SETUP_UNS_KEY
 
 
@@ -77,7 +78,7 @@ def _aligned_fields(adata, genes: pd.Index) -> dict | None:
         warnings.warn(
             f"{n_missing} of the reference's {len(genes)} genes are missing from the query and are filled with zeros "
             f"({n_dropped} query genes unknown to the reference are dropped; gene-indexed .varm/.varp entries are dropped). "
-            "Many zero-filled genes lower the quality of the mapping.", stacklevel=5,
+            "Many zero-filled genes lower the quality of the mapping.", stacklevel=user_stacklevel(),
         )
     # gene-indexed tables follow the genes when nothing is padded; padded rows would have no value
     varm = {} if n_missing else {k: (v.iloc[take] if isinstance(v, pd.DataFrame) else v[take]) for k, v in adata.varm.items()}

@@ -20,6 +20,7 @@ import torch
 from scipy.stats import rankdata
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from .expression import transform_covariates
 from .scvi_arguments import refuses_scvi_arguments
 from ..seeding import rng_devices, seed_or_fresh
@@ -132,7 +133,7 @@ def _check_measured(n_measured: int, n_asked: int, modality) -> None:
         warnings.warn(f"get_feature_correlation_matrix: {n_asked - n_measured} of the {n_asked} cells have no counts "
                       f"in modality {modality!r} (their likelihood is masked, their decoded {modality!r} is the model's "
                       "guess from the other modalities); they are left out of the correlation.", UserWarning,
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
 
 
 def _correlation(data: np.ndarray, correlation_type: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_setup, require_mudata, setup_mudata
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
@@ -88,7 +89,7 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
                        f"latent_mode='weighted_mean' only; latent_mode={latent_mode!r} has no weights to learn.")
             if _categories is None:
                 raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)  # a model saved before this check still loads
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())  # a model saved before the check loads
         shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed)
         n_layers, dropout_rate, seed = shared["n_layers"], shared["dropout_rate"], shared["seed"]
         self.adata = mdata

@@ -16,6 +16,7 @@ import zipfile
 import torch
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from .._atomic import STAGED_PREFIX, refuse_foreign_files, staged_save, write_h5ad
 from .._io import load_torch_file, read_h5ad, read_h5mu, writable_folder
 from ..checkpoints import EQUIVALENT_FINGERPRINT_PARTS, UNCHECKED_EQUIVALENT_PARTS, StateMismatchError
@@ -234,7 +235,7 @@ class SavedModel:
                 warnings.warn(f"This folder was saved before the classes of a multimodal model's blocks were recorded "
                               f"({saved_classes}); it is loaded with {type(self).__name__}'s blocks "
                               f"({self._module_classes()}), which cannot be checked against it.", UserWarning,
-                              stacklevel=4)
+                              stacklevel=user_stacklevel())
         elif saved_classes is not None and saved_classes != self._module_classes():
             raise ValueError(f"This folder was saved by a {payload.get('class', 'model')} whose Pyro model and guide are "
                              f"{saved_classes}; {type(self).__name__} builds {self._module_classes()}, so an edited site "
@@ -257,7 +258,7 @@ class SavedModel:
                 except StateMismatchError as error:  # the same cells with other counts or covariates: other data
                     warnings.warn(f"The data differ from those the model was trained on ({', '.join(error.parts)} "
                                   "differ): the model is loaded with its parameters and history, and a further train() "
-                                  "starts a new split and optimiser.", UserWarning, stacklevel=4)
+                                  "starts a new split and optimiser.", UserWarning, stacklevel=user_stacklevel())
             if self.trainer is None:
                 # other cells than in training: the history and the steps taken are kept, the split and optimiser not
                 self.carried_training = (saved["history"], int(saved.get("step", 0)))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..priors import RegularizedPriors
 from ..data import check_var_names, read_setup, setup_arguments
 from ..data.query_genes import align_genes
@@ -275,7 +276,8 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     if not any(p.requires_grad for p in model.module.parameters()):
         warnings.warn(
             "The query has no category new to the reference and the encoders and decoder are frozen: nothing is left to "
-            "train. The query model is ready to use as is (pass freeze_encoder=False to fine-tune the encoders).", stacklevel=3,
+            "train. The query model is ready to use as is (pass freeze_encoder=False to fine-tune the encoders).",
+            stacklevel=user_stacklevel(),
         )
         model.is_trained = True
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+from .._stacklevel import user_stacklevel
 from ..data import SETUP_UNS_KEY, check_var_names, read_setup, setup_arguments
 
 if TYPE_CHECKING:  # the class this mixin is part of (the return type of load)
@@ -63,6 +64,7 @@ class RegularizedVIPersistence:
             if (current.layer, current.keys.to_dict()) != saved_setup:
                 warnings.warn(
                     "adata was set up differently from the saved model; the model's setup "
-                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.", stacklevel=4
+                    f"(layer={payload['layer']!r}, keys={payload['keys']}) is applied instead.",
+                    stacklevel=user_stacklevel(),
                 )
         cls.setup_anndata(adata, layer=payload["layer"], **setup_arguments(payload["keys"]))

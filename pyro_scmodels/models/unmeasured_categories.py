@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+from .._stacklevel import user_stacklevel
 from ..data import CellData
 
 #: per-category parameters of a modality: (their name in the warning, the covariate table, the key role)
@@ -76,5 +77,6 @@ def warn_categories_without_counts(data: CellData, modalities: list[str], ambien
                 f"modality {m!r} has no cell with counts in {key} {category!r}: its {category} {listed} are the "
                 f"prior's, not fitted (the model masks the likelihood of a cell without {m!r} counts), and are "
                 f"reported and exported as such. Leave {category!r} out of comparisons of {m!r}, or key these "
-                f"parameters by a column whose every category has cells with {m!r} counts.", UserWarning, stacklevel=3)
+                f"parameters by a column whose every category has cells with {m!r} counts.", UserWarning,
+                stacklevel=user_stacklevel())
     return found

@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from .._stacklevel import user_stacklevel
 from .matched_row_sums import dense_block
 
 #: arm codes of :meth:`CateSums.add`: the treatment's cells, the control's, and any other condition's
@@ -178,5 +179,5 @@ def groups_with_both_conditions(groups, condition_labels, condition: str, contro
                          f"{control_name!r}: {', '.join(skipped[:10])}.")
     if skipped:
         warnings.warn(f"CATE skipped {len(skipped)} group(s) with fewer than min_cells={min_cells} cells of either "
-                      f"condition: {', '.join(skipped[:10])}.", stacklevel=3)
+                      f"condition: {', '.join(skipped[:10])}.", stacklevel=user_stacklevel())
     return list(counts.index[enough])

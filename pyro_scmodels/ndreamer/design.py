@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from .effect_queries import labels_of
 from .effects import GROUP_SEPARATOR, CounterfactualDesign
 
@@ -38,7 +39,8 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
                    "donors or runs) as batch_key, or none.")
         if not saved:
             raise ValueError(message)
-        warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning, stacklevel=3)
+        warnings.warn(f"This saved NDreamer's design is confounded: {message}", UserWarning,
+                      stacklevel=user_stacklevel())
     if not saved:  # a column of real numbers made one group per cell (the error then listed every cell)
         for key in dict.fromkeys([settings["condition_key"], *settings["batch_key"]]):
             if key in obs.columns:  # a missing one is named by labels_of below

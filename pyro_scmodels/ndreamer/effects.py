@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_bounds, interval_level, matched_spread, smallest_positive
@@ -102,7 +103,7 @@ class CounterfactualDesign:
                            "whose batches each hold both conditions (e.g. donors or runs), or none.")
                 if self.refuse_confounding:
                     raise ValueError(message)
-                warnings.warn(message, UserWarning, stacklevel=4)
+                warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def common_batches(self, treatment: str) -> list[str]:
         """The batches holding both ``treatment`` and the control: the ITE compares the two arms over these.
@@ -127,7 +128,7 @@ class CounterfactualDesign:
                 warnings.warn(f"Batch(es) {one_arm} hold only one of condition {treatment!r} and the control "
                               f"{self.control_name!r}: the ITE of {treatment!r} compares the two over the batches holding "
                               f"both ({common}); the denoised expression still averages each condition over every "
-                              "batch holding it.", UserWarning, stacklevel=4)
+                              "batch holding it.", UserWarning, stacklevel=user_stacklevel())
 
     def _check_group_sizes(self, minimum: int) -> None:
         names, sizes = np.unique(self.groups, return_counts=True)

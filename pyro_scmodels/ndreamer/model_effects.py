@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from .._labels import quantile_label
 from . import _constants as K
 
@@ -34,14 +35,15 @@ def check_condition_decodable(model, condition_key: str) -> list[str]:
         warnings.warn(
             f"The model's encoder is not given {condition_key!r}, so z carries the condition and the decoded "
             "effect is shrunk towards 0. Set the model up with encoder_covariate_keys=[condition_key] as well "
-            "as nn_conditioning_covariate_keys=[condition_key] (the basal-state design).", stacklevel=4,
+            "as nn_conditioning_covariate_keys=[condition_key] (the basal-state design).", stacklevel=user_stacklevel(),
         )
     elif not model.init_params.get("latent_independence", 0.0):
         # measured (bench_model_ite.py): told the condition, the encoder may still write it into z (simulator,
         # n_hidden=128: slope 0.52-0.62, per-cell r 0.14-0.55; with the penalty 1.12-1.16, 0.75-0.88)
         warnings.warn(
             f"The model was trained without latent_independence, so z may still carry {condition_key!r} and the "
-            "decoded effect may be shrunk. Train it with RegularizedVI(adata, latent_independence=10.0).", stacklevel=4,
+            "decoded effect may be shrunk. Train it with RegularizedVI(adata, latent_independence=10.0).",
+            stacklevel=user_stacklevel(),
         )
     return list(model.encoding.categories[condition_key])
 

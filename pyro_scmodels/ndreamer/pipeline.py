@@ -119,7 +119,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                  keep_genes=None, min_cells_per_group: int = K.MIN_CELLS_PER_GROUP, factual: str = "auto",
                  contorl_name: str | None = None):
         if contorl_name is not None:
-            warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning, stacklevel=2)
+            warnings.warn("`contorl_name` is deprecated; use `control_name`.", DeprecationWarning,
+                          stacklevel=user_stacklevel())
             control_name = control_name if control_name is not None else contorl_name
         if control_name is None:
             raise ValueError("control_name is required: the name of the control condition.")

@@ -7,6 +7,7 @@ import warnings
 import pandas as pd
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 from ..checkpoints import StateMismatchError
 from ..models.persistence import file_prefix
 from ._persistence import read_ndreamer, write_ndreamer
@@ -102,7 +103,7 @@ class NDreamerSaveLoad:
                     warnings.warn(f"The training state in {dir_path} does not match the saved results "
                                   f"({', '.join(error.parts)} differ): loaded without it. The network "
                                   "and the results are the saved ones; a further train() starts with a new optimiser "
-                                  "and history.", UserWarning, stacklevel=2)
+                                  "and history.", UserWarning, stacklevel=user_stacklevel())
         nd.results = saved.results
         if saved.effects_file is not None:
             nd.effects.load(saved.effects_file)
