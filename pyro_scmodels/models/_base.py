@@ -349,8 +349,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
                               stacklevel=user_stacklevel())
         elif size_asked and abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
             # only a fraction the caller gave: the kept split may come from external_indexing, a load or a resume
-            warnings.warn("train_size differs from the first call; the original train/validation split is kept.",
-                          stacklevel=user_stacklevel())
+            warnings.warn("train_size differs from the first call; the original split is kept.", stacklevel=user_stacklevel())
         self.trainer.set_optimizer_settings(**adam)
 
     # --- inference in minibatches --------------------------------------------------------------

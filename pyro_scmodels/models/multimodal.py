@@ -1,8 +1,7 @@
 """RegularizedMultimodalVI: paired modalities (e.g. RNA + ATAC) with a joint latent space.
 
-The maths lives in :mod:`.multimodal_module`; each modality is a RegularizedVI block built by
-:func:`~pyro_scmodels.models.model_construction.build_model_and_guide`, so priors, guides, covariates and the
-training loop are the single-modality ones.
+The maths lives in :mod:`.multimodal_module`; each modality is a RegularizedVI block (``build_model_and_guide``),
+so priors, guides, covariates and the training loop are the single-modality ones.
 """
 
 from __future__ import annotations
