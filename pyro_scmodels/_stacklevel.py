@@ -45,8 +45,10 @@ def _is_wrapper_file(filename: str) -> bool:
 
 def _inside_package(frame) -> bool:
     filename = frame.f_code.co_filename
-    if filename == "<string>":
-        return str(frame.f_globals.get("__name__", "")).partition(".")[0] == PACKAGE
+    if filename.startswith("<"):
+        # code without a file: the package's only when generated for one of its modules (``<string>``); ``<stdin>``,
+        # ``<frozen runpy>``, ``<doctest ...>`` are not, and abspath would put them under the working directory
+        return filename == "<string>" and str(frame.f_globals.get("__name__", "")).partition(".")[0] == PACKAGE
     return os.path.abspath(filename).startswith(PACKAGE_DIR)
 
 

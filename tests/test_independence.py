@@ -87,8 +87,9 @@ def test_the_leak_warning_comes_with_a_model_that_lets_encoder_keys_into_z():
         warnings.simplefilter("error", UserWarning)
         ps.RegularizedVI.setup_anndata(adata, layer="counts", encoder_covariate_keys=["condition"])
         ps.RegularizedVI(adata, n_latent=2, n_hidden=8, latent_independence=10.0)
-    with pytest.warns(UserWarning, match=r"encoder_covariate_keys=\['condition'\].*can leak into the latent space"):
+    with pytest.warns(UserWarning, match=r"encoder_covariate_keys=\['condition'\].*can leak into the latent space") as caught:
         model = ps.RegularizedVI(adata, n_latent=2, n_hidden=8)
+    assert [w.filename for w in caught if "can leak" in str(w.message)] == [__file__]  # at the user's line
     model.train(max_epochs=1, progress_bar=False)
     with warnings.catch_warnings():  # said when it was built, not again when it is loaded
         warnings.simplefilter("error", UserWarning)

@@ -35,8 +35,8 @@ def test_two_hidden_layers_recover_the_effect_and_the_hull_covers_where_one_cell
             coverage[mode] = recovery["coverage"]
     print("one responding type, two hidden layers:", recovery, "coverage of the 90 % bounds:", coverage)
     # measured on data seeds 0-2 (2026-12-07, benchmarks/RESULTS.md, "Model ITE with two hidden layers"): slope
-    # 0.90-1.08, per-cell r 0.91-0.93, false effect 0.04-0.07; coverage True 0.72-0.81, the hull 0.86-0.90 (its matched
-    # interval's own term observed, 2026-12-07; 0.91-0.94 with the matched own term). One hidden
+    # 0.90-1.08, per-cell r 0.91-0.93, false effect 0.04-0.07; coverage True 0.72-0.81; the hull 0.86-0.90 ("Model
+    # ITE: the hull's own term observed"; 0.91-0.94 with the matched own term). One hidden
     # layer: slope 0.51-0.81, per-cell r 0.20-0.74
     assert 0.8 <= recovery["slope"] <= 1.25
     assert recovery["per_cell_r"] >= 0.75

@@ -100,11 +100,22 @@ def test_a_decorated_package_function_warns_at_the_users_line():
 
 
 def _files_of(call, text: str) -> set:
-    """The files named by the warnings holding ``text`` that ``call()`` gives."""
+    """``{__file__}`` when every warning holding ``text`` that ``call()`` gives names the user's line: a line of
+    ``call`` itself when it is a lambda of this file, else the line below that calls it; otherwise the (file, line) of
+    each (so a warning pointing a frame too far, at this function or the test, fails too)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
         call()
-    return {w.filename for w in caught if text in str(w.message)}
+    code = getattr(call, "__code__", None)
+    if code is not None and code.co_filename == __file__:
+        expected = {number for _, _, number in code.co_lines() if number is not None}
+    else:
+        expected = {line}
+    found = {(w.filename, w.lineno) for w in caught if text in str(w.message)}
+    if found and all(name == __file__ and number in expected for name, number in found):
+        return {__file__}
+    return found
 
 
 def test_query_warnings_name_the_users_line():
@@ -251,3 +262,16 @@ def test_a_users_module_named_contextlib_is_the_users_code(tmp_path):
         warnings.simplefilter("always")
         users.call(_package["warn"], "from the user's contextlib.py")
     assert [(w.filename, w.lineno) for w in caught] == [(str(tmp_path / "contextlib.py"), 2)]
+
+
+def test_code_without_a_file_is_the_users_even_run_from_inside_the_package(monkeypatch):
+    # <stdin>, a notebook's or doctest's code: abspath("<stdin>") lies under the working directory, which counted it
+    # as the package's when Python ran from inside the package's folder (the warning then named sys:1)
+    monkeypatch.chdir(PACKAGE_DIR)
+    user_code = compile("def call(message):\n    _package['warn'](message)\n", "<stdin>", "exec")
+    namespace = {"_package": _package}
+    exec(user_code, namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        namespace["call"]("from code without a file")
+    assert [(w.filename, w.lineno) for w in caught] == [("<stdin>", 2)]

@@ -71,8 +71,9 @@ mean, low, high = (np.array(results.layers[f"ite_model_{treatment}{s}"]) for s i
 # (docs/ndreamer_model_route.md)
 widened = nd.estimate_model_ite(num_samples=10 if QUICK else 50, widen_by_matching=True)
 wide_low, wide_high = (np.array(widened.layers[f"ite_model_{treatment}{s}"]) for s in ("_q05", "_q95"))
-# the default (widen_by_matching="hull"): the matched ITE's own interval, extended to hold the model ITE where it
-# lies outside
+# the default (widen_by_matching="hull"): the matched ITE's interval with each cell's own term taken from its observed
+# expression (not matching_low / matching_high above, whose own term comes from matched cells), extended to hold the
+# model ITE where it lies outside
 hull = nd.estimate_model_ite(num_samples=10 if QUICK else 50)
 hull_low, hull_high = (hull.layers[f"ite_model_{treatment}{s}"] for s in ("_q05", "_q95"))
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _validation as V
+from .._stacklevel import user_stacklevel
 
 # the purpose-specific arguments that `batch_key` fills in (and so clashes with)
 _BATCH_FANOUT = ("ambient_covariate_keys", "dispersion_key", "library_size_key")
@@ -128,7 +129,7 @@ def resolve_covariate_keys(
     return keys
 
 
-def warn_if_encoder_keys_leak(keys: CovariateKeys, latent_independence: float, stacklevel: int = 3) -> None:
+def warn_if_encoder_keys_leak(keys: CovariateKeys, latent_independence: float) -> None:
     """Warn when the encoder is told covariates the decoder is not, and nothing keeps them out of z.
 
     A key the decoder is also given is the basal-state design (the encoder can remove the key's effect from z
@@ -142,8 +143,6 @@ def warn_if_encoder_keys_leak(keys: CovariateKeys, latent_independence: float, s
         The model's covariate keys.
     latent_independence
         The model's penalty weight (0: off).
-    stacklevel
-        Passed to :func:`warnings.warn`.
     """
     leaking = [key for key in keys.encoder if key not in keys.nn_conditioning]
     if leaking and not latent_independence > 0:
@@ -151,7 +150,7 @@ def warn_if_encoder_keys_leak(keys: CovariateKeys, latent_independence: float, s
             f"encoder_covariate_keys={leaking}: the encoder sees these covariates and the decoder does not, so their "
             "effects can leak into the latent space z (to keep them out of z, give them to "
             "nn_conditioning_covariate_keys as well, or train with RegularizedVI(..., latent_independence=10), which "
-            "penalises z for carrying them).", stacklevel=stacklevel
+            "penalises z for carrying them).", stacklevel=user_stacklevel()
         )
 
 

@@ -342,14 +342,14 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         self.trainer.move_optimizer_state()
         # what the checkpoints of this call record: a prior buffer edited since the first call is part of it
         self.trainer.fingerprint = self._fingerprint()
-        # a further call continues training: the split stays, the optimiser takes the new settings
-        if split is not None:
+        if split is not None:  # a further call continues training: the split stays, the optimiser takes new settings
             if not np.array_equal(split[0], np.sort(self.trainer.train_indices)):
                 warnings.warn("external_indexing differs from the first call's split; the original split is kept.",
                               stacklevel=user_stacklevel())
         elif size_asked and abs(len(self.trainer.train_indices) / data.n_cells - train_size) > 1.0 / data.n_cells + 1e-9:
             # only a fraction the caller gave: the kept split may come from external_indexing, a load or a resume
-            warnings.warn("train_size differs from the first call; the original split is kept.", stacklevel=user_stacklevel())
+            warnings.warn("train_size differs from the first call; the original train/validation split is kept.",
+                          stacklevel=user_stacklevel())
         self.trainer.set_optimizer_settings(**adam)
 
     # --- inference in minibatches --------------------------------------------------------------

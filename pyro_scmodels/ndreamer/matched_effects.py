@@ -194,7 +194,8 @@ class MatchedEffects:
         Parameters
         ----------
         effects
-            Layers of the cells and genes asked for (as :meth:`effects_of` gives them); new arrays replace the ITEs.
+            Layers of the cells and genes asked for (as :meth:`effects_of` gives them, of this object's
+            :attr:`factual`: the offsets are that factual's); new arrays replace the ITEs.
         nearest_neighbor, bandwidth
             The matching the effects come from.
         cells, columns

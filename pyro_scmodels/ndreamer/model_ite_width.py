@@ -16,10 +16,11 @@ normal quantile of its level. Per group (``groups``, e.g. Leiden clusters of the
 treated cells, where it follows errors that differ between cell types; a group with fewer than
 :data:`MIN_GROUP_CELLS` treated cells takes the per-gene value.
 
-``widen_by_matching="hull"`` (:func:`matched_hull`) takes another route: the matched ITE's own interval (from the
-spread of the matched cells, :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite`), extended to hold the decoded
-ITE where it lies outside. Its coverage is the matched interval's, which holds where the two routes' errors
-correlate (one responding cell type of five) and the disagreement above does not.
+``widen_by_matching="hull"`` (:func:`matched_hull`) takes another route: the matched ITE's interval
+(:meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite` with ``interval=``), with the cell's own term taken from its
+observed expression whatever the NDreamer's ``factual``, extended to hold the decoded ITE where it lies outside. It
+holds where the two routes' errors correlate (one responding cell type of five) and the disagreement above does not
+(0.85-0.90 there, 0.90-0.94 in the standard design; the interval alone 0.82-0.87: benchmarks/RESULTS.md).
 
 Above :data:`MAX_CELLS` treated cells the means are taken over a seeded sample of them (every group keeps at least
 :data:`MIN_SAMPLED_PER_GROUP` of its cells, or all, so the sample may exceed :data:`MAX_CELLS` by those floors), each
