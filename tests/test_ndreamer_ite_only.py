@@ -114,9 +114,8 @@ def test_ite_of_names_treatments_only():
             effects_of_cells(expression, matches, design, ite_of=wrong)
 
 
-@pytest.mark.parametrize("widen", [True, "hull"])
-def test_the_widening_and_the_hull_read_the_ite_layers_alone_and_get_the_same_bounds(from_model, widen, monkeypatch):  # noqa: F811
-    nd = from_model
+def spy_on_ite_of(monkeypatch) -> list:
+    """Record the ``ite_of`` of every ``effects_of_cells`` call that MatchedEffects makes from now on."""
     asked = []
     full_path = E.effects_of_cells
 
@@ -124,13 +123,22 @@ def test_the_widening_and_the_hull_read_the_ite_layers_alone_and_get_the_same_bo
         asked.append(ite_of)
         return full_path(*args, ite_of=ite_of, **kwargs)
 
+    monkeypatch.setattr("pyro_scmodels.ndreamer.matched_effects.effects_of_cells", spy)
+    return asked
+
+
+@pytest.mark.parametrize("widen", [True, "hull"])
+def test_the_widening_and_the_hull_read_the_ite_layers_alone_and_get_the_same_bounds(from_model, widen, monkeypatch):  # noqa: F811
+    nd = from_model
+    full_path = E.effects_of_cells
+
     def run():
         nd.effects._cache.clear()  # the effects are computed, not sliced from an earlier estimate_ite
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return nd.estimate_model_ite(num_samples=4, widen_by_matching=widen).copy()
 
-    monkeypatch.setattr("pyro_scmodels.ndreamer.matched_effects.effects_of_cells", spy)
+    asked = spy_on_ite_of(monkeypatch)
     alone = run()
     assert asked and all(a == ["stimulated"] for a in asked)
     # the layers as the full computation gives them (every layer, then the ITE's kept)
@@ -147,18 +155,11 @@ def test_estimate_ite_of_some_cells_computes_the_ite_layers_alone(from_model, sh
     # estimate_cate reads the ITE 10,000 cells of a group at a time through the same path: no denoised expression
     # or batch effect (two more cells x genes arrays) for any of them
     nd = from_model
-    asked = []
-    full_path = E.effects_of_cells
-
-    def spy(*args, ite_of=None, **kwargs):
-        asked.append(ite_of)
-        return full_path(*args, ite_of=ite_of, **kwargs)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         whole = nd.estimate_ite(shrink=shrink, interval=interval).copy()
         nd.effects._cache.clear()  # computed, not sliced from the whole result
-        monkeypatch.setattr("pyro_scmodels.ndreamer.matched_effects.effects_of_cells", spy)
+        asked = spy_on_ite_of(monkeypatch)
         cells = [3, 77, 150, 299]
         part = nd.estimate_ite(indices=cells, shrink=shrink, interval=interval)
     assert asked == [list(nd.design.treatments)]
