@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -267,8 +268,22 @@ def _profile_from_empty_droplets(path: str, adata):
         raise type(err)(f"--empty-droplets {path}: {message}") from err
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a command's user reads it: its text, without a file and line of code (a package warning names
+    the first frame outside the package, which for a command is runpy's or the console script's)."""
+    kind = "warning" if category is UserWarning else category.__name__
+    print(f"{kind}{rank_prefix()}: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``pyro-scmodels`` console script."""
+    with warnings.catch_warnings():  # the caller's own warning display is back after the command
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _run(argv) -> int:
+    """:func:`main`'s command, run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_arguments(argv)
     launch = bool(getattr(args, "devices", None) and args.devices > 1 and "WORLD_SIZE" not in os.environ)
