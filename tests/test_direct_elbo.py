@@ -22,7 +22,7 @@ SMALL = dict(n_hidden=32, n_latent=4)
 QUICK = dict(batch_size=64, device="cpu", progress_bar=False)
 
 
-def _adata(**setup):
+def small_adata(**setup):
     adata = ps.datasets.simulate(n_cells=300, n_genes=40, n_markers_per_type=4, n_responding_genes=4, seed=3)
     ps.RegularizedVI.setup_anndata(adata, layer="counts", **setup)
     return adata
@@ -69,7 +69,7 @@ CONFIGURATIONS = {
 def test_direct_elbo_equals_trace_elbo_in_loss_and_gradient(name):
     """Same loss and gradient of every parameter as Trace_ELBO, at a KL weight below 1 and a data-parallel shard factor."""
     setup, model_kwargs = CONFIGURATIONS[name]
-    loss_module, data = _pair(_adata(**setup), **model_kwargs)
+    loss_module, data = _pair(small_adata(**setup), **model_kwargs)
     assert loss_module.direct
     batch = data.minibatch(np.arange(0, 300, 3)[:50])
     for kl_weight, local_factor in ((0.3, 1.0), (1.0, 0.5)):
@@ -84,7 +84,7 @@ def test_direct_elbo_equals_trace_elbo_in_loss_and_gradient(name):
 
 def test_direct_elbo_with_a_known_ambient_profile():
     """``ambient_profile=`` (amount x profile guide) gives the same loss by both forms."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     levels = sorted(adata.obs["batch"].unique())
     profile = pd.DataFrame(np.random.default_rng(0).random((adata.n_vars, len(levels))) + 0.1, index=adata.var_names,
                            columns=levels)
@@ -98,7 +98,7 @@ def test_direct_elbo_with_a_known_ambient_profile():
 
 def test_training_takes_the_direct_form_and_the_same_path_as_trace_elbo(monkeypatch):
     """RegularizedVI trains with the direct form, and a seeded run follows Trace_ELBO's run step for step."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     histories = {}
     for direct in (True, False):
         model = ps.RegularizedVI(adata, **SMALL)
@@ -125,7 +125,7 @@ class EditedPriorClaimingDirect(EditedPrior):
 
 def test_a_subclass_that_changes_a_site_trains_with_trace_elbo():
     """A subclass does not inherit the direct form; one that claims it wrongly is caught on the first call."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     model = ps.RegularizedVI(adata, **SMALL)
     model.module.model.__class__ = EditedPrior
     with warnings.catch_warnings():
@@ -142,7 +142,7 @@ def test_a_subclass_that_changes_a_site_trains_with_trace_elbo():
 
 def test_the_first_call_check_sees_a_wrong_global_term_at_any_dataset_size():
     """A wrong global prior is a tiny share of a per-cell loss over 10^6 cells; the check compares at the minibatch's size."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     model = ps.RegularizedVI(adata, **SMALL)
     model.module.model.__class__ = EditedPriorClaimingDirect
     data = model._cell_data()
@@ -161,7 +161,7 @@ class GuideIgnoringKLWeight(RegularizedVIGuide):
 
 def test_the_first_call_check_sees_a_kl_weight_slip_during_warm_up():
     """The check runs at a KL weight below 1, so a draw that ignores it is caught even when training starts at 1."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     model = ps.RegularizedVI(adata, **SMALL)
     model.module.guide.__class__ = GuideIgnoringKLWeight
     model.module.model.__class__ = type("SameModel", (RegularizedVIModel,), {"direct_elbo": True})
@@ -174,7 +174,7 @@ def test_the_first_call_check_sees_a_kl_weight_slip_during_warm_up():
 
 def test_direct_elbo_in_eval_mode_and_for_a_query_mapped_onto_a_reference():
     """Eval mode (no dropout: the validation loss), and a query whose reference levels are frozen buffers."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     reference = adata[adata.obs["batch"] != "batch_2"].copy()
     ps.RegularizedVI.setup_anndata(reference, layer="counts", batch_key="batch")
     trained = ps.RegularizedVI(reference, **SMALL)

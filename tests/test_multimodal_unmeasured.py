@@ -93,7 +93,7 @@ def test_exported_library_size_is_nan_for_cells_without_the_modality(missing_ata
     assert np.isfinite(exported.obs["means_library_rna"]).all()
 
 
-def _batch_without_atac(all_of_it=True):
+def batch_without_atac(all_of_it=True):
     """150 cells in 3 batches, every cell with ATAC but those of batch_2 (all, or all but one)."""
     import scipy.sparse as sp
 
@@ -110,7 +110,7 @@ def _batch_without_atac(all_of_it=True):
 
 def test_a_category_without_counts_in_a_modality_is_named_when_the_model_is_built():
     # its ATAC feature scaling, dispersion (~8.98 for every peak) and library group stayed the prior's, unsaid
-    mdata = _batch_without_atac()
+    mdata = batch_without_atac()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
@@ -125,7 +125,7 @@ def test_a_category_without_counts_in_a_modality_is_named_when_the_model_is_buil
     # one measured cell in batch_2 informs them: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        ps.RegularizedMultimodalVI(_batch_without_atac(all_of_it=False), n_latent=3, n_hidden=16)
+        ps.RegularizedMultimodalVI(batch_without_atac(all_of_it=False), n_latent=3, n_hidden=16)
 
 
 def test_the_wrong_data_object_or_the_data_in_place_of_the_modality_is_named():

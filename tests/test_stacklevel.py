@@ -14,8 +14,8 @@ from pyro_scmodels.ndreamer import NDreamer
 
 from . import _ndreamer_tiny
 from ._ndreamer_tiny import TINY, save_with_one_arm_batches, tiny_nd
-from .test_direct_elbo import QUICK, SMALL, EditedPriorClaimingDirect, _adata
-from .test_multimodal_unmeasured import _batch_without_atac
+from .test_direct_elbo import QUICK, SMALL, EditedPriorClaimingDirect, small_adata
+from .test_multimodal_unmeasured import batch_without_atac
 
 # the shared fixture of tests/_ndreamer_tiny.py, bound here for pytest to find
 tiny_adata = _ndreamer_tiny.tiny_adata
@@ -146,7 +146,7 @@ def test_query_warnings_name_the_users_line():
 def test_training_warnings_name_the_users_line():
     """A second train() with another train_size (_base.py), and a model class that claims the direct ELBO wrongly (the
     warning is raised inside ELBOLoss.forward: its fixed level named torch's module.py)."""
-    model = ps.RegularizedVI(_adata(batch_key="batch"), **SMALL)
+    model = ps.RegularizedVI(small_adata(batch_key="batch"), **SMALL)
     model.module.model.__class__ = EditedPriorClaimingDirect
     assert _files_of(lambda: model.train(max_epochs=1, **QUICK), "Trace_ELBO gives") == {__file__}
     assert _files_of(lambda: model.train(max_epochs=2, train_size=0.5, **QUICK), "train_size differs") == {__file__}
@@ -155,7 +155,7 @@ def test_training_warnings_name_the_users_line():
 def test_resume_warnings_name_the_users_line(tmp_path):
     """A checkpoint resumed with another seed and train_size: its seed (training.py: its fixed level named _base.py)
     and its split (infer.py: named checkpoints.py) are kept."""
-    adata = _adata()
+    adata = small_adata()
     ps.RegularizedVI(adata, **SMALL).train(max_epochs=1, checkpoint_dir=str(tmp_path), seed=0, **QUICK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,7 +168,7 @@ def test_resume_warnings_name_the_users_line(tmp_path):
 def test_load_warnings_name_the_users_line(tmp_path, monkeypatch):
     """A model loaded onto other counts of its cells (persistence.py), and a saved prior allowed before the refusal
     (priors.py: its fixed level named model_settings.py)."""
-    adata = _adata()
+    adata = small_adata()
     model = ps.RegularizedVI(adata, **SMALL)
     model.train(max_epochs=1, **QUICK)
     model.save(str(tmp_path / "model"))
@@ -188,7 +188,7 @@ def test_load_warnings_name_the_users_line(tmp_path, monkeypatch):
 def test_query_mapping_warnings_name_the_users_line():
     """Genes padded with zeros (query_genes.py), through prepare_query_anndata and through load_query_data, and a query
     with nothing left to train (query_mapping.py): their fixed levels named scvi_arguments.py."""
-    adata = _adata(batch_key="batch")
+    adata = small_adata(batch_key="batch")
     reference = ps.RegularizedVI(adata, **SMALL)
     reference.train(max_epochs=1, **QUICK)
     fewer = adata[:, 5:].copy()
@@ -242,7 +242,7 @@ def test_ndreamer_warnings_name_the_users_line(tiny_adata, tmp_path):
 def test_multimodal_warnings_name_the_users_line():
     """A modality without counts in a batch, named when the model is built (unmeasured_categories.py) and when a
     predictive check has no cell measured in it (criticism.py)."""
-    mdata = _batch_without_atac()
+    mdata = batch_without_atac()
     assert _files_of(lambda: ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16), "has no cell with counts") \
         == {__file__}
     model = ps.RegularizedMultimodalVI(mdata, n_latent=3, n_hidden=16)
