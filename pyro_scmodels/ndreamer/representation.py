@@ -228,8 +228,8 @@ class ModelRepresentation:
                       quantiles=quantiles, seed=self.settings["seed"], gene_columns=columns,
                       modality=self.settings.get("modality"))  # None in a save made before it was kept: the rule's
         decode = lambda treatments, rows: model_counterfactual_ite(treatments=treatments, indices=rows, **common)  # noqa: E731
-        # its warnings name the user's line whichever path decodes (user_stacklevel); decode's second pass silences them
-        effects = model_counterfactual_ite(treatments=list(self.design.treatments), indices=cells, **common)
+        # its warnings name the user's line through decode too (user_stacklevel); the widening's second pass silences them
+        effects = decode(list(self.design.treatments), cells)
         if widen == HULL:
             self._hull_with_matching(effects, quantiles, cells, columns)
         elif widen:
