@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from pyro_scmodels.matching import match_groups, weighted_average
 from pyro_scmodels.ndreamer import preprocess
 from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import effects_of_cells
 
 
 def _counts(n_cells=300, n_genes=50, seed=0, scale=3.0):

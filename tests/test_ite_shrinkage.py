@@ -11,7 +11,8 @@ from scipy import stats
 import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
 from pyro_scmodels.matching import match_groups
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import effects_of_cells
 from pyro_scmodels.ndreamer import _constants as K
 from pyro_scmodels.ndreamer.ite_shrinkage import (CLUSTER_KEY, arm_weights, cluster_effects, matching_space_clusters,
                                                   shrinkage_offsets)

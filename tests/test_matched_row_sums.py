@@ -8,7 +8,8 @@ from scipy import stats
 from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer import matched_row_sums as M
 from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import effects_of_cells
 
 K_MATCHED = 5
 LEVEL = 0.9

@@ -140,7 +140,7 @@ def test_save_and_load_round_trip(simulated_nd, tmp_path):
     loaded = NDreamer.load(str(tmp_path / "nd"), device="cpu")
     np.testing.assert_allclose(loaded.get_modifier_space(), nd.get_modifier_space(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated_q95"], bounds)
-    assert (20, 1.0, 0.9) in loaded.effects._cache  # the cached effects came back with their level
+    assert (20, 1.0, 0.9) in loaded.effects.cached  # the cached effects came back with their level
     loaded.estimate_ite()
     nd.estimate_ite()
     np.testing.assert_allclose(loaded.results.layers["ite_stimulated"], nd.results.layers["ite_stimulated"], atol=1e-5)

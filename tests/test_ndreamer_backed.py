@@ -136,7 +136,7 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     nd = _fitted(adata)
     whole = {name: nd.results.layers[name].copy() for name in ("denoised", "batch_effect", "ite_stimulated")}
     cells, genes = np.array([5, 590, 3]), list(nd.genes[[7, 0, 41]])
-    nd.effects._cache.clear()  # computed from the matches, not sliced from the cached whole result
+    nd.effects.forget_effects()  # computed from the matches, not sliced from the cached whole result
     for chosen in (cells, nd.results.obs_names[cells], np.isin(np.arange(600), cells)):
         part = nd.estimate_ite(indices=chosen, gene_list=genes)
         rows = np.sort(cells) if chosen.dtype == bool else cells
@@ -176,7 +176,7 @@ def test_effects_of_some_cells_and_genes_and_on_disk_equal_the_whole_layers(on_d
     other = nd.estimate_cate("cell_type", nearest_neighbor=2)
     assert not np.allclose(other["mean_ite"], table["mean_ite"], atol=1e-3)
     del nd.results.layers["ite_stimulated"]
-    nd.effects._cache.clear()
+    nd.effects.forget_effects()
     monkeypatch.setattr(K, "WRITE_CHUNK_CELLS", 50)
     pd.testing.assert_frame_equal(nd.estimate_cate("cell_type"), table, atol=1e-5)
     assert "ite_stimulated" not in nd.results.layers

@@ -7,7 +7,8 @@ import scipy.sparse as sp
 from pyro_scmodels.matching import match_groups, weighted_average, weighted_moments
 from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
 from pyro_scmodels.ndreamer.effect_intervals import bound_names, smallest_positive
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, _mean_over_batches, effects_of_cells
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import mean_over_batches, effects_of_cells
 
 
 def exact_design(seed=0, n_states=12, per_state=30, n_genes=40, noise=0.5):
@@ -167,7 +168,7 @@ def test_a_batch_holding_one_arm_adds_no_batch_effect_to_the_ite():
     apart_matches = match_groups(embedding[apart], confounded.groups, k=10, device="cpu")
     out = effects_of_cells(expression[apart], apart_matches, confounded)
     cells = np.arange(apart.sum())
-    arms = {c: _mean_over_batches(expression[apart], apart_matches, confounded, c, cells,
+    arms = {c: mean_over_batches(expression[apart], apart_matches, confounded, c, cells,
                                   own=confounded.condition == c, observed=expression[apart]).mean for c in ("stim", "ctrl")}
     np.testing.assert_allclose(out["ite_stim"], arms["stim"] - arms["ctrl"], rtol=1e-5, atol=1e-5)
 
@@ -209,8 +210,8 @@ def test_saved_effects_of_the_format_before_intervals_are_read(tmp_path):
     old = tmp_path / "old.npz"
     np.savez(old, **{"effects|20|1.0|ite_stim": np.ones(3), "effects|20|1.0|ite_a|b": np.zeros(2)})
     effects.load(str(old))
-    assert set(effects._cache) == {(20, 1.0, None)}
-    assert set(effects._cache[(20, 1.0, None)]) == {"ite_stim", "ite_a|b"}
+    assert set(effects.cached) == {(20, 1.0, None)}
+    assert set(effects.cached[(20, 1.0, None)]) == {"ite_stim", "ite_a|b"}
 
 
 def test_placebo_split_of_real_cells_covers_zero_at_about_the_level():

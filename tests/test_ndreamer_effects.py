@@ -7,7 +7,8 @@ import scipy.sparse as sp
 import pyro_scmodels as ps
 from pyro_scmodels import metrics as M
 from pyro_scmodels.ndreamer.cate import CONTROL, TREATED, estimate_cate
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, estimate_effects, matching_space
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import estimate_effects, matching_space
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from pyro_scmodels.matching import match_groups
 from pyro_scmodels.ndreamer import _constants as K
 from pyro_scmodels.ndreamer import effects as E
 from pyro_scmodels.ndreamer.count_rows import LogNormalisedCounts
-from pyro_scmodels.ndreamer.effects import CounterfactualDesign, effects_of_cells
+from pyro_scmodels.ndreamer import CounterfactualDesign
+from pyro_scmodels.ndreamer.effects import effects_of_cells
 from pyro_scmodels.ndreamer.matched_effects import MatchedEffects
 
 from .test_model_ite_width import from_model  # noqa: F401 (fixture)
@@ -133,7 +134,7 @@ def test_the_widening_and_the_hull_read_the_ite_layers_alone_and_get_the_same_bo
     full_path = E.effects_of_cells
 
     def run():
-        nd.effects._cache.clear()  # the effects are computed, not sliced from an earlier estimate_ite
+        nd.effects.forget_effects()  # the effects are computed, not sliced from an earlier estimate_ite
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return nd.estimate_model_ite(num_samples=4, widen_by_matching=widen).copy()
@@ -158,7 +159,7 @@ def test_estimate_ite_of_some_cells_computes_the_ite_layers_alone(from_model, sh
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         whole = nd.estimate_ite(shrink=shrink, interval=interval).copy()
-        nd.effects._cache.clear()  # computed, not sliced from the whole result
+        nd.effects.forget_effects()  # computed, not sliced from the whole result
         asked = spy_on_ite_of(monkeypatch)
         cells = [3, 77, 150, 299]
         part = nd.estimate_ite(indices=cells, shrink=shrink, interval=interval)

@@ -8,7 +8,7 @@ The public API is the effects pipeline; the loss functions live in
 from ._persistence import discard_saved
 from .cate import estimate_cate
 from .count_rows import LogNormalisedCounts
-from .effects import CounterfactualDesign
+from .counterfactual_design import CounterfactualDesign
 from .matched_effects import MatchedEffects
 from .losses import LossWeights
 from .network import NDreamerNetwork

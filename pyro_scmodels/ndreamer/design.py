@@ -14,7 +14,7 @@ import pandas as pd
 from .. import _validation as V
 from .._stacklevel import user_stacklevel
 from .effect_queries import labels_of
-from .effects import GROUP_SEPARATOR, CounterfactualDesign
+from .counterfactual_design import GROUP_SEPARATOR, CounterfactualDesign
 
 
 def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> CounterfactualDesign:

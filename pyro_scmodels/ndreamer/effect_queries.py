@@ -141,7 +141,9 @@ class EffectQueries:
             :attr:`results`, or the new AnnData of the cells and genes asked for.
         """
         if indices is not None or gene_list is not None:
-            return self._effects_of(["denoised", "batch_effect"], nearest_neighbor, bandwidth, indices, gene_list)
+            cells, columns = self._selection(indices, gene_list)
+            return self._subset_result(cells, columns,
+                                       self._matched_effects().denoised_of(nearest_neighbor, bandwidth, cells, columns))
         effects = self._effects(nearest_neighbor, bandwidth)
         self.results.layers["denoised"] = effects["denoised"]
         self.results.layers["batch_effect"] = effects["batch_effect"]

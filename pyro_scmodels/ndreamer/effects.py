@@ -6,23 +6,17 @@ Pyro model. Every output is aligned with the input cells.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
-
-import warnings
 
 import numpy as np
 from sklearn.decomposition import PCA
 
 from .. import _validation as V
-from .._stacklevel import user_stacklevel
 from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_bounds, interval_level, matched_spread, smallest_positive
+from .counterfactual_design import CounterfactualDesign
 from .matched_row_sums import dense_block, matched_mean
-
-GROUP_SEPARATOR = "|"  # joins batch and condition into one matching-group label
-
 
 def matching_space(embedding: np.ndarray, n_components: int = K.MATCHING_PCA_COMPONENTS, seed: int = 0) -> np.ndarray:
     """PCA (seeded) of an embedding, the space in which cells are matched; small embeddings pass through.
@@ -46,107 +40,6 @@ def matching_space(embedding: np.ndarray, n_components: int = K.MATCHING_PCA_COM
     return PCA(n_components=n_components, random_state=seed).fit_transform(embedding).astype(np.float32)
 
 
-@dataclass
-class CounterfactualDesign:
-    """Conditions, batches and their groups, checked once.
-
-    Parameters
-    ----------
-    condition
-        Condition label per cell.
-    control_name
-        The control condition.
-    batch
-        Batch label per cell (a combined label when several batch keys); None for one batch.
-    min_cells_per_group
-        Fewest cells a batch x condition group may hold. Matching into a smaller group gives every
-        cell the same few partners, and effects that look certain but rest on a handful of cells.
-    refuse_confounding
-        Raise when a treatment shares no batch with the control; False (a saved NDreamer) warns instead.
-    """
-
-    condition: np.ndarray
-    control_name: str
-    batch: np.ndarray | None = None
-    min_cells_per_group: int = 1
-    refuse_confounding: bool = True
-
-    def __post_init__(self):
-        self.condition = np.asarray(self.condition).astype(str)
-        n = len(self.condition)
-        self.batch = np.full(n, "all") if self.batch is None else np.asarray(self.batch).astype(str)
-        if len(self.batch) != n:
-            raise ValueError(f"batch has {len(self.batch)} labels for {n} cells.")
-        self.conditions = [str(c) for c in dict.fromkeys(self.condition)]  # str, not numpy's, in names and messages
-        if self.control_name not in self.conditions:
-            raise ValueError(f"control_name {self.control_name!r} is not a condition (conditions: {self.conditions}).")
-        self.treatments = [c for c in self.conditions if c != self.control_name]
-        if not self.treatments:
-            raise ValueError(f"Only the control condition {self.control_name!r} is present: nothing to compare with.")
-        self.groups = np.char.add(np.char.add(self.batch, GROUP_SEPARATOR), self.condition)
-        self._check_group_sizes(V.positive_int("min_cells_per_group", self.min_cells_per_group))
-        present = set(self.groups)
-        self.batches_with = {c: [str(b) for b in dict.fromkeys(self.batch) if f"{b}{GROUP_SEPARATOR}{c}" in present]
-                             for c in self.conditions}
-        self._check_batches_hold_both_arms()
-        self._warn_of_one_arm_batches()
-
-    def _check_batches_hold_both_arms(self) -> None:
-        """Refuse a treatment that no batch holds together with the control: its batch effect and its effect would
-        be the same difference, and every ITE would carry the batch effect."""
-        controls = set(self.batches_with[self.control_name])
-        for treatment in self.treatments:
-            if not controls & set(self.batches_with[treatment]):
-                message = (f"No batch holds both condition {treatment!r} (batches {self.batches_with[treatment]}) and the "
-                           f"control {self.control_name!r} (batches {sorted(controls)}): the batch is confounded with the "
-                           "condition, so the treatment effect cannot be told from the batch effect. Use a batch key "
-                           "whose batches each hold both conditions (e.g. donors or runs), or none.")
-                if self.refuse_confounding:
-                    raise ValueError(message)
-                warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
-
-    def common_batches(self, treatment: str) -> list[str]:
-        """The batches holding both ``treatment`` and the control: the ITE compares the two arms over these.
-
-        Averaging each arm over the batches holding it put the batch effect of a batch holding one arm only into
-        every cell's ITE (a third of it with one such batch in three).
-        """
-        controls = set(self.batches_with[self.control_name])
-        return [b for b in self.batches_with[treatment] if b in controls]
-
-    def ite_batches(self, treatment: str, arm: str) -> list[str]:
-        """The batches over which the ITE of ``treatment`` averages ``arm`` (the treatment or the control): the
-        :meth:`common_batches`, or, where none is common (a saved, confounded design), the arm's own."""
-        return self.common_batches(treatment) or self.batches_with[arm]
-
-    def _warn_of_one_arm_batches(self) -> None:
-        for treatment in self.treatments:
-            common = self.common_batches(treatment)
-            one_arm = [b for b in dict.fromkeys([*self.batches_with[treatment], *self.batches_with[self.control_name]])
-                       if b not in common]
-            if one_arm and common:
-                warnings.warn(f"Batch(es) {one_arm} hold only one of condition {treatment!r} and the control "
-                              f"{self.control_name!r}: the ITE of {treatment!r} compares the two over the batches holding "
-                              f"both ({common}); the denoised expression still averages each condition over every "
-                              "batch holding it.", UserWarning, stacklevel=user_stacklevel())
-
-    def _check_group_sizes(self, minimum: int) -> None:
-        names, sizes = np.unique(self.groups, return_counts=True)
-        small = [(name, int(size)) for name, size in zip(names, sizes) if size < minimum]
-        if small:
-            listed = ", ".join(f"batch {n.split(GROUP_SEPARATOR, 1)[0]!r} x condition {n.split(GROUP_SEPARATOR, 1)[1]!r}: "
-                               f"{s} cell{'s' if s != 1 else ''}" for n, s in small[:10])
-            raise ValueError(
-                f"{len(small)} batch x condition group(s) hold fewer than min_cells_per_group={minimum} cells ({listed}). "
-                "Every cell is matched into each group, so effects from so few cells are not trustworthy: remove "
-                "those cells, merge their batches, or lower min_cells_per_group if you accept that."
-            )
-
-    def group(self, batch: str, condition: str) -> str:
-        """The matching-group label of ``batch`` x ``condition``."""
-        return f"{batch}{GROUP_SEPARATOR}{condition}"
-
-
 #: how a cell's own batch and condition enter its effects: its own measurement, or its matched cells there
 FACTUAL_CHOICES = ("observed", "matched")
 
@@ -161,7 +54,7 @@ class ArmMean(NamedTuple):
     #: value minus its matched cells' there, over the number of batches; ``mean`` plus it is the denoised value
 
 
-def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
+def mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
                        own: np.ndarray | None = None, observed: np.ndarray | None = None, genes: np.ndarray | None = None,
                        unit: np.ndarray | None = None, factual: str = "observed", batches: list[str] | None = None) -> ArmMean:
     """For each of ``cells``: mean over the batches holding ``condition`` (or over ``batches``) of its matched
@@ -173,6 +66,24 @@ def _mean_over_batches(expression, matches: dict, design: CounterfactualDesign, 
     ``observed``, for the ITE alone, it stays None).
     With ``unit`` (a single count's value per cell, for an interval), also the variance of that mean and the
     fewest degrees of freedom of its spreads (:mod:`.effect_intervals`).
+
+    Parameters
+    ----------
+    expression, matches, design
+        As :func:`effects_of_cells`.
+    condition
+        The arm: the condition the cells are taken to.
+    cells
+        Positions of the cells.
+    own, observed, genes, unit, factual
+        As described above (``genes``: the columns kept; default all).
+    batches
+        The batches averaged over (default: every batch holding ``condition``).
+
+    Returns
+    -------
+    ArmMean
+        The cells' mean in that condition, and with ``unit`` its variance.
     """
     batches = design.batches_with[condition] if batches is None else batches
     if not batches:
@@ -278,7 +189,7 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         """Every cell's value "as if in ``condition``", over every batch holding it: itself for its own batch when it
         is in that condition."""
         if condition not in arms:
-            arms[condition] = _mean_over_batches(expression, matches, design, condition, cells,
+            arms[condition] = mean_over_batches(expression, matches, design, condition, cells,
                                                  own=design.condition[cells] == condition, observed=observed,
                                                  genes=genes, unit=unit, factual=factual)
         return arms[condition]
@@ -289,7 +200,7 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         key = tuple(batches)
         if condition == design.control_name and key in over_common:
             return over_common[key]
-        arm = _mean_over_batches(expression, matches, design, condition, cells, own=design.condition[cells] == condition,
+        arm = mean_over_batches(expression, matches, design, condition, cells, own=design.condition[cells] == condition,
                                  observed=observed, genes=genes, unit=unit, factual=factual, batches=batches)
         if condition == design.control_name:
             over_common[key] = arm
@@ -315,6 +226,40 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
             low_name, high_name = bound_names(level)
             out[f"ite_{c}_{low_name}"], out[f"ite_{c}_{high_name}"] = low, high
     return out
+
+
+def denoised_of_cells(expression, matches: dict, design: CounterfactualDesign, cells=None,
+                      genes=None) -> dict[str, np.ndarray]:
+    """Denoised expression and batch effect of some cells and genes alone, from matches already found.
+
+    The same numbers as those layers of :func:`effects_of_cells` with ``factual="observed"`` (and within float32
+    rounding of ``"matched"``'s, whose denoised value also keeps the cell's observed value): a cell's own condition
+    averaged over every batch holding it, the cell itself standing for its own batch. Only that one arm of each cell
+    is read, where the full computation reads every condition's for the ITEs.
+
+    Parameters
+    ----------
+    expression, matches, design
+        As :func:`effects_of_cells`.
+    cells, genes
+        Positions of the cells and of the genes (default all).
+
+    Returns
+    -------
+    dict
+        ``"denoised"`` and ``"batch_effect"`` (observed - denoised): (len(cells), len(genes)) float32 arrays in the
+        order asked for.
+    """
+    cells = np.arange(len(design.condition)) if cells is None else np.asarray(cells, dtype=np.int64)
+    genes = None if genes is None else np.asarray(genes, dtype=np.int64)
+    observed = dense_block(expression[cells], genes)
+    denoised = np.zeros(observed.shape, dtype=np.float32)
+    for c in design.conditions:
+        rows = np.flatnonzero(design.condition[cells] == c)
+        if rows.size:
+            denoised[rows] = mean_over_batches(expression, matches, design, c, cells[rows], own=np.ones(rows.size, bool),
+                                               observed=observed[rows], genes=genes).mean
+    return {"denoised": denoised, "batch_effect": (observed - denoised).astype(np.float32)}
 
 
 def checked_treatments(design: CounterfactualDesign, ite_of) -> list[str] | None:

@@ -34,7 +34,7 @@ from .. import _validation as V
 from ..matching import knn
 from ..shrinkage import fit_normal_mixture
 from . import _constants as K
-from .effects import CounterfactualDesign
+from .counterfactual_design import CounterfactualDesign
 
 #: the ``shrink=`` choices of :meth:`~pyro_scmodels.ndreamer.NDreamer.estimate_ite`
 SHRINK_CHOICES = ("clusters",)

@@ -11,7 +11,8 @@ from .._stacklevel import user_stacklevel
 from ..matching import match_groups
 from . import _constants as K
 from .effect_intervals import bound_names, interval_level
-from .effects import FACTUAL_CHOICES, CounterfactualDesign, checked_treatments, effects_of_cells, matching_space
+from .counterfactual_design import CounterfactualDesign
+from .effects import FACTUAL_CHOICES, checked_treatments, denoised_of_cells, effects_of_cells, matching_space
 from .ite_shrinkage import ClusterShrinkage, interval_dof, matching_space_clusters, shrinkage_offsets, widened_bounds
 
 
@@ -84,6 +85,17 @@ class MatchedEffects:
         self._clusters = None
         self._offsets.clear()
 
+    @property
+    def cached(self) -> dict[tuple[int, float, float | None], list[str]]:
+        """The cached whole results: ``(nearest_neighbor, bandwidth, interval level or None)`` -> their layer names,
+        oldest first."""
+        return {key: list(layers) for key, layers in self._cache.items()}
+
+    def forget_effects(self) -> None:
+        """Drop the cached cells x genes results (their memory), keeping the matches: the next query computes its
+        effects again from them."""
+        self._cache.clear()
+
     def matches(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH) -> dict:
         """Every cell's matches into every batch x condition group, found once per ``(nearest_neighbor, bandwidth)``."""
         if self.space is None:
@@ -151,12 +163,34 @@ class MatchedEffects:
         factual = self._factual if factual is None else V.choice("factual", factual, FACTUAL_CHOICES)
         cached = self._cached(key, level) if factual == self._factual else None
         if cached is not None:
-            rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
-            columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
             names = list(cached) if ite_of is None else ite_layer_names(self.design, ite_of, level)
-            return {name: cached[name][rows][:, columns] for name in names}
+            return _sliced(cached, names, cells, genes)
         return effects_of_cells(self.expression, self.matches(*key), self.design, cells, genes, interval=level,
                                 factual=factual, ite_of=ite_of)
+
+    def denoised_of(self, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH, cells=None,
+                    genes=None) -> dict[str, np.ndarray]:
+        """``denoised`` and ``batch_effect`` of some cells and genes only, not cached: taken from the cached full
+        result when there is one, else :func:`~.effects.denoised_of_cells` (each cell's own condition alone, none of
+        the ITEs' arms).
+
+        Parameters
+        ----------
+        nearest_neighbor, bandwidth
+            The matching (k and the kernel's bandwidth).
+        cells, genes
+            Positions (default all).
+
+        Returns
+        -------
+        dict
+            ``"denoised"`` and ``"batch_effect"``, (cells, genes) arrays.
+        """
+        key = self._key(nearest_neighbor, bandwidth)
+        cached = self._cached(key, None)
+        if cached is not None:
+            return _sliced(cached, ["denoised", "batch_effect"], cells, genes)
+        return denoised_of_cells(self.expression, self.matches(*key), self.design, cells, genes)
 
     def clusters(self) -> np.ndarray:
         """The cluster of every cell in the matching space (the ITE's shrinkage), found once per representation."""
@@ -254,6 +288,13 @@ class MatchedEffects:
                     _, k, bandwidth, rest = name.split("|", 3)
                     level, layer = _stored_level(rest)
                     self._cache.setdefault((int(k), float(bandwidth), level), {})[layer] = stored[name]
+
+
+def _sliced(cached: dict, names: list[str], cells, genes) -> dict[str, np.ndarray]:
+    """The layers ``names`` of a cached full result, of the cells and genes at those positions (None: all)."""
+    rows = slice(None) if cells is None else np.asarray(cells, dtype=np.int64)
+    columns = slice(None) if genes is None else np.asarray(genes, dtype=np.int64)
+    return {name: cached[name][rows][:, columns] for name in names}
 
 
 def ite_layer_names(design: CounterfactualDesign, ite_of, level: float | None) -> list[str]:

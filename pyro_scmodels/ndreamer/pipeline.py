@@ -37,7 +37,8 @@ from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK
 from .effect_queries import ITE_SETTINGS, EffectQueries, labels_of
 from .design import design_from_obs
-from .effects import FACTUAL_CHOICES, CounterfactualDesign
+from .counterfactual_design import CounterfactualDesign
+from .effects import FACTUAL_CHOICES
 from .ite_shrinkage import CLUSTER_KEY
 from .matched_effects import MatchedEffects
 from .save_load import NDreamerSaveLoad
