@@ -59,3 +59,52 @@ def test_from_model_takes_auto_as_matched(small_sim):
         nd = NDreamer.from_model(model, condition_key="condition", control_name="control", batch_key="batch",
                                  factual="auto", device="cpu")
     assert nd.settings["factual"] == "matched" and nd.effects.factual == "matched"
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    adata = ps.datasets.simulate(n_cells=300, n_genes=40, n_markers_per_type=4, n_responding_genes=6, seed=2)
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch", nn_conditioning_covariate_keys=["condition"])
+    model = ps.RegularizedVI(adata, n_hidden=32, n_latent=4)
+    model.train(max_epochs=3, batch_size=64, device="cpu", progress_bar=False)
+    return model
+
+
+def from_model(model, **kwargs) -> NDreamer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return NDreamer.from_model(model, "condition", "control", batch_key="batch", device="cpu", **kwargs)
+
+
+def test_setting_factual_on_a_built_ndreamer_gives_what_building_it_so_gives(small_model, tmp_path):
+    import numpy as np
+
+    nd = from_model(small_model)
+    assert nd.factual == "matched"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matched = nd.estimate_ite(interval=0.9, shrink="clusters").layers["ite_stimulated"].copy()
+        nd.estimate_cate("cell_type")
+        denoised = nd.decompose_batch_effect().layers["denoised"].copy()
+    nd.factual = "observed"
+    assert nd.factual == nd.settings["factual"] == nd.effects.factual == "observed"
+    # what the other factual made is gone; the denoised expression (observed either way) stays
+    assert not [name for name in nd.results.layers if name.startswith("ite_")]
+    assert not [key for key in nd.results.uns if key.startswith("cate_") or key == "ite_matching"]
+    assert "ite_shrinkage_cluster" not in nd.results.obs
+    np.testing.assert_array_equal(nd.results.layers["denoised"], denoised)
+    built = from_model(small_model, factual="observed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for shrink in (None, "clusters"):  # the shrinkage's offsets are the new factual's too
+            switched = nd.estimate_ite(interval=0.9, shrink=shrink).copy()
+            fresh = built.estimate_ite(interval=0.9, shrink=shrink)
+            for name in fresh.layers:
+                np.testing.assert_allclose(switched.layers[name], fresh.layers[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    assert np.abs(switched.layers["ite_stimulated"] - matched).max() > 1e-3
+    nd.save(str(tmp_path / "nd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert NDreamer.load(str(tmp_path / "nd"), model=small_model).factual == "observed"
+    with pytest.raises(ValueError, match="factual"):
+        nd.factual = "auto"

@@ -18,6 +18,7 @@ from . import _constants as K
 from ._persistence import write_effects_h5ad
 from .cate import CONTROL, OTHER, TREATED, CateSums, groups_with_both_conditions
 from .effect_intervals import bound_names, interval_level, single_cell_groups
+from .effects import FACTUAL_CHOICES
 from .ite_shrinkage import CLUSTER_KEY, NO_SHRINK, SHRINK_CHOICES
 from .._selection import cell_positions, gene_positions
 
@@ -71,6 +72,34 @@ def refuse_slash_in_groupby(groupby: str, name: str = "groupby") -> None:
 
 class EffectQueries:
     """Effects of an NDreamer's matches: the methods of :class:`~pyro_scmodels.ndreamer.NDreamer` that answer them."""
+
+    @property
+    def factual(self) -> str:
+        """How the ITE takes a cell's own batch and condition: ``"observed"`` (its own expression) or ``"matched"``
+        (its matched cells there), as chosen at construction (``factual=``; ``"auto"`` resolved).
+
+        Setting it keeps the matches and drops what was made with the other: the ITE layers, their bounds and
+        clusters in :attr:`results`, and the CATE tables. The denoised expression and batch effect use the observed
+        value either way and stay. The choice is saved with the NDreamer (``settings["factual"]``).
+        """
+        return self.effects.factual
+
+    @factual.setter
+    def factual(self, value: str) -> None:
+        value = V.choice("factual", value, FACTUAL_CHOICES)
+        if value == self.effects.factual:
+            return
+        self.effects.set_factual(value)
+        self.settings["factual"] = value
+        self._drop_ite_results()
+
+    def _drop_ite_results(self) -> None:
+        """Forget the ITE layers (their bounds too), how they were made, their clusters, and the CATE tables."""
+        for layer in [name for name in self.results.layers if name.startswith(tuple(f"ite_{c}" for c in self.design.treatments))]:
+            del self.results.layers[layer]
+        for key in [k for k in self.results.uns if k.startswith("cate_") or k == ITE_SETTINGS]:
+            del self.results.uns[key]
+        self.results.obs.drop(columns=CLUSTER_KEY, errors="ignore", inplace=True)
 
     def _matched_effects(self):
         """The matching state, with the representation's embedding set (computed once when missing)."""

@@ -53,9 +53,21 @@ class MatchedEffects:
 
     @property
     def factual(self) -> str:
-        """How the ITE takes a cell's own batch and condition; fixed at construction (the cache holds this one's results;
-        :meth:`effects_of` computes another's, uncached)."""
+        """How the ITE takes a cell's own batch and condition (:meth:`set_factual` changes it; the cache holds this one's
+        results, and :meth:`effects_of` computes another's, uncached)."""
         return self._factual
+
+    def set_factual(self, factual: str) -> None:
+        """Take a cell's own batch and condition as ``factual`` says from now on (``"observed"`` or ``"matched"``).
+
+        The cached results and the ITE's shrinkage offsets were made with the other and are dropped; the matches
+        and the clusters do not depend on it and are kept.
+        """
+        factual = V.choice("factual", factual, FACTUAL_CHOICES)
+        if factual != self._factual:
+            self._factual = factual
+            self._cache.clear()
+            self._offsets.clear()
 
     @property
     def has_embedding(self) -> bool:

@@ -35,11 +35,10 @@ from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK
-from .effect_queries import ITE_SETTINGS, EffectQueries, labels_of
+from .effect_queries import EffectQueries, labels_of
 from .design import design_from_obs
 from .counterfactual_design import CounterfactualDesign
 from .effects import FACTUAL_CHOICES
-from .ite_shrinkage import CLUSTER_KEY
 from .matched_effects import MatchedEffects
 from .save_load import NDreamerSaveLoad
 from .loss_layout import minibatch_layout
@@ -326,13 +325,11 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
         self.effects.invalidate()
         for key in (EMBEDDING_KEY, EMBEDDING_KEY + "_PCA"):
             self.results.obsm.pop(key, None)
-        # every effect layer, the ITE's interval bounds too (they stayed, and were saved, beside a new network)
-        effect_layers = ("denoised", "batch_effect", *(f"ite_{c}" for c in self.design.treatments))
-        for layer in [name for name in self.results.layers if name.startswith(effect_layers)]:
+        # every effect layer, the ITE's interval bounds and the old space's clusters too (they stayed, and were
+        # saved, beside a new network)
+        self._drop_ite_results()
+        for layer in [name for name in self.results.layers if name in ("denoised", "batch_effect")]:
             del self.results.layers[layer]
-        for key in [k for k in self.results.uns if k.startswith("cate_") or k == ITE_SETTINGS]:
-            del self.results.uns[key]
-        self.results.obs.drop(columns=CLUSTER_KEY, errors="ignore", inplace=True)  # the old space's clusters (they stayed, saved)
 
     # --- embedding and effects ------------------------------------------------------------------
     def _set_embedding(self, embedding: np.ndarray, space: np.ndarray | None = None) -> None:
