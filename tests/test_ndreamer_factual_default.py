@@ -108,3 +108,40 @@ def test_setting_factual_on_a_built_ndreamer_gives_what_building_it_so_gives(sma
         assert NDreamer.load(str(tmp_path / "nd"), model=small_model).factual == "observed"
     with pytest.raises(ValueError, match="factual"):
         nd.factual = "auto"
+
+
+@pytest.mark.parametrize("widen", [True, "hull"])
+def test_setting_factual_drops_the_model_bounds_that_the_matched_ite_widened(small_model, widen):
+    import numpy as np
+
+    nd = from_model(small_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd.estimate_model_ite(num_samples=4, widen_by_matching=widen)
+    before = {name: nd.results.layers[name].copy() for name in nd.results.layers if name.startswith("ite_model_")}
+    assert set(before) == {"ite_model_stimulated", "ite_model_stimulated_q05", "ite_model_stimulated_q95"}
+    nd.factual = "observed"
+    # the posterior mean does not depend on it; True's bounds read the matched ITE of the factual, the hull's the
+    # observed value whatever the factual
+    kept = {"ite_model_stimulated"} if widen is True else set(before)
+    assert {name for name in nd.results.layers if name.startswith("ite_model_")} == kept
+    assert ("model_ite_interval" in nd.results.uns) == (widen == "hull")
+    for name in kept:
+        np.testing.assert_array_equal(nd.results.layers[name], before[name])
+
+
+def test_a_cate_reads_no_ite_layers_recorded_with_the_other_factual(small_model):
+    import numpy as np
+
+    nd = from_model(small_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nd.estimate_ite()
+        assert nd.results.uns["ite_matching"]["factual"] == "matched"
+        fresh = nd.estimate_cate("cell_type")["mean_ite"]
+        nd.results.layers["ite_stimulated"] = nd.results.layers["ite_stimulated"] + 5.0
+        np.testing.assert_allclose(nd.estimate_cate("cell_type")["mean_ite"] - fresh, 5.0, atol=1e-4)  # read
+        del nd.results.uns["ite_matching"]["factual"]  # a record from before factual could change: this one's
+        np.testing.assert_allclose(nd.estimate_cate("cell_type")["mean_ite"] - fresh, 5.0, atol=1e-4)
+        nd.results.uns["ite_matching"]["factual"] = "observed"  # made with the other: computed again
+        np.testing.assert_allclose(nd.estimate_cate("cell_type")["mean_ite"], fresh, atol=1e-5)

@@ -40,13 +40,14 @@ def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return obs[keys].astype(str).to_numpy()
 
 
-def ite_record(nearest_neighbor: int, bandwidth: float, shrink: str | None, level: float | None) -> dict:
+def ite_record(nearest_neighbor: int, bandwidth: float, shrink: str | None, level: float | None,
+               factual: str) -> dict:
     """How ITE layers were made, as ``results.uns[ITE_SETTINGS]`` and a :meth:`~EffectQueries.write_effects` file's
-    ``uns`` record it: the matching, the arms' rule, the shrinkage (``"none"``: an h5ad stores no None) and, with
-    bounds, their level."""
+    ``uns`` record it: the matching, the arms' rule, the shrinkage (``"none"``: an h5ad stores no None), the cell's
+    own term (``factual``) and, with bounds, their level."""
     record = {"nearest_neighbor": V.positive_int("nearest_neighbor", nearest_neighbor),
               "bandwidth": V.positive_float("bandwidth", bandwidth), "arms": ITE_ARMS,
-              "shrink": shrink or NO_SHRINK}
+              "shrink": shrink or NO_SHRINK, "factual": factual}
     return record if level is None else {**record, "interval": float(level)}
 
 
@@ -79,7 +80,8 @@ class EffectQueries:
         (its matched cells there), as chosen at construction (``factual=``; ``"auto"`` resolved).
 
         Setting it keeps the matches and drops what was made with the other: the ITE layers, their bounds and
-        clusters in :attr:`results`, and the CATE tables. The denoised expression and batch effect use the observed
+        clusters in :attr:`results`, the CATE tables, and a model ITE's bounds widened by the matched ITE
+        (``estimate_model_ite(widen_by_matching=True)``; the hull's take the observed value either way). The denoised expression and batch effect use the observed
         value either way and stay. The choice is saved with the NDreamer (``settings["factual"]``).
         """
         return self.effects.factual
@@ -92,6 +94,7 @@ class EffectQueries:
         self.effects.set_factual(value)
         self.settings["factual"] = value
         self._drop_ite_results()
+        self._drop_matched_model_bounds()  # a model route's bounds widened by the matched ITE (representation.py)
 
     def _drop_ite_results(self) -> None:
         """Forget the ITE layers (their bounds too), how they were made, their clusters, and the CATE tables."""
@@ -256,7 +259,7 @@ class EffectQueries:
             self.results.obs[CLUSTER_KEY] = clusters
         # which matching the layers hold, so that a CATE of another matching does not read them
         self.results.uns[ITE_SETTINGS] = ite_record(nearest_neighbor, bandwidth, shrink,
-                                                    None if interval is None else interval_level(interval))
+                                                    None if interval is None else interval_level(interval), self.factual)
         return self.results
 
     def write_effects(self, path: str, nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -304,7 +307,8 @@ class EffectQueries:
         cells, columns = self._selection(indices, gene_list)
         self._matched_effects()
         return write_effects_h5ad(self, path, nearest_neighbor, bandwidth, chunk_cells, overwrite, level, cells,
-                                  columns, shrink, uns={ITE_SETTINGS: ite_record(nearest_neighbor, bandwidth, shrink, level)})
+                                  columns, shrink, uns={ITE_SETTINGS: ite_record(nearest_neighbor, bandwidth, shrink, level,
+                                                                     self.factual)})
 
     def estimate_cate(self, groupby: str, condition: str | None = None, min_cells: int = K.MIN_CELLS_FOR_CATE,
                       nearest_neighbor: int = K.NEAREST_NEIGHBOR, bandwidth: float = K.BANDWIDTH,
@@ -352,6 +356,8 @@ class EffectQueries:
         same = (made_with.get("nearest_neighbor") == V.positive_int("nearest_neighbor", nearest_neighbor)
                 and made_with.get("bandwidth") == float(bandwidth)
                 and made_with.get("shrink", NO_SHRINK) == (shrink or NO_SHRINK)
+                # a record from before factual could change was made with this NDreamer's
+                and made_with.get("factual", self.factual) == self.factual
                 # layers saved before the arms were averaged over shared batches differ where a batch holds one arm
                 and (made_with.get("arms") == ITE_ARMS or self.design.common_batches(condition)
                      == self.design.batches_with[condition] == self.design.batches_with[self.design.control_name]))

@@ -188,10 +188,8 @@ class MatchedEffects:
 
         Parameters
         ----------
-        nearest_neighbor, bandwidth
-            The matching (k and the kernel's bandwidth).
-        cells, genes
-            Positions (default all).
+        nearest_neighbor, bandwidth, cells, genes
+            As :meth:`effects_of`.
 
         Returns
         -------

@@ -249,6 +249,16 @@ class ModelRepresentation:
             return self.results
         return self._subset_result(cells, columns, layers)
 
+    def _drop_matched_model_bounds(self) -> None:
+        """Forget the model ITE's bounds when the matched ITE widened them (``widen_by_matching=True`` reads this
+        NDreamer's ``factual``): the posterior mean, and the hull's bounds, do not depend on it."""
+        widen = self.results.uns.get(MODEL_ITE_INTERVAL, {}).get("widen_by_matching")
+        if isinstance(widen, str) or not widen:  # "hull", False, or no model ITE
+            return
+        for stale in [n for n in self.results.layers for c in self.design.treatments if n.startswith(f"ite_model_{c}_q")]:
+            del self.results.layers[stale]
+        del self.results.uns[MODEL_ITE_INTERVAL]
+
     @staticmethod
     def _widening(widen_by_matching, quantiles) -> bool | str:
         """``widen_by_matching`` checked: True, False or ``"hull"`` (with central quantiles, the matched interval's)."""
