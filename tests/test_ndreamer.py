@@ -208,6 +208,10 @@ def test_errors_and_deprecated_alias():
     # designs whose batch effect is the treatment effect: the condition as a batch, or batches holding one arm each
     with pytest.raises(ValueError, match="batch_key \\['batch', 'condition'\\] holds the condition_key"):
         NDreamer(adata, "condition", "control", batch_key=["batch", "condition"], **SMALL)
+    # a batch column named twice was two batch effects of one column (twice the independence weight), a fit unlike
+    # the one-key fit, without a word; RegularizedVI's setup refuses a repeated key
+    with pytest.raises(ValueError, match=r"batch_key \['batch', 'batch'\] names \['batch'\] more than once"):
+        NDreamer(adata, "condition", "control", batch_key=["batch", "batch"], **SMALL)
     adata.obs["run"] = np.where(adata.obs["condition"] == "control", "run_a", "run_b")
     with pytest.raises(ValueError, match=r"No batch holds both condition 'stimulated' \(batches \['run_b'\]\) and the "
                                          r"control 'control' \(batches \['run_a'\]\)"):
