@@ -212,6 +212,12 @@ def test_errors_and_deprecated_alias():
     # the one-key fit, without a word; RegularizedVI's setup refuses a repeated key
     with pytest.raises(ValueError, match=r"batch_key \['batch', 'batch'\] names \['batch'\] more than once"):
         NDreamer(adata, "condition", "control", batch_key=["batch", "batch"], **SMALL)
+    # labels are compared as text: batches 1 and "1" of one column were merged into one batch without a word
+    mixed = adata.copy()
+    mixed.obs["lane"] = np.array([1 if b == "batch_0" else "1" if b == "batch_1" else 2 for b in adata.obs["batch"]],
+                                 dtype=object)
+    with pytest.raises(ValueError, match=r"adata.obs\['lane'\] holds labels of different types .*e.g. 1 and '1'"):
+        NDreamer(mixed, "condition", "control", batch_key="lane", **SMALL)
     adata.obs["run"] = np.where(adata.obs["condition"] == "control", "run_a", "run_b")
     with pytest.raises(ValueError, match=r"No batch holds both condition 'stimulated' \(batches \['run_b'\]\) and the "
                                          r"control 'control' \(batches \['run_a'\]\)"):
