@@ -30,20 +30,13 @@ ITE_ARMS = "batches holding both"
 
 
 def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
-    """``obs[keys]`` as strings, or an error naming a missing column, one with missing values, or one whose labels
-    do not stay distinct as text."""
+    """``obs[keys]`` as strings, or an error naming a missing column or one with missing values."""
     for key in keys:
         if key not in obs:
             raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(obs.columns)[:20]}).")
         if obs[key].isna().any():
             raise ValueError(f"adata.obs[{key!r}] has missing values; fill or drop those cells first.")
-    text = obs[keys].astype(str)
-    for key in keys:  # the groups are the labels as text: 1 and "1" in one column merged two batches without a word
-        if text[key].nunique() != obs[key].nunique():
-            raise ValueError(f"adata.obs[{key!r}] holds labels of different types that do not stay distinct as text "
-                             f"(e.g. 1 and '1'); make the column one type first: adata.obs[{key!r}] = "
-                             f"adata.obs[{key!r}].astype(str).")
-    return text.to_numpy()
+    return obs[keys].astype(str).to_numpy()
 
 
 def ite_record(nearest_neighbor: int, bandwidth: float, shrink: str | None, level: float | None) -> dict:
