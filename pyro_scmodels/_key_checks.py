@@ -57,7 +57,8 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
     KeyError
         The column is missing.
     ValueError
-        It holds real numbers (not all whole): one group per value would follow.
+        It holds real numbers (not all whole): one group per value would follow; or labels of different types that
+        read the same as text (1 and "1").
     """
     present(key, obs.columns, table, "column")
     column = obs[key]
@@ -68,3 +69,9 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
     if getattr(column.dtype, "kind", "") == "f" and not all(float(v).is_integer() for v in column.dropna().unique()):
         raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
                          "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")
+    # groups are compared as text: 1 and "1" of one column were merged (1 and 1.0 split) without a word
+    labels = column.dropna()
+    if labels.astype(str).nunique() != labels.nunique():
+        raise ValueError(f"{what}: {table}[{key!r}] holds labels of different types that do not stay distinct as text "
+                         f"(e.g. 1 and '1'); make the column one type first: {table}[{key!r}] = "
+                         f"{table}[{key!r}].astype(str).")

@@ -6,6 +6,7 @@ seconds."""
 import json
 import os
 import re
+import warnings
 
 import anndata
 import pandas as pd
@@ -91,6 +92,21 @@ def test_saved_categories_win_over_the_setup(adata, tmp_path):
     assert read_setup(only_first).categories == {"batch": ["batch_0"]}
     assert loaded.encoding.categories == {"batch": ["batch_0", "batch_1"]}
     assert loaded.get_ambient_profile().shape == (30, 2)
+
+
+def test_a_model_built_on_a_subset_of_its_setup_names_the_categories_without_cells(adata, tmp_path):
+    # set up on every cell, built on one batch: batch_1's ambient profile stayed at 1e-8 for every gene, its
+    # dispersion at the prior, and both were reported like fitted values without a word
+    ps.RegularizedVI.setup_anndata(adata, batch_key="batch")
+    only_first = adata[adata.obs["batch"] == "batch_0"].copy()  # keeps the setup of every cell
+    with pytest.warns(UserWarning, match=r"no cell in the data this model is built on \('batch': \['batch_1'\]\)"):
+        ps.RegularizedVI(only_first, **SMALL)
+    # a model built on every cell, and one loaded onto the subset (its categories were fitted), say nothing
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="categories recorded at setup")
+        model = ps.RegularizedVI(adata, **SMALL)
+        model.save(str(tmp_path))
+        ps.RegularizedVI.load(str(tmp_path), only_first)
 
 
 # --- counts are validated once per object ---------------------------------------------------------

@@ -60,3 +60,17 @@ def test_a_mask_given_as_integers_is_refused_not_read_as_cells_0_and_1(model):
     with pytest.raises(ValueError, match="idx2 holds one 0/1 integer per cell"):
         model.differential_expression(idx1=mask, idx2=(~mask).astype(np.int64), num_samples=2, n_cells=10)
     model.differential_expression(idx1=np.array([0, 1, 1, 0]), num_samples=2, n_cells=10)  # positions: as before
+
+
+def test_a_group_column_mixing_1_and_text_1_is_refused(model):
+    # groups are compared as text: groupby= gave two comparisons both named '1 vs Rest', and a column mixing 1 and 1.0
+    # failed with "indices selects no cells"; summarize_by= gave two rows named 1
+    adata = model.adata.copy()
+    cell_type = adata.obs["cell_type"].astype(str).to_numpy()
+    for second in ("1", 1.0):
+        adata.obs["mixed"] = np.array([1 if t == "type_0" else second if t == "type_1" else 2 for t in cell_type],
+                                      dtype=object)
+        with pytest.raises(ValueError, match=r"groupby: adata.obs\['mixed'\] holds labels of different types"):
+            model.differential_expression(groupby="mixed", adata=adata, num_samples=2, n_cells=10)
+        with pytest.raises(ValueError, match=r"summarize_by: adata.obs\['mixed'\] holds labels of different types"):
+            model.get_ambient_fraction(adata, summarize_by="mixed")

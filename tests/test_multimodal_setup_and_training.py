@@ -111,6 +111,13 @@ def test_setup_errors(multiome):
         ps.RegularizedMultimodalVI.setup_mudata(mdata.copy(), layer={"rna": None, "ATAC": None})
     with pytest.raises(ValueError, match=r"names \['rna'\] more than once"):
         ps.RegularizedMultimodalVI.setup_mudata(mdata.copy(), modalities=["rna", "rna"])
+    # a feature named twice in a modality passed setup and training; then DE and gene_list= failed inside pandas
+    # ("cannot reindex on an axis with duplicate labels"). setup_anndata refuses it; so does setup_mudata now
+    repeated = mdata.copy()
+    names = list(repeated.mod["rna"].var_names)
+    repeated.mod["rna"].var_names = [names[0], *names[:-1]]
+    with pytest.raises(ValueError, match=r"mdata.mod\['rna'\].var_names are not unique.*var_names_make_unique"):
+        ps.RegularizedMultimodalVI.setup_mudata(repeated)
     with pytest.raises(ValueError, match=r"priors has no entry for modality \['atac'\]"):
         ps.RegularizedMultimodalVI(mdata, priors={"rna": ps.RegularizedPriors()})
     with pytest.raises(ValueError, match=r"priors names modalities the model does not have: \['ATAC'\]"):

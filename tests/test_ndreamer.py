@@ -173,6 +173,12 @@ def test_log_normalised_input_and_fewer_genes_than_num_hvg():
     np.testing.assert_allclose(nd.expression.toarray(), adata.X.toarray(), rtol=1e-6)
     nd.train(n_epochs=1, progress_bar=False)
     assert "ite_stimulated" in nd.estimate_ite().layers
+    # normalised but not logged (sc.pp.normalize_total(target_sum=1)) was taken as log values: on 600 simulated cells
+    # the ITE of the responding genes came out 0.005 in mean size against 0.58 from the counts (truth 0.64)
+    adata.X = sp.csr_matrix((counts / counts.sum(1, keepdims=True)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"adata.X looks normalised but not log-transformed: every cell's values sum "
+                                         r"to 1\. .*sc.pp.log1p"):
+        NDreamer(adata, "condition", "control", **SMALL)
 
 
 def test_errors_and_deprecated_alias():
@@ -208,6 +214,16 @@ def test_errors_and_deprecated_alias():
     # designs whose batch effect is the treatment effect: the condition as a batch, or batches holding one arm each
     with pytest.raises(ValueError, match="batch_key \\['batch', 'condition'\\] holds the condition_key"):
         NDreamer(adata, "condition", "control", batch_key=["batch", "condition"], **SMALL)
+    # a batch column named twice was two batch effects of one column (twice the independence weight), a fit unlike
+    # the one-key fit, without a word; RegularizedVI's setup refuses a repeated key
+    with pytest.raises(ValueError, match=r"batch_key \['batch', 'batch'\] names \['batch'\] more than once"):
+        NDreamer(adata, "condition", "control", batch_key=["batch", "batch"], **SMALL)
+    # labels are compared as text: batches 1 and "1" of one column were merged into one batch without a word
+    mixed = adata.copy()
+    mixed.obs["lane"] = np.array([1 if b == "batch_0" else "1" if b == "batch_1" else 2 for b in adata.obs["batch"]],
+                                 dtype=object)
+    with pytest.raises(ValueError, match=r"adata.obs\['lane'\] holds labels of different types .*e.g. 1 and '1'"):
+        NDreamer(mixed, "condition", "control", batch_key="lane", **SMALL)
     adata.obs["run"] = np.where(adata.obs["condition"] == "control", "run_a", "run_b")
     with pytest.raises(ValueError, match=r"No batch holds both condition 'stimulated' \(batches \['run_b'\]\) and the "
                                          r"control 'control' \(batches \['run_a'\]\)"):

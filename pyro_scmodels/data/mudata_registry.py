@@ -20,7 +20,7 @@ from .._stacklevel import user_stacklevel
 from .counts import CountMatrix
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys
 from .on_disk import refuse_backed_csc
-from .registry import SETUP_UNS_KEY, _RecordedEncoding, load_record, validated
+from .registry import SETUP_UNS_KEY, _RecordedEncoding, check_unique_names, load_record, validated
 
 
 def _unaligned(modality: str, held, cells) -> str:
@@ -246,6 +246,8 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     # a dict must name every modality: a misspelt or missing key silently read that modality's .X (None: .X)
     layers = per_modality("layer", layer, modalities)
     keys = resolve_covariate_keys(**covariate_arguments)
+    for m in modalities:  # a feature named twice passed setup and training, then DE and gene_list= failed in pandas
+        check_unique_names(mdata.mod[m], f"mdata.mod[{m!r}]")
     matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
     fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}
     _check_every_cell_has_counts(matrices.values(), mdata.n_obs)

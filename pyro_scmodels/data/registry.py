@@ -205,13 +205,15 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     return setup
 
 
-def check_unique_names(adata) -> None:
+def check_unique_names(adata, name: str = "adata") -> None:
     """Raise unless cell and gene names are unique: outputs are indexed by them, and repeats would make them ambiguous.
 
     Parameters
     ----------
     adata
-        The AnnData (its ``obs_names`` and ``var_names``).
+        The AnnData (its ``obs_names`` and ``var_names``), or a MuData modality.
+    name
+        How to call ``adata`` in the message (e.g. ``"mdata.mod['rna']"``).
 
     Raises
     ------
@@ -222,8 +224,8 @@ def check_unique_names(adata) -> None:
                              ("var_names", adata.var_names, "var_names_make_unique")):
         if not names.is_unique:
             repeated = names[names.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"adata.{axis} are not unique (e.g. {repeated} repeat); outputs indexed by these names "
-                             f"would be ambiguous. Call `adata.{fix}()` first.")
+            raise ValueError(f"{name}.{axis} are not unique (e.g. {repeated} repeat); outputs indexed by these names "
+                             f"would be ambiguous. Call `{name}.{fix}()` first.")
 
 
 def read_setup(adata) -> AnnDataSetup:

@@ -27,6 +27,7 @@ from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .regularizedvi_persistence import RegularizedVIPersistence
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments, refuses_scvi_arguments
+from .unmeasured_categories import warn_categories_without_cells
 
 
 class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence, PyroModelBase):
@@ -129,6 +130,8 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
             warn_if_encoder_keys_leak(self.keys, settings.get("latent_independence", 0.0))
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = self._setup.encoding(adata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
+        if _categories is None:
+            warn_categories_without_cells(adata.obs, self.encoding)
         self.var_names = pd.Index(adata.var_names).copy()
         if ambient_profile is not None:
             settings["ambient_profile"] = _ambient.profile_matrix(ambient_profile, self.var_names,

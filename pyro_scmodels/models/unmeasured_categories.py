@@ -80,3 +80,38 @@ def warn_categories_without_counts(data: CellData, modalities: list[str], ambien
                 f"parameters by a column whose every category has cells with {m!r} counts.", UserWarning,
                 stacklevel=user_stacklevel())
     return found
+
+
+def warn_categories_without_cells(obs, encoding) -> dict[str, list[str]]:
+    """Warn when a category recorded at setup has no cell in the data a new model is built on.
+
+    Set up on every cell and built on a subset, the model keeps the setup's categories: a category without a cell
+    there has its ambient profile, feature scaling, dispersion, library prior and network columns at their initial
+    values, and the getters and the export reported them like fitted ones (an ambient profile of 1e-8 for every gene).
+    A loaded or query model is not built anew: its categories were fitted on other cells.
+
+    Parameters
+    ----------
+    obs
+        The cell table of the data the model is built on.
+    encoding
+        The covariate encoding recorded at setup.
+
+    Returns
+    -------
+    dict
+        ``{key: [categories without a cell]}``.
+    """
+    found = {}
+    for key, categories in (encoding.categories or {}).items():
+        present = set(obs[key].astype(str))
+        missing = [c for c in categories if c not in present]
+        if missing:
+            found[key] = missing
+    if found:
+        listed = "; ".join(f"{key!r}: {missing[:5]}" for key, missing in found.items())
+        warnings.warn(f"categories recorded at setup have no cell in the data this model is built on ({listed}): the "
+                      "parameters keyed by them (ambient profile, feature scaling, dispersion, library prior, network "
+                      "columns) stay at their initial values and are reported as such. Run setup_anndata on the cells "
+                      "the model trains on to leave them out.", UserWarning, stacklevel=user_stacklevel())
+    return found

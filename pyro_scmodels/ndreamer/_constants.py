@@ -7,6 +7,8 @@ RESPONSE_GENE_SHARE = 0.1  # share of num_hvg given to the genes that differ mos
 TARGET_SUM = 1e4  # counts per cell before log1p
 LOG_DATA_MAX = 30.0  # non-integer values all below this are taken as already log-normalised
 LOG_CHECK_SAMPLE = 1_000_000  # values inspected to decide counts vs log data
+# non-integer data whose row sums differ by less than this share is normalised but not logged (refused)
+NORMALISED_SUM_TOLERANCE = 1e-3
 LEIDEN_RESOLUTIONS = (0.5, 7.0)  # low and high resolution pseudo cell states
 LEIDEN_PCA_COMPONENTS = 50
 LEIDEN_NEIGHBOURS = 15

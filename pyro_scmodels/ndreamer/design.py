@@ -33,6 +33,11 @@ def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> C
     -------
     CounterfactualDesign
     """
+    repeated = sorted({key for key in settings["batch_key"] if settings["batch_key"].count(key) > 1})
+    if repeated and not saved:
+        # each key is a batch effect of its own: one named twice got two embeddings and twice the independence weight
+        raise ValueError(f"batch_key {settings['batch_key']} names {repeated} more than once; name each batch column "
+                         "once.")
     if settings["condition_key"] in settings["batch_key"]:
         message = (f"batch_key {settings['batch_key']} holds the condition_key {settings['condition_key']!r}: a batch "
                    "effect equal to the condition would take the whole treatment effect. Give the batches (e.g. "

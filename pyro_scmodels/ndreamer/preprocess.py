@@ -23,6 +23,7 @@ from ._constants import (
     LEIDEN_RESOLUTIONS,
     LOG_CHECK_SAMPLE,
     LOG_DATA_MAX,
+    NORMALISED_SUM_TOLERANCE,
     MIN_CELLS_FOR_LEIDEN,
     READ_CHUNK_CELLS,
     TARGET_SUM,
@@ -41,6 +42,18 @@ def is_log_normalised(matrix) -> bool:
     if (sample < 0).any() or not np.isfinite(sample).all():
         raise ValueError("Expression must be finite and non-negative (raw counts or log-normalised values).")
     return bool(not np.all(sample == np.round(sample)) and sample.max() < LOG_DATA_MAX)
+
+
+def _refuse_normalised_unlogged(block: sp.csr_matrix, where: str) -> None:
+    """Raise when a block judged log-normalised has every cell summing to one value: normalised but not logged (e.g.
+    ``sc.pp.normalize_total(adata, target_sum=1)``), used as log values it gave ITEs about 100 times too small. The
+    rows of a log-normalised matrix do not share one sum."""
+    totals = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    totals = totals[totals > 0]
+    if totals.size >= 2 and np.ptp(totals) <= NORMALISED_SUM_TOLERANCE * totals.max():
+        raise ValueError(f"{where} looks normalised but not log-transformed: every cell's values sum to "
+                         f"{totals[0]:.4g}. NDreamer needs raw counts or log-normalised values; pass the raw counts "
+                         "(layer=...), or take the log first (sc.pp.log1p).")
 
 
 def _stored_entries(source: CountMatrix) -> int | None:
@@ -217,6 +230,7 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     _check_values(first, first_row, where, log_input=None)  # named here, before the type of values is judged
     log_input = is_log_normalised(first)
     if log_input:
+        _refuse_normalised_unlogged(first, where)
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
     else:
         logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
