@@ -140,7 +140,8 @@ def test_the_option_and_the_scales_are_saved_and_loaded(tmp_path):
     model = ps.RegularizedMultimodalVI(mdata, decoder_gene_scale={"rna": True, "atac": False}, **SMALL)
     model.train(**QUICK)
     model.save(str(tmp_path / "scaled"), save_anndata=True)
-    loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "scaled"), device="cpu")
+    loaded = ps.RegularizedMultimodalVI.load(str(tmp_path / "scaled"), accelerator="cpu")  # scvi-tools' name
+    assert loaded.device == torch.device("cpu")
     assert loaded.init_params["decoder_gene_scale"] == {"rna": True, "atac": False}
     for m in ("rna", "atac"):
         torch.testing.assert_close(loaded.module.model.block(m).decoder.output_scale,

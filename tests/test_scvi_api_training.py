@@ -202,3 +202,24 @@ def test_load_device_auto_chooses_cuda_when_available(model, tmp_path, monkeypat
     monkeypatch.setattr(PyroModelBase, "_move_to", move)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ps.RegularizedVI.load(folder, adata=model.adata.copy()).device == torch.device("cpu")
+
+
+def test_load_takes_scvi_tools_accelerator_and_gpu_index(model, tmp_path, monkeypatch):
+    from pyro_scmodels.models.train_options import load_device
+
+    folder = str(tmp_path / "model")
+    model.save(folder)
+    loaded = ps.RegularizedVI.load(folder, adata=model.adata.copy(), accelerator="cpu")
+    assert loaded.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="names a GPU index, but accelerator='cpu'"):
+        ps.RegularizedVI.load(folder, adata=model.adata.copy(), accelerator="cpu", device=0)
+    with pytest.raises(ValueError, match="device is scvi-tools' GPU index or 'auto'"):
+        ps.RegularizedVI.load(folder, adata=model.adata.copy(), accelerator="gpu", device="cpu")
+    with pytest.raises(ValueError, match="accelerator must be"):
+        ps.RegularizedVI.load(folder, adata=model.adata.copy(), accelerator="tpu")
+    # scvi-tools' load(accelerator="gpu", device=1) on a machine with two GPUs: the second one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert load_device(1, "gpu") == torch.device("cuda:1")
+    assert load_device("auto", "auto") == torch.device("cuda")
+    assert load_device("cuda:1", None) == "cuda:1"  # this package's own device, untouched

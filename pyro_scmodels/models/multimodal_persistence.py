@@ -3,6 +3,7 @@ priors as earlier versions wrote them."""
 
 from __future__ import annotations
 
+from .train_options import load_device
 from ..data import check_var_names, require_mudata, setup_arguments
 from ..priors import RegularizedPriors
 from .regularizedvi_guide import RegularizedVIGuide
@@ -50,7 +51,8 @@ class MultimodalPersistence:
         self.unfitted_categories = payload.get("unfitted categories", self.unfitted_categories)
 
     @classmethod
-    def load(cls, dir_path: str, mdata=None, device: str = "auto", prefix: str | None = None):
+    def load(cls, dir_path: str, mdata=None, device: str = "auto", prefix: str | None = None,
+             accelerator: str | None = None):
         """Load a model saved with :meth:`save`, bound to ``mdata`` (same features per modality).
 
         Parameters
@@ -61,16 +63,19 @@ class MultimodalPersistence:
             MuData with the model's modalities and features; None: the MuData saved with
             ``save(..., save_anndata=True)``.
         device
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; with
+            ``accelerator``, scvi-tools' meaning: ``"auto"`` or a GPU index.
         prefix
             The prefix the model was saved with (files ``f"{prefix}model.pt"``, ``f"{prefix}mdata.h5mu"``); None:
             no prefix.
+        accelerator
+            scvi-tools' ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"`` (as in its ``load``); None: ``device`` decides.
 
         Returns
         -------
         RegularizedMultimodalVI
         """
-        return cls._load(dir_path, mdata, device, "mudata", prefix)
+        return cls._load(dir_path, mdata, load_device(device, accelerator), "mudata", prefix)
 
     @classmethod
     def _bind_saved(cls, payload: dict, mdata) -> None:

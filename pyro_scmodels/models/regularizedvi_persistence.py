@@ -6,6 +6,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from .._stacklevel import user_stacklevel
+from .train_options import load_device
 from ..data import SETUP_UNS_KEY, check_var_names, read_setup, setup_arguments
 
 if TYPE_CHECKING:  # the class this mixin is part of (the return type of load)
@@ -27,7 +28,8 @@ class RegularizedVIPersistence:
         }
 
     @classmethod
-    def load(cls, dir_path: str, adata=None, device: str = "auto", prefix: str | None = None) -> "RegularizedVI":
+    def load(cls, dir_path: str, adata=None, device: str = "auto", prefix: str | None = None,
+             accelerator: str | None = None) -> "RegularizedVI":
         """Load a model saved with :meth:`save`, bound to ``adata``.
 
         Parameters
@@ -39,10 +41,13 @@ class RegularizedVIPersistence:
             training; if it was not set up, the saved setup is applied. None: the AnnData saved
             with ``save(..., save_anndata=True)``.
         device
-            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; with
+            ``accelerator``, scvi-tools' meaning: ``"auto"`` or a GPU index.
         prefix
             The prefix the model was saved with (``save(..., prefix=)``; scvi-tools' meaning): the files read are
             ``f"{prefix}model.pt"`` and ``f"{prefix}adata.h5ad"``. None: no prefix.
+        accelerator
+            scvi-tools' ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"`` (as in its ``load``); None: ``device`` decides.
 
         Returns
         -------
@@ -53,7 +58,7 @@ class RegularizedVIPersistence:
         FileNotFoundError
             No ``f"{prefix}model.pt"`` in ``dir_path``; the message names the files there and the prefixes saved.
         """
-        return cls._load(dir_path, adata, device, "anndata", prefix)
+        return cls._load(dir_path, adata, load_device(device, accelerator), "anndata", prefix)
 
     @classmethod
     def _bind_saved(cls, payload: dict, adata) -> None:

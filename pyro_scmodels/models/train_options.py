@@ -96,6 +96,30 @@ def training_device(device: str, accelerator: str | None, devices) -> torch.devi
     return resolve_device("cuda" if index is None else f"cuda:{index}")
 
 
+def load_device(device, accelerator: str | None) -> str | torch.device:
+    """The device a model is loaded on: this package's ``device``, or scvi-tools' ``accelerator`` with ``device`` as
+    scvi-tools reads it in ``load`` (``"auto"`` or a GPU index).
+
+    Parameters
+    ----------
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; with ``accelerator``, ``"auto"`` or a GPU index.
+    accelerator
+        scvi-tools' ``"auto"``, ``"cpu"``, ``"gpu"`` or ``"cuda"``; None when not given.
+
+    Returns
+    -------
+    str or torch.device
+        ``device`` when no accelerator is given, else the torch device the two name.
+    """
+    if accelerator is None:
+        return device
+    if isinstance(device, str) and device != "auto":
+        raise ValueError(f"With accelerator={accelerator!r}, device is scvi-tools' GPU index or 'auto' (got {device!r}); "
+                         f"pass device={device!r} alone, without accelerator.")
+    return training_device("auto", accelerator, None if device == "auto" else [device])
+
+
 def _device_index(devices) -> int | None:
     """The GPU index named by ``devices`` (None for ``"auto"``, ``1`` or not given)."""
     if devices is None or devices == "auto":
