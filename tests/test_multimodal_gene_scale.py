@@ -4,6 +4,7 @@ softplus decoder misses most of it, the option and the scale buffers are saved a
 the option (or before the decoder had a scale) loads and resumes unchanged."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -193,3 +194,17 @@ def test_a_dict_of_equal_values_and_the_bool_are_one_setting(tmp_path):
     assert len(resumed.history) == 2
     assert ps.RegularizedMultimodalVI(mdata, decoder_gene_scale={"rna": False, "atac": False},
                                       **SMALL).init_params.get("decoder_gene_scale") is None
+
+
+def test_a_multimodal_model_built_on_a_subset_of_its_setup_names_the_categories_without_cells(tmp_path):
+    mdata = _mdata(batch_key="batch")
+    first = mdata.obs["batch"].astype(str).unique()[0]
+    subset = mdata[mdata.obs["batch"].astype(str) == first].copy()  # keeps the setup of every cell
+    others = sorted(set(mdata.obs["batch"].astype(str)) - {first})
+    with pytest.warns(UserWarning, match=re.escape(f"no cell in the data this model is built on ('batch': {others[:5]}")):
+        ps.RegularizedMultimodalVI(subset, **SMALL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="categories recorded at setup")
+        model = ps.RegularizedMultimodalVI(mdata, **SMALL)  # every category has cells: nothing said
+        model.save(str(tmp_path / "m"))
+        ps.RegularizedMultimodalVI.load(str(tmp_path / "m"), subset, device="cpu")  # fitted on other cells: nothing said

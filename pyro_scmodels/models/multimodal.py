@@ -29,7 +29,7 @@ from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimoda
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel
 from .scvi_arguments import MC_SAMPLES, refuse_scvi_arguments, refuses_scvi_arguments
-from .unmeasured_categories import warn_categories_without_counts
+from .unmeasured_categories import warn_categories_without_cells, warn_categories_without_counts
 from ..seeding import seeded
 
 
@@ -95,10 +95,11 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
         self._setup = setup = read_mudata_setup(mdata)
         self.modalities, self.layers = setup.modalities, setup.layers
         self.keys = setup.keys
-        if _categories is None:  # no penalty keeps encoder-only keys out of this model's z
-            warn_if_encoder_keys_leak(self.keys, 0.0)
         # the encoding fitted at setup; a loaded model's saved categories win (unseen ones then raise)
         self.encoding = setup.encoding(mdata.obs) if _categories is None else CovariateEncoding(self.keys, _categories)
+        if _categories is None:  # no penalty keeps encoder-only keys out of z; a subset's setup categories without cells
+            warn_if_encoder_keys_leak(self.keys, 0.0)
+            warn_categories_without_cells(mdata.obs, self.encoding)
         saved = _categories is not None
         checked = per_modality_settings(self.modalities, n_hidden, n_latent, latent_mode, ambient_modalities,
                                         feature_scaling_modalities, priors, decoder_gene_scale, saved, self.keys)
