@@ -179,6 +179,10 @@ def test_log_normalised_input_and_fewer_genes_than_num_hvg():
     with pytest.raises(ValueError, match=r"adata.X looks normalised but not log-transformed: every cell's values sum "
                                          r"to 1\. .*sc.pp.log1p"):
         NDreamer(adata, "condition", "control", **SMALL)
+    # log1p of the raw counts, not normalised: each cell kept its depth, and it was used as log-normalised
+    adata.X = sp.csr_matrix(np.log1p(counts).astype(np.float32))
+    with pytest.raises(ValueError, match=r"adata.X looks like log1p of raw counts, not normalised.*normalize_total"):
+        NDreamer(adata, "condition", "control", **SMALL)
 
 
 def test_errors_and_deprecated_alias():

@@ -56,6 +56,19 @@ def _refuse_normalised_unlogged(block: sp.csr_matrix, where: str) -> None:
                          "(layer=...), or take the log first (sc.pp.log1p).")
 
 
+def _refuse_logged_unnormalised(block: sp.csr_matrix, where: str) -> None:
+    """Raise when a block judged log-normalised is the log of raw counts (``sc.pp.log1p`` without
+    ``normalize_total``): every value's expm1 is a whole number. Its cells keep their sequencing depth, which every
+    match and every effect would then carry."""
+    values = np.asarray(block.data[:LOG_CHECK_SAMPLE], dtype=np.float64)
+    restored = np.expm1(values[values > 0])
+    # float32 log1p values give back counts to about 1e-6 of their size
+    if restored.size and np.all(np.abs(restored - np.round(restored)) <= 1e-3 + 1e-5 * restored):
+        raise ValueError(f"{where} looks like log1p of raw counts, not normalised: every value's expm1 is a whole "
+                         "number, so each cell keeps its sequencing depth. Pass the raw counts (layer=...), or "
+                         "normalise before the log (sc.pp.normalize_total, then sc.pp.log1p).")
+
+
 def _stored_entries(source: CountMatrix) -> int | None:
     """Entries stored in the CSR behind ``source`` (read from its indptr), or None if it is not a CSR."""
     if source.disk is not None:
@@ -231,6 +244,7 @@ def log_normalise(adata: anndata.AnnData, layer: str | None = None, genes=None, 
     log_input = is_log_normalised(first)
     if log_input:
         _refuse_normalised_unlogged(first, where)
+        _refuse_logged_unnormalised(first, where)
         logger.info("NDreamer: the input looks log-normalised (non-integer values below %g); used as it is.", LOG_DATA_MAX)
     else:
         logger.info("NDreamer: the input looks like raw counts; normalising to %g per cell and taking log1p.", TARGET_SUM)
