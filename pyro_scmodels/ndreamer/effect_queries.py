@@ -81,8 +81,9 @@ class EffectQueries:
 
         Setting it keeps the matches and drops what was made with the other: the ITE layers, their bounds and
         clusters in :attr:`results`, the CATE tables, and a model ITE's bounds widened by the matched ITE
-        (``estimate_model_ite(widen_by_matching=True)``; the hull's take the observed value either way). The denoised expression and batch effect use the observed
-        value either way and stay. The choice is saved with the NDreamer (``settings["factual"]``).
+        (``estimate_model_ite(widen_by_matching=True)``; the hull's take the observed value either way). The
+        denoised expression and batch effect use the observed value either way and stay. The choice is saved with
+        the NDreamer (``settings["factual"]``).
         """
         return self.effects.factual
 
@@ -98,7 +99,8 @@ class EffectQueries:
 
     def _drop_ite_results(self) -> None:
         """Forget the ITE layers (their bounds too), how they were made, their clusters, and the CATE tables."""
-        for layer in [name for name in self.results.layers if name.startswith(tuple(f"ite_{c}" for c in self.design.treatments))]:
+        prefixes = tuple(f"ite_{c}" for c in self.design.treatments)
+        for layer in [name for name in self.results.layers if name.startswith(prefixes)]:
             del self.results.layers[layer]
         for key in [k for k in self.results.uns if k.startswith("cate_") or k == ITE_SETTINGS]:
             del self.results.uns[key]

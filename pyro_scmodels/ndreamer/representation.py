@@ -255,7 +255,8 @@ class ModelRepresentation:
         widen = self.results.uns.get(MODEL_ITE_INTERVAL, {}).get("widen_by_matching")
         if isinstance(widen, str) or not widen:  # "hull", False, or no model ITE
             return
-        for stale in [n for n in self.results.layers for c in self.design.treatments if n.startswith(f"ite_model_{c}_q")]:
+        prefixes = tuple(f"ite_model_{c}_q" for c in self.design.treatments)
+        for stale in [name for name in self.results.layers if name.startswith(prefixes)]:
             del self.results.layers[stale]
         del self.results.uns[MODEL_ITE_INTERVAL]
 
