@@ -202,6 +202,11 @@ def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
     np.testing.assert_allclose(profile.sum(0), 1.0)
     with pytest.raises(KeyError, match="no column for the ambient categories"):
         RegularizedVI(adata, ambient_profile=profile.iloc[:, :2])
+    mixed = datasets.simulate_empty_droplets(adata, n_droplets=5)
+    mixed.obs["run"] = pd.Series([1, "1"] * (mixed.n_obs // 2) + [1] * (mixed.n_obs % 2), index=mixed.obs_names,
+                                 dtype=object)  # two runs that read the same as text were merged into one profile
+    with pytest.raises(ValueError, match=r"groupby: adata.obs\['run'\] holds labels of different types"):
+        profile_from_droplets(mixed, groupby="run")
     # one category's column is not copied to the other categories; a column of another name is shared by all
     with pytest.raises(KeyError, match="no column for the ambient categories"):
         RegularizedVI(adata, ambient_profile=profile.iloc[:, :1])

@@ -214,7 +214,8 @@ def profile_from_droplets(adata, groupby: str | list[str] | None = None, layer: 
     keys = [] if groupby is None else [groupby] if isinstance(groupby, str) else list(groupby)
     columns = {}
     for key in keys:
-        V.present(key, adata.obs.columns, "adata.obs", "column")
+        # labels 1 and "1" of one column would be one category here and two in a model's setup
+        V.group_column(adata.obs, key, "groupby", "adata.obs")
         if adata.obs[key].isna().any():
             raise ValueError(f"adata.obs[{key!r}] has no category for {int(adata.obs[key].isna().sum())} droplets; give "
                              "every droplet its ambient category, or drop those droplets.")
