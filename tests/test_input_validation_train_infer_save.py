@@ -165,6 +165,9 @@ def test_flags_given_as_strings_are_refused_not_read_as_true(trained):
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'False'"):
             call("False")
     assert isinstance(model.get_elbo(return_mean=np.False_), np.ndarray)  # numpy's bool is a bool
+    for call in (model.get_elbo, model.get_reconstruction_error, lambda seed: model.get_marginal_ll(n_mc_samples=2, seed=seed)):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+            call(seed=-1)  # taken by torch, where the other getters refuse it
 
 
 def test_load_from_empty_folder(tmp_path):

@@ -83,6 +83,7 @@ class EvidenceQueries:
     def _evidence_batches(self, adata, indices, batch_size, n_samples: int, seed: int):
         """Per minibatch, a list of ``n_samples`` term dicts (see :meth:`_local_terms`), seeded."""
         self._check_trained()
+        seed = V.non_negative_int("seed", seed)  # as every getter's seed (-1 was taken by torch)
         with seeded(seed, self.device), torch.no_grad():
             for _, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
                 yield [self._local_terms(batch, n_obs) for _ in range(n_samples)]
