@@ -7,6 +7,8 @@ available; a column of real numbers where groups are needed raises ``ValueError`
 
 from __future__ import annotations
 
+import pandas as pd
+
 
 def present(key, container, where: str, what: str = "key", limit: int = 20) -> None:
     """Raise ``KeyError`` unless ``key`` is in ``container``, listing what is available.
@@ -70,7 +72,9 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
         raise ValueError(f"{what}: {table}[{key!r}] holds real numbers ({column.nunique()} distinct values), not groups; "
                          "give a column of groups (categories, strings or integer labels), e.g. pd.cut of it.")
     # groups are compared as text: 1 and "1" of one column were merged (1 and 1.0 split) without a word
-    labels = column.dropna()
+    # a categorical column's categories are its distinct labels: compared alone, not every cell's value
+    labels = (column.cat.remove_unused_categories().cat.categories.to_series()
+              if isinstance(column.dtype, pd.CategoricalDtype) else column.dropna())
     if labels.astype(str).nunique() != labels.nunique():
         raise ValueError(f"{what}: {table}[{key!r}] holds labels of different types that do not stay distinct as text "
                          f"(e.g. 1 and '1'); make the column one type first: {table}[{key!r}] = "

@@ -74,3 +74,9 @@ def test_a_group_column_mixing_1_and_text_1_is_refused(model):
             model.differential_expression(groupby="mixed", adata=adata, num_samples=2, n_cells=10)
         with pytest.raises(ValueError, match=r"summarize_by: adata.obs\['mixed'\] holds labels of different types"):
             model.get_ambient_fraction(adata, summarize_by="mixed")
+    # a categorical column is judged by the categories its cells use (an unused one that clashes is no group)
+    adata.obs["mixed"] = pd.Categorical([1 if t == "type_0" else "1" if t == "type_1" else 2 for t in cell_type])
+    with pytest.raises(ValueError, match=r"groupby: adata.obs\['mixed'\] holds labels of different types"):
+        model.differential_expression(groupby="mixed", adata=adata, num_samples=2, n_cells=10)
+    adata.obs["mixed"] = pd.Categorical([1 if t == "type_0" else 2 for t in cell_type], categories=[1, 2, "1"])
+    assert set(model.get_ambient_fraction(adata, summarize_by="mixed").index.astype(str)) == {"1", "2"}
