@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import warnings
 
+import pandas as pd
+
 from .._stacklevel import user_stacklevel
 from ..data import CellData
 
@@ -104,7 +106,11 @@ def warn_categories_without_cells(obs, encoding) -> dict[str, list[str]]:
     """
     found = {}
     for key, categories in (encoding.categories or {}).items():
-        present = set(obs[key].astype(str))
+        column = obs[key]
+        # the labels used, as text (as the setup records them): from the categories, or the distinct values
+        used = (column.cat.remove_unused_categories().cat.categories if isinstance(column.dtype, pd.CategoricalDtype)
+                else pd.Index(column.dropna().unique()))
+        present = set(used.astype(str))
         missing = [c for c in categories if c not in present]
         if missing:
             found[key] = missing
