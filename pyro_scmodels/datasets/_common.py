@@ -13,12 +13,15 @@ from .. import _validation as V
 
 # --- argument checks: through the package's one validation module; each error names the argument
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``, or ValueError naming ``name``."""
     return V.integer(name, value, minimum=minimum)
 
 
-def _check_float(name: str, value, minimum: float, *, strict: bool = False,
-                 maximum: float = math.inf) -> float:
+def check_float(name: str, value, minimum: float, *, strict: bool = False,
+                maximum: float = math.inf) -> float:
+    """``value`` as a float in [``minimum``, ``maximum``] (above ``minimum`` if ``strict``), or ValueError naming
+    ``name``."""
     return V.number(name, value, minimum, None if math.isinf(maximum) else maximum, strict_minimum=strict)
 
 
@@ -57,7 +60,7 @@ def _resolve_responding_types(responding_cell_types, n_cell_types: int) -> list[
 
 
 @dataclass(frozen=True)
-class _Settings:
+class SimulationSettings:
     """The checked arguments of ``simulate`` (``responders``: sorted responding type indices)."""
 
     n_cells: int
@@ -78,19 +81,19 @@ class _Settings:
     seed: int | None
 
 
-def _check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_markers_per_type,
-                              within_type_rank, type_sd, stimulated_fraction, n_responding_genes,
-                              responding_cell_types, ambient_fraction, batch_scaling_sd,
-                              mean_library, library_sd, theta_range, seed) -> _Settings:
-    """Check every argument of ``simulate`` and return them converted, as ``_Settings``."""
-    n_cells = _check_int("n_cells", n_cells, 1)
-    n_genes = _check_int("n_genes", n_genes, 1)
-    n_types = _check_int("n_cell_types", n_cell_types, 1)
-    n_batches = _check_int("n_batches", n_batches, 1)
-    n_markers = _check_int("n_markers_per_type", n_markers_per_type, 0)
-    rank = _check_int("within_type_rank", within_type_rank, 0)
-    type_sd = _check_float("type_sd", type_sd, 0.0)
-    n_responding = _check_int("n_responding_genes", n_responding_genes, 0)
+def check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_markers_per_type,
+                             within_type_rank, type_sd, stimulated_fraction, n_responding_genes,
+                             responding_cell_types, ambient_fraction, batch_scaling_sd,
+                             mean_library, library_sd, theta_range, seed) -> SimulationSettings:
+    """Check every argument of ``simulate`` and return them converted, as ``SimulationSettings``."""
+    n_cells = check_int("n_cells", n_cells, 1)
+    n_genes = check_int("n_genes", n_genes, 1)
+    n_types = check_int("n_cell_types", n_cell_types, 1)
+    n_batches = check_int("n_batches", n_batches, 1)
+    n_markers = check_int("n_markers_per_type", n_markers_per_type, 0)
+    rank = check_int("within_type_rank", within_type_rank, 0)
+    type_sd = check_float("type_sd", type_sd, 0.0)
+    n_responding = check_int("n_responding_genes", n_responding_genes, 0)
     if n_types * n_markers > n_genes:
         raise ValueError(f"n_cell_types * n_markers_per_type = {n_types * n_markers} exceeds n_genes = {n_genes} (every "
                          f"type has its own markers); pass n_markers_per_type <= {n_genes // n_types}, fewer "
@@ -98,32 +101,33 @@ def _check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_ma
     if n_responding > n_genes:
         raise ValueError(f"n_responding_genes = {n_responding} exceeds n_genes = {n_genes}; pass "
                          f"n_responding_genes <= {n_genes}.")
-    return _Settings(
+    return SimulationSettings(
         n_cells=n_cells, n_genes=n_genes, n_cell_types=n_types, n_batches=n_batches,
         n_markers_per_type=n_markers, within_type_rank=rank, type_sd=type_sd,
         # the remaining checks run in this (signature) order: keyword arguments are
         # evaluated left to right
-        stimulated_fraction=_check_float("stimulated_fraction", stimulated_fraction, 0.0,
+        stimulated_fraction=check_float("stimulated_fraction", stimulated_fraction, 0.0,
                                          maximum=1.0),
         n_responding_genes=n_responding,
-        ambient_fraction=_check_float("ambient_fraction", ambient_fraction, 0.0),
-        batch_scaling_sd=_check_float("batch_scaling_sd", batch_scaling_sd, 0.0),
-        mean_library=_check_float("mean_library", mean_library, 0.0, strict=True),
-        library_sd=_check_float("library_sd", library_sd, 0.0),
+        ambient_fraction=check_float("ambient_fraction", ambient_fraction, 0.0),
+        batch_scaling_sd=check_float("batch_scaling_sd", batch_scaling_sd, 0.0),
+        mean_library=check_float("mean_library", mean_library, 0.0, strict=True),
+        library_sd=check_float("library_sd", library_sd, 0.0),
         theta_range=_check_theta_range(theta_range),
-        seed=None if seed is None else _check_int("seed", seed, 0),
+        seed=None if seed is None else check_int("seed", seed, 0),
         responders=_resolve_responding_types(responding_cell_types, n_types),
     )
 
 
 # --- sampling primitives ---------------------------------------------------------------------
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (shifted by the row maximum, so that exp cannot overflow)."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _gamma_poisson(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def gamma_poisson(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Sample negative binomial counts with mean ``mu`` and inverse dispersion ``theta``."""
     shape = np.broadcast_to(theta, mu.shape)
     return rng.poisson(rng.gamma(shape, mu / shape))

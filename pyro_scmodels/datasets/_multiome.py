@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._common import _check_float, _check_int, _gamma_poisson, _softmax
+from ._common import check_float, check_int, gamma_poisson, softmax
 
 RNA_LIBRARY = 1500.0  # mean RNA library size
 ATAC_LIBRARY = 800.0  # mean ATAC library size
@@ -34,7 +34,7 @@ def _draw_feature_truth(rng, n_genes, n_peaks, n_batches):
     """
     theta_rna = np.exp(rng.uniform(math.log(1.0), math.log(50.0), n_genes))
     theta_atac = np.exp(rng.uniform(math.log(0.5), math.log(10.0), n_peaks))
-    ambient = 0.05 * _softmax(rng.normal(0.0, 1.0, (n_batches, n_genes)))
+    ambient = 0.05 * softmax(rng.normal(0.0, 1.0, (n_batches, n_genes)))
     scaling = np.exp(rng.normal(0.0, 0.1, (n_batches, n_peaks)))
     return theta_rna, theta_atac, ambient, scaling
 
@@ -47,7 +47,7 @@ def _state_profiles(rng, n_features, n_levels, n_markers, level):
     log = rng.normal(0.0, 1.0, n_features) + rng.normal(0.0, 0.3, (n_levels, n_features))
     for k in range(n_levels):
         log[k, k * n_markers:(k + 1) * n_markers] += rng.uniform(1.5, 2.5, n_markers)
-    return _softmax(log)[level]
+    return softmax(log)[level]
 
 
 def _library_counts(rng, fraction, library_mean, theta, scale=1.0, background=0.0):
@@ -55,7 +55,7 @@ def _library_counts(rng, fraction, library_mean, theta, scale=1.0, background=0.
     library = library_mean * np.exp(rng.normal(0.0, 0.3, fraction.shape[0]))
     # this exact expression (and its order of operations) keeps the seeded data unchanged
     mu = library[:, None] * (fraction + background) * scale
-    return _gamma_poisson(rng, mu, theta[None, :]).astype(np.float32)
+    return gamma_poisson(rng, mu, theta[None, :]).astype(np.float32)
 
 
 def _simulate_rna(rng, rna_state, theta, cell_ambient):
@@ -134,11 +134,11 @@ def simulate_multiome(n_cells: int = 1200, n_genes: int = 200, n_peaks: int = 40
     ValueError
         If an argument is out of range; the message names the argument.
     """
-    n_cells = _check_int("n_cells", n_cells, 12)
-    n_genes = _check_int("n_genes", n_genes, 75)
-    n_peaks = _check_int("n_peaks", n_peaks, 120)
-    n_batches = _check_int("n_batches", n_batches, 1)
-    atac_missing_fraction = _check_float("atac_missing_fraction", atac_missing_fraction, 0.0,
+    n_cells = check_int("n_cells", n_cells, 12)
+    n_genes = check_int("n_genes", n_genes, 75)
+    n_peaks = check_int("n_peaks", n_peaks, 120)
+    n_batches = check_int("n_batches", n_batches, 1)
+    atac_missing_fraction = check_float("atac_missing_fraction", atac_missing_fraction, 0.0,
                                          maximum=0.5)
     rng = np.random.default_rng(seed)
     rna_state, atac_state, batch = _draw_hidden_states(rng, n_cells, n_batches)

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import sparse
 
 from .. import _validation as V
-from ._common import _Settings, _check_simulate_arguments, _softmax
+from ._common import SimulationSettings, check_simulate_arguments, softmax
 from ._technical import (
     _check_ambient_fractions, _draw_counts, _set_ambient_fractions, _simulate_batch_effects, _simulate_dispersions,
     _simulate_library_sizes, _simulate_rna_content, _true_ambient_fraction,
@@ -116,17 +116,17 @@ def _apply_stimulation(log_control, cell_type, stimulated, lfc, scale, mean_libr
     every cell under control and under stimulation; the true effect is their difference.
     No random draws.
     """
-    rho_control = mean_library * _softmax(log_control)
+    rho_control = mean_library * softmax(log_control)
     rho_stim = rho_control.copy()
     reacts = scale > 0
-    rho_stim[reacts] = mean_library * _softmax(log_control[reacts] + scale[reacts, None] * lfc)
+    rho_stim[reacts] = mean_library * softmax(log_control[reacts] + scale[reacts, None] * lfc)
     rho = np.where(stimulated[:, None], rho_stim, rho_control)
     return rho, _log_normalised(rho_control), _log_normalised(rho_stim)
 
 
 # --- the AnnData and its ground truth --------------------------------------------------------
 
-def _obs_table(s: _Settings, cell_type, batch, stimulated, library) -> pd.DataFrame:
+def _obs_table(s: SimulationSettings, cell_type, batch, stimulated, library) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "cell_type": pd.Categorical.from_codes(cell_type, _type_names(s)),
@@ -139,7 +139,7 @@ def _obs_table(s: _Settings, cell_type, batch, stimulated, library) -> pd.DataFr
     )
 
 
-def _var_table(s: _Settings, markers, responding, theta, lfc) -> pd.DataFrame:
+def _var_table(s: SimulationSettings, markers, responding, theta, lfc) -> pd.DataFrame:
     marker_of = np.full(s.n_genes, "", dtype=object)
     for k, name in enumerate(_type_names(s)):
         marker_of[markers[k]] = name
@@ -152,7 +152,7 @@ def _var_table(s: _Settings, markers, responding, theta, lfc) -> pd.DataFrame:
     )
 
 
-def _simulation_record(s: _Settings, strength, depth_offset) -> dict:
+def _simulation_record(s: SimulationSettings, strength, depth_offset) -> dict:
     """Settings, drawn per-type and per-batch truths and key names for ``uns["simulation"]``."""
     type_names = _type_names(s)
     record = {
@@ -175,11 +175,11 @@ def _simulation_record(s: _Settings, strength, depth_offset) -> dict:
     return record
 
 
-def _type_names(s: _Settings) -> list[str]:
+def _type_names(s: SimulationSettings) -> list[str]:
     return [f"type_{k}" for k in range(s.n_cell_types)]
 
 
-def _batch_names(s: _Settings) -> list[str]:
+def _batch_names(s: SimulationSettings) -> list[str]:
     return [f"batch_{b}" for b in range(s.n_batches)]
 
 
@@ -293,7 +293,7 @@ def simulate(
     ValueError
         If an argument is out of range; the message names the argument.
     """
-    s = _check_simulate_arguments(
+    s = check_simulate_arguments(
         n_cells=n_cells, n_genes=n_genes, n_cell_types=n_cell_types, n_batches=n_batches,
         n_markers_per_type=n_markers_per_type, within_type_rank=within_type_rank,
         type_sd=type_sd, stimulated_fraction=stimulated_fraction,

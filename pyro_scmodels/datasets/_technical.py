@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from .. import _validation as V
-from ._common import _gamma_poisson, _softmax
+from ._common import gamma_poisson, softmax
 
 
 def _simulate_batch_effects(rng, type_log, n_batches, batch_scaling_sd, ambient_fraction,
@@ -23,7 +23,7 @@ def _simulate_batch_effects(rng, type_log, n_batches, batch_scaling_sd, ambient_
     n_types, n_genes = type_log.shape
     feature_scaling = np.exp(rng.normal(0.0, batch_scaling_sd, size=(n_batches, n_genes)))
     mixture = rng.dirichlet(np.ones(n_types), size=n_batches)
-    soup = (mixture @ _softmax(type_log)) * rng.lognormal(0.0, 1.0, size=(n_batches, n_genes))
+    soup = (mixture @ softmax(type_log)) * rng.lognormal(0.0, 1.0, size=(n_batches, n_genes))
     ambient = ambient_fraction * mean_library * soup / soup.sum(axis=1, keepdims=True)
     return feature_scaling, ambient
 
@@ -71,14 +71,14 @@ def _draw_counts(rng, library, expression, theta):
     so the loop always ends. Returns the counts and the library factors actually used.
     """
     library = library.copy()
-    counts = _gamma_poisson(rng, library[:, None] * expression, theta)
+    counts = gamma_poisson(rng, library[:, None] * expression, theta)
     for attempt in range(200):
         empty = np.flatnonzero(counts.sum(axis=1) == 0)
         if empty.size == 0:
             break
         if attempt >= 10:
             library[empty] *= 2.0
-        counts[empty] = _gamma_poisson(rng, library[empty, None] * expression[empty], theta)
+        counts[empty] = gamma_poisson(rng, library[empty, None] * expression[empty], theta)
     assert (counts.sum(axis=1) > 0).all(), "simulate: some cells have zero total count"
     return counts, library
 
