@@ -107,7 +107,7 @@ def check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_mar
         # the remaining checks run in this (signature) order: keyword arguments are
         # evaluated left to right
         stimulated_fraction=check_float("stimulated_fraction", stimulated_fraction, 0.0,
-                                         maximum=1.0),
+                                        maximum=1.0),
         n_responding_genes=n_responding,
         ambient_fraction=check_float("ambient_fraction", ambient_fraction, 0.0),
         batch_scaling_sd=check_float("batch_scaling_sd", batch_scaling_sd, 0.0),

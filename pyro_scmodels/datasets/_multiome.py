@@ -139,7 +139,7 @@ def simulate_multiome(n_cells: int = 1200, n_genes: int = 200, n_peaks: int = 40
     n_peaks = check_int("n_peaks", n_peaks, 120)
     n_batches = check_int("n_batches", n_batches, 1)
     atac_missing_fraction = check_float("atac_missing_fraction", atac_missing_fraction, 0.0,
-                                         maximum=0.5)
+                                        maximum=0.5)
     rng = np.random.default_rng(seed)
     rna_state, atac_state, batch = _draw_hidden_states(rng, n_cells, n_batches)
     theta_rna, theta_atac, ambient, scaling = _draw_feature_truth(rng, n_genes, n_peaks, n_batches)
