@@ -111,7 +111,7 @@ def _check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_ma
         mean_library=_check_float("mean_library", mean_library, 0.0, strict=True),
         library_sd=_check_float("library_sd", library_sd, 0.0),
         theta_range=_check_theta_range(theta_range),
-        seed=None if seed is None else _check_int("seed", seed, 0),
+        seed=V.optional(V.seed, "seed", seed),
         responders=_resolve_responding_types(responding_cell_types, n_types),
     )
 

@@ -276,7 +276,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
         asked_size = V.optional(V.fraction, "train_size", train_size)
         train_size = C.TRAIN_SIZE if asked_size is None else asked_size
-        seed = V.non_negative_int("seed", seed)
+        seed = V.seed("seed", seed)
         compile = V.boolean("compile", compile)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)

@@ -92,7 +92,7 @@ class PosteriorMixin:
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be distinct numbers in (0, 1), got {quantiles}.")
-        seed = V.optional(V.non_negative_int, "seed", seed)
+        seed = V.optional(V.seed, "seed", seed)
         with seeded(seed, self.device):
             level = torch.tensor(quantiles)
             summaries = {key: {} for key in ("means", "stds", *labels)}
