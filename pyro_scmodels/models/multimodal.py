@@ -24,7 +24,7 @@ from .model_construction import build_model_and_guide
 from .model_settings import shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
-from .multimodal_settings import per_modality_settings, query_modality
+from .multimodal_settings import per_modality_settings, query_modality, refuse_data_as_modality
 from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
                                 has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
@@ -34,6 +34,7 @@ from .unmeasured_categories import warn_categories_without_cells, warn_categorie
 from ..seeding import seeded
 
 
+@refuse_data_as_modality
 class RegularizedMultimodalVI(ModalitySiteNames, MultimodalPersistence, PyroModelBase):
     """RegularizedVI for paired count modalities with a joint latent space.
 
