@@ -31,7 +31,7 @@ from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
 from .scvi_arguments import refuse_scvi_arguments
-from .train_options import KL_WARMUP_DEFAULT, stops_early, checked_settings, external_split, merge_plan_kwargs, warmup_given
+from .train_options import KL_WARMUP_DEFAULT, checked_settings, external_split, merge_plan_kwargs, stops_early, warmup_given
 from ..seeding import seeded
 
 
