@@ -125,9 +125,10 @@ def non_negative_int(name: str, value) -> int:
 
 
 def seed(name: str, value) -> int:
-    """``value`` as a seed passed to scikit-learn (NDreamer's PCA): an ``int`` in ``[0, 2**32 - 1]``, the range it takes.
+    """``value`` as a seed: an ``int`` in ``[0, 2**32 - 1]``, the one range of every seed the package takes.
 
-    Seeds that reach only torch and numpy's ``SeedSequence`` are :func:`non_negative_int` (no upper bound).
+    The range numpy's legacy seeding and scikit-learn (NDreamer's PCA) take, and scvi-tools' (Lightning's) seeds;
+    torch's ``manual_seed`` failed with its own overflow message above ``2**64 - 1``.
 
     Raises
     ------

@@ -21,7 +21,7 @@ import numpy as np
 from . import _validation as V
 from ._atomic import atomic_path, write_h5ad
 from ._io import InputFileError, OutputFolder, read_h5ad
-from ._labels import names_as_text
+from ._labels import names_as_text, stored_column_names
 from .cli_arguments import in_option_names, check_arguments, parse_arguments
 from .cli_launch import (launch_torchrun, leave_process_group, rank_prefix, read_for_the_launch_check,
                          stop_signals_as_interrupt)
@@ -62,10 +62,10 @@ def _store_results(model, adata, write_normalized: bool = True) -> None:
         logging.getLogger("pyro_scmodels").warning(f"The input's layers['{NORMALIZED_LAYER}'] came from an earlier "
                                                    "model and is left out of the results; pass --write-normalized "
                                                    "for this model's.")
-    # DataFrames keep the category names as columns
-    adata.varm["regularizedvi_ambient"] = model.get_ambient_profile()
-    adata.varm["regularizedvi_dispersion"] = model.get_dispersion()
-    adata.varm["regularizedvi_feature_scaling"] = model.get_feature_scaling()
+    # DataFrames keep the category names as columns (a "/" escaped, as the file needs)
+    adata.varm["regularizedvi_ambient"] = stored_column_names(model.get_ambient_profile())
+    adata.varm["regularizedvi_dispersion"] = stored_column_names(model.get_dispersion())
+    adata.varm["regularizedvi_feature_scaling"] = stored_column_names(model.get_feature_scaling())
     adata.obs["regularizedvi_library_size"] = model.get_library_size()
     adata.obs["regularizedvi_ambient_fraction"] = model.get_ambient_fraction()
 

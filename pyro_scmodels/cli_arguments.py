@@ -20,15 +20,15 @@ _ARGUMENT_CHECKS = {
              "n_genes": lambda name, value: V.integer(name, value, minimum=DEMO_MIN_GENES, description=(
                  f"an integer >= {DEMO_MIN_GENES} (five cell types need their marker genes)")),
              "epochs": V.positive_int,
-             "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.non_negative_int},
+             "batch_size": V.positive_int, "lr": V.positive_float, "seed": V.seed},
     "fit": {"n_latent": V.positive_int, "n_hidden": V.positive_int, "n_layers": V.positive_int,
             "max_epochs": V.positive_int, "batch_size": V.positive_int, "lr": V.positive_float,
-            "seed": V.non_negative_int, "devices": V.positive_int, "checkpoint_every": V.positive_int,
+            "seed": V.seed, "devices": V.positive_int, "checkpoint_every": V.positive_int,
             "latent_independence": V.non_negative_float, "global_lr_factor": V.positive_float,
             "ambient_shape_prior": V.positive_float},
     "ndreamer": {"num_hvg": lambda name, value: V.integer(name, value, minimum=2, description=(
                      "an integer >= 2 (genes for the PCA of the cell states)")), "epochs": V.positive_float, "batch_size": V.positive_int,
-                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.non_negative_int,
+                 "nearest_neighbor": V.positive_int, "bandwidth": V.positive_float, "seed": V.seed,
                  "ite_interval": V.level, "min_cells_per_group": V.positive_int},
 }
 

@@ -248,7 +248,7 @@ def _run(model, adata, indices, num_samples, batch_size, seed, figure_path, prio
     num_samples = V.integer("num_samples", num_samples, minimum=2, description=(
         "an integer >= 2 (with one draw the PIT coverage reads nominal whatever the fit; 20 or more is advised)"))
     batch_size = V.optional(V.positive_int, "batch_size", batch_size)
-    seed = V.non_negative_int("seed", seed)
+    seed = V.seed("seed", seed)
     figure_path = V.optional(checked_figure_path, "figure_path", figure_path)
     rng = np.random.default_rng(seed)
     accumulators: dict[str, SiteAccumulator] = {}

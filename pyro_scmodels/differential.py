@@ -327,6 +327,7 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
                         f"(got a {type(groupby).__name__}); pass the data as adata=..., e.g. "
                         "model.differential_expression(adata=adata, groupby='cell_type').")
     mode = V.choice("mode", mode, MODES)
+    seed = V.seed("seed", seed)
     all_stats = V.boolean("all_stats", all_stats)
     filter_outlier_cells = V.boolean("filter_outlier_cells", filter_outlier_cells)
     weights = check_weights(model, weights)
@@ -352,10 +353,11 @@ def differential_expression(model, groupby: str | None = None, group1=None, grou
     drawn = _drop_outliers(model, adata, tests, batch_size, seed) if filter_outlier_cells else tests
     rng = np.random.default_rng(seed)
     tables, ess = [], []
+    # each group's draws take a seed of their own, kept in the seeds' range (it wraps past 2**32 - 1)
     for i, ((name1, name2, cells1, cells2), (_, _, kept1, kept2)) in enumerate(zip(tests, drawn)):
         (samples1, weights1, ess1), (samples2, weights2, ess2) = (
             _log2_draws(model, adata, np.sort(rng.choice(cells, size=min(n_cells, len(cells)), replace=False)), strata,
-                        num_samples, batch_size, seed + 2 * i + offset, modality, pseudocount, paired, weights,
+                        num_samples, batch_size, (seed + 2 * i + offset) % 2**32, modality, pseudocount, paired, weights,
                         shift)
             for offset, (cells, strata) in enumerate(((kept1, strata1), (kept2, strata2)))
         )

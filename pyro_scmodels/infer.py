@@ -61,6 +61,40 @@ def split_cells(n_cells: int, train_size: float, rng: np.random.Generator) -> tu
     return np.sort(permutation[:n_train]), np.sort(permutation[n_train:])
 
 
+def early_stopping_setting(asked: bool | None, n_validation: int) -> bool:
+    """Whether a call stops early: it watches the validation loss, so it needs validation cells.
+
+    Parameters
+    ----------
+    asked
+        ``early_stopping`` as given: None (left out) means on when there are validation cells, and off, with one logged
+        line, when there are none (``train_size=1.0``); True without validation cells is refused.
+    n_validation
+        The call's validation cells.
+
+    Returns
+    -------
+    bool
+        Whether to stop early.
+
+    Raises
+    ------
+    ValueError
+        ``asked`` is True and there are no validation cells.
+    """
+    if asked is None:
+        if n_validation == 0:
+            logger.warning("No validation cells (train_size=1.0): early stopping is off, and every epoch is trained.")
+        return n_validation > 0
+    asked = V.boolean("early_stopping", asked)
+    if asked and n_validation == 0:
+        # the loop would watch the training loss instead: a stop on another loss than the one asked for
+        raise ValueError("early_stopping=True stops on the validation loss, and this call has no validation cells "
+                         "(train_size=1.0): pass train_size below 1 (e.g. 0.9) to stop early, or early_stopping=False to train "
+                         "every epoch on all cells.")
+    return asked
+
+
 def default_max_epochs(n_cells: int) -> int:
     """scvi-tools' default: ``min(400, round(20000 / n_cells * 400))``."""
     return int(min(C.MAX_EPOCHS_CAP, max(1, round(C.MAX_EPOCHS_CELL_BUDGET / n_cells * C.MAX_EPOCHS_CAP))))
@@ -70,11 +104,11 @@ def default_max_epochs(n_cells: int) -> int:
 class TrainingPlan(LoopPlan):
     """Settings of one call to :meth:`SVITrainer.fit`: the loop's settings plus minibatch size and KL warm-up.
 
-    Early stopping is on by default (the validation loss is monitored). The validation loss is
-    computed every ``validate_every`` epochs (scvi-tools' ``check_val_every_n_epoch``).
+    Early stopping (None: on when there are validation cells; see :func:`early_stopping_setting`) watches the
+    validation loss, computed every ``validate_every`` epochs (scvi-tools' ``check_val_every_n_epoch``).
     """
 
-    early_stopping: bool = True
+    early_stopping: bool | None = None
     batch_size: int = C.BATCH_SIZE
     kl_warmup_epochs: int | None = C.KL_WARMUP_EPOCHS
     kl_warmup_steps: int | None = None
@@ -357,4 +391,5 @@ class SVITrainer(TrainingLoop):
 
     def fit(self, plan: TrainingPlan, seed: int = 0):
         """Train until epoch ``plan.max_epochs`` (the loop's epoch count) or early stopping; returns :attr:`history`."""
+        plan.early_stopping = early_stopping_setting(plan.early_stopping, len(self.validation_indices))
         return super().fit(plan, seed)

@@ -84,7 +84,7 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
         with :func:`predictive_batches`); a dict of those per modality for a multimodal model
         without ``modality``.
     """
-    seed = V.optional(V.non_negative_int, "seed", seed)
+    seed = V.optional(V.seed, "seed", seed)
     # each observation site belongs to one modality (None for a single-modality model)
     sites = {site: model.site_modality(site) for site in model.observation_sites}
     if modality is not None:

@@ -195,6 +195,17 @@ def test_summary_argument_checked_before_work(short_fit):
         del model.adata.obs["partly"]
 
 
+def test_a_summary_refuses_repeated_cells_and_a_per_cell_query_keeps_them(short_fit):
+    model, adata = short_fit
+    # a repeated cell counted twice in n_cells and weighted the mean twice
+    with pytest.raises(ValueError, match=r"indices repeats 2 cell\(s\): summarize_by counts each cell once.*np.unique"):
+        model.get_ambient_fraction(indices=[0, 0, 1, 2, 2], summarize_by="batch")
+    table = model.get_ambient_fraction(indices=[2, 0, 1], summarize_by="batch")
+    assert table["n_cells"].sum() == 3
+    per_cell = model.get_ambient_fraction(indices=[0, 0, 1])  # as scvi-tools' getters: one value per index
+    assert per_cell.shape == (3,) and per_cell[0] == per_cell[1]
+
+
 def test_profile_from_droplets_and_its_checks(short_fit, tmp_path):
     model, adata = short_fit
     profile = profile_from_droplets(datasets.simulate_empty_droplets(adata, n_droplets=5), groupby="batch")

@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import sys
+import warnings
+from urllib.parse import unquote
 
 import anndata
 import numpy as np
@@ -193,6 +195,31 @@ def test_fit_background_options_reach_the_saved_model(input_h5ad, tmp_path):
     assert model.init_params["decoder_gene_scale"] is True
     results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
     np.testing.assert_allclose(results.obs["regularizedvi_ambient_fraction"], model.get_ambient_fraction(), rtol=1e-4)
+
+
+def test_a_label_holding_a_slash_is_written_and_read_back(input_h5ad, tmp_path, capsys):
+    # "10x/v3" as a .varm column name: anndata warned "Forward slashes will be disallowed in h5 stores"
+    adata = anndata.read_h5ad(input_h5ad)
+    labels = {"batch_0": "10x/v3", "batch_1": "a%2Fb", "batch_2": "plain"}
+    adata.obs["batch"] = adata.obs["batch"].astype(str).map(labels).astype("category")
+    path = str(tmp_path / "slash.h5ad")
+    adata.write_h5ad(path)
+    out = str(tmp_path / "out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", path, "-o", out, "--max-epochs", "1", *FIT_ARGS]) == 0
+        model = ps.RegularizedVI.load(os.path.join(out, "model"), anndata.read_h5ad(path))
+        exported = model.export_posterior(anndata.read_h5ad(path), num_samples=2)
+        exported.write_h5ad(str(tmp_path / "exported.h5ad"))
+    said = capsys.readouterr().err + " ".join(str(w.message) for w in caught)
+    assert "slash" not in said.lower()
+    names = sorted(labels.values())
+    assert list(model.get_ambient_profile().columns) == names  # the model's own tables keep the names
+    results = anndata.read_h5ad(os.path.join(out, "results.h5ad"))
+    again = anndata.read_h5ad(str(tmp_path / "exported.h5ad"))
+    for table in (results.varm["regularizedvi_ambient"], again.varm["means_ambient"]):
+        assert list(table.columns) == ["10x%2Fv3", "a%252Fb", "plain"]
+        assert [unquote(name) for name in table.columns] == names
 
 
 def test_fit_takes_the_background_profile_from_empty_droplets(input_h5ad, tmp_path, capsys):

@@ -274,7 +274,7 @@ def untrained(adata):
     (dict(batch_size=2.5), TypeError, r"batch_size must be a positive integer, got 2\.5"),
     (dict(kl_warmup_epochs=-1), ValueError, r"kl_warmup_epochs must be a non-negative integer, got -1"),
     (dict(kl_warmup_epochs=1.5), TypeError, r"kl_warmup_epochs must be a non-negative integer, got 1\.5"),
-    (dict(seed=-1), ValueError, r"seed must be a non-negative integer, got -1"),
+    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*32 - 1\], got -1"),
 ], ids=["train_size_type", "weight_decay_value", "weight_decay_type", "batch_size_type", "warmup_value",
         "warmup_type", "seed"])
 def test_train_argument_errors(untrained, arguments, error, message):
@@ -315,6 +315,34 @@ def test_cli_checks_numeric_options_before_any_work(tmp_path, capsys):
                  "--quiet"]) == 2
     assert "--num-hvg must be an integer >= 2" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_a_seed_out_of_range_is_refused_by_name_at_every_entry_point(adata, tmp_path, capsys):
+    # one range for every seed (V.seed), checked before anything is built: RegularizedVI(seed=2**64) failed inside
+    # torch.manual_seed with its overflow message
+    ps.RegularizedVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = ps.RegularizedVI(adata, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model is untrained
+        calls = {
+            "RegularizedVI": lambda seed: ps.RegularizedVI(adata, seed=seed, **SMALL),
+            "train": lambda seed: model.train(seed=seed, **FIT),
+            "get_elbo": lambda seed: model.get_elbo(seed=seed),
+            "get_latent_representation": lambda seed: model.get_latent_representation(give_mean=False, seed=seed),
+            "posterior_predictive_sample": lambda seed: model.posterior_predictive_sample(seed=seed),
+            "differential_expression": lambda seed: model.differential_expression(groupby="cell_type", seed=seed,
+                                                                                  num_samples=2, n_cells=10),
+            "simulate": lambda seed: simulate(n_cells=20, n_genes=30, n_markers_per_type=3, n_responding_genes=5, seed=seed),
+            "simulate_multiome": lambda seed: simulate_multiome(n_cells=20, seed=seed),
+            "simulate_empty_droplets": lambda seed: ps.datasets.simulate_empty_droplets(adata, seed=seed),
+        }
+        for name, call in calls.items():
+            for seed in (2**64, 2**32, -1):
+                with pytest.raises(ValueError, match=rf"^seed must be an integer in \[0, 2\*\*32 - 1\], got {seed}\.$"):
+                    call(seed)
+            call(2**32 - 1)  # the top of the range is taken
+    assert main(["fit", "data.h5ad", "-o", str(tmp_path / "out"), "--seed", str(2**64), "--quiet"]) == 2
+    assert f"error: --seed must be an integer in [0, 2**32 - 1], got {2**64}." in capsys.readouterr().err
 
 
 def test_one_cell_cannot_be_split_for_validation(adata):

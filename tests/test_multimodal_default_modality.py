@@ -64,3 +64,15 @@ def test_a_model_without_an_rna_modality_needs_modality_in_every_query():
                                              r"pass modality=, e.g. modality='gex'"):
             query()
     assert model.get_dispersion(modality="gex").shape[0] == 75
+
+
+def test_data_passed_as_the_modality_is_refused_naming_the_method_and_the_fix(atac_first):
+    # scvi-tools' order (the data first): get_library_size(mdata) was told "e.g. get_latent_representation(adata=mdata)"
+    mdata = atac_first.adata
+    for name in ("get_library_size", "get_normalized_expression", "get_latent_representation", "get_ambient_fraction"):
+        with pytest.raises(TypeError, match=rf"^{name}'s first argument is the modality \(one of \['atac', 'rna'\]\), "
+                                            rf"got a MuData; pass the data by name: {name}\(adata=mdata, modality=\.\.\.\)"):
+            getattr(atac_first, name)(mdata)
+    with pytest.raises(TypeError, match=r"get_dispersion\(modality=\.\.\.\): it takes no data"):
+        atac_first.get_dispersion(mdata["rna"])  # an AnnData too
+    assert atac_first.get_library_size(adata=mdata, modality="atac").shape == (mdata.n_obs,)

@@ -355,3 +355,27 @@ def test_a_float64_default_dtype_is_named_before_the_model_is_built(small):
             model.train(max_epochs=1, progress_bar=False)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_early_stopping_without_validation_cells_is_said_not_silent(small, caplog):
+    # train_size=1.0 leaves no validation cell: early stopping had nothing to watch and stopped on the training loss
+    model = ps.RegularizedVI(small, **SMALL)
+    stop = dict(early_stopping_patience=2, early_stopping_min_delta=1e6)  # a run that stops early stops at epoch 3
+    with pytest.raises(ValueError, match=r"early_stopping=True .*no validation cells \(train_size=1\.0\).*"
+                                         r"train_size below 1.*early_stopping=False"):
+        model.train(max_epochs=6, train_size=1.0, early_stopping=True, **stop, **QUICK)
+    assert model.trainer is None  # refused before the split was made (a later call would have kept it)
+    with caplog.at_level("WARNING", logger="pyro_scmodels"):
+        history = model.train(max_epochs=6, train_size=1.0, **stop, **QUICK)  # left at its default: off, and said
+    assert len(history) == 6 and len(model.validation_indices) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "No validation cells (train_size=1.0): early stopping is off, and every epoch is trained."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pyro_scmodels"):
+        other = ps.RegularizedVI(small, **SMALL)
+        assert len(other.train(max_epochs=6, **stop, **QUICK)) == 3  # with validation cells the default stops early
+    assert not caplog.records
+    # the loop's own plan follows the same rule
+    trainer = ps.infer.SVITrainer(other.module.model, other.module.guide, other._cell_data(), np.arange(200), [])
+    with pytest.raises(ValueError, match="early_stopping=True"):
+        trainer.fit(ps.infer.TrainingPlan(max_epochs=1, early_stopping=True, progress_bar=False))

@@ -114,7 +114,7 @@ def check_simulate_arguments(*, n_cells, n_genes, n_cell_types, n_batches, n_mar
         mean_library=check_float("mean_library", mean_library, 0.0, strict=True),
         library_sd=check_float("library_sd", library_sd, 0.0),
         theta_range=_check_theta_range(theta_range),
-        seed=None if seed is None else check_int("seed", seed, 0),
+        seed=V.optional(V.seed, "seed", seed),
         responders=_resolve_responding_types(responding_cell_types, n_types),
     )
 

@@ -6,6 +6,8 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from .. import _validation as V
+
 
 def simulate_empty_droplets(adata, n_droplets: int = 100, seed: int = 1) -> anndata.AnnData:
     """Droplets without a cell for a dataset from :func:`simulate`: Poisson counts of each batch's true
@@ -27,7 +29,7 @@ def simulate_empty_droplets(adata, n_droplets: int = 100, seed: int = 1) -> annd
     """
     if "true_ambient" not in adata.varm:
         raise KeyError("adata.varm['true_ambient'] not found: pass an AnnData made by pyro_scmodels.datasets.simulate.")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(V.seed("seed", seed))
     soup = np.asarray(adata.varm["true_ambient"]).T
     # the background a typical cell of the batch carries: s_b times the batch's gene scaling y_b and its depth
     # (the library factor's median, exp of the batch's offset), as in the cells' mean l (rho + s) y; without them the

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .. import _validation as V
 from ._common import check_float, check_int, gamma_poisson, softmax
 
 RNA_LIBRARY = 1500.0  # mean RNA library size
@@ -140,7 +141,7 @@ def simulate_multiome(n_cells: int = 1200, n_genes: int = 200, n_peaks: int = 40
     n_batches = check_int("n_batches", n_batches, 1)
     atac_missing_fraction = check_float("atac_missing_fraction", atac_missing_fraction, 0.0,
                                         maximum=0.5)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(V.seed("seed", seed))
     rna_state, atac_state, batch = _draw_hidden_states(rng, n_cells, n_batches)
     theta_rna, theta_atac, ambient, scaling = _draw_feature_truth(rng, n_genes, n_peaks, n_batches)
     rna = _simulate_rna(rng, rna_state, theta_rna, ambient[batch])

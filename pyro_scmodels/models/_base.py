@@ -31,7 +31,7 @@ from .feature_correlation import FeatureCorrelationQueries
 from .history import TrainingHistory, as_history
 from .persistence import SavedModel
 from .scvi_arguments import refuse_scvi_arguments
-from .train_options import KL_WARMUP_DEFAULT, checked_settings, external_split, merge_plan_kwargs, warmup_given
+from .train_options import KL_WARMUP_DEFAULT, checked_settings, external_split, merge_plan_kwargs, stops_early, warmup_given
 from ..seeding import seeded
 
 
@@ -149,7 +149,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         batch_size: int = C.BATCH_SIZE,
         lr: float = C.LEARNING_RATE,
         train_size: float | None = None,
-        early_stopping: bool = True,
+        early_stopping: bool | None = None,
         device: str = "auto",
         seed: int = 0,
         kl_warmup_epochs: int | None = KL_WARMUP_DEFAULT,
@@ -203,7 +203,8 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
             call; a later call keeps the first call's split (and warns when given another fraction).
         early_stopping
             Stop when the validation loss has not improved by ``early_stopping_min_delta``
-            (default ``n_genes * 2e-4``) for ``early_stopping_patience`` validated epochs of this call.
+            (default ``n_genes * 2e-4``) for ``early_stopping_patience`` validated epochs of this call. None: on
+            when there are validation cells, off (one logged line) with ``train_size=1.0``; True there is refused.
         device
             ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed
@@ -275,10 +276,11 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         early_stopping_min_delta = V.optional(V.non_negative_float, "early_stopping_min_delta", early_stopping_min_delta)
         asked_size = V.optional(V.fraction, "train_size", train_size)
         train_size = C.TRAIN_SIZE if asked_size is None else asked_size
-        seed = V.non_negative_int("seed", seed)
+        seed = V.seed("seed", seed)
         compile = V.boolean("compile", compile)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
+        early_stopping = stops_early(early_stopping, self.trainer, split, train_size)
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         if parallel.world_size > 1 and self.init_params.get("latent_independence", 0.0):
             # the penalty's MMD compares cells across the minibatch: each rank would see only its shard, and the
@@ -373,10 +375,8 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
 
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
         if self.trainer is None:
-            raise ValueError(
-                "The model has no train/validation split: it has not been trained in this session (a model loaded "
-                "for other cells keeps only its history)."
-            )
+            raise ValueError("The model has no train/validation split: it has not been trained in this session (a model "
+                             "loaded for other cells keeps only its history).")
         return np.asarray(self.trainer.train_indices), np.asarray(self.trainer.validation_indices)
 
     def to_device(self, device: str | int) -> None:

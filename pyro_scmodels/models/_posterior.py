@@ -19,7 +19,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .. import _validation as V
 from .._atomic import atomic_path
-from .._labels import quantile_label
+from .._labels import quantile_label, stored_column_names
 from ..priors import prior_record
 from ..seeding import seeded
 
@@ -92,7 +92,7 @@ class PosteriorMixin:
         labels = [quantile_label(q) for q in quantiles]
         if len(set(labels)) != len(labels) or not all(0.0 < q < 1.0 for q in quantiles):
             raise ValueError(f"quantiles must be distinct numbers in (0, 1), got {quantiles}.")
-        seed = V.optional(V.non_negative_int, "seed", seed)
+        seed = V.optional(V.seed, "seed", seed)
         with seeded(seed, self.device):
             level = torch.tensor(quantiles)
             summaries = {key: {} for key in ("means", "stds", *labels)}
@@ -155,7 +155,8 @@ class PosteriorMixin:
 
         The cell2location convention: per-cell sites go to ``.obsm["<stat>_<site>"]`` (1-d ones
         to ``.obs``), per-gene sites to ``.varm["<stat>_<site>"]`` as genes x categories
-        DataFrames, the remaining globals (a site with one value per category, the dispersion rate, as a
+        DataFrames (a category's ``/`` written ``%2F`` and ``%`` ``%25``, as an h5ad needs; ``urllib.parse.unquote``
+        gives the name back), the remaining globals (a site with one value per category, the dispersion rate, as a
         table indexed by the categories when there are several, else a nested list) and the model's settings to
         ``.uns["<model class>"]`` (``settings["priors"]``: per prior its family and parameter values, a dict). ``<stat>`` is ``means``, ``stds``, ``q05``, ``q95``. Per-cell
         results of the model class (:meth:`exported_cell_quantities`, e.g. ``ambient_fraction``)
@@ -189,7 +190,8 @@ class PosteriorMixin:
                                                        columns=[f"{name}_{j}" for j in range(value.shape[1])])
                 elif value.ndim == 2 and value.shape[-1] == len(self._feature_table(name, adata).var_names):
                     table = self._feature_table(name, adata)
-                    table.varm[key] = pd.DataFrame(value.T, index=table.var_names, columns=self.site_levels(name, value.shape[0]))
+                    table.varm[key] = stored_column_names(pd.DataFrame(value.T, index=table.var_names,
+                                                                       columns=self.site_levels(name, value.shape[0])))
                 elif value.ndim == 1 and value.shape[0] == len(self._feature_table(name, adata).var_names):
                     # one value per gene (e.g. a site a subclass adds): a one-column table, not a list in .uns
                     table = self._feature_table(name, adata)

@@ -49,7 +49,7 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
         background is per droplet, where the share depends on it).
     summarize_by
         None, or an ``.obs`` column: the fractions summarised per category of it (:func:`summarize`),
-        the column checked before anything is computed.
+        the column checked before anything is computed, and ``indices`` then refused if it repeats a cell.
     modality
         Multimodal models: the modality of ``generative``. A cell without counts in it (its likelihood masked)
         has no fraction: NaN, left out of the summary.
@@ -62,6 +62,13 @@ def ambient_fraction(queries, generative, global_values: dict, adata=None, indic
     obs = (queries.adata if adata is None else adata).obs
     if summarize_by is not None:
         check_summary_column(obs, summarize_by)
+        # a per-cell query may repeat a cell; a summary would count it twice in n_cells and weight the mean by it
+        chosen = cell_positions(len(obs), indices)
+        repeated = len(chosen) - len(np.unique(chosen))
+        if repeated:
+            raise ValueError(f"indices repeats {repeated} cell(s): summarize_by counts each cell once. Pass each "
+                             "cell once (e.g. indices=np.unique(indices)), or leave summarize_by out for one value per "
+                             "index asked for.")
     parts = []
     for _, batch, z in queries.posterior_z_batches(adata, indices, batch_size):
         with torch.no_grad():
@@ -307,7 +314,7 @@ class AmbientQueries:
             As in :meth:`~pyro_scmodels.RegularizedVI.get_latent_representation`.
         summarize_by
             None: one value per cell. An ``.obs`` column (e.g. the ambient covariate key):
-            a summary per category of that column.
+            a summary per category of that column (``indices`` must then name each cell once).
 
         Returns
         -------

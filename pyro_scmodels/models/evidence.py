@@ -83,7 +83,7 @@ class EvidenceQueries:
     def _evidence_batches(self, adata, indices, batch_size, n_samples: int, seed: int):
         """Per minibatch, a list of ``n_samples`` term dicts (see :meth:`_local_terms`), seeded."""
         self._check_trained()
-        seed = V.non_negative_int("seed", seed)  # as every getter's seed (-1 was taken by torch)
+        seed = V.seed("seed", seed)  # as every getter's seed (-1 was taken by torch)
         with seeded(seed, self.device), torch.no_grad():
             for _, (batch, n_obs) in self._indexed_batches(adata, indices, batch_size):
                 yield [self._local_terms(batch, n_obs) for _ in range(n_samples)]
@@ -228,7 +228,7 @@ class EvidenceQueries:
             raise NotImplementedError(f"{type(self).__name__}: importance ratios of z are not available: "
                                       f"{self.importance_ratio_refusal}.")
         n_obs = (self.adata if adata is None else adata).n_obs
-        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))  # None: fresh draws, as for z
+        seed = seed_or_fresh(V.optional(V.seed, "seed", seed))  # None: fresh draws, as for z
         guide = self.module.guide
         library_site = guide.dims.site("library")
         noise = library_noise(seed, V.positive_int("n_samples", n_samples), self.device)
@@ -284,7 +284,7 @@ class EvidenceQueries:
         self.default_modality(modality)
         self._check_trained()
         n_samples = V.positive_int("n_samples", n_samples)
-        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))
+        seed = seed_or_fresh(V.optional(V.seed, "seed", seed))
         switches = [self.nn_switch(covariates) for covariates in nn_covariates]  # checked before any draw
         guide, model = self.module.guide, self.module.model
         direct = declares_direct_elbo(model) and declares_direct_elbo(guide)

@@ -88,7 +88,7 @@ class FeatureCorrelationQueries:
         n_samples = V.positive_int("n_samples", n_samples)
         rna_size_factor = V.positive_float("rna_size_factor", rna_size_factor)
         correlation_type = V.choice("correlation_type", correlation_type, CORRELATION_TYPES)
-        seed = seed_or_fresh(V.optional(V.non_negative_int, "seed", seed))
+        seed = seed_or_fresh(V.optional(V.seed, "seed", seed))
         modality = self.default_modality(modality)
         settings = transform_covariates(self, transform_batch)
         theta = _dispersion_of(self, modality)

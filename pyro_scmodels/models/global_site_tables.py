@@ -2,8 +2,8 @@
 
 :class:`GlobalSiteTables` is a base of :class:`~pyro_scmodels.models.posterior_queries.PosteriorQueries`:
 ``global_site_table`` reads a site's posterior median from the guide (or the value a subclass's model fixes) and
-labels its rows with the categories of the covariate that indexes it. A multimodal model overrides
-``site_modality`` and ``_site_base_name``. It uses the model's ``module``, ``keys``, ``encoding`` and
+labels its rows with the categories of the covariate that indexes it. A multimodal model names its sites by modality
+(:class:`ModalitySiteNames`). It uses the model's ``module``, ``keys``, ``encoding`` and
 ``feature_names``, and a multimodal model's ``unfitted_categories``.
 """
 
@@ -102,3 +102,24 @@ class GlobalSiteTables:
     def _site_base_name(self, site: str) -> str:
         """The site's name without a modality suffix."""
         return site
+
+
+class ModalitySiteNames:
+    """How a multimodal model's sites name their modality: by a suffix (``obs_atac``; a shared site has none).
+
+    Put before the model's base classes, it overrides :class:`GlobalSiteTables`' ``site_modality`` and
+    ``_site_base_name`` and the posterior export's ``_feature_table``; it uses the model's ``modalities``.
+    """
+
+    def site_modality(self, site: str) -> str | None:
+        """The modality a site belongs to (its suffix, e.g. ``obs_atac`` -> ``"atac"``); None for a shared site."""
+        # the longest suffix: with modalities "rna" and "new_rna", "obs_new_rna" is new_rna's
+        return max((m for m in self.modalities if site.endswith(f"_{m}")), key=len, default=None)
+
+    def _feature_table(self, site: str, mdata):
+        modality = self.site_modality(site)
+        return mdata if modality is None else mdata.mod[modality]
+
+    def _site_base_name(self, site: str) -> str:
+        modality = self.site_modality(site)
+        return site if modality is None else site[: -len(modality) - 1]

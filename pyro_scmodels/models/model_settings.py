@@ -31,7 +31,7 @@ def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> d
     if global_guides is not None and not isinstance(global_guides, dict):
         raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
     return dict(n_layers=V.positive_int("n_layers", n_layers), dropout_rate=V.rate("dropout_rate", dropout_rate),
-                global_guides=global_guides, init=init, seed=V.non_negative_int("seed", seed))
+                global_guides=global_guides, init=init, seed=V.seed("seed", seed))
 
 
 def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init,

@@ -17,13 +17,14 @@ from ..data import CellData, CovariateEncoding, check_var_names, read_mudata_set
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
 from . import ambient as _ambient
+from .global_site_tables import ModalitySiteNames
 from .likelihood_parameters import likelihood_parameters
 from ._base import ModelAndGuide, PyroModelBase
 from .model_construction import build_model_and_guide
 from .model_settings import shared_settings, without_absent_sites
 from .modality_attribution import check_store, modality_attribution
 from .multimodal_persistence import MultimodalPersistence
-from .multimodal_settings import per_modality_settings, query_modality
+from .multimodal_settings import per_modality_settings, query_modality, refuse_data_as_modality
 from .multimodal_module import (LATENT_MODES, WEIGHT_MODES, RegularizedMultimodalVIGuide, RegularizedMultimodalVIModel,
                                 has_counts)
 from .regularizedvi_guide import RegularizedVIGuide
@@ -33,7 +34,8 @@ from .unmeasured_categories import warn_categories_without_cells, warn_categorie
 from ..seeding import seeded
 
 
-class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
+@refuse_data_as_modality
+class RegularizedMultimodalVI(ModalitySiteNames, MultimodalPersistence, PyroModelBase):
     """RegularizedVI for paired count modalities with a joint latent space.
 
     Parameters
@@ -386,16 +388,3 @@ class RegularizedMultimodalVI(MultimodalPersistence, PyroModelBase):
             None (default): stored when every cell is asked for; True with ``indices`` is refused.
         """
         return modality_attribution(self, self.module.model, adata, indices, batch_size, store)
-
-    def site_modality(self, site: str) -> str | None:
-        """The modality a site belongs to (its suffix, e.g. ``obs_atac`` -> ``"atac"``); None for a shared site."""
-        # the longest suffix: with modalities "rna" and "new_rna", "obs_new_rna" is new_rna's
-        return max((m for m in self.modalities if site.endswith(f"_{m}")), key=len, default=None)
-
-    def _feature_table(self, site: str, mdata):
-        modality = self.site_modality(site)
-        return mdata if modality is None else mdata.mod[modality]
-
-    def _site_base_name(self, site: str) -> str:
-        modality = self.site_modality(site)
-        return site if modality is None else site[: -len(modality) - 1]

@@ -4,6 +4,8 @@ known (from the MuData's setup), before any block is built."""
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 from .. import _validation as V
 from ..data.mudata_registry import per_modality
@@ -53,6 +55,33 @@ def query_modality(modalities: list[str], modality, model_name: str) -> str:
     if modality not in modalities:
         raise ValueError(f"Unknown modality {modality!r}; the model has {modalities}.")
     return modality
+
+
+def refuse_data_as_modality(cls):
+    """Class decorator: each public method of ``cls`` whose first argument is ``modality`` refuses data there.
+
+    scvi-tools' getters take the data first; here the modality comes first, so ``get_library_size(mdata)`` passed the
+    MuData as ``modality``. The refusal names the method called and the fix (``adata=mdata, modality=...``, or for a
+    method without data ``modality=...``), before any work.
+    """
+    for name in [n for n in dir(cls) if not n.startswith("_")]:
+        method = getattr(cls, name)
+        if not inspect.isfunction(method) or list(inspect.signature(method).parameters)[1:2] != ["modality"]:
+            continue
+        takes_data = "adata" in inspect.signature(method).parameters
+        setattr(cls, name, _data_refused(method, name, takes_data))
+    return cls
+
+
+def _data_refused(method, name: str, takes_data: bool):
+    @functools.wraps(method)
+    def refusing(self, *args, **kwargs):
+        if args and hasattr(args[0], "obs"):
+            fix = f"{name}(adata=mdata, modality=...)" if takes_data else f"{name}(modality=...): it takes no data"
+            raise TypeError(f"{name}'s first argument is the modality (one of {self.modalities}), got a "
+                            f"{type(args[0]).__name__}; pass the data by name: {fix}.")
+        return method(self, *args, **kwargs)
+    return refusing
 
 
 def per_modality_settings(modalities: list[str], n_hidden, n_latent, latent_mode: str, ambient_modalities,

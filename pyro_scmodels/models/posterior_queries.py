@@ -105,7 +105,7 @@ class PosteriorQueries(GlobalSiteTables):
         self._check_trained()
         if n_samples is not None:
             n_samples = V.positive_int("n_samples", n_samples)
-        seed = V.optional(V.non_negative_int, "seed", seed)
+        seed = V.optional(V.seed, "seed", seed)
         if n_samples is not None:
             # drawn only when sampling: the mean of z leaves torch's stream as it was
             seed = seed_or_fresh(seed)

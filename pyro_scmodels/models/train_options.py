@@ -12,7 +12,7 @@ import torch
 
 from .. import _constants as C
 from .. import _validation as V
-from ..infer import resolve_device
+from ..infer import early_stopping_setting, resolve_device
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # plan_kwargs key (scvi-tools' name or ours) -> the train() setting it fills
@@ -229,6 +229,22 @@ def external_split(datasplitter_kwargs: dict | None, n_cells: int) -> tuple[np.n
     if len(named[0]) == 0:
         raise ValueError("datasplitter_kwargs['external_indexing']: the train cells are empty.")
     return np.sort(named[0]), np.sort(named[1])
+
+
+def stops_early(asked: bool | None, trainer, split, train_size: float) -> bool:
+    """Whether a ``train`` call stops early (:func:`~pyro_scmodels.infer.early_stopping_setting`), decided before the
+    trainer is made: its validation cells are the first call's (``trainer``), else ``split``'s, else ``train_size``'s.
+
+    Raises
+    ------
+    ValueError
+        ``asked`` is True and the call has no validation cells.
+    """
+    if trainer is not None:
+        n_validation = len(trainer.validation_indices)
+    else:
+        n_validation = len(split[1]) if split is not None else int(train_size < 1.0)  # below 1: at least one cell
+    return early_stopping_setting(asked, n_validation)
 
 
 def _positions(name: str, values, n_cells: int) -> np.ndarray:

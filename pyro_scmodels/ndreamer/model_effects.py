@@ -123,6 +123,7 @@ def model_counterfactual_ite(model, condition_key: str, control_name: str, treat
         if name not in categories:
             raise ValueError(f"{name!r} is not a category of {condition_key!r} known to the model ({categories}).")
     num_samples = V.positive_int("num_samples", num_samples)
+    seed = V.seed("seed", seed)
     level = torch.tensor(checked_quantiles(quantiles))
     columns = None if gene_columns is None else torch.as_tensor(gene_columns, dtype=torch.long)
     # the same seed draws the same z in every pass, minibatch by minibatch
