@@ -136,5 +136,7 @@ def test_the_wrong_data_object_or_the_data_in_place_of_the_modality_is_named():
     model = ps.RegularizedMultimodalVI(mdata, n_latent=2, n_hidden=8)
     with pytest.raises(TypeError, match=r"RegularizedMultimodalVI \(adata=\) takes a MuData .*given AnnData of 80 cells x 75 features.*RegularizedVI"):
         model.get_latent_representation(adata=mdata.mod["rna"])
-    with pytest.raises(TypeError, match="modality= is a MuData: the modality comes first here"):
+    with pytest.raises(TypeError, match=r"get_latent_representation's first argument is the modality \(one of \['rna', "
+                                        r"'atac'\]\), got a MuData; pass the data by name: "
+                                        r"get_latent_representation\(adata=mdata, modality=\.\.\.\)"):
         model.get_latent_representation(mdata)
