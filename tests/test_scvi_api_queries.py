@@ -50,6 +50,12 @@ def test_transform_batch_decodes_as_the_given_condition(model):
                                                                return_numpy=True), np.mean(shares, axis=0), rtol=1e-5)
     repeated = model.get_normalized_expression(transform_batch=["control", "control", "stimulated"], return_numpy=True)
     np.testing.assert_allclose(repeated, both, rtol=1e-6)  # a category named twice counts once
+    # the categories as the data give them (an Index, an array, a Series) average as a list does; they were taken
+    # for one category named "Index([...])" and refused
+    categories = adata.obs["condition"].astype("category").cat.categories
+    for given in (categories, np.asarray(categories), pd.Series(categories)):
+        np.testing.assert_allclose(model.get_normalized_expression(transform_batch=given, return_numpy=True), both,
+                                   rtol=1e-6)
     with pytest.raises(ValueError, match="not a category of 'condition'"):
         model.get_normalized_expression(transform_batch="no_such_condition")
 
