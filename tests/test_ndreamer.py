@@ -185,6 +185,18 @@ def test_log_normalised_input_and_fewer_genes_than_num_hvg():
         NDreamer(adata, "condition", "control", **SMALL)
 
 
+def test_keys_given_as_a_list_or_an_index():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    # one condition column, given in a list as batch_key takes them: it failed inside dict.fromkeys ("unhashable type")
+    with pytest.raises(TypeError, match=r"condition_key must be one column of adata.obs.*\['condition'\]"):
+        NDreamer(adata, ["condition"], "control", **SMALL)
+    # batch columns as an Index (adata.obs.columns[...]): pandas' "truth value of a Index is ambiguous"
+    nd = NDreamer(adata, "condition", "control", batch_key=adata.obs.columns[adata.obs.columns == "batch"], **SMALL)
+    assert nd.settings["batch_key"] == ["batch"]
+    with pytest.raises(TypeError, match=r"batch_key must be None, a column of adata.obs or a list of them"):
+        NDreamer(adata, "condition", "control", batch_key=3, **SMALL)
+
+
 def test_errors_and_deprecated_alias():
     adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=4, seed=3)
     with pytest.raises(ValueError, match="control_name 'ctrl' is not a condition"):

@@ -36,7 +36,7 @@ from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK
 from .effect_queries import EffectQueries, labels_of
-from .design import design_from_obs
+from .design import design_from_obs, design_keys
 from .counterfactual_design import CounterfactualDesign
 from .effects import FACTUAL_CHOICES
 from .matched_effects import MatchedEffects
@@ -133,8 +133,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                               decoder_hidden=decoder_hidden)
         loss_weights = LossWeights.from_value(loss_weights)
         device = resolve_device(device)  # "cuda" without a GPU was refused only after the preprocessing
-        settings = dict(condition_key=condition_key, control_name=str(control_name),
-                        batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+        condition_key, batch_keys = design_keys(condition_key, batch_key)
+        settings = dict(condition_key=condition_key, control_name=str(control_name), batch_key=batch_keys,
                         num_hvg=V.integer("num_hvg", num_hvg, minimum=2,
                                           description="an integer >= 2 (genes for the PCA of the cell states)"),
                         layer=layer, **sizes,
