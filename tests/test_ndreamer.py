@@ -125,6 +125,9 @@ def test_cate_table(simulated_nd):
     with pytest.raises(ValueError, match=r"groupby 'cell/type' holds '/'"):
         nd.estimate_cate("cell/type")
     del nd.results.obs["cell/type"]
+    # several columns, as scanpy's groupby lists take them: it failed inside pandas ("unhashable type: 'list'")
+    with pytest.raises(TypeError, match=r"groupby names one column of results.obs.*got \['cell_type', 'batch'\].*join"):
+        nd.estimate_cate(["cell_type", "batch"])
     # gene_list takes names: positions or a mask were reported as genes "not among" the results
     for genes, given in ((np.arange(3), "integer positions"), (np.isin(nd.genes, nd.genes[:3]), "a boolean mask")):
         with pytest.raises(ValueError, match=f"gene_list takes gene names .*got {given}"):

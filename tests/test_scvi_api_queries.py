@@ -187,6 +187,7 @@ def test_batch_correction_pairs_within_each_condition(model):
     (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
     (dict(groupby="cell_type", mode="vanila"), "mode must be"),
     (dict(groupby="true_library"), "holds real numbers"),
+    (dict(groupby=["cell_type", "batch"]), "groupby names one column of adata.obs"),  # was "unhashable type: 'list'"
     (dict(groupby="cell_type", group1=[]), "group1 is an empty list"),
     (dict(groupby="cell_type", group1=0), "Group 0 not found"),  # a number is one group, not a list (TypeError)
     (dict(idx1=np.arange(20), idx2=np.arange(20)[::-1]), "select the same cells"),
