@@ -219,6 +219,7 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     AnnDataSetup
         The record, as also stored in ``adata.uns``.
     """
+    refuse_mudata(adata, "RegularizedVI.setup_anndata")
     if getattr(adata, "is_view", False):
         fix = ("`adata = adata.copy(filename='subset.h5ad')` (a backed view is copied to a new file)"
                if getattr(adata, "isbacked", False) else "`adata = adata.copy()`")
@@ -231,6 +232,30 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     setup = AnnDataSetup(layer, keys, encoding.categories, counts.fingerprint)
     adata.uns[SETUP_UNS_KEY] = setup.to_json()
     return setup
+
+
+def refuse_mudata(data, call: str) -> None:
+    """Refuse a MuData where one AnnData is needed (the mirror of ``require_mudata``).
+
+    Parameters
+    ----------
+    data
+        What ``call`` was given.
+    call
+        The call that needs an AnnData, for the message (e.g. ``"RegularizedVI.setup_anndata"``).
+
+    Raises
+    ------
+    TypeError
+        ``data`` has modalities (``.mod``): naming them and what to pass instead (its empty ``.X`` and ``.obs`` gave
+        errors about a missing matrix or column).
+    """
+    if not hasattr(data, "mod"):
+        return
+    names = list(data.mod)
+    raise TypeError(f"{call} takes an AnnData (one modality); it was given a MuData with modalities {names}. Pass one "
+                    f"of them, e.g. mdata.mod[{names[0] if names else 'rna'!r}]; for paired modalities use "
+                    "RegularizedMultimodalVI (RegularizedMultimodalVI.setup_mudata(mdata, ...)).")
 
 
 def check_unique_names(adata, name: str = "adata") -> None:

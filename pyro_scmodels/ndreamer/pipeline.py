@@ -29,7 +29,7 @@ from .._io import writable_folder
 from .._labels import names_as_text
 from .._stacklevel import user_stacklevel
 from ..checkpoints import CHECKPOINT_FILE
-from ..data import check_unique_names
+from ..data import check_unique_names, refuse_mudata
 from ..distributed import launched_world_size
 from ..infer import resolve_device
 from ..training import LoopPlan
@@ -124,6 +124,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             control_name = control_name if control_name is not None else contorl_name
         if control_name is None:
             raise ValueError("control_name is required: the name of the control condition.")
+        refuse_mudata(adata, "NDreamer")
         if adata.n_obs == 0:
             raise ValueError("adata has zero cells.")
         check_unique_names(adata)  # results are indexed by cell and gene names
