@@ -235,20 +235,16 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
 
 
 def refuse_mudata(data, call: str) -> None:
-    """Refuse a MuData where one AnnData is needed (the mirror of ``require_mudata``).
+    """Raise ``TypeError`` when ``data``, given to ``call`` (named in the message), is a MuData: the mirror of
+    :func:`~pyro_scmodels.data.mudata_registry.require_mudata`, for the calls that take one AnnData.
+
+    The message names the modalities and the one to pass; a MuData's empty ``.X`` and ``.obs`` gave errors about a
+    missing matrix or column.
 
     Parameters
     ----------
-    data
-        What ``call`` was given.
-    call
-        The call that needs an AnnData, for the message (e.g. ``"RegularizedVI.setup_anndata"``).
-
-    Raises
-    ------
-    TypeError
-        ``data`` has modalities (``.mod``): naming them and what to pass instead (its empty ``.X`` and ``.obs`` gave
-        errors about a missing matrix or column).
+    data, call
+        What was given, and the call that takes one AnnData (e.g. ``"RegularizedVI.setup_anndata"``).
     """
     if not hasattr(data, "mod"):
         return
