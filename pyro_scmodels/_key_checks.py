@@ -56,12 +56,25 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
 
     Raises
     ------
+    ArgumentTypeError
+        ``key`` is a list (or another collection) of columns, not one.
     KeyError
         The column is missing.
     ValueError
         It holds real numbers (not all whole): one group per value would follow; or labels of different types that
         read the same as text (1 and "1").
     """
+    if pd.api.types.is_list_like(key):
+        # a list of columns (scanpy's groupby takes several) failed inside pandas: "unhashable type: 'list'"
+        from ._validation import ArgumentTypeError  # here, not at the top: _validation imports this module
+        names = list(key)
+        joined = "_".join(map(str, names[:2]))
+        raise ArgumentTypeError(
+            f"{what} names one column of {table} (a string), got {names!r}. To group by several columns, join them "
+            f"into one first, e.g. {table}[{joined!r}] = {table}[{names[0]!r}].astype(str) + '_' + "
+            f"{table}[{names[1]!r}].astype(str)." if len(names) > 1 else
+            f"{what} names one column of {table} (a string), got {names!r}; pass {what}={names[0]!r}." if names else
+            f"{what} names one column of {table} (a string), got {key!r}.")
     present(key, obs.columns, table, "column")
     column = obs[key]
     if complete and column.isna().any():

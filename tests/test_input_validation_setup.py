@@ -30,6 +30,25 @@ def test_log_normalised_counts_rejected(adata):
         RegularizedVI.setup_anndata(adata)
 
 
+def test_counts_kept_in_raw_are_pointed_to(adata):
+    # scanpy's layout: normalised values in .X, the counts in .raw; the hint named a layer the data lack
+    adata.raw = adata.copy()
+    X = adata.X.copy()
+    X.data = np.log1p(X.data / 3.0)
+    adata.X = X
+    with pytest.raises(ValueError, match=r"non-integer") as err:
+        RegularizedVI.setup_anndata(adata)
+    message = str(err.value)
+    assert "adata.raw holds" in message and "adata.raw[:, adata.var_names].X" in message, message
+    adata.layers["counts"] = adata.raw[:, adata.var_names].X  # the fix the message gives works
+    RegularizedVI.setup_anndata(adata, layer="counts")
+    # raw that holds no counts either is not offered
+    adata.raw = adata.copy()
+    with pytest.raises(ValueError, match=r"non-integer") as err:
+        RegularizedVI.setup_anndata(adata)
+    assert "adata.raw" not in str(err.value)
+
+
 def test_negative_counts_rejected(adata):
     X = adata.X.copy()
     X.data[0] = -2.0

@@ -125,6 +125,9 @@ def test_cate_table(simulated_nd):
     with pytest.raises(ValueError, match=r"groupby 'cell/type' holds '/'"):
         nd.estimate_cate("cell/type")
     del nd.results.obs["cell/type"]
+    # several columns, as scanpy's groupby lists take them: it failed inside pandas ("unhashable type: 'list'")
+    with pytest.raises(TypeError, match=r"groupby names one column of results.obs.*got \['cell_type', 'batch'\].*join"):
+        nd.estimate_cate(["cell_type", "batch"])
     # gene_list takes names: positions or a mask were reported as genes "not among" the results
     for genes, given in ((np.arange(3), "integer positions"), (np.isin(nd.genes, nd.genes[:3]), "a boolean mask")):
         with pytest.raises(ValueError, match=f"gene_list takes gene names .*got {given}"):
@@ -183,6 +186,18 @@ def test_log_normalised_input_and_fewer_genes_than_num_hvg():
     adata.X = sp.csr_matrix(np.log1p(counts).astype(np.float32))
     with pytest.raises(ValueError, match=r"adata.X looks like log1p of raw counts, not normalised.*normalize_total"):
         NDreamer(adata, "condition", "control", **SMALL)
+
+
+def test_keys_given_as_a_list_or_an_index():
+    adata = ps.datasets.simulate(n_cells=200, n_genes=60, n_markers_per_type=4, n_responding_genes=4, seed=3)
+    # one condition column, given in a list as batch_key takes them: it failed inside dict.fromkeys ("unhashable type")
+    with pytest.raises(TypeError, match=r"condition_key must be one column of adata.obs.*\['condition'\]"):
+        NDreamer(adata, ["condition"], "control", **SMALL)
+    # batch columns as an Index (adata.obs.columns[...]): pandas' "truth value of a Index is ambiguous"
+    nd = NDreamer(adata, "condition", "control", batch_key=adata.obs.columns[adata.obs.columns == "batch"], **SMALL)
+    assert nd.settings["batch_key"] == ["batch"]
+    with pytest.raises(TypeError, match=r"batch_key must be None, a column of adata.obs or a list of them"):
+        NDreamer(adata, "condition", "control", batch_key=3, **SMALL)
 
 
 def test_errors_and_deprecated_alias():

@@ -25,6 +25,11 @@ def test_from_model_checks_its_design_before_the_latent(tiny_model, monkeypatch)
 
 
 
+def test_from_model_refuses_a_condition_key_in_a_list(tiny_model):
+    with pytest.raises(TypeError, match=r"condition_key must be one column of adata.obs"):
+        NDreamer.from_model(tiny_model, ["condition"], "control", device="cpu")
+
+
 def test_from_model_save_and_load_round_trip(tiny_model, tmp_path):
     nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
     assert repr(nd).splitlines() == [

@@ -50,6 +50,12 @@ def test_transform_batch_decodes_as_the_given_condition(model):
                                                                return_numpy=True), np.mean(shares, axis=0), rtol=1e-5)
     repeated = model.get_normalized_expression(transform_batch=["control", "control", "stimulated"], return_numpy=True)
     np.testing.assert_allclose(repeated, both, rtol=1e-6)  # a category named twice counts once
+    # the categories as the data give them (an Index, an array, a Series) average as a list does; they were taken
+    # for one category named "Index([...])" and refused
+    categories = adata.obs["condition"].astype("category").cat.categories
+    for given in (categories, np.asarray(categories), pd.Series(categories)):
+        np.testing.assert_allclose(model.get_normalized_expression(transform_batch=given, return_numpy=True), both,
+                                   rtol=1e-6)
     with pytest.raises(ValueError, match="not a category of 'condition'"):
         model.get_normalized_expression(transform_batch="no_such_condition")
 
@@ -181,6 +187,7 @@ def test_batch_correction_pairs_within_each_condition(model):
     (dict(groupby="cell_type", idx1=np.arange(10)), "not both"),
     (dict(groupby="cell_type", mode="vanila"), "mode must be"),
     (dict(groupby="true_library"), "holds real numbers"),
+    (dict(groupby=["cell_type", "batch"]), "groupby names one column of adata.obs"),  # was "unhashable type: 'list'"
     (dict(groupby="cell_type", group1=[]), "group1 is an empty list"),
     (dict(groupby="cell_type", group1=0), "Group 0 not found"),  # a number is one group, not a list (TypeError)
     (dict(idx1=np.arange(20), idx2=np.arange(20)[::-1]), "select the same cells"),

@@ -91,6 +91,25 @@ def test_a_multimodal_call_given_an_anndata_says_what_to_do(tmp_path):
         ps.RegularizedMultimodalVI.load(str(tmp_path / "model"), rna)
 
 
+def test_a_single_modality_call_given_a_mudata_says_what_to_do(tiny_model, tmp_path):
+    # the mirror of the test above: setup_anndata said ".X holds no matrix ... the results.h5ad that fit --backed
+    # writes", NDreamer that the condition column is missing (columns: []), load that no gene matched, the model
+    # that the data were not set up, prepare_query_anndata "'NoneType' object has no attribute 'items'"
+    mdata = ps.datasets.simulate_multiome(n_cells=80, n_genes=75, n_peaks=120, seed=1)
+    tiny_model.save(str(tmp_path / "model"))
+    for name, call in (("RegularizedVI.setup_anndata", lambda: ps.RegularizedVI.setup_anndata(mdata, layer="counts")),
+                       ("RegularizedVI.load", lambda: ps.RegularizedVI.load(str(tmp_path / "model"), mdata)),
+                       ("NDreamer", lambda: ps.NDreamer(mdata, "condition", "control", device="cpu")),
+                       ("RegularizedVI", lambda: ps.RegularizedVI(mdata)),
+                       (r"RegularizedVI \(adata=\)", lambda: tiny_model.get_latent_representation(adata=mdata)),
+                       ("RegularizedVI.prepare_query_anndata", lambda: ps.RegularizedVI.prepare_query_anndata(mdata, tiny_model)),
+                       ("RegularizedVI.load_query_data", lambda: ps.RegularizedVI.load_query_data(mdata, tiny_model))):
+        with pytest.raises(TypeError, match=rf"{name} takes an AnnData \(one modality\); it was given a MuData with "
+                                            r"modalities \['rna', 'atac'\]\. Pass one of them, e\.g\. "
+                                            r"mdata\.mod\['rna'\]"):
+            call()
+
+
 def test_an_unknown_option_of_a_command_is_refused_with_that_commands_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["fit", str(tmp_path / "x.h5ad"), "-o", str(tmp_path / "out"), "--categorical-covariate-keys", "a"])

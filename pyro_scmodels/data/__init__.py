@@ -11,7 +11,7 @@ from .counts import CountMatrix, DeviceCSR, fingerprint
 from .covariates import CovariateEncoding, CovariateKeys, resolve_covariate_keys, setup_arguments
 from .mudata_registry import MuDataSetup, modality_counts, read_mudata_setup, require_mudata, setup_mudata
 from .registry import (SETUP_UNS_KEY, AnnDataSetup, check_unique_names, check_var_names, counts_matrix, read_setup,
-                       setup_anndata)
+                       refuse_mudata, setup_anndata)
 
 __all__ = [
     "SETUP_UNS_KEY",
@@ -29,6 +29,7 @@ __all__ = [
     "iterate_minibatches",
     "modality_counts",
     "read_mudata_setup",
+    "refuse_mudata",
     "require_mudata",
     "read_setup",
     "resolve_covariate_keys",

@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .. import _validation as V
 from .._labels import names_as_text
@@ -53,7 +55,33 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
         V.present(layer, adata.layers, "adata.layers", "layer")
         matrix, name = adata.layers[layer], f"adata.layers[{layer!r}]"
     refuse_backed_csc(matrix, name)
-    return CountMatrix(matrix, name=name, validate=validate)
+    try:
+        return CountMatrix(matrix, name=name, validate=validate)
+    except ValueError as err:
+        hint = _raw_counts_hint(adata) if layer is None and "raw count" in str(err) else ""
+        if not hint:
+            raise
+        raise type(err)(f"{err} {hint}") from None
+
+
+def _raw_counts_hint(adata, rows: int = 200) -> str:
+    """A sentence pointing to ``adata.raw`` when it holds counts (scanpy keeps them there), else ``""``.
+
+    Only the first ``rows`` cells of ``adata.raw.X`` are looked at: enough to tell counts from normalised values.
+    """
+    raw = getattr(adata, "raw", None)
+    if raw is None:
+        return ""
+    try:
+        block = raw.X[: min(rows, raw.n_obs)]
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    except Exception:  # noqa: BLE001 - a hint only: an unreadable .raw gives none
+        return ""
+    if values.size == 0 or not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values)):
+        return ""
+    return ("adata.raw holds raw counts (scanpy's layout): put them in a layer with the data's genes, "
+            "`adata.layers['counts'] = adata.raw[:, adata.var_names].X` (then `adata.write_h5ad(...)` for the "
+            "command line), and pass layer='counts'.")
 
 
 def validated(matrix: CountMatrix, recorded: dict | None, validate: bool | None = None) -> CountMatrix:
@@ -191,6 +219,7 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     AnnDataSetup
         The record, as also stored in ``adata.uns``.
     """
+    refuse_mudata(adata, "RegularizedVI.setup_anndata")
     if getattr(adata, "is_view", False):
         fix = ("`adata = adata.copy(filename='subset.h5ad')` (a backed view is copied to a new file)"
                if getattr(adata, "isbacked", False) else "`adata = adata.copy()`")
@@ -203,6 +232,26 @@ def setup_anndata(adata, layer: str | None = None, **covariate_arguments) -> Ann
     setup = AnnDataSetup(layer, keys, encoding.categories, counts.fingerprint)
     adata.uns[SETUP_UNS_KEY] = setup.to_json()
     return setup
+
+
+def refuse_mudata(data, call: str) -> None:
+    """Raise ``TypeError`` when ``data``, given to ``call`` (named in the message), is a MuData: the mirror of
+    :func:`~pyro_scmodels.data.mudata_registry.require_mudata`, for the calls that take one AnnData.
+
+    The message names the modalities and the one to pass; a MuData's empty ``.X`` and ``.obs`` gave errors about a
+    missing matrix or column.
+
+    Parameters
+    ----------
+    data, call
+        What was given, and the call that takes one AnnData (e.g. ``"RegularizedVI.setup_anndata"``).
+    """
+    if not hasattr(data, "mod"):
+        return
+    names = list(data.mod)
+    raise TypeError(f"{call} takes an AnnData (one modality); it was given a MuData with modalities {names}. Pass one "
+                    f"of them, e.g. mdata.mod[{names[0] if names else 'rna'!r}]; for paired modalities use "
+                    "RegularizedMultimodalVI (RegularizedMultimodalVI.setup_mudata(mdata, ...)).")
 
 
 def check_unique_names(adata, name: str = "adata") -> None:

@@ -28,8 +28,8 @@ def transform_covariates(model, transform_batch) -> list[dict | None]:
     model
         A model of this package.
     transform_batch
-        None (each cell's own covariates); a category of the decoder-conditioning key; a list
-        of categories (expression averaged over decoding as each, as scvi-tools does); or a dict
+        None (each cell's own covariates); a category of the decoder-conditioning key; a list (or tuple, array,
+        ``pandas.Index`` or Series) of categories (expression averaged over decoding as each, as scvi-tools does); or a dict
         ``{key: category}`` (needed when several keys condition the decoder).
 
     Returns
@@ -39,7 +39,10 @@ def transform_covariates(model, transform_batch) -> list[dict | None]:
     """
     if transform_batch is None:
         return [None]
-    items = list(transform_batch) if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+    # any 1-d collection of categories is a list of them (an Index of categories was read as one category's name)
+    listed = isinstance(transform_batch, (list, tuple, set, frozenset, pd.Index, pd.Series))
+    items = list(np.ravel(transform_batch)) if isinstance(transform_batch, np.ndarray) else (
+        list(transform_batch) if listed else [transform_batch])
     # a category named twice would count twice in the average; dicts are compared by their items
     items = list({repr(sorted(i.items())) if isinstance(i, dict) else str(i): i for i in items}.values())
     if not items:

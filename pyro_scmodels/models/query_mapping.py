@@ -28,7 +28,7 @@ import torch
 from .. import _validation as V
 from .._stacklevel import user_stacklevel
 from ..priors import RegularizedPriors
-from ..data import check_var_names, read_setup, setup_arguments
+from ..data import check_var_names, read_setup, refuse_mudata, setup_arguments
 from ..data.query_genes import align_genes
 from ..data.source_state import state_digest
 from ..nn import Standardiser, is_legacy_identity_entry
@@ -76,6 +76,7 @@ def prepare_query_anndata(adata, reference, model_class, return_reference_var_na
     See :func:`pyro_scmodels.data.query_genes.align_genes` for what happens to ``.var``,
     ``.varm``, ``.varp`` and ``.uns``.
     """
+    refuse_mudata(adata, f"{model_class.__name__}.prepare_query_anndata")
     return_reference_var_names = V.boolean("return_reference_var_names", return_reference_var_names)
     inplace = V.boolean("inplace", inplace)
     genes = Reference.resolve(reference, model_class, prefix).var_names
@@ -238,6 +239,7 @@ def load_query_data(model_class, adata, reference, inplace_subset_query_vars: bo
     RegularizedVI
         The query model, not yet trained on the query: call ``train()``.
     """
+    refuse_mudata(adata, f"{model_class.__name__}.load_query_data")
     reference = Reference.resolve(reference, model_class, prefix)
     flags = {name: V.boolean(name, value) for name, value in (
         ("inplace_subset_query_vars", inplace_subset_query_vars), ("freeze_encoder", freeze_encoder),

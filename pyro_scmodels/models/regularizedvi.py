@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from .. import _validation as V
-from ..data import CellData, CovariateEncoding, check_var_names, read_setup, setup_anndata
+from ..data import CellData, CovariateEncoding, check_var_names, read_setup, refuse_mudata, setup_anndata
 from ..data.counts import EmptyCellsError
 from ..data.covariates import warn_if_encoder_keys_leak
 from ..priors import RegularizedPriors
@@ -112,6 +112,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
                  ambient_shape_prior: float | None = None, decoder_gene_scale: bool = False,
                  _categories: dict | None = None, **scvi_arguments):
         refuse_scvi_arguments(scvi_arguments, "model", type(self).__name__)
+        refuse_mudata(adata, type(self).__name__)  # it said the data were not set up
         super().__init__()
         self._init_params = regularizedvi_settings(
             n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init, seed,
@@ -212,9 +213,7 @@ class RegularizedVI(QueryMappingMixin, AmbientQueries, RegularizedVIPersistence,
     def _cell_data(self, adata=None) -> CellData:
         if adata is None or adata is self.adata:
             return self._held_cell_data()
-        if hasattr(adata, "mod"):  # a MuData failed deep in the setup check ("'NoneType' is not iterable")
-            raise TypeError(f"{type(self).__name__} reads one AnnData; adata= is a MuData (modalities {list(adata.mod)}): "
-                            "pass one modality, e.g. adata=mdata.mod['rna'], or use RegularizedMultimodalVI.")
+        refuse_mudata(adata, f"{type(self).__name__} (adata=)")  # it failed deep in the setup ("'NoneType' is not iterable")
         if not hasattr(adata, "obs") or not hasattr(adata, "var_names"):
             raise TypeError(f"adata= must be an AnnData, got a {type(adata).__name__}.")
         check_var_names(self.var_names, adata)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .._stacklevel import user_stacklevel
 from .train_options import load_device
-from ..data import SETUP_UNS_KEY, check_var_names, read_setup, setup_arguments
+from ..data import SETUP_UNS_KEY, check_var_names, read_setup, refuse_mudata, setup_arguments
 
 if TYPE_CHECKING:  # the class this mixin is part of (the return type of load)
     from .regularizedvi import RegularizedVI
@@ -58,6 +58,7 @@ class RegularizedVIPersistence:
         FileNotFoundError
             No ``f"{prefix}model.pt"`` in ``dir_path``; the message names the files there and the prefixes saved.
         """
+        refuse_mudata(adata, f"{cls.__name__}.load")
         return cls._load(dir_path, adata, load_device(device, accelerator), "anndata", prefix)
 
     @classmethod

@@ -17,6 +17,38 @@ from .effect_queries import labels_of
 from .counterfactual_design import GROUP_SEPARATOR, CounterfactualDesign
 
 
+def design_keys(condition_key, batch_key) -> tuple[str, list[str]]:
+    """The condition column and the list of batch columns, as given to the constructor or ``from_model``.
+
+    Parameters
+    ----------
+    condition_key
+        One column name.
+    batch_key
+        None, one column name, or a list, tuple, array or ``pandas.Index`` of them.
+
+    Returns
+    -------
+    tuple
+        ``(condition_key, batch_keys)``.
+
+    Raises
+    ------
+    TypeError
+        A condition key that is not one name (a list failed inside Python as "unhashable"), or batch keys of another
+        kind (an Index failed inside pandas as "ambiguous").
+    """
+    if not isinstance(condition_key, str):
+        raise TypeError(f"condition_key must be one column of adata.obs (a string), got {condition_key!r}"
+                        + (f"; pass condition_key={condition_key[0]!r}." if isinstance(condition_key, (list, tuple))
+                           and len(condition_key) == 1 else "."))
+    if batch_key is None or isinstance(batch_key, str):
+        return condition_key, [] if batch_key is None else [batch_key]
+    if not isinstance(batch_key, (list, tuple, np.ndarray, pd.Index)) or not all(isinstance(k, str) for k in batch_key):
+        raise TypeError(f"batch_key must be None, a column of adata.obs or a list of them, got {batch_key!r}.")
+    return condition_key, [str(k) for k in batch_key]
+
+
 def design_from_obs(obs: pd.DataFrame, settings: dict, saved: bool = False) -> CounterfactualDesign:
     """Conditions and batches of the cells, checked (unknown keys, NaN, unknown control, confounding).
 

@@ -29,14 +29,14 @@ from .._io import writable_folder
 from .._labels import names_as_text
 from .._stacklevel import user_stacklevel
 from ..checkpoints import CHECKPOINT_FILE
-from ..data import check_unique_names
+from ..data import check_unique_names, refuse_mudata
 from ..distributed import launched_world_size
 from ..infer import resolve_device
 from ..training import LoopPlan
 from . import _constants as K
 from ._persistence import EMBEDDING_KEY, NETWORK
 from .effect_queries import EffectQueries, labels_of
-from .design import design_from_obs
+from .design import design_from_obs, design_keys
 from .counterfactual_design import CounterfactualDesign
 from .effects import FACTUAL_CHOICES
 from .matched_effects import MatchedEffects
@@ -124,6 +124,7 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
             control_name = control_name if control_name is not None else contorl_name
         if control_name is None:
             raise ValueError("control_name is required: the name of the control condition.")
+        refuse_mudata(adata, "NDreamer")
         if adata.n_obs == 0:
             raise ValueError("adata has zero cells.")
         check_unique_names(adata)  # results are indexed by cell and gene names
@@ -133,8 +134,8 @@ class NDreamer(ModelRepresentation, EffectQueries, NDreamerSaveLoad):
                               decoder_hidden=decoder_hidden)
         loss_weights = LossWeights.from_value(loss_weights)
         device = resolve_device(device)  # "cuda" without a GPU was refused only after the preprocessing
-        settings = dict(condition_key=condition_key, control_name=str(control_name),
-                        batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+        condition_key, batch_keys = design_keys(condition_key, batch_key)
+        settings = dict(condition_key=condition_key, control_name=str(control_name), batch_key=batch_keys,
                         num_hvg=V.integer("num_hvg", num_hvg, minimum=2,
                                           description="an integer >= 2 (genes for the PCA of the cell states)"),
                         layer=layer, **sizes,

@@ -21,7 +21,7 @@ from ._persistence import LATENT
 from .attached_model import model_digest
 from .model_effects import checked_quantiles
 from .model_ite_width import HULL
-from .design import design_from_obs
+from .design import design_from_obs, design_keys
 from .effects import FACTUAL_CHOICES
 from .preprocess import log_normalise
 
@@ -108,8 +108,9 @@ class ModelRepresentation:
         """
         device = resolve_device(device)  # before the latent and the expression are computed
         modality, source, layer = _model_counts(model, modality)
+        condition_key, batch_keys = design_keys(condition_key, batch_key)
         settings = dict(modality=modality, condition_key=condition_key, control_name=str(control_name),
-                        batch_key=[batch_key] if isinstance(batch_key, str) else list(batch_key or []),
+                        batch_key=batch_keys,
                         batch_size=K.BATCH_SIZE, seed=V.seed("seed", seed), layer=layer,
                         representation=LATENT, model=type(model).__name__,
                         min_cells_per_group=V.positive_int("min_cells_per_group", min_cells_per_group),
