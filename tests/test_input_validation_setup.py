@@ -49,6 +49,21 @@ def test_counts_kept_in_raw_are_pointed_to(adata):
     assert "adata.raw" not in str(err.value)
 
 
+
+def test_a_backed_file_without_counts_in_x_is_told_to_write_them_there(adata, tmp_path):
+    # the hint was "pass the raw count layer with layer=", which `fit --backed` refuses: only .X stays on disk
+    import anndata
+
+    X = adata.X.copy()
+    X.data = np.log1p(X.data / 3.0)
+    adata.X = X
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "normalised.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"non-integer.*Opened with backed='r', only \.X stays on disk: to train from "
+                                         r"disk, write a file whose \.X holds the raw counts"):
+        RegularizedVI.setup_anndata(backed)
+    backed.file.close()
+
 def test_negative_counts_rejected(adata):
     X = adata.X.copy()
     X.data[0] = -2.0

@@ -58,10 +58,16 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
     try:
         return CountMatrix(matrix, name=name, validate=validate)
     except ValueError as err:
-        hint = _raw_counts_hint(adata) if layer is None and "raw count" in str(err) else ""
+        if layer is not None or "raw count" not in str(err):
+            raise
+        hint = _raw_counts_hint(adata)
+        if getattr(adata, "isbacked", False):
+            # the message's `layer=` would load that layer into memory, and `fit --backed` refuses --layer
+            hint += (" Opened with backed='r', only .X stays on disk: to train from disk, write a file whose .X holds "
+                     "the raw counts and open that one (`fit --backed` takes no --layer).")
         if not hint:
             raise
-        raise type(err)(f"{err} {hint}") from None
+        raise type(err)(f"{err} {hint.strip()}") from None
 
 
 def _raw_counts_hint(adata, rows: int = 200) -> str:
