@@ -91,7 +91,8 @@ class PosteriorQueries(GlobalSiteTables):
             None: the posterior mean of z. An integer: that many draws from q(z | x) per cell.
         seed
             Seeds the draws: the same seed gives each cell the same z in every call, whichever other cells
-            are asked for and in whatever order (:class:`~pyro_scmodels.models.cell_noise.CellNoise`). None:
+            ``indices`` asks for and in whatever order (:class:`~pyro_scmodels.models.cell_noise.CellNoise`). A cell is
+            its position in the data: a reordered or subset copy of the AnnData draws by its own positions. None:
             fresh draws in each call, from torch's global stream (:func:`~pyro_scmodels.seeding.seed_or_fresh`).
         modality
             Multimodal models: a modality's own encoder posterior instead of the joint z.
