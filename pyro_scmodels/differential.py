@@ -45,6 +45,9 @@ def _cells(name: str, selection, obs: pd.DataFrame) -> np.ndarray:
             raise ValueError(f"{name}={selection!r} is not a condition on the cells (an obs.query string such as "
                              "\"cell_type == 'B'\").")
         return np.flatnonzero(mask)
+    if np.ndim(selection) == 0:  # ravel made a one-cell group of it; the getters refuse a number as indices
+        raise V.ArgumentTypeError(f"{name}={selection!r} is one value, not a set of cells: pass a boolean mask, a list of "
+                                  f"positions ({name}=[{selection!r}] for a one-cell group) or an obs.query string.")
     selection = np.asarray(selection).ravel()
     if selection.dtype == bool:
         if selection.shape != (len(obs),):

@@ -62,6 +62,14 @@ def test_a_mask_given_as_integers_is_refused_not_read_as_cells_0_and_1(model):
     model.differential_expression(idx1=np.array([0, 1, 1, 0]), num_samples=2, n_cells=10)  # positions: as before
 
 
+
+def test_a_single_number_as_a_cell_set_is_refused(model):
+    # idx1=5 was read as a one-cell group (np.ravel); the getters refuse a number as indices
+    with pytest.raises(TypeError, match=r"idx1=5 is one value, not a set of cells: .*idx1=\[5\] for a one-cell group"):
+        model.differential_expression(idx1=5, num_samples=2, n_cells=10)
+    with pytest.raises(TypeError, match=r"idx2=np\.int64\(7\) is one value|idx2=7 is one value"):
+        model.differential_expression(idx1=[0, 1, 2], idx2=np.int64(7), num_samples=2, n_cells=10)
+
 def test_a_group_column_mixing_1_and_text_1_is_refused(model):
     # groups are compared as text: groupby= gave two comparisons both named '1 vs Rest', and a column mixing 1 and 1.0
     # failed with "indices selects no cells"; summarize_by= gave two rows named 1
