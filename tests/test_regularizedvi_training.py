@@ -379,3 +379,15 @@ def test_early_stopping_without_validation_cells_is_said_not_silent(small, caplo
     trainer = ps.infer.SVITrainer(other.module.model, other.module.guide, other._cell_data(), np.arange(200), [])
     with pytest.raises(ValueError, match="early_stopping=True"):
         trainer.fit(ps.infer.TrainingPlan(max_epochs=1, early_stopping=True, progress_bar=False))
+
+
+def test_a_model_saved_with_a_seed_above_2_32_still_loads(small, tmp_path):
+    # seeds up to 2**64 - 1 were taken before seeds got one range: the saved settings hold one, and load rebuilds from them
+    model = ps.RegularizedVI(small, **SMALL)
+    model._init_params["seed"] = 2**40  # what such a save recorded (the constructor refuses it now)
+    model.save(str(tmp_path / "saved"))
+    loaded = ps.RegularizedVI.load(str(tmp_path / "saved"), small)
+    assert loaded.init_params["seed"] == 2**40
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
+        ps.RegularizedVI(small, seed=2**40, **SMALL)  # a new model is held to the range
+

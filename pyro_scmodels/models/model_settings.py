@@ -14,13 +14,16 @@ from ..priors import (RegularizedPriors, checked_priors, edited_fields, refuse_r
                       warn_unused_ambient_prior)
 
 
-def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> dict:
+def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed, saved: bool = False) -> dict:
     """The settings every model class takes, checked: hidden layers, dropout, global guides, init, seed.
 
     Parameters
     ----------
     n_layers, dropout_rate, global_guides, init, seed
         As for :class:`~pyro_scmodels.RegularizedVI`.
+    saved
+        The settings of a saved model being loaded: its seed may lie above ``2**32 - 1`` (taken before seeds had one
+        range; it seeded only torch, which takes it).
 
     Returns
     -------
@@ -31,7 +34,8 @@ def shared_settings(n_layers, dropout_rate, global_guides, init: str, seed) -> d
     if global_guides is not None and not isinstance(global_guides, dict):
         raise TypeError(f"global_guides must be a dict of site -> 'map' | 'lognormal', got {global_guides!r}.")
     return dict(n_layers=V.positive_int("n_layers", n_layers), dropout_rate=V.rate("dropout_rate", dropout_rate),
-                global_guides=global_guides, init=init, seed=V.seed("seed", seed))
+                global_guides=global_guides, init=init,
+                seed=(V.non_negative_int if saved else V.seed)("seed", seed))
 
 
 def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dropout_rate, priors, global_guides, init,
@@ -59,7 +63,7 @@ def regularizedvi_settings(n_hidden, n_latent, n_layers, dropout_rate, input_dro
     dict
         Keyword arguments that rebuild the model.
     """
-    shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed)
+    shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed, saved)
     n_hidden, n_latent = V.positive_int("n_hidden", n_hidden), V.positive_int("n_latent", n_latent)
     input_dropout_rate = V.rate("input_dropout_rate", input_dropout_rate)
     if priors is not None:

@@ -91,7 +91,7 @@ class RegularizedMultimodalVI(ModalitySiteNames, MultimodalPersistence, PyroMode
             if _categories is None:
                 raise ValueError(message)
             warnings.warn(message, UserWarning, stacklevel=user_stacklevel())  # a model saved before the check loads
-        shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed)
+        shared = shared_settings(n_layers, dropout_rate, global_guides, init, seed, saved=_categories is not None)
         n_layers, dropout_rate, seed = shared["n_layers"], shared["dropout_rate"], shared["seed"]
         self.adata = mdata
         self._setup = setup = read_mudata_setup(mdata)
