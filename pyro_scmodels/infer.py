@@ -389,7 +389,6 @@ class SVITrainer(TrainingLoop):
             total += self.loss(self.data.minibatch(chunk), n_obs, kl_weight).item() * len(chunk)
         return total
 
-    def fit(self, plan: TrainingPlan, seed: int = 0):
-        """Train until epoch ``plan.max_epochs`` (the loop's epoch count) or early stopping; returns :attr:`history`."""
+    def settle_plan(self, plan: TrainingPlan) -> None:
+        """Early stopping as asked (None: on with validation cells), for the split trained: a checkpoint's, if resumed."""
         plan.early_stopping = early_stopping_setting(plan.early_stopping, len(self.validation_indices))
-        return super().fit(plan, seed)

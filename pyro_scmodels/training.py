@@ -293,6 +293,9 @@ class TrainingLoop(LoopCheckpoints, NonFiniteChecks):
         with reuse_freed_memory():
             return self._fit(plan, seed)
 
+    def settle_plan(self, plan) -> None:  # noqa: B027 (a hook)
+        """Fill in what ``plan`` leaves to the loop (settings given as None), once a checkpoint, if any, is resumed."""
+
     def call_start(self) -> tuple[int, int]:
         """(epoch, step) that a call's number of epochs counts from: where an interrupted call started (the next
         call takes it up and finishes it), else where training stands."""
@@ -310,8 +313,11 @@ class TrainingLoop(LoopCheckpoints, NonFiniteChecks):
                 logger.info("Taking up the interrupted call from epoch %d, its last whole one.", self.epoch)
         self.interruption = None
         start = (self.epoch, self.step) if call is None else (call["epoch"], call["step"])
-        if plan.checkpoint_path and self._epochs_run == 0 and not self._state_restored:
+        resuming = bool(plan.checkpoint_path) and self._epochs_run == 0 and not self._state_restored
+        if resuming:
             self._resume(plan.checkpoint_path)
+        self.settle_plan(plan)  # after a resume: the checkpoint's split is the one trained
+        if resuming:
             if self._state_restored and self.seed is not None and self.seed != seed and self.parallel.is_writer:
                 # the split is the checkpoint's and the epochs left draw with this seed: a run of neither seed
                 warnings.warn(f"The checkpoint at {plan.checkpoint_path} was trained with seed {self.seed}; this call's "

@@ -391,3 +391,15 @@ def test_a_model_saved_with_a_seed_above_2_32_still_loads(small, tmp_path):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\]"):
         ps.RegularizedVI(small, seed=2**40, **SMALL)  # a new model is held to the range
 
+
+def test_a_resumed_run_decides_early_stopping_on_the_checkpoints_split(small, tmp_path):
+    # the checkpoint's split is kept on resume: its validation cells, not this call's train_size, decide the default
+    stop = dict(early_stopping_patience=2, early_stopping_min_delta=1e6, checkpoint_dir=str(tmp_path / "run"))
+    first = ps.RegularizedVI(small, **SMALL)
+    assert len(first.train(max_epochs=3, train_size=1.0, **stop, **QUICK)) == 3  # no validation cells: off
+    resumed = ps.RegularizedVI(small, **SMALL)
+    history = resumed.train(max_epochs=8, **stop, **QUICK)  # train_size left out: the checkpoint's split is kept
+    assert len(resumed.validation_indices) == 0
+    assert len(history) == 8  # off, as in the run it continues (it stopped at epoch 6 on the training loss)
+    with pytest.raises(ValueError, match="early_stopping=True stops on the validation loss"):
+        ps.RegularizedVI(small, **SMALL).train(max_epochs=8, early_stopping=True, **stop, **QUICK)
