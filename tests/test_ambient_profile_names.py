@@ -87,3 +87,17 @@ def test_one_unnamed_column_serves_every_category_also_when_the_categories_are_d
     # a column named by a category as text is that category's: the other is still asked for
     with pytest.raises(KeyError, match="1"):
         profile_matrix(pd.DataFrame({"0": vector}, index=genes), genes, ["0", "1"])
+
+
+def test_a_profile_read_back_from_a_results_table_finds_categories_holding_a_slash():
+    # fit and export_posterior write "10x/v3" as "10x%2Fv3" in .varm: that table given back as ambient_profile was
+    # refused ("no column for the ambient categories ['10x/v3']")
+    from pyro_scmodels._labels import stored_column_names
+    from pyro_scmodels.models.ambient import profile_matrix
+
+    genes, levels = pd.Index([f"g{i}" for i in range(4)]), ["10x/v3", "a%2Fb", "plain"]
+    table = pd.DataFrame(np.arange(1.0, 13.0).reshape(4, 3), index=genes, columns=levels)
+    expected = profile_matrix(table, genes, levels)
+    np.testing.assert_array_equal(profile_matrix(stored_column_names(table), genes, levels), expected)
+    assert list(stored_column_names(table).columns) == ["10x%2Fv3", "a%252Fb", "plain"]  # each to its own category
+    np.testing.assert_array_equal(profile_matrix(table[levels[::-1]], genes, levels), expected)  # labels as they are

@@ -22,7 +22,7 @@ from .. import _validation as V
 from .._selection import cell_positions
 from ..data.counts import CountMatrix
 from ..data.covariates import stacked_level_names
-from .._labels import names_as_text
+from .._labels import names_as_text, stored_column_names
 
 #: columns of the per-category summary
 SUMMARY_COLUMNS = ("mean", "median", "q05", "q95", "n_cells")
@@ -246,7 +246,7 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     """A user's ambient profile as a (categories x genes) array in the model's order, rows summing to 1.
 
     ``profile`` is a genes x categories DataFrame (columns named like the columns of
-    ``get_ambient_profile()``; a single column not named after a category, such as ``profile_from_droplets``'s
+    ``get_ambient_profile()``, or as ``fit``'s results and ``export_posterior`` store them, ``/`` as ``%2F``; a single column not named after a category, such as ``profile_from_droplets``'s
     ``"all"``, is used for every category), or a Series of one profile for every category.
     """
     if isinstance(profile, pd.Series):
@@ -260,6 +260,11 @@ def profile_matrix(profile, var_names: pd.Index, levels: list[str]) -> np.ndarra
     # category's profile, also where the categories are "0", "1", ...
     one_for_all = profile.shape[1] == 1 and profile.columns[0] not in levels
     profile = profile.set_axis(names_as_text(profile.index), axis=0).set_axis(names_as_text(profile.columns), axis=1)
+    # a table from fit's results or export_posterior names the categories as stored ("/" as "%2F"): every one so
+    # named and not every one as it is means that table, read back (the mapping renames all at once, not in a chain)
+    stored = list(stored_column_names(pd.DataFrame(columns=levels)).columns)
+    if stored != levels and set(stored) <= set(profile.columns) and not set(levels) <= set(profile.columns):
+        profile = profile.rename(columns=dict(zip(stored, levels)))
     for axis, names in (("rows", profile.index), ("columns", profile.columns)):
         if not names.is_unique:
             repeated = list(names[names.duplicated()].unique()[:5])
