@@ -1,4 +1,5 @@
-"""NaN/Inf guards of the training loop: the error it raises and the messages that name the culprit.
+"""Numeric guards of the training loop: the float32 default it computes in (:func:`require_float32_default`), and
+for NaN/Inf the error it raises and the messages that name the culprit.
 
 :class:`NonFiniteChecks` is a mixin of :class:`~pyro_scmodels.training.TrainingLoop`: when a loss or a gradient is
 NaN or Inf, or the loss cannot be computed because a parameter is, it names the loss part, parameter or gradient
@@ -51,3 +52,13 @@ class NonFiniteChecks:
             raise NonFiniteError(self._message(
                 "the loss", problems, f"could not be computed ({type(err).__name__}: {err}): parameters are NaN or Inf"
             )) from err
+
+
+def require_float32_default() -> None:
+    """Raise unless torch's default dtype is float32: the models' data, buffers and networks are float32, and under
+    ``torch.set_default_dtype(torch.float64)`` the networks were built in float64 and the first step failed inside
+    the encoder ("mat1 and mat2 must have the same dtype")."""
+    if torch.get_default_dtype() != torch.float32:
+        raise RuntimeError(f"torch's default dtype is {torch.get_default_dtype()}, and pyro_scmodels computes in "
+                           "float32 (its data, buffers and networks): call torch.set_default_dtype(torch.float32) "
+                           "before building or training a model.")

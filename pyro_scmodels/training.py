@@ -36,19 +36,9 @@ from ._stacklevel import user_stacklevel
 from ._allocator import reuse_freed_memory
 from .checkpoints import LoopCheckpoints, refuse_other_data_on_other_ranks
 from .distributed import SingleProcess
-from .non_finite_checks import NonFiniteChecks, NonFiniteError  # noqa: F401  (NonFiniteError: its import path)
+from .non_finite_checks import NonFiniteChecks, NonFiniteError, require_float32_default  # noqa: F401  (NonFiniteError: its import path)
 
 logger = logging.getLogger(__name__)
-
-
-def require_float32_default() -> None:
-    """Raise unless torch's default dtype is float32: the models' data, buffers and networks are float32, and under
-    ``torch.set_default_dtype(torch.float64)`` the networks were built in float64 and the first step failed inside
-    the encoder ("mat1 and mat2 must have the same dtype")."""
-    if torch.get_default_dtype() != torch.float32:
-        raise RuntimeError(f"torch's default dtype is {torch.get_default_dtype()}, and pyro_scmodels computes in "
-                           "float32 (its data, buffers and networks): call torch.set_default_dtype(torch.float32) "
-                           "before building or training a model.")
 
 
 @dataclass

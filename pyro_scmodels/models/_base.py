@@ -280,8 +280,7 @@ class PyroModelBase(CellBatches, SavedModel, ModelDescription, EvidenceQueries, 
         compile = V.boolean("compile", compile)
         checkpoint_dir = V.optional(V.file_path, "checkpoint_dir", checkpoint_dir)
         split = external_split(datasplitter_kwargs, data.n_cells)
-        if early_stopping is not None:  # True without validation cells is refused here; None is settled by the loop
-            early_stopping = stops_early(early_stopping, self.trainer, split, train_size)
+        early_stopping = stops_early(early_stopping, self.trainer, split, train_size)  # True without validation: refused
         self.device, parallel = training_parallelism(device, accelerator, devices, strategy)
         if parallel.world_size > 1 and self.init_params.get("latent_independence", 0.0):
             # the penalty's MMD compares cells across the minibatch: each rank would see only its shard, and the

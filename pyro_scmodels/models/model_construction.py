@@ -16,7 +16,7 @@ from .. import _constants as C
 from ..data import CellData
 from ..priors import RegularizedPriors
 from ..seeding import seeded
-from ..training import require_float32_default
+from ..non_finite_checks import require_float32_default
 from .regularizedvi_dims import GUIDED_GLOBAL_SITES, RegularizedVIDims
 from .regularizedvi_guide import RegularizedVIGuide
 from .regularizedvi_module import RegularizedVIModel

@@ -231,15 +231,18 @@ def external_split(datasplitter_kwargs: dict | None, n_cells: int) -> tuple[np.n
     return np.sort(named[0]), np.sort(named[1])
 
 
-def stops_early(asked: bool | None, trainer, split, train_size: float) -> bool:
+def stops_early(asked: bool | None, trainer, split, train_size: float) -> bool | None:
     """Whether a ``train`` call stops early (:func:`~pyro_scmodels.infer.early_stopping_setting`), decided before the
     trainer is made: its validation cells are the first call's (``trainer``), else ``split``'s, else ``train_size``'s.
+    None (left out) stays None: the loop settles it on the split it trains, a resumed checkpoint's included.
 
     Raises
     ------
     ValueError
         ``asked`` is True and the call has no validation cells.
     """
+    if asked is None:
+        return None
     if trainer is not None:
         n_validation = len(trainer.validation_indices)
     else:
