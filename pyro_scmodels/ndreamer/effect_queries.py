@@ -341,7 +341,8 @@ class EffectQueries:
             treated and control cells' observed expression, not from the spread of the per-cell ITEs, which share
             their matched cells); also stored in ``results.uns``.
         """
-        condition = condition or self.design.treatments[0]
+        # the labels are text: a number names its label (1 was refused), and 0 is a label, not "none given"
+        condition = self.design.treatments[0] if condition is None else str(condition)
         if condition not in self.design.treatments:
             raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
         min_cells = V.positive_int("min_cells", min_cells)
