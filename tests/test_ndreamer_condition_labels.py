@@ -1,4 +1,4 @@
-"""Conditions labelled by numbers: NDreamer reads its labels as text, so a number given for one names the same label."""
+"""Labels in NDreamer's queries: a condition given as a number, a group column with missing labels."""
 
 import warnings
 
@@ -42,3 +42,11 @@ def test_a_condition_given_as_a_number_is_its_label(numbered_nd):
         assert "cate_0_batch" in nd.results.uns
     with pytest.raises(ValueError, match=r"Unknown condition '3'"):
         nd.estimate_cate("batch", condition=3)
+
+
+def test_a_cate_group_column_with_missing_labels_is_named_where_it_is(numbered_nd):
+    nd = numbered_nd
+    nd.results.obs["partial"] = np.where(np.arange(nd.results.n_obs) < 7, None, nd.results.obs["batch"].astype(str))
+    # it named adata.obs and said to drop the cells, which an NDreamer cannot
+    with pytest.raises(ValueError, match=r"nd.results.obs\['partial'\] has 7 missing values; give every cell a group"):
+        nd.estimate_cate("partial")
