@@ -93,6 +93,17 @@ def test_exported_library_size_is_nan_for_cells_without_the_modality(missing_ata
     assert np.isfinite(exported.obs["means_library_rna"]).all()
 
 
+
+def test_expected_counts_at_the_latent_library_are_nan_for_cells_without_the_modality(missing_atac):
+    # from the placeholder total of 1 they summed to about 0.2 % of a measured cell's, read as that cell's counts
+    model, has_atac = missing_atac
+    expected = model.get_normalized_expression("atac", library_size="latent").to_numpy()
+    assert np.isnan(expected[~has_atac]).all() and np.isfinite(expected[has_atac]).all()
+    draws = model.get_normalized_expression("atac", library_size="latent", n_samples=2, return_mean=False, seed=0)
+    assert np.isnan(draws[:, ~has_atac]).all() and np.isfinite(draws[:, has_atac]).all()
+    assert np.isfinite(model.get_normalized_expression("atac").to_numpy()).all()  # rho, the decoder's: kept
+    assert np.isfinite(model.get_normalized_expression("rna", library_size="latent").to_numpy()).all()
+
 def batch_without_atac(all_of_it=True):
     """150 cells in 3 batches, every cell with ATAC but those of batch_2 (all, or all but one)."""
     import scipy.sparse as sp

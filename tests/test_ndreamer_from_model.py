@@ -220,3 +220,13 @@ def test_from_model_takes_the_modality_of_a_model_without_rna(gex_atac_model, tm
 def test_from_model_refuses_a_modality_for_a_single_modality_model(tiny_model):
     with pytest.raises(ValueError, match=r"from_model\(modality='rna'\): RegularizedVI models one count matrix"):
         NDreamer.from_model(tiny_model, "condition", "control", device="cpu", modality="rna")
+
+
+def test_one_draw_is_refused_where_the_bounds_are_the_spread_of_z(tiny_model):
+    # widen_by_matching=False gave bounds equal to the estimate in every entry: a "90 % interval" of width 0
+    nd = NDreamer.from_model(tiny_model, "condition", "control", batch_key="batch", device="cpu")
+    for widen in (False, True):
+        with pytest.raises(ValueError, match=rf"num_samples=1 with widen_by_matching={widen}.*num_samples >= 2"):
+            nd.estimate_model_ite(num_samples=1, widen_by_matching=widen, indices=[0, 1])
+    hull = nd.estimate_model_ite(num_samples=1, indices=[0, 1])  # its bounds are the matched interval's
+    assert (hull.layers["ite_model_stimulated_q95"] > hull.layers["ite_model_stimulated_q05"]).mean() > 0.5

@@ -165,6 +165,11 @@ def normalized_expression(model, adata=None, indices=None, transform_batch=None,
             rho = sum(decoded(z, batch, s) for s in switches) / len(switches)
             if library_size == "latent":
                 rho = rho * guide.library_loc(batch, **options).exp().unsqueeze(-1)
+                # a cell without counts in the modality has no library: its placeholder total of 1 gave expected counts
+                # of about 0.2 % of a measured cell's, read as real; NaN, as its exported library size
+                measured = model.measured_cells(batch, modality)
+                if measured is not None:
+                    rho = torch.where(measured.reshape(-1, 1), rho, torch.nan)
             if n_samples > 1 and return_mean:
                 rho = rho.mean(0)
         parts.append(rho[..., columns].cpu())

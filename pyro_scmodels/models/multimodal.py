@@ -282,7 +282,8 @@ class RegularizedMultimodalVI(ModalitySiteNames, MultimodalPersistence, PyroMode
             Cells (default the training MuData), minibatch size.
         transform_batch, gene_list, library_size, n_samples, return_mean, return_numpy, seed
             As in :meth:`RegularizedVI.get_normalized_expression` (``"latent"`` uses the
-            modality's own library size; ``gene_list`` names features of ``modality``).
+            modality's own library size, NaN for a cell without counts in the modality, which has none;
+            ``gene_list`` names features of ``modality``).
 
         Returns
         -------

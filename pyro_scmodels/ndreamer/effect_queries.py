@@ -23,6 +23,8 @@ from .ite_shrinkage import CLUSTER_KEY, NO_SHRINK, SHRINK_CHOICES
 from .._selection import cell_positions, gene_positions
 
 
+#: how messages name an NDreamer's cell table (a copy of the input's obs, made when it was built)
+RESULTS_OBS = "nd.results.obs"
 #: ``results.uns`` key of the matching (nearest_neighbor, bandwidth) that the ``ite_*`` layers hold
 ITE_SETTINGS = "ite_matching"
 #: how the stored ITE layers average the arms (recorded with them: layers saved before it averaged each arm over its own
@@ -30,13 +32,20 @@ ITE_SETTINGS = "ite_matching"
 ITE_ARMS = "batches holding both"
 
 
-def labels_of(obs: pd.DataFrame, keys: list[str], what: str) -> np.ndarray:
-    """``obs[keys]`` as strings, or an error naming a missing column or one with missing values."""
+def labels_of(obs: pd.DataFrame, keys: list[str], what: str, table: str = "adata.obs") -> np.ndarray:
+    """``obs[keys]`` as strings, or an error naming a missing column or one with missing values.
+
+    ``table`` names ``obs`` in the messages; ``"nd.results.obs"`` (an NDreamer's cells, which stay) says to fill
+    the missing labels rather than drop their cells.
+    """
     for key in keys:
         if key not in obs:
-            raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(obs.columns)[:20]}).")
-        if obs[key].isna().any():
-            raise ValueError(f"adata.obs[{key!r}] has missing values; fill or drop those cells first.")
+            raise KeyError(f"{what} {key!r} not found in {table} (columns: {list(obs.columns)[:20]}).")
+        missing = int(obs[key].isna().sum())
+        if missing:
+            fix = ("give every cell a group (e.g. a label such as 'unassigned'): an NDreamer keeps every cell"
+                   if table == RESULTS_OBS else "fill or drop those cells first")
+            raise ValueError(f"{table}[{key!r}] has {missing} missing values; {fix}.")
     return obs[keys].astype(str).to_numpy()
 
 
@@ -341,7 +350,8 @@ class EffectQueries:
             treated and control cells' observed expression, not from the spread of the per-cell ITEs, which share
             their matched cells); also stored in ``results.uns``.
         """
-        condition = condition or self.design.treatments[0]
+        # the labels are text: a number names its label (1 was refused), and 0 is a label, not "none given"
+        condition = self.design.treatments[0] if condition is None else str(condition)
         if condition not in self.design.treatments:
             raise ValueError(f"Unknown condition {condition!r}; treatments: {self.design.treatments}.")
         min_cells = V.positive_int("min_cells", min_cells)
@@ -351,7 +361,7 @@ class EffectQueries:
                              "control (each arm's variance enters the standard error); pass min_cells=2 or more.")
         V.group_column(self.results.obs, groupby, "groupby", "results.obs")
         refuse_slash_in_groupby(groupby)
-        groups = labels_of(self.results.obs, [groupby], "groupby")[:, 0]
+        groups = labels_of(self.results.obs, [groupby], "groupby", RESULTS_OBS)[:, 0]
         layer = f"ite_{condition}"
         kept = groups_with_both_conditions(groups, self.design.condition, condition, self.design.control_name, min_cells)
         made_with = self.results.uns.get(ITE_SETTINGS, {})

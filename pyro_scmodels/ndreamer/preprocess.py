@@ -305,8 +305,9 @@ def pseudo_labels(log_expression: sp.csr_matrix, groups: np.ndarray, seed: int =
                 used = max(used / 2, LEIDEN_RESOLUTIONS[0])
                 codes = _leiden(frame, used, seed)
             if used != resolution:
-                logger.info("NDreamer: group %r (%d cells) split into single cells at Leiden resolution %g; its "
-                            "high-resolution labels use %g.", group, len(cells), resolution, used)
+                # str(): numpy's label read np.str_('101|stim') in the message
+                logger.info("NDreamer: group '%s' (%d cells) split into single cells at Leiden resolution %g; its "
+                            "high-resolution labels use %g.", str(group), len(cells), resolution, used)
             labels[resolution][cells] = codes + offset[resolution]
             offset[resolution] += codes.max() + 1
     return labels[LEIDEN_RESOLUTIONS[0]], labels[LEIDEN_RESOLUTIONS[1]]

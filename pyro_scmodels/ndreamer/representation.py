@@ -184,7 +184,8 @@ class ModelRepresentation:
         Parameters
         ----------
         num_samples, quantiles
-            Posterior samples of z per cell; the interval's quantiles.
+            Posterior samples of z per cell (at least 2 unless ``widen_by_matching='hull'``: the other bounds take
+            their spread); the interval's quantiles.
         indices, gene_list
             Only these cells (positions, a boolean mask or names) and genes: the layers are
             returned in a new AnnData and :attr:`results` is left as it is (for data too large for
@@ -219,13 +220,18 @@ class ModelRepresentation:
 
         cells, columns = self._selection(indices, gene_list)
         widen = self._widening(widen_by_matching, quantiles)
+        num_samples = V.positive_int("num_samples", num_samples)
+        if num_samples < 2 and widen != HULL:  # the quantiles of one draw are that draw
+            raise ValueError(f"num_samples=1 with widen_by_matching={widen!r}: the bounds take the spread of z over the "
+                             "draws, and one draw has none (its bounds were the estimate itself). Pass num_samples >= 2 "
+                             f"(default {K.MODEL_ITE_SAMPLES}), or widen_by_matching='hull'.")
         if widen == HULL:
             self._refuse_groups_of_one_cell()  # before any decoding
         groups = self._disagreement_groups(disagreement_groups, widen is True)  # checked before any decoding
         layers = {}
         # one model, condition and draws for every decoding (the widening decodes the treated cells again)
         common = dict(model=self.model, condition_key=self.settings["condition_key"],
-                      control_name=self.settings["control_name"], num_samples=V.positive_int("num_samples", num_samples),
+                      control_name=self.settings["control_name"], num_samples=num_samples,
                       quantiles=quantiles, seed=self.settings["seed"], gene_columns=columns,
                       modality=self.settings.get("modality"))  # None in a save made before it was kept: the rule's
         decode = lambda treatments, rows: model_counterfactual_ite(treatments=treatments, indices=rows, **common)  # noqa: E731
