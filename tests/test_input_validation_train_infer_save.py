@@ -203,7 +203,8 @@ def test_a_mudata_or_another_object_as_adata_is_named(trained):
     import mudata
 
     model, data, _ = trained
-    with pytest.raises(TypeError, match=r"adata= is a MuData \(modalities \['rna'\]\): pass one modality"):
+    with pytest.raises(TypeError, match=r"RegularizedVI \(adata=\) takes an AnnData \(one modality\); it was given a "
+                                        r"MuData with modalities \['rna'\]\. Pass one of them, e\.g\. mdata\.mod\['rna'\]"):
         model.get_latent_representation(adata=mudata.MuData({"rna": data.copy()}))
     with pytest.raises(TypeError, match="adata= must be an AnnData, got a ndarray"):
         model.get_latent_representation(adata=np.zeros((3, 3)))
