@@ -7,12 +7,15 @@ from the guide (posterior) or from their priors (prior), one minibatch in memory
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
 
 from . import _validation as V
+from ._stacklevel import user_stacklevel
 from .pyro_modules import evaluating
 from .seeding import seeded
 
@@ -94,10 +97,21 @@ def posterior_predictive(model, num_samples: int = 1, adata=None, indices=None, 
             raise ValueError(f"Unknown modality {modality!r}; the model observes {known or list(sites)}.")
         sites = {site: sites[site] for site in chosen}
     parts = {site: [] for site in sites}
+    unmeasured = dict.fromkeys(sites, 0)
     with seeded(seed, model.device):
         for _, draws in predictive_batches(model, num_samples, adata, indices, batch_size):
             for site in sites:
                 parts[site].append(draws[site][1] if features is None else draws[site][1][:, :, features])
+                if sites[site] is not None:  # a modality's cells without counts: no counts, not an empty measurement
+                    unmeasured[site] += int((draws[site][0].sum(axis=1) == 0).sum())
+    for site, n in unmeasured.items():
+        if n:
+            # their likelihood is masked in training: the draws decode z with a stand-in library, not an imputation
+            warnings.warn(f"{n} of the cells drawn have no counts in modality {sites[site]!r}: their draws come from a "
+                          "stand-in library size, far below a measured cell's, and are not an imputation of that "
+                          "modality. Leave them out (indices=), or compare expression "
+                          f"(get_normalized_expression(modality={sites[site]!r})).", UserWarning,
+                          stacklevel=user_stacklevel())
     arrays = {site: np.concatenate(values, axis=1) for site, values in parts.items()}
     if len(arrays) == 1:
         return next(iter(arrays.values()))

@@ -104,6 +104,22 @@ def test_expected_counts_at_the_latent_library_are_nan_for_cells_without_the_mod
     assert np.isfinite(model.get_normalized_expression("atac").to_numpy()).all()  # rho, the decoder's: kept
     assert np.isfinite(model.get_normalized_expression("rna", library_size="latent").to_numpy()).all()
 
+
+def test_predictive_draws_for_cells_without_the_modality_are_said_not_to_be_an_imputation(missing_atac):
+    # MULTIVI users impute a missing modality this way; here the draws came from a stand-in library (about 2 counts a
+    # cell against about 900), without a word
+    model, has_atac = missing_atac
+    missing = int((~has_atac).sum())
+    with pytest.warns(UserWarning, match=rf"{missing} of the cells drawn have no counts in modality 'atac': .* not an "
+                                         r"imputation of that modality"):
+        draws = model.posterior_predictive_sample(modality="atac", seed=0)
+    assert draws.shape == (len(has_atac), 120)
+    measured = np.flatnonzero(has_atac)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the measured cells alone, and the RNA of every cell: nothing to say
+        model.posterior_predictive_sample(indices=measured, modality="atac", seed=0)
+        model.posterior_predictive_sample(modality="rna", seed=0)
+
 def batch_without_atac(all_of_it=True):
     """150 cells in 3 batches, every cell with ATAC but those of batch_2 (all, or all but one)."""
     import scipy.sparse as sp
