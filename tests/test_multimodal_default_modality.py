@@ -76,3 +76,15 @@ def test_data_passed_as_the_modality_is_refused_naming_the_method_and_the_fix(at
     with pytest.raises(TypeError, match=r"get_dispersion\(modality=\.\.\.\): it takes no data"):
         atac_first.get_dispersion(mdata["rna"])  # an AnnData too
     assert atac_first.get_library_size(adata=mdata, modality="atac").shape == (mdata.n_obs,)
+
+
+def test_a_modality_with_other_features_is_named_with_features_not_genes(atac_first):
+    # peaks were called genes, and the fix named model_genes without saying what it is
+    mdata = atac_first.adata
+    other = md.MuData({"atac": mdata["atac"][:, ::-1].copy(), "rna": mdata["rna"].copy()})
+    other.obs = mdata.obs.copy()
+    with pytest.raises(ValueError, match=r"The features of mdata\.mod\['atac'\] do not match the model's \(120 features\): "
+                                         r"the same features in a different order\. Subset and order them with "
+                                         r"`mdata\.mod\['atac'\]\[:, model_genes\]`, model_genes being the model's "
+                                         r"features in its order"):
+        atac_first.get_latent_representation(adata=other)

@@ -314,15 +314,17 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
     actual, expected = names_as_text(adata.var_names), names_as_text(expected)
     if actual.equals(expected):
         return
+    # a modality of a MuData holds features (peaks, genes): named as such
+    noun = "features" if ".mod[" in what else "genes"
     missing = expected.difference(actual)
     extra = actual.difference(expected)
     detail = []
     if len(missing):
-        detail.append(f"{len(missing)} gene(s) of the model missing (e.g. {list(missing[:3])})")
+        detail.append(f"{len(missing)} of the model's {noun} missing (e.g. {list(missing[:3])})")
     if len(extra):
-        detail.append(f"{len(extra)} gene(s) unknown to the model (e.g. {list(extra[:3])})")
+        detail.append(f"{len(extra)} {noun} unknown to the model (e.g. {list(extra[:3])})")
     if not detail:
-        detail.append("same genes in a different order")
+        detail.append(f"the same {noun} in a different order")
     # a backed AnnData's subset is a view that cannot be copied into memory: a new backed file holds it, written a
     # block of cells at a time (anndata's copy(filename=) of a gene subset reads the whole matrix)
     fix = (f"a new backed file written a block of cells at a time: for each block `part = {what}[start:stop]"
@@ -331,6 +333,7 @@ def check_var_names(expected, adata, what: str = "adata") -> None:
            f"(`{what}[:, model_genes].copy(filename='subset.h5ad')` does it in one step where the whole matrix fits in "
            "memory)" if getattr(adata, "isbacked", False) else f"`{what}[:, model_genes]`")
     raise ValueError(
-        f"The genes of {what} do not match the model's ({len(expected)} genes): {'; '.join(detail)}. "
-        f"Subset and order them with {fix}."
+        f"The {noun} of {what} do not match the model's ({len(expected)} {noun}): {'; '.join(detail)}. "
+        f"Subset and order them with {fix}, model_genes being the model's {noun} in its order (the var_names of the "
+        "data it was trained on)."
     )
