@@ -331,7 +331,9 @@ class EffectQueries:
         groupby
             Column of ``results.obs`` holding the cell groups.
         condition
-            Treatment condition (default the first, in order of appearance in the cells).
+            Treatment condition (default the first, in order of appearance in the cells). The mean ITE, its signs
+            and ``n_cells`` are over every cell of the group, whatever its own condition (each cell has an ITE of
+            each treatment); with three or more conditions that includes the other treatments' cells.
         min_cells
             Fewest cells of ``condition`` and of the control a group must hold (at least 2). Smaller groups are
             left out of the table, with a warning that names them and their sizes.
