@@ -88,3 +88,17 @@ def test_a_modality_with_other_features_is_named_with_features_not_genes(atac_fi
                                          r"`mdata\.mod\['atac'\]\[:, model_genes\]`, model_genes being the model's "
                                          r"features in its order"):
         atac_first.get_latent_representation(adata=other)
+
+
+def test_binarised_peaks_are_said_at_setup():
+    # 0/1 peaks (a common ATAC preprocessing) trained with the count likelihood without a word
+    sim = ps.datasets.simulate_multiome(n_cells=120, n_genes=75, n_peaks=120, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counts: nothing to say
+        ps.RegularizedMultimodalVI.setup_mudata(sim, layer="counts")
+    binary = sim["atac"].layers["counts"].copy()
+    binary.data = np.minimum(binary.data, 1.0)
+    sim["atac"].layers["counts"] = binary
+    with pytest.warns(UserWarning, match=r"mdata.mod\['atac'\] holds only 0 and 1 in its first 120 cells \(\d+ non-zero "
+                                         r"values\): binarised, not counts"):
+        ps.RegularizedMultimodalVI.setup_mudata(sim, layer="counts")

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .. import _validation as V
 from .._stacklevel import user_stacklevel
@@ -173,6 +174,24 @@ def _check_every_cell_has_counts(matrices, n_cells: int) -> None:
                          f"{int(np.flatnonzero(totals <= 0)[0])}); remove them first.")
 
 
+
+#: stored values a modality's first block must hold before its 0/1 content is read as binarised
+BINARISED_MIN_VALUES = 1000
+
+
+def _warn_if_binarised(counts: CountMatrix, name: str) -> None:
+    """Warn when the first block of cells of a modality holds only 0 and 1 (binarised peaks, a common ATAC
+    preprocessing): the likelihood is a count model, and such data fit it badly without an error (docs/multimodal.md:
+    the predictive check flags them). Only the first block is read, so a backed modality is not read twice."""
+    start, stop, block = next(counts.chunks())
+    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    values = values[values != 0]
+    if values.size >= BINARISED_MIN_VALUES and values.max() <= 1:
+        warnings.warn(f"{name} holds only 0 and 1 in its first {stop - start} cells ({values.size} non-zero values): "
+                      "binarised, not counts. The model's likelihood is for counts (negative binomial): it trains, but "
+                      "fits such data badly (the predictive check flags binarised ATAC). Pass the fragment or read "
+                      "counts if you have them.", UserWarning, stacklevel=user_stacklevel())
+
 def _refuse_keys_only_in_a_modality(mdata, keys: list[str]) -> None:
     """``KeyError`` for a covariate column that is in a modality's obs but not in ``mdata.obs`` (the message listed
     no columns, without saying where the column was nor that MuData copies them up on request)."""
@@ -251,6 +270,8 @@ def setup_mudata(mdata, modalities=None, layer=None, **covariate_arguments) -> M
     matrices = {m: modality_counts(mdata, m, layers.get(m)) for m in modalities}  # validated here, once
     fingerprints = {m: counts.fingerprint for m, counts in matrices.items()}
     _check_every_cell_has_counts(matrices.values(), mdata.n_obs)
+    for m, counts in matrices.items():
+        _warn_if_binarised(counts, f"mdata.mod[{m!r}]")
     _refuse_keys_only_in_a_modality(mdata, [*keys.categorical_keys(), *keys.continuous])
     encoding = CovariateEncoding(keys).fit(mdata.obs, "mdata.obs")
     encoding.continuous(mdata.obs, "mdata.obs")
