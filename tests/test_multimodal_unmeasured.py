@@ -93,6 +93,16 @@ def test_exported_library_size_is_nan_for_cells_without_the_modality(missing_ata
     assert np.isfinite(exported.obs["means_library_rna"]).all()
 
 
+def test_the_library_size_getter_is_nan_for_cells_without_the_modality(missing_atac):
+    # it gave about 0.002 for them (a library that was not measured) where export_posterior gave NaN
+    model, has_atac = missing_atac
+    atac = model.get_library_size("atac")
+    assert np.isnan(atac[~has_atac]).all() and np.isfinite(atac[has_atac]).all() and (atac[has_atac] > 0).all()
+    assert np.isfinite(model.get_library_size("rna")).all()
+    some = np.flatnonzero(~has_atac)[:3]
+    assert np.isnan(model.get_library_size("atac", indices=some)).all()
+
+
 
 def test_expected_counts_at_the_latent_library_are_nan_for_cells_without_the_modality(missing_atac):
     # from the placeholder total of 1 they summed to about 0.2 % of a measured cell's, read as that cell's counts

@@ -296,7 +296,8 @@ class RegularizedMultimodalVI(ModalitySiteNames, MultimodalPersistence, PyroMode
                                           return_mean, return_numpy, modality=modality, seed=seed)
 
     def get_library_size(self, modality: str | None = None, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell).
+        """Posterior median of the library size factor of ``modality`` per cell (~1 at a typical cell; NaN for a cell
+        without counts in the modality).
 
         modality: the modality; default: the RNA modality (:meth:`default_modality`)."""
         return self.library_sizes(adata, indices, batch_size, modality=self.default_modality(modality))

@@ -281,15 +281,21 @@ class PosteriorQueries(GlobalSiteTables):
         adata, indices, batch_size
             As in :meth:`posterior_z_batches`.
         modality
-            Multimodal models: the modality whose library size is returned (default: the RNA modality, see ``default_modality``).
+            Multimodal models: the modality whose library size is returned (default: the RNA modality, see ``default_modality``);
+            NaN for a cell without counts in it (its library was not measured, and its likelihood is masked).
         """
         self._check_trained()
         guide = self.module.guide  # in evaluation mode while _indexed_batches runs
         modality = self.default_modality(modality)
         options = {} if modality is None else {"modality": modality}
+        parts = []
         with torch.no_grad():
-            parts = [guide.library_loc(batch, **options).exp().cpu() for _, (batch, _) in
-                     self._indexed_batches(adata, indices, batch_size)]
+            for _, (batch, _) in self._indexed_batches(adata, indices, batch_size):
+                size = guide.library_loc(batch, **options).exp()
+                measured = None if modality is None else self.measured_cells(batch, modality)
+                if measured is not None:  # no counts in the modality, no library: NaN, as export_posterior gives
+                    size = torch.where(measured.reshape(-1, *[1] * (size.ndim - 1)), size, torch.nan)
+                parts.append(size.cpu())
         return torch.cat(parts).numpy()
 
     def normalized_expression(self, adata=None, indices=None, transform_batch=None, gene_list=None,
