@@ -63,6 +63,17 @@ def test_a_backed_file_without_counts_in_x_is_told_to_write_them_there(adata, tm
                                          r"disk, write a file whose \.X holds the raw counts"):
         RegularizedVI.setup_anndata(backed)
     backed.file.close()
+    # with the counts in .raw too: said, without the in-memory layer line (which fit --backed refuses)
+    adata.raw = adata.copy()
+    adata.raw.X.data[:] = np.round(np.expm1(adata.raw.X.data) * 3.0)
+    adata.write_h5ad(tmp_path / "with_raw.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "with_raw.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"non-integer") as err:
+        RegularizedVI.setup_anndata(backed)
+    backed.file.close()
+    message = str(err.value)
+    assert "adata.raw holds raw counts" in message and "Opened with backed='r'" in message, message
+    assert "layer='counts'" not in message and "adata.layers['counts']" not in message, message
 
 def test_negative_counts_rejected(adata):
     X = adata.X.copy()

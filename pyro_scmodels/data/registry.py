@@ -62,9 +62,11 @@ def counts_matrix(adata, layer: str | None, validate: bool = True) -> CountMatri
             raise
         hint = _raw_counts_hint(adata)
         if getattr(adata, "isbacked", False):
-            # the message's `layer=` would load that layer into memory, and `fit --backed` refuses --layer
-            hint += (" Opened with backed='r', only .X stays on disk: to train from disk, write a file whose .X holds "
-                     "the raw counts and open that one (`fit --backed` takes no --layer).")
+            # the message's `layer=` (and the raw hint's layer) would load into memory, and `fit --backed` refuses
+            # --layer: the one route that stays on disk is a file whose .X holds the counts
+            hint = (("adata.raw holds raw counts (scanpy's layout). " if hint else "")
+                    + "Opened with backed='r', only .X stays on disk: to train from disk, write a file whose .X holds "
+                    "the raw counts and open that one (`fit --backed` takes no --layer).")
         if not hint:
             raise
         raise type(err)(f"{err} {hint.strip()}") from None
