@@ -38,7 +38,8 @@ def present(key, container, where: str, what: str = "key", limit: int = 20) -> N
     raise KeyError(f"{what.capitalize()} {key!r} not found in {where}. Available {plural}: {available}.")
 
 
-def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False) -> None:
+def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: bool = False,
+                 missing_hint: str = "") -> None:
     """Raise unless ``obs[key]`` exists and holds groups (categories, strings or integer labels), not real numbers.
 
     Parameters
@@ -53,6 +54,8 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
         How to call ``obs`` in the message.
     complete
         Also refuse cells without a value (NaN): a result per group would leave them out without a word.
+    missing_hint
+        A sentence added to the missing column's message (e.g. where ``table`` comes from, and how to add a column).
 
     Raises
     ------
@@ -75,7 +78,12 @@ def group_column(obs, key: str, what: str, table: str = "adata.obs", complete: b
             f"{table}[{names[1]!r}].astype(str)." if len(names) > 1 else
             f"{what} names one column of {table} (a string), got {names!r}; pass {what}={names[0]!r}." if names else
             f"{what} names one column of {table} (a string), got {key!r}.")
-    present(key, obs.columns, table, "column")
+    try:
+        present(key, obs.columns, table, "column")
+    except KeyError as err:
+        if not missing_hint:
+            raise
+        raise KeyError(f"{err.args[0]} {missing_hint}") from None
     column = obs[key]
     if complete and column.isna().any():
         raise ValueError(f"{what}: {table}[{key!r}] has missing values ({int(column.isna().sum())} cells); fill or drop "

@@ -55,8 +55,8 @@ def test_a_cate_group_column_with_missing_labels_is_named_where_it_is(numbered_n
 def test_a_cate_group_column_added_to_the_data_after_building_is_pointed_to(numbered_nd):
     # "not found in results.obs" did not say that results.obs is a copy made when the NDreamer was built
     nd = numbered_nd
-    with pytest.raises(KeyError, match=r"groupby 'donor' is not a column of nd.results.obs, the NDreamer's copy of the "
-                                       r"cells' obs made when it was built .*nd.results.obs\['donor'\] = "
+    with pytest.raises(KeyError, match=r"Column 'donor' not found in results.obs.* nd.results.obs is the NDreamer's "
+                                       r"copy of the cells' obs, made when it was built .*nd.results.obs\['donor'\] = "
                                        r"adata.obs\['donor'\].to_numpy\(\)"):
         nd.estimate_cate("donor")
     nd.results.obs["donor"] = np.where(np.arange(nd.results.n_obs) % 2 == 0, "d1", "d2")  # the fix it names works

@@ -361,12 +361,10 @@ class EffectQueries:
         if min_cells < 2:  # the z test's standard error takes each arm's variance
             raise ValueError(f"min_cells={min_cells}: a CATE group needs at least 2 cells of the treatment and of the "
                              "control (each arm's variance enters the standard error); pass min_cells=2 or more.")
-        if isinstance(groupby, str) and groupby not in self.results.obs:  # before group_column's bare "not found"
-            raise KeyError(f"groupby {groupby!r} is not a column of {RESULTS_OBS}, the NDreamer's copy of the cells' obs "
-                           "made when it was built (a column added to adata.obs later is not there): add it with "
-                           f"nd.results.obs[{groupby!r}] = adata.obs[{groupby!r}].to_numpy() (the same cells, in order). "
-                           f"Columns: {list(self.results.obs.columns)[:20]}.")
-        V.group_column(self.results.obs, groupby, "groupby", "results.obs")
+        V.group_column(self.results.obs, groupby, "groupby", "results.obs", missing_hint=(
+            f"{RESULTS_OBS} is the NDreamer's copy of the cells' obs, made when it was built (a column added to adata.obs "
+            f"later is not there): add it with nd.results.obs[{groupby!r}] = adata.obs[{groupby!r}].to_numpy() (the same "
+            "cells, in order)."))
         refuse_slash_in_groupby(groupby)
         groups = labels_of(self.results.obs, [groupby], "groupby", RESULTS_OBS)[:, 0]
         layer = f"ite_{condition}"
