@@ -55,8 +55,8 @@ class ArmMean(NamedTuple):
 
 
 def mean_over_batches(expression, matches: dict, design: CounterfactualDesign, condition: str, cells: np.ndarray,
-                       own: np.ndarray | None = None, observed: np.ndarray | None = None, genes: np.ndarray | None = None,
-                       unit: np.ndarray | None = None, factual: str = "observed", batches: list[str] | None = None) -> ArmMean:
+                      own: np.ndarray | None = None, observed: np.ndarray | None = None, genes: np.ndarray | None = None,
+                      unit: np.ndarray | None = None, factual: str = "observed", batches: list[str] | None = None) -> ArmMean:
     """For each of ``cells``: mean over the batches holding ``condition`` (or over ``batches``) of its matched
     expression there.
 
@@ -190,8 +190,8 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         is in that condition."""
         if condition not in arms:
             arms[condition] = mean_over_batches(expression, matches, design, condition, cells,
-                                                 own=design.condition[cells] == condition, observed=observed,
-                                                 genes=genes, unit=unit, factual=factual)
+                                                own=design.condition[cells] == condition, observed=observed,
+                                                genes=genes, unit=unit, factual=factual)
         return arms[condition]
 
     def _arm_over(batches: list[str], condition: str) -> ArmMean:
@@ -201,7 +201,7 @@ def effects_of_cells(expression, matches: dict, design: CounterfactualDesign, ce
         if condition == design.control_name and key in over_common:
             return over_common[key]
         arm = mean_over_batches(expression, matches, design, condition, cells, own=design.condition[cells] == condition,
-                                 observed=observed, genes=genes, unit=unit, factual=factual, batches=batches)
+                                observed=observed, genes=genes, unit=unit, factual=factual, batches=batches)
         if condition == design.control_name:
             over_common[key] = arm
         return arm
